@@ -1,0 +1,299 @@
+"""Explicit random keys in JAX's style.
+
+A key is a small ``int64`` tensor of shape ``(2,)`` holding two 32-bit words. Keys are
+data: they are split and folded deterministically, they live on whatever device you put
+them, and every draw is a pure function of the key. Nothing here reads or advances
+PyTorch's global random state.
+
+Draws (:func:`uniform`, :func:`normal`, :func:`bernoulli`, ...) are computed from the key
+with a counter-based integer hash written in ordinary tensor operations, so they work
+under ``vmap`` (a batch of keys gives a batch of independent draws), under ``grad`` and
+under ``torch.compile``, with no host synchronisation.
+
+# NOTE [how keys map to torch.func's randomness modes]
+``torch.func.vmap(randomness=...)`` controls what *PyTorch's global* generator does
+inside ``vmap``: ``"error"`` forbids it, ``"same"`` draws one value for the whole batch,
+``"different"`` draws per example. Explicit keys make that switch irrelevant: draws made
+from a key never touch the global generator, so they are allowed under the default
+``"error"`` mode. Passing one key (unbatched, ``in_axes=None``) gives the same draw to
+every example, the analogue of ``"same"``; passing a batch of keys (``split(key, n)``
+with ``in_axes=0``) gives each example its own reproducible draw, the analogue of
+``"different"``.
+
+The hash is not cryptographic: it is meant for dropout masks, noise and initialisation.
+For code that must use PyTorch's own samplers (``nn.init``, ``torch.randn``),
+:func:`generator` turns a key into a seeded ``torch.Generator`` (this reads the key on
+the host, so do it outside ``vmap``/``compile``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "bernoulli",
+    "bits",
+    "fold_in",
+    "generator",
+    "is_key",
+    "key",
+    "key_data",
+    "normal",
+    "permutation",
+    "randint",
+    "seed_from_key",
+    "split",
+    "uniform",
+]
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _hash2(k0: torch.Tensor, k1: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """A 32-bit value from a key (k0, k1) and a counter; several mixing rounds."""
+    x = _fmix32((counter * _GOLDEN + k0) & _MASK32)
+    x = _fmix32((x ^ k1) + 0x7F4A7C15 & _MASK32)
+    x = _fmix32((x + counter + (k0 ^ 0x68E31DA4)) & _MASK32)
+    return x
+
+
+def _check_key(k: torch.Tensor, fn: str) -> None:
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"{fn}: `key` must be a key tensor from fp.random.key, got {type(k).__name__}")
+    if k.dtype != torch.int64 or k.shape[-1:] != (2,):
+        raise ValueError(
+            f"{fn}: `key` must be an int64 tensor of shape (2,) made by fp.random.key, "
+            f"got dtype {k.dtype} and shape {tuple(k.shape)}"
+        )
+
+
+def is_key(x: object) -> bool:
+    """Whether ``x`` looks like a key (an int64 tensor whose last axis has size 2).
+
+    >>> is_key(key(0)), is_key(torch.zeros(2))
+    (True, False)
+    """
+    return isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.shape[-1:] == (2,)
+
+
+def key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Make a key from an integer seed (like ``jax.random.key``).
+
+    Args:
+      seed: any Python integer; seeds that differ give unrelated keys.
+      device: where the key tensor lives (CPU by default).
+
+    Returns:
+      An ``int64`` tensor of shape ``(2,)``.
+
+    >>> k = key(0)
+    >>> k.shape, k.dtype
+    (torch.Size([2]), torch.int64)
+    >>> bool((key(0) == key(0)).all()), bool((key(0) == key(1)).all())
+    (True, False)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"key(seed): `seed` must be an int, got {type(seed).__name__}")
+    seed = seed % (1 << 64)
+    lo = torch.tensor(seed & _MASK32, dtype=torch.int64)
+    hi = torch.tensor(seed >> 32, dtype=torch.int64)
+    k0 = _fmix32(lo ^ 0x5851F42D)
+    k1 = _fmix32(hi + k0 + _GOLDEN & _MASK32)
+    return torch.stack([k0, k1]).to(device)
+
+
+def key_data(k: torch.Tensor) -> torch.Tensor:
+    """The raw words of a key (a copy), for logging or saving.
+
+    >>> key_data(key(3)).tolist() == key(3).tolist()
+    True
+    """
+    _check_key(k, "key_data(key)")
+    return k.clone()
+
+
+def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
+    """Split a key into ``num`` new independent keys, stacked on a new leading axis.
+
+    >>> ks = split(key(0), 3)
+    >>> ks.shape
+    torch.Size([3, 2])
+    >>> len({tuple(x.tolist()) for x in ks})
+    3
+    """
+    _check_key(k, "split(key, num)")
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"split(key, num): `num` must be a positive int, got {num!r}")
+    counter = torch.arange(num, device=k.device, dtype=torch.int64)
+    k0, k1 = k[..., 0:1], k[..., 1:2]
+    a = _hash2(k0, k1, 2 * counter + 1)
+    b = _hash2(k1, k0, 2 * counter + 2)
+    out = torch.stack([a, b], dim=-1)  # (..., num, 2)
+    return out.movedim(-2, 0) if out.dim() > 2 else out
+
+
+def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
+    """Fold an integer (or an integer tensor, e.g. a step counter) into a key.
+
+    ``data`` may be a 0-d tensor, so a step counter folds in without a host sync, and a
+    batched one under ``vmap``.
+
+    >>> bool((fold_in(key(0), 1) == fold_in(key(0), 1)).all())
+    True
+    >>> bool((fold_in(key(0), 1) == fold_in(key(0), 2)).all())
+    False
+    """
+    _check_key(k, "fold_in(key, data)")
+    if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.is_complex():
+            raise TypeError(f"fold_in(key, data): `data` must be an integer, got dtype {data.dtype}")
+        d = data.to(device=k.device, dtype=torch.int64)
+    elif isinstance(data, int) and not isinstance(data, bool):
+        d = torch.tensor(data % (1 << 32), dtype=torch.int64, device=k.device)
+    else:
+        raise TypeError(f"fold_in(key, data): `data` must be an int, got {type(data).__name__}")
+    d = d & _MASK32
+    k0, k1 = k[..., 0], k[..., 1]
+    a = _hash2(k0, k1 ^ 0x2545F491, d)
+    b = _hash2(k1, k0 ^ 0x1B873593, d)
+    return torch.stack([a, b], dim=-1)
+
+
+def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
+    """Uniform random 32-bit words (as ``int64`` in ``[0, 2**32)``) of the given shape.
+
+    >>> b = bits(key(0), (4,))
+    >>> b.dtype, bool(((b >= 0) & (b < 2**32)).all())
+    (torch.int64, True)
+    """
+    _check_key(k, "bits(key, shape)")
+    shape = tuple(shape)
+    n = math.prod(shape)
+    counter = torch.arange(n, device=k.device, dtype=torch.int64)
+    return _hash2(k[..., 0:1], k[..., 1:2], counter).reshape(*k.shape[:-1], *shape)
+
+
+def uniform(
+    k: torch.Tensor,
+    shape: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
+    minval: float | torch.Tensor = 0.0,
+    maxval: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """Uniform draws in ``[minval, maxval)``.
+
+    >>> u = uniform(key(0), (1000,))
+    >>> bool(((u >= 0) & (u < 1)).all()), abs(float(u.mean()) - 0.5) < 0.05
+    (True, True)
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(f"uniform(key, shape, dtype): `dtype` must be floating, got {dtype}")
+    w = bits(k, shape)
+    if dtype == torch.float64:
+        w2 = bits(fold_in(k, 0x6A09E667), shape)
+        u = ((w >> 5) * 67108864 + (w2 >> 6)).to(torch.float64) * (1.0 / 9007199254740992.0)
+    else:
+        u = (w >> 8).to(torch.float32) * (1.0 / 16777216.0)
+        u = u.to(dtype)
+        # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
+        one = torch.ones((), dtype=dtype, device=u.device)
+        u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
+    return u * (maxval - minval) + minval
+
+
+def normal(
+    k: torch.Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal draws (Box-Muller on two independent uniform streams).
+
+    >>> z = normal(key(0), (20000,))
+    >>> abs(float(z.mean())) < 0.03, abs(float(z.std()) - 1) < 0.03
+    (True, True)
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(f"normal(key, shape, dtype): `dtype` must be floating, got {dtype}")
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    k1, k2 = fold_in(k, 1), fold_in(k, 2)
+    u1 = 1.0 - uniform(k1, shape, work)  # in (0, 1]
+    u2 = uniform(k2, shape, work)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.to(dtype)
+
+
+def bernoulli(
+    k: torch.Tensor, p: float | torch.Tensor = 0.5, shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Boolean draws that are ``True`` with probability ``p``.
+
+    >>> m = bernoulli(key(0), 0.25, (10000,))
+    >>> m.dtype, abs(float(m.float().mean()) - 0.25) < 0.02
+    (torch.bool, True)
+    """
+    if shape is None:
+        shape = tuple(p.shape) if isinstance(p, torch.Tensor) else ()
+    return uniform(k, shape) < p
+
+
+def randint(
+    k: torch.Tensor, shape: Sequence[int], minval: int, maxval: int
+) -> torch.Tensor:
+    """Integers drawn uniformly from ``[minval, maxval)`` (int64).
+
+    >>> r = randint(key(0), (1000,), 3, 7)
+    >>> int(r.min()), int(r.max())
+    (3, 6)
+    """
+    if maxval <= minval:
+        raise ValueError(f"randint: need `minval` < `maxval`, got {minval} and {maxval}")
+    u = uniform(k, shape, torch.float64)
+    return (minval + torch.floor(u * (maxval - minval))).to(torch.int64).clamp_(max=maxval - 1)
+
+
+def permutation(k: torch.Tensor, n: int) -> torch.Tensor:
+    """A random permutation of ``range(n)``.
+
+    >>> sorted(permutation(key(0), 5).tolist())
+    [0, 1, 2, 3, 4]
+    """
+    return torch.argsort(uniform(k, (n,), torch.float64))
+
+
+def seed_from_key(k: torch.Tensor) -> int:
+    """A 63-bit integer seed from a key. Reads the key on the host (a sync).
+
+    >>> seed_from_key(key(0)) == seed_from_key(key(0))
+    True
+    """
+    _check_key(k, "seed_from_key(key)")
+    if k.dim() != 1:
+        raise ValueError(f"seed_from_key(key): expected one key of shape (2,), got {tuple(k.shape)}")
+    a, b = (int(v) for v in k.detach().cpu().tolist())
+    return ((a << 31) ^ b) & ((1 << 63) - 1)
+
+
+def generator(k: torch.Tensor, device: torch.device | str | None = None) -> torch.Generator:
+    """A ``torch.Generator`` seeded from a key, the bridge to PyTorch's own samplers.
+
+    The same key always gives the same stream; PyTorch's global RNG is untouched.
+
+    >>> g1, g2 = generator(key(0)), generator(key(0))
+    >>> bool(torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2)))
+    True
+    """
+    dev = torch.device(device) if device is not None else k.device
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed_from_key(k))
+    return g

@@ -1,0 +1,253 @@
+"""Tree maths: elementwise arithmetic, reductions and constructors over pytrees.
+
+Where every leaf is a tensor, the binary ops use PyTorch's multi-tensor ``_foreach``
+kernels (one dispatch for the whole tree); otherwise they fall back to a per-leaf map.
+Reductions return 0-d tensors (no host sync); ``size`` and ``nbytes`` return ints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functorch_pipeline.tree._core import PyTree, flatten, map, structure, unflatten
+
+__all__ = [
+    "add",
+    "add_scale",
+    "allclose",
+    "full_like",
+    "global_norm",
+    "max",
+    "nbytes",
+    "norm",
+    "ones_like",
+    "scale",
+    "size",
+    "sub",
+    "sum",
+    "vdot",
+    "where",
+    "zeros_like",
+]
+
+_builtin_sum = sum
+
+
+def _all_tensors(xs: list[Any]) -> bool:
+    return bool(xs) and all(isinstance(x, torch.Tensor) for x in xs)
+
+
+def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Callable[..., Any]) -> PyTree:
+    la, ta = flatten(a)
+    lb, tb = flatten(b)
+    if ta != tb:
+        return map(op, a, b)  # raises a structure error naming the key paths
+    if _all_tensors(la) and _all_tensors(lb):
+        return unflatten(ta, foreach(la, lb))
+    return unflatten(ta, [op(x, y) for x, y in zip(la, lb, strict=True)])
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    """``a + b`` leaf by leaf.
+
+    >>> add({"w": torch.tensor(1.)}, {"w": torch.tensor(2.)})
+    {'w': tensor(3.)}
+    """
+    return _binary("add", a, b, torch._foreach_add, lambda x, y: x + y)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    """``a - b`` leaf by leaf.
+
+    >>> sub([torch.tensor(3.)], [torch.tensor(1.)])
+    [tensor(2.)]
+    """
+    return _binary("sub", a, b, torch._foreach_sub, lambda x, y: x - y)
+
+
+def scale(tree: PyTree, s: float | torch.Tensor) -> PyTree:
+    """``s * tree``; ``s`` may be a 0-d tensor (no host sync).
+
+    >>> scale({"w": torch.tensor([1., 2.])}, 3.0)
+    {'w': tensor([3., 6.])}
+    """
+    ls, td = flatten(tree)
+    if _all_tensors(ls) and not (isinstance(s, torch.Tensor) and s.dim() > 0):
+        return unflatten(td, torch._foreach_mul(ls, s))
+    return unflatten(td, [x * s for x in ls])
+
+
+def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
+    """``a + s * b`` leaf by leaf (an axpy).
+
+    >>> add_scale([torch.tensor(1.)], 0.5, [torch.tensor(4.)])
+    [tensor(3.)]
+    """
+    la, ta = flatten(a)
+    lb, tb = flatten(b)
+    if ta != tb:
+        return map(lambda x, y: x + s * y, a, b)
+    if _all_tensors(la) and _all_tensors(lb):
+        if isinstance(s, torch.Tensor):
+            return unflatten(ta, torch._foreach_add(la, torch._foreach_mul(lb, s)))
+        return unflatten(ta, torch._foreach_add(la, lb, alpha=s))
+    return unflatten(ta, [x + s * y for x, y in zip(la, lb, strict=True)])
+
+
+def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """The inner product of two trees, summed over all leaves (a 0-d tensor).
+
+    >>> vdot({"x": torch.tensor([1., 2.])}, {"x": torch.tensor([3., 4.])})
+    tensor(11.)
+    """
+    la, ta = flatten(a)
+    lb, tb = flatten(b)
+    if ta != tb:
+        map(lambda x, y: None, a, b)  # raises the structure error
+    terms = [torch.sum(torch.as_tensor(x) * torch.as_tensor(y)) for x, y in zip(la, lb, strict=True)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def sum(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.sum
+    """The sum of every element of every leaf (a 0-d tensor).
+
+    >>> sum({"a": torch.ones(3), "b": torch.tensor(2.)})
+    tensor(5.)
+    """
+    ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
+    if not ls:
+        return torch.zeros(())
+    return torch.stack([x.sum() for x in ls]).sum()
+
+
+def max(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.max
+    """The largest element over all leaves (a 0-d tensor).
+
+    >>> max([torch.tensor([1., 5.]), torch.tensor(3.)])
+    tensor(5.)
+    """
+    ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
+    if not ls:
+        raise ValueError("tree.max: the tree has no leaves")
+    return torch.stack([x.max() for x in ls]).max()
+
+
+def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Tensor:
+    """The norm of all leaves taken together as one vector (``ord`` 1, 2 or ``inf``).
+
+    Uses ``torch._foreach_norm``; the result is a 0-d tensor in the leaves' dtype.
+
+    >>> norm({"a": torch.tensor([3.]), "b": torch.tensor([4.])})
+    tensor(5.)
+    >>> norm([torch.tensor([3., -4.])], ord=1), norm([torch.tensor([3., -4.])], ord="inf")
+    (tensor(7.), tensor(4.))
+    """
+    ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
+    if ord in ("inf", math.inf):
+        ord = math.inf
+    if ord not in (1, 2, math.inf):
+        raise ValueError(f"tree.norm: `ord` must be 1, 2 or 'inf', got {ord!r}")
+    if not ls:
+        return torch.zeros(())
+    per_leaf = torch._foreach_norm(ls, ord)
+    stacked = torch.stack([p.to(per_leaf[0].dtype) for p in per_leaf])
+    if ord == 2:
+        sq = (stacked * stacked).sum()
+        return sq if squared else torch.sqrt(sq)
+    out = stacked.sum() if ord == 1 else stacked.max()
+    return out * out if squared else out
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The global L2 norm of a tree (optax's name); same as ``norm(tree)``.
+
+    >>> global_norm([torch.tensor([6., 8.])])
+    tensor(10.)
+    """
+    return norm(tree, 2)
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    """A tree of zeros with the same shapes, dtypes and devices.
+
+    >>> zeros_like({"w": torch.ones(2)})
+    {'w': tensor([0., 0.])}
+    """
+    return map(torch.zeros_like, tree)
+
+
+def ones_like(tree: PyTree) -> PyTree:
+    """A tree of ones with the same shapes, dtypes and devices.
+
+    >>> ones_like([torch.zeros(2, dtype=torch.int64)])
+    [tensor([1, 1])]
+    """
+    return map(torch.ones_like, tree)
+
+
+def full_like(tree: PyTree, fill_value: float | int | bool) -> PyTree:
+    """A tree filled with ``fill_value``, shapes/dtypes/devices of ``tree``.
+
+    >>> full_like((torch.zeros(2),), 7.0)
+    (tensor([7., 7.]),)
+    """
+    return map(lambda x: torch.full_like(x, fill_value), tree)
+
+
+def where(condition: PyTree | torch.Tensor | bool, x: PyTree, y: PyTree) -> PyTree:
+    """Pick ``x`` where ``condition`` holds, else ``y``. ``condition`` is either one
+    (broadcast) boolean tensor for all leaves, or a tree matching ``x``.
+
+    >>> where(torch.tensor(False), {"a": torch.tensor(1.)}, {"a": torch.tensor(2.)})
+    {'a': tensor(2.)}
+    """
+    if isinstance(condition, (torch.Tensor, bool)):
+        c = condition
+        return map(lambda a, b: torch.where(torch.as_tensor(c, device=torch.as_tensor(a).device), a, b), x, y)
+    return map(lambda c, a, b: torch.where(c, a, b), condition, x, y)
+
+
+def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
+    """Whether two trees have the same structure and all leaves are close.
+
+    Returns a Python bool (it syncs: meant for tests and checks, not hot paths).
+
+    >>> allclose({"a": torch.tensor(1.0)}, {"a": torch.tensor(1.0 + 1e-9)})
+    True
+    >>> allclose({"a": torch.tensor(1.0)}, {"b": torch.tensor(1.0)})
+    False
+    """
+    if structure(a) != structure(b):
+        return False
+    for x, y in zip(flatten(a)[0], flatten(b)[0], strict=True):
+        tx, ty = torch.as_tensor(x), torch.as_tensor(y)
+        if tx.shape != ty.shape:
+            return False
+        if not torch.allclose(tx, ty.to(tx.dtype), rtol=rtol, atol=atol, equal_nan=equal_nan):
+            return False
+    return True
+
+
+def size(tree: PyTree) -> int:
+    """The total number of elements over all tensor leaves.
+
+    >>> size({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
+    16
+    """
+    return _builtin_sum(int(x.numel()) for x in flatten(tree)[0] if isinstance(x, torch.Tensor))
+
+
+def nbytes(tree: PyTree) -> int:
+    """The total bytes of all tensor leaves (``numel * element_size``).
+
+    >>> nbytes({"w": torch.zeros(3, 4), "i": torch.zeros(2, dtype=torch.int16)})
+    52
+    """
+    return _builtin_sum(
+        int(x.numel() * x.element_size()) for x in flatten(tree)[0] if isinstance(x, torch.Tensor)
+    )
+

@@ -1,0 +1,180 @@
+"""Whole-tree operations: ravel, dtype casts, device moves, copies, stacking, random."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from functorch_pipeline import random as _random
+from functorch_pipeline.tree._core import PyTree, flatten, flatten_with_path, keystr, map, unflatten
+
+__all__ = [
+    "astype",
+    "clone",
+    "detach",
+    "random_like",
+    "ravel",
+    "stack",
+    "to",
+    "unstack",
+]
+
+
+def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+    """Concatenate every tensor leaf into one flat vector; also return its inverse.
+
+    Leaves are promoted to a common dtype in the vector; ``unravel`` restores each
+    leaf's shape and dtype. Like ``jax.flatten_util.ravel_pytree``.
+
+    >>> flat, unravel = ravel({"w": torch.ones(2, 2), "b": torch.zeros(2)})
+    >>> flat
+    tensor([0., 0., 1., 1., 1., 1.])
+    >>> unravel(flat * 2)["w"]
+    tensor([[2., 2.],
+            [2., 2.]])
+    """
+    leaves_, treedef = flatten(tree)
+    for path, x in zip(flatten_with_path(tree)[0], leaves_, strict=True):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"tree.ravel: leaf at path `{keystr(path)}` is a {type(x).__name__}, not a tensor")
+    shapes = [x.shape for x in leaves_]
+    dtypes = [x.dtype for x in leaves_]
+    sizes = [x.numel() for x in leaves_]
+    if leaves_:
+        common = leaves_[0].dtype
+        for x in leaves_[1:]:
+            common = torch.promote_types(common, x.dtype)
+        flat = torch.cat([x.reshape(-1).to(common) for x in leaves_])
+    else:
+        flat = torch.zeros(0)
+    total = int(flat.numel())
+
+    def unravel(vec: torch.Tensor) -> PyTree:
+        if vec.dim() != 1 or vec.shape[0] != total:
+            raise ValueError(f"unravel: expected a vector of shape ({total},), got {tuple(vec.shape)}")
+        parts = torch.split(vec, sizes) if leaves_ else []
+        return unflatten(treedef, [p.reshape(s).to(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)])
+
+    return flat, unravel
+
+
+def astype(tree: PyTree, dtype: torch.dtype, *, floating_only: bool = True) -> PyTree:
+    """Cast tensor leaves to ``dtype``. By default only floating-point leaves are cast
+    (labels, counters and masks keep their dtype); ``floating_only=False`` casts all.
+
+    >>> astype({"w": torch.ones(1), "step": torch.tensor(3)}, torch.float64)
+    {'w': tensor([1.], dtype=torch.float64), 'step': tensor(3)}
+    """
+
+    def cast(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if floating_only and not (x.is_floating_point() or x.is_complex()):
+            return x
+        return x.to(dtype)
+
+    return map(cast, tree)
+
+
+def to(
+    tree: PyTree,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    non_blocking: bool = False,
+) -> PyTree:
+    """Move every tensor leaf to ``device`` (and optionally cast floating leaves).
+
+    Non-tensor leaves are left alone. ``non_blocking=True`` overlaps host-to-device
+    copies from pinned memory with compute (see ``torch.Tensor.to``).
+
+    >>> to({"w": torch.ones(1)}, "cpu", torch.float16)
+    {'w': tensor([1.], dtype=torch.float16)}
+    """
+
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        d = dtype if dtype is not None and x.is_floating_point() else None
+        return x.to(device=device, dtype=d, non_blocking=non_blocking)
+
+    return map(move, tree)
+
+
+def clone(tree: PyTree) -> PyTree:
+    """A deep copy of every tensor leaf (keeps autograd history; see :func:`detach`).
+
+    >>> a = {"w": torch.zeros(1)}; b = clone(a); _ = b["w"].add_(1); a["w"]
+    tensor([0.])
+    """
+    return map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def detach(tree: PyTree) -> PyTree:
+    """Detach every tensor leaf from the autograd graph (shares storage).
+
+    >>> detach({"w": torch.ones(1, requires_grad=True)})["w"].requires_grad
+    False
+    """
+    return map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
+    """Stack a list of same-structured trees along a new axis ``dim`` (ensembles,
+    per-example results).
+
+    >>> stack([{"w": torch.tensor(1.)}, {"w": torch.tensor(2.)}])
+    {'w': tensor([1., 2.])}
+    """
+    trees = list(trees)
+    if not trees:
+        raise ValueError("tree.stack: need at least one tree")
+    return map(lambda *xs: torch.stack([torch.as_tensor(x) for x in xs], dim=dim), trees[0], *trees[1:])
+
+
+def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
+    """Split a tree along axis ``dim`` into a list of trees (inverse of :func:`stack`).
+
+    >>> unstack({"w": torch.tensor([1., 2.])})
+    [{'w': tensor(1.)}, {'w': tensor(2.)}]
+    """
+    paths, leaves_, treedef = flatten_with_path(tree)
+    if not leaves_:
+        raise ValueError("tree.unstack: the tree has no leaves")
+    n = leaves_[0].shape[dim]
+    for p, x in zip(paths, leaves_, strict=True):
+        if x.shape[dim] != n:
+            raise ValueError(
+                f"tree.unstack: leaf at path `{keystr(p)}` has size {x.shape[dim]} on axis {dim} "
+                f"but the first leaf has {n}"
+            )
+    parts = [x.unbind(dim) for x in leaves_]
+    return [unflatten(treedef, [p[i] for p in parts]) for i in range(n)]
+
+
+def random_like(
+    key: torch.Tensor, tree: PyTree, distribution: str = "normal"
+) -> PyTree:
+    """A tree of random draws shaped like ``tree``: ``"normal"`` or ``"uniform"`` in
+    each leaf's dtype and device; each leaf gets its own key (``split`` of ``key``).
+
+    >>> r = random_like(fp_random.key(0), {"a": torch.zeros(2), "b": torch.zeros(3)})
+    >>> r["a"].shape, r["b"].shape
+    (torch.Size([2]), torch.Size([3]))
+    """
+    if distribution not in ("normal", "uniform"):
+        raise ValueError(f"tree.random_like: `distribution` must be 'normal' or 'uniform', got {distribution!r}")
+    leaves_, treedef = flatten(tree)
+    keys = _random.split(key, max(len(leaves_), 1))
+    sample = _random.normal if distribution == "normal" else _random.uniform
+    out = []
+    for k, x in zip(keys, leaves_, strict=False):
+        x = torch.as_tensor(x)
+        dt = x.dtype if x.is_floating_point() else torch.float32
+        out.append(sample(k.to(x.device), tuple(x.shape), dt))
+    return unflatten(treedef, out)
+
+
+fp_random = _random  # for the doctest namespace
