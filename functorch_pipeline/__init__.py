@@ -9,11 +9,45 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 """
 
 from functorch_pipeline import random
+from functorch_pipeline import transforms
 from functorch_pipeline import tree
 from functorch_pipeline._version import __version__
+from functorch_pipeline.transforms import checkpoint
+from functorch_pipeline.transforms import custom_vjp
+from functorch_pipeline.transforms import grad
+from functorch_pipeline.transforms import hessian
+from functorch_pipeline.transforms import jacfwd
+from functorch_pipeline.transforms import jacrev
+from functorch_pipeline.transforms import jit
+from functorch_pipeline.transforms import jvp
+from functorch_pipeline.transforms import linearize
+from functorch_pipeline.transforms import per_sample_grads
+from functorch_pipeline.transforms import per_sample_value_and_grad
+from functorch_pipeline.transforms import remat
+from functorch_pipeline.transforms import scan
+from functorch_pipeline.transforms import value_and_grad
+from functorch_pipeline.transforms import vjp
+from functorch_pipeline.transforms import vmap
 
 __all__ = [
     "__version__",
+    "checkpoint",
+    "custom_vjp",
+    "grad",
+    "hessian",
+    "jacfwd",
+    "jacrev",
+    "jit",
+    "jvp",
+    "linearize",
+    "per_sample_grads",
+    "per_sample_value_and_grad",
     "random",
+    "remat",
+    "scan",
+    "transforms",
     "tree",
+    "value_and_grad",
+    "vjp",
+    "vmap",
 ]

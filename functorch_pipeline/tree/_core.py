@@ -9,8 +9,11 @@ registry ``torch.func`` reads (see NOTE [two pytree registries]).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+from typing import TypeVar
 
 import optree
 import torch.utils._pytree as torch_pytree
@@ -108,17 +111,18 @@ def _path_key(entry: Any) -> Any:
 
 
 def flatten_with_path(
-    tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
+    tree: PyTree, is_leaf: Callable[[Any], bool] | None = None, *, none_is_leaf: bool = False
 ) -> tuple[list[KeyPath], list[Any], optree.PyTreeSpec]:
     """``(paths, leaves, treedef)``. A path is a tuple of keys: dict keys, sequence
-    indices (int) and field names of NamedTuples/dataclasses (str).
+    indices (int) and field names of NamedTuples/dataclasses (str). With
+    ``none_is_leaf=True``, ``None`` values are leaves too.
 
     >>> paths, leaves_, _ = flatten_with_path({"fc": {"w": 1}, "s": (2,)})
     >>> paths, leaves_
     ([('fc', 'w'), ('s', 0)], [1, 2])
     """
     accessors, leaves_, treedef = optree.tree_flatten_with_accessor(
-        tree, is_leaf=is_leaf, namespace=NAMESPACE
+        tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf, namespace=NAMESPACE
     )
     paths = [tuple(_path_key(e) for e in acc) for acc in accessors]
     return paths, leaves_, treedef

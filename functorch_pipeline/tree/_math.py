@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 
-from functorch_pipeline.tree._core import PyTree, flatten, map, structure, unflatten
+from functorch_pipeline.tree._core import PyTree
+from functorch_pipeline.tree._core import flatten
+from functorch_pipeline.tree._core import map
+from functorch_pipeline.tree._core import structure
+from functorch_pipeline.tree._core import unflatten
 
 __all__ = [
     "add",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from functorch_pipeline import random as _random
-from functorch_pipeline.tree._core import PyTree, flatten, flatten_with_path, keystr, map, unflatten
+from functorch_pipeline.tree._core import PyTree
+from functorch_pipeline.tree._core import flatten
+from functorch_pipeline.tree._core import flatten_with_path
+from functorch_pipeline.tree._core import keystr
+from functorch_pipeline.tree._core import map
+from functorch_pipeline.tree._core import unflatten
 
 __all__ = [
     "astype",

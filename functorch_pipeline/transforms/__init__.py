@@ -1,0 +1,37 @@
+"""JAX-signature transforms over ``torch.func``; all accept and return pytrees."""
+
+from functorch_pipeline.transforms._autodiff import grad
+from functorch_pipeline.transforms._autodiff import hessian
+from functorch_pipeline.transforms._autodiff import jacfwd
+from functorch_pipeline.transforms._autodiff import jacrev
+from functorch_pipeline.transforms._autodiff import jvp
+from functorch_pipeline.transforms._autodiff import linearize
+from functorch_pipeline.transforms._autodiff import value_and_grad
+from functorch_pipeline.transforms._autodiff import vjp
+from functorch_pipeline.transforms._control import checkpoint
+from functorch_pipeline.transforms._control import remat
+from functorch_pipeline.transforms._control import scan
+from functorch_pipeline.transforms._custom_vjp import custom_vjp
+from functorch_pipeline.transforms._jit import jit
+from functorch_pipeline.transforms._per_sample import per_sample_grads
+from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
+from functorch_pipeline.transforms._vmap import vmap
+
+__all__ = [
+    "checkpoint",
+    "custom_vjp",
+    "grad",
+    "hessian",
+    "jacfwd",
+    "jacrev",
+    "jit",
+    "jvp",
+    "linearize",
+    "per_sample_grads",
+    "per_sample_value_and_grad",
+    "remat",
+    "scan",
+    "value_and_grad",
+    "vjp",
+    "vmap",
+]

@@ -1,0 +1,288 @@
+"""Reverse- and forward-mode differentiation with JAX's signatures over torch.func."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.func
+
+from functorch_pipeline import tree as _tree
+
+__all__ = [
+    "grad",
+    "hessian",
+    "jacfwd",
+    "jacrev",
+    "jvp",
+    "linearize",
+    "value_and_grad",
+    "vjp",
+]
+
+ArgNums = int | Sequence[int]
+
+
+def _normalize_argnums(argnums: ArgNums, nargs: int, fn: str) -> tuple[tuple[int, ...], bool]:
+    """``(positions, is_tuple)``; negative positions count from the end."""
+    is_tuple = not isinstance(argnums, int)
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not nums or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums):
+        raise TypeError(f"{fn}: `argnums` must be an int or a non-empty tuple of ints, got {argnums!r}")
+    out = []
+    for i in nums:
+        j = i + nargs if i < 0 else i
+        if not 0 <= j < nargs:
+            raise ValueError(
+                f"{fn}: `argnums` contains {i} but f was called with {nargs} positional arguments"
+            )
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: `argnums` has repeated positions: {argnums!r}")
+    return tuple(out), is_tuple
+
+
+def _check_diff_leaves(arg: Any, pos: int, fn: str) -> None:
+    for path, leaf in _tree.leaves_with_path(arg):
+        where = f"argument {pos}" + (f" at path `{_tree.keystr(path)}`" if path else "")
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{fn}: can only differentiate with respect to tensors, but {where} is a "
+                f"{type(leaf).__name__}. Close over it or move it to an argument outside `argnums`."
+            )
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise TypeError(
+                f"{fn}: can only differentiate with respect to floating-point tensors, but "
+                f"{where} has dtype {leaf.dtype}. Move it to an argument outside `argnums`."
+            )
+
+
+def _check_scalar(out: Any, has_aux: bool, fn: str) -> torch.Tensor:
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"{fn}: with has_aux=True, f must return a pair (value, aux), got "
+                f"{type(out).__name__}"
+            )
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: f must return a scalar tensor, got {type(out).__name__}")
+    if out.dim() != 0:
+        raise ValueError(
+            f"{fn}: f must return a scalar (0-d) tensor, got shape {tuple(out.shape)}. Reduce it "
+            "(.sum() or .mean()), or use jacrev/vjp for non-scalar outputs."
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"{fn}: f must return a floating-point scalar, got dtype {out.dtype}")
+    return out
+
+
+def _value_and_grad_impl(
+    f: Callable[..., Any], argnums: ArgNums, has_aux: bool, fn: str
+) -> Callable[..., tuple[Any, Any]]:
+    # NOTE [flattening differentiated arguments]
+    # The differentiated arguments are flattened with fp.tree (optree) and torch.func sees
+    # only a tuple of tensor lists. This is what lets `None` leaves, NamedTuples and our
+    # registered dataclasses pass through whatever torch.utils._pytree thinks of them, and
+    # lets us name the key path of a non-differentiable leaf in the error.
+    @functools.wraps(f)
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        nums, is_tuple = _normalize_argnums(argnums, len(args), fn)
+        flats, defs = [], []
+        for i in nums:
+            _check_diff_leaves(args[i], i, fn)
+            leaves, treedef = _tree.flatten(args[i])
+            flats.append(leaves)
+            defs.append(treedef)
+
+        def flat_f(*flat_args: list[torch.Tensor]) -> Any:
+            new_args = list(args)
+            for i, leaves, treedef in zip(nums, flat_args, defs, strict=True):
+                new_args[i] = _tree.unflatten(treedef, leaves)
+            out = f(*new_args, **kwargs)
+            _check_scalar(out, has_aux, fn)
+            return out
+
+        grads, value = torch.func.grad_and_value(flat_f, argnums=tuple(range(len(nums))), has_aux=has_aux)(*flats)
+        trees = tuple(_tree.unflatten(d, g) for d, g in zip(defs, grads, strict=True))
+        return value, (trees if is_tuple else trees[0])
+
+    return wrapped
+
+
+def value_and_grad(
+    f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+    """Like ``jax.value_and_grad``: returns ``(value, grads)``, or ``((value, aux), grads)``
+    with ``has_aux=True``. (``torch.func.grad_and_value`` returns the reverse order.)
+
+    Args:
+      f: a function returning a scalar (0-d, floating) tensor, or ``(scalar, aux)``.
+      argnums: which positional argument(s) to differentiate; with a tuple, ``grads`` is a
+        tuple of the same length.
+      has_aux: whether ``f`` returns ``(value, aux)``.
+
+    Returns:
+      A function with ``f``'s signature returning ``(value, grads)``, where ``grads`` has
+      the structure of the differentiated argument(s).
+
+    >>> f = lambda p: (p["w"] ** 2).sum()
+    >>> value_and_grad(f)({"w": torch.tensor([1., 2.])})
+    (tensor(5.), {'w': tensor([2., 4.])})
+    """
+    return _value_and_grad_impl(f, argnums, has_aux, "value_and_grad(f)")
+
+
+def grad(f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """Like ``jax.grad``: the gradient of a scalar function with respect to pytrees.
+
+    Returns ``grads``, or ``(grads, aux)`` with ``has_aux=True``. See
+    :func:`value_and_grad` for the arguments.
+
+    >>> grad(lambda x, y: (x * y).sum(), argnums=(0, 1))(torch.tensor(2.), torch.tensor(3.))
+    (tensor(3.), tensor(2.))
+    """
+    vg = _value_and_grad_impl(f, argnums, has_aux, "grad(f)")
+
+    @functools.wraps(f)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        value, g = vg(*args, **kwargs)
+        return (g, value[1]) if has_aux else g
+
+    return wrapped
+
+
+def jacrev(
+    f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False, *, chunk_size: int | None = None
+) -> Callable[..., Any]:
+    """The Jacobian by reverse mode (``jax.jacrev``); output axes first, then input axes.
+
+    ``chunk_size`` bounds memory by computing that many vector-Jacobian products at a time.
+
+    >>> jacrev(lambda x: x ** 2)(torch.tensor([1., 3.]))
+    tensor([[2., 0.],
+            [0., 6.]])
+    """
+    return torch.func.jacrev(f, argnums=_argnums(argnums), has_aux=has_aux, chunk_size=chunk_size)
+
+
+def jacfwd(
+    f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False, *, randomness: str = "error"
+) -> Callable[..., Any]:
+    """The Jacobian by forward mode (``jax.jacfwd``); efficient for few inputs.
+
+    >>> jacfwd(lambda x: x.sin())(torch.zeros(2))
+    tensor([[1., 0.],
+            [0., 1.]])
+    """
+    return torch.func.jacfwd(f, argnums=_argnums(argnums), has_aux=has_aux, randomness=randomness)
+
+
+def hessian(f: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
+    """The Hessian of a scalar function (``jax.hessian``), forward-over-reverse.
+
+    >>> hessian(lambda x: (x ** 3).sum())(torch.tensor([1., 2.]))
+    tensor([[ 6.,  0.],
+            [ 0., 12.]])
+    """
+    return torch.func.hessian(f, argnums=_argnums(argnums))
+
+
+def _argnums(argnums: ArgNums) -> int | tuple[int, ...]:
+    return argnums if isinstance(argnums, int) else tuple(argnums)
+
+
+def _as_tuple(x: Any, name: str, fn: str) -> tuple[Any, ...]:
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    raise TypeError(f"{fn}: `{name}` must be a tuple or list of arguments, got {type(x).__name__}")
+
+
+def jvp(
+    f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any], has_aux: bool = False
+) -> tuple[Any, ...]:
+    """Forward-mode Jacobian-vector product (``jax.jvp``).
+
+    Returns ``(f(*primals), J @ tangents)``, plus ``aux`` with ``has_aux=True``.
+
+    >>> jvp(torch.sin, (torch.tensor(0.),), (torch.tensor(2.),))
+    (tensor(0.), tensor(2.))
+    """
+    fn = "jvp(f, primals, tangents)"
+    p = _as_tuple(primals, "primals", fn)
+    t = _as_tuple(tangents, "tangents", fn)
+    if len(p) != len(t):
+        raise ValueError(f"{fn}: got {len(p)} primals but {len(t)} tangents")
+    for i, (a, b) in enumerate(zip(p, t, strict=True)):
+        if _tree.structure(a) != _tree.structure(b):
+            raise ValueError(f"{fn}: tangent {i} has structure {_tree.structure(b)} but primal {i} has {_tree.structure(a)}")
+        for path, x, y in zip(*_paths_and_leaves(a, b), strict=True):
+            if isinstance(x, torch.Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
+                raise ValueError(
+                    f"{fn}: tangent {i} at path `{_tree.keystr(path)}` has shape {tuple(y.shape)} and "
+                    f"dtype {y.dtype}, but the primal has {tuple(x.shape)} and {x.dtype}"
+                )
+    return torch.func.jvp(f, p, t, has_aux=has_aux)
+
+
+def _paths_and_leaves(a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    paths, la, _ = _tree.flatten_with_path(a)
+    return paths, la, _tree.leaves(b)
+
+
+def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+    """Reverse-mode vector-Jacobian product (``jax.vjp``).
+
+    Returns ``(f(*primals), vjp_fn)`` (plus ``aux`` with ``has_aux=True``); ``vjp_fn(ct)``
+    returns a tuple with one cotangent per primal.
+
+    >>> out, vjp_fn = vjp(lambda x: x * 3, torch.tensor([1., 2.]))
+    >>> vjp_fn(torch.ones(2))
+    (tensor([3., 3.]),)
+    """
+    return torch.func.vjp(f, *primals, has_aux=has_aux)
+
+
+def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+    """``(f(*primals), f_jvp)`` where ``f_jvp(*tangents)`` evaluates the JVP at the fixed
+    primals (``jax.linearize``). Traced once with ``make_fx``; each call is cheap.
+
+    Primals and tangents may be pytrees; tangents must match their primals' structure.
+
+    >>> out, f_jvp = linearize(torch.sin, torch.tensor([0., 0.]))
+    >>> f_jvp(torch.tensor([1., 2.]))
+    tensor([1., 2.])
+    """
+    fn = "linearize(f, *primals)"
+    leaves, treedef = _tree.flatten(primals)
+    for path, leaf in _tree.leaves_with_path(primals):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            raise TypeError(f"{fn}: primal at path `{_tree.keystr(path)}` must be a floating tensor")
+    out_def: list[Any] = []
+
+    def flat_f(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = f(*_tree.unflatten(treedef, flat))
+        out_leaves, d = _tree.flatten(out)
+        out_def[:] = [d]
+        return tuple(out_leaves)
+
+    out_leaves, jvp_flat = torch.func.linearize(flat_f, *leaves)
+    out = _tree.unflatten(out_def[0], out_leaves)
+
+    def f_jvp(*tangents: Any) -> Any:
+        if _tree.structure(tangents) != treedef:
+            raise ValueError(f"{fn}: tangents have structure {_tree.structure(tangents)}, expected {treedef}")
+        t = _tree.leaves(tangents)
+        for path, x, p in zip(_tree.flatten_with_path(primals)[0], t, leaves, strict=True):
+            if not isinstance(x, torch.Tensor) or x.shape != p.shape or x.dtype != p.dtype:
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(
+                    f"{fn}: tangent at path `{_tree.keystr(path)}` must match its primal "
+                    f"({tuple(p.shape)} {p.dtype}), got {got}"
+                )
+        return _tree.unflatten(out_def[0], jvp_flat(*t))
+
+    return out, f_jvp

@@ -1,0 +1,145 @@
+"""Control flow and memory: ``scan`` (``lax.scan`` semantics) and ``checkpoint`` (remat)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.func
+
+from functorch_pipeline import tree as _tree
+
+__all__ = ["checkpoint", "remat", "scan"]
+
+
+def scan(
+    f: Callable[[Any, Any], tuple[Any, Any]],
+    init: Any,
+    xs: Any = None,
+    length: int | None = None,
+    reverse: bool = False,
+) -> tuple[Any, Any]:
+    """Loop ``f(carry, x) -> (carry, y)`` over the leading axis of ``xs`` (``lax.scan``).
+
+    Returns ``(final_carry, ys)`` where ``ys`` stacks every ``y`` on a new leading axis
+    (``None`` if ``f`` returns ``y=None``). ``xs`` may be any pytree (or ``None`` with
+    ``length``); with ``reverse=True`` the loop runs from the end and ``ys`` keeps the
+    order of ``xs``. The carry must keep its structure, shapes and dtypes.
+
+    It is an eager Python loop, differentiable and vmappable like any PyTorch code.
+
+    >>> carry, ys = scan(lambda c, x: (c + x, c * x), torch.tensor(0.), torch.tensor([1., 2., 3.]))
+    >>> carry, ys
+    (tensor(6.), tensor([0., 2., 9.]))
+    """
+    fn = "scan(f, init, xs)"
+    paths, x_leaves, x_def = _tree.flatten_with_path(xs)
+    if x_leaves:
+        sizes = {p: x.shape[0] for p, x in zip(paths, x_leaves, strict=True)}
+        n = next(iter(sizes.values()))
+        bad = {_tree.keystr(p): s for p, s in sizes.items() if s != n}
+        if bad:
+            raise ValueError(f"{fn}: leaves of `xs` must share their leading size {n}, but {bad} differ")
+        if length is not None and length != n:
+            raise ValueError(f"{fn}: `length` is {length} but `xs` has leading size {n}")
+    elif length is None:
+        raise ValueError(f"{fn}: with no `xs`, give `length`")
+    else:
+        n = length
+    carry_def = _tree.structure(init)
+    carry = init
+    ys: list[Any] = [None] * n
+    order = range(n - 1, -1, -1) if reverse else range(n)
+    for i in order:
+        x = _tree.unflatten(x_def, [leaf[i] for leaf in x_leaves]) if x_leaves else None
+        out = f(carry, x)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"{fn}: f must return a pair (carry, y), got {type(out).__name__}")
+        carry, ys[i] = out
+        if _tree.structure(carry) != carry_def:
+            raise ValueError(
+                f"{fn}: f changed the carry's structure from {carry_def} to {_tree.structure(carry)}"
+            )
+    if n == 0 or ys[0] is None or not _tree.leaves(ys[0]):
+        return carry, ys[0] if n and ys[0] is not None else None
+    return carry, _tree.stack(ys)
+
+
+class _Remat(torch.autograd.Function):
+    """Forward without saving activations; recompute them in backward via ``vjp``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(holder: Any, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        f, in_def = holder.f, holder.in_def
+        out = f(*_tree.unflatten(in_def, leaves))
+        out_leaves, holder.out_def = _tree.flatten(out)
+        return tuple(out_leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        holder, *leaves = inputs
+        ctx.holder = holder
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
+        ctx.save_for_backward(*[x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+        holder = ctx.holder
+        saved = iter(ctx.saved_tensors)
+        leaves = [next(saved) if t else o for t, o in zip(ctx.is_tensor, ctx.others, strict=True)]
+        diff_idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+        def g(*diff: torch.Tensor) -> tuple[Any, ...]:
+            full = list(leaves)
+            for i, x in zip(diff_idx, diff, strict=True):
+                full[i] = x
+            return tuple(_tree.leaves(holder.f(*_tree.unflatten(holder.in_def, full))))
+
+        with torch.enable_grad():
+            _, vjp_fn = torch.func.vjp(g, *[leaves[i] for i in diff_idx])
+            cts = tuple(torch.zeros_like(o) if gr is None else gr for gr, o in zip(grads, _, strict=True))
+            in_grads = vjp_fn(cts)
+        out: list[Any] = [None] * len(leaves)
+        for i, gi in zip(diff_idx, in_grads, strict=True):
+            out[i] = gi
+        return (None, *out)
+
+
+class _Holder:
+    def __init__(self, f: Callable[..., Any], in_def: Any) -> None:
+        self.f = f
+        self.in_def = in_def
+        self.out_def: Any = None
+
+
+def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Rematerialise ``f`` (``jax.checkpoint``): its activations are not stored for the
+    backward pass but recomputed, trading compute for memory.
+
+    Unlike ``torch.utils.checkpoint`` (whose saved-tensor hooks ``torch.func.grad``
+    rejects), this works under ``fp.grad``, ``fp.vmap`` and ``loss.backward()``. ``f``
+    must be deterministic (no global-RNG draws; pass an ``fp.random`` key instead).
+
+    >>> import functorch_pipeline as fp
+    >>> f = checkpoint(lambda x: x.sin().sin())
+    >>> torch.allclose(fp.grad(lambda x: f(x).sum())(torch.ones(3)),
+    ...                fp.grad(lambda x: x.sin().sin().sum())(torch.ones(3)))
+    True
+    """
+
+    @functools.wraps(f)
+    def wrapped(*args: Any) -> Any:
+        leaves, in_def = _tree.flatten(args)
+        holder = _Holder(f, in_def)
+        out = _Remat.apply(holder, *leaves)
+        return _tree.unflatten(holder.out_def, list(out))
+
+    return wrapped
+
+
+remat = checkpoint

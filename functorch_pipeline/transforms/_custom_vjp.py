@@ -1,0 +1,136 @@
+"""``custom_vjp``: JAX's decorator for a function with a hand-written backward pass."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functorch_pipeline import tree as _tree
+
+__all__ = ["custom_vjp"]
+
+
+class custom_vjp:  # noqa: N801 - JAX's name
+    """Give ``f`` a custom reverse-mode rule, as ``jax.custom_vjp`` does.
+
+    Define ``fwd(*args) -> (out, residuals)`` and ``bwd(residuals, g) -> grads`` where
+    ``grads`` is a tuple with one entry (a pytree like that argument, or ``None``) per
+    positional argument of ``f``, and register them with :meth:`defvjp`. The result works
+    with ``loss.backward()``, ``fp.grad`` and ``fp.vmap`` (the batching rule is derived by
+    vmapping ``fwd`` and ``bwd``). Arguments and outputs may be pytrees; non-tensor leaves
+    pass through and get no gradient. Residual leaves must be tensors or ``None``.
+
+    Examples:
+      A gradient clipped to [-1, 1] on the way back:
+
+      >>> @custom_vjp
+      ... def clip_grad(x):
+      ...     return x
+      >>> clip_grad.defvjp(lambda x: (x, None), lambda res, g: (g.clamp(-1, 1),))
+      >>> import functorch_pipeline as fp
+      >>> fp.grad(lambda x: (clip_grad(x) * 5).sum())(torch.tensor([1.0, 2.0]))
+      tensor([1., 1.])
+    """
+
+    def __init__(self, f: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, f)
+        self.f = f
+        self.fwd: Callable[..., Any] | None = None
+        self.bwd: Callable[..., Any] | None = None
+        self._function: type[torch.autograd.Function] | None = None
+
+    def defvjp(self, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> None:
+        """Register the forward (``fwd(*args) -> (out, residuals)``) and backward
+        (``bwd(residuals, g) -> tuple of grads``) rules."""
+        self.fwd, self.bwd = fwd, bwd
+        self._function = _make_function(self.f.__name__ if hasattr(self.f, "__name__") else "f", fwd, bwd)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._function is None:
+            raise RuntimeError(
+                f"custom_vjp({getattr(self.f, '__name__', 'f')}): call .defvjp(fwd, bwd) before using it"
+            )
+        leaves, treedef = _tree.flatten(args)
+        spec = _Spec(treedef, len(args))
+        flat = self._function.apply(spec, *leaves)
+        return _tree.unflatten(spec.out_def, flat[: spec.n_out])
+
+
+class _Spec:
+    """Static data handed to the autograd.Function (not a tensor, so not traced)."""
+
+    def __init__(self, in_def: Any, nargs: int) -> None:
+        self.in_def = in_def
+        self.nargs = nargs
+        self.out_def: Any = None
+        self.res_def: Any = None
+        self.n_out = 0
+
+
+def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> type[torch.autograd.Function]:
+    where = f"custom_vjp({name})"
+
+    class _Fn(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
+            args = _tree.unflatten(spec.in_def, leaves)
+            result = fwd(*args)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(f"{where}: fwd must return a pair (out, residuals), got {type(result).__name__}")
+            out, res = result
+            out_leaves, spec.out_def = _tree.flatten(out)
+            res_paths, res_leaves, spec.res_def = _tree.flatten_with_path(res)
+            for p, r in zip(res_paths, res_leaves, strict=True):
+                if not isinstance(r, torch.Tensor):
+                    raise TypeError(
+                        f"{where}: residual at path `{_tree.keystr(p)}` is a {type(r).__name__}; "
+                        "residuals must be tensors (close over other values instead)"
+                    )
+            spec.n_out = len(out_leaves)
+            return (*out_leaves, *res_leaves)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+            spec = inputs[0]
+            ctx.spec = spec
+            res = output[spec.n_out :]
+            ctx.mark_non_differentiable(*res)
+            ctx.save_for_backward(*res)
+            ctx.input_is_tensor = [isinstance(x, torch.Tensor) for x in inputs[1:]]
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            spec: _Spec = ctx.spec
+            res = _tree.unflatten(spec.res_def, ctx.saved_tensors)
+            g = _tree.unflatten(spec.out_def, grads[: spec.n_out])
+            arg_grads = bwd(res, g)
+            if not isinstance(arg_grads, tuple) or len(arg_grads) != spec.nargs:
+                raise TypeError(
+                    f"{where}: bwd must return a tuple with one gradient per argument "
+                    f"({spec.nargs}), got {type(arg_grads).__name__}"
+                    + (f" of length {len(arg_grads)}" if isinstance(arg_grads, tuple) else "")
+                )
+            flat: list[Any] = []
+            args_template = _tree.unflatten(spec.in_def, [0] * spec.in_def.num_leaves)
+            for i, (tmpl, ga) in enumerate(zip(args_template, arg_grads, strict=True)):
+                n = len(_tree.leaves(tmpl))
+                if ga is None:
+                    flat.extend([None] * n)
+                    continue
+                gl = _tree.leaves(ga)
+                if len(gl) != n:
+                    raise ValueError(
+                        f"{where}: bwd returned a gradient for argument {i} with {len(gl)} leaves, "
+                        f"but the argument has {n}"
+                    )
+                flat.extend(gl)
+            flat = [gx if is_t else None for gx, is_t in zip(flat, ctx.input_is_tensor, strict=True)]
+            return (None, *flat)
+
+    _Fn.__name__ = f"custom_vjp_{name}"
+    return _Fn

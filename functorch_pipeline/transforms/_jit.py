@@ -1,0 +1,26 @@
+"""``jit``: ``torch.compile`` under JAX's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["jit"]
+
+
+def jit(f: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None = None,
+        mode: str | None = None, backend: str = "inductor") -> Callable[..., Any]:
+    """Compile ``f`` with ``torch.compile`` (the analogue of ``jax.jit``).
+
+    Compilation happens on the first call and again when shapes or dtypes change; it
+    can take from seconds (a small model) to minutes (a Python loop over time steps), so
+    time it cold and warm separately. ``fullgraph=True`` makes a graph break an error
+    instead of a silent fallback to eager.
+
+    >>> f = jit(lambda x: x * 2, backend="eager")
+    >>> f(torch.ones(2))
+    tensor([2., 2.])
+    """
+    return torch.compile(f, fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)

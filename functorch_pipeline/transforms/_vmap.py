@@ -1,0 +1,177 @@
+"""``vmap`` with JAX's ``in_axes``/``out_axes`` pytree prefixes over ``torch.func.vmap``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+import torch.func
+import torch.utils._pytree as torch_pytree
+
+from functorch_pipeline import tree as _tree
+
+__all__ = ["vmap"]
+
+
+class _Outputs:
+    """A torch-pytree node holding the flat tensor outputs of one vmapped call.
+
+    # NOTE [out_axes through torch.func]
+    torch.func needs `out_dims` to match the output's structure, which we only know once
+    `f` has run. The wrapped function returns its tensor leaves in an `_Outputs` node and
+    fills the *same* `_Outputs` instance passed as `out_dims` with one axis per leaf, so
+    torch.func reads the right axes after the call (it consults `out_dims` only then).
+    """
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+
+torch_pytree.register_pytree_node(
+    _Outputs,
+    lambda o: (list(o.items), None),
+    lambda children, _: _Outputs(list(children)),
+    serialized_type_name="functorch_pipeline.transforms._vmap._Outputs",
+)
+
+_RANDOMNESS = ("error", "different", "same")
+
+
+def _is_axis(a: Any) -> bool:
+    return a is None or (isinstance(a, int) and not isinstance(a, bool))
+
+
+def _broadcast(axes: Any, tree: Any, what: str, fn: str) -> list[Any]:
+    """One axis per leaf of ``tree`` (``None`` leaves included), from a prefix tree."""
+    try:
+        full = optree.tree_broadcast_prefix(axes, tree, none_is_leaf=True, namespace=_tree.NAMESPACE)
+    except ValueError as e:
+        raise ValueError(f"{fn}: `{what}` is not a pytree prefix of the {'arguments' if what == 'in_axes' else 'outputs'}: {e}") from None
+    flat = optree.tree_leaves(full, none_is_leaf=True, namespace=_tree.NAMESPACE)
+    for a in flat:
+        if not _is_axis(a):
+            raise TypeError(f"{fn}: every entry of `{what}` must be an int or None, got {a!r}")
+    return flat
+
+
+def vmap(
+    f: Callable[..., Any],
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    *,
+    chunk_size: int | None = None,
+    randomness: str = "error",
+) -> Callable[..., Any]:
+    """Vectorise ``f`` over a batch axis (``jax.vmap`` semantics, ``torch.func`` engine).
+
+    Args:
+      f: the function to map; its arguments and outputs are pytrees of tensors.
+      in_axes: an int, ``None``, or a tuple with one entry per positional argument, where
+        each entry is a pytree prefix of that argument whose leaves are ints (the mapped
+        axis) or ``None`` (not mapped). Non-tensor leaves are never mapped. Keyword
+        arguments are passed through unmapped (as in ``torch.func``; JAX maps them).
+      out_axes: like ``in_axes`` for the outputs; ``None`` marks an output that must not
+        depend on the mapped axis.
+      chunk_size: evaluate that many examples at a time (bounds memory; same result).
+      randomness: what PyTorch's *global* RNG may do inside ``f``: ``"error"`` (the
+        default, as in ``torch.func``) forbids it, ``"same"`` shares draws across the batch,
+        ``"different"`` draws per example. Explicit ``fp.random`` keys need none of this:
+        see NOTE [how keys map to torch.func's randomness modes] in ``fp.random``.
+
+    Returns:
+      The mapped function.
+
+    >>> x = {"a": torch.arange(6.).reshape(3, 2), "skip": None}
+    >>> vmap(lambda t, w: t["a"].sum() * w, in_axes=(0, None))(x, torch.tensor(2.))
+    tensor([ 2., 10., 18.])
+    """
+    fn = "vmap(f, in_axes, out_axes)"
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"{fn}: `randomness` must be one of {_RANDOMNESS}, got {randomness!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size!r}")
+    if isinstance(in_axes, list):
+        in_axes = tuple(in_axes)
+
+    @functools.wraps(f)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(in_axes, tuple) and len(in_axes) != len(args):
+            raise ValueError(
+                f"{fn}: `in_axes` has {len(in_axes)} entries but f was called with "
+                f"{len(args)} positional arguments"
+            )
+        axes_tree = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+        axes = _broadcast(axes_tree, args, "in_axes", fn)
+        paths, leaves, treedef = _tree.flatten_with_path(args, none_is_leaf=True)
+        mapped, mapped_axes, size = [], [], None
+        for i, (path, leaf, ax) in enumerate(zip(paths, leaves, axes, strict=True)):
+            if ax is None or not isinstance(leaf, torch.Tensor):
+                continue
+            where = f"argument {path[0]}" + (f" at path `{_tree.keystr(path[1:])}`" if len(path) > 1 else "")
+            if not -leaf.dim() <= ax < max(leaf.dim(), 1) or leaf.dim() == 0:
+                raise ValueError(f"{fn}: cannot map over axis {ax} of {where}, which has shape {tuple(leaf.shape)}")
+            n = leaf.shape[ax]
+            if size is None:
+                size, first = n, where
+            elif n != size:
+                raise ValueError(
+                    f"{fn}: mapped axes must all have the same size, but {first} has {size} "
+                    f"and {where} has {n} along its mapped axis"
+                )
+            mapped.append(i)
+            mapped_axes.append(ax % leaf.dim())
+        if not mapped:
+            raise ValueError(f"{fn}: nothing to map: every tensor argument has in_axes None")
+
+        out_def: list[Any] = []
+        out_static: list[Any] = []
+        box = _Outputs([])
+
+        def inner(*mapped_leaves: torch.Tensor) -> _Outputs:
+            new = list(leaves)
+            for i, x in zip(mapped, mapped_leaves, strict=True):
+                new[i] = x
+            out = f(*optree.tree_unflatten(treedef, new), **kwargs)
+            out_paths, out_leaves, d = _tree.flatten_with_path(out, none_is_leaf=True)
+            oaxes = _broadcast(out_axes, out, "out_axes", fn)
+            tensors, tensor_axes = [], []
+            for p, leaf, ax in zip(out_paths, out_leaves, oaxes, strict=True):
+                if leaf is None:
+                    continue
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(
+                        f"{fn}: f must return tensors, but the output at path "
+                        f"`{_tree.keystr(p)}` is a {type(leaf).__name__}"
+                    )
+                tensors.append(leaf)
+                tensor_axes.append(ax)
+            out_def[:] = [d]
+            out_static[:] = [leaf is None for leaf in out_leaves]
+            box.items[:] = tensor_axes
+            return _Outputs(tensors)
+
+        def run(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            mapped_fn = torch.func.vmap(inner, in_dims=tuple(mapped_axes), out_dims=box, randomness=randomness)
+            return mapped_fn(*xs).items
+
+        xs = [leaves[i] for i in mapped]
+        if chunk_size is None or chunk_size >= size:
+            results = run(xs)
+        else:
+            chunks = [
+                run([x.narrow(ax, start, min(chunk_size, size - start)) for x, ax in zip(xs, mapped_axes, strict=True)])
+                for start in range(0, size, chunk_size)
+            ]
+            results = []
+            for j, ax in enumerate(box.items):
+                parts = [c[j] for c in chunks]
+                results.append(parts[0] if ax is None else torch.cat(parts, dim=ax))
+        it = iter(results)
+        out_leaves = [None if is_none else next(it) for is_none in out_static]
+        return optree.tree_unflatten(out_def[0], out_leaves)
+
+    return wrapped
+
