@@ -9,9 +9,13 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 """
 
 from functorch_pipeline import random
+from functorch_pipeline import serialization
 from functorch_pipeline import transforms
 from functorch_pipeline import tree
 from functorch_pipeline._version import __version__
+from functorch_pipeline.serialization import CheckpointError
+from functorch_pipeline.serialization import load
+from functorch_pipeline.serialization import save
 from functorch_pipeline.transforms import checkpoint
 from functorch_pipeline.transforms import custom_vjp
 from functorch_pipeline.transforms import grad
@@ -30,6 +34,7 @@ from functorch_pipeline.transforms import vjp
 from functorch_pipeline.transforms import vmap
 
 __all__ = [
+    "CheckpointError",
     "__version__",
     "checkpoint",
     "custom_vjp",
@@ -40,11 +45,14 @@ __all__ = [
     "jit",
     "jvp",
     "linearize",
+    "load",
     "per_sample_grads",
     "per_sample_value_and_grad",
     "random",
     "remat",
+    "save",
     "scan",
+    "serialization",
     "transforms",
     "tree",
     "value_and_grad",

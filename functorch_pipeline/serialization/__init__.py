@@ -1,0 +1,27 @@
+"""``fp.serialization``: save and load pytrees as one safe, self-describing file.
+
+A checkpoint is a safetensors file: tensors named by key path in the safetensors layout,
+the tree structure and non-tensor leaves as JSON in the header, and a format version.
+Loading never unpickles; writes are atomic; bad files raise :class:`CheckpointError`.
+``fp.save`` and ``fp.load`` are re-exported at the top level.
+"""
+
+from functorch_pipeline.serialization._format import FORMAT_VERSION
+from functorch_pipeline.serialization._format import CheckpointError
+from functorch_pipeline.serialization._load import load
+from functorch_pipeline.serialization._load import read_metadata
+from functorch_pipeline.serialization._save import atomic_write
+from functorch_pipeline.serialization._save import save
+from functorch_pipeline.serialization._structure import register_type
+from functorch_pipeline.serialization._torch import load_torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_write",
+    "load",
+    "load_torch",
+    "read_metadata",
+    "register_type",
+    "save",
+]

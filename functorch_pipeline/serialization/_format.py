@@ -1,0 +1,281 @@
+"""The on-disk layout: a safetensors file, read and written without trusting its bytes.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``), then the raw
+tensor bytes. This module builds such headers, parses them with strict bounds checks, and
+moves tensor bytes between files and tensors with no intermediate copies.
+
+# NOTE [strict header parsing]
+Every number in a header is checked before it is used: the claimed header length against
+the file size and a hard cap (so a file claiming a 2**63-byte header is rejected before a
+single byte is allocated), every shape and offset against the data section, and tensors
+against each other (no overlaps). All failures raise :class:`CheckpointError`; JSON that is
+nested too deeply for Python's recursion limit is reported the same way. Nothing is ever
+unpickled or imported by name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import BinaryIO
+
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "META_FORMAT",
+    "META_TREE",
+    "RESERVED_PREFIX",
+    "CheckpointError",
+    "Header",
+    "TensorInfo",
+    "build_header",
+    "dtype_name",
+    "parse_header",
+    "read_tensor",
+    "write_tensor",
+]
+
+FORMAT_VERSION = 1
+RESERVED_PREFIX = "functorch_pipeline."
+META_FORMAT = RESERVED_PREFIX + "format"
+META_TREE = RESERVED_PREFIX + "tree"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_NDIM = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: truncated, corrupted, not a checkpoint,
+    written by a newer format version, naming an unknown type, or not matching ``like``.
+
+    It subclasses ``ValueError``; every failure of :func:`fp.load <load>` on bad input
+    raises it (never a crash, a hang or a bare internal error).
+
+    >>> issubclass(CheckpointError, ValueError)
+    True
+    """
+
+
+_NAME_TO_DTYPE: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
+_DTYPE_TO_NAME = {v: k for k, v in _NAME_TO_DTYPE.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The safetensors name of a dtype (``None`` if safetensors has none).
+
+    >>> dtype_name(torch.bfloat16), dtype_name(torch.complex128)
+    ('BF16', None)
+    """
+    return _DTYPE_TO_NAME.get(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a header; offsets are relative to the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A parsed header: tensors in header order, string metadata, where data starts."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    data_len: int
+
+
+def build_header(
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix included) for tensors written back to back in the
+    given order, and each tensor's byte size.
+
+    The JSON is padded with spaces to a multiple of 8 bytes, so the data section starts
+    8-byte aligned, as safetensors does.
+
+    >>> raw, sizes = build_header([("w", torch.float32, (2,))], {})
+    >>> int.from_bytes(raw[:8], "little") % 8, sizes
+    (0, [8])
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    sizes = []
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_TO_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        sizes.append(nbytes)
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, sizes
+
+
+def _fail(where: str, msg: str) -> CheckpointError:
+    return CheckpointError(f"{where}: {msg}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header(f: BinaryIO, file_size: int, where: str) -> Header:
+    """Read and validate the header of an open safetensors file (see NOTE [strict header
+    parsing]). Raises :class:`CheckpointError` on anything malformed.
+
+    >>> import io
+    >>> raw, _ = build_header([("w", torch.float32, (2,))], {"a": "b"})
+    >>> h = parse_header(io.BytesIO(raw + bytes(8)), len(raw) + 8, "example")
+    >>> h.tensors["w"].shape, h.metadata
+    ((2,), {'a': 'b'})
+    """
+    if file_size < 8:
+        raise _fail(where, f"the file is {file_size} bytes long, too short to be a safetensors checkpoint (truncated?)")
+    prefix = f.read(8)
+    if len(prefix) != 8:
+        raise _fail(where, "could not read the 8-byte header length (truncated?)")
+    n = int.from_bytes(prefix, "little")
+    if n > file_size - 8:
+        raise _fail(
+            where,
+            f"the header claims {n} bytes but only {file_size - 8} follow the length field "
+            "(the file is truncated or is not a safetensors checkpoint)",
+        )
+    if n > MAX_HEADER_BYTES:
+        raise _fail(where, f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES}-byte limit")
+    if n < 2:
+        raise _fail(where, f"the header is {n} bytes long, too short to hold a JSON object")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _fail(where, f"could read only {len(raw)} of the header's {n} bytes (truncated?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(where, f"the header is not UTF-8 ({e.reason} at byte {e.start}); not a safetensors checkpoint") from None
+    if not text.startswith("{"):
+        raise _fail(where, "the header does not start with '{'; not a safetensors checkpoint")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise _fail(where, f"the header is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise _fail(where, "the header is not a JSON object")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _fail(where, "`__metadata__` in the header must map strings to strings")
+    data_start = 8 + n
+    data_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in obj.items():
+        tensors[name] = _parse_entry(name, entry, data_len, where)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
+    for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:], strict=False):
+        if s1 < e0:
+            raise _fail(where, f"tensors `{n0}` and `{n1}` overlap in the file")
+    return Header(tensors=tensors, metadata=metadata, data_start=data_start, data_len=data_len)
+
+
+def _parse_entry(name: str, entry: Any, data_len: int, where: str) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _fail(where, f"header entry `{name}` must be an object with exactly `dtype`, `shape` and `data_offsets`")
+    dname, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dname, str) or dname not in _NAME_TO_DTYPE:
+        raise _fail(where, f"tensor `{name}` has unknown dtype {str(dname)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _fail(where, f"tensor `{name}` has an invalid shape {str(shape)[:80]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _fail(where, f"tensor `{name}` has invalid data_offsets {str(offsets)[:80]}")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise _fail(
+            where,
+            f"tensor `{name}` claims bytes [{start}, {end}) but the data section has {data_len} bytes "
+            "(truncated or corrupted file)",
+        )
+    dtype = _NAME_TO_DTYPE[dname]
+    itemsize = dtype.itemsize
+    if math.prod(shape) * itemsize != end - start:
+        raise _fail(
+            where,
+            f"tensor `{name}` of shape {tuple(shape)} and dtype {dname} needs "
+            f"{math.prod(shape) * itemsize} bytes but its data_offsets span {end - start}",
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def write_tensor(fd: int, t: torch.Tensor) -> None:
+    """Write a tensor's bytes to a raw file descriptor straight from its memory.
+
+    CUDA tensors are copied to the host first; non-contiguous tensors are made contiguous
+    (one copy); contiguous CPU tensors are written with no copy at all.
+    """
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.numel() == 0:
+        return
+    mv = _as_bytes(t)
+    pos, total = 0, len(mv)
+    while pos < total:
+        pos += os.write(fd, mv[pos : pos + (1 << 30)])
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo, data_start: int, where: str) -> torch.Tensor:
+    """Read one tensor with ``readinto`` straight into a fresh tensor's memory."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    if info.end == info.start:
+        return out
+    f.seek(data_start + info.start)
+    mv = _as_bytes(out)
+    pos, total = 0, len(mv)
+    while pos < total:
+        got = f.readinto(mv[pos:])
+        if not got:
+            raise _fail(where, f"the file ended while reading tensor `{info.name}` (it changed or was truncated)")
+        pos += got
+    return out

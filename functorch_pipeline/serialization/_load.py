@@ -1,0 +1,244 @@
+"""``fp.load``: rebuild a pytree from a checkpoint, checked against ``like=`` if given."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from functorch_pipeline.serialization._format import FORMAT_VERSION
+from functorch_pipeline.serialization._format import META_FORMAT
+from functorch_pipeline.serialization._format import META_TREE
+from functorch_pipeline.serialization._format import RESERVED_PREFIX
+from functorch_pipeline.serialization._format import CheckpointError
+from functorch_pipeline.serialization._format import Header
+from functorch_pipeline.serialization._format import parse_header
+from functorch_pipeline.serialization._format import read_tensor
+from functorch_pipeline.serialization._structure import decode
+from functorch_pipeline.serialization._structure import leaf_nodes
+from functorch_pipeline.tree import KeyPath
+from functorch_pipeline.tree import flatten_with_path
+from functorch_pipeline.tree import keystr
+from functorch_pipeline.tree import unflatten
+
+__all__ = ["load", "read_metadata"]
+
+_MAGIC_HINTS = (
+    (b"PK\x03\x04", "a zip archive, e.g. written by torch.save"),
+    (b"\x80", "a pickle, e.g. written by torch.save"),
+)
+
+
+def load(
+    path: str | os.PathLike[str],
+    like: Any = None,
+    *,
+    device: torch.device | str | int | None = None,
+) -> Any:
+    """Load a pytree saved by :func:`save`, or any safetensors file (as a flat dict).
+
+    Without ``like``, the saved structure is rebuilt: dicts, OrderedDicts, lists, tuples,
+    the library's NamedTuples and registered dataclasses (optimizer states,
+    ``TrainState``), and your own classes registered with :func:`register_type`. A plain
+    safetensors file (no tree in its header) loads as ``{name: tensor}`` in file order.
+
+    With ``like``, every leaf is checked against the template first (same key paths,
+    tensor shapes and dtypes, Python scalar types) and the result takes ``like``'s
+    containers; all mismatches are reported at once, each with its key path and both
+    values. Template tensors can be on the ``meta`` device (shapes and dtypes only).
+    Nothing is read from the data section before this check passes.
+
+    Loading never unpickles and never imports anything outside this library (see
+    NOTE [type registry]); the header is validated before use (NOTE [strict header
+    parsing]).
+
+    Args:
+      path: the file.
+      like: optional template pytree.
+      device: where tensors go, like ``torch.load``'s ``map_location``: a checkpoint saved
+        on CUDA loads on a CPU-only machine. Default: each tensor goes to the device of
+        its ``like`` leaf if given (CPU for meta templates), else to the CPU.
+
+    Returns:
+      The tree. Tensors are fresh, contiguous, independent and do not require grad.
+
+    Raises:
+      CheckpointError: the file is truncated, corrupted, not a safetensors file, from a
+        newer format version, names an unregistered type, or does not match ``like``.
+      OSError: the file cannot be opened (missing, a directory, no permission).
+
+    >>> import tempfile, os
+    >>> from functorch_pipeline.serialization import save
+    >>> p = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
+    >>> save(p, {"params": {"w": torch.zeros(2, 3)}, "step": 7})
+    >>> load(p)["step"]
+    7
+    >>> load(p, like={"params": {"w": torch.empty(3, 2)}, "step": 0})
+    Traceback (most recent call last):
+    ...
+    functorch_pipeline.serialization._format.CheckpointError: load(path, like): ... leaf at path `params.w` has shape (3, 2) in `like` but (2, 3) on disk
+    """
+    where = "load(path)" if like is None else "load(path, like)"
+    dev = torch.device(device) if device is not None else None
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        where = f"{where}: {os.fspath(path)}"
+        _check_magic(f, where)
+        header = parse_header(f, size, where)
+        node = _tree_node(header, where)
+        leaves = leaf_nodes(node, where)
+        names = _check_names(header, leaves, where)
+        if like is not None:
+            like_paths, like_leaves, treedef = flatten_with_path(like)
+            _check_like(like_paths, like_leaves, leaves, header, where)
+        tensors = _read_all(f, header, names, where)
+    if like is None:
+        return decode(node, lambda name, _path: _place(tensors[name], dev), where)
+    disk = dict(leaves)
+    out = []
+    for p, x in zip(like_paths, like_leaves, strict=True):
+        n = disk[p]
+        if n["t"] != "tensor":
+            out.append(decode(n, _unreachable, where, p))
+        else:
+            target = dev if dev is not None else (x.device if x.device.type != "meta" else None)
+            out.append(_place(tensors[n["n"]], target))
+    return unflatten(treedef, out)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata`` given to :func:`save` (reads the header only).
+
+    >>> import tempfile, os
+    >>> from functorch_pipeline.serialization import save
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> save(p, {"w": torch.zeros(1)}, metadata={"epoch": "3"})
+    >>> read_metadata(p)
+    {'epoch': '3'}
+    """
+    with open(path, "rb", buffering=0) as f:
+        where = f"read_metadata(path): {os.fspath(path)}"
+        _check_magic(f, where)
+        header = parse_header(f, os.fstat(f.fileno()).st_size, where)
+    return {k: v for k, v in header.metadata.items() if not k.startswith(RESERVED_PREFIX)}
+
+
+def _check_magic(f: Any, where: str) -> None:
+    head = f.read(4)
+    f.seek(0)
+    for magic, what in _MAGIC_HINTS:
+        if head.startswith(magic):
+            raise CheckpointError(
+                f"{where}: this is {what}, not a safetensors checkpoint; it is never unpickled "
+                "here. For a torch state_dict use fp.serialization.load_torch (weights_only)"
+            )
+
+
+def _tree_node(header: Header, where: str) -> Any:
+    meta = header.metadata
+    if META_TREE not in meta:
+        if META_FORMAT in meta:
+            raise CheckpointError(f"{where}: the header has a format version but no tree (corrupted)")
+        names = list(header.tensors)  # a plain safetensors file: a flat dict in file order
+        return {"t": "dict", "k": [{"t": "str", "v": n} for n in names], "c": [{"t": "tensor", "n": n} for n in names]}
+    version = meta.get(META_FORMAT, "")
+    if not version.isdigit() or len(version) > 6:
+        raise CheckpointError(f"{where}: invalid format version {version[:20]!r} in the header (corrupted)")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: the checkpoint has format version {int(version)} but this functorch_pipeline "
+            f"reads up to {FORMAT_VERSION}; upgrade functorch_pipeline"
+        )
+    try:
+        return json.loads(meta[META_TREE], parse_constant=lambda c: _raise(ValueError(c)))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: the tree in the header is not valid JSON: {str(e)[:200]}") from None
+
+
+def _raise(e: Exception) -> Any:
+    raise e
+
+
+def _check_names(header: Header, leaves: list[tuple[KeyPath, dict[str, Any]]], where: str) -> list[str]:
+    names = [n["n"] for _, n in leaves if n["t"] == "tensor"]
+    seen: set[str] = set()
+    for (p, n) in leaves:
+        if n["t"] != "tensor":
+            continue
+        if n["n"] not in header.tensors:
+            raise CheckpointError(f"{where}: the tree's leaf at path `{keystr(p)}` names tensor `{n['n'][:80]}`, which is not in the file")
+        if n["n"] in seen:
+            raise CheckpointError(f"{where}: tensor `{n['n'][:80]}` is used by more than one leaf (corrupted)")
+        seen.add(n["n"])
+    unused = [n for n in header.tensors if n not in seen]
+    if unused:
+        raise CheckpointError(f"{where}: tensors {unused[:5]} in the file are not part of the tree (corrupted)")
+    paths = [p for p, _ in leaves]
+    if len(set(paths)) != len(paths):
+        raise CheckpointError(f"{where}: the tree has two leaves at the same key path (corrupted)")
+    return names
+
+
+def _describe(node: dict[str, Any], header: Header) -> str:
+    if node["t"] == "tensor":
+        info = header.tensors[node["n"]]
+        return f"a tensor of shape {info.shape} and dtype {info.dtype}"
+    v = node.get("v")
+    shown = f" ({float.fromhex(v) if node['t'] == 'float' else v!r})"[:60] if "v" in node else ""
+    return f"{_a(node['t'])}{shown}"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _check_like(
+    like_paths: list[KeyPath],
+    like_leaves: list[Any],
+    leaves: list[tuple[KeyPath, dict[str, Any]]],
+    header: Header,
+    where: str,
+) -> None:
+    disk = dict(leaves)
+    problems = []
+    for p, x in zip(like_paths, like_leaves, strict=True):
+        k = keystr(p)
+        if p not in disk:
+            problems.append(f"leaf at path `{k}` is in `like` but not on disk")
+            continue
+        n = disk[p]
+        if isinstance(x, torch.Tensor):
+            if n["t"] != "tensor":
+                problems.append(f"leaf at path `{k}` is a tensor in `like` but {_describe(n, header)} on disk")
+                continue
+            info = header.tensors[n["n"]]
+            if tuple(x.shape) != info.shape:
+                problems.append(f"leaf at path `{k}` has shape {tuple(x.shape)} in `like` but {info.shape} on disk")
+            if x.dtype != info.dtype:
+                problems.append(f"leaf at path `{k}` has dtype {x.dtype} in `like` but {info.dtype} on disk")
+        else:
+            want = type(x).__name__
+            if n["t"] != want:
+                problems.append(f"leaf at path `{k}` is {_a(want)} in `like` but {_describe(n, header)} on disk")
+    like_set = set(like_paths)
+    problems += [f"leaf at path `{keystr(p)}` is on disk but not in `like`" for p, _ in leaves if p not in like_set]
+    if problems:
+        raise CheckpointError(
+            f"{where}: the checkpoint does not match `like` ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems)
+        )
+
+
+def _read_all(f: Any, header: Header, names: list[str], where: str) -> dict[str, torch.Tensor]:
+    infos = sorted((header.tensors[n] for n in names), key=lambda i: i.start)  # sequential reads
+    return {i.name: read_tensor(f, i, header.data_start, where) for i in infos}
+
+
+def _place(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None or device.type == "cpu" else t.to(device)
+
+
+def _unreachable(name: str, path: KeyPath) -> torch.Tensor:
+    raise AssertionError("scalar leaves have no tensors")

@@ -1,0 +1,182 @@
+"""``fp.save``: write a pytree to one self-describing safetensors file, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from functorch_pipeline.serialization._format import FORMAT_VERSION
+from functorch_pipeline.serialization._format import META_FORMAT
+from functorch_pipeline.serialization._format import META_TREE
+from functorch_pipeline.serialization._format import RESERVED_PREFIX
+from functorch_pipeline.serialization._format import build_header
+from functorch_pipeline.serialization._format import write_tensor
+from functorch_pipeline.serialization._structure import Encoder
+
+__all__ = ["atomic_write", "save"]
+
+_SMALL = 1 << 20  # tensors below 1 MiB are batched into one write
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def save(
+    path: str | os.PathLike[str],
+    tree: Any,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    sync: bool = True,
+) -> None:
+    """Save a pytree to one safetensors file that :func:`load` rebuilds exactly.
+
+    What a checkpoint holds: tensors (any dtype safetensors has: floating incl. bfloat16,
+    float16 and float8, signed/unsigned ints, bool, complex64; any shape incl. 0-d and
+    empty; non-contiguous tensors are written contiguously), Python ``int``, ``float``
+    (incl. ``inf``/``nan``), ``bool``, ``str`` and ``None``, inside dicts (``str``/``int``
+    keys), OrderedDicts, lists, tuples, NamedTuples and classes registered with
+    ``fp.tree.register_dataclass`` (optimizer states, ``TrainState``).
+
+    Format: tensors in the safetensors layout, named by key path (``params.fc1.weight``),
+    so any safetensors reader sees them; the tree structure, non-tensor leaves and the
+    format version are JSON in the header's ``__metadata__``.
+
+    # NOTE [shared storage]
+    Every tensor leaf is stored on its own, in full: two leaves that are views of one
+    storage (or the same tensor twice, e.g. tied weights) are written twice, and load as
+    independent tensors. This keeps files valid safetensors (which forbids overlapping
+    tensors) and never saves bytes that no leaf shows. ``requires_grad`` and tensor
+    subclasses (``nn.Parameter``) are not recorded; tensors load as plain tensors.
+
+    # NOTE [atomic save]
+    The file is written to a temporary file in the same directory, flushed and
+    ``fsync``-ed, then renamed over ``path`` with ``os.replace``, and the directory is
+    ``fsync``-ed so the rename itself is durable. A crash or kill at any point leaves
+    either the old file or the new one at ``path``, never a partial file (a stale
+    ``.<name>.*.tmp`` file may remain beside it).
+
+    Args:
+      path: destination file (``.safetensors`` by convention).
+      tree: the pytree to save. Nothing in it is modified.
+      metadata: optional ``{str: str}`` stored in the header, readable with
+        :func:`read_metadata` and by other safetensors tools. Keys starting with
+        ``functorch_pipeline.`` are reserved.
+      sync: ``fsync`` the file and directory (default). ``False`` skips both: faster,
+        but a power loss may then leave an empty or partial file.
+
+    Returns:
+      ``None``.
+
+    Raises:
+      TypeError: a leaf or container the format cannot hold; the message names its path.
+
+    >>> import tempfile, os
+    >>> from functorch_pipeline.serialization import load
+    >>> d = tempfile.mkdtemp()
+    >>> tree = {"w": torch.ones(2, dtype=torch.bfloat16), "step": 3, "opt": (None, 0.5)}
+    >>> save(os.path.join(d, "ckpt.safetensors"), tree)
+    >>> load(os.path.join(d, "ckpt.safetensors"))
+    {'w': tensor([1., 1.], dtype=torch.bfloat16), 'step': 3, 'opt': (None, 0.5)}
+    """
+    where = "save(path, tree)"
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: `path` must be a str or os.PathLike, got {type(path).__name__}")
+    meta = _check_metadata(metadata, where)
+    enc = Encoder(where)
+    node = enc.encode(tree)
+    # Widest dtypes first: with an 8-byte aligned data section every tensor then starts
+    # at a multiple of its own element size, as safetensors' own writer arranges.
+    tensors = sorted(enc.tensors, key=lambda nt: -nt[1].dtype.itemsize)
+    meta[META_FORMAT] = str(FORMAT_VERSION)
+    meta[META_TREE] = json.dumps(node, separators=(",", ":"), ensure_ascii=False)
+    header, sizes = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], meta)
+
+    def write(fd: int) -> None:
+        buf = bytearray(header)
+        for (_, t), nbytes in zip(tensors, sizes, strict=True):
+            if nbytes < _SMALL:
+                if nbytes:
+                    c = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+                    buf += c.reshape(-1).view(torch.uint8).numpy().tobytes()
+                continue
+            _write_all(fd, buf)
+            buf.clear()
+            write_tensor(fd, t)
+        _write_all(fd, buf)
+
+    atomic_write(path, write, sync=sync)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None, where: str) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{where}: `metadata` must be a mapping of str to str, got {type(metadata).__name__}")
+    out = {}
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"{where}: `metadata` must map str to str (as safetensors requires), got "
+                f"{k!r}: {type(v).__name__}; convert values with str() or json.dumps()"
+            )
+        if k.startswith(RESERVED_PREFIX) or k == "__metadata__":
+            raise ValueError(f"{where}: `metadata` key {k!r} is reserved")
+        out[k] = v
+    return out
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    mv = memoryview(data)
+    pos = 0
+    while pos < len(mv):
+        pos += os.write(fd, mv[pos:])
+
+
+def _fsync_dir(directory: str) -> None:
+    flags = getattr(os, "O_DIRECTORY", None)
+    if flags is None:  # Windows: directories cannot be fsync-ed
+        return
+    fd = os.open(directory, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, sync: bool = True) -> None:
+    """Call ``write(fd)`` on a temporary file beside ``path``, then atomically replace
+    ``path`` with it (see NOTE [atomic save]). On any error the temporary file is removed
+    and ``path`` is untouched.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
+    >>> atomic_write(p, lambda fd: os.write(fd, b"hi"))
+    >>> open(p, "rb").read()
+    b'hi'
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; use the usual mode
+            write(fd)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync:
+        _fsync_dir(directory)
+
