@@ -183,7 +183,7 @@ def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
     shape = tuple(shape)
     n = math.prod(shape)
     counter = torch.arange(n, device=k.device, dtype=torch.int64)
-    return _hash2(k[..., 0:1], k[..., 1:2], counter).reshape(*k.shape[:-1], *shape)
+    return _hash2(k[..., 0:1], k[..., 1:2], counter).reshape(tuple(k.shape[:-1]) + shape)
 
 
 def uniform(

@@ -225,7 +225,20 @@ def jvp(
                     f"{fn}: tangent {i} at path `{_tree.keystr(path)}` has shape {tuple(y.shape)} and "
                     f"dtype {y.dtype}, but the primal has {tuple(x.shape)} and {x.dtype}"
                 )
-    return torch.func.jvp(f, p, t, has_aux=has_aux)
+    leaves, in_def = _tree.flatten(p)
+    out_def: list[Any] = []
+
+    def flat_f(*flat: torch.Tensor) -> Any:
+        out = f(*_tree.unflatten(in_def, flat))
+        if has_aux:
+            out, aux = out
+        out_leaves, d = _tree.flatten(out)
+        out_def[:] = [d]
+        return (tuple(out_leaves), aux) if has_aux else tuple(out_leaves)
+
+    res = torch.func.jvp(flat_f, tuple(leaves), tuple(_tree.leaves(t)), has_aux=has_aux)
+    out = (_tree.unflatten(out_def[0], res[0]), _tree.unflatten(out_def[0], res[1]))
+    return (*out, res[2]) if has_aux else out
 
 
 def _paths_and_leaves(a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any]]:
@@ -243,7 +256,32 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     >>> vjp_fn(torch.ones(2))
     (tensor([3., 3.]),)
     """
-    return torch.func.vjp(f, *primals, has_aux=has_aux)
+    fn = "vjp(f, *primals)"
+    leaves, in_def = _tree.flatten(primals)
+    out_def: list[Any] = []
+
+    def flat_f(*flat: torch.Tensor) -> Any:
+        out = f(*_tree.unflatten(in_def, flat))
+        if has_aux:
+            out, aux = out
+        out_leaves, d = _tree.flatten(out)
+        out_def[:] = [d]
+        return (tuple(out_leaves), aux) if has_aux else tuple(out_leaves)
+
+    res = torch.func.vjp(flat_f, *leaves, has_aux=has_aux)
+    out_leaves, vjp_flat = res[0], res[1]
+
+    def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
+        if _tree.structure(cotangent) != out_def[0]:
+            raise ValueError(
+                f"{fn}: the cotangent has structure {_tree.structure(cotangent)} but f's output has "
+                f"{out_def[0]}"
+            )
+        grads = vjp_flat(tuple(_tree.leaves(cotangent)))
+        return tuple(_tree.unflatten(in_def, list(grads)))
+
+    out = _tree.unflatten(out_def[0], list(out_leaves))
+    return (out, vjp_fn, res[2]) if has_aux else (out, vjp_fn)
 
 
 def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:

@@ -41,14 +41,26 @@ class custom_vjp:  # noqa: N801 - JAX's name
         self.fwd: Callable[..., Any] | None = None
         self.bwd: Callable[..., Any] | None = None
         self._function: type[torch.autograd.Function] | None = None
+        self._in_fwd = 0
 
     def defvjp(self, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> None:
         """Register the forward (``fwd(*args) -> (out, residuals)``) and backward
         (``bwd(residuals, g) -> tuple of grads``) rules."""
         self.fwd, self.bwd = fwd, bwd
-        self._function = _make_function(self.f.__name__ if hasattr(self.f, "__name__") else "f", fwd, bwd)
+        self._function = _make_function(getattr(self.f, "__name__", "f"), self._run_fwd, bwd)
+
+    def _run_fwd(self, *args: Any) -> Any:
+        # JAX's idiom calls `f` itself inside `fwd`; there it must be the plain function.
+        self._in_fwd += 1
+        try:
+            assert self.fwd is not None
+            return self.fwd(*args)
+        finally:
+            self._in_fwd -= 1
 
     def __call__(self, *args: Any) -> Any:
+        if self._in_fwd:
+            return self.f(*args)
         if self._function is None:
             raise RuntimeError(
                 f"custom_vjp({getattr(self.f, '__name__', 'f')}): call .defvjp(fwd, bwd) before using it"
@@ -92,7 +104,8 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
                         "residuals must be tensors (close over other values instead)"
                     )
             spec.n_out = len(out_leaves)
-            return (*out_leaves, *res_leaves)
+            # Saving an input returned as-is is refused by autograd.Function; a view is fine.
+            return (*out_leaves, *(r.view_as(r) for r in res_leaves))
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:

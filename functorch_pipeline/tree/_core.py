@@ -163,17 +163,15 @@ def _structure_error(fn: str, trees: Sequence[PyTree], err: Exception) -> ValueE
     first = flatten_with_path(trees[0])[0]
     for i, other in enumerate(trees[1:], start=1):
         other_paths = flatten_with_path(other)[0]
-        missing = sorted(set(map(keystr, first)) - set(map(keystr, other_paths)))
-        extra = sorted(set(map(keystr, other_paths)) - set(map(keystr, first)))
+        want = {keystr(p) for p in first}
+        have = {keystr(p) for p in other_paths}
+        missing, extra = sorted(want - have), sorted(have - want)
         if missing or extra:
             return ValueError(
                 f"{fn}: tree {i} does not match tree 0: missing {missing or 'nothing'}, "
                 f"extra {extra or 'nothing'}"
             )
     return ValueError(f"{fn}: the trees have different structures: {err}")
-
-
-_builtin_map = map
 
 
 def map(  # noqa: A001 - JAX's name

@@ -150,7 +150,8 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
     >>> norm([torch.tensor([3., -4.])], ord=1), norm([torch.tensor([3., -4.])], ord="inf")
     (tensor(7.), tensor(4.))
     """
-    ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
+    # Empty leaves contribute nothing (and _foreach_norm rejects them for ord=inf).
+    ls = [t for t in (torch.as_tensor(x) for x in flatten(tree)[0]) if t.numel()]
     if ord in ("inf", math.inf):
         ord = math.inf
     if ord not in (1, 2, math.inf):

@@ -1,0 +1,284 @@
+"""fp.tree against plain Python/torch references, with hypothesis over tree shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import optree
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import functorch_pipeline as fp
+from functorch_pipeline import tree
+
+DTYPES = [torch.float32, torch.float64]
+
+
+class Pair(NamedTuple):
+    first: object
+    second: object
+
+
+@tree.register_dataclass
+@dataclasses.dataclass
+class Box:
+    value: object
+    other: object
+
+
+def _tensor(draw, dtype):
+    shape = draw(st.lists(st.integers(0, 3), min_size=0, max_size=3))
+    vals = draw(st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=math.prod(shape), max_size=math.prod(shape)))
+    return torch.tensor(vals, dtype=dtype).reshape(shape)
+
+
+@st.composite
+def trees(draw, dtype=torch.float64, depth=3):
+    """Random pytrees of dicts, lists, tuples, NamedTuples, dataclasses and None."""
+    if depth == 0 or draw(st.booleans()):
+        if draw(st.integers(0, 9)) == 0:
+            return None
+        return _tensor(draw, dtype)
+    kind = draw(st.sampled_from(["dict", "list", "tuple", "pair", "box"]))
+    sub = lambda: draw(trees(dtype=dtype, depth=depth - 1))  # noqa: E731
+    if kind == "dict":
+        keys = draw(st.lists(st.text("abcxyz", min_size=1, max_size=3), max_size=3, unique=True))
+        return {k: sub() for k in keys}
+    if kind == "list":
+        return [sub() for _ in range(draw(st.integers(0, 3)))]
+    if kind == "tuple":
+        return tuple(sub() for _ in range(draw(st.integers(0, 3))))
+    if kind == "pair":
+        return Pair(sub(), sub())
+    return Box(sub(), sub())
+
+
+def _ref_leaves(t):
+    """An independent, recursive flatten used as the reference (dict keys sorted)."""
+    if t is None:
+        return []
+    if isinstance(t, torch.Tensor):
+        return [t]
+    if isinstance(t, dict):
+        return [x for k in sorted(t) for x in _ref_leaves(t[k])]
+    if isinstance(t, Box):
+        return _ref_leaves(t.value) + _ref_leaves(t.other)
+    return [x for c in t for x in _ref_leaves(c)]
+
+
+@given(trees())
+def test_leaves_match_recursive_reference(t):
+    got = tree.leaves(t)
+    ref = _ref_leaves(t)
+    assert len(got) == len(ref)
+    assert all(a is b for a, b in zip(got, ref, strict=True))
+
+
+@given(trees())
+def test_flatten_unflatten_roundtrip(t):
+    leaves, treedef = tree.flatten(t)
+    back = tree.unflatten(treedef, leaves)
+    assert tree.structure(back) == treedef
+    assert all(a is b for a, b in zip(tree.leaves(back), leaves, strict=True))
+
+
+@given(trees(), st.floats(-3, 3, allow_nan=False))
+def test_arithmetic_matches_per_leaf(t, s):
+    u = tree.map(lambda x: x * 2 + 1, t)
+    for got, a, b in zip(tree.leaves(tree.add(t, u)), tree.leaves(t), tree.leaves(u), strict=True):
+        torch.testing.assert_close(got, a + b)
+    for got, a, b in zip(tree.leaves(tree.sub(t, u)), tree.leaves(t), tree.leaves(u), strict=True):
+        torch.testing.assert_close(got, a - b)
+    for got, a in zip(tree.leaves(tree.scale(t, s)), tree.leaves(t), strict=True):
+        torch.testing.assert_close(got, a * s)
+    for got, a, b in zip(tree.leaves(tree.add_scale(t, s, u)), tree.leaves(t), tree.leaves(u), strict=True):
+        torch.testing.assert_close(got, a + s * b)
+
+
+@given(trees())
+def test_reductions_match_concatenated_vector(t):
+    leaves = tree.leaves(t)
+    flat = torch.cat([x.reshape(-1) for x in leaves]) if leaves else torch.zeros(0, dtype=torch.float64)
+    u = tree.map(lambda x: x.cos(), t)
+    flat_u = torch.cat([x.reshape(-1) for x in tree.leaves(u)]) if leaves else flat
+    torch.testing.assert_close(tree.sum(t).double(), flat.sum())
+    torch.testing.assert_close(tree.vdot(t, u).double(), (flat * flat_u).sum())
+    torch.testing.assert_close(tree.norm(t).double(), flat.norm())
+    torch.testing.assert_close(tree.global_norm(t).double(), flat.norm())
+    torch.testing.assert_close(tree.norm(t, ord=1).double(), flat.abs().sum())
+    if flat.numel():
+        torch.testing.assert_close(tree.norm(t, ord="inf").double(), flat.abs().max())
+    torch.testing.assert_close(tree.norm(t, squared=True).double(), (flat**2).sum())
+    assert tree.size(t) == flat.numel()
+    assert tree.nbytes(t) == flat.numel() * 8
+
+
+@given(trees())
+def test_ravel_roundtrip_and_order(t):
+    flat, unravel = tree.ravel(t)
+    ref = [x.reshape(-1) for x in tree.leaves(t)]
+    if ref:
+        torch.testing.assert_close(flat, torch.cat(ref))
+    back = unravel(flat)
+    assert tree.structure(back) == tree.structure(t)
+    assert tree.allclose(back, t)
+
+
+@given(trees())
+def test_stack_unstack_roundtrip(t):
+    if not tree.leaves(t):
+        return
+    t2 = tree.scale(t, 2.0)
+    stacked = tree.stack([t, t2])
+    for s, a, b in zip(tree.leaves(stacked), tree.leaves(t), tree.leaves(t2), strict=True):
+        assert s.shape == (2, *a.shape)
+        torch.testing.assert_close(s[0], a)
+        torch.testing.assert_close(s[1], b)
+    back = tree.unstack(stacked)
+    assert len(back) == 2 and tree.allclose(back[0], t) and tree.allclose(back[1], t2)
+
+
+@given(trees())
+def test_constructors_keep_shape_dtype(t):
+    for fn, val in [(tree.zeros_like, 0.0), (tree.ones_like, 1.0), (lambda x: tree.full_like(x, 3.5), 3.5)]:
+        out = fn(t)
+        assert tree.structure(out) == tree.structure(t)
+        for o, a in zip(tree.leaves(out), tree.leaves(t), strict=True):
+            assert o.shape == a.shape and o.dtype == a.dtype
+            assert bool((o == val).all())
+
+
+def test_none_leaves_are_preserved():
+    t = {"a": torch.ones(2), "b": None, "c": [None, torch.zeros(1)]}
+    out = tree.map(lambda x: x + 1, t)
+    assert out["b"] is None and out["c"][0] is None
+    assert tree.leaves(t) == [t["a"], t["c"][1]]
+
+
+def test_paths_and_keystr():
+    t = {"params": {"fc1": {"weight": 1}}, "layers": [Pair(2, 3)], "box": Box(4, None)}
+    got = {tree.keystr(p): x for p, x in tree.leaves_with_path(t)}
+    assert got == {"params.fc1.weight": 1, "layers[0].first": 2, "layers[0].second": 3, "box.value": 4}
+    out = tree.map_with_path(lambda p, x: tree.keystr(p), t)
+    assert out["layers"][0].second == "layers[0].second"
+    assert tree.keystr(("a", "x.y", 3)) == "a['x.y'][3]"
+
+
+def test_map_several_trees_and_structure_error_names_paths():
+    a = {"w": torch.ones(1), "b": torch.ones(1)}
+    assert tree.map(lambda x, y, z: x + y + z, a, a, a)["w"].item() == 3
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        tree.map(lambda x, y: x + y, a, {"w": torch.ones(1)})
+    with pytest.raises(ValueError, match="missing"):
+        tree.map_with_path(lambda p, x, y: x, a, {"w": torch.ones(1), "c": torch.ones(1)})
+
+
+def test_where_and_allclose():
+    a = {"x": torch.tensor([1.0, 2.0])}
+    b = {"x": torch.tensor([5.0, 6.0])}
+    assert torch.equal(tree.where(torch.tensor(True), a, b)["x"], a["x"])
+    cond = {"x": torch.tensor([True, False])}
+    assert torch.equal(tree.where(cond, a, b)["x"], torch.tensor([1.0, 6.0]))
+    assert tree.allclose(a, {"x": torch.tensor([1.0, 2.0 + 1e-9])})
+    assert not tree.allclose(a, b)
+    assert not tree.allclose(a, {"x": torch.ones(3)})
+
+
+def test_astype_to_clone_detach():
+    t = {"w": torch.ones(2, requires_grad=True), "i": torch.arange(2)}
+    c = tree.astype(t, torch.float16)
+    assert c["w"].dtype == torch.float16 and c["i"].dtype == torch.int64
+    assert tree.astype(t, torch.float64, floating_only=False)["i"].dtype == torch.float64
+    m = tree.to(t, "cpu", torch.float64)
+    assert m["w"].dtype == torch.float64 and m["i"].dtype == torch.int64
+    d = tree.detach(t)
+    assert not d["w"].requires_grad and d["w"].data_ptr() == t["w"].data_ptr()
+    cl = tree.clone(d)
+    cl["w"].add_(1)
+    assert torch.equal(t["w"].detach(), torch.ones(2))
+
+
+def test_ravel_mixed_dtypes_and_errors():
+    t = {"a": torch.ones(2, dtype=torch.float16), "b": torch.zeros(1, dtype=torch.float64)}
+    flat, unravel = tree.ravel(t)
+    assert flat.dtype == torch.float64
+    back = unravel(flat)
+    assert back["a"].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"expected a vector of shape \(3,\)"):
+        unravel(torch.zeros(4))
+    with pytest.raises(TypeError, match="path `a`"):
+        tree.ravel({"a": 1.0})
+
+
+def test_unstack_size_mismatch_names_path():
+    with pytest.raises(ValueError, match="path `b`"):
+        tree.unstack({"a": torch.zeros(2, 1), "b": torch.zeros(3, 1)})
+    with pytest.raises(ValueError, match="at least one"):
+        tree.stack([])
+
+
+def test_random_like_is_deterministic_and_leafwise_independent():
+    t = {"a": torch.zeros(1000), "b": torch.zeros(1000, dtype=torch.float64)}
+    r1 = tree.random_like(fp.random.key(0), t)
+    r2 = tree.random_like(fp.random.key(0), t)
+    r3 = tree.random_like(fp.random.key(1), t)
+    assert tree.allclose(r1, r2) and not tree.allclose(r1, r3)
+    assert r1["b"].dtype == torch.float64
+    assert not torch.allclose(r1["a"].double(), r1["b"])
+    assert abs(r1["a"].mean().item()) < 0.1 and abs(r1["a"].std().item() - 1) < 0.1
+    u = tree.random_like(fp.random.key(0), t, "uniform")
+    assert bool((u["a"] >= 0).all() and (u["a"] < 1).all())
+    with pytest.raises(ValueError, match="distribution"):
+        tree.random_like(fp.random.key(0), t, "cauchy")
+
+
+def test_registered_dataclass_is_known_to_torch_pytree_and_optree():
+    import torch.utils._pytree as tp
+
+    b = Box(torch.ones(1), {"k": torch.zeros(2)})
+    leaves, spec = tp.tree_flatten(b)
+    assert len(leaves) == 2
+    assert isinstance(tp.tree_unflatten(leaves, spec), Box)
+    assert len(optree.tree_leaves(b, namespace=tree.NAMESPACE)) == 2
+
+
+def test_state_containers_pass_through_vmap_and_grad():
+    state = Box(torch.tensor([1.0, 2.0], dtype=torch.float64), Pair(torch.tensor(3.0, dtype=torch.float64), None))
+
+    def f(s):
+        return (s.value**2).sum() * s.other.first
+
+    g = fp.grad(f)(state)
+    assert isinstance(g, Box) and isinstance(g.other, Pair) and g.other.second is None
+    torch.testing.assert_close(g.value, 2 * state.value * 3.0)
+    torch.testing.assert_close(g.other.first, (state.value**2).sum())
+    batched = Box(torch.randn(4, 2, dtype=torch.float64), Pair(torch.randn(4, dtype=torch.float64), None))
+    out = fp.vmap(f)(batched)
+    ref = torch.stack([f(Box(batched.value[i], Pair(batched.other.first[i], None))) for i in range(4)])
+    torch.testing.assert_close(out, ref)
+    # torch.func itself (not only fp's wrappers) can carry the registered dataclass
+    # (torch.func treats None as a leaf it cannot map, so the raw check uses no None).
+    full = Box(batched.value, Pair(batched.other.first, torch.zeros(4, dtype=torch.float64)))
+    gs = torch.func.vmap(torch.func.grad(f))(full)
+    assert isinstance(gs, Box) and gs.value.shape == (4, 2)
+
+
+def test_register_dataclass_rejects_bad_input():
+    with pytest.raises(TypeError, match="not a dataclass"):
+        tree.register_dataclass(int)
+
+    @dataclasses.dataclass
+    class C:
+        a: int
+
+    with pytest.raises(ValueError, match="no fields"):
+        tree.register_dataclass(C, data_fields=["zzz"])
+
+
+def test_unflatten_leaf_count_error():
+    with pytest.raises(ValueError, match="2 leaves but 3"):
+        tree.unflatten(tree.structure([1, 2]), [1, 2, 3])
