@@ -36,8 +36,10 @@ __all__ = [
     "CheckpointError",
     "Header",
     "TensorInfo",
+    "as_bytes",
     "build_header",
     "dtype_name",
+    "host_contiguous",
     "parse_header",
     "read_tensor",
     "write_tensor",
@@ -242,9 +244,26 @@ def _parse_entry(name: str, entry: Any, data_len: int, where: str) -> TensorInfo
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy).
+
+    >>> bytes(as_bytes(torch.tensor([1, 2], dtype=torch.int16)))
+    b'\\x01\\x00\\x02\\x00'
+    """
+    flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        # A one-element tensor counts as contiguous whatever its stride (e.g. `.imag`).
+        flat = flat.as_strided((1,), (1,))
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def host_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, on the CPU, with conj/neg bits resolved, contiguous; no copy for
+    a tensor that already is all that."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.resolve_conj().resolve_neg().contiguous()
 
 
 def write_tensor(fd: int, t: torch.Tensor) -> None:
@@ -253,13 +272,10 @@ def write_tensor(fd: int, t: torch.Tensor) -> None:
     CUDA tensors are copied to the host first; non-contiguous tensors are made contiguous
     (one copy); contiguous CPU tensors are written with no copy at all.
     """
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.resolve_conj().resolve_neg().contiguous()
+    t = host_contiguous(t)
     if t.numel() == 0:
         return
-    mv = _as_bytes(t)
+    mv = as_bytes(t)
     pos, total = 0, len(mv)
     while pos < total:
         pos += os.write(fd, mv[pos : pos + (1 << 30)])
@@ -271,7 +287,7 @@ def read_tensor(f: BinaryIO, info: TensorInfo, data_start: int, where: str) -> t
     if info.end == info.start:
         return out
     f.seek(data_start + info.start)
-    mv = _as_bytes(out)
+    mv = as_bytes(out)
     pos, total = 0, len(mv)
     while pos < total:
         got = f.readinto(mv[pos:])

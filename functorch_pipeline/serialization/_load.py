@@ -83,10 +83,8 @@ def load(
     where = "load(path)" if like is None else "load(path, like)"
     dev = torch.device(device) if device is not None else None
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
         where = f"{where}: {os.fspath(path)}"
-        _check_magic(f, where)
-        header = parse_header(f, size, where)
+        header = _parse(f, where)
         node = _tree_node(header, where)
         leaves = leaf_nodes(node, where)
         names = _check_names(header, leaves, where)
@@ -120,20 +118,26 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """
     with open(path, "rb", buffering=0) as f:
         where = f"read_metadata(path): {os.fspath(path)}"
-        _check_magic(f, where)
-        header = parse_header(f, os.fstat(f.fileno()).st_size, where)
+        header = _parse(f, where)
     return {k: v for k, v in header.metadata.items() if not k.startswith(RESERVED_PREFIX)}
 
 
-def _check_magic(f: Any, where: str) -> None:
+def _parse(f: Any, where: str) -> Header:
+    """The header; a file that fails to parse and starts like a pickle or a zip archive
+    (``torch.save``) gets an error that says so (a valid header may start with 0x80 too,
+    so this is only a hint after failure)."""
     head = f.read(4)
     f.seek(0)
-    for magic, what in _MAGIC_HINTS:
-        if head.startswith(magic):
-            raise CheckpointError(
-                f"{where}: this is {what}, not a safetensors checkpoint; it is never unpickled "
-                "here. For a torch state_dict use fp.serialization.load_torch (weights_only)"
-            )
+    try:
+        return parse_header(f, os.fstat(f.fileno()).st_size, where)
+    except CheckpointError:
+        for magic, what in _MAGIC_HINTS:
+            if head.startswith(magic):
+                raise CheckpointError(
+                    f"{where}: this is {what}, not a safetensors checkpoint; it is never unpickled "
+                    "here. For a torch state_dict use fp.serialization.load_torch (weights_only)"
+                ) from None
+        raise
 
 
 def _tree_node(header: Header, where: str) -> Any:

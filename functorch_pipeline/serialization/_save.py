@@ -10,13 +10,13 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from functorch_pipeline.serialization._format import FORMAT_VERSION
 from functorch_pipeline.serialization._format import META_FORMAT
 from functorch_pipeline.serialization._format import META_TREE
 from functorch_pipeline.serialization._format import RESERVED_PREFIX
+from functorch_pipeline.serialization._format import as_bytes
 from functorch_pipeline.serialization._format import build_header
+from functorch_pipeline.serialization._format import host_contiguous
 from functorch_pipeline.serialization._format import write_tensor
 from functorch_pipeline.serialization._structure import Encoder
 
@@ -76,7 +76,7 @@ def save(
     Raises:
       TypeError: a leaf or container the format cannot hold; the message names its path.
 
-    >>> import tempfile, os
+    >>> import tempfile, os, torch
     >>> from functorch_pipeline.serialization import load
     >>> d = tempfile.mkdtemp()
     >>> tree = {"w": torch.ones(2, dtype=torch.bfloat16), "step": 3, "opt": (None, 0.5)}
@@ -102,8 +102,7 @@ def save(
         for (_, t), nbytes in zip(tensors, sizes, strict=True):
             if nbytes < _SMALL:
                 if nbytes:
-                    c = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
-                    buf += c.reshape(-1).view(torch.uint8).numpy().tobytes()
+                    buf += as_bytes(host_contiguous(t))
                 continue
             _write_all(fd, buf)
             buf.clear()
