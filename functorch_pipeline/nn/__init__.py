@@ -4,4 +4,12 @@
 (``fp.nn.init``), ensembles, and the BatchNorm helpers live here too.
 """
 
-__all__: list[str] = []
+from functorch_pipeline.nn._convert import replace_rnns
+from functorch_pipeline.nn.recurrent import GRU
+from functorch_pipeline.nn.recurrent import LSTM
+
+__all__ = [
+    "GRU",
+    "LSTM",
+    "replace_rnns",
+]

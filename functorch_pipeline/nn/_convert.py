@@ -1,0 +1,95 @@
+"""``replace_rnns``: swap every ``nn.LSTM`` / ``nn.GRU`` in a module for ``fp.nn``'s twins."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from functorch_pipeline.nn.recurrent import GRU
+from functorch_pipeline.nn.recurrent import LSTM
+
+__all__ = ["replace_rnns"]
+
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.GRU: GRU}
+
+
+def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
+    where = f"`{path}`" if path else "the module itself"
+    if parametrize.is_parametrized(rnn):
+        raise TypeError(f"replace_rnns(module): {where} ({type(rnn).__name__}) has parametrizations "
+                        f"(weight_norm, ...); remove them first "
+                        f"(torch.nn.utils.parametrize.remove_parametrizations)")
+    if rnn._forward_hooks or rnn._forward_pre_hooks or rnn._backward_hooks:
+        warnings.warn(f"replace_rnns(module): hooks on {where} are not carried over to the "
+                      f"replacement", stacklevel=3)
+    kwargs = dict(input_size=rnn.input_size, hidden_size=rnn.hidden_size,
+                  num_layers=rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
+                  dropout=rnn.dropout, bidirectional=rnn.bidirectional)
+    if isinstance(rnn, nn.LSTM):
+        kwargs["proj_size"] = rnn.proj_size
+    # NOTE [swap without drawing]: build on the meta device (no memory, no draws from the
+    # global generator) and then hand over the copied module's own Parameter objects, so
+    # values, dtype, device, requires_grad and any tying inside the copy are all kept.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM already warned about dropout with 1 layer
+        new = _SWAPS[type(rnn)](**kwargs, device="meta")
+    if list(new._parameters) != list(rnn._parameters):
+        raise RuntimeError(f"replace_rnns(module): parameter names of {where} "
+                           f"{list(rnn._parameters)} do not match {list(new._parameters)}")
+    for name in rnn._parameters:
+        setattr(new, name, rnn._parameters[name])
+    new.train(rnn.training)
+    return new
+
+
+def replace_rnns(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every ``nn.LSTM`` / ``nn.GRU`` replaced by
+    :class:`fp.nn.LSTM <functorch_pipeline.nn.LSTM>` / :class:`fp.nn.GRU <functorch_pipeline.nn.GRU>`.
+
+    The replacements hold the same weights (outputs are identical up to float rounding)
+    and keep train/eval mode, ``requires_grad``, dtype and device; an RNN that appears
+    several times stays one shared module. ``module`` itself is never modified: it is
+    deep-copied first. Only exact ``nn.LSTM`` / ``nn.GRU`` instances are swapped: other
+    ``nn.RNNBase`` modules (``nn.RNN``, subclasses with their own ``forward``) are left as
+    they are, with a warning, since they would still fall back to a slow loop under
+    ``vmap``. Hooks registered on a swapped RNN are not carried over (warning).
+
+    Args:
+      module: any ``nn.Module``, possibly an ``nn.LSTM`` / ``nn.GRU`` itself.
+
+    Returns:
+      The converted copy.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LSTM(4, 3, batch_first=True))
+    >>> fast = replace_rnns(net)
+    >>> type(fast[1]).__module__, type(net[1]).__module__
+    ('functorch_pipeline.nn.recurrent', 'torch.nn.modules.rnn')
+    >>> tokens = torch.tensor([[1, 2, 3]])
+    >>> torch.allclose(fast(tokens)[0], net(tokens)[0], atol=1e-6)
+    True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"replace_rnns(module): expected an nn.Module, got {type(module).__name__}")
+    module = copy.deepcopy(module)
+    if type(module) in _SWAPS:
+        return _swap(module, "")
+    swapped: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (old, new); keeps old alive
+    for path, parent in list(module.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            child_path = f"{path}.{name}" if path else name
+            if type(child) in _SWAPS:
+                if id(child) not in swapped:
+                    swapped[id(child)] = (child, _swap(child, child_path))
+                setattr(parent, name, swapped[id(child)][1])
+            elif isinstance(child, nn.RNNBase) and id(child) not in swapped:
+                swapped[id(child)] = (child, child)
+                warnings.warn(f"replace_rnns(module): left `{child_path}` "
+                              f"({type(child).__name__}) unchanged; only exact nn.LSTM and "
+                              f"nn.GRU are replaced", stacklevel=2)
+    return module

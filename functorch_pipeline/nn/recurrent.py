@@ -1,0 +1,402 @@
+"""``fp.nn.LSTM`` and ``fp.nn.GRU``: drop-in ``nn.LSTM`` / ``nn.GRU`` that ``vmap`` can batch.
+
+``nn.LSTM``'s fused CPU/CUDA kernels (``aten::mkldnn_rnn_layer``, cuDNN) have no
+``torch.func`` batching rules, so ``vmap(grad(...))`` over them falls back to a slow loop
+over examples. These layers compute the same function from ops that all batch:
+
+* the input projection of every time step at once, ``F.linear(x, W_ih, b_ih)``;
+* a Python loop over time of ``F.linear(h, W_hh, b_hh)`` plus elementwise gates.
+
+Constructor arguments, forward signature, return values, parameter names (so
+``state_dict`` converts both ways) and default initialisation are those of ``nn.LSTM`` /
+``nn.GRU``. ``PackedSequence`` inputs are not supported.
+
+# NOTE [every weight through F.linear]
+Every use of a weight is one ``F.linear(input, weight, bias)`` call on the *whole*
+parameter: no ``x @ W.t()``, no ``addmm``, no slicing or concatenating weights first.
+Per-sample-gradient engines rely on this: they only need to see (input, grad_output)
+pairs of ``F.linear`` calls to rebuild every example's weight gradient. ``F.linear`` and
+``F.dropout`` are looked up on ``torch.nn.functional`` at call time, so code that wraps
+them (keyed dropout during ``apply``) sees these calls too.
+
+# NOTE [per-step overhead]
+With small hidden sizes the loop over time is bound by eager dispatch, not arithmetic,
+so the step is written for the fewest ops: the input projections are split into per-step
+views with one ``unbind``; the gates are ``chunk`` views of one ``linear + x_t`` (one
+``sigmoid`` over all blocks plus a ``tanh`` on a narrowed view measured ~5% slower in
+fwd+bwd: the unused chunk costs a zero-filled gradient); ``c`` is one ``addcmul``; the GRU
+update is one ``lerp``; outputs are gathered in a list and stacked once; the reverse
+direction walks the same list backwards instead of flipping tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch import nn
+
+__all__ = ["GRU", "LSTM"]
+
+
+def _lstm_direction(
+    steps: list[Tensor], h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Tensor | None,
+    w_hr: Tensor | None, reverse: bool,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Run one LSTM direction over precomputed input projections (see NOTE [per-step overhead])."""
+    linear, sigmoid, tanh, addcmul = F.linear, torch.sigmoid, torch.tanh, torch.addcmul
+    outs: list[Tensor] = []
+    for xt in reversed(steps) if reverse else steps:
+        i, f, g, o = (linear(h, w_hh, b_hh) + xt).chunk(4, -1)
+        c = addcmul(sigmoid(f) * c, sigmoid(i), tanh(g))
+        h = sigmoid(o) * tanh(c)
+        if w_hr is not None:
+            h = linear(h, w_hr)
+        outs.append(h)
+    if reverse:
+        outs.reverse()
+    return outs, h, c
+
+
+def _gru_direction(
+    steps: list[tuple[Tensor, Tensor]], h: Tensor, w_hh: Tensor, b_hh: Tensor | None,
+    reverse: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """Run one GRU direction; ``steps`` holds ``(gi_rz, gi_n)`` input projections per step."""
+    hidden = h.shape[-1]
+    linear, sigmoid, tanh, addcmul, lerp = F.linear, torch.sigmoid, torch.tanh, torch.addcmul, torch.lerp
+    outs: list[Tensor] = []
+    for gi_rz, gi_n in reversed(steps) if reverse else steps:
+        gh_rz, gh_n = linear(h, w_hh, b_hh).split([2 * hidden, hidden], -1)
+        r, z = sigmoid(gi_rz + gh_rz).chunk(2, -1)
+        n = tanh(addcmul(gi_n, r, gh_n))  # b_hn sits inside the reset product, as in PyTorch
+        h = lerp(n, h, z)  # (1 - z) * n + z * h
+        outs.append(h)
+    if reverse:
+        outs.reverse()
+    return outs, h
+
+
+class _RNNBase(nn.Module):
+    """Shared constructor, parameters, checks and layer loop of :class:`LSTM` and :class:`GRU`."""
+
+    mode: str = ""
+    _gates: int = 0
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        proj_size: int = 0, device: Any = None, dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        name = self.mode
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError(f"{name}: dropout should be a number in range [0, 1] representing "
+                             f"the probability of an element being zeroed, got {dropout!r}")
+        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                           ("num_layers", num_layers), ("proj_size", proj_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} should be of type int, got {type(value).__name__}")
+        if input_size < 0:
+            raise ValueError(f"{name}: input_size must be non-negative, got {input_size}")
+        if hidden_size <= 0:
+            raise ValueError(f"{name}: hidden_size must be greater than zero, got {hidden_size}")
+        if num_layers <= 0:
+            raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
+        if proj_size < 0:
+            raise ValueError(f"{name}: proj_size should be a positive integer or zero to "
+                             f"disable projections, got {proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size has to be smaller than hidden_size, "
+                             f"got proj_size={proj_size} and hidden_size={hidden_size}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name}: dropout option adds dropout after all but last recurrent layer, so "
+                f"non-zero dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        # Parameters are registered in nn.LSTM's order (_flat_weights_names), so the
+        # state_dict keys match and reset_parameters draws the same numbers from a seed.
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        gate_size = self._gates * hidden_size
+        self._weight_names: list[list[tuple[str | None, ...]]] = []
+        for layer in range(num_layers):
+            per_direction = []
+            for direction in range(directions):
+                layer_input = input_size if layer == 0 else real_hidden * directions
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, real_hidden)}
+                if bias:
+                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for kind, shape in shapes.items():
+                    self.register_parameter(kind + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                per_direction.append(tuple(
+                    kind + suffix if kind in shapes else None
+                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
+            self._weight_names.append(per_direction)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter from ``uniform(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``,
+        in ``nn.LSTM``'s order (same seed, same numbers)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """The parameters per layer and direction, as in ``nn.LSTM.all_weights``."""
+        return [[getattr(self, n) for n in names if n is not None]
+                for per_direction in self._weight_names for names in per_direction]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        for arg, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                             ("dropout", 0.0), ("bidirectional", False)):
+            if getattr(self, arg) != default:
+                s += f", {arg}={getattr(self, arg)}"
+        return s
+
+    # -- input checks ---------------------------------------------------------------------
+
+    def _check_input(self, input: Tensor) -> bool:
+        """Validate ``input`` and return whether it is batched (3-D)."""
+        name = self.mode
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise NotImplementedError(
+                f"{name}: PackedSequence input is not supported; pass a padded tensor (and "
+                f"mask the padded steps in the loss) or use nn.{name} outside vmap")
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {input.shape[-1]}")
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype:
+            raise ValueError(
+                f"{name}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        time = input.shape[0 if input.dim() == 2 or not self.batch_first else 1]
+        if time == 0:
+            raise RuntimeError(f"{name}: input has sequence length 0; expected at least one time step")
+        return input.dim() == 3
+
+    def _check_state(self, state: Any, what: str, expected: tuple[int, ...], batched: bool,
+                     input: Tensor) -> Tensor:
+        name = self.mode
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{name}: {what} must be a Tensor, got {type(state).__name__}")
+        want = expected if batched else (expected[0], expected[2])
+        if state.dim() != len(want):
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise RuntimeError(f"{name}: For {kind} input, {what} should also be {len(want)}-D "
+                               f"but got a {state.dim()}-D tensor")
+        if tuple(state.shape) != want:
+            raise RuntimeError(f"{name}: Expected {what} size {want}, got {list(state.shape)}")
+        if state.dtype != input.dtype:
+            raise ValueError(f"{name}: {what} dtype ({state.dtype}) does not match input dtype "
+                             f"({input.dtype})")
+        return state
+
+    # -- the layer loop -------------------------------------------------------------------
+
+    def _layers(self, x: Tensor, states: list[list[Tensor]], time_dim: int
+                ) -> tuple[Tensor, list[list[Tensor]]]:
+        """Run all layers on ``x``; ``states[k][j]`` is state ``k`` (h, c) for layer-direction ``j``."""
+        finals: list[list[Tensor]] = [[] for _ in states]
+        directions = 2 if self.bidirectional else 1
+        for layer, per_direction in enumerate(self._weight_names):
+            outputs = []
+            for direction, names in enumerate(per_direction):
+                w_ih, w_hh, b_ih, b_hh, w_hr = (None if n is None else getattr(self, n) for n in names)
+                index = layer * directions + direction
+                proj = F.linear(x, w_ih, b_ih)  # every time step at once
+                outs, *last = self._direction(
+                    proj, time_dim, [s[index] for s in states], w_hh, b_hh, w_hr, direction == 1)
+                outputs.append(torch.stack(outs, time_dim))
+                for k, s in enumerate(last):
+                    finals[k].append(s)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                # NOTE [dropout sees batch on axis 0]: fp.nn's keyed dropout reads a key
+                # batch along axis 0 of the dropped tensor, so time-major activations are
+                # handed over as (batch, seq, feature) views.
+                if time_dim == 0:
+                    x = F.dropout(x.transpose(0, 1), self.dropout, training=True).transpose(0, 1)
+                else:
+                    x = F.dropout(x, self.dropout, training=True)
+        return x, finals
+
+    def _direction(self, proj: Tensor, time_dim: int, state: list[Tensor], w_hh: Tensor,
+                   b_hh: Tensor | None, w_hr: Tensor | None, reverse: bool) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _run(self, input: Tensor, hx: tuple[Any, ...] | None, what: tuple[str, ...]
+             ) -> tuple[Tensor, list[Tensor]]:
+        batched = self._check_input(input)
+        directions = 2 if self.bidirectional else 1
+        if not batched:
+            input = input.unsqueeze(1)
+        time_dim = 1 if (batched and self.batch_first) else 0
+        batch = input.shape[1 - time_dim]
+        sizes = [self.proj_size or self.hidden_size, self.hidden_size][: len(what)]
+        if hx is None:
+            zeros = [input.new_zeros(batch, size) for size in sizes]
+            states = [[z] * (self.num_layers * directions) for z in zeros]
+        else:
+            states = []
+            for state, label, size in zip(hx, what, sizes, strict=True):
+                expected = (self.num_layers * directions, batch, size)
+                state = self._check_state(state, label, expected, batched, input)
+                states.append(list((state if batched else state.unsqueeze(1)).unbind(0)))
+        output, finals = self._layers(input, states, time_dim)
+        final = [torch.stack(f, 0) for f in finals]
+        if not batched:
+            output = output.squeeze(1)
+            final = [f.squeeze(1) for f in final]
+        return output, final
+
+
+class LSTM(_RNNBase):
+    r"""A multi-layer LSTM with ``nn.LSTM``'s interface, built from vmappable ops.
+
+    Same arguments, parameters, initialisation, forward signature and results as
+    :class:`torch.nn.LSTM` (gate order i, f, g, o; projections with ``proj_size``), but
+    computed with ``F.linear`` and elementwise ops, so ``torch.func.vmap`` (and
+    ``fp.per_sample_grads``) batch it without a per-example fallback. See
+    NOTE [every weight through F.linear] in this module.
+
+    Args:
+      input_size: features of the input ``x``.
+      hidden_size: features of the hidden state ``h``.
+      num_layers: stacked recurrent layers.
+      bias: whether the layers have ``b_ih`` and ``b_hh``.
+      batch_first: inputs/outputs are ``(batch, seq, feature)`` (initial and final states
+        stay ``(layers * directions, batch, hidden)``; no effect on unbatched input).
+      dropout: probability of ``F.dropout`` on each layer's output but the last, in training.
+      bidirectional: run a second, reversed direction and concatenate both outputs.
+      proj_size: if > 0, project ``h`` to this size with ``weight_hr_l{k}``.
+      device, dtype: factory arguments for the parameters.
+
+    Forward ``(input, hx=None)``: ``input`` is ``(seq, batch, input_size)`` (or
+    ``(batch, seq, input_size)`` with ``batch_first``, or unbatched ``(seq, input_size)``);
+    ``hx`` is ``(h_0, c_0)`` or ``None`` for zeros.
+
+    Returns:
+      ``(output, (h_n, c_n))`` exactly as ``nn.LSTM``.
+
+    >>> import torch
+    >>> torch.manual_seed(0); ref = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    <...>
+    >>> lstm = LSTM(3, 4, num_layers=2, bidirectional=True)
+    >>> lstm.load_state_dict(ref.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(5, 2, 3)
+    >>> out, (h, c) = lstm(x)
+    >>> out.shape, h.shape, c.shape
+    (torch.Size([5, 2, 8]), torch.Size([4, 2, 4]), torch.Size([4, 2, 4]))
+    >>> torch.allclose(out, ref(x)[0], atol=1e-6)
+    True
+    """
+
+    mode = "LSTM"
+    _gates = 4
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        proj_size: int = 0, device: Any = None, dtype: Any = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
+
+    def _direction(self, proj, time_dim, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
+        h, c = state
+        return _lstm_direction(list(proj.unbind(time_dim)), h, c, w_hh, b_hh, w_hr, reverse)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``(output, (h_n, c_n))`` for ``input`` and optional ``hx = (h_0, c_0)``."""
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got "
+                            f"{type(hx).__name__}")
+        output, (h_n, c_n) = self._run(input, hx, ("hx", "cx"))
+        return output, (h_n, c_n)
+
+
+class GRU(_RNNBase):
+    r"""A multi-layer GRU with ``nn.GRU``'s interface, built from vmappable ops.
+
+    Same arguments, parameters, initialisation, forward signature and results as
+    :class:`torch.nn.GRU` (gate order r, z, n; ``b_hn`` inside the reset product), computed
+    with ``F.linear`` and elementwise ops so ``torch.func.vmap`` batches it. See
+    NOTE [every weight through F.linear] in this module.
+
+    Args:
+      input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+      device, dtype: as :class:`LSTM` (there is no ``proj_size``).
+
+    Forward ``(input, hx=None)``: ``input`` as :class:`LSTM`; ``hx`` is ``h_0`` or ``None``.
+
+    Returns:
+      ``(output, h_n)`` exactly as ``nn.GRU``.
+
+    >>> import torch
+    >>> torch.manual_seed(0); ref = torch.nn.GRU(3, 4, batch_first=True)
+    <...>
+    >>> gru = GRU(3, 4, batch_first=True)
+    >>> gru.load_state_dict(ref.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(2, 5, 3)
+    >>> out, h = gru(x)
+    >>> out.shape, h.shape
+    (torch.Size([2, 5, 4]), torch.Size([1, 2, 4]))
+    >>> torch.allclose(out, ref(x)[0], atol=1e-6)
+    True
+    """
+
+    mode = "GRU"
+    _gates = 3
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        device: Any = None, dtype: Any = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+    def _direction(self, proj, time_dim, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
+        (h,) = state
+        gi_rz, gi_n = proj.split([2 * self.hidden_size, self.hidden_size], -1)
+        steps = list(zip(gi_rz.unbind(time_dim), gi_n.unbind(time_dim), strict=True))
+        return _gru_direction(steps, h, w_hh, b_hh, reverse)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(output, h_n)`` for ``input`` and optional initial state ``hx = h_0``."""
+        if hx is not None and not isinstance(hx, Tensor):
+            raise TypeError(f"GRU: hx must be a Tensor h_0, got {type(hx).__name__}")
+        output, (h_n,) = self._run(input, None if hx is None else (hx,), ("hx",))
+        return output, h_n
