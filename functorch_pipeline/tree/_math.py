@@ -159,10 +159,12 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
     if not ls:
         return torch.zeros(())
     per_leaf = torch._foreach_norm(ls, ord)
-    stacked = torch.stack([p.to(per_leaf[0].dtype) for p in per_leaf])
+    dtype = per_leaf[0].dtype
+    stacked = torch.stack([p if p.dtype == dtype else p.to(dtype) for p in per_leaf])
     if ord == 2:
-        sq = (stacked * stacked).sum()
-        return sq if squared else torch.sqrt(sq)
+        if squared:
+            return torch.dot(stacked, stacked)
+        return torch.linalg.vector_norm(stacked)
     out = stacked.sum() if ord == 1 else stacked.max()
     return out * out if squared else out
 

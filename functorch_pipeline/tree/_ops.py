@@ -41,18 +41,18 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
     tensor([[2., 2.],
             [2., 2.]])
     """
-    leaves_, treedef = flatten(tree)
-    for path, x in zip(flatten_with_path(tree)[0], leaves_, strict=True):
+    paths, leaves_, treedef = flatten_with_path(tree)
+    for path, x in zip(paths, leaves_, strict=True):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tree.ravel: leaf at path `{keystr(path)}` is a {type(x).__name__}, not a tensor")
     shapes = [x.shape for x in leaves_]
     dtypes = [x.dtype for x in leaves_]
     sizes = [x.numel() for x in leaves_]
     if leaves_:
-        common = leaves_[0].dtype
-        for x in leaves_[1:]:
-            common = torch.promote_types(common, x.dtype)
-        flat = torch.cat([x.reshape(-1).to(common) for x in leaves_])
+        common = dtypes[0]
+        for d in set(dtypes):
+            common = torch.promote_types(common, d)
+        flat = torch.cat([x.reshape(-1) if x.dtype == common else x.reshape(-1).to(common) for x in leaves_])
     else:
         flat = torch.zeros(0)
     total = int(flat.numel())
@@ -61,7 +61,7 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
         if vec.dim() != 1 or vec.shape[0] != total:
             raise ValueError(f"unravel: expected a vector of shape ({total},), got {tuple(vec.shape)}")
         parts = torch.split(vec, sizes) if leaves_ else []
-        return unflatten(treedef, [p.reshape(s).to(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)])
+        return unflatten(treedef, [p.view(s).to(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)])
 
     return flat, unravel
 
@@ -137,7 +137,10 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
     trees = list(trees)
     if not trees:
         raise ValueError("tree.stack: need at least one tree")
-    return map(lambda *xs: torch.stack([torch.as_tensor(x) for x in xs], dim=dim), trees[0], *trees[1:])
+    def stack_leaves(*xs: Any) -> torch.Tensor:
+        return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in xs], dim=dim)
+
+    return map(stack_leaves, trees[0], *trees[1:])
 
 
 def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
