@@ -8,11 +8,13 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 '0.1.0'
 """
 
+from functorch_pipeline import nn
 from functorch_pipeline import random
 from functorch_pipeline import serialization
 from functorch_pipeline import transforms
 from functorch_pipeline import tree
 from functorch_pipeline._version import __version__
+from functorch_pipeline.nn import functionalize
 from functorch_pipeline.serialization import CheckpointError
 from functorch_pipeline.serialization import load
 from functorch_pipeline.serialization import save
@@ -38,6 +40,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "custom_vjp",
+    "functionalize",
     "grad",
     "hessian",
     "jacfwd",
@@ -46,6 +49,7 @@ __all__ = [
     "jvp",
     "linearize",
     "load",
+    "nn",
     "per_sample_grads",
     "per_sample_value_and_grad",
     "random",

@@ -1,0 +1,460 @@
+"""``functionalize(module)``: any ``nn.Module`` as ``init`` and ``apply`` over variables.
+
+# NOTE [variables]
+Variables are ``{"params": {...}, "buffers": {...}}``, each a flat dict keyed by the
+dotted names of ``module.named_parameters()`` / ``named_buffers()``: exactly the keys of
+``module.state_dict()``, so ``"fc1.weight"`` means what it means to PyTorch, and
+``torch.func.functional_call`` takes the dicts as they are. Both collections are always
+present (``buffers`` may be empty). Tied parameters (one tensor reachable under two
+names) appear once, under the first name; ``apply`` keeps them tied and
+``to_state_dict`` writes every alias back. Buffers include non-persistent ones (they are
+module state too, and must move with ``fp.tree.to``); ``to_state_dict`` leaves them out,
+as ``state_dict()`` does.
+
+# NOTE [frozen parameters]
+A parameter with ``requires_grad=False`` is still a parameter: it lives in
+``variables["params"]`` and ``apply`` uses it like any other. Freezing is the optimizer's
+business: ``model.trainable_mask()`` is a boolean tree with the structure of the params
+(``False`` for frozen ones) to hand to ``optax``-style ``masked``/``freeze`` transforms.
+``apply`` never detaches anything, so a gradient taken over all params has entries for
+frozen ones too.
+
+# NOTE [train returns buffers]
+``apply(..., train=False)`` returns the module's output. ``apply(..., train=True)``
+always returns ``(output, new_buffers)`` (``new_buffers`` is ``{}`` for a module without
+buffers), as Flax's ``apply(..., mutable=[...])`` always returns a pair: the shape of the
+result never depends on the model. The buffers handed in are never written: in train
+mode ``apply`` runs the module on copies and returns those.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.func
+from torch import nn
+
+from functorch_pipeline import random as _random
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.nn._copy import copy_module
+from functorch_pipeline.nn._copy import has_lazy
+from functorch_pipeline.nn._normalization import batchnorm_error
+from functorch_pipeline.nn._normalization import batchnorm_paths
+from functorch_pipeline.nn._normalization import vmap_levels
+from functorch_pipeline.nn._randomness import KeyedRandomness
+
+__all__ = ["FunctionalModel", "functionalize"]
+
+_COLLECTIONS = ("params", "buffers")
+_RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, nn.RReLU)
+
+
+def _where(collection: str, name: str) -> str:
+    return _tree.keystr((collection, name))
+
+
+def _owner(name: str) -> tuple[str, str]:
+    prefix, _, local = name.rpartition(".")
+    return prefix, local
+
+
+class FunctionalModel:
+    """A pure view of an ``nn.Module``: ``init`` makes variables, ``apply`` runs the module
+    as a function of them. Made by :func:`functionalize`; see it for an example.
+
+    The module is kept by reference and never modified: ``apply`` runs a private copy
+    whose parameters and buffers live on the ``meta`` device (NOTE [meta templates]), and
+    ``init`` works on another throw-away copy.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"functionalize(module): `module` must be an nn.Module, got {type(module).__name__}")
+        self._module = module
+        self._param_names = [n for n, _ in module.named_parameters()]
+        self._buffer_names = [n for n, _ in module.named_buffers()]
+        self._trainable = {n: p.requires_grad for n, p in module.named_parameters()}
+        # Every state_dict key, in state_dict order, with its collection and canonical name.
+        first: dict[int, str] = {}
+        self._state_keys: list[tuple[str, str, str]] = []
+        self._nonpersistent: list[str] = []
+        for prefix, m in module.named_modules(remove_duplicate=False):
+            dot = f"{prefix}." if prefix else ""
+            for collection, items in (("params", m._parameters), ("buffers", m._buffers)):
+                for local, t in items.items():
+                    if t is None:
+                        continue
+                    name = first.setdefault(id(t), dot + local)
+                    if collection == "buffers" and local in m._non_persistent_buffers_set:
+                        if name == dot + local:
+                            self._nonpersistent.append(name)
+                        continue
+                    self._state_keys.append((dot + local, collection, name))
+        self._aliases = {key: name for key, _, name in self._state_keys if key != name}
+        self._batchnorms = batchnorm_paths(module)
+        self._bn_names = [n for n in (*self._param_names, *self._buffer_names)
+                          if any(n.startswith(f"{p}.") or not p for p in self._batchnorms)]
+        random_layers = [n or "<root>" for n, m in module.named_modules() if isinstance(m, _RANDOM_LAYERS)]
+        self._no_key_hint = f" (random layers: {', '.join(f'`{n}`' for n in random_layers)})" if random_layers else ""
+        self._templates: dict[bool, nn.Module] | None = None
+        self._shapes: dict[str, dict[str, torch.Size]] | None = None
+        if not has_lazy(module):
+            self._set_templates(module)
+
+    # ------------------------------------------------------------------ templates
+    def _set_templates(self, materialised: nn.Module) -> None:
+        self._templates = {t: copy_module(materialised, meta=True).train(t) for t in (True, False)}
+        self._shapes = {
+            "params": {n: p.shape for n, p in materialised.named_parameters()},
+            "buffers": {n: b.shape for n, b in materialised.named_buffers()},
+        }
+
+    def _materialise_from(self, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
+        """Give a lazy module its shapes from variables (via ``load_state_dict``'s lazy hook)."""
+        m = copy_module(self._module)
+        sd = {key: (params if c == "params" else buffers)[name] for key, c, name in self._state_keys}
+        with torch.no_grad():
+            m.load_state_dict(sd, strict=False)
+        if has_lazy(m):
+            raise ValueError(
+                "the module has lazy parameters that `variables` cannot give shapes to; "
+                "call init(key, sample_input) first"
+            )
+        self._set_templates(m)
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module (read it; ``apply`` never uses or changes its tensors)."""
+        return self._module
+
+    def trainable_mask(self) -> dict[str, bool]:
+        """``{name: requires_grad}`` over the params: the mask for masked/freeze optimizer
+        transforms (NOTE [frozen parameters]).
+
+        >>> net = nn.Linear(2, 2); net.bias.requires_grad_(False)
+        Parameter containing: ...
+        >>> functionalize(net).trainable_mask()
+        {'weight': True, 'bias': False}
+        """
+        return dict(self._trainable)
+
+    def _split(self, variables: Any, fn: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validate ``variables`` and return ``(params, buffers)``."""
+        if not isinstance(variables, Mapping):
+            raise TypeError(f"{fn}: `variables` must be a dict {{'params': ..., 'buffers': ...}} as init() returns, "
+                            f"got {type(variables).__name__}")
+        extra = [k for k in variables if k not in _COLLECTIONS]
+        if extra:
+            hint = (" It looks like a params dict: pass {'params': params} (and 'buffers')."
+                    if any(k in self._trainable for k in extra) else "")
+            raise ValueError(f"{fn}: `variables` has keys {extra}; expected only 'params' and 'buffers'.{hint}")
+        params, buffers = variables.get("params", {}), variables.get("buffers", {})
+        for collection, given, names in (("params", params, self._param_names),
+                                         ("buffers", buffers, self._buffer_names)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{fn}: `variables['{collection}']` must be a dict keyed by {collection[:-1]} names, "
+                                f"got {type(given).__name__}")
+            if len(given) != len(names) or any(n not in given for n in names):
+                missing = [_where(collection, n) for n in names if n not in given]
+                unknown = [k for k in given if k not in names]
+                hints = [f"`{_where(collection, k)}` is tied to `{_where(collection, self._aliases[k])}`; pass it once"
+                         for k in unknown if k in self._aliases]
+                raise ValueError(
+                    f"{fn}: `variables` does not match the module: missing {missing or 'nothing'}, "
+                    f"unexpected {[_where(collection, k) for k in unknown] or 'nothing'}"
+                    + (f" ({'; '.join(hints)})" if hints else "")
+                )
+        if self._shapes is None:
+            self._materialise_from(params, buffers)
+        assert self._shapes is not None
+        for collection, given in (("params", params), ("buffers", buffers)):
+            for name, shape in self._shapes[collection].items():
+                leaf = given[name]
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"{fn}: leaf at path `{_where(collection, name)}` is a {type(leaf).__name__}, not a tensor")
+                if leaf.shape != shape:
+                    raise ValueError(f"{fn}: leaf at path `{_where(collection, name)}` has shape {tuple(leaf.shape)} "
+                                     f"but the module expects {tuple(shape)}")
+        return dict(params), dict(buffers)
+
+    # ------------------------------------------------------------------ init
+    def init(self, key: torch.Tensor, *sample_args: Any, **sample_kwargs: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """Fresh variables drawn from ``key``: ``{"params": {...}, "buffers": {...}}``.
+
+        Every submodule's ``reset_parameters()`` (or ``_reset_parameters()``) runs on a
+        private copy, children before parents as during construction, with PyTorch's
+        generator seeded from ``key`` inside ``torch.random.fork_rng``: the draws are the
+        module's own default initialisation, the same key gives bit-identical variables
+        whatever the global RNG state, and the global state is left as it was. Lazy modules
+        (``nn.LazyLinear``, ...) are materialised by one eval-mode forward of the sample
+        input; otherwise the sample input is not needed and not run.
+
+        Parameters of modules without a reset method (a bare ``nn.Parameter`` in a custom
+        module) keep the module's current values, the same for every key; a warning names
+        them. Re-draw them with :func:`fp.nn.init.reinitialize`.
+
+        Args:
+          key: one key (``fp.random.key``); read on the host.
+          *sample_args: a sample input (a batch of one is enough), needed for lazy modules.
+          **sample_kwargs: keyword arguments of the sample forward.
+
+        Returns:
+          The variables (see NOTE [variables]); no tensor requires grad.
+
+        >>> import functorch_pipeline as fp
+        >>> model = fp.functionalize(nn.Sequential(nn.LazyLinear(3), nn.BatchNorm1d(3)))
+        >>> v = model.init(fp.random.key(0), torch.zeros(1, 5))
+        >>> {k: tuple(t.shape) for k, t in v["params"].items()}
+        {'0.weight': (3, 5), '0.bias': (3,), '1.weight': (3,), '1.bias': (3,)}
+        >>> list(v["buffers"])
+        ['1.running_mean', '1.running_var', '1.num_batches_tracked']
+        """
+        fn = "init(key, *sample_args)"
+        if not _random.is_key(key) or key.dim() != 1:
+            raise TypeError(f"{fn}: `key` must be one key from fp.random.key (int64, shape (2,)), got {key!r}")
+        seed = _random.seed_from_key(key)
+        m = copy_module(self._module)
+        lazy = has_lazy(m)
+        if lazy and not (sample_args or sample_kwargs):
+            names = [n for n, t in (*m.named_parameters(), *m.named_buffers())
+                     if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+            raise ValueError(f"{fn}: the module has lazy parameters {names}; pass a sample input so "
+                             "init can give them shapes, e.g. init(key, x[:1])")
+        tensors = [*m.parameters(), *m.buffers(), *(t for t in _tree.leaves((sample_args, sample_kwargs))
+                                                    if isinstance(t, torch.Tensor))]
+        cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            with torch.no_grad():
+                if lazy:
+                    m.eval()(*sample_args, **sample_kwargs)
+                covered = _reset_post_order(m, "")
+        uncovered = [n for n in self._param_names
+                     if not any(n.startswith(f"{c}.") or c == "" for c in covered)]
+        if uncovered:
+            warnings.warn(
+                f"{fn}: parameters {uncovered} belong to modules without reset_parameters(); they keep "
+                "the module's current values whatever the key. Re-draw them with "
+                "fp.nn.init.reinitialize(key, variables['params'], {pattern: initializer}).",
+                stacklevel=2,
+            )
+        if self._templates is None:
+            self._set_templates(m)
+        return {
+            "params": {n: p.detach() for n, p in m.named_parameters()},
+            "buffers": {n: b.detach() for n, b in m.named_buffers()},
+        }
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, variables: Mapping[str, Any], *args: Any, train: bool = False,
+              key: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the module as a pure function of ``variables`` and the inputs.
+
+        Args:
+          variables: ``{"params": ..., "buffers": ...}`` (NOTE [variables]); ``"buffers"``
+            may be left out for a module without buffers.
+          *args: the module's positional inputs.
+          train: run every submodule in train mode (dropout on, BatchNorm on batch
+            statistics) or, by default, in eval mode. This is an argument, not module state.
+          key: drives dropout and other random layers (see ``_randomness``): one key
+            ``(2,)`` for the whole batch, or a key batch ``(N, 2)``, one key per example on
+            axis 0 of the inputs. Needed when ``train=True`` and the model has random layers.
+          **kwargs: the module's keyword inputs (``train`` and ``key`` are taken by apply).
+
+        Returns:
+          The module's output; with ``train=True``, ``(output, new_buffers)`` (NOTE [train
+          returns buffers]). Inputs are never modified.
+
+        Raises:
+          ValueError: variables with missing or unexpected names, or wrong shapes.
+          RuntimeError: a random layer in train mode without ``key``; BatchNorm in train
+            mode under per-sample gradients (NOTE [BatchNorm and per-sample gradients]).
+
+        >>> import functorch_pipeline as fp
+        >>> model = fp.functionalize(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+        >>> v = model.init(fp.random.key(0))
+        >>> x = torch.ones(2, 4)
+        >>> torch.equal(model.apply(v, x), model.apply(v, x))
+        True
+        >>> out, new_buffers = model.apply(v, x, train=True, key=fp.random.key(1))
+        >>> out.shape, new_buffers
+        (torch.Size([2, 4]), {})
+        """
+        fn = "apply(variables, *args, train, key)"
+        params, buffers = self._split(variables, fn)
+        if key is not None and not (_random.is_key(key) and key.dim() in (1, 2)):
+            raise TypeError(f"{fn}: `key` must be a key (int64, shape (2,)) or a key batch (int64, shape (N, 2)), "
+                            f"got {key!r}")
+        if train and self._batchnorms:
+            inputs = vmap_levels(_tree.leaves((args, kwargs)))
+            own = vmap_levels({**params, **buffers}[n] for n in self._bn_names)
+            if inputs - own:
+                raise batchnorm_error(fn, self._batchnorms)
+        if train:
+            buffers = {n: b.clone() for n, b in buffers.items()}
+        assert self._templates is not None
+        template = self._templates[bool(train)]
+        tensors = {**params, **buffers}
+        if train or key is not None:
+            with KeyedRandomness(key, fn, self._no_key_hint):
+                out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=False)
+        else:
+            out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=False)
+        return (out, buffers) if train else out
+
+    # ------------------------------------------------------------------ state_dict interop
+    def variables_from_state_dict(self, state_dict: Mapping[str, Any], *,
+                                  strict: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Variables from a ``state_dict`` (the module's, or a ``torch.load``-ed checkpoint).
+
+        Tensors are copied (detached), so the variables share no memory with
+        ``state_dict``. Non-persistent buffers are not in a ``state_dict``; they are copied
+        from the module. For tied parameters any of the names may be given; when several
+        are, they must be equal.
+
+        Args:
+          state_dict: ``{name: tensor}`` with ``module.state_dict()``'s keys.
+          strict: if ``False``, unexpected keys are ignored and missing entries are copied
+            from the module; if ``True`` (default), both are errors.
+
+        Returns:
+          ``{"params": ..., "buffers": ...}``.
+
+        >>> net = nn.Linear(2, 1)
+        >>> model = functionalize(net)
+        >>> v = model.variables_from_state_dict(net.state_dict())
+        >>> torch.equal(v["params"]["weight"], net.weight)
+        True
+        """
+        fn = "variables_from_state_dict(state_dict)"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{fn}: `state_dict` must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        known = {key for key, _, _ in self._state_keys}
+        unexpected = [k for k in state_dict if k not in known]
+        out: dict[str, dict[str, Any]] = {"params": {}, "buffers": {}}
+        keys_of: dict[str, list[str]] = {}
+        for key, collection, name in self._state_keys:
+            keys_of.setdefault(name, []).append(key)
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{fn}: entry `{key}` is a {type(value).__name__}, not a tensor")
+            seen = out[collection].get(name)
+            if seen is not None and not torch.equal(seen, value):
+                raise ValueError(f"{fn}: `{key}` is tied to `{name}` in the module but the state_dict holds different values")
+            out[collection].setdefault(name, value.detach().clone())
+        current = dict((*self._module.named_parameters(), *self._module.named_buffers()))
+        missing = [n for n in (*self._param_names, *self._buffer_names)
+                   if n not in out["params"] and n not in out["buffers"] and n not in self._nonpersistent]
+        if strict and (missing or unexpected):
+            raise ValueError(f"{fn}: the state_dict does not match the module: missing "
+                             f"{[keys_of[n][0] for n in missing] or 'nothing'}, unexpected {unexpected or 'nothing'}")
+        for n in (*missing, *self._nonpersistent):
+            t = current[n]
+            if isinstance(t, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(f"{fn}: `{n}` is missing and the module's own is still lazy (uninitialised)")
+            out["params" if n in self._trainable else "buffers"][n] = t.detach().clone()
+        ordered = {
+            "params": {n: out["params"][n] for n in self._param_names},
+            "buffers": {n: out["buffers"][n] for n in self._buffer_names},
+        }
+        self._split(ordered, fn)  # shapes (and a lazy module's materialisation)
+        return ordered
+
+    def to_state_dict(self, variables: Mapping[str, Any]) -> OrderedDict[str, torch.Tensor]:
+        """``variables`` as a ``state_dict`` of the module: same keys and order, tied
+        aliases included, non-persistent buffers left out. Tensors are detached views of
+        the variables (no copy), as ``module.state_dict()`` returns views of its tensors.
+
+        >>> net = nn.Linear(2, 1)
+        >>> model = functionalize(net)
+        >>> list(model.to_state_dict(model.variables_from_state_dict(net.state_dict())))
+        ['weight', 'bias']
+        """
+        params, buffers = self._split(variables, "to_state_dict(variables)")
+        return OrderedDict((key, (params if c == "params" else buffers)[name].detach())
+                           for key, c, name in self._state_keys)
+
+    def to_module(self, variables: Mapping[str, Any], module: nn.Module | None = None) -> nn.Module:
+        """Write ``variables`` into a module.
+
+        Args:
+          variables: the variables to write.
+          module: the module to load them into, in place (the one mutating use, asked for
+            explicitly). By default a new copy of the wrapped module is made; the wrapped
+            module itself is never touched.
+
+        Returns:
+          The module holding copies of the variables' values.
+
+        >>> import functorch_pipeline as fp
+        >>> model = fp.functionalize(nn.Linear(2, 1))
+        >>> v = model.init(fp.random.key(0))
+        >>> torch.equal(model.to_module(v).weight, v["params"]["weight"])
+        True
+        """
+        fn = "to_module(variables, module)"
+        params, buffers = self._split(variables, fn)
+        target = copy_module(self._module) if module is None else module
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"{fn}: `module` must be an nn.Module, got {type(target).__name__}")
+        try:
+            with torch.no_grad():
+                target.load_state_dict(self.to_state_dict(variables), strict=True)
+                for n in self._nonpersistent:
+                    prefix, local = _owner(n)
+                    owner = target.get_submodule(prefix)
+                    owner._buffers[local] = buffers[n].detach().clone()
+        except (RuntimeError, AttributeError) as e:
+            raise ValueError(f"{fn}: the variables do not fit `module`: {e}") from None
+        return target
+
+    def __repr__(self) -> str:
+        return f"FunctionalModel({type(self._module).__name__}, params={len(self._param_names)}, buffers={len(self._buffer_names)})"
+
+
+def _reset_post_order(m: nn.Module, prefix: str) -> list[str]:
+    """Run reset methods children-first; return the paths whose subtree was reset."""
+    covered: list[str] = []
+    for name, child in m.named_children():
+        covered += _reset_post_order(child, f"{prefix}.{name}" if prefix else name)
+    reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+    if callable(reset):
+        reset()
+        covered.append(prefix)
+    return covered
+
+
+def functionalize(module: nn.Module) -> FunctionalModel:
+    """A pure view of ``module``: ``init(key, *sample)`` -> variables and
+    ``apply(variables, *inputs, train=False, key=None)`` -> output.
+
+    Args:
+      module: any ``nn.Module``; it is never modified.
+
+    Returns:
+      A :class:`FunctionalModel` (a ``FunctionalModel`` is returned as it is).
+
+    >>> import functorch_pipeline as fp
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
+    >>> model = fp.functionalize(net)
+    >>> variables = model.init(fp.random.key(0))
+    >>> x = torch.randn(5, 3)
+    >>> model.apply(variables, x).shape
+    torch.Size([5, 2])
+    >>> grads = fp.grad(lambda p: model.apply({"params": p}, x).sum())(variables["params"])
+    >>> sorted(grads) == sorted(variables["params"])
+    True
+    """
+    if isinstance(module, FunctionalModel):
+        return module
+    return FunctionalModel(module)
