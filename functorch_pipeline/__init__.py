@@ -8,9 +8,12 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 '0.1.0'
 """
 
+from functorch_pipeline import data
+from functorch_pipeline import devices
 from functorch_pipeline import nn
 from functorch_pipeline import random
 from functorch_pipeline import serialization
+from functorch_pipeline import train
 from functorch_pipeline import transforms
 from functorch_pipeline import tree
 from functorch_pipeline._version import __version__
@@ -18,6 +21,7 @@ from functorch_pipeline.nn import functionalize
 from functorch_pipeline.serialization import CheckpointError
 from functorch_pipeline.serialization import load
 from functorch_pipeline.serialization import save
+from functorch_pipeline.train import TrainState
 from functorch_pipeline.transforms import checkpoint
 from functorch_pipeline.transforms import custom_vjp
 from functorch_pipeline.transforms import grad
@@ -37,9 +41,12 @@ from functorch_pipeline.transforms import vmap
 
 __all__ = [
     "CheckpointError",
+    "TrainState",
     "__version__",
     "checkpoint",
     "custom_vjp",
+    "data",
+    "devices",
     "functionalize",
     "grad",
     "hessian",
@@ -57,6 +64,7 @@ __all__ = [
     "save",
     "scan",
     "serialization",
+    "train",
     "transforms",
     "tree",
     "value_and_grad",

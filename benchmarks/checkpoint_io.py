@@ -1,0 +1,177 @@
+"""Checkpoint I/O: fp.save / fp.load against torch.save / torch.load, same run, interleaved.
+
+Two trees: a 100M-parameter float32 model (BERT-base-shaped: 12 layers, width 768, a
+20k-token embedding) and an Adam state for it (params + mu + nu + count, 1.2 GB).
+
+Save is timed with and without the fsync that crash safety needs; the fsync of a file
+already written by torch.save is timed on its own. Load is timed warm (file in the page
+cache, i.e. memory bandwidth + parsing) and cold (the file's pages dropped from the
+page cache with posix_fadvise(DONTNEED) first, i.e. the disk; on a VM the host may still
+cache). Each figure is the median over --reps interleaved rounds (A B A B ...).
+
+    .venv/bin/python benchmarks/checkpoint_io.py [--reps 5] [--dir /tmp] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import safetensors.torch
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import functorch_pipeline as fp  # noqa: E402
+
+
+def model_tree(width: int = 768, layers: int = 12, vocab: int = 20_000) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    tree: dict = {"embed": {"weight": w(vocab, width), "pos": w(512, width)}, "layers": []}
+    for _ in range(layers):
+        tree["layers"].append(
+            {
+                "attn": {k: {"weight": w(width, width), "bias": w(width)} for k in ("q", "k", "v", "o")},
+                "ln1": {"scale": w(width), "bias": w(width)},
+                "mlp": {"fc1": {"weight": w(4 * width, width), "bias": w(4 * width)},
+                        "fc2": {"weight": w(width, 4 * width), "bias": w(width)}},
+                "ln2": {"scale": w(width), "bias": w(width)},
+            }
+        )
+    return tree
+
+
+def adam_tree(params: dict) -> dict:
+    return {
+        "params": params,
+        "mu": fp.tree.map(lambda x: x * 0.1, params),
+        "nu": fp.tree.map(lambda x: x * x, params),
+        "count": torch.tensor(1000, dtype=torch.int64),
+    }
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, int]:
+    gc.collect()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    del out
+    return dt, flt
+
+
+def run(name: str, tree: dict, reps: int, directory: str) -> list[tuple[str, str, float, float, int]]:
+    nbytes = fp.tree.nbytes(tree)
+    fp_path = os.path.join(directory, "bench.safetensors")
+    pt_path = os.path.join(directory, "bench.pt")
+    save_methods: dict[str, Callable[[], object]] = {
+        "fp.save (fsync)": lambda: fp.save(fp_path, tree),
+        "fp.save (no fsync)": lambda: fp.save(fp_path, tree, sync=False),
+        "torch.save": lambda: torch.save(tree, pt_path),
+    }
+    times: dict[str, list[float]] = {k: [] for k in [*save_methods, "fsync after torch.save"]}
+    faults: dict[str, list[int]] = {k: [] for k in times}
+    for r in range(reps):
+        order = list(save_methods) if r % 2 == 0 else list(reversed(save_methods))
+        for k in order:
+            dt, flt = timed(save_methods[k])
+            times[k].append(dt)
+            faults[k].append(flt)
+            if k == "torch.save":
+                dt, flt = timed(lambda: fsync_path(pt_path))
+                times["fsync after torch.save"].append(dt)
+                faults["fsync after torch.save"].append(flt)
+    times["torch.save + fsync"] = [a + b for a, b in zip(times["torch.save"], times["fsync after torch.save"], strict=True)]
+    faults["torch.save + fsync"] = faults["torch.save"]
+    fp.save(fp_path, tree)
+    torch.save(tree, pt_path)
+    fsync_path(pt_path)
+    st_path = os.path.join(directory, "bench_plain.safetensors")
+    flat = dict(zip(map(fp.tree.keystr, fp.tree.flatten_with_path(tree)[0]), fp.tree.leaves(tree), strict=True))
+    safetensors.torch.save_file(flat, st_path)
+    load_methods: dict[str, tuple[str, Callable[[], object]]] = {
+        "fp.load": (fp_path, lambda: fp.load(fp_path)),
+        "torch.load": (pt_path, lambda: torch.load(pt_path, weights_only=True)),
+        "safetensors (pread)": (st_path, lambda: safetensors.torch.load_file(st_path, backend="pread")),
+    }
+    for cold in (False, True):
+        tag = " cold" if cold else " warm"
+        for k in load_methods:
+            times[k + tag], faults[k + tag] = [], []
+        for r in range(reps):
+            order = list(load_methods) if r % 2 == 0 else list(reversed(load_methods))
+            for k in order:
+                path, fn = load_methods[k]
+                if cold:
+                    drop_cache(path)
+                else:
+                    fn()  # make sure it is in the page cache
+                dt, flt = timed(fn)
+                times[k + tag].append(dt)
+                faults[k + tag].append(flt)
+    for p in (fp_path, pt_path, st_path):
+        os.remove(p)
+    return [(name, k, statistics.median(v), nbytes / statistics.median(v) / 1e9, int(statistics.median(faults[k])))
+            for k, v in times.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--small", action="store_true", help="a 10x smaller model, for a quick look")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    params = model_tree(vocab=2_000, layers=1) if args.small else model_tree()
+    trees = {
+        f"model {fp.tree.size(params) / 1e6:.0f}M params": params,
+        "Adam state (params+mu+nu+count)": adam_tree(params),
+    }
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus")
+    directory = args.dir or tempfile.mkdtemp(prefix="ckpt_bench_")
+    rows = []
+    for name, tree in trees.items():
+        print(f"{name}: {fp.tree.nbytes(tree) / 1e9:.2f} GB, {len(fp.tree.leaves(tree))} leaves, {args.reps} reps ...", flush=True)
+        rows += run(name, tree, args.reps, directory)
+    base = {"fp.save (fsync)": "torch.save + fsync", "fp.save (no fsync)": "torch.save",
+            "fp.load warm": "torch.load warm", "fp.load cold": "torch.load cold",
+            "safetensors (pread) warm": "torch.load warm", "safetensors (pread) cold": "torch.load cold"}
+    print(f"\n{'tree':34} {'method':28} {'median s':>9} {'GB/s':>7} {'minflt':>8}  ratio (time / torch)")
+    for name, k, t, gbs, flt in rows:
+        ratio = ""
+        if k in base:
+            ref = next(r[2] for r in rows if r[0] == name and r[1] == base[k])
+            ratio = f"{t / ref:.2f}x of {base[k]}"
+        print(f"{name:34} {k:28} {t:9.3f} {gbs:7.2f} {flt:8d}  {ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Batches from any iterable (a ``DataLoader``, a generator) as pytrees on a device.
+
+# NOTE [prefetch on CUDA]
+On CUDA each batch is pinned (unless the loader already pinned it) and copied with
+``non_blocking=True`` on a side stream, ``size`` batches ahead of the one being used, so
+the host-to-device copy of batch i+1 overlaps the compute on batch i. The consumer's
+stream waits on an event recorded after each batch's copy, and every tensor is
+``record_stream``-ed on the consumer's stream so the caching allocator never hands its
+memory to someone else while it is in use. On the CPU nothing is copied or wrapped: the
+source iterator itself is returned (after a look at the first batch to check that it is
+already on the CPU), so there is no per-batch overhead at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterable
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.devices import default_device
+
+__all__ = ["DeviceLoader", "prefetch_to_device"]
+
+
+def _on(batch: Any, device: torch.device) -> bool:
+    return all(x.device == device for x in _tree.leaves(batch) if isinstance(x, torch.Tensor))
+
+
+def prefetch_to_device(
+    iterable: Iterable[Any],
+    device: torch.device | str | int | None = None,
+    *,
+    size: int = 2,
+    pin_memory: bool = True,
+) -> Iterator[Any]:
+    """An iterator over ``iterable``'s batches with every tensor leaf on ``device``.
+
+    Any batch structure works (a tensor, a tuple ``(x, y)``, a dict, nested pytrees);
+    non-tensor leaves pass through. See NOTE [prefetch on CUDA] for what happens on a GPU;
+    on the CPU the source iterator is returned as it is.
+
+    Args:
+      iterable: a ``torch.utils.data.DataLoader`` or any iterable of pytree batches.
+      device: target device; default ``fp.devices.default_device()``.
+      size: how many batches to copy ahead on CUDA (at least 1).
+      pin_memory: pin host tensors before copying on CUDA (skipped for tensors the
+        loader already pinned, e.g. ``DataLoader(pin_memory=True)``).
+
+    Returns:
+      An iterator of batches on ``device``.
+
+    >>> batches = [(torch.ones(2, 3), torch.tensor([0, 1])), (torch.zeros(2, 3), torch.tensor([1, 0]))]
+    >>> [y.tolist() for _, y in prefetch_to_device(batches, "cpu")]
+    [[0, 1], [1, 0]]
+    """
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"prefetch_to_device(iterable, device): `size` must be an int >= 1, got {size!r}")
+    dev = default_device() if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    it = iter(iterable)
+    if dev.type == "cpu":
+        first = next(it, _END)
+        if first is _END:
+            return iter(())
+        if _on(first, dev):
+            return itertools.chain((first,), it)  # zero-overhead passthrough
+        return (_tree.to(b, dev) for b in itertools.chain((first,), it))
+    if dev.type != "cuda":
+        return (_tree.to(b, dev, non_blocking=True) for b in it)
+    return _cuda_prefetch(it, dev, size, pin_memory)
+
+
+_END = object()
+
+
+def _pin(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_pinned():
+        return x.pin_memory()
+    return x
+
+
+def _cuda_prefetch(it: Iterator[Any], dev: torch.device, size: int, pin: bool) -> Iterator[Any]:
+    stream = torch.cuda.Stream(device=dev)
+    queue: collections.deque[tuple[Any, torch.cuda.Event]] = collections.deque()
+
+    def enqueue() -> bool:
+        batch = next(it, _END)
+        if batch is _END:
+            return False
+        if pin:
+            batch = _tree.map(_pin, batch)
+        with torch.cuda.stream(stream):
+            moved = _tree.to(batch, dev, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        queue.append((moved, event))
+        return True
+
+    for _ in range(size):
+        if not enqueue():
+            break
+    while queue:
+        batch, event = queue.popleft()
+        current = torch.cuda.current_stream(dev)
+        current.wait_event(event)
+        for x in _tree.leaves(batch):
+            if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+                x.record_stream(current)
+        enqueue()
+        yield batch
+
+
+class DeviceLoader:
+    """Wrap a ``DataLoader`` (or any re-iterable of batches) so each epoch's batches
+    arrive on ``device``, prefetched on CUDA (see :func:`prefetch_to_device`).
+
+    Args:
+      loader: the source; iterated afresh on each ``iter()``.
+      device: target device; default ``fp.devices.default_device()``.
+      size: batches to copy ahead on CUDA.
+      pin_memory: pin host tensors before the copy on CUDA.
+
+    >>> data = torch.utils.data.TensorDataset(torch.arange(6.0).reshape(6, 1), torch.arange(6))
+    >>> loader = DeviceLoader(torch.utils.data.DataLoader(data, batch_size=4), "cpu")
+    >>> len(loader), [y.tolist() for _, y in loader]
+    (2, [[0, 1, 2, 3], [4, 5]])
+    """
+
+    def __init__(
+        self,
+        loader: Iterable[Any],
+        device: torch.device | str | int | None = None,
+        *,
+        size: int = 2,
+        pin_memory: bool = True,
+    ) -> None:
+        self.loader = loader
+        self.device = default_device() if device is None else torch.device(device)
+        self.size = size
+        self.pin_memory = pin_memory
+
+    def __iter__(self) -> Iterator[Any]:
+        return prefetch_to_device(self.loader, self.device, size=self.size, pin_memory=self.pin_memory)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
