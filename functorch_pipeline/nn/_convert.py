@@ -18,10 +18,6 @@ _SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.GRU: GRU}
 
 def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
     where = f"`{path}`" if path else "the module itself"
-    if parametrize.is_parametrized(rnn):
-        raise TypeError(f"replace_rnns(module): {where} ({type(rnn).__name__}) has parametrizations "
-                        f"(weight_norm, ...); remove them first "
-                        f"(torch.nn.utils.parametrize.remove_parametrizations)")
     if rnn._forward_hooks or rnn._forward_pre_hooks or rnn._backward_hooks:
         warnings.warn(f"replace_rnns(module): hooks on {where} are not carried over to the "
                       f"replacement", stacklevel=3)
@@ -74,6 +70,12 @@ def replace_rnns(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"replace_rnns(module): expected an nn.Module, got {type(module).__name__}")
+    for path, child in module.named_modules():
+        if isinstance(child, tuple(_SWAPS)) and parametrize.is_parametrized(child):
+            where = f"`{path}`" if path else "the module itself"
+            raise TypeError(f"replace_rnns(module): {where} ({type(child).__name__}) has "
+                            f"parametrizations (weight_norm, ...); remove them first "
+                            f"(torch.nn.utils.parametrize.remove_parametrizations)")
     module = copy.deepcopy(module)
     if type(module) in _SWAPS:
         return _swap(module, "")
