@@ -1,0 +1,180 @@
+"""``fp.optim``: pure optimizers in optax's style (names, arguments and defaults).
+
+A :class:`GradientTransformation` is ``(init, update)``; named optimizers are chains of
+building blocks; updates are additive (apply them with :func:`apply_updates`).
+
+>>> import torch
+>>> from functorch_pipeline import optim
+>>> params = {"w": torch.tensor([1.0, -2.0])}
+>>> opt = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))
+>>> state = opt.init(params)
+>>> updates, state = opt.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+>>> optim.apply_updates(params, updates)
+{'w': tensor([ 0.9400, -2.0800])}
+"""
+
+from functorch_pipeline.optim._adaptive import ScaleByAdaDeltaState
+from functorch_pipeline.optim._adaptive import ScaleByAdamState
+from functorch_pipeline.optim._adaptive import ScaleByLionState
+from functorch_pipeline.optim._adaptive import ScaleByNadamState
+from functorch_pipeline.optim._adaptive import ScaleByRmsState
+from functorch_pipeline.optim._adaptive import ScaleByRssState
+from functorch_pipeline.optim._adaptive import ScaleByRStdDevState
+from functorch_pipeline.optim._adaptive import scale_by_adadelta
+from functorch_pipeline.optim._adaptive import scale_by_adam
+from functorch_pipeline.optim._adaptive import scale_by_adamax
+from functorch_pipeline.optim._adaptive import scale_by_lion
+from functorch_pipeline.optim._adaptive import scale_by_nadam
+from functorch_pipeline.optim._adaptive import scale_by_radam
+from functorch_pipeline.optim._adaptive import scale_by_rms
+from functorch_pipeline.optim._adaptive import scale_by_rss
+from functorch_pipeline.optim._adaptive import scale_by_stddev
+from functorch_pipeline.optim._alias import adadelta
+from functorch_pipeline.optim._alias import adagrad
+from functorch_pipeline.optim._alias import adam
+from functorch_pipeline.optim._alias import adamax
+from functorch_pipeline.optim._alias import adamw
+from functorch_pipeline.optim._alias import lamb
+from functorch_pipeline.optim._alias import lion
+from functorch_pipeline.optim._alias import nadam
+from functorch_pipeline.optim._alias import radam
+from functorch_pipeline.optim._alias import rmsprop
+from functorch_pipeline.optim._alias import sgd
+from functorch_pipeline.optim._base import EmptyState
+from functorch_pipeline.optim._base import GradientTransformation
+from functorch_pipeline.optim._base import GradientTransformationExtraArgs
+from functorch_pipeline.optim._base import OptState
+from functorch_pipeline.optim._base import Params
+from functorch_pipeline.optim._base import ScalarOrSchedule
+from functorch_pipeline.optim._base import Schedule
+from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import apply_updates
+from functorch_pipeline.optim._base import apply_updates_
+from functorch_pipeline.optim._base import chain
+from functorch_pipeline.optim._base import identity
+from functorch_pipeline.optim._base import set_to_zero
+from functorch_pipeline.optim._base import stateless
+from functorch_pipeline.optim._base import stateless_with_tree_map
+from functorch_pipeline.optim._masking import MaskedNode
+from functorch_pipeline.optim._masking import MaskedState
+from functorch_pipeline.optim._masking import PartitionState
+from functorch_pipeline.optim._masking import freeze
+from functorch_pipeline.optim._masking import masked
+from functorch_pipeline.optim._masking import partition
+from functorch_pipeline.optim._privacy import DifferentiallyPrivateAggregateState
+from functorch_pipeline.optim._privacy import differentially_private_aggregate
+from functorch_pipeline.optim._privacy import dpsgd
+from functorch_pipeline.optim._privacy import per_example_global_norm_clip
+from functorch_pipeline.optim._privacy import per_example_layer_norm_clip
+from functorch_pipeline.optim._schedules import constant_schedule
+from functorch_pipeline.optim._schedules import cosine_decay_schedule
+from functorch_pipeline.optim._schedules import cosine_onecycle_schedule
+from functorch_pipeline.optim._schedules import exponential_decay
+from functorch_pipeline.optim._schedules import join_schedules
+from functorch_pipeline.optim._schedules import linear_schedule
+from functorch_pipeline.optim._schedules import piecewise_constant_schedule
+from functorch_pipeline.optim._schedules import piecewise_interpolate_schedule
+from functorch_pipeline.optim._schedules import polynomial_schedule
+from functorch_pipeline.optim._schedules import warmup_cosine_decay_schedule
+from functorch_pipeline.optim._transforms import ScaleByScheduleState
+from functorch_pipeline.optim._transforms import TraceState
+from functorch_pipeline.optim._transforms import add_decayed_weights
+from functorch_pipeline.optim._transforms import clip
+from functorch_pipeline.optim._transforms import clip_by_global_norm
+from functorch_pipeline.optim._transforms import scale
+from functorch_pipeline.optim._transforms import scale_by_learning_rate
+from functorch_pipeline.optim._transforms import scale_by_schedule
+from functorch_pipeline.optim._transforms import scale_by_trust_ratio
+from functorch_pipeline.optim._transforms import trace
+from functorch_pipeline.optim._wrappers import ApplyIfFiniteState
+from functorch_pipeline.optim._wrappers import EmaState
+from functorch_pipeline.optim._wrappers import InjectHyperparamsState
+from functorch_pipeline.optim._wrappers import MultiSteps
+from functorch_pipeline.optim._wrappers import MultiStepsState
+from functorch_pipeline.optim._wrappers import apply_if_finite
+from functorch_pipeline.optim._wrappers import ema
+from functorch_pipeline.optim._wrappers import inject_hyperparams
+
+__all__ = [
+    "ApplyIfFiniteState",
+    "DifferentiallyPrivateAggregateState",
+    "EmaState",
+    "EmptyState",
+    "GradientTransformation",
+    "GradientTransformationExtraArgs",
+    "InjectHyperparamsState",
+    "MaskedNode",
+    "MaskedState",
+    "MultiSteps",
+    "MultiStepsState",
+    "OptState",
+    "Params",
+    "PartitionState",
+    "ScalarOrSchedule",
+    "ScaleByAdaDeltaState",
+    "ScaleByAdamState",
+    "ScaleByLionState",
+    "ScaleByNadamState",
+    "ScaleByRStdDevState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "ScaleByScheduleState",
+    "Schedule",
+    "TraceState",
+    "Updates",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "add_decayed_weights",
+    "apply_if_finite",
+    "apply_updates",
+    "apply_updates_",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "cosine_onecycle_schedule",
+    "differentially_private_aggregate",
+    "dpsgd",
+    "ema",
+    "exponential_decay",
+    "freeze",
+    "identity",
+    "inject_hyperparams",
+    "join_schedules",
+    "lamb",
+    "linear_schedule",
+    "lion",
+    "masked",
+    "nadam",
+    "partition",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+    "piecewise_constant_schedule",
+    "piecewise_interpolate_schedule",
+    "polynomial_schedule",
+    "radam",
+    "rmsprop",
+    "scale",
+    "scale_by_adadelta",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_learning_rate",
+    "scale_by_lion",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_schedule",
+    "scale_by_stddev",
+    "scale_by_trust_ratio",
+    "set_to_zero",
+    "sgd",
+    "stateless",
+    "stateless_with_tree_map",
+    "trace",
+    "warmup_cosine_decay_schedule",
+]

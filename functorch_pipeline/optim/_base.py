@@ -1,0 +1,324 @@
+"""The protocol: ``GradientTransformation(init, update)``, ``chain`` and ``apply_updates``.
+
+A gradient transformation is a pair of pure functions. ``init(params)`` builds a state
+(a pytree, usually a NamedTuple); ``update(updates, state, params=None, **extra_args)``
+returns ``(new_updates, new_state)``. Updates are *additive*: ``sgd(0.1)`` turns a
+gradient ``g`` into ``-0.1 * g`` and :func:`apply_updates` adds it to the parameters.
+
+# NOTE [in-place opt-in]
+Everything is pure by default: no input tensor is ever written. Large models can opt in
+to buffer donation, in the spirit of JAX's ``donate_argnums``:
+
+* ``tx.update(grads, state, params, inplace=True)`` may overwrite the tensors of
+  ``state`` and of the incoming ``grads`` and return them (the caller must not use the
+  old ``state``/``grads`` afterwards);
+* :func:`apply_updates_` adds the updates into the parameter tensors themselves.
+
+Both give bit-identical numbers to the pure path (tests check this for every named
+optimizer); they only save allocations and memory traffic.
+
+# NOTE [affine tail fusion]
+Named optimizers are chains such as ``chain(scale_by_adam(), scale_by_learning_rate(lr))``.
+Run literally, the learning-rate scaling is one more pass over every parameter. ``chain``
+therefore fuses a run of *affine* transforms (``scale``, ``scale_by_learning_rate``,
+``scale_by_schedule`` and unmasked ``add_decayed_weights``, each ``u -> a*u + c*params``)
+into the transform before them when that transform knows how to apply ``a`` and ``c``
+itself (the adaptive scalers do). The maths is the same chain; only rounding may differ
+in the last bit, and it is the same in the pure and in-place paths.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import torch
+
+from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _mt
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "GradientTransformationExtraArgs",
+    "OptState",
+    "Params",
+    "Schedule",
+    "ScalarOrSchedule",
+    "Updates",
+    "apply_updates",
+    "apply_updates_",
+    "chain",
+    "identity",
+    "set_to_zero",
+    "stateless",
+    "stateless_with_tree_map",
+]
+
+Params = Any
+Updates = Any
+OptState = Any
+Schedule = Callable[[Any], Any]
+ScalarOrSchedule = float | torch.Tensor | Schedule
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions ``(init, update)``; see the module docstring.
+
+    >>> tx = GradientTransformation(lambda p: (), lambda u, s, p=None, **kw: (u, s))
+    >>> init, update = tx
+    >>> update({"w": torch.ones(1)}, init(None))
+    ({'w': tensor([1.])}, ())
+    """
+
+    init: Callable[[Params], OptState]
+    update: Callable[..., tuple[Updates, OptState]]
+
+
+GradientTransformationExtraArgs = GradientTransformation
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+def _device_of(tree: Any) -> torch.device:
+    for x in fpt.leaves(tree):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def zero_count(params: Params) -> torch.Tensor:
+    """An int32 step counter on the parameters' device."""
+    return torch.zeros((), dtype=torch.int32, device=_device_of(params))
+
+
+def mismatch_error(where: str, a_name: str, a: Any, b_name: str, b: Any) -> ValueError:
+    """A ValueError naming the key paths present in one tree and not the other."""
+    pa = {fpt.keystr(p) for p in fpt.flatten_with_path(a)[0]}
+    pb = {fpt.keystr(p) for p in fpt.flatten_with_path(b)[0]}
+    missing, extra = sorted(pa - pb), sorted(pb - pa)
+    if missing or extra:
+        detail = f"paths only in `{a_name}`: {missing or 'none'}; only in `{b_name}`: {extra or 'none'}"
+    else:
+        detail = f"same leaves but different containers: {fpt.structure(a)} vs {fpt.structure(b)}"
+    return ValueError(f"{where}: `{b_name}` does not have the structure of `{a_name}` ({detail})")
+
+
+def check_shapes(where: str, a_name: str, a_leaves: list, b_name: str, b_leaves: list, tree: Any) -> None:
+    """Raise naming the first key path whose shapes differ."""
+    for i, (x, y) in enumerate(zip(a_leaves, b_leaves, strict=True)):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
+            path = fpt.flatten_with_path(tree)[0][i]
+            raise ValueError(
+                f"{where}: leaf at path `{fpt.keystr(path)}` has shape {tuple(x.shape)} in "
+                f"`{a_name}` but {tuple(y.shape)} in `{b_name}`"
+            )
+
+
+def flatten_like(where: str, updates: Updates, other: Any, other_name: str) -> list:
+    """Leaves of ``other`` in the order of ``updates``' leaves, or a clear error."""
+    treedef = fpt.structure(updates)
+    try:
+        return treedef.flatten_up_to(other)
+    except (ValueError, TypeError):
+        raise mismatch_error(where, "updates", updates, other_name, other) from None
+
+
+def require_params(where: str, params: Any) -> None:
+    if params is None:
+        raise ValueError(f"{where}: this transformation needs `params`; call update(updates, state, params)")
+
+
+def identity() -> GradientTransformation:
+    """Leave updates unchanged (optax's ``identity``).
+
+    >>> identity().update({"w": torch.ones(1)}, EmptyState())[0]
+    {'w': tensor([1.])}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: OptState, params: Params = None, **extra_args: Any):
+        return updates, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replace every update by zeros (with :func:`masked` this freezes parameters).
+
+    >>> set_to_zero().update({"w": torch.ones(2)}, EmptyState())[0]
+    {'w': tensor([0., 0.])}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: OptState, params: Params = None, **extra_args: Any):
+        return fpt.map(torch.zeros_like, updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def stateless(f: Callable[[Updates, Params], Updates]) -> GradientTransformation:
+    """A transformation from a function ``f(updates, params) -> updates`` of whole trees.
+
+    >>> tx = stateless(lambda u, p: fpt.scale(u, 2.0))
+    >>> tx.update([torch.ones(1)], tx.init(None))[0]
+    [tensor([2.])]
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: OptState, params: Params = None, **extra_args: Any):
+        return f(updates, params), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def stateless_with_tree_map(f: Callable[[torch.Tensor, Any], torch.Tensor]) -> GradientTransformation:
+    """A transformation from a per-leaf function ``f(update, param) -> update``.
+
+    >>> tx = stateless_with_tree_map(lambda g, p: g * 3)
+    >>> tx.update([torch.ones(1)], tx.init(None))[0]
+    [tensor([3.])]
+    """
+
+    def g(updates: Updates, params: Params) -> Updates:
+        if params is None:
+            return fpt.map(lambda u: f(u, None), updates)
+        return fpt.map(f, updates, params)
+
+    return stateless(g)
+
+
+def _accepts_extra(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _compose_affine(m: Any, c: Any, m2: Any, c2: Any) -> tuple[Any, Any]:
+    """``m2 * (m*u + c*p) + c2*p`` as ``(m', c')``."""
+    return m2 * m, m2 * c + c2
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations one after the other; the state is a tuple of their states.
+
+    Args:
+      *transforms: gradient transformations, applied left to right.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    >>> from functorch_pipeline import optim
+    >>> tx = optim.chain(optim.clip(1.0), optim.scale(-0.5))
+    >>> tx.update({"w": torch.tensor([3.0, -0.2])}, tx.init(None))[0]
+    {'w': tensor([-0.5000,  0.1000])}
+    """
+    for i, t in enumerate(transforms):
+        if not (isinstance(t, tuple) and len(t) == 2 and callable(t[0]) and callable(t[1])):
+            raise TypeError(
+                f"chain(*transforms): transform {i} is a {type(t).__name__}, not a "
+                "GradientTransformation(init, update)"
+            )
+    transforms = tuple(GradientTransformation(*t) for t in transforms)
+    extra_ok = [_accepts_extra(t.update) for t in transforms]
+    n = len(transforms)
+
+    def init_fn(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update_fn(updates: Updates, state: OptState, params: Params = None, **extra_args: Any):
+        if not isinstance(state, tuple) or len(state) != n:
+            raise ValueError(
+                f"chain.update: expected a state tuple of {n} inner states (from chain.init), "
+                f"got {type(state).__name__}"
+            )
+        new_state = list(state)
+        i = 0
+        while i < n:
+            t = transforms[i]
+            fused = getattr(t.update, "_fp_fused", None)
+            j = i + 1
+            m: Any = 1
+            c: Any = 0
+            if fused is not None:
+                while j < n and getattr(transforms[j].update, "_fp_affine", None) is not None:
+                    m2, c2, new_state[j] = transforms[j].update._fp_affine(state[j], params)
+                    m, c = _compose_affine(m, c, m2, c2)
+                    j += 1
+            if j > i + 1:
+                updates, new_state[i] = fused(updates, state[i], params, m, c, **extra_args)
+            else:
+                kw = extra_args if extra_ok[i] else {}
+                updates, new_state[i] = t.update(updates, state[i], params, **kw)
+                j = i + 1
+            i = j
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def _split_apply(where: str, params: Params, updates: Updates) -> tuple[list, list, Any]:
+    pl, ptd = fpt.flatten(params)
+    ul, utd = fpt.flatten(updates)
+    if ptd != utd:
+        raise mismatch_error(where, "params", params, "updates", updates)
+    check_shapes(where, "params", pl, "updates", ul, params)
+    return pl, ul, ptd
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` leaf by leaf, keeping each parameter's dtype. Pure.
+
+    ``None`` leaves (empty subtrees) are skipped, as in optax.
+
+    Args:
+      params: a tree of tensors.
+      updates: a tree with the same structure and shapes.
+
+    Returns:
+      The new parameters (fresh tensors; ``params`` is untouched).
+
+    >>> apply_updates({"w": torch.tensor([1.0, 2.0]), "b": None}, {"w": torch.tensor([0.5, -1.0]), "b": None})
+    {'w': tensor([1.5000, 1.0000]), 'b': None}
+    """
+    pl, ul, td = _split_apply("apply_updates(params, updates)", params, updates)
+    fe = _mt.foreach_ok(pl, ul)
+    if all(p.dtype == u.dtype for p, u in zip(pl, ul, strict=True)):
+        out = _mt.add(pl, ul, fe)
+    else:
+        out = [(p + u).to(p.dtype) for p, u in zip(pl, ul, strict=True)]
+    return fpt.unflatten(td, out)
+
+
+def apply_updates_(params: Params, updates: Updates) -> Params:
+    """In-place ``params += updates`` (the opt-in donation path); returns ``params``.
+
+    Writes into the parameter tensors (under ``torch.no_grad()``, like
+    ``torch.optim``'s ``step``). Gives exactly the numbers of :func:`apply_updates`.
+
+    >>> p = {"w": torch.tensor([1.0])}
+    >>> q = apply_updates_(p, {"w": torch.tensor([2.0])})
+    >>> q is p, p["w"]
+    (True, tensor([3.]))
+    """
+    pl, ul, _ = _split_apply("apply_updates_(params, updates)", params, updates)
+    with torch.no_grad():
+        fe = _mt.foreach_ok(pl, ul)
+        if all(p.dtype == u.dtype for p, u in zip(pl, ul, strict=True)):
+            _mt.add_(pl, ul, fe)
+        else:
+            for p, u in zip(pl, ul, strict=True):
+                p.copy_(p + u)
+    return params

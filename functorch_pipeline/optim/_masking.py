@@ -1,0 +1,202 @@
+"""Selecting parameters: ``masked``, ``partition`` (per-group settings) and ``freeze``.
+
+Masks and labels are given as a tree matching the parameters, as a *prefix* of it
+(``{"encoder": False, "head": True}`` covers every leaf below each key), or as a
+function. Inner transformations only ever see the selected leaves; the others are
+replaced by :class:`MaskedNode` (an empty node, so it has no leaves).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import torch  # noqa: F401  (doctest namespace)
+
+from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim._base import GradientTransformation
+from functorch_pipeline.optim._base import Params
+from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import set_to_zero
+
+__all__ = [
+    "MaskedNode",
+    "MaskedState",
+    "PartitionState",
+    "freeze",
+    "masked",
+    "partition",
+]
+
+
+class MaskedNode(NamedTuple):
+    """Stands in for a leaf that an inner transformation must not see (no leaves)."""
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the inner transformation's state (over selected leaves)."""
+
+    inner_state: Any
+
+
+class PartitionState(NamedTuple):
+    """State of :func:`partition`: one :class:`MaskedState` per label."""
+
+    inner_states: dict
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, MaskedNode)
+
+
+def broadcast_to_leaves(where: str, what: str, prefix: Any, full: Any) -> list[Any]:
+    """The value of ``prefix`` (a tree matching ``full`` or a prefix of it) for each leaf
+    of ``full``, in leaf order. Errors name the key path that has no value."""
+    ppaths, pleaves, _ = fpt.flatten_with_path(prefix, is_leaf=lambda x: x is None)
+    table = dict(zip(ppaths, pleaves, strict=True))
+    fpaths, _, _ = fpt.flatten_with_path(full)
+    out, used = [], set()
+    for path in fpaths:
+        for k in range(len(path), -1, -1):
+            if path[:k] in table:
+                out.append(table[path[:k]])
+                used.add(path[:k])
+                break
+        else:
+            raise ValueError(
+                f"{where}: no {what} for the leaf at path `{fpt.keystr(path)}`; `{what}` must "
+                f"be a tree with the structure of the parameters or a prefix of it "
+                f"(it has paths {sorted(fpt.keystr(p) for p in ppaths)})"
+            )
+    unused = [fpt.keystr(p) for p in ppaths if p not in used]
+    if unused:
+        raise ValueError(f"{where}: `{what}` has paths that match no parameter: {unused}")
+    return out
+
+
+def _mask_leaves(where: str, mask: Any, tree: Any) -> list[bool]:
+    m = mask(tree) if callable(mask) else mask
+    vals = broadcast_to_leaves(where, "mask", m, tree)
+    return [bool(v) for v in vals]
+
+
+def _select(tree: Any, flags: list[bool]) -> Any:
+    leaves, td = fpt.flatten(tree)
+    return fpt.unflatten(td, [x if f else MaskedNode() for x, f in zip(leaves, flags, strict=True)])
+
+
+def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
+    """Apply ``inner`` only to the leaves where ``mask`` is true; others pass unchanged.
+
+    Args:
+      inner: the transformation to apply to the selected leaves.
+      mask: a tree of booleans (the parameters' structure or a prefix of it), or a
+        function ``params -> such a tree``.
+
+    >>> from functorch_pipeline import optim
+    >>> tx = masked(optim.scale(0.0), {"w": True, "b": False})
+    >>> u = {"w": torch.ones(1), "b": torch.ones(1)}
+    >>> tx.update(u, tx.init(u))[0]
+    {'w': tensor([0.]), 'b': tensor([1.])}
+    """
+    inner = GradientTransformation(*inner)
+
+    def init_fn(params: Params) -> MaskedState:
+        flags = _mask_leaves("masked.init", mask, params)
+        return MaskedState(inner.init(_select(params, flags)))
+
+    def update_fn(updates: Updates, state: MaskedState, params: Params = None, **extra_args: Any):
+        flags = _mask_leaves("masked.update", mask, updates if params is None or not callable(mask) else params)
+        sub_u = _select(updates, flags)
+        sub_p = None if params is None else _select(params, flags)
+        new_sub, new_inner = inner.update(sub_u, state.inner_state, sub_p, **extra_args)
+        new_leaves = fpt.leaves(new_sub, is_leaf=_is_masked_node)
+        ul, td = fpt.flatten(updates)
+        if len(new_leaves) != len(ul):
+            raise ValueError("masked.update: the inner transformation changed the structure of the updates")
+        out = [n if f else u for u, n, f in zip(ul, new_leaves, flags, strict=True)]
+        return fpt.unflatten(td, out), MaskedState(new_inner)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def _labels(where: str, param_labels: Any, tree: Any) -> list[Hashable]:
+    if callable(param_labels):
+        try:
+            n_args = len(inspect.signature(param_labels).parameters)
+        except (TypeError, ValueError):
+            n_args = 1
+        if n_args >= 2:
+            paths, leaves, _ = fpt.flatten_with_path(tree)
+            return [param_labels(p, x) for p, x in zip(paths, leaves, strict=True)]
+        return broadcast_to_leaves(where, "param_labels", param_labels(tree), tree)
+    return broadcast_to_leaves(where, "param_labels", param_labels, tree)
+
+
+def partition(
+    transforms: Mapping[Hashable, GradientTransformation],
+    param_labels: Any,
+) -> GradientTransformation:
+    """Different transformations for different groups of parameters (torch's param groups).
+
+    Args:
+      transforms: ``{label: transformation}``.
+      param_labels: the label of every parameter, as a tree matching the parameters, a
+        prefix of it, a function ``params -> labels tree``, or a function of the key
+        path ``(path, leaf) -> label`` (a two-argument callable; ``path`` is a tuple of
+        keys, see ``fp.tree.keystr``).
+
+    >>> from functorch_pipeline import optim
+    >>> tx = partition({"slow": optim.sgd(0.01), "fast": optim.sgd(1.0)},
+    ...                lambda path, leaf: "fast" if path[-1] == "b" else "slow")
+    >>> g = {"w": torch.ones(1), "b": torch.ones(1)}
+    >>> tx.update(g, tx.init(g))[0]
+    {'w': tensor([-0.0100]), 'b': tensor([-1.])}
+    """
+    transforms = {k: GradientTransformation(*v) for k, v in transforms.items()}
+
+    def label_list(where: str, tree: Any) -> list[Hashable]:
+        labels = _labels(where, param_labels, tree)
+        paths = None
+        for i, lab in enumerate(labels):
+            if lab not in transforms:
+                paths = paths or fpt.flatten_with_path(tree)[0]
+                raise ValueError(
+                    f"{where}: the parameter at path `{fpt.keystr(paths[i])}` has label {lab!r}, "
+                    f"which has no transformation; `transforms` has labels {sorted(map(repr, transforms))}"
+                )
+        return labels
+
+    def inner_masked(label: Hashable, labels: list[Hashable]) -> GradientTransformation:
+        flags = [lab == label for lab in labels]
+        return masked(transforms[label], lambda t: fpt.unflatten(fpt.structure(t), flags))
+
+    def init_fn(params: Params) -> PartitionState:
+        labels = label_list("partition.init", params)
+        return PartitionState({k: inner_masked(k, labels).init(params) for k in transforms})
+
+    def update_fn(updates: Updates, state: PartitionState, params: Params = None, **extra_args: Any):
+        labels = label_list("partition.update", updates)
+        new_states = {}
+        for k in transforms:
+            updates, new_states[k] = inner_masked(k, labels).update(updates, state.inner_states[k], params, **extra_args)
+        return updates, PartitionState(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def freeze(mask: Any) -> GradientTransformation:
+    """Zero the updates of the leaves where ``mask`` is true (those parameters stay fixed).
+
+    >>> tx = freeze({"w": True, "b": False})
+    >>> u = {"w": torch.ones(1), "b": torch.ones(1)}
+    >>> tx.update(u, tx.init(u))[0]
+    {'w': tensor([0.]), 'b': tensor([1.])}
+    """
+    return masked(set_to_zero(), mask)
+
+
+

@@ -1,0 +1,356 @@
+"""Elementary transformations: scaling, momentum, weight decay, clipping, trust ratio."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+from typing import NamedTuple
+
+import torch
+
+from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _mt
+from functorch_pipeline.optim._base import EmptyState
+from functorch_pipeline.optim._base import GradientTransformation
+from functorch_pipeline.optim._base import Params
+from functorch_pipeline.optim._base import ScalarOrSchedule
+from functorch_pipeline.optim._base import Schedule
+from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import flatten_like
+from functorch_pipeline.optim._base import require_params
+from functorch_pipeline.optim._base import zero_count
+
+__all__ = [
+    "ScaleByScheduleState",
+    "TraceState",
+    "add_decayed_weights",
+    "clip",
+    "clip_by_global_norm",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "scale_by_trust_ratio",
+    "trace",
+]
+
+
+def check_number(where: str, name: str, value: Any, *, low: float | None = None,
+                 high: float | None = None, high_open: bool = False) -> None:
+    """Validate a Python-number hyperparameter (tensors and schedules are not checked)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return
+    if low is not None and value < low:
+        raise ValueError(f"{where}: `{name}` must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        op = "<" if high_open else "<="
+        raise ValueError(f"{where}: `{name}` must be {op} {high}, got {value}")
+
+
+def _scale_affine(step_size: Any):
+    def affine(state: Any, params: Params) -> tuple[Any, Any, Any]:
+        return step_size, 0, state
+
+    return affine
+
+
+def scale(step_size: float | torch.Tensor) -> GradientTransformation:
+    """Multiply updates by a fixed ``step_size``.
+
+    >>> tx = scale(-0.1)
+    >>> tx.update({"w": torch.tensor([1.0, 2.0])}, tx.init(None))[0]
+    {'w': tensor([-0.1000, -0.2000])}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        ul, td = fpt.flatten(updates)
+        fe = _mt.foreach_ok(ul)
+        out = _mt.mul_(ul, step_size, fe) if extra_args.get("inplace") else _mt.mul(ul, step_size, fe)
+        return fpt.unflatten(td, out), state
+
+    update_fn._fp_affine = _scale_affine(step_size)
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_schedule`: the number of steps taken."""
+
+    count: torch.Tensor
+
+
+def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
+    """Multiply updates by ``step_size_fn(count)``, where ``count`` is the step (from 0).
+
+    >>> tx = scale_by_schedule(lambda n: 1.0 / (n + 1))
+    >>> s = tx.init({"w": torch.ones(1)})
+    >>> u, s = tx.update({"w": torch.ones(1)}, s); u2, s = tx.update({"w": torch.ones(1)}, s)
+    >>> u2, s.count
+    ({'w': tensor([0.5000])}, tensor(2, dtype=torch.int32))
+    """
+    if not callable(step_size_fn):
+        raise TypeError(f"scale_by_schedule(step_size_fn): expected a callable, got {type(step_size_fn).__name__}")
+
+    def init_fn(params: Params) -> ScaleByScheduleState:
+        return ScaleByScheduleState(count=zero_count(params))
+
+    def affine(state: ScaleByScheduleState, params: Params) -> tuple[Any, Any, Any]:
+        return step_size_fn(state.count), 0, ScaleByScheduleState(count=state.count + 1)
+
+    def update_fn(updates: Updates, state: ScaleByScheduleState, params: Params = None, **extra_args: Any):
+        s, _, new_state = affine(state, params)
+        ul, td = fpt.flatten(updates)
+        fe = _mt.foreach_ok(ul)
+        out = _mt.mul_(ul, s, fe) if extra_args.get("inplace") else _mt.mul(ul, s, fe)
+        return fpt.unflatten(td, out), new_state
+
+    update_fn._fp_affine = affine
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
+    """Scale by ``-learning_rate`` (a number, a 0-d tensor or a schedule of the step).
+
+    Args:
+      learning_rate: the step size, or a schedule ``count -> step size``.
+      flip_sign: negate (the default), so that adding the updates descends.
+
+    >>> tx = scale_by_learning_rate(0.1)
+    >>> tx.update([torch.tensor([2.0])], tx.init(None))[0]
+    [tensor([-0.2000])]
+    """
+    check_number("scale_by_learning_rate(learning_rate)", "learning_rate", learning_rate, low=0.0)
+    m = -1 if flip_sign else 1
+    if callable(learning_rate):
+        return scale_by_schedule(lambda count: m * learning_rate(count))
+    return scale(m * learning_rate)
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`: the momentum buffer, shaped like the parameters."""
+
+    trace: Any
+
+
+class DampedTraceState(NamedTuple):
+    """State of :func:`trace` with ``dampening``: a step count and the momentum buffer."""
+
+    count: torch.Tensor
+    trace: Any
+
+
+def trace(
+    decay: float,
+    nesterov: bool = False,
+    accumulator_dtype: torch.dtype | None = None,
+    *,
+    dampening: float = 0.0,
+) -> GradientTransformation:
+    """Momentum: ``t <- g + decay * t``; the update is ``t`` (or ``g + decay * t`` with nesterov).
+
+    Args:
+      decay: the momentum coefficient.
+      nesterov: use Nesterov's look-ahead form.
+      accumulator_dtype: dtype of the buffer (default: the parameters').
+      dampening: (not in optax) torch.optim.SGD's ``dampening``:
+        ``t <- decay * t + (1 - dampening) * g`` after a first step ``t = g``.
+
+    >>> tx = trace(0.5)
+    >>> s = tx.init([torch.zeros(1)])
+    >>> u, s = tx.update([torch.ones(1)], s); u, s = tx.update([torch.ones(1)], s)
+    >>> u
+    [tensor([1.5000])]
+    """
+    check_number("trace(decay)", "decay", decay, low=0.0)
+    check_number("trace(dampening)", "dampening", dampening, low=0.0, high=1.0)
+    damped = not (isinstance(dampening, numbers.Real) and dampening == 0)
+
+    def init_fn(params: Params) -> Any:
+        buf = fpt.map(lambda p: torch.zeros_like(p, dtype=accumulator_dtype or p.dtype), params)
+        return DampedTraceState(zero_count(params), buf) if damped else TraceState(buf)
+
+    def fused(updates: Updates, state: Any, params: Params, m: Any, c: Any, **extra_args: Any):
+        where = "trace.update"
+        gl, td = fpt.flatten(updates)
+        tl = flatten_like(where, updates, state.trace, "state.trace")
+        fe = _mt.foreach_ok(gl, tl)
+        inplace = bool(extra_args.get("inplace"))
+        if damped:
+            first = state.count == 0
+            new_t = [torch.where(first, g, decay * t + (1 - dampening) * g) for g, t in zip(gl, tl, strict=True)]
+            if inplace:
+                for t, n in zip(tl, new_t, strict=True):
+                    t.copy_(n)
+                new_t = tl
+        elif inplace and accumulator_dtype is None:
+            new_t = _mt.add_out(gl, tl, fe, decay, out=tl)  # bitwise equal to the pure add
+        else:
+            inplace = False
+            new_t = _mt.cast(_mt.add(gl, tl, fe, alpha=decay), accumulator_dtype)
+        unit = isinstance(m, numbers.Real) and m == 1
+        if nesterov:
+            out = _mt.add_out(gl, new_t, fe, decay, out=gl) if inplace else _mt.add(gl, new_t, fe, alpha=decay)
+            if not unit:
+                _mt.mul_(out, m, fe)
+        elif inplace:
+            # write into the donated gradient buffers, never hand out the state's own
+            out = _mt.mul_out(new_t, m, fe, out=gl)
+        else:
+            out = new_t if unit else _mt.mul(new_t, m, fe)
+        if not (isinstance(c, numbers.Real) and c == 0):
+            require_params(where, params)
+            _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
+        new_trace = fpt.unflatten(td, new_t)
+        new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
+        return fpt.unflatten(td, out), new_state
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        return fused(updates, state, params, 1, 0, **extra_args)
+
+    update_fn._fp_fused = fused
+    return GradientTransformation(init_fn, update_fn)
+
+
+def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates (decoupled weight decay in a chain).
+
+    Args:
+      weight_decay: the coefficient.
+      mask: a tree of booleans (or a function of the params returning one) selecting
+        the parameters to decay; see :func:`masked`.
+
+    >>> tx = add_decayed_weights(0.1)
+    >>> tx.update({"w": torch.ones(1)}, tx.init(None), {"w": torch.tensor([2.0])})[0]
+    {'w': tensor([1.2000])}
+    """
+    check_number("add_decayed_weights(weight_decay)", "weight_decay", weight_decay, low=0.0)
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    no_op = isinstance(weight_decay, numbers.Real) and weight_decay == 0
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        where = "add_decayed_weights.update"
+        if no_op:
+            return updates, state
+        require_params(where, params)
+        ul, td = fpt.flatten(updates)
+        pl = flatten_like(where, updates, params, "params")
+        fe = _mt.foreach_ok(ul, pl)
+        if extra_args.get("inplace"):
+            out = _mt.add_(ul, pl, fe, alpha=weight_decay)
+        else:
+            out = _mt.add(ul, pl, fe, alpha=weight_decay)
+        return fpt.unflatten(td, out), state
+
+    if mask is not None:
+        from functorch_pipeline.optim._masking import masked
+
+        return masked(GradientTransformation(init_fn, update_fn), mask)
+
+    def affine(state: Any, params: Params) -> tuple[Any, Any, Any]:
+        if no_op:
+            return 1, 0, state
+        require_params("add_decayed_weights.update", params)
+        return 1, weight_decay, state
+
+    update_fn._fp_affine = affine
+    return GradientTransformation(init_fn, update_fn)
+
+
+def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
+    """Clip every update element to ``[-max_delta, max_delta]``.
+
+    >>> tx = clip(1.0)
+    >>> tx.update([torch.tensor([-3.0, 0.5, 2.0])], tx.init(None))[0]
+    [tensor([-1.0000,  0.5000,  1.0000])]
+    """
+    check_number("clip(max_delta)", "max_delta", max_delta, low=0.0)
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        ul, td = fpt.flatten(updates)
+        if _mt.foreach_ok(ul) and not isinstance(max_delta, torch.Tensor):
+            out = torch._foreach_clamp_max(ul, max_delta)
+            torch._foreach_clamp_min_(out, -max_delta)
+        else:
+            out = [torch.clamp(u, -max_delta, max_delta) for u in ul]
+        return fpt.unflatten(td, list(out)), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def tree_norm(leaves: list[torch.Tensor], fe: bool) -> torch.Tensor:
+    """The global L2 norm of a list of tensors (0-d; foreach when allowed)."""
+    if not leaves:
+        return torch.zeros(())
+    norms = torch._foreach_norm(leaves) if fe else [torch.linalg.vector_norm(x) for x in leaves]
+    dt = _mt.scalar_dtype(leaves)
+    sq = torch.stack([n.to(dt) for n in norms])
+    return torch.sqrt(torch.sum(sq * sq))
+
+
+def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
+    """Rescale the updates so their global L2 norm is at most ``max_norm``.
+
+    ``u <- u * max_norm / max(norm(u), max_norm)``: unchanged when the norm is below
+    ``max_norm`` (optax's rule). ``torch.nn.utils.clip_grad_norm_`` instead uses
+    ``max_norm / (norm + 1e-6)``, so it scales by slightly less than 1 at the threshold.
+
+    >>> tx = clip_by_global_norm(1.0)
+    >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(None))[0]
+    {'w': tensor([0.6000, 0.8000])}
+    """
+    check_number("clip_by_global_norm(max_norm)", "max_norm", max_norm, low=0.0)
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        ul, td = fpt.flatten(updates)
+        if not ul:
+            return updates, state
+        fe = _mt.foreach_ok(ul)
+        norm = tree_norm(ul, fe)
+        factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device))
+        out = _mt.mul_(ul, factor, fe) if extra_args.get("inplace") else _mt.mul(ul, factor, fe)
+        return fpt.unflatten(td, out), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_trust_ratio(
+    min_norm: float = 0.0, trust_coefficient: float = 1.0, eps: float = 0.0
+) -> GradientTransformation:
+    """Scale each leaf's update by ``trust_coefficient * |param| / (|update| + eps)`` (LARS/LAMB).
+
+    Norms are per leaf and floored at ``min_norm``; a leaf whose parameter or update
+    norm is zero keeps its update unchanged.
+
+    >>> tx = scale_by_trust_ratio()
+    >>> tx.update({"w": torch.tensor([0.0, 2.0])}, tx.init(None), {"w": torch.tensor([3.0, 4.0])})[0]
+    {'w': tensor([0., 5.])}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        where = "scale_by_trust_ratio.update"
+        require_params(where, params)
+        ul, td = fpt.flatten(updates)
+        pl = flatten_like(where, updates, params, "params")
+        out = []
+        for u, p in zip(ul, pl, strict=True):
+            pn = torch.clamp(torch.linalg.vector_norm(p), min=min_norm)
+            un = torch.clamp(torch.linalg.vector_norm(u), min=min_norm)
+            ratio = trust_coefficient * pn / (un + eps)
+            safe = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
+            out.append(u * safe.to(u.dtype))
+        return fpt.unflatten(td, out), state
+
+    return GradientTransformation(init_fn, update_fn)

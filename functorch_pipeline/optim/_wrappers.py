@@ -1,0 +1,302 @@
+"""Wrappers: gradient accumulation, skipping non-finite steps, injected hyperparameters, EMA.
+
+None of them branches on tensor values: where optax uses ``lax.cond`` we compute both
+sides and select with ``torch.where`` (so they run under ``vmap`` and
+``torch.compile``). The inner transformation therefore runs every step, and always on
+the pure path (its old state must survive a step that is not applied).
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import torch
+
+from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _mt
+from functorch_pipeline.optim._base import GradientTransformation
+from functorch_pipeline.optim._base import Params
+from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import zero_count
+
+__all__ = [
+    "ApplyIfFiniteState",
+    "EmaState",
+    "InjectHyperparamsState",
+    "MultiSteps",
+    "MultiStepsState",
+    "apply_if_finite",
+    "ema",
+    "inject_hyperparams",
+]
+
+
+def _select_tree(cond: torch.Tensor, a: Any, b: Any) -> Any:
+    """``a`` where ``cond`` else ``b``, leaf by leaf (tensor leaves only)."""
+    return fpt.map(lambda x, y: torch.where(cond, x, y) if isinstance(x, torch.Tensor) else x, a, b)
+
+
+def _pure(extra_args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra_args.items() if k != "inplace"}
+
+
+class MultiStepsState(NamedTuple):
+    """State of :class:`MultiSteps`."""
+
+    mini_step: torch.Tensor
+    gradient_step: torch.Tensor
+    inner_opt_state: Any
+    acc_grads: Any
+    skip_state: Any = ()
+
+
+class MultiSteps:
+    """Gradient accumulation: apply ``opt`` once every ``every_k_schedule`` calls.
+
+    Between applications the updates are zeros and gradients are accumulated (their
+    mean by default). ``every_k_schedule`` is an int or a function of the number of
+    applied steps. ``should_skip_update_fn(updates, gradient_step, params) ->
+    (skip, skip_state)`` may veto an accumulation.
+
+    >>> from functorch_pipeline import optim
+    >>> ms = MultiSteps(optim.sgd(1.0), every_k_schedule=2)
+    >>> s = ms.init({"w": torch.zeros(1)})
+    >>> u, s = ms.update({"w": torch.tensor([1.0])}, s); u
+    {'w': tensor([0.])}
+    >>> u, s = ms.update({"w": torch.tensor([3.0])}, s); u
+    {'w': tensor([-2.])}
+    """
+
+    def __init__(
+        self,
+        opt: GradientTransformation,
+        every_k_schedule: int | Callable[[torch.Tensor], Any],
+        use_grad_mean: bool = True,
+        should_skip_update_fn: Callable[..., tuple[Any, Any]] | None = None,
+    ) -> None:
+        if isinstance(every_k_schedule, numbers.Integral) and every_k_schedule < 1:
+            raise ValueError(f"MultiSteps(every_k_schedule): must be >= 1, got {every_k_schedule}")
+        self._opt = GradientTransformation(*opt)
+        self._k = every_k_schedule
+        self._mean = use_grad_mean
+        self._skip = should_skip_update_fn
+
+    @property
+    def inner_opt(self) -> GradientTransformation:
+        return self._opt
+
+    def _every_k(self, gradient_step: torch.Tensor) -> Any:
+        return self._k(gradient_step) if callable(self._k) else self._k
+
+    def init(self, params: Params) -> MultiStepsState:
+        count = zero_count(params)
+        skip_state = ()
+        if self._skip is not None:
+            _, skip_state = self._skip(fpt.zeros_like(params), count, params)
+        return MultiStepsState(count, count, self._opt.init(params), fpt.zeros_like(params), skip_state)
+
+    def update(self, updates: Updates, state: MultiStepsState, params: Params = None, **extra_args: Any):
+        extra_args = _pure(extra_args)
+        k = self._every_k(state.gradient_step)
+        ul, td = fpt.flatten(updates)
+        al = fpt.structure(updates).flatten_up_to(state.acc_grads)
+        fe = _mt.foreach_ok(ul, al)
+        if self._mean:
+            n = (state.mini_step + 1).to(_mt.scalar_dtype(ul)) if ul else state.mini_step
+            acc = _mt.add(al, _mt.sub(ul, al, fe), fe, alpha=1 / n)
+        else:
+            acc = _mt.add(al, ul, fe)
+        acc_tree = fpt.unflatten(td, acc)
+        emit = state.mini_step >= k - 1
+        inner_u, inner_s = self._opt.update(acc_tree, state.inner_opt_state, params, **extra_args)
+        zeros = fpt.zeros_like(updates)
+        out = _select_tree(emit, inner_u, zeros)
+        new_state = MultiStepsState(
+            mini_step=torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            gradient_step=state.gradient_step + emit.to(state.gradient_step.dtype),
+            inner_opt_state=_select_tree(emit, inner_s, state.inner_opt_state),
+            acc_grads=_select_tree(emit, zeros, acc_tree),
+            skip_state=state.skip_state,
+        )
+        if self._skip is not None:
+            skip, skip_state = self._skip(updates, state.gradient_step, params)
+            skip = torch.as_tensor(skip, device=state.mini_step.device)
+            kept = state._replace(skip_state=skip_state)
+            new_state = _select_tree(skip, kept, new_state._replace(skip_state=skip_state))
+            out = _select_tree(skip, zeros, out)
+        return out, new_state
+
+    def has_updated(self, state: MultiStepsState) -> torch.Tensor:
+        """Whether the last call applied the inner optimizer (a bool tensor)."""
+        return (state.mini_step == 0) & (state.gradient_step > 0)
+
+    def gradient_transformation(self) -> GradientTransformation:
+        """This wrapper as a plain :class:`GradientTransformation`."""
+        return GradientTransformation(self.init, self.update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`."""
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: Any
+
+
+def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:
+    """Skip steps whose incoming updates contain NaN or inf, and count them.
+
+    A skipped step returns zero updates and keeps the inner state. After more than
+    ``max_consecutive_errors`` bad steps in a row, updates are applied anyway.
+
+    >>> from functorch_pipeline import optim
+    >>> tx = apply_if_finite(optim.sgd(1.0), max_consecutive_errors=3)
+    >>> s = tx.init({"w": torch.zeros(1)})
+    >>> u, s = tx.update({"w": torch.tensor([float("nan")])}, s)
+    >>> u, s.total_notfinite
+    ({'w': tensor([0.])}, tensor(1, dtype=torch.int32))
+    """
+    inner = GradientTransformation(*inner)
+
+    def init_fn(params: Params) -> ApplyIfFiniteState:
+        z = zero_count(params)
+        return ApplyIfFiniteState(z, torch.ones((), dtype=torch.bool, device=z.device), z, inner.init(params))
+
+    def update_fn(updates: Updates, state: ApplyIfFiniteState, params: Params = None, **extra_args: Any):
+        ul = fpt.leaves(updates)
+        isfinite = torch.stack([torch.isfinite(u).all() for u in ul]).all() if ul else state.last_finite
+        inner_u, inner_s = inner.update(updates, state.inner_state, params, **_pure(extra_args))
+        bad = torch.where(isfinite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
+        total = state.total_notfinite + (~isfinite).to(state.total_notfinite.dtype)
+        apply = isfinite | (bad > max_consecutive_errors)
+        out = _select_tree(apply, inner_u, fpt.zeros_like(updates))
+        new_inner = _select_tree(apply, inner_s, state.inner_state)
+        return out, ApplyIfFiniteState(bad, isfinite, total, new_inner)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class InjectHyperparamsState(NamedTuple):
+    """State of :func:`inject_hyperparams`: count, current hyperparameters, inner state."""
+
+    count: torch.Tensor
+    hyperparams: dict
+    inner_state: Any
+
+
+def inject_hyperparams(
+    inner_factory: Callable[..., GradientTransformation],
+    static_args: str | tuple[str, ...] = (),
+    hyperparam_dtype: torch.dtype | None = None,
+) -> Callable[..., GradientTransformation]:
+    """Make an optimizer's numeric hyperparameters part of its state.
+
+    ``inject_hyperparams(optim.adam)(learning_rate=1e-3)`` behaves like
+    ``optim.adam(1e-3)``, but ``state.hyperparams["learning_rate"]`` holds the current
+    value (a 0-d tensor: log it, or assign a new value between steps). Arguments given
+    as schedules (callables) are evaluated at the step count each step. Non-numeric
+    arguments and those named in ``static_args`` stay Python values.
+
+    Args:
+      inner_factory: a function returning a GradientTransformation (e.g. ``optim.adam``).
+      static_args: names of arguments that must not become tensors.
+      hyperparam_dtype: dtype of the injected values (default: float64 if any parameter
+        is float64, else float32).
+
+    >>> from functorch_pipeline import optim
+    >>> opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
+    >>> s = opt.init({"w": torch.zeros(1)})
+    >>> s.hyperparams["learning_rate"] = torch.tensor(0.5)
+    >>> opt.update({"w": torch.ones(1)}, s)[0]
+    {'w': tensor([-0.5000])}
+    """
+    static = (static_args,) if isinstance(static_args, str) else tuple(static_args)
+    sig = inspect.signature(inner_factory)
+
+    def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        other: dict[str, Any] = {}
+        numeric: dict[str, Any] = {}
+        schedules: dict[str, Callable[..., Any]] = {}
+        for name, value in bound.arguments.items():
+            if name in static:
+                other[name] = value
+            elif callable(value):
+                schedules[name] = value
+            elif (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0
+            ):
+                numeric[name] = value
+            else:
+                other[name] = value
+
+        def dtype_for(params: Params) -> torch.dtype:
+            if hyperparam_dtype is not None:
+                return hyperparam_dtype
+            return _mt.scalar_dtype([x for x in fpt.leaves(params) if isinstance(x, torch.Tensor)])
+
+        def as_t(v: Any, like: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(v).to(device=like.device, dtype=dt)
+
+        def init_fn(params: Params) -> InjectHyperparamsState:
+            count = zero_count(params)
+            dt = dtype_for(params)
+            hps = {k: as_t(v, count, dt) for k, v in numeric.items()}
+            hps.update({k: as_t(f(count), count, dt) for k, f in schedules.items()})
+            inner = inner_factory(**other, **hps)
+            return InjectHyperparamsState(count, hps, inner.init(params))
+
+        def update_fn(updates: Updates, state: InjectHyperparamsState, params: Params = None, **extra_args: Any):
+            dt = next(iter(state.hyperparams.values())).dtype if state.hyperparams else torch.float32
+            hps = {k: as_t(v, state.count, dt) for k, v in state.hyperparams.items()}
+            hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
+            inner = inner_factory(**other, **hps)
+            new_u, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+            return new_u, InjectHyperparamsState(state.count + 1, hps, new_inner)
+
+        return GradientTransformation(init_fn, update_fn)
+
+    return wrapped
+
+
+class EmaState(NamedTuple):
+    """State of :func:`ema`: count and the (not debiased) moving average."""
+
+    count: torch.Tensor
+    ema: Any
+
+
+def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None = None) -> GradientTransformation:
+    r"""Replace updates by their exponential moving average :math:`e \leftarrow d\,e + (1-d)u`,
+    divided by :math:`1 - d^t` when ``debias``.
+
+    >>> tx = ema(0.5)
+    >>> s = tx.init([torch.zeros(1)])
+    >>> u, s = tx.update([torch.tensor([2.0])], s); u
+    [tensor([2.])]
+    """
+
+    def init_fn(params: Params) -> EmaState:
+        return EmaState(zero_count(params), fpt.map(lambda p: torch.zeros_like(p, dtype=accumulator_dtype or p.dtype), params))
+
+    def update_fn(updates: Updates, state: EmaState, params: Params = None, **extra_args: Any):
+        ul, td = fpt.flatten(updates)
+        el = fpt.structure(updates).flatten_up_to(state.ema)
+        fe = _mt.foreach_ok(ul, el)
+        new_e = _mt.lerp(el, ul, 1 - decay, fe, inplace=bool(extra_args.get("inplace")) and accumulator_dtype is None)
+        count = state.count + 1
+        out = new_e
+        if debias and ul:
+            out = _mt.mul(new_e, 1 / (1 - decay ** count.to(_mt.scalar_dtype(ul))), fe)
+        elif extra_args.get("inplace"):
+            out = [e.clone() for e in new_e]
+        new_e = _mt.cast(new_e, accumulator_dtype)
+        return fpt.unflatten(td, out), EmaState(count, fpt.unflatten(td, new_e))
+
+    return GradientTransformation(init_fn, update_fn)
