@@ -10,7 +10,9 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 
 from functorch_pipeline import data
 from functorch_pipeline import devices
+from functorch_pipeline import losses
 from functorch_pipeline import nn
+from functorch_pipeline import optim
 from functorch_pipeline import random
 from functorch_pipeline import serialization
 from functorch_pipeline import train
@@ -56,7 +58,9 @@ __all__ = [
     "jvp",
     "linearize",
     "load",
+    "losses",
     "nn",
+    "optim",
     "per_sample_grads",
     "per_sample_value_and_grad",
     "random",
