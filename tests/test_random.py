@@ -1,0 +1,204 @@
+"""fp.random: determinism, independence of split/fold_in, distributions, vmap, purity."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import functorch_pipeline as fp
+from functorch_pipeline import random as fr
+
+N = 40_000
+
+
+def _ks(sample: torch.Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov distance between a sample and a CDF (computed in float64)."""
+    x, _ = torch.sort(sample.double())
+    n = x.numel()
+    f = cdf(x)
+    hi = torch.arange(1, n + 1, dtype=torch.float64) / n - f
+    lo = f - torch.arange(0, n, dtype=torch.float64) / n
+    return float(torch.maximum(hi, lo).max())
+
+
+# 1.63 / sqrt(n) is the 1% critical value of the KS statistic.
+KS_LIMIT = 1.63 / math.sqrt(N)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def test_key_is_deterministic_and_seed_sensitive():
+    assert torch.equal(fr.key(0), fr.key(0))
+    assert fr.key(0).dtype == torch.int64 and fr.key(0).shape == (2,)
+    keys = {tuple(fr.key(s).tolist()) for s in [0, 1, 2, 2**32, 2**40 + 1, -1]}
+    assert len(keys) == 6
+
+
+@pytest.mark.parametrize("bad", [1.5, "0", True, None])
+def test_key_rejects_non_int_seeds(bad):
+    with pytest.raises(TypeError, match=r"key\(seed\): `seed` must be an int"):
+        fr.key(bad)
+
+
+def test_split_gives_distinct_keys_unrelated_to_parent():
+    k = fr.key(7)
+    ks = fr.split(k, 1000)
+    assert ks.shape == (1000, 2) and ks.dtype == torch.int64
+    as_set = {tuple(x) for x in ks.tolist()}
+    assert len(as_set) == 1000
+    assert tuple(k.tolist()) not in as_set
+    assert torch.equal(fr.split(k, 1000), ks)
+    # the fold_in family of the same key is disjoint from the split family
+    folded = {tuple(fr.fold_in(k, i).tolist()) for i in range(1000)}
+    assert not folded & as_set
+
+
+def test_fold_in_is_deterministic_and_accepts_tensor_data():
+    k = fr.key(3)
+    assert torch.equal(fr.fold_in(k, 5), fr.fold_in(k, torch.tensor(5)))
+    assert len({tuple(fr.fold_in(k, i).tolist()) for i in range(500)}) == 500
+    with pytest.raises(TypeError, match=r"fold_in\(key, data\): `data` must be an integer"):
+        fr.fold_in(k, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("make", ["split", "fold_in"])
+def test_derived_streams_are_uncorrelated(make):
+    k = fr.key(11)
+    ks = fr.split(k, 8) if make == "split" else torch.stack([fr.fold_in(k, i) for i in range(8)])
+    u = torch.stack([fr.uniform(x, (N // 4,), torch.float64) for x in ks])
+    corr = torch.corrcoef(u)
+    off = corr - torch.eye(8, dtype=torch.float64)
+    # |r| of independent streams of n = 10k is ~N(0, 1/n): 5 sigma is 0.05.
+    assert float(off.abs().max()) < 5 / math.sqrt(N // 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_matches_the_uniform_distribution(dtype):
+    u = fr.uniform(fr.key(0), (N,), dtype)
+    assert u.dtype == dtype and bool(((u >= 0) & (u < 1)).all())
+    assert _ks(u, lambda x: x.clamp(0, 1)) < KS_LIMIT
+    assert abs(float(u.double().mean()) - 0.5) < 5 * math.sqrt(1 / 12 / N)
+    # lag-1 serial correlation
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]).double())[0, 1])) < 5 / math.sqrt(N)
+
+
+def test_uniform_float64_has_more_than_24_bits():
+    u = fr.uniform(fr.key(0), (1000,), torch.float64)
+    assert not torch.equal(u, (u * 2**24).floor() / 2**24)
+
+
+def test_uniform_minval_maxval():
+    u = fr.uniform(fr.key(1), (N,), minval=-3.0, maxval=5.0)
+    assert bool(((u >= -3) & (u < 5)).all())
+    assert _ks(u, lambda x: ((x + 3) / 8).clamp(0, 1)) < KS_LIMIT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_matches_the_normal_distribution(dtype):
+    z = fr.normal(fr.key(2), (N,), dtype).double()
+    assert _ks(z, _normal_cdf) < KS_LIMIT
+    m, s = float(z.mean()), float(z.std())
+    assert abs(m) < 5 / math.sqrt(N) and abs(s - 1) < 5 / math.sqrt(2 * N)
+    skew = float(((z - m) ** 3).mean()) / s**3
+    kurt = float(((z - m) ** 4).mean()) / s**4
+    assert abs(skew) < 5 * math.sqrt(6 / N) and abs(kurt - 3) < 5 * math.sqrt(24 / N)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_bernoulli_rate(p):
+    m = fr.bernoulli(fr.key(4), p, (N,))
+    assert m.dtype == torch.bool
+    assert abs(float(m.double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / N)
+
+
+def test_bernoulli_with_tensor_probabilities():
+    p = torch.tensor([0.0, 1.0, 0.25]).expand(N, 3)
+    m = fr.bernoulli(fr.key(5), p)
+    assert m.shape == (N, 3)
+    assert not bool(m[:, 0].any()) and bool(m[:, 1].all())
+    assert abs(float(m[:, 2].double().mean()) - 0.25) < 5 * math.sqrt(0.25 * 0.75 / N)
+
+
+def test_randint_is_uniform_over_its_range():
+    r = fr.randint(fr.key(6), (N,), -2, 3)
+    counts = torch.bincount(r + 2, minlength=5).double()
+    chi2 = float(((counts - N / 5) ** 2 / (N / 5)).sum())
+    assert int(r.min()) == -2 and int(r.max()) == 2
+    assert chi2 < 20.0  # chi2 with 4 dof: p = 0.0005
+
+
+def test_permutation():
+    p = fr.permutation(fr.key(0), 100)
+    assert sorted(p.tolist()) == list(range(100))
+    assert not torch.equal(p, torch.arange(100))
+    assert not torch.equal(p, fr.permutation(fr.key(1), 100))
+
+
+def test_vmap_over_keys_equals_a_loop():
+    ks = fr.split(fr.key(9), 6)
+    for draw in (lambda k: fr.uniform(k, (3, 4)), lambda k: fr.normal(k, (5,), torch.float64),
+                 lambda k: fr.bernoulli(k, 0.3, (7,)), lambda k: fr.split(k, 3),
+                 lambda k: fr.fold_in(k, 4)):
+        batched = fp.vmap(draw)(ks)
+        loop = torch.stack([draw(k) for k in ks])
+        assert torch.equal(batched, loop)
+    # a batch of keys gives different draws per example; torch.func's default
+    # randomness="error" is fine because nothing touches the global generator
+    u = torch.func.vmap(lambda k: fr.uniform(k, (4,)))(ks)
+    assert len({tuple(r.tolist()) for r in u}) == 6
+
+
+def test_vmap_with_batched_fold_in_data():
+    k = fr.key(0)
+    steps = torch.arange(5)
+    batched = fp.vmap(lambda s: fr.fold_in(k, s))(steps)
+    assert torch.equal(batched, torch.stack([fr.fold_in(k, i) for i in range(5)]))
+
+
+def test_draws_never_touch_the_global_generator():
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    a = fr.normal(fr.key(0), (10,))
+    torch.manual_seed(2)
+    b = fr.normal(fr.key(0), (10,))
+    assert torch.equal(a, b)
+    torch.set_rng_state(state)
+    before = torch.get_rng_state()
+    fr.uniform(fr.key(0), (100,))
+    fr.split(fr.key(0), 4)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_generator_bridge():
+    g1, g2 = fr.generator(fr.key(0)), fr.generator(fr.key(0))
+    assert torch.equal(torch.randn(5, generator=g1), torch.randn(5, generator=g2))
+    g3 = fr.generator(fr.key(1))
+    assert not torch.equal(torch.randn(5, generator=fr.generator(fr.key(0))), torch.randn(5, generator=g3))
+    with pytest.raises(ValueError, match="expected one key of shape"):
+        fr.seed_from_key(fr.split(fr.key(0), 2))
+
+
+def test_bad_keys_and_dtypes():
+    with pytest.raises(ValueError, match="must be an int64 tensor of shape"):
+        fr.uniform(torch.zeros(2), (3,))
+    with pytest.raises(TypeError, match="`key` must be a key tensor"):
+        fr.split(0)
+    with pytest.raises(TypeError, match="`dtype` must be floating"):
+        fr.uniform(fr.key(0), (3,), torch.int32)
+    with pytest.raises(ValueError, match="`num` must be a positive int"):
+        fr.split(fr.key(0), 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=-(2**70), max_value=2**70), st.integers(min_value=1, max_value=50))
+def test_any_seed_gives_valid_draws(seed, n):
+    k = fr.key(seed)
+    assert fr.is_key(k)
+    u = fr.uniform(k, (n,))
+    assert bool(((u >= 0) & (u < 1)).all())
+    assert torch.equal(u, fr.uniform(fr.key(seed), (n,)))
