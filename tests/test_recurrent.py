@@ -409,3 +409,38 @@ def test_bad_constructor_arguments(kwargs, error, match):
     full = dict(input_size=4, hidden_size=5) | kwargs
     with pytest.raises(error, match=match):
         LSTM(**full)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_keyed_dropout_per_sample_grads_match_loop(batch_first):
+    """Train mode through fp.functionalize: fp.nn.LSTM's inter-layer dropout draws from the
+    per-example keys (NOTE [dropout sees batch on axis 0]), so vmap equals a loop."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.lstm = LSTM(8, 8, num_layers=2, bidirectional=True, dropout=0.4, batch_first=batch_first)
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, tok: torch.Tensor) -> torch.Tensor:
+            e = self.emb(tok)
+            out = self.lstm(e if batch_first else e.transpose(0, 1))[0]
+            return self.fc(out if batch_first else out.transpose(0, 1)).mean(1)
+
+    model = fp.functionalize(Net())
+    variables = model.init(fp.random.key(0))
+    tokens, labels = torch.randint(0, 50, (4, 7)), torch.randint(0, 2, (4,))
+    keys = fp.random.split(fp.random.key(1), 4)
+
+    def loss_fn(params, tok, lab, key):
+        out, _ = model.apply({"params": params, "buffers": {}}, tok, train=True, key=key)
+        return F.cross_entropy(out, lab)
+
+    train_out = model.apply(variables, tokens, train=True, key=keys)[0]
+    assert not torch.allclose(train_out, model.apply(variables, tokens))  # the dropout is live
+    grads = fp.per_sample_grads(loss_fn)(variables["params"], tokens, labels, keys)
+    for i in range(4):
+        want = torch.func.grad(loss_fn)(variables["params"], tokens[i : i + 1], labels[i : i + 1], keys[i : i + 1])
+        for name, g in want.items():
+            torch.testing.assert_close(grads[name][i], g, atol=1e-6, rtol=1e-5)
