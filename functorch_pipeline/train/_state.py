@@ -31,7 +31,9 @@ class TrainState:
 
     Fields:
       params: the trainable parameters (any pytree).
-      buffers: non-trainable state such as BatchNorm running statistics (or ``None``).
+      buffers: non-trainable state such as BatchNorm running statistics; ``{}`` when
+        there is none (not ``None``: ``torch.utils._pytree`` counts ``None`` as a leaf,
+        which ``torch.func`` transforms reject).
       opt_state: the optimizer state from ``opt.init(params)``.
       step: the number of completed steps, a 0-d int64 tensor (no host sync to update,
         no recompilation under ``torch.compile`` as it changes).
@@ -39,7 +41,7 @@ class TrainState:
 
     >>> s = TrainState.create(params={"w": torch.zeros(2)}, opt_state=(), key=fp_random.key(0))
     >>> int(s.step), s.buffers
-    (0, None)
+    (0, {})
     >>> int(s.replace(step=s.step + 1).step)
     1
     """
@@ -57,7 +59,7 @@ class TrainState:
         opt_state: Any,
         key: torch.Tensor,
         *,
-        buffers: Any = None,
+        buffers: Any = None,  # None -> {}
         step: int | torch.Tensor = 0,
     ) -> TrainState:
         """A fresh state; ``step`` becomes a 0-d int64 tensor on ``key``'s device.
@@ -70,6 +72,7 @@ class TrainState:
         step_t = torch.as_tensor(step, dtype=torch.int64, device=key.device)
         if step_t.dim() != 0:
             raise ValueError(f"TrainState.create(params, opt_state, key): `step` must be a scalar, got shape {tuple(step_t.shape)}")
+        buffers = {} if buffers is None else buffers
         return cls(params=params, buffers=buffers, opt_state=opt_state, step=step_t, key=key)
 
     def replace(self, **changes: Any) -> TrainState:
