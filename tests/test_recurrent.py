@@ -162,8 +162,10 @@ def test_dropout_between_layers_in_training_only(kind, batch_first):
     torch.manual_seed(11)
     got = ours(x)[0]
     torch.manual_seed(11)
-    mid = layers[0](x)[0].contiguous()  # nn's batch_first output is a transposed view
-    mask_input = mid if batch_first else mid.transpose(0, 1)  # see NOTE [dropout sees batch on axis 0]
+    mid = layers[0](x)[0]
+    # fp.nn.LSTM drops a contiguous (batch, seq, feature) tensor (NOTE [batch on axis 0]);
+    # bernoulli fills in memory order, so the reference must use the same layout
+    mask_input = (mid if batch_first else mid.transpose(0, 1)).contiguous()
     dropped = F.dropout(mask_input, 0.5, training=True)
     want = layers[1](dropped if batch_first else dropped.transpose(0, 1))[0]
     torch.testing.assert_close(got, want)
@@ -414,7 +416,7 @@ def test_bad_constructor_arguments(kwargs, error, match):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_keyed_dropout_per_sample_grads_match_loop(batch_first):
     """Train mode through fp.functionalize: fp.nn.LSTM's inter-layer dropout draws from the
-    per-example keys (NOTE [dropout sees batch on axis 0]), so vmap equals a loop."""
+    per-example keys (NOTE [batch on axis 0]), so vmap equals a loop."""
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -222,48 +222,52 @@ class _RNNBase(nn.Module):
 
     # -- the layer loop -------------------------------------------------------------------
 
-    def _layers(self, x: Tensor, states: list[list[Tensor]], time_dim: int
+    def _layers(self, x: Tensor, states: list[list[Tensor]], time_major_out: bool
                 ) -> tuple[Tensor, list[list[Tensor]]]:
-        """Run all layers on ``x``; ``states[k][j]`` is state ``k`` (h, c) for layer-direction ``j``."""
+        """Run all layers on batch-major ``x`` (NOTE [batch on axis 0]); ``states[k][j]`` is
+        state ``k`` (h, c) of layer-direction ``j``. The last layer's output is stacked
+        time-major when ``time_major_out``."""
         finals: list[list[Tensor]] = [[] for _ in states]
         directions = 2 if self.bidirectional else 1
         for layer, per_direction in enumerate(self._weight_names):
+            last_layer = layer == self.num_layers - 1
+            stack_dim = 0 if (time_major_out and last_layer) else 1
             outputs = []
             for direction, names in enumerate(per_direction):
                 w_ih, w_hh, b_ih, b_hh, w_hr = (None if n is None else getattr(self, n) for n in names)
                 index = layer * directions + direction
                 proj = F.linear(x, w_ih, b_ih)  # every time step at once
                 outs, *last = self._direction(
-                    proj, time_dim, [s[index] for s in states], w_hh, b_hh, w_hr, direction == 1)
-                outputs.append(torch.stack(outs, time_dim))
+                    proj, [s[index] for s in states], w_hh, b_hh, w_hr, direction == 1)
+                outputs.append(torch.stack(outs, stack_dim))
                 for k, s in enumerate(last):
                     finals[k].append(s)
             x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                # NOTE [dropout sees batch on axis 0]: fp.nn's keyed dropout reads a key
-                # batch along axis 0 of the dropped tensor, so time-major activations are
-                # handed over as (batch, seq, feature) views.
-                if time_dim == 0:
-                    x = F.dropout(x.transpose(0, 1), self.dropout, training=True).transpose(0, 1)
-                else:
-                    x = F.dropout(x, self.dropout, training=True)
+            if self.dropout > 0 and self.training and not last_layer:
+                x = F.dropout(x, self.dropout, training=True)
         return x, finals
 
-    def _direction(self, proj: Tensor, time_dim: int, state: list[Tensor], w_hh: Tensor,
-                   b_hh: Tensor | None, w_hr: Tensor | None, reverse: bool) -> tuple[Any, ...]:
+    def _direction(self, proj: Tensor, state: list[Tensor], w_hh: Tensor, b_hh: Tensor | None,
+                   w_hr: Tensor | None, reverse: bool) -> tuple[Any, ...]:
         raise NotImplementedError
 
     def _run(self, input: Tensor, hx: tuple[Any, ...] | None, what: tuple[str, ...]
              ) -> tuple[Tensor, list[Tensor]]:
+        # NOTE [batch on axis 0]
+        # Inside, activations are always (batch, seq, feature): a time-major input is
+        # transposed (a view) and an unbatched one gets a batch of one in front. Every
+        # F.linear and F.dropout thus sees the batch on axis 0, which fp.nn's keyed dropout
+        # (one key per example along axis 0) and the per-sample-gradient engine (it reads
+        # the batch from axis 0 of each F.linear input) rely on. Only the last layer stacks
+        # its steps time-major when the caller wants (seq, batch, feature) back.
         batched = self._check_input(input)
         directions = 2 if self.bidirectional else 1
-        if not batched:
-            input = input.unsqueeze(1)
-        time_dim = 1 if (batched and self.batch_first) else 0
-        batch = input.shape[1 - time_dim]
+        time_major = batched and not self.batch_first
+        x = input.transpose(0, 1) if time_major else (input if batched else input.unsqueeze(0))
+        batch = x.shape[0]
         sizes = [self.proj_size or self.hidden_size, self.hidden_size][: len(what)]
         if hx is None:
-            zeros = [input.new_zeros(batch, size) for size in sizes]
+            zeros = [x.new_zeros(batch, size) for size in sizes]
             states = [[z] * (self.num_layers * directions) for z in zeros]
         else:
             states = []
@@ -271,10 +275,10 @@ class _RNNBase(nn.Module):
                 expected = (self.num_layers * directions, batch, size)
                 state = self._check_state(state, label, expected, batched, input)
                 states.append(list((state if batched else state.unsqueeze(1)).unbind(0)))
-        output, finals = self._layers(input, states, time_dim)
+        output, finals = self._layers(x, states, time_major)
         final = [torch.stack(f, 0) for f in finals]
         if not batched:
-            output = output.squeeze(1)
+            output = output.squeeze(0)
             final = [f.squeeze(1) for f in final]
         return output, final
 
@@ -332,9 +336,9 @@ class LSTM(_RNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
-    def _direction(self, proj, time_dim, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
+    def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
         h, c = state
-        return _lstm_direction(list(proj.unbind(time_dim)), h, c, w_hh, b_hh, w_hr, reverse)
+        return _lstm_direction(list(proj.unbind(1)), h, c, w_hh, b_hh, w_hr, reverse)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -388,10 +392,10 @@ class GRU(_RNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
-    def _direction(self, proj, time_dim, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
+    def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
         (h,) = state
         gi_rz, gi_n = proj.split([2 * self.hidden_size, self.hidden_size], -1)
-        steps = list(zip(gi_rz.unbind(time_dim), gi_n.unbind(time_dim), strict=True))
+        steps = list(zip(gi_rz.unbind(1), gi_n.unbind(1), strict=True))
         return _gru_direction(steps, h, w_hh, b_hh, reverse)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
