@@ -62,10 +62,10 @@ def _foldable(m: Any) -> bool:
 def _finish(where: str, out: list, m: Any, c: Any, updates: Updates, params: Params, fe: bool) -> list:
     """``m * out + c * params`` in place on ``out`` (``out`` must be freshly owned)."""
     if not _unit(m):
-        _mt.mul_(out, m, fe)
+        out = _mt.mul_(out, m, fe)
     if not _zero(c):
         require_params(where, params)
-        _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
+        out = _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
     return out
 
 
@@ -149,33 +149,33 @@ def scale_by_adam(
         new_v = _mt.ema_sq(vl, gl, b2, fe, inplace=inplace)
         if nesterov:
             num = _mt.mul(new_m, b1 / (1 - b1 ** (t + 1)), fe)
-            _mt.add_(num, gl, fe, alpha=(1 - b1) / bc1)
+            num = _mt.add_(num, gl, fe, alpha=(1 - b1) / bc1)
         else:
             num = new_m
         if _zero(eps_root):
             d = _mt.sqrt(new_v, fe)
             if nesterov:
-                _mt.mul_(d, 1 / torch.sqrt(bc2), fe)
-                _mt.add_scalar_(d, eps, fe)
+                d = _mt.mul_(d, 1 / torch.sqrt(bc2), fe)
+                d = _mt.add_scalar_(d, eps, fe)
                 out = _mt.div(num, d, fe)
             elif _foldable(m):
                 # m * (mu/bc1) / (sqrt(nu)/sqrt(bc2) + eps) == mu / (sqrt(nu)*a + b)
-                _mt.mul_(d, bc1 / (m * torch.sqrt(bc2)), fe)
-                _mt.add_scalar_(d, eps * bc1 / m, fe)
+                d = _mt.mul_(d, bc1 / (m * torch.sqrt(bc2)), fe)
+                d = _mt.add_scalar_(d, eps * bc1 / m, fe)
                 out = _mt.div(num, d, fe)
                 m = 1
             else:
-                _mt.mul_(d, bc1 / torch.sqrt(bc2), fe)
-                _mt.add_scalar_(d, eps * bc1, fe)
+                d = _mt.mul_(d, bc1 / torch.sqrt(bc2), fe)
+                d = _mt.add_scalar_(d, eps * bc1, fe)
                 out = _mt.div(num, d, fe)
         else:
             d = _mt.mul(new_v, 1 / bc2, fe)
-            _mt.add_scalar_(d, eps_root, fe)
+            d = _mt.add_scalar_(d, eps_root, fe)
             d = _mt.sqrt(d, fe)
-            _mt.add_scalar_(d, eps, fe)
+            d = _mt.add_scalar_(d, eps, fe)
             out = _mt.div(num, d, fe)
             if not nesterov:
-                _mt.mul_(out, 1 / bc1, fe)
+                out = _mt.mul_(out, 1 / bc1, fe)
         out = _finish(where, out, m, c, updates, params, fe)
         new_m = _mt.cast(new_m, mu_dtype)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
@@ -215,12 +215,14 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         new_m = _mt.lerp(ml, gl, 1 - b1, fe, inplace=inplace)
         new_v = _mt.mul_(vl, b2, fe) if inplace else _mt.mul(vl, b2, fe)
         a = torch._foreach_abs(gl) if fe else [torch.abs(g) for g in gl]
-        _mt.add_scalar_(a, eps, fe)
-        if fe:
+        a = _mt.add_scalar_(a, eps, fe)
+        if fe and not _mt.recording(new_v):
             torch._foreach_maximum_(new_v, a)
-        else:
+        elif inplace and not _mt.recording(new_v):
             for v, x in zip(new_v, a, strict=True):
-                torch.maximum(v, x, out=v)
+                v.copy_(torch.maximum(v, x))
+        else:
+            new_v = [torch.maximum(v, x) for v, x in zip(new_v, a, strict=True)]
         out = _mt.div(new_m, new_v, fe)
         m = m / (1 - b1**t) if gl else m
         out = _finish(where, out, m, c, updates, params, fe)
@@ -290,19 +292,19 @@ def scale_by_radam(
         new_v = _mt.ema_sq(vl, gl, b2, fe, inplace=inplace)
         if nesterov:
             mh = _mt.mul(new_m, b1 / (1 - b1 ** (t + 1)), fe)
-            _mt.add_(mh, gl, fe, alpha=(1 - b1) / bc1)
+            mh = _mt.add_(mh, gl, fe, alpha=(1 - b1) / bc1)
         else:
             mh = _mt.mul(new_m, 1 / bc1, fe)
         if eps_before_bias_correction:
             d = _mt.sqrt(new_v, fe)
-            _mt.add_scalar_(d, eps, fe)
+            d = _mt.add_scalar_(d, eps, fe)
             k = rect * torch.sqrt(bc2)
         else:
             d = _mt.mul(new_v, 1 / bc2, fe)
             if not _zero(eps_root):
-                _mt.add_scalar_(d, eps_root, fe)
+                d = _mt.add_scalar_(d, eps_root, fe)
             d = _mt.sqrt(d, fe)
-            _mt.add_scalar_(d, eps, fe)
+            d = _mt.add_scalar_(d, eps, fe)
             k = rect
         out = [torch.where(on, x / y * k, x) for x, y in zip(mh, d, strict=True)]
         out = _finish(where, out, m, c, updates, params, fe)
@@ -369,9 +371,9 @@ def scale_by_nadam(
         new_v = _mt.ema_sq(vl, gl, b2, fe, inplace=inplace)
         d = _mt.mul(new_v, 1 / (1 - b2**t), fe)
         d = _mt.sqrt(d, fe)
-        _mt.add_scalar_(d, eps, fe)
+        d = _mt.add_scalar_(d, eps, fe)
         out = _mt.mul(gl, (1 - mu_t) / (1 - prod), fe)
-        _mt.add_(out, new_m, fe, alpha=mu_next / (1 - prod_next))
+        out = _mt.add_(out, new_m, fe, alpha=mu_next / (1 - prod_next))
         out = _mt.div(out, d, fe)
         out = _finish(where, out, m, c, updates, params, fe)
         new_state = ScaleByNadamState(count, prod, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
@@ -434,7 +436,7 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
             d = _mt.sqrt(d, fe)
         else:
             d = _mt.sqrt(v, fe)
-            _mt.add_scalar_(d, eps, fe)
+            d = _mt.add_scalar_(d, eps, fe)
         out = _mt.div(gl, d, fe)
         out = _finish(where, out, m, c, updates, params, fe)
         if centered:
@@ -523,7 +525,7 @@ def scale_by_rss(
             out = [torch.where(s > 0, torch.rsqrt(s + eps), torch.zeros_like(s)) * g for s, g in zip(new_s, gl, strict=True)]
         else:
             d = _mt.sqrt(new_s, fe)
-            _mt.add_scalar_(d, eps, fe)
+            d = _mt.add_scalar_(d, eps, fe)
             out = _mt.div(gl, d, fe)
         out = _finish(where, out, m, c, updates, params, fe)
         return fpt.unflatten(td, out), ScaleByRssState(fpt.unflatten(td, new_s))
@@ -566,8 +568,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         std = _mt.sqrt(_mt.add_scalar(new_eg, eps, fe), fe)
         delta = _mt.sqrt(_mt.add_scalar(exl, eps, fe), fe)
         if fe:
-            torch._foreach_div_(delta, std)
-            torch._foreach_mul_(delta, gl)
+            delta = _mt.mul_list(_mt.div(delta, std, fe), gl, fe)
         else:
             delta = [x / s * g for x, s, g in zip(delta, std, gl, strict=True)]
         new_ex = _mt.ema_sq(exl, delta, rho, fe, inplace=inplace)
@@ -609,7 +610,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
         mu_in = ml if mu_dtype is None else [x.to(g.dtype) for x, g in zip(ml, gl, strict=True)]
         out = _mt.lerp(mu_in, gl, 1 - b1, fe)
         if fe:
-            torch._foreach_sign_(out)
+            out = list(torch._foreach_sign(out))
         else:
             out = [torch.sign(x) for x in out]
         inplace = bool(extra_args.get("inplace")) and mu_dtype is None

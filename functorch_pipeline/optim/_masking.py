@@ -9,6 +9,7 @@ replaced by :class:`MaskedNode` (an empty node, so it has no leaves).
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Hashable
 from collections.abc import Mapping
 from typing import Any
@@ -52,12 +53,56 @@ def _is_masked_node(x: Any) -> bool:
     return isinstance(x, MaskedNode)
 
 
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _walk(tree: Any, path: tuple, paths: list, leaves: list, none_is_leaf: bool) -> bool:
+    """Key paths and leaves of dict/list/tuple/NamedTuple trees in fp.tree's leaf order,
+    in plain Python so that ``torch.compile`` can trace it (optree's accessor API is
+    opaque to dynamo). Returns False for a container it does not know."""
+    if tree is None:
+        if none_is_leaf:
+            paths.append(path)
+            leaves.append(None)
+        return True
+    if isinstance(tree, MaskedNode):
+        return True
+    if type(tree) is dict:
+        try:
+            keys = sorted(tree)
+        except TypeError:
+            keys = list(tree)
+        return all(_walk(tree[k], (*path, k), paths, leaves, none_is_leaf) for k in keys)
+    if isinstance(tree, OrderedDict):
+        return all(_walk(v, (*path, k), paths, leaves, none_is_leaf) for k, v in tree.items())
+    if _is_namedtuple(tree):
+        return all(_walk(v, (*path, f), paths, leaves, none_is_leaf) for f, v in zip(tree._fields, tree, strict=True))
+    if type(tree) in (list, tuple):
+        return all(_walk(v, (*path, i), paths, leaves, none_is_leaf) for i, v in enumerate(tree))
+    if isinstance(tree, (dict, list, tuple)) or fpt.structure(tree).num_nodes > 1:
+        return False
+    paths.append(path)
+    leaves.append(tree)
+    return True
+
+
+def paths_and_leaves(tree: Any, none_is_leaf: bool = False) -> tuple[list, list]:
+    """``(paths, leaves)`` of ``tree`` (see :func:`_walk`; falls back to fp.tree)."""
+    paths: list = []
+    leaves: list = []
+    if _walk(tree, (), paths, leaves, none_is_leaf):
+        return paths, leaves
+    ps, ls, _ = fpt.flatten_with_path(tree, is_leaf=(lambda x: x is None) if none_is_leaf else None)
+    return ps, ls
+
+
 def broadcast_to_leaves(where: str, what: str, prefix: Any, full: Any) -> list[Any]:
     """The value of ``prefix`` (a tree matching ``full`` or a prefix of it) for each leaf
     of ``full``, in leaf order. Errors name the key path that has no value."""
-    ppaths, pleaves, _ = fpt.flatten_with_path(prefix, is_leaf=lambda x: x is None)
+    ppaths, pleaves = paths_and_leaves(prefix, none_is_leaf=True)
     table = dict(zip(ppaths, pleaves, strict=True))
-    fpaths, _, _ = fpt.flatten_with_path(full)
+    fpaths, _ = paths_and_leaves(full)
     out, used = [], set()
     for path in fpaths:
         for k in range(len(path), -1, -1):
@@ -102,14 +147,19 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
     >>> tx.update(u, tx.init(u))[0]
     {'w': tensor([0.]), 'b': tensor([1.])}
     """
+    return _masked_by_flags(inner, lambda where, tree: _mask_leaves(where, mask, tree), callable(mask))
+
+
+def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: bool) -> GradientTransformation:
+    """:func:`masked` with ``flags_fn(where, tree) -> [bool per leaf]``."""
     inner = GradientTransformation(*inner)
 
     def init_fn(params: Params) -> MaskedState:
-        flags = _mask_leaves("masked.init", mask, params)
+        flags = flags_fn("masked.init", params)
         return MaskedState(inner.init(_select(params, flags)))
 
     def update_fn(updates: Updates, state: MaskedState, params: Params = None, **extra_args: Any):
-        flags = _mask_leaves("masked.update", mask, updates if params is None or not callable(mask) else params)
+        flags = flags_fn("masked.update", params if use_params and params is not None else updates)
         sub_u = _select(updates, flags)
         sub_p = None if params is None else _select(params, flags)
         new_sub, new_inner = inner.update(sub_u, state.inner_state, sub_p, **extra_args)
@@ -130,7 +180,7 @@ def _labels(where: str, param_labels: Any, tree: Any) -> list[Hashable]:
         except (TypeError, ValueError):
             n_args = 1
         if n_args >= 2:
-            paths, leaves, _ = fpt.flatten_with_path(tree)
+            paths, leaves = paths_and_leaves(tree)
             return [param_labels(p, x) for p, x in zip(paths, leaves, strict=True)]
         return broadcast_to_leaves(where, "param_labels", param_labels(tree), tree)
     return broadcast_to_leaves(where, "param_labels", param_labels, tree)
@@ -163,7 +213,7 @@ def partition(
         paths = None
         for i, lab in enumerate(labels):
             if lab not in transforms:
-                paths = paths or fpt.flatten_with_path(tree)[0]
+                paths = paths or paths_and_leaves(tree)[0]
                 raise ValueError(
                     f"{where}: the parameter at path `{fpt.keystr(paths[i])}` has label {lab!r}, "
                     f"which has no transformation; `transforms` has labels {sorted(map(repr, transforms))}"
@@ -172,7 +222,7 @@ def partition(
 
     def inner_masked(label: Hashable, labels: list[Hashable]) -> GradientTransformation:
         flags = [lab == label for lab in labels]
-        return masked(transforms[label], lambda t: fpt.unflatten(fpt.structure(t), flags))
+        return _masked_by_flags(transforms[label], lambda where, tree: flags, False)
 
     def init_fn(params: Params) -> PartitionState:
         labels = label_list("partition.init", params)

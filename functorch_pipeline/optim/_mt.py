@@ -40,6 +40,12 @@ def foreach_ok(*lists: Sequence[Any]) -> bool:
     return True
 
 
+def recording(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd records ops on ``xs``: then "in-place" helpers work out of place
+    (in-place writes would invalidate tensors saved for backward, e.g. by ``sqrt``)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def is_tensor(s: Any) -> bool:
     return isinstance(s, torch.Tensor)
 
@@ -51,6 +57,8 @@ def mul(xs: TL, s: Scalar, fe: bool) -> TL:
 
 
 def mul_(xs: TL, s: Scalar, fe: bool) -> TL:
+    if recording(xs):
+        return mul(xs, s, fe)
     if fe:
         torch._foreach_mul_(xs, s)
     else:
@@ -78,6 +86,8 @@ def add(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
 
 
 def add_(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
+    if recording(xs) or recording(ys):
+        return add(xs, ys, fe, alpha)
     if is_tensor(alpha):
         ys = mul(ys, alpha, fe)
         alpha = 1
@@ -96,6 +106,8 @@ def add_scalar(xs: TL, s: Scalar, fe: bool) -> TL:
 
 
 def add_scalar_(xs: TL, s: Scalar, fe: bool) -> TL:
+    if recording(xs):
+        return add_scalar(xs, s, fe)
     if fe:
         torch._foreach_add_(xs, s)
     else:
@@ -118,6 +130,7 @@ def sqrt(xs: TL, fe: bool) -> TL:
 
 def lerp(xs: TL, ys: TL, w: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``xs + w * (ys - xs)``, in place on ``xs`` when ``inplace``."""
+    inplace = inplace and not (recording(xs) or recording(ys))
     if is_tensor(w):
         d = sub(ys, xs, fe)
         mul_(d, w, fe)
@@ -142,16 +155,21 @@ def sub(xs: TL, ys: TL, fe: bool) -> TL:
 
 def ema_sq(nu: TL, g: TL, decay: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``decay * nu + (1 - decay) * g * g`` (torch's ``mul_`` then ``addcmul_`` order)."""
+    inplace = inplace and not (recording(nu) or recording(g))
     out = mul_(nu, decay, fe) if inplace else mul(nu, decay, fe)
     w = 1 - decay
     if is_tensor(w):
         g2 = mul_list(g, g, fe)
         return add_(out, g2, fe, alpha=w)
-    if fe:
+    if recording(out) or recording(g):
+        out = [torch.addcmul(o, x, x, value=w) for o, x in zip(out, g, strict=True)]
+    elif fe:
         torch._foreach_addcmul_(out, g, g, w)
-    else:
+    elif inplace:
         for o, x in zip(out, g, strict=True):
             o.addcmul_(x, x, value=w)
+    else:  # out of place: addcmul_ has no vmap batching rule
+        out = [torch.addcmul(o, x, x, value=w) for o, x in zip(out, g, strict=True)]
     return out
 
 
@@ -203,6 +221,7 @@ def mul_out(xs: TL, s: Scalar, fe: bool, out: TL) -> TL:
 
 def addcmul(xs: TL, ys: TL, zs: TL, fe: bool, inplace: bool = False) -> TL:
     """``xs + ys * zs`` (one fused kernel; in place on ``xs`` when ``inplace``)."""
+    inplace = inplace and not (recording(xs) or recording(ys))
     if fe:
         if inplace:
             torch._foreach_addcmul_(xs, ys, zs)

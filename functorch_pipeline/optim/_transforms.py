@@ -192,7 +192,7 @@ def trace(
         if nesterov:
             out = _mt.add_out(gl, new_t, fe, decay, out=gl) if inplace else _mt.add(gl, new_t, fe, alpha=decay)
             if not unit:
-                _mt.mul_(out, m, fe)
+                out = _mt.mul_(out, m, fe)
         elif inplace:
             # write into the donated gradient buffers, never hand out the state's own
             out = _mt.mul_out(new_t, m, fe, out=gl)
@@ -200,7 +200,7 @@ def trace(
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
             require_params(where, params)
-            _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
+            out = _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
         new_trace = fpt.unflatten(td, new_t)
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
@@ -275,8 +275,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
         ul, td = fpt.flatten(updates)
         if _mt.foreach_ok(ul) and not isinstance(max_delta, torch.Tensor):
-            out = torch._foreach_clamp_max(ul, max_delta)
-            torch._foreach_clamp_min_(out, -max_delta)
+            out = torch._foreach_clamp_min(torch._foreach_clamp_max(ul, max_delta), -max_delta)
         else:
             out = [torch.clamp(u, -max_delta, max_delta) for u in ul]
         return fpt.unflatten(td, list(out)), state
