@@ -92,10 +92,17 @@ def ensemble_apply(model: FunctionalModel, variables: Any, *args: Any, train: bo
     """
     fn = "ensemble_apply(model, variables, *args)"
     model = _model(model, fn)
-    leaves = _tree.leaves(variables)
+    paths, leaves, _ = _tree.flatten_with_path(variables)
     if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in leaves):
         raise ValueError(f"{fn}: `variables` must be stacked variables whose every leaf has a leading member axis")
     n = leaves[0].shape[0]
+    for path, x in zip(paths, leaves, strict=True):
+        if x.shape[0] != n:
+            raise ValueError(
+                f"{fn}: `variables` is not a stack of members: leaf at path `{_tree.keystr(paths[0])}` has "
+                f"{n} entries on axis 0 but leaf at path `{_tree.keystr(path)}` has {x.shape[0]}; stack "
+                "members with ensemble_init or fp.tree.stack"
+            )
     if key is not None:
         if not _random.is_key(key):
             raise TypeError(f"{fn}: `key` must be a key, or keys with a leading member axis, got {key!r}")
