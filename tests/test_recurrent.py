@@ -446,3 +446,13 @@ def test_keyed_dropout_per_sample_grads_match_loop(batch_first):
         want = torch.func.grad(loss_fn)(variables["params"], tokens[i : i + 1], labels[i : i + 1], keys[i : i + 1])
         for name, g in want.items():
             torch.testing.assert_close(grads[name][i], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_forward_mode_agrees_with_reverse_mode(kind):
+    """jacfwd (forward-mode AD) and jacrev through the layer agree: every op has both rules."""
+    layer = PAIRS[kind][0](2, 3, num_layers=2, bidirectional=True, dtype=torch.float64)
+    layer.flatten_parameters()  # nn.LSTM API, a no-op here
+    x = torch.randn(4, 1, 2, dtype=torch.float64)
+    f = lambda x: layer(x)[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), torch.func.jacrev(f)(x), atol=1e-12, rtol=1e-10)

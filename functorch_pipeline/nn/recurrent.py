@@ -161,6 +161,9 @@ class _RNNBase(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for ``nn.LSTM`` (there is no fused weight buffer here)."""
+
     @property
     def all_weights(self) -> list[list[Tensor]]:
         """The parameters per layer and direction, as in ``nn.LSTM.all_weights``."""
