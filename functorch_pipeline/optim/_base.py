@@ -207,8 +207,16 @@ def _accepts_extra(fn: Callable[..., Any]) -> bool:
 
 
 def _compose_affine(m: Any, c: Any, m2: Any, c2: Any) -> tuple[Any, Any]:
-    """``m2 * (m*u + c*p) + c2*p`` as ``(m', c')``."""
-    return m2 * m, m2 * c + c2
+    """``m2 * (m*u + c*p) + c2*p`` as ``(m', c')``; a Python 0 stays a Python 0 (so the
+    params term is skipped without looking at tensor values)."""
+
+    def is_zero(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+    scaled = 0 if is_zero(c) else m2 * c
+    if is_zero(scaled):
+        return m2 * m, c2
+    return m2 * m, scaled if is_zero(c2) else scaled + c2
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

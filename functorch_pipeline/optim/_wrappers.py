@@ -242,7 +242,9 @@ def inject_hyperparams(
             return _mt.scalar_dtype([x for x in fpt.leaves(params) if isinstance(x, torch.Tensor)])
 
         def as_t(v: Any, like: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(v).to(device=like.device, dtype=dt)
+            if isinstance(v, torch.Tensor):
+                return v.to(device=like.device, dtype=dt)
+            return torch.tensor(v, device=like.device, dtype=dt)  # no float32 round trip
 
         def init_fn(params: Params) -> InjectHyperparamsState:
             count = zero_count(params)
@@ -253,7 +255,8 @@ def inject_hyperparams(
             return InjectHyperparamsState(count, hps, inner.init(params))
 
         def update_fn(updates: Updates, state: InjectHyperparamsState, params: Params = None, **extra_args: Any):
-            dt = next(iter(state.hyperparams.values())).dtype if state.hyperparams else torch.float32
+            tensors = [x for x in state.hyperparams.values() if isinstance(x, torch.Tensor) and x.is_floating_point()]
+            dt = hyperparam_dtype or (tensors[0].dtype if tensors else dtype_for(state.inner_state))
             hps = {k: as_t(v, state.count, dt) for k, v in state.hyperparams.items()}
             hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
             inner = inner_factory(**other, **hps)

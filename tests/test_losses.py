@@ -1,0 +1,100 @@
+"""fp.losses against torch.nn.functional (reduction="none")."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from functorch_pipeline import losses
+
+F64 = torch.float64
+
+
+def _logits(n=5, c=4, seed=0):
+    return torch.randn(n, c, generator=torch.Generator().manual_seed(seed), dtype=F64) * 3
+
+
+def _labels(n=5, c=4, seed=1):
+    return torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 6), st.floats(0.0, 0.5))
+def test_cross_entropy_matches_torch(n, c, smoothing):
+    x, y = _logits(n, c), _labels(n, c)
+    want = F.cross_entropy(x, y, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(losses.cross_entropy(x, y, label_smoothing=smoothing), want)
+
+
+def test_cross_entropy_class_axis_1_like_torch():
+    x = torch.randn(3, 4, 5, dtype=F64)
+    y = torch.randint(0, 4, (3, 5))
+    torch.testing.assert_close(losses.cross_entropy(x, y, axis=1), F.cross_entropy(x, y, reduction="none"))
+
+
+def test_nll_matches_torch():
+    logp = torch.log_softmax(_logits(), -1)
+    torch.testing.assert_close(losses.nll(logp, _labels()), F.nll_loss(logp, _labels(), reduction="none"))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_softmax_cross_entropy_probabilities(smoothing):
+    x = _logits()
+    probs = torch.softmax(_logits(seed=3), -1)
+    want = F.cross_entropy(x, probs, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(losses.softmax_cross_entropy(x, probs, label_smoothing=smoothing), want)
+    onehot = F.one_hot(_labels(), 4).to(F64)
+    torch.testing.assert_close(losses.softmax_cross_entropy(x, onehot), losses.cross_entropy(x, _labels()))
+
+
+def test_sigmoid_binary_cross_entropy_matches_torch():
+    x = _logits() * 10  # includes large magnitudes: must stay finite
+    y = (torch.rand(5, 4, generator=torch.Generator().manual_seed(2)) > 0.5).to(F64)
+    torch.testing.assert_close(losses.sigmoid_binary_cross_entropy(x, y), F.binary_cross_entropy_with_logits(x, y, reduction="none"))
+
+
+def test_regression_losses_match_torch():
+    p, t = _logits(), _logits(seed=5)
+    torch.testing.assert_close(losses.squared_error(p, t), F.mse_loss(p, t, reduction="none"))
+    torch.testing.assert_close(losses.l2_loss(p, t), 0.5 * F.mse_loss(p, t, reduction="none"))
+    for delta in (0.5, 1.0, 2.0):
+        torch.testing.assert_close(losses.huber_loss(p, t, delta), F.huber_loss(p, t, reduction="none", delta=delta))
+    torch.testing.assert_close(losses.squared_error(p), p * p)
+
+
+def test_kl_divergence_matches_torch():
+    logq = torch.log_softmax(_logits(), -1)
+    p = torch.softmax(_logits(seed=4), -1)
+    p[0, 0] = 0.0  # 0 log 0 = 0
+    want = F.kl_div(logq, p, reduction="none").sum(-1)
+    torch.testing.assert_close(losses.kl_divergence(logq, p), want)
+    torch.testing.assert_close(losses.kl_divergence(logq, p).mean(), F.kl_div(logq, p, reduction="batchmean"))
+
+
+def test_smooth_labels():
+    torch.testing.assert_close(losses.smooth_labels(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), 0.4), torch.tensor([[0.1, 0.1, 0.7, 0.1]]))
+
+
+def test_per_example_grads_under_vmap():
+    x, y = _logits(), _labels()
+    w = torch.eye(4, dtype=F64)
+
+    def loss(w, xi, yi):
+        return losses.cross_entropy((xi @ w)[None], yi[None])[0]
+
+    per = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x, y)
+    for i in range(5):
+        wi = w.clone().requires_grad_()
+        F.cross_entropy((x[i] @ wi)[None], y[i][None]).backward()
+        torch.testing.assert_close(per[i], wi.grad)
+
+
+def test_bad_labels_are_clear():
+    with pytest.raises(TypeError, match=r"cross_entropy\(logits, labels\): `labels` must be integer class indices"):
+        losses.cross_entropy(_logits(), _labels().to(F64))
+    with pytest.raises(ValueError, match=r"must have the shape of `logits` without the class axis -1, i.e. \(5,\), got \(4,\)"):
+        losses.cross_entropy(_logits(), _labels(4))
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy\(logits, labels\): `labels` must have the shape"):
+        losses.softmax_cross_entropy(_logits(), _labels())
