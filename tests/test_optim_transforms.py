@@ -177,7 +177,7 @@ def test_trust_ratio_per_leaf():
 def _run(opt, params, steps=3):
     state = opt.init(params)
     for k in range(steps):
-        g = fp.tree.map(lambda x: torch.cos(x * (k + 1)), params)
+        g = fp.tree.map(lambda x, k=k: torch.cos(x * (k + 1)), params)
         u, state = opt.update(g, state, params)
         params = optim.apply_updates(params, u)
     return params
