@@ -173,3 +173,18 @@ def test_replace_batchnorm_with_groupnorm():
         fp.nn.replace_batchnorm_with_groupnorm(nn.Sequential(nn.LazyBatchNorm2d()))
     with pytest.raises(TypeError, match="`module` must be an nn.Module"):
         fp.nn.replace_batchnorm_with_groupnorm("net")
+
+
+def test_instancenorm_with_running_stats_in_train_mode_is_a_clear_error():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(),
+                        nn.Linear(144, 4))
+    model = fp.functionalize(net)
+    v = model.init(fp.random.key(0))
+
+    def loss_fn(params, x):
+        return model.apply({"params": params, "buffers": v["buffers"]}, x, train=True)[0].sum()
+
+    with pytest.raises(RuntimeError, match=r"InstanceNorm layers \(`1`\) with track_running_stats=True.*track_running_stats=False"):
+        fp.per_sample_grads(loss_fn)(v["params"], _x_image().float())
+    per_example = fp.per_sample_grads(lambda p, x: model.apply({"params": p, "buffers": v["buffers"]}, x).sum())
+    assert per_example(v["params"], _x_image().float())["1.weight"].shape == (B, 4)  # eval is fine

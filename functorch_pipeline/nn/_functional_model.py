@@ -44,6 +44,8 @@ from functorch_pipeline.nn._copy import copy_module
 from functorch_pipeline.nn._copy import has_lazy
 from functorch_pipeline.nn._normalization import batchnorm_error
 from functorch_pipeline.nn._normalization import batchnorm_paths
+from functorch_pipeline.nn._normalization import instancenorm_error
+from functorch_pipeline.nn._normalization import running_instancenorm_paths
 from functorch_pipeline.nn._normalization import vmap_levels
 from functorch_pipeline.nn._randomness import KeyedRandomness
 
@@ -96,9 +98,14 @@ class FunctionalModel:
                         continue
                     self._state_keys.append((dot + local, collection, name))
         self._aliases = {key: name for key, _, name in self._state_keys if key != name}
-        self._batchnorms = batchnorm_paths(module)
-        self._bn_names = [n for n in (*self._param_names, *self._buffer_names)
-                          if any(n.startswith(f"{p}.") or not p for p in self._batchnorms)]
+        # (paths, variable names under them, error) per kind of norm that vmap cannot map
+        self._stat_norms = []
+        for paths, error in ((batchnorm_paths(module), batchnorm_error),
+                             (running_instancenorm_paths(module), instancenorm_error)):
+            if paths:
+                names = [n for n in (*self._param_names, *self._buffer_names)
+                         if any(n.startswith(f"{p}.") or not p for p in paths)]
+                self._stat_norms.append((paths, names, error))
         random_layers = [n or "<root>" for n, m in module.named_modules() if isinstance(m, _RANDOM_LAYERS)]
         self._no_key_hint = f" (random layers: {', '.join(f'`{n}`' for n in random_layers)})" if random_layers else ""
         self._templates: dict[bool, nn.Module] | None = None
@@ -293,11 +300,11 @@ class FunctionalModel:
         if key is not None and not (_random.is_key(key) and key.dim() in (1, 2)):
             raise TypeError(f"{fn}: `key` must be a key (int64, shape (2,)) or a key batch (int64, shape (N, 2)), "
                             f"got {key!r}")
-        if train and self._batchnorms:
+        if train and self._stat_norms:  # NOTE [BatchNorm and per-sample gradients]
             inputs = vmap_levels(_tree.leaves((args, kwargs)))
-            own = vmap_levels({**params, **buffers}[n] for n in self._bn_names)
-            if inputs - own:
-                raise batchnorm_error(fn, self._batchnorms)
+            for paths, names, error in self._stat_norms:
+                if inputs - vmap_levels({**params, **buffers}[n] for n in names):
+                    raise error(fn, paths)
         if train:
             buffers = {n: b.clone() for n, b in buffers.items()}
         assert self._templates is not None

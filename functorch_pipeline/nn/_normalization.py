@@ -11,6 +11,8 @@ and the in-place update of an unbatched buffer with batched statistics is not al
 mapped by a ``vmap`` level that maps none of the BatchNorm variables. An ensemble (a
 ``vmap`` over stacked variables, with or without mapped inputs) maps the variables at the
 same level as the inputs, so it is allowed: each member updates its own statistics.
+InstanceNorm with ``track_running_stats=True`` has per-example statistics but the same
+in-place update, and gets its own error.
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from functorch_pipeline.nn._copy import copy_module
 
-__all__ = ["batchnorm_error", "batchnorm_paths", "replace_batchnorm_with_groupnorm", "vmap_levels"]
+__all__ = [
+    "batchnorm_error",
+    "batchnorm_paths",
+    "instancenorm_error",
+    "replace_batchnorm_with_groupnorm",
+    "running_instancenorm_paths",
+    "vmap_levels",
+]
 
 _fz = torch._C._functorch
 
@@ -34,6 +44,12 @@ _fz = torch._C._functorch
 def batchnorm_paths(module: nn.Module) -> list[str]:
     """Dotted paths of the BatchNorm layers in ``module`` (``""`` for the module itself)."""
     return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def running_instancenorm_paths(module: nn.Module) -> list[str]:
+    """Dotted paths of InstanceNorm layers that update running statistics in train mode."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, _InstanceNorm) and m.track_running_stats]
 
 
 def vmap_levels(tensors: Iterable[Any]) -> set[int]:
@@ -61,6 +77,17 @@ def batchnorm_error(fn: str, paths: list[str]) -> RuntimeError:
         "(2) replace BatchNorm with GroupNorm, which normalises each example on its own: "
         "`fp.functionalize(fp.nn.replace_batchnorm_with_groupnorm(module, num_groups=...))` "
         "(the usual choice for DP-SGD)."
+    )
+
+
+def instancenorm_error(fn: str, paths: list[str]) -> RuntimeError:
+    """The error for InstanceNorm with running statistics in train mode under ``vmap``."""
+    names = ", ".join(f"`{p or '<root>'}`" for p in paths)
+    return RuntimeError(
+        f"{fn}: InstanceNorm layers ({names}) with track_running_stats=True ran with train=True under "
+        "vmap over the inputs, as in per-sample gradients. Their statistics are per example, but "
+        "they write running statistics in place from the whole batch, which vmap cannot map. "
+        "Choose one: train=False, or build the layers with track_running_stats=False."
     )
 
 
