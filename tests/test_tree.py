@@ -282,3 +282,12 @@ def test_register_dataclass_rejects_bad_input():
 def test_unflatten_leaf_count_error():
     with pytest.raises(ValueError, match="2 leaves but 3"):
         tree.unflatten(tree.structure([1, 2]), [1, 2, 3])
+
+
+def test_norms_work_under_vmap_and_grad():
+    t = {"a": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    ref = torch.sqrt((t["a"] ** 2).sum(1) + t["b"] ** 2)
+    torch.testing.assert_close(fp.vmap(tree.global_norm)(t), ref)
+    torch.testing.assert_close(fp.vmap(lambda x: tree.norm(x, ord=1))(t), t["a"].abs().sum(1) + t["b"].abs())
+    g = fp.vmap(fp.grad(tree.global_norm))(t)
+    torch.testing.assert_close(g["b"], t["b"] / ref)

@@ -158,7 +158,11 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
         raise ValueError(f"tree.norm: `ord` must be 1, 2 or 'inf', got {ord!r}")
     if not ls:
         return torch.zeros(())
-    per_leaf = torch._foreach_norm(ls, ord)
+    if any(_is_functorch_wrapped(x) for x in ls):
+        # _foreach_norm has no vmap batching rule; per-leaf norms do.
+        per_leaf = [torch.linalg.vector_norm(x, ord) for x in ls]
+    else:
+        per_leaf = torch._foreach_norm(ls, ord)
     dtype = per_leaf[0].dtype
     stacked = torch.stack([p if p.dtype == dtype else p.to(dtype) for p in per_leaf])
     if ord == 2:
@@ -167,6 +171,10 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
         return torch.linalg.vector_norm(stacked)
     out = stacked.sum() if ord == 1 else stacked.max()
     return out * out if squared else out
+
+
+def _is_functorch_wrapped(x: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
