@@ -194,31 +194,6 @@ def as_scalar(s: Scalar, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.tensor(s, device=like.device, dtype=dtype)
 
 
-def add_out(xs: TL, ys: TL, fe: bool, alpha: Scalar, out: TL) -> TL:
-    """``out <- xs + alpha * ys`` (``out`` may alias ``xs`` or ``ys``); bitwise equal to :func:`add`."""
-    if is_tensor(alpha):
-        res = add(xs, ys, fe, alpha)
-        for o, r in zip(out, res, strict=True):
-            o.copy_(r)
-        return out
-    if fe:
-        torch.ops.aten._foreach_add.List_out(xs, ys, alpha=alpha, out=out)
-    else:
-        for x, y, o in zip(xs, ys, out, strict=True):
-            torch.add(x, y, alpha=alpha, out=o)
-    return out
-
-
-def mul_out(xs: TL, s: Scalar, fe: bool, out: TL) -> TL:
-    """``out <- xs * s``; bitwise equal to :func:`mul`."""
-    if fe and not is_tensor(s):
-        torch.ops.aten._foreach_mul.Scalar_out(xs, s, out=out)
-    else:
-        for x, o in zip(xs, out, strict=True):
-            torch.mul(x, s, out=o)
-    return out
-
-
 def addcmul(xs: TL, ys: TL, zs: TL, fe: bool, inplace: bool = False) -> TL:
     """``xs + ys * zs`` (one fused kernel; in place on ``xs`` when ``inplace``)."""
     inplace = inplace and not (recording(xs) or recording(ys))

@@ -183,19 +183,30 @@ def trace(
                 for t, n in zip(tl, new_t, strict=True):
                     t.copy_(n)
                 new_t = tl
-        elif inplace and accumulator_dtype is None:
-            new_t = _mt.add_out(gl, tl, fe, decay, out=tl)  # bitwise equal to the pure add
+        elif inplace and accumulator_dtype is None and not (_mt.recording(gl) or _mt.recording(tl)):
+            # NOTE [trace buffer swap]: the donated gradient buffers receive the new trace
+            # (g <- g + decay * t, the same kernel as the pure ``add``) and become the new
+            # state; the update is then m * trace: one pass less than updating t in place.
+            if nesterov:
+                for g, t in zip(gl, tl, strict=True):
+                    torch.add(g, t, alpha=decay, out=t)
+                new_t = tl
+            else:
+                new_t = _mt.add_(gl, tl, fe, alpha=decay)
         else:
             inplace = False
             new_t = _mt.cast(_mt.add(gl, tl, fe, alpha=decay), accumulator_dtype)
         unit = isinstance(m, numbers.Real) and m == 1
         if nesterov:
-            out = _mt.add_out(gl, new_t, fe, decay, out=gl) if inplace else _mt.add(gl, new_t, fe, alpha=decay)
-            if not unit:
-                out = _mt.mul_(out, m, fe)
-        elif inplace:
-            # write into the donated gradient buffers, never hand out the state's own
-            out = _mt.mul_out(new_t, m, fe, out=gl)
+            out = _mt.add_(gl, new_t, fe, alpha=decay) if inplace else _mt.add(gl, new_t, fe, alpha=decay)
+            out = out if unit else _mt.mul_(out, m, fe)
+        elif inplace and unit:
+            if fe:
+                torch._foreach_copy_(tl, new_t)
+            else:
+                for t, n in zip(tl, new_t, strict=True):
+                    t.copy_(n)
+            out = tl  # never hand out the state's own buffers
         else:
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
