@@ -117,14 +117,14 @@ WRITER = textwrap.dedent(
         time.sleep(0.05)
     save_mod.write_tensor = slow
     mgr = CheckpointManager(sys.argv[1], max_to_keep=1)
-    mgr.save(2, {"layers": [torch.full((1 << 19,), 2.0) for _ in range(32)], "step": 2})
+    mgr.save(2, {"layers": [torch.full((1 << 18,), 2.0) for _ in range(32)], "step": 2})
     """
 )
 
 
 def test_interrupted_save_never_becomes_latest(tmp_path):
     mgr = CheckpointManager(tmp_path, max_to_keep=1)
-    mgr.save(1, {"layers": [torch.full((1 << 19,), 1.0) for _ in range(32)], "step": 1})
+    mgr.save(1, {"layers": [torch.full((1 << 18,), 1.0) for _ in range(32)], "step": 1})
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -137,7 +137,7 @@ def test_interrupted_save_never_becomes_latest(tmp_path):
     assert any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # it was mid-write
     assert mgr.all_steps() == [1] and mgr.latest_step() == 1
     out = mgr.restore()
-    assert out["step"] == 1 and all(torch.equal(x, torch.full((1 << 19,), 1.0)) for x in out["layers"])
+    assert out["step"] == 1 and all(torch.equal(x, torch.full((1 << 18,), 1.0)) for x in out["layers"])
     # The next save works normally and prunes as usual.
     mgr.save(3, tree(3))
     assert mgr.all_steps() == [3]

@@ -125,6 +125,8 @@ def test_python_scalars_exact(tmp_path):
     expected.pop("nan")
     assert out == expected
     assert math.copysign(1.0, out["floats"][1]) == -1.0
+    # Non-ASCII text in the header stays valid for the safetensors package's own parser.
+    assert "functorch_pipeline.tree" in safetensors.safe_open(tmp_path / "s.safetensors", "pt").metadata()
     assert [type(b) for b in out["bools"]] == [bool, bool]
 
 

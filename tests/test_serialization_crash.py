@@ -23,7 +23,7 @@ WRITER = textwrap.dedent(
     import functorch_pipeline.serialization._save as save_mod
 
     path, mode = sys.argv[1], sys.argv[2]
-    tree = {"layers": [torch.full((1 << 19,), 2.0 + i) for i in range(48)], "step": 2}  # 96 MiB
+    tree = {"layers": [torch.full((1 << 18,), 2.0 + i) for i in range(48)], "step": 2}  # 48 MiB
     if mode == "slow":
         real = save_mod.write_tensor
         def slow(fd, t):  # deterministic: report progress after each tensor, then dawdle
@@ -41,7 +41,7 @@ WRITER = textwrap.dedent(
 
 
 def v1_tree():
-    return {"layers": [torch.full((1 << 19,), 1.0 + i) for i in range(48)], "step": 1}
+    return {"layers": [torch.full((1 << 18,), 1.0 + i) for i in range(48)], "step": 1}
 
 
 def start_writer(path, mode):
@@ -94,4 +94,4 @@ def test_sigkill_during_repeated_overwrites_never_leaves_a_partial_file(tmp_path
     out = fp.load(path)  # whichever version is at `path`, it is complete
     step = out["step"]
     assert step in (1, 2)
-    assert all(torch.equal(x, torch.full((1 << 19,), step + i)) for i, x in enumerate(out["layers"]))
+    assert all(torch.equal(x, torch.full((1 << 18,), step + i)) for i, x in enumerate(out["layers"]))

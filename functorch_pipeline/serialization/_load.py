@@ -88,21 +88,22 @@ def load(
         node = _tree_node(header, where)
         leaves = leaf_nodes(node, where)
         names = _check_names(header, leaves, where)
+        targets: dict[str, torch.device | None] = dict.fromkeys(names, dev)
         if like is not None:
             like_paths, like_leaves, treedef = flatten_with_path(like)
             _check_like(like_paths, like_leaves, leaves, header, where)
-        tensors = _read_all(f, header, names, where)
+            disk = dict(leaves)
+            if dev is None:  # follow the template's devices
+                for p, x in zip(like_paths, like_leaves, strict=True):
+                    if isinstance(x, torch.Tensor) and x.device.type != "meta":
+                        targets[disk[p]["n"]] = x.device
+        tensors = _read_all(f, header, targets, where)
     if like is None:
-        return decode(node, lambda name, _path: _place(tensors[name], dev), where)
-    disk = dict(leaves)
-    out = []
-    for p, x in zip(like_paths, like_leaves, strict=True):
-        n = disk[p]
-        if n["t"] != "tensor":
-            out.append(decode(n, _unreachable, where, p))
-        else:
-            target = dev if dev is not None else (x.device if x.device.type != "meta" else None)
-            out.append(_place(tensors[n["n"]], target))
+        return decode(node, lambda name, _path: tensors[name], where)
+    out = [
+        tensors[disk[p]["n"]] if disk[p]["t"] == "tensor" else decode(disk[p], _unreachable, where, p)
+        for p in like_paths
+    ]
     return unflatten(treedef, out)
 
 
@@ -235,13 +236,17 @@ def _check_like(
         )
 
 
-def _read_all(f: Any, header: Header, names: list[str], where: str) -> dict[str, torch.Tensor]:
-    infos = sorted((header.tensors[n] for n in names), key=lambda i: i.start)  # sequential reads
-    return {i.name: read_tensor(f, i, header.data_start, where) for i in infos}
-
-
-def _place(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    return t if device is None or device.type == "cpu" else t.to(device)
+def _read_all(
+    f: Any, header: Header, targets: dict[str, torch.device | None], where: str
+) -> dict[str, torch.Tensor]:
+    """Read tensors in file order (sequential I/O), moving each to its device right away
+    so that host memory holds at most one tensor when loading onto a GPU."""
+    out = {}
+    for info in sorted((header.tensors[n] for n in targets), key=lambda i: i.start):
+        t = read_tensor(f, info, header.data_start, where)
+        dev = targets[info.name]
+        out[info.name] = t if dev is None or dev.type == "cpu" else t.to(dev)
+    return out
 
 
 def _unreachable(name: str, path: KeyPath) -> torch.Tensor:
