@@ -204,7 +204,10 @@ class FunctionalModel:
 
         Parameters of modules without a reset method (a bare ``nn.Parameter`` in a custom
         module) keep the module's current values, the same for every key; a warning names
-        them. Re-draw them with :func:`fp.nn.init.reinitialize`.
+        them. Re-draw them with :func:`fp.nn.init.reinitialize`. A custom initialisation
+        run inside ``__init__`` (``self.apply(init_weights)``) is not replayed, since only
+        reset methods are: apply it with ``reinitialize`` after ``init``, or keep the
+        module's own values with ``variables_from_state_dict(module.state_dict())``.
 
         Args:
           key: one key (``fp.random.key``); read on the host.
