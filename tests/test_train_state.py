@@ -166,6 +166,31 @@ def test_train_step_matches_a_hand_written_step():
     assert int(state.step) == 0  # the input state is untouched
 
 
+def test_evaluate_weights_examples_not_batches():
+    x, y = dataset()
+    batches = list(fp.data.batches((x, y), 30))  # 30, 30, 20 examples
+    out = fp.train.evaluate(lambda b: {"x0": b[0][:, 0], "one": (b[1] == 1).float()}, batches)
+    assert out["x0"] == pytest.approx(float(x[:, 0].double().mean()), rel=1e-12)
+    assert out["one"] == pytest.approx(float((y == 1).double().mean()), rel=1e-12)
+    with pytest.raises(ValueError, match=r"metric 'bad' must be per-example, shape \(B,\), got \(\)"):
+        fp.train.evaluate(lambda b: {"bad": b.sum()}, [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"no examples"):
+        fp.train.evaluate(lambda b: {}, [])
+
+
+def test_train_step_without_buffers():
+    opt = momentum_sgd(0.1)
+    params = {"w": torch.zeros(2)}
+    state = fp.TrainState.create(params, opt.init(params), fp.random.key(0))
+
+    def mse(params, buffers, batch, key):
+        return ((batch @ params["w"] - 1.0) ** 2).mean(), buffers
+
+    new, loss = fp.train.train_step(state, torch.eye(2), mse, opt)
+    assert new.buffers == {} and float(loss) == 1.0
+    torch.testing.assert_close(new.params["w"], torch.full((2,), 0.1))  # grad of mean((w_i - 1)^2) is -1
+
+
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     n = STEPS_PER_EPOCH + 1  # the resume point sits inside the second epoch
     threads = torch.get_num_threads()
