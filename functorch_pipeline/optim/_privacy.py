@@ -167,6 +167,10 @@ def differentially_private_aggregate(
     check_number(f"{where}(l2_norm_clip)", "l2_norm_clip", l2_norm_clip, low=0.0)
     check_number(f"{where}(noise_multiplier)", "noise_multiplier", noise_multiplier, low=0.0)
     base_key = _as_key(f"{where}(seed)", seed)
+    if noise_multiplier > 0 and math.isinf(l2_norm_clip):
+        raise ValueError(f"{where}: noise_multiplier > 0 needs a finite `l2_norm_clip` (the noise std is their product)")
+    # sigma = 0 means no noise, even with C = inf (where C * sigma would be NaN).
+    std = l2_norm_clip * noise_multiplier if noise_multiplier > 0 else 0.0
 
     def init_fn(params: Params) -> DifferentiallyPrivateAggregateState:
         dev = next((x.device for x in fpt.leaves(params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
@@ -176,8 +180,10 @@ def differentially_private_aggregate(
         b = _batch_size(f"{where}.update", updates)
         leaves, td = fpt.flatten(updates)
         summed, _ = _clip_sum(leaves, l2_norm_clip)
+        if std == 0.0:
+            out = [s / b for s in summed]
+            return fpt.unflatten(td, out), DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
         keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(leaves))
-        std = l2_norm_clip * noise_multiplier
         out = [
             (s + std * fpr.normal(k, tuple(s.shape), s.dtype if s.is_floating_point() else torch.float32)) / b
             for s, k in zip(summed, keys, strict=True)
