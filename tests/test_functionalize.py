@@ -5,6 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from torch import nn
 
 import functorch_pipeline as fp
@@ -575,3 +578,25 @@ def test_functionalize_is_idempotent_and_has_a_repr():
     assert fp.functionalize(model) is model
     assert repr(model) == "FunctionalModel(Net, params=6, buffers=3)"
     assert copy.copy(model).module is model.module
+
+
+def test_every_random_call_gets_its_own_key():
+    class Many(nn.Module):
+        def forward(self, x):
+            return torch.stack([F.dropout(x, 0.5) for _ in range(20)])
+
+    masks = fp.functionalize(Many()).apply({"params": {}}, torch.ones(64), key=KEY) != 0
+    assert len({tuple(m.tolist()) for m in masks}) == 20
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.floats(0.05, 0.95), st.integers(0, 2**31))
+def test_key_batch_equals_per_example_calls(n, p, seed):
+    model = fp.functionalize(nn.Sequential(nn.Dropout(p), nn.Dropout1d(p)))
+    x = torch.ones(n, 3, 5)
+    keys = fp.random.split(fp.random.key(seed), n)
+    whole, _ = model.apply({"params": {}}, x, train=True, key=keys)
+    rows = torch.cat([model.apply({"params": {}}, x[i : i + 1], train=True, key=keys[i : i + 1])[0] for i in range(n)])
+    assert torch.equal(whole, rows)
+    kept = whole[whole != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p) ** 2))
