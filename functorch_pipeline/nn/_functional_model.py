@@ -274,9 +274,15 @@ class FunctionalModel:
           *args: the module's positional inputs.
           train: run every submodule in train mode (dropout on, BatchNorm on batch
             statistics) or, by default, in eval mode. This is an argument, not module state.
-          key: drives dropout and other random layers (see ``_randomness``): one key
-            ``(2,)`` for the whole batch, or a key batch ``(N, 2)``, one key per example on
-            axis 0 of the inputs. Needed when ``train=True`` and the model has random layers.
+          key: drives dropout and other random layers from ``fp.random``, never from
+            PyTorch's global generator: one key ``(2,)`` for the whole batch, or a key batch
+            ``(N, 2)``, one key per example on axis 0 of the inputs (so a batch run equals a
+            loop over examples, and ``per_sample_grads`` with per-example keys equals a
+            Python loop). Under ``vmap`` a mapped key gives each mapped call its own masks
+            (``torch.func``'s ``randomness="different"``), an unmapped key the same masks
+            (``"same"``); vmap's default ``randomness="error"`` is fine either way. Needed
+            when ``train=True`` and the model has random layers (NOTE [one key or a key
+            batch] in ``fp.nn._randomness``).
           **kwargs: the module's keyword inputs (``train`` and ``key`` are taken by apply).
 
         Returns:
