@@ -1,7 +1,9 @@
 """``fp.optim``: pure optimizers in optax's style (names, arguments and defaults).
 
 A :class:`GradientTransformation` is ``(init, update)``; named optimizers are chains of
-building blocks; updates are additive (apply them with :func:`apply_updates`).
+building blocks; updates are additive (apply them with :func:`apply_updates`). Every
+named optimizer that ``torch.optim`` also has reproduces its trajectory with the
+arguments given in its docstring.
 
 >>> import torch
 >>> from functorch_pipeline import optim
@@ -11,6 +13,23 @@ building blocks; updates are additive (apply them with :func:`apply_updates`).
 >>> updates, state = opt.update({"w": torch.tensor([3.0, 4.0])}, state, params)
 >>> optim.apply_updates(params, updates)
 {'w': tensor([ 0.9400, -2.0800])}
+
+Speed and memory
+----------------
+Updates run as multi-tensor ``torch._foreach_*`` kernels (adam/adamw use torch's
+single-pass fused Adam kernel), so the pure path costs about what ``torch.optim`` does.
+Two things matter for large models:
+
+* **Donation.** ``opt.update(grads, state, params, inplace=True)`` followed by
+  ``optim.apply_updates_(params, updates)`` reuses the state, gradient and parameter
+  buffers instead of allocating new ones (same numbers, bit for bit). After such a call
+  the passed ``grads`` and old ``state`` belong to the optimizer: do not reuse them.
+* **glibc malloc.** The pure path allocates fresh parameter-sized tensors every step.
+  glibc serves big blocks with ``mmap`` and returns them on ``free``, so each step
+  page-faults its memory back in (thousands of faults; up to 2x slower on CPU). Setting
+  ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`` in the
+  environment before starting Python keeps those blocks in the heap (see
+  ``benchmarks/optimizer_update.py``, which reports faults per step).
 """
 
 from functorch_pipeline.optim._adaptive import ScaleByAdaDeltaState

@@ -10,8 +10,9 @@ Everything is pure by default: no input tensor is ever written. Large models can
 to buffer donation, in the spirit of JAX's ``donate_argnums``:
 
 * ``tx.update(grads, state, params, inplace=True)`` may overwrite the tensors of
-  ``state`` and of the incoming ``grads`` and return them (the caller must not use the
-  old ``state``/``grads`` afterwards);
+  ``state`` and of the incoming ``grads`` and return them, as updates or as part of the
+  new state (NOTE [trace buffer swap]); the caller must not read or write the old
+  ``state``/``grads`` tensors afterwards;
 * :func:`apply_updates_` adds the updates into the parameter tensors themselves.
 
 Both give bit-identical numbers to the pure path (tests check this for every named
