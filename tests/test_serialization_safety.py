@@ -5,6 +5,7 @@ exception, a crash, a hang, a large allocation or code execution.
 """
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -108,6 +109,8 @@ def test_huge_claimed_tensor_does_not_allocate():
         ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, r"tensor `w` has unknown dtype 'F99'"),
         ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, r"tensor `w` has an invalid shape"),
         ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, r"needs 8 bytes but its data_offsets span 4"),
+        ({"w": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}, r"tensor `w` has an impossibly large shape"),
+        ({"w": {"dtype": "U8", "shape": [2**31, 2**31, 0], "data_offsets": [0, 0]}}, r"impossibly large shape"),
         ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, r"claims bytes \[4, 0\)"),
         ({"w": {"dtype": "F32", "shape": [1]}}, r"header entry `w` must be an object with exactly"),
         (
@@ -242,3 +245,73 @@ def test_fuzz_insertions_and_deletions(pos, chunk):
             load_bytes(blob)
         except fp.CheckpointError:
             pass
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=6),
+    st.sampled_from([0, 1, 2**31, 2**62, 2**63, 2**64, -1]),
+)
+json_values = st.recursive(json_scalars, lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=4), k, max_size=4), max_leaves=10)
+dims = st.one_of(st.sampled_from([0, 1, 2, 2**31, 2**40, 2**62, 2**63, 2**64, -1]), st.integers(0, 4), json_scalars)
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "BF16", "U8", "BOOL", "I64", "F8_E4M3", "X"]), json_scalars),
+        "shape": st.one_of(st.lists(dims, max_size=4), json_values),
+        "data_offsets": st.one_of(
+            st.sampled_from([[0, 0], [0, 4], [0, 8], [4, 8], [8, 8]]),
+            st.lists(st.one_of(st.integers(0, 40), dims), min_size=2, max_size=2),
+            json_values,
+        ),
+    }
+)
+nodes = st.recursive(
+    st.one_of(
+        st.fixed_dictionaries({"t": st.sampled_from(["tensor", "none", "int", "float", "str", "bool", "x"]), "n": st.sampled_from(["a", "b"]), "v": json_scalars}),
+        json_values,
+    ),
+    lambda k: st.fixed_dictionaries(
+        {
+            "t": st.sampled_from(["dict", "odict", "list", "tuple", "namedtuple", "node"]),
+            "k": st.lists(k, max_size=3),
+            "c": st.lists(k, max_size=3),
+            "f": st.lists(st.one_of(st.text(max_size=3), st.integers(0, 3)), max_size=3),
+            "type": st.sampled_from(["functorch_pipeline.train._state:TrainState", "functorch_pipeline.optim._base:EmptyState", "os:system"]),
+            "aux": k,
+        }
+    ),
+    max_leaves=8,
+)
+
+
+ITEMSIZE = {"F32": 4, "BF16": 2, "U8": 1, "BOOL": 1, "I64": 8, "F8_E4M3": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(ITEMSIZE)), st.lists(st.one_of(st.sampled_from([0, 1, 3, 2**31, 2**62, 2**63, 2**64]), st.integers(0, 5)), max_size=5))
+def test_fuzz_self_consistent_headers_with_hostile_shapes(dtype, shape):
+    """Offsets agree with the shape, so only the shape itself can be the problem."""
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    header = {"a": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}
+    try:
+        out = load_bytes(header_file(header, bytes(min(nbytes, 64))))
+        assert tuple(out["a"].shape) == tuple(shape)
+    except fp.CheckpointError:
+        pass
+
+
+def tree_of(names):
+    return {"t": "dict", "k": [{"t": "str", "v": n} for n in names], "c": [{"t": "tensor", "n": n} for n in names]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b"]), entries, max_size=2), nodes, st.booleans(), st.binary(max_size=40))
+def test_fuzz_structured_headers(tensors, tree, valid_tree, data):
+    """Well-formed JSON with hostile values; half the time the tree is valid, so the
+    tensor entries themselves reach the reading code."""
+    header = dict(tensors)
+    tree = tree_of(sorted(tensors)) if valid_tree else tree
+    header["__metadata__"] = {"functorch_pipeline.format": "1", "functorch_pipeline.tree": json.dumps(tree)}
+    try:
+        load_bytes(header_file(header, data))
+    except fp.CheckpointError:
+        pass

@@ -235,6 +235,9 @@ def _parse_entry(name: str, entry: Any, data_len: int, where: str) -> TensorInfo
         )
     dtype = _NAME_TO_DTYPE[dname]
     itemsize = dtype.itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 1 << 62:
+        # Even an empty tensor of this shape would overflow torch's stride arithmetic.
+        raise _fail(where, f"tensor `{name}` has an impossibly large shape {str(tuple(shape))[:80]}")
     if math.prod(shape) * itemsize != end - start:
         raise _fail(
             where,
