@@ -119,7 +119,7 @@ class _RNNBase(nn.Module):
             warnings.warn(
                 f"{name}: dropout option adds dropout after all but last recurrent layer, so "
                 f"non-zero dropout expects num_layers greater than 1, but got "
-                f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+                f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
