@@ -179,6 +179,9 @@ def test_pickle_payloads_never_run(tmp_path):
         with pytest.raises(fp.CheckpointError):
             load_bytes(data)
     assert not marker.exists()
+    # Control: the payload is live, so the checks above could have failed.
+    pickle.loads(payload)["w"].close()
+    assert marker.exists()
 
 
 @pytest.mark.parametrize(
