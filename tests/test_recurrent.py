@@ -59,21 +59,23 @@ def _compare(kind, ours, ref, x, hx, dtype):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-GRID = list(itertools.product(["LSTM", "GRU"], [1, 2], [False, True], [False, True], [False, True],
+# layout: "seq" (seq, batch, feature), "batch" (batch_first=True) or "unbatched" (seq, feature),
+# for which batch_first has no effect (it is set to True there, to check that)
+GRID = list(itertools.product(["LSTM", "GRU"], [1, 2], [False, True], ["seq", "batch", "unbatched"],
                               [False, True], [False, True]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
-    "kind,num_layers,bidirectional,batch_first,bias,with_state,unbatched", GRID,
-    ids=[f"{k}-L{n}-bi{int(b)}-bf{int(f)}-bias{int(s)}-h{int(h)}-unb{int(u)}"
-         for k, n, b, f, s, h, u in GRID])
-def test_matches_torch(kind, num_layers, bidirectional, batch_first, bias, with_state, unbatched, dtype):
+    "kind,num_layers,bidirectional,layout,bias,with_state", GRID,
+    ids=[f"{k}-L{n}-bi{int(b)}-{lay}-bias{int(s)}-h{int(h)}" for k, n, b, lay, s, h in GRID])
+def test_matches_torch(kind, num_layers, bidirectional, layout, bias, with_state, dtype):
+    unbatched = layout == "unbatched"
     ours, ref = _pair(kind, dtype, input_size=3, hidden_size=5, num_layers=num_layers, bias=bias,
-                      batch_first=batch_first, bidirectional=bidirectional)
+                      batch_first=layout != "seq", bidirectional=bidirectional)
     gen = torch.Generator().manual_seed(2)
     seq, batch, d = 6, 4, 2 if bidirectional else 1
-    shape = (seq, 3) if unbatched else ((batch, seq, 3) if batch_first else (seq, batch, 3))
+    shape = {"seq": (seq, batch, 3), "batch": (batch, seq, 3), "unbatched": (seq, 3)}[layout]
     x = torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
     hx = None
     if with_state:
