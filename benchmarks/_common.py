@@ -1,0 +1,174 @@
+"""Timing helpers for the benchmark scripts: interleaved medians, ratios, page faults.
+
+Every benchmark here measures its candidates in one process, interleaved (A B C, B C A,
+C A B, ...: the start rotates so no method always runs right after the same other one),
+and reports medians and throughput ratios against a baseline measured in the same run.
+Minor page faults per call (``ru_minflt``) are recorded because glibc's malloc returns
+large freed blocks to the OS and faults them back in on the next call; run with
+``--malloc both`` to see the effect of ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` (see /work/shared/DESIGN.md, "Benchmarking on these machines").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+@dataclasses.dataclass
+class Stats:
+    """Per-call wall and CPU times (s) and minor page faults of one candidate, plus its
+    first call's wall time."""
+
+    times: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    faults: list[int] = dataclasses.field(default_factory=list)
+    first: float = float("nan")
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The 25th and 75th percentiles of the call time."""
+        q = statistics.quantiles(self.times, n=4) if len(self.times) > 1 else [self.times[0]] * 3
+        return q[0], q[2]
+
+
+def _call(fn: Callable[[], Any]) -> tuple[float, float, int]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    cpu, start = time.process_time(), time.perf_counter()
+    fn()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return elapsed, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def measure(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
+            budget_s: float | None = None, every: dict[str, int] | None = None) -> dict[str, Stats]:
+    """Time every candidate ``rounds`` times, interleaved, after ``warmup`` untimed calls.
+
+    Args:
+      fns: name -> zero-argument callable doing one full unit of work.
+      rounds: timed calls per candidate.
+      warmup: untimed calls per candidate first (the very first call is timed separately
+        as ``Stats.first``: it includes lazy initialisation and any compilation).
+      budget_s: stop early (after a full round) once this many seconds are spent timing.
+      every: name -> k to time a slow candidate (a Python loop) only every k-th round.
+
+    Returns:
+      name -> :class:`Stats`.
+    """
+    stats = {name: Stats() for name in fns}
+    for name, fn in fns.items():
+        stats[name].first = _call(fn)[0]
+        for _ in range(max(warmup - 1, 0)):
+            fn()
+    names = list(fns)
+    start = time.perf_counter()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            if r % (every or {}).get(name, 1):
+                continue
+            t, c, f = _call(fns[name])
+            stats[name].times.append(t)
+            stats[name].cpu.append(c)
+            stats[name].faults.append(f)
+        if budget_s is not None and time.perf_counter() - start > budget_s and r >= 4:
+            break
+    return stats
+
+
+def table(stats: dict[str, Stats], baselines: dict[str, str], examples: int, title: str) -> str:
+    """A text table: median wall ms (IQR), median CPU ms, examples/s, ratios, faults per call.
+
+    Args:
+      stats: from :func:`measure`.
+      baselines: column label -> the name of the candidate it divides by (throughput
+        ratio: ``median(baseline) / median(candidate)``, so > 1 is faster). The first
+        baseline also gets a CPU-time ratio (``cpu``): with other jobs on the machine, the
+        process's own CPU time is steadier than wall time, though it counts OpenMP
+        threads spinning at barriers.
+      examples: examples per call, for the throughput column.
+      title: printed above the table.
+    """
+    first = next(iter(baselines.values()))
+    head = ["method", "median ms", "IQR ms", "cpu ms", "ex/s"] + [
+        f"x {label}" for label in baselines] + [f"x {next(iter(baselines))} cpu", "faults/call", "1st call s"]
+    rows = []
+    for name, s in stats.items():
+        lo, hi = s.spread
+        cpu = statistics.median(s.cpu)
+        row = [name, f"{s.median * 1e3:.2f}", f"{lo * 1e3:.1f}-{hi * 1e3:.1f}", f"{cpu * 1e3:.2f}",
+               f"{examples / s.median:,.0f}"]
+        row += [f"{stats[b].median / s.median:.3f}" for b in baselines.values()]
+        row += [f"{statistics.median(stats[first].cpu) / cpu:.3f}",
+                f"{statistics.median(s.faults):,.0f}", f"{s.first:.2f}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "| " + " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths)) + " |"
+    lines = [title, fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt.format(*r) for r in rows]
+    notes = [f"  {name}: {s.note}" for name, s in stats.items() if s.note]
+    return "\n".join(lines + notes)
+
+
+def environment() -> str:
+    """One line about the run: torch, threads, malloc settings, load."""
+    malloc = "tuned" if all(os.environ.get(k) == v for k, v in MALLOC_TUNED.items()) else "default"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()}, glibc malloc {malloc}, load average {load:.2f} "
+            "at start (other jobs share these cores: numbers are noisy, compare ratios)")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=15, help="timed calls per method (interleaved)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--malloc", choices=["current", "tuned", "both"], default="current",
+                   help="glibc malloc settings: as the environment has them, tuned "
+                   "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_), or both in two subprocesses")
+    p.add_argument("--budget", type=float, default=None, help="stop timing after this many seconds")
+    return p
+
+
+def maybe_respawn(args: argparse.Namespace) -> bool:
+    """Handle ``--malloc tuned|both`` by re-running this script in subprocesses (glibc reads
+    the variables at start-up). Returns True when the caller should exit."""
+    if args.malloc == "current":
+        return False
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--malloc")
+    del argv[i:i + 2]
+    runs = [("default", {}), ("tuned", MALLOC_TUNED)] if args.malloc == "both" else [("tuned", MALLOC_TUNED)]
+    for label, extra in runs:
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}
+        env.update(extra)
+        print(f"\n=== glibc malloc: {label} {' '.join(f'{k}={v}' for k, v in extra.items())}", flush=True)
+        subprocess.run([sys.executable, sys.argv[0], *argv, "--malloc", "current"], env=env, check=True)
+    return True
+
+
+def optional(module: str) -> Any:
+    """Import an optional peer package, or return None (the caller prints a skip note)."""
+    try:
+        return __import__(module)
+    except ImportError:
+        return None

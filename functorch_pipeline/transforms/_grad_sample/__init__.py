@@ -1,0 +1,20 @@
+"""Fast per-sample gradients from one batched forward and backward (``method="hooks"``).
+
+See NOTE [how the engine works] in ``_engine``, the per-op rules in ``_rules`` and the
+fused recurrent rule in ``_recurrent``. Higher layers make a composite op replaceable
+with :func:`overridable` and give it a rule with :func:`register_rule`.
+"""
+
+from functorch_pipeline.transforms._grad_sample._api import Unsupported
+from functorch_pipeline.transforms._grad_sample._api import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._recurrent import lstm_direction_rule
+from functorch_pipeline.transforms._grad_sample._rules import overridable
+from functorch_pipeline.transforms._grad_sample._rules import register_rule
+
+__all__ = [
+    "Unsupported",
+    "hooks_value_and_grad",
+    "lstm_direction_rule",
+    "overridable",
+    "register_rule",
+]

@@ -1,0 +1,136 @@
+"""Driver of the fast per-sample-gradient method: flatten, track, run, merge, unflatten."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import RULES
+from functorch_pipeline.transforms._grad_sample._rules import merge
+
+__all__ = ["Unsupported", "hooks_value_and_grad"]
+
+
+def _batch_size(args: Sequence[Any], batched: Sequence[int], fn: str) -> int:
+    sizes = {}
+    for i in batched:
+        for path, leaf in _tree.leaves_with_path(args[i]):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.dim() == 0:
+                    raise ValueError(f"{fn}: batch argument {i} at path `{_tree.keystr(path)}` is a "
+                                     "0-d tensor; every batch leaf needs the batch on axis 0")
+                sizes.setdefault(leaf.shape[0], f"argument {i} at path `{_tree.keystr(path)}`")
+    if not sizes:
+        raise ValueError(f"{fn}: the batch arguments {list(batched)} hold no tensor")
+    if len(sizes) > 1:
+        found = ", ".join(f"{where} has {n}" for n, where in sizes.items())
+        raise ValueError(f"{fn}: batch leaves disagree on the batch size (axis 0): {found}")
+    return next(iter(sizes))
+
+
+def _name(i: int, path: Sequence[Any], several: bool) -> str:
+    key = _tree.keystr(path)
+    if not several:
+        return key
+    return f"args[{i}]" + ("" if not path else key if key.startswith("[") else "." + key)
+
+
+def _join(*chunks: Any) -> Any:
+    """Chunks of one value or aux leaf: concatenated on axis 0 (0-d leaves are stacked)."""
+    if not isinstance(chunks[0], torch.Tensor):
+        return chunks[0]
+    return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
+
+
+def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
+              leaves: list[list[torch.Tensor]], defs: list[Any], names: list[str],
+              batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
+    flat = [leaf for group in leaves for leaf in group]
+    engine = Engine(flat, names, batch_size, RULES)
+    tracked = iter(engine.tracked())
+    new_args = list(args)
+    for i, group, treedef in zip(nums, leaves, defs, strict=True):
+        new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
+    with torch.enable_grad():
+        out = loss_fn(*new_args)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "
+                            f"got {type(out).__name__}")
+        losses, aux = out
+    else:
+        losses, aux = out, None
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{fn}: loss_fn must return a tensor of per-example losses, got "
+                        f"{type(losses).__name__}")
+    if losses.dim() == 0:
+        raise Unsupported(
+            f"loss_fn returned a scalar; the fast method needs the per-example losses, a tensor "
+            f"of shape ({batch_size},): return the unreduced loss (e.g. reduction='none') "
+            "instead of its mean or sum")
+    if tuple(losses.shape) != (batch_size,) or not losses.is_floating_point():
+        raise ValueError(f"{fn}: loss_fn must return per-example losses of shape ({batch_size},) "
+                         f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
+    engine.backward(losses)
+    grads = []
+    for slot, p in enumerate(flat):
+        kinds = [(kind, parts) for (kind, s), parts in engine.parts.items() if s == slot]
+        if not kinds:
+            grads.append(p.new_zeros(batch_size, *p.shape))
+            continue
+        g = merge(*kinds[0], p)
+        for kind, parts in kinds[1:]:
+            g = g + merge(kind, parts, p)
+        grads.append(g)
+    aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
+    value = (losses.detach(), aux) if has_aux else losses.detach()
+    return value, grads
+
+
+def hooks_value_and_grad(
+    loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
+    batched: Sequence[int], has_aux: bool, chunk_size: int | None, fn: str,
+) -> tuple[Any, Any]:
+    """Per-example ``(values, grads)`` of ``loss_fn`` with the engine (see ``_engine``).
+
+    ``loss_fn(*args)`` must return per-example losses of shape ``(B,)`` (or
+    ``(losses, aux)``); ``nums`` are the differentiated positions, ``batched`` those whose
+    tensor leaves carry the batch on axis 0. Raises :class:`Unsupported` when the model
+    uses a parameter in a way no rule covers.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise Unsupported("the fast method cannot run inside a torch.func transform")
+    from functorch_pipeline.transforms._autodiff import _check_diff_leaves
+
+    leaves, defs, names = [], [], []
+    for i in nums:
+        _check_diff_leaves(args[i], i, fn)
+        paths, group, treedef = _tree.flatten_with_path(args[i])
+        leaves.append(group)
+        defs.append(treedef)
+        names += [_name(i, path, len(nums) > 1) for path in paths]
+    batch_size = _batch_size(args, batched, fn)
+
+    if chunk_size is None or chunk_size >= batch_size:
+        value, flat = _run_once(loss_fn, list(args), nums, leaves, defs, names, batch_size, has_aux, fn)
+    else:
+        values, flats = [], []
+        for start in range(0, batch_size, chunk_size):
+            def cut(x: Any, start: int = start) -> Any:
+                return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
+            chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
+            n = min(chunk_size, batch_size - start)
+            v, f = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux, fn)
+            values.append(v)
+            flats.append(f)
+        flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]
+        value = _tree.map(_join, *values)
+    it = iter(flat)
+    trees = tuple(_tree.unflatten(d, [next(it) for _ in group]) for d, group in zip(defs, leaves, strict=True))
+    return value, (trees if is_tuple else trees[0])

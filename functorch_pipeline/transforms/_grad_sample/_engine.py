@@ -1,0 +1,240 @@
+"""The per-sample-gradient engine: one batched forward, one backward, one einsum per weight.
+
+# NOTE [how the engine works]
+Each differentiated parameter is handed to ``loss_fn`` as a ``_Tracked`` tensor: a
+subclass that shares the parameter's storage and whose ``__torch_function__`` sees every
+call that receives it (``F.linear(x, w, b)``, ``w.t()``, ``torch._VF.lstm(..., [w, ...])``)
+and no other call, so the rest of the model runs at full eager speed. A call with a rule
+(``_rules.RULES``) runs the op on the *detached* parameter, so autograd never builds
+the batch weight gradient, saves what the rule needs (the op's input) and remembers the
+output's gradient edge. Any other use of a tracked parameter raises ``Unsupported``,
+naming the parameter and the call: the caller falls back to ``vmap`` or reports it. No
+use of a parameter is ever silently skipped.
+
+After the forward, one ``torch.autograd.grad`` of the per-example losses (with ones)
+returns the gradient at every recorded output. Examples do not interact, so row ``b`` of
+that gradient is example ``b``'s own; each rule turns ``(input, output grad)`` into
+per-example weight gradients with one batched matmul. Uses of the same parameter (a
+recurrent ``W_hh`` at every time step, tied weights) are concatenated first and
+contracted once: one ``(B, out, n) @ (B, n, in)`` instead of ``n`` outer products.
+
+# NOTE [gradient edges, not tensors]
+The recorded output may be modified in place later (``relu_``), which re-points its
+``grad_fn``. The engine keeps the output's ``GradientEdge`` taken at creation time, so
+the gradient it receives is the one with respect to the op's own result. Saved inputs
+are checked against their version counter for the same reason. When neither the input
+nor any untracked argument requires grad (the first layer), the input is replaced by a
+detached copy that requires grad so the output has a ``grad_fn``; autograd never
+computes that copy's gradient because nothing asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+__all__ = ["Engine", "Unsupported"]
+
+
+class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
+    """A differentiated parameter is used in a way the engine has no exact rule for."""
+
+
+def _describe(func: Any) -> str:
+    owner = getattr(func, "__self__", None)
+    if type(owner).__name__ == "getset_descriptor":  # Tensor.<attr>.__get__
+        return f"Tensor.{owner.__name__}"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    if name.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + name.split(".", 1)[1]
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    return f"torch.{name}" if not module.startswith("torch") or module == "torch" else f"{module}.{name}"
+
+
+_T = torch.Tensor
+# Calls that read metadata or produce an alias without a gradient path: allowed, and
+# answered from the plain parameter (see NOTE [how the engine works]).
+_PASSTHROUGH: set[Any] = {
+    _T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.ndim.__get__,
+    _T.layout.__get__, _T.requires_grad.__get__, _T.is_cuda.__get__, _T.is_leaf.__get__,
+    _T.size, _T.dim, _T.numel, _T.nelement, _T.element_size, _T.stride,
+    _T.is_floating_point, _T.is_complex, _T.is_contiguous, _T.data_ptr, _T.__len__,
+    _T.__repr__, _T.__format__, _T.detach, _T.data.__get__, _T.get_device,
+}
+
+
+class _Tracked(torch.Tensor):
+    """A differentiated parameter as ``loss_fn`` sees it; see NOTE [how the engine works]."""
+
+    _fp_slot: int
+    _fp_engine: Engine
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        engine = _find_engine(args, kwargs)
+        rule = engine.rules.get(func)
+        if rule is not None:
+            return rule(engine, args, kwargs)
+        if func in _PASSTHROUGH:
+            return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        raise Unsupported(
+            f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+            f"used by `{_describe(func)}`, which has no per-sample gradient rule (rules: "
+            f"{', '.join(sorted({_describe(f) for f in engine.rules}))})")
+
+
+def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, _Tracked):
+            return a._fp_engine
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, _Tracked):
+                    return b._fp_engine
+    raise AssertionError("__torch_function__ called without a tracked tensor")  # pragma: no cover
+
+
+def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
+    pass
+
+
+class _Use:
+    """One call of a rule: which slots it feeds, what it saved, where its gradient arrives."""
+
+    __slots__ = ("edge", "finish", "saved", "versions")
+
+    def __init__(self, edge: Any, finish: Callable[..., None], saved: tuple[Any, ...]) -> None:
+        self.edge = edge
+        self.finish = finish
+        self.saved = saved
+        self.versions = tuple(t._version for t in saved if isinstance(t, torch.Tensor))
+
+
+class Engine:
+    """Records rule calls during one forward, then turns them into per-example gradients.
+
+    Args:
+      params: the differentiated leaves (plain tensors), one slot each.
+      names: a readable name (key path) per slot, for error messages.
+      batch_size: ``B``, the size of axis 0 of every batched input.
+      rules: ``{torch function: rule}`` (``_rules.RULES``).
+    """
+
+    def __init__(self, params: list[torch.Tensor], names: list[str], batch_size: int,
+                 rules: dict[Any, Callable[..., Any]]) -> None:
+        self.bases = [p.detach() for p in params]
+        self._names = names
+        self.batch_size = batch_size
+        self.rules = rules
+        self.uses: list[_Use] = []
+        # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
+        self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
+
+    def tracked(self) -> list[torch.Tensor]:
+        out = []
+        for slot, base in enumerate(self.bases):
+            t = torch.Tensor._make_subclass(_Tracked, base, False)
+            t._fp_slot = slot
+            t._fp_engine = self
+            out.append(t)
+        return out
+
+    # -- helpers for rules ------------------------------------------------------------------
+
+    def slot(self, t: Any) -> int | None:
+        """The slot of a tracked tensor from this engine, else ``None``."""
+        if isinstance(t, _Tracked):
+            if t._fp_engine is not self:
+                raise Unsupported("a parameter from another per-sample gradient call was captured")
+            return t._fp_slot
+        return None
+
+    def base(self, t: Any) -> Any:
+        return self.bases[t._fp_slot] if isinstance(t, _Tracked) else t
+
+    def unwrap(self, x: Any) -> Any:
+        if isinstance(x, _Tracked):
+            return self.bases[x._fp_slot]
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.unwrap(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.unwrap(v) for k, v in x.items()}
+        return x
+
+    def slots(self, args: Any, kwargs: dict[str, Any]) -> list[int]:
+        found: list[int] = []
+        for a in (*args, *kwargs.values()):
+            for b in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(b, _Tracked) and b._fp_slot not in found:
+                    found.append(b._fp_slot)
+        return found
+
+    def name(self, slot: int) -> str:
+        return f"`{self._names[slot]}`"
+
+    def names(self, args: Any, kwargs: dict[str, Any]) -> str:
+        return ", ".join(self.name(s) for s in self.slots(args, kwargs))
+
+    def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2) -> None:
+        """Raise ``Unsupported`` unless ``x`` is a tensor batched on axis 0."""
+        who = ", ".join(self.name(s) for s in slots)
+        if isinstance(x, _Tracked):
+            raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
+                              "weight and bias arguments have a per-sample gradient rule")
+        if not isinstance(x, torch.Tensor) or x.dim() < min_dim or x.shape[0] != self.batch_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise Unsupported(
+                f"{who} {'is' if len(slots) == 1 else 'are'} used by `{op}` on an input of shape "
+                f"{shape}, whose first axis is not the batch (B={self.batch_size}); the fast "
+                "method needs every op that uses a parameter to see the batch on axis 0 "
+                "(batch_first=True for recurrent layers)")
+
+    @staticmethod
+    def grad_input(x: torch.Tensor, *others: Any) -> torch.Tensor:
+        """``x``, or a detached copy requiring grad when the op's output would have no graph."""
+        if x.requires_grad or any(isinstance(o, torch.Tensor) and o.requires_grad for o in others):
+            return x
+        return x.detach().requires_grad_()
+
+    def record(self, out: torch.Tensor, finish: Callable[..., None], *saved: Any) -> None:
+        """Remember ``out``'s gradient edge; ``finish(engine, grad, *saved)`` adds the parts."""
+        if out.grad_fn is None:  # under no_grad: no gradient flows through this use
+            return
+        self.uses.append(_Use(get_gradient_edge(out), finish, saved))
+
+    def anchor(self, like: torch.Tensor) -> torch.Tensor:
+        """A scalar leaf that requires grad and whose gradient the backward asks for: an
+        ``autograd.Function`` that takes it as an input is always run backward, even when
+        no other recorded output lies upstream of it (see ``_recurrent``)."""
+        a = like.new_zeros(()).requires_grad_()
+        self.uses.append(_Use(get_gradient_edge(a), _no_parts, ()))
+        return a
+
+    def add(self, kind: str, slot: int, *payload: torch.Tensor) -> None:
+        self.parts.setdefault((kind, slot), []).append(payload)
+
+    # -- after the forward ------------------------------------------------------------------
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """One backward of ``losses`` (shape ``(B,)``) to every recorded output edge."""
+        for use in self.uses:
+            now = tuple(t._version for t in use.saved if isinstance(t, torch.Tensor))
+            if now != use.versions:
+                raise RuntimeError(
+                    "a tensor saved for per-sample gradients was modified by an in-place "
+                    "operation after it was used; make that operation out of place")
+        if not self.uses or not losses.requires_grad:
+            return
+        grads = torch.autograd.grad(
+            losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
+            allow_unused=True)
+        for use, g in zip(self.uses, grads, strict=True):
+            if g is not None:
+                use.finish(self, g, *use.saved)
+        self.uses.clear()
