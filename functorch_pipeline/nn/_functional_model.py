@@ -121,7 +121,7 @@ class FunctionalModel:
             "buffers": {n: b.shape for n, b in materialised.named_buffers()},
         }
 
-    def _materialise_from(self, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
+    def _materialise_from(self, params: Mapping[str, Any], buffers: Mapping[str, Any], fn: str) -> None:
         """Give a lazy module its shapes from variables (via ``load_state_dict``'s lazy hook)."""
         m = copy_module(self._module)
         sd = {key: (params if c == "params" else buffers)[name] for key, c, name in self._state_keys}
@@ -129,7 +129,7 @@ class FunctionalModel:
             m.load_state_dict(sd, strict=False)
         if has_lazy(m):
             raise ValueError(
-                "the module has lazy parameters that `variables` cannot give shapes to; "
+                f"{fn}: the module has lazy parameters that `variables` cannot give shapes to; "
                 "call init(key, sample_input) first"
             )
         self._set_templates(m)
@@ -178,7 +178,7 @@ class FunctionalModel:
                     + (f" ({'; '.join(hints)})" if hints else "")
                 )
         if self._shapes is None:
-            self._materialise_from(params, buffers)
+            self._materialise_from(params, buffers, fn)
         assert self._shapes is not None
         for collection, given in (("params", params), ("buffers", buffers)):
             for name, shape in self._shapes[collection].items():
