@@ -226,6 +226,16 @@ def jvp(
                     f"dtype {y.dtype}, but the primal has {tuple(x.shape)} and {x.dtype}"
                 )
     leaves, in_def = _tree.flatten(p)
+    flat_f, out_def = _flat_function(f, in_def, has_aux)
+    res = torch.func.jvp(flat_f, tuple(leaves), tuple(_tree.leaves(t)), has_aux=has_aux)
+    out = (_tree.unflatten(out_def[0], res[0]), _tree.unflatten(out_def[0], res[1]))
+    return (*out, res[2]) if has_aux else out
+
+
+def _flat_function(f: Callable[..., Any], in_def: Any, has_aux: bool) -> tuple[Callable[..., Any], list[Any]]:
+    """``f`` as a function of flat tensor leaves returning a tuple of leaves (plus aux);
+    the output's treedef lands in the returned list once it has run (NOTE [flattening
+    differentiated arguments])."""
     out_def: list[Any] = []
 
     def flat_f(*flat: torch.Tensor) -> Any:
@@ -236,9 +246,7 @@ def jvp(
         out_def[:] = [d]
         return (tuple(out_leaves), aux) if has_aux else tuple(out_leaves)
 
-    res = torch.func.jvp(flat_f, tuple(leaves), tuple(_tree.leaves(t)), has_aux=has_aux)
-    out = (_tree.unflatten(out_def[0], res[0]), _tree.unflatten(out_def[0], res[1]))
-    return (*out, res[2]) if has_aux else out
+    return flat_f, out_def
 
 
 def _paths_and_leaves(a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any]]:
@@ -258,16 +266,7 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     """
     fn = "vjp(f, *primals)"
     leaves, in_def = _tree.flatten(primals)
-    out_def: list[Any] = []
-
-    def flat_f(*flat: torch.Tensor) -> Any:
-        out = f(*_tree.unflatten(in_def, flat))
-        if has_aux:
-            out, aux = out
-        out_leaves, d = _tree.flatten(out)
-        out_def[:] = [d]
-        return (tuple(out_leaves), aux) if has_aux else tuple(out_leaves)
-
+    flat_f, out_def = _flat_function(f, in_def, has_aux)
     res = torch.func.vjp(flat_f, *leaves, has_aux=has_aux)
     out_leaves, vjp_flat = res[0], res[1]
 
