@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,3 +86,72 @@ def plot_curves(metrics_path: str, out_path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def load_mnist(data_dir: str, device: torch.device, limit_train: int | None = None,
+               limit_test: int | None = None) -> tuple[Any, Any]:
+    """Preloaded, normalised MNIST ``(train, test)``; a missing file exits with status 2
+    and a message naming the files to put where."""
+    try:
+        train = fp.data.mnist_tensors(data_dir, train=True, device=device)
+        test = fp.data.mnist_tensors(data_dir, train=False, device=device)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return limit(train, limit_train), limit(test, limit_test)
+
+
+def limit(data: Any, n: int | None) -> Any:
+    """The first ``n`` examples of a pytree of tensors (all of them for ``None``)."""
+    return data if not n else fp.tree.map(lambda a: a[:n], data)
+
+
+def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt: Any, train: Any, test: Any, *,
+        epochs: int, batch_size: int, test_batch_size: int, out_dir: str, save_interval: int, keep: int = 3,
+        resume: bool = False, log_probs: bool = False, log_interval: int = 10, no_progress: bool = False,
+        title: str = "", plot: bool = True) -> tuple[fp.train.TrainState, list[dict[str, Any]]]:
+    """Train epoch by epoch with ``fp.train.train_step``: checkpoints every
+    ``save_interval`` batches and at each epoch end (kept by a CheckpointManager in
+    ``out_dir/checkpoints``), exact resume, one JSON line per epoch in
+    ``out_dir/metrics.jsonl`` and ``out_dir/curves.png``."""
+    device = state.step.device
+    steps_per_epoch = fp.data.num_batches(train[0].shape[0], batch_size)
+    manager = fp.train.CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=keep)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if resume and manager.latest_step() is not None:
+        state = manager.restore(like=state, device=device)
+        print(f"resumed from step {int(state.step)} ({manager.latest()})")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    history = []
+    for epoch in range(int(state.step) // steps_per_epoch, epochs):
+        first = int(state.step) - epoch * steps_per_epoch
+        batches = fp.data.batches(train, batch_size, key=data_key(state, epoch), start=first)
+        bar = progress(batches, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}", no_progress)
+        loss_sum = torch.zeros((), device=device)
+        t0 = time.perf_counter()
+        for i, batch in enumerate(bar, start=first):
+            state, loss = fp.train.train_step(state, batch, loss_fn, opt)
+            loss_sum += loss
+            if (i + 1) % log_interval == 0 and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (i + 1) % save_interval == 0 and i + 1 < steps_per_epoch:
+                manager.save(int(state.step), state)
+        epoch_time = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "step": int(state.step),
+            "train_loss": loss_sum.item() / max(1, steps_per_epoch - first),
+            **evaluate(lambda x, s=state: model.apply({"params": s.params, "buffers": s.buffers}, x),
+                       test, test_batch_size, log_probs=log_probs),
+            "epoch_time_s": round(epoch_time, 3),
+        }
+        manager.save(int(state.step), state, metrics={"test_accuracy": record["test_accuracy"]})
+        append_jsonl(metrics_path, record)
+        history.append(record)
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test loss {record['test_loss']:.4f}, "
+              f"test accuracy {100 * record['test_accuracy']:.2f}% ({epoch_time:.1f} s)")
+    if plot:
+        plot_curves(metrics_path, os.path.join(out_dir, "curves.png"), title)
+    return state, history

@@ -23,7 +23,6 @@ import collections
 import os
 import re
 import sys
-import time
 from typing import Any
 
 import torch
@@ -32,12 +31,10 @@ import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl  # noqa: E402
-from common import data_key  # noqa: E402
-from common import evaluate  # noqa: E402
+from common import fit  # noqa: E402
+from common import limit  # noqa: E402
+from common import load_mnist  # noqa: E402
 from common import pick_device  # noqa: E402
-from common import plot_curves  # noqa: E402
-from common import progress  # noqa: E402
 from models import SequenceClassifier  # noqa: E402
 from models import TextClassifier  # noqa: E402
 
@@ -129,66 +126,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train, test, vocab_size = load_imdb(args.imdb_dir, args.max_words, args.max_len, device)
             net = TextClassifier(vocab_size=vocab_size)
         else:
-            train = fp.data.mnist_tensors(args.data_dir, train=True, device=device)
-            test = fp.data.mnist_tensors(args.data_dir, train=False, device=device)
+            train, test = load_mnist(args.data_dir, device)
             net = SequenceClassifier(hidden=args.hidden)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.limit_train:
-        train = fp.tree.map(lambda a: a[: args.limit_train], train)
-    if args.limit_test:
-        test = fp.tree.map(lambda a: a[: args.limit_test], test)
+    train, test = limit(train, args.limit_train), limit(test, args.limit_test)
 
     model = fp.functionalize(net)
     key = fp.random.key(args.seed, device=device)
     variables = fp.tree.to(model.init(fp.random.fold_in(key, 1), train[0][:1]), device)
-    steps_per_epoch = fp.data.num_batches(train[0].shape[0], args.batch_size)
     opt = optim.chain(optim.clip_by_global_norm(args.clip), optim.adam(args.lr))
     state = fp.train.TrainState.create(variables["params"], opt.init(variables["params"]), key)
-    manager = fp.train.CheckpointManager(os.path.join(args.out_dir, "checkpoints"), max_to_keep=2)
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if args.resume and manager.latest_step() is not None:
-        state = manager.restore(like=state, device=device)
-        print(f"resumed from step {int(state.step)}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-
     def loss_fn(params: Any, buffers: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, Any]:
         x, y = batch
         logits, new_buffers = model.apply({"params": params, "buffers": buffers}, x, train=True, key=key)
         return fp.losses.cross_entropy(logits, y).mean(), new_buffers
 
-    history = []
-    for epoch in range(int(state.step) // steps_per_epoch, args.epochs):
-        first = int(state.step) - epoch * steps_per_epoch
-        it = fp.data.batches(train, args.batch_size, key=data_key(state, epoch), start=first)
-        bar = progress(it, steps_per_epoch, first, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
-        loss_sum = torch.zeros((), device=device)
-        t0 = time.perf_counter()
-        for i, batch in enumerate(bar, start=first):
-            state, loss = fp.train.train_step(state, batch, loss_fn, opt)
-            loss_sum += loss
-            if (i + 1) % 20 == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (i + 1) % args.save_interval == 0 and i + 1 < steps_per_epoch:
-                manager.save(int(state.step), state)
-        epoch_time = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "train_loss": loss_sum.item() / max(1, steps_per_epoch - first),
-            **evaluate(lambda x, s=state: model.apply({"params": s.params, "buffers": s.buffers}, x),
-                       test, args.test_batch_size),
-            "epoch_time_s": round(epoch_time, 3),
-        }
-        manager.save(int(state.step), state, metrics={"test_accuracy": record["test_accuracy"]})
-        append_jsonl(metrics_path, record)
-        history.append(record)
-        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test loss {record['test_loss']:.4f}, "
-              f"test accuracy {100 * record['test_accuracy']:.2f}% ({epoch_time:.1f} s)")
-    if not args.no_plot:
-        plot_curves(metrics_path, os.path.join(args.out_dir, "curves.png"), f"LSTM ({args.task})")
+    state, history = fit(
+        model, state, loss_fn, opt, train, test, epochs=args.epochs, batch_size=args.batch_size,
+        test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
+        keep=2, resume=args.resume, log_interval=20, no_progress=args.no_progress,
+        title=f"LSTM ({args.task})", plot=not args.no_plot)
 
     norms = None
     if args.grad_norms:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
 import torch
@@ -26,12 +25,9 @@ import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_jsonl  # noqa: E402
-from common import data_key  # noqa: E402
-from common import evaluate  # noqa: E402
+from common import fit  # noqa: E402
+from common import load_mnist  # noqa: E402
 from common import pick_device  # noqa: E402
-from common import plot_curves  # noqa: E402
-from common import progress  # noqa: E402
 from models import Net  # noqa: E402
 from models import WideNet  # noqa: E402
 
@@ -73,25 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_data(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
-    try:
-        train = fp.data.mnist_tensors(args.data_dir, train=True, device=device)
-        test = fp.data.mnist_tensors(args.data_dir, train=False, device=device)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.limit_train:
-        train = fp.tree.map(lambda a: a[: args.limit_train], train)
-    if args.limit_test:
-        test = fp.tree.map(lambda a: a[: args.limit_test], test)
-    return train, test
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # only torch internals; all our randomness is keyed
     device = pick_device(args.device, args.no_cuda)
-    train, test = load_data(args, device)
+    train, test = load_mnist(args.data_dir, device, args.limit_train, args.limit_test)
     n_train = train[0].shape[0]
     steps_per_epoch = fp.data.num_batches(n_train, args.batch_size)
 
@@ -106,52 +88,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = fp.train.TrainState.create(
         variables["params"], opt.init(variables["params"]), key, buffers=variables["buffers"]
     )
-    manager = fp.train.CheckpointManager(os.path.join(args.out_dir, "checkpoints"), max_to_keep=args.keep)
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if args.resume and manager.latest_step() is not None:
-        state = manager.restore(like=state, device=device)
-        print(f"resumed from step {int(state.step)} ({manager.latest()})")
-    else:
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-
     def loss_fn(params: Any, buffers: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, Any]:
         x, y = batch
         out, new_buffers = model.apply({"params": params, "buffers": buffers}, x, train=True, key=key)
         return fp.losses.nll(out, y).mean(), new_buffers
 
-    history = []
-    start_step = int(state.step)
-    for epoch in range(start_step // steps_per_epoch, args.epochs):
-        first = int(state.step) - epoch * steps_per_epoch
-        batches = fp.data.batches(train, args.batch_size, key=data_key(state, epoch), start=first)
-        bar = progress(batches, total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}",
-                        disable=args.no_progress)
-        loss_sum = torch.zeros((), device=device)
-        t0 = time.perf_counter()
-        for i, batch in enumerate(bar, start=first):
-            state, loss = fp.train.train_step(state, batch, loss_fn, opt)
-            loss_sum += loss
-            if (i + 1) % args.log_interval == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (i + 1) % args.save_interval == 0 and i + 1 < steps_per_epoch:
-                manager.save(int(state.step), state)
-        epoch_time = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "train_loss": loss_sum.item() / max(1, steps_per_epoch - first),
-            **evaluate(lambda x, s=state: model.apply({"params": s.params, "buffers": s.buffers}, x),
-                       test, args.test_batch_size, log_probs=True),
-            "epoch_time_s": round(epoch_time, 3),
-        }
-        manager.save(int(state.step), state, metrics={"test_accuracy": record["test_accuracy"]})
-        history.append(record)
-        append_jsonl(metrics_path, record)
-        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test loss {record['test_loss']:.4f}, "
-              f"test accuracy {100 * record['test_accuracy']:.2f}% ({epoch_time:.1f} s)")
-    if not args.no_plot:
-        plot_curves(metrics_path, os.path.join(args.out_dir, "curves.png"), "functorch_pipeline MNIST")
+    state, history = fit(
+        model, state, loss_fn, opt, train, test, epochs=args.epochs, batch_size=args.batch_size,
+        test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
+        keep=args.keep, resume=args.resume, log_probs=True, log_interval=args.log_interval,
+        no_progress=args.no_progress, title="functorch_pipeline MNIST", plot=not args.no_plot)
     return {"history": history, "state": state}
 
 

@@ -27,6 +27,7 @@ from functorch_pipeline import optim
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import evaluate  # noqa: E402
+from common import load_mnist  # noqa: E402
 from common import pick_device  # noqa: E402
 from common import progress  # noqa: E402
 from models import Net  # noqa: E402
@@ -61,16 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device, args.no_cuda)
     os.makedirs(args.out_dir, exist_ok=True)
-    try:
-        train = fp.data.mnist_tensors(args.data_dir, train=True, device=device)
-        test = fp.data.mnist_tensors(args.data_dir, train=False, device=device)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.limit_train:
-        train = fp.tree.map(lambda a: a[: args.limit_train], train)
-    if args.limit_test:
-        test = fp.tree.map(lambda a: a[: args.limit_test], test)
+    train, test = load_mnist(args.data_dir, device, args.limit_train, args.limit_test)
 
     model = fp.functionalize(Net())
     key = fp.random.key(args.seed, device=device)
