@@ -19,7 +19,6 @@ import torch
 Scalar = float | int | torch.Tensor
 TL = list[torch.Tensor]
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # NOTE [when foreach]
 # ``torch._foreach_*`` kernels have no vmap batching rule, so under ``torch.func.vmap``
@@ -31,13 +30,16 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def foreach_ok(*lists: Sequence[Any]) -> bool:
     """Whether every element of every list is a plain eager tensor (not traced/wrapped)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _transforms_active():
         return False
     for xs in lists:
         for x in xs:
-            if not isinstance(x, torch.Tensor) or _is_wrapped(x):
+            if type(x) is not torch.Tensor and not isinstance(x, torch.Tensor):
                 return False
     return True
+
+
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def recording(xs: Sequence[torch.Tensor]) -> bool:
