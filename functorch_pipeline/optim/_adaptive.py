@@ -59,13 +59,13 @@ def _foldable(m: Any) -> bool:
     return isinstance(m, numbers.Real) and not isinstance(m, bool) and m != 0
 
 
-def _finish(where: str, out: list, m: Any, c: Any, updates: Updates, params: Params, fe: bool) -> list:
+def _finish(where: str, out: list, m: Any, c: Any, updates: Updates, params: Params, fe: bool, td: Any = None) -> list:
     """``m * out + c * params`` in place on ``out`` (``out`` must be freshly owned)."""
     if not _unit(m):
         out = _mt.mul_(out, m, fe)
     if not _zero(c):
         require_params(where, params)
-        out = _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
+        out = _mt.add_(out, flatten_like(where, updates, params, "params", td), fe, alpha=c)
     return out
 
 
@@ -183,8 +183,8 @@ def scale_by_adam(
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu")
-        vl = flatten_like(where, updates, state.nu, "state.nu")
+        ml = flatten_like(where, updates, state.mu, "state.mu", td)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td)
         fe = _mt.foreach_ok(gl, ml, vl)
         inplace = bool(extra_args.get("inplace")) and mu_dtype is None
         count = state.count + 1
@@ -200,7 +200,7 @@ def scale_by_adam(
             pl = None
             if not _zero(c):
                 require_params(where, params)
-                pl = flatten_like(where, updates, params, "params")
+                pl = flatten_like(where, updates, params, "params", td)
             if _fused_adam_ok(gl, ml, vl, pl or []) and not (pl is not None and _mt.recording(pl)):
                 out, new_m, new_v = _fused_adam_step(gl, ml, vl, state.count, b1, b2, eps, m, c, pl, inplace)
                 new_state = ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
@@ -240,7 +240,7 @@ def scale_by_adam(
             out = _mt.div(num, d, fe)
             if not nesterov:
                 out = _mt.mul_(out, 1 / bc1, fe)
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         new_m = _mt.cast(new_m, mu_dtype)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
@@ -270,8 +270,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adamax.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu")
-        vl = flatten_like(where, updates, state.nu, "state.nu")
+        ml = flatten_like(where, updates, state.mu, "state.mu", td)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td)
         fe = _mt.foreach_ok(gl, ml, vl)
         inplace = bool(extra_args.get("inplace"))
         count = state.count + 1
@@ -289,7 +289,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
             new_v = [torch.maximum(v, x) for v, x in zip(new_v, a, strict=True)]
         out = _mt.div(new_m, new_v, fe)
         m = m / (1 - b1**t) if gl else m
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
     def update_fn(updates: Updates, state: ScaleByAdamState, params: Params = None, **extra_args: Any):
@@ -339,8 +339,8 @@ def scale_by_radam(
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_radam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu")
-        vl = flatten_like(where, updates, state.nu, "state.nu")
+        ml = flatten_like(where, updates, state.mu, "state.mu", td)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td)
         fe = _mt.foreach_ok(gl, ml, vl)
         inplace = bool(extra_args.get("inplace"))
         count = state.count + 1
@@ -371,7 +371,7 @@ def scale_by_radam(
             d = _mt.add_scalar_(d, eps, fe)
             k = rect
         out = [torch.where(on, x / y * k, x) for x, y in zip(mh, d, strict=True)]
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
     def update_fn(updates: Updates, state: ScaleByAdamState, params: Params = None, **extra_args: Any):
@@ -421,8 +421,8 @@ def scale_by_nadam(
     def fused(updates: Updates, state: ScaleByNadamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_nadam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu")
-        vl = flatten_like(where, updates, state.nu, "state.nu")
+        ml = flatten_like(where, updates, state.mu, "state.mu", td)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td)
         fe = _mt.foreach_ok(gl, ml, vl)
         inplace = bool(extra_args.get("inplace"))
         count = state.count + 1
@@ -439,7 +439,7 @@ def scale_by_nadam(
         out = _mt.mul(gl, (1 - mu_t) / (1 - prod), fe)
         out = _mt.add_(out, new_m, fe, alpha=mu_next / (1 - prod_next))
         out = _mt.div(out, d, fe)
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         new_state = ScaleByNadamState(count, prod, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
         return fpt.unflatten(td, out), new_state
 
@@ -479,8 +479,8 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
     def fused(updates: Updates, state: Any, params: Params, m: Any, c: Any, **extra_args: Any):
         where = f"{name}.update"
         gl, td = fpt.flatten(updates)
-        vl = flatten_like(where, updates, state.nu, "state.nu")
-        ml = flatten_like(where, updates, state.mu, "state.mu") if centered else []
+        vl = flatten_like(where, updates, state.nu, "state.nu", td)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td) if centered else []
         fe = _mt.foreach_ok(gl, vl, ml)
         inplace = bool(extra_args.get("inplace"))
         count = state.count + 1
@@ -502,7 +502,7 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
             d = _mt.sqrt(v, fe)
             d = _mt.add_scalar_(d, eps, fe)
         out = _mt.div(gl, d, fe)
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         if centered:
             st = ScaleByRStdDevState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
         else:
@@ -582,7 +582,7 @@ def scale_by_rss(
     def fused(updates: Updates, state: ScaleByRssState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_rss.update"
         gl, td = fpt.flatten(updates)
-        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares")
+        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td)
         fe = _mt.foreach_ok(gl, sl)
         new_s = _mt.addcmul(sl, gl, gl, fe, inplace=bool(extra_args.get("inplace")))
         if eps_in_sqrt:
@@ -591,7 +591,7 @@ def scale_by_rss(
             d = _mt.sqrt(new_s, fe)
             d = _mt.add_scalar_(d, eps, fe)
             out = _mt.div(gl, d, fe)
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByRssState(fpt.unflatten(td, new_s))
 
     def update_fn(updates: Updates, state: ScaleByRssState, params: Params = None, **extra_args: Any):
@@ -624,8 +624,8 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
     def fused(updates: Updates, state: ScaleByAdaDeltaState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adadelta.update"
         gl, td = fpt.flatten(updates)
-        egl = flatten_like(where, updates, state.e_g, "state.e_g")
-        exl = flatten_like(where, updates, state.e_x, "state.e_x")
+        egl = flatten_like(where, updates, state.e_g, "state.e_g", td)
+        exl = flatten_like(where, updates, state.e_x, "state.e_x", td)
         fe = _mt.foreach_ok(gl, egl, exl)
         inplace = bool(extra_args.get("inplace"))
         new_eg = _mt.ema_sq(egl, gl, rho, fe, inplace=inplace)
@@ -636,7 +636,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         else:
             delta = [x / s * g for x, s, g in zip(delta, std, gl, strict=True)]
         new_ex = _mt.ema_sq(exl, delta, rho, fe, inplace=inplace)
-        out = _finish(where, delta, m, c, updates, params, fe)
+        out = _finish(where, delta, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdaDeltaState(fpt.unflatten(td, new_eg), fpt.unflatten(td, new_ex))
 
     def update_fn(updates: Updates, state: ScaleByAdaDeltaState, params: Params = None, **extra_args: Any):
@@ -669,7 +669,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
     def fused(updates: Updates, state: ScaleByLionState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_lion.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu")
+        ml = flatten_like(where, updates, state.mu, "state.mu", td)
         fe = _mt.foreach_ok(gl, ml)
         mu_in = ml if mu_dtype is None else [x.to(g.dtype) for x, g in zip(ml, gl, strict=True)]
         out = _mt.lerp(mu_in, gl, 1 - b1, fe)
@@ -679,7 +679,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
             out = [torch.sign(x) for x in out]
         inplace = bool(extra_args.get("inplace")) and mu_dtype is None
         new_m = _mt.cast(_mt.lerp(mu_in, gl, 1 - b2, fe, inplace=inplace), mu_dtype)
-        out = _finish(where, out, m, c, updates, params, fe)
+        out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByLionState(state.count + 1, fpt.unflatten(td, new_m))
 
     def update_fn(updates: Updates, state: ScaleByLionState, params: Params = None, **extra_args: Any):

@@ -125,9 +125,11 @@ def check_shapes(where: str, a_name: str, a_leaves: list, b_name: str, b_leaves:
             )
 
 
-def flatten_like(where: str, updates: Updates, other: Any, other_name: str) -> list:
-    """Leaves of ``other`` in the order of ``updates``' leaves, or a clear error."""
-    treedef = fpt.structure(updates)
+def flatten_like(where: str, updates: Updates, other: Any, other_name: str, treedef: Any = None) -> list:
+    """Leaves of ``other`` in the order of ``updates``' leaves (``treedef``: the structure
+    of ``updates`` when the caller already has it), or a clear error."""
+    if treedef is None:
+        treedef = fpt.structure(updates)
     try:
         return treedef.flatten_up_to(other)
     except (ValueError, TypeError):
@@ -309,7 +311,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """
     pl, ul, td = _split_apply("apply_updates(params, updates)", params, updates)
     fe = _mt.foreach_ok(pl, ul)
-    if all(p.dtype == u.dtype for p, u in zip(pl, ul, strict=True)):
+    if [p.dtype for p in pl] == [u.dtype for u in ul]:
         out = _mt.add(pl, ul, fe)
     else:
         out = [(p + u).to(p.dtype) for p, u in zip(pl, ul, strict=True)]

@@ -173,7 +173,7 @@ def trace(
     def fused(updates: Updates, state: Any, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "trace.update"
         gl, td = fpt.flatten(updates)
-        tl = flatten_like(where, updates, state.trace, "state.trace")
+        tl = flatten_like(where, updates, state.trace, "state.trace", td)
         fe = _mt.foreach_ok(gl, tl)
         inplace = bool(extra_args.get("inplace"))
         if damped:
@@ -211,7 +211,7 @@ def trace(
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
             require_params(where, params)
-            out = _mt.add_(out, flatten_like(where, updates, params, "params"), fe, alpha=c)
+            out = _mt.add_(out, flatten_like(where, updates, params, "params", td), fe, alpha=c)
         new_trace = fpt.unflatten(td, new_t)
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
@@ -248,7 +248,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
             return updates, state
         require_params(where, params)
         ul, td = fpt.flatten(updates)
-        pl = flatten_like(where, updates, params, "params")
+        pl = flatten_like(where, updates, params, "params", td)
         fe = _mt.foreach_ok(ul, pl)
         if extra_args.get("inplace"):
             out = _mt.add_(ul, pl, fe, alpha=weight_decay)
@@ -353,7 +353,7 @@ def scale_by_trust_ratio(
         where = "scale_by_trust_ratio.update"
         require_params(where, params)
         ul, td = fpt.flatten(updates)
-        pl = flatten_like(where, updates, params, "params")
+        pl = flatten_like(where, updates, params, "params", td)
         out = []
         for u, p in zip(ul, pl, strict=True):
             pn = torch.clamp(torch.linalg.vector_norm(p), min=min_norm)
