@@ -52,7 +52,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: list[str],
               batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
-    engine = Engine(flat, names, batch_size, RULES)
+    engine = Engine(flat, names, batch_size, RULES, fn)
     tracked = iter(engine.tracked())
     new_args = list(args)
     for i, group, treedef in zip(nums, leaves, defs, strict=True):

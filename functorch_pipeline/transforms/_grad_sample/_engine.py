@@ -44,16 +44,20 @@ class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user e
 
 
 def _describe(func: Any) -> str:
+    """A readable name for a torch function: ``F.linear``, ``torch.lstm``, ``Tensor.t``."""
     owner = getattr(func, "__self__", None)
     if type(owner).__name__ == "getset_descriptor":  # Tensor.<attr>.__get__
         return f"Tensor.{owner.__name__}"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None) or ""
-    if name.startswith(("TensorBase.", "Tensor.")):
-        return "Tensor." + name.split(".", 1)[1]
-    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+    head, _, tail = name.partition(".")
+    if head in ("TensorBase", "Tensor") and tail:
+        return f"Tensor.{tail}"
+    if head == "_VariableFunctionsClass" and tail:
+        return f"torch.{tail}"
+    if module in ("torch.nn.functional", "torch._C._nn"):
         return f"F.{name}"
-    return f"torch.{name}" if not module.startswith("torch") or module == "torch" else f"{module}.{name}"
+    return f"torch.{name}" if module in ("torch", "") else f"{module}.{name}"
 
 
 _T = torch.Tensor
@@ -124,10 +128,12 @@ class Engine:
       names: a readable name (key path) per slot, for error messages.
       batch_size: ``B``, the size of axis 0 of every batched input.
       rules: ``{torch function: rule}`` (``_rules.RULES``).
+      fn: the public call, to prefix errors that are not ``Unsupported``.
     """
 
     def __init__(self, params: list[torch.Tensor], names: list[str], batch_size: int,
-                 rules: dict[Any, Callable[..., Any]]) -> None:
+                 rules: dict[Any, Callable[..., Any]], fn: str = "per_sample_grads(loss_fn)") -> None:
+        self.fn = fn
         self.bases = [p.detach() for p in params]
         self._names = names
         self.batch_size = batch_size

@@ -233,10 +233,11 @@ def _batch_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     (ws, bs), (wp, bp) = _params(engine, w, b)
     if training:
         raise ValueError(
-            f"per_sample_grads: BatchNorm in training mode (parameters {engine.names(args, kwargs)}) "
+            f"{engine.fn}: BatchNorm in training mode (parameters {engine.names(args, kwargs)}) "
             "normalises with statistics of the whole batch, so one example's loss depends on "
             "the others and per-example gradients are not defined. Run the model in eval mode "
-            "(running statistics), or replace BatchNorm with GroupNorm.")
+            "(running statistics), or replace BatchNorm with GroupNorm "
+            "(fp.nn.replace_batchnorm_with_groupnorm).")
     if engine.slot(mean) is not None or engine.slot(var) is not None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as running statistics of `F.batch_norm`")
     engine.check_input(x, "F.batch_norm", [s for s in (ws, bs) if s is not None])

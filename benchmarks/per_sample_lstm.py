@@ -1,0 +1,150 @@
+"""Per-sample gradients of an LSTM text classifier, against the plain batch gradient.
+
+Model: Embedding(5000, 64) -> 2-layer bidirectional LSTM(64, 64) -> Dropout(0.5) ->
+Linear(128, 64) -> ReLU -> mean over time -> Linear(64, 2); cross entropy; batch 32,
+sequence length 50, train mode (dropout on). The yardstick is one eager ``backward()`` of
+the mean loss with ``nn.LSTM`` (fused mkldnn kernel, the fastest standard way); the batch
+gradient with ``fp.nn.LSTM`` is shown too. Every row runs in the same process,
+interleaved; ratios are throughput ratios (> 1 is faster than the yardstick).
+
+    .venv/bin/python benchmarks/per_sample_lstm.py                 # default settings
+    .venv/bin/python benchmarks/per_sample_lstm.py --malloc both   # + tuned glibc malloc
+    .venv/bin/python benchmarks/per_sample_lstm.py --compile       # + torch.compile(vmap(grad)), slow to compile
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common  # noqa: E402
+
+import functorch_pipeline as fp  # noqa: E402
+from functorch_pipeline.nn import recurrent as _recurrent  # noqa: E402
+from functorch_pipeline.transforms import _grad_sample  # noqa: E402
+
+YARDSTICK = "nn.LSTM batch gradient (yardstick)"
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, rnn: type[nn.Module] = nn.LSTM, vocab: int = 5000, dim: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.lstm = rnn(dim, dim, num_layers=2, bidirectional=True, batch_first=True)
+        self.dropout = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(2 * dim, dim)
+        self.fc2 = nn.Linear(dim, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.embedding(tokens))
+        h = F.relu(self.fc1(self.dropout(h)))
+        return self.fc2(h.mean(1))
+
+
+def fused_rule_status() -> str:
+    """Whether fp.nn.LSTM's direction loop reaches the engine's fused rule (NOTE [fused
+    LSTM direction]); if fp.nn does not register it yet, register it here, in-process."""
+    if _recurrent._lstm_direction in _grad_sample._rules.RULES:
+        return "fp.nn.LSTM registers the fused direction rule"
+    _recurrent._lstm_direction = _grad_sample.overridable(_recurrent._lstm_direction)
+    _grad_sample.register_rule(_recurrent._lstm_direction, _grad_sample.lstm_direction_rule)
+    return ("fp.nn.LSTM does not register the fused rule yet: applied in this process "
+            "(overridable + register_rule on fp.nn.recurrent._lstm_direction)")
+
+
+def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    ref = TextClassifier(nn.LSTM)
+    model = TextClassifier(fp.nn.LSTM)
+    model.load_state_dict(ref.state_dict())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ref_params = {k: v.detach() for k, v in ref.named_parameters()}
+    tokens, labels = torch.randint(0, 5000, (batch, seq)), torch.randint(0, 2, (batch,))
+
+    def losses(p: dict, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, p, (t,)), y, reduction="none")
+
+    def one(module: nn.Module) -> object:
+        def mean_loss(p: dict, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(torch.func.functional_call(module, p, (t[None],)), y[None])
+        return torch.func.vmap(torch.func.grad(mean_loss), in_dims=(None, 0, 0), randomness="different")
+
+    def batch_grad(module: nn.Module) -> object:
+        def run() -> None:
+            module.zero_grad(set_to_none=True)
+            F.cross_entropy(module(tokens), labels).backward()
+        return run
+
+    hooks = fp.per_sample_grads(losses, method="hooks")
+    vmap_fp, vmap_nn = one(model), one(ref)
+    leaves = list(ref_params.values())
+
+    def python_loop() -> list[torch.Tensor]:
+        rows = []
+        for i in range(batch):
+            loss = F.cross_entropy(ref(tokens[i:i + 1]), labels[i:i + 1])
+            rows.append(torch.autograd.grad(loss, list(ref.parameters())))
+        return [torch.stack(g) for g in zip(*rows, strict=True)]
+
+    # Same numbers first (eval mode: no dropout), the fast method against vmap(grad).
+    model.eval()
+    with torch.no_grad():
+        a, b = hooks(params, tokens, labels), vmap_fp(params, tokens, labels)
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
+    print(f"  check (eval mode): hooks vs vmap(grad), max relative difference {worst:.1e}")
+    assert worst < 1e-4, worst
+    model.train()
+
+    fns = {
+        YARDSTICK: batch_grad(ref),
+        "fp.nn.LSTM batch gradient": batch_grad(model),
+        "fp.per_sample_grads hooks (fp.nn.LSTM)": lambda: hooks(params, tokens, labels),
+        "torch.func vmap(grad), fp.nn.LSTM": lambda: vmap_fp(params, tokens, labels),
+        "torch.func vmap(grad), nn.LSTM": lambda: vmap_nn(ref_params, tokens, labels),
+    }
+    if loop:
+        fns["python loop, nn.LSTM"] = python_loop
+    if compile_:
+        compiled = torch.compile(vmap_fp)
+        start = time.perf_counter()
+        compiled(params, tokens, labels)
+        print(f"  torch.compile(vmap(grad)) over fp.nn.LSTM: first call {time.perf_counter() - start:.1f} s")
+        fns["torch.compile(vmap(grad)), fp.nn.LSTM"] = lambda: compiled(params, tokens, labels)
+    del leaves
+    return fns
+
+
+def main() -> None:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=50)
+    p.add_argument("--no-loop", action="store_true", help="skip the Python-loop baseline")
+    p.add_argument("--compile", action="store_true", help="add torch.compile(vmap(grad)) (minutes to compile)")
+    args = p.parse_args()
+    if _common.maybe_respawn(args):
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(_common.environment())
+    print(f"  {fused_rule_status()}")
+    for peer, why in (("opacus", "Opacus DPLSTM"), ("jax", "JAX vmap+jit")):
+        if _common.optional(peer) is None:
+            print(f"  skipped {why}: `{peer}` is not installed")
+    fns = candidates(args.batch, args.seq, not args.no_loop, args.compile)
+    slow = {"torch.func vmap(grad), nn.LSTM": 3, "python loop, nn.LSTM": 3}
+    stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget, every=slow)
+    baselines = {"yardstick": YARDSTICK, "fp batch": "fp.nn.LSTM batch gradient"}
+    print(_common.table(stats, baselines, args.batch,
+                        f"\nper-sample gradients, LSTM text classifier, batch {args.batch}, seq {args.seq}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""per_sample_grads(method="hooks"/"auto"): the per-sample gradient engine against a Python
+loop over examples (plain torch.autograd, float64, 1e-10)."""
+
+from __future__ import annotations
+
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from torch import nn
+
+import functorch_pipeline as fp
+from functorch_pipeline.transforms import _grad_sample
+
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.named_parameters()}
+
+
+def squared(module: nn.Module):
+    """Per-example losses: the squared output of ``module`` summed per example."""
+
+    def loss(p, x, y):
+        out = torch.func.functional_call(module, p, (x,))
+        return ((out - y) ** 2).flatten(1).sum(1)
+
+    return loss
+
+
+def loop_grads(loss_fn, params, *batch):
+    """The reference: one ``torch.autograd.grad`` per example (batches of one)."""
+    rows = []
+    for i in range(batch[0].shape[0]):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        loss = loss_fn(p, *(b[i:i + 1] for b in batch))
+        assert loss.shape == (1,)
+        grads = torch.autograd.grad(loss.sum(), list(p.values()), allow_unused=True)
+        rows.append([torch.zeros_like(v) if g is None else g for v, g in zip(p.values(), grads, strict=True)])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+def assert_matches(loss_fn, params, *batch, method="hooks", **kw):
+    got = fp.per_sample_grads(loss_fn, method=method, **kw)(params, *batch)
+    want = loop_grads(loss_fn, params, *batch)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert torch.allclose(got[k], want[k], atol=TOL, rtol=0), (k, (got[k] - want[k]).abs().max())
+    return got
+
+
+def targets(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.randn_like(module(x))
+
+
+# -- one rule at a time ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 3), (5, 4, 3), (5, 2, 4, 3)])
+def test_linear_matches_loop(bias, shape):
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2, bias=bias)
+    x = torch.randn(*shape)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same.")
+@pytest.mark.parametrize("kw", [
+    {}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": "same"}, {"padding": "same"},
+    {"groups": 2}, {"groups": 4, "padding": 1}, {"bias": False, "padding": "valid"},
+])
+def test_conv1d_matches_loop(kw):
+    torch.manual_seed(0)
+    m = nn.Conv1d(4, 6 if kw.get("groups", 1) != 4 else 8, 4 if kw.get("padding") == "same" else 3, **kw)
+    x = torch.randn(5, 4, 11)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+@pytest.mark.parametrize("c_in, c_out, kw", [
+    (1, 3, {}), (1, 3, {"stride": 2, "padding": 2, "dilation": 2}), (3, 4, {"padding": "same"}),
+    (3, 4, {"stride": (2, 1), "padding": (1, 0)}), (4, 6, {"groups": 2}), (4, 8, {"groups": 4}),
+    (3, 2, {"padding": 1, "padding_mode": "reflect"}), (2, 4, {"kernel_size": (2, 4), "padding": "same"}),
+])
+def test_conv2d_matches_loop(c_in, c_out, kw):
+    torch.manual_seed(0)
+    kw = {"kernel_size": 3, **kw}
+    m = nn.Conv2d(c_in, c_out, **kw)
+    x = torch.randn(4, c_in, 9, 8)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, -1])
+@pytest.mark.parametrize("shape", [(6,), (6, 5), (6, 2, 3)])
+def test_embedding_matches_loop(padding_idx, shape):
+    torch.manual_seed(0)
+    m = nn.Embedding(7, 3, padding_idx=padding_idx)
+    idx = torch.randint(0, 7, shape)
+    idx[0] = 0  # a padding index appears, and repeated indices within an example
+    assert_matches(squared(m), params_of(m), idx, targets(m, idx))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.LayerNorm(4), (5, 4)), (lambda: nn.LayerNorm(4), (5, 3, 4)),
+    (lambda: nn.LayerNorm((3, 4)), (5, 2, 3, 4)), (lambda: nn.LayerNorm(4, bias=False), (5, 3, 4)),
+    (lambda: nn.GroupNorm(2, 4), (5, 4)), (lambda: nn.GroupNorm(2, 4), (5, 4, 6)),
+    (lambda: nn.GroupNorm(1, 4), (5, 4, 3, 3)),
+    (lambda: nn.BatchNorm1d(4), (5, 4, 6)), (lambda: nn.BatchNorm2d(4), (5, 4, 3, 3)),
+])
+def test_norms_match_loop(make, shape):
+    torch.manual_seed(0)
+    m = make().eval()
+    for p in m.parameters():  # away from the identity initialisation
+        p.data.normal_()
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(*shape)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 5), nn.Conv2d(4, 6, 5)
+        self.fc1, self.fc2 = nn.Linear(6 * 4 * 4, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        return F.log_softmax(self.fc2(F.relu(self.fc1(x.flatten(1)))), -1)
+
+
+def nll(module):
+    return lambda p, x, y: F.nll_loss(torch.func.functional_call(module, p, (x,)), y, reduction="none")
+
+
+def test_cnn_matches_loop():
+    torch.manual_seed(0)
+    m = CNN()
+    assert_matches(nll(m), params_of(m), torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,)))
+
+
+def test_inplace_relu_after_conv_uses_the_conv_output_gradient():
+    # NOTE [gradient edges, not tensors]: relu_ re-points the conv output's grad_fn.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x = torch.randn(4, 2, 6, 6)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+def test_conv1d_layernorm_groupnorm_embedding_model_matches_loop():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6, padding_idx=0)
+            self.conv = nn.Conv1d(6, 8, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 8)
+            self.ln = nn.LayerNorm(8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, t):
+            h = self.gn(self.conv(self.emb(t).transpose(1, 2))).transpose(1, 2)
+            return self.out(torch.tanh(self.ln(h))).mean(1)
+
+    torch.manual_seed(0)
+    m = Net()
+    t = torch.randint(0, 11, (5, 7))
+    assert_matches(squared(m), params_of(m), t, targets(m, t))
+
+
+def test_tied_weight_used_twice_accumulates():
+    torch.manual_seed(0)
+    w, b1, b2 = torch.randn(4, 4), torch.randn(4), torch.randn(4)
+
+    def loss(p, x, y):
+        h = torch.tanh(F.linear(x, p["w"], p["b1"]))
+        return ((F.linear(h, p["w"], p["b2"]) - y) ** 2).sum(-1)
+
+    assert_matches(loss, {"w": w, "b1": b1, "b2": b2}, torch.randn(5, 4), torch.randn(5, 4))
+
+
+def test_unused_and_no_grad_parameters_get_zeros():
+    torch.manual_seed(0)
+
+    def loss(p, x):
+        with torch.no_grad():
+            frozen = F.linear(x, p["a"])
+        return (F.linear(x + frozen, p["w"]) ** 2).sum(-1)
+
+    p = {"w": torch.randn(3, 3), "a": torch.randn(3, 3), "unused": torch.randn(2)}
+    got = assert_matches(loss, p, torch.randn(4, 3))
+    assert torch.equal(got["a"], torch.zeros(4, 3, 3)) and torch.equal(got["unused"], torch.zeros(4, 2))
+
+
+def test_lstm_classifier_matches_loop():
+    """The issue's text classifier (smaller sizes), with fp.nn.LSTM, in eval mode."""
+
+    class TextClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(20, 4)
+            self.lstm = fp.nn.LSTM(4, 3, num_layers=2, bidirectional=True, batch_first=True)
+            self.dropout = nn.Dropout(0.5)
+            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, t):
+            h, _ = self.lstm(self.embedding(t))
+            return self.fc2(F.relu(self.fc1(self.dropout(h))).mean(1))
+
+    torch.manual_seed(0)
+    m = TextClassifier().eval()
+    ce = lambda p, t, y: F.cross_entropy(torch.func.functional_call(m, p, (t,)), y, reduction="none")  # noqa: E731
+    assert_matches(ce, params_of(m), torch.randint(0, 20, (4, 6)), torch.randint(0, 2, (4,)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gru_matches_loop(batch_first):
+    torch.manual_seed(0)
+    m = fp.nn.GRU(3, 4, batch_first=batch_first)
+
+    def loss(p, x):
+        out, _ = torch.func.functional_call(m, p, (x if batch_first else x.transpose(0, 1),))
+        return (out ** 2).sum((0, 2) if not batch_first else (1, 2))
+
+    assert_matches(loss, params_of(m), torch.randn(3, 5, 3))
+
+
+# -- the fused LSTM direction rule -------------------------------------------------------
+
+
+def _reference_direction(steps, h, c, w_hh, b_hh, w_hr, reverse):
+    outs = []
+    for xt in reversed(steps) if reverse else steps:
+        i, f, g, o = (F.linear(h, w_hh, b_hh) + xt).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            h = F.linear(h, w_hr)
+        outs.append(h)
+    return (outs[::-1] if reverse else outs), h, c
+
+
+_direction = _grad_sample.overridable(_reference_direction)
+_grad_sample.register_rule(_direction, _grad_sample.lstm_direction_rule)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("proj", [False, True])
+def test_fused_lstm_direction_rule_matches_loop(reverse, bias, proj):
+    torch.manual_seed(0)
+    H, D = 3, 2
+    p = {"w_ih": torch.randn(4 * H, D), "w_hh": torch.randn(4 * H, 2 if proj else H)}
+    if bias:
+        p.update(b_ih=torch.randn(4 * H), b_hh=torch.randn(4 * H))
+    if proj:
+        p["w_hr"] = torch.randn(2, H)
+
+    def loss(p, x, h0, c0):
+        steps = list(F.linear(x, p["w_ih"], p.get("b_ih")).unbind(1))
+        outs, h, c = _direction(steps, h0, c0, p["w_hh"], p.get("b_hh"), p.get("w_hr"), reverse)
+        y = torch.stack(outs, 1)
+        return (y * torch.linspace(-1, 1, y.shape[1])[:, None]).pow(2).sum((1, 2)) + (h * c[:, :h.shape[1]]).sum(1)
+
+    x, h0, c0 = torch.randn(4, 5, D), torch.randn(4, 2 if proj else H), torch.randn(4, H)
+    assert_matches(loss, p, x, h0, c0)
+
+
+def test_fused_rule_gives_input_and_state_gradients_to_autograd():
+    torch.manual_seed(0)
+    H = 3
+    w_hh, b_hh = torch.randn(4 * H, H), torch.randn(4 * H)
+    x, h0, c0 = (torch.randn(2, 4, 4 * H), torch.randn(2, H), torch.randn(2, H))
+
+    def run(direction, w):
+        xs, h, c = (t.clone().requires_grad_() for t in (x, h0, c0))
+        outs, hn, cn = direction(list(xs.unbind(1)), h, c, w, b_hh, None, True)
+        total = torch.stack(outs, 1).sin().sum() + hn.sum() + cn.cos().sum()
+        return torch.autograd.grad(total, (xs, h, c))
+
+    engine = _grad_sample._engine.Engine([w_hh], ["w"], 2, _grad_sample._rules.RULES)
+    (tracked,) = engine.tracked()
+    for got, want in zip(run(_direction, tracked), run(_reference_direction, w_hh), strict=True):
+        assert torch.allclose(got, want, atol=TOL, rtol=0)
+
+
+# -- the API: options, contracts and errors ------------------------------------------------
+
+
+def test_chunk_size_aux_and_values():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+
+    def loss(p, x):
+        out = torch.func.functional_call(m, p, (x,))
+        return (out ** 2).sum(-1), {"out": out}
+
+    x = torch.randn(7, 3)
+    (values, aux), grads = fp.per_sample_value_and_grad(loss, has_aux=True, method="hooks", chunk_size=3)(params_of(m), x)
+    want = loop_grads(lambda p, x: loss(p, x)[0], params_of(m), x)
+    assert all(torch.allclose(grads[k], want[k], atol=TOL) for k in want)
+    assert torch.allclose(values, loss(params_of(m), x)[0]) and aux["out"].shape == (7, 2)
+    grads2, aux2 = fp.per_sample_grads(loss, has_aux=True, method="hooks")(params_of(m), x)
+    assert all(torch.allclose(grads2[k], want[k], atol=TOL) for k in want) and not aux2["out"].requires_grad
+
+
+def test_tuple_argnums_and_batch_argnums():
+    torch.manual_seed(0)
+    w1, w2, x = torch.randn(3, 2), torch.randn(1, 3), torch.randn(5, 2)
+
+    def loss(a, b, scale, x):
+        return F.linear(torch.tanh(F.linear(x, a)), b).squeeze(-1) * scale
+
+    got = fp.per_sample_grads(loss, argnums=(0, 1), batch_argnums=(3,), method="hooks")(w1, w2, 2.0, x)
+    want = fp.per_sample_grads(loss, argnums=(0, 1), batch_argnums=(3,))(w1, w2, 2.0, x)
+    assert isinstance(got, tuple) and all(torch.allclose(g, w, atol=TOL) for g, w in zip(got, want, strict=True))
+
+
+def test_vmap_method_accepts_per_example_losses():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    got = fp.per_sample_grads(squared(m))(params_of(m), x, y)
+    want = loop_grads(squared(m), params_of(m), x, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+
+
+def test_inputs_are_not_modified():
+    torch.manual_seed(0)
+    m = CNN()
+    p, x, y = params_of(m), torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    before = {k: v.clone() for k, v in p.items()}
+    fp.per_sample_grads(nll(m), method="hooks")(p, x, y)
+    assert all(torch.equal(p[k], before[k]) for k in p) and not any(v.requires_grad for v in p.values())
+
+
+def test_unsupported_use_raises_with_hooks_and_falls_back_with_auto():
+    torch.manual_seed(0)
+    p = {"enc": {"w": torch.randn(3, 3)}, "head": torch.randn(3)}
+
+    def loss(p, x):
+        return torch.tanh(F.linear(x, p["enc"]["w"])) @ p["head"]
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"method='hooks'.*`head` is used by `Tensor.matmul`.*no per-sample gradient rule"):
+        fp.per_sample_grads(loss, method="hooks")(p, x)
+    with pytest.warns(UserWarning, match=r"falls back to 'vmap'.*`head`"):
+        got = fp.per_sample_grads(loss, method="auto")(p, x)
+    want = fp.per_sample_grads(loss)(p, x)
+    assert torch.allclose(got["head"], want["head"], atol=TOL)
+    assert torch.allclose(got["enc"]["w"], want["enc"]["w"], atol=TOL)
+
+
+def test_nn_lstm_fused_kernel_is_named_in_the_error():
+    m = nn.LSTM(2, 3, batch_first=True)
+    loss = lambda p, x: torch.func.functional_call(m, p, (x,))[0].sum((1, 2))  # noqa: E731
+    with pytest.raises(ValueError, match=r"`weight_ih_l0`.*used by `torch.lstm`"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(2, 4, 2))
+
+
+def test_scalar_loss_is_an_error_with_hooks_and_falls_back_with_auto():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 1)
+    mean = lambda p, x: torch.func.functional_call(m, p, (x,)).pow(2).mean()  # noqa: E731
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"returned a scalar.*shape \(4,\).*reduction='none'"):
+        fp.per_sample_grads(mean, method="hooks")(params_of(m), x)
+    with pytest.warns(UserWarning, match="returned a scalar"):
+        got = fp.per_sample_grads(mean, method="auto")(params_of(m), x)
+    want = fp.per_sample_grads(mean)(params_of(m), x)  # a batch of one: the example's own loss
+    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda out: out.sum(-1)[:2], r"shape \(4,\).*got shape \(2,\)"),
+    (lambda out: out, r"shape \(4,\).*got shape \(4, 2\)"),
+    (lambda out: "no", r"must return a tensor of per-example losses, got str"),
+])
+def test_bad_loss_outputs(bad, match):
+    m = nn.Linear(3, 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fp.per_sample_grads(lambda p, x: bad(torch.func.functional_call(m, p, (x,))), method="hooks")(
+            params_of(m), torch.randn(4, 3))
+
+
+def test_batchnorm_in_training_mode_is_an_error():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    with pytest.raises(ValueError, match=r"per_sample_grads\(loss_fn\): BatchNorm in training mode.*1.weight.*eval mode.*replace_batchnorm_with_groupnorm"):
+        fp.per_sample_grads(squared(m), method="auto")(params_of(m), torch.randn(4, 3), torch.randn(4, 4))
+
+
+def test_input_without_the_batch_on_axis_0_is_an_error():
+    m = nn.Linear(3, 2)
+    loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).sum((0, 2))  # noqa: E731
+    with pytest.raises(ValueError, match=r"`weight`, `bias` are used by `F.linear` on an input of shape \(5, 4, 3\).*B=4"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 5, 3))
+
+
+def test_in_place_change_of_a_saved_input_is_an_error():
+    def loss(p, x):
+        x = x.clone()
+        out = F.linear(x, p["w"])
+        x.mul_(2)
+        return out.sum(-1)
+
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        fp.per_sample_grads(loss, method="hooks")({"w": torch.randn(2, 3)}, torch.randn(4, 3))
+
+
+def test_other_errors():
+    m = nn.Linear(3, 2)
+    p, x = params_of(m), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        fp.per_sample_grads(squared(m), method="ghost")
+    with pytest.raises(ValueError, match="keep_batch_dim=False"):
+        fp.per_sample_grads(squared(m), method="hooks", keep_batch_dim=False)(p, x, x[:, :2])
+    with pytest.raises(ValueError, match=r"disagree on the batch size.*has 4.*has 3"):
+        fp.per_sample_grads(squared(m), method="hooks")(p, x, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="cannot run inside a torch.func transform"):
+        torch.func.vmap(lambda x: fp.per_sample_grads(squared(m), method="hooks")(p, x, x[..., :2]))(x[None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = nn.Embedding(5, 2, max_norm=1.0)
+        with pytest.raises(ValueError, match="max_norm=1.0"):
+            fp.per_sample_grads(squared(emb), method="hooks")(params_of(emb), torch.tensor([[1], [2]]), torch.zeros(2, 1, 2))
+
+
+def test_keyed_dropout_through_functionalize_matches_loop_with_per_example_keys():
+    torch.manual_seed(0)
+    model = fp.functionalize(nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 2)))
+    variables = model.init(fp.random.key(0), torch.zeros(1, 4))
+
+    def loss(p, x, keys):
+        out, _ = model.apply({"params": p}, x, train=True, key=keys)
+        return (out ** 2).sum(-1)
+
+    x, keys = torch.randn(5, 4), fp.random.split(fp.random.key(1), 5)
+    assert_matches(loss, variables["params"], x, keys)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 5), c_in=st.integers(1, 3), c_out=st.integers(1, 3), k=st.integers(1, 3),
+       stride=st.integers(1, 2), pad=st.integers(0, 2), dil=st.integers(1, 2))
+def test_conv2d_hypothesis(batch, c_in, c_out, k, stride, pad, dil):
+    torch.manual_seed(batch * 100 + k)
+    m = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, dilation=dil)
+    x = torch.randn(batch, c_in, 7, 6)
+    assert_matches(squared(m), params_of(m), x, targets(m, x))
