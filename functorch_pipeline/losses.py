@@ -52,6 +52,13 @@ def _check_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, axis: int
 def smooth_labels(labels: torch.Tensor, alpha: float) -> torch.Tensor:
     """``(1 - alpha) * labels + alpha / num_classes`` over the last axis (optax's name).
 
+    Args:
+      labels: one-hot or probability targets (classes last).
+      alpha: the smoothing weight.
+
+    Returns:
+      The smoothed targets.
+
     >>> smooth_labels(torch.tensor([0.0, 1.0]), 0.2)
     tensor([0.1000, 0.9000])
     """
@@ -60,6 +67,14 @@ def smooth_labels(labels: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def nll(log_probs: torch.Tensor, labels: torch.Tensor, axis: int = -1) -> torch.Tensor:
     """Negative log-likelihood ``-log_probs[label]`` of integer labels (``F.nll_loss``).
+
+    Args:
+      log_probs: log-probabilities, classes on ``axis``.
+      labels: integer class indices.
+      axis: the class axis.
+
+    Returns:
+      The loss of each example.
 
     >>> nll(torch.log(torch.tensor([[0.25, 0.75]])), torch.tensor([1]))
     tensor([0.2877])
@@ -84,6 +99,9 @@ def cross_entropy(
       axis: the class axis.
       label_smoothing: mix the one-hot target with the uniform distribution.
 
+    Returns:
+      The loss of each example: the shape of ``labels``.
+
     >>> cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
     tensor([0.6931])
     """
@@ -103,6 +121,15 @@ def softmax_cross_entropy(
 
     Equals ``F.cross_entropy(logits, probs, reduction="none", label_smoothing=...)``.
 
+    Args:
+      logits: unnormalised scores, classes on ``axis``.
+      labels: a distribution per example, the shape of ``logits``.
+      axis: the class axis.
+      label_smoothing: mix the targets with the uniform distribution.
+
+    Returns:
+      The loss of each example.
+
     >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 0.5]]))
     tensor([0.6931])
     """
@@ -119,6 +146,13 @@ def softmax_cross_entropy(
 def sigmoid_binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Elementwise binary cross entropy on logits (``F.binary_cross_entropy_with_logits``).
 
+    Args:
+      logits: unnormalised log-odds.
+      labels: targets in [0, 1], same shape.
+
+    Returns:
+      The elementwise loss.
+
     >>> sigmoid_binary_cross_entropy(torch.tensor([0.0]), torch.tensor([1.0]))
     tensor([0.6931])
     """
@@ -128,6 +162,13 @@ def sigmoid_binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> 
 
 def squared_error(predictions: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Elementwise ``(predictions - targets)**2`` (``F.mse_loss(reduction="none")``).
+
+    Args:
+      predictions: the predictions.
+      targets: the targets (None: zero).
+
+    Returns:
+      The elementwise loss.
 
     >>> squared_error(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]))
     tensor([1., 4.])
@@ -139,6 +180,13 @@ def squared_error(predictions: torch.Tensor, targets: torch.Tensor | None = None
 def l2_loss(predictions: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Elementwise ``0.5 * (predictions - targets)**2`` (optax; half of torch's MSE).
 
+    Args:
+      predictions: the predictions.
+      targets: the targets (None: zero).
+
+    Returns:
+      The elementwise loss.
+
     >>> l2_loss(torch.tensor([2.0]))
     tensor([2.])
     """
@@ -147,6 +195,14 @@ def l2_loss(predictions: torch.Tensor, targets: torch.Tensor | None = None) -> t
 
 def huber_loss(predictions: torch.Tensor, targets: torch.Tensor | None = None, delta: float = 1.0) -> torch.Tensor:
     """Elementwise Huber loss: quadratic within ``delta``, linear outside (``F.huber_loss``).
+
+    Args:
+      predictions: the predictions.
+      targets: the targets (None: zero).
+      delta: where the loss turns linear.
+
+    Returns:
+      The elementwise loss.
 
     >>> huber_loss(torch.tensor([0.5, 3.0]), torch.tensor([0.0, 0.0]))
     tensor([0.1250, 2.5000])
@@ -162,6 +218,14 @@ def kl_divergence(log_predictions: torch.Tensor, targets: torch.Tensor, axis: in
     """``KL(targets || predictions)`` per example, summed over ``axis``; 0 log 0 is 0.
 
     ``F.kl_div(log_predictions, targets, reduction="none").sum(axis)``.
+
+    Args:
+      log_predictions: log-probabilities of the model.
+      targets: probabilities.
+      axis: the class axis.
+
+    Returns:
+      The divergence of each example.
 
     >>> kl_divergence(torch.log(torch.tensor([[0.5, 0.5]])), torch.tensor([[1.0, 0.0]]))
     tensor([0.6931])

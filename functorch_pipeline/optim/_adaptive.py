@@ -162,6 +162,9 @@ def scale_by_adam(
       mu_dtype: dtype of the first moment (default: the parameters').
       nesterov: use the Nesterov form.
 
+    Returns:
+      A :class:`GradientTransformation`. Its state is a :class:`ScaleByAdamState`.
+
     >>> tx = scale_by_adam()
     >>> u, s = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init({"w": torch.zeros(2)}))
     >>> u["w"]
@@ -257,6 +260,14 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     :math:`m_t = \beta_1 m + (1-\beta_1) g`, :math:`v_t = \max(\beta_2 v, |g| + \epsilon)`,
     :math:`u = m_t / ((1-\beta_1^t) v_t)` (as ``torch.optim.Adamax``).
 
+    Args:
+      b1: decay of the first moment.
+      b2: decay of the infinity norm.
+      eps: added to ``|g|``.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = scale_by_adamax()
     >>> tx.update([torch.tensor([2.0])], tx.init([torch.zeros(1)]))[0]
     [tensor([1.0000])]
@@ -325,6 +336,9 @@ def scale_by_radam(
       eps_before_bias_correction: (not in optax) add ``eps`` to :math:`\sqrt{v_t}` before
         the bias correction, :math:`\hat m_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon)`,
         as ``torch.optim.RAdam`` does.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_radam()
     >>> tx.update([torch.tensor([3.0])], tx.init([torch.zeros(1)]))[0]  # rho_1 < 5: momentum only
@@ -403,6 +417,13 @@ def scale_by_nadam(
     :math:`\frac{(1-\mu_t) g_t}{1-\prod_{i\le t}\mu_i} + \frac{\mu_{t+1} m_t}{1-\prod_{i\le t+1}\mu_i}`
     divided by :math:`\sqrt{v_t/(1-\beta_2^t)} + \epsilon`. optax's ``nadam`` (constant
     :math:`\mu = \beta_1`) is :func:`scale_by_adam` with ``nesterov=True``.
+
+    Args:
+      b1, b2, eps: as in :func:`scale_by_adam`.
+      momentum_decay: ψ of the momentum schedule.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_nadam()
     >>> u, _ = tx.update([torch.tensor([1.0])], tx.init([torch.zeros(1)]))
@@ -528,6 +549,16 @@ def scale_by_rms(
     :math:`\nu_t = d\,\nu_{t-1} + (1-d) g^2`; :math:`u = g/\sqrt{\nu_t + \epsilon}`, or
     :math:`g/(\sqrt{\nu_t} + \epsilon)` with ``eps_in_sqrt=False`` (torch's placement).
 
+    Args:
+      decay: decay of the squared-gradient average.
+      eps: numerical stability term.
+      initial_scale: starting value of the average.
+      eps_in_sqrt: eps inside the root (optax) or outside (torch).
+      bias_correction: debias the average.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = scale_by_rms(decay=0.0)
     >>> tx.update([torch.tensor([-2.0])], tx.init([torch.zeros(1)]))[0]
     [tensor([-1.0000])]
@@ -545,6 +576,12 @@ def scale_by_stddev(
     r"""Divide by a running standard deviation of the gradients (centered RMSProp).
 
     :math:`u = g/\sqrt{\nu_t - \mu_t^2 + \epsilon}` (or eps outside the root).
+
+    Args:
+      decay, eps, initial_scale, eps_in_sqrt, bias_correction: as in :func:`scale_by_rms`.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_stddev(decay=0.5)
     >>> tx.update([torch.tensor([2.0])], tx.init([torch.zeros(1)]))[0]
@@ -567,6 +604,14 @@ def scale_by_rss(
     :math:`s_t = s_{t-1} + g^2`; :math:`u = g / \sqrt{s_t + \epsilon}` where
     :math:`s_t > 0` (else 0), as optax. ``eps_in_sqrt=False`` (not in optax) gives
     ``torch.optim.Adagrad``'s :math:`g/(\sqrt{s_t}+\epsilon)`.
+
+    Args:
+      initial_accumulator_value: the starting sum of squares.
+      eps: numerical stability term.
+      eps_in_sqrt: (not in optax) False puts eps outside the root.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_rss(initial_accumulator_value=0.0, eps=0.0)
     >>> tx.update([torch.tensor([-4.0, 0.0])], tx.init([torch.zeros(2)]))[0]
@@ -610,6 +655,13 @@ class ScaleByAdaDeltaState(NamedTuple):
 
 def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransformation:
     r"""AdaDelta's scaling: :math:`u = \sqrt{E[x^2] + \epsilon} / \sqrt{E[g^2] + \epsilon}\; g`.
+
+    Args:
+      rho: decay of both running averages.
+      eps: added inside both roots.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_adadelta(eps=1.0)
     >>> tx.update([torch.tensor([0.0])], tx.init([torch.zeros(1)]))[0]
@@ -656,6 +708,14 @@ class ScaleByLionState(NamedTuple):
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | None = None) -> GradientTransformation:
     r"""Lion's sign update: :math:`u = \mathrm{sign}(\beta_1 m + (1-\beta_1) g)`, then
     :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`.
+
+    Args:
+      b1: interpolation for the sign direction.
+      b2: decay of the momentum.
+      mu_dtype: dtype of the momentum.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_lion()
     >>> tx.update([torch.tensor([0.3, -2.0, 0.0])], tx.init([torch.zeros(3)]))[0]

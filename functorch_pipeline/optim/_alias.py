@@ -108,6 +108,18 @@ def adam(
     (torch adds eps after dividing :math:`\sqrt{v}` by :math:`\sqrt{1-\beta_2^t}`, as we
     do). torch's ``weight_decay`` is ``chain(add_decayed_weights(wd), adam(...))``.
 
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added outside the square root.
+      eps_root: added inside the square root.
+      mu_dtype: dtype of the first moment.
+      nesterov: Nesterov form (NAdam).
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.adam(1e-3)
     >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}))[0]
@@ -135,6 +147,15 @@ def adamw(
     ``adamw(lr, b1, b2, eps, weight_decay=wd)`` reproduces
     ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay=wd)`` (torch shrinks the
     parameters by :math:`1-\eta\lambda` first, which is the same step).
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`adam`.
+      weight_decay: the decoupled decay coefficient (optax 1e-4, torch 1e-2).
+      mask: which parameters to decay (tree or function).
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.adamw(0.1, weight_decay=0.5)
@@ -168,6 +189,14 @@ def nadam(
     not in optax) switches to :func:`scale_by_nadam` and reproduces
     ``torch.optim.NAdam(lr, betas=(b1, b2), eps, momentum_decay=4e-3)``
     (``eps_root`` and ``mu_dtype`` are not supported then).
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1, b2, eps, eps_root, mu_dtype: as in :func:`adam`.
+      momentum_decay: (not in optax) torch's ψ; None for optax's form.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.nadam(1e-3)
@@ -203,6 +232,16 @@ def radam(
     steps in practice) and adds eps to :math:`\sqrt{v_t}` *before* the bias
     correction. Without that flag the two differ by O(eps) per step.
 
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1, b2, eps, eps_root: as in :func:`adam`.
+      threshold: rectify when rho_t is at least this.
+      nesterov: Nesterov form.
+      eps_before_bias_correction: (not in optax) torch's eps placement.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.radam(0.1)
     >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}))[0]
@@ -221,6 +260,15 @@ def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, 
 
     Reproduces ``torch.optim.Adamax(lr, betas=(b1, b2), eps)`` with the same arguments
     (torch's default lr is 2e-3).
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1: decay of the first moment.
+      b2: decay of the infinity norm.
+      eps: added to ``|g|``.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.adamax(0.1)
@@ -251,6 +299,20 @@ def rmsprop(
     torch's momentum buffer is ``mu * buf + g / avg`` applied as ``-lr * buf``, which is
     optax's ``trace`` placed after the learning rate.
 
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      decay: decay of the squared-gradient average (torch's alpha).
+      eps: numerical stability term.
+      initial_scale: starting value of the average.
+      eps_in_sqrt: eps inside (optax) or outside (torch) the root.
+      centered: divide by the standard deviation instead.
+      momentum: optional momentum (after the learning rate).
+      nesterov: Nesterov momentum.
+      bias_correction: debias the averages.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.rmsprop(0.1, decay=0.0, eps=0.0)
     >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}))[0]
@@ -279,6 +341,15 @@ def adagrad(
     initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False)`` reproduces
     ``torch.optim.Adagrad(lr)`` (``lr_decay=0``; ``eps_in_sqrt`` is not in optax).
 
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      initial_accumulator_value: the starting sum of squares.
+      eps: numerical stability term.
+      eps_in_sqrt: (not in optax) False puts eps outside the root, as torch.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
     >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}))[0]
@@ -299,6 +370,16 @@ def adadelta(
 
     ``adadelta(lr, rho, eps, weight_decay)`` reproduces
     ``torch.optim.Adadelta(lr, rho, eps, weight_decay)`` (torch's default lr is 1.0).
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      rho: decay of both running averages.
+      eps: added inside both square roots.
+      weight_decay: coupled weight decay (added to the gradient first).
+      weight_decay_mask: which parameters to decay (tree or function).
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.adadelta(1.0, eps=1.0)
@@ -324,6 +405,17 @@ def lion(
     r"""Lion: :math:`u = -\eta(\mathrm{sign}(\beta_1 m + (1-\beta_1) g) + \lambda p)`,
     then :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`. No torch.optim counterpart.
 
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1: interpolation for the sign direction.
+      b2: decay of the momentum.
+      mu_dtype: dtype of the momentum.
+      weight_decay: decoupled decay (optax default 1e-3).
+      mask: which parameters to decay.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.lion(0.1, weight_decay=0.0)
     >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}), {"w": torch.zeros(1)})[0]
@@ -348,6 +440,15 @@ def lamb(
 ) -> GradientTransformation:
     r"""LAMB: Adam's direction plus weight decay, rescaled per leaf by the trust ratio
     :math:`\|p\| / \|u\|`. No torch.optim counterpart.
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      b1, b2, eps, eps_root: as in :func:`adam`.
+      weight_decay: decoupled decay.
+      mask: which parameters to decay.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.lamb(0.1)

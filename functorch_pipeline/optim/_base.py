@@ -144,6 +144,9 @@ def require_params(where: str, params: Any) -> None:
 def identity() -> GradientTransformation:
     """Leave updates unchanged (optax's ``identity``).
 
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> identity().update({"w": torch.ones(1)}, EmptyState())[0]
     {'w': tensor([1.])}
     """
@@ -159,6 +162,9 @@ def identity() -> GradientTransformation:
 
 def set_to_zero() -> GradientTransformation:
     """Replace every update by zeros (with :func:`masked` this freezes parameters).
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> set_to_zero().update({"w": torch.ones(2)}, EmptyState())[0]
     {'w': tensor([0., 0.])}
@@ -176,6 +182,12 @@ def set_to_zero() -> GradientTransformation:
 def stateless(f: Callable[[Updates, Params], Updates]) -> GradientTransformation:
     """A transformation from a function ``f(updates, params) -> updates`` of whole trees.
 
+    Args:
+      f: ``(updates, params) -> updates`` on whole trees.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = stateless(lambda u, p: fpt.scale(u, 2.0))
     >>> tx.update([torch.ones(1)], tx.init(None))[0]
     [tensor([2.])]
@@ -192,6 +204,12 @@ def stateless(f: Callable[[Updates, Params], Updates]) -> GradientTransformation
 
 def stateless_with_tree_map(f: Callable[[torch.Tensor, Any], torch.Tensor]) -> GradientTransformation:
     """A transformation from a per-leaf function ``f(update, param) -> update``.
+
+    Args:
+      f: ``(update_leaf, param_leaf) -> update_leaf``.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = stateless_with_tree_map(lambda g, p: g * 3)
     >>> tx.update([torch.ones(1)], tx.init(None))[0]
@@ -323,6 +341,13 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
 
     Writes into the parameter tensors (under ``torch.no_grad()``, like
     ``torch.optim``'s ``step``). Gives exactly the numbers of :func:`apply_updates`.
+
+    Args:
+      params: a tree of tensors (written in place).
+      updates: a tree with the same structure and shapes.
+
+    Returns:
+      ``params`` itself, updated.
 
     >>> p = {"w": torch.tensor([1.0])}
     >>> q = apply_updates_(p, {"w": torch.tensor([2.0])})

@@ -141,6 +141,9 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
       mask: a tree of booleans (the parameters' structure or a prefix of it), or a
         function ``params -> such a tree``.
 
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> from functorch_pipeline import optim
     >>> tx = masked(optim.scale(0.0), {"w": True, "b": False})
     >>> u = {"w": torch.ones(1), "b": torch.ones(1)}
@@ -199,6 +202,9 @@ def partition(
         path ``(path, leaf) -> label`` (a two-argument callable; ``path`` is a tuple of
         keys, see ``fp.tree.keystr``).
 
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> from functorch_pipeline import optim
     >>> tx = partition({"slow": optim.sgd(0.01), "fast": optim.sgd(1.0)},
     ...                lambda path, leaf: "fast" if path[-1] == "b" else "slow")
@@ -240,6 +246,12 @@ def partition(
 
 def freeze(mask: Any) -> GradientTransformation:
     """Zero the updates of the leaves where ``mask`` is true (those parameters stay fixed).
+
+    Args:
+      mask: booleans (tree, prefix or function) marking the frozen parameters.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = freeze({"w": True, "b": False})
     >>> u = {"w": torch.ones(1), "b": torch.ones(1)}

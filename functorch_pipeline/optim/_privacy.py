@@ -103,6 +103,11 @@ def per_example_layer_norm_clip(
     Returns:
       ``(summed, num_clipped)`` with one count per leaf (in leaf order).
 
+    Args:
+      grads: a tree whose leaves have the examples on axis 0.
+      global_l2_norm_clip: the bound for a whole example.
+      uniform: equal per-leaf bounds, else proportional to sqrt(leaf size).
+
     >>> g = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.1]])}
     >>> s, n = per_example_layer_norm_clip(g, 2 ** 0.5)
     >>> s["a"], s["b"], [int(x) for x in n]
@@ -158,6 +163,9 @@ def differentially_private_aggregate(
       noise_multiplier: ``σ``, the noise standard deviation relative to ``C``.
       seed: an int or an ``fp.random`` key; step ``t`` uses ``fold_in(key, t)``.
 
+    Returns:
+      A :class:`GradientTransformation`. Its ``update`` takes per-example gradients.
+
     >>> tx = differentially_private_aggregate(1.0, 0.0, seed=0)
     >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
     >>> tx.update(g, tx.init({"w": torch.zeros(2)}))[0]
@@ -205,6 +213,17 @@ def dpsgd(
 
     ``update`` takes per-example gradients (examples on axis 0) and the parameters'
     tree for ``init``. Privacy accounting (epsilon) is not part of this library.
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      l2_norm_clip: per-example L2 bound.
+      noise_multiplier: noise std relative to the bound.
+      seed: an int or an ``fp.random`` key.
+      momentum: optional momentum.
+      nesterov: Nesterov momentum.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> import functorch_pipeline as fp
     >>> opt = fp.optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.0, seed=0)

@@ -46,6 +46,12 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 def constant_schedule(value: float) -> Schedule:
     """``value`` at every step.
 
+    Args:
+      value: the constant.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
+
     >>> constant_schedule(0.1)(1000)
     tensor(0.1000)
     """
@@ -60,6 +66,16 @@ def polynomial_schedule(
     init_value: float, end_value: float, power: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
     r"""``(init - end) * (1 - t/T)**power + end`` with ``t = clip(count - begin, 0, T)``.
+
+    Args:
+      init_value: the start value.
+      end_value: the final value.
+      power: the polynomial power.
+      transition_steps: length of the transition.
+      transition_begin: first step of the transition.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = polynomial_schedule(1.0, 0.0, 2, transition_steps=10)
     >>> s(0), s(5), s(10), s(20)
@@ -83,6 +99,15 @@ def polynomial_schedule(
 def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """Linear from ``init_value`` to ``end_value`` over ``transition_steps`` after ``transition_begin``.
 
+    Args:
+      init_value: the start value.
+      end_value: the final value.
+      transition_steps: length of the ramp.
+      transition_begin: step where the ramp starts.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
+
     >>> s = linear_schedule(0.0, 1.0, transition_steps=4, transition_begin=2)
     >>> [round(float(s(i)), 2) for i in (0, 2, 3, 6, 9)]
     [0.0, 0.0, 0.25, 1.0, 1.0]
@@ -92,6 +117,15 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int, 
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     r"""``init * ((1 - alpha) * (0.5 (1 + cos(pi t / T)))**exponent + alpha)``, ``t = min(count, T)``.
+
+    Args:
+      init_value: the value at step 0.
+      decay_steps: steps to reach the floor (> 0).
+      alpha: the floor as a fraction of ``init_value``.
+      exponent: power of the cosine factor.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = cosine_decay_schedule(1.0, decay_steps=10, alpha=0.1)
     >>> s(0), s(5), s(10), s(50)
@@ -110,6 +144,13 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Schedule ``i`` from ``boundaries[i-1]`` on, fed ``count - boundaries[i-1]``.
+
+    Args:
+      schedules: ``len(boundaries) + 1`` schedules.
+      boundaries: the steps where each next schedule starts.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = join_schedules([constant_schedule(1.0), constant_schedule(2.0)], [3])
     >>> s(2), s(3)
@@ -142,6 +183,17 @@ def warmup_cosine_decay_schedule(
     """Linear warmup from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine
     decay to ``end_value``; ``decay_steps`` counts the warmup too.
 
+    Args:
+      init_value: the value at step 0.
+      peak_value: the value after the warmup.
+      warmup_steps: length of the linear warmup.
+      decay_steps: total length, warmup included.
+      end_value: the final value.
+      exponent: power of the cosine factor.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
+
     >>> s = warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=6, end_value=0.2)
     >>> [round(float(s(i)), 4) for i in (0, 1, 2, 4, 6, 9)]
     [0.0, 0.5, 1.0, 0.6, 0.2, 0.2]
@@ -166,6 +218,17 @@ def exponential_decay(
 ) -> Schedule:
     """``init * decay_rate ** ((count - begin) / transition_steps)`` (floored exponent with
     ``staircase``), ``init`` before ``transition_begin``, clipped at ``end_value``.
+
+    Args:
+      init_value: the value before the decay starts.
+      transition_steps: steps per factor of ``decay_rate``.
+      decay_rate: the factor.
+      transition_begin: first step of the decay.
+      staircase: decay in whole factors.
+      end_value: a floor (or a ceiling when ``decay_rate > 1``).
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = exponential_decay(1.0, transition_steps=2, decay_rate=0.5, staircase=True, end_value=0.3)
     >>> s(0), s(1), s(2), s(3), s(10)
@@ -198,6 +261,13 @@ def exponential_decay(
 def piecewise_constant_schedule(init_value: float, boundaries_and_scales: Mapping[int, float] | None = None) -> Schedule:
     """``init_value`` multiplied by every ``scale`` whose boundary is ``<= count``.
 
+    Args:
+      init_value: the value before the first boundary.
+      boundaries_and_scales: ``{step: factor}``.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
+
     >>> s = piecewise_constant_schedule(1.0, {2: 0.5, 4: 0.1})
     >>> [round(float(s(i)), 4) for i in (0, 1, 2, 3, 4, 9)]
     [1.0, 1.0, 0.5, 0.5, 0.05, 0.05]
@@ -222,6 +292,14 @@ def piecewise_interpolate_schedule(
 ) -> Schedule:
     """Interpolate (``"linear"`` or ``"cosine"``) between values that change at boundaries:
     the value at boundary ``b_i`` is ``init_value`` times the product of scales up to it.
+
+    Args:
+      interpolate_type: ``"linear"`` or ``"cosine"``.
+      init_value: the value at step 0.
+      boundaries_and_scales: ``{step: factor}``.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = piecewise_interpolate_schedule("linear", 1.0, {4: 0.5})
     >>> [round(float(s(i)), 3) for i in (0, 2, 4, 8)]
@@ -264,6 +342,16 @@ def cosine_onecycle_schedule(
     """One-cycle: cosine from ``peak/div_factor`` up to ``peak`` over the first
     ``pct_start`` of ``transition_steps``, then cosine down to
     ``peak / (div_factor * final_div_factor)``.
+
+    Args:
+      transition_steps: length of the cycle.
+      peak_value: the maximum.
+      pct_start: fraction of the cycle spent rising.
+      div_factor: ``peak / start``.
+      final_div_factor: ``start / end``.
+
+    Returns:
+      A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> s = cosine_onecycle_schedule(10, 1.0, pct_start=0.2, div_factor=10.0, final_div_factor=100.0)
     >>> [round(float(s(i)), 4) for i in (0, 1, 2, 10)]

@@ -56,6 +56,12 @@ def _scale_affine(step_size: Any):
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """Multiply updates by a fixed ``step_size``.
 
+    Args:
+      step_size: the factor (a number or a 0-d tensor).
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = scale(-0.1)
     >>> tx.update({"w": torch.tensor([1.0, 2.0])}, tx.init(None))[0]
     {'w': tensor([-0.1000, -0.2000])}
@@ -82,6 +88,12 @@ class ScaleByScheduleState(NamedTuple):
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     """Multiply updates by ``step_size_fn(count)``, where ``count`` is the step (from 0).
+
+    Args:
+      step_size_fn: a function of the step count (from 0).
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_schedule(lambda n: 1.0 / (n + 1))
     >>> s = tx.init({"w": torch.ones(1)})
@@ -115,6 +127,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     Args:
       learning_rate: the step size, or a schedule ``count -> step size``.
       flip_sign: negate (the default), so that adding the updates descends.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_learning_rate(0.1)
     >>> tx.update([torch.tensor([2.0])], tx.init(None))[0]
@@ -155,6 +170,9 @@ def trace(
       accumulator_dtype: dtype of the buffer (default: the parameters').
       dampening: (not in optax) torch.optim.SGD's ``dampening``:
         ``t <- decay * t + (1 - dampening) * g`` after a first step ``t = g``.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = trace(0.5)
     >>> s = tx.init([torch.zeros(1)])
@@ -231,6 +249,9 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
       mask: a tree of booleans (or a function of the params returning one) selecting
         the parameters to decay; see :func:`masked`.
 
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = add_decayed_weights(0.1)
     >>> tx.update({"w": torch.ones(1)}, tx.init(None), {"w": torch.tensor([2.0])})[0]
     {'w': tensor([1.2000])}
@@ -274,6 +295,12 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     """Clip every update element to ``[-max_delta, max_delta]``.
 
+    Args:
+      max_delta: the bound (a number or a 0-d tensor).
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = clip(1.0)
     >>> tx.update([torch.tensor([-3.0, 0.5, 2.0])], tx.init(None))[0]
     [tensor([-1.0000,  0.5000,  1.0000])]
@@ -311,6 +338,12 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
     ``max_norm`` (optax's rule). ``torch.nn.utils.clip_grad_norm_`` instead uses
     ``max_norm / (norm + 1e-6)``, so it scales by slightly less than 1 at the threshold.
 
+    Args:
+      max_norm: the largest global L2 norm let through.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> tx = clip_by_global_norm(1.0)
     >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(None))[0]
     {'w': tensor([0.6000, 0.8000])}
@@ -340,6 +373,14 @@ def scale_by_trust_ratio(
 
     Norms are per leaf and floored at ``min_norm``; a leaf whose parameter or update
     norm is zero keeps its update unchanged.
+
+    Args:
+      min_norm: floor for both norms.
+      trust_coefficient: multiplies the ratio.
+      eps: added to the update norm.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = scale_by_trust_ratio()
     >>> tx.update({"w": torch.tensor([0.0, 2.0])}, tx.init(None), {"w": torch.tensor([3.0, 4.0])})[0]

@@ -62,6 +62,12 @@ class MultiSteps:
     applied steps. ``should_skip_update_fn(updates, gradient_step, params) ->
     (skip, skip_state)`` may veto an accumulation.
 
+    Args:
+      opt: the optimizer to apply every ``every_k_schedule`` calls.
+      every_k_schedule: an int, or a function of the number of applied steps.
+      use_grad_mean: accumulate the mean (default) or the sum of the gradients.
+      should_skip_update_fn: optional ``(updates, gradient_step, params) -> (skip, skip_state)``.
+
     >>> from functorch_pipeline import optim
     >>> ms = MultiSteps(optim.sgd(1.0), every_k_schedule=2)
     >>> s = ms.init({"w": torch.zeros(1)})
@@ -154,6 +160,13 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     A skipped step returns zero updates and keeps the inner state. After more than
     ``max_consecutive_errors`` bad steps in a row, updates are applied anyway.
 
+    Args:
+      inner: the transformation to protect.
+      max_consecutive_errors: apply anyway after this many bad steps in a row.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
     >>> from functorch_pipeline import optim
     >>> tx = apply_if_finite(optim.sgd(1.0), max_consecutive_errors=3)
     >>> s = tx.init({"w": torch.zeros(1)})
@@ -207,6 +220,10 @@ def inject_hyperparams(
       static_args: names of arguments that must not become tensors.
       hyperparam_dtype: dtype of the injected values (default: float64 if any parameter
         is float64, else float32).
+
+    Returns:
+      A function with ``inner_factory``'s signature returning a :class:`GradientTransformation`
+      whose state is an :class:`InjectHyperparamsState`.
 
     >>> from functorch_pipeline import optim
     >>> opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
@@ -278,6 +295,14 @@ class EmaState(NamedTuple):
 def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None = None) -> GradientTransformation:
     r"""Replace updates by their exponential moving average :math:`e \leftarrow d\,e + (1-d)u`,
     divided by :math:`1 - d^t` when ``debias``.
+
+    Args:
+      decay: the averaging coefficient.
+      debias: divide by ``1 - decay**t``.
+      accumulator_dtype: dtype of the average.
+
+    Returns:
+      A :class:`GradientTransformation`.
 
     >>> tx = ema(0.5)
     >>> s = tx.init([torch.zeros(1)])
