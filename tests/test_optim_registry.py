@@ -62,6 +62,9 @@ REGISTRY = {
     "apply_if_finite": lambda: optim.apply_if_finite(optim.adam(1e-2), 3),
     "inject_hyperparams": lambda: optim.inject_hyperparams(optim.adamw)(learning_rate=_sched(), weight_decay=0.1),
     "ema": lambda: optim.chain(optim.ema(0.9), optim.scale(-0.1)),
+    "stateless": lambda: optim.chain(
+        optim.stateless_with_tree_map(lambda g, p: 0.5 * g + 0.01 * p), optim.scale_by_learning_rate(0.1)
+    ),
 }
 
 # NOTE [compile budget]: compiling the whole registry takes ~2 minutes on the 2-core
@@ -227,3 +230,49 @@ def test_mixed_dtype_leaves():
     assert p2["a"].dtype == torch.float32 and p2["b"].dtype == F64
     torch.testing.assert_close(p2["a"], torch.full((3,), 0.9))
     torch.testing.assert_close(p2["b"], torch.full((2,), 0.9, dtype=F64))
+
+
+def _dp_step(opt):
+    def step(params, per_example, state):
+        updates, state = opt.update(per_example, state, params)
+        return optim.apply_updates(params, updates), state
+
+    return step
+
+
+def _per_example(member, batch=4):
+    return fp.tree.stack([_grads(i, member) for i in range(batch)])
+
+
+def test_dpsgd_vmap_over_stacked_states():
+    opt = optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.5, seed=0, momentum=0.9)
+    members = 2
+    loop = []
+    for m in range(members):
+        p, s = _params(), opt.init(_params())
+        for t in range(2):
+            p, s = _dp_step(opt)(p, _per_example(m + t), s)
+        loop.append(p)
+    params = fp.tree.stack([_params()] * members)
+    states = fp.tree.stack([opt.init(_params())] * members)
+    vstep = torch.func.vmap(_dp_step(opt))
+    for t in range(2):
+        params, states = vstep(params, fp.tree.stack([_per_example(m + t) for m in range(members)]), states)
+    for m in range(members):
+        assert fp.tree.allclose(fp.tree.unstack(params)[m], loop[m], rtol=0, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("noise", [0.5] if os.environ.get("FP_TEST_COMPILE_ALL") else [])
+def test_dpsgd_compile_fullgraph(noise):
+    # NOTE [compile budget]: the counter-based PRNG of fp.random is many int64 ops and
+    # takes minutes for inductor to compile on the 2-core machine.
+    opt = optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=noise, seed=0, momentum=0.9)
+    torch._dynamo.reset()
+    compiled = torch.compile(_dp_step(opt), fullgraph=True)
+    p_e, s_e = _params(), opt.init(_params())
+    p_c, s_c = _params(), opt.init(_params())
+    for t in range(2):
+        p_e, s_e = _dp_step(opt)(p_e, _per_example(t), s_e)
+        p_c, s_c = compiled(p_c, _per_example(t), s_c)
+    assert fp.tree.allclose(p_c, p_e, rtol=0, atol=1e-12)

@@ -38,21 +38,25 @@ __all__ = [
 
 
 def _batch_size(where: str, grads: Any) -> int:
-    paths, leaves, _ = fpt.flatten_with_path(grads)
+    leaves = fpt.leaves(grads)
     if not leaves:
         raise ValueError(f"{where}: the gradient tree has no leaves")
+
+    def path(i: int) -> str:  # only on error: key paths are not traced under compile
+        return fpt.keystr(fpt.flatten_with_path(grads)[0][i])
+
     n = None
-    for p, g in zip(paths, leaves, strict=True):
+    for i, g in enumerate(leaves):
         if not isinstance(g, torch.Tensor) or g.dim() == 0:
             raise ValueError(
-                f"{where}: leaf at path `{fpt.keystr(p)}` has no batch axis; per-example gradients "
+                f"{where}: leaf at path `{path(i)}` has no batch axis; per-example gradients "
                 "must have the examples on axis 0 of every leaf"
             )
         if n is None:
             n = g.shape[0]
         elif g.shape[0] != n:
             raise ValueError(
-                f"{where}: leaf at path `{fpt.keystr(p)}` has {g.shape[0]} examples on axis 0 but "
+                f"{where}: leaf at path `{path(i)}` has {g.shape[0]} examples on axis 0 but "
                 f"the first leaf has {n}"
             )
     return int(n)
