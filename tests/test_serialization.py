@@ -357,3 +357,24 @@ def test_random_trees_round_trip(tree):
         p = os.path.join(d, "h.safetensors")
         fp.save(p, tree)
         assert _equal(tree, fp.load(p))
+
+
+def test_large_tensors_with_and_without_prefault(tmp_path, monkeypatch):
+    from functorch_pipeline.serialization import _prefault
+
+    big = {"a": random_bits(torch.float32, (3, 1 << 20)), "b": random_bits(torch.uint8, (5 << 20,), seed=1)}
+    p = tmp_path / "big.safetensors"
+    fp.save(p, big)
+    assert all(same_bits(fp.load(p)[k], v) for k, v in big.items())  # NOTE [prefault] active (Linux)
+    calls = []
+
+    def failing_madvise(addr, length, advice):
+        calls.append((addr % _prefault._PAGE, advice))
+        return -1
+
+    monkeypatch.setattr(_prefault, "_madvise", failing_madvise)
+    monkeypatch.setattr(_prefault, "_enabled", [True])
+    assert all(same_bits(fp.load(p)[k], v) for k, v in big.items())
+    assert calls == [(0, 23)]  # page-aligned, asked once, then never again after failing
+    monkeypatch.setattr(_prefault, "_madvise", None)  # not Linux
+    assert all(same_bits(fp.load(p)[k], v) for k, v in big.items())

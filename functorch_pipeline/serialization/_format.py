@@ -27,6 +27,8 @@ from typing import BinaryIO
 
 import torch
 
+from functorch_pipeline.serialization._prefault import prefault
+
 __all__ = [
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
@@ -285,10 +287,12 @@ def write_tensor(fd: int, t: torch.Tensor) -> None:
 
 
 def read_tensor(f: BinaryIO, info: TensorInfo, data_start: int, where: str) -> torch.Tensor:
-    """Read one tensor with ``readinto`` straight into a fresh tensor's memory."""
+    """Read one tensor with ``readinto`` straight into a fresh tensor's memory (populated
+    first, see NOTE [prefault])."""
     out = torch.empty(info.shape, dtype=info.dtype)
     if info.end == info.start:
         return out
+    prefault(out)
     f.seek(data_start + info.start)
     mv = as_bytes(out)
     pos, total = 0, len(mv)
