@@ -130,7 +130,8 @@ def table(stats: dict[str, Stats], baselines: dict[str, str], examples: int, tit
 
 def environment() -> str:
     """One line about the run: torch, threads, malloc settings, load."""
-    malloc = "tuned" if all(os.environ.get(k) == v for k, v in MALLOC_TUNED.items()) else "default"
+    set_ = {k: os.environ[k] for k in MALLOC_TUNED if k in os.environ}
+    malloc = " ".join(f"{k}={v}" for k, v in set_.items()) if set_ else "default"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
             f"python {platform.python_version()}, glibc malloc {malloc}, load average {load:.2f} "
@@ -145,6 +146,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--malloc", choices=["current", "tuned", "both"], default="current",
                    help="glibc malloc settings: as the environment has them, tuned "
                    "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_), or both in two subprocesses")
+    p.add_argument("--mmap-threshold", type=int, default=int(MALLOC_TUNED["MALLOC_MMAP_THRESHOLD_"]),
+                   help="MALLOC_MMAP_THRESHOLD_ for --malloc tuned/both (bytes; blocks above it are "
+                   "still mmap'ed and page-faulted on every call)")
     p.add_argument("--budget", type=float, default=None, help="stop timing after this many seconds")
     return p
 
@@ -154,10 +158,11 @@ def maybe_respawn(args: argparse.Namespace) -> bool:
     the variables at start-up). Returns True when the caller should exit."""
     if args.malloc == "current":
         return False
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     i = argv.index("--malloc")
     del argv[i:i + 2]
-    runs = [("default", {}), ("tuned", MALLOC_TUNED)] if args.malloc == "both" else [("tuned", MALLOC_TUNED)]
+    tuned = {**MALLOC_TUNED, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
+    runs = [("default", {}), ("tuned", tuned)] if args.malloc == "both" else [("tuned", tuned)]
     for label, extra in runs:
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}
         env.update(extra)

@@ -18,6 +18,14 @@ __all__ = ["Unsupported", "hooks_value_and_grad"]
 
 
 def _batch_size(args: Sequence[Any], batched: Sequence[int], fn: str) -> int:
+    sizes = {leaf.shape[0] if leaf.dim() else None for i in batched for leaf in _tree.leaves(args[i])
+             if isinstance(leaf, torch.Tensor)}
+    if len(sizes) == 1 and None not in sizes:
+        return next(iter(sizes))
+    return _batch_size_error(args, batched, fn)
+
+
+def _batch_size_error(args: Sequence[Any], batched: Sequence[int], fn: str) -> int:
     sizes = {}
     for i in batched:
         for path, leaf in _tree.leaves_with_path(args[i]):
@@ -34,11 +42,23 @@ def _batch_size(args: Sequence[Any], batched: Sequence[int], fn: str) -> int:
     return next(iter(sizes))
 
 
-def _name(i: int, path: Sequence[Any], several: bool) -> str:
-    key = _tree.keystr(path)
-    if not several:
-        return key
-    return f"args[{i}]" + ("" if not path else key if key.startswith("[") else "." + key)
+class _Names:
+    """Key paths of the differentiated leaves, computed only when an error needs one."""
+
+    def __init__(self, args: Sequence[Any], nums: Sequence[int]) -> None:
+        self._args, self._nums = args, nums
+        self._names: list[str] | None = None
+
+    def __getitem__(self, slot: int) -> str:
+        if self._names is None:
+            self._names = []
+            for i in self._nums:
+                for path in _tree.flatten_with_path(self._args[i])[0]:
+                    key = _tree.keystr(path)
+                    if len(self._nums) > 1:
+                        key = f"args[{i}]" + ("" if not path else key if key.startswith("[") else "." + key)
+                    self._names.append(key)
+        return self._names[slot]
 
 
 def _join(*chunks: Any) -> Any:
@@ -49,7 +69,7 @@ def _join(*chunks: Any) -> Any:
 
 
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
-              leaves: list[list[torch.Tensor]], defs: list[Any], names: list[str],
+              leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names,
               batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, RULES, fn)
@@ -78,16 +98,13 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
         raise ValueError(f"{fn}: loss_fn must return per-example losses of shape ({batch_size},) "
                          f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
     engine.backward(losses)
-    grads = []
+    grads: list[Any] = [None] * len(flat)
+    for (kind, slot), parts in engine.parts.items():
+        g = merge(kind, parts, flat[slot])
+        grads[slot] = g if grads[slot] is None else grads[slot] + g
     for slot, p in enumerate(flat):
-        kinds = [(kind, parts) for (kind, s), parts in engine.parts.items() if s == slot]
-        if not kinds:
-            grads.append(p.new_zeros(batch_size, *p.shape))
-            continue
-        g = merge(*kinds[0], p)
-        for kind, parts in kinds[1:]:
-            g = g + merge(kind, parts, p)
-        grads.append(g)
+        if grads[slot] is None:
+            grads[slot] = p.new_zeros(batch_size, *p.shape)
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, grads
@@ -108,13 +125,15 @@ def hooks_value_and_grad(
         raise Unsupported("the fast method cannot run inside a torch.func transform")
     from functorch_pipeline.transforms._autodiff import _check_diff_leaves
 
-    leaves, defs, names = [], [], []
+    leaves, defs = [], []
     for i in nums:
-        _check_diff_leaves(args[i], i, fn)
-        paths, group, treedef = _tree.flatten_with_path(args[i])
+        group, treedef = _tree.flatten(args[i])
+        if not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in group):
+            _check_diff_leaves(args[i], i, fn)  # raises, naming the path, unless complex
+            raise Unsupported("complex parameters have no per-sample gradient rules")
         leaves.append(group)
         defs.append(treedef)
-        names += [_name(i, path, len(nums) > 1) for path in paths]
+    names = _Names(args, nums)
     batch_size = _batch_size(args, batched, fn)
 
     if chunk_size is None or chunk_size >= batch_size:

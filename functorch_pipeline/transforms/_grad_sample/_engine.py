@@ -125,13 +125,13 @@ class Engine:
 
     Args:
       params: the differentiated leaves (plain tensors), one slot each.
-      names: a readable name (key path) per slot, for error messages.
+      names: ``names[slot]`` is a readable name (key path) for error messages.
       batch_size: ``B``, the size of axis 0 of every batched input.
       rules: ``{torch function: rule}`` (``_rules.RULES``).
       fn: the public call, to prefix errors that are not ``Unsupported``.
     """
 
-    def __init__(self, params: list[torch.Tensor], names: list[str], batch_size: int,
+    def __init__(self, params: list[torch.Tensor], names: Any, batch_size: int,
                  rules: dict[Any, Callable[..., Any]], fn: str = "per_sample_grads(loss_fn)") -> None:
         self.fn = fn
         self.bases = [p.detach() for p in params]
@@ -189,6 +189,9 @@ class Engine:
 
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2) -> None:
         """Raise ``Unsupported`` unless ``x`` is a tensor batched on axis 0."""
+        if isinstance(x, torch.Tensor) and x.dim() >= min_dim and x.shape[0] == self.batch_size \
+                and not isinstance(x, _Tracked):
+            return
         who = ", ".join(self.name(s) for s in slots)
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "

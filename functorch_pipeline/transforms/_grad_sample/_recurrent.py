@@ -53,63 +53,65 @@ class _LSTMDirection(torch.autograd.Function):
 
 
 def _forward(ctx: Any, xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
-         reverse: bool, sink: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             reverse: bool, sink: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, B, G = xp.shape
     H = G // 4
+    # NOTE [one sigmoid for all four gates]: tanh(x) = 2 sigmoid(2x) - 1. With the g rows
+    # of the gate inputs and of W_hh doubled, one in-place sigmoid gives i, f, o and s_g,
+    # where g = 2 s_g - 1, so c = f c + i g = f c + 2 i s_g - i.
+    scale = xp.new_ones(G)
+    scale[2 * H:3 * H] = 2
+    xs, wt = xp * scale, (w_hh * scale[:, None]).t()
     # Hidden and cell states with one padding slot: the state *before* time t is
-    # hs[t] (forward) or hs[t + 1] (reverse); the state *at* t the other one.
+    # hs[t + shift], the state *at* t is hs[t + 1 - shift] (shift = 1 walking backwards).
     hs, cs = xp.new_empty(T + 1, B, H), xp.new_empty(T + 1, B, H)
     acts, tanh_c = xp.new_empty(T, B, G), xp.new_empty(T, B, H)
-    first = T if reverse else 0
-    hs[first] = h0
-    cs[first] = c0
-    wt = w_hh.t()
-    h_l, c_l, x_l, a_l, tc_l = hs.unbind(0), cs.unbind(0), xp.unbind(0), acts.unbind(0), tanh_c.unbind(0)
-    shift = 1 if reverse else 0  # before(t) = t + shift, at(t) = t + 1 - shift
+    shift = 1 if reverse else 0
+    hs[T if reverse else 0] = h0
+    cs[T if reverse else 0] = c0
+    h_l, c_l, x_l, a_l, tc_l = hs.unbind(0), cs.unbind(0), xs.unbind(0), acts.unbind(0), tanh_c.unbind(0)
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        a = torch.addmm(x_l[t], h_l[t + shift], wt, out=a_l[t])
-        g_pre = a.narrow(1, 2 * H, H)
-        g = torch.tanh(g_pre)  # before the in-place sigmoid overwrites it
-        a.sigmoid_()
-        g_pre.copy_(g)
-        i, f, _, o = a.chunk(4, 1)
-        c = torch.mul(f, c_l[t + shift], out=c_l[t + 1 - shift]).addcmul_(i, g)
+        i, f, s_g, o = torch.addmm(x_l[t], h_l[t + shift], wt, out=a_l[t]).sigmoid_().chunk(4, 1)
+        c = torch.mul(f, c_l[t + shift], out=c_l[t + 1 - shift]).addcmul_(i, s_g, value=2).sub_(i)
         torch.mul(o, torch.tanh(c, out=tc_l[t]), out=h_l[t + 1 - shift])
+    acts.narrow(2, 2 * H, H).mul_(2).sub_(1)  # s_g -> g for every step at once
     ctx.save_for_backward(w_hh, hs, cs, acts, tanh_c)
     ctx.reverse, ctx.sink = reverse, sink
-    ys = hs[:T] if reverse else hs[1:]
     last = 0 if reverse else T
-    return ys, hs[last].clone(), cs[last].clone()
+    return (hs[:T] if reverse else hs[1:]), hs[last].clone(), cs[last].clone()
 
 
 def _backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor, dc_last: torch.Tensor
-          ) -> tuple[Any, ...]:
+              ) -> tuple[Any, ...]:
     w_hh, hs, cs, acts, tanh_c = ctx.saved_tensors
     reverse = ctx.reverse
     T, B, G = acts.shape
     H = G // 4
     shift = 1 if reverse else 0
-    c_prev = cs[shift:T + shift]
-    h_prev = hs[shift:T + shift]
+    c_prev, h_prev = cs[shift:T + shift], hs[shift:T + shift]
     a_i, a_f, a_g, a_o = acts.chunk(4, 2)
-    # Whole-sequence precomputation: d(gate)/d(pre-activation) for every step, the
-    # factor o * (1 - tanh(c)^2), and the multiplicands of dc for (i, f, g).
-    deriv = acts * (1 - acts)
-    deriv.narrow(2, 2 * H, H).copy_(1 - a_g * a_g)
+    # Whole-sequence precomputation, so the loop is 5 ops per step: with dG the gradient
+    # at the gate pre-activations and sigma' = s (1 - s),
+    #   dG_(i,f,g) = dc * [g sigma'(i), c_prev sigma'(f), i (1 - g^2)]  (by_dc)
+    #   dG_o       = dh * tanh(c) sigma'(o)                            (by_dh)
+    #   dc         = dc_next f_next + dh o (1 - tanh(c)^2)             (o_dtanh)
+    #   dh         = dy + dG_next @ W_hh
+    sig = acts * (1 - acts)
+    by_dc = torch.stack([a_g, c_prev, a_i], 2)
+    by_dc.mul_(torch.stack([sig[..., :H], sig[..., H:2 * H], 1 - a_g * a_g], 2))
+    by_dh = tanh_c * sig[..., 3 * H:]
     o_dtanh = a_o * (1 - tanh_c * tanh_c)
-    by_dc = torch.stack([a_g, c_prev, a_i], 2)  # (T, B, 3, H): dc * [g, c_prev, i]
     dgates = acts.new_empty(T, B, G)
-    dh, dc = dh_last, dc_last
-    dy_l, od_l, f_l, tc_l = dy.unbind(0), o_dtanh.unbind(0), a_f.unbind(0), tanh_c.unbind(0)
-    m_l, d_l, dg_l = by_dc.unbind(0), deriv.unbind(0), dgates.unbind(0)
-    for t in (range(T) if reverse else range(T - 1, -1, -1)):
-        dh = dh + dy_l[t]
+    dg_l, dg3_l = dgates.unbind(0), dgates[..., :3 * H].unflatten(2, (3, H)).unbind(0)
+    dgo_l = dgates[..., 3 * H:].unbind(0)
+    dy_l, od_l, f_l, m_l, mo_l = dy.unbind(0), o_dtanh.unbind(0), a_f.unbind(0), by_dc.unbind(0), by_dh.unbind(0)
+    order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
+    dh, dc = dh_last + dy_l[order[0]], dc_last
+    for n, t in enumerate(order):
         dc = torch.addcmul(dc, dh, od_l[t])
-        dg = dg_l[t]
-        torch.mul(dc.unsqueeze(1), m_l[t], out=dg.narrow(1, 0, 3 * H).view(B, 3, H))
-        torch.mul(dh, tc_l[t], out=dg.narrow(1, 3 * H, H))
-        dg.mul_(d_l[t])
-        dh = torch.mm(dg, w_hh)
+        torch.mul(dc.unsqueeze(1), m_l[t], out=dg3_l[t])
+        torch.mul(dh, mo_l[t], out=dgo_l[t])
+        dh = torch.addmm(dy_l[order[n + 1]], dg_l[t], w_hh) if n + 1 < T else torch.mm(dg_l[t], w_hh)
         dc = dc * f_l[t]
     engine, w_slot, b_slot = ctx.sink
     by_batch = dgates.transpose(0, 1)  # (B, T, 4H) view
