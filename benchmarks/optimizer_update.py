@@ -56,22 +56,26 @@ def bench(model: str, name: str, reps: int, warmup: int) -> dict[str, tuple[floa
     make_torch, make_fp = OPTIMIZERS[name]
 
     runners = {}
+    refills = {}
     for label, fe in (("torch foreach", True), ("torch default", None)):
         ps = [torch.nn.Parameter(b.clone()) for b in base]
         for p, g in zip(ps, grads, strict=True):
             p.grad = g.clone()
         runners[label] = make_torch(ps, fe).step
+        # untimed, like the donated buffers below: fresh gradients land before each step
+        refills[label] = lambda ps=ps: [p.grad.copy_(g) for p, g in zip(ps, grads, strict=True)]
 
     opt = make_fp()
     pure_state = {"p": {str(i): b.clone() for i, b in enumerate(base)}}
     pure_state["s"] = opt.init(pure_state["p"])
-    g_tree = {str(i): g for i, g in enumerate(grads)}
+    pure_grads = {str(i): g.clone() for i, g in enumerate(grads)}
 
     def fp_pure() -> None:
-        u, pure_state["s"] = opt.update(g_tree, pure_state["s"], pure_state["p"])
+        u, pure_state["s"] = opt.update(pure_grads, pure_state["s"], pure_state["p"])
         pure_state["p"] = optim.apply_updates(pure_state["p"], u)
 
     runners["fp pure"] = fp_pure
+    refills["fp pure"] = lambda: [pure_grads[k].copy_(g) for k, g in zip(pure_grads, grads, strict=True)]
 
     inpl = {"p": {str(i): b.clone() for i, b in enumerate(base)}}
     inpl["s"] = opt.init(inpl["p"])
@@ -81,18 +85,21 @@ def bench(model: str, name: str, reps: int, warmup: int) -> dict[str, tuple[floa
         u, inpl["s"] = opt.update(donated, inpl["s"], inpl["p"], inplace=True)
         optim.apply_updates_(inpl["p"], u)
 
-    def refill() -> None:  # untimed: the donated gradient buffers get fresh gradients
-        for k, g in zip(donated, grads, strict=True):
-            donated[k].copy_(g)
-
     runners["fp in-place"] = fp_inplace
+
+    def donate_fresh() -> None:
+        # donated buffers belong to the optimizer afterwards (the trace may live in them),
+        # so each step donates new gradient tensors, as fp.grad would return
+        for k, g in zip(list(donated), grads, strict=True):
+            donated[k] = g.clone()
+
+    refills["fp in-place"] = donate_fresh
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     faults: dict[str, list[int]] = {k: [] for k in runners}
     for r in range(warmup + reps):
         for label, fn in runners.items():
-            if label == "fp in-place":
-                refill()
+            refills[label]()  # untimed: every method gets freshly written gradients
             f0 = _faults()
             t0 = time.perf_counter()
             fn()
