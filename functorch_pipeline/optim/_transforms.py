@@ -142,6 +142,10 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     return scale(m * learning_rate)
 
 
+# Below this many elements a fresh foreach ``mul`` beats a Python loop of ``out=`` muls.
+_OUT_MIN_NUMEL = 1 << 16
+
+
 class TraceState(NamedTuple):
     """State of :func:`trace`: the momentum buffer, shaped like the parameters."""
 
@@ -225,6 +229,10 @@ def trace(
                 for t, n in zip(tl, new_t, strict=True):
                     t.copy_(n)
             out = tl  # never hand out the state's own buffers
+        elif inplace and sum(t.numel() for t in tl) >= _OUT_MIN_NUMEL:
+            # the old trace buffers are free after the swap: write the update there
+            # (no allocation, hence no page faults); same kernel as the pure ``mul``
+            out = [torch.mul(n, m, out=t) for n, t in zip(new_t, tl, strict=True)]
         else:
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
