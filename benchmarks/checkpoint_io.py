@@ -3,11 +3,17 @@
 Two trees: a 100M-parameter float32 model (BERT-base-shaped: 12 layers, width 768, a
 20k-token embedding) and an Adam state for it (params + mu + nu + count, 1.2 GB).
 
-Save is timed with and without the fsync that crash safety needs; the fsync of a file
-already written by torch.save is timed on its own. Load is timed warm (file in the page
-cache, i.e. memory bandwidth + parsing) and cold (the file's pages dropped from the
-page cache with posix_fadvise(DONTNEED) first, i.e. the disk; on a VM the host may still
-cache). Each figure is the median over --reps interleaved rounds (A B A B ...).
+Save is timed with and without the fsync that crash safety needs; the fsync share of
+fp.save (file + directory) and the fsync of a file already written by torch.save are
+timed on their own. Load is timed three ways:
+  warm                 file in the page cache, loaded again in this process: the memory
+                       may be recycled from earlier loads (page faults vary run to run);
+  warm, new process    file in the page cache, one load in a fresh process (fresh memory,
+                       as when resuming a run): page faults are the same for all methods;
+  cold, new process    the file's pages dropped first with posix_fadvise(DONTNEED), i.e.
+                       the disk (on a VM the host may still cache).
+Each figure is the median over --reps interleaved rounds (A B A B ...); minflt is the
+median number of minor page faults of one call.
 
     .venv/bin/python benchmarks/checkpoint_io.py [--reps 5] [--dir /tmp] [--small]
 """
@@ -19,6 +25,7 @@ import gc
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,6 +108,24 @@ def timed(fn: Callable[[], object]) -> tuple[float, int]:
     return dt, flt
 
 
+LOADERS: dict[str, Callable[[str], object]] = {
+    "fp.load": lambda p: fp.load(p),
+    "torch.load": lambda p: torch.load(p, weights_only=True),
+    "safetensors (pread)": lambda p: safetensors.torch.load_file(p, backend="pread"),
+}
+
+
+def load_in_new_process(method: str, path: str) -> tuple[float, int]:
+    out = subprocess.run([sys.executable, __file__, "--child", method, path], capture_output=True, text=True, check=True)
+    dt, flt = out.stdout.split()
+    return float(dt), int(flt)
+
+
+def child(method: str, path: str) -> None:
+    dt, flt = timed(lambda: LOADERS[method](path))
+    print(dt, flt)
+
+
 def run(name: str, tree: dict, reps: int, directory: str) -> list[tuple[str, str, float, float, int]]:
     nbytes = fp.tree.nbytes(tree)
     fp_path = os.path.join(directory, "bench.safetensors")
@@ -134,24 +159,25 @@ def run(name: str, tree: dict, reps: int, directory: str) -> list[tuple[str, str
     st_path = os.path.join(directory, "bench_plain.safetensors")
     flat = dict(zip(map(fp.tree.keystr, fp.tree.flatten_with_path(tree)[0]), fp.tree.leaves(tree), strict=True))
     safetensors.torch.save_file(flat, st_path)
-    load_methods: dict[str, tuple[str, Callable[[], object]]] = {
-        "fp.load": (fp_path, lambda: fp.load(fp_path)),
-        "torch.load": (pt_path, lambda: torch.load(pt_path, weights_only=True)),
-        "safetensors (pread)": (st_path, lambda: safetensors.torch.load_file(st_path, backend="pread")),
-    }
-    for cold in (False, True):
-        tag = " cold" if cold else " warm"
+    paths = {"fp.load": fp_path, "torch.load": pt_path, "safetensors (pread)": st_path}
+    load_methods = {k: (p, lambda k=k, p=p: LOADERS[k](p)) for k, p in paths.items()}
+    # NOTE: a load in a process that already loaded (and freed) the same sizes may get
+    # recycled heap memory (no page faults) or fresh pages, depending on glibc's dynamic
+    # mmap threshold, so in-process repeats vary with allocation history. A load in a new
+    # process (what resuming a run does) always starts from fresh memory.
+    for mode in ("warm", "warm, new process", "cold, new process"):
+        tag = f" {mode}"
         for k in load_methods:
             times[k + tag], faults[k + tag] = [], []
         for r in range(reps):
             order = list(load_methods) if r % 2 == 0 else list(reversed(load_methods))
             for k in order:
                 path, fn = load_methods[k]
-                if cold:
+                if mode.startswith("cold"):
                     drop_cache(path)
                 else:
                     fn()  # make sure it is in the page cache
-                dt, flt = timed(fn)
+                dt, flt = timed(fn) if mode == "warm" else load_in_new_process(k, path)
                 times[k + tag].append(dt)
                 faults[k + tag].append(flt)
     for p in (fp_path, pt_path, st_path):
@@ -180,20 +206,24 @@ def main() -> None:
     for name, tree in trees.items():
         print(f"{name}: {fp.tree.nbytes(tree) / 1e9:.2f} GB, {len(fp.tree.leaves(tree))} leaves, {args.reps} reps ...", flush=True)
         rows += run(name, tree, args.reps, directory)
-    base = {"fp.save (fsync)": "torch.save + fsync", "fp.save (no fsync)": "torch.save",
-            "fp.load warm": "torch.load warm", "fp.load cold": "torch.load cold",
-            "safetensors (pread) warm": "torch.load warm", "safetensors (pread) cold": "torch.load cold"}
-    print(f"\n{'tree':34} {'method':28} {'median s':>9} {'GB/s':>7} {'minflt':>8}  ratio (time / torch)")
+    base = {"fp.save (fsync)": "torch.save + fsync", "fp.save (no fsync)": "torch.save"}
+    for mode in ("warm", "warm, new process", "cold, new process"):
+        for k in ("fp.load", "safetensors (pread)"):
+            base[f"{k} {mode}"] = f"torch.load {mode}"
+    print(f"\n{'tree':34} {'method':40} {'median s':>9} {'GB/s':>7} {'minflt':>8}  ratio (time / torch)")
     for name, k, t, gbs, flt in rows:
         ratio = ""
         if k in base:
             ref = next(r[2] for r in rows if r[0] == name and r[1] == base[k])
             ratio = f"{t / ref:.2f}x of {base[k]}"
-        print(f"{name:34} {k:28} {t:9.3f} {gbs:7.2f} {flt:8d}  {ratio}")
+        print(f"{name:34} {k:40} {t:9.3f} {gbs:7.2f} {flt:8d}  {ratio}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end. GB/s = tree bytes / median time. "
           "'fp.save (no fsync)' also pays ext4's auto_da_alloc: renaming over an existing file "
           "starts writeback of the new file's data.")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main()
