@@ -204,7 +204,7 @@ def test_unused_and_no_grad_parameters_get_zeros():
 
     def loss(p, x):
         with torch.no_grad():
-            frozen = F.linear(x, p["a"])
+            frozen = F.linear(x, p["a"]) + p["a"].sum() + p["w"].norm()  # any op: no gradient
         return (F.linear(x + frozen, p["w"]) ** 2).sum(-1)
 
     p = {"w": torch.randn(3, 3), "a": torch.randn(3, 3), "unused": torch.randn(2)}

@@ -99,9 +99,10 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
                          f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
     engine.backward(losses)
     grads: list[Any] = [None] * len(flat)
-    for (kind, slot), parts in engine.parts.items():
-        g = merge(kind, parts, flat[slot])
-        grads[slot] = g if grads[slot] is None else grads[slot] + g
+    with torch.no_grad():
+        for (kind, slot), parts in engine.parts.items():
+            g = merge(kind, parts, flat[slot])
+            grads[slot] = g if grads[slot] is None else grads[slot] + g
     for slot, p in enumerate(flat):
         if grads[slot] is None:
             grads[slot] = p.new_zeros(batch_size, *p.shape)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge
 
 __all__ = ["Engine", "Unsupported"]
@@ -85,7 +86,7 @@ class _Tracked(torch.Tensor):
         rule = engine.rules.get(func)
         if rule is not None:
             return rule(engine, args, kwargs)
-        if func in _PASSTHROUGH:
+        if func in _PASSTHROUGH or not torch.is_grad_enabled():  # no gradient flows here
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         raise Unsupported(
             f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
@@ -213,9 +214,10 @@ class Engine:
 
     def record(self, out: torch.Tensor, finish: Callable[..., None], *saved: Any) -> None:
         """Remember ``out``'s gradient edge; ``finish(engine, grad, *saved)`` adds the parts."""
-        if out.grad_fn is None:  # under no_grad: no gradient flows through this use
+        node = out.grad_fn
+        if node is None:  # under no_grad: no gradient flows through this use
             return
-        self.uses.append(_Use(get_gradient_edge(out), finish, saved))
+        self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved))
 
     def anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A scalar leaf that requires grad and whose gradient the backward asks for: an
@@ -243,7 +245,8 @@ class Engine:
         grads = torch.autograd.grad(
             losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
             allow_unused=True)
-        for use, g in zip(self.uses, grads, strict=True):
-            if g is not None:
-                use.finish(self, g, *use.saved)
+        with torch.no_grad():
+            for use, g in zip(self.uses, grads, strict=True):
+                if g is not None:
+                    use.finish(self, g, *use.saved)
         self.uses.clear()

@@ -46,8 +46,13 @@ def _no_graph(*ts: Any) -> bool:
 
 
 def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-    x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
-    (ws, bs), (wp, bp) = _params(engine, w, b)
+    if len(args) == 3 and not kwargs:  # the common call, parsed fast
+        x, w, b = args
+    else:
+        x, w, b = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight"), _get(args, kwargs, 2, "bias")
+    ws, bs = engine.slot(w), engine.slot(b)
+    wp = engine.bases[ws] if ws is not None else w
+    bp = engine.bases[bs] if bs is not None else b
     engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None])
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.linear(xin, wp, bp)
@@ -98,48 +103,53 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
         engine.add("direct", ws, _conv_weight(x, g, *geometry))
 
 
+_PATCH_BYTES = 2 << 20  # patches per chunk: about what stays in a 2 MB cache
+
+
 def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
                  padding: Any, dilation: tuple[int, ...], groups: int) -> torch.Tensor:
     """Per-example conv weight gradients ``(B, O, C / groups, *kernel)``.
 
     # NOTE [per-example conv weight gradients]
-    Two exact ways, picked by speed (measured on 2 CPU cores, MNIST-sized layers):
-    * one input channel per group (a grayscale first layer, depthwise convs): the input
-      patches as a strided view, copied once to ``(B, G, k, L)``, then one batched matmul
-      with the output gradient ``(B, G, O/G, L)``. mkldnn's grouped backward is ~2x slower
-      here because each group's reduction is tiny.
-    * otherwise: the weight gradient of one grouped convolution whose groups are the
-      examples (``N = 1``, ``groups = B * groups``, input ``(1, B*C, ...)``): group ``b`` sees
-      only example ``b``, so mkldnn's weight-gradient kernel returns each example's own
-      gradient, without materialising the patches.
+    For each example, the weight gradient is ``g (O, L) @ patches (L, C k)``: the input
+    patches are a strided view of the (padded) input, copied to a contiguous block, and one
+    batched matmul contracts them with the output gradient. Both are done in chunks of
+    examples whose patches fit in ~2 MB, so the copy is still in cache when the matmul
+    reads it: on 1 CPU thread this took the MNIST CNN's two layers from 5.0 and 7.9 ms
+    (whole batch of 256 at once) to 3.5 and 5.5 ms, against 2.6 and 4.6 ms for the *batch*
+    weight gradient in mkldnn. (mkldnn's grouped backward with one group per example, and
+    ``F.unfold``, were slower: 6.2 ms and 40+ ms.)
     """
-    B, C, out_ch, nd = x.shape[0], x.shape[1], g.shape[1], len(kernel)
+    nd = len(kernel)
+    if nd == 1:  # conv1d as a conv2d of height 1
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        if not isinstance(padding, str):
+            padding = (0, *_pair(padding, 1))
     if isinstance(padding, str):  # "same" puts an odd extra pad on the right, as torch does
         pads: list[int] = []
         for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
             total = d * (k - 1) if padding == "same" else 0
             pads += [total // 2, total - total // 2]
-        if any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
-            x, padding = F.pad(x, pads), (0,) * nd
-        else:
-            padding = tuple(reversed(pads[::2]))
-    padding = _pair(padding, nd)
-    if C == groups and nd == 2:
-        if any(padding):
-            x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-        x = x.contiguous()
-        (kh, kw), (Ho, Wo) = kernel, g.shape[2:]
-        sB, sC, sH, sW = x.stride()
-        patches = x.as_strided((B, C, kh, kw, Ho, Wo), (sB, sC, sH * dilation[0], sW * dilation[1],
-                                                          sH * stride[0], sW * stride[1]))
-        cols = patches.reshape(B, groups, kh * kw, Ho * Wo)
-        out = g.reshape(B, groups, out_ch // groups, Ho * Wo) @ cols.mT
-        return out.reshape(B, out_ch, 1, kh, kw)
-    weight = x.new_empty(B * out_ch, C // groups, *kernel)  # only its shape is read
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        g.reshape(1, B * out_ch, *g.shape[2:]), x.reshape(1, B * C, *x.shape[2:]), weight, None,
-        stride, padding, dilation, False, (0,) * nd, B * groups, (False, True, False))
-    return gw.reshape(B, out_ch, C // groups, *kernel)
+    else:
+        pads = [p for p in reversed(_pair(padding, 2)) for _ in range(2)]
+    if any(pads):
+        x = F.pad(x, pads)
+    x = x.contiguous()
+    (B, C, _, _), (out_ch, Ho, Wo), (kh, kw) = x.shape, g.shape[1:], kernel
+    cin, cout, L = C // groups, out_ch // groups, Ho * Wo
+    sB, sC, sH, sW = x.stride()
+    size = (groups, cin, kh, kw, Ho, Wo)
+    strides = (sC * cin, sC, sH * dilation[0], sW * dilation[1], sH * stride[0], sW * stride[1])
+    grads = g.reshape(B, groups, cout, L)
+    out = x.new_empty(B, groups, cout, cin * kh * kw)
+    chunk = max(1, _PATCH_BYTES // (C * kh * kw * L * x.element_size()))
+    for start in range(0, B, chunk):
+        xs = x[start:start + chunk]
+        n = xs.shape[0]
+        patches = xs.as_strided((n, *size), (sB, *strides)).reshape(n, groups, cin * kh * kw, L)
+        torch.matmul(grads[start:start + n], patches.mT, out=out[start:start + n])
+    return out.reshape(B, out_ch, cin, *kernel[2 - nd:])
 
 
 # -- embedding ------------------------------------------------------------------------------
