@@ -189,13 +189,6 @@ def scalar_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
-def as_scalar(s: Scalar, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``s`` as a 0-d tensor on ``like``'s device (no host sync for tensors)."""
-    if isinstance(s, torch.Tensor):
-        return s.to(device=like.device, dtype=dtype)
-    return torch.tensor(s, device=like.device, dtype=dtype)
-
-
 def addcmul(xs: TL, ys: TL, zs: TL, fe: bool, inplace: bool = False) -> TL:
     """``xs + ys * zs`` (one fused kernel; in place on ``xs`` when ``inplace``)."""
     inplace = inplace and not (recording(xs) or recording(ys))
