@@ -199,6 +199,16 @@ def test_tied_weight_used_twice_accumulates():
     assert_matches(loss, {"w": w, "b1": b1, "b2": b2}, torch.randn(5, 4), torch.randn(5, 4))
 
 
+def test_embedding_tied_to_the_output_layer():
+    torch.manual_seed(0)
+
+    def loss(p, t):
+        h = torch.tanh(F.embedding(t, p["emb"]).mean(1))
+        return F.cross_entropy(F.linear(h, p["emb"], p["b"]), t[:, 0], reduction="none")
+
+    assert_matches(loss, {"emb": torch.randn(9, 4), "b": torch.randn(9)}, torch.randint(0, 9, (5, 3)))
+
+
 def test_unused_and_no_grad_parameters_get_zeros():
     torch.manual_seed(0)
 

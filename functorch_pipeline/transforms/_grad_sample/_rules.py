@@ -7,10 +7,14 @@ turns the output gradient into *parts* keyed by ``(kind, slot)``; :func:`merge` 
 builds each parameter's ``(B, *shape)`` gradient from all its parts at once:
 
 * ``"outer"``: ``x (B, G, n, in)`` and ``g (B, G, n, out)``; the sum over ``n`` of
-  ``g^T x`` (linear and conv weights; every use of the parameter is concatenated on ``n``).
-* ``"sum"``: ``g (B, n, k)`` summed over ``n`` (biases).
+  ``g^T x`` (linear and recurrent weights: every use of the parameter, a ``W_hh`` at each
+  time step, is concatenated on ``n`` and contracted by one batched matmul).
+* ``"sum"``: ``g (B, n, k)`` summed over ``n`` (linear and recurrent biases).
 * ``"embed"``: indices ``(B, n)`` and rows ``(B, n, D)`` scattered into ``(B, V, D)``.
-* ``"direct"``: a ready ``(B, *shape)`` contribution (normalisation layers).
+* ``"direct"``: a ready ``(B, *shape)`` contribution, summed over uses (conv weights and
+  biases, see NOTE [per-example conv weight gradients]; normalisation layers).
+
+Tests: ``tests/test_grad_sample.py`` checks every rule against a Python loop over examples.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch.overrides import has_torch_function
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
-__all__ = ["RULES", "merge"]
+__all__ = ["RULES", "merge", "overridable", "register_rule"]
 
 
 def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
