@@ -468,6 +468,32 @@ def test_keyed_dropout_through_functionalize_matches_loop_with_per_example_keys(
     assert_matches(loss, variables["params"], x, keys)
 
 
+def test_lstm_classifier_with_keyed_dropout_in_train_mode_matches_loop():
+    """fp.functionalize + fp.nn.LSTM (inter-layer dropout too) with one key per example."""
+
+    class TextClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 4)
+            self.lstm = fp.nn.LSTM(4, 3, num_layers=2, bidirectional=True, batch_first=True, dropout=0.3)
+            self.drop, self.fc1, self.fc2 = nn.Dropout(0.5), nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, t):
+            h, _ = self.lstm(self.emb(t))
+            return self.fc2(F.relu(self.fc1(self.drop(h))).mean(1))
+
+    torch.manual_seed(0)
+    model = fp.functionalize(TextClassifier())
+    variables = model.init(fp.random.key(0), torch.zeros(1, 6, dtype=torch.long))
+
+    def loss(p, t, y, keys):
+        out, _ = model.apply({"params": p}, t, train=True, key=keys)
+        return F.cross_entropy(out, y, reduction="none")
+
+    t, y = torch.randint(0, 20, (4, 6)), torch.randint(0, 2, (4,))
+    assert_matches(loss, variables["params"], t, y, fp.random.split(fp.random.key(1), 4))
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 5), c_in=st.integers(1, 3), c_out=st.integers(1, 3), k=st.integers(1, 3),
        stride=st.integers(1, 2), pad=st.integers(0, 2), dil=st.integers(1, 2))
