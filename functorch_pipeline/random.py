@@ -165,11 +165,11 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
         d = torch.tensor(data % (1 << 32), dtype=torch.int64, device=k.device)
     else:
         raise TypeError(f"fold_in(key, data): `data` must be an int, got {type(data).__name__}")
-    d = d & _MASK32
-    k0, k1 = k[..., 0], k[..., 1]
-    a = _hash2(k0, k1 ^ 0x2545F491, d)
-    b = _hash2(k1, k0 ^ 0x1B873593, d)
-    return torch.stack([a, b], dim=-1)
+    d = (d & _MASK32).unsqueeze(-1)
+    # Both output words in one vectorised hash: (k0, k1 ^ c0) and (k1, k0 ^ c1).
+    flipped = k.flip(-1)
+    salt = torch.tensor([0x2545F491, 0x1B873593], dtype=torch.int64, device=k.device)
+    return _hash2(k, flipped ^ salt, d)
 
 
 def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:

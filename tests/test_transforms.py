@@ -81,6 +81,18 @@ def test_grad_argnums_tuple_and_has_aux():
     torch.testing.assert_close(gneg, rx, **TOL)
 
 
+def test_aux_may_hold_any_pytree():
+    def f(w):
+        return (w**2).sum(), {"none": None, "t": w.sum(), "n": 3.0, "s": "tag"}
+
+    (value, aux), g = fp.value_and_grad(f, has_aux=True)(torch.tensor([1.0, 2.0]))
+    assert value.item() == 5.0 and aux["none"] is None and aux["n"] == 3.0 and aux["s"] == "tag"
+    assert aux["t"].item() == 3.0 and not aux["t"].requires_grad
+    torch.testing.assert_close(g, torch.tensor([2.0, 4.0]))
+    per = fp.vmap(fp.grad(lambda w: (w.sum() ** 2, {"t": w.sum(), "n": None}), has_aux=True))(torch.ones(3, 2))
+    torch.testing.assert_close(per[1]["t"], torch.full((3,), 2.0))
+
+
 def test_grad_errors_are_clear():
     p = make_params(0)
     x = torch.randn(2, 3, dtype=D)

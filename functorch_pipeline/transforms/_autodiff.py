@@ -98,16 +98,30 @@ def _value_and_grad_impl(
             flats.append(leaves)
             defs.append(treedef)
 
+        aux_parts: list[Any] = []
+
         def flat_f(*flat_args: list[torch.Tensor]) -> Any:
             new_args = list(args)
             for i, leaves, treedef in zip(nums, flat_args, defs, strict=True):
                 new_args[i] = _tree.unflatten(treedef, leaves)
             out = f(*new_args, **kwargs)
             _check_scalar(out, has_aux, fn)
-            return out
+            if not has_aux:
+                return out
+            # torch.func accepts only tensors in aux: pass its tensor leaves through and
+            # keep the rest (None, numbers, strings) aside, as JAX lets aux be any pytree.
+            aux_leaves, aux_def = _tree.flatten(out[1])
+            aux_parts[:] = [aux_def, aux_leaves]
+            return out[0], [x for x in aux_leaves if isinstance(x, torch.Tensor)]
 
         grads, value = torch.func.grad_and_value(flat_f, argnums=tuple(range(len(nums))), has_aux=has_aux)(*flats)
         trees = tuple(_tree.unflatten(d, g) for d, g in zip(defs, grads, strict=True))
+        if has_aux:
+            loss, tensors = value
+            aux_def, aux_leaves = aux_parts
+            it = iter(tensors)
+            aux = _tree.unflatten(aux_def, [next(it) if isinstance(x, torch.Tensor) else x for x in aux_leaves])
+            value = (loss, aux)
         return value, (trees if is_tuple else trees[0])
 
     return wrapped
