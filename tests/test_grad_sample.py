@@ -334,6 +334,17 @@ def test_chunk_size_aux_and_values():
     assert all(torch.allclose(grads2[k], want[k], atol=TOL) for k in want) and not aux2["out"].requires_grad
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_under_no_grad_and_inference_mode(context):
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    p, x, y = params_of(m), torch.randn(4, 3), torch.randn(4, 2)
+    want = loop_grads(squared(m), p, x, y)
+    with context():
+        got = fp.per_sample_grads(squared(m), method="hooks")(p, x, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+
+
 def test_tuple_argnums_and_batch_argnums():
     torch.manual_seed(0)
     w1, w2, x = torch.randn(3, 2), torch.randn(1, 3), torch.randn(5, 2)

@@ -77,7 +77,8 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     new_args = list(args)
     for i, group, treedef in zip(nums, leaves, defs, strict=True):
         new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
-    with torch.enable_grad():
+    # NOTE: under torch.inference_mode() enable_grad alone records nothing (all zeros).
+    with torch.inference_mode(False), torch.enable_grad():
         out = loss_fn(*new_args)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
