@@ -437,6 +437,23 @@ def test_input_without_the_batch_on_axis_0_is_an_error():
         fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 5, 3))
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(3, 2), (4, 4, 3)),  # sequence-first (T, B, E) with T == B
+    (lambda: nn.Embedding(9, 2), (4, 4)),  # token ids (T, B) with T == B
+])
+def test_ambiguous_batch_axis_is_an_error_and_auto_falls_back(make, shape):
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randint(0, 9, shape) if isinstance(m, nn.Embedding) else torch.randn(*shape)
+    loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).pow(2).sum((0, 2))  # noqa: E731
+    with pytest.raises(ValueError, match=r"several axes have the batch size 4.*ambiguous"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    with pytest.warns(UserWarning, match="ambiguous"):
+        got = fp.per_sample_grads(loss, method="auto")(params_of(m), x)
+    want = loop_grads(loss, params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+
+
 def test_in_place_change_of_a_saved_input_is_an_error():
     def loss(p, x):
         x = x.clone()

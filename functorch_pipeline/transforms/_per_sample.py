@@ -178,8 +178,12 @@ def per_sample_grads(
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
-          uses a parameter sees the batch on axis 0 of its input (``batch_first=True``
-          for recurrent layers; checked by size). Any other use of a parameter
+          uses a parameter sees the batch on axis 0 of its input. The last is checked by
+          size: axis 0 must have size ``B`` and, where another axis could hold the
+          examples (a ``(T, B, E)`` input with ``T == B``), the call is an error as
+          ambiguous; an input with *no* batch axis whose first axis happens to have size
+          ``B`` (position ids ``arange(T)`` with ``T == B``) cannot be told apart: use
+          ``"vmap"`` for such models. Any other use of a parameter
           (``x @ w``, ``nn.LSTM``'s fused kernel) is an error naming the parameter and the
           call. ``randomness`` does not apply; ``aux`` is what ``loss_fn`` returns for the
           whole batch; the gradients carry no autograd graph. Large fresh outputs make

@@ -188,22 +188,38 @@ class Engine:
     def names(self, args: Any, kwargs: dict[str, Any]) -> str:
         return ", ".join(self.name(s) for s in self.slots(args, kwargs))
 
-    def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2) -> None:
-        """Raise ``Unsupported`` unless ``x`` is a tensor batched on axis 0."""
-        if isinstance(x, torch.Tensor) and x.dim() >= min_dim and x.shape[0] == self.batch_size \
-                and not isinstance(x, _Tracked):
+    def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
+                    features: int = 0) -> None:
+        """Raise ``Unsupported`` unless ``x`` is a tensor batched on axis 0, unambiguously.
+
+        # NOTE [which axis is the batch]
+        Rules take axis 0 of an op's input to be the examples; nothing else is known about
+        it without tracing every op. Two checks keep a wrong guess from passing silently in
+        the common cases: axis 0 must have size ``B``, and no other axis that could hold the
+        examples (all but the last ``features`` axes: sequence axes of ``F.linear`` inputs,
+        every axis of embedding indices) may have size ``B`` too, which catches
+        sequence-first layouts such as ``(T, B, E)`` when ``T == B``. The remaining blind
+        spot: an input with no batch axis whose first axis happens to equal ``B`` (position
+        indices ``arange(T)`` with ``T == B``), see the ``method`` docs.
+        """
+        B = self.batch_size
+        if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim \
+                and x.shape[0] == B and B not in x.shape[1:x.dim() - features]:
             return
         who = ", ".join(self.name(s) for s in slots)
+        verb = "is" if len(slots) == 1 else "are"
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
                               "weight and bias arguments have a per-sample gradient rule")
-        if not isinstance(x, torch.Tensor) or x.dim() < min_dim or x.shape[0] != self.batch_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if isinstance(x, torch.Tensor) and x.dim() >= min_dim and x.shape[0] == B:
             raise Unsupported(
-                f"{who} {'is' if len(slots) == 1 else 'are'} used by `{op}` on an input of shape "
-                f"{shape}, whose first axis is not the batch (B={self.batch_size}); the fast "
-                "method needs every op that uses a parameter to see the batch on axis 0 "
-                "(batch_first=True for recurrent layers)")
+                f"{who} {verb} used by `{op}` on an input of shape {shape}: several axes have "
+                f"the batch size {B}, so which one holds the examples is ambiguous")
+        raise Unsupported(
+            f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
+            f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
+            "the batch on axis 0")
 
     @staticmethod
     def grad_input(x: torch.Tensor, *others: Any) -> torch.Tensor:

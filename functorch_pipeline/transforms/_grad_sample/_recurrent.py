@@ -152,7 +152,7 @@ def lstm_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> An
         return _lstm_loop(steps, h, c, w_hh, b_hh, w_hr, reverse)  # the per-step rules will complain
     if w_hr is not None or not steps or not torch.is_grad_enabled():
         return _lstm_loop(steps, h, c, w_hh, b_hh, w_hr, reverse)
-    engine.check_input(h, "_lstm_direction", [s for s in (ws, bs) if s is not None])
+    engine.check_input(h, "_lstm_direction", [s for s in (ws, bs) if s is not None], features=1)
     xp = torch.stack(steps, 0)
     if b_hh is not None:
         xp = xp + engine.base(b_hh)  # out of place: xp carries the steps' graph

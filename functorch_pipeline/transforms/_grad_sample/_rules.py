@@ -57,7 +57,7 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
-    engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None])
+    engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None], features=1)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.linear(xin, wp, bp)
     engine.record(out, _finish_linear, x, ws, bs)
@@ -89,7 +89,8 @@ def _conv(nd: int) -> Any:
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         (ws, bs), (wp, bp) = _params(engine, w, b)
-        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2)
+        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
+                           features=nd + 1)
         xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
         out = op(xin, wp, bp, stride, padding, dilation, groups)
         geometry = (tuple(wp.shape[2:]), _pair(stride, nd), padding, _pair(dilation, nd), groups)
@@ -207,7 +208,8 @@ def _layer_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     x, shape = _get(args, kwargs, 0, "input"), tuple(_get(args, kwargs, 1, "normalized_shape"))
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    engine.check_input(x, "F.layer_norm", [s for s in (ws, bs) if s is not None], min_dim=len(shape) + 1)
+    engine.check_input(x, "F.layer_norm", [s for s in (ws, bs) if s is not None],
+                       min_dim=len(shape) + 1, features=len(shape))
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.layer_norm(xin, shape, wp, bp, eps)
     engine.record(out, _finish_layer_norm, x, ws, bs, shape, eps)
@@ -225,7 +227,7 @@ def _group_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     x, groups = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "num_groups")
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    engine.check_input(x, "F.group_norm", [s for s in (ws, bs) if s is not None])
+    engine.check_input(x, "F.group_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.group_norm(xin, groups, wp, bp, eps)
     engine.record(out, _finish_group_norm, x, ws, bs, groups, eps)
@@ -254,7 +256,7 @@ def _batch_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
             "(fp.nn.replace_batchnorm_with_groupnorm).")
     if engine.slot(mean) is not None or engine.slot(var) is not None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as running statistics of `F.batch_norm`")
-    engine.check_input(x, "F.batch_norm", [s for s in (ws, bs) if s is not None])
+    engine.check_input(x, "F.batch_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.batch_norm(xin, mean, var, wp, bp, False, momentum, eps)
     engine.record(out, _finish_batch_norm, x, ws, bs, mean, var, eps)
