@@ -73,7 +73,7 @@ def targets(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(5, 3), (5, 4, 3), (5, 2, 4, 3)])
+@pytest.mark.parametrize("shape", [(5, 3), (5, 4, 3), (5, 2, 4, 3), (1, 1, 3), (1, 3)])
 def test_linear_matches_loop(bias, shape):
     torch.manual_seed(0)
     m = nn.Linear(3, 2, bias=bias)

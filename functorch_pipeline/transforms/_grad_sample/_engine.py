@@ -204,7 +204,7 @@ class Engine:
         """
         B = self.batch_size
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim \
-                and x.shape[0] == B and B not in x.shape[1:x.dim() - features]:
+                and x.shape[0] == B and (B == 1 or B not in x.shape[1:x.dim() - features]):
             return
         who = ", ".join(self.name(s) for s in slots)
         verb = "is" if len(slots) == 1 else "are"
