@@ -62,15 +62,11 @@ def candidates(batch: int, loop: bool) -> tuple[dict, dict[str, str]]:
     hooks = fp.per_sample_grads(losses, method="hooks")
     one = torch.func.grad(lambda p, xi, yi: mean_loss(p, xi[None], yi[None]))
     vmapped = torch.func.vmap(one, in_dims=(None, 0, 0))
-    leaves = list(params.values())
-
     def python_loop() -> list[torch.Tensor]:
         rows = []
         for i in range(batch):
-            loss = F.nll_loss(torch.func.functional_call(
-                model, dict(zip(params, [p.requires_grad_() for p in leaves], strict=True)),
-                (x[i:i + 1],)), y[i:i + 1])
-            rows.append(torch.autograd.grad(loss, leaves))
+            loss = F.nll_loss(model(x[i:i + 1]), y[i:i + 1])
+            rows.append(torch.autograd.grad(loss, list(model.parameters())))
         return [torch.stack(g) for g in zip(*rows, strict=True)]
 
     fns = {

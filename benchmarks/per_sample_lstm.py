@@ -99,7 +99,6 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
 
     hooks = fp.per_sample_grads(losses, method="hooks")
     vmap_fp, vmap_nn = one(model), one(ref)
-    leaves = list(ref_params.values())
 
     def python_loop() -> list[torch.Tensor]:
         rows = []
@@ -136,7 +135,6 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
         compiled(params, tokens, labels)
         print(f"  torch.compile(vmap(grad)) over fp.nn.LSTM: first call {time.perf_counter() - start:.1f} s")
         fns["torch.compile(vmap(grad)), fp.nn.LSTM"] = lambda: compiled(params, tokens, labels)
-    del leaves
     return fns
 
 
