@@ -44,9 +44,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch import nn
 
+from functorch_pipeline.transforms import _grad_sample
+
 __all__ = ["GRU", "LSTM"]
 
 
+# NOTE [fused per-sample rule]
+# Under per_sample_grads(method="hooks") a whole LSTM direction is one call of the
+# engine's fused rule (8 ops per step forward, W_hh's per-example gradient from one
+# batched matmul over all steps), instead of per-step F.linear rules; elsewhere the
+# decorator costs one cheap check per call.
+@_grad_sample.overridable
 def _lstm_direction(
     steps: list[Tensor], h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Tensor | None,
     w_hr: Tensor | None, reverse: bool,
@@ -64,6 +72,9 @@ def _lstm_direction(
     if reverse:
         outs.reverse()
     return outs, h, c
+
+
+_grad_sample.register_rule(_lstm_direction, _grad_sample.lstm_direction_rule)
 
 
 def _gru_direction(
