@@ -43,7 +43,7 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=-1)
 
 
-def candidates(batch: int, loop: bool) -> tuple[dict, dict[str, str]]:
+def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dict[str, str]]:
     torch.manual_seed(0)
     model = Net()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -74,6 +74,9 @@ def candidates(batch: int, loop: bool) -> tuple[dict, dict[str, str]]:
         "fp.per_sample_grads hooks": lambda: hooks(params, x, y),
         "torch.func vmap(grad)": lambda: vmapped(params, x, y),
     }
+    if compile:
+        jitted = fp.jit(fp.per_sample_grads(mean_loss))
+        fns["fp.jit(per_sample_grads)"] = lambda: jitted(params, x, y)
     if loop:
         fns["python loop"] = python_loop
 
@@ -90,6 +93,8 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--batch", default="64,256", help="comma-separated batch sizes")
     p.add_argument("--no-loop", action="store_true", help="skip the Python-loop baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="add fp.jit(fp.per_sample_grads(...)) (torch.compile; first call timed apart)")
     args = p.parse_args()
     if _common.maybe_respawn(args):
         return
@@ -100,7 +105,7 @@ def main() -> None:
         if _common.optional(peer) is None:
             print(f"  skipped {why}: `{peer}` is not installed")
     for batch in (int(b) for b in args.batch.split(",")):
-        fns, baselines = candidates(batch, not args.no_loop)
+        fns, baselines = candidates(batch, not args.no_loop, args.compile)
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
                                 every={"python loop": 5})
         print(_common.table(stats, baselines, batch, f"\nper-sample gradients, MNIST CNN, batch {batch}"))
