@@ -63,11 +63,11 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def _hash2(k0: torch.Tensor, k1: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """A 32-bit value from a key (k0, k1) and a counter; several mixing rounds."""
+    """A 32-bit value from a key (k0, k1) and a counter."""
+    # Two rounds of MurmurHash3's finaliser (full avalanche each): ample for dropout,
+    # noise and initialisation, and each draw stays ~20 cheap integer ops.
     x = _fmix32((counter * _GOLDEN + k0) & _MASK32)
-    x = _fmix32((x ^ k1) + 0x7F4A7C15 & _MASK32)
-    x = _fmix32((x + counter + (k0 ^ 0x68E31DA4)) & _MASK32)
-    return x
+    return _fmix32((x ^ k1) + 0x7F4A7C15 & _MASK32)
 
 
 def _check_key(k: torch.Tensor, fn: str) -> None:
@@ -137,11 +137,11 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     _check_key(k, "split(key, num)")
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"split(key, num): `num` must be a positive int, got {num!r}")
-    counter = torch.arange(num, device=k.device, dtype=torch.int64)
-    k0, k1 = k[..., 0:1], k[..., 1:2]
-    a = _hash2(k0, k1, 2 * counter + 1)
-    b = _hash2(k1, k0, 2 * counter + 2)
-    out = torch.stack([a, b], dim=-1)  # (..., num, 2)
+    # One vectorised hash for both words of all `num` keys: word j of key i hashes the
+    # counter 2 * i + 1 + j with the key's words in order (j = 0) or swapped (j = 1).
+    counter = torch.arange(1, 2 * num + 1, device=k.device, dtype=torch.int64).view(num, 2)
+    k0, k1 = k.unsqueeze(-2), k.flip(-1).unsqueeze(-2)  # (..., 1, 2)
+    out = _hash2(k0, k1, counter)  # (..., num, 2)
     return out.movedim(-2, 0) if out.dim() > 2 else out
 
 
@@ -206,11 +206,12 @@ def uniform(
         w2 = bits(fold_in(k, 0x6A09E667), shape)
         u = ((w >> 5) * 67108864 + (w2 >> 6)).to(torch.float64) * (1.0 / 9007199254740992.0)
     else:
-        u = (w >> 8).to(torch.float32) * (1.0 / 16777216.0)
-        u = u.to(dtype)
-        # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
-        one = torch.ones((), dtype=dtype, device=u.device)
-        u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
+        u = (w >> 8).to(torch.float32) * (1.0 / 16777216.0)  # < 1 exactly in float32
+        if dtype != torch.float32:
+            u = u.to(dtype)
+            # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
+            one = torch.ones((), dtype=dtype, device=u.device)
+            u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
     return u * (maxval - minval) + minval
 
 
@@ -244,7 +245,10 @@ def bernoulli(
     """
     if shape is None:
         shape = tuple(p.shape) if isinstance(p, torch.Tensor) else ()
-    return uniform(k, shape) < p
+    if isinstance(p, torch.Tensor):
+        return uniform(k, shape) < p
+    # A Python probability compares raw 32-bit words: exact to 2**-32, two ops fewer.
+    return bits(k, shape) < min(max(round(float(p) * 4294967296.0), 0), 4294967296)
 
 
 def randint(

@@ -137,6 +137,14 @@ def _uniform(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch
     return _random.uniform(k, shape, dtype, minval, maxval)
 
 
+def _keep_mask(k: torch.Tensor, shape: tuple[int, ...], keep: float) -> torch.Tensor:
+    """Booleans that are ``True`` with probability ``keep``; a key batch ``(N, 2)`` draws
+    ``shape[1:]`` per key."""
+    if k.dim() == 2:
+        shape = shape[1:]
+    return _random.bernoulli(k, keep, shape)
+
+
 def _keyed_dropout(mode: KeyedRandomness, x: torch.Tensor, p: float, train: bool, *,
                    feature: bool, alpha: bool, what: str) -> torch.Tensor:
     """ATen's ``_dropout_impl`` with the noise drawn from a key (NOTE [masks match ...])."""
@@ -153,7 +161,7 @@ def _keyed_dropout(mode: KeyedRandomness, x: torch.Tensor, p: float, train: bool
     else:
         shape = tuple(x.shape)
     k = mode.next_key(f"{what}(p={p})", x)
-    noise = (_uniform(k, shape) >= p).to(x.dtype)
+    noise = _keep_mask(k, shape, 1.0 - p).to(x.dtype)
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
