@@ -437,3 +437,17 @@ def test_checkpoint_matches_plain_grad_everywhere():
 def test_jit_compiles_a_grad_step():
     f = fp.jit(fp.grad(lambda w: (w**2).sum()), backend="eager")
     torch.testing.assert_close(f(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_vmap_and_per_sample_grads_trace_under_torch_compile():
+    # backend="eager" runs Dynamo's tracing (where pytree helpers can break) without
+    # paying for code generation.
+    x = torch.randn(6, 3, dtype=D)
+    w = torch.randn(3, dtype=D)
+    f = fp.vmap(lambda xi, w: (xi * w).sum().sin(), in_axes=(0, None))
+    torch.testing.assert_close(fp.jit(f, fullgraph=True, backend="eager")(x, w), f(x, w), **TOL)
+    y = torch.randn(6, dtype=D)
+    loss = lambda w, x, y: ((x @ w - y) ** 2).mean()  # noqa: E731
+    eager = fp.per_sample_grads(loss)(w, x, y)
+    compiled = fp.jit(fp.per_sample_grads(loss), backend="eager")(w, x, y)
+    torch.testing.assert_close(compiled, eager, **TOL)

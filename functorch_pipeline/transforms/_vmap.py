@@ -46,6 +46,15 @@ def _is_axis(a: Any) -> bool:
 
 def _broadcast(axes: Any, tree: Any, what: str, fn: str) -> list[Any]:
     """One axis per leaf of ``tree`` (``None`` leaves included), from a prefix tree."""
+    # The common cases (one axis for everything, or one per positional argument) avoid
+    # optree's prefix broadcasting, which torch.compile cannot trace.
+    if _is_axis(axes):
+        return [axes] * len(optree.tree_leaves(tree, none_is_leaf=True, namespace=_tree.NAMESPACE))
+    if isinstance(axes, tuple) and isinstance(tree, tuple) and len(axes) == len(tree) and all(map(_is_axis, axes)):
+        out: list[Any] = []
+        for a, sub in zip(axes, tree, strict=True):
+            out.extend([a] * len(optree.tree_leaves(sub, none_is_leaf=True, namespace=_tree.NAMESPACE)))
+        return out
     try:
         full = optree.tree_broadcast_prefix(axes, tree, none_is_leaf=True, namespace=_tree.NAMESPACE)
     except ValueError as e:
