@@ -252,9 +252,7 @@ def test_frozen_parameters_stay_in_params_with_a_mask():
 
 
 def test_trainable_mask_drives_a_masked_optimizer():
-    optim = pytest.importorskip("functorch_pipeline.optim")
-    if not hasattr(optim, "masked"):
-        pytest.skip("fp.optim.masked is not there yet")
+    from functorch_pipeline import optim
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     net[0].weight.requires_grad_(False)
     model = fp.functionalize(net)
