@@ -306,7 +306,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def _split_apply(where: str, params: Params, updates: Updates) -> tuple[list, list, Any]:
     pl, ptd = fpt.flatten(params)
     ul, utd = fpt.flatten(updates)
-    if ptd != utd:
+    if not fpt.same_structure(ptd, utd):
         raise mismatch_error(where, "params", params, "updates", updates)
     check_shapes(where, "params", pl, "updates", ul, params)
     return pl, ul, ptd

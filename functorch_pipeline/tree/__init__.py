@@ -18,6 +18,7 @@ from functorch_pipeline.tree._core import map
 from functorch_pipeline.tree._core import map_with_path
 from functorch_pipeline.tree._core import register_dataclass
 from functorch_pipeline.tree._core import register_pytree_node
+from functorch_pipeline.tree._core import same_structure
 from functorch_pipeline.tree._core import structure
 from functorch_pipeline.tree._core import unflatten
 from functorch_pipeline.tree._math import add
@@ -73,6 +74,7 @@ __all__ = [
     "ravel",
     "register_dataclass",
     "register_pytree_node",
+    "same_structure",
     "scale",
     "size",
     "stack",

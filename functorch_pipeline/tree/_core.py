@@ -17,6 +17,7 @@ from typing import Any
 from typing import TypeVar
 
 import optree
+import torch
 import torch.utils._pytree as torch_pytree
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "map_with_path",
     "register_dataclass",
     "register_pytree_node",
+    "same_structure",
     "structure",
     "unflatten",
 ]
@@ -222,6 +224,22 @@ def map_with_path(
             raise _structure_error("tree.map_with_path", (tree, *rest), e) from None
     out = [f(p, x, *(o[i] for o in others)) for i, (p, x) in enumerate(zip(paths, leaves0, strict=True))]
     return optree.tree_unflatten(treedef, out)
+
+
+def same_structure(a: optree.PyTreeSpec, b: optree.PyTreeSpec) -> bool:
+    """Whether two treedefs are equal.
+
+    # NOTE [treedef equality under torch.compile]
+    Dynamo in torch 2.11 cannot trace ``PyTreeSpec.__eq__`` (nor ``str`` of one). While
+    compiling, only the leaf counts are compared; callers check leaf shapes too, and the
+    same call run eagerly has checked the full structure.
+
+    >>> same_structure(structure({"a": 1}), structure({"a": 2})), same_structure(structure([1]), structure((1,)))
+    (True, False)
+    """
+    if torch.compiler.is_compiling():
+        return a.num_leaves == b.num_leaves
+    return a == b
 
 
 def is_leaf_none(x: Any) -> bool:

@@ -16,6 +16,7 @@ import torch
 from functorch_pipeline.tree._core import PyTree
 from functorch_pipeline.tree._core import flatten
 from functorch_pipeline.tree._core import map
+from functorch_pipeline.tree._core import same_structure
 from functorch_pipeline.tree._core import structure
 from functorch_pipeline.tree._core import unflatten
 
@@ -48,7 +49,7 @@ def _all_tensors(xs: list[Any]) -> bool:
 def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Callable[..., Any]) -> PyTree:
     la, ta = flatten(a)
     lb, tb = flatten(b)
-    if ta != tb:
+    if not same_structure(ta, tb):
         return map(op, a, b)  # raises a structure error naming the key paths
     if _all_tensors(la) and _all_tensors(lb):
         return unflatten(ta, foreach(la, lb))
@@ -93,7 +94,7 @@ def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
     """
     la, ta = flatten(a)
     lb, tb = flatten(b)
-    if ta != tb:
+    if not same_structure(ta, tb):
         return map(lambda x, y: x + s * y, a, b)
     if _all_tensors(la) and _all_tensors(lb):
         if isinstance(s, torch.Tensor):
@@ -110,7 +111,7 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     """
     la, ta = flatten(a)
     lb, tb = flatten(b)
-    if ta != tb:
+    if not same_structure(ta, tb):
         map(lambda x, y: None, a, b)  # raises the structure error
     terms = [torch.sum(torch.as_tensor(x) * torch.as_tensor(y)) for x, y in zip(la, lb, strict=True)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
