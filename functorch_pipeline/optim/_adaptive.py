@@ -22,6 +22,7 @@ from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
 from functorch_pipeline.optim._base import flatten_like
+from functorch_pipeline.optim._base import fused_transformation
 from functorch_pipeline.optim._base import require_params
 from functorch_pipeline.optim._base import zero_count
 from functorch_pipeline.optim._transforms import check_number
@@ -247,11 +248,7 @@ def scale_by_adam(
         new_m = _mt.cast(new_m, mu_dtype)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
-    def update_fn(updates: Updates, state: ScaleByAdamState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
@@ -303,11 +300,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
-    def update_fn(updates: Updates, state: ScaleByAdamState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 def scale_by_radam(
@@ -388,11 +381,7 @@ def scale_by_radam(
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
-    def update_fn(updates: Updates, state: ScaleByAdamState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 class ScaleByNadamState(NamedTuple):
@@ -464,11 +453,7 @@ def scale_by_nadam(
         new_state = ScaleByNadamState(count, prod, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
         return fpt.unflatten(td, out), new_state
 
-    def update_fn(updates: Updates, state: ScaleByNadamState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -530,11 +515,7 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
             st = ScaleByRmsState(count, fpt.unflatten(td, new_v))
         return fpt.unflatten(td, out), st
 
-    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 def scale_by_rms(
@@ -639,11 +620,7 @@ def scale_by_rss(
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByRssState(fpt.unflatten(td, new_s))
 
-    def update_fn(updates: Updates, state: ScaleByRssState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 class ScaleByAdaDeltaState(NamedTuple):
@@ -691,11 +668,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         out = _finish(where, delta, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdaDeltaState(fpt.unflatten(td, new_eg), fpt.unflatten(td, new_ex))
 
-    def update_fn(updates: Updates, state: ScaleByAdaDeltaState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 class ScaleByLionState(NamedTuple):
@@ -742,11 +715,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByLionState(state.count + 1, fpt.unflatten(td, new_m))
 
-    def update_fn(updates: Updates, state: ScaleByLionState, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 _ = math  # math used in docstrings only

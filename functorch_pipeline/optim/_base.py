@@ -245,6 +245,22 @@ def _compose_affine(m: Any, c: Any, m2: Any, c2: Any) -> tuple[Any, Any]:
     return m2 * m, scaled if is_zero(c2) else scaled + c2
 
 
+def fused_transformation(init_fn: Callable[[Params], Any], fused: Callable[..., Any]) -> GradientTransformation:
+    """A transformation whose ``update`` is ``fused(updates, state, params, 1, 0)``.
+
+    ``fused(updates, state, params, m, c)`` computes the transform's output ``u`` and
+    returns ``m * u + c`` (``c`` a per-leaf tensor list or 0) in the same pass; ``chain``
+    finds it on ``update._fp_fused`` and folds the affine steps that follow (learning-rate
+    scaling, unmasked weight decay) into it.
+    """
+
+    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
+        return fused(updates, state, params, 1, 0, **extra_args)
+
+    update_fn._fp_fused = fused  # type: ignore[attr-defined]
+    return GradientTransformation(init_fn, update_fn)
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transformations one after the other; the state is a tuple of their states.
 

@@ -17,6 +17,7 @@ from functorch_pipeline.optim._base import ScalarOrSchedule
 from functorch_pipeline.optim._base import Schedule
 from functorch_pipeline.optim._base import Updates
 from functorch_pipeline.optim._base import flatten_like
+from functorch_pipeline.optim._base import fused_transformation
 from functorch_pipeline.optim._base import require_params
 from functorch_pipeline.optim._base import zero_count
 
@@ -242,11 +243,7 @@ def trace(
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
 
-    def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
-        return fused(updates, state, params, 1, 0, **extra_args)
-
-    update_fn._fp_fused = fused
-    return GradientTransformation(init_fn, update_fn)
+    return fused_transformation(init_fn, fused)
 
 
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
