@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+# The examples' networks (examples/models.py) are the ones benchmarked.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+
 MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
@@ -126,6 +129,16 @@ def table(stats: dict[str, Stats], baselines: dict[str, str], examples: int, tit
     lines += [fmt.format(*r) for r in rows]
     notes = [f"  {name}: {s.note}" for name, s in stats.items() if s.note]
     return "\n".join(lines + notes)
+
+
+def python_loop_grads(module: torch.nn.Module, loss_fn: Callable[..., torch.Tensor],
+                      inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """The baseline every per-sample method is compared with: one forward and one
+    ``torch.autograd.grad`` per example, stacked per parameter."""
+    params = list(module.parameters())
+    rows = [torch.autograd.grad(loss_fn(module(inputs[i:i + 1]), targets[i:i + 1]), params)
+            for i in range(inputs.shape[0])]
+    return [torch.stack(g) for g in zip(*rows, strict=True)]
 
 
 def environment() -> str:

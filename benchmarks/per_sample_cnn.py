@@ -27,7 +27,9 @@ import functorch_pipeline as fp  # noqa: E402
 
 
 class Net(nn.Module):
-    """conv 1->10 k5, pool, relu, conv 10->20 k5, pool, relu, fc 320->50, relu, fc 50->10."""
+    """conv 1->10 k5, pool, relu, conv 10->20 k5, pool, relu, fc 320->50, relu, fc 50->10:
+    examples/models.py's classic Net without its two dropouts, so that every method
+    computes the same deterministic gradient."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,11 +65,7 @@ def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dic
     one = torch.func.grad(lambda p, xi, yi: mean_loss(p, xi[None], yi[None]))
     vmapped = torch.func.vmap(one, in_dims=(None, 0, 0))
     def python_loop() -> list[torch.Tensor]:
-        rows = []
-        for i in range(batch):
-            loss = F.nll_loss(model(x[i:i + 1]), y[i:i + 1])
-            rows.append(torch.autograd.grad(loss, list(model.parameters())))
-        return [torch.stack(g) for g in zip(*rows, strict=True)]
+        return _common.python_loop_grads(model, F.nll_loss, x, y)
 
     fns = {
         "batch gradient (yardstick)": batch_grad,

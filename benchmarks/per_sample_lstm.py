@@ -26,27 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
+from models import TextClassifier  # noqa: E402  (examples/models.py, via _common)
 
 import functorch_pipeline as fp  # noqa: E402
 from functorch_pipeline.nn import recurrent as _recurrent  # noqa: E402
 from functorch_pipeline.transforms import _grad_sample  # noqa: E402
 
 YARDSTICK = "nn.LSTM batch gradient (yardstick)"
-
-
-class TextClassifier(nn.Module):
-    def __init__(self, rnn: type[nn.Module] = nn.LSTM, vocab: int = 5000, dim: int = 64) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-        self.lstm = rnn(dim, dim, num_layers=2, bidirectional=True, batch_first=True)
-        self.dropout = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(2 * dim, dim)
-        self.fc2 = nn.Linear(dim, 2)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(self.embedding(tokens))
-        h = F.relu(self.fc1(self.dropout(h)))
-        return self.fc2(h.mean(1))
 
 
 SHIPPED = _recurrent._lstm_direction
@@ -76,8 +62,8 @@ def using(direction: object, fn: object) -> object:
 
 def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
     torch.manual_seed(0)
-    ref = TextClassifier(nn.LSTM)
-    model = TextClassifier(fp.nn.LSTM)
+    ref = TextClassifier(rnn=nn.LSTM)
+    model = TextClassifier(rnn=fp.nn.LSTM)
     model.load_state_dict(ref.state_dict())
     params = {k: v.detach() for k, v in model.named_parameters()}
     ref_params = {k: v.detach() for k, v in ref.named_parameters()}
@@ -101,11 +87,7 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
     vmap_fp, vmap_nn = one(model), one(ref)
 
     def python_loop() -> list[torch.Tensor]:
-        rows = []
-        for i in range(batch):
-            loss = F.cross_entropy(ref(tokens[i:i + 1]), labels[i:i + 1])
-            rows.append(torch.autograd.grad(loss, list(ref.parameters())))
-        return [torch.stack(g) for g in zip(*rows, strict=True)]
+        return _common.python_loop_grads(ref, F.cross_entropy, tokens, labels)
 
     # Same numbers first (eval mode: no dropout), the fast method against vmap(grad).
     model.eval()
