@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from functorch_pipeline import optim
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.train._state import TrainState
+from functorch_pipeline.transforms import value_and_grad
 
 __all__ = ["evaluate", "train_step"]
 
@@ -49,22 +51,10 @@ def train_step(
     >>> state.params["w"].round(decimals=3), int(state.step)
     (tensor([1., 2.]), 50)
     """
-    from functorch_pipeline import optim
-    from functorch_pipeline.transforms import value_and_grad
-
     key = state.step_key()
-    treedef: list[Any] = []
-
-    def loss_and_buffer_leaves(params: Any) -> tuple[torch.Tensor, list[Any]]:
-        # torch.func's aux must hold tensors only (no None): pass the buffers' leaves
-        # through and rebuild the tree outside.
-        loss, new_buffers = loss_fn(params, state.buffers, batch, key)
-        leaves, td = _tree.flatten(new_buffers)
-        treedef.append(td)
-        return loss, leaves
-
-    (loss, leaves), grads = value_and_grad(loss_and_buffer_leaves, has_aux=True)(state.params)
-    buffers = _tree.unflatten(treedef[-1], leaves)
+    (loss, buffers), grads = value_and_grad(
+        lambda params: loss_fn(params, state.buffers, batch, key), has_aux=True
+    )(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates)
     new = state.replace(params=params, buffers=_tree.detach(buffers), opt_state=opt_state, step=state.step + 1)
