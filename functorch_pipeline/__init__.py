@@ -13,6 +13,7 @@ from functorch_pipeline import devices
 from functorch_pipeline import losses
 from functorch_pipeline import nn
 from functorch_pipeline import optim
+from functorch_pipeline import privacy
 from functorch_pipeline import random
 from functorch_pipeline import serialization
 from functorch_pipeline import train
@@ -63,6 +64,7 @@ __all__ = [
     "optim",
     "per_sample_grads",
     "per_sample_value_and_grad",
+    "privacy",
     "random",
     "remat",
     "save",

@@ -1,0 +1,157 @@
+"""``Accountant``: the privacy budget a training run has spent, as a checkpointable pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.privacy._backend import DpStep
+from functorch_pipeline.privacy._backend import check_accountant
+from functorch_pipeline.privacy._backend import check_delta
+from functorch_pipeline.privacy._backend import check_noise_multiplier
+from functorch_pipeline.privacy._backend import check_sample_rate
+from functorch_pipeline.privacy._backend import check_steps
+from functorch_pipeline.privacy._backend import composed
+
+__all__ = ["Accountant"]
+
+
+@_tree.register_dataclass(meta_fields=("kind",))
+@dataclasses.dataclass(frozen=True)
+class Accountant:
+    """The DP-SGD steps a run has taken, and the epsilon (or delta) they spend.
+
+    Immutable, like every state in this library: :meth:`step` returns a NEW accountant,
+    so write ``acc = acc.step(...)`` (a bare ``acc.step(...)`` records nothing). Steps may
+    change the noise multiplier or the sample rate (schedules, a resumed run with new
+    settings); the history is kept run-length encoded, one :class:`DpStep` per stretch of
+    equal settings, and the whole history is composed when epsilon is asked for.
+
+    # NOTE [accountant as a pytree]
+    The accountant is a registered dataclass whose leaves are Python numbers (the
+    ``noise_multiplier``, ``sample_rate`` and ``count`` of each ``DpStep``) and whose
+    ``kind`` is static, so ``fp.save``/``fp.load`` store it exactly (floats as hex) and
+    rebuild it without ``like=``, alone or inside a larger training state; device moves
+    and dtype casts (``fp.tree.to``) leave it alone. Its tree structure grows with the
+    history, so load it without ``like=`` (or with a template of the same history).
+
+    Args:
+      kind: ``"rdp"`` (Renyi DP) or ``"pld"`` (privacy loss distributions, tighter).
+      history: ``DpStep``s already taken (normally left empty and grown with :meth:`step`).
+
+    Examples:
+      >>> acc = Accountant("rdp")
+      >>> acc = acc.step(noise_multiplier=1.1, sample_rate=0.004, steps=7500)
+      >>> acc = acc.step(noise_multiplier=1.1, sample_rate=0.004, steps=7500)
+      >>> acc.history
+      (DpStep(noise_multiplier=1.1, sample_rate=0.004, count=15000),)
+      >>> round(acc.epsilon(1e-5), 2), acc.steps
+      (2.5, 15000)
+      >>> acc.delta(3.0) < 1e-5
+      True
+    """
+
+    kind: str = "rdp"
+    history: tuple[DpStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        where = "Accountant"
+        check_accountant(where, self.kind)
+        if not isinstance(self.history, (tuple, list)):
+            raise TypeError(f"{where}: `history` must be a tuple of DpStep, got {self.history!r}")
+        steps = tuple(_as_step(where, s) for s in self.history)
+        object.__setattr__(self, "history", steps)
+
+    @property
+    def steps(self) -> int:
+        """The number of steps taken.
+
+        >>> Accountant().step(noise_multiplier=1.0, sample_rate=0.5, steps=3).steps
+        3
+        """
+        return sum(s.count for s in self.history)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Accountant:
+        """An accountant that has also taken ``steps`` steps with these settings.
+
+        Args:
+          noise_multiplier: sigma of these steps, > 0.
+          sample_rate: q of these steps, in (0, 1].
+          steps: how many, >= 0.
+
+        Returns:
+          A new ``Accountant``; ``self`` is unchanged.
+
+        >>> a = Accountant("pld")
+        >>> b = a.step(noise_multiplier=1.0, sample_rate=0.01)
+        >>> a.steps, b.steps
+        (0, 1)
+        """
+        where = "Accountant.step"
+        new = DpStep(
+            check_noise_multiplier(where, noise_multiplier),
+            check_sample_rate(where, sample_rate),
+            check_steps(where, steps),
+        )
+        if new.count == 0:
+            return self
+        hist = self.history
+        if hist and hist[-1][:2] == new[:2]:
+            hist = (*hist[:-1], hist[-1]._replace(count=hist[-1].count + new.count))
+        else:
+            hist = (*hist, new)
+        return dataclasses.replace(self, history=hist)
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at this ``delta`` (0.0 before any step).
+
+        Args:
+          delta: in (0, 1).
+
+        Returns:
+          epsilon as a Python float.
+
+        >>> Accountant().epsilon(1e-5)
+        0.0
+        """
+        where = "Accountant.epsilon"
+        d = check_delta(where, delta)
+        if not self.history:
+            return 0.0
+        return float(composed(self.kind, self.history, where).get_epsilon(d))
+
+    def delta(self, epsilon: float) -> float:
+        """The delta spent so far at this ``epsilon`` (0.0 before any step).
+
+        Args:
+          epsilon: >= 0.
+
+        Returns:
+          delta as a Python float.
+
+        >>> a = Accountant().step(noise_multiplier=1.3, sample_rate=0.004, steps=3750)
+        >>> a.delta(1.0) < 1e-5 < a.delta(0.5)
+        True
+        """
+        where = "Accountant.delta"
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            raise TypeError(f"{where}: `epsilon` must be a number, got {type(epsilon).__name__}")
+        if not epsilon >= 0:
+            raise ValueError(f"{where}: `epsilon` must be >= 0, got {epsilon!r}")
+        if not self.history:
+            return 0.0
+        if math.isinf(epsilon):
+            return 0.0
+        return float(composed(self.kind, self.history, where).get_delta(float(epsilon)))
+
+
+def _as_step(where: str, s: Any) -> DpStep:
+    if not isinstance(s, tuple) or len(s) != 3:
+        raise TypeError(f"{where}: each `history` entry must be a DpStep, got {s!r}")
+    return DpStep(
+        check_noise_multiplier(where, s[0]),
+        check_sample_rate(where, s[1]),
+        check_steps(where, s[2]),
+    )

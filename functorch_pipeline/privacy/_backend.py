@@ -1,0 +1,141 @@
+"""The bridge to Google's ``dp-accounting``: a lazy import, argument checks, and the
+composed accountant for a run-length-encoded history of DP-SGD steps.
+
+# NOTE [lazy dp-accounting]
+``dp-accounting`` (and the scipy it pulls in) is an optional extra: importing
+``functorch_pipeline`` must not import it, and a user without it gets an ImportError that
+says which extra to install, raised only when an epsilon is actually computed.
+
+# NOTE [neighbouring relation and orders]
+Both accountants use dp-accounting's defaults, which are also Opacus's: add-or-remove-one
+neighbouring datasets, each step a Poisson-subsampled Gaussian mechanism
+(``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``). RDP uses dp-accounting's default
+orders (Opacus's list plus 11 and 128..1024; identical figures on the published MNIST
+settings) and its RDP-to-(eps, delta) conversion (Balle et al. 2020, the one Opacus >= 1.0
+uses too). PLD discretises the privacy loss pessimistically with interval
+``PLD_DISCRETIZATION`` (1e-4): its epsilon is an upper bound, within ~1e-3 of the exact
+value on the MNIST settings, at 0.1-0.5 s for 3750-11250 steps (self-composition by FFT).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ACCOUNTANTS",
+    "PLD_DISCRETIZATION",
+    "DpStep",
+    "check_accountant",
+    "check_delta",
+    "check_noise_multiplier",
+    "check_sample_rate",
+    "check_steps",
+    "composed",
+    "require_dp_accounting",
+]
+
+ACCOUNTANTS = ("rdp", "pld")
+PLD_DISCRETIZATION = 1e-4
+_EXTRA = 'pip install "functorch-pipeline[privacy]"'
+
+
+class DpStep(NamedTuple):
+    """``count`` DP-SGD steps with one noise multiplier and one sample rate.
+
+    An :class:`~functorch_pipeline.privacy.Accountant`'s history is a tuple of these, with
+    consecutive equal settings merged (run-length encoded).
+
+    >>> DpStep(noise_multiplier=1.1, sample_rate=0.004, count=250).count
+    250
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    count: int
+
+
+def require_dp_accounting(where: str) -> Any:
+    """Import ``dp_accounting`` or raise an ImportError naming the extra to install."""
+    try:
+        import dp_accounting
+    except ImportError as e:
+        raise ImportError(
+            f"{where}: privacy accounting needs Google's `dp-accounting` package, which is "
+            f"not installed; install the extra with `{_EXTRA}`"
+        ) from e
+    return dp_accounting
+
+
+def _real(where: str, name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)  # accounting runs on the host: one read is fine here
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_noise_multiplier(where: str, value: Any) -> float:
+    sigma = _real(where, "noise_multiplier", value)
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"{where}: `noise_multiplier` must be a finite number > 0, got {value!r}")
+    return sigma
+
+
+def check_sample_rate(where: str, value: Any) -> float:
+    q = _real(where, "sample_rate", value)
+    if not 0 < q <= 1:
+        raise ValueError(f"{where}: `sample_rate` must be in (0, 1], got {value!r}")
+    return q
+
+
+def check_delta(where: str, value: Any) -> float:
+    d = _real(where, "delta", value)
+    if not 0 < d < 1:
+        raise ValueError(f"{where}: `delta` must be in (0, 1), got {value!r}")
+    return d
+
+
+def check_steps(where: str, value: Any) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: `steps` must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{where}: `steps` must be >= 0, got {value!r}")
+    return int(value)
+
+
+def check_accountant(where: str, value: Any) -> str:
+    if value not in ACCOUNTANTS:
+        raise ValueError(f"{where}: `accountant` must be 'rdp' or 'pld', got {value!r}")
+    return value
+
+
+def composed(kind: str, history: tuple[DpStep, ...], where: str) -> Any:
+    """A dp-accounting accountant with every step of ``history`` composed.
+
+    Cached on ``(kind, history)``: asking for epsilon, then delta, composes once.
+    """
+    require_dp_accounting(where)
+    return _composed(kind, history)
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(kind: str, history: tuple[DpStep, ...]) -> Any:
+    import dp_accounting as dpa
+
+    if kind == "rdp":
+        acc = dpa.rdp.RdpAccountant()
+    else:
+        acc = dpa.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for s in history:
+        event = dpa.PoissonSampledDpEvent(s.sample_rate, dpa.GaussianDpEvent(s.noise_multiplier))
+        if s.count > 0:
+            acc.compose(event, s.count)
+    return acc
