@@ -29,6 +29,7 @@ the host, so do it outside ``vmap``/``compile``).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,31 @@ def _check_key(k: torch.Tensor, fn: str) -> None:
         )
 
 
+# NOTE [argument checks without host syncs]
+# Draws must run under vmap and torch.compile, so only Python numbers and shapes are
+# validated here (free: no tensor is read). A tensor `minval`/`maxval`/`p` is used as
+# given; checking it would need a host sync (`.item()`), which breaks both.
+
+
+def _check_shape(shape: Sequence[int], fn: str) -> tuple[int, ...]:
+    try:
+        out = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"{fn}: `shape` must be a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in out):
+        raise ValueError(f"{fn}: `shape` must have non-negative sizes, got {out}")
+    return out
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_finite(x: object, name: str, fn: str) -> None:
+    if _is_number(x) and not math.isfinite(x):
+        raise ValueError(f"{fn}: `{name}` must be finite, got {x}")
+
+
 def is_key(x: object) -> bool:
     """Whether ``x`` looks like a key (an int64 tensor whose last axis has size 2).
 
@@ -92,22 +119,54 @@ def is_key(x: object) -> bool:
 def key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Make a key from an integer seed (like ``jax.random.key``).
 
+    # NOTE [seed range]
+    Seeds are 64-bit signed integers, ``-2**63 <= seed < 2**63``, as in JAX (which
+    converts the seed to ``int64``). Every seed in that range gives a different key (the
+    seed's 64-bit two's-complement pattern goes through a bijective hash), so a negative
+    seed is as good as a positive one: ``key(-1)`` is unrelated to ``key(1)`` and to
+    every non-negative seed. A seed outside the range raises ``ValueError`` rather than
+    wrapping (``key(2**64)`` would otherwise equal ``key(0)``). PyTorch's
+    ``torch.manual_seed`` differs: it also accepts ``[2**63, 2**64)`` and maps ``-1``
+    to ``2**64 - 1``. To use a larger number, reduce it yourself (``seed % 2**63``) or
+    fold its pieces in with :func:`fold_in`.
+
     Args:
-      seed: any Python integer; seeds that differ give unrelated keys.
+      seed: a Python integer (or anything with ``__index__``, e.g. ``numpy.int64``) in
+        ``[-2**63, 2**63)``; different seeds give unrelated keys.
       device: where the key tensor lives (CPU by default).
 
     Returns:
       An ``int64`` tensor of shape ``(2,)``.
 
-    >>> k = key(0)
-    >>> k.shape, k.dtype
-    (torch.Size([2]), torch.int64)
-    >>> bool((key(0) == key(0)).all()), bool((key(0) == key(1)).all())
-    (True, False)
+    Raises:
+      TypeError: ``seed`` is not an integer (a ``bool`` is refused too).
+      ValueError: ``seed`` is outside ``[-2**63, 2**63)``.
+
+    Examples:
+      >>> k = key(0)
+      >>> k.shape, k.dtype
+      (torch.Size([2]), torch.int64)
+      >>> bool((key(0) == key(0)).all()), bool((key(0) == key(1)).all())
+      (True, False)
+      >>> bool((key(-1) == key(2**63 - 1)).all())
+      False
+      >>> key(2**70)
+      Traceback (most recent call last):
+      ...
+      ValueError: key(seed): `seed` must be in [-2**63, 2**63) (int64, as in JAX), got 1180591620717411303424; ...
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"key(seed): `seed` must be an int, got {type(seed).__name__}")
-    seed = seed % (1 << 64)
+    if isinstance(seed, bool):
+        raise TypeError("key(seed): `seed` must be an int, got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"key(seed): `seed` must be an int, got {type(seed).__name__}") from None
+    if not _SEED_MIN <= seed <= _SEED_MAX:
+        raise ValueError(
+            f"key(seed): `seed` must be in [-2**63, 2**63) (int64, as in JAX), got {seed}; "
+            "reduce it first (e.g. seed % 2**63) or fold its 32-bit pieces in with fold_in"
+        )
+    seed = seed % (1 << 64)  # two's complement: a bijection of the int64 range
     lo = torch.tensor(seed & _MASK32, dtype=torch.int64)
     hi = torch.tensor(seed >> 32, dtype=torch.int64)
     k0 = _fmix32(lo ^ 0x5851F42D)
@@ -151,6 +210,18 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     ``data`` may be a 0-d tensor, so a step counter folds in without a host sync, and a
     batched one under ``vmap``.
 
+    Args:
+      key: a key from :func:`key`, :func:`split` or :func:`fold_in`.
+      data: a Python int in ``[0, 2**32)`` (JAX's 32-bit ``data``), or an integer tensor.
+        A Python int outside that range raises ``ValueError`` instead of wrapping (so
+        ``fold_in(k, 2**32)`` cannot silently equal ``fold_in(k, 0)``); fold a larger
+        number in as several 32-bit pieces. A tensor is not range-checked (that would
+        need a host sync, NOTE [argument checks without host syncs]): only its low 32
+        bits are used.
+
+    Returns:
+      A new key of the same shape as ``key``.
+
     >>> bool((fold_in(key(0), 1) == fold_in(key(0), 1)).all())
     True
     >>> bool((fold_in(key(0), 1) == fold_in(key(0), 2)).all())
@@ -162,7 +233,9 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
             raise TypeError(f"fold_in(key, data): `data` must be an integer, got dtype {data.dtype}")
         d = data.to(device=k.device, dtype=torch.int64)
     elif isinstance(data, int) and not isinstance(data, bool):
-        d = torch.tensor(data % (1 << 32), dtype=torch.int64, device=k.device)
+        if not 0 <= data <= _MASK32:
+            raise ValueError(f"fold_in(key, data): `data` must be in [0, 2**32), got {data}")
+        d = torch.tensor(data, dtype=torch.int64, device=k.device)
     else:
         raise TypeError(f"fold_in(key, data): `data` must be an int, got {type(data).__name__}")
     d = (d & _MASK32).unsqueeze(-1)
@@ -175,12 +248,19 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
     """Uniform random 32-bit words (as ``int64`` in ``[0, 2**32)``) of the given shape.
 
+    Args:
+      k: a key (or a batch of keys: their shape prefixes ``shape``).
+      shape: the shape of the draw (non-negative sizes).
+
+    Returns:
+      An ``int64`` tensor of shape ``k.shape[:-1] + shape``.
+
     >>> b = bits(key(0), (4,))
     >>> b.dtype, bool(((b >= 0) & (b < 2**32)).all())
     (torch.int64, True)
     """
     _check_key(k, "bits(key, shape)")
-    shape = tuple(shape)
+    shape = _check_shape(shape, "bits(key, shape)")
     n = math.prod(shape)
     counter = torch.arange(n, device=k.device, dtype=torch.int64)
     return _hash2(k[..., 0:1], k[..., 1:2], counter).reshape(tuple(k.shape[:-1]) + shape)
@@ -195,12 +275,39 @@ def uniform(
 ) -> torch.Tensor:
     """Uniform draws in ``[minval, maxval)``.
 
-    >>> u = uniform(key(0), (1000,))
-    >>> bool(((u >= 0) & (u < 1)).all()), abs(float(u.mean()) - 0.5) < 0.05
-    (True, True)
+    Args:
+      k: a key.
+      shape: the shape of the draw (non-negative sizes).
+      dtype: a floating dtype.
+      minval: the lower bound (inclusive); a Python number or a tensor broadcastable
+        to ``shape``.
+      maxval: the upper bound (exclusive). ``minval == maxval`` gives ``minval``.
+
+    Returns:
+      A tensor of ``shape`` and ``dtype``.
+
+    Raises:
+      ValueError: Python-number bounds that are not finite or have ``minval > maxval``
+        (JAX returns garbage there). Tensor bounds are not checked, since that would
+        need a host sync (NOTE [argument checks without host syncs]).
+
+    Examples:
+      >>> u = uniform(key(0), (1000,))
+      >>> bool(((u >= 0) & (u < 1)).all()), abs(float(u.mean()) - 0.5) < 0.05
+      (True, True)
+      >>> uniform(key(0), (2,), minval=1.0, maxval=0.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: uniform(key, shape, dtype, minval, maxval): need `minval` <= `maxval`, got 1.0 and 0.0
     """
-    if not dtype.is_floating_point:
+    fn = "uniform(key, shape, dtype, minval, maxval)"
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"uniform(key, shape, dtype): `dtype` must be floating, got {dtype}")
+    _check_finite(minval, "minval", fn)
+    _check_finite(maxval, "maxval", fn)
+    if _is_number(minval) and _is_number(maxval) and minval > maxval:
+        raise ValueError(f"{fn}: need `minval` <= `maxval`, got {minval} and {maxval}")
+    shape = _check_shape(shape, fn)
     w = bits(k, shape)
     if dtype == torch.float64:
         w2 = bits(fold_in(k, 0x6A09E667), shape)
@@ -220,12 +327,24 @@ def normal(
 ) -> torch.Tensor:
     """Standard normal draws (Box-Muller on two independent uniform streams).
 
+    Like ``jax.random.normal`` there is no mean or std argument: scale the draw
+    (``mean + std * normal(...)``).
+
+    Args:
+      k: a key.
+      shape: the shape of the draw (non-negative sizes).
+      dtype: a floating dtype.
+
+    Returns:
+      A tensor of ``shape`` and ``dtype``.
+
     >>> z = normal(key(0), (20000,))
     >>> abs(float(z.mean())) < 0.03, abs(float(z.std()) - 1) < 0.03
     (True, True)
     """
-    if not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"normal(key, shape, dtype): `dtype` must be floating, got {dtype}")
+    shape = _check_shape(shape, "normal(key, shape, dtype)")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     k1, k2 = fold_in(k, 1), fold_in(k, 2)
     u1 = 1.0 - uniform(k1, shape, work)  # in (0, 1]
@@ -239,12 +358,37 @@ def bernoulli(
 ) -> torch.Tensor:
     """Boolean draws that are ``True`` with probability ``p``.
 
-    >>> m = bernoulli(key(0), 0.25, (10000,))
-    >>> m.dtype, abs(float(m.float().mean()) - 0.25) < 0.02
-    (torch.bool, True)
+    Args:
+      k: a key.
+      p: the probability: a Python number in ``[0, 1]``, or a tensor (not checked: a
+        tensor ``p`` outside ``[0, 1]`` acts as if clipped; checking it would need a
+        host sync, NOTE [argument checks without host syncs]).
+      shape: the shape of the draw; default ``p``'s shape.
+
+    Returns:
+      A ``bool`` tensor.
+
+    Raises:
+      ValueError: a Python-number ``p`` outside ``[0, 1]`` or NaN.
+
+    Examples:
+      >>> m = bernoulli(key(0), 0.25, (10000,))
+      >>> m.dtype, abs(float(m.float().mean()) - 0.25) < 0.02
+      (torch.bool, True)
+      >>> bernoulli(key(0), 1.5, (3,))
+      Traceback (most recent call last):
+      ...
+      ValueError: bernoulli(key, p, shape): `p` must be a probability in [0, 1], got 1.5
     """
+    fn = "bernoulli(key, p, shape)"
+    if not isinstance(p, torch.Tensor):
+        if not _is_number(p):
+            raise TypeError(f"{fn}: `p` must be a float or a tensor, got {type(p).__name__}")
+        if not 0.0 <= p <= 1.0:  # also refuses NaN
+            raise ValueError(f"{fn}: `p` must be a probability in [0, 1], got {p}")
     if shape is None:
         shape = tuple(p.shape) if isinstance(p, torch.Tensor) else ()
+    shape = _check_shape(shape, fn)
     if isinstance(p, torch.Tensor):
         return uniform(k, shape) < p
     # A Python probability compares raw 32-bit words: exact to 2**-32, two ops fewer.
@@ -256,12 +400,38 @@ def randint(
 ) -> torch.Tensor:
     """Integers drawn uniformly from ``[minval, maxval)`` (int64).
 
-    >>> r = randint(key(0), (1000,), 3, 7)
-    >>> int(r.min()), int(r.max())
-    (3, 6)
+    Args:
+      k: a key.
+      shape: the shape of the draw (non-negative sizes).
+      minval: the lowest value (a Python int).
+      maxval: one past the highest value (a Python int); ``maxval - minval`` must be
+        in ``[1, 2**53]`` (the draw scales one float64 uniform; JAX clips an empty range
+        to ``minval`` instead of raising).
+
+    Returns:
+      An ``int64`` tensor of ``shape``.
+
+    Examples:
+      >>> r = randint(key(0), (1000,), 3, 7)
+      >>> int(r.min()), int(r.max())
+      (3, 6)
+      >>> randint(key(0), (2,), 5, 5)
+      Traceback (most recent call last):
+      ...
+      ValueError: randint(key, shape, minval, maxval): need `minval` < `maxval`, got 5 and 5
     """
+    fn = "randint(key, shape, minval, maxval)"
+    for name, v in (("minval", minval), ("maxval", maxval)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{fn}: `{name}` must be a Python int, got {type(v).__name__}")
     if maxval <= minval:
-        raise ValueError(f"randint: need `minval` < `maxval`, got {minval} and {maxval}")
+        raise ValueError(f"{fn}: need `minval` < `maxval`, got {minval} and {maxval}")
+    if maxval - minval > 1 << 53:
+        raise ValueError(
+            f"{fn}: `maxval - minval` must be at most 2**53 (the draw scales a float64 "
+            f"uniform), got {maxval - minval}"
+        )
+    shape = _check_shape(shape, fn)
     u = uniform(k, shape, torch.float64)
     return (minval + torch.floor(u * (maxval - minval))).to(torch.int64).clamp_(max=maxval - 1)
 
@@ -269,9 +439,20 @@ def randint(
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:
     """A random permutation of ``range(n)``.
 
+    Args:
+      k: a key.
+      n: a non-negative Python int.
+
+    Returns:
+      An ``int64`` tensor holding ``0 .. n-1`` in random order.
+
     >>> sorted(permutation(key(0), 5).tolist())
     [0, 1, 2, 3, 4]
     """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"permutation(key, n): `n` must be a Python int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"permutation(key, n): `n` must be >= 0, got {n}")
     return torch.argsort(uniform(k, (n,), torch.float64))
 
 

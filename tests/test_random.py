@@ -195,10 +195,151 @@ def test_bad_keys_and_dtypes():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(min_value=-(2**70), max_value=2**70), st.integers(min_value=1, max_value=50))
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.integers(min_value=1, max_value=50))
 def test_any_seed_gives_valid_draws(seed, n):
     k = fr.key(seed)
     assert fr.is_key(k)
     u = fr.uniform(k, (n,))
     assert bool(((u >= 0) & (u < 1)).all())
     assert torch.equal(u, fr.uniform(fr.key(seed), (n,)))
+
+
+# --- issue 9 item 7: seed ranges and invalid arguments ------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32_ref(h: int) -> int:
+    """MurmurHash3's fmix32 in plain Python ints (the published finaliser)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _key_ref(seed: int) -> list[int]:
+    """The documented seed mapping: the seed's int64 two's-complement bit pattern
+    (struct packs it independently of the library), split into 32-bit words, hashed."""
+    import struct
+
+    (u,) = struct.unpack("<Q", struct.pack("<q", seed))
+    lo, hi = u & _M32, u >> 32
+    k0 = _fmix32_ref(lo ^ 0x5851F42D)
+    return [k0, _fmix32_ref((hi + k0 + 0x9E3779B9) & _M32)]
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, 2**70, -(2**63) - 1, -(2**70)])
+def test_key_refuses_seeds_outside_int64(seed):
+    # before: key(2**70) == key(0) and key(2**64 - 1) == key(-1), silently
+    with pytest.raises(ValueError, match=r"key\(seed\): `seed` must be in \[-2\*\*63, 2\*\*63\).*got " + str(seed)):
+        fr.key(seed)
+
+
+def test_key_accepts_the_int64_range_and_numpy_ints():
+    np = pytest.importorskip("numpy")
+    for seed in (0, 1, -1, 2**63 - 1, -(2**63), 123456789):
+        assert fr.key(seed).tolist() == _key_ref(seed)
+    assert torch.equal(fr.key(np.int64(-5)), fr.key(-5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=2, max_size=30, unique=True))
+def test_distinct_int64_seeds_give_distinct_keys(seeds):
+    keys = {tuple(fr.key(s).tolist()) for s in seeds}
+    assert len(keys) == len(seeds)
+    # negative seeds included: -s and s (and s + 2**63) never collide
+    for s in seeds[:3]:
+        others = [t for t in (-s, s + 2**63, s - 2**63) if t != s and -(2**63) <= t < 2**63]
+        for t in others:
+            assert fr.key(s).tolist() != fr.key(t).tolist()
+
+
+@pytest.mark.parametrize("data", [2**32, -1, 2**40])
+def test_fold_in_refuses_python_ints_outside_32_bits(data):
+    # before: fold_in(k, 2**32) == fold_in(k, 0)
+    with pytest.raises(ValueError, match=r"fold_in\(key, data\): `data` must be in \[0, 2\*\*32\), got " + str(data)):
+        fr.fold_in(fr.key(0), data)
+    assert fr.fold_in(fr.key(0), 2**32 - 1).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, match",
+    [
+        (1.0, 0.0, r"need `minval` <= `maxval`, got 1.0 and 0.0"),
+        (3, -3, r"need `minval` <= `maxval`, got 3 and -3"),
+        (float("nan"), 1.0, r"`minval` must be finite, got nan"),
+        (0.0, float("inf"), r"`maxval` must be finite, got inf"),
+    ],
+)
+def test_uniform_refuses_bad_python_bounds(lo, hi, match):
+    with pytest.raises(ValueError, match=r"uniform\(key, shape, dtype, minval, maxval\): " + match):
+        fr.uniform(fr.key(0), (4,), minval=lo, maxval=hi)
+
+
+def test_uniform_with_equal_bounds_is_constant():
+    assert torch.equal(fr.uniform(fr.key(0), (5,), torch.float64, 2.5, 2.5), torch.full((5,), 2.5, dtype=torch.float64))
+
+
+def test_tensor_bounds_and_probabilities_are_not_synced():
+    # A check on tensor arguments would need .item(), which vmap refuses: these must run.
+    k = fr.key(0)
+    lo = torch.arange(3.0)
+    u = torch.func.vmap(lambda a: fr.uniform(k, (4,), minval=a, maxval=a + 1))(lo)
+    assert bool(((u >= lo[:, None]) & (u < lo[:, None] + 1)).all())
+    p = torch.tensor([0.0, 1.0])
+    m = torch.func.vmap(lambda q: fr.bernoulli(k, q, (8,)))(p)
+    assert not bool(m[0].any()) and bool(m[1].all())
+
+
+@pytest.mark.parametrize("p", [1.5, -0.1, float("nan"), float("inf")])
+def test_bernoulli_refuses_python_p_outside_unit_interval(p):
+    # before: p was silently clipped to [0, 1]
+    with pytest.raises(ValueError, match=r"bernoulli\(key, p, shape\): `p` must be a probability in \[0, 1\]"):
+        fr.bernoulli(fr.key(0), p, (3,))
+
+
+def test_bernoulli_endpoints_and_bad_type():
+    assert bool(fr.bernoulli(fr.key(0), 1.0, (100,)).all())
+    assert not bool(fr.bernoulli(fr.key(0), 0, (100,)).any())
+    with pytest.raises(TypeError, match=r"bernoulli\(key, p, shape\): `p` must be a float or a tensor, got str"):
+        fr.bernoulli(fr.key(0), "0.5", (3,))
+
+
+@pytest.mark.parametrize(
+    "lo, hi, exc, match",
+    [
+        (5, 5, ValueError, r"need `minval` < `maxval`, got 5 and 5"),
+        (7, 3, ValueError, r"need `minval` < `maxval`, got 7 and 3"),
+        (0.5, 3, TypeError, r"`minval` must be a Python int, got float"),
+        (0, 2**60, ValueError, r"`maxval - minval` must be at most 2\*\*53"),
+    ],
+)
+def test_randint_refuses_bad_ranges(lo, hi, exc, match):
+    with pytest.raises(exc, match=r"randint\(key, shape, minval, maxval\): " + match):
+        fr.randint(fr.key(0), (3,), lo, hi)
+
+
+@pytest.mark.parametrize(
+    "call, fn",
+    [
+        (lambda k: fr.bits(k, (2, -1)), r"bits\(key, shape\)"),
+        (lambda k: fr.uniform(k, (-3,)), r"uniform\(key, shape, dtype, minval, maxval\)"),
+        (lambda k: fr.normal(k, (4, -2)), r"normal\(key, shape, dtype\)"),
+        (lambda k: fr.bernoulli(k, 0.5, (-1,)), r"bernoulli\(key, p, shape\)"),
+        (lambda k: fr.randint(k, (-1,), 0, 3), r"randint\(key, shape, minval, maxval\)"),
+    ],
+)
+def test_negative_shapes_raise_naming_the_function(call, fn):
+    with pytest.raises(ValueError, match=fn + r": `shape` must have non-negative sizes"):
+        call(fr.key(0))
+
+
+def test_shape_must_be_a_sequence_and_permutation_n_checked():
+    with pytest.raises(TypeError, match=r"uniform\(key, shape, dtype, minval, maxval\): `shape` must be a sequence"):
+        fr.uniform(fr.key(0), 3)
+    with pytest.raises(ValueError, match=r"permutation\(key, n\): `n` must be >= 0, got -1"):
+        fr.permutation(fr.key(0), -1)
+    with pytest.raises(TypeError, match=r"permutation\(key, n\): `n` must be a Python int, got float"):
+        fr.permutation(fr.key(0), 2.0)
+    assert fr.permutation(fr.key(0), 0).shape == (0,)
