@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,61 @@ from functorch_pipeline.transforms._vmap import vmap
 
 __all__ = ["per_sample_grads", "per_sample_value_and_grad"]
 
-_METHODS = ("vmap", "hooks", "auto")
+_METHODS = ("auto", "vmap", "hooks")
+
+# NOTE [auto: vmap's numbers, hooks' speed]
+# The default method gives exactly what ``vmap`` gives (each example's own loss, as a
+# batch of one) and takes the fast engine whenever that is the same computation:
+# ``loss_fn`` returns per-example losses ``(B,)`` and every parameter use has a rule.
+# A scalar loss (a mean or a sum over the batch) is never rescaled: hooks on a batch
+# mean gives each example's *contribution* (1/B of its gradient), so it goes to vmap.
+# Contracts hooks cannot honour go to vmap without trying: per-example ``aux``
+# (``has_aux``), ``keep_batch_dim=False``, global-RNG ``randomness``, calls inside a
+# torch.func transform or torch.compile, and differentiated leaves that require grad
+# (the caller wants a graph through the gradients). A fall-back is announced once per
+# ``loss_fn`` (not per call), and the decision is cached per ``loss_fn`` and input
+# signature, so a model without rules does not pay a failed batch forward every call.
+_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_DECIDED: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def _owner(loss_fn: Any) -> Any:
+    """The object a one-time note or a cached decision hangs on (a bound method's function)."""
+    return getattr(loss_fn, "__func__", loss_fn)
+
+
+def _note_once(loss_fn: Any, message: str, reason: str) -> None:
+    try:
+        seen = _WARNED.setdefault(_owner(loss_fn), set())
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        seen = set()
+    if reason not in seen:
+        seen.add(reason)
+        warnings.warn(message, stacklevel=5)
+
+
+def _signature(args: Sequence[Any]) -> Any:
+    return tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+                 for x in _tree.leaves(list(args)))
+
+
+def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
+                     keep_batch_dim: bool, randomness: str) -> tuple[str, bool] | None:
+    """Why the default method must use vmap without trying hooks: ``(reason, say_it)``."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "inside a transform", False
+    if torch.is_grad_enabled() and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
+                                       for i in nums for leaf in _tree.leaves(args[i])):
+        return "differentiated leaves require grad", False
+    if has_aux:
+        return ("has_aux=True: vmap returns each example's own aux (method='hooks' returns "
+                "the aux of the whole batch)"), True
+    if not keep_batch_dim:
+        return "keep_batch_dim=False: loss_fn is written for one example", True
+    if randomness != "error":
+        return (f"randomness={randomness!r}: global-RNG draws differ between a batch and "
+                "examples"), True
+    return None
 
 
 def _squeeze_one(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
@@ -53,6 +108,7 @@ def _per_sample(
 ) -> Callable[..., tuple[Any, Any]]:
     if method not in _METHODS:
         raise ValueError(f"{fn}: `method` must be one of {_METHODS}, got {method!r}")
+    decided: dict[Any, str] = {}
     vg = _value_and_grad_impl(_squeeze_one(loss_fn, has_aux) if keep_batch_dim else loss_fn,
                               argnums, has_aux, fn)
 
@@ -74,11 +130,21 @@ def _per_sample(
                 raise ValueError(f"{fn}: arguments {both} are in both `argnums` and `batch_argnums`")
         if not batched:
             raise ValueError(f"{fn}: no batch argument: every positional argument is in `argnums`")
-        if method != "vmap":
+        use = method
+        if method == "auto":
+            why = _contract_reason(args, nums, has_aux, keep_batch_dim, randomness)
+            if why is not None:
+                use = "vmap"
+                if why[1]:
+                    _note_once(loss_fn, f"{fn}: method='auto' uses 'vmap': {why[0]}", why[0])
+            else:
+                use = _decisions(loss_fn, decided).get(_signature(args), "hooks")
+        if use == "hooks":
             fast = _fast(loss_fn, args, nums, is_tuple, batched, has_aux, chunk_size, keep_batch_dim,
                          method, fn)
             if fast is not None:
                 return fast
+            _decisions(loss_fn, decided)[_signature(args)] = "vmap"
         in_axes = tuple(0 if i in batched else None for i in range(len(args)))
 
         def one(*a: Any) -> tuple[Any, Any]:
@@ -96,6 +162,13 @@ def _per_sample(
     return wrapped
 
 
+def _decisions(loss_fn: Any, local: dict[Any, str]) -> dict[Any, str]:
+    try:
+        return _DECIDED.setdefault(_owner(loss_fn), {})
+    except TypeError:  # not weak-referenceable: remember per wrapper only
+        return local
+
+
 def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
           batched: Sequence[int], has_aux: bool, chunk_size: int | None, keep_batch_dim: bool,
           method: str, fn: str) -> tuple[Any, Any] | None:
@@ -109,7 +182,8 @@ def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
         if method == "hooks":
             raise ValueError(f"{fn}: method='hooks': {e}. Use method='vmap', or method='auto' "
                              "to fall back to it automatically.") from None
-        warnings.warn(f"{fn}: method='auto' falls back to 'vmap': {e}", stacklevel=4)
+        _note_once(loss_fn, f"{fn}: method='auto' falls back to 'vmap' (said once per loss_fn): "
+                   f"{e}", str(e))
         return None
 
 
@@ -122,7 +196,7 @@ def per_sample_value_and_grad(
     chunk_size: int | None = None,
     keep_batch_dim: bool = True,
     randomness: str = "error",
-    method: str = "vmap",
+    method: str = "auto",
 ) -> Callable[..., tuple[Any, Any]]:
     """Like :func:`per_sample_grads` but returns ``(values, grads)``: each example's loss
     (shape ``(B,)``) and gradient (leading axis ``B``); ``((values, aux), grads)`` with
@@ -147,7 +221,7 @@ def per_sample_grads(
     chunk_size: int | None = None,
     keep_batch_dim: bool = True,
     randomness: str = "error",
-    method: str = "vmap",
+    method: str = "auto",
 ) -> Callable[..., Any]:
     """The gradient of each example's loss: ``vmap(grad(loss_fn))`` over the batch.
 
@@ -166,15 +240,34 @@ def per_sample_grads(
         prefer explicit per-example ``fp.random`` keys as a batch argument.
       method: how to compute them (the same numbers, up to rounding):
 
-        * ``"vmap"`` (default): ``vmap(grad)`` over batches of one; any ``loss_fn`` that
+        * ``"auto"`` (default): ``"hooks"`` whenever it computes what ``"vmap"`` computes,
+          else ``"vmap"``; see NOTE [auto: vmap's numbers, hooks' speed]. Hooks is used
+          when ``loss_fn`` returns per-example losses (shape ``(B,)``) and every call that
+          uses a parameter has a rule. A ``loss_fn`` returning a scalar (the batch mean or
+          sum) is run with ``"vmap"`` (hooks would give each example's share of the mean,
+          1/B of its gradient: never rescaled silently); so are ``has_aux=True`` (aux is
+          per example), ``keep_batch_dim=False``, ``randomness`` other than ``"error"``,
+          calls inside ``torch.func`` transforms or ``torch.compile``, and parameters that
+          require grad. A fall-back is announced by one ``UserWarning`` per ``loss_fn``
+          (not per call) and cached per input shapes. To get the fast path for a mean
+          loss, return the unreduced per-example losses. Hooks and vmap agree to rounding
+          (float64: 1e-12) on the layers with rules. Like ``"hooks"``, it assumes example
+          ``i``'s loss depends on example ``i`` alone (BatchNorm in training mode is an
+          error); a ``loss_fn`` with other batch statistics (``x - x.mean(0)``) needs
+          ``method="vmap"``.
+        * ``"vmap"``: ``vmap(grad)`` over batches of one; any ``loss_fn`` that
           ``torch.func`` can transform. A ``loss_fn`` returning per-example losses (shape
           ``(1,)`` for a batch of one) is accepted too.
         * ``"hooks"``: one forward and one backward of the whole batch, close to the cost
           of one batch gradient. Each parameter's per-example gradient is rebuilt from
           the inputs and output gradients of the calls that use it: ``F.linear``,
-          ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``
-          and ``F.batch_norm`` in eval mode (``fp.nn.LSTM``/``GRU`` use only
-          ``F.linear``). The contract: ``loss_fn`` returns the *per-example* losses,
+          ``F.conv1d``/``2d``/``3d``, ``F.conv_transpose1d``/``2d``/``3d``,
+          ``F.embedding``, ``F.embedding_bag``, ``F.layer_norm``, ``F.group_norm``,
+          ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode,
+          ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
+          ``nn.TransformerEncoderLayer`` with ``batch_first=True``), and fused rules for
+          ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``). The contract:
+          ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
@@ -184,12 +277,11 @@ def per_sample_grads(
           ambiguous; an input with *no* batch axis whose first axis happens to have size
           ``B`` (position ids ``arange(T)`` with ``T == B``) cannot be told apart: use
           ``"vmap"`` for such models. Any other use of a parameter
-          (``x @ w``, ``nn.LSTM``'s fused kernel) is an error naming the parameter and the
-          call. ``randomness`` does not apply; ``aux`` is what ``loss_fn`` returns for the
-          whole batch; the gradients carry no autograd graph. Large fresh outputs make
-          glibc's malloc page-fault on every call: see ``benchmarks/_common.py``.
-        * ``"auto"``: ``"hooks"``, falling back to ``"vmap"`` with a warning when
-          ``loss_fn`` returns a scalar or uses a parameter in a call without a rule.
+          (``x @ w``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
+          naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
+          ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
+          Large fresh outputs make glibc's malloc page-fault on every call: see
+          ``benchmarks/_common.py``.
 
     Returns:
       A function with ``loss_fn``'s signature returning per-example gradients shaped like
