@@ -50,7 +50,9 @@ def test_per_example_layer_norm_clip_matches_loop(uniform):
     grads = _per_example()
     summed, counts = optim.per_example_layer_norm_clip(grads, 2.0, uniform=uniform)
     total = sum(v[0].numel() for v in grads.values())
-    for (k, v), c in zip(sorted(grads.items()), counts, strict=True):
+    assert set(counts) == set(grads)  # a tree shaped like the gradients, as optax
+    for k, v in grads.items():
+        c = counts[k]
         clip = 2.0 / math.sqrt(2) if uniform else 2.0 * math.sqrt(v[0].numel() / total)
         want = sum(v[i] * min(1.0, clip / float(v[i].norm())) for i in range(B))
         torch.testing.assert_close(summed[k], want, rtol=0, atol=1e-13)
@@ -111,3 +113,93 @@ def test_bad_per_example_input_is_named():
         optim.differentially_private_aggregate(1.0, -1.0, seed=0)
     with pytest.raises(TypeError, match=r"`seed` must be an int or an fp.random key"):
         optim.differentially_private_aggregate(1.0, 1.0, seed=1.5)
+
+
+def test_batch_mean_gradients_are_refused():
+    """NOTE [batch axis check]: a gradient with the parameter's own shape has no batch axis."""
+    opt = optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0)
+    state = opt.init(_params())
+    mean = fp.tree.map(lambda g: g.mean(0), _per_example())
+    msg = r"differentially_private_aggregate.update: leaf at path `b` must be a per-example"
+    with pytest.raises(ValueError, match=msg + r".*\(B, 2\).*got \(2,\).*batch-mean"):
+        opt.update(mean, state, _params())
+    with pytest.raises(ValueError, match=r"leaf at path `b` .*batch-mean"):
+        opt.update(mean, state)  # shapes from init
+    with pytest.raises(ValueError, match=r"`batch_size` is 5 but the gradients have 6"):
+        opt.update(_per_example(), state, _params(), batch_size=5)
+    u, _ = opt.update(_per_example(), state, _params(), batch_size=B)
+    assert fp.tree.structure(u) == fp.tree.structure(_params())
+
+
+def test_key_and_seed_spellings():
+    by_key = optim.differentially_private_aggregate(1.0, 1.0, key=fp.random.key(4))
+    by_seed = optim.differentially_private_aggregate(1.0, 1.0, seed=fp.random.key(4))
+    positional = optim.differentially_private_aggregate(1.0, 1.0, 4)
+    outs = [tx.update(_per_example(), tx.init(_params()))[0] for tx in (by_key, by_seed, positional)]
+    assert fp.tree.allclose(outs[0], outs[1], rtol=0, atol=0)
+    assert fp.tree.allclose(outs[0], outs[2], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"differentially_private_aggregate\(key\): pass `key` or"):
+        optim.differentially_private_aggregate(1.0, 1.0, key=0, seed=0)
+    with pytest.raises(TypeError, match=r"`key` is required"):
+        optim.differentially_private_aggregate(1.0, 1.0)
+    with pytest.raises(TypeError, match=r"dpsgd: `key` is required"):
+        optim.dpsgd(0.1, 1.0, 1.0)
+
+
+def test_add_dp_noise_on_the_clipped_sum_equals_the_aggregate():
+    """Same key, same step: clipping-then-noise in two pieces draws the same noise."""
+    agg = optim.differentially_private_aggregate(1.5, 0.8, key=9)
+    noise = optim.add_dp_noise(1.5, 0.8, key=9, batch_size=B)
+    s_a, s_n = agg.init(_params()), noise.init(_params())
+    for t in range(3):
+        grads = _per_example(t)
+        want, s_a = agg.update(grads, s_a)
+        summed, _ = optim.per_example_global_norm_clip(grads, 1.5)
+        got, s_n = noise.update(summed, s_n, _params())
+        assert fp.tree.allclose(got, want, rtol=0, atol=1e-14)
+    assert int(s_n.count) == 3
+
+
+def test_add_dp_noise_std_and_divisor():
+    clip, sigma, b = 0.5, 2.0, 16
+    tx = optim.add_dp_noise(clip, sigma, key=1, batch_size=b)
+    zeros = {"w": torch.zeros(200, 100, dtype=F64)}
+    out, _ = tx.update(zeros, tx.init(zeros))
+    # 20000 draws: the sample std is within ~1% of clip * sigma / b (3% is > 4 standard errors)
+    assert abs(float(out["w"].std()) / (clip * sigma / b) - 1) < 0.03
+    over, _ = tx.update(zeros, tx.init(zeros), batch_size=4)  # per-step override
+    assert fp.tree.allclose(over, fp.tree.scale(out, b / 4), rtol=1e-14, atol=0)
+
+
+def test_add_dp_noise_bad_input():
+    tx = optim.add_dp_noise(1.0, 1.0, key=0, batch_size=4)
+    state = tx.init(_params())
+    with pytest.raises(ValueError, match=r"add_dp_noise.update: leaf at path `b` must have the "
+                                         r"parameter's shape \(2,\), got \(6, 2\) \(per-example"):
+        tx.update(_per_example(), state, _params())
+    with pytest.raises(ValueError, match=r"add_dp_noise.update: no batch size"):
+        t2 = optim.add_dp_noise(1.0, 1.0, key=0)
+        t2.update(_params(), t2.init(_params()))
+    with pytest.raises(ValueError, match=r"add_dp_noise: `batch_size` must be > 0"):
+        optim.add_dp_noise(1.0, 1.0, key=0, batch_size=0)
+    with pytest.raises(TypeError, match=r"differentially_private\(optimizer, ...\): `optimizer`"):
+        optim.differentially_private("adam", 1.0, 1.0, key=0)
+
+
+def test_dp_adam_without_noise_is_torch_adam_on_the_clipped_mean():
+    """DP-Adam, sigma = 0: torch.optim.Adam stepped on a per-example loop's clipped mean."""
+    opt = optim.differentially_private(optim.adam(0.05), 1.0, 0.0, key=0, batch_size=B)
+    params = {"w": torch.randn(3, 2, dtype=F64), "b": torch.randn(2, dtype=F64)}
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = torch.optim.Adam([ref["b"], ref["w"]], lr=0.05)
+    state = opt.init(params)
+    for t in range(4):
+        grads = _per_example(t)
+        summed, _ = optim.per_example_global_norm_clip(grads, 1.0)
+        u, state = opt.update(summed, state, params)
+        params = optim.apply_updates(params, u)
+        want = _loop_mean_clipped(grads, 1.0)
+        for k in ref:
+            ref[k].grad = want[k].clone()
+        torch_opt.step()
+    assert fp.tree.allclose(params, {k: v.detach() for k, v in ref.items()}, rtol=0, atol=1e-12)

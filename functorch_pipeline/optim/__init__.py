@@ -80,7 +80,10 @@ from functorch_pipeline.optim._masking import PartitionState
 from functorch_pipeline.optim._masking import freeze
 from functorch_pipeline.optim._masking import masked
 from functorch_pipeline.optim._masking import partition
+from functorch_pipeline.optim._privacy import AddDPNoiseState
 from functorch_pipeline.optim._privacy import DifferentiallyPrivateAggregateState
+from functorch_pipeline.optim._privacy import add_dp_noise
+from functorch_pipeline.optim._privacy import differentially_private
 from functorch_pipeline.optim._privacy import differentially_private_aggregate
 from functorch_pipeline.optim._privacy import dpsgd
 from functorch_pipeline.optim._privacy import per_example_global_norm_clip
@@ -115,6 +118,7 @@ from functorch_pipeline.optim._wrappers import ema
 from functorch_pipeline.optim._wrappers import inject_hyperparams
 
 __all__ = [
+    "AddDPNoiseState",
     "ApplyIfFiniteState",
     "DifferentiallyPrivateAggregateState",
     "EmaState",
@@ -147,6 +151,7 @@ __all__ = [
     "adamax",
     "adamw",
     "add_decayed_weights",
+    "add_dp_noise",
     "apply_if_finite",
     "apply_updates",
     "apply_updates_",
@@ -156,6 +161,7 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "cosine_onecycle_schedule",
+    "differentially_private",
     "differentially_private_aggregate",
     "dpsgd",
     "ema",

@@ -29,7 +29,10 @@ from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import trace
 
 __all__ = [
+    "AddDPNoiseState",
     "DifferentiallyPrivateAggregateState",
+    "add_dp_noise",
+    "differentially_private",
     "differentially_private_aggregate",
     "dpsgd",
     "per_example_global_norm_clip",
@@ -37,42 +40,92 @@ __all__ = [
 ]
 
 
-def _batch_size(where: str, grads: Any) -> int:
+def _path(tree: Any, i: int) -> str:
+    # only on error: key paths are not traced under compile
+    return fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+
+
+def _batch_size(where: str, grads: Any, param_shapes: list[tuple[int, ...]] | None = None,
+                batch_size: int | None = None) -> int:
+    """The number of examples on axis 0, checked on every leaf.
+
+    # NOTE [batch axis check]
+    Per-example gradients have shape ``(B, *param.shape)``. Given a batch-mean gradient
+    (shape ``param.shape``), axis 0 of each leaf would silently be taken as the batch and
+    clipping would act on rows of weight matrices. So when the parameters' shapes are known
+    (``params`` passed to ``update``, else the shapes seen by ``init``) every leaf must have
+    exactly one more axis than its parameter, and the rest must match; an explicit
+    ``batch_size`` is checked against axis 0 as well.
+    """
     leaves = fpt.leaves(grads)
     if not leaves:
         raise ValueError(f"{where}: the gradient tree has no leaves")
-
-    def path(i: int) -> str:  # only on error: key paths are not traced under compile
-        return fpt.keystr(fpt.flatten_with_path(grads)[0][i])
-
+    if param_shapes is not None and len(param_shapes) != len(leaves):
+        raise ValueError(
+            f"{where}: the gradients have {len(leaves)} leaves but the parameters have "
+            f"{len(param_shapes)}"
+        )
     n = None
     for i, g in enumerate(leaves):
         if not isinstance(g, torch.Tensor) or g.dim() == 0:
             raise ValueError(
-                f"{where}: leaf at path `{path(i)}` has no batch axis; per-example gradients "
-                "must have the examples on axis 0 of every leaf"
+                f"{where}: leaf at path `{_path(grads, i)}` has no batch axis; per-example "
+                "gradients must have the examples on axis 0 of every leaf"
+            )
+        if param_shapes is not None and tuple(g.shape[1:]) != param_shapes[i]:
+            want = "(B, " + ", ".join(str(d) for d in param_shapes[i]) + ")"
+            hint = (
+                " (the parameter's own shape: batch-mean gradients? pass per-example "
+                "gradients, e.g. from fp.per_sample_grads)"
+                if tuple(g.shape) == param_shapes[i] else ""
+            )
+            raise ValueError(
+                f"{where}: leaf at path `{_path(grads, i)}` must be a per-example gradient of "
+                f"shape {want} for a parameter of shape {param_shapes[i]}, got "
+                f"{tuple(g.shape)}{hint}"
             )
         if n is None:
             n = g.shape[0]
         elif g.shape[0] != n:
             raise ValueError(
-                f"{where}: leaf at path `{path(i)}` has {g.shape[0]} examples on axis 0 but "
-                f"the first leaf has {n}"
+                f"{where}: leaf at path `{_path(grads, i)}` has {g.shape[0]} examples on "
+                f"axis 0 but the first leaf has {n}"
             )
+    if batch_size is not None and n != batch_size:
+        raise ValueError(f"{where}: `batch_size` is {batch_size} but the gradients have {n} "
+                         "examples on axis 0")
     return int(n)
+
+
+def _shapes(params: Any) -> list[tuple[int, ...]] | None:
+    leaves = fpt.leaves(params) if params is not None else []
+    if not leaves or not all(isinstance(p, torch.Tensor) for p in leaves):
+        return None
+    return [tuple(p.shape) for p in leaves]
+
+
+def _memo(seen: dict[str, Any], updates: Any) -> list[tuple[int, ...]] | None:
+    """The shapes the last ``init`` saw, if they can belong to ``updates`` (same leaf count):
+    a transformation initialised for several models checks only when ``params`` is given."""
+    shapes = seen.get("shapes")
+    return shapes if shapes is not None and len(shapes) == len(fpt.leaves(updates)) else None
 
 
 def _clip_sum(leaves: list[torch.Tensor], clip: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
     b = leaves[0].shape[0]
-    sq = torch.stack([g.reshape(b, -1).pow(2).sum(1).to(torch.float64 if g.dtype == torch.float64 else torch.float32)
-                      for g in leaves]).sum(0)
-    norms = torch.sqrt(sq)
+    acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in leaves]
+    sq = torch.stack(
+        [g.reshape(b, -1).to(a).pow(2).sum(1) for g, a in zip(leaves, acc, strict=True)]
+    )
+    norms = torch.sqrt(sq.sum(0))
     divisors = torch.clamp(norms / clip, min=1.0)
     summed = [(g / divisors.to(g.dtype).reshape(b, *([1] * (g.dim() - 1)))).sum(0) for g in leaves]
     return summed, (norms > clip).sum()
 
 
-def per_example_global_norm_clip(grads: Any, l2_norm_clip: float | torch.Tensor) -> tuple[Any, torch.Tensor]:
+def per_example_global_norm_clip(
+    grads: Any, l2_norm_clip: float | torch.Tensor
+) -> tuple[Any, torch.Tensor]:
     """Clip each example's whole gradient to L2 norm ``l2_norm_clip`` and sum over examples.
 
     Args:
@@ -97,25 +150,28 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: float | torch.Tensor)
 
 def per_example_layer_norm_clip(
     grads: Any, global_l2_norm_clip: float, uniform: bool = True
-) -> tuple[Any, list[torch.Tensor]]:
+) -> tuple[Any, Any]:
     """Clip each leaf ("layer") of each example separately, then sum over examples.
 
     Per-leaf bounds are ``C / sqrt(L)`` (``uniform``) or ``C * sqrt(size_l / total)``
     for ``L`` leaves, so the whole clipped gradient of one example has norm at most
     ``C = global_l2_norm_clip``.
 
-    Returns:
-      ``(summed, num_clipped)`` with one count per leaf (in leaf order).
-
     Args:
       grads: a tree whose leaves have the examples on axis 0.
       global_l2_norm_clip: the bound for a whole example.
       uniform: equal per-leaf bounds, else proportional to sqrt(leaf size).
 
-    >>> g = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.1]])}
-    >>> s, n = per_example_layer_norm_clip(g, 2 ** 0.5)
-    >>> s["a"], s["b"], [int(x) for x in n]
-    (tensor([0.6000, 0.8000]), tensor([0.1000]), [1, 0])
+    Returns:
+      ``(summed, num_clipped)``: the sums of clipped gradients, and a tree shaped like
+      ``grads`` whose leaves are 0-d tensors counting the examples clipped in that leaf
+      (as optax; before 0.2 this library returned a list).
+
+    Example:
+      >>> g = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.1]])}
+      >>> s, n = per_example_layer_norm_clip(g, 2 ** 0.5)
+      >>> s["a"], s["b"], n
+      (tensor([0.6000, 0.8000]), tensor([0.1000]), {'a': tensor(1), 'b': tensor(0)})
     """
     where = "per_example_layer_norm_clip(grads, global_l2_norm_clip)"
     check_number(where, "global_l2_norm_clip", global_l2_norm_clip, low=0.0)
@@ -132,28 +188,82 @@ def per_example_layer_norm_clip(
         s, n = _clip_sum([g], c)
         summed.append(s[0])
         counts.append(n)
-    return fpt.unflatten(td, summed), counts
+    return fpt.unflatten(td, summed), fpt.unflatten(td, counts)
 
 
 class DifferentiallyPrivateAggregateState(NamedTuple):
-    """State of :func:`differentially_private_aggregate`: the base key and the step count."""
+    """State of :func:`differentially_private_aggregate` and :func:`add_dp_noise`: the base
+    key and the number of steps taken."""
 
     rng_key: torch.Tensor
     count: torch.Tensor
 
 
-def _as_key(where: str, seed: Any) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        if not fpr.is_key(seed) or seed.dim() != 1:
-            raise ValueError(f"{where}: `seed` must be an int or one key from fp.random.key, got shape {tuple(seed.shape)}")
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{where}: `seed` must be an int or an fp.random key, got {type(seed).__name__}")
-    return fpr.key(seed)
+AddDPNoiseState = DifferentiallyPrivateAggregateState
+
+
+def _as_key(where: str, key: Any, seed: Any) -> torch.Tensor:
+    if key is not None and seed is not None:
+        raise TypeError(f"{where}: pass `key` or `seed`, not both")
+    name, value = ("key", key) if key is not None else ("seed", seed)
+    if value is None:
+        raise TypeError(f"{where}: `key` is required (an fp.random key or an int seed)")
+    if isinstance(value, torch.Tensor):
+        if not fpr.is_key(value) or value.dim() != 1:
+            raise ValueError(
+                f"{where}: `{name}` must be an int or one key from fp.random.key, got shape "
+                f"{tuple(value.shape)}"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{where}: `{name}` must be an int or an fp.random key, got {type(value).__name__}"
+        )
+    return fpr.key(value)
+
+
+def _check_noise(where: str, l2_norm_clip: float, noise_multiplier: float) -> float:
+    check_number(f"{where}(l2_norm_clip)", "l2_norm_clip", l2_norm_clip, low=0.0)
+    check_number(f"{where}(noise_multiplier)", "noise_multiplier", noise_multiplier, low=0.0)
+    if noise_multiplier > 0 and math.isinf(l2_norm_clip):
+        raise ValueError(
+            f"{where}: noise_multiplier > 0 needs a finite `l2_norm_clip` (the noise std is "
+            "their product)"
+        )
+    # sigma = 0 means no noise, even with C = inf (where C * sigma would be NaN).
+    return l2_norm_clip * noise_multiplier if noise_multiplier > 0 else 0.0
+
+
+def _init_state(base_key: torch.Tensor, params: Params) -> DifferentiallyPrivateAggregateState:
+    dev = next(
+        (x.device for x in fpt.leaves(params) if isinstance(x, torch.Tensor)), torch.device("cpu")
+    )
+    return DifferentiallyPrivateAggregateState(
+        base_key.to(dev), torch.zeros((), dtype=torch.int32, device=dev)
+    )
+
+
+def _noisy_mean(
+    summed: list[torch.Tensor], std: float, state: Any, divisor: Any
+) -> list[torch.Tensor]:
+    """``(sum + N(0, std^2)) / divisor`` per leaf; the noise of step ``count`` comes from
+    ``split(fold_in(rng_key, count), num_leaves)``, one key per leaf in leaf order."""
+    if std == 0.0:
+        return [s / divisor for s in summed]
+    keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(summed))
+    out = []
+    for s, k in zip(summed, keys, strict=True):
+        dtype = s.dtype if s.is_floating_point() else torch.float32
+        out.append((s + std * fpr.normal(k, tuple(s.shape), dtype)) / divisor)
+    return out
 
 
 def differentially_private_aggregate(
-    l2_norm_clip: float, noise_multiplier: float, seed: int | torch.Tensor
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: int | torch.Tensor | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
 ) -> GradientTransformation:
     r"""Clip per-example gradients, sum them, add Gaussian noise, divide by the batch size.
 
@@ -162,82 +272,218 @@ def differentially_private_aggregate(
     so each coordinate of the result carries noise of standard deviation
     :math:`C\sigma/B` (``C = l2_norm_clip``, ``σ = noise_multiplier``, ``B`` the batch).
 
+    ``update`` checks that it is given per-example gradients (NOTE [batch axis check]):
+    every leaf must have shape ``(B, *param.shape)``, using ``params`` when passed, else
+    the shapes ``init`` saw. A batch-mean gradient is an error, not a silent
+    clipping of weight rows. ``update(..., batch_size=B)`` checks axis 0 as well.
+
     Args:
       l2_norm_clip: the per-example L2 bound ``C``.
       noise_multiplier: ``σ``, the noise standard deviation relative to ``C``.
-      seed: an int or an ``fp.random`` key; step ``t`` uses ``fold_in(key, t)``.
+      key: an ``fp.random`` key or an int seed; step ``t`` uses ``fold_in(key, t)``
+        (optax 0.2.8 spells it ``key``).
+      seed: the older spelling of ``key`` (kept working); pass one of the two.
 
     Returns:
       A :class:`GradientTransformation`. Its ``update`` takes per-example gradients.
 
-    >>> tx = differentially_private_aggregate(1.0, 0.0, seed=0)
-    >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
-    >>> tx.update(g, tx.init({"w": torch.zeros(2)}))[0]
-    {'w': tensor([0.4500, 0.6000])}
+    Example:
+      >>> tx = differentially_private_aggregate(1.0, 0.0, key=0)
+      >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+      >>> tx.update(g, tx.init({"w": torch.zeros(2)}))[0]
+      {'w': tensor([0.4500, 0.6000])}
     """
     where = "differentially_private_aggregate"
-    check_number(f"{where}(l2_norm_clip)", "l2_norm_clip", l2_norm_clip, low=0.0)
-    check_number(f"{where}(noise_multiplier)", "noise_multiplier", noise_multiplier, low=0.0)
-    base_key = _as_key(f"{where}(seed)", seed)
-    if noise_multiplier > 0 and math.isinf(l2_norm_clip):
-        raise ValueError(f"{where}: noise_multiplier > 0 needs a finite `l2_norm_clip` (the noise std is their product)")
-    # sigma = 0 means no noise, even with C = inf (where C * sigma would be NaN).
-    std = l2_norm_clip * noise_multiplier if noise_multiplier > 0 else 0.0
+    std = _check_noise(where, l2_norm_clip, noise_multiplier)
+    base_key = _as_key(f"{where}(key)", key, seed)
+    seen: dict[str, Any] = {}  # NOTE [batch axis check]: the shapes init saw
 
     def init_fn(params: Params) -> DifferentiallyPrivateAggregateState:
-        dev = next((x.device for x in fpt.leaves(params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        return DifferentiallyPrivateAggregateState(base_key.to(dev), torch.zeros((), dtype=torch.int32, device=dev))
+        seen["shapes"] = _shapes(params)
+        return _init_state(base_key, params)
 
-    def update_fn(updates: Updates, state: DifferentiallyPrivateAggregateState, params: Params = None, **extra_args: Any):
-        b = _batch_size(f"{where}.update", updates)
+    def update_fn(updates: Updates, state: DifferentiallyPrivateAggregateState,
+                  params: Params = None, **extra_args: Any):
+        shapes = _shapes(params) if params is not None else _memo(seen, updates)
+        b = _batch_size(f"{where}.update", updates, shapes, extra_args.get("batch_size"))
         leaves, td = fpt.flatten(updates)
         summed, _ = _clip_sum(leaves, l2_norm_clip)
-        if std == 0.0:
-            out = [s / b for s in summed]
-            return fpt.unflatten(td, out), DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
-        keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(leaves))
-        out = [
-            (s + std * fpr.normal(k, tuple(s.shape), s.dtype if s.is_floating_point() else torch.float32)) / b
-            for s, k in zip(summed, keys, strict=True)
-        ]
-        return fpt.unflatten(td, out), DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
+        out = _noisy_mean(summed, std, state, b)
+        new_state = DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
+        return fpt.unflatten(td, out), new_state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def add_dp_noise(
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: int | torch.Tensor,
+    *,
+    batch_size: int | float | None = None,
+) -> GradientTransformation:
+    r"""The noise of DP-SGD on an already clipped SUM of per-example gradients.
+
+    .. math:: u = \frac{1}{B}\Big(s + \mathcal N(0, (C\sigma)^2 I)\Big)
+
+    where ``s`` is the sum over the (logical) batch of per-example gradients each clipped
+    to norm ``C`` (what ``fp.clipped_grad`` or :func:`per_example_global_norm_clip`
+    return, possibly accumulated over several physical chunks). Noise is drawn once per
+    ``update`` from ``fold_in(key, count)``, so a run that saves and restores the state
+    resumes with the same noise. Put it first in a :func:`chain` to privatise any
+    optimizer (see :func:`differentially_private`).
+
+    # NOTE [expected batch size]
+    With Poisson sampling the batch size is random, and dividing by the sampled size
+    would make the result depend on it; like Opacus, pass the *expected* batch size
+    ``q * N`` as ``batch_size`` (the default divisor). An ``update(..., batch_size=b)``
+    extra argument overrides it for one step (fixed-size batches).
+
+    Args:
+      l2_norm_clip: the per-example bound ``C`` the sum was clipped with.
+      noise_multiplier: ``σ``; the noise std on the sum is ``C σ``.
+      key: an ``fp.random`` key or an int seed.
+      batch_size: the divisor ``B`` (the expected logical batch size).
+
+    Returns:
+      A :class:`GradientTransformation` whose ``update`` takes gradients shaped like the
+      parameters (a leaf with an extra leading axis is refused as per-example).
+
+    Example:
+      >>> tx = add_dp_noise(1.0, 0.0, key=0, batch_size=4)
+      >>> tx.update({"w": torch.tensor([2.0, -1.0])}, tx.init({"w": torch.zeros(2)}))[0]
+      {'w': tensor([ 0.5000, -0.2500])}
+    """
+    where = "add_dp_noise"
+    std = _check_noise(where, l2_norm_clip, noise_multiplier)
+    base_key = _as_key(f"{where}(key)", key, None)
+    if batch_size is not None:
+        check_number(f"{where}(batch_size)", "batch_size", batch_size, low=0.0)
+        if batch_size == 0:
+            raise ValueError(f"{where}: `batch_size` must be > 0, got 0")
+    seen: dict[str, Any] = {}
+
+    def init_fn(params: Params) -> DifferentiallyPrivateAggregateState:
+        seen["shapes"] = _shapes(params)
+        return _init_state(base_key, params)
+
+    def update_fn(updates: Updates, state: DifferentiallyPrivateAggregateState,
+                  params: Params = None, **extra_args: Any):
+        b = extra_args.get("batch_size", batch_size)
+        if b is None:
+            raise ValueError(f"{where}.update: no batch size; pass `batch_size` to add_dp_noise "
+                             "or to update")
+        shapes = _shapes(params) if params is not None else _memo(seen, updates)
+        leaves, td = fpt.flatten(updates)
+        if shapes is not None:
+            if len(shapes) != len(leaves):
+                raise ValueError(f"{where}.update: the gradients have {len(leaves)} leaves but "
+                                 f"the parameters have {len(shapes)}")
+            for i, g in enumerate(leaves):
+                if tuple(g.shape) != shapes[i]:
+                    hint = (" (per-example gradients? sum them clipped first, e.g. with "
+                            "per_example_global_norm_clip)" if tuple(g.shape[1:]) == shapes[i]
+                            else "")
+                    raise ValueError(
+                        f"{where}.update: leaf at path `{_path(updates, i)}` must have the "
+                        f"parameter's shape {shapes[i]}, got {tuple(g.shape)}{hint}"
+                    )
+        out = _noisy_mean(leaves, std, state, b)
+        new_state = DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
+        return fpt.unflatten(td, out), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def differentially_private(
+    optimizer: GradientTransformation,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: int | torch.Tensor,
+    *,
+    batch_size: int | float | None = None,
+) -> GradientTransformation:
+    """Any optimizer made differentially private: ``chain(add_dp_noise(...), optimizer)``.
+
+    ``update`` takes the clipped SUM of per-example gradients over the logical batch
+    (shaped like the parameters), adds Gaussian noise of std ``l2_norm_clip *
+    noise_multiplier`` once, divides by ``batch_size`` (NOTE [expected batch size]) and
+    hands the result to ``optimizer``. ``differentially_private(adam(lr), ...)`` is
+    DP-Adam; ``differentially_private(sgd(lr), ...)`` on ``per_example_global_norm_clip``
+    sums is :func:`dpsgd`. Clipping is not repeated here: compute the sum with
+    ``fp.clipped_grad`` / :func:`per_example_global_norm_clip` using the same bound.
+    ``fp.train.DPTrainer`` does all of it, with physical chunks and accounting.
+
+    Args:
+      optimizer: any ``fp.optim`` transformation.
+      l2_norm_clip: the per-example bound ``C``.
+      noise_multiplier: ``σ``.
+      key: an ``fp.random`` key or an int seed for the noise.
+      batch_size: the (expected) logical batch size that divides the noisy sum.
+
+    Returns:
+      A :class:`GradientTransformation`; its state is ``(AddDPNoiseState, inner state)``.
+
+    Example:
+      >>> from functorch_pipeline import optim
+      >>> opt = differentially_private(optim.sgd(0.1), 1.0, 0.0, key=0, batch_size=2)
+      >>> params = {"w": torch.zeros(2)}
+      >>> per_example = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+      >>> clipped_sum, _ = per_example_global_norm_clip(per_example, 1.0)
+      >>> opt.update(clipped_sum, opt.init(params), params)[0]
+      {'w': tensor([-0.0450, -0.0600])}
+    """
+    if not (isinstance(optimizer, tuple) and len(optimizer) == 2):
+        raise TypeError(
+            "differentially_private(optimizer, ...): `optimizer` must be a "
+            f"GradientTransformation, got {type(optimizer).__name__}"
+        )
+    noise = add_dp_noise(l2_norm_clip, noise_multiplier, key, batch_size=batch_size)
+    return chain(noise, optimizer)
 
 
 def dpsgd(
     learning_rate: ScalarOrSchedule,
     l2_norm_clip: float,
     noise_multiplier: float,
-    seed: int | torch.Tensor,
+    key: int | torch.Tensor | None = None,
     momentum: float | None = None,
     nesterov: bool = False,
+    *,
+    seed: int | torch.Tensor | None = None,
 ) -> GradientTransformation:
     """DP-SGD (Abadi et al., 2016): :func:`differentially_private_aggregate` then SGD.
 
-    ``update`` takes per-example gradients (examples on axis 0) and the parameters'
-    tree for ``init``. Privacy accounting (epsilon) is not part of this library.
+    ``update`` takes per-example gradients (examples on axis 0, every leaf shaped
+    ``(B, *param.shape)``; a batch-mean gradient is refused, NOTE [batch axis check]).
+    For the privacy spent (epsilon) use ``fp.privacy``; for Poisson-sampled logical
+    batches in physical chunks, and any other optimizer, see :func:`differentially_private`
+    and ``fp.train.DPTrainer``.
 
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       l2_norm_clip: per-example L2 bound.
       noise_multiplier: noise std relative to the bound.
-      seed: an int or an ``fp.random`` key.
+      key: an ``fp.random`` key or an int seed (optax 0.2.8's spelling).
       momentum: optional momentum.
       nesterov: Nesterov momentum.
+      seed: the older spelling of ``key`` (kept working).
 
     Returns:
       A :class:`GradientTransformation`.
 
-    >>> import functorch_pipeline as fp
-    >>> opt = fp.optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.0, seed=0)
-    >>> per_example = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
-    >>> opt.update(per_example, opt.init({"w": torch.zeros(2)}))[0]
-    {'w': tensor([-0.0450, -0.0600])}
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> opt = fp.optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=0.0, key=0)
+      >>> per_example = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+      >>> opt.update(per_example, opt.init({"w": torch.zeros(2)}))[0]
+      {'w': tensor([-0.0450, -0.0600])}
     """
     check_number("dpsgd(learning_rate)", "learning_rate", learning_rate, low=0.0)
+    if key is None and seed is None:
+        raise TypeError("dpsgd: `key` is required (an fp.random key or an int seed)")
     return chain(
-        differentially_private_aggregate(l2_norm_clip, noise_multiplier, seed),
+        differentially_private_aggregate(l2_norm_clip, noise_multiplier, key, seed=seed),
         trace(momentum, nesterov) if momentum is not None else identity(),
         scale_by_learning_rate(learning_rate),
     )
