@@ -7,6 +7,9 @@
   that data order is part of an exactly resumable training state.
 - :func:`mnist`, :func:`fashion_mnist`, :func:`cifar10` (torchvision datasets, usual
   normalisation) and their ``*_tensors`` forms; offline, a missing file is named.
+- :func:`poisson_batches`: Poisson-sampled batches (what DP-SGD accounting assumes), of
+  variable size or padded to one shape with a mask (:func:`pad_batch`, :func:`masked_sum`,
+  :func:`unpad`, :func:`check_mask`); :func:`poisson_max_batch_size` picks the cap.
 - :func:`write_idx`, :func:`write_synthetic_mnist`: small MNIST-format files for tests.
 """
 
@@ -28,6 +31,13 @@ from functorch_pipeline.data._idx import write_idx
 from functorch_pipeline.data._idx import write_synthetic_mnist
 from functorch_pipeline.data._loader import DeviceLoader
 from functorch_pipeline.data._loader import prefetch_to_device
+from functorch_pipeline.data._mask import check_mask
+from functorch_pipeline.data._mask import masked_sum
+from functorch_pipeline.data._mask import pad_batch
+from functorch_pipeline.data._mask import unpad
+from functorch_pipeline.data._poisson import poisson_batches
+from functorch_pipeline.data._poisson import poisson_mask
+from functorch_pipeline.data._poisson import poisson_max_batch_size
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -38,14 +48,21 @@ __all__ = [
     "MNIST_STD",
     "DeviceLoader",
     "batches",
+    "check_mask",
     "cifar10",
     "cifar10_tensors",
     "fashion_mnist",
     "fashion_mnist_tensors",
+    "masked_sum",
     "mnist",
     "mnist_tensors",
     "num_batches",
+    "pad_batch",
+    "poisson_batches",
+    "poisson_mask",
+    "poisson_max_batch_size",
     "prefetch_to_device",
+    "unpad",
     "write_idx",
     "write_synthetic_mnist",
 ]

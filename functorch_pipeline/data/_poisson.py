@@ -1,0 +1,205 @@
+"""Poisson-sampled batches, the sampling that DP-SGD's privacy accounting assumes.
+
+# NOTE [Poisson batches are a pure function of (key, i)]
+Batch ``i`` takes each example independently with probability ``q``: its membership
+mask is ``fp.random.bernoulli(fold_in(key, i), q, (n,))``. It depends on nothing but the
+key and ``i`` (not on earlier batches, not on PyTorch's global RNG), so a run resumed at
+batch ``i`` (``start=i``) draws exactly the batches an uninterrupted run draws, and the
+accountant's assumption holds for every batch: sizes are Binomial(n, q), not fixed,
+and an example may appear in no batch or in several. The Bernoulli draw compares a 32-bit
+hash with ``round(q * 2**32)``: its probability is ``q`` to within ``2**-33``.
+
+# NOTE [overflow of a padded batch]
+With ``max_batch_size``, batches are padded to one shape. A batch that draws more than
+``max_batch_size`` examples raises ``ValueError``: dropping examples would change the
+mechanism (the accountant would then under-report epsilon) and silently growing the shape
+would defeat the point of a fixed shape. Pick the cap with :func:`poisson_max_batch_size`,
+which makes an overflow as unlikely as you ask (1e-9 per batch by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from functorch_pipeline import random as _random
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.data._batches import _num_examples
+
+__all__ = ["poisson_batches", "poisson_mask", "poisson_max_batch_size"]
+
+
+def _check_rate(where: str, sample_rate: Any) -> float:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+        got = type(sample_rate).__name__
+        raise TypeError(f"{where}: `sample_rate` must be a number, got {got}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"{where}: `sample_rate` must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def _check_count(where: str, name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where}: `{name}` must be an int >= {low}, got {value!r}")
+    return value
+
+
+def poisson_mask(key: torch.Tensor, num_examples: int, sample_rate: float) -> torch.Tensor:
+    """Which of ``num_examples`` examples join one Poisson-sampled batch.
+
+    Each is ``True`` independently with probability ``sample_rate``. A pure function of
+    the key, computed on the key's device with no host sync (works under ``vmap`` over a
+    batch of keys and under ``torch.compile``).
+
+    Args:
+      key: an ``fp.random`` key (use ``fold_in(key, i)`` for batch ``i``).
+      num_examples: the dataset size ``n``.
+      sample_rate: ``q`` in (0, 1].
+
+    Returns:
+      A ``(num_examples,)`` bool tensor.
+
+    Example:
+      >>> m = poisson_mask(_random.key(0), 10000, 0.1)
+      >>> m.dtype, m.shape, 900 < int(m.sum()) < 1100
+      (torch.bool, torch.Size([10000]), True)
+    """
+    where = "poisson_mask(key, num_examples, sample_rate)"
+    q = _check_rate(where, sample_rate)
+    n = _check_count(where, "num_examples", num_examples, 0)
+    if not _random.is_key(key):
+        raise TypeError(f"{where}: `key` must be an fp.random key, got {key!r}")
+    return _random.bernoulli(key, q, (n,))
+
+
+def poisson_max_batch_size(
+    num_examples: int, sample_rate: float, overflow_probability: float = 1e-9
+) -> int:
+    """The smallest cap whose chance of being exceeded by one batch is <= a bound.
+
+    That is, the smallest ``m`` with ``P(Binomial(n, q) > m) <= overflow_probability``,
+    computed exactly (in float64 log space). Over ``T`` batches the chance of any overflow
+    is at most ``T * overflow_probability``.
+
+    Args:
+      num_examples: the dataset size ``n``.
+      sample_rate: ``q`` in (0, 1].
+      overflow_probability: the per-batch bound, in (0, 1).
+
+    Returns:
+      The cap, an int in ``[0, n]``.
+
+    Example:
+      MNIST with Opacus's expected batch of 240 (the mean plus ~6 standard deviations):
+
+      >>> poisson_max_batch_size(60000, 0.004)
+      338
+    """
+    where = "poisson_max_batch_size(num_examples, sample_rate)"
+    n = _check_count(where, "num_examples", num_examples, 0)
+    q = _check_rate(where, sample_rate)
+    p = overflow_probability
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+        raise ValueError(f"{where}: `overflow_probability` must be in (0, 1), got {p!r}")
+    if n == 0 or q == 1:
+        return n
+    k = torch.arange(n + 1, dtype=torch.float64)
+    logp = torch.distributions.Binomial(n, probs=torch.tensor(q, dtype=torch.float64)).log_prob(k)
+    # tail[m] = log P(X > m) = logsumexp(logp[m + 1:]), via a reversed cumulative logsumexp
+    tail = torch.logcumsumexp(logp.flip(0), 0).flip(0)
+    tail = torch.cat([tail[1:], tail.new_full((1,), -math.inf)])
+    return int(torch.nonzero(tail <= math.log(p))[0, 0])
+
+
+def poisson_batches(
+    data: Any,
+    sample_rate: float,
+    *,
+    key: torch.Tensor,
+    num_batches: int | None = None,
+    start: int = 0,
+    max_batch_size: int | None = None,
+) -> Iterator[Any]:
+    """Poisson-sampled minibatches of a pytree of tensors, the sampling DP-SGD assumes.
+
+    Batch ``i`` holds each example independently with probability ``sample_rate``
+    (membership ``poisson_mask(fold_in(key, i), n, sample_rate)``), so batch sizes vary
+    (Binomial(n, q), possibly 0) and batch ``i`` is a pure function of ``(key, i)``: see
+    NOTE [Poisson batches are a pure function of (key, i)]. Members keep dataset order.
+    This is Opacus's ``DPDataLoader`` (``UniformWithReplacementSampler``) as a pure
+    function of a key. ``fp.privacy`` accounts for ``num_batches`` steps at this
+    ``sample_rate``.
+
+    Args:
+      data: a pytree of tensors sharing axis 0 (the ``n`` examples), e.g. ``(x, y)``.
+      sample_rate: ``q`` in (0, 1]; the expected batch size is ``q * n``.
+      key: an ``fp.random`` key. For several "epochs", pass a fresh key per epoch
+        (``fold_in(base_key, epoch)``) or one key and a larger ``num_batches``.
+      num_batches: how many batches (batch indices ``0 .. num_batches - 1``); default
+        ``round(1 / sample_rate)``, one epoch in expectation (as Opacus).
+      start: the first batch index to yield (resume inside the run).
+      max_batch_size: ``None`` yields variable-size batches. An int yields fixed-shape
+        ``(batch, mask)`` pairs: every leaf padded to ``max_batch_size`` rows (copies of
+        the batch's first member; of example 0 if the batch is empty) and a
+        ``(max_batch_size,)`` bool mask, ``True`` on real rows, which come first. A batch
+        larger than the cap raises ``ValueError`` (see NOTE [overflow of a padded
+        batch]); choose the cap with :func:`poisson_max_batch_size`.
+
+    Returns:
+      An iterator of batches shaped like ``data`` (or of ``(batch, mask)`` pairs).
+
+    Raises:
+      ValueError: an argument is out of range, or a padded batch overflows its cap.
+
+    Examples:
+      >>> x, y = torch.arange(100.0), torch.arange(100)
+      >>> k = _random.key(0)
+      >>> a = [b[1].tolist() for b in poisson_batches((x, y), 0.1, key=k)]
+      >>> len(a), 60 < sum(map(len, a)) < 140  # 10 batches of 10 examples on average
+      (10, True)
+      >>> a[3:] == [b[1].tolist() for b in poisson_batches((x, y), 0.1, key=k, start=3)]
+      True
+      >>> (bx, by), mask = next(poisson_batches((x, y), 0.1, key=k, max_batch_size=40))
+      >>> by.shape, mask.shape, by[mask].tolist() == a[0]
+      (torch.Size([40]), torch.Size([40]), True)
+    """
+    where = "poisson_batches(data, sample_rate)"
+    q = _check_rate(where, sample_rate)
+    if not _random.is_key(key) or key.dim() != 1:
+        raise TypeError(f"{where}: `key` must be one fp.random key of shape (2,), got {key!r}")
+    n = _num_examples(data, where)
+    total = max(1, round(1 / q)) if num_batches is None else num_batches
+    total = _check_count(where, "num_batches", total, 0)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= total:
+        raise ValueError(f"{where}: `start` must be an int in [0, {total}], got {start!r}")
+    if max_batch_size is not None:
+        _check_count(where, "max_batch_size", max_batch_size, 1)
+    return _iterate(data, n, q, key, total, start, max_batch_size)
+
+
+def _iterate(
+    data: Any, n: int, q: float, key: torch.Tensor, total: int, start: int, cap: int | None
+) -> Iterator[Any]:
+    leaves, treedef = _tree.flatten(data)
+    first_dev = leaves[0].device
+    for i in range(start, total):
+        idx = torch.nonzero(poisson_mask(_random.fold_in(key, i), n, q)).squeeze(1)
+        size = idx.numel()
+        mask = None
+        if cap is not None:
+            if size > cap:
+                raise ValueError(
+                    f"poisson_batches: batch {i} drew {size} examples, more than "
+                    f"`max_batch_size`={cap}; examples are never dropped (that would void the "
+                    f"Poisson sampling the privacy accounting assumes). Use a larger cap, e.g. "
+                    f"fp.data.poisson_max_batch_size({n}, {q}) = {poisson_max_batch_size(n, q)}"
+                )
+            pad = idx[:1] if size else idx.new_zeros(1)
+            idx = torch.cat([idx, pad.expand(cap - size)])
+            mask = torch.arange(cap, device=first_dev) < size
+        by_dev = {x.device: idx.to(x.device) for x in leaves}
+        batch = _tree.unflatten(treedef, [x.index_select(0, by_dev[x.device]) for x in leaves])
+        yield batch if mask is None else (batch, mask)
