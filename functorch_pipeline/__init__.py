@@ -26,6 +26,8 @@ from functorch_pipeline.serialization import load
 from functorch_pipeline.serialization import save
 from functorch_pipeline.train import TrainState
 from functorch_pipeline.transforms import checkpoint
+from functorch_pipeline.transforms import clipped_grad
+from functorch_pipeline.transforms import clipped_value_and_grad
 from functorch_pipeline.transforms import custom_vjp
 from functorch_pipeline.transforms import grad
 from functorch_pipeline.transforms import hessian
@@ -34,6 +36,7 @@ from functorch_pipeline.transforms import jacrev
 from functorch_pipeline.transforms import jit
 from functorch_pipeline.transforms import jvp
 from functorch_pipeline.transforms import linearize
+from functorch_pipeline.transforms import per_sample_grad_norms
 from functorch_pipeline.transforms import per_sample_grads
 from functorch_pipeline.transforms import per_sample_value_and_grad
 from functorch_pipeline.transforms import remat
@@ -47,6 +50,8 @@ __all__ = [
     "TrainState",
     "__version__",
     "checkpoint",
+    "clipped_grad",
+    "clipped_value_and_grad",
     "custom_vjp",
     "data",
     "devices",
@@ -62,6 +67,7 @@ __all__ = [
     "losses",
     "nn",
     "optim",
+    "per_sample_grad_norms",
     "per_sample_grads",
     "per_sample_value_and_grad",
     "privacy",

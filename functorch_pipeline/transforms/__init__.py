@@ -8,6 +8,9 @@ from functorch_pipeline.transforms._autodiff import jvp
 from functorch_pipeline.transforms._autodiff import linearize
 from functorch_pipeline.transforms._autodiff import value_and_grad
 from functorch_pipeline.transforms._autodiff import vjp
+from functorch_pipeline.transforms._clipped import clipped_grad
+from functorch_pipeline.transforms._clipped import clipped_value_and_grad
+from functorch_pipeline.transforms._clipped import per_sample_grad_norms
 from functorch_pipeline.transforms._control import checkpoint
 from functorch_pipeline.transforms._control import remat
 from functorch_pipeline.transforms._control import scan
@@ -19,6 +22,8 @@ from functorch_pipeline.transforms._vmap import vmap
 
 __all__ = [
     "checkpoint",
+    "clipped_grad",
+    "clipped_value_and_grad",
     "custom_vjp",
     "grad",
     "hessian",
@@ -27,6 +32,7 @@ __all__ = [
     "jit",
     "jvp",
     "linearize",
+    "per_sample_grad_norms",
     "per_sample_grads",
     "per_sample_value_and_grad",
     "remat",

@@ -1,0 +1,335 @@
+"""Per-example gradient norms and clipped gradient sums: ``ghost``, ``hooks`` or ``vmap``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import warnings
+import weakref
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._autodiff import ArgNums
+from functorch_pipeline.transforms._autodiff import _normalize_argnums
+from functorch_pipeline.transforms._grad_sample import Unsupported
+from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
+from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
+from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
+
+__all__ = ["clipped_grad", "clipped_value_and_grad", "per_sample_grad_norms"]
+
+_METHODS = ("auto", "ghost", "hooks", "vmap")
+_REDUCTIONS = ("sum", "mean")
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # loss_fns whose auto fallback was reported
+
+
+def _batched(args: Sequence[Any], nums: Sequence[int], batch_argnums: Sequence[int] | None,
+             fn: str) -> tuple[int, ...]:
+    if batch_argnums is None:
+        batched = tuple(i for i in range(len(args)) if i not in nums)
+    else:
+        batched = tuple(i + len(args) if i < 0 else i for i in batch_argnums)
+        both = sorted(set(batched) & set(nums))
+        if both:
+            raise ValueError(f"{fn}: arguments {both} are in both `argnums` and `batch_argnums`")
+    if not batched:
+        raise ValueError(f"{fn}: no batch argument: every positional argument is in `argnums`")
+    return batched
+
+
+def _norms_of(grads: Any) -> torch.Tensor:
+    """``(B,)`` global norms of materialised per-example gradients (float64 accumulation for
+    float64 leaves, else float32, as ``optim.per_example_global_norm_clip``)."""
+    leaves = _tree.leaves(grads)
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
+    b = leaves[0].shape[0]
+    return torch.stack([g.reshape(b, -1).to(acc).square().sum(1) for g in leaves]).sum(0).sqrt()
+
+
+def _clip_sum(grads: Any, norms: torch.Tensor, max_norm: Any) -> Any:
+    """``sum_b grad_b / max(1, norm_b / max_norm)``, exactly as
+    ``optim.per_example_global_norm_clip`` divides."""
+    divisors = torch.clamp(norms / max_norm, min=1.0)
+
+    def one(g: torch.Tensor) -> torch.Tensor:
+        return (g / divisors.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))).sum(0)
+
+    return _tree.map(one, grads)
+
+
+class _Clipper:
+    """The shared machinery of the three public functions: method choice and fallbacks."""
+
+    def __init__(self, loss_fn: Callable[..., Any], max_norm: Any, argnums: ArgNums,
+                 has_aux: bool, batch_argnums: Sequence[int] | None, chunk_size: int | None,
+                 method: str, reduction: str, fn: str) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"{fn}: `method` must be one of {_METHODS}, got {method!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size!r}")
+        if max_norm is not None:
+            if isinstance(max_norm, torch.Tensor):
+                if max_norm.dim() != 0 or not max_norm.is_floating_point():
+                    raise ValueError(f"{fn}: `max_norm` must be a number or a 0-d floating-point "
+                                     f"tensor, got shape {tuple(max_norm.shape)}, {max_norm.dtype}")
+            elif isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) \
+                    or math.isnan(max_norm) or max_norm <= 0:
+                raise ValueError(f"{fn}: `max_norm` must be a positive number (inf disables "
+                                 f"clipping), got {max_norm!r}")
+        self.loss_fn, self.max_norm, self.argnums = loss_fn, max_norm, argnums
+        self.has_aux, self.batch_argnums, self.chunk_size = has_aux, batch_argnums, chunk_size
+        self.method, self.reduction, self.fn = method, reduction, fn
+        self.chosen: str | None = None  # auto's choice, made on the first call
+
+    def __call__(self, *args: Any) -> tuple[Any, torch.Tensor, Any]:
+        """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None."""
+        nums, is_tuple = _normalize_argnums(self.argnums, len(args), self.fn)
+        batched = _batched(args, nums, self.batch_argnums, self.fn)
+        if self.method != "auto":
+            try:
+                return self._run(self.method, args, nums, is_tuple, batched)
+            except Unsupported as e:
+                hint = "" if isinstance(e, HooksOnly) else self._hint(e)
+                raise ValueError(f"{self.fn}: method={self.method!r}: {e}{hint}") from None
+        order = ["ghost", "hooks", "vmap"]
+        if self.chosen is not None:
+            order = order[order.index(self.chosen):]
+        reasons = []
+        for method in order:
+            try:
+                out = self._run(method, args, nums, is_tuple, batched)
+            except Unsupported as e:
+                if not reasons or not reasons[-1].endswith(str(e)):  # hooks often says the same
+                    reasons.append(f"{method}: {e}")
+                continue
+            if method != self.chosen:
+                self.chosen = method
+                if reasons and self.loss_fn not in _WARNED:
+                    _WARNED.add(self.loss_fn)
+                    warnings.warn(f"{self.fn}: method='auto' uses {method!r} "
+                                  f"({'; '.join(reasons)})", stacklevel=3)
+            return out
+        raise AssertionError("vmap does not raise Unsupported")  # pragma: no cover
+
+    @staticmethod
+    def _hint(e: Unsupported) -> str:
+        if "no per-sample gradient rule" in str(e):
+            return "; method='vmap' handles any function torch.func can transform"
+        return ""
+
+    def _run(self, method: str, args: Sequence[Any], nums: tuple[int, ...], is_tuple: bool,
+             batched: tuple[int, ...]) -> tuple[Any, torch.Tensor, Any]:
+        if method == "ghost":
+            value, norms, clipped = ghost_norms_and_sum(
+                self.loss_fn, args, nums, is_tuple, batched, self.has_aux, self.chunk_size,
+                self.max_norm, self.fn)
+        else:
+            if method == "hooks":
+                value, grads = hooks_value_and_grad(self.loss_fn, args, nums, is_tuple, batched,
+                                                    self.has_aux, self.chunk_size, self.fn)
+            else:
+                value, grads = per_sample_value_and_grad(
+                    self.loss_fn, self.argnums, has_aux=self.has_aux,
+                    batch_argnums=batched, chunk_size=self.chunk_size, method="vmap")(*args)
+            norms = _norms_of(grads)
+            clipped = None if self.max_norm is None else _clip_sum(grads, norms, self.max_norm)
+        if clipped is not None and self.reduction == "mean":
+            b = norms.shape[0]
+            clipped = _tree.map(lambda g: g / b, clipped)
+        return value, norms, clipped
+
+
+_METHOD_DOC = """
+      method: how (the same numbers, up to rounding):
+
+        * ``"ghost"``: per-example norms from each layer's inputs and output gradients
+          (Gram matrices or small per-layer gradients, whichever is cheaper), then the
+          clipped sum as a batch gradient with per-example weights: about the cost and
+          memory of one batch gradient, no ``B x params`` tensor. Parameters may be used
+          by ``F.linear`` (any number of leading axes, e.g. ``(B, T, F)``),
+          ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``,
+          ``F.batch_norm`` (eval) and ``fp.nn.LSTM``/``GRU``; any other use is an error
+          naming the parameter's key path and the method that handles it.
+        * ``"hooks"``: per-example gradients from one batched backward
+          (``per_sample_grads(method="hooks")``), then norms and clipping.
+        * ``"vmap"``: per-example gradients with ``vmap(grad)``, then norms and clipping;
+          any ``loss_fn`` torch.func can transform.
+        * ``"auto"`` (default): the first of ghost, hooks, vmap that can run this
+          ``loss_fn``; chosen on the first call and kept, with one warning per
+          ``loss_fn`` when it is not ghost.
+"""
+
+_CONTRACT_DOC = """
+      loss_fn: ``loss_fn(params, *batch) -> losses`` returning the *per-example* losses,
+        shape ``(B,)`` (``reduction="none"``), where example ``b``'s loss depends on
+        example ``b`` alone; ``(losses, aux)`` with ``has_aux=True``. The ghost and hooks
+        methods also need every call that uses a parameter to see the batch on axis 0
+        (see ``per_sample_grads``'s ``method="hooks"``).
+"""
+
+
+def _doc(f: Callable[..., Any]) -> Callable[..., Any]:
+    f.__doc__ = (f.__doc__ or "").replace("{contract}", _CONTRACT_DOC.strip("\n")) \
+        .replace("{method}", _METHOD_DOC.strip("\n"))
+    return f
+
+
+@_doc
+def per_sample_grad_norms(
+    loss_fn: Callable[..., Any],
+    argnums: ArgNums = 0,
+    *,
+    has_aux: bool = False,
+    batch_argnums: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Callable[..., Any]:
+    """The L2 norm of each example's whole gradient (over every differentiated leaf).
+
+    ``norms[b] = ||grad loss_b||`` for gradient-norm statistics, data attribution or
+    clipping. With ``method="ghost"`` no per-example gradient is ever formed.
+
+    Args:
+{contract}
+      argnums: the argument(s) to differentiate (the parameters).
+      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+      batch_argnums: the arguments whose tensor leaves carry the batch on axis 0; by
+        default every positional argument not in ``argnums``.
+      chunk_size: examples per chunk, to bound memory (same result).
+{method}
+
+    Returns:
+      A function with ``loss_fn``'s signature returning the norms, shape ``(B,)`` (float64
+      for float64 parameters, else float32), or ``(norms, aux)`` with ``has_aux=True``.
+
+    Example:
+      >>> import torch.nn.functional as F
+      >>> losses = lambda w, x: F.linear(x, w).sum(1)
+      >>> w, x = torch.zeros(2, 2), torch.tensor([[3., 4.], [0., 1.]])
+      >>> per_sample_grad_norms(losses, method="ghost")(w, x)  # ||[1, 1]^T x_b||
+      tensor([7.0711, 1.4142])
+    """
+    clipper = _Clipper(loss_fn, None, argnums, has_aux, batch_argnums, chunk_size, method, "sum",
+                       "per_sample_grad_norms(loss_fn)")
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args: Any) -> Any:
+        value, norms, _ = clipper(*args)
+        return (norms, value[1]) if has_aux else norms
+
+    return wrapped
+
+
+@_doc
+def clipped_value_and_grad(
+    loss_fn: Callable[..., Any],
+    max_norm: float | torch.Tensor,
+    argnums: ArgNums = 0,
+    *,
+    has_aux: bool = False,
+    batch_argnums: Sequence[int] | None = None,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Callable[..., Any]:
+    """Like :func:`clipped_grad`, and also returns the per-example losses.
+
+    Args:
+{contract}
+      max_norm: see :func:`clipped_grad`.
+      argnums: the argument(s) to differentiate (the parameters).
+      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+      batch_argnums: the arguments carrying the batch on axis 0 (default: all but
+        ``argnums``).
+      reduction: ``"sum"`` (default) or ``"mean"`` over the batch.
+      chunk_size: examples per chunk, to bound memory (same result).
+{method}
+
+    Returns:
+      A function returning ``(losses, (clipped, norms))``, or
+      ``((losses, aux), (clipped, norms))`` with ``has_aux=True``.
+
+    Example:
+      >>> import torch.nn.functional as F
+      >>> losses = lambda w, x: F.linear(x, w).sum(1)
+      >>> (v, (g, n)) = clipped_value_and_grad(losses, 1.0)(torch.ones(1, 2), torch.eye(2) * 2)
+      >>> v, g, n
+      (tensor([2., 2.]), tensor([[1., 1.]]), tensor([2., 2.]))
+    """
+    clipper = _Clipper(loss_fn, max_norm, argnums, has_aux, batch_argnums, chunk_size, method,
+                       reduction, "clipped_value_and_grad(loss_fn, max_norm)")
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args: Any) -> Any:
+        value, norms, clipped = clipper(*args)
+        return value, (clipped, norms)
+
+    return wrapped
+
+
+@_doc
+def clipped_grad(
+    loss_fn: Callable[..., Any],
+    max_norm: float | torch.Tensor,
+    argnums: ArgNums = 0,
+    *,
+    has_aux: bool = False,
+    batch_argnums: Sequence[int] | None = None,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Callable[..., Any]:
+    """The sum (or mean) of per-example gradients, each clipped to norm ``max_norm``.
+
+    ``clipped = sum_b grad_b / max(1, ||grad_b|| / max_norm)``: the clipping of DP-SGD
+    (Abadi et al., 2016), with optax's convention (``differentially_private_aggregate``,
+    ``optim.per_example_global_norm_clip``: no epsilon in the divisor). Noise is not
+    added here: add ``max_norm * noise_multiplier`` Gaussian noise to the *sum* (see
+    ``fp.optim``'s privacy transforms).
+
+    Args:
+{contract}
+      max_norm: the bound on each example's gradient norm: a positive number (``inf``
+        disables clipping) or a 0-d tensor (no host synchronisation).
+      argnums: the argument(s) to differentiate (the parameters).
+      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+      batch_argnums: the arguments carrying the batch on axis 0 (default: all but
+        ``argnums``).
+      reduction: ``"sum"`` (default) or ``"mean"``, which divides by this batch's size.
+        For DP-SGD with Poisson sampling, take the sum and divide by the *expected*
+        batch size after adding noise, as Opacus does: the actual size is private.
+      chunk_size: examples per chunk, to bound memory (same result).
+{method}
+
+    Returns:
+      A function with ``loss_fn``'s signature returning ``(clipped, norms)``: the clipped
+      sum shaped like the differentiated argument(s), and the ``(B,)`` norms before
+      clipping; ``((clipped, norms), aux)`` with ``has_aux=True``.
+
+    Example:
+      >>> import torch.nn.functional as F
+      >>> losses = lambda w, x: F.linear(x, w).sum(1)
+      >>> w, x = torch.zeros(1, 2), torch.tensor([[3., 4.], [0.3, 0.4]])
+      >>> g, norms = clipped_grad(losses, 1.0, method="ghost")(w, x)
+      >>> g, norms  # [3, 4] / 5 + [0.3, 0.4]
+      (tensor([[0.9000, 1.2000]]), tensor([5.0000, 0.5000]))
+    """
+    clipper = _Clipper(loss_fn, max_norm, argnums, has_aux, batch_argnums, chunk_size, method,
+                       reduction, "clipped_grad(loss_fn, max_norm)")
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args: Any) -> Any:
+        value, norms, clipped = clipper(*args)
+        return ((clipped, norms), value[1]) if has_aux else (clipped, norms)
+
+    return wrapped
+

@@ -1,0 +1,260 @@
+"""Ghost clipping: per-example gradient norms and a clipped gradient sum, never forming
+per-example gradients (``method="ghost"`` of ``fp.clipped_grad`` / ``fp.per_sample_grad_norms``).
+
+# NOTE [ghost engine]
+The ghost method runs the hooks engine (see NOTE [how the engine works] in ``_engine``):
+one batched forward in which every call using a parameter is recorded, one backward of
+the per-example losses to the recorded outputs only (no weight gradient is computed
+there). The rules leave their parts; instead of merging them into ``(B, *shape)``
+gradients, ``_ghost_math`` turns them into per-example squared norms (Gram matrices or
+small per-layer gradients, whichever is cheaper) and then into the clipped sum.
+
+Only calls whose parts have a ghost form are allowed: ``F.linear``, ``F.conv1d``/
+``F.conv2d`` (a ghost rule here that keeps the input and output gradient instead of the
+hooks rule's per-example weight gradient), ``F.embedding``, ``F.layer_norm``,
+``F.group_norm``, ``F.batch_norm`` (eval) and the fused recurrent directions of ``fp.nn``.
+Any other rule the hooks method has raises :class:`HooksOnly` here, so the caller can
+say that ``method="hooks"`` handles that call (or fall back to it).
+
+# NOTE [clipping without a second backward]
+Opacus's ghost clipping runs a second backward of ``sum_b c_b loss_b`` with the clip
+factors ``c`` detached. Its result at every weight is an ordinary batch weight gradient
+whose output gradient is ``c_b g_b`` (row ``b`` of a recorded output's gradient belongs
+to example ``b`` alone, and scales with its loss). The parts already hold every ``g`` and
+the inputs, so :func:`_ghost_math.weighted_sum` computes that weight gradient directly
+(one matmul per linear weight, ``convolution_backward`` per conv, ``index_add_`` per
+embedding): the same numbers without backpropagating through the network again (the
+"Book-keeping" trick, Bu et al., 2023).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample import _ghost_math
+from functorch_pipeline.transforms._grad_sample import _recurrent
+from functorch_pipeline.transforms._grad_sample._api import _batch_size
+from functorch_pipeline.transforms._grad_sample._api import _join
+from functorch_pipeline.transforms._grad_sample._api import _Names
+from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._engine import _describe
+from functorch_pipeline.transforms._grad_sample._rules import RULES
+
+__all__ = ["HooksOnly", "clip_factors", "ghost_norms_and_sum"]
+
+
+class HooksOnly(Unsupported):
+    """A call the hooks method has a rule for, but ghost clipping has not."""
+
+
+def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """``c_b = 1 / max(1, norm_b / max_norm)``: optax's (and
+    ``optim.per_example_global_norm_clip``'s) convention, no epsilon."""
+    return 1.0 / torch.clamp(norms / max_norm, min=1.0)
+
+
+# -- ghost rules ----------------------------------------------------------------------------
+
+
+def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _ghost_conv(nd: int) -> Callable[..., Any]:
+    op = {1: torch.conv1d, 2: torch.conv2d}[nd]
+    name = f"F.conv{nd}d"
+
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        x, w, b = (_get(args, kwargs, i, n) for i, n in enumerate(("input", "weight", "bias")))
+        stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
+        dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
+        ws, bs = engine.slot(w), engine.slot(b)
+        wp, bp = engine.base(w), engine.base(b)
+        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
+                           features=nd + 1)
+        grads_flow = x.requires_grad or wp.requires_grad or (bp is not None and bp.requires_grad)
+        xin = x if grads_flow else x.detach().requires_grad_()
+        out = op(xin, wp, bp, stride, padding, dilation, groups)
+        kernel, dil = tuple(wp.shape[2:]), _tuple(dilation, nd)
+        geometry = (kernel, _tuple(stride, nd), _ghost_math.conv_pads(padding, kernel, dil), dil,
+                    groups)
+        engine.record(out, _finish_conv, x, ws, bs, geometry)
+        return out
+
+    return rule
+
+
+def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | None,
+                 bs: int | None, geometry: tuple[Any, ...]) -> None:
+    if bs is not None:
+        engine.add("direct", bs, g.sum(tuple(range(2, g.dim()))))
+    if ws is not None:
+        engine.add("conv", ws, x, g, geometry)
+
+
+_NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm)
+_CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
+
+
+def _native_rules() -> set[Any]:
+    """Rules whose parts are all ghost-ready (looked up now: higher layers register the
+    recurrent ones at import)."""
+    names = ("lstm_direction_rule", "gru_direction_rule", "rnn_direction_rule")
+    return {getattr(_recurrent, n) for n in names if hasattr(_recurrent, n)}
+
+
+def _refuse(func: Any) -> Callable[..., Any]:
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+        if not torch.is_grad_enabled():  # no gradient flows: run it as the engine would
+            return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        slots = engine.slots(args, kwargs)
+        raise HooksOnly(
+            f"{engine.names(args, kwargs)} {'is' if len(slots) == 1 else 'are'} used by "
+            f"`{_describe(func)}`, which has no ghost-clipping rule; method='hooks' handles it "
+            "(method='auto' falls back to it)")
+
+    return rule
+
+
+def ghost_rules() -> dict[Any, Callable[..., Any]]:
+    """The engine's rule table for the ghost method (see NOTE [ghost engine])."""
+    native = _native_rules()
+    rules: dict[Any, Callable[..., Any]] = {}
+    for func, rule in RULES.items():
+        if func in _CONV:
+            rules[func] = _CONV[func]
+        elif func in _NATIVE or rule in native:
+            rules[func] = rule
+        else:
+            rules[func] = _refuse(func)
+    return rules
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def _forward(engine: Engine, loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
+             leaves: list[list[torch.Tensor]], defs: list[Any], batch_size: int, has_aux: bool,
+             fn: str) -> tuple[torch.Tensor, Any]:
+    """Run ``loss_fn`` on tracked parameters and check its per-example losses (the same
+    contract as ``_api._run_once``)."""
+    tracked = iter(engine.tracked())
+    new_args = list(args)
+    for i, group, treedef in zip(nums, leaves, defs, strict=True):
+        new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
+    with torch.inference_mode(False), torch.enable_grad():
+        out = loss_fn(*new_args)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "
+                            f"got {type(out).__name__}")
+        losses, aux = out
+    else:
+        losses, aux = out, None
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{fn}: loss_fn must return a tensor of per-example losses, got "
+                        f"{type(losses).__name__}")
+    if losses.dim() == 0:
+        raise Unsupported(
+            f"loss_fn returned a scalar; ghost clipping needs the per-example losses, a tensor "
+            f"of shape ({batch_size},): return the unreduced loss (e.g. reduction='none') "
+            "instead of its mean or sum")
+    if tuple(losses.shape) != (batch_size,) or not losses.is_floating_point():
+        raise ValueError(f"{fn}: loss_fn must return per-example losses of shape ({batch_size},) "
+                         f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
+    return losses, aux
+
+
+def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
+              leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names, batch_size: int,
+              has_aux: bool, max_norm: Any, fn: str
+              ) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
+    flat = [leaf for group in leaves for leaf in group]
+    engine = Engine(flat, names, batch_size, ghost_rules(), fn)
+    losses, aux = _forward(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn)
+    engine.backward(losses)
+    by_slot: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
+    for (kind, slot), payloads in engine.parts.items():
+        by_slot.setdefault(slot, {})[kind] = payloads
+    engine.parts.clear()
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in flat) else torch.float32
+    device = flat[0].device if flat else losses.device
+    with torch.no_grad():
+        sq = torch.zeros(batch_size, dtype=acc, device=device)
+        for slot, parts in by_slot.items():
+            sq = sq + _ghost_math.squared_norms(parts, flat[slot]).to(acc)
+        norms = sq.sqrt()
+        grads = None
+        if max_norm is not None:
+            c = clip_factors(norms, max_norm)
+            grads = []
+            for slot, p in enumerate(flat):
+                parts = by_slot.get(slot)
+                grads.append(torch.zeros_like(p) if parts is None
+                             else _ghost_math.weighted_sum(parts, p, c.to(p.dtype)))
+    aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
+    value = (losses.detach(), aux) if has_aux else losses.detach()
+    return value, norms, grads
+
+
+def ghost_norms_and_sum(
+    loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
+    batched: Sequence[int], has_aux: bool, chunk_size: int | None, max_norm: Any, fn: str,
+) -> tuple[Any, torch.Tensor, Any]:
+    """``(values, norms, clipped_sum)`` of ``loss_fn`` by ghost clipping.
+
+    ``loss_fn(*args)`` returns per-example losses ``(B,)`` (or ``(losses, aux)``); ``nums``
+    are the differentiated positions, ``batched`` those carrying the batch on axis 0.
+    ``norms`` are the ``(B,)`` per-example gradient norms; ``clipped_sum`` (``None`` when
+    ``max_norm`` is ``None``) is ``sum_b c_b grad_b`` shaped like the differentiated
+    argument(s), with ``c`` from :func:`clip_factors`. Raises :class:`Unsupported`
+    (:class:`HooksOnly` when the hooks method would do) for calls it cannot handle.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise Unsupported("ghost clipping cannot run inside a torch.func transform")
+    from functorch_pipeline.transforms._autodiff import _check_diff_leaves
+
+    leaves, defs = [], []
+    for i in nums:
+        group, treedef = _tree.flatten(args[i])
+        if not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in group):
+            _check_diff_leaves(args[i], i, fn)
+            raise Unsupported("complex parameters have no ghost-clipping rules")
+        leaves.append(group)
+        defs.append(treedef)
+    names = _Names(args, nums)
+    batch_size = _batch_size(args, batched, fn)
+    step = batch_size if chunk_size is None else max(1, min(chunk_size, batch_size))
+    values, norms, total = [], [], None
+    for start in range(0, batch_size, step):
+        n = min(step, batch_size - start)
+        if step == batch_size:
+            chunk = list(args)
+        else:
+            def cut(x: Any, start: int = start) -> Any:
+                return x[start:start + step] if isinstance(x, torch.Tensor) else x
+            chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
+        v, nrm, grads = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux,
+                                  max_norm, fn)
+        values.append(v)
+        norms.append(nrm)
+        if grads is not None:
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+    value = values[0] if len(values) == 1 else _tree.map(_join, *values)
+    norm = norms[0] if len(norms) == 1 else torch.cat(norms)
+    if total is None:
+        return value, norm, None
+    it = iter(total)
+    trees = tuple(_tree.unflatten(d, [next(it) for _ in g]) for d, g in zip(defs, leaves, strict=True))
+    return value, norm, (trees if is_tuple else trees[0])

@@ -1,0 +1,272 @@
+"""Ghost clipping maths: per-example squared norms and clip-weighted sums from the parts.
+
+The engine's rules leave, per parameter slot, *parts* of a few kinds (see ``_rules``):
+``"outer"`` (inputs and output gradients of ``F.linear`` and recurrent weights),
+``"sum"`` (biases), ``"embed"`` (indices and output-gradient rows), ``"direct"`` (small
+ready per-example gradients: normalisation layers, conv biases) and, from the ghost conv
+rule in ``_ghost``, ``"conv"`` (a conv input, its output gradient and the geometry).
+This module turns them into
+
+* :func:`squared_norms`: ``(B,)`` squared norms of each example's gradient of the slot,
+  without forming ``(B, *param.shape)`` when the slot is large;
+* :func:`weighted_sum`: ``sum_b c_b * grad_b``, the batch gradient of ``sum_b c_b loss_b``,
+  computed like an ordinary weight gradient from the same parts.
+
+# NOTE [Gram or materialise]
+For a weight used on ``n`` rows per example (sequence positions, conv output positions,
+time steps) with inputs ``a_t`` (``din``) and output gradients ``g_t`` (``dout``), the
+per-example gradient is ``sum_t g_t a_t^T`` and its squared norm is
+``sum_{t,s} (a_t . a_s)(g_t . g_s)``: two ``n x n`` Gram matrices, ``O(n^2 (din + dout))``
+work and ``n^2`` memory per example, against ``O(n din dout)`` work and ``din dout``
+memory to form the gradient itself. As Opacus and the Book-keeping paper (Bu et al.,
+2023) do, the cheaper one is chosen per layer: Gram when ``n^2 <= din dout``
+(:data:`GRAM_RATIO` scales the threshold; tests move it to force each path). Either way
+the work is done in chunks of examples so that a temporary holds at most
+:data:`CHUNK_BYTES`; nothing of size ``B x params`` is allocated.
+
+# NOTE [embedding norms by sorting]
+An embedding's per-example gradient adds output-gradient rows into the rows of the
+indices, so its squared norm is ``sum_{t,s: i_t = i_s} g_t . g_s``. Instead of the
+``n x n`` equality Gram, the indices of each example are sorted, equal indices are given
+one segment id, the rows are summed per segment (``index_add_``) and the sums squared:
+``O(n D)`` memory and no host synchronisation (no ``unique``). Rows of ``padding_idx``
+arrive already zeroed by the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from functorch_pipeline.transforms._grad_sample._rules import merge
+
+__all__ = ["CHUNK_BYTES", "GRAM_RATIO", "squared_norms", "weighted_sum"]
+
+CHUNK_BYTES = 32 << 20  # the largest temporary (Gram matrices, materialised gradients)
+GRAM_RATIO = 1.0  # Gram when n^2 <= GRAM_RATIO * din * dout, see NOTE [Gram or materialise]
+
+Parts = dict[str, list[tuple[Any, ...]]]
+
+
+def _chunks(batch: int, per_example: int, element_size: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(1, per_example * element_size))
+    for start in range(0, batch, step):
+        yield start, min(batch, start + step)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Square norms accumulate in float64 for float64 leaves, else float32 (as
+    ``optim.per_example_global_norm_clip`` does)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def _rows_sq(t: torch.Tensor) -> torch.Tensor:
+    return _acc(t).reshape(t.shape[0], -1).square().sum(1)
+
+
+# -- conv geometry --------------------------------------------------------------------------
+
+
+def conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """``F.pad`` amounts (last axis first) equivalent to a conv's ``padding`` argument;
+    ``"same"`` puts the odd extra element on the right, as torch does."""
+    nd = len(kernel)
+    if isinstance(padding, str):
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
+            total = d * (k - 1) if padding == "same" else 0
+            pads += [total // 2, total - total // 2]
+        return pads
+    per_axis = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * nd
+    return [p for p in reversed(per_axis) for _ in range(2)]
+
+
+def conv_patches(x: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
+    """The input patches of a conv, ``(B, groups, cin * prod(kernel), L)``: a strided view
+    of the padded input (copied by the ``reshape``), 1-d convs as 2-d of height 1."""
+    kernel, stride, pads, dilation, groups = geometry
+    if any(pads):
+        x = F.pad(x, pads)
+    if len(kernel) == 1:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    x = x.contiguous()
+    B, C, H, W = x.shape
+    (kh, kw), cin = kernel, C // groups
+    Ho = (H - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    sB, sC, sH, sW = x.stride()
+    size = (B, groups, cin, kh, kw, Ho, Wo)
+    strides = (sB, sC * cin, sC, sH * dilation[0], sW * dilation[1], sH * stride[0], sW * stride[1])
+    return x.as_strided(size, strides).reshape(B, groups, cin * kh * kw, Ho * Wo)
+
+
+def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
+    kernel, groups = geometry[0], geometry[4]
+    B, out_ch = g.shape[:2]
+    L, cout = g[0, 0].numel(), out_ch // groups
+    din = x.shape[1] // groups
+    for k in kernel:
+        din *= k
+    gram = L * L <= GRAM_RATIO * din * cout
+    per = groups * (L * L if gram else cout * din) + groups * din * L
+    out = []
+    for s, e in _chunks(B, per, x.element_size()):
+        p = conv_patches(x[s:e], geometry)  # (n, G, din, L)
+        gs = g[s:e].reshape(e - s, groups, cout, L)
+        if gram:
+            prod = (p.mT @ p) * (gs.mT @ gs)  # (n, G, L, L)
+            out.append(_acc(prod).sum((1, 2, 3)))
+        else:
+            out.append(_rows_sq(gs @ p.mT))
+    return _cat(out, 0)
+
+
+def _conv_materialise(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
+                      param: torch.Tensor) -> torch.Tensor:
+    groups = geometry[4]
+    n, out_ch = g.shape[:2]
+    p = conv_patches(x, geometry)
+    gs = g.reshape(n, groups, out_ch // groups, -1)
+    return (gs @ p.mT).reshape(n, *param.shape)
+
+
+def _conv_weighted(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
+                   param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The batch weight gradient for output gradient ``c_b g_b``: torch's own conv
+    backward on the explicitly padded input."""
+    kernel, stride, pads, dilation, groups = geometry
+    if any(pads):
+        x = F.pad(x, pads)
+    nd = len(kernel)
+    gw = g * c.reshape(-1, *([1] * (g.dim() - 1)))
+    return torch.ops.aten.convolution_backward(
+        gw, x, param, None, list(stride), [0] * nd, list(dilation), False, [0] * nd, groups,
+        [False, True, False])[1]
+
+
+# -- per kind -------------------------------------------------------------------------------
+
+
+def _outer_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    B, G, n, din = x.shape
+    dout = g.shape[-1]
+    if n == 1:
+        return (_rows_sq(x) * _rows_sq(g)) if G == 1 else \
+            (_acc(x).square().sum((2, 3)) * _acc(g).square().sum((2, 3))).sum(1)
+    gram = n * n <= GRAM_RATIO * din * dout
+    out = []
+    for s, e in _chunks(B, G * (n * n if gram else din * dout), x.element_size()):
+        xs, gs = x[s:e], g[s:e]
+        if gram:
+            out.append(_acc((xs @ xs.mT) * (gs @ gs.mT)).sum((1, 2, 3)))
+        else:
+            out.append(_rows_sq(gs.mT @ xs))
+    return _cat(out, 0)
+
+
+def _embed_sq(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """See NOTE [embedding norms by sorting]."""
+    B, n = idx.shape
+    D = rows.shape[-1]
+    if n == 1:
+        return _rows_sq(rows)
+    sorted_idx, order = idx.sort(dim=1)
+    new = torch.ones_like(sorted_idx, dtype=torch.bool)
+    new[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    segment = torch.empty_like(order).scatter_(1, order, new.cumsum(1) - 1)
+    segment = segment + torch.arange(B, device=idx.device).unsqueeze(1) * n
+    sums = rows.new_zeros(B * n, D).index_add_(0, segment.reshape(-1), rows.reshape(B * n, D))
+    return _rows_sq(sums.reshape(B, n * D))
+
+
+def _slice(payload: tuple[Any, ...], s: int, e: int) -> tuple[Any, ...]:
+    return tuple(t[s:e] if isinstance(t, torch.Tensor) else t for t in payload)
+
+
+def _materialised(parts: Parts, param: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Examples ``s:e``'s whole gradient of the slot, summed over all its parts."""
+    total = None
+    for kind, payloads in parts.items():
+        chunk = [_slice(p, s, e) for p in payloads]
+        if kind == "conv":
+            g = None
+            for p in chunk:
+                m = _conv_materialise(*p, param)
+                g = m if g is None else g + m
+        else:
+            g = merge(kind, chunk, param)
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+def _batch(parts: Parts) -> int:
+    first = next(iter(parts.values()))[0]
+    return next(t for t in first if isinstance(t, torch.Tensor)).shape[0]
+
+
+def squared_norms(parts: Parts, param: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` squared norms of each example's gradient of one parameter (float64 for a
+    float64 parameter, else float32). See NOTE [Gram or materialise]."""
+    if len(parts) == 1:
+        kind, payloads = next(iter(parts.items()))
+        if kind == "outer":
+            return _outer_sq(_cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2))
+        if kind == "sum":
+            return _rows_sq(_cat([p[0] for p in payloads], 1).sum(1))
+        if kind == "embed":
+            return _embed_sq(_cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1))
+        if kind == "direct":
+            return _rows_sq(merge(kind, payloads, param))
+        if kind == "conv" and len(payloads) == 1:
+            return _conv_sq(*payloads[0])
+    # A parameter used by several kinds of call (tied weights): form its gradient, a
+    # chunk of examples at a time.
+    B = _batch(parts)
+    out = [_rows_sq(_materialised(parts, param, s, e))
+           for s, e in _chunks(B, param.numel(), param.element_size())]
+    return _cat(out, 0)
+
+
+def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_b c_b * grad_b`` of one parameter from its parts: the gradient of
+    ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``)."""
+    total = None
+    for kind, payloads in parts.items():
+        if kind == "outer":
+            x, g = _cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2)
+            B, G, n, din = x.shape
+            gw = g * c.reshape(B, 1, 1, 1)
+            xs = x.transpose(0, 1).reshape(G, B * n, din)
+            out = (gw.transpose(0, 1).reshape(G, B * n, -1).mT @ xs).reshape(param.shape)
+        elif kind == "sum":
+            g = _cat([p[0] for p in payloads], 1)
+            out = (g * c.reshape(-1, 1, 1)).sum((0, 1)).reshape(param.shape)
+        elif kind == "embed":
+            idx, rows = _cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1)
+            D = rows.shape[-1]
+            out = rows.new_zeros(param.shape[0], D).index_add_(
+                0, idx.reshape(-1), (rows * c.reshape(-1, 1, 1)).reshape(-1, D)).reshape(param.shape)
+        elif kind == "conv":
+            out = None
+            for x, g, geometry in payloads:
+                w = _conv_weighted(x, g, geometry, param, c)
+                out = w if out is None else out + w
+        else:  # "direct" and any kind a newer rule adds: form it, a chunk at a time
+            B = _batch({kind: payloads})
+            out = None
+            for s, e in _chunks(B, param.numel(), param.element_size()):
+                m = _materialised({kind: payloads}, param, s, e)
+                w = (m * c[s:e].reshape(-1, *([1] * param.dim()))).sum(0)
+                out = w if out is None else out + w
+        total = out if total is None else total + out
+    assert total is not None
+    return total
