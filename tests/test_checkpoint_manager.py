@@ -111,8 +111,8 @@ WRITER = textwrap.dedent(
     from functorch_pipeline.train import CheckpointManager
 
     real = save_mod.write_tensor
-    def slow(fd, t):
-        real(fd, t)
+    def slow(fd, t, *a):
+        real(fd, t, *a)
         print("tensor", flush=True)
         time.sleep(0.05)
     save_mod.write_tensor = slow

@@ -26,8 +26,8 @@ WRITER = textwrap.dedent(
     tree = {"layers": [torch.full((1 << 18,), 2.0 + i) for i in range(48)], "step": 2}  # 48 MiB
     if mode == "slow":
         real = save_mod.write_tensor
-        def slow(fd, t):  # deterministic: report progress after each tensor, then dawdle
-            real(fd, t)
+        def slow(fd, t, *a):  # deterministic: report progress after each tensor, then dawdle
+            real(fd, t, *a)
             print("tensor", flush=True)
             time.sleep(0.05)
         save_mod.write_tensor = slow

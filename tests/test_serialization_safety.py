@@ -89,7 +89,7 @@ def test_huge_claimed_header_does_not_allocate(tmp_path):
         f.truncate(2**30)
     tracemalloc.start()
     try:
-        with pytest.raises(fp.CheckpointError, match=r"the header claims 943718400 bytes, more than the 104857600-byte limit"):
+        with pytest.raises(fp.CheckpointError, match=r"the header claims 943718400 bytes, more than the 100000000-byte limit"):
             fp.load(p)
         _, peak = tracemalloc.get_traced_memory()
     finally:

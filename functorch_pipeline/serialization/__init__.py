@@ -2,7 +2,9 @@
 
 A checkpoint is a safetensors file: tensors named by key path in the safetensors layout,
 the tree structure and non-tensor leaves as JSON in the header, and a format version.
-Loading never unpickles; writes are atomic; bad files raise :class:`CheckpointError`.
+Loading never unpickles; writes are atomic (:func:`clean_temp_files` removes what killed
+saves leave behind); files carry CRC-32 checksums that loading verifies; bad files raise
+:class:`CheckpointError`.
 ``fp.save`` and ``fp.load`` are re-exported at the top level.
 """
 
@@ -13,12 +15,14 @@ from functorch_pipeline.serialization._load import read_metadata
 from functorch_pipeline.serialization._save import atomic_write
 from functorch_pipeline.serialization._save import save
 from functorch_pipeline.serialization._structure import register_type
+from functorch_pipeline.serialization._tempfiles import clean_temp_files
 from functorch_pipeline.serialization._torch import load_torch
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_write",
+    "clean_temp_files",
     "load",
     "load_torch",
     "read_metadata",

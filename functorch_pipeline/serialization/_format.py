@@ -12,6 +12,26 @@ single byte is allocated), every shape and offset against the data section, and 
 against each other (no overlaps). All failures raise :class:`CheckpointError`; JSON that is
 nested too deeply for Python's recursion limit is reported the same way. Nothing is ever
 unpickled or imported by name here.
+
+# NOTE [parse budget]
+Parsed JSON costs far more memory than its text: ``[]`` is 2 bytes of text but a 56-byte
+list, and a tree of 8M tiny nodes in a 100 MB header once took 2.9 GB and 17.5 s. So
+before any JSON is parsed, the header's text is scanned for the characters that can
+start or separate a JSON value (``,`` ``:`` ``[`` ``{``); their count bounds the number of
+Python objects every later parse creates (the tree JSON is a string inside the header, so
+its structure is counted too). A file may have at most ``max(MIN_PARSE_UNITS, file size
+// BYTES_PER_PARSE_UNIT)`` of them; the same number bounds the total length of the key
+paths built for the tree's leaves (deep trees would otherwise cost depth x leaves). With
+the header capped at ``MAX_HEADER_BYTES`` (safetensors' 100,000,000), a hostile file
+costs at most about ``max(~150 MB, ~10 x its size)`` to reject or load; real checkpoints
+use one unit per ~6-8 header bytes and, past a few thousand tensors, carry far more data
+than header, so they stay well inside the budget.
+
+# NOTE [exact coverage]
+Like safetensors ("file not fully covered"), the tensors must tile the data section
+exactly: sorted by offset, each starts where the previous one ends, the first at 0 and
+the last at the end of the file. Gaps, padding, overlaps and trailing bytes are
+corruption (a shifted file would otherwise load with wrong values).
 """
 
 from __future__ import annotations
@@ -20,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +53,7 @@ from functorch_pipeline.serialization._prefault import prefault
 __all__ = [
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
+    "MIN_PARSE_UNITS",
     "META_FORMAT",
     "META_TREE",
     "RESERVED_PREFIX",
@@ -40,8 +62,10 @@ __all__ = [
     "TensorInfo",
     "as_bytes",
     "build_header",
+    "check_coverage",
     "dtype_name",
     "host_contiguous",
+    "parse_budget",
     "parse_header",
     "read_tensor",
     "write_tensor",
@@ -51,7 +75,9 @@ FORMAT_VERSION = 1
 RESERVED_PREFIX = "functorch_pipeline."
 META_FORMAT = RESERVED_PREFIX + "format"
 META_TREE = RESERVED_PREFIX + "tree"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+MIN_PARSE_UNITS = 1 << 20  # NOTE [parse budget]
+BYTES_PER_PARSE_UNIT = 12
 _MAX_NDIM = 64
 
 
@@ -112,12 +138,15 @@ class TensorInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    """A parsed header: tensors in header order, string metadata, where data starts."""
+    """A parsed header: tensors in header order, string metadata, where data starts, the
+    raw JSON text and the parse budget left for the tree (NOTE [parse budget])."""
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
     data_len: int
+    raw: bytes = b""
+    budget: int = MIN_PARSE_UNITS
 
 
 def build_header(
@@ -195,6 +224,14 @@ def parse_header(f: BinaryIO, file_size: int, where: str) -> Header:
         raise _fail(where, f"the header is not UTF-8 ({e.reason} at byte {e.start}); not a safetensors checkpoint") from None
     if not text.startswith("{"):
         raise _fail(where, "the header does not start with '{'; not a safetensors checkpoint")
+    budget = parse_budget(file_size)
+    units = sum(text.count(c) for c in ",:[{")
+    if units > budget:
+        raise _fail(
+            where,
+            f"the header has {units} JSON separators and brackets, more than the {budget} "
+            f"allowed for a {file_size}-byte file (NOTE [parse budget]); refusing to parse it",
+        )
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
@@ -215,7 +252,54 @@ def parse_header(f: BinaryIO, file_size: int, where: str) -> Header:
     for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:], strict=False):
         if s1 < e0:
             raise _fail(where, f"tensors `{n0}` and `{n1}` overlap in the file")
-    return Header(tensors=tensors, metadata=metadata, data_start=data_start, data_len=data_len)
+    return Header(
+        tensors=tensors, metadata=metadata, data_start=data_start, data_len=data_len, raw=raw,
+        budget=budget,
+    )
+
+
+def parse_budget(file_size: int) -> int:
+    """How many JSON values a file of this size may hold (NOTE [parse budget]).
+
+    >>> parse_budget(0) == MIN_PARSE_UNITS, parse_budget(120_000_000)
+    (True, 10000000)
+    """
+    return max(MIN_PARSE_UNITS, file_size // BYTES_PER_PARSE_UNIT)
+
+
+def check_coverage(header: Header, where: str) -> list[TensorInfo]:
+    """The tensors in data order, after checking that they tile the data section exactly
+    (NOTE [exact coverage]); raises :class:`CheckpointError` otherwise.
+
+    >>> import io
+    >>> raw, _ = build_header([("w", torch.float32, (2,))], {})
+    >>> h = parse_header(io.BytesIO(raw + bytes(12)), len(raw) + 12, "example")
+    >>> check_coverage(h, "example")
+    Traceback (most recent call last):
+    ...
+    functorch_pipeline.serialization._format.CheckpointError: example: the file is not fully covered by its tensors: 4 bytes after the last tensor's end at byte 8 of the 12-byte data section (padded or corrupted file)
+    """
+    order = sorted(header.tensors.values(), key=lambda t: (t.start, t.end))
+    pos, prev = 0, None
+    for t in order:
+        if t.start != pos:
+            what = f"after tensor `{prev.name[:80]}`" if prev is not None else "at the start"
+            gap = f"a gap of {t.start - pos} bytes" if t.start > pos else "an overlap"
+            raise _fail(
+                where,
+                f"the file is not fully covered by its tensors: {gap} {what} (tensor "
+                f"`{t.name[:80]}` starts at byte {t.start}, expected {pos}); shifted or "
+                "corrupted file",
+            )
+        pos, prev = t.end, t
+    if pos != header.data_len:
+        raise _fail(
+            where,
+            f"the file is not fully covered by its tensors: {header.data_len - pos} bytes "
+            f"after the last tensor's end at byte {pos} of the {header.data_len}-byte data "
+            "section (padded or corrupted file)",
+        )
+    return order
 
 
 def _parse_entry(name: str, entry: Any, data_len: int, where: str) -> TensorInfo:
@@ -271,11 +355,14 @@ def host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.resolve_conj().resolve_neg().contiguous()
 
 
-def write_tensor(fd: int, t: torch.Tensor) -> None:
+def write_tensor(
+    fd: int, t: torch.Tensor, on_chunk: Callable[[memoryview], None] | None = None
+) -> None:
     """Write a tensor's bytes to a raw file descriptor straight from its memory.
 
     CUDA tensors are copied to the host first; non-contiguous tensors are made contiguous
-    (one copy); contiguous CPU tensors are written with no copy at all.
+    (one copy); contiguous CPU tensors are written with no copy at all. ``on_chunk`` sees
+    each chunk (up to 8 MiB) before it is written (for checksums).
     """
     t = host_contiguous(t)
     if t.numel() == 0:
@@ -283,12 +370,26 @@ def write_tensor(fd: int, t: torch.Tensor) -> None:
     mv = as_bytes(t)
     pos, total = 0, len(mv)
     while pos < total:
-        pos += os.write(fd, mv[pos : pos + (1 << 30)])
+        part = mv[pos : pos + (8 << 20)]
+        if on_chunk is not None:
+            on_chunk(part)
+        done = 0
+        while done < len(part):
+            done += os.write(fd, part[done:])
+        pos += len(part)
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo, data_start: int, where: str) -> torch.Tensor:
+def read_tensor(
+    f: BinaryIO,
+    info: TensorInfo,
+    data_start: int,
+    where: str,
+    on_chunk: Callable[[memoryview], None] | None = None,
+    chunk: int = 8 << 20,
+) -> torch.Tensor:
     """Read one tensor with ``readinto`` straight into a fresh tensor's memory (populated
-    first, see NOTE [prefault])."""
+    first, see NOTE [prefault]), ``chunk`` bytes at a time; ``on_chunk`` sees each chunk
+    once it is read (for checksums)."""
     out = torch.empty(info.shape, dtype=info.dtype)
     if info.end == info.start:
         return out
@@ -297,8 +398,17 @@ def read_tensor(f: BinaryIO, info: TensorInfo, data_start: int, where: str) -> t
     mv = as_bytes(out)
     pos, total = 0, len(mv)
     while pos < total:
-        got = f.readinto(mv[pos:])
-        if not got:
-            raise _fail(where, f"the file ended while reading tensor `{info.name}` (it changed or was truncated)")
-        pos += got
+        stop = min(total, pos + chunk)
+        start = pos
+        while pos < stop:
+            got = f.readinto(mv[pos:stop])
+            if not got:
+                raise _fail(
+                    where,
+                    f"the file ended while reading tensor `{info.name}` (it changed or was "
+                    "truncated)",
+                )
+            pos += got
+        if on_chunk is not None:
+            on_chunk(mv[start:stop])
     return out

@@ -8,12 +8,20 @@ from typing import Any
 
 import torch
 
+from functorch_pipeline.serialization._checksum import CHUNK
+from functorch_pipeline.serialization._checksum import FIELD
+from functorch_pipeline.serialization._checksum import PREFIX
+from functorch_pipeline.serialization._checksum import Crc32s
+from functorch_pipeline.serialization._checksum import header_crc
+from functorch_pipeline.serialization._checksum import parse_field
 from functorch_pipeline.serialization._format import FORMAT_VERSION
 from functorch_pipeline.serialization._format import META_FORMAT
 from functorch_pipeline.serialization._format import META_TREE
 from functorch_pipeline.serialization._format import RESERVED_PREFIX
 from functorch_pipeline.serialization._format import CheckpointError
 from functorch_pipeline.serialization._format import Header
+from functorch_pipeline.serialization._format import TensorInfo
+from functorch_pipeline.serialization._format import check_coverage
 from functorch_pipeline.serialization._format import parse_header
 from functorch_pipeline.serialization._format import read_tensor
 from functorch_pipeline.serialization._structure import decode
@@ -36,6 +44,7 @@ def load(
     like: Any = None,
     *,
     device: torch.device | str | int | None = None,
+    verify: bool = True,
 ) -> Any:
     """Load a pytree saved by :func:`save`, or any safetensors file (as a flat dict).
 
@@ -52,7 +61,10 @@ def load(
 
     Loading never unpickles and never imports anything outside this library (see
     NOTE [type registry]); the header is validated before use (NOTE [strict header
-    parsing]).
+    parsing], NOTE [parse budget]); the tensors must tile the data section exactly, as
+    safetensors requires (NOTE [exact coverage]); and the CRC-32 checksums ``fp.save``
+    records of the header and of every tensor are verified (NOTE [checksum]; files
+    without them, from older versions or other safetensors writers, load unverified).
 
     Args:
       path: the file.
@@ -60,13 +72,17 @@ def load(
       device: where tensors go, like ``torch.load``'s ``map_location``: a checkpoint saved
         on CUDA loads on a CPU-only machine. Default: each tensor goes to the device of
         its ``like`` leaf if given (CPU for meta templates), else to the CPU.
+      verify: check the checksums (default). ``False`` skips them, e.g. to rescue the
+        readable parts of a damaged file or to save the check's time on trusted storage;
+        every other check still runs.
 
     Returns:
       The tree. Tensors are fresh, contiguous, independent and do not require grad.
 
     Raises:
-      CheckpointError: the file is truncated, corrupted, not a safetensors file, from a
-        newer format version, names an unregistered type, or does not match ``like``.
+      CheckpointError: the file is truncated, corrupted (including a checksum mismatch),
+        not a safetensors file, from a newer format version, names an unregistered type,
+        or does not match ``like``.
       OSError: the file cannot be opened (missing, a directory, no permission).
 
     >>> import tempfile, os
@@ -86,8 +102,10 @@ def load(
         where = f"{where}: {os.fspath(path)}"
         header = _parse(f, where)
         node = _tree_node(header, where)
-        leaves = leaf_nodes(node, where)
+        leaves = leaf_nodes(node, where, budget=header.budget)
         names = _check_names(header, leaves, where)
+        order = check_coverage(header, where)
+        expected = _checksums(header, len(order), where) if verify else None
         targets: dict[str, torch.device | None] = dict.fromkeys(names, dev)
         if like is not None:
             like_paths, like_leaves, treedef = flatten_with_path(like)
@@ -97,7 +115,7 @@ def load(
                 for p, x in zip(like_paths, like_leaves, strict=True):
                     if isinstance(x, torch.Tensor) and x.device.type != "meta":
                         targets[disk[p]["n"]] = x.device
-        tensors = _read_all(f, header, targets, where)
+        tensors = _read_all(f, header, order, targets, expected, where)
     if like is None:
         return decode(node, lambda name, _path: tensors[name], where)
     out = [
@@ -236,17 +254,70 @@ def _check_like(
         )
 
 
+def _checksums(header: Header, n: int, where: str) -> list[int] | None:
+    """The tensors' expected CRCs after checking the header's own (NOTE [checksum]);
+    ``None`` for a file without checksums."""
+    value = header.metadata.get(FIELD)
+    if value is None:
+        return None
+    parsed = parse_field(value, n)
+    if parsed is None or not header.raw.startswith(PREFIX + value.encode() + b'"'):
+        raise CheckpointError(
+            f"{where}: the checksum field `{FIELD}` is malformed or not where fp.save puts it "
+            "(corrupted, or the header was rewritten by another tool); load(..., verify=False) "
+            "skips the checksums"
+        )
+    want, tensors = parsed
+    got = header_crc(header.raw, len(value))
+    if got != want:
+        raise CheckpointError(
+            f"{where}: the header's checksum does not match (CRC-32 {got:08x}, recorded "
+            f"{want:08x}): the header is corrupted; load(..., verify=False) skips the checksums"
+        )
+    return tensors
+
+
 def _read_all(
-    f: Any, header: Header, targets: dict[str, torch.device | None], where: str
+    f: Any,
+    header: Header,
+    order: list[TensorInfo],
+    targets: dict[str, torch.device | None],
+    expected: list[int] | None,
+    where: str,
 ) -> dict[str, torch.Tensor]:
     """Read tensors in file order (sequential I/O), moving each to its device right away
-    so that host memory holds at most one tensor when loading onto a GPU."""
+    so that host memory holds at most one tensor when loading onto a GPU; with
+    ``expected``, verify each tensor's CRC (computed on a worker thread for large ones
+    while the next chunk is read, NOTE [checksum])."""
     out = {}
-    for info in sorted((header.tensors[n] for n in targets), key=lambda i: i.start):
-        t = read_tensor(f, info, header.data_start, where)
-        dev = targets[info.name]
-        out[info.name] = t if dev is None or dev.type == "cpu" else t.to(dev)
+    crcs = Crc32s(len(order)) if expected is not None else None
+    try:
+        for i, info in enumerate(order):
+            size = info.end - info.start
+            hook = None if crcs is None else (lambda part, i=i, n=size: crcs.update(i, part, n))
+            t = read_tensor(f, info, header.data_start, where, hook, CHUNK)
+            dev = targets[info.name]
+            if dev is not None and dev.type != "cpu":
+                if crcs is not None:
+                    _verify(info, crcs.wait_one(i), expected[i], where)  # type: ignore[index]
+                t = t.to(dev)
+            out[info.name] = t
+        if crcs is not None:
+            for info, got, want in zip(order, crcs.wait(), expected, strict=True):  # type: ignore[arg-type]
+                _verify(info, got, want, where)
+    finally:
+        if crcs is not None:
+            crcs.close()
     return out
+
+
+def _verify(info: TensorInfo, got: int, want: int, where: str) -> None:
+    if got != want:
+        raise CheckpointError(
+            f"{where}: tensor `{info.name[:80]}` (bytes [{info.start}, {info.end}) of the data "
+            f"section) does not match its checksum (CRC-32 {got:08x}, recorded {want:08x}): "
+            "the file is corrupted; load(..., verify=False) skips the checksums"
+        )
 
 
 def _unreachable(name: str, path: KeyPath) -> torch.Tensor:

@@ -6,10 +6,15 @@ import contextlib
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
+from functorch_pipeline.serialization._checksum import FIELD
+from functorch_pipeline.serialization._checksum import PREFIX
+from functorch_pipeline.serialization._checksum import Crc32s
+from functorch_pipeline.serialization._checksum import field_value
 from functorch_pipeline.serialization._format import FORMAT_VERSION
 from functorch_pipeline.serialization._format import META_FORMAT
 from functorch_pipeline.serialization._format import META_TREE
@@ -19,6 +24,7 @@ from functorch_pipeline.serialization._format import build_header
 from functorch_pipeline.serialization._format import host_contiguous
 from functorch_pipeline.serialization._format import write_tensor
 from functorch_pipeline.serialization._structure import Encoder
+from functorch_pipeline.serialization._tempfiles import temp_prefix
 
 __all__ = ["atomic_write", "save"]
 
@@ -58,8 +64,14 @@ def save(
     The file is written to a temporary file in the same directory, flushed and
     ``fsync``-ed, then renamed over ``path`` with ``os.replace``, and the directory is
     ``fsync``-ed so the rename itself is durable. A crash or kill at any point leaves
-    either the old file or the new one at ``path``, never a partial file (a stale
-    ``.<name>.*.tmp`` file may remain beside it).
+    either the old file or the new one at ``path``, never a partial file. A killed save
+    leaves a stale ``.<name>.<host>-<pid>-<random>.tmp`` file beside it; remove those with
+    :func:`clean_temp_files` (``CheckpointManager`` does so when created; NOTE [temp
+    files]).
+
+    # NOTE [checksum] (summary)
+    The header records a CRC-32 of itself and of every tensor's bytes, computed while
+    writing; :func:`load` verifies them (``verify=False`` skips that).
 
     Args:
       path: destination file (``.safetensors`` by convention).
@@ -93,21 +105,37 @@ def save(
     # Widest dtypes first: with an 8-byte aligned data section every tensor then starts
     # at a multiple of its own element size, as safetensors' own writer arranges.
     tensors = sorted(enc.tensors, key=lambda nt: -nt[1].dtype.itemsize)
+    # NOTE [checksum]: the field goes first, as zeros; filled in once the data is written.
+    placeholder = field_value(0, [0] * len(tensors))
+    meta = {FIELD: placeholder, **meta}
     meta[META_FORMAT] = str(FORMAT_VERSION)
     meta[META_TREE] = json.dumps(node, separators=(",", ":"), ensure_ascii=False)
     header, sizes = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], meta)
+    if not header[8:].startswith(PREFIX):
+        raise AssertionError("save: the checksum field must open the header")
+    head_crc = zlib.crc32(header[8:])  # the field is all zeros here, as the check expects
 
     def write(fd: int) -> None:
-        buf = bytearray(header)
-        for (_, t), nbytes in zip(tensors, sizes, strict=True):
-            if nbytes < _SMALL:
-                if nbytes:
-                    buf += as_bytes(host_contiguous(t))
-                continue
+        crcs = Crc32s(len(tensors))
+        try:
+            buf = bytearray(header)
+            for i, ((_, t), nbytes) in enumerate(zip(tensors, sizes, strict=True)):
+                if nbytes < _SMALL:
+                    if nbytes:
+                        raw = as_bytes(host_contiguous(t))
+                        crcs.update(i, raw, nbytes)
+                        buf += raw
+                    continue
+                _write_all(fd, buf)
+                buf.clear()
+                write_tensor(fd, t, lambda part, i=i, n=nbytes: crcs.update(i, part, n))
+                if t.device.type != "cpu":
+                    crcs.wait_one(i)  # free its host copy before the next tensor's
             _write_all(fd, buf)
-            buf.clear()
-            write_tensor(fd, t)
-        _write_all(fd, buf)
+            values = crcs.wait()
+        finally:
+            crcs.close()
+        _write_at(fd, field_value(head_crc, values).encode(), 8 + len(PREFIX))
 
     atomic_write(path, write, sync=sync)
 
@@ -137,6 +165,18 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         pos += os.write(fd, mv[pos:])
 
 
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        return
+    end = os.lseek(fd, 0, os.SEEK_CUR)  # Windows: no pwrite
+    os.lseek(fd, offset, os.SEEK_SET)
+    _write_all(fd, data)
+    os.lseek(fd, end, os.SEEK_SET)
+
+
 def _fsync_dir(directory: str) -> None:
     flags = getattr(os, "O_DIRECTORY", None)
     if flags is None:  # Windows: directories cannot be fsync-ed
@@ -161,7 +201,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(os.path.basename(path)), suffix=".tmp", dir=directory)
     try:
         try:
             if hasattr(os, "fchmod"):

@@ -289,27 +289,47 @@ def _kind(node: Any, where: str, path: KeyPath) -> str:
     return kind
 
 
-def leaf_nodes(node: Any, where: str, path: KeyPath = ()) -> list[tuple[KeyPath, dict[str, Any]]]:
+def leaf_nodes(
+    node: Any, where: str, path: KeyPath = (), budget: int | None = None
+) -> list[tuple[KeyPath, dict[str, Any]]]:
     """``[(path, leaf node)]`` in tree order, validating the structure; ``None`` nodes are
-    empty subtrees (as in ``fp.tree``). Resolves no types.
+    empty subtrees (as in ``fp.tree``). Resolves no types. ``budget`` caps the total length
+    of the leaves' key paths (NOTE [parse budget]): a deep tree with many leaves would
+    otherwise cost depth x leaves.
 
     >>> leaf_nodes({"t": "list", "c": [{"t": "int", "v": 1}, {"t": "none"}]}, "example")
     [((0,), {'t': 'int', 'v': 1})]
     """
+    out: list[tuple[KeyPath, dict[str, Any]]] = []
+    left = [budget if budget is not None else -1]
+    _leaf_nodes(node, where, path, out, left)
+    return out
+
+
+def _leaf_nodes(
+    node: Any, where: str, path: KeyPath, out: list[tuple[KeyPath, dict[str, Any]]], left: list[int]
+) -> None:
     kind = _kind(node, where, path)
     if kind == "none":
-        return []
+        return
     if kind not in _CONTAINERS:
         if kind == "tensor":
             if not isinstance(node.get("n"), str):
                 raise _bad(where, path, "a tensor node needs a string name `n`")
         else:
             _scalar(node, where, path)
-        return [(path, node)]
-    out = []
+        if left[0] >= 0:
+            left[0] -= len(path) + 1
+            if left[0] < 0:
+                raise CheckpointError(
+                    f"{where}: the tree's key paths are too long in total for the file's size "
+                    f"(a leaf at depth {len(path)}, {len(out)} leaves so far; NOTE [parse "
+                    "budget]); refusing to build them"
+                )
+        out.append((path, node))
+        return
     for entry, child in _children(node, where, path):
-        out.extend(leaf_nodes(child, where, (*path, entry)))
-    return out
+        _leaf_nodes(child, where, (*path, entry), out, left)
 
 
 def decode(

@@ -1,0 +1,138 @@
+"""Temporary files of atomic saves: how they are named, and removing stale ones.
+
+# NOTE [temp files]
+An atomic save writes ``.<name>.<host>-<pid>-<random>.tmp`` beside ``<name>`` and renames
+it over ``<name>`` when complete (NOTE [atomic save]). A process killed mid-save leaves
+that file behind; nothing else ever renames or removes it. :func:`clean_temp_files`
+removes such leftovers, and must never remove a save that is still running, possibly in
+another process or on another machine sharing the directory. A temp file is stale when
+
+- its writer is known dead: the name records the writer's pid and a token of its host
+  and pid namespace (a hash of the host name and ``/proc/self/ns/pid``); on the same host
+  and namespace, a pid that no longer exists cannot be writing (a pid that was reused
+  only makes us keep the file longer, never remove it early); or
+- it has not been modified for ``max_age`` seconds (default one hour; a running save
+  writes every few milliseconds), which also covers files from other hosts and files
+  from older versions of this library (``.<name>.<random>.tmp``, no pid).
+
+Files of the calling process are never removed (another thread may be saving). Only
+regular files matching these exact patterns are considered: nothing else in the
+directory is touched, and symlinks are never followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import os
+import re
+import socket
+import stat
+import time
+
+__all__ = ["clean_temp_files", "temp_prefix"]
+
+_RAND = r"[a-z0-9_]{8}"  # tempfile.mkstemp's random part
+_NEW = re.compile(rf"\.(?P<target>.+)\.(?P<host>[0-9a-f]{{8}})-(?P<pid>[0-9]{{1,10}})-{_RAND}\.tmp")
+_OLD = re.compile(rf"\.(?P<target>.+)\.{_RAND}\.tmp")
+
+
+def _host_token() -> str:
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return hashlib.blake2b(f"{socket.gethostname()}\0{ns}".encode(), digest_size=4).hexdigest()
+
+
+_HOST = _host_token()
+
+
+def temp_prefix(basename: str) -> str:
+    """The ``mkstemp`` prefix of a temp file for ``basename`` (NOTE [temp files]).
+
+    >>> temp_prefix("ckpt.safetensors").startswith(".ckpt.safetensors.")
+    True
+    """
+    return f".{basename}.{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot tell: keep the file
+    return True
+
+
+def clean_temp_files(
+    directory: str | os.PathLike[str],
+    *,
+    target: str | None = None,
+    max_age: float = 3600.0,
+) -> list[str]:
+    """Remove stale temporary files left in ``directory`` by interrupted :func:`save` /
+    :func:`atomic_write` calls (a kill, a power loss), and return their paths.
+
+    A temp file is stale when its writer is known to be dead (same host, its pid gone)
+    or it has not been modified for ``max_age`` seconds; see NOTE [temp files]. Saves
+    still running, in this process or another, are left alone, and no other file is
+    touched. ``CheckpointManager`` calls this on its directory when created.
+
+    Args:
+      directory: the directory to clean (not recursive).
+      target: only temp files of saves to file names matching this glob
+        (e.g. ``"ckpt_*.safetensors"``); default all.
+      max_age: seconds without modification after which a temp file counts as stale
+        whatever its writer (``>= 0``).
+
+    Returns:
+      The removed paths, sorted.
+
+    Raises:
+      ValueError: a negative ``max_age``.
+      OSError: ``directory`` cannot be listed.
+
+    Example:
+      >>> import tempfile, os, subprocess, sys
+      >>> d = tempfile.mkdtemp()
+      >>> pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+      ...                      capture_output=True, text=True).stdout.strip()  # a dead pid
+      >>> dead = f".ckpt.safetensors.{_HOST}-{pid}-abcd1234.tmp"
+      >>> for name in (dead, "notes.tmp"):
+      ...     open(os.path.join(d, name), "wb").close()
+      >>> [os.path.basename(p) for p in clean_temp_files(d)] == [dead]
+      True
+      >>> os.listdir(d)
+      ['notes.tmp']
+    """
+    if not isinstance(max_age, (int, float)) or not max_age >= 0:
+        raise ValueError(f"clean_temp_files(directory): `max_age` must be >= 0 seconds, got {max_age!r}")
+    directory = os.fspath(directory)
+    now = time.time()
+    removed = []
+    me = os.getpid()
+    for name in os.listdir(directory):
+        m = _NEW.fullmatch(name)
+        old = None if m else _OLD.fullmatch(name)
+        match = m or old
+        if match is None or (target is not None and not fnmatch.fnmatchcase(match["target"], target)):
+            continue
+        if m and m["host"] == _HOST and int(m["pid"]) == me:
+            continue  # ours: maybe a save running in another thread
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # renamed into place or removed meanwhile
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        dead = m is not None and m["host"] == _HOST and not _pid_alive(int(m["pid"]))
+        if dead or now - st.st_mtime >= max_age:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return sorted(removed)
