@@ -25,60 +25,90 @@ import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ArgumentParser  # noqa: E402
+from common import default_data_dir  # noqa: E402
+from common import device_arg  # noqa: E402
+from common import finite_positive_float  # noqa: E402
 from common import fit  # noqa: E402
 from common import load_mnist  # noqa: E402
+from common import non_negative_float  # noqa: E402
 from common import pick_device  # noqa: E402
+from common import positive_int  # noqa: E402
+from common import prepare_out_dir  # noqa: E402
+from common import resume_command  # noqa: E402
+from common import run_main  # noqa: E402
+from common import seed_int  # noqa: E402
 from models import Net  # noqa: E402
 from models import WideNet  # noqa: E402
 
 MODELS = {"classic": Net, "wide": WideNet}
+# optimizers taking only a learning rate here; sgd also takes --momentum
+OPTIMIZERS = ("adadelta", "adagrad", "adam", "adamax", "adamw", "lamb", "lion", "nadam", "radam",
+              "rmsprop", "sgd")
 
 
 def make_optimizer(name: str, lr: float, momentum: float, schedule: Any) -> optim.GradientTransformation:
     lr_or_schedule = schedule if schedule is not None else lr
     if name == "sgd":
         return optim.sgd(lr_or_schedule, momentum=momentum or None)
-    if name in ("adam", "adamw", "nadam", "radam", "adamax", "lamb", "lion", "adagrad", "adadelta", "rmsprop"):
+    if name in OPTIMIZERS:
         return getattr(optim, name)(lr_or_schedule)
-    raise SystemExit(f"unknown --optimizer {name!r}")
+    raise ValueError(f"make_optimizer: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="mnist.py", description="Functional MNIST with functorch_pipeline")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="test batch size")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs to train (in total, "
+                   "counting the epochs a resumed run already did)")
+    p.add_argument("--lr", type=finite_positive_float, default=0.01, help="learning rate")
+    p.add_argument("--momentum", type=non_negative_float, default=0.5, help="SGD momentum (0: none)")
+    p.add_argument("--gamma", type=finite_positive_float, default=1.0,
+                   help="learning-rate decay per epoch (1.0: none)")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="optimizer from fp.optim (sgd uses --momentum)")
+    p.add_argument("--model", default="classic", choices=sorted(MODELS), help="network")
+    p.add_argument("--no-cuda", action="store_true", help="disable CUDA even when available")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1, mps, ... (default: CUDA if available, else CPU)")
+    p.add_argument("--seed", type=seed_int, default=1, help="random seed (-2**63 <= seed < 2**63)")
+    p.add_argument("--data-dir", default=default_data_dir(),
+                   help="dataset root holding MNIST/raw/ (torchvision layout)")
+    p.add_argument("--out-dir", default="runs/mnist",
+                   help="where checkpoints/, metrics.jsonl, steps.jsonl and curves.png go")
+    p.add_argument("--save-interval", type=positive_int, default=10, help="batches between checkpoints")
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out-dir (an error if there is none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out-dir and start over")
+    p.add_argument("--log-interval", type=positive_int, default=10,
+                   help="batches between loss checks and progress-bar updates")
+    p.add_argument("--limit-train", type=positive_int, default=None,
+                   help="use only the first N training examples (default: all)")
+    p.add_argument("--limit-test", type=positive_int, default=None,
+                   help="use only the first N test examples (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Functional MNIST with functorch_pipeline")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
-    p.add_argument("--test-batch-size", type=int, default=1000, help="test batch size (default: 1000)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs to train (default: 10)")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (default: 0.5)")
-    p.add_argument("--gamma", type=float, default=1.0, help="learning-rate decay per epoch (default: 1.0, none)")
-    p.add_argument("--optimizer", default="sgd", help="sgd (uses --momentum), adam, adamw, adadelta, ...")
-    p.add_argument("--model", default="classic", choices=sorted(MODELS), help="network (default: classic)")
-    p.add_argument("--no-cuda", action="store_true", help="disable CUDA even when available")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    p.add_argument("--data-dir", default="../shared/data", help="dataset root (torchvision layout)")
-    p.add_argument("--out-dir", default="runs/mnist", help="checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--save-interval", type=int, default=10, help="batches between checkpoints (default: 10)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default: 3)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
-    p.add_argument("--log-interval", type=int, default=10, help="batches between progress-bar loss updates")
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # only torch internals; all our randomness is keyed
     device = pick_device(args.device, args.no_cuda)
+    key = fp.random.key(args.seed, device=device)
+    prepare_out_dir(args.out_dir, args.resume, args.overwrite, args.keep)  # before reading data
     train, test = load_mnist(args.data_dir, device, args.limit_train, args.limit_test)
     n_train = train[0].shape[0]
     steps_per_epoch = fp.data.num_batches(n_train, args.batch_size)
 
     model = fp.functionalize(MODELS[args.model]())
-    key = fp.random.key(args.seed, device=device)
     variables = fp.tree.to(model.init(fp.random.fold_in(key, 1), train[0][:1]), device)
     schedule = None
     if args.gamma != 1.0:
@@ -97,9 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, state, loss_fn, opt, train, test, epochs=args.epochs, batch_size=args.batch_size,
         test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
         keep=args.keep, resume=args.resume, log_probs=True, log_interval=args.log_interval,
-        no_progress=args.no_progress, title="functorch_pipeline MNIST", plot=not args.no_plot)
+        no_progress=args.no_progress, title="functorch_pipeline MNIST", plot=not args.no_plot,
+        overwrite=args.overwrite, resume_hint=resume_command(__file__, argv))
     return {"history": history, "state": state}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
