@@ -4,13 +4,21 @@ reference for the norms."""
 
 from __future__ import annotations
 
+import warnings
+
+import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck
+from hypothesis import given
 from hypothesis import settings
 from torch import nn
 
 import functorch_pipeline as fp
+from functorch_pipeline.transforms import _grad_sample
+from functorch_pipeline.transforms._grad_sample import _ghost_math
+from functorch_pipeline.transforms._grad_sample import _rules
 
 TOL = 1e-10
 METHODS = ("ghost", "hooks", "vmap")
@@ -54,9 +62,9 @@ def loop_grads(loss_fn, params, *batch):
     return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
 
 
-def reference(loss_fn, params, batch, max_norm, reduction="sum"):
+def reference(loss_fn, params, batch, max_norm, reduction="sum", per=None):
     """Norms and clipped sum from the per-example loop, clipped by hand."""
-    per = loop_grads(loss_fn, params, *batch)
+    per = loop_grads(loss_fn, params, *batch) if per is None else per
     b = batch[0].shape[0]
     norms = torch.stack([g.reshape(b, -1).square().sum(1) for g in per.values()]).sum(0).sqrt()
     scale = torch.clamp(max_norm / norms, max=1.0)
@@ -75,9 +83,10 @@ def assert_close(got, want, what):
 def check(loss_fn, params, *batch, methods=METHODS, clip_quantile=0.5, **kw):
     """Every method's norms and clipped sum against the loop, with ``max_norm`` at the
     median norm so that some examples are clipped and some are not."""
-    ref_norms, _ = reference(loss_fn, params, batch, 1.0)
+    per = loop_grads(loss_fn, params, *batch)
+    ref_norms, _ = reference(loss_fn, params, batch, 1.0, per=per)
     max_norm = float(ref_norms.quantile(clip_quantile)) + 1e-3
-    _, want = reference(loss_fn, params, batch, max_norm, kw.get("reduction", "sum"))
+    _, want = reference(loss_fn, params, batch, max_norm, kw.get("reduction", "sum"), per=per)
     for method in methods:
         g, norms = fp.clipped_grad(loss_fn, max_norm, method=method, **kw)(params, *batch)
         assert_close(norms, ref_norms, f"{method} norms")
@@ -98,3 +107,344 @@ def test_linear_sequence():
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     check(squared(m), params_of(m), torch.randn(5, 7, 4))
+
+
+@FAST
+@given(b=st.integers(1, 4), t=st.sampled_from([1, 5, 6]), fin=st.integers(1, 6), fout=st.integers(1, 5),
+       bias=st.booleans(), ratio=st.sampled_from([0.0, 1.0, 1e9]))
+def test_linear_shapes(b, t, fin, fout, bias, ratio, monkeypatch):
+    """2-d and 3-d inputs; GRAM_RATIO 0 forces materialising, 1e9 the T x T Gram (the
+    hooks contract: no axis but the first may have the batch size, hence T > B)."""
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
+    torch.manual_seed(b * 100 + t)
+    m = nn.Linear(fin, fout, bias=bias)
+    x = torch.randn(b, t, fin) if t > 1 else torch.randn(b, fin)
+    check(squared(m), params_of(m), x)
+
+
+@FAST
+@given(nd=st.sampled_from([1, 2]), b=st.integers(1, 4), groups=st.sampled_from([1, 2]),
+       k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
+       dilation=st.integers(1, 2), bias=st.booleans(), ratio=st.sampled_from([0.0, 1e9]))
+def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, monkeypatch):
+    if padding == "same":
+        stride = 1  # torch: padding='same' needs stride 1
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
+    torch.manual_seed(k * 10 + stride)
+    conv = (nn.Conv1d, nn.Conv2d)[nd - 1](2 * groups, 3 * groups, k, stride=stride,
+                                           padding=padding, dilation=dilation, groups=groups,
+                                           bias=bias)
+    x = torch.randn(b, 2 * groups, *([7] * nd))
+    check(squared(conv), params_of(conv), x)
+
+
+def test_conv_gram_and_materialise_agree_on_wide_layer():
+    """A layer where the Gram path is chosen by cost (few positions, many channels)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 16, 3)
+    check(squared(conv), params_of(conv), torch.randn(3, 8, 4, 4))
+
+
+@FAST
+@given(b=st.integers(1, 4), t=st.integers(5, 12), vocab=st.integers(2, 6),
+       padding_idx=st.sampled_from([None, 0, -1]))
+def test_embedding_repeated_indices_and_padding(b, t, vocab, padding_idx):
+    torch.manual_seed(b + t + vocab)
+    emb = nn.Embedding(vocab, 3, padding_idx=padding_idx)
+    idx = torch.randint(0, vocab, (b, t))  # vocab < t: indices repeat within an example
+    check(squared(emb), params_of(emb), idx)
+
+
+def test_layer_norm_and_group_norm():
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 8))
+    check(squared(m), params_of(m), torch.randn(5, 3, 4))
+    m = nn.Sequential(nn.Conv1d(2, 6, 3), nn.GroupNorm(3, 6), nn.Conv1d(6, 2, 2))
+    check(squared(m), params_of(m), torch.randn(4, 2, 8))
+
+
+def test_batch_norm_eval():
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 2))
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    m.eval()
+    check(squared(m), params_of(m), torch.randn(3, 2, 6, 6))
+
+
+@FAST
+@given(cell=st.sampled_from(["LSTM", "GRU"]), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), batch_first=st.booleans(), t=st.sampled_from([1, 2, 4]),
+       ratio=st.sampled_from([0.0, 1e9]))
+def test_recurrent(cell, layers, bidirectional, batch_first, t, ratio, monkeypatch):
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
+    torch.manual_seed(layers * 7 + t)
+    rnn = getattr(fp.nn, cell)(3, 4, num_layers=layers, bidirectional=bidirectional,
+                               batch_first=batch_first)
+    x = torch.randn(3, t, 3)
+
+    def loss(p, x):
+        out, _ = torch.func.functional_call(rnn, p, (x if batch_first else x.transpose(0, 1),))
+        out = out if batch_first else out.transpose(0, 1)
+        return (out ** 2).sum((1, 2))
+
+    check(loss, params_of(rnn), x)
+
+
+def test_lstm_with_projection():
+    torch.manual_seed(6)
+    rnn = fp.nn.LSTM(3, 5, proj_size=2, batch_first=True)
+    check(squared(rnn), params_of(rnn), torch.randn(3, 4, 3))
+
+
+class MixedCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2)
+        self.fc = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.norm(self.conv1(x))), 2, 1)
+        return self.fc(torch.relu(self.conv2(x)).flatten(1))
+
+
+def test_mixed_cnn_cross_entropy_sum_mean_and_chunks():
+    torch.manual_seed(7)
+    model = MixedCNN()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
+
+    def loss(p, x, y):
+        out = torch.func.functional_call(model, p, (x,))
+        return F.cross_entropy(out, y, reduction="none")
+
+    check(loss, params_of(model), x, y)
+    check(loss, params_of(model), x, y, reduction="mean", methods=("ghost",))
+    check(loss, params_of(model), x, y, chunk_size=4, methods=("ghost", "hooks"))
+
+
+def test_norms_also_match_per_sample_grads():
+    torch.manual_seed(8)
+    model = MixedCNN()
+    x = torch.randn(4, 1, 8, 8)
+    loss, params = squared(model), params_of(model)
+    per = fp.per_sample_grads(loss, method="vmap")(params, x)
+    want = torch.stack([g.reshape(4, -1).square().sum(1) for g in per.values()]).sum(0).sqrt()
+    assert_close(fp.per_sample_grad_norms(loss, method="ghost")(params, x), want, "norms")
+
+
+def test_tied_embedding_and_output_head():
+    """One weight used by F.embedding and F.linear (weight tying): the ghost method forms
+    that slot's gradient a chunk of examples at a time; still exact."""
+    torch.manual_seed(9)
+    w = torch.randn(7, 3)
+    idx = torch.randint(0, 7, (4, 5))
+
+    def loss(p, idx):
+        h = torch.tanh(F.embedding(idx, p["w"]))
+        return F.linear(h, p["w"]).square().sum((1, 2))
+
+    check(loss, {"w": w}, idx)
+
+
+def test_ghost_forms_no_per_example_gradient_of_big_layers(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a per-example gradient was formed")
+
+    monkeypatch.setattr(_ghost_math, "_materialised", boom)
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", 1e9)
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))
+    check(squared(model), params_of(model), torch.randint(0, 50, (4, 6)), methods=("ghost",))
+
+
+def test_has_aux_argnums_and_value():
+    """Two differentiated arguments (argnums=(0, 1)), the batch in argument 2, aux."""
+    torch.manual_seed(11)
+    m1, m2 = nn.Linear(3, 4), nn.Linear(4, 2)
+    p, q = params_of(m1), params_of(m2)
+    x = torch.randn(5, 3)
+
+    def loss(p, q, x):
+        h = torch.tanh(torch.func.functional_call(m1, p, (x,)))
+        return torch.func.functional_call(m2, q, (h,)).square().sum(1), h.sum()
+
+    def flat(pq, x):
+        return loss({k[2:]: v for k, v in pq.items() if k[0] == "p"},
+                    {k[2:]: v for k, v in pq.items() if k[0] == "q"}, x)[0]
+
+    pq = {**{"p." + k: v for k, v in p.items()}, **{"q." + k: v for k, v in q.items()}}
+    ref_norms, want = reference(flat, pq, (x,), 0.5)
+    for method in METHODS:
+        (g, norms), aux = fp.clipped_grad(loss, 0.5, argnums=(0, 1), batch_argnums=(2,),
+                                          has_aux=True, method=method)(p, q, x)
+        assert_close(norms, ref_norms, f"{method} norms")
+        for k in pq:
+            assert_close(g[0 if k[0] == "p" else 1][k[2:]], want[k], f"{method} {k}")
+        (v, _), (_, n2) = fp.clipped_value_and_grad(
+            loss, 0.5, argnums=(0, 1), batch_argnums=(2,), has_aux=True, method=method)(p, q, x)
+        assert_close(v, loss(p, q, x)[0].detach(), f"{method} values")
+        assert_close(n2, ref_norms, f"{method} norms")
+    (g, norms), aux = fp.clipped_grad(loss, 0.5, argnums=(0, 1), has_aux=True,
+                                      method="ghost")(p, q, x)
+    assert_close(aux, loss(p, q, x)[1].detach(), "aux")
+
+
+def test_float32_and_tensor_max_norm():
+    torch.manual_seed(12)
+    m = nn.Linear(4, 3).float()
+    p = {k: v.detach().float() for k, v in m.named_parameters()}
+    x = torch.randn(5, 6, 4, dtype=torch.float32)
+    loss = squared(m)
+    g, norms = fp.clipped_grad(loss, torch.tensor(1.0), method="ghost")(p, x)
+    assert norms.dtype == torch.float32 and g["weight"].dtype == torch.float32
+    ref_norms, want = reference(loss, {k: v.double() for k, v in p.items()}, (x.double(),), 1.0)
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g["weight"].double(), want["weight"], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_unchanged_and_no_graph():
+    torch.manual_seed(13)
+    m = MixedCNN()
+    p = params_of(m)
+    before = {k: v.clone() for k, v in p.items()}
+    x = torch.randn(3, 1, 8, 8)
+    x0 = x.clone()
+    g, norms = fp.clipped_grad(squared(m), 1.0, method="ghost")(p, x)
+    assert all(torch.equal(p[k], before[k]) for k in p) and torch.equal(x, x0)
+    assert not norms.requires_grad and not any(v.requires_grad for v in g.values())
+
+
+def test_infinite_max_norm_is_the_batch_gradient():
+    torch.manual_seed(14)
+    m = MixedCNN()
+    p, x = params_of(m), torch.randn(3, 1, 8, 8)
+    g, _ = fp.clipped_grad(squared(m), float("inf"), method="ghost")(p, x)
+    want = torch.func.grad(lambda p: squared(m)(p, x).sum())(p)
+    for k in p:
+        assert_close(g[k], want[k], k)
+
+
+# -- methods, fallbacks and errors ----------------------------------------------------------
+
+
+@_grad_sample.overridable
+def _scale(x, w):
+    return x * w
+
+
+def _scale_rule(engine, args, kwargs):
+    """A hooks-only rule (per-example gradients materialised as ``"direct"`` parts)."""
+    x, w = args
+    slot = engine.slot(w)
+    xin = x if x.requires_grad else x.detach().requires_grad_()
+    out = xin * engine.base(w)
+    engine.record(out, lambda e, g, x: e.add("direct", slot, (g * x).sum(1)), x)
+    return out
+
+
+@pytest.fixture
+def scale_rule(monkeypatch):
+    monkeypatch.setitem(_rules.RULES, _scale, _scale_rule)
+
+
+def scale_model():
+    lin = nn.Linear(3, 3)
+
+    def loss(p, x):
+        h = torch.func.functional_call(lin, p["lin"], (x,))
+        return _scale(h, p["scale"]).square().sum((1, 2))
+
+    return loss, {"lin": params_of(lin), "scale": torch.randn(3)}
+
+
+def test_ghost_refuses_a_hooks_only_layer_naming_path_call_and_method(scale_rule):
+    loss, p = scale_model()
+    x = torch.randn(4, 5, 3)
+    with pytest.raises(ValueError, match=r"clipped_grad\(loss_fn, max_norm\): method='ghost': "
+                       r"`scale` is used by `.*_scale`, which has no ghost-clipping rule; "
+                       r"method='hooks' handles it"):
+        fp.clipped_grad(loss, 1.0, method="ghost")(p, x)
+    with pytest.raises(ValueError, match=r"per_sample_grad_norms\(loss_fn\): method='ghost': "
+                       r"`scale` .*method='hooks' handles it"):
+        fp.per_sample_grad_norms(loss, method="ghost")(p, x)
+
+
+def test_auto_falls_back_to_hooks_and_warns_once(scale_rule):
+    loss, p = scale_model()
+    x = torch.randn(4, 5, 3)
+    flat_p = {"lin." + k: v for k, v in p["lin"].items()} | {"scale": p["scale"]}
+
+    def flat_loss(fp_, x):
+        return loss({"lin": {k[4:]: v for k, v in fp_.items() if k.startswith("lin.")},
+                     "scale": fp_["scale"]}, x)
+
+    ref_norms, want = reference(flat_loss, flat_p, (x,), 1.0)
+    clipped = fp.clipped_grad(loss, 1.0)
+    with pytest.warns(UserWarning, match=r"method='auto' uses 'hooks' \(ghost: `scale`"):
+        g, norms = clipped(p, x)
+    assert_close(norms, ref_norms, "norms")
+    assert_close(g["scale"], want["scale"], "scale")
+    assert_close(g["lin"]["weight"], want["lin.weight"], "weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipped(p, x)  # the choice is kept: no second warning
+        fp.clipped_grad(loss, 1.0)(p, x)  # nor for a new wrapper of the same loss_fn
+
+
+def test_ghost_refuses_a_call_without_any_rule_and_auto_uses_vmap():
+    torch.manual_seed(15)
+    w = torch.randn(3, 2)
+    x = torch.randn(4, 3)
+
+    def loss(p, x):
+        return (x @ p["w"]).square().sum(1)
+
+    for method in ("ghost", "hooks"):
+        with pytest.raises(ValueError, match=rf"clipped_grad\(loss_fn, max_norm\): "
+                           rf"method='{method}': `w` is used by `Tensor.matmul`.*"
+                           r"method='vmap' handles"):
+            fp.clipped_grad(loss, 1.0, method=method)({"w": w}, x)
+    with pytest.warns(UserWarning, match=r"method='auto' uses 'vmap' \(ghost: `w` is used by "
+                      r"`Tensor.matmul`"):
+        g, norms = fp.clipped_grad(loss, 1.0)({"w": w}, x)
+    ref_norms, want = reference(loss, {"w": w}, (x,), 1.0)
+    assert_close(norms, ref_norms, "norms")
+    assert_close(g["w"], want["w"], "w")
+
+
+def test_scalar_loss_is_an_error_for_ghost():
+    m = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"method='ghost': loss_fn returned a scalar; ghost "
+                       r"clipping needs the per-example losses, a tensor of shape \(4,\)"):
+        fp.clipped_grad(lambda p, x: squared(m)(p, x).mean(), 1.0, method="ghost")(
+            params_of(m), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True, torch.ones(2)])
+def test_bad_max_norm(bad):
+    with pytest.raises(ValueError, match=r"clipped_grad\(loss_fn, max_norm\): `max_norm` must be"):
+        fp.clipped_grad(lambda p, x: x, bad)
+
+
+def test_bad_method_reduction_chunk_size():
+    with pytest.raises(ValueError, match=r"clipped_grad\(loss_fn, max_norm\): `method` must be "
+                       r"one of \('auto', 'ghost', 'hooks', 'vmap'\), got 'fast'"):
+        fp.clipped_grad(lambda p, x: x, 1.0, method="fast")
+    with pytest.raises(ValueError, match=r"`reduction` must be one of \('sum', 'mean'\), got 'max'"):
+        fp.clipped_grad(lambda p, x: x, 1.0, reduction="max")
+    with pytest.raises(ValueError, match=r"per_sample_grad_norms\(loss_fn\): `chunk_size` must be"):
+        fp.per_sample_grad_norms(lambda p, x: x, chunk_size=0)
+
+
+def test_wrong_loss_shape_and_batch_mismatch():
+    m = nn.Linear(3, 2)
+    p = params_of(m)
+    with pytest.raises(ValueError, match=r"clipped_grad\(loss_fn, max_norm\): loss_fn must return "
+                       r"per-example losses of shape \(4,\) \(floating point\), got shape \(4, 2\)"):
+        fp.clipped_grad(lambda p, x: torch.func.functional_call(m, p, (x,)), 1.0,
+                        method="ghost")(p, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"batch leaves disagree on the batch size"):
+        fp.clipped_grad(lambda p, x, y: squared(m)(p, x) + y, 1.0, method="ghost")(
+            p, torch.randn(4, 3), torch.randn(5))
