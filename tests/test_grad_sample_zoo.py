@@ -196,3 +196,138 @@ def test_instance_and_rms_norm_match_loop(make, shape):
         assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
         return
     assert_matches(weighted(m), params_of(m), x)
+
+
+# -- attention ------------------------------------------------------------------------------
+
+PADDING = torch.tensor([[False] * 5, [False] * 4 + [True], [False, True, False, False, False]])
+
+
+def attention_loss(module, seq_first=False, mask_name=None, kw=None, pick=lambda out: out[0]):
+    """Per-example losses of ``module(*inputs)``; inputs are batch-first (the batch axis the
+    engine reads) and transposed for sequence-first modules; an optional mask is the last
+    batch argument."""
+
+    def loss(p, *xs):
+        kwargs = dict(kw or {})
+        if mask_name is not None:
+            kwargs[mask_name], xs = xs[-1], xs[:-1]
+        if seq_first:
+            xs = tuple(x.transpose(0, 1) for x in xs)
+        out = pick(torch.func.functional_call(module, p, xs, kwargs))
+        if seq_first:
+            out = out.transpose(0, 1)
+        scale = torch.linspace(0.5, 2.0, out[0].numel()).reshape(out[0].shape)
+        return (out ** 2 * scale).flatten(1).sum(1)
+
+    return loss
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kw, cross", [
+    (dict(), "self"),
+    (dict(add_bias_kv=True, add_zero_attn=True), "kv"),
+    (dict(kdim=6, vdim=5), "cross"),
+    (dict(bias=False), "cross_same_dim"),
+])
+def test_multihead_attention_matches_loop(batch_first, kw, cross):
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kw)
+    x = torch.randn(3, 5, 8)
+    if cross == "self":
+        inputs = (x, x, x)
+    elif cross == "kv":
+        kv = torch.randn(3, 4, 8)
+        inputs = (x, kv, kv)
+    else:
+        inputs = (x, torch.randn(3, 4, kw.get("kdim", 8)), torch.randn(3, 4, kw.get("vdim", 8)))
+
+    loss = attention_loss(m, seq_first=not batch_first)
+    if cross == "self":  # one tensor three times: the packed self-attention projection
+        def self_loss(p, x):
+            return loss(p, x, x, x)
+        assert_matches(self_loss, params_of(m), x)
+    else:
+        assert_matches(loss, params_of(m), *inputs)
+
+
+@pytest.mark.parametrize("kw, mask", [
+    (dict(need_weights=False), "key_padding_mask"),
+    (dict(need_weights=True, average_attn_weights=False), "key_padding_mask"),
+    (dict(need_weights=False, is_causal=True, attn_mask="causal"), None),
+    (dict(need_weights=True, attn_mask="random"), None),
+    (dict(need_weights=True, attn_mask="random"), "key_padding_mask"),
+])
+def test_multihead_attention_masks_match_loop(kw, mask):
+    torch.manual_seed(0)
+    if kw.get("attn_mask") == "causal":
+        kw = {**kw, "attn_mask": nn.Transformer.generate_square_subsequent_mask(5)}
+    elif kw.get("attn_mask") == "random":
+        kw = {**kw, "attn_mask": torch.randn(5, 5)}
+    m = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+
+    def loss(p, x, *masks):
+        return attention_loss(m, mask_name=mask, kw=kw)(p, x, x, x, *masks)
+
+    padding = PADDING if "attn_mask" not in kw else torch.zeros(3, 5).masked_fill(PADDING, -torch.inf)
+    assert_matches(loss, params_of(m), x, *([padding] if mask else []))
+
+
+def test_multihead_attention_weights_output_matches_torch():
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    x = torch.randn(3, 5, 8)
+    want_out, want_w = m(x, x, x, key_padding_mask=PADDING)
+    seen = {}
+
+    def loss(p, x, mask):
+        out, w = torch.func.functional_call(m, p, (x, x, x), {"key_padding_mask": mask})
+        seen["out"], seen["w"] = out, w
+        return out.pow(2).sum((1, 2))
+
+    fp.per_sample_grads(loss, method="hooks")(params_of(m), x, PADDING)
+    assert torch.allclose(seen["out"], want_out, atol=1e-12) and torch.allclose(seen["w"], want_w, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_layer_batch_first_matches_loop(norm_first, activation):
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True,
+                                   norm_first=norm_first, activation=activation)
+    x = torch.randn(3, 5, 8)
+    loss = attention_loss(m, mask_name="src_key_padding_mask", pick=lambda out: out)
+    got = assert_matches(loss, params_of(m), x, PADDING)
+    auto = fp.per_sample_grads(loss)(params_of(m), x, PADDING)  # the default takes hooks: same numbers
+    assert all(torch.allclose(auto[k], got[k], atol=1e-12, rtol=0) for k in got)
+
+
+def test_transformer_encoder_layer_sequence_first_falls_back_with_the_same_numbers():
+    """Sequence-first layers apply their Linear layers to (S, N, E): the batch is not on
+    axis 0, so hooks refuses (clear error) and auto runs vmap once warned."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    x = torch.randn(3, 5, 8)
+    loss = attention_loss(m, seq_first=True, pick=lambda out: out)
+    with pytest.raises(ValueError, match=r"norm1.weight.*F.layer_norm.*shape \(5, 3, 8\).*not the batch"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(loss)(params_of(m), x)
+    want = loop_grads(loss, params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+
+
+def test_multihead_attention_static_kv_falls_back():
+    m = nn.MultiheadAttention(4, 1)
+    x = torch.randn(2, 3, 4)
+
+    def loss(p, x):
+        q = x.transpose(0, 1)
+        out = F.multi_head_attention_forward(
+            q, q, q, 4, 1, p["in_proj_weight"], p["in_proj_bias"], None, None, False, 0.0,
+            p["out_proj.weight"], p["out_proj.bias"], static_k=torch.ones(2, 3, 4),
+            static_v=torch.ones(2, 3, 4))[0]
+        return out.pow(2).sum((0, 2))
+
+    with pytest.raises(ValueError, match="static_k/static_v"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), x)

@@ -5,6 +5,7 @@ fused recurrent rule in ``_recurrent``. Higher layers make a composite op replac
 with :func:`overridable` and give it a rule with :func:`register_rule`.
 """
 
+from functorch_pipeline.transforms._grad_sample import _rules_attention  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_conv  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_misc  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample._api import Unsupported
