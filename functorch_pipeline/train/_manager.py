@@ -6,12 +6,14 @@ import json
 import math
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from functorch_pipeline.serialization import CheckpointError
+from functorch_pipeline.serialization import clean_temp_files
 from functorch_pipeline.serialization import load
 from functorch_pipeline.serialization import read_metadata
 from functorch_pipeline.serialization import save
@@ -19,6 +21,7 @@ from functorch_pipeline.serialization import save
 __all__ = ["CheckpointManager"]
 
 _METRICS_KEY = "metrics"
+_RUN_KEY = "run_id"
 
 
 class CheckpointManager:
@@ -27,14 +30,32 @@ class CheckpointManager:
     # NOTE [manager invariants]
     - A step's file appears only when ``fp.save`` renames a complete, fsync-ed temporary
       file into place (NOTE [atomic save]); temporary files never match the step
-      pattern, so an interrupted save never becomes :meth:`latest`.
+      pattern, so an interrupted save never becomes :meth:`latest`. Stale temporary files
+      of killed saves are removed when a manager is created (NOTE [temp files]).
     - Retention: after each save the last ``max_to_keep`` steps are kept and, when
       ``best_metric`` is set, also the single best step by that metric (so up to
       ``max_to_keep + 1`` files). Older files are deleted only after the new file is
-      durable.
+      durable, and the file just written is never deleted.
     - Metrics live in each file's header (``metadata["metrics"]``, JSON), so the manager
       rebuilds its view of the directory from the files alone: a new process (a resumed
       run) needs no side file.
+
+    # NOTE [one run per directory]
+    Each file records the id of the run that wrote it (``metadata["run_id"]``). A
+    manager's run is the ``run_id`` it was given, else the run of the checkpoint it
+    :meth:`restore`-d (resuming continues that run), else a new random id made at its
+    first :meth:`save`. :meth:`save` refuses (``CheckpointError``, nothing written or
+    deleted) to write into a directory holding checkpoints of another run, or files
+    whose run it cannot read, and to write a step older than its own run's latest
+    (that would make the abandoned later steps :meth:`latest`, or get pruned at once).
+    So reusing a directory of a longer earlier run fails on the first save instead of
+    silently deleting every new checkpoint, and ``--resume`` can never restore a run
+    other than the one that wrote last. Only the run's own files are ever pruned.
+    Files from before run ids (no ``run_id``) count as a run of their own, which a
+    manager continues by restoring one of them. To start afresh, use a new directory
+    or delete the old files yourself. :meth:`all_steps`, :meth:`latest_step` and
+    :meth:`best_step` describe the whole directory; :meth:`latest_step` is ``None``
+    when there is nothing to resume.
 
     Args:
       directory: where checkpoints live (created if missing).
@@ -42,6 +63,9 @@ class CheckpointManager:
       best_metric: name of a metric passed to :meth:`save`; the best step by it is kept.
       mode: ``"min"`` (default, e.g. a loss) or ``"max"`` (e.g. accuracy).
       prefix: file name prefix.
+      run_id: this run's id (letters, digits, ``_.-``, at most 64); default: adopted
+        from the checkpoint restored, or new at the first save. Pass the same id to
+        continue a run without restoring through this manager.
 
     >>> import tempfile, torch
     >>> mgr = CheckpointManager(tempfile.mkdtemp(), max_to_keep=2, best_metric="loss")
@@ -51,6 +75,11 @@ class CheckpointManager:
     ([2, 3, 4], 4, 2)
     >>> mgr.restore()["w"], mgr.metrics(2)
     (tensor([4.]), {'loss': 0.1})
+    >>> other = CheckpointManager(mgr.directory)  # a new run in the same directory
+    >>> other.save(1, {"w": torch.zeros(1)})
+    Traceback (most recent call last):
+    ...
+    functorch_pipeline.serialization._format.CheckpointError: CheckpointManager.save(step, tree): ...
     """
 
     def __init__(
@@ -61,6 +90,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         mode: str = "min",
         prefix: str = "ckpt",
+        run_id: str | None = None,
     ) -> None:
         fn = "CheckpointManager(directory)"
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
@@ -69,13 +99,30 @@ class CheckpointManager:
             raise ValueError(f"{fn}: `mode` must be 'min' or 'max', got {mode!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
             raise ValueError(f"{fn}: `prefix` must be letters, digits, '_', '.' or '-', got {prefix!r}")
+        if run_id is not None and not (
+            isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run_id)
+        ):
+            raise ValueError(
+                f"{fn}: `run_id` must be 1 to 64 letters, digits, '_', '.' or '-', got {run_id!r}"
+            )
         self.directory = os.fspath(directory)
         self.max_to_keep = max_to_keep
         self.best_metric = best_metric
         self.mode = mode
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}_(\d{{8,}})\.safetensors")
+        self._run_id = run_id
+        self._explicit = run_id is not None
+        self._legacy = False  # restored a file without a run id: such files are ours
+        self._runs: dict[str, tuple[tuple[int, int, int], str | None]] = {}
         os.makedirs(self.directory, exist_ok=True)
+        clean_temp_files(self.directory, target=f"{prefix}_*.safetensors")
+
+    @property
+    def run_id(self) -> str | None:
+        """This manager's run (NOTE [one run per directory]); ``None`` until it is given,
+        adopted by :meth:`restore` or made by the first :meth:`save`."""
+        return self._run_id
 
     def path(self, step: int) -> str:
         """The file of ``step`` (whether or not it exists)."""
@@ -139,8 +186,8 @@ class CheckpointManager:
         metrics: Mapping[str, float | int | torch.Tensor] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> str:
-        """Save ``tree`` as ``step`` (atomically; replaces an existing file of that step),
-        then prune old files (NOTE [manager invariants]).
+        """Save ``tree`` as ``step`` (atomically; replaces an existing file of that step of
+        this run), then prune this run's old files (NOTE [manager invariants]).
 
         Args:
           step: a non-negative int (a tensor step is read once with ``int()``).
@@ -149,15 +196,21 @@ class CheckpointManager:
           metadata: extra ``{str: str}`` header entries.
 
         Returns:
-          The path written.
+          The path written (it exists when this returns).
+
+        Raises:
+          CheckpointError: the directory holds another run's checkpoints, or ``step`` is
+            older than this run's latest (NOTE [one run per directory]); nothing is
+            written or deleted.
         """
         fn = "CheckpointManager.save(step, tree)"
         step = int(step)
         if step < 0:
             raise ValueError(f"{fn}: `step` must be >= 0, got {step}")
         meta = dict(metadata or {})
-        if _METRICS_KEY in meta:
-            raise ValueError(f"{fn}: `metadata` key {_METRICS_KEY!r} is reserved for `metrics`")
+        for key in (_METRICS_KEY, _RUN_KEY):
+            if key in meta:
+                raise ValueError(f"{fn}: `metadata` key {key!r} is reserved for the manager")
         if metrics is not None:
             clean = {}
             for k, v in metrics.items():
@@ -166,9 +219,13 @@ class CheckpointManager:
                     raise TypeError(f"{fn}: metric {k!r} must be a number, got {type(v).__name__}")
                 clean[str(k)] = v
             meta[_METRICS_KEY] = json.dumps(clean)
+        if self._run_id is None:
+            self._run_id = uuid.uuid4().hex
+        own = self._check_directory(step, fn)
+        meta[_RUN_KEY] = self._run_id
         path = self.path(step)
         save(path, tree, metadata=meta)
-        self._prune()
+        self._prune(sorted({*own, step}), step)
         return path
 
     def restore(
@@ -179,6 +236,9 @@ class CheckpointManager:
         device: torch.device | str | int | None = None,
     ) -> Any:
         """Load ``step`` (default: the latest) with ``fp.load(path, like, device=...)``.
+
+        Unless this manager was given a ``run_id``, it adopts the restored file's run:
+        its later saves continue that run (NOTE [one run per directory]).
 
         Raises:
           FileNotFoundError: there is no checkpoint (for ``step``, or at all).
@@ -193,11 +253,67 @@ class CheckpointManager:
                 f"CheckpointManager.restore(step): no checkpoint for step {step} in {self.directory!r}; "
                 f"steps on disk: {self.all_steps()}"
             )
-        return load(path, like, device=device)
+        out = load(path, like, device=device)
+        if not self._explicit:  # resuming continues the restored run
+            ok, run = self._run_of(int(step))
+            if ok:
+                self._run_id = run if run is not None else self._run_id
+                self._legacy = self._legacy or run is None
+        return out
 
-    def _prune(self) -> None:
-        steps = self.all_steps()
+    def _run_of(self, step: int) -> tuple[bool, str | None]:
+        """``(readable, run id)`` of a step's file, cached by the file's identity."""
+        path = self.path(step)
+        try:
+            st = os.stat(path)
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._runs.get(path)
+            if cached is not None and cached[0] == ident:
+                return True, cached[1]
+            run = read_metadata(path).get(_RUN_KEY)
+        except (CheckpointError, OSError):
+            return False, None
+        self._runs[path] = (ident, run)
+        return True, run
+
+    def _check_directory(self, step: int, fn: str) -> list[int]:
+        """This run's steps on disk, after refusing a directory that holds other runs'
+        (or unreadable) files or a step older than this run's latest (NOTE [one run
+        per directory])."""
+        own, other, unreadable = [], {}, []
+        for s in self.all_steps():
+            ok, run = self._run_of(s)
+            if not ok:
+                unreadable.append(s)
+            elif run == self._run_id or (run is None and self._legacy):
+                own.append(s)
+            else:
+                other.setdefault(run, []).append(s)
+        where = f"{fn}: directory {self.directory!r}"
+        if other or unreadable:
+            runs = "; ".join(
+                f"steps {v[:5]}{' ...' if len(v) > 5 else ''} of run "
+                f"{'(no run id, an older version)' if k is None else repr(k)}"
+                for k, v in other.items()
+            )
+            bad = f"; unreadable steps {unreadable[:5]}" if unreadable else ""
+            raise CheckpointError(
+                f"{where} holds checkpoints of another run ({runs}{bad}); this manager's run "
+                f"is {self._run_id!r}. Saving here could delete or shadow them, so nothing "
+                "was written. To continue that run, restore() from it first (e.g. --resume); "
+                "to start a new run, use another directory or delete those files"
+            )
+        if own and own[-1] > step:
+            raise CheckpointError(
+                f"{where}: step {step} is older than this run's latest checkpoint (step "
+                f"{own[-1]}), which would stay latest() and be resumed from instead; nothing "
+                f"was written. Delete the steps after {step} first ({[s for s in own if s > step][:5]})"
+            )
+        return own
+
+    def _prune(self, steps: list[int], just_written: int) -> None:
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
+        keep.add(just_written)  # never delete what this save wrote
         best = self.best_step()
         if best is not None:
             keep.add(best)
@@ -211,5 +327,6 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return (
             f"CheckpointManager({self.directory!r}, max_to_keep={self.max_to_keep}, "
-            f"best_metric={self.best_metric!r}, mode={self.mode!r}, steps={self.all_steps()})"
+            f"best_metric={self.best_metric!r}, mode={self.mode!r}, run_id={self._run_id!r}, "
+            f"steps={self.all_steps()})"
         )
