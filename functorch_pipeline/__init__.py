@@ -10,6 +10,7 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 
 from functorch_pipeline import data
 from functorch_pipeline import devices
+from functorch_pipeline import distributed
 from functorch_pipeline import losses
 from functorch_pipeline import nn
 from functorch_pipeline import optim
@@ -55,6 +56,7 @@ __all__ = [
     "custom_vjp",
     "data",
     "devices",
+    "distributed",
     "functionalize",
     "grad",
     "hessian",

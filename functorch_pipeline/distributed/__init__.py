@@ -1,0 +1,42 @@
+"""``fp.distributed``: JAX-named collectives over pytrees on ``torch.distributed``.
+
+Launch with ``torchrun --nproc_per_node N script.py`` and call :func:`initialize`; gloo on
+CPUs, NCCL on GPUs. No transport of our own: the collectives are ``torch.distributed``'s
+functional collectives, so they work eagerly and under ``fp.jit(fullgraph=True)``.
+"""
+
+from functorch_pipeline.distributed._collectives import all_gather
+from functorch_pipeline.distributed._collectives import broadcast
+from functorch_pipeline.distributed._collectives import check_same_tree
+from functorch_pipeline.distributed._collectives import pmax
+from functorch_pipeline.distributed._collectives import pmean
+from functorch_pipeline.distributed._collectives import pmin
+from functorch_pipeline.distributed._collectives import psum
+from functorch_pipeline.distributed._collectives import psum_scatter
+from functorch_pipeline.distributed._collectives import reduce_scatter
+from functorch_pipeline.distributed._launch import local_group
+from functorch_pipeline.distributed._launch import spawn
+from functorch_pipeline.distributed._runtime import barrier
+from functorch_pipeline.distributed._runtime import initialize
+from functorch_pipeline.distributed._runtime import is_initialized
+from functorch_pipeline.distributed._runtime import rank
+from functorch_pipeline.distributed._runtime import world_size
+
+__all__ = [
+    "all_gather",
+    "barrier",
+    "broadcast",
+    "check_same_tree",
+    "initialize",
+    "is_initialized",
+    "local_group",
+    "pmax",
+    "pmean",
+    "pmin",
+    "psum",
+    "psum_scatter",
+    "rank",
+    "reduce_scatter",
+    "spawn",
+    "world_size",
+]

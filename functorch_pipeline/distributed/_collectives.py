@@ -1,0 +1,469 @@
+"""JAX-named collectives over pytrees on ``torch.distributed``'s functional collectives.
+
+# NOTE [one collective per bucket]
+Leaves are grouped by ``(device, dtype)`` in leaf order; each group is flattened into one
+buffer (``torch.cat`` of the raveled leaves) and sent with ONE functional collective, then
+split back into views. A 100-leaf tree thus costs one round trip per dtype instead of 100
+(gloo's ``allreduce_coalesced`` would do the same but refuses mixed dtypes; NCCL coalesces
+too, but the flat buffer is the one form every backend and ``torch.compile`` accept).
+The copy into the buffer is one memcpy per leaf, small next to the transfer.
+
+# NOTE [cross-rank tree check]
+A collective over trees that differ across ranks (other keys, other shapes) would mix
+unrelated numbers or wait forever for a message of another size. So on the first eager call
+with each (treedef, shapes, dtypes) signature, the ranks all-gather a 56-bit hash of it
+(one tiny collective) and compare; on a mismatch every rank gathers the readable
+descriptions and raises the same ``ValueError`` naming the rank and key path. Later calls
+with a signature every rank has checked skip it (no extra latency, no host sync). Under
+``torch.compile`` the check is not traced: check eagerly once (or call
+:func:`check_same_tree`) before compiling. A rank that changes its tree after a signature
+was checked on all ranks is caught by the backend instead (a size error, or the group's
+timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from functorch_pipeline import tree as fpt
+from functorch_pipeline.distributed._runtime import require
+
+# torch >= 2.6 names; older ones only have the *_tensor spellings.
+_ALL_GATHER = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_REDUCE_SCATTER = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+_C10D_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_C10D_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+__all__ = [
+    "all_gather",
+    "broadcast",
+    "check_same_tree",
+    "pmax",
+    "pmean",
+    "pmin",
+    "psum",
+    "psum_scatter",
+    "reduce_scatter",
+]
+
+_CHECKED: dict[int, tuple[Any, set[Any]]] = {}
+
+
+def _group(group: Any) -> Any:
+    return dist.group.WORLD if group is None else group
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _leaves(fn: str, tree: Any) -> tuple[list[torch.Tensor], Any]:
+    leaves, treedef = fpt.flatten(tree)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+            raise TypeError(f"{fn}: leaf at path `{path}` is a {type(x).__name__}, not a tensor")
+    return leaves, treedef
+
+
+def _describe(tree: Any) -> tuple[str, list[tuple[str, tuple[int, ...], str]]]:
+    paths, leaves, treedef = fpt.flatten_with_path(tree)
+    return str(treedef), [(fpt.keystr(p), tuple(x.shape), str(x.dtype)) for p, x in zip(paths, leaves, strict=True)]
+
+
+def _mismatch(fn: str, descs: list[Any], hashes: list[int]) -> str:
+    r = next(i for i, h in enumerate(hashes) if h != hashes[0])
+    (td0, l0), (tdr, lr) = descs[0], descs[r]
+    p0, pr = [d[0] for d in l0], [d[0] for d in lr]
+    head = f"{fn}: the tree differs across ranks (rank {r} vs rank 0): "
+    if p0 != pr:
+        only_r = [p for p in pr if p not in p0][:5]
+        only_0 = [p for p in p0 if p not in pr][:5]
+        return head + (f"key paths only on rank {r}: {only_r}; only on rank 0: {only_0}"
+                       if only_r or only_0 else f"the leaves come in another order: {pr[:5]} vs {p0[:5]}")
+    for (path, s0, d0), (_, sr, dr) in zip(l0, lr, strict=True):
+        if (s0, d0) != (sr, dr):
+            return head + (f"leaf at path `{path}` has shape {sr} and dtype {dr} on rank {r} "
+                           f"but shape {s0} and dtype {d0} on rank 0")
+    return head + f"tree structure {tdr} on rank {r} but {td0} on rank 0"
+
+
+def check_same_tree(tree: Any, *, group: Any = None, fn: str = "check_same_tree") -> None:
+    """Raise unless ``tree`` has the same structure, shapes and dtypes on every rank.
+
+    Collectives call this automatically on their first eager call with each tree
+    signature (NOTE [cross-rank tree check]); call it yourself before compiling a step.
+    A collective: every rank of ``group`` must call it.
+
+    Args:
+      tree: a pytree of tensors.
+      group: a process group, or ``None`` for the default one.
+      fn: the API name used in the error message.
+
+    Returns:
+      ``None``.
+
+    Raises:
+      ValueError: naming the first differing rank and key path.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.check_same_tree({"w": torch.zeros(2)})
+    """
+    require(f"fp.distributed.{fn}")
+    g = _group(group)
+    leaves, treedef = _leaves(fn, tree)
+    _check(fn, tree, leaves, treedef, g, force=True)
+
+
+def _check(fn: str, tree: Any, leaves: list[torch.Tensor], treedef: Any, g: Any, force: bool = False) -> None:
+    sig = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
+    entry = _CHECKED.get(id(g))
+    if entry is None or entry[0] is not g:
+        entry = _CHECKED[id(g)] = (g, set())
+    if sig in entry[1] and not force:
+        return
+    digest = hashlib.blake2b(repr((str(treedef), sig[1])).encode(), digest_size=7).digest()
+    dev = leaves[0].device if leaves else torch.device("cpu")
+    if dist.get_backend(g) == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor([int.from_bytes(digest, "little")], dtype=torch.int64, device=dev)
+    hashes = _guard(fn, lambda: _all_gather_buf(mine, g)).tolist()
+    if len(set(hashes)) > 1:
+        descs: list[Any] = [None] * dist.get_world_size(g)
+        dist.all_gather_object(descs, _describe(tree), group=g)
+        raise ValueError(_mismatch(fn, descs, hashes))
+    entry[1].add(sig)
+
+
+def _guard(fn: str, thunk: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run a collective and wait for it; eager failures name the API and the rank."""
+    if _compiling():
+        return thunk()
+    try:
+        return thunk()
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise RuntimeError(
+            f"{fn}: the collective failed on rank {dist.get_rank()} (a peer rank may have died, "
+            f"timed out, or called a different collective): {e}"
+        ) from e
+
+
+# NOTE [eager c10d, traced funcol]
+# Eagerly, the buffers go through the classic in-place c10d calls on a buffer we own (a
+# fresh concatenation, or a clone): importing the functional collectives' machinery costs
+# ~3 s (it imports torch._dynamo) on a process's first call, and the classic calls need no
+# wrapper tensors. While compiling, the functional collectives are used: they return new
+# tensors and trace under fullgraph=True. Same backend kernels either way.
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _all_reduce_buf(buf: torch.Tensor, op: str, g: Any, owned: bool) -> torch.Tensor:
+    if _compiling():
+        return funcol.wait_tensor(funcol.all_reduce(buf, op, g))
+    buf = buf if owned else buf.clone()
+    dist.all_reduce(buf, op=_OPS[op], group=g)
+    return buf
+
+
+def _all_gather_buf(buf: torch.Tensor, g: Any) -> torch.Tensor:
+    if _compiling():
+        return funcol.wait_tensor(_ALL_GATHER(buf, 0, g))
+    out = buf.new_empty((dist.get_world_size(g) * buf.numel(),))
+    _C10D_ALL_GATHER(out, buf.contiguous(), group=g)
+    return out
+
+
+def _reduce_scatter_buf(buf: torch.Tensor, g: Any) -> torch.Tensor:
+    if _compiling():
+        return funcol.wait_tensor(_REDUCE_SCATTER(buf, "sum", 0, g))
+    out = buf.new_empty((buf.numel() // dist.get_world_size(g),))
+    _C10D_REDUCE_SCATTER(out, buf.contiguous(), op=dist.ReduceOp.SUM, group=g)
+    return out
+
+
+def _broadcast_buf(buf: torch.Tensor, src: int, g: Any, owned: bool) -> torch.Tensor:
+    if _compiling():
+        return funcol.wait_tensor(funcol.broadcast(buf, src, g))
+    buf = buf if owned else buf.clone()
+    dist.broadcast(buf, src=dist.get_global_rank(g, src), group=g)
+    return buf
+
+
+def _buckets(leaves: list[torch.Tensor]) -> list[list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault((x.device, x.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _prepare(fn: str, tree: Any, group: Any) -> tuple[list[torch.Tensor], Any, Any]:
+    require(f"fp.distributed.{fn}")
+    g = _group(group)
+    leaves, treedef = _leaves(fn, tree)
+    if not _compiling():
+        _check(fn, tree, leaves, treedef, g)
+    return leaves, treedef, g
+
+
+def _flat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
+
+
+def _unflat(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    parts = torch.split(buf, [x.numel() for x in like])
+    return [p.view(x.shape) for p, x in zip(parts, like, strict=True)]
+
+
+def _all_reduce(fn: str, tree: Any, op: str, group: Any, integer_ok: bool = True) -> Any:
+    leaves, treedef, g = _prepare(fn, tree, group)
+    out: list[Any] = [None] * len(leaves)
+    for idx in _buckets(leaves):
+        xs = [leaves[i] for i in idx]
+        dtype = xs[0].dtype
+        if dtype == torch.bool and op == "sum":
+            raise TypeError(f"fp.distributed.{fn}: boolean leaves cannot be summed; cast them first")
+        if not integer_ok and not (dtype.is_floating_point or dtype.is_complex):
+            path = fpt.keystr(fpt.flatten_with_path(tree)[0][idx[0]])
+            raise TypeError(f"fp.distributed.{fn}: leaf at path `{path}` has dtype {dtype}; "
+                            "the mean needs floating point (use psum for integers)")
+        buf, owned = _flat(xs), len(xs) > 1
+        if dtype == torch.bool:
+            buf, owned = buf.to(torch.uint8), True
+        red = _guard(fn, lambda b=buf, o=owned: _all_reduce_buf(b, op, g, o)).to(dtype)
+        for i, y in zip(idx, _unflat(red, xs), strict=True):
+            out[i] = y
+    return fpt.unflatten(treedef, out)
+
+
+def psum(tree: Any, *, group: Any = None) -> Any:
+    """Sum every leaf over the ranks of ``group`` (``jax.lax.psum``).
+
+    One collective per dtype (NOTE [one collective per bucket]); the tree must agree
+    across ranks (NOTE [cross-rank tree check]). Works eagerly and under
+    ``fp.jit(fullgraph=True)``. Unlike JAX there is no ``axis_name``: the ranks of a
+    process group play the role of a mapped axis.
+
+    Args:
+      tree: a pytree of tensors (same structure, shapes and dtypes on every rank).
+      group: a ``torch.distributed`` process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the sums (inputs are not modified).
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():  # one rank here; under torchrun, N ranks
+      ...     fp.distributed.psum({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)})
+      {'w': tensor([1., 2.]), 'n': tensor(3)}
+    """
+    return _all_reduce("psum", tree, "sum", group)
+
+
+def pmean(tree: Any, *, group: Any = None) -> Any:
+    """Average every leaf over the ranks of ``group`` (``jax.lax.pmean``).
+
+    Computed as the sum divided by the group size; floating-point leaves only.
+
+    Args:
+      tree: a pytree of floating-point tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the means.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmean(torch.tensor([0.5]))
+      tensor([0.5000])
+    """
+    summed = _all_reduce("pmean", tree, "sum", group, integer_ok=False)
+    n = dist.get_world_size(_group(group))
+    return fpt.map(lambda x: x / n, summed)
+
+
+def pmax(tree: Any, *, group: Any = None) -> Any:
+    """Elementwise maximum of every leaf over the ranks (``jax.lax.pmax``).
+
+    Args:
+      tree: a pytree of tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the maxima.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmax(torch.tensor([1, -1]))
+      tensor([ 1, -1])
+    """
+    return _all_reduce("pmax", tree, "max", group)
+
+
+def pmin(tree: Any, *, group: Any = None) -> Any:
+    """Elementwise minimum of every leaf over the ranks (``jax.lax.pmin``).
+
+    Args:
+      tree: a pytree of tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the minima.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmin(torch.tensor([1, -1]))
+      tensor([ 1, -1])
+    """
+    return _all_reduce("pmin", tree, "min", group)
+
+
+def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = None) -> Any:
+    """Gather every leaf from all ranks (``jax.lax.all_gather``).
+
+    Args:
+      tree: a pytree of tensors.
+      axis: where the rank axis goes (``tiled=False``) or which axis is concatenated
+        (``tiled=True``).
+      tiled: ``False``: a new axis of size ``world_size`` at ``axis``; ``True``: the
+        ranks' leaves concatenated along ``axis`` (rank order).
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the gathered leaves.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     x = torch.tensor([1.0, 2.0])
+      ...     fp.distributed.all_gather(x), fp.distributed.all_gather(x, tiled=True)
+      (tensor([[1., 2.]]), tensor([1., 2.]))
+    """
+    leaves, treedef, g = _prepare("all_gather", tree, group)
+    n = dist.get_world_size(g)
+    out: list[Any] = [None] * len(leaves)
+    for idx in _buckets(leaves):
+        xs = [leaves[i] for i in idx]
+        dtype = xs[0].dtype
+        for i, x in zip(idx, xs, strict=True):
+            if not -x.dim() - 1 <= axis <= x.dim() or (tiled and not -x.dim() <= axis < x.dim()):
+                path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+                raise ValueError(f"fp.distributed.all_gather: `axis`={axis} is out of range for the "
+                                 f"leaf at path `{path}` of shape {tuple(x.shape)} (tiled={tiled})")
+        buf = _flat(xs)
+        if dtype == torch.bool:
+            buf = buf.to(torch.uint8)
+        got = _guard("all_gather", lambda b=buf: _all_gather_buf(b, g)).to(dtype).view(n, -1)
+        parts = torch.split(got, [x.numel() for x in xs], dim=1)
+        for i, x, p in zip(idx, xs, parts, strict=True):
+            y = p.reshape(n, *x.shape)
+            if tiled:
+                a = axis % x.dim()
+                y = y.movedim(0, a).reshape(*x.shape[:a], n * x.shape[a], *x.shape[a + 1:])
+            else:
+                y = y.movedim(0, axis % (x.dim() + 1))
+            out[i] = y
+    return fpt.unflatten(treedef, out)
+
+
+def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
+    """Every rank receives rank ``src``'s leaves (``torch.distributed.broadcast``, pure).
+
+    JAX has no process-level broadcast; this is the usual way to make a tree (initial
+    parameters, a key) identical on all ranks.
+
+    Args:
+      tree: a pytree of tensors; its structure and shapes must match on every rank.
+      src: the rank (in ``group``) whose values everyone gets.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree holding ``src``'s values.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.broadcast({"w": torch.tensor([1.0])}, src=0)
+      {'w': tensor([1.])}
+    """
+    leaves, treedef, g = _prepare("broadcast", tree, group)
+    n = dist.get_world_size(g)
+    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < n:
+        raise ValueError(f"fp.distributed.broadcast: `src` must be a rank in [0, {n}), got {src!r}")
+    out: list[Any] = [None] * len(leaves)
+    for idx in _buckets(leaves):
+        xs = [leaves[i] for i in idx]
+        dtype = xs[0].dtype
+        buf, owned = _flat(xs), len(xs) > 1
+        if dtype == torch.bool:
+            buf, owned = buf.to(torch.uint8), True
+        got = _guard("broadcast", lambda b=buf, o=owned: _broadcast_buf(b, src, g, o)).to(dtype)
+        for i, y in zip(idx, _unflat(got, xs), strict=True):
+            out[i] = y
+    return fpt.unflatten(treedef, out)
+
+
+def psum_scatter(tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, group: Any = None) -> Any:
+    """Sum over ranks and give each rank one slice (``jax.lax.psum_scatter``).
+
+    Each leaf's axis ``scatter_dimension`` is cut into ``world_size`` equal blocks; rank
+    ``r`` receives the sum over ranks of block ``r``. ``tiled=False`` (JAX's default) needs
+    that axis to have exactly ``world_size`` entries and removes it; ``tiled=True`` needs
+    it divisible by ``world_size`` and keeps it, ``world_size`` times shorter.
+
+    Args:
+      tree: a pytree of tensors.
+      scatter_dimension: the axis to cut.
+      tiled: see above.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of this rank's summed blocks.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.psum_scatter(torch.arange(4.0), tiled=True)
+      tensor([0., 1., 2., 3.])
+    """
+    leaves, treedef, g = _prepare("psum_scatter", tree, group)
+    n = dist.get_world_size(g)
+    d = scatter_dimension
+    out: list[Any] = [None] * len(leaves)
+    for idx in _buckets(leaves):
+        xs = [leaves[i] for i in idx]
+        dtype = xs[0].dtype
+        if dtype == torch.bool:
+            raise TypeError("fp.distributed.psum_scatter: boolean leaves cannot be summed; cast them first")
+        blocks = []
+        for i, x in zip(idx, xs, strict=True):
+            size = x.shape[d] if -x.dim() <= d < x.dim() else None
+            if size is None or (size != n if not tiled else size % n):
+                path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+                need = f"exactly {n}" if not tiled else f"a multiple of {n}"
+                raise ValueError(
+                    f"fp.distributed.psum_scatter: leaf at path `{path}` has shape {tuple(x.shape)}; "
+                    f"axis {d} must have {need} entries (world size {n}, tiled={tiled})")
+            blocks.append(x.movedim(d, 0).reshape(n, -1))
+        buf = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).reshape(-1)
+        got = _guard("psum_scatter", lambda b=buf: _reduce_scatter_buf(b, g))
+        parts = torch.split(got, [b.shape[1] for b in blocks])
+        for i, x, p in zip(idx, xs, parts, strict=True):
+            moved = x.movedim(d, 0).shape
+            y = p.reshape(moved[0] // n, *moved[1:]).movedim(0, d % x.dim())
+            out[i] = y.squeeze(d % x.dim()) if not tiled else y
+    return fpt.unflatten(treedef, out)
+
+
+reduce_scatter = psum_scatter
+"""``torch.distributed``'s name for :func:`psum_scatter` (same function)."""
