@@ -31,10 +31,23 @@ import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ArgumentParser  # noqa: E402
+from common import check_mnist_files  # noqa: E402
+from common import default_data_dir  # noqa: E402
+from common import device_arg  # noqa: E402
+from common import fail  # noqa: E402
+from common import finite_positive_float  # noqa: E402
 from common import fit  # noqa: E402
 from common import limit  # noqa: E402
 from common import load_mnist  # noqa: E402
+from common import non_negative_int  # noqa: E402
 from common import pick_device  # noqa: E402
+from common import positive_float  # noqa: E402
+from common import positive_int  # noqa: E402
+from common import prepare_out_dir  # noqa: E402
+from common import resume_command  # noqa: E402
+from common import run_main  # noqa: E402
+from common import seed_int  # noqa: E402
 from models import SequenceClassifier  # noqa: E402
 from models import TextClassifier  # noqa: E402
 
@@ -89,48 +102,71 @@ def load_imdb(root: str, max_words: int, max_len: int, device: torch.device) -> 
     return tensors(train_tok, train_labels), tensors(test_tok, test_labels), len(vocab) + 2
 
 
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lstm.py", description="LSTM classifiers with functorch_pipeline")
+    p.add_argument("--task", default="seqmnist", choices=["seqmnist", "imdb"],
+                   help="sequential MNIST (offline) or IMDB reviews (needs --imdb-dir)")
+    p.add_argument("--data-dir", default=default_data_dir(),
+                   help="dataset root holding MNIST/raw/ (torchvision layout)")
+    p.add_argument("--imdb-dir", default=None,
+                   help="folder with train/{pos,neg} and test/{pos,neg} (default: none; "
+                   "required for --task imdb)")
+    p.add_argument("--max-words", type=positive_int, default=5000, help="vocabulary size (imdb)")
+    p.add_argument("--max-len", type=positive_int, default=200, help="tokens per review (imdb)")
+    p.add_argument("--hidden", type=positive_int, default=128,
+                   help="LSTM hidden size (seqmnist; imdb uses 64)")
+    p.add_argument("--epochs", type=positive_int, default=3,
+                   help="epochs to train (in total, counting those a resumed run already did)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, help="test batch size")
+    p.add_argument("--lr", type=finite_positive_float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--clip", type=positive_float, default=1.0,
+                   help="clip_by_global_norm threshold (inf: no clipping)")
+    p.add_argument("--seed", type=seed_int, default=1, help="random seed (-2**63 <= seed < 2**63)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1, mps, ... (default: CUDA if available, else CPU)")
+    p.add_argument("--no-cuda", action="store_true", help="disable CUDA even when available")
+    p.add_argument("--out-dir", default="runs/lstm",
+                   help="where checkpoints/, metrics.jsonl, steps.jsonl and curves.png go")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out-dir (an error if there is none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out-dir and start over")
+    p.add_argument("--save-interval", type=positive_int, default=100, help="batches between checkpoints")
+    p.add_argument("--limit-train", type=positive_int, default=None,
+                   help="use only the first N training examples (default: all)")
+    p.add_argument("--limit-test", type=positive_int, default=None,
+                   help="use only the first N test examples (default: all)")
+    p.add_argument("--grad-norms", type=non_negative_int, default=0,
+                   help="per-example gradient norms of N test examples after training (0: skip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    return p
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="LSTM classifiers with functorch_pipeline")
-    p.add_argument("--task", default="seqmnist", choices=["seqmnist", "imdb"])
-    p.add_argument("--data-dir", default="../shared/data", help="MNIST root (torchvision layout)")
-    p.add_argument("--imdb-dir", default=None, help="folder with train/{pos,neg} and test/{pos,neg}")
-    p.add_argument("--max-words", type=int, default=5000, help="vocabulary size (imdb)")
-    p.add_argument("--max-len", type=int, default=200, help="tokens per review (imdb)")
-    p.add_argument("--hidden", type=int, default=128, help="LSTM hidden size (seqmnist; imdb uses 64)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--test-batch-size", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="clip_by_global_norm threshold")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-cuda", action="store_true")
-    p.add_argument("--out-dir", default="runs/lstm")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--save-interval", type=int, default=100, help="batches between checkpoints")
-    p.add_argument("--limit-train", type=int, default=None)
-    p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--grad-norms", type=int, default=0, help="per-example gradient norms of N test examples")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device, args.no_cuda)
+    if args.task == "imdb" and not args.imdb_dir:
+        fail("--task imdb needs --imdb-dir (a folder with train/{pos,neg} and test/{pos,neg})")
+    if args.task == "imdb" and args.max_words < 3:
+        fail(f"argument --max-words: must be >= 3 (padding, unknown and one word), got {args.max_words}")
+    if args.task == "seqmnist":
+        check_mnist_files(args.data_dir)
+    prepare_out_dir(args.out_dir, args.resume, args.overwrite, keep=2)  # before reading data
     try:
         if args.task == "imdb":
-            if not args.imdb_dir:
-                raise SystemExit("--task imdb needs --imdb-dir")
             train, test, vocab_size = load_imdb(args.imdb_dir, args.max_words, args.max_len, device)
             net = TextClassifier(vocab_size=vocab_size)
         else:
             train, test = load_mnist(args.data_dir, device)
             net = SequenceClassifier(hidden=args.hidden)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
     train, test = limit(train, args.limit_train), limit(test, args.limit_test)
 
     model = fp.functionalize(net)
@@ -147,14 +183,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, state, loss_fn, opt, train, test, epochs=args.epochs, batch_size=args.batch_size,
         test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
         keep=2, resume=args.resume, log_interval=20, no_progress=args.no_progress,
-        title=f"LSTM ({args.task})", plot=not args.no_plot)
+        title=f"LSTM ({args.task})", plot=not args.no_plot, overwrite=args.overwrite,
+        resume_hint=resume_command(__file__, argv))
 
     norms = None
     if args.grad_norms:
         x, y = fp.tree.map(lambda a: a[: args.grad_norms], test)
 
         def example_loss(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fp.losses.cross_entropy(model.apply({"params": params, "buffers": {}}, x), y).mean()
+            # per-example losses: the fast "hooks" method of per_sample_grads needs them
+            return fp.losses.cross_entropy(model.apply({"params": params, "buffers": {}}, x), y)
 
         grads = fp.per_sample_grads(example_loss)(state.params, x, y)
         norms = fp.vmap(fp.tree.global_norm)(grads)
@@ -164,4 +202,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
