@@ -14,6 +14,13 @@ from functorch_pipeline.distributed._collectives import pmin
 from functorch_pipeline.distributed._collectives import psum
 from functorch_pipeline.distributed._collectives import psum_scatter
 from functorch_pipeline.distributed._collectives import reduce_scatter
+from functorch_pipeline.distributed._data_parallel import DifferentiallyPrivateAggregateState
+from functorch_pipeline.distributed._data_parallel import differentially_private_aggregate
+from functorch_pipeline.distributed._data_parallel import pmean_gradients
+from functorch_pipeline.distributed._data_parallel import poisson_indices
+from functorch_pipeline.distributed._data_parallel import shard
+from functorch_pipeline.distributed._keys import rank_key
+from functorch_pipeline.distributed._keys import shared_key
 from functorch_pipeline.distributed._launch import local_group
 from functorch_pipeline.distributed._launch import spawn
 from functorch_pipeline.distributed._runtime import barrier
@@ -23,20 +30,27 @@ from functorch_pipeline.distributed._runtime import rank
 from functorch_pipeline.distributed._runtime import world_size
 
 __all__ = [
+    "DifferentiallyPrivateAggregateState",
     "all_gather",
     "barrier",
     "broadcast",
     "check_same_tree",
+    "differentially_private_aggregate",
     "initialize",
     "is_initialized",
     "local_group",
     "pmax",
     "pmean",
+    "pmean_gradients",
     "pmin",
+    "poisson_indices",
     "psum",
     "psum_scatter",
     "rank",
+    "rank_key",
     "reduce_scatter",
+    "shard",
+    "shared_key",
     "spawn",
     "world_size",
 ]
