@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from functorch_pipeline.privacy._backend import DpStep
 from functorch_pipeline.privacy._backend import check_accountant
@@ -130,24 +131,64 @@ def noise_multiplier_for(
     def eps(sigma: float) -> float:
         return _epsilon(kind, sigma, q, n, d, where)
 
+    # NOTE [PLD calibration starts from RDP]
+    # A PLD probe costs 0.1-0.5 s and more at small sigma (a wider loss distribution), RDP
+    # a few ms. PLD is the tighter bound, so RDP's sigma (found first, cheaply) nearly
+    # always meets the budget under PLD, and the PLD answer lies a few percent below it
+    # (5-8% on the MNIST settings): searching [0.8 sigma_rdp, sigma_rdp] takes ~4 PLD
+    # probes where bisection from [0, 1] takes ~10.
+    # Every bracket end is verified, so the result's PLD epsilon is <= target regardless.
     low, high = 0.0, 1.0
+    if kind == "pld":
+        try:
+            high = _search(lambda s: _epsilon("rdp", s, q, n, d, where), target, tol / 4, 0.0, 1.0)
+            low = 0.8 * high
+        except _Unreachable:  # PLD's floor is lower than RDP's: search from scratch
+            pass
+        while low > 0 and eps(low) <= target:  # keep eps(low) > target, as _search assumes
+            low, high = 0.8 * low, low
+    try:
+        return _search(eps, target, tol, low, high)
+    except _Unreachable:
+        best = eps(_MAX_NOISE_MULTIPLIER)
+        raise ValueError(
+            f"{where}: `target_epsilon`={target_epsilon!r} is unreachable with "
+            f"accountant={kind!r} (delta={d!r}, sample_rate={q!r}, steps={n}): the best "
+            f"reachable epsilon is {best:.6g}, at noise_multiplier={_MAX_NOISE_MULTIPLIER:g}"
+        ) from None
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _search(eps: Any, target: float, tol: float, low: float, high: float) -> float:
+    """Bracketed search for sigma in (low, high] with eps(sigma) in [target - tol, target];
+    ``eps(low) > target`` is assumed (low = 0 stands for infinite epsilon).
+
+    Probes interpolate log(epsilon) linearly in sigma between the bracket ends (epsilon
+    falls roughly exponentially in sigma here), kept inside the middle 80% of the bracket
+    so that it shrinks by at least 10% a probe; plain bisection while an end is infinite.
+    """
     e_high = eps(high)
     while e_high > target:
         if high >= _MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"{where}: `target_epsilon`={target_epsilon!r} is unreachable with "
-                f"accountant={kind!r} (delta={d!r}, sample_rate={q!r}, steps={n}): the best "
-                f"reachable epsilon is {e_high:.6g}, at noise_multiplier={high:g}"
-            )
-        low, high = high, 2.0 * high
+            raise _Unreachable
+        low, high = high, min(2.0 * high, _MAX_NOISE_MULTIPLIER)
         e_high = eps(high)
+    e_low = eps(low) if low > 0 else math.inf
     while target - e_high > tol and high - low > 1e-6 * high:
+        w = high - low
         mid = 0.5 * (low + high)
+        if math.isfinite(e_low) and e_high > 0:
+            # log(eps) is linear between the ends: where does it cross log(target)?
+            t = (math.log(e_low) - math.log(target - tol / 2)) / (math.log(e_low) - math.log(e_high))
+            mid = low + min(max(t, 0.1), 0.9) * w
         e_mid = eps(mid)
         if e_mid <= target:
             high, e_high = mid, e_mid
         else:
-            low = mid
+            low, e_low = mid, e_mid
     return high
 
 
