@@ -28,13 +28,18 @@ from functorch_pipeline.distributed._runtime import initialize
 from functorch_pipeline.distributed._runtime import is_initialized
 from functorch_pipeline.distributed._runtime import rank
 from functorch_pipeline.distributed._runtime import world_size
+from functorch_pipeline.distributed._zero import ShardedOptimizer
+from functorch_pipeline.distributed._zero import clip_by_global_norm
+from functorch_pipeline.distributed._zero import shard_optimizer
 
 __all__ = [
     "DifferentiallyPrivateAggregateState",
+    "ShardedOptimizer",
     "all_gather",
     "barrier",
     "broadcast",
     "check_same_tree",
+    "clip_by_global_norm",
     "differentially_private_aggregate",
     "initialize",
     "is_initialized",
@@ -50,6 +55,7 @@ __all__ = [
     "rank_key",
     "reduce_scatter",
     "shard",
+    "shard_optimizer",
     "shared_key",
     "spawn",
     "world_size",
