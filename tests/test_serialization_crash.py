@@ -73,8 +73,11 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):
     out = fp.load(path, like=v1_tree())
     assert out["step"] == 1
     assert all(torch.equal(a, b) for a, b in zip(out["layers"], v1_tree()["layers"], strict=True))
-    # The half-written temp file is left beside it, never at `path`.
+    # The half-written temp file is left beside it, never at `path`; clean_temp_files
+    # removes it (its writer is dead) and nothing else.
     assert len(temp_files(tmp_path)) == 1
+    removed = fp.serialization.clean_temp_files(tmp_path)
+    assert [os.path.basename(p) for p in removed] == [tmp] and os.listdir(tmp_path) == ["ckpt.safetensors"]
 
 
 def test_sigkill_during_repeated_overwrites_never_leaves_a_partial_file(tmp_path):

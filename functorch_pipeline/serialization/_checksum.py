@@ -8,8 +8,9 @@ hex CRC-32s (``zlib.crc32``). ``T`` is the CRC of one tensor's bytes, tensors in
 data-offset order (the order they are written); ``H`` is the CRC of the whole header JSON
 with this value as ``fp.save`` first writes it, all zeros (``00000000,00000000,...``),
 so it covers the tree, every tensor's dtype, shape and offsets, the user metadata and the
-padding. ``fp.load`` verifies both (``verify=False`` skips them); files without the
-field (older files, other safetensors writers) load unverified.
+padding. ``fp.load`` verifies both (``verify=False`` skips them). Files with the field
+have format version 2, so a file whose field name got corrupted is not mistaken for an
+older file; files without it (format 1, other safetensors writers) load unverified.
 
 Why CRC-32 (measured by ``benchmarks/checkpoint_io.py --checksums``, 100 MB, this VM):
 zlib.crc32 ~3.6 GB/s (``binascii.crc32`` is the same code), adler32 ~2 GB/s, sha1 ~1
@@ -37,6 +38,7 @@ FIELD = "functorch_pipeline.crc32"
 PREFIX = b'{"__metadata__":{"' + FIELD.encode() + b'":"'
 CHUNK = 8 << 20  # bytes per read/write and per CRC job
 _THREAD_MIN = 1 << 20  # smaller tensors are checksummed inline
+_HEX = "0123456789abcdef"
 
 
 def field_value(header_crc_: int, tensor_crcs: Sequence[int]) -> str:
@@ -72,8 +74,8 @@ def parse_field(value: str, n_tensors: int) -> tuple[int, list[int]] | None:
     True
     """
     parts = value.split(",")
-    if len(parts) != n_tensors + 1 or not all(len(p) == 8 for p in parts):
-        return None
+    if len(parts) != n_tensors + 1 or not all(len(p) == 8 and p.strip(_HEX) == "" for p in parts):
+        return None  # lowercase only: the header CRC would not see a flipped letter case
     try:
         nums = [int(p, 16) for p in parts]
     except ValueError:

@@ -71,7 +71,7 @@ __all__ = [
     "write_tensor",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (NOTE [checksum]); 1 still loads
 RESERVED_PREFIX = "functorch_pipeline."
 META_FORMAT = RESERVED_PREFIX + "format"
 META_TREE = RESERVED_PREFIX + "tree"

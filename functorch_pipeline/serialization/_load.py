@@ -259,6 +259,11 @@ def _checksums(header: Header, n: int, where: str) -> list[int] | None:
     ``None`` for a file without checksums."""
     value = header.metadata.get(FIELD)
     if value is None:
+        if int(header.metadata.get(META_FORMAT, "0")) >= 2:  # validated by _tree_node
+            raise CheckpointError(
+                f"{where}: the checksum field `{FIELD}` that format version 2 requires is "
+                "missing (corrupted header); load(..., verify=False) skips the checksums"
+            )
         return None
     parsed = parse_field(value, n)
     if parsed is None or not header.raw.startswith(PREFIX + value.encode() + b'"'):
