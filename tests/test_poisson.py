@@ -34,8 +34,11 @@ def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _binomial_cdf(n: int, q: float) -> list[float]:
     # closed form in log space (math.lgamma), independent of torch.distributions
     logs = [
-        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-        + k * math.log(q) + (n - k) * math.log1p(-q)
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(q)
+        + (n - k) * math.log1p(-q)
         for k in range(n + 1)
     ]
     out, acc = [], 0.0
@@ -123,11 +126,16 @@ def test_empty_batches():
 def test_overflow_raises_with_a_cap_that_works():
     x, y = _data(40)
     it = poisson_batches((x, y), 0.5, key=KEY, max_batch_size=3)
-    with pytest.raises(ValueError, match=r"poisson_batches: batch 0 drew \d+ examples, more than "
-                       r"`max_batch_size`=3; .*poisson_max_batch_size\(40, 0.5\) = \d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"poisson_batches: batch 0 drew \d+ examples, more than "
+        r"`max_batch_size`=3; .*poisson_max_batch_size\(40, 0.5\) = \d+",
+    ):
         next(it)
     cap = poisson_max_batch_size(40, 0.5)
-    assert len(list(poisson_batches((x, y), 0.5, key=KEY, num_batches=50, max_batch_size=cap))) == 50
+    assert (
+        len(list(poisson_batches((x, y), 0.5, key=KEY, num_batches=50, max_batch_size=cap))) == 50
+    )
 
 
 def _tail_reference(n: int, q: float, p: float) -> int:
@@ -151,7 +159,9 @@ def test_poisson_max_batch_size_is_the_binomial_quantile(n, q, log_p):
 
 def test_padded_dp_gradient_sum_equals_unpadded():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
     model = fp.functionalize(net)
     params = model.init(fp.random.key(0), torch.zeros(1, 3, dtype=torch.float64))["params"]
     x = torch.randn(60, 3, dtype=torch.float64)
@@ -202,7 +212,13 @@ def test_masked_sum_ignores_nan_on_padding_rows():
 def test_pad_batch_reference():
     x = torch.arange(6.0).view(3, 2)
     (px, py), mask = pad_batch((x, torch.tensor([7, 8, 9])), 5)
-    assert px.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]] and py.tolist() == [7, 8, 9, 7, 7]
+    assert px.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]] and py.tolist() == [
+        7,
+        8,
+        9,
+        7,
+        7,
+    ]
     assert mask.tolist() == [True, True, True, False, False]
     assert pad_batch({"a": x}, 3)[0]["a"] is not x  # a new tensor, the input untouched
 
@@ -211,26 +227,42 @@ def test_pad_batch_reference():
 
 
 def test_mask_that_does_not_match_the_batch_names_the_path():
-    grads = {"fc1": {"weight": torch.zeros(4, 2, 3), "bias": torch.zeros(4, 2)}, "fc2": torch.zeros(5, 1)}
-    with pytest.raises(ValueError, match=r"^masked_sum\(tree, mask\): leaf at path `fc2` has 5 rows "
-                       r"on axis 0 but `mask` has 4 entries"):
+    grads = {
+        "fc1": {"weight": torch.zeros(4, 2, 3), "bias": torch.zeros(4, 2)},
+        "fc2": torch.zeros(5, 1),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"^masked_sum\(tree, mask\): leaf at path `fc2` has 5 rows "
+        r"on axis 0 but `mask` has 4 entries",
+    ):
         masked_sum(grads, torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"^unpad\(batch, mask\): leaf at path `\[1\]` has 3 rows"):
         unpad((torch.zeros(4), torch.zeros(3)), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"leaf at path `s` has no axis 0 \(a 0-d tensor\)"):
         check_mask({"s": torch.tensor(1.0)}, torch.ones(1, dtype=torch.bool))
-    with pytest.raises(TypeError, match=r"^masked_sum\(tree, mask\): `mask` must be a bool tensor, got torch.float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"^masked_sum\(tree, mask\): `mask` must be a bool tensor, got torch.float32",
+    ):
         masked_sum(grads, torch.ones(4))
-    with pytest.raises(ValueError, match=r"`mask` must be 1-D \(one entry per row\), got shape \(4, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"`mask` must be 1-D \(one entry per row\), got shape \(4, 1\)"
+    ):
         masked_sum(grads, torch.ones(4, 1, dtype=torch.bool))
 
 
 def test_bad_arguments_are_named():
     x, y = _data(10)
     for q in (0.0, -0.5, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"poisson_batches\(data, sample_rate\): `sample_rate` must be in \(0, 1\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"poisson_batches\(data, sample_rate\): `sample_rate` must be in \(0, 1\]",
+        ):
             poisson_batches((x, y), q, key=KEY)
-        with pytest.raises(ValueError, match=r"poisson_mask\(.*\): `sample_rate` must be in \(0, 1\]"):
+        with pytest.raises(
+            ValueError, match=r"poisson_mask\(.*\): `sample_rate` must be in \(0, 1\]"
+        ):
             poisson_mask(KEY, 10, q)
     with pytest.raises(TypeError, match=r"`key` must be one fp.random key"):
         poisson_batches((x, y), 0.1, key=0)
@@ -240,9 +272,13 @@ def test_bad_arguments_are_named():
         poisson_batches((x, y), 0.1, key=KEY, max_batch_size=0)
     with pytest.raises(ValueError, match=r"`num_batches` must be an int >= 0, got -1"):
         poisson_batches((x, y), 0.1, key=KEY, num_batches=-1)
-    with pytest.raises(ValueError, match=r"leaf at path `\[1\]` has 9 examples but leaf `\[0\]` has 10"):
+    with pytest.raises(
+        ValueError, match=r"leaf at path `\[1\]` has 9 examples but leaf `\[0\]` has 10"
+    ):
         poisson_batches((x, y[:9]), 0.1, key=KEY)
-    with pytest.raises(ValueError, match=r"pad_batch\(batch, size\): `batch` has 10 rows, more than `size`=4"):
+    with pytest.raises(
+        ValueError, match=r"pad_batch\(batch, size\): `batch` has 10 rows, more than `size`=4"
+    ):
         pad_batch((x, y), 4)
     with pytest.raises(ValueError, match=r"`overflow_probability` must be in \(0, 1\), got 0"):
         poisson_max_batch_size(10, 0.1, 0)

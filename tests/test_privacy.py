@@ -77,7 +77,10 @@ def test_pld_epsilon_matches_dp_accounting(sigma, q, steps, log_delta):
 
 def test_zero_steps_spend_nothing():
     for kind in ("rdp", "pld"):
-        assert epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=DELTA, accountant=kind) == 0
+        assert (
+            epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=DELTA, accountant=kind)
+            == 0
+        )
 
 
 # ------------------------------------------------------------------------ closed forms
@@ -123,7 +126,9 @@ def test_rdp_without_subsampling_matches_closed_form(sigma, steps):
 @pytest.mark.parametrize("sigma,steps", [(2.0, 1), (5.0, 10), (20.0, 100)])
 def test_pld_without_subsampling_matches_exact_gaussian(sigma, steps):
     exact = _gaussian_epsilon(sigma, steps, DELTA)
-    got = epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=DELTA, accountant="pld")
+    got = epsilon(
+        noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=DELTA, accountant="pld"
+    )
     # PLD discretises pessimistically: an upper bound, close to the exact value
     assert exact - 1e-9 <= got <= exact + 2e-3
 
@@ -155,10 +160,16 @@ def test_noise_multiplier_for_meets_the_target(kind, target, q, steps):
     sigma = noise_multiplier_for(
         target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=kind
     )
-    eps = _rdp_direct(sigma, q, steps, DELTA) if kind == "rdp" else _pld_direct(sigma, q, steps, DELTA)
+    eps = (
+        _rdp_direct(sigma, q, steps, DELTA)
+        if kind == "rdp"
+        else _pld_direct(sigma, q, steps, DELTA)
+    )
     assert target - 0.01 - 1e-3 <= eps <= target + 1e-9
     if kind == "pld":  # PLD's tighter epsilon buys less noise than RDP for the same budget
-        rdp_sigma = noise_multiplier_for(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+        rdp_sigma = noise_multiplier_for(
+            target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps
+        )
         assert sigma < rdp_sigma - 0.03
 
 
@@ -174,7 +185,9 @@ def test_noise_multiplier_for_inverts_epsilon():
 def test_unreachable_target_states_the_best_epsilon():
     # RDP's conversion has a floor (~0.0035 at delta = 1e-5 with orders up to 1024)
     best = epsilon(noise_multiplier=2.0**14, sample_rate=1.0, steps=100, delta=DELTA)
-    with pytest.raises(ValueError, match=r"noise_multiplier_for: `target_epsilon`=0.001 is unreachable") as e:
+    with pytest.raises(
+        ValueError, match=r"noise_multiplier_for: `target_epsilon`=0.001 is unreachable"
+    ) as e:
         noise_multiplier_for(target_epsilon=1e-3, delta=DELTA, sample_rate=1.0, steps=100)
     assert f"best reachable epsilon is {best:.6g}, at noise_multiplier=16384" in str(e.value)
     assert 1e-3 < best < 0.01
@@ -215,11 +228,15 @@ def test_out_of_range_arguments_are_named(name, value):
 
 
 def test_other_bad_arguments():
-    with pytest.raises(ValueError, match=r"epsilon: `accountant` must be 'rdp' or 'pld', got 'prv'"):
+    with pytest.raises(
+        ValueError, match=r"epsilon: `accountant` must be 'rdp' or 'pld', got 'prv'"
+    ):
         epsilon(**GOOD, accountant="prv")
     with pytest.raises(TypeError, match=r"epsilon: `steps` must be an int, got float"):
         epsilon(**{**GOOD, "steps": 10.0})
-    with pytest.raises(ValueError, match=r"noise_multiplier_for: `target_epsilon` must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match=r"noise_multiplier_for: `target_epsilon` must be a finite number > 0"
+    ):
         noise_multiplier_for(target_epsilon=0.0, delta=DELTA, sample_rate=0.01, steps=10)
     with pytest.raises(ValueError, match=r"noise_multiplier_for: `steps` must be >= 1"):
         noise_multiplier_for(target_epsilon=1.0, delta=DELTA, sample_rate=0.01, steps=0)
@@ -227,7 +244,9 @@ def test_other_bad_arguments():
         Accountant().epsilon(0)
     with pytest.raises(ValueError, match=r"Accountant.delta: `epsilon` must be >= 0, got -1"):
         Accountant().delta(-1)
-    with pytest.raises(ValueError, match=r"Accountant: `accountant` must be 'rdp' or 'pld', got 'gdp'"):
+    with pytest.raises(
+        ValueError, match=r"Accountant: `accountant` must be 'rdp' or 'pld', got 'gdp'"
+    ):
         Accountant("gdp")
     with pytest.raises(ValueError, match=r"Accountant: `sample_rate` must be in \(0, 1\], got 2"):
         Accountant("rdp", (DpStep(1.0, 2, 3),))
@@ -277,7 +296,12 @@ def test_accountant_composes_changing_settings_like_dp_accounting(kind):
         else:  # (a PLD compose is a convolution: one per segment, unmerged)
             ref.compose(_event(sigma, q), n)
     assert acc.steps == sum(n for *_, n in SCHEDULE)
-    assert [tuple(s) for s in acc.history] == [(1.3, 0.004, 30), (0.9, 0.004, 15), (0.9, 0.02, 5), (2.0, 0.02, 3)]
+    assert [tuple(s) for s in acc.history] == [
+        (1.3, 0.004, 30),
+        (0.9, 0.004, 15),
+        (0.9, 0.02, 5),
+        (2.0, 0.02, 3),
+    ]
     for delta in (1e-5, 1e-7):
         assert acc.epsilon(delta) == pytest.approx(ref.get_epsilon(delta), abs=1e-3)
     for eps in (0.5, 1.0, 2.0):
@@ -289,7 +313,9 @@ def test_accountant_steps_one_at_a_time_equal_one_call():
     for _ in range(200):
         acc = acc.step(noise_multiplier=1.1, sample_rate=0.01)
     assert acc.history == (DpStep(1.1, 0.01, 200),)
-    assert acc.epsilon(DELTA) == epsilon(noise_multiplier=1.1, sample_rate=0.01, steps=200, delta=DELTA)
+    assert acc.epsilon(DELTA) == epsilon(
+        noise_multiplier=1.1, sample_rate=0.01, steps=200, delta=DELTA
+    )
 
 
 def test_accountant_is_immutable_and_starts_at_zero():
@@ -312,7 +338,11 @@ def test_accountant_survives_save_and_load(tmp_path, kind):
     first = Accountant(kind)
     for sigma, q, n in settings_[:2]:
         first = first.step(noise_multiplier=sigma, sample_rate=q, steps=n)
-    state = {"params": {"w": torch.ones(2, dtype=torch.float64)}, "step": torch.tensor(22), "accountant": first}
+    state = {
+        "params": {"w": torch.ones(2, dtype=torch.float64)},
+        "step": torch.tensor(22),
+        "accountant": first,
+    }
     path = tmp_path / "ckpt.safetensors"
     fp.save(path, state)
     loaded = fp.load(path)["accountant"]

@@ -8,6 +8,21 @@
 ``dp-accounting`` is an optional extra, imported only when an epsilon is computed:
 ``pip install "functorch-pipeline[privacy]"``. Batches must be Poisson sampled for these
 guarantees to hold: see ``fp.data.poisson_batches``.
+
+Example: a DP-SGD run's bookkeeping (the gradient step itself is elided)::
+
+    >>> import torch, functorch_pipeline as fp
+    >>> data = (torch.randn(1000, 3), torch.randint(0, 2, (1000,)))
+    >>> q, delta, epochs = 0.05, 1e-5, 2
+    >>> sigma = fp.privacy.noise_multiplier_for(
+    ...     target_epsilon=2.0, delta=delta, sample_rate=q, steps=epochs * round(1 / q))
+    >>> acc, key = fp.privacy.Accountant("rdp"), fp.random.key(0)
+    >>> for epoch in range(epochs):
+    ...     for batch in fp.data.poisson_batches(data, q, key=fp.random.fold_in(key, epoch)):
+    ...         pass  # clip per-example gradients, add noise of std sigma * C, update
+    ...     acc = acc.step(noise_multiplier=sigma, sample_rate=q, steps=round(1 / q))
+    >>> acc.steps, 1.98 <= acc.epsilon(delta) <= 2.0
+    (40, True)
 """
 
 from functorch_pipeline.privacy._accountant import Accountant

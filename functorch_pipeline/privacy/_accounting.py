@@ -182,7 +182,9 @@ def _search(eps: Any, target: float, tol: float, low: float, high: float) -> flo
         mid = 0.5 * (low + high)
         if math.isfinite(e_low) and e_high > 0:
             # log(eps) is linear between the ends: where does it cross log(target)?
-            t = (math.log(e_low) - math.log(target - tol / 2)) / (math.log(e_low) - math.log(e_high))
+            t = (math.log(e_low) - math.log(target - tol / 2)) / (
+                math.log(e_low) - math.log(e_high)
+            )
             mid = low + min(max(t, 0.1), 0.9) * w
         e_mid = eps(mid)
         if e_mid <= target:
