@@ -111,11 +111,13 @@ def test_linear_sequence():
 
 @FAST
 @given(b=st.integers(1, 4), t=st.sampled_from([1, 5, 6]), fin=st.integers(1, 6), fout=st.integers(1, 5),
-       bias=st.booleans(), ratio=st.sampled_from([0.0, 1.0, 1e9]))
-def test_linear_shapes(b, t, fin, fout, bias, ratio, monkeypatch):
-    """2-d and 3-d inputs; GRAM_RATIO 0 forces materialising, 1e9 the T x T Gram (the
-    hooks contract: no axis but the first may have the batch size, hence T > B)."""
+       bias=st.booleans(), ratio=st.sampled_from([0.0, 1.0, 1e9]), keep=st.booleans())
+def test_linear_shapes(b, t, fin, fout, bias, ratio, keep, monkeypatch):
+    """2-d and 3-d inputs; GRAM_RATIO 0 forces materialising, 1e9 the T x T Gram; KEEP_BYTES
+    0 turns off keeping formed per-example gradients for the clipped sum (the hooks
+    contract: no axis but the first may have the batch size, hence T > B)."""
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
+    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", _ghost_math.KEEP_BYTES if keep else 0)
     torch.manual_seed(b * 100 + t)
     m = nn.Linear(fin, fout, bias=bias)
     x = torch.randn(b, t, fin) if t > 1 else torch.randn(b, fin)
@@ -125,11 +127,13 @@ def test_linear_shapes(b, t, fin, fout, bias, ratio, monkeypatch):
 @FAST
 @given(nd=st.sampled_from([1, 2]), b=st.integers(1, 4), groups=st.sampled_from([1, 2]),
        k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
-       dilation=st.integers(1, 2), bias=st.booleans(), ratio=st.sampled_from([0.0, 1e9]))
-def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, monkeypatch):
+       dilation=st.integers(1, 2), bias=st.booleans(), ratio=st.sampled_from([0.0, 1e9]),
+       keep=st.booleans())
+def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, monkeypatch):
     if padding == "same":
         stride = 1  # torch: padding='same' needs stride 1
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
+    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", _ghost_math.KEEP_BYTES if keep else 0)
     torch.manual_seed(k * 10 + stride)
     conv = (nn.Conv1d, nn.Conv2d)[nd - 1](2 * groups, 3 * groups, k, stride=stride,
                                            padding=padding, dilation=dilation, groups=groups,

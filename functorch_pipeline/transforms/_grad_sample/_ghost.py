@@ -192,8 +192,16 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     device = flat[0].device if flat else losses.device
     with torch.no_grad():
         sq = torch.zeros(batch_size, dtype=acc, device=device)
+        budget = _ghost_math.KEEP_BYTES if max_norm is not None else 0
+        kept: dict[int, torch.Tensor] = {}
         for slot, parts in by_slot.items():
-            sq = sq + _ghost_math.squared_norms(parts, flat[slot]).to(acc)
+            p = flat[slot]
+            size = batch_size * p.numel() * p.element_size()
+            s, k = _ghost_math.squared_norms(parts, p, keep=size <= budget)
+            sq = sq + s.to(acc)
+            if k is not None:
+                kept[slot] = k
+                budget -= size
         norms = sq.sqrt()
         grads = None
         if max_norm is not None:
@@ -201,8 +209,8 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
             grads = []
             for slot, p in enumerate(flat):
                 parts = by_slot.get(slot)
-                grads.append(torch.zeros_like(p) if parts is None
-                             else _ghost_math.weighted_sum(parts, p, c.to(p.dtype)))
+                grads.append(torch.zeros_like(p) if parts is None else
+                             _ghost_math.weighted_sum(parts, p, c.to(p.dtype), kept.get(slot)))
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, norms, grads

@@ -19,10 +19,22 @@ per-example gradient is ``sum_t g_t a_t^T`` and its squared norm is
 ``sum_{t,s} (a_t . a_s)(g_t . g_s)``: two ``n x n`` Gram matrices, ``O(n^2 (din + dout))``
 work and ``n^2`` memory per example, against ``O(n din dout)`` work and ``din dout``
 memory to form the gradient itself. As Opacus and the Book-keeping paper (Bu et al.,
-2023) do, the cheaper one is chosen per layer: Gram when ``n^2 <= din dout``
-(:data:`GRAM_RATIO` scales the threshold; tests move it to force each path). Either way
-the work is done in chunks of examples so that a temporary holds at most
-:data:`CHUNK_BYTES`; nothing of size ``B x params`` is allocated.
+2023) do, the cheaper one is chosen per layer; since both are computed in chunks of
+examples (a temporary holds at most :data:`CHUNK_BYTES`, nothing of size ``B x params``
+is allocated), memory does not decide and the work does: Gram when
+``n (din + dout) <= din dout`` (:data:`GRAM_RATIO` scales the right side; tests move it
+to force each path). The MNIST CNN's second conv (``n`` = 64 positions, ``din`` = 250,
+``dout`` = 20) is thus formed per example, a wide late layer (``n`` = 49, 512 channels)
+takes the Gram path.
+
+# NOTE [keeping small per-example gradients]
+Where a norm path forms a slot's per-example gradients anyway (a conv whose Gram would
+cost more, a normalisation layer), the clipped sum ``sum_b c_b grad_b`` is one
+``(1, B) @ (B, P)`` product of them instead of a second weight-gradient computation
+(``convolution_backward``): on the MNIST CNN that is ~6 of ~36 ms per step (1 thread).
+They are kept only while the kept tensors of one call stay under :data:`KEEP_BYTES`
+(the caller's budget, largest savings first is not attempted: slots in order), so the
+memory bound of the method holds.
 
 # NOTE [embedding norms by sorting]
 An embedding's per-example gradient adds output-gradient rows into the rows of the
@@ -43,10 +55,12 @@ import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._rules import merge
 
-__all__ = ["CHUNK_BYTES", "GRAM_RATIO", "squared_norms", "weighted_sum"]
+__all__ = ["CHUNK_BYTES", "GRAM_RATIO", "KEEP_BYTES", "squared_norms", "weighted_sum"]
 
 CHUNK_BYTES = 32 << 20  # the largest temporary (Gram matrices, materialised gradients)
-GRAM_RATIO = 1.0  # Gram when n^2 <= GRAM_RATIO * din * dout, see NOTE [Gram or materialise]
+KEEP_BYTES = 32 << 20  # per-example gradients kept per call, NOTE [keeping small per-example ...]
+PATCH_BYTES = 2 << 20  # conv input patches per chunk, see NOTE [patch chunks]
+GRAM_RATIO = 1.0  # see NOTE [Gram or materialise]
 
 Parts = dict[str, list[tuple[Any, ...]]]
 
@@ -108,25 +122,36 @@ def conv_patches(x: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
     return x.as_strided(size, strides).reshape(B, groups, cin * kh * kw, Ho * Wo)
 
 
-def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
+def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
+             keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared norms of a conv weight's per-example gradients; when they are formed (not
+    the Gram path) and ``keep`` is given, they are written into it."""
     kernel, groups = geometry[0], geometry[4]
     B, out_ch = g.shape[:2]
     L, cout = g[0, 0].numel(), out_ch // groups
     din = x.shape[1] // groups
     for k in kernel:
         din *= k
-    gram = L * L <= GRAM_RATIO * din * cout
-    per = groups * (L * L if gram else cout * din) + groups * din * L
+    gram = L * (din + cout) <= GRAM_RATIO * din * cout
+    # NOTE [patch chunks]: examples whose patches fit in ~2 MB at a time, so that the
+    # copy is still in cache when the matmul reads it (as the hooks conv rule does).
+    step = max(1, min(PATCH_BYTES // (groups * din * L * x.element_size()),
+                      CHUNK_BYTES // (groups * (L * L if gram else cout * din) * x.element_size())))
+    kept = None if gram else keep
     out = []
-    for s, e in _chunks(B, per, x.element_size()):
+    for s in range(0, B, step):
+        e = min(B, s + step)
         p = conv_patches(x[s:e], geometry)  # (n, G, din, L)
         gs = g[s:e].reshape(e - s, groups, cout, L)
         if gram:
             prod = (p.mT @ p) * (gs.mT @ gs)  # (n, G, L, L)
             out.append(_acc(prod).sum((1, 2, 3)))
+        elif kept is not None:
+            m = torch.matmul(gs, p.mT, out=kept[s:e].view(e - s, groups, cout, din))
+            out.append(_rows_sq(m))
         else:
             out.append(_rows_sq(gs @ p.mT))
-    return _cat(out, 0)
+    return _cat(out, 0), kept
 
 
 def _conv_materialise(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
@@ -155,21 +180,26 @@ def _conv_weighted(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
 # -- per kind -------------------------------------------------------------------------------
 
 
-def _outer_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _outer_sq(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, G, n, din = x.shape
     dout = g.shape[-1]
     if n == 1:
-        return (_rows_sq(x) * _rows_sq(g)) if G == 1 else \
+        sq = (_rows_sq(x) * _rows_sq(g)) if G == 1 else \
             (_acc(x).square().sum((2, 3)) * _acc(g).square().sum((2, 3))).sum(1)
-    gram = n * n <= GRAM_RATIO * din * dout
+        return sq, None
+    gram = n * (din + dout) <= GRAM_RATIO * din * dout
+    kept = None if gram else keep
     out = []
     for s, e in _chunks(B, G * (n * n if gram else din * dout), x.element_size()):
         xs, gs = x[s:e], g[s:e]
         if gram:
             out.append(_acc((xs @ xs.mT) * (gs @ gs.mT)).sum((1, 2, 3)))
+        elif kept is not None:
+            out.append(_rows_sq(torch.matmul(gs.mT, xs, out=kept[s:e].view(e - s, G, dout, din))))
         else:
             out.append(_rows_sq(gs.mT @ xs))
-    return _cat(out, 0)
+    return _cat(out, 0), kept
 
 
 def _embed_sq(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -213,32 +243,50 @@ def _batch(parts: Parts) -> int:
     return next(t for t in first if isinstance(t, torch.Tensor)).shape[0]
 
 
-def squared_norms(parts: Parts, param: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def squared_norms(parts: Parts, param: torch.Tensor, keep: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B,)`` squared norms of each example's gradient of one parameter (float64 for a
-    float64 parameter, else float32). See NOTE [Gram or materialise]."""
+    float64 parameter, else float32), see NOTE [Gram or materialise]; and, when ``keep``
+    and the path formed them anyway, the per-example gradients ``(B, *param.shape)`` for
+    :func:`weighted_sum` (see NOTE [keeping small per-example gradients])."""
+    B = _batch(parts)
     if len(parts) == 1:
         kind, payloads = next(iter(parts.items()))
         if kind == "outer":
-            return _outer_sq(_cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2))
+            x, g = _cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2)
+            return _outer_sq(x, g, param.new_empty(B, *param.shape) if keep else None)
         if kind == "sum":
-            return _rows_sq(_cat([p[0] for p in payloads], 1).sum(1))
+            return _rows_sq(_cat([p[0] for p in payloads], 1).sum(1)), None
         if kind == "embed":
-            return _embed_sq(_cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1))
+            idx, rows = _cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1)
+            return _embed_sq(idx, rows), None
         if kind == "direct":
-            return _rows_sq(merge(kind, payloads, param))
+            m = merge(kind, payloads, param)
+            return _rows_sq(m), (m if keep else None)
         if kind == "conv" and len(payloads) == 1:
-            return _conv_sq(*payloads[0])
+            buf = param.new_empty(B, *param.shape) if keep else None
+            return _conv_sq(*payloads[0], buf)
     # A parameter used by several kinds of call (tied weights): form its gradient, a
     # chunk of examples at a time.
-    B = _batch(parts)
-    out = [_rows_sq(_materialised(parts, param, s, e))
-           for s, e in _chunks(B, param.numel(), param.element_size())]
-    return _cat(out, 0)
+    buf = param.new_empty(B, *param.shape) if keep else None
+    out = []
+    for s, e in _chunks(B, param.numel(), param.element_size()):
+        m = _materialised(parts, param, s, e)
+        if buf is not None:
+            buf[s:e] = m
+        out.append(_rows_sq(m))
+    return _cat(out, 0), buf
 
 
-def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
+                 kept: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_b c_b * grad_b`` of one parameter from its parts: the gradient of
-    ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``)."""
+    ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``);
+    from ``kept`` per-example gradients when :func:`squared_norms` formed them."""
+    if kept is not None:
+        return (c.unsqueeze(0) @ kept.reshape(c.shape[0], -1)).reshape(param.shape)
     total = None
     for kind, payloads in parts.items():
         if kind == "outer":

@@ -1,0 +1,102 @@
+"""Clipped per-example gradient sums of the classic MNIST CNN: ghost, hooks, vmap.
+
+``fp.clipped_grad(losses, max_norm, method=...)`` computed three ways (ghost clipping:
+norms from activations and output gradients, no per-example gradients; hooks and vmap:
+per-example gradients, then clipping), against the plain batch gradient (one eager
+``backward()`` of the mean loss) measured in the same process, interleaved. Ratios are
+throughput ratios (> 1 is faster than the yardstick). When Opacus is installed, its
+ghost-clipping step (``GradSampleModuleFastGradientClipping``: two backward passes) is a
+row too.
+
+    .venv/bin/python benchmarks/clipped_grad.py                  # batch 256
+    .venv/bin/python benchmarks/clipped_grad.py --malloc both    # + tuned glibc malloc
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common  # noqa: E402
+from per_sample_cnn import Net  # noqa: E402
+
+import functorch_pipeline as fp  # noqa: E402
+
+MAX_NORM = 1.0
+
+
+def _opacus_row(model: Net, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Opacus's ghost clipping (two backward passes), or nothing when it is absent."""
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    except ImportError as e:
+        print(f"  skipped Opacus ghost clipping: {e}")
+        return {}
+    twin = Net()
+    twin.load_state_dict(model.state_dict())
+    gsm = GradSampleModuleFastGradientClipping(twin, max_grad_norm=MAX_NORM, use_ghost_clipping=True)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=0.0),
+                                          noise_multiplier=0.0, max_grad_norm=MAX_NORM,
+                                          expected_batch_size=x.shape[0], loss_reduction="sum")
+    crit = DPLossFastGradientClipping(gsm, opt, torch.nn.NLLLoss(reduction="none"), "sum")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(gsm(x), y).backward()
+
+    return {"Opacus ghost clipping": step}
+
+
+def candidates(batch: int) -> tuple[dict, dict[str, str]]:
+    torch.manual_seed(0)
+    model = Net()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    def losses(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    def batch_grad() -> None:
+        model.zero_grad(set_to_none=True)
+        F.nll_loss(model(x), y).backward()
+
+    methods = {m: fp.clipped_grad(losses, MAX_NORM, method=m) for m in ("ghost", "hooks", "vmap")}
+    fns = {"batch gradient (yardstick)": batch_grad}
+    fns.update({f"clipped_grad {m}": (lambda f=f: f(params, x, y)) for m, f in methods.items()})
+    fns.update(_opacus_row(model, x, y))
+
+    # Same numbers first.
+    (a, na), (b, nb) = methods["ghost"](params, x, y), methods["vmap"](params, x, y)
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
+    worst = max(worst, float(((na - nb).abs() / nb).max()))
+    print(f"  check: ghost vs vmap, max relative difference {worst:.1e}")
+    assert worst < 1e-4, worst
+    return fns, {"yardstick": "batch gradient (yardstick)", "hooks": "clipped_grad hooks"}
+
+
+def main() -> None:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", default="256", help="comma-separated batch sizes")
+    args = p.parse_args()
+    if _common.maybe_respawn(args):
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(_common.environment())
+    for batch in (int(b) for b in args.batch.split(",")):
+        fns, baselines = candidates(batch)
+        stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget)
+        print(_common.table(stats, baselines, batch,
+                            f"\nclipped per-example gradient sum, MNIST CNN, batch {batch}"))
+
+
+if __name__ == "__main__":
+    main()
