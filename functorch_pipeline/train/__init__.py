@@ -6,6 +6,8 @@
 - :func:`train_step`, :func:`evaluate`: small helpers built on them.
 """
 
+from functorch_pipeline.train._dp import DPTrainer
+from functorch_pipeline.train._dp import DPTrainState
 from functorch_pipeline.train._manager import CheckpointManager
 from functorch_pipeline.train._state import TrainState
 from functorch_pipeline.train._step import evaluate
@@ -13,6 +15,8 @@ from functorch_pipeline.train._step import train_step
 
 __all__ = [
     "CheckpointManager",
+    "DPTrainState",
+    "DPTrainer",
     "TrainState",
     "evaluate",
     "train_step",

@@ -1,0 +1,330 @@
+"""DP-SGD training: a Poisson-sampled logical batch in physical chunks, noise once, any
+optimizer, the accountant stepping alongside, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: F401 (the doctests use it)
+
+from functorch_pipeline import optim
+from functorch_pipeline import random as _random
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.privacy import Accountant
+from functorch_pipeline.train._state import TrainState
+from functorch_pipeline.transforms import clipped_value_and_grad
+
+__all__ = ["DPTrainState", "DPTrainer"]
+
+_NOISE_STREAM = 0x0D15E  # NOTE [noise key]: the noise key is fold_in(state.key, _NOISE_STREAM)
+
+
+@_tree.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DPTrainState(TrainState):
+    """A :class:`TrainState` that also carries the privacy :class:`~fp.privacy.Accountant`.
+
+    Everything a DP run needs to continue exactly: ``params``, ``buffers``, ``opt_state``
+    (which holds the noise key and the noise step count), ``step``, ``key`` and
+    ``accountant``. A registered pytree: ``fp.save``/``fp.load`` round-trip it without
+    ``like=`` (the accountant's structure grows with its history, so prefer loading
+    without a template). ``fp.train.train_step`` accepts it too (a non-private step that
+    leaves the accountant alone).
+
+    Fields:
+      params, buffers, opt_state, step, key: as :class:`TrainState`.
+      accountant: the ``fp.privacy.Accountant`` of the steps taken so far.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> s = DPTrainState.create({"w": torch.zeros(2)}, (), fp.random.key(0),
+      ...                         accountant=fp.privacy.Accountant("rdp"))
+      >>> int(s.step), s.accountant.steps
+      (0, 0)
+    """
+
+    accountant: Any = None
+
+    @classmethod
+    def create(  # type: ignore[override]
+        cls,
+        params: Any,
+        opt_state: Any,
+        key: torch.Tensor,
+        *,
+        buffers: Any = None,
+        step: int | torch.Tensor = 0,
+        accountant: Accountant | None = None,
+    ) -> DPTrainState:
+        """A fresh state (see :meth:`TrainState.create`) with an accountant.
+
+        Args:
+          params: the trainable parameters.
+          opt_state: the optimizer state.
+          key: the run's ``fp.random`` key.
+          buffers: non-trainable state (default ``{}``).
+          step: the number of completed steps.
+          accountant: an ``fp.privacy.Accountant`` (default ``Accountant("rdp")``).
+
+        Returns:
+          A :class:`DPTrainState`.
+
+        Example:
+          >>> import functorch_pipeline as fp
+          >>> DPTrainState.create({}, (), fp.random.key(1)).accountant.kind
+          'rdp'
+        """
+        base = TrainState.create(params, opt_state, key, buffers=buffers, step=step)
+        acc = Accountant("rdp") if accountant is None else accountant
+        if not isinstance(acc, Accountant):
+            raise TypeError(
+                "DPTrainState.create: `accountant` must be an fp.privacy.Accountant, got "
+                f"{type(acc).__name__}"
+            )
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainState)}
+        return cls(**fields, accountant=acc)
+
+
+def _check_positive(where: str, name: str, value: Any, *, integer: bool = False,
+                    high: float | None = None) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{where}: `{name}` must be {kind}, got {type(value).__name__}")
+    if not value > 0 or (high is not None and value > high):
+        rng = f"in (0, {high}]" if high is not None else "> 0"
+        raise ValueError(f"{where}: `{name}` must be {rng}, got {value!r}")
+
+
+def _num_rows(where: str, batch: Any) -> int:
+    flat, _ = _tree.flatten_with_path(batch)[:2]
+    leaves = _tree.leaves(batch)
+    if not leaves:
+        raise ValueError(f"{where}: the batch has no tensor leaves")
+    n = None
+    for p, x in zip(flat, leaves, strict=True):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"{where}: leaf at path `{_tree.keystr(p)}` of the batch has no "
+                             "batch axis (axis 0)")
+        if n is None:
+            n = x.shape[0]
+        elif x.shape[0] != n:
+            raise ValueError(f"{where}: leaf at path `{_tree.keystr(p)}` of the batch has "
+                             f"{x.shape[0]} rows but the first leaf has {n}")
+    return int(n)
+
+
+class DPTrainer:
+    """DP-SGD (or DP-Adam, DP-anything) one line away from ``fp.train.train_step``.
+
+    Each :meth:`step` takes one *logical* batch (Poisson sampled: every example joined
+    with probability ``sample_rate``; variable-size, or fixed-size with a ``mask``),
+    splits it into *physical* chunks of at most ``max_physical_batch_size`` examples
+    (what Opacus' ``BatchMemoryManager`` does, so memory is bounded by the chunk),
+    sums the per-example gradients each clipped to ``l2_norm_clip`` over all chunks,
+    adds Gaussian noise of std ``l2_norm_clip * noise_multiplier`` once, divides by
+    ``expected_batch_size`` (NOTE [expected batch size] in ``fp.optim.add_dp_noise``),
+    applies ``optimizer`` and records the step in the state's accountant.
+
+    The noise comes from ``fold_in(fold_in(state.key, NOISE), count)`` kept in the
+    optimizer state (NOTE [noise key]), so a state saved with ``fp.save`` and loaded in
+    a new process continues bit for bit (NOTE [exact resume]).
+
+    Args:
+      loss_fn: ``(params, batch) -> (B,)`` per-example losses (``reduction="none"``;
+        example ``i``'s loss must depend on example ``i`` alone: no BatchNorm in training
+        mode). Written for a whole batch; see ``method``.
+      optimizer: any ``fp.optim`` transformation (``sgd``, ``adam``, ...): it receives
+        the noisy mean gradient.
+      l2_norm_clip: the per-example bound ``C``.
+      noise_multiplier: ``σ``.
+      sample_rate: ``q``, the Poisson sampling probability (for the accountant).
+      expected_batch_size: ``q * N``, the divisor of the noisy sum.
+      max_physical_batch_size: the largest chunk computed at once (default: no split).
+      method: ``fp.clipped_grad``'s method: ``"auto"`` (default: ghost clipping, else
+        hooks, else vmap: the first that can run ``loss_fn``), ``"ghost"``, ``"hooks"``
+        or ``"vmap"``.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> def loss_fn(params, batch):
+      ...     x, y = batch
+      ...     return (torch.nn.functional.linear(x, params["w"])[:, 0] - y) ** 2  # (B,)
+      >>> trainer = fp.train.DPTrainer(loss_fn, fp.optim.adam(0.1), l2_norm_clip=1.0,
+      ...     noise_multiplier=1.1, sample_rate=0.5, expected_batch_size=2.0,
+      ...     max_physical_batch_size=2)
+      >>> state = trainer.init({"w": torch.zeros(1, 3)}, fp.random.key(0))
+      >>> x, y = torch.randn(3, 3), torch.randn(3)
+      >>> state, metrics = trainer.step(state, (x, y))
+      >>> int(state.step), state.accountant.steps, int(metrics["num_examples"])
+      (1, 1, 3)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        optimizer: optim.GradientTransformation,
+        *,
+        l2_norm_clip: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        expected_batch_size: float,
+        max_physical_batch_size: int | None = None,
+        method: str = "auto",
+    ) -> None:
+        where = "DPTrainer"
+        if not callable(loss_fn):
+            raise TypeError(f"{where}: `loss_fn` must be callable, got {type(loss_fn).__name__}")
+        _check_positive(where, "l2_norm_clip", l2_norm_clip)
+        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+            raise TypeError(f"{where}: `noise_multiplier` must be a number, got "
+                            f"{type(noise_multiplier).__name__}")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"{where}: `noise_multiplier` must be >= 0, got {noise_multiplier!r}")
+        _check_positive(where, "sample_rate", sample_rate, high=1.0)
+        _check_positive(where, "expected_batch_size", expected_batch_size)
+        if max_physical_batch_size is not None:
+            _check_positive(where, "max_physical_batch_size", max_physical_batch_size, integer=True)
+        self.loss_fn = loss_fn
+        self.l2_norm_clip = float(l2_norm_clip)
+        self.noise_multiplier = float(noise_multiplier)
+        self.sample_rate = float(sample_rate)
+        self.expected_batch_size = float(expected_batch_size)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.method = method
+        # NOTE [noise key]: update() reads the noise key from the optimizer state only;
+        # init() builds that state from the run's key, so the 0 here is never used.
+        self.optimizer = optim.differentially_private(
+            optimizer, self.l2_norm_clip, self.noise_multiplier, key=0,
+            batch_size=self.expected_batch_size,
+        )
+        self._inner = optimizer
+
+        def masked_losses(params: Any, batch: Any, mask: torch.Tensor) -> torch.Tensor:
+            # NOTE [padding rows]: a padding row's loss is replaced by 0 (torch.where, so
+            # even a NaN there cannot leak): its gradient, norm and clipped part are 0.
+            losses = loss_fn(params, batch)
+            return torch.where(mask.reshape(losses.shape), losses, torch.zeros_like(losses))
+
+        self._masked_losses = masked_losses
+        self._clipped = clipped_value_and_grad(masked_losses, self.l2_norm_clip, method=method)
+
+    def init(self, params: Any, key: torch.Tensor, *, buffers: Any = None,
+             accountant: str | Accountant = "rdp") -> DPTrainState:
+        """The state of a fresh run.
+
+        Args:
+          params: the initial parameters.
+          key: the run's ``fp.random`` key (the noise key is derived from it).
+          buffers: non-trainable state, e.g. eval-mode BatchNorm statistics.
+          accountant: ``"rdp"``, ``"pld"`` or an ``fp.privacy.Accountant`` to continue.
+
+        Returns:
+          A :class:`DPTrainState` at step 0.
+
+        Example:
+          >>> import functorch_pipeline as fp
+          >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
+          ...               noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=10)
+          >>> t.init(torch.zeros(1, 2), fp.random.key(0), accountant="pld").accountant.kind
+          'pld'
+        """
+        if not _random.is_key(key):
+            raise TypeError(f"DPTrainer.init: `key` must be an fp.random key, got {key!r}")
+        acc = Accountant(accountant) if isinstance(accountant, str) else accountant
+        tx = optim.differentially_private(
+            self._inner, self.l2_norm_clip, self.noise_multiplier,
+            key=_random.fold_in(key, _NOISE_STREAM), batch_size=self.expected_batch_size,
+        )
+        return DPTrainState.create(params, tx.init(params), key, buffers=buffers, accountant=acc)
+
+    def clipped_sum(self, params: Any, batch: Any, mask: torch.Tensor | None = None
+                    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The sum over the batch of per-example gradients clipped to ``l2_norm_clip``,
+        computed in physical chunks; no noise.
+
+        Args:
+          params: the parameters.
+          batch: a pytree whose leaves have the examples on axis 0.
+          mask: optional ``(B,)`` bool tensor, ``False`` on padding rows (dropped).
+
+        Returns:
+          ``(clipped_sum, losses, norms)``: the sum (shaped like ``params``), and the
+          ``(B,)`` per-example losses and gradient norms (padding rows included).
+
+        Example:
+          >>> import functorch_pipeline as fp
+          >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
+          ...               noise_multiplier=0.0, sample_rate=0.1, expected_batch_size=10)
+          >>> s, losses, norms = t.clipped_sum(torch.zeros(1, 2), torch.tensor([[3., 4.], [.3, .4]]))
+          >>> s, norms
+          (tensor([[0.9000, 1.2000]]), tensor([5.0000, 0.5000]))
+        """
+        where = "DPTrainer.clipped_sum"
+        n = _num_rows(where, batch)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
+                got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
+                       if isinstance(mask, torch.Tensor) else type(mask).__name__)
+                raise ValueError(f"{where}: `mask` must be a bool tensor of shape ({n},) (one "
+                                 f"entry per example), got {got}")
+        total = _tree.map(torch.zeros_like, params)
+        if n == 0:
+            return total, torch.zeros(0), torch.zeros(0)
+        if mask is None:
+            leaf = _tree.leaves(batch)[0]
+            mask = torch.ones(n, dtype=torch.bool, device=leaf.device)
+        size = self.max_physical_batch_size or n
+        losses, norms = [], []
+        for start in range(0, n, size):
+            chunk = _tree.map(lambda a, s=start: a[s:s + size], batch)
+            chunk_losses, (summed, chunk_norms) = self._clipped(
+                params, chunk, mask[start:start + size])
+            total = _tree.map(torch.add, total, summed)
+            losses.append(chunk_losses.reshape(-1))
+            norms.append(chunk_norms)
+        return total, torch.cat(losses), torch.cat(norms)
+
+    def step(self, state: DPTrainState, batch: Any, mask: torch.Tensor | None = None
+             ) -> tuple[DPTrainState, dict[str, torch.Tensor]]:
+        """One DP step on a logical batch.
+
+        Args:
+          state: the current :class:`DPTrainState`.
+          batch: the logical batch (any pytree with examples on axis 0; may be empty).
+          mask: optional ``(B,)`` bool mask of real rows, for fixed-shape padded batches.
+
+        Returns:
+          ``(new_state, metrics)``; metrics are 0-d tensors: ``loss`` (mean over real
+          examples, not private), ``num_examples`` and ``num_clipped``.
+
+        Example:
+          >>> import functorch_pipeline as fp
+          >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
+          ...               noise_multiplier=0.0, sample_rate=0.5, expected_batch_size=2)
+          >>> s = t.init(torch.zeros(1, 2), fp.random.key(0))
+          >>> s, m = t.step(s, torch.tensor([[3., 4.], [.3, .4]]))
+          >>> s.params, int(m["num_clipped"])
+          (tensor([[-0.0450, -0.0600]]), 1)
+        """
+        if not isinstance(state, DPTrainState):
+            raise TypeError(f"DPTrainer.step: `state` must be a DPTrainState (from "
+                            f"DPTrainer.init), got {type(state).__name__}")
+        total, losses, norms = self.clipped_sum(state.params, batch, mask)
+        updates, opt_state = self.optimizer.update(total, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
+        real = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask
+        count = real.sum()
+        loss = torch.where(real, losses.reshape(real.shape), 0).sum() / count.clamp(min=1)
+        accountant = state.accountant
+        if self.noise_multiplier > 0:  # sigma = 0 is not private: nothing to account
+            accountant = accountant.step(noise_multiplier=self.noise_multiplier,
+                                         sample_rate=self.sample_rate)
+        new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                            accountant=accountant)
+        metrics = {"loss": loss.detach(), "num_examples": count,
+                   "num_clipped": ((norms > self.l2_norm_clip) & real).sum()}
+        return new, metrics
