@@ -5,6 +5,10 @@ CPUs, NCCL on GPUs. No transport of our own: the collectives are ``torch.distrib
 functional collectives, so they work eagerly and under ``fp.jit(fullgraph=True)``.
 """
 
+from functorch_pipeline.distributed._checkpoint import load
+from functorch_pipeline.distributed._checkpoint import restore_checkpoint
+from functorch_pipeline.distributed._checkpoint import save
+from functorch_pipeline.distributed._checkpoint import save_checkpoint
 from functorch_pipeline.distributed._collectives import all_gather
 from functorch_pipeline.distributed._collectives import broadcast
 from functorch_pipeline.distributed._collectives import check_same_tree
@@ -43,6 +47,7 @@ __all__ = [
     "differentially_private_aggregate",
     "initialize",
     "is_initialized",
+    "load",
     "local_group",
     "pmax",
     "pmean",
@@ -54,6 +59,9 @@ __all__ = [
     "rank",
     "rank_key",
     "reduce_scatter",
+    "restore_checkpoint",
+    "save",
+    "save_checkpoint",
     "shard",
     "shard_optimizer",
     "shared_key",
