@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fail("--task imdb needs --imdb-dir (a folder with train/{pos,neg} and test/{pos,neg})")
     if args.task == "imdb" and args.max_words < 3:
         fail(f"argument --max-words: must be >= 3 (padding, unknown and one word), got {args.max_words}")
+    prepare_out_dir(args.out_dir, args.resume, args.overwrite, keep=2)  # before reading data
     if args.task == "seqmnist":
         check_mnist_files(args.data_dir)
-    prepare_out_dir(args.out_dir, args.resume, args.overwrite, keep=2)  # before reading data
     try:
         if args.task == "imdb":
             train, test, vocab_size = load_imdb(args.imdb_dir, args.max_words, args.max_len, device)
