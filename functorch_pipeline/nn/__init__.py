@@ -13,11 +13,13 @@ from functorch_pipeline.nn._functional_model import functionalize
 from functorch_pipeline.nn._normalization import replace_batchnorm_with_groupnorm
 from functorch_pipeline.nn.recurrent import GRU
 from functorch_pipeline.nn.recurrent import LSTM
+from functorch_pipeline.nn.recurrent import RNN
 
 __all__ = [
     "FunctionalModel",
     "GRU",
     "LSTM",
+    "RNN",
     "ensemble_apply",
     "ensemble_init",
     "functionalize",

@@ -1,4 +1,5 @@
-"""``replace_rnns``: swap every ``nn.LSTM`` / ``nn.GRU`` in a module for ``fp.nn``'s twins."""
+"""``replace_rnns``: swap every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in a module for ``fp.nn``'s
+twins."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from torch.nn.utils import parametrize
 
 from functorch_pipeline.nn.recurrent import GRU
 from functorch_pipeline.nn.recurrent import LSTM
+from functorch_pipeline.nn.recurrent import RNN
 
 __all__ = ["replace_rnns"]
 
-_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.GRU: GRU}
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
 
 
 def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
@@ -26,6 +28,8 @@ def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
                   dropout=rnn.dropout, bidirectional=rnn.bidirectional)
     if isinstance(rnn, nn.LSTM):
         kwargs["proj_size"] = rnn.proj_size
+    if isinstance(rnn, nn.RNN):
+        kwargs["nonlinearity"] = rnn.nonlinearity
     # NOTE [swap without drawing]: build on the meta device (no memory, no draws from the
     # global generator) and then hand over the copied module's own Parameter objects, so
     # values, dtype, device, requires_grad and any tying inside the copy are all kept.
@@ -42,19 +46,21 @@ def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
 
 
 def replace_rnns(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every ``nn.LSTM`` / ``nn.GRU`` replaced by
-    :class:`fp.nn.LSTM <functorch_pipeline.nn.LSTM>` / :class:`fp.nn.GRU <functorch_pipeline.nn.GRU>`.
+    """A copy of ``module`` with every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` replaced by
+    :class:`fp.nn.LSTM <functorch_pipeline.nn.LSTM>` / :class:`fp.nn.GRU <functorch_pipeline.nn.GRU>`
+    / :class:`fp.nn.RNN <functorch_pipeline.nn.RNN>`, which ``vmap`` batches and whose
+    weights ``per_sample_grads``'s fast method sees (fused rules for LSTM and GRU).
 
     The replacements hold the same weights (outputs are identical up to float rounding)
     and keep train/eval mode, ``requires_grad``, dtype and device; an RNN that appears
     several times stays one shared module. ``module`` itself is never modified: it is
-    deep-copied first. Only exact ``nn.LSTM`` / ``nn.GRU`` instances are swapped: other
-    ``nn.RNNBase`` modules (``nn.RNN``, subclasses with their own ``forward``) are left as
+    deep-copied first. Only exact ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` instances are swapped:
+    other ``nn.RNNBase`` modules (subclasses with their own ``forward``) are left as
     they are, with a warning, since they would still fall back to a slow loop under
     ``vmap``. Hooks registered on a swapped RNN are not carried over (warning).
 
     Args:
-      module: any ``nn.Module``, possibly an ``nn.LSTM`` / ``nn.GRU`` itself.
+      module: any ``nn.Module``, possibly an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` itself.
 
     Returns:
       The converted copy.
@@ -92,6 +98,6 @@ def replace_rnns(module: nn.Module) -> nn.Module:
             elif isinstance(child, nn.RNNBase) and id(child) not in swapped:
                 swapped[id(child)] = (child, child)
                 warnings.warn(f"replace_rnns(module): left `{child_path}` "
-                              f"({type(child).__name__}) unchanged; only exact nn.LSTM and "
-                              f"nn.GRU are replaced", stacklevel=2)
+                              f"({type(child).__name__}) unchanged; only exact nn.LSTM, "
+                              f"nn.GRU and nn.RNN are replaced", stacklevel=2)
     return module

@@ -46,7 +46,7 @@ from torch import nn
 
 from functorch_pipeline.transforms import _grad_sample
 
-__all__ = ["GRU", "LSTM"]
+__all__ = ["GRU", "LSTM", "RNN"]
 
 
 # NOTE [fused per-sample rule]
@@ -77,19 +77,39 @@ def _lstm_direction(
 _grad_sample.register_rule(_lstm_direction, _grad_sample.lstm_direction_rule)
 
 
+@_grad_sample.overridable
 def _gru_direction(
-    steps: list[tuple[Tensor, Tensor]], h: Tensor, w_hh: Tensor, b_hh: Tensor | None,
-    reverse: bool,
+    proj: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None, reverse: bool,
 ) -> tuple[list[Tensor], Tensor]:
-    """Run one GRU direction; ``steps`` holds ``(gi_rz, gi_n)`` input projections per step."""
+    """Run one GRU direction over the input projections ``proj`` ``(B, T, 3H)``."""
     hidden = h.shape[-1]
+    gi_rz, gi_n = proj.split([2 * hidden, hidden], -1)
+    steps = list(zip(gi_rz.unbind(1), gi_n.unbind(1), strict=True))
     linear, sigmoid, tanh, addcmul, lerp = F.linear, torch.sigmoid, torch.tanh, torch.addcmul, torch.lerp
     outs: list[Tensor] = []
-    for gi_rz, gi_n in reversed(steps) if reverse else steps:
+    for x_rz, x_n in reversed(steps) if reverse else steps:
         gh_rz, gh_n = linear(h, w_hh, b_hh).split([2 * hidden, hidden], -1)
-        r, z = sigmoid(gi_rz + gh_rz).chunk(2, -1)
-        n = tanh(addcmul(gi_n, r, gh_n))  # b_hn sits inside the reset product, as in PyTorch
+        r, z = sigmoid(x_rz + gh_rz).chunk(2, -1)
+        n = tanh(addcmul(x_n, r, gh_n))  # b_hn sits inside the reset product, as in PyTorch
         h = lerp(n, h, z)  # (1 - z) * n + z * h
+        outs.append(h)
+    if reverse:
+        outs.reverse()
+    return outs, h
+
+
+_grad_sample.register_rule(_gru_direction, _grad_sample.gru_direction_rule)
+
+
+def _rnn_direction(
+    proj: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None, reverse: bool, relu: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """Run one Elman RNN direction: ``h' = act(proj_t + F.linear(h, w_hh, b_hh))``."""
+    linear, act = F.linear, (torch.relu if relu else torch.tanh)
+    steps = proj.unbind(1)
+    outs: list[Tensor] = []
+    for xt in reversed(steps) if reverse else steps:
+        h = act(linear(h, w_hh, b_hh) + xt)
         outs.append(h)
     if reverse:
         outs.reverse()
@@ -411,13 +431,77 @@ class GRU(_RNNBase):
 
     def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
         (h,) = state
-        gi_rz, gi_n = proj.split([2 * self.hidden_size, self.hidden_size], -1)
-        steps = list(zip(gi_rz.unbind(1), gi_n.unbind(1), strict=True))
-        return _gru_direction(steps, h, w_hh, b_hh, reverse)
+        return _gru_direction(proj, h, w_hh, b_hh, reverse)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(output, h_n)`` for ``input`` and optional initial state ``hx = h_0``."""
         if hx is not None and not isinstance(hx, Tensor):
             raise TypeError(f"GRU: hx must be a Tensor h_0, got {type(hx).__name__}")
+        output, (h_n,) = self._run(input, None if hx is None else (hx,), ("hx",))
+        return output, h_n
+
+
+class RNN(_RNNBase):
+    r"""A multi-layer Elman RNN (tanh or ReLU) with ``nn.RNN``'s interface, from vmappable ops.
+
+    Same arguments (``nonlinearity`` is the fourth positional one, as in ``nn.RNN``),
+    parameters, initialisation, forward signature and results as :class:`torch.nn.RNN`:
+    ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``, computed with ``F.linear``
+    and elementwise ops so ``torch.func.vmap`` batches it and ``per_sample_grads``'s hooks
+    method sees every weight use (NOTE [every weight through F.linear]).
+
+    Args:
+      input_size, hidden_size, num_layers: as :class:`LSTM`.
+      nonlinearity: ``"tanh"`` (default) or ``"relu"``.
+      bias, batch_first, dropout, bidirectional, device, dtype: as :class:`LSTM` (there is
+        no ``proj_size``).
+
+    Forward ``(input, hx=None)``: ``input`` as :class:`LSTM`; ``hx`` is ``h_0`` or ``None``.
+
+    Returns:
+      ``(output, h_n)`` exactly as ``nn.RNN``.
+
+    Example:
+    >>> import torch
+    >>> torch.manual_seed(0); ref = torch.nn.RNN(3, 4, 2, "relu", batch_first=True)
+    <...>
+    >>> rnn = RNN(3, 4, 2, "relu", batch_first=True)
+    >>> rnn.load_state_dict(ref.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(2, 5, 3)
+    >>> out, h = rnn(x)
+    >>> out.shape, h.shape
+    (torch.Size([2, 5, 4]), torch.Size([2, 2, 4]))
+    >>> torch.allclose(out, ref(x)[0], atol=1e-6)
+    True
+    """
+
+    mode = "RNN"
+    _gates = 1
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1,
+        nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+        dropout: float = 0.0, bidirectional: bool = False, device: Any = None, dtype: Any = None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' "
+                             "or 'relu'.")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+        self.nonlinearity = nonlinearity
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity}"
+
+    def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
+        (h,) = state
+        return _rnn_direction(proj, h, w_hh, b_hh, reverse, self.nonlinearity == "relu")
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(output, h_n)`` for ``input`` and optional initial state ``hx = h_0``."""
+        if hx is not None and not isinstance(hx, Tensor):
+            raise TypeError(f"RNN: hx must be a Tensor h_0, got {type(hx).__name__}")
         output, (h_n,) = self._run(input, None if hx is None else (hx,), ("hx",))
         return output, h_n

@@ -17,6 +17,7 @@ from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._autodiff import _value_and_grad_impl
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._rules_misc import REPLACE_RNNS_HINT
 from functorch_pipeline.transforms._vmap import vmap
 
 __all__ = ["per_sample_grads", "per_sample_value_and_grad"]
@@ -157,9 +158,29 @@ def _per_sample(
                 )
             return vg(*a)
 
-        return vmap(one, in_axes=in_axes, chunk_size=chunk_size, randomness=randomness)(*args)
+        try:
+            return vmap(one, in_axes=in_axes, chunk_size=chunk_size, randomness=randomness)(*args)
+        except RuntimeError as e:
+            rnn = _builtin_rnn_in(e.__traceback__)
+            if rnn is None:
+                raise
+            raise RuntimeError(
+                f"{fn}: built-in nn.{rnn} failed under vmap (its fused kernel has no batching "
+                f"rule): {REPLACE_RNNS_HINT}. The error was: {e}") from e
 
     return wrapped
+
+
+def _builtin_rnn_in(tb: Any) -> str | None:
+    """The class name of a built-in ``nn.RNNBase`` whose ``forward`` is on the traceback."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith(("nn/modules/rnn.py", "nn\\modules\\rnn.py")):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.RNNBase):
+                return type(owner).__name__
+        tb = tb.tb_next
+    return None
 
 
 def _decisions(loss_fn: Any, local: dict[Any, str]) -> dict[Any, str]:
@@ -180,6 +201,8 @@ def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
         return hooks_value_and_grad(loss_fn, args, nums, is_tuple, batched, has_aux, chunk_size, fn)
     except Unsupported as e:
         if method == "hooks":
+            if REPLACE_RNNS_HINT in str(e):  # vmap would not help either
+                raise ValueError(f"{fn}: method='hooks': {e}") from None
             raise ValueError(f"{fn}: method='hooks': {e}. Use method='vmap', or method='auto' "
                              "to fall back to it automatically.") from None
         _note_once(loss_fn, f"{fn}: method='auto' falls back to 'vmap' (said once per loss_fn): "

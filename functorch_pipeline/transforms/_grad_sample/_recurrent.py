@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 
-__all__ = ["lstm_direction_rule"]
+__all__ = ["gru_direction_rule", "lstm_direction_rule"]
 
 
 class _LSTMDirection(torch.autograd.Function):
@@ -159,3 +159,131 @@ def lstm_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> An
     anchor = engine.anchor(xp)
     ys, h_last, c_last = _LSTMDirection.apply(xp, h, c, anchor, engine.base(w_hh), reverse, (engine, ws, bs))
     return list(ys.unbind(0)), h_last, c_last
+
+
+# -- GRU ------------------------------------------------------------------------------------
+
+# NOTE [fused GRU direction]
+# The same idea as NOTE [fused LSTM direction], for nn.GRU's maths (gate order r, z, n;
+# b_hn inside the reset product): with gi the input projection (incl. b_ih) and
+# gh = h W_hh^T + b_hh,
+#   r, z = sigmoid(gi_rz + gh_rz),  n = tanh(gi_n + r gh_n),  h' = n + z (h - n).
+# Backward, with dh the gradient at h' and everything but dh precomputed for the whole
+# sequence (A = (1 - z)(1 - n^2), Z = (h - n) z (1 - z), C = gh_n r (1 - r)):
+#   dgi_n = dh A,  dgh_z = dgi_z = dh Z,  dgh_r = dgi_r = dgi_n C,  dgh_n = dgi_n r,
+#   dh_prev = dh z + dgh @ W_hh.
+# dgh (T, B, 3H) is the gradient at F.linear(h, W_hh, b_hh)'s output, so W_hh's
+# per-example gradient is one batched matmul with the previous hidden states and b_hh's
+# is dgh summed over time; dgi flows on to W_ih's F.linear rule.
+
+
+class _GRUDirection(torch.autograd.Function):
+    """``(Y, h_T)`` of one GRU direction over gate inputs ``xp`` (T, B, 3H) (with b_ih)."""
+
+    @staticmethod
+    def forward(ctx: Any, xp: torch.Tensor, h0: torch.Tensor, anchor: torch.Tensor,
+                w_hh: torch.Tensor, b_hh: torch.Tensor | None, reverse: bool,
+                sink: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch._C.DisableTorchFunction():
+            return _gru_forward(ctx, xp, h0, w_hh, b_hh, reverse, sink)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor) -> tuple[Any, ...]:
+        with torch._C.DisableTorchFunction():
+            return _gru_backward(ctx, dy, dh_last)
+
+
+def _gru_forward(ctx: Any, xp: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
+                 b_hh: torch.Tensor | None, reverse: bool, sink: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    T, B, G = xp.shape
+    H = G // 3
+    wt = w_hh.t()
+    hs = xp.new_empty(T + 1, B, H)  # the state before t is hs[t + shift] (see the LSTM)
+    gh, rz, n = xp.new_empty(T, B, G), xp.new_empty(T, B, 2 * H), xp.new_empty(T, B, H)
+    shift = 1 if reverse else 0
+    hs[T if reverse else 0] = h0
+    h_l, x_l, gh_l, rz_l, n_l = hs.unbind(0), xp.unbind(0), gh.unbind(0), rz.unbind(0), n.unbind(0)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h = h_l[t + shift]
+        g = torch.mm(h, wt, out=gh_l[t]) if b_hh is None else torch.addmm(b_hh, h, wt, out=gh_l[t])
+        r, z = torch.add(x_l[t][:, :2 * H], g[:, :2 * H], out=rz_l[t]).sigmoid_().chunk(2, 1)
+        nt = torch.addcmul(x_l[t][:, 2 * H:], r, g[:, 2 * H:], out=n_l[t]).tanh_()
+        torch.lerp(nt, h, z, out=h_l[t + 1 - shift])
+    ctx.save_for_backward(w_hh, hs, gh, rz, n)
+    ctx.reverse, ctx.sink = reverse, sink
+    last = 0 if reverse else T
+    return (hs[:T] if reverse else hs[1:]), hs[last].clone()
+
+
+def _gru_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor) -> tuple[Any, ...]:
+    w_hh, hs, gh, rz, n = ctx.saved_tensors
+    reverse = ctx.reverse
+    T, B, G = gh.shape
+    H = G // 3
+    shift = 1 if reverse else 0
+    h_prev = hs[shift:T + shift]
+    r, z = rz[..., :H], rz[..., H:]
+    # NOTE [fused GRU direction]: everything but dh, for the whole sequence at once.
+    a_n = (1 - z) * (1 - n * n)
+    a_z = (h_prev - n) * z * (1 - z)
+    a_r = gh[..., 2 * H:] * r * (1 - r)
+    dgh, dgi_n = gh.new_empty(T, B, G), gh.new_empty(T, B, H)
+    dgh_l, dn_l = dgh.unbind(0), dgi_n.unbind(0)
+    an_l, az_l, ar_l, r_l, z_l, dy_l = (t.unbind(0) for t in (a_n, a_z, a_r, r, z, dy))
+    order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
+    dh = dh_last + dy_l[order[0]]
+    for k, t in enumerate(order):
+        d = dgh_l[t]
+        dn = torch.mul(dh, an_l[t], out=dn_l[t])
+        torch.mul(dh, az_l[t], out=d[:, H:2 * H])
+        torch.mul(dn, ar_l[t], out=d[:, :H])
+        torch.mul(dn, r_l[t], out=d[:, 2 * H:])
+        nxt = torch.addcmul(dy_l[order[k + 1]], dh, z_l[t]) if k + 1 < T else dh * z_l[t]
+        dh = torch.addmm(nxt, d, w_hh)
+    engine, w_slot, b_slot = ctx.sink
+    by_batch = dgh.transpose(0, 1)  # (B, T, 3H) view
+    if w_slot is not None:
+        engine.add("outer", w_slot, h_prev.transpose(0, 1).unsqueeze(1), by_batch.unsqueeze(1))
+    if b_slot is not None:
+        engine.add("sum", b_slot, by_batch)
+    dgi = torch.cat([dgh[..., :2 * H], dgi_n], 2)
+    return dgi, dh, None, None, None, None, None
+
+
+def _gru_loop(proj: torch.Tensor, h: torch.Tensor, w_hh: Any, b_hh: Any, reverse: bool
+              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The unfused direction: per-step ``F.linear`` calls, each seen by the linear rule."""
+    H = h.shape[-1]
+    gi_rz, gi_n = proj.split([2 * H, H], -1)
+    steps = list(zip(gi_rz.unbind(1), gi_n.unbind(1), strict=True))
+    outs = []
+    for x_rz, x_n in reversed(steps) if reverse else steps:
+        gh_rz, gh_n = F.linear(h, w_hh, b_hh).split([2 * H, H], -1)
+        r, z = torch.sigmoid(x_rz + gh_rz).chunk(2, -1)
+        h = torch.lerp(torch.tanh(torch.addcmul(x_n, r, gh_n)), h, z)
+        outs.append(h)
+    if reverse:
+        outs.reverse()
+    return outs, h
+
+
+def gru_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Rule for ``fp.nn``'s ``_gru_direction(proj, h, w_hh, b_hh, reverse)``: ``proj`` are
+    the input projections ``(B, T, 3H)`` (batch first), ``h`` the initial state ``(B, H)``;
+    returns ``(outputs per step, h_T)``. See NOTE [fused GRU direction]."""
+    names = ("proj", "h", "w_hh", "b_hh", "reverse")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    proj, h, w_hh, b_hh = (bound[n] for n in names[:4])
+    reverse = bound.get("reverse", False)
+    ws, bs = engine.slot(w_hh), engine.slot(b_hh)
+    if engine.slot(h) is not None or engine.slot(proj) is not None or ws is None \
+            or not torch.is_grad_enabled():
+        return _gru_loop(proj, h, w_hh, b_hh, reverse)  # the per-step rules handle (or refuse) it
+    engine.check_input(h, "_gru_direction", [s for s in (ws, bs) if s is not None], features=1)
+    xp = proj.transpose(0, 1)
+    anchor = engine.anchor(xp)
+    ys, h_last = _GRUDirection.apply(xp, h, anchor, engine.base(w_hh), engine.base(b_hh), reverse,
+                                     (engine, ws, bs))
+    return list(ys.unbind(0)), h_last

@@ -171,3 +171,26 @@ def _finish_rms_norm(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int,
 register_rule(F.embedding_bag, _embedding_bag)
 register_rule(F.instance_norm, _instance_norm)
 register_rule(F.rms_norm, _rms_norm)
+
+
+# -- built-in recurrent kernels -------------------------------------------------------------
+
+_RNN_KERNELS = {torch.lstm: "nn.LSTM", torch.gru: "nn.GRU", torch.rnn_tanh: "nn.RNN",
+                torch.rnn_relu: "nn.RNN"}
+REPLACE_RNNS_HINT = ("convert the model with fp.nn.replace_rnns(module): the same weights in "
+                     "fp.nn.LSTM/GRU/RNN, which vmap batches and the fast method has rules for")
+
+
+def _builtin_rnn(kernel: Any) -> Any:
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+        raise Unsupported(
+            f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'}"
+            f" used by `torch.{kernel.__name__}` (the fused kernel of built-in "
+            f"{_RNN_KERNELS[kernel]}), which has no per-sample gradient rule; "
+            f"{REPLACE_RNNS_HINT}")
+
+    return rule
+
+
+for _kernel in _RNN_KERNELS:
+    register_rule(_kernel, _builtin_rnn(_kernel))
