@@ -354,3 +354,13 @@ def test_accountant_survives_save_and_load(tmp_path, kind):
     # a template with the same history loads with like= too; device/dtype moves leave it alone
     assert fp.load(path, like=state)["accountant"] == first
     assert fp.tree.to(state, dtype=torch.float32)["accountant"] == first
+
+
+def test_accountant_rebuilt_from_bad_leaves_is_checked_before_use():
+    acc = Accountant().step(noise_multiplier=1.0, sample_rate=0.1, steps=3)
+    bad = fp.tree.unflatten(fp.tree.structure(acc), [1.0, 2.0, 3])  # as fp.load would rebuild
+    with pytest.raises(ValueError, match=r"^Accountant.epsilon: `sample_rate` must be in \(0, 1\]"):
+        bad.epsilon(DELTA)
+    bad = fp.tree.unflatten(fp.tree.structure(acc), [1.0, 0.1, -3])
+    with pytest.raises(ValueError, match=r"^Accountant.delta: `steps` must be >= 0, got -3"):
+        bad.delta(1.0)

@@ -120,7 +120,7 @@ class Accountant:
         d = check_delta(where, delta)
         if not self.history:
             return 0.0
-        return float(composed(self.kind, self.history, where).get_epsilon(d))
+        return float(self._composed(where).get_epsilon(d))
 
     def delta(self, epsilon: float) -> float:
         """The delta spent so far at this ``epsilon`` (0.0 before any step).
@@ -144,7 +144,14 @@ class Accountant:
             return 0.0
         if math.isinf(epsilon):
             return 0.0
-        return float(composed(self.kind, self.history, where).get_delta(float(epsilon)))
+        return float(self._composed(where).get_delta(float(epsilon)))
+
+    def _composed(self, where: str) -> Any:
+        # An accountant rebuilt by fp.load (or any pytree unflatten) skips __post_init__:
+        # check again here, where a corrupt value would otherwise reach dp-accounting.
+        check_accountant(where, self.kind)
+        history = tuple(_as_step(where, s) for s in self.history)
+        return composed(self.kind, history, where)
 
 
 def _as_step(where: str, s: Any) -> DpStep:
