@@ -59,6 +59,10 @@ def test_mnist_resume_mid_epoch_is_exact(data_root, tmp_path):
     resumed = mnist.main([*common, "--epochs", "1", "--out-dir", str(tmp_path / "b"), "--resume"])
     for a, b in zip(fp.tree.leaves(straight["state"].params), fp.tree.leaves(resumed["state"].params), strict=True):
         assert torch.equal(a, b)
+    # the resumed epoch's record covers all 6 steps, not only the 2 after the resume
+    assert resumed["history"][0]["train_loss"] == straight["history"][0]["train_loss"]
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [6]  # the interrupted run's record was replaced, not duplicated
 
 
 def test_mnist_missing_data_names_the_files(tmp_path, capsys):
@@ -67,6 +71,7 @@ def test_mnist_missing_data_names_the_files(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and "MNIST" in err
+    assert "offline" in err and "download=True" not in err  # no flag exposes a download
 
 
 def test_lstm_sequential_mnist_smoke(data_root, tmp_path):
@@ -95,9 +100,10 @@ def test_lstm_imdb_layout_smoke(tmp_path):
     assert lstm.tokenize("A <br />Great, film!") == ["a", "great", "film"]
     vocab = lstm.build_vocab([["a", "b", "a"]], max_words=3)
     assert vocab == {"a": 2} and lstm.encode(["a", "zzz"], vocab, 4) == [2, 1, 0, 0]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         lstm.main(["--task", "imdb", "--imdb-dir", str(tmp_path / "missing"), "--no-progress", "--device", "cpu",
                    "--out-dir", str(tmp_path / "run2")])
+    assert e.value.code == 2
 
 
 def test_per_sample_grads_example_smoke(data_root, tmp_path):
