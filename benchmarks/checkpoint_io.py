@@ -16,12 +16,20 @@ Each figure is the median over --reps interleaved rounds (A B A B ...); minflt i
 median number of minor page faults of one call.
 
     .venv/bin/python benchmarks/checkpoint_io.py [--reps 5] [--dir /tmp] [--small]
+
+The cost of fp.load's checksum verification (NOTE [checksum]), and the throughput of the
+checksum functions available without new dependencies:
+
+    .venv/bin/python benchmarks/checkpoint_io.py --verify [--reps 9]
+    .venv/bin/python benchmarks/checkpoint_io.py --checksums [--reps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import binascii
 import gc
+import hashlib
 import os
 import resource
 import statistics
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 
 import safetensors.torch
@@ -110,6 +119,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, int]:
 
 LOADERS: dict[str, Callable[[str], object]] = {
     "fp.load": lambda p: fp.load(p),
+    "fp.load (verify=False)": lambda p: fp.load(p, verify=False),
     "torch.load": lambda p: torch.load(p, weights_only=True),
     "safetensors (pread)": lambda p: safetensors.torch.load_file(p, backend="pread"),
 }
@@ -186,13 +196,71 @@ def run(name: str, tree: dict, reps: int, directory: str) -> list[tuple[str, str
             for k, v in times.items()]
 
 
+def checksum_throughput(reps: int) -> None:
+    """GB/s of each checksum over 100 MB of float32 (interleaved rounds, medians)."""
+    t = torch.randn(25_000_000, generator=torch.Generator().manual_seed(0))
+    mv = memoryview(t.view(torch.uint8).numpy()).cast("B")
+    words = t.view(torch.int64)
+    fns: dict[str, Callable[[], object]] = {
+        "zlib.crc32 (used)": lambda: zlib.crc32(mv),
+        "binascii.crc32": lambda: binascii.crc32(mv),
+        "zlib.adler32": lambda: zlib.adler32(mv),
+        "hashlib.blake2b": lambda: hashlib.blake2b(mv).digest(),
+        "hashlib.sha1": lambda: hashlib.sha1(mv).digest(),
+        "torch int64 sum": lambda: int(words.sum()),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for k in fns if r % 2 == 0 else reversed(fns):
+            times[k].append(timed(fns[k])[0])
+    print(f"checksums over {len(mv) / 1e6:.0f} MB, {reps} interleaved rounds, "
+          f"zlib {zlib.ZLIB_RUNTIME_VERSION}:")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"  {k:20} {m * 1e3:8.1f} ms  {len(mv) / m / 1e9:6.2f} GB/s")
+
+
+def verify_cost(reps: int, directory: str) -> None:
+    """fp.load with and without checksum verification, 100M params, interleaved."""
+    tree = model_tree()
+    path = os.path.join(directory, "verify.safetensors")
+    fp.save(path, tree)
+    size = os.path.getsize(path)
+    methods = ["fp.load", "fp.load (verify=False)"]
+    for mode in ("warm", "warm, new process"):
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for r in range(reps):
+            for k in methods if r % 2 == 0 else reversed(methods):
+                if mode == "warm":
+                    times[k].append(timed(lambda k=k: LOADERS[k](path))[0])
+                else:
+                    times[k].append(load_in_new_process(k, path)[0])
+        a, b = (statistics.median(times[k]) for k in methods)
+        print(f"{fp.tree.size(tree) / 1e6:.0f}M params, {size / 1e9:.2f} GB, {mode}, {reps} "
+              f"interleaved rounds: verify {a:.3f} s, verify=False {b:.3f} s (medians), "
+              f"ratio {a / b:.3f} (+{100 * (a / b - 1):.1f}%); per round: "
+              + " ".join(f"{x / y:.2f}" for x, y in zip(*times.values(), strict=True)))
+    os.remove(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--verify", action="store_true", help="only the checksum verification cost")
+    ap.add_argument("--checksums", action="store_true", help="only checksum throughputs")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--small", action="store_true", help="a 10x smaller model, for a quick look")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.checksums or args.verify:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} "
+              f"cpus, load average {os.getloadavg()[0]:.1f} at start")
+        if args.checksums:
+            checksum_throughput(args.reps)
+        if args.verify:
+            verify_cost(args.reps, args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        return
     params = model_tree(vocab=2_000, layers=1) if args.small else model_tree()
     trees = {
         f"model {fp.tree.size(params) / 1e6:.0f}M params": params,

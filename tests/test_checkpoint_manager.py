@@ -277,8 +277,8 @@ def test_stale_temp_files_are_removed_on_open_and_nothing_else(tmp_path):
     from functorch_pipeline.serialization import _tempfiles
 
     host = _tempfiles._HOST
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)
+    code = "import os; print(os.getpid())"
+    dead_pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
@@ -299,19 +299,20 @@ def test_stale_temp_files_are_removed_on_open_and_nothing_else(tmp_path):
             if fate == "old":
                 t = time.time() - 7200
                 os.utime(tmp_path / name, (t, t))
-        os.mkdir(tmp_path / f".ckpt_00000010.safetensors.{host}-{dead_pid}-dir_dir_.tmp")
+        a_dir = f".ckpt_00000010.safetensors.{host}-{dead_pid}-dir_dir_.tmp"
+        os.mkdir(tmp_path / a_dir)  # not a regular file: never removed
         CheckpointManager(tmp_path)
-        expected = sorted([n for n, fate in names.items() if fate == "kept"] + [f".ckpt_00000010.safetensors.{host}-{dead_pid}-dir_dir_.tmp"])
+        expected = sorted([n for n, fate in names.items() if fate == "kept"] + [a_dir])
         assert sorted(os.listdir(tmp_path)) == expected
     finally:
         live.kill()
         live.wait()
     # The public function: max_age=0 removes every temp file whose writer is not this process.
+    mine = f".ckpt_00000005.safetensors.{host}-{os.getpid()}-abcd_123.tmp"
     removed = fp.serialization.clean_temp_files(tmp_path, max_age=0)
     assert sorted(os.path.basename(p) for p in removed) == sorted(
-        n for n, fate in names.items()
-        if fate == "kept" and n.startswith(".") and n != f".ckpt_00000005.safetensors.{host}-{os.getpid()}-abcd_123.tmp"
+        n for n, fate in names.items() if fate == "kept" and n.startswith(".") and n != mine
     )
-    assert f".ckpt_00000005.safetensors.{host}-{os.getpid()}-abcd_123.tmp" in os.listdir(tmp_path)
+    assert mine in os.listdir(tmp_path)
     with pytest.raises(ValueError, match=r"clean_temp_files\(directory\): `max_age` must be >= 0 seconds, got -1"):
         fp.serialization.clean_temp_files(tmp_path, max_age=-1)

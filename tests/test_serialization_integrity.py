@@ -52,24 +52,50 @@ def data_start(blob: bytes) -> int:
 @pytest.mark.parametrize(
     ("tensors", "data_len", "msg"),
     [
-        ({"a": (0, 4)}, 8, r"4 bytes after the last tensor's end at byte 4 of the 8-byte data section \(padded"),
-        ({"a": (4, 8)}, 8, r"a gap of 4 bytes at the start \(tensor `a` starts at byte 4, expected 0\); shifted"),
-        ({"a": (0, 4), "b": (8, 12)}, 12, r"a gap of 4 bytes after tensor `a` \(tensor `b` starts at byte 8"),
-        ({"a": (0, 8), "e": (4, 4)}, 8, r"an overlap after tensor `a` \(tensor `e` starts at byte 4, expected 8\)"),
+        (
+            {"a": (0, 4)},
+            8,
+            r"4 bytes after the last tensor's end at byte 4 of the 8-byte data section \(padded",
+        ),
+        (
+            {"a": (4, 8)},
+            8,
+            r"a gap of 4 bytes at the start \(tensor `a` starts at byte 4, expected 0\); shifted",
+        ),
+        (
+            {"a": (0, 4), "b": (8, 12)},
+            12,
+            r"a gap of 4 bytes after tensor `a` \(tensor `b` starts at byte 8",
+        ),
+        (
+            {"a": (0, 8), "e": (4, 4)},
+            8,
+            r"an overlap after tensor `a` \(tensor `e` starts at byte 4, expected 8\)",
+        ),
         ({}, 3, r"3 bytes after the last tensor's end at byte 0"),
     ],
 )
 def test_files_not_fully_covered_are_rejected(tensors, data_len, msg):
-    header = {n: {"dtype": "U8", "shape": [e - s], "data_offsets": [s, e]} for n, (s, e) in tensors.items()}
+    header = {
+        n: {"dtype": "U8", "shape": [e - s], "data_offsets": [s, e]}
+        for n, (s, e) in tensors.items()
+    }
     p = write(header_file(header, bytes(data_len)))
-    with pytest.raises(fp.CheckpointError, match=r"load\(path\): .*: the file is not fully covered by its tensors: " + msg):
+    with pytest.raises(
+        fp.CheckpointError,
+        match=r"load\(path\): .*: the file is not fully covered by its tensors: " + msg,
+    ):
         fp.load(p)
-    with pytest.raises(Exception, match=r"not fully covered|invalid offset"):  # the reference agrees
+    with pytest.raises(
+        Exception, match=r"not fully covered|invalid offset"
+    ):  # the reference agrees
         safetensors.torch.load_file(p)
 
 
 def test_shifted_and_padded_saved_file_is_rejected():
-    blob = saved({"w": torch.arange(4, dtype=torch.float32), "b": torch.ones(2, dtype=torch.float64)})
+    blob = saved(
+        {"w": torch.arange(4, dtype=torch.float32), "b": torch.ones(2, dtype=torch.float64)}
+    )
     with pytest.raises(fp.CheckpointError, match=r"not fully covered"):
         fp.load(write(blob + b"\0" * 8))  # padded: used to load silently
     start = data_start(blob)
@@ -87,7 +113,10 @@ def test_coverage_rules_match_safetensors(spans, data_len):
     """Random layouts (each entry self-consistent: its shape matches its span): fp.load
     accepts a plain safetensors file exactly when safetensors itself does, with the
     same bytes."""
-    header = {f"t{i}": {"dtype": "U8", "shape": [n], "data_offsets": [s, s + n]} for i, (s, n) in enumerate(spans)}
+    header = {
+        f"t{i}": {"dtype": "U8", "shape": [n], "data_offsets": [s, s + n]}
+        for i, (s, n) in enumerate(spans)
+    }
     data = bytes(range(data_len))
     p = write(header_file(header, data))
     try:
@@ -107,12 +136,18 @@ def test_coverage_rules_match_safetensors(spans, data_len):
 
 
 def test_recorded_checksums_are_crc32_of_each_tensor():
-    tree = {"w": torch.randn(3, 5, dtype=torch.float64), "e": torch.zeros(0), "i": torch.arange(7, dtype=torch.int16)}
+    tree = {
+        "w": torch.randn(3, 5, dtype=torch.float64),
+        "e": torch.zeros(0),
+        "i": torch.arange(7, dtype=torch.int16),
+    }
     blob = saved(tree)
     meta = json.loads(blob[8 : data_start(blob)])["__metadata__"]
     value = meta["functorch_pipeline.crc32"]
     header = json.loads(blob[8 : data_start(blob)])
-    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: tuple(header[k]["data_offsets"]))
+    order = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: tuple(header[k]["data_offsets"])
+    )
     want = [binascii.crc32(tree[k].numpy().tobytes()) for k in order]
     assert [int(x, 16) for x in value.split(",")[1:]] == want
     # the header's own CRC: the header JSON as written first, with the field all zeros
@@ -138,7 +173,10 @@ def test_data_flip_error_names_the_tensor_and_verify_false_skips_it():
     start = data_start(blob)
     blob[start + 4 * 1000 + 1] ^= 0x10  # inside big[1000]
     p = write(bytes(blob))
-    with pytest.raises(fp.CheckpointError, match=r"tensor `big` \(bytes \[0, 2097152\) of the data section\) does not match its checksum \(CRC-32 [0-9a-f]{8}, recorded [0-9a-f]{8}\).*verify=False"):
+    with pytest.raises(
+        fp.CheckpointError,
+        match=r"tensor `big` \(bytes \[0, 2097152\) of the data section\) does not match its checksum \(CRC-32 [0-9a-f]{8}, recorded [0-9a-f]{8}\).*verify=False",
+    ):
         fp.load(p)
     with pytest.raises(fp.CheckpointError, match=r"tensor `big`"):
         fp.load(p, like=tree, device="cpu")
@@ -159,9 +197,16 @@ def test_header_flip_is_detected_even_when_the_json_stays_valid():
 
 def test_files_without_checksums_still_load():
     """Files written before checksums existed (and plain safetensors files)."""
-    tree = {"t": "dict", "k": [{"t": "str", "v": "w"}, {"t": "str", "v": "step"}], "c": [{"t": "tensor", "n": "w"}, {"t": "int", "v": 3}]}
+    tree = {
+        "t": "dict",
+        "k": [{"t": "str", "v": "w"}, {"t": "str", "v": "step"}],
+        "c": [{"t": "tensor", "n": "w"}, {"t": "int", "v": 3}],
+    }
     header = {
-        "__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": json.dumps(tree)},
+        "__metadata__": {
+            "functorch_pipeline.format": "1",
+            "functorch_pipeline.tree": json.dumps(tree),
+        },
         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
     }
     out = fp.load(write(header_file(header, torch.tensor([1.5, -2.0]).numpy().tobytes())))
@@ -173,14 +218,24 @@ def test_files_without_checksums_still_load():
 
 def test_misplaced_or_malformed_checksum_field():
     header = {
-        "__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.crc32": "zz", "functorch_pipeline.tree": '{"t":"none"}'},
+        "__metadata__": {
+            "functorch_pipeline.format": "1",
+            "functorch_pipeline.crc32": "zz",
+            "functorch_pipeline.tree": '{"t":"none"}',
+        },
     }
-    with pytest.raises(fp.CheckpointError, match=r"the checksum field `functorch_pipeline.crc32` is malformed or not where fp.save puts it"):
+    with pytest.raises(
+        fp.CheckpointError,
+        match=r"the checksum field `functorch_pipeline.crc32` is malformed or not where fp.save puts it",
+    ):
         fp.load(write(header_file(header)))
     assert fp.load(write(header_file(header)), verify=False) is None
     header["__metadata__"]["functorch_pipeline.format"] = "2"
     del header["__metadata__"]["functorch_pipeline.crc32"]
-    with pytest.raises(fp.CheckpointError, match=r"the checksum field `functorch_pipeline.crc32` that format version 2 requires is missing"):
+    with pytest.raises(
+        fp.CheckpointError,
+        match=r"the checksum field `functorch_pipeline.crc32` that format version 2 requires is missing",
+    ):
         fp.load(write(header_file(header)))
 
 
@@ -197,12 +252,17 @@ def test_header_with_too_many_json_values_is_refused_before_parsing():
     parsed, allocating nothing near what parsing would."""
     n = _format.MIN_PARSE_UNITS // 2  # two units per node: `{` and `,`
     tree = '{"t":"list","c":[' + ",".join(["{}"] * n) + "]}"
-    blob = header_file({"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": tree}})
+    blob = header_file(
+        {"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": tree}}
+    )
     p = write(blob)
     assert len(blob) < 4_000_000
     tracemalloc.start()
     try:
-        with pytest.raises(fp.CheckpointError, match=r"the header has \d+ JSON separators and brackets, more than the 1048576 allowed for a \d+-byte file"):
+        with pytest.raises(
+            fp.CheckpointError,
+            match=r"the header has \d+ JSON separators and brackets, more than the 1048576 allowed for a \d+-byte file",
+        ):
             fp.load(p)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -215,9 +275,16 @@ def test_deep_tree_with_many_leaves_is_refused():
     before its paths are built."""
     depth, leaves = 300, 4000
     tree = '{"t":"list","c":[' * depth + ",".join(['{"t":"int","v":0}'] * leaves) + "]}" * depth
-    blob = header_file({"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": tree}})
-    with pytest.raises(fp.CheckpointError, match=r"the tree's key paths are too long in total for the file's size \(a leaf at depth 300"):
+    blob = header_file(
+        {"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": tree}}
+    )
+    with pytest.raises(
+        fp.CheckpointError,
+        match=r"the tree's key paths are too long in total for the file's size \(a leaf at depth 300",
+    ):
         fp.load(write(blob))
     shallow = '{"t":"list","c":[' + ",".join(['{"t":"int","v":0}'] * leaves) + "]}"
-    blob = header_file({"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": shallow}})
+    blob = header_file(
+        {"__metadata__": {"functorch_pipeline.format": "1", "functorch_pipeline.tree": shallow}}
+    )
     assert fp.load(write(blob)) == [0] * leaves

@@ -201,7 +201,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(os.path.basename(path)), suffix=".tmp", dir=directory)
+    prefix = temp_prefix(os.path.basename(path))  # NOTE [temp files]
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     try:
         try:
             if hasattr(os, "fchmod"):

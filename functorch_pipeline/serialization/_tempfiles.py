@@ -110,7 +110,9 @@ def clean_temp_files(
       ['notes.tmp']
     """
     if not isinstance(max_age, (int, float)) or not max_age >= 0:
-        raise ValueError(f"clean_temp_files(directory): `max_age` must be >= 0 seconds, got {max_age!r}")
+        raise ValueError(
+            f"clean_temp_files(directory): `max_age` must be >= 0 seconds, got {max_age!r}"
+        )
     directory = os.fspath(directory)
     now = time.time()
     removed = []
@@ -119,7 +121,9 @@ def clean_temp_files(
         m = _NEW.fullmatch(name)
         old = None if m else _OLD.fullmatch(name)
         match = m or old
-        if match is None or (target is not None and not fnmatch.fnmatchcase(match["target"], target)):
+        if match is None or (
+            target is not None and not fnmatch.fnmatchcase(match["target"], target)
+        ):
             continue
         if m and m["host"] == _HOST and int(m["pid"]) == me:
             continue  # ours: maybe a save running in another thread

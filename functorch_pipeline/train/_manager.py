@@ -304,10 +304,11 @@ class CheckpointManager:
                 "to start a new run, use another directory or delete those files"
             )
         if own and own[-1] > step:
+            later = [s for s in own if s > step]
             raise CheckpointError(
                 f"{where}: step {step} is older than this run's latest checkpoint (step "
                 f"{own[-1]}), which would stay latest() and be resumed from instead; nothing "
-                f"was written. Delete the steps after {step} first ({[s for s in own if s > step][:5]})"
+                f"was written. Delete the steps after {step} first ({later[:5]})"
             )
         return own
 
