@@ -7,65 +7,13 @@ import os
 import pytest
 import torch
 import torch.utils._pytree as torch_pytree
+from optim_registry import F64
+from optim_registry import REGISTRY
+from optim_registry import _grads
+from optim_registry import _params
 
 import functorch_pipeline as fp
 from functorch_pipeline import optim
-
-F64 = torch.float64
-
-
-def _params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "fc": {"w": torch.randn(3, 2, generator=g, dtype=F64), "b": torch.randn(2, generator=g, dtype=F64)},
-        "s": torch.randn((), generator=g, dtype=F64),
-    }
-
-
-def _grads(step, member=0):
-    return fp.tree.scale(_params(100 + 7 * step + 31 * member), 1.0)
-
-
-def _sched():
-    return optim.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10)
-
-
-REGISTRY = {
-    "sgd": lambda: optim.sgd(0.1),
-    "sgd_nesterov": lambda: optim.sgd(0.1, 0.9, True),
-    "sgd_dampening": lambda: optim.sgd(0.1, 0.9, dampening=0.2),
-    "sgd_schedule": lambda: optim.sgd(_sched(), 0.5),
-    "adam": lambda: optim.adam(1e-2),
-    "adam_nesterov_eps_root": lambda: optim.adam(1e-2, eps_root=1e-8, nesterov=True),
-    "adam_mu_dtype": lambda: optim.adam(1e-2, mu_dtype=torch.float32),
-    "adamw": lambda: optim.adamw(1e-2, weight_decay=0.1),
-    "adamw_schedule": lambda: optim.adamw(_sched()),
-    "nadam": lambda: optim.nadam(1e-2),
-    "nadam_torch": lambda: optim.nadam(1e-2, momentum_decay=4e-3),
-    "radam": lambda: optim.radam(1e-2),
-    "adamax": lambda: optim.adamax(1e-2),
-    "rmsprop": lambda: optim.rmsprop(1e-2),
-    "rmsprop_centered": lambda: optim.rmsprop(1e-2, centered=True, momentum=0.9, bias_correction=True),
-    "adagrad": lambda: optim.adagrad(1e-1),
-    "adadelta": lambda: optim.adadelta(1.0, weight_decay=0.01),
-    "lion": lambda: optim.lion(1e-2),
-    "lamb": lambda: optim.lamb(1e-2, weight_decay=0.01),
-    "clipping": lambda: optim.chain(optim.clip(0.5), optim.clip_by_global_norm(1.0), optim.adam(1e-2)),
-    "trust_ratio": lambda: optim.chain(optim.scale_by_trust_ratio(), optim.scale(-0.1)),
-    "masked": lambda: optim.masked(optim.adam(1e-2), {"fc": {"w": True, "b": False}, "s": True}),
-    "partition": lambda: optim.partition(
-        {"a": optim.adam(1e-2), "b": optim.sgd(0.1, 0.9)}, lambda path, leaf: "a" if leaf.dim() == 2 else "b"
-    ),
-    "freeze": lambda: optim.chain(optim.freeze({"fc": True, "s": False}), optim.sgd(0.1)),
-    "decay_mask": lambda: optim.adamw(1e-2, mask={"fc": {"w": True, "b": False}, "s": False}),
-    "multi_steps": lambda: optim.MultiSteps(optim.adam(1e-2), 2).gradient_transformation(),
-    "apply_if_finite": lambda: optim.apply_if_finite(optim.adam(1e-2), 3),
-    "inject_hyperparams": lambda: optim.inject_hyperparams(optim.adamw)(learning_rate=_sched(), weight_decay=0.1),
-    "ema": lambda: optim.chain(optim.ema(0.9), optim.scale(-0.1)),
-    "stateless": lambda: optim.chain(
-        optim.stateless_with_tree_map(lambda g, p: 0.5 * g + 0.01 * p), optim.scale_by_learning_rate(0.1)
-    ),
-}
 
 # NOTE [compile budget]: compiling the whole registry takes ~2 minutes on the 2-core
 # CI machine (the first compile alone ~20 s), so the default run compiles a

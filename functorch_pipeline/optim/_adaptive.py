@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _checks
 from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
@@ -25,6 +26,7 @@ from functorch_pipeline.optim._base import flatten_like
 from functorch_pipeline.optim._base import fused_transformation
 from functorch_pipeline.optim._base import require_params
 from functorch_pipeline.optim._base import zero_count
+from functorch_pipeline.optim._checks import SAME
 from functorch_pipeline.optim._transforms import check_number
 
 __all__ = [
@@ -66,7 +68,7 @@ def _finish(where: str, out: list, m: Any, c: Any, updates: Updates, params: Par
         out = _mt.mul_(out, m, fe)
     if not _zero(c):
         require_params(where, params)
-        out = _mt.add_(out, flatten_like(where, updates, params, "params", td), fe, alpha=c)
+        out = _mt.add_(out, flatten_like(where, updates, params, "params", td, ref=out), fe, alpha=c)
     return out
 
 
@@ -80,6 +82,7 @@ def _steps(count: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 def _check_betas(where: str, **betas: Any) -> None:
     for k, v in betas.items():
+        _checks.check_hyperparameter(where, k, v)
         check_number(where, k, v, low=0.0, high=1.0, high_open=True)
 
 
@@ -101,11 +104,11 @@ def _fused_adam_ok(*lists: list) -> bool:
     first = lists[0][0]
     if first.dtype not in (torch.float32, torch.float64) or first.device.type not in ("cpu", "cuda"):
         return False
-    for xs in lists:
-        for x in xs:
-            if x.dtype != first.dtype or x.device != first.device or not x.is_contiguous():
-                return False
-    return True
+    # the other lists match lists[0] leaf by leaf (NOTE [leaf checks]): one dtype/device pass
+    for x in lists[0]:
+        if x.dtype != first.dtype or x.device != first.device:
+            return False
+    return all(x.is_contiguous() for xs in lists for x in xs)
 
 
 # NOTE [fused adam kernel]
@@ -187,25 +190,25 @@ def scale_by_adam(
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td)
-        vl = flatten_like(where, updates, state.nu, "state.nu", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByAdamState, "scale_by_adam.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs,
+                          dtype=mu_dtype or SAME)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl)
-        inplace = bool(extra_args.get("inplace")) and mu_dtype is None
+        inplace = _mt.inplace_ok(extra_args, gl, ml, vl) and mu_dtype is None
         count = state.count + 1
         if not gl:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
-        if (
-            fe
-            and fast
-            and _zero(eps_root)
-            and not _mt.recording(gl)
-            and not (_mt.recording(ml) or _mt.recording(vl))
-        ):
+        # fe: plain eager tensors, nothing differentiated (NOTE [differentiable optimizers]);
+        # a learning rate / decay that requires grad must not go into the kernel either
+        if fe and fast and _zero(eps_root) and _mt.foreach_ok([x for x in (m, c) if _mt.is_tensor(x)]):
             pl = None
             if not _zero(c):
                 require_params(where, params)
-                pl = flatten_like(where, updates, params, "params", td)
-            if _fused_adam_ok(gl, ml, vl, pl or []) and not (pl is not None and _mt.recording(pl)):
+                pl = flatten_like(where, updates, params, "params", td, ref=gl, ref_sig=gs)
+            if _fused_adam_ok(gl, ml, vl, pl or []) and (pl is None or _mt.foreach_ok(pl)):
                 out, new_m, new_v = _fused_adam_step(gl, ml, vl, state.count, b1, b2, eps, m, c, pl, inplace)
                 new_state = ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
                 return fpt.unflatten(td, out), new_state
@@ -278,10 +281,13 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adamax.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td)
-        vl = flatten_like(where, updates, state.nu, "state.nu", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByAdamState, "scale_by_adamax.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         t = count.to(_mt.scalar_dtype(gl)) if gl else count
         new_m = _mt.lerp(ml, gl, 1 - b1, fe, inplace=inplace)
@@ -346,10 +352,13 @@ def scale_by_radam(
     def fused(updates: Updates, state: ScaleByAdamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_radam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td)
-        vl = flatten_like(where, updates, state.nu, "state.nu", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByAdamState, "scale_by_radam.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         if not gl:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
@@ -431,10 +440,15 @@ def scale_by_nadam(
     def fused(updates: Updates, state: ScaleByNadamState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_nadam.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td)
-        vl = flatten_like(where, updates, state.nu, "state.nu", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByNadamState, "scale_by_nadam.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        _checks.check_scalar(where, "state.mu_product", state.mu_product, state.count.device,
+                             _mt.scalar_dtype(gl))
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         t = count.to(state.mu_product.dtype)
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
@@ -485,10 +499,13 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
     def fused(updates: Updates, state: Any, params: Params, m: Any, c: Any, **extra_args: Any):
         where = f"{name}.update"
         gl, td = fpt.flatten(updates)
-        vl = flatten_like(where, updates, state.nu, "state.nu", td)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td) if centered else []
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, (ScaleByRStdDevState if centered else ScaleByRmsState), f"{name}.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs) if centered else []
         fe = _mt.foreach_ok(gl, vl, ml)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, ml, vl)
         count = state.count + 1
         new_v = _mt.ema_sq(vl, gl, decay, fe, inplace=inplace)
         v = new_v
@@ -608,9 +625,11 @@ def scale_by_rss(
     def fused(updates: Updates, state: ScaleByRssState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_rss.update"
         gl, td = fpt.flatten(updates)
-        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByRssState, "scale_by_rss.init")
+        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, sl)
-        new_s = _mt.addcmul(sl, gl, gl, fe, inplace=bool(extra_args.get("inplace")))
+        new_s = _mt.addcmul(sl, gl, gl, fe, inplace=_mt.inplace_ok(extra_args, gl, sl))
         if eps_in_sqrt:
             out = [torch.where(s > 0, torch.rsqrt(s + eps), torch.zeros_like(s)) * g for s, g in zip(new_s, gl, strict=True)]
         else:
@@ -653,10 +672,12 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
     def fused(updates: Updates, state: ScaleByAdaDeltaState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_adadelta.update"
         gl, td = fpt.flatten(updates)
-        egl = flatten_like(where, updates, state.e_g, "state.e_g", td)
-        exl = flatten_like(where, updates, state.e_x, "state.e_x", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByAdaDeltaState, "scale_by_adadelta.init")
+        egl = flatten_like(where, updates, state.e_g, "state.e_g", td, ref=gl, ref_sig=gs)
+        exl = flatten_like(where, updates, state.e_x, "state.e_x", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, egl, exl)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, exl, egl)
         new_eg = _mt.ema_sq(egl, gl, rho, fe, inplace=inplace)
         std = _mt.sqrt(_mt.add_scalar(new_eg, eps, fe), fe)
         delta = _mt.sqrt(_mt.add_scalar(exl, eps, fe), fe)
@@ -702,7 +723,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
     def fused(updates: Updates, state: ScaleByLionState, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "scale_by_lion.update"
         gl, td = fpt.flatten(updates)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, ScaleByLionState, "scale_by_lion.init")
+        _checks.check_count(where, "state.count", state.count, gl)
+        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs,
+                          dtype=mu_dtype or SAME)
         fe = _mt.foreach_ok(gl, ml)
         mu_in = ml if mu_dtype is None else [x.to(g.dtype) for x, g in zip(ml, gl, strict=True)]
         out = _mt.lerp(mu_in, gl, 1 - b1, fe)
@@ -710,7 +735,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
             out = list(torch._foreach_sign(out))
         else:
             out = [torch.sign(x) for x in out]
-        inplace = bool(extra_args.get("inplace")) and mu_dtype is None
+        inplace = _mt.inplace_ok(extra_args, gl, ml) and mu_dtype is None
         new_m = _mt.cast(_mt.lerp(mu_in, gl, 1 - b2, fe, inplace=inplace), mu_dtype)
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByLionState(state.count + 1, fpt.unflatten(td, new_m))

@@ -25,6 +25,7 @@ from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import ScalarOrSchedule
 from functorch_pipeline.optim._base import chain
 from functorch_pipeline.optim._base import identity
+from functorch_pipeline.optim._checks import check_hyperparameter
 from functorch_pipeline.optim._transforms import add_decayed_weights
 from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
@@ -47,6 +48,7 @@ __all__ = [
 
 
 def _lr(name: str, learning_rate: Any) -> None:
+    check_hyperparameter(f"{name}(learning_rate)", "learning_rate", learning_rate, schedule=True)
     check_number(f"{name}(learning_rate)", "learning_rate", learning_rate, low=0.0)
 
 

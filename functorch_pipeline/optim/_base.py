@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _checks
 from functorch_pipeline.optim import _mt
 
 __all__ = [
@@ -109,31 +110,35 @@ def mismatch_error(where: str, a_name: str, a: Any, b_name: str, b: Any) -> Valu
     return ValueError(f"{where}: `{b_name}` does not have the structure of `{a_name}` ({detail})")
 
 
-def check_shapes(where: str, a_name: str, a_leaves: list, b_name: str, b_leaves: list, tree: Any) -> None:
-    """Raise naming the first key path whose shapes differ."""
-    try:
-        if [x.shape for x in a_leaves] == [y.shape for y in b_leaves]:
-            return
-    except AttributeError:
-        pass
-    for i, (x, y) in enumerate(zip(a_leaves, b_leaves, strict=True)):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
-            path = fpt.flatten_with_path(tree)[0][i]
-            raise ValueError(
-                f"{where}: leaf at path `{fpt.keystr(path)}` has shape {tuple(x.shape)} in "
-                f"`{a_name}` but {tuple(y.shape)} in `{b_name}`"
-            )
+def flatten_like(
+    where: str,
+    updates: Updates,
+    other: Any,
+    other_name: str,
+    treedef: Any = None,
+    *,
+    ref: list | None = None,
+    dtype: Any = _checks.SAME,
+    ref_sig: list | None = None,
+) -> list:
+    """Leaves of ``other`` in the order of ``updates``' leaves, or a clear error.
 
-
-def flatten_like(where: str, updates: Updates, other: Any, other_name: str, treedef: Any = None) -> list:
-    """Leaves of ``other`` in the order of ``updates``' leaves (``treedef``: the structure
-    of ``updates`` when the caller already has it), or a clear error."""
+    Every leaf must be a tensor with the shape and device of the update leaf, and the
+    dtype ``dtype`` (``SAME``: the update leaf's; ``None``: any): NOTE [leaf checks] in
+    ``_checks.py``. ``treedef``: the structure of ``updates`` and ``ref``: its leaves,
+    when the caller already has them; ``ref_sig``: ``_checks.signature(ref)``, computed
+    once per update when several trees are checked against the same updates.
+    """
     if treedef is None:
         treedef = fpt.structure(updates)
     try:
-        return treedef.flatten_up_to(other)
+        leaves = treedef.flatten_up_to(other)
     except (ValueError, TypeError):
         raise mismatch_error(where, "updates", updates, other_name, other) from None
+    if ref is None:
+        ref = fpt.leaves(updates)
+    _checks.check_leaves(where, "updates", ref, other_name, leaves, updates, dtype=dtype, ref_sig=ref_sig)
+    return leaves
 
 
 def require_params(where: str, params: Any) -> None:
@@ -219,7 +224,9 @@ def stateless_with_tree_map(f: Callable[[torch.Tensor, Any], torch.Tensor]) -> G
     def g(updates: Updates, params: Params) -> Updates:
         if params is None:
             return fpt.map(lambda u: f(u, None), updates)
-        return fpt.map(f, updates, params)
+        ul, td = fpt.flatten(updates)
+        pl = flatten_like("stateless_with_tree_map.update", updates, params, "params", td, ref=ul)
+        return fpt.unflatten(td, [f(u, p) for u, p in zip(ul, pl, strict=True)])
 
     return stateless(g)
 
@@ -324,7 +331,8 @@ def _split_apply(where: str, params: Params, updates: Updates) -> tuple[list, li
     ul, utd = fpt.flatten(updates)
     if not fpt.same_structure(ptd, utd):
         raise mismatch_error(where, "params", params, "updates", updates)
-    check_shapes(where, "params", pl, "updates", ul, params)
+    # shapes and devices must agree; dtypes may differ (the sum is cast to the param's)
+    _checks.check_leaves(where, "params", pl, "updates", ul, params, dtype=None)
     return pl, ul, ptd
 
 
@@ -348,8 +356,21 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     if [p.dtype for p in pl] == [u.dtype for u in ul]:
         out = _mt.add(pl, ul, fe)
     else:
+        _check_castable("apply_updates(params, updates)", pl, ul, params)
         out = [(p + u).to(p.dtype) for p, u in zip(pl, ul, strict=True)]
     return fpt.unflatten(td, out)
+
+
+def _check_castable(where: str, pl: list, ul: list, params: Params) -> None:
+    """Leaves of different dtypes are added and cast to the parameter's dtype (optax's
+    rule, NOTE [leaf dtypes]) only when both are floating point: never truncate."""
+    for i, (p, u) in enumerate(zip(pl, ul, strict=True)):
+        if p.dtype != u.dtype and not (_mt.is_float(p) and _mt.is_float(u)):
+            raise TypeError(
+                f"{where}: leaf at path `{fpt.keystr(fpt.flatten_with_path(params)[0][i])}` has dtype "
+                f"{p.dtype} in `params` but {u.dtype} in `updates`; only floating-point leaves "
+                "of different dtypes are cast to the parameter's dtype"
+            )
 
 
 def apply_updates_(params: Params, updates: Updates) -> Params:
@@ -357,6 +378,14 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
 
     Writes into the parameter tensors (under ``torch.no_grad()``, like
     ``torch.optim``'s ``step``). Gives exactly the numbers of :func:`apply_updates`.
+
+    An in-place write under ``no_grad`` is invisible to differentiation, so it raises a
+    ``ValueError`` when the step is being differentiated (inside ``fp.grad``/``jvp``, a
+    forward-AD level, or when ``params``/``updates`` carry autograd history): use the pure
+    :func:`apply_updates` there (NOTE [differentiable optimizers] in ``_mt.py``).
+    ``nn.Parameter`` leaves (``requires_grad`` leaf tensors, as ``torch.optim`` updates)
+    are fine. ``update(..., inplace=True)`` needs no change: it takes the pure path by
+    itself when differentiated.
 
     Args:
       params: a tree of tensors (written in place).
@@ -370,12 +399,20 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     >>> q is p, p["w"]
     (True, tensor([3.]))
     """
-    pl, ul, _ = _split_apply("apply_updates_(params, updates)", params, updates)
+    where = "apply_updates_(params, updates)"
+    pl, ul, _ = _split_apply(where, params, updates)
+    if _mt.differentiated(pl, ul):
+        raise ValueError(
+            f"{where}: the step is being differentiated (torch.func.grad/jvp, forward-mode AD, "
+            "or parameters/updates with autograd history); an in-place write would be left out "
+            "of the gradient. Use the pure `params = optim.apply_updates(params, updates)` here"
+        )
     with torch.no_grad():
         fe = _mt.foreach_ok(pl, ul)
         if all(p.dtype == u.dtype for p, u in zip(pl, ul, strict=True)):
             _mt.add_(pl, ul, fe)
         else:
+            _check_castable(where, pl, ul, params)
             for p, u in zip(pl, ul, strict=True):
                 p.copy_(p + u)
     return params

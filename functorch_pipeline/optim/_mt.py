@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import TransformType as _TransformType
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
 
 Scalar = float | int | torch.Tensor
 TL = list[torch.Tensor]
@@ -27,14 +31,41 @@ TL = list[torch.Tensor]
 # into the same few kernels and it keeps the trace free of functorch queries. Plain
 # eager tensors (the hot path) get foreach.
 
+# NOTE [differentiable optimizers]
+# Every update is differentiable (meta-learning, hypergradients): ``torch.func.grad``,
+# ``vmap`` of it, ``jvp``, and plain ``torch.autograd`` (``create_graph=True``). The fast
+# paths are not: ``torch._fused_adam_`` has no derivative, foreach kernels with a 0-d
+# tensor scalar have a broken backward ("inconsistent range for TensorList output"), and
+# an in-place write into a tensor that autograd saved (``sqrt`` saves its output) makes
+# the backward fail or, under ``no_grad``, silently drops a term. So :func:`foreach_ok`
+# (foreach and the fused Adam kernel) and :func:`recording` (in-place writes, including
+# ``inplace=True``) switch the fast paths off whenever something is differentiated:
+#
+# * a functorch transform is active (``grad``, ``vjp``, ``jvp``, ``vmap``: wrapped tensors
+#   do not report ``requires_grad`` to the layers below, so we do not look at them);
+# * a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``);
+# * grad mode is on and any input leaf requires grad.
+#
+# Otherwise (plain eager tensors, ``torch.no_grad`` or nothing requiring grad) they stay
+# on. The pure path computes the same maths; the fused Adam kernel agrees with it to
+# rounding (NOTE [fused adam kernel]). Under ``torch.compile`` only ``requires_grad``
+# matters (AOTAutograd functionalizes in-place ops itself).
+
+
+def _differentiating() -> bool:
+    """A functorch transform or a forward-AD level is active (eager mode only)."""
+    return _transforms_active() or _forward_ad._current_level >= 0
+
 
 def foreach_ok(*lists: Sequence[Any]) -> bool:
-    """Whether every element of every list is a plain eager tensor (not traced/wrapped)."""
-    if torch.compiler.is_compiling() or _transforms_active():
+    """Whether the multi-tensor fast path may run: every element of every list is a plain
+    eager tensor and nothing is differentiated (NOTE [differentiable optimizers])."""
+    if torch.compiler.is_compiling() or _differentiating():
         return False
+    grad_mode = torch.is_grad_enabled()
     for xs in lists:
         for x in xs:
-            if type(x) is not torch.Tensor and not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or (grad_mode and x.requires_grad):
                 return False
     return True
 
@@ -42,10 +73,41 @@ def foreach_ok(*lists: Sequence[Any]) -> bool:
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
-def recording(xs: Sequence[torch.Tensor]) -> bool:
-    """Whether autograd records ops on ``xs``: then "in-place" helpers work out of place
-    (in-place writes would invalidate tensors saved for backward, e.g. by ``sqrt``)."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+def recording(xs: Sequence[Any]) -> bool:
+    """Whether ops on ``xs`` may be differentiated: then "in-place" helpers work out of
+    place (in-place writes would invalidate tensors saved for backward, e.g. by ``sqrt``).
+    NOTE [differentiable optimizers]."""
+    if not torch.compiler.is_compiling() and _differentiating():
+        return True
+    if torch.is_grad_enabled():
+        for x in xs:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return True
+    return False
+
+
+def differentiated(*lists: Sequence[Any]) -> bool:
+    """Whether the tensors in ``lists`` are being differentiated: wrapped by a functorch
+    ``grad``/``jvp`` (``vmap`` alone is fine), a forward-AD level is open, or autograd
+    records them (non-leaf tensors that require grad; ``requires_grad`` leaves such as
+    ``nn.Parameter`` are what ``torch.optim`` updates under ``no_grad``)."""
+    if _forward_ad._current_level >= 0:
+        return True
+    xs = [x for lst in lists for x in lst if isinstance(x, torch.Tensor)]
+    if _transforms_active() and any(_is_wrapped(x) for x in xs):
+        keys = {i.key() for i in _interpreters()}
+        if _TransformType.Grad in keys or _TransformType.Jvp in keys:
+            return True
+    return torch.is_grad_enabled() and any(x.requires_grad and not x.is_leaf for x in xs)
+
+
+def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any]) -> bool:
+    """``inplace=True`` was asked for and nothing in ``lists`` is differentiated."""
+    return bool(extra_args.get("inplace")) and not any(recording(xs) for xs in lists)
+
+
+def is_float(x: torch.Tensor) -> bool:
+    return x.is_floating_point() or x.is_complex()
 
 
 def is_tensor(s: Any) -> bool:
@@ -135,7 +197,7 @@ def lerp(xs: TL, ys: TL, w: Scalar, fe: bool, inplace: bool = False) -> TL:
     inplace = inplace and not (recording(xs) or recording(ys))
     if is_tensor(w):
         d = sub(ys, xs, fe)
-        mul_(d, w, fe)
+        d = mul_(d, w, fe)
         return add_(xs, d, fe) if inplace else add(xs, d, fe)
     if fe:
         if inplace:
@@ -187,6 +249,13 @@ def scalar_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
         if x.dtype == torch.float64:
             return torch.float64
     return torch.float32
+
+
+def hyper_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of hyperparameter and schedule values: float64, the widest real dtype
+    (so a float64 run gets torch.optim's exact double learning rate), except on MPS,
+    which has no float64. A 0-d float64 tensor does not promote float32 leaves."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def addcmul(xs: TL, ys: TL, zs: TL, fe: bool, inplace: bool = False) -> TL:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _checks
 from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._base import EmptyState
 from functorch_pipeline.optim._base import GradientTransformation
@@ -20,6 +21,7 @@ from functorch_pipeline.optim._base import flatten_like
 from functorch_pipeline.optim._base import fused_transformation
 from functorch_pipeline.optim._base import require_params
 from functorch_pipeline.optim._base import zero_count
+from functorch_pipeline.optim._checks import SAME
 
 __all__ = [
     "ScaleByScheduleState",
@@ -74,7 +76,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
         ul, td = fpt.flatten(updates)
         fe = _mt.foreach_ok(ul)
-        out = _mt.mul_(ul, step_size, fe) if extra_args.get("inplace") else _mt.mul(ul, step_size, fe)
+        out = _mt.mul_(ul, step_size, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, step_size, fe)
         return fpt.unflatten(td, out), state
 
     update_fn._fp_affine = _scale_affine(step_size)
@@ -109,13 +111,18 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         return ScaleByScheduleState(count=zero_count(params))
 
     def affine(state: ScaleByScheduleState, params: Params) -> tuple[Any, Any, Any]:
+        where = "scale_by_schedule.update"
+        _checks.check_state(where, state, ScaleByScheduleState, "scale_by_schedule.init")
+        dev = None if params is None else _checks.first_device(params)
+        _checks.check_scalar(where, "state.count", state.count, dev, torch.int32)
         return step_size_fn(state.count), 0, ScaleByScheduleState(count=state.count + 1)
 
     def update_fn(updates: Updates, state: ScaleByScheduleState, params: Params = None, **extra_args: Any):
-        s, _, new_state = affine(state, params)
         ul, td = fpt.flatten(updates)
+        _checks.check_count("scale_by_schedule.update", "state.count", state.count, ul)
+        s, _, new_state = affine(state, params)
         fe = _mt.foreach_ok(ul)
-        out = _mt.mul_(ul, s, fe) if extra_args.get("inplace") else _mt.mul(ul, s, fe)
+        out = _mt.mul_(ul, s, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, s, fe)
         return fpt.unflatten(td, out), new_state
 
     update_fn._fp_affine = affine
@@ -136,7 +143,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     >>> tx.update([torch.tensor([2.0])], tx.init(None))[0]
     [tensor([-0.2000])]
     """
-    check_number("scale_by_learning_rate(learning_rate)", "learning_rate", learning_rate, low=0.0)
+    where = "scale_by_learning_rate(learning_rate)"
+    _checks.check_hyperparameter(where, "learning_rate", learning_rate, schedule=True)
+    check_number(where, "learning_rate", learning_rate, low=0.0)
     m = -1 if flip_sign else 1
     if callable(learning_rate):
         return scale_by_schedule(lambda count: m * learning_rate(count))
@@ -196,9 +205,14 @@ def trace(
     def fused(updates: Updates, state: Any, params: Params, m: Any, c: Any, **extra_args: Any):
         where = "trace.update"
         gl, td = fpt.flatten(updates)
-        tl = flatten_like(where, updates, state.trace, "state.trace", td)
+        gs = _checks.signature(gl)
+        _checks.check_state(where, state, DampedTraceState if damped else TraceState, "trace.init")
+        if damped:
+            _checks.check_count(where, "state.count", state.count, gl)
+        tl = flatten_like(where, updates, state.trace, "state.trace", td, ref=gl, ref_sig=gs,
+                          dtype=accumulator_dtype or SAME)
         fe = _mt.foreach_ok(gl, tl)
-        inplace = bool(extra_args.get("inplace"))
+        inplace = _mt.inplace_ok(extra_args, gl, tl)
         if damped:
             first = state.count == 0
             new_t = [torch.where(first, g, decay * t + (1 - dampening) * g) for g, t in zip(gl, tl, strict=True)]
@@ -238,7 +252,7 @@ def trace(
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
             require_params(where, params)
-            out = _mt.add_(out, flatten_like(where, updates, params, "params", td), fe, alpha=c)
+            out = _mt.add_(out, flatten_like(where, updates, params, "params", td, ref=gl, ref_sig=gs), fe, alpha=c)
         new_trace = fpt.unflatten(td, new_t)
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
@@ -274,9 +288,9 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
             return updates, state
         require_params(where, params)
         ul, td = fpt.flatten(updates)
-        pl = flatten_like(where, updates, params, "params", td)
+        pl = flatten_like(where, updates, params, "params", td, ref=ul)
         fe = _mt.foreach_ok(ul, pl)
-        if extra_args.get("inplace"):
+        if _mt.inplace_ok(extra_args, ul, pl):
             out = _mt.add_(ul, pl, fe, alpha=weight_decay)
         else:
             out = _mt.add(ul, pl, fe, alpha=weight_decay)
@@ -362,10 +376,11 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         ul, td = fpt.flatten(updates)
         if not ul:
             return updates, state
+        _checks.check_one_device("clip_by_global_norm.update", ul, updates)
         fe = _mt.foreach_ok(ul)
         norm = tree_norm(ul, fe)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device))
-        out = _mt.mul_(ul, factor, fe) if extra_args.get("inplace") else _mt.mul(ul, factor, fe)
+        out = _mt.mul_(ul, factor, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, factor, fe)
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)
@@ -399,7 +414,7 @@ def scale_by_trust_ratio(
         where = "scale_by_trust_ratio.update"
         require_params(where, params)
         ul, td = fpt.flatten(updates)
-        pl = flatten_like(where, updates, params, "params", td)
+        pl = flatten_like(where, updates, params, "params", td, ref=ul)
         out = []
         for u, p in zip(ul, pl, strict=True):
             pn = torch.clamp(torch.linalg.vector_norm(p), min=min_norm)

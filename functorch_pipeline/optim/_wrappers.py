@@ -17,11 +17,14 @@ from typing import NamedTuple
 import torch
 
 from functorch_pipeline import tree as fpt
+from functorch_pipeline.optim import _checks
 from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import flatten_like
 from functorch_pipeline.optim._base import zero_count
+from functorch_pipeline.optim._checks import SAME
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -106,10 +109,14 @@ class MultiSteps:
         return MultiStepsState(count, count, self._opt.init(params), fpt.zeros_like(params), skip_state)
 
     def update(self, updates: Updates, state: MultiStepsState, params: Params = None, **extra_args: Any):
+        where = "MultiSteps.update"
+        _checks.check_state(where, state, MultiStepsState, "MultiSteps.init")
         extra_args = _pure(extra_args)
-        k = self._every_k(state.gradient_step)
         ul, td = fpt.flatten(updates)
-        al = fpt.structure(updates).flatten_up_to(state.acc_grads)
+        _checks.check_count(where, "state.mini_step", state.mini_step, ul)
+        _checks.check_count(where, "state.gradient_step", state.gradient_step, ul)
+        k = self._every_k(state.gradient_step)
+        al = flatten_like(where, updates, state.acc_grads, "state.acc_grads", td, ref=ul)
         fe = _mt.foreach_ok(ul, al)
         if self._mean:
             n = (state.mini_step + 1).to(_mt.scalar_dtype(ul)) if ul else state.mini_step
@@ -181,7 +188,17 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         return ApplyIfFiniteState(z, torch.ones((), dtype=torch.bool, device=z.device), z, inner.init(params))
 
     def update_fn(updates: Updates, state: ApplyIfFiniteState, params: Params = None, **extra_args: Any):
+        where = "apply_if_finite.update"
+        _checks.check_state(where, state, ApplyIfFiniteState, "apply_if_finite.init")
         ul = fpt.leaves(updates)
+        _checks.check_one_device(where, ul, updates)
+        for name in ("notfinite_count", "total_notfinite"):
+            _checks.check_count(where, f"state.{name}", getattr(state, name), ul)
+        lf = state.last_finite
+        if not (isinstance(lf, torch.Tensor) and lf.dtype == torch.bool and lf.dim() == 0):
+            raise TypeError(f"{where}: `state.last_finite` must be a 0-d bool tensor, got {lf!r}")
+        if lf.device != state.notfinite_count.device:
+            raise ValueError(f"{where}: `state.last_finite` is on {lf.device}, the counts on {state.notfinite_count.device}")
         isfinite = torch.stack([torch.isfinite(u).all() for u in ul]).all() if ul else state.last_finite
         inner_u, inner_s = inner.update(updates, state.inner_state, params, **_pure(extra_args))
         bad = torch.where(isfinite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
@@ -218,8 +235,13 @@ def inject_hyperparams(
     Args:
       inner_factory: a function returning a GradientTransformation (e.g. ``optim.adam``).
       static_args: names of arguments that must not become tensors.
-      hyperparam_dtype: dtype of the injected values (default: float64 if any parameter
-        is float64, else float32).
+      hyperparam_dtype: dtype of the injected values. Default: float64 (float32 on MPS,
+        which has no float64), so ``learning_rate=0.1`` is stored as the double 0.1 that
+        ``torch.optim`` uses, not float32's 0.10000000149. A 0-d float64 value does not
+        promote float32 parameters (type promotion skips 0-d tensors), and the values are
+        differentiable: assign a tensor that requires grad (or pass one) and differentiate
+        the loss after the update with respect to it (hypergradients; NOTE
+        [differentiable optimizers] in ``_mt.py``).
 
     Returns:
       A function with ``inner_factory``'s signature returning a :class:`GradientTransformation`
@@ -253,10 +275,8 @@ def inject_hyperparams(
             else:
                 other[name] = value
 
-        def dtype_for(params: Params) -> torch.dtype:
-            if hyperparam_dtype is not None:
-                return hyperparam_dtype
-            return _mt.scalar_dtype([x for x in fpt.leaves(params) if isinstance(x, torch.Tensor)])
+        def dtype_for(count: torch.Tensor) -> torch.dtype:
+            return hyperparam_dtype or _mt.hyper_dtype(count.device)
 
         def as_t(v: Any, like: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
             if isinstance(v, torch.Tensor):
@@ -265,15 +285,25 @@ def inject_hyperparams(
 
         def init_fn(params: Params) -> InjectHyperparamsState:
             count = zero_count(params)
-            dt = dtype_for(params)
+            dt = dtype_for(count)
             hps = {k: as_t(v, count, dt) for k, v in numeric.items()}
             hps.update({k: as_t(f(count), count, dt) for k, f in schedules.items()})
             inner = inner_factory(**other, **hps)
             return InjectHyperparamsState(count, hps, inner.init(params))
 
         def update_fn(updates: Updates, state: InjectHyperparamsState, params: Params = None, **extra_args: Any):
-            tensors = [x for x in state.hyperparams.values() if isinstance(x, torch.Tensor) and x.is_floating_point()]
-            dt = hyperparam_dtype or (tensors[0].dtype if tensors else dtype_for(state.inner_state))
+            where = "inject_hyperparams.update"
+            _checks.check_state(where, state, InjectHyperparamsState, "inject_hyperparams(...).init")
+            _checks.check_scalar(where, "state.count", state.count, _checks.first_device(updates), torch.int32)
+            for k, v in state.hyperparams.items():
+                # NOTE [injected values]: assigned values are cast to the hyperparameter
+                # dtype and a CPU value is moved to the state's device (both
+                # differentiable); any other shape or device is an error.
+                name = f"state.hyperparams[{k!r}]"
+                _checks.check_hyperparameter(where, name, v)
+                if isinstance(v, torch.Tensor) and v.device not in (state.count.device, torch.device("cpu")):
+                    raise ValueError(f"{where}: `{name}` is on device {v.device}, the state on {state.count.device}")
+            dt = dtype_for(state.count)
             hps = {k: as_t(v, state.count, dt) for k, v in state.hyperparams.items()}
             hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
             inner = inner_factory(**other, **hps)
@@ -314,15 +344,19 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         return EmaState(zero_count(params), fpt.map(lambda p: torch.zeros_like(p, dtype=accumulator_dtype or p.dtype), params))
 
     def update_fn(updates: Updates, state: EmaState, params: Params = None, **extra_args: Any):
+        where = "ema.update"
+        _checks.check_state(where, state, EmaState, "ema.init")
         ul, td = fpt.flatten(updates)
-        el = fpt.structure(updates).flatten_up_to(state.ema)
+        _checks.check_count(where, "state.count", state.count, ul)
+        el = flatten_like(where, updates, state.ema, "state.ema", td, ref=ul, dtype=accumulator_dtype or SAME)
         fe = _mt.foreach_ok(ul, el)
-        new_e = _mt.lerp(el, ul, 1 - decay, fe, inplace=bool(extra_args.get("inplace")) and accumulator_dtype is None)
+        inplace = _mt.inplace_ok(extra_args, ul, el)
+        new_e = _mt.lerp(el, ul, 1 - decay, fe, inplace=inplace and accumulator_dtype is None)
         count = state.count + 1
         out = new_e
         if debias and ul:
             out = _mt.mul(new_e, 1 / (1 - decay ** count.to(_mt.scalar_dtype(ul))), fe)
-        elif extra_args.get("inplace"):
+        elif inplace:
             out = [e.clone() for e in new_e]
         new_e = _mt.cast(new_e, accumulator_dtype)
         return fpt.unflatten(td, out), EmaState(count, fpt.unflatten(td, new_e))
