@@ -26,6 +26,16 @@ def _tree(rank: int) -> dict:
     }
 
 
+def _large(rank: int) -> dict:
+    """Leaves past the 4 MB eager chunk (NOTE [eager buckets of 4 MB]): one cut into slices,
+    several packed across chunk boundaries, two dtypes."""
+    g = torch.Generator().manual_seed(200 + rank)
+    tree = {f"m{i}": torch.randn(300_000, generator=g) for i in range(5)}
+    tree["big"] = torch.randn(1_200_000, generator=g)
+    tree["d"] = torch.randn(700_000, generator=g, dtype=torch.float64)
+    return tree
+
+
 def _floats(t: dict) -> dict:
     return {"a": t["a"], "b": [t["b"][0]], "c": t["c"]}
 
@@ -61,6 +71,8 @@ def _work_collectives(rank: int) -> dict:
         "many": fpd.psum(many),
     }
     out["calls"] = [str(d) for d in calls]
+    big = _large(rank)
+    out["large"] = {"psum": fpd.psum(big), "pmean": fpd.pmean(big), "bcast": fpd.broadcast(big, src=1)}
     dist.all_reduce = real
     out["unchanged"] = fp.tree.allclose(t, before, rtol=0, atol=0)
     out["rank"], out["world_size"] = fpd.rank(), fpd.world_size()
@@ -106,6 +118,11 @@ def test_collectives_match_references() -> None:
         assert got["calls"] == (["torch.float64", "torch.float32", "torch.int64"] + ["torch.float64", "torch.float32"]
                                 + ["torch.float64", "torch.float32", "torch.int64"] * 2 + ["torch.uint8"]
                                 + ["torch.int64", "torch.float32"])
+        large = [_large(q) for q in range(N)]
+        large_sum = fp.tree.map(lambda a, b: a + b, *large)
+        assert fp.tree.allclose(got["large"]["psum"], large_sum, rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(got["large"]["pmean"], fp.tree.scale(large_sum, 0.5), rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(got["large"]["bcast"], large[1], rtol=0, atol=0)
         assert fp.tree.allclose(got["jit_pmean"], fp.tree.scale(floats_mean, 2.0), rtol=1e-6, atol=1e-6)
         assert torch.equal(got["jit_psum_scatter"], torch.tensor([1.0, 3.0, 5.0, 7.0])[2 * r:2 * r + 2])
 
