@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -569,7 +570,10 @@ def _restore(files: RunFiles, state: Any, device: torch.device,
     """The latest checkpoint and the epoch's train-loss sum saved with it (exits 2 when
     it does not fit this run)."""
     path = files.manager.latest()
-    meta = fp.serialization.read_metadata(path)
+    try:
+        meta = fp.serialization.read_metadata(path)
+    except (fp.serialization.CheckpointError, OSError) as e:
+        fail(f"--resume: cannot read {path}: {e}")
     for k, v in run_meta.items():
         if k in meta and meta[k] != v:
             flag = "--batch-size" if k == "fit.batch_size" else "the training set size (--limit-train)"
@@ -578,7 +582,8 @@ def _restore(files: RunFiles, state: Any, device: torch.device,
     try:
         restored = files.manager.restore(like=state, device=device)
     except (fp.serialization.CheckpointError, ValueError, TypeError) as e:
-        fail(f"--resume: cannot restore {path} into this model/optimizer: {e}")
+        fail(f"--resume: {path} does not fit this model/optimizer (resume with the --model/"
+             f"--optimizer of the run that wrote it): {textwrap.shorten(str(e), 300)}")
     carried = meta.get("fit.epoch_loss_sum")
     return restored, float(carried) if carried is not None else 0.0
 

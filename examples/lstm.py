@@ -14,6 +14,9 @@ Embedding -> 2-layer bidirectional LSTM -> Dropout -> Linear -> ReLU -> mean ove
 
 After training, --grad-norms N prints per-example gradient norms of N test examples
 (fp.per_sample_grads through the LSTM).
+
+Outputs, --resume, Ctrl-C and exit statuses as in examples/mnist.py (examples/common.py's
+``fit``).
 """
 
 from __future__ import annotations

@@ -2,14 +2,22 @@
 
 functionalize -> value_and_grad -> fp.optim -> fp.save, with exact resume.
 
-    python examples/mnist.py --data-dir ../shared/data                 # classic: SGD(0.01, 0.5), 10 epochs
-    python examples/mnist.py --data-dir ../shared/data --epochs 3 --model wide \
-        --optimizer adam --lr 1e-3                                      # >= 99% test accuracy
-    python examples/mnist.py --data-dir ../shared/data --resume         # continue the last run exactly
+    python examples/mnist.py                       # classic: SGD(0.01, 0.5), 10 epochs
+    python examples/mnist.py --epochs 3 --model wide \
+        --optimizer adam --lr 1e-3                 # >= 99% test accuracy
+    python examples/mnist.py --resume              # continue the last run exactly
 
-Writes to --out-dir (default runs/mnist): checkpoints (ckpt_<step>.safetensors, every
---save-interval batches and at each epoch end), metrics.jsonl (one line per epoch) and
-curves.png.
+--data-dir defaults to <repo>/../shared/data when that folder exists (found from this
+file, not the current directory). Writes to --out-dir (default runs/mnist):
+checkpoints/ (ckpt_<step>.safetensors, every --save-interval batches and at each epoch
+end), metrics.jsonl (one line per epoch), steps.jsonl (the train loss of every step) and
+curves.png (per-step and per-epoch losses, test accuracy), and prints where they went.
+
+Exit status: 0 done; 2 a bad flag, a device this machine lacks, missing data, --resume
+with nothing to resume, or an --out-dir holding another run (one line on stderr, checked
+before any data is read); 1 the loss or parameters became non-finite (nothing
+non-finite is saved); 130 Ctrl-C, which saves the current step and prints the command
+that resumes it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-example gradients on MNIST: gradient-norm statistics and DP-SGD.
 
-    python examples/per_sample_grads.py --data-dir ../shared/data
+    python examples/per_sample_grads.py      # --data-dir defaults to <repo>/../shared/data
 
 1. Trains the classic CNN briefly (plain SGD), then computes the gradient of every one of
    --num-examples training examples with fp.per_sample_grads: a histogram of their norms
@@ -9,6 +9,10 @@
    --sigma * --clip, per-example dropout keys) and reports test accuracy.
 3. Sanity check: with sigma = 0 and an infinite clip, DP-SGD is plain SGD on the mean
    loss; both are run step for step from the same start (float64) and compared.
+
+Exit status: 0 done; 2 a bad flag, a device this machine lacks or missing data (one line
+on stderr, before any data is read); 1 a diverged run (non-finite parameters); 130 Ctrl-C
+(this example keeps no checkpoints).
 """
 
 from __future__ import annotations

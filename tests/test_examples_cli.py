@@ -141,6 +141,11 @@ def test_resume_with_nothing_to_resume_and_reused_out_dir(data_root, tmp_path, c
     metrics = (run / "metrics.jsonl").read_text()
     err = _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "1"))
     assert re.search(r"--out-dir .*run already holds a run \(checkpoints up to step 2 .*\); pass --resume", err)
+    # resuming with flags the checkpoint cannot satisfy: one line, no traceback
+    err = _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "2", "--resume", "--optimizer", "adam"))
+    assert re.search(r"--resume: .*ckpt_00000002.safetensors does not fit this model/optimizer", err)
+    err = _one_line_exit(capsys, mnist.main, [*_tiny(data_root, run, "--epochs", "2", "--resume"), "--batch-size", "16"])
+    assert "was trained with batch_size=32 but this run has 16; resume with the same --batch-size" in err
     # nothing was touched, and --epochs 0 (before: exit 0 and metrics.jsonl deleted) neither
     _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "0", "--resume"))
     assert sorted(os.listdir(run / "checkpoints")) == before and (run / "metrics.jsonl").read_text() == metrics
