@@ -196,3 +196,33 @@ def test_a_dead_rank_makes_the_others_fail_quickly() -> None:
     assert "rank 1: exited with code 3 without a result" in msg
     assert re.search(r"rank 0: RuntimeError: psum: the collective failed on rank 0 \(a peer rank may have died", msg)
     assert time.monotonic() - start < 50
+
+
+def _work_cuda(rank: int) -> dict:
+    dev = torch.device("cuda", rank)
+    t = fp.tree.to(_tree(rank), dev)
+    opt = fpd.shard_optimizer(fp.optim.adam(0.1))
+    params = {"w": torch.arange(7.0, device=dev)}
+    state = opt.init(params)
+    updates, _ = opt.update({"w": torch.ones(7, device=dev) * (rank + 1)}, state, params)
+    out = {"psum": fpd.psum(t), "pmean": fpd.pmean(_floats(t)), "gather": fpd.all_gather(t),
+           "bcast": fpd.broadcast(t, src=0), "zero_updates": updates,
+           "device": str(fpd.psum(t)["a"].device)}
+    return fp.tree.to(out, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for NCCL")
+def test_nccl_collectives_on_cuda() -> None:
+    n = min(2, torch.cuda.device_count())
+    res = fpd.spawn(_work_cuda, n, backend="nccl", timeout_s=TIMEOUT)
+    trees = [_tree(r) for r in range(n)]
+    stack = fp.tree.stack(trees)
+    total = fp.tree.map(lambda s: s.sum(0), stack)
+    for r, got in enumerate(res):
+        assert got["device"] == f"cuda:{r}"
+        assert fp.tree.allclose(got["psum"], total, rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(got["pmean"], fp.tree.map(lambda s: s.mean(0), _floats(stack)), rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(got["gather"], stack, rtol=0, atol=0)
+        assert fp.tree.allclose(got["bcast"], trees[0], rtol=0, atol=0)
+        # Adam's first step is -lr * sign(mean gradient)
+        assert torch.allclose(got["zero_updates"]["w"], torch.full((7,), -0.1), atol=1e-6)
