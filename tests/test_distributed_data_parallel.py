@@ -40,8 +40,9 @@ def _loss(params: dict, x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, p_
 def _train(distributed: bool, p_drop: float, steps: int = 20, batch: int = 16) -> dict:
     x_all, y_all = _data()
     params = _init()
-    opt = optim.chain(*([fpd.pmean_gradients()] if distributed else []),
-                      optim.clip_by_global_norm(0.5), optim.adam(1e-2))
+    opt = optim.chain(optim.clip_by_global_norm(0.5), optim.adam(1e-2))
+    if distributed:  # both spellings of data parallelism
+        opt = fpd.data_parallel(opt) if p_drop else optim.chain(fpd.pmean_gradients(), opt)
     state = opt.init(params)
     data_key, drop_key = fp.random.key(1), fp.random.key(2)
     for step in range(steps):

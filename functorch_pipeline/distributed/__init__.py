@@ -19,6 +19,7 @@ from functorch_pipeline.distributed._collectives import psum
 from functorch_pipeline.distributed._collectives import psum_scatter
 from functorch_pipeline.distributed._collectives import reduce_scatter
 from functorch_pipeline.distributed._data_parallel import DifferentiallyPrivateAggregateState
+from functorch_pipeline.distributed._data_parallel import data_parallel
 from functorch_pipeline.distributed._data_parallel import differentially_private_aggregate
 from functorch_pipeline.distributed._data_parallel import pmean_gradients
 from functorch_pipeline.distributed._data_parallel import poisson_indices
@@ -43,6 +44,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "check_same_tree",
+    "data_parallel",
     "clip_by_global_norm",
     "differentially_private_aggregate",
     "initialize",
