@@ -162,7 +162,11 @@ def scale_by_adam(
     Args:
       b1, b2: decay rates of the first and second moments.
       eps: added to the denominator outside the square root.
-      eps_root: added inside the square root.
+      eps_root: added inside the square root. Leave it 0 to match ``torch.optim.Adam``;
+        set it (e.g. 1e-12 in float64, 1e-8 in float32) when differentiating *through*
+        the update (meta-learning, hypergradients): where a gradient entry is exactly 0,
+        :math:`\sqrt{v}` has an infinite derivative at :math:`v = 0` and the
+        meta-gradient is NaN (optax documents the same).
       mu_dtype: dtype of the first moment (default: the parameters').
       nesterov: use the Nesterov form.
 
@@ -366,8 +370,13 @@ def scale_by_radam(
         bc1, b2t = 1 - b1**t, b2**t
         bc2 = 1 - b2t
         ro = ro_inf - 2 * t * b2t / bc2
-        rect = torch.sqrt((ro - 4) * (ro - 2) * ro_inf / ((ro_inf - 4) * (ro_inf - 2) * ro))
         on = ro >= threshold
+        # NOTE [safe where]: in the first steps the rectification's radicand is negative;
+        # its NaN sits in the branch torch.where does not take, but the backward of
+        # ``x / y * rect`` multiplies the zero cotangent by rect (0 * NaN = NaN). Feeding
+        # the root 1 where the branch is off keeps meta-gradients finite (same values).
+        radicand = (ro - 4) * (ro - 2) * ro_inf / ((ro_inf - 4) * (ro_inf - 2) * ro)
+        rect = torch.sqrt(torch.where(on, radicand, torch.ones_like(radicand)))
         new_m = _mt.lerp(ml, gl, 1 - b1, fe, inplace=inplace)
         new_v = _mt.ema_sq(vl, gl, b2, fe, inplace=inplace)
         if nesterov:

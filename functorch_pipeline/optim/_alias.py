@@ -115,7 +115,10 @@ def adam(
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added outside the square root.
-      eps_root: added inside the square root.
+      eps_root: added inside the square root; 0 matches ``torch.optim.Adam``. Set it
+        (e.g. 1e-12 in float64, 1e-8 in float32) to differentiate through the update
+        (meta-learning): with 0, a gradient entry that is exactly 0 gives a NaN
+        meta-gradient (:math:`\sqrt{v}` has an infinite derivative at 0), as in optax.
       mu_dtype: dtype of the first moment.
       nesterov: Nesterov form (NAdam).
 

@@ -3,8 +3,8 @@
 A schedule maps a step ``count`` (a Python int or an integer tensor, e.g. an optimizer
 state's counter) to a value. Everything is tensor maths (``torch.where`` instead of
 ``if``), so a tensor step never syncs with the host and schedules run under ``vmap``
-and ``torch.compile``. The result is a 0-d tensor in the default float dtype (on the
-step's device).
+and ``torch.compile``. The result is a 0-d float64 tensor (float32 on MPS) on the
+step's device: NOTE [schedule precision].
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from functorch_pipeline.optim import _mt
 
 __all__ = [
     "constant_schedule",
@@ -35,8 +37,12 @@ Schedule = Callable[[Any], torch.Tensor]
 
 
 def _step(count: Any) -> torch.Tensor:
+    # NOTE [schedule precision]: float64 (float32 on MPS), not the default dtype: a
+    # float64 run then gets torch.optim's exact double learning rates, and a 0-d float64
+    # value does not promote float32 parameters (0-d tensors do not take part in type
+    # promotion), so float32 runs are unchanged. Values stay differentiable.
     t = torch.as_tensor(count)
-    return t.to(torch.get_default_dtype()) if not t.is_floating_point() else t
+    return t.to(_mt.hyper_dtype(t.device))
 
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -53,7 +59,7 @@ def constant_schedule(value: float) -> Schedule:
       A schedule: a function ``step -> value`` (a 0-d tensor).
 
     >>> constant_schedule(0.1)(1000)
-    tensor(0.1000)
+    tensor(0.1000, dtype=torch.float64)
     """
 
     def schedule(count: Any) -> torch.Tensor:
@@ -79,7 +85,7 @@ def polynomial_schedule(
 
     >>> s = polynomial_schedule(1.0, 0.0, 2, transition_steps=10)
     >>> s(0), s(5), s(10), s(20)
-    (tensor(1.), tensor(0.2500), tensor(0.), tensor(0.))
+    (tensor(1., dtype=torch.float64), tensor(0.2500, dtype=torch.float64), tensor(0., dtype=torch.float64), tensor(0., dtype=torch.float64))
     """
     if transition_steps <= 0:
         warnings.warn("polynomial_schedule: transition_steps <= 0, using a constant init_value", stacklevel=2)
@@ -129,7 +135,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
     >>> s = cosine_decay_schedule(1.0, decay_steps=10, alpha=0.1)
     >>> s(0), s(5), s(10), s(50)
-    (tensor(1.), tensor(0.5500), tensor(0.1000), tensor(0.1000))
+    (tensor(1., dtype=torch.float64), tensor(0.5500, dtype=torch.float64), tensor(0.1000, dtype=torch.float64), tensor(0.1000, dtype=torch.float64))
     """
     if not decay_steps > 0:
         raise ValueError(f"cosine_decay_schedule(decay_steps): must be positive, got {decay_steps}")
@@ -154,7 +160,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
     >>> s = join_schedules([constant_schedule(1.0), constant_schedule(2.0)], [3])
     >>> s(2), s(3)
-    (tensor(1.), tensor(2.))
+    (tensor(1., dtype=torch.float64), tensor(2., dtype=torch.float64))
     """
     if len(schedules) != len(boundaries) + 1:
         raise ValueError(
@@ -232,7 +238,7 @@ def exponential_decay(
 
     >>> s = exponential_decay(1.0, transition_steps=2, decay_rate=0.5, staircase=True, end_value=0.3)
     >>> s(0), s(1), s(2), s(3), s(10)
-    (tensor(1.), tensor(1.), tensor(0.5000), tensor(0.5000), tensor(0.3000))
+    (tensor(1., dtype=torch.float64), tensor(1., dtype=torch.float64), tensor(0.5000, dtype=torch.float64), tensor(0.5000, dtype=torch.float64), tensor(0.3000, dtype=torch.float64))
     """
     if transition_steps <= 0:
         warnings.warn("exponential_decay: transition_steps <= 0, using a constant init_value", stacklevel=2)
