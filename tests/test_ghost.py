@@ -167,6 +167,14 @@ def test_layer_norm_and_group_norm():
     check(squared(m), params_of(m), torch.randn(4, 2, 8))
 
 
+def test_instance_norm_and_rms_norm():
+    torch.manual_seed(16)
+    m = nn.Sequential(nn.Conv1d(2, 4, 2), nn.InstanceNorm1d(4, affine=True), nn.Conv1d(4, 3, 2))
+    check(squared(m), params_of(m), torch.randn(3, 2, 7))
+    m = nn.Sequential(nn.Linear(3, 5), nn.RMSNorm(5), nn.Linear(5, 2))
+    check(squared(m), params_of(m), torch.randn(4, 6, 3))
+
+
 def test_batch_norm_eval():
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 2))
@@ -177,7 +185,7 @@ def test_batch_norm_eval():
 
 
 @FAST
-@given(cell=st.sampled_from(["LSTM", "GRU"]), layers=st.integers(1, 2),
+@given(cell=st.sampled_from(["LSTM", "GRU", "RNN"]), layers=st.integers(1, 2),
        bidirectional=st.booleans(), batch_first=st.booleans(), t=st.sampled_from([1, 2, 4]),
        ratio=st.sampled_from([0.0, 1e9]))
 def test_recurrent(cell, layers, bidirectional, batch_first, t, ratio, monkeypatch):
@@ -416,6 +424,25 @@ def test_ghost_refuses_a_call_without_any_rule_and_auto_uses_vmap():
     ref_norms, want = reference(loss, {"w": w}, (x,), 1.0)
     assert_close(norms, ref_norms, "norms")
     assert_close(g["w"], want["w"], "w")
+
+
+def test_hooks_only_layers_of_the_zoo_and_builtin_lstm():
+    """Conv3d's hooks rule forms B x params gradients: ghost refuses it and names hooks;
+    a built-in nn.LSTM has no rule at all: the error points to fp.nn.replace_rnns."""
+    torch.manual_seed(17)
+    conv = nn.Conv3d(1, 2, 2)
+    x = torch.randn(3, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"method='ghost': `weight`, `bias` are used by "
+                       r"`torch.conv3d`, which has no ghost-clipping rule; method='hooks'"):
+        fp.clipped_grad(squared(conv), 1.0, method="ghost")(params_of(conv), x)
+    with pytest.warns(UserWarning, match=r"method='auto' uses 'hooks'"):
+        g, norms = fp.clipped_grad(squared(conv), 1.0)(params_of(conv), x)
+    ref_norms, want = reference(squared(conv), params_of(conv), (x,), 1.0)
+    assert_close(norms, ref_norms, "norms")
+    assert_close(g["weight"], want["weight"], "weight")
+    lstm = nn.LSTM(2, 3, batch_first=True)
+    with pytest.raises(ValueError, match=r"method='ghost': .*replace_rnns"):
+        fp.per_sample_grad_norms(squared(lstm), method="ghost")(params_of(lstm), torch.randn(2, 4, 2))
 
 
 def test_scalar_loss_is_an_error_for_ghost():

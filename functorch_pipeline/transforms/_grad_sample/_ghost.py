@@ -12,9 +12,12 @@ small per-layer gradients, whichever is cheaper) and then into the clipped sum.
 Only calls whose parts have a ghost form are allowed: ``F.linear``, ``F.conv1d``/
 ``F.conv2d`` (a ghost rule here that keeps the input and output gradient instead of the
 hooks rule's per-example weight gradient), ``F.embedding``, ``F.layer_norm``,
-``F.group_norm``, ``F.batch_norm`` (eval) and the fused recurrent directions of ``fp.nn``.
-Any other rule the hooks method has raises :class:`HooksOnly` here, so the caller can
-say that ``method="hooks"`` handles that call (or fall back to it).
+``F.group_norm``, ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm`` and the
+fused recurrent directions of ``fp.nn`` (LSTM, GRU; ``fp.nn.RNN`` is plain ``F.linear``
+calls). Any other rule the hooks method has (conv3d, transposed convs, embedding bags,
+attention: their hooks rules form ``B x params`` gradients) raises :class:`HooksOnly`
+here, so the caller can say that ``method="hooks"`` handles that call (or fall back to
+it).
 
 # NOTE [clipping without a second backward]
 Opacus's ghost clipping runs a second backward of ``sum_b c_b loss_b`` with the clip
@@ -103,7 +106,10 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
         engine.add("conv", ws, x, g, geometry)
 
 
-_NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm)
+# Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
+# a few numbers per example (normalisation layers' affine parameters).
+_NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
+           F.rms_norm)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
 
@@ -114,10 +120,14 @@ def _native_rules() -> set[Any]:
     return {getattr(_recurrent, n) for n in names if hasattr(_recurrent, n)}
 
 
-def _refuse(func: Any) -> Callable[..., Any]:
+def _refuse(func: Any, hooks_rule: Callable[..., Any]) -> Callable[..., Any]:
     def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
-        if not torch.is_grad_enabled():  # no gradient flows: run it as the engine would
-            return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        # The hooks rule runs first: when it cannot handle the call either (a built-in
+        # nn.LSTM kernel), its own error is the right one. Anything it recorded stays in
+        # this engine, which is discarded with the error.
+        out = hooks_rule(engine, args, kwargs)
+        if not torch.is_grad_enabled():  # no gradient flows here: nothing to clip
+            return out
         slots = engine.slots(args, kwargs)
         raise HooksOnly(
             f"{engine.names(args, kwargs)} {'is' if len(slots) == 1 else 'are'} used by "
@@ -137,7 +147,7 @@ def ghost_rules() -> dict[Any, Callable[..., Any]]:
         elif func in _NATIVE or rule in native:
             rules[func] = rule
         else:
-            rules[func] = _refuse(func)
+            rules[func] = _refuse(func, rule)
     return rules
 
 
