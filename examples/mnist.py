@@ -6,6 +6,13 @@ functionalize -> value_and_grad -> fp.optim -> fp.save, with exact resume.
     python examples/mnist.py --epochs 3 --model wide \
         --optimizer adam --lr 1e-3                 # >= 99% test accuracy
     python examples/mnist.py --resume              # continue the last run exactly
+    torchrun --nproc_per_node 2 examples/mnist.py  # data parallel: 2 processes, same flags
+
+Under torchrun, --batch-size is the global batch: each rank takes its share of every batch
+(fp.distributed.shard), the gradients are averaged (fp.distributed.data_parallel; gloo on
+CPUs, NCCL on GPUs) and dropout differs per rank (fp.distributed.rank_key). Every rank
+holds the same state; rank 0 prints and writes --out-dir, rank r > 0 keeps a silent mirror
+in <out-dir>.rank<r> so each rank resumes (--resume) from its own files.
 
 --data-dir defaults to <repo>/../shared/data when that folder exists (found from this
 file, not the current directory). Writes to --out-dir (default runs/mnist):
@@ -36,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ArgumentParser  # noqa: E402
 from common import default_data_dir  # noqa: E402
 from common import device_arg  # noqa: E402
+from common import fail  # noqa: E402
 from common import finite_positive_float  # noqa: E402
 from common import fit  # noqa: E402
 from common import load_mnist  # noqa: E402
@@ -108,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    distributed = fp.distributed.initialize()  # True under torchrun
+    rank, world = fp.distributed.rank(), fp.distributed.world_size()
+    if rank > 0:  # the same state as rank 0: a silent mirror of its files
+        args.out_dir = f"{args.out_dir.rstrip(os.sep)}.rank{rank}"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     torch.manual_seed(args.seed)  # only torch internals; all our randomness is keyed
     device = pick_device(args.device, args.no_cuda)
     key = fp.random.key(args.seed, device=device)
@@ -115,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, test = load_mnist(args.data_dir, device, args.limit_train, args.limit_test)
     n_train = train[0].shape[0]
     steps_per_epoch = fp.data.num_batches(n_train, args.batch_size)
+    if args.batch_size % world or (n_train % args.batch_size) % world:
+        fail(f"--batch-size {args.batch_size} (and the last batch, {n_train % args.batch_size} of "
+             f"{n_train} examples) must split evenly over {world} ranks")
 
     model = fp.functionalize(MODELS[args.model]())
     variables = fp.tree.to(model.init(fp.random.fold_in(key, 1), train[0][:1]), device)
@@ -122,12 +138,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gamma != 1.0:
         schedule = optim.exponential_decay(args.lr, steps_per_epoch, args.gamma, staircase=True)
     opt = make_optimizer(args.optimizer, args.lr, args.momentum, schedule)
+    if distributed:  # average the gradients over ranks; the optimizer state is unchanged
+        opt = fp.distributed.data_parallel(opt)
 
     state = fp.train.TrainState.create(
         variables["params"], opt.init(variables["params"]), key, buffers=variables["buffers"]
     )
     def loss_fn(params: Any, buffers: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        x, y = batch
+        x, y = fp.distributed.shard(batch) if distributed else batch  # this rank's share
+        key = fp.distributed.rank_key(key) if distributed else key  # other dropout per rank
         out, new_buffers = model.apply({"params": params, "buffers": buffers}, x, train=True, key=key)
         return fp.losses.nll(out, y).mean(), new_buffers
 
