@@ -1,0 +1,98 @@
+"""examples/dp_mnist.py on tiny synthetic MNIST-format data: a subprocess smoke run
+(epsilon per epoch against fp.privacy.epsilon, JSONL, PNG), exact --resume, bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import functorch_pipeline as fp
+
+EXAMPLES = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+SCRIPT = os.path.join(EXAMPLES, "dp_mnist.py")
+sys.path.insert(0, EXAMPLES)
+
+import dp_mnist  # noqa: E402
+
+pytest.importorskip("dp_accounting")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    fp.data.write_synthetic_mnist(root, num_train=200, num_test=50)
+    return str(root)
+
+
+def _flags(data_root, out_dir, *extra):
+    return ["--data-dir", data_root, "--out-dir", str(out_dir), "--sample-rate", "0.05",
+            "--steps-per-epoch", "2", "--max-physical-batch-size", "4", "--device", "cpu",
+            "--no-progress", "--threads", "1", *extra]
+
+
+def test_subprocess_run_reports_epsilon_per_epoch(data_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, SCRIPT, *_flags(data_root, out, "--epochs", "1")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1:" in proc.stdout and "(RDP)" in proc.stdout and "(PLD)" in proc.stdout
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["step"] == 2
+    for acc in ("rdp", "pld"):
+        want = fp.privacy.epsilon(noise_multiplier=1.3, sample_rate=0.05, steps=2, delta=1e-5,
+                                  accountant=acc)
+        assert abs(rows[0][f"epsilon_{acc}"] - want) < 1e-9
+    assert rows[0]["epsilon_pld"] < rows[0]["epsilon_rdp"]
+    assert 0.0 <= rows[0]["test_accuracy"] <= 1.0
+    pytest.importorskip("matplotlib")
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+
+def test_resume_is_exact(data_root, tmp_path):
+    straight = dp_mnist.main(_flags(data_root, tmp_path / "a", "--epochs", "2", "--no-plot"))
+    dp_mnist.main(_flags(data_root, tmp_path / "b", "--epochs", "1", "--no-plot"))
+    resumed = dp_mnist.main(_flags(data_root, tmp_path / "b", "--epochs", "2", "--no-plot",
+                                   "--resume"))
+    a = fp.load(fp.train.CheckpointManager(tmp_path / "a" / "checkpoints").latest())
+    b = fp.load(fp.train.CheckpointManager(tmp_path / "b" / "checkpoints").latest())
+    for x, y in zip(fp.tree.leaves(a.params), fp.tree.leaves(b.params), strict=True):
+        assert torch.equal(x, y)
+    assert a.accountant == b.accountant and a.accountant.steps == 4
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+def test_calibrated_sigma_meets_the_target(data_root, tmp_path):
+    summary = dp_mnist.main(_flags(data_root, tmp_path, "--epochs", "1", "--no-plot",
+                                   "--target-epsilon", "1.0"))
+    assert summary["epsilon_pld"] <= 1.0
+    want = fp.privacy.noise_multiplier_for(target_epsilon=1.0, delta=1e-5, sample_rate=0.05,
+                                           steps=2, accountant="pld")
+    assert summary["sigma"] == want
+
+
+def test_bad_flag_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--sample-rate",
+                           "1.5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "argument --sample-rate: must be in (0, 1], got 1.5" in lines[0]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+    (["--epochs", "0"], "argument --epochs: must be"),
+    (["--sigma", "-1"], "argument --sigma: must be"),
+])
+def test_bad_flags_in_process(flag, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        dp_mnist.parse_args(flag)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
