@@ -441,7 +441,7 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
 
     - Checkpoints every ``save_interval`` batches and at each epoch end, kept by a
       CheckpointManager in ``out_dir/checkpoints``; exact resume (NOTE [exact resume]),
-      including the epoch's running train loss, so a resumed epoch's metrics cover the
+      including the epoch's running train loss and time, so a resumed epoch's metrics cover the
       whole epoch.
     - ``out_dir/metrics.jsonl`` (one line per epoch), ``out_dir/steps.jsonl`` (the train
       loss of every step) and ``out_dir/curves.png``; a summary of where they went.
@@ -461,9 +461,9 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
     manager = files.manager
     run_meta = {"fit.batch_size": str(batch_size), "fit.num_train": str(num_train)}
 
-    carried_loss = 0.0
+    carried_loss, carried_time = 0.0, 0.0
     if resume:
-        state, carried_loss = _restore(files, state, device, run_meta)
+        state, carried_loss, carried_time = _restore(files, state, device, run_meta)
         step = int(state.step)
         # drop what the interrupted process wrote after its checkpoint (it is redone)
         _rewrite_jsonl(files.metrics, [r for r in read_jsonl(files.metrics) if r["step"] <= step])
@@ -499,11 +499,13 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
 
     def save(epoch_loss_sum: float | None, metrics: dict[str, float] | None = None) -> str:
         meta = dict(run_meta)
-        if epoch_loss_sum is not None:
+        if epoch_loss_sum is not None:  # mid-epoch: what a resume needs for the epoch's record
             meta["fit.epoch_loss_sum"] = repr(epoch_loss_sum)
+            meta["fit.epoch_time_s"] = repr(clock["before"] + time.perf_counter() - clock["t0"])
         return manager.save(int(state.step), state, metrics=metrics, metadata=meta)
 
     loss_sum = torch.zeros((), device=device)
+    clock = {"t0": time.perf_counter(), "before": 0.0}  # this epoch's time before a resume
     epoch = int(state.step) // steps_per_epoch
     with _graceful_sigint() as sigint:
         try:
@@ -513,7 +515,7 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
                 bar = progress(batches, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}",
                                no_progress)
                 loss_sum = torch.full((), carried_loss if first else 0.0, device=device)
-                t0 = time.perf_counter()
+                clock.update(t0=time.perf_counter(), before=carried_time if first else 0.0)
                 for i, batch in enumerate(bar, start=first):
                     if sigint["stop"]:
                         raise KeyboardInterrupt
@@ -528,7 +530,7 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
                         check(epoch, check_params=True)
                         save(loss_sum.item())
                 check(epoch, check_params=True)
-                epoch_time = time.perf_counter() - t0
+                epoch_time = clock["before"] + time.perf_counter() - clock["t0"]
                 record = {
                     "epoch": epoch + 1,
                     "step": int(state.step),
@@ -566,9 +568,9 @@ def _logits_fn(model: Any, state: Any) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 def _restore(files: RunFiles, state: Any, device: torch.device,
-             run_meta: dict[str, str]) -> tuple[Any, float]:
-    """The latest checkpoint and the epoch's train-loss sum saved with it (exits 2 when
-    it does not fit this run)."""
+             run_meta: dict[str, str]) -> tuple[Any, float, float]:
+    """The latest checkpoint, and the epoch's train-loss sum and time so far saved with it
+    (exits 2 when it does not fit this run)."""
     path = files.manager.latest()
     try:
         meta = fp.serialization.read_metadata(path)
@@ -584,8 +586,8 @@ def _restore(files: RunFiles, state: Any, device: torch.device,
     except (fp.serialization.CheckpointError, ValueError, TypeError) as e:
         fail(f"--resume: {path} does not fit this model/optimizer (resume with the --model/"
              f"--optimizer of the run that wrote it): {textwrap.shorten(str(e), 300)}")
-    carried = meta.get("fit.epoch_loss_sum")
-    return restored, float(carried) if carried is not None else 0.0
+    return (restored, float(meta.get("fit.epoch_loss_sum", 0.0)),
+            float(meta.get("fit.epoch_time_s", 0.0)))
 
 
 def _interrupted(files: RunFiles, state: Any, epoch: int, steps_per_epoch: int,
