@@ -57,7 +57,7 @@ from functorch_pipeline.transforms._grad_sample._rules import merge
 
 __all__ = ["CHUNK_BYTES", "GRAM_RATIO", "KEEP_BYTES", "squared_norms", "weighted_sum"]
 
-CHUNK_BYTES = 32 << 20  # the largest temporary (Gram matrices, materialised gradients)
+CHUNK_BYTES = 16 << 20  # the largest temporary (Gram matrices, materialised gradients)
 KEEP_BYTES = 32 << 20  # per-example gradients kept per call, NOTE [keeping small per-example ...]
 PATCH_BYTES = 2 << 20  # conv input patches per chunk, see NOTE [patch chunks]
 GRAM_RATIO = 1.0  # see NOTE [Gram or materialise]
