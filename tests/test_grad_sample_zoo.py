@@ -5,6 +5,8 @@ examples in float64 (1e-10); and the default method (auto) against vmap."""
 
 from __future__ import annotations
 
+import warnings
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -331,3 +333,112 @@ def test_multihead_attention_static_kv_falls_back():
 
     with pytest.raises(ValueError, match="static_k/static_v"):
         fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+
+
+# -- the default method ---------------------------------------------------------------------
+
+
+def _mlp_losses():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+
+    def per_example(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
+
+    def mean(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y)
+
+    return m, x, y, per_example, mean
+
+
+def test_default_uses_hooks_for_per_example_losses_without_a_warning(monkeypatch):
+    m, x, y, per_example, _ = _mlp_losses()
+    calls = []
+    from functorch_pipeline.transforms import _per_sample
+    real = _per_sample.hooks_value_and_grad
+    monkeypatch.setattr(_per_sample, "hooks_value_and_grad", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fp.per_sample_grads(per_example)(params_of(m), x, y)
+    assert calls == [1]
+    want = loop_grads(per_example, params_of(m), x, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+
+
+def test_default_with_a_mean_loss_gives_vmaps_numbers_and_warns_once():
+    """A scalar loss is never rescaled: each example's own gradient (a batch of one), as
+    with method="vmap", announced once per loss_fn however many calls."""
+    m, x, y, per_example, mean = _mlp_losses()
+    with pytest.warns(UserWarning, match="returned a scalar") as record:
+        f = fp.per_sample_grads(mean)
+        got = f(params_of(m), x, y)
+        f(params_of(m), x, y)
+        fp.per_sample_grads(mean)(params_of(m), x, y)  # a new wrapper of the same loss_fn
+    assert len([w for w in record if "scalar" in str(w.message)]) == 1
+    want = loop_grads(lambda p, x, y: mean(p, x, y).reshape(1), params_of(m), x, y)
+    vm = fp.per_sample_grads(mean, method="vmap")(params_of(m), x, y)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=TOL, rtol=0)
+        assert torch.allclose(vm[k], got[k], atol=TOL, rtol=0)
+
+
+def test_default_caches_the_fallback_per_input_shapes(monkeypatch):
+    m, x, y, _, mean = _mlp_losses()
+    from functorch_pipeline.transforms import _per_sample
+    calls = []
+    real = _per_sample.hooks_value_and_grad
+    monkeypatch.setattr(_per_sample, "hooks_value_and_grad", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = fp.per_sample_grads(mean)
+        for _ in range(3):
+            f(params_of(m), x, y)
+        assert calls == [1]  # tried once, then vmap straight away
+        f(params_of(m), x[:3], y[:3])  # new shapes: tried again
+        assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(has_aux=True), "has_aux=True"),
+    (dict(keep_batch_dim=False), "keep_batch_dim=False"),
+    (dict(randomness="different"), "randomness='different'"),
+])
+def test_default_keeps_the_vmap_contract(kw, reason):
+    m, x, y, per_example, _ = _mlp_losses()
+
+    def loss(p, x, y):
+        if kw.get("keep_batch_dim") is False:
+            return per_example(p, x[None], y[None])[0]
+        out = per_example(p, x, y)
+        return (out, {"loss": out}) if kw.get("has_aux") else out
+
+    with pytest.warns(UserWarning, match=f"uses 'vmap': {reason}"):
+        got = fp.per_sample_grads(loss, **kw)(params_of(m), x, y)
+    want = fp.per_sample_grads(loss, method="vmap", **kw)(params_of(m), x, y)
+    if kw.get("has_aux"):
+        assert got[1]["loss"].shape == (5, 1)  # per example, as vmap gives it
+        got, want = got[0], want[0]
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+
+
+def test_default_inside_transforms_and_with_graph_uses_vmap_silently():
+    m, x, y, per_example, _ = _mlp_losses()
+    p = params_of(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # a graph through the per-example gradients (params that require grad)
+        q = {k: v.clone().requires_grad_() for k, v in p.items()}
+        g = fp.per_sample_grads(per_example)(q, x, y)
+        (second,) = torch.autograd.grad(g["2.weight"].pow(2).sum(), [q["2.weight"]])
+        # inside a torch.func transform
+        total = torch.func.grad(lambda p: fp.per_sample_grads(per_example)(p, x, y)["2.bias"].pow(2).sum())(p)
+    want = torch.func.grad(
+        lambda p: fp.per_sample_grads(per_example, method="vmap")(p, x, y)["2.bias"].pow(2).sum())(p)
+    assert torch.allclose(total["0.weight"], want["0.weight"], atol=TOL)
+    assert second.abs().max() > 0
+
+
+def test_method_validation():
+    with pytest.raises(ValueError, match=r"`method` must be one of \('auto', 'vmap', 'hooks'\), got 'fast'"):
+        fp.per_sample_grads(lambda p, x: x, method="fast")
