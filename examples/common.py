@@ -3,8 +3,9 @@
 - Command lines that fail clearly: :class:`ArgumentParser` shows every default in
   ``--help`` and reports a bad flag as one line on stderr with exit status 2 (no usage
   dump, no traceback); argparse types :func:`positive_int`, :func:`non_negative_int`,
-  :func:`positive_float`, :func:`non_negative_float`, :func:`seed_int` and :func:`device_arg` (checks the
-  device exists before any data is read); :func:`fail` for the same from code.
+  :func:`positive_float`, :func:`non_negative_float`, :func:`seed_int` and
+  :func:`device_arg` (checks the device exists before any data is read); :func:`fail` for
+  the same from code.
 - Data: :func:`default_data_dir` (``<repo>/../shared/data`` when it exists) and
   :func:`load_mnist`, whose missing-file message says how to get the files offline.
 - Training: :func:`fit` (checkpoints, exact resume, Ctrl-C, non-finite losses, per-epoch
@@ -511,7 +512,8 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
         try:
             for epoch in range(int(state.step) // steps_per_epoch, epochs):
                 first = int(state.step) - epoch * steps_per_epoch
-                batches = fp.data.batches(train, batch_size, key=data_key(state, epoch), start=first)
+                batches = fp.data.batches(train, batch_size, key=data_key(state, epoch),
+                                          start=first)
                 bar = progress(batches, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}",
                                no_progress)
                 loss_sum = torch.full((), carried_loss if first else 0.0, device=device)
@@ -535,7 +537,8 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
                     "epoch": epoch + 1,
                     "step": int(state.step),
                     "train_loss": loss_sum.item() / steps_per_epoch,
-                    **evaluate(_logits_fn(model, state), test, test_batch_size, log_probs=log_probs),
+                    **evaluate(_logits_fn(model, state), test, test_batch_size,
+                               log_probs=log_probs),
                     "epoch_time_s": round(epoch_time, 3),
                 }
                 # the record first, then the checkpoint: a crash in between redoes the epoch's
@@ -578,7 +581,8 @@ def _restore(files: RunFiles, state: Any, device: torch.device,
         fail(f"--resume: cannot read {path}: {e}")
     for k, v in run_meta.items():
         if k in meta and meta[k] != v:
-            flag = "--batch-size" if k == "fit.batch_size" else "the training set size (--limit-train)"
+            flag = ("--batch-size" if k == "fit.batch_size"
+                    else "the training set size (--limit-train)")
             fail(f"--resume: {path} was trained with {k.split('.')[1]}={meta[k]} but this run has "
                  f"{v}; resume with the same {flag}")
     try:

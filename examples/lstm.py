@@ -132,10 +132,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out-dir", default="runs/lstm",
                    help="where checkpoints/, metrics.jsonl, steps.jsonl and curves.png go")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out-dir (an error if there is none)")
+                   help="continue from the latest checkpoint in --out-dir "
+                   "(an error if there is none)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out-dir and start over")
-    p.add_argument("--save-interval", type=positive_int, default=100, help="batches between checkpoints")
+    p.add_argument("--save-interval", type=positive_int, default=100,
+                   help="batches between checkpoints")
     p.add_argument("--limit-train", type=positive_int, default=None,
                    help="use only the first N training examples (default: all)")
     p.add_argument("--limit-test", type=positive_int, default=None,
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.task == "imdb" and not args.imdb_dir:
         fail("--task imdb needs --imdb-dir (a folder with train/{pos,neg} and test/{pos,neg})")
     if args.task == "imdb" and args.max_words < 3:
-        fail(f"argument --max-words: must be >= 3 (padding, unknown and one word), got {args.max_words}")
+        fail("argument --max-words: must be >= 3 (padding, unknown and one word), "
+             f"got {args.max_words}")
     prepare_out_dir(args.out_dir, args.resume, args.overwrite, keep=2)  # before reading data
     if args.task == "seqmnist":
         check_mnist_files(args.data_dir)

@@ -63,13 +63,15 @@ OPTIMIZERS = ("adadelta", "adagrad", "adam", "adamax", "adamw", "lamb", "lion", 
               "rmsprop", "sgd")
 
 
-def make_optimizer(name: str, lr: float, momentum: float, schedule: Any) -> optim.GradientTransformation:
+def make_optimizer(name: str, lr: float, momentum: float,
+                   schedule: Any) -> optim.GradientTransformation:
     lr_or_schedule = schedule if schedule is not None else lr
     if name == "sgd":
         return optim.sgd(lr_or_schedule, momentum=momentum or None)
     if name in OPTIMIZERS:
         return getattr(optim, name)(lr_or_schedule)
-    raise ValueError(f"make_optimizer: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"make_optimizer: unknown optimizer {name!r}; "
+                     f"choose from {', '.join(OPTIMIZERS)}")
 
 
 def build_parser() -> ArgumentParser:
@@ -79,7 +81,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs to train (in total, "
                    "counting the epochs a resumed run already did)")
     p.add_argument("--lr", type=finite_positive_float, default=0.01, help="learning rate")
-    p.add_argument("--momentum", type=non_negative_float, default=0.5, help="SGD momentum (0: none)")
+    p.add_argument("--momentum", type=non_negative_float, default=0.5,
+                   help="SGD momentum (0: none)")
     p.add_argument("--gamma", type=finite_positive_float, default=1.0,
                    help="learning-rate decay per epoch (1.0: none)")
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
@@ -93,10 +96,12 @@ def build_parser() -> ArgumentParser:
                    help="dataset root holding MNIST/raw/ (torchvision layout)")
     p.add_argument("--out-dir", default="runs/mnist",
                    help="where checkpoints/, metrics.jsonl, steps.jsonl and curves.png go")
-    p.add_argument("--save-interval", type=positive_int, default=10, help="batches between checkpoints")
+    p.add_argument("--save-interval", type=positive_int, default=10,
+                   help="batches between checkpoints")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out-dir (an error if there is none)")
+                   help="continue from the latest checkpoint in --out-dir "
+                   "(an error if there is none)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out-dir and start over")
     p.add_argument("--log-interval", type=positive_int, default=10,

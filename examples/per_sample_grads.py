@@ -66,14 +66,16 @@ def build_parser() -> ArgumentParser:
                    help="plain SGD steps before measuring norms")
     p.add_argument("--num-examples", type=positive_int, default=4096,
                    help="examples whose gradient norms are measured")
-    p.add_argument("--chunk-size", type=positive_int, default=512, help="examples per vectorised chunk")
+    p.add_argument("--chunk-size", type=positive_int, default=512,
+                   help="examples per vectorised chunk")
     p.add_argument("--top", type=positive_int, default=16, help="highest-norm examples in the grid")
     p.add_argument("--dp-epochs", type=finite_positive_float, default=1.0,
                    help="DP-SGD epochs (fractions allowed)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="DP-SGD batch size")
     p.add_argument("--lr", type=finite_positive_float, default=0.5, help="DP-SGD learning rate")
     p.add_argument("--momentum", type=non_negative_float, default=0.9, help="DP-SGD momentum")
-    p.add_argument("--clip", type=positive_float, default=1.0, help="per-example L2 clip C (inf: none)")
+    p.add_argument("--clip", type=positive_float, default=1.0,
+                   help="per-example L2 clip C (inf: none)")
     p.add_argument("--sigma", type=non_negative_float, default=1.0,
                    help="noise multiplier (std = sigma * C)")
     p.add_argument("--check-steps", type=non_negative_int, default=10,

@@ -153,7 +153,7 @@ def key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
       >>> key(2**70)
       Traceback (most recent call last):
       ...
-      ValueError: key(seed): `seed` must be in [-2**63, 2**63) (int64, as in JAX), got 1180591620717411303424; ...
+      ValueError: key(seed): `seed` must be in [-2**63, 2**63) (int64, as in JAX), got 1180591...; ...
     """
     if isinstance(seed, bool):
         raise TypeError("key(seed): `seed` must be an int, got bool")
@@ -298,7 +298,7 @@ def uniform(
       >>> uniform(key(0), (2,), minval=1.0, maxval=0.0)
       Traceback (most recent call last):
       ...
-      ValueError: uniform(key, shape, dtype, minval, maxval): need `minval` <= `maxval`, got 1.0 and 0.0
+      ValueError: uniform(...): need `minval` <= `maxval`, got 1.0 and 0.0
     """
     fn = "uniform(key, shape, dtype, minval, maxval)"
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -45,8 +45,8 @@ def data_root(tmp_path_factory):
 
 
 def _tiny(data_root, out_dir, *extra):
-    return ["--data-dir", data_root, "--batch-size", "32", "--test-batch-size", "32", "--no-progress",
-            "--device", "cpu", "--out-dir", str(out_dir), *extra]
+    return ["--data-dir", data_root, "--batch-size", "32", "--test-batch-size", "32",
+            "--no-progress", "--device", "cpu", "--out-dir", str(out_dir), *extra]
 
 
 def _one_line_exit(capsys, main, argv, status=2):
@@ -60,37 +60,44 @@ def _one_line_exit(capsys, main, argv, status=2):
 
 
 BAD_FLAGS = [
-    ("mnist", ["--device", "tpu"], r"mnist.py: error: argument --device: unknown device 'tpu'; this machine has: cpu"),
+    ("mnist", ["--device", "tpu"],
+     r"mnist.py: error: argument --device: unknown device 'tpu'; this machine has: cpu"),
     ("mnist", ["--optimizer", "adamx"],
-     r"argument --optimizer: invalid choice: 'adamx' \(choose from 'adadelta', 'adagrad', 'adam', .*'sgd'\)"),
+     r"argument --optimizer: invalid choice: 'adamx' "
+     r"\(choose from 'adadelta', 'adagrad', 'adam', .*'sgd'\)"),
     ("mnist", ["--batch-size", "0"], r"argument --batch-size: must be an integer >= 1, got '0'"),
     ("mnist", ["--batch-size", "-3"], r"argument --batch-size: must be an integer >= 1, got '-3'"),
     ("mnist", ["--epochs", "0"], r"argument --epochs: must be an integer >= 1, got '0'"),
     ("mnist", ["--lr", "nan"], r"argument --lr: must be a finite number > 0, got 'nan'"),
-    ("mnist", ["--seed", str(2**70)], r"argument --seed: must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    ("mnist", ["--seed", str(2**70)],
+     r"argument --seed: must be an integer in \[-2\*\*63, 2\*\*63\)"),
     ("mnist", ["--save-interval", "0"], r"argument --save-interval: must be an integer >= 1"),
     ("mnist", ["--bogus"], r"unrecognized arguments: --bogus"),
     ("lstm", ["--device", "tpu"], r"lstm.py: error: argument --device: unknown device 'tpu'"),
     ("lstm", ["--batch-size", "0"], r"argument --batch-size: must be an integer >= 1"),
     ("lstm", ["--epochs", "0"], r"argument --epochs: must be an integer >= 1"),
     ("lstm", ["--task", "imdb"], r"--task imdb needs --imdb-dir"),
-    ("per_sample_grads", ["--device", "tpu"], r"per_sample_grads.py: error: argument --device: unknown device"),
+    ("per_sample_grads", ["--device", "tpu"],
+     r"per_sample_grads.py: error: argument --device: unknown device"),
     ("per_sample_grads", ["--batch-size", "0"], r"argument --batch-size: must be an integer >= 1"),
     ("per_sample_grads", ["--chunk-size", "-1"], r"argument --chunk-size: must be an integer >= 1"),
     ("per_sample_grads", ["--sigma", "-1"], r"argument --sigma: must be a finite number >= 0"),
 ]
 if not HAS_CUDA:
     BAD_FLAGS += [
-        (name, ["--device", dev], rf"argument --device: '{dev}' requested but CUDA is not available "
-                                  r"on this machine .*; use --device cpu")
+        (name, ["--device", dev],
+         rf"argument --device: '{dev}' requested but CUDA is not available "
+         r"on this machine .*; use --device cpu")
         for name in MODULES for dev in ("cuda", "cuda:1")
     ]
 
 
-@pytest.mark.parametrize("name, argv, match", BAD_FLAGS, ids=[f"{n}{' '.join(a)}" for n, a, _ in BAD_FLAGS])
+@pytest.mark.parametrize("name, argv, match", BAD_FLAGS,
+                         ids=[f"{n}{' '.join(a)}" for n, a, _ in BAD_FLAGS])
 def test_bad_flags_exit_2_with_one_line_before_reading_data(name, argv, match, tmp_path, capsys):
     nowhere = str(tmp_path / "no_data")  # reading data first would print the missing-data message
-    err = _one_line_exit(capsys, MODULES[name].main, ["--data-dir", nowhere, "--out-dir", str(tmp_path / "o"), *argv])
+    argv = ["--data-dir", nowhere, "--out-dir", str(tmp_path / "o"), *argv]
+    err = _one_line_exit(capsys, MODULES[name].main, argv)
     assert re.search(match, err), err
     assert "MNIST not found" not in err and not (tmp_path / "o").exists()
 
@@ -98,7 +105,8 @@ def test_bad_flags_exit_2_with_one_line_before_reading_data(name, argv, match, t
 def test_cuda_index_beyond_the_devices_this_machine_has():
     if HAS_CUDA:
         n = torch.cuda.device_count()
-        with pytest.raises(ValueError, match=rf"'cuda:{n}' does not exist: this machine has {n} CUDA device"):
+        match = rf"'cuda:{n}' does not exist: this machine has {n} CUDA device"
+        with pytest.raises(ValueError, match=match):
             common.check_device(f"cuda:{n}")
         assert common.check_device("cuda:0") == torch.device("cuda:0")
     else:
@@ -115,20 +123,24 @@ def test_subprocess_errors_have_status_2_one_line_and_no_traceback(tmp_path):
     nowhere = str(tmp_path / "no_data")
     runs = {
         "device": ["mnist.py", "--device", bad_device, "--epochs", "2", "--data-dir", nowhere],
-        "resume": ["lstm.py", "--resume", "--out-dir", str(tmp_path / "empty"), "--data-dir", nowhere],
+        "resume": ["lstm.py", "--resume", "--out-dir", str(tmp_path / "empty"),
+                   "--data-dir", nowhere],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {k: subprocess.Popen([sys.executable, os.path.join(EXAMPLES, a[0]), *a[1:]], cwd=tmp_path, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {k: subprocess.Popen([sys.executable, os.path.join(EXAMPLES, a[0]), *a[1:]],
+                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
              for k, a in runs.items()}
     out = {k: (*p.communicate(timeout=120), p.returncode) for k, p in procs.items()}
     for k, (stdout, stderr, rc) in out.items():
         assert rc == 2, (k, stderr)
         assert stderr.count("\n") == 1 and "Traceback" not in stderr, (k, stderr)
         assert stdout == "", (k, stdout)
-    assert "argument --device: unknown device" in out["device"][1] or "CUDA is not available" in out["device"][1]
-    assert re.search(r"--resume: no checkpoint to resume from in .*empty.checkpoints; run without --resume",
-                     out["resume"][1])
+    device_err = out["device"][1]
+    assert ("argument --device: unknown device" in device_err
+            or "CUDA is not available" in device_err)
+    assert re.search(r"--resume: no checkpoint to resume from in .*empty.checkpoints; "
+                     r"run without --resume", out["resume"][1])
 
 
 def test_resume_with_nothing_to_resume_and_reused_out_dir(data_root, tmp_path, capsys):
@@ -140,17 +152,23 @@ def test_resume_with_nothing_to_resume_and_reused_out_dir(data_root, tmp_path, c
     before = sorted(os.listdir(run / "checkpoints"))
     metrics = (run / "metrics.jsonl").read_text()
     err = _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "1"))
-    assert re.search(r"--out-dir .*run already holds a run \(checkpoints up to step 2 .*\); pass --resume", err)
+    assert re.search(r"--out-dir .*run already holds a run \(checkpoints up to step 2 .*\); "
+                     r"pass --resume", err)
     # resuming with flags the checkpoint cannot satisfy: one line, no traceback
-    err = _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "2", "--resume", "--optimizer", "adam"))
-    assert re.search(r"--resume: .*ckpt_00000002.safetensors does not fit this model/optimizer", err)
-    err = _one_line_exit(capsys, mnist.main, [*_tiny(data_root, run, "--epochs", "2", "--resume"), "--batch-size", "16"])
-    assert "was trained with batch_size=32 but this run has 16; resume with the same --batch-size" in err
+    resume = _tiny(data_root, run, "--epochs", "2", "--resume")
+    err = _one_line_exit(capsys, mnist.main, [*resume, "--optimizer", "adam"])
+    assert re.search(r"--resume: .*ckpt_00000002.safetensors does not fit this model/optimizer",
+                     err)
+    err = _one_line_exit(capsys, mnist.main, [*resume, "--batch-size", "16"])
+    assert ("was trained with batch_size=32 but this run has 16; "
+            "resume with the same --batch-size") in err
     # nothing was touched, and --epochs 0 (before: exit 0 and metrics.jsonl deleted) neither
     _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "0", "--resume"))
-    assert sorted(os.listdir(run / "checkpoints")) == before and (run / "metrics.jsonl").read_text() == metrics
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    assert (run / "metrics.jsonl").read_text() == metrics
     # --overwrite starts over: the same run again, not a continuation (one epoch, two steps)
-    again = mnist.main(_tiny(data_root, run, "--epochs", "1", "--no-plot", "--overwrite", "--save-interval", "1"))
+    again = mnist.main(_tiny(data_root, run, "--epochs", "1", "--no-plot", "--overwrite",
+                             "--save-interval", "1"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert int(again["state"].step) == 2 and len(rows) == 1
     assert rows[0]["train_loss"] == json.loads(metrics)["train_loss"]
@@ -161,13 +179,15 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing_non_finite(data_root, t
     err = _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "3", "--lr", "1e30",
                                                   "--save-interval", "1", "--no-plot"), status=1)
     # before: every epoch trained on NaN and the run exited 0
-    assert re.search(r"mnist.py: error: non-finite train loss \(nan\) at step \d+ \(epoch 1\); stopping\. "
-                     r"The last good checkpoint is .*", err), err
+    assert re.search(r"mnist.py: error: non-finite train loss \(nan\) at step \d+ \(epoch 1\); "
+                     r"stopping\. The last good checkpoint is .*", err), err
     for name in os.listdir(run / "checkpoints"):
         state = fp.load(str(run / "checkpoints" / name))
-        assert all(bool(torch.isfinite(x).all()) for x in fp.tree.leaves(state) if x.is_floating_point())
+        floats = [x for x in fp.tree.leaves(state) if x.is_floating_point()]
+        assert all(bool(torch.isfinite(x).all()) for x in floats)
     steps = [json.loads(line) for line in open(run / "steps.jsonl")]
-    assert steps[0]["loss"] == pytest.approx(2.3, abs=0.2) and any(s["loss"] != s["loss"] for s in steps)
+    assert steps[0]["loss"] == pytest.approx(2.3, abs=0.2)
+    assert any(s["loss"] != s["loss"] for s in steps)  # NaN was recorded
 
 
 def test_all_finite():
@@ -178,10 +198,12 @@ def test_all_finite():
 
 def test_ctrl_c_saves_the_step_and_resume_continues_exactly(data_root, tmp_path):
     run = tmp_path / "run"
-    argv = _tiny(data_root, run, "--save-interval", "1", "--no-plot", "--optimizer", "adam", "--lr", "3e-3")
+    flags = ["--save-interval", "1", "--no-plot", "--optimizer", "adam", "--lr", "3e-3"]
+    argv = _tiny(data_root, run, *flags)
     # the same environment as this process (thread count included): resumed here, it must match
-    proc = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "mnist.py"), *argv, "--epochs", "1000"],
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}, cwd=tmp_path,
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "mnist.py"), *argv,
+                             "--epochs", "1000"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -195,21 +217,25 @@ def test_ctrl_c_saves_the_step_and_resume_continues_exactly(data_root, tmp_path)
             proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    m = re.search(r"mnist.py: interrupted at step (\d+) \(epoch \d+\); (?:saved|its checkpoint is) (\S+)", stderr)
+    m = re.search(r"mnist.py: interrupted at step (\d+) \(epoch \d+\); "
+                  r"(?:saved|its checkpoint is) (\S+)", stderr)
     assert m, stderr
     step, path = int(m.group(1)), m.group(2)
     assert os.path.isabs(path) or (tmp_path / path).exists()
     assert max(fp.train.CheckpointManager(run / "checkpoints").all_steps()) == step
     cmd = re.search(r"continue with: (.*)", stderr).group(1)
     assert cmd.endswith("--resume") and "--epochs 1000" in cmd and str(run) in cmd
-    # resume to the end of the interrupted epoch: the same parameters and metrics as one straight run
+    # resume to the end of the interrupted epoch: the parameters and metrics of one straight run
     epochs = step // 2 + 1
     resumed = mnist.main([*argv, "--epochs", str(epochs), "--resume"])
-    straight = mnist.main([*_tiny(data_root, tmp_path / "straight", "--save-interval", "1", "--no-plot",
-                                  "--optimizer", "adam", "--lr", "3e-3"), "--epochs", str(epochs)])
-    for a, b in zip(fp.tree.leaves(straight["state"].params), fp.tree.leaves(resumed["state"].params), strict=True):
+    straight = mnist.main([*_tiny(data_root, tmp_path / "straight", *flags),
+                           "--epochs", str(epochs)])
+    pairs = zip(fp.tree.leaves(straight["state"].params), fp.tree.leaves(resumed["state"].params),
+                strict=True)
+    for a, b in pairs:
         assert torch.equal(a, b)
-    rows = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("run", "straight")}
+    rows = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+            for d in ("run", "straight")}
     for r in (*rows["run"], *rows["straight"]):
         r.pop("epoch_time_s")
     assert rows["run"] == rows["straight"]
@@ -231,7 +257,8 @@ def test_resumed_epoch_metrics_cover_the_whole_epoch(data_root, tmp_path, capsys
     resumed = mnist.main(_tiny(data_root, tmp_path / "b", *common_args, "--resume"))
     # before: the resumed epoch's train loss averaged only the steps after the resume
     assert resumed["history"][0]["train_loss"] == straight["history"][0]["train_loss"]
-    steps = {d: [json.loads(line) for line in open(tmp_path / d / "steps.jsonl")] for d in ("a", "b")}
+    steps = {d: [json.loads(line) for line in open(tmp_path / d / "steps.jsonl")]
+             for d in ("a", "b")}
     assert steps["a"] == steps["b"] and [s["step"] for s in steps["a"]] == [1, 2]
     # the per-step losses (a separate record, float64 sum) average to the epoch's train loss
     mean = sum(s["loss"] for s in steps["a"]) / 2
@@ -273,7 +300,8 @@ def test_data_dir_default_is_found_from_the_repository(tmp_path, monkeypatch):
 
 def test_missing_data_says_how_to_get_it_offline(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        lstm.main(["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu", "--out-dir", str(tmp_path / "o")])
+        lstm.main(["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu",
+                   "--out-dir", str(tmp_path / "o")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lstm.py: error: MNIST not found") and "Traceback" not in err

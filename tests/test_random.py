@@ -232,7 +232,8 @@ def _key_ref(seed: int) -> list[int]:
 @pytest.mark.parametrize("seed", [2**63, 2**64, 2**70, -(2**63) - 1, -(2**70)])
 def test_key_refuses_seeds_outside_int64(seed):
     # before: key(2**70) == key(0) and key(2**64 - 1) == key(-1), silently
-    with pytest.raises(ValueError, match=r"key\(seed\): `seed` must be in \[-2\*\*63, 2\*\*63\).*got " + str(seed)):
+    pattern = r"key\(seed\): `seed` must be in \[-2\*\*63, 2\*\*63\).*got "
+    with pytest.raises(ValueError, match=pattern + str(seed)):
         fr.key(seed)
 
 
@@ -244,7 +245,8 @@ def test_key_accepts_the_int64_range_and_numpy_ints():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=2, max_size=30, unique=True))
+@given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=2, max_size=30,
+                unique=True))
 def test_distinct_int64_seeds_give_distinct_keys(seeds):
     keys = {tuple(fr.key(s).tolist()) for s in seeds}
     assert len(keys) == len(seeds)
@@ -258,7 +260,8 @@ def test_distinct_int64_seeds_give_distinct_keys(seeds):
 @pytest.mark.parametrize("data", [2**32, -1, 2**40])
 def test_fold_in_refuses_python_ints_outside_32_bits(data):
     # before: fold_in(k, 2**32) == fold_in(k, 0)
-    with pytest.raises(ValueError, match=r"fold_in\(key, data\): `data` must be in \[0, 2\*\*32\), got " + str(data)):
+    pattern = r"fold_in\(key, data\): `data` must be in \[0, 2\*\*32\), got "
+    with pytest.raises(ValueError, match=pattern + str(data)):
         fr.fold_in(fr.key(0), data)
     assert fr.fold_in(fr.key(0), 2**32 - 1).shape == (2,)
 
@@ -278,7 +281,8 @@ def test_uniform_refuses_bad_python_bounds(lo, hi, match):
 
 
 def test_uniform_with_equal_bounds_is_constant():
-    assert torch.equal(fr.uniform(fr.key(0), (5,), torch.float64, 2.5, 2.5), torch.full((5,), 2.5, dtype=torch.float64))
+    u = fr.uniform(fr.key(0), (5,), torch.float64, 2.5, 2.5)
+    assert torch.equal(u, torch.full((5,), 2.5, dtype=torch.float64))
 
 
 def test_tensor_bounds_and_probabilities_are_not_synced():
@@ -295,14 +299,16 @@ def test_tensor_bounds_and_probabilities_are_not_synced():
 @pytest.mark.parametrize("p", [1.5, -0.1, float("nan"), float("inf")])
 def test_bernoulli_refuses_python_p_outside_unit_interval(p):
     # before: p was silently clipped to [0, 1]
-    with pytest.raises(ValueError, match=r"bernoulli\(key, p, shape\): `p` must be a probability in \[0, 1\]"):
+    pattern = r"bernoulli\(key, p, shape\): `p` must be a probability in \[0, 1\]"
+    with pytest.raises(ValueError, match=pattern):
         fr.bernoulli(fr.key(0), p, (3,))
 
 
 def test_bernoulli_endpoints_and_bad_type():
     assert bool(fr.bernoulli(fr.key(0), 1.0, (100,)).all())
     assert not bool(fr.bernoulli(fr.key(0), 0, (100,)).any())
-    with pytest.raises(TypeError, match=r"bernoulli\(key, p, shape\): `p` must be a float or a tensor, got str"):
+    pattern = r"bernoulli\(key, p, shape\): `p` must be a float or a tensor, got str"
+    with pytest.raises(TypeError, match=pattern):
         fr.bernoulli(fr.key(0), "0.5", (3,))
 
 
@@ -336,10 +342,12 @@ def test_negative_shapes_raise_naming_the_function(call, fn):
 
 
 def test_shape_must_be_a_sequence_and_permutation_n_checked():
-    with pytest.raises(TypeError, match=r"uniform\(key, shape, dtype, minval, maxval\): `shape` must be a sequence"):
+    fn = r"uniform\(key, shape, dtype, minval, maxval\)"
+    with pytest.raises(TypeError, match=fn + r": `shape` must be a sequence"):
         fr.uniform(fr.key(0), 3)
     with pytest.raises(ValueError, match=r"permutation\(key, n\): `n` must be >= 0, got -1"):
         fr.permutation(fr.key(0), -1)
-    with pytest.raises(TypeError, match=r"permutation\(key, n\): `n` must be a Python int, got float"):
+    with pytest.raises(TypeError,
+                       match=r"permutation\(key, n\): `n` must be a Python int, got float"):
         fr.permutation(fr.key(0), 2.0)
     assert fr.permutation(fr.key(0), 0).shape == (0,)
