@@ -29,6 +29,7 @@ the host, so do it outside ``vmap``/``compile``).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -99,7 +100,8 @@ def _check_shape(shape: Sequence[int], fn: str) -> tuple[int, ...]:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real Python/NumPy number (not a bool, not a tensor): free to check on the host."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
 
 
 def _check_finite(x: object, name: str, fn: str) -> None:

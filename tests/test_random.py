@@ -305,6 +305,10 @@ def test_bernoulli_refuses_python_p_outside_unit_interval(p):
 
 
 def test_bernoulli_endpoints_and_bad_type():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=r"`p` must be a probability in \[0, 1\], got 1.5"):
+        fr.bernoulli(fr.key(0), np.float32(1.5), (3,))  # NumPy scalars are checked too
+    assert fr.bernoulli(fr.key(0), np.float32(0.5), (3,)).shape == (3,)
     assert bool(fr.bernoulli(fr.key(0), 1.0, (100,)).all())
     assert not bool(fr.bernoulli(fr.key(0), 0, (100,)).any())
     pattern = r"bernoulli\(key, p, shape\): `p` must be a float or a tensor, got str"
