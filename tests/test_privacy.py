@@ -364,3 +364,17 @@ def test_accountant_rebuilt_from_bad_leaves_is_checked_before_use():
     bad = fp.tree.unflatten(fp.tree.structure(acc), [1.0, 0.1, -3])
     with pytest.raises(ValueError, match=r"^Accountant.delta: `steps` must be >= 0, got -3"):
         bad.delta(1.0)
+
+
+def test_alternating_settings_compose_like_dp_accounting_in_order():
+    # equal settings far apart in the history are merged (composition commutes)
+    acc = Accountant()
+    ref = dpa_rdp.RdpAccountant()
+    for i in range(60):
+        sigma, q = (1.0, 0.01) if i % 2 else (2.0, 0.05)
+        acc = acc.step(noise_multiplier=sigma, sample_rate=q)
+        ref.compose(_event(sigma, q))
+    assert len(acc.history) == 60  # the history keeps the order ...
+    assert acc.epsilon(DELTA) == pytest.approx(ref.get_epsilon(DELTA), abs=1e-9)
+    swapped = Accountant(history=(DpStep(1.0, 0.01, 30), DpStep(2.0, 0.05, 30)))
+    assert acc.epsilon(DELTA) == pytest.approx(swapped.epsilon(DELTA), abs=1e-12)  # ... not eps
