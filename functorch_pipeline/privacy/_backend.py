@@ -159,10 +159,13 @@ def _composed(kind: str, history: tuple[DpStep, ...]) -> Any:
 
 
 def _compose_all(dpa: Any, kind: str, history: tuple[DpStep, ...]) -> Any:
+    from dp_accounting import pld
+    from dp_accounting import rdp
+
     if kind == "rdp":
-        acc = dpa.rdp.RdpAccountant()
+        acc = rdp.RdpAccountant()
     else:
-        acc = dpa.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+        acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     for s in history:
         event = dpa.PoissonSampledDpEvent(s.sample_rate, dpa.GaussianDpEvent(s.noise_multiplier))
         if s.count > 0:
