@@ -27,7 +27,14 @@ class Accountant:
     so write ``acc = acc.step(...)`` (a bare ``acc.step(...)`` records nothing). Steps may
     change the noise multiplier or the sample rate (schedules, a resumed run with new
     settings); the history is kept run-length encoded, one :class:`DpStep` per stretch of
-    equal settings, and the whole history is composed when epsilon is asked for.
+    equal settings, and the whole history is composed when epsilon is asked for (see
+    NOTE [composition cost]). One step is one noisy update of a Poisson-sampled logical
+    batch, however many physical chunks it was computed in.
+
+    Opacus's ``RDPAccountant``/``PRVAccountant`` have the same ``step(noise_multiplier=,
+    sample_rate=)`` but mutate themselves, and their ``get_epsilon(delta)`` is our
+    :meth:`epsilon`; here the accountant is a value (JAX style), so it can live in a
+    training state that is checkpointed and resumed exactly.
 
     # NOTE [accountant as a pytree]
     The accountant is a registered dataclass whose leaves are Python numbers (the
