@@ -491,3 +491,22 @@ def test_wrong_loss_shape_and_batch_mismatch():
     with pytest.raises(ValueError, match=r"batch leaves disagree on the batch size"):
         fp.clipped_grad(lambda p, x, y: squared(m)(p, x) + y, 1.0, method="ghost")(
             p, torch.randn(4, 3), torch.randn(5))
+
+
+@pytest.mark.parametrize("method", ("auto", *METHODS))
+def test_empty_batch_gives_zero_sum_and_no_norms(method):
+    """Poisson sampling can draw an empty batch."""
+    m = nn.Linear(3, 2)
+    (losses, aux), ((g, norms)) = fp.clipped_value_and_grad(
+        lambda p, x: (squared(m)(p, x), x.shape[0]), 1.0, has_aux=True, method=method,
+        reduction="mean")(params_of(m), torch.randn(0, 3))
+    assert losses.shape == (0,) and norms.shape == (0,) and aux == 0
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in g.values())
+
+
+def test_non_float_parameter_names_its_path():
+    with pytest.raises(TypeError, match=r"clipped_grad\(loss_fn, max_norm\): can only differentiate "
+                       r"with respect to floating-point tensors, but argument 0 at path `steps` "
+                       r"has dtype torch.int64"):
+        fp.clipped_grad(lambda p, x: F.linear(x, p["w"]).sum(1), 1.0, method="ghost")(
+            {"w": torch.ones(2, 3), "steps": torch.tensor(3)}, torch.randn(4, 3))

@@ -18,6 +18,7 @@ from functorch_pipeline.transforms._autodiff import ArgNums
 from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
 from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
@@ -94,6 +95,8 @@ class _Clipper:
         """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None."""
         nums, is_tuple = _normalize_argnums(self.argnums, len(args), self.fn)
         batched = _batched(args, nums, self.batch_argnums, self.fn)
+        if _batch_size(args, batched, self.fn) == 0:
+            return self._empty(args, nums, is_tuple)
         if self.method != "auto":
             try:
                 return self._run(self.method, args, nums, is_tuple, batched)
@@ -119,6 +122,22 @@ class _Clipper:
                                   f"({'; '.join(reasons)})", stacklevel=3)
             return out
         raise AssertionError("vmap does not raise Unsupported")  # pragma: no cover
+
+    def _empty(self, args: Sequence[Any], nums: tuple[int, ...], is_tuple: bool
+               ) -> tuple[Any, torch.Tensor, Any]:
+        """An empty batch (Poisson sampling can draw one): no norms, a zero sum."""
+        with torch.no_grad():
+            value = self.loss_fn(*args)
+        value = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, value)
+        diff = tuple(args[i] for i in nums)
+        leaves = _tree.leaves(diff)
+        acc = torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
+        norms = torch.zeros(0, dtype=acc, device=leaves[0].device if leaves else None)
+        clipped = None
+        if self.max_norm is not None:
+            zeros = _tree.map(torch.zeros_like, diff)
+            clipped = zeros if is_tuple else zeros[0]
+        return value, norms, clipped
 
     @staticmethod
     def _hint(e: Unsupported) -> str:
@@ -315,7 +334,8 @@ def clipped_grad(
     Returns:
       A function with ``loss_fn``'s signature returning ``(clipped, norms)``: the clipped
       sum shaped like the differentiated argument(s), and the ``(B,)`` norms before
-      clipping; ``((clipped, norms), aux)`` with ``has_aux=True``.
+      clipping; ``((clipped, norms), aux)`` with ``has_aux=True``. An empty batch
+      (Poisson sampling can draw one) gives zeros (for ``"mean"`` too) and no norms.
 
     Example:
       >>> import torch.nn.functional as F
