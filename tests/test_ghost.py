@@ -256,20 +256,27 @@ def test_norms_also_match_per_sample_grads():
     assert_close(fp.per_sample_grad_norms(loss, method="ghost")(params, x), want, "norms")
 
 
+def tied_loss(p, idx):
+    h = torch.tanh(F.embedding(idx, p["w"], padding_idx=1))
+    return F.linear(h, p["w"]).square().sum((1, 2))
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_tied_embedding_and_output_head(chunked, monkeypatch):
-    """One weight used by F.embedding and F.linear (weight tying): the ghost method forms
-    that slot's gradient a chunk of examples at a time; still exact."""
+    """One weight used by F.embedding and F.linear (weight tying): the cross term of the
+    two parts; and, with a third use (as a layer norm's weight), its gradient formed a
+    chunk of examples at a time."""
     one_by_one(monkeypatch, chunked)
     torch.manual_seed(9)
     w = torch.randn(7, 3)
     idx = torch.randint(0, 7, (4, 5))
+    check(tied_loss, {"w": w}, idx)
 
-    def loss(p, idx):
-        h = torch.tanh(F.embedding(idx, p["w"]))
-        return F.linear(h, p["w"]).square().sum((1, 2))
+    def three_uses(p, idx):
+        o = F.linear(torch.tanh(F.embedding(idx, p["w"])), p["w"])  # (B, 5, 7)
+        return F.layer_norm(o.mT[..., :3], (7, 3), p["w"]).square().sum((1, 2))
 
-    check(loss, {"w": w}, idx)
+    check(three_uses, {"w": w}, idx, methods=("ghost", "vmap"))
 
 
 def test_ghost_forms_no_per_example_gradient_of_big_layers(monkeypatch):
@@ -281,6 +288,7 @@ def test_ghost_forms_no_per_example_gradient_of_big_layers(monkeypatch):
     torch.manual_seed(10)
     model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))
     check(squared(model), params_of(model), torch.randint(0, 50, (4, 6)), methods=("ghost",))
+    check(tied_loss, {"w": torch.randn(50, 8)}, torch.randint(0, 50, (4, 6)), methods=("ghost",))
 
 
 def test_has_aux_argnums_and_value():

@@ -217,6 +217,20 @@ def _embed_sq(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _rows_sq(sums.reshape(B, n * D))
 
 
+def _tied_sq(parts: Parts) -> torch.Tensor:
+    """An embedding table that is also a linear layer's weight (an output head tied to
+    the input embedding): ``|E + O|^2 = |E|^2 + |O|^2 + 2 <E, O>`` with the embedding part
+    ``E`` (rows ``r_t`` added at indices ``i_t``) and the linear part ``O = sum_s g_s h_s^T``,
+    where ``<E, O> = sum_{t,s} g_s[i_t] (h_s . r_t)``: no ``(V, D)`` per example."""
+    idx = _cat([p[0] for p in parts["embed"]], 1)
+    rows = _cat([p[1] for p in parts["embed"]], 1)
+    x = _cat([p[0] for p in parts["outer"]], 2)[:, 0]  # (B, n, D): the linear inputs
+    g = _cat([p[1] for p in parts["outer"]], 2)[:, 0]  # (B, n, V): their output gradients
+    at = g.gather(2, idx.unsqueeze(1).expand(-1, g.shape[1], -1))  # g_s[i_t]: (B, n, n_e)
+    cross = _acc(at * (x @ rows.mT)).sum((1, 2))
+    return _embed_sq(idx, rows) + _outer_sq(x.unsqueeze(1), g.unsqueeze(1), None)[0] + 2 * cross
+
+
 def _slice(payload: tuple[Any, ...], s: int, e: int) -> tuple[Any, ...]:
     return tuple(t[s:e] if isinstance(t, torch.Tensor) else t for t in payload)
 
@@ -267,6 +281,8 @@ def squared_norms(parts: Parts, param: torch.Tensor, keep: bool = False
         if kind == "conv" and len(payloads) == 1:
             buf = param.new_empty(B, *param.shape) if keep else None
             return _conv_sq(*payloads[0], buf)
+    if set(parts) == {"embed", "outer"} and parts["outer"][0][0].shape[1] == 1:
+        return _tied_sq(parts), None
     # A parameter used by several kinds of call (tied weights): form its gradient, a
     # chunk of examples at a time.
     buf = param.new_empty(B, *param.shape) if keep else None
