@@ -518,3 +518,11 @@ def test_non_float_parameter_names_its_path():
                        r"has dtype torch.int64"):
         fp.clipped_grad(lambda p, x: F.linear(x, p["w"]).sum(1), 1.0, method="ghost")(
             {"w": torch.ones(2, 3), "steps": torch.tensor(3)}, torch.randn(4, 3))
+
+
+def test_parameter_as_an_input_points_to_vmap():
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"per_sample_grad_norms\(loss_fn\): method='ghost': `w` "
+                       r"is used as the input of `F.linear`.*method='vmap' handles"):
+        fp.per_sample_grad_norms(lambda p, x: F.linear(p["w"], x).sum((1, 2)), method="ghost")(
+            {"w": w}, torch.randn(2, 5, 3))

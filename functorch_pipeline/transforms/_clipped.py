@@ -141,9 +141,9 @@ class _Clipper:
 
     @staticmethod
     def _hint(e: Unsupported) -> str:
-        if "no per-sample gradient rule" in str(e):
-            return "; method='vmap' handles any function torch.func can transform"
-        return ""
+        if "returned a scalar" in str(e):
+            return ""
+        return "; method='vmap' handles any function torch.func can transform"
 
     def _run(self, method: str, args: Sequence[Any], nums: tuple[int, ...], is_tuple: bool,
              batched: tuple[int, ...]) -> tuple[Any, torch.Tensor, Any]:
