@@ -442,3 +442,26 @@ def test_default_inside_transforms_and_with_graph_uses_vmap_silently():
 def test_method_validation():
     with pytest.raises(ValueError, match=r"`method` must be one of \('auto', 'vmap', 'hooks'\), got 'fast'"):
         fp.per_sample_grads(lambda p, x: x, method="fast")
+
+
+# -- float32 on CPU: the grouped weight-gradient path (NOTE [grouped weight gradients on CPU]) --
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 7, 8)),
+    (lambda: nn.Conv2d(4, 6, (2, 4), padding="same", dilation=(1, 2)), (3, 4, 7, 8)),
+    (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), (3, 4, 9)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(4, 2, 2, stride=3), (3, 4, 5)),
+])
+def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape):
+    torch.manual_seed(0)
+    m = make().float()
+    x = torch.randn(*shape, dtype=torch.float32)
+    got = fp.per_sample_grads(weighted(m), method="hooks")(params_of(m), x)
+    m64 = m.double()
+    want = loop_grads(weighted(m64), params_of(m64), x.double())
+    for k in want:
+        assert got[k].dtype == torch.float32
+        scale = want[k].abs().max()
+        assert scale > 0 and ((got[k].double() - want[k]).abs().max() / scale) < 1e-5, k

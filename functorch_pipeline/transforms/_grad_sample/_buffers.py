@@ -1,0 +1,65 @@
+"""Recycled output buffers for per-example gradients (see NOTE [recycled outputs]).
+
+# NOTE [recycled outputs]
+A per-example gradient is a large fresh tensor every call (``(B, 50, 320)`` float32 for
+the MNIST CNN's ``fc1``: 16 MB). glibc's malloc serves such blocks with ``mmap`` and
+unmaps them on free, so every call page-faults the whole block back in (~4,000 faults,
+~1.4 us each on the 2-core benchmark machine: 5-6 ms of a 22 ms step; DESIGN.md,
+"Benchmarking on these machines"). A batch gradient has no such output. The engine
+therefore keeps the buffers it returned (up to ``_PER_KEY`` per shape, dtype and device,
+only those of at least ``_MIN_BYTES``) and writes the next call's result into one of them
+*only when nothing else can reach it*: no other Python reference to the tensor, no other
+C++ owner of its ``TensorImpl`` (autograd's saved tensors, DLPack), and no view of its
+storage. A buffer the caller still holds is never touched; the cost is that the memory
+of the last results stays allocated after the caller drops them (what a training loop
+allocates again at the next step anyway). :func:`release` frees it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+__all__ = ["release", "take", "keep"]
+
+_PER_KEY = 4
+_MIN_BYTES = 1 << 20
+_POOL: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[torch.Tensor]] = {}
+# sys.getrefcount of a pooled tensor seen by `_free` when nothing else holds it: the pool's
+# list, `take`'s loop variable, `_free`'s argument and getrefcount's own argument.
+_REFS_WHEN_FREE = 4
+
+
+def _free(t: torch.Tensor) -> bool:
+    return (sys.getrefcount(t) == _REFS_WHEN_FREE and t._use_count() == 1
+            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2)
+
+
+def take(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device: a recycled
+    buffer when one is free, else a new one. The caller must overwrite every element."""
+    key = (tuple(shape), like.dtype, like.device)
+    pool = _POOL.get(key)
+    if pool:
+        for i in range(len(pool)):  # not enumerate: its cached tuple would hold a reference
+            t = pool[i]
+            if _free(t):
+                del pool[i]
+                return t
+    return like.new_empty(shape)
+
+
+def keep(t: torch.Tensor) -> torch.Tensor:
+    """Remember ``t`` (a result about to be returned) for reuse; returns ``t``."""
+    if t.numel() * t.element_size() >= _MIN_BYTES and t.is_contiguous() and t._base is None:
+        pool = _POOL.setdefault((tuple(t.shape), t.dtype, t.device), [])
+        pool.append(t)
+        if len(pool) > _PER_KEY:
+            del pool[0]
+    return t
+
+
+def release() -> None:
+    """Drop every recycled buffer (their memory is freed once nothing else holds it)."""
+    _POOL.clear()

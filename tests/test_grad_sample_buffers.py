@@ -1,0 +1,78 @@
+"""NOTE [recycled outputs]: the hooks method reuses a returned per-example gradient buffer
+only when nothing can reach it any more; values always equal a fresh computation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import functorch_pipeline as fp
+from functorch_pipeline.transforms._grad_sample import _buffers
+
+
+def _setup():
+    torch.manual_seed(0)
+    m = nn.Linear(64, 32)  # (B, 32, 64) float32 per-example weights: 2 MB at B = 256
+    p = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(m, p, (x,)).pow(2).sum(1)
+
+    return fp.per_sample_grads(loss, method="hooks"), p, loss
+
+
+def _reference(loss, p, x):
+    return torch.stack([torch.func.grad(lambda p, i=i: loss(p, x[i:i + 1]).sum())(p)["weight"]
+                        for i in range(x.shape[0])])
+
+
+def test_a_dropped_result_is_reused_and_a_held_one_never_is():
+    _buffers.release()
+    f, p, loss = _setup()
+    x1, x2, x3 = (torch.randn(256, 64) for _ in range(3))
+    g1 = f(p, x1)["weight"]
+    snapshot = g1.clone()
+    g2 = f(p, x2)["weight"]  # g1 is held: a new buffer
+    assert g2.data_ptr() != g1.data_ptr() and torch.equal(g1, snapshot)
+    ptr = g1.data_ptr()
+    del g1
+    g3 = f(p, x3)["weight"]  # g1's buffer is free now: reused, with the right values
+    assert g3.data_ptr() == ptr
+    assert torch.allclose(g3, _reference(loss, p, x3), atol=1e-5)
+    assert torch.allclose(g2, _reference(loss, p, x2), atol=1e-5)
+    _buffers.release()
+
+
+def test_views_and_autograd_saved_tensors_keep_a_buffer_alive():
+    _buffers.release()
+    f, p, _ = _setup()
+    x = torch.randn(256, 64)
+    out = f(p, x)
+    row = out["weight"][3]  # a view of the buffer
+    row_before = row.clone()
+    first = out["weight"][0].clone()
+    w = torch.ones(32, 64, requires_grad=True)
+    saved = out["weight"][0].mul(w).sum()  # autograd saves the (view of the) buffer for backward
+    g = out["weight"]
+    ptr = g.data_ptr()
+    del out, g
+    for _ in range(2):
+        assert f(p, torch.randn(256, 64))["weight"].data_ptr() != ptr
+    assert torch.equal(row, row_before)
+    (gw,) = torch.autograd.grad(saved, [w])
+    assert torch.equal(gw, first)  # the saved tensor was not overwritten
+    _buffers.release()
+
+
+def test_small_outputs_and_release():
+    _buffers.release()
+    m = nn.Linear(3, 2)
+    p = {k: v.detach() for k, v in m.named_parameters()}
+    fp.per_sample_grads(lambda p, x: torch.func.functional_call(m, p, (x,)).sum(1), method="hooks")(
+        p, torch.randn(4, 3))
+    assert not _buffers._POOL  # below _MIN_BYTES: nothing kept
+    f, p, _ = _setup()
+    f(p, torch.randn(256, 64))
+    assert _buffers._POOL
+    _buffers.release()
+    assert not _buffers._POOL
