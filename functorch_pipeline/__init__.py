@@ -11,6 +11,7 @@ per-sample gradients, optimizers, checkpoints and data all speak pytrees.
 from functorch_pipeline import data
 from functorch_pipeline import devices
 from functorch_pipeline import distributed
+from functorch_pipeline import implicit
 from functorch_pipeline import losses
 from functorch_pipeline import nn
 from functorch_pipeline import optim
@@ -60,6 +61,7 @@ __all__ = [
     "functionalize",
     "grad",
     "hessian",
+    "implicit",
     "jacfwd",
     "jacrev",
     "jit",

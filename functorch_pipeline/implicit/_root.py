@@ -1,0 +1,225 @@
+"""``custom_root``: gradients of an inner problem's solution by the implicit function theorem."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.func
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.implicit._linear_solve import ConvergenceWarning
+from functorch_pipeline.implicit._linear_solve import solve_normal_cg
+
+__all__ = ["custom_root"]
+
+
+def custom_root(optimality_fn: Callable[..., Any], solve: Callable[[Any, Any], Any] | None = None,
+                has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a solver so its solution is differentiated implicitly, as JAXopt's
+    ``jaxopt.implicit_diff.custom_root`` and TorchOpt's ``torchopt.diff.implicit.custom_root``.
+
+    The decorated ``solver(init_params, *args)`` returns ``x*`` with
+    ``optimality_fn(x*, *args) = 0`` (a pytree shaped like ``x*``; for a minimiser of
+    ``f(x, *args)`` it is usually ``grad(f)``). However ``x*`` was found (any number of
+    steps, any library, under ``torch.no_grad``), its gradient with respect to ``args`` is
+    the implicit function theorem's: for an output cotangent ``v``, solve
+    ``(∂F/∂x)^T u = -v`` matrix-free (``solve(matvec, -v)`` with ``matvec`` a
+    vector-Jacobian product of ``F`` in ``x``), then return ``(∂F/∂args)^T u``. Nothing
+    the solver did is stored for backward: memory does not grow with its iterations.
+
+    Works with ``torch.autograd`` (``.backward()``), ``fp.grad`` / ``fp.value_and_grad``,
+    and ``fp.vmap`` (when the solver itself can be vmapped). Arguments may be pytrees;
+    non-tensor and non-floating leaves get no gradient, nor does ``init_params`` (as in
+    JAXopt). Only first derivatives are supported (no Hessians through the solution).
+    A linear solve that does not converge warns with its residual
+    (:class:`ConvergenceWarning`), or raises with
+    ``solve=functools.partial(solve_cg, on_failure="raise")``.
+
+    Args:
+      optimality_fn: ``F(x, *args) -> pytree like x``, zero at the solution; written in
+        differentiable torch operations.
+      solve: ``solve(matvec, b) -> x`` solving ``matvec(x) = b``; default
+        :func:`solve_normal_cg` (any non-singular ``∂F/∂x``, as JAXopt). When ``F`` is the
+        gradient of a strongly convex function, ``∂F/∂x`` is symmetric positive-definite and
+        ``functools.partial(solve_cg, tol=...)`` is faster and more accurate; for other
+        systems use :func:`solve_gmres`. Pass ``tol`` through ``functools.partial``: the
+        default ``tol=1e-5`` (JAX's) gives gradients to about that relative accuracy.
+      has_aux: the solver returns ``(x*, aux)``; ``aux`` is passed through without
+        gradient.
+
+    Returns:
+      A decorator: ``solver -> solver`` with the same signature.
+
+    Example:
+      Ridge regression's solution ``x*(lam) = (A^T A + lam I)^{-1} A^T y``:
+
+      >>> import functools, torch
+      >>> import functorch_pipeline as fp
+      >>> A = torch.tensor([[1., 2.], [3., 4.], [5., 7.]], dtype=torch.float64)
+      >>> y = torch.tensor([1., 0., 2.], dtype=torch.float64)
+      >>> def F(x, lam):  # gradient of 0.5 ||A x - y||^2 + 0.5 lam ||x||^2
+      ...     return A.T @ (A @ x - y) + lam * x
+      >>> @fp.implicit.custom_root(F, solve=functools.partial(fp.implicit.solve_cg, tol=1e-12))
+      ... def ridge(init, lam):
+      ...     return torch.linalg.solve(A.T @ A + lam * torch.eye(2, dtype=A.dtype), A.T @ y)
+      >>> lam = torch.tensor(0.5, dtype=torch.float64)
+      >>> g = fp.grad(lambda lam: ridge(None, lam).sum())(lam)
+      >>> H = A.T @ A + lam * torch.eye(2, dtype=A.dtype)  # closed form: -1^T H^-1 x*
+      >>> closed = -torch.linalg.solve(H, torch.linalg.solve(H, A.T @ y)).sum()
+      >>> torch.allclose(g, closed, rtol=1e-10)
+      True
+    """
+    if not callable(optimality_fn):
+        raise TypeError(
+            f"custom_root: `optimality_fn` must be callable, got {type(optimality_fn).__name__}")
+    if solve is not None and not callable(solve):
+        raise TypeError(f"custom_root: `solve` must be callable or None, got {type(solve).__name__}")
+    linear_solve = solve_normal_cg if solve is None else solve
+
+    def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(solver):
+            raise TypeError(f"custom_root: the decorated solver must be callable, got "
+                            f"{type(solver).__name__}")
+        name = getattr(solver, "__name__", "solver")
+        fn = _make_function(f"custom_root({name})", solver, optimality_fn, linear_solve, has_aux)
+
+        @functools.wraps(solver)
+        def wrapped(init_params: Any, *args: Any) -> Any:
+            leaves, in_def = _tree.flatten((init_params, args))
+            spec = _Spec(in_def)
+            flat = fn.apply(spec, *leaves)
+            sol = _tree.unflatten(spec.out_def, flat[: spec.n_out])
+            if has_aux:
+                return sol, _tree.unflatten(spec.aux_def, flat[spec.n_out:])
+            return sol
+
+        return wrapped
+
+    return decorator
+
+
+class _Spec:
+    """Static data handed to the autograd.Function (not a tensor, so not traced)."""
+
+    def __init__(self, in_def: Any) -> None:
+        self.in_def = in_def
+        self.out_def: Any = None
+        self.aux_def: Any = None
+        self.n_out = 0
+
+
+def _is_diff(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callable[..., Any],
+                   linear_solve: Callable[[Any, Any], Any], has_aux: bool
+                   ) -> type[torch.autograd.Function]:
+
+    class _Fn(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
+            init_params, args = _tree.unflatten(spec.in_def, leaves)
+            result = solver(init_params, *args)
+            if has_aux:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise TypeError(f"{where}: with has_aux=True the solver must return a pair "
+                                    f"(solution, aux), got {type(result).__name__}")
+                sol, aux = result
+            else:
+                sol, aux = result, None
+            sol_paths, sol_leaves, spec.out_def = _tree.flatten_with_path(sol)
+            for path, leaf in zip(sol_paths, sol_leaves, strict=True):
+                if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
+                    got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+                    raise TypeError(f"{where}: every leaf of the solution must be a "
+                                    f"floating-point tensor, but `solution{_tree.keystr(path)}` "
+                                    f"is {got}")
+            aux_leaves, spec.aux_def = _tree.flatten(aux)
+            spec.n_out = len(sol_leaves)
+            ids = {id(x) for x in leaves}
+            # An input returned as-is would alias it; autograd.Function wants fresh outputs.
+            outs = [x.clone() if id(x) in ids else x for x in sol_leaves]
+            return (*outs, *aux_leaves)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+            spec: _Spec = inputs[0]
+            ctx.spec = spec
+            leaves = inputs[1:]
+            aux = [a for a in output[spec.n_out:] if isinstance(a, torch.Tensor)]
+            if aux:
+                ctx.mark_non_differentiable(*aux)
+            ctx.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+            ctx.others = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+            ctx.save_for_backward(*output[: spec.n_out], *(leaves[i] for i in ctx.tensor_pos))
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            spec: _Spec = ctx.spec
+            saved = ctx.saved_tensors
+            sol_leaves, arg_tensors = saved[: spec.n_out], saved[spec.n_out:]
+            leaves = list(ctx.others)
+            for i, t in zip(ctx.tensor_pos, arg_tensors, strict=True):
+                leaves[i] = t
+            _, args = _tree.unflatten(spec.in_def, leaves)
+            n_init = len(leaves) - len(_tree.leaves(args))
+            cot = [torch.zeros_like(s) if g is None else g
+                   for s, g in zip(sol_leaves, grads[: spec.n_out], strict=True)]
+            sol = _tree.unflatten(spec.out_def, list(sol_leaves))
+            v = _tree.unflatten(spec.out_def, [-c for c in cot])
+            arg_grads = _implicit_vjp(where, optimality_fn, linear_solve, sol, args, v)
+            return (None, *([None] * n_init), *arg_grads)
+
+    _Fn.__name__ = where
+    return _Fn
+
+
+def _implicit_vjp(where: str, optimality_fn: Callable[..., Any],
+                  linear_solve: Callable[[Any, Any], Any], sol: Any, args: tuple[Any, ...],
+                  v: Any) -> list[Any]:
+    """``(∂F/∂args)^T u`` with ``(∂F/∂x)^T u = v``, one entry per leaf of ``args``."""
+    _, vjp_x = torch.func.vjp(lambda x: optimality_fn(x, *args), sol)
+
+    def matvec(u: Any) -> Any:
+        return vjp_x(u)[0]
+
+    # NOTE [solver warnings in backward]: the linear solve runs inside autograd's backward,
+    # far from the user's code; its ConvergenceWarning is re-issued with this custom_root's
+    # name and what a non-converged solve means for the gradient.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        u = linear_solve(matvec, v)
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            warnings.warn(
+                f"{where}: the implicit-gradient linear solve (∂F/∂x)^T u = -v did not converge, "
+                f"so the gradient is inexact: {w.message}", ConvergenceWarning, stacklevel=4)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not _tree.same_structure(_tree.structure(u), _tree.structure(sol)):
+        raise ValueError(f"{where}: `solve` returned a tree of structure {_tree.structure(u)}, "
+                         f"but the solution has {_tree.structure(sol)}")
+
+    arg_leaves, arg_def = _tree.flatten(args)
+    diff_pos = [i for i, x in enumerate(arg_leaves) if _is_diff(x)]
+    out: list[Any] = [None] * len(arg_leaves)
+    if not diff_pos:
+        return out
+
+    def f_args(*diff: torch.Tensor) -> Any:
+        full = list(arg_leaves)
+        for i, d in zip(diff_pos, diff, strict=True):
+            full[i] = d
+        return optimality_fn(sol, *_tree.unflatten(arg_def, full))
+
+    _, vjp_args = torch.func.vjp(f_args, *(arg_leaves[i] for i in diff_pos))
+    for i, g in zip(diff_pos, vjp_args(u), strict=True):
+        out[i] = g
+    return out
