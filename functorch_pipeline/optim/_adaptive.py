@@ -200,14 +200,14 @@ def scale_by_adam(
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs,
                           dtype=mu_dtype or SAME)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, ml, vl)
+        fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, eps_root, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, ml, vl) and mu_dtype is None
         count = state.count + 1
         if not gl:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
         # fe: plain eager tensors, nothing differentiated (NOTE [differentiable optimizers]);
         # a learning rate / decay that requires grad must not go into the kernel either
-        if fe and fast and _zero(eps_root) and _mt.foreach_ok([x for x in (m, c) if _mt.is_tensor(x)]):
+        if fe and fast and _zero(eps_root):
             pl = None
             if not _zero(c):
                 require_params(where, params)
@@ -290,7 +290,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         _checks.check_count(where, "state.count", state.count, gl)
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, ml, vl)
+        fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         t = count.to(_mt.scalar_dtype(gl)) if gl else count
@@ -361,7 +361,7 @@ def scale_by_radam(
         _checks.check_count(where, "state.count", state.count, gl)
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, ml, vl)
+        fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, eps_root, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         if not gl:
@@ -456,7 +456,7 @@ def scale_by_nadam(
                              _mt.scalar_dtype(gl))
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, ml, vl)
+        fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
         count = state.count + 1
         t = count.to(state.mu_product.dtype)
@@ -513,7 +513,7 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
         _checks.check_count(where, "state.count", state.count, gl)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs) if centered else []
-        fe = _mt.foreach_ok(gl, vl, ml)
+        fe = _mt.foreach_ok(gl, vl, ml, _mt.tensors(decay, eps, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, ml, vl)
         count = state.count + 1
         new_v = _mt.ema_sq(vl, gl, decay, fe, inplace=inplace)
@@ -637,7 +637,7 @@ def scale_by_rss(
         gs = _checks.signature(gl)
         _checks.check_state(where, state, ScaleByRssState, "scale_by_rss.init")
         sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, sl)
+        fe = _mt.foreach_ok(gl, sl, _mt.tensors(eps, m, c))
         new_s = _mt.addcmul(sl, gl, gl, fe, inplace=_mt.inplace_ok(extra_args, gl, sl))
         if eps_in_sqrt:
             out = [torch.where(s > 0, torch.rsqrt(s + eps), torch.zeros_like(s)) * g for s, g in zip(new_s, gl, strict=True)]
@@ -685,7 +685,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         _checks.check_state(where, state, ScaleByAdaDeltaState, "scale_by_adadelta.init")
         egl = flatten_like(where, updates, state.e_g, "state.e_g", td, ref=gl, ref_sig=gs)
         exl = flatten_like(where, updates, state.e_x, "state.e_x", td, ref=gl, ref_sig=gs)
-        fe = _mt.foreach_ok(gl, egl, exl)
+        fe = _mt.foreach_ok(gl, egl, exl, _mt.tensors(rho, eps, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, exl, egl)
         new_eg = _mt.ema_sq(egl, gl, rho, fe, inplace=inplace)
         std = _mt.sqrt(_mt.add_scalar(new_eg, eps, fe), fe)
@@ -737,7 +737,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
         _checks.check_count(where, "state.count", state.count, gl)
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs,
                           dtype=mu_dtype or SAME)
-        fe = _mt.foreach_ok(gl, ml)
+        fe = _mt.foreach_ok(gl, ml, _mt.tensors(b1, b2, m, c))
         mu_in = ml if mu_dtype is None else [x.to(g.dtype) for x, g in zip(ml, gl, strict=True)]
         out = _mt.lerp(mu_in, gl, 1 - b1, fe)
         if fe:

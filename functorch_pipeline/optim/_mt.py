@@ -106,6 +106,36 @@ def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any]) -> bool:
     return bool(extra_args.get("inplace")) and not any(recording(xs) for xs in lists)
 
 
+def _scalar_fe(fe: bool, s: Any) -> bool:
+    """foreach only with a scalar that is a number or a tensor nothing differentiates
+    (foreach ops with a 0-d tensor that requires grad have no working backward)."""
+    return fe and not (isinstance(s, torch.Tensor) and torch.is_grad_enabled() and s.requires_grad)
+
+
+def like(s: Any, xs: Sequence[torch.Tensor]) -> Any:
+    """A 0-d tensor scalar in the leaves' compute dtype (NOTE [scalar dtype])."""
+    if isinstance(s, torch.Tensor) and xs and s.dtype != xs[0].dtype:
+        dt = scalar_dtype(xs) if xs[0].dtype in (torch.float32, torch.float64) else xs[0].dtype
+        if s.dtype != dt and s.is_floating_point():
+            return s.to(dt)
+    return s
+
+
+# NOTE [scalar dtype]
+# Schedules and injected hyperparameters are float64 0-d tensors (NOTE [schedule
+# precision]). Multiplying a float32 leaf by one gives float32 for leaves with dims (0-d
+# tensors do not promote them) but float64 for a 0-d leaf, whose update or state would
+# then change dtype. So tensor scalars are cast to the leaves' compute dtype where they
+# meet the leaves (float64 if any leaf is float64, else the leaves' dtype): the same
+# rounding the kernels apply to a Python-number learning rate, as torch.optim does.
+
+
+def tensors(*xs: Any) -> list[torch.Tensor]:
+    """The tensors among hyperparameters (learning rates, decays): pass them to
+    :func:`foreach_ok` too, since one that requires grad must keep foreach off."""
+    return [x for x in xs if isinstance(x, torch.Tensor)]
+
+
 def is_float(x: torch.Tensor) -> bool:
     return x.is_floating_point() or x.is_complex()
 
@@ -115,13 +145,15 @@ def is_tensor(s: Any) -> bool:
 
 
 def mul(xs: TL, s: Scalar, fe: bool) -> TL:
-    if fe:
+    s = like(s, xs)
+    if _scalar_fe(fe, s):
         return list(torch._foreach_mul(xs, s))
     return [x * s for x in xs]
 
 
 def mul_(xs: TL, s: Scalar, fe: bool) -> TL:
-    if recording(xs):
+    s = like(s, xs)
+    if recording(xs) or not _scalar_fe(True, s):
         return mul(xs, s, fe)
     if fe:
         torch._foreach_mul_(xs, s)
@@ -140,6 +172,7 @@ def mul_list(xs: TL, ys: TL, fe: bool) -> TL:
 def add(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
     """``xs + alpha * ys``."""
     if is_tensor(alpha):
+        fe = _scalar_fe(fe, alpha)
         ys = mul(ys, alpha, fe)
         alpha = 1
     if fe:
@@ -150,7 +183,7 @@ def add(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
 
 
 def add_(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
-    if recording(xs) or recording(ys):
+    if recording(xs) or recording(ys) or not _scalar_fe(True, alpha):
         return add(xs, ys, fe, alpha)
     if is_tensor(alpha):
         ys = mul(ys, alpha, fe)
@@ -164,13 +197,15 @@ def add_(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
 
 
 def add_scalar(xs: TL, s: Scalar, fe: bool) -> TL:
-    if fe:
+    s = like(s, xs)
+    if _scalar_fe(fe, s):
         return list(torch._foreach_add(xs, s))
     return [x + s for x in xs]
 
 
 def add_scalar_(xs: TL, s: Scalar, fe: bool) -> TL:
-    if recording(xs):
+    s = like(s, xs)
+    if recording(xs) or not _scalar_fe(True, s):
         return add_scalar(xs, s, fe)
     if fe:
         torch._foreach_add_(xs, s)
@@ -196,6 +231,8 @@ def lerp(xs: TL, ys: TL, w: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``xs + w * (ys - xs)``, in place on ``xs`` when ``inplace``."""
     inplace = inplace and not (recording(xs) or recording(ys))
     if is_tensor(w):
+        w = like(w, xs)
+        fe = _scalar_fe(fe, w)
         d = sub(ys, xs, fe)
         d = mul_(d, w, fe)
         return add_(xs, d, fe) if inplace else add(xs, d, fe)
@@ -220,6 +257,8 @@ def sub(xs: TL, ys: TL, fe: bool) -> TL:
 def ema_sq(nu: TL, g: TL, decay: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``decay * nu + (1 - decay) * g * g`` (torch's ``mul_`` then ``addcmul_`` order)."""
     inplace = inplace and not (recording(nu) or recording(g))
+    decay = like(decay, nu)
+    fe = _scalar_fe(fe, decay)
     out = mul_(nu, decay, fe) if inplace else mul(nu, decay, fe)
     w = 1 - decay
     if is_tensor(w):

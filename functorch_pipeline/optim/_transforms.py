@@ -75,7 +75,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
         ul, td = fpt.flatten(updates)
-        fe = _mt.foreach_ok(ul)
+        fe = _mt.foreach_ok(ul, _mt.tensors(step_size))
         out = _mt.mul_(ul, step_size, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, step_size, fe)
         return fpt.unflatten(td, out), state
 
@@ -119,9 +119,9 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: ScaleByScheduleState, params: Params = None, **extra_args: Any):
         ul, td = fpt.flatten(updates)
-        _checks.check_count("scale_by_schedule.update", "state.count", state.count, ul)
         s, _, new_state = affine(state, params)
-        fe = _mt.foreach_ok(ul)
+        _checks.check_count("scale_by_schedule.update", "state.count", state.count, ul)
+        fe = _mt.foreach_ok(ul, _mt.tensors(s))
         out = _mt.mul_(ul, s, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, s, fe)
         return fpt.unflatten(td, out), new_state
 
@@ -211,11 +211,12 @@ def trace(
             _checks.check_count(where, "state.count", state.count, gl)
         tl = flatten_like(where, updates, state.trace, "state.trace", td, ref=gl, ref_sig=gs,
                           dtype=accumulator_dtype or SAME)
-        fe = _mt.foreach_ok(gl, tl)
+        fe = _mt.foreach_ok(gl, tl, _mt.tensors(decay, dampening, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, tl)
         if damped:
             first = state.count == 0
-            new_t = [torch.where(first, g, decay * t + (1 - dampening) * g) for g, t in zip(gl, tl, strict=True)]
+            dec, dam = _mt.like(decay, gl), _mt.like(dampening, gl)
+            new_t = [torch.where(first, g, dec * t + (1 - dam) * g) for g, t in zip(gl, tl, strict=True)]
             if inplace:
                 for t, n in zip(tl, new_t, strict=True):
                     t.copy_(n)
@@ -289,7 +290,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         require_params(where, params)
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
-        fe = _mt.foreach_ok(ul, pl)
+        fe = _mt.foreach_ok(ul, pl, _mt.tensors(weight_decay))
         if _mt.inplace_ok(extra_args, ul, pl):
             out = _mt.add_(ul, pl, fe, alpha=weight_decay)
         else:
@@ -377,7 +378,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         if not ul:
             return updates, state
         _checks.check_one_device("clip_by_global_norm.update", ul, updates)
-        fe = _mt.foreach_ok(ul)
+        fe = _mt.foreach_ok(ul, _mt.tensors(max_norm))
         norm = tree_norm(ul, fe)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device))
         out = _mt.mul_(ul, factor, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, factor, fe)

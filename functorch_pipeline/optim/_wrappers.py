@@ -306,7 +306,9 @@ def inject_hyperparams(
             dt = dtype_for(state.count)
             hps = {k: as_t(v, state.count, dt) for k, v in state.hyperparams.items()}
             hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
-            inner = inner_factory(**other, **hps)
+            # stored in float64; used in the leaves' compute dtype (NOTE [scalar dtype])
+            leaves = [x for x in fpt.leaves(updates) if isinstance(x, torch.Tensor)]
+            inner = inner_factory(**other, **{k: _mt.like(v, leaves) for k, v in hps.items()})
             new_u, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
             return new_u, InjectHyperparamsState(state.count + 1, hps, new_inner)
 
@@ -349,7 +351,7 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         ul, td = fpt.flatten(updates)
         _checks.check_count(where, "state.count", state.count, ul)
         el = flatten_like(where, updates, state.ema, "state.ema", td, ref=ul, dtype=accumulator_dtype or SAME)
-        fe = _mt.foreach_ok(ul, el)
+        fe = _mt.foreach_ok(ul, el, _mt.tensors(decay))
         inplace = _mt.inplace_ok(extra_args, ul, el)
         new_e = _mt.lerp(el, ul, 1 - decay, fe, inplace=inplace and accumulator_dtype is None)
         count = state.count + 1
