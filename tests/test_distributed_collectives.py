@@ -81,11 +81,17 @@ def _work_collectives(rank: int) -> dict:
     out["jit_pmean"] = step(_floats(t))
     out["jit_psum_scatter"] = fp.jit(lambda x: fpd.psum_scatter(x, tiled=True), fullgraph=True,
                                      backend="eager")(torch.arange(4.0) + rank)
+    out["bad"] = _bad_trees(rank)  # in the same processes: each spawn costs seconds
     return out
 
 
-def test_collectives_match_references() -> None:
-    res = fpd.spawn(_work_collectives, N, timeout_s=TIMEOUT)
+@pytest.fixture(scope="module")
+def collective_results() -> list:
+    return fpd.spawn(_work_collectives, N, timeout_s=TIMEOUT)
+
+
+def test_collectives_match_references(collective_results: list) -> None:
+    res = collective_results
     trees = [_tree(r) for r in range(N)]
     stack = [fp.tree.stack([trees[r] for r in range(N)])]
     total = fp.tree.map(lambda s: s.sum(0), stack[0])
@@ -127,7 +133,7 @@ def test_collectives_match_references() -> None:
         assert torch.equal(got["jit_psum_scatter"], torch.tensor([1.0, 3.0, 5.0, 7.0])[2 * r:2 * r + 2])
 
 
-def _work_bad_trees(rank: int) -> dict:
+def _bad_trees(rank: int) -> dict:
     msgs = {}
     cases = {
         "shape": {"params": {"w": torch.zeros(3 + rank), "b": torch.zeros(2)}},
@@ -154,8 +160,8 @@ def _work_bad_trees(rank: int) -> dict:
     return msgs
 
 
-def test_trees_that_differ_across_ranks_raise_naming_rank_and_path() -> None:
-    for msgs in fpd.spawn(_work_bad_trees, N, timeout_s=TIMEOUT):
+def test_trees_that_differ_across_ranks_raise_naming_rank_and_path(collective_results: list) -> None:
+    for msgs in (got["bad"] for got in collective_results):
         assert re.search(r"psum: the tree differs across ranks \(rank 1 vs rank 0\): leaf at path "
                          r"`params\.w` has shape \(4,\).*on rank 1 but shape \(3,\)", msgs["shape"])
         assert re.search(r"key paths only on rank 1: \['params\.v'\]; only on rank 0: \['params\.w'\]",
