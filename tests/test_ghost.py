@@ -526,3 +526,14 @@ def test_parameter_as_an_input_points_to_vmap():
                        r"is used as the input of `F.linear`.*method='vmap' handles"):
         fp.per_sample_grad_norms(lambda p, x: F.linear(p["w"], x).sum((1, 2)), method="ghost")(
             {"w": w}, torch.randn(2, 5, 3))
+
+
+def test_unused_parameter_gets_zeros():
+    torch.manual_seed(18)
+    p = {"w": torch.randn(2, 3), "unused": torch.randn(5)}
+    x = torch.randn(4, 3)
+
+    def loss(p, x):
+        return F.linear(x, p["w"]).square().sum(1)
+
+    check(loss, p, x)

@@ -313,7 +313,8 @@ def clipped_grad(
 
     ``clipped = sum_b grad_b / max(1, ||grad_b|| / max_norm)``: the clipping of DP-SGD
     (Abadi et al., 2016), with optax's convention (``differentially_private_aggregate``,
-    ``optim.per_example_global_norm_clip``: no epsilon in the divisor). Noise is not
+    ``optim.per_example_global_norm_clip``: no epsilon in the divisor; Opacus uses
+    ``min(1, max_norm / (norm + 1e-6))``, which differs by ~1e-6 relative). Noise is not
     added here: add ``max_norm * noise_multiplier`` Gaussian noise to the *sum* (see
     ``fp.optim``'s privacy transforms).
 
