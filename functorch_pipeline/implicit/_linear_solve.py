@@ -93,7 +93,7 @@ class _Problem:
             if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
                 got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
                 raise TypeError(f"{name}: every leaf of `b` must be a floating-point tensor, but "
-                                f"`b{_tree.keystr(path)}` is {got}")
+                                f"the leaf at path `{_tree.keystr(path)}` is {got}")
         self.b_tree = b
         self.b, self.unravel = _tree.ravel(b)
         self.n = self.b.shape[0]
@@ -110,6 +110,7 @@ class _Problem:
         self.bnorm = torch.linalg.vector_norm(self.b)
         self.threshold = torch.clamp(self.bnorm * self.tol, min=self.atol)
         self._checked = False
+        self.bname = "||b||"
 
     def _check_like(self, tree: Any, what: str) -> None:
         want = _tree.leaves_with_path(self.b_tree)
@@ -143,7 +144,7 @@ class _Problem:
             msg = (
                 f"{self.name}: did not converge in {iters} iterations: {what} norm "
                 f"{_host_max(rnorm):.3e} > tolerance {_host_max(self.threshold):.3e} "
-                f"(max(tol={self.tol:g} * ||b||={_host_max(self.bnorm):.3e}, atol={self.atol:g})); "
+                f"(max(tol={self.tol:g} * {self.bname}={_host_max(self.bnorm):.3e}, atol={self.atol:g})); "
                 "raise `maxiter`, loosen `tol`, add `ridge`, or use a solver suited to the "
                 "system (solve_cg needs a symmetric positive-definite one)"
             )
@@ -251,6 +252,7 @@ def solve_normal_cg(matvec: Matvec, b: Any, *, init: Any = None, ridge: float | 
     atb = rmatvec(pb.b)
     pb.threshold = torch.clamp(torch.linalg.vector_norm(atb) * pb.tol, min=pb.atol)
     pb.bnorm = torch.linalg.vector_norm(atb)
+    pb.bname = "||A^T b||"
     x = pb.x0
     r = atb - normal(x) if init is not None else atb.clone()
     p = r
@@ -268,7 +270,7 @@ def solve_normal_cg(matvec: Matvec, b: Any, *, init: Any = None, ridge: float | 
         rs = rs_new
     else:
         k = pb.default_maxiter()
-    return pb.finish(x, rs.sqrt(), k, what="normal-equation residual (A^T b - A^T A x)")
+    return pb.finish(x, rs.sqrt(), k, what="normal-equation (A^T A x = A^T b) residual")
 
 
 solve_normal_cg.__doc__ = (solve_normal_cg.__doc__ or "").format(args=_ARGS_DOC)

@@ -139,8 +139,8 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
                 if not (isinstance(leaf, torch.Tensor) and leaf.is_floating_point()):
                     got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
                     raise TypeError(f"{where}: every leaf of the solution must be a "
-                                    f"floating-point tensor, but `solution{_tree.keystr(path)}` "
-                                    f"is {got}")
+                                    f"floating-point tensor, but the leaf at path "
+                                    f"`{_tree.keystr(path)}` is {got}")
             aux_leaves, spec.aux_def = _tree.flatten(aux)
             spec.n_out = len(sol_leaves)
             ids = {id(x) for x in leaves}
