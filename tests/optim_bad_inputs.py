@@ -43,7 +43,15 @@ import functorch_pipeline as fp  # noqa: E402
 from functorch_pipeline import optim  # noqa: E402
 
 API = re.compile(r"^[\w.]+(\([^)]*\))?(\.\w+)?: ")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+]
 
 
 def _wrong_shape(x: torch.Tensor, how: int) -> torch.Tensor:
@@ -134,8 +142,12 @@ def _property(name: str):
 def main(max_examples: int) -> int:
     for name in sorted(REGISTRY):
         run = _property(name)
-        settings(max_examples=max_examples, deadline=None, database=None,
-                 suppress_health_check=list(HealthCheck))(run)()
+        settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )(run)()
     for line in FAILURES:
         print(line)
     print(f"{'OK' if not FAILURES else 'FAILED'} {CASES[0]} cases over {len(REGISTRY)} optimizers")

@@ -42,7 +42,10 @@ def _data(seed: int = 5):
 
 
 def inner_loss(p, a):
-    return sum((torch.sin(x * y) + 0.3 * x * x).sum() for x, y in zip(fp.tree.leaves(p), fp.tree.leaves(a), strict=True))
+    return sum(
+        (torch.sin(x * y) + 0.3 * x * x).sum()
+        for x, y in zip(fp.tree.leaves(p), fp.tree.leaves(a), strict=True)
+    )
 
 
 def outer_loss(p):
@@ -95,7 +98,10 @@ def test_meta_gradient_matches_finite_differences_and_autograd(name):
     # adam_mu_dtype rounds its first moment to float32 every step: a central difference
     # then carries ~1e-7/h of rounding noise, so it gets a wider step and tolerance
     h, rtol = (1e-3, 1e-4) if name == "adam_mu_dtype" else (1e-5, 1e-6)
-    fd = (meta_loss(opt, fp.tree.add_scale(p0, h, v), a) - meta_loss(opt, fp.tree.add_scale(p0, -h, v), a)) / (2 * h)
+    fd = (
+        meta_loss(opt, fp.tree.add_scale(p0, h, v), a)
+        - meta_loss(opt, fp.tree.add_scale(p0, -h, v), a)
+    ) / (2 * h)
     torch.testing.assert_close(fp.tree.vdot(g, v), fd, rtol=rtol, atol=1e-9)
     _close(g, autograd_meta_grad(opt, p0, a), rtol=1e-10, atol=1e-12)
 
@@ -134,17 +140,24 @@ def test_clip_by_global_norm_under_grad_with_two_leaves():
     opt = optim.chain(optim.clip_by_global_norm(0.5), optim.adam(0.1))
     p0, a, v = _params(), _data(), _direction()
     g = fp.grad(lambda p: meta_loss(opt, p, a))(p0)
-    fd = (meta_loss(opt, fp.tree.add_scale(p0, 1e-5, v), a) - meta_loss(opt, fp.tree.add_scale(p0, -1e-5, v), a)) / 2e-5
+    fd = (
+        meta_loss(opt, fp.tree.add_scale(p0, 1e-5, v), a)
+        - meta_loss(opt, fp.tree.add_scale(p0, -1e-5, v), a)
+    ) / 2e-5
     torch.testing.assert_close(fp.tree.vdot(g, v), fd, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("make", [lambda: optim.adam(0.1), lambda: optim.adamw(0.1), lambda: optim.lamb(0.1)])
+@pytest.mark.parametrize(
+    "make", [lambda: optim.adam(0.1), lambda: optim.adamw(0.1), lambda: optim.lamb(0.1)]
+)
 def test_grad_of_vmap_inner_loop_adam_family(make):
     """Was: `output 0 of SqrtBackward0 is at version 2; expected version 0` (in-place
     writes on tensors saved for backward: vmap hides requires_grad)."""
     opt = make()
     stacked = fp.tree.stack([_data(20), _data(21)])
-    g = fp.grad(lambda p: torch.func.vmap(lambda a: meta_loss(opt, p, a))(stacked).mean())(_params())
+    g = fp.grad(lambda p: torch.func.vmap(lambda a: meta_loss(opt, p, a))(stacked).mean())(
+        _params()
+    )
     assert all(torch.isfinite(x).all() for x in fp.tree.leaves(g))
 
 
@@ -162,7 +175,10 @@ def test_adam_eps_root_for_exact_zero_gradients():
     assert all(torch.isfinite(x).all() for x in fp.tree.leaves(g))
     v = _direction()
     v["fc"]["b"] = torch.tensor([0.0, 1.0], dtype=F64)  # FD across the kink of |g| is meaningless
-    fd = (meta_loss(opt, fp.tree.add_scale(p0, 1e-5, v), a) - meta_loss(opt, fp.tree.add_scale(p0, -1e-5, v), a)) / 2e-5
+    fd = (
+        meta_loss(opt, fp.tree.add_scale(p0, 1e-5, v), a)
+        - meta_loss(opt, fp.tree.add_scale(p0, -1e-5, v), a)
+    ) / 2e-5
     torch.testing.assert_close(fp.tree.vdot(g, v), fd, rtol=1e-6, atol=1e-9)
 
 
@@ -195,11 +211,17 @@ def test_apply_updates_inplace_under_grad_raises():
         optim.apply_updates_(p, u)
         return outer_loss(p)
 
-    with pytest.raises(ValueError, match=r"apply_updates_\(params, updates\): the step is being differentiated.*apply_updates\(params, updates\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"apply_updates_\(params, updates\): the step is being "
+        r"differentiated.*apply_updates\(params, updates\)",
+    ):
         fp.grad(bad)(_params())
     leaves = [x.requires_grad_() for x in fp.tree.leaves(_params())]
     p = fp.tree.unflatten(fp.tree.structure(_params()), [x * 1.0 for x in leaves])
-    with pytest.raises(ValueError, match=r"apply_updates_\(params, updates\): the step is being differentiated"):
+    with pytest.raises(
+        ValueError, match=r"apply_updates_\(params, updates\): the step is being differentiated"
+    ):
         optim.apply_updates_(p, fp.tree.ones_like(p))
     # torch.optim-style use stays allowed: nn.Parameter leaves written under no_grad
     w = torch.nn.Parameter(torch.ones(3, dtype=F64))
@@ -235,7 +257,9 @@ def test_hypergradient_matches_finite_differences(factory, name, value, kw):
     h = torch.tensor(value, dtype=F64)
     hg = fp.grad(lambda t: _hyper_loss(factory, name, t, a, **kw))(h)
     eps = 1e-6
-    fd = (_hyper_loss(factory, name, h + eps, a, **kw) - _hyper_loss(factory, name, h - eps, a, **kw)) / (2 * eps)
+    fd = (
+        _hyper_loss(factory, name, h + eps, a, **kw) - _hyper_loss(factory, name, h - eps, a, **kw)
+    ) / (2 * eps)
     torch.testing.assert_close(hg, fd, rtol=1e-6, atol=1e-9)
     # and with plain autograd (a hyperparameter tensor that requires grad)
     t = h.clone().requires_grad_()
@@ -249,7 +273,9 @@ def test_hypergradient_descent_on_the_learning_rate():
     lr = torch.tensor(0.01, dtype=F64)
     losses = []
     for _ in range(4):
-        loss, g = fp.value_and_grad(lambda t: _hyper_loss(optim.sgd, "learning_rate", t, a, learning_rate=0.1))(lr)
+        loss, g = fp.value_and_grad(
+            lambda t: _hyper_loss(optim.sgd, "learning_rate", t, a, learning_rate=0.1)
+        )(lr)
         losses.append(float(loss))
         lr = lr - 0.02 * g
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0]
@@ -319,16 +345,27 @@ def test_fused_and_foreach_paths_on_for_plain_tensors(monkeypatch):
     assert fused.calls == 2
 
 
-@pytest.mark.parametrize("how", ["fp.grad", "autograd", "jvp", "forward_ad", "vmap", "lr_requires_grad"])
+@pytest.mark.parametrize(
+    "how", ["fp.grad", "autograd", "jvp", "forward_ad", "vmap", "lr_requires_grad"]
+)
 def test_fast_paths_off_when_differentiated(monkeypatch, how):
-    names = ["_fused_adam_", "_foreach_add", "_foreach_mul", "_foreach_lerp", "_foreach_addcmul_", "_foreach_sqrt"]
+    names = [
+        "_fused_adam_",
+        "_foreach_add",
+        "_foreach_mul",
+        "_foreach_lerp",
+        "_foreach_addcmul_",
+        "_foreach_sqrt",
+    ]
     spies = [_Spy(monkeypatch, n) for n in names]
     p, g = _params(), _data()
     ref = _adam_step(p, g)
     for s in spies:
         s.calls = 0
     if how == "fp.grad":
-        out = fp.grad(lambda q: outer_loss(optim.apply_updates(q, _adam_step(q, fp.grad(inner_loss)(q, g)))))(p)
+        out = fp.grad(
+            lambda q: outer_loss(optim.apply_updates(q, _adam_step(q, fp.grad(inner_loss)(q, g))))
+        )(p)
     elif how == "autograd":  # inner gradients with create_graph=True, as in MAML
         leaves = [x.clone().requires_grad_() for x in fp.tree.leaves(p)]
         q = fp.tree.unflatten(fp.tree.structure(p), leaves)

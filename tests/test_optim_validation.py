@@ -30,7 +30,10 @@ def test_registry_wrong_inputs_property_in_subprocess():
     error (see tests/optim_bad_inputs.py). A subprocess, so a heap crash fails here."""
     r = subprocess.run(
         [sys.executable, str(HERE / "optim_bad_inputs.py"), "8"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.strip().splitlines()[-1].startswith("OK ")
@@ -51,7 +54,10 @@ def test_issue_repro_wrong_gradient_shape_in_subprocess():
         "        print(name, 'ValueError', e)\n"
     )
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    want = "ValueError scale_by_adam.update: leaf at path `w` has shape (8, 5) in `updates` but (8, 4) in `state.mu`"
+    want = (
+        "ValueError scale_by_adam.update: leaf at path `w` has shape (8, 5) in `updates` but "
+        "(8, 4) in `state.mu`"
+    )
     assert r.stdout.splitlines() == [f"{n} {want}" for n in ("adam", "lamb", "adamw")]
 
 
@@ -61,7 +67,11 @@ def test_wrong_state_shape_names_path(make):
     opt = make(1e-3)
     narrow = opt.init({"fc": {"w": torch.zeros(8, 3)}})
     p = {"fc": {"w": torch.zeros(8, 4)}}
-    with pytest.raises(ValueError, match=r"\.update: leaf at path `fc\.w` has shape \(8, 4\) in `updates` but \(8, 3\) in `state\.\w+`"):
+    with pytest.raises(
+        ValueError,
+        match=r"\.update: leaf at path `fc\.w` has shape \(8, 4\) in `updates` but \(8, 3\) in "
+        r"`state\.\w+`",
+    ):
         opt.update({"fc": {"w": torch.ones(8, 4)}}, narrow, p)
 
 
@@ -69,7 +79,11 @@ def test_transposed_gradient_leaf():
     opt = optim.sgd(0.1, momentum=0.9)
     p = {"fc1": {"weight": torch.zeros(5, 3)}}
     s = opt.init(p)
-    with pytest.raises(ValueError, match=r"trace\.update: leaf at path `fc1\.weight` has shape \(3, 5\) in `updates` but \(5, 3\) in `state\.trace` \(transposed\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"trace\.update: leaf at path `fc1\.weight` has shape \(3, 5\) in `updates` but "
+        r"\(5, 3\) in `state\.trace` \(transposed\?\)",
+    ):
         opt.update({"fc1": {"weight": torch.ones(3, 5)}}, s, p)
 
 
@@ -77,7 +91,11 @@ def test_transposed_gradient_without_state_caught_by_apply_updates():
     opt = optim.sgd(0.1)
     p = {"w": torch.zeros(5, 3)}
     u, _ = opt.update({"w": torch.ones(3, 5)}, opt.init(p), p)
-    with pytest.raises(ValueError, match=r"apply_updates\(params, updates\): leaf at path `w` has shape \(5, 3\) in `params` but \(3, 5\) in `updates`"):
+    with pytest.raises(
+        ValueError,
+        match=r"apply_updates\(params, updates\): leaf at path `w` has shape \(5, 3\) in `params` "
+        r"but \(3, 5\) in `updates`",
+    ):
         optim.apply_updates(p, u)
 
 
@@ -86,10 +104,16 @@ def test_float64_grads_for_float32_params_raise_not_torch_internal():
     p = {"w": torch.zeros(8, 4)}
     opt = optim.adam(1e-3)
     s = opt.init(p)
-    with pytest.raises(TypeError, match=r"scale_by_adam\.update: leaf at path `w` has dtype torch\.float64 in `updates` but torch\.float32 in `state\.mu`.*does not promote"):
+    with pytest.raises(
+        TypeError,
+        match=r"scale_by_adam\.update: leaf at path `w` has dtype torch\.float64 in `updates` but "
+        r"torch\.float32 in `state\.mu`.*does not promote",
+    ):
         opt.update({"w": torch.ones(8, 4, dtype=torch.float64)}, s, p)
     # the fix the message suggests works
-    u, _ = opt.update(fp.tree.astype({"w": torch.ones(8, 4, dtype=torch.float64)}, torch.float32), s, p)
+    u, _ = opt.update(
+        fp.tree.astype({"w": torch.ones(8, 4, dtype=torch.float64)}, torch.float32), s, p
+    )
     assert u["w"].dtype == torch.float32
 
 
@@ -99,8 +123,15 @@ def test_mu_dtype_state_is_accepted_and_checked():
     s = opt.init(p)
     u, s = opt.update({"w": torch.ones(3, dtype=torch.float64)}, s, p)
     assert s[0].mu["w"].dtype == torch.float32 and u["w"].dtype == torch.float64
-    bad = s._replace() if False else (s[0]._replace(mu={"w": torch.zeros(3, dtype=torch.float16)}), s[1])
-    with pytest.raises(TypeError, match=r"leaf at path `w` has dtype torch\.float16 in `state\.mu`, expected torch\.float32"):
+    bad = (
+        s._replace()
+        if False
+        else (s[0]._replace(mu={"w": torch.zeros(3, dtype=torch.float16)}), s[1])
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"leaf at path `w` has dtype torch\.float16 in `state\.mu`, expected torch\.float32",
+    ):
         opt.update({"w": torch.ones(3, dtype=torch.float64)}, bad, p)
 
 
@@ -109,9 +140,15 @@ def test_wrong_device_leaf():
     opt = optim.adamw(1e-3)
     s = opt.init(p)
     g = {"a": torch.ones(2), "b": torch.ones(3, device="meta")}
-    with pytest.raises(ValueError, match=r"scale_by_adam\.update: leaf at path `b` is on device meta in `updates` but on cpu in `state\.mu`"):
+    with pytest.raises(
+        ValueError,
+        match=r"scale_by_adam\.update: leaf at path `b` is on device meta in `updates` but on cpu "
+        r"in `state\.mu`",
+    ):
         opt.update(g, s, p)
-    with pytest.raises(ValueError, match=r"clip_by_global_norm\.update: leaf at path `b` is on device meta"):
+    with pytest.raises(
+        ValueError, match=r"clip_by_global_norm\.update: leaf at path `b` is on device meta"
+    ):
         optim.clip_by_global_norm(1.0).update(g, optim.EmptyState())
 
 
@@ -120,10 +157,15 @@ def test_step_count_checked():
     opt = optim.adam(1e-3)
     s = opt.init(p)
     bad = (s[0]._replace(count=torch.zeros(2, dtype=torch.int32)), s[1])
-    with pytest.raises(ValueError, match=r"scale_by_adam\.update: `state\.count` has shape \(2,\), expected a 0-d tensor"):
+    with pytest.raises(
+        ValueError,
+        match=r"scale_by_adam\.update: `state\.count` has shape \(2,\), expected a 0-d tensor",
+    ):
         opt.update({"w": torch.ones(2)}, bad, p)
     bad = (s[0]._replace(count=torch.zeros((), dtype=torch.float32)), s[1])
-    with pytest.raises(TypeError, match=r"`state\.count` has dtype torch\.float32, expected torch\.int32"):
+    with pytest.raises(
+        TypeError, match=r"`state\.count` has dtype torch\.float32, expected torch\.int32"
+    ):
         opt.update({"w": torch.ones(2)}, bad, p)
 
 
@@ -131,11 +173,18 @@ def test_params_passed_as_learning_rate():
     """optax style: hyperparameters to the factory, params to init (issue 14)."""
     net = torch.nn.Linear(3, 2)
     for wrong in (net.parameters(), net, list(net.parameters()), net.weight):
-        with pytest.raises(TypeError, match=r"adam\(learning_rate\): `learning_rate` must be a number, a 0-d tensor or a schedule, got a \w+.*parameters go to `opt\.init\(params\)`"):
+        with pytest.raises(
+            TypeError,
+            match=r"adam\(learning_rate\): `learning_rate` must be a number, a 0-d tensor or a "
+            r"schedule, got a \w+.*parameters go to `opt\.init\(params\)`",
+        ):
             optim.adam(wrong, 1e-3)
     with pytest.raises(TypeError, match=r"sgd\(learning_rate\).*got a str"):
         optim.sgd("0.1")
-    with pytest.raises(TypeError, match=r"scale_by_adam\(b1, b2\): `b1` must be a number or a 0-d tensor, got a list"):
+    with pytest.raises(
+        TypeError,
+        match=r"scale_by_adam\(b1, b2\): `b1` must be a number or a 0-d tensor, got a list",
+    ):
         optim.adam(1e-3, [0.9])
     # a 0-d tensor that requires grad is a valid (differentiable) learning rate
     optim.adam(torch.tensor(1e-3, requires_grad=True))
@@ -144,16 +193,30 @@ def test_params_passed_as_learning_rate():
 def test_state_from_a_different_optimizer():
     """Was: AttributeError: 'TraceState' object has no attribute 'mu'."""
     p = {"w": torch.zeros(3)}
-    with pytest.raises(TypeError, match=r"scale_by_adam\.update: expected the state made by `scale_by_adam\.init` \(a ScaleByAdamState\), got a TraceState"):
+    with pytest.raises(
+        TypeError,
+        match=r"scale_by_adam\.update: expected the state made by `scale_by_adam\.init` \(a "
+        r"ScaleByAdamState\), got a TraceState",
+    ):
         optim.adam(1e-3).update(p, optim.sgd(0.1, 0.9).init(p), p)
-    with pytest.raises(TypeError, match=r"trace\.update: expected the state made by `trace\.init` \(a TraceState\), got a ScaleByAdamState"):
+    with pytest.raises(
+        TypeError,
+        match=r"trace\.update: expected the state made by `trace\.init` \(a TraceState\), got a "
+        r"ScaleByAdamState",
+    ):
         optim.sgd(0.1, 0.9).update(p, optim.adam(1e-3).init(p), p)
-    with pytest.raises(ValueError, match=r"chain\.update: expected a state tuple of 4 inner states"):
+    with pytest.raises(
+        ValueError, match=r"chain\.update: expected a state tuple of 4 inner states"
+    ):
         optim.lamb(1e-3).update(p, optim.adam(1e-3).init(p), p)
 
 
 def test_apply_updates_never_truncates_to_integer_params():
-    with pytest.raises(TypeError, match=r"apply_updates\(params, updates\): leaf at path `n` has dtype torch\.int64 in `params` but torch\.float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"apply_updates\(params, updates\): leaf at path `n` has dtype torch\.int64 in "
+        r"`params` but torch\.float32",
+    ):
         optim.apply_updates({"n": torch.zeros(2, dtype=torch.int64)}, {"n": torch.full((2,), 0.7)})
 
 
@@ -161,11 +224,38 @@ def test_injected_hyperparameter_shape_checked():
     opt = optim.inject_hyperparams(optim.sgd)(learning_rate=0.1)
     s = opt.init({"w": torch.zeros(2)})
     s.hyperparams["learning_rate"] = torch.tensor([0.1, 0.2])
-    with pytest.raises(TypeError, match=r"inject_hyperparams\.update: `state\.hyperparams\['learning_rate'\]` must be a number or a 0-d tensor, got a Tensor of shape \(2,\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"inject_hyperparams\.update: `state\.hyperparams\['learning_rate'\]` must be a "
+        r"number or a 0-d tensor, got a Tensor of shape \(2,\)",
+    ):
         opt.update({"w": torch.ones(2)}, s)
 
 
 def test_stateless_with_tree_map_checks_params():
     tx = optim.stateless_with_tree_map(lambda g, p: g + p)
-    with pytest.raises(ValueError, match=r"stateless_with_tree_map\.update: leaf at path `w` has shape \(2,\) in `updates` but \(\) in `params`"):
+    with pytest.raises(
+        ValueError,
+        match=r"stateless_with_tree_map\.update: leaf at path `w` has shape \(2,\) in `updates` "
+        r"but \(\) in `params`",
+    ):
         tx.update({"w": torch.ones(2)}, tx.init(None), {"w": torch.zeros(())})
+
+
+def test_checks_work_under_torch_compile():
+    """The check is traced by Dynamo (the comparison of shapes is a trace-time constant);
+    a bad leaf raises the same ValueError, key path included, from a compiled step."""
+    torch._dynamo.reset()
+    opt = optim.adam(1e-3)
+
+    def step(p, g, s):
+        u, s = opt.update(g, s, p)
+        return optim.apply_updates(p, u), s
+
+    p = {"fc": {"w": torch.zeros(8, 4)}}
+    with pytest.raises(
+        ValueError,
+        match=r"scale_by_adam\.update: leaf at path `fc\.w` has shape \(8, 5\) in `updates` but "
+        r"\(8, 4\) in `state\.mu`",
+    ):
+        torch.compile(step)(p, {"fc": {"w": torch.ones(8, 5)}}, opt.init(p))

@@ -42,6 +42,11 @@ SAME = "same"  # ``dtype=SAME``: a leaf must have the reference leaf's dtype
 
 
 def _path(tree: Any, i: int) -> str:
+    if torch.compiler.is_compiling():  # optree's key paths are opaque to Dynamo
+        from functorch_pipeline.optim._masking import paths_and_leaves  # (import cycle)
+
+        paths, _ = paths_and_leaves(tree)
+        return fpt.keystr(paths[i]) if i < len(paths) else f"<leaf {i}>"
     try:
         return fpt.keystr(fpt.flatten_with_path(tree)[0][i])
     except Exception:  # noqa: BLE001 - only used to word an error
@@ -87,18 +92,24 @@ def check_leaves(
     _explain(where, ref_name, ref, name, leaves, tree, dtype)
 
 
-def _explain(where: str, ref_name: str, ref: list, name: str, leaves: list, tree: Any, dtype: Any) -> None:
+def _explain(
+    where: str, ref_name: str, ref: list, name: str, leaves: list, tree: Any, dtype: Any
+) -> None:
     for i, (x, y) in enumerate(zip(ref, leaves, strict=True)):
         for what, v in ((ref_name, x), (name, y)):
             if not isinstance(v, torch.Tensor):
                 raise TypeError(
-                    f"{where}: leaf at path `{_path(tree, i)}` of `{what}` is a {type(v).__name__}, "
+                    f"{where}: leaf at path `{_path(tree, i)}` of `{what}` is a "
+                    f"{type(v).__name__}, "
                     "expected a tensor"
                 )
         if x.shape != y.shape:
-            hint = " (transposed?)" if x.dim() == 2 and tuple(y.shape) == tuple(x.shape)[::-1] else ""
+            hint = (
+                " (transposed?)" if x.dim() == 2 and tuple(y.shape) == tuple(x.shape)[::-1] else ""
+            )
             raise ValueError(
-                f"{where}: leaf at path `{_path(tree, i)}` has shape {tuple(x.shape)} in `{ref_name}` "
+                f"{where}: leaf at path `{_path(tree, i)}` has shape {tuple(x.shape)} in "
+                f"`{ref_name}` "
                 f"but {tuple(y.shape)} in `{name}`{hint}"
             )
         if x.device != y.device:
@@ -128,7 +139,9 @@ def check_state(where: str, state: Any, cls: type | tuple[type, ...], init: str)
         )
 
 
-def check_scalar(where: str, name: str, x: Any, device: torch.device | None, dtype: torch.dtype) -> None:
+def check_scalar(
+    where: str, name: str, x: Any, device: torch.device | None, dtype: torch.dtype
+) -> None:
     """A state scalar (a step count, a running product) must be a 0-d tensor of the
     dtype ``init`` made it with, on ``device`` (when given)."""
     if not isinstance(x, torch.Tensor):
@@ -136,7 +149,9 @@ def check_scalar(where: str, name: str, x: Any, device: torch.device | None, dty
     if x.dim() != 0:
         raise ValueError(f"{where}: `{name}` has shape {tuple(x.shape)}, expected a 0-d tensor ()")
     if x.dtype != dtype:
-        raise TypeError(f"{where}: `{name}` has dtype {x.dtype}, expected {dtype} (as made by init)")
+        raise TypeError(
+            f"{where}: `{name}` has dtype {x.dtype}, expected {dtype} (as made by init)"
+        )
     if device is not None and x.device != device:
         raise ValueError(f"{where}: `{name}` is on device {x.device} but the updates on {device}")
 
@@ -184,8 +199,11 @@ def check_hyperparameter(where: str, name: str, value: Any, *, schedule: bool = 
         return
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         return
-    looks_like_params = isinstance(value, (torch.nn.Module, torch.nn.Parameter, collections.abc.Iterator)) or (
-        isinstance(value, (list, tuple, dict)) and any(isinstance(x, torch.Tensor) for x in fpt.leaves(value))
+    looks_like_params = isinstance(
+        value, (torch.nn.Module, torch.nn.Parameter, collections.abc.Iterator)
+    ) or (
+        isinstance(value, (list, tuple, dict))
+        and any(isinstance(x, torch.Tensor) for x in fpt.leaves(value))
     )
     if schedule and callable(value) and not isinstance(value, torch.nn.Module):
         return
