@@ -3,15 +3,27 @@
 The yardstick is one eager ``backward()`` of the mean loss over the batch (the practical
 limit for per-sample gradients); every other row is a way of getting each example's own
 gradient, measured in the same process, interleaved. Ratios are throughput ratios
-(> 1 is faster than the yardstick).
+(> 1 is faster than the yardstick). The target row is ``fp.per_sample_grads`` with the
+default method on per-example losses (issue 10: >= 0.95x the yardstick at batch 256).
+Opacus' ``GradSampleModule`` is a row when ``opacus`` is installed.
+
+Allocation history leaks between candidates of one process (DESIGN.md, "Benchmarking on
+these machines"), so ``--processes N`` also runs the yardstick and the default method in
+fresh processes of their own, alternating chunks of calls between them over N process
+pairs, and pools the medians (``--aa`` runs the yardstick against itself as a check of
+the harness: it should give ~1.00).
 
     .venv/bin/python benchmarks/per_sample_cnn.py                 # batch 64 and 256
+    .venv/bin/python benchmarks/per_sample_cnn.py --batch 256 --processes 4
     .venv/bin/python benchmarks/per_sample_cnn.py --malloc both   # + tuned glibc malloc
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -61,6 +73,7 @@ def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dic
         model.zero_grad(set_to_none=True)
         F.nll_loss(model(x), y).backward()
 
+    default = fp.per_sample_grads(losses)
     hooks = fp.per_sample_grads(losses, method="hooks")
     one = torch.func.grad(lambda p, xi, yi: mean_loss(p, xi[None], yi[None]))
     vmapped = torch.func.vmap(one, in_dims=(None, 0, 0))
@@ -69,22 +82,87 @@ def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dic
 
     fns = {
         "batch gradient (yardstick)": batch_grad,
+        DEFAULT: lambda: default(params, x, y),
         "fp.per_sample_grads hooks": lambda: hooks(params, x, y),
         "torch.func vmap(grad)": lambda: vmapped(params, x, y),
     }
+    opacus_row = _opacus(x, y)
+    if opacus_row is not None:
+        fns["Opacus GradSampleModule"] = opacus_row
     if compile:
         jitted = fp.jit(fp.per_sample_grads(mean_loss))
         fns["fp.jit(per_sample_grads)"] = lambda: jitted(params, x, y)
     if loop:
         fns["python loop"] = python_loop
 
-    # Same numbers first: the fast method against vmap(grad).
+    # Same numbers first: the default method (and Opacus) against vmap(grad).
     with torch.no_grad():
-        a, b = hooks(params, x, y), vmapped(params, x, y)
-    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)  # noqa: B023
-    print(f"  check: hooks vs vmap(grad), max relative difference {worst:.1e}")
-    assert worst < 1e-4, worst
+        b = vmapped(params, x, y)
+        rows = {"default": default(params, x, y)}
+    if opacus_row is not None:
+        rows["Opacus"] = dict(zip(params, opacus_row(), strict=True))
+    for label, a in rows.items():
+        worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)  # noqa: B023
+        print(f"  check: {label} vs vmap(grad), max relative difference {worst:.1e}")
+        assert worst < 1e-4, worst
     return fns, {"yardstick": "batch gradient (yardstick)", "vmap": "torch.func vmap(grad)"}
+
+
+DEFAULT = "fp.per_sample_grads (default method)"
+
+
+def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
+    """Opacus' hooks (``GradSampleModule``) on a copy of the model, or None without opacus."""
+    if _common.optional("opacus") is None:
+        return None
+    import warnings
+
+    from opacus import GradSampleModule
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+    torch.manual_seed(0)
+    gsm = GradSampleModule(Net(), loss_reduction="sum")
+
+    def run() -> list[torch.Tensor]:
+        for p in gsm.parameters():
+            p.grad, p.grad_sample = None, None
+        F.nll_loss(gsm(x), y, reduction="sum").backward()  # sum: each example's own gradient
+        return [p.grad_sample for p in gsm.parameters()]
+
+    return run
+
+
+def _child(name: str, batch: int, calls: int) -> None:
+    """Time ``calls`` calls of one candidate in this fresh process; print JSON times."""
+    fns, _ = candidates(batch, loop=False)
+    fn = fns[name]
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(calls):
+        times.append(_common._call(fn)[0])
+    print(json.dumps(times))
+
+
+def _processes(batch: int, pairs: int, calls: int, aa: bool) -> None:
+    """NOTE [fresh processes]: each side in its own process, alternating A B B A ..."""
+    sides = ["batch gradient (yardstick)", "batch gradient (yardstick)" if aa else DEFAULT]
+    labels = ["A: yardstick", "B: yardstick (A/A check)" if aa else "B: default method"]
+    medians: list[list[float]] = [[], []]
+    for pair in range(pairs):
+        order = [0, 1] if pair % 2 == 0 else [1, 0]
+        for side in order:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sides[side],
+                                  "--batch", str(batch), "--rounds", str(calls)],
+                                 capture_output=True, text=True, check=True, env=os.environ.copy())
+            medians[side].append(statistics.median(json.loads(out.stdout.strip().splitlines()[-1])))
+    a, b = statistics.median(medians[0]), statistics.median(medians[1])
+    print(f"\nfresh processes, batch {batch}: {pairs} pairs x {calls} calls, medians of medians")
+    for label, m in zip(labels, (a, b), strict=True):
+        print(f"  {label:28s} {m * 1e3:8.2f} ms  {batch / m:9,.0f} ex/s")
+    print(f"  ratio B/A throughput: {a / b:.3f}   per pair: "
+          + " ".join(f"{x / y:.2f}" for x, y in zip(medians[0], medians[1], strict=True)))
 
 
 def main() -> None:
@@ -93,11 +171,18 @@ def main() -> None:
     p.add_argument("--no-loop", action="store_true", help="skip the Python-loop baseline")
     p.add_argument("--compile", action="store_true",
                    help="add fp.jit(fp.per_sample_grads(...)) (torch.compile; first call timed apart)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="also time yardstick vs default method in N pairs of fresh processes")
+    p.add_argument("--aa", action="store_true", help="with --processes: yardstick vs itself")
+    p.add_argument("--child", default=None, help=argparse_hidden())
     args = p.parse_args()
-    if _common.maybe_respawn(args):
-        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        _child(args.child, int(args.batch), args.rounds)
+        return
+    if _common.maybe_respawn(args):
+        return
     print(_common.environment())
     for peer, why in (("opacus", "Opacus GradSampleModule"), ("jax", "JAX vmap+jit")):
         if _common.optional(peer) is None:
@@ -107,6 +192,14 @@ def main() -> None:
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
                                 every={"python loop": 5})
         print(_common.table(stats, baselines, batch, f"\nper-sample gradients, MNIST CNN, batch {batch}"))
+        if args.processes:
+            _processes(batch, args.processes, args.rounds, args.aa)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

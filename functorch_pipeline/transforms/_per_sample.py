@@ -303,8 +303,10 @@ def per_sample_grads(
           (``x @ w``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
-          Large fresh outputs make glibc's malloc page-fault on every call: see
-          ``benchmarks/_common.py``.
+          Large per-example outputs are written into buffers of earlier results once
+          nothing references those any more (glibc's malloc would page-fault fresh ones
+          in on every call), so up to a few results' worth of memory stays allocated
+          between calls: NOTE [recycled outputs] in ``_grad_sample/_buffers.py``.
 
     Returns:
       A function with ``loss_fn``'s signature returning per-example gradients shaped like
