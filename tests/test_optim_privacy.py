@@ -203,3 +203,16 @@ def test_dp_adam_without_noise_is_torch_adam_on_the_clipped_mean():
             ref[k].grad = want[k].clone()
         torch_opt.step()
     assert fp.tree.allclose(params, {k: v.detach() for k, v in ref.items()}, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtypes", [(F64, F64), (torch.float32, F64)])
+def test_noise_std_on_every_leaf(dtypes):
+    """NOTE [one noise draw]: one flat draw (same dtypes) or one key per leaf (mixed)."""
+    tx = optim.add_dp_noise(1.0, 3.0, key=2, batch_size=1)
+    zeros = {"a": torch.zeros(100, 60, dtype=dtypes[0]), "b": torch.zeros(6000, dtype=dtypes[1])}
+    out, _ = tx.update(zeros, tx.init(zeros))
+    for k, v in out.items():
+        assert v.dtype == zeros[k].dtype
+        assert abs(float(v.double().std()) / 3.0 - 1) < 0.05  # 6000 draws: ~0.9% std error
+    corr = torch.corrcoef(torch.stack([out["a"].flatten().double(), out["b"].double()]))[0, 1]
+    assert abs(float(corr)) < 0.06

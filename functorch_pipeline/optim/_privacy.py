@@ -246,11 +246,27 @@ def _init_state(base_key: torch.Tensor, params: Params) -> DifferentiallyPrivate
 def _noisy_mean(
     summed: list[torch.Tensor], std: float, state: Any, divisor: Any
 ) -> list[torch.Tensor]:
-    """``(sum + N(0, std^2)) / divisor`` per leaf; the noise of step ``count`` comes from
-    ``split(fold_in(rng_key, count), num_leaves)``, one key per leaf in leaf order."""
+    """``(sum + N(0, std^2)) / divisor`` per leaf, the noise of step ``count`` drawn from
+    ``fold_in(rng_key, count)``.
+
+    # NOTE [one noise draw]
+    When every leaf has the same floating dtype and device (the usual case) the noise is
+    ONE draw of all the parameters' entries, split into the leaves in leaf order: a
+    keyed draw has a fixed cost per call, and one call for a model's 8 leaves is ~4x
+    cheaper than 8 calls. Otherwise each leaf gets its own key,
+    ``split(fold_in(rng_key, count), num_leaves)[i]``.
+    """
     if std == 0.0:
         return [s / divisor for s in summed]
-    keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(summed))
+    step_key = fpr.fold_in(state.rng_key, state.count)
+    first = summed[0]
+    if first.is_floating_point() and all(
+        s.dtype == first.dtype and s.device == first.device for s in summed
+    ):
+        sizes = [s.numel() for s in summed]
+        flat = fpr.normal(step_key, (sum(sizes),), first.dtype).split(sizes)
+        return [(s + std * z.reshape(s.shape)) / divisor for s, z in zip(summed, flat, strict=True)]
+    keys = fpr.split(step_key, len(summed))
     out = []
     for s, k in zip(summed, keys, strict=True):
         dtype = s.dtype if s.is_floating_point() else torch.float32

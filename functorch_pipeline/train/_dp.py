@@ -209,8 +209,9 @@ class DPTrainer:
             losses = loss_fn(params, batch)
             return torch.where(mask.reshape(losses.shape), losses, torch.zeros_like(losses))
 
-        self._masked_losses = masked_losses
-        self._clipped = clipped_value_and_grad(masked_losses, self.l2_norm_clip, method=method)
+        self._clipped_masked = clipped_value_and_grad(masked_losses, self.l2_norm_clip,
+                                                      method=method)
+        self._clipped = clipped_value_and_grad(loss_fn, self.l2_norm_clip, method=method)
 
     def init(self, params: Any, key: torch.Tensor, *, buffers: Any = None,
              accountant: str | Accountant = "rdp") -> DPTrainState:
@@ -271,21 +272,24 @@ class DPTrainer:
                        if isinstance(mask, torch.Tensor) else type(mask).__name__)
                 raise ValueError(f"{where}: `mask` must be a bool tensor of shape ({n},) (one "
                                  f"entry per example), got {got}")
-        total = _tree.map(torch.zeros_like, params)
         if n == 0:
-            return total, torch.zeros(0), torch.zeros(0)
-        if mask is None:
-            leaf = _tree.leaves(batch)[0]
-            mask = torch.ones(n, dtype=torch.bool, device=leaf.device)
+            leaf = _tree.leaves(params)[0]
+            empty = torch.zeros(0, dtype=leaf.dtype, device=leaf.device)
+            return _tree.map(torch.zeros_like, params), empty, empty
         size = self.max_physical_batch_size or n
-        losses, norms = [], []
+        total, losses, norms = None, [], []
         for start in range(0, n, size):
-            chunk = _tree.map(lambda a, s=start: a[s:s + size], batch)
-            chunk_losses, (summed, chunk_norms) = self._clipped(
-                params, chunk, mask[start:start + size])
-            total = _tree.map(torch.add, total, summed)
+            chunk = batch if size >= n else _tree.map(lambda a, s=start: a[s:s + size], batch)
+            if mask is None:
+                chunk_losses, (summed, chunk_norms) = self._clipped(params, chunk)
+            else:
+                chunk_losses, (summed, chunk_norms) = self._clipped_masked(
+                    params, chunk, mask[start:start + size])
+            total = summed if total is None else _tree.map(torch.add, total, summed)
             losses.append(chunk_losses.reshape(-1))
             norms.append(chunk_norms)
+        if len(losses) == 1:
+            return total, losses[0], norms[0]
         return total, torch.cat(losses), torch.cat(norms)
 
     def step(self, state: DPTrainState, batch: Any, mask: torch.Tensor | None = None
