@@ -14,10 +14,16 @@ as ``state_dict()`` does.
 # NOTE [frozen parameters]
 A parameter with ``requires_grad=False`` is still a parameter: it lives in
 ``variables["params"]`` and ``apply`` uses it like any other. Freezing is the optimizer's
-business: ``model.trainable_mask()`` is a boolean tree with the structure of the params
-(``False`` for frozen ones) to hand to ``optax``-style ``masked``/``freeze`` transforms.
-``apply`` never detaches anything, so a gradient taken over all params has entries for
-frozen ones too.
+business. ``apply`` never detaches anything, so a gradient taken over all params has
+entries for frozen ones too. The two masks have opposite polarities on purpose:
+``model.trainable_mask()`` is ``True`` for trainable leaves, ``model.frozen_mask()`` is
+``True`` for frozen ones (the polarity of ``optim.freeze(mask)``). The recommended path
+needs neither: ``fp.train.TrainState.create(apply_fn=model.apply, params=..., tx=...)``
+reads the mask from the model and zeroes the frozen leaves' updates. By hand, use
+``optim.partition({"trainable": tx, "frozen": optim.set_to_zero()}, labels)`` or
+``optim.chain(tx, optim.freeze(model.frozen_mask()))``. ``optim.masked(tx,
+model.trainable_mask())`` alone does NOT freeze: ``masked`` passes the unselected updates
+(the raw gradients) through unchanged, so frozen weights would move by ``+g``.
 
 # NOTE [train returns buffers]
 ``apply(..., train=False)`` returns the module's output. ``apply(..., train=True)``
@@ -29,8 +35,11 @@ mode ``apply`` runs the module on copies and returns those.
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,10 +83,11 @@ class FunctionalModel:
     ``init`` works on another throw-away copy.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, factory: Callable[[], nn.Module] | None = None) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"functionalize(module): `module` must be an nn.Module, got {type(module).__name__}")
         self._module = module
+        self._factory = factory
         self._param_names = [n for n, _ in module.named_parameters()]
         self._buffer_names = [n for n, _ in module.named_buffers()]
         self._trainable = {n: p.requires_grad for n, p in module.named_parameters()}
@@ -141,15 +151,48 @@ class FunctionalModel:
         return self._module
 
     def trainable_mask(self) -> dict[str, bool]:
-        """``{name: requires_grad}`` over the params: the mask for masked/freeze optimizer
-        transforms (NOTE [frozen parameters]).
+        """``{name: requires_grad}`` over the params: ``True`` marks a trainable parameter.
 
-        >>> net = nn.Linear(2, 2); net.bias.requires_grad_(False)
-        Parameter containing: ...
-        >>> functionalize(net).trainable_mask()
-        {'weight': True, 'bias': False}
+        Notes:
+          This is the opposite polarity of ``optim.freeze(mask)`` (``True`` = frozen there;
+          use :meth:`frozen_mask`), and ``optim.masked(tx, trainable_mask())`` alone does
+          not freeze anything: ``masked`` passes the unselected updates (the raw
+          gradients) through, so frozen weights would move. The recommended path is
+          ``fp.train.TrainState.create(apply_fn=model.apply, params=..., tx=...)``, which
+          reads this mask and keeps frozen parameters fixed with no extra step. By hand:
+          ``optim.chain(tx, optim.freeze(model.frozen_mask()))``.
+
+        Returns:
+          ``{name: bool}`` with the keys of ``variables["params"]``.
+
+        Example:
+          >>> net = nn.Linear(2, 2); net.bias.requires_grad_(False)
+          Parameter containing: ...
+          >>> functionalize(net).trainable_mask()
+          {'weight': True, 'bias': False}
         """
         return dict(self._trainable)
+
+    def frozen_mask(self) -> dict[str, bool]:
+        """``{name: not requires_grad}`` over the params: ``True`` marks a frozen parameter,
+        the polarity of ``optim.freeze(mask)``.
+
+        Returns:
+          ``{name: bool}`` with the keys of ``variables["params"]``.
+
+        Example:
+          >>> import functorch_pipeline as fp
+          >>> net = nn.Linear(2, 2); net.bias.requires_grad_(False)
+          Parameter containing: ...
+          >>> model = functionalize(net)
+          >>> model.frozen_mask()
+          {'weight': False, 'bias': True}
+          >>> tx = fp.optim.chain(fp.optim.sgd(1.0), fp.optim.freeze(model.frozen_mask()))
+          >>> g = {"weight": torch.ones(2, 2), "bias": torch.ones(2)}
+          >>> tx.update(g, tx.init(g))[0]["bias"]
+          tensor([0., 0.])
+        """
+        return {n: not t for n, t in self._trainable.items()}
 
     def _split(self, variables: Any, fn: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Validate ``variables`` and return ``(params, buffers)``."""
@@ -204,10 +247,23 @@ class FunctionalModel:
 
         Parameters of modules without a reset method (a bare ``nn.Parameter`` in a custom
         module) keep the module's current values, the same for every key; a warning names
-        them. Re-draw them with :func:`fp.nn.init.reinitialize`. A custom initialisation
-        run inside ``__init__`` (``self.apply(init_weights)``) is not replayed, since only
-        reset methods are: apply it with ``reinitialize`` after ``init``, or keep the
-        module's own values with ``variables_from_state_dict(module.state_dict())``.
+        them. Re-draw them with :func:`fp.nn.init.reinitialize`.
+
+        Notes:
+          Custom initialisation (NOTE [custom init]): an initialisation run inside
+          ``__init__`` (``self.apply(_init_weights)``, as in GPT-2 or ViT) is not a reset
+          method, so reset methods alone cannot replay it. Two ways keep it:
+          ``fp.functionalize(lambda: Net(...))`` (a factory) makes ``init`` call the
+          factory under the key, which replays the module's whole construction, custom
+          initialisation included, bit for bit per key; or
+          ``variables_from_state_dict(module.state_dict())`` keeps the module's current
+          values. With a module instance, ``init`` compares each parameter's current values
+          with its reset draw (a constant where the reset is random, different values where
+          it is deterministic, or a two-sample Kolmogorov-Smirnov test at level 1e-6 for
+          leaves of 64 or more elements) and warns, naming them, when they cannot come from
+          the reset: a zero/ones/normal(0.02) init of a layer, or loaded weights. Small
+          random leaves (< 64 elements) initialised from a similar distribution can go
+          undetected.
 
         Args:
           key: one key (``fp.random.key``); read on the host.
@@ -231,6 +287,8 @@ class FunctionalModel:
         seed = _random.seed_from_key(key)
         m = copy_module(self._module)
         lazy = has_lazy(m)
+        if self._factory is not None:
+            return self._init_from_factory(seed, m, lazy, sample_args, sample_kwargs, fn)
         if lazy and not (sample_args or sample_kwargs):
             names = [n for n, t in (*m.named_parameters(), *m.named_buffers())
                      if isinstance(t, nn.parameter.UninitializedTensorMixin)]
@@ -249,6 +307,20 @@ class FunctionalModel:
                 covered = _reset_post_order(m, "")
         uncovered = [n for n in self._param_names
                      if not any(n.startswith(f"{c}.") or c == "" for c in covered)]
+        if not lazy:
+            drawn = dict(m.named_parameters())
+            custom = [n for n, p in self._module.named_parameters()
+                      if n not in uncovered and _not_from_reset(p.detach(), drawn[n].detach())]
+            if custom:
+                warnings.warn(
+                    f"{fn}: parameters {custom} hold values the modules' reset_parameters() would not "
+                    "draw (an initialisation in __init__ such as self.apply(_init_weights), or loaded "
+                    "weights); init(key) re-draws them with the reset methods and loses those values. "
+                    "To replay the module's own initialisation under the key, functionalize a factory: "
+                    "fp.functionalize(lambda: Net(...)); to keep the current values, use "
+                    "model.variables_from_state_dict(module.state_dict()).",
+                    stacklevel=2,
+                )
         if uncovered:
             warnings.warn(
                 f"{fn}: parameters {uncovered} belong to modules without reset_parameters(); they keep "
@@ -261,6 +333,38 @@ class FunctionalModel:
         return {
             "params": {n: p.detach() for n, p in m.named_parameters()},
             "buffers": {n: b.detach() for n, b in m.named_buffers()},
+        }
+
+    def _init_from_factory(self, seed: int, m: nn.Module, lazy: bool, sample_args: tuple[Any, ...],
+                           sample_kwargs: dict[str, Any], fn: str) -> dict[str, dict[str, torch.Tensor]]:
+        """``init`` for a factory: construct the module again under the seeded generator."""
+        tensors = [*m.parameters(), *m.buffers(), *(t for t in _tree.leaves((sample_args, sample_kwargs))
+                                                    if isinstance(t, torch.Tensor))]
+        cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        assert self._factory is not None
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            fresh = self._factory()
+            if not isinstance(fresh, nn.Module):
+                raise TypeError(f"{fn}: the factory must return an nn.Module, got {type(fresh).__name__}")
+            names = ([n for n, _ in fresh.named_parameters()], [n for n, _ in fresh.named_buffers()])
+            if names != (self._param_names, self._buffer_names):
+                raise ValueError(f"{fn}: the factory built a module with parameters {names[0]} and buffers "
+                                 f"{names[1]}, but the first call gave {self._param_names} and "
+                                 f"{self._buffer_names}; it must build the same module every time")
+            with torch.no_grad():
+                if lazy:
+                    if not (sample_args or sample_kwargs):
+                        raise ValueError(f"{fn}: the module has lazy parameters; pass a sample input so "
+                                         "init can give them shapes, e.g. init(key, x[:1])")
+                    fresh.eval()(*sample_args, **sample_kwargs)
+        if self._templates is None:
+            self._set_templates(fresh)
+        return {
+            "params": {n: p.detach() for n, p in fresh.named_parameters()},
+            "buffers": {n: b.detach() for n, b in fresh.named_buffers()},
         }
 
     # ------------------------------------------------------------------ apply
@@ -438,6 +542,42 @@ class FunctionalModel:
         return f"FunctionalModel({type(self._module).__name__}, params={len(self._param_names)}, buffers={len(self._buffer_names)})"
 
 
+# NOTE [custom init]
+# Reset methods are the only initialisation init(key) can re-run on an instance. A value
+# that the reset cannot have drawn means something else initialised the parameter (a
+# custom init in __init__, or loaded weights), and re-drawing it would lose that silently.
+# The test is conservative (false alarms must be rare): a deterministic reset (the draw is
+# constant, e.g. LayerNorm's ones) must be matched exactly; a random reset never gives a
+# constant; otherwise a two-sample KS test at level 1e-6 on up to 4096 elements of each.
+_KS_MIN = 64
+_KS_MAX = 4096
+_KS_C = math.sqrt(-math.log(1e-6 / 2) / 2)  # the KS critical value c(alpha) for alpha=1e-6
+
+
+def _not_from_reset(current: torch.Tensor, drawn: torch.Tensor) -> bool:
+    """Whether ``current`` cannot be a draw of the reset that gave ``drawn``."""
+    if (isinstance(current, nn.parameter.UninitializedTensorMixin) or current.shape != drawn.shape
+            or current.numel() == 0 or not current.is_floating_point()):
+        return False
+    a = current.reshape(-1).to("cpu", torch.float64)
+    b = drawn.reshape(-1).to("cpu", torch.float64)
+    if b.numel() == 1:  # one draw cannot tell a random reset from a deterministic one
+        return False
+    if bool((b == b[0]).all()):  # a deterministic reset (ones, zeros, a constant)
+        return not torch.equal(a, b)
+    if bool((a == a[0]).all()):
+        return True
+    if a.numel() < _KS_MIN:
+        return False
+    step = -(-a.numel() // _KS_MAX)
+    a, b = a[::step].sort().values, b[::step].sort().values
+    both = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, both, right=True) / a.numel()
+    cdf_b = torch.searchsorted(b, both, right=True) / b.numel()
+    d = float((cdf_a - cdf_b).abs().max())
+    return d > _KS_C * math.sqrt(2.0 / a.numel())
+
+
 def _reset_post_order(m: nn.Module, prefix: str) -> list[str]:
     """Run reset methods children-first; return the paths whose subtree was reset."""
     covered: list[str] = []
@@ -450,12 +590,15 @@ def _reset_post_order(m: nn.Module, prefix: str) -> list[str]:
     return covered
 
 
-def functionalize(module: nn.Module) -> FunctionalModel:
+def functionalize(module: nn.Module | Callable[[], nn.Module]) -> FunctionalModel:
     """A pure view of ``module``: ``init(key, *sample)`` -> variables and
     ``apply(variables, *inputs, train=False, key=None)`` -> output.
 
     Args:
-      module: any ``nn.Module``; it is never modified.
+      module: any ``nn.Module``; it is never modified. Or a factory, a zero-argument
+        callable returning the module (``lambda: GPT2(config)``): it is called once now,
+        and ``init(key)`` calls it again under the key, so an initialisation done in the
+        module's ``__init__`` is replayed (NOTE [custom init]).
 
     Returns:
       A :class:`FunctionalModel` (a ``FunctionalModel`` is returned as it is).
@@ -473,4 +616,15 @@ def functionalize(module: nn.Module) -> FunctionalModel:
     """
     if isinstance(module, FunctionalModel):
         return module
+    if callable(module) and not isinstance(module, nn.Module):
+        try:
+            inspect.signature(module).bind()
+        except (TypeError, ValueError):
+            raise TypeError("functionalize(module): `module` must be an nn.Module or a zero-argument "
+                            f"factory returning one, got {module!r}") from None
+        built = module()
+        if not isinstance(built, nn.Module):
+            raise TypeError("functionalize(module): a factory must return an nn.Module, got "
+                            f"{type(built).__name__}")
+        return FunctionalModel(built, factory=module)
     return FunctionalModel(module)

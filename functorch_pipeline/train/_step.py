@@ -19,45 +19,79 @@ __all__ = ["evaluate", "train_step"]
 def train_step(
     state: TrainState,
     batch: Any,
-    loss_fn: Callable[[Any, Any, Any, torch.Tensor], tuple[torch.Tensor, Any]],
-    optimizer: Any,
-) -> tuple[TrainState, torch.Tensor]:
+    loss_fn: Callable[..., tuple[Any, ...]],
+    optimizer: Any = None,
+    *,
+    has_aux: bool = False,
+) -> tuple[Any, ...]:
     """One step: gradients of ``loss_fn``, an optimizer update, ``step + 1``.
 
-    The step's key is ``state.step_key()`` (NOTE [exact resume]), so dropout is a pure
-    function of the state. Nothing is mutated; no host sync.
+    The step's key is ``state.step_key()`` (NOTE [exact resume] in :class:`TrainState`:
+    everything random comes from the state's key folded with the step, so a resumed run
+    continues bit for bit), so dropout is a pure function of the state. Nothing is
+    mutated; no host sync.
 
     Args:
       state: the current :class:`TrainState`.
       batch: whatever ``loss_fn`` takes (any pytree).
       loss_fn: ``(params, buffers, batch, key) -> (loss, new_buffers)``; ``loss`` a
         scalar tensor, ``new_buffers`` the updated buffers (return ``buffers`` unchanged,
-        or ``None``, when the model has none).
-      optimizer: an ``fp.optim`` ``GradientTransformation``.
+        or ``None``, when the model has none). With ``has_aux=True`` it returns
+        ``(loss, new_buffers, aux)``, ``aux`` any pytree of metrics (accuracy, logits).
+      optimizer: an ``fp.optim`` ``GradientTransformation``; default ``state.tx`` (from
+        ``TrainState.create(..., tx=...)``, which keeps frozen parameters fixed). An
+        explicit optimizer is used as given.
+      has_aux: whether ``loss_fn`` returns ``aux`` too.
 
     Returns:
-      ``(new_state, loss)``.
+      ``(new_state, loss)``, or ``(new_state, loss, aux)`` with ``has_aux=True``; ``loss``
+      and the tensors of ``aux`` are detached.
 
-    >>> from functorch_pipeline import optim, random
-    >>> def loss_fn(params, buffers, batch, key):
-    ...     x, y = batch
-    ...     return ((x @ params["w"] - y) ** 2).mean(), buffers
-    >>> opt = optim.sgd(0.1)
-    >>> params = {"w": torch.zeros(2)}
-    >>> state = TrainState.create(params, opt.init(params), random.key(0))
-    >>> batch = (torch.eye(2), torch.tensor([1.0, 2.0]))
-    >>> for _ in range(50):
-    ...     state, loss = train_step(state, batch, loss_fn, opt)
-    >>> state.params["w"].round(decimals=3), int(state.step)
-    (tensor([1., 2.]), 50)
+    Example:
+      >>> from functorch_pipeline import optim, random
+      >>> def loss_fn(params, buffers, batch, key):
+      ...     x, y = batch
+      ...     return ((x @ params["w"] - y) ** 2).mean(), buffers
+      >>> opt = optim.sgd(0.1)
+      >>> params = {"w": torch.zeros(2)}
+      >>> state = TrainState.create(params, opt.init(params), random.key(0))
+      >>> batch = (torch.eye(2), torch.tensor([1.0, 2.0]))
+      >>> for _ in range(50):
+      ...     state, loss = train_step(state, batch, loss_fn, opt)
+      >>> state.params["w"].round(decimals=3), int(state.step)
+      (tensor([1., 2.]), 50)
+      >>> def with_metrics(params, buffers, batch, key):
+      ...     x, y = batch
+      ...     pred = x @ params["w"]
+      ...     return ((pred - y) ** 2).mean(), buffers, {"pred": pred}
+      >>> state, loss, aux = train_step(state, batch, with_metrics, opt, has_aux=True)
+      >>> aux["pred"].round(decimals=3)
+      tensor([1., 2.])
     """
+    fn = "train_step(state, batch, loss_fn, optimizer)"
+    tx = state.tx if optimizer is None else optimizer
+    if tx is None:
+        raise TypeError(f"{fn}: no optimizer: pass `optimizer` or create the state with "
+                        "TrainState.create(..., tx=...)")
     key = state.step_key()
-    (loss, buffers), grads = value_and_grad(
-        lambda params: loss_fn(params, state.buffers, batch, key), has_aux=True
-    )(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+
+    def value(params: Any) -> tuple[torch.Tensor, Any]:
+        out = loss_fn(params, state.buffers, batch, key)
+        want = 3 if has_aux else 2
+        if not (isinstance(out, tuple) and len(out) == want):
+            shape = "(loss, new_buffers, aux)" if has_aux else "(loss, new_buffers)"
+            hint = "" if has_aux else "; pass has_aux=True to return (loss, new_buffers, aux)"
+            raise TypeError(f"{fn}: loss_fn must return {shape}, got "
+                            f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, tuple) else ''}{hint}")
+        return out[0], out[1:]
+
+    (loss, rest), grads = value_and_grad(value, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates)
-    new = state.replace(params=params, buffers=_tree.detach(buffers), opt_state=opt_state, step=state.step + 1)
+    new = state.replace(params=params, buffers=_tree.detach(rest[0]), opt_state=opt_state,
+                        step=state.step + 1)
+    if has_aux:
+        return new, loss.detach(), _tree.detach(rest[1])
     return new, loss.detach()
 
 
