@@ -152,6 +152,14 @@ def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, mo
     check(squared(conv), params_of(conv), x)
 
 
+def test_conv_tuple_geometry_and_padding_modes():
+    torch.manual_seed(19)
+    conv = nn.Conv2d(2, 4, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1))
+    check(squared(conv), params_of(conv), torch.randn(3, 2, 7, 8))
+    conv = nn.Conv1d(2, 3, 3, padding=2, padding_mode="circular")
+    check(squared(conv), params_of(conv), torch.randn(3, 2, 6), methods=("ghost",))
+
+
 def test_conv_gram_and_materialise_agree_on_wide_layer():
     """A layer where the Gram path is chosen by cost (few positions, many channels)."""
     torch.manual_seed(3)
