@@ -28,6 +28,20 @@ __all__ = ["clipped_grad", "clipped_value_and_grad", "per_sample_grad_norms"]
 _METHODS = ("auto", "ghost", "hooks", "vmap")
 _REDUCTIONS = ("sum", "mean")
 _WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # loss_fns whose auto fallback was reported
+_WARNED_IDS: set[int] = set()
+
+
+def _first_warning(loss_fn: Any) -> bool:
+    """True the first time for each ``loss_fn`` (by identity; held weakly when it can be)."""
+    try:
+        if loss_fn in _WARNED:
+            return False
+        _WARNED.add(loss_fn)
+    except TypeError:  # not weak-referenceable: remember its id for the session
+        if id(loss_fn) in _WARNED_IDS:
+            return False
+        _WARNED_IDS.add(id(loss_fn))
+    return True
 
 
 def _batched(args: Sequence[Any], nums: Sequence[int], batch_argnums: Sequence[int] | None,
@@ -116,8 +130,7 @@ class _Clipper:
                 continue
             if method != self.chosen:
                 self.chosen = method
-                if reasons and self.loss_fn not in _WARNED:
-                    _WARNED.add(self.loss_fn)
+                if reasons and _first_warning(self.loss_fn):
                     warnings.warn(f"{self.fn}: method='auto' uses {method!r} "
                                   f"({'; '.join(reasons)})", stacklevel=3)
             return out
