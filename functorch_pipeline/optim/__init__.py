@@ -14,6 +14,30 @@ arguments given in its docstring.
 >>> optim.apply_updates(params, updates)
 {'w': tensor([ 0.9400, -2.0800])}
 
+Bad input
+---------
+Before any fused or foreach kernel runs, every leaf of the gradients, the state and the
+parameters is checked for shape, dtype and device (cheap: Python metadata, no host
+sync; it also runs under ``torch.compile``), and a state must come from this
+optimizer's ``init``. Errors name the API, the key path and expected vs got. Dtypes are
+not promoted: cast float64 gradients of float32 parameters first.
+
+>>> opt = optim.adam(1e-3)
+>>> opt.update({"w": torch.ones(2, 3)}, opt.init({"w": torch.zeros(3, 2)}))
+Traceback (most recent call last):
+ValueError: scale_by_adam.update: leaf at path `w` has shape (2, 3) in `updates` but (3, 2) in ...
+
+Differentiating through updates
+-------------------------------
+Updates are differentiable (meta-learning, hypergradients): ``fp.grad``,
+``torch.autograd.grad(create_graph=True)``, ``vmap`` of either, and ``jvp``. The fast
+paths below switch themselves off while something is differentiated, and
+``inplace=True`` then takes the pure path (``apply_updates_`` refuses: use
+``apply_updates``). Through ``inject_hyperparams``, learning rates, momenta and weight
+decays are differentiable inputs; they are stored in float64. For Adam-type
+optimizers, set ``eps_root`` (e.g. 1e-12 in float64) when inner gradients can be exactly
+zero, or the meta-gradient is NaN (as in optax).
+
 Speed and memory
 ----------------
 Updates run as multi-tensor ``torch._foreach_*`` kernels (adam/adamw use torch's

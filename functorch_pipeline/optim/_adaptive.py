@@ -68,7 +68,8 @@ def _finish(where: str, out: list, m: Any, c: Any, updates: Updates, params: Par
         out = _mt.mul_(out, m, fe)
     if not _zero(c):
         require_params(where, params)
-        out = _mt.add_(out, flatten_like(where, updates, params, "params", td, ref=out), fe, alpha=c)
+        pl = flatten_like(where, updates, params, "params", td, ref=out)
+        out = _mt.add_(out, pl, fe, alpha=c)
     return out
 
 
@@ -201,7 +202,7 @@ def scale_by_adam(
                           dtype=mu_dtype or SAME)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, eps_root, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, ml, vl) and mu_dtype is None
+        inplace = _mt.inplace_ok(extra_args, gl, ml, vl, fe=fe) and mu_dtype is None
         count = state.count + 1
         if not gl:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
@@ -291,14 +292,14 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml, fe=fe)
         count = state.count + 1
         t = count.to(_mt.scalar_dtype(gl)) if gl else count
         new_m = _mt.lerp(ml, gl, 1 - b1, fe, inplace=inplace)
         new_v = _mt.mul_(vl, b2, fe) if inplace else _mt.mul(vl, b2, fe)
         a = torch._foreach_abs(gl) if fe else [torch.abs(g) for g in gl]
         a = _mt.add_scalar_(a, eps, fe)
-        if fe and not _mt.recording(new_v):
+        if fe:  # (foreach_ok: nothing differentiated)
             torch._foreach_maximum_(new_v, a)
         elif inplace and not _mt.recording(new_v):
             for v, x in zip(new_v, a, strict=True):
@@ -362,7 +363,7 @@ def scale_by_radam(
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, eps_root, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml, fe=fe)
         count = state.count + 1
         if not gl:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
@@ -457,7 +458,7 @@ def scale_by_nadam(
         ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, ml, vl, _mt.tensors(b1, b2, eps, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, vl, ml)
+        inplace = _mt.inplace_ok(extra_args, gl, vl, ml, fe=fe)
         count = state.count + 1
         t = count.to(state.mu_product.dtype)
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
@@ -509,12 +510,15 @@ def _rms_common(name: str, decay: float, eps: float, initial_scale: float, eps_i
         where = f"{name}.update"
         gl, td = fpt.flatten(updates)
         gs = _checks.signature(gl)
-        _checks.check_state(where, state, (ScaleByRStdDevState if centered else ScaleByRmsState), f"{name}.init")
+        cls = ScaleByRStdDevState if centered else ScaleByRmsState
+        _checks.check_state(where, state, cls, f"{name}.init")
         _checks.check_count(where, "state.count", state.count, gl)
         vl = flatten_like(where, updates, state.nu, "state.nu", td, ref=gl, ref_sig=gs)
-        ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs) if centered else []
+        ml = []
+        if centered:
+            ml = flatten_like(where, updates, state.mu, "state.mu", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, vl, ml, _mt.tensors(decay, eps, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, ml, vl)
+        inplace = _mt.inplace_ok(extra_args, gl, ml, vl, fe=fe)
         count = state.count + 1
         new_v = _mt.ema_sq(vl, gl, decay, fe, inplace=inplace)
         v = new_v
@@ -636,9 +640,10 @@ def scale_by_rss(
         gl, td = fpt.flatten(updates)
         gs = _checks.signature(gl)
         _checks.check_state(where, state, ScaleByRssState, "scale_by_rss.init")
-        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td, ref=gl, ref_sig=gs)
+        sl = flatten_like(where, updates, state.sum_of_squares, "state.sum_of_squares", td,
+                          ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, sl, _mt.tensors(eps, m, c))
-        new_s = _mt.addcmul(sl, gl, gl, fe, inplace=_mt.inplace_ok(extra_args, gl, sl))
+        new_s = _mt.addcmul(sl, gl, gl, fe, inplace=_mt.inplace_ok(extra_args, gl, sl, fe=fe))
         if eps_in_sqrt:
             out = [torch.where(s > 0, torch.rsqrt(s + eps), torch.zeros_like(s)) * g for s, g in zip(new_s, gl, strict=True)]
         else:
@@ -686,7 +691,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         egl = flatten_like(where, updates, state.e_g, "state.e_g", td, ref=gl, ref_sig=gs)
         exl = flatten_like(where, updates, state.e_x, "state.e_x", td, ref=gl, ref_sig=gs)
         fe = _mt.foreach_ok(gl, egl, exl, _mt.tensors(rho, eps, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, exl, egl)
+        inplace = _mt.inplace_ok(extra_args, gl, exl, egl, fe=fe)
         new_eg = _mt.ema_sq(egl, gl, rho, fe, inplace=inplace)
         std = _mt.sqrt(_mt.add_scalar(new_eg, eps, fe), fe)
         delta = _mt.sqrt(_mt.add_scalar(exl, eps, fe), fe)
@@ -744,7 +749,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
             out = list(torch._foreach_sign(out))
         else:
             out = [torch.sign(x) for x in out]
-        inplace = _mt.inplace_ok(extra_args, gl, ml) and mu_dtype is None
+        inplace = _mt.inplace_ok(extra_args, gl, ml, fe=fe) and mu_dtype is None
         new_m = _mt.cast(_mt.lerp(mu_in, gl, 1 - b2, fe, inplace=inplace), mu_dtype)
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByLionState(state.count + 1, fpt.unflatten(td, new_m))

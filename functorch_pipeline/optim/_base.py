@@ -26,6 +26,13 @@ therefore fuses a run of *affine* transforms (``scale``, ``scale_by_learning_rat
 into the transform before them when that transform knows how to apply ``a`` and ``c``
 itself (the adaptive scalers do). The maths is the same chain; only rounding may differ
 in the last bit, and it is the same in the pure and in-place paths.
+
+The protocol is two function attributes: ``update._fp_fused(updates, state, params, m,
+c, **extra_args)`` (set by :func:`fused_transformation`) and ``update._fp_affine(state,
+params) -> (m, c, new_state)``. ``chain`` calls them instead of ``update``, so each must
+do what ``update`` does first: check its inputs (NOTE [leaf checks] in ``_checks.py``)
+and keep its fast paths off when differentiated (NOTE [differentiable optimizers] in
+``_mt.py``); ``m`` and ``c`` may be tensors that require grad.
 """
 
 from __future__ import annotations
@@ -137,7 +144,8 @@ def flatten_like(
         raise mismatch_error(where, "updates", updates, other_name, other) from None
     if ref is None:
         ref = fpt.leaves(updates)
-    _checks.check_leaves(where, "updates", ref, other_name, leaves, updates, dtype=dtype, ref_sig=ref_sig)
+    _checks.check_leaves(where, "updates", ref, other_name, leaves, updates, dtype=dtype,
+                         ref_sig=ref_sig)
     return leaves
 
 
@@ -326,14 +334,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn)
 
 
-def _split_apply(where: str, params: Params, updates: Updates) -> tuple[list, list, Any]:
+def _split_apply(where: str, params: Params, updates: Updates) -> tuple[list, list, Any, bool]:
+    """Leaves of both trees, the treedef, and whether all leaf dtypes agree."""
     pl, ptd = fpt.flatten(params)
     ul, utd = fpt.flatten(updates)
     if not fpt.same_structure(ptd, utd):
         raise mismatch_error(where, "params", params, "updates", updates)
+    ps = _checks.signature(pl)
+    if ps is not None and ps == _checks.signature(ul):
+        return pl, ul, ptd, True
     # shapes and devices must agree; dtypes may differ (the sum is cast to the param's)
     _checks.check_leaves(where, "params", pl, "updates", ul, params, dtype=None)
-    return pl, ul, ptd
+    _check_castable(where, pl, ul, params)
+    return pl, ul, ptd, False
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -351,12 +364,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     >>> apply_updates({"w": torch.tensor([1.0, 2.0]), "b": None}, {"w": torch.tensor([0.5, -1.0]), "b": None})
     {'w': tensor([1.5000, 1.0000]), 'b': None}
     """
-    pl, ul, td = _split_apply("apply_updates(params, updates)", params, updates)
-    fe = _mt.foreach_ok(pl, ul)
-    if [p.dtype for p in pl] == [u.dtype for u in ul]:
-        out = _mt.add(pl, ul, fe)
+    pl, ul, td, same = _split_apply("apply_updates(params, updates)", params, updates)
+    if same:
+        out = _mt.add(pl, ul, _mt.foreach_ok(pl, ul))
     else:
-        _check_castable("apply_updates(params, updates)", pl, ul, params)
         out = [(p + u).to(p.dtype) for p, u in zip(pl, ul, strict=True)]
     return fpt.unflatten(td, out)
 
@@ -367,7 +378,8 @@ def _check_castable(where: str, pl: list, ul: list, params: Params) -> None:
     for i, (p, u) in enumerate(zip(pl, ul, strict=True)):
         if p.dtype != u.dtype and not (_mt.is_float(p) and _mt.is_float(u)):
             raise TypeError(
-                f"{where}: leaf at path `{fpt.keystr(fpt.flatten_with_path(params)[0][i])}` has dtype "
+                f"{where}: leaf at path `{fpt.keystr(fpt.flatten_with_path(params)[0][i])}` has "
+                f"dtype "
                 f"{p.dtype} in `params` but {u.dtype} in `updates`; only floating-point leaves "
                 "of different dtypes are cast to the parameter's dtype"
             )
@@ -400,7 +412,7 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     (True, tensor([3.]))
     """
     where = "apply_updates_(params, updates)"
-    pl, ul, _ = _split_apply(where, params, updates)
+    pl, ul, _, same = _split_apply(where, params, updates)
     if _mt.differentiated(pl, ul):
         raise ValueError(
             f"{where}: the step is being differentiated (torch.func.grad/jvp, forward-mode AD, "
@@ -408,11 +420,9 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
             "of the gradient. Use the pure `params = optim.apply_updates(params, updates)` here"
         )
     with torch.no_grad():
-        fe = _mt.foreach_ok(pl, ul)
-        if all(p.dtype == u.dtype for p, u in zip(pl, ul, strict=True)):
-            _mt.add_(pl, ul, fe)
+        if same:
+            _mt.add_(pl, ul, _mt.foreach_ok(pl, ul))
         else:
-            _check_castable(where, pl, ul, params)
             for p, u in zip(pl, ul, strict=True):
                 p.copy_(p + u)
     return params

@@ -98,12 +98,19 @@ def differentiated(*lists: Sequence[Any]) -> bool:
         keys = {i.key() for i in _interpreters()}
         if _TransformType.Grad in keys or _TransformType.Jvp in keys:
             return True
-    return torch.is_grad_enabled() and any(x.requires_grad and not x.is_leaf for x in xs)
+    if torch.is_grad_enabled():
+        for x in xs:
+            if x.requires_grad and not x.is_leaf:
+                return True
+    return False
 
 
-def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any]) -> bool:
-    """``inplace=True`` was asked for and nothing in ``lists`` is differentiated."""
-    return bool(extra_args.get("inplace")) and not any(recording(xs) for xs in lists)
+def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any], fe: bool = False) -> bool:
+    """``inplace=True`` was asked for and nothing in ``lists`` is differentiated
+    (``fe=True``: :func:`foreach_ok` already said so for these lists)."""
+    if not extra_args.get("inplace"):
+        return False
+    return fe or not any(recording(xs) for xs in lists)
 
 
 def _scalar_fe(fe: bool, s: Any) -> bool:
@@ -153,7 +160,7 @@ def mul(xs: TL, s: Scalar, fe: bool) -> TL:
 
 def mul_(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
-    if recording(xs) or not _scalar_fe(True, s):
+    if (not fe and recording(xs)) or not _scalar_fe(True, s):
         return mul(xs, s, fe)
     if fe:
         torch._foreach_mul_(xs, s)
@@ -183,7 +190,7 @@ def add(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
 
 
 def add_(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
-    if recording(xs) or recording(ys) or not _scalar_fe(True, alpha):
+    if (not fe and (recording(xs) or recording(ys))) or not _scalar_fe(True, alpha):
         return add(xs, ys, fe, alpha)
     if is_tensor(alpha):
         ys = mul(ys, alpha, fe)
@@ -205,7 +212,7 @@ def add_scalar(xs: TL, s: Scalar, fe: bool) -> TL:
 
 def add_scalar_(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
-    if recording(xs) or not _scalar_fe(True, s):
+    if (not fe and recording(xs)) or not _scalar_fe(True, s):
         return add_scalar(xs, s, fe)
     if fe:
         torch._foreach_add_(xs, s)
@@ -229,7 +236,7 @@ def sqrt(xs: TL, fe: bool) -> TL:
 
 def lerp(xs: TL, ys: TL, w: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``xs + w * (ys - xs)``, in place on ``xs`` when ``inplace``."""
-    inplace = inplace and not (recording(xs) or recording(ys))
+    inplace = inplace and (fe or not (recording(xs) or recording(ys)))
     if is_tensor(w):
         w = like(w, xs)
         fe = _scalar_fe(fe, w)
@@ -256,7 +263,7 @@ def sub(xs: TL, ys: TL, fe: bool) -> TL:
 
 def ema_sq(nu: TL, g: TL, decay: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``decay * nu + (1 - decay) * g * g`` (torch's ``mul_`` then ``addcmul_`` order)."""
-    inplace = inplace and not (recording(nu) or recording(g))
+    inplace = inplace and (fe or not (recording(nu) or recording(g)))
     decay = like(decay, nu)
     fe = _scalar_fe(fe, decay)
     out = mul_(nu, decay, fe) if inplace else mul(nu, decay, fe)
@@ -264,7 +271,7 @@ def ema_sq(nu: TL, g: TL, decay: Scalar, fe: bool, inplace: bool = False) -> TL:
     if is_tensor(w):
         g2 = mul_list(g, g, fe)
         return add_(out, g2, fe, alpha=w)
-    if recording(out) or recording(g):
+    if not fe and (recording(out) or recording(g)):
         out = [torch.addcmul(o, x, x, value=w) for o, x in zip(out, g, strict=True)]
     elif fe:
         torch._foreach_addcmul_(out, g, g, w)
@@ -299,7 +306,7 @@ def hyper_dtype(device: torch.device) -> torch.dtype:
 
 def addcmul(xs: TL, ys: TL, zs: TL, fe: bool, inplace: bool = False) -> TL:
     """``xs + ys * zs`` (one fused kernel; in place on ``xs`` when ``inplace``)."""
-    inplace = inplace and not (recording(xs) or recording(ys))
+    inplace = inplace and (fe or not (recording(xs) or recording(ys)))
     if fe:
         if inplace:
             torch._foreach_addcmul_(xs, ys, zs)

@@ -85,7 +85,8 @@ def polynomial_schedule(
 
     >>> s = polynomial_schedule(1.0, 0.0, 2, transition_steps=10)
     >>> s(0), s(5), s(10), s(20)
-    (tensor(1., dtype=torch.float64), tensor(0.2500, dtype=torch.float64), tensor(0., dtype=torch.float64), tensor(0., dtype=torch.float64))
+    (tensor(1., dtype=torch.float64), tensor(0.2500, dtype=torch.float64),
+     tensor(0., dtype=torch.float64), tensor(0., dtype=torch.float64))
     """
     if transition_steps <= 0:
         warnings.warn("polynomial_schedule: transition_steps <= 0, using a constant init_value", stacklevel=2)
@@ -135,7 +136,8 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
     >>> s = cosine_decay_schedule(1.0, decay_steps=10, alpha=0.1)
     >>> s(0), s(5), s(10), s(50)
-    (tensor(1., dtype=torch.float64), tensor(0.5500, dtype=torch.float64), tensor(0.1000, dtype=torch.float64), tensor(0.1000, dtype=torch.float64))
+    (tensor(1., dtype=torch.float64), tensor(0.5500, dtype=torch.float64),
+     tensor(0.1000, dtype=torch.float64), tensor(0.1000, dtype=torch.float64))
     """
     if not decay_steps > 0:
         raise ValueError(f"cosine_decay_schedule(decay_steps): must be positive, got {decay_steps}")
@@ -238,7 +240,9 @@ def exponential_decay(
 
     >>> s = exponential_decay(1.0, transition_steps=2, decay_rate=0.5, staircase=True, end_value=0.3)
     >>> s(0), s(1), s(2), s(3), s(10)
-    (tensor(1., dtype=torch.float64), tensor(1., dtype=torch.float64), tensor(0.5000, dtype=torch.float64), tensor(0.5000, dtype=torch.float64), tensor(0.3000, dtype=torch.float64))
+    (tensor(1., dtype=torch.float64), tensor(1., dtype=torch.float64),
+     tensor(0.5000, dtype=torch.float64), tensor(0.5000, dtype=torch.float64),
+     tensor(0.3000, dtype=torch.float64))
     """
     if transition_steps <= 0:
         warnings.warn("exponential_decay: transition_steps <= 0, using a constant init_value", stacklevel=2)

@@ -76,7 +76,10 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
         ul, td = fpt.flatten(updates)
         fe = _mt.foreach_ok(ul, _mt.tensors(step_size))
-        out = _mt.mul_(ul, step_size, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, step_size, fe)
+        if _mt.inplace_ok(extra_args, ul, fe=fe):
+            out = _mt.mul_(ul, step_size, fe)
+        else:
+            out = _mt.mul(ul, step_size, fe)
         return fpt.unflatten(td, out), state
 
     update_fn._fp_affine = _scale_affine(step_size)
@@ -122,7 +125,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         s, _, new_state = affine(state, params)
         _checks.check_count("scale_by_schedule.update", "state.count", state.count, ul)
         fe = _mt.foreach_ok(ul, _mt.tensors(s))
-        out = _mt.mul_(ul, s, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, s, fe)
+        out = _mt.mul_(ul, s, fe) if _mt.inplace_ok(extra_args, ul, fe=fe) else _mt.mul(ul, s, fe)
         return fpt.unflatten(td, out), new_state
 
     update_fn._fp_affine = affine
@@ -212,16 +215,17 @@ def trace(
         tl = flatten_like(where, updates, state.trace, "state.trace", td, ref=gl, ref_sig=gs,
                           dtype=accumulator_dtype or SAME)
         fe = _mt.foreach_ok(gl, tl, _mt.tensors(decay, dampening, m, c))
-        inplace = _mt.inplace_ok(extra_args, gl, tl)
+        inplace = _mt.inplace_ok(extra_args, gl, tl, fe=fe)
         if damped:
             first = state.count == 0
             dec, dam = _mt.like(decay, gl), _mt.like(dampening, gl)
-            new_t = [torch.where(first, g, dec * t + (1 - dam) * g) for g, t in zip(gl, tl, strict=True)]
+            new_t = [torch.where(first, g, dec * t + (1 - dam) * g)
+                     for g, t in zip(gl, tl, strict=True)]
             if inplace:
                 for t, n in zip(tl, new_t, strict=True):
                     t.copy_(n)
                 new_t = tl
-        elif inplace and accumulator_dtype is None and not (_mt.recording(gl) or _mt.recording(tl)):
+        elif inplace and accumulator_dtype is None:  # inplace_ok: nothing differentiated
             # NOTE [trace buffer swap]: the donated gradient buffers receive the new trace
             # (g <- g + decay * t, the same kernel as the pure ``add``) and become the new
             # state; the update is then m * trace: one pass less than updating t in place.
@@ -253,7 +257,8 @@ def trace(
             out = new_t if unit else _mt.mul(new_t, m, fe)
         if not (isinstance(c, numbers.Real) and c == 0):
             require_params(where, params)
-            out = _mt.add_(out, flatten_like(where, updates, params, "params", td, ref=gl, ref_sig=gs), fe, alpha=c)
+            pl = flatten_like(where, updates, params, "params", td, ref=gl, ref_sig=gs)
+            out = _mt.add_(out, pl, fe, alpha=c)
         new_trace = fpt.unflatten(td, new_t)
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
@@ -291,7 +296,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
         fe = _mt.foreach_ok(ul, pl, _mt.tensors(weight_decay))
-        if _mt.inplace_ok(extra_args, ul, pl):
+        if _mt.inplace_ok(extra_args, ul, pl, fe=fe):
             out = _mt.add_(ul, pl, fe, alpha=weight_decay)
         else:
             out = _mt.add(ul, pl, fe, alpha=weight_decay)
@@ -381,7 +386,10 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         fe = _mt.foreach_ok(ul, _mt.tensors(max_norm))
         norm = tree_norm(ul, fe)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device))
-        out = _mt.mul_(ul, factor, fe) if _mt.inplace_ok(extra_args, ul) else _mt.mul(ul, factor, fe)
+        if _mt.inplace_ok(extra_args, ul, fe=fe):
+            out = _mt.mul_(ul, factor, fe)
+        else:
+            out = _mt.mul(ul, factor, fe)
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)

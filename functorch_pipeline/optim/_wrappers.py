@@ -198,7 +198,8 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         if not (isinstance(lf, torch.Tensor) and lf.dtype == torch.bool and lf.dim() == 0):
             raise TypeError(f"{where}: `state.last_finite` must be a 0-d bool tensor, got {lf!r}")
         if lf.device != state.notfinite_count.device:
-            raise ValueError(f"{where}: `state.last_finite` is on {lf.device}, the counts on {state.notfinite_count.device}")
+            raise ValueError(f"{where}: `state.last_finite` is on {lf.device}, the counts on "
+                             f"{state.notfinite_count.device}")
         isfinite = torch.stack([torch.isfinite(u).all() for u in ul]).all() if ul else state.last_finite
         inner_u, inner_s = inner.update(updates, state.inner_state, params, **_pure(extra_args))
         bad = torch.where(isfinite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
@@ -293,16 +294,22 @@ def inject_hyperparams(
 
         def update_fn(updates: Updates, state: InjectHyperparamsState, params: Params = None, **extra_args: Any):
             where = "inject_hyperparams.update"
-            _checks.check_state(where, state, InjectHyperparamsState, "inject_hyperparams(...).init")
-            _checks.check_scalar(where, "state.count", state.count, _checks.first_device(updates), torch.int32)
+            _checks.check_state(where, state, InjectHyperparamsState,
+                                "inject_hyperparams(...).init")
+            dev = _checks.first_device(updates)
+            _checks.check_scalar(where, "state.count", state.count, dev, torch.int32)
             for k, v in state.hyperparams.items():
                 # NOTE [injected values]: assigned values are cast to the hyperparameter
                 # dtype and a CPU value is moved to the state's device (both
                 # differentiable); any other shape or device is an error.
                 name = f"state.hyperparams[{k!r}]"
                 _checks.check_hyperparameter(where, name, v)
-                if isinstance(v, torch.Tensor) and v.device not in (state.count.device, torch.device("cpu")):
-                    raise ValueError(f"{where}: `{name}` is on device {v.device}, the state on {state.count.device}")
+                here = (state.count.device, torch.device("cpu"))
+                if isinstance(v, torch.Tensor) and v.device not in here:
+                    raise ValueError(
+                        f"{where}: `{name}` is on device {v.device}, the state on "
+                        f"{state.count.device}"
+                    )
             dt = dtype_for(state.count)
             hps = {k: as_t(v, state.count, dt) for k, v in state.hyperparams.items()}
             hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
@@ -350,9 +357,10 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         _checks.check_state(where, state, EmaState, "ema.init")
         ul, td = fpt.flatten(updates)
         _checks.check_count(where, "state.count", state.count, ul)
-        el = flatten_like(where, updates, state.ema, "state.ema", td, ref=ul, dtype=accumulator_dtype or SAME)
+        el = flatten_like(where, updates, state.ema, "state.ema", td, ref=ul,
+                          dtype=accumulator_dtype or SAME)
         fe = _mt.foreach_ok(ul, el, _mt.tensors(decay))
-        inplace = _mt.inplace_ok(extra_args, ul, el)
+        inplace = _mt.inplace_ok(extra_args, ul, el, fe=fe)
         new_e = _mt.lerp(el, ul, 1 - decay, fe, inplace=inplace and accumulator_dtype is None)
         count = state.count + 1
         out = new_e
