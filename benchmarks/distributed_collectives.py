@@ -43,17 +43,31 @@ def _collectives(rank: int, rounds: int) -> str:
     for size, tree in trees.items():
         leaves = fp.tree.leaves(tree)
         rows[f"psum 100 leaves x {size}"] = lambda t=tree: fpd.psum(t)
-        rows[f"per-leaf all_reduce 100 x {size}"] = lambda ls=leaves: [dist.all_reduce(x) for x in ls]
+        rows[f"per-leaf all_reduce 100 x {size}"] = lambda ls=leaves: [
+            dist.all_reduce(x) for x in ls
+        ]
     # NOTE: no time budget: both ranks must make the same calls in the same order.
     stats = _common.measure(rows, rounds=rounds, warmup=3)
     if rank != 0:
         return ""
-    out = [_common.table({k: stats[k] for k in list(rows)[:2]}, {"flat": "flat all_reduce 10M"}, 10_000_000,
-                         "psum of a 10M-parameter tree vs one flat all_reduce (ex/s = parameters/s)")]
+    out = [
+        _common.table(
+            {k: stats[k] for k in list(rows)[:2]},
+            {"flat": "flat all_reduce 10M"},
+            10_000_000,
+            "psum of a 10M-parameter tree vs one flat all_reduce (ex/s = parameters/s)",
+        )
+    ]
     for size in trees:
         keys = [f"psum 100 leaves x {size}", f"per-leaf all_reduce 100 x {size}"]
-        out.append(_common.table({k: stats[k] for k in keys}, {"per-leaf": keys[1]}, 100 * size,
-                                 f"100-leaf tree of {100 * size:,} parameters"))
+        out.append(
+            _common.table(
+                {k: stats[k] for k in keys},
+                {"per-leaf": keys[1]},
+                100 * size,
+                f"100-leaf tree of {100 * size:,} parameters",
+            )
+        )
     return "\n\n".join(out)
 
 
@@ -68,7 +82,9 @@ def _epoch(rank: int, data_dir: str, limit: int, batch: int) -> float:
     key = fp.distributed.shared_key(fp.random.key(0))
     variables = model.init(fp.random.fold_in(key, 1), x[:1])
     params = variables["params"]
-    opt = optim.chain(*([fpd.pmean_gradients()] if fpd.world_size() > 1 else []), optim.sgd(0.01, momentum=0.5))
+    opt = optim.chain(
+        *([fpd.pmean_gradients()] if fpd.world_size() > 1 else []), optim.sgd(0.01, momentum=0.5)
+    )
     state = opt.init(params)
 
     def loss_fn(p, xb, yb, k):
@@ -89,8 +105,12 @@ def _epoch(rank: int, data_dir: str, limit: int, batch: int) -> float:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--mnist", action="store_true", help="also time a data-parallel MNIST epoch, 1 vs 2 ranks")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    p.add_argument(
+        "--mnist", action="store_true", help="also time a data-parallel MNIST epoch, 1 vs 2 ranks"
+    )
+    p.add_argument(
+        "--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+    )
     p.add_argument("--limit-train", type=int, default=60_000, help="training examples per epoch")
     p.add_argument("--pairs", type=int, default=3, help="1-rank/2-rank epoch pairs (alternating)")
     args = p.parse_args()
@@ -102,10 +122,15 @@ def main() -> None:
             one.append(fpd.spawn(_epoch, 1, args.data_dir, args.limit_train, 64, timeout_s=1800)[0])
             two.append(fpd.spawn(_epoch, 2, args.data_dir, args.limit_train, 64, timeout_s=1800)[0])
         t1, t2 = statistics.median(one), statistics.median(two)
-        print(f"\nMNIST data-parallel epoch ({args.limit_train} examples, global batch 64, classic CNN, SGD), "
-              f"1 thread per rank, {args.pairs} alternating pairs")
-        print(f"| ranks | median s | all runs s |\n|---|---|---|\n| 1 | {t1:.2f} | {', '.join(f'{t:.2f}' for t in one)} |"
-              f"\n| 2 | {t2:.2f} | {', '.join(f'{t:.2f}' for t in two)} |")
+        print(
+            f"\nMNIST data-parallel epoch ({args.limit_train} examples, global batch 64, "
+            f"classic CNN, SGD), 1 thread per rank, {args.pairs} alternating pairs"
+        )
+        print(
+            "| ranks | median s | all runs s |\n|---|---|---|\n"
+            f"| 1 | {t1:.2f} | {', '.join(f'{t:.2f}' for t in one)} |\n"
+            f"| 2 | {t2:.2f} | {', '.join(f'{t:.2f}' for t in two)} |"
+        )
         print(f"speed-up {t1 / t2:.2f}x, scaling efficiency {t1 / (2 * t2):.0%}")
 
 

@@ -65,22 +65,29 @@ def _work_collectives(rank: int) -> dict:
         "gather_tiled1": fpd.all_gather({"a": t["a"], "c": t["c"]}, axis=1, tiled=True),
         "bcast": fpd.broadcast(t, src=1),
         "scatter": fpd.psum_scatter({"a": t["a"], "i": t["b"][1], "c": t["c"]}),  # 2 == N rows
-        "scatter_tiled": fpd.psum_scatter({"x": torch.arange(12.0).view(4, 3) * (rank + 1)}, tiled=True),
+        "scatter_tiled": fpd.psum_scatter(
+            {"x": torch.arange(12.0).view(4, 3) * (rank + 1)}, tiled=True
+        ),
         "scatter_dim2": fpd.psum_scatter({"c": t["c"]}, scatter_dimension=2),
         "bool_max": fpd.pmax(torch.tensor([rank == 0, False, rank == 1])),
         "many": fpd.psum(many),
     }
     out["calls"] = [str(d) for d in calls]
     big = _large(rank)
-    out["large"] = {"psum": fpd.psum(big), "pmean": fpd.pmean(big), "bcast": fpd.broadcast(big, src=1)}
+    out["large"] = {
+        "psum": fpd.psum(big),
+        "pmean": fpd.pmean(big),
+        "bcast": fpd.broadcast(big, src=1),
+    }
     dist.all_reduce = real
     out["unchanged"] = fp.tree.allclose(t, before, rtol=0, atol=0)
     out["rank"], out["world_size"] = fpd.rank(), fpd.world_size()
     # Under fp.jit(fullgraph=True): Dynamo traces the bucketing and the functional collectives.
     step = fp.jit(lambda tree: fpd.pmean(fp.tree.scale(tree, 2.0)), fullgraph=True, backend="eager")
     out["jit_pmean"] = step(_floats(t))
-    out["jit_psum_scatter"] = fp.jit(lambda x: fpd.psum_scatter(x, tiled=True), fullgraph=True,
-                                     backend="eager")(torch.arange(4.0) + rank)
+    out["jit_psum_scatter"] = fp.jit(
+        lambda x: fpd.psum_scatter(x, tiled=True), fullgraph=True, backend="eager"
+    )(torch.arange(4.0) + rank)
     out["bad"] = _bad_trees(rank)  # in the same processes: each spawn costs seconds
     return out
 
@@ -103,17 +110,23 @@ def test_collectives_match_references(collective_results: list) -> None:
         assert got["psum"]["b"][1].dtype == torch.int64
         assert torch.equal(got["psum"]["b"][1], total["b"][1])
         assert fp.tree.allclose(got["pmean"], floats_mean, rtol=1e-6, atol=1e-6)
-        assert fp.tree.allclose(got["pmax"], fp.tree.map(lambda s: s.amax(0), stack[0]), rtol=0, atol=0)
-        assert fp.tree.allclose(got["pmin"], fp.tree.map(lambda s: s.amin(0), stack[0]), rtol=0, atol=0)
+        assert fp.tree.allclose(
+            got["pmax"], fp.tree.map(lambda s: s.amax(0), stack[0]), rtol=0, atol=0
+        )
+        assert fp.tree.allclose(
+            got["pmin"], fp.tree.map(lambda s: s.amin(0), stack[0]), rtol=0, atol=0
+        )
         assert fp.tree.allclose(got["gather0"], stack[0], rtol=0, atol=0)
-        assert fp.tree.allclose(got["gather1"], fp.tree.map(lambda s: s.movedim(0, 1), stack[0]), rtol=0, atol=0)
+        assert fp.tree.allclose(
+            got["gather1"], fp.tree.map(lambda s: s.movedim(0, 1), stack[0]), rtol=0, atol=0
+        )
         cat1 = {k: torch.cat([t[k] for t in trees], dim=1) for k in ("a", "c")}
         assert fp.tree.allclose(got["gather_tiled1"], cat1, rtol=0, atol=0)
         assert fp.tree.allclose(got["bcast"], trees[1], rtol=0, atol=0)
         sub = {"a": total["a"][r], "i": total["b"][1][r], "c": total["c"][r]}
         assert fp.tree.allclose(got["scatter"], sub, rtol=1e-6, atol=1e-6)
         x_total = torch.arange(12.0).view(4, 3) * 3
-        assert torch.allclose(got["scatter_tiled"]["x"], x_total[2 * r:2 * r + 2])
+        assert torch.allclose(got["scatter_tiled"]["x"], x_total[2 * r : 2 * r + 2])
         assert torch.allclose(got["scatter_dim2"]["c"], total["c"][:, :, r])
         assert got["bool_max"].tolist() == [True, False, True]
         many_ref = {f"w{i}": torch.full((3,), float(2 * i + 1)) for i in range(50)}
@@ -121,23 +134,35 @@ def test_collectives_match_references(collective_results: list) -> None:
         assert fp.tree.allclose(got["many"], many_ref, rtol=0, atol=0)
         # one all_reduce per dtype bucket, not per leaf (psum: 3 dtypes, pmean: 2, pmax: 3,
         # pmin: 3, bool pmax: 1, 51-leaf psum: 2)
-        assert got["calls"] == (["torch.float64", "torch.float32", "torch.int64"] + ["torch.float64", "torch.float32"]
-                                + ["torch.float64", "torch.float32", "torch.int64"] * 2 + ["torch.uint8"]
-                                + ["torch.int64", "torch.float32"])
+        assert got["calls"] == (
+            ["torch.float64", "torch.float32", "torch.int64"]
+            + ["torch.float64", "torch.float32"]
+            + ["torch.float64", "torch.float32", "torch.int64"] * 2
+            + ["torch.uint8"]
+            + ["torch.int64", "torch.float32"]
+        )
         large = [_large(q) for q in range(N)]
         large_sum = fp.tree.map(lambda a, b: a + b, *large)
         assert fp.tree.allclose(got["large"]["psum"], large_sum, rtol=1e-6, atol=1e-6)
-        assert fp.tree.allclose(got["large"]["pmean"], fp.tree.scale(large_sum, 0.5), rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(
+            got["large"]["pmean"], fp.tree.scale(large_sum, 0.5), rtol=1e-6, atol=1e-6
+        )
         assert fp.tree.allclose(got["large"]["bcast"], large[1], rtol=0, atol=0)
-        assert fp.tree.allclose(got["jit_pmean"], fp.tree.scale(floats_mean, 2.0), rtol=1e-6, atol=1e-6)
-        assert torch.equal(got["jit_psum_scatter"], torch.tensor([1.0, 3.0, 5.0, 7.0])[2 * r:2 * r + 2])
+        assert fp.tree.allclose(
+            got["jit_pmean"], fp.tree.scale(floats_mean, 2.0), rtol=1e-6, atol=1e-6
+        )
+        assert torch.equal(
+            got["jit_psum_scatter"], torch.tensor([1.0, 3.0, 5.0, 7.0])[2 * r : 2 * r + 2]
+        )
 
 
 def _bad_trees(rank: int) -> dict:
     msgs = {}
     cases = {
         "shape": {"params": {"w": torch.zeros(3 + rank), "b": torch.zeros(2)}},
-        "keys": {"params": {"w": torch.zeros(3)}} if rank == 0 else {"params": {"v": torch.zeros(3)}},
+        "keys": {"params": {"w": torch.zeros(3)}}
+        if rank == 0
+        else {"params": {"v": torch.zeros(3)}},
         "dtype": {"w": torch.zeros(2, dtype=torch.float32 if rank == 0 else torch.float64)},
     }
     for name, tree in cases.items():
@@ -148,10 +173,12 @@ def _bad_trees(rank: int) -> dict:
             msgs[name] = str(e)
     # the group still works after the errors (both ranks raised, nothing is left pending)
     msgs["after"] = fpd.psum(torch.ones(1))
-    for bad, exc in [(lambda: fpd.pmean({"i": torch.arange(2)}), TypeError),
-                     (lambda: fpd.broadcast(torch.ones(1), src=2), ValueError),
-                     (lambda: fpd.psum_scatter({"x": torch.ones(3)}), ValueError),
-                     (lambda: fpd.psum({"x": 1.0}), TypeError)]:
+    for bad, exc in [
+        (lambda: fpd.pmean({"i": torch.arange(2)}), TypeError),
+        (lambda: fpd.broadcast(torch.ones(1), src=2), ValueError),
+        (lambda: fpd.psum_scatter({"x": torch.ones(3)}), ValueError),
+        (lambda: fpd.psum({"x": 1.0}), TypeError),
+    ]:
         try:
             bad()
             msgs[exc.__name__ + str(len(msgs))] = "no error"
@@ -160,25 +187,37 @@ def _bad_trees(rank: int) -> dict:
     return msgs
 
 
-def test_trees_that_differ_across_ranks_raise_naming_rank_and_path(collective_results: list) -> None:
+def test_trees_that_differ_across_ranks_raise_naming_rank_and_path(
+    collective_results: list,
+) -> None:
     for msgs in (got["bad"] for got in collective_results):
-        assert re.search(r"psum: the tree differs across ranks \(rank 1 vs rank 0\): leaf at path "
-                         r"`params\.w` has shape \(4,\).*on rank 1 but shape \(3,\)", msgs["shape"])
-        assert re.search(r"key paths only on rank 1: \['params\.v'\]; only on rank 0: \['params\.w'\]",
-                         msgs["keys"])
+        assert re.search(
+            r"psum: the tree differs across ranks \(rank 1 vs rank 0\): leaf at path "
+            r"`params\.w` has shape \(4,\).*on rank 1 but shape \(3,\)",
+            msgs["shape"],
+        )
+        assert re.search(
+            r"key paths only on rank 1: \['params\.v'\]; only on rank 0: \['params\.w'\]",
+            msgs["keys"],
+        )
         assert re.search(r"`w` has shape \(2,\) and dtype torch.float64 on rank 1", msgs["dtype"])
         assert msgs["after"].item() == 2.0
         rest = [v for k, v in msgs.items() if k[0].isupper()]
         assert re.search(r"pmean: leaf at path `i` has dtype torch.int64", rest[0])
         assert re.search(r"broadcast: `src` must be a rank in \[0, 2\), got 2", rest[1])
-        assert re.search(r"psum_scatter: leaf at path `x` has shape \(3,\); axis 0 must have exactly 2", rest[2])
+        assert re.search(
+            r"psum_scatter: leaf at path `x` has shape \(3,\); axis 0 must have exactly 2", rest[2]
+        )
         assert re.search(r"psum: leaf at path `x` is a float, not a tensor", rest[3])
 
 
 def test_collective_without_process_group_says_how_to_launch() -> None:
     assert not fpd.is_initialized() and fpd.rank() == 0 and fpd.world_size() == 1
-    with pytest.raises(RuntimeError, match=r"fp.distributed.psum: torch.distributed is not initialised; "
-                       r"launch the script with `torchrun --nproc_per_node N"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"fp.distributed.psum: torch.distributed is not initialised; "
+        r"launch the script with `torchrun --nproc_per_node N",
+    ):
         fpd.psum({"w": torch.ones(2)})
 
 
@@ -200,7 +239,10 @@ def test_a_dead_rank_makes_the_others_fail_quickly() -> None:
         fpd.spawn(_work_dies, N, timeout_s=20)
     msg = str(info.value)
     assert "rank 1: exited with code 3 without a result" in msg
-    assert re.search(r"rank 0: RuntimeError: psum: the collective failed on rank 0 \(a peer rank may have died", msg)
+    assert re.search(
+        r"rank 0: RuntimeError: psum: the collective failed on rank 0 \(a peer rank may have died",
+        msg,
+    )
     assert time.monotonic() - start < 50
 
 
@@ -211,9 +253,14 @@ def _work_cuda(rank: int) -> dict:
     params = {"w": torch.arange(7.0, device=dev)}
     state = opt.init(params)
     updates, _ = opt.update({"w": torch.ones(7, device=dev) * (rank + 1)}, state, params)
-    out = {"psum": fpd.psum(t), "pmean": fpd.pmean(_floats(t)), "gather": fpd.all_gather(t),
-           "bcast": fpd.broadcast(t, src=0), "zero_updates": updates,
-           "device": str(fpd.psum(t)["a"].device)}
+    out = {
+        "psum": fpd.psum(t),
+        "pmean": fpd.pmean(_floats(t)),
+        "gather": fpd.all_gather(t),
+        "bcast": fpd.broadcast(t, src=0),
+        "zero_updates": updates,
+        "device": str(fpd.psum(t)["a"].device),
+    }
     return fp.tree.to(out, "cpu")
 
 
@@ -227,7 +274,9 @@ def test_nccl_collectives_on_cuda() -> None:
     for r, got in enumerate(res):
         assert got["device"] == f"cuda:{r}"
         assert fp.tree.allclose(got["psum"], total, rtol=1e-6, atol=1e-6)
-        assert fp.tree.allclose(got["pmean"], fp.tree.map(lambda s: s.mean(0), _floats(stack)), rtol=1e-6, atol=1e-6)
+        assert fp.tree.allclose(
+            got["pmean"], fp.tree.map(lambda s: s.mean(0), _floats(stack)), rtol=1e-6, atol=1e-6
+        )
         assert fp.tree.allclose(got["gather"], stack, rtol=0, atol=0)
         assert fp.tree.allclose(got["bcast"], trees[0], rtol=0, atol=0)
         # Adam's first step is -lr * sign(mean gradient)

@@ -18,18 +18,24 @@ N_DATA, D_IN, H, C = 64, 5, 8, 3
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return torch.randn(N_DATA, D_IN, generator=g, dtype=torch.float64), torch.randint(0, C, (N_DATA,), generator=g)
+    return torch.randn(N_DATA, D_IN, generator=g, dtype=torch.float64), torch.randint(
+        0, C, (N_DATA,), generator=g
+    )
 
 
 def _init() -> dict:
     g = torch.Generator().manual_seed(8)
-    return {"w1": torch.randn(D_IN, H, generator=g, dtype=torch.float64) * 0.5,
-            "b1": torch.zeros(H, dtype=torch.float64),
-            "w2": torch.randn(H, C, generator=g, dtype=torch.float64) * 0.5,
-            "b2": torch.zeros(C, dtype=torch.float64)}
+    return {
+        "w1": torch.randn(D_IN, H, generator=g, dtype=torch.float64) * 0.5,
+        "b1": torch.zeros(H, dtype=torch.float64),
+        "w2": torch.randn(H, C, generator=g, dtype=torch.float64) * 0.5,
+        "b2": torch.zeros(C, dtype=torch.float64),
+    }
 
 
-def _loss(params: dict, x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, p_drop: float) -> torch.Tensor:
+def _loss(
+    params: dict, x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, p_drop: float
+) -> torch.Tensor:
     h = torch.tanh(x @ params["w1"] + params["b1"])
     if p_drop:
         # keys: one per example, from the example's index in the GLOBAL batch
@@ -60,13 +66,19 @@ def _train(distributed: bool, p_drop: float, steps: int = 20, batch: int = 16) -
 def _per_example_grads(params: dict, idx: torch.Tensor) -> dict:
     x_all, y_all = _data()
     keys = torch.zeros(len(idx), 2, dtype=torch.int64)
-    return fp.per_sample_grads(_loss, batch_argnums=(1, 2, 3), method="vmap")(params, x_all[idx], y_all[idx], keys, 0.0)
+    return fp.per_sample_grads(_loss, batch_argnums=(1, 2, 3), method="vmap")(
+        params, x_all[idx], y_all[idx], keys, 0.0
+    )
 
 
 def _dp_steps(distributed: bool, sigma: float, steps: int = 3) -> list:
     params = _init()
-    make = fpd.differentially_private_aggregate if distributed else optim.differentially_private_aggregate
-    tx = make(0.1, sigma, seed=3)
+    make = (
+        fpd.differentially_private_aggregate
+        if distributed
+        else optim.differentially_private_aggregate
+    )
+    tx = make(0.1, sigma, key=3)
     state = tx.init(params)
     outs = []
     for step in range(steps):
@@ -86,15 +98,22 @@ def _work(rank: int) -> dict:
         "adam_clip_dropout": _train(True, 0.3),
         "dp_sigma0": _dp_steps(True, 0.0),
         "dp_sigma": _dp_steps(True, 1.1),
-        "poisson": [fpd.poisson_indices(fp.random.fold_in(fp.random.key(5), s), 1000, 0.05) for s in range(20)],
+        "poisson": [
+            fpd.poisson_indices(fp.random.fold_in(fp.random.key(5), s), 1000, 0.05)
+            for s in range(20)
+        ],
         "shared_key": fpd.shared_key(fp.random.key(100 + rank)),
         "rank_key": fpd.rank_key(fp.random.key(0)),
     }
     # Noise is added once to the global sum: std C * sigma of (result * global batch size).
     b = 3 + rank  # ragged shares: 3 and 4 examples of zero gradient
-    tx = fpd.differentially_private_aggregate(0.5, 2.0, seed=fp.random.key(6))
+    tx = fpd.differentially_private_aggregate(0.5, 2.0, key=fp.random.key(6))
     zeros = {"w": torch.zeros(b, 20000, dtype=torch.float64)}
-    out["noise"] = tx.update(zeros, tx.init({"w": torch.zeros(20000, dtype=torch.float64)}))[0]["w"] * 7 / (0.5 * 2.0)
+    out["noise"] = (
+        tx.update(zeros, tx.init({"w": torch.zeros(20000, dtype=torch.float64)}))[0]["w"]
+        * 7
+        / (0.5 * 2.0)
+    )
     try:
         fpd.shard({"x": torch.zeros(5, 2)})
     except ValueError as e:
@@ -105,12 +124,19 @@ def _work(rank: int) -> dict:
 def test_data_parallel_matches_one_process_and_dp_noise_is_added_once() -> None:
     res = fpd.spawn(_work, N, timeout_s=TIMEOUT)
     ref = {"adam_clip": _train(False, 0.0), "adam_clip_dropout": _train(False, 0.3)}
-    assert not fp.tree.allclose(ref["adam_clip"], ref["adam_clip_dropout"], rtol=0, atol=1e-3)  # dropout acts
-    assert not fp.tree.allclose(ref["adam_clip"], _init(), rtol=0, atol=1e-2)  # training moved the params
+    assert not fp.tree.allclose(
+        ref["adam_clip"], ref["adam_clip_dropout"], rtol=0, atol=1e-3
+    )  # dropout acts
+    assert not fp.tree.allclose(
+        ref["adam_clip"], _init(), rtol=0, atol=1e-2
+    )  # training moved the params
     ref_dp0, ref_dp = _dp_steps(False, 0.0), _dp_steps(False, 1.1)
     for r, got in enumerate(res):
         for name in ("adam_clip", "adam_clip_dropout"):
-            diff = max(float((a - b).abs().max()) for a, b in zip(fp.tree.leaves(got[name]), fp.tree.leaves(ref[name]), strict=True))
+            diff = max(
+                float((a - b).abs().max())
+                for a, b in zip(fp.tree.leaves(got[name]), fp.tree.leaves(ref[name]), strict=True)
+            )
             assert diff < 1e-10, (name, r, diff)
         for a, b in zip(got["dp_sigma0"], ref_dp0, strict=True):
             assert fp.tree.allclose(a, b, rtol=0, atol=1e-12)
@@ -118,8 +144,10 @@ def test_data_parallel_matches_one_process_and_dp_noise_is_added_once() -> None:
             assert fp.tree.allclose(a, b, rtol=0, atol=1e-12)
         assert torch.equal(got["shared_key"], fp.random.key(100))
         assert torch.equal(got["rank_key"], fp.random.fold_in(fp.random.key(0), r))
-        assert re.search(r"shard: leaf at path `x` has 5 entries on axis 0, not divisible by the world size 2",
-                         got["shard_error"])
+        assert re.search(
+            r"shard: leaf at path `x` has 5 entries on axis 0, not divisible by the world size 2",
+            got["shard_error"],
+        )
     # the noise is identical on both ranks, N(0, 1) after rescaling, not sqrt(2) wider
     noise = res[0]["noise"]
     assert torch.equal(noise, res[1]["noise"])
@@ -128,7 +156,9 @@ def test_data_parallel_matches_one_process_and_dp_noise_is_added_once() -> None:
     sizes = []
     for s in range(20):
         mine = [res[r]["poisson"][s] for r in range(N)]
-        whole = torch.nonzero(fp.data.poisson_mask(fp.random.fold_in(fp.random.key(5), s), 1000, 0.05)).flatten()
+        whole = torch.nonzero(
+            fp.data.poisson_mask(fp.random.fold_in(fp.random.key(5), s), 1000, 0.05)
+        ).flatten()
         assert torch.equal(torch.cat(mine), whole)
         assert abs(len(mine[0]) - len(mine[1])) <= 1
         sizes.append(len(whole))

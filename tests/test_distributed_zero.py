@@ -29,8 +29,14 @@ ELEMENTWISE = {
 def _params(dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     # odd sizes (45 + 7 + 12 = 64 f-numbers, 5 in a second dtype) so the padding is exercised
-    return {"a": torch.randn(3, 15, generator=g, dtype=dtype), "b": [torch.randn(7, generator=g, dtype=dtype),
-            torch.randn(2, 2, 3, generator=g, dtype=dtype)], "h": torch.randn(5, generator=g, dtype=torch.float64)}
+    return {
+        "a": torch.randn(3, 15, generator=g, dtype=dtype),
+        "b": [
+            torch.randn(7, generator=g, dtype=dtype),
+            torch.randn(2, 2, 3, generator=g, dtype=dtype),
+        ],
+        "h": torch.randn(5, generator=g, dtype=torch.float64),
+    }
 
 
 def _loss(params: dict, rank: int) -> torch.Tensor:
@@ -38,7 +44,7 @@ def _loss(params: dict, rank: int) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for leaf in fp.tree.leaves(params):
         d = torch.randn(leaf.shape, generator=g, dtype=leaf.dtype)
-        total = total + ((leaf - d) ** 2 * (1 + 0.1 * leaf ** 2)).mean().double()
+        total = total + ((leaf - d) ** 2 * (1 + 0.1 * leaf**2)).mean().double()
     return total
 
 
@@ -61,20 +67,37 @@ def _work(rank: int) -> dict:
     for dtype in (torch.float64, torch.float32):
         inner = optim.chain(fpd.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))
         sharded, s_state = _run(fpd.shard_optimizer(inner), rank, 10, dtype)
-        replicated, r_state = _run(optim.chain(fpd.pmean_gradients(), optim.clip_by_global_norm(0.5),
-                                               optim.adamw(1e-2, weight_decay=0.1)), rank, 10, dtype)
-        out[str(dtype)] = {"sharded": sharded, "replicated": replicated,
-                           "bytes": (fp.tree.nbytes(s_state), fp.tree.nbytes(r_state))}
-    out["registry"] = {name: _run(fpd.shard_optimizer(make()), rank, 3, torch.float64)[0]
-                       for name, make in ELEMENTWISE.items()}
+        replicated, r_state = _run(
+            optim.chain(
+                fpd.pmean_gradients(),
+                optim.clip_by_global_norm(0.5),
+                optim.adamw(1e-2, weight_decay=0.1),
+            ),
+            rank,
+            10,
+            dtype,
+        )
+        out[str(dtype)] = {
+            "sharded": sharded,
+            "replicated": replicated,
+            "bytes": (fp.tree.nbytes(s_state), fp.tree.nbytes(r_state)),
+        }
+    out["registry"] = {
+        name: _run(fpd.shard_optimizer(make()), rank, 3, torch.float64)[0]
+        for name, make in ELEMENTWISE.items()
+    }
     return out
 
 
 def test_sharded_optimizer_matches_replicated_and_one_process() -> None:
     res = fpd.spawn(_work, N, timeout_s=TIMEOUT)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
-        ref, ref_state = _run(optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1)),
-                              None, 10, dtype)
+        ref, ref_state = _run(
+            optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1)),
+            None,
+            10,
+            dtype,
+        )
         assert not fp.tree.allclose(ref, _params(dtype), rtol=0, atol=1e-2)
         for r in range(N):
             got = res[r][str(dtype)]
@@ -97,5 +120,7 @@ def test_sharded_optimizer_matches_replicated_and_one_process() -> None:
 
 def test_sharded_optimizer_needs_a_process_group() -> None:
     opt = fpd.shard_optimizer(optim.adam(1e-3))
-    with pytest.raises(RuntimeError, match=r"shard_optimizer.init: torch.distributed is not initialised; launch"):
+    with pytest.raises(
+        RuntimeError, match=r"shard_optimizer.init: torch.distributed is not initialised; launch"
+    ):
         opt.init({"w": torch.zeros(2)})

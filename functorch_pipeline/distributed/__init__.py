@@ -18,7 +18,6 @@ from functorch_pipeline.distributed._collectives import pmin
 from functorch_pipeline.distributed._collectives import psum
 from functorch_pipeline.distributed._collectives import psum_scatter
 from functorch_pipeline.distributed._collectives import reduce_scatter
-from functorch_pipeline.distributed._data_parallel import DifferentiallyPrivateAggregateState
 from functorch_pipeline.distributed._data_parallel import data_parallel
 from functorch_pipeline.distributed._data_parallel import differentially_private_aggregate
 from functorch_pipeline.distributed._data_parallel import pmean_gradients
@@ -38,7 +37,6 @@ from functorch_pipeline.distributed._zero import clip_by_global_norm
 from functorch_pipeline.distributed._zero import shard_optimizer
 
 __all__ = [
-    "DifferentiallyPrivateAggregateState",
     "ShardedOptimizer",
     "all_gather",
     "barrier",

@@ -48,12 +48,20 @@ def _write(fn: str, thunk: Any, src: int, group: Any) -> Any:
     if err is not None:
         raise err
     if status:
-        raise RuntimeError(f"fp.distributed.{fn}: rank {src} failed to write the checkpoint (see its error)")
+        raise RuntimeError(
+            f"fp.distributed.{fn}: rank {src} failed to write the checkpoint (see its error)"
+        )
     return out
 
 
-def save(path: str | os.PathLike[str], tree: Any, *, metadata: Mapping[str, str] | None = None, src: int = 0,
-         group: Any = None) -> str:
+def save(
+    path: str | os.PathLike[str],
+    tree: Any,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    src: int = 0,
+    group: Any = None,
+) -> str:
     """``fp.save`` by rank ``src`` only; returns on every rank once the file is complete.
 
     A collective (NOTE [one writer, agreed outcome]). Without a process group it is
@@ -81,8 +89,13 @@ def save(path: str | os.PathLike[str], tree: Any, *, metadata: Mapping[str, str]
     return os.fspath(path)
 
 
-def load(path: str | os.PathLike[str], like: Any = None, *, device: torch.device | str | int | None = None,
-         group: Any = None) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    like: Any = None,
+    *,
+    device: torch.device | str | int | None = None,
+    group: Any = None,
+) -> Any:
     """``fp.load`` on every rank (after :func:`save` returned, the file is complete).
 
     Args:
@@ -104,8 +117,15 @@ def load(path: str | os.PathLike[str], like: Any = None, *, device: torch.device
     return serialization.load(path, like, device=device)
 
 
-def save_checkpoint(manager: Any, step: int, tree: Any, *, metrics: Mapping[str, Any] | None = None,
-                    src: int = 0, group: Any = None) -> str:
+def save_checkpoint(
+    manager: Any,
+    step: int,
+    tree: Any,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    src: int = 0,
+    group: Any = None,
+) -> str:
     """``manager.save(step, tree, metrics=...)`` by rank ``src``; every rank waits for it.
 
     Only rank ``src`` touches the directory, so retention and the manager's run id work as
@@ -135,8 +155,15 @@ def save_checkpoint(manager: Any, step: int, tree: Any, *, metrics: Mapping[str,
     return manager.path(int(step))
 
 
-def restore_checkpoint(manager: Any, like: Any = None, *, step: int | None = None,
-                       device: torch.device | str | int | None = None, src: int = 0, group: Any = None) -> Any:
+def restore_checkpoint(
+    manager: Any,
+    like: Any = None,
+    *,
+    step: int | None = None,
+    device: torch.device | str | int | None = None,
+    src: int = 0,
+    group: Any = None,
+) -> Any:
     """Every rank restores the same step (default: rank ``src``'s latest).
 
     Args:
@@ -164,5 +191,7 @@ def restore_checkpoint(manager: Any, like: Any = None, *, step: int | None = Non
         mine = manager.latest_step() if rank(group) == src else None
         step = _agree("restore_checkpoint", -1 if mine is None else int(mine), src, group)
         if step < 0:
-            raise FileNotFoundError(f"fp.distributed.restore_checkpoint: no checkpoint in {manager.directory!r}")
+            raise FileNotFoundError(
+                f"fp.distributed.restore_checkpoint: no checkpoint in {manager.directory!r}"
+            )
     return manager.restore(step, like, device=device)

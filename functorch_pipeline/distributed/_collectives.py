@@ -74,7 +74,9 @@ def _leaves(fn: str, tree: Any) -> tuple[list[torch.Tensor], Any]:
 
 def _describe(tree: Any) -> tuple[str, list[tuple[str, tuple[int, ...], str]]]:
     paths, leaves, treedef = fpt.flatten_with_path(tree)
-    return str(treedef), [(fpt.keystr(p), tuple(x.shape), str(x.dtype)) for p, x in zip(paths, leaves, strict=True)]
+    return str(treedef), [
+        (fpt.keystr(p), tuple(x.shape), str(x.dtype)) for p, x in zip(paths, leaves, strict=True)
+    ]
 
 
 def _mismatch(fn: str, descs: list[Any], hashes: list[int]) -> str:
@@ -85,12 +87,17 @@ def _mismatch(fn: str, descs: list[Any], hashes: list[int]) -> str:
     if p0 != pr:
         only_r = [p for p in pr if p not in p0][:5]
         only_0 = [p for p in p0 if p not in pr][:5]
-        return head + (f"key paths only on rank {r}: {only_r}; only on rank 0: {only_0}"
-                       if only_r or only_0 else f"the leaves come in another order: {pr[:5]} vs {p0[:5]}")
+        return head + (
+            f"key paths only on rank {r}: {only_r}; only on rank 0: {only_0}"
+            if only_r or only_0
+            else f"the leaves come in another order: {pr[:5]} vs {p0[:5]}"
+        )
     for (path, s0, d0), (_, sr, dr) in zip(l0, lr, strict=True):
         if (s0, d0) != (sr, dr):
-            return head + (f"leaf at path `{path}` has shape {sr} and dtype {dr} on rank {r} "
-                           f"but shape {s0} and dtype {d0} on rank 0")
+            return head + (
+                f"leaf at path `{path}` has shape {sr} and dtype {dr} on rank {r} "
+                f"but shape {s0} and dtype {d0} on rank 0"
+            )
     return head + f"tree structure {tdr} on rank {r} but {td0} on rank 0"
 
 
@@ -123,7 +130,9 @@ def check_same_tree(tree: Any, *, group: Any = None, fn: str = "check_same_tree"
     _check(fn, tree, leaves, treedef, g, force=True)
 
 
-def _check(fn: str, tree: Any, leaves: list[torch.Tensor], treedef: Any, g: Any, force: bool = False) -> None:
+def _check(
+    fn: str, tree: Any, leaves: list[torch.Tensor], treedef: Any, g: Any, force: bool = False
+) -> None:
     sig = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
     entry = _CHECKED.get(id(g))
     if entry is None or entry[0] is not g:
@@ -191,8 +200,9 @@ def _chunks(idx: list[int], leaves: list[torch.Tensor]) -> list[list[int]]:
     return out
 
 
-def _eager_inplace(fn: str, leaves: list[torch.Tensor], launch: Callable[[torch.Tensor], Any]
-                   ) -> list[tuple[list[int], torch.Tensor]]:
+def _eager_inplace(
+    fn: str, leaves: list[torch.Tensor], launch: Callable[[torch.Tensor], Any]
+) -> list[tuple[list[int], torch.Tensor]]:
     """Pack every chunk into an owned buffer, launch ``launch(slice)`` (async) on each
     slice, wait for all; return ``(leaf positions, buffer)`` per chunk (NOTE [eager
     buckets of 4 MB])."""
@@ -205,7 +215,7 @@ def _eager_inplace(fn: str, leaves: list[torch.Tensor], launch: Callable[[torch.
                     buf = buf.to(torch.uint8)
                 step = max(1, _BUCKET_BYTES // buf.element_size())
                 for start in range(0, buf.numel(), step):
-                    works.append(launch(buf[start:start + step]))
+                    works.append(launch(buf[start : start + step]))
                 done.append((chunk, buf))
         for w in works:
             w.wait()
@@ -217,7 +227,9 @@ def _eager_inplace(fn: str, leaves: list[torch.Tensor], launch: Callable[[torch.
     return done
 
 
-def _scatter_back(done: list[tuple[list[int], torch.Tensor]], leaves: list[torch.Tensor], out: list[Any]) -> None:
+def _scatter_back(
+    done: list[tuple[list[int], torch.Tensor]], leaves: list[torch.Tensor], out: list[Any]
+) -> None:
     for chunk, buf in done:
         xs = [leaves[i] for i in chunk]
         if xs[0].dtype == torch.bool:
@@ -280,11 +292,15 @@ def _all_reduce(fn: str, tree: Any, op: str, group: Any, mean: bool = False) -> 
     for idx in _buckets(leaves):
         dtype = leaves[idx[0]].dtype
         if dtype == torch.bool and op == "sum":
-            raise TypeError(f"fp.distributed.{fn}: boolean leaves cannot be summed; cast them first")
+            raise TypeError(
+                f"fp.distributed.{fn}: boolean leaves cannot be summed; cast them first"
+            )
         if mean and not (dtype.is_floating_point or dtype.is_complex):
             path = fpt.keystr(fpt.flatten_with_path(tree)[0][idx[0]])
-            raise TypeError(f"fp.distributed.{fn}: leaf at path `{path}` has dtype {dtype}; "
-                            "the mean needs floating point (use psum for integers)")
+            raise TypeError(
+                f"fp.distributed.{fn}: leaf at path `{path}` has dtype {dtype}; "
+                "the mean needs floating point (use psum for integers)"
+            )
     n = dist.get_world_size(g)
     out: list[Any] = [None] * len(leaves)
     if _compiling():
@@ -297,7 +313,9 @@ def _all_reduce(fn: str, tree: Any, op: str, group: Any, mean: bool = False) -> 
             for i, y in zip(idx, _unflat(red, xs), strict=True):
                 out[i] = y
         return fpt.unflatten(treedef, out)
-    done = _eager_inplace(fn, leaves, lambda t: dist.all_reduce(t, op=_OPS[op], group=g, async_op=True))
+    done = _eager_inplace(
+        fn, leaves, lambda t: dist.all_reduce(t, op=_OPS[op], group=g, async_op=True)
+    )
     if mean:
         for _, buf in done:
             buf.div_(n)
@@ -418,8 +436,10 @@ def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = No
         for i, x in zip(idx, xs, strict=True):
             if not -x.dim() - 1 <= axis <= x.dim() or (tiled and not -x.dim() <= axis < x.dim()):
                 path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
-                raise ValueError(f"fp.distributed.all_gather: `axis`={axis} is out of range for the "
-                                 f"leaf at path `{path}` of shape {tuple(x.shape)} (tiled={tiled})")
+                raise ValueError(
+                    f"fp.distributed.all_gather: `axis`={axis} is out of range for the "
+                    f"leaf at path `{path}` of shape {tuple(x.shape)} (tiled={tiled})"
+                )
         buf = _flat(xs)
         if dtype == torch.bool:
             buf = buf.to(torch.uint8)
@@ -429,7 +449,7 @@ def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = No
             y = p.reshape(n, *x.shape)
             if tiled:
                 a = axis % x.dim()
-                y = y.movedim(0, a).reshape(*x.shape[:a], n * x.shape[a], *x.shape[a + 1:])
+                y = y.movedim(0, a).reshape(*x.shape[:a], n * x.shape[a], *x.shape[a + 1 :])
             else:
                 y = y.movedim(0, axis % (x.dim() + 1))
             out[i] = y
@@ -471,12 +491,16 @@ def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
                 out[i] = y
         return fpt.unflatten(treedef, out)
     root = dist.get_global_rank(g, src)
-    done = _eager_inplace("broadcast", leaves, lambda t: dist.broadcast(t, src=root, group=g, async_op=True))
+    done = _eager_inplace(
+        "broadcast", leaves, lambda t: dist.broadcast(t, src=root, group=g, async_op=True)
+    )
     _scatter_back(done, leaves, out)
     return fpt.unflatten(treedef, out)
 
 
-def psum_scatter(tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, group: Any = None) -> Any:
+def psum_scatter(
+    tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, group: Any = None
+) -> Any:
     """Sum over ranks and give each rank one slice (``jax.lax.psum_scatter``).
 
     Each leaf's axis ``scatter_dimension`` is cut into ``world_size`` equal blocks; rank
@@ -507,7 +531,9 @@ def psum_scatter(tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, 
         xs = [leaves[i] for i in idx]
         dtype = xs[0].dtype
         if dtype == torch.bool:
-            raise TypeError("fp.distributed.psum_scatter: boolean leaves cannot be summed; cast them first")
+            raise TypeError(
+                "fp.distributed.psum_scatter: boolean leaves cannot be summed; cast them first"
+            )
         blocks = []
         for i, x in zip(idx, xs, strict=True):
             size = x.shape[d] if -x.dim() <= d < x.dim() else None
@@ -515,8 +541,10 @@ def psum_scatter(tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, 
                 path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
                 need = f"exactly {n}" if not tiled else f"a multiple of {n}"
                 raise ValueError(
-                    f"fp.distributed.psum_scatter: leaf at path `{path}` has shape {tuple(x.shape)}; "
-                    f"axis {d} must have {need} entries (world size {n}, tiled={tiled})")
+                    f"fp.distributed.psum_scatter: leaf at path `{path}` has shape "
+                    f"{tuple(x.shape)}; axis {d} must have {need} entries "
+                    f"(world size {n}, tiled={tiled})"
+                )
             blocks.append(x.movedim(d, 0).reshape(n, -1))
         buf = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).reshape(-1)
         got = _guard("psum_scatter", lambda b=buf: _reduce_scatter_buf(b, g))

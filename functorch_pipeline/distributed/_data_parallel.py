@@ -14,12 +14,10 @@ the same numbers on every rank, up to summation order. Randomness tied to exampl
 from __future__ import annotations
 
 from typing import Any
-from typing import NamedTuple
 
 import torch
 
 from functorch_pipeline import optim
-from functorch_pipeline import random as fpr
 from functorch_pipeline import tree as fpt
 from functorch_pipeline.data import poisson_mask
 from functorch_pipeline.distributed._collectives import pmean
@@ -28,7 +26,6 @@ from functorch_pipeline.distributed._runtime import rank
 from functorch_pipeline.distributed._runtime import world_size
 
 __all__ = [
-    "DifferentiallyPrivateAggregateState",
     "data_parallel",
     "differentially_private_aggregate",
     "pmean_gradients",
@@ -59,14 +56,22 @@ def shard(tree: Any, *, axis: int = 0, group: Any = None) -> Any:
     paths, leaves, treedef = fpt.flatten_with_path(tree)
     out = []
     for path, x in zip(paths, leaves, strict=True):
-        if not isinstance(x, torch.Tensor) or not -x.dim() <= axis < max(x.dim(), 1) or x.dim() == 0:
-            raise ValueError(f"fp.distributed.shard: leaf at path `{fpt.keystr(path)}` has no axis {axis} "
-                             f"({type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))})")
+        if (
+            not isinstance(x, torch.Tensor)
+            or not -x.dim() <= axis < max(x.dim(), 1)
+            or x.dim() == 0
+        ):
+            raise ValueError(
+                f"fp.distributed.shard: leaf at path `{fpt.keystr(path)}` has no axis {axis} "
+                f"({type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))})"
+            )
         size = x.shape[axis]
         if size % n:
-            raise ValueError(f"fp.distributed.shard: leaf at path `{fpt.keystr(path)}` has {size} entries on "
-                             f"axis {axis}, not divisible by the world size {n}; use a global batch size "
-                             f"that is a multiple of {n}")
+            raise ValueError(
+                f"fp.distributed.shard: leaf at path `{fpt.keystr(path)}` has {size} entries on "
+                f"axis {axis}, not divisible by the world size {n}; use a global batch size "
+                f"that is a multiple of {n}"
+            )
         out.append(x.narrow(axis, r * (size // n), size // n))
     return fpt.unflatten(treedef, out)
 
@@ -98,7 +103,9 @@ def pmean_gradients(*, group: Any = None) -> optim.GradientTransformation:
     return optim.GradientTransformation(lambda params: optim.EmptyState(), update_fn)
 
 
-def data_parallel(optimizer: optim.GradientTransformation, *, group: Any = None) -> optim.GradientTransformation:
+def data_parallel(
+    optimizer: optim.GradientTransformation, *, group: Any = None
+) -> optim.GradientTransformation:
     """``optimizer`` applied to the gradients averaged over ranks, with ``optimizer``'s own state.
 
     The same as ``optim.chain(pmean_gradients(), optimizer)`` but its state is exactly
@@ -127,7 +134,9 @@ def data_parallel(optimizer: optim.GradientTransformation, *, group: Any = None)
     return optim.GradientTransformation(optimizer.init, update_fn)
 
 
-def poisson_indices(key: torch.Tensor, num_examples: int, sample_rate: float, *, group: Any = None) -> torch.Tensor:
+def poisson_indices(
+    key: torch.Tensor, num_examples: int, sample_rate: float, *, group: Any = None
+) -> torch.Tensor:
     """This rank's share of one Poisson-sampled batch (DP-SGD's sampling), sharded.
 
     The global batch is ``fp.data.poisson_mask(key, num_examples, sample_rate)`` (each
@@ -155,81 +164,65 @@ def poisson_indices(key: torch.Tensor, num_examples: int, sample_rate: float, *,
     return torch.tensor_split(torch.nonzero(mask).flatten(), world_size(group))[rank(group)]
 
 
-class DifferentiallyPrivateAggregateState(NamedTuple):
-    """State of :func:`differentially_private_aggregate`: the base key and the step count."""
-
-    rng_key: torch.Tensor
-    count: torch.Tensor
-
-
 def differentially_private_aggregate(
-    l2_norm_clip: float, noise_multiplier: float, seed: int | torch.Tensor, *, group: Any = None
+    l2_norm_clip: float, noise_multiplier: float, key: int | torch.Tensor, *, group: Any = None
 ) -> optim.GradientTransformation:
     r"""``fp.optim.differentially_private_aggregate`` across ranks: clip locally, add noise once.
 
     Each rank clips its own examples' gradients and sums them; one :func:`psum` (that also
     carries the example count) gives the global clipped sum; then every rank adds the SAME
-    Gaussian noise, drawn from the shared ``seed`` exactly as the one-process version draws
-    it, and divides by the global batch size:
+    Gaussian noise with ``fp.optim.add_dp_noise`` (the draw of the one-process aggregate,
+    from the shared ``key``) and divides by the global batch size:
 
     .. math:: u = \frac{1}{\sum_r B_r}\Big(\sum_r \sum_{i \in r} \mathrm{clip}_C(g_i)
               + \mathcal N(0, (C\sigma)^2 I)\Big)
 
     So the noise is added once to the global sum (standard deviation ``C σ``, not
-    ``sqrt(N) C σ``), the result is identical on every rank, and with the same seed it
+    ``sqrt(N) C σ``), the result is identical on every rank, and with the same key it
     equals ``fp.optim.differentially_private_aggregate`` on the concatenated batch up to
-    summation order. ``seed`` must be the same on every rank (see :func:`shared_key`).
+    summation order. ``key`` must be the same on every rank (see :func:`shared_key`).
+    The state is ``fp.optim``'s ``DifferentiallyPrivateAggregateState``.
 
     Args:
       l2_norm_clip: the per-example L2 bound ``C``.
       noise_multiplier: ``σ``.
-      seed: an int or an ``fp.random`` key, identical on every rank.
+      key: an ``fp.random`` key or an int seed, identical on every rank.
       group: a process group, or ``None`` for the default one.
 
     Returns:
       A ``GradientTransformation`` whose ``update`` takes this rank's per-example gradients
-      (examples on axis 0; a rank may have none when ``B_r = 0``).
+      (examples on axis 0; a rank may have none, ``B_r = 0``).
 
     Example:
       >>> import functorch_pipeline as fp
-      >>> tx = fp.distributed.differentially_private_aggregate(1.0, 0.0, seed=0)
+      >>> tx = fp.distributed.differentially_private_aggregate(1.0, 0.0, key=0)
       >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
       >>> with fp.distributed.local_group():
       ...     tx.update(g, tx.init({"w": torch.zeros(2)}))[0]
       {'w': tensor([0.4500, 0.6000])}
     """
     where = "fp.distributed.differentially_private_aggregate"
-    inner = optim.differentially_private_aggregate(l2_norm_clip, noise_multiplier, seed)  # validates
-    base_key = inner.init({"w": torch.zeros(())}).rng_key
-    std = l2_norm_clip * noise_multiplier if noise_multiplier > 0 else 0.0
+    # validates the numbers and the key; batch_size is given per step (the global count)
+    noise = optim.add_dp_noise(l2_norm_clip, noise_multiplier, key)
 
-    def init_fn(params: Any) -> DifferentiallyPrivateAggregateState:
-        dev = next((x.device for x in fpt.leaves(params) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        return DifferentiallyPrivateAggregateState(base_key.to(dev), torch.zeros((), dtype=torch.int32, device=dev))
-
-    def update_fn(updates: Any, state: DifferentiallyPrivateAggregateState, params: Any = None,
-                  **extra: Any) -> tuple[Any, DifferentiallyPrivateAggregateState]:
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         paths, leaves, td = fpt.flatten_with_path(updates)
         for p, g in zip(paths, leaves, strict=True):
             if not isinstance(g, torch.Tensor) or g.dim() == 0 or g.shape[0] != leaves[0].shape[0]:
-                raise ValueError(f"{where}.update: leaf at path `{fpt.keystr(p)}` must hold per-example "
-                                 f"gradients with the examples on axis 0 (same count in every leaf)")
+                raise ValueError(
+                    f"{where}.update: leaf at path `{fpt.keystr(p)}` must hold per-example "
+                    "gradients with the examples on axis 0 (the same count in every leaf)"
+                )
         b = leaves[0].shape[0]
         if b:
-            summed, _ = optim.per_example_global_norm_clip(fpt.unflatten(td, leaves), l2_norm_clip)
+            summed, _ = optim.per_example_global_norm_clip(updates, l2_norm_clip)
             local = fpt.leaves(summed)
         else:
             local = [g.new_zeros(g.shape[1:]) for g in leaves]
-        count_dtype = local[0].dtype if local[0].is_floating_point() else torch.float64
-        total, count = psum((local, torch.tensor(float(b), dtype=count_dtype, device=local[0].device)), group=group)
-        if std == 0.0:
-            out = [s / count for s in total]
-        else:
-            keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(total))
-            out = [(s + std * fpr.normal(k, tuple(s.shape), s.dtype if s.is_floating_point() else torch.float32))
-                   / count for s, k in zip(total, keys, strict=True)]
-        return fpt.unflatten(td, out), DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
+        floating = local[0].is_floating_point()
+        count = torch.tensor(float(b), dtype=local[0].dtype if floating else torch.float64,
+                             device=local[0].device)
+        total, count = psum((local, count), group=group)
+        return noise.update(fpt.unflatten(td, total), state, params, batch_size=count)
 
-    return optim.GradientTransformation(init_fn, update_fn)
-
-
+    return optim.GradientTransformation(noise.init, update_fn)

@@ -16,8 +16,10 @@ __all__ = ["rank_key", "shared_key"]
 
 def _check(fn: str, key: Any) -> None:
     if not fpr.is_key(key):
-        raise TypeError(f"fp.distributed.{fn}: `key` must be an fp.random key, got "
-                        f"{type(key).__name__ if not isinstance(key, torch.Tensor) else key.dtype}")
+        raise TypeError(
+            f"fp.distributed.{fn}: `key` must be an fp.random key, got "
+            f"{type(key).__name__ if not isinstance(key, torch.Tensor) else key.dtype}"
+        )
 
 
 def shared_key(key: torch.Tensor, *, src: int = 0, group: Any = None) -> torch.Tensor:

@@ -37,16 +37,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(rank: int, nprocs: int, port: int, backend: str, timeout_s: float, threads: int | None,
-           out: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs))
+def _child(
+    rank: int,
+    nprocs: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    threads: int | None,
+    out: Any,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nprocs),
+    )
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=nprocs, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=nprocs, timeout=timedelta(seconds=timeout_s)
+        )
         result = fn(rank, *args)
         buf = io.BytesIO()
         torch.save(result, buf)
@@ -59,8 +76,14 @@ def _child(rank: int, nprocs: int, port: int, backend: str, timeout_s: float, th
                 dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str = "gloo", timeout_s: float = 120.0,
-          threads: int | None = 1) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    threads: int | None = 1,
+) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes joined in one process group.
 
     The local stand-in for ``torchrun --nproc_per_node nprocs``: each child initialises
@@ -94,8 +117,14 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str = "gloo"
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, nprocs, port, backend, timeout_s, threads, out, fn, args),
-                         daemon=True) for r in range(nprocs)]
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(r, nprocs, port, backend, timeout_s, threads, out, fn, args),
+            daemon=True,
+        )
+        for r in range(nprocs)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s + 30.0
@@ -119,11 +148,16 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str = "gloo"
                         break
                 for r in dead:
                     if r not in results:
-                        results[r] = ("error", f"exited with code {procs[r].exitcode} without a result")
+                        results[r] = (
+                            "error",
+                            f"exited with code {procs[r].exitcode} without a result",
+                        )
             if time.monotonic() > deadline:
                 missing = [r for r in range(nprocs) if r not in results]
-                raise TimeoutError(f"fp.distributed.spawn: ranks {missing} still running after "
-                                   f"{timeout_s + 30:.0f} s; killed them")
+                raise TimeoutError(
+                    f"fp.distributed.spawn: ranks {missing} still running after "
+                    f"{timeout_s + 30:.0f} s; killed them"
+                )
     finally:
         for p in procs:
             p.join(timeout=5.0 if p.is_alive() else 0.1)

@@ -115,9 +115,15 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
         for i, x in enumerate(leaves):
             if not isinstance(x, torch.Tensor):
                 path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
-                raise TypeError(f"{where}: leaf at path `{path}` is a {type(x).__name__}, not a tensor")
+                raise TypeError(
+                    f"{where}: leaf at path `{path}` is a {type(x).__name__}, not a tensor"
+                )
         layout = _layout(leaves, n)
-        return tuple(_padded(leaves, b, n)[r * b.shard:(r + 1) * b.shard] for b in layout), layout, treedef
+        return (
+            tuple(_padded(leaves, b, n)[r * b.shard : (r + 1) * b.shard] for b in layout),
+            layout,
+            treedef,
+        )
 
     def init_fn(params: Any) -> Any:
         require(f"{where}.init")
@@ -129,7 +135,9 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
         n, r = world_size(group), rank(group)
         leaves, treedef = fpt.flatten(updates)
         layout = _layout(leaves, n)
-        grad_shards = psum_scatter(tuple(_padded(leaves, b, n) for b in layout), tiled=True, group=group)
+        grad_shards = psum_scatter(
+            tuple(_padded(leaves, b, n) for b in layout), tiled=True, group=group
+        )
         grad_shards = tuple(g / n for g in grad_shards)
         param_shards = None if params is None else shards_of(params, n, r)[0]
         extra.pop("inplace", None)  # the shards are fresh tensors: nothing to donate
@@ -137,7 +145,7 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
         full = all_gather(tuple(upd_shards), tiled=True, group=group)
         out: list[Any] = [None] * len(leaves)
         for b, vec in zip(layout, full, strict=True):
-            parts = torch.split(vec[:b.total], [leaves[i].numel() for i in b.index])
+            parts = torch.split(vec[: b.total], [leaves[i].numel() for i in b.index])
             for i, p in zip(b.index, parts, strict=True):
                 out[i] = p.view(leaves[i].shape)
         return fpt.unflatten(treedef, out), state
@@ -151,18 +159,30 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
         hits = [b for b in layout if size(b) == x.numel() and leaves[b.index[0]].dtype == x.dtype]
         hits = hits or [b for b in layout if size(b) == x.numel()]
         if len({(b.total, b.shard) for b in hits}) > 1:
-            raise ValueError(f"{where}: cannot tell which parameter group the state leaf at path "
-                             f"`{fpt.keystr(path)}` (shape {tuple(x.shape)}, {x.dtype}) belongs to")
+            raise ValueError(
+                f"{where}: cannot tell which parameter group the state leaf at path "
+                f"`{fpt.keystr(path)}` (shape {tuple(x.shape)}, {x.dtype}) belongs to"
+            )
         return hits[0] if hits else None
 
     def gather_state(state: Any, params: Any) -> Any:
         require(f"{where}.gather_state")
         paths, leaves, treedef = fpt.flatten_with_path(state)
-        picks = [bucket_of(p, x, params, lambda b: b.shard) for p, x in zip(paths, leaves, strict=True)]
+        picks = [
+            bucket_of(p, x, params, lambda b: b.shard) for p, x in zip(paths, leaves, strict=True)
+        ]
         # one all-gather per dtype for all sharded leaves together
-        gathered = iter(all_gather([x for x, b in zip(leaves, picks, strict=True) if b is not None],
-                                   tiled=True, group=group))
-        out = [next(gathered)[:b.total] if b is not None else x for x, b in zip(leaves, picks, strict=True)]
+        gathered = iter(
+            all_gather(
+                [x for x, b in zip(leaves, picks, strict=True) if b is not None],
+                tiled=True,
+                group=group,
+            )
+        )
+        out = [
+            next(gathered)[: b.total] if b is not None else x
+            for x, b in zip(leaves, picks, strict=True)
+        ]
         return fpt.unflatten(treedef, out)
 
     def shard_state(full_state: Any, params: Any) -> Any:
@@ -172,14 +192,18 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
             b = bucket_of(path, x, params, lambda b: b.total)
             if b is None:
                 return x
-            return torch.nn.functional.pad(x, (0, n * b.shard - b.total))[r * b.shard:(r + 1) * b.shard].clone()
+            return torch.nn.functional.pad(x, (0, n * b.shard - b.total))[
+                r * b.shard : (r + 1) * b.shard
+            ].clone()
 
         return fpt.map_with_path(cut, full_state)
 
     return ShardedOptimizer(init_fn, update_fn, gather_state, shard_state)
 
 
-def clip_by_global_norm(max_norm: float | torch.Tensor, *, group: Any = None) -> optim.GradientTransformation:
+def clip_by_global_norm(
+    max_norm: float | torch.Tensor, *, group: Any = None
+) -> optim.GradientTransformation:
     """``optim.clip_by_global_norm`` for updates SHARDED across ranks (inside
     :func:`shard_optimizer`): the squared norm of the local shard is summed over ranks
     (one scalar all-reduce) before the usual rule ``u * max_norm / max(norm, max_norm)``.
@@ -199,7 +223,9 @@ def clip_by_global_norm(max_norm: float | torch.Tensor, *, group: Any = None) ->
       {'w': tensor([0.6000, 0.8000])}
     """
     if isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm < 0:
-        raise ValueError(f"fp.distributed.clip_by_global_norm: `max_norm` must be >= 0, got {max_norm}")
+        raise ValueError(
+            f"fp.distributed.clip_by_global_norm: `max_norm` must be >= 0, got {max_norm}"
+        )
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         leaves, treedef = fpt.flatten(updates)
@@ -208,7 +234,9 @@ def clip_by_global_norm(max_norm: float | torch.Tensor, *, group: Any = None) ->
         acc = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
         sq = torch.stack([x.to(acc).pow(2).sum() for x in leaves]).sum()
         norm = torch.sqrt(psum(sq, group=group))
-        factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device))
+        factor = max_norm / torch.maximum(
+            norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device)
+        )
         return fpt.unflatten(treedef, [x * factor.to(x.dtype) for x in leaves]), state
 
     return optim.GradientTransformation(lambda params: optim.EmptyState(), update_fn)
