@@ -21,6 +21,8 @@ from functorch_pipeline.transforms._grad_sample import _ghost_math
 from functorch_pipeline.transforms._grad_sample import _rules
 
 TOL = 1e-10
+# Defaults, captured once: hypothesis runs many examples under one monkeypatch fixture.
+CHUNK, PATCH, KEEP = _ghost_math.CHUNK_BYTES, _ghost_math.PATCH_BYTES, _ghost_math.KEEP_BYTES
 METHODS = ("ghost", "hooks", "vmap")
 FAST = settings(max_examples=6, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -111,9 +113,8 @@ def test_linear_sequence():
 
 def one_by_one(monkeypatch, on):
     """Chunk budgets of one byte: every chunked loop runs one example at a time."""
-    if on:
-        monkeypatch.setattr(_ghost_math, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(_ghost_math, "PATCH_BYTES", 1)
+    monkeypatch.setattr(_ghost_math, "CHUNK_BYTES", 1 if on else CHUNK)
+    monkeypatch.setattr(_ghost_math, "PATCH_BYTES", 1 if on else PATCH)
 
 
 @FAST
@@ -124,7 +125,7 @@ def test_linear_shapes(b, t, fin, fout, bias, ratio, keep, monkeypatch):
     0 turns off keeping formed per-example gradients for the clipped sum (the hooks
     contract: no axis but the first may have the batch size, hence T > B)."""
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
-    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", _ghost_math.KEEP_BYTES if keep else 0)
+    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", KEEP if keep else 0)
     one_by_one(monkeypatch, b % 2 == 0)
     torch.manual_seed(b * 100 + t)
     m = nn.Linear(fin, fout, bias=bias)
@@ -142,7 +143,7 @@ def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, mo
     if padding == "same":
         stride = 1  # torch: padding='same' needs stride 1
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", ratio)
-    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", _ghost_math.KEEP_BYTES if keep else 0)
+    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", KEEP if keep else 0)
     one_by_one(monkeypatch, b % 2 == 0)
     torch.manual_seed(k * 10 + stride)
     conv = (nn.Conv1d, nn.Conv2d)[nd - 1](2 * groups, 3 * groups, k, stride=stride,
