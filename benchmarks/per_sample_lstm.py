@@ -101,9 +101,11 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
             assert worst < 1e-4, worst
     model.train()
 
+    default = fp.per_sample_grads(losses)
     fns = {
         YARDSTICK: batch_grad(ref),
         "fp.nn.LSTM batch gradient": batch_grad(model),
+        "fp.per_sample_grads (default method)": lambda: default(params, tokens, labels),
         "fp.per_sample_grads hooks, fused rule": using(FUSED, lambda: hooks(params, tokens, labels)),
         "fp.per_sample_grads hooks, per-step": using(PLAIN, lambda: hooks(params, tokens, labels)),
         "torch.func vmap(grad), fp.nn.LSTM": lambda: vmap_fp(params, tokens, labels),
@@ -111,6 +113,9 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
     }
     if loop:
         fns["python loop, nn.LSTM"] = python_loop
+    opacus_row = _opacus(ref, tokens, labels)
+    if opacus_row is not None:
+        fns["Opacus DPLSTM (GradSampleModule)"] = opacus_row
     if compile_:
         compiled = torch.compile(vmap_fp)
         start = time.perf_counter()
@@ -118,6 +123,30 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
         print(f"  torch.compile(vmap(grad)) over fp.nn.LSTM: first call {time.perf_counter() - start:.1f} s")
         fns["torch.compile(vmap(grad)), fp.nn.LSTM"] = lambda: compiled(params, tokens, labels)
     return fns
+
+
+def _opacus(ref: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> object:
+    """Opacus' per-sample gradients: the model with ``opacus.layers.DPLSTM`` (same weights)
+    under ``GradSampleModule``; None without opacus."""
+    if _common.optional("opacus") is None:
+        return None
+    import warnings
+
+    from opacus import GradSampleModule
+    from opacus.layers import DPLSTM
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    net = TextClassifier(rnn=DPLSTM)
+    net.load_state_dict(ref.state_dict(), strict=False)  # DPLSTM names its weights per cell
+    gsm = GradSampleModule(net, loss_reduction="sum")
+
+    def run() -> list:
+        for p in gsm.parameters():
+            p.grad, p.grad_sample = None, None
+        F.cross_entropy(gsm(tokens), labels, reduction="sum").backward()
+        return [p.grad_sample for p in gsm.parameters()]
+
+    return run
 
 
 def main() -> None:
