@@ -6,6 +6,9 @@ medians and ratios):
 * ``psum`` of a 10M-parameter float32 gradient tree (20 leaves) vs ONE flat in-place
   ``torch.distributed.all_reduce`` of the same bytes (target: fp <= 1.2x the flat call);
 * ``psum`` of 100-leaf trees vs one ``all_reduce`` per leaf (target: fp >= 3x faster);
+* sharded optimizer state (``fp.distributed.shard_optimizer(adam)``) vs replicated data
+  parallel Adam (``data_parallel(adam)``) on a 10M-parameter tree: per-rank state bytes and
+  step time;
 * with ``--mnist``: one data-parallel epoch of the classic MNIST CNN (global batch 64,
   SGD) on 2 ranks vs 1 rank, each rank one thread, alternating 1-rank and 2-rank runs
   in fresh process groups; scaling efficiency = t(1 rank) / (2 * t(2 ranks)).
@@ -71,6 +74,41 @@ def _collectives(rank: int, rounds: int) -> str:
     return "\n\n".join(out)
 
 
+def _zero(rank: int, rounds: int) -> str:
+    from functorch_pipeline import optim
+
+    params = {f"layer{i}": torch.randn(500_000) for i in range(20)}
+    grads = fp.tree.map(lambda x: torch.randn_like(x) * 1e-3, params)
+    sharded = fpd.shard_optimizer(optim.adam(1e-3))
+    replicated = fpd.data_parallel(optim.adam(1e-3))
+    states = {"sharded": sharded.init(params), "replicated": replicated.init(params)}
+
+    def step(name: str, opt: object) -> None:
+        updates, states[name] = opt.update(grads, states[name], params)
+
+    stats = _common.measure(
+        {
+            "zero step (shard_optimizer adam)": lambda: step("sharded", sharded),
+            "replicated step (data_parallel adam)": lambda: step("replicated", replicated),
+        },
+        rounds=rounds,
+        warmup=2,
+    )
+    if rank != 0:
+        return ""
+    b_s, b_r = fp.tree.nbytes(states["sharded"]), fp.tree.nbytes(states["replicated"])
+    return (
+        _common.table(
+            stats,
+            {"replicated": "replicated step (data_parallel adam)"},
+            10_000_000,
+            "Adam on a 10M-parameter tree, 2 ranks (ex/s = parameters/s)",
+        )
+        + f"\nper-rank optimizer state: sharded {b_s / 2**20:.1f} MiB, replicated "
+        f"{b_r / 2**20:.1f} MiB (ratio {b_s / b_r:.3f})"
+    )
+
+
 def _epoch(rank: int, data_dir: str, limit: int, batch: int) -> float:
     from models import Net
 
@@ -116,6 +154,8 @@ def main() -> None:
     args = p.parse_args()
     print(_common.environment().replace(f"{torch.get_num_threads()} threads", "1 thread per rank"))
     print(fpd.spawn(_collectives, 2, args.rounds, timeout_s=900)[0])
+    print()
+    print(fpd.spawn(_zero, 2, max(5, args.rounds // 2), timeout_s=900)[0])
     if args.mnist:
         one, two = [], []
         for _ in range(args.pairs):

@@ -1,8 +1,22 @@
 """``fp.distributed``: JAX-named collectives over pytrees on ``torch.distributed``.
 
-Launch with ``torchrun --nproc_per_node N script.py`` and call :func:`initialize`; gloo on
-CPUs, NCCL on GPUs. No transport of our own: the collectives are ``torch.distributed``'s
-functional collectives, so they work eagerly and under ``fp.jit(fullgraph=True)``.
+Launch with ``torchrun --nproc_per_node N script.py`` and call :func:`initialize` (gloo on
+CPUs, NCCL on GPUs); :func:`spawn` starts N local ranks from Python (tests, notebooks) and
+:func:`local_group` makes a one-rank group. No transport of our own: eager calls use
+``torch.distributed``'s c10d collectives, traced ones its functional collectives, so they
+work eagerly and under ``fp.jit(fullgraph=True)``.
+
+- Collectives: :func:`psum`, :func:`pmean`, :func:`pmax`, :func:`pmin`,
+  :func:`all_gather`, :func:`broadcast`, :func:`psum_scatter` (= :func:`reduce_scatter`):
+  one collective per dtype (4 MB chunks when eager), trees checked across ranks.
+- Ranks and keys: :func:`rank`, :func:`world_size`, :func:`barrier`, :func:`shared_key`,
+  :func:`rank_key`.
+- Data parallel: :func:`shard` a global batch, average gradients with
+  :func:`data_parallel` / :func:`pmean_gradients`; DP-SGD with
+  :func:`differentially_private_aggregate` and :func:`poisson_indices`.
+- Sharded optimizer state (ZeRO 1/2): :func:`shard_optimizer`, :func:`clip_by_global_norm`.
+- Checkpoints: :func:`save`, :func:`load`, :func:`save_checkpoint`,
+  :func:`restore_checkpoint` (rank 0 writes; everyone waits for the complete file).
 """
 
 from functorch_pipeline.distributed._checkpoint import load

@@ -3,7 +3,9 @@
 # NOTE [spawn never hangs]
 :func:`spawn` gives every rank a process-group timeout (a collective waiting on a dead or
 diverged peer raises after it) and the parent a hard deadline: at the deadline every
-still-running rank is killed and a ``TimeoutError`` names them. Results travel back as
+still-running rank is killed and a ``TimeoutError`` names them; once a rank has failed,
+its peers get 10 s to report their own error (usually the broken collective) and are then
+killed, instead of waiting out their timeout. Results travel back as
 ``torch.save`` bytes (not shared-memory tensors, which would tie the parent to the
 children's lifetime).
 """
@@ -29,6 +31,8 @@ import torch.multiprocessing as mp
 from functorch_pipeline.distributed._runtime import is_initialized
 
 __all__ = ["local_group", "spawn"]
+
+_GRACE_S = 10.0  # how long the peers of a failed rank get to report their own error
 
 
 def _free_port() -> int:
@@ -129,11 +133,14 @@ def spawn(
         p.start()
     deadline = time.monotonic() + timeout_s + 30.0
     results: dict[int, tuple[str, Any]] = {}
+    first_error = float("inf")
     try:
         while len(results) < nprocs:
             try:
                 r, status, payload = out.get(timeout=0.2)
                 results[r] = (status, payload)
+                if status != "ok":
+                    first_error = min(first_error, time.monotonic())
                 continue
             except queue.Empty:
                 pass
@@ -152,6 +159,13 @@ def spawn(
                             "error",
                             f"exited with code {procs[r].exitcode} without a result",
                         )
+                        first_error = min(first_error, time.monotonic())
+            failed = any(status != "ok" for status, _ in results.values())
+            if failed and time.monotonic() > min(deadline, first_error + _GRACE_S):
+                for r in range(nprocs):  # peers of a failed rank would wait for its timeout
+                    if r not in results:
+                        results[r] = ("error", f"killed {_GRACE_S:.0f} s after a peer failed")
+                break
             if time.monotonic() > deadline:
                 missing = [r for r in range(nprocs) if r not in results]
                 raise TimeoutError(
@@ -160,7 +174,7 @@ def spawn(
                 )
     finally:
         for p in procs:
-            p.join(timeout=5.0 if p.is_alive() else 0.1)
+            p.join(timeout=5.0 if p.is_alive() and not first_error < float("inf") else 0.1)
             if p.is_alive():
                 p.kill()
                 p.join()
