@@ -153,6 +153,32 @@ def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, mo
     check(squared(conv), params_of(conv), x)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@FAST
+@given(nd=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), k=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
+       chunked=st.booleans(), keep=st.booleans())
+def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, chunked, keep, monkeypatch):
+    """float32 on CPU takes mkldnn's grouped weight-gradient kernel (NOTE [per-example conv
+    gradients]): against the float64 loop, to float32 accuracy."""
+    if padding == "same":
+        stride = 1
+    one_by_one(monkeypatch, chunked)
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", 0.0)
+    monkeypatch.setattr(_ghost_math, "KEEP_BYTES", KEEP if keep else 0)
+    torch.manual_seed(k + stride)
+    conv = (nn.Conv1d, nn.Conv2d)[nd - 1](2 * groups, 3 * groups, k, stride=stride,
+                                           padding=padding, groups=groups)
+    p64 = params_of(conv)
+    x = torch.randn(3, 2 * groups, *([6] * nd))
+    ref_norms, want = reference(squared(conv), p64, (x,), 0.5)
+    p32 = {n: v.float() for n, v in p64.items()}
+    g, norms = fp.clipped_grad(squared(conv), 0.5, method="ghost")(p32, x.float())
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
+    for n in want:
+        torch.testing.assert_close(g[n].double(), want[n], rtol=1e-5, atol=1e-5)
+
+
 def test_conv_tuple_geometry_and_padding_modes():
     torch.manual_seed(19)
     conv = nn.Conv2d(2, 4, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1))

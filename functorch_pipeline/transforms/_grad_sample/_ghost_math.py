@@ -122,6 +122,43 @@ def conv_patches(x: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
     return x.as_strided(size, strides).reshape(B, groups, cin * kh * kw, Ho * Wo)
 
 
+def _grouped_ok(x: torch.Tensor) -> bool:
+    """Whether NOTE [per-example conv gradients] takes mkldnn's grouped kernel."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
+def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...]
+                      ) -> torch.Tensor:
+    """Per-example conv weight gradients ``(n, groups, cout, cin * prod(kernel))``.
+
+    # NOTE [per-example conv gradients]
+    On CPU in float32/bfloat16 (as the hooks conv rule does, NOTE [grouped weight
+    gradients on CPU] in ``_rules``): the examples become ``n * groups`` groups of one
+    convolution over a batch of one, and mkldnn's weight-gradient kernel returns every
+    example's own gradient without copying input patches. Elsewhere (float64, other
+    devices): input patches (:func:`conv_patches`) times the output gradient.
+    """
+    kernel, stride, pads, dilation, groups = geometry
+    n, out_ch = g.shape[:2]
+    cout = out_ch // groups
+    if not _grouped_ok(x):
+        return g.reshape(n, groups, cout, -1) @ conv_patches(x, geometry).mT
+    if len(kernel) == 1:  # as a 2-d conv of height 1
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, dilation, pads = (1, *kernel), (1, *stride), (1, *dilation), [*pads, 0, 0]
+    if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric ("same" with an even kernel)
+        x, padding = F.pad(x, pads), [0, 0]
+    else:
+        padding = [pads[2], pads[0]]
+    C = x.shape[1]
+    weight = x.new_empty(n * out_ch, C // groups, *kernel)  # only its shape is read
+    grad_w = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * out_ch, *g.shape[2:]), x.reshape(1, n * C, *x.shape[2:]), weight, None,
+        list(stride), padding, list(dilation), False, [0, 0], n * groups, [False, True, False])[1]
+    return grad_w.reshape(n, groups, cout, -1)
+
+
 def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
              keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Squared norms of a conv weight's per-example gradients; when they are formed (not
@@ -132,35 +169,37 @@ def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
     din = x.shape[1] // groups
     for k in kernel:
         din *= k
-    gram = L * (din + cout) <= GRAM_RATIO * din * cout
-    # NOTE [patch chunks]: examples whose patches fit in ~2 MB at a time, so that the
-    # copy is still in cache when the matmul reads it (as the hooks conv rule does).
-    step = max(1, min(PATCH_BYTES // (groups * din * L * x.element_size()),
-                      CHUNK_BYTES // (groups * (L * L if gram else cout * din) * x.element_size())))
-    kept = None if gram or keep is None else keep.new_empty(B, *keep.shape)
+    size = x.element_size()
+    if L * (din + cout) <= GRAM_RATIO * din * cout:
+        # NOTE [patch chunks]: examples whose patches fit in ~2 MB at a time, so that the
+        # copy is still in cache when the matmul reads it (as the hooks conv rule does).
+        step = max(1, min(PATCH_BYTES // (groups * din * L * size),
+                          CHUNK_BYTES // (groups * L * L * size)))
+        out = []
+        for s in range(0, B, step):
+            p = conv_patches(x[s:s + step], geometry)  # (n, G, din, L)
+            gs = g[s:s + step].reshape(-1, groups, cout, L)
+            out.append(_acc((p.mT @ p) * (gs.mT @ gs)).sum((1, 2, 3)))
+        return _cat(out, 0), None
+    step = max(1, CHUNK_BYTES // (groups * cout * din * size))
+    if not _grouped_ok(x):
+        step = max(1, min(step, PATCH_BYTES // (groups * din * L * size)))
+    if step >= B:  # one chunk: what it forms is what is kept
+        m = _conv_per_example(x, g, geometry)
+        return _rows_sq(m), (None if keep is None else m.reshape(B, *keep.shape))
+    kept = None if keep is None else keep.new_empty(B, *keep.shape)
     out = []
     for s in range(0, B, step):
-        e = min(B, s + step)
-        p = conv_patches(x[s:e], geometry)  # (n, G, din, L)
-        gs = g[s:e].reshape(e - s, groups, cout, L)
-        if gram:
-            prod = (p.mT @ p) * (gs.mT @ gs)  # (n, G, L, L)
-            out.append(_acc(prod).sum((1, 2, 3)))
-        elif kept is not None:
-            m = torch.matmul(gs, p.mT, out=kept[s:e].view(e - s, groups, cout, din))
-            out.append(_rows_sq(m))
-        else:
-            out.append(_rows_sq(gs @ p.mT))
+        m = _conv_per_example(x[s:s + step], g[s:s + step], geometry)
+        if kept is not None:
+            kept[s:s + step] = m.reshape(-1, *keep.shape)
+        out.append(_rows_sq(m))
     return _cat(out, 0), kept
 
 
 def _conv_materialise(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
                       param: torch.Tensor) -> torch.Tensor:
-    groups = geometry[4]
-    n, out_ch = g.shape[:2]
-    p = conv_patches(x, geometry)
-    gs = g.reshape(n, groups, out_ch // groups, -1)
-    return (gs @ p.mT).reshape(n, *param.shape)
+    return _conv_per_example(x, g, geometry).reshape(g.shape[0], *param.shape)
 
 
 def _conv_weighted(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
