@@ -35,7 +35,8 @@ _METHODS = ("auto", "vmap", "hooks")
 # torch.func transform or torch.compile, and differentiated leaves that require grad
 # (the caller wants a graph through the gradients). A fall-back is announced once per
 # ``loss_fn`` (not per call), and the decision is cached per ``loss_fn`` and input
-# signature, so a model without rules does not pay a failed batch forward every call.
+# signature, so a model without rules does not pay a failed batch forward every call (the
+# first call does run loss_fn's forward once on the whole batch before vmap).
 _WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _DECIDED: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 
@@ -226,7 +227,8 @@ def per_sample_value_and_grad(
     ``has_aux=True``. Arguments as :func:`per_sample_grads`, ``method`` included.
 
     >>> loss = lambda w, x: ((x @ w) ** 2).mean()
-    >>> v, g = per_sample_value_and_grad(loss)(torch.ones(2), torch.tensor([[1., 0.], [1., 1.]]))
+    >>> v, g = per_sample_value_and_grad(loss, method="vmap")(
+    ...     torch.ones(2), torch.tensor([[1., 0.], [1., 1.]]))
     >>> v, g
     (tensor([1., 4.]), tensor([[2., 0.],
             [4., 4.]]))
@@ -313,16 +315,20 @@ def per_sample_grads(
       the differentiated argument(s) with a leading batch axis, plus per-example ``aux``
       with ``has_aux=True``.
 
+    Examples:
+    A loss written for a batch, here a mean; each example is a batch of one (vmap):
+
     >>> loss = lambda w, x, y: ((x @ w - y) ** 2).mean()
     >>> x, y = torch.tensor([[1., 2.], [3., 4.]]), torch.tensor([1., 0.])
-    >>> per_sample_grads(loss)(torch.zeros(2), x, y)
+    >>> per_sample_grads(loss, method="vmap")(torch.zeros(2), x, y)
     tensor([[-2., -4.],
             [ 0.,  0.]])
 
-    The fast method needs per-example losses and a parameter used through ``F.linear``:
+    Per-example losses and parameters used through layers with rules (``F.linear``): the
+    default method takes the fast path, with the same numbers:
 
     >>> losses = lambda w, x, y: (torch.nn.functional.linear(x, w)[:, 0] - y) ** 2
-    >>> per_sample_grads(losses, method="hooks")(torch.zeros(1, 2), x, y)
+    >>> per_sample_grads(losses)(torch.zeros(1, 2), x, y)
     tensor([[[-2., -4.]],
     <BLANKLINE>
             [[ 0.,  0.]]])

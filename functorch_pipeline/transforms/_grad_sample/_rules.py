@@ -163,7 +163,7 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
 
 def _grouped_ok(x: torch.Tensor) -> bool:
     """Whether to take NOTE [grouped weight gradients on CPU] for this input."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available())
 
 
