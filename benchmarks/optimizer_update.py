@@ -10,7 +10,8 @@ minor page faults per call (a glibc-malloc symptom, see DESIGN.md).
         .venv/bin/python benchmarks/optimizer_update.py
 
 Models: (a) the classic MNIST CNN (conv 1->10 k5, conv 10->20 k5, fc 320->50, fc 50->10;
-21,840 parameters in 8 tensors), (b) an MLP 784-2048-2048-2048-10 (10,020,874 parameters).
+21,840 parameters in 8 tensors), (b) an MLP 784-2048-2048-2048-10 (10,020,874 parameters),
+(c) ``many``: 192 small tensors (599,808 parameters; a 12-layer width-64 transformer).
 ``torch default`` is ``torch.optim`` with ``foreach=None``, which on CPU picks the
 per-parameter for-loop.
 """
@@ -27,9 +28,13 @@ import torch
 
 from functorch_pipeline import optim
 
+_LAYER = [(64, 64)] * 4 + [(64,)] * 4 + [(256, 64), (256,), (64, 256), (64,)] + [(64,)] * 4
 SHAPES = {
     "cnn": [(10, 1, 5, 5), (10,), (20, 10, 5, 5), (20,), (50, 320), (50,), (10, 50), (10,)],
     "mlp": [(2048, 784), (2048,), (2048, 2048), (2048,), (2048, 2048), (2048,), (10, 2048), (10,)],
+    # many small leaves (a 12-layer, width-64 transformer's shapes): per-leaf Python costs
+    # such as fp.optim's leaf checks (NOTE [leaf checks]) show here, not in the two above
+    "many": _LAYER * 12,
 }
 
 OPTIMIZERS = {
@@ -112,8 +117,10 @@ def bench(model: str, name: str, reps: int, warmup: int) -> dict[str, tuple[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["cnn", "mlp", "both"], default="both")
-    ap.add_argument("--reps", type=int, default=0, help="timed rounds (default: 300 cnn, 30 mlp)")
+    ap.add_argument("--model", choices=["cnn", "mlp", "many", "both"], default="both",
+                    help="both: cnn and mlp")
+    ap.add_argument("--reps", type=int, default=0,
+                    help="timed rounds (default: 300 cnn, 100 many, 30 mlp)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     args = ap.parse_args()
@@ -124,7 +131,7 @@ def main() -> None:
     models = ["cnn", "mlp"] if args.model == "both" else [args.model]
     print(f"{'model':5} {'optimizer':14} {'method':14} {'median':>10} {'vs foreach':>10} {'faults/call':>11}")
     for model in models:
-        reps = args.reps or (300 if model == "cnn" else 30)
+        reps = args.reps or {"cnn": 300, "many": 100}.get(model, 30)
         for name in OPTIMIZERS:
             res = bench(model, name, reps, args.warmup)
             base = res["torch foreach"][0]

@@ -121,9 +121,9 @@ def _scalar_fe(fe: bool, s: Any) -> bool:
 
 def like(s: Any, xs: Sequence[torch.Tensor]) -> Any:
     """A 0-d tensor scalar in the leaves' compute dtype (NOTE [scalar dtype])."""
-    if isinstance(s, torch.Tensor) and xs and s.dtype != xs[0].dtype:
-        dt = scalar_dtype(xs) if xs[0].dtype in (torch.float32, torch.float64) else xs[0].dtype
-        if s.dtype != dt and s.is_floating_point():
+    if isinstance(s, torch.Tensor) and xs and s.dtype != xs[0].dtype and s.is_floating_point():
+        dt = scalar_dtype(xs)
+        if s.dtype != dt:
             return s.to(dt)
     return s
 
@@ -133,8 +133,9 @@ def like(s: Any, xs: Sequence[torch.Tensor]) -> Any:
 # precision]). Multiplying a float32 leaf by one gives float32 for leaves with dims (0-d
 # tensors do not promote them) but float64 for a 0-d leaf, whose update or state would
 # then change dtype. So tensor scalars are cast to the leaves' compute dtype where they
-# meet the leaves (float64 if any leaf is float64, else the leaves' dtype): the same
-# rounding the kernels apply to a Python-number learning rate, as torch.optim does.
+# meet the leaves (:func:`scalar_dtype`: float64 if any leaf is float64, else float32,
+# the opmath of half/bfloat16 kernels): the rounding the kernels apply to a Python-number
+# learning rate, as in torch.optim.
 
 
 def tensors(*xs: Any) -> list[torch.Tensor]:
