@@ -453,6 +453,12 @@ def test_method_validation():
     (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), (3, 4, 9)),
     (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 5, 5)),
     (lambda: nn.ConvTranspose1d(4, 2, 2, stride=3), (3, 4, 5)),
+    # one or two input channels: the grouped-forward branch
+    (lambda: nn.Conv2d(1, 3, 5), (4, 1, 12, 12)),
+    (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), (3, 2, 11, 10)),
+    (lambda: nn.Conv2d(1, 2, 4, padding="same", dilation=3), (2, 1, 9, 8)),
+    (lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=1), (3, 2, 13)),
+    (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2), (3, 3, 4, 4)),  # C=2 in the adjoint
 ])
 def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape):
     torch.manual_seed(0)
