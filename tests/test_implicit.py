@@ -313,3 +313,20 @@ def test_custom_root_bad_input() -> None:
     with pytest.raises(TypeError, match=r"custom_root\(no_aux\): with has_aux=True the solver "
                        r"must return a pair"):
         no_aux(None, torch.ones(2))
+
+
+def test_second_derivative_through_custom_root_matches_finite_differences() -> None:
+    a, y, av, yv = _ridge_data(3)
+    ridge = _ridge_solver(a, y)
+
+    def val_loss(lam_):
+        p = ridge(None, lam_)
+        return 0.5 * ((av @ p["w"] + p["b"] - yv) ** 2).sum()
+
+    lam, h = torch.tensor(0.7, dtype=D), 1e-5
+    first = functools.partial(_closed_form_hypergrad, a, y, av, yv)  # independent of fp
+    fd = (first(lam + h) - first(lam - h)) / (2 * h)
+    torch.testing.assert_close(fp.grad(fp.grad(val_loss))(lam), fd, rtol=1e-6, atol=1e-9)
+    leaf = lam.clone().requires_grad_()
+    (g,) = torch.autograd.grad(val_loss(leaf), leaf, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(g, leaf)[0], fd, rtol=1e-6, atol=1e-9)

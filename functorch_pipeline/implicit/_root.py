@@ -34,7 +34,12 @@ def custom_root(optimality_fn: Callable[..., Any], solve: Callable[[Any, Any], A
     Works with ``torch.autograd`` (``.backward()``), ``fp.grad`` / ``fp.value_and_grad``,
     and ``fp.vmap`` (when the solver itself can be vmapped). Arguments may be pytrees;
     non-tensor and non-floating leaves get no gradient, nor does ``init_params`` (as in
-    JAXopt). Only first derivatives are supported (no Hessians through the solution).
+    JAXopt). Tensors that ``optimality_fn`` or the solver close over get no gradient
+    either: pass everything you differentiate as an argument. Second derivatives (a
+    ``grad`` of ``grad``, ``create_graph=True``) differentiate the backward pass itself,
+    linear solver iterations included, so they are as accurate as that solve's ``tol``.
+    Unlike JAXopt there is no ``reference_signature`` and no keyword arguments: the
+    solver's positional arguments after ``init_params`` are the ones differentiated.
     A linear solve that does not converge warns with its residual
     (:class:`ConvergenceWarning`), or raises with
     ``solve=functools.partial(solve_cg, on_failure="raise")``.
