@@ -62,8 +62,36 @@ def _run(opt: object, rank: int | None, steps: int, dtype: torch.dtype) -> tuple
     return params, state
 
 
+def _big(rank: int | None) -> tuple[dict, dict]:
+    """Params past the 4 MB bucket (3 buckets, odd sizes) and rank's gradients (None: mean)."""
+    g = torch.Generator().manual_seed(5)
+    params = {
+        "a": torch.randn(600_001, generator=g),
+        "b": torch.randn(700_003, generator=g),
+        "c": torch.randn(900_007, generator=g),
+        "d": torch.randn(3, generator=g),
+    }
+    grads = [fp.tree.map(lambda x, q=q: torch.sin(x * (q + 2)), params) for q in range(N)]
+    if rank is None:
+        return params, fp.tree.map(lambda *xs: sum(xs) / N, *grads)
+    return params, grads[rank]
+
+
 def _work(rank: int) -> dict:
     out = {}
+    params, grads = _big(rank)
+    opt = fpd.shard_optimizer(optim.adam(1e-2))
+    state = opt.init(params)
+    for _ in range(2):
+        updates, state = opt.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+    full = opt.gather_state(state, params)
+    again = opt.gather_state(opt.shard_state(full, params), params)
+    out["big"] = {
+        "params": params,
+        "full_state": full,
+        "roundtrip": fp.tree.allclose(full, again, rtol=0, atol=0),
+    }
     for dtype in (torch.float64, torch.float32):
         inner = optim.chain(fpd.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))
         sharded, s_state = _run(fpd.shard_optimizer(inner), rank, 10, dtype)
@@ -91,6 +119,19 @@ def _work(rank: int) -> dict:
 
 def test_sharded_optimizer_matches_replicated_and_one_process() -> None:
     res = fpd.spawn(_work, N, timeout_s=TIMEOUT)
+    params, grads = _big(None)
+    ref_opt = optim.adam(1e-2)
+    ref_state = ref_opt.init(params)
+    for _ in range(2):
+        updates, ref_state = ref_opt.update(grads, ref_state, params)
+        params = optim.apply_updates(params, updates)
+    for r in range(N):
+        big = res[r]["big"]
+        assert fp.tree.allclose(big["params"], params, rtol=0, atol=1e-6)
+        assert big["roundtrip"]
+        # the gathered state is Adam's mu and nu over the unpadded buckets in leaf order
+        mu = torch.cat([ref_state[0].mu[k].reshape(-1) for k in "abcd"])
+        assert torch.allclose(torch.cat(big["full_state"][0].mu), mu, rtol=1e-5, atol=1e-7)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
         ref, ref_state = _run(
             optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1)),
