@@ -27,12 +27,18 @@ from functorch_pipeline.serialization import CheckpointError
 from functorch_pipeline.serialization import load
 from functorch_pipeline.serialization import save
 from functorch_pipeline.train import TrainState
+from functorch_pipeline.transforms import ShapeDtypeStruct
 from functorch_pipeline.transforms import checkpoint
 from functorch_pipeline.transforms import clipped_grad
 from functorch_pipeline.transforms import clipped_value_and_grad
+from functorch_pipeline.transforms import cond
+from functorch_pipeline.transforms import custom_jvp
 from functorch_pipeline.transforms import custom_vjp
+from functorch_pipeline.transforms import eval_shape
+from functorch_pipeline.transforms import fori_loop
 from functorch_pipeline.transforms import grad
 from functorch_pipeline.transforms import hessian
+from functorch_pipeline.transforms import hvp
 from functorch_pipeline.transforms import jacfwd
 from functorch_pipeline.transforms import jacrev
 from functorch_pipeline.transforms import jit
@@ -43,24 +49,32 @@ from functorch_pipeline.transforms import per_sample_grads
 from functorch_pipeline.transforms import per_sample_value_and_grad
 from functorch_pipeline.transforms import remat
 from functorch_pipeline.transforms import scan
+from functorch_pipeline.transforms import stop_gradient
 from functorch_pipeline.transforms import value_and_grad
 from functorch_pipeline.transforms import vjp
 from functorch_pipeline.transforms import vmap
+from functorch_pipeline.transforms import while_loop
 
 __all__ = [
     "CheckpointError",
+    "ShapeDtypeStruct",
     "TrainState",
     "__version__",
     "checkpoint",
     "clipped_grad",
     "clipped_value_and_grad",
+    "cond",
+    "custom_jvp",
     "custom_vjp",
     "data",
     "devices",
     "distributed",
+    "eval_shape",
+    "fori_loop",
     "functionalize",
     "grad",
     "hessian",
+    "hvp",
     "implicit",
     "jacfwd",
     "jacrev",
@@ -80,10 +94,12 @@ __all__ = [
     "save",
     "scan",
     "serialization",
+    "stop_gradient",
     "train",
     "transforms",
     "tree",
     "value_and_grad",
     "vjp",
     "vmap",
+    "while_loop",
 ]

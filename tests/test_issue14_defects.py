@@ -47,8 +47,9 @@ def test_flax_style_train_state_matches_torch_optim_with_frozen_params():
     net = _net()
     model = fp.functionalize(net)
     variables = model.variables_from_state_dict(net.state_dict())
-    state = fp.train.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                       tx=optim.adam(0.05))
+    state = fp.train.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=optim.adam(0.05)
+    )
     ref = _net()
     ref.load_state_dict(net.state_dict())
     torch_opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=0.05)
@@ -74,17 +75,26 @@ def test_train_step_uses_state_tx_keeps_frozen_and_returns_metrics():
     def loss_fn(p, buffers, batch, key):
         logits = model.apply({"params": p}, batch[0])
         loss = torch.nn.functional.cross_entropy(logits, batch[1])
-        return loss, buffers, {"accuracy": (logits.argmax(-1) == batch[1]).double().mean(), "logits": logits}
+        return (
+            loss,
+            buffers,
+            {"accuracy": (logits.argmax(-1) == batch[1]).double().mean(), "logits": logits},
+        )
 
     new, loss, aux = fp.train.train_step(state, (x, y), loss_fn, has_aux=True)
     logits = model.apply({"params": params}, x)
     torch.testing.assert_close(aux["logits"], logits)
-    assert float(aux["accuracy"]) == sum(int(a == b) for a, b in zip(logits.argmax(-1), y, strict=True)) / 8
+    assert (
+        float(aux["accuracy"])
+        == sum(int(a == b) for a, b in zip(logits.argmax(-1), y, strict=True)) / 8
+    )
     assert not aux["logits"].requires_grad and not loss.requires_grad
     grads = fp.grad(lambda p: _loss(model, p, x, y))(params)
     assert torch.equal(new.params["0.weight"], params["0.weight"])
     torch.testing.assert_close(new.params["2.bias"], params["2.bias"] - 0.5 * grads["2.bias"])
-    with pytest.raises(TypeError, match=r"train_step.*loss_fn must return \(loss, new_buffers\).*has_aux=True"):
+    with pytest.raises(
+        TypeError, match=r"train_step.*loss_fn must return \(loss, new_buffers\).*has_aux=True"
+    ):
         fp.train.train_step(state, (x, y), loss_fn)
     bare = fp.train.TrainState.create(params, (), KEY)
     with pytest.raises(TypeError, match=r"train_step.*no optimizer"):
@@ -134,7 +144,9 @@ class _Block(nn.Module):
 
 
 def test_custom_init_in_init_is_never_lost_silently():
-    with pytest.warns(UserWarning, match=r"init\(key.*\['fc.weight', 'fc.bias'\].*functionalize a factory"):
+    with pytest.warns(
+        UserWarning, match=r"init\(key.*\['fc.weight', 'fc.bias'\].*functionalize a factory"
+    ):
         fp.functionalize(_Block()).init(KEY)
 
 
@@ -157,8 +169,15 @@ def test_factory_replays_the_modules_own_init_under_the_key():
 
 
 def test_default_initialisation_raises_no_false_alarm():
-    net = nn.Sequential(nn.Linear(30, 40), nn.LayerNorm(40), nn.Linear(40, 1), nn.Embedding(50, 8),
-                        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.MultiheadAttention(16, 2))
+    net = nn.Sequential(
+        nn.Linear(30, 40),
+        nn.LayerNorm(40),
+        nn.Linear(40, 1),
+        nn.Embedding(50, 8),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.MultiheadAttention(16, 2),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for seed in range(3):

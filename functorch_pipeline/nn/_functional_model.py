@@ -313,10 +313,11 @@ class FunctionalModel:
                       if n not in uncovered and _not_from_reset(p.detach(), drawn[n].detach())]
             if custom:
                 warnings.warn(
-                    f"{fn}: parameters {custom} hold values the modules' reset_parameters() would not "
-                    "draw (an initialisation in __init__ such as self.apply(_init_weights), or loaded "
-                    "weights); init(key) re-draws them with the reset methods and loses those values. "
-                    "To replay the module's own initialisation under the key, functionalize a factory: "
+                    f"{fn}: parameters {custom} hold values the modules' reset_parameters() "
+                    "would not draw (an initialisation in __init__ such as "
+                    "self.apply(_init_weights), or loaded weights); init(key) re-draws them with "
+                    "the reset methods and loses those values. To replay the module's own "
+                    "initialisation under the key, functionalize a factory: "
                     "fp.functionalize(lambda: Net(...)); to keep the current values, use "
                     "model.variables_from_state_dict(module.state_dict()).",
                     stacklevel=2,
@@ -335,11 +336,14 @@ class FunctionalModel:
             "buffers": {n: b.detach() for n, b in m.named_buffers()},
         }
 
-    def _init_from_factory(self, seed: int, m: nn.Module, lazy: bool, sample_args: tuple[Any, ...],
-                           sample_kwargs: dict[str, Any], fn: str) -> dict[str, dict[str, torch.Tensor]]:
+    def _init_from_factory(
+        self, seed: int, m: nn.Module, lazy: bool, sample_args: tuple[Any, ...],
+        sample_kwargs: dict[str, Any], fn: str,
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """``init`` for a factory: construct the module again under the seeded generator."""
-        tensors = [*m.parameters(), *m.buffers(), *(t for t in _tree.leaves((sample_args, sample_kwargs))
-                                                    if isinstance(t, torch.Tensor))]
+        sample = [t for t in _tree.leaves((sample_args, sample_kwargs))
+                  if isinstance(t, torch.Tensor)]
+        tensors = [*m.parameters(), *m.buffers(), *sample]
         cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         assert self._factory is not None
         with torch.random.fork_rng(devices=cuda):
@@ -348,17 +352,21 @@ class FunctionalModel:
                 torch.cuda.default_generators[index].manual_seed(seed)
             fresh = self._factory()
             if not isinstance(fresh, nn.Module):
-                raise TypeError(f"{fn}: the factory must return an nn.Module, got {type(fresh).__name__}")
-            names = ([n for n, _ in fresh.named_parameters()], [n for n, _ in fresh.named_buffers()])
+                raise TypeError(f"{fn}: the factory must return an nn.Module, "
+                                f"got {type(fresh).__name__}")
+            names = ([n for n, _ in fresh.named_parameters()],
+                     [n for n, _ in fresh.named_buffers()])
             if names != (self._param_names, self._buffer_names):
-                raise ValueError(f"{fn}: the factory built a module with parameters {names[0]} and buffers "
-                                 f"{names[1]}, but the first call gave {self._param_names} and "
-                                 f"{self._buffer_names}; it must build the same module every time")
+                raise ValueError(f"{fn}: the factory built a module with parameters {names[0]} and "
+                                 f"buffers {names[1]}, but the first call gave {self._param_names} "
+                                 f"and {self._buffer_names}; it must build the same module "
+                                 "every time")
             with torch.no_grad():
                 if lazy:
                     if not (sample_args or sample_kwargs):
-                        raise ValueError(f"{fn}: the module has lazy parameters; pass a sample input so "
-                                         "init can give them shapes, e.g. init(key, x[:1])")
+                        raise ValueError(f"{fn}: the module has lazy parameters; pass a "
+                                         "sample input so init can give them shapes, "
+                                         "e.g. init(key, x[:1])")
                     fresh.eval()(*sample_args, **sample_kwargs)
         if self._templates is None:
             self._set_templates(fresh)
@@ -620,8 +628,8 @@ def functionalize(module: nn.Module | Callable[[], nn.Module]) -> FunctionalMode
         try:
             inspect.signature(module).bind()
         except (TypeError, ValueError):
-            raise TypeError("functionalize(module): `module` must be an nn.Module or a zero-argument "
-                            f"factory returning one, got {module!r}") from None
+            raise TypeError("functionalize(module): `module` must be an nn.Module or a "
+                            f"zero-argument factory returning one, got {module!r}") from None
         built = module()
         if not isinstance(built, nn.Module):
             raise TypeError("functionalize(module): a factory must return an nn.Module, got "

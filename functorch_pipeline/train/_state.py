@@ -38,8 +38,11 @@ class _Code:
         self.tx = tx
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, _Code) and self.apply_fn is other.apply_fn
-                and (self.tx is other.tx or self.tx == other.tx))
+        return (
+            isinstance(other, _Code)
+            and self.apply_fn is other.apply_fn
+            and (self.tx is other.tx or self.tx == other.tx)
+        )
 
     def __hash__(self) -> int:
         return hash((id(self.apply_fn), type(self.tx)))
@@ -148,15 +151,22 @@ class TrainState:
         fn = "TrainState.create(params, opt_state, key)"
         if tx is not None:
             if opt_state is not None:
-                raise TypeError(f"{fn}: give `tx` (and opt_state is tx.init(params)) or `opt_state`, not both")
+                raise TypeError(
+                    f"{fn}: give `tx` (and opt_state is tx.init(params)) or `opt_state`, not both"
+                )
             if not (hasattr(tx, "init") and hasattr(tx, "update")):
-                raise TypeError(f"{fn}: `tx` must be an fp.optim GradientTransformation, got {type(tx).__name__}")
+                raise TypeError(
+                    f"{fn}: `tx` must be an fp.optim GradientTransformation, "
+                    f"got {type(tx).__name__}"
+                )
             tx = _freeze_frozen(tx, params, apply_fn, trainable, fn)
             opt_state = tx.init(params)
         elif opt_state is None:
             raise TypeError(f"{fn}: give `opt_state` (opt.init(params)) or `tx`")
         elif trainable is not None:
-            raise TypeError(f"{fn}: `trainable` needs `tx` (the optimizer that must skip frozen leaves)")
+            raise TypeError(
+                f"{fn}: `trainable` needs `tx` (the optimizer that must skip frozen leaves)"
+            )
         if key is None:
             tensors = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
             key = _random.key(0, device=tensors[0].device) if tensors else _random.key(0)
@@ -208,8 +218,10 @@ class TrainState:
           (tensor([0.5000, 0.0000]), 1)
         """
         if self.tx is None:
-            raise TypeError("TrainState.apply_gradients(grads): the state has no `tx`; create it with "
-                            "TrainState.create(apply_fn=..., params=..., tx=...) or state.replace(tx=...)")
+            raise TypeError(
+                "TrainState.apply_gradients(grads): the state has no `tx`; create it with "
+                "TrainState.create(apply_fn=..., params=..., tx=...) or state.replace(tx=...)"
+            )
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optim.apply_updates(self.params, updates)
         return self.replace(params=params, opt_state=opt_state, step=self.step + 1, **changes)

@@ -81,8 +81,8 @@ def train_step(
         if not (isinstance(out, tuple) and len(out) == want):
             shape = "(loss, new_buffers, aux)" if has_aux else "(loss, new_buffers)"
             hint = "" if has_aux else "; pass has_aux=True to return (loss, new_buffers, aux)"
-            raise TypeError(f"{fn}: loss_fn must return {shape}, got "
-                            f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, tuple) else ''}{hint}")
+            got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple) else "")
+            raise TypeError(f"{fn}: loss_fn must return {shape}, got {got}{hint}")
         return out[0], out[1:]
 
     (loss, rest), grads = value_and_grad(value, has_aux=True)(state.params)

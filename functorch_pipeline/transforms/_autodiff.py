@@ -15,6 +15,7 @@ from functorch_pipeline import tree as _tree
 __all__ = [
     "grad",
     "hessian",
+    "hvp",
     "jacfwd",
     "jacrev",
     "jvp",
@@ -207,18 +208,90 @@ def grad(f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False) -> 
     return wrapped
 
 
+def _jac_impl(torch_jac: Callable[..., Any], f: Callable[..., Any], argnums: ArgNums, has_aux: bool,
+              fn: str, **options: Any) -> Callable[..., Any]:
+    """``torch.func.jacrev``/``jacfwd`` over fp.tree-flattened arguments and outputs (NOTE
+    [flattening differentiated arguments]): ``None`` leaves, NamedTuples and registered
+    dataclasses pass; the result is nested output structure first, then input structure."""
+
+    @functools.wraps(f)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        nums, is_tuple = _normalize_argnums(argnums, len(args), fn)
+        flats, defs = [], []
+        for i in nums:
+            _check_diff_leaves(args[i], i, fn)
+            leaves, treedef = _tree.flatten(args[i])
+            flats.append(leaves)
+            defs.append(treedef)
+        out_def: list[Any] = []
+        aux_parts: list[Any] = []
+
+        def flat_f(*flat_args: list[torch.Tensor]) -> Any:
+            new_args = list(args)
+            for i, leaves, treedef in zip(nums, flat_args, defs, strict=True):
+                new_args[i] = _tree.unflatten(treedef, leaves)
+            out = f(*new_args, **kwargs)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(f"{fn}: with has_aux=True, f must return a pair (out, aux), "
+                                    f"got {type(out).__name__}")
+                out, aux = out
+                aux_leaves, aux_def = _tree.flatten(aux)
+                aux_parts[:] = [aux_def, aux_leaves]
+            out_leaves, d = _tree.flatten(out)
+            for p, x in zip(_tree.flatten_with_path(out)[0], out_leaves, strict=True):
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{fn}: f must return tensors, but its output at path "
+                                    f"`{_tree.keystr(p)}` is a {type(x).__name__}")
+            out_def[:] = [d]
+            if has_aux:
+                return tuple(out_leaves), [x for x in aux_leaves if isinstance(x, torch.Tensor)]
+            return tuple(out_leaves)
+
+        res = torch_jac(flat_f, argnums=tuple(range(len(nums))), has_aux=has_aux, **options)(*flats)
+        jac, aux_tensors = res if has_aux else (res, None)
+        per_out = []
+        for j in jac:  # one entry per output leaf, then one per argnum, then per input leaf
+            trees = tuple(_tree.unflatten(d, list(g)) for d, g in zip(defs, j, strict=True))
+            per_out.append(trees if is_tuple else trees[0])
+        result = _tree.unflatten(out_def[0], per_out)
+        if not has_aux:
+            return result
+        aux_def, aux_leaves = aux_parts
+        it = iter(aux_tensors)
+        aux = _tree.unflatten(
+            aux_def, [next(it) if isinstance(x, torch.Tensor) else x for x in aux_leaves]
+        )
+        return result, aux
+
+    return wrapped
+
+
 def jacrev(
     f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False, *, chunk_size: int | None = None
 ) -> Callable[..., Any]:
     """The Jacobian by reverse mode (``jax.jacrev``); output axes first, then input axes.
 
-    ``chunk_size`` bounds memory by computing that many vector-Jacobian products at a time.
+    Args:
+      f: a function of pytrees returning a pytree of tensors (or ``(out, aux)``).
+      argnums: which positional argument(s) to differentiate.
+      has_aux: whether ``f`` returns ``(out, aux)``; ``aux`` is returned as it is.
+      chunk_size: compute that many vector-Jacobian products at a time (bounds memory).
 
-    >>> jacrev(lambda x: x ** 2)(torch.tensor([1., 3.]))
-    tensor([[2., 0.],
-            [0., 6.]])
+    Returns:
+      A function returning the Jacobian, nested as JAX nests it: the output's structure
+      outside, the differentiated argument's structure inside (a tuple of them for tuple
+      ``argnums``), each leaf of shape ``out.shape + in.shape``. ``None`` in an argument
+      is an empty subtree, as in JAX: allowed, and ``None`` in the result.
+
+    Example:
+      >>> jacrev(lambda x: x ** 2)(torch.tensor([1., 3.]))
+      tensor([[2., 0.],
+              [0., 6.]])
+      >>> jacrev(lambda p: p["w"] * 2)({"w": torch.ones(2), "skip": None})["w"].shape
+      torch.Size([2, 2])
     """
-    return torch.func.jacrev(f, argnums=_argnums(argnums), has_aux=has_aux, chunk_size=chunk_size)
+    return _jac_impl(torch.func.jacrev, f, argnums, has_aux, "jacrev(f)", chunk_size=chunk_size)
 
 
 def jacfwd(
@@ -226,21 +299,66 @@ def jacfwd(
 ) -> Callable[..., Any]:
     """The Jacobian by forward mode (``jax.jacfwd``); efficient for few inputs.
 
-    >>> jacfwd(lambda x: x.sin())(torch.zeros(2))
-    tensor([[1., 0.],
-            [0., 1.]])
+    Args:
+      f: a function of pytrees returning a pytree of tensors (or ``(out, aux)``).
+      argnums: which positional argument(s) to differentiate.
+      has_aux: whether ``f`` returns ``(out, aux)``.
+      randomness: as in :func:`vmap` (jacfwd vmaps over the input tangents).
+
+    Returns:
+      A function returning the Jacobian, nested as :func:`jacrev`'s.
+
+    Example:
+      >>> jacfwd(lambda x: x.sin())(torch.zeros(2))
+      tensor([[1., 0.],
+              [0., 1.]])
     """
-    return torch.func.jacfwd(f, argnums=_argnums(argnums), has_aux=has_aux, randomness=randomness)
+    return _jac_impl(torch.func.jacfwd, f, argnums, has_aux, "jacfwd(f)", randomness=randomness)
 
 
-def hessian(f: Callable[..., Any], argnums: ArgNums = 0) -> Callable[..., Any]:
-    """The Hessian of a scalar function (``jax.hessian``), forward-over-reverse.
+def hessian(
+    f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """The Hessian of a scalar function (``jax.hessian``): ``jacfwd(jacrev(f))``.
 
-    >>> hessian(lambda x: (x ** 3).sum())(torch.tensor([1., 2.]))
-    tensor([[ 6.,  0.],
-            [ 0., 12.]])
+    Args:
+      f: a function returning a scalar tensor (or ``(scalar, aux)``).
+      argnums: which positional argument(s) to differentiate.
+      has_aux: whether ``f`` returns ``(scalar, aux)``; then ``(hessian, aux)`` is returned.
+
+    Returns:
+      A function returning the Hessian, nested argument structure in argument structure.
+
+    Example:
+      >>> hessian(lambda x: (x ** 3).sum())(torch.tensor([1., 2.]))
+      tensor([[ 6.,  0.],
+              [ 0., 12.]])
+      >>> h, aux = hessian(lambda x: ((x ** 2).sum(), x.shape[0]), has_aux=True)(torch.ones(2))
+      >>> h, aux
+      (tensor([[2., 0.],
+              [0., 2.]]), 2)
     """
-    return torch.func.hessian(f, argnums=_argnums(argnums))
+    return _jac_impl(torch.func.jacfwd, jacrev(f, argnums, has_aux), argnums, has_aux, "hessian(f)")
+
+
+def hvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]) -> Any:
+    """The Hessian-vector product of a scalar ``f`` with respect to its first argument,
+    ``jvp(grad(f), primals, tangents)[1]`` (forward-over-reverse, as in JAX's autodiff
+    cookbook; ``torch.func`` has no ``hvp``). No Hessian is formed.
+
+    Args:
+      f: a function returning a scalar tensor.
+      primals: a tuple of ``f``'s arguments (pytrees).
+      tangents: a tuple like ``primals`` (the vector).
+
+    Returns:
+      ``H v`` with the structure of the first argument.
+
+    Example:
+      >>> hvp(lambda x: (x ** 3).sum(), (torch.tensor([1., 2.]),), (torch.tensor([1., 1.]),))
+      tensor([ 6., 12.])
+    """
+    return jvp(grad(f), primals, tangents)[1]
 
 
 def _argnums(argnums: ArgNums) -> int | tuple[int, ...]:
@@ -335,11 +453,13 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     return (out, vjp_fn, res[2]) if has_aux else (out, vjp_fn)
 
 
-def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """``(f(*primals), f_jvp)`` where ``f_jvp(*tangents)`` evaluates the JVP at the fixed
     primals (``jax.linearize``). Traced once with ``make_fx``; each call is cheap.
 
     Primals and tangents may be pytrees; tangents must match their primals' structure.
+    With ``has_aux=True``, ``f`` returns ``(out, aux)`` and ``(out, f_jvp, aux)`` is
+    returned (``aux`` from the first, untraced call).
 
     >>> out, f_jvp = linearize(torch.sin, torch.tensor([0., 0.]))
     >>> f_jvp(torch.tensor([1., 2.]))
@@ -351,9 +471,17 @@ def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., 
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             raise TypeError(f"{fn}: primal at path `{_tree.keystr(path)}` must be a floating tensor")
     out_def: list[Any] = []
+    aux_box: list[Any] = []
 
     def flat_f(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = f(*_tree.unflatten(treedef, flat))
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"{fn}: with has_aux=True, f must return a pair (out, aux), got "
+                                f"{type(out).__name__}")
+            out, aux = out
+            if not aux_box:  # the first call runs on the real primals; later ones are traced
+                aux_box.append(_tree.detach(aux))
         out_leaves, d = _tree.flatten(out)
         out_def[:] = [d]
         return tuple(out_leaves)
@@ -374,4 +502,4 @@ def linearize(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., 
                 )
         return _tree.unflatten(out_def[0], jvp_flat(*t))
 
-    return out, f_jvp
+    return (out, f_jvp, aux_box[0]) if has_aux else (out, f_jvp)

@@ -10,6 +10,8 @@ import torch
 import torch.func
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._eval_shape import ShapeDtypeStruct
+from functorch_pipeline.transforms._eval_shape import eval_shape
 
 __all__ = ["checkpoint", "remat", "scan"]
 
@@ -26,7 +28,9 @@ def scan(
     Returns ``(final_carry, ys)`` where ``ys`` stacks every ``y`` on a new leading axis
     (``None`` if ``f`` returns ``y=None``). ``xs`` may be any pytree (or ``None`` with
     ``length``); with ``reverse=True`` the loop runs from the end and ``ys`` keeps the
-    order of ``xs``. The carry must keep its structure, shapes and dtypes.
+    order of ``xs``. The carry must keep its structure, shapes and dtypes. Over zero
+    steps ``ys`` has ``y``'s structure with a leading axis of 0, as in ``lax.scan``:
+    ``f`` is run once on fake tensors (``fp.eval_shape``) to find it.
 
     It is an eager Python loop, differentiable and vmappable like any PyTorch code.
 
@@ -62,9 +66,26 @@ def scan(
             raise ValueError(
                 f"{fn}: f changed the carry's structure from {carry_def} to {_tree.structure(carry)}"
             )
-    if n == 0 or ys[0] is None or not _tree.leaves(ys[0]):
-        return carry, ys[0] if n and ys[0] is not None else None
+    if n == 0:
+        return carry, _empty_ys(f, init, x_leaves, x_def, fn)
+    if ys[0] is None or not _tree.leaves(ys[0]):
+        return carry, ys[0]
     return carry, _tree.stack(ys)
+
+
+def _empty_ys(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, x_leaves: list[Any], x_def: Any,
+              fn: str) -> Any:
+    """The ``ys`` of a zero-step scan: ``y``'s structure with a leading axis of 0."""
+    structs = [ShapeDtypeStruct(t.shape[1:], t.dtype, t.device) for t in x_leaves]
+    x = _tree.unflatten(x_def, structs) if x_leaves else None
+    out = eval_shape(f, init, x)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"{fn}: f must return a pair (carry, y), got {type(out).__name__}")
+    return _tree.map(
+        lambda s: torch.empty((0, *s.shape), dtype=s.dtype, device=s.device)
+        if isinstance(s, ShapeDtypeStruct) else s,
+        out[1], is_leaf=lambda s: isinstance(s, ShapeDtypeStruct),
+    )
 
 
 class _Remat(torch.autograd.Function):

@@ -23,6 +23,16 @@ class custom_vjp:  # noqa: N801 - JAX's name
     vmapping ``fwd`` and ``bwd``). Arguments and outputs may be pytrees; non-tensor leaves
     pass through and get no gradient. Residual leaves must be tensors or ``None``.
 
+    With ``nondiff_argnums`` (JAX's), the arguments at those positions are static: they
+    may be anything (a function, a config, a tensor that gets no gradient); ``fwd`` takes
+    all arguments as ``f`` does, ``bwd`` is ``bwd(*nondiff_args, residuals, g)`` and
+    returns one gradient per *other* argument. Use it as
+    ``functools.partial(custom_vjp, nondiff_argnums=(0,))``.
+
+    Args:
+      f: the function.
+      nondiff_argnums: positions of the static arguments.
+
     Examples:
       A gradient clipped to [-1, 1] on the way back:
 
@@ -33,11 +43,26 @@ class custom_vjp:  # noqa: N801 - JAX's name
       >>> import functorch_pipeline as fp
       >>> fp.grad(lambda x: (clip_grad(x) * 5).sum())(torch.tensor([1.0, 2.0]))
       tensor([1., 1.])
+
+      A static function argument:
+
+      >>> import functools
+      >>> @functools.partial(custom_vjp, nondiff_argnums=(0,))
+      ... def apply(fn, x):
+      ...     return fn(x)
+      >>> apply.defvjp(lambda fn, x: (fn(x), x), lambda fn, x, g: (2 * g,))
+      >>> fp.grad(lambda x: apply(torch.sin, x).sum())(torch.tensor([0.0]))
+      tensor([2.])
     """
 
-    def __init__(self, f: Callable[..., Any]) -> None:
+    def __init__(self, f: Callable[..., Any], nondiff_argnums: tuple[int, ...] = ()) -> None:
         functools.update_wrapper(self, f)
         self.f = f
+        nums = (nondiff_argnums,) if isinstance(nondiff_argnums, int) else tuple(nondiff_argnums)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums):
+            raise TypeError("custom_vjp(f, nondiff_argnums): `nondiff_argnums` must be "
+                            f"non-negative ints, got {nondiff_argnums!r}")
+        self.nondiff_argnums = tuple(sorted(set(nums)))
         self.fwd: Callable[..., Any] | None = None
         self.bwd: Callable[..., Any] | None = None
         self._function: type[torch.autograd.Function] | None = None
@@ -45,18 +70,33 @@ class custom_vjp:  # noqa: N801 - JAX's name
 
     def defvjp(self, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> None:
         """Register the forward (``fwd(*args) -> (out, residuals)``) and backward
-        (``bwd(residuals, g) -> tuple of grads``) rules."""
-        self.fwd, self.bwd = fwd, bwd
-        self._function = _make_function(getattr(self.f, "__name__", "f"), self._run_fwd, bwd)
+        (``bwd(*nondiff_args, residuals, g) -> tuple of grads``) rules.
 
-    def _run_fwd(self, *args: Any) -> Any:
+        Args:
+          fwd: the forward rule.
+          bwd: the backward rule.
+        """
+        self.fwd, self.bwd = fwd, bwd
+        name = getattr(self.f, "__name__", "f")
+        self._function = _make_function(name, self._run_fwd, self._run_bwd)
+
+    def _merge(self, spec: _Spec, diff_args: tuple[Any, ...]) -> list[Any]:
+        it = iter(diff_args)
+        static = dict(zip(self.nondiff_argnums, spec.nondiff, strict=True))
+        return [static[i] if i in static else next(it) for i in range(spec.nargs + len(static))]
+
+    def _run_fwd(self, spec: _Spec, *args: Any) -> Any:
         # JAX's idiom calls `f` itself inside `fwd`; there it must be the plain function.
         self._in_fwd += 1
         try:
             assert self.fwd is not None
-            return self.fwd(*args)
+            return self.fwd(*self._merge(spec, args))
         finally:
             self._in_fwd -= 1
+
+    def _run_bwd(self, spec: _Spec, res: Any, g: Any) -> Any:
+        assert self.bwd is not None
+        return self.bwd(*spec.nondiff, res, g)
 
     def __call__(self, *args: Any) -> Any:
         if self._in_fwd:
@@ -65,8 +105,14 @@ class custom_vjp:  # noqa: N801 - JAX's name
             raise RuntimeError(
                 f"custom_vjp({getattr(self.f, '__name__', 'f')}): call .defvjp(fwd, bwd) before using it"
             )
-        leaves, treedef = _tree.flatten(args)
-        spec = _Spec(treedef, len(args))
+        if self.nondiff_argnums and self.nondiff_argnums[-1] >= len(args):
+            raise ValueError(f"custom_vjp({getattr(self.f, '__name__', 'f')}): `nondiff_argnums` "
+                             f"{self.nondiff_argnums} but f was called with {len(args)} "
+                             "positional arguments")
+        static = set(self.nondiff_argnums)
+        diff = tuple(a for i, a in enumerate(args) if i not in static)
+        leaves, treedef = _tree.flatten(diff)
+        spec = _Spec(treedef, len(diff), tuple(args[i] for i in self.nondiff_argnums))
         flat = self._function.apply(spec, *leaves)
         return _tree.unflatten(spec.out_def, flat[: spec.n_out])
 
@@ -74,9 +120,10 @@ class custom_vjp:  # noqa: N801 - JAX's name
 class _Spec:
     """Static data handed to the autograd.Function (not a tensor, so not traced)."""
 
-    def __init__(self, in_def: Any, nargs: int) -> None:
+    def __init__(self, in_def: Any, nargs: int, nondiff: tuple[Any, ...] = ()) -> None:
         self.in_def = in_def
         self.nargs = nargs
+        self.nondiff = nondiff
         self.out_def: Any = None
         self.res_def: Any = None
         self.n_out = 0
@@ -91,7 +138,7 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
         @staticmethod
         def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
             args = _tree.unflatten(spec.in_def, leaves)
-            result = fwd(*args)
+            result = fwd(spec, *args)
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise TypeError(f"{where}: fwd must return a pair (out, residuals), got {type(result).__name__}")
             out, res = result
@@ -121,11 +168,11 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
             spec: _Spec = ctx.spec
             res = _tree.unflatten(spec.res_def, ctx.saved_tensors)
             g = _tree.unflatten(spec.out_def, grads[: spec.n_out])
-            arg_grads = bwd(res, g)
+            arg_grads = bwd(spec, res, g)
             if not isinstance(arg_grads, tuple) or len(arg_grads) != spec.nargs:
                 raise TypeError(
-                    f"{where}: bwd must return a tuple with one gradient per argument "
-                    f"({spec.nargs}), got {type(arg_grads).__name__}"
+                    f"{where}: bwd must return a tuple with one gradient per argument not in "
+                    f"nondiff_argnums ({spec.nargs}), got {type(arg_grads).__name__}"
                     + (f" of length {len(arg_grads)}" if isinstance(arg_grads, tuple) else "")
                 )
             flat: list[Any] = []

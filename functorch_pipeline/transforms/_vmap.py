@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ def vmap(
     *,
     chunk_size: int | None = None,
     randomness: str = "error",
+    axis_size: int | None = None,
 ) -> Callable[..., Any]:
     """Vectorise ``f`` over a batch axis (``jax.vmap`` semantics, ``torch.func`` engine).
 
@@ -81,14 +83,22 @@ def vmap(
       in_axes: an int, ``None``, or a tuple with one entry per positional argument, where
         each entry is a pytree prefix of that argument whose leaves are ints (the mapped
         axis) or ``None`` (not mapped). Non-tensor leaves are never mapped. Keyword
-        arguments are passed through unmapped (as in ``torch.func``; JAX maps them).
+        arguments are passed to every mapped call unmapped, as ``torch.func`` does; JAX
+        instead maps them over axis 0. Because the two disagree, a keyword argument that
+        holds a tensor raises a ``UserWarning`` naming it (NOTE [keyword arguments]):
+        pass it positionally with an ``in_axes`` entry (``0`` to map, ``None`` to
+        broadcast), or close over it, to say which you mean.
       out_axes: like ``in_axes`` for the outputs; ``None`` marks an output that must not
-        depend on the mapped axis.
+        depend on the mapped axis. An axis must be in ``[-(r + 1), r]`` for an output of
+        rank ``r`` per example (it indexes the result, which has the mapped axis too).
       chunk_size: evaluate that many examples at a time (bounds memory; same result).
       randomness: what PyTorch's *global* RNG may do inside ``f``: ``"error"`` (the
         default, as in ``torch.func``) forbids it, ``"same"`` shares draws across the batch,
         ``"different"`` draws per example. Explicit ``fp.random`` keys need none of this:
         see NOTE [how keys map to torch.func's randomness modes] in ``fp.random``.
+      axis_size: the size of the mapped axis (``jax.vmap``'s ``axis_size``): needed when
+        no argument is mapped (then ``f`` runs once and its outputs are broadcast along
+        ``out_axes``); otherwise it must equal the mapped inputs' size.
 
     Returns:
       The mapped function.
@@ -102,6 +112,9 @@ def vmap(
         raise ValueError(f"{fn}: `randomness` must be one of {_RANDOMNESS}, got {randomness!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{fn}: `chunk_size` must be a positive int or None, got {chunk_size!r}")
+    bad_size = isinstance(axis_size, bool) or not isinstance(axis_size, int) or axis_size < 0
+    if axis_size is not None and bad_size:
+        raise ValueError(f"{fn}: `axis_size` must be a non-negative int or None, got {axis_size!r}")
     if isinstance(in_axes, list):
         in_axes = tuple(in_axes)
 
@@ -132,8 +145,27 @@ def vmap(
                 )
             mapped.append(i)
             mapped_axes.append(ax % leaf.dim())
+        tensor_kwargs = sorted(k for k, v in kwargs.items()
+                               if any(isinstance(x, torch.Tensor) for x in _tree.leaves(v)))
+        if tensor_kwargs:
+            # NOTE [keyword arguments]: torch.func broadcasts keyword arguments, JAX maps
+            # them over axis 0. Either silent choice surprises half the users; we keep
+            # torch.func's (compatible with existing code) and say so.
+            warnings.warn(
+                f"{fn}: keyword argument(s) {tensor_kwargs} hold tensors; they are passed to every "
+                "mapped call unmapped (broadcast), as torch.func does, whereas jax.vmap maps "
+                "keyword arguments over axis 0. Pass them positionally with an in_axes entry "
+                "(0 to map, None to broadcast) or close over them.",
+                stacklevel=2,
+            )
+        if size is not None and axis_size is not None and size != axis_size:
+            raise ValueError(f"{fn}: `axis_size` is {axis_size} but {first} has {size} along its "
+                             "mapped axis")
         if not mapped:
-            raise ValueError(f"{fn}: nothing to map: every tensor argument has in_axes None")
+            if axis_size is None:
+                raise ValueError(f"{fn}: nothing to map: every tensor argument has in_axes None "
+                                 "(give `axis_size` to broadcast f's outputs)")
+            return _broadcast_outputs(f(*args, **kwargs), axis_size, out_axes, fn)
 
         out_def: list[Any] = []
         out_static: list[Any] = []
@@ -155,6 +187,7 @@ def vmap(
                         f"{fn}: f must return tensors, but the output at path "
                         f"`{_tree.keystr(p)}` is a {type(leaf).__name__}"
                     )
+                _check_out_axis(ax, leaf.dim(), p, fn)
                 tensors.append(leaf)
                 tensor_axes.append(ax)
             out_def[:] = [d]
@@ -184,3 +217,32 @@ def vmap(
 
     return wrapped
 
+
+
+def _check_out_axis(ax: Any, rank: int, path: Any, fn: str) -> None:
+    if ax is not None and not -(rank + 1) <= ax <= rank:
+        raise ValueError(
+            f"{fn}: `out_axes` entry {ax} is out of range for the output at path "
+            f"`{_tree.keystr(path)}`, which has rank {rank} per example (rank {rank + 1} with the "
+            f"mapped axis): expected an axis in [{-(rank + 1)}, {rank}]"
+        )
+
+
+def _broadcast_outputs(out: Any, size: int, out_axes: Any, fn: str) -> Any:
+    """``f``'s unmapped outputs repeated ``size`` times along ``out_axes`` (``axis_size``)."""
+    paths, leaves, treedef = _tree.flatten_with_path(out, none_is_leaf=True)
+    axes = _broadcast(out_axes, out, "out_axes", fn)
+    new = []
+    for p, leaf, ax in zip(paths, leaves, axes, strict=True):
+        if leaf is None or ax is None:
+            new.append(leaf)
+            continue
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{fn}: f must return tensors, but the output at path "
+                            f"`{_tree.keystr(p)}` is a {type(leaf).__name__}")
+        _check_out_axis(ax, leaf.dim(), p, fn)
+        x = leaf.unsqueeze(ax)
+        shape = list(x.shape)
+        shape[ax] = size
+        new.append(x.expand(shape))
+    return optree.tree_unflatten(treedef, new)

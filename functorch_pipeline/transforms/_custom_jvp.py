@@ -1,0 +1,209 @@
+"""``custom_jvp``: JAX's decorator for a function with a hand-written forward-mode rule."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.func
+
+from functorch_pipeline import tree as _tree
+
+__all__ = ["custom_jvp"]
+
+
+class custom_jvp:  # noqa: N801 - JAX's name
+    """Give ``f`` a custom forward-mode rule, as ``jax.custom_jvp`` does.
+
+    Register ``jvp(primals, tangents) -> (primal_out, tangent_out)`` with :meth:`defjvp`
+    (usable as a decorator). ``primals`` and ``tangents`` are tuples of the (non-static)
+    arguments; a tangent is a zero tensor where the input carries none. The rule drives
+    ``fp.jvp``/``jacfwd`` and, as in JAX, reverse mode too: the VJP is the transpose of
+    the rule's linear map in the tangents (computed with ``torch.func.vjp`` over the
+    tangents), so ``fp.grad``, ``loss.backward()`` and ``fp.vmap`` work. The rule must be
+    linear in ``tangents`` (JAX requires the same). Arguments may be pytrees of tensors;
+    ``nondiff_argnums`` marks static arguments (anything), passed first to the rule:
+    ``jvp(*nondiff_args, primals, tangents)``.
+
+    Args:
+      f: the function.
+      nondiff_argnums: positions of the static arguments.
+
+    Examples:
+      A numerically safe ``log1p(exp(x))`` whose derivative is ``sigmoid(x)``:
+
+      >>> @custom_jvp
+      ... def softplus(x):
+      ...     return torch.nn.functional.softplus(x)
+      >>> @softplus.defjvp
+      ... def _(primals, tangents):
+      ...     (x,), (t,) = primals, tangents
+      ...     return softplus(x), torch.sigmoid(x) * t
+      >>> import functorch_pipeline as fp
+      >>> fp.jvp(softplus, (torch.tensor([0.0]),), (torch.tensor([2.0]),))[1]
+      tensor([1.])
+      >>> fp.grad(lambda x: softplus(x).sum())(torch.tensor([0.0]))
+      tensor([0.5000])
+    """
+
+    def __init__(self, f: Callable[..., Any], nondiff_argnums: tuple[int, ...] = ()) -> None:
+        functools.update_wrapper(self, f)
+        self.f = f
+        nums = (nondiff_argnums,) if isinstance(nondiff_argnums, int) else tuple(nondiff_argnums)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums):
+            raise TypeError(
+                f"custom_jvp(f, nondiff_argnums): `nondiff_argnums` must be non-negative ints, "
+                f"got {nondiff_argnums!r}"
+            )
+        self.nondiff_argnums = tuple(sorted(set(nums)))
+        self.jvp: Callable[..., Any] | None = None
+        self._function: type[torch.autograd.Function] | None = None
+
+    def defjvp(self, jvp: Callable[..., Any]) -> Callable[..., Any]:
+        """Register the rule ``jvp(*nondiff_args, primals, tangents) -> (out, tangent_out)``.
+
+        Args:
+          jvp: the rule.
+
+        Returns:
+          ``jvp`` itself (so this works as a decorator).
+        """
+        self.jvp = jvp
+        self._function = _make_function(getattr(self.f, "__name__", "f"), self)
+        return jvp
+
+    def __call__(self, *args: Any) -> Any:
+        name = getattr(self.f, "__name__", "f")
+        if self._function is None:
+            raise RuntimeError(
+                f"custom_jvp({name}): register a rule with .defjvp(jvp) before using it"
+            )
+        if self.nondiff_argnums and self.nondiff_argnums[-1] >= len(args):
+            raise ValueError(
+                f"custom_jvp({name}): `nondiff_argnums` {self.nondiff_argnums} but f was "
+                f"called with {len(args)} positional arguments"
+            )
+        static = set(self.nondiff_argnums)
+        diff = tuple(a for i, a in enumerate(args) if i not in static)
+        leaves, treedef = _tree.flatten(diff)
+        spec = _Spec(treedef, tuple(args[i] for i in self.nondiff_argnums))
+        flat = self._function.apply(spec, *leaves)
+        return _tree.unflatten(spec.out_def, list(flat))
+
+    def _call_f(self, spec: _Spec, diff: tuple[Any, ...]) -> Any:
+        return self.f(*self._merge(spec, diff))
+
+    def _merge(self, spec: _Spec, diff: tuple[Any, ...]) -> list[Any]:
+        it = iter(diff)
+        static = dict(zip(self.nondiff_argnums, spec.nondiff, strict=True))
+        return [static[i] if i in static else next(it) for i in range(len(diff) + len(static))]
+
+    def _rule(
+        self, spec: _Spec, primal_leaves: list[Any], tangent_leaves: list[Any]
+    ) -> list[torch.Tensor]:
+        """The tangent output's leaves from the user's rule, checked."""
+        assert self.jvp is not None
+        primals = _tree.unflatten(spec.in_def, primal_leaves)
+        tangents = _tree.unflatten(spec.in_def, tangent_leaves)
+        result = self.jvp(*spec.nondiff, tuple(primals), tuple(tangents))
+        where = f"custom_jvp({getattr(self.f, '__name__', 'f')})"
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(
+                f"{where}: the jvp rule must return a pair (primal_out, tangent_out), got "
+                f"{type(result).__name__}"
+            )
+        t_leaves, t_def = _tree.flatten(result[1])
+        if t_def != spec.out_def:
+            raise ValueError(
+                f"{where}: tangent_out has structure {t_def} but f's output has {spec.out_def}"
+            )
+        return t_leaves
+
+
+class _Spec:
+    """Static data handed to the autograd.Function (not a tensor, so not traced)."""
+
+    def __init__(self, in_def: Any, nondiff: tuple[Any, ...]) -> None:
+        self.in_def = in_def
+        self.nondiff = nondiff
+        self.out_def: Any = None
+
+
+def _zeros_for(leaves: list[Any], tangents: tuple[Any, ...]) -> list[Any]:
+    return [
+        torch.zeros_like(x) if t is None and isinstance(x, torch.Tensor) else t
+        for x, t in zip(leaves, tangents, strict=True)
+    ]
+
+
+def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function]:
+    class _Fn(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
+            out = owner._call_f(spec, tuple(_tree.unflatten(spec.in_def, leaves)))
+            out_leaves, spec.out_def = _tree.flatten(out)
+            return tuple(x.view_as(x) if isinstance(x, torch.Tensor) else x for x in out_leaves)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            spec, *leaves = inputs
+            ctx.spec = spec
+            ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+            ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
+            tensors = [x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t]
+            ctx.save_for_backward(*tensors)
+            ctx.save_for_forward(*tensors)
+
+        @staticmethod
+        def _leaves(ctx: Any) -> list[Any]:
+            saved = iter(ctx.saved_tensors)
+            return [next(saved) if t else o for t, o in zip(ctx.is_tensor, ctx.others, strict=True)]
+
+        @staticmethod
+        def jvp(ctx: Any, *tangents: Any) -> Any:
+            leaves = _Fn._leaves(ctx)
+            out = owner._rule(ctx.spec, leaves, _zeros_for(leaves, tangents[1:]))  # [0] is spec
+            return tuple(out)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            leaves = _Fn._leaves(ctx)
+            idx = [
+                i
+                for i, x in enumerate(leaves)
+                if isinstance(x, torch.Tensor) and x.is_floating_point()
+            ]
+
+            def linear(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                full = [
+                    torch.zeros_like(x) if isinstance(x, torch.Tensor) else None for x in leaves
+                ]
+                for i, t in zip(idx, ts, strict=True):
+                    full[i] = t
+                return tuple(
+                    owner._rule(
+                        ctx.spec,
+                        [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves],
+                        full,
+                    )
+                )
+
+            with torch.enable_grad():
+                zeros = [torch.zeros_like(leaves[i]) for i in idx]
+                outs, vjp_fn = torch.func.vjp(linear, *zeros)
+                cts = tuple(
+                    torch.zeros_like(o) if g is None else g
+                    for g, o in zip(grads, outs, strict=True)
+                )
+                in_grads = vjp_fn(cts)
+            result: list[Any] = [None] * len(leaves)
+            for i, gi in zip(idx, in_grads, strict=True):
+                result[i] = gi
+            return (None, *result)
+
+    _Fn.__name__ = f"custom_jvp_{name}"
+    return _Fn
