@@ -79,8 +79,8 @@ class FunctionalModel:
     as a function of them. Made by :func:`functionalize`; see it for an example.
 
     The module is kept by reference and never modified: ``apply`` runs a private copy
-    whose parameters and buffers live on the ``meta`` device (NOTE [meta templates]), and
-    ``init`` works on another throw-away copy.
+    whose parameters and buffers live on the ``meta`` device (no memory; the variables'
+    tensors are swapped in for each call), and ``init`` works on another throw-away copy.
     """
 
     def __init__(self, module: nn.Module, factory: Callable[[], nn.Module] | None = None) -> None:
@@ -271,7 +271,9 @@ class FunctionalModel:
           **sample_kwargs: keyword arguments of the sample forward.
 
         Returns:
-          The variables (see NOTE [variables]); no tensor requires grad.
+          The variables ``{"params": {name: tensor}, "buffers": {name: tensor}}``, keyed by
+          the module's ``state_dict`` names (tied parameters once, under the first name;
+          non-persistent buffers included); no tensor requires grad.
 
         >>> import functorch_pipeline as fp
         >>> model = fp.functionalize(nn.Sequential(nn.LazyLinear(3), nn.BatchNorm1d(3)))
@@ -381,8 +383,9 @@ class FunctionalModel:
         """Run the module as a pure function of ``variables`` and the inputs.
 
         Args:
-          variables: ``{"params": ..., "buffers": ...}`` (NOTE [variables]); ``"buffers"``
-            may be left out for a module without buffers.
+          variables: ``{"params": {name: tensor}, "buffers": {name: tensor}}`` keyed by
+            ``state_dict`` names, as ``init`` returns; ``"buffers"`` may be left out for a
+            module without buffers.
           *args: the module's positional inputs.
           train: run every submodule in train mode (dropout on, BatchNorm on batch
             statistics) or, by default, in eval mode. This is an argument, not module state.
@@ -393,18 +396,24 @@ class FunctionalModel:
             Python loop). Under ``vmap`` a mapped key gives each mapped call its own masks
             (``torch.func``'s ``randomness="different"``), an unmapped key the same masks
             (``"same"``); vmap's default ``randomness="error"`` is fine either way. Needed
-            when ``train=True`` and the model has random layers (NOTE [one key or a key
-            batch] in ``fp.nn._randomness``).
+            when ``train=True`` and the model has random layers. With a key batch,
+            ``apply(v, x, key=keys)`` equals concatenating ``apply(v, x[n:n+1],
+            key=keys[n:n+1])`` over ``n``.
           **kwargs: the module's keyword inputs (``train`` and ``key`` are taken by apply).
 
         Returns:
-          The module's output; with ``train=True``, ``(output, new_buffers)`` (NOTE [train
-          returns buffers]). Inputs are never modified.
+          The module's output; with ``train=True``, always ``(output, new_buffers)``
+          (``new_buffers`` is ``{}`` without buffers), as Flax's ``apply(...,
+          mutable=[...])`` returns a pair: the result's shape never depends on the model.
+          Inputs are never modified (train mode runs on copies of the buffers).
 
         Raises:
           ValueError: variables with missing or unexpected names, or wrong shapes.
           RuntimeError: a random layer in train mode without ``key``; BatchNorm in train
-            mode under per-sample gradients (NOTE [BatchNorm and per-sample gradients]).
+            mode under per-sample gradients: under ``vmap`` over examples each example is
+            its own batch of one, so batch statistics and the in-place running-stat update
+            would be wrong (an ensemble, which maps the variables too, is fine). Replace
+            BatchNorm with GroupNorm (``fp.nn.replace_batchnorm_with_groupnorm``).
 
         >>> import functorch_pipeline as fp
         >>> model = fp.functionalize(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))

@@ -270,8 +270,10 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     """JAX's ``variance_scaling``: variance ``scale / n`` with ``n`` the fan in, fan out or
     their average (``mode`` ``"fan_in"``, ``"fan_out"``, ``"fan_avg"``), drawn from a
     ``"truncated_normal"`` (at ±2 std, rescaled to keep the variance), ``"normal"`` or
-    ``"uniform"`` distribution. Fans follow torch's layout (NOTE [fans follow torch's
-    weight layout]); e.g. JAX's ``lecun_normal()`` is ``variance_scaling(1, "fan_in",
+    ``"uniform"`` distribution. Fans follow torch's weight layout ``(out, in, *kernel)``:
+    ``fan_in = shape[1] * prod(kernel)``, ``fan_out = shape[0] * prod(kernel)``; JAX's
+    initialisers assume ``(in, out)`` kernels, so shapes written for JAX must be
+    transposed. E.g. JAX's ``lecun_normal()`` is ``variance_scaling(1, "fan_in",
     "truncated_normal")``.
 
     >>> w = variance_scaling(2.0, "fan_in", "normal")(fp_random.key(0), (200, 100))

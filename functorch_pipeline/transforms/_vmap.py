@@ -85,8 +85,7 @@ def vmap(
         axis) or ``None`` (not mapped). Non-tensor leaves are never mapped. Keyword
         arguments are passed to every mapped call unmapped, as ``torch.func`` does; JAX
         instead maps them over axis 0. Because the two disagree, a keyword argument that
-        holds a tensor raises a ``UserWarning`` naming it (NOTE [keyword arguments]):
-        pass it positionally with an ``in_axes`` entry (``0`` to map, ``None`` to
+        holds a tensor raises a ``UserWarning`` naming it: pass it positionally with an ``in_axes`` entry (``0`` to map, ``None`` to
         broadcast), or close over it, to say which you mean.
       out_axes: like ``in_axes`` for the outputs; ``None`` marks an output that must not
         depend on the mapped axis. An axis must be in ``[-(r + 1), r]`` for an output of
@@ -94,8 +93,10 @@ def vmap(
       chunk_size: evaluate that many examples at a time (bounds memory; same result).
       randomness: what PyTorch's *global* RNG may do inside ``f``: ``"error"`` (the
         default, as in ``torch.func``) forbids it, ``"same"`` shares draws across the batch,
-        ``"different"`` draws per example. Explicit ``fp.random`` keys need none of this:
-        see NOTE [how keys map to torch.func's randomness modes] in ``fp.random``.
+        ``"different"`` draws per example. Explicit ``fp.random`` keys need none of this
+        (they never touch the global RNG): an unmapped key gives every example the same
+        draw (like ``"same"``), a mapped batch of keys (``split(key, n)``, ``in_axes=0``)
+        gives each its own (like ``"different"``).
       axis_size: the size of the mapped axis (``jax.vmap``'s ``axis_size``): needed when
         no argument is mapped (then ``f`` runs once and its outputs are broadcast along
         ``out_axes``); otherwise it must equal the mapped inputs' size.
