@@ -304,6 +304,7 @@ def test_transformer_encoder_layer_batch_first_matches_loop(norm_first, activati
     assert all(torch.allclose(auto[k], got[k], atol=1e-12, rtol=0) for k in got)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's own, under vmap
 def test_transformer_encoder_layer_sequence_first_falls_back_with_the_same_numbers():
     """Sequence-first layers apply their Linear layers to (S, N, E): the batch is not on
     axis 0, so hooks refuses (clear error) and auto runs vmap once warned."""
@@ -460,6 +461,7 @@ def test_method_validation():
     (lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=1), (3, 2, 13)),
     (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2), (3, 3, 4, 4)),  # C=2 in the adjoint
 ])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape):
     torch.manual_seed(0)
     m = make().float()

@@ -1,7 +1,10 @@
 """Fast per-sample gradients from one batched forward and backward (``method="hooks"``).
 
-See NOTE [how the engine works] in ``_engine``, the per-op rules in ``_rules`` and the
-fused recurrent rule in ``_recurrent``. Higher layers make a composite op replaceable
+See NOTE [how the engine works] in ``_engine``, the per-op rules in ``_rules`` (linear,
+conv1d/2d, embedding, normalisation), ``_rules_conv`` (conv3d, transposed convolutions),
+``_rules_misc`` (embedding_bag, instance_norm, rms_norm, built-in RNN kernels),
+``_rules_attention`` (multi_head_attention_forward), the fused LSTM/GRU rules in
+``_recurrent`` and the recycled output buffers in ``_buffers``. Higher layers make a composite op replaceable
 with :func:`overridable` and give it a rule with :func:`register_rule`.
 """
 
