@@ -116,7 +116,7 @@ def test_writer_dying_mid_save_keeps_latest_consistent(tmp_path: object) -> None
     msg = str(info.value)
     assert "rank 0: exited with code 7 without a result" in msg
     assert re.search(
-        r"rank 1: RuntimeError: broadcast: the collective failed on rank 1 "
+        r"rank 1: RuntimeError: fp.distributed.broadcast: the collective failed on rank 1 "
         r"\(a peer rank may have died",
         msg,
     )

@@ -192,8 +192,8 @@ def test_trees_that_differ_across_ranks_raise_naming_rank_and_path(
 ) -> None:
     for msgs in (got["bad"] for got in collective_results):
         assert re.search(
-            r"psum: the tree differs across ranks \(rank 1 vs rank 0\): leaf at path "
-            r"`params\.w` has shape \(4,\).*on rank 1 but shape \(3,\)",
+            r"fp.distributed.psum: the tree differs across ranks \(rank 1 vs rank 0\): "
+            r"leaf at path `params\.w` has shape \(4,\).*on rank 1 but shape \(3,\)",
             msgs["shape"],
         )
         assert re.search(
@@ -240,7 +240,8 @@ def test_a_dead_rank_makes_the_others_fail_quickly() -> None:
     msg = str(info.value)
     assert "rank 1: exited with code 3 without a result" in msg
     assert re.search(
-        r"rank 0: RuntimeError: psum: the collective failed on rank 0 \(a peer rank may have died",
+        r"rank 0: RuntimeError: fp.distributed.psum: the collective failed on rank 0 "
+        r"\(a peer rank may have died",
         msg,
     )
     assert time.monotonic() - start < 50

@@ -68,7 +68,9 @@ def _leaves(fn: str, tree: Any) -> tuple[list[torch.Tensor], Any]:
     for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor):
             path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
-            raise TypeError(f"{fn}: leaf at path `{path}` is a {type(x).__name__}, not a tensor")
+            raise TypeError(
+                f"fp.distributed.{fn}: leaf at path `{path}` is a {type(x).__name__}, not a tensor"
+            )
     return leaves, treedef
 
 
@@ -83,7 +85,7 @@ def _mismatch(fn: str, descs: list[Any], hashes: list[int]) -> str:
     r = next(i for i, h in enumerate(hashes) if h != hashes[0])
     (td0, l0), (tdr, lr) = descs[0], descs[r]
     p0, pr = [d[0] for d in l0], [d[0] for d in lr]
-    head = f"{fn}: the tree differs across ranks (rank {r} vs rank 0): "
+    head = f"fp.distributed.{fn}: the tree differs across ranks (rank {r} vs rank 0): "
     if p0 != pr:
         only_r = [p for p in pr if p not in p0][:5]
         only_0 = [p for p in p0 if p not in pr][:5]
@@ -160,8 +162,8 @@ def _guard(fn: str, thunk: Callable[[], torch.Tensor]) -> torch.Tensor:
         return thunk()
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise RuntimeError(
-            f"{fn}: the collective failed on rank {dist.get_rank()} (a peer rank may have died, "
-            f"timed out, or called a different collective): {e}"
+            f"fp.distributed.{fn}: the collective failed on rank {dist.get_rank()} (a peer rank "
+            f"may have died, timed out, or called a different collective): {e}"
         ) from e
 
 
@@ -221,8 +223,8 @@ def _eager_inplace(
             w.wait()
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise RuntimeError(
-            f"{fn}: the collective failed on rank {dist.get_rank()} (a peer rank may have died, "
-            f"timed out, or called a different collective): {e}"
+            f"fp.distributed.{fn}: the collective failed on rank {dist.get_rank()} (a peer rank "
+            f"may have died, timed out, or called a different collective): {e}"
         ) from e
     return done
 
