@@ -145,7 +145,7 @@ def _child(name: str, batch: int, calls: int) -> None:
     print(json.dumps(times))
 
 
-def _processes(batch: int, pairs: int, calls: int, aa: bool) -> None:
+def _processes(batch: int, pairs: int, calls: int, aa: bool, threads: int | None) -> None:
     """NOTE [fresh processes]: each side in its own process, alternating A B B A ..."""
     sides = ["batch gradient (yardstick)", "batch gradient (yardstick)" if aa else DEFAULT]
     labels = ["A: yardstick", "B: yardstick (A/A check)" if aa else "B: default method"]
@@ -154,7 +154,8 @@ def _processes(batch: int, pairs: int, calls: int, aa: bool) -> None:
         order = [0, 1] if pair % 2 == 0 else [1, 0]
         for side in order:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sides[side],
-                                  "--batch", str(batch), "--rounds", str(calls)],
+                                  "--batch", str(batch), "--rounds", str(calls)]
+                                 + (["--threads", str(threads)] if threads else []),
                                  capture_output=True, text=True, check=True, env=os.environ.copy())
             medians[side].append(statistics.median(json.loads(out.stdout.strip().splitlines()[-1])))
     a, b = statistics.median(medians[0]), statistics.median(medians[1])
@@ -193,7 +194,7 @@ def main() -> None:
                                 every={"python loop": 5})
         print(_common.table(stats, baselines, batch, f"\nper-sample gradients, MNIST CNN, batch {batch}"))
         if args.processes:
-            _processes(batch, args.processes, args.rounds, args.aa)
+            _processes(batch, args.processes, args.rounds, args.aa, args.threads)
 
 
 def argparse_hidden() -> str:

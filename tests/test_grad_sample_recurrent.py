@@ -102,8 +102,8 @@ def test_rnn_per_sample_grads_match_loop(nonlinearity):
     torch.manual_seed(0)
     m = fp.nn.RNN(3, 4, 2, nonlinearity, bidirectional=True, batch_first=True)
     x = torch.randn(3, 5, 3)
-    assert_matches(seq_loss(m), params_of(m), x)
-    assert_matches(seq_loss(m), params_of(m), x, method="auto")
+    for method in ("hooks", "auto", "vmap"):
+        assert_matches(seq_loss(m), params_of(m), x, method=method)
 
 
 # -- the fused GRU rule -----------------------------------------------------------------------
