@@ -139,7 +139,22 @@ def _property(name: str):
     return given(data=st.data())(run)
 
 
+def repro() -> None:
+    """Issue 9's repro (a gradient one column too wide): adam and lamb corrupted the heap,
+    adamw built its update from the first elements. One ``REPRO`` line each."""
+    for name in ("adam", "lamb", "adamw"):
+        p = {"w": torch.randn(8, 4)}
+        opt = getattr(optim, name)(1e-3)
+        s = opt.init(p)
+        try:
+            u, s = opt.update({"w": torch.randn(8, 5)}, s, p)
+            print("REPRO", name, "returned", tuple(u["w"].shape), flush=True)
+        except ValueError as e:
+            print("REPRO", name, "ValueError", e, flush=True)
+
+
 def main(max_examples: int) -> int:
+    repro()
     for name in sorted(REGISTRY):
         run = _property(name)
         settings(

@@ -18,47 +18,43 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _run(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def bad_inputs_run():
+    """One subprocess (tests/optim_bad_inputs.py): the issue's repro, then hypothesis over
+    the whole registry. A subprocess, so that a heap crash fails these tests instead of
+    killing the test session."""
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
-def test_registry_wrong_inputs_property_in_subprocess():
-    """Hypothesis over the whole registry: one leaf of the gradients, the state or the
-    parameters gets a wrong shape, dtype or device (meta); every case must raise a clear
-    error (see tests/optim_bad_inputs.py). A subprocess, so a heap crash fails here."""
-    r = subprocess.run(
         [sys.executable, str(HERE / "optim_bad_inputs.py"), "8"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert r.stdout.strip().splitlines()[-1].startswith("OK ")
 
 
-def test_issue_repro_wrong_gradient_shape_in_subprocess():
+def test_issue_repro_wrong_gradient_shape_in_subprocess(bad_inputs_run):
     """The issue's repro for adam, lamb and adamw: today adam/lamb die with `corrupted
     double-linked list` (rc 134) and adamw silently returns an update built from the
     first elements of the gradient."""
-    r = _run(
-        "import torch\nfrom functorch_pipeline import optim\n"
-        "for name in ('adam', 'lamb', 'adamw'):\n"
-        "    p = {'w': torch.randn(8, 4)}; opt = getattr(optim, name)(1e-3); s = opt.init(p)\n"
-        "    try:\n"
-        "        u, s = opt.update({'w': torch.randn(8, 5)}, s, p)\n"
-        "        print(name, 'returned', tuple(u['w'].shape))\n"
-        "    except ValueError as e:\n"
-        "        print(name, 'ValueError', e)\n"
-    )
-    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    r = bad_inputs_run
+    lines = [x for x in r.stdout.splitlines() if x.startswith("REPRO")]
     want = (
         "ValueError scale_by_adam.update: leaf at path `w` has shape (8, 5) in `updates` but "
         "(8, 4) in `state.mu`"
     )
-    assert r.stdout.splitlines() == [f"{n} {want}" for n in ("adam", "lamb", "adamw")]
+    assert lines == [f"REPRO {n} {want}" for n in ("adam", "lamb", "adamw")], (
+        r.returncode,
+        r.stderr[-2000:],
+    )
+
+
+def test_registry_wrong_inputs_property_in_subprocess(bad_inputs_run):
+    """Hypothesis over the whole registry: one leaf of the gradients, the state or the
+    parameters gets a wrong shape, dtype or device (meta); every case must raise a clear
+    error (see tests/optim_bad_inputs.py)."""
+    r = bad_inputs_run
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("OK ")
 
 
 @pytest.mark.parametrize("make", [optim.adam, optim.lamb, optim.adamw, optim.radam, optim.adagrad])
