@@ -63,8 +63,9 @@ def test_solvers_ridge_and_init(name: str) -> None:
     a, b = _system(3, 9, kind)
     x0 = torch.linspace(-1, 1, 9, dtype=D)
     x = solve(lambda v: a @ v, b, ridge=0.5, init=x0, tol=1e-12)
-    want = (torch.linalg.solve(a.T @ a + 0.5 * torch.eye(9, dtype=D), a.T @ b) if name == "normal_cg"
-            else torch.linalg.solve(a + 0.5 * torch.eye(9, dtype=D), b))
+    eye = torch.eye(9, dtype=D)
+    want = (torch.linalg.solve(a.T @ a + 0.5 * eye, a.T @ b) if name == "normal_cg"
+            else torch.linalg.solve(a + 0.5 * eye, b))
     torch.testing.assert_close(x, want, rtol=1e-9, atol=1e-10)
 
 

@@ -80,7 +80,8 @@ class _Problem:
         if not callable(matvec):
             raise TypeError(f"{name}: `matvec` must be callable, got {type(matvec).__name__}")
         if on_failure not in _ON_FAILURE:
-            raise ValueError(f"{name}: `on_failure` must be one of {_ON_FAILURE}, got {on_failure!r}")
+            raise ValueError(
+                f"{name}: `on_failure` must be one of {_ON_FAILURE}, got {on_failure!r}")
         for arg, value in (("tol", tol), ("atol", atol)):
             if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                 raise ValueError(f"{name}: `{arg}` must be a finite number >= 0, got {value!r}")
@@ -144,7 +145,8 @@ class _Problem:
             msg = (
                 f"{self.name}: did not converge in {iters} iterations: {what} norm "
                 f"{_host_max(rnorm):.3e} > tolerance {_host_max(self.threshold):.3e} "
-                f"(max(tol={self.tol:g} * {self.bname}={_host_max(self.bnorm):.3e}, atol={self.atol:g})); "
+                f"(max(tol={self.tol:g} * {self.bname}={_host_max(self.bnorm):.3e}, "
+                f"atol={self.atol:g})); "
                 "raise `maxiter`, loosen `tol`, add `ridge`, or use a solver suited to the "
                 "system (solve_cg needs a symmetric positive-definite one)"
             )

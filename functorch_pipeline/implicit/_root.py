@@ -82,7 +82,8 @@ def custom_root(optimality_fn: Callable[..., Any], solve: Callable[[Any, Any], A
         raise TypeError(
             f"custom_root: `optimality_fn` must be callable, got {type(optimality_fn).__name__}")
     if solve is not None and not callable(solve):
-        raise TypeError(f"custom_root: `solve` must be callable or None, got {type(solve).__name__}")
+        raise TypeError(
+            f"custom_root: `solve` must be callable or None, got {type(solve).__name__}")
     linear_solve = solve_normal_cg if solve is None else solve
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
