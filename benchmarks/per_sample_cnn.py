@@ -139,17 +139,19 @@ def _child(name: str, batch: int, calls: int) -> None:
     fn = fns[name]
     for _ in range(3):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(calls):
-        times.append(_common._call(fn)[0])
-    print(json.dumps(times))
+        w, c, _ = _common._call(fn)
+        wall.append(w)
+        cpu.append(c)
+    print(json.dumps({"wall": wall, "cpu": cpu}))
 
 
 def _processes(batch: int, pairs: int, calls: int, aa: bool, threads: int | None) -> None:
     """NOTE [fresh processes]: each side in its own process, alternating A B B A ..."""
     sides = ["batch gradient (yardstick)", "batch gradient (yardstick)" if aa else DEFAULT]
     labels = ["A: yardstick", "B: yardstick (A/A check)" if aa else "B: default method"]
-    medians: list[list[float]] = [[], []]
+    medians: dict[str, list[list[float]]] = {"wall": [[], []], "cpu": [[], []]}
     for pair in range(pairs):
         order = [0, 1] if pair % 2 == 0 else [1, 0]
         for side in order:
@@ -157,13 +159,15 @@ def _processes(batch: int, pairs: int, calls: int, aa: bool, threads: int | None
                                   "--batch", str(batch), "--rounds", str(calls)]
                                  + (["--threads", str(threads)] if threads else []),
                                  capture_output=True, text=True, check=True, env=os.environ.copy())
-            medians[side].append(statistics.median(json.loads(out.stdout.strip().splitlines()[-1])))
-    a, b = statistics.median(medians[0]), statistics.median(medians[1])
+            times = json.loads(out.stdout.strip().splitlines()[-1])
+            for kind in medians:
+                medians[kind][side].append(statistics.median(times[kind]))
     print(f"\nfresh processes, batch {batch}: {pairs} pairs x {calls} calls, medians of medians")
-    for label, m in zip(labels, (a, b), strict=True):
-        print(f"  {label:28s} {m * 1e3:8.2f} ms  {batch / m:9,.0f} ex/s")
-    print(f"  ratio B/A throughput: {a / b:.3f}   per pair: "
-          + " ".join(f"{x / y:.2f}" for x, y in zip(medians[0], medians[1], strict=True)))
+    for kind, (a_list, b_list) in medians.items():
+        a, b = statistics.median(a_list), statistics.median(b_list)
+        print(f"  {kind:4s}  {labels[0]} {a * 1e3:.2f} ms, {labels[1]} {b * 1e3:.2f} ms, "
+              f"throughput ratio B/A {a / b:.3f}; per pair: "
+              + " ".join(f"{x / y:.2f}" for x, y in zip(a_list, b_list, strict=True)))
 
 
 def main() -> None:
