@@ -165,8 +165,8 @@ _ARGS_DOC = """
       ridge: if given, solve ``(A + ridge * I) x = b`` instead.
       tol: relative tolerance: stop once ``||residual|| <= max(tol * ||b||, atol)``.
       atol: absolute tolerance.
-      maxiter: the most iterations (matrix-vector products with ``A``); default
-        ``10 * n`` for ``n`` unknowns.
+      maxiter: the most iterations (see below for what one is); default ``10 * n`` for
+        ``n`` unknowns, as in ``jax.scipy.sparse.linalg``.
       on_failure: what to do when ``maxiter`` is reached above the tolerance: ``"warn"``
         (:class:`ConvergenceWarning`, naming the residual), ``"raise"``
         (:class:`ConvergenceError`) or ``"ignore"``.
@@ -179,7 +179,8 @@ def solve_cg(matvec: Matvec, b: Any, *, init: Any = None, ridge: float | None = 
     """Solve ``A x = b`` for a symmetric positive-definite ``A`` by conjugate gradients.
 
     As ``jaxopt.linear_solve.solve_cg`` / ``jax.scipy.sparse.linalg.cg`` (same ``tol``,
-    ``atol`` defaults and stopping rule). Matrix-free: ``A`` is only applied.
+    ``atol`` defaults and stopping rule). Matrix-free: ``A`` is only applied, once per
+    iteration.
     {args}
     Returns:
       ``x``, a pytree like ``b``.
@@ -226,7 +227,8 @@ def solve_normal_cg(matvec: Matvec, b: Any, *, init: Any = None, ridge: float | 
     differentiable torch operations. ``ridge`` regularises the normal equations
     (``(A^T A + ridge I) x = A^T b``), and the tolerance applies to their residual. It
     squares the condition number: prefer :func:`solve_cg` for symmetric positive-definite
-    and :func:`solve_gmres` for other well-conditioned systems.
+    and :func:`solve_gmres` for other well-conditioned systems. One iteration applies
+    ``A`` and ``A^T`` once each.
     {args}
     Returns:
       ``x``, a pytree like ``b``.
