@@ -331,3 +331,24 @@ def test_second_derivative_through_custom_root_matches_finite_differences() -> N
     leaf = lam.clone().requires_grad_()
     (g,) = torch.autograd.grad(val_loss(leaf), leaf, create_graph=True)
     torch.testing.assert_close(torch.autograd.grad(g, leaf)[0], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_solver_may_take_its_own_autograd_steps() -> None:
+    """A solver written with torch.autograd.grad (forward runs with grad mode on, on
+    detached inputs); the implicit gradient equals the unrolled one."""
+    prox_loss, query_loss, theta = _imaml_problem(4)
+
+    @implicit.custom_root(fp.grad(prox_loss), solve=TIGHT)
+    def inner(init, theta_):
+        phi = {k: v.clone().requires_grad_() for k, v in theta_.items()}
+        for _ in range(300):
+            g = torch.autograd.grad(prox_loss(phi, theta_), list(phi.values()))
+            phi = {k: (v - 0.2 * gk).detach().requires_grad_()
+                   for (k, v), gk in zip(phi.items(), g, strict=True)}
+        return phi
+
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    query_loss(inner(None, leaves)).backward()
+    unrolled = fp.grad(lambda t: query_loss(_gradient_descent(prox_loss, t, 300)))(theta)
+    for k in theta:
+        torch.testing.assert_close(leaves[k].grad, unrolled[k], rtol=1e-8, atol=1e-10)

@@ -25,8 +25,10 @@ def custom_root(optimality_fn: Callable[..., Any], solve: Callable[[Any, Any], A
     The decorated ``solver(init_params, *args)`` returns ``x*`` with
     ``optimality_fn(x*, *args) = 0`` (a pytree shaped like ``x*``; for a minimiser of
     ``f(x, *args)`` it is usually ``grad(f)``). However ``x*`` was found (any number of
-    steps, any library, under ``torch.no_grad``), its gradient with respect to ``args`` is
-    the implicit function theorem's: for an output cotangent ``v``, solve
+    steps, any library, its own ``torch.autograd.grad`` calls included: it runs on
+    detached inputs with grad mode on, and nothing it records is kept), its gradient
+    with respect to ``args`` is the implicit function theorem's: for an output cotangent
+    ``v``, solve
     ``(∂F/∂x)^T u = -v`` matrix-free (``solve(matvec, -v)`` with ``matvec`` a
     vector-Jacobian product of ``F`` in ``x``), then return ``(∂F/∂args)^T u``. Nothing
     the solver did is stored for backward: memory does not grow with its iterations.
@@ -131,8 +133,14 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
 
         @staticmethod
         def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
-            init_params, args = _tree.unflatten(spec.in_def, leaves)
-            result = solver(init_params, *args)
+            # NOTE [solver sees detached inputs with grad enabled]: autograd.Function runs
+            # forward under no_grad, which would break a solver that takes its own
+            # torch.autograd.grad steps; it gets detached inputs and grad mode back, and
+            # whatever graph it builds stays inside (outputs are detached below).
+            detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
+            init_params, args = _tree.unflatten(spec.in_def, detached)
+            with torch.enable_grad():
+                result = solver(init_params, *args)
             if has_aux:
                 if not (isinstance(result, tuple) and len(result) == 2):
                     raise TypeError(f"{where}: with has_aux=True the solver must return a pair "
@@ -149,9 +157,10 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
                                     f"`{_tree.keystr(path)}` is {got}")
             aux_leaves, spec.aux_def = _tree.flatten(aux)
             spec.n_out = len(sol_leaves)
-            ids = {id(x) for x in leaves}
+            ids = {id(x) for x in leaves} | {id(x) for x in detached}
             # An input returned as-is would alias it; autograd.Function wants fresh outputs.
-            outs = [x.clone() if id(x) in ids else x for x in sol_leaves]
+            outs = [x.detach().clone() if id(x) in ids else x.detach() for x in sol_leaves]
+            aux_leaves = [a.detach() if isinstance(a, torch.Tensor) else a for a in aux_leaves]
             return (*outs, *aux_leaves)
 
         @staticmethod
