@@ -140,7 +140,8 @@ def test_torch_compile_fullgraph(name):
 
 def test_grad_through_updates_matches_autograd():
     """Meta-learning: differentiate a loss after two adam steps w.r.t. the initial params;
-    torch.func.grad (leaf-by-leaf path) must agree with torch.autograd (foreach path)."""
+    torch.func.grad must agree with torch.autograd (both take the pure leaf-by-leaf path:
+    NOTE [differentiable optimizers]; tests/test_optim_differentiable.py covers the registry)."""
     opt = optim.adam(0.1)
 
     def outer(params):
