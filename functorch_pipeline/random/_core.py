@@ -1,30 +1,5 @@
-"""Explicit random keys in JAX's style.
-
-A key is a small ``int64`` tensor of shape ``(2,)`` holding two 32-bit words. Keys are
-data: they are split and folded deterministically, they live on whatever device you put
-them, and every draw is a pure function of the key. Nothing here reads or advances
-PyTorch's global random state.
-
-Draws (:func:`uniform`, :func:`normal`, :func:`bernoulli`, ...) are computed from the key
-with a counter-based integer hash written in ordinary tensor operations, so they work
-under ``vmap`` (a batch of keys gives a batch of independent draws), under ``grad`` and
-under ``torch.compile``, with no host synchronisation.
-
-# NOTE [how keys map to torch.func's randomness modes]
-``torch.func.vmap(randomness=...)`` controls what *PyTorch's global* generator does
-inside ``vmap``: ``"error"`` forbids it, ``"same"`` draws one value for the whole batch,
-``"different"`` draws per example. Explicit keys make that switch irrelevant: draws made
-from a key never touch the global generator, so they are allowed under the default
-``"error"`` mode. Passing one key (unbatched, ``in_axes=None``) gives the same draw to
-every example, the analogue of ``"same"``; passing a batch of keys (``split(key, n)``
-with ``in_axes=0``) gives each example its own reproducible draw, the analogue of
-``"different"``.
-
-The hash is not cryptographic: it is meant for dropout masks, noise and initialisation.
-For code that must use PyTorch's own samplers (``nn.init``, ``torch.randn``),
-:func:`generator` turns a key into a seeded ``torch.Generator`` (this reads the key on
-the host, so do it outside ``vmap``/``compile``).
-"""
+"""Keys (key, split, fold_in) and the basic draws over a counter-based hash; see
+``fp.random`` for the design notes."""
 
 from __future__ import annotations
 
@@ -218,8 +193,8 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
         A Python int outside that range raises ``ValueError`` instead of wrapping (so
         ``fold_in(k, 2**32)`` cannot silently equal ``fold_in(k, 0)``); fold a larger
         number in as several 32-bit pieces. A tensor is not range-checked (that would
-        need a host sync, NOTE [argument checks without host syncs]): only its low 32
-        bits are used.
+        need a host sync, which breaks vmap and torch.compile): only its low 32 bits are
+        used.
 
     Returns:
       A new key of the same shape as ``key``.
@@ -291,7 +266,7 @@ def uniform(
     Raises:
       ValueError: Python-number bounds that are not finite or have ``minval > maxval``
         (JAX returns garbage there). Tensor bounds are not checked, since that would
-        need a host sync (NOTE [argument checks without host syncs]).
+        need a host sync (``.item()``), which breaks vmap and torch.compile.
 
     Examples:
       >>> u = uniform(key(0), (1000,))
@@ -364,7 +339,7 @@ def bernoulli(
       k: a key.
       p: the probability: a Python number in ``[0, 1]``, or a tensor (not checked: a
         tensor ``p`` outside ``[0, 1]`` acts as if clipped; checking it would need a
-        host sync, NOTE [argument checks without host syncs]).
+        host sync, which breaks vmap and torch.compile).
       shape: the shape of the draw; default ``p``'s shape.
 
     Returns:
@@ -484,3 +459,4 @@ def generator(k: torch.Tensor, device: torch.device | str | None = None) -> torc
     g = torch.Generator(device=dev)
     g.manual_seed(seed_from_key(k))
     return g
+
