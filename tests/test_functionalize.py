@@ -257,12 +257,18 @@ def test_trainable_mask_drives_a_masked_optimizer():
     net[0].weight.requires_grad_(False)
     model = fp.functionalize(net)
     params = model.init(KEY)["params"]
-    opt = optim.masked(optim.sgd(0.1), model.trainable_mask())
-    state = opt.init(params)
     grads = fp.grad(lambda p: model.apply({"params": p}, torch.ones(2, 3)).sum())(params)
-    updates, _ = opt.update(grads, state, params)
+    # the documented path (NOTE [frozen parameters]): freeze() takes frozen_mask()
+    opt = optim.chain(optim.masked(optim.sgd(0.1), model.trainable_mask()),
+                      optim.freeze(model.frozen_mask()))
+    updates, _ = opt.update(grads, opt.init(params), params)
     new = optim.apply_updates(params, updates)
     assert torch.allclose(new["1.weight"], params["1.weight"] - 0.1 * grads["1.weight"])
+    assert torch.equal(new["0.weight"], params["0.weight"])
+    # masked() alone passes the frozen leaves' raw gradients through (optax semantics)
+    alone = optim.masked(optim.sgd(0.1), model.trainable_mask())
+    moved = optim.apply_updates(params, alone.update(grads, alone.init(params), params)[0])
+    assert torch.allclose(moved["0.weight"], params["0.weight"] + grads["0.weight"])
 
 
 # ---------------------------------------------------------------- state_dict interop
