@@ -117,6 +117,11 @@ def test_train_state_code_is_static_and_never_saved(tmp_path):
     assert torch.equal(plain.params["2.weight"], params["2.weight"])
     like = fp.load(tmp_path / "s.safetensors", like=state)
     assert like.apply_fn == model.apply and like.tx is state.tx
+    plain_model = fp.functionalize(nn.Linear(2, 2))
+    p2 = plain_model.init(KEY)["params"]
+    s1 = fp.train.TrainState.create(apply_fn=plain_model.apply, params=p2, tx=tx, key=KEY)
+    s2 = fp.train.TrainState.create(apply_fn=plain_model.apply, params=p2, tx=tx, key=KEY)
+    assert fp.tree.structure(s1) == fp.tree.structure(s2)  # fresh bound methods compare equal
     with pytest.raises(TypeError, match=r"TrainState.create.*not both"):
         fp.train.TrainState.create(params, tx.init(params), tx=tx)
     with pytest.raises(ValueError, match=r"TrainState.create.*expected keys"):

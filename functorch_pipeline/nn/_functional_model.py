@@ -576,8 +576,7 @@ def _not_from_reset(current: torch.Tensor, drawn: torch.Tensor) -> bool:
     if (isinstance(current, nn.parameter.UninitializedTensorMixin) or current.shape != drawn.shape
             or current.numel() == 0 or not current.is_floating_point()):
         return False
-    a = current.reshape(-1).to("cpu", torch.float64)
-    b = drawn.reshape(-1).to("cpu", torch.float64)
+    a, b = current.detach().reshape(-1), drawn.detach().reshape(-1).to(current.device)
     if b.numel() == 1:  # one draw cannot tell a random reset from a deterministic one
         return False
     if bool((b == b[0]).all()):  # a deterministic reset (ones, zeros, a constant)
@@ -586,8 +585,9 @@ def _not_from_reset(current: torch.Tensor, drawn: torch.Tensor) -> bool:
         return True
     if a.numel() < _KS_MIN:
         return False
-    step = -(-a.numel() // _KS_MAX)
-    a, b = a[::step].sort().values, b[::step].sort().values
+    step = -(-a.numel() // _KS_MAX)  # subsample first: no full float64 copy of a big leaf
+    a = a[::step].to("cpu", torch.float64).sort().values
+    b = b[::step].to("cpu", torch.float64).sort().values
     both = torch.cat([a, b])
     cdf_a = torch.searchsorted(a, both, right=True) / a.numel()
     cdf_b = torch.searchsorted(b, both, right=True) / b.numel()

@@ -38,14 +38,18 @@ class _Code:
         self.tx = tx
 
     def __eq__(self, other: object) -> bool:
+        # `==`, not `is`: `model.apply` makes a new bound method at each access.
         return (
             isinstance(other, _Code)
-            and self.apply_fn is other.apply_fn
+            and (self.apply_fn is other.apply_fn or self.apply_fn == other.apply_fn)
             and (self.tx is other.tx or self.tx == other.tx)
         )
 
     def __hash__(self) -> int:
-        return hash((id(self.apply_fn), type(self.tx)))
+        try:
+            return hash((self.apply_fn, type(self.tx)))
+        except TypeError:
+            return hash(type(self.tx))
 
     def __repr__(self) -> str:
         return f"_Code(apply_fn={self.apply_fn!r}, tx={'set' if self.tx is not None else None})"
