@@ -216,3 +216,15 @@ def test_noise_std_on_every_leaf(dtypes):
         assert abs(float(v.double().std()) / 3.0 - 1) < 0.05  # 6000 draws: ~0.9% std error
     corr = torch.corrcoef(torch.stack([out["a"].flatten().double(), out["b"].double()]))[0, 1]
     assert abs(float(corr)) < 0.06
+
+
+def test_noise_drawn_in_chunks_is_fresh_in_every_chunk():
+    """More entries than one noise chunk (2**18): each chunk has its own key."""
+    n = (1 << 18) + 5000
+    tx = optim.add_dp_noise(1.0, 1.0, key=0, batch_size=1)
+    zeros = {"w": torch.zeros(n)}
+    z = tx.update(zeros, tx.init(zeros))[0]["w"]
+    assert abs(float(z.std()) - 1) < 0.01 and abs(float(z.mean())) < 0.01
+    head, tail = z[:5000], z[1 << 18:]
+    assert not torch.equal(head, tail)
+    assert abs(float(torch.corrcoef(torch.stack([head, tail]))[0, 1])) < 0.06

@@ -243,6 +243,9 @@ def _init_state(base_key: torch.Tensor, params: Params) -> DifferentiallyPrivate
     )
 
 
+_NOISE_CHUNK = 1 << 18  # NOTE [one noise draw]
+
+
 def _noisy_mean(
     summed: list[torch.Tensor], std: float, state: Any, divisor: Any
 ) -> list[torch.Tensor]:
@@ -251,10 +254,13 @@ def _noisy_mean(
 
     # NOTE [one noise draw]
     When every leaf has the same floating dtype and device (the usual case) the noise is
-    ONE draw of all the parameters' entries, split into the leaves in leaf order: a
-    keyed draw has a fixed cost per call, and one call for a model's 8 leaves is ~4x
-    cheaper than 8 calls. Otherwise each leaf gets its own key,
-    ``split(fold_in(rng_key, count), num_leaves)[i]``.
+    one flat vector of all the parameters' entries, split into the leaves in leaf order:
+    a keyed draw has a fixed cost per call, and one call for a model's 8 leaves is ~4x
+    cheaper than 8 calls. The vector is drawn in chunks of ``_NOISE_CHUNK`` entries, chunk
+    ``i`` from ``fold_in(fold_in(rng_key, count), i)``: a keyed draw holds several int64
+    temporaries per entry, so one draw for a 6.4M-parameter embedding peaked at ~375 MB
+    above the step's other memory; chunks bound that to a few MB. Otherwise (mixed dtypes
+    or devices) each leaf gets its own key, ``split(fold_in(rng_key, count), num_leaves)[i]``.
     """
     if std == 0.0:
         return [s / divisor for s in summed]
@@ -264,7 +270,12 @@ def _noisy_mean(
         s.dtype == first.dtype and s.device == first.device for s in summed
     ):
         sizes = [s.numel() for s in summed]
-        flat = fpr.normal(step_key, (sum(sizes),), first.dtype).split(sizes)
+        total = sum(sizes)
+        chunks = [
+            fpr.normal(fpr.fold_in(step_key, i), (min(_NOISE_CHUNK, total - start),), first.dtype)
+            for i, start in enumerate(range(0, total, _NOISE_CHUNK))
+        ]
+        flat = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).split(sizes)
         return [(s + std * z.reshape(s.shape)) / divisor for s, z in zip(summed, flat, strict=True)]
     keys = fpr.split(step_key, len(summed))
     out = []
