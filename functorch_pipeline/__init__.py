@@ -50,6 +50,7 @@ from functorch_pipeline.transforms import per_sample_value_and_grad
 from functorch_pipeline.transforms import remat
 from functorch_pipeline.transforms import scan
 from functorch_pipeline.transforms import stop_gradient
+from functorch_pipeline.transforms import switch
 from functorch_pipeline.transforms import value_and_grad
 from functorch_pipeline.transforms import vjp
 from functorch_pipeline.transforms import vmap
@@ -95,6 +96,7 @@ __all__ = [
     "scan",
     "serialization",
     "stop_gradient",
+    "switch",
     "train",
     "transforms",
     "tree",

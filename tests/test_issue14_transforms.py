@@ -317,3 +317,19 @@ def test_eval_shape_allocates_nothing_and_matches_a_real_run():
         lambda a: (_branchy(a[0]) if False else {"y": a[0] ** 3}, a.to(torch.int64).sum(0)), x
     )
     assert shapes[0]["y"].shape == real[0]["y"].shape and shapes[1].dtype == torch.int64
+
+
+def test_switch_clamps_the_index_and_selects_per_example_under_vmap():
+    branches = [lambda v: v.sin(), lambda v: v * 3, lambda v: v ** 2]
+    x = _vec(0, 5)
+    for i in (-2, 0, 1, 2, 7):
+        torch.testing.assert_close(fp.switch(i, branches, x), branches[min(max(i, 0), 2)](x))
+    idx = torch.tensor([0, 1, 2, 5, -1])
+    got = fp.vmap(lambda i, v: fp.switch(i, branches, v))(idx, x)
+    ref = torch.stack([branches[min(max(int(i), 0), 2)](v) for i, v in zip(idx, x, strict=True)])
+    torch.testing.assert_close(got, ref)
+    g = fp.vmap(fp.grad(lambda v, i: fp.switch(i, branches, v)), in_axes=(0, 0))(x, idx)
+    torch.testing.assert_close(g, torch.stack([x[0].cos(), torch.tensor(3.0, dtype=F64), 2 * x[2],
+                                               2 * x[3], x[4].cos()]))
+    with pytest.raises(TypeError, match=r"switch\(index.*`index` must be an int"):
+        fp.switch(1.5, branches, x)

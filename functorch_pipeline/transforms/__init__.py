@@ -18,6 +18,7 @@ from functorch_pipeline.transforms._control import scan
 from functorch_pipeline.transforms._control_flow import cond
 from functorch_pipeline.transforms._control_flow import fori_loop
 from functorch_pipeline.transforms._control_flow import stop_gradient
+from functorch_pipeline.transforms._control_flow import switch
 from functorch_pipeline.transforms._control_flow import while_loop
 from functorch_pipeline.transforms._custom_jvp import custom_jvp
 from functorch_pipeline.transforms._custom_vjp import custom_vjp
@@ -52,6 +53,7 @@ __all__ = [
     "remat",
     "scan",
     "stop_gradient",
+    "switch",
     "value_and_grad",
     "vjp",
     "vmap",

@@ -1,5 +1,5 @@
-"""Structured control flow with ``jax.lax`` names: ``cond``, ``while_loop``, ``fori_loop``,
-and ``stop_gradient``.
+"""Structured control flow with ``jax.lax`` names: ``cond``, ``switch``, ``while_loop``,
+``fori_loop``, and ``stop_gradient``.
 
 # NOTE [control flow under vmap]
 These run as eager Python control flow, so they are differentiable (``fp.grad``,
@@ -7,7 +7,7 @@ These run as eager Python control flow, so they are differentiable (``fp.grad``,
 where ``torch.compile`` runs the branch eagerly and resumes compiling after it). Under
 ``fp.vmap`` a predicate can differ between examples; a Python ``if`` cannot decide it
 (torch.func raises). Then, as JAX does when it batches a predicate:
-``cond`` runs both branches and selects per example (``torch.where``), and
+``cond`` (and ``switch``) runs every branch and selects per example (``torch.where``), and
 ``while_loop`` runs the body while the predicate holds for any example and keeps each
 example's value once its own predicate is false. Both branches must then return the same
 structure, shapes and dtypes, and a branch must be safe to run on every example.
@@ -16,6 +16,7 @@ structure, shapes and dtypes, and a branch must be safe to run on every example.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch._C import _functorch
 
 from functorch_pipeline import tree as _tree
 
-__all__ = ["cond", "fori_loop", "stop_gradient", "while_loop"]
+__all__ = ["cond", "fori_loop", "stop_gradient", "switch", "while_loop"]
 
 
 def _compiling() -> bool:
@@ -128,6 +129,51 @@ def cond(
     if isinstance(p, bool):
         return true_fun(*operands) if p else false_fun(*operands)
     return _select(p, true_fun(*operands), false_fun(*operands), fn)
+
+
+def switch(
+    index: int | torch.Tensor, branches: Sequence[Callable[..., Any]], *operands: Any
+) -> Any:
+    """``branches[index](*operands)`` (``jax.lax.switch``); ``index`` is clamped to
+    ``[0, len(branches) - 1]`` as in JAX.
+
+    Args:
+      index: an int or a scalar integer tensor.
+      branches: a non-empty sequence of functions of ``*operands``.
+      *operands: the branches' arguments.
+
+    Returns:
+      The chosen branch's output. Under ``vmap`` with a per-example index every branch
+      runs and the outputs are selected per example (NOTE [control flow under vmap]), so
+      all branches must then return the same structure, shapes and dtypes.
+
+    Example:
+      >>> switch(5, [lambda x: x, lambda x: x * 10], torch.tensor(1.0))
+      tensor(10.)
+    """
+    fn = "switch(index, branches, *operands)"
+    branches = list(branches)
+    if not branches or not all(callable(b) for b in branches):
+        raise TypeError(f"{fn}: `branches` must be a non-empty sequence of functions")
+    last = len(branches) - 1
+    if isinstance(index, torch.Tensor):
+        if index.dim() != 0 or index.is_floating_point() or index.is_complex():
+            raise TypeError(f"{fn}: `index` must be an int or a 0-d integer tensor, got dtype "
+                            f"{index.dtype} and shape {tuple(index.shape)}")
+        try:
+            i = int(index)
+        except RuntimeError:  # batched under vmap
+            outs = [b(*operands) for b in branches]
+            clamped = index.clamp(0, last)
+            result = outs[last]
+            for j in range(last - 1, -1, -1):
+                result = _select(clamped == j, outs[j], result, fn)
+            return result
+    elif isinstance(index, int) and not isinstance(index, bool):
+        i = index
+    else:
+        raise TypeError(f"{fn}: `index` must be an int or a 0-d integer tensor, got {index!r}")
+    return branches[min(max(i, 0), last)](*operands)
 
 
 def _any_example(pred: torch.Tensor) -> bool:
