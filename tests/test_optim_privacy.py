@@ -135,7 +135,8 @@ def test_key_and_seed_spellings():
     by_key = optim.differentially_private_aggregate(1.0, 1.0, key=fp.random.key(4))
     by_seed = optim.differentially_private_aggregate(1.0, 1.0, seed=fp.random.key(4))
     positional = optim.differentially_private_aggregate(1.0, 1.0, 4)
-    outs = [tx.update(_per_example(), tx.init(_params()))[0] for tx in (by_key, by_seed, positional)]
+    outs = [tx.update(_per_example(), tx.init(_params()))[0]
+            for tx in (by_key, by_seed, positional)]
     assert fp.tree.allclose(outs[0], outs[1], rtol=0, atol=0)
     assert fp.tree.allclose(outs[0], outs[2], rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"differentially_private_aggregate\(key\): pass `key` or"):

@@ -260,7 +260,8 @@ class DPTrainer:
           >>> import functorch_pipeline as fp
           >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
           ...               noise_multiplier=0.0, sample_rate=0.1, expected_batch_size=10)
-          >>> s, losses, norms = t.clipped_sum(torch.zeros(1, 2), torch.tensor([[3., 4.], [.3, .4]]))
+          >>> x = torch.tensor([[3., 4.], [.3, .4]])
+          >>> s, losses, norms = t.clipped_sum(torch.zeros(1, 2), x)
           >>> s, norms
           (tensor([[0.9000, 1.2000]]), tensor([5.0000, 0.5000]))
         """
