@@ -140,13 +140,13 @@ def _per_sample(
                 if why[1]:
                     _note_once(loss_fn, f"{fn}: method='auto' uses 'vmap': {why[0]}", why[0])
             else:
-                use = _decisions(loss_fn, decided).get(_signature(args), "hooks")
+                use = _decisions(loss_fn, decided).get((nums, batched, _signature(args)), "hooks")
         if use == "hooks":
             fast = _fast(loss_fn, args, nums, is_tuple, batched, has_aux, chunk_size, keep_batch_dim,
                          method, fn)
             if fast is not None:
                 return fast
-            _decisions(loss_fn, decided)[_signature(args)] = "vmap"
+            _decisions(loss_fn, decided)[(nums, batched, _signature(args))] = "vmap"
         in_axes = tuple(0 if i in batched else None for i in range(len(args)))
 
         def one(*a: Any) -> tuple[Any, Any]:
