@@ -107,6 +107,8 @@ def test_empty_scan_returns_zero_length_arrays_like_lax_scan():
     )
     assert ys[0].shape == (0, 2) and ys[0].dtype == torch.float32 and ys[1].dtype == F64
     assert fp.scan(lambda c, _: (c, None), init, None, length=0)[1] is None
+    with pytest.raises(RuntimeError, match=r"scan\(f, init, xs\): over zero steps .* fake tensors"):
+        fp.scan(lambda c, x: (c, x[x > 0]), init, torch.zeros(0, 3))
 
 
 def test_vmap_tensor_kwargs_warn_and_stay_broadcast():

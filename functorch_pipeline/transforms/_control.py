@@ -78,7 +78,14 @@ def _empty_ys(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, x_leaves: lis
     """The ``ys`` of a zero-step scan: ``y``'s structure with a leading axis of 0."""
     structs = [ShapeDtypeStruct(t.shape[1:], t.dtype, t.device) for t in x_leaves]
     x = _tree.unflatten(x_def, structs) if x_leaves else None
-    out = eval_shape(f, init, x)
+    try:
+        out = eval_shape(f, init, x)
+    except Exception as e:  # a data-dependent f cannot run on fake tensors
+        raise RuntimeError(
+            f"{fn}: over zero steps f is run on fake tensors (fp.eval_shape) to find the shape "
+            f"of y, and that failed: {type(e).__name__}: {e}. Skip the call when the length is 0, "
+            "or make f's output shape independent of the data"
+        ) from e
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(f"{fn}: f must return a pair (carry, y), got {type(out).__name__}")
     return _tree.map(
