@@ -121,15 +121,20 @@ def main() -> None:
     labels = {"nonprivate": "non-private: grad + SGD", "ghost": "ghost clipped sum + SGD",
               "ghost+noise": "ghost + fp.random noise + SGD"}
     med = {}
-    print(f"| {'step':<31} | peak RSS MiB | above pre-step MiB | x non-private (RSS, above) |")
-    print(f"|{'-' * 33}|--------------|--------------------|----------------------------|")
+    print(f"| {'step':<31} | peak RSS MiB | above pre-step MiB (min-max) | "
+          "x non-private (RSS, above) |")
+    print(f"|{'-' * 33}|--------------|------------------------------|----------------------------|")
     for method, rs in results.items():
         total = statistics.median(r["peak_kb"] for r in rs) / 1024
-        extra = statistics.median(r["peak_kb"] - r["before_kb"] for r in rs) / 1024
+        extras = [(r["peak_kb"] - r["before_kb"]) / 1024 for r in rs]
+        extra = statistics.median(extras)
         med[method] = (total, extra)
         t0, e0 = med["nonprivate"]
         ratio = f"{total / t0:.3f}, {extra / max(e0, 1e-9):.3f}"
-        print(f"| {labels[method]:<31} | {total:12.1f} | {extra:18.1f} | {ratio:>26} |")
+        spread = f"{extra:.1f} ({min(extras):.1f}-{max(extras):.1f})"
+        print(f"| {labels[method]:<31} | {total:12.1f} | {spread:>28} | {ratio:>26} |")
+    print("medians over the rounds; the step's own peak moves by ~25 MiB between identical runs "
+          "(what the warm-up step left in malloc's free lists)")
     print("target: a DP step <= 1.5x the non-private step's peak")
 
 
