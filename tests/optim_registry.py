@@ -26,6 +26,17 @@ def _sched():
     return optim.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10)
 
 
+def _plateau():
+    """reduce_on_plateau needs ``value=``: feed it the gradients' squared norm."""
+    tx = optim.chain(optim.adam(1e-2), optim.reduce_on_plateau(factor=0.5, patience=1))
+
+    def update(updates, state, params=None, **kw):
+        value = sum((x * x).sum() for x in fp.tree.leaves(updates))
+        return tx.update(updates, state, params, value=value, **kw)
+
+    return optim.GradientTransformation(tx.init, update)
+
+
 REGISTRY = {
     "sgd": lambda: optim.sgd(0.1),
     "sgd_nesterov": lambda: optim.sgd(0.1, 0.9, True),
@@ -58,6 +69,34 @@ REGISTRY = {
     "apply_if_finite": lambda: optim.apply_if_finite(optim.adam(1e-2), 3),
     "inject_hyperparams": lambda: optim.inject_hyperparams(optim.adamw)(learning_rate=_sched(), weight_decay=0.1),
     "ema": lambda: optim.chain(optim.ema(0.9), optim.scale(-0.1)),
+    # issue 14 part B: optax 0.2.8 completeness
+    "amsgrad": lambda: optim.amsgrad(1e-2),
+    "amsgrad_torch": lambda: optim.amsgrad(1e-2, debias_after_max=True),
+    "adabelief": lambda: optim.adabelief(1e-2),
+    "adabelief_nesterov": lambda: optim.adabelief(1e-2, nesterov=True),
+    "adamaxw": lambda: optim.adamaxw(1e-2, weight_decay=0.1),
+    "nadamw": lambda: optim.nadamw(1e-2, weight_decay=0.1),
+    "lars": lambda: optim.lars(1e-1, weight_decay=0.01, trust_ratio_mask={"fc": True, "s": False}),
+    "novograd": lambda: optim.novograd(1e-2, weight_decay=0.01),
+    "yogi": lambda: optim.yogi(1e-2),
+    "sign_sgd": lambda: optim.sign_sgd(1e-2),
+    "rprop": lambda: optim.rprop(1e-2),
+    "adafactor": lambda: optim.adafactor(
+        1e-2, min_dim_size_to_factor=2, momentum=0.9, weight_decay_rate=0.01
+    ),
+    "zero_nans": lambda: optim.chain(optim.zero_nans(), optim.sgd(0.1)),
+    "add_noise": lambda: optim.chain(optim.add_noise(0.01, 0.55, key=0), optim.sgd(0.1)),
+    "apply_every": lambda: optim.chain(optim.apply_every(2), optim.sgd(0.1, 0.9)),
+    "centralize": lambda: optim.chain(optim.centralize(), optim.adam(1e-2)),
+    "adaptive_grad_clip": lambda: optim.chain(optim.adaptive_grad_clip(0.1), optim.sgd(0.1)),
+    "multi_transform": lambda: optim.multi_transform(
+        {"a": optim.yogi(1e-2), "b": optim.sgd(0.1)}, {"fc": "a", "s": "b"},
+        mask_compatible_extra_args=True,
+    ),
+    "multi_steps_acc_dtype": lambda: optim.MultiSteps(
+        optim.adam(1e-2), 2, accumulator_dtype=torch.float64
+    ).gradient_transformation(),
+    "reduce_on_plateau": _plateau,
     "stateless": lambda: optim.chain(
         optim.stateless_with_tree_map(lambda g, p: 0.5 * g + 0.01 * p), optim.scale_by_learning_rate(0.1)
     ),

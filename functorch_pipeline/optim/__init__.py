@@ -83,6 +83,16 @@ from functorch_pipeline.optim._alias import nadam
 from functorch_pipeline.optim._alias import radam
 from functorch_pipeline.optim._alias import rmsprop
 from functorch_pipeline.optim._alias import sgd
+from functorch_pipeline.optim._alias_more import adabelief
+from functorch_pipeline.optim._alias_more import adafactor
+from functorch_pipeline.optim._alias_more import adamaxw
+from functorch_pipeline.optim._alias_more import amsgrad
+from functorch_pipeline.optim._alias_more import lars
+from functorch_pipeline.optim._alias_more import nadamw
+from functorch_pipeline.optim._alias_more import novograd
+from functorch_pipeline.optim._alias_more import rprop
+from functorch_pipeline.optim._alias_more import sign_sgd
+from functorch_pipeline.optim._alias_more import yogi
 from functorch_pipeline.optim._base import EmptyState
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import GradientTransformationExtraArgs
@@ -98,11 +108,18 @@ from functorch_pipeline.optim._base import identity
 from functorch_pipeline.optim._base import set_to_zero
 from functorch_pipeline.optim._base import stateless
 from functorch_pipeline.optim._base import stateless_with_tree_map
+from functorch_pipeline.optim._contrib import ReduceLROnPlateauState
+from functorch_pipeline.optim._contrib import reduce_on_plateau
+from functorch_pipeline.optim._factorized import FactoredState
+from functorch_pipeline.optim._factorized import clip_by_block_rms
+from functorch_pipeline.optim._factorized import scale_by_factored_rms
+from functorch_pipeline.optim._factorized import scale_by_param_block_rms
 from functorch_pipeline.optim._masking import MaskedNode
 from functorch_pipeline.optim._masking import MaskedState
 from functorch_pipeline.optim._masking import PartitionState
 from functorch_pipeline.optim._masking import freeze
 from functorch_pipeline.optim._masking import masked
+from functorch_pipeline.optim._masking import multi_transform
 from functorch_pipeline.optim._masking import partition
 from functorch_pipeline.optim._privacy import AddDPNoiseState
 from functorch_pipeline.optim._privacy import DifferentiallyPrivateAggregateState
@@ -112,6 +129,17 @@ from functorch_pipeline.optim._privacy import differentially_private_aggregate
 from functorch_pipeline.optim._privacy import dpsgd
 from functorch_pipeline.optim._privacy import per_example_global_norm_clip
 from functorch_pipeline.optim._privacy import per_example_layer_norm_clip
+from functorch_pipeline.optim._scalers_more import ScaleByAmsgradState
+from functorch_pipeline.optim._scalers_more import ScaleByBeliefState
+from functorch_pipeline.optim._scalers_more import ScaleByNovogradState
+from functorch_pipeline.optim._scalers_more import ScaleByRpropState
+from functorch_pipeline.optim._scalers_more import ScaleByYogiState
+from functorch_pipeline.optim._scalers_more import scale_by_amsgrad
+from functorch_pipeline.optim._scalers_more import scale_by_belief
+from functorch_pipeline.optim._scalers_more import scale_by_novograd
+from functorch_pipeline.optim._scalers_more import scale_by_rprop
+from functorch_pipeline.optim._scalers_more import scale_by_sign
+from functorch_pipeline.optim._scalers_more import scale_by_yogi
 from functorch_pipeline.optim._schedules import constant_schedule
 from functorch_pipeline.optim._schedules import cosine_decay_schedule
 from functorch_pipeline.optim._schedules import cosine_onecycle_schedule
@@ -122,6 +150,10 @@ from functorch_pipeline.optim._schedules import piecewise_constant_schedule
 from functorch_pipeline.optim._schedules import piecewise_interpolate_schedule
 from functorch_pipeline.optim._schedules import polynomial_schedule
 from functorch_pipeline.optim._schedules import warmup_cosine_decay_schedule
+from functorch_pipeline.optim._schedules_more import linear_onecycle_schedule
+from functorch_pipeline.optim._schedules_more import sgdr_schedule
+from functorch_pipeline.optim._schedules_more import warmup_constant_schedule
+from functorch_pipeline.optim._schedules_more import warmup_exponential_decay_schedule
 from functorch_pipeline.optim._transforms import ScaleByScheduleState
 from functorch_pipeline.optim._transforms import TraceState
 from functorch_pipeline.optim._transforms import add_decayed_weights
@@ -140,16 +172,33 @@ from functorch_pipeline.optim._wrappers import MultiStepsState
 from functorch_pipeline.optim._wrappers import apply_if_finite
 from functorch_pipeline.optim._wrappers import ema
 from functorch_pipeline.optim._wrappers import inject_hyperparams
+from functorch_pipeline.optim._wrappers_more import AddNoiseState
+from functorch_pipeline.optim._wrappers_more import ApplyEvery
+from functorch_pipeline.optim._wrappers_more import LookaheadParams
+from functorch_pipeline.optim._wrappers_more import LookaheadState
+from functorch_pipeline.optim._wrappers_more import ZeroNansState
+from functorch_pipeline.optim._wrappers_more import adaptive_grad_clip
+from functorch_pipeline.optim._wrappers_more import add_noise
+from functorch_pipeline.optim._wrappers_more import apply_every
+from functorch_pipeline.optim._wrappers_more import centralize
+from functorch_pipeline.optim._wrappers_more import lookahead
+from functorch_pipeline.optim._wrappers_more import skip_not_finite
+from functorch_pipeline.optim._wrappers_more import zero_nans
 
 __all__ = [
     "AddDPNoiseState",
+    "AddNoiseState",
+    "ApplyEvery",
     "ApplyIfFiniteState",
     "DifferentiallyPrivateAggregateState",
     "EmaState",
     "EmptyState",
+    "FactoredState",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "InjectHyperparamsState",
+    "LookaheadParams",
+    "LookaheadState",
     "MaskedNode",
     "MaskedState",
     "MultiSteps",
@@ -157,30 +206,46 @@ __all__ = [
     "OptState",
     "Params",
     "PartitionState",
+    "ReduceLROnPlateauState",
     "ScalarOrSchedule",
     "ScaleByAdaDeltaState",
     "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "ScaleByBeliefState",
     "ScaleByLionState",
     "ScaleByNadamState",
+    "ScaleByNovogradState",
     "ScaleByRStdDevState",
     "ScaleByRmsState",
+    "ScaleByRpropState",
     "ScaleByRssState",
     "ScaleByScheduleState",
+    "ScaleByYogiState",
     "Schedule",
     "TraceState",
     "Updates",
+    "ZeroNansState",
+    "adabelief",
     "adadelta",
+    "adafactor",
     "adagrad",
     "adam",
     "adamax",
+    "adamaxw",
     "adamw",
+    "adaptive_grad_clip",
     "add_decayed_weights",
     "add_dp_noise",
+    "add_noise",
+    "amsgrad",
+    "apply_every",
     "apply_if_finite",
     "apply_updates",
     "apply_updates_",
+    "centralize",
     "chain",
     "clip",
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "constant_schedule",
     "cosine_decay_schedule",
@@ -195,10 +260,16 @@ __all__ = [
     "inject_hyperparams",
     "join_schedules",
     "lamb",
+    "lars",
+    "linear_onecycle_schedule",
     "linear_schedule",
     "lion",
+    "lookahead",
     "masked",
+    "multi_transform",
     "nadam",
+    "nadamw",
+    "novograd",
     "partition",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
@@ -206,24 +277,41 @@ __all__ = [
     "piecewise_interpolate_schedule",
     "polynomial_schedule",
     "radam",
+    "reduce_on_plateau",
     "rmsprop",
+    "rprop",
     "scale",
     "scale_by_adadelta",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_amsgrad",
+    "scale_by_belief",
+    "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_lion",
     "scale_by_nadam",
+    "scale_by_novograd",
+    "scale_by_param_block_rms",
     "scale_by_radam",
     "scale_by_rms",
+    "scale_by_rprop",
     "scale_by_rss",
     "scale_by_schedule",
+    "scale_by_sign",
     "scale_by_stddev",
     "scale_by_trust_ratio",
+    "scale_by_yogi",
     "set_to_zero",
     "sgd",
+    "sgdr_schedule",
+    "sign_sgd",
+    "skip_not_finite",
     "stateless",
     "stateless_with_tree_map",
     "trace",
+    "warmup_constant_schedule",
     "warmup_cosine_decay_schedule",
+    "warmup_exponential_decay_schedule",
+    "yogi",
+    "zero_nans",
 ]

@@ -183,10 +183,13 @@ def nadam(
     eps_root: float = 0.0,
     mu_dtype: torch.dtype | None = None,
     *,
+    nesterov: bool = True,
     momentum_decay: float | None = None,
 ) -> GradientTransformation:
     r"""NAdam. By default optax's form: :func:`adam` with ``nesterov=True`` (constant
-    momentum coefficient :math:`\beta_1`).
+    momentum coefficient :math:`\beta_1`). optax 0.2.8 defines ``nadam`` as
+    ``functools.partial(adam, nesterov=True)``, so it takes ``nesterov=`` too
+    (``nesterov=False`` is plain Adam).
 
     ``torch.optim.NAdam`` uses Dozat's momentum schedule
     :math:`\mu_t = \beta_1(1 - \tfrac12 0.96^{t\psi})` with ``momentum_decay`` ψ = 4e-3,
@@ -198,6 +201,7 @@ def nadam(
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       b1, b2, eps, eps_root, mu_dtype: as in :func:`adam`.
+      nesterov: as in optax's ``adam`` (default True here).
       momentum_decay: (not in optax) torch's ψ; None for optax's form.
 
     Returns:
@@ -211,10 +215,14 @@ def nadam(
     """
     _lr("nadam", learning_rate)
     if momentum_decay is not None:
+        if not nesterov:
+            raise ValueError("nadam(momentum_decay=...): torch's schedule is Nesterov's; "
+                             "`nesterov=False` cannot be combined with it")
         if not (isinstance(eps_root, (int, float)) and eps_root == 0) or mu_dtype is not None:
             raise ValueError("nadam(momentum_decay=...): `eps_root` and `mu_dtype` are not supported with momentum_decay")
         return chain(scale_by_nadam(b1, b2, eps, momentum_decay), scale_by_learning_rate(learning_rate))
-    return chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=True), scale_by_learning_rate(learning_rate))
+    return chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+                 scale_by_learning_rate(learning_rate))
 
 
 def radam(

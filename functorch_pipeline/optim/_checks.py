@@ -139,6 +139,15 @@ def _explain(
         )
 
 
+def check_float(where: str, leaves: list, tree: Any) -> None:
+    """Raise a TypeError naming the first leaf that is not a floating-point tensor."""
+    for i, x in enumerate(leaves):
+        if not (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{where}: leaf at path `{_path(tree, i)}` has dtype {got}; "
+                            "this transformation needs floating-point updates")
+
+
 def check_state(where: str, state: Any, cls: type | tuple[type, ...], init: str) -> None:
     """Raise a TypeError unless ``state`` is a ``cls`` (state from another optimizer)."""
     if not isinstance(state, cls):

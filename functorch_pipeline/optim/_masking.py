@@ -29,6 +29,7 @@ __all__ = [
     "PartitionState",
     "freeze",
     "masked",
+    "multi_transform",
     "partition",
 ]
 
@@ -133,13 +134,19 @@ def _select(tree: Any, flags: list[bool]) -> Any:
     return fpt.unflatten(td, [x if f else MaskedNode() for x, f in zip(leaves, flags, strict=True)])
 
 
-def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
+def masked(
+    inner: GradientTransformation, mask: Any, *, mask_compatible_extra_args: bool = False
+) -> GradientTransformation:
     """Apply ``inner`` only to the leaves where ``mask`` is true; others pass unchanged.
 
     Args:
       inner: the transformation to apply to the selected leaves.
       mask: a tree of booleans (the parameters' structure or a prefix of it), or a
         function ``params -> such a tree``.
+      mask_compatible_extra_args: (optax 0.2.8) also mask every extra keyword argument of
+        ``update`` that is a tree with the updates' structure (e.g. per-parameter
+        values), so that ``inner`` sees only the selected leaves of it too; other extra
+        arguments pass unchanged either way.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -150,10 +157,25 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
     >>> tx.update(u, tx.init(u))[0]
     {'w': tensor([0.]), 'b': tensor([1.])}
     """
-    return _masked_by_flags(inner, lambda where, tree: _mask_leaves(where, mask, tree), callable(mask))
+    return _masked_by_flags(inner, lambda where, tree: _mask_leaves(where, mask, tree), callable(mask),
+                            mask_compatible_extra_args)
 
 
-def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: bool) -> GradientTransformation:
+def _mask_extra(extra_args: dict, updates: Any, flags: list[bool]) -> dict:
+    """Extra arguments with the updates' structure, masked like the updates."""
+    td = fpt.structure(updates)
+    out = {}
+    for k, v in extra_args.items():
+        try:
+            same = fpt.same_structure(fpt.structure(v), td)
+        except Exception:  # noqa: BLE001 - anything that is not a matching tree passes as is
+            same = False
+        out[k] = _select(v, flags) if same else v
+    return out
+
+
+def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: bool,
+                     mask_extra: bool = False) -> GradientTransformation:
     """:func:`masked` with ``flags_fn(where, tree) -> [bool per leaf]``."""
     inner = GradientTransformation(*inner)
 
@@ -165,6 +187,8 @@ def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: b
         flags = flags_fn("masked.update", params if use_params and params is not None else updates)
         sub_u = _select(updates, flags)
         sub_p = None if params is None else _select(params, flags)
+        if mask_extra:
+            extra_args = _mask_extra(extra_args, updates, flags)
         new_sub, new_inner = inner.update(sub_u, state.inner_state, sub_p, **extra_args)
         new_leaves = fpt.leaves(new_sub, is_leaf=_is_masked_node)
         ul, td = fpt.flatten(updates)
@@ -192,6 +216,8 @@ def _labels(where: str, param_labels: Any, tree: Any) -> list[Hashable]:
 def partition(
     transforms: Mapping[Hashable, GradientTransformation],
     param_labels: Any,
+    *,
+    mask_compatible_extra_args: bool = False,
 ) -> GradientTransformation:
     """Different transformations for different groups of parameters (torch's param groups).
 
@@ -201,6 +227,8 @@ def partition(
         prefix of it, a function ``params -> labels tree``, or a function of the key
         path ``(path, leaf) -> label`` (a two-argument callable; ``path`` is a tuple of
         keys, see ``fp.tree.keystr``).
+      mask_compatible_extra_args: as in :func:`masked`: extra arguments with the
+        updates' structure reach each group's transformation restricted to its leaves.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -228,7 +256,8 @@ def partition(
 
     def inner_masked(label: Hashable, labels: list[Hashable]) -> GradientTransformation:
         flags = [lab == label for lab in labels]
-        return _masked_by_flags(transforms[label], lambda where, tree: flags, False)
+        return _masked_by_flags(transforms[label], lambda where, tree: flags, False,
+                                mask_compatible_extra_args)
 
     def init_fn(params: Params) -> PartitionState:
         labels = label_list("partition.init", params)
@@ -242,6 +271,33 @@ def partition(
         return updates, PartitionState(new_states)
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def multi_transform(
+    transforms: Mapping[Hashable, GradientTransformation],
+    param_labels: Any,
+    *,
+    mask_compatible_extra_args: bool = False,
+) -> GradientTransformation:
+    """optax's older name of :func:`partition` (same arguments, same transformation).
+
+    Args:
+      transforms: ``{label: transformation}``.
+      param_labels: the label of every parameter (see :func:`partition`).
+      mask_compatible_extra_args: see :func:`masked`.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    Example:
+      >>> from functorch_pipeline import optim
+      >>> tx = multi_transform({"a": optim.sgd(1.0), "b": optim.sgd(0.0)}, {"w": "a", "b": "b"})
+      >>> g = {"w": torch.ones(1), "b": torch.ones(1)}
+      >>> tx.update(g, tx.init(g))[0]
+      {'w': tensor([-1.]), 'b': tensor([-0.])}
+    """
+    return partition(transforms, param_labels,
+                     mask_compatible_extra_args=mask_compatible_extra_args)
 
 
 def freeze(mask: Any) -> GradientTransformation:

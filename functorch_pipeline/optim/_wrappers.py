@@ -70,6 +70,10 @@ class MultiSteps:
       every_k_schedule: an int, or a function of the number of applied steps.
       use_grad_mean: accumulate the mean (default) or the sum of the gradients.
       should_skip_update_fn: optional ``(updates, gradient_step, params) -> (skip, skip_state)``.
+      accumulator_dtype: dtype of the gradient accumulator (optax 0.2.8's argument;
+        default: the gradients'). The running mean/sum is formed and stored in this dtype
+        (e.g. ``torch.float32`` for bfloat16 gradients) and cast back to the gradients'
+        dtype for the inner optimizer.
 
     >>> from functorch_pipeline import optim
     >>> ms = MultiSteps(optim.sgd(1.0), every_k_schedule=2)
@@ -86,6 +90,7 @@ class MultiSteps:
         every_k_schedule: int | Callable[[torch.Tensor], Any],
         use_grad_mean: bool = True,
         should_skip_update_fn: Callable[..., tuple[Any, Any]] | None = None,
+        accumulator_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(every_k_schedule, numbers.Integral) and every_k_schedule < 1:
             raise ValueError(f"MultiSteps(every_k_schedule): must be >= 1, got {every_k_schedule}")
@@ -93,6 +98,10 @@ class MultiSteps:
         self._k = every_k_schedule
         self._mean = use_grad_mean
         self._skip = should_skip_update_fn
+        if accumulator_dtype is not None and not isinstance(accumulator_dtype, torch.dtype):
+            raise TypeError(f"MultiSteps(accumulator_dtype): expected a torch.dtype or None, got "
+                            f"{accumulator_dtype!r}")
+        self._acc_dtype = accumulator_dtype
 
     @property
     def inner_opt(self) -> GradientTransformation:
@@ -106,7 +115,9 @@ class MultiSteps:
         skip_state = ()
         if self._skip is not None:
             _, skip_state = self._skip(fpt.zeros_like(params), count, params)
-        return MultiStepsState(count, count, self._opt.init(params), fpt.zeros_like(params), skip_state)
+        dt = self._acc_dtype
+        acc = fpt.map(lambda p: torch.zeros_like(p, dtype=dt or p.dtype), params)
+        return MultiStepsState(count, count, self._opt.init(params), acc, skip_state)
 
     def update(self, updates: Updates, state: MultiStepsState, params: Params = None, **extra_args: Any):
         where = "MultiSteps.update"
@@ -116,14 +127,21 @@ class MultiSteps:
         _checks.check_count(where, "state.mini_step", state.mini_step, ul)
         _checks.check_count(where, "state.gradient_step", state.gradient_step, ul)
         k = self._every_k(state.gradient_step)
-        al = flatten_like(where, updates, state.acc_grads, "state.acc_grads", td, ref=ul)
+        al = flatten_like(where, updates, state.acc_grads, "state.acc_grads", td, ref=ul,
+                          dtype=self._acc_dtype or SAME)
+        ug = ul  # the gradients, in their own dtype (what the inner optimizer sees)
+        if self._acc_dtype is not None:  # accumulate in the accumulator's dtype
+            ul = [u.to(self._acc_dtype) for u in ul]
         fe = _mt.foreach_ok(ul, al)
         if self._mean:
             n = (state.mini_step + 1).to(_mt.scalar_dtype(ul)) if ul else state.mini_step
             acc = _mt.add(al, _mt.sub(ul, al, fe), fe, alpha=1 / n)
         else:
             acc = _mt.add(al, ul, fe)
-        acc_tree = fpt.unflatten(td, acc)
+        stored = fpt.unflatten(td, acc)
+        acc_tree = stored
+        if self._acc_dtype is not None:
+            acc_tree = fpt.unflatten(td, [a.to(u.dtype) for a, u in zip(acc, ug, strict=True)])
         emit = state.mini_step >= k - 1
         inner_u, inner_s = self._opt.update(acc_tree, state.inner_opt_state, params, **extra_args)
         zeros = fpt.zeros_like(updates)
@@ -132,7 +150,7 @@ class MultiSteps:
             mini_step=torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
             gradient_step=state.gradient_step + emit.to(state.gradient_step.dtype),
             inner_opt_state=_select_tree(emit, inner_s, state.inner_opt_state),
-            acc_grads=_select_tree(emit, zeros, acc_tree),
+            acc_grads=_select_tree(emit, fpt.zeros_like(stored), stored),
             skip_state=state.skip_state,
         )
         if self._skip is not None:
