@@ -3,6 +3,7 @@ CDFs (the Beta CDF by integrating its density), vmap/compile safety, JAX argumen
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -28,17 +29,15 @@ def _ks(sample, cdf):
 
 def _beta_cdf(a, b):
     """The Beta(a, b) CDF (a, b >= 1) by cumulative trapezoids of the closed-form density."""
-    grid = torch.linspace(0, 1, 200_001, dtype=F64)
+    grid = torch.linspace(0, 1, 20_001, dtype=F64)
     log_b = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
     pdf = torch.exp((a - 1) * torch.log(grid) + (b - 1) * torch.log1p(-grid) - log_b).nan_to_num(
         0.0
     )
     cdf = torch.cat(
-        [torch.zeros(1, dtype=F64), torch.cumsum((pdf[1:] + pdf[:-1]) / 2, 0) / 200_000]
+        [torch.zeros(1, dtype=F64), torch.cumsum((pdf[1:] + pdf[:-1]) / 2, 0) / (grid.numel() - 1)]
     )
-    return lambda x: torch.from_numpy(
-        __import__("numpy").interp(x.numpy(), grid.numpy(), cdf.numpy())
-    )
+    return lambda x: torch.from_numpy(np.interp(x.numpy(), grid.numpy(), cdf.numpy()))
 
 
 def test_prngkey_is_key():
@@ -61,6 +60,7 @@ def test_truncated_normal_matches_the_truncated_cdf(lower, width):
     upper = lower + width
     t = fr.truncated_normal(fr.key(2), lower, upper, (N,), F64)
     assert bool(((t > lower) & (t < upper)).all())
+
     def phi(x):
         return 0.5 * (1 + torch.special.erf(torch.as_tensor(x, dtype=F64) / math.sqrt(2)))
 
@@ -79,8 +79,7 @@ def test_truncated_normal_bounds_broadcast_and_stay_inside_in_float32():
         fr.truncated_normal(fr.key(0), 1.0, 1.0)
 
 
-@settings(max_examples=3, deadline=None)
-@given(st.sampled_from([0.05, 0.4, 1.0, 2.5, 30.0]))
+@pytest.mark.parametrize("a", [0.3, 4.0])  # the boosted (a < 1) and the direct branch
 def test_gamma_matches_the_gamma_cdf(a):
     g = fr.gamma(fr.key(4), a, (N,), F64)
     assert bool((g > 0).all())
