@@ -11,7 +11,12 @@ reduce with ``.mean()`` yourself. Each matches ``torch.nn.functional`` with
 * :func:`kl_divergence` sums over the class axis (optax); ``F.kl_div(...,
   reduction="none")`` is elementwise and ``reduction="batchmean"`` is the mean over the
   batch of our values;
-* :func:`huber_loss` is ``F.huber_loss`` (not ``F.smooth_l1_loss``, which divides by delta).
+* :func:`huber_loss` is ``F.huber_loss`` (not ``F.smooth_l1_loss``, which divides by delta);
+* ``where=`` (optax >= 0.2.4; :func:`cross_entropy`, :func:`softmax_cross_entropy`,
+  :func:`kl_divergence`) is a boolean mask of the classes to include, the shape of the
+  logits or of the batch (then it masks whole examples): excluded classes leave the
+  normaliser and the sum, and an example with no class included has loss 0. PyTorch has
+  no such argument (slice the logits instead).
 
 No function branches on tensor values: they run under ``vmap`` (per-sample gradients)
 and ``torch.compile``.
@@ -31,8 +36,35 @@ __all__ = [
     "sigmoid_binary_cross_entropy",
     "smooth_labels",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "squared_error",
 ]
+
+
+def _where(fn: str, where: torch.Tensor | None, logits: torch.Tensor,
+           axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(mask, any_class, filled)``: the mask broadcast to the logits, whether each
+    example keeps a class, and the logits with excluded classes at -inf (an example with
+    none kept gets zeros, so that nothing is NaN, not even its gradient)."""
+    if where is None:
+        return None
+    if not isinstance(where, torch.Tensor) or where.dtype != torch.bool:
+        got = where.dtype if isinstance(where, torch.Tensor) else type(where).__name__
+        raise TypeError(f"{fn}: `where` must be a bool tensor, got {got}")
+    ax = axis % logits.dim()
+    if where.dim() == logits.dim() - 1:
+        where = where.unsqueeze(ax)
+    try:
+        where = torch.broadcast_to(where, logits.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: `where` of shape {tuple(where.shape)} does not broadcast to the logits "
+            f"{tuple(logits.shape)} (give the logits' shape or the batch shape)"
+        ) from None
+    keep = where.any(dim=ax, keepdim=True)
+    filled = torch.where(where, logits, torch.full_like(logits, float("-inf")))
+    filled = torch.where(keep, filled, torch.zeros_like(logits))
+    return where, keep, filled
 
 
 def _check_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, axis: int) -> None:
@@ -85,39 +117,75 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, axis: int = -1) -> torch.
 
 
 def cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, axis: int = -1, *, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    axis: int = -1,
+    where: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax cross entropy with integer labels, one value per example.
+    r"""Softmax cross entropy with integer labels, one value per example:
+    :math:`\log\sum_{j \in W} e^{x_j} - x_y` (:math:`W`: the classes ``where`` keeps).
 
-    optax's ``softmax_cross_entropy_with_integer_labels``; equals
-    ``F.cross_entropy(logits, labels, reduction="none", label_smoothing=...)`` (for
-    ``(N, C)`` logits; torch's class axis is 1, ours ``axis=-1``).
+    optax's ``softmax_cross_entropy_with_integer_labels`` (also exported under that
+    name); equals ``F.cross_entropy(logits, labels, reduction="none", label_smoothing=...)``
+    (for ``(N, C)`` logits; torch's class axis is 1, ours ``axis=-1``).
 
     Args:
       logits: unnormalised scores, classes on ``axis``.
       labels: integer class indices, the shape of ``logits`` without ``axis``.
       axis: the class axis.
-      label_smoothing: mix the one-hot target with the uniform distribution.
+      where: optional bool mask of the classes to include (the logits' shape, or the
+        labels' shape to mask whole examples); see the module docstring.
+      label_smoothing: (not in optax) mix the one-hot target with the uniform
+        distribution over the included classes.
 
     Returns:
       The loss of each example: the shape of ``labels``.
 
-    >>> cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
-    tensor([0.6931])
+    Examples:
+      >>> cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))
+      tensor([0.6931])
+      >>> cross_entropy(torch.tensor([[0.0, 0.0, 5.0]]), torch.tensor([0]),
+      ...               where=torch.tensor([[True, True, False]]))
+      tensor([0.6931])
     """
-    _check_labels("cross_entropy(logits, labels)", logits, labels, axis)
-    logp = torch.log_softmax(logits, dim=axis)
-    loss = nll(logp, labels, axis)
+    fn = "cross_entropy(logits, labels)"
+    _check_labels(fn, logits, labels, axis)
+    masked = _where(fn, where, logits, axis)
+    if masked is None:
+        logp = torch.log_softmax(logits, dim=axis)
+        loss = nll(logp, labels, axis)
+        if label_smoothing:
+            uniform = -logp.mean(dim=axis)
+            loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+        return loss
+    mask, keep, filled = masked
+    lse = torch.logsumexp(filled, dim=axis, keepdim=True)
+    ax = axis % logits.dim()
+    idx = labels.unsqueeze(ax).to(torch.int64)
+    loss = (lse - torch.gather(logits, ax, idx)).squeeze(ax)
     if label_smoothing:
-        uniform = -logp.mean(dim=axis)
+        logp = torch.where(mask, logits - lse, torch.zeros_like(logits))
+        count = mask.sum(dim=ax).clamp(min=1).to(logits.dtype)
+        uniform = -logp.sum(dim=ax) / count
         loss = (1 - label_smoothing) * loss + label_smoothing * uniform
-    return loss
+    return torch.where(keep.squeeze(ax), loss, torch.zeros_like(loss))
+
+
+softmax_cross_entropy_with_integer_labels = cross_entropy
 
 
 def softmax_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, axis: int = -1, *, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    axis: int = -1,
+    where: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Cross entropy against a distribution (one-hot or probabilities) per example.
+    r"""Cross entropy against a distribution (one-hot or probabilities) per example:
+    :math:`-\sum_{j \in W} y_j \log \mathrm{softmax}_W(x)_j`.
 
     Equals ``F.cross_entropy(logits, probs, reduction="none", label_smoothing=...)``.
 
@@ -125,22 +193,40 @@ def softmax_cross_entropy(
       logits: unnormalised scores, classes on ``axis``.
       labels: a distribution per example, the shape of ``logits``.
       axis: the class axis.
-      label_smoothing: mix the targets with the uniform distribution.
+      where: optional bool mask of the classes to include (the logits' shape, or the
+        batch shape to mask whole examples); see the module docstring.
+      label_smoothing: (not in optax) mix the targets with the uniform distribution
+        (without ``where``: over all classes, as torch).
 
     Returns:
       The loss of each example.
 
-    >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 0.5]]))
-    tensor([0.6931])
+    Examples:
+      >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 0.5]]))
+      tensor([0.6931])
+      >>> softmax_cross_entropy(torch.tensor([[0.0, 0.0, 9.0]]), torch.tensor([[0.5, 0.5, 0.0]]),
+      ...                       where=torch.tensor([[True, True, False]]))
+      tensor([0.6931])
     """
     if labels.shape != logits.shape:
         raise ValueError(
             f"softmax_cross_entropy(logits, labels): `labels` must have the shape of `logits` "
             f"{tuple(logits.shape)}, got {tuple(labels.shape)}; integer labels go to cross_entropy"
         )
+    masked = _where("softmax_cross_entropy(logits, labels)", where, logits, axis)
+    if masked is None:
+        if label_smoothing:
+            labels = (1.0 - label_smoothing) * labels + label_smoothing / labels.shape[axis]
+        return -(labels * torch.log_softmax(logits, dim=axis)).sum(dim=axis)
+    mask, keep, filled = masked
+    ax = axis % logits.dim()
     if label_smoothing:
-        labels = (1.0 - label_smoothing) * labels + label_smoothing / labels.shape[axis]
-    return -(labels * torch.log_softmax(logits, dim=axis)).sum(dim=axis)
+        count = mask.sum(dim=ax, keepdim=True).clamp(min=1).to(logits.dtype)
+        labels = (1.0 - label_smoothing) * labels + label_smoothing / count
+    logp = logits - torch.logsumexp(filled, dim=ax, keepdim=True)
+    terms = torch.where(mask, labels * logp, torch.zeros_like(logp))
+    loss = -terms.sum(dim=ax)
+    return torch.where(keep.squeeze(ax), loss, torch.zeros_like(loss))
 
 
 def sigmoid_binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -214,8 +300,14 @@ def huber_loss(predictions: torch.Tensor, targets: torch.Tensor | None = None, d
     return 0.5 * quadratic * quadratic + delta * linear
 
 
-def kl_divergence(log_predictions: torch.Tensor, targets: torch.Tensor, axis: int = -1) -> torch.Tensor:
-    """``KL(targets || predictions)`` per example, summed over ``axis``; 0 log 0 is 0.
+def kl_divergence(
+    log_predictions: torch.Tensor,
+    targets: torch.Tensor,
+    axis: int = -1,
+    where: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""``KL(targets || predictions)`` per example, summed over ``axis``; 0 log 0 is 0:
+    :math:`\sum_{j \in W} t_j(\log t_j - \log p_j)`.
 
     ``F.kl_div(log_predictions, targets, reduction="none").sum(axis)``.
 
@@ -223,6 +315,8 @@ def kl_divergence(log_predictions: torch.Tensor, targets: torch.Tensor, axis: in
       log_predictions: log-probabilities of the model.
       targets: probabilities.
       axis: the class axis.
+      where: optional bool mask of the terms to include in the sum (the shape of
+        ``targets`` or the batch shape); as optax, nothing is renormalised.
 
     Returns:
       The divergence of each example.
@@ -232,4 +326,7 @@ def kl_divergence(log_predictions: torch.Tensor, targets: torch.Tensor, axis: in
     """
     safe = torch.where(targets > 0, targets, torch.ones_like(targets))
     terms = torch.where(targets > 0, targets * (torch.log(safe) - log_predictions), torch.zeros_like(targets))
+    masked = _where("kl_divergence(log_predictions, targets)", where, targets, axis)
+    if masked is not None:
+        terms = torch.where(masked[0], terms, torch.zeros_like(terms))
     return terms.sum(dim=axis)

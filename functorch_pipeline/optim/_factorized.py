@@ -184,7 +184,8 @@ def scale_by_factored_rms(
 
 def clip_by_block_rms(threshold: float) -> GradientTransformation:
     r"""Clip each leaf to an RMS of at most ``threshold``:
-    :math:`u / \max(1, \mathrm{rms}(u)/\tau)` with :math:`\mathrm{rms}(u)=\sqrt{\mathrm{mean}(u^2)}`.
+    :math:`u / \max(1, \mathrm{rms}(u)/\tau)` with
+    :math:`\mathrm{rms}(u)=\sqrt{\mathrm{mean}(u^2)}`.
 
     Args:
       threshold: the largest RMS per leaf (:math:`\tau`).
