@@ -40,9 +40,11 @@ from functorch_pipeline.transforms import grad
 from functorch_pipeline.transforms import hessian
 from functorch_pipeline.transforms import hvp
 from functorch_pipeline.transforms import jacfwd
+from functorch_pipeline.transforms import jacobian
 from functorch_pipeline.transforms import jacrev
 from functorch_pipeline.transforms import jit
 from functorch_pipeline.transforms import jvp
+from functorch_pipeline.transforms import linear_transpose
 from functorch_pipeline.transforms import linearize
 from functorch_pipeline.transforms import per_sample_grad_norms
 from functorch_pipeline.transforms import per_sample_grads
@@ -78,9 +80,11 @@ __all__ = [
     "hvp",
     "implicit",
     "jacfwd",
+    "jacobian",
     "jacrev",
     "jit",
     "jvp",
+    "linear_transpose",
     "linearize",
     "load",
     "losses",

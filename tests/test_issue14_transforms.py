@@ -335,3 +335,13 @@ def test_switch_clamps_the_index_and_selects_per_example_under_vmap():
                                                2 * x[3], x[4].cos()]))
     with pytest.raises(TypeError, match=r"switch\(index.*`index` must be an int"):
         fp.switch(1.5, branches, x)
+
+
+def test_linear_transpose_is_the_matrix_transpose_and_jacobian_is_jacrev():
+    a, b = _vec(0, 3, 4), _vec(1, 3, 2)
+    f_t = fp.linear_transpose(lambda p: a @ p["x"] + b @ p["y"], {"x": _vec(2, 4), "y": _vec(3, 2)})
+    ct = _vec(4, 3)
+    (got,) = f_t(ct)
+    torch.testing.assert_close(got["x"], a.T @ ct)
+    torch.testing.assert_close(got["y"], b.T @ ct)
+    assert fp.jacobian is fp.jacrev

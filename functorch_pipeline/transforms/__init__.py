@@ -4,8 +4,10 @@ from functorch_pipeline.transforms._autodiff import grad
 from functorch_pipeline.transforms._autodiff import hessian
 from functorch_pipeline.transforms._autodiff import hvp
 from functorch_pipeline.transforms._autodiff import jacfwd
+from functorch_pipeline.transforms._autodiff import jacobian
 from functorch_pipeline.transforms._autodiff import jacrev
 from functorch_pipeline.transforms._autodiff import jvp
+from functorch_pipeline.transforms._autodiff import linear_transpose
 from functorch_pipeline.transforms._autodiff import linearize
 from functorch_pipeline.transforms._autodiff import value_and_grad
 from functorch_pipeline.transforms._autodiff import vjp
@@ -43,9 +45,11 @@ __all__ = [
     "hessian",
     "hvp",
     "jacfwd",
+    "jacobian",
     "jacrev",
     "jit",
     "jvp",
+    "linear_transpose",
     "linearize",
     "per_sample_grad_norms",
     "per_sample_grads",

@@ -17,8 +17,10 @@ __all__ = [
     "hessian",
     "hvp",
     "jacfwd",
+    "jacobian",
     "jacrev",
     "jvp",
+    "linear_transpose",
     "linearize",
     "value_and_grad",
     "vjp",
@@ -316,6 +318,9 @@ def jacfwd(
     return _jac_impl(torch.func.jacfwd, f, argnums, has_aux, "jacfwd(f)", randomness=randomness)
 
 
+jacobian = jacrev  # JAX's alias (``jax.jacobian`` is ``jax.jacrev``)
+
+
 def hessian(
     f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False
 ) -> Callable[..., Any]:
@@ -503,3 +508,26 @@ def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tu
         return _tree.unflatten(out_def[0], jvp_flat(*t))
 
     return (out, f_jvp, aux_box[0]) if has_aux else (out, f_jvp)
+
+
+def linear_transpose(f: Callable[..., Any], *primals: Any) -> Callable[[Any], tuple[Any, ...]]:
+    """The transpose of a linear function (``jax.linear_transpose``): ``f_t(ct)`` returns
+    one cotangent per argument, ``A^T ct`` for ``f(x) = A x``.
+
+    Args:
+      f: a function linear in its arguments (not checked: JAX rejects non-linear
+        primitives while tracing; here a non-linear ``f`` gives its VJP at zero).
+      *primals: example arguments (pytrees of tensors) fixing shapes and dtypes; only
+        their shapes and dtypes are used.
+
+    Returns:
+      ``f_t(cotangent) -> tuple`` with one entry per primal.
+
+    Example:
+      >>> a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+      >>> linear_transpose(lambda x: a @ x, torch.zeros(2))(torch.tensor([1.0, 0.0]))
+      (tensor([1., 2.]),)
+    """
+    zeros = _tree.map(lambda x: torch.zeros_like(x) if isinstance(x, torch.Tensor) else x, primals)
+    _, vjp_fn = vjp(f, *zeros)
+    return vjp_fn
