@@ -8,7 +8,12 @@ PyTorch's global random state.
 Draws (:func:`uniform`, :func:`normal`, :func:`bernoulli`, ...) are computed from the key
 with a counter-based integer hash written in ordinary tensor operations, so they work
 under ``vmap`` (a batch of keys gives a batch of independent draws), under ``grad`` and
-under ``torch.compile``, with no host synchronisation.
+under ``torch.compile``, with no host synchronisation. The JAX samplers
+(:func:`categorical`, :func:`choice`, :func:`truncated_normal`, :func:`gumbel`,
+:func:`exponential`, :func:`gamma`, :func:`beta`, :func:`dirichlet`,
+:func:`multivariate_normal`) are built on them the same way (gamma's rejection step runs
+a fixed number of proposal rounds at once), with JAX's signatures; ``PRNGKey`` is
+:func:`key`. Samples carry no gradient to the distributions' parameters.
 
 # NOTE [how keys map to torch.func's randomness modes]
 ``torch.func.vmap(randomness=...)`` controls what *PyTorch's global* generator does
