@@ -226,7 +226,8 @@ def test_multisteps_accumulator_dtype():
     assert u["w"].dtype == torch.bfloat16
     torch.testing.assert_close(u["w"], want.to(torch.bfloat16), rtol=0, atol=0)
     bad = s._replace(acc_grads={"w": torch.zeros(2, dtype=torch.bfloat16)})
-    with pytest.raises(TypeError, match=r"MultiSteps.update: leaf at path `w`.*expected torch.float32"):
+    msg = r"MultiSteps.update: leaf at path `w`.*expected torch.float32"
+    with pytest.raises(TypeError, match=msg):
         ms.update({"w": gs_bf[0]}, bad, p)
 
 

@@ -5,6 +5,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from functorch_pipeline import optim
 
@@ -98,6 +101,11 @@ ALL = {
     "exp": optim.exponential_decay(1.0, 3, 0.7, staircase=True, end_value=0.3),
     "piecewise": optim.piecewise_constant_schedule(1.0, {4: 0.3}),
     "onecycle": optim.cosine_onecycle_schedule(12, 1.0),
+    "warmup_constant": optim.warmup_constant_schedule(0.1, 1.0, 5),
+    "warmup_exp": optim.warmup_exponential_decay_schedule(0.0, 1.0, 3, 2, 0.5, end_value=0.1),
+    "sgdr": optim.sgdr_schedule([dict(init_value=0.0, peak_value=1.0, warmup_steps=2,
+                                      decay_steps=6)] * 3),
+    "linear_onecycle": optim.linear_onecycle_schedule(12, 1.0),
 }
 
 
@@ -109,3 +117,89 @@ def test_tensor_steps_match_int_steps_under_vmap(name):
     for i in range(16):
         assert float(batched[i]) == pytest.approx(_v(s, i), abs=1e-6)
         assert float(s(torch.tensor(i, dtype=torch.int32))) == pytest.approx(_v(s, i), abs=1e-6)
+
+
+# --- issue 14 part B: optax's composite schedules, against their closed forms -----------
+
+
+def _cos_decay(init, peak, warm, decay, end, t):
+    """optax's warmup_cosine_decay_schedule written out."""
+    if t < warm:
+        return init + (peak - init) * t / warm
+    frac = min(t - warm, decay - warm) / (decay - warm)
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@settings(max_examples=20, deadline=None)
+@given(init=st.floats(0, 1), peak=st.floats(0.1, 2), warm=st.integers(1, 10),
+       t=st.integers(0, 40))
+def test_warmup_constant_closed_form(init, peak, warm, t):
+    s = optim.warmup_constant_schedule(init, peak, warm)
+    want = init + (peak - init) * min(t, warm) / warm
+    assert _v(s, t) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(warm=st.integers(1, 6), trans=st.integers(1, 5), rate=st.floats(0.2, 0.95),
+       begin=st.integers(0, 4), stair=st.booleans(), t=st.integers(0, 40))
+def test_warmup_exponential_decay_closed_form(warm, trans, rate, begin, stair, t):
+    init, peak, end = 0.05, 1.5, 0.2
+    s = optim.warmup_exponential_decay_schedule(init, peak, warm, trans, rate, begin, stair, end)
+    if t < warm:
+        want = init + (peak - init) * t / warm
+    else:
+        n = t - warm - begin
+        p = n / trans
+        want = peak if n <= 0 else peak * rate ** (math.floor(p) if stair else p)
+        want = max(want, end)
+    assert _v(s, t) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_sgdr_restarts():
+    cycles = [dict(init_value=0.0, peak_value=1.0, warmup_steps=2, decay_steps=6, end_value=0.1),
+              dict(init_value=0.1, peak_value=0.5, warmup_steps=1, decay_steps=4)]
+    s = optim.sgdr_schedule(cycles)
+    for t in range(14):
+        if t < 6:
+            want = _cos_decay(0.0, 1.0, 2, 6, 0.1, t)
+        else:
+            want = _cos_decay(0.1, 0.5, 1, 4, 0.0, t - 6)
+        assert _v(s, t) == pytest.approx(want, rel=1e-12, abs=1e-12), t
+    with pytest.raises(ValueError, match=r"sgdr_schedule\(cosine_kwargs\): cycle 0 has no"):
+        optim.sgdr_schedule([dict(init_value=0.0, peak_value=1.0, warmup_steps=1)])
+
+
+def _onecycle(points, t):
+    """Piecewise interpolation through ``[(step, value)]``, flat after the last."""
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if t < s1:
+            return v0 + (v1 - v0) * (t - s0) / (s1 - s0)
+    return points[-1][1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(10, 200), t=st.integers(0, 250), div=st.floats(2, 30),
+       fdiv=st.floats(10, 1e4))
+def test_linear_onecycle_closed_form(T, t, div, fdiv):
+    peak = 0.7
+    s = optim.linear_onecycle_schedule(T, peak, 0.3, 0.85, div, fdiv)
+    pts = [(0, peak / div), (int(0.3 * T), peak), (int(0.85 * T), peak / div),
+           (T, peak / div / fdiv)]
+    assert _v(s, t) == pytest.approx(_onecycle(pts, t), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(10, 200), t=st.integers(0, 250), pct=st.floats(0.1, 0.9))
+def test_cosine_onecycle_matches_optax_definition(T, t, pct):
+    """optax: cosine interpolation between peak/div at 0, peak at int(pct*T) and
+    peak/(div*final_div) at T (checked here from that definition)."""
+    peak, div, fdiv = 1.3, 25.0, 1e4
+    s = optim.cosine_onecycle_schedule(T, peak, pct, div, fdiv)
+    pts = [(0, peak / div), (int(pct * T), peak), (T, peak / (div * fdiv))]
+    want = pts[-1][1]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:], strict=False):
+        if t < s1:
+            frac = (t - s0) / (s1 - s0)
+            want = v1 + (v0 - v1) / 2 * (math.cos(math.pi * frac) + 1)
+            break
+    assert _v(s, t) == pytest.approx(want, rel=1e-9, abs=1e-12)
