@@ -52,13 +52,14 @@ def _where(fn: str, where: torch.Tensor | None, logits: torch.Tensor,
         got = where.dtype if isinstance(where, torch.Tensor) else type(where).__name__
         raise TypeError(f"{fn}: `where` must be a bool tensor, got {got}")
     ax = axis % logits.dim()
+    given = tuple(where.shape)
     if where.dim() == logits.dim() - 1:
         where = where.unsqueeze(ax)
     try:
         where = torch.broadcast_to(where, logits.shape)
     except RuntimeError:
         raise ValueError(
-            f"{fn}: `where` of shape {tuple(where.shape)} does not broadcast to the logits "
+            f"{fn}: `where` of shape {given} does not broadcast to the logits "
             f"{tuple(logits.shape)} (give the logits' shape or the batch shape)"
         ) from None
     keep = where.any(dim=ax, keepdim=True)

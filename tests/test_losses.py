@@ -98,3 +98,80 @@ def test_bad_labels_are_clear():
         losses.cross_entropy(_logits(), _labels(4))
     with pytest.raises(ValueError, match=r"softmax_cross_entropy\(logits, labels\): `labels` must have the shape"):
         losses.softmax_cross_entropy(_logits(), _labels())
+
+
+# --- issue 14 part B: optax's where= and the integer-labels alias ------------------------
+
+
+def _mask(n, c, seed, label=None):
+    """A random class mask with at least one class per row (the label's, if given)."""
+    m = torch.rand(n, c, generator=torch.Generator().manual_seed(seed)) < 0.6
+    if label is not None:
+        m[torch.arange(n), label] = True
+    else:
+        m[:, 0] = True
+    return m
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 6), st.floats(0.0, 0.5), st.integers(0, 999))
+def test_cross_entropy_where_matches_torch_on_the_kept_classes(n, c, smoothing, seed):
+    """Per row, F.cross_entropy over the kept classes only (the label re-indexed)."""
+    logits, labels = _logits(n, c, seed), _labels(n, c, seed + 1)
+    where = _mask(n, c, seed + 2, labels)
+    got = losses.softmax_cross_entropy_with_integer_labels(logits, labels, where=where,
+                                                           label_smoothing=smoothing)
+    for i in range(n):
+        keep = where[i].nonzero().squeeze(1)
+        lab = int((keep == labels[i]).nonzero())
+        want = F.cross_entropy(logits[i, keep][None], torch.tensor([lab]),
+                               label_smoothing=smoothing)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 6), st.floats(0.0, 0.5), st.integers(0, 999))
+def test_softmax_cross_entropy_where_matches_torch(n, c, smoothing, seed):
+    logits = _logits(n, c, seed)
+    where = _mask(n, c, seed + 2)
+    probs = torch.softmax(_logits(n, c, seed + 3), -1) * where
+    probs = probs / probs.sum(-1, keepdim=True)
+    got = losses.softmax_cross_entropy(logits, probs, where=where, label_smoothing=smoothing)
+    for i in range(n):
+        keep = where[i].nonzero().squeeze(1)
+        want = F.cross_entropy(logits[i, keep][None], probs[i, keep][None],
+                               label_smoothing=smoothing)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+
+
+def test_where_batch_mask_zeroes_examples_without_nan_gradients():
+    logits, labels = _logits(), _labels()
+    keep = torch.tensor([True, False, True, False, True])
+    full = losses.cross_entropy(logits, labels)
+    for fn, args in ((losses.cross_entropy, (labels,)),
+                     (losses.softmax_cross_entropy, (F.one_hot(labels, 4).to(F64),))):
+        got = fn(logits, *args, where=keep)
+        torch.testing.assert_close(got, torch.where(keep, full, torch.zeros_like(full)))
+        def dropped(x, *a, fn=fn):
+            return fn(x[None], *(y[None] for y in a), where=torch.tensor([False])).sum()
+
+        g = torch.func.vmap(torch.func.grad(dropped))(logits, *args)
+        assert torch.equal(g, torch.zeros_like(g))  # no class kept: loss 0, gradient 0
+    msg = r"cross_entropy\(logits, labels\): `where` must be a bool"
+    with pytest.raises(TypeError, match=msg):
+        losses.cross_entropy(logits, labels, where=keep.to(F64))
+    with pytest.raises(ValueError, match=r"`where` of shape \(3,\) does not broadcast"):
+        losses.cross_entropy(logits, labels, where=keep[:3])
+
+
+def test_kl_divergence_where_drops_terms():
+    logp = torch.log_softmax(_logits(), -1)
+    t = torch.softmax(_logits(seed=4), -1)
+    where = _mask(5, 4, 9)
+    want = (F.kl_div(logp, t, reduction="none") * where).sum(-1)
+    torch.testing.assert_close(losses.kl_divergence(logp, t, where=where), want)
+
+
+def test_integer_labels_alias():
+    assert losses.softmax_cross_entropy_with_integer_labels is losses.cross_entropy
+    assert "softmax_cross_entropy_with_integer_labels" in losses.__all__
