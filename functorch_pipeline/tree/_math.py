@@ -59,8 +59,16 @@ def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Ca
 def add(a: PyTree, b: PyTree) -> PyTree:
     """``a + b`` leaf by leaf.
 
-    >>> add({"w": torch.tensor(1.)}, {"w": torch.tensor(2.)})
-    {'w': tensor(3.)}
+    Args:
+        a: a pytree of tensors (or numbers).
+        b: a tree with the same structure as ``a``.
+
+    Returns:
+        A tree of ``a``'s structure holding ``a + b`` per leaf.
+
+    Examples:
+        >>> add({"w": torch.tensor(1.)}, {"w": torch.tensor(2.)})
+        {'w': tensor(3.)}
     """
     return _binary("add", a, b, torch._foreach_add, lambda x, y: x + y)
 
@@ -68,8 +76,16 @@ def add(a: PyTree, b: PyTree) -> PyTree:
 def sub(a: PyTree, b: PyTree) -> PyTree:
     """``a - b`` leaf by leaf.
 
-    >>> sub([torch.tensor(3.)], [torch.tensor(1.)])
-    [tensor(2.)]
+    Args:
+        a: a pytree of tensors (or numbers).
+        b: a tree with the same structure as ``a``.
+
+    Returns:
+        A tree of ``a``'s structure holding ``a - b`` per leaf.
+
+    Examples:
+        >>> sub([torch.tensor(3.)], [torch.tensor(1.)])
+        [tensor(2.)]
     """
     return _binary("sub", a, b, torch._foreach_sub, lambda x, y: x - y)
 
@@ -77,8 +93,16 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
 def scale(tree: PyTree, s: float | torch.Tensor) -> PyTree:
     """``s * tree``; ``s`` may be a 0-d tensor (no host sync).
 
-    >>> scale({"w": torch.tensor([1., 2.])}, 3.0)
-    {'w': tensor([3., 6.])}
+    Args:
+        tree: a pytree of tensors (or numbers).
+        s: the factor: a Python number or a 0-d tensor.
+
+    Returns:
+        A tree of ``tree``'s structure holding ``s * leaf``.
+
+    Examples:
+        >>> scale({"w": torch.tensor([1., 2.])}, 3.0)
+        {'w': tensor([3., 6.])}
     """
     ls, td = flatten(tree)
     if _all_tensors(ls) and not (isinstance(s, torch.Tensor) and s.dim() > 0):
@@ -89,8 +113,17 @@ def scale(tree: PyTree, s: float | torch.Tensor) -> PyTree:
 def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
     """``a + s * b`` leaf by leaf (an axpy).
 
-    >>> add_scale([torch.tensor(1.)], 0.5, [torch.tensor(4.)])
-    [tensor(3.)]
+    Args:
+        a: a pytree of tensors (or numbers).
+        s: the factor on ``b``: a number or a 0-d tensor.
+        b: a tree with the same structure as ``a``.
+
+    Returns:
+        A tree of ``a``'s structure holding ``a + s * b`` per leaf.
+
+    Examples:
+        >>> add_scale([torch.tensor(1.)], 0.5, [torch.tensor(4.)])
+        [tensor(3.)]
     """
     la, ta = flatten(a)
     lb, tb = flatten(b)
@@ -106,8 +139,16 @@ def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
 def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     """The inner product of two trees, summed over all leaves (a 0-d tensor).
 
-    >>> vdot({"x": torch.tensor([1., 2.])}, {"x": torch.tensor([3., 4.])})
-    tensor(11.)
+    Args:
+        a: a pytree of tensors (or numbers).
+        b: a tree with the same structure as ``a``.
+
+    Returns:
+        A 0-d tensor: the sum over leaves of ``(a * b).sum()``.
+
+    Examples:
+        >>> vdot({"x": torch.tensor([1., 2.])}, {"x": torch.tensor([3., 4.])})
+        tensor(11.)
     """
     la, ta = flatten(a)
     lb, tb = flatten(b)
@@ -120,8 +161,15 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
 def sum(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.sum
     """The sum of every element of every leaf (a 0-d tensor).
 
-    >>> sum({"a": torch.ones(3), "b": torch.tensor(2.)})
-    tensor(5.)
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        A 0-d tensor holding the sum of all elements.
+
+    Examples:
+        >>> sum({"a": torch.ones(3), "b": torch.tensor(2.)})
+        tensor(5.)
     """
     ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
     if not ls:
@@ -132,8 +180,15 @@ def sum(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.sum
 def max(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.max
     """The largest element over all leaves (a 0-d tensor).
 
-    >>> max([torch.tensor([1., 5.]), torch.tensor(3.)])
-    tensor(5.)
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        A 0-d tensor holding the largest element.
+
+    Examples:
+        >>> max([torch.tensor([1., 5.]), torch.tensor(3.)])
+        tensor(5.)
     """
     ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
     if not ls:
@@ -146,10 +201,19 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
 
     Uses ``torch._foreach_norm``; the result is a 0-d tensor in the leaves' dtype.
 
-    >>> norm({"a": torch.tensor([3.]), "b": torch.tensor([4.])})
-    tensor(5.)
-    >>> norm([torch.tensor([3., -4.])], ord=1), norm([torch.tensor([3., -4.])], ord="inf")
-    (tensor(7.), tensor(4.))
+    Args:
+        tree: a pytree of tensors (or numbers).
+        ord: the norm's order: ``1``, ``2`` or ``"inf"``/``math.inf``.
+        squared: return the squared norm (``ord=2`` only), skipping the square root.
+
+    Returns:
+        A 0-d tensor: the norm of all leaves flattened into one vector.
+
+    Examples:
+        >>> norm({"a": torch.tensor([3.]), "b": torch.tensor([4.])})
+        tensor(5.)
+        >>> norm([torch.tensor([3., -4.])], ord=1), norm([torch.tensor([3., -4.])], ord="inf")
+        (tensor(7.), tensor(4.))
     """
     # Empty leaves contribute nothing (and _foreach_norm rejects them for ord=inf).
     ls = [t for t in (torch.as_tensor(x) for x in flatten(tree)[0]) if t.numel()]
@@ -181,8 +245,15 @@ def _is_functorch_wrapped(x: torch.Tensor) -> bool:
 def global_norm(tree: PyTree) -> torch.Tensor:
     """The global L2 norm of a tree (optax's name); same as ``norm(tree)``.
 
-    >>> global_norm([torch.tensor([6., 8.])])
-    tensor(10.)
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        A 0-d tensor: the L2 norm over all leaves.
+
+    Examples:
+        >>> global_norm([torch.tensor([6., 8.])])
+        tensor(10.)
     """
     return norm(tree, 2)
 
@@ -190,8 +261,15 @@ def global_norm(tree: PyTree) -> torch.Tensor:
 def zeros_like(tree: PyTree) -> PyTree:
     """A tree of zeros with the same shapes, dtypes and devices.
 
-    >>> zeros_like({"w": torch.ones(2)})
-    {'w': tensor([0., 0.])}
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        A tree of zeros shaped like ``tree``.
+
+    Examples:
+        >>> zeros_like({"w": torch.ones(2)})
+        {'w': tensor([0., 0.])}
     """
     return map(torch.zeros_like, tree)
 
@@ -199,8 +277,15 @@ def zeros_like(tree: PyTree) -> PyTree:
 def ones_like(tree: PyTree) -> PyTree:
     """A tree of ones with the same shapes, dtypes and devices.
 
-    >>> ones_like([torch.zeros(2, dtype=torch.int64)])
-    [tensor([1, 1])]
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        A tree of ones shaped like ``tree``.
+
+    Examples:
+        >>> ones_like([torch.zeros(2, dtype=torch.int64)])
+        [tensor([1, 1])]
     """
     return map(torch.ones_like, tree)
 
@@ -208,8 +293,16 @@ def ones_like(tree: PyTree) -> PyTree:
 def full_like(tree: PyTree, fill_value: float | int | bool) -> PyTree:
     """A tree filled with ``fill_value``, shapes/dtypes/devices of ``tree``.
 
-    >>> full_like((torch.zeros(2),), 7.0)
-    (tensor([7., 7.]),)
+    Args:
+        tree: a pytree of tensors (or numbers).
+        fill_value: the value every element takes.
+
+    Returns:
+        A tree shaped like ``tree`` filled with ``fill_value``.
+
+    Examples:
+        >>> full_like((torch.zeros(2),), 7.0)
+        (tensor([7., 7.]),)
     """
     return map(lambda x: torch.full_like(x, fill_value), tree)
 
@@ -218,8 +311,18 @@ def where(condition: PyTree | torch.Tensor | bool, x: PyTree, y: PyTree) -> PyTr
     """Pick ``x`` where ``condition`` holds, else ``y``. ``condition`` is either one
     (broadcast) boolean tensor for all leaves, or a tree matching ``x``.
 
-    >>> where(torch.tensor(False), {"a": torch.tensor(1.)}, {"a": torch.tensor(2.)})
-    {'a': tensor(2.)}
+    Args:
+        condition: a boolean tensor or bool applied to every leaf, or a tree of booleans with the
+            structure of ``x``.
+        x: the tree picked where ``condition`` holds.
+        y: the tree picked elsewhere (same structure as ``x``).
+
+    Returns:
+        A tree of ``x``'s structure with ``torch.where(condition, x, y)`` per leaf.
+
+    Examples:
+        >>> where(torch.tensor(False), {"a": torch.tensor(1.)}, {"a": torch.tensor(2.)})
+        {'a': tensor(2.)}
     """
     if isinstance(condition, (torch.Tensor, bool)):
         c = condition
@@ -232,10 +335,22 @@ def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal
 
     Returns a Python bool (it syncs: meant for tests and checks, not hot paths).
 
-    >>> allclose({"a": torch.tensor(1.0)}, {"a": torch.tensor(1.0 + 1e-9)})
-    True
-    >>> allclose({"a": torch.tensor(1.0)}, {"b": torch.tensor(1.0)})
-    False
+    Args:
+        a: a pytree of tensors (or numbers).
+        b: the tree to compare with ``a``.
+        rtol: relative tolerance (as ``torch.allclose``).
+        atol: absolute tolerance (as ``torch.allclose``).
+        equal_nan: count NaNs in the same places as equal.
+
+    Returns:
+        ``True`` when the structures match and every leaf pair is close (a host bool: not for use
+        inside compiled code).
+
+    Examples:
+        >>> allclose({"a": torch.tensor(1.0)}, {"a": torch.tensor(1.0 + 1e-9)})
+        True
+        >>> allclose({"a": torch.tensor(1.0)}, {"b": torch.tensor(1.0)})
+        False
     """
     if structure(a) != structure(b):
         return False
@@ -251,8 +366,15 @@ def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal
 def size(tree: PyTree) -> int:
     """The total number of elements over all tensor leaves.
 
-    >>> size({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
-    16
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        The number of elements as a Python int.
+
+    Examples:
+        >>> size({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
+        16
     """
     return _builtin_sum(int(x.numel()) for x in flatten(tree)[0] if isinstance(x, torch.Tensor))
 
@@ -260,8 +382,15 @@ def size(tree: PyTree) -> int:
 def nbytes(tree: PyTree) -> int:
     """The total bytes of all tensor leaves (``numel * element_size``).
 
-    >>> nbytes({"w": torch.zeros(3, 4), "i": torch.zeros(2, dtype=torch.int16)})
-    52
+    Args:
+        tree: a pytree of tensors (or numbers).
+
+    Returns:
+        The number of bytes as a Python int.
+
+    Examples:
+        >>> nbytes({"w": torch.zeros(3, 4), "i": torch.zeros(2, dtype=torch.int16)})
+        52
     """
     return _builtin_sum(
         int(x.numel() * x.element_size()) for x in flatten(tree)[0] if isinstance(x, torch.Tensor)

@@ -34,12 +34,21 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
     Leaves are promoted to a common dtype in the vector; ``unravel`` restores each
     leaf's shape and dtype. Like ``jax.flatten_util.ravel_pytree``.
 
-    >>> flat, unravel = ravel({"w": torch.ones(2, 2), "b": torch.zeros(2)})
-    >>> flat
-    tensor([0., 0., 1., 1., 1., 1.])
-    >>> unravel(flat * 2)["w"]
-    tensor([[2., 2.],
-            [2., 2.]])
+    Args:
+        tree: a pytree of tensors.
+
+    Returns:
+        ``(flat, unravel)``: a 1-d tensor of all elements (leaves in flatten order, promoted to a
+        common dtype) and a function mapping such a vector back to a tree of ``tree``'s structure,
+        shapes and dtypes.
+
+    Examples:
+        >>> flat, unravel = ravel({"w": torch.ones(2, 2), "b": torch.zeros(2)})
+        >>> flat
+        tensor([0., 0., 1., 1., 1., 1.])
+        >>> unravel(flat * 2)["w"]
+        tensor([[2., 2.],
+                [2., 2.]])
     """
     paths, leaves_, treedef = flatten_with_path(tree)
     for path, x in zip(paths, leaves_, strict=True):
@@ -70,8 +79,17 @@ def astype(tree: PyTree, dtype: torch.dtype, *, floating_only: bool = True) -> P
     """Cast tensor leaves to ``dtype``. By default only floating-point leaves are cast
     (labels, counters and masks keep their dtype); ``floating_only=False`` casts all.
 
-    >>> astype({"w": torch.ones(1), "step": torch.tensor(3)}, torch.float64)
-    {'w': tensor([1.], dtype=torch.float64), 'step': tensor(3)}
+    Args:
+        tree: a pytree whose tensor leaves are used (other leaves pass through).
+        dtype: the target dtype.
+        floating_only: cast only floating-point leaves (default); ``False`` casts every tensor leaf.
+
+    Returns:
+        A tree of the same structure with the cast leaves.
+
+    Examples:
+        >>> astype({"w": torch.ones(1), "step": torch.tensor(3)}, torch.float64)
+        {'w': tensor([1.], dtype=torch.float64), 'step': tensor(3)}
     """
 
     def cast(x: Any) -> Any:
@@ -96,8 +114,18 @@ def to(
     Non-tensor leaves are left alone. ``non_blocking=True`` overlaps host-to-device
     copies from pinned memory with compute (see ``torch.Tensor.to``).
 
-    >>> to({"w": torch.ones(1)}, "cpu", torch.float16)
-    {'w': tensor([1.], dtype=torch.float16)}
+    Args:
+        tree: a pytree whose tensor leaves are used (other leaves pass through).
+        device: the target device; ``None`` keeps each leaf's device.
+        dtype: if given, floating-point leaves are cast to it.
+        non_blocking: passed to ``torch.Tensor.to`` (overlaps pinned host-to-device copies).
+
+    Returns:
+        A tree of the same structure with the moved leaves.
+
+    Examples:
+        >>> to({"w": torch.ones(1)}, "cpu", torch.float16)
+        {'w': tensor([1.], dtype=torch.float16)}
     """
 
     def move(x: Any) -> Any:
@@ -112,8 +140,15 @@ def to(
 def clone(tree: PyTree) -> PyTree:
     """A deep copy of every tensor leaf (keeps autograd history; see :func:`detach`).
 
-    >>> a = {"w": torch.zeros(1)}; b = clone(a); _ = b["w"].add_(1); a["w"]
-    tensor([0.])
+    Args:
+        tree: a pytree whose tensor leaves are used (other leaves pass through).
+
+    Returns:
+        A tree of the same structure whose tensor leaves are fresh copies.
+
+    Examples:
+        >>> a = {"w": torch.zeros(1)}; b = clone(a); _ = b["w"].add_(1); a["w"]
+        tensor([0.])
     """
     return map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
@@ -121,8 +156,15 @@ def clone(tree: PyTree) -> PyTree:
 def detach(tree: PyTree) -> PyTree:
     """Detach every tensor leaf from the autograd graph (shares storage).
 
-    >>> detach({"w": torch.ones(1, requires_grad=True)})["w"].requires_grad
-    False
+    Args:
+        tree: a pytree whose tensor leaves are used (other leaves pass through).
+
+    Returns:
+        A tree of the same structure whose tensor leaves are detached views.
+
+    Examples:
+        >>> detach({"w": torch.ones(1, requires_grad=True)})["w"].requires_grad
+        False
     """
     return map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
@@ -131,8 +173,16 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
     """Stack a list of same-structured trees along a new axis ``dim`` (ensembles,
     per-example results).
 
-    >>> stack([{"w": torch.tensor(1.)}, {"w": torch.tensor(2.)}])
-    {'w': tensor([1., 2.])}
+    Args:
+        trees: a non-empty sequence of trees with one structure and matching leaf shapes.
+        dim: the new axis.
+
+    Returns:
+        One tree whose leaves are ``torch.stack`` of the corresponding leaves.
+
+    Examples:
+        >>> stack([{"w": torch.tensor(1.)}, {"w": torch.tensor(2.)}])
+        {'w': tensor([1., 2.])}
     """
     trees = list(trees)
     if not trees:
@@ -146,8 +196,16 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
 def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
     """Split a tree along axis ``dim`` into a list of trees (inverse of :func:`stack`).
 
-    >>> unstack({"w": torch.tensor([1., 2.])})
-    [{'w': tensor(1.)}, {'w': tensor(2.)}]
+    Args:
+        tree: a pytree of tensors that share the size of axis ``dim``.
+        dim: the axis to split along (removed from the results).
+
+    Returns:
+        A list of trees, one per index along ``dim``.
+
+    Examples:
+        >>> unstack({"w": torch.tensor([1., 2.])})
+        [{'w': tensor(1.)}, {'w': tensor(2.)}]
     """
     paths, leaves_, treedef = flatten_with_path(tree)
     if not leaves_:
@@ -169,9 +227,19 @@ def random_like(
     """A tree of random draws shaped like ``tree``: ``"normal"`` or ``"uniform"`` in
     each leaf's dtype and device; each leaf gets its own key (``split`` of ``key``).
 
-    >>> r = random_like(fp_random.key(0), {"a": torch.zeros(2), "b": torch.zeros(3)})
-    >>> r["a"].shape, r["b"].shape
-    (torch.Size([2]), torch.Size([3]))
+    Args:
+        key: a key from ``fp.random.key``.
+        tree: a pytree of tensors (or numbers); non-floating leaves draw in float32.
+        distribution: ``"normal"`` (standard normal) or ``"uniform"`` (on [0, 1)).
+
+    Returns:
+        A tree of ``tree``'s structure holding fresh draws of each leaf's shape, dtype and device.
+
+    Examples:
+        >>> import functorch_pipeline as fp
+        >>> r = random_like(fp.random.key(0), {"a": torch.zeros(2), "b": torch.zeros(3)})
+        >>> r["a"].shape, r["b"].shape
+        (torch.Size([2]), torch.Size([3]))
     """
     if distribution not in ("normal", "uniform"):
         raise ValueError(f"tree.random_like: `distribution` must be 'normal' or 'uniform', got {distribution!r}")
@@ -185,5 +253,3 @@ def random_like(
         out.append(sample(k.to(x.device), tuple(x.shape), dt))
     return unflatten(treedef, out)
 
-
-fp_random = _random  # for the doctest namespace
