@@ -188,7 +188,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     batched one under ``vmap``.
 
     Args:
-      key: a key from :func:`key`, :func:`split` or :func:`fold_in`.
+      k: the key (JAX calls it ``key``), from :func:`key`, :func:`split` or :func:`fold_in`.
       data: a Python int in ``[0, 2**32)`` (JAX's 32-bit ``data``), or an integer tensor.
         A Python int outside that range raises ``ValueError`` instead of wrapping (so
         ``fold_in(k, 2**32)`` cannot silently equal ``fold_in(k, 0)``); fold a larger
