@@ -30,6 +30,21 @@ direction walks the same list backwards instead of flipping tensors. A custom
 ``autograd.Function`` fusing the LSTM cell's pointwise maths (hand-written backward) was
 measured ~35% *slower* per fwd+bwd (Python Function overhead per step) and would need a
 ``jvp`` rule for forward-mode AD, so plain ops are used.
+
+# NOTE [fused fast path]
+When nothing needs to see the individual ops, the layers call PyTorch's fused kernels
+(``_VF.lstm`` / ``_VF.gru`` / ``_VF.rnn_tanh`` / ``_VF.rnn_relu``, as ``nn.LSTM`` does) one
+layer at a time, so plain batch training runs at ``nn.LSTM`` speed. "Nothing needs to see
+them" means: no ``vmap``/``jvp`` level and at most one ``grad`` level is active (a nested
+``grad`` needs a double backward, which the CPU kernel lacks); not under ``torch.compile``;
+no tensor (input, states, weights) has a ``__torch_function__`` override (the hooks
+engine's tracked parameters do, so ``per_sample_grads(method="hooks")`` still sees every
+``F.linear``); any active ``TorchFunctionMode`` is ``fp.nn``'s keyed randomness, which
+only replaces ``F.dropout``; float32/float64 on CPU, or CUDA. Inter-layer dropout stays a
+Python ``F.dropout`` on the same batch-major contiguous tensor as the loop path, so
+seeded (and keyed) runs give the same masks. Set ``fused = False`` on a layer (or the
+class) to always take the loop, e.g. for a double backward through plain
+``torch.autograd.grad(create_graph=True)``.
 """
 
 from __future__ import annotations
@@ -41,9 +56,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import _VF
 from torch import Tensor
 from torch import nn
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import has_torch_function
 
+from functorch_pipeline.nn._randomness import KeyedRandomness
 from functorch_pipeline.transforms import _grad_sample
 
 __all__ = ["GRU", "LSTM", "RNN"]
@@ -116,11 +136,26 @@ def _rnn_direction(
     return outs, h
 
 
+def _fused_context_ok() -> bool:
+    """Whether the ambient transforms and modes allow NOTE [fused fast path]."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        levels = retrieve_all_functorch_interpreters()
+        if len(levels) > 1 or levels[0].key() != torch._C._functorch.TransformType.Grad:
+            return False
+    if torch._C._is_torch_function_mode_enabled():
+        return all(isinstance(m, KeyedRandomness) for m in _get_current_function_mode_stack())
+    return True
+
+
 class _RNNBase(nn.Module):
     """Shared constructor, parameters, checks and layer loop of :class:`LSTM` and :class:`GRU`."""
 
     mode: str = ""
     _gates: int = 0
+    #: Take PyTorch's fused kernel when nothing needs the per-op path (NOTE [fused fast path]).
+    fused: bool = True
 
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -288,6 +323,49 @@ class _RNNBase(nn.Module):
                    w_hr: Tensor | None, reverse: bool) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    def _kernel(self) -> Any:
+        raise NotImplementedError
+
+    def _layer_weights(self) -> list[list[Tensor]]:
+        """Per layer, the weights of all its directions in ``_VF``'s flat order."""
+        return [[getattr(self, n) for names in per_direction for n in names if n is not None]
+                for per_direction in self._weight_names]
+
+    def _use_fused(self, input: Tensor, states: list[Tensor], weights: list[list[Tensor]]) -> bool:
+        if not self.fused or not _fused_context_ok():
+            return False
+        if input.device.type != "cuda" and (input.device.type != "cpu"
+                                            or input.dtype not in (torch.float32, torch.float64)):
+            return False
+        return not has_torch_function((input, *states, *(w for ws in weights for w in ws)))
+
+    def _layers_fused(self, x: Tensor, full: list[Tensor], weights: list[list[Tensor]],
+                      time_major_out: bool) -> tuple[Tensor, list[Tensor]]:
+        """NOTE [fused fast path]: ``_layers`` with one fused kernel call per layer; ``full[k]``
+        is state ``k`` of all layer-directions, ``(layers * directions, batch, size)``."""
+        directions = 2 if self.bidirectional else 1
+        kernel = self._kernel()
+        finals: list[list[Tensor]] = [[] for _ in full]
+        for layer, flat in enumerate(weights):
+            last_layer = layer == self.num_layers - 1
+            time_major = time_major_out and last_layer
+            hx = [f[layer * directions:(layer + 1) * directions] for f in full]
+            args = (x.transpose(0, 1) if time_major else x, tuple(hx) if len(hx) == 2 else hx[0],
+                    flat, self.bias, 1, 0.0, self.training, self.bidirectional, not time_major)
+            if self.proj_size and x.device.type == "cpu":
+                with warnings.catch_warnings():  # oneDNN's "projections not supported" notice
+                    warnings.simplefilter("ignore", UserWarning)
+                    out, *last = kernel(*args)
+            else:
+                out, *last = kernel(*args)
+            for k, s in enumerate(last):
+                finals[k].append(s)
+            x = out
+            if self.dropout > 0 and self.training and not last_layer:
+                # the loop path's layout, so the global generator draws the same mask
+                x = F.dropout(x.contiguous(), self.dropout, training=True)
+        return x, [torch.cat(f, 0) if len(f) > 1 else f[0] for f in finals]
+
     def _run(self, input: Tensor, hx: tuple[Any, ...] | None, what: tuple[str, ...]
              ) -> tuple[Tensor, list[Tensor]]:
         # NOTE [batch on axis 0]
@@ -303,17 +381,24 @@ class _RNNBase(nn.Module):
         x = input.transpose(0, 1) if time_major else (input if batched else input.unsqueeze(0))
         batch = x.shape[0]
         sizes = [self.proj_size or self.hidden_size, self.hidden_size][: len(what)]
-        if hx is None:
-            zeros = [x.new_zeros(batch, size) for size in sizes]
-            states = [[z] * (self.num_layers * directions) for z in zeros]
+        full: list[Tensor] = []
+        for state, label, size in zip(hx or (), what, sizes, strict=False):
+            expected = (self.num_layers * directions, batch, size)
+            state = self._check_state(state, label, expected, batched, input)
+            full.append(state if batched else state.unsqueeze(1))
+        weights = self._layer_weights()
+        if self._use_fused(input, full, weights):
+            if hx is None:
+                full = [x.new_zeros(self.num_layers * directions, batch, size) for size in sizes]
+            output, final = self._layers_fused(x, full, weights, time_major)
         else:
-            states = []
-            for state, label, size in zip(hx, what, sizes, strict=True):
-                expected = (self.num_layers * directions, batch, size)
-                state = self._check_state(state, label, expected, batched, input)
-                states.append(list((state if batched else state.unsqueeze(1)).unbind(0)))
-        output, finals = self._layers(x, states, time_major)
-        final = [torch.stack(f, 0) for f in finals]
+            if hx is None:
+                zeros = [x.new_zeros(batch, size) for size in sizes]
+                states = [[z] * (self.num_layers * directions) for z in zeros]
+            else:
+                states = [list(f.unbind(0)) for f in full]
+            output, finals = self._layers(x, states, time_major)
+            final = [torch.stack(f, 0) for f in finals]
         if not batched:
             output = output.squeeze(0)
             final = [f.squeeze(1) for f in final]
@@ -377,6 +462,9 @@ class LSTM(_RNNBase):
         h, c = state
         return _lstm_direction(list(proj.unbind(1)), h, c, w_hh, b_hh, w_hr, reverse)
 
+    def _kernel(self) -> Any:
+        return _VF.lstm
+
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``(output, (h_n, c_n))`` for ``input`` and optional ``hx = (h_0, c_0)``."""
@@ -432,6 +520,9 @@ class GRU(_RNNBase):
     def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
         (h,) = state
         return _gru_direction(proj, h, w_hh, b_hh, reverse)
+
+    def _kernel(self) -> Any:
+        return _VF.gru
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(output, h_n)`` for ``input`` and optional initial state ``hx = h_0``."""
@@ -498,6 +589,9 @@ class RNN(_RNNBase):
     def _direction(self, proj, state, w_hh, b_hh, w_hr, reverse):  # type: ignore[override]
         (h,) = state
         return _rnn_direction(proj, h, w_hh, b_hh, reverse, self.nonlinearity == "relu")
+
+    def _kernel(self) -> Any:
+        return _VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(output, h_n)`` for ``input`` and optional initial state ``hx = h_0``."""

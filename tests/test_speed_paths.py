@@ -1,0 +1,135 @@
+"""Fast paths added for speed (issue 13) give the numbers of the paths they replace.
+
+- ``fp.nn.LSTM`` / ``GRU`` / ``RNN`` fused kernels (NOTE [fused fast path]) against the
+  same layers' per-step loop (``fused = False``) and against ``torch.nn``'s layers, outputs
+  and gradients, float32 to 1e-6 and float64 to 1e-12.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from torch import nn
+
+import functorch_pipeline as fp
+
+_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _pair(kind: str, dtype: torch.dtype, **kw):
+    """The fp layer twice (fused and loop) with the same weights, and torch.nn's twin."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(**kw).to(dtype)
+    fused, loop = getattr(fp.nn, kind)(**kw).to(dtype), getattr(fp.nn, kind)(**kw).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    loop.load_state_dict(ref.state_dict())
+    loop.fused = False
+    return fused, loop, ref
+
+
+def _run(layer: nn.Module, x: torch.Tensor, hx):
+    """Outputs and gradients of (weights, input, initial state) for a fixed random cotangent."""
+    x = x.clone().requires_grad_()
+    hx = None if hx is None else tuple(h.clone().requires_grad_() for h in hx)
+    out, last = layer(x, hx if hx is None or len(hx) == 2 else hx[0])
+    last = last if isinstance(last, tuple) else (last,)
+    outs = (out, *last)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+    inputs = [x, *list(layer.parameters()), *(hx or ())]
+    grads = torch.autograd.grad(loss, inputs)
+    return [o.detach() for o in outs] + list(grads), outs[0].grad_fn
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["LSTM", "GRU", "RNN"]), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
+       batched=st.booleans(), with_hx=st.booleans(), proj=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fused_equals_loop_and_torch(kind, layers, bidirectional, batch_first, bias, batched,
+                                     with_hx, proj, dtype):
+    kw = dict(input_size=3, hidden_size=5, num_layers=layers, bias=bias,
+              batch_first=batch_first, bidirectional=bidirectional)
+    if kind == "LSTM" and proj:
+        kw["proj_size"] = 2
+    fused, loop, ref = _pair(kind, dtype, **kw)
+    torch.manual_seed(2)
+    t, b = 4, 3
+    x = torch.randn((b, t, 3) if batch_first else (t, b, 3), dtype=dtype)
+    if not batched:
+        x = x[0] if batch_first else x[:, 0]
+    hx = None
+    if with_hx:
+        d = layers * (2 if bidirectional else 1)
+        sizes = [kw.get("proj_size", 5), 5] if kind == "LSTM" else [5]
+        hx = tuple(torch.randn((d, b, s) if batched else (d, s), dtype=dtype) for s in sizes)
+    got, _ = _run(fused, x, hx)
+    want, _ = _run(loop, x, hx)
+    expect, _ = _run(ref, x, hx)
+    for g, w, e in zip(got, want, expect, strict=True):
+        torch.testing.assert_close(g, w, atol=_TOL[dtype], rtol=_TOL[dtype])
+        torch.testing.assert_close(g, e, atol=_TOL[dtype], rtol=_TOL[dtype])
+
+
+def test_fused_path_is_taken_outside_transforms_only():
+    """Outside transforms the LSTM is one fused kernel node; under vmap, jvp, nested grad,
+    or with ``fused = False`` it is the per-step loop (and still right)."""
+    torch.manual_seed(0)
+    lstm = fp.nn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    assert "Rnn" in type(lstm(x)[0].grad_fn).__name__ or "Lstm" in type(lstm(x)[0].grad_fn).__name__
+    params = dict(lstm.named_parameters())
+
+    def f(p, xs):
+        return torch.func.functional_call(lstm, p, (xs,))[0].sum()
+
+    # nested grad (a Hessian-vector product) needs the loop's double backward
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    hvp = torch.func.jvp(lambda p: torch.func.grad(f)(p, x), (params,), (v,))[1]
+    lstm.fused = False
+    hvp_loop = torch.func.jvp(lambda p: torch.func.grad(f)(p, x), (params,), (v,))[1]
+    for k in hvp:
+        torch.testing.assert_close(hvp[k], hvp_loop[k], atol=1e-6, rtol=1e-6)
+    lstm.fused = True
+    # one grad level: fused, equal to the loop
+    g = torch.func.grad(f)(params, x)
+    lstm.fused = False
+    g_loop = torch.func.grad(f)(params, x)
+    for k in g:
+        torch.testing.assert_close(g[k], g_loop[k], atol=1e-6, rtol=1e-6)
+    # vmap over examples
+    lstm.fused = True
+    per = torch.func.vmap(lambda xi: f(params, xi.unsqueeze(1)))(x.transpose(0, 1))
+    torch.testing.assert_close(per, torch.stack([f(params, x[:, i:i + 1]) for i in range(2)]))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_fused_dropout_uses_the_same_global_masks(kind):
+    """Inter-layer dropout stays F.dropout on the loop's layout: same seed, same result."""
+    fused, loop, _ = _pair(kind, torch.float64, input_size=3, hidden_size=4, num_layers=3,
+                           dropout=0.5, bidirectional=True)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    torch.manual_seed(5)
+    a = fused(x)[0]
+    torch.manual_seed(5)
+    b = loop(x)[0]
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_under_keyed_dropout_apply_matches_loop(monkeypatch):
+    """fp.functionalize's keyed dropout (a TorchFunctionMode) keeps the fused path and its
+    keyed masks: the result equals the loop path's for the same key."""
+    torch.manual_seed(0)
+    lstm = fp.nn.LSTM(3, 4, num_layers=2, dropout=0.3, batch_first=True)
+    model = fp.functionalize(lstm)
+    variables = model.init(fp.random.key(0), torch.randn(2, 5, 3))
+    x = torch.randn(2, 5, 3)
+    k = fp.random.key(3)
+    (a, _), _ = model.apply(variables, x, train=True, key=k)
+    monkeypatch.setattr(fp.nn.LSTM, "fused", False)
+    (b, _), _ = model.apply(variables, x, train=True, key=k)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(a, model.apply(variables, x)[0])  # dropout did act
