@@ -28,8 +28,12 @@ __all__ = [
 def cpu() -> torch.device:
     """The CPU device.
 
-    >>> cpu()
-    device(type='cpu')
+    Returns:
+        ``torch.device("cpu")``.
+
+    Examples:
+        >>> cpu()
+        device(type='cpu')
     """
     return torch.device("cpu")
 
@@ -37,8 +41,12 @@ def cpu() -> torch.device:
 def num_gpus() -> int:
     """How many CUDA devices this process can see (0 without CUDA).
 
-    >>> num_gpus() >= 0
-    True
+    Returns:
+        ``torch.cuda.device_count()`` (0 without CUDA), an int.
+
+    Examples:
+        >>> num_gpus() >= 0
+        True
     """
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -63,9 +71,13 @@ def try_gpu(i: int = 0) -> torch.device:
 def try_all_gpus() -> list[torch.device]:
     """Every visible GPU, or ``[cpu]`` when there is none.
 
-    >>> devs = try_all_gpus()
-    >>> len(devs) >= 1 and all(isinstance(d, torch.device) for d in devs)
-    True
+    Returns:
+        A non-empty list of ``torch.device``: every CUDA device, or ``[cpu]``.
+
+    Examples:
+        >>> devs = try_all_gpus()
+        >>> len(devs) >= 1 and all(isinstance(d, torch.device) for d in devs)
+        True
     """
     return [torch.device(f"cuda:{i}") for i in range(num_gpus())] or [cpu()]
 
@@ -76,8 +88,12 @@ def default_device() -> torch.device:
     Other accelerators (MPS, XPU) are not picked automatically, since parts of PyTorch
     are missing there (float64 on MPS); pass them explicitly.
 
-    >>> default_device() == try_gpu(0)
-    True
+    Returns:
+        ``cuda:0`` when CUDA is available, else the CPU device.
+
+    Examples:
+        >>> default_device() == try_gpu(0)
+        True
     """
     return try_gpu(0)
 

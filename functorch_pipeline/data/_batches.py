@@ -25,8 +25,17 @@ __all__ = ["batches", "num_batches"]
 def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = False) -> int:
     """How many batches one epoch has.
 
-    >>> num_batches(10, 4), num_batches(10, 4, drop_last=True)
-    (3, 2)
+    Args:
+        num_examples: the dataset size.
+        batch_size: examples per batch.
+        drop_last: drop a final incomplete batch (as ``DataLoader``).
+
+    Returns:
+        The number of batches per epoch, an int.
+
+    Examples:
+        >>> num_batches(10, 4), num_batches(10, 4, drop_last=True)
+        (3, 2)
     """
     if batch_size < 1:
         raise ValueError(f"num_batches: `batch_size` must be >= 1, got {batch_size}")

@@ -113,11 +113,15 @@ def mnist(root: str | os.PathLike[str], train: bool = True, *, download: bool = 
     Returns:
       A ``torchvision.datasets.MNIST``.
 
-    >>> import tempfile
-    >>> ds = mnist(_synthetic(tempfile.mkdtemp()))
-    >>> x, y = ds[0]
-    >>> x.shape, type(y)
-    (torch.Size([1, 28, 28]), <class 'int'>)
+    Examples:
+      >>> import tempfile
+      >>> import functorch_pipeline as fp
+      >>> root = tempfile.mkdtemp()
+      >>> _ = fp.data.write_synthetic_mnist(root, num_train=8, num_test=4)
+      >>> ds = mnist(root)
+      >>> x, y = ds[0]
+      >>> x.shape, type(y)
+      (torch.Size([1, 28, 28]), <class 'int'>)
     """
     t = _default_transform("mnist") if transform == "default" else transform
     return _dataset("mnist", "mnist(root)", root, train, download, t)
@@ -129,11 +133,23 @@ def fashion_mnist(
     """torchvision's FashionMNIST, normalised with mean 0.2860 and std 0.3530; files in
     ``<root>/FashionMNIST/raw/``. Arguments as :func:`mnist`.
 
-    >>> import tempfile
-    >>> fashion_mnist(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: fashion_mnist(root): FashionMNIST not found under root=...
+    Args:
+        root: the dataset root, holding torchvision's folder for this dataset.
+        train: the training split, else the test split.
+        download: fetch the files if missing (needs internet); offline, a missing file raises
+            ``FileNotFoundError`` listing the expected paths.
+        transform: ``"default"`` for the normalisation above, ``None`` for PIL images, or any
+            torchvision transform.
+
+    Returns:
+        A ``torchvision.datasets.FashionMNIST``.
+
+    Examples:
+        >>> import tempfile
+        >>> fashion_mnist(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: fashion_mnist(root): FashionMNIST not found under root=...
     """
     t = _default_transform("fashion_mnist") if transform == "default" else transform
     return _dataset("fashion_mnist", "fashion_mnist(root)", root, train, download, t)
@@ -144,11 +160,23 @@ def cifar10(root: str | os.PathLike[str], train: bool = True, *, download: bool 
     and std (0.2470, 0.2435, 0.2616); files in ``<root>/cifar-10-batches-py/``.
     Arguments as :func:`mnist`.
 
-    >>> import tempfile
-    >>> cifar10(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: cifar10(root): CIFAR10 not found under root=...
+    Args:
+        root: the dataset root, holding torchvision's folder for this dataset.
+        train: the training split, else the test split.
+        download: fetch the files if missing (needs internet); offline, a missing file raises
+            ``FileNotFoundError`` listing the expected paths.
+        transform: ``"default"`` for the normalisation above, ``None`` for PIL images, or any
+            torchvision transform.
+
+    Returns:
+        A ``torchvision.datasets.CIFAR10``.
+
+    Examples:
+        >>> import tempfile
+        >>> cifar10(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: cifar10(root): CIFAR10 not found under root=...
     """
     t = _default_transform("cifar10") if transform == "default" else transform
     return _dataset("cifar10", "cifar10(root)", root, train, download, t)
@@ -175,10 +203,26 @@ def mnist_tensors(
     and normalised like :func:`mnist` (unless ``normalize=False``), int64 labels ``(N,)``.
     Use with :func:`batches`.
 
-    >>> import tempfile
-    >>> x, y = mnist_tensors(_synthetic(tempfile.mkdtemp()), train=False)
-    >>> x.shape, x.dtype, y.dtype
-    (torch.Size([4, 1, 28, 28]), torch.float32, torch.int64)
+    Args:
+        root: the dataset root, holding torchvision's folder for this dataset.
+        train: the training split, else the test split.
+        download: fetch the files if missing (needs internet); offline, a missing file raises
+            ``FileNotFoundError`` listing the expected paths.
+        normalize: normalise with the dataset's per-channel mean and std (else only scale to [0,
+            1]).
+        device: where to put the tensors (default: CPU).
+
+    Returns:
+        ``(images, labels)``: float32 ``(N, 1, 28, 28)`` and int64 ``(N,)``.
+
+    Examples:
+        >>> import tempfile
+        >>> import functorch_pipeline as fp
+        >>> root = tempfile.mkdtemp()
+        >>> _ = fp.data.write_synthetic_mnist(root, num_train=8, num_test=4)
+        >>> x, y = mnist_tensors(root, train=False)
+        >>> x.shape, x.dtype, y.dtype
+        (torch.Size([4, 1, 28, 28]), torch.float32, torch.int64)
     """
     ds = _dataset("mnist", "mnist_tensors(root)", root, train, download, None)
     return _to_tensors("mnist", ds, normalize, device)
@@ -190,10 +234,26 @@ def fashion_mnist_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FashionMNIST preloaded as ``(images, labels)``; see :func:`mnist_tensors`.
 
-    >>> import tempfile
-    >>> x, y = fashion_mnist_tensors(_synthetic(tempfile.mkdtemp(), "FashionMNIST"))
-    >>> x.shape
-    torch.Size([8, 1, 28, 28])
+    Args:
+        root: the dataset root, holding torchvision's folder for this dataset.
+        train: the training split, else the test split.
+        download: fetch the files if missing (needs internet); offline, a missing file raises
+            ``FileNotFoundError`` listing the expected paths.
+        normalize: normalise with the dataset's per-channel mean and std (else only scale to [0,
+            1]).
+        device: where to put the tensors (default: CPU).
+
+    Returns:
+        ``(images, labels)``: float32 ``(N, 1, 28, 28)`` and int64 ``(N,)``.
+
+    Examples:
+        >>> import tempfile
+        >>> import functorch_pipeline as fp
+        >>> root = tempfile.mkdtemp()
+        >>> _ = fp.data.write_synthetic_mnist(root, num_train=8, num_test=4, name="FashionMNIST")
+        >>> x, y = fashion_mnist_tensors(root)
+        >>> x.shape
+        torch.Size([8, 1, 28, 28])
     """
     ds = _dataset("fashion_mnist", "fashion_mnist_tensors(root)", root, train, download, None)
     return _to_tensors("fashion_mnist", ds, normalize, device)
@@ -206,18 +266,24 @@ def cifar10_tensors(
     """CIFAR-10 preloaded as float32 ``(N, 3, 32, 32)`` images and int64 labels; see
     :func:`mnist_tensors`.
 
-    >>> import tempfile
-    >>> cifar10_tensors(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: cifar10_tensors(root): CIFAR10 not found under root=...
+    Args:
+        root: the dataset root, holding torchvision's folder for this dataset.
+        train: the training split, else the test split.
+        download: fetch the files if missing (needs internet); offline, a missing file raises
+            ``FileNotFoundError`` listing the expected paths.
+        normalize: normalise with the dataset's per-channel mean and std (else only scale to [0,
+            1]).
+        device: where to put the tensors (default: CPU).
+
+    Returns:
+        ``(images, labels)``: float32 ``(N, 3, 32, 32)`` and int64 ``(N,)``.
+
+    Examples:
+        >>> import tempfile
+        >>> cifar10_tensors(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: cifar10_tensors(root): CIFAR10 not found under root=...
     """
     ds = _dataset("cifar10", "cifar10_tensors(root)", root, train, download, None)
     return _to_tensors("cifar10", ds, normalize, device)
-
-
-def _synthetic(root: str, name: str = "MNIST") -> str:  # for the doctests
-    from functorch_pipeline.data._idx import write_synthetic_mnist
-
-    write_synthetic_mnist(root, num_train=8, num_test=4, name=name)
-    return root

@@ -87,8 +87,15 @@ def _check_finite(x: object, name: str, fn: str) -> None:
 def is_key(x: object) -> bool:
     """Whether ``x`` looks like a key (an int64 tensor whose last axis has size 2).
 
-    >>> is_key(key(0)), is_key(torch.zeros(2))
-    (True, False)
+    Args:
+        x: any object.
+
+    Returns:
+        ``True`` for an int64 tensor whose last axis has size 2.
+
+    Examples:
+        >>> is_key(key(0)), is_key(torch.zeros(2))
+        (True, False)
     """
     return isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.shape[-1:] == (2,)
 
@@ -154,8 +161,15 @@ def key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
 def key_data(k: torch.Tensor) -> torch.Tensor:
     """The raw words of a key (a copy), for logging or saving.
 
-    >>> key_data(key(3)).tolist() == key(3).tolist()
-    True
+    Args:
+        k: a key or a stack of keys.
+
+    Returns:
+        An int64 tensor holding a copy of the key's words.
+
+    Examples:
+        >>> key_data(key(3)).tolist() == key(3).tolist()
+        True
     """
     _check_key(k, "key_data(key)")
     return k.clone()
@@ -164,11 +178,19 @@ def key_data(k: torch.Tensor) -> torch.Tensor:
 def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     """Split a key into ``num`` new independent keys, stacked on a new leading axis.
 
-    >>> ks = split(key(0), 3)
-    >>> ks.shape
-    torch.Size([3, 2])
-    >>> len({tuple(x.tolist()) for x in ks})
-    3
+    Args:
+        k: a key (shape ``(2,)``) or a batch of keys (shape ``(..., 2)``).
+        num: how many keys to make.
+
+    Returns:
+        An int64 tensor of shape ``(num, *k.shape)``: ``num`` independent keys.
+
+    Examples:
+        >>> ks = split(key(0), 3)
+        >>> ks.shape
+        torch.Size([3, 2])
+        >>> len({tuple(x.tolist()) for x in ks})
+        3
     """
     _check_key(k, "split(key, num)")
     if not isinstance(num, int) or num < 1:
@@ -436,8 +458,15 @@ def permutation(k: torch.Tensor, n: int) -> torch.Tensor:
 def seed_from_key(k: torch.Tensor) -> int:
     """A 63-bit integer seed from a key. Reads the key on the host (a sync).
 
-    >>> seed_from_key(key(0)) == seed_from_key(key(0))
-    True
+    Args:
+        k: a key.
+
+    Returns:
+        A non-negative Python int below ``2**63``.
+
+    Examples:
+        >>> seed_from_key(key(0)) == seed_from_key(key(0))
+        True
     """
     _check_key(k, "seed_from_key(key)")
     if k.dim() != 1:
@@ -451,9 +480,17 @@ def generator(k: torch.Tensor, device: torch.device | str | None = None) -> torc
 
     The same key always gives the same stream; PyTorch's global RNG is untouched.
 
-    >>> g1, g2 = generator(key(0)), generator(key(0))
-    >>> bool(torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2)))
-    True
+    Args:
+        k: a key (int64 tensor of shape ``(2,)``).
+        device: the generator's device (default: the key's device); draw on that device.
+
+    Returns:
+        A fresh ``torch.Generator`` seeded deterministically from ``k``.
+
+    Examples:
+        >>> g1, g2 = generator(key(0)), generator(key(0))
+        >>> bool(torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2)))
+        True
     """
     dev = torch.device(device) if device is not None else k.device
     g = torch.Generator(device=dev)
