@@ -94,8 +94,18 @@ def _fan(fn: str, shape: tuple[int, ...], mode: str) -> int:
 def zeros(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All zeros (the key only sets the device).
 
-    >>> zeros(fp_random.key(0), (2,))
-    tensor([0., 0.])
+    Args:
+      key: one key from ``fp.random.key``; it also sets the device.
+      shape: the tensor's shape.
+      dtype: a floating-point dtype (default float32).
+
+    Returns:
+      A tensor of zeros of ``shape`` and ``dtype`` on the key's device.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> zeros(fp.random.key(0), (2,))
+      tensor([0., 0.])
     """
     shape = _check("init.zeros(key, shape, dtype)", key, shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=key.device)
@@ -104,8 +114,18 @@ def zeros(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.fl
 def ones(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All ones (the key only sets the device).
 
-    >>> ones(fp_random.key(0), (2,))
-    tensor([1., 1.])
+    Args:
+      key: one key from ``fp.random.key``; it also sets the device.
+      shape: the tensor's shape.
+      dtype: a floating-point dtype (default float32).
+
+    Returns:
+      A tensor of ones of ``shape`` and ``dtype`` on the key's device.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> ones(fp.random.key(0), (2,))
+      tensor([1., 1.])
     """
     shape = _check("init.ones(key, shape, dtype)", key, shape, dtype)
     return torch.ones(shape, dtype=dtype, device=key.device)
@@ -114,8 +134,16 @@ def ones(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.flo
 def constant(value: float) -> Initializer:
     """Every entry equal to ``value`` (``torch.nn.init.constant_``).
 
-    >>> constant(0.5)(fp_random.key(0), (2,))
-    tensor([0.5000, 0.5000])
+    Args:
+      value: the fill value.
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> constant(0.5)(fp.random.key(0), (2,))
+      tensor([0.5000, 0.5000])
     """
 
     def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -135,7 +163,8 @@ def uniform(a: float = 0.0, b: float = 1.0) -> Initializer:
     Returns:
       An initialiser ``(key, shape, dtype) -> tensor``.
 
-    >>> u = uniform(-1.0, 1.0)(fp_random.key(0), (1000,))
+    >>> import functorch_pipeline as fp
+    >>> u = uniform(-1.0, 1.0)(fp.random.key(0), (1000,))
     >>> bool((u >= -1).all() and (u < 1).all())
     True
     """
@@ -152,9 +181,18 @@ def uniform(a: float = 0.0, b: float = 1.0) -> Initializer:
 def normal(mean: float = 0.0, std: float = 1.0) -> Initializer:
     """N(mean, std²) (``torch.nn.init.normal_``; JAX's ``normal()`` defaults to std 1e-2).
 
-    >>> z = normal(0.0, 2.0)(fp_random.key(0), (20000,))
-    >>> abs(float(z.std()) - 2.0) < 0.05
-    True
+    Args:
+      mean: the mean.
+      std: the standard deviation (non-negative).
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> z = normal(0.0, 2.0)(fp.random.key(0), (20000,))
+      >>> abs(float(z.std()) - 2.0) < 0.05
+      True
     """
     if std < 0:
         raise ValueError(f"init.normal(mean, std): `std` must be non-negative, got {std}")
@@ -173,9 +211,20 @@ def truncated_normal(mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: fl
     as PyTorch does. (JAX's ``truncated_normal(stddev)`` truncates at ±2 *standard
     deviations*; pass ``a=-2 * std, b=2 * std`` for that.)
 
-    >>> t = truncated_normal(std=1.0, a=-0.5, b=0.5)(fp_random.key(0), (1000,))
-    >>> bool(t.abs().max() <= 0.5)
-    True
+    Args:
+      mean: the mean of the untruncated normal.
+      std: its standard deviation (positive).
+      a: the lower bound (absolute, not in standard deviations).
+      b: the upper bound (absolute).
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> t = truncated_normal(std=1.0, a=-0.5, b=0.5)(fp.random.key(0), (1000,))
+      >>> bool(t.abs().max() <= 0.5)
+      True
     """
     if std <= 0 or not a < b:
         raise ValueError(f"init.truncated_normal(mean, std, a, b): need std > 0 and a < b, got std={std}, a={a}, b={b}")
@@ -210,9 +259,17 @@ def xavier_uniform(gain: float = 1.0) -> Initializer:
     """U(-b, b) with ``b = gain * sqrt(6 / (fan_in + fan_out))`` (``xavier_uniform_``,
     Glorot & Bengio 2010; JAX's ``glorot_uniform`` for a transposed shape).
 
-    >>> w = xavier_uniform()(fp_random.key(0), (30, 20))
-    >>> bool(w.abs().max() <= (6 / 50) ** 0.5)
-    True
+    Args:
+      gain: the scaling factor (``torch.nn.init.calculate_gain``).
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> w = xavier_uniform()(fp.random.key(0), (30, 20))
+      >>> bool(w.abs().max() <= (6 / 50) ** 0.5)
+      True
     """
     fn = "init.xavier_uniform(gain)"
     return _scaled(fn, lambda s: gain * math.sqrt(2.0 / sum(_fans(fn, s))), "uniform")
@@ -221,8 +278,16 @@ def xavier_uniform(gain: float = 1.0) -> Initializer:
 def xavier_normal(gain: float = 1.0) -> Initializer:
     """N(0, std²) with ``std = gain * sqrt(2 / (fan_in + fan_out))`` (``xavier_normal_``).
 
-    >>> xavier_normal()(fp_random.key(0), (30, 20)).shape
-    torch.Size([30, 20])
+    Args:
+      gain: the scaling factor (``torch.nn.init.calculate_gain``).
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> xavier_normal()(fp.random.key(0), (30, 20)).shape
+      torch.Size([30, 20])
     """
     fn = "init.xavier_normal(gain)"
     return _scaled(fn, lambda s: gain * math.sqrt(2.0 / sum(_fans(fn, s))), "normal")
@@ -247,7 +312,8 @@ def kaiming_uniform(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "l
     Returns:
       An initialiser ``(key, shape, dtype) -> tensor``.
 
-    >>> w = kaiming_uniform(nonlinearity="relu")(fp_random.key(0), (50, 40))
+    >>> import functorch_pipeline as fp
+    >>> w = kaiming_uniform(nonlinearity="relu")(fp.random.key(0), (50, 40))
     >>> bool(w.abs().max() <= (6 / 40) ** 0.5)
     True
     """
@@ -259,8 +325,18 @@ def kaiming_normal(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "le
     """N(0, std²) with ``std = gain / sqrt(fan_mode)`` (``kaiming_normal_``); see
     :func:`kaiming_uniform` for the arguments.
 
-    >>> kaiming_normal(mode="fan_out")(fp_random.key(0), (8, 4, 3, 3)).shape
-    torch.Size([8, 4, 3, 3])
+    Args:
+      a: the negative slope of the rectifier after this layer (for ``leaky_relu``).
+      mode: ``"fan_in"`` (preserves the forward variance) or ``"fan_out"`` (backward).
+      nonlinearity: a name ``calculate_gain`` knows (``"relu"``, ``"leaky_relu"``, ...).
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> kaiming_normal(mode="fan_out")(fp.random.key(0), (8, 4, 3, 3)).shape
+      torch.Size([8, 4, 3, 3])
     """
     fn = "init.kaiming_normal(a, mode, nonlinearity)"
     return _scaled(fn, _kaiming_std(fn, a, mode, nonlinearity), "normal")
@@ -276,9 +352,19 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     transposed. E.g. JAX's ``lecun_normal()`` is ``variance_scaling(1, "fan_in",
     "truncated_normal")``.
 
-    >>> w = variance_scaling(2.0, "fan_in", "normal")(fp_random.key(0), (200, 100))
-    >>> abs(float(w.var()) - 2 / 100) < 2e-3
-    True
+    Args:
+      scale: the variance numerator.
+      mode: ``"fan_in"``, ``"fan_out"`` or ``"fan_avg"``.
+      distribution: ``"truncated_normal"``, ``"normal"`` or ``"uniform"``.
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> w = variance_scaling(2.0, "fan_in", "normal")(fp.random.key(0), (200, 100))
+      >>> abs(float(w.var()) - 2 / 100) < 2e-3
+      True
     """
     fn = "init.variance_scaling(scale, mode, distribution)"
     if mode not in ("fan_in", "fan_out", "fan_avg"):
@@ -307,9 +393,17 @@ def orthogonal(gain: float = 1.0) -> Initializer:
     2013): QR of a Gaussian matrix of shape ``(shape[0], prod(shape[1:]))`` with the signs
     of R's diagonal folded into Q.
 
-    >>> q = orthogonal()(fp_random.key(0), (3, 5))
-    >>> torch.allclose(q @ q.T, torch.eye(3), atol=1e-5)
-    True
+    Args:
+      gain: the factor applied to the orthogonal matrix.
+
+    Returns:
+      An initialiser ``(key, shape, dtype=torch.float32) -> tensor``.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> q = orthogonal()(fp.random.key(0), (3, 5))
+      >>> torch.allclose(q @ q.T, torch.eye(3), atol=1e-5)
+      True
     """
 
     def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -359,8 +453,9 @@ def reinitialize(key: torch.Tensor, tree: Any, rules: Mapping[Rule, Initializer]
     Raises:
       ValueError: a rule matches no leaf (a typo would otherwise pass silently).
 
+    >>> import functorch_pipeline as fp
     >>> params = {"fc.weight": torch.zeros(3, 2), "fc.bias": torch.zeros(3)}
-    >>> new = reinitialize(fp_random.key(0), params, {"*.bias": constant(0.1)})
+    >>> new = reinitialize(fp.random.key(0), params, {"*.bias": constant(0.1)})
     >>> new["fc.bias"], new["fc.weight"] is params["fc.weight"]
     (tensor([0.1000, 0.1000, 0.1000]), True)
     """
@@ -396,5 +491,3 @@ def reinitialize(key: torch.Tensor, tree: Any, rules: Mapping[Rule, Initializer]
         raise ValueError(f"{fn}: rules {unused!r} match no leaf; the paths are {names}")
     return out
 
-
-fp_random = _random  # for the doctest namespace
