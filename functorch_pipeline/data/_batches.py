@@ -84,10 +84,11 @@ def batches(
     Returns:
       An iterator of pytrees shaped like ``data`` with ``batch_size`` examples each.
 
+    >>> import functorch_pipeline as fp
     >>> x, y = torch.arange(5.0), torch.arange(5)
     >>> [b[1].tolist() for b in batches((x, y), 2)]
     [[0, 1], [2, 3], [4]]
-    >>> k = fp_random.key(0)
+    >>> k = fp.random.key(0)
     >>> a = [b[1].tolist() for b in batches((x, y), 2, key=k)]
     >>> b = [b[1].tolist() for b in batches((x, y), 2, key=k, start=1)]
     >>> sorted(sum(a, [])), a[1:] == b
@@ -116,5 +117,3 @@ def _iterate(data: Any, n: int, batch_size: int, key: torch.Tensor | None, total
         lo = i * batch_size
         yield _tree.unflatten(treedef, [x.index_select(0, perms[x.device][lo : lo + batch_size]) for x in leaves])
 
-
-fp_random = _random  # for the doctest namespace

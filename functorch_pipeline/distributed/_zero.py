@@ -158,7 +158,17 @@ def _bucket_leaves(state: Any, layout: list[_Bucket], size: Callable[[_Bucket], 
 
 class ShardedOptimizer(NamedTuple):
     """What :func:`shard_optimizer` returns: ``init``/``update`` like a
-    ``GradientTransformation``, and the two checkpoint helpers."""
+    ``GradientTransformation``, and the two checkpoint helpers.
+
+    Attributes:
+        init: ``init(params) -> state``, this rank's shard of the inner optimizer's state.
+        update: ``update(updates, state, params=None) -> (updates, state)``, the full updates
+            (every rank gets all of them) and this rank's new state shard.
+        gather_state: ``gather_state(state, params)``, the full (unsharded) state for a
+            checkpoint.
+        shard_state: ``shard_state(full_state, params)``, this rank's shard of a full state
+            (the inverse of ``gather_state``, for resuming).
+    """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple[Any, Any]]

@@ -81,6 +81,18 @@ class FunctionalModel:
     The module is kept by reference and never modified: ``apply`` runs a private copy
     whose parameters and buffers live on the ``meta`` device (no memory; the variables'
     tensors are swapped in for each call), and ``init`` works on another throw-away copy.
+
+    Args:
+        module: the ``nn.Module`` to view (kept by reference, never modified).
+        factory: a zero-argument callable that builds the module, or ``None``; when given,
+            ``init`` calls it under the key (what ``fp.functionalize(lambda: Net())`` passes).
+
+    Examples:
+        >>> import functorch_pipeline as fp
+        >>> model = FunctionalModel(nn.Linear(3, 2))
+        >>> variables = model.init(fp.random.key(0))
+        >>> model.apply(variables, torch.ones(4, 3)).shape
+        torch.Size([4, 2])
     """
 
     def __init__(self, module: nn.Module, factory: Callable[[], nn.Module] | None = None) -> None:

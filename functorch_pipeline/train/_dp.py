@@ -34,7 +34,7 @@ class DPTrainState(TrainState):
     without a template). ``fp.train.train_step`` accepts it too (a non-private step that
     leaves the accountant alone).
 
-    Fields:
+    Attributes:
       params, buffers, opt_state, step, key: as :class:`TrainState`.
       accountant: the ``fp.privacy.Accountant`` of the steps taken so far.
 

@@ -85,7 +85,7 @@ class TrainState:
     and resumed in a new process continues bit for bit like an uninterrupted one: the
     key never advances, so there is no hidden RNG state to lose.
 
-    Fields:
+    Attributes:
       params: the trainable parameters (any pytree).
       buffers: non-trainable state such as BatchNorm running statistics; ``{}`` when
         there is none (not ``None``: ``torch.utils._pytree`` counts ``None`` as a leaf,
@@ -98,7 +98,8 @@ class TrainState:
       tx: static; the optimizer ``apply_gradients`` uses (``None`` unless given).
 
     Example:
-      >>> s = TrainState.create(params={"w": torch.zeros(2)}, opt_state=(), key=fp_random.key(0))
+      >>> import functorch_pipeline as fp
+      >>> s = TrainState.create(params={"w": torch.zeros(2)}, opt_state=(), key=fp.random.key(0))
       >>> int(s.step), s.buffers
       (0, {})
       >>> int(s.replace(step=s.step + 1).step)
@@ -149,7 +150,8 @@ class TrainState:
           A :class:`TrainState`.
 
         Example:
-          >>> TrainState.create({"w": torch.ones(1)}, (), fp_random.key(1)).step
+          >>> import functorch_pipeline as fp
+          >>> TrainState.create({"w": torch.ones(1)}, (), fp.random.key(1)).step
           tensor(0)
         """
         fn = "TrainState.create(params, opt_state, key)"
@@ -194,7 +196,8 @@ class TrainState:
           The new state.
 
         Example:
-          >>> s = TrainState.create({"w": torch.ones(1)}, (), fp_random.key(1))
+          >>> import functorch_pipeline as fp
+          >>> s = TrainState.create({"w": torch.ones(1)}, (), fp.random.key(1))
           >>> s.replace(params={"w": torch.zeros(1)}).params
           {'w': tensor([0.])}
         """
@@ -241,8 +244,9 @@ class TrainState:
           A key.
 
         Example:
-          >>> s = TrainState.create({}, (), fp_random.key(0), step=3)
-          >>> bool((s.step_key() == fp_random.fold_in(fp_random.key(0), 3)).all())
+          >>> import functorch_pipeline as fp
+          >>> s = TrainState.create({}, (), fp.random.key(0), step=3)
+          >>> bool((s.step_key() == fp.random.fold_in(fp.random.key(0), 3)).all())
           True
         """
         k = _random.fold_in(self.key, self.step)
@@ -297,5 +301,3 @@ def _unflatten(aux: Any, children: Any) -> TrainState:
 
 
 _tree.register_pytree_node(TrainState, _flatten, _unflatten, field_names=_DATA)
-
-fp_random = _random  # for the doctest namespace

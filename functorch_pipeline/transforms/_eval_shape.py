@@ -17,7 +17,7 @@ __all__ = ["ShapeDtypeStruct", "eval_shape"]
 class ShapeDtypeStruct(NamedTuple):
     """A tensor's shape, dtype and device without its data (``jax.ShapeDtypeStruct``).
 
-    Fields:
+    Attributes:
       shape: a ``torch.Size``.
       dtype: a ``torch.dtype``.
       device: a ``torch.device`` (JAX has ``sharding`` here instead).
