@@ -133,3 +133,23 @@ def test_fused_under_keyed_dropout_apply_matches_loop(monkeypatch):
     (b, _), _ = model.apply(variables, x, train=True, key=k)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert not torch.equal(a, model.apply(variables, x)[0])  # dropout did act
+
+
+def test_key_paths_compile_without_lru_cache_warning():
+    """fp.tree's key-path cache is invisible to Dynamo: no warning, same paths as eager."""
+    import warnings
+
+    tree = {"a": torch.ones(2), "b": (torch.ones(3),)}
+
+    def f(t):
+        paths, leaves, _ = fp.tree.flatten_with_path(t)
+        assert paths == [("a",), ("b", 0)]
+        return sum(leaf.sum() for leaf in leaves)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(f, backend="eager", fullgraph=False)(tree)
+    assert out.item() == 5.0
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    assert fp.tree.flatten_with_path(tree)[0] == [("a",), ("b", 0)]

@@ -9,7 +9,6 @@ registry ``torch.func`` reads (see NOTE [two pytree registries]).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -133,10 +132,23 @@ def flatten_with_path(
 # NOTE [cached key paths]
 # Building readable paths (field names for NamedTuples) goes through optree accessors,
 # ~7x slower than a flatten. Training loops see the same few structures over and over,
-# so paths are cached per treedef (hashable, compared structurally).
-@functools.lru_cache(maxsize=1024)
+# so paths are cached per treedef (hashable, compared structurally). The cache is a plain
+# dict, not functools.lru_cache: Dynamo warns on every compile that traces through an
+# lru_cache wrapper; under torch.compile the paths are built without the cache.
+_PATHS: dict[optree.PyTreeSpec, tuple[KeyPath, ...]] = {}
+_PATHS_MAX = 1024
+
+
 def _paths_of(treedef: optree.PyTreeSpec) -> tuple[KeyPath, ...]:
-    return tuple(tuple(_path_key(e) for e in acc) for acc in treedef.accessors())
+    if torch.compiler.is_compiling():
+        return tuple(tuple(_path_key(e) for e in acc) for acc in treedef.accessors())
+    paths = _PATHS.get(treedef)
+    if paths is None:
+        paths = tuple(tuple(_path_key(e) for e in acc) for acc in treedef.accessors())
+        if len(_PATHS) >= _PATHS_MAX:
+            _PATHS.clear()
+        _PATHS[treedef] = paths
+    return paths
 
 
 def leaves_with_path(
