@@ -197,8 +197,20 @@ def grad(f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False) -> 
     Returns ``grads``, or ``(grads, aux)`` with ``has_aux=True``. See
     :func:`value_and_grad` for the arguments.
 
-    >>> grad(lambda x, y: (x * y).sum(), argnums=(0, 1))(torch.tensor(2.), torch.tensor(3.))
-    (tensor(3.), tensor(2.))
+    Args:
+      f: a function returning a scalar (0-d, floating) tensor, or ``(scalar, aux)`` with
+        ``has_aux=True``.
+      argnums: which positional argument(s) to differentiate; with a tuple, ``grads`` is a tuple of
+        the same length.
+      has_aux: whether ``f`` returns ``(value, aux)``.
+
+    Returns:
+      A function with ``f``'s signature returning ``grads`` (the structure of the differentiated
+      argument(s)), or ``(grads, aux)``.
+
+    Examples:
+      >>> grad(lambda x, y: (x * y).sum(), argnums=(0, 1))(torch.tensor(2.), torch.tensor(3.))
+      (tensor(3.), tensor(2.))
     """
     vg = _value_and_grad_impl(f, argnums, has_aux, "grad(f)")
 
@@ -383,8 +395,18 @@ def jvp(
 
     Returns ``(f(*primals), J @ tangents)``, plus ``aux`` with ``has_aux=True``.
 
-    >>> jvp(torch.sin, (torch.tensor(0.),), (torch.tensor(2.),))
-    (tensor(0.), tensor(2.))
+    Args:
+      f: a function of pytrees.
+      primals: the point: a tuple (or list) of ``f``'s positional arguments.
+      tangents: the direction: one tangent per primal, same structures.
+      has_aux: whether ``f`` returns ``(out, aux)``.
+
+    Returns:
+      ``(f(*primals), tangent_out)``, or ``(out, tangent_out, aux)`` with ``has_aux=True``.
+
+    Examples:
+      >>> jvp(torch.sin, (torch.tensor(0.),), (torch.tensor(2.),))
+      (tensor(0.), tensor(2.))
     """
     fn = "jvp(f, primals, tangents)"
     p = _as_tuple(primals, "primals", fn)
@@ -435,9 +457,19 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     Returns ``(f(*primals), vjp_fn)`` (plus ``aux`` with ``has_aux=True``); ``vjp_fn(ct)``
     returns a tuple with one cotangent per primal.
 
-    >>> out, vjp_fn = vjp(lambda x: x * 3, torch.tensor([1., 2.]))
-    >>> vjp_fn(torch.ones(2))
-    (tensor([3., 3.]),)
+    Args:
+      f: a function of pytrees.
+      *primals: the point (``f``'s positional arguments).
+      has_aux: whether ``f`` returns ``(out, aux)``.
+
+    Returns:
+      ``(out, vjp_fn)``, or ``(out, vjp_fn, aux)`` with ``has_aux=True``; ``vjp_fn(cotangent)``
+      returns one cotangent per primal, in a tuple.
+
+    Examples:
+      >>> out, vjp_fn = vjp(lambda x: x * 3, torch.tensor([1., 2.]))
+      >>> vjp_fn(torch.ones(2))
+      (tensor([3., 3.]),)
     """
     fn = "vjp(f, *primals)"
     leaves, in_def = _tree.flatten(primals)
@@ -466,9 +498,18 @@ def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tu
     With ``has_aux=True``, ``f`` returns ``(out, aux)`` and ``(out, f_jvp, aux)`` is
     returned (``aux`` from the first, untraced call).
 
-    >>> out, f_jvp = linearize(torch.sin, torch.tensor([0., 0.]))
-    >>> f_jvp(torch.tensor([1., 2.]))
-    tensor([1., 2.])
+    Args:
+      f: a function of pytrees.
+      *primals: the point at which to linearize (``f``'s arguments).
+      has_aux: whether ``f`` returns ``(out, aux)``.
+
+    Returns:
+      ``(out, f_jvp)``, or ``(out, f_jvp, aux)`` with ``has_aux=True``.
+
+    Examples:
+      >>> out, f_jvp = linearize(torch.sin, torch.tensor([0., 0.]))
+      >>> f_jvp(torch.tensor([1., 2.]))
+      tensor([1., 2.])
     """
     fn = "linearize(f, *primals)"
     leaves, treedef = _tree.flatten(primals)

@@ -34,9 +34,22 @@ def scan(
 
     It is an eager Python loop, differentiable and vmappable like any PyTorch code.
 
-    >>> carry, ys = scan(lambda c, x: (c + x, c * x), torch.tensor(0.), torch.tensor([1., 2., 3.]))
-    >>> carry, ys
-    (tensor(6.), tensor([0., 2., 9.]))
+    Args:
+      f: ``f(carry, x) -> (carry, y)``.
+      init: the initial carry (any pytree).
+      xs: a pytree whose leaves are scanned along axis 0, or ``None``.
+      length: the number of steps when ``xs`` is ``None`` (must agree with ``xs`` when both are
+        given).
+      reverse: run from the last element to the first.
+
+    Returns:
+      ``(final_carry, ys)``, ``ys`` stacked on a new leading axis.
+
+    Examples:
+      >>> step = lambda c, x: (c + x, c * x)
+      >>> carry, ys = scan(step, torch.tensor(0.), torch.tensor([1., 2., 3.]))
+      >>> carry, ys
+      (tensor(6.), tensor([0., 2., 9.]))
     """
     fn = "scan(f, init, xs)"
     paths, x_leaves, x_def = _tree.flatten_with_path(xs)
@@ -153,11 +166,19 @@ def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
     rejects), this works under ``fp.grad``, ``fp.vmap`` and ``loss.backward()``. ``f``
     must be deterministic (no global-RNG draws; pass an ``fp.random`` key instead).
 
-    >>> import functorch_pipeline as fp
-    >>> f = checkpoint(lambda x: x.sin().sin())
-    >>> torch.allclose(fp.grad(lambda x: f(x).sum())(torch.ones(3)),
-    ...                fp.grad(lambda x: x.sin().sin().sum())(torch.ones(3)))
-    True
+    Args:
+      f: a deterministic function of tensors/pytrees.
+
+    Returns:
+      A function with ``f``'s signature and outputs whose backward pass recomputes ``f``'s
+      activations.
+
+    Examples:
+      >>> import functorch_pipeline as fp
+      >>> f = checkpoint(lambda x: x.sin().sin())
+      >>> torch.allclose(fp.grad(lambda x: f(x).sum())(torch.ones(3)),
+      ...                fp.grad(lambda x: x.sin().sin().sum())(torch.ones(3)))
+      True
     """
 
     @functools.wraps(f)

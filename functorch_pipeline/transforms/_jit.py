@@ -19,8 +19,19 @@ def jit(f: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None 
     time it cold and warm separately. ``fullgraph=True`` makes a graph break an error
     instead of a silent fallback to eager.
 
-    >>> f = jit(lambda x: x * 2, backend="eager")
-    >>> f(torch.ones(2))
-    tensor([2., 2.])
+    Args:
+      f: the function (or module) to compile.
+      fullgraph: make a graph break an error.
+      dynamic: ``torch.compile``'s dynamic-shape setting (``None``: automatic).
+      mode: ``torch.compile``'s mode (``"reduce-overhead"``, ``"max-autotune"``, ...).
+      backend: ``torch.compile``'s backend (``"eager"`` skips code generation, for debugging).
+
+    Returns:
+      The compiled function, called like ``f``.
+
+    Examples:
+      >>> f = jit(lambda x: x * 2, backend="eager")
+      >>> f(torch.ones(2))
+      tensor([2., 2.])
     """
     return torch.compile(f, fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)

@@ -226,12 +226,30 @@ def per_sample_value_and_grad(
     (shape ``(B,)``) and gradient (leading axis ``B``); ``((values, aux), grads)`` with
     ``has_aux=True``. Arguments as :func:`per_sample_grads`, ``method`` included.
 
-    >>> loss = lambda w, x: ((x @ w) ** 2).mean()
-    >>> v, g = per_sample_value_and_grad(loss, method="vmap")(
-    ...     torch.ones(2), torch.tensor([[1., 0.], [1., 1.]]))
-    >>> v, g
-    (tensor([1., 4.]), tensor([[2., 0.],
-            [4., 4.]]))
+    Args:
+      loss_fn: ``loss_fn(params, batch, ...) -> loss`` written for a batch, as in
+        :func:`per_sample_grads`.
+      argnums: the argument(s) to differentiate (the parameters).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      batch_argnums: the arguments carrying the batch on axis 0 (default: every positional argument
+        not in ``argnums``).
+      chunk_size: examples per vectorised chunk, to bound memory.
+      keep_batch_dim: pass each example with a leading axis of size 1 (default).
+      randomness: ``torch.func``'s mode for the global RNG inside ``loss_fn``.
+      method: ``"auto"``, ``"vmap"`` or ``"hooks"``, as in :func:`per_sample_grads`.
+
+    Returns:
+      A function with ``loss_fn``'s signature returning ``(values, grads)``: values of shape
+      ``(B,)`` and per-example gradients with a leading batch axis (``((values, aux), grads)`` with
+      ``has_aux=True``).
+
+    Examples:
+      >>> loss = lambda w, x: ((x @ w) ** 2).mean()
+      >>> v, g = per_sample_value_and_grad(loss, method="vmap")(
+      ...     torch.ones(2), torch.tensor([[1., 0.], [1., 1.]]))
+      >>> v, g
+      (tensor([1., 4.]), tensor([[2., 0.],
+              [4., 4.]]))
     """
     return _per_sample(loss_fn, argnums, has_aux, batch_argnums, chunk_size, keep_batch_dim, randomness,
                        method, "per_sample_value_and_grad(loss_fn)")
