@@ -99,15 +99,16 @@ def test_zero_nans_vs_nan_to_num(values):
 def test_add_noise_variance_schedule_and_reproducibility():
     eta, gamma = 0.3, 0.55
     tx = optim.add_noise(eta, gamma, key=3)
-    g = {"w": torch.zeros(40000, dtype=F64), "b": torch.zeros(3, dtype=F64)}
+    n = 10000
+    g = {"w": torch.zeros(n, dtype=F64), "b": torch.zeros(3, dtype=F64)}
     s = tx.init(g)
     for t in range(1, 4):
         u, s = tx.update(g, s)
         std = math.sqrt(eta / t**gamma)
         z = u["w"] / std
-        # 40000 standard normals: mean within 5 sigma of 0, std within 2.5%
-        assert abs(float(z.mean())) < 5 / math.sqrt(40000)
-        assert abs(float(z.std()) - 1.0) < 0.025
+        # n standard normals: mean within 5 sigma of 0, sample std within 5 sigma of 1
+        assert abs(float(z.mean())) < 5 / math.sqrt(n)
+        assert abs(float(z.std()) - 1.0) < 5 / math.sqrt(2 * n)
     # same key and count: same noise; a restored state continues the same stream
     u1, _ = tx.update(g, s)
     u2, _ = tx.update(g, fp.tree.clone(s))
