@@ -128,12 +128,19 @@ def load(
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``metadata`` given to :func:`save` (reads the header only).
 
-    >>> import tempfile, os
-    >>> from functorch_pipeline.serialization import save
-    >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-    >>> save(p, {"w": torch.zeros(1)}, metadata={"epoch": "3"})
-    >>> read_metadata(p)
-    {'epoch': '3'}
+    Args:
+      path: a checkpoint file written by :func:`save`.
+
+    Returns:
+      The ``metadata`` dict of strings (``{}`` when none was given).
+
+    Examples:
+      >>> import tempfile, os
+      >>> from functorch_pipeline.serialization import save
+      >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+      >>> save(p, {"w": torch.zeros(1)}, metadata={"epoch": "3"})
+      >>> read_metadata(p)
+      {'epoch': '3'}
     """
     with open(path, "rb", buffering=0) as f:
         where = f"read_metadata(path): {os.fspath(path)}"

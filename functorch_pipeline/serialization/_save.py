@@ -193,11 +193,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
     ``path`` with it (see NOTE [atomic save]). On any error the temporary file is removed
     and ``path`` is untouched.
 
-    >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
-    >>> atomic_write(p, lambda fd: os.write(fd, b"hi"))
-    >>> open(p, "rb").read()
-    b'hi'
+    Args:
+      path: the file to create or replace.
+      write: ``write(fd)`` writes the content to the open file descriptor.
+      sync: ``fsync`` the file and its directory (durable against power loss).
+
+    Examples:
+      >>> import tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
+      >>> atomic_write(p, lambda fd: os.write(fd, b"hi"))
+      >>> open(p, "rb").read()
+      b'hi'
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

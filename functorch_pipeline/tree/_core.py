@@ -60,8 +60,16 @@ def _ns(kwargs: dict[str, Any]) -> dict[str, Any]:
 def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
     """The leaves of ``tree`` in a fixed order (dict keys sorted); ``None`` is no leaf.
 
-    >>> leaves({"b": 1, "a": (2, None, [3])})
-    [2, 3, 1]
+    Args:
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      The list of leaves.
+
+    Examples:
+      >>> leaves({"b": 1, "a": (2, None, [3])})
+      [2, 3, 1]
     """
     return optree.tree_leaves(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
@@ -69,8 +77,16 @@ def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[A
 def structure(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> optree.PyTreeSpec:
     """The structure (treedef) of ``tree``.
 
-    >>> structure({"a": 1, "b": [2, 3]})
-    PyTreeSpec({'a': *, 'b': [*, *]})
+    Args:
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      An ``optree.PyTreeSpec``.
+
+    Examples:
+      >>> structure({"a": 1, "b": [2, 3]})
+      PyTreeSpec({'a': *, 'b': [*, *]})
     """
     return optree.tree_structure(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
@@ -80,9 +96,17 @@ def flatten(
 ) -> tuple[list[Any], optree.PyTreeSpec]:
     """``(leaves, treedef)``; :func:`unflatten` inverts it.
 
-    >>> leaves_, treedef = flatten({"w": 1, "b": 2})
-    >>> leaves_, unflatten(treedef, [10, 20])
-    ([2, 1], {'w': 20, 'b': 10})
+    Args:
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      ``(leaves, treedef)``: the leaves in :func:`leaves` order and the structure.
+
+    Examples:
+      >>> leaves_, treedef = flatten({"w": 1, "b": 2})
+      >>> leaves_, unflatten(treedef, [10, 20])
+      ([2, 1], {'w': 20, 'b': 10})
     """
     return optree.tree_flatten(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
@@ -90,8 +114,16 @@ def flatten(
 def unflatten(treedef: optree.PyTreeSpec, leaves_: Iterable[Any]) -> PyTree:
     """Rebuild a tree from a treedef and its leaves (in :func:`leaves` order).
 
-    >>> unflatten(structure([1, (2, 3)]), "xyz")
-    ['x', ('y', 'z')]
+    Args:
+      treedef: a structure from :func:`structure` or :func:`flatten`.
+      leaves_: exactly as many leaves as ``treedef`` has.
+
+    Returns:
+      The rebuilt tree.
+
+    Examples:
+      >>> unflatten(structure([1, (2, 3)]), "xyz")
+      ['x', ('y', 'z')]
     """
     leaves_ = list(leaves_)
     if len(leaves_) != treedef.num_leaves:
@@ -119,9 +151,18 @@ def flatten_with_path(
     indices (int) and field names of NamedTuples/dataclasses (str). With
     ``none_is_leaf=True``, ``None`` values are leaves too.
 
-    >>> paths, leaves_, _ = flatten_with_path({"fc": {"w": 1}, "s": (2,)})
-    >>> paths, leaves_
-    ([('fc', 'w'), ('s', 0)], [1, 2])
+    Args:
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+      none_is_leaf: treat ``None`` values as leaves.
+
+    Returns:
+      ``(paths, leaves, treedef)``, one key path per leaf.
+
+    Examples:
+      >>> paths, leaves_, _ = flatten_with_path({"fc": {"w": 1}, "s": (2,)})
+      >>> paths, leaves_
+      ([('fc', 'w'), ('s', 0)], [1, 2])
     """
     leaves_, treedef = optree.tree_flatten(
         tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf, namespace=NAMESPACE
@@ -156,8 +197,16 @@ def leaves_with_path(
 ) -> list[tuple[KeyPath, Any]]:
     """``[(path, leaf), ...]``; see :func:`flatten_with_path` for what a path is.
 
-    >>> leaves_with_path({"a": [5, 6]})
-    [(('a', 0), 5), (('a', 1), 6)]
+    Args:
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      A list of ``(key_path, leaf)`` pairs in :func:`leaves` order.
+
+    Examples:
+      >>> leaves_with_path({"a": [5, 6]})
+      [(('a', 0), 5), (('a', 1), 6)]
     """
     paths, leaves_, _ = flatten_with_path(tree, is_leaf=is_leaf)
     return list(zip(paths, leaves_, strict=True))
@@ -166,8 +215,15 @@ def leaves_with_path(
 def keystr(path: Sequence[Any]) -> str:
     """A readable string for a key path: ``params.fc1.weight``, ``layers[0].bias``.
 
-    >>> keystr(("params", "fc1", "weight")), keystr(("layers", 0, "bias")), keystr(())
-    ('params.fc1.weight', 'layers[0].bias', '<root>')
+    Args:
+      path: a key path (a sequence of dict keys, indices and field names).
+
+    Returns:
+      The dotted/indexed string; ``"<root>"`` for the empty path.
+
+    Examples:
+      >>> keystr(("params", "fc1", "weight")), keystr(("layers", 0, "bias")), keystr(())
+      ('params.fc1.weight', 'layers[0].bias', '<root>')
     """
     if not path:
         return "<root>"
@@ -205,8 +261,18 @@ def map(  # noqa: A001 - JAX's name
 ) -> PyTree:
     """Apply ``f`` to the leaves of one or more trees of the same structure.
 
-    >>> map(lambda a, b: a + b, {"x": 1, "y": None}, {"x": 10, "y": None})
-    {'x': 11, 'y': None}
+    Args:
+      f: called as ``f(leaf, *rest_leaves)`` for each leaf position.
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      *rest: more trees with ``tree``'s structure.
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      A tree of ``tree``'s structure holding ``f``'s results.
+
+    Examples:
+      >>> map(lambda a, b: a + b, {"x": 1, "y": None}, {"x": 10, "y": None})
+      {'x': 11, 'y': None}
     """
     try:
         return optree.tree_map(f, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
@@ -224,8 +290,18 @@ def map_with_path(
 ) -> PyTree:
     """Like :func:`map`, but ``f(path, *leaves)`` also gets each leaf's key path.
 
-    >>> map_with_path(lambda p, x: keystr(p), {"fc": {"w": 0}})
-    {'fc': {'w': 'fc.w'}}
+    Args:
+      f: called as ``f(key_path, leaf, *rest_leaves)``.
+      tree: a pytree (nested dicts, lists, tuples, NamedTuples, registered classes).
+      *rest: more trees with ``tree``'s structure.
+      is_leaf: an optional predicate: a node for which it returns ``True`` is a leaf.
+
+    Returns:
+      A tree of ``tree``'s structure holding ``f``'s results.
+
+    Examples:
+      >>> map_with_path(lambda p, x: keystr(p), {"fc": {"w": 0}})
+      {'fc': {'w': 'fc.w'}}
     """
     paths, leaves0, treedef = flatten_with_path(tree, is_leaf=is_leaf)
     others = []
@@ -246,8 +322,18 @@ def same_structure(a: optree.PyTreeSpec, b: optree.PyTreeSpec) -> bool:
     compiling, only the leaf counts are compared; callers check leaf shapes too, and the
     same call run eagerly has checked the full structure.
 
-    >>> same_structure(structure({"a": 1}), structure({"a": 2})), same_structure(structure([1]), structure((1,)))
-    (True, False)
+    Args:
+      a: a treedef (from :func:`structure`).
+      b: another treedef.
+
+    Returns:
+      ``True`` when the two structures are equal.
+
+    Examples:
+      >>> same_structure(structure({"a": 1}), structure({"a": 2}))
+      True
+      >>> same_structure(structure([1]), structure((1,)))
+      False
     """
     if torch.compiler.is_compiling():
         return a.num_leaves == b.num_leaves
@@ -257,8 +343,15 @@ def same_structure(a: optree.PyTreeSpec, b: optree.PyTreeSpec) -> bool:
 def is_leaf_none(x: Any) -> bool:
     """An ``is_leaf`` predicate that makes ``None`` a leaf (optree treats it as empty).
 
-    >>> leaves([1, None], is_leaf=is_leaf_none)
-    [1, None]
+    Args:
+      x: a node of a tree.
+
+    Returns:
+      ``True`` when ``x is None``.
+
+    Examples:
+      >>> leaves([1, None], is_leaf=is_leaf_none)
+      [1, None]
     """
     return x is None
 
@@ -278,12 +371,16 @@ def register_pytree_node(
       unflatten_fn: ``(aux_data, children) -> obj``.
       field_names: optional names of the children, used in key paths.
 
-    >>> class Pair:
-    ...     def __init__(self, a, b): self.a, self.b = a, b
-    >>> _ = register_pytree_node(Pair, lambda p: ((p.a, p.b), None), lambda _, c: Pair(*c),
-    ...                          field_names=("a", "b"))
-    >>> leaves_with_path(Pair(1, 2))
-    [(('a',), 1), (('b',), 2)]
+    Returns:
+      ``cls`` itself (now registered).
+
+    Examples:
+      >>> class Pair:
+      ...     def __init__(self, a, b): self.a, self.b = a, b
+      >>> _ = register_pytree_node(Pair, lambda p: ((p.a, p.b), None), lambda _, c: Pair(*c),
+      ...                          field_names=("a", "b"))
+      >>> leaves_with_path(Pair(1, 2))
+      [(('a',), 1), (('b',), 2)]
     """
     names = tuple(field_names) if field_names is not None else None
 
@@ -334,13 +431,22 @@ def register_dataclass(
     ``meta_fields`` are static and compared for structure equality. Usable as a
     decorator, with or without arguments.
 
-    >>> @register_dataclass
-    ... @dataclasses.dataclass
-    ... class State:
-    ...     count: int
-    ...     mu: object
-    >>> leaves(State(0, {"w": 1.0}))
-    [0, 1.0]
+    Args:
+      cls: the dataclass (omit it to get a decorator).
+      data_fields: the fields that are children (default: every field not in ``meta_fields``).
+      meta_fields: static fields, part of the structure.
+
+    Returns:
+      ``cls`` itself (registered), or a decorator when ``cls`` is omitted.
+
+    Examples:
+      >>> @register_dataclass
+      ... @dataclasses.dataclass
+      ... class State:
+      ...     count: int
+      ...     mu: object
+      >>> leaves(State(0, {"w": 1.0}))
+      [0, 1.0]
     """
 
     def wrap(c: type[T]) -> type[T]:
