@@ -9,7 +9,6 @@ fusion] in ``_base.py``): ``fused(updates, state, params, m, c)`` returns
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 from typing import NamedTuple
@@ -77,10 +76,6 @@ def _zeros_tree(params: Params, dtype: torch.dtype | None = None) -> Any:
     return fpt.map(lambda p: torch.zeros_like(p, dtype=dtype or p.dtype), params)
 
 
-def _steps(count: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    return (count + 1).to(dt)
-
-
 def _check_betas(where: str, **betas: Any) -> None:
     for k, v in betas.items():
         _checks.check_hyperparameter(where, k, v)
@@ -88,7 +83,13 @@ def _check_betas(where: str, **betas: Any) -> None:
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step count and first/second moments."""
+    """State of :func:`scale_by_adam`: step count and first/second moments.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: the EMA of the squared gradients (second moment), a tree like the parameters.
+    """
 
     count: torch.Tensor
     mu: Any
@@ -404,7 +405,14 @@ def scale_by_radam(
 
 
 class ScaleByNadamState(NamedTuple):
-    """State of :func:`scale_by_nadam`: count, product of momentum coefficients, moments."""
+    """State of :func:`scale_by_nadam`: count, product of momentum coefficients, moments.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu_product: the product of the momentum coefficients so far (for bias correction).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: the EMA of the squared gradients (second moment), a tree like the parameters.
+    """
 
     count: torch.Tensor
     mu_product: torch.Tensor
@@ -481,14 +489,25 @@ def scale_by_nadam(
 
 
 class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: count (for bias correction) and the EMA of ``g**2``."""
+    """State of :func:`scale_by_rms`: count (for bias correction) and the EMA of ``g**2``.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        nu: the EMA of the squared gradients (second moment), a tree like the parameters.
+    """
 
     count: torch.Tensor
     nu: Any
 
 
 class ScaleByRStdDevState(NamedTuple):
-    """State of :func:`scale_by_stddev`: count and EMAs of ``g`` and ``g**2``."""
+    """State of :func:`scale_by_stddev`: count and EMAs of ``g`` and ``g**2``.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: the EMA of the squared gradients (second moment), a tree like the parameters.
+    """
 
     count: torch.Tensor
     mu: Any
@@ -602,7 +621,11 @@ def scale_by_stddev(
 
 
 class ScaleByRssState(NamedTuple):
-    """State of :func:`scale_by_rss`: the running sum of squared gradients."""
+    """State of :func:`scale_by_rss`: the running sum of squared gradients.
+
+    Attributes:
+        sum_of_squares: the running sum of squared gradients.
+    """
 
     sum_of_squares: Any
 
@@ -657,7 +680,12 @@ def scale_by_rss(
 
 
 class ScaleByAdaDeltaState(NamedTuple):
-    """State of :func:`scale_by_adadelta`: EMAs of squared gradients and squared updates."""
+    """State of :func:`scale_by_adadelta`: EMAs of squared gradients and squared updates.
+
+    Attributes:
+        e_g: the EMA of the squared gradients.
+        e_x: the EMA of the squared updates.
+    """
 
     e_g: Any
     e_x: Any
@@ -707,7 +735,12 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
 
 
 class ScaleByLionState(NamedTuple):
-    """State of :func:`scale_by_lion`: count and the momentum."""
+    """State of :func:`scale_by_lion`: count and the momentum.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the momentum (EMA of the gradients).
+    """
 
     count: torch.Tensor
     mu: Any
@@ -755,6 +788,3 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
         return fpt.unflatten(td, out), ScaleByLionState(state.count + 1, fpt.unflatten(td, new_m))
 
     return fused_transformation(init_fn, fused)
-
-
-_ = math  # math used in docstrings only

@@ -19,7 +19,16 @@ __all__ = ["ReduceLROnPlateauState", "reduce_on_plateau"]
 
 
 class ReduceLROnPlateauState(NamedTuple):
-    """State of :func:`reduce_on_plateau` (optax.contrib's fields)."""
+    """State of :func:`reduce_on_plateau` (optax.contrib's fields).
+
+    Attributes:
+        scale: the current factor applied to the updates.
+        best_value: the best (lowest) averaged value seen.
+        plateau_count: evaluations since ``best_value`` last improved.
+        cooldown_count: evaluations left in the cooldown after a reduction.
+        count: values accumulated in the current ``accumulation_size`` window.
+        avg_value: the running mean of the values in the current window.
+    """
 
     scale: torch.Tensor
     best_value: torch.Tensor

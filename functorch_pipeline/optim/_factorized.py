@@ -30,6 +30,7 @@ __all__ = [
     "FactoredState",
     "clip_by_block_rms",
     "scale_by_factored_rms",
+    "scale_by_param_block_norm",
     "scale_by_param_block_rms",
 ]
 
@@ -51,7 +52,14 @@ def _factored_dims(shape: tuple, factored: bool, min_dim: int) -> tuple[int, int
 
 class FactoredState(NamedTuple):
     """State of :func:`scale_by_factored_rms`. Factored leaves keep ``v_row``/``v_col``
-    (and a ``(1,)`` placeholder in ``v``); the others keep ``v`` (and placeholders)."""
+    (and a ``(1,)`` placeholder in ``v``); the others keep ``v`` (and placeholders).
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        v_row: per-row EMAs of squared gradients (factored leaves).
+        v_col: per-column EMAs of squared gradients (factored leaves).
+        v: full EMAs of squared gradients (unfactored leaves).
+    """
 
     count: torch.Tensor
     v_row: Any
@@ -240,6 +248,39 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
         out = [u * torch.clamp(torch.sqrt(torch.mean(p * p)), min=min_scale)
+               for u, p in zip(ul, pl, strict=True)]
+        return fpt.unflatten(td, out), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_param_block_norm(min_scale: float = 1e-3) -> GradientTransformation:
+    r"""Multiply each leaf's update by its parameter's L2 norm, floored at ``min_scale``:
+    :math:`u \cdot \max(\|p\|_2, s_{min})`.
+
+    Args:
+      min_scale: the floor of the factor.
+
+    Returns:
+      A :class:`GradientTransformation` (stateless; needs ``params``).
+
+    Example:
+      >>> tx = scale_by_param_block_norm()
+      >>> tx.update({"w": torch.ones(2)}, tx.init(None), {"w": torch.tensor([3.0, -4.0])})[0]
+      {'w': tensor([5., 5.])}
+    """
+    check_number("scale_by_param_block_norm(min_scale)", "min_scale", min_scale, low=0.0)
+
+    def init_fn(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: Any, params: Params = None,
+                  **extra_args: Any) -> tuple[Updates, Any]:
+        where = "scale_by_param_block_norm.update"
+        require_params(where, params)
+        ul, td = fpt.flatten(updates)
+        pl = flatten_like(where, updates, params, "params", td, ref=ul)
+        out = [u * torch.clamp(torch.linalg.vector_norm(p), min=min_scale)
                for u, p in zip(ul, pl, strict=True)]
         return fpt.unflatten(td, out), state
 

@@ -39,13 +39,21 @@ class MaskedNode(NamedTuple):
 
 
 class MaskedState(NamedTuple):
-    """State of :func:`masked`: the inner transformation's state (over selected leaves)."""
+    """State of :func:`masked`: the inner transformation's state (over selected leaves).
+
+    Attributes:
+        inner_state: the inner transformation's state over the selected leaves.
+    """
 
     inner_state: Any
 
 
 class PartitionState(NamedTuple):
-    """State of :func:`partition`: one :class:`MaskedState` per label."""
+    """State of :func:`partition`: one :class:`MaskedState` per label.
+
+    Attributes:
+        inner_states: a dict ``{label: MaskedState}``.
+    """
 
     inner_states: dict
 

@@ -193,7 +193,12 @@ def per_example_layer_norm_clip(
 
 class DifferentiallyPrivateAggregateState(NamedTuple):
     """State of :func:`differentially_private_aggregate` and :func:`add_dp_noise`: the base
-    key and the number of steps taken."""
+    key and the number of steps taken.
+
+    Attributes:
+        rng_key: the base ``fp.random`` key; step ``count``'s noise uses it folded with ``count``.
+        count: the number of updates so far (a 0-d int tensor).
+    """
 
     rng_key: torch.Tensor
     count: torch.Tensor

@@ -87,7 +87,11 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
 
 
 class ScaleByScheduleState(NamedTuple):
-    """State of :func:`scale_by_schedule`: the number of steps taken."""
+    """State of :func:`scale_by_schedule`: the number of steps taken.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+    """
 
     count: torch.Tensor
 

@@ -48,7 +48,16 @@ def _pure(extra_args: dict[str, Any]) -> dict[str, Any]:
 
 
 class MultiStepsState(NamedTuple):
-    """State of :class:`MultiSteps`."""
+    """State of :class:`MultiSteps`.
+
+    Attributes:
+        mini_step: mini-steps since the last real update (0 to ``every_k_schedule - 1``).
+        gradient_step: real (applied) updates so far.
+        inner_opt_state: the wrapped optimizer's state.
+        acc_grads: the gradients accumulated over the current mini-steps (their running mean, or
+            their sum with ``use_grad_mean=False``).
+        skip_state: the state of ``should_skip_update_fn`` (``()`` when unused).
+    """
 
     mini_step: torch.Tensor
     gradient_step: torch.Tensor
@@ -171,7 +180,14 @@ class MultiSteps:
 
 
 class ApplyIfFiniteState(NamedTuple):
-    """State of :func:`apply_if_finite`."""
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+        notfinite_count: consecutive updates with a non-finite value.
+        last_finite: whether the last update was finite (0-d bool tensor).
+        total_notfinite: all non-finite updates seen so far.
+        inner_state: the wrapped transformation's state.
+    """
 
     notfinite_count: torch.Tensor
     last_finite: torch.Tensor
@@ -231,7 +247,13 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
 
 
 class InjectHyperparamsState(NamedTuple):
-    """State of :func:`inject_hyperparams`: count, current hyperparameters, inner state."""
+    """State of :func:`inject_hyperparams`: count, current hyperparameters, inner state.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        hyperparams: a dict of the current hyperparameter values (tensors).
+        inner_state: the wrapped optimizer's state.
+    """
 
     count: torch.Tensor
     hyperparams: dict

@@ -38,6 +38,7 @@ __all__ = [
     "apply_every",
     "centralize",
     "lookahead",
+    "skip_large_updates",
     "skip_not_finite",
     "zero_nans",
 ]
@@ -71,7 +72,12 @@ class LookaheadParams(NamedTuple):
 
 
 class LookaheadState(NamedTuple):
-    """State of :func:`lookahead`: the fast optimizer's state and the steps since a sync."""
+    """State of :func:`lookahead`: the fast optimizer's state and the steps since a sync.
+
+    Attributes:
+        fast_state: the fast optimizer's state.
+        steps_since_sync: fast steps since the slow weights were last synchronised.
+    """
 
     fast_state: Any
     steps_since_sync: torch.Tensor
@@ -189,8 +195,43 @@ def skip_not_finite(updates: Updates, gradient_step: torch.Tensor,
     return skip, {"should_skip": skip, "num_not_finite": n}
 
 
+def skip_large_updates(updates: Updates, gradient_step: torch.Tensor, params: Params,
+                       max_squared_norm: float) -> tuple[torch.Tensor, dict]:
+    r"""A ``should_skip_update_fn`` for :class:`MultiSteps` (bind ``max_squared_norm``
+    with ``functools.partial``): skip when :math:`\sum_\ell \|u_\ell\|^2` exceeds
+    ``max_squared_norm`` or is not finite.
+
+    Args:
+      updates: the incoming gradients.
+      gradient_step: the number of applied steps (unused).
+      params: the parameters (unused).
+      max_squared_norm: the largest squared global norm let through.
+
+    Returns:
+      ``(should_skip, {"should_skip": ..., "norm_squared": ...})``, as optax.
+
+    Example:
+      >>> skip, info = skip_large_updates({"w": torch.tensor([3.0, 4.0])}, 0, None, 20.0)
+      >>> bool(skip), float(info["norm_squared"])
+      (True, 25.0)
+    """
+    ul = fpt.leaves(updates)
+    _checks.check_one_device("skip_large_updates", ul, updates)
+    dev = _checks.first_device(ul) or torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64 if any(u.dtype == torch.float64 for u in ul)
+                     else torch.float32, device=dev)
+    for u in ul:
+        sq = sq + torch.sum(u.to(sq.dtype) ** 2)
+    skip = ~torch.isfinite(sq) | (sq > max_squared_norm)
+    return skip, {"should_skip": skip, "norm_squared": sq}
+
+
 class ZeroNansState(NamedTuple):
-    """State of :func:`zero_nans`: per leaf, whether the last update had a NaN."""
+    """State of :func:`zero_nans`: per leaf, whether the last update had a NaN.
+
+    Attributes:
+        found_nan: a tree of 0-d bool tensors: whether each leaf of the last update had a NaN.
+    """
 
     found_nan: Any
 
@@ -243,7 +284,12 @@ def zero_nans() -> GradientTransformation:
 
 
 class AddNoiseState(NamedTuple):
-    """State of :func:`add_noise`: the step count and the base ``fp.random`` key."""
+    """State of :func:`add_noise`: the step count and the base ``fp.random`` key.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        rng_key: the base ``fp.random`` key; step ``count``'s noise uses it folded with ``count``.
+    """
 
     count: torch.Tensor
     rng_key: torch.Tensor
@@ -316,7 +362,12 @@ def add_noise(eta: float, gamma: float, key: int | torch.Tensor) -> GradientTran
 
 
 class ApplyEvery(NamedTuple):
-    """State of :func:`apply_every`: a counter (mod ``k``) and the gradient sum."""
+    """State of :func:`apply_every`: a counter (mod ``k``) and the gradient sum.
+
+    Attributes:
+        count: the step counter modulo ``k``.
+        grad_acc: the sum of the gradients since the last applied update.
+    """
 
     count: torch.Tensor
     grad_acc: Any
