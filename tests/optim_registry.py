@@ -84,6 +84,10 @@ REGISTRY = {
     "adafactor": lambda: optim.adafactor(
         1e-2, min_dim_size_to_factor=2, momentum=0.9, weight_decay_rate=0.01
     ),
+    "noisy_sgd": lambda: optim.noisy_sgd(1e-2, key=1),
+    "fromage": lambda: optim.fromage(1e-2),
+    "optimistic_gd": lambda: optim.optimistic_gradient_descent(1e-2, 1.0, 0.5),
+    "param_block_norm": lambda: optim.chain(optim.scale_by_param_block_norm(), optim.sgd(0.1)),
     "zero_nans": lambda: optim.chain(optim.zero_nans(), optim.sgd(0.1)),
     "add_noise": lambda: optim.chain(optim.add_noise(0.01, 0.55, key=0), optim.sgd(0.1)),
     "apply_every": lambda: optim.chain(optim.apply_every(2), optim.sgd(0.1, 0.9)),

@@ -218,6 +218,44 @@ def test_rprop_rule_not_stale():
     torch.testing.assert_close(u["w"], torch.tensor([-0.1, 0.1, 0.0], dtype=torch.float64))
 
 
+def test_fromage_rule():
+    lr, min_norm = 0.05, 1e-6
+
+    def step(t, g, p, s):
+        out = []
+        for gi, pi in zip(g, p, strict=True):
+            pn, gn = max(np.linalg.norm(pi), min_norm), max(np.linalg.norm(gi), min_norm)
+            new = (pi - lr * pn / gn * gi) / np.sqrt(1 + lr**2)
+            out.append(new - pi)
+        return out
+
+    _check(optim.fromage(lr), step)
+
+
+def test_optimistic_gradient_descent_rule():
+    lr, a, b = 1e-2, 1.0, 0.5
+
+    def step(t, g, p, s):
+        prev = s.get("prev", g)
+        s["prev"] = g
+        return [-lr * ((a + b) * gi - b * qi) for gi, qi in zip(g, prev, strict=True)]
+
+    _check(optim.optimistic_gradient_descent(lr, a, b), step)
+
+
+def test_noisy_sgd_is_add_noise_then_lr():
+    p = {"w": torch.zeros(50, dtype=torch.float64)}
+    a = optim.noisy_sgd(0.1, eta=0.2, gamma=0.5, key=7)
+    b = optim.chain(optim.add_noise(0.2, 0.5, key=7), optim.scale(-0.1))
+    sa, sb = a.init(p), b.init(p)
+    for t in range(3):
+        g = {"w": torch.full((50,), float(t), dtype=torch.float64)}
+        ua, sa = a.update(g, sa)
+        ub, sb = b.update(g, sb)
+        torch.testing.assert_close(ua["w"], ub["w"], rtol=0, atol=0)
+        assert float((ua["w"] + 0.1 * g["w"]).std()) > 0  # there is noise
+
+
 # --- adafactor ------------------------------------------------------------------------
 
 
@@ -294,6 +332,10 @@ OPTAX_DEFAULTS = {  # from optax 0.2.8's API reference (optax/_src/alias.py)
     "novograd": {"b1": 0.9, "b2": 0.25, "eps": 1e-6, "eps_root": 0.0, "weight_decay": 0.0},
     "rprop": {"eta_minus": 0.5, "eta_plus": 1.2, "min_step_size": 1e-6, "max_step_size": 50.0},
     "yogi": {"b1": 0.9, "b2": 0.999, "eps": 1e-3},
+    "fromage": {"min_norm": 1e-6},
+    "noisy_sgd": {"eta": 0.01, "gamma": 0.55},
+    "optimistic_gradient_descent": {"alpha": 1.0, "beta": 1.0},
+    "scale_by_param_block_norm": {"min_scale": 1e-3},
     "scale_by_yogi": {"eps_root": 0.0, "initial_accumulator_value": 1e-6},
     "scale_by_novograd": {"eps": 1e-8, "mu_dtype": None},
     "scale_by_factored_rms": {"factored": True, "decay_rate": 0.8, "step_offset": 0,

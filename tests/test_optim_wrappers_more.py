@@ -79,6 +79,26 @@ def test_skip_not_finite_with_multisteps():
     assert bool(skip) and int(info["num_not_finite"]) == 2
 
 
+def test_skip_large_updates_with_multisteps_and_param_block_norm():
+    import functools
+
+    skip = functools.partial(optim.skip_large_updates, max_squared_norm=10.0)
+    ms = optim.MultiSteps(optim.sgd(1.0), 2, should_skip_update_fn=skip)
+    p = {"w": torch.zeros(2, dtype=F64)}
+    s = ms.init(p)
+    outs = []
+    for g in ([1.0, 2.0], [3.0, 4.0], [0.0, 2.0]):  # |[3, 4]|^2 = 25 > 10: skipped
+        u, s = ms.update({"w": torch.tensor(g, dtype=F64)}, s, p)
+        outs.append(u["w"])
+    torch.testing.assert_close(outs[2], torch.tensor([-0.5, -2.0], dtype=F64))
+    tx = optim.scale_by_param_block_norm(0.5)
+    pp = {"a": torch.tensor([3.0, 4.0], dtype=F64), "b": torch.tensor([0.1], dtype=F64)}
+    u, _ = tx.update({"a": torch.ones(2, dtype=F64), "b": torch.ones(1, dtype=F64)},
+                     tx.init(pp), pp)
+    torch.testing.assert_close(u["a"], torch.full((2,), 5.0, dtype=F64))
+    torch.testing.assert_close(u["b"], torch.full((1,), 0.5, dtype=F64))  # floored
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.sampled_from([0.0, 1.5, -2.0, math.nan, math.inf, -math.inf]), min_size=1,
                 max_size=8))

@@ -87,9 +87,12 @@ from functorch_pipeline.optim._alias_more import adabelief
 from functorch_pipeline.optim._alias_more import adafactor
 from functorch_pipeline.optim._alias_more import adamaxw
 from functorch_pipeline.optim._alias_more import amsgrad
+from functorch_pipeline.optim._alias_more import fromage
 from functorch_pipeline.optim._alias_more import lars
 from functorch_pipeline.optim._alias_more import nadamw
+from functorch_pipeline.optim._alias_more import noisy_sgd
 from functorch_pipeline.optim._alias_more import novograd
+from functorch_pipeline.optim._alias_more import optimistic_gradient_descent
 from functorch_pipeline.optim._alias_more import rprop
 from functorch_pipeline.optim._alias_more import sign_sgd
 from functorch_pipeline.optim._alias_more import yogi
@@ -113,6 +116,7 @@ from functorch_pipeline.optim._contrib import reduce_on_plateau
 from functorch_pipeline.optim._factorized import FactoredState
 from functorch_pipeline.optim._factorized import clip_by_block_rms
 from functorch_pipeline.optim._factorized import scale_by_factored_rms
+from functorch_pipeline.optim._factorized import scale_by_param_block_norm
 from functorch_pipeline.optim._factorized import scale_by_param_block_rms
 from functorch_pipeline.optim._masking import MaskedNode
 from functorch_pipeline.optim._masking import MaskedState
@@ -132,11 +136,13 @@ from functorch_pipeline.optim._privacy import per_example_layer_norm_clip
 from functorch_pipeline.optim._scalers_more import ScaleByAmsgradState
 from functorch_pipeline.optim._scalers_more import ScaleByBeliefState
 from functorch_pipeline.optim._scalers_more import ScaleByNovogradState
+from functorch_pipeline.optim._scalers_more import ScaleByOptimisticGradientState
 from functorch_pipeline.optim._scalers_more import ScaleByRpropState
 from functorch_pipeline.optim._scalers_more import ScaleByYogiState
 from functorch_pipeline.optim._scalers_more import scale_by_amsgrad
 from functorch_pipeline.optim._scalers_more import scale_by_belief
 from functorch_pipeline.optim._scalers_more import scale_by_novograd
+from functorch_pipeline.optim._scalers_more import scale_by_optimistic_gradient
 from functorch_pipeline.optim._scalers_more import scale_by_rprop
 from functorch_pipeline.optim._scalers_more import scale_by_sign
 from functorch_pipeline.optim._scalers_more import scale_by_yogi
@@ -182,6 +188,7 @@ from functorch_pipeline.optim._wrappers_more import add_noise
 from functorch_pipeline.optim._wrappers_more import apply_every
 from functorch_pipeline.optim._wrappers_more import centralize
 from functorch_pipeline.optim._wrappers_more import lookahead
+from functorch_pipeline.optim._wrappers_more import skip_large_updates
 from functorch_pipeline.optim._wrappers_more import skip_not_finite
 from functorch_pipeline.optim._wrappers_more import zero_nans
 
@@ -215,6 +222,7 @@ __all__ = [
     "ScaleByLionState",
     "ScaleByNadamState",
     "ScaleByNovogradState",
+    "ScaleByOptimisticGradientState",
     "ScaleByRStdDevState",
     "ScaleByRmsState",
     "ScaleByRpropState",
@@ -256,6 +264,7 @@ __all__ = [
     "ema",
     "exponential_decay",
     "freeze",
+    "fromage",
     "identity",
     "inject_hyperparams",
     "join_schedules",
@@ -269,7 +278,9 @@ __all__ = [
     "multi_transform",
     "nadam",
     "nadamw",
+    "noisy_sgd",
     "novograd",
+    "optimistic_gradient_descent",
     "partition",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
@@ -291,6 +302,8 @@ __all__ = [
     "scale_by_lion",
     "scale_by_nadam",
     "scale_by_novograd",
+    "scale_by_optimistic_gradient",
+    "scale_by_param_block_norm",
     "scale_by_param_block_rms",
     "scale_by_radam",
     "scale_by_rms",
@@ -305,6 +318,7 @@ __all__ = [
     "sgd",
     "sgdr_schedule",
     "sign_sgd",
+    "skip_large_updates",
     "skip_not_finite",
     "stateless",
     "stateless_with_tree_map",

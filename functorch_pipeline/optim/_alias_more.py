@@ -5,6 +5,7 @@ arguments) is said in each docstring; ``tests/test_optim_more.py`` checks exactl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from functorch_pipeline.optim._alias import _lr
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import ScalarOrSchedule
 from functorch_pipeline.optim._base import chain
+from functorch_pipeline.optim._base import stateless_with_tree_map
 from functorch_pipeline.optim._factorized import clip_by_block_rms
 from functorch_pipeline.optim._factorized import scale_by_factored_rms
 from functorch_pipeline.optim._factorized import scale_by_param_block_rms
@@ -22,6 +24,7 @@ from functorch_pipeline.optim._masking import masked
 from functorch_pipeline.optim._scalers_more import scale_by_amsgrad
 from functorch_pipeline.optim._scalers_more import scale_by_belief
 from functorch_pipeline.optim._scalers_more import scale_by_novograd
+from functorch_pipeline.optim._scalers_more import scale_by_optimistic_gradient
 from functorch_pipeline.optim._scalers_more import scale_by_rprop
 from functorch_pipeline.optim._scalers_more import scale_by_sign
 from functorch_pipeline.optim._scalers_more import scale_by_yogi
@@ -31,15 +34,19 @@ from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import scale_by_trust_ratio
 from functorch_pipeline.optim._transforms import trace
 from functorch_pipeline.optim._wrappers import ema
+from functorch_pipeline.optim._wrappers_more import add_noise
 
 __all__ = [
     "adabelief",
     "adafactor",
     "adamaxw",
     "amsgrad",
+    "fromage",
     "lars",
     "nadamw",
+    "noisy_sgd",
     "novograd",
+    "optimistic_gradient_descent",
     "rprop",
     "sign_sgd",
     "yogi",
@@ -426,3 +433,99 @@ def adafactor(
         tx.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
     tx.append(scale(-1.0))
     return chain(*tx)
+
+
+def noisy_sgd(
+    learning_rate: ScalarOrSchedule,
+    eta: float = 0.01,
+    gamma: float = 0.55,
+    key: int | torch.Tensor = 0,
+) -> GradientTransformation:
+    r"""SGD on gradients with annealed Gaussian noise (Neelakantan et al., 2015):
+    ``chain(add_noise(eta, gamma, key), scale_by_learning_rate(lr))``, i.e.
+    :math:`u_t = -\eta_{lr}(g_t + \sigma_t z_t)`, :math:`\sigma_t^2 = \eta/t^\gamma`.
+
+    optax 0.2.8 takes ``key`` (older versions ``seed``); an int is a seed.
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      eta: base variance of the noise.
+      gamma: annealing exponent.
+      key: an ``fp.random`` key or an int seed.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> opt = fp.optim.noisy_sgd(0.1, eta=0.0)
+      >>> opt.update({"w": torch.tensor([2.0])}, opt.init({"w": torch.zeros(1)}))[0]
+      {'w': tensor([-0.2000])}
+    """
+    _lr("noisy_sgd", learning_rate)
+    return chain(add_noise(eta, gamma, key), scale_by_learning_rate(learning_rate))
+
+
+def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformation:
+    r"""Fromage (Bernstein et al., 2020): the update of each leaf is rescaled to
+    :math:`\eta\,\|p\|` and the result shrunk by :math:`1/\sqrt{1+\eta^2}`:
+
+    .. math::
+        p \leftarrow \frac{p - \eta\,\frac{\|p\|}{\|g\|} g}{\sqrt{1 + \eta^2}}
+
+    (``chain(scale_by_trust_ratio(min_norm), scale_by_learning_rate(lr * m),
+    add (m - 1) p)`` with :math:`m = 1/\sqrt{1+\eta^2}`; norms floored at ``min_norm``).
+    ``learning_rate`` must be a number (as in optax).
+
+    Args:
+      learning_rate: :math:`\eta`.
+      min_norm: floor of both norms.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> opt = fp.optim.fromage(0.75)
+      >>> p = {"w": torch.tensor([3.0, 4.0])}
+      >>> u, _ = opt.update({"w": torch.tensor([1.0, 0.0])}, opt.init(p), p)
+      >>> fp.optim.apply_updates(p, u)
+      {'w': tensor([-0.6000,  3.2000])}
+    """
+    _lr("fromage", learning_rate)
+    if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
+        raise TypeError("fromage(learning_rate): must be a Python number (optax's fromage "
+                        "takes no schedule)")
+    mult = 1.0 / math.sqrt(1.0 + learning_rate**2)
+    return chain(
+        scale_by_trust_ratio(min_norm),
+        scale_by_learning_rate(learning_rate * mult),
+        stateless_with_tree_map(lambda u, p: u + (mult - 1.0) * p),
+    )
+
+
+def optimistic_gradient_descent(
+    learning_rate: ScalarOrSchedule, alpha: float = 1.0, beta: float = 1.0
+) -> GradientTransformation:
+    r"""Optimistic gradient descent (Mokhtari et al., 2019), optax's form:
+    :math:`u_t = -\eta\big((\alpha + \beta) g_t - \beta g_{t-1}\big)` with
+    :math:`g_0 := g_1` (the first step is :math:`-\eta\alpha g_1`).
+
+    Args:
+      learning_rate: a number, a 0-d tensor or a schedule of the step.
+      alpha: weight of the current gradient.
+      beta: weight of the (negative) momentum term.
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> opt = fp.optim.optimistic_gradient_descent(0.1)
+      >>> s = opt.init({"w": torch.zeros(1)})
+      >>> u, s = opt.update({"w": torch.tensor([1.0])}, s)
+      >>> u, s = opt.update({"w": torch.tensor([3.0])}, s); u
+      {'w': tensor([-0.5000])}
+    """
+    _lr("optimistic_gradient_descent", learning_rate)
+    return chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(learning_rate))

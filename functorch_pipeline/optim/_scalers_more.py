@@ -32,11 +32,13 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByBeliefState",
     "ScaleByNovogradState",
+    "ScaleByOptimisticGradientState",
     "ScaleByRpropState",
     "ScaleByYogiState",
     "scale_by_amsgrad",
     "scale_by_belief",
     "scale_by_novograd",
+    "scale_by_optimistic_gradient",
     "scale_by_rprop",
     "scale_by_sign",
     "scale_by_yogi",
@@ -69,7 +71,14 @@ def _to(s: torch.Tensor | float, x: torch.Tensor) -> Any:
 
 
 class ScaleByAmsgradState(NamedTuple):
-    """State of :func:`scale_by_amsgrad`: count, moments and the running max of ``nu``."""
+    """State of :func:`scale_by_amsgrad`: count, moments and the running max of ``nu``.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: the EMA of the squared gradients (second moment), a tree like the parameters.
+        nu_max: the running maximum of ``nu``.
+    """
 
     count: torch.Tensor
     mu: Any
@@ -157,7 +166,13 @@ def scale_by_amsgrad(
 
 
 class ScaleByBeliefState(NamedTuple):
-    """State of :func:`scale_by_belief`: count, first moment, belief (``s``) moment."""
+    """State of :func:`scale_by_belief`: count, first moment, belief (``s``) moment.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: the EMA of ``(g - mu) ** 2`` (the belief).
+    """
 
     count: torch.Tensor
     mu: Any
@@ -233,7 +248,13 @@ def scale_by_belief(
 
 
 class ScaleByYogiState(NamedTuple):
-    """State of :func:`scale_by_yogi`: count and both moments."""
+    """State of :func:`scale_by_yogi`: count and both moments.
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: Yogi's additive second moment estimate.
+    """
 
     count: torch.Tensor
     mu: Any
@@ -305,7 +326,13 @@ def scale_by_yogi(
 
 class ScaleByNovogradState(NamedTuple):
     """State of :func:`scale_by_novograd`: count, first moment, and one 0-d second
-    moment per leaf (the EMA of the leaf's squared gradient norm)."""
+    moment per leaf (the EMA of the leaf's squared gradient norm).
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+        mu: the EMA of the gradients (first moment), a tree like the parameters.
+        nu: one 0-d tensor per leaf: the EMA of the leaf's squared gradient norm.
+    """
 
     count: torch.Tensor
     mu: Any
@@ -410,7 +437,12 @@ def scale_by_novograd(
 
 
 class ScaleByRpropState(NamedTuple):
-    """State of :func:`scale_by_rprop`: per-element step sizes and the last update."""
+    """State of :func:`scale_by_rprop`: per-element step sizes and the last update.
+
+    Attributes:
+        step_sizes: the per-element step sizes.
+        prev_updates: the previous update (its sign drives the step-size changes).
+    """
 
     step_sizes: Any
     prev_updates: Any
@@ -506,5 +538,59 @@ def scale_by_sign() -> GradientTransformation:
     def update_fn(updates: Updates, state: Any, params: Params = None,
                   **extra_args: Any) -> tuple[Updates, Any]:
         return fpt.map(torch.sign, updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByOptimisticGradientState(NamedTuple):
+    """State of :func:`scale_by_optimistic_gradient`: first-step flag, last gradient."""
+
+    is_initial_step: torch.Tensor
+    previous_gradient: Any
+
+
+def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> GradientTransformation:
+    r"""Optimistic gradients (Mokhtari et al., 2019):
+    :math:`u_t = (\alpha + \beta) g_t - \beta g_{t-1}`, with :math:`g_{t-1} := g_t` on
+    the first step (optax >= 0.2.4, optax issue #1082).
+
+    Args:
+      alpha: weight of the current gradient.
+      beta: weight of the negative momentum.
+
+    Returns:
+      A :class:`GradientTransformation` whose state is a
+      :class:`ScaleByOptimisticGradientState`.
+
+    Example:
+      >>> tx = scale_by_optimistic_gradient()
+      >>> s = tx.init({"w": torch.zeros(1)})
+      >>> u, s = tx.update({"w": torch.tensor([2.0])}, s); u
+      {'w': tensor([2.])}
+      >>> u, s = tx.update({"w": torch.tensor([3.0])}, s); u
+      {'w': tensor([4.])}
+    """
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        _checks.check_hyperparameter(f"scale_by_optimistic_gradient({name})", name, v)
+
+    def init_fn(params: Params) -> ScaleByOptimisticGradientState:
+        first = torch.ones((), dtype=torch.bool, device=zero_count(params).device)
+        return ScaleByOptimisticGradientState(first, fpt.map(torch.zeros_like, params))
+
+    def update_fn(updates: Updates, state: ScaleByOptimisticGradientState, params: Params = None,
+                  **extra_args: Any) -> tuple[Updates, ScaleByOptimisticGradientState]:
+        where = "scale_by_optimistic_gradient.update"
+        gl, td, gs = _start(where, updates, state, ScaleByOptimisticGradientState,
+                            "scale_by_optimistic_gradient.init", count=False)
+        _checks.check_scalar(where, "state.is_initial_step", state.is_initial_step,
+                             _checks.first_device(gl), torch.bool)
+        ql = flatten_like(where, updates, state.previous_gradient, "state.previous_gradient",
+                          td, ref=gl, ref_sig=gs)
+        first = state.is_initial_step
+        out = [(alpha + beta) * g - beta * torch.where(first, g, q)
+               for g, q in zip(gl, ql, strict=True)]
+        kept = [g.clone() for g in gl]  # not the caller's tensors (in-place chains)
+        new = ScaleByOptimisticGradientState(torch.zeros_like(first), fpt.unflatten(td, kept))
+        return fpt.unflatten(td, out), new
 
     return GradientTransformation(init_fn, update_fn)
