@@ -52,11 +52,6 @@ T = TypeVar("T")
 # registration helpers below always do both.
 
 
-def _ns(kwargs: dict[str, Any]) -> dict[str, Any]:
-    kwargs.setdefault("namespace", NAMESPACE)
-    return kwargs
-
-
 def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
     """The leaves of ``tree`` in a fixed order (dict keys sorted); ``None`` is no leaf.
 
