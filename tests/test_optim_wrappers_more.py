@@ -133,6 +133,10 @@ def test_add_noise_variance_schedule_and_reproducibility():
     u1, _ = tx.update(g, s)
     u2, _ = tx.update(g, fp.tree.clone(s))
     assert torch.equal(u1["w"], u2["w"])
+    old = optim.add_noise(eta, gamma, seed=3)  # the older spelling: the same stream
+    assert torch.equal(old.init(g).rng_key, tx.init(g).rng_key)
+    with pytest.raises(TypeError, match=r"add_noise\(key\): pass exactly one of `key`"):
+        optim.add_noise(eta, gamma, key=1, seed=1)
     tx4 = optim.add_noise(eta, gamma, key=4)  # the key lives in the state
     other, _ = tx4.update(g, tx4.init(g)._replace(count=s.count))
     assert not torch.equal(other["w"], u1["w"])

@@ -439,19 +439,23 @@ def noisy_sgd(
     learning_rate: ScalarOrSchedule,
     eta: float = 0.01,
     gamma: float = 0.55,
-    key: int | torch.Tensor = 0,
+    key: int | torch.Tensor | None = None,
+    *,
+    seed: int | None = None,
 ) -> GradientTransformation:
     r"""SGD on gradients with annealed Gaussian noise (Neelakantan et al., 2015):
     ``chain(add_noise(eta, gamma, key), scale_by_learning_rate(lr))``, i.e.
     :math:`u_t = -\eta_{lr}(g_t + \sigma_t z_t)`, :math:`\sigma_t^2 = \eta/t^\gamma`.
 
-    optax 0.2.8 takes ``key`` (older versions ``seed``); an int is a seed.
+    optax 0.2.8 takes ``key`` (older versions ``seed``, accepted as a keyword); an int is
+    a seed; with neither, seed 0 (the old optax default).
 
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       eta: base variance of the noise.
       gamma: annealing exponent.
       key: an ``fp.random`` key or an int seed.
+      seed: the older spelling of ``key``.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -463,7 +467,9 @@ def noisy_sgd(
       {'w': tensor([-0.2000])}
     """
     _lr("noisy_sgd", learning_rate)
-    return chain(add_noise(eta, gamma, key), scale_by_learning_rate(learning_rate))
+    if key is None and seed is None:
+        seed = 0
+    return chain(add_noise(eta, gamma, key, seed=seed), scale_by_learning_rate(learning_rate))
 
 
 def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformation:

@@ -295,19 +295,23 @@ class AddNoiseState(NamedTuple):
     rng_key: torch.Tensor
 
 
-def add_noise(eta: float, gamma: float, key: int | torch.Tensor) -> GradientTransformation:
+def add_noise(
+    eta: float, gamma: float, key: int | torch.Tensor | None = None, *, seed: int | None = None
+) -> GradientTransformation:
     r"""Add annealed Gaussian noise (Neelakantan et al., 2015):
     :math:`u = g + \sigma_t z`, :math:`z \sim N(0, I)`, :math:`\sigma_t^2 = \eta/t^\gamma`
     with :math:`t` the step from 1.
 
     The noise of step :math:`t` comes from ``split(fold_in(key, t - 1), num_leaves)``, so a
     restored state continues the same stream. optax 0.2.8 names the last argument
-    ``key`` (older versions: ``seed``); an int is turned into ``fp.random.key(int)``.
+    ``key`` (older versions: ``seed``, still accepted as a keyword); an int is turned into
+    ``fp.random.key(int)``.
 
     Args:
       eta: the base variance :math:`\eta`.
       gamma: the annealing exponent :math:`\gamma`.
       key: an ``fp.random`` key or an int seed.
+      seed: the older spelling of ``key`` (pass one of the two).
 
     Returns:
       A :class:`GradientTransformation` whose state is an :class:`AddNoiseState`.
@@ -321,6 +325,9 @@ def add_noise(eta: float, gamma: float, key: int | torch.Tensor) -> GradientTran
     """
     check_number("add_noise(eta)", "eta", eta, low=0.0)
     check_number("add_noise(gamma)", "gamma", gamma, low=0.0)
+    if (key is None) == (seed is None):
+        raise TypeError("add_noise(key): pass exactly one of `key` (optax 0.2.8) and `seed`")
+    key = key if key is not None else seed
     if isinstance(key, bool):
         raise TypeError("add_noise(key): `key` must be an int or an fp.random key, got a bool")
     if isinstance(key, numbers.Integral):
