@@ -16,6 +16,12 @@ against these rules (issue 15, item 2):
   constructor's parameters are its arguments; dataclasses may list their fields as
   ``Attributes:``). No ``Returns:``: calling a class returns an instance of it.
 
+* **Public methods** (defined in a public class, name without a leading underscore): a
+  docstring with ``Args:``/``Returns:`` as for functions, and type hints; no example is
+  required, since the class's example shows them in use. Properties are skipped, and so are
+  ``forward``/``extra_repr`` of ``nn.Module`` subclasses (PyTorch's hooks, called as
+  ``module(x)`` and documented by the class).
+
 * **NamedTuple state classes** (optimizer states, ``TrainState``-like records): these are
   records users receive rather than build, so a docstring naming every field suffices (in an
   ``Attributes:`` section or in prose); no example is required.
@@ -38,6 +44,7 @@ import re
 import types
 
 import pytest
+import torch
 
 MODULES = [
     "functorch_pipeline",
@@ -144,6 +151,26 @@ def _public_objects():
             yield f"{modname}.{name}", obj
 
 
+_MODULE_HOOKS = ("forward", "extra_repr")
+
+
+def _public_methods():
+    for qual, cls in _public_objects():
+        if not isinstance(cls, type) or _is_namedtuple(cls) or issubclass(cls, BaseException):
+            continue
+        is_module = issubclass(cls, torch.nn.Module)
+        for name, member in vars(cls).items():
+            if name.startswith("_") or (is_module and name in _MODULE_HOOKS):
+                continue
+            fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+            if inspect.isfunction(fn):
+                yield f"{qual}.{name}", fn
+
+
+def _method_problems(fn) -> list[str]:
+    return [p for p in _function_problems(fn) if p != "no >>> example"]
+
+
 def _problems(obj) -> list[str]:
     if isinstance(obj, type):
         return _class_problems(obj)
@@ -161,6 +188,13 @@ def test_every_public_module_has_all():
 def test_every_public_name_is_documented():
     report = [f"{qual}: {'; '.join(p)}" for qual, obj in _public_objects() if (p := _problems(obj))]
     assert not report, f"{len(report)} public names lack documentation:\n" + "\n".join(report)
+
+
+def test_every_public_method_is_documented():
+    methods = list(_public_methods())
+    assert len(methods) > 10  # the walk reaches the classes' methods
+    report = [f"{qual}: {'; '.join(p)}" for qual, fn in methods if (p := _method_problems(fn))]
+    assert not report, f"{len(report)} public methods lack documentation:\n" + "\n".join(report)
 
 
 # The checker itself must be able to fail: each rule rejects a counterexample.
@@ -217,6 +251,33 @@ class _BareClass:
 )
 def test_checker_rejects_counterexamples(obj, expected):
     assert _problems(obj) == expected
+
+
+class _Holder:
+    """A class with one undocumented and one documented method.
+
+    >>> _Holder().ok()
+    1
+    """
+
+    def bad(self, x):
+        """No sections."""
+        return x
+
+    def ok(self) -> int:
+        """One.
+
+        Returns:
+            1.
+        """
+        return 1
+
+
+def test_checker_flags_methods():
+    problems = _method_problems(_Holder.bad)
+    assert problems == ["no Args: section", "no Returns: section",
+                        "parameters without type hints: ['x']", "no return annotation"]
+    assert _method_problems(_Holder.ok) == []
 
 
 def test_checker_flags_missing_hints_and_namedtuple_fields():

@@ -524,10 +524,17 @@ class FunctionalModel:
         aliases included, non-persistent buffers left out. Tensors are detached views of
         the variables (no copy), as ``module.state_dict()`` returns views of its tensors.
 
-        >>> net = nn.Linear(2, 1)
-        >>> model = functionalize(net)
-        >>> list(model.to_state_dict(model.variables_from_state_dict(net.state_dict())))
-        ['weight', 'bias']
+        Args:
+          variables: ``{"params": ..., "buffers": ...}`` as made by :meth:`init`.
+
+        Returns:
+          An ``OrderedDict`` with the module's ``state_dict`` keys, in its order.
+
+        Examples:
+          >>> net = nn.Linear(2, 1)
+          >>> model = functionalize(net)
+          >>> list(model.to_state_dict(model.variables_from_state_dict(net.state_dict())))
+          ['weight', 'bias']
         """
         params, buffers = self._split(variables, "to_state_dict(variables)")
         return OrderedDict((key, (params if c == "params" else buffers)[name].detach())

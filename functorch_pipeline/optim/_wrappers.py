@@ -120,6 +120,14 @@ class MultiSteps:
         return self._k(gradient_step) if callable(self._k) else self._k
 
     def init(self, params: Params) -> MultiStepsState:
+        """The initial state: zero counters and gradient sum, and the inner state.
+
+        Args:
+            params: the parameters (a pytree of tensors).
+
+        Returns:
+            A :class:`MultiStepsState`.
+        """
         count = zero_count(params)
         skip_state = ()
         if self._skip is not None:
@@ -128,7 +136,21 @@ class MultiSteps:
         acc = fpt.map(lambda p: torch.zeros_like(p, dtype=dt or p.dtype), params)
         return MultiStepsState(count, count, self._opt.init(params), acc, skip_state)
 
-    def update(self, updates: Updates, state: MultiStepsState, params: Params = None, **extra_args: Any):
+    def update(
+        self, updates: Updates, state: MultiStepsState, params: Params = None, **extra_args: Any
+    ) -> tuple[Updates, MultiStepsState]:
+        """Accumulate ``updates``; every ``k``-th call, apply the inner optimizer to them.
+
+        Args:
+            updates: this mini-step's gradients.
+            state: the state from :meth:`init` or the previous call.
+            params: the current parameters (passed to the inner optimizer).
+            **extra_args: passed to the inner optimizer's ``update``.
+
+        Returns:
+            ``(updates, new_state)``: the inner optimizer's updates on the ``k``-th call,
+            zeros on the others.
+        """
         where = "MultiSteps.update"
         _checks.check_state(where, state, MultiStepsState, "MultiSteps.init")
         extra_args = _pure(extra_args)
@@ -171,11 +193,22 @@ class MultiSteps:
         return out, new_state
 
     def has_updated(self, state: MultiStepsState) -> torch.Tensor:
-        """Whether the last call applied the inner optimizer (a bool tensor)."""
+        """Whether the last call applied the inner optimizer (a bool tensor).
+
+        Args:
+            state: a state returned by :meth:`update`.
+
+        Returns:
+            A 0-d bool tensor (no host sync).
+        """
         return (state.mini_step == 0) & (state.gradient_step > 0)
 
     def gradient_transformation(self) -> GradientTransformation:
-        """This wrapper as a plain :class:`GradientTransformation`."""
+        """This wrapper as a plain :class:`GradientTransformation`.
+
+        Returns:
+            ``GradientTransformation(self.init, self.update)``.
+        """
         return GradientTransformation(self.init, self.update)
 
 

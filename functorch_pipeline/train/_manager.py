@@ -125,11 +125,22 @@ class CheckpointManager:
         return self._run_id
 
     def path(self, step: int) -> str:
-        """The file of ``step`` (whether or not it exists)."""
+        """The file of ``step`` (whether or not it exists).
+
+        Args:
+          step: a step number.
+
+        Returns:
+          ``<directory>/<prefix>_<step:08d>.safetensors``.
+        """
         return os.path.join(self.directory, f"{self.prefix}_{step:08d}.safetensors")
 
     def all_steps(self) -> list[int]:
-        """Steps with a complete checkpoint on disk, ascending."""
+        """Steps with a complete checkpoint on disk, ascending.
+
+        Returns:
+          A sorted list of ints (empty when there is none).
+        """
         steps = []
         for name in os.listdir(self.directory):
             m = self._pattern.fullmatch(name)
@@ -138,17 +149,32 @@ class CheckpointManager:
         return sorted(steps)
 
     def latest_step(self) -> int | None:
-        """The newest step on disk, or ``None`` if there is none."""
+        """The newest step on disk, or ``None`` if there is none.
+
+        Returns:
+          The largest step on disk, or ``None``.
+        """
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def latest(self) -> str | None:
-        """Path of the newest checkpoint (for resuming), or ``None``."""
+        """Path of the newest checkpoint (for resuming), or ``None``.
+
+        Returns:
+          The newest checkpoint's path, or ``None``.
+        """
         step = self.latest_step()
         return None if step is None else self.path(step)
 
     def metrics(self, step: int) -> dict[str, float]:
-        """The metrics saved with ``step`` (reads only the file's header)."""
+        """The metrics saved with ``step`` (reads only the file's header).
+
+        Args:
+          step: a step on disk.
+
+        Returns:
+          The ``metrics`` dict given to :meth:`save` (``{}`` when none were).
+        """
         raw = read_metadata(self.path(step)).get(_METRICS_KEY)
         if raw is None:
             return {}
@@ -162,7 +188,11 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The step with the best ``best_metric`` (ties: the latest), or ``None`` if no
-        checkpoint recorded it or no ``best_metric`` was given."""
+        checkpoint recorded it or no ``best_metric`` was given.
+
+        Returns:
+          The best step, or ``None``.
+        """
         if self.best_metric is None:
             return None
         best, best_val = None, None
@@ -239,6 +269,14 @@ class CheckpointManager:
 
         Unless this manager was given a ``run_id``, it adopts the restored file's run:
         its later saves continue that run (NOTE [one run per directory]).
+
+        Args:
+          step: the step to load; ``None`` for the latest.
+          like: an optional template tree, as ``fp.load(like=...)``.
+          device: where to put the tensors, as ``fp.load(device=...)``.
+
+        Returns:
+          The restored tree.
 
         Raises:
           FileNotFoundError: there is no checkpoint (for ``step``, or at all).
