@@ -543,7 +543,12 @@ def scale_by_sign() -> GradientTransformation:
 
 
 class ScaleByOptimisticGradientState(NamedTuple):
-    """State of :func:`scale_by_optimistic_gradient`: first-step flag, last gradient."""
+    """State of :func:`scale_by_optimistic_gradient`: first-step flag, last gradient.
+
+    Attributes:
+        is_initial_step: whether no update has been made yet (a 0-d bool tensor).
+        previous_gradient: the last step's gradients, a tree like the parameters.
+    """
 
     is_initial_step: torch.Tensor
     previous_gradient: Any
