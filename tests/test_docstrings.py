@@ -5,16 +5,18 @@ against these rules (issue 15, item 2):
 
 * **Functions** (anything callable that is not a class): a docstring with
 
-  - an ``Args:`` section when the signature has parameters other than ``self``/``cls``;
+  - an ``Args:`` section when the signature has parameters other than ``self``/``cls``, with
+    an entry for each of them (``name: ...``; several may share one entry, ``a, b: ...``;
+    ``*args``/``**kwargs`` may be written with or without their stars);
   - a ``Returns:`` (or ``Yields:``) section unless the return annotation is ``None``;
   - a runnable example: a ``>>>`` line (the suite runs the package with ``--doctest-modules``,
     so the example also has to pass);
   - type hints on every parameter (``*args``/``**kwargs`` included) and on the return.
 
 * **Classes**: a docstring with a ``>>>`` example, and an ``Args:`` or ``Attributes:`` section
-  when the constructor takes parameters (a class is called like a function, so its
-  constructor's parameters are its arguments; dataclasses may list their fields as
-  ``Attributes:``). No ``Returns:``: calling a class returns an instance of it.
+  when the constructor takes parameters, with an entry for each of them (a class is called
+  like a function, so its constructor's parameters are its arguments; dataclasses may list
+  their fields as ``Attributes:``). No ``Returns:``: calling a class returns an instance of it.
 
 * **Public methods** (defined in a public class, name without a leading underscore): a
   docstring with ``Args:``/``Returns:`` as for functions, and type hints; no example is
@@ -71,6 +73,35 @@ def _has_section(doc: str, *names: str) -> bool:
     return any(re.search(_SECTION.format(n), doc, flags=re.M) for n in names)
 
 
+def _section_names(doc: str, *titles: str) -> set[str] | None:
+    """The entry names of the first Google-style section among ``titles``, or ``None``."""
+    alternatives = "|".join(titles)
+    m = re.search(rf"^([ \t]*)(?:{alternatives}):[ \t]*$", doc, flags=re.M)
+    if m is None:
+        return None
+    names: set[str] = set()
+    entry_indent = None
+    for line in doc[m.end():].split("\n"):
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= len(m.group(1)):
+            break  # the section ended
+        if entry_indent is None:
+            entry_indent = indent
+        if indent == entry_indent:  # an entry, not its continuation lines
+            head = line.strip().split(":")[0]
+            names.update(n.strip().lstrip("*").split(" ")[0] for n in head.split(","))
+    return names
+
+
+def _undocumented_params(doc: str, params: list[inspect.Parameter], *titles: str) -> list[str]:
+    names = _section_names(doc, *titles)
+    if names is None:
+        return []  # reported as a missing section
+    return [p.name for p in params if p.name not in names]
+
+
 def _is_namedtuple(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
 
@@ -104,6 +135,8 @@ def _function_problems(obj) -> list[str]:
     params = _params(sig)
     if params and not _has_section(doc, "Args", "Arguments"):
         problems.append("no Args: section")
+    elif missing_args := _undocumented_params(doc, params, "Args", "Arguments"):
+        problems.append(f"Args: has no entry for {missing_args}")
     returns_none = sig.return_annotation in (None, "None")
     if not returns_none and not _has_section(doc, "Returns", "Yields"):
         problems.append("no Returns: section")
@@ -131,6 +164,9 @@ def _class_problems(cls: type) -> list[str]:
     if sig is not None and _params(sig):
         if not _has_section(doc, "Args", "Arguments", "Attributes"):
             problems.append("no Args:/Attributes: section")
+        elif missing_args := _undocumented_params(doc, _params(sig), "Args", "Arguments",
+                                                  "Attributes"):
+            problems.append(f"Args: has no entry for {missing_args}")
     if ">>>" not in doc:
         problems.append("no >>> example")
     return problems
@@ -217,6 +253,23 @@ def _no_returns(x: int) -> int:
     return x + 1
 
 
+def _partial_args(x: int, y: int) -> int:
+    """Add.
+
+    Args:
+        x: a number,
+            continued (not an entry).
+
+    Returns:
+        ``x + y``.
+
+    Examples:
+        >>> _partial_args(1, 2)
+        3
+    """
+    return x + y
+
+
 def _complete(x: int) -> int:
     """Add one.
 
@@ -246,6 +299,7 @@ class _BareClass:
         (_undocumented, ["no docstring"]),
         (_no_returns, ["no Returns: section"]),
         (_complete, []),
+        (_partial_args, ["Args: has no entry for ['y']"]),
         (_BareClass, ["no Args:/Attributes: section", "no >>> example"]),
     ],
 )
