@@ -88,6 +88,10 @@ REGISTRY = {
     "fromage": lambda: optim.fromage(1e-2),
     "optimistic_gd": lambda: optim.optimistic_gradient_descent(1e-2, 1.0, 0.5),
     "param_block_norm": lambda: optim.chain(optim.scale_by_param_block_norm(), optim.sgd(0.1)),
+    "nonnegative": lambda: optim.chain(optim.sgd(0.1), optim.keep_params_nonnegative()),
+    "normalize_by_update_norm": lambda: optim.chain(
+        optim.normalize_by_update_norm(), optim.sgd(0.1)
+    ),
     "zero_nans": lambda: optim.chain(optim.zero_nans(), optim.sgd(0.1)),
     "add_noise": lambda: optim.chain(optim.add_noise(0.01, 0.55, key=0), optim.sgd(0.1)),
     "apply_every": lambda: optim.chain(optim.apply_every(2), optim.sgd(0.1, 0.9)),

@@ -301,3 +301,38 @@ def test_reduce_on_plateau_accumulation_and_errors():
     in_chain = optim.chain(optim.sgd(1.0), tx)
     u, _ = in_chain.update(g, in_chain.init(g), value=1.0)
     torch.testing.assert_close(u["w"], torch.tensor([-1.0], dtype=F64))
+
+
+# --- update utilities --------------------------------------------------------------------
+
+
+def test_global_norm_incremental_and_periodic_updates():
+    t = {"a": _g(1, (3, 2)), "b": _g(2, (4,))}
+    flat = torch.cat([x.reshape(-1) for x in fp.tree.leaves(t)])
+    torch.testing.assert_close(optim.global_norm(t), torch.linalg.vector_norm(flat))
+    old = {"a": _g(3, (3, 2)), "b": _g(4, (4,))}
+    mix = optim.incremental_update(t, old, 0.1)
+    for k in t:
+        torch.testing.assert_close(mix[k], 0.1 * t[k] + 0.9 * old[k], rtol=0, atol=1e-15)
+    for step in range(6):
+        got = optim.periodic_update(t, old, torch.tensor(step), 3)
+        assert fp.tree.allclose(got, t if step % 3 == 0 else old, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"incremental_update\(new_tensors, old_tensors\).*`b`"):
+        optim.incremental_update(t, {"a": old["a"], "b": torch.zeros(5, dtype=F64)}, 0.1)
+
+
+def test_keep_params_nonnegative_and_normalize_by_update_norm():
+    p = {"w": torch.tensor([0.5, 2.0, 0.0], dtype=F64)}
+    opt = optim.chain(optim.sgd(1.0), optim.keep_params_nonnegative())
+    for t in range(5):
+        g = {"w": _g(30 + t, (3,)) * 3}
+        u, _ = opt.update(g, opt.init(p), p)
+        want = torch.clamp(p["w"] - g["w"], min=0.0)  # the projection onto p >= 0
+        p = optim.apply_updates(p, u)
+        torch.testing.assert_close(p["w"], want, rtol=0, atol=1e-15)
+    tx = optim.normalize_by_update_norm(scale_factor=2.0, eps=1e-6)
+    g = {"a": _g(5, (3,)), "b": _g(6, (2, 2))}
+    u, _ = tx.update(g, tx.init(g))
+    n = float(torch.sqrt(sum((x**2).sum() for x in fp.tree.leaves(g))))
+    for k in g:
+        torch.testing.assert_close(u[k], g[k] * 2.0 / (n + 1e-6), rtol=1e-14, atol=0)

@@ -170,6 +170,11 @@ from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import scale_by_schedule
 from functorch_pipeline.optim._transforms import scale_by_trust_ratio
 from functorch_pipeline.optim._transforms import trace
+from functorch_pipeline.optim._updates import global_norm
+from functorch_pipeline.optim._updates import incremental_update
+from functorch_pipeline.optim._updates import keep_params_nonnegative
+from functorch_pipeline.optim._updates import normalize_by_update_norm
+from functorch_pipeline.optim._updates import periodic_update
 from functorch_pipeline.optim._wrappers import ApplyIfFiniteState
 from functorch_pipeline.optim._wrappers import EmaState
 from functorch_pipeline.optim._wrappers import InjectHyperparamsState
@@ -265,9 +270,12 @@ __all__ = [
     "exponential_decay",
     "freeze",
     "fromage",
+    "global_norm",
     "identity",
+    "incremental_update",
     "inject_hyperparams",
     "join_schedules",
+    "keep_params_nonnegative",
     "lamb",
     "lars",
     "linear_onecycle_schedule",
@@ -279,11 +287,13 @@ __all__ = [
     "nadam",
     "nadamw",
     "noisy_sgd",
+    "normalize_by_update_norm",
     "novograd",
     "optimistic_gradient_descent",
     "partition",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
+    "periodic_update",
     "piecewise_constant_schedule",
     "piecewise_interpolate_schedule",
     "polynomial_schedule",
