@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
-import torch  # noqa: F401  (doctest namespace)
-
 from functorch_pipeline import tree as fpt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
@@ -159,6 +157,7 @@ def masked(
     Returns:
       A :class:`GradientTransformation`.
 
+    >>> import torch
     >>> from functorch_pipeline import optim
     >>> tx = masked(optim.scale(0.0), {"w": True, "b": False})
     >>> u = {"w": torch.ones(1), "b": torch.ones(1)}
@@ -241,6 +240,7 @@ def partition(
     Returns:
       A :class:`GradientTransformation`.
 
+    >>> import torch
     >>> from functorch_pipeline import optim
     >>> tx = partition({"slow": optim.sgd(0.01), "fast": optim.sgd(1.0)},
     ...                lambda path, leaf: "fast" if path[-1] == "b" else "slow")
@@ -298,6 +298,7 @@ def multi_transform(
       A :class:`GradientTransformation`.
 
     Example:
+      >>> import torch
       >>> from functorch_pipeline import optim
       >>> tx = multi_transform({"a": optim.sgd(1.0), "b": optim.sgd(0.0)}, {"w": "a", "b": "b"})
       >>> g = {"w": torch.ones(1), "b": torch.ones(1)}
@@ -317,6 +318,7 @@ def freeze(mask: Any) -> GradientTransformation:
     Returns:
       A :class:`GradientTransformation`.
 
+    >>> import torch
     >>> tx = freeze({"w": True, "b": False})
     >>> u = {"w": torch.ones(1), "b": torch.ones(1)}
     >>> tx.update(u, tx.init(u))[0]

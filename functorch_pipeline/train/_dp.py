@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: F401 (the doctests use it)
 
 from functorch_pipeline import optim
 from functorch_pipeline import random as _random
@@ -227,6 +226,7 @@ class DPTrainer:
           A :class:`DPTrainState` at step 0.
 
         Example:
+          >>> import torch.nn.functional as F
           >>> import functorch_pipeline as fp
           >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
           ...               noise_multiplier=1.0, sample_rate=0.1, expected_batch_size=10)
@@ -257,6 +257,7 @@ class DPTrainer:
           ``(B,)`` per-example losses and gradient norms (padding rows included).
 
         Example:
+          >>> import torch.nn.functional as F
           >>> import functorch_pipeline as fp
           >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
           ...               noise_multiplier=0.0, sample_rate=0.1, expected_batch_size=10)
@@ -307,6 +308,7 @@ class DPTrainer:
           examples, not private), ``num_examples`` and ``num_clipped``.
 
         Example:
+          >>> import torch.nn.functional as F
           >>> import functorch_pipeline as fp
           >>> t = DPTrainer(lambda w, x: F.linear(x, w)[:, 0], fp.optim.sgd(0.1), l2_norm_clip=1.0,
           ...               noise_multiplier=0.0, sample_rate=0.5, expected_batch_size=2)
