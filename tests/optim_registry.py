@@ -92,6 +92,12 @@ REGISTRY = {
     "normalize_by_update_norm": lambda: optim.chain(
         optim.normalize_by_update_norm(), optim.sgd(0.1)
     ),
+    "lion_smooth": lambda: optim.chain(
+        optim.scale_by_lion(mode="smooth", smooth_beta=2.0), optim.scale_by_learning_rate(1e-2)
+    ),
+    "lion_refined": lambda: optim.chain(
+        optim.scale_by_lion(mode="refined"), optim.scale_by_learning_rate(1e-2)
+    ),
     "zero_nans": lambda: optim.chain(optim.zero_nans(), optim.sgd(0.1)),
     "add_noise": lambda: optim.chain(optim.add_noise(0.01, 0.55, key=0), optim.sgd(0.1)),
     "apply_every": lambda: optim.chain(optim.apply_every(2), optim.sgd(0.1, 0.9)),

@@ -256,6 +256,27 @@ def test_noisy_sgd_is_add_noise_then_lr():
         assert float((ua["w"] + 0.1 * g["w"]).std()) > 0  # there is noise
 
 
+@pytest.mark.parametrize("mode", ["hard", "smooth", "refined"])
+def test_scale_by_lion_modes(mode):
+    lr, b1, b2, beta = 0.05, 0.9, 0.99, 3.0
+    sign = {"hard": np.sign, "smooth": lambda x: np.tanh(beta * x),
+            "refined": lambda x: np.where(np.abs(x) < 1.0, x, np.sign(x))}[mode]
+
+    def step(t, g, p, s):
+        m = _zeros(s, "m", g)
+        out = []
+        for i, gi in enumerate(g):
+            out.append(-lr * sign(b1 * m[i] + (1 - b1) * gi))
+            m[i] = b2 * m[i] + (1 - b2) * gi
+        return out
+
+    opt = optim.chain(optim.scale_by_lion(b1, b2, mode=mode, smooth_beta=beta),
+                      optim.scale_by_learning_rate(lr))
+    _check(opt, step)
+    with pytest.raises(ValueError, match=r"scale_by_lion\(mode\): must be 'hard'"):
+        optim.scale_by_lion(mode="soft")
+
+
 # --- adafactor ------------------------------------------------------------------------
 
 

@@ -746,14 +746,27 @@ class ScaleByLionState(NamedTuple):
     mu: Any
 
 
-def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | None = None) -> GradientTransformation:
-    r"""Lion's sign update: :math:`u = \mathrm{sign}(\beta_1 m + (1-\beta_1) g)`, then
-    :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`.
+def scale_by_lion(
+    b1: float = 0.9,
+    b2: float = 0.99,
+    mu_dtype: torch.dtype | None = None,
+    *,
+    mode: str = "hard",
+    smooth_beta: float = 1.0,
+) -> GradientTransformation:
+    r"""Lion's sign update: :math:`u = \mathrm{sign}(x)` with
+    :math:`x = \beta_1 m + (1-\beta_1) g`, then :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`.
+
+    ``mode`` (keyword only, optax's newest signature) picks the sign variant: ``"hard"``
+    :math:`\mathrm{sign}(x)`, ``"smooth"`` :math:`\tanh(\beta_s x)` (``smooth_beta``),
+    ``"refined"`` :math:`x` where :math:`|x| < 1`, else :math:`\mathrm{sign}(x)`.
 
     Args:
       b1: interpolation for the sign direction.
       b2: decay of the momentum.
       mu_dtype: dtype of the momentum.
+      mode: ``"hard"`` (default), ``"smooth"`` or ``"refined"``.
+      smooth_beta: :math:`\beta_s` of the ``"smooth"`` mode.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -763,6 +776,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
     [tensor([ 1., -1.,  0.])]
     """
     _check_betas("scale_by_lion(b1, b2)", b1=b1, b2=b2)
+    if mode not in ("hard", "smooth", "refined"):
+        raise ValueError(
+            f"scale_by_lion(mode): must be 'hard', 'smooth' or 'refined', got {mode!r}"
+        )
+    _checks.check_hyperparameter("scale_by_lion(smooth_beta)", "smooth_beta", smooth_beta)
 
     def init_fn(params: Params) -> ScaleByLionState:
         return ScaleByLionState(zero_count(params), _zeros_tree(params, mu_dtype))
@@ -778,7 +796,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | Non
         fe = _mt.foreach_ok(gl, ml, _mt.tensors(b1, b2, m, c))
         mu_in = ml if mu_dtype is None else [x.to(g.dtype) for x, g in zip(ml, gl, strict=True)]
         out = _mt.lerp(mu_in, gl, 1 - b1, fe)
-        if fe:
+        if mode == "smooth":
+            out = [torch.tanh(smooth_beta * x) for x in out]
+        elif mode == "refined":
+            out = [torch.where(torch.abs(x) < 1.0, x, torch.sign(x)) for x in out]
+        elif fe:
             out = list(torch._foreach_sign(out))
         else:
             out = [torch.sign(x) for x in out]
