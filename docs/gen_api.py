@@ -77,7 +77,7 @@ def _page(module_name: str, title: str) -> str:
             out.append(f"| `{name}` | `{value}` |")
         out.append("")
     for home in sorted(groups):
-        heading = _summary(home) if home != module_name else "Types and constants"
+        heading = _summary(home) if home != module_name else "Types"
         out += [f"## {heading}", ""]
         for name in groups[home]:
             out += [f"::: {module_name}.{name}", ""]

@@ -9,6 +9,8 @@ The docstrings follow Google/Napoleon conventions that griffe's parser reads dif
   lines); each name gets its own entry with the shared description, so griffe can still
   match every documented name to the signature (``--strict`` keeps catching real drift).
 - Sphinx roles (``:class:`X```, ``:func:`f```) lose the role and keep the code span.
+- ``# NOTE [name]`` lines (design notes kept in docstrings) would be Markdown headings that
+  break the page's outline; they render as bold paragraph starts.
 
 Only the rendered text changes; the library's ``__doc__`` strings are untouched.
 """
@@ -80,7 +82,9 @@ def _add_examples_heading(lines: list[str]) -> list[str]:
 def normalize(text: str) -> str:
     """The docstring ``text`` as griffe's Google parser expects it (see the module doc)."""
     text = re.sub(r"^(\s*)Example:\s*$", r"\1Examples:", text, flags=re.M)
+    text = re.sub(_ROLE.pattern + r"([^`<]*?)\s*<[^`>]*>`", r"`\1`", text)  # :func:`t <x>`
     text = _ROLE.sub("`", text)
+    text = re.sub(r"^(\s*)# (NOTE \[[^\]]*\])\s*$", r"\1**\2**", text, flags=re.M)
     lines = _add_examples_heading(_split_grouped(text.split("\n")))
     return "\n".join(lines)
 
