@@ -70,8 +70,8 @@ def _batches(steps, q=0.25, key=7, **kw):
                                         **kw))
 
 
-@pytest.mark.parametrize("method", ["auto", "hooks", "vmap"])
-@pytest.mark.parametrize("which", ["sgd", "adam"])
+@pytest.mark.parametrize("method, which", [("auto", "sgd"), ("auto", "adam"), ("hooks", "adam"),
+                                           ("vmap", "sgd")])
 def test_noiseless_step_is_loop_clipped_mean_then_torch_optim(method, which):
     """sigma = 0: DP-SGD / DP-Adam equal torch.optim stepped on a per-example autograd
     loop's clipped sum over the expected batch size (float64, 1e-10)."""
