@@ -20,8 +20,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from griffe import Extension
-from griffe import Object
+try:
+    from griffe import Extension
+    from griffe import Object
+except ImportError:  # no docs extra: `normalize` still works (tests/test_docs_api.py uses it)
+    Extension = object
+    Object = Any
 
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|math|py:\w+):`")
 _NAMES = re.compile(r"^[A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+$")

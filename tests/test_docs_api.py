@@ -32,7 +32,7 @@ def _load(name: str) -> types.ModuleType:
 
 
 GEN = _load("gen_api")
-GRIFFE_FP = _load("griffe_fp") if importlib.util.find_spec("griffe") else None
+GRIFFE_FP = _load("griffe_fp")
 PAGES = {module: page for module, page, _ in GEN.MODULES}
 
 
@@ -100,7 +100,6 @@ def test_every_page_is_in_the_navigation():
         assert f": {page}\n" in config, f"docs/{page} is not in mkdocs.yml's nav"
 
 
-@pytest.mark.skipif(GRIFFE_FP is None, reason="griffe (the docs extra) is not installed")
 def test_griffe_extension_normalises_our_docstring_habits():
     doc = "\n".join([
         "Summary, see :func:`fp.load <load>` and :class:`torch.nn.GRU`.",
