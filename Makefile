@@ -26,7 +26,8 @@ test: venv lint
 	$(PY) -m pytest -n 2 -q
 
 # mkdocs-material + mkdocstrings; --strict turns every warning (a docstring griffe cannot
-# parse, a broken link, a name that does not resolve) into a failure
+# parse, a broken link, a name that does not resolve) into a failure. NO_MKDOCS_2_WARNING
+# silences mkdocs-material's banner about MkDocs 2.0 (the extra pins mkdocs < 2)
 docs: venv
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
