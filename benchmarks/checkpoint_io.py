@@ -22,6 +22,12 @@ checksum functions available without new dependencies:
 
     .venv/bin/python benchmarks/checkpoint_io.py --verify [--reps 9]
     .venv/bin/python benchmarks/checkpoint_io.py --checksums [--reps 5]
+
+Issue 13's grid (1M to 100M parameters, 10 to 1,000 leaves): fp.save against torch.save +
+fsync, and fp.load (default, ``verify=False``, and with NOTE [prefault] switched off)
+against torch.load, warm in this process and in fresh processes, interleaved:
+
+    .venv/bin/python benchmarks/checkpoint_io.py --grid [--reps 5]
 """
 
 from __future__ import annotations
@@ -196,6 +202,66 @@ def run(name: str, tree: dict, reps: int, directory: str) -> list[tuple[str, str
             for k, v in times.items()]
 
 
+def _no_prefault_load(p: str) -> object:
+    from functorch_pipeline.serialization import _prefault
+    _prefault._enabled[0] = False
+    try:
+        return fp.load(p)
+    finally:
+        _prefault._enabled[0] = _prefault._madvise is not None
+
+
+LOADERS["fp.load (no prefault)"] = _no_prefault_load
+GRID = [(1_000_000, 10), (1_000_000, 1_000), (10_000_000, 100), (50_000_000, 10),
+        (100_000_000, 1_000)]
+
+
+def grid(reps: int, directory: str, rows: list[int] | None = None) -> None:
+    """Issue 13's save/load rows over GRID (or the ``rows`` indices of it): medians of
+    interleaved rounds, ratios to torch."""
+    print(f"{'params':>6} {'leaves':>6} {'measure':36} {'fp s':>8} {'torch s':>8} {'ratio':>6}")
+    for n, leaves in [GRID[i] for i in rows] if rows else GRID:
+        _grid_row(n, leaves, reps, directory)
+
+
+def _grid_row(n: int, leaves: int, reps: int, directory: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    tree = {f"l{i}": torch.randn(n // leaves, generator=g) for i in range(leaves)}
+    fp_path = os.path.join(directory, "grid.safetensors")
+    pt_path = os.path.join(directory, "grid.pt")
+
+    def torch_save() -> None:
+        torch.save(tree, pt_path)
+        fsync_path(pt_path)
+
+    cands = {"fp.save": lambda: fp.save(fp_path, tree), "torch.save + fsync": torch_save}
+    t: dict[str, list[float]] = {k: [] for k in cands}
+    for r in range(reps):
+        for k in (list(cands) if r % 2 == 0 else list(reversed(cands))):
+            t[k].append(timed(cands[k])[0])
+    loads = {k: (fp_path if k.startswith("fp") else pt_path) for k in
+             ("fp.load", "fp.load (verify=False)", "fp.load (no prefault)", "torch.load")}
+    for mode in ("warm", "new process"):
+        for k in loads:
+            t[f"{k} {mode}"] = []
+        for r in range(reps):
+            for k in (list(loads) if r % 2 == 0 else list(reversed(loads))):
+                LOADERS[k](loads[k])  # in the page cache
+                dt = (timed(lambda k=k: LOADERS[k](loads[k]))[0] if mode == "warm"
+                      else load_in_new_process(k, loads[k])[0])
+                t[f"{k} {mode}"].append(dt)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    rows = [("fp.save vs torch.save + fsync", "fp.save", "torch.save + fsync")]
+    for mode in ("warm", "new process"):
+        for k in ("fp.load", "fp.load (verify=False)", "fp.load (no prefault)"):
+            rows.append((f"{k} {mode}", f"{k} {mode}", f"torch.load {mode}"))
+    for label, a, b in rows:
+        print(f"{n / 1e6:>5.0f}M {leaves:>6} {label:36} {med[a]:8.4f} {med[b]:8.4f} "
+              f"{med[a] / med[b]:5.2f}x", flush=True)
+    for p in (fp_path, pt_path):
+        os.remove(p)
+
+
 def checksum_throughput(reps: int) -> None:
     """GB/s of each checksum over 100 MB of float32 (interleaved rounds, medians)."""
     t = torch.randn(25_000_000, generator=torch.Generator().manual_seed(0))
@@ -250,8 +316,17 @@ def main() -> None:
     ap.add_argument("--checksums", action="store_true", help="only checksum throughputs")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--small", action="store_true", help="a 10x smaller model, for a quick look")
+    ap.add_argument("--grid", action="store_true", help="issue 13's sizes x leaves grid only")
+    ap.add_argument("--grid-rows", type=int, nargs="*", default=None,
+                    help="indices into GRID to run (default all)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.grid:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} "
+              f"cpus, load average {os.getloadavg()[0]:.1f} at start, {args.reps} reps")
+        grid(args.reps, args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"), args.grid_rows)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        return
     if args.checksums or args.verify:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} "
               f"cpus, load average {os.getloadavg()[0]:.1f} at start")

@@ -153,3 +153,29 @@ def test_key_paths_compile_without_lru_cache_warning():
     assert out.item() == 5.0
     assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
     assert fp.tree.flatten_with_path(tree)[0] == [("a",), ("b", 0)]
+
+
+def test_prefault_skips_resident_memory_and_populates_fresh(monkeypatch):
+    """NOTE [prefault only fresh memory]: resident memory is not populated again; fresh
+    (never touched) memory is; without mincore every large tensor is (the old rule)."""
+    import mmap
+
+    from functorch_pipeline.serialization import _prefault
+
+    if _prefault._madvise is None or _prefault._mincore is None:
+        pytest.skip("needs Linux madvise/mincore")
+    calls = []
+    monkeypatch.setattr(_prefault, "_madvise", lambda addr, n, advice: calls.append(advice) or 0)
+    monkeypatch.setattr(_prefault, "_enabled", [True])
+    touched = torch.zeros(8 << 20, dtype=torch.uint8)  # written: every page resident
+    _prefault.prefault(touched)
+    assert calls == []
+    region = mmap.mmap(-1, 16 << 20)  # anonymous, never touched
+    fresh = torch.frombuffer(region, dtype=torch.uint8)
+    _prefault.prefault(fresh)
+    assert calls == [23]
+    monkeypatch.setattr(_prefault, "_mincore", None)
+    _prefault.prefault(touched)
+    assert calls == [23, 23]
+    del fresh
+    region.close()

@@ -14,6 +14,15 @@ is unsupported (not Linux, older kernels) it fails, is not asked again, and read
 proceeds as usual. Transparent huge pages (``MADV_HUGEPAGE``) were faster still in most
 rounds (0.3 s) but showed multi-second stalls (direct compaction under
 ``defrag=madvise``), so they are not used.
+
+# NOTE [prefault only fresh memory]
+In a long-lived process the allocator often hands out memory that is already resident
+(recycled from an earlier, freed tensor); populating it again is a page-table walk that
+buys nothing and was most of ``fp.load``'s time in a warm process (issue 13). So we first
+ask ``mincore`` whether the first and last page of the range are resident (one syscall on
+two pages, microseconds) and populate only when one is not. glibc writes its chunk header
+on the page *before* ``lo`` (the tensor does not start page-aligned), so a fresh mapping
+reads as not resident.
 """
 
 from __future__ import annotations
@@ -31,19 +40,32 @@ _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = 23
 
 
-def _load_madvise() -> object | None:
+def _load_libc(name: str, argtypes: list[object]) -> object | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_madvise = _load_madvise()
+_madvise = _load_libc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+_mincore = _load_libc("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+
+
+def _resident(lo: int, hi: int) -> bool:
+    """Whether the first and the last page of ``[lo, hi)`` are resident (NOTE [prefault
+    only fresh memory]); False when ``mincore`` is unavailable or fails."""
+    if _mincore is None:
+        return False
+    vec = ctypes.create_string_buffer(1)
+    for page in (lo, hi - _PAGE):
+        if _mincore(page, _PAGE, vec) != 0 or not vec.raw[0] & 1:  # type: ignore[operator]
+            return False
+    return True
 _enabled = [True]
 
 
@@ -64,7 +86,7 @@ def prefault(t: torch.Tensor) -> None:
     start = t.data_ptr()
     lo = -(-start // _PAGE) * _PAGE
     hi = (start + nbytes) // _PAGE * _PAGE
-    if hi <= lo:
+    if hi <= lo or _resident(lo, hi):
         return
     if _madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:  # type: ignore[operator]
         _enabled[0] = False  # unsupported here: stop asking
