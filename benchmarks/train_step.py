@@ -12,7 +12,9 @@ Rows (all the same network, weights, batch and Adam(1e-3) hyperparameters):
 - ``fp.jit step``: the pure step under ``fp.jit`` (``torch.compile``); its cold compile time
   is the "1st call s" column, and the number of compiles over ``--epoch-steps`` further
   steps (fresh batches and keys, as in an epoch) is printed with any warnings compile
-  emitted. Skipped with ``--no-jit``.
+  emitted. Skipped with ``--no-jit``. Inductor caches compiled code on disk, so a second
+  run's "cold" compile is mostly a cache hit; ``--no-compile-cache`` measures a truly cold
+  compile (``torch.compiler.config.force_disable_caches``).
 - ``torchopt``: ``torch.func.grad`` + ``torchopt.adam`` when TorchOpt is installed.
 - ``jax+optax``: the same network in JAX (``jax.jit`` of the whole step) when JAX and optax
   are installed.
@@ -257,6 +259,8 @@ def main() -> None:
     parser.add_argument("--no-jit", action="store_true")
     parser.add_argument("--epoch-steps", type=int, default=50,
                         help="steps after the cold compile over which recompiles are counted")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="disable Inductor's on-disk caches (a truly cold compile)")
     parser.add_argument("--only", default=None,
                         help="comma-separated rows to keep (imperative is always kept)")
     args = parser.parse_args()
@@ -264,6 +268,8 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_compile_cache:
+        torch.compiler.config.force_disable_caches = True
     fns, notes = build(args.batch, not args.no_jit, args.epoch_steps)
     if args.only:
         keep = {"imperative", *args.only.split(",")}
