@@ -20,16 +20,20 @@ Rows (all the same network, weights, batch and Adam(1e-3) hyperparameters):
   are installed.
 
 Every row is timed interleaved in one process (rotating order, ``_common.measure``); the
-table gives wall and process-CPU medians and ratios to ``imperative``. Run with
-``--fresh-pairs N`` to time only imperative against one fp row in N pairs of fresh
-processes (DESIGN.md: one method's allocations change the other's page faults).
+table gives wall and process-CPU medians and ratios to ``imperative``. In one process the
+rows share a heap, and one row's allocations change another's page faults (DESIGN.md), so
+``--fresh-pairs N --pair-row ROW`` also times ``imperative`` against ``ROW`` each alone in
+its own fresh process, N pairs in alternating order, and pools the per-process medians.
 
     .venv/bin/python benchmarks/train_step.py [--rounds 40] [--threads 1] [--no-jit]
+    .venv/bin/python benchmarks/train_step.py --fresh-pairs 4 --pair-row "fp pure" --threads 1
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -253,6 +257,41 @@ def _jax_row(batch: int):
     return run
 
 
+def argparse_hidden() -> str:
+    return "internal: run one row alone and print its medians"
+
+
+def fresh_pairs(args) -> None:
+    """``imperative`` and ``args.pair_row`` each alone in a fresh process, alternating."""
+    base = [sys.executable, os.path.abspath(__file__), "--rounds", str(args.rounds),
+            "--batch", str(args.batch), "--no-jit"]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    if args.pair_row == "fp.jit step":
+        base.remove("--no-jit")
+    out: dict[str, list[tuple[float, float]]] = {"imperative": [], args.pair_row: []}
+    load0 = os.getloadavg()[0]
+    for i in range(args.fresh_pairs):
+        order = ["imperative", args.pair_row]
+        for name in order if i % 2 == 0 else order[::-1]:
+            res = subprocess.run([*base, "--solo", name], capture_output=True, text=True,
+                                 check=True)
+            line = next(ln for ln in res.stdout.splitlines() if ln.startswith("SOLO "))
+            wall, cpu = map(float, line.split()[1:])
+            out[name].append((wall, cpu))
+    print(_common.environment().replace(f"{os.getloadavg()[0]:.2f} at start",
+                                        f"{load0:.2f} at start"))
+    print(f"fresh-process pairs: {args.fresh_pairs}, {args.rounds} calls per process")
+    ratios = [b[0] / a[0] for a, b in zip(out["imperative"], out[args.pair_row], strict=True)]
+    cpu_ratios = [b[1] / a[1] for a, b in zip(out["imperative"], out[args.pair_row], strict=True)]
+    for name, rows in out.items():
+        print(f"{name:22} per-process median ms: "
+              + ", ".join(f"{w * 1e3:.2f}" for w, _ in rows))
+    print(f"time ratio {args.pair_row} / imperative: median over pairs "
+          f"{statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)}); "
+          f"CPU-time ratio {statistics.median(cpu_ratios):.3f}")
+
+
 def main() -> None:
     parser = _common.parser(__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -261,6 +300,10 @@ def main() -> None:
                         help="steps after the cold compile over which recompiles are counted")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="disable Inductor's on-disk caches (a truly cold compile)")
+    parser.add_argument("--fresh-pairs", type=int, default=0,
+                        help="time imperative and --pair-row alone in N pairs of fresh processes")
+    parser.add_argument("--pair-row", default="fp pure")
+    parser.add_argument("--solo", default=None, help=argparse_hidden())
     parser.add_argument("--only", default=None,
                         help="comma-separated rows to keep (imperative is always kept)")
     args = parser.parse_args()
@@ -268,9 +311,17 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fresh_pairs:
+        fresh_pairs(args)
+        return
     if args.no_compile_cache:
         torch.compiler.config.force_disable_caches = True
     fns, notes = build(args.batch, not args.no_jit, args.epoch_steps)
+    if args.solo:
+        stats = _common.measure({args.solo: fns[args.solo]}, rounds=args.rounds, warmup=3)
+        st = stats[args.solo]
+        print(f"SOLO {st.median} {statistics.median(st.cpu)}")
+        return
     if args.only:
         keep = {"imperative", *args.only.split(",")}
         fns = {k: v for k, v in fns.items() if k in keep}
