@@ -203,8 +203,10 @@ class DPTrainer:
         self._inner = optimizer
 
         def masked_losses(params: Any, batch: Any, mask: torch.Tensor) -> torch.Tensor:
-            # NOTE [padding rows]: a padding row's loss is replaced by 0 (torch.where, so
-            # even a NaN there cannot leak): its gradient, norm and clipped part are 0.
+            # NOTE [padding rows]: a padding row's loss is replaced by 0, so its output
+            # gradients, norm and clipped part are 0. Its *inputs* must still be finite:
+            # 0 * inf or 0 * NaN in an activation is NaN in every method. fp.data pads with
+            # copies of a real row, so padded rows are as finite as the data.
             losses = loss_fn(params, batch)
             return torch.where(mask.reshape(losses.shape), losses, torch.zeros_like(losses))
 
