@@ -412,7 +412,9 @@ class LSTM(_RNNBase):
     :class:`torch.nn.LSTM` (gate order i, f, g, o; projections with ``proj_size``), but
     computed with ``F.linear`` and elementwise ops, so ``torch.func.vmap`` (and
     ``fp.per_sample_grads``) batch it without a per-example fallback. See
-    NOTE [every weight through F.linear] in this module.
+    NOTE [every weight through F.linear] in this module. Where no transform or engine
+    needs the individual ops (plain batch training), it runs PyTorch's fused kernel
+    instead, with the same numbers (NOTE [fused fast path]; ``fused = False`` opts out).
 
     Args:
       input_size: features of the input ``x``.
