@@ -118,20 +118,25 @@ def save(
     def write(fd: int) -> None:
         crcs = Crc32s(len(tensors))
         try:
-            buf = bytearray(header)
+            pending: list[bytes | memoryview] = [header]  # NOTE [gathered small writes]
+            held = len(header)
             for i, ((_, t), nbytes) in enumerate(zip(tensors, sizes, strict=True)):
                 if nbytes < _SMALL:
                     if nbytes:
                         raw = as_bytes(host_contiguous(t))
                         crcs.update(i, raw, nbytes)
-                        buf += raw
+                        pending.append(raw)
+                        held += nbytes
+                        if held >= _GATHER_MAX or len(pending) >= _IOV_MAX:
+                            _write_gathered(fd, pending)
+                            held = 0
                     continue
-                _write_all(fd, buf)
-                buf.clear()
+                _write_gathered(fd, pending)
+                held = 0
                 write_tensor(fd, t, lambda part, i=i, n=nbytes: crcs.update(i, part, n))
                 if t.device.type != "cpu":
                     crcs.wait_one(i)  # free its host copy before the next tensor's
-            _write_all(fd, buf)
+            _write_gathered(fd, pending)
             values = crcs.wait()
         finally:
             crcs.close()
@@ -158,7 +163,34 @@ def _check_metadata(metadata: Mapping[str, str] | None, where: str) -> dict[str,
     return out
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
+# NOTE [gathered small writes]
+# Tensors under _SMALL are not copied into one staging buffer (that copy was a third of
+# fp.save's time for 100 leaves of 400 KB); their byte views are written together with one
+# os.writev (up to _IOV_MAX views or _GATHER_MAX bytes at a time), straight from the
+# tensors' memory. Same bytes in the same order; os.write where writev is missing.
+_IOV_MAX = 512
+_GATHER_MAX = 64 << 20
+
+
+def _write_gathered(fd: int, views: list[bytes | memoryview]) -> None:
+    """Write ``views`` in order and empty the list (handles partial writes)."""
+    if not hasattr(os, "writev"):
+        for v in views:
+            _write_all(fd, v)
+        views.clear()
+        return
+    rest = [memoryview(v).cast("B") for v in views if len(v)]
+    views.clear()
+    while rest:
+        done = os.writev(fd, rest)
+        while rest and done >= len(rest[0]):
+            done -= len(rest[0])
+            rest.pop(0)
+        if rest and done:
+            rest[0] = rest[0][done:]
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     mv = memoryview(data)
     pos = 0
     while pos < len(mv):
