@@ -213,3 +213,18 @@ def test_gathered_small_writes_are_the_concatenation(tmp_path, monkeypatch):
         assert torch.equal(back[k], v)
     assert sorted(torch.cat([t.flatten() for t in flat.values()]).tolist()) == sorted(
         torch.cat([t.flatten() for t in tree.values()]).tolist())
+
+
+def test_forward_ad_dual_level_takes_the_loop():
+    """torch.autograd.forward_ad (no functorch level) gets the loop path's tangents, which
+    match a central finite difference."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    lstm = fp.nn.LSTM(3, 4, dtype=torch.float64)
+    x, t = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(lstm(fwAD.make_dual(x, t))[0]).tangent
+    eps = 1e-6
+    fd = (lstm(x + eps * t)[0] - lstm(x - eps * t)[0]) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, atol=1e-7, rtol=1e-6)

@@ -36,7 +36,8 @@ When nothing needs to see the individual ops, the layers call PyTorch's fused ke
 (``_VF.lstm`` / ``_VF.gru`` / ``_VF.rnn_tanh`` / ``_VF.rnn_relu``, as ``nn.LSTM`` does) one
 layer at a time, so plain batch training runs at ``nn.LSTM`` speed. "Nothing needs to see
 them" means: no ``vmap``/``jvp`` level and at most one ``grad`` level is active (a nested
-``grad`` needs a double backward, which the CPU kernel lacks); not under ``torch.compile``;
+``grad`` needs a double backward, which the CPU kernel lacks); no
+``torch.autograd.forward_ad`` dual level (no forward derivative); not under ``torch.compile``;
 no tensor (input, states, weights) has a ``__torch_function__`` override (the hooks
 engine's tracked parameters do, so ``per_sample_grads(method="hooks")`` still sees every
 ``F.linear``); any active ``TorchFunctionMode`` is ``fp.nn``'s keyed randomness, which
@@ -60,6 +61,7 @@ from torch import _VF
 from torch import Tensor
 from torch import nn
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad as _forward_ad
 from torch.overrides import _get_current_function_mode_stack
 from torch.overrides import has_torch_function
 
@@ -138,8 +140,8 @@ def _rnn_direction(
 
 def _fused_context_ok() -> bool:
     """Whether the ambient transforms and modes allow NOTE [fused fast path]."""
-    if torch.compiler.is_compiling():
-        return False
+    if torch.compiler.is_compiling() or _forward_ad._current_level >= 0:
+        return False  # compiled, or inside torch.autograd.forward_ad.dual_level()
     if torch._C._functorch.peek_interpreter_stack() is not None:
         levels = retrieve_all_functorch_interpreters()
         if len(levels) > 1 or levels[0].key() != torch._C._functorch.TransformType.Grad:
