@@ -10,6 +10,7 @@ saves leave behind); files carry CRC-32 checksums that loading verifies; bad fil
 
 from functorch_pipeline.serialization._format import FORMAT_VERSION
 from functorch_pipeline.serialization._format import CheckpointError
+from functorch_pipeline.serialization._lazy import verify_lazy
 from functorch_pipeline.serialization._load import load
 from functorch_pipeline.serialization._load import read_metadata
 from functorch_pipeline.serialization._save import atomic_write
@@ -28,4 +29,5 @@ __all__ = [
     "read_metadata",
     "register_type",
     "save",
+    "verify_lazy",
 ]

@@ -24,6 +24,7 @@ from functorch_pipeline.serialization._format import TensorInfo
 from functorch_pipeline.serialization._format import check_coverage
 from functorch_pipeline.serialization._format import parse_header
 from functorch_pipeline.serialization._format import read_tensor
+from functorch_pipeline.serialization._lazy import map_all
 from functorch_pipeline.serialization._structure import decode
 from functorch_pipeline.serialization._structure import leaf_nodes
 from functorch_pipeline.tree import KeyPath
@@ -45,6 +46,7 @@ def load(
     *,
     device: torch.device | str | int | None = None,
     verify: bool = True,
+    mmap: bool = False,
 ) -> Any:
     """Load a pytree saved by :func:`save`, or any safetensors file (as a flat dict).
 
@@ -75,9 +77,21 @@ def load(
       verify: check the checksums (default). ``False`` skips them, e.g. to rescue the
         readable parts of a damaged file or to save the check's time on trusted storage;
         every other check still runs.
+      mmap: load lazily, like ``torch.load(..., mmap=True)`` and safetensors'
+        ``safe_open``: the header is read and fully checked (the header checksum and
+        every structural check above, and ``like``), but the data is not read: CPU
+        tensors are views of a copy-on-write memory map of the file, paged in when
+        touched, so the call takes time proportional to the header. The per-tensor
+        checksums are then NOT checked; :func:`verify_lazy` checks them on request
+        (NOTE [lazy load]). Writing into the tensors never changes the file; deleting
+        the file or replacing it by rename is safe while mapped, truncating or
+        rewriting it in place is not. A ``device`` (or ``like`` leaf) other than the
+        CPU means reading: those tensors are copied from the map to the device, with
+        their checksums verified first (unless ``verify=False``).
 
     Returns:
-      The tree. Tensors are fresh, contiguous, independent and do not require grad.
+      The tree. Tensors are fresh, contiguous, independent and do not require grad
+      (with ``mmap=True``, CPU tensors are contiguous views of a private file mapping).
 
     Raises:
       CheckpointError: the file is truncated, corrupted (including a checksum mismatch),
@@ -91,6 +105,8 @@ def load(
     >>> save(p, {"params": {"w": torch.zeros(2, 3)}, "step": 7})
     >>> load(p)["step"]
     7
+    >>> load(p, mmap=True)["params"]["w"].sum()  # lazy: mapped, read when touched
+    tensor(0.)
     >>> load(p, like={"params": {"w": torch.empty(3, 2)}, "step": 0})
     Traceback (most recent call last):
     ...
@@ -115,7 +131,10 @@ def load(
                 for p, x in zip(like_paths, like_leaves, strict=True):
                     if isinstance(x, torch.Tensor) and x.device.type != "meta":
                         targets[disk[p]["n"]] = x.device
-        tensors = _read_all(f, header, order, targets, expected, where)
+        if mmap:
+            tensors = map_all(f, header, order, targets, expected, where)
+        else:
+            tensors = _read_all(f, header, order, targets, expected, where)
     if like is None:
         return decode(node, lambda name, _path: tensors[name], where)
     out = [
