@@ -14,11 +14,15 @@ from typing import Any
 import torch
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline._malloc import MallocSettings
+from functorch_pipeline._malloc import keep_freed_memory
 
 __all__ = [
     "cpu",
     "default_device",
     "device_put",
+    "keep_freed_memory",
+    "MallocSettings",
     "num_gpus",
     "try_all_gpus",
     "try_gpu",
