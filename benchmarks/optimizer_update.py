@@ -8,6 +8,12 @@ minor page faults per call (a glibc-malloc symptom, see DESIGN.md).
     .venv/bin/python benchmarks/optimizer_update.py --model mlp --reps 40
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \\
         .venv/bin/python benchmarks/optimizer_update.py
+    .venv/bin/python benchmarks/optimizer_update.py --model mlp --keep-freed-memory both
+
+``--keep-freed-memory on`` calls ``fp.devices.keep_freed_memory()`` (glibc ``mallopt``, the
+in-process equivalent of the variables above) before timing; the setting is process-wide, so
+every row of that run (torch.optim included) runs under it. ``both`` runs the script twice in
+fresh processes, default malloc first, then the opt-in, and prints both tables.
 
 Models: (a) the classic MNIST CNN (conv 1->10 k5, conv 10->20 k5, fc 320->50, fc 50->10;
 21,840 parameters in 8 tensors), (b) an MLP 784-2048-2048-2048-10 (10,020,874 parameters),
@@ -22,10 +28,13 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 _LAYER = [(64, 64)] * 4 + [(64,)] * 4 + [(256, 64), (256,), (64, 256), (64,)] + [(64,)] * 4
@@ -123,7 +132,23 @@ def main() -> None:
                     help="timed rounds (default: 300 cnn, 100 many, 30 mlp)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--keep-freed-memory", choices=["off", "on", "both"], default="off",
+                    help="fp.devices.keep_freed_memory() before timing; both: a fresh process each")
     args = ap.parse_args()
+    if args.keep_freed_memory == "both":
+        argv = list(sys.argv[1:])
+        if "--keep-freed-memory=both" in argv:
+            argv.remove("--keep-freed-memory=both")
+        else:
+            i = argv.index("--keep-freed-memory")
+            del argv[i:i + 2]
+        for mode in ("off", "on"):
+            print(f"\n=== --keep-freed-memory {mode}", flush=True)
+            subprocess.run([sys.executable, sys.argv[0], *argv, "--keep-freed-memory", mode],
+                           check=True)
+        return
+    if args.keep_freed_memory == "on":
+        print(f"fp.devices.keep_freed_memory(): {fp.devices.keep_freed_memory()!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = "MALLOC_MMAP_THRESHOLD_" in os.environ

@@ -437,7 +437,8 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
         out_dir: str, save_interval: int, keep: int = 3, resume: bool = False,
         log_probs: bool = False, log_interval: int = 10, no_progress: bool = False,
         title: str = "", plot: bool = True, overwrite: bool = False,
-        resume_hint: str | None = None) -> tuple[fp.train.TrainState, list[dict[str, Any]]]:
+        resume_hint: str | None = None, jit: bool = False,
+        jit_backend: str = "inductor") -> tuple[fp.train.TrainState, list[dict[str, Any]]]:
     """Train epoch by epoch with ``fp.train.train_step``.
 
     - Checkpoints every ``save_interval`` batches and at each epoch end, kept by a
@@ -451,6 +452,9 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
     - Ctrl-C stops at the next step boundary, saves that step and prints the command that
       resumes (``resume_hint``); exit status 130.
     - ``resume``/``overwrite``: NOTE [one run per out-dir].
+    - ``jit``: the step runs under ``fp.jit`` (``torch.compile`` with ``jit_backend``), see
+      :func:`make_step`; the first step's time (the cold compile) is printed once, and the
+      number of graphs compiled at the end.
     """
     if epochs < 1 or batch_size < 1 or save_interval < 1 or log_interval < 1:
         raise ValueError(f"fit: `epochs`, `batch_size`, `save_interval` and `log_interval` must be "
@@ -474,6 +478,7 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
             print(f"nothing to train: step {step} already completes {step // steps_per_epoch} "
                   f"epoch(s) of {steps_per_epoch} steps; pass a larger --epochs to train more")
 
+    step_fn = make_step(loss_fn, opt, jit=jit, backend=jit_backend)
     history: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []  # per-step losses not yet written
     first_bad: list[tuple[int, float]] = []  # the first non-finite (step, loss)
@@ -521,7 +526,7 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
                 for i, batch in enumerate(bar, start=first):
                     if sigint["stop"]:
                         raise KeyboardInterrupt
-                    state, loss = fp.train.train_step(state, batch, loss_fn, opt)
+                    state, loss = step_fn(state, batch)
                     loss_sum += loss
                     pending.append((i + 1 + epoch * steps_per_epoch, loss))
                     if (i + 1) % log_interval == 0:
@@ -559,11 +564,78 @@ def fit(model: Any, state: fp.train.TrainState, loss_fn: Callable[..., Any], opt
             fail(f"{e}; stopping. The last good checkpoint is "
                  f"{latest or 'none (nothing was saved)'}. Lower --lr, or clip gradients",
                  status=DIVERGED)
+    if jit:
+        compiled = _graphs_compiled()
+        print(f"fp.jit: {compiled if compiled is not None else 'unknown number of'} graph(s) "
+              f"compiled in this run (1 per distinct batch shape is expected)", flush=True)
     plot_path = None
     if plot:
         plot_path = plot_curves(files.metrics, files.plot, title, files.steps, steps_per_epoch)
     _report_outputs(files, plot_path, plot)
     return state, history
+
+
+def make_step(loss_fn: Callable[..., Any], opt: Any, *, jit: bool = False,
+              backend: str = "inductor") -> Callable[[Any, Any], tuple[Any, torch.Tensor]]:
+    """``(state, batch) -> (state, loss)``: ``fp.train.train_step`` with ``loss_fn`` and
+    ``opt``; with ``jit``, compiled by ``fp.jit`` (``torch.compile``, ``backend``) and the
+    first call (the cold compile plus one step) timed and printed once.
+
+    # NOTE [jit step]: the whole step (gradient, optimizer update, step + 1) is one compiled
+    # function of the state pytree and the batch, so the checkpoints, the exact resume and
+    # the loss checks of :func:`fit` are unchanged. A last batch of another size compiles
+    # once more (Dynamo marks the batch dimension dynamic after a size change).
+    # NOTE [jit empty buffers]: under torch.compile (torch 2.14), an empty dict in the aux
+    # output of fp.value_and_grad(has_aux=True) breaks Dynamo's optree polyfill
+    # ("length mismatch" in tree_unflatten); a model without buffers returns `{}` as its new
+    # buffers. The compiled step hands train_step `None` instead and puts the state's own
+    # empty container back, so the state's structure (and its checkpoints) are unchanged.
+    """
+    def step(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
+        return fp.train.train_step(state, batch, loss_fn, opt)
+
+    if not jit:
+        return step
+
+    def no_empty_aux(params: Any, buffers: Any, batch: Any, key: torch.Tensor) -> Any:
+        loss, new_buffers = loss_fn(params, buffers, batch, key)
+        return loss, (None if _empty(new_buffers) else new_buffers)
+
+    def jit_step(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
+        new, loss = fp.train.train_step(state, batch, no_empty_aux, opt)
+        if new.buffers is None and _empty(state.buffers):
+            new = new.replace(buffers=state.buffers)
+        return new, loss
+
+    compiled = fp.jit(jit_step, backend=backend)
+    first = {"done": False}
+
+    def jitted(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
+        if first["done"]:
+            return compiled(state, batch)
+        t0 = time.perf_counter()
+        out = compiled(state, batch)
+        float(out[1])  # one sync, so the time covers the work (once per run)
+        first["done"] = True
+        print(f"fp.jit: first step (cold compile, backend {backend}) took "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        return out
+
+    return jitted
+
+
+def _empty(tree: Any) -> bool:
+    """An empty container (``{}``, ``[]``, ``()``): a pytree node without leaves."""
+    return isinstance(tree, (dict, list, tuple)) and not fp.tree.leaves(tree)
+
+
+def _graphs_compiled() -> int | None:
+    """Graphs Dynamo compiled in this process (None when torch does not count them)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _logits_fn(model: Any, state: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -6,6 +6,7 @@ functionalize -> value_and_grad -> fp.optim -> fp.save, with exact resume.
     python examples/mnist.py --epochs 3 --model wide \
         --optimizer adam --lr 1e-3                 # >= 99% test accuracy
     python examples/mnist.py --resume              # continue the last run exactly
+    python examples/mnist.py --jit                 # the train step under fp.jit
     torchrun --nproc_per_node 2 examples/mnist.py  # data parallel: 2 processes, same flags
 
 Under torchrun, --batch-size is the global batch: each rank takes its share of every batch
@@ -112,6 +113,11 @@ def build_parser() -> ArgumentParser:
                    help="use only the first N test examples (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    p.add_argument("--jit", action="store_true",
+                   help="compile the train step with fp.jit (torch.compile); prints the cold "
+                   "compile time (default: eager)")
+    p.add_argument("--jit-backend", default="inductor",
+                   help="torch.compile backend for --jit (eager: no code generation, for tests)")
     return p
 
 
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
         keep=args.keep, resume=args.resume, log_probs=True, log_interval=args.log_interval,
         no_progress=args.no_progress, title="functorch_pipeline MNIST", plot=not args.no_plot,
-        overwrite=args.overwrite, resume_hint=resume_command(__file__, argv))
+        overwrite=args.overwrite, resume_hint=resume_command(__file__, argv), jit=args.jit,
+        jit_backend=args.jit_backend)
     return {"history": history, "state": state}
 
 
