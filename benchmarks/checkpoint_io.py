@@ -28,6 +28,12 @@ fsync, and fp.load (default, ``verify=False``, and with NOTE [prefault] switched
 against torch.load, warm in this process and in fresh processes, interleaved:
 
     .venv/bin/python benchmarks/checkpoint_io.py --grid [--reps 5]
+
+Issue 13's lazy-load row: ``fp.load(path, mmap=True)`` (NOTE [lazy load]) against a full
+``fp.load``, with ``torch.load(mmap=True)`` and safetensors' ``safe_open`` as peers, also
+followed by reading one small leaf and by ``verify_lazy`` (which reads everything):
+
+    .venv/bin/python benchmarks/checkpoint_io.py --lazy [--reps 5]
 """
 
 from __future__ import annotations
@@ -309,6 +315,72 @@ def verify_cost(reps: int, directory: str) -> None:
     os.remove(path)
 
 
+def _lazy_touch(p: str) -> object:
+    """Lazy open, then read one 768-float bias (the use case: a part of a big file)."""
+    tree = fp.load(p, mmap=True)
+    return tree["layers"][0]["ln1"]["bias"].sum()
+
+
+def _lazy_verify(p: str) -> object:
+    """Lazy open, then check every tensor's checksum (reads all the data)."""
+    tree = fp.load(p, mmap=True)
+    fp.serialization.verify_lazy(tree)
+    return tree
+
+
+LOADERS["fp.load (mmap=True)"] = lambda p: fp.load(p, mmap=True)
+LOADERS["fp.load (mmap=True) + read one leaf"] = _lazy_touch
+LOADERS["fp.load (mmap=True) + verify_lazy"] = _lazy_verify
+LOADERS["torch.load (mmap=True)"] = lambda p: torch.load(p, weights_only=True, mmap=True)
+LOADERS["safetensors safe_open (keys)"] = lambda p: _safe_open_keys(p)
+
+
+def _safe_open_keys(p: str) -> object:
+    with safetensors.safe_open(p, framework="pt") as f:
+        return list(f.keys())
+
+
+def lazy_open(reps: int, directory: str) -> None:
+    """Issue 13's lazy-load row: time to open a checkpoint lazily vs a full load, 10M and
+    100M parameters, in this process (file in the page cache) and in fresh processes."""
+    for tree in (model_tree(vocab=2_000, layers=1), model_tree()):
+        paths = {"fp": os.path.join(directory, "lazy.safetensors"),
+                 "torch": os.path.join(directory, "lazy.pt"),
+                 "st": os.path.join(directory, "lazy_plain.safetensors")}
+        fp.save(paths["fp"], tree)
+        torch.save(tree, paths["torch"])
+        flat = dict(zip(map(fp.tree.keystr, fp.tree.flatten_with_path(tree)[0]),
+                        fp.tree.leaves(tree), strict=True))
+        safetensors.torch.save_file(flat, paths["st"])
+        with open(paths["fp"], "rb") as f:
+            head = int.from_bytes(f.read(8), "little")
+        size = os.path.getsize(paths["fp"])
+        n, leaves = fp.tree.size(tree), len(fp.tree.leaves(tree))
+        del tree, flat
+        methods = {k: paths["fp"] for k in ("fp.load", "fp.load (mmap=True)",
+                                          "fp.load (mmap=True) + read one leaf",
+                                          "fp.load (mmap=True) + verify_lazy")}
+        methods["torch.load"] = methods["torch.load (mmap=True)"] = paths["torch"]
+        methods["safetensors safe_open (keys)"] = paths["st"]
+        print(f"{n / 1e6:.0f}M params, {leaves} leaves, file {size / 1e9:.3f} GB, header "
+              f"{head / 1e3:.1f} kB, {reps} interleaved rounds, medians:")
+        for mode in ("warm", "new process"):
+            t: dict[str, list[float]] = {k: [] for k in methods}
+            for r in range(reps):
+                for k in list(methods) if r % 2 == 0 else list(reversed(methods)):
+                    LOADERS[k](methods[k])  # in the page cache
+                    dt = (timed(lambda k=k, p=methods[k]: LOADERS[k](p))[0] if mode == "warm"
+                          else load_in_new_process(k, methods[k])[0])
+                    t[k].append(dt)
+            full = statistics.median(t["fp.load"])
+            for k, v in t.items():
+                m = statistics.median(v)
+                print(f"  {mode:12} {k:38} {m * 1e3:10.3f} ms  {m / full:8.4f}x fp.load",
+                      flush=True)
+        for p in paths.values():
+            os.remove(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -317,10 +389,18 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--small", action="store_true", help="a 10x smaller model, for a quick look")
     ap.add_argument("--grid", action="store_true", help="issue 13's sizes x leaves grid only")
+    ap.add_argument("--lazy", action="store_true",
+                    help="only the lazy-load row: fp.load(mmap=True) vs a full load")
     ap.add_argument("--grid-rows", type=int, nargs="*", default=None,
                     help="indices into GRID to run (default all)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.lazy:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} "
+              f"cpus, load average {os.getloadavg()[0]:.1f} at start")
+        lazy_open(args.reps, args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        return
     if args.grid:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} "
               f"cpus, load average {os.getloadavg()[0]:.1f} at start, {args.reps} reps")
