@@ -311,3 +311,24 @@ def test_file_deleted_or_replaced_while_mapped():
     os.remove(p)
     assert torch.count_nonzero(lazy2["w"]).item() == 0 and lazy2["step"] == 1
     assert verify_lazy(lazy) == 1 and verify_lazy(lazy2) == 1
+
+
+def test_lazy_tree_saved_back_to_its_own_path():
+    """fp.save replaces the file by rename, so saving a tree that is still mapped from
+    that very file writes the mapped (old) bytes correctly."""
+    tree = {"w": torch.randn(3000), "b": torch.arange(4), "step": 5}
+    p = saved(tree)
+    lazy = fp.load(p, mmap=True)
+    lazy["b"].add_(1)
+    fp.save(p, lazy)
+    want = {"w": tree["w"], "b": tree["b"] + 1, "step": 5}
+    assert_same_tree(fp.load(p), want)
+    assert_same_tree(lazy, want)
+
+
+def test_non_cpu_device_reads_and_verifies():
+    tree = {"w": torch.randn(6, dtype=torch.float64), "step": 0}
+    p = saved(tree)
+    got = fp.load(p, mmap=True, device="meta")
+    assert got["w"].device.type == "meta" and got["w"].shape == (6,)
+    assert verify_lazy(got) == 0  # copies on another device are not mapped, not recorded

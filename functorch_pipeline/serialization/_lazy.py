@@ -5,7 +5,12 @@ With ``mmap=True`` the header is parsed and checked exactly as in a full load (h
 cap, parse budget, header CRC, exact coverage, ``like=``), then every tensor becomes a
 ``torch.frombuffer`` view of one copy-on-write mapping of the file (``mmap.ACCESS_COPY``,
 ``MAP_PRIVATE`` on POSIX). The call costs time proportional to the header; pages are read
-from disk when a tensor is first touched, and only those pages.
+from disk when a tensor is first touched, and only those pages. Measured by
+``benchmarks/checkpoint_io.py --lazy`` (100M float32 parameters in 194 leaves, 0.40 GB,
+44 kB header, file in the page cache, 5 interleaved rounds, medians, shared 2-core VM):
+3.1 ms against 114 ms for a full load in a warm process (0.027x) and 3.1 ms against 212 ms
+in fresh processes (0.015x); at 9M parameters (18 leaves, 4 kB header) 0.7 ms. Most of it
+is parsing the header JSON, the rest ~4 us per tensor.
 
 Per-tensor checksums cannot be checked without reading the data, so a lazy load checks
 none of them: it records each tensor's CRC-32 and :func:`verify_lazy` checks them when
@@ -19,6 +24,13 @@ tensors keep the old contents. Truncating or rewriting the file *in place* is no
 POSIX leaves it unspecified whether untouched pages of a private mapping see the new
 bytes, and a truncated page raises ``SIGBUS`` when touched (as for ``torch.load(...,
 mmap=True)`` and safetensors' ``safe_open``).
+
+Why copy-on-write rather than a read-only map: ``torch.frombuffer`` over a read-only
+buffer warns, and an in-place op on such a tensor would crash the process (``SIGSEGV``)
+instead of raising; with a private writable map the worst case is extra memory for the
+pages written. Under strict overcommit (``vm.overcommit_memory=2``) a private writable map
+is charged in full against the commit limit, so mapping a file larger than that limit
+fails; the error is a :class:`CheckpointError` that says to load without ``mmap=True``.
 
 Tensors at an offset that is not a multiple of their element size (possible only in
 files from other safetensors writers; ``fp.save`` aligns the data section to 8 bytes and
