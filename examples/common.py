@@ -608,17 +608,21 @@ def make_step(loss_fn: Callable[..., Any], opt: Any, *, jit: bool = False,
         return new, loss
 
     compiled = fp.jit(jit_step, backend=backend)
-    first = {"done": False}
+    seen = {"graphs": _graphs_compiled(), "calls": 0}
 
     def jitted(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
-        if first["done"]:
-            return compiled(state, batch)
         t0 = time.perf_counter()
         out = compiled(state, batch)
-        float(out[1])  # one sync, so the time covers the work (once per run)
-        first["done"] = True
-        print(f"fp.jit: first step (cold compile, backend {backend}) took "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        seen["calls"] += 1
+        graphs = _graphs_compiled()
+        if seen["calls"] == 1 or graphs != seen["graphs"]:  # this call compiled
+            float(out[1])  # one sync per compile, so the time covers the work
+            what = "first step (cold compile" if seen["calls"] == 1 else (
+                f"step {seen['calls']} (recompile for batch shape "
+                f"{tuple(fp.tree.leaves(batch)[0].shape)}")
+            print(f"fp.jit: {what}, backend {backend}) took {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            seen["graphs"] = graphs
         return out
 
     return jitted

@@ -146,6 +146,11 @@ def build_parser() -> ArgumentParser:
                    help="per-example gradient norms of N test examples after training (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    p.add_argument("--jit", action="store_true",
+                   help="compile the train step with fp.jit (torch.compile); prints the cold "
+                   "compile time, which grows with the sequence length (default: eager)")
+    p.add_argument("--jit-backend", default="inductor",
+                   help="torch.compile backend for --jit (eager: no code generation, for tests)")
     return p
 
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         test_batch_size=args.test_batch_size, out_dir=args.out_dir, save_interval=args.save_interval,
         keep=2, resume=args.resume, log_interval=20, no_progress=args.no_progress,
         title=f"LSTM ({args.task})", plot=not args.no_plot, overwrite=args.overwrite,
-        resume_hint=resume_command(__file__, argv))
+        resume_hint=resume_command(__file__, argv), jit=args.jit, jit_backend=args.jit_backend)
 
     norms = None
     if args.grad_norms:

@@ -1,7 +1,6 @@
-"""``keep_freed_memory``: an explicit, reversible opt-in to glibc malloc settings that keep
-large freed blocks in the process instead of returning them to the OS.
+"""Keeping freed memory: an explicit, reversible opt-in to glibc malloc settings.
 
-Re-exported as ``fp.devices.keep_freed_memory``. Nothing here runs at import.
+With it, large freed blocks stay in the process instead of going back to the OS. Re-exported as ``fp.devices.keep_freed_memory``. Nothing here runs at import.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def test_mnist_jit_matches_eager(data_root, tmp_path, capsys):
                          "--jit-backend", "aot_eager"])
     out = capsys.readouterr().out
     assert out.count("fp.jit: first step (cold compile, backend aot_eager) took") == 1
+    assert "recompile for batch shape (22, 1, 28, 28), backend aot_eager) took" in out
     assert "graph(s) compiled" in out
     assert int(jitted["state"].step) == int(eager["state"].step) == 6
     ref = fp.tree.leaves_with_path(eager["state"].params)
@@ -57,3 +58,18 @@ def test_mnist_jit_matches_eager(data_root, tmp_path, capsys):
                        str(tmp_path / "one")])
     assert not torch.equal(fp.tree.leaves(init["state"].params)[0],
                            fp.tree.leaves(jitted["state"].params)[0])
+
+
+def test_lstm_jit_matches_eager(data_root, tmp_path, capsys):
+    lstm = pytest.importorskip("lstm")
+    common = ["--data-dir", data_root, "--epochs", "1", "--batch-size", "50", "--hidden", "8",
+              "--limit-train", "100", "--limit-test", "20", "--no-progress", "--device", "cpu",
+              "--no-plot"]
+    eager = lstm.main([*common, "--out-dir", str(tmp_path / "eager")])
+    jitted = lstm.main([*common, "--out-dir", str(tmp_path / "jit"), "--jit",
+                        "--jit-backend", "aot_eager"])
+    assert "fp.jit: first step" in capsys.readouterr().out
+    ref = fp.tree.leaves_with_path(eager["state"].params)
+    for (path, a), b in zip(ref, fp.tree.leaves(jitted["state"].params), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, path=path: f"{fp.tree.keystr(path)}: {m}")
