@@ -58,6 +58,21 @@ class MallocSettings:
     where nothing happens, with the reason in ``reason``). :meth:`restore` (or leaving the
     ``with`` block) puts back the settings that were in force before the call. Calling
     :meth:`restore` twice is harmless.
+
+    Attributes:
+        applied: whether the thresholds were changed.
+        reason: what was done, or why nothing was (a non-glibc platform).
+        mmap_threshold: the ``M_MMAP_THRESHOLD`` asked for, in bytes.
+        trim_threshold: the ``M_TRIM_THRESHOLD`` asked for, in bytes.
+        previous: the thresholds in force before the call, put back by :meth:`restore`.
+        restored: whether :meth:`restore` has run (``True`` when nothing was applied).
+
+    Examples:
+        >>> import functorch_pipeline as fp
+        >>> with fp.devices.keep_freed_memory() as settings:
+        ...     pass
+        >>> isinstance(settings, MallocSettings), settings.restored
+        (True, True)
     """
 
     def __init__(self, applied: bool, reason: str, mmap_threshold: int, trim_threshold: int,
