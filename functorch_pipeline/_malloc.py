@@ -51,6 +51,10 @@ def _startup(which: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
+
+
 class MallocSettings:
     """The handle :func:`keep_freed_memory` returns.
 
@@ -110,10 +114,8 @@ class MallocSettings:
         libc = _glibc()
         with _lock:
             if libc is not None:
-                mmap = self.previous["mmap"]
-                trim = self.previous["trim"]
-                mmap = mmap if mmap is not None else (_startup("mmap") or DEFAULT_MMAP_THRESHOLD)
-                trim = trim if trim is not None else (_startup("trim") or DEFAULT_TRIM_THRESHOLD)
+                mmap = _first(self.previous["mmap"], _startup("mmap"), DEFAULT_MMAP_THRESHOLD)
+                trim = _first(self.previous["trim"], _startup("trim"), DEFAULT_TRIM_THRESHOLD)
                 libc.mallopt(M_MMAP_THRESHOLD, min(mmap, MAX_MMAP_THRESHOLD))
                 libc.mallopt(M_TRIM_THRESHOLD, trim)
             _current.update(self.previous)

@@ -68,6 +68,9 @@ def test_restore_goes_back_to_startup_environment(fake: FakeLibc,
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2097152")
     fp.devices.keep_freed_memory().restore()
     assert fake.calls[-2:] == [(M, 1 << 20), (T, 2 << 20)]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # 0 is a value, not "unset"
+    fp.devices.keep_freed_memory().restore()
+    assert fake.calls[-1] == (T, 0)
 
 
 def test_non_glibc_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
