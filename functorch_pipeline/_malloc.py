@@ -175,6 +175,11 @@ def keep_freed_memory(mmap_threshold: int = 32 * MiB,
     Raises:
       TypeError, ValueError: a threshold that is not an int in range.
 
+    Notes:
+      NOTE [malloc restore]: glibc has no getter for the thresholds, so ``restore`` puts back the
+        known previous values (an earlier setting, else the environment's, else glibc's 128 KiB
+        defaults); glibc's dynamic mmap-threshold adjustment stays off for the process.
+
     Examples:
       >>> import functorch_pipeline as fp
       >>> with fp.devices.keep_freed_memory() as settings:

@@ -13,8 +13,6 @@ import importlib
 import inspect
 import re
 
-import pytest
-
 MODULES = [
     "functorch_pipeline",
     "functorch_pipeline.tree",
@@ -40,61 +38,7 @@ _DEFINITION = re.compile(r"^\s*(?:#\s*NOTE\s*\[([^\]]+)\]|NOTE\s*\[([^\]]+)\]\s*
 
 # Unresolved references accepted for now, as "qualified.name: note". Empty is the goal;
 # any reference not listed here fails the test.
-KNOWN_UNRESOLVED: frozenset[str] = frozenset(
-    {
-        "functorch_pipeline.cond: control flow under vmap",
-        "functorch_pipeline.functionalize: custom init",
-        "functorch_pipeline.load: checksum",
-        "functorch_pipeline.load: exact coverage",
-        "functorch_pipeline.load: lazy load",
-        "functorch_pipeline.load: parse budget",
-        "functorch_pipeline.load: strict header parsing",
-        "functorch_pipeline.load: type registry",
-        "functorch_pipeline.per_sample_grads: auto: vmap's numbers, hooks' speed",
-        "functorch_pipeline.per_sample_grads: recycled outputs",
-        "functorch_pipeline.save: temp files",
-        "functorch_pipeline.switch: control flow under vmap",
-        "functorch_pipeline.while_loop: control flow under vmap",
-        "functorch_pipeline.nn.GRU: every weight through F.linear",
-        "functorch_pipeline.nn.LSTM: every weight through F.linear",
-        "functorch_pipeline.nn.LSTM: fused fast path",
-        "functorch_pipeline.nn.RNN: every weight through F.linear",
-        "functorch_pipeline.optim.adafactor: leaf dtypes",
-        "functorch_pipeline.optim.apply_updates_: differentiable optimizers",
-        "functorch_pipeline.optim.differentially_private: expected batch size",
-        "functorch_pipeline.optim.differentially_private_aggregate: batch axis check",
-        "functorch_pipeline.optim.dpsgd: batch axis check",
-        "functorch_pipeline.optim.inject_hyperparams: differentiable optimizers",
-        "functorch_pipeline.optim.rprop: rprop stale update",
-        "functorch_pipeline.data.batches: data order is state",
-        "functorch_pipeline.data.mnist: offline datasets",
-        "functorch_pipeline.data.poisson_batches: Poisson batches are a pure function of (key, i)",
-        "functorch_pipeline.data.poisson_batches: overflow of a padded batch",
-        "functorch_pipeline.data.prefetch_to_device: prefetch on CUDA",
-        "functorch_pipeline.train.CheckpointManager: atomic save",
-        "functorch_pipeline.train.CheckpointManager: temp files",
-        "functorch_pipeline.train.DPTrainer: exact resume",
-        "functorch_pipeline.train.DPTrainer: expected batch size",
-        "functorch_pipeline.train.DPTrainer: noise key",
-        "functorch_pipeline.train.train_step: exact resume",
-        "functorch_pipeline.serialization.atomic_write: atomic save",
-        "functorch_pipeline.serialization.clean_temp_files: temp files",
-        "functorch_pipeline.serialization.register_type: type registry",
-        "functorch_pipeline.serialization.verify_lazy: lazy load",
-        "functorch_pipeline.privacy.Accountant: composition cost",
-        "functorch_pipeline.privacy.epsilon: neighbouring relation and orders",
-        "functorch_pipeline.distributed.check_same_tree: cross-rank tree check",
-        "functorch_pipeline.distributed.pmean_gradients: N ranks = one process",
-        "functorch_pipeline.distributed.psum: cross-rank tree check",
-        "functorch_pipeline.distributed.psum: one collective per bucket",
-        "functorch_pipeline.distributed.save: one writer, agreed outcome",
-        "functorch_pipeline.distributed.save_checkpoint: one writer, agreed outcome",
-        "functorch_pipeline.distributed.shard: N ranks = one process",
-        "functorch_pipeline.distributed.shard_optimizer: flat shards",
-        "functorch_pipeline.distributed.spawn: spawn never hangs",
-        "functorch_pipeline.devices.keep_freed_memory: malloc restore",
-    }
-)
+KNOWN_UNRESOLVED: frozenset[str] = frozenset()
 
 
 def _norm(name: str) -> str:
@@ -137,8 +81,5 @@ def test_public_docstring_notes_are_defined_in_place() -> None:
     bad = unresolved_references()
     new = sorted(set(bad) - KNOWN_UNRESOLVED)
     assert not new, "NOTE references not defined in their docstring:\n" + "\n".join(new)
-
-
-@pytest.mark.parametrize("entry", sorted(KNOWN_UNRESOLVED))
-def test_known_unresolved_entries_are_still_unresolved(entry: str) -> None:
-    assert entry in unresolved_references(), f"{entry} is fixed: remove it from the list"
+    stale = sorted(KNOWN_UNRESOLVED - set(bad))
+    assert not stale, f"fixed, remove from KNOWN_UNRESOLVED: {stale}"

@@ -93,6 +93,12 @@ def batches(
     >>> b = [b[1].tolist() for b in batches((x, y), 2, key=k, start=1)]
     >>> sorted(sum(a, [])), a[1:] == b
     ([0, 1, 2, 3, 4], True)
+
+    Notes:
+      NOTE [data order is state]: the epoch's shuffle is ``fp.random.permutation(key, n)``, a pure
+        function of the key (not of PyTorch's global RNG), so with ``key = fold_in(base_key,
+        epoch)`` the data order is fixed by ``(base_key, step)`` and a resumed run sees exactly the
+        batches an uninterrupted one would.
     """
     fn = "batches(data, batch_size)"
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -113,6 +113,10 @@ def mnist(root: str | os.PathLike[str], train: bool = True, *, download: bool = 
     Returns:
       A ``torchvision.datasets.MNIST``.
 
+    Notes:
+      NOTE [offline datasets]: nothing is downloaded unless ``download=True``; when files are
+        missing the error lists every expected file under ``root``.
+
     Examples:
       >>> import tempfile
       >>> import functorch_pipeline as fp

@@ -154,6 +154,15 @@ def poisson_batches(
     Raises:
       ValueError: an argument is out of range, or a padded batch overflows its cap.
 
+    Notes:
+      NOTE [Poisson batches are a pure function of (key, i)]: batch ``i``'s membership mask is
+        ``fp.random.bernoulli(fold_in(key, i), q, (n,))``, independent of earlier batches and of the
+        global RNG, so a run resumed at ``start=i`` draws the same batches and sizes stay
+        Binomial(n, q) as the accountant assumes.
+      NOTE [overflow of a padded batch]: a batch drawing more than ``max_batch_size`` examples
+        raises rather than dropping examples (which would make the accountant under-report epsilon);
+        choose the cap with ``poisson_max_batch_size``.
+
     Examples:
       >>> x, y = torch.arange(100.0), torch.arange(100)
       >>> k = _random.key(0)

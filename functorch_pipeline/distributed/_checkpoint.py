@@ -77,6 +77,11 @@ def save(
     Returns:
       ``path`` as a string.
 
+    Notes:
+      NOTE [one writer, agreed outcome]: rank 0 writes with an atomic ``fp.save``; the other ranks
+        wait on a broadcast of its outcome, which is the barrier and makes a failed save raise on
+        every rank at once.
+
     Example:
       >>> import os, tempfile, functorch_pipeline as fp
       >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
@@ -142,6 +147,11 @@ def save_checkpoint(
 
     Returns:
       The checkpoint's path.
+
+    Notes:
+      NOTE [one writer, agreed outcome]: rank 0 writes with an atomic ``fp.save``; the other ranks
+        wait on a broadcast of its outcome, which is the barrier and makes a failed save raise on
+        every rank at once.
 
     Example:
       >>> import tempfile, functorch_pipeline as fp

@@ -121,6 +121,11 @@ def check_same_tree(tree: Any, *, group: Any = None, fn: str = "check_same_tree"
     Raises:
       ValueError: naming the first differing rank and key path.
 
+    Notes:
+      NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
+        all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
+        naming the rank and key path on every rank instead of hanging.
+
     Example:
       >>> import functorch_pipeline as fp
       >>> with fp.distributed.local_group():
@@ -339,6 +344,14 @@ def psum(tree: Any, *, group: Any = None) -> Any:
 
     Returns:
       A new tree of the sums (inputs are not modified).
+
+    Notes:
+      NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
+        all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
+        naming the rank and key path on every rank instead of hanging.
+      NOTE [one collective per bucket]: leaves are grouped by ``(device, dtype)`` and each group is
+        flattened into one buffer sent with one collective, then split back: one round trip per
+        dtype instead of one per leaf.
 
     Example:
       >>> import functorch_pipeline as fp

@@ -47,6 +47,11 @@ def shard(tree: Any, *, axis: int = 0, group: Any = None) -> Any:
     Returns:
       A tree of views: rank ``r`` of ``N`` gets indices ``[r * B/N, (r + 1) * B/N)``.
 
+    Notes:
+      NOTE [N ranks = one process]: every rank draws the same global batch and keeps its contiguous
+        block; with equal blocks the ``pmean`` of the block-mean gradients is the one-process
+        gradient, so N ranks compute what one process does (up to summation order).
+
     Example:
       >>> import functorch_pipeline as fp
       >>> fp.distributed.shard({"x": torch.arange(4)})  # one process: everything
@@ -88,6 +93,11 @@ def pmean_gradients(*, group: Any = None) -> optim.GradientTransformation:
 
     Returns:
       An ``fp.optim.GradientTransformation``.
+
+    Notes:
+      NOTE [N ranks = one process]: every rank draws the same global batch and keeps its contiguous
+        block; with equal blocks the ``pmean`` of the block-mean gradients is the one-process
+        gradient, so N ranks compute what one process does (up to summation order).
 
     Example:
       >>> import functorch_pipeline as fp

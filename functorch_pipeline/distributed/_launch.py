@@ -111,6 +111,11 @@ def spawn(
       RuntimeError: a rank raised or died; the message holds every rank's failure.
       TimeoutError: ranks still running at the deadline (they are killed).
 
+    Notes:
+      NOTE [spawn never hangs]: ranks get a process-group timeout and the parent a hard deadline
+        after which every still-running rank is killed and a ``TimeoutError`` names them; once a
+        rank fails, its peers get 10 s to report before being killed.
+
     Example:
       >>> import operator
       >>> spawn(operator.mul, 2, 10, timeout_s=60)  # rank * 10 on each rank

@@ -200,6 +200,12 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
     Returns:
       A :class:`ShardedOptimizer` ``(init, update, gather_state, shard_state)``.
 
+    Notes:
+      NOTE [flat shards]: parameters are grouped by ``(device, dtype)`` into ~4 MB leaf-aligned flat
+        buckets, zero-padded to ``N * S``; rank ``r`` owns slice ``[r * S, (r + 1) * S)`` and a step
+        is a reduce-scatter of gradients, the inner update on the shard, then an all-gather of
+        parameters.
+
     Example:
       >>> import functorch_pipeline as fp
       >>> opt = fp.distributed.shard_optimizer(fp.optim.adam(0.1))

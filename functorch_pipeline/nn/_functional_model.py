@@ -649,6 +649,11 @@ def functionalize(module: nn.Module | Callable[[], nn.Module]) -> FunctionalMode
     >>> grads = fp.grad(lambda p: model.apply({"params": p}, x).sum())(variables["params"])
     >>> sorted(grads) == sorted(variables["params"])
     True
+
+    Notes:
+      NOTE [custom init]: ``init(key)`` re-runs reset methods only; a parameter value the reset
+        cannot have drawn (a custom init in ``__init__`` or loaded weights) is detected and reported
+        rather than silently re-drawn.
     """
     if isinstance(module, FunctionalModel):
         return module

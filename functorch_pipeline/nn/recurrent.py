@@ -449,6 +449,14 @@ class LSTM(_RNNBase):
     (torch.Size([5, 2, 8]), torch.Size([4, 2, 4]), torch.Size([4, 2, 4]))
     >>> torch.allclose(out, ref(x)[0], atol=1e-6)
     True
+
+    Notes:
+      NOTE [every weight through F.linear]: every use of a weight is one ``F.linear`` call on the
+        whole parameter (no ``@``, ``addmm`` or slicing), so per-sample-gradient engines see every
+        weight use as an (input, grad_output) pair.
+      NOTE [fused fast path]: when no transform or engine needs the individual ops (no
+        ``vmap``/``jvp``, at most one ``grad`` level, no hooks), layers call PyTorch's fused kernel
+        (as ``nn.LSTM`` does) with the same numbers; ``fused = False`` opts out.
     """
 
     mode = "LSTM"
@@ -508,6 +516,11 @@ class GRU(_RNNBase):
     (torch.Size([2, 5, 4]), torch.Size([1, 2, 4]))
     >>> torch.allclose(out, ref(x)[0], atol=1e-6)
     True
+
+    Notes:
+      NOTE [every weight through F.linear]: every use of a weight is one ``F.linear`` call on the
+        whole parameter (no ``@``, ``addmm`` or slicing), so per-sample-gradient engines see every
+        weight use as an (input, grad_output) pair.
     """
 
     mode = "GRU"
@@ -555,6 +568,11 @@ class RNN(_RNNBase):
 
     Returns:
       ``(output, h_n)`` exactly as ``nn.RNN``.
+
+    Notes:
+      NOTE [every weight through F.linear]: every use of a weight is one ``F.linear`` call on the
+        whole parameter (no ``@``, ``addmm`` or slicing), so per-sample-gradient engines see every
+        weight use as an (input, grad_output) pair.
 
     Example:
     >>> import torch

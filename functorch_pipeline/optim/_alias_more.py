@@ -356,6 +356,10 @@ def rprop(
     Returns:
       A :class:`GradientTransformation`.
 
+    Notes:
+      NOTE [rprop stale update]: optax 0.2.8's ``scale_by_rprop`` returns the previous step's update
+        (optax PR #1725); this follows the published rule, which is also ``torch.optim.Rprop``'s.
+
     Example:
       >>> import functorch_pipeline as fp
       >>> opt = fp.optim.rprop(0.1)
@@ -409,6 +413,11 @@ def adafactor(
 
     Returns:
       A :class:`GradientTransformation`.
+
+    Notes:
+      NOTE [leaf dtypes]: fp.optim does not promote dtypes: a gradient leaf must have its
+        parameter's dtype and a state leaf the gradient's (or the requested state dtype), else a
+        ``TypeError`` names the key path; optax promotes instead.
 
     Example:
       >>> import functorch_pipeline as fp

@@ -410,6 +410,11 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
     >>> q = apply_updates_(p, {"w": torch.tensor([2.0])})
     >>> q is p, p["w"]
     (True, tensor([3.]))
+
+    Notes:
+      NOTE [differentiable optimizers]: every update is differentiable (``torch.func.grad``,
+        ``vmap``, ``jvp``, ``create_graph=True``); fused, foreach and in-place fast paths are
+        switched off whenever something is differentiated.
     """
     where = "apply_updates_(params, updates)"
     pl, ul, _, same = _split_apply(where, params, updates)

@@ -319,6 +319,11 @@ def differentially_private_aggregate(
     Returns:
       A :class:`GradientTransformation`. Its ``update`` takes per-example gradients.
 
+    Notes:
+      NOTE [batch axis check]: per-example gradients must have shape ``(B, *param.shape)``; when the
+        parameter shapes are known every leaf must have exactly one more axis, so a batch-mean
+        gradient is refused instead of being clipped row by row.
+
     Example:
       >>> tx = differentially_private_aggregate(1.0, 0.0, key=0)
       >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
@@ -456,6 +461,10 @@ def differentially_private(
     Returns:
       A :class:`GradientTransformation`; its state is ``(AddDPNoiseState, inner state)``.
 
+    Notes:
+      NOTE [expected batch size]: with Poisson sampling the batch size is random, so (like Opacus)
+        the noisy sum is divided by the *expected* batch size ``q * N``, not the sampled one.
+
     Example:
       >>> from functorch_pipeline import optim
       >>> opt = differentially_private(optim.sgd(0.1), 1.0, 0.0, key=0, batch_size=2)
@@ -503,6 +512,11 @@ def dpsgd(
 
     Returns:
       A :class:`GradientTransformation`.
+
+    Notes:
+      NOTE [batch axis check]: per-example gradients must have shape ``(B, *param.shape)``; when the
+        parameter shapes are known every leaf must have exactly one more axis, so a batch-mean
+        gradient is refused instead of being clipped row by row.
 
     Example:
       >>> import functorch_pipeline as fp

@@ -327,6 +327,11 @@ def inject_hyperparams(
     >>> s.hyperparams["learning_rate"] = torch.tensor(0.5)
     >>> opt.update({"w": torch.ones(1)}, s)[0]
     {'w': tensor([-0.5000])}
+
+    Notes:
+      NOTE [differentiable optimizers]: every update is differentiable (``torch.func.grad``,
+        ``vmap``, ``jvp``, ``create_graph=True``); fused, foreach and in-place fast paths are
+        switched off whenever something is differentiated.
     """
     static = (static_args,) if isinstance(static_args, str) else tuple(static_args)
     sig = inspect.signature(inner_factory)

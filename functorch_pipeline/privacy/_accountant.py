@@ -48,6 +48,11 @@ class Accountant:
       kind: ``"rdp"`` (Renyi DP) or ``"pld"`` (privacy loss distributions, tighter).
       history: ``DpStep``s already taken (normally left empty and grown with :meth:`step`).
 
+    Notes:
+      NOTE [composition cost]: steps with equal ``(sigma, q)`` are merged and each distinct setting
+        is composed once with its count, so the cost grows with the number of distinct settings, not
+        of steps.
+
     Examples:
       >>> acc = Accountant("rdp")
       >>> acc = acc.step(noise_multiplier=1.1, sample_rate=0.004, steps=7500)

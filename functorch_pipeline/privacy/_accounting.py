@@ -59,6 +59,11 @@ def epsilon(
       ValueError: an argument is out of range (the message names it).
       ImportError: ``dp-accounting`` is not installed.
 
+    Notes:
+      NOTE [neighbouring relation and orders]: as in dp-accounting and Opacus: add-or-remove-one
+        neighbouring datasets, each step a Poisson-subsampled Gaussian mechanism, and
+        dp-accounting's default RDP orders and RDP-to-(eps, delta) conversion.
+
     Example:
       Opacus's MNIST example (q = 240 / 60000, sigma = 1.1, 60 epochs, delta = 1e-5):
 

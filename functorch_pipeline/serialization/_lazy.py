@@ -136,6 +136,11 @@ def verify_lazy(tree: Any) -> int:
       CheckpointError: a tensor's bytes do not match the checksum recorded in its file;
         the message names its key path in ``tree``, its tensor name and the file.
 
+    Notes:
+      NOTE [lazy load]: ``mmap=True`` checks the header as a full load does, then makes every tensor
+        a view of one copy-on-write mapping of the file: pages are read when first touched and
+        writes never reach the file.
+
     Example:
       >>> import tempfile, os
       >>> import functorch_pipeline as fp

@@ -111,6 +111,24 @@ def load(
     Traceback (most recent call last):
     ...
     functorch_pipeline.serialization._format.CheckpointError: load(path, like): ... leaf at path `params.w` has shape (3, 2) in `like` but (2, 3) on disk
+
+    Notes:
+      NOTE [checksum]: ``fp.save`` records CRC-32s of the header and of every tensor's bytes in the
+        ``functorch_pipeline.crc32`` metadata field; ``load`` verifies them and raises
+        ``CheckpointError`` on a mismatch.
+      NOTE [exact coverage]: as safetensors requires, the tensors must tile the data section exactly
+        (no gaps, padding, overlaps or trailing bytes), else ``CheckpointError``.
+      NOTE [lazy load]: ``mmap=True`` checks the header as a full load does, then makes every tensor
+        a view of one copy-on-write mapping of the file: pages are read when first touched and
+        writes never reach the file.
+      NOTE [parse budget]: before any JSON is parsed, the header text is scanned to bound the number
+        of JSON values it can create, and a file with more than its size allows is refused (parsed
+        JSON costs far more memory than its text).
+      NOTE [strict header parsing]: every number in the header (length, shapes, offsets) is checked
+        against the file size and caps before use; every failure raises ``CheckpointError``.
+      NOTE [type registry]: a file never imports or calls arbitrary code: classes are found by
+        qualified name only in the ``register_type`` registry and in ``functorch_pipeline``'s own
+        modules.
     """
     where = "load(path)" if like is None else "load(path, like)"
     dev = torch.device(device) if device is not None else None

@@ -95,6 +95,11 @@ def save(
     >>> save(os.path.join(d, "ckpt.safetensors"), tree)
     >>> load(os.path.join(d, "ckpt.safetensors"))
     {'w': tensor([1., 1.], dtype=torch.bfloat16), 'step': 3, 'opt': (None, 0.5)}
+
+    Notes:
+      NOTE [temp files]: a save writes ``.<name>.<host>-<pid>-<random>.tmp`` and renames it; a
+        killed save leaves that file behind, and ``clean_temp_files`` removes only stale ones, never
+        a save still running.
     """
     where = "save(path, tree)"
     if not isinstance(path, (str, os.PathLike)):
@@ -229,6 +234,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
       path: the file to create or replace.
       write: ``write(fd)`` writes the content to the open file descriptor.
       sync: ``fsync`` the file and its directory (durable against power loss).
+
+    Notes:
+      NOTE [atomic save]: the file is written to a temporary file in the same directory, fsync-ed
+        and renamed over the target (then the directory fsync-ed), so a crash leaves the old file or
+        the new one, never a partial one.
 
     Examples:
       >>> import tempfile, os

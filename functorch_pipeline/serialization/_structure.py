@@ -99,6 +99,11 @@ def register_type(cls: type, name: str | None = None) -> type:
     ...     total: float
     >>> type_name(Stats) in _REGISTRY
     True
+
+    Notes:
+      NOTE [type registry]: a file never imports or calls arbitrary code: classes are found by
+        qualified name only in the ``register_type`` registry and in ``functorch_pipeline``'s own
+        modules.
     """
     if not isinstance(cls, type) or not (_is_namedtuple(cls) or _custom_entry(cls) is not None):
         raise TypeError(

@@ -100,6 +100,11 @@ def clean_temp_files(
       ValueError: a negative ``max_age``.
       OSError: ``directory`` cannot be listed.
 
+    Notes:
+      NOTE [temp files]: a save writes ``.<name>.<host>-<pid>-<random>.tmp`` and renames it; a
+        killed save leaves that file behind, and ``clean_temp_files`` removes only stale ones, never
+        a save still running.
+
     Example:
       >>> import tempfile, os, subprocess, sys
       >>> d = tempfile.mkdtemp()

@@ -147,6 +147,15 @@ class DPTrainer:
         hooks, else vmap: the first that can run ``loss_fn``), ``"ghost"``, ``"hooks"``
         or ``"vmap"``.
 
+    Notes:
+      NOTE [exact resume]: everything random comes from ``state.key`` folded with the step, and the
+        key never advances, so a state saved at step N and resumed in a new process continues bit
+        for bit.
+      NOTE [expected batch size]: with Poisson sampling the batch size is random, so (like Opacus)
+        the noisy sum is divided by the *expected* batch size ``q * N``, not the sampled one.
+      NOTE [noise key]: the DP noise key lives in the optimizer state (built from the run's key at
+        ``init``), so it is saved and restored with the state.
+
     Example:
       >>> import functorch_pipeline as fp
       >>> def loss_fn(params, batch):

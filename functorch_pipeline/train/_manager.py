@@ -80,6 +80,14 @@ class CheckpointManager:
     Traceback (most recent call last):
     ...
     functorch_pipeline.serialization._format.CheckpointError: CheckpointManager.save(step, tree): ...
+
+    Notes:
+      NOTE [atomic save]: the file is written to a temporary file in the same directory, fsync-ed
+        and renamed over the target (then the directory fsync-ed), so a crash leaves the old file or
+        the new one, never a partial one.
+      NOTE [temp files]: a save writes ``.<name>.<host>-<pid>-<random>.tmp`` and renames it; a
+        killed save leaves that file behind, and ``clean_temp_files`` removes only stale ones, never
+        a save still running.
     """
 
     def __init__(

@@ -47,6 +47,11 @@ def train_step(
       ``(new_state, loss)``, or ``(new_state, loss, aux)`` with ``has_aux=True``; ``loss``
       and the tensors of ``aux`` are detached.
 
+    Notes:
+      NOTE [exact resume]: everything random comes from ``state.key`` folded with the step, and the
+        key never advances, so a state saved at step N and resumed in a new process continues bit
+        for bit.
+
     Example:
       >>> from functorch_pipeline import optim, random
       >>> def loss_fn(params, buffers, batch, key):

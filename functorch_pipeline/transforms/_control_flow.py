@@ -117,6 +117,10 @@ def cond(
       taken branch runs (so only one is checked) except under ``vmap`` with a batched
       predicate. ``pred`` is read on the host (a device sync) outside ``vmap``.
 
+      NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
+        so under ``fp.vmap`` (as JAX does when it batches a predicate) every branch runs and the
+        outputs are selected per example with ``torch.where``.
+
     Example:
       >>> cond(torch.tensor(True), lambda x: x + 1, lambda x: x - 1, torch.tensor(1.0))
       tensor(2.)
@@ -146,6 +150,11 @@ def switch(
       The chosen branch's output. Under ``vmap`` with a per-example index every branch
       runs and the outputs are selected per example (NOTE [control flow under vmap]), so
       all branches must then return the same structure, shapes and dtypes.
+
+    Notes:
+      NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
+        so under ``fp.vmap`` (as JAX does when it batches a predicate) every branch runs and the
+        outputs are selected per example with ``torch.where``.
 
     Example:
       >>> switch(5, [lambda x: x, lambda x: x * 10], torch.tensor(1.0))
@@ -202,6 +211,10 @@ def while_loop(
       eager loop and differentiable with ``fp.grad``. Under ``vmap`` with a per-example
       predicate it runs until every example is done (NOTE [control flow under vmap]).
       The predicate is read on the host every iteration.
+
+      NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
+        so under ``fp.vmap`` (as JAX does) the body runs while the predicate holds for any
+        example, and each example keeps its value once its own predicate is false.
 
     Example:
       >>> while_loop(lambda v: v[0] < 5, lambda v: (v[0] + 1, v[1] * 2), (0, torch.tensor(1.0)))

@@ -333,6 +333,15 @@ def per_sample_grads(
       the differentiated argument(s) with a leading batch axis, plus per-example ``aux``
       with ``has_aux=True``.
 
+    Notes:
+      NOTE [auto: vmap's numbers, hooks' speed]: the default gives exactly ``vmap``'s per-example
+        gradients and takes the faster hooks engine only when that is the same computation
+        (per-example losses ``(B,)`` and a rule for every parameter use); otherwise it uses
+        ``vmap``.
+      NOTE [recycled outputs]: the engine keeps large per-example gradient buffers it returned and
+        writes a later result into one only when nothing else references it (saving page faults); a
+        result you hold is never overwritten, and ``release`` frees the pool.
+
     Examples:
     A loss written for a batch, here a mean; each example is a batch of one (vmap):
 
