@@ -202,9 +202,9 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
 
     Notes:
       NOTE [flat shards]: parameters are grouped by ``(device, dtype)`` into ~4 MB leaf-aligned flat
-        buckets, zero-padded to ``N * S``; rank ``r`` owns slice ``[r * S, (r + 1) * S)`` and a step
-        is a reduce-scatter of gradients, the inner update on the shard, then an all-gather of
-        parameters.
+        buckets, zero-padded to ``N * S``; rank ``r`` owns slice ``[r * S, (r + 1) * S)``. A step
+        is a reduce-scatter of the gradients, the inner optimizer on the rank's shards, then an
+        all-gather of the update shards.
 
     Example:
       >>> import functorch_pipeline as fp

@@ -652,8 +652,8 @@ def functionalize(module: nn.Module | Callable[[], nn.Module]) -> FunctionalMode
 
     Notes:
       NOTE [custom init]: ``init(key)`` re-runs reset methods only; a parameter value the reset
-        cannot have drawn (a custom init in ``__init__`` or loaded weights) is detected and reported
-        rather than silently re-drawn.
+        cannot have drawn (a custom init in ``__init__`` or loaded weights) triggers a warning
+        that ``init`` re-draws it; functionalize a factory (``lambda: Net(...)``) to replay it.
     """
     if isinstance(module, FunctionalModel):
         return module

@@ -455,7 +455,8 @@ class LSTM(_RNNBase):
         whole parameter (no ``@``, ``addmm`` or slicing), so per-sample-gradient engines see every
         weight use as an (input, grad_output) pair.
       NOTE [fused fast path]: when no transform or engine needs the individual ops (no
-        ``vmap``/``jvp``, at most one ``grad`` level, no hooks), layers call PyTorch's fused kernel
+        ``vmap``/``jvp``, at most one ``grad`` level, no ``torch.compile``, no
+        ``__torch_function__`` override), layers call PyTorch's fused kernel
         (as ``nn.LSTM`` does) with the same numbers; ``fused = False`` opts out.
     """
 
