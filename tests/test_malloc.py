@@ -168,5 +168,6 @@ def test_opt_in_removes_page_faults_of_pure_adam() -> None:
     # "default" phase is not asserted: glibc's dynamic mmap threshold adapts to this loop
     # when nothing else allocates (0 faults here, ~6,000 per call in the interleaved
     # benchmark); with the thresholds fixed at glibc's defaults ("restored") it cannot.
+    # restored runs measured 4,064 to 30,248 faults a step: require half a tensor's worth
     assert res["opt_in"] <= 64, res
-    assert res["restored"] >= 4096, res
+    assert res["restored"] >= 2048, res
