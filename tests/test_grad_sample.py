@@ -12,24 +12,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import loop_grads
+from per_example_reference import params_of
 from torch import nn
 
 import functorch_pipeline as fp
 from functorch_pipeline.transforms import _grad_sample
 
 TOL = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in module.named_parameters()}
 
 
 def squared(module: nn.Module):
@@ -40,18 +31,6 @@ def squared(module: nn.Module):
         return ((out - y) ** 2).flatten(1).sum(1)
 
     return loss
-
-
-def loop_grads(loss_fn, params, *batch):
-    """The reference: one ``torch.autograd.grad`` per example (batches of one)."""
-    rows = []
-    for i in range(batch[0].shape[0]):
-        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-        loss = loss_fn(p, *(b[i:i + 1] for b in batch))
-        assert loss.shape == (1,)
-        grads = torch.autograd.grad(loss.sum(), list(p.values()), allow_unused=True)
-        rows.append([torch.zeros_like(v) if g is None else g for v, g in zip(p.values(), grads, strict=True)])
-    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
 
 
 def assert_matches(loss_fn, params, *batch, method="hooks", **kw):

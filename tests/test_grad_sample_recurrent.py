@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import params_of
 from torch import nn
 
 import functorch_pipeline as fp
@@ -14,18 +16,6 @@ from functorch_pipeline.nn import recurrent as _recurrent
 from functorch_pipeline.transforms import _grad_sample
 
 TOL = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in module.named_parameters()}
 
 
 def loop_grads(loss_fn, params, *batch):
