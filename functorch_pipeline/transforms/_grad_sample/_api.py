@@ -68,11 +68,13 @@ def _join(*chunks: Any) -> Any:
     return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
 
 
-def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
-              leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names,
-              batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
-    flat = [leaf for group in leaves for leaf in group]
-    engine = Engine(flat, names, batch_size, RULES, fn)
+def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
+                   nums: Sequence[int], leaves: list[list[torch.Tensor]], defs: list[Any],
+                   batch_size: int, has_aux: bool, fn: str, needs: str = "the fast method"
+                   ) -> tuple[torch.Tensor, Any]:
+    """Run ``loss_fn`` on ``engine``'s tracked parameters and check its per-example losses
+    (shape ``(batch_size,)``, floating point); ``needs`` names the method in the error for a
+    scalar loss. The forward of the hooks method and of ghost clipping."""
     tracked = iter(engine.tracked())
     new_args = list(args)
     for i, group, treedef in zip(nums, leaves, defs, strict=True):
@@ -92,12 +94,21 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
                         f"{type(losses).__name__}")
     if losses.dim() == 0:
         raise Unsupported(
-            f"loss_fn returned a scalar; the fast method needs the per-example losses, a tensor "
+            f"loss_fn returned a scalar; {needs} needs the per-example losses, a tensor "
             f"of shape ({batch_size},): return the unreduced loss (e.g. reduction='none') "
             "instead of its mean or sum")
     if tuple(losses.shape) != (batch_size,) or not losses.is_floating_point():
         raise ValueError(f"{fn}: loss_fn must return per-example losses of shape ({batch_size},) "
                          f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
+    return losses, aux
+
+
+def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
+              leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names,
+              batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
+    flat = [leaf for group in leaves for leaf in group]
+    engine = Engine(flat, names, batch_size, RULES, fn)
+    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn)
     engine.backward(losses)
     grads: list[Any] = [None] * len(flat)
     with torch.no_grad():

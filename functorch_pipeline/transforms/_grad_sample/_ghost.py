@@ -45,6 +45,7 @@ from functorch_pipeline.transforms._grad_sample import _recurrent
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
+from functorch_pipeline.transforms._grad_sample._api import forward_losses
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
@@ -154,45 +155,14 @@ def ghost_rules() -> dict[Any, Callable[..., Any]]:
 # -- the driver -----------------------------------------------------------------------------
 
 
-def _forward(engine: Engine, loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
-             leaves: list[list[torch.Tensor]], defs: list[Any], batch_size: int, has_aux: bool,
-             fn: str) -> tuple[torch.Tensor, Any]:
-    """Run ``loss_fn`` on tracked parameters and check its per-example losses (the same
-    contract as ``_api._run_once``)."""
-    tracked = iter(engine.tracked())
-    new_args = list(args)
-    for i, group, treedef in zip(nums, leaves, defs, strict=True):
-        new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
-    with torch.inference_mode(False), torch.enable_grad():
-        out = loss_fn(*new_args)
-    if has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "
-                            f"got {type(out).__name__}")
-        losses, aux = out
-    else:
-        losses, aux = out, None
-    if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"{fn}: loss_fn must return a tensor of per-example losses, got "
-                        f"{type(losses).__name__}")
-    if losses.dim() == 0:
-        raise Unsupported(
-            f"loss_fn returned a scalar; ghost clipping needs the per-example losses, a tensor "
-            f"of shape ({batch_size},): return the unreduced loss (e.g. reduction='none') "
-            "instead of its mean or sum")
-    if tuple(losses.shape) != (batch_size,) or not losses.is_floating_point():
-        raise ValueError(f"{fn}: loss_fn must return per-example losses of shape ({batch_size},) "
-                         f"(floating point), got shape {tuple(losses.shape)} and dtype {losses.dtype}")
-    return losses, aux
-
-
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names, batch_size: int,
               has_aux: bool, max_norm: Any, fn: str
               ) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, ghost_rules(), fn)
-    losses, aux = _forward(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn)
+    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
+                                  has_aux, fn, needs="ghost clipping")
     engine.backward(losses)
     by_slot: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
     for (kind, slot), payloads in engine.parts.items():
