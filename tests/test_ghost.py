@@ -135,20 +135,42 @@ def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, mo
 @FAST
 @given(nd=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), k=st.integers(1, 3),
        stride=st.integers(1, 2), padding=st.sampled_from([0, 1, "same"]),
-       chunked=st.booleans(), keep=st.booleans())
-def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, chunked, keep, monkeypatch):
+       dilation=st.integers(1, 2), cin=st.sampled_from([1, 2, 3]), chunked=st.booleans(),
+       keep=st.booleans())
+def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, dilation, cin, chunked, keep,
+                                     monkeypatch):
     """float32 on CPU takes mkldnn's grouped weight-gradient kernel (NOTE [per-example conv
-    gradients]): against the float64 loop, to float32 accuracy."""
+    gradients]; a grouped forward for 1-2 input channels per group): against the float64
+    loop, to float32 accuracy."""
     if padding == "same":
         stride = 1
     one_by_one(monkeypatch, chunked)
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", 0.0)
     monkeypatch.setattr(_ghost_math, "KEEP_BYTES", KEEP if keep else 0)
     torch.manual_seed(k + stride)
-    conv = (nn.Conv1d, nn.Conv2d)[nd - 1](2 * groups, 3 * groups, k, stride=stride,
-                                           padding=padding, groups=groups)
+    conv = (nn.Conv1d, nn.Conv2d)[nd - 1](cin * groups, 3 * groups, k, stride=stride,
+                                           padding=padding, dilation=dilation, groups=groups)
     p64 = params_of(conv)
-    x = torch.randn(3, 2 * groups, *([6] * nd))
+    x = torch.randn(3, cin * groups, *([6] * nd))
+    ref_norms, want = reference(squared(conv), p64, (x,), 0.5)
+    p32 = {n: v.float() for n, v in p64.items()}
+    g, norms = fp.clipped_grad(squared(conv), 0.5, method="ghost")(p32, x.float())
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
+    for n in want:
+        torch.testing.assert_close(g[n].double(), want[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin", [1, 2])
+@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2), (2, 3)])
+def test_conv_first_layer_float32(cin, stride, dilation, monkeypatch):
+    """1-2 input channels in float32 take a grouped *forward* convolution in which stride
+    and dilation trade places (NOTE [grouped weight gradients on CPU]): every pairing,
+    against the float64 loop."""
+    monkeypatch.setattr(_ghost_math, "GRAM_RATIO", 0.0)
+    torch.manual_seed(7 * stride + dilation)
+    conv = nn.Conv2d(cin, 3, (3, 2), stride=stride, padding=1, dilation=dilation)
+    p64 = params_of(conv)
+    x = torch.randn(4, cin, 9, 8)
     ref_norms, want = reference(squared(conv), p64, (x,), 0.5)
     p32 = {n: v.float() for n, v in p64.items()}
     g, norms = fp.clipped_grad(squared(conv), 0.5, method="ghost")(p32, x.float())

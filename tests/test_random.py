@@ -355,3 +355,23 @@ def test_shape_must_be_a_sequence_and_permutation_n_checked():
                        match=r"permutation\(key, n\): `n` must be a Python int, got float"):
         fr.permutation(fr.key(0), 2.0)
     assert fr.permutation(fr.key(0), 0).shape == (0,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.integers(0, 2**32 - 1),
+       st.integers(min_value=0, max_value=3000))
+def test_int32_hash_gives_the_int64_words(seed, data, n):
+    """Draws hash on int32 bit patterns (wrapping multiplies, masked shifts); the words
+    must be the int64 reference hash's, bit for bit, so every draw is unchanged."""
+    from functorch_pipeline.random._core import _MASK32, _hash2
+
+    k = fr.fold_in(fr.key(seed), data)
+    counter = torch.arange(n, dtype=torch.int64)
+    want = _hash2(k[0:1], k[1:2], counter)
+    assert torch.equal(fr.bits(k, (n,)), want)
+    u = fr.uniform(k, (n,))
+    assert torch.equal(u, (want >> 8).to(torch.float32) * (1.0 / 16777216.0))
+    w2 = _hash2(*fr.fold_in(k, 0x6A09E667).split(1), counter)
+    u64 = fr.uniform(k, (n,), torch.float64)
+    assert torch.equal(u64, ((want >> 5) * 67108864 + (w2 >> 6)).double() / 9007199254740992.0)
+    assert bool(((want >= 0) & (want <= _MASK32)).all())

@@ -262,8 +262,8 @@ def _noisy_mean(
     one flat vector of all the parameters' entries, split into the leaves in leaf order:
     a keyed draw has a fixed cost per call, and one call for a model's 8 leaves is ~4x
     cheaper than 8 calls. The vector is drawn in chunks of ``_NOISE_CHUNK`` entries, chunk
-    ``i`` from ``fold_in(fold_in(rng_key, count), i)``: a keyed draw holds several int64
-    temporaries per entry, so one draw for a 6.4M-parameter embedding peaked at ~375 MB
+    ``i`` from ``fold_in(fold_in(rng_key, count), i)``: a keyed draw holds several integer
+    temporaries per entry (int64 when measured; int32 now), so one draw for a 6.4M-parameter embedding peaked at ~375 MB
     above the step's other memory; chunks bound that to a few MB. Otherwise (mixed dtypes
     or devices) each leaf gets its own key, ``split(fold_in(rng_key, count), num_leaves)[i]``.
     """

@@ -48,6 +48,34 @@ def _hash2(k0: torch.Tensor, k1: torch.Tensor, counter: torch.Tensor) -> torch.T
     return _fmix32((x ^ k1) + 0x7F4A7C15 & _MASK32)
 
 
+# The same hash on int32 bit patterns (wrapping multiplies, masked logical shifts): the
+# identical 32-bit words at half the memory traffic of the int64 form, ~2-3x faster for
+# large draws. `_hash2` stays for keys (a few elements, values in int64 for the API).
+_GOLDEN_I32 = _GOLDEN - (1 << 32)
+_C1_I32, _C2_I32 = 0x85EBCA6B - (1 << 32), 0xC2B2AE35 - (1 << 32)
+
+
+def _fmix32_i32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _C1_I32
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _C2_I32
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _bits_i32(k: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`bits` as int32 bit patterns (``bits == _bits_i32 & 0xFFFFFFFF`` in int64)."""
+    n = math.prod(shape)
+    if n > 1 << 31:  # counters past int32: the int64 form, same words
+        w = _hash2(k[..., 0:1], k[..., 1:2], torch.arange(n, device=k.device, dtype=torch.int64))
+        return w.to(torch.int32).reshape(tuple(k.shape[:-1]) + shape)
+    k32 = k.to(torch.int32)  # modular: the key words' bit patterns
+    counter = torch.arange(n, device=k.device, dtype=torch.int32)
+    x = _fmix32_i32(counter * _GOLDEN_I32 + k32[..., 0:1])
+    out = _fmix32_i32((x ^ k32[..., 1:2]) + 0x7F4A7C15)
+    return out.reshape(tuple(k.shape[:-1]) + shape)
+
+
 def _check_key(k: torch.Tensor, fn: str) -> None:
     if not isinstance(k, torch.Tensor):
         raise TypeError(f"{fn}: `key` must be a key tensor from fp.random.key, got {type(k).__name__}")
@@ -260,9 +288,18 @@ def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
     """
     _check_key(k, "bits(key, shape)")
     shape = _check_shape(shape, "bits(key, shape)")
-    n = math.prod(shape)
-    counter = torch.arange(n, device=k.device, dtype=torch.int64)
-    return _hash2(k[..., 0:1], k[..., 1:2], counter).reshape(tuple(k.shape[:-1]) + shape)
+    return _bits_i32(k, shape).to(torch.int64) & _MASK32
+
+
+def _unit(k: torch.Tensor, shape: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
+    """Uniform draws in ``[0, 1)`` of ``k.shape[:-1] + shape``: 24 random bits per float32,
+    53 (two words) per float64; ``work`` is one of the two."""
+    w = _bits_i32(k, shape)
+    if work == torch.float64:  # 27 + 26 bits
+        w2 = _bits_i32(fold_in(k, 0x6A09E667), shape)
+        hi = ((w >> 5) & 0x7FFFFFF).to(torch.float64)
+        return (hi * 67108864.0 + ((w2 >> 6) & 0x3FFFFFF)) * (1.0 / 9007199254740992.0)
+    return ((w >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)  # < 1 in float32
 
 
 def uniform(
@@ -306,18 +343,14 @@ def uniform(
     _check_finite(maxval, "maxval", fn)
     if _is_number(minval) and _is_number(maxval) and minval > maxval:
         raise ValueError(f"{fn}: need `minval` <= `maxval`, got {minval} and {maxval}")
+    _check_key(k, fn)
     shape = _check_shape(shape, fn)
-    w = bits(k, shape)
-    if dtype == torch.float64:
-        w2 = bits(fold_in(k, 0x6A09E667), shape)
-        u = ((w >> 5) * 67108864 + (w2 >> 6)).to(torch.float64) * (1.0 / 9007199254740992.0)
-    else:
-        u = (w >> 8).to(torch.float32) * (1.0 / 16777216.0)  # < 1 exactly in float32
-        if dtype != torch.float32:
-            u = u.to(dtype)
-            # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
-            one = torch.ones((), dtype=dtype, device=u.device)
-            u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
+    u = _unit(k, shape, torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype not in (torch.float32, torch.float64):
+        u = u.to(dtype)
+        # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
+        one = torch.ones((), dtype=dtype, device=u.device)
+        u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
     return u * (maxval - minval) + minval
 
 
@@ -345,9 +378,15 @@ def normal(
         raise TypeError(f"normal(key, shape, dtype): `dtype` must be floating, got {dtype}")
     shape = _check_shape(shape, "normal(key, shape, dtype)")
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    k1, k2 = fold_in(k, 1), fold_in(k, 2)
-    u1 = 1.0 - uniform(k1, shape, work)  # in (0, 1]
-    u2 = uniform(k2, shape, work)
+    _check_key(k, "normal(key, shape, dtype)")
+    if k.dim() == 1:
+        # The two streams, fold_in(k, 1) and fold_in(k, 2), hashed in one vectorised pass:
+        # the same numbers as two `uniform` calls, at half the per-op overhead.
+        u = _unit(fold_in(k, torch.tensor([1, 2], device=k.device)), shape, work)
+        u1, u2 = 1.0 - u[0], u[1]  # u1 in (0, 1]
+    else:
+        u1 = 1.0 - uniform(fold_in(k, 1), shape, work)
+        u2 = uniform(fold_in(k, 2), shape, work)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
     return z.to(dtype)
 

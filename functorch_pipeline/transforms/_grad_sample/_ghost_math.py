@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from functorch_pipeline.transforms._grad_sample._rules import conv_weight_grouped
 from functorch_pipeline.transforms._grad_sample._rules import merge
 
 __all__ = ["CHUNK_BYTES", "GRAM_RATIO", "KEEP_BYTES", "squared_norms", "weighted_sum"]
@@ -147,15 +148,9 @@ def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...
     if len(kernel) == 1:  # as a 2-d conv of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, pads = (1, *kernel), (1, *stride), (1, *dilation), [*pads, 0, 0]
-    if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric ("same" with an even kernel)
-        x, padding = F.pad(x, pads), [0, 0]
-    else:
-        padding = [pads[2], pads[0]]
-    C = x.shape[1]
-    weight = x.new_empty(n * out_ch, C // groups, *kernel)  # only its shape is read
-    grad_w = torch.ops.aten.convolution_backward(
-        g.reshape(1, n * out_ch, *g.shape[2:]), x.reshape(1, n * C, *x.shape[2:]), weight, None,
-        list(stride), padding, list(dilation), False, [0, 0], n * groups, [False, True, False])[1]
+    # The hooks rule's kernel choice (grouped backward, or a grouped forward for 1-2 input
+    # channels): NOTE [grouped weight gradients on CPU].
+    grad_w = conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
     return grad_w.reshape(n, groups, cout, -1)
 
 

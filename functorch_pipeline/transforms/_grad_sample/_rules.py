@@ -32,7 +32,7 @@ from functorch_pipeline.transforms._grad_sample import _buffers
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
-__all__ = ["RULES", "merge", "overridable", "register_rule"]
+__all__ = ["RULES", "conv_weight_grouped", "merge", "overridable", "register_rule"]
 
 
 def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -142,7 +142,7 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
     else:
         pads = [p for p in reversed(_pair(padding, 2)) for _ in range(2)]
     if _grouped_ok(x):
-        out = _conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
+        out = conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
         return out.reshape(out.shape[:3] + tuple(kernel[2 - nd:]))
     if any(pads):
         x = F.pad(x, pads)
@@ -169,7 +169,7 @@ def _grouped_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def _conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
+def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
                          stride: tuple[int, ...], pads: list[int], dilation: tuple[int, ...],
                          groups: int) -> torch.Tensor:
     """Per-example 2-d conv weight gradients ``(B, O, C / groups, *kernel)`` from one grouped
