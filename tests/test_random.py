@@ -363,7 +363,8 @@ def test_shape_must_be_a_sequence_and_permutation_n_checked():
 def test_int32_hash_gives_the_int64_words(seed, data, n):
     """Draws hash on int32 bit patterns (wrapping multiplies, masked shifts); the words
     must be the int64 reference hash's, bit for bit, so every draw is unchanged."""
-    from functorch_pipeline.random._core import _MASK32, _hash2
+    from functorch_pipeline.random._core import _MASK32
+    from functorch_pipeline.random._core import _hash2
 
     k = fr.fold_in(fr.key(seed), data)
     counter = torch.arange(n, dtype=torch.int64)
