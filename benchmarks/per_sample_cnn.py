@@ -5,7 +5,11 @@ limit for per-sample gradients); every other row is a way of getting each exampl
 gradient, measured in the same process, interleaved. Ratios are throughput ratios
 (> 1 is faster than the yardstick). The target row is ``fp.per_sample_grads`` with the
 default method on per-example losses (issue 10: >= 0.95x the yardstick at batch 256).
-Opacus' ``GradSampleModule`` is a row when ``opacus`` is installed.
+Opacus' ``GradSampleModule`` is a row when ``opacus`` is installed, and JAX's
+``jax.jit(jax.grad)`` (batch gradient) and ``jax.jit(jax.vmap(jax.grad))`` (per-example) on
+the same network and weights (``_jax_models.cnn``) when ``jax`` and ``optax`` are installed;
+their compile is their first call, made (and timed, see the row's note) by the check before
+timing, so it is in neither the medians nor the "1st call s" column.
 
 Allocation history leaks between candidates of one process (DESIGN.md, "Benchmarking on
 these machines"), so ``--processes N`` also runs the yardstick and the default method in
@@ -34,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
+import _jax_models  # noqa: E402
 
 import functorch_pipeline as fp  # noqa: E402
 
@@ -57,7 +62,8 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=-1)
 
 
-def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dict[str, str]]:
+def candidates(batch: int, loop: bool, compile: bool = False,
+               jax_rows: bool = True) -> tuple[dict, dict[str, str]]:
     torch.manual_seed(0)
     model = Net()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -105,6 +111,8 @@ def candidates(batch: int, loop: bool, compile: bool = False) -> tuple[dict, dic
         worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)  # noqa: B023
         print(f"  check: {label} vs vmap(grad), max relative difference {worst:.1e}")
         assert worst < 1e-4, worst
+    if jax_rows and _jax_models.modules() is not None:
+        fns.update(_jax(model, x, y, b))
     return fns, {"yardstick": "batch gradient (yardstick)", "vmap": "torch.func vmap(grad)"}
 
 
@@ -133,9 +141,39 @@ def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
     return run
 
 
+def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict:
+    """The JAX rows (same weights and batch), each checked against torch's ``vmap(grad)``
+    result ``want`` first; that check makes the compiling first call, timed into a note."""
+    import time
+
+    jax = _jax_models.modules()[0]
+    params = _jax_models.params_from_torch(model.named_parameters())
+    jx, jy = _jax_models.to_jax(x), _jax_models.to_jax(y)
+    batch_grad = jax.jit(jax.grad(_jax_models.cnn_mean_loss))
+    per_example = jax.jit(jax.vmap(jax.grad(_jax_models.cnn_example_loss), in_axes=(None, 0, 0)))
+    want_mean = {k: v.mean(0) for k, v in want.items()}
+    fns = {}
+    for name, fn, ref in (("JAX batch gradient (jit)", batch_grad, want_mean),
+                          ("JAX vmap(grad) (jit)", per_example, want)):
+        start = time.perf_counter()
+        got = jax.block_until_ready(fn(params, jx, jy))
+        first = time.perf_counter() - start
+        worst = _jax_models.max_relative_difference(got, ref)
+        print(f"  check: {name} vs vmap(grad){' mean' if ref is want_mean else ''}, "
+              f"max relative difference {worst:.1e}")
+        assert worst < 1e-4, worst
+
+        def run(fn: object = fn) -> object:
+            return jax.block_until_ready(fn(params, jx, jy))
+
+        run.note = f"compile + first call {first:.2f} s (in the check, before timing)"
+        fns[name] = run
+    return fns
+
+
 def _child(name: str, batch: int, calls: int) -> None:
     """Time ``calls`` calls of one candidate in this fresh process; print JSON times."""
-    fns, _ = candidates(batch, loop=False)
+    fns, _ = candidates(batch, loop=False, jax_rows=False)
     fn = fns[name]
     for _ in range(3):
         fn()
@@ -189,13 +227,18 @@ def main() -> None:
     if _common.maybe_respawn(args):
         return
     print(_common.environment())
-    for peer, why in (("opacus", "Opacus GradSampleModule"), ("jax", "JAX vmap+jit")):
-        if _common.optional(peer) is None:
-            print(f"  skipped {why}: `{peer}` is not installed")
+    if _common.optional("opacus") is None:
+        print("  skipped Opacus GradSampleModule: `opacus` is not installed")
+    if _jax_models.modules() is None:
+        print(_jax_models.skip_line("JAX batch gradient and vmap(grad) (jit)"))
+    else:
+        print(_jax_models.threads_line())
     for batch in (int(b) for b in args.batch.split(",")):
         fns, baselines = candidates(batch, not args.no_loop, args.compile)
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
                                 every={"python loop": 5})
+        for name, fn in fns.items():
+            stats[name].note = getattr(fn, "note", "")
         print(_common.table(stats, baselines, batch, f"\nper-sample gradients, MNIST CNN, batch {batch}"))
         if args.processes:
             _processes(batch, args.processes, args.rounds, args.aa, args.threads)

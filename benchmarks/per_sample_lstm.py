@@ -5,7 +5,11 @@ Linear(128, 64) -> ReLU -> mean over time -> Linear(64, 2); cross entropy; batch
 sequence length 50, train mode (dropout on). The yardstick is one eager ``backward()`` of
 the mean loss with ``nn.LSTM`` (fused mkldnn kernel, the fastest standard way); the batch
 gradient with ``fp.nn.LSTM`` is shown too. Every row runs in the same process,
-interleaved; ratios are throughput ratios (> 1 is faster than the yardstick).
+interleaved; ratios are throughput ratios (> 1 is faster than the yardstick). When ``jax``
+and ``optax`` are installed, the same network and weights in JAX (``_jax_models``: the LSTM
+a ``lax.scan`` over torch's cell equations) add ``jax.jit(jax.grad)`` (batch gradient) and
+``jax.jit(jax.vmap(jax.grad))`` (per-example, one dropout key per example) rows, checked
+in eval mode against ``vmap(grad)`` first; their compile is the "1st call s" column.
 
     .venv/bin/python benchmarks/per_sample_lstm.py                 # default settings
     .venv/bin/python benchmarks/per_sample_lstm.py --malloc both   # + tuned glibc malloc
@@ -26,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
+import _jax_models  # noqa: E402
 from models import TextClassifier  # noqa: E402  (examples/models.py, via _common)
 
 import functorch_pipeline as fp  # noqa: E402
@@ -99,6 +104,7 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
             print(f"  check (eval mode): hooks ({'fused' if direction is FUSED else 'per-step'}) vs "
                   f"vmap(grad), max relative difference {worst:.1e}")
             assert worst < 1e-4, worst
+        jax_fns = _jax(ref, tokens, labels, want) if _jax_models.modules() is not None else {}
     model.train()
 
     default = fp.per_sample_grads(losses)
@@ -116,6 +122,7 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
     opacus_row = _opacus(ref, tokens, labels)
     if opacus_row is not None:
         fns["Opacus DPLSTM (GradSampleModule)"] = opacus_row
+    fns.update(jax_fns)
     if compile_:
         compiled = torch.compile(vmap_fp)
         start = time.perf_counter()
@@ -123,6 +130,35 @@ def candidates(batch: int, seq: int, loop: bool, compile_: bool) -> dict:
         print(f"  torch.compile(vmap(grad)) over fp.nn.LSTM: first call {time.perf_counter() - start:.1f} s")
         fns["torch.compile(vmap(grad)), fp.nn.LSTM"] = lambda: compiled(params, tokens, labels)
     return fns
+
+
+def _jax(ref: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, want: dict) -> dict:
+    """The JAX rows on ``ref``'s weights, after checking their eval-mode (no dropout)
+    gradients against torch's ``vmap(grad)`` result ``want``. The timed rows run in train
+    mode (dropout; fixed keys, one per example for vmap), as the torch rows do."""
+    jax = _jax_models.modules()[0]
+    params = _jax_models.params_from_torch(ref.named_parameters())
+    jt, jy = _jax_models.to_jax(tokens), _jax_models.to_jax(labels)
+    batch_grad = jax.jit(jax.grad(_jax_models.text_mean_loss))
+    per_example = jax.jit(jax.vmap(jax.grad(_jax_models.text_example_loss),
+                                   in_axes=(None, 0, 0, 0)))
+    eval_per_example = jax.jit(jax.vmap(jax.grad(_jax_models.text_example_loss),
+                                        in_axes=(None, 0, 0)))
+    for name, got, ref_grads in (
+            ("JAX batch gradient (jit)", batch_grad(params, jt, jy),
+             {k: v.mean(0) for k, v in want.items()}),
+            ("JAX vmap(grad) (jit)", eval_per_example(params, jt, jy), want)):
+        worst = _jax_models.max_relative_difference(got, ref_grads)
+        print(f"  check (eval mode): {name} vs vmap(grad){' mean' if 'batch' in name else ''}, "
+              f"max relative difference {worst:.1e}")
+        assert worst < 1e-4, worst
+    key, keys = jax.random.key(1), jax.random.split(jax.random.key(2), tokens.shape[0])
+    return {
+        "JAX batch gradient (jit)":
+            lambda: jax.block_until_ready(batch_grad(params, jt, jy, key)),
+        "JAX vmap(grad) (jit)":
+            lambda: jax.block_until_ready(per_example(params, jt, jy, keys)),
+    }
 
 
 def _opacus(ref: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> object:
@@ -162,9 +198,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(_common.environment())
     print(f"  {FUSED_NOTE}")
-    for peer, why in (("opacus", "Opacus DPLSTM"), ("jax", "JAX vmap+jit")):
-        if _common.optional(peer) is None:
-            print(f"  skipped {why}: `{peer}` is not installed")
+    if _common.optional("opacus") is None:
+        print("  skipped Opacus DPLSTM: `opacus` is not installed")
+    if _jax_models.modules() is None:
+        print(_jax_models.skip_line("JAX batch gradient and vmap(grad) (jit)"))
+    else:
+        print(_jax_models.threads_line())
     fns = candidates(args.batch, args.seq, not args.no_loop, args.compile)
     slow = {"torch.func vmap(grad), nn.LSTM": 3, "python loop, nn.LSTM": 3}
     stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget, every=slow)
