@@ -280,8 +280,12 @@ def _noisy_mean(
             fpr.normal(fpr.fold_in(step_key, i), (min(_NOISE_CHUNK, total - start),), first.dtype)
             for i, start in enumerate(range(0, total, _NOISE_CHUNK))
         ]
-        flat = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).split(sizes)
-        return [(s + std * z.reshape(s.shape)) / divisor for s, z in zip(summed, flat, strict=True)]
+        noise = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        # One elementwise pass over all leaves (the same operations, so the same numbers,
+        # as leaf by leaf); the results are views of one buffer.
+        flat = torch.cat([s.reshape(-1) for s in summed]) if len(summed) > 1 else first.reshape(-1)
+        out = ((flat + std * noise) / divisor).split(sizes)
+        return [o.view(s.shape) for o, s in zip(out, summed, strict=True)]
     keys = fpr.split(step_key, len(summed))
     out = []
     for s, k in zip(summed, keys, strict=True):

@@ -178,7 +178,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
             p = flat[slot]
             size = batch_size * p.numel() * p.element_size()
             s, k = _ghost_math.squared_norms(parts, p, keep=size <= budget)
-            sq = sq + s.to(acc)
+            sq.add_(s)  # upcasts float32 parts into a float64 accumulator
             if k is not None:
                 kept[slot] = k
                 budget -= size

@@ -293,13 +293,13 @@ def _batch(parts: Parts) -> int:
     return next(t for t in first if isinstance(t, torch.Tensor)).shape[0]
 
 
-@torch.no_grad()
 def squared_norms(parts: Parts, param: torch.Tensor, keep: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B,)`` squared norms of each example's gradient of one parameter (float64 for a
     float64 parameter, else float32), see NOTE [Gram or materialise]; and, when ``keep``
     and the path formed them anyway, the per-example gradients ``(B, *param.shape)`` for
-    :func:`weighted_sum` (see NOTE [keeping small per-example gradients])."""
+    :func:`weighted_sum` (see NOTE [keeping small per-example gradients]). Call it under
+    ``torch.no_grad()`` (the driver runs both functions in one such block)."""
     B = _batch(parts)
     if len(parts) == 1:
         kind, payloads = next(iter(parts.items()))
@@ -330,12 +330,12 @@ def squared_norms(parts: Parts, param: torch.Tensor, keep: bool = False
     return _cat(out, 0), buf
 
 
-@torch.no_grad()
 def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
                  kept: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_b c_b * grad_b`` of one parameter from its parts: the gradient of
     ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``);
-    from ``kept`` per-example gradients when :func:`squared_norms` formed them."""
+    from ``kept`` per-example gradients when :func:`squared_norms` formed them. Call it
+    under ``torch.no_grad()``."""
     if kept is not None:
         return (c.unsqueeze(0) @ kept.reshape(c.shape[0], -1)).reshape(param.shape)
     total = None
