@@ -8,7 +8,12 @@ Two rows of issue 10's table:
    (``fp.value_and_grad`` of the mean loss + Adam), measured in one process, interleaved,
    medians and throughput ratios (target >= 0.85x). Opacus' DP step
    (``GradSampleModule`` + ``DPOptimizer`` over ``torch.optim.Adam``) is a row when
-   ``opacus`` is installed, and ``torch.optim.Adam``'s imperative step for scale.
+   ``opacus`` is installed, and ``torch.optim.Adam``'s imperative step for scale. When
+   ``jax`` and ``optax`` are installed, the same network and weights in JAX
+   (``_jax_models.cnn``) add two jitted rows: ``jax.grad`` of the mean loss + ``optax.adam``,
+   and ``jax.vmap(jax.grad)`` + ``optax.contrib.differentially_private_aggregate`` chained
+   with ``optax.adam``; the table's ratio column is against OUR non-private step, so the JAX
+   DP / JAX non-private ratio is printed under it. Their compile is the "1st call s" column.
 2. Peak memory, 100,000 x 64 Embedding model (``ghost_memory``'s model), batch 1024: the
    DPTrainer step against the non-private step, each in its own fresh subprocess (order
    rotated): whole-process peak RSS and the peak above the RSS before the measured steps
@@ -38,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
+import _jax_models  # noqa: E402
 import ghost_memory  # noqa: E402
 from per_sample_cnn import Net  # noqa: E402
 
@@ -113,7 +119,57 @@ def speed_candidates(batch: int) -> dict[str, Any]:
             dp_opt.step()
 
         fns[f"Opacus {opacus.__version__} DP step (hooks) + Adam"] = opacus_step
+    if _jax_models.modules() is None:
+        print(_jax_models.skip_line("the JAX+optax steps"))
+    else:
+        print(_jax_models.threads_line())
+        fns.update(jax_steps(model, x, y))
     return fns
+
+
+JAX_NONPRIVATE, JAX_DP = "JAX+optax non-private step (jit)", "JAX+optax DP step (jit)"
+
+
+def jax_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """The two JAX+optax rows on ``model``'s weights and the same batch: one jitted step
+    each (loss gradient, optax transform, ``optax.apply_updates``)."""
+    jax, _, optax = _jax_models.modules()
+    params = _jax_models.params_from_torch(model.named_parameters())
+    jx, jy = _jax_models.to_jax(x), _jax_models.to_jax(y)
+    per_example = jax.vmap(jax.grad(_jax_models.cnn_example_loss), in_axes=(None, 0, 0))
+    aggregate = optax.contrib.differentially_private_aggregate
+
+    def make(tx: Any, grad_fn: Any) -> Any:
+        @jax.jit
+        def step(p: Any, s: Any, xb: Any, yb: Any) -> Any:
+            u, s = tx.update(grad_fn(p, xb, yb), s, p)
+            return optax.apply_updates(p, u), s
+
+        box = {"p": params, "s": tx.init(params)}
+
+        def run() -> None:
+            box["p"], box["s"] = jax.block_until_ready(step(box["p"], box["s"], jx, jy))
+
+        return run
+
+    # The DP transform with sigma = 0 is the mean of the clipped per-example gradients:
+    # check it against the per-example loop (float32, so to 1e-4 relative).
+    few = 8
+    tx0 = aggregate(CLIP, 0.0, key=jax.random.key(0))
+    got, _ = tx0.update(per_example(params, jx[:few], jy[:few]), tx0.init(params))
+    grads = _common.python_loop_grads(model, F.nll_loss, x[:few], y[:few])
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    factor = (CLIP / norms).clamp(max=1.0)
+    want = {k: (g * factor.view(-1, *[1] * (g.dim() - 1))).mean(0)
+            for (k, _), g in zip(model.named_parameters(), grads, strict=True)}
+    worst = _jax_models.max_relative_difference(got, want)
+    print(f"  check: optax differentially_private_aggregate (sigma 0) vs per-example loop "
+          f"clipped mean: max relative difference {worst:.1e}")
+    assert worst < 1e-4, worst
+
+    dp_tx = optax.chain(aggregate(CLIP, SIGMA, key=jax.random.key(0)), optax.adam(LR))
+    return {JAX_NONPRIVATE: make(optax.adam(LR), jax.grad(_jax_models.cnn_mean_loss)),
+            JAX_DP: make(dp_tx, per_example)}
 
 
 def check_same_numbers(batch: int) -> None:
@@ -232,6 +288,9 @@ def main() -> None:
         print(_common.table(stats, {"non-private": "non-private step: fp grad + adam"}, args.batch,
                             f"\nfull DP step (clip + noise + Adam), MNIST CNN, batch {args.batch}"
                             f" (target: DP step >= 0.85x the non-private step)"))
+        if JAX_DP in stats:
+            print(f"  JAX+optax DP step / JAX+optax non-private step: throughput ratio "
+                  f"{stats[JAX_NONPRIVATE].median / stats[JAX_DP].median:.3f}")
     if args.part in ("both", "memory"):
         memory(args.memory_batch, args.tokens, args.steps, args.pairs)
 
