@@ -16,8 +16,9 @@ Rows (all the same network, weights, batch and Adam(1e-3) hyperparameters):
   run's "cold" compile is mostly a cache hit; ``--no-compile-cache`` measures a truly cold
   compile (``torch.compiler.config.force_disable_caches``).
 - ``torchopt``: ``torch.func.grad`` + ``torchopt.adam`` when TorchOpt is installed.
-- ``jax+optax``: the same network in JAX (``jax.jit`` of the whole step) when JAX and optax
-  are installed.
+- ``jax+optax``: the same network, weights and batch in JAX (``_jax_models.cnn`` with its
+  dropout; ``jax.jit`` of the whole step) when JAX and optax are installed. XLA picks its
+  own CPU threads: this row is not thread-matched to ``--threads``.
 
 Every row is timed interleaved in one process (rotating order, ``_common.measure``); the
 table gives wall and process-CPU medians and ratios to ``imperative``. In one process the
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _jax_models  # noqa: E402
 from models import Net  # noqa: E402  (examples/models.py, via _common)
 
 import functorch_pipeline as fp  # noqa: E402
@@ -191,67 +193,38 @@ def build(batch: int, jit: bool, epoch_steps: int) -> tuple[dict, dict]:
     else:
         notes["imperative"] = "torchopt not installed: no TorchOpt row"
 
-    jaxrow = _jax_row(batch)
+    jaxrow = _jax_row(params0, x, y)
     if jaxrow is not None:
         fns["jax+optax"] = jaxrow
+        notes["jax+optax"] = _jax_models.threads_line().strip()
     else:
         notes.setdefault("imperative", "")
         notes["imperative"] += "; jax/optax not installed: no JAX row"
     return fns, notes
 
 
-def _jax_row(batch: int):
-    """The same network and Adam step in JAX + optax under ``jax.jit``, or None."""
-    jax, optax = _common.optional("jax"), _common.optional("optax")
-    if jax is None or optax is None:
+def _jax_row(params: dict, x: torch.Tensor, y: torch.Tensor):
+    """The same network (``_jax_models.cnn`` with its dropout), weights, batch and Adam step
+    in JAX + optax under ``jax.jit``, a fresh dropout key each step; or None."""
+    mods = _jax_models.modules()
+    if mods is None:
         return None
-    import jax.numpy as jnp
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-
-    def u(shape, fan_in):
-        b = 1 / np.sqrt(fan_in)
-        return jnp.asarray(rng.uniform(-b, b, shape), dtype=jnp.float32)
-
-    params = {"c1w": u((10, 1, 5, 5), 25), "c1b": u((10,), 25), "c2w": u((20, 10, 5, 5), 250),
-              "c2b": u((20,), 250), "f1w": u((320, 50), 320), "f1b": u((50,), 320),
-              "f2w": u((50, 10), 50), "f2b": u((10,), 50)}
-    x = jnp.asarray(rng.standard_normal((batch, 1, 28, 28)), dtype=jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, batch))
-
-    def conv(v, w, b):
-        out = jax.lax.conv_general_dilated(v, w, (1, 1), "VALID",
-                                           dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        return out + b[None, :, None, None]
-
-    def pool(v):
-        return jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
-
-    def loss(p, k):
-        k1, k2 = jax.random.split(k)
-        h = jax.nn.relu(pool(conv(x, p["c1w"], p["c1b"])))
-        h = conv(h, p["c2w"], p["c2b"])
-        keep = jax.random.bernoulli(k1, 0.5, h.shape[:2])[:, :, None, None]
-        h = jax.nn.relu(pool(jnp.where(keep, h / 0.5, 0)))
-        h = jax.nn.relu(h.reshape(batch, -1) @ p["f1w"] + p["f1b"])
-        h = jnp.where(jax.random.bernoulli(k2, 0.5, h.shape), h / 0.5, 0)
-        logp = jax.nn.log_softmax(h @ p["f2w"] + p["f2b"])
-        return -jnp.take_along_axis(logp, y[:, None], 1).mean()
-
+    jax, _, optax = mods
+    jparams = _jax_models.params_from_torch(params.items())
+    jx, jy = _jax_models.to_jax(x), _jax_models.to_jax(y)
     tx = optax.adam(1e-3)
 
     @jax.jit
-    def step(p, s, k):
-        g = jax.grad(loss)(p, k)
+    def step(p, s, xb, yb, k):
+        g = jax.grad(_jax_models.cnn_mean_loss)(p, xb, yb, k)
         upd, s = tx.update(g, s, p)
         return optax.apply_updates(p, upd), s
 
-    box = {"p": params, "s": tx.init(params), "k": jax.random.PRNGKey(0)}
+    box = {"p": jparams, "s": tx.init(jparams), "k": jax.random.key(0)}
 
     def run():
         box["k"], k = jax.random.split(box["k"])
-        box["p"], box["s"] = step(box["p"], box["s"], k)
+        box["p"], box["s"] = step(box["p"], box["s"], jx, jy, k)
         jax.block_until_ready(box["p"])
 
     return run
