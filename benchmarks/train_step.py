@@ -198,8 +198,8 @@ def build(batch: int, jit: bool, epoch_steps: int) -> tuple[dict, dict]:
         fns["jax+optax"] = jaxrow
         notes["jax+optax"] = _jax_models.threads_line().strip()
     else:
-        notes.setdefault("imperative", "")
-        notes["imperative"] += "; jax/optax not installed: no JAX row"
+        notes["imperative"] = "; ".join(
+            n for n in (notes.get("imperative"), "jax/optax not installed: no JAX row") if n)
     return fns, notes
 
 
