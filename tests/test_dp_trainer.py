@@ -252,3 +252,44 @@ def test_bad_input_is_named():
         trainer.step(fp.train.TrainState.create(_params(), (), fp.random.key(0)), (x, y))
     with pytest.raises(TypeError, match=r"DPTrainer.init: `key` must be an fp.random key"):
         trainer.init(_params(), 0)
+
+
+def test_step_equals_opacus_dp_optimizer_without_noise():
+    """Opacus' own DP-SGD step (GradSampleModule + DPOptimizer over torch.optim.SGD, mean
+    loss, Poisson-style expected batch size) on the same conv net, parameters and batch:
+    the same update up to Opacus' 1e-6 in the clip factor's denominator (float64). Needs
+    the `bench` extra's opacus."""
+    pytest.importorskip("opacus", reason="opacus (the `bench` extra) is not installed")
+    import copy
+    import warnings
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, 2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).double()
+    x, y = torch.randn(12, 1, 8, 8, dtype=F64) * 3, torch.randint(0, 5, (12,))
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    clip, lr, expected = 0.7, 0.25, 10.0
+    theirs = copy.deepcopy(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' secure-RNG and backward-hook notices
+        gsm = GradSampleModule(theirs)
+        opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=lr), noise_multiplier=0.0,
+                          max_grad_norm=clip, expected_batch_size=int(expected))
+        opt.zero_grad()
+        F.cross_entropy(gsm(x), y).backward()
+        opt.step()
+    model = fp.functionalize(net)
+
+    def losses(p, b):
+        return F.cross_entropy(model.apply({"params": p}, b[0]), b[1], reduction="none")
+
+    trainer = fp.train.DPTrainer(losses, optim.sgd(lr), l2_norm_clip=clip, noise_multiplier=0.0,
+                                 sample_rate=0.1, expected_batch_size=expected)
+    state, metrics = trainer.step(trainer.init(params, fp.random.key(0)), (x, y))
+    assert int(metrics["num_clipped"]) > 0  # the bound is active
+    for k, p in theirs.named_parameters():
+        step = (p.detach() - params[k]).abs().max()
+        assert (state.params[k] - p.detach()).abs().max() <= 1e-5 * step, k
