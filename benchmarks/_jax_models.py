@@ -45,7 +45,13 @@ def threads_line() -> str:
     """NOTE [JAX threads]: XLA sizes its own CPU thread pool; we do not set XLA_FLAGS (a
     user would not), so ``--threads`` applies to torch only."""
     return (f"  JAX rows: XLA picks its own CPU threads, so they are not thread-matched to "
-            f"torch's {torch.get_num_threads()} (--threads sets torch's only)")
+            f"torch's {torch.get_num_threads()} (--threads sets torch's only); they are timed "
+            "after the torch rows, not interleaved with them (NOTE [peers timed apart])")
+
+
+def rows(names: Iterable[str]) -> list[str]:
+    """The JAX rows among a benchmark's candidate names (timed apart, see ``_common``)."""
+    return [n for n in names if n.lower().startswith("jax")]
 
 
 def to_jax(t: torch.Tensor) -> Any:

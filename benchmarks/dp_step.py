@@ -284,7 +284,8 @@ def main() -> None:
     if args.part in ("both", "speed"):
         check_same_numbers(args.batch)
         fns = speed_candidates(args.batch)
-        stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget)
+        stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
+                                apart=_jax_models.rows(fns))
         print(_common.table(stats, {"non-private": "non-private step: fp grad + adam"}, args.batch,
                             f"\nfull DP step (clip + noise + Adam), MNIST CNN, batch {args.batch}"
                             f" (target: DP step >= 0.85x the non-private step)"))

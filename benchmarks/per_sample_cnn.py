@@ -236,7 +236,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batch.split(",")):
         fns, baselines = candidates(batch, not args.no_loop, args.compile)
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
-                                every={"python loop": 5})
+                                every={"python loop": 5}, apart=_jax_models.rows(fns))
         for name, fn in fns.items():
             stats[name].note = getattr(fn, "note", "")
         print(_common.table(stats, baselines, batch, f"\nper-sample gradients, MNIST CNN, batch {batch}"))

@@ -206,7 +206,8 @@ def main() -> None:
         print(_jax_models.threads_line())
     fns = candidates(args.batch, args.seq, not args.no_loop, args.compile)
     slow = {"torch.func vmap(grad), nn.LSTM": 3, "python loop, nn.LSTM": 3}
-    stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget, every=slow)
+    stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget, every=slow,
+                            apart=_jax_models.rows(fns))
     baselines = {"yardstick": YARDSTICK, "fp batch": "fp.nn.LSTM batch gradient"}
     print(_common.table(stats, baselines, args.batch,
                         f"\nper-sample gradients, LSTM text classifier, batch {args.batch}, seq {args.seq}"))

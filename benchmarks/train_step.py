@@ -298,7 +298,8 @@ def main() -> None:
     if args.only:
         keep = {"imperative", *args.only.split(",")}
         fns = {k: v for k, v in fns.items() if k in keep}
-    stats = _common.measure(fns, rounds=args.rounds, warmup=3, budget_s=args.budget)
+    stats = _common.measure(fns, rounds=args.rounds, warmup=3, budget_s=args.budget,
+                            apart=_jax_models.rows(fns))
     for name, note in notes.items():
         if name in stats:
             stats[name].note = note
