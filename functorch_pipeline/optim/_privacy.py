@@ -282,7 +282,9 @@ def _noisy_mean(
         ]
         noise = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         # One elementwise pass over all leaves (the same operations, so the same numbers,
-        # as leaf by leaf); the results are views of one buffer.
+        # as leaf by leaf); the results are views of one buffer. It also peaked lower: on
+        # benchmarks/dp_step.py's 6.4M-parameter embedding step, 97.5 MiB above the
+        # pre-step RSS against 121.7 MiB leaf by leaf (--part memory, 2 runs each).
         flat = torch.cat([s.reshape(-1) for s in summed]) if len(summed) > 1 else first.reshape(-1)
         out = ((flat + std * noise) / divisor).split(sizes)
         return [o.view(s.shape) for o, s in zip(out, summed, strict=True)]
