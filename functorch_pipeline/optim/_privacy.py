@@ -263,8 +263,9 @@ def _noisy_mean(
     a keyed draw has a fixed cost per call, and one call for a model's 8 leaves is ~4x
     cheaper than 8 calls. The vector is drawn in chunks of ``_NOISE_CHUNK`` entries, chunk
     ``i`` from ``fold_in(fold_in(rng_key, count), i)``: a keyed draw holds several integer
-    temporaries per entry (int64 when measured; int32 now), so one draw for a 6.4M-parameter embedding peaked at ~375 MB
-    above the step's other memory; chunks bound that to a few MB. Otherwise (mixed dtypes
+    temporaries per entry (int64 when measured, int32 now), so one draw for a
+    6.4M-parameter embedding peaked at ~375 MB above the step's other memory; chunks bound
+    that to a few MB. Otherwise (mixed dtypes
     or devices) each leaf gets its own key, ``split(fold_in(rng_key, count), num_leaves)[i]``.
     """
     if std == 0.0:
