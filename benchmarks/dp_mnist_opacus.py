@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
 
 import _common  # noqa: E402
+from common import evaluate  # noqa: E402
 from dp_mnist import SampleConvNet  # noqa: E402
 
 import functorch_pipeline as fp  # noqa: E402
@@ -55,12 +56,8 @@ def run(seed: int, args: argparse.Namespace, train: tuple, test: tuple) -> dict:
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test[0]), 1000):
-            logits = model(test[0][start:start + 1000])
-            correct += int((logits.argmax(1) == test[1][start:start + 1000]).sum())
-    return {"seed": seed, "test_accuracy": correct / len(test[0]),
+    accuracy = evaluate(model, test, 1000)["test_accuracy"]  # as examples/dp_mnist.py scores
+    return {"seed": seed, "test_accuracy": accuracy,
             "epsilon_rdp": engine.get_epsilon(args.delta), "wall_time_s": time.perf_counter() - t0}
 
 

@@ -27,6 +27,7 @@ import _common  # noqa: E402
 
 import functorch_pipeline as fp  # noqa: E402
 from functorch_pipeline.random import _core as random_core  # noqa: E402
+from functorch_pipeline.transforms._grad_sample._ghost_math import conv_patches  # noqa: E402
 from functorch_pipeline.transforms._grad_sample._rules import conv_weight_grouped  # noqa: E402
 
 # (input channels, output channels, input side, kernel) of per_sample_cnn.Net's convs.
@@ -53,10 +54,8 @@ def conv_candidates(batch: int, cin: int, cout: int, side: int, k: int) -> dict:
     def grouped_forward() -> None:
         F.conv2d(x.transpose(0, 1), g.reshape(batch * cout, 1, out, out), None, 1, 0, 1, batch)
 
-    def patches_bmm() -> None:
-        p = x.as_strided((batch, cin, k, k, out, out), (cin * side * side, side * side, side, 1,
-                                                        side, 1))
-        torch.bmm(g.reshape(batch, cout, out * out), p.reshape(batch, cin * k * k, out * out).mT)
+    def patches_bmm() -> None:  # the float64 / non-CPU path (NOTE [per-example conv gradients])
+        g.reshape(batch, 1, cout, -1) @ conv_patches(x, geometry).mT
 
     return {"batch weight gradient (yardstick)": batch_wgrad,
             "library default (conv_weight_grouped)": lambda: conv_weight_grouped(x, g, *geometry),
