@@ -6,7 +6,9 @@ each example's conv weight gradient (NOTE [grouped weight gradients on CPU] in
 batch 256, every way this library has (or tried) of computing it, against mkldnn's
 *batch* weight gradient (the yardstick: what a plain batch gradient pays for that layer),
 interleaved in one process, plus ``fp.random.normal`` (the DP noise draw) against
-``torch.randn`` and against the int64 form of the same hash.
+``torch.randn``, against the same draw in the tensor form (what ``vmap``/``compile``
+and other devices run; the default on CPU is the host form, NOTE [host fast path] in
+``fp.random._host``) and against the int64 form of the same hash.
 
     .venv/bin/python benchmarks/per_example_conv.py --threads 1
     .venv/bin/python benchmarks/per_example_conv.py            # torch's default threads
@@ -27,6 +29,7 @@ import _common  # noqa: E402
 
 import functorch_pipeline as fp  # noqa: E402
 from functorch_pipeline.random import _core as random_core  # noqa: E402
+from functorch_pipeline.random import _host as random_host  # noqa: E402
 from functorch_pipeline.transforms._grad_sample._ghost_math import conv_patches  # noqa: E402
 from functorch_pipeline.transforms._grad_sample._rules import conv_weight_grouped  # noqa: E402
 
@@ -74,8 +77,17 @@ def noise_candidates(n: int) -> dict:
         u = (w >> 8).to(torch.float32) * (1.0 / 16777216.0)
         torch.sqrt(-2.0 * torch.log(1.0 - u[0])) * torch.cos(6.283185307179586 * u[1])
 
+    def tensor_form() -> None:  # the same numbers, host form switched off
+        eligible = random_host.eligible
+        random_host.eligible = lambda *tensors: False
+        try:
+            fp.random.normal(key, (n,))
+        finally:
+            random_host.eligible = eligible
+
     return {"torch.randn (yardstick, unkeyed)": lambda: torch.randn(n),
-            "fp.random.normal": lambda: fp.random.normal(key, (n,)),
+            "fp.random.normal (default)": lambda: fp.random.normal(key, (n,)),
+            "same draw, tensor form (int32 hash)": tensor_form,
             "same draw, int64 hash": int64_reference}
 
 

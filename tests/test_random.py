@@ -376,3 +376,67 @@ def test_int32_hash_gives_the_int64_words(seed, data, n):
     u64 = fr.uniform(k, (n,), torch.float64)
     assert torch.equal(u64, ((want >> 5) * 67108864 + (w2 >> 6)).double() / 9007199254740992.0)
     assert bool(((want >= 0) & (want <= _MASK32)).all())
+
+
+def _both_forms(monkeypatch, fn):
+    """``fn()`` with NOTE [host fast path] on (the eager CPU default) and forced off."""
+    from functorch_pipeline.random import _host
+
+    fast = fn()
+    monkeypatch.setattr(_host, "eligible", lambda *tensors: False)
+    slow = fn()
+    monkeypatch.undo()
+    return fast, slow
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.integers(0, 2**32 - 1),
+       st.integers(min_value=0, max_value=70_000), st.integers(min_value=1, max_value=3))
+def test_host_fast_path_gives_the_tensor_forms_numbers(seed, data, n, keys):
+    """On CPU in eager code keys fold in Python ints and draws hash in NumPy; every key
+    and draw must be the tensor form's, bit for bit (n spans the 65,536-counter chunks)."""
+    mp = pytest.MonkeyPatch()
+    k = fr.key(seed)
+    batch = fr.split(k, keys)
+
+    def draws():
+        return [
+            fr.fold_in(k, data), fr.fold_in(k, torch.tensor(data)),
+            fr.fold_in(k, torch.tensor([data, 1, 2], dtype=torch.int64)),
+            fr.fold_in(k, torch.tensor(-5, dtype=torch.int32)),
+            fr.fold_in(k, torch.zeros(0, dtype=torch.int64)),
+            fr.bits(k, (n,)), fr.uniform(k, (n,)), fr.uniform(k, (n % 999,), torch.float64),
+            fr.normal(k, (n,)), fr.normal(k, (n % 777,), torch.float64),
+            fr.normal(k, (3, 5), torch.bfloat16), fr.bits(batch, (n % 300,)),
+            fr.normal(batch, (4,)), fr.bernoulli(k, 0.3, (n % 500,)),
+            fr.randint(k, (20,), -3, 9), fr.permutation(k, n % 100),
+        ]
+
+    fast, slow = _both_forms(mp, draws)
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        assert torch.equal(a, b), i
+
+
+def test_host_fast_path_stays_off_where_values_cannot_be_read():
+    """Under vmap, grad, compile tracing, fake tensors or for non-CPU tensors the tensor
+    form runs (reading values there would fail or bake constants into a trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from functorch_pipeline.random import _host
+
+    k = fr.key(0)
+    assert _host.eligible(k)
+    seen = []
+    torch.vmap(lambda kk: seen.append(_host.eligible(kk)) or kk)(fr.split(k, 2))
+    torch.func.grad(lambda x: seen.append(_host.eligible(k)) or x.sum())(torch.ones(2))
+    with FakeTensorMode() as mode:
+        seen.append(_host.eligible(mode.from_tensor(k)))
+    seen.append(_host.eligible(k.to("meta")))
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def compiled(kk):
+        return fr.normal(kk, (5,))
+
+    assert seen == [False, False, False, False]
+    assert torch.allclose(compiled(k), fr.normal(k, (5,)), rtol=0, atol=1e-6)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from functorch_pipeline.random import _host
+
 __all__ = [
     "bernoulli",
     "bits",
@@ -66,6 +68,8 @@ def _fmix32_i32(h: torch.Tensor) -> torch.Tensor:
 def _bits_i32(k: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """:func:`bits` as int32 bit patterns (``bits == _bits_i32 & 0xFFFFFFFF`` in int64)."""
     n = math.prod(shape)
+    if n <= 1 << 31 and _host.eligible(k):  # NOTE [host fast path]: the same words
+        return _host.bits(k, n).reshape(tuple(k.shape[:-1]) + shape)
     if n > 1 << 31:  # counters past int32: the int64 form, same words
         w = _hash2(k[..., 0:1], k[..., 1:2], torch.arange(n, device=k.device, dtype=torch.int64))
         return w.to(torch.int32).reshape(tuple(k.shape[:-1]) + shape)
@@ -258,13 +262,18 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if data.is_floating_point() or data.is_complex():
             raise TypeError(f"fold_in(key, data): `data` must be an integer, got dtype {data.dtype}")
-        d = data.to(device=k.device, dtype=torch.int64)
-    elif isinstance(data, int) and not isinstance(data, bool):
-        if not 0 <= data <= _MASK32:
-            raise ValueError(f"fold_in(key, data): `data` must be in [0, 2**32), got {data}")
-        d = torch.tensor(data, dtype=torch.int64, device=k.device)
-    else:
+    elif not isinstance(data, int) or isinstance(data, bool):
         raise TypeError(f"fold_in(key, data): `data` must be an int, got {type(data).__name__}")
+    elif not 0 <= data <= _MASK32:
+        raise ValueError(f"fold_in(key, data): `data` must be in [0, 2**32), got {data}")
+    if _host.eligible(k, *([data] if isinstance(data, torch.Tensor) else [])):
+        out = _host.fold_in(k, data)  # NOTE [host fast path]: the same words
+        if out is not None:
+            return out
+    if isinstance(data, torch.Tensor):
+        d = data.to(device=k.device, dtype=torch.int64)
+    else:
+        d = torch.tensor(data, dtype=torch.int64, device=k.device)
     d = (d & _MASK32).unsqueeze(-1)
     # Both output words in one vectorised hash: (k0, k1 ^ c0) and (k1, k0 ^ c1).
     flipped = k.flip(-1)
@@ -294,6 +303,10 @@ def bits(k: torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
 def _unit(k: torch.Tensor, shape: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
     """Uniform draws in ``[0, 1)`` of ``k.shape[:-1] + shape``: 24 random bits per float32,
     53 (two words) per float64; ``work`` is one of the two."""
+    n = math.prod(shape)
+    if n <= 1 << 31 and _host.eligible(k):  # NOTE [host fast path]: the same numbers
+        second = fold_in(k, 0x6A09E667) if work == torch.float64 else None
+        return _host.unit(k, n, second).reshape(tuple(k.shape[:-1]) + shape)
     w = _bits_i32(k, shape)
     if work == torch.float64:  # 27 + 26 bits
         w2 = _bits_i32(fold_in(k, 0x6A09E667), shape)
@@ -387,7 +400,9 @@ def normal(
     else:
         u1 = 1.0 - uniform(fold_in(k, 1), shape, work)
         u2 = uniform(fold_in(k, 2), shape, work)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    # In place on the fresh draws (the same operations, so the same numbers): four
+    # fewer temporaries of the draw's size.
+    z = torch.log(u1).mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * math.pi).cos_())
     return z.to(dtype)
 
 

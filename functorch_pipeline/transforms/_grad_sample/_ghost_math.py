@@ -83,7 +83,12 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_sq(t: torch.Tensor) -> torch.Tensor:
-    return _acc(t).reshape(t.shape[0], -1).square().sum(1)
+    """``(B,)`` squared norms of the rows of ``t`` (float64 for float64, else float32)."""
+    # One reduction that reads ``t`` once (vector_norm, then squared) instead of writing
+    # a squared copy as large as ``t`` and summing it: on the MNIST CNN's kept conv2
+    # gradients (256 x 5000) inside a DP step, ~0.55 ms of a ~15 ms step at 2 threads.
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc).square()
 
 
 # -- conv geometry --------------------------------------------------------------------------
