@@ -440,8 +440,13 @@ def test_method_validation():
     (lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=1), (3, 2, 13)),
     (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2), (3, 3, 4, 4)),  # C=2 in the adjoint
 ])
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "chunks-of-one"])
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape):
+def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape, chunk_bytes, monkeypatch):
+    from functorch_pipeline.transforms._grad_sample import _rules
+
+    if chunk_bytes is not None:  # NOTE [grouped chunks]: one example per grouped call
+        monkeypatch.setattr(_rules, "_GROUPED_BYTES", chunk_bytes)
     torch.manual_seed(0)
     m = make().float()
     x = torch.randn(*shape, dtype=torch.float32)

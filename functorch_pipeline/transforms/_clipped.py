@@ -64,16 +64,22 @@ def _norms_of(grads: Any) -> torch.Tensor:
     leaves = _tree.leaves(grads)
     acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
     b = leaves[0].shape[0]
-    return torch.stack([g.reshape(b, -1).to(acc).square().sum(1) for g in leaves]).sum(0).sqrt()
+    # One reduction per leaf that reads it once: no squared copy as large as the
+    # per-example gradients (the ghost method's ``_rows_sq`` does the same).
+    sq = [torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=acc).square() for g in leaves]
+    return torch.stack(sq).sum(0).sqrt()
 
 
 def _clip_sum(grads: Any, norms: torch.Tensor, max_norm: Any) -> Any:
-    """``sum_b grad_b / max(1, norm_b / max_norm)``, exactly as
-    ``optim.per_example_global_norm_clip`` divides."""
-    divisors = torch.clamp(norms / max_norm, min=1.0)
+    """``sum_b c_b grad_b`` with ``c_b = 1 / max(1, norm_b / max_norm)`` (the clip factors of
+    ``optim.per_example_global_norm_clip`` and of the ghost method): one ``(1, B) @ (B, P)``
+    product per leaf, as the ghost method sums kept gradients, instead of a divided copy of
+    every per-example gradient (``B x params`` more memory, and a DP step's page faults)."""
+    c = 1.0 / torch.clamp(norms / max_norm, min=1.0)
 
     def one(g: torch.Tensor) -> torch.Tensor:
-        return (g / divisors.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))).sum(0)
+        b = g.shape[0]
+        return (c.to(g.dtype).unsqueeze(0) @ g.reshape(b, -1)).reshape(g.shape[1:])
 
     return _tree.map(one, grads)
 

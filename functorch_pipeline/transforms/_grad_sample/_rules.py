@@ -20,6 +20,7 @@ Tests: ``tests/test_grad_sample.py`` checks every rule against a Python loop ove
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -169,6 +170,9 @@ def _grouped_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+_GROUPED_BYTES = 3 << 20  # NOTE [grouped chunks]
+
+
 def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
                          stride: tuple[int, ...], pads: list[int], dilation: tuple[int, ...],
                          groups: int) -> torch.Tensor:
@@ -187,6 +191,19 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     """
     B, C = x.shape[:2]
     out_ch = g.shape[1]
+    # NOTE [grouped chunks]: examples whose input, output gradient and weight gradient
+    # fill ~3 MB at a time (L2 plus some of L3 here), written into one output. At batch 256
+    # on 2 threads (medians of 30, interleaved, ad hoc) the MNIST CNN's conv2 took 2.09 ms
+    # whole against 1.77 ms in chunks of 64 (its batch weight gradient: 1.93 ms), conv1
+    # 1.44 vs 1.32 ms, and a CIFAR-sized 32->64 3x3 layer on 16x16 20.8 vs 8.9 ms.
+    per_example = (x[0].numel() + g[0].numel() + out_ch * (C // groups) * math.prod(kernel))
+    step = max(1, _GROUPED_BYTES // (per_example * x.element_size()))
+    if step < B:
+        out = x.new_empty(B, out_ch, C // groups, *kernel)
+        for s in range(0, B, step):
+            out[s:s + step] = conv_weight_grouped(x[s:s + step], g[s:s + step], kernel, stride,
+                                                  pads, dilation, groups)
+        return out
     if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric ("same", even kernel)
         x, padding = F.pad(x, pads), [0, 0]
     else:
