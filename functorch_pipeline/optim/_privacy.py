@@ -114,12 +114,16 @@ def _memo(seen: dict[str, Any], updates: Any) -> list[tuple[int, ...]] | None:
 def _clip_sum(leaves: list[torch.Tensor], clip: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
     b = leaves[0].shape[0]
     acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in leaves]
+    # Each leaf is read twice (its norm, then its share of the weighted sum) and nothing
+    # of its size is allocated: one reduction per leaf, one (1, B) @ (B, P) product.
     sq = torch.stack(
-        [g.reshape(b, -1).to(a).pow(2).sum(1) for g, a in zip(leaves, acc, strict=True)]
+        [torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=a).square()
+         for g, a in zip(leaves, acc, strict=True)]
     )
     norms = torch.sqrt(sq.sum(0))
-    divisors = torch.clamp(norms / clip, min=1.0)
-    summed = [(g / divisors.to(g.dtype).reshape(b, *([1] * (g.dim() - 1)))).sum(0) for g in leaves]
+    factors = 1.0 / torch.clamp(norms / clip, min=1.0)
+    summed = [(factors.to(g.dtype).unsqueeze(0) @ g.reshape(b, -1)).reshape(g.shape[1:])
+              for g in leaves]
     return summed, (norms > clip).sum()
 
 
