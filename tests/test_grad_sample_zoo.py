@@ -447,6 +447,7 @@ def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape, chunk_b
 
     if chunk_bytes is not None:  # NOTE [grouped chunks]: one example per grouped call
         monkeypatch.setattr(_rules, "_GROUPED_BYTES", chunk_bytes)
+        monkeypatch.setattr(_rules, "_GROUPED_CHUNK", chunk_bytes)
     torch.manual_seed(0)
     m = make().float()
     x = torch.randn(*shape, dtype=torch.float32)

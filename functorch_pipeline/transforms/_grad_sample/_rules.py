@@ -170,7 +170,8 @@ def _grouped_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-_GROUPED_BYTES = 3 << 20  # NOTE [grouped chunks]
+_GROUPED_BYTES = 24 << 20  # NOTE [grouped chunks]: whole batches up to this
+_GROUPED_CHUNK = 4 << 20  # and chunks of about this beyond it
 
 
 def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
@@ -191,19 +192,32 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     """
     B, C = x.shape[:2]
     out_ch = g.shape[1]
-    # NOTE [grouped chunks]: examples whose input, output gradient and weight gradient
-    # fill ~3 MB at a time (L2 plus some of L3 here), written into one output. At batch 256
-    # on 2 threads (medians of 30, interleaved, ad hoc) the MNIST CNN's conv2 took 2.09 ms
-    # whole against 1.77 ms in chunks of 64 (its batch weight gradient: 1.93 ms), conv1
-    # 1.44 vs 1.32 ms, and a CIFAR-sized 32->64 3x3 layer on 16x16 20.8 vs 8.9 ms.
+    # NOTE [grouped chunks]: when the whole batch's input, output gradient and weight
+    # gradients pass _GROUPED_BYTES (more than the last-level cache holds), the grouped
+    # call runs on chunks of examples of ~_GROUPED_CHUNK bytes, written into one output.
+    # At batch 256 on 2 threads (medians of 20-30, interleaved, ad hoc, two runs) a
+    # CIFAR-sized 32->64 3x3 layer on 16x16 (46 MB whole) took 10.0 and 20.8 ms whole
+    # against 8.6 and 8.9 ms in chunks of 16-22 examples.
+    # Below the limit chunks did not pay inside a real step: per_sample_grads of the
+    # MNIST CNN (conv2: 8 MB whole) read 0.847x the batch gradient whole, 0.834x chunked.
     per_example = (x[0].numel() + g[0].numel() + out_ch * (C // groups) * math.prod(kernel))
-    step = max(1, _GROUPED_BYTES // (per_example * x.element_size()))
-    if step < B:
+    per_example *= x.element_size()
+    if B * per_example > _GROUPED_BYTES and B > 1:
+        step = max(1, _GROUPED_CHUNK // per_example)
         out = x.new_empty(B, out_ch, C // groups, *kernel)
         for s in range(0, B, step):
-            out[s:s + step] = conv_weight_grouped(x[s:s + step], g[s:s + step], kernel, stride,
-                                                  pads, dilation, groups)
+            out[s:s + step] = _grouped_once(x[s:s + step], g[s:s + step], kernel, stride, pads,
+                                            dilation, groups)
         return out
+    return _grouped_once(x, g, kernel, stride, pads, dilation, groups)
+
+
+def _grouped_once(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
+                  stride: tuple[int, ...], pads: list[int], dilation: tuple[int, ...],
+                  groups: int) -> torch.Tensor:
+    """:func:`conv_weight_grouped` in one grouped call."""
+    B, C = x.shape[:2]
+    out_ch = g.shape[1]
     if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric ("same", even kernel)
         x, padding = F.pad(x, pads), [0, 0]
     else:
