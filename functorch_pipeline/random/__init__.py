@@ -10,7 +10,7 @@ with a counter-based integer hash written in ordinary tensor operations, so they
 under ``vmap`` (a batch of keys gives a batch of independent draws), under ``grad`` and
 under ``torch.compile``, with no host synchronisation. In plain eager code on CPU the
 same hash runs on the host instead (Python integers for keys, NumPy for draws: the same
-numbers, about twice as fast; NOTE [host fast path] in ``fp.random._host``). The JAX samplers
+numbers, about twice as fast; the design note is in ``fp.random._host``). The JAX samplers
 (:func:`categorical`, :func:`choice`, :func:`truncated_normal`, :func:`gumbel`,
 :func:`exponential`, :func:`gamma`, :func:`beta`, :func:`dirichlet`,
 :func:`multivariate_normal`) are built on them the same way (gamma's rejection step runs
