@@ -458,3 +458,43 @@ def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape, chunk_b
         assert got[k].dtype == torch.float32
         scale = want[k].abs().max()
         assert scale > 0 and ((got[k].double() - want[k]).abs().max() / scale) < 1e-5, k
+
+
+# -- an empty batch (Poisson sampling draws one now and then) ------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "hooks", "vmap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(3, 4, 3), (3, 8, 8)),
+    (lambda: nn.Conv2d(1, 4, 3), (1, 8, 8)),  # the grouped-forward kernel's branch
+    (lambda: nn.Linear(5, 3), (5,)),
+])
+def test_an_empty_batch_gives_empty_per_example_gradients(make, shape, dtype, method):
+    """Zero examples: values (0,) and gradients (0, *param.shape), as the per-example loop
+    over no examples (and JAX's vmap of grad) gives; before, the engine's kernels raised
+    (mkldnn refuses zero groups, a reshape with -1 of nothing) and vmap raised too."""
+    m = make().to(dtype)
+    params = params_of(m)
+    x = torch.zeros(0, *shape, dtype=dtype)
+    values, grads = fp.per_sample_value_and_grad(weighted(m), method=method)(params, x)
+    assert values.shape == (0,) and values.dtype == dtype
+    for k, p in params.items():
+        assert grads[k].shape == (0, *p.shape) and grads[k].dtype == dtype, k
+    # DP-SGD on it: nothing to clip, the sum is zero (optim's clipping takes (0, ...) leaves)
+    summed, clipped = fp.optim.per_example_global_norm_clip(list(grads.values()), 1.0)
+    assert all(torch.equal(s, torch.zeros_like(p)) for s, p in zip(summed, params.values(), strict=True))
+    assert int(clipped) == 0
+
+
+def test_an_empty_batch_passes_the_aux_through():
+    m = nn.Linear(4, 2).double()
+
+    def loss(p, x):
+        out = torch.func.functional_call(m, p, (x,))
+        return out.sum(1), {"logits": out}
+
+    (values, aux), grads = fp.per_sample_value_and_grad(loss, has_aux=True)(
+        params_of(m), torch.zeros(0, 4, dtype=torch.float64))
+    assert values.shape == (0,) and aux["logits"].shape == (0, 2)
+    assert grads["weight"].shape == (0, 2, 4)

@@ -116,14 +116,14 @@ def _clip_sum(leaves: list[torch.Tensor], clip: Any) -> tuple[list[torch.Tensor]
     acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in leaves]
     # Each leaf is read twice (its norm, then its share of the weighted sum) and nothing
     # of its size is allocated: one reduction per leaf, one (1, B) @ (B, P) product.
+    rows = [g.reshape(b, math.prod(g.shape[1:])) for g in leaves]  # b may be 0
     sq = torch.stack(
-        [torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=a).square()
-         for g, a in zip(leaves, acc, strict=True)]
+        [torch.linalg.vector_norm(r, dim=1, dtype=a).square() for r, a in zip(rows, acc, strict=True)]
     )
     norms = torch.sqrt(sq.sum(0))
     factors = 1.0 / torch.clamp(norms / clip, min=1.0)
-    summed = [(factors.to(g.dtype).unsqueeze(0) @ g.reshape(b, -1)).reshape(g.shape[1:])
-              for g in leaves]
+    summed = [(factors.to(g.dtype).unsqueeze(0) @ r).reshape(g.shape[1:])
+              for g, r in zip(leaves, rows, strict=True)]
     return summed, (norms > clip).sum()
 
 

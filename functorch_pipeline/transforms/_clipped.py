@@ -66,7 +66,8 @@ def _norms_of(grads: Any) -> torch.Tensor:
     b = leaves[0].shape[0]
     # One reduction per leaf that reads it once: no squared copy as large as the
     # per-example gradients (the ghost method's ``_rows_sq`` does the same).
-    sq = [torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=acc).square() for g in leaves]
+    sq = [torch.linalg.vector_norm(g.reshape(b, math.prod(g.shape[1:])), dim=1, dtype=acc).square()
+          for g in leaves]
     return torch.stack(sq).sum(0).sqrt()
 
 
@@ -78,8 +79,8 @@ def _clip_sum(grads: Any, norms: torch.Tensor, max_norm: Any) -> Any:
     c = 1.0 / torch.clamp(norms / max_norm, min=1.0)
 
     def one(g: torch.Tensor) -> torch.Tensor:
-        b = g.shape[0]
-        return (c.to(g.dtype).unsqueeze(0) @ g.reshape(b, -1)).reshape(g.shape[1:])
+        rows = g.reshape(g.shape[0], math.prod(g.shape[1:]))
+        return (c.to(g.dtype).unsqueeze(0) @ rows).reshape(g.shape[1:])
 
     return _tree.map(one, grads)
 

@@ -80,6 +80,34 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
     return None
 
 
+def _empty_batch(args: Sequence[Any], batched: Sequence[int]) -> bool:
+    """Whether every batch leaf has 0 examples (and there is at least one)."""
+    leaves = [leaf for i in batched for leaf in _tree.leaves(args[i]) if isinstance(leaf, torch.Tensor)]
+    return bool(leaves) and all(leaf.dim() > 0 and leaf.shape[0] == 0 for leaf in leaves)
+
+
+def _empty_result(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
+                  is_tuple: bool, has_aux: bool) -> tuple[Any, Any]:
+    """An empty batch (Poisson sampling draws one now and then): values of shape ``(0,)``
+    and per-example gradients of shape ``(0, *param.shape)``, what JAX's ``vmap(grad(f))``
+    gives, for every method (neither ``torch.func.vmap`` nor the engine's kernels take a
+    batch of 0). ``loss_fn`` runs only with ``has_aux=True``, once on the empty batch
+    under ``no_grad``, for the aux it returns there."""
+    diff = tuple(args[i] for i in nums)
+    grads = _tree.map(lambda p: p.new_zeros(0, *p.shape) if isinstance(p, torch.Tensor) else p, diff)
+    leaves = [p for p in _tree.leaves(diff) if isinstance(p, torch.Tensor)]
+    like = next((p for p in leaves if p.is_floating_point() or p.is_complex()), None)
+    values = (like.new_zeros(0) if like is not None else torch.zeros(0)).real
+    if has_aux:
+        with torch.no_grad():
+            out = loss_fn(*args)
+        aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, out[1])
+        value: Any = (values, aux)
+    else:
+        value = values
+    return value, (grads if is_tuple else grads[0])
+
+
 def _squeeze_one(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
     """``loss_fn`` with a per-example loss vector of shape ``(1,)`` turned into a scalar, so
     a ``loss_fn`` returning per-example losses (what ``method="hooks"`` needs) also serves
@@ -132,6 +160,8 @@ def _per_sample(
                 raise ValueError(f"{fn}: arguments {both} are in both `argnums` and `batch_argnums`")
         if not batched:
             raise ValueError(f"{fn}: no batch argument: every positional argument is in `argnums`")
+        if _empty_batch(args, batched):
+            return _empty_result(loss_fn, args, nums, is_tuple, has_aux)
         use = method
         if method == "auto":
             why = _contract_reason(args, nums, has_aux, keep_batch_dim, randomness)
@@ -241,7 +271,8 @@ def per_sample_value_and_grad(
     Returns:
       A function with ``loss_fn``'s signature returning ``(values, grads)``: values of shape
       ``(B,)`` and per-example gradients with a leading batch axis (``((values, aux), grads)`` with
-      ``has_aux=True``).
+      ``has_aux=True``). An empty batch (``B = 0``, which Poisson sampling can draw) gives
+      values of shape ``(0,)`` and gradients of shape ``(0, *param.shape)``.
 
     Examples:
       >>> loss = lambda w, x: ((x @ w) ** 2).mean()
@@ -331,7 +362,8 @@ def per_sample_grads(
     Returns:
       A function with ``loss_fn``'s signature returning per-example gradients shaped like
       the differentiated argument(s) with a leading batch axis, plus per-example ``aux``
-      with ``has_aux=True``.
+      with ``has_aux=True``. An empty batch (``B = 0``) gives gradients of shape
+      ``(0, *param.shape)``.
 
     Notes:
       NOTE [auto: vmap's numbers, hooks' speed]: the default gives exactly ``vmap``'s per-example

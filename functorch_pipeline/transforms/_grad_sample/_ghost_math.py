@@ -47,6 +47,7 @@ arrive already zeroed by the rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,7 +89,8 @@ def _rows_sq(t: torch.Tensor) -> torch.Tensor:
     # a squared copy as large as ``t`` and summing it: on the MNIST CNN's kept conv2
     # gradients (256 x 5000) inside a DP step, ~0.55 ms of a ~15 ms step at 2 threads.
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc).square()
+    rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    return torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
 
 
 # -- conv geometry --------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
                          stride: tuple[int, ...], pads: list[int], dilation: tuple[int, ...],
                          groups: int) -> torch.Tensor:
     """Per-example 2-d conv weight gradients ``(B, O, C / groups, *kernel)`` from one grouped
-    weight-gradient call.
+    weight-gradient call (one per chunk of examples for large batches, NOTE [grouped chunks]).
 
     # NOTE [grouped weight gradients on CPU]
     The batch becomes ``B * groups`` groups of one convolution over a batch of one:
@@ -192,6 +192,8 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     """
     B, C = x.shape[:2]
     out_ch = g.shape[1]
+    if B == 0:  # an empty (Poisson) batch: mkldnn refuses zero groups
+        return x.new_zeros(0, out_ch, C // groups, *kernel)
     # NOTE [grouped chunks]: when the whole batch's input, output gradient and weight
     # gradients pass _GROUPED_BYTES (more than the last-level cache holds), the grouped
     # call runs on chunks of examples of ~_GROUPED_CHUNK bytes, written into one output.
@@ -200,7 +202,8 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     # against 8.6 and 8.9 ms in chunks of 16-22 examples.
     # Below the limit chunks did not pay inside a real step: per_sample_grads of the
     # MNIST CNN (conv2: 8 MB whole) read 0.847x the batch gradient whole, 0.834x chunked.
-    per_example = (x[0].numel() + g[0].numel() + out_ch * (C // groups) * math.prod(kernel))
+    per_example = (math.prod(x.shape[1:]) + math.prod(g.shape[1:])
+                   + out_ch * (C // groups) * math.prod(kernel))
     per_example *= x.element_size()
     if B * per_example > _GROUPED_BYTES and B > 1:
         step = max(1, _GROUPED_CHUNK // per_example)
