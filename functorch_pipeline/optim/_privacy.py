@@ -27,6 +27,7 @@ from functorch_pipeline.optim._base import identity
 from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import trace
+from functorch_pipeline.tree._math import _rows_sq_norms
 
 __all__ = [
     "AddDPNoiseState",
@@ -117,9 +118,7 @@ def _clip_sum(leaves: list[torch.Tensor], clip: Any) -> tuple[list[torch.Tensor]
     # Each leaf is read twice (its norm, then its share of the weighted sum) and nothing
     # of its size is allocated: one reduction per leaf, one (1, B) @ (B, P) product.
     rows = [g.reshape(b, math.prod(g.shape[1:])) for g in leaves]  # b may be 0
-    sq = torch.stack(
-        [torch.linalg.vector_norm(r, dim=1, dtype=a).square() for r, a in zip(rows, acc, strict=True)]
-    )
+    sq = torch.stack([_rows_sq_norms(r, a) for r, a in zip(rows, acc, strict=True)])
     norms = torch.sqrt(sq.sum(0))
     factors = 1.0 / torch.clamp(norms / clip, min=1.0)
     summed = [(factors.to(g.dtype).unsqueeze(0) @ r).reshape(g.shape[1:])

@@ -22,6 +22,7 @@ from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
 from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
+from functorch_pipeline.tree._math import _rows_sq_norms
 
 __all__ = ["clipped_grad", "clipped_value_and_grad", "per_sample_grad_norms"]
 
@@ -63,12 +64,7 @@ def _norms_of(grads: Any) -> torch.Tensor:
     float64 leaves, else float32, as ``optim.per_example_global_norm_clip``)."""
     leaves = _tree.leaves(grads)
     acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
-    b = leaves[0].shape[0]
-    # One reduction per leaf that reads it once: no squared copy as large as the
-    # per-example gradients (the ghost method's ``_rows_sq`` does the same).
-    sq = [torch.linalg.vector_norm(g.reshape(b, math.prod(g.shape[1:])), dim=1, dtype=acc).square()
-          for g in leaves]
-    return torch.stack(sq).sum(0).sqrt()
+    return torch.stack([_rows_sq_norms(g, acc) for g in leaves]).sum(0).sqrt()
 
 
 def _clip_sum(grads: Any, norms: torch.Tensor, max_norm: Any) -> Any:

@@ -238,6 +238,15 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
     return out * out if squared else out
 
 
+def _rows_sq_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B,)`` squared L2 norms of ``t``'s rows along axis 0 (``B`` may be 0), accumulated
+    in ``dtype``: one reduction that reads ``t`` once, without a squared copy of ``t``.
+    Per-example norms in ghost clipping, ``fp.clipped_grad`` and ``optim``'s per-example
+    clipping all use it."""
+    rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
+
+
 def _is_functorch_wrapped(x: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
