@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
@@ -87,6 +88,43 @@ def test_linear_sequence():
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     check(squared(m), params_of(m), torch.randn(5, 7, 4))
+
+
+class SeqFirst(nn.Module):
+    """A batch-first Linear, then a sequence-first stack on ``(T, B, H)`` activations
+    (LayerNorm, Linear, RMSNorm), as inside ``batch_first=False`` layers."""
+
+    def __init__(self, fin: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(fin, hidden)
+        self.norm = nn.LayerNorm(hidden, bias=bias)
+        self.mid = nn.Linear(hidden, 3, bias=bias)
+        self.rms = nn.RMSNorm(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x)).transpose(0, 1)
+        return self.rms(self.mid(self.norm(h))).transpose(0, 1)
+
+
+@FAST
+@given(b=st.integers(1, 4), t=st.sampled_from([1, 2, 3, 5]), fin=st.integers(1, 4),
+       hidden=st.integers(2, 5), bias=st.booleans())
+@example(b=3, t=3, fin=2, hidden=3, bias=True)  # ambiguous
+@example(b=1, t=5, fin=2, hidden=3, bias=False)  # (T, 1, H)
+@example(b=4, t=1, fin=3, hidden=4, bias=True)  # (1, B, H)
+def test_sequence_first_activations(b, t, fin, hidden, bias):
+    """NOTE [sequence-first inputs]: every method against the loop; when T == B the
+    layout is ambiguous and ghost/hooks refuse it."""
+    torch.manual_seed(b * 100 + t * 10 + fin)
+    m = SeqFirst(fin, hidden, bias)
+    x = torch.randn(b, t, fin)
+    if t == b > 1:
+        for method in ("ghost", "hooks"):
+            with pytest.raises(ValueError, match="ambiguous"):
+                fp.clipped_grad(squared(m), 1.0, method=method)(params_of(m), x)
+        check(squared(m), params_of(m), x, methods=("vmap",))
+    else:
+        check(squared(m), params_of(m), x)
 
 
 def one_by_one(monkeypatch, on):

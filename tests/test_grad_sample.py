@@ -416,6 +416,27 @@ def test_input_without_the_batch_on_axis_0_is_an_error():
         fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 5, 3))
 
 
+def test_a_table_without_a_batch_axis_is_not_taken_as_sequence_first():
+    """NOTE [sequence-first inputs]: a ``(1, T, E)`` table with ``T == B`` has a second
+    axis of the batch size, but requires no grad, so it is not read as ``(T, B, E)``: hooks
+    refuses it and auto falls back with the loop's numbers."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 3)
+    table = torch.randn(1, 4, 3)
+
+    def loss(p, x):
+        pos = torch.func.functional_call(m, p, (table,))  # no batch axis
+        return (x + pos).pow(2).sum((1, 2))
+
+    x = torch.randn(4, 4, 3)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 3\), whose first axis is not the batch"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(loss)(params_of(m), x)
+    want = loop_grads(loss, params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Linear(3, 2), (4, 4, 3)),  # sequence-first (T, B, E) with T == B
     (lambda: nn.Embedding(9, 2), (4, 4)),  # token ids (T, B) with T == B

@@ -283,15 +283,55 @@ def test_transformer_encoder_layer_batch_first_matches_loop(norm_first, activati
     assert all(torch.allclose(auto[k], got[k], atol=1e-12, rtol=0) for k in got)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's own, under vmap
-def test_transformer_encoder_layer_sequence_first_falls_back_with_the_same_numbers():
-    """Sequence-first layers apply their Linear layers to (S, N, E): the batch is not on
-    axis 0, so hooks refuses (clear error) and auto runs vmap once warned."""
+class _Projected(nn.Module):
+    """A batch-first input projection, then a ``batch_first=False`` layer on its
+    transposed (sequence-first) output: the usual way such a layer is fed."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x).transpose(0, 1)
+        return self.layer(h, src_key_padding_mask=src_key_padding_mask).transpose(0, 1)
+
+
+@pytest.mark.parametrize("norm_first, activation, projected", [
+    (False, "relu", False), (False, "gelu", True), (True, "relu", True)])
+def test_transformer_encoder_layer_sequence_first_matches_loop(norm_first, activation, projected,
+                                                               recwarn):
+    """``batch_first=False`` layers apply their Linear and LayerNorm layers to ``(S, N, E)``
+    activations: the rules take the examples on axis 1 there (NOTE [sequence-first
+    inputs]), so hooks runs and the default method picks it without a fallback warning."""
     torch.manual_seed(0)
-    m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                       norm_first=norm_first, activation=activation)
+    x = torch.randn(3, 5, 8)
+    if projected:
+        m = _Projected(layer)
+        loss = attention_loss(m, mask_name="src_key_padding_mask", pick=lambda out: out)
+    else:  # post-norm: attention comes first, and its rule reads (S, N, E) itself
+        m = layer
+        loss = attention_loss(m, seq_first=True, mask_name="src_key_padding_mask",
+                              pick=lambda out: out)
+    got = assert_matches(loss, params_of(m), x, PADDING)
+    auto = fp.per_sample_grads(loss)(params_of(m), x, PADDING)
+    assert all(torch.allclose(auto[k], got[k], atol=1e-12, rtol=0) for k in got)
+    assert not [w for w in recwarn if "falls back" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's own, under vmap
+def test_sequence_first_raw_input_falls_back_with_the_same_numbers():
+    """A pre-norm layer's LayerNorm sees the raw ``(S, N, E)`` input, which requires no
+    grad: nothing shows that axis 1 holds the examples, so hooks refuses (clear error) and
+    auto runs vmap once warned."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, norm_first=True)
     x = torch.randn(3, 5, 8)
     loss = attention_loss(m, seq_first=True, pick=lambda out: out)
-    with pytest.raises(ValueError, match=r"norm1.weight.*F.layer_norm.*shape \(5, 3, 8\).*not the batch"):
+    with pytest.raises(ValueError, match=r"norm1.weight.*F.layer_norm.*shape \(5, 3, 8\).*not the "
+                                         r"batch.*sequence-first, for an input computed from"):
         fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
     with pytest.warns(UserWarning, match="falls back to 'vmap'"):
         got = fp.per_sample_grads(loss)(params_of(m), x)

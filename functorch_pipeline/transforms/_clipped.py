@@ -209,8 +209,9 @@ _CONTRACT_DOC = """
       loss_fn: ``loss_fn(params, *batch) -> losses`` returning the *per-example* losses,
         shape ``(B,)`` (``reduction="none"``), where example ``b``'s loss depends on
         example ``b`` alone; ``(losses, aux)`` with ``has_aux=True``. The ghost and hooks
-        methods also need every call that uses a parameter to see the batch on axis 0
-        (see ``per_sample_grads``'s ``method="hooks"``).
+        methods also need every call that uses a parameter to see the batch on axis 0, or
+        on axis 1 of a sequence-first activation (see ``per_sample_grads``'s
+        ``method="hooks"``).
 """
 
 

@@ -339,16 +339,21 @@ def per_sample_grads(
           ``F.embedding``, ``F.embedding_bag``, ``F.layer_norm``, ``F.group_norm``,
           ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode,
           ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
-          ``nn.TransformerEncoderLayer`` with ``batch_first=True``), and fused rules for
+          ``nn.TransformerEncoderLayer`` in either layout), and fused rules for
           ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``). The contract:
           ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
-          uses a parameter sees the batch on axis 0 of its input. The last is checked by
-          size: axis 0 must have size ``B`` and, where another axis could hold the
-          examples (a ``(T, B, E)`` input with ``T == B``), the call is an error as
-          ambiguous; an input with *no* batch axis whose first axis happens to have size
+          uses a parameter sees the batch on axis 0 of its input. ``F.linear``,
+          ``F.layer_norm`` and ``F.rms_norm`` also take it on axis 1 of a sequence-first
+          ``(T, B, ...)`` input computed from the parameters (one that requires grad, as
+          inside ``batch_first=False`` transformer layers); raw sequence-first data fed
+          straight to such a layer is not taken (``"hooks"`` raises, ``"auto"`` falls
+          back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
+          must have size ``B`` and, where another axis could hold the examples (a
+          ``(T, B, E)`` input with ``T == B``), the call is an error as ambiguous; an
+          input with *no* batch axis whose first axis happens to have size
           ``B`` (position ids ``arange(T)`` with ``T == B``) cannot be told apart: use
           ``"vmap"`` for such models. Any other use of a parameter
           (``x @ w``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error

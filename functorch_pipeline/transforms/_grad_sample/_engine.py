@@ -189,8 +189,10 @@ class Engine:
         return ", ".join(self.name(s) for s in self.slots(args, kwargs))
 
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
-                    features: int = 0) -> None:
-        """Raise ``Unsupported`` unless ``x`` is a tensor batched on axis 0, unambiguously.
+                    features: int = 0, seq_first: bool = False) -> int:
+        """The axis of ``x`` that holds the examples: 0, or 1 for a sequence-first input
+        when ``seq_first`` (NOTE [sequence-first inputs]); raise ``Unsupported`` when it is
+        not known unambiguously.
 
         # NOTE [which axis is the batch]
         Rules take axis 0 of an op's input to be the examples; nothing else is known about
@@ -201,11 +203,31 @@ class Engine:
         sequence-first layouts such as ``(T, B, E)`` when ``T == B``. The remaining blind
         spot: an input with no batch axis whose first axis happens to equal ``B`` (position
         indices ``arange(T)`` with ``T == B``), see the ``method`` docs.
+
+        # NOTE [sequence-first inputs]
+        Position-wise rules (``F.linear``, ``F.layer_norm``, ``F.rms_norm``: an output row
+        depends on the same input row only) also take the examples on axis 1, the
+        ``(T, B, ...)`` layout of ``nn.TransformerEncoderLayer(batch_first=False)``, when
+        three things hold: axis 0 does not have size ``B`` (else the rule above decides),
+        axis 1 is the only candidate axis of size ``B``, and the input requires grad. The
+        last is what makes the guess safe: inside ``loss_fn`` an input requires grad
+        because it was computed from an earlier rule's output, and every rule's output is
+        batched (its own input passed these checks), so the examples are on some axis and
+        axis 1 is the only one that can hold them. A buffer or batch tensor that requires
+        no grad (a ``(1, T, E)`` positional table with ``T == B``, raw ``(T, B, F)`` data)
+        stays an error, so ``method="auto"`` falls back to ``vmap``. The blind spot left:
+        a tensor made to require grad outside the engine (a module's own ``nn.Parameter``
+        that is not differentiated) used with no batch axis and a second axis of size
+        ``B``. The finishers move the examples to axis 0 before any per-example sum.
         """
         B = self.batch_size
-        if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim \
-                and x.shape[0] == B and (B == 1 or B not in x.shape[1:x.dim() - features]):
-            return
+        if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
+            lead = x.shape[:x.dim() - features]
+            if x.shape[0] == B and (B == 1 or B not in lead[1:]):
+                return 0
+            if (seq_first and x.requires_grad and len(lead) >= 2 and lead[0] != B
+                    and lead[1] == B and B not in lead[2:]):
+                return 1
         who = ", ".join(self.name(s) for s in slots)
         verb = "is" if len(slots) == 1 else "are"
         if isinstance(x, _Tracked):
@@ -216,10 +238,12 @@ class Engine:
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {shape}: several axes have "
                 f"the batch size {B}, so which one holds the examples is ambiguous")
+        also = (" (or on axis 1, sequence-first, for an input computed from the parameters, "
+                "NOTE [sequence-first inputs])") if seq_first else ""
         raise Unsupported(
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
-            "the batch on axis 0")
+            f"the batch on axis 0{also}")
 
     @staticmethod
     def grad_input(x: torch.Tensor, *others: Any) -> torch.Tensor:

@@ -59,15 +59,18 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
-    engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None], features=1)
+    axis = engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None], features=1,
+                              seq_first=True)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.linear(xin, wp, bp)
-    engine.record(out, _finish_linear, x, ws, bs)
+    engine.record(out, _finish_linear, x, ws, bs, axis)
     return out
 
 
 def _finish_linear(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | None,
-                   bs: int | None) -> None:
+                   bs: int | None, axis: int = 0) -> None:
+    if axis:  # NOTE [sequence-first inputs]
+        x, g = x.movedim(axis, 0), g.movedim(axis, 0)
     B = g.shape[0]
     if ws is not None:
         engine.add("outer", ws, x.reshape(B, 1, -1, x.shape[-1]), g.reshape(B, 1, -1, g.shape[-1]))
@@ -292,18 +295,20 @@ def _layer_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     x, shape = _get(args, kwargs, 0, "input"), tuple(_get(args, kwargs, 1, "normalized_shape"))
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    engine.check_input(x, "F.layer_norm", [s for s in (ws, bs) if s is not None],
-                       min_dim=len(shape) + 1, features=len(shape))
+    axis = engine.check_input(x, "F.layer_norm", [s for s in (ws, bs) if s is not None],
+                              min_dim=len(shape) + 1, features=len(shape), seq_first=True)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.layer_norm(xin, shape, wp, bp, eps)
-    engine.record(out, _finish_layer_norm, x, ws, bs, shape, eps)
+    engine.record(out, _finish_layer_norm, x, ws, bs, shape, eps, axis)
     return out
 
 
 def _finish_layer_norm(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | None,
-                       bs: int | None, shape: tuple[int, ...], eps: float) -> None:
+                       bs: int | None, shape: tuple[int, ...], eps: float, axis: int = 0) -> None:
     with torch.no_grad():
         x_hat = F.layer_norm(x, shape, None, None, eps)
+    if axis:  # NOTE [sequence-first inputs]
+        g, x_hat = g.movedim(axis, 0), x_hat.movedim(axis, 0)
     _affine_parts(engine, g, x_hat, ws, bs, tuple(range(1, x.dim() - len(shape))))
 
 

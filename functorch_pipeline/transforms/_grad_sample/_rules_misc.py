@@ -153,18 +153,21 @@ def _rms_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
     ws = engine.slot(w)
     if ws is None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the input of `F.rms_norm`")
-    engine.check_input(x, "F.rms_norm", [ws], min_dim=len(shape) + 1, features=len(shape))
+    axis = engine.check_input(x, "F.rms_norm", [ws], min_dim=len(shape) + 1,
+                              features=len(shape), seq_first=True)
     wp = engine.bases[ws]
     xin = x.detach().requires_grad_() if _no_graph(x, wp) else x
     out = F.rms_norm(xin, shape, wp, eps)
-    engine.record(out, _finish_rms_norm, x, ws, shape, eps)
+    engine.record(out, _finish_rms_norm, x, ws, shape, eps, axis)
     return out
 
 
 def _finish_rms_norm(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int,
-                     shape: tuple[int, ...], eps: float | None) -> None:
+                     shape: tuple[int, ...], eps: float | None, axis: int = 0) -> None:
     with torch.no_grad():
         x_hat = F.rms_norm(x, shape, None, eps)
+    if axis:  # NOTE [sequence-first inputs]
+        g, x_hat = g.movedim(axis, 0), x_hat.movedim(axis, 0)
     _affine_parts(engine, g, x_hat, ws, None, tuple(range(1, x.dim() - len(shape))))
 
 
