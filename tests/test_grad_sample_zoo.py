@@ -331,7 +331,7 @@ def test_sequence_first_raw_input_falls_back_with_the_same_numbers():
     x = torch.randn(3, 5, 8)
     loss = attention_loss(m, seq_first=True, pick=lambda out: out)
     with pytest.raises(ValueError, match=r"norm1.weight.*F.layer_norm.*shape \(5, 3, 8\).*not the "
-                                         r"batch.*sequence-first, for an input computed from"):
+                                         r"batch.*axis 1 of a sequence-first input computed from the parameters; raw data"):
         fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
     with pytest.warns(UserWarning, match="falls back to 'vmap'"):
         got = fp.per_sample_grads(loss)(params_of(m), x)

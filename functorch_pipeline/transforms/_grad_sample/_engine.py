@@ -238,8 +238,9 @@ class Engine:
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {shape}: several axes have "
                 f"the batch size {B}, so which one holds the examples is ambiguous")
-        also = (" (or on axis 1, sequence-first, for an input computed from the parameters, "
-                "NOTE [sequence-first inputs])") if seq_first else ""
+        also = (" (or on axis 1 of a sequence-first input computed from the parameters; raw "
+                "data or a table that requires no grad is not read as sequence-first)"
+                if seq_first else "")
         raise Unsupported(
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
