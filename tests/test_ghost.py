@@ -127,6 +127,28 @@ def test_sequence_first_activations(b, t, fin, hidden, bias):
         check(squared(m), params_of(m), x)
 
 
+def test_sequence_first_transformer_layer_clips_with_hooks():
+    """A ``batch_first=False`` encoder layer behind a batch-first projection: attention has
+    no ghost rule, so ``auto`` takes hooks, whose sequence-first Linear/LayerNorm uses
+    (NOTE [sequence-first inputs]) give the loop's norms and clipped sum."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0, norm_first=True)
+    proj = nn.Linear(4, 6)
+    m = nn.ModuleDict({"proj": proj, "layer": layer})
+
+    def loss(p, x):
+        h = torch.func.functional_call(m["proj"], {k[5:]: v for k, v in p.items()
+                                                   if k.startswith("proj.")}, (x,))
+        h = torch.func.functional_call(m["layer"], {k[6:]: v for k, v in p.items()
+                                                    if k.startswith("layer.")}, (h.transpose(0, 1),))
+        return h.transpose(0, 1).pow(2).flatten(1).sum(1)
+
+    x = torch.randn(3, 5, 4)
+    check(loss, params_of(m), x, methods=("hooks",))
+    with pytest.warns(UserWarning, match="'hooks'"):
+        check(loss, params_of(m), x, methods=("auto",))
+
+
 def one_by_one(monkeypatch, on):
     """Chunk budgets of one byte: every chunked loop runs one example at a time."""
     monkeypatch.setattr(_ghost_math, "CHUNK_BYTES", 1 if on else CHUNK)
