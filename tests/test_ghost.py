@@ -127,6 +127,25 @@ def test_sequence_first_activations(b, t, fin, hidden, bias):
         check(squared(m), params_of(m), x)
 
 
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_sequence_first_token_ids(padding_idx):
+    """``(B, T)`` token ids transposed to ``(T, B)`` before the embedding (a view of the
+    batch, NOTE [sequence-first inputs]), then a sequence-first Linear: every method
+    against the loop."""
+    torch.manual_seed(3)
+    emb, head = nn.Embedding(7, 4, padding_idx=padding_idx), nn.Linear(4, 2)
+    m = nn.ModuleDict({"emb": emb, "head": head})
+
+    def loss(p, tok):
+        h = F.embedding(tok.transpose(0, 1), p["emb.weight"], padding_idx)  # (T, B, 4)
+        out = F.linear(torch.tanh(h), p["head.weight"], p["head.bias"])
+        return out.pow(2).sum((0, 2))
+
+    tok = torch.randint(0, 7, (3, 5))
+    tok[0, :2] = 0
+    check(loss, params_of(m), tok)
+
+
 def test_sequence_first_transformer_layer_clips_with_hooks():
     """A ``batch_first=False`` encoder layer behind a batch-first projection: attention has
     no ghost rule, so ``auto`` takes hooks, whose sequence-first Linear/LayerNorm uses

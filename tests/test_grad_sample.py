@@ -409,11 +409,28 @@ def test_batchnorm_in_training_mode_is_an_error():
         fp.per_sample_grads(squared(m), method="auto")(params_of(m), torch.randn(4, 3), torch.randn(4, 4))
 
 
-def test_input_without_the_batch_on_axis_0_is_an_error():
+@pytest.mark.parametrize("layout", [
+    lambda x: x.transpose(0, 1).contiguous(),  # a copy: nothing shows where the examples are
+    lambda x: x.transpose(0, 1).clone(),  # same strides, another storage
+    lambda x: x.transpose(0, 1)[1:],  # a slice of the view: not the batch re-indexed
+])
+def test_input_without_the_batch_on_axis_0_is_an_error(layout):
     m = nn.Linear(3, 2)
-    loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).sum((0, 2))  # noqa: E731
-    with pytest.raises(ValueError, match=r"`weight`, `bias` are used by `F.linear` on an input of shape \(5, 4, 3\).*B=4"):
-        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 5, 3))
+    loss = lambda p, x: torch.func.functional_call(m, p, (layout(x),)).sum((0, 2))  # noqa: E731
+    with pytest.raises(ValueError, match=r"`weight`, `bias` are used by `F.linear` on an input of shape \([56], 4, 3\).*B=4"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 6, 3))
+
+
+def test_a_transposed_batch_argument_is_read_sequence_first():
+    """NOTE [sequence-first inputs]: ``x.transpose(0, 1)`` of the batch is the batch
+    re-indexed, so its axis 1 holds the examples."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).pow(2).sum((0, 2))  # noqa: E731
+    x = torch.randn(4, 5, 3)
+    got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    want = loop_grads(loss, params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 
 def test_a_table_without_a_batch_axis_is_not_taken_as_sequence_first():

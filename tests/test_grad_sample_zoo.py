@@ -322,20 +322,31 @@ def test_transformer_encoder_layer_sequence_first_matches_loop(norm_first, activ
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's own, under vmap
-def test_sequence_first_raw_input_falls_back_with_the_same_numbers():
-    """A pre-norm layer's LayerNorm sees the raw ``(S, N, E)`` input, which requires no
-    grad: nothing shows that axis 1 holds the examples, so hooks refuses (clear error) and
-    auto runs vmap once warned."""
+def test_sequence_first_raw_input_is_read_when_transposed_and_refused_when_copied():
+    """A pre-norm layer's LayerNorm sees the raw ``(S, N, E)`` input first. The transposed
+    batch itself (a view: the same elements) is read as sequence-first; a copy of it shows
+    nothing about where the examples are, so hooks refuses it (clear error) and auto
+    runs vmap once warned (NOTE [sequence-first inputs])."""
     torch.manual_seed(0)
     m = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, norm_first=True)
     x = torch.randn(3, 5, 8)
-    loss = attention_loss(m, seq_first=True, pick=lambda out: out)
+
+    def loss(p, x, copy=False):
+        src = x.transpose(0, 1)
+        out = torch.func.functional_call(m, p, (src.contiguous() if copy else src,))
+        return out.transpose(0, 1).pow(2).flatten(1).sum(1)
+
+    assert_matches(loss, params_of(m), x)
+
+    def copied(p, x):
+        return loss(p, x, copy=True)
+
     with pytest.raises(ValueError, match=r"norm1.weight.*F.layer_norm.*shape \(5, 3, 8\).*not the "
-                                         r"batch.*axis 1 of a sequence-first input computed from the parameters; raw data"):
-        fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+                                         r"batch.*transposed from the batch itself; a copy"):
+        fp.per_sample_grads(copied, method="hooks")(params_of(m), x)
     with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(loss)(params_of(m), x)
-    want = loop_grads(loss, params_of(m), x)
+        got = fp.per_sample_grads(copied)(params_of(m), x)
+    want = loop_grads(copied, params_of(m), x)
     assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 

@@ -346,11 +346,12 @@ def per_sample_grads(
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
           uses a parameter sees the batch on axis 0 of its input. ``F.linear``,
-          ``F.layer_norm`` and ``F.rms_norm`` also take it on axis 1 of a sequence-first
-          ``(T, B, ...)`` input computed from the parameters (one that requires grad, as
-          inside ``batch_first=False`` transformer layers); raw sequence-first data fed
-          straight to such a layer is not taken (``"hooks"`` raises, ``"auto"`` falls
-          back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
+          ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
+          sequence-first ``(T, B, ...)`` input that is either computed from the parameters
+          (it requires grad, as inside ``batch_first=False`` transformer layers) or a batch
+          argument transposed (``x.transpose(0, 1)``, a view); a copy of transposed data,
+          or a table with no batch axis, is not taken (``"hooks"`` raises, ``"auto"``
+          falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B`` and, where another axis could hold the examples (a
           ``(T, B, E)`` input with ``T == B``), the call is an error as ambiguous; an
           input with *no* batch axis whose first axis happens to have size

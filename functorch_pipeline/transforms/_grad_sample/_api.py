@@ -70,11 +70,16 @@ def _join(*chunks: Any) -> Any:
 
 def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
                    nums: Sequence[int], leaves: list[list[torch.Tensor]], defs: list[Any],
-                   batch_size: int, has_aux: bool, fn: str, needs: str = "the fast method"
-                   ) -> tuple[torch.Tensor, Any]:
+                   batch_size: int, has_aux: bool, fn: str, needs: str = "the fast method",
+                   batched: Sequence[int] = ()) -> tuple[torch.Tensor, Any]:
     """Run ``loss_fn`` on ``engine``'s tracked parameters and check its per-example losses
     (shape ``(batch_size,)``, floating point); ``needs`` names the method in the error for a
-    scalar loss. The forward of the hooks method and of ghost clipping."""
+    scalar loss, ``batched`` the arguments carrying the batch on axis 0 (their tensors are
+    the engine's ``batch_data``, NOTE [sequence-first inputs]). The forward of the hooks
+    method and of ghost clipping."""
+    engine.batch_data = [leaf for i in batched for leaf in _tree.leaves(args[i])
+                         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2
+                         and leaf.shape[0] == batch_size]
     tracked = iter(engine.tracked())
     new_args = list(args)
     for i, group, treedef in zip(nums, leaves, defs, strict=True):
@@ -105,10 +110,12 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
 
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names,
-              batch_size: int, has_aux: bool, fn: str) -> tuple[Any, list[torch.Tensor]]:
+              batch_size: int, has_aux: bool, fn: str, batched: Sequence[int] = ()
+              ) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, RULES, fn)
-    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn)
+    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn,
+                                 batched=batched)
     engine.backward(losses)
     grads: list[Any] = [None] * len(flat)
     with torch.no_grad():
@@ -150,7 +157,8 @@ def hooks_value_and_grad(
     batch_size = _batch_size(args, batched, fn)
 
     if chunk_size is None or chunk_size >= batch_size:
-        value, flat = _run_once(loss_fn, list(args), nums, leaves, defs, names, batch_size, has_aux, fn)
+        value, flat = _run_once(loss_fn, list(args), nums, leaves, defs, names, batch_size, has_aux, fn,
+                                batched)
     else:
         values, flats = [], []
         for start in range(0, batch_size, chunk_size):
@@ -158,7 +166,7 @@ def hooks_value_and_grad(
                 return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
             chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
             n = min(chunk_size, batch_size - start)
-            v, f = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux, fn)
+            v, f = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux, fn, batched)
             values.append(v)
             flats.append(f)
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]

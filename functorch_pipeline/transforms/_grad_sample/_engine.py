@@ -138,6 +138,9 @@ class Engine:
         self.bases = [p.detach() for p in params]
         self._names = names
         self.batch_size = batch_size
+        # The tensors of the arguments carrying the batch on axis 0 (set by the forward):
+        # NOTE [sequence-first inputs].
+        self.batch_data: list[torch.Tensor] = []
         self.rules = rules
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
@@ -205,28 +208,34 @@ class Engine:
         indices ``arange(T)`` with ``T == B``), see the ``method`` docs.
 
         # NOTE [sequence-first inputs]
-        Position-wise rules (``F.linear``, ``F.layer_norm``, ``F.rms_norm``: an output row
-        depends on the same input row only) also take the examples on axis 1, the
+        Position-wise rules (``F.linear``, ``F.layer_norm``, ``F.rms_norm``, ``F.embedding``:
+        an output row depends on the same input row only) also take the examples on axis 1, the
         ``(T, B, ...)`` layout of ``nn.TransformerEncoderLayer(batch_first=False)``, when
         three things hold: axis 0 does not have size ``B`` (else the rule above decides),
-        axis 1 is the only candidate axis of size ``B``, and the input requires grad. The
-        last is what makes the guess safe: inside ``loss_fn`` an input requires grad
-        because it was computed from an earlier rule's output, and every rule's output is
-        batched (its own input passed these checks), so the examples are on some axis and
-        axis 1 is the only one that can hold them. A buffer or batch tensor that requires
-        no grad (a ``(1, T, E)`` positional table with ``T == B``, raw ``(T, B, F)`` data)
-        stays an error, so ``method="auto"`` falls back to ``vmap``. The blind spot left:
-        a tensor made to require grad outside the engine (a module's own ``nn.Parameter``
-        that is not differentiated) used with no batch axis and a second axis of size
-        ``B``. The finishers move the examples to axis 0 before any per-example sum.
+        axis 1 is the only candidate axis of size ``B``, and one of two things shows that
+        the input has a batch axis at all:
+        * it requires grad: inside ``loss_fn`` an input requires grad because it was
+          computed from an earlier rule's output, and every rule's output is batched (its
+          own input passed these checks), so the examples are on some axis and axis 1 is
+          the only one that can hold them;
+        * or it is a batch argument with its axes permuted (``x.transpose(0, 1)`` of the
+          ``(B, T, ...)`` data, or of ``(B, T)`` token ids): the same storage, offset and
+          (size, stride) pairs, with axis 1 carrying the argument's axis 0, so it is
+          the same elements re-indexed and axis 1 provably holds the examples.
+        Anything else (a ``(1, T, E)`` positional table with ``T == B``, a copy of
+        transposed data) stays an error, so ``method="auto"`` falls back to ``vmap``. The
+        blind spot left: a tensor made to require grad outside the engine (a module's own
+        ``nn.Parameter`` that is not differentiated) used with no batch axis and a second
+        axis of size ``B``. The finishers move the examples to axis 0 before any
+        per-example sum.
         """
         B = self.batch_size
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
                 return 0
-            if (seq_first and x.requires_grad and len(lead) >= 2 and lead[0] != B
-                    and lead[1] == B and B not in lead[2:]):
+            if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
+                    and B not in lead[2:] and (x.requires_grad or self._permuted_batch(x))):
                 return 1
         who = ", ".join(self.name(s) for s in slots)
         verb = "is" if len(slots) == 1 else "are"
@@ -238,13 +247,27 @@ class Engine:
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {shape}: several axes have "
                 f"the batch size {B}, so which one holds the examples is ambiguous")
-        also = (" (or on axis 1 of a sequence-first input computed from the parameters; raw "
-                "data or a table that requires no grad is not read as sequence-first)"
-                if seq_first else "")
+        also = (" (or on axis 1 of a sequence-first input computed from the parameters or "
+                "transposed from the batch itself; a copy or a table is not read as "
+                "sequence-first)" if seq_first else "")
         raise Unsupported(
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
+
+    def _permuted_batch(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a batch argument re-indexed with its axis 0 moved to axis 1
+        (NOTE [sequence-first inputs])."""
+        if not self.batch_data or x.dim() < 2:
+            return False
+        pairs = sorted(zip(x.shape, x.stride(), strict=True))
+        for a in self.batch_data:
+            if (a.dtype == x.dtype and a.device == x.device and a.dim() == x.dim()
+                    and a.storage_offset() == x.storage_offset() and a.stride(0) == x.stride(1)
+                    and sorted(zip(a.shape, a.stride(), strict=True)) == pairs
+                    and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+                return True
+        return False
 
     @staticmethod
     def grad_input(x: torch.Tensor, *others: Any) -> torch.Tensor:

@@ -157,12 +157,12 @@ def ghost_rules() -> dict[Any, Callable[..., Any]]:
 
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names, batch_size: int,
-              has_aux: bool, max_norm: Any, fn: str
+              has_aux: bool, max_norm: Any, fn: str, batched: Sequence[int] = ()
               ) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, ghost_rules(), fn)
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
-                                  has_aux, fn, needs="ghost clipping")
+                                  has_aux, fn, needs="ghost clipping", batched=batched)
     engine.backward(losses)
     by_slot: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
     for (kind, slot), payloads in engine.parts.items():
@@ -234,7 +234,7 @@ def ghost_norms_and_sum(
                 return x[start:start + step] if isinstance(x, torch.Tensor) else x
             chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
         v, nrm, grads = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux,
-                                  max_norm, fn)
+                                  max_norm, fn, batched)
         values.append(v)
         norms.append(nrm)
         if grads is not None:

@@ -259,19 +259,21 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
         if name != "norm_type" and value not in (None, False):
             raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with {name}={value!r}, "
                               "which has no per-sample gradient rule")
-    engine.check_input(idx, "F.embedding", [ws], min_dim=1)
+    axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
     wp = engine.bases[ws]
     if padding_idx is not None and padding_idx < 0:
         padding_idx += wp.shape[0]
     # Indices never require grad: a leaf alias of the weight gives the output a grad_fn
     # (see NOTE [gradient edges, not tensors]); its own gradient is never computed.
     out = F.embedding(idx, wp.detach().requires_grad_(), padding_idx)
-    engine.record(out, _finish_embedding, idx, ws, padding_idx)
+    engine.record(out, _finish_embedding, idx, ws, padding_idx, axis)
     return out
 
 
 def _finish_embedding(engine: Engine, g: torch.Tensor, idx: torch.Tensor, ws: int,
-                      padding_idx: int | None) -> None:
+                      padding_idx: int | None, axis: int = 0) -> None:
+    if axis:  # NOTE [sequence-first inputs]
+        idx, g = idx.movedim(axis, 0), g.movedim(axis, 0)
     B = g.shape[0]
     idx, g = idx.reshape(B, -1), g.reshape(B, -1, g.shape[-1])
     if padding_idx is not None:
