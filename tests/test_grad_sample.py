@@ -428,9 +428,17 @@ def test_a_transposed_batch_argument_is_read_sequence_first():
     m = nn.Linear(3, 2)
     loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).pow(2).sum((0, 2))  # noqa: E731
     x = torch.randn(4, 5, 3)
-    got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
     want = loop_grads(loss, params_of(m), x)
-    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    for chunk_size in (None, 3):  # chunks are views of the batch, transposed in loss_fn
+        got = fp.per_sample_grads(loss, method="hooks", chunk_size=chunk_size)(params_of(m), x)
+        assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    g, norms = fp.clipped_grad(loss, 0.5, method="ghost", chunk_size=3)(params_of(m), x)
+    ref = torch.stack([want[k].flatten(1).square().sum(1) for k in want]).sum(0).sqrt()
+    scale = (0.5 / ref).clamp(max=1.0)
+    assert torch.allclose(norms, ref, atol=TOL, rtol=0)
+    for k in want:
+        assert torch.allclose(g[k], (want[k] * scale.reshape(-1, *[1] * (want[k].dim() - 1))).sum(0),
+                              atol=TOL, rtol=0)
 
 
 def test_a_table_without_a_batch_axis_is_not_taken_as_sequence_first():
