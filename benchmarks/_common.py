@@ -210,3 +210,24 @@ def optional(module: str) -> Any:
         return __import__(module)
     except ImportError:
         return None
+
+
+def opacus_per_sample(module: torch.nn.Module, loss_fn: Callable[..., torch.Tensor],
+                      inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], list]:
+    """The Opacus row of the per-sample benchmarks: a zero-argument call returning
+    ``GradSampleModule(module)``'s per-sample gradients of ``loss_fn(out, targets,
+    reduction="sum")`` (a sum, so each example's gradient is its own). Needs opacus."""
+    import warnings
+
+    from opacus import GradSampleModule
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    gsm = GradSampleModule(module, loss_reduction="sum")
+
+    def run() -> list:
+        for p in gsm.parameters():
+            p.grad, p.grad_sample = None, None
+        loss_fn(gsm(inputs), targets, reduction="sum").backward()
+        return [p.grad_sample for p in gsm.parameters()]
+
+    return run

@@ -123,22 +123,8 @@ def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
     """Opacus' hooks (``GradSampleModule``) on a copy of the model, or None without opacus."""
     if _common.optional("opacus") is None:
         return None
-    import warnings
-
-    from opacus import GradSampleModule
-
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
     torch.manual_seed(0)
-    gsm = GradSampleModule(Net(), loss_reduction="sum")
-
-    def run() -> list[torch.Tensor]:
-        for p in gsm.parameters():
-            p.grad, p.grad_sample = None, None
-        F.nll_loss(gsm(x), y, reduction="sum").backward()  # sum: each example's own gradient
-        return [p.grad_sample for p in gsm.parameters()]
-
-    return run
+    return _common.opacus_per_sample(Net(), F.nll_loss, x, y)
 
 
 def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict:

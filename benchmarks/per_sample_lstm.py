@@ -166,23 +166,11 @@ def _opacus(ref: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> objec
     under ``GradSampleModule``; None without opacus."""
     if _common.optional("opacus") is None:
         return None
-    import warnings
-
-    from opacus import GradSampleModule
     from opacus.layers import DPLSTM
 
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     net = TextClassifier(rnn=DPLSTM)
     net.load_state_dict(ref.state_dict(), strict=False)  # DPLSTM names its weights per cell
-    gsm = GradSampleModule(net, loss_reduction="sum")
-
-    def run() -> list:
-        for p in gsm.parameters():
-            p.grad, p.grad_sample = None, None
-        F.cross_entropy(gsm(tokens), labels, reduction="sum").backward()
-        return [p.grad_sample for p in gsm.parameters()]
-
-    return run
+    return _common.opacus_per_sample(net, F.cross_entropy, tokens, labels)
 
 
 def main() -> None:

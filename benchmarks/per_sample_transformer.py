@@ -109,19 +109,9 @@ def _opacus(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> Any
     ``ModuleValidator.fix``); None without opacus."""
     if _common.optional("opacus") is None:
         return None
-    from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    gsm = GradSampleModule(ModuleValidator.fix(model), loss_reduction="sum")
-
-    def run() -> list:
-        for p in gsm.parameters():
-            p.grad, p.grad_sample = None, None
-        F.cross_entropy(gsm(tokens), labels, reduction="sum").backward()
-        return [p.grad_sample for p in gsm.parameters()]
-
-    return run
+    return _common.opacus_per_sample(ModuleValidator.fix(model), F.cross_entropy, tokens, labels)
 
 
 def main() -> None:
