@@ -168,6 +168,17 @@ def test_sequence_first_transformer_layer_clips_with_hooks():
         check(loss, params_of(m), x, methods=("auto",))
 
 
+def check_float32_ghost(module, p64, x):
+    """Ghost clipping of ``module`` in float32 (mkldnn kernels) against the float64 loop,
+    to float32 accuracy."""
+    ref_norms, want = reference(squared(module), p64, (x,), 0.5)
+    p32 = {n: v.float() for n, v in p64.items()}
+    g, norms = fp.clipped_grad(squared(module), 0.5, method="ghost")(p32, x.float())
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
+    for n in want:
+        torch.testing.assert_close(g[n].double(), want[n], rtol=1e-5, atol=1e-5)
+
+
 def one_by_one(monkeypatch, on):
     """Chunk budgets of one byte: every chunked loop runs one example at a time."""
     monkeypatch.setattr(_ghost_math, "CHUNK_BYTES", 1 if on else CHUNK)
@@ -231,12 +242,7 @@ def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, dilation, c
                                            padding=padding, dilation=dilation, groups=groups)
     p64 = params_of(conv)
     x = torch.randn(3, cin * groups, *([6] * nd))
-    ref_norms, want = reference(squared(conv), p64, (x,), 0.5)
-    p32 = {n: v.float() for n, v in p64.items()}
-    g, norms = fp.clipped_grad(squared(conv), 0.5, method="ghost")(p32, x.float())
-    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
-    for n in want:
-        torch.testing.assert_close(g[n].double(), want[n], rtol=1e-5, atol=1e-5)
+    check_float32_ghost(conv, p64, x)
 
 
 @pytest.mark.parametrize("cin", [1, 2])
@@ -250,12 +256,7 @@ def test_conv_first_layer_float32(cin, stride, dilation, monkeypatch):
     conv = nn.Conv2d(cin, 3, (3, 2), stride=stride, padding=1, dilation=dilation)
     p64 = params_of(conv)
     x = torch.randn(4, cin, 9, 8)
-    ref_norms, want = reference(squared(conv), p64, (x,), 0.5)
-    p32 = {n: v.float() for n, v in p64.items()}
-    g, norms = fp.clipped_grad(squared(conv), 0.5, method="ghost")(p32, x.float())
-    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-5)
-    for n in want:
-        torch.testing.assert_close(g[n].double(), want[n], rtol=1e-5, atol=1e-5)
+    check_float32_ghost(conv, p64, x)
 
 
 def test_conv_tuple_geometry_and_padding_modes():
