@@ -11,7 +11,7 @@ encoder, whose Linear and LayerNorm layers then see the examples on axis 1, NOTE
 the batch-first model. Every row runs in the same process, interleaved; ratios are
 throughput ratios (> 1 is faster than the yardstick). When ``opacus`` is installed, its
 ``GradSampleModule`` on the batch-first model (``ModuleValidator.fix`` swaps in
-``DPMultiheadAttention``, same weights) is a row.
+``DPMultiheadAttention``; :func:`opacus_twin` copies the weights) is a row.
 
     .venv/bin/python benchmarks/per_sample_transformer.py
     .venv/bin/python benchmarks/per_sample_transformer.py --threads 1 --rounds 30
@@ -109,9 +109,38 @@ def _opacus(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> Any
     ``ModuleValidator.fix``); None without opacus."""
     if _common.optional("opacus") is None:
         return None
+    twin = opacus_twin(model)
+    return _common.opacus_per_sample(twin, F.cross_entropy, tokens, labels)
+
+
+def opacus_twin(model: nn.Module) -> nn.Module:
+    """``model`` with Opacus' ``DPMultiheadAttention`` swapped in by ``ModuleValidator.fix``
+    and the same weights: the packed ``in_proj`` split into its q, k, v linears (``fix``
+    initialises them afresh). The outputs are compared and the difference printed: Opacus
+    1.6's ``DPMultiheadAttention(batch_first=True)`` reshapes its heads wrongly (opacus
+    PR #825), so its row times the same amount of work, not the same function."""
     from opacus.validators import ModuleValidator
 
-    return _common.opacus_per_sample(ModuleValidator.fix(model), F.cross_entropy, tokens, labels)
+    twin = ModuleValidator.fix(model)
+    with torch.no_grad():
+        for layer, dp_layer in zip(model.enc.layers, twin.enc.layers, strict=True):
+            attn, dp_attn = layer.self_attn, dp_layer.self_attn
+            for i, lin in enumerate((dp_attn.qlinear, dp_attn.klinear, dp_attn.vlinear)):
+                lin.weight.copy_(attn.in_proj_weight.chunk(3)[i])
+                lin.bias.copy_(attn.in_proj_bias.chunk(3)[i])
+            dp_attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+        tokens = torch.randint(0, model.emb.num_embeddings, (2, 5))
+        worst = float((twin.eval()(tokens) - model.eval()(tokens)).abs().max())
+    model.train()
+    twin.train()
+    if worst < 1e-5:
+        print(f"  check: Opacus twin (DPMultiheadAttention) vs the model, max abs output "
+              f"difference {worst:.1e}")
+    else:
+        print(f"  note: the Opacus twin's output differs from the model's by up to {worst:.2f}: "
+              "its DPMultiheadAttention(batch_first=True) mixes heads and positions (opacus "
+              "PR #825), so the Opacus row times the same work, not the same numbers")
+    return twin
 
 
 def main() -> None:

@@ -146,12 +146,15 @@ def test_sequence_first_token_ids(padding_idx):
     check(loss, params_of(m), tok)
 
 
-def test_sequence_first_transformer_layer_clips_with_hooks():
-    """A ``batch_first=False`` encoder layer behind a batch-first projection: attention has
-    no ghost rule, so ``auto`` takes hooks, whose sequence-first Linear/LayerNorm uses
-    (NOTE [sequence-first inputs]) give the loop's norms and clipped sum."""
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_sequence_first_transformer_layer(norm_first, recwarn):
+    """A ``batch_first=False`` encoder layer behind a batch-first projection: attention's
+    rule re-computes it with ``F.linear`` calls (NOTE [attention through the linear rule]),
+    so ghost clipping takes it, and the layer's sequence-first Linear/LayerNorm uses
+    (NOTE [sequence-first inputs]): every method, and auto without a fallback warning,
+    gives the loop's norms and clipped sum."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0, norm_first=True)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0, norm_first=norm_first)
     proj = nn.Linear(4, 6)
     m = nn.ModuleDict({"proj": proj, "layer": layer})
 
@@ -163,9 +166,40 @@ def test_sequence_first_transformer_layer_clips_with_hooks():
         return h.transpose(0, 1).pow(2).flatten(1).sum(1)
 
     x = torch.randn(3, 5, 4)
-    check(loss, params_of(m), x, methods=("hooks",))
-    with pytest.warns(UserWarning, match="'hooks'"):
-        check(loss, params_of(m), x, methods=("auto",))
+    check(loss, params_of(m), x, methods=("ghost", "hooks", "vmap", "auto"))
+    assert not [w for w in recwarn if "falls back" in str(w.message)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kw, inputs", [
+    (dict(), "self"),
+    (dict(add_bias_kv=True, add_zero_attn=True), "kv"),
+    (dict(kdim=6, vdim=5), "cross"),
+    (dict(bias=False), "cross"),
+])
+def test_multihead_attention(batch_first, kw, inputs):
+    """``nn.MultiheadAttention`` under ghost clipping: packed and separate projections,
+    cross-attention (one weight used by three inputs of two lengths), ``bias_k``/``bias_v``
+    and zero attention (per-example copies of a parameter), both layouts."""
+    torch.manual_seed(2)
+    m = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kw)
+
+    def loss(p, q, k, v):
+        if not batch_first:
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        out = torch.func.functional_call(m, p, (q, k, v))[0]
+        out = out if batch_first else out.transpose(0, 1)
+        return out.pow(2).flatten(1).sum(1)
+
+    x = torch.randn(3, 5, 8)
+    if inputs == "self":
+        check(lambda p, x: loss(p, x, x, x), params_of(m), x)
+    elif inputs == "kv":
+        kv = torch.randn(3, 4, 8)
+        check(lambda p, x, kv: loss(p, x, kv, kv), params_of(m), x, kv)
+    else:
+        check(loss, params_of(m), x, torch.randn(3, 4, kw.get("kdim", 8)),
+              torch.randn(3, 4, kw.get("vdim", 8)))
 
 
 def check_float32_ghost(module, p64, x):

@@ -12,12 +12,14 @@ small per-layer gradients, whichever is cheaper) and then into the clipped sum.
 Only calls whose parts have a ghost form are allowed: ``F.linear``, ``F.conv1d``/
 ``F.conv2d`` (a ghost rule here that keeps the input and output gradient instead of the
 hooks rule's per-example weight gradient), ``F.embedding``, ``F.layer_norm``,
-``F.group_norm``, ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm`` and the
-fused recurrent directions of ``fp.nn`` (LSTM, GRU; ``fp.nn.RNN`` is plain ``F.linear``
-calls). Any other rule the hooks method has (conv3d, transposed convs, embedding bags,
-attention: their hooks rules form ``B x params`` gradients) raises :class:`HooksOnly`
-here, so the caller can say that ``method="hooks"`` handles that call (or fall back to
-it).
+``F.group_norm``, ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``,
+``F.multi_head_attention_forward`` (its rule re-computes attention with ``F.linear``
+calls and per-example copies of the few broadcast biases, NOTE [attention through the
+linear rule]) and the fused recurrent directions of ``fp.nn`` (LSTM, GRU; ``fp.nn.RNN``
+is plain ``F.linear`` calls). Any other rule the hooks method has (conv3d, transposed
+convs, embedding bags: their hooks rules form ``B x params`` gradients) raises
+:class:`HooksOnly` here, so the caller can say that ``method="hooks"`` handles that call
+(or fall back to it).
 
 # NOTE [clipping without a second backward]
 Opacus's ghost clipping runs a second backward of ``sum_b c_b loss_b`` with the clip
@@ -110,7 +112,7 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 # Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
 # a few numbers per example (normalisation layers' affine parameters).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
-           F.rms_norm)
+           F.rms_norm, F.multi_head_attention_forward)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
 
