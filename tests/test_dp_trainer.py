@@ -293,3 +293,36 @@ def test_step_equals_opacus_dp_optimizer_without_noise():
     for k, p in theirs.named_parameters():
         step = (p.detach() - params[k]).abs().max()
         assert (state.params[k] - p.detach()).abs().max() <= 1e-5 * step, k
+
+
+def test_a_sequence_first_transformer_layer_is_clipped_by_ghost(recwarn):
+    """An ``nn.TransformerEncoderLayer(batch_first=False)`` behind a batch-first projection:
+    the default method clips it by ghost (attention and the sequence-first Linear/LayerNorm
+    uses, NOTE [sequence-first inputs]) without a fallback warning, and a noiseless SGD
+    step equals the per-example loop's clipped sum (float64, 1e-10)."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(4, 6).double()
+    layer = torch.nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0).double()
+    params = {"proj": {k: v.detach() for k, v in proj.named_parameters()},
+              "layer": {k: v.detach() for k, v in layer.named_parameters()}}
+
+    def seq_loss(p, batch):
+        x, y = batch
+        h = torch.func.functional_call(proj, p["proj"], (x,)).transpose(0, 1)
+        h = torch.func.functional_call(layer, p["layer"], (h,)).transpose(0, 1)
+        return F.cross_entropy(h.mean(1)[:, :3], y, reduction="none")
+
+    trainer = fp.train.DPTrainer(seq_loss, optim.sgd(1.0), l2_norm_clip=0.5, noise_multiplier=0.0,
+                                 sample_rate=0.5, expected_batch_size=3.0)
+    state = trainer.init(params, fp.random.key(0))
+    x, y = torch.randn(3, 5, 4, dtype=F64), torch.tensor([0, 2, 1])
+    new, metrics = trainer.step(state, (x, y))
+    want = fp.tree.map(torch.zeros_like, params)
+    for i in range(3):
+        g = torch.func.grad(lambda p, i=i: seq_loss(p, (x[i:i + 1], y[i:i + 1])).sum())(params)
+        factor = min(1.0, 0.5 / float(fp.tree.global_norm(g)))
+        want = fp.tree.map(lambda w, gi, factor=factor: w + gi * factor, want, g)
+    expected = fp.tree.map(lambda p, w: p - w / 3.0, params, want)
+    assert fp.tree.allclose(new.params, expected, rtol=0, atol=1e-10)
+    assert int(metrics["num_clipped"]) > 0
+    assert not [w for w in recwarn if "falls back" in str(w.message)]
