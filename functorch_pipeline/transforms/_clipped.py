@@ -192,10 +192,11 @@ _METHOD_DOC = """
           memory of one batch gradient, no ``B x params`` tensor. Parameters may be used
           by ``F.linear`` (any number of leading axes, e.g. ``(B, T, F)``),
           ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``,
-          ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm`` and
+          ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``,
+          ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``) and
           ``fp.nn.LSTM``/``GRU``/``RNN``; any other use (``Conv3d``, transposed convs,
-          ``EmbeddingBag``, ``MultiheadAttention``, ``x @ w``) is an error naming the
-          parameter's key path and the method that handles it.
+          ``EmbeddingBag``, ``x @ w``) is an error naming the parameter's key path and
+          the method that handles it.
         * ``"hooks"``: per-example gradients from one batched backward
           (``per_sample_grads(method="hooks")``), then norms and clipping.
         * ``"vmap"``: per-example gradients with ``vmap(grad)``, then norms and clipping;
