@@ -17,6 +17,7 @@ from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import loop_grads
 from per_example_reference import params_of
+from test_grad_sample_zoo import attention_loss
 from torch import nn
 
 import functorch_pipeline as fp
@@ -183,13 +184,7 @@ def test_multihead_attention(batch_first, kw, inputs):
     and zero attention (per-example copies of a parameter), both layouts."""
     torch.manual_seed(2)
     m = nn.MultiheadAttention(8, 2, batch_first=batch_first, **kw)
-
-    def loss(p, q, k, v):
-        if not batch_first:
-            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        out = torch.func.functional_call(m, p, (q, k, v))[0]
-        out = out if batch_first else out.transpose(0, 1)
-        return out.pow(2).flatten(1).sum(1)
+    loss = attention_loss(m, seq_first=not batch_first)
 
     x = torch.randn(3, 5, 8)
     if inputs == "self":
