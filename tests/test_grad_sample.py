@@ -96,6 +96,68 @@ def test_embedding_matches_loop(padding_idx, shape):
     assert_matches(squared(m), params_of(m), idx, targets(m, idx))
 
 
+def _prefix_model():
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"wte": nn.Embedding(9, 3), "pfx": nn.Embedding(4, 3), "head": nn.Linear(3, 9)})
+
+    def loss(p, tok):
+        """A learned prefix of 4 tokens (prompt tuning) before each example's tokens."""
+        prefix = F.embedding(torch.arange(4), p["pfx.weight"])  # (4, 3): no batch axis
+        h = torch.cat([prefix.expand(tok.shape[0], 4, 3), F.embedding(tok, p["wte.weight"])], 1)
+        return F.linear(torch.tanh(h), p["head.weight"], p["head.bias"]).pow(2).sum((1, 2))
+
+    return m, loss
+
+
+def test_one_dimensional_indices_made_inside_loss_fn_are_refused():
+    """NOTE [one-dimensional indices]: with a prefix as long as the batch (4), the prefix
+    positions ``arange(4)`` have the batch's size on axis 0 but are no batch axis. The
+    hooks method used to take them as examples and returned wrong prefix gradients; now it
+    refuses, and the default method (per_sample_grads and clipped_grad) falls back with
+    the loop's numbers."""
+    m, loss = _prefix_model()
+    tok = torch.randint(0, 9, (4, 6))
+    with pytest.raises(ValueError, match=r"pfx.weight.*F.embedding.*1-d indices of shape \(4,\) "
+                                         r"that are not read from a batch argument"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), tok)
+    want = loop_grads(loss, params_of(m), tok)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(loss)(params_of(m), tok)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in want.values()]).sum(0).sqrt()
+    with pytest.warns(UserWarning, match="uses 'vmap'.*1-d indices"):
+        _, got_norms = fp.clipped_grad(loss, 1.0)(params_of(m), tok)
+    assert torch.allclose(got_norms, norms, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("ids", ["argument", "column", "computed"])
+def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
+    """Per-example ids given as a batch argument, or as a column of one (a view), are
+    taken by hooks; ids computed from them are refused (nothing shows their axis) and
+    ``auto`` falls back: the loop's numbers either way."""
+    torch.manual_seed(0)
+    m = nn.Embedding(7, 3)
+    data = torch.randint(0, 6, (5, 3))
+
+    def loss(p, d):
+        if ids == "argument":
+            i = d
+        else:
+            i = d[:, 1] if ids == "column" else (d[:, 1] + 1) % 7
+        return torch.func.functional_call(m, p, (i,)).pow(2).sum(1)
+
+    batch = data[:, 1].clone() if ids == "argument" else data
+    want = loop_grads(loss, params_of(m), batch)
+    if ids == "computed":
+        with pytest.raises(ValueError, match="not read from a batch argument"):
+            fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
+        with pytest.warns(UserWarning, match="falls back"):
+            got = fp.per_sample_grads(loss)(params_of(m), batch)
+    else:
+        got = fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.LayerNorm(4), (5, 4)), (lambda: nn.LayerNorm(4), (5, 3, 4)),
     (lambda: nn.LayerNorm((3, 4)), (5, 2, 3, 4)), (lambda: nn.LayerNorm(4, bias=False), (5, 3, 4)),
@@ -470,8 +532,9 @@ def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, s
     x = torch.randn(B, T, H, 2)
     lead = [(B, T, H)[i] for i in order]
     axis = order.index(0)
+    copied = copy and not x.permute(perm).is_contiguous()  # else .contiguous() is the view
     promised = (axis == 0 and (B == 1 or B not in lead[1:])) or (
-        axis == 1 and lead[0] != B and B not in lead[2:] and not copy)
+        axis == 1 and lead[0] != B and B not in lead[2:] and not copied)
     want = loop_grads(loss, params_of(m), x)
     try:
         got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
@@ -484,7 +547,7 @@ def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, s
             warnings.simplefilter("ignore")
             got = fp.per_sample_grads(loss)(params_of(m), x)
     # Taken beyond the promise only for a single example, whose gradient any layout gives.
-    assert not taken or promised or B == 1, (order, sizes, copy)
+    assert not taken or promised or B == 1, (order, sizes, copied)
     assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 

@@ -353,10 +353,14 @@ def per_sample_grads(
           or a table with no batch axis, is not taken (``"hooks"`` raises, ``"auto"``
           falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B`` and, where another axis could hold the examples (a
-          ``(T, B, E)`` input with ``T == B``), the call is an error as ambiguous; an
-          input with *no* batch axis whose first axis happens to have size
-          ``B`` (position ids ``arange(T)`` with ``T == B``) cannot be told apart: use
-          ``"vmap"`` for such models. Any other use of a parameter
+          ``(T, B, E)`` input with ``T == B``), the call is an error as ambiguous.
+          One-dimensional embedding ids must be read from a batch argument (the argument
+          or a view of it); ids made inside ``loss_fn`` (prefix positions
+          ``arange(P)`` broadcast over the batch) are refused, since with ``P == B``
+          their rows would pass for examples. A float input with *no* batch axis whose
+          first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
+          ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
+          Any other use of a parameter
           (``x @ w``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.

@@ -78,7 +78,7 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     the engine's ``batch_data``, NOTE [sequence-first inputs]). The forward of the hooks
     method and of ghost clipping."""
     engine.batch_data = [leaf for i in batched for leaf in _tree.leaves(args[i])
-                         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2
+                         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1
                          and leaf.shape[0] == batch_size]
     tracked = iter(engine.tracked())
     new_args = list(args)

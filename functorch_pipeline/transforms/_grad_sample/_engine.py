@@ -203,9 +203,11 @@ class Engine:
         the common cases: axis 0 must have size ``B``, and no other axis that could hold the
         examples (all but the last ``features`` axes: sequence axes of ``F.linear`` inputs,
         every axis of embedding indices) may have size ``B`` too, which catches
-        sequence-first layouts such as ``(T, B, E)`` when ``T == B``. The remaining blind
-        spot: an input with no batch axis whose first axis happens to equal ``B`` (position
-        indices ``arange(T)`` with ``T == B``), see the ``method`` docs.
+        sequence-first layouts such as ``(T, B, E)`` when ``T == B``. One-dimensional
+        embedding ids must also be read from a batch argument (NOTE [one-dimensional
+        indices] in ``_rules``). The remaining blind spot: a float input with no batch
+        axis whose first axis happens to equal ``B`` (a fixed ``(T, E)`` table through a
+        ``Linear`` with ``T == B``), see the ``method`` docs.
 
         # NOTE [sequence-first inputs]
         Position-wise rules (``F.linear``, ``F.layer_norm``, ``F.rms_norm``, ``F.embedding``:
@@ -265,6 +267,20 @@ class Engine:
             if (a.dtype == x.dtype and a.device == x.device and a.dim() == x.dim()
                     and a.storage_offset() == x.storage_offset() and a.stride(0) == x.stride(1)
                     and sorted(zip(a.shape, a.stride(), strict=True)) == pairs
+                    and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+                return True
+        return False
+
+    def batch_view(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` reads a batch argument with the examples on axis 0 of both: the
+        same storage, ``x``'s axis 0 stepping one example at a time, and its start inside
+        the first example (NOTE [one-dimensional indices])."""
+        for a in self.batch_data:
+            step = a.stride(0)
+            if (a.device == x.device and x.dim() >= 1 and x.shape[0] == a.shape[0]
+                    and x.stride(0) == step and step > 0
+                    and 0 <= (x.storage_offset() - a.storage_offset()) * x.element_size()
+                    < step * a.element_size()
                     and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
                 return True
         return False

@@ -260,6 +260,24 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
             raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with {name}={value!r}, "
                               "which has no per-sample gradient rule")
     axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
+    # NOTE [one-dimensional indices]
+    # A 1-d index tensor of size B is either one id per example (a batch argument, or a
+    # column of one) or positions made inside ``loss_fn`` (a learned prefix's
+    # ``torch.arange(P)`` with P == B, looked up once and broadcast over the batch),
+    # whose rows are not examples: reading those as examples gave wrong per-example
+    # gradients silently (max error 5.6 on tests/test_grad_sample.py's prefix model).
+    # Ids read from a batch argument (``Engine.batch_view``: its storage, examples on
+    # axis 0) are taken; other 1-d ids are refused, so ``method="auto"`` falls back to
+    # ``vmap``. (2-d or longer ids computed in ``loss_fn`` keep the size checks alone:
+    # token ids are often shifted or concatenated there, and refusing every copy would
+    # send language models to ``vmap``.)
+    if idx.dim() == 1 and engine.batch_size > 1 and not engine.batch_view(idx):
+        raise Unsupported(
+            f"{engine.name(ws)} is used by `F.embedding` on 1-d indices of shape "
+            f"{tuple(idx.shape)} that are not read from a batch argument: indices made "
+            "inside loss_fn (positions such as torch.arange(T)) have no batch axis, so "
+            "their rows cannot be told from examples; pass per-example ids as a batch "
+            "argument")
     wp = engine.bases[ws]
     if padding_idx is not None and padding_idx < 0:
         padding_idx += wp.shape[0]
