@@ -17,8 +17,8 @@ from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import loop_grads
 from per_example_reference import params_of
-from test_grad_sample_zoo import PADDING
 from test_grad_sample_zoo import attention_loss
+from test_grad_sample_zoo import masked_attention
 from torch import nn
 
 import functorch_pipeline as fp
@@ -206,19 +206,8 @@ def test_multihead_attention(batch_first, kw, inputs):
 def test_multihead_attention_masks(kw, mask):
     """Masked attention under every method: the masks change which positions each
     example's gradient reaches, never which example (padding rows differ per example)."""
-    torch.manual_seed(0)
-    if kw.get("attn_mask") == "causal":
-        kw = {**kw, "attn_mask": nn.Transformer.generate_square_subsequent_mask(5)}
-    elif kw.get("attn_mask") == "random":
-        kw = {**kw, "attn_mask": torch.randn(5, 5)}
-    m = nn.MultiheadAttention(8, 2, batch_first=True)
-    x = torch.randn(3, 5, 8)
-
-    def loss(p, x, *masks):
-        return attention_loss(m, mask_name=mask, kw=kw)(p, x, x, x, *masks)
-
-    padding = PADDING if "attn_mask" not in kw else torch.zeros(3, 5).masked_fill(PADDING, -torch.inf)
-    check(loss, params_of(m), x, *([padding] if mask else []))
+    m, loss, batch = masked_attention(kw, mask)
+    check(loss, params_of(m), *batch)
 
 
 def check_float32_ghost(module, p64, x):

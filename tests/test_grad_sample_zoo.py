@@ -232,14 +232,10 @@ def test_multihead_attention_matches_loop(batch_first, kw, cross):
         assert_matches(loss, params_of(m), *inputs)
 
 
-@pytest.mark.parametrize("kw, mask", [
-    (dict(need_weights=False), "key_padding_mask"),
-    (dict(need_weights=True, average_attn_weights=False), "key_padding_mask"),
-    (dict(need_weights=False, is_causal=True, attn_mask="causal"), None),
-    (dict(need_weights=True, attn_mask="random"), None),
-    (dict(need_weights=True, attn_mask="random"), "key_padding_mask"),
-])
-def test_multihead_attention_masks_match_loop(kw, mask):
+def masked_attention(kw, mask):
+    """``(module, loss, batch)`` for self-attention under the masks in ``kw`` (``"causal"``
+    or ``"random"`` for ``attn_mask``) and, when ``mask`` names it, a per-example key
+    padding mask passed as the last batch argument."""
     torch.manual_seed(0)
     if kw.get("attn_mask") == "causal":
         kw = {**kw, "attn_mask": nn.Transformer.generate_square_subsequent_mask(5)}
@@ -252,7 +248,19 @@ def test_multihead_attention_masks_match_loop(kw, mask):
         return attention_loss(m, mask_name=mask, kw=kw)(p, x, x, x, *masks)
 
     padding = PADDING if "attn_mask" not in kw else torch.zeros(3, 5).masked_fill(PADDING, -torch.inf)
-    assert_matches(loss, params_of(m), x, *([padding] if mask else []))
+    return m, loss, (x, *([padding] if mask else []))
+
+
+@pytest.mark.parametrize("kw, mask", [
+    (dict(need_weights=False), "key_padding_mask"),
+    (dict(need_weights=True, average_attn_weights=False), "key_padding_mask"),
+    (dict(need_weights=False, is_causal=True, attn_mask="causal"), None),
+    (dict(need_weights=True, attn_mask="random"), None),
+    (dict(need_weights=True, attn_mask="random"), "key_padding_mask"),
+])
+def test_multihead_attention_masks_match_loop(kw, mask):
+    m, loss, batch = masked_attention(kw, mask)
+    assert_matches(loss, params_of(m), *batch)
 
 
 def test_multihead_attention_weights_output_matches_torch():
