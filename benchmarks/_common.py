@@ -204,6 +204,18 @@ def maybe_respawn(args: argparse.Namespace) -> bool:
     return True
 
 
+def begin(args: argparse.Namespace) -> bool:
+    """The start every timing script shares: handle ``--malloc`` (:func:`maybe_respawn`),
+    else apply ``--threads`` and print the :func:`environment` line. Returns True when the
+    caller should exit (the work ran in subprocesses)."""
+    if maybe_respawn(args):
+        return True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment())
+    return False
+
+
 def optional(module: str) -> Any:
     """Import an optional peer package, or return None (the caller prints a skip note)."""
     try:

@@ -155,11 +155,8 @@ def main() -> None:
     p.add_argument("--transformer", action="store_true",
                    help="also a 2-layer transformer text classifier (batch 32, 64 tokens)")
     args = p.parse_args()
-    if _common.maybe_respawn(args):
+    if _common.begin(args):
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(_common.environment())
     for batch in (int(b) for b in args.batch.split(",")):
         fns, baselines = candidates(batch)
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget)

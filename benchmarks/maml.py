@@ -146,11 +146,8 @@ def main() -> None:
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-step")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = p.parse_args()
-    if _common.maybe_respawn(args):
+    if _common.begin(args):
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(_common.environment())
     torchopt = _common.optional("torchopt")
     if torchopt is None:
         print("  torchopt not importable: no TorchOpt row "

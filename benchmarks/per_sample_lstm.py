@@ -180,11 +180,8 @@ def main() -> None:
     p.add_argument("--no-loop", action="store_true", help="skip the Python-loop baseline")
     p.add_argument("--compile", action="store_true", help="add torch.compile(vmap(grad)) (minutes to compile)")
     args = p.parse_args()
-    if _common.maybe_respawn(args):
+    if _common.begin(args):
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(_common.environment())
     print(f"  {FUSED_NOTE}")
     if _common.optional("opacus") is None:
         print("  skipped Opacus DPLSTM: `opacus` is not installed")

@@ -150,11 +150,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1000,
                    help="embedding rows (its dense per-example gradients grow with it)")
     args = p.parse_args()
-    if _common.maybe_respawn(args):
+    if _common.begin(args):
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(_common.environment())
     fns = candidates(args.batch, args.seq, args.vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
