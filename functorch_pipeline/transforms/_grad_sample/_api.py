@@ -74,12 +74,10 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
                    batched: Sequence[int] = ()) -> tuple[torch.Tensor, Any]:
     """Run ``loss_fn`` on ``engine``'s tracked parameters and check its per-example losses
     (shape ``(batch_size,)``, floating point); ``needs`` names the method in the error for a
-    scalar loss, ``batched`` the arguments carrying the batch on axis 0 (their tensors are
-    the engine's ``batch_data``, NOTE [sequence-first inputs]). The forward of the hooks
+    scalar loss, ``batched`` the arguments carrying the batch on axis 0 (the engine's
+    ``batch_args``, read only when a rule needs them: NOTE [sequence-first inputs]). The forward of the hooks
     method and of ghost clipping."""
-    engine.batch_data = [leaf for i in batched for leaf in _tree.leaves(args[i])
-                         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1
-                         and leaf.shape[0] == batch_size]
+    engine.batch_args = [args[i] for i in batched]
     tracked = iter(engine.tracked())
     new_args = list(args)
     for i, group, treedef in zip(nums, leaves, defs, strict=True):

@@ -37,6 +37,8 @@ import torch
 from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge
 
+from functorch_pipeline import tree as _tree
+
 __all__ = ["Engine", "Unsupported"]
 
 
@@ -138,9 +140,10 @@ class Engine:
         self.bases = [p.detach() for p in params]
         self._names = names
         self.batch_size = batch_size
-        # The tensors of the arguments carrying the batch on axis 0 (set by the forward):
-        # NOTE [sequence-first inputs].
-        self.batch_data: list[torch.Tensor] = []
+        # The arguments carrying the batch on axis 0 (set by the forward); their tensors
+        # are gathered only when a rule asks (NOTE [sequence-first inputs]).
+        self.batch_args: list[Any] = []
+        self._batch_data: list[torch.Tensor] | None = None
         self.rules = rules
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
@@ -256,6 +259,15 @@ class Engine:
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
+
+    @property
+    def batch_data(self) -> list[torch.Tensor]:
+        """The tensors of :attr:`batch_args` with the batch on axis 0, gathered once."""
+        if self._batch_data is None:
+            self._batch_data = [leaf for arg in self.batch_args for leaf in _tree.leaves(arg)
+                                if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1
+                                and leaf.shape[0] == self.batch_size]
+        return self._batch_data
 
     def _permuted_batch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is a batch argument re-indexed with its axis 0 moved to axis 1
