@@ -137,6 +137,33 @@ def test_padded_batch_with_mask_equals_the_variable_size_batch():
     assert fp.tree.allclose(s_pad.params, s_var.params, rtol=0, atol=1e-12)
 
 
+def test_metrics_without_a_mask_match_the_masked_step_and_a_direct_count():
+    """Without a mask the step reports the mean loss, the batch size and the number of
+    examples whose gradient norm (by torch.autograd, one example at a time) exceeds the
+    bound: the same metrics, state and dtypes as with an all-True mask."""
+    trainer = _trainer(optim.sgd(0.2), sigma=0.5, clip=0.7)
+    batch = tuple(a[:13] for a in _data())
+    state = trainer.init(_params(), fp.random.key(3))
+    plain, m = trainer.step(state, batch)
+    masked, m_mask = trainer.step(state, batch, torch.ones(13, dtype=torch.bool))
+    assert fp.tree.allclose(plain.params, masked.params, rtol=0, atol=0)
+    x, y = batch
+    leaves, td = fp.tree.flatten(_params())
+    norms = []
+    for i in range(13):
+        ps = [p.detach().clone().requires_grad_(True) for p in leaves]
+        loss = F.cross_entropy(_logits(fp.tree.unflatten(td, ps), x[i:i + 1]), y[i:i + 1])
+        norms.append(math.sqrt(sum(float((g ** 2).sum()) for g in torch.autograd.grad(loss, ps))))
+    clipped = sum(n > 0.7 for n in norms)
+    assert 0 < clipped < 13  # both kinds present
+    for metrics in (m, m_mask):
+        assert metrics["num_examples"].shape == () and metrics["num_clipped"].shape == ()
+        assert metrics["num_examples"].dtype == metrics["num_clipped"].dtype == torch.int64
+        assert int(metrics["num_examples"]) == 13 and int(metrics["num_clipped"]) == clipped
+        torch.testing.assert_close(metrics["loss"], loss_fn(_params(), batch).mean(), rtol=0,
+                                   atol=1e-14)
+
+
 def test_noise_std_is_clip_times_sigma_once_per_step():
     """The noise on the sum has std C * sigma: recovered from (noisy - noiseless) updates
     of plain SGD(lr=1) on a 120 x 100 layer (12k draws per step, std within ~1%)."""

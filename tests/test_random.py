@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import functorch_pipeline as fp
 from functorch_pipeline import random as fr
+from functorch_pipeline.random._core import _normal_folded
 
 N = 40_000
 
@@ -410,6 +411,8 @@ def test_host_fast_path_gives_the_tensor_forms_numbers(seed, data, n, keys):
             fr.normal(k, (3, 5), torch.bfloat16), fr.bits(batch, (n % 300,)),
             fr.normal(batch, (4,)), fr.bernoulli(k, 0.3, (n % 500,)),
             fr.randint(k, (20,), -3, 9), fr.permutation(k, n % 100),
+            _normal_folded(k, (torch.tensor(data, dtype=torch.int64), n % 5), (n % 911,)),
+            _normal_folded(k, (data,), (2, n % 7), torch.float64),
         ]
 
     fast, slow = _both_forms(mp, draws)
@@ -440,3 +443,35 @@ def test_host_fast_path_stays_off_where_values_cannot_be_read():
 
     assert seen == [False, False, False, False]
     assert torch.allclose(compiled(k), fr.normal(k, (5,)), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1),
+       st.lists(st.one_of(st.integers(0, 2**32 - 1),
+                          st.integers(-(2**31), 2**31 - 1).map(
+                              lambda v: torch.tensor(v, dtype=torch.int32))),
+                max_size=3),
+       st.integers(min_value=0, max_value=5000),
+       st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_a_folded_normal_draw_is_normal_of_the_folded_key(seed, data, n, dtype):
+    """The DP noise's draw (``_normal_folded``: keys folded as Python ints on the host)
+    equals ``normal(fold_in(...fold_in(key, d0)..., dn), shape)`` bit for bit."""
+    k = fr.key(seed)
+    want = k
+    for d in data:
+        want = fr.fold_in(want, d)
+    assert torch.equal(_normal_folded(k, data, (n,), dtype), fr.normal(want, (n,), dtype))
+
+
+def test_a_folded_normal_draw_refuses_what_fold_in_refuses():
+    k = fr.key(0)
+    with pytest.raises(ValueError, match=r"fold_in\(key, data\): `data` must be in \[0, 2\*\*32\)"):
+        _normal_folded(k, (2**32,), (3,))
+    with pytest.raises(TypeError, match="must be an int, got bool"):
+        _normal_folded(k, (True,), (3,))
+    with pytest.raises(TypeError, match="must be an integer, got dtype torch.float32"):
+        _normal_folded(k, (torch.tensor(1.0),), (3,))
+    with pytest.raises(TypeError, match="`dtype` must be floating"):
+        _normal_folded(k, (1,), (3,), torch.int64)
+    with pytest.raises(ValueError, match="non-negative sizes"):
+        _normal_folded(k, (1,), (-1,))

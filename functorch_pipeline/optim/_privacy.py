@@ -27,6 +27,7 @@ from functorch_pipeline.optim._base import identity
 from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import trace
+from functorch_pipeline.random._core import _normal_folded
 from functorch_pipeline.tree._math import _rows_sq_norms
 
 __all__ = [
@@ -273,15 +274,17 @@ def _noisy_mean(
     """
     if std == 0.0:
         return [s / divisor for s in summed]
-    step_key = fpr.fold_in(state.rng_key, state.count)
     first = summed[0]
     if first.is_floating_point() and all(
         s.dtype == first.dtype and s.device == first.device for s in summed
     ):
         sizes = [s.numel() for s in summed]
         total = sum(sizes)
+        # normal(fold_in(fold_in(rng_key, count), i)), the keys folded on the host where
+        # it can (NOTE [host fast path] in fp.random._host): the same numbers.
         chunks = [
-            fpr.normal(fpr.fold_in(step_key, i), (min(_NOISE_CHUNK, total - start),), first.dtype)
+            _normal_folded(state.rng_key, (state.count, i), (min(_NOISE_CHUNK, total - start),),
+                           first.dtype)
             for i, start in enumerate(range(0, total, _NOISE_CHUNK))
         ]
         noise = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -295,7 +298,7 @@ def _noisy_mean(
         noisy = noisy.div_(divisor) if isinstance(divisor, (int, float)) else noisy / divisor
         out = noisy.split(sizes)
         return [o.view(s.shape) for o, s in zip(out, summed, strict=True)]
-    keys = fpr.split(step_key, len(summed))
+    keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(summed))
     out = []
     for s, k in zip(summed, keys, strict=True):
         dtype = s.dtype if s.is_floating_point() else torch.float32

@@ -390,9 +390,50 @@ def normal(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"normal(key, shape, dtype): `dtype` must be floating, got {dtype}")
     shape = _check_shape(shape, "normal(key, shape, dtype)")
-    work = torch.float64 if dtype == torch.float64 else torch.float32
     _check_key(k, "normal(key, shape, dtype)")
-    if k.dim() == 1:
+    return _normal(k, shape, dtype, None)
+
+
+def _host_foldable(d: object) -> bool:
+    """Whether :func:`fold_in` takes ``d`` as is (a 32-bit Python int, or a 0-d integer
+    tensor), so :func:`_normal_folded` may fold it on the host."""
+    if isinstance(d, torch.Tensor):
+        return d.dim() == 0 and not d.is_floating_point() and not d.is_complex()
+    return isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MASK32
+
+
+def _normal_folded(k: torch.Tensor, data: Sequence[int | torch.Tensor], shape: Sequence[int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``normal(fold_in(...fold_in(k, data[0])..., data[-1]), shape, dtype)``, for a draw made
+    once from a key folded with a few numbers (the DP noise: a step counter, a chunk
+    index). On the host fast path the intermediate keys stay Python ints (no key
+    tensors): the same numbers, fewer tiny tensor operations."""
+    if (isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.shape == (2,)
+            and isinstance(dtype, torch.dtype) and dtype.is_floating_point
+            and all(_host_foldable(d) for d in data)
+            and _host.eligible(k, *(d for d in data if isinstance(d, torch.Tensor)))):
+        words = [int(v) for v in k.tolist()]
+        for d in data:
+            words = list(_host.fold_words(words[0], words[1], int(d)))
+        return _normal(k, _check_shape(shape, "normal(key, shape, dtype)"), dtype, words)
+    for d in data:
+        k = fold_in(k, d)
+    return normal(k, shape, dtype)
+
+
+def _normal(k: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+            words: list[int] | None) -> torch.Tensor:
+    """:func:`normal` after its checks; ``words``: the key's two words as Python ints, when
+    already folded on the host (``k`` is then only a device reference)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n = math.prod(shape)
+    if k.dim() == 1 and n <= 1 << 31 and (words is not None or _host.eligible(k)):
+        # NOTE [host fast path]: both streams hashed in one NumPy pass, no key tensors.
+        w0, w1 = words if words is not None else (int(v) for v in k.tolist())
+        u1, u2 = _host.normal_streams(w0, w1, n, work == torch.float64)
+        if len(shape) != 1:
+            u1, u2 = u1.reshape(shape), u2.reshape(shape)
+    elif k.dim() == 1:
         # The two streams, fold_in(k, 1) and fold_in(k, 2), hashed in one vectorised pass:
         # the same numbers as two `uniform` calls, at half the per-op overhead.
         u = _unit(fold_in(k, torch.tensor([1, 2], device=k.device)), shape, work)
@@ -403,7 +444,7 @@ def normal(
     # In place on the fresh draws (the same operations, so the same numbers): four
     # fewer temporaries of the draw's size.
     z = torch.log(u1).mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * math.pi).cos_())
-    return z.to(dtype)
+    return z if z.dtype == dtype else z.to(dtype)
 
 
 def bernoulli(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["bits", "eligible", "fold_in", "unit"]
+__all__ = ["bits", "eligible", "fold_in", "fold_words", "normal_streams", "unit"]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -80,14 +80,18 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor | None:
     else:
         values = data
     k0, k1 = (int(v) for v in k.tolist())
-    a, b = (k1 ^ _SALT[0]) & _MASK32, (k0 ^ _SALT[1]) & _MASK32
-    k0, k1 = k0 & _MASK32, k1 & _MASK32
     if isinstance(values, list):
-        words = [[_hash2(k0, a, int(d) & _MASK32), _hash2(k1, b, int(d) & _MASK32)]
-                 for d in values]
+        words = [list(fold_words(k0, k1, int(d))) for d in values]
         return torch.tensor(words, dtype=torch.int64).reshape(len(words), 2)
-    d = int(values) & _MASK32
-    return torch.tensor([_hash2(k0, a, d), _hash2(k1, b, d)], dtype=torch.int64)
+    return torch.tensor(fold_words(k0, k1, int(values)), dtype=torch.int64)
+
+
+def fold_words(k0: int, k1: int, data: int) -> tuple[int, int]:
+    """``fold_in`` on a key's two words as Python ints (the key tensor's values, any sign),
+    ``data`` reduced to its low 32 bits; the new key's two words."""
+    a, b = (k1 ^ _SALT[0]) & _MASK32, (k0 ^ _SALT[1]) & _MASK32
+    d = data & _MASK32
+    return _hash2(k0 & _MASK32, a, d), _hash2(k1 & _MASK32, b, d)
 
 
 # -- NumPy uint32 arrays (draws) ------------------------------------------------------------
@@ -110,9 +114,10 @@ def _base() -> np.ndarray:
     return _BASE[0]
 
 
-def _words(k: torch.Tensor, n: int) -> np.ndarray:
-    """``uint32`` words ``(*k.shape[:-1], n)``: the hash of counters ``0 .. n-1``."""
-    kn = k.numpy()
+def _words(k: torch.Tensor | np.ndarray, n: int) -> np.ndarray:
+    """``uint32`` words ``(*k.shape[:-1], n)``: the hash of counters ``0 .. n-1`` (``k``:
+    key tensors, or their words as an ``int64`` array)."""
+    kn = k.numpy() if isinstance(k, torch.Tensor) else k
     k0 = (kn[..., 0:1] & _MASK32).astype(np.uint32)
     k1 = (kn[..., 1:2] & _MASK32).astype(np.uint32)
     out = np.empty(kn.shape[:-1] + (n,), dtype=np.uint32)
@@ -134,7 +139,8 @@ def bits(k: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(_words(k, n).view(np.int32))
 
 
-def unit(k: torch.Tensor, n: int, second: torch.Tensor | None) -> torch.Tensor:
+def unit(k: torch.Tensor | np.ndarray, n: int, second: torch.Tensor | np.ndarray | None
+         ) -> torch.Tensor:
     """``_core._unit`` flattened: float32 from 24 bits of one word, or float64 from 27 + 26
     bits of this key's words and ``second``'s (the float64 second stream's key)."""
     w = _words(k, n)
@@ -148,3 +154,16 @@ def unit(k: torch.Tensor, n: int, second: torch.Tensor | None) -> torch.Tensor:
     hi += _words(second, n) >> np.uint32(6)
     hi *= 1.0 / 9007199254740992.0
     return torch.from_numpy(hi)
+
+
+def normal_streams(k0: int, k1: int, n: int, float64: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two uniform streams of ``_core.normal`` for the key with words ``(k0, k1)``:
+    ``1 - unit(fold_in(k, 1))`` in ``(0, 1]`` and ``unit(fold_in(k, 2))``, hashed in one
+    pass with no key tensors (``1 - u`` is exact in both widths: ``u`` is a multiple of
+    ``2**-24`` or ``2**-53`` below 1)."""
+    keys = [fold_words(k0, k1, 1), fold_words(k0, k1, 2)]
+    second = np.array([fold_words(a, b, 0x6A09E667) for a, b in keys]) if float64 else None
+    u = unit(np.array(keys), n, second).numpy()
+    np.subtract(u.dtype.type(1.0), u[0], out=u[0])
+    out = torch.from_numpy(u)
+    return out[0], out[1]

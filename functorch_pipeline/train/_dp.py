@@ -99,10 +99,13 @@ def _check_positive(where: str, name: str, value: Any, *, integer: bool = False,
 
 
 def _num_rows(where: str, batch: Any) -> int:
-    flat, _ = _tree.flatten_with_path(batch)[:2]
     leaves = _tree.leaves(batch)
     if not leaves:
         raise ValueError(f"{where}: the batch has no tensor leaves")
+    if all(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == leaves[0].shape[0]
+           for x in leaves):
+        return int(leaves[0].shape[0])
+    flat = _tree.flatten_with_path(batch)[0]  # key paths only for the error
     n = None
     for p, x in zip(flat, leaves, strict=True):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -334,9 +337,14 @@ class DPTrainer:
         total, losses, norms = self.clipped_sum(state.params, batch, mask)
         updates, opt_state = self.optimizer.update(total, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
-        real = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask
-        count = real.sum()
-        loss = torch.where(real, losses.reshape(real.shape), 0).sum() / count.clamp(min=1)
+        if mask is None and norms.shape[0]:  # every row is real
+            count = torch.full((), norms.shape[0], dtype=torch.int64, device=norms.device)
+            loss, clipped = losses.mean(), (norms > self.l2_norm_clip).sum()
+        else:
+            real = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask
+            count = real.sum()
+            loss = torch.where(real, losses.reshape(real.shape), 0).sum() / count.clamp(min=1)
+            clipped = ((norms > self.l2_norm_clip) & real).sum()
         accountant = state.accountant
         if self.noise_multiplier > 0:  # sigma = 0 is not private: nothing to account
             accountant = accountant.step(noise_multiplier=self.noise_multiplier,
@@ -344,5 +352,5 @@ class DPTrainer:
         new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                             accountant=accountant)
         metrics = {"loss": loss.detach(), "num_examples": count,
-                   "num_clipped": ((norms > self.l2_norm_clip) & real).sum()}
+                   "num_clipped": clipped}
         return new, metrics

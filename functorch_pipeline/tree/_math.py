@@ -243,7 +243,7 @@ def _rows_sq_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     in ``dtype``: one reduction that reads ``t`` once, without a squared copy of ``t``.
     Per-example norms in ghost clipping, ``fp.clipped_grad`` and ``optim``'s per-example
     clipping all use it."""
-    rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    rows = t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
 
 

@@ -188,11 +188,16 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
         grads = None
         if max_norm is not None:
             c = clip_factors(norms, max_norm)
+            cast = {c.dtype: c}  # the factors in each parameter dtype, cast once
             grads = []
             for slot, p in enumerate(flat):
                 parts = by_slot.get(slot)
-                grads.append(torch.zeros_like(p) if parts is None else
-                             _ghost_math.weighted_sum(parts, p, c.to(p.dtype), kept.get(slot)))
+                if parts is None:
+                    grads.append(torch.zeros_like(p))
+                    continue
+                if p.dtype not in cast:
+                    cast[p.dtype] = c.to(p.dtype)
+                grads.append(_ghost_math.weighted_sum(parts, p, cast[p.dtype], kept.get(slot)))
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, norms, grads

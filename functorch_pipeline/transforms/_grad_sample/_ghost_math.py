@@ -340,16 +340,19 @@ def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
     ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``);
     from ``kept`` per-example gradients when :func:`squared_norms` formed them. Call it
     under ``torch.no_grad()``."""
-    if kept is not None:
-        return (c.unsqueeze(0) @ kept.reshape(c.shape[0], -1)).reshape(param.shape)
+    if kept is not None:  # (B,) @ (B, P): the same product as (1, B) @ (B, P)
+        return torch.matmul(c, kept.reshape(c.shape[0], -1)).view(param.shape)
     total = None
     for kind, payloads in parts.items():
         if kind == "outer":
             x, g = _cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2)
             B, G, n, din = x.shape
             gw = g * c.reshape(B, 1, 1, 1)
-            xs = x.transpose(0, 1).reshape(G, B * n, din)
-            out = (gw.transpose(0, 1).reshape(G, B * n, -1).mT @ xs).reshape(param.shape)
+            if G == 1:  # the usual linear layer: one (dout, B n) @ (B n, din) product
+                out = (gw.reshape(B * n, -1).mT @ x.reshape(B * n, din)).view(param.shape)
+            else:
+                xs = x.transpose(0, 1).reshape(G, B * n, din)
+                out = (gw.transpose(0, 1).reshape(G, B * n, -1).mT @ xs).reshape(param.shape)
         elif kind == "sum":
             g = _cat([p[0] for p in payloads], 1)
             out = (g * c.reshape(-1, 1, 1)).sum((0, 1)).reshape(param.shape)
