@@ -173,18 +173,23 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     acc = torch.float64 if any(p.dtype == torch.float64 for p in flat) else torch.float32
     device = flat[0].device if flat else losses.device
     with torch.no_grad():
-        sq = torch.zeros(batch_size, dtype=acc, device=device)
         budget = _ghost_math.KEEP_BYTES if max_norm is not None else 0
         kept: dict[int, torch.Tensor] = {}
+        squares = []
         for slot, parts in by_slot.items():
             p = flat[slot]
             size = batch_size * p.numel() * p.element_size()
             s, k = _ghost_math.squared_norms(parts, p, keep=size <= budget)
-            sq.add_(s)  # upcasts float32 parts into a float64 accumulator
+            squares.append(s if s.dtype == acc else s.to(acc))  # float64 for any float64 leaf
             if k is not None:
                 kept[slot] = k
                 budget -= size
-        norms = sq.sqrt()
+        if len(squares) > 1:  # one (slots, B) sum, not a chain of in-place adds
+            norms = torch.stack(squares).sum(0).sqrt_()
+        elif squares:
+            norms = squares[0].sqrt()
+        else:
+            norms = torch.zeros(batch_size, dtype=acc, device=device)
         grads = None
         if max_norm is not None:
             c = clip_factors(norms, max_norm)

@@ -355,7 +355,10 @@ def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
                 out = (gw.transpose(0, 1).reshape(G, B * n, -1).mT @ xs).reshape(param.shape)
         elif kind == "sum":
             g = _cat([p[0] for p in payloads], 1)
-            out = (g * c.reshape(-1, 1, 1)).sum((0, 1)).reshape(param.shape)
+            if g.shape[1] == 1:  # one row per example: (B,) @ (B, dout)
+                out = torch.matmul(c, g.reshape(g.shape[0], -1)).view(param.shape)
+            else:
+                out = (g * c.reshape(-1, 1, 1)).sum((0, 1)).reshape(param.shape)
         elif kind == "embed":
             idx, rows = _cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1)
             D = rows.shape[-1]
