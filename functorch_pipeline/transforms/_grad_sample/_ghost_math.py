@@ -311,7 +311,8 @@ def squared_norms(parts: Parts, param: torch.Tensor, keep: bool = False
             x, g = _cat([p[0] for p in payloads], 2), _cat([p[1] for p in payloads], 2)
             return _outer_sq(x, g, param if keep else None)
         if kind == "sum":
-            return _rows_sq(_cat([p[0] for p in payloads], 1).sum(1)), None
+            g = _cat([p[0] for p in payloads], 1)
+            return _rows_sq(g if g.shape[1] == 1 else g.sum(1)), None
         if kind == "embed":
             idx, rows = _cat([p[0] for p in payloads], 1), _cat([p[1] for p in payloads], 1)
             return _embed_sq(idx, rows), None
