@@ -8,7 +8,9 @@ batch 256, every way this library has (or tried) of computing it, against mkldnn
 interleaved in one process, plus ``fp.random.normal`` (the DP noise draw) against
 ``torch.randn``, against the same draw in the tensor form (what ``vmap``/``compile``
 and other devices run; the default on CPU is the host form, NOTE [host fast path] in
-``fp.random._host``) and against the int64 form of the same hash.
+``fp.random._host``) and against the int64 form of the same hash; and the DP step's own
+draw (``normal`` of the key folded with the step counter and a chunk index) made with
+public calls against ``add_dp_noise``'s path, which folds the keys as host integers.
 
     .venv/bin/python benchmarks/per_example_conv.py --threads 1
     .venv/bin/python benchmarks/per_example_conv.py            # torch's default threads
@@ -85,8 +87,16 @@ def noise_candidates(n: int) -> dict:
         finally:
             random_host.eligible = eligible
 
+    step = torch.tensor(7, dtype=torch.int32)  # a DP state's step counter
+
+    def noise_keyed() -> None:  # the DP noise as public calls: two key tensors made first
+        fp.random.normal(fp.random.fold_in(fp.random.fold_in(key, step), 0), (n,))
+
     return {"torch.randn (yardstick, unkeyed)": lambda: torch.randn(n),
             "fp.random.normal (default)": lambda: fp.random.normal(key, (n,)),
+            "DP noise: normal(fold_in(fold_in(key, step), 0))": noise_keyed,
+            "same, keys folded as host ints (add_dp_noise)":
+                lambda: random_core._normal_folded(key, (step, 0), (n,)),
             "same draw, tensor form (int32 hash)": tensor_form,
             "same draw, int64 hash": int64_reference}
 
