@@ -184,12 +184,9 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
             if k is not None:
                 kept[slot] = k
                 budget -= size
-        if len(squares) > 1:  # one (slots, B) sum, not a chain of in-place adds
-            norms = torch.stack(squares).sum(0).sqrt_()
-        elif squares:
-            norms = squares[0].sqrt()
-        else:
-            norms = torch.zeros(batch_size, dtype=acc, device=device)
+        # One (slots, B) sum, not a chain of in-place adds.
+        norms = (torch.stack(squares).sum(0).sqrt_() if squares
+                 else torch.zeros(batch_size, dtype=acc, device=device))
         grads = None
         if max_norm is not None:
             c = clip_factors(norms, max_norm)
