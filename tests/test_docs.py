@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -38,9 +40,12 @@ def test_the_guides_have_code():
 def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
-    ns: dict = {"__name__": "__docs__"}
+    # A real module in sys.modules, as a user's script would be: torch.compile (torch 2.11)
+    # imports the module of the globals it traces, by name.
+    module = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, "__docs__", module)
     try:
         for i, block in enumerate(python_blocks(page)):
-            exec(compile(block, f"docs/{page} (block {i + 1})", "exec"), ns)
+            exec(compile(block, f"docs/{page} (block {i + 1})", "exec"), module.__dict__)
     finally:
         torch.set_num_threads(threads)  # the performance guide sets it

@@ -83,7 +83,7 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
 def _empty_batch(args: Sequence[Any], batched: Sequence[int]) -> bool:
     """Whether every batch leaf has 0 examples (and there is at least one)."""
     leaves = [leaf for i in batched for leaf in _tree.leaves(args[i]) if isinstance(leaf, torch.Tensor)]
-    return bool(leaves) and all(leaf.dim() > 0 and leaf.shape[0] == 0 for leaf in leaves)
+    return len(leaves) > 0 and all(leaf.dim() > 0 and leaf.shape[0] == 0 for leaf in leaves)
 
 
 def _empty_result(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],

@@ -43,7 +43,8 @@ _builtin_sum = sum
 
 
 def _all_tensors(xs: list[Any]) -> bool:
-    return bool(xs) and all(isinstance(x, torch.Tensor) for x in xs)
+    # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a list (fp.jit, fullgraph)
+    return len(xs) > 0 and all(isinstance(x, torch.Tensor) for x in xs)
 
 
 def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Callable[..., Any]) -> PyTree:
