@@ -110,3 +110,21 @@ def test_cuda_prefetch_delivers_every_batch_intact():
     loader = data.DeviceLoader(torch.utils.data.DataLoader(ds, batch_size=8, pin_memory=True), "cuda")
     ys = torch.cat([y.cpu() for _, y in loader])
     assert torch.equal(ys, torch.arange(50))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "mnist_tensors",
+                                  "fashion_mnist_tensors", "cifar10_tensors"])
+@pytest.mark.parametrize("transform", ["default", None])
+def test_dataset_without_torchvision_names_the_extra(name, transform, monkeypatch, tmp_path):
+    """torchvision is optional (the `examples` extra): without it the error names the call
+    and the extra to install, as the privacy extra's does."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` raises
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", None)
+    fn = getattr(data, name)
+    kwargs = {} if name.endswith("_tensors") else {"transform": transform}
+    extra = r'pip install "functorch-pipeline\[examples\]"'
+    with pytest.raises(ImportError, match=rf"^{name}\(root\): .*torchvision.*{extra}") as e:
+        fn(tmp_path, **kwargs)
+    assert isinstance(e.value.__cause__, ImportError)

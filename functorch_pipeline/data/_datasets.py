@@ -5,6 +5,9 @@ datasets (for a ``DataLoader``) or as preloaded tensors (for :func:`batches`, ~2
 These machines may have no internet. Nothing is downloaded unless ``download=True``;
 when the files are missing (or a download fails) the error lists every expected file
 under ``root``, so the fix is a copy, not a guess.
+
+torchvision reads the files and is optional (``pip install "functorch-pipeline[examples]"``);
+without it every function here raises an ``ImportError`` naming that extra.
 """
 
 from __future__ import annotations
@@ -75,9 +78,23 @@ def _missing_error(fn: str, spec: _Spec, root: str, cause: BaseException | None)
     )
 
 
-def _dataset(name: str, fn: str, root: str | os.PathLike[str], train: bool, download: bool, transform: Any) -> Any:
-    import torchvision
+_EXTRA = 'pip install "functorch-pipeline[examples]"'
 
+
+def _torchvision(fn: str) -> Any:
+    """Import torchvision (an optional dependency) or raise an ImportError naming the extra."""
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ImportError(
+            f"{fn}: reading the dataset files needs torchvision, which is not installed; "
+            f"install it with the extra: `{_EXTRA}`"
+        ) from e
+    return torchvision
+
+
+def _dataset(name: str, fn: str, root: str | os.PathLike[str], train: bool, download: bool, transform: Any) -> Any:
+    torchvision = _torchvision(fn)
     spec = _SPECS[name]
     root = os.fspath(root)
     folder = os.path.join(root, spec.folder)
@@ -93,8 +110,7 @@ def _dataset(name: str, fn: str, root: str | os.PathLike[str], train: bool, down
 
 
 def _default_transform(name: str) -> Any:
-    from torchvision import transforms
-
+    transforms = _torchvision(f"{name}(root)").transforms
     spec = _SPECS[name]
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
