@@ -144,6 +144,7 @@ def test_interrupted_save_never_becomes_latest(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        proc.stdout.close()
     assert any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # it was mid-write
     assert mgr.all_steps() == [1] and mgr.latest_step() == 1
     # A manager opened afterwards removes the killed save's temp file (its pid is dead).

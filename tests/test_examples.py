@@ -38,7 +38,7 @@ def test_mnist_trains_checkpoints_and_resumes_exactly(data_root, tmp_path):
     assert int(resumed["state"].step) == int(straight["state"].step) == 12
     for a, b in zip(fp.tree.leaves(straight["state"].params), fp.tree.leaves(resumed["state"].params), strict=True):
         assert torch.equal(a, b)
-    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["test_accuracy"] > 0.5  # the synthetic task is learnable
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
@@ -61,7 +61,7 @@ def test_mnist_resume_mid_epoch_is_exact(data_root, tmp_path):
         assert torch.equal(a, b)
     # the resumed epoch's record covers all 6 steps, not only the 2 after the resume
     assert resumed["history"][0]["train_loss"] == straight["history"][0]["train_loss"]
-    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6]  # the interrupted run's record was replaced, not duplicated
 
 

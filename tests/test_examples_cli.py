@@ -185,7 +185,7 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing_non_finite(data_root, t
         state = fp.load(str(run / "checkpoints" / name))
         floats = [x for x in fp.tree.leaves(state) if x.is_floating_point()]
         assert all(bool(torch.isfinite(x).all()) for x in floats)
-    steps = [json.loads(line) for line in open(run / "steps.jsonl")]
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     assert steps[0]["loss"] == pytest.approx(2.3, abs=0.2)
     assert any(s["loss"] != s["loss"] for s in steps)  # NaN was recorded
 
@@ -234,7 +234,7 @@ def test_ctrl_c_saves_the_step_and_resume_continues_exactly(data_root, tmp_path)
                 strict=True)
     for a, b in pairs:
         assert torch.equal(a, b)
-    rows = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+    rows = {d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("run", "straight")}
     for r in (*rows["run"], *rows["straight"]):
         r.pop("epoch_time_s")
@@ -257,7 +257,7 @@ def test_resumed_epoch_metrics_cover_the_whole_epoch(data_root, tmp_path, capsys
     resumed = mnist.main(_tiny(data_root, tmp_path / "b", *common_args, "--resume"))
     # before: the resumed epoch's train loss averaged only the steps after the resume
     assert resumed["history"][0]["train_loss"] == straight["history"][0]["train_loss"]
-    steps = {d: [json.loads(line) for line in open(tmp_path / d / "steps.jsonl")]
+    steps = {d: [json.loads(line) for line in (tmp_path / d / "steps.jsonl").read_text().splitlines()]
              for d in ("a", "b")}
     assert steps["a"] == steps["b"] and [s["step"] for s in steps["a"]] == [1, 2]
     # the per-step losses (a separate record, float64 sum) average to the epoch's train loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 
 import pytest
@@ -12,7 +13,7 @@ README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
 
 def test_readme_tour_runs(tmp_path, monkeypatch):
-    text = open(README).read()
+    text = pathlib.Path(README).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     tour = next(b for b in blocks if "fp.functionalize" in b)
     monkeypatch.chdir(tmp_path)
@@ -25,7 +26,7 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
 
 
 def test_readme_dp_lines_hold(tmp_path, monkeypatch):
-    text = open(README).read()
+    text = pathlib.Path(README).read_text()
     tour = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
                 if "fp.clipped_grad" in b)
     monkeypatch.chdir(tmp_path)

@@ -69,6 +69,7 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     out = fp.load(path, like=v1_tree())
     assert out["step"] == 1
@@ -94,6 +95,7 @@ def test_sigkill_during_repeated_overwrites_never_leaves_a_partial_file(tmp_path
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        proc.stdout.close()
     out = fp.load(path)  # whichever version is at `path`, it is complete
     step = out["step"]
     assert step in (1, 2)

@@ -33,10 +33,10 @@ def write_idx(path: str | os.PathLike[str], tensor: torch.Tensor) -> None:
       path: the file to write.
       tensor: uint8, int8, int16, int32, float32 or float64, 1 to 255 dimensions.
 
-    >>> import tempfile, os
+    >>> import tempfile, os, pathlib
     >>> p = os.path.join(tempfile.mkdtemp(), "x-idx1-ubyte")
     >>> write_idx(p, torch.tensor([1, 2, 3], dtype=torch.uint8))
-    >>> open(p, "rb").read().hex()
+    >>> pathlib.Path(p).read_bytes().hex()
     '0000080100000003010203'
     """
     if tensor.dtype not in _IDX_CODES:

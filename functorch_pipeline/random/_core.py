@@ -527,7 +527,8 @@ def randint(
         )
     shape = _check_shape(shape, fn)
     u = uniform(k, shape, torch.float64)
-    return (minval + torch.floor(u * (maxval - minval))).to(torch.int64).clamp_(max=maxval - 1)
+    # clamp, not clamp_: the in-place form has no vmap batching rule (a slow fallback)
+    return (minval + torch.floor(u * (maxval - minval))).to(torch.int64).clamp(max=maxval - 1)
 
 
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:

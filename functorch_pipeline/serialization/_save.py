@@ -241,10 +241,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
         the new one, never a partial one.
 
     Examples:
-      >>> import tempfile, os
+      >>> import tempfile, os, pathlib
       >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
       >>> atomic_write(p, lambda fd: os.write(fd, b"hi"))
-      >>> open(p, "rb").read()
+      >>> pathlib.Path(p).read_bytes()
       b'hi'
     """
     path = os.fspath(path)
