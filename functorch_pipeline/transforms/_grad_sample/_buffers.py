@@ -26,13 +26,34 @@ __all__ = ["release", "take", "keep"]
 _PER_KEY = 4
 _MIN_BYTES = 1 << 20
 _POOL: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[torch.Tensor]] = {}
-# sys.getrefcount of a pooled tensor seen by `_free` when nothing else holds it: the pool's
-# list, `take`'s loop variable, `_free`'s argument and getrefcount's own argument.
-_REFS_WHEN_FREE = 4
 
 
-def _free(t: torch.Tensor) -> bool:
-    return (sys.getrefcount(t) == _REFS_WHEN_FREE and t._use_count() == 1
+def _refcount(t: torch.Tensor) -> int:
+    # ``take`` calls this on its loop variable; the count includes the pool's list, that
+    # variable, this argument and getrefcount's own (plus the caller's argument slot on
+    # CPython 3.10: 5 there, 4 on 3.11-3.13), so it is measured, not assumed.
+    return sys.getrefcount(t)
+
+
+def _calibrate() -> int | None:
+    """What :func:`_refcount` returns inside :func:`take`'s loop for a pooled tensor that
+    nothing else holds, measured the same way on this interpreter; ``None`` (never reuse)
+    if it is not a plausible count (an interpreter that counts references differently)."""
+    pool = [torch.empty(0)]
+    for i in range(len(pool)):  # the same statements as take's loop
+        t = pool[i]
+        n = _refcount(t)
+        return n if 2 <= n <= 8 else None
+    return None
+
+
+# sys.getrefcount of a pooled tensor seen by `take` when nothing else holds it.
+_REFS_WHEN_FREE = _calibrate()
+
+
+def _free(t: torch.Tensor, refs: int) -> bool:
+    # ``refs`` was read by the caller (see _refcount); a reference anywhere else adds one.
+    return (refs == _REFS_WHEN_FREE and t._use_count() == 1
             and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2)
 
 
@@ -41,10 +62,11 @@ def take(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     buffer when one is free, else a new one. The caller must overwrite every element."""
     key = (tuple(shape), like.dtype, like.device)
     pool = _POOL.get(key)
-    if pool:
+    if pool and _REFS_WHEN_FREE is not None:
         for i in range(len(pool)):  # not enumerate: its cached tuple would hold a reference
             t = pool[i]
-            if _free(t):
+            n = _refcount(t)  # its own statement, as in _calibrate (nothing else on the stack)
+            if _free(t, n):
                 del pool[i]
                 return t
     return like.new_empty(shape)
