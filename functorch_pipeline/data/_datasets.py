@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from functorch_pipeline._extras import require_extra
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -78,19 +80,9 @@ def _missing_error(fn: str, spec: _Spec, root: str, cause: BaseException | None)
     )
 
 
-_EXTRA = 'pip install "functorch-pipeline[examples]"'
-
-
 def _torchvision(fn: str) -> Any:
     """Import torchvision (an optional dependency) or raise an ImportError naming the extra."""
-    try:
-        import torchvision
-    except ImportError as e:
-        raise ImportError(
-            f"{fn}: reading the dataset files needs torchvision, which is not installed; "
-            f"install it with the extra: `{_EXTRA}`"
-        ) from e
-    return torchvision
+    return require_extra("torchvision", fn, "reading the dataset files", "torchvision", "examples")
 
 
 def _dataset(name: str, fn: str, root: str | os.PathLike[str], train: bool, download: bool, transform: Any) -> Any:

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from functorch_pipeline._extras import require_extra
+
 __all__ = [
     "ACCOUNTANTS",
     "PLD_DISCRETIZATION",
@@ -43,7 +45,6 @@ __all__ = [
 
 ACCOUNTANTS = ("rdp", "pld")
 PLD_DISCRETIZATION = 1e-4
-_EXTRA = 'pip install "functorch-pipeline[privacy]"'
 
 
 class DpStep(NamedTuple):
@@ -63,14 +64,8 @@ class DpStep(NamedTuple):
 
 def require_dp_accounting(where: str) -> Any:
     """Import ``dp_accounting`` or raise an ImportError naming the extra to install."""
-    try:
-        import dp_accounting
-    except ImportError as e:
-        raise ImportError(
-            f"{where}: privacy accounting needs Google's `dp-accounting` package, which is "
-            f"not installed; install the extra with `{_EXTRA}`"
-        ) from e
-    return dp_accounting
+    return require_extra("dp_accounting", where, "privacy accounting",
+                         "Google's `dp-accounting` package", "privacy")
 
 
 def _real(where: str, name: str, value: Any) -> float:
