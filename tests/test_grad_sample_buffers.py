@@ -102,3 +102,83 @@ def test_the_free_count_is_measured_on_this_interpreter(monkeypatch):
     assert g2.data_ptr() != ptr
     assert torch.allclose(g2, _reference(loss, p, x2), atol=1e-5)
     _buffers.release()
+
+
+def test_threads_share_the_pool_safely(monkeypatch):
+    """Calls from several threads share the pool. A scan interrupted by another thread's
+    removal or eviction used to raise IndexError: the delay injected into the reference
+    count (re-measured, so reuse still happens) makes that interleaving likely; without the
+    pool's lock this test fails."""
+    import threading
+    import time
+
+    counted = _buffers._refcount
+
+    def slow(t):
+        n = counted(t)
+        time.sleep(1e-4)  # another thread runs here
+        return n
+
+    _buffers.release()
+    monkeypatch.setattr(_buffers, "_refcount", slow)
+    monkeypatch.setattr(_buffers, "_REFS_WHEN_FREE", _buffers._calibrate())
+    like = torch.empty(1)
+    errors, reused = [], []
+    seen = set()
+
+    def work(value):
+        try:
+            for _ in range(100):
+                t = _buffers.take((512, 512), like)
+                reused.append(t.data_ptr() in seen)
+                seen.add(t.data_ptr())
+                t.fill_(value)
+                time.sleep(0)
+                if not bool((t == value).all()):  # no other thread wrote into it meanwhile
+                    errors.append(f"buffer shared with another thread (value {value})")
+                _buffers.keep(t)
+                del t
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(float(i),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:3]
+    assert any(reused)  # buffers were recycled across calls and threads
+    pool = _buffers._POOL[((512, 512), torch.float32, torch.device("cpu"))]
+    assert len({id(t) for t in pool}) == len(pool) <= _buffers._PER_KEY
+    _buffers.release()
+
+
+def test_per_sample_grads_from_several_threads_match_the_reference():
+    """The hooks method from 4 threads at once (each with its own module: functional_call
+    swaps a module's parameters, so a shared module is not thread-safe in torch.func
+    either), recycling buffers: every result equals the per-example reference."""
+    import threading
+
+    _buffers.release()
+    errors = []
+
+    def work(seed):
+        try:
+            f, p, loss = _setup()
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(5):
+                x = torch.randn(256, 64, generator=g)
+                got = f(p, x)["weight"]
+                if not torch.allclose(got, _reference(loss, p, x), atol=1e-5):
+                    errors.append(f"thread {seed}: wrong per-example gradients")
+                del got
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    _buffers.release()

@@ -13,11 +13,17 @@ C++ owner of its ``TensorImpl`` (autograd's saved tensors, DLPack), and no view 
 storage. A buffer the caller still holds is never touched; the cost is that the memory
 of the last results stays allocated after the caller drops them (what a training loop
 allocates again at the next step anyway). :func:`release` frees it.
+
+"Nothing else" is read from ``sys.getrefcount``, whose value for an unreachable pooled
+tensor depends on the interpreter (5 on CPython 3.10, 4 on 3.11-3.13): it is measured at
+import (:func:`_calibrate`), not assumed. The pool is shared by all threads and guarded
+by a lock.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 import torch
 
@@ -26,6 +32,9 @@ __all__ = ["release", "take", "keep"]
 _PER_KEY = 4
 _MIN_BYTES = 1 << 20
 _POOL: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[torch.Tensor]] = {}
+# Calls from several threads share the pool: a scan must not see another thread's
+# removal or eviction halfway (an IndexError, or the wrong entry deleted).
+_LOCK = threading.Lock()
 
 
 def _refcount(t: torch.Tensor) -> int:
@@ -61,27 +70,30 @@ def take(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device: a recycled
     buffer when one is free, else a new one. The caller must overwrite every element."""
     key = (tuple(shape), like.dtype, like.device)
-    pool = _POOL.get(key)
-    if pool and _REFS_WHEN_FREE is not None:
-        for i in range(len(pool)):  # not enumerate: its cached tuple would hold a reference
-            t = pool[i]
-            n = _refcount(t)  # its own statement, as in _calibrate (nothing else on the stack)
-            if _free(t, n):
-                del pool[i]
-                return t
+    with _LOCK:
+        pool = _POOL.get(key)
+        if pool and _REFS_WHEN_FREE is not None:
+            for i in range(len(pool)):  # not enumerate: its cached tuple would hold a reference
+                t = pool[i]
+                n = _refcount(t)  # its own statement, as in _calibrate (nothing else on the stack)
+                if _free(t, n):
+                    del pool[i]
+                    return t
     return like.new_empty(shape)
 
 
 def keep(t: torch.Tensor) -> torch.Tensor:
     """Remember ``t`` (a result about to be returned) for reuse; returns ``t``."""
     if t.numel() * t.element_size() >= _MIN_BYTES and t.is_contiguous() and t._base is None:
-        pool = _POOL.setdefault((tuple(t.shape), t.dtype, t.device), [])
-        pool.append(t)
-        if len(pool) > _PER_KEY:
-            del pool[0]
+        with _LOCK:
+            pool = _POOL.setdefault((tuple(t.shape), t.dtype, t.device), [])
+            pool.append(t)
+            if len(pool) > _PER_KEY:
+                del pool[0]
     return t
 
 
 def release() -> None:
     """Drop every recycled buffer (their memory is freed once nothing else holds it)."""
-    _POOL.clear()
+    with _LOCK:
+        _POOL.clear()
