@@ -291,3 +291,51 @@ def test_norms_work_under_vmap_and_grad():
     torch.testing.assert_close(fp.vmap(lambda x: tree.norm(x, ord=1))(t), t["a"].abs().sum(1) + t["b"].abs())
     g = fp.vmap(fp.grad(tree.global_norm))(t)
     torch.testing.assert_close(g["b"], t["b"] / ref)
+
+
+_SHAPE_PAIRS = [((3,), (3,)), ((2, 3), (2, 3)), ((3, 1), (3,)), ((2, 1), (1, 4)), ((3,), (2,)),
+                ((2, 3), (3, 2)), ((), (4,))]
+
+
+@given(pairs=st.lists(st.tuples(st.sampled_from(_SHAPE_PAIRS), st.sampled_from(DTYPES),
+                                st.sampled_from(DTYPES)), min_size=1, max_size=4),
+       s=st.sampled_from([0.5, -2.0]))
+def test_binary_ops_check_leaves_before_the_foreach_kernel(pairs, s):
+    """add/sub/add_scale: a torch._foreach_* kernel sees the leaves only when every pair has
+    one shape, dtype and device; otherwise leaf by leaf, with exactly `x + y` (broadcasting,
+    type promotion) or a ValueError naming the call, the leaf's key path and both leaves."""
+    g = torch.Generator().manual_seed(len(pairs))
+    a = {f"k{i}": [torch.randn(sa, generator=g, dtype=da)] for i, ((sa, _), da, _) in enumerate(pairs)}
+    b = {f"k{i}": [torch.randn(sb, generator=g, dtype=db)] for i, ((_, sb), _, db) in enumerate(pairs)}
+    same = all(sa == sb and da == db for (sa, sb), da, db in pairs)
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_foreach_add", "_foreach_sub"):
+            kernel = getattr(torch, name)
+            mp.setattr(torch, name, lambda *args, _k=kernel, **kw: seen.append(1) or _k(*args, **kw))
+        _check_binary_ops(a, b, pairs, s, same, seen)
+
+
+def _check_binary_ops(a, b, pairs, s, same, seen):
+    for fn, ref in ((tree.add, lambda x, y: x + y), (tree.sub, lambda x, y: x - y),
+                    (lambda p, q: tree.add_scale(p, s, q), lambda x, y: x + s * y)):
+        seen.clear()
+        bad = next((f"k{i}" for i, ((sa, sb), _, _) in enumerate(pairs)
+                    if not _broadcastable(sa, sb)), None)
+        if bad is not None:
+            with pytest.raises(ValueError, match=rf"^tree\.(add|sub|add_scale): leaf `{bad}\[0\]`: "
+                                                 r"a \(.*\) \w+ tensor on cpu and a \(.*\) .* do not combine"):
+                fn(a, b)
+        else:
+            got = fn(a, b)
+            for k in a:
+                assert torch.equal(got[k][0], ref(a[k][0], b[k][0]))
+        assert bool(seen) == (same and bad is None)
+
+
+def _broadcastable(sa, sb):
+    try:
+        torch.broadcast_shapes(sa, sb)
+        return True
+    except RuntimeError:
+        return False

@@ -15,6 +15,8 @@ import torch
 
 from functorch_pipeline.tree._core import PyTree
 from functorch_pipeline.tree._core import flatten
+from functorch_pipeline.tree._core import flatten_with_path
+from functorch_pipeline.tree._core import keystr
 from functorch_pipeline.tree._core import map
 from functorch_pipeline.tree._core import same_structure
 from functorch_pipeline.tree._core import structure
@@ -47,14 +49,43 @@ def _all_tensors(xs: list[Any]) -> bool:
     return len(xs) > 0 and all(isinstance(x, torch.Tensor) for x in xs)
 
 
+def _foreach_ok(la: list[Any], lb: list[Any]) -> bool:
+    """Whether two leaf lists may go to a ``torch._foreach_*`` kernel together: all tensors,
+    each pair of one shape, dtype and device (checked before the private kernel sees them).
+    Any other pair (broadcasting, mixed dtypes, numbers) goes leaf by leaf, with the same
+    numbers and errors that name the leaf."""
+    return _all_tensors(la) and _all_tensors(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+        for x, y in zip(la, lb, strict=True))
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} tensor on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def _leafwise(name: str, a: PyTree, ta: Any, la: list[Any], lb: list[Any],
+              op: Callable[..., Any]) -> PyTree:
+    out = []
+    for i, (x, y) in enumerate(zip(la, lb, strict=True)):
+        try:
+            out.append(op(x, y))
+        except (RuntimeError, TypeError) as e:  # shapes that do not broadcast, devices
+            path = keystr(flatten_with_path(a)[0][i])
+            raise ValueError(f"tree.{name}: leaf `{path}`: {_describe(x)} and {_describe(y)} "
+                             f"do not combine ({e})") from e
+    return unflatten(ta, out)
+
+
 def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Callable[..., Any]) -> PyTree:
     la, ta = flatten(a)
     lb, tb = flatten(b)
     if not same_structure(ta, tb):
         return map(op, a, b)  # raises a structure error naming the key paths
-    if _all_tensors(la) and _all_tensors(lb):
+    if _foreach_ok(la, lb):
         return unflatten(ta, foreach(la, lb))
-    return unflatten(ta, [op(x, y) for x, y in zip(la, lb, strict=True)])
+    return _leafwise(name, a, ta, la, lb, op)
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
@@ -130,11 +161,11 @@ def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
     lb, tb = flatten(b)
     if not same_structure(ta, tb):
         return map(lambda x, y: x + s * y, a, b)
-    if _all_tensors(la) and _all_tensors(lb):
+    if _foreach_ok(la, lb):
         if isinstance(s, torch.Tensor):
             return unflatten(ta, torch._foreach_add(la, torch._foreach_mul(lb, s)))
         return unflatten(ta, torch._foreach_add(la, lb, alpha=s))
-    return unflatten(ta, [x + s * y for x, y in zip(la, lb, strict=True)])
+    return _leafwise("add_scale", a, ta, la, lb, lambda x, y: x + s * y)
 
 
 def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
