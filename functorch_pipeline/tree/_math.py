@@ -1,7 +1,9 @@
 """Tree maths: elementwise arithmetic, reductions and constructors over pytrees.
 
-Where every leaf is a tensor, the binary ops use PyTorch's multi-tensor ``_foreach``
-kernels (one dispatch for the whole tree); otherwise they fall back to a per-leaf map.
+Where every leaf is a tensor and each pair has one shape, dtype and device (checked first),
+the binary ops use PyTorch's multi-tensor ``_foreach`` kernels (one dispatch for the whole
+tree); otherwise they go leaf by leaf (broadcasting and type promotion as ``x + y``), and a
+pair that does not combine raises a ValueError naming the leaf's key path.
 Reductions return 0-d tensors (no host sync); ``size`` and ``nbytes`` return ints.
 """
 
