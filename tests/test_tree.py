@@ -339,3 +339,17 @@ def _broadcastable(sa, sb):
         return True
     except RuntimeError:
         return False
+
+
+def test_binary_ops_trace_whole_under_fp_jit():
+    """The leaf check before the foreach kernel traces without a graph break (torch 2.11's
+    dynamo could not trace bool() of a list), on both paths: matching leaves and broadcasting."""
+    a = {"w": torch.randn(3), "v": [torch.randn(2, 2)]}
+    b = {"w": torch.randn(3), "v": [torch.randn(2, 2)]}
+    f = fp.jit(lambda p, q: tree.add_scale(tree.add(p, q), 0.5, tree.sub(p, q)),
+               fullgraph=True, backend="eager")
+    want = tree.map(lambda x, y: (x + y) + 0.5 * (x - y), a, b)
+    assert tree.allclose(f(a, b), want, rtol=0, atol=0)
+    c = {"w": torch.randn(3, 1), "v": [torch.randn(2, 2)]}
+    got = fp.jit(tree.add, fullgraph=True, backend="eager")(c, b)
+    assert got["w"].shape == (3, 3) and torch.equal(got["w"], c["w"] + b["w"])
