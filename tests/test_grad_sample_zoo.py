@@ -519,6 +519,87 @@ def test_float32_conv_weight_gradients_match_a_float64_loop(make, shape, chunk_b
         assert scale > 0 and ((got[k].double() - want[k]).abs().max() / scale) < 1e-5, k
 
 
+@given(batch=st.integers(1, 600), per_example=st.integers(1, 400_000),
+       scratch=st.integers(0, 2_000_000))
+@settings(max_examples=300, deadline=None)
+def test_grouped_chunks_stay_under_the_limit(batch, per_example, scratch):
+    """NOTE [oneDNN scratch]: every grouped call's tensors plus oneDNN's buffer stay under
+    _GROUPED_BYTES (unless one example alone is over it), a batch that fits is one call,
+    and the scratch-driven split is even (no call more than one example larger)."""
+    from functorch_pipeline.transforms._grad_sample._rules import _GROUPED_BYTES
+    from functorch_pipeline.transforms._grad_sample._rules import grouped_step
+
+    step = grouped_step(batch, per_example, scratch)
+    assert 1 <= step <= batch
+    calls = -(-batch // step)
+    if batch * (per_example + scratch) <= _GROUPED_BYTES:
+        assert step == batch
+    elif per_example + scratch <= _GROUPED_BYTES:
+        assert step * (per_example + scratch) <= _GROUPED_BYTES
+        if batch * per_example <= _GROUPED_BYTES:  # the even split, as few calls as fit
+            assert step - (batch - (calls - 1) * step) <= calls  # sizes differ by < calls
+            assert (step - 1) * (per_example + scratch) * (calls - 1) < batch * (per_example + scratch)
+    else:
+        assert step == 1
+
+
+def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
+    """The measured case (NOTE [oneDNN scratch]): conv2 of the MNIST CNN at batch 256 runs
+    as two calls of 128 at 1 and 2 threads and in ~19-example calls at 16, while conv1
+    (the grouped-forward branch, no such buffer) stays one call."""
+    from functorch_pipeline.transforms._grad_sample import _rules
+
+    calls = []
+    monkeypatch.setattr(_rules, "_grouped_once", lambda x, g, *a: calls.append(x.shape[0])
+                        or torch.zeros(x.shape[0], g.shape[1], x.shape[1], 5, 5, dtype=x.dtype))
+    f32 = {"dtype": torch.float32}
+    x, g = torch.zeros(256, 10, 12, 12, **f32), torch.zeros(256, 20, 8, 8, **f32)
+    for threads, want in ((1, [128, 128]), (2, [128, 128])):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        calls.clear()
+        _rules.conv_weight_grouped(x, g, (5, 5), (1, 1), [0, 0, 0, 0], (1, 1), 1)
+        assert calls == want, threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    calls.clear()
+    _rules.conv_weight_grouped(x, g, (5, 5), (1, 1), [0, 0, 0, 0], (1, 1), 1)
+    assert sum(calls) == 256 and 15 <= max(calls) <= 20
+    calls.clear()
+    _rules.conv_weight_grouped(torch.zeros(256, 1, 28, 28, **f32), torch.zeros(256, 10, 24, 24, **f32), (5, 5),
+                               (1, 1), [0, 0, 0, 0], (1, 1), 1)
+    assert calls == [256]
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (7, 4, 9, 9)),
+])
+def test_scratch_driven_chunks_give_the_whole_batch_numbers(make, shape, monkeypatch):
+    """Uneven scratch-driven chunks (7 examples as 4 + 3, 5 as 3 + 2) give each example's
+    gradient as one call does (float32), and match the float64 loop."""
+    from functorch_pipeline.transforms._grad_sample import _rules
+
+    torch.manual_seed(0)
+    m = make().float()
+    x = torch.randn(*shape, dtype=torch.float32)
+    whole = fp.per_sample_grads(weighted(m), method="hooks")(params_of(m), x)
+    weight = m.weight.numel() * 4
+    per_example = (x[0].numel() + m(x)[0].numel()) * 4 + weight
+    # a limit that holds half the batch (rounded up) with its scratch: two calls
+    monkeypatch.setattr(_rules, "_GROUPED_BYTES", -(-shape[0] // 2) * (per_example + 4 * 2 * weight))
+    monkeypatch.setattr(_rules, "_SCRATCH_PER_THREAD", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    seen = []
+    once = _rules._grouped_once
+    monkeypatch.setattr(_rules, "_grouped_once", lambda x, *a: seen.append(x.shape[0]) or once(x, *a))
+    got = fp.per_sample_grads(weighted(m), method="hooks")(params_of(m), x)
+    assert len(seen) == 2 and sum(seen) == shape[0] and abs(seen[0] - seen[1]) <= 1
+    m64 = m.double()
+    want = loop_grads(weighted(m64), params_of(m64), x.double())
+    for k in want:
+        torch.testing.assert_close(got[k], whole[k], rtol=1e-6, atol=1e-7)
+        assert ((got[k].double() - want[k]).abs().max() / want[k].abs().max()) < 1e-5, k
+
+
 # -- an empty batch (Poisson sampling draws one now and then) ------------------------------
 
 

@@ -175,6 +175,35 @@ def _grouped_ok(x: torch.Tensor) -> bool:
 
 _GROUPED_BYTES = 24 << 20  # NOTE [grouped chunks]: whole batches up to this
 _GROUPED_CHUNK = 4 << 20  # and chunks of about this beyond it
+_SCRATCH_PER_THREAD = 4  # NOTE [oneDNN scratch]: weight gradients' worth per thread
+
+
+def _forward_branch(x: torch.Tensor, groups: int) -> bool:
+    """Whether :func:`_grouped_once` takes the grouped *forward* convolution (few input
+    channels) rather than the backward-weights kernel."""
+    return groups == 1 and x.shape[1] <= 2
+
+
+def grouped_step(batch: int, per_example: int, scratch: int) -> int:
+    """Examples per grouped call (``batch``: one call). ``per_example``: the bytes of one
+    example's input, output gradient and weight gradient; ``scratch``: the bytes of
+    oneDNN's own buffers per example (NOTE [oneDNN scratch]).
+
+    Example:
+      >>> grouped_step(256, 30_880, 160_000)  # the MNIST CNN's conv2 at 2 threads
+      128
+      >>> grouped_step(64, 30_880, 160_000)  # 12 MB: one call
+      64
+    """
+    if batch <= 1:
+        return batch
+    if batch * per_example > _GROUPED_BYTES:  # past the cache: small chunks
+        return max(1, min(_GROUPED_CHUNK // per_example, _GROUPED_BYTES // (per_example + scratch)))
+    if batch * (per_example + scratch) > _GROUPED_BYTES:  # even chunks under the limit
+        most = max(1, _GROUPED_BYTES // (per_example + scratch))
+        calls = -(-batch // most)
+        return -(-batch // calls)
+    return batch
 
 
 def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
@@ -203,13 +232,29 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     # At batch 256 on 2 threads (medians of 20-30, interleaved, ad hoc, two runs) a
     # CIFAR-sized 32->64 3x3 layer on 16x16 (46 MB whole) took 10.0 and 20.8 ms whole
     # against 8.6 and 8.9 ms in chunks of 16-22 examples.
-    # Below the limit chunks did not pay inside a real step: per_sample_grads of the
-    # MNIST CNN (conv2: 8 MB whole) read 0.847x the batch gradient whole, 0.834x chunked.
-    per_example = (math.prod(x.shape[1:]) + math.prod(g.shape[1:])
-                   + out_ch * (C // groups) * math.prod(kernel))
-    per_example *= x.element_size()
-    if B * per_example > _GROUPED_BYTES and B > 1:
-        step = max(1, _GROUPED_CHUNK // per_example)
+    #
+    # NOTE [oneDNN scratch]
+    # Below that limit the call may still need chunks, for memory the tensors above do
+    # not show: for some geometries (the MNIST CNN's conv2: 10 -> 20 channels, 5x5 on
+    # 12x12) mkldnn's backward-weights kernel allocates its own buffer of 4 weight
+    # gradients per thread, on top of torch's allocator: 41,091,072 bytes per call at
+    # batch 256 on 2 threads, 20.5 MB on 1 thread, 82 MB at batch 512 (strace of the
+    # mmap calls; other geometries, e.g. 32 -> 64 3x3 on 16x16, allocate none). Above
+    # glibc's 32 MiB ceiling for its dynamic mmap threshold such a block is mmap'ed and
+    # unmapped on every call and its pages fault in again; at 16 threads it would be
+    # 330 MB a call. So the batch is split evenly into calls whose input, output
+    # gradient, weight gradients and that buffer stay under _GROUPED_BYTES (conv2 at
+    # batch 256: two calls of 128). In fresh processes with glibc's default settings
+    # (6 per side, 30 steps each, medians), per_sample_grads of the MNIST CNN took
+    # 13.0 ms with 15 page faults a call against 18.8 ms with 3,803, and a DPTrainer
+    # step 15.1-16.0 ms against 18.0; with malloc already tuned, 13.1 vs 13.4 and 14.8
+    # vs 14.9 ms (``benchmarks/per_sample_cnn.py --processes``).
+    weight = out_ch * (C // groups) * math.prod(kernel)
+    per_example = (math.prod(x.shape[1:]) + math.prod(g.shape[1:]) + weight) * x.element_size()
+    scratch = 0 if _forward_branch(x, groups) else (
+        _SCRATCH_PER_THREAD * torch.get_num_threads() * weight * x.element_size())
+    step = grouped_step(B, per_example, scratch)
+    if step < B:
         out = x.new_empty(B, out_ch, C // groups, *kernel)
         for s in range(0, B, step):
             out[s:s + step] = _grouped_once(x[s:s + step], g[s:s + step], kernel, stride, pads,
@@ -228,7 +273,7 @@ def _grouped_once(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
         x, padding = F.pad(x, pads), [0, 0]
     else:
         padding = [pads[2], pads[0]]
-    if groups == 1 and C <= 2:
+    if _forward_branch(x, groups):
         # Few input channels (a first layer): the same sums as a grouped *forward*
         # convolution, channels as its batch and each example's output gradient as the
         # kernels of its group (stride and dilation trade places), measured 1.2-1.3x
