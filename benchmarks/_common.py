@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -115,6 +116,77 @@ def _measure(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int,
         if budget_s is not None and time.perf_counter() - start > budget_s and r >= 4:
             break
     return stats
+
+
+def keep_freed_memory_if(argv: Sequence[str]) -> None:
+    """A fresh-process side's first step: ``fp.devices.keep_freed_memory()`` when its argv
+    has ``--keep-freed-memory`` (NOTE [fresh processes])."""
+    if "--keep-freed-memory" in argv:
+        import functorch_pipeline as fp
+
+        fp.devices.keep_freed_memory()
+
+
+def child_times(fn: Callable[[], Any], calls: int, warmup: int = 3) -> None:
+    """The body of a fresh-process side (NOTE [fresh processes]): ``warmup`` untimed calls,
+    then ``calls`` timed ones, printed as one JSON line of wall and CPU times (s) and minor
+    page faults per call."""
+    for _ in range(warmup):
+        fn()
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "faults": []}
+    for _ in range(calls):
+        wall, cpu, faults = _call(fn)
+        out["wall"].append(wall)
+        out["cpu"].append(cpu)
+        out["faults"].append(faults)
+    print(json.dumps(out))
+
+
+def fresh_pairs(command: Callable[[int, bool], list[str]], labels: Sequence[str], pairs: int,
+                title: str) -> None:
+    """Time two sides, each in its own fresh process, over ``pairs`` process pairs, with
+    glibc malloc as the process starts and then with freed memory kept.
+
+    # NOTE [fresh processes]
+    One side's allocation history changes the other's page faults inside one process
+    (DESIGN.md, "Benchmarking on these machines"): a peer that frees a 20 MB block raises
+    glibc's dynamic mmap and trim thresholds for everything timed after it. So each side
+    runs alone in a process of its own that builds nothing but that side (no checks, no
+    peers), the order alternates (A B, B A, ...), and the ratio is taken of the medians
+    of the per-process medians. Each process prints :func:`child_times`' JSON line. Two
+    regimes are timed: glibc's defaults (the state a user's script starts in; a side
+    that returns memory to the OS every call pays thousands of page faults) and, with
+    ``command(side, True)``, ``fp.devices.keep_freed_memory()`` called first in both
+    sides, where neither faults and the ratio compares the work itself.
+
+    Args:
+      command: ``(side, keep)`` -> the argv of that side's process (side 0 = A, the
+        baseline; 1 = B); ``keep``: call ``fp.devices.keep_freed_memory()`` first.
+      labels: the two sides' names.
+      pairs: process pairs per regime.
+      title: printed above the result.
+    """
+    print(f"\n{title}: {pairs} pairs of fresh processes per malloc regime, medians of "
+          "per-process medians")
+    for keep in (False, True):
+        med: dict[str, list[list[float]]] = {k: [[], []] for k in ("wall", "cpu", "faults")}
+        for pair in range(pairs):
+            for side in ((0, 1) if pair % 2 == 0 else (1, 0)):
+                out = subprocess.run(command(side, keep), capture_output=True, text=True,
+                                     check=True, env=os.environ.copy())
+                times = json.loads(out.stdout.strip().splitlines()[-1])
+                for kind in med:
+                    med[kind][side].append(statistics.median(times[kind]))
+        print("  glibc malloc " + ("with fp.devices.keep_freed_memory() in both sides" if keep
+                                   else "as the process starts (default)"))
+        for kind in ("wall", "cpu"):
+            (a_list, b_list), (fa, fb) = med[kind], med["faults"]
+            a, b = statistics.median(a_list), statistics.median(b_list)
+            faults = (f" (page faults a call: {statistics.median(fa):,.0f} and "
+                      f"{statistics.median(fb):,.0f})" if kind == "wall" else "")
+            print(f"    {kind:4s}  A: {labels[0]} {a * 1e3:.2f} ms, B: {labels[1]} {b * 1e3:.2f} ms, "
+                  f"throughput ratio B/A {a / b:.3f}{faults}; per pair: "
+                  + " ".join(f"{x / y:.2f}" for x, y in zip(a_list, b_list, strict=True)))
 
 
 def table(stats: dict[str, Stats], baselines: dict[str, str], examples: int, title: str) -> str:

@@ -14,6 +14,11 @@ Two rows of issue 10's table:
    and ``jax.vmap(jax.grad)`` + ``optax.contrib.differentially_private_aggregate`` chained
    with ``optax.adam``; the table's ratio column is against OUR non-private step, so the JAX
    DP / JAX non-private ratio is printed under it. Their compile is the "1st call s" column.
+   The in-process table runs after the check and beside Opacus, whose freed per-example
+   gradients raise glibc's mmap and trim thresholds for every row (DESIGN.md,
+   "Benchmarking on these machines"), so ``--processes N`` also times the non-private and
+   the DP (auto) step alone, each in fresh processes of its own that run nothing before
+   the timing (NOTE [fresh processes] in ``_common``): the state a user's script starts in.
 2. Peak memory, 100,000 x 64 Embedding model (``ghost_memory``'s model), batch 1024: the
    DPTrainer step against the non-private step, each in its own fresh subprocess (order
    rotated): whole-process peak RSS and the peak above the RSS before the measured steps
@@ -21,6 +26,7 @@ Two rows of issue 10's table:
 
     .venv/bin/python benchmarks/dp_step.py                    # both rows
     .venv/bin/python benchmarks/dp_step.py --part speed --rounds 20
+    .venv/bin/python benchmarks/dp_step.py --part speed --rounds 30 --processes 6
     .venv/bin/python benchmarks/dp_step.py --part memory --pairs 3
 """
 
@@ -59,7 +65,13 @@ def _dp_trainer(loss_fn: Any, batch: int, method: str = "auto") -> fp.train.DPTr
                               method=method)
 
 
-def speed_candidates(batch: int) -> dict[str, Any]:
+NONPRIVATE, DP_AUTO = "non-private step: fp grad + adam", "DP step: DPTrainer auto + noise + adam"
+
+
+def _ours(batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The non-private step and the DPTrainer steps (auto, hooks), built without calling
+    anything: what a fresh-process side needs (NOTE [fresh processes] in ``_common``).
+    ``auto`` picks its method on its first call."""
     torch.manual_seed(0)
     model = Net()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -77,7 +89,7 @@ def speed_candidates(batch: int) -> dict[str, Any]:
         u, box["s"] = adam.update(g, box["s"], box["p"])
         box["p"] = optim.apply_updates(box["p"], u)
 
-    fns = {"non-private step: fp grad + adam": nonprivate}
+    fns = {NONPRIVATE: nonprivate}
     for method in ("auto", "hooks"):
         trainer = _dp_trainer(losses, batch, method)
         state = {"s": trainer.init(params, fp.random.key(0))}
@@ -85,11 +97,18 @@ def speed_candidates(batch: int) -> dict[str, Any]:
         def dp(trainer: Any = trainer, state: dict = state) -> None:
             state["s"], _ = trainer.step(state["s"], (x, y))
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp()  # auto picks its method on the first call
         fns[f"DP step: DPTrainer {method} + noise + adam"] = dp
+    return fns, {"model": model, "x": x, "y": y}
 
+
+def speed_candidates(batch: int) -> dict[str, Any]:
+    fns, parts = _ours(batch)
+    model, x, y = parts["model"], parts["x"], parts["y"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in fns:  # auto picks its method on the first call; hooks warns once
+            if name != NONPRIVATE:
+                fns[name]()
     imperative = Net()
     imperative.load_state_dict(model.state_dict())
     torch_adam = torch.optim.Adam(imperative.parameters(), lr=LR)
@@ -271,10 +290,21 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16, help="tokens per example (memory row)")
     p.add_argument("--steps", type=int, default=3, help="steps per memory process")
     p.add_argument("--pairs", type=int, default=3, help="memory rounds (fresh processes)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="also time the non-private and the DP (auto) step in N pairs of fresh "
+                        "processes (speed part)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--speed-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         memory_child(args.child, args.memory_batch, args.tokens, args.steps)
+        return
+    if args.speed_child:
+        _common.keep_freed_memory_if(sys.argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _common.child_times(_ours(args.batch)[0][args.speed_child], args.rounds)
         return
     if _common.maybe_respawn(args):
         return
@@ -286,12 +316,24 @@ def main() -> None:
         fns = speed_candidates(args.batch)
         stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget,
                                 apart=_jax_models.rows(fns))
-        print(_common.table(stats, {"non-private": "non-private step: fp grad + adam"}, args.batch,
+        print(_common.table(stats, {"non-private": NONPRIVATE}, args.batch,
                             f"\nfull DP step (clip + noise + Adam), MNIST CNN, batch {args.batch}"
                             f" (target: DP step >= 0.85x the non-private step)"))
         if JAX_DP in stats:
             print(f"  JAX+optax DP step / JAX+optax non-private step: throughput ratio "
                   f"{stats[JAX_NONPRIVATE].median / stats[JAX_DP].median:.3f}")
+        if args.processes:
+            sides = (NONPRIVATE, DP_AUTO)
+
+            def command(side: int, keep: bool) -> list[str]:
+                return ([sys.executable, os.path.abspath(__file__), "--speed-child", sides[side],
+                         "--batch", str(args.batch), "--rounds", str(args.rounds)]
+                        + (["--threads", str(args.threads)] if args.threads else [])
+                        + (["--keep-freed-memory"] if keep else []))
+
+            _common.fresh_pairs(command, ("non-private step", "DP step (auto)"), args.processes,
+                                f"full DP step vs non-private step, batch {args.batch}, "
+                                f"{args.rounds} steps each")
     if args.part in ("both", "memory"):
         memory(args.memory_batch, args.tokens, args.steps, args.pairs)
 

@@ -12,10 +12,13 @@ their compile is their first call, made (and timed, see the row's note) by the c
 timing, so it is in neither the medians nor the "1st call s" column.
 
 Allocation history leaks between candidates of one process (DESIGN.md, "Benchmarking on
-these machines"), so ``--processes N`` also runs the yardstick and the default method in
-fresh processes of their own, alternating chunks of calls between them over N process
-pairs, and pools the medians (``--aa`` runs the yardstick against itself as a check of
-the harness: it should give ~1.00).
+these machines"): the in-process table runs after the checks and beside Opacus and vmap,
+whose freed 22 MB gradients raise glibc's mmap and trim thresholds for every row. So
+``--processes N`` also runs the yardstick and the default method in fresh processes of
+their own that build only those rows and run nothing before the timing (the state a
+user's script starts in), alternating over N process pairs, and pools the medians
+(NOTE [fresh processes] in ``_common``; ``--aa`` runs the yardstick against itself as a
+check of the harness: it should give ~1.00).
 
     .venv/bin/python benchmarks/per_sample_cnn.py                 # batch 64 and 256
     .venv/bin/python benchmarks/per_sample_cnn.py --batch 256 --processes 4
@@ -24,11 +27,9 @@ the harness: it should give ~1.00).
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import subprocess
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=-1)
 
 
-def candidates(batch: int, loop: bool, compile: bool = False,
-               jax_rows: bool = True) -> tuple[dict, dict[str, str]]:
+def _ours(batch: int) -> tuple[dict, dict[str, Any]]:
+    """The torch rows alone (yardstick, fp's methods, torch.func's vmap), built without
+    calling anything: what a fresh-process side needs (NOTE [fresh processes])."""
     torch.manual_seed(0)
     model = Net()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -83,15 +85,25 @@ def candidates(batch: int, loop: bool, compile: bool = False,
     hooks = fp.per_sample_grads(losses, method="hooks")
     one = torch.func.grad(lambda p, xi, yi: mean_loss(p, xi[None], yi[None]))
     vmapped = torch.func.vmap(one, in_dims=(None, 0, 0))
-    def python_loop() -> list[torch.Tensor]:
-        return _common.python_loop_grads(model, F.nll_loss, x, y)
-
     fns = {
-        "batch gradient (yardstick)": batch_grad,
+        YARDSTICK: batch_grad,
         DEFAULT: lambda: default(params, x, y),
         "fp.per_sample_grads hooks": lambda: hooks(params, x, y),
         "torch.func vmap(grad)": lambda: vmapped(params, x, y),
     }
+    return fns, {"model": model, "params": params, "x": x, "y": y, "default": default,
+                 "vmapped": vmapped, "mean_loss": mean_loss}
+
+
+def candidates(batch: int, loop: bool, compile: bool = False,
+               jax_rows: bool = True) -> tuple[dict, dict[str, str]]:
+    fns, parts = _ours(batch)
+    model, params, x, y = parts["model"], parts["params"], parts["x"], parts["y"]
+    default, vmapped, mean_loss = parts["default"], parts["vmapped"], parts["mean_loss"]
+
+    def python_loop() -> list[torch.Tensor]:
+        return _common.python_loop_grads(model, F.nll_loss, x, y)
+
     opacus_row = _opacus(x, y)
     if opacus_row is not None:
         fns["Opacus GradSampleModule"] = opacus_row
@@ -113,10 +125,11 @@ def candidates(batch: int, loop: bool, compile: bool = False,
         assert worst < 1e-4, worst
     if jax_rows and _jax_models.modules() is not None:
         fns.update(_jax(model, x, y, b))
-    return fns, {"yardstick": "batch gradient (yardstick)", "vmap": "torch.func vmap(grad)"}
+    return fns, {"yardstick": YARDSTICK, "vmap": "torch.func vmap(grad)"}
 
 
 DEFAULT = "fp.per_sample_grads (default method)"
+YARDSTICK = "batch gradient (yardstick)"
 
 
 def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
@@ -158,40 +171,22 @@ def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict
 
 
 def _child(name: str, batch: int, calls: int) -> None:
-    """Time ``calls`` calls of one candidate in this fresh process; print JSON times."""
-    fns, _ = candidates(batch, loop=False, jax_rows=False)
-    fn = fns[name]
-    for _ in range(3):
-        fn()
-    wall, cpu = [], []
-    for _ in range(calls):
-        w, c, _ = _common._call(fn)
-        wall.append(w)
-        cpu.append(c)
-    print(json.dumps({"wall": wall, "cpu": cpu}))
+    """Time ``calls`` calls of one candidate in this fresh process (NOTE [fresh processes]
+    in ``_common``): only the torch rows are built, and nothing runs before the timing."""
+    _common.child_times(_ours(batch)[0][name], calls)
 
 
 def _processes(batch: int, pairs: int, calls: int, aa: bool, threads: int | None) -> None:
-    """NOTE [fresh processes]: each side in its own process, alternating A B B A ..."""
-    sides = ["batch gradient (yardstick)", "batch gradient (yardstick)" if aa else DEFAULT]
-    labels = ["A: yardstick", "B: yardstick (A/A check)" if aa else "B: default method"]
-    medians: dict[str, list[list[float]]] = {"wall": [[], []], "cpu": [[], []]}
-    for pair in range(pairs):
-        order = [0, 1] if pair % 2 == 0 else [1, 0]
-        for side in order:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sides[side],
-                                  "--batch", str(batch), "--rounds", str(calls)]
-                                 + (["--threads", str(threads)] if threads else []),
-                                 capture_output=True, text=True, check=True, env=os.environ.copy())
-            times = json.loads(out.stdout.strip().splitlines()[-1])
-            for kind in medians:
-                medians[kind][side].append(statistics.median(times[kind]))
-    print(f"\nfresh processes, batch {batch}: {pairs} pairs x {calls} calls, medians of medians")
-    for kind, (a_list, b_list) in medians.items():
-        a, b = statistics.median(a_list), statistics.median(b_list)
-        print(f"  {kind:4s}  {labels[0]} {a * 1e3:.2f} ms, {labels[1]} {b * 1e3:.2f} ms, "
-              f"throughput ratio B/A {a / b:.3f}; per pair: "
-              + " ".join(f"{x / y:.2f}" for x, y in zip(a_list, b_list, strict=True)))
+    """The yardstick and the default method, each in fresh processes of its own."""
+    sides = [YARDSTICK, YARDSTICK if aa else DEFAULT]
+    labels = ["yardstick", "yardstick (A/A check)" if aa else "default method"]
+
+    def command(side: int, keep: bool) -> list[str]:
+        return ([sys.executable, os.path.abspath(__file__), "--child", sides[side], "--batch",
+                 str(batch), "--rounds", str(calls)] + (["--threads", str(threads)] if threads else [])
+                + (["--keep-freed-memory"] if keep else []))
+
+    _common.fresh_pairs(command, labels, pairs, f"per-sample gradients, batch {batch}, {calls} calls each")
 
 
 def main() -> None:
@@ -204,10 +199,12 @@ def main() -> None:
                    help="also time yardstick vs default method in N pairs of fresh processes")
     p.add_argument("--aa", action="store_true", help="with --processes: yardstick vs itself")
     p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--keep-freed-memory", action="store_true", help=argparse_hidden())
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
+        _common.keep_freed_memory_if(sys.argv)
         _child(args.child, int(args.batch), args.rounds)
         return
     if _common.maybe_respawn(args):
