@@ -545,8 +545,8 @@ def test_grouped_chunks_stay_under_the_limit(batch, per_example, scratch):
 
 def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
     """The measured case (NOTE [oneDNN scratch]): conv2 of the MNIST CNN at batch 256 runs
-    as two calls of 128 at 1 and 2 threads and in ~19-example calls at 16, while conv1
-    (the grouped-forward branch, no such buffer) stays one call."""
+    as two calls of 128 at 1 and 2 threads (in float32 and bfloat16) and in ~19-example
+    calls at 16, while conv1 (the grouped-forward branch, no such buffer) stays one call."""
     from functorch_pipeline.transforms._grad_sample import _rules
 
     calls = []
@@ -563,6 +563,13 @@ def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
     calls.clear()
     _rules.conv_weight_grouped(x, g, (5, 5), (1, 1), [0, 0, 0, 0], (1, 1), 1)
     assert sum(calls) == 256 and 15 <= max(calls) <= 20
+    # bfloat16 inputs: mkldnn's buffer is still float32 (30.8 MB measured at 2 threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls.clear()
+    bf16 = {"dtype": torch.bfloat16}
+    _rules.conv_weight_grouped(torch.zeros(256, 10, 12, 12, **bf16), torch.zeros(256, 20, 8, 8, **bf16),
+                               (5, 5), (1, 1), [0, 0, 0, 0], (1, 1), 1)
+    assert calls == [128, 128]
     calls.clear()
     _rules.conv_weight_grouped(torch.zeros(256, 1, 28, 28, **f32), torch.zeros(256, 10, 24, 24, **f32), (5, 5),
                                (1, 1), [0, 0, 0, 0], (1, 1), 1)

@@ -238,21 +238,25 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     # not show: for some geometries (the MNIST CNN's conv2: 10 -> 20 channels, 5x5 on
     # 12x12) mkldnn's backward-weights kernel allocates its own buffer of 4 weight
     # gradients per thread, on top of torch's allocator: 41,091,072 bytes per call at
-    # batch 256 on 2 threads, 20.5 MB on 1 thread, 82 MB at batch 512 (strace of the
-    # mmap calls; other geometries, e.g. 32 -> 64 3x3 on 16x16, allocate none). Above
-    # glibc's 32 MiB ceiling for its dynamic mmap threshold such a block is mmap'ed and
-    # unmapped on every call and its pages fault in again; at 16 threads it would be
-    # 330 MB a call. So the batch is split evenly into calls whose input, output
-    # gradient, weight gradients and that buffer stay under _GROUPED_BYTES (conv2 at
-    # batch 256: two calls of 128). In fresh processes with glibc's default settings
-    # (6 per side, 30 steps each, medians), per_sample_grads of the MNIST CNN took
-    # 13.0 ms with 15 page faults a call against 18.8 ms with 3,803, and a DPTrainer
-    # step 15.1-16.0 ms against 18.0; with malloc already tuned, 13.1 vs 13.4 and 14.8
-    # vs 14.9 ms (``benchmarks/per_sample_cnn.py --processes``).
+    # batch 256 on 2 threads, 20.5 MB on 1 thread, 82 MB at batch 512; in bfloat16 30.8
+    # MB, 3 float32 weight gradients per thread (strace of the mmap calls; other
+    # geometries, e.g. 32 -> 64 3x3 on 16x16, allocate none). Above glibc's 32 MiB
+    # ceiling for its dynamic mmap threshold such a block is mmap'ed and unmapped on
+    # every call and its pages fault in again; at 16 threads it would be ~330 MB a call
+    # if the per-thread rule measured at 1 and 2 threads holds. So the batch is split
+    # evenly into calls whose input, output gradient, weight gradients and that buffer
+    # (assumed for every geometry) stay under _GROUPED_BYTES: conv2 at batch 256 runs
+    # as two calls of 128, bit-identical to one call. In fresh processes with glibc's
+    # defaults (6 per side, 30 calls each, medians of medians), per_sample_grads of the
+    # MNIST CNN took 12.5 ms with 11 page faults a call against 15.0 ms with 2,426, and
+    # a DPTrainer step 14.4 ms (690 faults) against 19.2 ms (4,255); with malloc tuned
+    # in both, 13.1 against 13.4 ms and 14.8 against 14.9 ms. In one process the split
+    # call takes as long as the whole one (``benchmarks/per_example_conv.py``: 1.77 vs
+    # 1.75 ms).
     weight = out_ch * (C // groups) * math.prod(kernel)
     per_example = (math.prod(x.shape[1:]) + math.prod(g.shape[1:]) + weight) * x.element_size()
-    scratch = 0 if _forward_branch(x, groups) else (
-        _SCRATCH_PER_THREAD * torch.get_num_threads() * weight * x.element_size())
+    scratch = 0 if _forward_branch(x, groups) else (  # float32 entries, for bfloat16 too
+        _SCRATCH_PER_THREAD * torch.get_num_threads() * weight * max(4, x.element_size()))
     step = grouped_step(B, per_example, scratch)
     if step < B:
         out = x.new_empty(B, out_ch, C // groups, *kernel)
