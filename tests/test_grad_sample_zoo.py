@@ -547,12 +547,13 @@ def test_grouped_chunks_stay_under_the_limit(batch, per_example, scratch):
 def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
     """The measured case (NOTE [oneDNN scratch]): conv2 of the MNIST CNN at batch 256 runs
     as two calls of 128 at 1 and 2 threads (in float32 and bfloat16) and in ~19-example
-    calls at 16, while conv1 (the grouped-forward branch, no such buffer) stays one call."""
+    calls at 16, while conv1 (the grouped-forward branch) and a layer whose channels are
+    multiples of 8 (no such buffer) stay one call."""
     from functorch_pipeline.transforms._grad_sample import _rules
 
     calls = []
-    monkeypatch.setattr(_rules, "_grouped_once", lambda x, g, *a: calls.append(x.shape[0])
-                        or torch.zeros(x.shape[0], g.shape[1], x.shape[1], 5, 5, dtype=x.dtype))
+    monkeypatch.setattr(_rules, "_grouped_once", lambda x, g, kernel, *a: calls.append(x.shape[0])
+                        or torch.zeros(x.shape[0], g.shape[1], x.shape[1] // a[-1], *kernel, dtype=x.dtype))
     f32 = {"dtype": torch.float32}
     x, g = torch.zeros(256, 10, 12, 12, **f32), torch.zeros(256, 20, 8, 8, **f32)
     for threads, want in ((1, [128, 128]), (2, [128, 128])):
@@ -575,6 +576,16 @@ def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
     _rules.conv_weight_grouped(torch.zeros(256, 1, 28, 28, **f32), torch.zeros(256, 10, 24, 24, **f32), (5, 5),
                                (1, 1), [0, 0, 0, 0], (1, 1), 1)
     assert calls == [256]
+    # channels in multiples of 8 (dp_mnist's conv2, 16 -> 32): no such buffer, one call
+    calls.clear()
+    _rules.conv_weight_grouped(torch.zeros(240, 16, 13, 13, **f32), torch.zeros(240, 32, 5, 5, **f32),
+                               (4, 4), (2, 2), [0, 0, 0, 0], (1, 1), 1)
+    assert calls == [240]
+    # ... but the same layer per group of a grouped conv with 12 -> 16 channels a group is
+    calls.clear()
+    _rules.conv_weight_grouped(torch.zeros(240, 24, 13, 13, **f32), torch.zeros(240, 32, 5, 5, **f32),
+                               (4, 4), (2, 2), [0, 0, 0, 0], (1, 1), 2)
+    assert len(calls) > 1 and sum(calls) == 240
 
 
 @pytest.mark.parametrize("make, shape", [

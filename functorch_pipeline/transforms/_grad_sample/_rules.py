@@ -184,6 +184,17 @@ def _forward_branch(x: torch.Tensor, groups: int) -> bool:
     return groups == 1 and x.shape[1] <= 2
 
 
+def _scratch(x: torch.Tensor, out_ch: int, groups: int, weight: int) -> int:
+    """The bytes per example of mkldnn's own buffer in a grouped weight-gradient call
+    (NOTE [oneDNN scratch]): none for the grouped-forward branch or when both per-group
+    channel counts are multiples of 8; else 4 float32 weight gradients per thread."""
+    if _forward_branch(x, groups):
+        return 0
+    if (x.shape[1] // groups) % 8 == 0 and (out_ch // groups) % 8 == 0:
+        return 0
+    return _SCRATCH_PER_THREAD * torch.get_num_threads() * weight * max(4, x.element_size())
+
+
 def grouped_step(batch: int, per_example: int, scratch: int) -> int:
     """Examples per grouped call (``batch``: one call). ``per_example``: the bytes of one
     example's input, output gradient and weight gradient; ``scratch``: the bytes of
@@ -235,29 +246,31 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     #
     # NOTE [oneDNN scratch]
     # Below that limit the call may still need chunks, for memory the tensors above do
-    # not show: for some geometries (the MNIST CNN's conv2: 10 -> 20 channels, 5x5 on
-    # 12x12) mkldnn's backward-weights kernel allocates its own buffer of 4 weight
-    # gradients per thread, on top of torch's allocator: 41,091,072 bytes per call at
-    # batch 256 on 2 threads, 20.5 MB on 1 thread, 82 MB at batch 512; in bfloat16 30.8
-    # MB, 3 float32 weight gradients per thread (strace of the mmap calls; other
-    # geometries, e.g. 32 -> 64 3x3 on 16x16, allocate none). Above glibc's 32 MiB
-    # ceiling for its dynamic mmap threshold such a block is mmap'ed and unmapped on
-    # every call and its pages fault in again; at 16 threads it would be ~330 MB a call
-    # if the per-thread rule measured at 1 and 2 threads holds. So the batch is split
-    # evenly into calls whose input, output gradient, weight gradients and that buffer
-    # (assumed for every geometry) stay under _GROUPED_BYTES: conv2 at batch 256 runs
-    # as two calls of 128, bit-identical to one call. In fresh processes with glibc's
-    # defaults (6 per side, 30 calls each, medians of medians), per_sample_grads of the
-    # MNIST CNN took 12.5 ms with 11 page faults a call against 15.0 ms with 2,426, and
-    # a DPTrainer step 14.4 ms (690 faults) against 19.2 ms (4,255); with malloc tuned
-    # in both, 13.1 against 13.4 ms and 14.8 against 14.9 ms. In one process the split
-    # call takes as long as the whole one (``benchmarks/per_example_conv.py``: 1.77 vs
-    # 1.75 ms).
+    # not show. When a group's input or output channels are not a multiple of 8 (the
+    # MNIST CNN's conv2: 10 -> 20, 5x5 on 12x12), mkldnn's backward-weights kernel
+    # allocates its own buffer of 4 weight gradients per thread (3 in bfloat16, in
+    # float32 entries), on top of torch's allocator: 41,091,072 bytes per call at batch
+    # 256 on 2 threads, 20.5 MB on 1 thread, 82 MB at batch 512, 30.8 MB in bfloat16.
+    # Channels 8 -> 8, 8 -> 16, 16 -> 32, 24 -> 32, 32 -> 64 and 64 -> 64 allocated none;
+    # 3 -> 32, 4 -> 16, 12 -> 16, 16 -> 20, 20 -> 32, 32 -> 10 did (strace of the mmap
+    # calls, AVX-512 machine, torch 2.14.1's mkldnn 3.12). Above glibc's 32 MiB ceiling
+    # for its dynamic mmap threshold such a block is mmap'ed and unmapped on every call
+    # and its pages fault in again; at 16 threads it would be ~330 MB a call if the
+    # per-thread rule measured at 1 and 2 threads holds. So the batch is split evenly
+    # into calls whose input, output gradient, weight gradients and that buffer stay
+    # under _GROUPED_BYTES: conv2 at batch 256 runs as two calls of 128, bit-identical
+    # to one call. In fresh processes with glibc's defaults (6 per side, 30 calls each,
+    # medians of medians), per_sample_grads of the MNIST CNN took 12.5 ms with 11 page
+    # faults a call against 15.0 ms with 2,426, and a DPTrainer step 14.4 ms (690
+    # faults) against 19.2 ms (4,255); with malloc tuned in both, 13.1 against 13.4 ms
+    # and 14.8 against 14.9 ms. In one process the split call takes as long as the
+    # whole one (``benchmarks/per_example_conv.py``: 1.77 vs 1.75 ms). Splitting a
+    # layer that has no such buffer is not free (16 -> 32, 4x4 stride 2 at batch 240:
+    # 1.04-1.08 ms in three calls against 0.85-0.93 ms in one, freed memory kept), so
+    # layers whose channels are multiples of 8 are not split for it.
     weight = out_ch * (C // groups) * math.prod(kernel)
     per_example = (math.prod(x.shape[1:]) + math.prod(g.shape[1:]) + weight) * x.element_size()
-    scratch = 0 if _forward_branch(x, groups) else (  # float32 entries, for bfloat16 too
-        _SCRATCH_PER_THREAD * torch.get_num_threads() * weight * max(4, x.element_size()))
-    step = grouped_step(B, per_example, scratch)
+    step = grouped_step(B, per_example, _scratch(x, out_ch, groups, weight))
     if step < B:
         out = x.new_empty(B, out_ch, C // groups, *kernel)
         for s in range(0, B, step):
