@@ -142,51 +142,56 @@ def child_times(fn: Callable[[], Any], calls: int, warmup: int = 3) -> None:
     print(json.dumps(out))
 
 
-def fresh_pairs(command: Callable[[int, bool], list[str]], labels: Sequence[str], pairs: int,
-                title: str) -> None:
-    """Time two sides, each in its own fresh process, over ``pairs`` process pairs, with
-    glibc malloc as the process starts and then with freed memory kept.
+def fresh_processes(command: Callable[[int, bool], list[str]], labels: Sequence[str],
+                    rounds: int, title: str) -> None:
+    """Time several sides, each in its own fresh process, over ``rounds`` rounds, with
+    glibc malloc as the process starts and then with freed memory kept; every side's
+    ratio is against side 0 (the baseline).
 
     # NOTE [fresh processes]
     One side's allocation history changes the other's page faults inside one process
     (DESIGN.md, "Benchmarking on these machines"): a peer that frees a 20 MB block raises
     glibc's dynamic mmap and trim thresholds for everything timed after it. So each side
     runs alone in a process of its own that builds nothing but that side (no checks, no
-    peers), the order alternates (A B, B A, ...), and the ratio is taken of the medians
-    of the per-process medians. Each process prints :func:`child_times`' JSON line. Two
-    regimes are timed: glibc's defaults (the state a user's script starts in; a side
-    that returns memory to the OS every call pays thousands of page faults) and, with
-    ``command(side, True)``, ``fp.devices.keep_freed_memory()`` called first in both
-    sides, where neither faults and the ratio compares the work itself.
+    other rows), the order rotates each round (A B C, B C A, ...), and ratios are taken
+    of the medians of the per-process medians. Each process prints :func:`child_times`'
+    JSON line. Two regimes are timed: glibc's defaults (the state a user's script starts
+    in; a side that returns memory to the OS every call pays thousands of page faults)
+    and, with ``command(side, True)``, ``fp.devices.keep_freed_memory()`` called first in
+    every side, where none faults and the ratios compare the work itself.
 
     Args:
-      command: ``(side, keep)`` -> the argv of that side's process (side 0 = A, the
-        baseline; 1 = B); ``keep``: call ``fp.devices.keep_freed_memory()`` first.
-      labels: the two sides' names.
-      pairs: process pairs per regime.
+      command: ``(side, keep)`` -> the argv of that side's process (side 0 is the
+        baseline); ``keep``: call ``fp.devices.keep_freed_memory()`` first.
+      labels: the sides' names.
+      rounds: processes per side and regime.
       title: printed above the result.
     """
-    print(f"\n{title}: {pairs} pairs of fresh processes per malloc regime, medians of "
-          "per-process medians")
+    n = len(labels)
+    print(f"\n{title}: {rounds} fresh processes per side and malloc regime, medians of "
+          "per-process medians, throughput ratios against A")
     for keep in (False, True):
-        med: dict[str, list[list[float]]] = {k: [[], []] for k in ("wall", "cpu", "faults")}
-        for pair in range(pairs):
-            for side in ((0, 1) if pair % 2 == 0 else (1, 0)):
+        med: dict[str, list[list[float]]] = {k: [[] for _ in range(n)] for k in ("wall", "cpu", "faults")}
+        for r in range(rounds):
+            for side in [*range(n)][r % n:] + [*range(n)][:r % n]:
                 out = subprocess.run(command(side, keep), capture_output=True, text=True,
                                      check=True, env=os.environ.copy())
                 times = json.loads(out.stdout.strip().splitlines()[-1])
                 for kind in med:
                     med[kind][side].append(statistics.median(times[kind]))
-        print("  glibc malloc " + ("with fp.devices.keep_freed_memory() in both sides" if keep
+        print("  glibc malloc " + ("with fp.devices.keep_freed_memory() in every side" if keep
                                    else "as the process starts (default)"))
-        for kind in ("wall", "cpu"):
-            (a_list, b_list), (fa, fb) = med[kind], med["faults"]
-            a, b = statistics.median(a_list), statistics.median(b_list)
-            faults = (f" (page faults a call: {statistics.median(fa):,.0f} and "
-                      f"{statistics.median(fb):,.0f})" if kind == "wall" else "")
-            print(f"    {kind:4s}  A: {labels[0]} {a * 1e3:.2f} ms, B: {labels[1]} {b * 1e3:.2f} ms, "
-                  f"throughput ratio B/A {a / b:.3f}{faults}; per pair: "
-                  + " ".join(f"{x / y:.2f}" for x, y in zip(a_list, b_list, strict=True)))
+        a_wall, a_cpu = (statistics.median(med[k][0]) for k in ("wall", "cpu"))
+        for side, label in enumerate(labels):
+            wall, cpu = statistics.median(med["wall"][side]), statistics.median(med["cpu"][side])
+            line = (f"    {'ABCDEFGH'[side]}: {label:<28} {wall * 1e3:7.2f} ms, cpu {cpu * 1e3:7.2f} ms, "
+                    f"page faults a call {statistics.median(med['faults'][side]):7,.0f}")
+            if side:
+                line += (f"; x A wall {a_wall / wall:.3f} (per round: "
+                         + " ".join(f"{x / y:.2f}" for x, y in zip(med["wall"][0], med["wall"][side],
+                                                                  strict=True))
+                         + f"), cpu {a_cpu / cpu:.3f}")
+            print(line)
 
 
 def table(stats: dict[str, Stats], baselines: dict[str, str], examples: int, title: str) -> str:

@@ -17,8 +17,9 @@ Two rows of issue 10's table:
    The in-process table runs after the check and beside Opacus, whose freed per-example
    gradients raise glibc's mmap and trim thresholds for every row (DESIGN.md,
    "Benchmarking on these machines"), so ``--processes N`` also times the non-private and
-   the DP (auto) step alone, each in fresh processes of its own that run nothing before
-   the timing (NOTE [fresh processes] in ``_common``): the state a user's script starts in.
+   the DP (auto) step (and Opacus' when installed) alone, each in fresh processes of its
+   own that run nothing before the timing (NOTE [fresh processes] in ``_common``): the
+   state a user's script starts in.
 2. Peak memory, 100,000 x 64 Embedding model (``ghost_memory``'s model), batch 1024: the
    DPTrainer step against the non-private step, each in its own fresh subprocess (order
    rotated): whole-process peak RSS and the peak above the RSS before the measured steps
@@ -66,6 +67,31 @@ def _dp_trainer(loss_fn: Any, batch: int, method: str = "auto") -> fp.train.DPTr
 
 
 NONPRIVATE, DP_AUTO = "non-private step: fp grad + adam", "DP step: DPTrainer auto + noise + adam"
+OPACUS = "opacus"  # the fresh-process side's name
+
+
+def _opacus(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> Any:
+    """Opacus' DP step (``GradSampleModule`` + ``DPOptimizer`` over ``torch.optim.Adam``) on
+    a copy of ``model``, or None without opacus; its ``label`` names the version."""
+    opacus = _common.optional("opacus")
+    if opacus is None:
+        return None
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    net = Net()
+    net.load_state_dict(model.state_dict())
+    gsm = GradSampleModule(net)
+    dp_opt = DPOptimizer(torch.optim.Adam(gsm.parameters(), lr=LR), noise_multiplier=SIGMA,
+                         max_grad_norm=CLIP, expected_batch_size=batch)
+
+    def opacus_step() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        F.nll_loss(gsm(x), y).backward()
+        dp_opt.step()
+
+    opacus_step.label = f"Opacus {opacus.__version__} DP step (hooks) + Adam"
+    return opacus_step
 
 
 def _ours(batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -119,25 +145,11 @@ def speed_candidates(batch: int) -> dict[str, Any]:
         torch_adam.step()
 
     fns["torch.optim.Adam imperative step"] = torch_step
-    opacus = _common.optional("opacus")
-    if opacus is None:
+    opacus_step = _opacus(model, x, y, batch)
+    if opacus_step is None:
         print("  skipped Opacus' DP step: `opacus` is not installed (pip install opacus)")
     else:
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        net = Net()
-        net.load_state_dict(model.state_dict())
-        gsm = GradSampleModule(net)
-        dp_opt = DPOptimizer(torch.optim.Adam(gsm.parameters(), lr=LR), noise_multiplier=SIGMA,
-                             max_grad_norm=CLIP, expected_batch_size=batch)
-
-        def opacus_step() -> None:
-            dp_opt.zero_grad(set_to_none=True)
-            F.nll_loss(gsm(x), y).backward()
-            dp_opt.step()
-
-        fns[f"Opacus {opacus.__version__} DP step (hooks) + Adam"] = opacus_step
+        fns[opacus_step.label] = opacus_step
     if _jax_models.modules() is None:
         print(_jax_models.skip_line("the JAX+optax steps"))
     else:
@@ -291,8 +303,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per memory process")
     p.add_argument("--pairs", type=int, default=3, help="memory rounds (fresh processes)")
     p.add_argument("--processes", type=int, default=0,
-                   help="also time the non-private and the DP (auto) step in N pairs of fresh "
-                        "processes (speed part)")
+                   help="also time the non-private, the DP (auto) and Opacus' DP step in N fresh "
+                        "processes each (speed part)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speed-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
@@ -304,7 +316,12 @@ def main() -> None:
         _common.keep_freed_memory_if(sys.argv)
         if args.threads:
             torch.set_num_threads(args.threads)
-        _common.child_times(_ours(args.batch)[0][args.speed_child], args.rounds)
+        fns, parts = _ours(args.batch)
+        fn = (_opacus(parts["model"], parts["x"], parts["y"], args.batch)
+              if args.speed_child == OPACUS else fns[args.speed_child])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' full-backward-hook warning
+            _common.child_times(fn, args.rounds)
         return
     if _common.maybe_respawn(args):
         return
@@ -323,7 +340,10 @@ def main() -> None:
             print(f"  JAX+optax DP step / JAX+optax non-private step: throughput ratio "
                   f"{stats[JAX_NONPRIVATE].median / stats[JAX_DP].median:.3f}")
         if args.processes:
-            sides = (NONPRIVATE, DP_AUTO)
+            sides, labels = [NONPRIVATE, DP_AUTO], ["non-private step", "DP step (auto)"]
+            if _common.optional("opacus") is not None:
+                sides.append(OPACUS)
+                labels.append("Opacus DP step + Adam")
 
             def command(side: int, keep: bool) -> list[str]:
                 return ([sys.executable, os.path.abspath(__file__), "--speed-child", sides[side],
@@ -331,9 +351,9 @@ def main() -> None:
                         + (["--threads", str(args.threads)] if args.threads else [])
                         + (["--keep-freed-memory"] if keep else []))
 
-            _common.fresh_pairs(command, ("non-private step", "DP step (auto)"), args.processes,
-                                f"full DP step vs non-private step, batch {args.batch}, "
-                                f"{args.rounds} steps each")
+            _common.fresh_processes(command, labels, args.processes,
+                                    f"full DP step vs non-private step, batch {args.batch}, "
+                                    f"{args.rounds} steps each")
     if args.part in ("both", "memory"):
         memory(args.memory_batch, args.tokens, args.steps, args.pairs)
 

@@ -106,7 +106,7 @@ def candidates(batch: int, loop: bool, compile: bool = False,
 
     opacus_row = _opacus(x, y)
     if opacus_row is not None:
-        fns["Opacus GradSampleModule"] = opacus_row
+        fns[OPACUS] = opacus_row
     if compile:
         jitted = fp.jit(fp.per_sample_grads(mean_loss))
         fns["fp.jit(per_sample_grads)"] = lambda: jitted(params, x, y)
@@ -130,6 +130,7 @@ def candidates(batch: int, loop: bool, compile: bool = False,
 
 DEFAULT = "fp.per_sample_grads (default method)"
 YARDSTICK = "batch gradient (yardstick)"
+OPACUS = "Opacus GradSampleModule"
 
 
 def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
@@ -172,21 +173,28 @@ def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict
 
 def _child(name: str, batch: int, calls: int) -> None:
     """Time ``calls`` calls of one candidate in this fresh process (NOTE [fresh processes]
-    in ``_common``): only the torch rows are built, and nothing runs before the timing."""
-    _common.child_times(_ours(batch)[0][name], calls)
+    in ``_common``): only that row is built, and nothing runs before the timing."""
+    fns, parts = _ours(batch)
+    fn = _opacus(parts["x"], parts["y"]) if name == OPACUS else fns[name]
+    _common.child_times(fn, calls)
 
 
-def _processes(batch: int, pairs: int, calls: int, aa: bool, threads: int | None) -> None:
-    """The yardstick and the default method, each in fresh processes of its own."""
+def _processes(batch: int, rounds: int, calls: int, aa: bool, threads: int | None) -> None:
+    """The yardstick, the default method and (when installed) Opacus, each in fresh
+    processes of its own."""
     sides = [YARDSTICK, YARDSTICK if aa else DEFAULT]
     labels = ["yardstick", "yardstick (A/A check)" if aa else "default method"]
+    if not aa and _common.optional("opacus") is not None:
+        sides.append(OPACUS)
+        labels.append("Opacus GradSampleModule")
 
     def command(side: int, keep: bool) -> list[str]:
         return ([sys.executable, os.path.abspath(__file__), "--child", sides[side], "--batch",
                  str(batch), "--rounds", str(calls)] + (["--threads", str(threads)] if threads else [])
                 + (["--keep-freed-memory"] if keep else []))
 
-    _common.fresh_pairs(command, labels, pairs, f"per-sample gradients, batch {batch}, {calls} calls each")
+    _common.fresh_processes(command, labels, rounds,
+                            f"per-sample gradients, batch {batch}, {calls} calls each")
 
 
 def main() -> None:
@@ -196,7 +204,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="add fp.jit(fp.per_sample_grads(...)) (torch.compile; first call timed apart)")
     p.add_argument("--processes", type=int, default=0,
-                   help="also time yardstick vs default method in N pairs of fresh processes")
+                   help="also time the yardstick, the default method and Opacus in N fresh "
+                        "processes each")
     p.add_argument("--aa", action="store_true", help="with --processes: yardstick vs itself")
     p.add_argument("--child", default=None, help=argparse_hidden())
     p.add_argument("--keep-freed-memory", action="store_true", help=argparse_hidden())
