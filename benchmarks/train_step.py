@@ -24,7 +24,8 @@ Every row is timed interleaved in one process (rotating order, ``_common.measure
 table gives wall and process-CPU medians and ratios to ``imperative``. In one process the
 rows share a heap, and one row's allocations change another's page faults (DESIGN.md), so
 ``--fresh-pairs N --pair-row ROW`` also times ``imperative`` against ``ROW`` each alone in
-its own fresh process, N pairs in alternating order, and pools the per-process medians.
+its own fresh process, N of each in alternating order, with glibc's default malloc and
+with freed memory kept, and pools the per-process medians (``_common.fresh_processes``).
 
     .venv/bin/python benchmarks/train_step.py [--rounds 40] [--threads 1] [--no-jit]
     .venv/bin/python benchmarks/train_step.py --fresh-pairs 4 --pair-row "fp pure" --threads 1
@@ -33,8 +34,6 @@ its own fresh process, N pairs in alternating order, and pools the per-process m
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -235,34 +234,22 @@ def argparse_hidden() -> str:
 
 
 def fresh_pairs(args) -> None:
-    """``imperative`` and ``args.pair_row`` each alone in a fresh process, alternating."""
+    """``imperative`` and ``args.pair_row`` each alone in a fresh process (NOTE [fresh
+    processes] in ``_common``), in both malloc regimes."""
     base = [sys.executable, os.path.abspath(__file__), "--rounds", str(args.rounds),
             "--batch", str(args.batch), "--no-jit"]
     if args.threads:
         base += ["--threads", str(args.threads)]
     if args.pair_row == "fp.jit step":
         base.remove("--no-jit")
-    out: dict[str, list[tuple[float, float]]] = {"imperative": [], args.pair_row: []}
-    load0 = os.getloadavg()[0]
-    for i in range(args.fresh_pairs):
-        order = ["imperative", args.pair_row]
-        for name in order if i % 2 == 0 else order[::-1]:
-            res = subprocess.run([*base, "--solo", name], capture_output=True, text=True,
-                                 check=True)
-            line = next(ln for ln in res.stdout.splitlines() if ln.startswith("SOLO "))
-            wall, cpu = map(float, line.split()[1:])
-            out[name].append((wall, cpu))
-    print(_common.environment().replace(f"{os.getloadavg()[0]:.2f} at start",
-                                        f"{load0:.2f} at start"))
-    print(f"fresh-process pairs: {args.fresh_pairs}, {args.rounds} calls per process")
-    ratios = [b[0] / a[0] for a, b in zip(out["imperative"], out[args.pair_row], strict=True)]
-    cpu_ratios = [b[1] / a[1] for a, b in zip(out["imperative"], out[args.pair_row], strict=True)]
-    for name, rows in out.items():
-        print(f"{name:22} per-process median ms: "
-              + ", ".join(f"{w * 1e3:.2f}" for w, _ in rows))
-    print(f"time ratio {args.pair_row} / imperative: median over pairs "
-          f"{statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)}); "
-          f"CPU-time ratio {statistics.median(cpu_ratios):.3f}")
+    sides = ["imperative", args.pair_row]
+
+    def command(side: int, keep: bool) -> list[str]:
+        return [*base, "--solo", sides[side]] + (["--keep-freed-memory"] if keep else [])
+
+    print(_common.environment())
+    _common.fresh_processes(command, sides, args.fresh_pairs,
+                            f"{args.pair_row} against imperative, {args.rounds} calls per process")
 
 
 def main() -> None:
@@ -277,6 +264,7 @@ def main() -> None:
                         help="time imperative and --pair-row alone in N pairs of fresh processes")
     parser.add_argument("--pair-row", default="fp pure")
     parser.add_argument("--solo", default=None, help=argparse_hidden())
+    parser.add_argument("--keep-freed-memory", action="store_true", help=argparse_hidden())
     parser.add_argument("--only", default=None,
                         help="comma-separated rows to keep (imperative is always kept)")
     args = parser.parse_args()
@@ -289,11 +277,11 @@ def main() -> None:
         return
     if args.no_compile_cache:
         torch.compiler.config.force_disable_caches = True
+    if args.solo:
+        _common.keep_freed_memory_if(sys.argv)
     fns, notes = build(args.batch, not args.no_jit, args.epoch_steps)
     if args.solo:
-        stats = _common.measure({args.solo: fns[args.solo]}, rounds=args.rounds, warmup=3)
-        st = stats[args.solo]
-        print(f"SOLO {st.median} {statistics.median(st.cpu)}")
+        _common.child_times(fns[args.solo], args.rounds)
         return
     if args.only:
         keep = {"imperative", *args.only.split(",")}
