@@ -19,6 +19,7 @@ from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
+from functorch_pipeline.transforms._grad_sample._api import outside_compile
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
 from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
@@ -109,7 +110,14 @@ class _Clipper:
         self.chosen: str | None = None  # auto's choice, made on the first call
 
     def __call__(self, *args: Any) -> tuple[Any, torch.Tensor, Any]:
-        """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None."""
+        """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None.
+        Under ``torch.compile`` any method but vmap runs eagerly (NOTE [engines under
+        torch.compile] in ``_grad_sample._api``)."""
+        if self.method == "vmap":
+            return self._call(*args)
+        return outside_compile(self._call, *args)
+
+    def _call(self, *args: Any) -> tuple[Any, torch.Tensor, Any]:
         nums, is_tuple = _normalize_argnums(self.argnums, len(args), self.fn)
         batched = _batched(args, nums, self.batch_argnums, self.fn)
         if _batch_size(args, batched, self.fn) == 0:
@@ -204,6 +212,10 @@ _METHOD_DOC = """
         * ``"auto"`` (default): the first of ghost, hooks, vmap that can run this
           ``loss_fn``; chosen on the first call and kept, with one warning per
           ``loss_fn`` when it is not ghost.
+
+        Under ``fp.jit`` (``torch.compile``) every method but vmap runs eagerly behind a
+        graph break, with the method and numbers it has outside; vmap is traced, and is
+        the one that works with ``fullgraph=True``.
 """
 
 _CONTRACT_DOC = """

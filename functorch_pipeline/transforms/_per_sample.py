@@ -17,6 +17,7 @@ from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._autodiff import _value_and_grad_impl
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._api import outside_compile
 from functorch_pipeline.transforms._grad_sample._rules_misc import REPLACE_RNNS_HINT
 from functorch_pipeline.transforms._vmap import vmap
 
@@ -224,7 +225,16 @@ def _decisions(loss_fn: Any, local: dict[Any, str]) -> dict[Any, str]:
 def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
           batched: Sequence[int], has_aux: bool, chunk_size: int | None, keep_batch_dim: bool,
           method: str, fn: str) -> tuple[Any, Any] | None:
-    """``method="hooks"``/``"auto"``: the engine's result, or None to fall back to vmap."""
+    """``method="hooks"``/``"auto"``: the engine's result, or None to fall back to vmap.
+    Under ``torch.compile`` it runs eagerly (NOTE [engines under torch.compile] in
+    ``_grad_sample._api``); auto takes vmap there before reaching it."""
+    return outside_compile(_fast_eager, loss_fn, args, nums, is_tuple, batched, has_aux,
+                           chunk_size, keep_batch_dim, method, fn)
+
+
+def _fast_eager(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
+                is_tuple: bool, batched: Sequence[int], has_aux: bool, chunk_size: int | None,
+                keep_batch_dim: bool, method: str, fn: str) -> tuple[Any, Any] | None:
     try:
         if not keep_batch_dim:
             raise Unsupported("keep_batch_dim=False means loss_fn is written for one example, "
@@ -367,7 +377,10 @@ def per_sample_grads(
           Large per-example outputs are written into buffers of earlier results once
           nothing references those any more (glibc's malloc would page-fault fresh ones
           in on every call), so up to a few results' worth of memory stays allocated
-          between calls: NOTE [recycled outputs] in ``_grad_sample/_buffers.py``.
+          between calls: NOTE [recycled outputs] in ``_grad_sample/_buffers.py``. Under
+          ``fp.jit`` (``torch.compile``) it runs eagerly behind a graph break, with the
+          same numbers; ``fullgraph=True`` refuses that, so use ``"vmap"`` (or ``"auto"``,
+          which takes vmap there) for a single graph.
 
     Returns:
       A function with ``loss_fn``'s signature returning per-example gradients shaped like

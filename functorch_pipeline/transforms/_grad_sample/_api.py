@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -126,6 +127,40 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, grads
+
+
+def _call(call: Callable[..., Any], *args: Any) -> Any:
+    return call(*args)
+
+
+# NOTE [engines under torch.compile]
+# The hooks and ghost engines hand ``loss_fn`` parameters of a tensor subclass whose
+# ``__torch_function__`` records every use. Dynamo cannot trace that: under ``fp.jit``,
+# ``per_sample_grads(method="hooks")`` and ``clipped_grad`` with any method but vmap
+# (auto included) raised an InternalTorchDynamoError from inside the model. So under
+# ``torch.compile`` those calls run eagerly, behind a graph break, with the method and
+# numbers they have outside it; the rest of the compiled function stays compiled.
+# ``fullgraph=True`` refuses the graph break, naming this reason.
+_REASON = ("fp's hooks and ghost engines (per-sample gradients, clipping) run eagerly under "
+           "torch.compile: their tracked parameters are not traceable; method='vmap' traces")
+_EAGER: list[Callable[..., Any]] = []  # made on first use: torch.compiler.disable imports dynamo
+
+
+def _eager() -> Callable[..., Any]:
+    if not _EAGER:
+        if "reason" in inspect.signature(torch.compiler.disable).parameters:
+            _EAGER.append(torch.compiler.disable(_call, reason=_REASON))
+        else:  # torch < 2.12 has no reason argument
+            _EAGER.append(torch.compiler.disable(_call))
+    return _EAGER[0]
+
+
+def outside_compile(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``, run eagerly behind a graph break when dynamo is tracing (NOTE
+    [engines under torch.compile]); a plain call otherwise."""
+    if torch.compiler.is_compiling():
+        return _eager()(call, *args)
+    return call(*args)
 
 
 def hooks_value_and_grad(
