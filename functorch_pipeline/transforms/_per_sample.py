@@ -380,7 +380,8 @@ def per_sample_grads(
           between calls: NOTE [recycled outputs] in ``_grad_sample/_buffers.py``. Under
           ``fp.jit`` (``torch.compile``) it runs eagerly behind a graph break, with the
           same numbers; ``fullgraph=True`` refuses that, so use ``"vmap"`` (or ``"auto"``,
-          which takes vmap there) for a single graph.
+          which takes vmap there) for a single graph. Under ``torch.autocast`` the
+          gradients come back in each parameter's dtype, with autograd's values.
 
     Returns:
       A function with ``loss_fn``'s signature returning per-example gradients shaped like

@@ -1,0 +1,111 @@
+"""Per-example gradients and clipping under ``torch.autocast`` (NOTE [autocast] in
+``_grad_sample._api``): every method returns each parameter's own dtype (float32 here),
+as autograd does, with the values of a per-example autograd loop under the same autocast
+(exactly for hooks; to bfloat16 rounding where a method computes differently). Before,
+hooks and ghost handed back bfloat16 gradients for float32 parameters, every clipped sum
+was bfloat16, and ``DPTrainer.step`` under autocast failed in Adam's dtype check."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functorch_pipeline as fp
+from functorch_pipeline import optim
+
+CLIP = 0.5
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = Small()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    return params, x, y, losses
+
+
+def _loop(losses, params, x, y):
+    """The reference: one torch.autograd.grad per example, under the same autocast."""
+    rows = []
+    for i in range(x.shape[0]):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        with _autocast():
+            loss = losses(p, x[i:i + 1], y[i:i + 1]).sum()
+        rows.append(torch.autograd.grad(loss, list(p.values())))
+    grads = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    c = 1.0 / torch.clamp(norms / CLIP, min=1.0)
+    clipped = {k: (g * c.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}
+    return grads, norms, clipped
+
+
+def _assert_near(got, want, rel):
+    for k in want:
+        assert got[k].dtype == want[k].dtype == torch.float32, k
+        assert (got[k] - want[k]).abs().max() <= rel * want[k].abs().max(), k
+
+
+@pytest.mark.parametrize("method, rel", [("hooks", 1e-6), ("auto", 1e-6), ("vmap", 3e-2)])
+def test_per_sample_grads_keep_the_parameter_dtype(method, rel):
+    params, x, y, losses = _setup()
+    want, _, _ = _loop(losses, params, x, y)
+    with _autocast():
+        got = fp.per_sample_grads(losses, method=method)(params, x, y)
+    _assert_near(got, want, rel)
+
+
+@pytest.mark.parametrize("method, rel", [("hooks", 1e-5), ("ghost", 2e-2), ("auto", 2e-2),
+                                         ("vmap", 3e-2)])
+def test_clipped_grad_keeps_the_parameter_dtype(method, rel):
+    params, x, y, losses = _setup()
+    _, want_norms, want = _loop(losses, params, x, y)
+    with _autocast(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, norms = fp.clipped_grad(losses, CLIP, method=method)(params, x, y)
+    _assert_near(got, want, rel)
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms, want_norms, rtol=2e-2, atol=0)
+
+
+def test_dp_trainer_step_under_autocast():
+    """sigma = 0 and SGD(1): the step subtracts the clipped sum over the expected batch,
+    in float32 (it raised Adam's dtype error before; SGD here, Adam below)."""
+    params, x, y, losses = _setup()
+    _, _, clipped = _loop(losses, params, x, y)
+
+    def per_example(p, b):
+        return losses(p, *b)
+
+    sgd = fp.train.DPTrainer(per_example, optim.sgd(1.0), l2_norm_clip=CLIP, noise_multiplier=0.0,
+                             sample_rate=0.1, expected_batch_size=6.0)
+    with _autocast():
+        new, _ = sgd.step(sgd.init(params, fp.random.key(0)), (x, y))
+    _assert_near({k: params[k] - new.params[k] for k in params},
+                 {k: clipped[k] / 6.0 for k in params}, 2e-2)
+    adam = fp.train.DPTrainer(per_example, optim.adam(1e-3), l2_norm_clip=CLIP, noise_multiplier=1.0,
+                              sample_rate=0.1, expected_batch_size=6.0)
+    with _autocast():
+        new, _ = adam.step(adam.init(params, fp.random.key(0)), (x, y))
+    assert all(new.params[k].dtype == torch.float32 for k in params)
