@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,3 +33,16 @@ def loop_grads(loss_fn, params, *batch):
         rows.append([torch.zeros_like(v) if g is None else g
                      for v, g in zip(p.values(), grads, strict=True)])
     return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+class SmallConvNet(nn.Module):
+    """A tiny CNN for the engine tests: conv 1 -> 4 (3x3), ReLU, Linear to 5 classes, on
+    ``side x side`` single-channel images."""
+
+    def __init__(self, side: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * (side - 2) ** 2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).flatten(1))

@@ -12,22 +12,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from per_example_reference import SmallConvNet
 
 import functorch_pipeline as fp
 from functorch_pipeline import optim
 
 CLIP = 0.5
-
-
-class Small(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
 def _autocast():
@@ -36,7 +26,7 @@ def _autocast():
 
 def _setup():
     torch.manual_seed(0)
-    model = Small()
+    model = SmallConvNet()
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
 

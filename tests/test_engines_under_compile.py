@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_reference import SmallConvNet
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import loop_grads
 from per_example_reference import params_of
-from torch import nn
 
 import functorch_pipeline as fp
 from functorch_pipeline import optim
@@ -24,20 +24,10 @@ from functorch_pipeline import optim
 CLIP = 0.5
 
 
-class Small(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 4 * 4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.conv(x)).flatten(1))
-
-
 def _setup():
     torch.manual_seed(0)
-    model = Small()
-    x, y = torch.randn(5, 1, 6, 6), torch.randint(0, 4, (5,))
+    model = SmallConvNet(side=6)
+    x, y = torch.randn(5, 1, 6, 6), torch.randint(0, 5, (5,))
 
     def losses(p, x, y):
         return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
