@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from per_example_reference import SmallConvNet
+from torch import nn
 
 import functorch_pipeline as fp
 from functorch_pipeline import optim
@@ -99,3 +100,71 @@ def test_dp_trainer_step_under_autocast():
     with _autocast():
         new, _ = adam.step(adam.init(params, fp.random.key(0)), (x, y))
     assert all(new.params[k].dtype == torch.float32 for k in params)
+
+
+class Text(nn.Module):
+    """Embedding, a recurrent or attention layer, LayerNorm, Linear: the layers whose
+    rules multiply inputs and output gradients of different dtypes under autocast."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(40, 8)
+        if kind == "lstm":
+            self.mix = fp.nn.LSTM(8, 8, batch_first=True)
+        elif kind == "gru":
+            self.mix = fp.nn.GRU(8, 8, batch_first=True)
+        else:
+            self.mix = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.emb(t)
+        h = self.mix(h) if self.kind == "transformer" else self.mix(h)[0]
+        return self.fc(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "transformer"])
+def test_sequence_models_under_autocast(kind):
+    """hooks, vmap and ghost on Embedding + LSTM/GRU/attention + LayerNorm + Linear: each
+    raised a dtype error under autocast before (the linear rule's product with a float32
+    input and a bfloat16 output gradient; fp.nn.GRU's lerp of mixed dtypes)."""
+    torch.manual_seed(0)
+    model = Text(kind)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    t, y = torch.randint(0, 40, (4, 5)), torch.randint(0, 3, (4,))
+
+    def losses(p, t, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (t,)), y, reduction="none")
+
+    want, want_norms, want_clipped = _loop(losses, params, t, y)
+    for method in ("hooks", "vmap"):
+        with _autocast():
+            got = fp.per_sample_grads(losses, method=method)(params, t, y)
+        _assert_near(got, want, 5e-2)
+    for method in ("ghost", "hooks"):
+        with _autocast():
+            got, norms = fp.clipped_grad(losses, CLIP, method=method)(params, t, y)
+        _assert_near(got, want_clipped, 5e-2)
+        torch.testing.assert_close(norms, want_norms, rtol=5e-2, atol=0)
+
+
+def test_a_three_channel_first_conv_under_autocast():
+    """A first conv on float32 RGB data (3 channels: the grouped backward-weights branch,
+    not the 1-2 channel forward trick) multiplies the float32 input with a bfloat16 output
+    gradient; the engine casts the input to the op's dtype first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    want, _, want_clipped = _loop(losses, params, x, y)
+    with _autocast():
+        got = fp.per_sample_grads(losses, method="hooks")(params, x, y)
+        clipped, _ = fp.clipped_grad(losses, CLIP, method="ghost")(params, x, y)
+    _assert_near(got, want, 1e-6)
+    _assert_near(clipped, want_clipped, 2e-2)

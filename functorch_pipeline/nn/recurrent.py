@@ -113,7 +113,8 @@ def _gru_direction(
         gh_rz, gh_n = linear(h, w_hh, b_hh).split([2 * hidden, hidden], -1)
         r, z = sigmoid(x_rz + gh_rz).chunk(2, -1)
         n = tanh(addcmul(x_n, r, gh_n))  # b_hn sits inside the reset product, as in PyTorch
-        h = lerp(n, h, z)  # (1 - z) * n + z * h
+        # (1 - z) * n + z * h; mixed dtypes (autocast) are cast first, see gru_update
+        h = lerp(n, h, z) if n.dtype == h.dtype == z.dtype else _grad_sample.gru_update(n, h, z)
         outs.append(h)
     if reverse:
         outs.reverse()

@@ -71,7 +71,7 @@ def _norms_of(grads: Any) -> torch.Tensor:
 
 def _autocast_off(tree: Any) -> Any:
     """A context with ``torch.autocast`` off for the device of ``tree``'s leaves when it is
-    on there (NOTE [autocast] in ``_grad_sample._api``: a clipped sum of float32
+    on there (NOTE [autocast] in ``_grad_sample._engine``: a clipped sum of float32
     gradients is not to be rounded to bfloat16), else a no-op."""
     leaves = _tree.leaves(tree)
     device = leaves[0].device.type if leaves else "cpu"

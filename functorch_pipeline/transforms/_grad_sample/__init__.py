@@ -15,6 +15,7 @@ from functorch_pipeline.transforms._grad_sample import _rules_misc  # noqa: F401
 from functorch_pipeline.transforms._grad_sample._api import Unsupported
 from functorch_pipeline.transforms._grad_sample._api import hooks_value_and_grad
 from functorch_pipeline.transforms._grad_sample._recurrent import gru_direction_rule
+from functorch_pipeline.transforms._grad_sample._recurrent import gru_update
 from functorch_pipeline.transforms._grad_sample._recurrent import lstm_direction_rule
 from functorch_pipeline.transforms._grad_sample._rules import overridable
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
@@ -22,6 +23,7 @@ from functorch_pipeline.transforms._grad_sample._rules import register_rule
 __all__ = [
     "Unsupported",
     "gru_direction_rule",
+    "gru_update",
     "hooks_value_and_grad",
     "lstm_direction_rule",
     "overridable",

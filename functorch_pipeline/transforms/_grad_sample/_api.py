@@ -204,9 +204,9 @@ def hooks_value_and_grad(
             flats.append(f)
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]
         value = _tree.map(_join, *values)
-    # NOTE [autocast]: under torch.autocast the rules' products come out in the autocast
-    # dtype, with the values autograd computes there; autograd then casts each gradient
-    # back to its parameter's dtype, and so does this.
+    # NOTE [autocast] (in _engine): under torch.autocast the rules' products come out in
+    # the autocast dtype, with the values autograd computes there; autograd then casts
+    # each gradient back to its parameter's dtype, and so does this.
     params = [leaf for group in leaves for leaf in group]
     flat = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(flat, params, strict=True)]
     it = iter(flat)

@@ -107,6 +107,24 @@ def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
     raise AssertionError("__torch_function__ called without a tracked tensor")  # pragma: no cover
 
 
+def _like(saved: tuple[Any, ...], g: torch.Tensor) -> tuple[Any, ...]:
+    """A use's saved floating tensors in its output gradient's dtype.
+
+    # NOTE [autocast]
+    Under ``torch.autocast`` an op runs in the autocast dtype while the input a rule saved
+    may be float32 (the data, a float32 layer's output), so the rules would multiply
+    tensors of two dtypes, which matmul and the conv kernels refuse. Autograd forms the
+    weight gradient in the op's own dtype, the dtype of its output gradient, so the saved
+    inputs are cast to that. The gradients go back to each parameter's dtype at the end
+    (``hooks_value_and_grad``, ``clipped_grad``). Without autocast nothing is cast.
+    """
+    if all(not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == g.dtype
+           for t in saved):
+        return saved
+    return tuple(t.to(g.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != g.dtype else t for t in saved)
+
+
 def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
     pass
 
@@ -340,5 +358,5 @@ class Engine:
         with torch.no_grad():
             for use, g in zip(self.uses, grads, strict=True):
                 if g is not None:
-                    use.finish(self, g, *use.saved)
+                    use.finish(self, g, *_like(use.saved, g))
         self.uses.clear()

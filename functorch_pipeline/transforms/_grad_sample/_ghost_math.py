@@ -229,7 +229,8 @@ def _outer_sq(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None
             (_acc(x).square().sum((2, 3)) * _acc(g).square().sum((2, 3))).sum(1)
         return sq, None
     gram = n * (din + dout) <= GRAM_RATIO * din * dout
-    kept = None if gram or keep is None else keep.new_empty(B, *keep.shape)
+    # in the product's dtype: the autocast dtype under autocast (NOTE [autocast] in _engine)
+    kept = None if gram or keep is None else keep.new_empty(B, *keep.shape, dtype=g.dtype)
     out = []
     for s, e in _chunks(B, G * (n * n if gram else din * dout), x.element_size()):
         xs, gs = x[s:e], g[s:e]

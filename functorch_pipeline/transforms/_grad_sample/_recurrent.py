@@ -251,6 +251,17 @@ def _gru_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor) -> tuple[An
     return dgi, dh, None, None, None, None, None
 
 
+def gru_update(n: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A GRU step's new state ``(1 - z) * n + z * h`` (one ``lerp``). Under autocast ``n``
+    and ``z`` come out of bfloat16 linear layers and ``h`` may be float32; ``lerp`` only
+    promotes in some paths (not under vmap, not this kernel), so they are cast to the
+    promoted dtype first: the numbers a promoting ``lerp`` gives."""
+    if n.dtype != h.dtype or z.dtype != h.dtype:
+        dtype = torch.promote_types(torch.promote_types(n.dtype, h.dtype), z.dtype)
+        n, h, z = n.to(dtype), h.to(dtype), z.to(dtype)
+    return torch.lerp(n, h, z)
+
+
 def _gru_loop(proj: torch.Tensor, h: torch.Tensor, w_hh: Any, b_hh: Any, reverse: bool
               ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The unfused direction: per-step ``F.linear`` calls, each seen by the linear rule."""
@@ -261,7 +272,7 @@ def _gru_loop(proj: torch.Tensor, h: torch.Tensor, w_hh: Any, b_hh: Any, reverse
     for x_rz, x_n in reversed(steps) if reverse else steps:
         gh_rz, gh_n = F.linear(h, w_hh, b_hh).split([2 * H, H], -1)
         r, z = torch.sigmoid(x_rz + gh_rz).chunk(2, -1)
-        h = torch.lerp(torch.tanh(torch.addcmul(x_n, r, gh_n)), h, z)
+        h = gru_update(torch.tanh(torch.addcmul(x_n, r, gh_n)), h, z)
         outs.append(h)
     if reverse:
         outs.reverse()
@@ -279,8 +290,10 @@ def gru_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any
     reverse = bound.get("reverse", False)
     ws, bs = engine.slot(w_hh), engine.slot(b_hh)
     if engine.slot(h) is not None or engine.slot(proj) is not None or ws is None \
-            or not torch.is_grad_enabled():
-        return _gru_loop(proj, h, w_hh, b_hh, reverse)  # the per-step rules handle (or refuse) it
+            or not torch.is_grad_enabled() or torch.is_autocast_enabled(proj.device.type):
+        # the per-step rules handle (or refuse) it; under autocast the fused kernel's
+        # buffers would mix dtypes, while the per-step F.linear rules follow autocast
+        return _gru_loop(proj, h, w_hh, b_hh, reverse)
     engine.check_input(h, "_gru_direction", [s for s in (ws, bs) if s is not None], features=1)
     xp = proj.transpose(0, 1)
     anchor = engine.anchor(xp)
