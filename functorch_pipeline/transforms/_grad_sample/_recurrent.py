@@ -253,9 +253,9 @@ def _gru_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor) -> tuple[An
 
 def gru_update(n: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """A GRU step's new state ``(1 - z) * n + z * h`` (one ``lerp``). Under autocast ``n``
-    and ``z`` come out of bfloat16 linear layers and ``h`` may be float32; ``lerp`` only
-    promotes in some paths (not under vmap, not this kernel), so they are cast to the
-    promoted dtype first: the numbers a promoting ``lerp`` gives."""
+    and ``z`` come out of bfloat16 linear layers while ``h`` may be float32, and ``lerp``
+    refuses mixed dtypes (it raised in the engine's per-step loop and under vmap), so
+    they are cast to the promoted dtype first. Without autocast nothing is cast."""
     if n.dtype != h.dtype or z.dtype != h.dtype:
         dtype = torch.promote_types(torch.promote_types(n.dtype, h.dtype), z.dtype)
         n, h, z = n.to(dtype), h.to(dtype), z.to(dtype)
