@@ -198,10 +198,6 @@ class _Clipper:
             with _autocast_off(grads):  # NOTE [autocast]: sums in the gradients' own dtype
                 norms = _norms_of(grads)
                 clipped = None if self.max_norm is None else _clip_sum(grads, norms, self.max_norm)
-        if clipped is not None:  # NOTE [autocast]: each parameter's dtype, as autograd gives
-            diff = tuple(args[i] for i in nums)
-            clipped = _tree.map(lambda g, p: g if g.dtype == p.dtype else g.to(p.dtype),
-                                clipped, diff if is_tuple else diff[0])
         if clipped is not None and self.reduction == "mean":
             b = norms.shape[0]
             clipped = _tree.map(lambda g: g / b, clipped)

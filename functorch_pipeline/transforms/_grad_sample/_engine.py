@@ -116,7 +116,7 @@ def _like(saved: tuple[Any, ...], g: torch.Tensor) -> tuple[Any, ...]:
     tensors of two dtypes, which matmul and the conv kernels refuse. Autograd forms the
     weight gradient in the op's own dtype, the dtype of its output gradient, so the saved
     inputs are cast to that. The gradients go back to each parameter's dtype at the end
-    (``hooks_value_and_grad``, ``clipped_grad``). Without autocast nothing is cast.
+    (``hooks_value_and_grad``, the ghost driver). Without autocast nothing is cast.
     """
     if all(not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == g.dtype
            for t in saved):

@@ -199,7 +199,9 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
                     continue
                 if p.dtype not in cast:
                     cast[p.dtype] = c.to(p.dtype)
-                grads.append(_ghost_math.weighted_sum(parts, p, cast[p.dtype], kept.get(slot)))
+                g = _ghost_math.weighted_sum(parts, p, cast[p.dtype], kept.get(slot))
+                # NOTE [autocast] (in _engine): each parameter's dtype, as autograd gives
+                grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, norms, grads
