@@ -15,6 +15,13 @@ settings) and its RDP-to-(eps, delta) conversion (Balle et al. 2020, the one Opa
 uses too). PLD discretises the privacy loss pessimistically with interval
 ``PLD_DISCRETIZATION`` (1e-4): its epsilon is an upper bound, within ~1e-3 of the exact
 value on the MNIST settings, at 0.1-0.5 s for 3750-11250 steps (self-composition by FFT).
+The interval is fixed, so the bound loosens where one step's privacy loss is not much
+larger than it, i.e. at very small sampling rates (it stays a valid upper bound, below
+RDP's). Measured against dp-accounting with finer intervals (dp-accounting 0.6): +0.05%
+at sigma = 1, q = 1e-3 (30,000 steps); +2% at sigma = 0.8, q = 1e-4 (1e5 steps) and at
+sigma = 5, q = 1e-3; +70% at sigma = 0.8, q = 1e-5 (1e6 steps, delta = 1e-8: 0.153
+against 0.090). Finer intervals are not a safe automatic default: on that last setting
+2e-6 took 2.9 GB and 11 s and returned 2.96, so ``PLD_DISCRETIZATION`` stays fixed.
 """
 
 from __future__ import annotations
