@@ -511,13 +511,15 @@ def test_a_transposed_batch_argument_is_read_sequence_first():
 @example(order=[1, 0, 2], sizes=(3, 2, 1), copy=False)  # (T, B, H): read on axis 1
 @example(order=[1, 0, 2], sizes=(3, 2, 1), copy=True)  # the same, copied: refused
 @example(order=[1, 2, 0], sizes=(3, 2, 1), copy=False)  # (T, H, B): refused
-@example(order=[0, 2, 1], sizes=(2, 2, 3), copy=False)  # (B, H, T) with T == B: ambiguous
+@example(order=[0, 2, 1], sizes=(2, 2, 3), copy=False)  # (B, H, T), T == B, then H == B + 1
+@example(order=[1, 0, 2], sizes=(2, 2, 3), copy=False)  # (T, B, H), T == B, then H == B + 1
+@example(order=[1, 2, 0], sizes=(2, 2, 3), copy=False)  # (T, H, B), T == B: refused padded too
 def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, sizes, copy):
     """NOTE [sequence-first inputs]: a ``(B, T, H, F)`` batch with its first three axes
-    permuted, fed to a Linear. With the examples on axis 0 (and no other axis of size B),
-    or on axis 1 of a view of the batch, hooks must give the loop's gradients; anywhere
-    else, or on axis 1 of a copy, it must refuse (and ``auto`` falls back to the loop's
-    numbers)."""
+    permuted, fed to a Linear. With the examples on axis 0, or on axis 1 of a view of the
+    batch, hooks must give the loop's gradients, also when another axis has the batch
+    size (NOTE [padding an ambiguous batch]); anywhere else, or on axis 1 of a copy, it
+    must refuse (and ``auto`` falls back to the loop's numbers)."""
     B, T, H = sizes
     torch.manual_seed(B * 16 + T * 4 + H)
     m = nn.Linear(2, 3)
@@ -530,11 +532,9 @@ def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, s
         return out.pow(2).permute(*[perm.index(i) for i in range(4)]).flatten(1).sum(1)
 
     x = torch.randn(B, T, H, 2)
-    lead = [(B, T, H)[i] for i in order]
     axis = order.index(0)
     copied = copy and not x.permute(perm).is_contiguous()  # else .contiguous() is the view
-    promised = (axis == 0 and (B == 1 or B not in lead[1:])) or (
-        axis == 1 and lead[0] != B and B not in lead[2:] and not copied)
+    promised = axis == 0 or (axis == 1 and not copied)
     want = loop_grads(loss, params_of(m), x)
     try:
         got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
@@ -572,21 +572,54 @@ def test_a_table_without_a_batch_axis_is_not_taken_as_sequence_first():
     assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: nn.Linear(3, 2), (4, 4, 3)),  # sequence-first (T, B, E) with T == B
-    (lambda: nn.Embedding(9, 2), (4, 4)),  # token ids (T, B) with T == B
+@pytest.mark.parametrize("make, shape, first", [
+    (lambda: nn.Linear(3, 2), (4, 4, 3), True),  # sequence-first (T, B, E) with T == B
+    (lambda: nn.Embedding(9, 2), (4, 4), True),  # token ids (T, B) with T == B
+    (lambda: nn.Linear(3, 2), (4, 4, 3), False),  # batch-first (B, T, E) with T == B
+    (lambda: nn.Embedding(9, 2), (4, 4), False),  # token ids (B, T) with T == B
 ])
-def test_ambiguous_batch_axis_is_an_error_and_auto_falls_back(make, shape):
+def test_a_sequence_as_long_as_the_batch_is_padded_not_refused(make, shape, first):
+    """NOTE [padding an ambiguous batch]: ``T == B`` makes two axes candidates for the
+    examples; hooks runs the batch again padded and gives the loop's gradients (auto
+    too, without falling back)."""
     torch.manual_seed(0)
     m = make()
     x = torch.randint(0, 9, shape) if isinstance(m, nn.Embedding) else torch.randn(*shape)
-    loss = lambda p, x: torch.func.functional_call(m, p, (x.transpose(0, 1),)).pow(2).sum((0, 2))  # noqa: E731
-    with pytest.raises(ValueError, match=r"several axes have the batch size 4.*ambiguous"):
+
+    def loss(p, x):
+        v = x.transpose(0, 1) if first else x
+        out = torch.func.functional_call(m, p, (v,))
+        return out.pow(2).sum((0, 2) if first else (1, 2))
+
+    want = loop_grads(loss, params_of(m), x)
+    got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    assert all(got[k].shape == want[k].shape for k in want)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back note
+        got = fp.per_sample_grads(loss)(params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+
+
+def test_an_axis_that_grows_with_the_batch_stays_ambiguous():
+    """NOTE [padding an ambiguous batch]: an axis whose size follows the batch's (each
+    example's row broadcast over a ``(B, B, E)`` block) is ambiguous at every padded size:
+    hooks refuses with the error at the caller's batch size and auto falls back to vmap,
+    whose numbers it returns."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+
+    def loss(p, x):
+        block = x.unsqueeze(1).expand(x.shape[0], x.shape[0], x.shape[1])
+        return torch.func.functional_call(m, p, (block,)).pow(2).sum((1, 2))
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"shape \(4, 4, 3\): several axes have the batch size 4"):
         fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
     with pytest.warns(UserWarning, match="ambiguous"):
-        got = fp.per_sample_grads(loss, method="auto")(params_of(m), x)
-    want = loop_grads(loss, params_of(m), x)
-    assert all(torch.allclose(got[k], want[k], atol=TOL) for k in want)
+        got = fp.per_sample_grads(loss)(params_of(m), x)
+    want = fp.per_sample_grads(loss, method="vmap")(params_of(m), x)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 
 def test_in_place_change_of_a_saved_input_is_an_error():

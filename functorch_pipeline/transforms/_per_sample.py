@@ -362,8 +362,13 @@ def per_sample_grads(
           argument transposed (``x.transpose(0, 1)``, a view); a copy of transposed data,
           or a table with no batch axis, is not taken (``"hooks"`` raises, ``"auto"``
           falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
-          must have size ``B`` and, where another axis could hold the examples (a
-          ``(T, B, E)`` input with ``T == B``), the call is an error as ambiguous.
+          must have size ``B``, and no other axis that could hold the examples may have
+          it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
+          ``(T, B, E)`` input with ``T == B``), the batch is run again with up to three
+          copies of its first example appended, at a size no other axis has, and the
+          copies' rows are dropped (NOTE [padding an ambiguous batch] in
+          ``_grad_sample/_padding.py``); an axis whose size follows the batch's stays an
+          error as ambiguous.
           One-dimensional embedding ids must be read from a batch argument (the argument
           or a view of it); ids made inside ``loss_fn`` (prefix positions
           ``arange(P)`` broadcast over the batch) are refused, since with ``P == B``

@@ -12,6 +12,7 @@ import torch
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import merge
 
@@ -189,17 +190,25 @@ def hooks_value_and_grad(
     names = _Names(args, nums)
     batch_size = _batch_size(args, batched, fn)
 
+    def run(chunk: list[Any], n: int) -> tuple[Any, list[torch.Tensor]]:
+        return _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux, fn, batched)
+
+    def once(chunk: Sequence[Any], n: int) -> tuple[Any, list[torch.Tensor]]:
+        # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
+        (v, f), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux)
+        if extra:
+            v, f = v[:n], [g[:n] for g in f]
+        return v, f
+
     if chunk_size is None or chunk_size >= batch_size:
-        value, flat = _run_once(loss_fn, list(args), nums, leaves, defs, names, batch_size, has_aux, fn,
-                                batched)
+        value, flat = once(args, batch_size)
     else:
         values, flats = [], []
         for start in range(0, batch_size, chunk_size):
             def cut(x: Any, start: int = start) -> Any:
                 return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
             chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-            n = min(chunk_size, batch_size - start)
-            v, f = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux, fn, batched)
+            v, f = once(chunk, min(chunk_size, batch_size - start))
             values.append(v)
             flats.append(f)
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]

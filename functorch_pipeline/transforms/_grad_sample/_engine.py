@@ -39,11 +39,17 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 
-__all__ = ["Engine", "Unsupported"]
+__all__ = ["Ambiguous", "Engine", "Unsupported"]
 
 
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
     """A differentiated parameter is used in a way the engine has no exact rule for."""
+
+
+class Ambiguous(Unsupported):
+    """An op's input has the batch size on more than one axis that could hold the examples
+    (NOTE [which axis is the batch]); the drivers retry with a padded batch (NOTE
+    [padding an ambiguous batch] in ``_padding``)."""
 
 
 def _describe(func: Any) -> str:
@@ -224,7 +230,10 @@ class Engine:
         the common cases: axis 0 must have size ``B``, and no other axis that could hold the
         examples (all but the last ``features`` axes: sequence axes of ``F.linear`` inputs,
         every axis of embedding indices) may have size ``B`` too, which catches
-        sequence-first layouts such as ``(T, B, E)`` when ``T == B``. One-dimensional
+        sequence-first layouts such as ``(T, B, E)`` when ``T == B``. Such a coincidence of
+        sizes raises :class:`Ambiguous`, and the drivers run the batch again with a few
+        padding rows, at a size the other axes do not share (NOTE [padding an ambiguous
+        batch] in ``_padding``): only the axis that holds the examples grows. One-dimensional
         embedding ids must also be read from a batch argument (NOTE [one-dimensional
         indices] in ``_rules``). The remaining blind spot: a float input with no batch
         axis whose first axis happens to equal ``B`` (a fixed ``(T, E)`` table through a
@@ -253,21 +262,24 @@ class Engine:
         per-example sum.
         """
         B = self.batch_size
+        ambiguous = False
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
                 return 0
             if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
-                    and B not in lead[2:] and (x.requires_grad or self._permuted_batch(x))):
-                return 1
+                    and (x.requires_grad or self._permuted_batch(x))):
+                if B not in lead[2:]:
+                    return 1
+                ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
         who = ", ".join(self.name(s) for s in slots)
         verb = "is" if len(slots) == 1 else "are"
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
                               "weight and bias arguments have a per-sample gradient rule")
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        if isinstance(x, torch.Tensor) and x.dim() >= min_dim and x.shape[0] == B:
-            raise Unsupported(
+        if ambiguous or isinstance(x, torch.Tensor) and x.dim() >= min_dim and x.shape[0] == B:
+            raise Ambiguous(
                 f"{who} {verb} used by `{op}` on an input of shape {shape}: several axes have "
                 f"the batch size {B}, so which one holds the examples is ambiguous")
         also = (" (or on axis 1 of a sequence-first input computed from the parameters or "

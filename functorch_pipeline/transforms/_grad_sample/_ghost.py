@@ -51,6 +51,7 @@ from functorch_pipeline.transforms._grad_sample._api import forward_losses
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
+from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 
 __all__ = ["HooksOnly", "clip_factors", "ghost_norms_and_sum"]
@@ -159,8 +160,11 @@ def ghost_rules() -> dict[Any, Callable[..., Any]]:
 
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names, batch_size: int,
-              has_aux: bool, max_norm: Any, fn: str, batched: Sequence[int] = ()
-              ) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
+              has_aux: bool, max_norm: Any, fn: str, batched: Sequence[int] = (),
+              real: int | None = None) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
+    """One ghost pass over a batch of ``batch_size`` rows, of which the first ``real`` (all
+    by default) are examples and the rest padding, whose clip factors are 0 (NOTE
+    [padding an ambiguous batch] in ``_padding``)."""
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, ghost_rules(), fn)
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
@@ -190,6 +194,8 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
         grads = None
         if max_norm is not None:
             c = clip_factors(norms, max_norm)
+            if real is not None and real < batch_size:
+                c[real:] = 0
             cast = {c.dtype: c}  # the factors in each parameter dtype, cast once
             grads = []
             for slot, p in enumerate(flat):
@@ -244,8 +250,14 @@ def ghost_norms_and_sum(
             def cut(x: Any, start: int = start) -> Any:
                 return x[start:start + step] if isinstance(x, torch.Tensor) else x
             chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-        v, nrm, grads = _run_once(loss_fn, chunk, nums, leaves, defs, names, n, has_aux,
-                                  max_norm, fn, batched)
+        def run(padded: list[Any], size: int, n: int = n) -> tuple[Any, torch.Tensor, Any]:
+            return _run_once(loss_fn, padded, nums, leaves, defs, names, size, has_aux,
+                             max_norm, fn, batched, real=n)
+
+        # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
+        (v, nrm, grads), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux)
+        if extra:
+            v, nrm = v[:n], nrm[:n]
         values.append(v)
         norms.append(nrm)
         if grads is not None:

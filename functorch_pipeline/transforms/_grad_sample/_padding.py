@@ -1,0 +1,131 @@
+"""Running the hooks and ghost engines on a batch padded past an ambiguous size.
+
+# NOTE [padding an ambiguous batch]
+The engines find the examples by size (NOTE [which axis is the batch] in ``_engine``):
+axis 0 must have size ``B`` and no other axis that could hold the examples may have it
+too. A sequence model whose length equals the batch size (token ids ``(B, T)`` or
+activations ``(B, T, E)`` with ``T == B``: batch 32 of length-32 sequences) is ambiguous
+by that test, so hooks refused it and ``auto`` fell back to ``vmap`` (3-5x slower, and
+B per-example gradients in memory for clipping). The drivers now run such a batch again
+with ``extra`` copies of its first example appended to every batched argument: at size
+``B + extra`` an axis that holds the examples grows with the padding and a sequence
+axis does not, so the rules see which is which. The copies' rows are then dropped
+(per-example gradients, values and norms) and their clip factors set to 0 (the clipped
+sum), so they change nothing: each example's loss depends on that example alone, the
+engines' contract. An axis that grows with the batch but is not the examples' (a
+``(B, B)`` matrix of pairs) stays ambiguous at every size, so after ``_MAX_EXTRA``
+sizes the original error stands and ``auto`` falls back as before. ``has_aux`` is not
+padded: the engines return ``aux`` for the whole batch, which the copies would enter.
+The padding that worked is remembered per ``loss_fn`` and input shapes, so later calls
+skip the refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+
+__all__ = ["pad_batch", "run_unambiguous"]
+
+_MAX_EXTRA = 3
+_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
+def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
+    """``args`` with ``extra`` copies of the first example appended on axis 0 of every
+    tensor leaf of the ``batched`` arguments.
+
+    Args:
+      args: the call's positional arguments.
+      batched: the positions whose tensor leaves carry the batch on axis 0.
+      extra: how many rows to append (>= 1).
+
+    Returns:
+      A new argument list; the other arguments are passed through.
+
+    Example:
+      >>> pad_batch([torch.zeros(1), torch.tensor([[1, 2], [3, 4]])], (1,), 1)[1]
+      tensor([[1, 2],
+              [3, 4],
+              [1, 2]])
+    """
+    def pad(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+
+    return [_tree.map(pad, a) if i in batched else a for i, a in enumerate(args)]
+
+
+def _cache(loss_fn: Any) -> dict[Any, int]:
+    try:
+        return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
+    except TypeError:  # not weak-referenceable: nothing remembered
+        return {}
+
+
+def _key(args: Sequence[Any], batched: Sequence[int]) -> Any:
+    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x)
+                 for i in batched for x in _tree.leaves(args[i]))
+
+
+def run_unambiguous(run: Callable[[list[Any], int], Any], loss_fn: Any, args: Sequence[Any],
+                    batched: Sequence[int], size: int, has_aux: bool) -> tuple[Any, int]:
+    """``run(args, size)``, or, when an op's batch axis is ambiguous at this size, ``run``
+    on the batch padded by ``extra`` rows (NOTE [padding an ambiguous batch]).
+
+    Args:
+      run: one engine pass, ``run(args, batch_size)``.
+      loss_fn: the user's function (the remembered padding hangs on it).
+      args: the call's arguments; ``batched``: the positions carrying the batch.
+      size: the batch size of ``args``.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)`` (never padded).
+
+    Returns:
+      ``(result, extra)``: the result's first ``size`` rows are the batch's; ``extra``
+      rows follow (0 when no padding was needed).
+
+    Raises:
+      Ambiguous: the batch stays ambiguous at every size tried, or ``has_aux``.
+      Unsupported: another refusal, met past the ambiguous op (its message says both).
+
+    Example:
+      >>> run = lambda a, n: (a[0].sum(1), n)
+      >>> run_unambiguous(run, run, [torch.ones(2, 3)], (0,), 2, False)
+      ((tensor([3., 3.]), 2), 0)
+    """
+    cache = _cache(loss_fn)
+    key = _key(args, batched) if cache else None  # no flattening while nothing was padded
+    extra = cache.get(key, 0) if cache else 0
+    if extra:
+        try:
+            return run(pad_batch(args, batched, extra), size + extra), extra
+        except Ambiguous:
+            del cache[key]  # the model changed since: start again from the unpadded call
+    try:
+        return run(list(args), size), 0
+    except Ambiguous as error:
+        if has_aux:
+            raise
+        first = error
+    if key is None:
+        key = _key(args, batched)
+    for extra in range(1, _MAX_EXTRA + 1):
+        try:
+            out = run(pad_batch(args, batched, extra), size + extra)
+        except Ambiguous:
+            continue
+        except Unsupported as other:  # past the ambiguous op, something else is refused
+            raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "
+                              f"apart, the call was refused anyway: {other}") from None
+        cache[key] = extra
+        return out, extra
+    raise first
