@@ -211,3 +211,28 @@ def test_pad_batch_appends_copies_of_the_first_example_to_batched_leaves_only():
     assert torch.equal(out[1]["ids"], torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2]]))
     assert torch.equal(out[1]["mask"], torch.tensor([True, False, True, True]))
     assert out[1]["n"] == 7
+
+
+def test_a_table_the_size_of_the_padded_batch_is_not_taken_for_examples():
+    """The blind spot of NOTE [which axis is the batch] must not move with the padding: a
+    fixed ``(B + 1, E)`` table through a Linear, in a model whose ``(B, B)`` ids are
+    padded to ``B + 1``, has the padded size on axis 0 but no batch axis. Its rows past
+    the examples do not repeat the first, so hooks refuses rather than read it as
+    examples, and auto returns the loop's gradients."""
+    torch.manual_seed(5)
+    emb, lin = nn.Embedding(VOCAB, 4), nn.Linear(4, 2)
+    table = torch.randn(4, 4)  # the padded size of a batch of 3
+    params = {"emb": emb.weight.detach(), "w": lin.weight.detach(), "b": lin.bias.detach()}
+
+    def losses(p, ids):
+        h = F.embedding(ids, p["emb"]).mean(1)[:, :2]  # ambiguous at B = 3: padded to 4
+        shared = F.linear(table, p["w"], p["b"]).sum(0)  # (2,), the same for every example
+        return (h + shared).pow(2).sum(1)
+
+    ids = torch.randint(0, VOCAB, (3, 3))
+    want = loop_grads(losses, params, ids)
+    with pytest.raises(ValueError, match="cannot be told from the examples'"):
+        fp.per_sample_grads(losses, method="hooks")(params, ids)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(losses)(params, ids)
+    assert all(close(got[k], want[k]) for k in want)

@@ -399,6 +399,10 @@ def per_sample_grads(
         gradients and takes the faster hooks engine only when that is the same computation
         (per-example losses ``(B,)`` and a rule for every parameter use); otherwise it uses
         ``vmap``.
+      NOTE [padding an ambiguous batch]: when another axis has the batch size (sequences as long
+        as the batch), the fast method runs the batch again with up to three copies of its first
+        example appended, so that only the examples' axis grows, and drops their rows; inputs
+        without a provable batch axis are refused at the padded size.
       NOTE [recycled outputs]: the engine keeps large per-example gradient buffers it returned and
         writes a later result into one only when nothing else references it (saving page faults); a
         result you hold is never overwritten, and ``release`` frees the pool.

@@ -168,6 +168,10 @@ class Engine:
         # are gathered only when a rule asks (NOTE [sequence-first inputs]).
         self.batch_args: list[Any] = []
         self._batch_data: list[torch.Tensor] | None = None
+        # The number of examples when the drivers padded the batch past them (NOTE
+        # [padding an ambiguous batch] in _padding): inputs must then prove their batch
+        # axis. None when the batch is not padded.
+        self.real: int | None = None
         self.rules = rules
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
@@ -266,7 +270,15 @@ class Engine:
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
-                return 0
+                if self.real is None or x.requires_grad or self._padding_rows_repeat(x):
+                    return 0
+                # Padded, a tensor with no provable batch axis (a table whose first axis
+                # has the padded size) must not pass for the examples.
+                raise Unsupported(
+                    f"{', '.join(self.name(s) for s in slots)} used by `{op}` on an input of "
+                    f"shape {tuple(x.shape)} that neither requires grad nor repeats the first "
+                    "example in the padding rows, so at the padded size its first axis cannot "
+                    "be told from the examples'")
             if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
                     and (x.requires_grad or self._permuted_batch(x))):
                 if B not in lead[2:]:
@@ -312,6 +324,17 @@ class Engine:
                     and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
                 return True
         return False
+
+    def _padding_rows_repeat(self, x: torch.Tensor) -> bool:
+        """Whether ``x``'s rows past the examples equal its first row, as every tensor
+        computed example by example from the padded batch does (its padding rows are
+        copies of the first example: NOTE [padding an ambiguous batch] in ``_padding``),
+        and a table whose first axis only happens to have the padded size does not."""
+        real = self.real
+        if real is None or x.shape[0] <= real:
+            return False
+        rows = x[real:]
+        return bool(torch.equal(rows, x[:1].expand_as(rows)))
 
     def batch_view(self, x: torch.Tensor) -> bool:
         """Whether ``x`` reads a batch argument with the examples on axis 0 of both: the

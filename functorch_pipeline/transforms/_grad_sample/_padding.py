@@ -14,7 +14,13 @@ axis does not, so the rules see which is which. The copies' rows are then droppe
 sum), so they change nothing: each example's loss depends on that example alone, the
 engines' contract. An axis that grows with the batch but is not the examples' (a
 ``(B, B)`` matrix of pairs) stays ambiguous at every size, so after ``_MAX_EXTRA``
-sizes the original error stands and ``auto`` falls back as before. ``has_aux`` is not
+sizes the original error stands and ``auto`` falls back as before. The padding must not
+move the blind spot of that NOTE (an input with no batch axis whose first axis has the
+batch size) to the padded size: in a padded run an input taken as examples on axis 0 must
+require grad (computed from the rules' batched outputs) or repeat its first row in the
+padding rows, as everything computed example by example from the padded batch does (the
+batch itself, an LSTM's zero initial state); a table of the padded length does not, and
+is refused. ``has_aux`` is not
 padded: the engines return ``aux`` for the whole batch, which the copies would enter.
 The padding that worked is remembered per ``loss_fn`` and input shapes, so later calls
 skip the refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
