@@ -349,7 +349,10 @@ def per_sample_grads(
           ``F.embedding``, ``F.embedding_bag``, ``F.layer_norm``, ``F.group_norm``,
           ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode,
           ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
-          ``nn.TransformerEncoderLayer`` in either layout), and fused rules for
+          ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
+          the batch by ``x + p``, ``x * p`` or ``p.expand(B, ...)`` (a vision
+          transformer's positional embedding, LayerScale and class token; an expand is
+          taken once a padded batch shows its size follows the batch's), and fused rules for
           ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``). The contract:
           ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);

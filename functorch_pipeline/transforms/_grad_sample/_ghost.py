@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample import _ghost_math
 from functorch_pipeline.transforms._grad_sample import _recurrent
+from functorch_pipeline.transforms._grad_sample import _rules_broadcast
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
@@ -113,7 +114,8 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 # Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
 # a few numbers per example (normalisation layers' affine parameters).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
-           F.rms_norm, F.multi_head_attention_forward)
+           F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
+           *_rules_broadcast.MUL, torch.Tensor.expand)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
 

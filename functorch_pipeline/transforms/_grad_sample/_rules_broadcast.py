@@ -1,0 +1,131 @@
+"""Per-sample rules for parameters that meet the batch by broadcasting: ``x + p``,
+``x * p`` and ``p.expand(B, ...)``, the positional embedding, LayerScale and class token
+of a vision transformer (torchvision's ``vit_*``, timm's ``VisionTransformer``).
+
+# NOTE [broadcast parameters]
+``x + p`` and ``x * p`` (``torch.add``/``mul``, the operators, ``alpha`` included) take a
+parameter ``p`` that spans the trailing axes of a batched ``x`` and is broadcast over
+its leading ``k`` axes: ``p``'s shape, left-padded with ones to ``x``'s rank, must be
+``(1,) * k + x.shape[k:]`` (a bias ``(D,)``, a positional table ``(1, T, D)`` or ``(T, D)``
+against ``(B, T, D)``). The examples must be on one of those ``k`` axes, found by
+``Engine.check_input`` as for a Linear (axis 0, or axis 1 of a sequence-first input;
+several candidates of size ``B`` are ambiguous and get padded): ``p`` is the same for
+every example there, so example ``b``'s gradient is its output gradient (times ``x``
+for a product, times ``alpha`` for ``x + alpha p``) summed over the other broadcast axes.
+Any other shape (``p`` varying along a leading axis, both operands parameters, a result
+larger than ``x``) is refused.
+
+``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 makes the examples' axis
+itself when ``n`` is the batch size, and nothing but the size says so. So the rule asks
+for proof (NOTE [padding an ambiguous batch] in ``_padding``): at the caller's batch size
+it is ambiguous, the batch runs again padded, and the expand is taken only if its size
+followed the padding (a length that equals ``B`` by coincidence does not). Example
+``b``'s gradient is row ``b`` of the output gradient, summed over the other expanded
+axes. A batch of one needs no proof.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
+from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import register_rule
+
+__all__: list[str] = []
+
+_T = torch.Tensor
+ADD = (torch.add, _T.add, _T.__add__, _T.__radd__)
+MUL = (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)
+
+
+def _binary(product: bool) -> Any:
+    name = "x * p" if product else "x + p"
+
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # no gradient flows here
+            return (torch.mul if product else torch.add)(*engine.unwrap(args), **engine.unwrap(kwargs))
+        if len(args) != 2 or set(kwargs) - {"alpha"} or (product and kwargs):
+            raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+                              f"used by `{name}` with arguments its rule does not take")
+        a, b = args
+        sa, sb = engine.slot(a), engine.slot(b)
+        if (sa is None) == (sb is None):
+            raise Unsupported(f"{engine.names(args, kwargs)} are combined by `{name}` with each "
+                              "other, not with the batch")
+        slot, x = (sa, b) if sa is not None else (sb, a)
+        p = engine.bases[slot]
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or p.dim() > x.dim():
+            raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
+        aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
+        k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
+        if k == 0 or aligned[k:] != tuple(x.shape[k:]):
+            raise Unsupported(
+                f"{engine.name(slot)} of shape {tuple(p.shape)} is used by `{name}` on an input "
+                f"of shape {tuple(x.shape)}; its rule takes a parameter spanning the trailing "
+                "axes, broadcast over the leading ones (NOTE [broadcast parameters])")
+        axis = engine.check_input(x, name, [slot], min_dim=1, features=x.dim() - k, seq_first=k >= 2)
+        xin = x.detach().requires_grad_() if not x.requires_grad else x
+        plain = [p if i == (0 if sa is not None else 1) else xin for i in range(2)]
+        out = (torch.mul if product else torch.add)(*plain, **kwargs)
+        if out.shape != x.shape:
+            raise Unsupported(f"{engine.name(slot)} is used by `{name}` with a result of shape "
+                              f"{tuple(out.shape)}, larger than the batched input's {tuple(x.shape)}")
+        scale = kwargs.get("alpha", 1) if sb is not None else 1
+        engine.record(out, _finish_binary, x if product else None, slot, axis, k, scale)
+        return out
+
+    return rule
+
+
+def _finish_binary(engine: Engine, g: torch.Tensor, x: torch.Tensor | None, slot: int,
+                   axis: int, k: int, scale: Any) -> None:
+    contribution = g if x is None else g * x
+    if scale != 1:
+        contribution = contribution * scale
+    contribution = contribution.movedim(axis, 0)
+    if k > 1:
+        contribution = contribution.sum(tuple(range(1, k)))
+    p = engine.bases[slot]
+    engine.add("direct", slot, contribution.reshape(contribution.shape[0], *p.shape))
+
+
+def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # no gradient flows here
+        return _T.expand(*engine.unwrap(args), **engine.unwrap(kwargs))
+    slot = engine.slot(args[0])
+    if slot is None or kwargs and set(kwargs) != {"size"}:
+        raise Unsupported(f"{engine.names(args, kwargs)} is expanded in a way its rule does not take")
+    p = engine.bases[slot]
+    sizes = tuple(kwargs["size"]) if kwargs else tuple(args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = tuple(sizes[0])
+    B = engine.batch_size
+    if len(sizes) != p.dim() or p.shape[0] != 1 or sizes[0] != B:
+        raise Unsupported(
+            f"{engine.name(slot)} of shape {tuple(p.shape)} is expanded to {list(sizes)}; its rule "
+            f"takes a leading axis of size 1 expanded to the batch ({B}) (NOTE [broadcast "
+            "parameters])")
+    if B > 1 and engine.real is None:
+        raise Ambiguous(f"{engine.name(slot)} is expanded to the batch size {B}, which does not "
+                        "show whether that axis holds the examples")
+    base = p.detach().requires_grad_()
+    out = base.expand(*sizes)
+    engine.record(out, _finish_expand, slot)
+    return out
+
+
+def _finish_expand(engine: Engine, g: torch.Tensor, slot: int) -> None:
+    p = engine.bases[slot]
+    dims = tuple(i for i in range(1, p.dim()) if p.shape[i] == 1 and g.shape[i] != 1)
+    engine.add("direct", slot, (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *p.shape))
+
+
+for _func in ADD:
+    register_rule(_func, _binary(product=False))
+for _func in MUL:
+    register_rule(_func, _binary(product=True))
+register_rule(_T.expand, _expand)

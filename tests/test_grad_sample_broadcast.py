@@ -1,0 +1,186 @@
+"""NOTE [broadcast parameters]: ``x + p``, ``x * p`` and ``p.expand(B, ...)`` rules (a
+vision transformer's positional embedding, LayerScale and class token), every engine
+against a per-example autograd loop in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import loop_grads
+from per_example_reference import params_of
+from torch import nn
+
+import functorch_pipeline as fp
+
+TOL = 1e-10
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, atol=TOL * max(1.0, float(b.abs().max())),
+                                                      rtol=0))
+
+
+def check(losses, params, *batch) -> None:
+    """hooks' per-example gradients, and ghost's and hooks' norms and clipped sums, against
+    the loop; auto must not fall back (no warning)."""
+    per = loop_grads(losses, params, *batch)
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in per.values()).sqrt()
+    max_norm = float(norms.median())
+    factor = (max_norm / norms).clamp(max=1.0)
+    clipped = {k: (g * factor.reshape(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in per.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("hooks", "auto"):
+            got = fp.per_sample_grads(losses, method=method)(params, *batch)
+            assert all(close(got[k], per[k]) for k in per), method
+        for method in ("ghost", "hooks", "auto"):
+            total, n = fp.clipped_grad(losses, max_norm, method=method)(params, *batch)
+            assert close(n, norms), method
+            assert all(close(total[k], clipped[k]) for k in per), method
+
+
+SHAPES = {  # parameter shape against a (B, T, D) input, T = 3, D = 4
+    "bias (D,)": (4,),
+    "table (1, T, D)": (1, 3, 4),
+    "table (T, D)": (3, 4),
+    "(1, 1, D)": (1, 1, 4),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from(sorted(SHAPES)), op=st.sampled_from(["+", "p+", "*", "p*", "add alpha"]),
+       batch=st.integers(1, 4), seq_first=st.booleans())
+@example(shape="bias (D,)", op="+", batch=3, seq_first=True)  # T == B: padded
+@example(shape="table (1, T, D)", op="*", batch=3, seq_first=False)
+def test_add_and_mul_match_the_loop(shape, op, batch, seq_first):
+    """A parameter added to or multiplied with a batched activation (either operand order,
+    ``torch.add`` with ``alpha``), batch-first or, for a bias, sequence-first."""
+    if seq_first and shape != "bias (D,)":
+        seq_first = False  # a table spans (T, D): sequence-first would put B inside it
+    torch.manual_seed(batch * 7 + len(op))
+    lin, head = nn.Linear(2, 4), nn.Linear(4, 1)
+    params = {**{f"lin.{k}": v for k, v in params_of(lin).items()},
+              **{f"head.{k}": v for k, v in params_of(head).items()},
+              "p": torch.randn(*SHAPES[shape])}
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["lin.weight"], p["lin.bias"]))  # (B, T, 4)
+        if seq_first:
+            h = h.transpose(0, 1)  # (T, B, 4)
+        h = {"+": lambda: h + p["p"], "p+": lambda: p["p"] + h, "*": lambda: h * p["p"],
+             "p*": lambda: p["p"] * h, "add alpha": lambda: torch.add(h, p["p"], alpha=0.5)}[op]()
+        h = torch.tanh(h)
+        if seq_first:
+            h = h.transpose(0, 1)
+        return F.linear(h, p["head.weight"], p["head.bias"]).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randn(batch, 3, 2))
+
+
+class ClassToken(nn.Module):
+    """Patches ``(B, T, 2)`` -> Linear -> a class token prepended (``expand`` + ``cat``) ->
+    a positional table added -> LayerScale -> the class token's features to classes."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, 4))
+        self.gamma = nn.Parameter(torch.rand(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.proj(x)], 1) + self.pos
+        h = h + self.gamma * torch.tanh(h)
+        return self.head(h[:, 0] + h[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("batch, tokens", [(1, 3), (4, 2), (3, 2), (2, 5)])  # (3, 2): 3 = T + 1
+def test_a_class_token_matches_the_loop(batch, tokens):
+    """``cls.expand(B, -1, -1)`` is taken as the examples only once the padded batch shows
+    its size follows the batch's."""
+    torch.manual_seed(batch * 10 + tokens)
+    m = ClassToken(tokens)
+    x, y = torch.randn(batch, tokens, 2), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
+
+    check(losses, params_of(m), x, y)
+
+
+def test_an_expand_to_a_length_equal_to_the_batch_is_not_taken_for_examples():
+    """A parameter expanded to a fixed length that equals the batch size by coincidence
+    does not grow with the padding: hooks refuses it, auto falls back to the loop's
+    numbers."""
+    torch.manual_seed(0)
+    params = {"row": torch.randn(1, 4), "w": torch.randn(4, 4)}
+
+    def losses(p, x):
+        table = p["row"].expand(3, 4)  # 3 positions, whatever the batch
+        return (F.linear(x, p["w"]) + table).pow(2).sum((1, 2))
+
+    x = torch.randn(3, 3, 4)  # a batch of 3
+    with pytest.raises(ValueError, match=r"expanded to the batch size 3.*padded to 4 examples"):
+        fp.per_sample_grads(losses, method="hooks")(params, x)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(losses)(params, x)
+    want = loop_grads(losses, params, x)
+    assert all(close(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda p, h: h * (p["a"] + p["b"]), "combined by `x \\+ p` with each other"),
+    (lambda p, h: h + p["row"].expand(2, 4).sum(0), "expanded to \\[2, 4\\]"),
+    (lambda p, h: h + p["rows"], "its rule takes a parameter spanning the trailing axes"),
+])
+def test_other_broadcasts_are_refused_with_the_reason(body, match):
+    torch.manual_seed(1)
+    params = {"a": torch.randn(4), "b": torch.randn(4), "rows": torch.randn(3, 1),
+              "row": torch.randn(1, 4)}
+
+    def losses(p, x):
+        return body(p, x).pow(2).sum(1)
+
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=match):
+        fp.per_sample_grads(losses, method="hooks")(params, x)
+
+
+def test_arithmetic_on_a_parameter_without_gradient_passes_through():
+    """Under ``no_grad`` nothing flows back, so ``p * 2`` inside ``loss_fn`` is computed,
+    not refused (as before these rules)."""
+    torch.manual_seed(2)
+    params = {"w": torch.randn(2, 3)}
+
+    def losses(p, x):
+        with torch.no_grad():
+            scale = (p["w"] * 2).abs().max()
+        return F.linear(x, p["w"]).pow(2).sum(1) / scale
+
+    x = torch.randn(4, 3)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x)
+    want = loop_grads(losses, params, x)
+    assert all(close(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("batch", [2, 17])  # 17: as many as the tokens (16 patches + class)
+def test_torchvision_vision_transformer_matches_the_loop(batch):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(3)
+    m = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
+                                             hidden_dim=8, mlp_dim=16, num_classes=3)
+    x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
+
+    check(losses, params_of(m), x, y)
