@@ -109,31 +109,32 @@ def _prefix_model():
     return m, loss
 
 
-def test_one_dimensional_indices_made_inside_loss_fn_are_refused():
-    """NOTE [one-dimensional indices]: with a prefix as long as the batch (4), the prefix
-    positions ``arange(4)`` have the batch's size on axis 0 but are no batch axis. The
-    hooks method used to take them as examples and returned wrong prefix gradients; now it
-    refuses, and the default method (per_sample_grads and clipped_grad) falls back with
-    the loop's numbers."""
+@pytest.mark.parametrize("batch", [4, 3])  # 4: as long as the prefix
+def test_a_prefix_looked_up_inside_loss_fn_is_passed_back_to_its_table(batch):
+    """NOTE [one-dimensional indices], NOTE [derived parameters]: the prefix positions
+    ``arange(4)`` have no batch axis, even when the batch has 4 examples too. The hooks
+    method once took them as examples and returned wrong prefix gradients, then refused
+    them; now the lookup is a derived tensor, expanded over the batch (a size the padded
+    batch shows to follow the batch's), and every method gives the loop's numbers."""
     m, loss = _prefix_model()
-    tok = torch.randint(0, 9, (4, 6))
-    with pytest.raises(ValueError, match=r"pfx.weight.*F.embedding.*1-d indices of shape \(4,\) "
-                                         r"that are not read from a batch argument"):
-        fp.per_sample_grads(loss, method="hooks")(params_of(m), tok)
+    tok = torch.randint(0, 9, (batch, 6))
     want = loop_grads(loss, params_of(m), tok)
-    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(loss)(params_of(m), tok)
-    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
     norms = torch.stack([g.flatten(1).square().sum(1) for g in want.values()]).sum(0).sqrt()
-    with pytest.warns(UserWarning, match="uses 'vmap'.*1-d indices"):
-        _, got_norms = fp.clipped_grad(loss, 1.0)(params_of(m), tok)
-    assert torch.allclose(got_norms, norms, atol=TOL, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for method in ("hooks", "auto"):
+            got = fp.per_sample_grads(loss, method=method)(params_of(m), tok)
+            assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want), method
+        for method in ("ghost", "hooks", "auto"):
+            _, got_norms = fp.clipped_grad(loss, 1.0, method=method)(params_of(m), tok)
+            assert torch.allclose(got_norms, norms, atol=TOL, rtol=0), method
 
 
 @pytest.mark.parametrize("ids", ["argument", "column", "computed"])
 def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
     """Per-example ids given as a batch argument, or as a column of one (a view), are
-    taken by hooks; ids computed from them are refused (nothing shows their axis) and
+    taken by hooks; ids computed from them are not (nothing shows their axis: the lookup
+    is treated as having none, NOTE [derived parameters], and its batched use refused) and
     ``auto`` falls back: the loop's numbers either way."""
     torch.manual_seed(0)
     m = nn.Embedding(7, 3)
@@ -149,7 +150,7 @@ def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
     batch = data[:, 1].clone() if ids == "argument" else data
     want = loop_grads(loss, params_of(m), batch)
     if ids == "computed":
-        with pytest.raises(ValueError, match="not read from a batch argument"):
+        with pytest.raises(ValueError, match=r"`weight` \(through `F.embedding`\) is used by"):
             fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
         with pytest.warns(UserWarning, match="falls back"):
             got = fp.per_sample_grads(loss)(params_of(m), batch)

@@ -184,3 +184,59 @@ def test_torchvision_vision_transformer_matches_the_loop(batch):
         return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
 
     check(losses, params_of(m), x, y)
+
+
+class TinyLM(nn.Module):
+    """GPT-2's embedding: token ids ``(B, T)`` through ``wte`` plus positions made inside
+    the forward through ``wpe`` (``arange(T)``, or ``(1, T)`` position ids as in Hugging
+    Face's models), then a causal encoder layer and a per-token head."""
+
+    def __init__(self, rows: bool) -> None:
+        super().__init__()
+        self.rows = rows
+        self.wte, self.wpe = nn.Embedding(11, 8), nn.Embedding(6, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        pos = torch.arange(T)
+        h = self.wte(ids) + self.wpe(pos.unsqueeze(0) if self.rows else pos)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype)
+        return self.head(self.block(h, src_mask=mask, is_causal=True))
+
+
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("batch, length", [(3, 5), (4, 4), (1, 3)])  # (4, 4): T == B
+def test_a_learned_positional_embedding_matches_the_loop(rows, batch, length):
+    """NOTE [derived parameters]: the position lookup has no batch axis; its per-example
+    gradient comes from ``wte(ids) + wpe(pos)`` and is scattered back into ``wpe``."""
+    torch.manual_seed(batch * 10 + length)
+    m = TinyLM(rows)
+    ids = torch.randint(0, 11, (batch, length))
+
+    def losses(p, ids):
+        logits = torch.func.functional_call(m, p, (ids,))
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    check(losses, params_of(m), ids)
+
+
+def test_a_derived_lookup_used_without_a_rule_is_refused_by_name():
+    """A position lookup passed through an op with no rule (here ``unsqueeze``) is refused
+    like a parameter, naming the table it came from; auto falls back to the loop's
+    numbers."""
+    torch.manual_seed(4)
+    params = {"wpe": torch.randn(5, 3), "w": torch.randn(2, 3)}
+
+    def losses(p, x):
+        pos = F.embedding(torch.arange(x.shape[1]), p["wpe"]).unsqueeze(0)
+        return F.linear(x + pos, p["w"]).pow(2).sum((1, 2))
+
+    x = torch.randn(3, 4, 3)
+    with pytest.raises(ValueError, match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.unsqueeze`"):
+        fp.per_sample_grads(losses, method="hooks")(params, x)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(losses)(params, x)
+    want = loop_grads(losses, params, x)
+    assert all(close(got[k], want[k]) for k in want)

@@ -372,10 +372,12 @@ def per_sample_grads(
           copies' rows are dropped (NOTE [padding an ambiguous batch] in
           ``_grad_sample/_padding.py``); an axis whose size follows the batch's stays an
           error as ambiguous.
-          One-dimensional embedding ids must be read from a batch argument (the argument
-          or a view of it); ids made inside ``loss_fn`` (prefix positions
-          ``arange(P)`` broadcast over the batch) are refused, since with ``P == B``
-          their rows would pass for examples. A float input with *no* batch axis whose
+          One-dimensional embedding ids are examples only when read from a batch argument
+          (the argument or a view of it); ids made inside ``loss_fn`` (positions
+          ``arange(T)``, ``(1, T)`` position ids, a prompt-tuning prefix) are looked up as
+          a tensor with no batch axis, whose per-example gradient comes from where it
+          meets the batch (``x + pos``, an expand over the batch) and is scattered back
+          into the table. A float input with *no* batch axis whose
           first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
           ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
           Any other use of a parameter

@@ -118,6 +118,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn,
                                  batched=batched)
     engine.backward(losses)
+    engine.resolve_derived(merge)
     grads: list[Any] = [None] * len(flat)
     with torch.no_grad():
         for (kind, slot), parts in engine.parts.items():

@@ -163,6 +163,9 @@ class Engine:
         self.fn = fn
         self.bases = [p.detach() for p in params]
         self._names = names
+        # Slots past the parameters: tensors computed from one parameter alone (NOTE
+        # [derived parameters]), slot -> (parent slot, what made it, converter).
+        self.derived: dict[int, tuple[int, str, Callable[[Engine, torch.Tensor], None]]] = {}
         self.batch_size = batch_size
         # The arguments carrying the batch on axis 0 (set by the forward); their tensors
         # are gathered only when a rule asks (NOTE [sequence-first inputs]).
@@ -216,7 +219,51 @@ class Engine:
                     found.append(b._fp_slot)
         return found
 
+    def derive(self, out: torch.Tensor, parent: int, made_by: str,
+               convert: Callable[[Engine, torch.Tensor], None]) -> torch.Tensor:
+        """``out``, computed from the parameter in slot ``parent`` alone (no batch axis), as
+        a tracked tensor of a slot of its own.
+
+        # NOTE [derived parameters]
+        A positional embedding looks up ids made inside ``loss_fn`` (``arange(T)``, or
+        ``(1, T)`` position ids): the lookup has no batch axis, so no rule can find the
+        examples in it, and its output meets the batch only later (``x + pos``). The
+        embedding rule hands that output back as a tracked tensor of a new slot, as if it
+        were a parameter: the rules where it meets the batch (NOTE [broadcast parameters]
+        in ``_rules_broadcast``) give its per-example gradient ``(B, *out.shape)``, and
+        after the backward :meth:`resolve_derived` passes that through the lookup to the
+        parent (each example's rows scattered into the table by the ids). Used anywhere
+        without a rule, it is refused like a parameter.
+        """
+        slot = len(self.bases)
+        self.bases.append(out)
+        self.derived[slot] = (parent, made_by, convert)
+        t = torch.Tensor._make_subclass(_Tracked, out, False)
+        t._fp_slot = slot
+        t._fp_engine = self
+        return t
+
+    def resolve_derived(self, merge: Callable[[str, list[Any], torch.Tensor], torch.Tensor]) -> None:
+        """After the backward: each derived slot's parts, merged into its per-example
+        gradient, become parts of its parent (NOTE [derived parameters]); ``merge`` is
+        ``_rules.merge``."""
+        for slot in sorted(self.derived, reverse=True):
+            kinds = [kind for kind, s in self.parts if s == slot]
+            if not kinds:
+                continue
+            total = None
+            for kind in kinds:
+                if kind not in ("outer", "sum", "embed", "direct"):
+                    raise Unsupported(f"{self.name(slot)} is used by a call whose per-example "
+                                      f"parts ({kind!r}) cannot be passed back to the parameter")
+                g = merge(kind, self.parts.pop((kind, slot)), self.bases[slot])
+                total = g if total is None else total + g
+            self.derived[slot][2](self, total)
+
     def name(self, slot: int) -> str:
+        if slot in self.derived:
+            parent, made_by, _ = self.derived[slot]
+            return f"{self.name(parent)} (through `{made_by}`)"
         return f"`{self._names[slot]}`"
 
     def names(self, args: Any, kwargs: dict[str, Any]) -> str:
@@ -280,7 +327,7 @@ class Engine:
                     "example in the padding rows, so at the padded size its first axis cannot "
                     "be told from the examples'")
             if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
-                    and (x.requires_grad or self._permuted_batch(x))):
+                    and (x.requires_grad or self.permuted_batch(x))):
                 if B not in lead[2:]:
                     return 1
                 ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
@@ -311,7 +358,7 @@ class Engine:
                                 and leaf.shape[0] == self.batch_size]
         return self._batch_data
 
-    def _permuted_batch(self, x: torch.Tensor) -> bool:
+    def permuted_batch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is a batch argument re-indexed with its axis 0 moved to axis 1
         (NOTE [sequence-first inputs])."""
         if not self.batch_data or x.dim() < 2:

@@ -54,6 +54,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
+from functorch_pipeline.transforms._grad_sample._rules import merge
 
 __all__ = ["HooksOnly", "clip_factors", "ghost_norms_and_sum"]
 
@@ -173,6 +174,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
                                   has_aux, fn, needs="ghost clipping", batched=batched)
     engine.backward(losses)
+    engine.resolve_derived(merge)
     by_slot: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
     for (kind, slot), payloads in engine.parts.items():
         by_slot.setdefault(slot, {})[kind] = payloads

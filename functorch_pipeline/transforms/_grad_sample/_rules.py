@@ -321,6 +321,19 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
         if name != "norm_type" and value not in (None, False):
             raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with {name}={value!r}, "
                               "which has no per-sample gradient rule")
+    wp = engine.bases[ws]
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += wp.shape[0]
+    B = engine.batch_size
+    if (isinstance(idx, torch.Tensor) and torch.is_grad_enabled()
+            and (B > 1 and (idx.dim() == 1 or idx.shape[0] == 1)
+                 or B == 1 and idx.dim() == 1 and idx.shape[0] != 1)
+            and not engine.batch_view(idx) and not engine.permuted_batch(idx)):
+        # Ids with no batch axis (positions made in loss_fn, a (1, T) row of them; not the
+        # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
+        out = F.embedding(idx, wp, padding_idx)
+        return engine.derive(out, ws, "F.embedding", functools.partial(
+            _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx))
     axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
     # NOTE [one-dimensional indices]
     # A 1-d index tensor of size B is either one id per example (a batch argument, or a
@@ -329,25 +342,25 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     # whose rows are not examples: reading those as examples gave wrong per-example
     # gradients silently (max error 5.6 on tests/test_grad_sample.py's prefix model).
     # Ids read from a batch argument (``Engine.batch_view``: its storage, examples on
-    # axis 0) are taken; other 1-d ids are refused, so ``method="auto"`` falls back to
-    # ``vmap``. (2-d or longer ids computed in ``loss_fn`` keep the size checks alone:
-    # token ids are often shifted or concatenated there, and refusing every copy would
-    # send language models to ``vmap``.)
-    if idx.dim() == 1 and engine.batch_size > 1 and not engine.batch_view(idx):
-        raise Unsupported(
-            f"{engine.name(ws)} is used by `F.embedding` on 1-d indices of shape "
-            f"{tuple(idx.shape)} that are not read from a batch argument: indices made "
-            "inside loss_fn (positions such as torch.arange(T)) have no batch axis, so "
-            "their rows cannot be told from examples; pass per-example ids as a batch "
-            "argument")
-    wp = engine.bases[ws]
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += wp.shape[0]
+    # axis 0) are taken as examples; other 1-d ids (and ``(1, T)`` rows of ids) were
+    # refused, and are now looked up as a tensor with no batch axis (NOTE [derived
+    # parameters] above). (2-d or longer ids computed in ``loss_fn`` keep the size checks
+    # alone: token ids are often shifted or concatenated there, and refusing every copy
+    # would send language models to ``vmap``.)
     # Indices never require grad: a leaf alias of the weight gives the output a grad_fn
     # (see NOTE [gradient edges, not tensors]); its own gradient is never computed.
     out = F.embedding(idx, wp.detach().requires_grad_(), padding_idx)
     engine.record(out, _finish_embedding, idx, ws, padding_idx, axis)
     return out
+
+
+def _positions_to_table(engine: Engine, grad: torch.Tensor, idx: torch.Tensor, ws: int,
+                        padding_idx: int | None) -> None:
+    """The per-example gradient ``(B, *idx.shape, D)`` of a lookup of ids with no batch
+    axis, scattered into the table as every example's rows (NOTE [derived parameters])."""
+    B = grad.shape[0]
+    ids = idx.reshape(1, -1).expand(B, -1).contiguous()
+    _finish_embedding(engine, grad.reshape(B, -1, grad.shape[-1]), ids, ws, padding_idx)
 
 
 def _finish_embedding(engine: Engine, g: torch.Tensor, idx: torch.Tensor, ws: int,

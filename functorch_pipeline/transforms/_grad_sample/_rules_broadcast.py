@@ -15,7 +15,8 @@ for a product, times ``alpha`` for ``x + alpha p``) summed over the other broadc
 Any other shape (``p`` varying along a leading axis, both operands parameters, a result
 larger than ``x``) is refused.
 
-``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 makes the examples' axis
+``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with a new leading axis)
+makes the examples' axis
 itself when ``n`` is the batch size, and nothing but the size says so. So the rule asks
 for proof (NOTE [padding an ambiguous batch] in ``_padding``): at the caller's batch size
 it is ambiguous, the batch runs again padded, and the expand is taken only if its size
@@ -104,23 +105,24 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
         sizes = tuple(sizes[0])
     B = engine.batch_size
-    if len(sizes) != p.dim() or p.shape[0] != 1 or sizes[0] != B:
+    shape = (1, *p.shape) if len(sizes) == p.dim() + 1 else tuple(p.shape)  # a new leading axis
+    if len(sizes) != len(shape) or shape[0] != 1 or sizes[0] != B:
         raise Unsupported(
             f"{engine.name(slot)} of shape {tuple(p.shape)} is expanded to {list(sizes)}; its rule "
-            f"takes a leading axis of size 1 expanded to the batch ({B}) (NOTE [broadcast "
-            "parameters])")
+            f"takes a leading axis of size 1 (or a new one) expanded to the batch ({B}) (NOTE "
+            "[broadcast parameters])")
     if B > 1 and engine.real is None:
         raise Ambiguous(f"{engine.name(slot)} is expanded to the batch size {B}, which does not "
                         "show whether that axis holds the examples")
     base = p.detach().requires_grad_()
     out = base.expand(*sizes)
-    engine.record(out, _finish_expand, slot)
+    engine.record(out, _finish_expand, slot, shape)
     return out
 
 
-def _finish_expand(engine: Engine, g: torch.Tensor, slot: int) -> None:
+def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int, ...]) -> None:
+    dims = tuple(i for i in range(1, len(shape)) if shape[i] == 1 and g.shape[i] != 1)
     p = engine.bases[slot]
-    dims = tuple(i for i in range(1, p.dim()) if p.shape[i] == 1 and g.shape[i] != 1)
     engine.add("direct", slot, (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *p.shape))
 
 
