@@ -1,0 +1,113 @@
+"""Per-sample gradients and clipped sums of a small GPT-2-style language model, against the
+plain batch gradient.
+
+Model: token embedding ``wte`` (1,000 x 64) plus a learned positional embedding ``wpe``
+looked up with ``torch.arange(T)`` inside the forward (GPT-2's, nanoGPT's), 2 causal
+``nn.TransformerEncoderLayer(64, 4 heads, 128, dropout 0)``, a per-token head to the
+vocabulary; next-token cross entropy averaged per sequence; batch 32, length 64. The
+position lookup has no batch axis (NOTE [derived parameters]); before that rule every fp
+method fell back to ``vmap(grad)``, which is a row here for comparison. The yardstick is
+one eager ``backward()`` of the batch's mean loss. Rows run in one process, interleaved;
+ratios are throughput ratios (> 1 is faster than the yardstick).
+
+    .venv/bin/python benchmarks/per_sample_lm.py
+    .venv/bin/python benchmarks/per_sample_lm.py --batch 16 --seq 128
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common  # noqa: E402
+
+import functorch_pipeline as fp  # noqa: E402
+
+YARDSTICK = "batch gradient (yardstick)"
+
+
+class LM(torch.nn.Module):
+    """wte + wpe(arange(T)) -> causal encoder layers -> per-token logits."""
+
+    def __init__(self, vocab: int, seq: int, width: int = 64) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(seq, width)
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0,
+                                                                batch_first=True) for _ in range(2)])
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=h.dtype)
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(h)
+
+
+def _worst(got: Any, want: Any) -> float:
+    return max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
+               for g, w in zip(got, want, strict=True))
+
+
+def candidates(batch: int, seq: int, vocab: int = 1000) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = LM(vocab, seq)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids = torch.randint(0, vocab, (batch, seq))
+
+    def losses(p: dict, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, p, (ids,))
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    def batch_grad() -> None:
+        model.zero_grad(set_to_none=True)
+        losses(dict(model.named_parameters()), ids).mean().backward()
+
+    default = fp.per_sample_grads(losses)
+    vmapped = fp.per_sample_grads(losses, method="vmap")
+    clipped = fp.clipped_grad(losses, 1.0)
+    clipped_vmap = fp.clipped_grad(losses, 1.0, method="vmap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's "performance drop" notes on attention
+        want, got = vmapped(params, ids), default(params, ids)
+        (sum_v, norms_v), (sum_d, norms_d) = clipped_vmap(params, ids), clipped(params, ids)
+    worst = _worst([got[k] for k in want], want.values())
+    print(f"  check: per_sample_grads default vs vmap, max relative difference {worst:.1e}")
+    worst = _worst([*(sum_d[k] for k in sum_v), norms_d], [*sum_v.values(), norms_v])
+    print(f"  check: clipped_grad default vs vmap (sum and norms), max relative difference {worst:.1e}")
+    return {
+        YARDSTICK: batch_grad,
+        "fp.per_sample_grads default": lambda: default(params, ids),
+        "fp.per_sample_grads vmap (the fall-back before)": lambda: vmapped(params, ids),
+        "fp.clipped_grad default": lambda: clipped(params, ids),
+        "fp.clipped_grad vmap (the fall-back before)": lambda: clipped_vmap(params, ids),
+    }
+
+
+def main() -> None:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    args = p.parse_args()
+    if _common.begin(args):
+        return
+    fns = candidates(args.batch, args.seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = _common.measure(fns, rounds=args.rounds, budget_s=args.budget)
+    print(_common.table(stats, {"yardstick": YARDSTICK}, args.batch,
+                        f"\nper-sample gradients, GPT-2-style language model, batch {args.batch}, "
+                        f"length {args.seq}"))
+
+
+if __name__ == "__main__":
+    main()
