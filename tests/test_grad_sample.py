@@ -150,7 +150,7 @@ def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
     batch = data[:, 1].clone() if ids == "argument" else data
     want = loop_grads(loss, params_of(m), batch)
     if ids == "computed":
-        with pytest.raises(ValueError, match=r"`weight` \(through `F.embedding`\) is used by"):
+        with pytest.raises(ValueError, match=r"losses are computed from `weight` \(through `F.embedding`\)"):
             fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
         with pytest.warns(UserWarning, match="falls back"):
             got = fp.per_sample_grads(loss)(params_of(m), batch)

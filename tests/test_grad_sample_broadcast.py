@@ -119,8 +119,8 @@ def test_a_class_token_matches_the_loop(batch, tokens):
 
 def test_an_expand_to_a_length_equal_to_the_batch_is_not_taken_for_examples():
     """A parameter expanded to a fixed length that equals the batch size by coincidence
-    does not grow with the padding: hooks refuses it, auto falls back to the loop's
-    numbers."""
+    does not grow with the padding: it is a derived tensor with no batch axis (NOTE
+    [derived parameters]), not the examples, and hooks gives the loop's gradients."""
     torch.manual_seed(0)
     params = {"row": torch.randn(1, 4), "w": torch.randn(4, 4)}
 
@@ -128,31 +128,56 @@ def test_an_expand_to_a_length_equal_to_the_batch_is_not_taken_for_examples():
         table = p["row"].expand(3, 4)  # 3 positions, whatever the batch
         return (F.linear(x, p["w"]) + table).pow(2).sum((1, 2))
 
-    x = torch.randn(3, 3, 4)  # a batch of 3
-    with pytest.raises(ValueError, match=r"expanded to the batch size 3.*padded to 4 examples"):
-        fp.per_sample_grads(losses, method="hooks")(params, x)
-    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(losses)(params, x)
-    want = loop_grads(losses, params, x)
-    assert all(close(got[k], want[k]) for k in want)
+    check(losses, params, torch.randn(3, 3, 4))  # a batch of 3
 
 
-@pytest.mark.parametrize("body, match", [
-    (lambda p, h: h * (p["a"] + p["b"]), "combined by `x \\+ p` with each other"),
-    (lambda p, h: h + p["row"].expand(2, 4).sum(0), "expanded to \\[2, 4\\]"),
-    (lambda p, h: h + p["rows"], "its rule takes a parameter spanning the trailing axes"),
+@pytest.mark.parametrize("body", [
+    lambda p, h: h * (p["a"] + p["b"]),  # parameters combined with each other first
+    lambda p, h: h + p["row"].expand(2, 4).sum(0),  # reshaped, reduced
+    lambda p, h: F.linear(h, p["w"] / p["w"].norm(dim=1, keepdim=True)),  # weight norm
+    lambda p, h: h + F.linear(p["a"], p["w"]),  # a learned vector through a layer
 ])
-def test_other_broadcasts_are_refused_with_the_reason(body, match):
+def test_parameters_transformed_before_they_meet_the_batch_match_the_loop(body):
+    """NOTE [derived parameters]: any op of parameters alone, then a rule where the result
+    meets the batch: per-example gradients pulled back through the op."""
     torch.manual_seed(1)
-    params = {"a": torch.randn(4), "b": torch.randn(4), "rows": torch.randn(3, 1),
-              "row": torch.randn(1, 4)}
+    params = {"a": torch.randn(4), "b": torch.randn(4), "row": torch.randn(1, 4),
+              "w": torch.randn(4, 4)}
 
     def losses(p, x):
-        return body(p, x).pow(2).sum(1)
+        return torch.tanh(body(p, x)).pow(2).sum(1)
 
-    x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match=match):
-        fp.per_sample_grads(losses, method="hooks")(params, x)
+    check(losses, params, torch.randn(5, 4))
+
+
+def test_a_parameter_varying_along_the_batch_axis_is_refused():
+    """``h + rows`` with ``rows`` of shape ``(B, 1)``: one row per batch position is not a
+    per-example parameter, and the rule says why."""
+    params = {"rows": torch.randn(3, 1)}
+
+    def losses(p, x):
+        return (x + p["rows"]).pow(2).sum(1)
+
+    with pytest.raises(ValueError, match="its rule takes a parameter spanning the trailing axes"):
+        fp.per_sample_grads(losses, method="hooks")(params, torch.randn(3, 4))
+
+
+def test_losses_from_parameters_alone_are_refused():
+    """Per-example ids computed inside ``loss_fn`` look like positions (no batch axis):
+    when the losses come from such a lookup with no rule in between, nothing shows their
+    examples, and hooks refuses rather than return zeros."""
+    params = {"emb": torch.randn(7, 3)}
+
+    def losses(p, d):
+        return F.embedding((d + 1) % 7, p["emb"]).pow(2).sum(1)
+
+    d = torch.randint(0, 6, (4,))
+    with pytest.raises(ValueError, match=r"the losses are computed from `emb` \(through `F.embedding`\)"):
+        fp.per_sample_grads(losses, method="hooks")(params, d)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(losses)(params, d)
+    want = loop_grads(losses, params, d)
+    assert all(close(got[k], want[k]) for k in want)
 
 
 def test_arithmetic_on_a_parameter_without_gradient_passes_through():
@@ -223,18 +248,18 @@ def test_a_learned_positional_embedding_matches_the_loop(rows, batch, length):
 
 
 def test_a_derived_lookup_used_without_a_rule_is_refused_by_name():
-    """A position lookup passed through an op with no rule (here ``unsqueeze``) is refused
-    like a parameter, naming the table it came from; auto falls back to the loop's
+    """A position lookup that meets the batch in an op with no rule (``x @ pos``) is
+    refused like a parameter, naming the table it came from; auto falls back to the loop's
     numbers."""
     torch.manual_seed(4)
-    params = {"wpe": torch.randn(5, 3), "w": torch.randn(2, 3)}
+    params = {"wpe": torch.randn(5, 3)}
 
     def losses(p, x):
-        pos = F.embedding(torch.arange(x.shape[1]), p["wpe"]).unsqueeze(0)
-        return F.linear(x + pos, p["w"]).pow(2).sum((1, 2))
+        pos = F.embedding(torch.arange(x.shape[2]), p["wpe"])  # (T, 3)
+        return (x @ pos).pow(2).sum((1, 2))
 
-    x = torch.randn(3, 4, 3)
-    with pytest.raises(ValueError, match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.unsqueeze`"):
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.matmul`"):
         fp.per_sample_grads(losses, method="hooks")(params, x)
     with pytest.warns(UserWarning, match="falls back to 'vmap'"):
         got = fp.per_sample_grads(losses)(params, x)

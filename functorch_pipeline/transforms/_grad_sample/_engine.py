@@ -30,6 +30,7 @@ computes that copy's gradient because nothing asks for it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -91,11 +92,17 @@ class _Tracked(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         engine = _find_engine(args, kwargs)
-        rule = engine.rules.get(func)
-        if rule is not None:
-            return rule(engine, args, kwargs)
         if func in _PASSTHROUGH or not torch.is_grad_enabled():  # no gradient flows here
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        rule = engine.rules.get(func)
+        # A rule that can make the examples' axis from parameters alone (an expand over the
+        # batch) decides first; any other op of parameters alone makes a derived tensor.
+        if rule is not None and getattr(rule, "takes_parameters_only", False):
+            return rule(engine, args, kwargs)
+        if engine.parameters_only(func, args, kwargs):  # NOTE [derived parameters]
+            return engine.derive_op(func, args, kwargs)
+        if rule is not None:
+            return rule(engine, args, kwargs)
         raise Unsupported(
             f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
             f"used by `{_describe(func)}`, which has no per-sample gradient rule (rules: "
@@ -129,6 +136,31 @@ def _like(saved: tuple[Any, ...], g: torch.Tensor) -> tuple[Any, ...]:
         return saved
     return tuple(t.to(g.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                  and t.dtype != g.dtype else t for t in saved)
+
+
+def _only_tracked(values: Any) -> bool:
+    """Whether every tensor in ``values`` (nested lists, tuples and dicts) is tracked."""
+    if isinstance(values, _Tracked):
+        return True
+    if isinstance(values, torch.Tensor):
+        return False
+    if isinstance(values, (list, tuple)):
+        return all(_only_tracked(v) for v in values)
+    if isinstance(values, dict):
+        return all(_only_tracked(v) for v in values.values())
+    return True
+
+
+def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: list[torch.Tensor],
+               parents: tuple[int, ...]) -> None:
+    """A derived tensor's per-example gradient ``total`` ``(B, *out.shape)``, pulled back to
+    its parents through the op's recorded graph, every example at once (NOTE [derived
+    parameters])."""
+    grads = torch.autograd.grad(out, leaves, grad_outputs=total.to(out.dtype), allow_unused=True,
+                                is_grads_batched=True)
+    for slot, g in zip(parents, grads, strict=True):
+        if g is not None:
+            engine.add("direct", slot, g)
 
 
 def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
@@ -165,7 +197,7 @@ class Engine:
         self._names = names
         # Slots past the parameters: tensors computed from one parameter alone (NOTE
         # [derived parameters]), slot -> (parent slot, what made it, converter).
-        self.derived: dict[int, tuple[int, str, Callable[[Engine, torch.Tensor], None]]] = {}
+        self.derived: dict[int, tuple[tuple[int, ...], str, Callable[[Engine, torch.Tensor], None]]] = {}
         self.batch_size = batch_size
         # The arguments carrying the batch on axis 0 (set by the forward); their tensors
         # are gathered only when a rule asks (NOTE [sequence-first inputs]).
@@ -219,29 +251,72 @@ class Engine:
                     found.append(b._fp_slot)
         return found
 
-    def derive(self, out: torch.Tensor, parent: int, made_by: str,
+    def derive(self, out: torch.Tensor, parents: tuple[int, ...], made_by: str,
                convert: Callable[[Engine, torch.Tensor], None]) -> torch.Tensor:
-        """``out``, computed from the parameter in slot ``parent`` alone (no batch axis), as
-        a tracked tensor of a slot of its own.
+        """``out``, computed from the parameters in slots ``parents`` alone (no batch axis),
+        as a tracked tensor of a slot of its own.
 
         # NOTE [derived parameters]
-        A positional embedding looks up ids made inside ``loss_fn`` (``arange(T)``, or
-        ``(1, T)`` position ids): the lookup has no batch axis, so no rule can find the
-        examples in it, and its output meets the batch only later (``x + pos``). The
-        embedding rule hands that output back as a tracked tensor of a new slot, as if it
-        were a parameter: the rules where it meets the batch (NOTE [broadcast parameters]
-        in ``_rules_broadcast``) give its per-example gradient ``(B, *out.shape)``, and
-        after the backward :meth:`resolve_derived` passes that through the lookup to the
-        parent (each example's rows scattered into the table by the ids). Used anywhere
-        without a rule, it is refused like a parameter.
+        A tensor computed from differentiated parameters alone has no batch axis: a
+        positional embedding looked up with ids made inside ``loss_fn`` (``arange(T)``,
+        ``(1, T)`` position ids), a slice or reshape of a positional table
+        (``pos[:, :T]``, ``pos.unsqueeze(0)``), a reparametrised weight (weight norm,
+        ``w * scale``, ``a @ b``). No rule can find the examples in it; its gradient is
+        per-example only where it meets the batch later. So such a result is handed back
+        as a tracked tensor of a new slot, as if it were a parameter: the rules where it
+        meets the batch (a Linear or conv taking it as weight, ``x + pos``: NOTE
+        [broadcast parameters] in ``_rules_broadcast``) give its per-example gradient
+        ``(B, *out.shape)``, and after the backward :meth:`resolve_derived` pulls that
+        back to the parameters it came from: through the lookup for an embedding (each
+        example's rows scattered into the table), and for any other op by autograd on
+        the op's own recorded graph, once for the whole batch (``is_grads_batched``). A
+        result that meets the batch anywhere without a rule is refused, naming the
+        parameters and the op it came through. In-place ops and ``out=`` on parameters
+        stay refused.
         """
         slot = len(self.bases)
         self.bases.append(out)
-        self.derived[slot] = (parent, made_by, convert)
+        self.derived[slot] = (parents, made_by, convert)
         t = torch.Tensor._make_subclass(_Tracked, out, False)
         t._fp_slot = slot
         t._fp_engine = self
         return t
+
+    def is_derived(self, t: Any) -> bool:
+        """Whether ``t`` is a tracked tensor of this engine (a parameter, or a tensor
+        derived from parameters alone): one with no batch axis."""
+        return isinstance(t, _Tracked) and t._fp_engine is self
+
+    def parameters_only(self, func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether ``func`` is an out-of-place op whose tensor arguments are all tracked
+        (parameters or tensors derived from them alone): NOTE [derived parameters]."""
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("__") or name.startswith("__i") \
+                or name in ("__setitem__", "__delitem__") or "out" in kwargs:
+            return False
+        return _only_tracked((*args, *kwargs.values()))
+
+    def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func`` on tracked arguments only, its floating result a derived tensor pulled
+        back by autograd (NOTE [derived parameters]); other results are returned plain."""
+        leaves: dict[int, torch.Tensor] = {}
+
+        def leaf(a: Any) -> Any:
+            if isinstance(a, _Tracked):
+                if a._fp_slot not in leaves:
+                    leaves[a._fp_slot] = self.bases[a._fp_slot].detach().requires_grad_()
+                return leaves[a._fp_slot]
+            if isinstance(a, (list, tuple)):
+                return type(a)(leaf(b) for b in a)
+            return a
+
+        out = func(*leaf(args), **{k: leaf(v) for k, v in kwargs.items()})
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return out.detach() if isinstance(out, torch.Tensor) else out
+        parents = tuple(leaves)
+        return self.derive(out.detach(), parents, _describe(func),
+                           functools.partial(_pull_back, out=out, leaves=[leaves[s] for s in parents],
+                                             parents=parents))
 
     def resolve_derived(self, merge: Callable[[str, list[Any], torch.Tensor], torch.Tensor]) -> None:
         """After the backward: each derived slot's parts, merged into its per-example
@@ -262,8 +337,8 @@ class Engine:
 
     def name(self, slot: int) -> str:
         if slot in self.derived:
-            parent, made_by, _ = self.derived[slot]
-            return f"{self.name(parent)} (through `{made_by}`)"
+            parents, made_by, _ = self.derived[slot]
+            return f"{', '.join(self.name(p) for p in parents)} (through `{made_by}`)"
         return f"`{self._names[slot]}`"
 
     def names(self, args: Any, kwargs: dict[str, Any]) -> str:

@@ -332,7 +332,7 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
         # Ids with no batch axis (positions made in loss_fn, a (1, T) row of them; not the
         # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
         out = F.embedding(idx, wp, padding_idx)
-        return engine.derive(out, ws, "F.embedding", functools.partial(
+        return engine.derive(out, (ws,), "F.embedding", functools.partial(
             _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx))
     axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
     # NOTE [one-dimensional indices]

@@ -12,8 +12,8 @@ against ``(B, T, D)``). The examples must be on one of those ``k`` axes, found b
 several candidates of size ``B`` are ambiguous and get padded): ``p`` is the same for
 every example there, so example ``b``'s gradient is its output gradient (times ``x``
 for a product, times ``alpha`` for ``x + alpha p``) summed over the other broadcast axes.
-Any other shape (``p`` varying along a leading axis, both operands parameters, a result
-larger than ``x``) is refused.
+Any other shape (``p`` varying along a leading axis, a result larger than ``x``) is
+refused.
 
 ``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with a new leading axis)
 makes the examples' axis
@@ -22,7 +22,9 @@ for proof (NOTE [padding an ambiguous batch] in ``_padding``): at the caller's b
 it is ambiguous, the batch runs again padded, and the expand is taken only if its size
 followed the padding (a length that equals ``B`` by coincidence does not). Example
 ``b``'s gradient is row ``b`` of the output gradient, summed over the other expanded
-axes. A batch of one needs no proof.
+axes. A batch of one needs no proof. An expand to any other size, and ``+``/``*`` of
+parameters with each other or with numbers, have no batch axis: their results are
+derived tensors (NOTE [derived parameters] in ``_engine``).
 """
 
 from __future__ import annotations
@@ -52,14 +54,14 @@ def _binary(product: bool) -> Any:
         if len(args) != 2 or set(kwargs) - {"alpha"} or (product and kwargs):
             raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
                               f"used by `{name}` with arguments its rule does not take")
+        op = torch.mul if product else torch.add
+        if engine.parameters_only(op, args, kwargs):  # p * 2, p + q: NOTE [derived parameters]
+            return engine.derive_op(op, args, kwargs)
         a, b = args
         sa, sb = engine.slot(a), engine.slot(b)
-        if (sa is None) == (sb is None):
-            raise Unsupported(f"{engine.names(args, kwargs)} are combined by `{name}` with each "
-                              "other, not with the batch")
         slot, x = (sa, b) if sa is not None else (sb, a)
         p = engine.bases[slot]
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or p.dim() > x.dim():
+        if x.dim() == 0 or p.dim() > x.dim():
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
@@ -107,10 +109,8 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     B = engine.batch_size
     shape = (1, *p.shape) if len(sizes) == p.dim() + 1 else tuple(p.shape)  # a new leading axis
     if len(sizes) != len(shape) or shape[0] != 1 or sizes[0] != B:
-        raise Unsupported(
-            f"{engine.name(slot)} of shape {tuple(p.shape)} is expanded to {list(sizes)}; its rule "
-            f"takes a leading axis of size 1 (or a new one) expanded to the batch ({B}) (NOTE "
-            "[broadcast parameters])")
+        # Not over the batch: a parameter reshaped, NOTE [derived parameters].
+        return engine.derive_op(_T.expand, args, kwargs)
     if B > 1 and engine.real is None:
         raise Ambiguous(f"{engine.name(slot)} is expanded to the batch size {B}, which does not "
                         "show whether that axis holds the examples")
@@ -130,4 +130,5 @@ for _func in ADD:
     register_rule(_func, _binary(product=False))
 for _func in MUL:
     register_rule(_func, _binary(product=True))
+_expand.takes_parameters_only = True  # it makes the batch axis: see _Tracked.__torch_function__
 register_rule(_T.expand, _expand)
