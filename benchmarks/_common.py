@@ -320,3 +320,38 @@ def opacus_per_sample(module: torch.nn.Module, loss_fn: Callable[..., torch.Tens
         return [p.grad_sample for p in gsm.parameters()]
 
     return run
+
+
+def max_relative_difference(got: Any, want: Any) -> float:
+    """The worst ``max |got - want| / max |want|`` over paired tensors (0/0 counts as 0)."""
+    return max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
+               for g, w in zip(got, want, strict=True))
+
+
+def fast_and_vmap_rows(losses: Callable[..., torch.Tensor], params: dict, batch: Sequence[Any]
+                       ) -> tuple[dict[str, Callable[[], Any]], dict[str, torch.Tensor]]:
+    """The rows the model benchmarks share: ``fp.per_sample_grads`` and ``fp.clipped_grad``
+    (max_norm 1) with the default method and with ``method="vmap"``, after checking and
+    printing that the default gives vmap's numbers; and vmap's per-example gradients, for
+    a peer's check."""
+    import warnings
+
+    import functorch_pipeline as fp
+
+    default, vmapped = fp.per_sample_grads(losses), fp.per_sample_grads(losses, method="vmap")
+    clipped, clipped_vmap = fp.clipped_grad(losses, 1.0), fp.clipped_grad(losses, 1.0, method="vmap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's "performance drop" notes on attention
+        want, got = vmapped(params, *batch), default(params, *batch)
+        (sum_v, norms_v), (sum_d, norms_d) = clipped_vmap(params, *batch), clipped(params, *batch)
+    worst = max_relative_difference([got[k] for k in want], want.values())
+    print(f"  check: per_sample_grads default vs vmap, max relative difference {worst:.1e}")
+    worst = max_relative_difference([*(sum_d[k] for k in sum_v), norms_d], [*sum_v.values(), norms_v])
+    print(f"  check: clipped_grad default vs vmap (sum and norms), max relative difference {worst:.1e}")
+    return {
+        "fp.per_sample_grads default": lambda: default(params, *batch),
+        "fp.per_sample_grads vmap (the fall-back before)": lambda: vmapped(params, *batch),
+        "fp.clipped_grad default": lambda: clipped(params, *batch),
+        "fp.clipped_grad vmap (the fall-back before)": lambda: clipped_vmap(params, *batch),
+    }, want
+

@@ -29,8 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
 
-import functorch_pipeline as fp  # noqa: E402
-
 YARDSTICK = "batch gradient (yardstick)"
 
 
@@ -53,11 +51,6 @@ class LM(torch.nn.Module):
         return self.head(h)
 
 
-def _worst(got: Any, want: Any) -> float:
-    return max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
-               for g, w in zip(got, want, strict=True))
-
-
 def candidates(batch: int, seq: int, vocab: int = 1000) -> dict[str, Any]:
     torch.manual_seed(0)
     model = LM(vocab, seq)
@@ -72,25 +65,8 @@ def candidates(batch: int, seq: int, vocab: int = 1000) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         losses(dict(model.named_parameters()), ids).mean().backward()
 
-    default = fp.per_sample_grads(losses)
-    vmapped = fp.per_sample_grads(losses, method="vmap")
-    clipped = fp.clipped_grad(losses, 1.0)
-    clipped_vmap = fp.clipped_grad(losses, 1.0, method="vmap")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # vmap's "performance drop" notes on attention
-        want, got = vmapped(params, ids), default(params, ids)
-        (sum_v, norms_v), (sum_d, norms_d) = clipped_vmap(params, ids), clipped(params, ids)
-    worst = _worst([got[k] for k in want], want.values())
-    print(f"  check: per_sample_grads default vs vmap, max relative difference {worst:.1e}")
-    worst = _worst([*(sum_d[k] for k in sum_v), norms_d], [*sum_v.values(), norms_v])
-    print(f"  check: clipped_grad default vs vmap (sum and norms), max relative difference {worst:.1e}")
-    return {
-        YARDSTICK: batch_grad,
-        "fp.per_sample_grads default": lambda: default(params, ids),
-        "fp.per_sample_grads vmap (the fall-back before)": lambda: vmapped(params, ids),
-        "fp.clipped_grad default": lambda: clipped(params, ids),
-        "fp.clipped_grad vmap (the fall-back before)": lambda: clipped_vmap(params, ids),
-    }
+    rows, _ = _common.fast_and_vmap_rows(losses, params, (ids,))
+    return {YARDSTICK: batch_grad, **rows}
 
 
 def main() -> None:

@@ -30,8 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common  # noqa: E402
 
-import functorch_pipeline as fp  # noqa: E402
-
 YARDSTICK = "batch gradient (yardstick)"
 
 
@@ -48,11 +46,6 @@ def _model() -> torch.nn.Module:
     return model
 
 
-def _worst(got: Any, want: Any) -> float:
-    return max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))
-               for g, w in zip(got, want, strict=True))
-
-
 def candidates(batch: int) -> dict[str, Any]:
     model = _model()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -65,25 +58,8 @@ def candidates(batch: int) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    default = fp.per_sample_grads(losses)
-    vmapped = fp.per_sample_grads(losses, method="vmap")
-    clipped = fp.clipped_grad(losses, 1.0)
-    clipped_vmap = fp.clipped_grad(losses, 1.0, method="vmap")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # vmap's "performance drop" notes on attention
-        want, got = vmapped(params, x, y), default(params, x, y)
-        (sum_v, norms_v), (sum_d, norms_d) = clipped_vmap(params, x, y), clipped(params, x, y)
-    worst = _worst([got[k] for k in want], want.values())
-    print(f"  check: per_sample_grads default vs vmap, max relative difference {worst:.1e}")
-    worst = _worst([*(sum_d[k] for k in sum_v), norms_d], [*sum_v.values(), norms_v])
-    print(f"  check: clipped_grad default vs vmap (sum and norms), max relative difference {worst:.1e}")
-    fns = {
-        YARDSTICK: batch_grad,
-        "fp.per_sample_grads default": lambda: default(params, x, y),
-        "fp.per_sample_grads vmap (the fall-back before)": lambda: vmapped(params, x, y),
-        "fp.clipped_grad default": lambda: clipped(params, x, y),
-        "fp.clipped_grad vmap (the fall-back before)": lambda: clipped_vmap(params, x, y),
-    }
+    rows, want = _common.fast_and_vmap_rows(losses, params, (x, y))
+    fns = {YARDSTICK: batch_grad, **rows}
     if _common.optional("opacus") is None:
         print("  skipped Opacus: `opacus` is not installed (pip install opacus)")
     else:
@@ -91,7 +67,7 @@ def candidates(batch: int) -> dict[str, Any]:
             row = _common.opacus_per_sample(_model(), F.cross_entropy, x, y)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                worst = _worst(row(), want.values())
+                worst = _common.max_relative_difference(row(), want.values())
             print(f"  check: Opacus GradSampleModule vs vmap, max relative difference {worst:.1e}")
             fns["Opacus GradSampleModule"] = row
         except Exception as e:  # noqa: BLE001 (a peer's refusal is a note, not a failure)

@@ -47,6 +47,17 @@ def check(losses, params, *batch) -> None:
             assert all(close(total[k], clipped[k]) for k in per), method
 
 
+def refused_then_loop(losses, params, *batch, match: str) -> None:
+    """hooks refuses with ``match``; the default method falls back (one warning) to the
+    loop's numbers."""
+    with pytest.raises(ValueError, match=match):
+        fp.per_sample_grads(losses, method="hooks")(params, *batch)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = fp.per_sample_grads(losses)(params, *batch)
+    want = loop_grads(losses, params, *batch)
+    assert all(close(got[k], want[k]) for k in want)
+
+
 SHAPES = {  # parameter shape against a (B, T, D) input, T = 3, D = 4
     "bias (D,)": (4,),
     "table (1, T, D)": (1, 3, 4),
@@ -171,13 +182,8 @@ def test_losses_from_parameters_alone_are_refused():
     def losses(p, d):
         return F.embedding((d + 1) % 7, p["emb"]).pow(2).sum(1)
 
-    d = torch.randint(0, 6, (4,))
-    with pytest.raises(ValueError, match=r"the losses are computed from `emb` \(through `F.embedding`\)"):
-        fp.per_sample_grads(losses, method="hooks")(params, d)
-    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(losses)(params, d)
-    want = loop_grads(losses, params, d)
-    assert all(close(got[k], want[k]) for k in want)
+    refused_then_loop(losses, params, torch.randint(0, 6, (4,)),
+                      match=r"the losses are computed from `emb` \(through `F.embedding`\)")
 
 
 def test_arithmetic_on_a_parameter_without_gradient_passes_through():
@@ -258,10 +264,5 @@ def test_a_derived_lookup_used_without_a_rule_is_refused_by_name():
         pos = F.embedding(torch.arange(x.shape[2]), p["wpe"])  # (T, 3)
         return (x @ pos).pow(2).sum((1, 2))
 
-    x = torch.randn(3, 2, 4)
-    with pytest.raises(ValueError, match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.matmul`"):
-        fp.per_sample_grads(losses, method="hooks")(params, x)
-    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(losses)(params, x)
-    want = loop_grads(losses, params, x)
-    assert all(close(got[k], want[k]) for k in want)
+    refused_then_loop(losses, params, torch.randn(3, 2, 4),
+                      match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.matmul`")
