@@ -266,3 +266,19 @@ def test_a_derived_lookup_used_without_a_rule_is_refused_by_name():
 
     refused_then_loop(losses, params, torch.randn(3, 2, 4),
                       match=r"`wpe` \(through `F.embedding`\) is used by `Tensor.matmul`")
+
+
+def test_a_parameter_split_into_pieces_passes_each_piece_back():
+    """``chunk`` returns several tensors of one parameter: each is derived (none may carry
+    the parameter's graph past the engine unseen) and each piece's per-example gradient
+    goes back to its rows of the parameter."""
+    torch.manual_seed(5)
+    params = {"in_proj": torch.randn(9, 4), "out": torch.randn(2, 3)}
+
+    def losses(p, x):
+        wq, wk, wv = p["in_proj"].chunk(3)
+        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)  # (B, T, 3)
+        attn = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+        return F.linear(attn, p["out"]).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randn(4, 5, 4))

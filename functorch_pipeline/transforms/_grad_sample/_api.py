@@ -97,7 +97,7 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"{fn}: loss_fn must return a tensor of per-example losses, got "
                         f"{type(losses).__name__}")
-    if engine.is_derived(losses):  # NOTE [derived parameters]: nothing batched in its graph
+    if engine.is_tracked(losses):  # NOTE [derived parameters]: nothing batched in its graph
         raise Unsupported(f"the losses are computed from {engine.name(losses._fp_slot)} with no "
                           "op that shows which examples they belong to")
     if losses.dim() == 0:

@@ -157,7 +157,7 @@ def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: l
     its parents through the op's recorded graph, every example at once (NOTE [derived
     parameters])."""
     grads = torch.autograd.grad(out, leaves, grad_outputs=total.to(out.dtype), allow_unused=True,
-                                is_grads_batched=True)
+                                retain_graph=True, is_grads_batched=True)  # chunks share it
     for slot, g in zip(parents, grads, strict=True):
         if g is not None:
             engine.add("direct", slot, g)
@@ -195,8 +195,8 @@ class Engine:
         self.fn = fn
         self.bases = [p.detach() for p in params]
         self._names = names
-        # Slots past the parameters: tensors computed from one parameter alone (NOTE
-        # [derived parameters]), slot -> (parent slot, what made it, converter).
+        # Slots past the parameters: tensors computed from parameters alone (NOTE
+        # [derived parameters]), slot -> (parent slots, the op that made it, converter).
         self.derived: dict[int, tuple[tuple[int, ...], str, Callable[[Engine, torch.Tensor], None]]] = {}
         self.batch_size = batch_size
         # The arguments carrying the batch on axis 0 (set by the forward); their tensors
@@ -282,7 +282,7 @@ class Engine:
         t._fp_engine = self
         return t
 
-    def is_derived(self, t: Any) -> bool:
+    def is_tracked(self, t: Any) -> bool:
         """Whether ``t`` is a tracked tensor of this engine (a parameter, or a tensor
         derived from parameters alone): one with no batch axis."""
         return isinstance(t, _Tracked) and t._fp_engine is self
@@ -308,15 +308,28 @@ class Engine:
                 return leaves[a._fp_slot]
             if isinstance(a, (list, tuple)):
                 return type(a)(leaf(b) for b in a)
+            if isinstance(a, dict):
+                return {k: leaf(v) for k, v in a.items()}
             return a
 
         out = func(*leaf(args), **{k: leaf(v) for k, v in kwargs.items()})
-        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-            return out.detach() if isinstance(out, torch.Tensor) else out
         parents = tuple(leaves)
-        return self.derive(out.detach(), parents, _describe(func),
-                           functools.partial(_pull_back, out=out, leaves=[leaves[s] for s in parents],
-                                             parents=parents))
+        made_by = _describe(func)
+
+        def derived(t: Any) -> Any:
+            # Every tensor of the result (chunk and split give several) is derived or
+            # detached: none may carry the leaves' graph past the engine unseen.
+            if isinstance(t, (list, tuple)):
+                items = [derived(u) for u in t]
+                return type(t)(*items) if hasattr(t, "_fields") else type(t)(items)
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.grad_fn is None:
+                return t.detach()
+            return self.derive(t.detach(), parents, made_by, functools.partial(
+                _pull_back, out=t, leaves=[leaves[s] for s in parents], parents=parents))
+
+        return derived(out)
 
     def resolve_derived(self, merge: Callable[[str, list[Any], torch.Tensor], torch.Tensor]) -> None:
         """After the backward: each derived slot's parts, merged into its per-example
@@ -360,8 +373,9 @@ class Engine:
         sizes raises :class:`Ambiguous`, and the drivers run the batch again with a few
         padding rows, at a size the other axes do not share (NOTE [padding an ambiguous
         batch] in ``_padding``): only the axis that holds the examples grows. One-dimensional
-        embedding ids must also be read from a batch argument (NOTE [one-dimensional
-        indices] in ``_rules``). The remaining blind spot: a float input with no batch
+        embedding ids are examples only when read from a batch argument; others have no
+        batch axis (NOTE [one-dimensional indices] in ``_rules``, NOTE [derived
+        parameters]). The remaining blind spot: a float input with no batch
         axis whose first axis happens to equal ``B`` (a fixed ``(T, E)`` table through a
         ``Linear`` with ``T == B``), see the ``method`` docs.
 
@@ -397,7 +411,8 @@ class Engine:
                 # Padded, a tensor with no provable batch axis (a table whose first axis
                 # has the padded size) must not pass for the examples.
                 raise Unsupported(
-                    f"{', '.join(self.name(s) for s in slots)} used by `{op}` on an input of "
+                    f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'} "
+                    f"used by `{op}` on an input of "
                     f"shape {tuple(x.shape)} that neither requires grad nor repeats the first "
                     "example in the padding rows, so at the padded size its first axis cannot "
                     "be told from the examples'")
