@@ -282,3 +282,48 @@ def test_a_parameter_split_into_pieces_passes_each_piece_back():
         return F.linear(attn, p["out"]).pow(2).sum((1, 2))
 
     check(losses, params, torch.randn(4, 5, 4))
+
+
+def test_an_expand_that_equals_the_padded_size_by_coincidence_is_not_taken():
+    """Found by a random search: sequences as long as the batch (2) make the batch run
+    padded to 3, where a fixed ``expand(3, ...)`` of a weight has the padded size. Its
+    size did not follow the batch across the runs (it was 3 at size 2), so it is not the
+    examples' axis (``_padding.Evidence``)."""
+    torch.manual_seed(6)
+    params = {"a": torch.randn(4, 4) * 0.5}
+
+    def losses(p, x):
+        w = p["a"].unsqueeze(0).expand(3, 4, 4).sum(0) / 3
+        return torch.tanh(F.linear(x, w)).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randn(2, 2, 4))
+
+
+class TwoTokens(nn.Module):
+    """DeiT's class and distillation tokens: two expands over the batch, then a sequence as
+    long as the batch in some tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 4)
+        self.cls, self.dist = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 1, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = torch.cat([self.cls.expand(n, -1, -1), self.dist.expand(n, -1, -1), self.proj(x)], 1)
+        return self.head(torch.tanh(h[:, 0] + h[:, 1] + h[:, 2:].mean(1)))
+
+
+@pytest.mark.parametrize("batch, tokens", [(3, 4), (4, 2), (2, 2)])  # (4, 2): 4 = T + 2
+def test_two_expanded_tokens_match_the_loop(batch, tokens):
+    """Each expand needs two runs of different sizes to be proven over the batch; the
+    second is proven one padded run after the first."""
+    torch.manual_seed(batch * 10 + tokens)
+    m = TwoTokens()
+    x, y = torch.randn(batch, tokens, 2), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
+
+    check(losses, params_of(m), x, y)

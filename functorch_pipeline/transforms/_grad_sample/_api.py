@@ -114,9 +114,10 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names,
               batch_size: int, has_aux: bool, fn: str, batched: Sequence[int] = (),
-              real: int | None = None) -> tuple[Any, list[torch.Tensor]]:
+              real: int | None = None, evidence: Any = None) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, RULES, fn)
+    engine.evidence = evidence
     engine.real = real if real is not None and real < batch_size else None
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn,
                                  batched=batched)
@@ -196,9 +197,9 @@ def hooks_value_and_grad(
     batch_size = _batch_size(args, batched, fn)
 
     def once(chunk: Sequence[Any], n: int) -> tuple[Any, list[torch.Tensor]]:
-        def run(padded: list[Any], size: int) -> tuple[Any, list[torch.Tensor]]:
+        def run(padded: list[Any], size: int, evidence: Any) -> tuple[Any, list[torch.Tensor]]:
             return _run_once(loss_fn, padded, nums, leaves, defs, names, size, has_aux, fn,
-                             batched, real=n)
+                             batched, real=n, evidence=evidence)
 
         # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
         (v, f), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux)

@@ -207,6 +207,9 @@ class Engine:
         # [padding an ambiguous batch] in _padding): inputs must then prove their batch
         # axis. None when the batch is not padded.
         self.real: int | None = None
+        # What the runs of this call have shown about expands over the batch
+        # (_padding.Evidence), set by the drivers; None outside them.
+        self.evidence: Any = None
         self.rules = rules
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.

@@ -164,12 +164,14 @@ def ghost_rules() -> dict[Any, Callable[..., Any]]:
 def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               leaves: list[list[torch.Tensor]], defs: list[Any], names: _Names, batch_size: int,
               has_aux: bool, max_norm: Any, fn: str, batched: Sequence[int] = (),
-              real: int | None = None) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
+              real: int | None = None, evidence: Any = None
+              ) -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
     """One ghost pass over a batch of ``batch_size`` rows, of which the first ``real`` (all
     by default) are examples and the rest padding, whose clip factors are 0 (NOTE
     [padding an ambiguous batch] in ``_padding``)."""
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, ghost_rules(), fn)
+    engine.evidence = evidence
     engine.real = real if real is not None and real < batch_size else None
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
                                   has_aux, fn, needs="ghost clipping", batched=batched)
@@ -255,9 +257,10 @@ def ghost_norms_and_sum(
             def cut(x: Any, start: int = start) -> Any:
                 return x[start:start + step] if isinstance(x, torch.Tensor) else x
             chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-        def run(padded: list[Any], size: int, n: int = n) -> tuple[Any, torch.Tensor, Any]:
+        def run(padded: list[Any], size: int, evidence: Any, n: int = n
+                ) -> tuple[Any, torch.Tensor, Any]:
             return _run_once(loss_fn, padded, nums, leaves, defs, names, size, has_aux,
-                             max_norm, fn, batched, real=n)
+                             max_norm, fn, batched, real=n, evidence=evidence)
 
         # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
         (v, nrm, grads), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux)

@@ -22,8 +22,12 @@ padding rows, as everything computed example by example from the padded batch do
 batch itself, an LSTM's zero initial state); a table of the padded length does not, and
 is refused. ``has_aux`` is not
 padded: the engines return ``aux`` for the whole batch, which the copies would enter.
-The padding that worked is remembered per ``loss_fn`` and input shapes, so later calls
-skip the refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
+An expand of a parameter to the batch size (a class token) is proven the same way, by
+:class:`Evidence`: it is over the examples only if its size equalled the batch size in
+two runs of different sizes (a random search found an ``expand(3, ...)`` of a weight taken
+for the examples when a batch of 2 ran padded to 3). The padding that worked, and those
+decisions, are remembered per ``loss_fn`` and input shapes, so later calls skip the
+refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
-__all__ = ["pad_batch", "run_unambiguous"]
+__all__ = ["Evidence", "pad_batch", "run_unambiguous"]
 
 _MAX_EXTRA = 3
-_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
+_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[bool]]]] = weakref.WeakKeyDictionary()
 
 
 def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
@@ -71,7 +75,48 @@ def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[A
     return [_tree.map(pad, a) if i in batched else a for i, a in enumerate(args)]
 
 
-def _cache(loss_fn: Any) -> dict[Any, int]:
+class Evidence:
+    """What the runs of one call have shown about expands over the batch (NOTE [padding an
+    ambiguous batch]): an expand of a parameter to the batch size is the examples' axis
+    only if its size followed the batch's across two runs of different sizes.
+
+    Attributes:
+      prior: the leading sizes of the previous run's expands, in call order (None in the
+        first run); ``prior_size``: that run's batch size.
+      decisions: remembered decisions (batch axis or not, by call order) of an earlier
+        call with the same shapes, or None.
+      log, made: this run's leading sizes and decisions, in call order.
+    """
+
+    def __init__(self, prior: Evidence | None = None, prior_size: int | None = None,
+                 decisions: list[bool] | None = None) -> None:
+        self.prior = prior.log if prior is not None else None
+        self.prior_size = prior_size
+        self.decisions = decisions
+        self.log: list[int] = []
+        self.made: list[bool] = []
+
+    def batch_expand(self, size: int, batch: int) -> bool:
+        """Whether this run's next expand, to leading size ``size`` in a batch of ``batch``,
+        is over the examples; raises :class:`Ambiguous` when only another run can tell."""
+        i = len(self.log)
+        self.log.append(size)
+        if batch == 1:
+            made = size == 1  # a single example: every reading is the same
+        elif self.decisions is not None and i < len(self.decisions):
+            made = self.decisions[i] and size == batch
+        elif self.prior is not None and i < len(self.prior):
+            made = self.prior[i] == self.prior_size and size == batch
+        elif size != batch:
+            made = False  # it did not follow the batch
+        else:
+            raise Ambiguous(f"a parameter is expanded to the batch size {batch}, which does not "
+                            "show whether that axis holds the examples")
+        self.made.append(made)
+        return made
+
+
+def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[bool]]]:
     try:
         return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
     except TypeError:  # not weak-referenceable: nothing remembered
@@ -83,13 +128,15 @@ def _key(args: Sequence[Any], batched: Sequence[int]) -> Any:
                  for i in batched for x in _tree.leaves(args[i]))
 
 
-def run_unambiguous(run: Callable[[list[Any], int], Any], loss_fn: Any, args: Sequence[Any],
-                    batched: Sequence[int], size: int, has_aux: bool) -> tuple[Any, int]:
-    """``run(args, size)``, or, when an op's batch axis is ambiguous at this size, ``run``
-    on the batch padded by ``extra`` rows (NOTE [padding an ambiguous batch]).
+def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any,
+                    args: Sequence[Any], batched: Sequence[int], size: int,
+                    has_aux: bool) -> tuple[Any, int]:
+    """``run(args, size, evidence)``, or, when an op's batch axis is ambiguous at this size,
+    ``run`` on the batch padded by ``extra`` rows (NOTE [padding an ambiguous batch]).
 
     Args:
-      run: one engine pass, ``run(args, batch_size)``.
+      run: one engine pass, ``run(args, batch_size, evidence)`` (:class:`Evidence`, read
+        by the expand rule).
       loss_fn: the user's function (the remembered padding hangs on it).
       args: the call's arguments; ``batched``: the positions carrying the batch.
       size: the batch size of ``args``.
@@ -104,34 +151,43 @@ def run_unambiguous(run: Callable[[list[Any], int], Any], loss_fn: Any, args: Se
       Unsupported: another refusal, met past the ambiguous op (its message says both).
 
     Example:
-      >>> run = lambda a, n: (a[0].sum(1), n)
+      >>> run = lambda a, n, evidence: (a[0].sum(1), n)
       >>> run_unambiguous(run, run, [torch.ones(2, 3)], (0,), 2, False)
       ((tensor([3., 3.]), 2), 0)
     """
     cache = _cache(loss_fn)
     key = _key(args, batched) if cache else None  # no flattening while nothing was padded
-    extra = cache.get(key, 0) if cache else 0
-    if extra:
+    if cache and key in cache:
+        extra, decisions = cache[key]
         try:
-            return run(pad_batch(args, batched, extra), size + extra), extra
+            return run(pad_batch(args, batched, extra) if extra else list(args), size + extra,
+                       Evidence(decisions=decisions)), extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
+    evidence = Evidence()
     try:
-        return run(list(args), size), 0
+        out = run(list(args), size, evidence)
     except Ambiguous as error:
         if has_aux:
             raise
         first = error
+    else:
+        if evidence.made:  # expands decided: remember them for these shapes
+            cache[_key(args, batched) if key is None else key] = (0, evidence.made)
+        return out, 0
     if key is None:
         key = _key(args, batched)
+    previous, previous_size = evidence, size
     for extra in range(1, _MAX_EXTRA + 1):
+        evidence = Evidence(previous, previous_size)
         try:
-            out = run(pad_batch(args, batched, extra), size + extra)
+            out = run(pad_batch(args, batched, extra), size + extra, evidence)
         except Ambiguous:
+            previous, previous_size = evidence, size + extra
             continue
         except Unsupported as other:  # past the ambiguous op, something else is refused
             raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "
                               f"apart, the call was refused anyway: {other}") from None
-        cache[key] = extra
+        cache[key] = (extra, evidence.made)
         return out, extra
     raise first

@@ -16,11 +16,13 @@ Any other shape (``p`` varying along a leading axis, a result larger than ``x``)
 refused.
 
 ``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with a new leading axis)
-makes the examples' axis
-itself when ``n`` is the batch size, and nothing but the size says so. So the rule asks
-for proof (NOTE [padding an ambiguous batch] in ``_padding``): at the caller's batch size
-it is ambiguous, the batch runs again padded, and the expand is taken only if its size
-followed the padding (a length that equals ``B`` by coincidence does not). Example
+makes the examples' axis itself when ``n`` is the batch size, and nothing but the size
+says so. So the rule asks for proof (``_padding.Evidence``, NOTE [padding an ambiguous
+batch]): an expand is over the examples only if its size equalled the batch size in two
+runs of different sizes, the caller's and a padded one, or two padded ones (the runs make
+the same expands in the same order). When only one run has seen it, it is ambiguous and
+the batch runs again padded; an expand whose size did not follow the batch (a length
+that equals ``B`` or a padded size by coincidence) is not over the examples. Example
 ``b``'s gradient is row ``b`` of the output gradient, summed over the other expanded
 axes. A batch of one needs no proof. An expand to any other size, and ``+``/``*`` of
 parameters with each other or with numbers, have no batch axis: their results are
@@ -33,9 +35,9 @@ from typing import Any
 
 import torch
 
-from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._padding import Evidence
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
 __all__: list[str] = []
@@ -108,12 +110,11 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         sizes = tuple(sizes[0])
     B = engine.batch_size
     shape = (1, *p.shape) if len(sizes) == p.dim() + 1 else tuple(p.shape)  # a new leading axis
-    if len(sizes) != len(shape) or shape[0] != 1 or sizes[0] != B:
+    evidence = engine.evidence if engine.evidence is not None else Evidence()
+    if (len(sizes) != len(shape) or shape[0] != 1
+            or not evidence.batch_expand(sizes[0], B)):  # raises Ambiguous when unproven
         # Not over the batch: a parameter reshaped, NOTE [derived parameters].
         return engine.derive_op(_T.expand, args, kwargs)
-    if B > 1 and engine.real is None:
-        raise Ambiguous(f"{engine.name(slot)} is expanded to the batch size {B}, which does not "
-                        "show whether that axis holds the examples")
     base = p.detach().requires_grad_()
     out = base.expand(*sizes)
     engine.record(out, _finish_expand, slot, shape)
