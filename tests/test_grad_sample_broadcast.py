@@ -147,6 +147,7 @@ def test_an_expand_to_a_length_equal_to_the_batch_is_not_taken_for_examples():
     lambda p, h: h + p["row"].expand(2, 4).sum(0),  # reshaped, reduced
     lambda p, h: F.linear(h, p["w"] / p["w"].norm(dim=1, keepdim=True)),  # weight norm
     lambda p, h: h + F.linear(p["a"], p["w"]),  # a learned vector through a layer
+    lambda p, h: F.linear(torch.tanh(F.linear(h, p["w"])), p["w"] * p["b"]),  # on an activation
 ])
 def test_parameters_transformed_before_they_meet_the_batch_match_the_loop(body):
     """NOTE [derived parameters]: any op of parameters alone, then a rule where the result

@@ -338,6 +338,10 @@ class Engine:
         """After the backward: each derived slot's parts, merged into its per-example
         gradient, become parts of its parent (NOTE [derived parameters]); ``merge`` is
         ``_rules.merge``."""
+        with torch.no_grad():  # saved activations require grad; nothing here is recorded
+            self._resolve_derived(merge)
+
+    def _resolve_derived(self, merge: Callable[[str, list[Any], torch.Tensor], torch.Tensor]) -> None:
         for slot in sorted(self.derived, reverse=True):
             kinds = [kind for kind, s in self.parts if s == slot]
             if not kinds:
