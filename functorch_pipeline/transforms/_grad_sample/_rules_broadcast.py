@@ -50,15 +50,14 @@ MUL = (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)
 def _binary(product: bool) -> Any:
     name = "x * p" if product else "x + p"
 
+    op = torch.mul if product else torch.add
+
     def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # no gradient flows here
-            return (torch.mul if product else torch.add)(*engine.unwrap(args), **engine.unwrap(kwargs))
+        # Called with gradients on and a batched operand: _Tracked.__torch_function__ passes
+        # the rest through or derives it (p * 2, p + q: NOTE [derived parameters]).
         if len(args) != 2 or set(kwargs) - {"alpha"} or (product and kwargs):
             raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
                               f"used by `{name}` with arguments its rule does not take")
-        op = torch.mul if product else torch.add
-        if engine.parameters_only(op, args, kwargs):  # p * 2, p + q: NOTE [derived parameters]
-            return engine.derive_op(op, args, kwargs)
         a, b = args
         sa, sb = engine.slot(a), engine.slot(b)
         slot, x = (sa, b) if sa is not None else (sb, a)
@@ -75,7 +74,7 @@ def _binary(product: bool) -> Any:
         axis = engine.check_input(x, name, [slot], min_dim=1, features=x.dim() - k, seq_first=k >= 2)
         xin = x.detach().requires_grad_() if not x.requires_grad else x
         plain = [p if i == (0 if sa is not None else 1) else xin for i in range(2)]
-        out = (torch.mul if product else torch.add)(*plain, **kwargs)
+        out = op(*plain, **kwargs)
         if out.shape != x.shape:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with a result of shape "
                               f"{tuple(out.shape)}, larger than the batched input's {tuple(x.shape)}")
@@ -99,9 +98,7 @@ def _finish_binary(engine: Engine, g: torch.Tensor, x: torch.Tensor | None, slot
 
 
 def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-    if not torch.is_grad_enabled():  # no gradient flows here
-        return _T.expand(*engine.unwrap(args), **engine.unwrap(kwargs))
-    slot = engine.slot(args[0])
+    slot = engine.slot(args[0])  # gradients are on: see _Tracked.__torch_function__
     if slot is None or kwargs and set(kwargs) != {"size"}:
         raise Unsupported(f"{engine.names(args, kwargs)} is expanded in a way its rule does not take")
     p = engine.bases[slot]
