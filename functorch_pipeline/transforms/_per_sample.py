@@ -367,7 +367,7 @@ def per_sample_grads(
           falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B``, and no other axis that could hold the examples may have
           it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
-          ``(T, B, E)`` input with ``T == B``), the batch is run again with up to three
+          ``(T, B, E)`` input with ``T == B``), the batch is run again with up to four
           copies of its first example appended, at a size no other axis has, and the
           copies' rows are dropped (NOTE [padding an ambiguous batch] in
           ``_grad_sample/_padding.py``); an axis whose size follows the batch's stays an
@@ -405,7 +405,7 @@ def per_sample_grads(
         (per-example losses ``(B,)`` and a rule for every parameter use); otherwise it uses
         ``vmap``.
       NOTE [padding an ambiguous batch]: when another axis has the batch size (sequences as long
-        as the batch), the fast method runs the batch again with up to three copies of its first
+        as the batch), the fast method runs the batch again with up to four copies of its first
         example appended, so that only the examples' axis grows, and drops their rows; inputs
         without a provable batch axis are refused at the padded size.
       NOTE [recycled outputs]: the engine keeps large per-example gradient buffers it returned and

@@ -24,8 +24,9 @@ is refused. ``has_aux`` is not
 padded: the engines return ``aux`` for the whole batch, which the copies would enter.
 An expand of a parameter to the batch size (a class token) is proven the same way, by
 :class:`Evidence`: it is over the examples only if its size equalled the batch size in
-two runs of different sizes (a random search found an ``expand(3, ...)`` of a weight taken
-for the examples when a batch of 2 ran padded to 3). The padding that worked, and those
+every run that reached it, at least two of different sizes (a random search found an
+``expand(3, ...)`` of a weight taken for the examples when a batch of 2 ran padded to 3).
+Runs stopped early by another ambiguity count for the expands they reached. The padding that worked, and those
 decisions, are remembered per ``loss_fn`` and input shapes, so later calls skip the
 refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
 """
@@ -45,7 +46,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
 __all__ = ["Evidence", "pad_batch", "run_unambiguous"]
 
-_MAX_EXTRA = 3
+_MAX_EXTRA = 4
 _EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[bool]]]] = weakref.WeakKeyDictionary()
 
 
@@ -78,20 +79,19 @@ def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[A
 class Evidence:
     """What the runs of one call have shown about expands over the batch (NOTE [padding an
     ambiguous batch]): an expand of a parameter to the batch size is the examples' axis
-    only if its size followed the batch's across two runs of different sizes.
+    only if its size followed the batch's across runs of different sizes.
 
     Attributes:
-      prior: the leading sizes of the previous run's expands, in call order (None in the
-        first run); ``prior_size``: that run's batch size.
+      runs: the earlier runs of this call, each ``(leading sizes of its expands in call
+        order, its batch size)``; a run stopped early lists only the expands it reached.
       decisions: remembered decisions (batch axis or not, by call order) of an earlier
         call with the same shapes, or None.
       log, made: this run's leading sizes and decisions, in call order.
     """
 
-    def __init__(self, prior: Evidence | None = None, prior_size: int | None = None,
+    def __init__(self, runs: list[tuple[list[int], int]] | None = None,
                  decisions: list[bool] | None = None) -> None:
-        self.prior = prior.log if prior is not None else None
-        self.prior_size = prior_size
+        self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
         self.made: list[bool] = []
@@ -101,14 +101,15 @@ class Evidence:
         is over the examples; raises :class:`Ambiguous` when only another run can tell."""
         i = len(self.log)
         self.log.append(size)
+        seen = [(log[i], b) for log, b in self.runs if i < len(log)]  # each run its own size
         if batch == 1:
             made = size == 1  # a single example: every reading is the same
         elif self.decisions is not None and i < len(self.decisions):
             made = self.decisions[i] and size == batch
-        elif self.prior is not None and i < len(self.prior):
-            made = self.prior[i] == self.prior_size and size == batch
-        elif size != batch:
+        elif size != batch or any(s != b for s, b in seen):
             made = False  # it did not follow the batch
+        elif seen:
+            made = True  # the batch size at two sizes or more
         else:
             raise Ambiguous(f"a parameter is expanded to the batch size {batch}, which does not "
                             "show whether that axis holds the examples")
@@ -177,13 +178,13 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
         return out, 0
     if key is None:
         key = _key(args, batched)
-    previous, previous_size = evidence, size
+    runs = [(evidence.log, size)]
     for extra in range(1, _MAX_EXTRA + 1):
-        evidence = Evidence(previous, previous_size)
+        evidence = Evidence(list(runs))
         try:
             out = run(pad_batch(args, batched, extra), size + extra, evidence)
         except Ambiguous:
-            previous, previous_size = evidence, size + extra
+            runs.append((evidence.log, size + extra))
             continue
         except Unsupported as other:  # past the ambiguous op, something else is refused
             raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "

@@ -18,9 +18,9 @@ refused.
 ``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with a new leading axis)
 makes the examples' axis itself when ``n`` is the batch size, and nothing but the size
 says so. So the rule asks for proof (``_padding.Evidence``, NOTE [padding an ambiguous
-batch]): an expand is over the examples only if its size equalled the batch size in two
-runs of different sizes, the caller's and a padded one, or two padded ones (the runs make
-the same expands in the same order). When only one run has seen it, it is ambiguous and
+batch]): an expand is over the examples only if its size equalled the batch size in
+every run of the call that reached it, at least two of different sizes (the caller's and
+padded ones; the runs make the same expands in the same order). When only one run has seen it, it is ambiguous and
 the batch runs again padded; an expand whose size did not follow the batch (a length
 that equals ``B`` or a padded size by coincidence) is not over the examples. Example
 ``b``'s gradient is row ``b`` of the output gradient, summed over the other expanded
