@@ -116,9 +116,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               batch_size: int, has_aux: bool, fn: str, batched: Sequence[int] = (),
               real: int | None = None, evidence: Any = None) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
-    engine = Engine(flat, names, batch_size, RULES, fn)
-    engine.evidence = evidence
-    engine.real = real if real is not None and real < batch_size else None
+    engine = Engine(flat, names, batch_size, RULES, fn, real=real, evidence=evidence)
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn,
                                  batched=batched)
     engine.backward(losses)

@@ -188,10 +188,14 @@ class Engine:
       batch_size: ``B``, the size of axis 0 of every batched input.
       rules: ``{torch function: rule}`` (``_rules.RULES``).
       fn: the public call, to prefix errors that are not ``Unsupported``.
+      real: the number of examples when the batch carries padding rows past them
+        (NOTE [padding an ambiguous batch] in ``_padding``); None or ``batch_size``: none.
+      evidence: the call's ``_padding.Evidence`` about expands over the batch.
     """
 
     def __init__(self, params: list[torch.Tensor], names: Any, batch_size: int,
-                 rules: dict[Any, Callable[..., Any]], fn: str = "per_sample_grads(loss_fn)") -> None:
+                 rules: dict[Any, Callable[..., Any]], fn: str = "per_sample_grads(loss_fn)",
+                 real: int | None = None, evidence: Any = None) -> None:
         self.fn = fn
         self.bases = [p.detach() for p in params]
         self._names = names
@@ -206,10 +210,10 @@ class Engine:
         # The number of examples when the drivers padded the batch past them (NOTE
         # [padding an ambiguous batch] in _padding): inputs must then prove their batch
         # axis. None when the batch is not padded.
-        self.real: int | None = None
+        self.real = real if real is not None and real < batch_size else None
         # What the runs of this call have shown about expands over the batch
-        # (_padding.Evidence), set by the drivers; None outside them.
-        self.evidence: Any = None
+        # (_padding.Evidence), given by the drivers; None outside them.
+        self.evidence = evidence
         self.rules = rules
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
@@ -293,11 +297,11 @@ class Engine:
     def parameters_only(self, func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
         """Whether ``func`` is an out-of-place op whose tensor arguments are all tracked
         (parameters or tensors derived from them alone): NOTE [derived parameters]."""
-        name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.startswith("__") or name.startswith("__i") \
-                or name in ("__setitem__", "__delitem__") or "out" in kwargs:
+        if not _only_tracked((*args, *kwargs.values())):  # a layer's plain input: at once
             return False
-        return _only_tracked((*args, *kwargs.values()))
+        name = getattr(func, "__name__", "")
+        return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+                    or name in ("__setitem__", "__delitem__") or "out" in kwargs)
 
     def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func`` on tracked arguments only, its floating result a derived tensor pulled

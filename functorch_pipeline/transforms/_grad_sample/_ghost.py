@@ -170,9 +170,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     by default) are examples and the rest padding, whose clip factors are 0 (NOTE
     [padding an ambiguous batch] in ``_padding``)."""
     flat = [leaf for group in leaves for leaf in group]
-    engine = Engine(flat, names, batch_size, ghost_rules(), fn)
-    engine.evidence = evidence
-    engine.real = real if real is not None and real < batch_size else None
+    engine = Engine(flat, names, batch_size, ghost_rules(), fn, real=real, evidence=evidence)
     losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
                                   has_aux, fn, needs="ghost clipping", batched=batched)
     engine.backward(losses)
