@@ -193,6 +193,12 @@ def _per_sample(
         try:
             return vmap(one, in_axes=in_axes, chunk_size=chunk_size, randomness=randomness)(*args)
         except RuntimeError as e:
+            if "embedding_renorm_" in str(e):  # NOTE [max_norm renormalises the table]
+                raise RuntimeError(
+                    f"{fn}: method='vmap' cannot batch F.embedding/F.embedding_bag with "
+                    "max_norm, which rescales rows of the table in place during the forward; "
+                    "method='hooks' (and method='auto') handle it, renormalising the table as "
+                    f"eager PyTorch does. The error was: {e}") from e
             rnn = _builtin_rnn_in(e.__traceback__)
             if rnn is None:
                 raise

@@ -315,13 +315,14 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     ws = engine.slot(w)
     if ws is None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the indices of `F.embedding`")
-    for i, (name, default) in enumerate((("max_norm", None), ("norm_type", 2.0),
-                                         ("scale_grad_by_freq", False), ("sparse", False)), 3):
-        value = _get(args, kwargs, i, name, default)
-        if name != "norm_type" and value not in (None, False):
-            raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with {name}={value!r}, "
-                              "which has no per-sample gradient rule")
+    max_norm, norm_type = _get(args, kwargs, 3, "max_norm"), _get(args, kwargs, 4, "norm_type", 2.0)
+    by_freq = bool(_get(args, kwargs, 5, "scale_grad_by_freq", False))
+    if _get(args, kwargs, 6, "sparse", False):
+        raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with sparse=True, "
+                          "which has no per-sample gradient rule")
     wp = engine.bases[ws]
+    if max_norm is not None:
+        renorm_rows(engine, ws, idx, max_norm, norm_type, "F.embedding")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += wp.shape[0]
     B = engine.batch_size
@@ -333,7 +334,7 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
         # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
         out = F.embedding(idx, wp, padding_idx)
         return engine.derive(out, (ws,), "F.embedding", functools.partial(
-            _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx))
+            _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx, by_freq=by_freq))
     axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
     # NOTE [one-dimensional indices]
     # A 1-d index tensor of size B is either one id per example (a batch argument, or a
@@ -350,27 +351,74 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     # Indices never require grad: a leaf alias of the weight gives the output a grad_fn
     # (see NOTE [gradient edges, not tensors]); its own gradient is never computed.
     out = F.embedding(idx, wp.detach().requires_grad_(), padding_idx)
-    engine.record(out, _finish_embedding, idx, ws, padding_idx, axis)
+    engine.record(out, _finish_embedding, idx, ws, padding_idx, axis, by_freq)
     return out
 
 
+def renorm_rows(engine: Engine, ws: int, idx: Any, max_norm: float, norm_type: float,
+                call: str) -> None:
+    """``max_norm``: rescale the looked-up rows of the table in place, as the eager forward
+    does.
+
+    # NOTE [max_norm renormalises the table]
+    ``F.embedding``/``F.embedding_bag`` with ``max_norm`` rescale, in place and outside
+    autograd, every row they look up whose norm exceeds ``max_norm``; the gradient is that
+    of a plain lookup of the rescaled rows. ``fp.grad`` and eager PyTorch therefore leave the
+    caller's table renormalised, and so does this rule (the engine's bases alias the
+    parameters), so a DP step sees the table a non-private step would. The rescaling is
+    idempotent (a rescaled row's norm is just under ``max_norm``), so a batch, a
+    per-example loop, chunks and padded reruns all read the same rows. ``vmap`` cannot
+    batch the in-place rescaling at all. A table derived inside ``loss_fn`` (NOTE
+    [derived parameters]) is refused: rescaling it in place would change what its
+    gradient is pulled back through.
+    """
+    if ws in engine.derived:
+        raise Unsupported(f"{engine.name(ws)} is used by `{call}` with max_norm={max_norm!r} "
+                          "after being computed inside loss_fn; the in-place rescaling of its "
+                          "rows has no per-sample gradient rule there")
+    with torch.no_grad():
+        torch.embedding_renorm_(engine.bases[ws], idx.contiguous().reshape(-1), max_norm,
+                                norm_type)
+
+
 def _positions_to_table(engine: Engine, grad: torch.Tensor, idx: torch.Tensor, ws: int,
-                        padding_idx: int | None) -> None:
+                        padding_idx: int | None, by_freq: bool = False) -> None:
     """The per-example gradient ``(B, *idx.shape, D)`` of a lookup of ids with no batch
     axis, scattered into the table as every example's rows (NOTE [derived parameters])."""
     B = grad.shape[0]
     ids = idx.reshape(1, -1).expand(B, -1).contiguous()
-    _finish_embedding(engine, grad.reshape(B, -1, grad.shape[-1]), ids, ws, padding_idx)
+    _finish_embedding(engine, grad.reshape(B, -1, grad.shape[-1]), ids, ws, padding_idx,
+                      by_freq=by_freq)
+
+
+def counts_in_rows(idx: torch.Tensor) -> torch.Tensor:
+    """``out[b, t]``: how many times ``idx[b, t]`` occurs in row ``b`` of the 2-d ``idx``.
+
+    # NOTE [scale_grad_by_freq per example]
+    ``scale_grad_by_freq=True`` divides each looked-up row's gradient by the number of
+    times its id occurs *in the input of the call*. One example's gradient is that of its
+    loss alone, so its ids are counted within the example (as ``vmap`` and a loop over
+    examples count them), not over the batch: the batch gradient of such a lookup is not
+    the sum of the per-example gradients. Counted by sorting each row (no host sync).
+    """
+    s, order = idx.sort(1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    seg = new.long().cumsum(1) - 1
+    per_seg = torch.zeros_like(seg).scatter_add_(1, seg, torch.ones_like(seg))
+    return torch.empty_like(seg).scatter_(1, order, per_seg.gather(1, seg))
 
 
 def _finish_embedding(engine: Engine, g: torch.Tensor, idx: torch.Tensor, ws: int,
-                      padding_idx: int | None, axis: int = 0) -> None:
+                      padding_idx: int | None, axis: int = 0, by_freq: bool = False) -> None:
     if axis:  # NOTE [sequence-first inputs]
         idx, g = idx.movedim(axis, 0), g.movedim(axis, 0)
     B = g.shape[0]
     idx, g = idx.reshape(B, -1), g.reshape(B, -1, g.shape[-1])
     if padding_idx is not None:
         g = g.masked_fill((idx == padding_idx).unsqueeze(-1), 0)
+    if by_freq:  # NOTE [scale_grad_by_freq per example]
+        g = g / counts_in_rows(idx).unsqueeze(-1).to(g.dtype)
     engine.add("embed", ws, idx, g)
 
 

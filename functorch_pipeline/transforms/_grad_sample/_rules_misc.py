@@ -30,6 +30,7 @@ from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import _no_graph
 from functorch_pipeline.transforms._grad_sample._rules import _params
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
+from functorch_pipeline.transforms._grad_sample._rules import renorm_rows
 
 __all__: list[str] = []
 
@@ -49,13 +50,18 @@ def _embedding_bag(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.T
     if ws is None or any(engine.slot(t) is not None for t in (idx, offsets, psw)):
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the indices, offsets or "
                           "per_sample_weights of `F.embedding_bag`")
-    for flag in ("max_norm", "scale_grad_by_freq"):
-        if a[flag] not in (None, False):
-            raise Unsupported(f"{engine.name(ws)} is used by `F.embedding_bag` with {flag}="
-                              f"{a[flag]!r}, which has no per-sample gradient rule")
     if a["mode"] not in _MODES:
         raise ValueError(f"{engine.fn}: F.embedding_bag mode must be one of {list(_MODES)}, "
                          f"got {a['mode']!r}")
+    if a["sparse"]:
+        raise Unsupported(f"{engine.name(ws)} is used by `F.embedding_bag` with sparse=True, "
+                          "which has no per-sample gradient rule")
+    by_freq = bool(a["scale_grad_by_freq"])
+    if by_freq and a["mode"] == "max":
+        raise ValueError(f"{engine.fn}: F.embedding_bag does not take scale_grad_by_freq=True "
+                         "with mode='max'")
+    if a["max_norm"] is not None:  # NOTE [max_norm renormalises the table] in _rules
+        renorm_rows(engine, ws, idx, a["max_norm"], a["norm_type"], "F.embedding_bag")
     wp = engine.bases[ws]
     B = engine.batch_size
     if isinstance(idx, torch.Tensor) and idx.dim() == 2:
@@ -78,13 +84,14 @@ def _embedding_bag(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.T
     # tensors]); its own gradient is never computed.
     out = F.embedding_bag(idx, wp.detach().requires_grad_(), offsets, None, a["norm_type"], False,
                           a["mode"], a["sparse"], psw, a["include_last_offset"], padding_idx)
-    engine.record(out, _finish_embedding_bag, flat, starts, psw_flat, ws, a["mode"], padding_idx)
+    engine.record(out, _finish_embedding_bag, flat, starts, psw_flat, ws, a["mode"], padding_idx,
+                  by_freq)
     return out
 
 
 def _finish_embedding_bag(engine: Engine, g: torch.Tensor, flat: torch.Tensor,
                           starts: torch.Tensor, psw: torch.Tensor | None, ws: int, mode: str,
-                          padding_idx: int | None) -> None:
+                          padding_idx: int | None, by_freq: bool = False) -> None:
     B, D = g.shape
     V = engine.bases[ws].shape[0]
     n = flat.shape[0]
@@ -106,6 +113,9 @@ def _finish_embedding_bag(engine: Engine, g: torch.Tensor, flat: torch.Tensor,
         if mode == "mean":
             count = torch.zeros(B, dtype=g.dtype, device=g.device).index_add_(0, bag, valid.to(g.dtype))
             scale = scale / count.clamp(min=1)[bag]
+        if by_freq:  # each id counted within its own bag: NOTE [scale_grad_by_freq per example]
+            _, where, freq = torch.unique(bag * V + flat, return_inverse=True, return_counts=True)
+            scale = scale / freq[where].to(g.dtype)
         rows = g[bag] * scale.unsqueeze(1)
         out.view(B * V, D).index_add_(0, bag * V + flat, rows)
     engine.add("direct", ws, out)

@@ -1,0 +1,152 @@
+"""``F.embedding`` / ``F.embedding_bag`` options the fast methods used to refuse:
+``max_norm`` (NOTE [max_norm renormalises the table]) and ``scale_grad_by_freq`` (NOTE
+[scale_grad_by_freq per example]), against a per-example autograd loop in float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import loop_grads
+from torch import nn
+
+import functorch_pipeline as fp
+from functorch_pipeline.transforms._grad_sample._rules import counts_in_rows
+
+V, D, C = 9, 4, 3
+
+
+class Lookup(nn.Module):
+    def __init__(self, bag: bool, **kw) -> None:
+        super().__init__()
+        self.e = nn.EmbeddingBag(V, D, **kw) if bag else nn.Embedding(V, D, **kw)
+        self.bag = bag
+        self.head = nn.Linear(D, C)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.e(ids))
+        return self.head(h if self.bag else h.mean(1))
+
+
+def setup(bag: bool, seed: int, batch: int, seq: int, **kw):
+    torch.manual_seed(seed)
+    model = Lookup(bag, **kw)
+    # rows of norm ~2-4, so that max_norm = 1 rescales every row it reads
+    params = {k: 2 * v.detach().clone() for k, v in model.named_parameters()}
+    ids = torch.randint(0, V, (batch, seq))
+    ids[0, : seq // 2] = ids[0, 0]  # a repeated id in the first example
+    y = torch.randint(0, C, (batch,))
+
+    def loss_fn(p, ids, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (ids,)), y, reduction="none")
+
+    return model, params, ids, y, loss_fn
+
+
+def copy(params):
+    return {k: v.clone() for k, v in params.items()}
+
+
+def clipped_reference(ref, max_norm):
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    factor = (max_norm / norms).clamp(max=1)
+    return norms, {k: (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in ref.items()}
+
+
+OPTIONS = [
+    dict(max_norm=1.0),
+    dict(max_norm=0.5, norm_type=1.0),
+    dict(scale_grad_by_freq=True),
+    dict(max_norm=1.0, scale_grad_by_freq=True, padding_idx=0),
+]
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), seq=st.integers(1, 7),
+       options=st.sampled_from(OPTIONS), bag=st.booleans(),
+       mode=st.sampled_from(["mean", "sum", "max"]))
+def test_lookup_options_match_the_loop(seed, batch, seq, options, bag, mode):
+    kw = dict(options)
+    if bag:
+        kw["mode"] = mode
+        if mode == "max" and kw.get("scale_grad_by_freq"):
+            kw.pop("scale_grad_by_freq")  # torch refuses it with mode='max'
+    _, params, ids, y, loss_fn = setup(bag, seed, batch, seq, **kw)
+    ref = loop_grads(loss_fn, copy(params), ids, y)
+    norms_ref, clipped_ref = clipped_reference(ref, 0.5)
+    methods = ["hooks", "auto"] + ([] if bag else ["ghost"])
+    for method in methods:
+        if method != "ghost":
+            got = fp.per_sample_grads(loss_fn, method=method)(copy(params), ids, y)
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-10, msg=f"{method} {k}")
+        norms = fp.per_sample_grad_norms(loss_fn, method=method)(copy(params), ids, y)
+        torch.testing.assert_close(norms, norms_ref, rtol=0, atol=1e-10)
+        clipped, _ = fp.clipped_grad(loss_fn, 0.5, method=method)(copy(params), ids, y)
+        for k in ref:
+            torch.testing.assert_close(clipped[k], clipped_ref[k], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_max_norm_leaves_the_table_renormalised_as_eager_pytorch_does(bag):
+    model, params, ids, y, loss_fn = setup(bag, 0, 4, 5, max_norm=1.0)
+    eager = copy(params)
+    fp.grad(lambda p, ids, y: loss_fn(p, ids, y).sum())(eager, ids, y)
+    assert not torch.equal(eager["e.weight"], params["e.weight"])  # the forward rescaled rows
+    read = torch.zeros(V, dtype=torch.bool)
+    read[ids.unique()] = True
+    assert eager["e.weight"][read].norm(dim=1).max() <= 1.0
+    for method in ("hooks", "auto"):
+        mine = copy(params)
+        fp.per_sample_grads(loss_fn, method=method)(mine, ids, y)
+        torch.testing.assert_close(mine["e.weight"], eager["e.weight"], rtol=0, atol=0)
+
+
+def test_max_norm_under_vmap_says_which_method_handles_it():
+    _, params, ids, y, loss_fn = setup(False, 0, 3, 4, max_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"method='vmap' cannot batch .*max_norm.*'hooks'"):
+        fp.per_sample_grads(loss_fn, method="vmap")(copy(params), ids, y)
+
+
+def test_dp_step_with_max_norm_equals_the_clipped_loop():
+    """A DPTrainer step (sigma 0, SGD lr 1) moves the renormalised table by the clipped
+    mean of the loop's per-example gradients."""
+    _, params, ids, y, loss_fn = setup(False, 3, 6, 5, max_norm=1.0)
+    ref = loop_grads(loss_fn, copy(params), ids, y)
+    _, clipped_ref = clipped_reference(ref, 0.7)
+    renormed = copy(params)
+    fp.grad(lambda p, ids, y: loss_fn(p, ids, y).sum())(renormed, ids, y)
+    trainer = fp.train.DPTrainer(lambda p, batch: loss_fn(p, *batch), fp.optim.sgd(1.0),
+                                 l2_norm_clip=0.7, noise_multiplier=0.0, sample_rate=0.5,
+                                 expected_batch_size=6.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sigma 0: no privacy, said by the trainer
+        state = trainer.init(copy(params), fp.random.key(0))
+        state, _ = trainer.step(state, (ids, y))
+    for k in params:
+        torch.testing.assert_close(state.params[k], renormed[k] - clipped_ref[k] / 6, rtol=0,
+                                   atol=1e-12)
+
+
+def test_counts_in_rows_matches_counting_each_row():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 4, (6, 9))
+    want = torch.stack([(row.unsqueeze(0) == row.unsqueeze(1)).sum(1) for row in idx])
+    assert torch.equal(counts_in_rows(idx), want)
+
+
+def test_sparse_lookups_stay_refused_by_hooks():
+    emb = nn.Embedding(5, 2, sparse=True)
+    p = {"weight": emb.weight.detach()}
+
+    def loss(p, ids):
+        return torch.func.functional_call(emb, p, (ids,)).sum((1, 2))
+
+    with pytest.raises(ValueError, match="sparse=True"):
+        fp.per_sample_grads(loss, method="hooks")(p, torch.tensor([[1], [2]]))
