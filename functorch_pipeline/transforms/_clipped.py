@@ -214,10 +214,11 @@ _METHOD_DOC = """
           by ``F.linear`` (any number of leading axes, e.g. ``(B, T, F)``),
           ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``,
           ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``,
-          ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``) and
-          ``fp.nn.LSTM``/``GRU``/``RNN``; any other use (``Conv3d``, transposed convs,
-          ``EmbeddingBag``, ``x @ w``) is an error naming the parameter's key path and
-          the method that handles it.
+          ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``),
+          ``fp.nn.LSTM``/``GRU``/``RNN``, ``x @ w`` and ``w @ x``, and ``x + p``,
+          ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)`` over the batch; any
+          other use (``Conv3d``, transposed convs, ``EmbeddingBag``) is an error naming
+          the parameter's key path and the method that handles it.
         * ``"hooks"``: per-example gradients from one batched backward
           (``per_sample_grads(method="hooks")``), then norms and clipping.
         * ``"vmap"``: per-example gradients with ``vmap(grad)``, then norms and clipping;

@@ -45,6 +45,7 @@ from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample import _ghost_math
 from functorch_pipeline.transforms._grad_sample import _recurrent
 from functorch_pipeline.transforms._grad_sample import _rules_broadcast
+from functorch_pipeline.transforms._grad_sample import _rules_matmul
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
@@ -116,7 +117,8 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 # a few numbers per example (normalisation layers' affine parameters).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
-           *_rules_broadcast.MUL, torch.Tensor.expand)
+           *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
+           torch.Tensor.expand, *_rules_matmul.MATMUL)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
 

@@ -45,24 +45,35 @@ __all__: list[str] = []
 _T = torch.Tensor
 ADD = (torch.add, _T.add, _T.__add__, _T.__radd__)
 MUL = (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)
+SUB = (torch.sub, _T.sub, _T.__sub__, _T.__rsub__, torch.rsub)
+DIV = (torch.div, _T.div, _T.__truediv__, _T.__rtruediv__)
+_REFLECTED = (_T.__radd__, _T.__rmul__, _T.__rsub__, torch.rsub, _T.__rtruediv__)
 
 
-def _binary(product: bool) -> Any:
-    name = "x * p" if product else "x + p"
+_NAMES = {"add": "x + p", "sub": "x - p", "mul": "x * p", "div": "x / p"}
+_OPS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 
-    op = torch.mul if product else torch.add
+
+def _binary(kind: str, reflected: bool = False) -> Any:
+    """The rule of ``x <kind> p`` (either order; ``reflected``: the ``__r*__`` method,
+    whose first argument is the right operand)."""
+    name, op = _NAMES[kind], _OPS[kind]
+    takes = {"alpha"} if kind in ("add", "sub") else {"rounding_mode"} if kind == "div" else set()
 
     def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         # Called with gradients on and a batched operand: _Tracked.__torch_function__ passes
         # the rest through or derives it (p * 2, p + q: NOTE [derived parameters]).
-        if len(args) != 2 or set(kwargs) - {"alpha"} or (product and kwargs):
+        if len(args) != 2 or set(kwargs) - takes or kwargs.get("rounding_mode") is not None:
             raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
                               f"used by `{name}` with arguments its rule does not take")
-        a, b = args
+        a, b = (args[1], args[0]) if reflected else args  # the result is a <op> b
         sa, sb = engine.slot(a), engine.slot(b)
         slot, x = (sa, b) if sa is not None else (sb, a)
         p = engine.bases[slot]
-        if x.dim() == 0 or p.dim() > x.dim():
+        if kind == "div" and sa is not None:
+            raise Unsupported(f"{engine.name(slot)} is divided by a batched input (`p / x`), "
+                              f"which has no per-sample gradient rule; `x / p` has one")
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or p.dim() > x.dim():
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
@@ -73,21 +84,24 @@ def _binary(product: bool) -> Any:
                 "axes, broadcast over the leading ones (NOTE [broadcast parameters])")
         axis = engine.check_input(x, name, [slot], min_dim=1, features=x.dim() - k, seq_first=k >= 2)
         xin = x.detach().requires_grad_() if not x.requires_grad else x
-        plain = [p if i == (0 if sa is not None else 1) else xin for i in range(2)]
-        out = op(*plain, **kwargs)
+        out = op(*((p, xin) if sa is not None else (xin, p)), **kwargs)
         if out.shape != x.shape:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with a result of shape "
                               f"{tuple(out.shape)}, larger than the batched input's {tuple(x.shape)}")
-        scale = kwargs.get("alpha", 1) if sb is not None else 1
-        engine.record(out, _finish_binary, x if product else None, slot, axis, k, scale)
+        # d out / d p, elementwise: 1 or alpha (+), -alpha for the subtrahend (-), x (*),
+        # -out / p for the divisor (/).
+        alpha = kwargs.get("alpha", 1)
+        factor = x if kind == "mul" else -(out.detach() / p) if kind == "div" else None
+        scale = -alpha if kind == "sub" and sb is not None else alpha if sb is not None else 1
+        engine.record(out, _finish_binary, factor, slot, axis, k, scale)
         return out
 
     return rule
 
 
-def _finish_binary(engine: Engine, g: torch.Tensor, x: torch.Tensor | None, slot: int,
+def _finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,
                    axis: int, k: int, scale: Any) -> None:
-    contribution = g if x is None else g * x
+    contribution = g if factor is None else g * factor
     if scale != 1:
         contribution = contribution * scale
     contribution = contribution.movedim(axis, 0)
@@ -124,9 +138,9 @@ def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int,
     engine.add("direct", slot, (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *p.shape))
 
 
-for _func in ADD:
-    register_rule(_func, _binary(product=False))
-for _func in MUL:
-    register_rule(_func, _binary(product=True))
+for _kind, _funcs in (("add", ADD), ("mul", MUL), ("sub", SUB), ("div", DIV)):
+    for _func in _funcs:
+        # __radd__/__rmul__ of a commutative op need no swap; the others do.
+        register_rule(_func, _binary(_kind, _func in _REFLECTED and _kind in ("sub", "div")))
 _expand.takes_parameters_only = True  # it makes the batch axis: see _Tracked.__torch_function__
 register_rule(_T.expand, _expand)

@@ -1,0 +1,120 @@
+"""Functional-style uses of parameters (NOTE [x @ w], NOTE [broadcast parameters]):
+``x @ w``, ``w @ x``, ``x - p``, ``p - x`` and ``x / p``, each engine against a
+per-example autograd loop in float64. Before these rules every one of them sent the
+default method to ``vmap``."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from test_grad_sample_broadcast import check
+from test_grad_sample_broadcast import refused_then_loop
+
+
+def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), lead=st.lists(st.integers(1, 4), max_size=2),
+       din=st.integers(1, 5), dout=st.integers(1, 5), vector=st.booleans(),
+       form=st.sampled_from(["operator", "torch.matmul", "method"]))
+def test_x_at_w_matches_the_loop(seed, batch, lead, din, dout, vector, form):
+    """``x @ w`` for ``x`` of shape ``(B, *lead, in)`` and ``w`` of shape ``(in, out)`` or
+    ``(in,)``, as the operator, ``torch.matmul`` and ``Tensor.matmul``."""
+    torch.manual_seed(seed)
+    params = {"w": torch.randn(din) if vector else torch.randn(din, dout), "b": torch.randn(3)}
+    x, y = torch.randn(batch, *lead, din), torch.randint(0, 3, (batch,))
+    product = {"operator": lambda a, w: a @ w, "torch.matmul": torch.matmul,
+               "method": lambda a, w: a.matmul(w)}[form]
+
+    def losses(p, x, y):
+        h = torch.tanh(product(x, p["w"]))
+        h = h.reshape(h.shape[0], -1).sum(1, keepdim=True)  # (B, 1)
+        return ce(h.expand(-1, 3) * p["b"], y)
+
+    check(losses, params, x, y)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), heads=st.integers(0, 2),
+       din=st.integers(1, 5), cols=st.integers(1, 5), vector=st.booleans())
+def test_w_at_x_matches_the_loop(seed, batch, heads, din, cols, vector):
+    """``w @ x`` for ``x`` of shape ``(B, [h,] in, n)``: a Linear on each column."""
+    torch.manual_seed(seed)
+    params = {"w": torch.randn(din) if vector else torch.randn(4, din)}
+    shape = (batch, heads, din, cols) if heads else (batch, din, cols)
+    x, y = torch.randn(*shape), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        h = torch.tanh(p["w"] @ x)
+        return ce(h.reshape(h.shape[0], -1)[:, :1].expand(-1, 3) * torch.arange(3.0), y)
+
+    check(losses, params, x, y)
+
+
+def test_a_jax_style_mlp_takes_the_fast_path():
+    """``x @ W1 + b1`` ... as written for ``jax.numpy``, with a transposed weight too."""
+    torch.manual_seed(0)
+    params = {"w1": torch.randn(6, 8), "b1": torch.randn(8), "w2": torch.randn(3, 8),
+              "b2": torch.randn(3)}
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+
+    def losses(p, x, y):
+        h = torch.relu(x @ p["w1"] + p["b1"])
+        return ce(h @ p["w2"].T + p["b2"], y)
+
+    check(losses, params, x, y)
+
+
+def test_sequence_first_activations_take_x_at_w():
+    """``(T, B, E)`` activations (they require grad, NOTE [sequence-first inputs]) times a
+    weight, with the batch as long as the sequence padded (NOTE [padding an ambiguous
+    batch])."""
+    torch.manual_seed(0)
+    for batch, seq in ((3, 5), (4, 4)):
+        params = {"a": torch.randn(5, 5), "w": torch.randn(5, 2)}
+        x, y = torch.randn(batch, seq, 5), torch.randint(0, 2, (batch,))
+
+        def losses(p, x, y):
+            h = torch.tanh(F.linear(x.transpose(0, 1), p["a"]))  # (T, B, E), requires grad
+            return ce((h @ p["w"]).mean(0), y)
+
+        check(losses, params, x, y)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), seq=st.integers(1, 4),
+       form=st.sampled_from(["x - p", "p - x", "torch.sub alpha", "torch.rsub alpha",
+                             "x / p", "x.div(p)", "x / scalar p", "x / p[:k]"]))
+def test_subtraction_and_division_match_the_loop(seed, batch, seq, form):
+    """A learned centre and scale (``(x - mu) / s``), a temperature (``logits / t``)."""
+    torch.manual_seed(seed)
+    params = {"mu": torch.randn(4), "s": torch.rand(4) + 0.5, "t": torch.tensor(1.7),
+              "w": torch.randn(3, 4)}
+    x, y = torch.randn(batch, seq, 4), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        h = {"x - p": lambda: x - p["mu"], "p - x": lambda: p["mu"] - x,
+             "torch.sub alpha": lambda: torch.sub(x, p["mu"], alpha=0.5),
+             "torch.rsub alpha": lambda: torch.rsub(p["mu"], x, alpha=2.0),
+             "x / p": lambda: x / p["s"], "x.div(p)": lambda: x.div(p["s"]),
+             "x / scalar p": lambda: x / p["t"], "x / p[:k]": lambda: x / p["s"][:4]}[form]()
+        return ce(F.linear(torch.tanh(h).mean(1), p["w"]) / p["t"], y)
+
+    check(losses, params, x, y)
+
+
+def test_products_the_rules_do_not_take_fall_back_with_a_reason():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    refused_then_loop(lambda p, x, y: ce(p["s"] / x[:, :2], y), {"s": torch.rand(2) + 1}, x, y,
+                      match=r"divided by a batched input \(`p / x`\)")
+    refused_then_loop(lambda p, x, y: ce(x.div(p["s"], rounding_mode="floor")[:, :2] * 1.0, y),
+                      {"s": torch.rand(3) + 1}, x, y, match="arguments its rule does not take")
+    refused_then_loop(lambda p, x, y: ce((x[:, None, None] @ p["w"]).sum((2, 3)), y),
+                      {"w": torch.randn(2, 3, 2)}, x, y, match=r"of shape \(2, 3, 2\) is used by `x @ w`")
