@@ -6,13 +6,17 @@ default method to ``vmap``."""
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import loop_grads
 from test_grad_sample_broadcast import check
 from test_grad_sample_broadcast import refused_then_loop
+
+import functorch_pipeline as fp
 
 
 def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -118,3 +122,59 @@ def test_products_the_rules_do_not_take_fall_back_with_a_reason():
                       {"s": torch.rand(3) + 1}, x, y, match="arguments its rule does not take")
     refused_then_loop(lambda p, x, y: ce((x[:, None, None] @ p["w"]).sum((2, 3)), y),
                       {"w": torch.randn(2, 3, 2)}, x, y, match=r"of shape \(2, 3, 2\) is used by `x @ w`")
+
+
+EINSUMS = {  # equation -> (x's shape after B, p's shape, is p the first operand)
+    "btd,dh->bth": ((3, 5), (5, 2), False),
+    "bi,oi->bo": ((5,), (2, 5), False),
+    "dh,btd->bth": ((3, 5), (5, 2), True),
+    "btd,dnh->btnh": ((3, 4), (4, 2, 2), False),
+    "bhd,hd->bh": ((2, 5), (2, 5), False),
+    "bi,ij": ((5,), (5, 3), False),
+    "btd,d->tb": ((3, 5), (5,), False),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), eq=st.sampled_from(sorted(EINSUMS)),
+       as_list=st.booleans())
+def test_einsum_matches_the_loop(seed, batch, eq, as_list):
+    """NOTE [einsum]: hooks and auto against the loop; ghost hands the call to hooks."""
+    torch.manual_seed(seed)
+    x_shape, p_shape, p_first = EINSUMS[eq]
+    params, x = {"w": torch.randn(*p_shape)}, torch.randn(batch, *x_shape)
+    out_idx = eq.split("->")[1] if "->" in eq else "bj"
+
+    def losses(p, x):
+        ops = (p["w"], x) if p_first else (x, p["w"])
+        out = torch.einsum(eq, list(ops)) if as_list else torch.einsum(eq, *ops)
+        return torch.tanh(out.movedim(out_idx.index("b"), 0)).reshape(x.shape[0], -1).sum(1)
+
+    want = loop_grads(losses, params, x)
+    for method in ("hooks", "auto"):
+        got = fp.per_sample_grads(losses, method=method)(params, x)
+        torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="has no ghost-clipping rule; method='hooks' handles it"):
+        fp.per_sample_grad_norms(losses, method="ghost")(params, x)
+    with pytest.warns(UserWarning, match="uses 'hooks'"):
+        norms = fp.per_sample_grad_norms(losses)(params, x)
+    torch.testing.assert_close(norms, want["w"].reshape(batch, -1).norm(dim=1), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("eq, x_shape, p_shape, match", [
+    ("b...,...->b", (4, 3), (3,), "no ellipsis"),
+    ("bi,bi->b", (4, 3), (4, 3), "a parameter without that index"),
+    ("bi,ij->j", (4, 3), (3, 2), "appears in the output"),
+    ("bii,ij->bj", (4, 3, 3), (3, 2), "in a way its rule does not take"),
+    ("bi,jk->bj", (4, 3), (2, 5), "in a way its rule does not take"),
+])
+def test_einsum_the_rule_does_not_take_falls_back(eq, x_shape, p_shape, match):
+    torch.manual_seed(0)
+    params, x = {"w": torch.randn(*p_shape)}, torch.randn(*x_shape)
+
+    def losses(p, x):
+        out = torch.einsum(eq, x, p["w"])
+        return out.reshape(-1)[:4] if out.dim() == 1 else out.reshape(4, -1).sum(1)
+
+    with pytest.raises(ValueError, match=match):
+        fp.per_sample_grads(losses, method="hooks")(params, x)

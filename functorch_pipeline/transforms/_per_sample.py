@@ -359,8 +359,8 @@ def per_sample_grads(
           the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)``
           (a vision transformer's positional embedding, LayerScale and class token; an
           expand is taken once a padded batch shows its size follows the batch's), a
-          matrix or vector in ``x @ w`` or ``w @ x`` (functional code written the JAX
-          way), and fused rules for
+          matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a two-operand
+          ``torch.einsum`` (functional code written the JAX way), and fused rules for
           ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``). The contract:
           ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
@@ -389,7 +389,7 @@ def per_sample_grads(
           first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
           ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
           Any other use of a parameter
-          (``p / x``, ``einsum``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
+          (``p / x``, ``tensordot``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
           Large per-example outputs are written into buffers of earlier results once

@@ -1,4 +1,4 @@
-"""Per-sample rule for a parameter in a matrix product: ``x @ w`` and ``w @ x``.
+"""Per-sample rules for a parameter in a product: ``x @ w``, ``w @ x`` and ``torch.einsum``.
 
 # NOTE [x @ w]
 Functional code written the JAX way (``x @ params["w"] + params["b"]``, ``jnp.dot``
@@ -13,10 +13,21 @@ Ghost clipping takes it as it takes a Linear weight. A parameter on the left, ``
 with ``x`` of shape ``(B, ..., in, n)``, is a Linear applied to each of the ``n`` columns:
 the same part with both factors transposed. Two batched operands, a parameter of more
 than two axes and ``out=`` are refused.
+
+# NOTE [einsum]
+``torch.einsum(eq, x, p)`` of one batched operand and one parameter (either order, the
+implicit ``->`` form too), where ``x``'s first index is the examples' axis (``"btd,dh->bth"``,
+``"bi,oi->bo"``, JAX code's ``DenseGeneral`` projections ``"btd,dnh->btnh"``): example
+``b``'s gradient is ``einsum(x_idx + "," + out_idx + "->" + b + p_idx)`` of its input and
+output gradient, every index of ``p`` being one of ``x``'s or the output's. It is formed
+per example (a ``"direct"`` part), so ghost clipping hands such a call to the hooks
+method. Ellipses, repeated indices within an operand, an examples' index in ``p`` or
+missing from the output, and products of three or more operands are refused.
 """
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import torch
@@ -72,5 +83,47 @@ def _finish_matmul(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int,
     engine.add("outer", ws, *((x, g) if left else (g, x)))
 
 
+def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    eq = args[0].replace(" ", "") if args and isinstance(args[0], str) else None
+    if kwargs or eq is None or len(operands) != 2 or "." in eq:
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.einsum` with operands "
+                          "its rule does not take (two operands, no ellipsis: NOTE [einsum])")
+    inputs, _, out_idx = eq.partition("->")
+    idx = inputs.split(",")
+    if len(idx) != 2:
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.einsum` with "
+                          f"equation {eq!r}, which does not name two operands")
+    if "->" not in eq:  # implicit output: the indices seen once, in alphabetical order
+        out_idx = "".join(sorted(c for c in set(inputs) if inputs.count(c) == 1 and c.isalpha()))
+    slots = [engine.slot(o) for o in operands]
+    at = 0 if slots[0] is not None else 1
+    slot, x = slots[at], operands[1 - at]
+    p_idx, x_idx = idx[at], idx[1 - at]
+    p = engine.bases[slot]
+    letters = set(string.ascii_letters)
+    ok = (isinstance(x, torch.Tensor) and x.dim() >= 1 and len(x_idx) == x.dim()
+          and len(p_idx) == p.dim() and all(len(set(t)) == len(t) and set(t) <= letters
+                                            for t in (x_idx, p_idx, out_idx)))
+    batch = x_idx[0] if ok else ""
+    if not ok or batch in p_idx or batch not in out_idx or not set(p_idx) <= set(x_idx + out_idx):
+        raise Unsupported(
+            f"{engine.name(slot)} is used by `torch.einsum({eq!r})` in a way its rule does not "
+            "take: it needs one batched operand whose first index is the examples' and "
+            "appears in the output, and a parameter without that index (NOTE [einsum])")
+    engine.check_input(x, "torch.einsum", [slot], min_dim=1, features=x.dim() - 1)
+    xin = x.detach().requires_grad_() if _no_graph(x, p) else x
+    out = torch.einsum(f"{idx[0]},{idx[1]}->{out_idx}", *((p, xin) if at == 0 else (xin, p)))
+    engine.record(out, _finish_einsum, x, slot, f"{x_idx},{out_idx}->{batch}{p_idx}")
+    return out
+
+
+def _finish_einsum(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int, eq: str) -> None:
+    engine.add("direct", slot, torch.einsum(eq, x, g))
+
+
+register_rule(torch.einsum, _einsum)
 for _func in MATMUL:
     register_rule(_func, _matmul(reflected=_func is _T.__rmatmul__))
