@@ -61,6 +61,25 @@ def test_w_at_x_matches_the_loop(seed, batch, heads, din, cols, vector):
     check(losses, params, x, y)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), din=st.integers(1, 5),
+       vector=st.booleans())
+def test_w_at_x_with_examples_as_columns_matches_the_loop(seed, batch, din, vector):
+    """``W @ X`` in column-vector notation: ``X`` of shape ``(in, B)``, one example per
+    column (a transposed batch, then an activation that requires grad)."""
+    torch.manual_seed(seed)
+    params = {"a": torch.randn(din, din), "w": torch.randn(din) if vector else torch.randn(3, din)}
+    x, y = torch.randn(batch, din), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        h = torch.tanh(p["a"] @ x.T)  # (in, B): a transposed batch argument
+        out = p["w"] @ h  # (3, B), or (B,) for a vector
+        logits = out.T if out.dim() == 2 else out.unsqueeze(1) * torch.arange(3.0)
+        return ce(logits, y)
+
+    check(losses, params, x, y)
+
+
 def test_a_jax_style_mlp_takes_the_fast_path():
     """``x @ W1 + b1`` ... as written for ``jax.numpy``, with a transposed weight too."""
     torch.manual_seed(0)

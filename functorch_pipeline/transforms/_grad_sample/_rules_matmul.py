@@ -11,8 +11,9 @@ which is the ``"outer"`` kind of part with its two factors in the other order
 (``_rules``: the part ``(a, b)`` gives ``sum_n b_n a_n^T`` in the parameter's layout).
 Ghost clipping takes it as it takes a Linear weight. A parameter on the left, ``w @ x``
 with ``x`` of shape ``(B, ..., in, n)``, is a Linear applied to each of the ``n`` columns:
-the same part with both factors transposed. Two batched operands, a parameter of more
-than two axes and ``out=`` are refused.
+the same part with both factors transposed; a two-axis ``x`` of shape ``(in, B)`` holds
+the examples as its columns (``W @ X`` in column-vector notation), checked as ``x.T``'s
+axis 0. Two batched operands, a parameter of more than two axes and ``out=`` are refused.
 
 # NOTE [einsum]
 ``torch.einsum(eq, x, p)`` of one batched operand and one parameter (either order, the
@@ -54,28 +55,35 @@ def _matmul(reflected: bool) -> Any:
         ws, x = (sa, b) if left else (sb, a)
         name = "w @ x" if left else "x @ w"
         wp = engine.bases[ws]
-        if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2 + left:
+        if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise Unsupported(
                 f"{engine.name(ws)} of shape {tuple(wp.shape)} is used by `{name}` on an input "
                 f"of shape {tuple(getattr(x, 'shape', ()))}; its rule takes a matrix or "
-                f"vector `w` and a batched `x` of at least {2 + left} axes (NOTE [x @ w])")
-        axis = engine.check_input(x, name, [ws], features=1 + left, seq_first=not left)
+                "vector `w` and a batched `x` of at least 2 axes (NOTE [x @ w])")
+        columns = left and x.dim() == 2  # w @ x with examples as the columns of x
+        if columns:  # the examples on axis 1: checked as x^T's axis 0 (a Linear's input)
+            axis = engine.check_input(x.mT, name, [ws], features=1)
+        else:
+            axis = engine.check_input(x, name, [ws], features=1 + left, seq_first=not left)
         xin = x.detach().requires_grad_() if _no_graph(x, wp) else x
         out = torch.matmul(wp, xin) if left else torch.matmul(xin, wp)
-        engine.record(out, _finish_matmul, x, ws, axis, left)
+        engine.record(out, _finish_matmul, x, ws, axis, left, columns)
         return out
 
     return rule
 
 
 def _finish_matmul(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int,
-                   axis: int = 0, left: bool = False) -> None:
+                   axis: int = 0, left: bool = False, columns: bool = False) -> None:
     if engine.bases[ws].dim() == 1:  # a vector: the product dropped its axis
-        g = g.unsqueeze(-2 if left else -1)
-    if axis:  # NOTE [sequence-first inputs]
-        x, g = x.movedim(axis, 0), g.movedim(axis, 0)
-    if left:  # w @ x is (x^T @ w^T)^T: positions on the last axis
-        x, g = x.mT, g.mT
+        g = g.unsqueeze(0 if columns else -2 if left else -1)
+    if columns:  # (in, B) and (out, B): example b's column is its only position
+        x, g = x.mT.unsqueeze(1), g.mT.unsqueeze(1)
+    else:
+        if axis:  # NOTE [sequence-first inputs]
+            x, g = x.movedim(axis, 0), g.movedim(axis, 0)
+        if left:  # w @ x is (x^T @ w^T)^T: positions on the last axis
+            x, g = x.mT, g.mT
     B = g.shape[0]
     x, g = x.reshape(B, 1, -1, x.shape[-1]), g.reshape(B, 1, -1, g.shape[-1])
     # The part (a, b) gives sum_n b_n a_n^T in the parameter's layout: (in, out) for x @ w,
