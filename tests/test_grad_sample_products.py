@@ -5,6 +5,9 @@ default method to ``vmap``."""
 
 from __future__ import annotations
 
+import random
+import warnings
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -197,3 +200,80 @@ def test_einsum_the_rule_does_not_take_falls_back(eq, x_shape, p_shape, match):
 
     with pytest.raises(ValueError, match=match):
         fp.per_sample_grads(losses, method="hooks")(params, x)
+
+
+def apply(kind: str, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if kind == "x@w":
+        return h @ w
+    if kind == "x@w*2":
+        return h @ (w * 2)
+    if kind == "x@wT":
+        return h @ w.T
+    if kind == "x@w[:d]":
+        return h @ w[:h.shape[-1]]
+    if kind == "w@x":
+        return (w @ h.transpose(-1, -2)).transpose(-1, -2)
+    if kind == "einsum":
+        return torch.einsum("btd,do->bto" if h.dim() == 3 else "bd,do->bo", h, w)
+    if kind == "linear":
+        return F.linear(h, w)
+    return {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+            "rsub": lambda a, b: b - a}[kind](h, w)
+
+
+def random_functional_model(r: random.Random):
+    """A chain of functional-style uses of parameters on ``(B, D)`` or ``(B, T, D)`` inputs,
+    sizes often equal to the batch's (the search that found the column form of ``w @ x``)."""
+    B = r.randint(1, 5)
+    T, D = r.choice([1, 2, 3, B]), r.choice([2, 3, 4, B])
+    params, steps, d = {}, [], D
+    for i in range(r.randint(1, 4)):
+        kind = r.choice(["x@w", "w@x", "einsum", "add", "sub", "rsub", "mul", "div", "linear",
+                         "x@wT", "x@w*2", "x@w[:d]"])
+        o = r.choice([2, 3, 4, B]) if kind not in ("add", "sub", "rsub", "mul", "div") else d
+        shape = {"x@wT": (o, d), "w@x": (o, d), "linear": (o, d), "x@w[:d]": (d + 2, o)}.get(
+            kind, (d, o) if o != d or kind not in ("add", "sub", "rsub", "mul", "div") else (d,))
+        p = torch.randn(*shape) if r.random() < 0.8 or len(shape) > 1 else torch.randn(())
+        params[f"p{i}"] = p.abs() + 0.5 if kind == "div" else p
+        steps.append((kind, f"p{i}", r.choice([torch.tanh, torch.sin, None])))
+        d = o
+    params["head"] = torch.randn(3, d)
+
+    def losses(p, x, y):
+        h = x
+        for kind, name, act in steps:
+            h = apply(kind, h, p[name])
+            h = h if act is None else act(h)
+        return ce(F.linear(h.mean(1) if h.dim() == 3 else h, p["head"]), y)
+
+    seq = r.random() < 0.6
+    x = torch.randn(B, T, D) if seq else torch.randn(B, D)
+    return losses, params, x, torch.randint(0, 3, (B,)), [s[0] for s in steps]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_random_functional_models_match_the_loop(seed):
+    """Per-example gradients (hooks, auto), norms and clipped sums (auto) against the loop;
+    no fall-back to vmap (ghost hands an einsum to hooks)."""
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    losses, params, x, y, kinds = random_functional_model(r)
+    want = loop_grads(losses, params, x, y)
+    scale = {k: max(1.0, float(v.abs().max())) for k, v in want.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fall-back to vmap warns
+        for method in ("hooks", "auto"):
+            got = fp.per_sample_grads(losses, method=method)(params, x, y)
+            for k in want:
+                assert float((got[k] - want[k]).abs().max()) <= 1e-10 * scale[k], (kinds, method, k)
+    norms = torch.sqrt(sum(v.reshape(v.shape[0], -1).square().sum(1) for v in want.values()))
+    max_norm = float(norms.median())
+    factor = (max_norm / norms).clamp(max=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ghost -> hooks for einsum says so once
+        total, got_norms = fp.clipped_grad(losses, max_norm)(params, x, y)
+    assert float((got_norms - norms).abs().max()) <= 1e-10 * max(1.0, float(norms.max()))
+    for k, v in want.items():
+        clipped = (v * factor.reshape(-1, *[1] * (v.dim() - 1))).sum(0)
+        assert float((total[k] - clipped).abs().max()) <= 1e-10 * max(1.0, float(clipped.abs().max())), (kinds, k)
