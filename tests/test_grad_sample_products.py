@@ -277,3 +277,56 @@ def test_random_functional_models_match_the_loop(seed):
     for k, v in want.items():
         clipped = (v * factor.reshape(-1, *[1] * (v.dim() - 1))).sum(0)
         assert float((total[k] - clipped).abs().max()) <= 1e-10 * max(1.0, float(clipped.abs().max())), (kinds, k)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 6), frozen_requires_grad=st.booleans(),
+       form=st.sampled_from(["W + B @ A", "B @ A + W", "W * mask", "W - B @ A"]))
+def test_parameters_combined_with_a_frozen_weight_match_the_loop(seed, batch, frozen_requires_grad,
+                                                                 form):
+    """NOTE [parameters combined with constants]: a LoRA update merged into a frozen
+    weight, a learned mask on one. The frozen (6, 6) weight has an axis that is a
+    multiple of the batch size for B in (1, 2, 3, 6): those batches run padded."""
+    torch.manual_seed(seed)
+    W = torch.randn(6, 6, requires_grad=frozen_requires_grad)  # a frozen nn.Parameter, or data
+    params = {"A": torch.randn(2, 6), "B": torch.randn(6, 2) * 0.1, "mask": torch.rand(6, 6),
+              "head": torch.randn(3, 6)}
+    x, y = torch.randn(batch, 4, 6), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        weight = {"W + B @ A": lambda: W + p["B"] @ p["A"], "B @ A + W": lambda: p["B"] @ p["A"] + W,
+                  "W * mask": lambda: W * p["mask"], "W - B @ A": lambda: W - p["B"] @ p["A"]}[form]()
+        return ce(F.linear(torch.tanh(F.linear(x, weight)).mean(1), p["head"]), y)
+
+    check(losses, params, x, y)
+
+
+def test_a_lora_parametrisation_takes_the_fast_path():
+    """minLoRA's way: ``parametrize.register_parametrization(linear, "weight", LoRA)`` whose
+    forward returns ``W + B @ A``, with only ``A`` and ``B`` differentiated."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    class LoRA(nn.Module):
+        def __init__(self, n: int, rank: int = 2) -> None:
+            super().__init__()
+            self.A = nn.Parameter(torch.randn(rank, n))
+            self.B = nn.Parameter(torch.randn(n, rank) * 0.1)
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight + self.B @ self.A
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6)
+    parametrize.register_parametrization(layer, "weight", LoRA(6))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(6, 3))
+    named = dict(model.named_parameters())
+    train = {k: v.detach() for k, v in named.items() if ".weight.0." in k}
+    frozen = {k: v for k, v in named.items() if k not in train}
+    assert sorted(train) == ["0.parametrizations.weight.0.A", "0.parametrizations.weight.0.B"]
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def losses(p, x, y):
+        return ce(torch.func.functional_call(model, {**frozen, **p}, (x,)), y)
+
+    check(losses, train, x, y)
