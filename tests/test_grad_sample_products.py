@@ -202,7 +202,12 @@ def test_einsum_the_rule_does_not_take_falls_back(eq, x_shape, p_shape, match):
         fp.per_sample_grads(losses, method="hooks")(params, x)
 
 
-def apply(kind: str, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def apply(kind: str, h: torch.Tensor, w: torch.Tensor, low: torch.Tensor | None = None,
+          frozen: torch.Tensor | None = None) -> torch.Tensor:
+    if kind == "lora":  # a frozen weight plus a low-rank update: NOTE [parameters combined with constants]
+        return h @ (frozen + w @ low)
+    if kind == "mask":
+        return h @ (frozen * w)
     if kind == "x@w":
         return h @ w
     if kind == "x@w*2":
@@ -226,15 +231,20 @@ def random_functional_model(r: random.Random):
     sizes often equal to the batch's (the search that found the column form of ``w @ x``)."""
     B = r.randint(1, 5)
     T, D = r.choice([1, 2, 3, B]), r.choice([2, 3, 4, B])
-    params, steps, d = {}, [], D
+    params, steps, frozen, d = {}, [], {}, D
     for i in range(r.randint(1, 4)):
         kind = r.choice(["x@w", "w@x", "einsum", "add", "sub", "rsub", "mul", "div", "linear",
-                         "x@wT", "x@w*2", "x@w[:d]"])
+                         "x@wT", "x@w*2", "x@w[:d]", "lora", "mask"])
         o = r.choice([2, 3, 4, B]) if kind not in ("add", "sub", "rsub", "mul", "div") else d
         shape = {"x@wT": (o, d), "w@x": (o, d), "linear": (o, d), "x@w[:d]": (d + 2, o)}.get(
             kind, (d, o) if o != d or kind not in ("add", "sub", "rsub", "mul", "div") else (d,))
         p = torch.randn(*shape) if r.random() < 0.8 or len(shape) > 1 else torch.randn(())
         params[f"p{i}"] = p.abs() + 0.5 if kind == "div" else p
+        if kind in ("lora", "mask"):
+            frozen[f"p{i}"] = torch.randn(d, o)
+            params[f"p{i}"] = torch.randn(d, 2) if kind == "lora" else torch.rand(d, o)
+            if kind == "lora":
+                params[f"p{i}low"] = torch.randn(2, o)
         steps.append((kind, f"p{i}", r.choice([torch.tanh, torch.sin, None])))
         d = o
     params["head"] = torch.randn(3, d)
@@ -242,7 +252,7 @@ def random_functional_model(r: random.Random):
     def losses(p, x, y):
         h = x
         for kind, name, act in steps:
-            h = apply(kind, h, p[name])
+            h = apply(kind, h, p[name], p.get(name + "low"), frozen.get(name))
             h = h if act is None else act(h)
         return ce(F.linear(h.mean(1) if h.dim() == 3 else h, p["head"]), y)
 
@@ -299,6 +309,21 @@ def test_parameters_combined_with_a_frozen_weight_match_the_loop(seed, batch, fr
         return ce(F.linear(torch.tanh(F.linear(x, weight)).mean(1), p["head"]), y)
 
     check(losses, params, x, y)
+
+
+def test_a_rank_one_update_of_a_one_by_one_weight_at_a_batch_of_one():
+    """Found by the random search: a (1, 1) frozen weight plus a (1, 1) update is a
+    constant like any other, even where every axis has size 1 (so B = 1 runs padded);
+    it was once taken for a batch of one and refused at the padded size."""
+    torch.manual_seed(1)
+    W = torch.randn(1, 1)
+    params = {"A": torch.randn(2, 1), "B": torch.randn(1, 2), "head": torch.randn(3, 1)}
+
+    def losses(p, x, y):
+        return ce(F.linear(torch.tanh(F.linear(x, W + p["B"] @ p["A"])).mean(1), p["head"]), y)
+
+    for batch in (1, 2, 3):
+        check(losses, params, torch.randn(batch, 3, 1), torch.randint(0, 3, (batch,)))
 
 
 def test_a_lora_parametrisation_takes_the_fast_path():

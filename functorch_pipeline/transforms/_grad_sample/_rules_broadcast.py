@@ -79,7 +79,7 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
-        if k == 0 and aligned == tuple(x.shape) and _constant(engine, x):
+        if tuple(p.shape) == tuple(x.shape) and _constant(engine, x):
             # NOTE [parameters combined with constants]
             if any(n % engine.batch_size == 0 for n in x.shape):
                 raise Ambiguous(f"{engine.name(slot)} meets a tensor of shape {tuple(x.shape)} in "
