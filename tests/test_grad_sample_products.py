@@ -355,3 +355,24 @@ def test_a_lora_parametrisation_takes_the_fast_path():
         return ce(torch.func.functional_call(model, {**frozen, **p}, (x,)), y)
 
     check(losses, train, x, y)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), shape=st.sampled_from([(), (4,), (4, 3), (4, 2, 3)]),
+       per_channel=st.booleans())
+def test_prelu_matches_the_loop(seed, batch, shape, per_channel):
+    """``nn.PReLU`` with one slope or one per channel (axis 1), on flat, sequence and
+    image activations."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    channels = shape[0] if shape and per_channel else 1
+    act = nn.PReLU(channels, init=0.3)
+    params = {"slope": act.weight.detach() + torch.randn(channels) * 0.1, "head": torch.randn(3, 1)}
+    x, y = torch.randn(batch, *shape), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        h = torch.func.functional_call(act, {"weight": p["slope"]}, (x,))
+        return ce(F.linear(h.reshape(h.shape[0], -1).sum(1, keepdim=True), p["head"]), y)
+
+    check(losses, params, x, y)

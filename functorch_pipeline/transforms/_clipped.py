@@ -213,7 +213,7 @@ _METHOD_DOC = """
           memory of one batch gradient, no ``B x params`` tensor. Parameters may be used
           by ``F.linear`` (any number of leading axes, e.g. ``(B, T, F)``),
           ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``,
-          ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``,
+          ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``, ``F.prelu``,
           ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``),
           ``fp.nn.LSTM``/``GRU``/``RNN``, ``x @ w`` and ``w @ x``, and ``x + p``,
           ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)`` over the batch; any

@@ -353,7 +353,7 @@ def per_sample_grads(
           the inputs and output gradients of the calls that use it: ``F.linear``,
           ``F.conv1d``/``2d``/``3d``, ``F.conv_transpose1d``/``2d``/``3d``,
           ``F.embedding``, ``F.embedding_bag``, ``F.layer_norm``, ``F.group_norm``,
-          ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode,
+          ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode, ``F.prelu``,
           ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
           ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
           the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)``

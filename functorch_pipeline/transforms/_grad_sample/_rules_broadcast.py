@@ -1,6 +1,7 @@
 """Per-sample rules for parameters that meet the batch by broadcasting: ``x + p``,
-``x * p`` and ``p.expand(B, ...)``, the positional embedding, LayerScale and class token
-of a vision transformer (torchvision's ``vit_*``, timm's ``VisionTransformer``).
+``x - p``, ``x * p``, ``x / p`` and ``p.expand(B, ...)``, the positional embedding,
+LayerScale and class token of a vision transformer (torchvision's ``vit_*``, timm's
+``VisionTransformer``), and ``F.prelu``'s slopes.
 
 # NOTE [broadcast parameters]
 ``x + p`` and ``x * p`` (``torch.add``/``mul``, the operators, ``alpha`` included) take a
@@ -40,6 +41,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._padding import Evidence
+from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
 __all__: list[str] = []
@@ -169,6 +171,30 @@ def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int,
     engine.add("direct", slot, (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *p.shape))
 
 
+def _prelu(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``F.prelu(x, w)``: ``max(0, x) + w * min(0, x)`` with ``w`` of one entry or one per
+    channel (axis 1); example ``b``'s gradient is ``g * min(0, x)`` summed over its other
+    axes (and over the channels for a single ``w``)."""
+    x, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
+    slot = engine.slot(w)
+    if slot is None or engine.slot(x) is not None or not isinstance(x, torch.Tensor):
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by `F.prelu` as its input")
+    engine.check_input(x, "F.prelu", [slot], min_dim=1, features=x.dim() - 1)
+    xin = x.detach().requires_grad_() if not x.requires_grad else x
+    out = torch.prelu(xin, engine.bases[slot])
+    engine.record(out, _finish_prelu, x, slot)
+    return out
+
+
+def _finish_prelu(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int) -> None:
+    p = engine.bases[slot]
+    part = g * x.clamp(max=0)
+    keep = (0, 1) if p.numel() > 1 else (0,)
+    dims = tuple(i for i in range(part.dim()) if i not in keep)
+    engine.add("direct", slot, (part.sum(dims) if dims else part).reshape(part.shape[0], *p.shape))
+
+
+register_rule(torch.prelu, _prelu)
 for _kind, _funcs in (("add", ADD), ("mul", MUL), ("sub", SUB), ("div", DIV)):
     for _func in _funcs:
         # __radd__/__rmul__ of a commutative op need no swap; the others do.
