@@ -694,3 +694,32 @@ def test_unused_parameter_gets_zeros():
         return F.linear(x, p["w"]).square().sum(1)
 
     check(loss, p, x)
+
+
+class _WeightStandardisedConv(nn.Conv2d):
+    """A conv whose weight is standardised per output channel in the forward (De et al.'s
+    DP-trained WideResNets, NF-ResNets): a weight derived from the parameter."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ghost_takes_weight_standardised_convolutions(batch):
+    """The ghost conv rule forms a derived weight's per-example gradients and passes them
+    back (NOTE [derived parameters]), so ghost keeps every other layer; it used to hand the
+    whole model to hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_WeightStandardisedConv(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                          _WeightStandardisedConv(4, 4, 3, stride=2), nn.Flatten(), nn.Linear(16, 3))
+    params = params_of(model)
+    x, y = torch.randn(batch, 3, 6, 6), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto must not fall back
+        check(losses, params, x, y, methods=("ghost", "auto"))

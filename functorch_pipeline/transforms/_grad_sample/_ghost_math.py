@@ -57,7 +57,7 @@ from functorch_pipeline.transforms._grad_sample._rules import conv_weight_groupe
 from functorch_pipeline.transforms._grad_sample._rules import merge
 from functorch_pipeline.tree._math import _rows_sq_norms
 
-__all__ = ["CHUNK_BYTES", "GRAM_RATIO", "KEEP_BYTES", "squared_norms", "weighted_sum"]
+__all__ = ["CHUNK_BYTES", "GRAM_RATIO", "KEEP_BYTES", "conv_materialise", "squared_norms", "weighted_sum"]
 
 CHUNK_BYTES = 16 << 20  # the largest temporary (Gram matrices, materialised gradients)
 KEEP_BYTES = 32 << 20  # see NOTE [keeping small per-example gradients]
@@ -196,7 +196,7 @@ def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
     return _cat(out, 0), kept
 
 
-def _conv_materialise(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
+def conv_materialise(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
                       param: torch.Tensor) -> torch.Tensor:
     return _conv_per_example(x, g, geometry).reshape(g.shape[0], *param.shape)
 
@@ -284,7 +284,7 @@ def _materialised(parts: Parts, param: torch.Tensor, s: int, e: int) -> torch.Te
         if kind == "conv":
             g = None
             for p in chunk:
-                m = _conv_materialise(*p, param)
+                m = conv_materialise(*p, param)
                 g = m if g is None else g + m
         else:
             g = merge(kind, chunk, param)
