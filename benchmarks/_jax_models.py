@@ -76,6 +76,30 @@ def max_relative_difference(got: dict[str, Any], want: dict[str, torch.Tensor]) 
     return worst
 
 
+def checked_row(name: str, fn: Any, args: tuple[Any, ...], want: dict[str, torch.Tensor],
+                against: str, tol: float | None = None) -> Any:
+    """A timed row for the jitted ``fn(*args)``: its first (compiling) call checks the result
+    against torch's ``want`` and prints the worst relative difference (asserting it is
+    below ``tol`` when given); the returned callable blocks until JAX is done, and its
+    ``note`` gives the compile + first call time."""
+    import time
+
+    import jax
+
+    start = time.perf_counter()
+    got = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    worst = max_relative_difference(got, want)
+    print(f"  check: {name} vs {against}, max relative difference {worst:.1e}")
+    assert tol is None or worst < tol, worst
+
+    def run() -> Any:
+        return jax.block_until_ready(fn(*args))
+
+    run.note = f"compile + first call {first:.2f} s (in the check, before timing)"
+    return run
+
+
 def conv2d(x: Any, w: Any, b: Any) -> Any:
     """``F.conv2d(x, w, b)``: stride 1, no padding, NCHW input, OIHW weight."""
     import jax

@@ -144,7 +144,6 @@ def _opacus(x: torch.Tensor, y: torch.Tensor) -> object:
 def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict:
     """The JAX rows (same weights and batch), each checked against torch's ``vmap(grad)``
     result ``want`` first; that check makes the compiling first call, timed into a note."""
-    import time
 
     jax = _jax_models.modules()[0]
     params = _jax_models.params_from_torch(model.named_parameters())
@@ -152,23 +151,10 @@ def _jax(model: nn.Module, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict
     batch_grad = jax.jit(jax.grad(_jax_models.cnn_mean_loss))
     per_example = jax.jit(jax.vmap(jax.grad(_jax_models.cnn_example_loss), in_axes=(None, 0, 0)))
     want_mean = {k: v.mean(0) for k, v in want.items()}
-    fns = {}
-    for name, fn, ref in (("JAX batch gradient (jit)", batch_grad, want_mean),
-                          ("JAX vmap(grad) (jit)", per_example, want)):
-        start = time.perf_counter()
-        got = jax.block_until_ready(fn(params, jx, jy))
-        first = time.perf_counter() - start
-        worst = _jax_models.max_relative_difference(got, ref)
-        print(f"  check: {name} vs vmap(grad){' mean' if ref is want_mean else ''}, "
-              f"max relative difference {worst:.1e}")
-        assert worst < 1e-4, worst
-
-        def run(fn: object = fn) -> object:
-            return jax.block_until_ready(fn(params, jx, jy))
-
-        run.note = f"compile + first call {first:.2f} s (in the check, before timing)"
-        fns[name] = run
-    return fns
+    return {name: _jax_models.checked_row(name, fn, (params, jx, jy), ref,
+                                          "vmap(grad) mean" if ref is want_mean else "vmap(grad)", 1e-4)
+            for name, fn, ref in (("JAX batch gradient (jit)", batch_grad, want_mean),
+                                  ("JAX vmap(grad) (jit)", per_example, want))}
 
 
 def _child(name: str, batch: int, calls: int) -> None:

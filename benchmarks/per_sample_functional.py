@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 from typing import Any
 
@@ -68,25 +67,13 @@ def _jax(params: dict, x: torch.Tensor, y: torch.Tensor, want: dict) -> dict[str
     def mean_loss(p: Any, xb: Any, yb: Any) -> Any:
         return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(p, xb, yb))
 
-    fns = {}
-    for name, fn, ref in (
-            ("JAX batch gradient (jit)", jax.jit(jax.grad(mean_loss)),
-             {k: v.mean(0) for k, v in want.items()}),
-            ("JAX vmap(grad) (jit)",
-             jax.jit(jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))), want)):
-        start = time.perf_counter()
-        got = jax.block_until_ready(fn(jp, jx, jy))
-        first = time.perf_counter() - start
-        worst = _jax_models.max_relative_difference(got, ref)
-        print(f"  check: {name} vs fp's vmap(grad){' mean' if 'batch' in name else ''}, "
-              f"max relative difference {worst:.1e}")
-
-        def run(fn: Any = fn) -> Any:
-            return jax.block_until_ready(fn(jp, jx, jy))
-
-        run.note = f"compile + first call {first:.2f} s (in the check, before timing)"
-        fns[name] = run
-    return fns
+    want_mean = {k: v.mean(0) for k, v in want.items()}
+    return {name: _jax_models.checked_row(name, fn, (jp, jx, jy), ref,
+                                          "fp's vmap(grad) mean" if ref is want_mean else "fp's vmap(grad)")
+            for name, fn, ref in (
+                ("JAX batch gradient (jit)", jax.jit(jax.grad(mean_loss)), want_mean),
+                ("JAX vmap(grad) (jit)", jax.jit(jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))),
+                 want))}
 
 
 def main() -> None:
