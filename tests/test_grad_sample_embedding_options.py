@@ -150,3 +150,20 @@ def test_sparse_lookups_stay_refused_by_hooks():
 
     with pytest.raises(ValueError, match="sparse=True"):
         fp.per_sample_grads(loss, method="hooks")(p, torch.tensor([[1], [2]]))
+
+
+def test_max_norm_on_a_table_computed_inside_loss_fn_is_refused():
+    """Rescaling a derived table in place would change what its gradient is pulled back
+    through (NOTE [max_norm renormalises the table]); vmap cannot run it either."""
+    params = {"w": torch.randn(V, D) * 3}
+    ids = torch.randint(0, V, (3, 4))
+
+    def loss(p, ids):
+        return F.embedding(ids, p["w"] * 2, max_norm=1.0).sum((1, 2))
+
+    with pytest.raises(ValueError, match=r"`w` \(through `Tensor.mul`\) is used by `F.embedding` "
+                                         r"with max_norm=1.0 after being computed inside loss_fn"):
+        fp.per_sample_grads(loss, method="hooks")(copy(params), ids)
+    with pytest.raises(RuntimeError, match="method='vmap' cannot batch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp.per_sample_grads(loss)(copy(params), ids)

@@ -197,8 +197,9 @@ def _per_sample(
                 raise RuntimeError(
                     f"{fn}: method='vmap' cannot batch F.embedding/F.embedding_bag with "
                     "max_norm, which rescales rows of the table in place during the forward; "
-                    "method='hooks' (and method='auto') handle it, renormalising the table as "
-                    f"eager PyTorch does. The error was: {e}") from e
+                    "method='hooks' (and method='auto') handle it when the table is a parameter "
+                    "(not computed inside loss_fn), renormalising it as eager PyTorch does. "
+                    f"The error was: {e}") from e
             rnn = _builtin_rnn_in(e.__traceback__)
             if rnn is None:
                 raise

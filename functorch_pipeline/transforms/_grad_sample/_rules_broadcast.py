@@ -4,15 +4,17 @@ LayerScale and class token of a vision transformer (torchvision's ``vit_*``, tim
 ``VisionTransformer``), and ``F.prelu``'s slopes.
 
 # NOTE [broadcast parameters]
-``x + p`` and ``x * p`` (``torch.add``/``mul``, the operators, ``alpha`` included) take a
+``x + p``, ``x - p`` (or ``p - x``), ``x * p`` and ``x / p`` (``torch.add``/``sub``/
+``mul``/``div``, ``torch.rsub``, the operators, ``alpha`` included; not ``p / x``) take a
 parameter ``p`` that spans the trailing axes of a batched ``x`` and is broadcast over
 its leading ``k`` axes: ``p``'s shape, left-padded with ones to ``x``'s rank, must be
 ``(1,) * k + x.shape[k:]`` (a bias ``(D,)``, a positional table ``(1, T, D)`` or ``(T, D)``
 against ``(B, T, D)``). The examples must be on one of those ``k`` axes, found by
 ``Engine.check_input`` as for a Linear (axis 0, or axis 1 of a sequence-first input;
 several candidates of size ``B`` are ambiguous and get padded): ``p`` is the same for
-every example there, so example ``b``'s gradient is its output gradient (times ``x``
-for a product, times ``alpha`` for ``x + alpha p``) summed over the other broadcast axes.
+every example there, so example ``b``'s gradient is its output gradient times the
+elementwise derivative (``x`` for a product, ``-out / p`` for a quotient, ``alpha`` or
+``-alpha`` for a sum or difference) summed over the other broadcast axes.
 Any other shape (``p`` varying along a leading axis, a result larger than ``x``) is
 refused.
 
@@ -51,7 +53,7 @@ ADD = (torch.add, _T.add, _T.__add__, _T.__radd__)
 MUL = (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)
 SUB = (torch.sub, _T.sub, _T.__sub__, _T.__rsub__, torch.rsub)
 DIV = (torch.div, _T.div, _T.__truediv__, _T.__rtruediv__)
-_REFLECTED = (_T.__radd__, _T.__rmul__, _T.__rsub__, torch.rsub, _T.__rtruediv__)
+_REFLECTED = (_T.__rsub__, torch.rsub, _T.__rtruediv__)  # first argument on the right
 
 
 _NAMES = {"add": "x + p", "sub": "x - p", "mul": "x * p", "div": "x / p"}
@@ -197,7 +199,6 @@ def _finish_prelu(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int) -
 register_rule(torch.prelu, _prelu)
 for _kind, _funcs in (("add", ADD), ("mul", MUL), ("sub", SUB), ("div", DIV)):
     for _func in _funcs:
-        # __radd__/__rmul__ of a commutative op need no swap; the others do.
-        register_rule(_func, _binary(_kind, _func in _REFLECTED and _kind in ("sub", "div")))
+        register_rule(_func, _binary(_kind, _func in _REFLECTED))  # + and * commute
 _expand.takes_parameters_only = True  # it makes the batch axis: see _Tracked.__torch_function__
 register_rule(_T.expand, _expand)
