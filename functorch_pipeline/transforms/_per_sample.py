@@ -357,7 +357,7 @@ def per_sample_grads(
           ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode, ``F.prelu``,
           ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
           ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
-          the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)``
+          the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or ``p.expand(B, ...)``
           (a vision transformer's positional embedding, LayerScale and class token; an
           expand is taken once a padded batch shows its size follows the batch's), a
           matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a two-operand
@@ -390,7 +390,7 @@ def per_sample_grads(
           first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
           ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
           Any other use of a parameter
-          (``p / x``, ``tensordot``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
+          (``tensordot``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
           Large per-example outputs are written into buffers of earlier results once

@@ -4,8 +4,8 @@ LayerScale and class token of a vision transformer (torchvision's ``vit_*``, tim
 ``VisionTransformer``), and ``F.prelu``'s slopes.
 
 # NOTE [broadcast parameters]
-``x + p``, ``x - p`` (or ``p - x``), ``x * p`` and ``x / p`` (``torch.add``/``sub``/
-``mul``/``div``, ``torch.rsub``, the operators, ``alpha`` included; not ``p / x``) take a
+``x + p``, ``x - p``, ``x * p`` and ``x / p``, in either order (``torch.add``/``sub``/
+``mul``/``div``, ``torch.rsub``, the operators, ``alpha`` included) take a
 parameter ``p`` that spans the trailing axes of a batched ``x`` and is broadcast over
 its leading ``k`` axes: ``p``'s shape, left-padded with ones to ``x``'s rank, must be
 ``(1,) * k + x.shape[k:]`` (a bias ``(D,)``, a positional table ``(1, T, D)`` or ``(T, D)``
@@ -13,8 +13,8 @@ against ``(B, T, D)``). The examples must be on one of those ``k`` axes, found b
 ``Engine.check_input`` as for a Linear (axis 0, or axis 1 of a sequence-first input;
 several candidates of size ``B`` are ambiguous and get padded): ``p`` is the same for
 every example there, so example ``b``'s gradient is its output gradient times the
-elementwise derivative (``x`` for a product, ``-out / p`` for a quotient, ``alpha`` or
-``-alpha`` for a sum or difference) summed over the other broadcast axes.
+elementwise derivative (``x`` for a product, ``-out / p`` or ``1 / x`` for a quotient,
+``alpha`` or ``-alpha`` for a sum or difference) summed over the other broadcast axes.
 Any other shape (``p`` varying along a leading axis, a result larger than ``x``) is
 refused.
 
@@ -76,9 +76,6 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         sa, sb = engine.slot(a), engine.slot(b)
         slot, x = (sa, b) if sa is not None else (sb, a)
         p = engine.bases[slot]
-        if kind == "div" and sa is not None:
-            raise Unsupported(f"{engine.name(slot)} is divided by a batched input (`p / x`), "
-                              f"which has no per-sample gradient rule; `x / p` has one")
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or p.dim() > x.dim():
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
@@ -102,9 +99,12 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with a result of shape "
                               f"{tuple(out.shape)}, larger than the batched input's {tuple(x.shape)}")
         # d out / d p, elementwise: 1 or alpha (+), -alpha for the subtrahend (-), x (*),
-        # -out / p for the divisor (/).
+        # -out / p for the divisor and 1 / x for the dividend (/).
         alpha = kwargs.get("alpha", 1)
-        factor = x if kind == "mul" else -(out.detach() / p) if kind == "div" else None
+        if kind == "div":
+            factor = -(out.detach() / p) if sb is not None else 1 / x.detach()
+        else:
+            factor = x if kind == "mul" else None
         scale = -alpha if kind == "sub" and sb is not None else alpha if sb is not None else 1
         engine.record(out, _finish_binary, factor, slot, axis, k, scale)
         return out
