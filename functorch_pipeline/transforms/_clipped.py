@@ -215,7 +215,8 @@ _METHOD_DOC = """
           ``F.conv1d``/``F.conv2d``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm``,
           ``F.batch_norm`` (eval), ``F.instance_norm``, ``F.rms_norm``, ``F.prelu``,
           ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``),
-          ``fp.nn.LSTM``/``GRU``/``RNN``, ``x @ w`` and ``w @ x``, and ``x + p``,
+          ``fp.nn.LSTM``/``GRU``/``RNN``, ``nn.LSTMCell``/``GRUCell``/``RNNCell``,
+          ``x @ w`` and ``w @ x``, and ``x + p``,
           ``x - p``, ``x * p``, ``x / p`` or ``p.expand(B, ...)`` over the batch; any
           other use (``Conv3d``, transposed convs, ``EmbeddingBag``) is an error naming
           the parameter's key path and the method that handles it.

@@ -203,6 +203,11 @@ def _per_sample(
             rnn = _builtin_rnn_in(e.__traceback__)
             if rnn is None:
                 raise
+            if rnn.endswith("Cell"):  # NOTE [recurrent cells] in _grad_sample/_rules_cells
+                raise RuntimeError(
+                    f"{fn}: built-in nn.{rnn} failed under vmap (its fused kernel cannot be "
+                    "batched); method='hooks' (and method='auto', the default, for per-example "
+                    f"losses) handle it. The error was: {e}") from e
             raise RuntimeError(
                 f"{fn}: built-in nn.{rnn} failed under vmap (its fused kernel has no batching "
                 f"rule): {REPLACE_RNNS_HINT}. The error was: {e}") from e
@@ -211,12 +216,13 @@ def _per_sample(
 
 
 def _builtin_rnn_in(tb: Any) -> str | None:
-    """The class name of a built-in ``nn.RNNBase`` whose ``forward`` is on the traceback."""
+    """The class name of a built-in ``nn.RNNBase`` or ``nn.RNNCellBase`` whose ``forward``
+    is on the traceback."""
     while tb is not None:
         frame = tb.tb_frame
         if frame.f_code.co_filename.endswith(("nn/modules/rnn.py", "nn\\modules\\rnn.py")):
             owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.RNNBase):
+            if isinstance(owner, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
                 return type(owner).__name__
         tb = tb.tb_next
     return None
@@ -357,12 +363,14 @@ def per_sample_grads(
           ``F.instance_norm``, ``F.rms_norm``, ``F.batch_norm`` in eval mode, ``F.prelu``,
           ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, so
           ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
-          the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or ``p.expand(B, ...)``
-          (a vision transformer's positional embedding, LayerScale and class token; an
+          the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or
+          ``p.expand(B, ...)`` (a vision transformer's positional embedding, LayerScale
+          and class token; an
           expand is taken once a padded batch shows its size follows the batch's), a
           matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a two-operand
           ``torch.einsum`` (functional code written the JAX way), and fused rules for
-          ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``). The contract:
+          ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``), and the built-in cells
+          ``nn.LSTMCell``/``GRUCell``/``RNNCell`` stepped in a loop. The contract:
           ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training

@@ -5,7 +5,8 @@ conv1d/2d, embedding, normalisation), ``_rules_conv`` (conv3d, transposed convol
 ``_rules_misc`` (embedding_bag, instance_norm, rms_norm, built-in RNN kernels),
 ``_rules_attention`` (multi_head_attention_forward), ``_rules_broadcast`` (a parameter
 added to, multiplied with or expanded over the batch: NOTE [broadcast parameters]),
-``_rules_matmul`` (``x @ w``: NOTE [x @ w]), the fused LSTM/GRU rules in
+``_rules_matmul`` (``x @ w``: NOTE [x @ w]), ``_rules_cells`` (``nn.LSTMCell``/``GRUCell``/
+``RNNCell``: NOTE [recurrent cells]), the fused LSTM/GRU rules in
 ``_recurrent`` and the recycled output buffers in ``_buffers``. Higher layers make a
 composite op replaceable with :func:`overridable` and give it a rule with
 :func:`register_rule`.
@@ -13,6 +14,7 @@ composite op replaceable with :func:`overridable` and give it a rule with
 
 from functorch_pipeline.transforms._grad_sample import _rules_attention  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_broadcast  # noqa: F401 (registers)
+from functorch_pipeline.transforms._grad_sample import _rules_cells  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_conv  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_matmul  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_misc  # noqa: F401 (registers)
