@@ -205,7 +205,7 @@ def test_einsum_the_rule_does_not_take_falls_back(eq, x_shape, p_shape, match):
 
 def apply(kind: str, h: torch.Tensor, w: torch.Tensor, low: torch.Tensor | None = None,
           frozen: torch.Tensor | None = None) -> torch.Tensor:
-    if kind == "lora":  # a frozen weight plus a low-rank update: NOTE [parameters combined with constants]
+    if kind == "lora":  # a frozen weight plus a low-rank update: NOTE [constants or batch data]
         return h @ (frozen + w @ low)
     if kind == "mask":
         return h @ (frozen * w)
@@ -295,7 +295,7 @@ def test_random_functional_models_match_the_loop(seed):
        form=st.sampled_from(["W + B @ A", "B @ A + W", "W * mask", "W - B @ A"]))
 def test_parameters_combined_with_a_frozen_weight_match_the_loop(seed, batch, frozen_requires_grad,
                                                                  form):
-    """NOTE [parameters combined with constants]: a LoRA update merged into a frozen
+    """NOTE [constants or batch data]: a LoRA update merged into a frozen
     weight, a learned mask on one. The frozen (6, 6) weight has an axis that is a
     multiple of the batch size for B in (1, 2, 3, 6): those batches run padded."""
     torch.manual_seed(seed)
@@ -377,3 +377,65 @@ def test_prelu_matches_the_loop(seed, batch, shape, per_channel):
         return ce(F.linear(h.reshape(h.shape[0], -1).sum(1, keepdim=True), p["head"]), y)
 
     check(losses, params, x, y)
+
+
+@pytest.mark.parametrize("batch", [2, 3, 4, 5])
+def test_an_orthogonal_parametrisation_at_a_batch_as_large_as_the_weight(batch):
+    """NOTE [constants or batch data]: ``parametrizations.orthogonal`` multiplies a
+    constant ``(4, 4)`` base by the parametrised matrix. At B = 4 the base's axis has the
+    batch size; it was once taken for the batch, with wrong gradients (error 0.58)."""
+    from torch import nn
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.orthogonal(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 3))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return ce(torch.func.functional_call(model, p, (x,)), y)
+
+    check(losses, params, x, y)
+
+
+@pytest.mark.parametrize("form", ["W + b", "x / 2 @ w", "w.T @ (x / 2).T", "table @ w"])
+def test_constants_and_copies_of_the_batch_shaped_like_the_batch(form):
+    """A frozen ``(B, B)`` weight plus a learned vector is a constant (a derived weight);
+    a copy of the batch made without a graph is batch data; a fixed table with as many
+    rows as the batch, times a parameter, is a constant. Sizes alone cannot tell these
+    apart, so the batch runs padded once (NOTE [constants or batch data])."""
+    torch.manual_seed(1)
+    batch = 4
+    W, table = torch.randn(batch, batch), torch.randn(batch, 3)
+    params = {"b": torch.randn(batch), "w": torch.randn(batch, 3), "u": torch.randn(3, 3)}
+    x, y = torch.randn(batch, batch), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        if form == "W + b":
+            h = F.linear(x, W + p["b"]) @ p["w"]
+        elif form == "x / 2 @ w":
+            h = (x / 2) @ p["w"]
+        elif form == "w.T @ (x / 2).T":
+            h = (p["w"].T @ (x / 2).T).T
+        else:
+            h = x @ p["w"] + (table @ p["u"]).sum(0)
+        return ce(torch.tanh(h) @ p["u"], y)
+
+    check(losses, params, x, y)
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_einsum_of_a_constant_and_a_parameter_is_a_derived_weight(batch):
+    """``einsum("ij,jk->ik", base, w)`` with a fixed ``(4, 4)`` base, at B = 4 as well:
+    the product has no batch axis (NOTE [constants or batch data])."""
+    torch.manual_seed(2)
+    base = torch.randn(4, 4)
+    params = {"w": torch.randn(4, 3)}
+    x, y = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return ce(x @ torch.einsum("ij,jk->ik", base, p["w"]), y)
+
+    want = loop_grads(losses, params, x, y)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x, y)
+    torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=1e-10)

@@ -368,6 +368,51 @@ class Engine:
     def names(self, args: Any, kwargs: dict[str, Any]) -> str:
         return ", ".join(self.name(s) for s in self.slots(args, kwargs))
 
+    def examples_axis(self, x: Any, check: Callable[[], int], op: str) -> int | None:
+        """``check()`` (the rule's examples' axis of ``x``), or None when ``x`` is a constant
+        of ``loss_fn``: a tensor with no batch axis, which makes the op's result a derived
+        tensor (NOTE [derived parameters]).
+
+        # NOTE [constants or batch data]
+        A parameter may meet a plain tensor that is not batch data: ``base @ matrix_exp(A)``
+        inside ``parametrizations.orthogonal``, a frozen weight plus a learned update or
+        bias. Taking such a constant for the batch because an axis has size ``B`` gives
+        wrong per-example gradients silently (the orthogonal parametrisation at ``B`` equal
+        to its size: error 0.58). A tensor that reads no batch argument (a new tensor, not
+        a view of one) and has no graph (nothing tracked made it) may be either: the batch
+        copied (``x / 255``, ``x.float()``) or a constant. If no axis has a size that is a
+        multiple of ``B`` it cannot hold the examples, merged with other axes or not, so
+        it is a constant. Otherwise only another batch size can tell: the first run is
+        ambiguous and the batch runs again padded (NOTE [padding an ambiguous batch] in
+        ``_padding``), where batch data grows with the batch and repeats its first example
+        in the padding rows, and a constant does not. Tensors with a graph or that view a
+        batch argument are checked by ``check`` alone, as before. (``F.linear`` and the
+        convolutions keep the documented size check alone: their blind spot needs a fixed
+        table shaped like the batch, and the first layer of most models reads a copy of
+        the data.)
+        """
+        if not isinstance(x, torch.Tensor) or x.grad_fn is not None or self._reads_batch(x):
+            return check()
+        B = self.batch_size
+        if not any(n % B == 0 for n in x.shape):
+            return None
+        if self.real is None:
+            raise Ambiguous(f"{op} meets a tensor of shape {tuple(x.shape)} made inside loss_fn "
+                            f"without a graph, which could be the batch of {B} or a constant "
+                            "(NOTE [constants or batch data])")
+        try:
+            return check()
+        except Ambiguous:
+            raise
+        except Unsupported as e:
+            raise Ambiguous(f"{op}: {e}") from e
+
+    def _reads_batch(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` shares memory with a batch argument (the argument or a view)."""
+        ptr = x.untyped_storage().data_ptr()
+        return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
+                   for arg in self.batch_args for t in _tree.leaves(arg))
+
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
                     features: int = 0, seq_first: bool = False) -> int:
         """The axis of ``x`` that holds the examples: 0, or 1 for a sequence-first input

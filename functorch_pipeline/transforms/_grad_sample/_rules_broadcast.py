@@ -38,8 +38,6 @@ from typing import Any
 
 import torch
 
-from functorch_pipeline import tree as _tree
-from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._padding import Evidence
@@ -80,19 +78,20 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
-        if tuple(p.shape) == tuple(x.shape) and _constant(engine, x):
-            # NOTE [parameters combined with constants]
-            if any(n % engine.batch_size == 0 for n in x.shape):
-                raise Ambiguous(f"{engine.name(slot)} meets a tensor of shape {tuple(x.shape)} in "
-                                f"`{name}`, an axis of which could hold the batch of "
-                                f"{engine.batch_size}")
+
+        def check() -> int:
+            if k == 0 or aligned[k:] != tuple(x.shape[k:]):
+                raise Unsupported(
+                    f"{engine.name(slot)} of shape {tuple(p.shape)} is used by `{name}` on an "
+                    f"input of shape {tuple(x.shape)}; its rule takes a parameter spanning the "
+                    "trailing axes, broadcast over the leading ones (NOTE [broadcast parameters])")
+            return engine.check_input(x, name, [slot], min_dim=1, features=x.dim() - k,
+                                      seq_first=k >= 2)
+
+        # A constant (a frozen weight, W + B @ A): NOTE [constants or batch data] in _engine.
+        axis = engine.examples_axis(x, check, f"`{name}` on {engine.name(slot)}")
+        if axis is None:
             return engine.derive_op(op, (a, b), kwargs)
-        if k == 0 or aligned[k:] != tuple(x.shape[k:]):
-            raise Unsupported(
-                f"{engine.name(slot)} of shape {tuple(p.shape)} is used by `{name}` on an input "
-                f"of shape {tuple(x.shape)}; its rule takes a parameter spanning the trailing "
-                "axes, broadcast over the leading ones (NOTE [broadcast parameters])")
-        axis = engine.check_input(x, name, [slot], min_dim=1, features=x.dim() - k, seq_first=k >= 2)
         xin = x.detach().requires_grad_() if not x.requires_grad else x
         out = op(*((p, xin) if sa is not None else (xin, p)), **kwargs)
         if out.shape != x.shape:
@@ -110,28 +109,6 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         return out
 
     return rule
-
-
-def _constant(engine: Engine, x: torch.Tensor) -> bool:
-    """Whether ``x`` may be a constant of ``loss_fn`` (a frozen weight, a fixed mask):
-    computed by no tracked op (no graph) and sharing no memory with a batch argument.
-
-    # NOTE [parameters combined with constants]
-    ``W + B @ A`` (a LoRA update merged into a frozen weight, minLoRA's parametrisation),
-    ``W * mask`` (a learned mask on a frozen weight): a parameter of exactly the shape of a
-    plain tensor it is combined with. If that tensor has no batch axis, the result has none
-    either and is a derived tensor (NOTE [derived parameters] in ``_engine``). Nothing but
-    shapes tells a constant from batch data copied into a new layout (``x.reshape(-1, F)
-    * 1``, whose merged axis has a multiple of ``B`` rows), so the tensor must have no graph,
-    share no memory with the batch arguments, and have no axis whose size is a multiple
-    of ``B``; when one has, the batch runs again padded (NOTE [padding an ambiguous batch]
-    in ``_padding``), where data grows with the batch and a constant does not.
-    """
-    if not isinstance(x, torch.Tensor) or x.grad_fn is not None:
-        return False
-    ptr = x.untyped_storage().data_ptr()
-    return not any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
-                   for arg in engine.batch_args for t in _tree.leaves(arg))
 
 
 def _finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,

@@ -61,10 +61,17 @@ def _matmul(reflected: bool) -> Any:
                 f"of shape {tuple(getattr(x, 'shape', ()))}; its rule takes a matrix or "
                 "vector `w` and a batched `x` of at least 2 axes (NOTE [x @ w])")
         columns = left and x.dim() == 2  # w @ x with examples as the columns of x
-        if columns:  # the examples on axis 1: checked as x^T's axis 0 (a Linear's input)
-            axis = engine.check_input(x.mT, name, [ws], features=1)
-        else:
-            axis = engine.check_input(x, name, [ws], features=1 + left, seq_first=not left)
+
+        def check() -> int:
+            if columns:  # the examples on axis 1: checked as x^T's axis 0 (a Linear's input)
+                return engine.check_input(x.mT, name, [ws], features=1)
+            return engine.check_input(x, name, [ws], features=1 + left, seq_first=not left)
+
+        # A constant (``base @ matrix_exp(A)`` in parametrizations.orthogonal): NOTE
+        # [constants or batch data] in _engine.
+        axis = engine.examples_axis(x, check, f"`{name}` on {engine.name(ws)}")
+        if axis is None:
+            return engine.derive_op(torch.matmul, (a, b), {})
         xin = x.detach().requires_grad_() if _no_graph(x, wp) else x
         out = torch.matmul(wp, xin) if left else torch.matmul(xin, wp)
         engine.record(out, _finish_matmul, x, ws, axis, left, columns)
@@ -121,7 +128,11 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
             f"{engine.name(slot)} is used by `torch.einsum({eq!r})` in a way its rule does not "
             "take: it needs one batched operand whose first index is the examples' and "
             "appears in the output, and a parameter without that index (NOTE [einsum])")
-    engine.check_input(x, "torch.einsum", [slot], min_dim=1, features=x.dim() - 1)
+    axis = engine.examples_axis(
+        x, lambda: engine.check_input(x, "torch.einsum", [slot], min_dim=1, features=x.dim() - 1),
+        f"`torch.einsum` on {engine.name(slot)}")
+    if axis is None:  # a constant: NOTE [constants or batch data] in _engine
+        return engine.derive_op(torch.einsum, (f"{idx[0]},{idx[1]}->{out_idx}", *operands), {})
     xin = x.detach().requires_grad_() if _no_graph(x, p) else x
     out = torch.einsum(f"{idx[0]},{idx[1]}->{out_idx}", *((p, xin) if at == 0 else (xin, p)))
     engine.record(out, _finish_einsum, x, slot, f"{x_idx},{out_idx}->{batch}{p_idx}")
