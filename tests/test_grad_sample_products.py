@@ -439,3 +439,21 @@ def test_einsum_of_a_constant_and_a_parameter_is_a_derived_weight(batch):
     want = loop_grads(losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks")(params, x, y)
     torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("form", ["P + v", "v - P", "P * s"])
+def test_a_parameter_plus_a_smaller_constant_is_a_derived_weight(batch, form):
+    """A frozen vector (or 0-d tensor) broadcast onto a parameter: the result has no batch
+    axis (NOTE [constants or batch data]); it was refused as "no batched operand". At
+    B = 3 the vector's length equals the batch size, so the batch runs padded."""
+    torch.manual_seed(3)
+    v, s = torch.randn(3), torch.tensor(1.5)
+    params = {"P": torch.randn(3, 3), "head": torch.randn(3, 3)}
+    x, y = torch.randn(batch, 3), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        weight = {"P + v": lambda: p["P"] + v, "v - P": lambda: v - p["P"], "P * s": lambda: p["P"] * s}[form]()
+        return ce(F.linear(torch.tanh(F.linear(x, weight)), p["head"]), y)
+
+    check(losses, params, x, y)

@@ -74,8 +74,16 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         sa, sb = engine.slot(a), engine.slot(b)
         slot, x = (sa, b) if sa is not None else (sb, a)
         p = engine.bases[slot]
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or p.dim() > x.dim():
+        if not isinstance(x, torch.Tensor):
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
+        if x.dim() == 0 or p.dim() > x.dim():  # a scalar or a smaller tensor: no examples
+
+            def refuse() -> int:
+                raise Unsupported(f"{engine.name(slot)} is used by `{name}` with no batched operand")
+
+            # A constant (W + v, a frozen bias added to a parameter): a derived tensor.
+            engine.examples_axis(x, refuse, f"`{name}` on {engine.name(slot)}")
+            return engine.derive_op(op, (a, b), kwargs)
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
 
