@@ -236,3 +236,30 @@ def test_a_table_the_size_of_the_padded_batch_is_not_taken_for_examples():
     with pytest.warns(UserWarning, match="falls back to 'vmap'"):
         got = fp.per_sample_grads(losses)(params, ids)
     assert all(close(got[k], want[k]) for k in want)
+
+
+def test_padding_rows_a_few_ulps_off_still_repeat_the_first_example():
+    """Batched kernels do not always round identical rows identically (a conv backbone
+    under ``no_grad`` at batch sizes 2, 3 and 7 here), so features computed without a
+    graph from the padded batch may differ from the first example by an ulp or two; they
+    are still batch data (NOTE [constants or batch data] in ``_engine``). Emulated here by
+    nudging each row by its index in float32 ulps."""
+    torch.manual_seed(5)
+    params = {"s": torch.rand(4, dtype=torch.float32) + 0.5,
+              "w": torch.randn(4, 3, dtype=torch.float32)}
+    x = torch.randn(4, 4, dtype=torch.float32)
+    y = torch.randint(0, 3, (4,))
+    eps = torch.finfo(torch.float32).eps
+
+    def losses(p, x, y):
+        with torch.no_grad():  # features of a frozen extractor, rows off by a few ulps
+            f = x / 2
+            f = f + f * eps * torch.arange(x.shape[0], dtype=f.dtype).unsqueeze(1)
+        return F.cross_entropy((f * p["s"]) @ p["w"], y, reduction="none")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to vmap
+        got = fp.per_sample_grads(losses)(params, x, y)
+    want = loop_grads(losses, params, x, y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
