@@ -102,3 +102,16 @@ def test_vmap_names_the_cell_and_the_method_that_handles_it(kind):
 
     with pytest.raises(RuntimeError, match=r"built-in nn\.\w+Cell failed under vmap.*method='hooks'"):
         fp.per_sample_grads(losses, method="vmap")(params_of(model), torch.randn(4, 2, 3))
+
+
+def test_a_cell_kernel_called_with_keywords_is_refused_by_name():
+    torch.manual_seed(0)
+    params = {"w_ih": torch.randn(6, 3), "w_hh": torch.randn(6, 2)}
+
+    def losses(p, x):
+        return torch.gru_cell(x, torch.zeros(x.shape[0], 2), w_ih=p["w_ih"], w_hh=p["w_hh"]).sum(1)
+
+    x = torch.randn(4, 3)
+    torch.gru_cell(x, torch.zeros(4, 2), w_ih=params["w_ih"], w_hh=params["w_hh"])  # torch takes it
+    with pytest.raises(ValueError, match="keyword arguments"):
+        fp.per_sample_grads(losses, method="hooks")(params, x)

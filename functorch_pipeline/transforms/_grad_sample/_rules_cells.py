@@ -22,12 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
 __all__ = ["CELLS"]
 
 
-def _weights(args: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+def _weights(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    if len(args) < 4 or kwargs:  # nn.*Cell passes everything by position
+        raise Unsupported("a recurrent cell kernel called with keyword arguments has no "
+                          "per-sample gradient rule; call it through nn.LSTMCell/GRUCell/RNNCell")
     w_ih, w_hh = args[2], args[3]
     b_ih = args[4] if len(args) > 4 else None
     b_hh = args[5] if len(args) > 5 else None
@@ -36,7 +40,7 @@ def _weights(args: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
 
 def _lstm_cell(engine: Engine, args: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     x, (h, c) = args[0], args[1]
-    w_ih, w_hh, b_ih, b_hh = _weights(args)
+    w_ih, w_hh, b_ih, b_hh = _weights(args, kwargs)
     gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, -1)
     c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -45,7 +49,7 @@ def _lstm_cell(engine: Engine, args: Any, kwargs: dict[str, Any]) -> tuple[torch
 
 def _gru_cell(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     x, h = args[0], args[1]
-    w_ih, w_hh, b_ih, b_hh = _weights(args)
+    w_ih, w_hh, b_ih, b_hh = _weights(args, kwargs)
     i_r, i_z, i_n = F.linear(x, w_ih, b_ih).chunk(3, -1)
     h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
     r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
@@ -56,7 +60,7 @@ def _gru_cell(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
 def _rnn_cell(nonlinearity: Any) -> Any:
     def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         x, h = args[0], args[1]
-        w_ih, w_hh, b_ih, b_hh = _weights(args)
+        w_ih, w_hh, b_ih, b_hh = _weights(args, kwargs)
         return nonlinearity(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
 
     return rule
