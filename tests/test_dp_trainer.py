@@ -353,3 +353,62 @@ def test_a_sequence_first_transformer_layer_is_clipped_by_ghost(recwarn):
     assert fp.tree.allclose(new.params, expected, rtol=0, atol=1e-10)
     assert int(metrics["num_clipped"]) > 0
     assert not [w for w in recwarn if "falls back" in str(w.message)]
+
+
+def _lora_and_cell_model(kind):
+    """A LoRA update merged into a frozen (5, 5) weight applied with ``@``, or an
+    ``nn.LSTMCell`` stepped over the sequence (NOTE [constants or batch data], NOTE
+    [recurrent cells]); per-example losses of ``(B, 5, 5)`` sequences."""
+    g = torch.Generator().manual_seed(3)
+    frozen = torch.randn(5, 5, generator=g, dtype=F64)
+    if kind == "lora":
+        params = {"A": torch.randn(2, 5, generator=g, dtype=F64),
+                  "B": torch.randn(5, 2, generator=g, dtype=F64) * 0.3,
+                  "head": torch.randn(5, 3, generator=g, dtype=F64)}
+
+        def losses(p, batch):
+            x, y = batch
+            h = torch.tanh(x @ (frozen + p["B"] @ p["A"])).mean(1)
+            return F.cross_entropy(h @ p["head"], y, reduction="none")
+
+        return params, losses
+    cell = torch.nn.LSTMCell(5, 4).double()
+    params = {k: v.detach() for k, v in cell.named_parameters()}
+    params["head"] = torch.randn(3, 4, generator=g, dtype=F64)
+
+    def losses(p, batch):
+        x, y = batch
+        state = None
+        for t in range(x.shape[1]):
+            state = torch.func.functional_call(cell, {k: v for k, v in p.items() if k != "head"},
+                                               (x[:, t], state))
+        return F.cross_entropy(F.linear(state[0], p["head"]), y, reduction="none")
+
+    return params, losses
+
+
+@pytest.mark.parametrize("kind", ["lora", "cell"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_clipped_sum_with_a_mask_and_chunks_on_this_stops_rules(kind, chunk):
+    """Masked rows dropped, physical chunks summed, a batch of 5 sequences of 5 steps
+    (as long as the batch: padded runs), against the per-example loop."""
+    params, losses = _lora_and_cell_model(kind)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 5, 5, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    mask = torch.tensor([True, False, True, True, False])
+    trainer = fp.train.DPTrainer(losses, optim.sgd(1.0), l2_norm_clip=0.5, noise_multiplier=0.0,
+                                 sample_rate=0.5, expected_batch_size=5.0,
+                                 max_physical_batch_size=chunk)
+    total, _, norms = trainer.clipped_sum(params, (x, y), mask)
+    assert float(norms[~mask].abs().max()) == 0.0
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(5):
+        ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        grads = torch.autograd.grad(losses(ps, (x[i:i + 1], y[i:i + 1])).sum(), list(ps.values()))
+        norm = math.sqrt(sum(float((gr ** 2).sum()) for gr in grads))
+        if mask[i]:  # a masked row's loss, and so its norm, is zeroed
+            assert abs(float(norms[i]) - norm) <= 1e-10 * max(1.0, norm)
+            for k, gr in zip(ps, grads, strict=True):
+                want[k] += gr * min(1.0, 0.5 / norm)
+    for k in want:
+        torch.testing.assert_close(total[k], want[k], rtol=0, atol=1e-10)
