@@ -457,3 +457,31 @@ def test_a_parameter_plus_a_smaller_constant_is_a_derived_weight(batch, form):
         return ce(F.linear(torch.tanh(F.linear(x, weight)), p["head"]), y)
 
     check(losses, params, x, y)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), seq=st.sampled_from([None, 1, 3]),
+       bias=st.booleans(), same=st.booleans())
+def test_bilinear_matches_the_loop(seed, batch, seq, bias, same):
+    """``nn.Bilinear`` on two batched inputs (or one input twice), flat or per position."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layer = nn.Bilinear(3, 3 if same else 4, 2, bias=bias)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    lead = (batch,) if seq is None else (batch, seq)
+    x1, x2 = torch.randn(*lead, 3), torch.randn(*lead, 4)
+
+    def losses(p, x1, x2):
+        out = torch.func.functional_call(layer, p, (x1, x1 if same else x2))
+        return torch.tanh(out).reshape(out.shape[0], -1).pow(2).sum(1)
+
+    want = loop_grads(losses, params, x1, x2)
+    for method in ("hooks", "auto"):
+        got = fp.per_sample_grads(losses, method=method)(params, x1, x2)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
+    with pytest.warns(UserWarning, match="uses 'hooks'"):
+        norms = fp.per_sample_grad_norms(losses)(params, x1, x2)
+    torch.testing.assert_close(norms, torch.sqrt(sum(v.reshape(batch, -1).square().sum(1)
+                                                     for v in want.values())), rtol=0, atol=1e-10)

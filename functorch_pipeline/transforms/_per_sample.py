@@ -368,7 +368,7 @@ def per_sample_grads(
           and class token; an
           expand is taken once a padded batch shows its size follows the batch's), a
           matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a two-operand
-          ``torch.einsum`` (functional code written the JAX way), and fused rules for
+          ``torch.einsum`` (functional code written the JAX way), ``F.bilinear``, and fused rules for
           ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``), and the built-in cells
           ``nn.LSTMCell``/``GRUCell``/``RNNCell`` stepped in a loop. The contract:
           ``loss_fn`` returns the *per-example* losses,

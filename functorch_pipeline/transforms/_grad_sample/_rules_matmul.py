@@ -1,4 +1,5 @@
-"""Per-sample rules for a parameter in a product: ``x @ w``, ``w @ x`` and ``torch.einsum``.
+"""Per-sample rules for a parameter in a product: ``x @ w``, ``w @ x``, ``torch.einsum`` and
+``F.bilinear``.
 
 # NOTE [x @ w]
 Functional code written the JAX way (``x @ params["w"] + params["b"]``, ``jnp.dot``
@@ -144,5 +145,41 @@ def _finish_einsum(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int, 
 
 
 register_rule(torch.einsum, _einsum)
+
+
+def _bilinear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``F.bilinear(x1, x2, w, b)`` (``nn.Bilinear``): ``out_o = x1^T w_o x2 + b_o`` with
+    both inputs batched on axis 0; example ``b``'s weight gradient is
+    ``sum_n g_bno x1_bni x2_bnj`` over its positions ``n``, formed per example (a
+    ``"direct"`` part, so ghost clipping hands the call to hooks, as for einsum)."""
+    names = ("input1", "input2", "weight", "bias")
+    x1, x2, w, b = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    ws, bs = engine.slot(w), engine.slot(b)
+    slots = [s for s in (ws, bs) if s is not None]
+    if not slots or engine.slot(x1) is not None or engine.slot(x2) is not None:
+        raise Unsupported(f"{engine.names(args, kwargs)} is used as an input of `F.bilinear`")
+    for x in (x1, x2):
+        engine.check_input(x, "F.bilinear", slots, features=1)
+    wp = engine.bases[ws] if ws is not None else w
+    bp = engine.bases[bs] if bs is not None else b
+    x1in = x1.detach().requires_grad_() if _no_graph(x1, x2, wp, bp) else x1
+    out = torch.bilinear(x1in, x2, wp, bp)
+    engine.record(out, _finish_bilinear, x1, x2, ws, bs)
+    return out
+
+
+def _finish_bilinear(engine: Engine, g: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
+                     ws: int | None, bs: int | None) -> None:
+    B = g.shape[0]
+    g = g.reshape(B, -1, g.shape[-1])
+    if ws is not None:
+        engine.add("direct", ws, torch.einsum("bno,bni,bnj->boij", g, x1.reshape(B, -1, x1.shape[-1]),
+                                              x2.reshape(B, -1, x2.shape[-1])))
+    if bs is not None:
+        engine.add("direct", bs, g.sum(1))
+
+
+register_rule(torch.bilinear, _bilinear)
+
 for _func in MATMUL:
     register_rule(_func, _matmul(reflected=_func is _T.__rmatmul__))
