@@ -162,7 +162,7 @@ EINSUMS = {  # equation -> (x's shape after B, p's shape, is p the first operand
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 5), eq=st.sampled_from(sorted(EINSUMS)),
        as_list=st.booleans())
 def test_einsum_matches_the_loop(seed, batch, eq, as_list):
-    """NOTE [einsum]: hooks and auto against the loop; ghost hands the call to hooks."""
+    """NOTE [einsum]: hooks, auto and ghost against the loop."""
     torch.manual_seed(seed)
     x_shape, p_shape, p_first = EINSUMS[eq]
     params, x = {"w": torch.randn(*p_shape)}, torch.randn(batch, *x_shape)
@@ -177,11 +177,11 @@ def test_einsum_matches_the_loop(seed, batch, eq, as_list):
     for method in ("hooks", "auto"):
         got = fp.per_sample_grads(losses, method=method)(params, x)
         torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="has no ghost-clipping rule; method='hooks' handles it"):
-        fp.per_sample_grad_norms(losses, method="ghost")(params, x)
-    with pytest.warns(UserWarning, match="uses 'hooks'"):
-        norms = fp.per_sample_grad_norms(losses)(params, x)
-    torch.testing.assert_close(norms, want["w"].reshape(batch, -1).norm(dim=1), rtol=0, atol=1e-10)
+    for method in ("ghost", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto takes ghost, no fall-back
+            norms = fp.per_sample_grad_norms(losses, method=method)(params, x)
+        torch.testing.assert_close(norms, want["w"].reshape(batch, -1).norm(dim=1), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("eq, x_shape, p_shape, match", [
@@ -266,7 +266,7 @@ def random_functional_model(r: random.Random):
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_functional_models_match_the_loop(seed):
     """Per-example gradients (hooks, auto), norms and clipped sums (auto) against the loop;
-    no fall-back to vmap (ghost hands an einsum to hooks)."""
+    no fall-back to vmap."""
     r = random.Random(seed)
     torch.manual_seed(seed)
     losses, params, x, y, kinds = random_functional_model(r)
@@ -481,7 +481,41 @@ def test_bilinear_matches_the_loop(seed, batch, seq, bias, same):
         got = fp.per_sample_grads(losses, method=method)(params, x1, x2)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10)
-    with pytest.warns(UserWarning, match="uses 'hooks'"):
-        norms = fp.per_sample_grad_norms(losses)(params, x1, x2)
-    torch.testing.assert_close(norms, torch.sqrt(sum(v.reshape(batch, -1).square().sum(1)
-                                                     for v in want.values())), rtol=0, atol=1e-10)
+    want_norms = torch.sqrt(sum(v.reshape(batch, -1).square().sum(1) for v in want.values()))
+    for method in ("ghost", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto takes ghost, no fall-back
+            norms = fp.per_sample_grad_norms(losses, method=method)(params, x1, x2)
+            total, _ = fp.clipped_grad(losses, float(want_norms.median()), method=method)(params, x1, x2)
+        torch.testing.assert_close(norms, want_norms, rtol=0, atol=1e-10)
+        factor = (float(want_norms.median()) / want_norms).clamp(max=1)
+        for k, v in want.items():
+            torch.testing.assert_close(total[k], (v * factor.reshape(-1, *[1] * (v.dim() - 1))).sum(0),
+                                       rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("eq, p_shape", [("bd,dh->bh", (4, 3)), ("btd,hd->bth", (3, 4)), ("bd,d->b", (4,))])
+def test_an_einsum_that_is_a_linear_takes_the_linear_parts(eq, p_shape, monkeypatch):
+    """NOTE [einsum]: no per-example gradient is formed for a Linear written as an einsum
+    (the matmul and Linear rules' parts instead), and the numbers are the loop's."""
+    from functorch_pipeline.transforms._grad_sample import _rules_matmul
+
+    def formed(*a):
+        raise AssertionError("per-example gradients formed for a Linear-shaped einsum")
+
+    monkeypatch.setattr(_rules_matmul, "_finish_einsum", formed)
+    torch.manual_seed(0)
+    params = {"w": torch.randn(*p_shape)}
+    x = torch.randn(5, 2, 4) if "t" in eq else torch.randn(5, 4)
+
+    def losses(p, x):
+        return torch.tanh(torch.einsum(eq, x, p["w"])).reshape(x.shape[0], -1).sum(1)
+
+    want = loop_grads(losses, params, x)
+    for method in ("hooks", "ghost"):
+        if method == "hooks":
+            got = fp.per_sample_grads(losses, method=method)(params, x)["w"]
+            torch.testing.assert_close(got, want["w"], rtol=0, atol=1e-10)
+        else:
+            norms = fp.per_sample_grad_norms(losses, method=method)(params, x)
+            torch.testing.assert_close(norms, want["w"].reshape(5, -1).norm(dim=1), rtol=0, atol=1e-10)

@@ -217,9 +217,10 @@ _METHOD_DOC = """
           ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``),
           ``fp.nn.LSTM``/``GRU``/``RNN``, ``nn.LSTMCell``/``GRUCell``/``RNNCell``,
           ``x @ w`` and ``w @ x``, and ``x + p``, ``x - p``, ``x * p``, ``x / p`` or
-          ``p.expand(B, ...)`` over the batch; any other use (``Conv3d``, transposed
-          convs, ``EmbeddingBag``, ``einsum``, ``Bilinear``) is an error naming the
-          parameter's key path and the method that handles it.
+          ``p.expand(B, ...)`` over the batch (a parameter in ``torch.einsum`` or
+          ``F.bilinear``, or computed from others, gets its per-example gradients
+          formed); any other use (``Conv3d``, transposed convs, ``EmbeddingBag``) is an
+          error naming the parameter's key path and the method that handles it.
         * ``"hooks"``: per-example gradients from one batched backward
           (``per_sample_grads(method="hooks")``), then norms and clipping.
         * ``"vmap"``: per-example gradients with ``vmap(grad)``, then norms and clipping;

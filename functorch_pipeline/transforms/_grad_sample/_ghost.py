@@ -119,11 +119,13 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 
 
 # Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
-# a few numbers per example (normalisation layers' affine parameters).
+# a few numbers per example (normalisation layers' affine parameters), or of a parameter
+# whose per-example gradients no cheaper form gives (einsum, bilinear: NOTE [einsum]).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
-           torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, *_rules_cells.CELLS)
+           torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, torch.einsum, torch.bilinear,
+           *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
 

@@ -22,8 +22,11 @@ implicit ``->`` form too), where ``x``'s first index is the examples' axis (``"b
 ``"bi,oi->bo"``, JAX code's ``DenseGeneral`` projections ``"btd,dnh->btnh"``): example
 ``b``'s gradient is ``einsum(x_idx + "," + out_idx + "->" + b + p_idx)`` of its input and
 output gradient, every index of ``p`` being one of ``x``'s or the output's. It is formed
-per example (a ``"direct"`` part), so ghost clipping hands such a call to the hooks
-method. Ellipses, repeated indices within an operand, an examples' index in ``p`` or
+per example (a ``"direct"`` part, ``B x p.numel()``), by ghost clipping too: that one
+parameter's gradients are formed while every other layer keeps ghost's saving, which
+beats handing the whole model to hooks. An einsum that is a Linear in other words (one
+index of ``x``'s last contracted with a matrix or vector, ``"bd,dh->bh"``, ``"btd,hd->bth"``)
+is computed as ``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses, repeated indices within an operand, an examples' index in ``p`` or
 missing from the output, and products of three or more operands are refused.
 """
 
@@ -33,6 +36,7 @@ import string
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
@@ -129,6 +133,14 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
             f"{engine.name(slot)} is used by `torch.einsum({eq!r})` in a way its rule does not "
             "take: it needs one batched operand whose first index is the examples' and "
             "appears in the output, and a parameter without that index (NOTE [einsum])")
+    c, rest = x_idx[-1], x_idx[:-1]
+    if (len(x_idx) >= 2 and c not in out_idx and len(p_idx) <= 2 and c in p_idx
+            and out_idx == rest + p_idx.replace(c, "")):
+        # A Linear in einsum's words ("bd,dh->bh", "btd,hd->bth", "bd,d->b"): the product
+        # rules take it with their cheaper parts (ghost without per-example gradients).
+        if p_idx[0] == c:
+            return torch.matmul(x, operands[at])
+        return F.linear(x, operands[at])
     axis = engine.examples_axis(
         x, lambda: engine.check_input(x, "torch.einsum", [slot], min_dim=1, features=x.dim() - 1),
         f"`torch.einsum` on {engine.name(slot)}")
@@ -151,7 +163,7 @@ def _bilinear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
     """``F.bilinear(x1, x2, w, b)`` (``nn.Bilinear``): ``out_o = x1^T w_o x2 + b_o`` with
     both inputs batched on axis 0; example ``b``'s weight gradient is
     ``sum_n g_bno x1_bni x2_bnj`` over its positions ``n``, formed per example (a
-    ``"direct"`` part, so ghost clipping hands the call to hooks, as for einsum)."""
+    ``"direct"`` part, in ghost clipping too: NOTE [einsum])."""
     names = ("input1", "input2", "weight", "bias")
     x1, x2, w, b = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
     ws, bs = engine.slot(w), engine.slot(b)
