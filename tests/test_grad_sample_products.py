@@ -519,3 +519,26 @@ def test_an_einsum_that_is_a_linear_takes_the_linear_parts(eq, p_shape, monkeypa
         else:
             norms = fp.per_sample_grad_norms(losses, method=method)(params, x)
             torch.testing.assert_close(norms, want["w"].reshape(5, -1).norm(dim=1), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["w.T", "w.mT", "w.t()", "torch.t(w)"])
+def test_x_at_a_transposed_weight_runs_as_a_linear(form, monkeypatch):
+    """``x @ w.T`` (PyTorch's ``(out, in)`` layout) is ``F.linear(x, w)``: it takes the
+    Linear rule's parts, with no derived weight to pull back (ghost clipping formed
+    B x w through one before: ~100x slower), and the loop's numbers."""
+    from functorch_pipeline.transforms._grad_sample import _engine
+
+    def pulled(*a, **k):
+        raise AssertionError("a derived weight was pulled back")
+
+    monkeypatch.setattr(_engine, "_pull_back", pulled)
+    torch.manual_seed(0)
+    params = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+    x, y = torch.randn(5, 2, 4), torch.randint(0, 3, (5,))
+    transpose = {"w.T": lambda w: w.T, "w.mT": lambda w: w.mT, "w.t()": lambda w: w.t(),
+                 "torch.t(w)": torch.t}[form]
+
+    def losses(p, x, y):
+        return ce((torch.tanh(x @ transpose(p["w"])) + p["b"]).mean(1), y)
+
+    check(losses, params, x, y)

@@ -220,13 +220,25 @@ class Engine:
         self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
 
     def tracked(self) -> list[torch.Tensor]:
-        out = []
-        for slot, base in enumerate(self.bases):
-            t = torch.Tensor._make_subclass(_Tracked, base, False)
-            t._fp_slot = slot
-            t._fp_engine = self
-            out.append(t)
-        return out
+        return [self.track(slot) for slot in range(len(self.bases))]
+
+    def track(self, slot: int) -> torch.Tensor:
+        """The tracked tensor of ``slot``, as ``loss_fn`` sees it."""
+        t = torch.Tensor._make_subclass(_Tracked, self.bases[slot], False)
+        t._fp_slot = slot
+        t._fp_engine = self
+        return t
+
+    def transposed_from(self, slot: int) -> int | None:
+        """The parameter slot whose matrix transpose ``slot`` is (``w.T``, ``w.mT``,
+        ``w.t()`` of a 2-d ``w``), else None: NOTE [x @ w]."""
+        if slot not in self.derived:
+            return None
+        parents, made_by, _ = self.derived[slot]
+        if (len(parents) == 1 and made_by in ("Tensor.T", "Tensor.mT", "Tensor.t", "torch.t")
+                and self.bases[parents[0]].dim() == 2):
+            return parents[0]
+        return None
 
     # -- helpers for rules ------------------------------------------------------------------
 

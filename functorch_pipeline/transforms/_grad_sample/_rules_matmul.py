@@ -12,7 +12,10 @@ which is the ``"outer"`` kind of part with its two factors in the other order
 (``_rules``: the part ``(a, b)`` gives ``sum_n b_n a_n^T`` in the parameter's layout).
 Ghost clipping takes it as it takes a Linear weight. A parameter on the left, ``w @ x``
 with ``x`` of shape ``(B, ..., in, n)``, is a Linear applied to each of the ``n`` columns:
-the same part with both factors transposed; a two-axis ``x`` of shape ``(in, B)`` holds
+the same part with both factors transposed; ``x @ w.T`` (PyTorch's ``(out, in)`` layout)
+is ``F.linear(x, w)`` and runs as that, rather than through a derived weight, whose
+per-example gradients ghost clipping would have to form (398 against 3.7 ms for the
+clipped sum of a 784-512-10 MLP at B = 256); a two-axis ``x`` of shape ``(in, B)`` holds
 the examples as its columns (``W @ X`` in column-vector notation), checked as ``x.T``'s
 axis 0. Two batched operands, a parameter of more than two axes and ``out=`` are refused.
 
@@ -59,6 +62,9 @@ def _matmul(reflected: bool) -> Any:
         left = sa is not None  # w @ x
         ws, x = (sa, b) if left else (sb, a)
         name = "w @ x" if left else "x @ w"
+        parent = None if left else engine.transposed_from(ws)
+        if parent is not None:  # x @ w.T is F.linear(x, w): its parts, not a derived weight's
+            return F.linear(x, engine.track(parent))
         wp = engine.bases[ws]
         if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise Unsupported(
