@@ -27,10 +27,11 @@ implicit ``->`` form too), where ``x``'s first index is the examples' axis (``"b
 output gradient, every index of ``p`` being one of ``x``'s or the output's. It is formed
 per example (a ``"direct"`` part, ``B x p.numel()``), by ghost clipping too: that one
 parameter's gradients are formed while every other layer keeps ghost's saving, which
-beats handing the whole model to hooks. An einsum that is a Linear in other words (one
-index of ``x``'s last contracted with a matrix or vector, ``"bd,dh->bh"``, ``"btd,hd->bth"``)
-is computed as ``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses, repeated indices within an operand, an examples' index in ``p`` or
-missing from the output, and products of three or more operands are refused.
+beats handing the whole model to hooks. An einsum that is a Linear in other words (``x``'s
+last index contracted with a matrix or vector: ``"bd,dh->bh"``, ``"btd,hd->bth"``) runs as
+``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses,
+repeated indices within an operand, an examples' index in ``p`` or missing from the
+output, and products of three or more operands are refused.
 """
 
 from __future__ import annotations
@@ -191,8 +192,8 @@ def _finish_bilinear(engine: Engine, g: torch.Tensor, x1: torch.Tensor, x2: torc
     B = g.shape[0]
     g = g.reshape(B, -1, g.shape[-1])
     if ws is not None:
-        engine.add("direct", ws, torch.einsum("bno,bni,bnj->boij", g, x1.reshape(B, -1, x1.shape[-1]),
-                                              x2.reshape(B, -1, x2.shape[-1])))
+        x1, x2 = x1.reshape(B, -1, x1.shape[-1]), x2.reshape(B, -1, x2.shape[-1])
+        engine.add("direct", ws, torch.einsum("bno,bni,bnj->boij", g, x1, x2))
     if bs is not None:
         engine.add("direct", bs, g.sum(1))
 
