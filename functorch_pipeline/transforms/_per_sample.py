@@ -365,12 +365,12 @@ def per_sample_grads(
           ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
           the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or
           ``p.expand(B, ...)`` (a vision transformer's positional embedding, LayerScale
-          and class token; an
-          expand is taken once a padded batch shows its size follows the batch's), a
-          matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a two-operand
-          ``torch.einsum`` (functional code written the JAX way), ``F.bilinear``, and fused rules for
-          ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses ``F.linear``), and the built-in cells
-          ``nn.LSTMCell``/``GRUCell``/``RNNCell`` stepped in a loop. The contract:
+          and class token; an expand is taken once a padded batch shows its size follows
+          the batch's), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
+          two-operand ``torch.einsum`` (functional code written the JAX way),
+          ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses
+          ``F.linear``), and the built-in cells ``nn.LSTMCell``/``GRUCell``/``RNNCell``
+          stepped in a loop. The contract:
           ``loss_fn`` returns the *per-example* losses,
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training

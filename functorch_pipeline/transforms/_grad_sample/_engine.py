@@ -207,6 +207,7 @@ class Engine:
         # are gathered only when a rule asks (NOTE [sequence-first inputs]).
         self.batch_args: list[Any] = []
         self._batch_data: list[torch.Tensor] | None = None
+        self._batch_storage: set[int] | None = None  # their storages, for _reads_batch
         # The number of examples when the drivers padded the batch past them (NOTE
         # [padding an ambiguous batch] in _padding): inputs must then prove their batch
         # axis. None when the batch is not padded.
@@ -421,9 +422,10 @@ class Engine:
 
     def _reads_batch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` shares memory with a batch argument (the argument or a view)."""
-        ptr = x.untyped_storage().data_ptr()
-        return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
-                   for arg in self.batch_args for t in _tree.leaves(arg))
+        if self._batch_storage is None:  # the batch arguments are fixed for a run
+            self._batch_storage = {t.untyped_storage().data_ptr() for arg in self.batch_args
+                                   for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)}
+        return x.untyped_storage().data_ptr() in self._batch_storage
 
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
                     features: int = 0, seq_first: bool = False) -> int:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import _no_graph
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
@@ -171,8 +172,7 @@ def _bilinear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
     both inputs batched on axis 0; example ``b``'s weight gradient is
     ``sum_n g_bno x1_bni x2_bnj`` over its positions ``n``, formed per example (a
     ``"direct"`` part, in ghost clipping too: NOTE [einsum])."""
-    names = ("input1", "input2", "weight", "bias")
-    x1, x2, w, b = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    x1, x2, w, b = (_get(args, kwargs, i, n) for i, n in enumerate(("input1", "input2", "weight", "bias")))
     ws, bs = engine.slot(w), engine.slot(b)
     slots = [s for s in (ws, bs) if s is not None]
     if not slots or engine.slot(x1) is not None or engine.slot(x2) is not None:
