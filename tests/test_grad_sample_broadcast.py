@@ -328,3 +328,69 @@ def test_two_expanded_tokens_match_the_loop(batch, tokens):
         return F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")
 
     check(losses, params_of(m), x, y)
+
+
+CHANNEL_SHAPES = {  # parameter shape against a (B, C, H, W) = (B, 3, 2, 4) activation
+    "(C, 1, 1)": (3, 1, 1),
+    "(1, C, 1, 1)": (1, 3, 1, 1),
+    "(C, 1, W)": (3, 1, 4),
+    "(H, 1)": (2, 1),
+    "(C, H, 1)": (3, 2, 1),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from(sorted(CHANNEL_SHAPES)),
+       op=st.sampled_from(["*", "p*", "+", "-", "p-", "/", "p/"]), batch=st.integers(1, 4))
+@example(shape="(C, 1, 1)", op="*", batch=3)  # C == B
+@example(shape="(H, 1)", op="/", batch=2)  # H == B
+def test_a_parameter_broadcast_inside_the_trailing_axes_matches_the_loop(shape, op, batch):
+    """A parameter with size-1 axes among the trailing ones (ConvNeXt's LayerScale
+    ``gamma[:, None, None] * x``, a per-channel shift): its per-example gradient also
+    sums the trailing axes it is broadcast over. They fell back to ``vmap`` before."""
+    torch.manual_seed(batch * 11 + len(op) + len(shape))
+    conv, head = nn.Conv2d(2, 3, 1), nn.Linear(3 * 2 * 4, 1)
+    params = {**{f"conv.{k}": v for k, v in params_of(conv).items()},
+              **{f"head.{k}": v for k, v in params_of(head).items()},
+              "p": torch.rand(*CHANNEL_SHAPES[shape]) + 0.5}  # away from 0 for "/"
+
+    def losses(p, x):
+        h = torch.tanh(F.conv2d(x, p["conv.weight"], p["conv.bias"]))  # (B, 3, 2, 4)
+        h = {"*": lambda: h * p["p"], "p*": lambda: p["p"] * h, "+": lambda: h + p["p"],
+             "-": lambda: h - p["p"], "p-": lambda: p["p"] - h, "/": lambda: h / p["p"],
+             "p/": lambda: p["p"] / (h + 2)}[op]()
+        return F.linear(torch.tanh(h).flatten(1), p["head.weight"], p["head.bias"]).pow(2).sum(1)
+
+    check(losses, params, torch.randn(batch, 2, 2, 4))
+
+
+class ConvNeXtBlock(nn.Module):
+    """torchvision's ConvNeXt ``CNBlock`` in small: depthwise 7x7 conv, channels-last
+    LayerNorm and MLP, then ``layer_scale * x`` with ``layer_scale`` of shape ``(C, 1, 1)``,
+    and a residual; a linear head."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(h)))).permute(0, 3, 1, 2)
+        return self.head((x + self.layer_scale * h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])  # 4 == C
+def test_a_convnext_block_takes_the_fast_path(batch):
+    torch.manual_seed(batch)
+    model = ConvNeXtBlock()
+    params = params_of(model)
+    x, y = torch.randn(batch, 4, 5, 5), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    check(losses, params, x, y)

@@ -365,7 +365,7 @@ def per_sample_grads(
           ``nn.TransformerEncoderLayer`` in either layout), a parameter broadcast over
           the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or
           ``p.expand(B, ...)`` (a vision transformer's positional embedding, LayerScale
-          and class token; an expand is taken once a padded batch shows its size follows
+          and class token, ConvNeXt's ``(C, 1, 1)`` layer scale; an expand is taken once a padded batch shows its size follows
           the batch's), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
           two-operand ``torch.einsum`` (functional code written the JAX way),
           ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses

@@ -8,13 +8,16 @@ LayerScale and class token of a vision transformer (torchvision's ``vit_*``, tim
 ``mul``/``div``, ``torch.rsub``, the operators, ``alpha`` included) take a
 parameter ``p`` that spans the trailing axes of a batched ``x`` and is broadcast over
 its leading ``k`` axes: ``p``'s shape, left-padded with ones to ``x``'s rank, must be
-``(1,) * k + x.shape[k:]`` (a bias ``(D,)``, a positional table ``(1, T, D)`` or ``(T, D)``
-against ``(B, T, D)``). The examples must be on one of those ``k`` axes, found by
+``(1,) * k + s`` where ``s`` has an axis 0 other than 1 and each of its axes either equals
+``x``'s or is 1 (a bias ``(D,)``, a positional table ``(1, T, D)`` or ``(T, D)`` against
+``(B, T, D)``; a per-channel scale ``(C, 1, 1)`` against ``(B, C, H, W)``, ConvNeXt's
+LayerScale). The examples must be on one of those ``k`` axes, found by
 ``Engine.check_input`` as for a Linear (axis 0, or axis 1 of a sequence-first input;
 several candidates of size ``B`` are ambiguous and get padded): ``p`` is the same for
 every example there, so example ``b``'s gradient is its output gradient times the
 elementwise derivative (``x`` for a product, ``-out / p`` or ``1 / x`` for a quotient,
-``alpha`` or ``-alpha`` for a sum or difference) summed over the other broadcast axes.
+``alpha`` or ``-alpha`` for a sum or difference) summed over the other broadcast axes,
+leading and trailing.
 Any other shape (``p`` varying along a leading axis, a result larger than ``x``) is
 refused.
 
@@ -87,8 +90,11 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
 
+        # Trailing axes where p is broadcast (its 1 against x's n): summed in the finisher.
+        inner = tuple(i for i in range(k, x.dim()) if aligned[i] == 1 and x.shape[i] != 1)
+
         def check() -> int:
-            if k == 0 or aligned[k:] != tuple(x.shape[k:]):
+            if k == 0 or any(a not in (1, n) for a, n in zip(aligned[k:], x.shape[k:], strict=True)):
                 raise Unsupported(
                     f"{engine.name(slot)} of shape {tuple(p.shape)} is used by `{name}` on an "
                     f"input of shape {tuple(x.shape)}; its rule takes a parameter spanning the "
@@ -113,17 +119,19 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         else:
             factor = x if kind == "mul" else None
         scale = -alpha if kind == "sub" and sb is not None else alpha if sb is not None else 1
-        engine.record(out, _finish_binary, factor, slot, axis, k, scale)
+        engine.record(out, _finish_binary, factor, slot, axis, k, scale, inner)
         return out
 
     return rule
 
 
 def _finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,
-                   axis: int, k: int, scale: Any) -> None:
+                   axis: int, k: int, scale: Any, inner: tuple[int, ...] = ()) -> None:
     contribution = g if factor is None else g * factor
     if scale != 1:
         contribution = contribution * scale
+    if inner:  # axes past k: movedim below leaves them where they are
+        contribution = contribution.sum(inner, keepdim=True)
     contribution = contribution.movedim(axis, 0)
     if k > 1:
         contribution = contribution.sum(tuple(range(1, k)))
