@@ -388,7 +388,13 @@ def per_sample_grads(
           copies of its first example appended, at a size no other axis has, and the
           copies' rows are dropped (NOTE [padding an ambiguous batch] in
           ``_grad_sample/_padding.py``); an axis whose size follows the batch's stays an
-          error as ambiguous.
+          error as ambiguous. Axis 0 may also hold ``m`` consecutive rows per example
+          (augmentation multiplicity ``x.reshape(B * K, ...)`` with the loss averaged over
+          the ``K`` augmentations, video frames through a 2-d CNN, flattened tokens): a
+          padded run shows the layout (each padding example's ``m`` rows repeat the
+          first example's), and each example's rows are summed. Other layouts
+          (``x.transpose(0, 1).reshape(K * B, ...)``) are refused; ``has_aux`` cannot be
+          padded, so there such models take ``"vmap"``.
           One-dimensional embedding ids are examples only when read from a batch argument
           (the argument or a view of it); ids made inside ``loss_fn`` (positions
           ``arange(T)``, ``(1, T)`` position ids, a prompt-tuning prefix) are looked up as

@@ -470,6 +470,27 @@ class Engine:
         ``nn.Parameter`` that is not differentiated) used with no batch axis and a second
         axis of size ``B``. The finishers move the examples to axis 0 before any
         per-example sum.
+
+        # NOTE [examples merged into axis 0]
+        Models fold a per-example axis into the batch axis: augmentation multiplicity (De et
+        al.: ``x.reshape(B * K, C, H, W)`` of ``K`` augmentations of each example, the loss
+        averaged over them), a video's frames through a 2-d CNN, flattened tokens
+        ``h.reshape(B * T, E)``, Swin's windows ``(B * nW, 49, C)``. An input whose axis 0
+        has ``m * B`` rows, ``m`` consecutive rows per example, is position-wise the same
+        as ``m`` more positions of one example: each row's per-example part (a Linear's
+        outer factors, a conv's or a norm's per-row gradient) belongs to example
+        ``row // m``, so :meth:`add` takes the rows of each example as more positions
+        (``outer``, ``sum``, ``embed`` parts) or sums them (``direct`` parts). Size cannot
+        tell that layout from the examples last (``x.transpose(0, 1).reshape(K * B, ...)``,
+        row ``k * B + b``) or a table with ``m * B`` rows, so one size is never enough: the
+        first run is ambiguous and the batch runs again padded (NOTE [padding an ambiguous
+        batch] in ``_padding``), where the input must have ``m`` rows per example at the
+        padded size too and each padding example's ``m`` rows must repeat the first
+        example's, which neither the other layout nor a table does. ``m`` is whatever the
+        input shows; later calls with the same shapes run padded at once (remembered per
+        ``loss_fn``), one padding example more a call. ``F.multi_head_attention_forward``,
+        whose rule needs the examples alone on the batch axis, keeps refusing other sizes;
+        ``has_aux`` is never padded, so there it stays an error and ``auto`` takes ``vmap``.
         """
         B = self.batch_size
         ambiguous = False
@@ -493,6 +514,21 @@ class Engine:
                 ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
         who = ", ".join(self.name(s) for s in slots)
         verb = "is" if len(slots) == 1 else "are"
+        if (not ambiguous and isinstance(x, torch.Tensor) and not isinstance(x, _Tracked)
+                and x.dim() >= min_dim and x.shape[0] > B and x.shape[0] % B == 0):
+            m = x.shape[0] // B  # NOTE [examples merged into axis 0]
+            if self.real is None:
+                raise Ambiguous(
+                    f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose "
+                    f"first axis is {m} times the batch size {B}: it may hold {m} rows per "
+                    "example, which only a padded batch can show")
+            if self._padding_rows_repeat(x, m):
+                return 0
+            raise Unsupported(
+                f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose first "
+                f"axis is {m} times the batch size {B}, but whose rows past the examples do not "
+                f"repeat the first example's {m} rows: it does not hold {m} consecutive rows per "
+                "example (x.reshape(B * m, ...) of a (B, m, ...) tensor)")
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
                               "weight and bias arguments have a per-sample gradient rule")
@@ -532,22 +568,34 @@ class Engine:
                 return True
         return False
 
-    def _padding_rows_repeat(self, x: torch.Tensor) -> bool:
+    def _padding_rows_repeat(self, x: torch.Tensor, m: int = 1) -> bool:
         """Whether ``x``'s rows past the examples equal its first row, as every tensor
         computed example by example from the padded batch does (its padding rows are
         copies of the first example: NOTE [padding an ambiguous batch] in ``_padding``),
-        and a table whose first axis only happens to have the padded size does not.
+        and a table whose first axis only happens to have the padded size does not; with
+        ``m`` rows per example (NOTE [examples merged into axis 0]), whether each padding
+        example's ``m`` rows equal the first example's.
         Floating rows are compared to a few thousand ulps: batched kernels do not always
         round identical rows identically (a conv backbone under ``no_grad`` gave rows that
         differ in the last bit at batch sizes 2, 3 and 7 here)."""
         real = self.real
-        if real is None or x.shape[0] <= real:
+        if real is None or x.shape[0] <= real * m:
             return False
+        if m > 1:
+            x = x.reshape(x.shape[0] // m, m, *x.shape[1:])
+        x = x.detach()
         rows, first = x[real:], x[:1].expand_as(x[real:])
         if not x.is_floating_point():
             return bool(torch.equal(rows, first))
         eps = 1e3 * torch.finfo(x.dtype).eps
         return bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
+
+    def flattened_batch(self, x: torch.Tensor) -> bool:
+        """Whether the 1-d ``x`` reads a batch argument and has a multiple of ``B`` entries
+        (the batch's token ids flattened: NOTE [examples merged into axis 0]); the padded
+        run proves the layout."""
+        n, B = x.shape[0], self.batch_size
+        return x.dim() == 1 and n > B and n % B == 0 and self._reads_batch(x)
 
     def batch_view(self, x: torch.Tensor) -> bool:
         """Whether ``x`` reads a batch argument with the examples on axis 0 of both: the
@@ -586,7 +634,33 @@ class Engine:
         return a
 
     def add(self, kind: str, slot: int, *payload: torch.Tensor) -> None:
+        if payload[0].shape[0] != self.batch_size:  # NOTE [examples merged into axis 0]
+            payload = self._grouped(kind, payload)
         self.parts.setdefault((kind, slot), []).append(payload)
+
+    def _grouped(self, kind: str, payload: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A part whose rows are ``m`` consecutive rows per example (NOTE [examples merged
+        into axis 0]) as a part of one row per example: a position-wise part (``outer``,
+        ``sum``, ``embed``) takes the ``m`` rows as more positions, a ``direct`` one sums
+        them."""
+        B = self.batch_size
+        n = payload[0].shape[0]
+        if n % B:  # pragma: no cover - check_input admits multiples of B only
+            raise AssertionError(f"a {kind} part of {n} rows for a batch of {B}")
+        m = n // B
+        if kind == "direct":
+            t = payload[0]
+            return (t.reshape(B, m, *t.shape[1:]).sum(1),)
+        if kind == "outer":  # (B m, G, n, d) -> (B, G, m n, d)
+            return tuple(t.reshape(B, m, *t.shape[1:]).transpose(1, 2).reshape(B, t.shape[1], -1, t.shape[3])
+                         for t in payload)
+        if kind == "sum":
+            return (payload[0].reshape(B, -1, payload[0].shape[-1]),)
+        if kind == "embed":
+            idx, rows = payload
+            return idx.reshape(B, -1), rows.reshape(B, -1, rows.shape[-1])
+        raise Unsupported(f"a per-sample gradient part of kind {kind!r} cannot take the examples "
+                          "merged into axis 0 (NOTE [examples merged into axis 0])")
 
     # -- after the forward ------------------------------------------------------------------
 

@@ -110,9 +110,11 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
                  bs: int | None, geometry: tuple[Any, ...]) -> None:
     if bs is not None:
         engine.add("direct", bs, g.sum(tuple(range(2, g.dim()))))
-    if ws is not None and ws in engine.derived:
+    if ws is not None and (ws in engine.derived or x.shape[0] != engine.batch_size):
         # A weight computed from parameters (weight standardisation, weight norm): its
         # per-example gradients are formed, to be pulled back (NOTE [derived parameters]).
+        # Rows merged per example (NOTE [examples merged into axis 0] in _engine): formed
+        # per row, and Engine.add sums each example's.
         engine.add("direct", ws, _ghost_math.conv_materialise(x, g, geometry, engine.bases[ws]))
     elif ws is not None:
         engine.add("conv", ws, x, g, geometry)

@@ -329,7 +329,8 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     if (isinstance(idx, torch.Tensor) and torch.is_grad_enabled()
             and (B > 1 and (idx.dim() == 1 or idx.shape[0] == 1)
                  or B == 1 and idx.dim() == 1 and idx.shape[0] != 1)
-            and not engine.batch_view(idx) and not engine.permuted_batch(idx)):
+            and not engine.batch_view(idx) and not engine.permuted_batch(idx)
+            and not engine.flattened_batch(idx)):
         # Ids with no batch axis (positions made in loss_fn, a (1, T) row of them; not the
         # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
         out = F.embedding(idx, wp, padding_idx)
@@ -343,7 +344,9 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     # whose rows are not examples: reading those as examples gave wrong per-example
     # gradients silently (max error 5.6 on tests/test_grad_sample.py's prefix model).
     # Ids read from a batch argument (``Engine.batch_view``: its storage, examples on
-    # axis 0) are taken as examples; other 1-d ids (and ``(1, T)`` rows of ids) were
+    # axis 0) are taken as examples, and so are the batch's ids flattened
+    # (``ids.reshape(-1)``, ``Engine.flattened_batch``: T rows per example, NOTE [examples
+    # merged into axis 0] in ``_engine``); other 1-d ids (and ``(1, T)`` rows of ids) were
     # refused, and are now looked up as a tensor with no batch axis (NOTE [derived
     # parameters] above). (2-d or longer ids computed in ``loss_fn`` keep the size checks
     # alone: token ids are often shifted or concatenated there, and refusing every copy
@@ -413,7 +416,7 @@ def _finish_embedding(engine: Engine, g: torch.Tensor, idx: torch.Tensor, ws: in
                       padding_idx: int | None, axis: int = 0, by_freq: bool = False) -> None:
     if axis:  # NOTE [sequence-first inputs]
         idx, g = idx.movedim(axis, 0), g.movedim(axis, 0)
-    B = g.shape[0]
+    B = engine.batch_size  # rows merged per example are positions: NOTE [examples merged ...]
     idx, g = idx.reshape(B, -1), g.reshape(B, -1, g.shape[-1])
     if padding_idx is not None:
         g = g.masked_fill((idx == padding_idx).unsqueeze(-1), 0)

@@ -1,0 +1,193 @@
+"""NOTE [examples merged into axis 0]: models that fold a per-example axis into the batch
+axis (augmentation multiplicity, video frames through a 2-d CNN, flattened tokens), every
+engine against a per-example autograd loop in float64; other layouts and tables are
+refused, and the default method falls back to the loop's numbers."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import loop_grads
+from test_grad_sample_broadcast import check
+from test_grad_sample_broadcast import close
+from test_grad_sample_broadcast import refused_then_loop
+
+import functorch_pipeline as fp
+from functorch_pipeline import optim
+
+
+def _conv_params(g: torch.Generator, cin: int = 2, cout: int = 4, classes: int = 3) -> dict:
+    return {"conv.weight": torch.randn(cout, cin, 3, 3, generator=g) * 0.5,
+            "conv.bias": torch.randn(cout, generator=g),
+            "norm.weight": torch.rand(cout, generator=g) + 0.5,
+            "norm.bias": torch.randn(cout, generator=g),
+            "head.weight": torch.randn(classes, cout, generator=g),
+            "head.bias": torch.randn(classes, generator=g)}
+
+
+def _augmented(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """De et al.'s augmentation multiplicity: ``x`` is ``(B, K, C, H, W)``, ``K``
+    augmentations of each example, run as one batch of ``B * K`` images; each example's
+    loss is the mean over its augmentations."""
+    b, k = x.shape[:2]
+    h = F.conv2d(x.reshape(b * k, *x.shape[2:]), p["conv.weight"], p["conv.bias"], padding=1)
+    h = F.relu(F.group_norm(h, 2, p["norm.weight"], p["norm.bias"]))
+    logits = F.linear(h.mean((2, 3)), p["head.weight"], p["head.bias"])  # (B K, classes)
+    return F.cross_entropy(logits, y.repeat_interleave(k), reduction="none").reshape(b, k).mean(1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 4), k=st.integers(1, 4), seed=st.integers(0, 2**16))
+@example(batch=2, k=2, seed=0)  # K == B
+@example(batch=1, k=3, seed=1)
+def test_augmentation_multiplicity_matches_the_loop(batch, k, seed):
+    """hooks' per-example gradients and ghost's, hooks' and auto's norms and clipped sums
+    of an augmented batch, against the loop (auto must not fall back)."""
+    g = torch.Generator().manual_seed(seed)
+    params = _conv_params(g)
+    x, y = torch.randn(batch, k, 2, 5, 5, generator=g), torch.randint(0, 3, (batch,), generator=g)
+    check(_augmented, params, x, y)
+
+
+def test_video_frames_through_a_2d_cnn_match_the_loop():
+    """Frames ``(B, T, C, H, W)`` through a conv as ``B * T`` images, a per-frame Linear on
+    the flattened ``(B * T, F)`` features, then the frames averaged per clip."""
+    g = torch.Generator().manual_seed(3)
+    params = {"conv.weight": torch.randn(3, 1, 3, 3, generator=g),
+              "conv.bias": torch.randn(3, generator=g),
+              "frame.weight": torch.randn(4, 3 * 4 * 4, generator=g) * 0.2,
+              "frame.bias": torch.randn(4, generator=g),
+              "ln.weight": torch.rand(4, generator=g) + 0.5, "ln.bias": torch.randn(4, generator=g),
+              "head.weight": torch.randn(2, 4, generator=g), "head.bias": torch.randn(2, generator=g)}
+
+    def losses(p, clips, y):
+        b, t = clips.shape[:2]
+        h = torch.tanh(F.conv2d(clips.flatten(0, 1), p["conv.weight"], p["conv.bias"]))
+        h = F.linear(h.flatten(1), p["frame.weight"], p["frame.bias"])  # (B T, 4)
+        h = F.layer_norm(torch.tanh(h), (4,), p["ln.weight"], p["ln.bias"]).reshape(b, t, 4)
+        return F.cross_entropy(F.linear(h.mean(1), p["head.weight"], p["head.bias"]), y,
+                               reduction="none")
+
+    for batch, frames in ((3, 5), (4, 2), (2, 2)):
+        check(losses, params, torch.randn(batch, frames, 1, 6, 6, generator=g),
+              torch.randint(0, 2, (batch,), generator=g))
+
+
+@pytest.mark.parametrize("batch, length", [(3, 4), (2, 2), (1, 5), (4, 3)])
+def test_flattened_tokens_match_the_loop(batch, length):
+    """Token ids flattened to one axis (``ids.reshape(-1)``), embedded, and a Linear on
+    ``(B * T, E)``; 1-d ids read from the batch with ``T`` per example."""
+    g = torch.Generator().manual_seed(batch * 10 + length)
+    params = {"emb": torch.randn(7, 4, generator=g), "lin.weight": torch.randn(3, 4, generator=g),
+              "lin.bias": torch.randn(3, generator=g)}
+
+    def losses(p, ids):
+        b, t = ids.shape
+        h = torch.tanh(F.linear(F.embedding(ids.reshape(-1), p["emb"]), p["lin.weight"],
+                                p["lin.bias"]))
+        return h.reshape(b, t, 3).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randint(0, 7, (batch, length), generator=g))
+
+
+def test_scale_grad_by_freq_counts_ids_per_example_across_merged_rows():
+    """``scale_grad_by_freq`` divides by the count of an id within each example: with the
+    examples' ``(T,)`` rows of ids merged into axis 0, the count spans all of an example's
+    rows, as the loop's does."""
+    g = torch.Generator().manual_seed(5)
+    params = {"emb": torch.randn(4, 3, generator=g)}
+
+    def losses(p, ids):
+        b, k, t = ids.shape
+        e = F.embedding(ids.reshape(b * k, t), p["emb"], scale_grad_by_freq=True)
+        return torch.tanh(e).pow(2).reshape(b, -1).sum(1)
+
+    ids = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [3, 0]], [[1, 2], [0, 0]]])
+    check(losses, params, ids)
+
+
+LAYOUTS = ["examples last", "a table"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_other_layouts_are_refused_and_fall_back(layout, batch):
+    """A ``(K * B, ...)`` input with the examples last (row ``k * B + b``), and a constant
+    table with ``2 * B`` rows, are not taken for ``m`` rows per example: hooks refuses and
+    the default method falls back to the loop's numbers."""
+    g = torch.Generator().manual_seed(batch)
+    params = {"w": torch.randn(3, 4, generator=g), "v": torch.randn(3, generator=g)}
+    table = torch.randn(2 * batch, 4, generator=g)
+
+    def losses(p, x):
+        if layout == "examples last":  # (B, 2, 4) -> (2 B, 4), row k * B + b
+            h = torch.tanh(F.linear(x.transpose(0, 1).reshape(-1, 4), p["w"], p["v"]))
+            return h.reshape(2, -1, 3).pow(2).sum((0, 2))
+        h = torch.tanh(F.linear(table, p["w"], p["v"]))  # (2 B, 3), no examples
+        return (x.sum((1, 2)).unsqueeze(1) * h.sum(0)).sum(1)
+
+    match = "do not repeat the first example|not the batch|cannot be told from the examples"
+    refused_then_loop(losses, params, torch.randn(batch, 2, 4, generator=g), match=match)
+
+
+def test_has_aux_with_merged_rows_falls_back():
+    """``has_aux`` is never padded, so merged rows cannot be shown: ghost clipping refuses,
+    and the default method falls back (one warning) to the loop's norms and clipped sum."""
+    g = torch.Generator().manual_seed(7)
+    params = _conv_params(g)
+    x, y = torch.randn(3, 2, 2, 5, 5, generator=g), torch.randint(0, 3, (3,), generator=g)
+
+    def with_aux(p, x, y):
+        losses = _augmented(p, x, y)
+        return losses, losses.detach() * 2
+
+    with pytest.raises(ValueError, match="which only a padded batch can show"):
+        fp.clipped_grad(with_aux, 1.0, has_aux=True, method="ghost")(params, x, y)
+    with pytest.warns(UserWarning, match="'vmap'"):
+        (total, norms), aux = fp.clipped_grad(with_aux, 0.5, has_aux=True)(params, x, y)
+    per = loop_grads(_augmented, params, x, y)
+    want_norms = sum(v.reshape(3, -1).pow(2).sum(1) for v in per.values()).sqrt()
+    factor = (0.5 / want_norms).clamp(max=1.0)
+    assert close(norms, want_norms)
+    assert all(close(total[k], (per[k] * factor.reshape(-1, *[1] * (per[k].dim() - 1))).sum(0))
+               for k in per)
+    assert close(aux.reshape(-1), 2 * _augmented(params, x, y))  # vmap: (B, 1) per example
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_dp_step_with_augmentation_multiplicity(chunk):
+    """``DPTrainer.clipped_sum`` on an augmented batch with a mask and physical chunks:
+    the clipped sum of the masked-in examples' gradients (each the gradient of its mean
+    over augmentations), against the loop; the default method, with no fall-back."""
+    g = torch.Generator().manual_seed(11)
+    params = _conv_params(g)
+    x, y = torch.randn(5, 3, 2, 5, 5, generator=g), torch.randint(0, 3, (5,), generator=g)
+    mask = torch.tensor([True, True, False, True, False])
+
+    def losses(p, batch):
+        return _augmented(p, *batch)
+
+    trainer = fp.train.DPTrainer(losses, optim.sgd(1.0), l2_norm_clip=0.3, noise_multiplier=0.0,
+                                 sample_rate=0.5, expected_batch_size=5.0,
+                                 max_physical_batch_size=chunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total, _, norms = trainer.clipped_sum(params, (x, y), mask)
+    per = loop_grads(_augmented, params, x, y)
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(5):
+        norm = math.sqrt(sum(float(per[k][i].pow(2).sum()) for k in per))
+        if mask[i]:
+            assert abs(float(norms[i]) - norm) <= 1e-10 * max(1.0, norm)
+            for k in per:
+                want[k] += per[k][i] * min(1.0, 0.3 / norm)
+    assert all(close(total[k], want[k]) for k in want)
