@@ -103,10 +103,16 @@ class _Tracked(torch.Tensor):
             return engine.derive_op(func, args, kwargs)
         if rule is not None:
             return rule(engine, args, kwargs)
-        raise Unsupported(
-            f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
-            f"used by `{_describe(func)}`, which has no per-sample gradient rule (rules: "
-            f"{', '.join(sorted({_describe(f) for f in engine.rules}))})")
+
+        def no_rule() -> int:
+            raise Unsupported(
+                f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+                f"used by `{_describe(func)}`, which has no per-sample gradient rule (rules: "
+                f"{', '.join(sorted({_describe(f) for f in engine.rules}))})")
+
+        # Parameters with constants (a buffer of indices, a mask): NOTE [derived parameters].
+        engine.with_constants(func, args, kwargs, no_rule)
+        return engine.derive_op(func, args, kwargs)
 
 
 def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
@@ -149,6 +155,26 @@ def _only_tracked(values: Any) -> bool:
     if isinstance(values, dict):
         return all(_only_tracked(v) for v in values.values())
     return True
+
+
+def _plain_tensors(values: Any) -> list[torch.Tensor]:
+    """The untracked tensors in ``values`` (nested lists, tuples and dicts)."""
+    if isinstance(values, _Tracked):
+        return []
+    if isinstance(values, torch.Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _plain_tensors(v)]
+    if isinstance(values, dict):
+        return [t for v in values.values() for t in _plain_tensors(v)]
+    return []
+
+
+def _out_of_place(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` leaves its arguments alone (no in-place method, no ``out=``)."""
+    name = getattr(func, "__name__", "")
+    return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+                or name in ("__setitem__", "__delitem__") or "out" in kwargs)
 
 
 def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: list[torch.Tensor],
@@ -292,7 +318,11 @@ class Engine:
         the op's own recorded graph, once for the whole batch (``is_grads_batched``). A
         result that meets the batch anywhere without a rule is refused, naming the
         parameters and the op it came through. In-place ops and ``out=`` on parameters
-        stay refused.
+        stay refused. An op with no rule that combines parameters with constants of
+        ``loss_fn`` (tensors with no batch axis, by :meth:`examples_axis`: a buffer of
+        indices as in Swin's ``bias_table[index]``, a fixed mask in ``torch.where``) makes
+        a derived tensor too; a plain tensor that is or may be batch data is refused
+        (or, when only its size says, settled by a padded run).
         """
         slot = len(self.bases)
         self.bases.append(out)
@@ -312,9 +342,20 @@ class Engine:
         (parameters or tensors derived from them alone): NOTE [derived parameters]."""
         if not _only_tracked((*args, *kwargs.values())):  # a layer's plain input: at once
             return False
-        name = getattr(func, "__name__", "")
-        return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
-                    or name in ("__setitem__", "__delitem__") or "out" in kwargs)
+        return _out_of_place(func, kwargs)
+
+    def with_constants(self, func: Any, args: Any, kwargs: dict[str, Any],
+                       refuse: Callable[[], int]) -> None:
+        """Return when ``func`` (an op with no rule) is out of place and its plain tensor
+        arguments are constants of ``loss_fn`` (NOTE [constants or batch data]): a buffer
+        of indices (``table[index]``, Swin's relative position bias), a fixed mask. Else
+        ``refuse()`` raises (or :meth:`examples_axis` raises :class:`Ambiguous` for a
+        padded run to decide)."""
+        if not _out_of_place(func, kwargs):
+            refuse()
+        op = f"`{_describe(func)}` on {self.names(args, kwargs)}"
+        for t in _plain_tensors((*args, *kwargs.values())):
+            self.examples_axis(t, refuse, op)  # None for a constant; else it raises
 
     def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func`` on tracked arguments only, its floating result a derived tensor pulled

@@ -1,0 +1,90 @@
+"""NOTE [derived parameters] with constants: an op with no rule that combines parameters
+with tensors that are not batch data (a buffer of indices, a fixed mask) makes a derived
+tensor, pulled back once it meets the batch; Swin's relative position bias
+(``table[index]``) with its windows merged into axis 0 (NOTE [examples merged into
+axis 0]). Every engine against a per-example autograd loop in float64."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
+from per_example_reference import params_of
+from test_grad_sample_broadcast import check
+from test_grad_sample_broadcast import refused_then_loop
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _bias_attention(p: dict, x: torch.Tensor, index: torch.Tensor, form: str) -> torch.Tensor:
+    """Attention logits of ``x`` ``(B, T, D)`` plus a learned bias looked up from a table
+    by a constant index (Swin's relative position bias), or a table masked by a constant
+    mask; the per-example losses of the attended values."""
+    B, T, D = x.shape
+    q = F.linear(x, p["q"])
+    logits = q @ x.transpose(1, 2) / D ** 0.5  # (B, T, T)
+    if form == "getitem":
+        bias = p["table"][index].view(T, T)
+    elif form == "index_select":
+        bias = p["table"].index_select(0, index).view(T, T)
+    else:  # "where": a fixed causal mask over a learned (T, T) bias
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        bias = torch.where(mask, p["table"][: T * T].view(T, T), -5.0)
+    h = torch.softmax(logits + bias, -1) @ x
+    return F.linear(h, p["out"]).pow(2).sum((1, 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 4), tokens=st.integers(2, 4),
+       form=st.sampled_from(["getitem", "index_select", "where"]), seed=st.integers(0, 2**16))
+@example(batch=4, tokens=2, form="getitem", seed=0)  # index of T * T = B entries: padded
+@example(batch=3, tokens=3, form="where", seed=1)
+def test_a_table_read_through_a_constant_index_matches_the_loop(batch, tokens, form, seed):
+    g = torch.Generator().manual_seed(seed)
+    D, rows = 3, 2 * tokens - 1
+    params = {"q": torch.randn(D, D, generator=g), "out": torch.randn(2, D, generator=g),
+              "table": torch.randn(max(rows * rows, tokens * tokens), generator=g)}
+    coords = torch.arange(tokens)  # Swin's relative position index, flattened
+    index = ((coords[:, None] - coords[None, :] + tokens - 1) * rows
+             + (coords[:, None] - coords[None, :] + tokens - 1).flip(1)).reshape(-1)
+
+    def losses(p, x):
+        return _bias_attention(p, x, index, form)
+
+    check(losses, params, torch.randn(batch, tokens, D, generator=g))
+
+
+def test_a_table_indexed_by_batch_data_is_refused_and_falls_back():
+    """``table[y]`` with ``y`` a batch argument is a per-example lookup without a rule:
+    refused by name, and the default method falls back to the loop's numbers."""
+    g = torch.Generator().manual_seed(2)
+    params = {"table": torch.randn(5, 3, generator=g), "w": torch.randn(3, 3, generator=g)}
+
+    def losses(p, x, y):
+        return (F.linear(x, p["w"]) * p["table"][y]).sum(1)
+
+    refused_then_loop(losses, params, torch.randn(4, 3, generator=g),
+                      torch.randint(0, 5, (4,), generator=g), match="Tensor.__getitem__")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_torchvision_swin_transformer_takes_the_fast_path(batch):
+    """A small ``torchvision.models.SwinTransformer``: windows merged into axis 0, shifted
+    windows, the relative position bias table read through its index buffer, patch
+    merging; hooks and ghost against the loop, with no fall-back."""
+    torch.manual_seed(batch)
+    model = torchvision.models.SwinTransformer(
+        patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+        num_classes=3).eval()
+    params = params_of(model)
+    x, y = torch.randn(batch, 3, 8, 8), torch.randint(0, 3, (batch,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    check(losses, params, x, y)
