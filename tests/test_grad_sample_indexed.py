@@ -88,3 +88,34 @@ def test_torchvision_swin_transformer_takes_the_fast_path(batch):
         return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
 
     check(losses, params, x, y)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])  # 2, 3 and 5 divide the table's axes
+def test_a_constant_table_through_a_linear_is_a_derived_tensor(batch):
+    """Swin v2's continuous position bias: a fixed ``(1, 5, 3, 2)`` table of coordinates
+    through an MLP gives a bias added to every example's logits. The Linear's size check
+    refuses that input; it is a constant, so its result is a derived tensor."""
+    g = torch.Generator().manual_seed(batch)
+    coords = torch.randn(1, 5, 3, 2, generator=g)
+    params = {"mlp.weight": torch.randn(4, 2, generator=g), "mlp.bias": torch.randn(4, generator=g),
+              "head.weight": torch.randn(4, 3, generator=g)}
+
+    def losses(p, x):
+        bias = F.linear(torch.tanh(F.linear(coords, p["mlp.weight"], p["mlp.bias"])),
+                        p["head.weight"].T).mean((0, 1, 2))  # (3,)
+        return torch.tanh(x + bias).pow(2).sum(1)
+
+    check(losses, params, torch.randn(batch, 3, generator=g))
+
+
+def test_an_in_place_activation_of_a_derived_tensor_is_refused_and_falls_back():
+    """``F.relu(h, inplace=True)`` on a tensor computed from parameters alone would change
+    a tensor whose graph the engine keeps: refused by name (it raised autograd's "leaf
+    Variable ... in-place" error before), and the default method falls back."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 3, generator=g)}
+
+    def losses(p, x):
+        return F.linear(x, F.relu(p["w"] * 2, inplace=True)).pow(2).sum(1)
+
+    refused_then_loop(losses, params, torch.randn(4, 3, generator=g), match="F.relu")

@@ -217,8 +217,10 @@ def test_a_table_the_size_of_the_padded_batch_is_not_taken_for_examples():
     """The blind spot of NOTE [which axis is the batch] must not move with the padding: a
     fixed ``(B + 1, E)`` table through a Linear, in a model whose ``(B, B)`` ids are
     padded to ``B + 1``, has the padded size on axis 0 but no batch axis. Its rows past
-    the examples do not repeat the first, so hooks refuses rather than read it as
-    examples, and auto returns the loop's gradients."""
+    the examples do not repeat the first, so it is not read as examples: it was refused
+    (auto fell back); at the next padded size it has no axis a multiple of the batch, so
+    it is a constant (NOTE [constants or batch data]) and hooks returns the loop's
+    gradients."""
     torch.manual_seed(5)
     emb, lin = nn.Embedding(VOCAB, 4), nn.Linear(4, 2)
     table = torch.randn(4, 4)  # the padded size of a batch of 3
@@ -231,11 +233,11 @@ def test_a_table_the_size_of_the_padded_batch_is_not_taken_for_examples():
 
     ids = torch.randint(0, VOCAB, (3, 3))
     want = loop_grads(losses, params, ids)
-    with pytest.raises(ValueError, match="cannot be told from the examples'"):
-        fp.per_sample_grads(losses, method="hooks")(params, ids)
-    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
-        got = fp.per_sample_grads(losses)(params, ids)
-    assert all(close(got[k], want[k]) for k in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for method in ("hooks", "auto"):
+            got = fp.per_sample_grads(losses, method=method)(params, ids)
+            assert all(close(got[k], want[k]) for k in want)
 
 
 def test_padding_rows_a_few_ulps_off_still_repeat_the_first_example():

@@ -171,10 +171,13 @@ def _plain_tensors(values: Any) -> list[torch.Tensor]:
 
 
 def _out_of_place(func: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether ``func`` leaves its arguments alone (no in-place method, no ``out=``)."""
+    """Whether ``func`` leaves its arguments alone (no in-place method, no ``out=``, no
+    ``inplace=True``: ``F.relu(h, inplace=True)`` on a derived ``h`` would change a tensor
+    whose slot and graph the engine keeps)."""
     name = getattr(func, "__name__", "")
     return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
-                or name in ("__setitem__", "__delitem__") or "out" in kwargs)
+                or name in ("__setitem__", "__delitem__") or "out" in kwargs
+                or kwargs.get("inplace") is True)
 
 
 def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: list[torch.Tensor],

@@ -183,12 +183,15 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
         evidence = Evidence(list(runs))
         try:
             out = run(pad_batch(args, batched, extra), size + extra, evidence)
-        except Ambiguous:
+        except Ambiguous as still:
             runs.append((evidence.log, size + extra))
+            last = still
             continue
         except Unsupported as other:  # past the ambiguous op, something else is refused
             raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "
                               f"apart, the call was refused anyway: {other}") from None
         cache[key] = (extra, evidence.made)
         return out, extra
-    raise first
+    if str(last) == str(first):
+        raise first
+    raise Ambiguous(f"{first}; padded to {size + _MAX_EXTRA} examples: {last}") from None

@@ -30,6 +30,7 @@ from torch.overrides import handle_torch_function
 from torch.overrides import has_torch_function
 
 from functorch_pipeline.transforms._grad_sample import _buffers
+from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
@@ -59,8 +60,26 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
-    axis = engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None], features=1,
-                              seq_first=True)
+    try:
+        axis = engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None],
+                                  features=1, seq_first=True)
+    except Ambiguous:
+        raise
+    except Unsupported as refused:
+        # A constant input (Swin v2's table of relative coordinates through its position
+        # MLP): a derived tensor, NOTE [constants or batch data] in _engine. Only where the
+        # size check refuses: the Linear keeps its documented blind spot otherwise.
+        reason = refused  # `refused` is unbound once the except block ends
+
+        def refuse() -> int:
+            raise reason
+
+        try:
+            engine.with_constants(F.linear, args, kwargs, refuse)
+        except Ambiguous as maybe:
+            raise Ambiguous(f"{refused}; unless that input is a constant of loss_fn, which "
+                            f"only a padded batch can show ({maybe})") from None
+        return engine.derive_op(F.linear, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.linear(xin, wp, bp)
     engine.record(out, _finish_linear, x, ws, bs, axis)
