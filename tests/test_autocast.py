@@ -151,11 +151,12 @@ def test_sequence_models_under_autocast(kind):
 
 
 def test_a_three_channel_first_conv_under_autocast():
-    """A first conv on float32 RGB data (3 channels: the grouped backward-weights branch,
-    not the 1-2 channel forward trick) multiplies the float32 input with a bfloat16 output
-    gradient; the engine casts the input to the op's dtype first."""
+    """A first conv on float32 RGB data (3x3 with stride 2: the grouped backward-weights
+    branch, not the forward trick of NOTE [first-layer kernels]) multiplies the float32
+    input with a bfloat16 output gradient; the engine casts the input to the op's dtype
+    first."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
 

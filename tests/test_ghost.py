@@ -267,7 +267,7 @@ def test_conv(nd, b, groups, k, stride, padding, dilation, bias, ratio, keep, mo
 def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, dilation, cin, chunked, keep,
                                      monkeypatch):
     """float32 on CPU takes mkldnn's grouped weight-gradient kernel (NOTE [per-example conv
-    gradients]; a grouped forward for 1-2 input channels per group): against the float64
+    gradients]; a grouped forward for few input channels, NOTE [first-layer kernels]): against the float64
     loop, to float32 accuracy."""
     if padding == "same":
         stride = 1
@@ -282,18 +282,32 @@ def test_conv_float32_grouped_kernel(nd, groups, k, stride, padding, dilation, c
     check_float32_ghost(conv, p64, x)
 
 
-@pytest.mark.parametrize("cin", [1, 2])
-@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2), (2, 3)])
-def test_conv_first_layer_float32(cin, stride, dilation, monkeypatch):
-    """1-2 input channels in float32 take a grouped *forward* convolution in which stride
-    and dilation trade places (NOTE [grouped weight gradients on CPU]): every pairing,
-    against the float64 loop."""
+@pytest.mark.parametrize("cin", [1, 2, 3, 7])
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "forward"), [
+    ((3, 2), 1, 1, True), ((3, 2), 2, 1, False), ((3, 2), 1, 2, True), ((3, 2), 2, 3, False),
+    ((6, 7), 2, 1, True), ((6, 6), 2, 2, True), ((7, 5), 2, 1, False)])
+def test_conv_first_layer_float32(cin, kernel, stride, dilation, forward, monkeypatch):
+    """Fewer than 8 input channels in float32 take a grouped *forward* convolution in which
+    stride and dilation trade places when every stride is 1 or every kernel side is at
+    least ``2 * stride + 2`` (NOTE [first-layer kernels]), else the backward-weights
+    kernel: every pairing against the float64 loop, and the branch taken as the NOTE says."""
+    from functorch_pipeline.transforms._grad_sample import _rules
+
+    taken = []
+    branch = _rules._forward_branch
+
+    def spy(*args):
+        taken.append(branch(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(_rules, "_forward_branch", spy)
     monkeypatch.setattr(_ghost_math, "GRAM_RATIO", 0.0)
-    torch.manual_seed(7 * stride + dilation)
-    conv = nn.Conv2d(cin, 3, (3, 2), stride=stride, padding=1, dilation=dilation)
+    torch.manual_seed(7 * stride + dilation + cin)
+    conv = nn.Conv2d(cin, 3, kernel, stride=stride, padding=1, dilation=dilation)
     p64 = params_of(conv)
-    x = torch.randn(4, cin, 9, 8)
+    x = torch.randn(4, cin, 17, 16)
     check_float32_ghost(conv, p64, x)
+    assert taken and set(taken) == {forward}
 
 
 def test_conv_tuple_geometry_and_padding_modes():

@@ -492,7 +492,7 @@ def test_method_validation():
     (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), (3, 4, 9)),
     (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 5, 5)),
     (lambda: nn.ConvTranspose1d(4, 2, 2, stride=3), (3, 4, 5)),
-    # one or two input channels: the grouped-forward branch
+    # few input channels: the grouped-forward branch where NOTE [first-layer kernels] takes it
     (lambda: nn.Conv2d(1, 3, 5), (4, 1, 12, 12)),
     (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1)), (3, 2, 11, 10)),
     (lambda: nn.Conv2d(1, 2, 4, padding="same", dilation=3), (2, 1, 9, 8)),
@@ -589,7 +589,7 @@ def test_conv2_of_the_mnist_cnn_is_split_for_onednn_scratch(monkeypatch):
 
 
 @pytest.mark.parametrize("make, shape", [
-    (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (5, 3, 6, 6)),  # stride 2: not the forward branch
     (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (7, 4, 9, 9)),
 ])
 def test_scratch_driven_chunks_give_the_whole_batch_numbers(make, shape, monkeypatch):
