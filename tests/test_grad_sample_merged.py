@@ -199,3 +199,21 @@ def test_a_dp_step_with_augmentation_multiplicity(chunk):
             for k in per:
                 want[k] += per[k][i] * min(1.0, 0.3 / norm)
     assert all(close(total[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("batch, k, positions", [(2, 3, 3), (2, 2, 3), (3, 2, 4)])
+def test_merged_rows_with_an_axis_of_the_padded_size(batch, k, positions):
+    """Merged rows ``(B * K, P, D)`` whose position axis ``P`` equals the padded batch
+    size: an activation at the padded size looks sequence-first ``(T, B', D)`` by size,
+    and was read that way (a random search: per-example gradients off by 5.9). Padded,
+    axis 1 must repeat the first example too, so the rows are read as merged."""
+    g = torch.Generator().manual_seed(batch * 10 + k)
+    params = {"w1": torch.randn(4, 3, generator=g), "b1": torch.randn(4, generator=g),
+              "head": torch.randn(2, 4, generator=g)}
+
+    def losses(p, x):
+        b, m = x.shape[:2]
+        h = torch.tanh(F.linear(x.reshape(b * m, *x.shape[2:]), p["w1"], p["b1"]))
+        return F.linear(h, p["head"]).pow(2).reshape(b, -1).sum(1)
+
+    check(losses, params, torch.randn(batch, k, positions, 3, generator=g))

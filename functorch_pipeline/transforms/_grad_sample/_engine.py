@@ -552,7 +552,11 @@ class Engine:
                     "example in the padding rows, so at the padded size its first axis cannot "
                     "be told from the examples'")
             if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
-                    and (x.requires_grad or self.permuted_batch(x))):
+                    and (x.requires_grad or self.permuted_batch(x))
+                    # Padded, axis 1 must repeat the first example too: an activation with
+                    # merged rows (NOTE [examples merged into axis 0]) may have another axis
+                    # of the padded size.
+                    and (self.real is None or self._padding_rows_repeat(x.movedim(1, 0)))):
                 if B not in lead[2:]:
                     return 1
                 ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
