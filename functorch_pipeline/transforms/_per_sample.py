@@ -403,7 +403,10 @@ def per_sample_grads(
           into the table. A float input with *no* batch axis whose
           first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
           ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
-          Any other use of a parameter
+          An op without a rule that combines parameters with constants of ``loss_fn``
+          (``table[index]`` with an index buffer, ``torch.where`` with a fixed mask) makes
+          a tensor with no batch axis, handled as above; a plain tensor that is or may be
+          batch data there is refused. Any other use of a parameter
           (``tensordot``, ``nn.LSTM``'s fused kernel: see ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
