@@ -322,6 +322,29 @@ def opacus_per_sample(module: torch.nn.Module, loss_fn: Callable[..., torch.Tens
     return run
 
 
+def opacus_row(make_model: Callable[[], torch.nn.Module], loss_fn: Callable[..., torch.Tensor],
+               inputs: torch.Tensor, targets: torch.Tensor, want: Any) -> dict[str, Callable[[], list]]:
+    """``{"Opacus GradSampleModule": row}`` when opacus is installed and accepts
+    ``make_model()`` with per-sample gradients close to ``want`` (printed), else ``{}`` and
+    a skip note naming why."""
+    import warnings
+
+    if optional("opacus") is None:
+        print("  skipped Opacus: `opacus` is not installed (pip install opacus)")
+        return {}
+    try:
+        row = opacus_per_sample(make_model(), loss_fn, inputs, targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            worst = max_relative_difference(row(), list(want))
+    except Exception as e:  # noqa: BLE001 (a peer's refusal is a note, not a failure)
+        print(f"  skipped Opacus: GradSampleModule refused the model: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160]}")
+        return {}
+    print(f"  check: Opacus GradSampleModule vs vmap, max relative difference {worst:.1e}")
+    return {"Opacus GradSampleModule": row}
+
+
 def max_relative_difference(got: Any, want: Any) -> float:
     """The worst ``max |got - want| / max |want|`` over paired tensors (0/0 counts as 0)."""
     return max(float((g - w).abs().max() / w.abs().max().clamp(min=1e-30))

@@ -60,19 +60,7 @@ def candidates(batch: int) -> dict[str, Any]:
 
     rows, want = _common.fast_and_vmap_rows(losses, params, (x, y))
     fns = {YARDSTICK: batch_grad, **rows}
-    if _common.optional("opacus") is None:
-        print("  skipped Opacus: `opacus` is not installed (pip install opacus)")
-    else:
-        try:
-            row = _common.opacus_per_sample(_model(), F.cross_entropy, x, y)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                worst = _common.max_relative_difference(row(), want.values())
-            print(f"  check: Opacus GradSampleModule vs vmap, max relative difference {worst:.1e}")
-            fns["Opacus GradSampleModule"] = row
-        except Exception as e:  # noqa: BLE001 (a peer's refusal is a note, not a failure)
-            print(f"  skipped Opacus: GradSampleModule refused the model: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160]}")
+    fns.update(_common.opacus_row(_model, F.cross_entropy, x, y, want.values()))
     return fns
 
 
