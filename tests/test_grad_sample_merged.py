@@ -217,3 +217,31 @@ def test_merged_rows_with_an_axis_of_the_padded_size(batch, k, positions):
         return F.linear(h, p["head"]).pow(2).reshape(b, -1).sum(1)
 
     check(losses, params, torch.randn(batch, k, positions, 3, generator=g))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("kw", [{}, {"add_bias_kv": True, "kdim": 3, "vdim": 3}],
+                         ids=["packed", "bias_kv-separate"])
+def test_attention_on_merged_rows_matches_the_loop(batch, kw):
+    """``nn.MultiheadAttention`` (batch first) on ``K = 2`` augmentations of each example
+    merged into its batch axis: the query has ``2 * B`` rows, proven by the padded run; the
+    rule's per-row parts (``bias_k``, ``bias_v``, a separate projection's bias) are summed
+    per example."""
+    torch.manual_seed(batch)
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True, **kw)
+    head = torch.nn.Linear(4, 1)
+    params = {**{f"mha.{k}": v.detach() for k, v in mha.named_parameters()},
+              **{f"head.{k}": v.detach() for k, v in head.named_parameters()}}
+    proj = torch.randn(3, 4)
+
+    def losses(p, x):
+        b, k = x.shape[:2]
+        q = x.reshape(b * k, *x.shape[2:])  # (B K, T, 3)
+        mp = {k[4:]: v for k, v in p.items() if k.startswith("mha.")}
+        kv = q if kw else q @ proj
+        out, _ = torch.func.functional_call(mha, mp, (q @ proj, kv, kv), {"need_weights": False})
+        y = torch.func.functional_call(head, {"weight": p["head.weight"], "bias": p["head.bias"]},
+                                       (torch.tanh(out),))
+        return y.pow(2).reshape(b, -1).sum(1)
+
+    check(losses, params, torch.randn(batch, 2, 3, 3))

@@ -532,9 +532,10 @@ class Engine:
         padded size too and each padding example's ``m`` rows must repeat the first
         example's, which neither the other layout nor a table does. ``m`` is whatever the
         input shows; later calls with the same shapes run padded at once (remembered per
-        ``loss_fn``), one padding example more a call. ``F.multi_head_attention_forward``,
-        whose rule needs the examples alone on the batch axis, keeps refusing other sizes;
-        ``has_aux`` is never padded, so there it stays an error and ``auto`` takes ``vmap``.
+        ``loss_fn``), one padding example more a call. ``has_aux`` is never padded, so
+        there it stays an error and ``auto`` takes ``vmap``. An expand of a parameter to
+        ``m * B`` rows (a class token for every augmentation) is not taken: its rows are
+        all alike, so nothing shows which example each belongs to.
         """
         B = self.batch_size
         ambiguous = False

@@ -17,8 +17,12 @@ re-computes the same function batch-first, so that every use of a weight is an
 * the attention itself (masks, softmax, dropout, ``scaled_dot_product_attention``) uses no
   parameter and runs as PyTorch's code does, from the same mask helpers.
 
-The result equals PyTorch's to rounding (the matmuls are split differently).
-``static_k``/``static_v`` are not supported (``Unsupported``: the caller falls back).
+The result equals PyTorch's to rounding (the matmuls are split differently). A batch
+axis of ``m * B`` rows (augmentations or crops of each example merged into it) is taken
+once the engine's check has shown ``m`` consecutive rows per example (NOTE [examples
+merged into axis 0] in ``_engine``); the expanded copies then have one row per query row,
+and the engine sums each example's. ``static_k``/``static_v`` are not supported
+(``Unsupported``: the caller falls back).
 """
 
 from __future__ import annotations
@@ -45,15 +49,16 @@ def _finish_direct(engine: Engine, g: torch.Tensor, slot: int) -> None:
     engine.add("direct", slot, g)
 
 
-def _per_example(engine: Engine, t: Any) -> Any:
-    """``t`` expanded to ``(B, *t.shape)``; a tracked ``t`` records the expanded tensor,
-    whose gradient row ``b`` is example ``b``'s (NOTE [attention through the linear rule])."""
-    B = engine.batch_size
+def _per_example(engine: Engine, t: Any, n: int) -> Any:
+    """``t`` expanded to ``(n, *t.shape)`` for a query with ``n`` rows (``B``, or ``m`` per
+    example: NOTE [examples merged into axis 0]); a tracked ``t`` records the expanded
+    tensor, whose gradient row ``r`` is its row's example's (NOTE [attention through the
+    linear rule])."""
     slot = engine.slot(t)
     if slot is None:
-        return t.expand(B, *t.shape)
+        return t.expand(n, *t.shape)
     leaf = engine.bases[slot].detach().requires_grad_()
-    out = leaf.expand(B, *leaf.shape)
+    out = leaf.expand(n, *leaf.shape)
     engine.record(out, _finish_direct, slot)
     return out
 
@@ -84,11 +89,9 @@ def _mha(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
         if kpm is not None:
             kpm = kpm.unsqueeze(0)
     L, N, E = query.shape
-    if N != engine.batch_size:
-        raise Unsupported(
-            f"{', '.join(engine.name(s) for s in slots)} are used by "
-            f"`F.multi_head_attention_forward` on a query of shape {tuple(query.shape)}, whose "
-            f"batch axis (1, sequence-first) is not the batch (B={engine.batch_size})")
+    if N != engine.batch_size:  # m rows per example, or refused: NOTE [examples merged ...]
+        engine.check_input(query.transpose(0, 1), "F.multi_head_attention_forward", slots,
+                           features=2)
     if E != E_check:
         raise AssertionError(f"was expecting embedding dimension of {E_check}, but got {E}")
     kpm = F._canonical_mask(mask=kpm, mask_name="key_padding_mask",
@@ -126,11 +129,11 @@ def _mha(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
     else:
         q, k, v = (F.linear(x, a[f"{n}_proj_weight"]) for x, n in ((qb, "q"), (kb, "k"), (vb, "v")))
         if b is not None:
-            bq, bk, bv = _per_example(engine, b).unsqueeze(1).chunk(3, -1)
+            bq, bk, bv = _per_example(engine, b, N).unsqueeze(1).chunk(3, -1)
             q, k, v = q + bq, k + bk, v + bv
     if a["bias_k"] is not None and a["bias_v"] is not None:
-        k = torch.cat([k, _per_example(engine, a["bias_k"]).reshape(N, 1, E)], 1)
-        v = torch.cat([v, _per_example(engine, a["bias_v"]).reshape(N, 1, E)], 1)
+        k = torch.cat([k, _per_example(engine, a["bias_k"], N).reshape(N, 1, E)], 1)
+        v = torch.cat([v, _per_example(engine, a["bias_v"], N).reshape(N, 1, E)], 1)
         attn_mask, kpm = _pad_mask(attn_mask), _pad_mask(kpm)
     elif a["bias_k"] is not None or a["bias_v"] is not None:
         raise AssertionError("bias_k and bias_v must be both set or both None")
