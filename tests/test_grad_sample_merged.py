@@ -245,3 +245,23 @@ def test_attention_on_merged_rows_matches_the_loop(batch, kw):
         return y.pow(2).reshape(b, -1).sum(1)
 
     check(losses, params, torch.randn(batch, 2, 3, 3))
+
+
+def test_weight_standardised_convs_with_augmentation_multiplicity():
+    """De et al.'s recipe: weight-standardised convs (a weight derived from the parameter,
+    NOTE [derived parameters]) with GroupNorm, on ``K`` augmentations merged into the
+    batch axis: the per-row gradients of the derived weight are summed per example, then
+    pulled back through the standardisation."""
+    g = torch.Generator().manual_seed(13)
+    params = _conv_params(g)
+
+    def standardised(w):
+        return (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+
+    def losses(p, x, y):
+        q = dict(p, **{"conv.weight": standardised(p["conv.weight"])})
+        return _augmented(q, x, y)
+
+    for batch, k in ((3, 2), (2, 4), (1, 3)):
+        check(losses, params, torch.randn(batch, k, 2, 5, 5, generator=g),
+              torch.randint(0, 3, (batch,), generator=g))
