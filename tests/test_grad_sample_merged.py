@@ -265,3 +265,53 @@ def test_weight_standardised_convs_with_augmentation_multiplicity():
     for batch, k in ((3, 2), (2, 4), (1, 3)):
         check(losses, params, torch.randn(batch, k, 2, 5, 5, generator=g),
               torch.randint(0, 3, (batch,), generator=g))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["example-major", "examples last"])
+def test_a_parameter_expanded_to_a_row_per_augmentation(batch, layout):
+    """``tok.expand(B * K, -1)``: the expand follows the batch at two sizes, so its rows
+    are taken as ``K`` per example, and their output gradients must show it (padding
+    examples' rows repeat the first's). Example-major, that holds and hooks and ghost
+    match the loop; with the examples last, where only the gradients could tell, the
+    expand is refused and the default method falls back to the loop's numbers."""
+    g = torch.Generator().manual_seed(batch)
+    params = {"tok": torch.randn(1, 4, generator=g)}
+
+    def losses(p, x):
+        b, k = x.shape[:2]
+        rows = (x.reshape(b * k, 4) if layout == "example-major"
+                else x.transpose(0, 1).reshape(k * b, 4))
+        out = torch.tanh(rows * p["tok"].expand(b * k, -1))
+        if layout == "example-major":
+            return out.pow(2).reshape(b, -1).sum(1)
+        return out.pow(2).reshape(k, b, 4).sum((0, 2))
+
+    x = torch.randn(batch, 2, 4, generator=g)
+    if layout == "example-major":
+        check(losses, params, x)
+    elif batch > 1:  # a batch of one has one layout
+        refused_then_loop(losses, params, x, match="do not group by example")
+
+
+def test_a_vision_transformer_with_augmentation_multiplicity():
+    """torchvision's ``VisionTransformer`` on ``K`` augmentations merged into the batch
+    axis: the class token expanded to ``B * K`` rows, the positional embedding, attention
+    on merged rows; hooks and ghost against the loop."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1,
+                                                 num_heads=2, hidden_dim=8, mlp_dim=16,
+                                                 num_classes=3)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zeroes it
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def losses(p, x, y):
+        b, k = x.shape[:2]
+        out = torch.func.functional_call(model, p, (x.reshape(b * k, *x.shape[2:]),))
+        return F.cross_entropy(out, y.repeat_interleave(k), reduction="none").reshape(b, k).mean(1)
+
+    g = torch.Generator().manual_seed(1)
+    for batch, k in ((3, 2), (1, 3)):
+        check(losses, params, torch.randn(batch, k, 3, 8, 8, generator=g),
+              torch.randint(0, 3, (batch,), generator=g))

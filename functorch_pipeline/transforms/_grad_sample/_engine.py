@@ -534,8 +534,11 @@ class Engine:
         input shows; later calls with the same shapes run padded at once (remembered per
         ``loss_fn``), one padding example more a call. ``has_aux`` is never padded, so
         there it stays an error and ``auto`` takes ``vmap``. An expand of a parameter to
-        ``m * B`` rows (a class token for every augmentation) is not taken: its rows are
-        all alike, so nothing shows which example each belongs to.
+        ``m * B`` rows (a ViT's class token for every augmentation) is taken when its size
+        follows the batch's (``_padding.Evidence``); its rows are all alike, so only their
+        output gradients show whose they are: in the padded run each padding example's
+        ``m`` rows of gradient must repeat the first example's (:meth:`grads_repeat`), as
+        the gradient of a copy of the first example's loss does.
         """
         B = self.batch_size
         ambiguous = False
@@ -638,6 +641,12 @@ class Engine:
             return bool(torch.equal(rows, first))
         eps = 1e3 * torch.finfo(x.dtype).eps
         return bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
+
+    def grads_repeat(self, g: torch.Tensor, m: int) -> bool:
+        """Whether an output gradient with ``m`` rows per example has each padding
+        example's rows equal to the first example's, as a copy of the first example's
+        loss gives them (NOTE [examples merged into axis 0]); False outside a padded run."""
+        return self._padding_rows_repeat(g, m)
 
     def flattened_batch(self, x: torch.Tensor) -> bool:
         """Whether the 1-d ``x`` reads a batch argument and has a multiple of ``B`` entries

@@ -47,7 +47,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 __all__ = ["Evidence", "pad_batch", "run_unambiguous"]
 
 _MAX_EXTRA = 4
-_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[bool]]]] = weakref.WeakKeyDictionary()
+_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[int]]]] = weakref.WeakKeyDictionary()
 
 
 def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
@@ -84,40 +84,43 @@ class Evidence:
     Attributes:
       runs: the earlier runs of this call, each ``(leading sizes of its expands in call
         order, its batch size)``; a run stopped early lists only the expands it reached.
-      decisions: remembered decisions (batch axis or not, by call order) of an earlier
-        call with the same shapes, or None.
+      decisions: remembered decisions (rows per example, 0 for an expand not over the
+        batch, by call order) of an earlier call with the same shapes, or None.
       log, made: this run's leading sizes and decisions, in call order.
     """
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
-                 decisions: list[bool] | None = None) -> None:
+                 decisions: list[int] | None = None) -> None:
         self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
-        self.made: list[bool] = []
+        self.made: list[int] = []
 
-    def batch_expand(self, size: int, batch: int) -> bool:
-        """Whether this run's next expand, to leading size ``size`` in a batch of ``batch``,
-        is over the examples; raises :class:`Ambiguous` when only another run can tell."""
+    def batch_expand(self, size: int, batch: int) -> int:
+        """How many rows per example this run's next expand, to leading size ``size`` in a
+        batch of ``batch``, makes: 1 over the examples, ``m`` for ``m`` rows per example
+        (NOTE [examples merged into axis 0] in ``_engine``), 0 when it is not over them;
+        raises :class:`Ambiguous` when only another run can tell."""
         i = len(self.log)
         self.log.append(size)
         seen = [(log[i], b) for log, b in self.runs if i < len(log)]  # each run its own size
-        if batch == 1:
-            made = size == 1  # a single example: every reading is the same
+        if batch == 1 and size == 1:
+            made = 1  # a single example: every reading is the same
         elif self.decisions is not None and i < len(self.decisions):
-            made = self.decisions[i] and size == batch
-        elif size != batch or any(s != b for s, b in seen):
-            made = False  # it did not follow the batch
+            m = self.decisions[i]
+            made = m if m and size == m * batch else 0
+        elif size % batch or any(s * batch != size * b for s, b in seen):
+            made = 0  # it did not follow the batch
         elif seen:
-            made = True  # the batch size at two sizes or more
+            made = size // batch  # a multiple of the batch size, the same at two sizes or more
         else:
-            raise Ambiguous(f"a parameter is expanded to the batch size {batch}, which does not "
-                            "show whether that axis holds the examples")
+            raise Ambiguous(f"a parameter is expanded to {size} rows, a multiple of the batch "
+                            f"size {batch}, which does not show whether they hold the examples")
         self.made.append(made)
         return made
 
 
-def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[bool]]]:
+def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[int]]]:
     try:
         return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
     except TypeError:  # not weak-referenceable: nothing remembered

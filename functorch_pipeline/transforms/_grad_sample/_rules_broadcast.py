@@ -161,6 +161,13 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int, ...]) -> None:
+    m = g.shape[0] // engine.batch_size
+    if m > 1 and not engine.grads_repeat(g, m):
+        # m rows per example: an expand's rows are all alike, so only their gradients show
+        # whose they are (NOTE [examples merged into axis 0] in _engine).
+        raise Unsupported(f"{engine.name(slot)} is expanded to {g.shape[0]} rows, {m} per "
+                          "example, but their gradients do not group by example (the first "
+                          "example's rows repeated in the padding rows)")
     dims = tuple(i for i in range(1, len(shape)) if shape[i] == 1 and g.shape[i] != 1)
     p = engine.bases[slot]
     engine.add("direct", slot, (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *p.shape))
