@@ -19,6 +19,9 @@ Four models, 32 x 32 RGB inputs, 10 classes, cross entropy per example:
   2, window 4), batch 32: windows merged into the batch axis and the relative position
   bias read through its index buffer (NOTE [derived parameters]); it fell back to
   ``vmap`` before.
+* ``vit-augmult``: ``per_sample_vit.py``'s ``VisionTransformer`` (4 x 4 patches, 2 layers,
+  width 64) with ``K = 4`` augmentations of each of 16 examples: the class token expanded
+  to a row per augmentation, attention on merged rows; it fell back to ``vmap`` before.
 
 The yardstick is ``fp.grad`` of the batch's mean loss; the ``vmap`` rows are what the
 default method ran before (each checked against the default first). Rows run in one
@@ -48,7 +51,7 @@ import _common  # noqa: E402
 import functorch_pipeline as fp  # noqa: E402
 
 YARDSTICK = "fp.grad of the mean loss (yardstick)"
-MODELS = ("resnet", "augmult", "convnext", "swin")
+MODELS = ("resnet", "augmult", "convnext", "swin", "vit-augmult")
 
 
 def resnet() -> nn.Module:
@@ -85,15 +88,22 @@ def swin() -> nn.Module:
         num_classes=10).eval()
 
 
+def vit() -> nn.Module:
+    from per_sample_vit import _model
+
+    return _model()
+
+
 def setup(name: str, batch: int | None) -> tuple[Callable[..., torch.Tensor], nn.Module,
                                                   tuple[torch.Tensor, torch.Tensor]]:
     """``(losses, model, (x, y))`` for one model at its default (or the given) batch."""
-    make = {"resnet": resnet, "augmult": resnet, "convnext": convnext, "swin": swin}[name]
+    make = {"resnet": resnet, "augmult": resnet, "convnext": convnext, "swin": swin,
+            "vit-augmult": vit}[name]
     model = make()
-    n = batch or {"resnet": 128, "augmult": 64, "convnext": 64, "swin": 32}[name]
+    n = batch or {"resnet": 128, "augmult": 64, "convnext": 64, "swin": 32, "vit-augmult": 16}[name]
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, 10, (n,), generator=g)
-    if name == "augmult":
+    if name.endswith("augmult"):
         x = torch.randn(n, 4, 3, 32, 32, generator=g)
 
         def losses(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -118,7 +128,7 @@ def candidates(name: str, batch: int | None = None) -> tuple[dict[str, Any], int
     fns = {YARDSTICK: lambda: grad(params, x, y), **rows}
     if name == "resnet":
         fns.update(_common.opacus_row(resnet, F.cross_entropy, x, y, want.values()))
-    elif name == "augmult":
+    elif name.endswith("augmult"):
         print("  Opacus: no row (its per-sample gradients are per image, not per example)")
     return fns, x.shape[0]
 
