@@ -104,8 +104,10 @@ class Evidence:
         i = len(self.log)
         self.log.append(size)
         seen = [(log[i], b) for log, b in self.runs if i < len(log)]  # each run its own size
-        if batch == 1 and size == 1:
-            made = 1  # a single example: every reading is the same
+        if batch == 1:
+            # A single example: every row is its own, whatever the layout, so its gradient
+            # is the sum of the rows' either way.
+            made = size
         elif self.decisions is not None and i < len(self.decisions):
             m = self.decisions[i]
             made = m if m and size == m * batch else 0

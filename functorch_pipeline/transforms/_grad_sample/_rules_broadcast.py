@@ -30,9 +30,12 @@ padded ones; the runs make the same expands in the same order). When only one ru
 the batch runs again padded; an expand whose size did not follow the batch (a length
 that equals ``B`` or a padded size by coincidence) is not over the examples. Example
 ``b``'s gradient is row ``b`` of the output gradient, summed over the other expanded
-axes. A batch of one needs no proof. An expand to any other size, and ``+``/``*`` of
-parameters with each other or with numbers, have no batch axis: their results are
-derived tensors (NOTE [derived parameters] in ``_engine``).
+axes. An expand to ``m`` times the batch size in every run (a class token for each of
+``K`` augmentations merged into the batch axis) is taken as ``m`` rows per example, once
+its output gradient shows that grouping too (NOTE [examples merged into axis 0] in
+``_engine``). A batch of one needs no proof: all rows are its own. An expand to any other
+size, and ``+``/``*`` of parameters with each other or with numbers, have no batch axis:
+their results are derived tensors (NOTE [derived parameters] in ``_engine``).
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int, ...]) -> None:
     m = g.shape[0] // engine.batch_size
-    if m > 1 and not engine.grads_repeat(g, m):
+    if m > 1 and engine.batch_size > 1 and not engine.grads_repeat(g, m):
         # m rows per example: an expand's rows are all alike, so only their gradients show
         # whose they are (NOTE [examples merged into axis 0] in _engine).
         raise Unsupported(f"{engine.name(slot)} is expanded to {g.shape[0]} rows, {m} per "
