@@ -119,3 +119,56 @@ def test_an_in_place_activation_of_a_derived_tensor_is_refused_and_falls_back():
         return F.linear(x, F.relu(p["w"] * 2, inplace=True)).pow(2).sum(1)
 
     refused_then_loop(losses, params, torch.randn(4, 3, generator=g), match="F.relu")
+
+
+IDENTITY_OPS = {  # ops that return their input itself when there is nothing to do
+    "flatten": lambda w: w.flatten(1),
+    "contiguous": lambda w: w.contiguous(),
+    "to": lambda w: w.to(w.dtype),
+    "reshape-same": lambda w: w.reshape(w.shape),
+}
+
+
+@pytest.mark.parametrize("op", sorted(IDENTITY_OPS))
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_an_op_that_returns_its_input_keeps_it_tracked(op, batch):
+    """``w.flatten(1)`` of a matrix (and ``contiguous()``, ``to`` its own dtype) returns
+    ``w`` itself; the derived-tensor path dropped such a result's tracking, so a norm
+    computed from it became a constant and ``w / norm`` lost that term of its gradient
+    (spectral norm: off by 0.48, silently, before this fix)."""
+    g = torch.Generator().manual_seed(batch)
+    params = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(3, generator=g)}
+
+    def losses(p, x):
+        w = p["w"] / torch.linalg.vector_norm(IDENTITY_OPS[op](p["w"]))
+        return torch.tanh(F.linear(x, w, p["b"])).pow(2).sum(1)
+
+    check(losses, params, torch.randn(batch, 4, generator=g))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])  # 5 == the weight's rows
+def test_spectral_norm_matches_the_loop(batch):
+    """``nn.utils.parametrizations.spectral_norm`` in eval mode: ``W / vdot(u, W v)`` with
+    the buffers ``u``, ``v`` (constants; ``W`` reshaped by a ``flatten`` that returns it)."""
+    torch.manual_seed(batch)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(4, 5)),
+                                torch.nn.Tanh(), torch.nn.Linear(5, 2)).eval()
+    params = params_of(model)
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,)).pow(2).sum(1)
+
+    check(losses, params, torch.randn(batch, 4))
+
+
+def test_a_parameter_times_a_constant_vector_is_a_derived_tensor():
+    """``W @ v`` with ``v`` a constant vector (spectral norm's power iteration written out)
+    was refused by the ``x @ w`` rule, which wants a batched ``x``; it is a derived tensor."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, generator=g)
+    params = {"w": torch.randn(3, 4, generator=g)}
+
+    def losses(p, x):
+        return torch.tanh(F.linear(x, p["w"]) + p["w"] @ v).pow(2).sum(1)
+
+    check(losses, params, torch.randn(3, 4, generator=g))

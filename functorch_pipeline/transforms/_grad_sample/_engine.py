@@ -389,6 +389,9 @@ class Engine:
             if not isinstance(t, torch.Tensor):
                 return t
             if t.grad_fn is None:
+                for s, leaf in leaves.items():
+                    if t is leaf:  # the op returned its input (flatten of a matrix,
+                        return self.track(s)  # contiguous, .to(its dtype)): still tracked
                 return t.detach()
             return self.derive(t.detach(), parents, made_by, functools.partial(
                 _pull_back, out=t, leaves=[leaves[s] for s in parents], parents=parents))

@@ -68,6 +68,14 @@ def _matmul(reflected: bool) -> Any:
         if parent is not None:  # x @ w.T is F.linear(x, w): its parts, not a derived weight's
             return F.linear(x, engine.track(parent))
         wp = engine.bases[ws]
+        if wp.dim() in (1, 2) and isinstance(x, torch.Tensor) and x.dim() < 2:
+            # A constant vector (spectral norm's ``W @ v``): a derived tensor.
+            def refuse() -> int:
+                raise Unsupported(f"{engine.name(ws)} is used by `{name}` on a vector of shape "
+                                  f"{tuple(x.shape)}, which is not a constant of loss_fn")
+
+            engine.examples_axis(x, refuse, f"`{name}` on {engine.name(ws)}")
+            return engine.derive_op(torch.matmul, (a, b), {})
         if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise Unsupported(
                 f"{engine.name(ws)} of shape {tuple(wp.shape)} is used by `{name}` on an input "
