@@ -172,3 +172,20 @@ def test_a_parameter_times_a_constant_vector_is_a_derived_tensor():
         return torch.tanh(F.linear(x, p["w"]) + p["w"] @ v).pow(2).sum(1)
 
     check(losses, params, torch.randn(3, 4, generator=g))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_a_cosine_classifier_takes_the_fast_path(batch):
+    """``F.linear(F.normalize(h), F.normalize(W))`` (a cosine-softmax head): ``F.normalize``
+    passes ``out=None``, which was read as an ``out=`` argument, so the normalised weight
+    was refused and ``auto`` fell back."""
+    g = torch.Generator().manual_seed(batch)
+    params = {"proj": torch.randn(4, 3, generator=g), "w": torch.randn(5, 4, generator=g),
+              "scale": torch.tensor(3.0)}
+
+    def losses(p, x, y):
+        h = F.normalize(F.linear(x, p["proj"]), dim=1)
+        logits = p["scale"] * F.linear(h, F.normalize(p["w"], dim=1))
+        return F.cross_entropy(logits, y, reduction="none")
+
+    check(losses, params, torch.randn(batch, 3, generator=g), torch.randint(0, 5, (batch,), generator=g))

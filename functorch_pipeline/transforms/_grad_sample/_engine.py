@@ -176,7 +176,7 @@ def _out_of_place(func: Any, kwargs: dict[str, Any]) -> bool:
     whose slot and graph the engine keeps)."""
     name = getattr(func, "__name__", "")
     return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
-                or name in ("__setitem__", "__delitem__") or "out" in kwargs
+                or name in ("__setitem__", "__delitem__") or kwargs.get("out") is not None
                 or kwargs.get("inplace") is True)
 
 
