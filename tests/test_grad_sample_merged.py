@@ -315,3 +315,44 @@ def test_a_vision_transformer_with_augmentation_multiplicity():
     for batch, k in ((3, 2), (1, 3)):
         check(losses, params, torch.randn(batch, k, 3, 8, 8, generator=g),
               torch.randint(0, 3, (batch,), generator=g))
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "conv1d", "conv3d", "conv_transpose2d"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_conv_rows_are_summed_per_example_in_chunks(layer, chunked, monkeypatch):
+    """A conv's per-row weight gradients on merged rows are formed a chunk of examples at a
+    time (``Engine.summed_rows``: at most ``MERGED_BYTES`` of them at once; 1 byte here
+    makes every example its own chunk) and summed per example: the same numbers as the
+    loop either way, for every conv rule."""
+    from functorch_pipeline.transforms._grad_sample import _engine
+
+    if chunked:
+        monkeypatch.setattr(_engine, "MERGED_BYTES", 1)
+    g = torch.Generator().manual_seed(len(layer))
+    make = {"conv2d": lambda: torch.nn.Conv2d(2, 3, 2), "conv1d": lambda: torch.nn.Conv1d(2, 3, 2),
+            "conv3d": lambda: torch.nn.Conv3d(2, 3, 2),
+            "conv_transpose2d": lambda: torch.nn.ConvTranspose2d(2, 3, 2, stride=2)}[layer]
+    torch.manual_seed(0)
+    conv = make()
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    shape = {"conv2d": (4, 4), "conv1d": (5,), "conv3d": (3, 3, 3), "conv_transpose2d": (3, 3)}[layer]
+
+    def losses(p, x):
+        b, k = x.shape[:2]
+        out = torch.func.functional_call(conv, p, (x.reshape(b * k, *x.shape[2:]),))
+        return torch.tanh(out).pow(2).reshape(b, -1).sum(1)
+
+    x = torch.randn(3, 2, 2, *shape, generator=g)
+    if layer in ("conv2d", "conv1d"):
+        check(losses, params, x)
+        return
+    # conv3d and transposed convs have hooks rules only (ghost refuses them: HooksOnly)
+    want = loop_grads(losses, params, x)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x)
+    assert all(close(got[k], want[k]) for k in want)
+    norms = sum(v.reshape(3, -1).pow(2).sum(1) for v in want.values()).sqrt()
+    total, n = fp.clipped_grad(losses, float(norms.median()), method="hooks")(params, x)
+    factor = (norms.median() / norms).clamp(max=1.0)
+    assert close(n, norms)
+    assert all(close(total[k], (want[k] * factor.reshape(-1, *[1] * (want[k].dim() - 1))).sum(0))
+               for k in want)

@@ -70,6 +70,8 @@ def _describe(func: Any) -> str:
     return f"torch.{name}" if module in ("torch", "") else f"{module}.{name}"
 
 
+MERGED_BYTES = 64 << 20  # per-row parts formed at once for merged rows (Engine.summed_rows)
+
 _T = torch.Tensor
 # Calls that read metadata or produce an alias without a gradient path: allowed, and
 # answered from the plain parameter (see NOTE [how the engine works]).
@@ -698,6 +700,32 @@ class Engine:
         if payload[0].shape[0] != self.batch_size:  # NOTE [examples merged into axis 0]
             payload = self._grouped(kind, payload)
         self.parts.setdefault((kind, slot), []).append(payload)
+
+    def summed_rows(self, rows: Callable[[int, int], torch.Tensor], n: int, row_bytes: int
+                    ) -> torch.Tensor:
+        """Per-example sums ``(B, ...)`` of per-row parts ``rows(start, stop)`` of an input
+        with ``n`` rows: ``n / B`` consecutive rows per example (NOTE [examples merged into
+        axis 0]), formed for a chunk of examples at a time so that at most about
+        ``MERGED_BYTES`` of per-row parts exist at once (``row_bytes`` each: a conv
+        layer's per-row weight gradients, B * K of them, would otherwise all be formed
+        before their sum)."""
+        B = self.batch_size
+        if n == B:
+            return rows(0, n)
+        m = n // B
+        step = max(1, MERGED_BYTES // max(1, m * row_bytes))  # examples per chunk
+        out = None
+        for s in range(0, B, step):
+            e = min(B, s + step)
+            t = rows(s * m, e * m)
+            t = t.reshape(e - s, m, *t.shape[1:]).sum(1)
+            if step >= B:
+                return t
+            if out is None:
+                out = t.new_empty(B, *t.shape[1:])
+            out[s:e] = t
+        assert out is not None
+        return out
 
     def _grouped(self, kind: str, payload: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """A part whose rows are ``m`` consecutive rows per example (NOTE [examples merged

@@ -114,8 +114,11 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
         # A weight computed from parameters (weight standardisation, weight norm): its
         # per-example gradients are formed, to be pulled back (NOTE [derived parameters]).
         # Rows merged per example (NOTE [examples merged into axis 0] in _engine): formed
-        # per row, and Engine.add sums each example's.
-        engine.add("direct", ws, _ghost_math.conv_materialise(x, g, geometry, engine.bases[ws]))
+        # per row and summed per example, a chunk of examples at a time.
+        w = engine.bases[ws]
+        engine.add("direct", ws, engine.summed_rows(
+            lambda a, b: _ghost_math.conv_materialise(x[a:b], g[a:b], geometry, w), x.shape[0],
+            w.numel() * g.element_size()))
     elif ws is not None:
         engine.add("conv", ws, x, g, geometry)
 
