@@ -18,6 +18,8 @@ from per_example_reference import params_of
 from test_grad_sample_broadcast import check
 from test_grad_sample_broadcast import refused_then_loop
 
+import functorch_pipeline as fp
+
 torchvision = pytest.importorskip("torchvision")
 
 
@@ -108,17 +110,50 @@ def test_a_constant_table_through_a_linear_is_a_derived_tensor(batch):
     check(losses, params, torch.randn(batch, 3, generator=g))
 
 
-def test_an_in_place_activation_of_a_derived_tensor_is_refused_and_falls_back():
-    """``F.relu(h, inplace=True)`` on a tensor computed from parameters alone would change
-    a tensor whose graph the engine keeps: refused by name (it raised autograd's "leaf
-    Variable ... in-place" error before), and the default method falls back."""
-    g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(3, 3, generator=g)}
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])  # leaky_relu's backward saves its input
+def test_an_in_place_activation_of_a_derived_tensor_matches_the_loop(batch, act):
+    """NOTE [in-place on derived tensors]: ``nn.ReLU(inplace=True)`` in a branch computed
+    from parameters and a constant table (Swin v2's position MLP): it raised autograd's
+    "leaf Variable ... in-place" error, then was refused; now it runs out of place with
+    the caller's tensor rebound to the result, and the MLP's later use sees the new
+    values."""
+    g = torch.Generator().manual_seed(batch)
+    coords = torch.randn(5, 2, generator=g)
+    params = {"w1": torch.randn(6, 2, generator=g), "b1": torch.randn(6, generator=g),
+              "w2": torch.randn(3, 6, generator=g)}
+    mlp = torch.nn.ReLU(inplace=True) if act == "relu" else torch.nn.LeakyReLU(0.1, inplace=True)
 
     def losses(p, x):
-        return F.linear(x, F.relu(p["w"] * 2, inplace=True)).pow(2).sum(1)
+        h = F.linear(coords, p["w1"], p["b1"])  # (5, 6): a constant input, a derived tensor
+        mlp(h)  # in place: h itself now holds relu(h)
+        bias = F.linear(h, p["w2"]).mean(0)  # (3,)
+        return torch.tanh(x + bias).pow(2).sum(1)
 
-    refused_then_loop(losses, params, torch.randn(4, 3, generator=g), match="F.relu")
+    check(losses, params, torch.randn(batch, 3, generator=g))
+
+
+def test_in_place_changes_the_engine_cannot_mirror_are_refused():
+    """An in-place op on a parameter itself, or on a derived tensor that a view was taken
+    from first (eager PyTorch would change the view too), is refused by name; the
+    default method falls back to the loop's numbers for the view case."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 3, generator=g)}
+    x = torch.randn(4, 3, generator=g)
+
+    def on_a_parameter(p, x):
+        return F.linear(x, F.relu(p["w"], inplace=True)).pow(2).sum(1)
+
+    with pytest.raises(ValueError, match="changed in place by `F.relu` with inplace=True"):
+        fp.per_sample_grads(on_a_parameter, method="hooks")(params, x)
+
+    def after_a_view(p, x):
+        h = p["w"] * 2
+        top = h[:2]
+        F.relu(h, inplace=True)
+        return (F.linear(x, h).pow(2).sum(1) + F.linear(x, top).sum(1))
+
+    refused_then_loop(after_a_view, params, x, match="after other tensors were computed from it")
 
 
 IDENTITY_OPS = {  # ops that return their input itself when there is nothing to do

@@ -101,6 +101,8 @@ class _Tracked(torch.Tensor):
         # batch) decides first; any other op of parameters alone makes a derived tensor.
         if rule is not None and getattr(rule, "takes_parameters_only", False):
             return rule(engine, args, kwargs)
+        if kwargs.get("inplace") is True and args and isinstance(args[0], _Tracked):
+            return engine.derive_in_place(func, args, kwargs)
         if engine.parameters_only(func, args, kwargs):  # NOTE [derived parameters]
             return engine.derive_op(func, args, kwargs)
         if rule is not None:
@@ -361,6 +363,44 @@ class Engine:
         op = f"`{_describe(func)}` on {self.names(args, kwargs)}"
         for t in _plain_tensors((*args, *kwargs.values())):
             self.examples_axis(t, refuse, op)  # None for a constant; else it raises
+
+    def derive_in_place(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func(t, ..., inplace=True)`` on a tracked ``t``: the op out of place, with ``t``
+        rebound to its result.
+
+        # NOTE [in-place on derived tensors]
+        ``nn.ReLU(inplace=True)`` inside a branch computed from parameters alone (Swin v2's
+        position MLP on a constant table of coordinates) changes a derived tensor in
+        place. The engine keeps that tensor's value and graph for its slot, so the op runs
+        out of place as a new derived slot, and ``t`` itself (the same Python object the
+        caller holds) is pointed at the result: later uses of ``t`` see the new values and
+        pull back through the new slot, as in eager PyTorch. A view of ``t`` made before
+        the op would see the change in eager PyTorch and not here, so a slot that other
+        derived tensors were computed from is refused, and so is a parameter itself.
+        """
+        t = args[0]
+        old = t._fp_slot
+        op = f"`{_describe(func)}` with inplace=True"
+        if old not in self.derived:
+            raise Unsupported(f"{self.name(old)} is changed in place by {op}")
+        if any(old in parents for parents, _, _ in self.derived.values()):
+            raise Unsupported(f"{self.name(old)} is changed in place by {op} after other "
+                              "tensors were computed from it")
+        out_of_place = {**kwargs, "inplace": False}
+
+        def refuse() -> int:
+            raise Unsupported(f"{self.name(old)} is changed in place by {op} with a plain "
+                              "tensor that is not a constant of loss_fn")
+
+        self.with_constants(func, args, out_of_place, refuse)
+        out = self.derive_op(func, args, out_of_place)
+        if not isinstance(out, _Tracked):
+            refuse()
+        # The caller's object takes the result's tensor and slot. swap_tensors exchanges the
+        # two objects' tensors (and attributes) without writing into either, so tensors
+        # saved for the old slot's graph keep their version.
+        torch.utils.swap_tensors(t, out)
+        return t
 
     def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func`` on tracked arguments only, its floating result a derived tensor pulled
