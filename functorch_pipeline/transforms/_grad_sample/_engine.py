@@ -582,7 +582,7 @@ class Engine:
         ``m * B`` rows (a ViT's class token for every augmentation) is taken when its size
         follows the batch's (``_padding.Evidence``); its rows are all alike, so only their
         output gradients show whose they are: in the padded run each padding example's
-        ``m`` rows of gradient must repeat the first example's (:meth:`grads_repeat`), as
+        ``m`` rows of gradient must repeat the first example's (:meth:`padding_rows_repeat`), as
         the gradient of a copy of the first example's loss does.
         """
         B = self.batch_size
@@ -590,7 +590,7 @@ class Engine:
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
-                if self.real is None or x.requires_grad or self._padding_rows_repeat(x):
+                if self.real is None or x.requires_grad or self.padding_rows_repeat(x):
                     return 0
                 # Padded, a tensor with no provable batch axis (a table whose first axis
                 # has the padded size) must not pass for the examples.
@@ -605,7 +605,7 @@ class Engine:
                     # Padded, axis 1 must repeat the first example too: an activation with
                     # merged rows (NOTE [examples merged into axis 0]) may have another axis
                     # of the padded size.
-                    and (self.real is None or self._padding_rows_repeat(x.movedim(1, 0)))):
+                    and (self.real is None or self.padding_rows_repeat(x.movedim(1, 0)))):
                 if B not in lead[2:]:
                     return 1
                 ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
@@ -619,7 +619,7 @@ class Engine:
                     f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose "
                     f"first axis is {m} times the batch size {B}: it may hold {m} rows per "
                     "example, which only a padded batch can show")
-            if self._padding_rows_repeat(x, m):
+            if self.padding_rows_repeat(x, m):
                 return 0
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose first "
@@ -665,7 +665,7 @@ class Engine:
                 return True
         return False
 
-    def _padding_rows_repeat(self, x: torch.Tensor, m: int = 1) -> bool:
+    def padding_rows_repeat(self, x: torch.Tensor, m: int = 1) -> bool:
         """Whether ``x``'s rows past the examples equal its first row, as every tensor
         computed example by example from the padded batch does (its padding rows are
         copies of the first example: NOTE [padding an ambiguous batch] in ``_padding``),
@@ -686,12 +686,6 @@ class Engine:
             return bool(torch.equal(rows, first))
         eps = 1e3 * torch.finfo(x.dtype).eps
         return bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
-
-    def grads_repeat(self, g: torch.Tensor, m: int) -> bool:
-        """Whether an output gradient with ``m`` rows per example has each padding
-        example's rows equal to the first example's, as a copy of the first example's
-        loss gives them (NOTE [examples merged into axis 0]); False outside a padded run."""
-        return self._padding_rows_repeat(g, m)
 
     def flattened_batch(self, x: torch.Tensor) -> bool:
         """Whether the 1-d ``x`` reads a batch argument and has a multiple of ``B`` entries
@@ -741,27 +735,27 @@ class Engine:
             payload = self._grouped(kind, payload)
         self.parts.setdefault((kind, slot), []).append(payload)
 
-    def summed_rows(self, rows: Callable[[int, int], torch.Tensor], n: int, row_bytes: int
-                    ) -> torch.Tensor:
-        """Per-example sums ``(B, ...)`` of per-row parts ``rows(start, stop)`` of an input
-        with ``n`` rows: ``n / B`` consecutive rows per example (NOTE [examples merged into
-        axis 0]), formed for a chunk of examples at a time so that at most about
-        ``MERGED_BYTES`` of per-row parts exist at once (``row_bytes`` each: a conv
-        layer's per-row weight gradients, B * K of them, would otherwise all be formed
-        before their sum)."""
-        B = self.batch_size
+    def summed_rows(self, form: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    x: torch.Tensor, g: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """``form(x, g)``: per-row parts of ``param`` (one per row of the op's input ``x``
+        and output gradient ``g``), as per-example sums ``(B, ...)``. With ``m`` rows per
+        example (NOTE [examples merged into axis 0]) they are formed for a chunk of
+        examples at a time, so that at most about ``MERGED_BYTES`` of per-row parts exist
+        at once: a conv layer's per-row weight gradients, ``B * K`` of them, would
+        otherwise all be formed before their sum."""
+        B, n = self.batch_size, x.shape[0]
         if n == B:
-            return rows(0, n)
+            return form(x, g)
         m = n // B
-        step = max(1, MERGED_BYTES // max(1, m * row_bytes))  # examples per chunk
+        step = max(1, MERGED_BYTES // max(1, m * param.numel() * g.element_size()))
         out = None
         for s in range(0, B, step):
             e = min(B, s + step)
-            t = rows(s * m, e * m)
+            t = form(x[s * m:e * m], g[s * m:e * m])
             t = t.reshape(e - s, m, *t.shape[1:]).sum(1)
-            if step >= B:
+            if step >= B:  # one chunk: the whole batch
                 return t
-            if out is None:
+            if out is None:  # the parts' own shape and dtype (autocast)
                 out = t.new_empty(B, *t.shape[1:])
             out[s:e] = t
         assert out is not None

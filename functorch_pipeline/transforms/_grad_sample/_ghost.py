@@ -117,8 +117,7 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
         # per row and summed per example, a chunk of examples at a time.
         w = engine.bases[ws]
         engine.add("direct", ws, engine.summed_rows(
-            lambda a, b: _ghost_math.conv_materialise(x[a:b], g[a:b], geometry, w), x.shape[0],
-            w.numel() * g.element_size()))
+            lambda xs, gs: _ghost_math.conv_materialise(xs, gs, geometry, w), x, g, w))
     elif ws is not None:
         engine.add("conv", ws, x, g, geometry)
 

@@ -129,10 +129,8 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
     if bs is not None:
         engine.add("direct", bs, g.sum(tuple(range(2, g.dim()))))
     if ws is not None:
-        w = engine.bases[ws]
         engine.add("direct", ws, engine.summed_rows(
-            lambda a, b: _conv_weight(x[a:b], g[a:b], *geometry), x.shape[0],
-            w.numel() * g.element_size()))
+            lambda xs, gs: _conv_weight(xs, gs, *geometry), x, g, engine.bases[ws]))
 
 
 _PATCH_BYTES = 2 << 20  # patches per chunk: about what stays in a 2 MB cache

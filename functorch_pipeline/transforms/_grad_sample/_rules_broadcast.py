@@ -165,7 +165,7 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int, ...]) -> None:
     m = g.shape[0] // engine.batch_size
-    if m > 1 and engine.batch_size > 1 and not engine.grads_repeat(g, m):
+    if m > 1 and engine.batch_size > 1 and not engine.padding_rows_repeat(g, m):
         # m rows per example: an expand's rows are all alike, so only their gradients show
         # whose they are (NOTE [examples merged into axis 0] in _engine).
         raise Unsupported(f"{engine.name(slot)} is expanded to {g.shape[0]} rows, {m} per "

@@ -93,12 +93,10 @@ def _finish(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | None, bs
         engine.add("direct", bs, g.sum(tuple(range(2, g.dim()))))
     if ws is not None:
         # NOTE [transposed convolution as the adjoint]: input and output gradient swap.
-        def rows(a: int, b: int) -> torch.Tensor:
-            return (_weight_grad(g[a:b], x[a:b], *geometry) if transposed
-                    else _weight_grad(x[a:b], g[a:b], *geometry))
+        def form(xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+            return _weight_grad(gs, xs, *geometry) if transposed else _weight_grad(xs, gs, *geometry)
 
-        engine.add("direct", ws, engine.summed_rows(
-            rows, x.shape[0], engine.bases[ws].numel() * g.element_size()))
+        engine.add("direct", ws, engine.summed_rows(form, x, g, engine.bases[ws]))
 
 
 def _conv3d(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
