@@ -366,7 +366,12 @@ def per_sample_grads(
           the batch by ``x + p``, ``x - p``, ``x * p``, ``x / p`` (either order) or
           ``p.expand(B, ...)`` (a vision transformer's positional embedding, LayerScale
           and class token, ConvNeXt's ``(C, 1, 1)`` layer scale; an expand is taken once a padded batch shows its size follows
-          the batch's), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
+          the batch's), a parameter laid out the same way in another elementwise op
+          (``torch.maximum``/``minimum``, ``clamp`` with tensor bounds, ``lerp``,
+          ``addcmul``/``addcdiv``, ``where``, ``pow``, ``float_power``, ``atan2``,
+          ``hypot``, ``xlogy``, ``logaddexp``, ``copysign``, ``fmax``/``fmin``: a learned
+          clipping threshold, mixing weight or exponent, its per-example gradient taken
+          from autograd's derivative of the op), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
           two-operand ``torch.einsum`` (functional code written the JAX way),
           ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses
           ``F.linear``), and the built-in cells ``nn.LSTMCell``/``GRUCell``/``RNNCell``

@@ -5,6 +5,8 @@ conv1d/2d, embedding, normalisation), ``_rules_conv`` (conv3d, transposed convol
 ``_rules_misc`` (embedding_bag, instance_norm, rms_norm, built-in RNN kernels),
 ``_rules_attention`` (multi_head_attention_forward), ``_rules_broadcast`` (a parameter
 added to, multiplied with or expanded over the batch: NOTE [broadcast parameters]),
+``_rules_elementwise`` (a parameter in ``torch.maximum``, ``clamp``, ``lerp``, ``pow``,
+``where`` and other elementwise ops: NOTE [elementwise parameters]),
 ``_rules_matmul`` (``x @ w``: NOTE [x @ w]), ``_rules_cells`` (``nn.LSTMCell``/``GRUCell``/
 ``RNNCell``: NOTE [recurrent cells]), the fused LSTM/GRU rules in
 ``_recurrent`` and the recycled output buffers in ``_buffers``. Higher layers make a
@@ -16,6 +18,7 @@ from functorch_pipeline.transforms._grad_sample import _rules_attention  # noqa:
 from functorch_pipeline.transforms._grad_sample import _rules_broadcast  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_cells  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_conv  # noqa: F401 (registers)
+from functorch_pipeline.transforms._grad_sample import _rules_elementwise  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_matmul  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_misc  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample._api import Unsupported

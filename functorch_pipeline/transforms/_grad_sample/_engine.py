@@ -716,10 +716,14 @@ class Engine:
         return x.detach().requires_grad_()
 
     def record(self, out: torch.Tensor, finish: Callable[..., None], *saved: Any) -> None:
-        """Remember ``out``'s gradient edge; ``finish(engine, grad, *saved)`` adds the parts."""
+        """Remember ``out``'s gradient edge; ``finish(engine, grad, *saved)`` adds the parts.
+        ``out`` may be a leaf requiring grad that a rule handed to an op (NOTE [elementwise
+        parameters] in ``_rules_elementwise``): the backward then returns its gradient."""
         node = out.grad_fn
-        if node is None:  # under no_grad: no gradient flows through this use
-            return
+        if node is None:
+            if out.requires_grad:
+                self.uses.append(_Use(get_gradient_edge(out), finish, saved))
+            return  # else under no_grad: no gradient flows through this use
         self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved))
 
     def anchor(self, like: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from functorch_pipeline.transforms._grad_sample import _ghost_math
 from functorch_pipeline.transforms._grad_sample import _recurrent
 from functorch_pipeline.transforms._grad_sample import _rules_broadcast
 from functorch_pipeline.transforms._grad_sample import _rules_cells
+from functorch_pipeline.transforms._grad_sample import _rules_elementwise
 from functorch_pipeline.transforms._grad_sample import _rules_matmul
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
@@ -128,7 +129,7 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
-           torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, torch.einsum, torch.bilinear,
+           *_rules_elementwise.ELEMENTWISE, torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, torch.einsum, torch.bilinear,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 

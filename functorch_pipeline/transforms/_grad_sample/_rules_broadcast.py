@@ -50,7 +50,7 @@ from functorch_pipeline.transforms._grad_sample._padding import Evidence
 from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
-__all__: list[str] = []
+__all__ = ["finish_binary", "layout"]
 
 _T = torch.Tensor
 ADD = (torch.add, _T.add, _T.__add__, _T.__radd__)
@@ -90,14 +90,10 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             # A constant (W + v, a frozen bias added to a parameter): a derived tensor.
             engine.examples_axis(x, refuse, f"`{name}` on {engine.name(slot)}")
             return engine.derive_op(op, (a, b), kwargs)
-        aligned = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
-        k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
-
-        # Trailing axes where p is broadcast (its 1 against x's n): summed in the finisher.
-        inner = tuple(i for i in range(k, x.dim()) if aligned[i] == 1 and x.shape[i] != 1)
+        k, inner, fits = layout(p.shape, x.shape)
 
         def check() -> int:
-            if k == 0 or any(a not in (1, n) for a, n in zip(aligned[k:], x.shape[k:], strict=True)):
+            if not fits:
                 raise Unsupported(
                     f"{engine.name(slot)} of shape {tuple(p.shape)} is used by `{name}` on an "
                     f"input of shape {tuple(x.shape)}; its rule takes a parameter spanning the "
@@ -122,13 +118,27 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         else:
             factor = x if kind == "mul" else None
         scale = -alpha if kind == "sub" and sb is not None else alpha if sb is not None else 1
-        engine.record(out, _finish_binary, factor, slot, axis, k, scale, inner)
+        engine.record(out, finish_binary, factor, slot, axis, k, scale, inner)
         return out
 
     return rule
 
 
-def _finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,
+def layout(p_shape: torch.Size, x_shape: torch.Size) -> tuple[int, tuple[int, ...], bool]:
+    """How a parameter of shape ``p_shape`` broadcasts against a batched ``x_shape`` (NOTE
+    [broadcast parameters]): ``k``, the number of leading axes it is broadcast over;
+    ``inner``, the trailing axes past ``k`` where it is 1 against ``x``'s ``n`` (summed by
+    the finisher); and whether it fits the rule (``k > 0``, every axis past ``k`` 1 or
+    ``x``'s)."""
+    aligned = (1,) * (len(x_shape) - len(p_shape)) + tuple(p_shape)
+    k = next((i for i, n in enumerate(aligned) if n != 1), len(aligned))
+    inner = tuple(i for i in range(k, len(x_shape)) if aligned[i] == 1 and x_shape[i] != 1)
+    fits = (len(p_shape) <= len(x_shape) and k > 0
+            and all(a in (1, n) for a, n in zip(aligned[k:], x_shape[k:], strict=True)))
+    return k, inner, fits
+
+
+def finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,
                    axis: int, k: int, scale: Any, inner: tuple[int, ...] = ()) -> None:
     contribution = g if factor is None else g * factor
     if scale != 1:
