@@ -542,3 +542,95 @@ def test_x_at_a_transposed_weight_runs_as_a_linear(form, monkeypatch):
         return ce((torch.tanh(x @ transpose(p["w"])) + p["b"]).mean(1), y)
 
     check(losses, params, x, y)
+
+
+class HFConv1D(torch.nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): an ``(in, out)`` weight and a bias
+    applied with ``torch.addmm`` to the tokens flattened into rows (NOTE [fused products])."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], self.weight.shape[-1])
+
+
+class GPT2Block(torch.nn.Module):
+    """GPT-2's block in miniature: LayerNorm, causal attention with ``c_attn``/``c_proj``
+    as ``Conv1D``, LayerNorm, an MLP of two ``Conv1D``."""
+
+    def __init__(self, d: int = 4, heads: int = 2) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.c_attn, self.c_proj = HFConv1D(3 * d, d), HFConv1D(d, d)
+        self.c_fc, self.c_out = HFConv1D(2 * d, d), HFConv1D(d, 2 * d)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.c_attn(self.ln1(x)).split(x.shape[-1], -1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        x = x + self.c_proj(a)
+        return x + self.c_out(F.gelu(self.c_fc(self.ln2(x))))
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 3), (2, 3), (3, 3), (4, 2)])  # (3, 3): T == B
+def test_a_gpt2_block_of_addmm_projections_takes_the_fast_path(batch, seq):
+    torch.manual_seed(batch * 10 + seq)
+    block = GPT2Block()
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def losses(p, x):
+        return torch.func.functional_call(block, p, (x,)).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randn(batch, seq, 4))
+
+
+FUSED_FORMS = {
+    "addmm alpha beta": lambda p, h: torch.addmm(p["b"], h, p["w"], beta=0.5, alpha=2.0),
+    "Tensor.addmm": lambda p, h: p["b"].addmm(h, p["w"]),
+    "addmm beta=0 ignores a NaN bias": lambda p, h: torch.addmm(torch.full((3,), float("nan")), h,
+                                                                  p["w"], beta=0),
+    "addmm frozen bias": lambda p, h: torch.addmm(torch.ones(3), h, p["w"]),
+    "mm": lambda p, h: torch.mm(h, p["w"]) + p["b"],
+    "Tensor.mm": lambda p, h: h.mm(p["w"]),
+    "baddbmm of an expanded weight": lambda p, h: torch.baddbmm(
+        p["b"], h[:, None], p["w"].expand(h.shape[0], -1, -1))[:, 0],
+    "addmv columns": lambda p, h: torch.addmv(p["b"][:, None].expand(-1, 1)[:, 0], p["w"].T, h[0]) * 0
+    + torch.mm(h, p["w"]),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), form=st.sampled_from(sorted(FUSED_FORMS)))
+def test_fused_products_match_the_loop(seed, batch, form):
+    """``addmm``, ``mm`` and ``baddbmm`` (with ``alpha``/``beta``, a frozen or ignored
+    bias, the method forms) run as ``x @ w`` and ``+ b`` (NOTE [fused products])."""
+    torch.manual_seed(seed)
+    params = {"lin": torch.randn(4, 2), "w": torch.randn(4, 3), "b": torch.randn(3)}
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["lin"]))
+        return FUSED_FORMS[form](p, h).pow(2).sum(1)
+
+    if form == "addmv columns":
+        # addmv of a parameter and one example's row (h[0]) has no batch axis on that row:
+        # refused by name, as `w @ x` of a batch row is.
+        refused_then_loop(losses, params, torch.randn(batch, 2), match="w @ x")
+        return
+    check(losses, params, torch.randn(batch, 2))
+
+
+def test_a_product_with_out_is_refused():
+    """``out=`` is refused by name (autograd refuses it too, so no method runs it)."""
+    torch.manual_seed(1)
+    params = {"w": torch.randn(4, 3)}
+
+    def losses(p, x):
+        return torch.mm(x, p["w"], out=torch.empty(x.shape[0], 3)).pow(2).sum(1)
+
+    with pytest.raises(ValueError, match="with `out=`"):
+        fp.per_sample_grads(losses, method="hooks")(params, torch.randn(3, 4))

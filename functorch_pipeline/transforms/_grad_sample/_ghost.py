@@ -129,7 +129,8 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
-           *_rules_elementwise.ELEMENTWISE, torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, torch.einsum, torch.bilinear,
+           torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
+           *_rules_elementwise.ELEMENTWISE, torch.einsum, torch.bilinear,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 

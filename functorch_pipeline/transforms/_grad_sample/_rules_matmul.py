@@ -32,6 +32,17 @@ last index contracted with a matrix or vector: ``"bd,dh->bh"``, ``"btd,hd->bth"`
 ``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses,
 repeated indices within an operand, an examples' index in ``p`` or missing from the
 output, and products of three or more operands are refused.
+
+# NOTE [fused products]
+``torch.addmm(b, x, w, beta=, alpha=)`` is ``beta * b + alpha * (x @ w)``: Hugging Face's
+``Conv1D`` (GPT-2's attention and MLP projections) applies its ``(in, out)`` weight and
+bias that way to the tokens flattened into rows, ``x.view(-1, in)``, which are the
+examples merged into axis 0 (NOTE [examples merged into axis 0] in ``_engine``).
+``torch.mm``, ``torch.mv``, ``torch.addmv`` and ``torch.baddbmm`` are the same products
+in other shapes. Each runs as ``x @ w``, then ``* alpha``, then ``+ beta * b``, so each
+parameter meets the batch in a call that has a rule (NOTE [x @ w], NOTE [broadcast
+parameters]) and is checked there, in the same way as in the user's unfused code. The
+result equals the fused kernel's to rounding (the sum is not fused); ``out=`` is refused.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import _no_graph
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
-__all__ = ["MATMUL"]
+__all__ = ["FUSED", "MATMUL"]
 
 _T = torch.Tensor
 MATMUL = (torch.matmul, _T.matmul, _T.__matmul__, _T.__rmatmul__)  # ghost-ready parts
@@ -206,7 +217,36 @@ def _finish_bilinear(engine: Engine, g: torch.Tensor, x1: torch.Tensor, x2: torc
         engine.add("direct", bs, g.sum(1))
 
 
+def _fused(first: str, second: str) -> Any:
+    """The rule of ``func(input, <first>, <second>, beta=1, alpha=1)`` (addmm, addmv,
+    baddbmm), or of ``func(input, <second>)`` (mm, mv) when ``first`` is empty: NOTE
+    [fused products]."""
+
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        if kwargs.get("out") is not None:
+            raise Unsupported(f"{engine.names(args, kwargs)} is used by a product with `out=`")
+        if not first:
+            return torch.matmul(_get(args, kwargs, 0, "input"), _get(args, kwargs, 1, second))
+        b = _get(args, kwargs, 0, "input")
+        prod = torch.matmul(_get(args, kwargs, 1, first), _get(args, kwargs, 2, second))
+        beta, alpha = _get(args, kwargs, 3, "beta", 1), _get(args, kwargs, 4, "alpha", 1)
+        if not isinstance(alpha, (int, float)) or alpha != 1:
+            prod = prod * alpha
+        if isinstance(beta, (int, float)) and beta == 0:  # b is ignored, NaN or not
+            return prod
+        return prod + (b if isinstance(beta, (int, float)) and beta == 1 else b * beta)
+
+    return rule
+
+
+FUSED = {torch.addmm: ("mat1", "mat2"), _T.addmm: ("mat1", "mat2"), torch.addmv: ("mat", "vec"),
+         _T.addmv: ("mat", "vec"), torch.baddbmm: ("batch1", "batch2"),
+         _T.baddbmm: ("batch1", "batch2"), torch.mm: ("", "mat2"), _T.mm: ("", "mat2"),
+         torch.mv: ("", "vec"), _T.mv: ("", "vec")}
+
 register_rule(torch.bilinear, _bilinear)
+for _func, (_first, _second) in FUSED.items():
+    register_rule(_func, _fused(_first, _second))
 
 for _func in MATMUL:
     register_rule(_func, _matmul(reflected=_func is _T.__rmatmul__))
