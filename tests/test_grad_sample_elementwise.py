@@ -211,3 +211,104 @@ def test_float32_matches_float64_loop():
     for k in want:
         torch.testing.assert_close(got[k].double(), want[k], rtol=1e-5, atol=1e-5)
     assert close(fp.per_sample_grads(losses, method="hooks")(params, x)["p"], want["p"])
+
+
+class WindowAttention(nn.Module):
+    """Attention over windows merged into the batch axis ``(B * nW, H, N, d)`` with a
+    learned relative position bias as ``F.scaled_dot_product_attention``'s float mask:
+    ``table[:, idx]`` (TinyViT), ``-slopes * distance`` (learned ALiBi), or a full
+    ``(H, N, N)`` parameter."""
+
+    def __init__(self, kind: str, heads: int = 2, n: int = 3, d: int = 4) -> None:
+        super().__init__()
+        self.kind, self.heads, self.n = kind, heads, n
+        self.qkv = nn.Linear(d, 3 * d)
+        self.table = nn.Parameter(torch.randn(heads, 2 * n - 1))
+        self.slopes = nn.Parameter(torch.rand(heads))
+        self.full = nn.Parameter(torch.randn(1, heads, n, n))
+        pos = torch.arange(n)
+        self.register_buffer("idx", pos[:, None] - pos[None, :] + n - 1)
+        self.register_buffer("dist", (pos[:, None] - pos[None, :]).abs().to(torch.get_default_dtype()))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, w, n, d = x.shape  # w windows of n tokens per example
+        q, k, v = self.qkv(x.reshape(b * w, n, d)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        mask = {"table[:, idx]": lambda: self.table[:, self.idx],
+                "alibi": lambda: -self.slopes[:, None, None] * self.dist,
+                "full": lambda: self.full}[self.kind]()
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.head(a.transpose(1, 2).flatten(2))  # (b * w, n, 1)
+        return out.reshape(b, -1).pow(2).sum(1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(["table[:, idx]", "alibi", "full"]), batch=st.integers(1, 4),
+       windows=st.integers(1, 3))
+@example(kind="table[:, idx]", batch=2, windows=1)  # heads == B: padded
+def test_a_learned_attention_mask_matches_the_loop(kind, batch, windows):
+    torch.manual_seed(batch * 5 + windows + len(kind))
+    model = WindowAttention(kind)
+    params = params_of(model)
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    check(losses, params, torch.randn(batch, windows, 3, 4))
+
+
+def test_a_parameter_as_attention_key_is_refused():
+    """Learned memory keys (a parameter as the key) have no rule: refused by name."""
+    torch.manual_seed(5)
+    params = {"w": torch.randn(4, 4), "mem": torch.randn(1, 3, 4)}
+
+    def losses(p, x):
+        q = F.linear(x, p["w"])
+        return F.scaled_dot_product_attention(q, p["mem"], p["mem"]).pow(2).sum((1, 2))
+
+    refused_then_loop(losses, params, torch.randn(3, 2, 4), match="as its query, key or value")
+
+
+class CachedBias(nn.Module):
+    """timm's LeViT pattern: in eval mode the bias ``biases[:, idx]`` is computed once and
+    cached (``attention_bias_cache``) for later forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 8)
+        self.biases = nn.Parameter(torch.randn(2, 4))
+        self.register_buffer("idx", torch.tensor([1, 0, 1, 0]))
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            bias = self.biases[:, self.idx]
+        else:
+            if "cpu" not in self.attention_bias_cache:
+                self.attention_bias_cache["cpu"] = self.biases[:, self.idx]
+            bias = self.attention_bias_cache["cpu"]
+        return (torch.tanh(self.lin(x)).reshape(-1, 2, 4) * bias).pow(2).sum((1, 2))
+
+
+def test_a_tensor_kept_past_its_call_raises_by_name():
+    """NOTE [tensors kept past their call]: the second call meets the first call's cached
+    tracked tensor and says so (every method would lose the parameter's gradient through
+    it); without gradients it reads as the cached values; emptying the cache and setting
+    ``training`` on that module, as the message says, gives the loop's numbers."""
+    torch.manual_seed(6)
+    model = CachedBias().eval()
+    params = params_of(model)
+    x = torch.randn(3, 3)
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    fp.per_sample_grads(losses, method="hooks")(params, x)  # fills the cache
+    for method in ("hooks", "auto"):
+        with pytest.raises(RuntimeError, match=r"computed from `biases`.*kept past"):
+            fp.per_sample_grads(losses, method=method)(params, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), losses({k: v.clone() for k, v in params.items()}, x))
+    model.attention_bias_cache = {}
+    model.training = True
+    check(losses, params, x)

@@ -371,7 +371,10 @@ def per_sample_grads(
           ``addcmul``/``addcdiv``, ``where``, ``pow``, ``float_power``, ``atan2``,
           ``hypot``, ``xlogy``, ``logaddexp``, ``copysign``, ``fmax``/``fmin``: a learned
           clipping threshold, mixing weight or exponent, its per-example gradient taken
-          from autograd's derivative of the op), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
+          from autograd's derivative of the op) or as
+          ``F.scaled_dot_product_attention``'s float ``attn_mask`` (a learned relative
+          position bias), ``torch.addmm``/``mm``/``mv``/``addmv``/``baddbmm`` (Hugging
+          Face's ``Conv1D``), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
           two-operand ``torch.einsum`` (functional code written the JAX way),
           ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses
           ``F.linear``), and the built-in cells ``nn.LSTMCell``/``GRUCell``/``RNNCell``

@@ -117,10 +117,13 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
               real: int | None = None, evidence: Any = None) -> tuple[Any, list[torch.Tensor]]:
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, RULES, fn, real=real, evidence=evidence)
-    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size, has_aux, fn,
-                                 batched=batched)
-    engine.backward(losses)
-    engine.resolve_derived(merge)
+    try:
+        losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
+                                     has_aux, fn, batched=batched)
+        engine.backward(losses)
+        engine.resolve_derived(merge)
+    finally:
+        engine.close()  # NOTE [tensors kept past their call] in _engine
     grads: list[Any] = [None] * len(flat)
     with torch.no_grad():
         for (kind, slot), parts in engine.parts.items():

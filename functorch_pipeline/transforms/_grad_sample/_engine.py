@@ -40,11 +40,16 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 
-__all__ = ["Ambiguous", "Engine", "Unsupported"]
+__all__ = ["Ambiguous", "Engine", "StaleTracked", "Unsupported"]
 
 
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
     """A differentiated parameter is used in a way the engine has no exact rule for."""
+
+
+class StaleTracked(RuntimeError):
+    """A tensor computed from a tracked parameter was kept past its call and used again
+    (NOTE [tensors kept past their call])."""
 
 
 class Ambiguous(Unsupported):
@@ -96,6 +101,8 @@ class _Tracked(torch.Tensor):
         engine = _find_engine(args, kwargs)
         if func in _PASSTHROUGH or not torch.is_grad_enabled():  # no gradient flows here
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        if engine.closed:
+            engine.stale(func, args, kwargs)
         rule = engine.rules.get(func)
         # A rule that can make the examples' axis from parameters alone (an expand over the
         # batch) decides first; any other op of parameters alone makes a derived tensor.
@@ -252,6 +259,43 @@ class Engine:
         self.uses: list[_Use] = []
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
         self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
+        self.closed = False  # set by close(), when the call that made this engine is over
+
+    def close(self) -> None:
+        """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
+        their call]) raises :class:`StaleTracked` instead of recording into this engine."""
+        self.closed = True
+        self.uses.clear()
+
+    def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        """Raise for a tracked tensor of this closed engine used with gradients on.
+
+        # NOTE [tensors kept past their call]
+        The engine hands ``loss_fn`` tracked parameters, and tensors computed from them
+        alone are tracked too. A model may keep one past the call: timm's LeViT,
+        EfficientFormer and TinyViT cache ``attention_biases[:, idx]`` in eval mode
+        (``attention_bias_cache``), filled by the first forward that runs. Used by a later
+        call, that tensor holds the earlier call's values and no path to the parameter
+        it came from, so the parameter's gradient through it would be lost: a later
+        ``vmap`` or per-example loop silently gives it none, and a later engine could not
+        tell it from its own. So its use with gradients on raises, naming the parameter,
+        the op and the way out. Under ``torch.no_grad`` it acts as a plain tensor of its
+        values, as a cache does in eager PyTorch.
+        """
+        slot = next(t._fp_slot for t in (*args, *kwargs.values(),
+                                         *(b for a in args if isinstance(a, (list, tuple)) for b in a))
+                    if isinstance(t, _Tracked) and t._fp_engine is self)
+        raise StaleTracked(
+            f"{self.fn}: a tensor computed from {self.name(slot)} in an earlier run (an earlier "
+            "call, or this call's first run, repeated padded) was kept past it and is used again "
+            f"by `{_describe(func)}` with gradients on; it holds that run's values and no path "
+            "back to the parameter, so the parameter's gradient through it would be lost, by "
+            "every method. A module that caches a tensor computed from its parameters does this "
+            "(timm's attention_bias_cache, filled in eval mode): empty the cache and set "
+            "`training = True` on those modules alone (timm: `m.attention_bias_cache = {}; "
+            "m.training = True` for each module m with an attention_bias_cache; not m.train(), "
+            "which also puts their BatchNorm in training mode), or compute the tensor afresh in "
+            "each forward")
 
     def tracked(self) -> list[torch.Tensor]:
         return [self.track(slot) for slot in range(len(self.bases))]

@@ -130,7 +130,7 @@ _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.in
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
            torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
-           *_rules_elementwise.ELEMENTWISE, torch.einsum, torch.bilinear,
+           *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.bilinear,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 
@@ -186,10 +186,13 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
     [padding an ambiguous batch] in ``_padding``)."""
     flat = [leaf for group in leaves for leaf in group]
     engine = Engine(flat, names, batch_size, ghost_rules(), fn, real=real, evidence=evidence)
-    losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
-                                  has_aux, fn, needs="ghost clipping", batched=batched)
-    engine.backward(losses)
-    engine.resolve_derived(merge)
+    try:
+        losses, aux = forward_losses(engine, loss_fn, args, nums, leaves, defs, batch_size,
+                                     has_aux, fn, needs="ghost clipping", batched=batched)
+        engine.backward(losses)
+        engine.resolve_derived(merge)
+    finally:
+        engine.close()  # NOTE [tensors kept past their call] in _engine
     by_slot: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
     for (kind, slot), payloads in engine.parts.items():
         by_slot.setdefault(slot, {})[kind] = payloads

@@ -27,6 +27,13 @@ that shape too (``where``'s mask, ``lerp``'s end) or be a constant of ``loss_fn`
 back to ``vmap``. When ``x`` itself is a constant, the result has no batch axis and is a
 derived tensor (NOTE [derived parameters] in ``_engine``). In-place forms (``clamp_``,
 ``lerp_``) keep going to the engine's refusal of in-place ops on parameters.
+
+``F.scaled_dot_product_attention`` takes a parameter the same way as its float
+``attn_mask``, which it adds to the attention scores ``(*batch, L, S)``: a relative
+position bias computed from parameters (TinyViT's ``attention_biases[:, idx]``, learned
+ALiBi slopes times distances). The examples' axis is the query's (checked as above, so
+windows or crops merged into the batch axis are taken once a padded batch shows them);
+query, key and value must not be parameters themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
@@ -43,7 +51,9 @@ from functorch_pipeline.transforms._grad_sample._rules import register_rule
 from functorch_pipeline.transforms._grad_sample._rules_broadcast import finish_binary
 from functorch_pipeline.transforms._grad_sample._rules_broadcast import layout
 
-__all__ = ["ELEMENTWISE"]
+__all__ = ["ELEMENTWISE", "SDPA"]
+
+SDPA = F.scaled_dot_product_attention
 
 _T = torch.Tensor
 _NAMES = ("maximum", "minimum", "fmax", "fmin", "clamp", "clip", "clamp_min", "clamp_max",
@@ -113,22 +123,66 @@ def _rule(func: Any) -> Any:
         for t in plain:
             if t.shape != shape and engine.examples_axis(t, refuse, op) is not None:
                 refuse()  # pragma: no cover - examples_axis returns None or raises
-        leaves = {}
-        for s in slots:
-            p = engine.bases[s]
-            aligned = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
-            leaves[s] = p.detach().reshape(aligned).expand(shape).requires_grad_()
+        leaves = _leaves(engine, slots, shape)
         out = func(*_swap(args, engine, leaves), **{n: _swap(v, engine, leaves) for n, v in kwargs.items()})
         if not isinstance(out, torch.Tensor) or out.shape != shape:
             raise Unsupported(f"{who} {verb} used by `{name}`, whose result is not one tensor "
                               f"of shape {tuple(shape)}")
-        for s, leaf in leaves.items():
-            ks, inner, _ = layouts[s]
-            engine.record(leaf, finish_binary, None, s, axis, ks, 1, inner)
+        _record(engine, leaves, layouts, axis)
         return out
 
     return rule
 
 
+def _leaves(engine: Engine, slots: list[int], shape: torch.Size) -> dict[int, torch.Tensor]:
+    """Each slot's parameter expanded to ``shape``, as a leaf that requires grad."""
+    leaves = {}
+    for s in slots:
+        p = engine.bases[s]
+        aligned = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+        leaves[s] = p.detach().reshape(aligned).expand(shape).requires_grad_()
+    return leaves
+
+
+def _record(engine: Engine, leaves: dict[int, torch.Tensor], layouts: dict[int, Any],
+            axis: int) -> None:
+    for s, leaf in leaves.items():
+        k, inner, _ = layouts[s]
+        engine.record(leaf, finish_binary, None, s, axis, k, 1, inner)
+
+
+def _sdpa(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with a parameter as its float ``attn_mask``."""
+    names = ("query", "key", "value", "attn_mask")
+    q, k, v, mask = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    slot = engine.slot(mask)
+    who = engine.names(args, kwargs)
+    if slot is None or any(engine.slot(t) is not None for t in (q, k, v)):
+        raise Unsupported(f"{who} is used by `F.scaled_dot_product_attention` as its query, key "
+                          "or value; its rule takes a parameter as the attn_mask only")
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2:
+        raise Unsupported(f"{who} is used by `F.scaled_dot_product_attention` with no batched query")
+    p = engine.bases[slot]
+    try:
+        shape = torch.broadcast_shapes(q.shape[:-1] + k.shape[-2:-1], p.shape)
+    except RuntimeError as e:
+        raise Unsupported(f"{who} is used by `F.scaled_dot_product_attention` as a mask that does "
+                          f"not broadcast to the scores: {e}") from e
+    ks, inner, fits = layout(p.shape, shape)
+    if shape != q.shape[:-1] + k.shape[-2:-1] or not fits:
+        raise Unsupported(
+            f"{who} of shape {tuple(p.shape)} is used by `F.scaled_dot_product_attention` as the "
+            f"mask of scores of shape {tuple(q.shape[:-1] + k.shape[-2:-1])}; its rule takes a "
+            "mask broadcast over the leading axes (NOTE [elementwise parameters])")
+    axis = engine.check_input(q, "F.scaled_dot_product_attention", [slot], min_dim=2,
+                              features=q.dim() - ks)
+    leaves = _leaves(engine, [slot], shape)
+    rest = {n: val for n, val in kwargs.items() if n not in names}
+    out = F.scaled_dot_product_attention(q, k, v, leaves[slot], *args[4:], **rest)
+    _record(engine, leaves, {slot: (ks, inner, fits)}, axis)
+    return out
+
+
 for _func in ELEMENTWISE:
     register_rule(_func, _rule(_func))
+register_rule(F.scaled_dot_product_attention, _sdpa)
