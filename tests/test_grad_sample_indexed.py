@@ -224,3 +224,40 @@ def test_a_cosine_classifier_takes_the_fast_path(batch):
         return F.cross_entropy(logits, y, reduction="none")
 
     check(losses, params, torch.randn(batch, 3, generator=g), torch.randint(0, 5, (batch,), generator=g))
+
+
+class RelativeBuckets(torch.nn.Module):
+    """T5's relative position bias: an ``nn.Embedding`` of buckets looked up by a constant
+    ``(L, L)`` index made in ``forward`` (a 2-d tensor of ids with no batch axis), then
+    masked causally by ``torch.where`` with a constant ``(L, L)`` mask (no operand has the
+    result's ``(1, H, L, L)`` shape)."""
+
+    def __init__(self, heads: int = 2, buckets: int = 5, d: int = 4) -> None:
+        super().__init__()
+        self.bias = torch.nn.Embedding(buckets, heads)
+        self.qk = torch.nn.Linear(d, 2 * d)
+        self.heads, self.buckets = heads, buckets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        pos = torch.arange(n)
+        bucket = (pos[None, :] - pos[:, None]).clamp(0, self.buckets - 1)  # (L, L) ids
+        bias = self.bias(bucket).permute(2, 0, 1)[None]  # (1, H, L, L)
+        bias = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), bias, -3.0)
+        q, k = self.qk(x).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)  # (B, H, L, L)
+        return (att @ k).pow(2).sum((1, 2, 3))
+
+
+@pytest.mark.parametrize("batch, length", [(1, 3), (2, 4), (3, 6), (2, 2), (4, 4), (3, 5)])
+def test_t5_relative_buckets_match_the_loop(batch, length):
+    """Ids of shape (L, L) with L a multiple of B looked like merged rows; in the padded
+    batch they are constants of loss_fn, so the lookup is a derived tensor."""
+    torch.manual_seed(batch * 10 + length)
+    model = RelativeBuckets()
+    params = params_of(model)
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    check(losses, params, torch.randn(batch, length, 4))

@@ -115,7 +115,7 @@ def test_scale_grad_by_freq_counts_ids_per_example_across_merged_rows():
     check(losses, params, ids)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("batch", [2, 3])
 def test_examples_last_is_refused_and_falls_back(batch):
     """A ``(K * B, ...)`` input with the examples last (row ``k * B + b``) is not taken for
     ``K`` rows per example: hooks refuses and the default method falls back to the loop's
@@ -129,6 +129,26 @@ def test_examples_last_is_refused_and_falls_back(batch):
 
     refused_then_loop(losses, params, torch.randn(batch, 2, 4, generator=g),
                       match="do not repeat the first example's 2 rows")
+
+
+def test_a_batch_of_one_takes_any_rows_as_its_own():
+    """With one example every row is its own, whatever the layout (examples last, a table of
+    rows): no padded run is needed, so ``has_aux``, which is never padded, takes hooks too."""
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, 4, generator=g), "v": torch.randn(3, generator=g)}
+    table = torch.randn(5, 4, generator=g)
+
+    def losses(p, x):  # (1, 2, 4) -> (2, 4) rows, and a (5, 4) table
+        h = torch.tanh(F.linear(x.transpose(0, 1).reshape(-1, 4), p["w"], p["v"]))
+        t = torch.tanh(F.linear(table, p["w"])).sum(0)
+        return h.reshape(2, -1, 3).pow(2).sum((0, 2)) + t.sum()
+
+    x = torch.randn(1, 2, 4, generator=g)
+    check(losses, params, x)
+    want = loop_grads(losses, params, x)
+    got, aux = fp.per_sample_grads(lambda p, x: (losses(p, x), x.sum()), method="hooks",
+                                   has_aux=True)(params, x)
+    assert all(close(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])

@@ -622,7 +622,9 @@ class Engine:
         example's, which neither the other layout nor a table does. ``m`` is whatever the
         input shows; later calls with the same shapes run padded at once (remembered per
         ``loss_fn``), one padding example more a call. ``has_aux`` is never padded, so
-        there it stays an error and ``auto`` takes ``vmap``. An expand of a parameter to
+        there it stays an error and ``auto`` takes ``vmap``. A batch of one needs no
+        padded run: all rows are its own, whatever their layout, and a rule's per-row
+        parts summed are its gradient. An expand of a parameter to
         ``m * B`` rows (a ViT's class token for every augmentation) is taken when its size
         follows the batch's (``_padding.Evidence``); its rows are all alike, so only their
         output gradients show whose they are: in the padded run each padding example's
@@ -658,6 +660,8 @@ class Engine:
         if (not ambiguous and isinstance(x, torch.Tensor) and not isinstance(x, _Tracked)
                 and x.dim() >= min_dim and x.shape[0] > B and x.shape[0] % B == 0):
             m = x.shape[0] // B  # NOTE [examples merged into axis 0]
+            if B == 1 and self.real is None:
+                return 0  # one example: every row is its own, whatever the layout
             if self.real is None:
                 raise Ambiguous(
                     f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose "

@@ -349,6 +349,14 @@ def _grouped_once(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
 # -- embedding ------------------------------------------------------------------------------
 
 
+def _constant_ids(engine: Engine, idx: torch.Tensor, ws: int, wp: torch.Tensor,
+                  padding_idx: int | None, by_freq: bool) -> torch.Tensor:
+    """A lookup by ids with no batch axis: a derived tensor (NOTE [derived parameters])."""
+    out = F.embedding(idx, wp, padding_idx)
+    return engine.derive(out, (ws,), "F.embedding", functools.partial(
+        _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx, by_freq=by_freq))
+
+
 def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     idx, w = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "weight")
     padding_idx = _get(args, kwargs, 2, "padding_idx")
@@ -373,10 +381,22 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
             and not engine.flattened_batch(idx)):
         # Ids with no batch axis (positions made in loss_fn, a (1, T) row of them; not the
         # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
-        out = F.embedding(idx, wp, padding_idx)
-        return engine.derive(out, (ws,), "F.embedding", functools.partial(
-            _positions_to_table, idx=idx, ws=ws, padding_idx=padding_idx, by_freq=by_freq))
-    axis = engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
+        return _constant_ids(engine, idx, ws, wp, padding_idx, by_freq)
+
+    def check() -> int:
+        return engine.check_input(idx, "F.embedding", [ws], min_dim=1, seq_first=True)
+
+    try:
+        axis = check()
+    except Ambiguous:
+        raise
+    except Unsupported:
+        # Ids of two or more axes without the batch on the axis the check looks at, and
+        # made in loss_fn (T5's (L, L) relative position buckets): a constant of loss_fn
+        # when no axis is a multiple of B, else the padded batch decides (NOTE [constants
+        # or batch data] in _engine). examples_axis returns None or raises.
+        engine.examples_axis(idx, check, f"`F.embedding` on {engine.name(ws)}")
+        return _constant_ids(engine, idx, ws, wp, padding_idx, by_freq)
     # NOTE [one-dimensional indices]
     # A 1-d index tensor of size B is either one id per example (a batch argument, or a
     # column of one) or positions made inside ``loss_fn`` (a learned prefix's

@@ -25,7 +25,9 @@ activation), else one that is floating, else any. Every other plain operand must
 that shape too (``where``'s mask, ``lerp``'s end) or be a constant of ``loss_fn`` (NOTE
 [constants or batch data] in ``_engine``); anything else is refused and ``auto`` falls
 back to ``vmap``. When ``x`` itself is a constant, the result has no batch axis and is a
-derived tensor (NOTE [derived parameters] in ``_engine``). In-place forms (``clamp_``,
+derived tensor (NOTE [derived parameters] in ``_engine``), and so is the result when no
+plain operand has its shape (a position bias ``(1, H, L, L)`` masked by a constant
+``(L, L)`` mask). In-place forms (``clamp_``,
 ``lerp_``) keep going to the engine's refusal of in-place ops on parameters.
 
 ``F.scaled_dot_product_attention`` takes a parameter the same way as its float
@@ -92,9 +94,15 @@ def _rule(func: Any) -> Any:
             raise Unsupported(f"{who} {verb} used by `{name}` with operands that do not "
                               f"broadcast: {e}") from e
         full = [t for t in plain if t.shape == shape]
-        if not full:
-            raise Unsupported(f"{who} {verb} used by `{name}` with a result of shape "
-                              f"{tuple(shape)}, larger than every plain operand")
+
+        def refuse() -> int:
+            raise Unsupported(f"{who} {verb} used by `{name}` with a plain operand that neither "
+                              f"has the result's shape {tuple(shape)} nor is a constant of "
+                              "loss_fn (NOTE [elementwise parameters])")
+
+        if not full:  # no operand has the batch axes: with constants, a derived tensor
+            engine.with_constants(func, args, kwargs, refuse)
+            return engine.derive_op(func, args, kwargs)
         x = next((t for t in full if t.requires_grad),
                  next((t for t in full if t.is_floating_point()), full[0]))
         layouts = {s: layout(engine.bases[s].shape, shape) for s in slots}
@@ -109,11 +117,6 @@ def _rule(func: Any) -> Any:
                     "broadcast over the leading ones (NOTE [elementwise parameters])")
             return engine.check_input(x, name, slots, min_dim=1, features=x.dim() - k,
                                       seq_first=k >= 2)
-
-        def refuse() -> int:
-            raise Unsupported(f"{who} {verb} used by `{name}` with a plain operand that neither "
-                              f"has the result's shape {tuple(shape)} nor is a constant of "
-                              "loss_fn (NOTE [elementwise parameters])")
 
         op = f"`{name}` on {who}"
         axis = engine.examples_axis(x, check, op)
