@@ -183,9 +183,9 @@ def test_a_parameter_varying_along_the_leading_axis_is_refused():
     refused_then_loop(losses, params, torch.randn(3, 5, 3), match="broadcast over the leading ones")
 
 
-def test_a_batched_operand_of_another_shape_is_refused():
+def test_a_batched_operand_broadcast_along_another_axis_matches_the_loop():
     """``lerp`` towards a batched operand that is broadcast itself ((B, 1, D) against
-    (B, T, D)) is refused by name rather than guessed at."""
+    (B, T, D)) is batched alongside the activation: taken."""
     torch.manual_seed(3)
     params = {"w": torch.randn(4, 2), "p": torch.rand(4)}
 
@@ -193,7 +193,21 @@ def test_a_batched_operand_of_another_shape_is_refused():
         h = F.linear(x, p["w"])
         return torch.lerp(h, h.mean(1, keepdim=True), p["p"]).pow(2).sum((1, 2))
 
-    refused_then_loop(losses, params, torch.randn(3, 5, 2), match="neither has the result's shape")
+    check(losses, params, torch.randn(3, 5, 2))
+
+
+def test_an_operand_without_the_examples_axis_is_refused():
+    """An activation of size 1 on the examples' axis (a mean over the batch, which the
+    per-example loop sees as a mean over one example) is neither batched nor a constant:
+    refused by name, and the default method falls back to the loop's numbers."""
+    torch.manual_seed(3)
+    params = {"w": torch.randn(4, 2), "p": torch.rand(4)}
+
+    def losses(p, x):
+        h = F.linear(x, p["w"])
+        return torch.lerp(h, h.mean(0, keepdim=True), p["p"]).pow(2).sum((1, 2))
+
+    refused_then_loop(losses, params, torch.randn(3, 5, 2), match="neither batched along the examples")
 
 
 def test_float32_matches_float64_loop():

@@ -238,26 +238,34 @@ class RelativeBuckets(torch.nn.Module):
         self.qk = torch.nn.Linear(d, 2 * d)
         self.heads, self.buckets = heads, buckets
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         pos = torch.arange(n)
         bucket = (pos[None, :] - pos[:, None]).clamp(0, self.buckets - 1)  # (L, L) ids
         bias = self.bias(bucket).permute(2, 0, 1)[None]  # (1, H, L, L)
-        bias = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), bias, -3.0)
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        if keep is not None:  # the batch's padding mask (B, L): a (B, 1, L, L) operand
+            mask = mask & keep[:, None, None, :].bool()
+        bias = torch.where(mask, bias, -3.0)
         q, k = self.qk(x).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)  # (B, H, L, L)
         return (att @ k).pow(2).sum((1, 2, 3))
 
 
+@pytest.mark.parametrize("padding_mask", [False, True])
 @pytest.mark.parametrize("batch, length", [(1, 3), (2, 4), (3, 6), (2, 2), (4, 4), (3, 5)])
-def test_t5_relative_buckets_match_the_loop(batch, length):
+def test_t5_relative_buckets_match_the_loop(batch, length, padding_mask):
     """Ids of shape (L, L) with L a multiple of B looked like merged rows; in the padded
-    batch they are constants of loss_fn, so the lookup is a derived tensor."""
+    batch they are constants of loss_fn, so the lookup is a derived tensor. With the batch's
+    padding mask, ``torch.where`` meets the bias with a ``(B, 1, L, L)`` mask, broadcast
+    to the ``(B, H, L, L)`` result (NOTE [elementwise parameters])."""
     torch.manual_seed(batch * 10 + length)
     model = RelativeBuckets()
     params = params_of(model)
+    keep = torch.ones(batch, length)
+    keep[0, -1] = 0
 
-    def losses(p, x):
-        return torch.func.functional_call(model, p, (x,))
+    def losses(p, x, keep):
+        return torch.func.functional_call(model, p, (x, keep if padding_mask else None))
 
-    check(losses, params, torch.randn(batch, length, 4))
+    check(losses, params, torch.randn(batch, length, 4), keep)

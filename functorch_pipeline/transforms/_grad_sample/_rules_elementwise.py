@@ -20,13 +20,15 @@ example over the other axes. So every op here is exactly as right as its autogra
 formula, at the cost of one gradient the size of the result per parameter use.
 
 The examples' axis is ``x``'s, found as for ``x + p`` (``Engine.check_input``; padded
-when ambiguous). ``x`` is the operand with the result's shape that requires grad (an
-activation), else one that is floating, else any. Every other plain operand must have
-that shape too (``where``'s mask, ``lerp``'s end) or be a constant of ``loss_fn`` (NOTE
+when ambiguous). ``x`` is a plain operand of the result's rank, which it may be broadcast
+to (T5's attention mask ``(B, 1, L, L)`` in ``torch.where`` with a ``(1, H, L, L)`` position
+bias): the one that requires grad (an activation), else a floating one, else any, the
+largest first. Every other plain operand must be batched alongside it (the same rank and
+size on that axis: ``where``'s mask, ``lerp``'s end) or be a constant of ``loss_fn`` (NOTE
 [constants or batch data] in ``_engine``); anything else is refused and ``auto`` falls
 back to ``vmap``. When ``x`` itself is a constant, the result has no batch axis and is a
 derived tensor (NOTE [derived parameters] in ``_engine``), and so is the result when no
-plain operand has its shape (a position bias ``(1, H, L, L)`` masked by a constant
+plain operand has its rank (a position bias ``(1, H, L, L)`` masked by a constant
 ``(L, L)`` mask). In-place forms (``clamp_``,
 ``lerp_``) keep going to the engine's refusal of in-place ops on parameters.
 
@@ -93,18 +95,18 @@ def _rule(func: Any) -> Any:
         except RuntimeError as e:
             raise Unsupported(f"{who} {verb} used by `{name}` with operands that do not "
                               f"broadcast: {e}") from e
-        full = [t for t in plain if t.shape == shape]
+        ranked = [t for t in plain if t.dim() == len(shape)]
 
         def refuse() -> int:
-            raise Unsupported(f"{who} {verb} used by `{name}` with a plain operand that neither "
-                              f"has the result's shape {tuple(shape)} nor is a constant of "
-                              "loss_fn (NOTE [elementwise parameters])")
+            raise Unsupported(f"{who} {verb} used by `{name}` with a plain operand that is neither "
+                              "batched along the examples' axis of the result "
+                              f"{tuple(shape)} nor a constant of loss_fn (NOTE [elementwise "
+                              "parameters])")
 
-        if not full:  # no operand has the batch axes: with constants, a derived tensor
+        if not ranked:  # no operand can hold the examples: with constants, a derived tensor
             engine.with_constants(func, args, kwargs, refuse)
             return engine.derive_op(func, args, kwargs)
-        x = next((t for t in full if t.requires_grad),
-                 next((t for t in full if t.is_floating_point()), full[0]))
+        x = max(ranked, key=lambda t: (t.requires_grad, t.is_floating_point(), t.numel()))
         layouts = {s: layout(engine.bases[s].shape, shape) for s in slots}
         k = min(k for k, _, _ in layouts.values())
 
@@ -124,7 +126,8 @@ def _rule(func: Any) -> Any:
             engine.with_constants(func, args, kwargs, refuse)
             return engine.derive_op(func, args, kwargs)
         for t in plain:
-            if t.shape != shape and engine.examples_axis(t, refuse, op) is not None:
+            if (t is not x and not (t.dim() == x.dim() and t.shape[axis] == x.shape[axis])
+                    and engine.examples_axis(t, refuse, op) is not None):
                 refuse()  # pragma: no cover - examples_axis returns None or raises
         leaves = _leaves(engine, slots, shape)
         out = func(*_swap(args, engine, leaves), **{n: _swap(v, engine, leaves) for n, v in kwargs.items()})
