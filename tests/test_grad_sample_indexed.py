@@ -269,3 +269,56 @@ def test_t5_relative_buckets_match_the_loop(batch, length, padding_mask):
         return torch.func.functional_call(model, p, (x, keep if padding_mask else None))
 
     check(losses, params, torch.randn(batch, length, 4), keep)
+
+
+class FourierPositions(torch.nn.Module):
+    """XCiT's positional encoding: Fourier features of the patch grid (a constant made in
+    ``forward``) through a 1 x 1 conv, ``repeat``ed over the batch, added to the tokens;
+    and a constant table through a LayerNorm, GroupNorm and RMSNorm with parameters."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.proj = torch.nn.Conv2d(6, channels, 1)
+        self.embed = torch.nn.Conv2d(2, channels, 3, padding=1)
+        self.ln = torch.nn.LayerNorm(channels)
+        self.gn = torch.nn.GroupNorm(2, channels)
+        self.rms = torch.nn.RMSNorm(channels)
+        self.head = torch.nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        grid = torch.stack([ys, xs, ys.sin(), xs.sin(), ys.cos(), xs.cos()])[None]  # (1, 6, h, w)
+        pos = self.proj(grid).repeat(b, 1, 1, 1)  # (B, C, h, w)
+        table = torch.linspace(-1, 1, 12).reshape(3, 4)[:, : self.ln.normalized_shape[0]]
+        bias = self.ln(table).mean(0) + self.rms(table).mean(0) + self.gn(grid[:, :4]).mean((0, 2, 3))
+        tokens = (self.embed(x) + pos).flatten(2).transpose(1, 2) + bias  # (B, h w, C)
+        return self.head(torch.tanh(tokens)).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("batch, side", [(1, 3), (2, 3), (3, 3), (4, 2), (3, 4)])
+def test_constant_inputs_and_a_repeat_over_the_batch_match_the_loop(batch, side):
+    """A conv, LayerNorm, GroupNorm or RMSNorm on a constant of loss_fn makes a derived
+    tensor; ``repeat(B, 1, 1, 1)`` of it is an expand over the batch."""
+    torch.manual_seed(batch * 10 + side)
+    model = FourierPositions()
+    params = params_of(model)
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    check(losses, params, torch.randn(batch, 2, side, side))
+
+
+@pytest.mark.parametrize("form", ["tile rows", "tile a vector", "fixed count"])
+def test_repeats_not_over_the_batch_are_derived(form):
+    torch.manual_seed(7)
+    params = {"p": torch.randn(1, 3), "v": torch.randn(3), "w": torch.randn(2, 6)}
+
+    def losses(p, x):
+        extra = {"tile rows": lambda: p["p"].repeat(2, 2).sum(0),           # (2, 6) -> (6,)
+                 "tile a vector": lambda: p["v"].repeat(2),                 # (6,)
+                 "fixed count": lambda: p["p"].repeat(5, 1).sum(0).repeat(2)}[form]()
+        return F.linear(x + extra, p["w"]).pow(2).sum(1)
+
+    check(losses, params, torch.randn(3, 6))

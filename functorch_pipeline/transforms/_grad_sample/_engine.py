@@ -408,6 +408,31 @@ class Engine:
         for t in _plain_tensors((*args, *kwargs.values())):
             self.examples_axis(t, refuse, op)  # None for a constant; else it raises
 
+    def input_axis(self, func: Any, args: Any, kwargs: dict[str, Any],
+                   check: Callable[[], int]) -> int | None:
+        """``check()``, a rule's examples' axis of its input; or None when that check
+        refuses the input and it is a constant of ``loss_fn`` (NOTE [constants or batch
+        data]): Swin v2's table of coordinates through its position MLP, XCiT's Fourier
+        features of the patch grid through a conv, then broadcast over the batch. The
+        caller returns ``derive_op(func, args, kwargs)``, a derived tensor. Only where the
+        size check refuses: an input that passes it keeps the rule's documented reading."""
+        try:
+            return check()
+        except Ambiguous:
+            raise
+        except Unsupported as refused:
+            reason = refused  # `refused` is unbound once the except block ends
+
+            def refuse() -> int:
+                raise reason
+
+            try:
+                self.with_constants(func, args, kwargs, refuse)
+            except Ambiguous as maybe:
+                raise Ambiguous(f"{refused}; unless that input is a constant of loss_fn, which "
+                                f"only a padded batch can show ({maybe})") from None
+            return None
+
     def derive_in_place(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func(t, ..., inplace=True)`` on a tracked ``t``: the op out of place, with ``t``
         rebound to its result.

@@ -93,8 +93,10 @@ def _ghost_conv(nd: int) -> Callable[..., Any]:
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         ws, bs = engine.slot(w), engine.slot(b)
         wp, bp = engine.base(w), engine.base(b)
-        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
-                           features=nd + 1)
+        if engine.input_axis(op, args, kwargs, lambda: engine.check_input(
+                x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
+                features=nd + 1)) is None:  # a constant input: NOTE [constants or batch data]
+            return engine.derive_op(op, args, kwargs)
         grads_flow = x.requires_grad or wp.requires_grad or (bp is not None and bp.requires_grad)
         xin = x if grads_flow else x.detach().requires_grad_()
         out = op(xin, wp, bp, stride, padding, dilation, groups)
@@ -129,7 +131,7 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
-           torch.Tensor.expand, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
+           torch.Tensor.expand, torch.Tensor.repeat, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
            *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.bilinear,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}

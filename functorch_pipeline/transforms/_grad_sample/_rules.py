@@ -60,25 +60,12 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
-    try:
-        axis = engine.check_input(x, "F.linear", [s for s in (ws, bs) if s is not None],
-                                  features=1, seq_first=True)
-    except Ambiguous:
-        raise
-    except Unsupported as refused:
-        # A constant input (Swin v2's table of relative coordinates through its position
-        # MLP): a derived tensor, NOTE [constants or batch data] in _engine. Only where the
-        # size check refuses: the Linear keeps its documented blind spot otherwise.
-        reason = refused  # `refused` is unbound once the except block ends
-
-        def refuse() -> int:
-            raise reason
-
-        try:
-            engine.with_constants(F.linear, args, kwargs, refuse)
-        except Ambiguous as maybe:
-            raise Ambiguous(f"{refused}; unless that input is a constant of loss_fn, which "
-                            f"only a padded batch can show ({maybe})") from None
+    # A constant input (Swin v2's table of relative coordinates through its position MLP)
+    # is a derived tensor, NOTE [constants or batch data] in _engine: only where the size
+    # check refuses, so the Linear keeps its documented blind spot otherwise.
+    axis = engine.input_axis(F.linear, args, kwargs, lambda: engine.check_input(
+        x, "F.linear", [s for s in (ws, bs) if s is not None], features=1, seq_first=True))
+    if axis is None:
         return engine.derive_op(F.linear, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.linear(xin, wp, bp)
@@ -113,8 +100,10 @@ def _conv(nd: int) -> Any:
         stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
         dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
         (ws, bs), (wp, bp) = _params(engine, w, b)
-        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
-                           features=nd + 1)
+        if engine.input_axis(op, args, kwargs, lambda: engine.check_input(
+                x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
+                features=nd + 1)) is None:  # a constant input: NOTE [constants or batch data]
+            return engine.derive_op(op, args, kwargs)
         xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
         out = op(xin, wp, bp, stride, padding, dilation, groups)
         geometry = (tuple(wp.shape[2:]), _pair(stride, nd), padding, _pair(dilation, nd), groups)
@@ -501,8 +490,11 @@ def _layer_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     x, shape = _get(args, kwargs, 0, "input"), tuple(_get(args, kwargs, 1, "normalized_shape"))
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    axis = engine.check_input(x, "F.layer_norm", [s for s in (ws, bs) if s is not None],
-                              min_dim=len(shape) + 1, features=len(shape), seq_first=True)
+    axis = engine.input_axis(F.layer_norm, args, kwargs, lambda: engine.check_input(
+        x, "F.layer_norm", [s for s in (ws, bs) if s is not None], min_dim=len(shape) + 1,
+        features=len(shape), seq_first=True))
+    if axis is None:  # a constant input: NOTE [constants or batch data] in _engine
+        return engine.derive_op(F.layer_norm, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.layer_norm(xin, shape, wp, bp, eps)
     engine.record(out, _finish_layer_norm, x, ws, bs, shape, eps, axis)
@@ -522,7 +514,9 @@ def _group_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     x, groups = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "num_groups")
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    engine.check_input(x, "F.group_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)
+    if engine.input_axis(F.group_norm, args, kwargs, lambda: engine.check_input(
+            x, "F.group_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)) is None:
+        return engine.derive_op(F.group_norm, args, kwargs)  # NOTE [constants or batch data]
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.group_norm(xin, groups, wp, bp, eps)
     engine.record(out, _finish_group_norm, x, ws, bs, groups, eps)

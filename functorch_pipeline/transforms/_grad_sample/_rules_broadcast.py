@@ -1,5 +1,5 @@
 """Per-sample rules for parameters that meet the batch by broadcasting: ``x + p``,
-``x - p``, ``x * p``, ``x / p`` and ``p.expand(B, ...)``, the positional embedding,
+``x - p``, ``x * p``, ``x / p`` and ``p.expand(B, ...)`` (or ``p.repeat(B, 1, ...)``), the positional embedding,
 LayerScale and class token of a vision transformer (torchvision's ``vit_*``, timm's
 ``VisionTransformer``), and ``F.prelu``'s slopes.
 
@@ -173,6 +173,25 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     return out
 
 
+def _repeat(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``p.repeat(n, 1, ..., 1)`` of a ``p`` whose axis 0 has size 1 (or with a new leading
+    axis): the values of ``p.expand(n, ...)``, copied, so taken as that expand when ``n``
+    follows the batch (XCiT's positional encoding ``pos.repeat(B, 1, 1, 1)``); any other
+    repeat is a derived tensor."""
+    slot = engine.slot(args[0])
+    reps = tuple(kwargs["repeats"]) if "repeats" in kwargs else tuple(args[1:])
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list, torch.Size)):
+        reps = tuple(reps[0])
+    if slot is None or set(kwargs) - {"repeats"}:
+        raise Unsupported(f"{engine.names(args, kwargs)} is repeated in a way its rule does not take")
+    p = engine.bases[slot]
+    if reps and all(r == 1 for r in reps[1:]) and (
+            len(reps) == p.dim() + 1 or len(reps) == p.dim() > 0 and p.shape[0] == 1):
+        sizes = (reps[0], *p.shape) if len(reps) == p.dim() + 1 else (reps[0], *p.shape[1:])
+        return _expand(engine, (args[0], *sizes), {}).clone()
+    return engine.derive_op(_T.repeat, args, kwargs)
+
+
 def _finish_expand(engine: Engine, g: torch.Tensor, slot: int, shape: tuple[int, ...]) -> None:
     m = g.shape[0] // engine.batch_size
     if m > 1 and engine.batch_size > 1 and not engine.padding_rows_repeat(g, m):
@@ -214,4 +233,6 @@ for _kind, _funcs in (("add", ADD), ("mul", MUL), ("sub", SUB), ("div", DIV)):
     for _func in _funcs:
         register_rule(_func, _binary(_kind, _func in _REFLECTED))  # + and * commute
 _expand.takes_parameters_only = True  # it makes the batch axis: see _Tracked.__torch_function__
+_repeat.takes_parameters_only = True
 register_rule(_T.expand, _expand)
+register_rule(_T.repeat, _repeat)

@@ -104,8 +104,9 @@ def _conv3d(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     stride, padding = _get(args, kwargs, 3, "stride", 1), _get(args, kwargs, 4, "padding", 0)
     dilation, groups = _get(args, kwargs, 5, "dilation", 1), _get(args, kwargs, 6, "groups", 1)
     (ws, bs), (wp, bp) = _params(engine, w, b)
-    engine.check_input(x, "F.conv3d", [s for s in (ws, bs) if s is not None], min_dim=5,
-                       features=4)
+    if engine.input_axis(torch.conv3d, args, kwargs, lambda: engine.check_input(
+            x, "F.conv3d", [s for s in (ws, bs) if s is not None], min_dim=5, features=4)) is None:
+        return engine.derive_op(torch.conv3d, args, kwargs)  # NOTE [constants or batch data]
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = torch.conv3d(xin, wp, bp, stride, padding, dilation, groups)
     geometry = (tuple(wp.shape[2:]), _pair(stride, 3), padding, _pair(dilation, 3), groups)
@@ -123,8 +124,10 @@ def _conv_transpose(nd: int) -> Any:
         output_padding = _get(args, kwargs, 5, "output_padding", 0)
         groups, dilation = _get(args, kwargs, 6, "groups", 1), _get(args, kwargs, 7, "dilation", 1)
         (ws, bs), (wp, bp) = _params(engine, w, b)
-        engine.check_input(x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
-                           features=nd + 1)
+        if engine.input_axis(op, args, kwargs, lambda: engine.check_input(
+                x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
+                features=nd + 1)) is None:  # a constant input: NOTE [constants or batch data]
+            return engine.derive_op(op, args, kwargs)
         xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
         out = op(xin, wp, bp, stride, padding, output_padding, groups, dilation)
         geometry = (tuple(wp.shape[2:]), _pair(stride, nd), _pair(padding, nd),

@@ -134,8 +134,10 @@ def _instance_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.T
     if engine.slot(mean) is not None or engine.slot(var) is not None or engine.slot(x) is not None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the input or running "
                           "statistics of `F.instance_norm`")
-    engine.check_input(x, "F.instance_norm", [s for s in (ws, bs) if s is not None],
-                       features=x.dim() - 1)
+    if engine.input_axis(F.instance_norm, args, kwargs, lambda: engine.check_input(
+            x, "F.instance_norm", [s for s in (ws, bs) if s is not None],
+            features=x.dim() - 1)) is None:  # a constant input: NOTE [constants or batch data]
+        return engine.derive_op(F.instance_norm, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.instance_norm(xin, mean, var, wp, bp, a["use_input_stats"], a["momentum"], a["eps"])
     stats = None if a["use_input_stats"] else (mean.clone(), var.clone())
@@ -163,8 +165,10 @@ def _rms_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
     ws = engine.slot(w)
     if ws is None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the input of `F.rms_norm`")
-    axis = engine.check_input(x, "F.rms_norm", [ws], min_dim=len(shape) + 1,
-                              features=len(shape), seq_first=True)
+    axis = engine.input_axis(F.rms_norm, args, kwargs, lambda: engine.check_input(
+        x, "F.rms_norm", [ws], min_dim=len(shape) + 1, features=len(shape), seq_first=True))
+    if axis is None:  # a constant input: NOTE [constants or batch data] in _engine
+        return engine.derive_op(F.rms_norm, args, kwargs)
     wp = engine.bases[ws]
     xin = x.detach().requires_grad_() if _no_graph(x, wp) else x
     out = F.rms_norm(xin, shape, wp, eps)
