@@ -702,3 +702,49 @@ def test_conv2d_hypothesis(batch, c_in, c_out, k, stride, pad, dil):
     m = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, dilation=dil)
     x = torch.randn(batch, c_in, 7, 6)
     assert_matches(squared(m), params_of(m), x, targets(m, x))
+
+
+class Checkpointed(nn.Module):
+    """A block run under ``torch.utils.checkpoint``, which recomputes it in the backward."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.reentrant = reentrant
+
+    def block(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(torch.tanh(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.block, self.a(x), use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_refused_by_name(reentrant):
+    """The recompute runs after functional_call has put the module's own parameters back,
+    so it reads those: plain autograd gets gradients for the module's values, not the
+    ones passed (checked here), and the engines say so instead of failing inside torch."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    params = {k: v.detach() + 0.5 for k, v in model.named_parameters()}  # not the module's
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,)).pow(2).sum(1)
+
+    x = torch.randn(3, 4)
+    if not reentrant:  # the hazard itself: plain autograd through functional_call
+        q = {k: v.clone().requires_grad_() for k, v in params.items()}
+        got = torch.autograd.grad(losses(q, x).sum(), q["b.weight"])[0]
+        model.b.weight.data += 0.5  # what the recompute should have read
+        model.a.weight.data += 0.5
+        model.a.bias.data += 0.5
+        model.b.bias.data += 0.5
+        model.head.weight.data += 0.5
+        model.head.bias.data += 0.5
+        want = loop_grads(losses, params, x)["b.weight"].sum(0)
+        assert not torch.allclose(got, want)
+    for call in (fp.per_sample_grads(losses), fp.per_sample_grads(losses, method="hooks"),
+                 fp.clipped_grad(losses, 1.0), fp.per_sample_grad_norms(losses, method="ghost")):
+        with pytest.raises(ValueError, match="activation checkpointing"):
+            call(params, x)

@@ -874,9 +874,22 @@ class Engine:
                     "operation after it was used; make that operation out of place")
         if not self.uses or not losses.requires_grad:
             return
-        grads = torch.autograd.grad(
-            losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
-            allow_unused=True)
+        try:
+            grads = torch.autograd.grad(
+                losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
+                allow_unused=True)
+        except RuntimeError as e:
+            if "torch.utils.checkpoint" not in str(e):
+                raise
+            raise ValueError(
+                f"{self.fn}: the model uses activation checkpointing (torch.utils.checkpoint), "
+                "which recomputes the checkpointed block during the backward, after loss_fn "
+                "has returned and torch.func.functional_call has put the module's own "
+                "parameters back: the recompute reads those, not the ones passed, so no method "
+                "can give per-example gradients through it (vmap refuses its saved-tensor "
+                "hooks). Turn checkpointing off for this call (Hugging Face: "
+                "model.gradient_checkpointing_disable()). PyTorch's error: "
+                f"{str(e).splitlines()[0]}") from None
         with torch.no_grad():
             for use, g in zip(self.uses, grads, strict=True):
                 if g is not None:
