@@ -34,7 +34,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
-__all__ = ["RULES", "conv_weight_grouped", "merge", "overridable", "register_rule"]
+__all__ = ["RULES", "VERSION", "conv_weight_grouped", "merge", "overridable", "register_rule"]
 
 
 def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -560,7 +560,23 @@ def _finish_batch_norm(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int
     _affine_parts(engine, g, x_hat, ws, bs, tuple(range(2, x.dim())))
 
 
-RULES: dict[Any, Any] = {
+VERSION = [0]  # bumped by every change to RULES: tables built from it are rebuilt then
+
+
+class _Rules(dict):  # type: ignore[type-arg]
+    """The rule table: a dict whose changes (``register_rule``, a test's ``setitem``) move
+    ``VERSION``; lookups are plain dict lookups."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        VERSION[0] += 1
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        VERSION[0] += 1
+
+
+RULES: dict[Any, Any] = _Rules({
     F.linear: _linear,
     torch.conv1d: _conv(1),
     torch.conv2d: _conv(2),
@@ -568,7 +584,7 @@ RULES: dict[Any, Any] = {
     F.layer_norm: _layer_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,
-}
+})
 
 
 # -- merging parts --------------------------------------------------------------------------
