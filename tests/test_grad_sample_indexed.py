@@ -322,3 +322,111 @@ def test_repeats_not_over_the_batch_are_derived(form):
         return F.linear(x + extra, p["w"]).pow(2).sum(1)
 
     check(losses, params, torch.randn(3, 6))
+
+
+IN_PLACE = {  # an in-place op on a layer's output, after the rule recorded it
+    "relu_": lambda h, b: h.relu_(),
+    "F.relu(inplace=True)": lambda h, b: F.relu(h, inplace=True),
+    "h += c": lambda h, b: h.__iadd__(0.25),
+    "mul_": lambda h, b: h.mul_(1.5),
+    "sigmoid_": lambda h, b: h.sigmoid_(),
+    "h[:, 0] = 0": lambda h, b: h.__setitem__((slice(None), 0), 0.0),
+}
+LAYERS = {  # layers whose output is a view of a fresh tensor (F.linear on 3 axes, 2-d ids)
+    "linear (B, T, F)": lambda p, h, ids: F.linear(h, p["w"], p["b"]),
+    "embedding of 2-d ids": lambda p, h, ids: h + F.embedding(ids, p["e"]),
+    "linear (B, T, F) sequence-first": lambda p, h, ids: F.linear(h.transpose(0, 1), p["w"], p["b"]).transpose(0, 1),
+    "x @ w": lambda p, h, ids: h @ p["w"],
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(sorted(IN_PLACE)), layer=st.sampled_from(sorted(LAYERS)),
+       batch=st.integers(1, 4))
+@example(op="relu_", layer="linear (B, T, F)", batch=3)
+def test_in_place_ops_on_a_layer_output_match_the_loop(op, layer, batch):
+    """NOTE [gradient edges, not tensors]: an in-place op on a Linear's output for a
+    (B, T, F) input rebased the view the rule had recorded, whose edge then received no
+    gradient: that layer's per-example gradients were silently zero (off by up to 150
+    before the fix, in hooks, ghost and auto alike)."""
+    torch.manual_seed(batch * 13 + len(op) + len(layer))
+    params = {"e": torch.randn(5, 4), "w": torch.randn(4, 4) * 0.5, "b": torch.randn(4) * 0.1,
+              "head": torch.randn(1, 4)}
+
+    def losses(p, ids):
+        h = LAYERS[layer](p, F.embedding(ids, p["e"]), ids)  # (B, T, 4)
+        out = IN_PLACE[op](h, p["b"])  # __setitem__ returns None
+        h = out if isinstance(out, torch.Tensor) else h
+        return F.linear(torch.tanh(h), p["head"]).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randint(0, 5, (batch, 3)))
+
+
+DERIVED_IN_PLACE = {  # in-place ops on tensors computed from parameters alone
+    "clone, zero a slice (Swin v2's qkv bias)": lambda b: (lambda c: (c[2:4].zero_(), c)[1])(b.clone()),
+    "clone, setitem": lambda b: (lambda c: (c.__setitem__(slice(0, 2), 1.0), c)[1])(b.clone()),
+    "scale in place": lambda b: (b * 2).mul_(0.5),
+    "fill a view with a parameter's value": lambda b: (lambda c: (c[:1].copy_(b[3:4]), c)[1])(b * 1.0),
+}
+
+
+@pytest.mark.parametrize("form", sorted(DERIVED_IN_PLACE))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_in_place_ops_on_derived_tensors_match_the_loop(form, batch):
+    """NOTE [in-place on derived tensors]: an in-place method on a derived tensor, or on a
+    view of one, runs out of place on a clone and the caller's objects are rebound."""
+    torch.manual_seed(batch)
+    params = {"w": torch.randn(4, 3), "b": torch.randn(4)}
+
+    def losses(p, x):
+        return F.linear(x, p["w"], DERIVED_IN_PLACE[form](p["b"])).pow(2).sum(1)
+
+    check(losses, params, torch.randn(batch, 3))
+
+
+def test_in_place_on_a_parameter_or_a_used_derived_tensor_is_refused():
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, 3, generator=g), "b": torch.randn(3, generator=g)}
+    x = torch.randn(4, 3, generator=g)
+
+    def on_a_parameter(p, x):
+        p["b"].zero_()
+        return F.linear(x, p["w"], p["b"]).pow(2).sum(1)
+
+    with pytest.raises(ValueError, match=r"changed in place by `Tensor.zero_`"):
+        fp.per_sample_grads(on_a_parameter, method="hooks")(params, x)
+
+    def after_use(p, x):
+        c = p["b"] * 2
+        d = c.exp()  # computed from c before c changes
+        c[0] = 0.0
+        return F.linear(x, p["w"], c + d).pow(2).sum(1)
+
+    refused_then_loop(after_use, params, x, match="after other tensors were computed from it")
+
+    def into_an_activation(p, x):  # h.add_(p): a parameter written into an activation
+        h = F.linear(x, p["w"])
+        return h.add_(p["b"]).pow(2).sum(1)
+
+    refused_then_loop(into_an_activation, params, x, match="used by `Tensor.add_`")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_torchvision_swin_v2_takes_the_fast_path(batch):
+    """torchvision's Swin v2: its position MLP on a constant coordinate table (ReLU in place
+    on the Linear's output: the view-edge fix, at a batch of one) and its qkv bias cloned
+    and zeroed in place (NOTE [in-place on derived tensors])."""
+    from torchvision.models.swin_transformer import PatchMergingV2
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.swin_transformer import SwinTransformerBlockV2
+
+    torch.manual_seed(batch)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                            window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=3,
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).double()
+    params = params_of(model)
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    check(losses, params, torch.randn(batch, 3, 16, 16), torch.arange(batch) % 3)

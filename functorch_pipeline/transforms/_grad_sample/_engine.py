@@ -21,7 +21,14 @@ contracted once: one ``(B, out, n) @ (B, n, in)`` instead of ``n`` outer product
 # NOTE [gradient edges, not tensors]
 The recorded output may be modified in place later (``relu_``), which re-points its
 ``grad_fn``. The engine keeps the output's ``GradientEdge`` taken at creation time, so
-the gradient it receives is the one with respect to the op's own result. Saved inputs
+the gradient it receives is the one with respect to the op's own result. An output that
+is a view of the whole of a fresh tensor (``F.linear`` on a ``(B, T, F)`` input returns its
+matmul's result viewed back to three axes; ``F.embedding`` on 2-d ids) is different: an
+in-place op on a view rebases the view's base (``CopySlices``) and the view's own node
+leaves the graph, so its edge would receive no gradient and the layer's per-example
+gradients would silently be zero. They were, for ``nn.ReLU(inplace=True)`` or ``h += x``
+after a Linear on sequences, until a survey found it. So for such a view the engine
+keeps the base's edge and reshapes its gradient. Saved inputs
 are checked against their version counter for the same reason. When neither the input
 nor any untracked argument requires grad (the first layer), the input is replaced by a
 detached copy that requires grad so the output has a ``grad_fn``; autograd never
@@ -108,7 +115,8 @@ class _Tracked(torch.Tensor):
         # batch) decides first; any other op of parameters alone makes a derived tensor.
         if rule is not None and getattr(rule, "takes_parameters_only", False):
             return rule(engine, args, kwargs)
-        if kwargs.get("inplace") is True and args and isinstance(args[0], _Tracked):
+        if args and isinstance(args[0], _Tracked) and (
+                kwargs.get("inplace") is True or _in_place_on_first(func, kwargs)):
             return engine.derive_in_place(func, args, kwargs)
         if engine.parameters_only(func, args, kwargs):  # NOTE [derived parameters]
             return engine.derive_op(func, args, kwargs)
@@ -191,6 +199,30 @@ def _out_of_place(func: Any, kwargs: dict[str, Any]) -> bool:
                 or kwargs.get("inplace") is True)
 
 
+def _in_place_on_first(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` changes its first argument in place: an in-place method
+    (``zero_``, ``add_``), ``__setitem__`` or an augmented assignment (``__iadd__``), with
+    no ``out=``."""
+    name = getattr(func, "__name__", "")
+    return kwargs.get("out") is None and (
+        name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+        or name == "__setitem__")
+
+
+def _replayed(func: Any, view: tuple[Any, tuple[Any, ...], dict[str, Any]] | None) -> Any:
+    """``func`` (in place on its first argument) as an out-of-place function of that
+    argument: on a clone of it, or, with ``view = (op, args, kwargs)``, on that view of the
+    clone; the clone is the result (NOTE [in-place on derived tensors])."""
+
+    def replay(target: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+        copy = target.clone()
+        into = copy if view is None else view[0](copy, *view[1], **view[2])
+        func(into, *rest, **kw)  # in place, on a tensor of this graph's own
+        return copy
+
+    return replay
+
+
 def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: list[torch.Tensor],
                parents: tuple[int, ...]) -> None:
     """A derived tensor's per-example gradient ``total`` ``(B, *out.shape)``, pulled back to
@@ -201,6 +233,12 @@ def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: l
     for slot, g in zip(parents, grads, strict=True):
         if g is not None:
             engine.add("direct", slot, g)
+
+
+def _reshaped(finish: Callable[..., None], shape: torch.Size, engine: Engine, grad: torch.Tensor,
+              *saved: Any) -> None:
+    """``finish`` given the gradient at a view's base, reshaped to the view's shape."""
+    finish(engine, grad.reshape(shape), *saved)
 
 
 def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
@@ -260,6 +298,12 @@ class Engine:
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
         self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         self.closed = False  # set by close(), when the call that made this engine is over
+        # NOTE [in-place on derived tensors]: the tracked object of each slot (a second one
+        # makes the slot aliased), and derived slots that are views of another derived
+        # slot: view slot -> (base slot, the view op, its other args, its kwargs).
+        self.objects: dict[int, _Tracked] = {}
+        self.aliased: set[int] = set()
+        self.views: dict[int, tuple[int, Any, tuple[Any, ...], dict[str, Any]]] = {}
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -305,6 +349,10 @@ class Engine:
         t = torch.Tensor._make_subclass(_Tracked, self.bases[slot], False)
         t._fp_slot = slot
         t._fp_engine = self
+        if slot in self.objects:
+            self.aliased.add(slot)
+        else:
+            self.objects[slot] = t
         return t
 
     def transposed_from(self, slot: int) -> int | None:
@@ -381,6 +429,7 @@ class Engine:
         t = torch.Tensor._make_subclass(_Tracked, out, False)
         t._fp_slot = slot
         t._fp_engine = self
+        self.objects[slot] = t
         return t
 
     def is_tracked(self, t: Any) -> bool:
@@ -404,9 +453,7 @@ class Engine:
         padded run to decide)."""
         if not _out_of_place(func, kwargs):
             refuse()
-        op = f"`{_describe(func)}` on {self.names(args, kwargs)}"
-        for t in _plain_tensors((*args, *kwargs.values())):
-            self.examples_axis(t, refuse, op)  # None for a constant; else it raises
+        self.constants_only(args, kwargs, refuse, f"`{_describe(func)}` on {self.names(args, kwargs)}")
 
     def input_axis(self, func: Any, args: Any, kwargs: dict[str, Any],
                    check: Callable[[], int]) -> int | None:
@@ -434,46 +481,77 @@ class Engine:
             return None
 
     def derive_in_place(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        """``func(t, ..., inplace=True)`` on a tracked ``t``: the op out of place, with ``t``
-        rebound to its result.
+        """``func`` changing a tracked ``t = args[0]`` in place (``inplace=True``, an
+        in-place method, ``t[i] = v``): the op out of place, with ``t`` rebound to its result.
 
         # NOTE [in-place on derived tensors]
         ``nn.ReLU(inplace=True)`` inside a branch computed from parameters alone (Swin v2's
         position MLP on a constant table of coordinates) changes a derived tensor in
-        place. The engine keeps that tensor's value and graph for its slot, so the op runs
-        out of place as a new derived slot, and ``t`` itself (the same Python object the
-        caller holds) is pointed at the result: later uses of ``t`` see the new values and
-        pull back through the new slot, as in eager PyTorch. A view of ``t`` made before
-        the op would see the change in eager PyTorch and not here, so a slot that other
-        derived tensors were computed from is refused, and so is a parameter itself.
+        place, and so does torchvision's Swin v2 on a clone of its qkv bias
+        (``b = bias.clone(); b[n:2 * n].zero_()``, an in-place method on a view of it).
+        The engine keeps each derived tensor's value and graph for its slot, so the op
+        runs out of place as a new derived slot: on a clone of ``t``, or, when ``t`` is a
+        view of a derived tensor ``base`` (recorded by :meth:`derive_op`), on that view
+        of a clone of ``base``. The caller's objects (``t``, and ``base`` when there is
+        one) are pointed at the results with ``torch.utils.swap_tensors``, which writes
+        into neither tensor (tensors saved for the old slots' graphs keep their
+        versions): later uses see the new values and pull back through the new slots,
+        as in eager PyTorch. A tensor whose other aliases the engine cannot rebind is
+        refused: a parameter itself, a slot with more than one tracked object, and a
+        derived tensor that other derived tensors were computed from (eager PyTorch
+        would change the views among them too).
         """
         t = args[0]
         old = t._fp_slot
-        op = f"`{_describe(func)}` with inplace=True"
-        if old not in self.derived:
-            raise Unsupported(f"{self.name(old)} is changed in place by {op}")
-        if any(old in parents for parents, _, _ in self.derived.values()):
-            raise Unsupported(f"{self.name(old)} is changed in place by {op} after other "
-                              "tensors were computed from it")
-        out_of_place = {**kwargs, "inplace": False}
+        inplace = kwargs.get("inplace") is True
+        op = f"`{_describe(func)}`" + (" with inplace=True" if inplace else "")
+        view = self.views.get(old)  # (base slot, view op, its args, its kwargs)
+        target = old if view is None else view[0]
 
-        def refuse() -> int:
-            raise Unsupported(f"{self.name(old)} is changed in place by {op} with a plain "
-                              "tensor that is not a constant of loss_fn")
+        def refuse(why: str = "") -> int:
+            raise Unsupported(f"{self.name(old)} is changed in place by {op}{why}")
 
-        self.with_constants(func, args, out_of_place, refuse)
-        out = self.derive_op(func, args, out_of_place)
-        if not isinstance(out, _Tracked):
-            refuse()
-        # The caller's object takes the result's tensor and slot. swap_tensors exchanges the
-        # two objects' tensors (and attributes) without writing into either, so tensors
-        # saved for the old slot's graph keep their version.
-        torch.utils.swap_tensors(t, out)
-        return t
+        if target not in self.derived:
+            refuse("" if view is None else f" through a view of {self.name(target)}")
+        if (old in self.aliased or target in self.aliased
+                or any(old in parents or target in parents and s != old
+                       for s, (parents, _, _) in self.derived.items())):
+            refuse(" after other tensors were computed from it")
+        self.constants_only(args, kwargs, lambda: refuse(
+            " with a plain tensor that is not a constant of loss_fn"), op)
+        if view is None:
+            out = (self.derive_op(func, args, {**kwargs, "inplace": False}) if inplace
+                   else self.derive_op(_replayed(func, None), args, kwargs, _describe(func)))
+            self._rebind(t, out)
+        else:
+            base = self.objects[target]
+            new_base = self.derive_op(_replayed(func, view[1:]), (base, *args[1:]), kwargs,
+                                      f"{_describe(func)} on a view")
+            self._rebind(base, new_base)
+            self._rebind(t, self.derive_op(view[1], (base, *view[2]), view[3]))
+        return None if func is _T.__setitem__ else t
 
-    def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    def _rebind(self, t: _Tracked, out: Any) -> None:
+        """Point the caller's tracked object ``t`` at ``out`` (a new derived slot's tracked
+        tensor) without writing into either: NOTE [in-place on derived tensors]."""
+        if not isinstance(out, _Tracked):  # pragma: no cover - derive_op of a float op
+            raise Unsupported(f"{self.name(t._fp_slot)} is changed in place into a tensor with "
+                              "no gradient")
+        torch.utils.swap_tensors(t, out)  # the objects' slots (their __dict__) swap too
+        self.objects[t._fp_slot], self.objects[out._fp_slot] = t, out
+
+    def constants_only(self, args: Any, kwargs: dict[str, Any], refuse: Callable[[], int],
+                       op: str) -> None:
+        """Return when every plain tensor in the arguments is a constant of ``loss_fn``
+        (NOTE [constants or batch data]); else ``refuse()`` raises (or :meth:`examples_axis`
+        raises :class:`Ambiguous` for a padded run to decide)."""
+        for x in _plain_tensors((*args, *kwargs.values())):
+            self.examples_axis(x, refuse, op)
+
+    def derive_op(self, func: Any, args: Any, kwargs: dict[str, Any], made_by: str | None = None) -> Any:
         """``func`` on tracked arguments only, its floating result a derived tensor pulled
-        back by autograd (NOTE [derived parameters]); other results are returned plain."""
+        back by autograd (NOTE [derived parameters]); other results are returned plain.
+        ``made_by`` names the op in messages (default: ``func``'s name)."""
         leaves: dict[int, torch.Tensor] = {}
 
         def leaf(a: Any) -> Any:
@@ -489,7 +567,7 @@ class Engine:
 
         out = func(*leaf(args), **{k: leaf(v) for k, v in kwargs.items()})
         parents = tuple(leaves)
-        made_by = _describe(func)
+        made_by = made_by or _describe(func)
 
         def derived(t: Any) -> Any:
             # Every tensor of the result (chunk and split give several) is derived or
@@ -504,8 +582,12 @@ class Engine:
                     if t is leaf:  # the op returned its input (flatten of a matrix,
                         return self.track(s)  # contiguous, .to(its dtype)): still tracked
                 return t.detach()
-            return self.derive(t.detach(), parents, made_by, functools.partial(
+            made = self.derive(t.detach(), parents, made_by, functools.partial(
                 _pull_back, out=t, leaves=[leaves[s] for s in parents], parents=parents))
+            if (len(parents) == 1 and t._base is leaves[parents[0]] and args  # a view of
+                    and isinstance(args[0], _Tracked) and args[0]._fp_slot == parents[0]):  # args[0]
+                self.views[made._fp_slot] = (parents[0], func, tuple(args[1:]), kwargs)
+            return made
 
         return derived(out)
 
@@ -797,6 +879,14 @@ class Engine:
             if out.requires_grad:
                 self.uses.append(_Use(get_gradient_edge(out), finish, saved))
             return  # else under no_grad: no gradient flows through this use
+        base = out._base
+        if (base is not None and base.grad_fn is not None and base.numel() == out.numel()
+                and out.storage_offset() == base.storage_offset() and out.is_contiguous()
+                and base.is_contiguous()):
+            # NOTE [gradient edges, not tensors]: a view of the whole of a fresh tensor.
+            self.uses.append(_Use(GradientEdge(base.grad_fn, base.output_nr),
+                                  functools.partial(_reshaped, finish, out.shape), saved))
+            return
         self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved))
 
     def anchor(self, like: torch.Tensor) -> torch.Tensor:
