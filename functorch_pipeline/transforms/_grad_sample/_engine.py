@@ -28,7 +28,8 @@ in-place op on a view rebases the view's base (``CopySlices``) and the view's ow
 leaves the graph, so its edge would receive no gradient and the layer's per-example
 gradients would silently be zero. They were, for ``nn.ReLU(inplace=True)`` or ``h += x``
 after a Linear on sequences, until a survey found it. So for such a view the engine
-keeps the base's edge and reshapes its gradient. Saved inputs
+keeps the base's edge and reshapes its gradient; a view of part of its base is watched,
+and changed in place it is refused. Saved inputs
 are checked against their version counter for the same reason. When neither the input
 nor any untracked argument requires grad (the first layer), the input is replaced by a
 detached copy that requires grad so the output has a ``grad_fn``; autograd never
@@ -248,13 +249,18 @@ def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
 class _Use:
     """One call of a rule: which slots it feeds, what it saved, where its gradient arrives."""
 
-    __slots__ = ("edge", "finish", "saved", "versions")
+    __slots__ = ("edge", "finish", "saved", "versions", "watch")
 
-    def __init__(self, edge: Any, finish: Callable[..., None], saved: tuple[Any, ...]) -> None:
+    def __init__(self, edge: Any, finish: Callable[..., None], saved: tuple[Any, ...],
+                 watch: torch.Tensor | None = None) -> None:
         self.edge = edge
         self.finish = finish
         self.saved = saved
         self.versions = tuple(t._version for t in saved if isinstance(t, torch.Tensor))
+        # A recorded output that is a view of part of a larger tensor, and its version: an
+        # in-place op on it would leave its edge without a gradient (NOTE [gradient
+        # edges, not tensors] in _engine).
+        self.watch = None if watch is None else (watch, watch._version)
 
 
 class Engine:
@@ -887,7 +893,8 @@ class Engine:
             self.uses.append(_Use(GradientEdge(base.grad_fn, base.output_nr),
                                   functools.partial(_reshaped, finish, out.shape), saved))
             return
-        self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved))
+        self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved,
+                              out if base is not None and base.grad_fn is not None else None))
 
     def anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A scalar leaf that requires grad and whose gradient the backward asks for: an
@@ -962,6 +969,12 @@ class Engine:
                 raise RuntimeError(
                     "a tensor saved for per-sample gradients was modified by an in-place "
                     "operation after it was used; make that operation out of place")
+            if use.watch is not None and use.watch[0]._version != use.watch[1]:
+                raise Unsupported(
+                    f"the output of a call of type {type(use.edge.node).__name__} that uses a "
+                    "parameter, a view of part of a larger tensor, was changed in place "
+                    "afterwards, which leaves no gradient at it: make that operation out "
+                    "of place")
         if not self.uses or not losses.requires_grad:
             return
         try:
