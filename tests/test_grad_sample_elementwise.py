@@ -326,3 +326,49 @@ def test_a_tensor_kept_past_its_call_raises_by_name():
     model.attention_bias_cache = {}
     model.training = True
     check(losses, params, x)
+
+
+IN_PLACE_WRITES = {  # a parameter written in place into an activation h (B, T, 4)
+    "h += p": lambda h, p: h.__iadd__(p["p"]),
+    "h -= table": lambda h, p: h.__isub__(p["table"]),
+    "h *= p": lambda h, p: h.__imul__(p["p"]),
+    "h /= p": lambda h, p: h.__itruediv__(p["p"]),
+    "add_ alpha": lambda h, p: h.add_(p["p"], alpha=2.0),
+    "mul_": lambda h, p: h.mul_(p["p"]),
+    "clamp_(min=p)": lambda h, p: h.clamp_(min=p["p"] - 1),
+    "lerp_": lambda h, p: h.lerp_(torch.ones_like(h), p["p"] * 0.5),
+    "addcmul_": lambda h, p: h.addcmul_(torch.ones_like(h), p["p"]),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(form=st.sampled_from(sorted(IN_PLACE_WRITES)), batch=st.integers(1, 4))
+@example(form="h -= table", batch=3)  # T == B: padded
+def test_a_parameter_written_in_place_into_an_activation_matches_the_loop(form, batch):
+    """``h += p`` and the other in-place forms run out of place through their rules and
+    the result is copied into ``h`` (``Engine.in_place_on_plain``); they fell back to
+    ``vmap`` before."""
+    torch.manual_seed(batch + len(form))
+    params = {"w": torch.randn(4, 2), "p": torch.rand(4) + 0.5, "table": torch.randn(3, 4),
+              "head": torch.randn(1, 4)}
+
+    def losses(p, x):
+        h = F.linear(x, p["w"])
+        IN_PLACE_WRITES[form](h, p)
+        return F.linear(torch.tanh(h), p["head"]).pow(2).sum((1, 2))
+
+    check(losses, params, torch.randn(batch, 3, 2))
+
+
+def test_a_parameter_set_into_an_activation_is_refused():
+    """``h[0] = p`` has no out-of-place form here: refused by name, and the default
+    method falls back to the loop's numbers."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 2), "p": torch.randn(4)}
+
+    def losses(p, x):
+        h = F.linear(x, p["w"])
+        h[:, 0] = p["p"]
+        return h.pow(2).sum((1, 2))
+
+    refused_then_loop(losses, params, torch.randn(3, 5, 2), match="written in place into a plain tensor")

@@ -119,6 +119,8 @@ class _Tracked(torch.Tensor):
         if args and isinstance(args[0], _Tracked) and (
                 kwargs.get("inplace") is True or _in_place_on_first(func, kwargs)):
             return engine.derive_in_place(func, args, kwargs)
+        if args and isinstance(args[0], torch.Tensor) and _in_place_on_first(func, kwargs):
+            return engine.in_place_on_plain(func, args, kwargs)
         if engine.parameters_only(func, args, kwargs):  # NOTE [derived parameters]
             return engine.derive_op(func, args, kwargs)
         if rule is not None:
@@ -208,6 +210,10 @@ def _in_place_on_first(func: Any, kwargs: dict[str, Any]) -> bool:
     return kwargs.get("out") is None and (
         name.endswith("_") and not name.startswith("__") or name.startswith("__i")
         or name == "__setitem__")
+
+
+_AUGMENTED = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__",
+              "__itruediv__": "__truediv__", "__ipow__": "__pow__"}
 
 
 def _replayed(func: Any, view: tuple[Any, tuple[Any, ...], dict[str, Any]] | None) -> Any:
@@ -536,6 +542,27 @@ class Engine:
             self._rebind(base, new_base)
             self._rebind(t, self.derive_op(view[1], (base, *view[2]), view[3]))
         return None if func is _T.__setitem__ else t
+
+    def in_place_on_plain(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func`` writing a tracked argument into a plain tensor in place: ``h += p``,
+        ``h.mul_(p)``, ``h.clamp_(min=p)``. The op's out-of-place form runs on a copy of
+        ``h`` through its rule (so ``h``'s version, which the rule may save, stays) and its
+        result is copied into ``h``, so the caller's tensor has the new values and a history
+        through the rule's recorded output, as in eager PyTorch. An op with no out-of-place
+        form, or ``t[i] = p``, is refused."""
+        name = getattr(func, "__name__", "")
+        plain = _AUGMENTED.get(name, name[:-1] if name.endswith("_") and not name.startswith("_") else "")
+        outofplace = getattr(_T, plain, None) if plain else None
+        if outofplace is None:
+            raise Unsupported(f"{self.names(args, kwargs)} {'is' if len(self.slots(args, kwargs)) == 1 else 'are'} "
+                              f"written in place into a plain tensor by `{_describe(func)}`, which has no "
+                              "out-of-place form")
+        h = args[0]
+        out = outofplace(h.clone(), *args[1:], **kwargs)  # through the rules: args are tracked
+        if isinstance(out, _Tracked) or not isinstance(out, torch.Tensor) or out.shape != h.shape:
+            raise Unsupported(f"{self.names(args, kwargs)} written in place by `{_describe(func)}` "
+                              f"into a plain tensor of shape {tuple(h.shape)} that holds no examples")
+        return h.copy_(out)
 
     def _rebind(self, t: _Tracked, out: Any) -> None:
         """Point the caller's tracked object ``t`` at ``out`` (a new derived slot's tracked
