@@ -16,6 +16,7 @@ from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import params_of
 from test_grad_sample_broadcast import check
+from test_grad_sample_broadcast import close
 from test_grad_sample_broadcast import refused_then_loop
 
 import functorch_pipeline as fp
@@ -427,10 +428,10 @@ def test_torchvision_swin_v2_takes_the_fast_path(batch):
 
 
 @pytest.mark.parametrize("eq", ["btd,dnh->bnth", "btd,dnh->bhnt"])
-def test_an_in_place_op_on_a_permuted_einsum_output_falls_back(eq):
-    """An einsum's output that is a permuted view of its product: changed in place it has
-    no gradient left at its edge (the per-example gradients were off by 22 and 40), so the
-    engine refuses it by name and the default method falls back to the loop's numbers."""
+def test_an_in_place_op_on_a_permuted_einsum_output_matches_the_loop(eq):
+    """An einsum's output that is a permuted view of its whole product, changed in place:
+    the engine keeps the product's edge and lays its gradient out as the view (before,
+    the view's edge got no gradient and the per-example gradients were off by 22 and 40)."""
     torch.manual_seed(0)
     params = {"w": torch.randn(4, 2, 3)}
 
@@ -439,4 +440,42 @@ def test_an_in_place_op_on_a_permuted_einsum_output_falls_back(eq):
         h.relu_()
         return h.pow(2).flatten(1).sum(1)
 
-    refused_then_loop(losses, params, torch.randn(3, 5, 4), match="was changed in place afterwards")
+    check(losses, params, torch.randn(3, 5, 4))
+
+
+def _half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x * w, x * w], -1)[..., : x.shape[-1]]
+
+
+def _half_rule(engine, args, kwargs):
+    """A rule whose output is a view of part of a fresh tensor."""
+    x, w = args
+    slot = engine.slot(w)
+    xin = x if x.requires_grad else x.detach().requires_grad_()
+    out = torch.cat([xin * engine.base(w), xin * engine.base(w)], -1)[..., : x.shape[-1]]
+    engine.record(out, lambda e, g, x: e.add("direct", slot, g * x), x)
+    return out
+
+
+def test_a_partial_view_changed_in_place_is_refused(monkeypatch):
+    """NOTE [gradient edges, not tensors]: a recorded output that is a view of part of a
+    larger tensor cannot be read from its base; changed in place, it is refused by name
+    instead of giving no gradient."""
+    from functorch_pipeline.transforms._grad_sample import _rules
+
+    half = _rules.overridable(_half)
+    monkeypatch.setitem(_rules.RULES, half, _half_rule)
+    params = {"w": torch.randn(3)}
+
+    def losses(p, x, in_place):
+        h = half(x, p["w"])
+        if in_place:
+            h.mul_(2.0)
+        return h.pow(2).sum(1)
+
+    x = torch.randn(4, 3)
+    want = fp.per_sample_grads(lambda p, x: losses(p, x, False), method="vmap")(params, x)
+    got = fp.per_sample_grads(lambda p, x: losses(p, x, False), method="hooks")(params, x)
+    assert close(got["w"], want["w"])
+    with pytest.raises(ValueError, match="was changed in place afterwards"):
+        fp.per_sample_grads(lambda p, x: losses(p, x, True), method="hooks")(params, x)

@@ -28,8 +28,9 @@ in-place op on a view rebases the view's base (``CopySlices``) and the view's ow
 leaves the graph, so its edge would receive no gradient and the layer's per-example
 gradients would silently be zero. They were, for ``nn.ReLU(inplace=True)`` or ``h += x``
 after a Linear on sequences, until a survey found it. So for such a view the engine
-keeps the base's edge and reshapes its gradient; a view of part of its base is watched,
-and changed in place it is refused. Saved inputs
+keeps the base's edge and lays its gradient out as the view (a reshape or a permutation
+of the whole base, such as an einsum's permuted output); a view of part of its base is
+watched, and changed in place it is refused. Saved inputs
 are checked against their version counter for the same reason. When neither the input
 nor any untracked argument requires grad (the first layer), the input is replaced by a
 detached copy that requires grad so the output has a ``grad_fn``; autograd never
@@ -242,10 +243,24 @@ def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: l
             engine.add("direct", slot, g)
 
 
-def _reshaped(finish: Callable[..., None], shape: torch.Size, engine: Engine, grad: torch.Tensor,
-              *saved: Any) -> None:
-    """``finish`` given the gradient at a view's base, reshaped to the view's shape."""
-    finish(engine, grad.reshape(shape), *saved)
+def _covers(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` holds every element of the contiguous ``base`` once: a reshape or
+    a permutation of it (``F.linear``'s 3-axis output, an einsum's permuted one)."""
+    if not base.is_contiguous() or view.numel() != base.numel() or view.storage_offset() != base.storage_offset():
+        return False
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(view.shape, view.stride(), strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _reshaped(finish: Callable[..., None], layout: tuple[torch.Size, tuple[int, ...]], engine: Engine,
+              grad: torch.Tensor, *saved: Any) -> None:
+    """``finish`` given the gradient at a view's base, laid out as the view (``layout``:
+    its shape and strides; the base is contiguous and the view covers it: :func:`_covers`)."""
+    finish(engine, grad.contiguous().as_strided(*layout), *saved)
 
 
 def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
@@ -913,12 +928,11 @@ class Engine:
                 self.uses.append(_Use(get_gradient_edge(out), finish, saved))
             return  # else under no_grad: no gradient flows through this use
         base = out._base
-        if (base is not None and base.grad_fn is not None and base.numel() == out.numel()
-                and out.storage_offset() == base.storage_offset() and out.is_contiguous()
-                and base.is_contiguous()):
+        if base is not None and base.grad_fn is not None and _covers(out, base):
             # NOTE [gradient edges, not tensors]: a view of the whole of a fresh tensor.
             self.uses.append(_Use(GradientEdge(base.grad_fn, base.output_nr),
-                                  functools.partial(_reshaped, finish, out.shape), saved))
+                                  functools.partial(_reshaped, finish, (out.shape, out.stride())),
+                                  saved))
             return
         self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved,
                               out if base is not None and base.grad_fn is not None else None))
