@@ -617,20 +617,21 @@ def test_ghost_refuses_a_call_without_any_rule_and_auto_uses_vmap():
     assert_close(g["w"], want["w"], "w")
 
 
-def test_hooks_only_layers_of_the_zoo_and_builtin_lstm():
-    """Conv3d's hooks rule forms B x params gradients: ghost refuses it and names hooks;
-    a built-in nn.LSTM has no rule at all: the error points to fp.nn.replace_rnns."""
+def test_conv3d_and_transposed_convs_in_ghost_and_builtin_lstm():
+    """Conv3d and the transposed convolutions form their per-example gradients in ghost
+    clipping too (as in hooks), so a video model's other layers keep ghost's saving and
+    ``auto`` takes ghost with no warning; a built-in nn.LSTM has no rule at all: the error
+    points to fp.nn.replace_rnns."""
     torch.manual_seed(17)
-    conv = nn.Conv3d(1, 2, 2)
-    x = torch.randn(3, 1, 4, 4, 4)
-    with pytest.raises(ValueError, match=r"method='ghost': `weight`, `bias` are used by "
-                       r"`torch.conv3d`, which has no ghost-clipping rule; method='hooks'"):
-        fp.clipped_grad(squared(conv), 1.0, method="ghost")(params_of(conv), x)
-    with pytest.warns(UserWarning, match=r"method='auto' uses 'hooks'"):
-        g, norms = fp.clipped_grad(squared(conv), 1.0)(params_of(conv), x)
-    ref_norms, want = reference(squared(conv), params_of(conv), (x,), 1.0)
-    assert_close(norms, ref_norms, "norms")
-    assert_close(g["weight"], want["weight"], "weight")
+    for model, x in ((nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(54, 3)),
+                      torch.randn(3, 1, 4, 4, 4)),
+                     (nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2), nn.GroupNorm(1, 3)),
+                      torch.randn(3, 2, 4, 4)),
+                     (nn.ConvTranspose1d(2, 3, 3), torch.randn(3, 2, 5))):
+        check(squared(model), params_of(model), x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fp.clipped_grad(squared(model), 1.0)(params_of(model), x)
     lstm = nn.LSTM(2, 3, batch_first=True)
     with pytest.raises(ValueError, match=r"method='ghost': .*replace_rnns"):
         fp.per_sample_grad_norms(squared(lstm), method="ghost")(params_of(lstm), torch.randn(2, 4, 2))
