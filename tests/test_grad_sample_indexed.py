@@ -479,3 +479,19 @@ def test_a_partial_view_changed_in_place_is_refused(monkeypatch):
     assert close(got["w"], want["w"])
     with pytest.raises(ValueError, match="was changed in place afterwards"):
         fp.per_sample_grads(lambda p, x: losses(p, x, True), method="hooks")(params, x)
+
+
+def test_dunder_methods_that_are_not_in_place_are_not_taken_for_it():
+    """``__int__``, ``__iter__`` and ``__invert__`` start with ``__i`` but change nothing:
+    ``int()`` of a derived tensor returns an int (it returned the tracked tensor, a
+    TypeError, while every ``__i...__`` was read as an augmented assignment)."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+
+    def losses(p, x):
+        k = int((p["b"] * 0 + 2).sum())  # __int__ on a derived tensor: 2
+        w = torch.stack([row for row in p["w"]])  # __iter__ on a parameter
+        keep = ~(p["b"] > 0)  # __invert__ on a derived mask
+        return F.linear(x, w[:k], torch.where(keep, p["b"], 2 * p["b"])[:k]).pow(2).sum(1)
+
+    check(losses, params, torch.randn(3, 4))

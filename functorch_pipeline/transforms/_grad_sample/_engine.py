@@ -193,12 +193,19 @@ def _plain_tensors(values: Any) -> list[torch.Tensor]:
     return []
 
 
+# Augmented assignments (``t += x``): in place on their first argument. Not every
+# ``__i...__`` is one (``__int__``, ``__index__``, ``__iter__``, ``__invert__``).
+_IN_PLACE_DUNDER = frozenset(f"__i{op}__" for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+    "lshift", "rshift"))
+
+
 def _out_of_place(func: Any, kwargs: dict[str, Any]) -> bool:
     """Whether ``func`` leaves its arguments alone (no in-place method, no ``out=``, no
     ``inplace=True``: ``F.relu(h, inplace=True)`` on a derived ``h`` would change a tensor
     whose slot and graph the engine keeps)."""
     name = getattr(func, "__name__", "")
-    return not (name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+    return not (name.endswith("_") and not name.startswith("__") or name in _IN_PLACE_DUNDER
                 or name in ("__setitem__", "__delitem__") or kwargs.get("out") is not None
                 or kwargs.get("inplace") is True)
 
@@ -209,7 +216,7 @@ def _in_place_on_first(func: Any, kwargs: dict[str, Any]) -> bool:
     no ``out=``."""
     name = getattr(func, "__name__", "")
     return kwargs.get("out") is None and (
-        name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+        name.endswith("_") and not name.startswith("__") or name in _IN_PLACE_DUNDER
         or name == "__setitem__")
 
 
@@ -337,6 +344,8 @@ class Engine:
         their call]) raises :class:`StaleTracked` instead of recording into this engine."""
         self.closed = True
         self.uses.clear()
+        self.objects.clear()  # the run's tracked objects: a kept one must not keep them all
+        self.views.clear()
 
     def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
         """Raise for a tracked tensor of this closed engine used with gradients on.
