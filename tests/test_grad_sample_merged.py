@@ -376,3 +376,50 @@ def test_conv_rows_are_summed_per_example_in_chunks(layer, chunked, monkeypatch)
     assert close(n, norms)
     assert all(close(total[k], (want[k] * factor.reshape(-1, *[1] * (want[k].dim() - 1))).sum(0))
                for k in want)
+
+
+def test_a_reshape_of_the_examples_needs_no_padded_run():
+    """Rows made by reshaping a tensor whose axis 0 holds the examples (the batch's
+    ``x.reshape(B * K, ...)``, an activation's ``h.view(-1, F)``) are ``K`` rows per
+    example by construction: no padded run, so ``has_aux``, which is never padded, takes
+    hooks at B > 1 too (it fell back to ``vmap``)."""
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, 4, generator=g), "v": torch.randn(3, generator=g),
+              "u": torch.randn(2, 3, generator=g)}
+
+    def losses(p, x):
+        b, k = x.shape[:2]
+        h = torch.tanh(F.linear(x.reshape(b * k, 4), p["w"], p["v"]))  # the batch reshaped
+        h = torch.sin(h.view(b, k, 3))  # a fresh (B, K, 3) activation
+        h = F.linear(h.reshape(-1, 3), p["u"])  # viewed as rows
+        return h.pow(2).reshape(b, -1).sum(1)
+
+    x = torch.randn(3, 2, 4, generator=g)
+    want = loop_grads(losses, params, x)
+    got, aux = fp.per_sample_grads(lambda p, x: (losses(p, x), x.sum()), method="hooks",
+                                   has_aux=True)(params, x)
+    assert all(close(got[k], want[k]) for k in want)
+    check(losses, params, x)
+
+
+def test_dropout_in_training_mode_on_flattened_rows_takes_hooks():
+    """GPT-2's Conv1D flattens tokens into rows (``x.view(-1, F)``). With dropout in
+    training mode a padded run cannot show the layout (the padding rows draw their own
+    masks) and the call was refused; the reshape shows it. Per-example gradients come from
+    the batch's own draws, so their sum equals the batch gradient under the same seed."""
+    from test_grad_sample_products import GPT2Block
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Dropout(0.2), GPT2Block(), torch.nn.Dropout(0.2)).train()
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def losses(p, x):
+        return torch.func.functional_call(block, p, (x,)).pow(2).sum((1, 2))
+
+    x = torch.randn(3, 4, 4)
+    torch.manual_seed(7)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x)
+    torch.manual_seed(7)
+    want = fp.grad(lambda p, x: losses(p, x).sum())(params, x)
+    for k in want:
+        torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)

@@ -250,17 +250,22 @@ def _pull_back(engine: Engine, total: torch.Tensor, out: torch.Tensor, leaves: l
             engine.add("direct", slot, g)
 
 
-def _covers(view: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether ``view`` holds every element of the contiguous ``base`` once: a reshape or
-    a permutation of it (``F.linear``'s 3-axis output, an einsum's permuted one)."""
-    if not base.is_contiguous() or view.numel() != base.numel() or view.storage_offset() != base.storage_offset():
-        return False
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive memory slots from its offset,
+    each once, in some order of its axes (contiguous, or a permutation of contiguous)."""
     expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(view.shape, view.stride(), strict=True) if n != 1):
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
         if stride != expected:
             return False
         expected *= size
     return True
+
+
+def _covers(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` holds every element of the contiguous ``base`` once: a reshape or
+    a permutation of it (``F.linear``'s 3-axis output, an einsum's permuted one)."""
+    return (base.is_contiguous() and view.numel() == base.numel()
+            and view.storage_offset() == base.storage_offset() and _dense(view))
 
 
 def _reshaped(finish: Callable[..., None], layout: tuple[torch.Size, tuple[int, ...]], engine: Engine,
@@ -826,6 +831,8 @@ class Engine:
             m = x.shape[0] // B  # NOTE [examples merged into axis 0]
             if B == 1 and self.real is None:
                 return 0  # one example: every row is its own, whatever the layout
+            if self._merges_examples(x, op, slots):
+                return 0
             if self.real is None:
                 raise Ambiguous(
                     f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose "
@@ -853,6 +860,27 @@ class Engine:
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
+
+    def _merges_examples(self, x: torch.Tensor, op: str, slots: list[int]) -> bool:
+        """Whether ``x`` is a reshape of a tensor whose axis 0 holds the examples
+        (``h.view(-1, F)`` of an activation ``(B, T, F)``: Hugging Face's ``Conv1D``, a
+        flattened FFN; ``x.reshape(B * K, C, H, W)`` of the batch). ``x`` is contiguous over
+        the base's memory, and the base fills it densely with axis 0 outermost (attention's
+        ``(B, H, T, d)`` output viewed from its ``(B, T, H, d)`` buffer is such a base):
+        example ``b`` is the ``b``-th ``1/B`` of that memory, so ``x``'s rows are
+        ``m`` consecutive rows per example by construction, which the padded run of NOTE
+        [examples merged into axis 0] would otherwise have to show from values, and
+        cannot when dropout in training mode draws the padding rows anew."""
+        base = x._base
+        if (base is None or base.dim() < 2 or base.shape[0] != self.batch_size
+                or base.numel() != x.numel() or x.storage_offset() != base.storage_offset()
+                or not x.is_contiguous() or not _dense(base)
+                or base.stride(0) * self.batch_size != base.numel()):  # examples outermost
+            return False
+        try:  # the base's axis 0 must hold the examples, by the Linear's check
+            return self.check_input(base, op, slots, min_dim=2, features=1) == 0
+        except Unsupported:
+            return False
 
     @property
     def batch_data(self) -> list[torch.Tensor]:

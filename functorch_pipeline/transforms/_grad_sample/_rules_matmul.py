@@ -234,7 +234,15 @@ def _fused(first: str, second: str) -> Any:
             prod = prod * alpha
         if isinstance(beta, (int, float)) and beta == 0:  # b is ignored, NaN or not
             return prod
-        return prod + (b if isinstance(beta, (int, float)) and beta == 1 else b * beta)
+        bias = b if isinstance(beta, (int, float)) and beta == 1 else b * beta
+        B = engine.batch_size
+        if (prod.dim() == 2 and prod.shape[0] > B and prod.shape[0] % B == 0
+                and not engine.is_tracked(prod)):
+            # Rows the matmul's rule took as m per example (NOTE [examples merged into
+            # axis 0] in _engine): the bias meets them as (B, m, out), which needs no
+            # second proof of that layout (dropout in training mode defeats a padded one).
+            return (prod.view(B, -1, prod.shape[1]) + bias).view(prod.shape)
+        return prod + bias
 
     return rule
 
