@@ -120,12 +120,12 @@ class _Tracked(torch.Tensor):
         if args and isinstance(args[0], _Tracked) and (
                 kwargs.get("inplace") is True or _in_place_on_first(func, kwargs)):
             return engine.derive_in_place(func, args, kwargs)
-        if args and isinstance(args[0], torch.Tensor) and _in_place_on_first(func, kwargs):
-            return engine.in_place_on_plain(func, args, kwargs)
         if engine.parameters_only(func, args, kwargs):  # NOTE [derived parameters]
             return engine.derive_op(func, args, kwargs)
-        if rule is not None:
+        if rule is not None:  # rules are for out-of-place ops: checked before in-place forms
             return rule(engine, args, kwargs)
+        if args and isinstance(args[0], torch.Tensor) and _in_place_on_first(func, kwargs):
+            return engine.in_place_on_plain(func, args, kwargs)
 
         def no_rule() -> int:
             raise Unsupported(
