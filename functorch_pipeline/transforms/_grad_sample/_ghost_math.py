@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from functorch_pipeline.transforms._grad_sample._rules import conv_weight_grouped
+from functorch_pipeline.transforms._grad_sample._rules import conv_weight_per_example
 from functorch_pipeline.transforms._grad_sample._rules import merge
 from functorch_pipeline.tree._math import _rows_sq_norms
 
@@ -138,10 +138,10 @@ def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...
     """Per-example conv weight gradients ``(n, groups, cout, cin * prod(kernel))``.
 
     # NOTE [per-example conv gradients]
-    On CPU in float32/bfloat16 (as the hooks conv rule does, NOTE [grouped weight
-    gradients on CPU] in ``_rules``): the examples become ``n * groups`` groups of one
-    convolution over a batch of one, and mkldnn's weight-gradient kernel returns every
-    example's own gradient without copying input patches. Elsewhere (float64, other
+    On CPU in float32/bfloat16, the hooks conv rule's kernels: mkldnn's weight-gradient
+    kernel with the examples as ``n * groups`` groups of one convolution (NOTE [grouped
+    weight gradients on CPU] in ``_rules``) or the patch matmul, whichever was measured
+    faster for the layer (NOTE [measured kernel choice]). Elsewhere (float64, other
     devices): input patches (:func:`conv_patches`) times the output gradient.
     """
     kernel, stride, pads, dilation, groups = geometry
@@ -152,9 +152,9 @@ def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...
     if len(kernel) == 1:  # as a 2-d conv of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, pads = (1, *kernel), (1, *stride), (1, *dilation), [*pads, 0, 0]
-    # The hooks rule's kernel choice (grouped backward, or a grouped forward for 1-2 input
-    # channels): NOTE [grouped weight gradients on CPU].
-    grad_w = conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
+    # The hooks rule's kernel choice (mkldnn's grouped kernel or the patch matmul, measured
+    # per layer): NOTE [measured kernel choice] in _kernel_choice.
+    grad_w = conv_weight_per_example(x, g, kernel, stride, pads, dilation, groups)
     return grad_w.reshape(n, groups, cout, -1)
 
 

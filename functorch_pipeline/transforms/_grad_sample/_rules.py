@@ -30,11 +30,13 @@ from torch.overrides import handle_torch_function
 from torch.overrides import has_torch_function
 
 from functorch_pipeline.transforms._grad_sample import _buffers
+from functorch_pipeline.transforms._grad_sample import _kernel_choice
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
-__all__ = ["RULES", "VERSION", "conv_weight_grouped", "merge", "overridable", "register_rule"]
+__all__ = ["RULES", "VERSION", "conv_weight_grouped", "conv_weight_per_example", "merge", "overridable",
+           "register_rule"]
 
 
 def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -137,9 +139,10 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
     reads it: on 1 CPU thread this took the MNIST CNN's two layers from 5.0 and 7.9 ms
     (whole batch of 256 at once) to 3.5 and 5.5 ms, against 2.6 and 4.6 ms for the *batch*
     weight gradient in mkldnn. (``F.unfold`` was slower: 40+ ms.) In float32 on CPU,
-    mkldnn's grouped backward with one group per example is faster today and is used
-    instead: NOTE [grouped weight gradients on CPU]; this path serves float64 (no mkldnn)
-    and other devices.
+    mkldnn's grouped backward with one group per example (NOTE [grouped weight gradients
+    on CPU]) is the other kernel: which of the two runs is measured per layer (NOTE
+    [measured kernel choice] in ``_kernel_choice``); this path alone serves float64 (no
+    mkldnn) and other devices.
     """
     nd = len(kernel)
     if nd == 1:  # conv1d as a conv2d of height 1
@@ -155,8 +158,15 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
     else:
         pads = [p for p in reversed(_pair(padding, 2)) for _ in range(2)]
     if _grouped_ok(x):
-        out = conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
-        return out.reshape(out.shape[:3] + tuple(kernel[2 - nd:]))
+        out = conv_weight_per_example(x, g, kernel, stride, pads, dilation, groups)
+    else:
+        out = _patch_weight(x, g, kernel, stride, pads, dilation, groups)
+    return out.reshape(out.shape[:3] + tuple(kernel[2 - nd:]))
+
+
+def _patch_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                  pads: list[int], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """NOTE [per-example conv weight gradients] for a 2-d conv: ``(B, O, C / groups, kh, kw)``."""
     if any(pads):
         x = F.pad(x, pads)
     x = x.contiguous()
@@ -173,7 +183,26 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
         n = xs.shape[0]
         patches = xs.as_strided((n, *size), (sB, *strides)).reshape(n, groups, cin * kh * kw, L)
         torch.matmul(grads[start:start + n], patches.mT, out=out[start:start + n])
-    return out.reshape(B, out_ch, cin, *kernel[2 - nd:])
+    return out.reshape(B, out_ch, cin, kh, kw)
+
+
+def conv_weight_per_example(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
+                            stride: tuple[int, ...], pads: list[int], dilation: tuple[int, ...],
+                            groups: int) -> torch.Tensor:
+    """Per-example 2-d conv weight gradients ``(B, O, C / groups, kh, kw)`` on CPU in
+    float32 or bfloat16 (``pads`` in ``F.pad`` order): mkldnn's grouped kernel or the patch
+    matmul, whichever this process measured faster for the layer's geometry (NOTE
+    [measured kernel choice] in ``_kernel_choice``)."""
+    B = x.shape[0]
+    if B == 0:  # an empty (Poisson) batch: nothing to measure
+        return conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
+    key = ("conv_weight", tuple(x.shape[1:]), tuple(g.shape[1:]), 1 << max(0, B - 1).bit_length(),
+           tuple(kernel), tuple(stride), tuple(pads), tuple(dilation), groups, x.dtype,
+           torch.get_num_threads())
+    return _kernel_choice.pick(key, "grouped", {
+        "grouped": lambda: conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups),
+        "patches": lambda: _patch_weight(x, g, kernel, stride, pads, dilation, groups),
+    }, (x, g))
 
 
 def _grouped_ok(x: torch.Tensor) -> bool:
@@ -258,9 +287,11 @@ def conv_weight_grouped(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...
     of that grouped convolution, ``(B O, C / groups, kh, kw)``, is every example's own.
     On CPU in float32 mkldnn's backward-weights kernel does this without the patch copy
     of NOTE [per-example conv weight gradients]: on the MNIST CNN at batch 256 (1 thread,
-    busy 2-core machine, medians of 15) 3.5 vs 5.3 ms (conv1) and 3.5 vs 4.8 ms (conv2),
-    and 1.3-1.8x on CIFAR-sized 3x3 layers; float64 (no mkldnn) gains nothing, so the
-    patch matmul stays for float64 and other devices.
+    busy 2-core AMD machine, medians of 15) 3.5 vs 5.3 ms (conv1) and 3.5 vs 4.8 ms
+    (conv2), and 1.3-1.8x on CIFAR-sized 3x3 layers; float64 (no mkldnn) gains nothing, so
+    the patch matmul stays for float64 and other devices. On an Intel Xeon the patch
+    matmul is the faster one for many layers, so in float32 the two are measured per
+    layer: NOTE [measured kernel choice] in ``_kernel_choice``.
     """
     B, C = x.shape[:2]
     out_ch = g.shape[1]

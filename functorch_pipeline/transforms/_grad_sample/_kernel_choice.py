@@ -1,0 +1,123 @@
+"""Kernel choice by measurement: which of two ways of computing the same tensor is kept for
+a layer's geometry, timed once per process on the call's own inputs.
+
+# NOTE [measured kernel choice]
+On CPU in float32 a conv's per-example weight gradients have two kernels: mkldnn's grouped
+weight-gradient kernel with one group per example (NOTE [grouped weight gradients on CPU]
+in ``_rules``) and the patch matmul (NOTE [per-example conv weight gradients]). Which is
+faster depends on the machine and on the layer, by up to 3x either way. On the 2-core AMD
+EPYC machines earlier measurements were made on, the grouped kernel won on the layers
+timed (it became the only float32 kernel then). On a 2-core Intel Xeon (AVX-512), medians
+of 5 x 7 calls at 2 threads, patch time over grouped time (ad hoc grid, 24 layers, torch
+2.14.1):
+
+* 0.52 for the MNIST CNN's conv1 (1 -> 10, 5x5 on 28x28, batch 256: 1.41 against 2.68 ms),
+  0.81 for its conv2 (10 -> 20 on 12x12);
+* 0.32-0.36 for 64 -> 128 and 128 -> 128 3x3 layers on 8x8 (4.7 against 14.7 ms),
+  0.38-0.68 for 1-4 input channels at stride 1;
+* but 1.3-2.5 for every stride-2 layer, and for 8 -> 16 on 32x32, 16 -> 16 on 8x8,
+  32 -> 32 on 14x14 and 64 -> 64 on 16x16.
+
+No rule of shapes fits both machines, so :func:`pick` measures: the first time a geometry
+(``key``) is met, the candidates run alternately :data:`ROUNDS` times on the call's own
+inputs, and the default is kept unless another's fastest time is under :data:`MARGIN`
+times the default's. The choice holds for that geometry for the rest of the process.
+Every call of a geometry, the first included, returns the chosen kernel's own result, so a
+process gives the same bits on every call. The kernels sum in different orders: their
+results differ at float32 rounding (~1e-7 relative). A layer whose two kernels are within
+a few per cent of :data:`MARGIN` could be given the other kernel in another process;
+:func:`choices` lists what this process chose, and :func:`pin` fixes it (a resumed run
+that must be bit-identical to an interrupted one across processes can pin the
+interrupted run's choices). Inside ``torch.compile`` tracing, or with tensors a
+``torch.func`` transform wraps, the default runs without measuring.
+
+The per-sample MNIST CNN at batch 256 on the Intel machine (``/tmp`` A/B script,
+interleaved medians of 40): ``per_sample_grads`` went from 0.763x to 0.825x the batch
+gradient, and the DP step from 0.770x to 0.808x the non-private step, with both convs
+on the patch matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Mapping
+from typing import TypeVar
+
+import torch
+
+__all__ = ["MARGIN", "ROUNDS", "choices", "pick", "pin"]
+
+T = TypeVar("T")
+
+ROUNDS = 3  # timed runs of each candidate at a geometry's first call
+MARGIN = 0.9  # another kernel replaces the default only when this much faster
+_CHOSEN: dict[Hashable, str] = {}
+
+
+def choices() -> dict[Hashable, str]:
+    """The kernel kept per geometry in this process (a copy)."""
+    return dict(_CHOSEN)
+
+
+def pin(table: Mapping[Hashable, str] | None) -> None:
+    """Fix the kernels per geometry (from :func:`choices`, here or in an earlier process);
+    ``None`` forgets every choice, so the next call of each geometry measures again."""
+    if table is None:
+        _CHOSEN.clear()
+    else:
+        _CHOSEN.update(table)
+
+
+def _measurable(*tensors: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() != 0:  # fake tensors, functionalisation
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def pick(key: Hashable, default: str, candidates: Mapping[str, Callable[[], T]],
+         inputs: tuple[torch.Tensor, ...] = (),
+         clock: Callable[[], float] = time.perf_counter) -> T:
+    """Run the kernel kept for ``key``, measuring the candidates first if ``key`` is new.
+
+    Args:
+      key: the geometry (hashable): calls with equal keys run the same kernel.
+      default: the name of the kernel kept on a tie (and when measuring is not possible).
+      candidates: name -> a call computing the result; all give the same values.
+      inputs: the tensors the candidates read (measuring is skipped for traced or
+        transform-wrapped tensors).
+      clock: the timer (tests pass a fake one).
+
+    Returns:
+      The result of the kept kernel.
+
+    Example:
+      >>> pin(None)
+      >>> pick(("doc", 1), "a", {"a": lambda: 1, "b": lambda: 1})
+      1
+      >>> choices()[("doc", 1)] in ("a", "b")
+      True
+      >>> pin(None)
+    """
+    name = _CHOSEN.get(key)
+    if name is not None:
+        return candidates[name]()
+    if len(candidates) == 1 or not _measurable(*inputs):
+        return candidates[default]()
+    best = dict.fromkeys(candidates, math.inf)
+    results: dict[str, T] = {}
+    for _ in range(ROUNDS):
+        for n, f in candidates.items():
+            start = clock()
+            results[n] = f()
+            best[n] = min(best[n], clock() - start)
+    name = default
+    fastest = min(best, key=best.__getitem__)
+    if fastest != default and best[fastest] < MARGIN * best[default]:
+        name = fastest
+    _CHOSEN[key] = name
+    return results[name]

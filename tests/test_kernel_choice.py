@@ -1,0 +1,173 @@
+"""NOTE [measured kernel choice]: which per-example conv weight-gradient kernel runs in
+float32 on CPU is measured once per layer geometry. The chooser is tested with a fake
+clock; both kernels, pinned, against the float64 per-example loop; the first call's bits
+against later calls'."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import settings
+from per_example_reference import loop_grads
+from per_example_reference import params_of
+from torch import nn
+
+import functorch_pipeline as fp
+from functorch_pipeline.transforms._grad_sample import _kernel_choice
+from functorch_pipeline.transforms._grad_sample import _rules
+
+needs_mkldnn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="the grouped kernel needs mkldnn (float32 on CPU)")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """An empty table of choices for the test, the process's own restored after it."""
+    table: dict = {}
+    monkeypatch.setattr(_kernel_choice, "_CHOSEN", table)
+    return table
+
+
+class FakeClock:
+    """Each candidate's run takes the time given for it."""
+
+    def __init__(self, costs):
+        self.costs, self.now, self.runs = costs, 0.0, {}
+
+    def __call__(self):
+        return self.now
+
+    def wrap(self, name, value):
+        def run():
+            self.now += self.costs[name]
+            self.runs[name] = self.runs.get(name, 0) + 1
+            return value
+        return run
+
+
+@pytest.mark.parametrize("costs, kept", [
+    ({"grouped": 1.0, "patches": 0.5}, "patches"),   # clearly faster: taken
+    ({"grouped": 1.0, "patches": 0.95}, "grouped"),  # within the margin: the default stays
+    ({"grouped": 0.5, "patches": 1.0}, "grouped"),
+])
+def test_pick_keeps_the_faster_beyond_the_margin_and_measures_once(fresh, costs, kept):
+    clock = FakeClock(costs)
+    cands = {n: clock.wrap(n, n) for n in costs}
+    assert _kernel_choice.pick("k", "grouped", cands, clock=clock) == kept
+    assert clock.runs == {n: _kernel_choice.ROUNDS for n in costs}
+    assert fresh == {"k": kept}
+    # later calls run the kept kernel alone, without measuring
+    assert _kernel_choice.pick("k", "grouped", cands, clock=clock) == kept
+    assert clock.runs[kept] == _kernel_choice.ROUNDS + 1
+    assert sum(clock.runs.values()) == 2 * _kernel_choice.ROUNDS + 1
+
+
+def test_pick_runs_the_default_unmeasured_for_transform_wrapped_tensors(fresh):
+    seen = []
+
+    def f(x):
+        return _kernel_choice.pick("w", "grouped", {
+            "grouped": lambda: seen.append("grouped") or x * 2,
+            "patches": lambda: seen.append("patches") or x * 2}, (x,))
+
+    out = torch.func.vmap(f)(torch.ones(3, 2))
+    assert torch.equal(out, torch.full((3, 2), 2.0))
+    assert seen == ["grouped"] and fresh == {}
+
+
+def test_pin_and_choices(fresh):
+    _kernel_choice.pin({"a": "patches"})
+    assert _kernel_choice.choices() == {"a": "patches"}
+    assert _kernel_choice.pick("a", "grouped", {"grouped": lambda: 1, "patches": lambda: 2}) == 2
+    _kernel_choice.pin(None)
+    assert _kernel_choice.choices() == {}
+
+
+geometries = st.tuples(
+    st.sampled_from([1, 2, 3, 8]),        # input channels (per group)
+    st.sampled_from([1, 2]),              # groups
+    st.integers(1, 3),                    # output channels per group
+    st.sampled_from([1, 3, 5]),           # kernel
+    st.sampled_from([1, 2]),              # stride
+    st.sampled_from([0, 1, "same"]),      # padding
+    st.sampled_from([1, 2]),              # dilation
+    st.booleans(),                        # conv1d
+    st.integers(1, 5),                    # batch
+)
+
+
+@needs_mkldnn
+@settings(max_examples=40, deadline=None)
+@given(geometries, st.sampled_from(["grouped", "patches"]))
+def test_each_kernel_pinned_matches_the_float64_loop(geometry, kernel):
+    cin, groups, cout, k, stride, padding, dilation, one_d, batch = geometry
+    if padding == "same" and stride != 1:
+        padding = 1
+    conv = nn.Conv1d if one_d else nn.Conv2d
+    torch.manual_seed(0)
+    m = conv(cin * groups, cout * groups, k, stride=stride, padding=padding, dilation=dilation,
+             groups=groups).float()
+    side = 2 * dilation * (k - 1) + 5
+    x = torch.randn(batch, cin * groups, *((side,) if one_d else (side, side)), dtype=torch.float32)
+
+    def loss(p, xb):
+        out = torch.func.functional_call(m, p, (xb,))
+        return (out ** 2 * torch.linspace(0.5, 2.0, out[0].numel()).reshape(out[0].shape)).flatten(1).sum(1)
+
+    old = _kernel_choice._CHOSEN
+    try:
+        _kernel_choice._CHOSEN = _Always(kernel)  # every geometry runs `kernel`
+        got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+        norms = fp.per_sample_grad_norms(loss, method="ghost")(params_of(m), x)
+    finally:
+        _kernel_choice._CHOSEN = old
+    m64 = m.double()
+    want = loop_grads(loss, params_of(m64), x.double())
+    for key in want:
+        scale = want[key].abs().max().clamp_min(1e-12)
+        assert float((got[key].double() - want[key]).abs().max() / scale) < 1e-5, key
+    want_norms = torch.cat([w.flatten(1) for w in want.values()], 1).norm(dim=1)
+    torch.testing.assert_close(norms.double(), want_norms, rtol=1e-5, atol=1e-6)
+
+
+class _Always(dict):
+    """A choice table that answers ``kernel`` for every geometry."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def get(self, key, default=None):
+        return self.kernel
+
+
+@needs_mkldnn
+def test_the_first_call_returns_the_kept_kernels_own_bits(fresh):
+    """The measuring call returns the kept kernel's result, so the first call of a
+    geometry and every later one agree bit for bit, whichever kernel was kept."""
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 8, 3, padding=1).float()
+    x = torch.randn(16, 3, 12, 12, dtype=torch.float32)
+
+    def loss(p, xb):
+        return torch.func.functional_call(m, p, (xb,)).square().flatten(1).sum(1)
+
+    first = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    assert len(fresh) == 1 and next(iter(fresh.values())) in ("grouped", "patches")
+    again = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+
+
+@needs_mkldnn
+def test_per_example_weight_shape_and_geometry_key(fresh):
+    x, g = torch.randn(5, 2, 7, 7), torch.randn(5, 4, 5, 5)
+    out = _rules.conv_weight_per_example(x.float(), g.float(), (3, 3), (1, 1), [0, 0, 0, 0], (1, 1), 1)
+    assert out.shape == (5, 4, 2, 3, 3)
+    (key, kept), = fresh.items()
+    assert key[3] == 8  # batches of 5-8 share a geometry's choice
+    want = torch.einsum("bohw,bcijhw->bocij", g.double(),
+                        x.double().unfold(2, 3, 1).unfold(3, 3, 1).permute(0, 1, 4, 5, 2, 3))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
