@@ -77,12 +77,26 @@ def test_pick_runs_the_default_unmeasured_for_transform_wrapped_tensors(fresh):
     assert seen == ["grouped"] and fresh == {}
 
 
-def test_pin_and_choices(fresh):
-    _kernel_choice.pin({"a": "patches"})
-    assert _kernel_choice.choices() == {"a": "patches"}
+def test_kernel_choices_round_trip_and_reset(fresh):
+    fp.transforms.set_kernel_choices({"a": "patches"})
+    assert fp.transforms.kernel_choices() == {"a": "patches"}
     assert _kernel_choice.pick("a", "grouped", {"grouped": lambda: 1, "patches": lambda: 2}) == 2
-    _kernel_choice.pin(None)
-    assert _kernel_choice.choices() == {}
+    table = fp.transforms.kernel_choices()
+    table["b"] = "grouped"  # a copy: the process's table is unchanged
+    assert fp.transforms.kernel_choices() == {"a": "patches"}
+    fp.transforms.set_kernel_choices(None)
+    assert fp.transforms.kernel_choices() == {}
+
+
+@pytest.mark.parametrize("table, error, match", [
+    ({"ok": "grouped", "a": "fast"}, ValueError, r"table\['a'\] must be one of \('grouped', 'patches'\), got 'fast'"),
+    ({1: "grouped"}, TypeError, "keys are geometry descriptions"),
+    ([("a", "grouped")], TypeError, "must be a mapping"),
+])
+def test_set_kernel_choices_refuses_bad_tables(fresh, table, error, match):
+    with pytest.raises(error, match=match):
+        fp.transforms.set_kernel_choices(table)
+    assert fp.transforms.kernel_choices() == {}  # nothing half-applied
 
 
 geometries = st.tuples(
@@ -167,7 +181,8 @@ def test_per_example_weight_shape_and_geometry_key(fresh):
     out = _rules.conv_weight_per_example(x.float(), g.float(), (3, 3), (1, 1), [0, 0, 0, 0], (1, 1), 1)
     assert out.shape == (5, 4, 2, 3, 3)
     (key, kept), = fresh.items()
-    assert key[3] == 8  # batches of 5-8 share a geometry's choice
+    assert key.startswith("conv2d weight gradients: batch <= 8,")  # batches of 5-8 share it
+    assert kept in _kernel_choice.KERNELS
     want = torch.einsum("bohw,bcijhw->bocij", g.double(),
                         x.double().unfold(2, 3, 1).unfold(3, 3, 1).permute(0, 1, 4, 5, 2, 3))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

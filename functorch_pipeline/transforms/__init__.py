@@ -26,6 +26,8 @@ from functorch_pipeline.transforms._custom_jvp import custom_jvp
 from functorch_pipeline.transforms._custom_vjp import custom_vjp
 from functorch_pipeline.transforms._eval_shape import ShapeDtypeStruct
 from functorch_pipeline.transforms._eval_shape import eval_shape
+from functorch_pipeline.transforms._grad_sample._kernel_choice import kernel_choices
+from functorch_pipeline.transforms._grad_sample._kernel_choice import set_kernel_choices
 from functorch_pipeline.transforms._jit import jit
 from functorch_pipeline.transforms._per_sample import per_sample_grads
 from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
@@ -49,6 +51,7 @@ __all__ = [
     "jacrev",
     "jit",
     "jvp",
+    "kernel_choices",
     "linear_transpose",
     "linearize",
     "per_sample_grad_norms",
@@ -56,6 +59,7 @@ __all__ = [
     "per_sample_value_and_grad",
     "remat",
     "scan",
+    "set_kernel_choices",
     "stop_gradient",
     "switch",
     "value_and_grad",

@@ -26,9 +26,9 @@ Every call of a geometry, the first included, returns the chosen kernel's own re
 process gives the same bits on every call. The kernels sum in different orders: their
 results differ at float32 rounding (~1e-7 relative). A layer whose two kernels are within
 a few per cent of :data:`MARGIN` could be given the other kernel in another process;
-:func:`choices` lists what this process chose, and :func:`pin` fixes it (a resumed run
-that must be bit-identical to an interrupted one across processes can pin the
-interrupted run's choices). Inside ``torch.compile`` tracing, or with tensors a
+``fp.transforms.kernel_choices()`` lists what this process chose, and
+``fp.transforms.set_kernel_choices`` fixes it (a resumed run that must be bit-identical to
+an interrupted one across processes passes it the interrupted run's choices). Inside ``torch.compile`` tracing, or with tensors a
 ``torch.func`` transform wraps, the default runs without measuring.
 
 The per-sample MNIST CNN at batch 256 on the Intel machine (``/tmp`` A/B script,
@@ -42,33 +42,84 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from collections.abc import Hashable
 from collections.abc import Mapping
 from typing import TypeVar
 
 import torch
 
-__all__ = ["MARGIN", "ROUNDS", "choices", "pick", "pin"]
+__all__ = ["KERNELS", "MARGIN", "ROUNDS", "kernel_choices", "pick", "set_kernel_choices"]
 
 T = TypeVar("T")
 
 ROUNDS = 3  # timed runs of each candidate at a geometry's first call
 MARGIN = 0.9  # another kernel replaces the default only when this much faster
-_CHOSEN: dict[Hashable, str] = {}
+KERNELS = ("grouped", "patches")  # the names a choice may take
+_CHOSEN: dict[str, str] = {}
 
 
-def choices() -> dict[Hashable, str]:
-    """The kernel kept per geometry in this process (a copy)."""
+def kernel_choices() -> dict[str, str]:
+    """The kernel this process chose for each layer geometry it has met.
+
+    Per-example conv weight gradients in float32 on CPU (``per_sample_grads``,
+    ``clipped_grad``, ``DPTrainer``) have two kernels, mkldnn's grouped kernel
+    (``"grouped"``) and a patch matmul (``"patches"``), and which is faster depends on the
+    machine and the layer, by up to 3x either way. The first time a geometry runs, both are
+    timed on its inputs (three runs each) and the default, ``"grouped"``, is kept unless the
+    other is at least 10% faster; the choice then holds for the rest of the process.
+
+    Returns:
+      A new dict from a geometry's description (batch-size bucket, shapes, kernel,
+      stride, padding, dilation, groups, dtype, threads) to ``"grouped"`` or
+      ``"patches"``; JSON-serialisable, for :func:`set_kernel_choices` in another process.
+
+    Example:
+      >>> import json
+      >>> import functorch_pipeline as fp
+      >>> table = fp.transforms.kernel_choices()
+      >>> json.loads(json.dumps(table)) == table
+      True
+    """
     return dict(_CHOSEN)
 
 
-def pin(table: Mapping[Hashable, str] | None) -> None:
-    """Fix the kernels per geometry (from :func:`choices`, here or in an earlier process);
-    ``None`` forgets every choice, so the next call of each geometry measures again."""
+def set_kernel_choices(table: Mapping[str, str] | None) -> None:
+    """Fix the kernel for layer geometries, so that a process runs what another chose.
+
+    The two kernels sum in different orders, so their float32 results differ in the last
+    bits; a run resumed in a new process is bit-identical to an uninterrupted one when it
+    runs the same kernels. Save :func:`kernel_choices` beside the checkpoint and pass it
+    here before resuming. Geometries not in ``table`` are still measured when first met.
+
+    Args:
+      table: from :func:`kernel_choices`; ``None`` forgets every choice (each geometry is
+        measured again when next met).
+
+    Returns:
+      None.
+
+    Raises:
+      TypeError: ``table`` is not a mapping of str to str.
+      ValueError: a choice that is not ``"grouped"`` or ``"patches"``.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> saved = fp.transforms.kernel_choices()
+      >>> fp.transforms.set_kernel_choices(saved)
+      >>> fp.transforms.kernel_choices() == saved
+      True
+    """
+    fn = "set_kernel_choices(table)"
     if table is None:
         _CHOSEN.clear()
-    else:
-        _CHOSEN.update(table)
+        return
+    if not isinstance(table, Mapping):
+        raise TypeError(f"{fn}: `table` must be a mapping from kernel_choices(), got {type(table).__name__}")
+    for key, name in table.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{fn}: keys are geometry descriptions (str), got {key!r}")
+        if name not in KERNELS:
+            raise ValueError(f"{fn}: table[{key!r}] must be one of {KERNELS}, got {name!r}")
+    _CHOSEN.update(table)
 
 
 def _measurable(*tensors: torch.Tensor) -> bool:
@@ -79,13 +130,13 @@ def _measurable(*tensors: torch.Tensor) -> bool:
     return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def pick(key: Hashable, default: str, candidates: Mapping[str, Callable[[], T]],
+def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
          inputs: tuple[torch.Tensor, ...] = (),
          clock: Callable[[], float] = time.perf_counter) -> T:
     """Run the kernel kept for ``key``, measuring the candidates first if ``key`` is new.
 
     Args:
-      key: the geometry (hashable): calls with equal keys run the same kernel.
+      key: the geometry's description: calls with equal keys run the same kernel.
       default: the name of the kernel kept on a tie (and when measuring is not possible).
       candidates: name -> a call computing the result; all give the same values.
       inputs: the tensors the candidates read (measuring is skipped for traced or
@@ -96,12 +147,10 @@ def pick(key: Hashable, default: str, candidates: Mapping[str, Callable[[], T]],
       The result of the kept kernel.
 
     Example:
-      >>> pin(None)
-      >>> pick(("doc", 1), "a", {"a": lambda: 1, "b": lambda: 1})
+      >>> pick("doc: a tie", "a", {"a": lambda: 1, "b": lambda: 1})
       1
-      >>> choices()[("doc", 1)] in ("a", "b")
+      >>> kernel_choices()["doc: a tie"] in ("a", "b")
       True
-      >>> pin(None)
     """
     name = _CHOSEN.get(key)
     if name is not None:

@@ -196,9 +196,10 @@ def conv_weight_per_example(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int,
     B = x.shape[0]
     if B == 0:  # an empty (Poisson) batch: nothing to measure
         return conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups)
-    key = ("conv_weight", tuple(x.shape[1:]), tuple(g.shape[1:]), 1 << max(0, B - 1).bit_length(),
-           tuple(kernel), tuple(stride), tuple(pads), tuple(dilation), groups, x.dtype,
-           torch.get_num_threads())
+    key = (f"conv2d weight gradients: batch <= {1 << (B - 1).bit_length()}, input "
+           f"{tuple(x.shape[1:])}, output {tuple(g.shape[1:])}, kernel {tuple(kernel)}, stride "
+           f"{tuple(stride)}, pads {tuple(pads)}, dilation {tuple(dilation)}, groups {groups}, "
+           f"{x.dtype}, {torch.get_num_threads()} threads")
     return _kernel_choice.pick(key, "grouped", {
         "grouped": lambda: conv_weight_grouped(x, g, kernel, stride, pads, dilation, groups),
         "patches": lambda: _patch_weight(x, g, kernel, stride, pads, dilation, groups),
