@@ -11,8 +11,8 @@ RDP-to-epsilon conversion. Today's RDP gives about 0.92 for that run and PLD les
 
 Every epoch prints epsilon by RDP and by PLD; --out-dir gets metrics.jsonl (one line per
 epoch), summary.json and accuracy_vs_epsilon.png. The state (parameters, optimizer and
-noise state, step, key, accountant) is checkpointed at each epoch end; --resume continues
-exactly.
+noise state, step, key, accountant) is checkpointed at each epoch end, with the per-example
+conv kernels the run measured (kernel_choices.json); --resume continues exactly.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ from common import progress  # noqa: E402
 from common import run_main  # noqa: E402
 
 INIT_STREAM, DATA_STREAM = 1, 2
+# the per-example conv kernels this run measured (fp.transforms.kernel_choices): a resumed
+# run in a new process runs the same ones, so it stays bit-identical
+KERNEL_CHOICES = "kernel_choices.json"
 
 
 class SampleConvNet(nn.Module):
@@ -184,9 +187,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = fp.tree.to(model.init(fp.random.fold_in(key, INIT_STREAM), train[0][:1])["params"],
                         device)
     state = trainer.init(params, key, accountant="rdp")
+    choices = os.path.join(args.out_dir, KERNEL_CHOICES)
     if args.resume:
         state = files.manager.restore(device=device)
         print(f"resumed from step {int(state.step)} ({files.manager.latest()})")
+        if os.path.exists(choices):  # the kernels the interrupted run measured: same bits
+            with open(choices) as f:
+                fp.transforms.set_kernel_choices(json.load(f))
 
     title = (f"DP-SGD MNIST: sigma {sigma:.3g}, C {args.max_grad_norm}, q {q}, "
              f"{args.optimizer} lr {args.lr}")
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **eps, "epoch_time_s": round(epoch_time, 2),
         }
         files.manager.save(steps, state)
+        with open(choices, "w") as f:
+            json.dump(fp.transforms.kernel_choices(), f, indent=1)
         append_jsonl(files.metrics, record)
         rows.append(record)
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test accuracy "

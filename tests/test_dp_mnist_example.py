@@ -67,6 +67,30 @@ def test_resume_is_exact(data_root, tmp_path):
     assert resumed["test_accuracy"] == straight["test_accuracy"]
 
 
+def test_resume_runs_the_kernels_the_interrupted_run_measured(data_root, tmp_path):
+    """A resumed run in a new process measures afresh and may pick the other conv kernel
+    (NOTE [measured kernel choice]), whose float32 sums differ in the last bits: the
+    checkpoint folder keeps the interrupted run's choices and --resume sets them."""
+    before = fp.transforms.kernel_choices()
+    try:
+        out = tmp_path / "run"
+        dp_mnist.main(_flags(data_root, out, "--epochs", "1", "--no-plot"))
+        with open(out / "kernel_choices.json") as f:
+            saved = json.load(f)
+        assert saved and saved == fp.transforms.kernel_choices()
+        # as a new process that would measure the other kernel for every geometry
+        flipped = {k: "patches" if v == "grouped" else "grouped" for k, v in saved.items()}
+        fp.transforms.set_kernel_choices(flipped)
+        with open(out / "kernel_choices.json", "w") as f:  # the interrupted run's, as saved
+            json.dump(saved, f)
+        dp_mnist.main(_flags(data_root, out, "--epochs", "2", "--no-plot", "--resume"))
+        now = fp.transforms.kernel_choices()
+        assert {k: now[k] for k in saved} == saved
+    finally:
+        fp.transforms.set_kernel_choices(None)
+        fp.transforms.set_kernel_choices(before)
+
+
 def test_calibrated_sigma_meets_the_target(data_root, tmp_path):
     summary = dp_mnist.main(_flags(data_root, tmp_path, "--epochs", "1", "--no-plot",
                                    "--target-epsilon", "1.0"))
