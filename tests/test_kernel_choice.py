@@ -56,12 +56,14 @@ def test_pick_keeps_the_faster_beyond_the_margin_and_measures_once(fresh, costs,
     clock = FakeClock(costs)
     cands = {n: clock.wrap(n, n) for n in costs}
     assert _kernel_choice.pick("k", "grouped", cands, clock=clock) == kept
-    assert clock.runs == {n: _kernel_choice.ROUNDS for n in costs}
+    rounds = _kernel_choice.ROUNDS
+    # each measured ROUNDS times, then the kept one run for the result
+    assert clock.runs == {n: rounds + (n == kept) for n in costs}
     assert fresh == {"k": kept}
     # later calls run the kept kernel alone, without measuring
     assert _kernel_choice.pick("k", "grouped", cands, clock=clock) == kept
-    assert clock.runs[kept] == _kernel_choice.ROUNDS + 1
-    assert sum(clock.runs.values()) == 2 * _kernel_choice.ROUNDS + 1
+    assert clock.runs[kept] == rounds + 2
+    assert sum(clock.runs.values()) == 2 * rounds + 2
 
 
 def test_pick_runs_the_default_unmeasured_for_transform_wrapped_tensors(fresh):
@@ -186,3 +188,23 @@ def test_per_example_weight_shape_and_geometry_key(fresh):
     want = torch.einsum("bohw,bcijhw->bocij", g.double(),
                         x.double().unfold(2, 3, 1).unfold(3, 3, 1).permute(0, 1, 4, 5, 2, 3))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_measuring_holds_one_result_at_a_time(fresh):
+    """The measuring call frees each timed result before the next run, so its peak memory
+    is one call's (per-example conv gradients can be hundreds of MB)."""
+    import gc
+    import weakref
+
+    made, alive_at_start = [], []
+
+    def run():
+        gc.collect()
+        alive_at_start.append(sum(r() is not None for r in made))
+        t = torch.zeros(4)
+        made.append(weakref.ref(t))
+        return t
+
+    out = _kernel_choice.pick("mem", "grouped", {"grouped": run, "patches": run})
+    assert alive_at_start == [0] * (2 * _kernel_choice.ROUNDS + 1)
+    assert made[-1]() is out

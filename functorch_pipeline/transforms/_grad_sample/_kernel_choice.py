@@ -22,8 +22,9 @@ No rule of shapes fits both machines, so :func:`pick` measures: the first time a
 (``key``) is met, the candidates run alternately :data:`ROUNDS` times on the call's own
 inputs, and the default is kept unless another's fastest time is under :data:`MARGIN`
 times the default's. The choice holds for that geometry for the rest of the process.
-Every call of a geometry, the first included, returns the chosen kernel's own result, so a
-process gives the same bits on every call. The kernels sum in different orders: their
+Every call of a geometry, the first included, returns the chosen kernel's own result (the
+measuring call runs it once more after deciding, and holds one result at a time, so its
+peak memory is that of one call), so a process gives the same bits on every call. The kernels sum in different orders: their
 results differ at float32 rounding (~1e-7 relative). A layer whose two kernels are within
 a few per cent of :data:`MARGIN` could be given the other kernel in another process;
 ``fp.transforms.kernel_choices()`` lists what this process chose, and
@@ -158,15 +159,15 @@ def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
     if len(candidates) == 1 or not _measurable(*inputs):
         return candidates[default]()
     best = dict.fromkeys(candidates, math.inf)
-    results: dict[str, T] = {}
     for _ in range(ROUNDS):
         for n, f in candidates.items():
             start = clock()
-            results[n] = f()
+            out = f()
             best[n] = min(best[n], clock() - start)
+            del out  # one result alive at a time: the measuring call's peak memory is a call's
     name = default
     fastest = min(best, key=best.__getitem__)
     if fastest != default and best[fastest] < MARGIN * best[default]:
         name = fastest
     _CHOSEN[key] = name
-    return results[name]
+    return candidates[name]()
