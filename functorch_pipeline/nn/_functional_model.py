@@ -57,6 +57,8 @@ from functorch_pipeline.nn._normalization import instancenorm_error
 from functorch_pipeline.nn._normalization import running_instancenorm_paths
 from functorch_pipeline.nn._normalization import vmap_levels
 from functorch_pipeline.nn._randomness import KeyedRandomness
+from functorch_pipeline.nn._unbound import Binding
+from functorch_pipeline.nn._unbound import guard_template
 
 __all__ = ["FunctionalModel", "functionalize"]
 
@@ -131,6 +133,7 @@ class FunctionalModel:
         random_layers = [n or "<root>" for n, m in module.named_modules() if isinstance(m, _RANDOM_LAYERS)]
         self._no_key_hint = f" (random layers: {', '.join(f'`{n}`' for n in random_layers)})" if random_layers else ""
         self._templates: dict[bool, nn.Module] | None = None
+        self._binding = Binding()  # NOTE [modules run after apply returns]
         self._shapes: dict[str, dict[str, torch.Size]] | None = None
         if not has_lazy(module):
             self._set_templates(module)
@@ -138,6 +141,8 @@ class FunctionalModel:
     # ------------------------------------------------------------------ templates
     def _set_templates(self, materialised: nn.Module) -> None:
         self._templates = {t: copy_module(materialised, meta=True).train(t) for t in (True, False)}
+        for template in self._templates.values():
+            guard_template(template, self._binding)
         self._shapes = {
             "params": {n: p.shape for n, p in materialised.named_parameters()},
             "buffers": {n: b.shape for n, b in materialised.named_buffers()},
@@ -452,11 +457,16 @@ class FunctionalModel:
         assert self._templates is not None
         template = self._templates[bool(train)]
         tensors = {**params, **buffers}
-        if train or key is not None:
-            with KeyedRandomness(key, fn, self._no_key_hint):
+        self._binding.depth += 1  # NOTE [modules run after apply returns]
+        try:
+            if train or key is not None:
+                with KeyedRandomness(key, fn, self._no_key_hint):
+                    out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True,
+                                                     strict=False)
+            else:
                 out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=False)
-        else:
-            out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=False)
+        finally:
+            self._binding.depth -= 1
         return (out, buffers) if train else out
 
     # ------------------------------------------------------------------ state_dict interop

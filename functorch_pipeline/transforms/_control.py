@@ -162,9 +162,12 @@ def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
     """Rematerialise ``f`` (``jax.checkpoint``): its activations are not stored for the
     backward pass but recomputed, trading compute for memory.
 
-    Unlike ``torch.utils.checkpoint`` (whose saved-tensor hooks ``torch.func.grad``
-    rejects), this works under ``fp.grad``, ``fp.vmap`` and ``loss.backward()``. ``f``
-    must be deterministic (no global-RNG draws; pass an ``fp.random`` key instead).
+    Unlike ``torch.utils.checkpoint`` (whose saved-tensor hooks ``vmap`` rejects, and
+    whose recompute runs after ``apply`` has returned, so it cannot run inside a
+    functionalized module), this works under ``fp.grad``, ``fp.vmap`` and
+    ``loss.backward()``, and around ``apply`` itself:
+    ``checkpoint(lambda v, x: model.apply(v, x))``. ``f`` must be deterministic (no
+    global-RNG draws; pass an ``fp.random`` key instead).
 
     Args:
       f: a deterministic function of tensors/pytrees.

@@ -1069,7 +1069,7 @@ class Engine:
                 "parameters back: the recompute reads those, not the ones passed, so no method "
                 "can give per-example gradients through it (vmap refuses its saved-tensor "
                 "hooks). Turn checkpointing off for this call (Hugging Face: "
-                "model.gradient_checkpointing_disable()). PyTorch's error: "
+                "model.gradient_checkpointing_disable()). The error: "
                 f"{str(e).splitlines()[0]}") from None
         with torch.no_grad():
             for use, g in zip(self.uses, grads, strict=True):
