@@ -423,3 +423,122 @@ def test_dropout_in_training_mode_on_flattened_rows_takes_hooks():
     want = fp.grad(lambda p, x: losses(p, x).sum())(params, x)
     for k in want:
         torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)
+
+
+class _ReplayedDropout(torch.nn.Module):
+    """Dropout that keeps the masks it draws, or multiplies by ``replay`` when set: the
+    loop over examples replays each example's rows of the batch's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[torch.Tensor] = []
+        self.replay: torch.Tensor | None = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.replay is not None:
+            return z * self.replay
+        mask = (torch.rand_like(z) > 0.3).to(z.dtype) / 0.7
+        self.masks.append(mask)
+        return z * mask
+
+
+class _OPTFeedForward(torch.nn.Module):
+    """OPT's feed-forward block: tokens flattened to rows, ``fc2(dropout(relu(fc1(.))))``,
+    then viewed back and added to the residual."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, 3 * d), torch.nn.Linear(3 * d, d)
+        self.drop, self.head, self.d = _ReplayedDropout(), torch.nn.Linear(d, 2), d
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(self.drop(F.relu(self.fc1(h.reshape(-1, self.d)))))
+        return self.head(z.view(h.shape) + h).sum(1)
+
+
+@pytest.mark.parametrize("batch, length", [(3, 5), (2, 2), (4, 1)])
+def test_dropout_between_two_layers_on_flattened_rows_matches_the_loop(batch, length):
+    """NOTE [rows kept through elementwise ops]: ``fc2`` reads ``dropout(relu(fc1(rows)))``,
+    fresh rows that only a padded run could place, and dropout defeats it (hooks and ghost
+    refused, ``auto``'s ``vmap`` cannot draw random numbers). The rows are ``fc1``'s, kept
+    through two elementwise ops: one forward, one mask, and each example's gradient with
+    its own rows of that mask equals the loop's."""
+    torch.manual_seed(0)
+    model = _OPTFeedForward().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,)).pow(2).sum(1)
+
+    x = torch.randn(batch, length, 4)
+    runs = {"hooks": lambda: fp.per_sample_grads(losses, method="hooks")(params, x),
+            "auto": lambda: fp.per_sample_grads(losses)(params, x),
+            "ghost": lambda: fp.per_sample_grad_norms(losses, method="ghost")(params, x),
+            "clipped": lambda: fp.clipped_grad(losses, 0.5, method="ghost")(params, x)}
+    for name, run in runs.items():
+        model.drop.masks.clear()
+        got = run()
+        assert len(model.drop.masks) == 1, name  # no padded run
+        mask = model.drop.masks[0]
+        try:
+            per = []
+            for i in range(batch):
+                model.drop.replay = mask[i * length:(i + 1) * length]
+                per.append(loop_grads(losses, params, x[i:i + 1]))
+        finally:
+            model.drop.replay = None
+        want = {k: torch.cat([r[k] for r in per]) for k in params}
+        norms = torch.cat([w.flatten(1) for w in want.values()], 1).norm(dim=1)
+        if name == "ghost":
+            torch.testing.assert_close(got, norms, rtol=1e-10, atol=1e-12)
+        elif name == "clipped":
+            grads, got_norms = got
+            scale = (0.5 / norms).clamp(max=1.0)
+            for k in want:
+                torch.testing.assert_close(
+                    grads[k], (want[k] * scale.reshape(-1, *[1] * (want[k].dim() - 1))).sum(0),
+                    rtol=1e-10, atol=1e-12)
+        else:
+            assert all(close(got[k], want[k]) for k in want), name
+
+
+def test_rows_are_not_kept_through_a_second_input_with_a_graph():
+    """A residual sum of two activations ends the walk (either could be anything): the
+    padded run decides, as before, and the numbers are the loop's."""
+    g = torch.Generator().manual_seed(5)
+    params = {"w1": torch.randn(6, 4, generator=g), "w2": torch.randn(6, 6, generator=g),
+              "w3": torch.randn(2, 6, generator=g)}
+    forwards = []
+
+    def losses(p, x):
+        forwards.append(x.shape[0])
+        z = F.linear(x.reshape(-1, 4), p["w1"])
+        z = F.gelu(z) + torch.tanh(z)  # two inputs with a graph
+        z = F.linear(z, p["w2"]) * 0.5  # its input needs the padded run
+        return F.linear(z, p["w3"]).reshape(x.shape[0], -1).pow(2).sum(1)
+
+    x = torch.randn(3, 2, 4, generator=g)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x)
+    assert len(forwards) == 2 and forwards[1] > 3  # the batch ran again, padded
+    want = loop_grads(losses, params, x)
+    assert all(close(got[k], want[k]) for k in want)
+
+
+def test_rows_are_kept_through_a_chain_of_elementwise_ops_with_one_forward():
+    g = torch.Generator().manual_seed(6)
+    params = {"w1": torch.randn(5, 4, generator=g), "b1": torch.randn(5, generator=g),
+              "w2": torch.randn(3, 5, generator=g)}
+    scale = torch.rand(5, generator=g) + 0.5  # a constant broadcast over the rows
+    forwards = []
+
+    def losses(p, x):
+        forwards.append(x.shape[0])
+        z = F.linear(x.reshape(-1, 4), p["w1"], p["b1"])
+        z = (torch.tanh(F.gelu(z)) * scale - 0.25).clamp(min=-0.5).exp()
+        return F.linear(z, p["w2"]).reshape(x.shape[0], -1).pow(2).sum(1)
+
+    x = torch.randn(4, 3, 4, generator=g)
+    got = fp.per_sample_grads(losses, method="hooks")(params, x)
+    assert forwards == [4]  # no padded run
+    want = loop_grads(losses, params, x)
+    assert all(close(got[k], want[k]) for k in want)

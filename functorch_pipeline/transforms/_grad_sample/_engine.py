@@ -52,6 +52,18 @@ from functorch_pipeline import tree as _tree
 __all__ = ["Ambiguous", "Engine", "StaleTracked", "Unsupported"]
 
 
+# NOTE [rows kept through elementwise ops]: autograd nodes of elementwise ops (row r of the
+# output reads row r of the one input with a graph), and how many the walk passes.
+_ELEMENTWISE_NODES = frozenset(f"{name}Backward{v}" for name, vs in (
+    ("Relu", "0"), ("Gelu", "0"), ("Silu", "0"), ("Tanh", "0"), ("Sigmoid", "0"), ("Mish", "0"),
+    ("Elu", "0"), ("LeakyRelu", "0"), ("Hardtanh", "0"), ("Hardswish", "0"), ("Hardsigmoid", "0"),
+    ("Softplus", "0"), ("Threshold", "0"), ("NativeDropout", "0"), ("Mul", "01"), ("Div", "01"),
+    ("Add", "01"), ("Sub", "01"), ("Neg", "0"), ("Exp", "0"), ("Pow", "0"), ("Sqrt", "0"),
+    ("Clamp", "01"), ("ClampMin", "0"), ("ClampMax", "0"), ("ToCopy", "0"), ("Clone", "0"),
+    ("Abs", "0"), ("Erf", "0"), ("Where", "0"),
+) for v in vs)
+_KEEP_WALK = 16
+
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
     """A differentiated parameter is used in a way the engine has no exact rule for."""
 
@@ -343,6 +355,10 @@ class Engine:
         self.objects: dict[int, _Tracked] = {}
         self.aliased: set[int] = set()
         self.views: dict[int, tuple[int, Any, tuple[Any, ...], dict[str, Any]]] = {}
+        # NOTE [rows kept through elementwise ops]: the last input check's proof of merged
+        # rows (m, input), and the autograd nodes of rule outputs with such rows -> shape.
+        self._proof: tuple[int, torch.Tensor] | None = None
+        self.merged_rows: dict[Any, torch.Size] = {}
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -351,6 +367,8 @@ class Engine:
         self.uses.clear()
         self.objects.clear()  # the run's tracked objects: a kept one must not keep them all
         self.views.clear()
+        self.merged_rows.clear()
+        self._proof = None
 
     def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
         """Raise for a tracked tensor of this closed engine used with gradients on.
@@ -802,6 +820,7 @@ class Engine:
         """
         B = self.batch_size
         ambiguous = False
+        self._proof = None
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
@@ -831,7 +850,8 @@ class Engine:
             m = x.shape[0] // B  # NOTE [examples merged into axis 0]
             if B == 1 and self.real is None:
                 return 0  # one example: every row is its own, whatever the layout
-            if self._merges_examples(x, op, slots):
+            if self._merges_examples(x, op, slots) or self._keeps_rows(x):
+                self._proof = (m, x)
                 return 0
             if self.real is None:
                 raise Ambiguous(
@@ -839,6 +859,7 @@ class Engine:
                     f"first axis is {m} times the batch size {B}: it may hold {m} rows per "
                     "example, which only a padded batch can show")
             if self.padding_rows_repeat(x, m):
+                self._proof = (m, x)
                 return 0
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose first "
@@ -860,6 +881,41 @@ class Engine:
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
+
+    def _keeps_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` was computed by elementwise ops alone from the output of a rule
+        whose input had ``m`` rows per example, and has that output's shape.
+
+        # NOTE [rows kept through elementwise ops]
+        A position-wise rule on merged rows (NOTE [examples merged into axis 0]) gives an
+        output whose row ``r`` is computed from its input's row ``r``, so it has ``m`` rows
+        per example too; :meth:`record` notes its autograd node and shape. An elementwise
+        op keeps that: its row ``r`` reads row ``r`` of its one input that has a graph
+        (other inputs, a dropout mask or a constant, are broadcast to it). So when ``x``'s
+        autograd history, walked back through nodes of elementwise ops that have one
+        input with a graph (at most :data:`_KEEP_WALK` of them), reaches such an output of
+        ``x``'s own shape, ``x`` has its rows. OPT's feed-forward block, ``fc2(dropout(
+        relu(fc1(h.view(-1, d)))))``, reads such rows: before, ``fc2``'s input needed the
+        padded run of NOTE [examples merged into axis 0], which dropout in training mode
+        defeats (the padding rows draw masks of their own), and ``auto`` fell back to
+        ``vmap``, which cannot run Hugging Face's mask code. An op outside the list, or a
+        second input with a graph (a residual sum of two activations), ends the walk with
+        no answer, and the padded run decides as before.
+        """
+        node = x.grad_fn
+        for _ in range(_KEEP_WALK):
+            if node is None:
+                return False
+            shape = self.merged_rows.get(node)
+            if shape is not None:
+                return shape == x.shape
+            if node.name() not in _ELEMENTWISE_NODES:
+                return False
+            inputs = [n for n, _ in node.next_functions if n is not None]
+            if len(inputs) != 1:
+                return False
+            node = inputs[0]
+        return False
 
     def _merges_examples(self, x: torch.Tensor, op: str, slots: list[int]) -> bool:
         """Whether ``x`` is a reshape of a tensor whose axis 0 holds the examples
@@ -960,6 +1016,10 @@ class Engine:
         ``out`` may be a leaf requiring grad that a rule handed to an op (NOTE [elementwise
         parameters] in ``_rules_elementwise``): the backward then returns its gradient."""
         node = out.grad_fn
+        proof, self._proof = self._proof, None
+        if (proof is not None and node is not None and saved and saved[0] is proof[1]
+                and out.dim() >= 1 and out.shape[0] == proof[0] * self.batch_size):
+            self.merged_rows[node] = out.shape  # NOTE [rows kept through elementwise ops]
         if node is None:
             if out.requires_grad:
                 self.uses.append(_Use(get_gradient_edge(out), finish, saved))
