@@ -423,10 +423,10 @@ def test_unsupported_use_raises_with_hooks_and_falls_back_with_auto():
     p = {"enc": {"w": torch.randn(3, 3)}, "head": torch.randn(3)}
 
     def loss(p, x):
-        return torch.tensordot(torch.tanh(F.linear(x, p["enc"]["w"])), p["head"], dims=1)
+        return torch.linalg.matmul(torch.tanh(F.linear(x, p["enc"]["w"])), p["head"])
 
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"method='hooks'.*`head` is used by `torch.functional.tensordot`.*no per-sample gradient rule"):
+    with pytest.raises(ValueError, match=r"method='hooks'.*`head` is used by `torch._C._linalg.linalg_matmul`.*no per-sample gradient rule"):
         fp.per_sample_grads(loss, method="hooks")(p, x)
     with pytest.warns(UserWarning, match=r"falls back to 'vmap'.*`head`"):
         got = fp.per_sample_grads(loss, method="auto")(p, x)

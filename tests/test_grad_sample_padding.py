@@ -159,14 +159,14 @@ def test_aux_is_not_padded():
 
 def test_a_refusal_past_the_ambiguous_op_names_both():
     """Padded, the forward gets past the ambiguous embedding and meets a parameter used
-    with no rule (``tensordot``): the error says both, at the caller's batch size."""
+    with no rule (``torch.linalg.matmul``): the error says both, at the caller's batch size."""
     torch.manual_seed(3)
     emb = nn.Embedding(VOCAB, 4)
     w = torch.randn(4, 2)
     params = {"emb": emb.weight.detach(), "w": w}
 
     def losses(p, ids):
-        return torch.tensordot(F.embedding(ids, p["emb"]).mean(1), p["w"], dims=1).pow(2).sum(1)
+        return torch.linalg.matmul(F.embedding(ids, p["emb"]).mean(1), p["w"]).pow(2).sum(1)
 
     ids = torch.randint(0, VOCAB, (3, 3))
     with pytest.raises(ValueError) as info:

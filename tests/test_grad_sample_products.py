@@ -634,3 +634,52 @@ def test_a_product_with_out_is_refused():
 
     with pytest.raises(ValueError, match="with `out=`"):
         fp.per_sample_grads(losses, method="hooks")(params, torch.randn(3, 4))
+
+
+# -- NOTE [einsum of three or more operands], torch.tensordot -------------------------------
+
+MANY_OPERANDS = {  # equation: operands, a name for a parameter, a shape for batch data
+    "bi,ij,bj->b": ["x", "W", "y"],              # a quadratic form (bilinear in the data)
+    "bi,ij,jk->bk": ["x", "W", "V"],             # two weights in one call
+    "ij,bi,jk->bk": ["W", "x", "V"],             # a parameter first
+    "bti,ij,btj->bt": ["s", "W", "s"],           # positions, the same data twice
+    "bi,bj,ij->b": ["x", "z", "U"],              # the parameter last
+    "bi,ij,jk": ["x", "W", "V"],                 # the implicit output
+    "bi,ij,jk,bk->b": ["x", "W", "V", "z2"],     # four operands
+}
+_SHAPES = {"W": (3, 4), "V": (4, 2), "U": (3, 2), "x": (3,), "y": (4,), "z": (2,), "z2": (2,),
+           "s": (5, 3)}
+
+
+@pytest.mark.parametrize("eq", list(MANY_OPERANDS))
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(1, 5), seed=st.integers(0, 2 ** 16))
+def test_einsum_of_three_or_more_operands_matches_the_loop(eq, batch, seed):
+    names = MANY_OPERANDS[eq]
+    shapes = {**_SHAPES, "W": (3, 3)} if eq == "bti,ij,btj->bt" else _SHAPES
+    g = torch.Generator().manual_seed(seed)
+    params = {n: torch.randn(*shapes[n], generator=g) for n in dict.fromkeys(names) if n.isupper()}
+    data_names = list(dict.fromkeys(n for n in names if not n.isupper()))
+    data = [torch.randn(batch, *shapes[n], generator=g) for n in data_names]
+
+    def losses(p, *xs):
+        found = dict(zip(data_names, xs, strict=True))
+        out = torch.einsum(eq, *(p[n] if n.isupper() else found[n] for n in names))
+        return out.reshape(out.shape[0], -1).pow(2).sum(1)
+
+    check(losses, params, *data)
+
+
+@pytest.mark.parametrize("dims, x_shape", [
+    (1, (3,)), (([1], [0]), (3,)), ([[2], [0]], (5, 3)), (2, (2, 3)), (torch.tensor([[1], [0]]), (3,)),
+])
+def test_tensordot_runs_as_its_einsum(dims, x_shape):
+    g = torch.Generator().manual_seed(4)
+    w_shape = (2, 3, 4) if isinstance(dims, int) and dims == 2 else (3, 4)
+    params = {"W": torch.randn(*w_shape, generator=g)}
+    x = torch.randn(4, *x_shape, generator=g)
+
+    def losses(p, xb):
+        return torch.tensordot(xb, p["W"], dims=dims).reshape(xb.shape[0], -1).pow(2).sum(1)
+
+    check(losses, params, x)

@@ -135,8 +135,9 @@ _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.in
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
            torch.Tensor.expand, torch.Tensor.repeat, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
-           *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.bilinear,
-           torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+           *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.tensordot,
+           torch.bilinear, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+           torch.conv_transpose3d,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 

@@ -1,5 +1,5 @@
-"""Per-sample rules for a parameter in a product: ``x @ w``, ``w @ x``, ``torch.einsum`` and
-``F.bilinear``.
+"""Per-sample rules for a parameter in a product: ``x @ w``, ``w @ x``, ``torch.einsum``,
+``torch.tensordot`` and ``F.bilinear``.
 
 # NOTE [x @ w]
 Functional code written the JAX way (``x @ params["w"] + params["b"]``, ``jnp.dot``
@@ -30,8 +30,16 @@ parameter's gradients are formed while every other layer keeps ghost's saving, w
 beats handing the whole model to hooks. An einsum that is a Linear in other words (``x``'s
 last index contracted with a matrix or vector: ``"bd,dh->bh"``, ``"btd,hd->bth"``) runs as
 ``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses,
-repeated indices within an operand, an examples' index in ``p`` or missing from the
-output, and products of three or more operands are refused.
+repeated indices within an operand, and an examples' index in ``p`` or missing from the
+output are refused.
+
+# NOTE [einsum of three or more operands]
+An einsum of more operands (a quadratic form ``"bi,ij,bj->b"``, two weights
+``"bi,ij,jk->bk"``) is the product of its operands taken two at a time: the first
+parameter with the first operand that is not a parameter, keeping the indices that the
+other operands or the output still use (the examples' first), then that product with the
+rest, each an einsum of its own, so each parameter meets a batched operand in a call the
+rule above takes. ``torch.tensordot(a, b, dims)`` is an einsum too and runs as one.
 
 # NOTE [fused products]
 ``torch.addmm(b, x, w, beta=, alpha=)`` is ``beta * b + alpha * (x @ w)``: Hugging Face's
@@ -135,16 +143,18 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     eq = args[0].replace(" ", "") if args and isinstance(args[0], str) else None
-    if kwargs or eq is None or len(operands) != 2 or "." in eq:
+    if kwargs or eq is None or len(operands) < 2 or "." in eq:
         raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.einsum` with operands "
-                          "its rule does not take (two operands, no ellipsis: NOTE [einsum])")
+                          "its rule does not take (no ellipsis: NOTE [einsum])")
+    if len(operands) > 2:
+        return _einsum_pairwise(engine, eq, operands)
     inputs, _, out_idx = eq.partition("->")
     idx = inputs.split(",")
     if len(idx) != 2:
         raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.einsum` with "
                           f"equation {eq!r}, which does not name two operands")
     if "->" not in eq:  # implicit output: the indices seen once, in alphabetical order
-        out_idx = "".join(sorted(c for c in set(inputs) if inputs.count(c) == 1 and c.isalpha()))
+        out_idx = _implicit_output(inputs)
     slots = [engine.slot(o) for o in operands]
     at = 0 if slots[0] is not None else 1
     slot, x = slots[at], operands[1 - at]
@@ -183,7 +193,69 @@ def _finish_einsum(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int, 
     engine.add("direct", slot, torch.einsum(eq, x, g))
 
 
+def _implicit_output(inputs: str) -> str:
+    """einsum's output without ``->``: the indices seen once, in alphabetical order."""
+    return "".join(sorted(c for c in set(inputs) if inputs.count(c) == 1 and c.isalpha()))
+
+
+def _einsum_pairwise(engine: Engine, eq: str, operands: tuple[Any, ...]) -> torch.Tensor:
+    """NOTE [einsum of three or more operands]: the first parameter contracted with the
+    first operand that is not one, then the rest, each product an einsum of its own."""
+    inputs, arrow, out_idx = eq.partition("->")
+    idx = inputs.split(",")
+    if len(idx) != len(operands):
+        raise Unsupported(f"{engine.names((eq, *operands), {})} is used by `torch.einsum({eq!r})`, "
+                          f"whose equation does not name its {len(operands)} operands")
+    if not arrow:
+        out_idx = _implicit_output(inputs)
+    params = [i for i, o in enumerate(operands) if engine.slot(o) is not None]
+    others = [i for i, o in enumerate(operands) if engine.slot(o) is None]
+    if not others:
+        raise Unsupported(f"{engine.names((eq, *operands), {})} are the only operands of "
+                          f"`torch.einsum({eq!r})`: no batched operand")
+    x, p = others[0], params[0]
+    rest = [i for i in range(len(operands)) if i not in (x, p)]
+    needed = set(out_idx).union(*(idx[i] for i in rest))
+    kept = [c for c in dict.fromkeys(idx[x] + idx[p]) if c in needed]
+    if idx[x] and idx[x][0] in kept:  # the examples' index stays first
+        kept.remove(idx[x][0])
+        kept.insert(0, idx[x][0])
+    inter = "".join(kept)
+    pair = torch.einsum(f"{idx[x]},{idx[p]}->{inter}", operands[x], operands[p])
+    return torch.einsum(",".join([inter, *(idx[i] for i in rest)]) + "->" + out_idx,
+                        pair, *(operands[i] for i in rest))
+
+
+def _tensordot(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``torch.tensordot(a, b, dims)`` as the einsum it is (NOTE [einsum of three or more
+    operands])."""
+    a, b = _get(args, kwargs, 0, "a"), _get(args, kwargs, 1, "b")
+    dims = _get(args, kwargs, 2, "dims", 2)
+    if kwargs.get("out") is not None or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.tensordot` with "
+                          "arguments its rule does not take (out=, or a non-tensor operand)")
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    if isinstance(dims, int):
+        da, db = list(range(a.dim() - dims, a.dim())), list(range(dims))
+    else:
+        da, db = ([d] if isinstance(d, int) else list(d) for d in dims)
+    da = [d % a.dim() for d in da] if a.dim() else da
+    db = [d % b.dim() for d in db] if b.dim() else db
+    if a.dim() + b.dim() > len(string.ascii_letters) or len(da) != len(db):
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.tensordot` with "
+                          "dims its rule does not take")
+    letters = iter(string.ascii_letters)
+    sa = [next(letters) for _ in range(a.dim())]
+    sb = [next(letters) for _ in range(b.dim())]
+    for i, j in zip(da, db, strict=True):
+        sb[j] = sa[i]
+    out = [c for i, c in enumerate(sa) if i not in da] + [c for j, c in enumerate(sb) if j not in db]
+    return torch.einsum(f"{''.join(sa)},{''.join(sb)}->{''.join(out)}", a, b)
+
+
 register_rule(torch.einsum, _einsum)
+register_rule(torch.tensordot, _tensordot)
 
 
 def _bilinear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
