@@ -48,6 +48,8 @@ from typing import TypeVar
 
 import torch
 
+from functorch_pipeline.random import _host
+
 __all__ = ["KERNELS", "MARGIN", "ROUNDS", "kernel_choices", "pick", "set_kernel_choices"]
 
 T = TypeVar("T")
@@ -123,14 +125,6 @@ def set_kernel_choices(table: Mapping[str, str] | None) -> None:
     _CHOSEN.update(table)
 
 
-def _measurable(*tensors: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_dispatch_stack() != 0:  # fake tensors, functionalisation
-        return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-
-
 def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
          inputs: tuple[torch.Tensor, ...] = (),
          clock: Callable[[], float] = time.perf_counter) -> T:
@@ -140,8 +134,8 @@ def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
       key: the geometry's description: calls with equal keys run the same kernel.
       default: the name of the kernel kept on a tie (and when measuring is not possible).
       candidates: name -> a call computing the result; all give the same values.
-      inputs: the tensors the candidates read (measuring is skipped for traced or
-        transform-wrapped tensors).
+      inputs: the tensors the candidates read (measured only as plain CPU tensors in
+        eager code: ``fp.random``'s test for its host fast path).
       clock: the timer (tests pass a fake one).
 
     Returns:
@@ -156,7 +150,7 @@ def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
     name = _CHOSEN.get(key)
     if name is not None:
         return candidates[name]()
-    if len(candidates) == 1 or not _measurable(*inputs):
+    if len(candidates) == 1 or not _host.eligible(*inputs):  # eager CPU, nothing traced
         return candidates[default]()
     best = dict.fromkeys(candidates, math.inf)
     for _ in range(ROUNDS):
