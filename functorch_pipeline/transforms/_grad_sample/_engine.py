@@ -64,6 +64,7 @@ _ELEMENTWISE_NODES = frozenset(f"{name}Backward{v}" for name, vs in (
 ) for v in vs)
 _KEEP_WALK = 16
 
+
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
     """A differentiated parameter is used in a way the engine has no exact rule for."""
 
