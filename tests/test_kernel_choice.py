@@ -208,3 +208,39 @@ def test_measuring_holds_one_result_at_a_time(fresh):
     out = _kernel_choice.pick("mem", "grouped", {"grouped": run, "patches": run})
     assert alive_at_start == [0] * (2 * _kernel_choice.ROUNDS + 1)
     assert made[-1]() is out
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("kernel", ["grouped", "patches"])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 5, 5)),
+    (lambda: nn.ConvTranspose1d(2, 3, 4, stride=2, groups=1), (2, 7)),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding="same"), (4, 9, 9)),
+])
+def test_transposed_and_grouped_convs_with_each_kernel_match_the_float64_loop(make, shape, kernel):
+    """The transposed convolutions reach the same per-example kernels with the input and
+    output gradient swapped (NOTE [transposed convolution as the adjoint])."""
+    torch.manual_seed(0)
+    m = make().float()
+    x = torch.randn(3, *shape, dtype=torch.float32)
+
+    def loss(p, xb):
+        out = torch.func.functional_call(m, p, (xb,))
+        return (out ** 2 * torch.linspace(0.5, 2.0, out[0].numel()).reshape(out[0].shape)).flatten(1).sum(1)
+
+    old = _kernel_choice._CHOSEN
+    try:
+        _kernel_choice._CHOSEN = _Always(kernel)
+        got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
+        total, norms = fp.clipped_grad(loss, 1.0, method="ghost")(params_of(m), x)
+    finally:
+        _kernel_choice._CHOSEN = old
+    m64 = m.double()
+    want = loop_grads(loss, params_of(m64), x.double())
+    want_norms = torch.cat([w.flatten(1) for w in want.values()], 1).norm(dim=1)
+    for key in want:
+        scale = want[key].abs().max().clamp_min(1e-12)
+        assert float((got[key].double() - want[key]).abs().max() / scale) < 1e-5, key
+        clipped = (want[key] * (1.0 / want_norms).clamp(max=1.0).reshape(-1, *[1] * (want[key].dim() - 1))).sum(0)
+        torch.testing.assert_close(total[key].double(), clipped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norms.double(), want_norms, rtol=1e-5, atol=1e-6)
