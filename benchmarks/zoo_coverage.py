@@ -14,15 +14,18 @@ installed is skipped with the command that installs it (``pip install
 
     .venv/bin/python benchmarks/zoo_coverage.py                 # both zoos
     .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --models gpt2,t5
+    .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --train   # training mode, dropout on
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -201,10 +204,97 @@ def hf_rows(names: list[str]) -> None:
             print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
+_DROPOUT = ("dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "activation_dropout",
+            "hidden_dropout", "dropout_rate", "classifier_dropout")
+_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")
+
+
+@contextlib.contextmanager
+def _value_masks() -> Iterator[None]:
+    """``F.dropout`` keeping the elements above 0.05 (scaled by ``1 / (1 - p)``): masks
+    decided by each element's own value, so a per-example loop sees the masks the batch
+    saw, and the loop is a reference for a model in training mode."""
+    original = F.dropout
+
+    def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0:
+            return x
+        return x * (x.detach() > 0.05).to(x.dtype) / (1 - p)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
+def hf_train_rows(names: list[str]) -> None:
+    """Hugging Face models in training mode, dropout 0.1 on hidden states and activations
+    (attention dropout off and eager attention: SDPA draws its own masks): norms and
+    clipped sums against the loop with masks from the values (:func:`_value_masks`), then,
+    with random masks, whether the per-example gradients' sum equals the batch gradient
+    under the same seed and how many forwards the default method ran (a padded run is a
+    second forward, and draws other masks than one batch forward)."""
+    T = _common.optional("transformers")
+    if T is None:
+        print("  skipped transformers: not installed (pip install transformers)")
+        return
+    models = _hf_models(T)
+    for name in names:
+        try:
+            kind, cls, config = models[name]
+            torch.manual_seed(0)
+            cfg = config()
+            for a in _DROPOUT:
+                if isinstance(getattr(cfg, a, None), float):
+                    setattr(cfg, a, 0.1)
+            for a in _ATTENTION_DROPOUT:
+                if hasattr(cfg, a):
+                    setattr(cfg, a, 0.0)
+            cfg._attn_implementation = "eager"
+            model = cls(cfg).double().train()
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            ids = torch.randint(3, VOCAB, (BATCH, LENGTH))
+            ids[:, -1] = 2
+            mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+            mask[0, -3:-1] = 0
+            if kind == "image":
+                ids = torch.randn(BATCH, 3, 16, 16, dtype=torch.float64)
+            batch = (ids, mask, torch.arange(BATCH) % 3)
+            losses = _hf_losses(kind, model)
+            with _value_masks():
+                line = row(name, losses, params, batch)
+            forwards: list[int] = []  # the batch size of each forward
+
+            def seen(module: Any, args: Any, kwargs: dict, out: list = forwards) -> None:
+                first = kwargs.get("input_ids", kwargs.get("pixel_values"))
+                out.append(first.shape[0])
+
+            hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(7)
+                got = fp.per_sample_grads(losses)(params, *batch)
+            hook.remove()
+            if forwards == [BATCH]:
+                torch.manual_seed(7)
+                want = fp.grad(lambda p, f=losses, b=batch: f(p, *b).sum())(params)
+                total = max(float((got[k].sum(0) - want[k]).abs().max()) for k in want)
+                print(f"{line}; random masks: one forward, sum vs batch gradient {total:.1e}",
+                      flush=True)
+            else:  # padded: its masks are drawn for more rows than one batch forward's
+                print(f"{line}; random masks: forwards of {forwards} examples (padded: no "
+                      "batch gradient draws the same masks)", flush=True)
+        except Exception as e:
+            print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--zoo", choices=["timm", "hf", "both"], default="both")
     p.add_argument("--models", default=None, help="comma-separated names (default: the lists above)")
+    p.add_argument("--train", action="store_true",
+                   help="Hugging Face models in training mode with dropout on (hf_train_rows)")
     args = p.parse_args()
     if _common.begin(args):
         return
@@ -213,7 +303,11 @@ def main() -> None:
     if args.zoo in ("timm", "both"):
         print("timm (train mode, BatchNorm -> GroupNorm, 64 x 64, batch 3, float64):")
         timm_rows(chosen or TIMM)
-    if args.zoo in ("hf", "both"):
+    if args.zoo in ("hf", "both") and args.train:
+        print(f"transformers (tiny configs, training mode, dropout 0.1, {LENGTH} tokens with padding, "
+              "batch 3, float64):")
+        hf_train_rows(chosen or HF)
+    elif args.zoo in ("hf", "both"):
         print(f"transformers (tiny configs, eval mode, {LENGTH} tokens with padding, batch 3, float64):")
         hf_rows(chosen or HF)
 
