@@ -49,15 +49,16 @@ class FakeClock:
 
 @pytest.mark.parametrize("costs, kept", [
     ({"grouped": 1.0, "patches": 0.5}, "patches"),   # clearly faster: taken
-    ({"grouped": 1.0, "patches": 0.95}, "grouped"),  # within the margin: the default stays
+    ({"grouped": 1.0, "patches": 0.95}, "patches"),  # faster, however little
+    ({"grouped": 1.0, "patches": 1.0}, "grouped"),  # a tie: the default
     ({"grouped": 0.5, "patches": 1.0}, "grouped"),
 ])
-def test_pick_keeps_the_faster_beyond_the_margin_and_measures_once(fresh, costs, kept):
+def test_pick_keeps_the_faster_and_measures_once(fresh, costs, kept):
     clock = FakeClock(costs)
     cands = {n: clock.wrap(n, n) for n in costs}
     assert _kernel_choice.pick("k", "grouped", cands, clock=clock) == kept
-    rounds = _kernel_choice.ROUNDS
-    # each measured ROUNDS times, then the kept one run for the result
+    rounds = _kernel_choice.WARMUP + _kernel_choice.ROUNDS
+    # each run WARMUP times untimed and ROUNDS times timed, then the kept one for the result
     assert clock.runs == {n: rounds + (n == kept) for n in costs}
     assert fresh == {"k": kept}
     # later calls run the kept kernel alone, without measuring
@@ -206,7 +207,7 @@ def test_measuring_holds_one_result_at_a_time(fresh):
         return t
 
     out = _kernel_choice.pick("mem", "grouped", {"grouped": run, "patches": run})
-    assert alive_at_start == [0] * (2 * _kernel_choice.ROUNDS + 1)
+    assert alive_at_start == [0] * (2 * (_kernel_choice.WARMUP + _kernel_choice.ROUNDS) + 1)
     assert made[-1]() is out
 
 
