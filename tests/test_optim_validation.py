@@ -255,3 +255,22 @@ def test_checks_work_under_torch_compile():
         r"\(8, 4\) in `state\.mu`",
     ):
         torch.compile(step)(p, {"fc": {"w": torch.ones(8, 5)}}, opt.init(p))
+
+
+def test_a_bool_tensor_is_no_hyperparameter():
+    """A 0-d bool tensor is refused as a Python bool is: cast to 1.0 as an injected ``b2``
+    it made Adam's bias correction divide by zero and the parameters non-finite (the
+    registry property found it: inject_hyperparams, state leaf 1 -> torch.bool)."""
+    p = {"w": torch.randn(3)}
+    opt = optim.inject_hyperparams(optim.adam)(learning_rate=1e-3, b2=0.999)
+    state = opt.init(p)
+    state.hyperparams["b2"] = torch.tensor(True)
+    with pytest.raises(TypeError, match=r"inject_hyperparams\.update: `state\.hyperparams\['b2'\]` "
+                       r"must be a number, got a bool tensor"):
+        opt.update({"w": torch.randn(3)}, state, p)
+    with pytest.raises(TypeError, match=r"adam\(learning_rate\): `learning_rate` must be a number, "
+                       "got a bool tensor"):
+        optim.adam(torch.tensor(True))
+    state.hyperparams["b2"] = torch.tensor(0.999, dtype=torch.float32)  # another float dtype: cast
+    u, _ = opt.update({"w": torch.randn(3)}, state, p)
+    assert torch.isfinite(u["w"]).all()

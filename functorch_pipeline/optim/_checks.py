@@ -217,6 +217,8 @@ def check_hyperparameter(where: str, name: str, value: Any, *, schedule: bool = 
     if isinstance(value, numbers.Real):
         return
     if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.dtype == torch.bool:  # as a Python bool: a flag, never a hyperparameter
+            raise TypeError(f"{where}: `{name}` must be a number, got a bool tensor")
         return
     looks_like_params = isinstance(
         value, (torch.nn.Module, torch.nn.Parameter, collections.abc.Iterator)
