@@ -180,7 +180,11 @@ def _hf_losses(kind: str, model: Any) -> Callable[..., torch.Tensor]:
     return losses
 
 
-def hf_rows(names: list[str]) -> None:
+def _hf_each(names: list[str], build: Callable[[Any, Any], Any],
+             body: Callable[[str, str, Any, dict, tuple], None]) -> None:
+    """For each named Hugging Face model: ``build(cls, config_factory)`` (seeded), tiny
+    batch of ``BATCH`` examples of ``LENGTH`` tokens with padding in the first example
+    (16 x 16 images for ViT), then ``body(name, kind, model, params, batch)``."""
     T = _common.optional("transformers")
     if T is None:
         print("  skipped transformers: not installed (pip install transformers)")
@@ -190,7 +194,7 @@ def hf_rows(names: list[str]) -> None:
         try:
             kind, cls, config = models[name]
             torch.manual_seed(0)
-            model = cls(config()).double().eval()  # eval: dropout off (no BatchNorm here)
+            model = build(cls, config)
             params = {k: v.detach() for k, v in model.named_parameters()}
             ids = torch.randint(3, VOCAB, (BATCH, LENGTH))
             ids[:, -1] = 2  # an end-of-sequence token (BART's classifier reads it)
@@ -198,10 +202,17 @@ def hf_rows(names: list[str]) -> None:
             mask[0, -3:-1] = 0  # padding in the first example
             if kind == "image":
                 ids = torch.randn(BATCH, 3, 16, 16, dtype=torch.float64)
-            print(row(name, _hf_losses(kind, model), params, (ids, mask, torch.arange(BATCH) % 3)),
-                  flush=True)
+            body(name, kind, model, params, (ids, mask, torch.arange(BATCH) % 3))
         except Exception as e:
             print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
+def hf_rows(names: list[str]) -> None:
+    def body(name: str, kind: str, model: Any, params: dict, batch: tuple) -> None:
+        print(row(name, _hf_losses(kind, model), params, batch), flush=True)
+
+    # eval: dropout off (no BatchNorm here)
+    _hf_each(names, lambda cls, config: cls(config()).double().eval(), body)
 
 
 _DROPOUT = ("dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "activation_dropout",
@@ -235,58 +246,44 @@ def hf_train_rows(names: list[str]) -> None:
     with random masks, whether the per-example gradients' sum equals the batch gradient
     under the same seed and how many forwards the default method ran (a padded run is a
     second forward, and draws other masks than one batch forward)."""
-    T = _common.optional("transformers")
-    if T is None:
-        print("  skipped transformers: not installed (pip install transformers)")
-        return
-    models = _hf_models(T)
-    for name in names:
-        try:
-            kind, cls, config = models[name]
-            torch.manual_seed(0)
-            cfg = config()
-            for a in _DROPOUT:
-                if isinstance(getattr(cfg, a, None), float):
-                    setattr(cfg, a, 0.1)
-            for a in _ATTENTION_DROPOUT:
-                if hasattr(cfg, a):
-                    setattr(cfg, a, 0.0)
-            cfg._attn_implementation = "eager"
-            model = cls(cfg).double().train()
-            params = {k: v.detach() for k, v in model.named_parameters()}
-            ids = torch.randint(3, VOCAB, (BATCH, LENGTH))
-            ids[:, -1] = 2
-            mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-            mask[0, -3:-1] = 0
-            if kind == "image":
-                ids = torch.randn(BATCH, 3, 16, 16, dtype=torch.float64)
-            batch = (ids, mask, torch.arange(BATCH) % 3)
-            losses = _hf_losses(kind, model)
-            with _value_masks():
-                line = row(name, losses, params, batch)
-            forwards: list[int] = []  # the batch size of each forward
 
-            def seen(module: Any, args: Any, kwargs: dict, out: list = forwards) -> None:
-                first = kwargs.get("input_ids", kwargs.get("pixel_values"))
-                out.append(first.shape[0])
+    def build(cls: Any, config: Any) -> Any:
+        cfg = config()
+        for a in _DROPOUT:
+            if isinstance(getattr(cfg, a, None), float):
+                setattr(cfg, a, 0.1)
+        for a in _ATTENTION_DROPOUT:
+            if hasattr(cfg, a):
+                setattr(cfg, a, 0.0)
+        cfg._attn_implementation = "eager"
+        return cls(cfg).double().train()
 
-            hook = model.register_forward_pre_hook(seen, with_kwargs=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.manual_seed(7)
-                got = fp.per_sample_grads(losses)(params, *batch)
-            hook.remove()
-            if forwards == [BATCH]:
-                torch.manual_seed(7)
-                want = fp.grad(lambda p, f=losses, b=batch: f(p, *b).sum())(params)
-                total = max(float((got[k].sum(0) - want[k]).abs().max()) for k in want)
-                print(f"{line}; random masks: one forward, sum vs batch gradient {total:.1e}",
-                      flush=True)
-            else:  # padded: its masks are drawn for more rows than one batch forward's
-                print(f"{line}; random masks: forwards of {forwards} examples (padded: no "
-                      "batch gradient draws the same masks)", flush=True)
-        except Exception as e:
-            print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    def body(name: str, kind: str, model: Any, params: dict, batch: tuple) -> None:
+        losses = _hf_losses(kind, model)
+        with _value_masks():
+            line = row(name, losses, params, batch)
+        forwards: list[int] = []  # the batch size of each forward
+
+        def seen(module: Any, args: Any, kwargs: dict) -> None:
+            forwards.append(kwargs.get("input_ids", kwargs.get("pixel_values")).shape[0])
+
+        hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(7)
+            got = fp.per_sample_grads(losses)(params, *batch)
+        hook.remove()
+        if forwards == [BATCH]:
+            torch.manual_seed(7)
+            want = fp.grad(lambda p: losses(p, *batch).sum())(params)
+            total = max(float((got[k].sum(0) - want[k]).abs().max()) for k in want)
+            print(f"{line}; random masks: one forward, sum vs batch gradient {total:.1e}",
+                  flush=True)
+        else:  # padded: its masks are drawn for more rows than one batch forward's
+            print(f"{line}; random masks: forwards of {forwards} examples (padded: no "
+                  "batch gradient draws the same masks)", flush=True)
+
+    _hf_each(names, build, body)
 
 
 def main() -> None:
