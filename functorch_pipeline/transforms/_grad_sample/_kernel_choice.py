@@ -21,15 +21,15 @@ of 5 x 7 calls at 2 threads, patch time over grouped time (ad hoc grid, 24 layer
 No rule of shapes fits both machines, so :func:`pick` measures: the first time a geometry
 (``key``) is met, the candidates run :data:`WARMUP` times untimed (oneDNN creates its
 kernels on a first call: 40-70 ms for the MNIST CNN's conv1, then 3-5 ms; the first touch
-of fresh memory) and then alternately :data:`ROUNDS` times on the call's own inputs, and the one whose
-time over the default's, in the median over rounds (each round's runs are back to back,
-under the same load), is the smallest below :data:`MARGIN` is kept (the default on a tie:
-:data:`MARGIN` is 1). The choice holds for that
-geometry for the rest of the process.
-Every call of a geometry, the first included, returns the chosen kernel's own result (the
-measuring call runs it once more after deciding, and holds one result at a time, so its
-peak memory is that of one call), so a process gives the same bits on every call. The kernels sum in different orders: their
-results differ at float32 rounding (~1e-7 relative). A layer whose two kernels run within
+of fresh memory) and then alternately :data:`ROUNDS` times on the call's own inputs, and
+the one whose time over the default's, in the median over rounds (each round's runs are
+back to back, under the same load), is the smallest below :data:`MARGIN` is kept (the
+default on a tie: :data:`MARGIN` is 1). The choice holds for that geometry for the rest
+of the process. Every call of a geometry, the first included, returns the chosen kernel's
+own result (the measuring call runs it once more after deciding, and holds one result at
+a time, so its peak memory is that of one call), so a process gives the same bits on
+every call. The kernels sum in different orders: their results differ at float32
+rounding (~1e-7 relative). A layer whose two kernels run within
 the machine's noise of each other can be given the other kernel in another process: the
 MNIST CNN's conv2 (patches 0.82-0.97 of grouped by the ratio of minima, 8 fresh
 processes on this busy 2-core machine) took the grouped kernel in 3 of 12 fresh processes
@@ -49,7 +49,6 @@ on the patch matmul.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -177,8 +176,8 @@ def pick(key: str, default: str, candidates: Mapping[str, Callable[[], T]],
     # of each one's time over the default's is steadier than the ratio of two minima.
     ratio = {n: statistics.median(t / max(d, 1e-12) for t, d in zip(ts, times[default], strict=True))
              for n, ts in times.items() if n != default}
-    name = min(ratio, key=ratio.__getitem__) if ratio else default
-    if ratio.get(name, math.inf) >= MARGIN:
+    name = min(ratio, key=ratio.__getitem__)  # ratio has an entry: two candidates at least
+    if ratio[name] >= MARGIN:
         name = default
     _CHOSEN[key] = name
     return candidates[name]()

@@ -208,8 +208,9 @@ def _einsum_pairwise(engine: Engine, eq: str, operands: tuple[Any, ...]) -> torc
                           f"whose equation does not name its {len(operands)} operands")
     if not arrow:
         out_idx = _implicit_output(inputs)
-    params = [i for i, o in enumerate(operands) if engine.slot(o) is not None]
-    others = [i for i, o in enumerate(operands) if engine.slot(o) is None]
+    slots = [engine.slot(o) for o in operands]
+    params = [i for i, s in enumerate(slots) if s is not None]
+    others = [i for i, s in enumerate(slots) if s is None]
     if not others:
         raise Unsupported(f"{engine.names((eq, *operands), {})} are the only operands of "
                           f"`torch.einsum({eq!r})`: no batched operand")
