@@ -185,7 +185,7 @@ def test_einsum_matches_the_loop(seed, batch, eq, as_list):
 
 
 @pytest.mark.parametrize("eq, x_shape, p_shape, match", [
-    ("b...,...->b", (4, 3), (3,), "no ellipsis"),
+    ("...i,ij->j", (4, 3), (3, 2), "appears in the output"),
     ("bi,bi->b", (4, 3), (4, 3), "a parameter without that index"),
     ("bi,ij->j", (4, 3), (3, 2), "appears in the output"),
     ("bii,ij->bj", (4, 3, 3), (3, 2), "in a way its rule does not take"),
@@ -683,3 +683,78 @@ def test_tensordot_runs_as_its_einsum(dims, x_shape):
         return torch.tensordot(xb, p["W"], dims=dims).reshape(xb.shape[0], -1).pow(2).sum(1)
 
     check(losses, params, x)
+
+
+ELLIPSES = {  # NOTE [einsum ellipsis]: equation -> operands (a name for a parameter, else data)
+    "...i,ij->...j": ["x", "W"],          # a projection of any leading axes
+    "...i,ij": ["x", "W"],                # the implicit output: the ellipsis, then j
+    "ij,...j->...i": ["V", "x"],          # the parameter first (a Linear in (out, in) layout)
+    "b...i,ij->b...j": ["x", "W"],        # a named examples' index, the ellipsis after it
+    "...i,...ij->...j": ["x", "T"],       # a parameter with an ellipsis of its own (per position)
+    "...i,ijk->...kj": ["x", "R"],        # not a Linear: formed per example ("direct")
+    "...i,ij,...j->...": ["x", "W", "x"], # three operands: a quadratic form
+    "b...,...->b": ["x", "w"],            # the whole of x's features under the ellipsis
+}
+
+
+@pytest.mark.parametrize("eq", list(ELLIPSES))
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(1, 5), seq=st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_einsum_with_an_ellipsis_matches_the_loop(eq, batch, seq, seed):
+    """Hooks, auto and ghost take an ellipsis, written out as letters (NOTE [einsum ellipsis]),
+    on ``(B, i)`` inputs (seq 0) and ``(B, T, i)`` ones, against the loop."""
+    names = ELLIPSES[eq]
+    g = torch.Generator().manual_seed(seed)
+    lead = (seq,) if seq else ()
+    x = torch.randn(batch, *lead, 3, generator=g)
+    shapes = {"W": (3, 3), "V": (2, 3), "T": (*lead, 3, 2), "R": (3, 2, 4), "w": (*lead, 3)}
+    params = {n: torch.randn(*shapes[n], generator=g) for n in dict.fromkeys(names) if n != "x"}
+
+    def losses(p, xb):
+        out = torch.einsum(eq, *(xb if n == "x" else p[n] for n in names))
+        return torch.tanh(out).reshape(xb.shape[0], -1).sum(1)
+
+    check(losses, params, x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_an_ellipsis_written_out_is_the_same_einsum(data):
+    """The written-out equation gives torch's own result for the ellipsis one, implicit
+    outputs and ellipses of different widths included (an independent check of the
+    alignment and the output order torch uses)."""
+    from functorch_pipeline.transforms._grad_sample._rules_matmul import _written_out
+
+    named = data.draw(st.lists(st.sampled_from("ijkb"), min_size=0, max_size=2, unique=True))
+    widths = data.draw(st.lists(st.integers(0, 2), min_size=2, max_size=3))
+    spots = data.draw(st.lists(st.sampled_from(["front", "back"]), min_size=len(widths),
+                               max_size=len(widths)))
+    sizes = {"i": 2, "j": 3, "k": 4, "b": 5}
+    lead = data.draw(st.lists(st.integers(2, 3), min_size=max(widths), max_size=max(widths)))
+    terms, operands = [], []
+    for w, spot in zip(widths, spots, strict=True):
+        mine = data.draw(st.lists(st.sampled_from(named), unique=True)) if named else []
+        ell = lead[len(lead) - w:]
+        names = "".join(mine)
+        terms.append("..." + names if spot == "front" else names + "...")
+        shape = ([*ell] + [sizes[c] for c in mine]) if spot == "front" else ([sizes[c] for c in mine] + [*ell])
+        operands.append(torch.randn(shape, dtype=torch.float64))
+    explicit = data.draw(st.booleans())
+    eq = ",".join(terms) + ("->..." if explicit else "")
+    written = _written_out(None, eq, tuple(operands))
+    assert "." not in written
+    torch.testing.assert_close(torch.einsum(written, *operands), torch.einsum(eq, *operands),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_an_einsum_that_broadcasts_a_parameter_axis_is_refused_then_falls_back():
+    """einsum broadcasts an index of size 1 (here the parameter's ``i`` against x's 4); the
+    gradient is a sum over that axis, which the rule does not form. Before, the Linear
+    shortcut ran it as a matmul that raised inside torch."""
+    torch.manual_seed(0)
+    params, x = {"W": torch.randn(1, 3)}, torch.randn(5, 4)
+
+    def losses(p, xb):
+        return torch.einsum("bi,ij->bj", xb, p["W"]).pow(2).sum(1)
+
+    refused_then_loop(losses, params, x, match="broadcasts its index 'i'")

@@ -375,7 +375,8 @@ def per_sample_grads(
           ``F.scaled_dot_product_attention``'s float ``attn_mask`` (a learned relative
           position bias), ``torch.addmm``/``mm``/``mv``/``addmv``/``baddbmm`` (Hugging
           Face's ``Conv1D``), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
-          ``torch.einsum`` of any number of operands and ``torch.tensordot`` (functional
+          ``torch.einsum`` of any number of operands (ellipses included) and
+          ``torch.tensordot`` (functional
           code written the JAX way),
           ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses
           ``F.linear``), and the built-in cells ``nn.LSTMCell``/``GRUCell``/``RNNCell``
@@ -416,7 +417,7 @@ def per_sample_grads(
           (``table[index]`` with an index buffer, ``torch.where`` with a fixed mask) makes
           a tensor with no batch axis, handled as above; a plain tensor that is or may be
           batch data there is refused. Any other use of a parameter
-          (an einsum with an ellipsis, ``nn.LSTM``'s fused kernel: see
+          (an einsum that broadcasts a parameter's axis, ``nn.LSTM``'s fused kernel: see
           ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
           ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.

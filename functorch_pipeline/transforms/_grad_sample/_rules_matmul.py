@@ -29,9 +29,23 @@ per example (a ``"direct"`` part, ``B x p.numel()``), by ghost clipping too: tha
 parameter's gradients are formed while every other layer keeps ghost's saving, which
 beats handing the whole model to hooks. An einsum that is a Linear in other words (``x``'s
 last index contracted with a matrix or vector: ``"bd,dh->bh"``, ``"btd,hd->bth"``) runs as
-``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Ellipses,
-repeated indices within an operand, and an examples' index in ``p`` or missing from the
-output are refused.
+``x @ w`` or ``F.linear`` instead, whose parts need no per-example gradient. Repeated
+indices within an operand, an examples' index in ``p`` or missing from the output, and a
+parameter axis that einsum broadcasts (size 1 against the other operand's or the output's
+size ``n``, whose gradient is a sum over the ``n``) are refused.
+
+# NOTE [einsum ellipsis]
+An equation with ``...`` (``"...i,ij->...j"``, the usual way to write a projection of any
+leading axes) is first written out with letters of its own: each operand's ``...`` covers
+its axes that the named indices do not, the ellipses of all operands are aligned from the
+right (as torch broadcasts them), and each aligned axis gets a letter the equation does not
+use. ``...`` in the output becomes all of those letters; an implicit output (no ``->``) is
+those letters first, then the indices seen once in alphabetical order, as torch orders it
+(``"i...,ij"`` gives ``(..., j)``). The written-out equation is the same einsum, and the
+rules above (two operands, or three and more) take it like any other; the examples' axis
+is the first letter of the batched operand's ellipsis when it leads (``"...i"`` on
+``(B, T, i)``). An output without ``...`` sums the ellipsis axes: across the examples
+too, which the two-operand rule refuses as it refuses ``"bi,ij->j"``.
 
 # NOTE [einsum of three or more operands]
 An einsum of more operands (a quadratic form ``"bi,ij,bj->b"``, two weights
@@ -143,9 +157,11 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     eq = args[0].replace(" ", "") if args and isinstance(args[0], str) else None
-    if kwargs or eq is None or len(operands) < 2 or "." in eq:
+    if kwargs or eq is None or len(operands) < 2:
         raise Unsupported(f"{engine.names(args, kwargs)} is used by `torch.einsum` with operands "
-                          "its rule does not take (no ellipsis: NOTE [einsum])")
+                          "its rule does not take (NOTE [einsum])")
+    if "." in eq:
+        eq = _written_out(engine, eq, operands)
     if len(operands) > 2:
         return _einsum_pairwise(engine, eq, operands)
     inputs, _, out_idx = eq.partition("->")
@@ -170,6 +186,12 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
             f"{engine.name(slot)} is used by `torch.einsum({eq!r})` in a way its rule does not "
             "take: it needs one batched operand whose first index is the examples' and "
             "appears in the output, and a parameter without that index (NOTE [einsum])")
+    for c, n in zip(p_idx, p.shape, strict=True):
+        if c in x_idx and x.shape[x_idx.index(c)] != n:
+            raise Unsupported(
+                f"{engine.name(slot)} is used by `torch.einsum({eq!r})`, which broadcasts its "
+                f"index {c!r} (size {n} against {x.shape[x_idx.index(c)]}): its gradient would "
+                "be a sum over that axis, which the rule does not form (NOTE [einsum])")
     c, rest = x_idx[-1], x_idx[:-1]
     if (len(x_idx) >= 2 and c not in out_idx and len(p_idx) <= 2 and c in p_idx
             and out_idx == rest + p_idx.replace(c, "")):
@@ -191,6 +213,28 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 def _finish_einsum(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int, eq: str) -> None:
     engine.add("direct", slot, torch.einsum(eq, x, g))
+
+
+def _written_out(engine: Engine, eq: str, operands: tuple[Any, ...]) -> str:
+    """``eq`` with its ellipses written out as letters of their own (NOTE [einsum ellipsis])."""
+    inputs, arrow, out = eq.partition("->")
+    terms = inputs.split(",")
+    free = [c for c in string.ascii_letters if c not in eq]
+    spans = []
+    for t, o in zip(terms, operands, strict=False):
+        named = t.replace("...", "")
+        spans.append(o.dim() - len(named) if "..." in t and isinstance(o, torch.Tensor) else 0)
+    width = max(spans, default=0)
+    if (len(terms) != len(operands) or any(t.count("...") > 1 or "." in t.replace("...", "")
+                                           for t in (*terms, out))
+            or min(spans) < 0 or width > len(free)
+            or not all(isinstance(o, torch.Tensor) for o in operands)):
+        raise Unsupported(f"{engine.names((eq, *operands), {})} is used by `torch.einsum({eq!r})`, "
+                          "whose ellipses do not match its operands' shapes (NOTE [einsum ellipsis])")
+    letters = "".join(free[:width])
+    new = [t.replace("...", letters[width - n:]) for t, n in zip(terms, spans, strict=True)]
+    written = out.replace("...", letters) if arrow else letters + _implicit_output(inputs)
+    return ",".join(new) + "->" + written
 
 
 def _implicit_output(inputs: str) -> str:
