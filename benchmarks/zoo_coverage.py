@@ -2,7 +2,8 @@
 
 Not a timing benchmark: for each architecture of timm (image models, built at 64 x 64 with
 BatchNorm replaced by GroupNorm, in train mode) and of Hugging Face ``transformers``
-(language and vision models from tiny configs), in float64 and at a batch of 3, it calls
+(language, vision and speech models from tiny configs; the speech models wav2vec 2.0 and
+HuBERT with SpecAugment's time mask given as batch data), in float64 and at a batch of 3, it calls
 ``fp.per_sample_grad_norms`` and ``fp.clipped_grad`` with the default method and compares
 both against a per-example autograd loop (the independent reference; ``vmap`` cannot run
 many of these models: Hugging Face's masks use data-dependent control flow). A row says
@@ -53,8 +54,9 @@ TIMM = (
     "starnet_s1,rdnet_tiny,mobilenetv4_conv_small"
 ).split(",")
 HF = ("gpt2,bert,roberta,distilbert,albert,electra,deberta-v2,bart,llama,mistral,qwen2,gemma,"
-      "phi3,gpt-neox,opt,t5,vit").split(",")
+      "phi3,gpt-neox,opt,t5,vit,wav2vec2,hubert").split(",")
 VOCAB, LENGTH, BATCH = 97, 6, 3
+SAMPLES = 400  # audio samples per example: 38 frames after the tiny feature encoder
 
 
 def loop_grads(losses: Callable[..., torch.Tensor], params: dict, batch: tuple) -> dict:
@@ -156,7 +158,17 @@ def _hf_models(T: Any) -> dict[str, tuple[str, Any, Any]]:
         "vit": ("image", T.ViTForImageClassification, lambda: T.ViTConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             image_size=16, patch_size=4, num_labels=3)),
+        "wav2vec2": ("audio", T.Wav2Vec2ForSequenceClassification,
+                     lambda: T.Wav2Vec2Config(**_AUDIO)),
+        "hubert": ("audio", T.HubertForSequenceClassification, lambda: T.HubertConfig(**_AUDIO)),
     }
+
+
+_AUDIO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "intermediate_size": 64, "conv_dim": (8, 8), "conv_stride": (5, 2),
+          "conv_kernel": (10, 3), "num_feat_extract_layers": 2, "num_conv_pos_embeddings": 4,
+          "num_conv_pos_embedding_groups": 2, "num_labels": 3, "layerdrop": 0.0,
+          "apply_spec_augment": True, "mask_time_prob": 0.3, "mask_time_length": 2}
 
 
 def _hf_losses(kind: str, model: Any) -> Callable[..., torch.Tensor]:
@@ -164,6 +176,10 @@ def _hf_losses(kind: str, model: Any) -> Callable[..., torch.Tensor]:
         if kind == "image":
             return F.cross_entropy(torch.func.functional_call(model, p, (), {"pixel_values": ids}).logits,
                                    y, reduction="none")
+        if kind == "audio":  # mask: SpecAugment's time mask, written with masked_spec_embed
+            kw = {"input_values": ids, "mask_time_indices": mask}
+            return F.cross_entropy(torch.func.functional_call(model, p, (), kw).logits, y,
+                                   reduction="none")
         kw = {"input_ids": ids, "attention_mask": mask}
         if kind == "t5":
             kw["labels"] = ids[:, :3].contiguous()
@@ -202,6 +218,10 @@ def _hf_each(names: list[str], build: Callable[[Any, Any], Any],
             mask[0, -3:-1] = 0  # padding in the first example
             if kind == "image":
                 ids = torch.randn(BATCH, 3, 16, 16, dtype=torch.float64)
+            if kind == "audio":
+                ids = torch.randn(BATCH, SAMPLES, dtype=torch.float64)
+                frames = int(model._get_feat_extract_output_lengths(torch.tensor(SAMPLES)))
+                mask = torch.rand(BATCH, frames) < 0.3
             body(name, kind, model, params, (ids, mask, torch.arange(BATCH) % 3))
         except Exception as e:
             print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -265,7 +285,8 @@ def hf_train_rows(names: list[str]) -> None:
         forwards: list[int] = []  # the batch size of each forward
 
         def seen(module: Any, args: Any, kwargs: dict) -> None:
-            forwards.append(kwargs.get("input_ids", kwargs.get("pixel_values")).shape[0])
+            data = [kwargs.get(k) for k in ("input_ids", "pixel_values", "input_values")]
+            forwards.append(next(d for d in data if d is not None).shape[0])
 
         hook = model.register_forward_pre_hook(seen, with_kwargs=True)
         with warnings.catch_warnings():

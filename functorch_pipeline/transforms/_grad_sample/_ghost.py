@@ -129,7 +129,7 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 # Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
 # a few numbers per example (normalisation layers' affine parameters), or of a parameter
 # whose per-example gradients no cheaper form gives here (einsum, bilinear: NOTE [einsum];
-# conv3d and the transposed convolutions, formed a chunk of examples at a time as in
+# a token written into the batch: NOTE [a parameter written into the batch]; conv3d and the transposed convolutions, formed a chunk of examples at a time as in
 # hooks, so that a video model's other layers keep ghost's saving).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
@@ -137,7 +137,7 @@ _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.in
            torch.Tensor.expand, torch.Tensor.repeat, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
            *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.tensordot,
            torch.bilinear, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
-           torch.conv_transpose3d,
+           torch.conv_transpose3d, torch.Tensor.__setitem__,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 

@@ -1,0 +1,82 @@
+"""Per-sample rule for ``h[key] = p``: a parameter written into a batched tensor in place.
+
+# NOTE [a parameter written into the batch]
+Masked modelling writes a learned vector into the positions it hides: wav2vec 2.0's and
+HuBERT's ``hidden_states[mask_time_indices] = self.masked_spec_embed`` (SpecAugment in
+training mode), a masked autoencoder's ``x[mask] = mask_token``, a class token written
+into position 0 (``h[:, 0] = cls``). ``torch.func.vmap`` cannot run the boolean-mask form
+at all ("We do not support batching operators that can support dynamic shape"), so this
+rule is the only method that takes it.
+
+``h`` must hold the examples on axis 0 (NOTE [which axis is the batch]; a copy of the data
+made inside ``loss_fn`` is decided by a padded run, NOTE [constants or batch data]). The
+value, ``p`` broadcast to the shape of ``h[key]`` (after torch drops its leading axes of
+size 1) and cast to ``h``'s dtype, is formed as a leaf of that shape and written into ``h``
+in place, as eager PyTorch writes it, so later ops see the new values and ``h``'s history
+runs through the write. Each written element belongs to the example whose row of ``h`` it
+lands in, which indexing a tensor of row numbers ``arange(B)`` (broadcast to ``h``'s
+shape) with the same ``key`` tells, whatever the key (a boolean mask, integer tensors,
+slices, ``None``, an ellipsis); each also reads one element of ``p``, which indexing
+``arange(p.numel())`` broadcast the same way tells. Example ``b``'s gradient is the leaf's
+gradient summed by (row, element of ``p``) with ``index_add_``: a ``"direct"`` part, so
+ghost clipping forms that one parameter's per-example gradients (``B x p.numel()``, the
+size of a token). Rows merged from ``m`` per example are summed per example
+(NOTE [examples merged into axis 0]). A ``h`` with no batch axis (a constant table made in
+``loss_fn``) is refused: its out-of-place form ``table.index_put((idx,), p)`` makes a
+derived tensor (NOTE [derived parameters]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import register_rule
+
+__all__: list[str] = []
+
+_OP = "`Tensor.__setitem__`"
+
+
+def _set_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> None:
+    """``h[key] = p`` for a plain ``h`` (a tracked ``h`` is NOTE [in-place on derived
+    tensors]): NOTE [a parameter written into the batch]."""
+    h, key, value = (args + (None, None, None))[:3]
+    slot = engine.slot(value)
+    if kwargs or slot is None or not isinstance(h, torch.Tensor) or engine.slots((key,), {}):
+        raise Unsupported(f"{engine.names(args, kwargs)} is used by {_OP} as an index, which has "
+                          "no per-sample gradient")
+    axis = engine.examples_axis(
+        h, lambda: engine.check_input(h, _OP, [slot], min_dim=1, features=h.dim() - 1),
+        f"{_OP} of {engine.name(slot)}")
+    if axis is None:
+        raise Unsupported(
+            f"{engine.name(slot)} is written by {_OP} into a tensor of shape {tuple(h.shape)} "
+            "made inside loss_fn with no batch axis: write it out of place "
+            "(`table.index_put((idx,), p)`) to make a tensor computed from the parameter")
+    p = engine.bases[slot]
+    rows = h.shape[0]
+    owner = torch.arange(rows, device=h.device).view([rows] + [1] * (h.dim() - 1)).expand(h.shape)[key]
+    where = torch.arange(p.numel(), device=h.device).view(p.shape)
+    while where.dim() > owner.dim() and where.shape[0] == 1:  # torch drops these too
+        where = where[0]
+    try:
+        where = where.expand(owner.shape)
+    except RuntimeError:
+        raise Unsupported(f"{engine.name(slot)} of shape {tuple(p.shape)} is written by {_OP} "
+                          f"into {tuple(owner.shape)} elements, a shape it does not broadcast to") from None
+    leaf = p.reshape(-1).to(h.dtype)[where].requires_grad_()
+    h[key] = leaf
+    engine.record(leaf, _finish, owner * p.numel() + where, slot, rows)
+
+
+def _finish(engine: Engine, g: torch.Tensor, index: torch.Tensor, slot: int, rows: int) -> None:
+    p = engine.bases[slot]
+    part = g.new_zeros(rows * p.numel()).index_add_(0, index.reshape(-1), g.reshape(-1))
+    engine.add("direct", slot, part.view(rows, *p.shape))
+
+
+register_rule(torch.Tensor.__setitem__, _set_item)
