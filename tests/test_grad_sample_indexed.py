@@ -62,19 +62,6 @@ def test_a_table_read_through_a_constant_index_matches_the_loop(batch, tokens, f
     check(losses, params, torch.randn(batch, tokens, D, generator=g))
 
 
-def test_a_table_indexed_by_batch_data_is_refused_and_falls_back():
-    """``table[y]`` with ``y`` a batch argument is a per-example lookup without a rule:
-    refused by name, and the default method falls back to the loop's numbers."""
-    g = torch.Generator().manual_seed(2)
-    params = {"table": torch.randn(5, 3, generator=g), "w": torch.randn(3, 3, generator=g)}
-
-    def losses(p, x, y):
-        return (F.linear(x, p["w"]) * p["table"][y]).sum(1)
-
-    refused_then_loop(losses, params, torch.randn(4, 3, generator=g),
-                      torch.randint(0, 5, (4,), generator=g), match="Tensor.__getitem__")
-
-
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_torchvision_swin_transformer_takes_the_fast_path(batch):
     """A small ``torchvision.models.SwinTransformer``: windows merged into axis 0, shifted

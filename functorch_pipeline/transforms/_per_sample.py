@@ -377,7 +377,9 @@ def per_sample_grads(
           Face's ``Conv1D``), a matrix or vector in ``x @ w`` or ``w @ x`` and a parameter in a
           ``torch.einsum`` of any number of operands (ellipses included) and
           ``torch.tensordot`` (functional
-          code written the JAX way),
+          code written the JAX way), rows selected by the batch's ids (``gamma[y]``,
+          ``W[y]``, ``index_select``) and a parameter written into the batch in place
+          (``h[mask] = token``),
           ``F.bilinear``, fused rules for ``fp.nn.LSTM``/``GRU`` (``fp.nn.RNN`` uses
           ``F.linear``), and the built-in cells ``nn.LSTMCell``/``GRUCell``/``RNNCell``
           stepped in a loop. The contract:

@@ -8,8 +8,8 @@ added to, multiplied with or expanded over the batch: NOTE [broadcast parameters
 ``_rules_elementwise`` (a parameter in ``torch.maximum``, ``clamp``, ``lerp``, ``pow``,
 ``where`` and other elementwise ops: NOTE [elementwise parameters]),
 ``_rules_matmul`` (``x @ w``: NOTE [x @ w]), ``_rules_cells`` (``nn.LSTMCell``/``GRUCell``/
-``RNNCell``: NOTE [recurrent cells]), ``_rules_setitem`` (``h[key] = p``: NOTE [a
-parameter written into the batch]), the fused LSTM/GRU rules in
+``RNNCell``: NOTE [recurrent cells]), ``_rules_index`` (``p[ids]`` and ``h[key] = p``:
+NOTE [a parameter indexed by the batch], NOTE [a parameter written into the batch]), the fused LSTM/GRU rules in
 ``_recurrent`` and the recycled output buffers in ``_buffers``. Higher layers make a
 composite op replaceable with :func:`overridable` and give it a rule with
 :func:`register_rule`.
@@ -20,9 +20,9 @@ from functorch_pipeline.transforms._grad_sample import _rules_broadcast  # noqa:
 from functorch_pipeline.transforms._grad_sample import _rules_cells  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_conv  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_elementwise  # noqa: F401 (registers)
+from functorch_pipeline.transforms._grad_sample import _rules_index  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_matmul  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample import _rules_misc  # noqa: F401 (registers)
-from functorch_pipeline.transforms._grad_sample import _rules_setitem  # noqa: F401 (registers)
 from functorch_pipeline.transforms._grad_sample._api import Unsupported
 from functorch_pipeline.transforms._grad_sample._api import hooks_value_and_grad
 from functorch_pipeline.transforms._grad_sample._recurrent import gru_direction_rule

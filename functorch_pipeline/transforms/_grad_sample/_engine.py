@@ -598,7 +598,7 @@ class Engine:
         result is copied into ``h``, so the caller's tensor has the new values and a history
         through the rule's recorded output, as in eager PyTorch. An op with no out-of-place
         form is refused (``h[i] = p`` has a rule of its own: NOTE [a parameter written
-        into the batch] in ``_rules_setitem``)."""
+        into the batch] in ``_rules_index``)."""
         name = getattr(func, "__name__", "")
         plain = _AUGMENTED.get(name, name[:-1] if name.endswith("_") and not name.startswith("_") else "")
         outofplace = getattr(_T, plain, None) if plain else None

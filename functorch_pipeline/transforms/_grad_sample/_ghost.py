@@ -47,6 +47,7 @@ from functorch_pipeline.transforms._grad_sample import _recurrent
 from functorch_pipeline.transforms._grad_sample import _rules_broadcast
 from functorch_pipeline.transforms._grad_sample import _rules_cells
 from functorch_pipeline.transforms._grad_sample import _rules_elementwise
+from functorch_pipeline.transforms._grad_sample import _rules_index
 from functorch_pipeline.transforms._grad_sample import _rules_matmul
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
@@ -137,7 +138,7 @@ _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.in
            torch.Tensor.expand, torch.Tensor.repeat, torch.prelu, *_rules_matmul.MATMUL, *_rules_matmul.FUSED,
            *_rules_elementwise.ELEMENTWISE, _rules_elementwise.SDPA, torch.einsum, torch.tensordot,
            torch.bilinear, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
-           torch.conv_transpose3d, torch.Tensor.__setitem__,
+           torch.conv_transpose3d, *_rules_index.INDEX,
            *_rules_cells.CELLS)
 _CONV = {torch.conv1d: _ghost_conv(1), torch.conv2d: _ghost_conv(2)}
 

@@ -1,7 +1,9 @@
-"""NOTE [a parameter written into the batch]: ``h[key] = p`` in place, against a per-example
-autograd loop in float64 (hooks, auto, ghost norms and clipped sums). Before the rule, hooks
-refused it and ``auto`` fell back to ``vmap``, which cannot index with a boolean mask at all
-(wav2vec 2.0's and HuBERT's SpecAugment raised from every method)."""
+"""NOTE [a parameter indexed by the batch] (``p[ids]``, ``p.index_select(0, ids)`` with the
+batch's ids) and NOTE [a parameter written into the batch] (``h[key] = p`` in place),
+against a per-example autograd loop in float64 (hooks, auto, ghost norms and clipped sums).
+Before these rules, hooks refused both; ``auto`` fell back to ``vmap`` for the first and
+could not run the second at all with a boolean mask (wav2vec 2.0's and HuBERT's
+SpecAugment raised from every method)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,62 @@ from hypothesis import settings
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import loop_grads
 from test_grad_sample_broadcast import check
+from test_grad_sample_broadcast import refused_then_loop
 from torch import nn
 
 import functorch_pipeline as fp
 
 D = 4
+
+LOOKUPS = {  # a parameter's rows selected by the batch's ids (y: (B,), ids: (B, 2))
+    "gamma[y] (conditional scale)": lambda p, x, y, ids: x * p["G"][y],
+    "G[(y, ...)]": lambda p, x, y, ids: x * p["G"][y, ...],
+    "G[y, :]": lambda p, x, y, ids: x * p["G"][y, :],
+    "index_select": lambda p, x, y, ids: x * p["G"].index_select(0, y),
+    "torch.index_select": lambda p, x, y, ids: x * torch.index_select(p["G"], 0, y),
+    "W[y] in a bmm (per-class weights)": lambda p, x, y, ids: torch.bmm(x[:, None], p["W"][y])[:, 0],
+    "v[y] (a vector: one number each)": lambda p, x, y, ids: x * p["v"][y][:, None],
+    "G[ids].sum(1) (a bag of ids)": lambda p, x, y, ids: x * p["G"][ids].sum(1),
+    "G[ids[:, 1]] (a column)": lambda p, x, y, ids: x * p["G"][ids[:, 1]],
+    "(2 G)[y] (a derived table)": lambda p, x, y, ids: x * (2 * p["G"])[y],
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(form=st.sampled_from(sorted(LOOKUPS)), batch=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_a_parameter_indexed_by_the_batch_matches_the_loop(form, batch, seed):
+    """Classes as many as the batch (5) included: the ids hold the examples because they
+    read a batch argument, not by their size."""
+    g = torch.Generator().manual_seed(seed)
+    C = 5
+    params = {"G": torch.randn(C, D, generator=g), "W": torch.randn(C, D, D, generator=g),
+              "v": torch.randn(C, generator=g), "V": torch.randn(D, 2, generator=g)}
+    x = torch.randn(batch, D, generator=g)
+    y, ids = torch.randint(0, C, (batch,), generator=g), torch.randint(0, C, (batch, 2), generator=g)
+
+    def losses(p, xb, yb, idsb):
+        return torch.tanh(LOOKUPS[form](p, xb, yb, idsb) @ p["V"]).pow(2).sum(1)
+
+    check(losses, params, x, y, ids)
+
+
+def test_ids_computed_in_loss_fn_keep_the_old_path():
+    """``G[y % C]``: ids made in ``loss_fn`` from the batch are not taken by size alone
+    (NOTE [a parameter indexed by the batch]): refused by name, and the default method
+    falls back to the loop's numbers; negative ids too."""
+    g = torch.Generator().manual_seed(3)
+    params = {"G": torch.randn(5, D, generator=g)}
+    x, y = torch.randn(4, D, generator=g), torch.randint(0, 9, (4,), generator=g)
+
+    def computed(p, xb, yb):
+        return (xb * p["G"][yb % 5]).sum(1)
+
+    refused_then_loop(computed, params, x, y, match="indexed by a tensor that holds examples")
+
+    def lookup(p, xb, yb):  # the batch's own ids, negative: from the end of the table
+        return (xb * p["G"][yb]).sum(1)
+
+    refused_then_loop(lookup, params, x, y % 5 - 5, match="indexed by a tensor that holds examples")
 
 
 def write(form: str, h: torch.Tensor, mask: torch.Tensor, p: dict) -> None:

@@ -1,4 +1,21 @@
-"""Per-sample rule for ``h[key] = p``: a parameter written into a batched tensor in place.
+"""Per-sample rules for indexing: ``p[ids]`` with the batch's ids (a parameter indexed by the
+batch) and ``h[key] = p`` (a parameter written into a batched tensor in place).
+
+# NOTE [a parameter indexed by the batch]
+``p[ids]`` and ``p.index_select(0, ids)`` with integer ids from the batch select one row
+of ``p`` (or a block: ``W[y]`` of a ``(C, in, out)`` stack) per id: class-conditional
+normalisation's ``gamma[y]``, a recommender's ``user_table[user_ids]``, a mixture's
+per-class weights ``W[y]`` in a ``bmm``. That is ``F.embedding(ids, p.reshape(V, -1))``
+reshaped to ``ids.shape + p.shape[1:]``, the same rows, so it runs as that and takes the
+embedding rule's parts (per-example scatters; ghost's norms without per-example
+gradients, NOTE [one-dimensional indices] in ``_rules`` for which ids hold the
+examples). Only ids that read a batch argument (a view of it: ``y``, ``ids[:, :5]``,
+``batch[:, 0]``) take this path; ids computed in ``loss_fn`` (``y % C``, positions
+``arange(T)``) keep the path they had: a constant of ``loss_fn`` makes a derived tensor
+(NOTE [derived parameters] in ``_engine``, Swin's ``table[index]``), and batch data
+computed there is refused, so that the embedding rule's size checks never decide alone
+whether such ids hold the examples. Negative ids (which indexing wraps and
+``F.embedding`` does not) and any other key keep that path too.
 
 # NOTE [a parameter written into the batch]
 Masked modelling writes a learned vector into the positions it hides: wav2vec 2.0's and
@@ -31,14 +48,58 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
-__all__: list[str] = []
+__all__ = ["INDEX"]
 
+_T = torch.Tensor
 _OP = "`Tensor.__setitem__`"
+INDEX = (_T.__getitem__, _T.index_select, torch.index_select, _T.__setitem__)  # ghost-ready
+
+
+def _get_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``p[key]``: NOTE [a parameter indexed by the batch]."""
+    p, key = (args + (None, None))[:2]
+    if isinstance(key, tuple) and key and all(k is Ellipsis or k == slice(None) for k in key[1:]) \
+            and sum(k is Ellipsis for k in key[1:]) <= 1:
+        key = key[0]
+    return _rows(engine, _T.__getitem__, args, kwargs, p, key)
+
+
+def _index_select(func: Any) -> Any:
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``p.index_select(0, ids)``: NOTE [a parameter indexed by the batch]."""
+        names = ("input", "dim", "index")
+        p, dim, ids = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
+        first = isinstance(dim, int) and isinstance(p, torch.Tensor) and dim in (0, -p.dim())
+        return _rows(engine, func, args, kwargs, p, ids if first and "out" not in kwargs else None)
+
+    return rule
+
+
+def _rows(engine: Engine, func: Any, args: Any, kwargs: dict[str, Any], p: Any, ids: Any) -> Any:
+    """``p``'s rows at ``ids`` through the embedding rule when the ids read the batch, else
+    the path an op without a rule takes (a derived tensor, or a refusal)."""
+    slot = engine.slot(p)
+    if (slot is not None and isinstance(ids, torch.Tensor) and engine.slot(ids) is None
+            and not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool
+            and ids.dim() >= 1 and p.dim() >= 1 and engine._reads_batch(ids)
+            and not bool((ids < 0).any())):
+        w = p if p.dim() == 2 else p.reshape(p.shape[0], -1)
+        out = F.embedding(ids, w)
+        return out if p.dim() == 2 else out.reshape(*ids.shape, *p.shape[1:])
+
+    def refuse() -> int:
+        raise Unsupported(f"{engine.names(args, kwargs)} is indexed by a tensor that holds "
+                          "examples in a way no rule takes (row ids read from a batch argument "
+                          "are: NOTE [a parameter indexed by the batch])")
+
+    engine.with_constants(func, args, kwargs, refuse)
+    return engine.derive_op(func, args, kwargs)
 
 
 def _set_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> None:
@@ -79,4 +140,7 @@ def _finish(engine: Engine, g: torch.Tensor, index: torch.Tensor, slot: int, row
     engine.add("direct", slot, part.view(rows, *p.shape))
 
 
-register_rule(torch.Tensor.__setitem__, _set_item)
+register_rule(_T.__getitem__, _get_item)
+register_rule(_T.index_select, _index_select(_T.index_select))
+register_rule(torch.index_select, _index_select(torch.index_select))
+register_rule(_T.__setitem__, _set_item)
