@@ -73,8 +73,11 @@ def test_ids_computed_in_loss_fn_keep_the_old_path():
     refused_then_loop(lookup, params, x, y % 5 - 5, match="indexed by a tensor that holds examples")
 
 
-def write(form: str, h: torch.Tensor, mask: torch.Tensor, p: dict) -> None:
-    """The forms of ``h[key] = value`` the test runs, on ``h`` of shape ``(B, T, D)``."""
+def write(form: str, h: torch.Tensor, mask: torch.Tensor, p: dict) -> torch.Tensor:
+    """The forms of ``h[key] = value`` (and ``index_put``) the test runs, on ``h`` of shape
+    ``(B, T, D)``; returns the written tensor."""
+    rows = torch.arange(h.shape[0])[:, None]
+    first = torch.tensor([[0, 0, h.shape[1] - 1]])  # position 0 twice: accumulate adds both
     if form == "mask":  # SpecAugment / MAE: a learned token at the masked positions
         h[mask] = p["tok"]
     elif form == "mask, cast":  # wav2vec 2.0 writes masked_spec_embed.to(h.dtype)
@@ -87,12 +90,19 @@ def write(form: str, h: torch.Tensor, mask: torch.Tensor, p: dict) -> None:
         h[:, torch.tensor([0, h.shape[1] - 1])] = p["tok"] * 2
     elif form == "features":  # a slice of the features, broadcast over examples and positions
         h[..., :2] = p["tok"][:2]
+    elif form == "index_put_":  # in place, broadcast index tensors
+        h.index_put_((rows, first[:, 1:]), p["tok"])
+    elif form == "index_put, accumulate":  # out of place; position 0 gets the token twice
+        h = h.index_put((rows, first), p["tok"], accumulate=True)
+    elif form == "torch.index_put of the mask":
+        h = torch.index_put(h, (mask,), p["tok"])
     else:  # "full table": a (T, D) parameter written at every example's masked positions
         h[mask] = p["table"].expand(h.shape[0], -1, -1)[mask]
+    return h
 
 
 FORMS = ["mask", "mask, cast", "mask, leading 1", "position 0", "positions", "features",
-         "full table"]
+         "index_put_", "index_put, accumulate", "torch.index_put of the mask", "full table"]
 
 
 @settings(max_examples=40, deadline=None)
@@ -107,7 +117,7 @@ def test_a_parameter_written_into_the_batch_matches_the_loop(form, batch, seq, s
 
     def losses(p, xb, m):
         h = xb @ p["W"][:, :1].expand(D, D) + 1  # h has a graph: a layer's output
-        write(form, h, m, p)
+        h = write(form, h, m, p)
         return torch.tanh(h @ p["W"]).pow(2).reshape(h.shape[0], -1).sum(1)
 
     check(losses, params, x, mask)

@@ -40,7 +40,10 @@ ghost clipping forms that one parameter's per-example gradients (``B x p.numel()
 size of a token). Rows merged from ``m`` per example are summed per example
 (NOTE [examples merged into axis 0]). A ``h`` with no batch axis (a constant table made in
 ``loss_fn``) is refused: its out-of-place form ``table.index_put((idx,), p)`` makes a
-derived tensor (NOTE [derived parameters]).
+derived tensor (NOTE [derived parameters]). ``h.index_put(indices, p, accumulate)`` (and
+``index_put_``, which runs as it on a copy) is the same write on a copy of ``h``
+(``accumulate=True`` adds, with the same parts); on a constant ``h`` it makes that derived
+tensor.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ __all__ = ["INDEX"]
 
 _T = torch.Tensor
 _OP = "`Tensor.__setitem__`"
-INDEX = (_T.__getitem__, _T.index_select, torch.index_select, _T.__setitem__)  # ghost-ready
+INDEX = (_T.__getitem__, _T.index_select, torch.index_select, _T.__setitem__, _T.index_put,
+         torch.index_put)  # ghost-ready
 
 
 def _get_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -106,18 +110,50 @@ def _set_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> None:
     """``h[key] = p`` for a plain ``h`` (a tracked ``h`` is NOTE [in-place on derived
     tensors]): NOTE [a parameter written into the batch]."""
     h, key, value = (args + (None, None, None))[:3]
-    slot = engine.slot(value)
-    if kwargs or slot is None or not isinstance(h, torch.Tensor) or engine.slots((key,), {}):
-        raise Unsupported(f"{engine.names(args, kwargs)} is used by {_OP} as an index, which has "
-                          "no per-sample gradient")
-    axis = engine.examples_axis(
-        h, lambda: engine.check_input(h, _OP, [slot], min_dim=1, features=h.dim() - 1),
-        f"{_OP} of {engine.name(slot)}")
-    if axis is None:
+    if kwargs or not _write(engine, h, key, value, False, _OP):
         raise Unsupported(
-            f"{engine.name(slot)} is written by {_OP} into a tensor of shape {tuple(h.shape)} "
-            "made inside loss_fn with no batch axis: write it out of place "
+            f"{engine.name(engine.slot(value))} is written by {_OP} into a tensor of shape "
+            f"{tuple(h.shape)} made inside loss_fn with no batch axis: write it out of place "
             "(`table.index_put((idx,), p)`) to make a tensor computed from the parameter")
+
+
+def _index_put(func: Any) -> Any:
+    def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``h.index_put(indices, p, accumulate)``, out of place (``index_put_`` runs as it,
+        on a copy: ``Engine.in_place_on_plain``): NOTE [a parameter written into the batch];
+        a constant ``h`` makes a derived tensor."""
+        names = ("input", "indices", "values", "accumulate")
+        h, indices, value, accumulate = (args[i] if i < len(args) else kwargs.get(n, False if i == 3 else None)
+                                         for i, n in enumerate(names))
+        key = tuple(indices) if isinstance(indices, (list, tuple)) else None
+        if key is not None and engine.slot(h) is None and set(kwargs) <= {"accumulate"}:
+            out = h.clone()
+            if _write(engine, out, key, value, bool(accumulate), f"`{func.__name__}`"):
+                return out
+
+        def refuse() -> int:
+            raise Unsupported(f"{engine.names(args, kwargs)} is used by `{func.__name__}` in a way no "
+                              "rule takes (NOTE [a parameter written into the batch])")
+
+        engine.with_constants(func, args, kwargs, refuse)
+        return engine.derive_op(func, args, kwargs)
+
+    return rule
+
+
+def _write(engine: Engine, h: Any, key: Any, value: Any, accumulate: bool, op: str) -> bool:
+    """Write (or with ``accumulate`` add) tracked ``value`` into ``h[key]`` in place, its
+    per-example gradient recorded (NOTE [a parameter written into the batch]); False, with
+    nothing written, when ``h`` has no batch axis."""
+    slot = engine.slot(value)
+    if slot is None or not isinstance(h, torch.Tensor) or engine.slots((key,), {}):
+        raise Unsupported(f"{engine.names((h, key, value), {})} is used by {op} as the tensor "
+                          "written into or as an index, which has no per-sample gradient")
+    axis = engine.examples_axis(
+        h, lambda: engine.check_input(h, op, [slot], min_dim=1, features=h.dim() - 1),
+        f"{op} of {engine.name(slot)}")
+    if axis is None:
+        return False
     p = engine.bases[slot]
     rows = h.shape[0]
     owner = torch.arange(rows, device=h.device).view([rows] + [1] * (h.dim() - 1)).expand(h.shape)[key]
@@ -127,11 +163,15 @@ def _set_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> None:
     try:
         where = where.expand(owner.shape)
     except RuntimeError:
-        raise Unsupported(f"{engine.name(slot)} of shape {tuple(p.shape)} is written by {_OP} "
+        raise Unsupported(f"{engine.name(slot)} of shape {tuple(p.shape)} is written by {op} "
                           f"into {tuple(owner.shape)} elements, a shape it does not broadcast to") from None
     leaf = p.reshape(-1).to(h.dtype)[where].requires_grad_()
-    h[key] = leaf
+    if accumulate:
+        h.index_put_(key, leaf, accumulate=True)
+    else:
+        h[key] = leaf
     engine.record(leaf, _finish, owner * p.numel() + where, slot, rows)
+    return True
 
 
 def _finish(engine: Engine, g: torch.Tensor, index: torch.Tensor, slot: int, rows: int) -> None:
@@ -144,3 +184,5 @@ register_rule(_T.__getitem__, _get_item)
 register_rule(_T.index_select, _index_select(_T.index_select))
 register_rule(torch.index_select, _index_select(torch.index_select))
 register_rule(_T.__setitem__, _set_item)
+register_rule(_T.index_put, _index_put(_T.index_put))
+register_rule(torch.index_put, _index_put(torch.index_put))
