@@ -337,7 +337,7 @@ class Engine:
         # are gathered only when a rule asks (NOTE [sequence-first inputs]).
         self.batch_args: list[Any] = []
         self._batch_data: list[torch.Tensor] | None = None
-        self._batch_storage: set[int] | None = None  # their storages, for _reads_batch
+        self._batch_storage: set[int] | None = None  # their storages, for reads_batch
         # The number of examples when the drivers padded the batch past them (NOTE
         # [padding an ambiguous batch] in _padding): inputs must then prove their batch
         # axis. None when the batch is not padded.
@@ -726,7 +726,7 @@ class Engine:
         table shaped like the batch, and the first layer of most models reads a copy of
         the data.)
         """
-        if not isinstance(x, torch.Tensor) or x.grad_fn is not None or self._reads_batch(x):
+        if not isinstance(x, torch.Tensor) or x.grad_fn is not None or self.reads_batch(x):
             return check()
         B = self.batch_size
         if not any(n % B == 0 for n in x.shape):
@@ -742,7 +742,7 @@ class Engine:
         except Unsupported as e:
             raise Ambiguous(f"{op}: {e}") from e
 
-    def _reads_batch(self, x: torch.Tensor) -> bool:
+    def reads_batch(self, x: torch.Tensor) -> bool:
         """Whether ``x`` shares memory with a batch argument (the argument or a view)."""
         if self._batch_storage is None:  # the batch arguments are fixed for a run
             self._batch_storage = {t.untyped_storage().data_ptr() for arg in self.batch_args
@@ -990,7 +990,7 @@ class Engine:
         (the batch's token ids flattened: NOTE [examples merged into axis 0]); the padded
         run proves the layout."""
         n, B = x.shape[0], self.batch_size
-        return x.dim() == 1 and n > B and n % B == 0 and self._reads_batch(x)
+        return x.dim() == 1 and n > B and n % B == 0 and self.reads_batch(x)
 
     def batch_view(self, x: torch.Tensor) -> bool:
         """Whether ``x`` reads a batch argument with the examples on axis 0 of both: the

@@ -68,8 +68,9 @@ INDEX = (_T.__getitem__, _T.index_select, torch.index_select, _T.__setitem__, _T
 def _get_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
     """``p[key]``: NOTE [a parameter indexed by the batch]."""
     p, key = (args + (None, None))[:2]
-    if isinstance(key, tuple) and key and all(k is Ellipsis or k == slice(None) for k in key[1:]) \
-            and sum(k is Ellipsis for k in key[1:]) <= 1:
+    rest = key[1:] if isinstance(key, tuple) else ()
+    if (isinstance(key, tuple) and key and sum(k is Ellipsis for k in rest) <= 1
+            and all(k is Ellipsis or isinstance(k, slice) and k == slice(None) for k in rest)):
         key = key[0]
     return _rows(engine, _T.__getitem__, args, kwargs, p, key)
 
@@ -90,9 +91,8 @@ def _rows(engine: Engine, func: Any, args: Any, kwargs: dict[str, Any], p: Any, 
     the path an op without a rule takes (a derived tensor, or a refusal)."""
     slot = engine.slot(p)
     if (slot is not None and isinstance(ids, torch.Tensor) and engine.slot(ids) is None
-            and not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool
-            and ids.dim() >= 1 and p.dim() >= 1 and engine._reads_batch(ids)
-            and not bool((ids < 0).any())):
+            and ids.dtype in (torch.int64, torch.int32) and ids.dim() >= 1 and p.dim() >= 1
+            and engine.reads_batch(ids) and not bool((ids < 0).any())):
         w = p if p.dim() == 2 else p.reshape(p.shape[0], -1)
         out = F.embedding(ids, w)
         return out if p.dim() == 2 else out.reshape(*ids.shape, *p.shape[1:])
