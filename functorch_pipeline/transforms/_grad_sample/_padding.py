@@ -28,7 +28,9 @@ every run that reached it, at least two of different sizes (a random search foun
 ``expand(3, ...)`` of a weight taken for the examples when a batch of 2 ran padded to 3).
 Runs stopped early by another ambiguity count for the expands they reached. The padding that worked, and those
 decisions, are remembered per ``loss_fn`` and input shapes, so later calls skip the
-refused forward. Costs: ``extra / B`` more work, and a copy of the batch.
+refused forward. Costs: ``extra / B`` more work, and a copy of the batch. In a padded run
+the padding examples draw the first example's random numbers (NOTE [random draws in a
+padded run] in ``_same_draws``), so that training-mode dropout does not defeat the proofs.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ import torch
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._same_draws import SameDraws
 
 __all__ = ["Evidence", "pad_batch", "run_unambiguous"]
 
 _MAX_EXTRA = 4
-_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[int]]]] = weakref.WeakKeyDictionary()
+# per loss_fn: input shapes -> (padding rows, expand decisions, whether the padded run
+# needs SameDraws)
+_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[int], bool]]] = weakref.WeakKeyDictionary()
 
 
 def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
@@ -122,7 +127,39 @@ class Evidence:
         return made
 
 
-def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[int]]]:
+def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
+            batched: Sequence[int], size: int, extra: int, evidence: Callable[[], Evidence],
+            draws: bool) -> tuple[Any, bool, Evidence]:
+    """``run`` on the batch padded by ``extra`` rows: ``(result, draws, evidence used)``.
+    With ``draws`` under :class:`SameDraws`; else plainly first, and again under it when
+    that run failed having drawn random numbers (NOTE [random draws in a padded run]: the
+    mode costs every op a Python call, a quarter of a small transformer's padded call, so
+    a model that draws nothing never pays it)."""
+    padded = pad_batch(args, batched, extra)
+    if not draws:
+        before = _rng_states()
+        try:
+            ev = evidence()
+            return run(padded, size + extra, ev), False, ev
+        except Unsupported:
+            after = _rng_states()
+            if all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+                raise  # nothing drawn: the failure is the model's
+    ev = evidence()
+    with SameDraws(size, size + extra):
+        return run(padded, size + extra, ev), True, ev
+
+
+def _rng_states() -> list[torch.Tensor]:
+    """PyTorch's global generators' states (CPU, and CUDA's current device once
+    initialised), to tell whether a run drew random numbers."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
+def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[int], bool]]:
     try:
         return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
     except TypeError:  # not weak-referenceable: nothing remembered
@@ -164,10 +201,14 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
     cache = _cache(loss_fn)
     key = _key(args, batched) if cache else None  # no flattening while nothing was padded
     if cache and key in cache:
-        extra, decisions = cache[key]
+        extra, decisions, draws = cache[key]
         try:
-            return run(pad_batch(args, batched, extra) if extra else list(args), size + extra,
-                       Evidence(decisions=decisions)), extra
+            if not extra:
+                return run(list(args), size, Evidence(decisions=decisions)), 0
+            out, draws, _ = _padded(run, args, batched, size, extra,
+                                    lambda: Evidence(decisions=decisions), draws)
+            cache[key] = (extra, decisions, draws)
+            return out, extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
     evidence = Evidence()
@@ -179,23 +220,28 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
         first = error
     else:
         if evidence.made:  # expands decided: remember them for these shapes
-            cache[_key(args, batched) if key is None else key] = (0, evidence.made)
+            cache[_key(args, batched) if key is None else key] = (0, evidence.made, False)
         return out, 0
     if key is None:
         key = _key(args, batched)
     runs = [(evidence.log, size)]
     for extra in range(1, _MAX_EXTRA + 1):
-        evidence = Evidence(list(runs))
+        tried: list[Evidence] = []
+
+        def fresh(tried: list[Evidence] = tried) -> Evidence:
+            tried.append(Evidence(list(runs)))
+            return tried[-1]
+
         try:
-            out = run(pad_batch(args, batched, extra), size + extra, evidence)
+            out, draws, evidence = _padded(run, args, batched, size, extra, fresh, False)
         except Ambiguous as still:
-            runs.append((evidence.log, size + extra))
+            runs.append((tried[-1].log, size + extra))
             last = still
             continue
         except Unsupported as other:  # past the ambiguous op, something else is refused
             raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "
                               f"apart, the call was refused anyway: {other}") from None
-        cache[key] = (extra, evidence.made)
+        cache[key] = (extra, evidence.made, draws)
         return out, extra
     if str(last) == str(first):
         raise first
