@@ -55,55 +55,45 @@ def _windows(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(B, W, T // W, D).transpose(1, 2).reshape(B * (T // W), W, D)
 
 
-def test_random_masks_in_a_padded_run_match_the_replayed_loop():
-    torch.manual_seed(0)
-    model = Windows().train()
-    params = params_of(model)
-    B, T = 3, 4
-    x, y = torch.randn(B, T, D), torch.tensor([0, 2, 1])
-
+def ce_losses(model: nn.Module):
     def losses(p, xb, yb):
         return F.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb, reduction="none")
 
+    return losses
+
+
+def replayed(model: Windows, drawn: tuple, params: dict, x: torch.Tensor, y: torch.Tensor,
+             i: int) -> list:
+    """Example ``i``'s gradient with the masks its rows drew (``drawn``, a padded run's)."""
+    windows = x.shape[1] // W
+    p = {k: v.clone().requires_grad_() for k, v in params.items()}
+    replay = (drawn[0][i * windows:(i + 1) * windows], drawn[1][i:i + 1])
+    out = torch.func.functional_call(model, p, (x[i:i + 1],), {"replay": replay})
+    return list(torch.autograd.grad(F.cross_entropy(out, y[i:i + 1]), list(p.values())))
+
+
+@pytest.mark.parametrize("what", ["grads (auto: hooks)", "norms (ghost)"])
+def test_random_masks_in_a_padded_run_match_the_replayed_loop(what):
+    torch.manual_seed(0)
+    model = Windows().train()
+    params = params_of(model)
+    x, y = torch.randn(3, 4, D), torch.tensor([0, 2, 1])
     for seed in range(12):
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fall-back, on any draw
-            got = fp.per_sample_grads(losses)(params, x, y)
-        drop, keep = model.drawn  # the run that returned: padded, real rows first
-        windows = T // W
-        assert drop.shape[0] > B * windows  # it was a padded run
-        for i in range(B):
-            p = {k: v.clone().requires_grad_() for k, v in params.items()}
-            replay = (drop[i * windows:(i + 1) * windows], keep[i:i + 1])
-            out = torch.func.functional_call(model, p, (x[i:i + 1],), {"replay": replay})
-            loss = F.cross_entropy(out, y[i:i + 1])
-            want = torch.autograd.grad(loss, list(p.values()))
-            assert all(close(got[k][i], g) for k, g in zip(p, want, strict=True)), (seed, i)
-
-
-def test_random_masks_in_a_padded_run_give_ghost_norms_of_the_replayed_loop():
-    torch.manual_seed(1)
-    model = Windows().train()
-    params = params_of(model)
-    x, y = torch.randn(3, 4, D), torch.tensor([1, 0, 2])
-
-    def losses(p, xb, yb):
-        return F.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb, reduction="none")
-
-    for seed in range(8):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            norms = fp.per_sample_grad_norms(losses, method="ghost")(params, x, y)
-        drop, keep = model.drawn
+            if what.startswith("grads"):
+                got = fp.per_sample_grads(ce_losses(model))(params, x, y)
+            else:
+                norms = fp.per_sample_grad_norms(ce_losses(model), method="ghost")(params, x, y)
+        drawn = model.drawn
+        assert drawn[0].shape[0] > 3 * 2  # the run that returned was padded
         for i in range(3):
-            p = {k: v.clone().requires_grad_() for k, v in params.items()}
-            out = torch.func.functional_call(model, p, (x[i:i + 1],),
-                                             {"replay": (drop[2 * i:2 * i + 2], keep[i:i + 1])})
-            grads = torch.autograd.grad(F.cross_entropy(out, y[i:i + 1]), list(p.values()))
-            want = torch.cat([g.reshape(-1) for g in grads]).norm()
-            assert close(norms[i], want), (seed, i)
+            want = replayed(model, drawn, params, x, y, i)
+            if what.startswith("grads"):
+                assert all(close(got[k][i], g) for k, g in zip(params, want, strict=True)), (seed, i)
+            else:
+                assert close(norms[i], torch.cat([g.reshape(-1) for g in want]).norm()), (seed, i)
 
 
 @pytest.mark.parametrize("batch", [2, 3])
@@ -116,10 +106,7 @@ def test_torchvision_swin_in_training_mode_takes_the_fast_path_on_every_draw(bat
         num_classes=3, stochastic_depth_prob=0.5, dropout=0.2).train()
     params = params_of(model)
     x, y = torch.randn(batch, 3, 8, 8), torch.randint(0, 3, (batch,))
-
-    def losses(p, xb, yb):
-        return F.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb, reduction="none")
-
+    losses = ce_losses(model)
     for seed in range(8):
         torch.manual_seed(seed)
         with warnings.catch_warnings():
@@ -155,10 +142,7 @@ def test_a_model_that_draws_nothing_never_pays_for_the_mode(monkeypatch):
     fp.per_sample_grads(deterministic, method="hooks")(params, x, y)
     assert made == []
     model.train()
-
-    def random(p, xb, yb):
-        return F.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb, reduction="none")
-
+    random = ce_losses(model)
     for seed in range(6):  # a padded run without the mode may pass by luck: some will not
         torch.manual_seed(seed)
         fp.per_sample_grads(random, method="hooks")(params, x, y)
