@@ -542,3 +542,52 @@ def test_rows_are_kept_through_a_chain_of_elementwise_ops_with_one_forward():
     assert forwards == [4]  # no padded run
     want = loop_grads(losses, params, x)
     assert all(close(got[k], want[k]) for k in want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 4), positions=st.integers(1, 4), heads=st.integers(1, 2),
+       derived=st.booleans(), seed=st.integers(0, 2 ** 16))
+@example(batch=3, positions=3, heads=1, derived=True, seed=0)  # positions as many as examples
+def test_a_matrix_per_position_over_merged_rows_matches_the_loop(batch, positions, heads, derived, seed):
+    """NOTE [a matrix per position]: MViT's temporal relative-position term, ``r_q`` of
+    shape ``(T, B * heads * S, d)`` (a permute, then the examples merged with the other axes
+    into the rows) times a ``(T, d, K)`` stack, a parameter or looked up from a table with a
+    constant index and transposed (``rel_pos_t[dist].transpose(1, 2)``)."""
+    g = torch.Generator().manual_seed(seed)
+    T, S, d, K = positions, 2, 3, 2
+    params = {"W": torch.randn(T, d, K, generator=g), "table": torch.randn(2 * T - 1, d, generator=g),
+              "proj": torch.randn(d, d, generator=g)}
+    x = torch.randn(batch, heads, T, S, d, generator=g)
+
+    def losses(p, xb):
+        B = xb.shape[0]
+        h = F.linear(xb, p["proj"])  # the rows have a graph, as MViT's queries do
+        r_q = h.permute(2, 0, 1, 3, 4).reshape(T, B * heads * S, d)
+        if derived:  # (T, d, T), MViT's Rt.transpose(1, 2)
+            dist = torch.arange(T)[:, None] - torch.arange(T)[None, :] + T - 1
+            stack = p["table"][dist].transpose(1, 2)
+        else:
+            stack = p["W"]  # (T, d, K)
+        out = torch.matmul(r_q, stack).transpose(0, 1)  # (B heads S, T, K or T)
+        return torch.tanh(out).reshape(B, -1).pow(2).sum(1)
+
+    check(losses, params, x)
+
+
+@pytest.mark.parametrize("batch, length", [(1, 3), (2, 3), (3, 3), (4, 2)])
+@pytest.mark.parametrize("eq", ["nd,dhk->nhk", "nd,dhk->hnk"])
+def test_an_einsum_on_merged_rows_sums_each_examples_rows_in_the_product(batch, length, eq):
+    """NOTE [a matrix per position]: an einsum's per-example part over ``m`` rows per
+    example is formed summed (the examples' index first in the output, or not)."""
+    g = torch.Generator().manual_seed(batch + length)
+    d = 3
+    params = {"proj": torch.randn(d, d, generator=g), "R": torch.randn(d, 2, 2, generator=g)}
+    x = torch.randn(batch, length, d, generator=g)
+
+    def losses(p, xb):
+        h = F.linear(xb, p["proj"]).reshape(-1, d)  # (B T, d): T rows per example
+        out = torch.einsum(eq, h, p["R"])
+        out = out.transpose(0, 1) if eq.endswith("hnk") else out
+        return torch.tanh(out).reshape(xb.shape[0], -1).pow(2).sum(1)
+
+    check(losses, params, x)

@@ -47,6 +47,18 @@ is the first letter of the batched operand's ellipsis when it leads (``"...i"`` 
 ``(B, T, i)``). An output without ``...`` sums the ellipsis axes: across the examples
 too, which the two-operand rule refuses as it refuses ``"bi,ij->j"``.
 
+# NOTE [a matrix per position]
+``x @ w`` with ``w`` a stack of matrices ``(P, in, out)`` and ``x`` of shape ``(P, N, in)``
+applies position ``p``'s matrix to that position's ``N`` rows; MViT's temporal relative
+position term (``r_q`` of shape ``(T, B * heads * H * W, dim)`` times a ``(T, dim, T)``
+stack looked up from ``rel_pos_t``) holds the examples among the rows, ``m`` consecutive
+rows each. It runs as ``einsum("npi,pio->pno", x.transpose(0, 1), w)``, whose batched
+operand has the rows first, so the einsum rule takes it, the rows checked as any input
+with ``m`` rows per example merged into axis 0 is (NOTE [examples merged into axis 0] in
+``_engine``: a padded run shows the layout). An einsum's per-example part over merged rows
+sums each example's rows inside the product (``"bm...,...->b..."``) rather than forming
+a part per row first (9,408 rows of a ``(8, 96, 8)`` stack: 460 MB in float64).
+
 # NOTE [einsum of three or more operands]
 An einsum of more operands (a quadratic form ``"bi,ij,bj->b"``, two weights
 ``"bi,ij,jk->bk"``) is the product of its operands taken two at a time: the first
@@ -109,11 +121,17 @@ def _matmul(reflected: bool) -> Any:
 
             engine.examples_axis(x, refuse, f"`{name}` on {engine.name(ws)}")
             return engine.derive_op(torch.matmul, (a, b), {})
+        if (not left and wp.dim() == 3 and isinstance(x, torch.Tensor) and x.dim() == 3
+                and x.shape[0] == wp.shape[0]):
+            # A stack of matrices, one per position, each applied to that position's rows:
+            # the examples among the rows (NOTE [a matrix per position]).
+            return torch.einsum("npi,pio->pno", x.transpose(0, 1), b)
         if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise Unsupported(
                 f"{engine.name(ws)} of shape {tuple(wp.shape)} is used by `{name}` on an input "
                 f"of shape {tuple(getattr(x, 'shape', ()))}; its rule takes a matrix or "
-                "vector `w` and a batched `x` of at least 2 axes (NOTE [x @ w])")
+                "vector `w` and a batched `x` of at least 2 axes, or a stack of matrices `w` of "
+                "shape (P, in, out) and `x` of shape (P, N, in) (NOTE [x @ w])")
         columns = left and x.dim() == 2  # w @ x with examples as the columns of x
 
         def check() -> int:
@@ -212,6 +230,15 @@ def _einsum(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 def _finish_einsum(engine: Engine, g: torch.Tensor, x: torch.Tensor, slot: int, eq: str) -> None:
+    B, n = engine.batch_size, x.shape[0]
+    if n != B and n % B == 0:  # m rows per example: summed inside the product, not after it
+        inputs, _, out = eq.partition("->")
+        x_idx, g_idx = inputs.split(",")
+        batch, rows = out[0], next(c for c in string.ascii_letters if c not in eq)
+        at = g_idx.index(batch)
+        x = x.reshape(B, n // B, *x.shape[1:])
+        g = g.reshape(*g.shape[:at], B, n // B, *g.shape[at + 1:])
+        eq = f"{batch}{rows}{x_idx[1:]},{g_idx[:at + 1]}{rows}{g_idx[at + 1:]}->{out}"
     engine.add("direct", slot, torch.einsum(eq, x, g))
 
 
