@@ -16,6 +16,7 @@ installed is skipped with the command that installs it (``pip install
     .venv/bin/python benchmarks/zoo_coverage.py                 # both zoos
     .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --models gpt2,t5
     .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --train   # training mode, dropout on
+    .venv/bin/python benchmarks/zoo_coverage.py --zoo torchvision   # its image and video models
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ TIMM = (
 HF = ("gpt2,bert,roberta,distilbert,albert,electra,deberta-v2,bart,llama,mistral,qwen2,gemma,"
       "phi3,gpt-neox,opt,t5,vit,wav2vec2,hubert").split(",")
 VOCAB, LENGTH, BATCH = 97, 6, 3
+TORCHVISION = {  # name -> input shape after the batch (the smallest each model takes)
+    **dict.fromkeys(["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
+                     "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
+                     "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5", "squeezenet1_1",
+                     "densenet121", "googlenet", "mnasnet0_5", "alexnet", "vgg11",
+                     "convnext_tiny", "swin_t", "swin_v2_t"], (3, 64, 64)),
+    "inception_v3": (3, 299, 299), "maxvit_t": (3, 224, 224),
+    **dict.fromkeys(["r3d_18", "mc3_18", "r2plus1d_18"], (3, 4, 32, 32)),
+    "swin3d_t": (3, 8, 64, 64), "mvit_v1_b": (3, 16, 224, 224), "mvit_v2_s": (3, 16, 224, 224),
+}
 SAMPLES = 400  # audio samples per example: 38 frames after the tiny feature encoder
 
 
@@ -117,6 +128,32 @@ def timm_rows(names: list[str]) -> None:
 
             print(row(name, losses, params, (x, y)), flush=True)
         except Exception as e:  # a model this harness cannot build at 64 x 64 and so on
+            print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
+def torchvision_rows(names: list[str]) -> None:
+    """torchvision's classification and video models in eval mode (their dropout and
+    stochastic depth off, so the loop sees the batch's function), BatchNorm -> GroupNorm,
+    a batch of 2."""
+    tv = _common.optional("torchvision")
+    if tv is None:
+        print("  skipped torchvision: not installed (pip install torchvision)")
+        return
+    for name in names:
+        try:
+            torch.manual_seed(0)
+            extra = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+            model = tv.models.get_model(name, num_classes=5, **extra)
+            model = fp.nn.replace_batchnorm_with_groupnorm(model, 1).double().eval()
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            x = torch.randn(2, *TORCHVISION[name], dtype=torch.float64)
+            y = torch.arange(2) % 5
+
+            def losses(p: dict, x: torch.Tensor, y: torch.Tensor, model: Any = model) -> torch.Tensor:
+                return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+            print(row(name, losses, params, (x, y)), flush=True)
+        except Exception as e:
             print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
@@ -309,7 +346,8 @@ def hf_train_rows(names: list[str]) -> None:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--zoo", choices=["timm", "hf", "both"], default="both")
+    p.add_argument("--zoo", choices=["timm", "hf", "both", "torchvision"], default="both",
+                   help="both: timm and Hugging Face")
     p.add_argument("--models", default=None, help="comma-separated names (default: the lists above)")
     p.add_argument("--train", action="store_true",
                    help="Hugging Face models in training mode with dropout on (hf_train_rows)")
@@ -318,6 +356,9 @@ def main() -> None:
         return
     torch.set_default_dtype(torch.float64)
     chosen = args.models.split(",") if args.models else None
+    if args.zoo == "torchvision":
+        print("torchvision (eval mode, BatchNorm -> GroupNorm, batch 2, float64):")
+        torchvision_rows(chosen or list(TORCHVISION))
     if args.zoo in ("timm", "both"):
         print("timm (train mode, BatchNorm -> GroupNorm, 64 x 64, batch 3, float64):")
         timm_rows(chosen or TIMM)
