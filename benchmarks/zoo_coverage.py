@@ -16,6 +16,7 @@ installed is skipped with the command that installs it (``pip install
     .venv/bin/python benchmarks/zoo_coverage.py                 # both zoos
     .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --models gpt2,t5
     .venv/bin/python benchmarks/zoo_coverage.py --zoo hf --train   # training mode, dropout on
+    .venv/bin/python benchmarks/zoo_coverage.py --zoo timm --train # dropout, stochastic depth
     .venv/bin/python benchmarks/zoo_coverage.py --zoo torchvision   # its image and video models
 """
 
@@ -106,18 +107,29 @@ def row(name: str, losses: Callable[..., torch.Tensor], params: dict, batch: tup
             f"{time.perf_counter() - t0:4.1f} s{reason}")
 
 
-def timm_rows(names: list[str]) -> None:
+def timm_rows(names: list[str], train: bool = False) -> None:
+    """timm models at 64 x 64, BatchNorm -> GroupNorm, in train mode: with their dropout and
+    stochastic depth at 0 (timm's default) against the loop (:func:`row`), or with
+    ``train`` at dropout 0.1 and stochastic depth 0.2, where no loop sees the batch's
+    masks: :func:`draws_row` says which method ran on each of 4 seeds."""
     timm = _common.optional("timm")
     if timm is None:
         print("  skipped timm: not installed (pip install timm)")
         return
+    # a model without an img_size (or a drop_path_rate) argument takes the next
+    rates = [{"drop_rate": 0.1, "drop_path_rate": 0.2}, {"drop_rate": 0.1}] if train else [{}]
+    options = [{"img_size": 64, **r} for r in rates] + rates
+    options.sort(key=lambda o: -len(o))
     for name in names:
         try:
-            torch.manual_seed(0)
-            try:
-                model = timm.create_model(name, pretrained=False, num_classes=5, img_size=64)
-            except TypeError:  # a model without an img_size argument
-                model = timm.create_model(name, pretrained=False, num_classes=5)
+            for i, kw in enumerate(options):
+                torch.manual_seed(0)
+                try:
+                    model = timm.create_model(name, pretrained=False, num_classes=5, **kw)
+                    break
+                except TypeError:
+                    if i == len(options) - 1:
+                        raise
             model = fp.nn.replace_batchnorm_with_groupnorm(model, 1).double().train()
             params = {k: v.detach() for k, v in model.named_parameters()}
             x = torch.randn(BATCH, 3, 64, 64, dtype=torch.float64)
@@ -126,9 +138,31 @@ def timm_rows(names: list[str]) -> None:
             def losses(p: dict, x: torch.Tensor, y: torch.Tensor, model: Any = model) -> torch.Tensor:
                 return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
 
-            print(row(name, losses, params, (x, y)), flush=True)
+            print((draws_row if train else row)(name, losses, params, (x, y)), flush=True)
         except Exception as e:  # a model this harness cannot build at 64 x 64 and so on
             print(f"  {name:30s} not run: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
+def draws_row(name: str, losses: Callable[..., torch.Tensor], params: dict, batch: tuple) -> str:
+    """One model that draws random numbers: the default method on 4 seeds, each call
+    ``fast``, ``vmap`` (a fall-back) or the error it raised (``vmap`` refuses PyTorch's
+    global RNG: NOTE [random draws in a padded run])."""
+    t0 = time.perf_counter()
+    seen = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                got = fp.per_sample_grads(losses)(params, *batch)
+            except Exception as e:
+                seen.append(f"{type(e).__name__}: {str(e)[:80]}")
+                continue
+        said = [str(w.message) for w in caught if "falls back" in str(w.message)]
+        finite = all(bool(torch.isfinite(g).all()) for g in got.values())
+        seen.append(("vmap" if said else "fast") + ("" if finite else " (not finite)"))
+    summary = "fast on 4 seeds" if seen == ["fast"] * 4 else "; ".join(seen)
+    return f"  {name:30s} {summary}  {time.perf_counter() - t0:4.1f} s"
 
 
 def torchvision_rows(names: list[str]) -> None:
@@ -350,7 +384,8 @@ def main() -> None:
                    help="both: timm and Hugging Face")
     p.add_argument("--models", default=None, help="comma-separated names (default: the lists above)")
     p.add_argument("--train", action="store_true",
-                   help="Hugging Face models in training mode with dropout on (hf_train_rows)")
+                   help="Hugging Face models in training mode with dropout on (hf_train_rows); "
+                        "timm models with dropout and stochastic depth on (draws_row)")
     args = p.parse_args()
     if _common.begin(args):
         return
@@ -360,8 +395,9 @@ def main() -> None:
         print("torchvision (eval mode, BatchNorm -> GroupNorm, batch 2, float64):")
         torchvision_rows(chosen or list(TORCHVISION))
     if args.zoo in ("timm", "both"):
-        print("timm (train mode, BatchNorm -> GroupNorm, 64 x 64, batch 3, float64):")
-        timm_rows(chosen or TIMM)
+        rates = ", dropout 0.1, stochastic depth 0.2" if args.train else ""
+        print(f"timm (train mode{rates}, BatchNorm -> GroupNorm, 64 x 64, batch 3, float64):")
+        timm_rows(chosen or TIMM, args.train)
     if args.zoo in ("hf", "both") and args.train:
         print(f"transformers (tiny configs, training mode, dropout 0.1, {LENGTH} tokens with padding, "
               "batch 3, float64):")
