@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
 __all__ = ["INDEX"]
@@ -78,8 +79,7 @@ def _get_item(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
 def _index_select(func: Any) -> Any:
     def rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any:
         """``p.index_select(0, ids)``: NOTE [a parameter indexed by the batch]."""
-        names = ("input", "dim", "index")
-        p, dim, ids = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
+        p, dim, ids = (_get(args, kwargs, i, n) for i, n in enumerate(("input", "dim", "index")))
         first = isinstance(dim, int) and isinstance(p, torch.Tensor) and dim in (0, -p.dim())
         return _rows(engine, func, args, kwargs, p, ids if first and "out" not in kwargs else None)
 
@@ -122,9 +122,8 @@ def _index_put(func: Any) -> Any:
         """``h.index_put(indices, p, accumulate)``, out of place (``index_put_`` runs as it,
         on a copy: ``Engine.in_place_on_plain``): NOTE [a parameter written into the batch];
         a constant ``h`` makes a derived tensor."""
-        names = ("input", "indices", "values", "accumulate")
-        h, indices, value, accumulate = (args[i] if i < len(args) else kwargs.get(n, False if i == 3 else None)
-                                         for i, n in enumerate(names))
+        h, indices, value = (_get(args, kwargs, i, n) for i, n in enumerate(("input", "indices", "values")))
+        accumulate = _get(args, kwargs, 3, "accumulate", False)
         key = tuple(indices) if isinstance(indices, (list, tuple)) else None
         if key is not None and engine.slot(h) is None and set(kwargs) <= {"accumulate"}:
             out = h.clone()

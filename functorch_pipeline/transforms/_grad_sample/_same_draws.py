@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from functorch_pipeline.transforms._grad_sample._rules import _get
+
 __all__ = ["SameDraws"]
 
 _T = torch.Tensor
@@ -78,10 +80,8 @@ class SameDraws(TorchFunctionMode):
             t[self.real * m:] = t[:m].repeat(self.padded - self.real, *([1] * (t.dim() - 1)))
 
     def _dropout(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        names = ("input", "p", "training", "inplace")
-        defaults = (None, 0.5, True, False)
-        x, p, training, inplace = (args[i] if i < len(args) else kwargs.get(n, d)
-                                   for i, (n, d) in enumerate(zip(names, defaults, strict=True)))
+        x, p = _get(args, kwargs, 0, "input"), _get(args, kwargs, 1, "p", 0.5)
+        training, inplace = _get(args, kwargs, 2, "training", True), _get(args, kwargs, 3, "inplace", False)
         if not training or not isinstance(p, (int, float)) or not 0 < p < 1:
             return func(*args, **kwargs)  # nothing drawn, or all dropped: torch's own
         shared = _DROPOUT[func]
