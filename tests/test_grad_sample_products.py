@@ -758,3 +758,57 @@ def test_an_einsum_that_broadcasts_a_parameter_axis_is_refused_then_falls_back()
         return torch.einsum("bi,ij->bj", xb, p["W"]).pow(2).sum(1)
 
     refused_then_loop(losses, params, x, match="broadcasts its index 'i'")
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), batch=st.integers(1, 4), op=st.sampled_from(["+", "-", "r-", "*", "/", "r/"]),
+       form=st.sampled_from(["prototypes (B, T, 1, D) vs (M, D)", "(B, 1, D) vs (M, D)",
+                             "(B, C, 1, 1) vs (C, H, W)"]))
+def test_a_parameter_and_a_batched_operand_broadcast_against_each_other(seed, batch, op, form):
+    """NOTE [broadcast parameters]: ``x`` broadcast too (size 1 where ``p`` has ``n``), the
+    result larger than ``x``: the distances to learned prototypes, an RBF layer. Fell back
+    to ``vmap`` before."""
+    g = torch.Generator().manual_seed(seed)
+    if form.startswith("prototypes"):
+        x, p = torch.randn(batch, 3, 1, 4, generator=g), torch.randn(5, 4, generator=g)
+    elif form.startswith("(B, 1, D)"):
+        x, p = torch.randn(batch, 1, 4, generator=g), torch.randn(5, 4, generator=g)
+    else:
+        x, p = torch.randn(batch, 2, 1, 1, generator=g), torch.randn(2, 3, 3, generator=g)
+    params = {"p": p.abs() + 0.5 if op.endswith("/") else p}
+    x = x.abs() + 0.5 if op == "r/" else x
+    apply = {"+": lambda a, w: a + w, "-": lambda a, w: a - w, "r-": lambda a, w: w - a,
+             "*": lambda a, w: a * w, "/": lambda a, w: a / w, "r/": lambda a, w: w / a}[op]
+
+    def losses(q, xb):
+        return torch.tanh(apply(xb, q["p"])).pow(2).reshape(xb.shape[0], -1).sum(1)
+
+    check(losses, params, x)
+
+
+@pytest.mark.parametrize("form", ["x @ w[None]", "matmul(x, w.unsqueeze(0))", "w[None] @ x",
+                                  "baddbmm(b.expand, x, w.expand)", "b.expand(B, T, O) + h"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_weight_with_leading_axes_of_size_one_and_a_bias_expanded_over_new_axes(form, batch):
+    """``x @ w[None]`` is the matrix broadcast (NOTE [x @ w]); a bias ``(O,)`` expanded to
+    ``(B, T, O)`` has new leading axes, the first over the examples (NOTE [broadcast
+    parameters]). Both fell back to ``vmap`` before."""
+    g = torch.Generator().manual_seed(batch)
+    params = {"w": torch.randn(4, 2, generator=g), "b": torch.randn(2, generator=g)}
+    x = torch.randn(batch, 3, 4, generator=g)
+
+    def losses(p, xb):
+        B = xb.shape[0]
+        if form == "x @ w[None]":
+            out = xb @ p["w"][None]
+        elif form == "matmul(x, w.unsqueeze(0))":
+            out = torch.matmul(xb, p["w"].unsqueeze(0))
+        elif form == "w[None] @ x":
+            out = (p["w"].T[None] @ xb.transpose(1, 2)).transpose(1, 2)
+        elif form == "baddbmm(b.expand, x, w.expand)":
+            out = torch.baddbmm(p["b"].expand(B, 3, 2), xb, p["w"].expand(B, -1, -1))
+        else:
+            out = p["b"].expand(B, 3, 2) + xb[..., :2]
+        return torch.tanh(out).pow(2).reshape(B, -1).sum(1)
+
+    check(losses, params, x)

@@ -18,11 +18,15 @@ every example there, so example ``b``'s gradient is its output gradient times th
 elementwise derivative (``x`` for a product, ``-out / p`` or ``1 / x`` for a quotient,
 ``alpha`` or ``-alpha`` for a sum or difference) summed over the other broadcast axes,
 leading and trailing.
-Any other shape (``p`` varying along a leading axis, a result larger than ``x``) is
-refused.
+``x`` may be broadcast too, along trailing axes where it has size 1 (the distances of
+each position to a set of learned prototypes, ``x[:, :, None] - P`` with ``P`` of shape
+``(M, D)``, an RBF layer): the result is then larger than ``x``, and ``p`` enters as a leaf
+expanded to the result's shape, whose gradient (autograd's elementwise derivative times
+the output gradient) is summed as above. Any other shape (``p`` varying along a leading
+axis) is refused.
 
-``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with a new leading axis)
-makes the examples' axis itself when ``n`` is the batch size, and nothing but the size
+``p.expand(n, ...)`` of a parameter whose axis 0 has size 1 (or with new leading axes:
+a bias ``(O,)`` expanded to ``(B, T, O)`` for ``torch.baddbmm``) makes the examples' axis itself when ``n`` is the batch size, and nothing but the size
 says so. So the rule asks for proof (``_padding.Evidence``, NOTE [padding an ambiguous
 batch]): an expand is over the examples only if its size equalled the batch size in
 every run of the call that reached it, at least two of different sizes (the caller's and
@@ -90,7 +94,12 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             # A constant (W + v, a frozen bias added to a parameter): a derived tensor.
             engine.examples_axis(x, refuse, f"`{name}` on {engine.name(slot)}")
             return engine.derive_op(op, (a, b), kwargs)
-        k, inner, fits = layout(p.shape, x.shape)
+        try:  # x may be broadcast too, along trailing axes (NOTE [broadcast parameters])
+            shape = torch.broadcast_shapes(x.shape, p.shape)
+        except RuntimeError:
+            shape = x.shape  # the op itself raises torch's error below
+        grown = shape != x.shape and len(shape) == x.dim()
+        k, inner, fits = layout(p.shape, shape if grown else x.shape)
 
         def check() -> int:
             if not fits:
@@ -106,6 +115,12 @@ def _binary(kind: str, reflected: bool = False) -> Any:
         if axis is None:
             return engine.derive_op(op, (a, b), kwargs)
         xin = x.detach().requires_grad_() if not x.requires_grad else x
+        if grown:  # the parameter as a leaf of the result's shape: autograd's derivative
+            leaf = p.detach().reshape((1,) * (len(shape) - p.dim()) + tuple(p.shape))
+            leaf = leaf.expand(shape).requires_grad_()
+            out = op(*((leaf, xin) if sa is not None else (xin, leaf)), **kwargs)
+            engine.record(leaf, finish_binary, None, slot, axis, k, 1, inner)
+            return out
         out = op(*((p, xin) if sa is not None else (xin, p)), **kwargs)
         if out.shape != x.shape:
             raise Unsupported(f"{engine.name(slot)} is used by `{name}` with a result of shape "
@@ -161,7 +176,7 @@ def _expand(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
         sizes = tuple(sizes[0])
     B = engine.batch_size
-    shape = (1, *p.shape) if len(sizes) == p.dim() + 1 else tuple(p.shape)  # a new leading axis
+    shape = (1,) * (len(sizes) - p.dim()) + tuple(p.shape)  # new leading axes, if any
     evidence = engine.evidence if engine.evidence is not None else Evidence()
     if (len(sizes) != len(shape) or shape[0] != 1
             or not evidence.batch_expand(sizes[0], B)):  # raises Ambiguous when unproven

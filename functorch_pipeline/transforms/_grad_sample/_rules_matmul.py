@@ -17,7 +17,9 @@ is ``F.linear(x, w)`` and runs as that, rather than through a derived weight, wh
 per-example gradients ghost clipping would have to form (398 against 3.7 ms for the
 clipped sum of a 784-512-10 MLP at B = 256); a two-axis ``x`` of shape ``(in, B)`` holds
 the examples as its columns (``W @ X`` in column-vector notation), checked as ``x.T``'s
-axis 0. Two batched operands, a parameter of more than two axes and ``out=`` are refused.
+axis 0. A ``w`` with leading axes of size 1 (``x @ w[None]``) is that matrix broadcast,
+and runs as it. Two batched operands, a parameter of more than two axes (but NOTE [a
+matrix per position]) and ``out=`` are refused.
 
 # NOTE [einsum]
 ``torch.einsum(eq, x, p)`` of one batched operand and one parameter (either order, the
@@ -126,6 +128,12 @@ def _matmul(reflected: bool) -> Any:
             # A stack of matrices, one per position, each applied to that position's rows:
             # the examples among the rows (NOTE [a matrix per position]).
             return torch.einsum("npi,pio->pno", x.transpose(0, 1), b)
+        if (wp.dim() >= 3 and all(n == 1 for n in wp.shape[:-2]) and isinstance(x, torch.Tensor)
+                and x.dim() >= wp.dim()):
+            # A matrix with leading axes of size 1 (``x @ w[None]``), not one per position:
+            # broadcast, the same product as with the matrix itself.
+            w2 = (a if left else b).reshape(wp.shape[-2:])
+            return torch.matmul(w2, x) if left else torch.matmul(x, w2)
         if wp.dim() not in (1, 2) or not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise Unsupported(
                 f"{engine.name(ws)} of shape {tuple(wp.shape)} is used by `{name}` on an input "
