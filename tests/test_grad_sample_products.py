@@ -812,3 +812,35 @@ def test_a_weight_with_leading_axes_of_size_one_and_a_bias_expanded_over_new_axe
         return torch.tanh(out).pow(2).reshape(B, -1).sum(1)
 
     check(losses, params, x)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_many_expands_over_the_batch_are_decided_in_one_padded_run(batch):
+    """Six layers, each a ``baddbmm`` of a bias and a weight expanded over the batch: twelve
+    expands that only runs of two batch sizes prove (NOTE [padding an ambiguous batch]).
+    A padded run used to decide one expand, and at most four were tried, so this fell back
+    to ``vmap``; now the first call runs three times (the caller's batch, then two padded
+    sizes) and later calls once."""
+    g = torch.Generator().manual_seed(batch)
+    layers, T, D = 6, 3, 3
+    params = {f"w{i}": torch.randn(D, D, generator=g) * 0.5 for i in range(layers)}
+    params.update({f"b{i}": torch.randn(D, generator=g) for i in range(layers)})
+    x = torch.randn(batch, T, D, generator=g)
+    sizes = []
+
+    def losses(p, xb):
+        B = xb.shape[0]
+        sizes.append(B)
+        h = xb
+        for i in range(layers):
+            h = torch.tanh(torch.baddbmm(p[f"b{i}"].expand(B, T, D), h, p[f"w{i}"].expand(B, -1, -1)))
+        return h.pow(2).sum((1, 2))
+
+    check(losses, params, x)
+    sizes.clear()
+    fp.per_sample_grads(losses, method="hooks")(params, x)
+    assert sizes == [batch + 2]  # remembered: one padded run
+    fresh = fp.per_sample_grads(lambda p, xb: losses(p, xb), method="hooks")
+    sizes.clear()
+    fresh(params, x)
+    assert sizes == [batch, batch + 1, batch + 2]

@@ -26,7 +26,12 @@ An expand of a parameter to the batch size (a class token) is proven the same wa
 :class:`Evidence`: it is over the examples only if its size equalled the batch size in
 every run that reached it, at least two of different sizes (a random search found an
 ``expand(3, ...)`` of a weight taken for the examples when a batch of 2 ran padded to 3).
-Runs stopped early by another ambiguity count for the expands they reached. The padding that worked, and those
+Runs stopped early by another ambiguity count for the expands they reached. A padded run
+that meets an expand no earlier run has seen goes on, taking it as over the examples for
+now, so that one run logs every expand and the next decides them all; the run itself is
+then discarded (as ambiguous, whatever it returned or refused after that expand). A model
+with many expands (a bias expanded over the batch in every layer) needed a run per expand
+before, and fell back to ``vmap`` past four. The padding that worked, and those
 decisions, are remembered per ``loss_fn`` and input shapes, so later calls skip the
 refused forward. Costs: ``extra / B`` more work, and a copy of the batch. In a padded run
 the padding examples draw the first example's random numbers (NOTE [random draws in a
@@ -100,6 +105,7 @@ class Evidence:
         self.decisions = decisions
         self.log: list[int] = []
         self.made: list[int] = []
+        self.pending: str | None = None  # why this run cannot be the answer (see below)
 
     def batch_expand(self, size: int, batch: int) -> int:
         """How many rows per example this run's next expand, to leading size ``size`` in a
@@ -121,10 +127,31 @@ class Evidence:
         elif seen:
             made = size // batch  # a multiple of the batch size, the same at two sizes or more
         else:
-            raise Ambiguous(f"a parameter is expanded to {size} rows, a multiple of the batch "
-                            f"size {batch}, which does not show whether they hold the examples")
+            why = (f"a parameter is expanded to {size} rows, a multiple of the batch size "
+                   f"{batch}, which does not show whether they hold the examples")
+            if not self.runs:  # the caller's own run: stop here, a padded one follows
+                raise Ambiguous(why)
+            # A padded run goes on, taking it as over the examples for now, so that it
+            # reaches (and logs) every later expand too: the next run then decides them all,
+            # rather than one expand a run (NOTE [padding an ambiguous batch]).
+            self.pending = self.pending or why
+            made = size // batch
         self.made.append(made)
         return made
+
+    def settled(self, run: Callable[[], Any]) -> Any:
+        """``run()``, or :class:`Ambiguous` when this run took an expand as over the
+        examples without proof (its result, or a refusal met after it, is not the answer:
+        another run decides)."""
+        try:
+            out = run()
+        except Unsupported as e:
+            if self.pending is not None and not isinstance(e, Ambiguous):
+                raise Ambiguous(f"{self.pending} (and then: {e})") from e
+            raise
+        if self.pending is not None:
+            raise Ambiguous(self.pending)
+        return out
 
 
 def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
@@ -140,14 +167,14 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
         before = _rng_states()
         try:
             ev = evidence()
-            return run(padded, size + extra, ev), False, ev
+            return ev.settled(lambda: run(padded, size + extra, ev)), False, ev
         except Unsupported:
             after = _rng_states()
-            if all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
-                raise  # nothing drawn: the failure is the model's
+            if ev.pending is not None or all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+                raise  # undecided expands (another run follows), or nothing drawn
     ev = evidence()
     with SameDraws(size, size + extra):
-        return run(padded, size + extra, ev), True, ev
+        return ev.settled(lambda: run(padded, size + extra, ev)), True, ev
 
 
 def _rng_states() -> list[torch.Tensor]:
