@@ -54,7 +54,7 @@ from functorch_pipeline.transforms._grad_sample._padding import Evidence
 from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
-__all__ = ["finish_binary", "layout"]
+__all__ = ["expanded_leaf", "finish_binary", "layout"]
 
 _T = torch.Tensor
 ADD = (torch.add, _T.add, _T.__add__, _T.__radd__)
@@ -116,8 +116,7 @@ def _binary(kind: str, reflected: bool = False) -> Any:
             return engine.derive_op(op, (a, b), kwargs)
         xin = x.detach().requires_grad_() if not x.requires_grad else x
         if grown:  # the parameter as a leaf of the result's shape: autograd's derivative
-            leaf = p.detach().reshape((1,) * (len(shape) - p.dim()) + tuple(p.shape))
-            leaf = leaf.expand(shape).requires_grad_()
+            leaf = expanded_leaf(p, shape)
             out = op(*((leaf, xin) if sa is not None else (xin, leaf)), **kwargs)
             engine.record(leaf, finish_binary, None, slot, axis, k, 1, inner)
             return out
@@ -151,6 +150,14 @@ def layout(p_shape: torch.Size, x_shape: torch.Size) -> tuple[int, tuple[int, ..
     fits = (len(p_shape) <= len(x_shape) and k > 0
             and all(a in (1, n) for a, n in zip(aligned[k:], x_shape[k:], strict=True)))
     return k, inner, fits
+
+
+def expanded_leaf(p: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``p`` broadcast to ``shape`` (aligned on the right), as a leaf that requires grad:
+    its gradient is the output gradient times the op's elementwise derivative, at every
+    position, for :func:`finish_binary` to sum."""
+    aligned = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+    return p.detach().reshape(aligned).expand(shape).requires_grad_()
 
 
 def finish_binary(engine: Engine, g: torch.Tensor, factor: torch.Tensor | None, slot: int,

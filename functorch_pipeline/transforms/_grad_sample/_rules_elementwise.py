@@ -52,6 +52,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
 from functorch_pipeline.transforms._grad_sample._engine import _plain_tensors
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
+from functorch_pipeline.transforms._grad_sample._rules_broadcast import expanded_leaf
 from functorch_pipeline.transforms._grad_sample._rules_broadcast import finish_binary
 from functorch_pipeline.transforms._grad_sample._rules_broadcast import layout
 
@@ -142,12 +143,7 @@ def _rule(func: Any) -> Any:
 
 def _leaves(engine: Engine, slots: list[int], shape: torch.Size) -> dict[int, torch.Tensor]:
     """Each slot's parameter expanded to ``shape``, as a leaf that requires grad."""
-    leaves = {}
-    for s in slots:
-        p = engine.bases[s]
-        aligned = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
-        leaves[s] = p.detach().reshape(aligned).expand(shape).requires_grad_()
-    return leaves
+    return {s: expanded_leaf(engine.bases[s], shape) for s in slots}
 
 
 def _record(engine: Engine, leaves: dict[int, torch.Tensor], layouts: dict[int, Any],
