@@ -474,15 +474,38 @@ def test_batchnorm_in_training_mode_is_an_error():
 
 
 @pytest.mark.parametrize("layout", [
-    lambda x: x.transpose(0, 1).contiguous(),  # a copy: nothing shows where the examples are
-    lambda x: x.transpose(0, 1).clone(),  # same strides, another storage
-    lambda x: x.transpose(0, 1)[1:],  # a slice of the view: not the batch re-indexed
+    lambda x: x.permute(1, 2, 0, 3),  # a view with the examples on axis 2
+    lambda x: x.permute(1, 2, 0, 3).contiguous(),  # a copy of it
+    lambda x: x.permute(1, 2, 0, 3)[1:],  # a slice of the view
 ])
 def test_input_without_the_batch_on_axis_0_is_an_error(layout):
     m = nn.Linear(3, 2)
-    loss = lambda p, x: torch.func.functional_call(m, p, (layout(x),)).sum((0, 2))  # noqa: E731
-    with pytest.raises(ValueError, match=r"`weight`, `bias` are used by `F.linear` on an input of shape \([56], 4, 3\).*B=4"):
-        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 6, 3))
+    loss = lambda p, x: torch.func.functional_call(m, p, (layout(x),)).sum((0, 1, 3))  # noqa: E731
+    with pytest.raises(ValueError, match=r"`weight`, `bias` are used by `F.linear` on an input of shape \([56], 5, 4, 3\).*B=4"):
+        fp.per_sample_grads(loss, method="hooks")(params_of(m), torch.randn(4, 6, 5, 3))
+
+
+@pytest.mark.parametrize("layout", [
+    lambda x: x.transpose(0, 1).contiguous(),  # a copy
+    lambda x: x.transpose(0, 1).clone(),  # same strides, another storage
+    lambda x: x.transpose(0, 1)[1:],  # a slice of the view
+    lambda x: (x / 2).transpose(0, 1),  # the batch scaled, then transposed
+])
+def test_copies_of_a_transposed_batch_are_read_sequence_first(layout):
+    """NOTE [the batch requires grad]: a copy of the transposed batch is computed from the
+    batch, so it has a graph and its only axis of size ``B`` past axis 0 holds the
+    examples (NOTE [sequence-first inputs]). These were refused (no graph, no shared
+    memory): ``auto`` fell back to ``vmap``."""
+    torch.manual_seed(3)
+    m = nn.Linear(3, 2)
+    loss = lambda p, x: torch.func.functional_call(m, p, (layout(x),)).pow(2).sum((0, 2))  # noqa: E731
+    x = torch.randn(4, 6, 3)
+    want = loop_grads(loss, params_of(m), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for method in ("hooks", "auto"):
+            got = fp.per_sample_grads(loss, method=method)(params_of(m), x)
+            assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 
 def test_a_transposed_batch_argument_is_read_sequence_first():
@@ -510,7 +533,7 @@ def test_a_transposed_batch_argument_is_read_sequence_first():
                                                           st.integers(1, 4)),
        copy=st.booleans())
 @example(order=[1, 0, 2], sizes=(3, 2, 1), copy=False)  # (T, B, H): read on axis 1
-@example(order=[1, 0, 2], sizes=(3, 2, 1), copy=True)  # the same, copied: refused
+@example(order=[1, 0, 2], sizes=(3, 2, 1), copy=True)  # the same, copied: read too
 @example(order=[1, 2, 0], sizes=(3, 2, 1), copy=False)  # (T, H, B): refused
 @example(order=[0, 2, 1], sizes=(2, 2, 3), copy=False)  # (B, H, T), T == B, then H == B + 1
 @example(order=[1, 0, 2], sizes=(2, 2, 3), copy=False)  # (T, B, H), T == B, then H == B + 1
@@ -518,9 +541,10 @@ def test_a_transposed_batch_argument_is_read_sequence_first():
 def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, sizes, copy):
     """NOTE [sequence-first inputs]: a ``(B, T, H, F)`` batch with its first three axes
     permuted, fed to a Linear. With the examples on axis 0, or on axis 1 of a view of the
-    batch, hooks must give the loop's gradients, also when another axis has the batch
-    size (NOTE [padding an ambiguous batch]); anywhere else, or on axis 1 of a copy, it
-    must refuse (and ``auto`` falls back to the loop's numbers)."""
+    batch or of a copy (which has a graph: NOTE [the batch requires grad]), hooks must
+    give the loop's gradients, also when another axis has the batch size (NOTE [padding
+    an ambiguous batch]); anywhere else it must refuse (and ``auto`` falls back to the
+    loop's numbers)."""
     B, T, H = sizes
     torch.manual_seed(B * 16 + T * 4 + H)
     m = nn.Linear(2, 3)
@@ -536,8 +560,7 @@ def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, s
     axis = order.index(0)
     # Else .contiguous() is the view. A single example's permutation may be contiguous
     # where the padded batch's (NOTE [padding an ambiguous batch]) is not: no promise.
-    copied = copy and (B == 1 or not x.permute(perm).is_contiguous())
-    promised = axis == 0 or (axis == 1 and not copied)
+    promised = axis in (0, 1)
     want = loop_grads(loss, params_of(m), x)
     try:
         got = fp.per_sample_grads(loss, method="hooks")(params_of(m), x)
@@ -550,7 +573,7 @@ def test_permuted_batches_are_read_only_where_the_examples_provably_are(order, s
             warnings.simplefilter("ignore")
             got = fp.per_sample_grads(loss)(params_of(m), x)
     # Taken beyond the promise only for a single example, whose gradient any layout gives.
-    assert not taken or promised or B == 1, (order, sizes, copied)
+    assert not taken or promised or B == 1, (order, sizes, copy)
     assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 

@@ -389,11 +389,12 @@ def per_sample_grads(
           mode, which is an error, and no statistics over the batch); and every call that
           uses a parameter sees the batch on axis 0 of its input. ``F.linear``,
           ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
-          sequence-first ``(T, B, ...)`` input that is either computed from the parameters
-          (it requires grad, as inside ``batch_first=False`` transformer layers) or a batch
-          argument transposed (``x.transpose(0, 1)``, a view); a copy of transposed data,
-          or a table with no batch axis, is not taken (``"hooks"`` raises, ``"auto"``
-          falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
+          sequence-first ``(T, B, ...)`` input that is computed from the parameters or the
+          batch (it has a graph: inside ``batch_first=False`` transformer layers, or
+          ``x.transpose(0, 1)`` of the batch, a view or a copy; floating batch arguments
+          reach ``loss_fn`` requiring grad, so an in-place change of one there is
+          refused); a table with no batch axis is not taken (``"hooks"`` raises,
+          ``"auto"`` falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B``, and no other axis that could hold the examples may have
           it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
           ``(T, B, E)`` input with ``T == B``), the batch is run again with up to four
@@ -406,15 +407,17 @@ def per_sample_grads(
           padded run shows the layout (each padding example's ``m`` rows repeat the
           first example's), and each example's rows are summed. Other layouts
           (``x.transpose(0, 1).reshape(K * B, ...)``) are refused; ``has_aux`` cannot be
-          padded, so there such models take ``"vmap"``.
+          padded, so there such models take ``"vmap"``. A tensor made inside ``loss_fn``
+          with no graph whose first axis has size ``B`` (a fixed ``(K, D)`` table through
+          a ``Linear`` with ``K == B``, or ``one_hot(y).float()``) may be a constant or
+          batch data: the first call with those shapes runs padded once to tell (with
+          ``has_aux``, for the answer alone), and later calls run unpadded with it.
           One-dimensional embedding ids are examples only when read from a batch argument
           (the argument or a view of it); ids made inside ``loss_fn`` (positions
           ``arange(T)``, ``(1, T)`` position ids, a prompt-tuning prefix) are looked up as
           a tensor with no batch axis, whose per-example gradient comes from where it
           meets the batch (``x + pos``, an expand over the batch) and is scattered back
-          into the table. A float input with *no* batch axis whose
-          first axis happens to have size ``B`` (a fixed ``(T, E)`` table through a
-          ``Linear``, ``T == B``) cannot be told apart: use ``"vmap"`` for such models.
+          into the table.
           An op without a rule that combines parameters with constants of ``loss_fn``
           (``table[index]`` with an index buffer, ``torch.where`` with a fixed mask) makes
           a tensor with no batch axis, handled as above; a plain tensor that is or may be

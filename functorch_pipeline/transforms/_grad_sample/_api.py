@@ -70,6 +70,26 @@ def _join(*chunks: Any) -> Any:
     return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
 
 
+def _traced(t: Any) -> Any:
+    """A floating batch leaf as ``loss_fn`` sees it: the same memory, requiring grad.
+
+    # NOTE [the batch requires grad]
+    Inside ``loss_fn`` the engines must tell tensors computed from the batch from
+    constants (NOTE [a table the size of the batch] in ``_engine``). Autograd does that
+    for free: each floating batch leaf is handed to ``loss_fn`` as a detached alias that
+    requires grad, so everything computed from it (``x / 255``, input dropout, noise
+    added to the input) has a graph, which the rules read as the batch; only tensors made
+    from constants (or from integer batch data, which cannot require grad) have none. The
+    backward asks autograd for the rules' output edges alone, so no input gradient is
+    computed. An in-place op on the batch argument inside ``loss_fn`` is refused by
+    autograd (a leaf that requires grad) and so by the fast method; ``auto`` takes ``vmap``.
+    """
+    if (isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad
+            and not t.is_inference()):
+        return t.detach().requires_grad_()
+    return t
+
+
 def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
                    nums: Sequence[int], leaves: list[list[torch.Tensor]], defs: list[Any],
                    batch_size: int, has_aux: bool, fn: str, needs: str = "the fast method",
@@ -79,14 +99,24 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     scalar loss, ``batched`` the arguments carrying the batch on axis 0 (the engine's
     ``batch_args``, read only when a rule needs them: NOTE [sequence-first inputs]). The forward of the hooks
     method and of ghost clipping."""
-    engine.batch_args = [args[i] for i in batched]
     tracked = iter(engine.tracked())
     new_args = list(args)
+    for i in batched:  # NOTE [the batch requires grad]
+        new_args[i] = _tree.map(_traced, args[i])
+    engine.batch_args = [new_args[i] for i in batched]
     for i, group, treedef in zip(nums, leaves, defs, strict=True):
         new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
     # NOTE: under torch.inference_mode() enable_grad alone records nothing (all zeros).
     with torch.inference_mode(False), torch.enable_grad():
-        out = loss_fn(*new_args)
+        try:
+            out = loss_fn(*new_args)
+        except RuntimeError as e:
+            if "leaf Variable that requires grad" not in str(e):
+                raise
+            raise Unsupported("loss_fn changes a floating batch argument in place, which the "
+                              "fast method's batch, made to require grad, does not allow "
+                              "(NOTE [the batch requires grad]): make that operation out of "
+                              f"place. The error: {e}") from None
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "

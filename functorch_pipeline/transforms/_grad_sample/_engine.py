@@ -49,7 +49,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 
-__all__ = ["Ambiguous", "Engine", "StaleTracked", "Unsupported"]
+__all__ = ["Ambiguous", "Engine", "StaleTracked", "Unproven", "Unsupported"]
 
 
 # NOTE [rows kept through elementwise ops]: autograd nodes of elementwise ops (row r of the
@@ -78,6 +78,12 @@ class Ambiguous(Unsupported):
     """An op's input has the batch size on more than one axis that could hold the examples
     (NOTE [which axis is the batch]); the drivers retry with a padded batch (NOTE
     [padding an ambiguous batch] in ``_padding``)."""
+
+
+class Unproven(Ambiguous):
+    """A tensor made inside ``loss_fn`` without a graph has the batch size on axis 0 and
+    may be a copy of the batch or a constant (NOTE [a table the size of the batch]); a
+    padded run answers, and later calls reuse the answer unpadded."""
 
 
 def _describe(func: Any) -> str:
@@ -360,6 +366,9 @@ class Engine:
         # rows (m, input), and the autograd nodes of rule outputs with such rows -> shape.
         self._proof: tuple[int, torch.Tensor] | None = None
         self.merged_rows: dict[Any, torch.Size] = {}
+        # NOTE [a table the size of the batch]: id -> (tensor, whether its axis 0 holds
+        # the examples), for tensors made inside loss_fn without a graph.
+        self._rows: dict[int, tuple[torch.Tensor, bool]] = {}
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -369,6 +378,7 @@ class Engine:
         self.objects.clear()  # the run's tracked objects: a kept one must not keep them all
         self.views.clear()
         self.merged_rows.clear()
+        self._rows.clear()
         self._proof = None
 
     def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -728,6 +738,9 @@ class Engine:
         """
         if not isinstance(x, torch.Tensor) or x.grad_fn is not None or self.reads_batch(x):
             return check()
+        rows = self.holds_examples(x, op)  # NOTE [a table the size of the batch]
+        if rows is not None:
+            return check() if rows else None
         B = self.batch_size
         if not any(n % B == 0 for n in x.shape):
             return None
@@ -749,11 +762,71 @@ class Engine:
                                    for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)}
         return x.untyped_storage().data_ptr() in self._batch_storage
 
+    def holds_examples(self, x: torch.Tensor, op: str) -> bool | None:
+        """For a tensor made inside ``loss_fn`` with no graph that reads no batch argument,
+        and whose axis 0 has the batch size: whether that axis holds the examples (True)
+        or it is a constant of ``loss_fn`` (False). None for any other tensor: one with a
+        graph or reading the batch, or whose axis 0 does not have the batch size (the
+        rules' other checks decide those), or in a batch of one.
+
+        # NOTE [a table the size of the batch]
+        A rule takes an input whose axis 0 has size ``B`` for the examples (NOTE [which
+        axis is the batch]). A constant made inside ``loss_fn`` can have that size too: a
+        fixed ``(K, D)`` table of keys through a Linear when ``K == B``. Read as examples,
+        row ``b`` of the table's gradient went to example ``b``: wrong per-example
+        gradients, clip norms and DP noise calibration, silently (error 1.2 on a toy
+        model; ``vmap`` and the loop were right). Such a tensor has no graph and reads no
+        batch argument, as does a copy of the batch made in ``loss_fn`` (``x / 255``,
+        ``one_hot(y).float()``, features of a frozen extractor under ``no_grad``), the
+        usual first-layer input. Only another batch size tells them apart, so the first
+        call is ambiguous and runs again padded (NOTE [padding an ambiguous batch] in
+        ``_padding``): there a copy has the padded size and repeats the first example in
+        the padding rows, and a constant keeps the real size. The padded run notes each
+        answer in :class:`~._padding.Evidence`, keyed by the op, the tensor's other axes
+        and dtype, and its place among such tensors; later calls with the same shapes run
+        unpadded with those answers (one refused forward, and one padded run, a shape),
+        and run padded again only if they do not match. ``has_aux`` calls take the padded
+        run for its answers alone and then run unpadded. Each tensor is asked once a run.
+        """
+        B = self.batch_size
+        real = self.real if self.real is not None else B
+        if real == 1 or x.dim() == 0 or x.shape[0] not in (B, real):
+            return None
+        if x.requires_grad or self.reads_batch(x):
+            return None
+        seen = self._rows.get(id(x))
+        if seen is not None and seen[0] is x:
+            return seen[1]
+        sig = (op, tuple(x.shape[1:]), x.dtype)
+        if self.real is not None:  # padded: a copy of the batch grew with it
+            rows = x.shape[0] == B
+            if rows and not self.padding_rows_repeat(x):  # a table of the padded size?
+                raise Ambiguous(
+                    f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without "
+                    "a graph that neither repeats the first example in the padding rows nor keeps "
+                    "the batch's real size, so it is neither a copy of the batch nor a constant "
+                    "at this padded size")
+            if self.evidence is not None:
+                self.evidence.note_rows(sig, rows)
+        else:
+            rows = self.evidence.rows_for(sig) if self.evidence is not None else None
+            if rows is None:
+                raise Unproven(
+                    f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without a "
+                    f"graph, whose first axis has the batch size {B}: a copy of the batch or a "
+                    "constant, which only a padded batch can show (NOTE [a table the size of "
+                    "the batch])")
+        self._rows[id(x)] = (x, rows)
+        return rows
+
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
-                    features: int = 0, seq_first: bool = False) -> int:
+                    features: int = 0, seq_first: bool = False, paired: bool = False) -> int:
         """The axis of ``x`` that holds the examples: 0, or 1 for a sequence-first input
         when ``seq_first`` (NOTE [sequence-first inputs]); raise ``Unsupported`` when it is
-        not known unambiguously.
+        not known unambiguously. ``paired``: the op combines ``x``'s rows one by one with
+        another input's, whose rows hold the examples (a recurrent layer's initial state
+        and its steps), so a tensor made without a graph needs no proof (NOTE [a table the
+        size of the batch]): ``x.new_zeros(B, H)``.
 
         # NOTE [which axis is the batch]
         Rules take axis 0 of an op's input to be the examples; nothing else is known about
@@ -786,9 +859,10 @@ class Engine:
           ``(B, T, ...)`` data, or of ``(B, T)`` token ids): the same storage, offset and
           (size, stride) pairs, with axis 1 carrying the argument's axis 0, so it is
           the same elements re-indexed and axis 1 provably holds the examples.
-        Anything else (a ``(1, T, E)`` positional table with ``T == B``, a copy of
-        transposed data) stays an error, so ``method="auto"`` falls back to ``vmap``. The
-        blind spot left: a tensor made to require grad outside the engine (a module's own
+        A copy of transposed batch data is computed from the batch, so it has a graph
+        (NOTE [the batch requires grad] in ``_api``) and is read by the first test. Anything
+        else (a ``(1, T, E)`` positional table with ``T == B``) stays an error, so
+        ``method="auto"`` falls back to ``vmap``. The blind spot left: a tensor made to require grad outside the engine (a module's own
         ``nn.Parameter`` that is not differentiated) used with no batch axis and a second
         axis of size ``B``. The finishers move the examples to axis 0 before any
         per-example sum.
@@ -824,9 +898,15 @@ class Engine:
         ambiguous = False
         self._proof = None
         if isinstance(x, torch.Tensor) and not isinstance(x, _Tracked) and x.dim() >= min_dim:
+            rows = None if paired else self.holds_examples(x, op)  # NOTE [a table the size of the batch]
+            if rows is False:
+                raise Unsupported(
+                    f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'} "
+                    f"used by `{op}` on a constant of loss_fn of shape {tuple(x.shape)} (its first "
+                    "axis only has the batch size: it did not follow a padded batch)")
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
-                if self.real is None or x.requires_grad or self.padding_rows_repeat(x):
+                if rows or self.real is None or x.requires_grad or self.padding_rows_repeat(x):
                     return 0
                 # Padded, a tensor with no provable batch axis (a table whose first axis
                 # has the padded size) must not pass for the examples.

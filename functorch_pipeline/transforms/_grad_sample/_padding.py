@@ -21,7 +21,8 @@ require grad (computed from the rules' batched outputs) or repeat its first row 
 padding rows, as everything computed example by example from the padded batch does (the
 batch itself, an LSTM's zero initial state); a table of the padded length does not, and
 is refused. ``has_aux`` is not
-padded: the engines return ``aux`` for the whole batch, which the copies would enter.
+padded: the engines return ``aux`` for the whole batch, which the copies would enter
+(a padded run only answers NOTE [a table the size of the batch] in ``_engine`` for it).
 An expand of a parameter to the batch size (a class token) is proven the same way, by
 :class:`Evidence`: it is over the examples only if its size equalled the batch size in
 every run that reached it, at least two of different sizes (a random search found an
@@ -40,6 +41,7 @@ padded run] in ``_same_draws``), so that training-mode dropout does not defeat t
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -49,15 +51,28 @@ import torch
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
+from functorch_pipeline.transforms._grad_sample._engine import Unproven
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._same_draws import SameDraws
 
 __all__ = ["Evidence", "pad_batch", "run_unambiguous"]
 
 _MAX_EXTRA = 4
-# per loss_fn: input shapes -> (padding rows, expand decisions, whether the padded run
-# needs SameDraws)
-_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, list[int], bool]]] = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class _Remembered:
+    """What the runs of an earlier call with the same shapes showed (per ``loss_fn``)."""
+
+    extra: int  # padding rows that worked (0: none was needed)
+    expands: list[int]  # Evidence.made: expand decisions, in call order
+    rows: dict[Any, bool]  # Evidence.rows_made: NOTE [a table the size of the batch]
+    draws: bool  # whether the padded run needs SameDraws
+    unpadded: bool | None  # whether an unpadded run with these answers works (None: untried)
+    why: str  # the first run's refusal
+
+
+_EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, _Remembered]] = weakref.WeakKeyDictionary()
 
 
 def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
@@ -100,12 +115,32 @@ class Evidence:
     """
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
-                 decisions: list[int] | None = None) -> None:
+                 decisions: list[int] | None = None,
+                 rows: dict[Any, bool] | None = None) -> None:
         self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
         self.made: list[int] = []
         self.pending: str | None = None  # why this run cannot be the answer (see below)
+        # NOTE [a table the size of the batch] in _engine: a padded run's answers for
+        # tensors made without a graph, (op, other axes, dtype, occurrence) -> whether axis
+        # 0 holds the examples; `rows` holds an earlier padded run's, for an unpadded run.
+        self.rows = rows
+        self.rows_made: dict[Any, bool] = {}
+        self._count: dict[Any, int] = {}
+
+    def _next(self, sig: Any) -> Any:
+        k = self._count.get(sig, 0)
+        self._count[sig] = k + 1
+        return (*sig, k)
+
+    def note_rows(self, sig: Any, rows: bool) -> None:
+        """Record a padded run's answer for the next tensor of signature ``sig``."""
+        self.rows_made[self._next(sig)] = rows
+
+    def rows_for(self, sig: Any) -> bool | None:
+        """The remembered answer for the next tensor of signature ``sig``, or None."""
+        return None if self.rows is None else self.rows.get(self._next(sig))
 
     def batch_expand(self, size: int, batch: int) -> int:
         """How many rows per example this run's next expand, to leading size ``size`` in a
@@ -186,7 +221,7 @@ def _rng_states() -> list[torch.Tensor]:
     return states
 
 
-def _cache(loss_fn: Any) -> dict[Any, tuple[int, list[int], bool]]:
+def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
     try:
         return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
     except TypeError:  # not weak-referenceable: nothing remembered
@@ -210,7 +245,9 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
       loss_fn: the user's function (the remembered padding hangs on it).
       args: the call's arguments; ``batched``: the positions carrying the batch.
       size: the batch size of ``args``.
-      has_aux: whether ``loss_fn`` returns ``(losses, aux)`` (never padded).
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``: its result is never
+        padded; a padded run may give answers about tables (NOTE [a table the size of
+        the batch] in ``_engine``) for an unpadded run.
 
     Returns:
       ``(result, extra)``: the result's first ``size`` rows are the batch's; ``extra``
@@ -227,27 +264,40 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
     """
     cache = _cache(loss_fn)
     key = _key(args, batched) if cache else None  # no flattening while nothing was padded
-    if cache and key in cache:
-        extra, decisions, draws = cache[key]
+    rem = cache.get(key) if cache else None
+    if rem is not None and rem.unpadded is not False:
         try:
-            if not extra:
-                return run(list(args), size, Evidence(decisions=decisions)), 0
-            out, draws, _ = _padded(run, args, batched, size, extra,
-                                    lambda: Evidence(decisions=decisions), draws)
-            cache[key] = (extra, decisions, draws)
-            return out, extra
+            out = run(list(args), size, Evidence(decisions=rem.expands, rows=rem.rows))
+        except Ambiguous:
+            if rem.unpadded or not rem.extra:
+                del cache[key]  # the model changed since: start again from the unpadded call
+                rem = None
+            else:
+                rem.unpadded = False  # these shapes need the padding every call
+        else:
+            rem.unpadded = True
+            return out, 0
+    if rem is not None:
+        if has_aux:
+            raise Ambiguous(rem.why)
+        expands = rem.expands
+        try:
+            out, rem.draws, _ = _padded(run, args, batched, size, rem.extra,
+                                        lambda: Evidence(decisions=expands), rem.draws)
+            return out, rem.extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
     evidence = Evidence()
     try:
         out = run(list(args), size, evidence)
     except Ambiguous as error:
-        if has_aux:
+        if has_aux and not isinstance(error, Unproven):
             raise
         first = error
     else:
         if evidence.made:  # expands decided: remember them for these shapes
-            cache[_key(args, batched) if key is None else key] = (0, evidence.made, False)
+            cache[_key(args, batched) if key is None else key] = _Remembered(
+                0, evidence.made, {}, False, True, "")
         return out, 0
     if key is None:
         key = _key(args, batched)
@@ -268,8 +318,21 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
         except Unsupported as other:  # past the ambiguous op, something else is refused
             raise type(other)(f"{first}; padded to {size + extra} examples to tell the axes "
                               f"apart, the call was refused anyway: {other}") from None
-        cache[key] = (extra, evidence.made, draws)
-        return out, extra
+        # Later calls try the padded run's answers unpadded when all the first run lacked
+        # was an answer about a tensor made without a graph (NOTE [a table the size of the
+        # batch] in _engine); other ambiguities need the padding every call.
+        rem = cache[key] = _Remembered(extra, evidence.made, evidence.rows_made, draws,
+                                       None if isinstance(first, Unproven) else False, str(first))
+        if not has_aux:
+            return out, extra
+        try:  # has_aux is never padded: the padded run gave the answers, this one the result
+            value = run(list(args), size, Evidence(decisions=rem.expands, rows=rem.rows))
+        except Ambiguous as still:
+            rem.unpadded = False
+            raise Ambiguous(f"{first}; with has_aux=True the call cannot run padded, and "
+                            f"unpadded it stays ambiguous: {still}") from None
+        rem.unpadded = True
+        return value, 0
     if str(last) == str(first):
         raise first
     raise Ambiguous(f"{first}; padded to {size + _MAX_EXTRA} examples: {last}") from None

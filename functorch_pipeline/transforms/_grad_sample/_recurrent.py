@@ -152,7 +152,8 @@ def lstm_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> An
         return _lstm_loop(steps, h, c, w_hh, b_hh, w_hr, reverse)  # the per-step rules will complain
     if w_hr is not None or not steps or not torch.is_grad_enabled():
         return _lstm_loop(steps, h, c, w_hh, b_hh, w_hr, reverse)
-    engine.check_input(h, "_lstm_direction", [s for s in (ws, bs) if s is not None], features=1)
+    engine.check_input(h, "_lstm_direction", [s for s in (ws, bs) if s is not None], features=1,
+                       paired=True)  # the state's rows go with the steps' rows
     xp = torch.stack(steps, 0)
     if b_hh is not None:
         xp = xp + engine.base(b_hh)  # out of place: xp carries the steps' graph
@@ -294,7 +295,8 @@ def gru_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any
         # the per-step rules handle (or refuse) it; under autocast the fused kernel's
         # buffers would mix dtypes, while the per-step F.linear rules follow autocast
         return _gru_loop(proj, h, w_hh, b_hh, reverse)
-    engine.check_input(h, "_gru_direction", [s for s in (ws, bs) if s is not None], features=1)
+    engine.check_input(h, "_gru_direction", [s for s in (ws, bs) if s is not None], features=1,
+                       paired=True)  # the state's rows go with the steps' rows
     xp = proj.transpose(0, 1)
     anchor = engine.anchor(xp)
     ys, h_last = _GRUDirection.apply(xp, h, anchor, engine.base(w_hh), engine.base(b_hh), reverse,

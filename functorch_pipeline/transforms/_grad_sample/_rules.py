@@ -63,8 +63,8 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
     # A constant input (Swin v2's table of relative coordinates through its position MLP)
-    # is a derived tensor, NOTE [constants or batch data] in _engine: only where the size
-    # check refuses, so the Linear keeps its documented blind spot otherwise.
+    # is a derived tensor, NOTE [constants or batch data] in _engine: where the size check
+    # refuses it, or where it has the batch size (NOTE [a table the size of the batch]).
     axis = engine.input_axis(F.linear, args, kwargs, lambda: engine.check_input(
         x, "F.linear", [s for s in (ws, bs) if s is not None], features=1, seq_first=True))
     if axis is None:
