@@ -199,15 +199,35 @@ def test_input_noise_and_dropout_on_the_batch_run_once_with_the_batch_s_draws():
         torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)
 
 
-def test_an_in_place_change_of_the_batch_inside_loss_fn_is_refused_by_name():
+@pytest.mark.parametrize("change", ["in place", "requires_grad"])
+def test_a_loss_fn_that_changes_its_batch_s_autograd_flags_runs_with_the_batch_plain(change):
+    """NOTE [the batch requires grad]: autograd refuses an in-place op on a batch argument
+    that requires grad, and setting ``requires_grad`` on a view of one (Hugging Face's
+    wav2vec 2.0 feature encoder does, in training mode). Such a call runs again with the
+    batch plain, remembered per ``loss_fn``; both raised before that retry existed
+    (wav2vec 2.0 in training mode did)."""
+    torch.manual_seed(4)
     m = nn.Linear(3, 2)
+    params = params_of(m)
+    calls = []
 
     def losses(p, x):
-        x.mul_(2)
-        return torch.func.functional_call(m, p, (x,)).sum(1)
+        calls.append(x.shape[0])
+        if change == "in place":
+            x.mul_(2)  # the caller's batch changes, as in eager PyTorch
+        else:
+            x = x[:, None]
+            x.requires_grad = True
+            x = x[:, 0]
+        return torch.func.functional_call(m, p, (x,)).pow(2).sum(1)
+
+    def reference(p, x):
+        return torch.func.functional_call(m, p, (2 * x if change == "in place" else x,)).pow(2).sum(1)
 
     x = torch.randn(4, 3)
-    before = x.clone()
-    with pytest.raises(ValueError, match="changes a floating batch argument in place"):
-        fp.per_sample_grads(losses, method="hooks")(params_of(m), x)
-    assert torch.equal(x, before)  # refused before anything was written
+    want = loop_grads(reference, params, x)
+    for _ in range(2):
+        calls.clear()
+        got = fp.per_sample_grads(losses, method="hooks")(params, x.clone())
+        assert all(close(got[k], want[k]) for k in want)
+    assert calls == [4]  # the second call hands the batch plain at once

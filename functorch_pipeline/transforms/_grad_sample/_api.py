@@ -11,7 +11,9 @@ import torch
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import PlainBatch
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._padding import plain_batch
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import merge
@@ -70,6 +72,11 @@ def _join(*chunks: Any) -> Any:
     return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
 
 
+# autograd's refusals of what loss_fn did to a batch that requires grad
+_REFUSED_ON_TRACED = ("leaf Variable that requires grad",
+                      "you can only change requires_grad flags of leaf variables")
+
+
 def _traced(t: Any) -> Any:
     """A floating batch leaf as ``loss_fn`` sees it: the same memory, requiring grad.
 
@@ -81,8 +88,12 @@ def _traced(t: Any) -> Any:
     added to the input) has a graph, which the rules read as the batch; only tensors made
     from constants (or from integer batch data, which cannot require grad) have none. The
     backward asks autograd for the rules' output edges alone, so no input gradient is
-    computed. An in-place op on the batch argument inside ``loss_fn`` is refused by
-    autograd (a leaf that requires grad) and so by the fast method; ``auto`` takes ``vmap``.
+    computed. Autograd refuses two things a ``loss_fn`` may do to its plain batch: an
+    in-place op on a batch argument (a leaf that requires grad), and setting
+    ``requires_grad`` on a view of one (Hugging Face's wav2vec 2.0 does, in training
+    mode, for gradient checkpointing). Then the call runs again with the batch plain,
+    remembered per ``loss_fn``, and tensors made from it are told from constants as
+    NOTE [a table the size of the batch] says.
     """
     if (isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad
             and not t.is_inference()):
@@ -101,8 +112,9 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     method and of ghost clipping."""
     tracked = iter(engine.tracked())
     new_args = list(args)
+    traced = not plain_batch(loss_fn)
     for i in batched:  # NOTE [the batch requires grad]
-        new_args[i] = _tree.map(_traced, args[i])
+        new_args[i] = _tree.map(_traced, args[i]) if traced else args[i]
     engine.batch_args = [new_args[i] for i in batched]
     for i, group, treedef in zip(nums, leaves, defs, strict=True):
         new_args[i] = _tree.unflatten(treedef, [next(tracked) for _ in group])
@@ -111,12 +123,9 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
         try:
             out = loss_fn(*new_args)
         except RuntimeError as e:
-            if "leaf Variable that requires grad" not in str(e):
+            if not traced or not any(m in str(e) for m in _REFUSED_ON_TRACED):
                 raise
-            raise Unsupported("loss_fn changes a floating batch argument in place, which the "
-                              "fast method's batch, made to require grad, does not allow "
-                              "(NOTE [the batch requires grad]): make that operation out of "
-                              f"place. The error: {e}") from None
+            raise PlainBatch(str(e)) from None  # NOTE [the batch requires grad]
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "

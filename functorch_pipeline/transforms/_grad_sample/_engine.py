@@ -49,7 +49,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 
-__all__ = ["Ambiguous", "Engine", "StaleTracked", "Unproven", "Unsupported"]
+__all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported"]
 
 
 # NOTE [rows kept through elementwise ops]: autograd nodes of elementwise ops (row r of the
@@ -78,6 +78,12 @@ class Ambiguous(Unsupported):
     """An op's input has the batch size on more than one axis that could hold the examples
     (NOTE [which axis is the batch]); the drivers retry with a padded batch (NOTE
     [padding an ambiguous batch] in ``_padding``)."""
+
+
+class PlainBatch(Unsupported):
+    """``loss_fn`` changed a batch argument (or a view of it) in a way autograd refuses
+    once the batch requires grad (NOTE [the batch requires grad] in ``_api``): the call
+    runs again with the batch handed plain."""
 
 
 class Unproven(Ambiguous):

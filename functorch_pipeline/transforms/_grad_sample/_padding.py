@@ -41,6 +41,7 @@ padded run] in ``_same_draws``), so that training-mode dropout does not defeat t
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import weakref
 from collections.abc import Callable
@@ -51,11 +52,12 @@ import torch
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
+from functorch_pipeline.transforms._grad_sample._engine import PlainBatch
 from functorch_pipeline.transforms._grad_sample._engine import Unproven
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._same_draws import SameDraws
 
-__all__ = ["Evidence", "pad_batch", "run_unambiguous"]
+__all__ = ["Evidence", "pad_batch", "plain_batch", "run_unambiguous"]
 
 _MAX_EXTRA = 4
 
@@ -73,6 +75,22 @@ class _Remembered:
 
 
 _EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, _Remembered]] = weakref.WeakKeyDictionary()
+# NOTE [the batch requires grad] in _api: loss_fns that change their batch arguments in a
+# way autograd refuses for a tensor that requires grad, so the batch is handed plain
+# (remembered per loss_fn; during the retry of a call, by `plain_now`).
+_PLAIN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+plain_now: contextvars.ContextVar[bool] = contextvars.ContextVar("fp_plain_batch", default=False)
+
+
+def plain_batch(loss_fn: Any) -> bool:
+    """Whether ``loss_fn``'s batch is handed to it plain (NOTE [the batch requires grad]
+    in ``_api``)."""
+    if plain_now.get():
+        return True
+    try:
+        return _PLAIN.get(getattr(loss_fn, "__func__", loss_fn), False)
+    except TypeError:  # not weak-referenceable
+        return False
 
 
 def pad_batch(args: Sequence[Any], batched: Sequence[int], extra: int) -> list[Any]:
@@ -238,6 +256,9 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
                     has_aux: bool) -> tuple[Any, int]:
     """``run(args, size, evidence)``, or, when an op's batch axis is ambiguous at this size,
     ``run`` on the batch padded by ``extra`` rows (NOTE [padding an ambiguous batch]).
+    Run again with the batch handed plain when ``loss_fn`` changes a batch argument in a
+    way autograd refuses once it requires grad (NOTE [the batch requires grad] in
+    ``_api``), which is then remembered for ``loss_fn``.
 
     Args:
       run: one engine pass, ``run(args, batch_size, evidence)`` (:class:`Evidence`, read
@@ -262,6 +283,26 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
       >>> run_unambiguous(run, run, [torch.ones(2, 3)], (0,), 2, False)
       ((tensor([3., 3.]), 2), 0)
     """
+    try:
+        return _run_unambiguous(run, loss_fn, args, batched, size, has_aux)
+    except PlainBatch:
+        if plain_now.get():
+            raise
+        try:
+            _PLAIN[getattr(loss_fn, "__func__", loss_fn)] = True
+        except TypeError:  # not weak-referenceable: plain for this call only
+            pass
+        token = plain_now.set(True)
+        try:
+            return _run_unambiguous(run, loss_fn, args, batched, size, has_aux)
+        finally:
+            plain_now.reset(token)
+
+
+def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any,
+                     args: Sequence[Any], batched: Sequence[int], size: int,
+                     has_aux: bool) -> tuple[Any, int]:
+    """One attempt of :func:`run_unambiguous` with the batch as ``forward_losses`` hands it."""
     cache = _cache(loss_fn)
     key = _key(args, batched) if cache else None  # no flattening while nothing was padded
     rem = cache.get(key) if cache else None
