@@ -806,6 +806,11 @@ class Engine:
         sig = (op, tuple(x.shape[1:]), x.dtype)
         if self.real is not None:  # padded: a copy of the batch grew with it
             rows = x.shape[0] == B
+            if not rows and any(n % B == 0 for n in x.shape[1:]):
+                raise Ambiguous(  # another axis may hold the examples: another size tells
+                    f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without "
+                    "a graph whose first axis kept the batch's real size while another has the "
+                    "padded size")
             if rows and not self.padding_rows_repeat(x):  # a table of the padded size?
                 raise Ambiguous(
                     f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without "
