@@ -133,9 +133,9 @@ def test_a_prefix_looked_up_inside_loss_fn_is_passed_back_to_its_table(batch):
 @pytest.mark.parametrize("ids", ["argument", "column", "computed"])
 def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
     """Per-example ids given as a batch argument, or as a column of one (a view), are
-    taken by hooks; ids computed from them are not (nothing shows their axis: the lookup
-    is treated as having none, NOTE [derived parameters], and its batched use refused) and
-    ``auto`` falls back: the loop's numbers either way."""
+    taken by hooks, and so are ids computed from them, once a padded run shows they follow
+    the batch (NOTE [a table the size of the batch]; they were looked up as positions with
+    no batch axis, refused, and ``auto`` fell back): the loop's numbers each way."""
     torch.manual_seed(0)
     m = nn.Embedding(7, 3)
     data = torch.randint(0, 6, (5, 3))
@@ -149,13 +149,7 @@ def test_one_dimensional_ids_read_from_a_batch_argument_are_taken(ids):
 
     batch = data[:, 1].clone() if ids == "argument" else data
     want = loop_grads(loss, params_of(m), batch)
-    if ids == "computed":
-        with pytest.raises(ValueError, match=r"losses are computed from `weight` \(through `F.embedding`\)"):
-            fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
-        with pytest.warns(UserWarning, match="falls back"):
-            got = fp.per_sample_grads(loss)(params_of(m), batch)
-    else:
-        got = fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
+    got = fp.per_sample_grads(loss, method="hooks")(params_of(m), batch)
     assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 

@@ -175,16 +175,19 @@ def test_a_parameter_varying_along_the_batch_axis_is_refused():
 
 
 def test_losses_from_parameters_alone_are_refused():
-    """Per-example ids computed inside ``loss_fn`` look like positions (no batch axis):
-    when the losses come from such a lookup with no rule in between, nothing shows their
-    examples, and hooks refuses rather than return zeros."""
+    """Positions made inside ``loss_fn`` have no batch axis, also when there are as many
+    as examples (a padded run shows they do not follow the batch: NOTE [a table the size
+    of the batch]): when the losses come from such a lookup with no rule in between,
+    nothing shows their examples, and hooks refuses rather than return zeros. (Ids
+    computed from the batch follow it, and are taken:
+    ``test_one_dimensional_ids_read_from_a_batch_argument_are_taken``.)"""
     params = {"emb": torch.randn(7, 3)}
 
     def losses(p, d):
-        return F.embedding((d + 1) % 7, p["emb"]).pow(2).sum(1)
+        return F.embedding(torch.arange(4) % 7, p["emb"]).pow(2).sum(1)  # 4 positions
 
-    refused_then_loop(losses, params, torch.randint(0, 6, (4,)),
-                      match=r"the losses are computed from `emb` \(through `F.embedding`\)")
+    with pytest.raises(ValueError, match=r"the losses are computed from `emb` \(through `F.embedding`\)"):
+        fp.per_sample_grads(losses, method="hooks")(params, torch.randint(0, 6, (4,)))
 
 
 def test_arithmetic_on_a_parameter_without_gradient_passes_through():

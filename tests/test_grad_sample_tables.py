@@ -231,3 +231,30 @@ def test_a_loss_fn_that_changes_its_batch_s_autograd_flags_runs_with_the_batch_p
         got = fp.per_sample_grads(losses, method="hooks")(params, x.clone())
         assert all(close(got[k], want[k]) for k in want)
     assert calls == [4]  # the second call hands the batch plain at once
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_one_id_per_example_computed_in_loss_fn_is_read_as_examples(batch):
+    """1-d ids made inside ``loss_fn`` were looked up as positions (no batch axis), so a
+    class-conditional embedding of ``(y * 3 + 1) % 10`` was refused and ``auto`` fell back
+    to ``vmap``; a padded run now shows they follow the batch. ``arange(B)`` positions of
+    the same length stay positions (``pos``), so the per-example gradients are the
+    loop's."""
+    torch.manual_seed(batch)
+    params = {"E": torch.randn(10, 3), "pos": torch.randn(batch, 3), "w": torch.randn(3)}
+
+    def losses(p, x, y):
+        ids = (y * 3 + 1) % 10
+        positions = F.embedding(torch.arange(batch), p["pos"]).sum(0)  # as many as B
+        return ((x * F.embedding(ids, p["E"]) + positions) @ p["w"]).tanh()
+
+    x, y = torch.randn(batch, 3), torch.randint(0, 10, (batch,))
+    want = loop_grads(losses, params, x, y)
+    norms, clipped = clipped_reference(want, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for _ in range(2):
+            got = fp.per_sample_grads(losses)(params, x, y)
+            assert all(close(got[k], want[k]) for k in want)
+            total, n = fp.clipped_grad(losses, 0.5)(params, x, y)
+            assert close(n, norms) and all(close(total[k], clipped[k]) for k in want)

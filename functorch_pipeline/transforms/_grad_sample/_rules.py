@@ -399,7 +399,10 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
             and (B > 1 and (idx.dim() == 1 or idx.shape[0] == 1)
                  or B == 1 and idx.dim() == 1 and idx.shape[0] != 1)
             and not engine.batch_view(idx) and not engine.permuted_batch(idx)
-            and not engine.flattened_batch(idx)):
+            and not engine.flattened_batch(idx)
+            # one id per example computed in loss_fn (`(y * 3 + 1) % 10`): NOTE [a table
+            # the size of the batch] in _engine tells them from B positions
+            and not engine.holds_examples(idx, "F.embedding")):
         # Ids with no batch axis (positions made in loss_fn, a (1, T) row of them; not the
         # batch's own ids, nor their (1, B) transpose): NOTE [derived parameters].
         return _constant_ids(engine, idx, ws, wp, padding_idx, by_freq)
@@ -427,11 +430,12 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     # Ids read from a batch argument (``Engine.batch_view``: its storage, examples on
     # axis 0) are taken as examples, and so are the batch's ids flattened
     # (``ids.reshape(-1)``, ``Engine.flattened_batch``: T rows per example, NOTE [examples
-    # merged into axis 0] in ``_engine``); other 1-d ids (and ``(1, T)`` rows of ids) were
-    # refused, and are now looked up as a tensor with no batch axis (NOTE [derived
-    # parameters] above). (2-d or longer ids computed in ``loss_fn`` keep the size checks
-    # alone: token ids are often shifted or concatenated there, and refusing every copy
-    # would send language models to ``vmap``.)
+    # merged into axis 0] in ``_engine``), and ids computed in ``loss_fn`` that a padded
+    # run shows to follow the batch (NOTE [a table the size of the batch]); other 1-d
+    # ids (and ``(1, T)`` rows of ids) were refused, and are now looked up as a tensor
+    # with no batch axis (NOTE [derived parameters] above). (2-d or longer ids computed
+    # in ``loss_fn``, shifted or concatenated token ids, are asked the same way when
+    # their first axis has the batch size.)
     # Indices never require grad: a leaf alias of the weight gives the output a grad_fn
     # (see NOTE [gradient edges, not tensors]); its own gradient is never computed.
     out = F.embedding(idx, wp.detach().requires_grad_(), padding_idx)
