@@ -258,3 +258,36 @@ def test_one_id_per_example_computed_in_loss_fn_is_read_as_examples(batch):
             assert all(close(got[k], want[k]) for k in want)
             total, n = fp.clipped_grad(losses, 0.5)(params, x, y)
             assert close(n, norms) and all(close(total[k], clipped[k]) for k in want)
+
+
+def test_noise_from_a_user_generator_fed_to_a_layer_is_batch_data():
+    """Noise drawn in ``loss_fn`` from the user's own ``torch.Generator`` and fed straight
+    to a Linear has no graph (NOTE [a table the size of the batch]); the padded run that
+    asks about it failed, its padding rows drawn anew and the global generators unmoved,
+    and the call fell back to ``vmap``, which refuses random ops. The padded run is now
+    repeated with the padding examples given the first example's draws; later calls run
+    once, unpadded, drawing what the batch gradient draws from the same generator state,
+    so the per-example gradients sum to it."""
+    torch.manual_seed(6)
+    gen = torch.Generator().manual_seed(0)
+    lin, head = nn.Linear(3, 4), nn.Linear(4, 1)
+    params = {"lin.w": lin.weight.detach(), "lin.b": lin.bias.detach(), "head.w": head.weight.detach()}
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.shape[0])
+        z = torch.randn(x.shape[0], 3, generator=gen, dtype=x.dtype)  # a generator's draws
+        h = torch.tanh(F.linear(z, p["lin.w"], p["lin.b"]) + x)
+        return F.linear(h, p["head.w"]).squeeze(1)
+
+    x = torch.randn(5, 4)
+    grads = fp.per_sample_grads(losses, method="hooks")
+    grads(params, x)  # the first call asks, padded
+    state = gen.get_state()
+    calls.clear()
+    got = grads(params, x)
+    assert calls == [5]
+    gen.set_state(state)
+    want = fp.grad(lambda p, x: losses(p, x).sum())(params, x)
+    for k in want:
+        torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)

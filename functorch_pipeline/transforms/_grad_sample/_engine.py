@@ -1072,9 +1072,13 @@ class Engine:
         x = x.detach()
         rows, first = x[real:], x[:1].expand_as(x[real:])
         if not x.is_floating_point():
-            return bool(torch.equal(rows, first))
-        eps = 1e3 * torch.finfo(x.dtype).eps
-        return bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
+            same = bool(torch.equal(rows, first))
+        else:
+            eps = 1e3 * torch.finfo(x.dtype).eps
+            same = bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
+        if not same and self.evidence is not None:
+            self.evidence.unrepeated = True  # random draws, maybe: _padding._padded
+        return same
 
     def flattened_batch(self, x: torch.Tensor) -> bool:
         """Whether the 1-d ``x`` reads a batch argument and has a multiple of ``B`` entries

@@ -140,6 +140,9 @@ class Evidence:
         self.log: list[int] = []
         self.made: list[int] = []
         self.pending: str | None = None  # why this run cannot be the answer (see below)
+        # whether rows past the examples failed to repeat the first example's in this run
+        # (Engine.padding_rows_repeat): draws of a user's torch.Generator, maybe
+        self.unrepeated = False
         # NOTE [a table the size of the batch] in _engine: a padded run's answers for
         # tensors made without a graph, (op, other axes, dtype, occurrence) -> whether axis
         # 0 holds the examples; `rows` holds an earlier padded run's, for an unpadded run.
@@ -212,9 +215,11 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
             draws: bool) -> tuple[Any, bool, Evidence]:
     """``run`` on the batch padded by ``extra`` rows: ``(result, draws, evidence used)``.
     With ``draws`` under :class:`SameDraws`; else plainly first, and again under it when
-    that run failed having drawn random numbers (NOTE [random draws in a padded run]: the
-    mode costs every op a Python call, a quarter of a small transformer's padded call, so
-    a model that draws nothing never pays it)."""
+    that run failed having drawn random numbers from PyTorch's global generators, or on
+    rows that did not repeat the first example's (which draws from a ``torch.Generator``
+    of the user's can cause, unseen by the global state) (NOTE [random draws in a padded
+    run]: the mode costs every op a Python call, a quarter of a small transformer's
+    padded call, so a model that draws nothing never pays it)."""
     padded = pad_batch(args, batched, extra)
     if not draws:
         before = _rng_states()
@@ -223,7 +228,8 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
             return ev.settled(lambda: run(padded, size + extra, ev)), False, ev
         except Unsupported:
             after = _rng_states()
-            if ev.pending is not None or all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+            if ev.pending is not None or (not ev.unrepeated and all(
+                    torch.equal(a, b) for a, b in zip(before, after, strict=True))):
                 raise  # undecided expands (another run follows), or nothing drawn
     ev = evidence()
     with SameDraws(size, size + extra):
