@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,13 +200,13 @@ def test_input_noise_and_dropout_on_the_batch_run_once_with_the_batch_s_draws():
         torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("change", ["in place", "requires_grad"])
+@pytest.mark.parametrize("change", ["in place", "requires_grad", "numpy"])
 def test_a_loss_fn_that_changes_its_batch_s_autograd_flags_runs_with_the_batch_plain(change):
     """NOTE [the batch requires grad]: autograd refuses an in-place op on a batch argument
-    that requires grad, and setting ``requires_grad`` on a view of one (Hugging Face's
-    wav2vec 2.0 feature encoder does, in training mode). Such a call runs again with the
-    batch plain, remembered per ``loss_fn``; both raised before that retry existed
-    (wav2vec 2.0 in training mode did)."""
+    that requires grad, setting ``requires_grad`` on a view of one (Hugging Face's
+    wav2vec 2.0 feature encoder does, in training mode), and ``numpy()`` of one. Such a
+    call runs again with the batch plain, remembered per ``loss_fn``; each raised before
+    that retry existed (wav2vec 2.0 in training mode did)."""
     torch.manual_seed(4)
     m = nn.Linear(3, 2)
     params = params_of(m)
@@ -215,6 +216,8 @@ def test_a_loss_fn_that_changes_its_batch_s_autograd_flags_runs_with_the_batch_p
         calls.append(x.shape[0])
         if change == "in place":
             x.mul_(2)  # the caller's batch changes, as in eager PyTorch
+        elif change == "numpy":
+            x = x * float(np.asarray(x).dtype.itemsize) / 8  # numpy() of the batch
         else:
             x = x[:, None]
             x.requires_grad = True
@@ -291,3 +294,17 @@ def test_noise_from_a_user_generator_fed_to_a_layer_is_batch_data():
     want = fp.grad(lambda p, x: losses(p, x).sum())(params, x)
     for k in want:
         torch.testing.assert_close(got[k].sum(0), want[k], rtol=1e-10, atol=1e-12)
+
+
+def test_an_error_of_loss_fn_s_own_is_raised_from_the_plain_run():
+    """The retry with the batch plain re-raises a ``RuntimeError`` that is ``loss_fn``'s
+    own, unchanged, after running it twice."""
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.requires_grad)
+        raise RuntimeError("the model's own error")
+
+    with pytest.raises(RuntimeError, match="^the model's own error$"):
+        fp.per_sample_grads(losses, method="hooks")({"w": torch.randn(2)}, torch.randn(3, 2))
+    assert calls == [True, False]

@@ -72,11 +72,6 @@ def _join(*chunks: Any) -> Any:
     return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
 
 
-# autograd's refusals of what loss_fn did to a batch that requires grad
-_REFUSED_ON_TRACED = ("leaf Variable that requires grad",
-                      "you can only change requires_grad flags of leaf variables")
-
-
 def _traced(t: Any) -> Any:
     """A floating batch leaf as ``loss_fn`` sees it: the same memory, requiring grad.
 
@@ -88,12 +83,14 @@ def _traced(t: Any) -> Any:
     added to the input) has a graph, which the rules read as the batch; only tensors made
     from constants (or from integer batch data, which cannot require grad) have none. The
     backward asks autograd for the rules' output edges alone, so no input gradient is
-    computed. Autograd refuses two things a ``loss_fn`` may do to its plain batch: an
-    in-place op on a batch argument (a leaf that requires grad), and setting
+    computed. Autograd refuses some things a ``loss_fn`` may do to its plain batch: an
+    in-place op on a batch argument (a leaf that requires grad), setting
     ``requires_grad`` on a view of one (Hugging Face's wav2vec 2.0 does, in training
-    mode, for gradient checkpointing). Then the call runs again with the batch plain,
-    remembered per ``loss_fn``, and tensors made from it are told from constants as
-    NOTE [a table the size of the batch] says.
+    mode, for gradient checkpointing), ``x.numpy()``. So when ``loss_fn`` raises a
+    ``RuntimeError`` on the traced batch, the call runs again with the batch plain,
+    remembered per ``loss_fn`` (an error of ``loss_fn``'s own is raised from that run),
+    and tensors made from it are told from constants as NOTE [a table the size of the
+    batch] says.
     """
     if (isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad
             and not t.is_inference()):
@@ -123,9 +120,11 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
         try:
             out = loss_fn(*new_args)
         except RuntimeError as e:
-            if not traced or not any(m in str(e) for m in _REFUSED_ON_TRACED):
+            if not traced:
                 raise
-            raise PlainBatch(str(e)) from None  # NOTE [the batch requires grad]
+            # NOTE [the batch requires grad]: run again with the batch plain, where an
+            # error of loss_fn's own is raised again
+            raise PlainBatch(str(e)) from None
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"{fn}: with has_aux=True, loss_fn must return a pair (losses, aux), "
