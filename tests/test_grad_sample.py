@@ -44,6 +44,14 @@ def assert_matches(loss_fn, params, *batch, method="hooks", **kw):
     return got
 
 
+def assert_fast_without_fallback(loss_fn, params, *batch):
+    """hooks and auto (with no fall-back warning) give the loop's per-example gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for method in ("hooks", "auto"):
+            assert_matches(loss_fn, params, *batch, method=method)
+
+
 def targets(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.randn_like(module(x))
@@ -493,13 +501,7 @@ def test_copies_of_a_transposed_batch_are_read_sequence_first(layout):
     torch.manual_seed(3)
     m = nn.Linear(3, 2)
     loss = lambda p, x: torch.func.functional_call(m, p, (layout(x),)).pow(2).sum((0, 2))  # noqa: E731
-    x = torch.randn(4, 6, 3)
-    want = loop_grads(loss, params_of(m), x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fall-back
-        for method in ("hooks", "auto"):
-            got = fp.per_sample_grads(loss, method=method)(params_of(m), x)
-            assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    assert_fast_without_fallback(loss, params_of(m), torch.randn(4, 6, 3))
 
 
 def test_a_transposed_batch_argument_is_read_sequence_first():
@@ -584,13 +586,7 @@ def test_a_table_without_a_batch_axis_is_not_taken_as_sequence_first():
         pos = torch.func.functional_call(m, p, (table,))  # no batch axis
         return (x + pos).pow(2).sum((1, 2))
 
-    x = torch.randn(4, 4, 3)
-    want = loop_grads(loss, params_of(m), x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fall-back
-        for method in ("hooks", "auto"):
-            got = fp.per_sample_grads(loss, method=method)(params_of(m), x)
-            assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    assert_fast_without_fallback(loss, params_of(m), torch.randn(4, 4, 3))
 
 
 @pytest.mark.parametrize("make, shape, first", [
