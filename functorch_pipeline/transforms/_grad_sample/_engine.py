@@ -81,8 +81,8 @@ class Ambiguous(Unsupported):
 
 
 class PlainBatch(Unsupported):
-    """``loss_fn`` changed a batch argument (or a view of it) in a way autograd refuses
-    once the batch requires grad (NOTE [the batch requires grad] in ``_api``): the call
+    """``loss_fn`` raised a ``RuntimeError`` on a batch that requires grad (NOTE [the
+    batch requires grad] in ``_api``: an in-place op on it, ``numpy()`` of it): the call
     runs again with the batch handed plain."""
 
 
@@ -871,11 +871,11 @@ class Engine:
           (size, stride) pairs, with axis 1 carrying the argument's axis 0, so it is
           the same elements re-indexed and axis 1 provably holds the examples.
         A copy of transposed batch data is computed from the batch, so it has a graph
-        (NOTE [the batch requires grad] in ``_api``) and is read by the first test. Anything
-        else (a ``(1, T, E)`` positional table with ``T == B``) stays an error, so
-        ``method="auto"`` falls back to ``vmap``. The blind spot left: a tensor made to require grad outside the engine (a module's own
-        ``nn.Parameter`` that is not differentiated) used with no batch axis and a second
-        axis of size ``B``. The finishers move the examples to axis 0 before any
+        (NOTE [the batch requires grad] in ``_api``) and is read by the first test.
+        Anything else (a ``(1, T, E)`` positional table with ``T == B``) stays an error,
+        so ``method="auto"`` falls back to ``vmap``. The blind spot left: a tensor made to
+        require grad outside the engine (a module's own ``nn.Parameter`` that is not
+        differentiated) used with no batch axis and a second axis of size ``B``. The finishers move the examples to axis 0 before any
         per-example sum.
 
         # NOTE [examples merged into axis 0]
