@@ -308,3 +308,40 @@ def test_an_error_of_loss_fn_s_own_is_raised_from_the_plain_run():
     with pytest.raises(RuntimeError, match="^the model's own error$"):
         fp.per_sample_grads(losses, method="hooks")({"w": torch.randn(2)}, torch.randn(3, 2))
     assert calls == [True, False]
+
+
+class FrozenKeys(nn.Module):
+    """:class:`Keys` with the table a frozen ``nn.Parameter`` of the module (it still
+    requires grad: only ``query`` and ``key`` are differentiated)."""
+
+    def __init__(self, k: int, d: int, seq_first: bool = False) -> None:
+        super().__init__()
+        self.query, self.key = nn.Linear(d, d), nn.Linear(d, d)
+        self.table = nn.Parameter(keys_table(k, d)[None] if seq_first else keys_table(k, d))
+        self.seq_first = seq_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.key(self.table)  # (k, d), or (1, k, d) read as (T, B, d) if k == B
+        return (self.query(x) @ keys.reshape(-1, keys.shape[-1]).T).logsumexp(1)
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_a_frozen_parameter_table_as_long_as_the_batch_is_not_read_as_examples(seq_first):
+    """A module's own ``nn.Parameter`` left out of the differentiated ones requires grad
+    but has no graph: with ``k == B`` rows (or ``(1, k, d)`` with ``k == B``, which the
+    Linear also takes sequence-first) it was read as examples, silently; it is now asked
+    like any tensor made without a graph (NOTE [a table the size of the batch])."""
+    torch.manual_seed(7)
+    model = FrozenKeys(4, 3, seq_first)
+    params = {k: v.detach() for k, v in model.named_parameters() if k != "table"}
+
+    def losses(p, x):
+        return torch.func.functional_call(model, p, (x,), strict=False)
+
+    x = torch.randn(4, 3)
+    want = loop_grads(losses, params, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        for _ in range(2):
+            got = fp.per_sample_grads(losses)(params, x)
+            assert all(close(got[k], want[k]) for k in want)

@@ -798,8 +798,8 @@ class Engine:
         real = self.real if self.real is not None else B
         if real == 1 or x.dim() == 0 or x.shape[0] not in (B, real):
             return None
-        if x.requires_grad or self.reads_batch(x):
-            return None
+        if x.grad_fn is not None or self.reads_batch(x):  # a leaf that requires grad
+            return None  # (a module's own frozen nn.Parameter) is asked too
         seen = self._rows.get(id(x))
         if seen is not None and seen[0] is x:
             return seen[1]
@@ -862,10 +862,11 @@ class Engine:
         three things hold: axis 0 does not have size ``B`` (else the rule above decides),
         axis 1 is the only candidate axis of size ``B``, and one of two things shows that
         the input has a batch axis at all:
-        * it requires grad: inside ``loss_fn`` an input requires grad because it was
-          computed from an earlier rule's output, and every rule's output is batched (its
-          own input passed these checks), so the examples are on some axis and axis 1 is
-          the only one that can hold them;
+        * it has a graph: inside ``loss_fn`` an input has one because it was computed
+          from an earlier rule's output or from the batch (NOTE [the batch requires grad]
+          in ``_api``), and both are batched (a rule's input passed these checks), so the
+          examples are on some axis and axis 1 is the only one that can hold them (a leaf
+          that requires grad, a module's own frozen ``nn.Parameter``, has no graph);
         * or it is a batch argument with its axes permuted (``x.transpose(0, 1)`` of the
           ``(B, T, ...)`` data, or of ``(B, T)`` token ids): the same storage, offset and
           (size, stride) pairs, with axis 1 carrying the argument's axis 0, so it is
@@ -873,10 +874,8 @@ class Engine:
         A copy of transposed batch data is computed from the batch, so it has a graph
         (NOTE [the batch requires grad] in ``_api``) and is read by the first test.
         Anything else (a ``(1, T, E)`` positional table with ``T == B``) stays an error,
-        so ``method="auto"`` falls back to ``vmap``. The blind spot left: a tensor made to
-        require grad outside the engine (a module's own ``nn.Parameter`` that is not
-        differentiated) used with no batch axis and a second axis of size ``B``. The finishers move the examples to axis 0 before any
-        per-example sum.
+        so ``method="auto"`` falls back to ``vmap``. The finishers move the examples to
+        axis 0 before any per-example sum.
 
         # NOTE [examples merged into axis 0]
         Models fold a per-example axis into the batch axis: augmentation multiplicity (De et
@@ -928,7 +927,7 @@ class Engine:
                     "example in the padding rows, so at the padded size its first axis cannot "
                     "be told from the examples'")
             if (seq_first and len(lead) >= 2 and lead[0] != B and lead[1] == B
-                    and (x.requires_grad or self.permuted_batch(x))
+                    and (x.grad_fn is not None or self.permuted_batch(x))
                     # Padded, axis 1 must repeat the first example too: an activation with
                     # merged rows (NOTE [examples merged into axis 0]) may have another axis
                     # of the padded size.
