@@ -8,6 +8,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from per_example_reference import loop_grads
@@ -118,6 +119,7 @@ geometries = st.tuples(
 @needs_mkldnn
 @settings(max_examples=40, deadline=None)
 @given(geometries, st.sampled_from(["grouped", "patches"]))
+@example((8, 1, 1, 5, 1, 1, 1, False, 1), "grouped")  # a bias float32 gets 1.3e-5 off
 def test_each_kernel_pinned_matches_the_float64_loop(geometry, kernel):
     cin, groups, cout, k, stride, padding, dilation, one_d, batch = geometry
     if padding == "same" and stride != 1:
@@ -140,11 +142,15 @@ def test_each_kernel_pinned_matches_the_float64_loop(geometry, kernel):
         norms = fp.per_sample_grad_norms(loss, method="ghost")(params_of(m), x)
     finally:
         _kernel_choice._CHOSEN = old
+    # float32's own error here: a per-example loop in float32 (a bias summed over 121
+    # positions with cancellation is 1.3e-5 off in float32, whatever computes it)
+    want32 = loop_grads(loss, params_of(m), x)
     m64 = m.double()
     want = loop_grads(loss, params_of(m64), x.double())
     for key in want:
         scale = want[key].abs().max().clamp_min(1e-12)
-        assert float((got[key].double() - want[key]).abs().max() / scale) < 1e-5, key
+        own = float((want32[key].double() - want[key]).abs().max() / scale)
+        assert float((got[key].double() - want[key]).abs().max() / scale) < max(1e-5, 4 * own), key
     want_norms = torch.cat([w.flatten(1) for w in want.values()], 1).norm(dim=1)
     torch.testing.assert_close(norms.double(), want_norms, rtol=1e-5, atol=1e-6)
 
