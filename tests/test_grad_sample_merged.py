@@ -115,20 +115,52 @@ def test_scale_grad_by_freq_counts_ids_per_example_across_merged_rows():
     check(losses, params, ids)
 
 
+def _concatenated(p: dict, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Augmentation multiplicity written with ``torch.cat``: ``k`` augmentations of the
+    whole batch (shifts and a scale) stacked as blocks, row ``j * B + b`` (NOTE [examples
+    last] in ``_engine``); the same conv, GroupNorm and Linear as :func:`_augmented`."""
+    b = x.shape[0]
+    augs = torch.cat([torch.roll(x, j, dims=-1) * (1 + 0.1 * j) for j in range(k)])
+    h = F.conv2d(augs, p["conv.weight"], p["conv.bias"], padding=1)
+    h = F.relu(F.group_norm(h, 2, p["norm.weight"], p["norm.bias"]))
+    logits = F.linear(h.mean((2, 3)), p["head.weight"], p["head.bias"])  # (k B, classes)
+    return F.cross_entropy(logits, y.repeat(k), reduction="none").reshape(k, b).mean(0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 4), k=st.integers(2, 3), seed=st.integers(0, 2**16))
+@example(batch=2, k=2, seed=0)  # K == B
+@example(batch=3, k=2, seed=1)
+def test_augmentations_concatenated_as_blocks_match_the_loop(batch, k, seed):
+    """NOTE [examples last]: ``torch.cat`` of ``k`` augmented copies of the batch was
+    refused (hooks) and fell back to ``vmap`` (auto); a padded run now shows the blocks,
+    and hooks' per-example gradients and ghost's, hooks' and auto's norms and clipped sums
+    are the loop's (auto must not fall back)."""
+    g = torch.Generator().manual_seed(seed)
+    params = _conv_params(g)
+    x, y = torch.randn(batch, 2, 5, 5, generator=g), torch.randint(0, 3, (batch,), generator=g)
+    check(lambda p, x, y: _concatenated(p, x, y, k), params, x, y)
+
+
 @pytest.mark.parametrize("batch", [2, 3])
-def test_examples_last_is_refused_and_falls_back(batch):
-    """A ``(K * B, ...)`` input with the examples last (row ``k * B + b``) is not taken for
-    ``K`` rows per example: hooks refuses and the default method falls back to the loop's
-    numbers."""
+def test_rows_in_neither_layout_are_refused_and_fall_back(batch):
+    """A ``(K * B, ...)`` input whose rows are neither ``K`` per example nor ``K`` blocks of
+    the batch (the blocks' rows rolled by one) is refused by hooks, and the default method
+    falls back to the loop's numbers; the blocks themselves are taken (examples last)."""
     g = torch.Generator().manual_seed(batch)
     params = {"w": torch.randn(3, 4, generator=g), "v": torch.randn(3, generator=g)}
 
-    def losses(p, x):  # (B, 2, 4) -> (2 B, 4), row k * B + b
+    def blocks(p, x):  # (B, 2, 4) -> (2 B, 4), row k * B + b
         h = torch.tanh(F.linear(x.transpose(0, 1).reshape(-1, 4), p["w"], p["v"]))
         return h.reshape(2, -1, 3).pow(2).sum((0, 2))
 
-    refused_then_loop(losses, params, torch.randn(batch, 2, 4, generator=g),
-                      match="do not repeat the first example's 2 rows")
+    def rolled_rows(p, x):  # row k * B + b moved to the next row
+        h = torch.tanh(F.linear(x.transpose(0, 1).reshape(-1, 4).roll(1, 0), p["w"], p["v"]))
+        return h.roll(-1, 0).reshape(2, -1, 3).pow(2).sum((0, 2))
+
+    x = torch.randn(batch, 2, 4, generator=g)
+    check(blocks, params, x)
+    refused_then_loop(rolled_rows, params, x, match="holds neither 2 consecutive rows per example")
 
 
 def test_a_batch_of_one_takes_any_rows_as_its_own():

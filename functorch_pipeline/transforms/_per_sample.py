@@ -405,9 +405,11 @@ def per_sample_grads(
           (augmentation multiplicity ``x.reshape(B * K, ...)`` with the loss averaged over
           the ``K`` augmentations, video frames through a 2-d CNN, flattened tokens): a
           padded run shows the layout (each padding example's ``m`` rows repeat the
-          first example's), and each example's rows are summed. Other layouts
-          (``x.transpose(0, 1).reshape(K * B, ...)``) are refused; ``has_aux`` cannot be
-          padded, so there such models take ``"vmap"``. A tensor made inside ``loss_fn``
+          first example's), and each example's rows are summed. For ``F.linear``, the
+          convolutions (1-d, 2-d) and the layer, group and RMS norms, axis 0 may instead
+          hold ``m`` blocks of the batch (``torch.cat`` of ``m`` augmentations of ``x``,
+          ``x.transpose(0, 1).reshape(K * B, ...)``), shown the same way. Other layouts
+          are refused; ``has_aux`` cannot be padded, so there such models take ``"vmap"``. A tensor made inside ``loss_fn``
           with no graph whose first axis has size ``B`` (a fixed ``(K, D)`` table through
           a ``Linear`` with ``K == B``, or ``one_hot(y).float()``) may be a constant or
           batch data: the first call with those shapes runs padded once to tell (with

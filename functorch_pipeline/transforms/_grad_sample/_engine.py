@@ -174,6 +174,52 @@ def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
     raise AssertionError("__torch_function__ called without a tracked tensor")  # pragma: no cover
 
 
+# NOTE [examples last]: the ops whose rule saves the input first and no other tensor with
+# its rows, so that their rows may come in m blocks of the batch.
+_LAST_OK = frozenset({"F.linear", "F.conv1d", "F.conv2d", "F.layer_norm", "F.group_norm", "F.rms_norm"})
+
+
+def examples_first(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Rows ``k * B + b`` of ``t`` (``m`` blocks of ``B`` rows) as rows ``b * m + k``.
+
+    # NOTE [examples last]
+    Augmentations concatenated (``torch.cat([aug(x) for _ in range(K)])``) put example
+    ``b``'s ``k``-th augmentation at row ``k * B + b``: ``K`` blocks of the batch, not the
+    ``K`` consecutive rows per example of NOTE [examples merged into axis 0], which
+    refused them, and ``auto`` fell back to ``vmap``. In a padded run each block's
+    padding rows repeat that block's first row, so the rows reordered by this function
+    pass that NOTE's test; such an input is then read with its rows reordered at the
+    finisher (:func:`_from_examples_last`: its input and output gradient, for the
+    position-wise rules of ``_LAST_OK``, which save no other tensor with those rows).
+    Only a padded run shows this layout, so such a model runs padded on every call (and
+    ``has_aux`` falls back). Both layout proofs compare values, and the padding examples
+    are copies of the first: rows that permute the examples among themselves in a way
+    that swaps the first example's rows with the padding's (all rows reversed,
+    ``h.flip(0)``, then reversed back) pass them, and are read in the wrong order (error
+    1.1 on a toy model, also before this layout was taken). The proofs are built for the
+    layouts models write: consecutive rows per example, blocks of the batch, tables.
+
+    Args:
+      t: a tensor whose axis 0 has ``m * B`` rows.
+      m: the number of blocks.
+
+    Returns:
+      A contiguous tensor of ``t``'s shape, its rows reordered.
+
+    Example:
+      >>> examples_first(torch.arange(6), 2)
+      tensor([0, 3, 1, 4, 2, 5])
+    """
+    return t.reshape(m, t.shape[0] // m, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _from_examples_last(finish: Callable[..., None], m: int, engine: Any, g: torch.Tensor,
+                        x: Any, *saved: Any) -> None:
+    """``finish`` on the output gradient and input with their rows reordered to ``m``
+    consecutive rows per example (NOTE [examples last])."""
+    finish(engine, examples_first(g, m), examples_first(x, m), *saved)
+
+
 def _like(saved: tuple[Any, ...], g: torch.Tensor) -> tuple[Any, ...]:
     """A use's saved floating tensors in its output gradient's dtype.
 
@@ -370,7 +416,7 @@ class Engine:
         self.views: dict[int, tuple[int, Any, tuple[Any, ...], dict[str, Any]]] = {}
         # NOTE [rows kept through elementwise ops]: the last input check's proof of merged
         # rows (m, input), and the autograd nodes of rule outputs with such rows -> shape.
-        self._proof: tuple[int, torch.Tensor] | None = None
+        self._proof: tuple[int, torch.Tensor, bool] | None = None  # (m, input, examples last)
         self.merged_rows: dict[Any, torch.Size] = {}
         # NOTE [a table the size of the batch]: id -> (tensor, whether its axis 0 holds
         # the examples), for tensors made inside loss_fn without a graph.
@@ -892,7 +938,8 @@ class Engine:
         first run is ambiguous and the batch runs again padded (NOTE [padding an ambiguous
         batch] in ``_padding``), where the input must have ``m`` rows per example at the
         padded size too and each padding example's ``m`` rows must repeat the first
-        example's, which neither the other layout nor a table does. ``m`` is whatever the
+        example's, which neither the other layout nor a table does (the examples last are
+        then tried for the ops that take them: NOTE [examples last]). ``m`` is whatever the
         input shows; later calls with the same shapes run padded at once (remembered per
         ``loss_fn``), one padding example more a call. ``has_aux`` is never padded, so
         there it stays an error and ``auto`` takes ``vmap``. A batch of one needs no
@@ -943,7 +990,7 @@ class Engine:
             if B == 1 and self.real is None:
                 return 0  # one example: every row is its own, whatever the layout
             if self._merges_examples(x, op, slots) or self._keeps_rows(x):
-                self._proof = (m, x)
+                self._proof = (m, x, False)
                 return 0
             if self.real is None:
                 raise Ambiguous(
@@ -951,13 +998,18 @@ class Engine:
                     f"first axis is {m} times the batch size {B}: it may hold {m} rows per "
                     "example, which only a padded batch can show")
             if self.padding_rows_repeat(x, m):
-                self._proof = (m, x)
+                self._proof = (m, x, False)
+                return 0
+            if op in _LAST_OK and self.padding_rows_repeat(examples_first(x, m), m):
+                self._proof = (m, x, True)  # NOTE [examples last]
                 return 0
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose first "
                 f"axis is {m} times the batch size {B}, but whose rows past the examples do not "
-                f"repeat the first example's {m} rows: it does not hold {m} consecutive rows per "
-                "example (x.reshape(B * m, ...) of a (B, m, ...) tensor)")
+                f"repeat the first example's {m} rows: it holds neither {m} consecutive rows per "
+                f"example (x.reshape(B * m, ...) of a (B, m, ...) tensor) nor, for "
+                f"{', '.join(sorted(_LAST_OK))}, {m} blocks of the batch (torch.cat of {m} "
+                "tensors of the batch's shape)")
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
                               "weight and bias arguments have a per-sample gradient rule")
@@ -1113,7 +1165,9 @@ class Engine:
         parameters] in ``_rules_elementwise``): the backward then returns its gradient."""
         node = out.grad_fn
         proof, self._proof = self._proof, None
-        if (proof is not None and node is not None and saved and saved[0] is proof[1]
+        if proof is not None and proof[2] and saved and saved[0] is proof[1]:
+            finish = functools.partial(_from_examples_last, finish, proof[0])
+        elif (proof is not None and node is not None and saved and saved[0] is proof[1]
                 and out.dim() >= 1 and out.shape[0] == proof[0] * self.batch_size):
             self.merged_rows[node] = out.shape  # NOTE [rows kept through elementwise ops]
         if node is None:
