@@ -39,10 +39,15 @@ def _augmented(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     augmentations of each example, run as one batch of ``B * K`` images; each example's
     loss is the mean over its augmentations."""
     b, k = x.shape[:2]
-    h = F.conv2d(x.reshape(b * k, *x.shape[2:]), p["conv.weight"], p["conv.bias"], padding=1)
-    h = F.relu(F.group_norm(h, 2, p["norm.weight"], p["norm.bias"]))
-    logits = F.linear(h.mean((2, 3)), p["head.weight"], p["head.bias"])  # (B K, classes)
+    logits = _cnn_logits(p, x.reshape(b * k, *x.shape[2:]))  # (B K, classes)
     return F.cross_entropy(logits, y.repeat_interleave(k), reduction="none").reshape(b, k).mean(1)
+
+
+def _cnn_logits(p: dict, images: torch.Tensor) -> torch.Tensor:
+    """Conv, GroupNorm, ReLU, mean pooling and a Linear head, image by image."""
+    h = F.conv2d(images, p["conv.weight"], p["conv.bias"], padding=1)
+    h = F.relu(F.group_norm(h, 2, p["norm.weight"], p["norm.bias"]))
+    return F.linear(h.mean((2, 3)), p["head.weight"], p["head.bias"])
 
 
 @settings(max_examples=25, deadline=None)
@@ -121,9 +126,7 @@ def _concatenated(p: dict, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Te
     last] in ``_engine``); the same conv, GroupNorm and Linear as :func:`_augmented`."""
     b = x.shape[0]
     augs = torch.cat([torch.roll(x, j, dims=-1) * (1 + 0.1 * j) for j in range(k)])
-    h = F.conv2d(augs, p["conv.weight"], p["conv.bias"], padding=1)
-    h = F.relu(F.group_norm(h, 2, p["norm.weight"], p["norm.bias"]))
-    logits = F.linear(h.mean((2, 3)), p["head.weight"], p["head.bias"])  # (k B, classes)
+    logits = _cnn_logits(p, augs)  # (k B, classes)
     return F.cross_entropy(logits, y.repeat(k), reduction="none").reshape(k, b).mean(0)
 
 
