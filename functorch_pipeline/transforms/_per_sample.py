@@ -387,13 +387,15 @@ def per_sample_grads(
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
-          uses a parameter sees the batch on axis 0 of its input. ``F.linear``,
+          uses a parameter sees the batch on axis 0 of its input, in the batch's order (a
+          model that reorders its examples inside, sorting them by length, is read in the
+          wrong order, silently: use ``"vmap"``). ``F.linear``,
           ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
           sequence-first ``(T, B, ...)`` input that is computed from the parameters or the
           batch (it has a graph: inside ``batch_first=False`` transformer layers, or
           ``x.transpose(0, 1)`` of the batch, a view or a copy; floating batch arguments
-          reach ``loss_fn`` requiring grad, so an in-place change of one there is
-          refused); a table with no batch axis is not taken (``"hooks"`` raises,
+          reach ``loss_fn`` requiring grad; a ``loss_fn`` that autograd then refuses, one
+          that changes its batch in place, is run again with the batch plain); a table with no batch axis is not taken (``"hooks"`` raises,
           ``"auto"`` falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B``, and no other axis that could hold the examples may have
           it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
