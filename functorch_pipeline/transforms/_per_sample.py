@@ -395,8 +395,8 @@ def per_sample_grads(
           batch (it has a graph: inside ``batch_first=False`` transformer layers, or
           ``x.transpose(0, 1)`` of the batch, a view or a copy; floating batch arguments
           reach ``loss_fn`` requiring grad; a ``loss_fn`` that autograd then refuses, one
-          that changes its batch in place, is run again with the batch plain); a table with no batch axis is not taken (``"hooks"`` raises,
-          ``"auto"`` falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
+          that changes its batch in place, is run again with the batch plain); a table
+          with no batch axis is not taken (``"hooks"`` raises, ``"auto"`` falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B``, and no other axis that could hold the examples may have
           it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
           ``(T, B, E)`` input with ``T == B``), the batch is run again with up to four
@@ -411,7 +411,8 @@ def per_sample_grads(
           convolutions (1-d, 2-d) and the layer, group and RMS norms, axis 0 may instead
           hold ``m`` blocks of the batch (``torch.cat`` of ``m`` augmentations of ``x``,
           ``x.transpose(0, 1).reshape(K * B, ...)``), shown the same way. Other layouts
-          are refused; ``has_aux`` cannot be padded, so there such models take ``"vmap"``. A tensor made inside ``loss_fn``
+          are refused; ``has_aux`` cannot be padded, so there such models take ``"vmap"``.
+          A tensor made inside ``loss_fn``
           with no graph whose first axis has size ``B`` (a fixed ``(K, D)`` table through
           a ``Linear`` with ``K == B``, or ``one_hot(y).float()``) may be a constant or
           batch data: the first call with those shapes runs padded once to tell (with

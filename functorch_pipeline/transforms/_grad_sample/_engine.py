@@ -174,11 +174,6 @@ def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
     raise AssertionError("__torch_function__ called without a tracked tensor")  # pragma: no cover
 
 
-# NOTE [examples last]: the ops whose rule saves the input first and no other tensor with
-# its rows, so that their rows may come in m blocks of the batch.
-_LAST_OK = frozenset({"F.linear", "F.conv1d", "F.conv2d", "F.layer_norm", "F.group_norm", "F.rms_norm"})
-
-
 def examples_first(t: torch.Tensor, m: int) -> torch.Tensor:
     """Rows ``k * B + b`` of ``t`` (``m`` blocks of ``B`` rows) as rows ``b * m + k``.
 
@@ -190,7 +185,8 @@ def examples_first(t: torch.Tensor, m: int) -> torch.Tensor:
     padding rows repeat that block's first row, so the rows reordered by this function
     pass that NOTE's test; such an input is then read with its rows reordered at the
     finisher (:func:`_from_examples_last`: its input and output gradient, for the
-    position-wise rules of ``_LAST_OK``, which save no other tensor with those rows).
+    position-wise rules that pass ``check_input(blocks=True)``: F.linear, conv1d/2d and the
+    layer, group and RMS norms, which save no other tensor with those rows).
     Only a padded run shows this layout, so such a model runs padded on every call (and
     ``has_aux`` falls back). Both layout proofs compare values, and the padding examples
     are copies of the first: rows that permute the examples among themselves in a way
@@ -877,13 +873,16 @@ class Engine:
         return rows
 
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
-                    features: int = 0, seq_first: bool = False, paired: bool = False) -> int:
+                    features: int = 0, seq_first: bool = False, paired: bool = False,
+                    blocks: bool = False) -> int:
         """The axis of ``x`` that holds the examples: 0, or 1 for a sequence-first input
         when ``seq_first`` (NOTE [sequence-first inputs]); raise ``Unsupported`` when it is
         not known unambiguously. ``paired``: the op combines ``x``'s rows one by one with
         another input's, whose rows hold the examples (a recurrent layer's initial state
         and its steps), so a tensor made without a graph needs no proof (NOTE [a table the
-        size of the batch]): ``x.new_zeros(B, H)``.
+        size of the batch]): ``x.new_zeros(B, H)``. ``blocks``: the rule's finisher reads
+        only its input and output gradient by rows, so ``m`` blocks of the batch may be
+        read with the rows reordered (NOTE [examples last]).
 
         # NOTE [which axis is the batch]
         Rules take axis 0 of an op's input to be the examples; nothing else is known about
@@ -1000,16 +999,16 @@ class Engine:
             if self.padding_rows_repeat(x, m):
                 self._proof = (m, x, False)
                 return 0
-            if op in _LAST_OK and self.padding_rows_repeat(examples_first(x, m), m):
+            if blocks and self.padding_rows_repeat(examples_first(x, m), m):
                 self._proof = (m, x, True)  # NOTE [examples last]
                 return 0
             raise Unsupported(
                 f"{who} {verb} used by `{op}` on an input of shape {tuple(x.shape)}, whose first "
                 f"axis is {m} times the batch size {B}, but whose rows past the examples do not "
                 f"repeat the first example's {m} rows: it holds neither {m} consecutive rows per "
-                f"example (x.reshape(B * m, ...) of a (B, m, ...) tensor) nor, for "
-                f"{', '.join(sorted(_LAST_OK))}, {m} blocks of the batch (torch.cat of {m} "
-                "tensors of the batch's shape)")
+                f"example (x.reshape(B * m, ...) of a (B, m, ...) tensor) nor {m} blocks of the "
+                f"batch (torch.cat of {m} tensors of the batch's shape, which F.linear, conv1d/2d "
+                "and the layer, group and RMS norms take)")
         if isinstance(x, _Tracked):
             raise Unsupported(f"{self.name(x._fp_slot)} is used as the input of `{op}`; only its "
                               "weight and bias arguments have a per-sample gradient rule")

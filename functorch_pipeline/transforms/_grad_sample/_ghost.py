@@ -97,7 +97,7 @@ def _ghost_conv(nd: int) -> Callable[..., Any]:
         wp, bp = engine.base(w), engine.base(b)
         if engine.input_axis(op, args, kwargs, lambda: engine.check_input(
                 x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
-                features=nd + 1)) is None:  # a constant input: NOTE [constants or batch data]
+                features=nd + 1, blocks=True)) is None:  # a constant: NOTE [constants or batch data]
             return engine.derive_op(op, args, kwargs)
         grads_flow = x.requires_grad or wp.requires_grad or (bp is not None and bp.requires_grad)
         xin = x if grads_flow else x.detach().requires_grad_()

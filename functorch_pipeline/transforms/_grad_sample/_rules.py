@@ -66,7 +66,8 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     # is a derived tensor, NOTE [constants or batch data] in _engine: where the size check
     # refuses it, or where it has the batch size (NOTE [a table the size of the batch]).
     axis = engine.input_axis(F.linear, args, kwargs, lambda: engine.check_input(
-        x, "F.linear", [s for s in (ws, bs) if s is not None], features=1, seq_first=True))
+        x, "F.linear", [s for s in (ws, bs) if s is not None], features=1, seq_first=True,
+        blocks=True))
     if axis is None:
         return engine.derive_op(F.linear, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
@@ -104,7 +105,7 @@ def _conv(nd: int) -> Any:
         (ws, bs), (wp, bp) = _params(engine, w, b)
         if engine.input_axis(op, args, kwargs, lambda: engine.check_input(
                 x, name, [s for s in (ws, bs) if s is not None], min_dim=nd + 2,
-                features=nd + 1)) is None:  # a constant input: NOTE [constants or batch data]
+                features=nd + 1, blocks=True)) is None:  # a constant: NOTE [constants or batch data]
             return engine.derive_op(op, args, kwargs)
         xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
         out = op(xin, wp, bp, stride, padding, dilation, groups)
@@ -528,7 +529,7 @@ def _layer_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     (ws, bs), (wp, bp) = _params(engine, w, b)
     axis = engine.input_axis(F.layer_norm, args, kwargs, lambda: engine.check_input(
         x, "F.layer_norm", [s for s in (ws, bs) if s is not None], min_dim=len(shape) + 1,
-        features=len(shape), seq_first=True))
+        features=len(shape), seq_first=True, blocks=True))
     if axis is None:  # a constant input: NOTE [constants or batch data] in _engine
         return engine.derive_op(F.layer_norm, args, kwargs)
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
@@ -551,7 +552,8 @@ def _group_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     w, b, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "bias"), _get(args, kwargs, 4, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
     if engine.input_axis(F.group_norm, args, kwargs, lambda: engine.check_input(
-            x, "F.group_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)) is None:
+            x, "F.group_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1,
+            blocks=True)) is None:
         return engine.derive_op(F.group_norm, args, kwargs)  # NOTE [constants or batch data]
     xin = x.detach().requires_grad_() if _no_graph(x, wp, bp) else x
     out = F.group_norm(xin, groups, wp, bp, eps)

@@ -166,7 +166,8 @@ def _rms_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor
     if ws is None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the input of `F.rms_norm`")
     axis = engine.input_axis(F.rms_norm, args, kwargs, lambda: engine.check_input(
-        x, "F.rms_norm", [ws], min_dim=len(shape) + 1, features=len(shape), seq_first=True))
+        x, "F.rms_norm", [ws], min_dim=len(shape) + 1, features=len(shape), seq_first=True,
+        blocks=True))
     if axis is None:  # a constant input: NOTE [constants or batch data] in _engine
         return engine.derive_op(F.rms_norm, args, kwargs)
     wp = engine.bases[ws]
