@@ -396,7 +396,8 @@ def per_sample_grads(
           ``x.transpose(0, 1)`` of the batch, a view or a copy; floating batch arguments
           reach ``loss_fn`` requiring grad; a ``loss_fn`` that autograd then refuses, one
           that changes its batch in place, is run again with the batch plain); a table
-          with no batch axis is not taken (``"hooks"`` raises, ``"auto"`` falls back). The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
+          with no batch axis is not taken (``"hooks"`` raises, ``"auto"`` falls back).
+          The batch axis is checked by size: axis 0 (or, sequence-first, axis 1)
           must have size ``B``, and no other axis that could hold the examples may have
           it too. When one does (sequences as long as the batch: ``(B, T)`` ids or a
           ``(T, B, E)`` input with ``T == B``), the batch is run again with up to four
