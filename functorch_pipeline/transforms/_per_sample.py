@@ -388,8 +388,11 @@ def per_sample_grads(
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch); and every call that
           uses a parameter sees the batch on axis 0 of its input, in the batch's order (a
-          model that reorders its examples inside, sorting them by length, is read in the
-          wrong order, silently: use ``"vmap"``). ``F.linear``,
+          model that reorders its examples inside, sorting them by length with an index,
+          ``index_select``, ``gather``, ``flip``, ``roll``, ``cat`` or ``stack``, is seen:
+          ``"hooks"`` raises and ``"auto"`` falls back, or runs padded once to show the
+          rows were put back in order; a permutation made by reshapes alone is not seen).
+          ``F.linear``,
           ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
           sequence-first ``(T, B, ...)`` input that is computed from the parameters or the
           batch (it has a graph: inside ``batch_first=False`` transformer layers, or

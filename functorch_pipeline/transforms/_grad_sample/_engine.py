@@ -48,6 +48,7 @@ from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
 __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported"]
 
@@ -417,6 +418,10 @@ class Engine:
         # NOTE [a table the size of the batch]: id -> (tensor, whether its axis 0 holds
         # the examples), for tensors made inside loss_fn without a graph.
         self._rows: dict[int, tuple[torch.Tensor, bool]] = {}
+        # NOTE [rows reordered inside loss_fn] in _row_order: the autograd nodes of rule
+        # outputs (the walk stops there) and the walks' answers of this run.
+        self.rule_nodes: set[Any] = set()
+        self._order_memo: dict[Any, str | None] = {}
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -427,6 +432,8 @@ class Engine:
         self.views.clear()
         self.merged_rows.clear()
         self._rows.clear()
+        self.rule_nodes.clear()
+        self._order_memo.clear()
         self._proof = None
 
     def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -779,10 +786,9 @@ class Engine:
         ambiguous and the batch runs again padded (NOTE [padding an ambiguous batch] in
         ``_padding``), where batch data grows with the batch and repeats its first example
         in the padding rows, and a constant does not. Tensors with a graph or that view a
-        batch argument are checked by ``check`` alone, as before. (``F.linear`` and the
-        convolutions keep the documented size check alone: their blind spot needs a fixed
-        table shaped like the batch, and the first layer of most models reads a copy of
-        the data.)
+        batch argument are checked by ``check`` alone, as before. (A table whose first
+        axis alone has the batch size is asked about by ``check`` too: NOTE [a table the
+        size of the batch].)
         """
         if not isinstance(x, torch.Tensor) or x.grad_fn is not None or self.reads_batch(x):
             return check()
@@ -896,9 +902,11 @@ class Engine:
         batch] in ``_padding``): only the axis that holds the examples grows. One-dimensional
         embedding ids are examples only when read from a batch argument; others have no
         batch axis (NOTE [one-dimensional indices] in ``_rules``, NOTE [derived
-        parameters]). The remaining blind spot: a float input with no batch
-        axis whose first axis happens to equal ``B`` (a fixed ``(T, E)`` table through a
-        ``Linear`` with ``T == B``), see the ``method`` docs.
+        parameters]). A float input with no batch axis whose first axis happens to equal
+        ``B`` (a fixed ``(T, E)`` table through a ``Linear`` with ``T == B``) is told from
+        batch data by NOTE [a table the size of the batch]. An input computed from the
+        batch is walked back to it for ops that reorder its examples (NOTE [rows
+        reordered inside loss_fn] in ``_row_order``).
 
         # NOTE [sequence-first inputs]
         Position-wise rules (``F.linear``, ``F.layer_norm``, ``F.rms_norm``, ``F.embedding``:
@@ -963,6 +971,7 @@ class Engine:
             lead = x.shape[:x.dim() - features]
             if x.shape[0] == B and (B == 1 or B not in lead[1:]):
                 if rows or self.real is None or x.requires_grad or self.padding_rows_repeat(x):
+                    self.rows_in_order(x, 0, op, slots)  # NOTE [rows reordered inside loss_fn]
                     return 0
                 # Padded, a tensor with no provable batch axis (a table whose first axis
                 # has the padded size) must not pass for the examples.
@@ -979,6 +988,7 @@ class Engine:
                     # of the padded size.
                     and (self.real is None or self.padding_rows_repeat(x.movedim(1, 0)))):
                 if B not in lead[2:]:
+                    self.rows_in_order(x, 1, op, slots)  # NOTE [rows reordered inside loss_fn]
                     return 1
                 ambiguous = True  # axis 1 or a later one: NOTE [padding an ambiguous batch]
         who = ", ".join(self.name(s) for s in slots)
@@ -989,6 +999,8 @@ class Engine:
             if B == 1 and self.real is None:
                 return 0  # one example: every row is its own, whatever the layout
             if self._merges_examples(x, op, slots) or self._keeps_rows(x):
+                # NOTE [rows reordered inside loss_fn]
+                self.rows_in_order(x, 0, op, slots, lambda: self.padding_rows_repeat(x, m))
                 self._proof = (m, x, False)
                 return 0
             if self.real is None:
@@ -997,9 +1009,11 @@ class Engine:
                     f"first axis is {m} times the batch size {B}: it may hold {m} rows per "
                     "example, which only a padded batch can show")
             if self.padding_rows_repeat(x, m):
+                self.rows_in_order(x, 0, op, slots, lambda: True)  # shown just above
                 self._proof = (m, x, False)
                 return 0
             if blocks and self.padding_rows_repeat(examples_first(x, m), m):
+                self.rows_in_order(x, 0, op, slots, lambda: True)
                 self._proof = (m, x, True)  # NOTE [examples last]
                 return 0
             raise Unsupported(
@@ -1024,6 +1038,40 @@ class Engine:
             f"{who} {verb} used by `{op}` on an input of shape {shape}, whose first axis is not "
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
+
+    def rows_in_order(self, x: torch.Tensor, axis: int, op: str, slots: list[int],
+                      shown: Callable[[], bool] | None = None) -> None:
+        """Return when no op between the batch and ``x`` reorders the examples on ``axis``,
+        or when a padded run shows they are in order anyway; else raise: :class:`Unproven`
+        unpadded (a padded run decides), :class:`Ambiguous` with fewer than two padding
+        examples, :class:`Unsupported` when the padding rows do not repeat the first
+        example's (NOTE [rows reordered inside loss_fn] in ``_row_order``). ``shown``: the
+        padded run's test of the rows' layout (default: one row per example)."""
+        if x.grad_fn is None or (self.real or self.batch_size) == 1:
+            return
+        why = reordered_by(x, axis, self.rule_nodes, self._order_memo)
+        if why is None:
+            return
+        sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
+        if self.real is None:
+            if self.evidence is not None and self.evidence.rows_for(sig):
+                return
+            raise Unproven(f"`{op}` reads an input whose examples passed through {why}, which "
+                           "may have reordered them; only a padded batch can show whether "
+                           "its rows are in the batch's order (NOTE [rows reordered inside "
+                           "loss_fn])")
+        if self.batch_size - self.real < 2:
+            raise Ambiguous(f"`{op}` reads an input whose examples passed through {why}: "
+                            "showing their order takes two padding examples")
+        if shown() if shown is not None else self.padding_rows_repeat(x.movedim(axis, 0)):
+            if self.evidence is not None:
+                self.evidence.note_rows(sig, True)
+            return
+        who = ", ".join(self.name(s) for s in slots)
+        raise Unsupported(
+            f"{who} {'is' if len(slots) == 1 else 'are'} used by `{op}` on an input whose "
+            f"examples were reordered inside loss_fn ({why}: row b is not example b), which "
+            "the per-row rules cannot read; method='vmap' runs each example alone")
 
     def _keeps_rows(self, x: torch.Tensor) -> bool:
         """Whether ``x`` was computed by elementwise ops alone from the output of a rule
@@ -1163,6 +1211,8 @@ class Engine:
         ``out`` may be a leaf requiring grad that a rule handed to an op (NOTE [elementwise
         parameters] in ``_rules_elementwise``): the backward then returns its gradient."""
         node = out.grad_fn
+        if node is not None:
+            self.rule_nodes.add(node)  # NOTE [rows reordered inside loss_fn]
         proof, self._proof = self._proof, None
         if proof is not None and proof[2] and saved and saved[0] is proof[1]:
             finish = functools.partial(_from_examples_last, finish, proof[0])
@@ -1176,6 +1226,7 @@ class Engine:
         base = out._base
         if base is not None and base.grad_fn is not None and _covers(out, base):
             # NOTE [gradient edges, not tensors]: a view of the whole of a fresh tensor.
+            self.rule_nodes.add(base.grad_fn)
             self.uses.append(_Use(GradientEdge(base.grad_fn, base.output_nr),
                                   functools.partial(_reshaped, finish, (out.shape, out.stride())),
                                   saved))

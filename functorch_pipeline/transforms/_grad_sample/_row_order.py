@@ -1,0 +1,218 @@
+"""Whether an op between the batch and a rule's input reordered the examples.
+
+# NOTE [rows reordered inside loss_fn]
+A rule reads row ``b`` of its input as example ``b`` (NOTE [which axis is the batch] in
+``_engine``), and an input computed from the batch (it has a graph: NOTE [the batch
+requires grad] in ``_api``) passed that test by its size alone. A model that reorders its
+examples on the way breaks it: sorting a batch by length before a recurrent layer and
+unsorting after (``h[order]``, ``index_select``), reversing it (``flip(0)``), rolling it.
+Each example's gradient then went to another example, silently: wrong per-example
+gradients, clip norms and DP noise calibration (error 1.31 on a toy model that sorts by a
+feature; ``vmap`` and the loop were right). :func:`reordered_by` walks the input's autograd
+history back to the batch, following the axis that holds the examples through the ops
+that move it (transposes, permutes, views, squeezes, selects, expands), and names the
+first op that permutes or gathers rows along that axis: indexing with a tensor whose
+entries are not in increasing order (``h[order]``; ``h[torch.arange(B), last]`` and masks
+keep the order), ``index_select``, ``gather``, ``scatter``, ``index_copy``, ``index_put``,
+``flip``, ``roll``, ``sort``, ``topk``, ``cat`` and ``stack`` along it. The walk stops at
+the outputs of earlier rules, whose inputs were checked in turn, and at leaves.
+
+It cannot prove that rows came back in order (``h[order][inverse]``), so a named op
+makes the input unproven and the padded run of NOTE [padding an ambiguous batch] in
+``_padding`` decides, with at least two padding examples: there the examples' rows are in
+order only if the padding rows still repeat the first example's. A permutation computed
+from the data (a sort) moves the copies of the first example together, so they cannot sit
+at row 0 and at both padding rows at once; a reversal puts other examples there. One
+padding example would let a reversal pass (its one padding row and row 0 trade places).
+A proven input is remembered like a table's answer (``Evidence.rows``), so later calls
+with the same shapes run unpadded; a refused one falls back to ``vmap``, which is right.
+Ops the walk does not know keep the axis when an input has the same size along it, and
+end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2,
+F).transpose(0, 1).reshape(B, F)``) is not seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["reordered_by"]
+
+_INDEXED = frozenset({"IndexBackward0", "IndexPutBackward0", "IndexPutImplBackward0"})
+_ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackward0",
+                        "ScatterBackward1", "ScatterAddBackward0", "ScatterReduceBackward0",
+                        "IndexCopyBackward0", "IndexAddBackward0", "IndexReduceBackward0",
+                        "SortBackward0", "SortBackward1", "TopkBackward0", "CatBackward0"})
+_MONOTONE = frozenset({"IndexSelectBackward0"})  # take an index whose order can be read
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                    "_ReshapeAliasBackward0", "AliasBackward0"})
+
+
+def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | None]) -> str | None:
+    """The first op in ``x``'s autograd history that permutes or gathers rows along the
+    axis holding the examples (``axis`` of ``x``), as a short description, or None; see
+    NOTE [rows reordered inside loss_fn].
+
+    Args:
+      x: a rule's input that has a graph.
+      axis: the axis of ``x`` that holds the examples.
+      stops: autograd nodes where the walk ends (the outputs of earlier rules).
+      memo: answers for ``(node, output number, axis)``, shared by the walks of one run.
+
+    Returns:
+      e.g. ``"IndexBackward0 on axis 0"``, or None when no such op was found.
+
+    Example:
+      >>> h = torch.randn(4, 3, requires_grad=True)
+      >>> reordered_by(h[h[:, 0].argsort()].relu(), 0, set(), {})
+      'IndexBackward0 on axis 0'
+      >>> print(reordered_by(h[:, [2, 0, 1]].relu(), 0, set(), {}))
+      None
+    """
+    start = (x.grad_fn, x.output_nr, axis)
+    todo: list[tuple[Any, bool]] = [(start, False)]
+    pending: dict[Any, list[Any]] = {}
+    while todo:
+        key, expanded = todo.pop()
+        if expanded:
+            memo[key] = next((memo[c] for c in pending.pop(key) if memo.get(c)), None)
+            continue
+        if key in memo:
+            continue
+        try:
+            own, children = _step(*key, stops)
+        except (AttributeError, RuntimeError, TypeError):  # a node unlike its kind's
+            own, children = None, []
+        if own is not None or not children:
+            memo[key] = own
+            continue
+        pending[key] = children
+        todo.append((key, True))
+        todo.extend((c, False) for c in children if c not in memo)
+    return memo[start]
+
+
+def _shape(node: Any, nr: int) -> list[int] | None:
+    try:
+        return list(node._input_metadata[nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _in_order(index: Any) -> bool:
+    """Whether an index along the examples' axis keeps their order: a mask, or a 1-d index
+    that never decreases (a pooling ``h[torch.arange(B), last]``, merged rows)."""
+    if not isinstance(index, torch.Tensor):
+        return False
+    if index.dtype == torch.bool:
+        return True
+    return index.dim() == 1 and bool((index[1:] >= index[:-1]).all())
+
+
+def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]]:
+    """``(the op if ``node`` reorders axis ``a`` of its output ``nr``, the inputs to walk
+    next as (node, output number, axis) keys)``."""
+    if node is None or node in stops or not node.next_functions:
+        return None, []
+    shape = _shape(node, nr)
+    if shape is None or a >= len(shape):
+        return None, []
+    rank, name = len(shape), node.name()
+    here = f"{name} on axis {a}"
+    nexts = [(n, i) for n, i in node.next_functions if n is not None]
+    if name in _INDEXED:
+        idx = list(node._saved_indices)
+        if a < len(idx) and idx[a] is not None:
+            if not _in_order(idx[a]):
+                return here, []
+        elif any(t is not None for t in idx[:a]):
+            return None, []  # an index before the axis may move it: not followed
+        return None, _same(nexts, shape, a)
+    if name in _ALONG_DIM:
+        if _norm(int(node._saved_dim), rank) == a and not (
+                name in _MONOTONE and _in_order(node._saved_index)):
+            return here, []
+        return None, _same(nexts, shape, a)
+    if name in ("FlipBackward0", "RollBackward0"):
+        dims = [_norm(int(d), rank) for d in node._saved_dims]
+        return (here, []) if not dims or a in dims else (None, _same(nexts, shape, a))
+    if name == "StackBackward0":
+        d = _norm(int(node._saved_dim), rank)
+        if d == a:
+            return here, []
+        return None, [(n, i, a - (d < a)) for n, i in nexts]
+    moved = _moved(node, name, shape, a)
+    if moved is not None:
+        return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
+    return None, _same(nexts, shape, a)
+
+
+def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
+    """The input axis that holds output axis ``a`` for an op that moves axes (-1: none
+    does, the walk ends), or None for other ops."""
+    rank = len(shape)
+    if name in ("TransposeBackward0", "TransposeBackward1"):
+        d0, d1 = _norm(int(node._saved_dim0), rank), _norm(int(node._saved_dim1), rank)
+        return d1 if a == d0 else d0 if a == d1 else a
+    if name == "TBackward0":
+        return rank - 1 - a if rank == 2 else a
+    if name == "PermuteBackward0":
+        return _norm(int(node._saved_dims[a]), rank)
+    if name == "UnsqueezeBackward0":
+        d = _norm(int(node._saved_dim), rank)
+        return -1 if a == d else a - (a > d)
+    if name in ("SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"):
+        sizes = list(node._saved_self_sym_sizes)
+        dims = getattr(node, "_saved_dim", None)
+        dims = None if dims is None else {_norm(int(d), len(sizes)) for d in
+                                          (dims if isinstance(dims, tuple) else (dims,))}
+        kept = [i for i, s in enumerate(sizes) if s != 1 or (dims is not None and i not in dims)]
+        return kept[a] if a < len(kept) else -1
+    if name == "SelectBackward0":
+        d = _norm(int(node._saved_dim), rank + 1)
+        return a + (a >= d)
+    if name == "ExpandBackward0":
+        sizes = list(node._saved_self_sym_sizes)
+        i = a - (rank - len(sizes))
+        return i if i >= 0 and sizes[i] == shape[a] else -1
+    if name in _VIEWS:
+        return _viewed(list(node._saved_self_sym_sizes), shape, a)
+    return None
+
+
+def _viewed(sizes: list[int], shape: list[int], a: int) -> int:
+    """The axis of a view's input ``sizes`` that holds output axis ``a`` of ``shape``: the
+    one that starts at the same offset (elements before it) and whose size is ``shape[a]``
+    or a multiple of it (merged rows), or the outermost of the axes merged into it; -1
+    when no axis starts there."""
+    before, seen = 1, 1
+    for s in shape[:a]:
+        before *= s
+    for i, s in enumerate(sizes):
+        if seen == before and s > 1:
+            return i if s % shape[a] == 0 or shape[a] % s == 0 else -1
+        if seen > before:
+            return -1
+        seen *= s
+    return -1
+
+
+def _same(nexts: list[tuple[Any, int]], shape: list[int], a: int) -> list[Any]:
+    """The inputs of an op that keeps the axis (elementwise ops, convolutions, norms,
+    matmuls over other axes): those with the same size along it, right-aligned as
+    broadcasting aligns them; others (broadcast over the examples, or contracted) are not
+    followed."""
+    out = []
+    for n, i in nexts:
+        s = _shape(n, i)
+        if s is None:
+            continue
+        j = a - (len(shape) - len(s)) if len(s) <= len(shape) else (a if a == 0 else -1)
+        if 0 <= j < len(s) and s[j] == shape[a]:
+            out.append((n, i, j))
+    return out
