@@ -53,6 +53,9 @@ REORDERS = {
     "stack": (lambda h, x: torch.stack(h.unbind(0)[::-1]),
               lambda h, x: torch.stack(h.unbind(0)[::-1])),
     "transposed": (lambda h, x: h.t().flip(1).t(), lambda h, x: h.t().flip(1).t()),
+    # a reflection that maps row 0 and the last two rows onto each other at every size,
+    # so the padding rows repeat the first example's: found by a random search
+    "roll_flip": (lambda h, x: h.roll(1, 0).flip(0), lambda h, x: h.flip(0).roll(-1, 0)),
 }
 
 
@@ -255,3 +258,31 @@ def test_merged_rows_reversed_are_not_read_as_in_order(batch, losses):
         warnings.simplefilter("ignore")
         got = fp.per_sample_grads(losses)(p, x)
     assert all(close(got[k], want[k]) for k in want)
+
+
+def test_dropout_before_a_reorder_put_back_keeps_the_fast_path():
+    """In training mode the padded run draws other masks than the unpadded one, so its
+    rows cannot be compared with the unpadded run's: the padding rows' proof decides
+    (with the first example's draws), and later calls run once, unpadded, drawing what
+    the batch gradient draws."""
+    p = params(2)
+    x = torch.randn(5, 3)
+    there, back = REORDERS["sort_index"]
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.shape[0])
+        h = back(there(F.dropout(x, 0.5, training=True), x), x)
+        return F.linear(torch.tanh(F.linear(h, p["w1"], p["b1"])), p["w2"]).pow(2).sum(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to vmap
+        grads = fp.per_sample_grads(losses)
+        grads(p, x)  # shows the order in a padded run
+        calls.clear()
+        torch.manual_seed(7)
+        got = grads(p, x)
+    assert calls == [5]
+    torch.manual_seed(7)
+    want = torch.func.grad(lambda p: losses(p, x).sum())(p)
+    assert all(close(got[k].sum(0), want[k]) for k in want)

@@ -50,7 +50,7 @@ from torch.autograd.graph import get_gradient_edge
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
-__all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported"]
+__all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported", "rng_states"]
 
 
 # NOTE [rows kept through elementwise ops]: autograd nodes of elementwise ops (row r of the
@@ -91,6 +91,15 @@ class Unproven(Ambiguous):
     """A tensor made inside ``loss_fn`` without a graph has the batch size on axis 0 and
     may be a copy of the batch or a constant (NOTE [a table the size of the batch]); a
     padded run answers, and later calls reuse the answer unpadded."""
+
+
+def rng_states() -> list[torch.Tensor]:
+    """PyTorch's global generators' states (CPU, and CUDA's current device once
+    initialised), to tell whether a run drew random numbers."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return states
 
 
 def _describe(func: Any) -> str:
@@ -422,6 +431,8 @@ class Engine:
         # outputs (the walk stops there) and the walks' answers of this run.
         self.rule_nodes: set[Any] = set()
         self._order_memo: dict[Any, str | None] = {}
+        self.unproven: str | None = None  # raised by the backward of an unpadded run
+        self._rng = rng_states() if self.real is not None else None  # to tell a run that draws
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -1053,25 +1064,39 @@ class Engine:
         if why is None:
             return
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
+        rows, ev = x.detach().movedim(axis, 0), self.evidence
         if self.real is None:
-            if self.evidence is not None and self.evidence.rows_for(sig):
+            if ev is not None and ev.rows_for(sig):
                 return
-            raise Unproven(f"`{op}` reads an input whose examples passed through {why}, which "
-                           "may have reordered them; only a padded batch can show whether "
-                           "its rows are in the batch's order (NOTE [rows reordered inside "
-                           "loss_fn])")
+            why = (f"`{op}` reads an input whose examples passed through {why}, which may "
+                   "have reordered them; only a padded batch can show whether its rows are "
+                   "in the batch's order (NOTE [rows reordered inside loss_fn])")
+            if ev is None:
+                raise Unproven(why)
+            ev.keep(sig, rows.clone())  # the padded run compares its first rows with these
+            self.unproven = self.unproven or why  # the run goes on to keep any others
+            return
         if self.batch_size - self.real < 2:
             raise Ambiguous(f"`{op}` reads an input whose examples passed through {why}: "
                             "showing their order takes two padding examples")
-        if shown() if shown is not None else self.padding_rows_repeat(x.movedim(axis, 0)):
-            if self.evidence is not None:
-                self.evidence.note_rows(sig, True)
+        before = ev.kept(sig) if ev is not None else None
+        if (shown() if shown is not None else self.padding_rows_repeat(rows)) and (
+                before is None or before.shape[0] > rows.shape[0]
+                or self.same_rows(rows[:before.shape[0]], before) or self._drew()):
+            if ev is not None:
+                ev.note_rows(sig, True)
             return
         who = ", ".join(self.name(s) for s in slots)
         raise Unsupported(
             f"{who} {'is' if len(slots) == 1 else 'are'} used by `{op}` on an input whose "
             f"examples were reordered inside loss_fn ({why}: row b is not example b), which "
             "the per-row rules cannot read; method='vmap' runs each example alone")
+
+    def _drew(self) -> bool:
+        """Whether this padded run has drawn from PyTorch's global generators (its rows
+        then differ from the unpadded run's by their draws alone)."""
+        return self._rng is not None and not all(
+            torch.equal(a, b) for a, b in zip(self._rng, rng_states(), strict=True))
 
     def _keeps_rows(self, x: torch.Tensor) -> bool:
         """Whether ``x`` was computed by elementwise ops alone from the output of a rule
@@ -1168,15 +1193,19 @@ class Engine:
         if m > 1:
             x = x.reshape(x.shape[0] // m, m, *x.shape[1:])
         x = x.detach()
-        rows, first = x[real:], x[:1].expand_as(x[real:])
-        if not x.is_floating_point():
-            same = bool(torch.equal(rows, first))
-        else:
-            eps = 1e3 * torch.finfo(x.dtype).eps
-            same = bool(torch.allclose(rows, first, rtol=eps, atol=eps * float(first.abs().max())))
+        same = self.same_rows(x[real:], x[:1].expand_as(x[real:]))
         if not same and self.evidence is not None:
             self.evidence.unrepeated = True  # random draws, maybe: _padding._padded
         return same
+
+    @staticmethod
+    def same_rows(rows: torch.Tensor, want: torch.Tensor) -> bool:
+        """Whether ``rows`` equal ``want``; floating ones to a few thousand ulps (see
+        :meth:`padding_rows_repeat`)."""
+        if not rows.is_floating_point():
+            return bool(torch.equal(rows, want))
+        eps = 1e3 * torch.finfo(rows.dtype).eps
+        return bool(torch.allclose(rows, want, rtol=eps, atol=eps * float(want.abs().max())))
 
     def flattened_batch(self, x: torch.Tensor) -> bool:
         """Whether the 1-d ``x`` reads a batch argument and has a multiple of ``B`` entries
@@ -1301,6 +1330,8 @@ class Engine:
 
     def backward(self, losses: torch.Tensor) -> None:
         """One backward of ``losses`` (shape ``(B,)``) to every recorded output edge."""
+        if self.unproven is not None:  # NOTE [rows reordered inside loss_fn] in _row_order
+            raise Unproven(self.unproven)
         for use in self.uses:
             now = tuple(t._version for t in use.saved if isinstance(t, torch.Tensor))
             if now != use.versions:

@@ -55,6 +55,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import PlainBatch
 from functorch_pipeline.transforms._grad_sample._engine import Unproven
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._engine import rng_states
 from functorch_pipeline.transforms._grad_sample._same_draws import SameDraws
 
 __all__ = ["Evidence", "pad_batch", "plain_batch", "run_unambiguous"]
@@ -134,7 +135,8 @@ class Evidence:
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
                  decisions: list[int] | None = None,
-                 rows: dict[Any, bool] | None = None) -> None:
+                 rows: dict[Any, bool] | None = None,
+                 seen: dict[Any, torch.Tensor] | None = None) -> None:
         self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
@@ -149,11 +151,26 @@ class Evidence:
         self.rows = rows
         self.rows_made: dict[Any, bool] = {}
         self._count: dict[Any, int] = {}
+        # NOTE [rows reordered inside loss_fn] in _row_order: the rows of inputs that the
+        # call's first, unpadded run could not show in order, by (signature, occurrence);
+        # the padded runs compare their first rows with them.
+        self.seen: dict[Any, torch.Tensor] = {} if seen is None else seen
+        self._seen_count: dict[Any, int] = {}
 
-    def _next(self, sig: Any) -> Any:
-        k = self._count.get(sig, 0)
-        self._count[sig] = k + 1
+    def _next(self, sig: Any, count: dict[Any, int] | None = None) -> Any:
+        count = self._count if count is None else count
+        k = count.get(sig, 0)
+        count[sig] = k + 1
         return (*sig, k)
+
+    def keep(self, sig: Any, rows: torch.Tensor) -> None:
+        """Keep an unpadded run's ``rows`` of the next input of signature ``sig`` whose
+        order is unproven."""
+        self.seen[self._next(sig, self._seen_count)] = rows
+
+    def kept(self, sig: Any) -> torch.Tensor | None:
+        """The first run's rows of the next such input of signature ``sig``, or None."""
+        return self.seen.get(self._next(sig, self._seen_count))
 
     def note_rows(self, sig: Any, rows: bool) -> None:
         """Record a padded run's answer for the next tensor of signature ``sig``."""
@@ -222,12 +239,12 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
     padded call, so a model that draws nothing never pays it)."""
     padded = pad_batch(args, batched, extra)
     if not draws:
-        before = _rng_states()
+        before = rng_states()
         try:
             ev = evidence()
             return ev.settled(lambda: run(padded, size + extra, ev)), False, ev
         except Unsupported:
-            after = _rng_states()
+            after = rng_states()
             if ev.pending is not None or (not ev.unrepeated and all(
                     torch.equal(a, b) for a, b in zip(before, after, strict=True))):
                 raise  # undecided expands (another run follows), or nothing drawn
@@ -236,13 +253,6 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
         return ev.settled(lambda: run(padded, size + extra, ev)), True, ev
 
 
-def _rng_states() -> list[torch.Tensor]:
-    """PyTorch's global generators' states (CPU, and CUDA's current device once
-    initialised), to tell whether a run drew random numbers."""
-    states = [torch.get_rng_state()]
-    if torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state())
-    return states
 
 
 def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
@@ -335,6 +345,7 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
     evidence = Evidence()
+    seen = evidence.seen  # NOTE [rows reordered inside loss_fn] in _row_order
     try:
         out = run(list(args), size, evidence)
     except Ambiguous as error:
@@ -353,7 +364,7 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
         tried: list[Evidence] = []
 
         def fresh(tried: list[Evidence] = tried) -> Evidence:
-            tried.append(Evidence(list(runs)))
+            tried.append(Evidence(list(runs), seen=seen))
             return tried[-1]
 
         try:

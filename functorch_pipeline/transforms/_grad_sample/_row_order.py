@@ -18,14 +18,20 @@ keep the order), ``index_select``, ``gather``, ``scatter``, ``index_copy``, ``in
 the outputs of earlier rules, whose inputs were checked in turn, and at leaves.
 
 It cannot prove that rows came back in order (``h[order][inverse]``), so a named op
-makes the input unproven and the padded run of NOTE [padding an ambiguous batch] in
-``_padding`` decides, with at least two padding examples: there the examples' rows are in
-order only if the padding rows still repeat the first example's. A permutation computed
-from the data (a sort) moves the copies of the first example together, so they cannot sit
-at row 0 and at both padding rows at once; a reversal puts other examples there. One
-padding example would let a reversal pass (its one padding row and row 0 trade places).
-A proven input is remembered like a table's answer (``Evidence.rows``), so later calls
-with the same shapes run unpadded; a refused one falls back to ``vmap``, which is right.
+makes the input unproven: the unpadded run keeps the input's rows and goes on (to keep
+any other such input's), its backward raises :class:`~._engine.Unproven`, and the padded
+run of NOTE [padding an ambiguous batch] in ``_padding`` decides, with at least two
+padding examples. There the rows are in order only if (1) the padding rows repeat the
+first example's and (2) the first rows equal the unpadded run's. (1) alone let a
+permutation through that maps row 0 and the last two rows onto each other at every size
+(``h.roll(1, 0).flip(0)``: a random search found it); (2) alone, a descending sort whose
+first example sorts last. A permutation computed from the data moves when the padding
+joins the batch. A run that draws random numbers (dropout) draws other ones padded, so
+there (2) is skipped and (1) decides, with the first example's draws for the padding
+(NOTE [random draws in a padded run] in ``_same_draws``). A proven input is remembered
+like a table's answer (``Evidence.rows``), so later calls with the same shapes run
+unpadded; a refused one falls back to ``vmap``, which is right.
+
 Ops the walk does not know keep the axis when an input has the same size along it, and
 end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2,
 F).transpose(0, 1).reshape(B, F)``) is not seen.
@@ -45,6 +51,21 @@ _ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackw
                         "IndexCopyBackward0", "IndexAddBackward0", "IndexReduceBackward0",
                         "SortBackward0", "SortBackward1", "TopkBackward0", "CatBackward0"})
 _MONOTONE = frozenset({"IndexSelectBackward0"})  # take an index whose order can be read
+# Ops of one input with a graph that keep every axis (elementwise, softmax), or axes 0 and
+# 1 (pooling, resampling): followed without reading shapes, the common case made cheap.
+_KEEP_ALL = frozenset(f"{name}Backward{v}" for name, vs in (
+    ("Relu", "0"), ("Gelu", "0"), ("Silu", "0"), ("Tanh", "0"), ("Sigmoid", "0"), ("Mish", "0"),
+    ("Elu", "0"), ("LeakyRelu", "0"), ("Hardtanh", "0"), ("Hardswish", "0"), ("Hardsigmoid", "0"),
+    ("Softplus", "0"), ("Threshold", "0"), ("NativeDropout", "0"), ("Neg", "0"), ("Exp", "0"),
+    ("Sqrt", "0"), ("Rsqrt", "0"), ("Abs", "0"), ("Erf", "0"), ("Log", "0"), ("ToCopy", "0"),
+    ("Clone", "0"), ("Softmax", "0"), ("LogSoftmax", "0"), ("Clamp", "0"), ("ClampMin", "0"),
+    ("ClampMax", "0"), ("Pow", "0"), ("Sin", "0"), ("Cos", "0"),
+) for v in vs)
+_KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D",
+    "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
+    "UpsampleNearest2D", "UpsampleBilinear2D", "ReflectionPad2D", "ReplicationPad2D",
+))
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
 
@@ -70,9 +91,33 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | N
       >>> print(reordered_by(h[:, [2, 0, 1]].relu(), 0, set(), {}))
       None
     """
-    start = (x.grad_fn, x.output_nr, axis)
-    todo: list[tuple[Any, bool]] = [(start, False)]
-    pending: dict[Any, list[Any]] = {}
+    key, chain = (x.grad_fn, x.output_nr, axis), []
+    while key not in memo:  # a chain of one-input ops, walked without the stack below
+        own, children = _safe_step(key, stops)
+        if own is not None or not children:
+            memo[key] = own
+        elif len(children) > 1:
+            memo[key] = _branching(key, children, stops, memo)
+        else:
+            chain.append(key)
+            key = children[0]
+    for k in chain:
+        memo[k] = memo[key]
+    return memo[key]
+
+
+def _safe_step(key: Any, stops: Any) -> tuple[str | None, list[Any]]:
+    try:
+        return _step(*key, stops)
+    except (AttributeError, RuntimeError, TypeError):  # a node unlike its kind's
+        return None, []
+
+
+def _branching(start: Any, children: list[Any], stops: Any, memo: dict[Any, str | None]) -> str | None:
+    """The answer for ``start``, whose inputs ``children`` branch: the graph below it
+    walked depth first, each node's answer taken from its inputs' (post-order)."""
+    pending: dict[Any, list[Any]] = {start: children}
+    todo: list[tuple[Any, bool]] = [(start, True)] + [(c, False) for c in children if c not in memo]
     while todo:
         key, expanded = todo.pop()
         if expanded:
@@ -80,10 +125,7 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | N
             continue
         if key in memo:
             continue
-        try:
-            own, children = _step(*key, stops)
-        except (AttributeError, RuntimeError, TypeError):  # a node unlike its kind's
-            own, children = None, []
+        own, children = _safe_step(key, stops)
         if own is not None or not children:
             memo[key] = own
             continue
@@ -119,10 +161,13 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     next as (node, output number, axis) keys)``."""
     if node is None or node in stops or not node.next_functions:
         return None, []
+    name = node.name()
+    if name in _KEEP_ALL or (a < 2 and name in _KEEP_LEADING):
+        return None, [(n, i, a) for n, i in node.next_functions if n is not None]
     shape = _shape(node, nr)
     if shape is None or a >= len(shape):
         return None, []
-    rank, name = len(shape), node.name()
+    rank = len(shape)
     here = f"{name} on axis {a}"
     nexts = [(n, i) for n, i in node.next_functions if n is not None]
     if name in _INDEXED:
