@@ -286,3 +286,43 @@ def test_dropout_before_a_reorder_put_back_keeps_the_fast_path():
     torch.manual_seed(7)
     want = torch.func.grad(lambda p: losses(p, x).sum())(p)
     assert all(close(got[k].sum(0), want[k]) for k in want)
+
+
+@pytest.mark.parametrize("undone", [False, True])
+def test_sequences_as_long_as_the_batch_reordered(undone):
+    """``T == B`` runs padded every call. Reflected there (``roll`` then ``flip``), the
+    padding rows repeated the first example's at every padding size and the rows were
+    read as in order (error 10.2): the padded run now also compares its first rows with
+    another size's. Put back before the layer, the rows are shown in order once, and
+    later calls take one padded run."""
+    p = {"w": torch.randn(3, 3)}
+    x = torch.randn(3, 3, 3)
+    there, back = (lambda h: h.roll(1, 0).flip(0)), (lambda h: h.flip(0).roll(-1, 0))
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.shape[0])
+        h = there(x)
+        if undone:
+            return F.linear(back(h), p["w"]).pow(2).sum((1, 2))
+        return back(F.linear(torch.tanh(h), p["w"])).pow(2).sum((1, 2))
+
+    want = loop_grads(losses, p, x)
+    if not undone:
+        with pytest.raises(Exception, match="reordered inside loss_fn"):
+            fp.per_sample_grads(losses, method="hooks")(p, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fp.per_sample_grads(losses)(p, x)
+        assert close(got["w"], want["w"])
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to vmap
+        grads = fp.per_sample_grads(losses)
+        calls.clear()
+        first = grads(p, x)
+        assert calls[0] == 3 and calls[-1] == 5
+        calls.clear()
+        again = grads(p, x)
+    assert calls == [5]  # the remembered padding, and the order's answer
+    assert close(first["w"], want["w"]) and close(again["w"], want["w"])

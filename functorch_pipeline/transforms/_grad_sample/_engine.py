@@ -1023,8 +1023,9 @@ class Engine:
                 self.rows_in_order(x, 0, op, slots, lambda: True)  # shown just above
                 self._proof = (m, x, False)
                 return 0
-            if blocks and self.padding_rows_repeat(examples_first(x, m), m):
-                self.rows_in_order(x, 0, op, slots, lambda: True)
+            first = examples_first(x, m) if blocks else None
+            if first is not None and self.padding_rows_repeat(first, m):
+                self.rows_in_order(x, 0, op, slots, lambda: True, first)
                 self._proof = (m, x, True)  # NOTE [examples last]
                 return 0
             raise Unsupported(
@@ -1051,38 +1052,45 @@ class Engine:
             f"the batch on axis 0{also}")
 
     def rows_in_order(self, x: torch.Tensor, axis: int, op: str, slots: list[int],
-                      shown: Callable[[], bool] | None = None) -> None:
+                      shown: Callable[[], bool] | None = None,
+                      rows: torch.Tensor | None = None) -> None:
         """Return when no op between the batch and ``x`` reorders the examples on ``axis``,
-        or when a padded run shows they are in order anyway; else raise: :class:`Unproven`
-        unpadded (a padded run decides), :class:`Ambiguous` with fewer than two padding
-        examples, :class:`Unsupported` when the padding rows do not repeat the first
-        example's (NOTE [rows reordered inside loss_fn] in ``_row_order``). ``shown``: the
-        padded run's test of the rows' layout (default: one row per example)."""
+        or when a padded run shows they are in order anyway. Else, unpadded: keep the rows
+        and have the backward raise :class:`Unproven` (a padded run decides); padded:
+        raise :class:`Ambiguous` with fewer than two padding examples or no other run's
+        rows to compare, :class:`Unsupported` when the padding rows do not repeat the first
+        example's or the first rows differ from the other run's (NOTE [rows reordered inside
+        loss_fn] in ``_row_order``). ``shown``: the padded run's test of the rows' layout
+        (default: one row per example); ``rows``: ``x``'s rows in the examples' order
+        (default: ``x`` with ``axis`` first), compared across runs."""
         if x.grad_fn is None or (self.real or self.batch_size) == 1:
             return
         why = reordered_by(x, axis, self.rule_nodes, self._order_memo)
         if why is None:
             return
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
-        rows, ev = x.detach().movedim(axis, 0), self.evidence
+        rows = (x.movedim(axis, 0) if rows is None else rows).detach()
+        ev = self.evidence
+        if ev is not None and ev.rows is not None and ev.rows_for(sig):
+            return  # shown by a padded run of an earlier call with these shapes
         if self.real is None:
-            if ev is not None and ev.rows_for(sig):
-                return
             why = (f"`{op}` reads an input whose examples passed through {why}, which may "
                    "have reordered them; only a padded batch can show whether its rows are "
                    "in the batch's order (NOTE [rows reordered inside loss_fn])")
             if ev is None:
                 raise Unproven(why)
-            ev.keep(sig, rows.clone())  # the padded run compares its first rows with these
+            ev.earlier_rows(sig, rows.clone())  # kept for the padded run to compare
             self.unproven = self.unproven or why  # the run goes on to keep any others
             return
-        if self.batch_size - self.real < 2:
+        before = ev.earlier_rows(sig, rows.clone()) if ev is not None else None
+        drew = self._drew()
+        if self.batch_size - self.real < 2 or (before is None and ev is not None and not drew):
             raise Ambiguous(f"`{op}` reads an input whose examples passed through {why}: "
-                            "showing their order takes two padding examples")
-        before = ev.kept(sig) if ev is not None else None
+                            "showing their order takes two padding examples and the rows of "
+                            "a run of another size")
         if (shown() if shown is not None else self.padding_rows_repeat(rows)) and (
-                before is None or before.shape[0] > rows.shape[0]
-                or self.same_rows(rows[:before.shape[0]], before) or self._drew()):
+                before is None or before.shape[0] > rows.shape[0] or drew
+                or self.same_rows(rows[:before.shape[0]], before)):
             if ev is not None:
                 ev.note_rows(sig, True)
             return

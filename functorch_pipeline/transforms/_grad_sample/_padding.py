@@ -151,9 +151,9 @@ class Evidence:
         self.rows = rows
         self.rows_made: dict[Any, bool] = {}
         self._count: dict[Any, int] = {}
-        # NOTE [rows reordered inside loss_fn] in _row_order: the rows of inputs that the
-        # call's first, unpadded run could not show in order, by (signature, occurrence);
-        # the padded runs compare their first rows with them.
+        # NOTE [rows reordered inside loss_fn] in _row_order: the rows of inputs whose
+        # order a run of this call could not show, by (signature, occurrence), shared by
+        # the call's runs; a later (padded) run compares its first rows with them.
         self.seen: dict[Any, torch.Tensor] = {} if seen is None else seen
         self._seen_count: dict[Any, int] = {}
 
@@ -163,14 +163,14 @@ class Evidence:
         count[sig] = k + 1
         return (*sig, k)
 
-    def keep(self, sig: Any, rows: torch.Tensor) -> None:
-        """Keep an unpadded run's ``rows`` of the next input of signature ``sig`` whose
-        order is unproven."""
-        self.seen[self._next(sig, self._seen_count)] = rows
-
-    def kept(self, sig: Any) -> torch.Tensor | None:
-        """The first run's rows of the next such input of signature ``sig``, or None."""
-        return self.seen.get(self._next(sig, self._seen_count))
+    def earlier_rows(self, sig: Any, rows: torch.Tensor) -> torch.Tensor | None:
+        """The rows that an earlier run of this call kept for the next input of signature
+        ``sig`` whose order is unproven, or None after keeping ``rows`` for a later run."""
+        key = self._next(sig, self._seen_count)
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = rows
+        return None
 
     def note_rows(self, sig: Any, rows: bool) -> None:
         """Record a padded run's answer for the next tensor of signature ``sig``."""
@@ -337,10 +337,11 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
     if rem is not None:
         if has_aux:
             raise Ambiguous(rem.why)
-        expands = rem.expands
+        expands, rem_rows = rem.expands, rem.rows
         try:
             out, rem.draws, _ = _padded(run, args, batched, size, rem.extra,
-                                        lambda: Evidence(decisions=expands), rem.draws)
+                                        lambda: Evidence(decisions=expands, rows=rem_rows),
+                                        rem.draws)
             return out, rem.extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
