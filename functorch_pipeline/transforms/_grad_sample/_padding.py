@@ -131,6 +131,9 @@ class Evidence:
       decisions: remembered decisions (rows per example, 0 for an expand not over the
         batch, by call order) of an earlier call with the same shapes, or None.
       log, made: this run's leading sizes and decisions, in call order.
+      rows, rows_made: answers about inputs (NOTE [a table the size of the batch] and
+        NOTE [rows reordered inside loss_fn]): an earlier call's, and this run's.
+      seen: rows of inputs whose order is unproven, shared by the runs of one call.
     """
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
@@ -147,7 +150,8 @@ class Evidence:
         self.unrepeated = False
         # NOTE [a table the size of the batch] in _engine: a padded run's answers for
         # tensors made without a graph, (op, other axes, dtype, occurrence) -> whether axis
-        # 0 holds the examples; `rows` holds an earlier padded run's, for an unpadded run.
+        # 0 holds the examples; `rows` holds an earlier padded run's, for an unpadded run
+        # (and, for NOTE [rows reordered inside loss_fn] in _row_order, for a padded one).
         self.rows = rows
         self.rows_made: dict[Any, bool] = {}
         self._count: dict[Any, int] = {}
@@ -251,8 +255,6 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
     ev = evidence()
     with SameDraws(size, size + extra):
         return ev.settled(lambda: run(padded, size + extra, ev)), True, ev
-
-
 
 
 def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
