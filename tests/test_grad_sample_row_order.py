@@ -326,3 +326,96 @@ def test_sequences_as_long_as_the_batch_reordered(undone):
         again = grads(p, x)
     assert calls == [5]  # the remembered padding, and the order's answer
     assert close(first["w"], want["w"]) and close(again["w"], want["w"])
+
+
+def test_has_aux_with_rows_put_back_in_order():
+    """``has_aux`` is never padded: the padded runs answer the order, and the result (with
+    the whole batch's aux) comes from an unpadded run."""
+    p, x = params(3), torch.randn(4, 3)
+    inner = model("sort_index", undone=True)
+
+    def losses(p, x):
+        out = inner(p, x)
+        return out, out.mean()
+
+    want = loop_grads(lambda p, x: losses(p, x)[0], p, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to vmap
+        for _ in range(2):
+            got, aux = fp.per_sample_grads(losses, has_aux=True, method="hooks")(p, x)
+            assert all(close(got[k], want[k]) for k in want)
+            assert close(aux, losses(p, x)[0].mean())
+
+
+def _channel_shuffle(h: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    b, c, hh, ww = h.shape
+    return h.view(b, groups, c // groups, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+
+
+def _shifted_windows(h: torch.Tensor) -> torch.Tensor:  # Swin: (B, C, H, W) rolled in H, W
+    return h.permute(0, 2, 3, 1).roll((1, 1), (1, 2)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["shuffle", "swin", "cls_token", "seq_first", "pooled"])
+def test_common_layouts_are_not_taken_for_reorders(layout):
+    """Channel shuffles, shifted windows, a class token concatenated on the token axis, a
+    sequence-first transformer layer and last-token pooling move or gather other axes, not
+    the examples: one unpadded run, the loop's numbers."""
+    torch.manual_seed(4)
+    B = 3
+    if layout in ("shuffle", "swin"):
+        conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        lin = torch.nn.Linear(4 * 5 * 5, 2)
+        mods = torch.nn.ModuleDict({"conv": conv, "lin": lin})
+        move = _channel_shuffle if layout == "shuffle" else _shifted_windows
+        x = torch.randn(B, 4, 5, 5)
+
+        def body(m, x):
+            return m["lin"](torch.tanh(move(m["conv"](x))).flatten(1))
+    elif layout == "cls_token":
+        mods = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 2)})
+        x = torch.randn(B, 4, 3)  # T != B
+
+        def body(m, x):
+            h = m["a"](x)
+            h = torch.cat([h.mean(1, keepdim=True), h], 1)  # a token per example, axis 1
+            return m["b"](torch.tanh(h))[:, 0]
+    elif layout == "seq_first":
+        mods = torch.nn.ModuleDict({"enc": torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0),
+                                    "head": torch.nn.Linear(4, 2)})
+        x = torch.randn(B, 5, 4)
+
+        def body(m, x):
+            return m["head"](m["enc"](x.transpose(0, 1)).transpose(0, 1)[:, -1])
+    else:
+        mods = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 2)})
+        x = torch.randn(B, 4, 3)
+
+        def body(m, x):
+            h = torch.tanh(m["a"](x))
+            last = (x[:, 0, 0].abs() * 10).long() % 4  # each example's own position
+            return m["b"](h[torch.arange(x.shape[0]), last])
+    net = _Body(mods, body).double()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.shape[0])
+        return torch.func.functional_call(net, p, (x,)).pow(2).sum(-1)
+
+    want = loop_grads(losses, p, x)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fp.per_sample_grads(losses)(p, x)
+    assert calls == [B]
+    assert all(close(got[k], want[k]) for k in want)
+
+
+class _Body(torch.nn.Module):
+    def __init__(self, mods: torch.nn.ModuleDict, body) -> None:
+        super().__init__()
+        self.mods, self.body = mods, body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.mods, x)

@@ -390,8 +390,9 @@ def per_sample_grads(
           uses a parameter sees the batch on axis 0 of its input, in the batch's order (a
           model that reorders its examples inside, sorting them by length with an index,
           ``index_select``, ``gather``, ``flip``, ``roll``, ``cat`` or ``stack``, is seen:
-          ``"hooks"`` raises and ``"auto"`` falls back, or runs padded once to show the
-          rows were put back in order; a permutation made by reshapes alone is not seen).
+          ``"hooks"`` raises and ``"auto"`` falls back, or, on the first call with those
+          shapes, runs padded to show the rows were put back in order; a permutation made
+          by reshapes alone is not seen).
           ``F.linear``,
           ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
           sequence-first ``(T, B, ...)`` input that is computed from the parameters or the
