@@ -419,3 +419,72 @@ class _Body(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.mods, x)
+
+
+# NOTE [statistics over the examples]: each model normalises by statistics of the batch.
+MIXING = {
+    "centred": lambda h: h - h.mean(0),
+    "standardised": lambda h: (h - h.mean(0, keepdim=True)) / (h.var(0, keepdim=True,
+                                                                     correction=0) + 1).sqrt(),
+    "scaled_by_total": lambda h: h / h.abs().sum(),
+    "max_over_batch": lambda h: h - h.amax(0),
+}
+
+
+@pytest.mark.parametrize("stat", sorted(MIXING))
+def test_statistics_over_the_examples_are_refused_by_the_fast_methods(stat):
+    """A statistic over the batch broadcast back to its examples makes each example's
+    loss depend on the others. The fast methods read that as per-example data, silently
+    (clipping then bounds no example's influence); they now refuse it, naming the op, and
+    the default method falls back to vmap, which computes each example alone (the loop's
+    numbers)."""
+    p, x = params(5), torch.randn(4, 3)
+    mix = MIXING[stat]
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
+        return F.linear(mix(h), p["w2"]).pow(2).sum(1)
+
+    want = loop_grads(losses, p, x)
+    with pytest.raises(Exception, match="a statistic over the examples"):
+        fp.per_sample_grads(losses, method="hooks")(p, x)
+    with pytest.raises(Exception, match="a statistic over the examples"):
+        fp.clipped_grad(losses, 1.0, method="ghost")(p, x)
+    with pytest.warns(UserWarning, match="a statistic over the examples"):
+        got = fp.per_sample_grads(losses)(p, x)
+    assert all(close(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("layer", ["squeeze_excite", "feature_norm", "float_mask", "param_scale"])
+def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
+    """A squeeze-and-excite gate, a norm over features, a float mask from the batch and a
+    parameter broadcast over the examples keep the examples apart: one unpadded run."""
+    g = torch.Generator().manual_seed(6)
+    p = {"w": torch.randn(3, 3, generator=g), "v": torch.randn(3, 3, generator=g),
+         "s": torch.randn(3, generator=g)}
+    x, m = torch.randn(4, 5, 3, generator=g), (torch.rand(4, 5, generator=g) > 0.3).double()
+
+    def losses(p, x, m):
+        h = torch.tanh(F.linear(x, p["w"]))  # (B, T, F)
+        if layer == "squeeze_excite":
+            h = h * torch.sigmoid(F.linear(h.mean(1, keepdim=True), p["v"]))
+        elif layer == "feature_norm":
+            h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True) + 1e-5).sqrt()
+        elif layer == "float_mask":
+            h = h * m.unsqueeze(-1)
+        else:
+            h = h * p["s"]
+        return F.linear(h, p["v"]).pow(2).sum((1, 2))
+
+    want = loop_grads(losses, p, x, m)
+    calls = []
+
+    def counted(p, x, m):
+        calls.append(x.shape[0])
+        return losses(p, x, m)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fp.per_sample_grads(counted)(p, x, m)
+    assert calls == [4]
+    assert all(close(got[k], want[k]) for k in want)

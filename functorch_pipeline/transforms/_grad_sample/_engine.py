@@ -48,6 +48,7 @@ from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._row_order import Mixed
 from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
 __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported", "rng_states"]
@@ -430,7 +431,8 @@ class Engine:
         # NOTE [rows reordered inside loss_fn] in _row_order: the autograd nodes of rule
         # outputs (the walk stops there) and the walks' answers of this run.
         self.rule_nodes: set[Any] = set()
-        self._order_memo: dict[Any, str | None] = {}
+        self._order_memo: dict[Any, Any] = {}
+        self._sources: set[Any] | None = None  # the batch leaves' gradient accumulators
         self.unproven: str | None = None  # raised by the backward of an unpadded run
         self._rng = rng_states() if self.real is not None else None  # to tell a run that draws
 
@@ -445,6 +447,7 @@ class Engine:
         self._rows.clear()
         self.rule_nodes.clear()
         self._order_memo.clear()
+        self._sources = None
         self._proof = None
 
     def stale(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -1065,9 +1068,20 @@ class Engine:
         (default: ``x`` with ``axis`` first), compared across runs."""
         if x.grad_fn is None or (self.real or self.batch_size) == 1:
             return
-        why = reordered_by(x, axis, self.rule_nodes, self._order_memo)
+        if self._sources is None:
+            self._sources = {get_gradient_edge(t).node for arg in self.batch_args
+                             for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
+                             and t.requires_grad and t.grad_fn is None}
+        why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
         if why is None:
             return
+        if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
+            raise Unsupported(
+                f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'} "
+                f"used by `{op}` on an input computed with {why}: each example's loss then "
+                "depends on the others, which per-example gradients exclude (clipping them "
+                "would not bound one example's influence); method='vmap' runs each example "
+                "alone, computing the statistic over that example only")
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         rows = (x.movedim(axis, 0) if rows is None else rows).detach()
         ev = self.evidence

@@ -1,4 +1,4 @@
-"""Whether an op between the batch and a rule's input reordered the examples.
+"""Whether an op between the batch and a rule's input reordered or mixed the examples.
 
 # NOTE [rows reordered inside loss_fn]
 A rule reads row ``b`` of its input as example ``b`` (NOTE [which axis is the batch] in
@@ -35,6 +35,23 @@ unpadded; a refused one falls back to ``vmap``, which is right.
 Ops the walk does not know keep the axis when an input has the same size along it, and
 end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2,
 F).transpose(0, 1).reshape(B, F)``) is not seen.
+
+# NOTE [statistics over the examples]
+The same walk meets the inputs an op broadcasts over the examples: a bias, a mask with no
+graph, and also ``h.mean(0)`` in ``h - h.mean(0)``. The contract of the fast methods is
+that example ``b``'s loss depends on example ``b`` alone; a statistic over the batch
+broadcast back to its examples (centring or standardising by the batch's mean and
+spread, dividing by a total over the batch) breaks it, and the rules, reading row ``b``
+as example ``b``'s, gave the batch gradient split by rows, silently: clipping those rows
+bounds no one example's influence, which DP-SGD's guarantee needs. BatchNorm in training
+mode, the same thing as a layer, was already an error. So an input broadcast over the
+examples whose history reaches the batch (its leaves' gradient accumulators) or an
+earlier rule's output is a :class:`Mixed` finding, which no padded run can show away
+(the padding would only join the statistic): the fast methods refuse it, naming the op,
+and ``auto`` falls back to ``vmap``, which runs each example alone and so computes the
+statistic over that example only (the per-example loop's numbers). Statistics per example
+(a squeeze-and-excite gate, a norm over features) keep the examples' axis and are
+followed as before.
 """
 
 from __future__ import annotations
@@ -66,11 +83,23 @@ _KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
     "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
     "UpsampleNearest2D", "UpsampleBilinear2D", "ReflectionPad2D", "ReplicationPad2D",
 ))
+# Elementwise ops of several inputs that broadcast them to one shape (NOTE [statistics
+# over the examples]): an input broadcast over the examples is a constant or a statistic.
+_BROADCASTING = frozenset(f"{name}Backward{v}" for name, vs in (
+    ("Add", "0"), ("Sub", "0"), ("Mul", "0"), ("Div", "0"), ("Where", "0"), ("Maximum", "0"),
+    ("Minimum", "0"), ("Pow", "12"), ("Addcmul", "0"), ("Addcdiv", "0"), ("Lerp", "01"),
+    ("Atan2", "0"), ("Hypot", "0"), ("Fmod", "1"), ("Remainder", "1"),
+) for v in vs)
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
 
 
-def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | None]) -> str | None:
+class Mixed(str):
+    """A finding of NOTE [statistics over the examples]: no padded run can show it away."""
+
+
+def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, Any],
+                 sources: Any = frozenset()) -> str | None:
     """The first op in ``x``'s autograd history that permutes or gathers rows along the
     axis holding the examples (``axis`` of ``x``), as a short description, or None; see
     NOTE [rows reordered inside loss_fn].
@@ -80,9 +109,11 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | N
       axis: the axis of ``x`` that holds the examples.
       stops: autograd nodes where the walk ends (the outputs of earlier rules).
       memo: answers for ``(node, output number, axis)``, shared by the walks of one run.
+      sources: the batch's own autograd nodes (its leaves' gradient accumulators).
 
     Returns:
-      e.g. ``"IndexBackward0 on axis 0"``, or None when no such op was found.
+      e.g. ``"IndexBackward0 on axis 0"``, or a :class:`Mixed` naming a statistic over
+      the examples broadcast back to them (NOTE [statistics over the examples]), or None.
 
     Example:
       >>> h = torch.randn(4, 3, requires_grad=True)
@@ -90,14 +121,17 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | N
       'IndexBackward0 on axis 0'
       >>> print(reordered_by(h[:, [2, 0, 1]].relu(), 0, set(), {}))
       None
+      >>> src = {torch.autograd.graph.get_gradient_edge(h).node}
+      >>> reordered_by(h - h.mean(0), 0, set(), {}, src)
+      'MeanBackward1, a statistic over the examples broadcast back to them'
     """
     key, chain = (x.grad_fn, x.output_nr, axis), []
     while key not in memo:  # a chain of one-input ops, walked without the stack below
-        own, children = _safe_step(key, stops)
+        own, children = _safe_step(key, stops, sources, memo)
         if own is not None or not children:
             memo[key] = own
         elif len(children) > 1:
-            memo[key] = _branching(key, children, stops, memo)
+            memo[key] = _branching(key, children, stops, sources, memo)
         else:
             chain.append(key)
             key = children[0]
@@ -106,14 +140,18 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, str | N
     return memo[key]
 
 
-def _safe_step(key: Any, stops: Any) -> tuple[str | None, list[Any]]:
+def _safe_step(key: Any, stops: Any, sources: Any, memo: dict[Any, Any]) -> tuple[str | None, list[Any]]:
     try:
+        if key[2] is None:  # broadcast over the examples: NOTE [statistics over the examples]
+            return (Mixed(f"{key[0].name()}, a statistic over the examples broadcast back to "
+                          "them") if _reaches(key[0], stops, sources, memo) else None), []
         return _step(*key, stops)
     except (AttributeError, RuntimeError, TypeError):  # a node unlike its kind's
         return None, []
 
 
-def _branching(start: Any, children: list[Any], stops: Any, memo: dict[Any, str | None]) -> str | None:
+def _branching(start: Any, children: list[Any], stops: Any, sources: Any,
+               memo: dict[Any, Any]) -> str | None:
     """The answer for ``start``, whose inputs ``children`` branch: the graph below it
     walked depth first, each node's answer taken from its inputs' (post-order)."""
     pending: dict[Any, list[Any]] = {start: children}
@@ -125,7 +163,7 @@ def _branching(start: Any, children: list[Any], stops: Any, memo: dict[Any, str 
             continue
         if key in memo:
             continue
-        own, children = _safe_step(key, stops)
+        own, children = _safe_step(key, stops, sources, memo)
         if own is not None or not children:
             memo[key] = own
             continue
@@ -133,6 +171,26 @@ def _branching(start: Any, children: list[Any], stops: Any, memo: dict[Any, str 
         todo.append((key, True))
         todo.extend((c, False) for c in children if c not in memo)
     return memo[start]
+
+
+def _reaches(node: Any, stops: Any, sources: Any, memo: dict[Any, Any]) -> bool:
+    """Whether ``node``'s history reaches the batch (``sources``) or an earlier rule's
+    output (``stops``, computed from it), memoised per node."""
+    todo, seen, found = [node], set(), False
+    while todo and not found:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        known = memo.get(("reaches", n))
+        found = known if known is not None else n in stops or n in sources
+        if not found and known is None:
+            todo.extend(m for m, _ in n.next_functions if m is not None)
+    if not found:
+        for n in seen:  # all of it explored: none reaches
+            memo[("reaches", n)] = False
+    memo[("reaches", node)] = found
+    return found
 
 
 def _shape(node: Any, nr: int) -> list[int] | None:
@@ -194,7 +252,7 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     moved = _moved(node, name, shape, a)
     if moved is not None:
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
-    return None, _same(nexts, shape, a)
+    return None, _same(nexts, shape, a, name in _BROADCASTING)
 
 
 def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
@@ -247,10 +305,12 @@ def _viewed(sizes: list[int], shape: list[int], a: int) -> int:
     return -1
 
 
-def _same(nexts: list[tuple[Any, int]], shape: list[int], a: int) -> list[Any]:
+def _same(nexts: list[tuple[Any, int]], shape: list[int], a: int, broadcasts: bool = False) -> list[Any]:
     """The inputs of an op that keeps the axis (elementwise ops, convolutions, norms,
     matmuls over other axes): those with the same size along it, right-aligned as
-    broadcasting aligns them; others (broadcast over the examples, or contracted) are not
+    broadcasting aligns them, and, for an elementwise op that ``broadcasts``, those
+    broadcast over the examples (no such axis, or size 1 there), as ``(node, output
+    number, None)`` (NOTE [statistics over the examples]); contracted ones are not
     followed."""
     out = []
     for n, i in nexts:
@@ -260,4 +320,6 @@ def _same(nexts: list[tuple[Any, int]], shape: list[int], a: int) -> list[Any]:
         j = a - (len(shape) - len(s)) if len(s) <= len(shape) else (a if a == 0 else -1)
         if 0 <= j < len(s) and s[j] == shape[a]:
             out.append((n, i, j))
+        elif broadcasts and ((j < 0 and len(s) < len(shape)) or (0 <= j < len(s) and s[j] == 1)):
+            out.append((n, i, None))
     return out
