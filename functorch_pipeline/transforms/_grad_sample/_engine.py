@@ -48,6 +48,7 @@ from torch.autograd.graph import GradientEdge
 from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._row_order import ROWWISE_UNARY
 from functorch_pipeline.transforms._grad_sample._row_order import Mixed
 from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
@@ -56,14 +57,8 @@ __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Uns
 
 # NOTE [rows kept through elementwise ops]: autograd nodes of elementwise ops (row r of the
 # output reads row r of the one input with a graph), and how many the walk passes.
-_ELEMENTWISE_NODES = frozenset(f"{name}Backward{v}" for name, vs in (
-    ("Relu", "0"), ("Gelu", "0"), ("Silu", "0"), ("Tanh", "0"), ("Sigmoid", "0"), ("Mish", "0"),
-    ("Elu", "0"), ("LeakyRelu", "0"), ("Hardtanh", "0"), ("Hardswish", "0"), ("Hardsigmoid", "0"),
-    ("Softplus", "0"), ("Threshold", "0"), ("NativeDropout", "0"), ("Mul", "01"), ("Div", "01"),
-    ("Add", "01"), ("Sub", "01"), ("Neg", "0"), ("Exp", "0"), ("Pow", "0"), ("Sqrt", "0"),
-    ("Clamp", "01"), ("ClampMin", "0"), ("ClampMax", "0"), ("ToCopy", "0"), ("Clone", "0"),
-    ("Abs", "0"), ("Erf", "0"), ("Where", "0"),
-) for v in vs)
+_ELEMENTWISE_NODES = ROWWISE_UNARY | frozenset(
+    f"{name}Backward0" for name in ("Mul", "Div", "Add", "Sub", "Where"))
 _KEEP_WALK = 16
 
 

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["reordered_by"]
+__all__ = ["ROWWISE_UNARY", "Mixed", "reordered_by"]
 
 _INDEXED = frozenset({"IndexBackward0", "IndexPutBackward0", "IndexPutImplBackward0"})
 _ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackward0",
@@ -68,16 +68,19 @@ _ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackw
                         "IndexCopyBackward0", "IndexAddBackward0", "IndexReduceBackward0",
                         "SortBackward0", "SortBackward1", "TopkBackward0", "CatBackward0"})
 _MONOTONE = frozenset({"IndexSelectBackward0"})  # take an index whose order can be read
-# Ops of one input with a graph that keep every axis (elementwise, softmax), or axes 0 and
-# 1 (pooling, resampling): followed without reading shapes, the common case made cheap.
-_KEEP_ALL = frozenset(f"{name}Backward{v}" for name, vs in (
+# Elementwise ops of one input with a graph, whose output row r reads row r of it; shared
+# with NOTE [rows kept through elementwise ops] in _engine.
+ROWWISE_UNARY = frozenset(f"{name}Backward{v}" for name, vs in (
     ("Relu", "0"), ("Gelu", "0"), ("Silu", "0"), ("Tanh", "0"), ("Sigmoid", "0"), ("Mish", "0"),
     ("Elu", "0"), ("LeakyRelu", "0"), ("Hardtanh", "0"), ("Hardswish", "0"), ("Hardsigmoid", "0"),
     ("Softplus", "0"), ("Threshold", "0"), ("NativeDropout", "0"), ("Neg", "0"), ("Exp", "0"),
     ("Sqrt", "0"), ("Rsqrt", "0"), ("Abs", "0"), ("Erf", "0"), ("Log", "0"), ("ToCopy", "0"),
-    ("Clone", "0"), ("Softmax", "0"), ("LogSoftmax", "0"), ("Clamp", "0"), ("ClampMin", "0"),
-    ("ClampMax", "0"), ("Pow", "0"), ("Sin", "0"), ("Cos", "0"),
+    ("Clone", "0"), ("Clamp", "01"), ("ClampMin", "0"), ("ClampMax", "0"), ("Pow", "0"),
+    ("Sin", "0"), ("Cos", "0"), ("Mul", "1"), ("Div", "1"), ("Add", "1"), ("Sub", "1"),
 ) for v in vs)
+# Ops followed without reading shapes, the common case made cheap: those that keep every
+# axis (the above, softmax), or axes 0 and 1 (pooling, resampling).
+_KEEP_ALL = ROWWISE_UNARY | {"SoftmaxBackward0", "LogSoftmaxBackward0"}
 _KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
     "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D",
     "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
