@@ -412,6 +412,9 @@ MIXING = {
                                                                      correction=0) + 1).sqrt(),
     "scaled_by_total": lambda h: h / h.abs().sum(),
     "max_over_batch": lambda h: h - h.amax(0),
+    "expanded": lambda h: h + h.mean(0, keepdim=True).expand_as(h),
+    "repeated": lambda h: h * h.amax(0, keepdim=True).repeat(h.shape[0], 1),
+    "first_example": lambda h: h - h[0],
 }
 
 

@@ -86,12 +86,13 @@ _KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
     "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
     "UpsampleNearest2D", "UpsampleBilinear2D", "ReflectionPad2D", "ReplicationPad2D",
 ))
-# Elementwise ops of several inputs that broadcast them to one shape (NOTE [statistics
-# over the examples]): an input broadcast over the examples is a constant or a statistic.
+# Elementwise ops of several inputs that broadcast them to one shape, and repeat (NOTE
+# [statistics over the examples]): an input broadcast over the examples is a constant or
+# a statistic (expand is followed on its own).
 _BROADCASTING = frozenset(f"{name}Backward{v}" for name, vs in (
     ("Add", "0"), ("Sub", "0"), ("Mul", "0"), ("Div", "0"), ("Where", "0"), ("Maximum", "0"),
     ("Minimum", "0"), ("Pow", "12"), ("Addcmul", "0"), ("Addcdiv", "0"), ("Lerp", "01"),
-    ("Atan2", "0"), ("Hypot", "0"), ("Fmod", "1"), ("Remainder", "1"),
+    ("Atan2", "0"), ("Hypot", "0"), ("Fmod", "1"), ("Remainder", "1"), ("Repeat", "0"),
 ) for v in vs)
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
@@ -252,6 +253,11 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         if d == a:
             return here, []
         return None, [(n, i, a - (d < a)) for n, i in nexts]
+    if name == "ExpandBackward0":  # an input of size 1 along the examples is broadcast
+        sizes = list(node._saved_self_sym_sizes)
+        i = a - (rank - len(sizes))
+        i = i if i >= 0 and sizes[i] == shape[a] else None  # NOTE [statistics over the examples]
+        return None, [(n, j, i) for n, j in nexts[:1]]
     moved = _moved(node, name, shape, a)
     if moved is not None:
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
@@ -282,10 +288,6 @@ def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
     if name == "SelectBackward0":
         d = _norm(int(node._saved_dim), rank + 1)
         return a + (a >= d)
-    if name == "ExpandBackward0":
-        sizes = list(node._saved_self_sym_sizes)
-        i = a - (rank - len(sizes))
-        return i if i >= 0 and sizes[i] == shape[a] else -1
     if name in _VIEWS:
         return _viewed(list(node._saved_self_sym_sizes), shape, a)
     return None
