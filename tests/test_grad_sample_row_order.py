@@ -204,6 +204,12 @@ def test_the_walk_follows_the_examples_axis_through_ops_that_move_it():
     assert walk(h.flip(1)) is None and walk(h.roll(2, 1)) is None
     assert walk(h.view(4, 2, 3).roll(1, 2).reshape(4, 6)) is None  # Swin's shifted windows
     assert walk(h.flip(0)) == "FlipBackward0 on axis 0"
+    # negative dims (autograd hands them back as unsigned 64-bit numbers)
+    assert walk(h.flip(-2)) == "FlipBackward0 on axis 0" and walk(h.flip(-1)) is None
+    assert walk(h.index_select(-2, perm)) is not None
+    assert walk(h.transpose(-2, -1)[:, perm].transpose(-1, -2)) == "IndexBackward0 on axis 1"
+    assert walk(h.unsqueeze(-1).flip(-3).squeeze(-1)) is not None
+    assert walk(h.softmax(-1)) is None and walk(h.log_softmax(0)) is not None
     assert walk(h[perm] * 2) == "IndexBackward0 on axis 0"
     assert walk(h[perm].t().relu(), 1) == "IndexBackward0 on axis 0"
     assert walk(h.t()[:, perm].t()) == "IndexBackward0 on axis 1"
@@ -415,6 +421,8 @@ MIXING = {
     "expanded": lambda h: h + h.mean(0, keepdim=True).expand_as(h),
     "repeated": lambda h: h * h.amax(0, keepdim=True).repeat(h.shape[0], 1),
     "first_example": lambda h: h - h[0],
+    "softmax": lambda h: h.softmax(0),
+    "cumsum": lambda h: h.cumsum(-2),  # a negative dim, the examples' axis
 }
 
 
@@ -437,7 +445,8 @@ def test_statistics_over_the_examples_are_refused_by_the_fast_methods(stat):
     refused_then_loop(losses, p, x, match="a statistic over the examples")
 
 
-@pytest.mark.parametrize("layer", ["squeeze_excite", "feature_norm", "float_mask", "param_scale"])
+@pytest.mark.parametrize("layer", ["squeeze_excite", "feature_norm", "float_mask", "param_scale",
+                                   "softmax_over_tokens"])
 def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
     """A squeeze-and-excite gate, a norm over features, a float mask from the batch and a
     parameter broadcast over the examples keep the examples apart: one unpadded run."""
@@ -454,6 +463,8 @@ def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
             h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True) + 1e-5).sqrt()
         elif layer == "float_mask":
             h = h * m.unsqueeze(-1)
+        elif layer == "softmax_over_tokens":
+            h = h * h.softmax(1) + h.cumsum(-2)
         else:
             h = h * p["s"]
         return F.linear(h, p["v"]).pow(2).sum((1, 2))

@@ -51,7 +51,9 @@ earlier rule's output is a :class:`Mixed` finding, which no padded run can show 
 and ``auto`` falls back to ``vmap``, which runs each example alone and so computes the
 statistic over that example only (the per-example loop's numbers). Statistics per example
 (a squeeze-and-excite gate, a norm over features) keep the examples' axis and are
-followed as before.
+followed as before. An op that combines the entries along one dim into each output entry
+(softmax, log-softmax, cumulative sums, products and extrema) along the examples' axis is a
+:class:`Mixed` finding too.
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ ROWWISE_UNARY = frozenset(f"{name}Backward{v}" for name, vs in (
 ) for v in vs)
 # Ops followed without reading shapes, the common case made cheap: those that keep every
 # axis (the above, softmax), or axes 0 and 1 (pooling, resampling).
-_KEEP_ALL = ROWWISE_UNARY | {"SoftmaxBackward0", "LogSoftmaxBackward0"}
+_KEEP_ALL = ROWWISE_UNARY
+# Ops that combine the entries along one dim into each output entry (NOTE [statistics over
+# the examples]): along the examples, each example's output reads the others'.
+_ACROSS_DIM = frozenset({"SoftmaxBackward0", "LogSoftmaxBackward0", "CumsumBackward0",
+                         "CumprodBackward0", "LogcumsumexpBackward0", "CummaxBackward0",
+                         "CumminBackward0"})
 _KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
     "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D",
     "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
@@ -204,7 +211,12 @@ def _shape(node: Any, nr: int) -> list[int] | None:
         return None
 
 
-def _norm(d: int, rank: int) -> int:
+def _norm(d: Any, rank: int) -> int:
+    """A saved dim as an axis: autograd hands negative dims back as unsigned 64-bit
+    numbers (``flip(-2)``'s ``_saved_dims`` is ``(2**64 - 2,)``)."""
+    d = int(d)
+    if d >= 1 << 63:
+        d -= 1 << 64
     return d + rank if d < 0 else d
 
 
@@ -241,15 +253,19 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
             return None, []  # an index before the axis may move it: not followed
         return None, _same(nexts, shape, a)
     if name in _ALONG_DIM:
-        if _norm(int(node._saved_dim), rank) == a and not (
+        if _norm(node._saved_dim, rank) == a and not (
                 name in _MONOTONE and _in_order(node._saved_index)):
             return here, []
         return None, _same(nexts, shape, a)
+    if name in _ACROSS_DIM:
+        if _norm(node._saved_dim, rank) == a:
+            return Mixed(f"{name} along the examples' axis {a}, a statistic over the examples"), []
+        return None, [(n, i, a) for n, i in nexts]
     if name in ("FlipBackward0", "RollBackward0"):
-        dims = [_norm(int(d), rank) for d in node._saved_dims]
+        dims = [_norm(d, rank) for d in node._saved_dims]
         return (here, []) if not dims or a in dims else (None, _same(nexts, shape, a))
     if name == "StackBackward0":
-        d = _norm(int(node._saved_dim), rank)
+        d = _norm(node._saved_dim, rank)
         if d == a:
             return here, []
         return None, [(n, i, a - (d < a)) for n, i in nexts]
@@ -269,24 +285,24 @@ def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
     does, the walk ends), or None for other ops."""
     rank = len(shape)
     if name in ("TransposeBackward0", "TransposeBackward1"):
-        d0, d1 = _norm(int(node._saved_dim0), rank), _norm(int(node._saved_dim1), rank)
+        d0, d1 = _norm(node._saved_dim0, rank), _norm(node._saved_dim1, rank)
         return d1 if a == d0 else d0 if a == d1 else a
     if name == "TBackward0":
         return rank - 1 - a if rank == 2 else a
     if name == "PermuteBackward0":
-        return _norm(int(node._saved_dims[a]), rank)
+        return _norm(node._saved_dims[a], rank)
     if name == "UnsqueezeBackward0":
-        d = _norm(int(node._saved_dim), rank)
+        d = _norm(node._saved_dim, rank)
         return -1 if a == d else a - (a > d)
     if name in ("SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"):
         sizes = list(node._saved_self_sym_sizes)
         dims = getattr(node, "_saved_dim", None)
-        dims = None if dims is None else {_norm(int(d), len(sizes)) for d in
+        dims = None if dims is None else {_norm(d, len(sizes)) for d in
                                           (dims if isinstance(dims, tuple) else (dims,))}
         kept = [i for i, s in enumerate(sizes) if s != 1 or (dims is not None and i not in dims)]
         return kept[a] if a < len(kept) else -1
     if name == "SelectBackward0":
-        d = _norm(int(node._saved_dim), rank + 1)
+        d = _norm(node._saved_dim, rank + 1)
         return a + (a >= d)
     if name in _VIEWS:
         return _viewed(list(node._saved_self_sym_sizes), shape, a)
