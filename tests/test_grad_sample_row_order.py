@@ -481,3 +481,13 @@ def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
         got = fp.per_sample_grads(counted)(p, x, m)
     assert calls == [4]
     assert all(close(got[k], want[k]) for k in want)
+
+
+def test_a_statistic_is_named_before_a_reorder_in_the_same_history():
+    """A history with a reorder on one branch and a statistic on another reports the
+    statistic, which no padded run can show away."""
+    h = torch.randn(4, 3, requires_grad=True)
+    src = {torch.autograd.graph.get_gradient_edge(h).node}
+    for t in (h.flip(0) + (h - h.mean(0)), (h - h.mean(0)) + h.flip(0)):
+        found = reordered_by(t, 0, set(), {}, src)
+        assert "a statistic over the examples" in found

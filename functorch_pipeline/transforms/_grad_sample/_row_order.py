@@ -124,7 +124,8 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, Any],
 
     Returns:
       e.g. ``"IndexBackward0 on axis 0"``, or a :class:`Mixed` naming a statistic over
-      the examples broadcast back to them (NOTE [statistics over the examples]), or None.
+      the examples broadcast back to them (NOTE [statistics over the examples]; where
+      the history has both, a statistic), or None.
 
     Example:
       >>> h = torch.randn(4, 3, requires_grad=True)
@@ -170,7 +171,9 @@ def _branching(start: Any, children: list[Any], stops: Any, sources: Any,
     while todo:
         key, expanded = todo.pop()
         if expanded:
-            memo[key] = next((memo[c] for c in pending.pop(key) if memo.get(c)), None)
+            found = [memo[c] for c in pending.pop(key) if memo.get(c)]  # a statistic first:
+            memo[key] = next((f for f in found if isinstance(f, Mixed)), None) or (  # no run
+                found[0] if found else None)  # can show it away
             continue
         if key in memo:
             continue
