@@ -234,8 +234,9 @@ def _in_order(index: Any) -> bool:
 
 
 def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]]:
-    """``(the op if ``node`` reorders axis ``a`` of its output ``nr``, the inputs to walk
-    next as (node, output number, axis) keys)``."""
+    """``(the op if ``node`` reorders axis ``a`` of its output ``nr``, or a :class:`Mixed`
+    if it combines the examples, the inputs to walk next as (node, output number, axis)
+    keys, the axis None for an input broadcast over the examples)``."""
     if node is None or node in stops or not node.next_functions:
         return None, []
     name = node.name()
