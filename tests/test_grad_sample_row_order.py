@@ -491,3 +491,59 @@ def test_a_statistic_is_named_before_a_reorder_in_the_same_history():
     for t in (h.flip(0) + (h - h.mean(0)), (h - h.mean(0)) + h.flip(0)):
         found = reordered_by(t, 0, set(), {}, src)
         assert "a statistic over the examples" in found
+
+
+@pytest.mark.parametrize("length", [5, 4])  # T == B = 4 runs padded every call
+def test_the_walks_run_once_per_shapes_when_they_find_nothing(monkeypatch, length):
+    """The walk costs a transformer layer a few hundred microseconds a call, so shapes whose
+    walks found nothing skip them on later calls (as NOTE [padding an ambiguous batch]
+    remembers its answers per loss_fn and shapes); a new batch size walks again."""
+    from functorch_pipeline.transforms._grad_sample import _engine
+
+    walks = []
+    real = _engine.reordered_by
+
+    def counted(*args):
+        walks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(_engine, "reordered_by", counted)
+    p = {"w": torch.randn(3, 3), "v": torch.randn(2, 3)}
+
+    def losses(p, x):
+        return F.linear(torch.tanh(F.linear(x, p["w"])), p["v"]).pow(2).sum((1, 2))
+
+    x = torch.randn(4, length, 3)
+    grads = fp.per_sample_grads(losses, method="hooks")
+    want = loop_grads(losses, p, x)
+    counts = []
+    for batch in (x, x, x, torch.randn(3, length, 3)):
+        walks.clear()
+        got = grads(p, batch)
+        counts.append(len(walks))
+    assert counts[0] > 0 and counts[-1] > 0  # a new batch size walks again
+    assert counts[2] == 0  # remembered: no walk
+    assert close(got["w"], loop_grads(losses, p, batch)["w"])
+    again = grads(p, x)
+    assert all(close(again[k], want[k]) for k in want)
+
+
+def test_a_loss_fn_whose_walks_find_something_walks_every_call(monkeypatch):
+    """Rows put back in order are proven once, but the walk still runs each call: the
+    answer it needs is per input, and the model may take another path."""
+    from functorch_pipeline.transforms._grad_sample import _engine
+
+    walks = []
+    real = _engine.reordered_by
+
+    def counted(*args):
+        walks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(_engine, "reordered_by", counted)
+    p, x = params(8), torch.randn(5, 3)
+    grads = fp.per_sample_grads(model("flip", undone=True), method="hooks")
+    for _ in range(3):
+        walks.clear()
+        grads(p, x)
+    assert walks

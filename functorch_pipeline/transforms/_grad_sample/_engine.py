@@ -1063,6 +1063,8 @@ class Engine:
         (default: ``x`` with ``axis`` first), compared across runs."""
         if x.grad_fn is None or (self.real or self.batch_size) == 1:
             return
+        if self.evidence is not None and not self.evidence.walk:
+            return  # these shapes' walks found nothing before (_padding._WALKED)
         if self._sources is None:
             self._sources = {get_gradient_edge(t).node for arg in self.batch_args
                              for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
@@ -1070,6 +1072,8 @@ class Engine:
         why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
         if why is None:
             return
+        if self.evidence is not None:
+            self.evidence.walk_found = True
         if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
             raise Unsupported(
                 f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'} "

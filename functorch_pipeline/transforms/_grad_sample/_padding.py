@@ -81,6 +81,9 @@ _EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, _Remembered]] = weakref.WeakKey
 # (remembered per loss_fn; during the retry of a call, by `plain_now`).
 _PLAIN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 plain_now: contextvars.ContextVar[bool] = contextvars.ContextVar("fp_plain_batch", default=False)
+# NOTE [rows reordered inside loss_fn] in _row_order: per loss_fn, the input shapes whose
+# unpadded run's walks found nothing; later calls with those shapes skip the walks.
+_WALKED: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
 
 
 def plain_batch(loss_fn: Any) -> bool:
@@ -134,12 +137,14 @@ class Evidence:
       rows, rows_made: answers about inputs (NOTE [a table the size of the batch] and
         NOTE [rows reordered inside loss_fn]): an earlier call's, and this run's.
       seen: rows of inputs whose order is unproven, shared by the runs of one call.
+      walk, walk_found: whether this run walks its inputs' histories (NOTE [rows
+        reordered inside loss_fn]), and whether a walk found anything.
     """
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
                  decisions: list[int] | None = None,
                  rows: dict[Any, bool] | None = None,
-                 seen: dict[Any, torch.Tensor] | None = None) -> None:
+                 seen: dict[Any, torch.Tensor] | None = None, walk: bool = True) -> None:
         self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
@@ -160,6 +165,8 @@ class Evidence:
         # the call's runs; a later (padded) run compares its first rows with them.
         self.seen: dict[Any, torch.Tensor] = {} if seen is None else seen
         self._seen_count: dict[Any, int] = {}
+        self.walk = walk  # whether the engine walks its inputs' histories this run
+        self.walk_found = False  # whether a walk of this run found anything
 
     def _next(self, sig: Any, count: dict[Any, int] | None = None) -> Any:
         count = self._count if count is None else count
@@ -264,6 +271,13 @@ def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
         return {}
 
 
+def _walked(loss_fn: Any) -> set[Any]:
+    try:
+        return _WALKED.setdefault(getattr(loss_fn, "__func__", loss_fn), set())
+    except TypeError:  # not weak-referenceable: walked every call
+        return set()
+
+
 def _key(args: Sequence[Any], batched: Sequence[int]) -> Any:
     return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x)
                  for i in batched for x in _tree.leaves(args[i]))
@@ -321,12 +335,15 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
                      args: Sequence[Any], batched: Sequence[int], size: int,
                      has_aux: bool) -> tuple[Any, int]:
     """One attempt of :func:`run_unambiguous` with the batch as ``forward_losses`` hands it."""
-    cache = _cache(loss_fn)
-    key = _key(args, batched) if cache else None  # no flattening while nothing was padded
+    cache, walked = _cache(loss_fn), _walked(loss_fn)
+    # no flattening while nothing was padded or walked
+    key = _key(args, batched) if cache or walked else None
+    walk = key is None or key not in walked  # NOTE [rows reordered inside loss_fn] in _row_order
     rem = cache.get(key) if cache else None
     if rem is not None and rem.unpadded is not False:
         try:
-            out = run(list(args), size, Evidence(decisions=rem.expands, rows=rem.rows))
+            ev = Evidence(decisions=rem.expands, rows=rem.rows, walk=walk)
+            out = run(list(args), size, ev)
         except Ambiguous:
             if rem.unpadded or not rem.extra:
                 del cache[key]  # the model changed since: start again from the unpadded call
@@ -335,19 +352,23 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
                 rem.unpadded = False  # these shapes need the padding every call
         else:
             rem.unpadded = True
+            if walk and not ev.walk_found:
+                walked.add(key)
             return out, 0
     if rem is not None:
         if has_aux:
             raise Ambiguous(rem.why)
         expands, rem_rows = rem.expands, rem.rows
         try:
-            out, rem.draws, _ = _padded(run, args, batched, size, rem.extra,
-                                        lambda: Evidence(decisions=expands, rows=rem_rows),
-                                        rem.draws)
+            out, rem.draws, ev = _padded(
+                run, args, batched, size, rem.extra,
+                lambda: Evidence(decisions=expands, rows=rem_rows, walk=walk), rem.draws)
+            if walk and not ev.walk_found:
+                walked.add(key)
             return out, rem.extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
-    evidence = Evidence()
+    evidence = Evidence(walk=walk)
     seen = evidence.seen  # NOTE [rows reordered inside loss_fn] in _row_order
     try:
         out = run(list(args), size, evidence)
@@ -356,9 +377,12 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
             raise
         first = error
     else:
-        if evidence.made:  # expands decided: remember them for these shapes
-            cache[_key(args, batched) if key is None else key] = _Remembered(
-                0, evidence.made, {}, False, True, "")
+        if evidence.made or (walk and not evidence.walk_found):
+            key = _key(args, batched) if key is None else key
+            if evidence.made:  # expands decided: remember them for these shapes
+                cache[key] = _Remembered(0, evidence.made, {}, False, True, "")
+            if walk and not evidence.walk_found:
+                walked.add(key)
         return out, 0
     if key is None:
         key = _key(args, batched)

@@ -34,7 +34,12 @@ unpadded; a refused one falls back to ``vmap``, which is right.
 
 Ops the walk does not know keep the axis when an input has the same size along it, and
 end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2,
-F).transpose(0, 1).reshape(B, F)``) is not seen.
+F).transpose(0, 1).reshape(B, F)``) is not seen. The walk costs several microseconds a
+node, about a millisecond a call for a 4-layer transformer encoder (12% of its call at a
+batch of 4), so, as the padded runs' answers are, its outcome is remembered per
+``loss_fn`` and input shapes (``_padding._WALKED``): shapes whose walks found nothing skip
+them on later calls. A model that reorders or mixes its examples on some calls only, with
+the same shapes, is seen only if the first call does.
 
 # NOTE [statistics over the examples]
 The same walk meets the inputs an op broadcasts over the examples: a bias, a mask with no
