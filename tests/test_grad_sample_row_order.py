@@ -493,21 +493,27 @@ def test_a_statistic_is_named_before_a_reorder_in_the_same_history():
         assert "a statistic over the examples" in found
 
 
-@pytest.mark.parametrize("length", [5, 4])  # T == B = 4 runs padded every call
-def test_the_walks_run_once_per_shapes_when_they_find_nothing(monkeypatch, length):
-    """The walk costs a transformer layer a few hundred microseconds a call, so shapes whose
-    walks found nothing skip them on later calls (as NOTE [padding an ambiguous batch]
-    remembers its answers per loss_fn and shapes); a new batch size walks again."""
+@pytest.fixture
+def walks(monkeypatch):
+    """One entry per call of the engine's walk (NOTE [rows reordered inside loss_fn])."""
     from functorch_pipeline.transforms._grad_sample import _engine
 
-    walks = []
+    calls: list[int] = []
     real = _engine.reordered_by
 
     def counted(*args):
-        walks.append(1)
+        calls.append(1)
         return real(*args)
 
     monkeypatch.setattr(_engine, "reordered_by", counted)
+    return calls
+
+
+@pytest.mark.parametrize("length", [5, 4])  # T == B = 4 runs padded every call
+def test_the_walks_run_once_per_shapes_when_they_find_nothing(walks, length):
+    """The walk costs a transformer layer a few hundred microseconds a call, so shapes whose
+    walks found nothing skip them on later calls (as NOTE [padding an ambiguous batch]
+    remembers its answers per loss_fn and shapes); a new batch size walks again."""
     p = {"w": torch.randn(3, 3), "v": torch.randn(2, 3)}
 
     def losses(p, x):
@@ -528,19 +534,9 @@ def test_the_walks_run_once_per_shapes_when_they_find_nothing(monkeypatch, lengt
     assert all(close(again[k], want[k]) for k in want)
 
 
-def test_a_loss_fn_whose_walks_find_something_walks_every_call(monkeypatch):
+def test_a_loss_fn_whose_walks_find_something_walks_every_call(walks):
     """Rows put back in order are proven once, but the walk still runs each call: the
     answer it needs is per input, and the model may take another path."""
-    from functorch_pipeline.transforms._grad_sample import _engine
-
-    walks = []
-    real = _engine.reordered_by
-
-    def counted(*args):
-        walks.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(_engine, "reordered_by", counted)
     p, x = params(8), torch.randn(5, 3)
     grads = fp.per_sample_grads(model("flip", undone=True), method="hooks")
     for _ in range(3):
