@@ -543,3 +543,25 @@ def test_a_loss_fn_whose_walks_find_something_walks_every_call(walks):
         walks.clear()
         grads(p, x)
     assert walks
+
+
+def test_a_reorder_on_later_calls_only_is_seen():
+    """A model that reorders its examples in training mode only (a mix of examples, say),
+    called in eval mode first: the remembered walk must not hide the training calls'
+    reorder. The node names at the layers' inputs differ, so the walks run again."""
+    state = {"train": False}
+    p, x = params(9), torch.randn(5, 3)
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
+        if state["train"]:
+            h = h[order_of(x)]  # read as the batch's rows, silently, before
+        return F.linear(h, p["w2"]).pow(2).sum(1)
+
+    grads = fp.per_sample_grads(losses, method="hooks")
+    want = loop_grads(losses, p, x)
+    assert all(close(grads(p, x)[k], want[k]) for k in want)  # eval: walked, clean
+    grads(p, x)  # eval again: the walk is skipped
+    state["train"] = True
+    with pytest.raises(ValueError, match="reordered inside loss_fn"):
+        grads(p, x)

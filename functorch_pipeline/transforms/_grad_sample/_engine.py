@@ -1063,8 +1063,13 @@ class Engine:
         (default: ``x`` with ``axis`` first), compared across runs."""
         if x.grad_fn is None or (self.real or self.batch_size) == 1:
             return
-        if self.evidence is not None and not self.evidence.walk:
-            return  # these shapes' walks found nothing before (_padding._WALKED)
+        ev = self.evidence
+        if ev is not None:  # skip the walk where an earlier run's found nothing (_padding._WALKED)
+            ev.names.append(x.grad_fn.name())
+            n, known = len(ev.names), ev.known
+            if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
+                return
+            ev.known = None  # the history differs from that run's: walk from here on
         if self._sources is None:
             self._sources = {get_gradient_edge(t).node for arg in self.batch_args
                              for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
@@ -1083,7 +1088,6 @@ class Engine:
                 "alone, computing the statistic over that example only")
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         rows = (x.movedim(axis, 0) if rows is None else rows).detach()
-        ev = self.evidence
         if ev is not None and ev.rows is not None and ev.rows_for(sig):
             return  # shown by a padded run of an earlier call with these shapes
         if self.real is None:

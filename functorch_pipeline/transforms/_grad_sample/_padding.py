@@ -81,9 +81,10 @@ _EXTRA: weakref.WeakKeyDictionary[Any, dict[Any, _Remembered]] = weakref.WeakKey
 # (remembered per loss_fn; during the retry of a call, by `plain_now`).
 _PLAIN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 plain_now: contextvars.ContextVar[bool] = contextvars.ContextVar("fp_plain_batch", default=False)
-# NOTE [rows reordered inside loss_fn] in _row_order: per loss_fn, the input shapes whose
-# unpadded run's walks found nothing; later calls with those shapes skip the walks.
-_WALKED: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+# NOTE [rows reordered inside loss_fn] in _row_order: per loss_fn and input shapes, the
+# autograd node names at the rule inputs of a run whose walks found nothing; later calls
+# whose inputs show the same names skip the walks.
+_WALKED: weakref.WeakKeyDictionary[Any, dict[Any, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 def plain_batch(loss_fn: Any) -> bool:
@@ -137,14 +138,16 @@ class Evidence:
       rows, rows_made: answers about inputs (NOTE [a table the size of the batch] and
         NOTE [rows reordered inside loss_fn]): an earlier call's, and this run's.
       seen: rows of inputs whose order is unproven, shared by the runs of one call.
-      walk, walk_found: whether this run walks its inputs' histories (NOTE [rows
-        reordered inside loss_fn]), and whether a walk found anything.
+      known, names, walk_found: NOTE [rows reordered inside loss_fn]: the node names at
+        the rule inputs of an earlier run whose walks found nothing (None: walk them all),
+        this run's, and whether a walk of this run found anything.
     """
 
     def __init__(self, runs: list[tuple[list[int], int]] | None = None,
                  decisions: list[int] | None = None,
                  rows: dict[Any, bool] | None = None,
-                 seen: dict[Any, torch.Tensor] | None = None, walk: bool = True) -> None:
+                 seen: dict[Any, torch.Tensor] | None = None,
+                 known: tuple[str, ...] | None = None) -> None:
         self.runs = runs or []
         self.decisions = decisions
         self.log: list[int] = []
@@ -165,8 +168,9 @@ class Evidence:
         # the call's runs; a later (padded) run compares its first rows with them.
         self.seen: dict[Any, torch.Tensor] = {} if seen is None else seen
         self._seen_count: dict[Any, int] = {}
-        self.walk = walk  # whether the engine walks its inputs' histories this run
-        self.walk_found = False  # whether a walk of this run found anything
+        self.known = known
+        self.names: list[str] = []
+        self.walk_found = False
 
     def _next(self, sig: Any, count: dict[Any, int] | None = None) -> Any:
         count = self._count if count is None else count
@@ -271,11 +275,19 @@ def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
         return {}
 
 
-def _walked(loss_fn: Any) -> set[Any]:
+def _walked(loss_fn: Any) -> dict[Any, tuple[str, ...]]:
     try:
-        return _WALKED.setdefault(getattr(loss_fn, "__func__", loss_fn), set())
+        return _WALKED.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
     except TypeError:  # not weak-referenceable: walked every call
-        return set()
+        return {}
+
+
+def _note_walks(walked: dict[Any, tuple[str, ...]], key: Any, ev: Evidence) -> None:
+    """Remember a run's node names for ``key`` when its walks found nothing, else forget."""
+    if ev.walk_found:
+        walked.pop(key, None)
+    else:
+        walked[key] = tuple(ev.names)
 
 
 def _key(args: Sequence[Any], batched: Sequence[int]) -> Any:
@@ -338,11 +350,11 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
     cache, walked = _cache(loss_fn), _walked(loss_fn)
     # no flattening while nothing was padded or walked
     key = _key(args, batched) if cache or walked else None
-    walk = key is None or key not in walked  # NOTE [rows reordered inside loss_fn] in _row_order
+    known = walked.get(key) if walked else None  # NOTE [rows reordered inside loss_fn] in _row_order
     rem = cache.get(key) if cache else None
     if rem is not None and rem.unpadded is not False:
         try:
-            ev = Evidence(decisions=rem.expands, rows=rem.rows, walk=walk)
+            ev = Evidence(decisions=rem.expands, rows=rem.rows, known=known)
             out = run(list(args), size, ev)
         except Ambiguous:
             if rem.unpadded or not rem.extra:
@@ -352,8 +364,7 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
                 rem.unpadded = False  # these shapes need the padding every call
         else:
             rem.unpadded = True
-            if walk and not ev.walk_found:
-                walked.add(key)
+            _note_walks(walked, key, ev)
             return out, 0
     if rem is not None:
         if has_aux:
@@ -362,13 +373,12 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
         try:
             out, rem.draws, ev = _padded(
                 run, args, batched, size, rem.extra,
-                lambda: Evidence(decisions=expands, rows=rem_rows, walk=walk), rem.draws)
-            if walk and not ev.walk_found:
-                walked.add(key)
+                lambda: Evidence(decisions=expands, rows=rem_rows, known=known), rem.draws)
+            _note_walks(walked, key, ev)
             return out, rem.extra
         except Ambiguous:
             del cache[key]  # the model changed since: start again from the unpadded call
-    evidence = Evidence(walk=walk)
+    evidence = Evidence(known=known)
     seen = evidence.seen  # NOTE [rows reordered inside loss_fn] in _row_order
     try:
         out = run(list(args), size, evidence)
@@ -377,12 +387,10 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
             raise
         first = error
     else:
-        if evidence.made or (walk and not evidence.walk_found):
-            key = _key(args, batched) if key is None else key
-            if evidence.made:  # expands decided: remember them for these shapes
-                cache[key] = _Remembered(0, evidence.made, {}, False, True, "")
-            if walk and not evidence.walk_found:
-                walked.add(key)
+        key = _key(args, batched) if key is None else key
+        if evidence.made:  # expands decided: remember them for these shapes
+            cache[key] = _Remembered(0, evidence.made, {}, False, True, "")
+        _note_walks(walked, key, evidence)
         return out, 0
     if key is None:
         key = _key(args, batched)

@@ -37,9 +37,12 @@ end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2
 F).transpose(0, 1).reshape(B, F)``) is not seen. The walk costs several microseconds a
 node, about a millisecond a call for a 4-layer transformer encoder (12% of its call at a
 batch of 4), so, as the padded runs' answers are, its outcome is remembered per
-``loss_fn`` and input shapes (``_padding._WALKED``): shapes whose walks found nothing skip
-them on later calls. A model that reorders or mixes its examples on some calls only, with
-the same shapes, is seen only if the first call does.
+``loss_fn`` and input shapes (``_padding._WALKED``): a run whose walks found nothing keeps
+the autograd node names at its rule inputs, and later calls skip the walk of each input
+whose name is the same as that run's. From the first input whose name differs (a model
+that mixes or sorts its examples in training mode only, called in eval mode first), the
+walks run again. A change further up an input's history, with the same node at the input,
+is not seen.
 
 # NOTE [statistics over the examples]
 The same walk meets the inputs an op broadcasts over the examples: a bias, a mask with no
