@@ -1049,6 +1049,10 @@ class Engine:
             f"the batch (B={B}); the fast method needs every op that uses a parameter to see "
             f"the batch on axis 0{also}")
 
+    def _subject(self, slots: list[int]) -> str:
+        """``"`a`, `b` are"``: the parameters of ``slots`` as an error's subject."""
+        return f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'}"
+
     def rows_in_order(self, x: torch.Tensor, axis: int, op: str, slots: list[int],
                       shown: Callable[[], bool] | None = None,
                       rows: torch.Tensor | None = None) -> None:
@@ -1077,15 +1081,15 @@ class Engine:
         why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
         if why is None:
             return
-        if self.evidence is not None:
-            self.evidence.walk_found = True
+        if ev is not None:
+            ev.walk_found = True
         if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
             raise Unsupported(
-                f"{', '.join(self.name(s) for s in slots)} {'is' if len(slots) == 1 else 'are'} "
-                f"used by `{op}` on an input computed with {why}: each example's loss then "
-                "depends on the others, which per-example gradients exclude (clipping them "
-                "would not bound one example's influence); method='vmap' runs each example "
-                "alone, computing the statistic over that example only")
+                f"{self._subject(slots)} used by `{op}` on an input computed with {why}: each "
+                "example's loss then depends on the others, which per-example gradients "
+                "exclude (clipping them would not bound one example's influence); "
+                "method='vmap' runs each example alone, computing the statistic over that "
+                "example only")
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         rows = (x.movedim(axis, 0) if rows is None else rows).detach()
         if ev is not None and ev.rows is not None and ev.rows_for(sig):
@@ -1111,11 +1115,10 @@ class Engine:
             if ev is not None:
                 ev.note_rows(sig, True)
             return
-        who = ", ".join(self.name(s) for s in slots)
         raise Unsupported(
-            f"{who} {'is' if len(slots) == 1 else 'are'} used by `{op}` on an input whose "
-            f"examples were reordered inside loss_fn ({why}: row b is not example b), which "
-            "the per-row rules cannot read; method='vmap' runs each example alone")
+            f"{self._subject(slots)} used by `{op}` on an input whose examples were reordered "
+            f"inside loss_fn ({why}: row b is not example b), which the per-row rules cannot "
+            "read; method='vmap' runs each example alone")
 
     def _drew(self) -> bool:
         """Whether this padded run has drawn from PyTorch's global generators (its rows

@@ -268,17 +268,12 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
         return ev.settled(lambda: run(padded, size + extra, ev)), True, ev
 
 
-def _cache(loss_fn: Any) -> dict[Any, _Remembered]:
+def _per_fn(table: weakref.WeakKeyDictionary[Any, dict[Any, Any]], loss_fn: Any) -> dict[Any, Any]:
+    """``loss_fn``'s entry of ``table`` (``_EXTRA``, ``_WALKED``), made on first use; a fresh
+    dict, so nothing is remembered, when ``loss_fn`` is not weak-referenceable."""
     try:
-        return _EXTRA.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
-    except TypeError:  # not weak-referenceable: nothing remembered
-        return {}
-
-
-def _walked(loss_fn: Any) -> dict[Any, tuple[str, ...]]:
-    try:
-        return _WALKED.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
-    except TypeError:  # not weak-referenceable: walked every call
+        return table.setdefault(getattr(loss_fn, "__func__", loss_fn), {})
+    except TypeError:
         return {}
 
 
@@ -347,7 +342,7 @@ def _run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: An
                      args: Sequence[Any], batched: Sequence[int], size: int,
                      has_aux: bool) -> tuple[Any, int]:
     """One attempt of :func:`run_unambiguous` with the batch as ``forward_losses`` hands it."""
-    cache, walked = _cache(loss_fn), _walked(loss_fn)
+    cache, walked = _per_fn(_EXTRA, loss_fn), _per_fn(_WALKED, loss_fn)
     # no flattening while nothing was padded or walked
     key = _key(args, batched) if cache or walked else None
     known = walked.get(key) if walked else None  # NOTE [rows reordered inside loss_fn] in _row_order

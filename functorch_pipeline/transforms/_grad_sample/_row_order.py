@@ -88,14 +88,13 @@ ROWWISE_UNARY = frozenset(f"{name}Backward{v}" for name, vs in (
     ("Clone", "0"), ("Clamp", "01"), ("ClampMin", "0"), ("ClampMax", "0"), ("Pow", "0"),
     ("Sin", "0"), ("Cos", "0"), ("Mul", "1"), ("Div", "1"), ("Add", "1"), ("Sub", "1"),
 ) for v in vs)
-# Ops followed without reading shapes, the common case made cheap: those that keep every
-# axis (the above, softmax), or axes 0 and 1 (pooling, resampling).
-_KEEP_ALL = ROWWISE_UNARY
 # Ops that combine the entries along one dim into each output entry (NOTE [statistics over
 # the examples]): along the examples, each example's output reads the others'.
 _ACROSS_DIM = frozenset({"SoftmaxBackward0", "LogSoftmaxBackward0", "CumsumBackward0",
                          "CumprodBackward0", "LogcumsumexpBackward0", "CummaxBackward0",
                          "CumminBackward0"})
+# Ops followed without reading shapes, the common case made cheap: ROWWISE_UNARY (every
+# axis kept) and these, which keep axes 0 and 1 (pooling, resampling).
 _KEEP_LEADING = frozenset(f"{name}Backward0" for name in (
     "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D",
     "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool2D",
@@ -248,7 +247,7 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     if node is None or node in stops or not node.next_functions:
         return None, []
     name = node.name()
-    if name in _KEEP_ALL or (a < 2 and name in _KEEP_LEADING):
+    if name in ROWWISE_UNARY or (a < 2 and name in _KEEP_LEADING):
         return None, [(n, i, a) for n, i in node.next_functions if n is not None]
     shape = _shape(node, nr)
     if shape is None or a >= len(shape):
