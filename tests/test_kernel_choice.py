@@ -93,7 +93,7 @@ def test_kernel_choices_round_trip_and_reset(fresh):
 
 
 @pytest.mark.parametrize("table, error, match", [
-    ({"ok": "grouped", "a": "fast"}, ValueError, r"table\['a'\] must be one of \('grouped', 'patches'\), got 'fast'"),
+    ({"ok": "grouped", "a": "fast"}, ValueError, r"table\['a'\] must be one of \('grouped', 'patches', 'channels_last'\), got 'fast'"),
     ({1: "grouped"}, TypeError, "keys are geometry descriptions"),
     ([("a", "grouped")], TypeError, "must be a mapping"),
 ])
@@ -118,7 +118,7 @@ geometries = st.tuples(
 
 @needs_mkldnn
 @settings(max_examples=40, deadline=None)
-@given(geometries, st.sampled_from(["grouped", "patches"]))
+@given(geometries, st.sampled_from(["grouped", "patches", "channels_last"]))
 @example((8, 1, 1, 5, 1, 1, 1, False, 1), "grouped")  # a bias float32 gets 1.3e-5 off
 def test_each_kernel_pinned_matches_the_float64_loop(geometry, kernel):
     cin, groups, cout, k, stride, padding, dilation, one_d, batch = geometry
@@ -218,11 +218,12 @@ def test_measuring_holds_one_result_at_a_time(fresh):
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("kernel", ["grouped", "patches"])
+@pytest.mark.parametrize("kernel", ["grouped", "patches", "channels_last"])
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 5, 5)),
     (lambda: nn.ConvTranspose1d(2, 3, 4, stride=2, groups=1), (2, 7)),
     (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding="same"), (4, 9, 9)),
+    (lambda: nn.Conv2d(3, 5, (3, 2), padding=(1, 2)), (3, 6, 7)),  # ghost keeps a permuted block
 ])
 def test_transposed_and_grouped_convs_with_each_kernel_match_the_float64_loop(make, shape, kernel):
     """The transposed convolutions reach the same per-example kernels with the input and
@@ -251,3 +252,27 @@ def test_transposed_and_grouped_convs_with_each_kernel_match_the_float64_loop(ma
         clipped = (want[key] * (1.0 / want_norms).clamp(max=1.0).reshape(-1, *[1] * (want[key].dim() - 1))).sum(0)
         torch.testing.assert_close(total[key].double(), clipped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norms.double(), want_norms, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.integers(0, 4), st.randoms(use_true_random=False))
+def test_rows_of_a_permuted_block_reduce_like_a_contiguous_copy(shape, batch, rnd):
+    """Ghost clipping reduces kept per-example gradients in their own layout (NOTE
+    [channels-last patches]): norms and the weighted sum over a permuted block equal
+    those of its contiguous copy (einsum as the reference)."""
+    from functorch_pipeline.transforms._grad_sample._ghost_math import _contract_rows
+    from functorch_pipeline.tree._math import _rows_sq_norms
+
+    order = list(range(1, len(shape) + 1))
+    rnd.shuffle(order)
+    block = torch.randn(batch, *[shape[d - 1] for d in order], dtype=torch.float64)
+    inverse = [0] + [order.index(d) + 1 for d in range(1, len(shape) + 1)]
+    kept = block.permute(inverse)  # shape (batch, *shape), memory in `order`
+    assert kept.shape == (batch, *shape)
+    c = torch.randn(batch, dtype=torch.float64)
+    dense = kept.contiguous()
+    got = _contract_rows(c, kept)
+    assert got.is_contiguous() and got.shape == tuple(shape)
+    torch.testing.assert_close(got, torch.einsum("b,b...->...", c, dense), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_rows_sq_norms(kept, torch.float64),
+                               dense.square().sum(tuple(range(1, dense.dim()))), rtol=1e-12, atol=1e-12)

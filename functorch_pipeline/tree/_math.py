@@ -277,6 +277,8 @@ def _rows_sq_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     in ``dtype``: one reduction that reads ``t`` once, without a squared copy of ``t``.
     Per-example norms in ghost clipping, ``fp.clipped_grad`` and ``optim``'s per-example
     clipping all use it."""
+    if t.dim() > 2 and not t.is_contiguous():  # a permuted block: no copy to make rows
+        return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), dtype=dtype).square()
     rows = t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
 

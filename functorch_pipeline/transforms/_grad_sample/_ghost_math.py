@@ -47,6 +47,7 @@ arrive already zeroed by the rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,9 +134,10 @@ def _grouped_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...]
-                      ) -> torch.Tensor:
-    """Per-example conv weight gradients ``(n, groups, cout, cin * prod(kernel))``.
+def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
+                      any_layout: bool = False) -> torch.Tensor:
+    """Per-example conv weight gradients ``(n, O, cin, *kernel)``; with ``any_layout``
+    possibly a permuted view (NOTE [channels-last patches] in ``_rules``).
 
     # NOTE [per-example conv gradients]
     On CPU in float32/bfloat16, the hooks conv rule's kernels: mkldnn's weight-gradient
@@ -146,16 +148,16 @@ def _conv_per_example(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...
     """
     kernel, stride, pads, dilation, groups = geometry
     n, out_ch = g.shape[:2]
-    cout = out_ch // groups
+    shape = (n, out_ch, x.shape[1] // groups, *kernel)
     if not _grouped_ok(x):
-        return g.reshape(n, groups, cout, -1) @ conv_patches(x, geometry).mT
+        return (g.reshape(n, groups, out_ch // groups, -1) @ conv_patches(x, geometry).mT).view(shape)
     if len(kernel) == 1:  # as a 2-d conv of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, pads = (1, *kernel), (1, *stride), (1, *dilation), [*pads, 0, 0]
-    # The hooks rule's kernel choice (mkldnn's grouped kernel or the patch matmul, measured
+    # The hooks rule's kernel choice (mkldnn's grouped kernel or the patch matmuls, measured
     # per layer): NOTE [measured kernel choice] in _kernel_choice.
-    grad_w = conv_weight_per_example(x, g, kernel, stride, pads, dilation, groups)
-    return grad_w.reshape(n, groups, cout, -1)
+    grad_w = conv_weight_per_example(x, g, kernel, stride, pads, dilation, groups, any_layout)
+    return grad_w.view(shape)  # a 1-d conv drops its height of 1: a view in any layout
 
 
 def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
@@ -183,15 +185,15 @@ def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
     step = max(1, CHUNK_BYTES // (groups * cout * din * size))
     if not _grouped_ok(x):
         step = max(1, min(step, PATCH_BYTES // (groups * din * L * size)))
-    if step >= B:  # one chunk: what it forms is what is kept
-        m = _conv_per_example(x, g, geometry)
-        return _rows_sq(m), (None if keep is None else m.reshape(B, *keep.shape))
+    if step >= B:  # one chunk: what it forms is what is kept, in its own layout
+        m = _conv_per_example(x, g, geometry, any_layout=True)
+        return _rows_sq(m), (None if keep is None else m)
     kept = None if keep is None else keep.new_empty(B, *keep.shape)
     out = []
     for s in range(0, B, step):
         m = _conv_per_example(x[s:s + step], g[s:s + step], geometry)
         if kept is not None:
-            kept[s:s + step] = m.reshape(-1, *keep.shape)
+            kept[s:s + step] = m
         out.append(_rows_sq(m))
     return _cat(out, 0), kept
 
@@ -293,6 +295,17 @@ def _materialised(parts: Parts, param: torch.Tensor, s: int, e: int) -> torch.Te
     return total
 
 
+def _contract_rows(c: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``sum_b c_b kept[b]``, contiguous, reading ``kept`` in its memory order: kept conv
+    gradients may be a permuted view (NOTE [channels-last patches] in ``_rules``), which
+    ``reshape`` would copy whole; the product is permuted back instead (one weight's size)."""
+    order = sorted(range(1, kept.dim()), key=kept.stride, reverse=True)
+    sizes = [kept.shape[d] for d in order]
+    rows = kept.permute(0, *order).reshape(c.shape[0], math.prod(sizes))  # a view if a block
+    out = torch.matmul(c, rows).view(sizes)
+    return out.permute([order.index(d) for d in range(1, kept.dim())]).contiguous()
+
+
 def _batch(parts: Parts) -> int:
     first = next(iter(parts.values()))[0]
     return next(t for t in first if isinstance(t, torch.Tensor)).shape[0]
@@ -343,7 +356,7 @@ def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
     from ``kept`` per-example gradients when :func:`squared_norms` formed them. Call it
     under ``torch.no_grad()``."""
     if kept is not None:  # (B,) @ (B, P): the same product as (1, B) @ (B, P)
-        return torch.matmul(c, kept.reshape(c.shape[0], -1)).view(param.shape)
+        return _contract_rows(c, kept).view(param.shape)
     total = None
     for kind, payloads in parts.items():
         if kind == "outer":

@@ -66,7 +66,7 @@ T = TypeVar("T")
 WARMUP = 2  # untimed runs of each candidate at a geometry's first call
 ROUNDS = 5  # then timed runs of each
 MARGIN = 1.0  # another kernel replaces the default when faster by this factor
-KERNELS = ("grouped", "patches")  # the names a choice may take
+KERNELS = ("grouped", "patches", "channels_last")  # the names a choice may take
 _CHOSEN: dict[str, str] = {}
 
 
@@ -74,16 +74,17 @@ def kernel_choices() -> dict[str, str]:
     """The kernel this process chose for each layer geometry it has met.
 
     Per-example conv weight gradients in float32 on CPU (``per_sample_grads``,
-    ``clipped_grad``, ``DPTrainer``) have two kernels, mkldnn's grouped kernel
-    (``"grouped"``) and a patch matmul (``"patches"``), and which is faster depends on the
-    machine and the layer, by up to 3x either way. The first time a geometry runs, both are
-    timed on its inputs (five runs each, after two untimed) and the faster is kept (on a
+    ``clipped_grad``, ``DPTrainer``) have three kernels, mkldnn's grouped kernel
+    (``"grouped"``), a patch matmul (``"patches"``) and a patch matmul over the input
+    with its channels last (``"channels_last"``), and which is fastest depends on the
+    machine and the layer, by up to 3x either way. The first time a geometry runs, each is
+    timed on its inputs (five runs each, after two untimed) and the fastest is kept (on a
     tie, ``"grouped"``); the choice then holds for the rest of the process.
 
     Returns:
       A new dict from a geometry's description (batch-size bucket, shapes, kernel,
-      stride, padding, dilation, groups, dtype, threads) to ``"grouped"`` or
-      ``"patches"``; JSON-serialisable, for :func:`set_kernel_choices` in another process.
+      stride, padding, dilation, groups, dtype, threads) to a name in :data:`KERNELS`;
+      JSON-serialisable, for :func:`set_kernel_choices` in another process.
 
     Example:
       >>> import json
@@ -98,7 +99,7 @@ def kernel_choices() -> dict[str, str]:
 def set_kernel_choices(table: Mapping[str, str] | None) -> None:
     """Fix the kernel for layer geometries, so that a process runs what another chose.
 
-    The two kernels sum in different orders, so their float32 results differ in the last
+    The kernels sum in different orders, so their float32 results differ in the last
     bits; a run resumed in a new process is bit-identical to an uninterrupted one when it
     runs the same kernels. Save :func:`kernel_choices` beside the checkpoint and pass it
     here before resuming. Geometries not in ``table`` are still measured when first met.
@@ -112,7 +113,7 @@ def set_kernel_choices(table: Mapping[str, str] | None) -> None:
 
     Raises:
       TypeError: ``table`` is not a mapping of str to str.
-      ValueError: a choice that is not ``"grouped"`` or ``"patches"``.
+      ValueError: a choice that is not in :data:`KERNELS`.
 
     Example:
       >>> import functorch_pipeline as fp
