@@ -423,6 +423,11 @@ MIXING = {
     "first_example": lambda h: h - h[0],
     "softmax": lambda h: h.softmax(0),
     "cumsum": lambda h: h.cumsum(-2),  # a negative dim, the examples' axis
+    # contractions over the examples, multiplied back into each (here B == F, too)
+    "gram": lambda h: h @ (h.mT @ h) * 0.1,
+    "scores_across_examples": lambda h: (h @ h.mT).softmax(1) @ h,
+    "einsum_gram": lambda h: torch.einsum("bf,cf,cg->bg", h, h, h) * 0.1,
+    "batched_gram": lambda h: torch.bmm(h[:, None], (h.mT @ h).expand(h.shape[0], -1, -1))[:, 0],
 }
 
 

@@ -108,6 +108,9 @@ _BROADCASTING = frozenset(f"{name}Backward{v}" for name, vs in (
     ("Minimum", "0"), ("Pow", "12"), ("Addcmul", "0"), ("Addcdiv", "0"), ("Lerp", "01"),
     ("Atan2", "0"), ("Hypot", "0"), ("Fmod", "1"), ("Remainder", "1"), ("Repeat", "0"),
 ) for v in vs)
+# Matrix products (NOTE [statistics over the examples]): see _product.
+_PRODUCTS = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0",
+                       "MvBackward0"})
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
 
@@ -285,10 +288,36 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         i = a - (rank - len(sizes))
         i = i if i >= 0 and sizes[i] == shape[a] else None  # NOTE [statistics over the examples]
         return None, [(n, j, i) for n, j in nexts[:1]]
+    if name in _PRODUCTS:
+        return None, _product(node, name, shape, a)
     moved = _moved(node, name, shape, a)
     if moved is not None:
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
     return None, _same(nexts, shape, a, name in _BROADCASTING)
+
+
+def _product(node: Any, name: str, shape: list[int], a: int) -> list[Any]:
+    """The inputs of a matrix product (NOTE [statistics over the examples]): the operand
+    that holds output axis ``a`` (a batched product's batch axis: both), followed on it;
+    the other, which every example's row is multiplied with, as broadcast over the
+    examples (``h @ (h.T @ h)``: a Gram matrix of the batch); an added bias, as
+    broadcasting aligns it."""
+    fns = list(node.next_functions)
+    bias = fns.pop(0) if name in ("AddmmBackward0", "BaddbmmBackward0") else None
+    if len(fns) != 2:  # not the product this walk knows
+        return _same([(n, i) for n, i in node.next_functions if n is not None], shape, a)
+    rank = len(shape)
+    if name == "MvBackward0" or a == rank - 2:
+        held = (True, False)  # rows: the first operand's
+    elif name in ("BmmBackward0", "BaddbmmBackward0") and a == 0:
+        held = (True, True)  # the batch of products
+    else:
+        held = (False, True)  # columns: the second operand's
+    out = [(n, i, a if keep else None) for (n, i), keep in zip(fns, held, strict=True)
+           if n is not None]
+    if bias is not None and bias[0] is not None:
+        out += _same([bias], shape, a, broadcasts=True)
+    return out
 
 
 def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
