@@ -428,6 +428,10 @@ MIXING = {
     "scores_across_examples": lambda h: (h @ h.mT).softmax(1) @ h,
     "einsum_gram": lambda h: torch.einsum("bf,cf,cg->bg", h, h, h) * 0.1,
     "batched_gram": lambda h: torch.bmm(h[:, None], (h.mT @ h).expand(h.shape[0], -1, -1))[:, 0],
+    # normalised over the examples' axis, moved last
+    "layer_norm_over_examples": lambda h: F.layer_norm(h.mT, (h.shape[0],)).mT,
+    "group_norm_over_examples": lambda h: F.group_norm(h.mT[None], 2)[0].mT,
+    "rms_norm_over_examples": lambda h: F.rms_norm(h.mT, (h.shape[0],)).mT,
 }
 
 
@@ -451,7 +455,7 @@ def test_statistics_over_the_examples_are_refused_by_the_fast_methods(stat):
 
 
 @pytest.mark.parametrize("layer", ["squeeze_excite", "feature_norm", "float_mask", "param_scale",
-                                   "softmax_over_tokens"])
+                                   "softmax_over_tokens", "plain_norms", "product_per_example"])
 def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
     """A squeeze-and-excite gate, a norm over features, a float mask from the batch and a
     parameter broadcast over the examples keep the examples apart: one unpadded run."""
@@ -470,6 +474,10 @@ def test_statistics_per_example_are_not_taken_for_the_batch_s(layer):
             h = h * m.unsqueeze(-1)
         elif layer == "softmax_over_tokens":
             h = h * h.softmax(1) + h.cumsum(-2)
+        elif layer == "plain_norms":  # no parameters of their own: statistics per example
+            h = F.layer_norm(h, (3,)) + F.group_norm(h, 1) + F.instance_norm(h) + F.rms_norm(h, (5, 3))
+        elif layer == "product_per_example":  # a Gram matrix per example, over its tokens
+            h = (h @ h.mT).softmax(-1) @ h + h @ p["v"]
         else:
             h = h * p["s"]
         return F.linear(h, p["v"]).pow(2).sum((1, 2))

@@ -61,7 +61,12 @@ statistic over that example only (the per-example loop's numbers). Statistics pe
 (a squeeze-and-excite gate, a norm over features) keep the examples' axis and are
 followed as before. An op that combines the entries along one dim into each output entry
 (softmax, log-softmax, cumulative sums, products and extrema) along the examples' axis is a
-:class:`Mixed` finding too.
+:class:`Mixed` finding too, as is a layer or group norm whose statistics span that axis
+(``F.layer_norm(h.T, (B,))``), and so is the operand of a matrix product that every example's
+row is multiplied with, when it reaches the batch: a contraction over the examples
+(``h @ (h.T @ h)``, scores between the examples ``(h @ h.T).softmax(1) @ h``, an einsum
+Gram) is a statistic over them as much as a mean is (before, the walk did not follow that
+operand, and these were silent).
 """
 
 from __future__ import annotations
@@ -108,6 +113,9 @@ _BROADCASTING = frozenset(f"{name}Backward{v}" for name, vs in (
     ("Minimum", "0"), ("Pow", "12"), ("Addcmul", "0"), ("Addcdiv", "0"), ("Lerp", "01"),
     ("Atan2", "0"), ("Hypot", "0"), ("Fmod", "1"), ("Remainder", "1"), ("Repeat", "0"),
 ) for v in vs)
+# Normalisations whose statistics may span the examples (NOTE [statistics over the
+# examples]): see _normalises.
+_NORMALISING = frozenset({"NativeLayerNormBackward0", "NativeGroupNormBackward0"})
 # Matrix products (NOTE [statistics over the examples]): see _product.
 _PRODUCTS = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0",
                        "MvBackward0"})
@@ -275,6 +283,9 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         if _norm(node._saved_dim, rank) == a:
             return Mixed(f"{name} along the examples' axis {a}, a statistic over the examples"), []
         return None, [(n, i, a) for n, i in nexts]
+    if name in _NORMALISING and _normalises(node, name, rank, a):
+        return Mixed(f"{name} normalising over the examples' axis {a}, a statistic over the "
+                     "examples"), []
     if name in ("FlipBackward0", "RollBackward0"):
         dims = [_norm(d, rank) for d in node._saved_dims]
         return (here, []) if not dims or a in dims else (None, _same(nexts, shape, a))
@@ -294,6 +305,15 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     if moved is not None:
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
     return None, _same(nexts, shape, a, name in _BROADCASTING)
+
+
+def _normalises(node: Any, name: str, rank: int, a: int) -> bool:
+    """Whether a normalisation without parameters of its own (a rule takes the ones with)
+    computes its statistics over axis ``a``: layer norm over its trailing dims, group norm
+    over each group's channels and the dims after them."""
+    if name == "NativeLayerNormBackward0":
+        return a >= rank - len(node._saved_normalized_shape)
+    return a >= 2 or (a == 1 and int(node._saved_group) != int(node._saved_C))
 
 
 def _product(node: Any, name: str, shape: list[int], a: int) -> list[Any]:
