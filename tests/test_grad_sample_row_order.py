@@ -578,3 +578,51 @@ def test_a_reorder_on_later_calls_only_is_seen():
     state["train"] = True
     with pytest.raises(ValueError, match="reordered inside loss_fn"):
         grads(p, x)
+
+
+def _interleaved(h: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """The examples interleaved by reshapes alone, at batch sizes that ``k`` divides."""
+    B = h.shape[0]
+    return h.view(k, B // k, -1).transpose(0, 1).reshape(h.shape) if B % k == 0 else h
+
+
+@pytest.mark.parametrize("undone", [False, True])
+def test_a_permutation_made_by_reshapes_alone(undone):
+    """NOTE [examples split by a view]: a view that splits the examples' axis (interleaving
+    them by a transpose and a reshape) was not followed, and the rows were read as in
+    order: silent, wrong per-example gradients. The split is now named; here the
+    interleave happens at even batch sizes only, so the padded run (7 examples) finds no
+    op and its rows are compared with the unpadded run's: refused, and vmap by default.
+    Interleaved and put back, the rows match: the fast path."""
+    g = torch.Generator().manual_seed(8)
+    p = {"w1": torch.randn(4, 3, generator=g, dtype=torch.float64),
+         "w2": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    calls = []
+
+    def losses(p, x):
+        calls.append(x.shape[0])
+        h = _interleaved(x)
+        if undone:
+            h = _interleaved(h, x.shape[0] // 2 if x.shape[0] % 2 == 0 else 1)
+        return F.linear(torch.tanh(F.linear(h, p["w1"])), p["w2"]).pow(2).sum(1)
+
+    want = loop_grads(losses, p, x)
+    assert not undone or torch.equal(_interleaved(_interleaved(x), 3), x)
+    norms, clipped = clipped_reference(want, 0.7)
+    if not undone:
+        assert reordered_by(_interleaved(x.requires_grad_()), 0, set(), {}) == (
+            "ViewBackward0 splitting the examples' axis 1")
+        x = x.detach()
+        refused_then_loop(losses, p, x, match="splitting the examples' axis|arranged differently")
+        with pytest.raises(ValueError, match="splitting the examples' axis|arranged differently"):
+            fp.clipped_grad(losses, 0.7, method="ghost")(p, x)
+        return
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to vmap
+        got = fp.per_sample_grads(losses)(p, x)
+        total, n = fp.clipped_grad(losses, 0.7, method="ghost")(p, x)
+    assert calls[0] == 6 and calls[-1] > 6  # shown by a padded run
+    assert all(close(got[k], want[k]) for k in want)
+    assert close(n, norms) and all(close(total[k], clipped[k]) for k in want)

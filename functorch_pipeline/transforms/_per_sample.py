@@ -393,8 +393,8 @@ def per_sample_grads(
           model that reorders its examples inside, sorting them by length with an index,
           ``index_select``, ``gather``, ``flip``, ``roll``, ``cat`` or ``stack``, is seen:
           ``"hooks"`` raises and ``"auto"`` falls back, or, on the first call with those
-          shapes, runs padded to show the rows were put back in order; a permutation made
-          by reshapes alone is not seen).
+          shapes, runs padded to show the rows were put back in order; so is a
+          permutation made by reshapes alone, by the view that splits the examples).
           ``F.linear``,
           ``F.layer_norm``, ``F.rms_norm`` and ``F.embedding`` also take it on axis 1 of a
           sequence-first ``(T, B, ...)`` input that is computed from the parameters or the

@@ -1065,21 +1065,28 @@ class Engine:
         loss_fn] in ``_row_order``). ``shown``: the padded run's test of the rows' layout
         (default: one row per example); ``rows``: ``x``'s rows in the examples' order
         (default: ``x`` with ``axis`` first), compared across runs."""
-        if x.grad_fn is None or (self.real or self.batch_size) == 1:
+        if (self.real or self.batch_size) == 1:
             return
         ev = self.evidence
-        if ev is not None:  # skip the walk where an earlier run's found nothing (_padding._WALKED)
-            ev.names.append(x.grad_fn.name())
-            n, known = len(ev.names), ev.known
-            if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
-                return
-            ev.known = None  # the history differs from that run's: walk from here on
-        if self._sources is None:
-            self._sources = {get_gradient_edge(t).node for arg in self.batch_args
-                             for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
-                             and t.requires_grad and t.grad_fn is None}
-        why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
+        sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
+        # Every input of this signature counts, so that a padded run compares each with
+        # the same input of an earlier run whatever either's walk found.
+        key = ev.occurrence(sig) if ev is not None else None
+        why = self._walk(x, axis)
         if why is None:
+            if key is not None and self.real is not None and key in ev.seen and not self._drew():
+                # NOTE [examples split by a view] in _row_order: an earlier run of this
+                # call could not show this input's order, and this one finds no op to
+                # name: its first rows must still be that run's.
+                rows = (x.movedim(axis, 0) if rows is None else rows).detach()
+                before = ev.seen[key]
+                if before.shape[0] > rows.shape[0] or not self.same_rows(rows[:before.shape[0]], before):
+                    raise Unsupported(
+                        f"{self._subject(slots)} used by `{op}` on an input whose examples are "
+                        "arranged differently at different batch sizes (its rows in a padded run "
+                        "are not the unpadded run's, which passed through an op that may reorder "
+                        "them), which the per-row rules cannot read; method='vmap' runs each "
+                        "example alone")
             return
         if ev is not None:
             ev.walk_found = True
@@ -1090,7 +1097,6 @@ class Engine:
                 "exclude (clipping them would not bound one example's influence); "
                 "method='vmap' runs each example alone, computing the statistic over that "
                 "example only")
-        sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         rows = (x.movedim(axis, 0) if rows is None else rows).detach()
         if ev is not None and ev.rows is not None and ev.rows_for(sig):
             return  # shown by a padded run of an earlier call with these shapes
@@ -1100,10 +1106,10 @@ class Engine:
                    "in the batch's order (NOTE [rows reordered inside loss_fn])")
             if ev is None:
                 raise Unproven(why)
-            ev.earlier_rows(sig, rows.clone())  # kept for the padded run to compare
+            ev.earlier_rows(key, rows.clone())  # kept for the padded run to compare
             self.unproven = self.unproven or why  # the run goes on to keep any others
             return
-        before = ev.earlier_rows(sig, rows.clone()) if ev is not None else None
+        before = ev.earlier_rows(key, rows.clone()) if ev is not None else None
         drew = self._drew()
         if self.batch_size - self.real < 2 or (before is None and ev is not None and not drew):
             raise Ambiguous(f"`{op}` reads an input whose examples passed through {why}: "
@@ -1119,6 +1125,24 @@ class Engine:
             f"{self._subject(slots)} used by `{op}` on an input whose examples were reordered "
             f"inside loss_fn ({why}: row b is not example b), which the per-row rules cannot "
             "read; method='vmap' runs each example alone")
+
+    def _walk(self, x: torch.Tensor, axis: int) -> str | None:
+        """:func:`~._row_order.reordered_by` for a rule input with a graph, skipped where an
+        earlier run's walks found nothing (``_padding._WALKED``)."""
+        if x.grad_fn is None:
+            return None
+        ev = self.evidence
+        if ev is not None:  # skip the walk where an earlier run's found nothing (_padding._WALKED)
+            ev.names.append(x.grad_fn.name())
+            n, known = len(ev.names), ev.known
+            if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
+                return None
+            ev.known = None  # the history differs from that run's: walk from here on
+        if self._sources is None:
+            self._sources = {get_gradient_edge(t).node for arg in self.batch_args
+                             for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
+                             and t.requires_grad and t.grad_fn is None}
+        return reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
 
     def _drew(self) -> bool:
         """Whether this padded run has drawn from PyTorch's global generators (its rows

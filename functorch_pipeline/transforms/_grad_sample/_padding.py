@@ -178,10 +178,15 @@ class Evidence:
         count[sig] = k + 1
         return (*sig, k)
 
-    def earlier_rows(self, sig: Any, rows: torch.Tensor) -> torch.Tensor | None:
-        """The rows that an earlier run of this call kept for the next input of signature
-        ``sig`` whose order is unproven, or None after keeping ``rows`` for a later run."""
-        key = self._next(sig, self._seen_count)
+    def occurrence(self, sig: Any) -> Any:
+        """The key of this run's next input of signature ``sig`` (each one counts, whatever
+        its walk found) for :meth:`earlier_rows` and :attr:`seen`."""
+        return self._next(sig, self._seen_count)
+
+    def earlier_rows(self, key: Any, rows: torch.Tensor) -> torch.Tensor | None:
+        """The rows that an earlier run of this call kept for the input ``key`` (from
+        :meth:`occurrence`) whose order is unproven, or None after keeping ``rows`` for a
+        later run."""
         if key in self.seen:
             return self.seen[key]
         self.seen[key] = rows

@@ -33,8 +33,8 @@ like a table's answer (``Evidence.rows``), so later calls with the same shapes r
 unpadded; a refused one falls back to ``vmap``, which is right.
 
 Ops the walk does not know keep the axis when an input has the same size along it, and
-end the walk otherwise; a permutation made by reshapes alone (``h.view(2, B // 2,
-F).transpose(0, 1).reshape(B, F)``) is not seen. The walk costs several microseconds a
+end the walk otherwise; a view that splits the examples' axis is named (NOTE [examples
+split by a view]). The walk costs several microseconds a
 node, about a millisecond a call for a 4-layer transformer encoder (12% of its call at a
 batch of 4), so, as the padded runs' answers are, its outcome is remembered per
 ``loss_fn`` and input shapes (``_padding._WALKED``): a run whose walks found nothing keeps
@@ -67,6 +67,19 @@ row is multiplied with, when it reaches the batch: a contraction over the exampl
 (``h @ (h.T @ h)``, scores between the examples ``(h @ h.T).softmax(1) @ h``, an einsum
 Gram) is a statistic over them as much as a mean is (before, the walk did not follow that
 operand, and these were silent).
+
+# NOTE [examples split by a view]
+A permutation made by reshapes alone (``h.view(2, B // 2, F).transpose(0, 1).reshape(B,
+F)`` interleaves the examples) passed: the walk, following the examples' axis back through
+the reshape and the transpose, met a view whose input has no axis starting where the
+examples' does (they are split over two axes) and stopped there, finding nothing. Such a
+view is now named like a reorder, so the padded runs decide. Because a split needs a batch
+size that factors, a model may split at one size and not at another (``if B % 2 == 0``):
+there the padded run's walk finds no op, and an input proven by finding nothing would pass.
+So each rule input counts in its run (``Evidence.occurrence``, found or not), and a padded
+run compares an input whose walk finds nothing with the same input of an earlier run that
+could not show its order: its first rows must be that run's (skipped in a run that drew
+random numbers, whose rows differ by their draws), or the fast methods refuse it.
 """
 
 from __future__ import annotations
@@ -303,6 +316,8 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         return None, _product(node, name, shape, a)
     moved = _moved(node, name, shape, a)
     if moved is not None:
+        if moved < 0 and name in _VIEWS and shape[a] > 1:  # NOTE [examples split by a view]
+            return f"{name} splitting the examples' axis {a}", []
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
     return None, _same(nexts, shape, a, name in _BROADCASTING)
 
