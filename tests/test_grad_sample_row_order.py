@@ -626,3 +626,48 @@ def test_a_permutation_made_by_reshapes_alone(undone):
     assert calls[0] == 6 and calls[-1] > 6  # shown by a padded run
     assert all(close(got[k], want[k]) for k in want)
     assert close(n, norms) and all(close(total[k], clipped[k]) for k in want)
+
+
+LOSS_MIXING = {  # NOTE [statistics in the loss]: after the last layer
+    "in_batch_contrastive": lambda a, b, y: F.cross_entropy(a @ b.mT, torch.arange(a.shape[0]), reduction="none"),
+    "normalised_by_total": lambda a, b, y: a.pow(2).sum(1) / a.pow(2).sum(),
+    "centred": lambda a, b, y: (a - a.mean(0)).pow(2).sum(1),
+}
+LOSS_PER_EXAMPLE = {
+    "cross_entropy": lambda a, b, y: F.cross_entropy(a, y, reduction="none", label_smoothing=0.1),
+    "pair_per_example": lambda a, b, y: F.cosine_embedding_loss(a, b, torch.ones(a.shape[0]), reduction="none"),
+    "reordered": lambda a, b, y: (a * b).sum(1).flip(0),  # order of the losses: no example's gradient
+}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSS_MIXING) + sorted(LOSS_PER_EXAMPLE))
+def test_statistics_over_the_examples_in_the_loss(loss):
+    """A loss that compares each example with the others (in-batch negatives) or is
+    normalised over the batch makes one example's loss depend on the others after the
+    last layer, where the rule inputs' walks did not look: silent before. The losses are
+    walked too; per-example losses (even returned in another order) keep the fast path."""
+    g = torch.Generator().manual_seed(9)
+    p = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64),
+         "v": torch.randn(3, 4, generator=g, dtype=torch.float64)}
+    x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    fn = {**LOSS_MIXING, **LOSS_PER_EXAMPLE}[loss]
+    calls = []
+
+    def losses(p, x, y):
+        calls.append(x.shape[0])
+        return fn(torch.tanh(F.linear(x, p["w"])), F.linear(x, p["v"]), y)
+
+    if loss in LOSS_MIXING:
+        refused_then_loop(losses, p, x, y, match="after the layers")
+        with pytest.raises(ValueError, match="after the layers"):
+            fp.clipped_grad(losses, 1.0, method="ghost")(p, x, y)
+        return
+    want = loop_grads(losses, p, x, y)
+    if loss == "reordered":  # the loop's example b is row b: the batch's losses come flipped
+        want = loop_grads(lambda p, x, y: (torch.tanh(F.linear(x, p["w"])) * F.linear(x, p["v"])).sum(1), p, x, y)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fp.per_sample_grads(losses)(p, x, y)
+    assert calls == [5]
+    assert all(close(got[k], want[k]) for k in want)

@@ -387,7 +387,8 @@ def per_sample_grads(
           shape ``(B,)`` (``reduction="none"``; a scalar is an error, never rescaled);
           example ``i``'s loss depends on example ``i`` alone (no BatchNorm in training
           mode, which is an error, and no statistics over the batch: ``h - h.mean(0)``
-          or a Gram matrix of the batch ``h @ (h.T @ h)`` before a layer is refused, and ``"auto"`` falls back to ``"vmap"``, which
+          or a Gram matrix of the batch ``h @ (h.T @ h)`` before a layer, or an in-batch
+          contrastive loss after the last, is refused, and ``"auto"`` falls back to ``"vmap"``, which
           computes it over each example alone); and every call that
           uses a parameter sees the batch on axis 0 of its input, in the batch's order (a
           model that reorders its examples inside, sorting them by length with an index,

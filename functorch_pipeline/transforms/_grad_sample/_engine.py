@@ -1138,10 +1138,11 @@ class Engine:
             if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
                 return None
             ev.known = None  # the history differs from that run's: walk from here on
-        if self._sources is None:
-            self._sources = {get_gradient_edge(t).node for arg in self.batch_args
-                             for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
-                             and t.requires_grad and t.grad_fn is None}
+        if self._sources is None:  # (the losses' walk runs after the forward's modes)
+            with torch.inference_mode(False), torch.enable_grad():
+                self._sources = {get_gradient_edge(t).node for arg in self.batch_args
+                                 for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
+                                 and t.requires_grad and t.grad_fn is None}
         return reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
 
     def _drew(self) -> bool:
@@ -1398,6 +1399,15 @@ class Engine:
                     "of place")
         if not self.uses or not losses.requires_grad:
             return
+        if (self.real or self.batch_size) > 1:
+            why = self._walk(losses, 0)  # NOTE [statistics in the loss] in _row_order
+            if isinstance(why, Mixed):
+                raise Unsupported(
+                    f"loss_fn's per-example losses are computed with {why} after the layers: "
+                    "each example's loss then depends on the others (an in-batch contrastive "
+                    "loss, losses normalised over the batch), which per-example gradients "
+                    "exclude (clipping them would not bound one example's influence); "
+                    "method='vmap' runs each example alone")
         try:
             grads = torch.autograd.grad(
                 losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),

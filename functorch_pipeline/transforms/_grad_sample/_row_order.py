@@ -68,6 +68,15 @@ row is multiplied with, when it reaches the batch: a contraction over the exampl
 Gram) is a statistic over them as much as a mean is (before, the walk did not follow that
 operand, and these were silent).
 
+# NOTE [statistics in the loss]
+The walks start at the rule inputs, so a statistic over the examples taken after the last
+layer, in the loss itself, was not seen: an in-batch contrastive loss (``logits = a @
+b.T``, cross-entropy against ``arange(B)``), losses divided by their total. The per-example
+losses are walked the same way before the backward (``Engine.backward``), and a
+:class:`Mixed` finding there is refused like one at a rule input. A reorder found there is
+not: the backward sums the losses, so their order does not change any example's
+gradient. The walk is remembered like the others (its node name ends the run's names).
+
 # NOTE [examples split by a view]
 A permutation made by reshapes alone (``h.view(2, B // 2, F).transpose(0, 1).reshape(B,
 F)`` interleaves the examples) passed: the walk, following the examples' axis back through
