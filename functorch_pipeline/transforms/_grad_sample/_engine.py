@@ -60,6 +60,7 @@ __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Uns
 _ELEMENTWISE_NODES = ROWWISE_UNARY | frozenset(
     f"{name}Backward0" for name in ("Mul", "Div", "Add", "Sub", "Where"))
 _KEEP_WALK = 16
+_PRINT_NODES = 8  # autograd nodes named per rule input in a run's record of its walks
 
 
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
@@ -1133,7 +1134,7 @@ class Engine:
             return None
         ev = self.evidence
         if ev is not None:  # skip the walk where an earlier run's found nothing (_padding._WALKED)
-            ev.names.append(x.grad_fn.name())
+            ev.names.append(self._fingerprint(x.grad_fn))
             n, known = len(ev.names), ev.known
             if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
                 return None
@@ -1144,6 +1145,23 @@ class Engine:
                                  for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
                                  and t.requires_grad and t.grad_fn is None}
         return reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
+
+    def _fingerprint(self, node: Any) -> str:
+        """The names of the first :data:`_PRINT_NODES` autograd nodes of ``node``'s history,
+        breadth first, up to earlier rules' outputs and leaves: what a later call must meet
+        at this rule input to skip its walk (NOTE [rows reordered inside loss_fn] in
+        ``_row_order``)."""
+        names, todo, seen = [], [node], {node}
+        while todo and len(names) < _PRINT_NODES:
+            n = todo.pop(0)
+            names.append(n.name())
+            if n in self.rule_nodes:
+                continue
+            for m, _ in n.next_functions:
+                if m is not None and m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return "<".join(names)
 
     def _drew(self) -> bool:
         """Whether this padded run has drawn from PyTorch's global generators (its rows

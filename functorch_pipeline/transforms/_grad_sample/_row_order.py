@@ -37,12 +37,16 @@ end the walk otherwise; a view that splits the examples' axis is named (NOTE [ex
 split by a view]). The walk costs several microseconds a
 node, about a millisecond a call for a 4-layer transformer encoder (12% of its call at a
 batch of 4), so, as the padded runs' answers are, its outcome is remembered per
-``loss_fn`` and input shapes (``_padding._WALKED``): a run whose walks found nothing keeps
-the autograd node names at its rule inputs, and later calls skip the walk of each input
-whose name is the same as that run's. From the first input whose name differs (a model
-that mixes or sorts its examples in training mode only, called in eval mode first), the
-walks run again. A change further up an input's history, with the same node at the input,
-is not seen.
+``loss_fn`` and input shapes (``_padding._WALKED``): a run whose walks found nothing
+keeps, for each rule input, the names of the first 8 autograd nodes of its history
+(breadth first, up to earlier rules' outputs: ``Engine._fingerprint``), and later calls
+skip the walk of each input whose record is the same as that run's. From the first input
+whose record differs (a model that mixes or sorts its examples in training mode only,
+called in eval mode first; manifold mixup ``0.7 * h + 0.3 * h[perm]`` before an
+activation), the walks run again. (Only the input's own node was kept before, and a
+reorder under the same op at the input was hidden.) A change further up than those 8
+nodes is not seen; on a 4-layer transformer encoder at a batch of 4 the longer record
+costs nothing measurable (8.6 against 8.7 ms, 8.0 against 7.9 ms a call, ad hoc A/B).
 
 # NOTE [statistics over the examples]
 The same walk meets the inputs an op broadcasts over the examples: a bias, a mask with no
