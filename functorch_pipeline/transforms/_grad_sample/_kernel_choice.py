@@ -1,11 +1,14 @@
-"""Kernel choice by measurement: which of two ways of computing the same tensor is kept for
-a layer's geometry, timed once per process on the call's own inputs.
+"""Kernel choice by measurement: which of several ways of computing the same tensor is kept
+for a layer's geometry, timed once per process on the call's own inputs.
 
 # NOTE [measured kernel choice]
-On CPU in float32 a conv's per-example weight gradients have two kernels: mkldnn's grouped
-weight-gradient kernel with one group per example (NOTE [grouped weight gradients on CPU]
-in ``_rules``) and the patch matmul (NOTE [per-example conv weight gradients]). Which is
-faster depends on the machine and on the layer, by up to 3x either way. On the 2-core AMD
+On CPU in float32 a conv's per-example weight gradients have three kernels: mkldnn's
+grouped weight-gradient kernel with one group per example (NOTE [grouped weight gradients
+on CPU] in ``_rules``), the patch matmul (NOTE [per-example conv weight gradients]) and the
+patch matmul over the input with its channels last (NOTE [channels-last patches], added
+later: on the Intel machine below it takes the MNIST CNN's conv2, 3.1 against 4.5 ms,
+and not its one-channel conv1). Which is fastest depends on the machine and on the
+layer, by up to 3x either way. On the 2-core AMD
 EPYC machines earlier measurements were made on, the grouped kernel won on the layers
 timed (it became the only float32 kernel then). On a 2-core Intel Xeon (AVX-512), medians
 of 5 x 7 calls at 2 threads, patch time over grouped time (ad hoc grid, 24 layers, torch
