@@ -1068,6 +1068,9 @@ class Engine:
         (default: ``x`` with ``axis`` first), compared across runs."""
         if (self.real or self.batch_size) == 1:
             return
+        # what reads x, for the messages: a rule, or (no slots) the backward of the losses
+        lead = f"{self._subject(slots)} used by `{op}` on an input" if slots else f"{op} returns losses"
+        reader = f"`{op}` reads an input" if slots else f"{op} returns losses"
         ev = self.evidence
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         # Every input of this signature counts, so that a padded run compares each with
@@ -1083,7 +1086,7 @@ class Engine:
                 before = ev.seen[key]
                 if before.shape[0] > rows.shape[0] or not self.same_rows(rows[:before.shape[0]], before):
                     raise Unsupported(
-                        f"{self._subject(slots)} used by `{op}` on an input whose examples are "
+                        f"{lead} whose examples are "
                         "arranged differently at different batch sizes (its rows in a padded run "
                         "are not the unpadded run's, which passed through an op that may reorder "
                         "them), which the per-row rules cannot read; method='vmap' runs each "
@@ -1093,7 +1096,7 @@ class Engine:
             ev.walk_found = True
         if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
             raise Unsupported(
-                f"{self._subject(slots)} used by `{op}` on an input computed with {why}: each "
+                f"{lead} computed with {why}: each "
                 "example's loss then depends on the others, which per-example gradients "
                 "exclude (clipping them would not bound one example's influence); "
                 "method='vmap' runs each example alone, computing the statistic over that "
@@ -1102,7 +1105,7 @@ class Engine:
         if ev is not None and ev.rows is not None and ev.rows_for(sig):
             return  # shown by a padded run of an earlier call with these shapes
         if self.real is None:
-            why = (f"`{op}` reads an input whose examples passed through {why}, which may "
+            why = (f"{reader} whose examples passed through {why}, which may "
                    "have reordered them; only a padded batch can show whether its rows are "
                    "in the batch's order (NOTE [rows reordered inside loss_fn])")
             if ev is None:
@@ -1113,7 +1116,7 @@ class Engine:
         before = ev.earlier_rows(key, rows.clone()) if ev is not None else None
         drew = self._drew()
         if self.batch_size - self.real < 2 or (before is None and ev is not None and not drew):
-            raise Ambiguous(f"`{op}` reads an input whose examples passed through {why}: "
+            raise Ambiguous(f"{reader} whose examples passed through {why}: "
                             "showing their order takes two padding examples and the rows of "
                             "a run of another size")
         if (shown() if shown is not None else self.padding_rows_repeat(rows)) and (
@@ -1123,7 +1126,7 @@ class Engine:
                 ev.note_rows(sig, True)
             return
         raise Unsupported(
-            f"{self._subject(slots)} used by `{op}` on an input whose examples were reordered "
+            f"{lead} whose examples were reordered "
             f"inside loss_fn ({why}: row b is not example b), which the per-row rules cannot "
             "read; method='vmap' runs each example alone")
 
@@ -1401,6 +1404,8 @@ class Engine:
 
     def backward(self, losses: torch.Tensor) -> None:
         """One backward of ``losses`` (shape ``(B,)``) to every recorded output edge."""
+        if self.uses and losses.requires_grad:  # NOTE [statistics in the loss] in _row_order
+            self.rows_in_order(losses, 0, "loss_fn", [])
         if self.unproven is not None:  # NOTE [rows reordered inside loss_fn] in _row_order
             raise Unproven(self.unproven)
         for use in self.uses:
@@ -1417,15 +1422,6 @@ class Engine:
                     "of place")
         if not self.uses or not losses.requires_grad:
             return
-        if (self.real or self.batch_size) > 1:
-            why = self._walk(losses, 0)  # NOTE [statistics in the loss] in _row_order
-            if isinstance(why, Mixed):
-                raise Unsupported(
-                    f"loss_fn's per-example losses are computed with {why} after the layers: "
-                    "each example's loss then depends on the others (an in-batch contrastive "
-                    "loss, losses normalised over the batch), which per-example gradients "
-                    "exclude (clipping them would not bound one example's influence); "
-                    "method='vmap' runs each example alone")
         try:
             grads = torch.autograd.grad(
                 losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
