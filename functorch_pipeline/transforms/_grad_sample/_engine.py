@@ -63,6 +63,11 @@ _KEEP_WALK = 16
 _PRINT_NODES = 8  # autograd nodes named per rule input in a run's record of its walks
 
 
+def _in_examples_order(x: torch.Tensor, axis: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` (a caller's own layout of ``x``'s rows), or ``x`` with ``axis`` first, detached."""
+    return (x.movedim(axis, 0) if rows is None else rows).detach()
+
+
 class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user error)
     """A differentiated parameter is used in a way the engine has no exact rule for."""
 
@@ -1068,9 +1073,6 @@ class Engine:
         (default: ``x`` with ``axis`` first), compared across runs."""
         if (self.real or self.batch_size) == 1:
             return
-        # what reads x, for the messages: a rule, or (no slots) the backward of the losses
-        lead = f"{self._subject(slots)} used by `{op}` on an input" if slots else f"{op} returns losses"
-        reader = f"`{op}` reads an input" if slots else f"{op} returns losses"
         ev = self.evidence
         sig = ("rows reordered", op, x.shape[:axis] + x.shape[axis + 1:], axis, x.dtype)
         # Every input of this signature counts, so that a padded run compares each with
@@ -1082,30 +1084,29 @@ class Engine:
                 # NOTE [examples split by a view] in _row_order: an earlier run of this
                 # call could not show this input's order, and this one finds no op to
                 # name: its first rows must still be that run's.
-                rows = (x.movedim(axis, 0) if rows is None else rows).detach()
+                rows = _in_examples_order(x, axis, rows)
                 before = ev.seen[key]
                 if before.shape[0] > rows.shape[0] or not self.same_rows(rows[:before.shape[0]], before):
                     raise Unsupported(
-                        f"{lead} whose examples are "
-                        "arranged differently at different batch sizes (its rows in a padded run "
-                        "are not the unpadded run's, which passed through an op that may reorder "
-                        "them), which the per-row rules cannot read; method='vmap' runs each "
-                        "example alone")
+                        f"{self._reading(slots, op)} whose examples are arranged differently at "
+                        "different batch sizes (its rows in a padded run are not the unpadded "
+                        "run's, which passed through an op that may reorder them), which the "
+                        "per-row rules cannot read; method='vmap' runs each example alone")
             return
         if ev is not None:
             ev.walk_found = True
         if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
             raise Unsupported(
-                f"{lead} computed with {why}: each "
+                f"{self._reading(slots, op)} computed with {why}: each "
                 "example's loss then depends on the others, which per-example gradients "
                 "exclude (clipping them would not bound one example's influence); "
                 "method='vmap' runs each example alone, computing the statistic over that "
                 "example only")
-        rows = (x.movedim(axis, 0) if rows is None else rows).detach()
+        rows = _in_examples_order(x, axis, rows)
         if ev is not None and ev.rows is not None and ev.rows_for(sig):
             return  # shown by a padded run of an earlier call with these shapes
         if self.real is None:
-            why = (f"{reader} whose examples passed through {why}, which may "
+            why = (f"{self._reading(slots, op, reads=True)} whose examples passed through {why}, which may "
                    "have reordered them; only a padded batch can show whether its rows are "
                    "in the batch's order (NOTE [rows reordered inside loss_fn])")
             if ev is None:
@@ -1116,7 +1117,7 @@ class Engine:
         before = ev.earlier_rows(key, rows.clone()) if ev is not None else None
         drew = self._drew()
         if self.batch_size - self.real < 2 or (before is None and ev is not None and not drew):
-            raise Ambiguous(f"{reader} whose examples passed through {why}: "
+            raise Ambiguous(f"{self._reading(slots, op, reads=True)} whose examples passed through {why}: "
                             "showing their order takes two padding examples and the rows of "
                             "a run of another size")
         if (shown() if shown is not None else self.padding_rows_repeat(rows)) and (
@@ -1126,9 +1127,17 @@ class Engine:
                 ev.note_rows(sig, True)
             return
         raise Unsupported(
-            f"{lead} whose examples were reordered "
-            f"inside loss_fn ({why}: row b is not example b), which the per-row rules cannot "
-            "read; method='vmap' runs each example alone")
+            f"{self._reading(slots, op)} whose examples were reordered inside loss_fn ({why}: "
+            "row b is not example b), which the per-row rules cannot read; method='vmap' runs "
+            "each example alone")
+
+    def _reading(self, slots: list[int], op: str, reads: bool = False) -> str:
+        """What reads a checked input, for :meth:`rows_in_order`'s messages: a rule (``"`w`
+        is used by `F.linear` on an input"``, or ``reads``: ``"`F.linear` reads an input"``),
+        or, with no slots, the backward of the losses (``"loss_fn returns losses"``)."""
+        if not slots:
+            return f"{op} returns losses"
+        return f"`{op}` reads an input" if reads else f"{self._subject(slots)} used by `{op}` on an input"
 
     def _walk(self, x: torch.Tensor, axis: int) -> str | None:
         """:func:`~._row_order.reordered_by` for a rule input with a graph, skipped where an
