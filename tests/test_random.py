@@ -421,6 +421,41 @@ def test_host_fast_path_gives_the_tensor_forms_numbers(seed, data, n, keys):
         assert torch.equal(a, b), i
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1),
+       st.one_of(st.sampled_from([0.0, 2.0**-33, 2.0**-32, 1e-9, 0.004, 0.5, 1 - 2.0**-33, 1.0]),
+                 st.floats(0.0, 1.0)),
+       st.integers(min_value=0, max_value=140_000), st.integers(min_value=1, max_value=3))
+def test_bernoulli_on_the_host_is_the_words_compared(seed, p, n, keys):
+    """NOTE [bernoulli without its words]: the host form compares each chunk's words as
+    it hashes them, never forming them; its booleans (and the positions Poisson batches
+    take) must be the int64 reference hash's words compared with round(p * 2**32), and
+    the tensor form's, across chunk boundaries, at p = 0 and 1, for batched keys."""
+    from functorch_pipeline.random._core import _bernoulli_positions
+    from functorch_pipeline.random._core import _hash2
+
+    mp = pytest.MonkeyPatch()
+    k = fr.fold_in(fr.key(seed), 7)
+    batch = fr.split(k, keys)
+    threshold = min(max(round(p * 2**32), 0), 2**32)
+    counter = torch.arange(n, dtype=torch.int64)
+    want = _hash2(k[0:1], k[1:2], counter) < threshold
+    want_batch = torch.stack([_hash2(b[0:1], b[1:2], counter % 1000)[:n % 1000] < threshold
+                              for b in batch])
+
+    def draws():
+        return [fr.bernoulli(k, p, (n,)), fr.bernoulli(batch, p, (n % 1000,)),
+                fr.bernoulli(k, p, (2, n // 2)), _bernoulli_positions(k, p, n)]
+
+    fast, slow = _both_forms(mp, draws)
+    assert torch.equal(fast[0], want) and torch.equal(slow[0], want)
+    assert torch.equal(fast[1], want_batch) and torch.equal(slow[1], want_batch)
+    assert torch.equal(fast[2], want[:2 * (n // 2)].reshape(2, n // 2))
+    assert torch.equal(fast[2], slow[2])
+    assert fast[3].dtype == slow[3].dtype == torch.int64
+    assert torch.equal(fast[3], torch.nonzero(want).squeeze(1)) and torch.equal(fast[3], slow[3])
+
+
 def test_host_fast_path_stays_off_where_values_cannot_be_read():
     """Under vmap, grad, compile tracing, fake tensors or for non-CPU tensors the tensor
     form runs (reading values there would fail or bake constants into a trace)."""

@@ -28,6 +28,7 @@ import torch
 from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.data._batches import _num_examples
+from functorch_pipeline.random._core import _bernoulli_positions
 
 __all__ = ["poisson_batches", "poisson_mask", "poisson_max_batch_size"]
 
@@ -195,7 +196,8 @@ def _iterate(
     leaves, treedef = _tree.flatten(data)
     first_dev = leaves[0].device
     for i in range(start, total):
-        idx = torch.nonzero(poisson_mask(_random.fold_in(key, i), n, q)).squeeze(1)
+        # poisson_mask's True positions (the same, found on the host when it can)
+        idx = _bernoulli_positions(_random.fold_in(key, i), q, n)
         size = idx.numel()
         mask = None
         if cap is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["bits", "eligible", "fold_in", "fold_words", "normal_streams", "unit"]
+__all__ = ["below", "bits", "eligible", "fold_in", "fold_words", "normal_streams", "positions_below", "unit"]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -114,24 +114,63 @@ def _base() -> np.ndarray:
     return _BASE[0]
 
 
+def _key_words(k: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A key tensor's (or its ``int64`` words array's) values, and its two words as
+    ``uint32`` columns ``(..., 1)``."""
+    kn = k.numpy() if isinstance(k, torch.Tensor) else k
+    return kn, (kn[..., 0:1] & _MASK32).astype(np.uint32), (kn[..., 1:2] & _MASK32).astype(np.uint32)
+
+
+def _hash_into(h: np.ndarray, start: int, k0: np.ndarray, k1: np.ndarray) -> None:
+    """Fill ``h`` (``(..., m)``, ``m <= _CHUNK``) with the words of counters ``start ..
+    start + m - 1``."""
+    # counter * golden + k0 (mod 2**32), counter = start + i: base[i] + (start * golden + k0)
+    np.add(_base()[:h.shape[-1]], k0 + np.uint32((start * _GOLDEN) & _MASK32), out=h)
+    _fmix32_(h)
+    h ^= k1
+    h += _U32["add"]
+    _fmix32_(h)
+
+
 def _words(k: torch.Tensor | np.ndarray, n: int) -> np.ndarray:
     """``uint32`` words ``(*k.shape[:-1], n)``: the hash of counters ``0 .. n-1`` (``k``:
     key tensors, or their words as an ``int64`` array)."""
-    kn = k.numpy() if isinstance(k, torch.Tensor) else k
-    k0 = (kn[..., 0:1] & _MASK32).astype(np.uint32)
-    k1 = (kn[..., 1:2] & _MASK32).astype(np.uint32)
+    kn, k0, k1 = _key_words(k)
     out = np.empty(kn.shape[:-1] + (n,), dtype=np.uint32)
-    base = _base()
     for s in range(0, n, _CHUNK):
-        e = min(n, s + _CHUNK)
-        h = out[..., s:e]
-        # counter * golden + k0 (mod 2**32), counter = s + i: base[i] + (s * golden + k0)
-        np.add(base[:e - s], k0 + np.uint32((s * _GOLDEN) & _MASK32), out=h)
-        _fmix32_(h)
-        h ^= k1
-        h += _U32["add"]
-        _fmix32_(h)
+        _hash_into(out[..., s:min(n, s + _CHUNK)], s, k0, k1)
     return out
+
+
+def below(k: torch.Tensor, n: int, threshold: int) -> np.ndarray:
+    """``bits(k, n) < threshold`` (``threshold`` in ``[0, 2**32]``) as a NumPy ``bool``
+    array ``(*k.shape[:-1], n)``: ``_core.bernoulli`` with a Python probability.
+
+    # NOTE [bernoulli without its words]
+    The tensor form widens the words to int64 (``bits``), masks and compares them: three
+    passes over ``8 n`` bytes before the ``n``-byte answer. Here each cache-sized chunk of
+    words is hashed into one scratch buffer and compared into the answer while in cache:
+    the same booleans (the same words, the same comparison). 10M draws (a Poisson batch
+    of a 10M-example dataset): 27 against 100 ms, 60k: 0.19 against 0.31 ms (ad hoc, 2
+    threads, 2-core Intel Xeon).
+    """
+    kn, k0, k1 = _key_words(k)
+    out = np.empty(kn.shape[:-1] + (n,), dtype=bool)
+    if threshold >= 1 << 32 or threshold <= 0:  # every word is below 2**32, none below 0
+        out.fill(threshold > 0)
+        return out
+    t = np.uint32(threshold)
+    scratch = np.empty(kn.shape[:-1] + (min(n, _CHUNK),), dtype=np.uint32)
+    for s in range(0, n, _CHUNK):
+        h = scratch[..., :min(n, s + _CHUNK) - s]
+        _hash_into(h, s, k0, k1)
+        np.less(h, t, out=out[..., s:s + h.shape[-1]])
+    return out
+
+
+def positions_below(k: torch.Tensor, n: int, threshold: int) -> torch.Tensor:
+    """The ``int64`` positions where :func:`below` is ``True`` (one key), in order."""
+    return torch.from_numpy(np.flatnonzero(below(k, n, threshold)).astype(np.int64, copy=False))
 
 
 def bits(k: torch.Tensor, n: int) -> torch.Tensor:
