@@ -34,7 +34,8 @@ unpadded; a refused one falls back to ``vmap``, which is right.
 
 Ops the walk does not know keep the axis when an input has the same size along it, and
 end the walk otherwise; a view that splits the examples' axis is named (NOTE [examples
-split by a view]). The walk costs several microseconds a
+split by a view]), and so are the ops of NOTE [windows over the examples] that move,
+resize or mix it. The walk costs several microseconds a
 node, about a millisecond a call for a 4-layer transformer encoder (12% of its call at a
 batch of 4), so, as the padded runs' answers are, its outcome is remembered per
 ``loss_fn`` and input shapes (``_padding._WALKED``): a run whose walks found nothing
@@ -100,6 +101,31 @@ So each rule input counts in its run (``Evidence.occurrence``, found or not), an
 run compares an input whose walk finds nothing with the same input of an earlier run that
 could not show its order: its first rows must be that run's (skipped in a run that drew
 random numbers, whose rows differ by their draws), or the fast methods refuse it.
+
+# NOTE [windows over the examples]
+Ops that the walk did not know and that kept the examples' axis's size were followed as
+if they kept each row in place, and ops that changed its size ended the walk. A random
+search of ops between two layers, against a per-example loop, found that both were silent
+with the examples moved onto an axis these ops work along: a convolution, pooling,
+resampling or reflection pad over the batch (``F.avg_pool1d(h.T[None], 3, 1, 1)``), an
+FFT along it, ``torch.renorm`` over the other dim, attention across the batch
+(``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` with the examples as the
+sequence: each example attends to the others), and rows shifted by a pad and a slice
+(``F.pad(h, (0, 0, 1, 0))[:-1]``), ``as_strided``, ``take``, ``kron``. Every one gave other
+numbers than the loop (errors 6-74 in float64), and ``auto`` kept the fast method. So:
+
+* a convolution reads row ``b`` of its input alone only along its batch axis, along its
+  channels when it is depthwise, and along a spatial axis when its kernel, stride and
+  padding there are 1, 1 and 0; pooling, resampling, reflection and replication pads,
+  ``unfold``/``fold`` and ``grid_sample`` only along their batch (and channel) axes;
+  an FFT only off its dims; ``renorm`` only along its dim; attention along its batch
+  axes, and along its queries for the query alone (the keys and values are read by
+  every query, like the second operand of a matrix product). Elsewhere each is a
+  :class:`Mixed` finding, refused (``vmap`` runs);
+* an op that moves rows by an arrangement the walk cannot read (``as_strided``,
+  ``take``, ``kron``, ``pixel_shuffle`` over the examples) or changes the examples'
+  axis's size (a pad, a slice of it) is named like a reorder, for the padded runs to
+  decide (a pad up to a size and a slice back prove in order there; a shift does not).
 """
 
 from __future__ import annotations
@@ -152,6 +178,25 @@ _NORMALISING = frozenset({"NativeLayerNormBackward0", "NativeGroupNormBackward0"
 # Matrix products (NOTE [statistics over the examples]): see _product.
 _PRODUCTS = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0",
                        "MvBackward0"})
+# NOTE [windows over the examples]: ops that read a window, a resampling or a padding of
+# their spatial axes (2 and after), their batch and channel axes kept.
+_WINDOWED = _KEEP_LEADING | frozenset(f"{name}Backward0" for name in (
+    "AdaptiveMaxPool3D", "FractionalMaxPool2D", "FractionalMaxPool3D", "MaxUnpool2D",
+    "MaxUnpool3D", "UpsampleNearest1D", "UpsampleNearest3D", "UpsampleNearestExact1D",
+    "UpsampleNearestExact2D", "UpsampleNearestExact3D", "UpsampleLinear1D", "UpsampleBicubic2D",
+    "UpsampleTrilinear3D", "UpsampleBilinear2DAa", "UpsampleBicubic2DAa", "ReflectionPad1D",
+    "ReflectionPad3D", "ReplicationPad1D", "ReplicationPad3D",
+))
+# ... and ops that rearrange every axis but the batch axis (0): im2col and back, sampling
+# at a grid, pixel (un)shuffles.
+_BATCH_ONLY = frozenset(f"{name}Backward0" for name in (
+    "Im2Col", "Col2Im", "GridSampler2D", "GridSampler3D", "PixelShuffle", "PixelUnshuffle",
+    "ChannelShuffle", "NativeChannelShuffle",
+))
+_FFT = frozenset({"FftC2CBackward0", "FftR2CBackward0", "FftC2RBackward0"})
+# Arrangements of rows the walk cannot read: named, for the padded runs.
+_UNREADABLE = frozenset({"AsStridedBackward0", "AsStridedBackward1", "TakeBackward0",
+                         "KronBackward0"})
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
 
@@ -316,6 +361,9 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         if _norm(node._saved_dim, rank) == a:
             return Mixed(f"{name} along the examples' axis {a}, a statistic over the examples"), []
         return None, [(n, i, a) for n, i in nexts]
+    windows = _windows(node, name, shape, a, nexts)  # NOTE [windows over the examples]
+    if windows is not None:
+        return windows
     if name in _NORMALISING and _normalises(node, name, rank, a):
         return Mixed(f"{name} normalising over the examples' axis {a}, a statistic over the "
                      "examples"), []
@@ -340,6 +388,67 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
             return f"{name} splitting the examples' axis {a}", []
         return None, [(n, i, moved) for n, i in nexts[:1]] if moved >= 0 else []
     return None, _same(nexts, shape, a, name in _BROADCASTING)
+
+
+def _windows(node: Any, name: str, shape: list[int], a: int,
+             nexts: list[tuple[Any, int]]) -> tuple[str | None, list[Any]] | None:
+    """The step of NOTE [windows over the examples] for ``node`` (output axis ``a`` holds
+    the examples), or None for an op it is not about."""
+    rank = len(shape)
+    mixed = Mixed(f"{name} reading several rows of the examples' axis {a}, a statistic over "
+                  "the examples")
+    if name in _WINDOWED or name in _BATCH_ONLY:
+        if a == 0 or (a == 1 and name in _WINDOWED):
+            return None, [(n, i, a) for n, i in nexts[:1]]
+        return mixed, []
+    if name == "ConvolutionBackward0":
+        return (None, [(n, i, a) for n, i in nexts[:1]]) if _conv_keeps(node, a) else (mixed, [])
+    if name in _FFT:
+        if a in {_norm(d, rank) for d in node._saved_dim}:
+            return mixed, []
+        return None, _same(nexts, shape, a)
+    if name == "RenormBackward0":
+        return (None, _same(nexts, shape, a)) if _norm(node._saved_dim, rank) == a else (mixed, [])
+    if "ScaledDotProduct" in name and "Attention" in name:
+        qkv = nexts[:3]
+        if len(qkv) != 3 or a < rank - 2:  # batch axes: every input along them
+            return None, _same(qkv, shape, a, broadcasts=True)
+        held = (True, False, False) if a == rank - 2 else (False, False, True)
+        return None, [(n, i, a if keep else None) for (n, i), keep in zip(qkv, held, strict=True)]
+    here = f"{name} rearranging the examples' axis {a}"
+    if name in _UNREADABLE:
+        return here, []
+    if name == "ConstantPadNdBackward0":
+        pad, i = list(node._saved_pad), 2 * (rank - 1 - a)
+        return (here, []) if any(pad[i:i + 2]) else (None, _same(nexts, shape, a))
+    if name == "SliceBackward0" and _norm(node._saved_dim, rank) == a:
+        resized = int(node._saved_self_sym_sizes[a]) != shape[a]
+        return (here, []) if resized else (None, _same(nexts, shape, a))
+    if name == "UnfoldBackward0":
+        d = _norm(node._saved_dimension, rank - 1)
+        return (mixed, []) if a in (d, rank - 1) else (None, [(n, i, a) for n, i in nexts[:1]])
+    return None
+
+
+def _conv_keeps(node: Any, a: int) -> bool:
+    """Whether a convolution's output row along axis ``a`` reads the same row of its input
+    alone (NOTE [windows over the examples]): its batch axis; its channels when it is
+    depthwise (one input and one output channel a group); a spatial axis where its kernel
+    is 1 wide, with stride 1, no padding and no output padding."""
+    if a == 0:
+        return True
+    w, groups = node._saved_weight, int(node._saved_groups)
+    transposed = bool(node._saved_transposed)
+    if a == 1:
+        ins = w.shape[0] if transposed else w.shape[1] * groups
+        outs = w.shape[1] * groups if transposed else w.shape[0]
+        return ins == outs == groups
+    i = a - 2
+    if i >= w.dim() - 2:
+        return False
+    out_pad = list(node._saved_output_padding) if transposed else [0] * (w.dim() - 2)
+    return (w.shape[a] == 1 and int(node._saved_stride[i]) == 1
+            and int(node._saved_padding[i]) == 0 and int(out_pad[i]) == 0)
 
 
 def _normalises(node: Any, name: str, rank: int, a: int) -> bool:
@@ -401,6 +510,10 @@ def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
         return a + (a >= d)
     if name in _VIEWS:
         return _viewed(list(node._saved_self_sym_sizes), shape, a)
+    if name == "ViewAsRealBackward0":  # (..., 2) from a complex (...): ``z.real``, ``z.imag``
+        return a if a < rank - 1 else -1
+    if name == "ViewAsComplexBackward0":
+        return a
     return None
 
 
