@@ -775,6 +775,7 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "AsStridedBackward0 rearranging": h.as_strided((4, 6), (6, 1), 0),
         "TakeBackward0 rearranging": h.flatten().take(torch.arange(24)).view(4, 6),
         "SliceBackward0 rearranging": F.pad(h, (0, 0, 1, 0))[1:],
+        "SliceBackward0 rearranging the": h[:2].repeat(2, 1),  # through the repeat
     }
     for want, out in named.items():
         found = reordered_by(out.relu(), 0, set(), {}, src)
@@ -792,3 +793,19 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
     }
     for what, out in passed.items():
         assert reordered_by(out.relu(), 0, set(), {}, src) is None, what
+
+
+def test_a_repeat_of_some_examples_is_followed_to_them():
+    """NOTE [windows over the examples]: the first half of the batch tiled over the whole
+    of it (``h[:B // 2].repeat(2, 1)``) ended the walk at the repeat (silent, error ~50 on
+    a toy model); the walk now follows it to the slice, which is named, and the padded
+    runs refuse it."""
+    p, x = params(9), torch.randn(4, 3)
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
+        if h.shape[0] % 2 == 0:  # the loop's single examples run through unchanged
+            h = h[:h.shape[0] // 2].repeat(2, 1)
+        return F.linear(h, p["w2"]).pow(2).sum(1)
+
+    refused_then_loop(losses, p, x, match="reordered inside loss_fn")

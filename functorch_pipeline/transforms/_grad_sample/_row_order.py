@@ -125,7 +125,9 @@ numbers than the loop (errors 6-74 in float64), and ``auto`` kept the fast metho
 * an op that moves rows by an arrangement the walk cannot read (``as_strided``,
   ``take``, ``kron``, ``pixel_shuffle`` over the examples) or changes the examples'
   axis's size (a pad, a slice of it) is named like a reorder, for the padded runs to
-  decide (a pad up to a size and a slice back prove in order there; a shift does not).
+  decide (a pad up to a size and a slice back prove in order there; a shift does not);
+* a repeat that tiles a shorter input along the examples' axis is followed to that
+  input, where the walk ended before (``h[:3].repeat(2, 1)``: the slice is then named).
 """
 
 from __future__ import annotations
@@ -424,6 +426,12 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
     if name == "SliceBackward0" and _norm(node._saved_dim, rank) == a:
         resized = int(node._saved_self_sym_sizes[a]) != shape[a]
         return (here, []) if resized else (None, _same(nexts, shape, a))
+    if name == "RepeatBackward0":  # tiles: followed to a shorter input too (``h[:3].repeat(2, 1)``)
+        sizes = list(node._saved_self_sym_sizes)
+        j = a - (rank - len(sizes))
+        if 0 <= j and 1 < sizes[j] != shape[a] and shape[a] % sizes[j] == 0:
+            return None, [(n, i, j) for n, i in nexts[:1]]
+        return None
     if name == "UnfoldBackward0":
         d = _norm(node._saved_dimension, rank - 1)
         return (mixed, []) if a in (d, rank - 1) else (None, [(n, i, a) for n, i in nexts[:1]])
