@@ -809,3 +809,66 @@ def test_a_repeat_of_some_examples_is_followed_to_them():
         return F.linear(h, p["w2"]).pow(2).sum(1)
 
     refused_then_loop(losses, p, x, match="reordered inside loss_fn")
+
+
+# NOTE [loss weights with no graph]: losses weighted by a tensor autograd does not see.
+def _balanced(y: torch.Tensor) -> torch.Tensor:
+    """Class weights from the batch's own labels (class-balanced per batch)."""
+    return 1.0 / torch.bincount(y, minlength=3).clamp(min=1).to(torch.get_default_dtype())
+
+
+def _targets(y: torch.Tensor) -> torch.Tensor:
+    return (y[:, None] == torch.arange(3)).to(torch.get_default_dtype())
+
+
+WEIGHTED_LOSSES = {
+    "cross_entropy": lambda o, y, w: F.cross_entropy(o, y, weight=w, reduction="none"),
+    "smoothed_cross_entropy": lambda o, y, w: F.cross_entropy(o, y, weight=w, reduction="none",
+                                                              label_smoothing=0.1),
+    "nll_2d": lambda o, y, w: F.nll_loss(o[:, :, None].log_softmax(1), y[:, None], weight=w,
+                                         reduction="none")[:, 0],
+    "bce_pos_weight": lambda o, y, w: F.binary_cross_entropy_with_logits(
+        o, _targets(y), pos_weight=w, reduction="none").sum(1),
+    "bce_weight": lambda o, y, w: F.binary_cross_entropy(o.sigmoid(), _targets(y), weight=w,
+                                                         reduction="none").sum(1),
+    "multi_margin": lambda o, y, w: F.multi_margin_loss(o, y, weight=w, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(WEIGHTED_LOSSES))
+def test_class_weights_from_the_batch_are_refused_and_constant_ones_kept(loss):
+    """Weights computed from the batch's labels make one example's loss depend on the
+    others' labels: the fast methods gave the batch's weighting row by row, silently
+    (error 1.7 for cross-entropy on this model). Now the padded runs show that the losses
+    move with the batch, the fast methods refuse, and the default method gives the loop's
+    numbers (each example weighted as a batch of one). Constant weights keep the fast
+    path: one padded run on the first call, none after."""
+    p = {"w": torch.randn(3, 4, generator=torch.Generator().manual_seed(1))}
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    fn = WEIGHTED_LOSSES[loss]
+
+    def from_batch(p, x, y):
+        return fn(F.linear(x, p["w"]), y, _balanced(y))
+
+    with pytest.raises(ValueError, match="class weights"):
+        fp.clipped_grad(from_batch, 1.0, method="ghost")(p, x, y)
+    refused_then_loop(from_batch, p, x, y, match="class weights")
+
+    calls = []
+
+    def constant(p, x, y):
+        calls.append(x.shape[0])
+        return fn(F.linear(x, p["w"]), y, torch.tensor([1.0, 2.0, 3.0]))
+
+    want = loop_grads(constant, p, x, y)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        grads = fp.per_sample_grads(constant)
+        first = grads(p, x, y)
+        assert calls[0] == 6 and calls[-1] == 8  # shown by a padded run
+        calls.clear()
+        again = grads(p, x, y)
+    assert calls == [6]
+    assert all(close(first[k], want[k]) and close(again[k], want[k]) for k in want)

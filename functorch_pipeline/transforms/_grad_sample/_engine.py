@@ -50,6 +50,7 @@ from torch.autograd.graph import get_gradient_edge
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._row_order import ROWWISE_UNARY
 from functorch_pipeline.transforms._grad_sample._row_order import Mixed
+from functorch_pipeline.transforms._grad_sample._row_order import Weighted
 from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
 __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported", "rng_states"]
@@ -1126,6 +1127,12 @@ class Engine:
             if ev is not None:
                 ev.note_rows(sig, True)
             return
+        if isinstance(why, Weighted):  # NOTE [loss weights with no graph] in _row_order
+            raise Unsupported(
+                f"{self._reading(slots, op)} computed with {why}: they changed when copies of "
+                "the first example joined the batch, so each example's loss depends on the "
+                "others (class weights from the batch's labels?), which per-example gradients "
+                "exclude; method='vmap' runs each example alone, weighting it as a batch of one")
         raise Unsupported(
             f"{self._reading(slots, op)} whose examples were reordered inside loss_fn ({why}: "
             "row b is not example b), which the per-row rules cannot read; method='vmap' runs "

@@ -102,6 +102,22 @@ run compares an input whose walk finds nothing with the same input of an earlier
 could not show its order: its first rows must be that run's (skipped in a run that drew
 random numbers, whose rows differ by their draws), or the fast methods refuse it.
 
+# NOTE [loss weights with no graph]
+Class weights (``F.cross_entropy(..., weight=w)``, ``pos_weight`` and ``weight`` of the
+binary cross-entropies, ``multi_margin_loss``'s) are tensors autograd does not
+differentiate, so nothing in the graph says where they came from. Computed from the batch
+(``w = 1 / torch.bincount(y)``: class-balanced per batch), each example's loss depends on
+the others' labels; the fast methods read the losses row by row and gave other numbers
+than the loop (which weighs each example as a batch of one), silently (error 1.7 and 3.2
+on toy models). A loss node with such a weight is therefore named like a reorder, on a
+branch of its own (a statistic further up still wins), and the padded runs decide: a
+weight computed from the batch moves when the padding (copies of the first example)
+joins it, so the first losses differ from the unpadded run's and the fast methods refuse;
+constant weights pass, once per loss_fn and shapes. In a run that draws random numbers
+that comparison is skipped (NOTE [rows reordered inside loss_fn]) and batch-derived
+weights pass. A weight applied by hand (``losses * w[y]``) is a multiplication by a tensor
+with no graph, like a mask, and is not named.
+
 # NOTE [windows over the examples]
 Ops that the walk did not know and that kept the examples' axis's size were followed as
 if they kept each row in place, and ops that changed its size ended the walk. A random
@@ -136,7 +152,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROWWISE_UNARY", "Mixed", "reordered_by"]
+__all__ = ["ROWWISE_UNARY", "Mixed", "Weighted", "reordered_by"]
 
 _INDEXED = frozenset({"IndexBackward0", "IndexPutBackward0", "IndexPutImplBackward0"})
 _ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackward0",
@@ -199,12 +215,23 @@ _FFT = frozenset({"FftC2CBackward0", "FftR2CBackward0", "FftC2RBackward0"})
 # Arrangements of rows the walk cannot read: named, for the padded runs.
 _UNREADABLE = frozenset({"AsStridedBackward0", "AsStridedBackward1", "TakeBackward0",
                          "KronBackward0"})
+# NOTE [loss weights with no graph]: losses that read a weight tensor autograd does not
+# differentiate, and the attributes holding it.
+_WEIGHTED = {"NllLossBackward0": ("_saved_weight",), "NllLoss2DBackward0": ("_saved_weight",),
+             "BinaryCrossEntropyBackward0": ("_saved_weight",),
+             "BinaryCrossEntropyWithLogitsBackward0": ("_saved_weight", "_saved_pos_weight"),
+             "MultiMarginLossBackward0": ("_saved_weight",)}
+_WEIGHTS = "weights"  # the axis of a walk key that stands for a loss's weights
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
                     "_ReshapeAliasBackward0", "AliasBackward0"})
 
 
 class Mixed(str):
     """A finding of NOTE [statistics over the examples]: no padded run can show it away."""
+
+
+class Weighted(str):
+    """A finding of NOTE [loss weights with no graph]: the padded runs decide."""
 
 
 def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, Any],
@@ -252,6 +279,9 @@ def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, Any],
 
 def _safe_step(key: Any, stops: Any, sources: Any, memo: dict[Any, Any]) -> tuple[str | None, list[Any]]:
     try:
+        if key[2] == _WEIGHTS:  # NOTE [loss weights with no graph]
+            return Weighted(f"{key[0].name()} weighted by a tensor with no graph (class "
+                            "weights), which may be computed from the batch"), []
         if key[2] is None:  # broadcast over the examples: NOTE [statistics over the examples]
             return (Mixed(f"{key[0].name()}, a statistic over the examples broadcast back to "
                           "them") if _reaches(key[0], stops, sources, memo) else None), []
@@ -363,6 +393,8 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         if _norm(node._saved_dim, rank) == a:
             return Mixed(f"{name} along the examples' axis {a}, a statistic over the examples"), []
         return None, [(n, i, a) for n, i in nexts]
+    if name in _WEIGHTED and any(getattr(node, w) is not None for w in _WEIGHTED[name]):
+        return None, _same(nexts, shape, a) + [(node, nr, _WEIGHTS)]  # a branch of its own
     windows = _windows(node, name, shape, a, nexts)  # NOTE [windows over the examples]
     if windows is not None:
         return windows
