@@ -756,6 +756,16 @@ def test_attention_across_the_examples_is_refused_by_the_fast_methods(frozen):
     refused_then_loop(losses, p, x, match=why)
 
 
+def _replayed_view(h: torch.Tensor) -> torch.Tensor:
+    """A view whose base is written in place after it was taken: autograd replays it as an
+    ``as_strided`` of the base (``AsStridedBackward0``), rows unchanged."""
+    base = h * 1
+    view = base.view(4, 6)
+    base[:, 0] = 0
+    assert view.grad_fn.name() == "AsStridedBackward0"
+    return view
+
+
 def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_others():
     """Unit checks of NOTE [windows over the examples]: each op along the examples' axis is
     named (a statistic, or a reorder for the padded runs), the same op along another axis
@@ -772,7 +782,7 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "statistic over the examples broadcast": F.scaled_dot_product_attention(
             h[None], h[None], h[None])[0],  # the keys and values, read by every query
         "UnfoldBackward0 reading": h.unfold(0, 4, 1)[0].mT,
-        "AsStridedBackward0 rearranging": h.as_strided((4, 6), (6, 1), 0),
+        "AsStridedBackward0 rearranging": torch.cat([h, h]).as_strided((4, 6), (6, 1), 6),
         "TakeBackward0 rearranging": h.flatten().take(torch.arange(24)).view(4, 6),
         "SliceBackward0 rearranging": F.pad(h, (0, 0, 1, 0))[1:],
         "SliceBackward0 rearranging the": h[:2].repeat(2, 1),  # through the repeat
@@ -790,6 +800,8 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "renorm of each example": torch.renorm(h, 2, 0, 1.0),
         "attention per example": F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0],
         "a pad of features": F.pad(h, (1, 0))[:, 1:],
+        "as_strided row by row": h.as_strided((4, 3), (6, 2), 1),
+        "a view replayed after an in-place op on its base": _replayed_view(h),
     }
     for what, out in passed.items():
         assert reordered_by(out.relu(), 0, set(), {}, src) is None, what

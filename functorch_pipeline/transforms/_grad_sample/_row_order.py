@@ -451,6 +451,8 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         return None, [(n, i, a if keep else None) for (n, i), keep in zip(qkv, held, strict=True)]
     here = f"{name} rearranging the examples' axis {a}"
     if name in _UNREADABLE:
+        if name.startswith("AsStrided") and _strided_rows(node, shape, a, nexts):
+            return None, [(n, i, 0) for n, i in nexts[:1]]
         return here, []
     if name == "ConstantPadNdBackward0":
         pad, i = list(node._saved_pad), 2 * (rank - 1 - a)
@@ -468,6 +470,28 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         d = _norm(node._saved_dimension, rank - 1)
         return (mixed, []) if a in (d, rank - 1) else (None, [(n, i, a) for n, i in nexts[:1]])
     return None
+
+
+def _strided_rows(node: Any, shape: list[int], a: int, nexts: list[tuple[Any, int]]) -> bool:
+    """Whether an ``as_strided`` view reads row ``r`` of its (contiguous) input as its row
+    ``r`` along axis ``a``, everything else of it inside that row: the views autograd
+    replays after an in-place op on their base (torchvision's Swin V2 has one at its
+    pooling), which are not a reorder."""
+    if not nexts:
+        return False
+    src = _shape(*nexts[0])
+    if not src or src[0] != shape[a]:
+        return False
+    row = 1
+    for n in src[1:]:
+        row *= n
+    stride, offset = list(node._saved_stride), node._saved_storage_offset
+    offset = 0 if offset is None else int(offset)
+    if shape[a] > 1 and int(stride[a]) != row:
+        return False
+    extent = offset + sum((n - 1) * int(st) for i, (n, st) in enumerate(zip(shape, stride, strict=True))
+                          if i != a)
+    return 0 <= offset and extent < row
 
 
 def _conv_keeps(node: Any, a: int) -> bool:
