@@ -59,6 +59,12 @@ def _padded_roll(h: torch.Tensor, k: int) -> torch.Tensor:
     return (F.pad(h, (0, 0, 0, n)) + F.pad(h, (0, 0, n, 0)))[k % n:k % n + n]
 
 
+def _narrowed_roll(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``h.roll(-k, 0)`` as a ``narrow_copy`` of two copies of ``h``."""
+    n = h.shape[0]
+    return torch.narrow_copy(torch.cat([h, h]), 0, k % n, n)
+
+
 REORDERS = {
     "sort_index": (lambda h, x: h[order_of(x)], lambda h, x: h[order_of(x).argsort()]),
     "index_select": (lambda h, x: h.index_select(0, order_of(x)),
@@ -81,6 +87,7 @@ REORDERS = {
     "as_strided": (lambda h, x: _strided_roll(h, 1), lambda h, x: _strided_roll(h, -1)),
     "take": (lambda h, x: _take_rows(h, order_of(x)), lambda h, x: _take_rows(h, order_of(x).argsort())),
     "pad_and_slice": (lambda h, x: _padded_roll(h, 1), lambda h, x: _padded_roll(h, -1)),
+    "narrow_copy": (lambda h, x: _narrowed_roll(h, 1), lambda h, x: _narrowed_roll(h, -1)),
 }
 
 
@@ -467,6 +474,9 @@ MIXING = {
     "renorm_over_features": lambda h: torch.renorm(h, 2, 1, 0.5),
     "attention_across_examples": lambda h: F.scaled_dot_product_attention(h[None], h[None],
                                                                           h[None])[0],
+    "glu_over_examples": lambda h: F.glu(torch.cat([h, h.flip(0)]), 0),
+    "table_from_the_batch": lambda h: h + F.embedding(torch.zeros(h.shape[0], dtype=torch.long),
+                                                      h.mean(0, keepdim=True)),
 }
 
 
@@ -786,6 +796,10 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "TakeBackward0 rearranging": h.flatten().take(torch.arange(24)).view(4, 6),
         "SliceBackward0 rearranging": F.pad(h, (0, 0, 1, 0))[1:],
         "SliceBackward0 rearranging the": h[:2].repeat(2, 1),  # through the repeat
+        "IndexFillBackward0 rearranging": h.index_fill(0, torch.tensor([0]), 0.0),
+        "GluBackward0 reading": F.glu(torch.cat([h, h]), 0),
+        "MeanBackward1, a statistic": F.embedding(torch.zeros(4, dtype=torch.long),
+                                                             h.mean(0, keepdim=True)),
     }
     for want, out in named.items():
         found = reordered_by(out.relu(), 0, set(), {}, src)
@@ -802,6 +816,9 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "a pad of features": F.pad(h, (1, 0))[:, 1:],
         "as_strided row by row": h.as_strided((4, 3), (6, 2), 1),
         "a view replayed after an in-place op on its base": _replayed_view(h),
+        "index_fill of features": h.index_fill(1, torch.tensor([0]), 0.0),
+        "glu over features": F.glu(h, 1).repeat(1, 2),
+        "a constant table": F.embedding(torch.zeros(4, dtype=torch.long), torch.ones(1, 6)) * h,
     }
     for what, out in passed.items():
         assert reordered_by(out.relu(), 0, set(), {}, src) is None, what
@@ -884,3 +901,17 @@ def test_class_weights_from_the_batch_are_refused_and_constant_ones_kept(loss):
         again = grads(p, x, y)
     assert calls == [6]
     assert all(close(first[k], want[k]) and close(again[k], want[k]) for k in want)
+
+
+def test_a_fill_of_the_first_example_s_row_is_refused():
+    """``index_fill`` along the examples writes into rows chosen by their position: the
+    first example's row in the batch, every example's row alone (each is a batch of one).
+    It was followed as if row-wise (silent, error ~22); now named, the padded runs refuse
+    it (their padding rows are not filled), and the default method gives the loop's."""
+    p, x = params(10), torch.randn(4, 3)
+
+    def losses(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"])).index_fill(0, torch.tensor([0]), 0.5)
+        return F.linear(h, p["w2"]).pow(2).sum(1)
+
+    refused_then_loop(losses, p, x, match="reordered inside loss_fn")

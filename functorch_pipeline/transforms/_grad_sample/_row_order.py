@@ -144,6 +144,14 @@ numbers than the loop (errors 6-74 in float64), and ``auto`` kept the fast metho
   decide (a pad up to a size and a slice back prove in order there; a shift does not);
 * a repeat that tiles a shorter input along the examples' axis is followed to that
   input, where the walk ended before (``h[:3].repeat(2, 1)``: the slice is then named).
+
+A second search (``narrow_copy``, ``index_fill``, ``glu``, a table gathered by
+``F.embedding``, and ~45 other ops) found four more: ``narrow_copy`` is read like a slice,
+``index_fill`` along the examples is named, ``glu`` along them is a statistic (row ``r``
+gated by row ``r + n / 2``), and the table of ``F.embedding``/``embedding_bag`` without a
+rule (not a parameter) is read by every example, like a matrix product's second operand.
+Statistics taken on detached tensors (``h.detach().argsort(0)``, ``torch.histc``) have no
+graph and stay unseen.
 """
 
 from __future__ import annotations
@@ -457,7 +465,13 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
     if name == "ConstantPadNdBackward0":
         pad, i = list(node._saved_pad), 2 * (rank - 1 - a)
         return (here, []) if any(pad[i:i + 2]) else (None, _same(nexts, shape, a))
-    if name == "SliceBackward0" and _norm(node._saved_dim, rank) == a:
+    if name in ("IndexFillBackward0", "IndexFillBackward1") and _norm(node._saved_dim, rank) == a:
+        return here, []  # rows chosen by position get a value: the padded runs decide
+    if name == "GluBackward0":  # row r times a gate from row r + n / 2 along its dim
+        return (mixed, []) if _norm(node._saved_dim, rank) == a else (None, _same(nexts, shape, a))
+    if name in ("EmbeddingBackward0", "EmbeddingBagBackward0"):  # every example reads the table
+        return None, [(n, i, None) for n, i in nexts[:1]]
+    if name in ("SliceBackward0", "NarrowCopyBackward0") and _norm(node._saved_dim, rank) == a:
         resized = int(node._saved_self_sym_sizes[a]) != shape[a]
         return (here, []) if resized else (None, _same(nexts, shape, a))
     if name == "RepeatBackward0":  # tiles: followed to a shorter input too (``h[:3].repeat(2, 1)``)
