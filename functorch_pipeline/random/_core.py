@@ -485,8 +485,7 @@ def bernoulli(
     shape = _check_shape(shape, fn)
     if isinstance(p, torch.Tensor):
         return uniform(k, shape) < p
-    # A Python probability compares raw 32-bit words: exact to 2**-32, two ops fewer.
-    threshold = min(max(round(float(p) * 4294967296.0), 0), 4294967296)
+    threshold = _threshold(p)
     _check_key(k, fn)
     n = math.prod(shape)
     if n <= 1 << 31 and _host.eligible(k):  # NOTE [bernoulli without its words] in _host
@@ -500,9 +499,14 @@ def _bernoulli_positions(k: torch.Tensor, p: float, n: int) -> torch.Tensor:
     the host fast path NumPy finds them (about 10x faster than ``torch.nonzero`` on CPU);
     the same positions either way. Poisson batches' members (``fp.data``)."""
     if k.dim() == 1 and n <= 1 << 31 and _host.eligible(k):
-        threshold = min(max(round(float(p) * 4294967296.0), 0), 4294967296)
-        return _host.positions_below(k, n, threshold)
+        return _host.positions_below(k, n, _threshold(p))
     return torch.nonzero(bernoulli(k, p, (n,))).squeeze(1)
+
+
+def _threshold(p: float) -> int:
+    """A Python probability as the bound a 32-bit word is compared with (exact to
+    ``2**-32``, two ops fewer than comparing a uniform draw)."""
+    return min(max(round(float(p) * 4294967296.0), 0), 4294967296)
 
 
 def randint(

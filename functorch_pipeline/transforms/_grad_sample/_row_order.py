@@ -432,48 +432,54 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     return None, _same(nexts, shape, a, name in _BROADCASTING)
 
 
+def _mixed(name: str, a: int) -> Mixed:
+    return Mixed(f"{name} reading several rows of the examples' axis {a}, a statistic over "
+                 "the examples")
+
+
+def _rearranged(name: str, a: int) -> str:
+    return f"{name} rearranging the examples' axis {a}"
+
+
 def _windows(node: Any, name: str, shape: list[int], a: int,
              nexts: list[tuple[Any, int]]) -> tuple[str | None, list[Any]] | None:
     """The step of NOTE [windows over the examples] for ``node`` (output axis ``a`` holds
     the examples), or None for an op it is not about."""
     rank = len(shape)
-    mixed = Mixed(f"{name} reading several rows of the examples' axis {a}, a statistic over "
-                  "the examples")
     if name in _WINDOWED or name in _BATCH_ONLY:
         if a == 0 or (a == 1 and name in _WINDOWED):
             return None, [(n, i, a) for n, i in nexts[:1]]
-        return mixed, []
+        return _mixed(name, a), []
     if name == "ConvolutionBackward0":
-        return (None, [(n, i, a) for n, i in nexts[:1]]) if _conv_keeps(node, a) else (mixed, [])
+        return (None, [(n, i, a) for n, i in nexts[:1]]) if _conv_keeps(node, a) else (_mixed(name, a), [])
     if name in _FFT:
         if a in {_norm(d, rank) for d in node._saved_dim}:
-            return mixed, []
+            return _mixed(name, a), []
         return None, _same(nexts, shape, a)
     if name == "RenormBackward0":
-        return (None, _same(nexts, shape, a)) if _norm(node._saved_dim, rank) == a else (mixed, [])
+        return (None, _same(nexts, shape, a)) if _norm(node._saved_dim, rank) == a else (_mixed(name, a), [])
     if "ScaledDotProduct" in name and "Attention" in name:
         qkv = nexts[:3]
         if len(qkv) != 3 or a < rank - 2:  # batch axes: every input along them
             return None, _same(qkv, shape, a, broadcasts=True)
         held = (True, False, False) if a == rank - 2 else (False, False, True)
         return None, [(n, i, a if keep else None) for (n, i), keep in zip(qkv, held, strict=True)]
-    here = f"{name} rearranging the examples' axis {a}"
     if name in _UNREADABLE:
         if name.startswith("AsStrided") and _strided_rows(node, shape, a, nexts):
             return None, [(n, i, 0) for n, i in nexts[:1]]
-        return here, []
+        return _rearranged(name, a), []
     if name == "ConstantPadNdBackward0":
         pad, i = list(node._saved_pad), 2 * (rank - 1 - a)
-        return (here, []) if any(pad[i:i + 2]) else (None, _same(nexts, shape, a))
+        return (_rearranged(name, a), []) if any(pad[i:i + 2]) else (None, _same(nexts, shape, a))
     if name in ("IndexFillBackward0", "IndexFillBackward1") and _norm(node._saved_dim, rank) == a:
-        return here, []  # rows chosen by position get a value: the padded runs decide
+        return _rearranged(name, a), []  # rows chosen by position get a value: the padded runs decide
     if name == "GluBackward0":  # row r times a gate from row r + n / 2 along its dim
-        return (mixed, []) if _norm(node._saved_dim, rank) == a else (None, _same(nexts, shape, a))
+        return (_mixed(name, a), []) if _norm(node._saved_dim, rank) == a else (None, _same(nexts, shape, a))
     if name in ("EmbeddingBackward0", "EmbeddingBagBackward0"):  # every example reads the table
         return None, [(n, i, None) for n, i in nexts[:1]]
     if name in ("SliceBackward0", "NarrowCopyBackward0") and _norm(node._saved_dim, rank) == a:
         resized = int(node._saved_self_sym_sizes[a]) != shape[a]
-        return (here, []) if resized else (None, _same(nexts, shape, a))
+        return (_rearranged(name, a), []) if resized else (None, _same(nexts, shape, a))
     if name == "RepeatBackward0":  # tiles: followed to a shorter input too (``h[:3].repeat(2, 1)``)
         sizes = list(node._saved_self_sym_sizes)
         j = a - (rank - len(sizes))
@@ -482,7 +488,7 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         return None
     if name == "UnfoldBackward0":
         d = _norm(node._saved_dimension, rank - 1)
-        return (mixed, []) if a in (d, rank - 1) else (None, [(n, i, a) for n, i in nexts[:1]])
+        return (_mixed(name, a), []) if a in (d, rank - 1) else (None, [(n, i, a) for n, i in nexts[:1]])
     return None
 
 
