@@ -59,6 +59,16 @@ def _padded_roll(h: torch.Tensor, k: int) -> torch.Tensor:
     return (F.pad(h, (0, 0, 0, n)) + F.pad(h, (0, 0, n, 0)))[k % n:k % n + n]
 
 
+def _scattered_roll(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``h.roll(-k, 0)`` (k = 1 or -1) written by ``slice_scatter`` and ``select_scatter``."""
+    n = h.shape[0]
+    if n == 1:
+        return h * 1
+    if k == 1:
+        return torch.select_scatter(torch.slice_scatter(h, h[1:], 0, 0, n - 1), h[0], 0, n - 1)
+    return torch.select_scatter(torch.slice_scatter(h, h[:-1], 0, 1, n), h[n - 1], 0, 0)
+
+
 def _narrow_copy_differentiable() -> bool:
     try:
         torch.narrow_copy(torch.ones(2, requires_grad=True), 0, 0, 1).sum().backward()
@@ -95,6 +105,7 @@ REORDERS = {
     "as_strided": (lambda h, x: _strided_roll(h, 1), lambda h, x: _strided_roll(h, -1)),
     "take": (lambda h, x: _take_rows(h, order_of(x)), lambda h, x: _take_rows(h, order_of(x).argsort())),
     "pad_and_slice": (lambda h, x: _padded_roll(h, 1), lambda h, x: _padded_roll(h, -1)),
+    "scatters": (lambda h, x: _scattered_roll(h, 1), lambda h, x: _scattered_roll(h, -1)),
 }
 if _narrow_copy_differentiable():  # torch 2.11 has no derivative for it: no model can use it
     REORDERS["narrow_copy"] = (lambda h, x: _narrowed_roll(h, 1), lambda h, x: _narrowed_roll(h, -1))
@@ -484,6 +495,9 @@ MIXING = {
     "attention_across_examples": lambda h: F.scaled_dot_product_attention(h[None], h[None],
                                                                           h[None])[0],
     "glu_over_examples": lambda h: F.glu(torch.cat([h, h.flip(0)]), 0),
+    # the distance to the first example, behind a slice that keeps everything (an alias,
+    # which ended the walk before)
+    "distance_to_the_first_example": lambda h: h * torch.cdist(h, h[:1])[:, :1],
     "table_from_the_batch": lambda h: h + F.embedding(torch.zeros(h.shape[0], dtype=torch.long),
                                                       h.mean(0, keepdim=True)),
 }
@@ -809,6 +823,12 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "GluBackward0 reading": F.glu(torch.cat([h, h]), 0),
         "MeanBackward1, a statistic": F.embedding(torch.zeros(4, dtype=torch.long),
                                                              h.mean(0, keepdim=True)),
+        "MaskedScatterBackward0 rearranging": torch.zeros(4, 6).masked_scatter(
+            torch.arange(24).view(4, 6) % 3 != 0, h),
+        "SelectScatterBackward0 rearranging": torch.select_scatter(h * 1, h[0], 0, 3),
+        "SliceScatterBackward0 rearranging": torch.slice_scatter(h * 1, h[:-1], 0, 1),
+        "DiagonalScatterBackward0 rearranging": torch.diagonal_scatter(h * 1, h[:, 0] * 1),
+        "SliceBackward0, a statistic": torch.cdist(h, h[:1])[:, :1].expand(4, 6),
     }
     for want, out in named.items():
         found = reordered_by(out.relu(), 0, set(), {}, src)
@@ -828,6 +848,10 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "index_fill of features": h.index_fill(1, torch.tensor([0]), 0.0),
         "glu over features": F.glu(h, 1).repeat(1, 2),
         "a constant table": F.embedding(torch.zeros(4, dtype=torch.long), torch.ones(1, 6)) * h,
+        "select_scatter of features": torch.select_scatter(h * 1, h[:, 0] * 2, 1, 5),
+        "slice_scatter of features": torch.slice_scatter(h * 1, h[:, :3] * 2, 1, 3),
+        "distances within each example": torch.cdist(h[:, :, None], h[:, :, None])[:, :, 0],
+        "an alias of the rows": h.view(4, 6, 1)[:, :, :1][:, :, 0],
     }
     for what, out in passed.items():
         assert reordered_by(out.relu(), 0, set(), {}, src) is None, what

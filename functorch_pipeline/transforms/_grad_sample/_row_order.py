@@ -151,7 +151,11 @@ A second search (``narrow_copy``, ``index_fill``, ``glu``, a table gathered by
 gated by row ``r + n / 2``), and the table of ``F.embedding``/``embedding_bag`` without a
 rule (not a parameter) is read by every example, like a matrix product's second operand.
 Statistics taken on detached tensors (``h.detach().argsort(0)``, ``torch.histc``) have no
-graph and stay unseen.
+graph and stay unseen. A third (~25 ops) found writes into rows: ``masked_scatter`` and
+``as_strided_scatter`` (their source is read in an order the walk cannot follow),
+``select_scatter``/``slice_scatter``/``diagonal_scatter`` along the examples (named), and
+``torch.cdist`` to rows of the batch (its second input is read by every row of the first,
+like a matrix product's second operand).
 """
 
 from __future__ import annotations
@@ -477,6 +481,23 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         return (_mixed(name, a), []) if _norm(node._saved_dim, rank) == a else (None, _same(nexts, shape, a))
     if name in ("EmbeddingBackward0", "EmbeddingBagBackward0"):  # every example reads the table
         return None, [(n, i, None) for n, i in nexts[:1]]
+    if name in ("MaskedScatterBackward0", "AsStridedScatterBackward0"):  # source read in any order
+        return _rearranged(name, a), []
+    if name in ("SelectScatterBackward0", "SliceScatterBackward0"):  # src written into rows
+        d = _norm(node._saved_dim, rank)
+        if d == a:
+            return _rearranged(name, a), []
+        src_axis = a - (d < a) if name == "SelectScatterBackward0" else a
+        return None, [(n, i, axis) for (n, i), axis in zip(nexts, (a, src_axis), strict=False)]
+    if name == "DiagonalScatterBackward0" and a in (_norm(node._saved_dim1, rank),
+                                                    _norm(node._saved_dim2, rank)):
+        return _rearranged(name, a), []
+    if name == "CdistBackward0":  # like a matrix product: x2's rows are read by every x1 row
+        if a == rank - 2:
+            return None, [(n, i, axis) for (n, i), axis in zip(nexts, (a, None), strict=False)]
+        if a == rank - 1:
+            return None, [(n, i, axis) for (n, i), axis in zip(nexts, (None, rank - 2), strict=False)]
+        return None, _same(nexts, shape, a, broadcasts=True)
     if name in ("SliceBackward0", "NarrowCopyBackward0") and _norm(node._saved_dim, rank) == a:
         resized = int(node._saved_self_sym_sizes[a]) != shape[a]
         return (_rearranged(name, a), []) if resized else (None, _same(nexts, shape, a))
@@ -592,6 +613,8 @@ def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:
     if name == "SelectBackward0":
         d = _norm(node._saved_dim, rank + 1)
         return a + (a >= d)
+    if name == "AliasBackward0":  # a slice that keeps everything (``h[:]``): every axis kept
+        return a
     if name in _VIEWS:
         return _viewed(list(node._saved_self_sym_sizes), shape, a)
     if name == "ViewAsRealBackward0":  # (..., 2) from a complex (...): ``z.real``, ``z.imag``
