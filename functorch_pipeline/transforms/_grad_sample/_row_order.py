@@ -445,11 +445,14 @@ def _rearranged(name: str, a: int) -> str:
     return f"{name} rearranging the examples' axis {a}"
 
 
-def _along(nexts: list[tuple[Any, int]], *axes: int | None) -> list[Any]:
-    """Walk keys for an op's first inputs, input ``k`` along ``axes[k]`` (None: broadcast
-    over the examples, NOTE [statistics over the examples]); inputs past ``axes`` are not
-    followed."""
-    return [(n, i, axis) for (n, i), axis in zip(nexts, axes, strict=False)]
+def _along(node: Any, *axes: int | None) -> list[Any]:
+    """Walk keys for ``node``'s first inputs by position, input ``k`` along ``axes[k]``
+    (None: broadcast over the examples, NOTE [statistics over the examples]); inputs past
+    ``axes`` and inputs without a graph are not followed. By position: with an input
+    without a graph left out first (a constant query of an attention), the others took
+    its axis (a key from the batch went unseen)."""
+    return [(n, i, axis) for (n, i), axis in zip(node.next_functions, axes, strict=False)
+            if n is not None]
 
 
 def _windows(node: Any, name: str, shape: list[int], a: int,
@@ -459,10 +462,10 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
     rank = len(shape)
     if name in _WINDOWED or name in _BATCH_ONLY:
         if a == 0 or (a == 1 and name in _WINDOWED):
-            return None, _along(nexts, a)
+            return None, _along(node, a)
         return _mixed(name, a), []
     if name == "ConvolutionBackward0":
-        return (None, _along(nexts, a)) if _conv_keeps(node, a) else (_mixed(name, a), [])
+        return (None, _along(node, a)) if _conv_keeps(node, a) else (_mixed(name, a), [])
     if name in _FFT:
         if a in {_norm(d, rank) for d in node._saved_dim}:
             return _mixed(name, a), []
@@ -470,14 +473,13 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
     if name == "RenormBackward0":
         return (None, _same(nexts, shape, a)) if _norm(node._saved_dim, rank) == a else (_mixed(name, a), [])
     if "ScaledDotProduct" in name and "Attention" in name:
-        qkv = nexts[:3]
-        if len(qkv) != 3 or a < rank - 2:  # batch axes: every input along them
-            return None, _same(qkv, shape, a, broadcasts=True)
+        if a < rank - 2:  # batch axes: every input along them
+            return None, _same(nexts[:3], shape, a, broadcasts=True)
         held = (True, False, False) if a == rank - 2 else (False, False, True)
-        return None, _along(qkv, *(a if keep else None for keep in held))
+        return None, _along(node, *(a if keep else None for keep in held))
     if name in _UNREADABLE:
         if name.startswith("AsStrided") and _strided_rows(node, shape, a, nexts):
-            return None, _along(nexts, 0)
+            return None, _along(node, 0)
         return _rearranged(name, a), []
     if name == "ConstantPadNdBackward0":
         pad, i = list(node._saved_pad), 2 * (rank - 1 - a)
@@ -487,7 +489,7 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
     if name == "GluBackward0":  # row r times a gate from row r + n / 2 along its dim
         return (_mixed(name, a), []) if _norm(node._saved_dim, rank) == a else (None, _same(nexts, shape, a))
     if name in ("EmbeddingBackward0", "EmbeddingBagBackward0"):  # every example reads the table
-        return None, _along(nexts, None)
+        return None, _along(node, None)
     if name in ("MaskedScatterBackward0", "AsStridedScatterBackward0"):  # source read in any order
         return _rearranged(name, a), []
     if name in ("SelectScatterBackward0", "SliceScatterBackward0"):  # src written into rows
@@ -495,15 +497,15 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         if d == a:
             return _rearranged(name, a), []
         src_axis = a - (d < a) if name == "SelectScatterBackward0" else a
-        return None, _along(nexts, a, src_axis)
+        return None, _along(node, a, src_axis)
     if name == "DiagonalScatterBackward0" and a in (_norm(node._saved_dim1, rank),
                                                     _norm(node._saved_dim2, rank)):
         return _rearranged(name, a), []
     if name == "CdistBackward0":  # like a matrix product: x2's rows are read by every x1 row
         if a == rank - 2:
-            return None, _along(nexts, a, None)
+            return None, _along(node, a, None)
         if a == rank - 1:
-            return None, _along(nexts, None, rank - 2)
+            return None, _along(node, None, rank - 2)
         return None, _same(nexts, shape, a, broadcasts=True)
     if name in ("SliceBackward0", "NarrowCopyBackward0") and _norm(node._saved_dim, rank) == a:
         resized = int(node._saved_self_sym_sizes[a]) != shape[a]
@@ -512,11 +514,11 @@ def _windows(node: Any, name: str, shape: list[int], a: int,
         sizes = list(node._saved_self_sym_sizes)
         j = a - (rank - len(sizes))
         if 0 <= j and 1 < sizes[j] != shape[a] and shape[a] % sizes[j] == 0:
-            return None, _along(nexts, j)
+            return None, _along(node, j)
         return None
     if name == "UnfoldBackward0":
         d = _norm(node._saved_dimension, rank - 1)
-        return (_mixed(name, a), []) if a in (d, rank - 1) else (None, _along(nexts, a))
+        return (_mixed(name, a), []) if a in (d, rank - 1) else (None, _along(node, a))
     return None
 
 
