@@ -830,7 +830,7 @@ def test_the_walk_names_ops_that_work_along_the_examples_axis_and_passes_the_oth
         "DiagonalScatterBackward0 rearranging": torch.diagonal_scatter(h * 1, h[:, 0] * 1),
         "SliceBackward0, a statistic": torch.cdist(h, h[:1])[:, :1].expand(4, 6),
         # inputs taken by position: a first input without a graph shifted the others' axes
-        "UnsqueezeBackward0, a statistic": F.scaled_dot_product_attention(
+        "a statistic over the examples broadcast back": F.scaled_dot_product_attention(
             torch.ones(1, 4, 6), h[None], h[None])[0],  # a constant query, keys from the batch
         "MulBackward0, a statistic": torch.cdist(torch.ones(4, 6), h[:1] * 1)[:, :1].expand(4, 6),
     }
