@@ -454,21 +454,40 @@ def test_default_keeps_the_vmap_contract(kw, reason):
     assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 
-def test_default_inside_transforms_and_with_graph_uses_vmap_silently():
+def test_default_inside_transforms_uses_vmap_silently():
     m, x, y, per_example, _ = _mlp_losses()
     p = params_of(m)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        # a graph through the per-example gradients (params that require grad)
-        q = {k: v.clone().requires_grad_() for k, v in p.items()}
-        g = fp.per_sample_grads(per_example)(q, x, y)
-        (second,) = torch.autograd.grad(g["2.weight"].pow(2).sum(), [q["2.weight"]])
-        # inside a torch.func transform
         total = torch.func.grad(lambda p: fp.per_sample_grads(per_example)(p, x, y)["2.bias"].pow(2).sum())(p)
     want = torch.func.grad(
         lambda p: fp.per_sample_grads(per_example, method="vmap")(p, x, y)["2.bias"].pow(2).sum())(p)
     assert torch.allclose(total["0.weight"], want["0.weight"], atol=TOL)
-    assert second.abs().max() > 0
+
+
+def test_default_with_parameters_that_require_grad_keeps_the_graph_and_says_so_once():
+    # Passing `dict(model.named_parameters())` (leaves that require grad) asks for a graph
+    # through the per-example gradients, which only vmap builds: the fall-back is said once
+    # per loss_fn, with the way to the fast method.
+    m, x, y, per_example, _ = _mlp_losses()
+    p = params_of(m)
+    q = {k: v.clone().requires_grad_() for k, v in p.items()}
+    f = fp.per_sample_grads(per_example)
+    with pytest.warns(UserWarning, match=r"uses 'vmap': the parameter at `\['0.bias'\]` "
+                      r"\(argument 0\) requires grad.*v\.detach\(\).*torch\.no_grad\(\)"):
+        g = f(q, x, y)
+    (second,) = torch.autograd.grad(g["2.weight"].pow(2).sum(), [q["2.weight"]])
+    # the same second derivative from vmap(grad) written out with torch.func
+    want = torch.func.grad(lambda w: fp.per_sample_grads(per_example, method="vmap")(
+        {**p, "2.weight": w}, x, y)["2.weight"].pow(2).sum())(p["2.weight"])
+    assert torch.allclose(second, want, atol=TOL) and second.abs().max() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(q, x, y)  # said once per loss_fn, not per call
+        with torch.no_grad():  # no graph wanted: the fast method, silently
+            fast = f(q, x, y)
+    ref = fp.per_sample_grads(per_example, method="vmap")(p, x, y)
+    assert all(fast[k].grad_fn is None and torch.allclose(fast[k], ref[k], atol=TOL) for k in ref)
 
 
 def test_method_validation():

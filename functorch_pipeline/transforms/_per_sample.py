@@ -67,9 +67,15 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
     """Why the default method must use vmap without trying hooks: ``(reason, say_it)``."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return "inside a transform", False
-    if torch.is_grad_enabled() and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
-                                       for i in nums for leaf in _tree.leaves(args[i])):
-        return "differentiated leaves require grad", False
+    if torch.is_grad_enabled():
+        for i in nums:
+            for path, leaf in _tree.leaves_with_path(args[i]):
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    return (f"the parameter at `{_tree.keystr(path)}` (argument {i}) requires "
+                            "grad, so the gradients keep an autograd graph back to it, which "
+                            "only vmap builds (what meta-learning wants). For the fast method "
+                            "pass detached parameters ({k: v.detach() for k, v in "
+                            "model.named_parameters()}) or call under torch.no_grad()"), True
     if has_aux:
         return ("has_aux=True: vmap returns each example's own aux (method='hooks' returns "
                 "the aux of the whole batch)"), True
