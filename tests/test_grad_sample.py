@@ -471,8 +471,82 @@ def test_bad_loss_outputs(bad, match):
 
 def test_batchnorm_in_training_mode_is_an_error():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
-    with pytest.raises(ValueError, match=r"per_sample_grads\(loss_fn\): BatchNorm in training mode.*1.weight.*eval mode.*replace_batchnorm_with_groupnorm"):
+    with pytest.raises(ValueError, match=r"per_sample_grads\(loss_fn\): BatchNorm normalising with the batch.s statistics.*1.weight.*eval mode.*replace_batchnorm_with_groupnorm"):
         fp.per_sample_grads(squared(m), method="auto")(params_of(m), torch.randn(4, 3), torch.randn(4, 4))
+
+
+class _BareBatchNorm(nn.Module):
+    """A conv, F.batch_norm with the batch's statistics and no parameter, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.batch_norm(self.conv(x), None, None, training=True).flatten(1))
+
+
+def _bn_net(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.Flatten(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("make, keep", [
+    (lambda: _bn_net(nn.BatchNorm2d(3, affine=False)).train(), None),
+    (lambda: _bn_net(nn.BatchNorm2d(3, affine=False, track_running_stats=False)).eval(), None),
+    (lambda: _bn_net(nn.BatchNorm2d(3)).train(), lambda k: not k.startswith("1.")),  # frozen BN
+    (lambda: _BareBatchNorm(), None),
+], ids=["affine_false_train", "no_running_stats_eval", "frozen_affine_train", "bare_F_batch_norm"])
+def test_batchnorm_with_batch_statistics_and_no_parameter_is_an_error(make, keep):
+    # NOTE [batch norm without parameters]: with no differentiated parameter of its own the
+    # BatchNorm met no rule, and every fast method gave the batch-coupled gradients (error
+    # 4.7 against the loop here); now each says what BatchNorm with parameters says.
+    m = make()
+    params = {k: v for k, v in params_of(m).items() if keep is None or keep(k)}
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
+    loss = lambda p, x, y: F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")  # noqa: E731
+    match = r"\(loss_fn[^)]*\): BatchNorm normalising with the batch's statistics.*per-example gradients are not defined.*eval mode"
+    for method in ("auto", "hooks"):
+        with pytest.raises(ValueError, match="per_sample_grads" + match):
+            fp.per_sample_grads(loss, method=method)(params, x, y)
+    for method in ("auto", "ghost", "hooks"):
+        with pytest.raises(ValueError, match="clipped_grad" + match):
+            fp.clipped_grad(loss, 1.0, method=method)(params, x, y)
+    with pytest.raises(ValueError, match="per_sample_grad_norms" + match):
+        fp.per_sample_grad_norms(loss)(params, x, y)
+
+
+def test_batchnorm_in_eval_mode_first_then_training_mode_is_still_an_error():
+    # The walks' record of a call tells the two modes apart (their autograd nodes share a
+    # name), so a training-mode call after an eval-mode one is walked again.
+    m = _bn_net(nn.BatchNorm2d(3, affine=False))
+    params = params_of(m)
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
+    loss = lambda p, x, y: F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")  # noqa: E731
+    f = fp.per_sample_grads(loss)
+    m.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast method, no fall-back
+        got = f(params, x, y)
+    want = loop_grads(loss, params, x, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    m.train()
+    with pytest.raises(ValueError, match="BatchNorm normalising with the batch's statistics"):
+        f(params, x, y)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_keeps_the_fast_path(affine):
+    # F.instance_norm is a batch norm with the batch's statistics over (1, B * C, ...): the
+    # examples sit on the channels' axis there, each normalised alone.
+    m = _bn_net(nn.InstanceNorm2d(3, affine=affine)).train()
+    params = params_of(m)
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
+    loss = lambda p, x, y: F.cross_entropy(torch.func.functional_call(m, p, (x,)), y, reduction="none")  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fp.per_sample_grads(loss)(params, x, y)
+    want = loop_grads(loss, params, x, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
 
 
 @pytest.mark.parametrize("layout", [
@@ -661,11 +735,7 @@ def test_other_errors():
         fp.per_sample_grads(squared(m), method="hooks")(p, x, torch.randn(3, 2))
     with pytest.raises(ValueError, match="cannot run inside a torch.func transform"):
         torch.func.vmap(lambda x: fp.per_sample_grads(squared(m), method="hooks")(p, x, x[..., :2]))(x[None])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        emb = nn.Embedding(5, 2, sparse=True)
-        with pytest.raises(ValueError, match="sparse=True"):
-            fp.per_sample_grads(squared(emb), method="hooks")(params_of(emb), torch.tensor([[1], [2]]), torch.zeros(2, 1, 2))
+    # sparse=True embeddings are no longer refused: tests/test_grad_sample_embedding_options.py
 
 
 def test_keyed_dropout_through_functionalize_matches_loop_with_per_example_keys():

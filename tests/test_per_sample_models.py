@@ -132,7 +132,7 @@ def test_batchnorm_in_train_mode_under_per_sample_grads_is_a_clear_error():
     model, variables, x, y, keys, loss_fn = _setup("batchnorm_eval", train=True)
     with pytest.raises(RuntimeError, match=r"BatchNorm layers \(`1`\) ran with train=True under vmap over the inputs"):
         fp.per_sample_grads(loss_fn, method="vmap")(variables["params"], x, y, keys)
-    with pytest.raises(ValueError, match=r"BatchNorm in training mode.*1.weight.*replace_batchnorm_with_groupnorm"):
+    with pytest.raises(ValueError, match=r"BatchNorm normalising with the batch.s statistics.*1.weight.*replace_batchnorm_with_groupnorm"):
         fp.per_sample_grads(loss_fn)(variables["params"], x, y, keys)  # auto: the engine says it
     with pytest.raises(RuntimeError, match=r"train=False.*fp.nn.replace_batchnorm_with_groupnorm\(module, num_groups=\.\.\.\)"):
         fp.vmap(lambda xi: model.apply(variables, xi, train=True)[0])(x.unsqueeze(1))

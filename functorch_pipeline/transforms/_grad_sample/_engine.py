@@ -49,8 +49,11 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._row_order import ROWWISE_UNARY
+from functorch_pipeline.transforms._grad_sample._row_order import BatchStatistics
 from functorch_pipeline.transforms._grad_sample._row_order import Mixed
 from functorch_pipeline.transforms._grad_sample._row_order import Weighted
+from functorch_pipeline.transforms._grad_sample._row_order import batch_norm_error
+from functorch_pipeline.transforms._grad_sample._row_order import batch_statistics
 from functorch_pipeline.transforms._grad_sample._row_order import reordered_by
 
 __all__ = ["Ambiguous", "Engine", "PlainBatch", "StaleTracked", "Unproven", "Unsupported", "rng_states"]
@@ -1096,6 +1099,9 @@ class Engine:
             return
         if ev is not None:
             ev.walk_found = True
+        if isinstance(why, BatchStatistics):  # NOTE [batch norm without parameters]
+            raise ValueError(batch_norm_error(self.fn, f"before {self._reading(slots, op, reads=True)}: "
+                                              f"{why}"))
         if isinstance(why, Mixed):  # NOTE [statistics over the examples] in _row_order
             raise Unsupported(
                 f"{self._reading(slots, op)} computed with {why}: each "
@@ -1173,7 +1179,7 @@ class Engine:
         names, todo, seen = [], [node], {node}
         while todo and len(names) < _PRINT_NODES:
             n = todo.pop(0)
-            names.append(n.name())
+            names.append(n.name() + (" (batch statistics)" if batch_statistics(n) else ""))
             if n in self.rule_nodes:
                 continue
             for m, _ in n.next_functions:

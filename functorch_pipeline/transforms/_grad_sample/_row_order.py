@@ -164,7 +164,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROWWISE_UNARY", "Mixed", "Weighted", "reordered_by"]
+__all__ = ["ROWWISE_UNARY", "BatchStatistics", "Mixed", "Weighted", "batch_norm_error",
+           "batch_statistics", "reordered_by"]
 
 _INDEXED = frozenset({"IndexBackward0", "IndexPutBackward0", "IndexPutImplBackward0"})
 _ALONG_DIM = frozenset({"IndexSelectBackward0", "GatherBackward0", "ScatterBackward0",
@@ -208,6 +209,16 @@ _NORMALISING = frozenset({"NativeLayerNormBackward0", "NativeGroupNormBackward0"
 # Matrix products (NOTE [statistics over the examples]): see _product.
 _PRODUCTS = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0",
                        "MvBackward0"})
+# NOTE [solves over the examples]: see _solve. Linear solves X = A^-1 B (``left``) or
+# B A^-1, with the positions of A and B among their inputs...
+_SOLVES = {"LinalgSolveTriangularBackward0": (0, 1), "LinalgSolveExBackward0": (0, 1),
+           "LinalgLuSolveBackward0": (0, 1), "LinalgLstsqBackward0": (0, 1),
+           "CholeskySolveBackward0": (1, 0), "TriangularSolveBackward0": (1, 0)}
+# ... and functions of a whole matrix, whose every entry reads every entry of its input's
+# last two axes.
+_MATRIX_FUNCTIONS = frozenset({"LinalgPinvBackward0", "LinalgInvExBackward0",
+                               "LinalgCholeskyExBackward0", "LinalgMatrixExpBackward0",
+                               "LinalgLuFactorExBackward0"})
 # NOTE [windows over the examples]: ops that read a window, a resampling or a padding of
 # their spatial axes (2 and after), their batch and channel axes kept.
 _WINDOWED = _KEEP_LEADING | frozenset(f"{name}Backward0" for name in (
@@ -244,6 +255,43 @@ class Mixed(str):
 
 class Weighted(str):
     """A finding of NOTE [loss weights with no graph]: the padded runs decide."""
+
+
+class BatchStatistics(Mixed):
+    """A :class:`Mixed` finding of NOTE [batch norm without parameters]: an error, as
+    BatchNorm in training mode with parameters already is, not a fall-back."""
+
+
+# NOTE [batch norm without parameters]
+# BatchNorm normalising with the batch's statistics (training mode, or
+# ``track_running_stats=False`` in either mode) makes each example's output depend on the
+# whole batch. With a differentiated weight or bias its rule refuses it (``_rules``); one
+# with no parameter in the call (``affine=False``, its affine parameters frozen, a bare
+# ``F.batch_norm(..., training=True)``) had no rule to meet, and the walk followed its node
+# like an elementwise op: the fast methods then gave the batch-coupled gradients, silently
+# (float64, a conv, BatchNorm2d(affine=False) in training mode and a linear head: error
+# 4.7 against the per-example loop). The walk now names such a node when it meets the
+# examples on any axis but the channels (1), where F.instance_norm puts them: the same
+# error as the rule's, from every method (vmap cannot batch the running statistics'
+# update either). Eval mode with running statistics normalises each example alone and is
+# followed as before. The walks' record of a call (``Engine._fingerprint``) tells the
+# modes apart, so a model called in eval mode first is walked again in training mode.
+_BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+                          "MiopenBatchNormBackward0"})
+
+
+def batch_statistics(node: Any) -> bool:
+    """Whether ``node`` is a batch norm normalising with the batch's own statistics."""
+    return node.name() in _BATCH_NORMS and bool(getattr(node, "_saved_training", False))
+
+
+def batch_norm_error(fn: str, where: str) -> str:
+    """The message for NOTE [batch norm without parameters] and its rule."""
+    return (f"{fn}: BatchNorm normalising with the batch's statistics (training mode, or "
+            f"track_running_stats=False) {where}, so one example's loss depends on the "
+            "others and per-example gradients are not defined. Run the model in eval mode "
+            "with running statistics, or replace BatchNorm with GroupNorm "
+            "(fp.nn.replace_batchnorm_with_groupnorm).")
 
 
 def reordered_by(x: torch.Tensor, axis: int, stops: Any, memo: dict[Any, Any],
@@ -410,6 +458,9 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
     windows = _windows(node, name, shape, a, nexts)  # NOTE [windows over the examples]
     if windows is not None:
         return windows
+    if a != 1 and batch_statistics(node):  # NOTE [batch norm without parameters]
+        return BatchStatistics(f"`F.batch_norm` with the batch's statistics ({name} on the "
+                               f"examples' axis {a})"), []
     if name in _NORMALISING and _normalises(node, name, rank, a):
         return Mixed(f"{name} normalising over the examples' axis {a}, a statistic over the "
                      "examples"), []
@@ -428,6 +479,8 @@ def _step(node: Any, nr: int, a: int, stops: Any) -> tuple[str | None, list[Any]
         return None, [(n, j, i) for n, j in nexts[:1]]
     if name in _PRODUCTS:
         return None, _product(node, name, shape, a)
+    if name in _SOLVES or name in _MATRIX_FUNCTIONS:
+        return _solve(node, name, shape, a, nexts)
     moved = _moved(node, name, shape, a)
     if moved is not None:
         if moved < 0 and name in _VIEWS and shape[a] > 1:  # NOTE [examples split by a view]
@@ -596,6 +649,40 @@ def _product(node: Any, name: str, shape: list[int], a: int) -> list[Any]:
     if bias is not None and bias[0] is not None:
         out += _same([bias], shape, a, broadcasts=True)
     return out
+
+
+def _solve(node: Any, name: str, shape: list[int], a: int,
+           nexts: list[tuple[Any, int]]) -> tuple[str | None, list[Any]]:
+    """The step of NOTE [solves over the examples] for ``node``.
+
+    # NOTE [solves over the examples]
+    A linear solve ``X = A^-1 B`` (``linalg.solve``, ``solve_triangular``, ``lu_solve``,
+    ``cholesky_solve``, ``lstsq``; ``B A^-1`` with ``left=False``) computes each column
+    of ``X`` (each row, right) from that column of ``B`` and all of ``A``. Batch whitening
+    (W-MSE, decorrelated BatchNorm: ``solve_triangular(cholesky(cov(h)), h.T)``) puts the
+    examples on those columns and a matrix of the batch in ``A``; the walk followed such
+    ops like elementwise ones, did not follow ``A`` (another shape), and the fast methods
+    gave the batch-coupled gradients silently (float64, against the per-example loop:
+    errors 0.27-0.48; ``h @ inv(L).T`` was caught, as a product). Now the examples' axis
+    is followed in ``B`` where each column (row) is solved alone, ``A`` counts as read by
+    every example (a statistic when it reaches the batch), and the examples on the other
+    axis of ``B``, or on the last two axes of a function of a whole matrix (``pinv``,
+    ``inv``, ``cholesky``, ``matrix_exp``, ``lu_factor``), are a statistic over them.
+    Leading (batch) axes are followed in every input that has them."""
+    rank = len(shape)
+    if a < rank - 2:  # a batch axis of the matrices: each matrix alone
+        return None, _same(nexts, shape, a, broadcasts=True)
+    if name in _MATRIX_FUNCTIONS:
+        return _mixed(name, a), []
+    left = bool(getattr(node, "_saved_left", True))
+    if a != (rank - 1 if left else rank - 2):
+        return _mixed(name, a), []
+    ia, ib = _SOLVES[name]
+    fns = list(node.next_functions)
+    rhs = _shape(*fns[ib]) if ib < len(fns) and fns[ib][0] is not None else None
+    axes: list[int | None] = [None, None]  # A: read by every example
+    axes[ib] = None if rhs is None else a - (rank - len(rhs))
+    return None, _along(node, *axes)
 
 
 def _moved(node: Any, name: str, shape: list[int], a: int) -> int | None:

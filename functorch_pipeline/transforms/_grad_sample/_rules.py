@@ -34,6 +34,7 @@ from functorch_pipeline.transforms._grad_sample import _kernel_choice
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._row_order import batch_norm_error
 
 __all__ = ["RULES", "VERSION", "conv_weight_grouped", "conv_weight_per_example", "merge", "overridable",
            "register_rule"]
@@ -628,12 +629,7 @@ def _batch_norm(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tens
     eps = _get(args, kwargs, 7, "eps", 1e-5)
     (ws, bs), (wp, bp) = _params(engine, w, b)
     if training:
-        raise ValueError(
-            f"{engine.fn}: BatchNorm in training mode (parameters {engine.names(args, kwargs)}) "
-            "normalises with statistics of the whole batch, so one example's loss depends on "
-            "the others and per-example gradients are not defined. Run the model in eval mode "
-            "(running statistics), or replace BatchNorm with GroupNorm "
-            "(fp.nn.replace_batchnorm_with_groupnorm).")
+        raise ValueError(batch_norm_error(engine.fn, f"(parameters {engine.names(args, kwargs)})"))
     if engine.slot(mean) is not None or engine.slot(var) is not None:
         raise Unsupported(f"{engine.names(args, kwargs)} is used as running statistics of `F.batch_norm`")
     engine.check_input(x, "F.batch_norm", [s for s in (ws, bs) if s is not None], features=x.dim() - 1)
