@@ -167,15 +167,136 @@ def test_counts_in_rows_matches_counting_each_row():
     assert torch.equal(counts_in_rows(idx), want)
 
 
-def test_sparse_lookups_stay_refused_by_hooks():
-    emb = nn.Embedding(5, 2, sparse=True)
-    p = {"weight": emb.weight.detach()}
+# -- sparse=True (NOTE [sparse embedding gradients]) ----------------------------------------
 
-    def loss(p, ids):
-        return torch.func.functional_call(emb, p, (ids,)).sum((1, 2))
 
-    with pytest.raises(ValueError, match="sparse=True"):
-        fp.per_sample_grads(loss, method="hooks")(p, torch.tensor([[1], [2]]))
+def sparse_loop(loss_fn, params, *batch):
+    """One ``torch.autograd.grad`` per example; a ``sparse=True`` table's gradient comes
+    back as a sparse tensor, densified here."""
+    rows = []
+    for i in range(batch[0].shape[0]):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        grads = torch.autograd.grad(loss_fn(p, *(b[i:i + 1] for b in batch)).sum(),
+                                    list(p.values()))
+        assert grads[0].is_sparse  # the table: what sparse=True changes
+        rows.append([g.to_dense() if g.is_sparse else g for g in grads])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+def sparse_case(case, seed=0, batch=5, seq=6):
+    """A ``sparse=True`` lookup, a tanh and a linear head. ``case``: the layer
+    (``"embedding"``, ``"bag"`` on 2-d ids, ``"offsets"``: a bag on 1-d ids of each
+    example's first ``lengths[b]`` ids, one bag empty) and its options."""
+    kind, kw = case
+    kw = dict(kw)
+    torch.manual_seed(seed)
+    ids = torch.randint(0, V, (batch, seq))
+    ids[0, : seq // 2] = ids[0, 0]  # a repeated id in the first example
+    ids[1, 0] = 0  # padding_idx=0 in some cases
+    y = torch.randint(0, C, (batch,))
+    lengths = torch.randint(1, seq + 1, (batch,))
+    lengths[-1] = 0
+    psw = torch.rand(batch, seq) + 0.5
+    head = nn.Linear(D, C)
+    params = {"e.weight": 2 * torch.randn(V, D), "head.weight": head.weight.detach().clone(),
+              "head.bias": head.bias.detach().clone()}
+    weighted = kw.pop("weighted", False)
+    last = kw.pop("include_last_offset", False)
+
+    def out(p, h):
+        return F.cross_entropy(F.linear(torch.tanh(h), p["head.weight"], p["head.bias"]), y_[0],
+                               reduction="none")
+
+    y_ = [None]
+
+    if kind == "embedding":
+        def loss_fn(p, ids, lengths, psw, y):
+            y_[0] = y
+            return out(p, F.embedding(ids, p["e.weight"], sparse=True, **kw).mean(1))
+    elif kind == "bag":
+        def loss_fn(p, ids, lengths, psw, y):
+            y_[0] = y
+            return out(p, F.embedding_bag(ids, p["e.weight"], sparse=True,
+                                          per_sample_weights=psw if weighted else None, **kw))
+    else:
+        def loss_fn(p, ids, lengths, psw, y):
+            y_[0] = y
+            keep = torch.arange(ids.shape[1]) < lengths.unsqueeze(1)
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            return out(p, F.embedding_bag(ids[keep], p["e.weight"],
+                                          offsets if last else offsets[:-1], sparse=True,
+                                          per_sample_weights=psw[keep] if weighted else None,
+                                          include_last_offset=last, **kw))
+
+    return params, (ids, lengths, psw, y), loss_fn
+
+
+SPARSE_CASES = [
+    ("embedding", {}),
+    ("embedding", dict(padding_idx=0)),
+    ("embedding", dict(max_norm=1.0)),
+    ("embedding", dict(max_norm=0.5, norm_type=1.0, padding_idx=0)),
+    ("bag", dict(mode="mean")),
+    ("bag", dict(mode="sum", weighted=True)),
+    ("bag", dict(mode="sum", padding_idx=0)),
+    ("bag", dict(mode="mean", padding_idx=0, max_norm=1.0)),
+    ("offsets", dict(mode="mean")),
+    ("offsets", dict(mode="sum", weighted=True, include_last_offset=True)),
+    ("offsets", dict(mode="mean", padding_idx=0)),
+    ("offsets", dict(mode="sum", max_norm=0.5, norm_type=1.0)),
+]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_sparse_lookups_match_the_loop_with_dense_gradients(case):
+    """``sparse=True`` changes only the storage of autograd's gradient: the fast rules give
+    the loop's (densified) per-example gradients, their norms and the clipped sum, dense."""
+    params, batch, loss_fn = sparse_case(case)
+    ref = sparse_loop(loss_fn, copy(params), *batch)
+    norms_ref, clipped_ref = clipped_reference(ref, 0.5)
+    for method in ("hooks", "auto"):
+        got = fp.per_sample_grads(loss_fn, method=method)(copy(params), *batch)
+        for k in ref:
+            assert got[k].layout == torch.strided and got[k].shape == ref[k].shape
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-10, msg=f"{method} {k}")
+    # ghost clipping has no rule for embedding bags (NOTE [ghost engine]): 'auto' takes hooks
+    for method in ("hooks", "auto") + (("ghost",) if case[0] == "embedding" else ()):
+        norms = fp.per_sample_grad_norms(loss_fn, method=method)(copy(params), *batch)
+        torch.testing.assert_close(norms, norms_ref, rtol=0, atol=1e-10, msg=method)
+        clipped, _ = fp.clipped_grad(loss_fn, 0.5, method=method)(copy(params), *batch)
+        for k in ref:
+            assert clipped[k].layout == torch.strided
+            torch.testing.assert_close(clipped[k], clipped_ref[k], rtol=0, atol=1e-10,
+                                       msg=f"{method} {k}")
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_modules_match_their_dense_twins(bag):
+    """nn.Embedding / nn.EmbeddingBag(sparse=True) give what sparse=False gives."""
+    _, params, ids, y, loss_fn = setup(bag, 1, 4, 5, sparse=True)
+    _, _, _, _, dense_fn = setup(bag, 1, 4, 5)
+    for method in ("hooks", "auto"):
+        got = fp.per_sample_grads(loss_fn, method=method)(copy(params), ids, y)
+        want = fp.per_sample_grads(dense_fn, method=method)(copy(params), ids, y)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    for method in ("hooks", "auto") + (() if bag else ("ghost",)):
+        got, _ = fp.clipped_grad(loss_fn, 0.3, method=method)(copy(params), ids, y)
+        want, _ = fp.clipped_grad(dense_fn, 0.3, method=method)(copy(params), ids, y)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_lookups_under_vmap_say_what_to_do(bag):
+    _, params, ids, y, loss_fn = setup(bag, 0, 3, 4, sparse=True)
+    match = r"vmap cannot batch the gradient of an embedding table with sparse=True.*sparse=False"
+    with pytest.raises(RuntimeError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's batching-rule performance warnings
+        fp.per_sample_grads(loss_fn, method="vmap")(copy(params), ids, y)
+    with pytest.raises(RuntimeError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp.clipped_grad(loss_fn, 1.0, method="vmap")(copy(params), ids, y)
 
 
 def test_max_norm_on_a_table_computed_inside_loss_fn_is_refused():
@@ -193,3 +314,25 @@ def test_max_norm_on_a_table_computed_inside_loss_fn_is_refused():
     with pytest.raises(RuntimeError, match="method='vmap' cannot batch"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp.per_sample_grads(loss)(copy(params), ids)
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_lookups_with_scale_grad_by_freq_are_refused_as_pytorch_refuses_them(bag):
+    _, params, ids, y, loss_fn = setup(bag, 0, 3, 4, sparse=True, scale_grad_by_freq=True)
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse"):
+        sparse_loop(loss_fn, copy(params), ids, y)
+    for method in ("hooks", "auto"):
+        with pytest.raises(ValueError, match=r"does not take scale_grad_by_freq=True with "
+                                             r"sparse=True .*sparse=False gives the same"):
+            fp.per_sample_grads(loss_fn, method=method)(copy(params), ids, y)
+    with pytest.raises(ValueError, match="scale_grad_by_freq=True with sparse=True"):
+        fp.clipped_grad(loss_fn, 1.0)(copy(params), ids, y)
+
+
+def test_sparse_bags_in_max_mode_are_refused_as_pytorch_refuses_them():
+    _, params, ids, y, loss_fn = setup(True, 0, 3, 4, sparse=True, mode="max")
+    with pytest.raises(ValueError, match="max mode does not support sparse"):
+        loss_fn(copy(params), ids, y)
+    for method in ("hooks", "auto"):
+        with pytest.raises(ValueError, match="does not take sparse=True with mode='max'"):
+            fp.per_sample_grads(loss_fn, method=method)(copy(params), ids, y)

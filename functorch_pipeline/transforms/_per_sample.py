@@ -206,6 +206,13 @@ def _per_sample(
                     "method='hooks' (and method='auto') handle it when the table is a parameter "
                     "(not computed inside loss_fn), renormalising it as eager PyTorch does. "
                     f"The error was: {e}") from e
+            if "from the 'Sparse" in str(e):  # NOTE [sparse embedding gradients] in _rules
+                raise RuntimeError(
+                    f"{fn}: torch.func.vmap cannot batch the gradient of an embedding table "
+                    "with sparse=True (nn.Embedding/nn.EmbeddingBag); sparse=False gives the "
+                    "same values, and method='hooks' handles sparse=True where it has rules for "
+                    f"the rest of loss_fn (dense per-example gradients). The error was: {e}"
+                ) from e
             rnn = _builtin_rnn_in(e.__traceback__)
             if rnn is None:
                 raise

@@ -441,9 +441,9 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
         raise Unsupported(f"{engine.names(args, kwargs)} is used as the indices of `F.embedding`")
     max_norm, norm_type = _get(args, kwargs, 3, "max_norm"), _get(args, kwargs, 4, "norm_type", 2.0)
     by_freq = bool(_get(args, kwargs, 5, "scale_grad_by_freq", False))
-    if _get(args, kwargs, 6, "sparse", False):
-        raise Unsupported(f"{engine.name(ws)} is used by `F.embedding` with sparse=True, "
-                          "which has no per-sample gradient rule")
+    if by_freq and _get(args, kwargs, 6, "sparse", False) and torch.is_grad_enabled():
+        raise ValueError(SPARSE_BY_FREQ.format(fn=engine.fn, call="F.embedding"))
+    # sparse=True is otherwise ignored: NOTE [sparse embedding gradients]
     wp = engine.bases[ws]
     if max_norm is not None:
         renorm_rows(engine, ws, idx, max_norm, norm_type, "F.embedding")
@@ -496,6 +496,20 @@ def _embedding(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tenso
     out = F.embedding(idx, wp.detach().requires_grad_(), padding_idx)
     engine.record(out, _finish_embedding, idx, ws, padding_idx, axis, by_freq)
     return out
+
+
+# NOTE [sparse embedding gradients]
+# ``sparse=True`` (``nn.Embedding``/``nn.EmbeddingBag``) changes only the storage format of
+# the gradient autograd returns for the table (a sparse COO tensor), not its values, so
+# the embedding rules ignore it: the lookup is re-run with ``sparse=False`` and the
+# per-example gradients (hooks), norms and clipped sum (ghost) are those of the dense
+# table, returned dense like every other layer's. ``vmap`` cannot batch the sparse
+# backward at all (``aten::view`` has no sparse kernel), so these rules are the only
+# transformed path for such tables; ``_per_sample`` says so when it does fall back.
+# ``scale_grad_by_freq=True`` with ``sparse=True`` is refused as PyTorch's backward
+# refuses it (a loop over examples and ``fp.grad`` fail there too).
+SPARSE_BY_FREQ = ("{fn}: {call} does not take scale_grad_by_freq=True with sparse=True "
+                  "(PyTorch's backward refuses it); sparse=False gives the same gradient values")
 
 
 def renorm_rows(engine: Engine, ws: int, idx: Any, max_norm: float, norm_type: float,

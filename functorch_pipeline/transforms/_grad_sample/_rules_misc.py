@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._rules import SPARSE_BY_FREQ
 from functorch_pipeline.transforms._grad_sample._rules import _affine_parts
 from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import _no_graph
@@ -53,10 +54,13 @@ def _embedding_bag(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.T
     if a["mode"] not in _MODES:
         raise ValueError(f"{engine.fn}: F.embedding_bag mode must be one of {list(_MODES)}, "
                          f"got {a['mode']!r}")
-    if a["sparse"]:
-        raise Unsupported(f"{engine.name(ws)} is used by `F.embedding_bag` with sparse=True, "
-                          "which has no per-sample gradient rule")
     by_freq = bool(a["scale_grad_by_freq"])
+    if a["sparse"] and a["mode"] == "max":  # as F.embedding_bag's own forward refuses it
+        raise ValueError(f"{engine.fn}: F.embedding_bag does not take sparse=True with "
+                         "mode='max'")
+    if by_freq and a["sparse"] and torch.is_grad_enabled():
+        raise ValueError(SPARSE_BY_FREQ.format(fn=engine.fn, call="F.embedding_bag"))
+    # sparse=True is otherwise ignored: NOTE [sparse embedding gradients] in _rules
     if by_freq and a["mode"] == "max":
         raise ValueError(f"{engine.fn}: F.embedding_bag does not take scale_grad_by_freq=True "
                          "with mode='max'")
@@ -83,7 +87,7 @@ def _embedding_bag(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.T
     # A leaf alias of the weight gives the output a grad_fn (see NOTE [gradient edges, not
     # tensors]); its own gradient is never computed.
     out = F.embedding_bag(idx, wp.detach().requires_grad_(), offsets, None, a["norm_type"], False,
-                          a["mode"], a["sparse"], psw, a["include_last_offset"], padding_idx)
+                          a["mode"], False, psw, a["include_last_offset"], padding_idx)
     engine.record(out, _finish_embedding_bag, flat, starts, psw_flat, ws, a["mode"], padding_idx,
                   by_freq)
     return out
