@@ -412,3 +412,60 @@ def test_clipped_sum_with_a_mask_and_chunks_on_this_stops_rules(kind, chunk):
                 want[k] += gr * min(1.0, 0.5 / norm)
     for k in want:
         torch.testing.assert_close(total[k], want[k], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name, value, want", [
+    ("noise_multiplier", float("inf"), r"a finite number >= 0, got inf"),
+    ("noise_multiplier", float("nan"), r"a finite number >= 0, got nan"),
+    ("noise_multiplier", -1.0, r"a finite number >= 0, got -1.0"),
+    ("expected_batch_size", float("inf"), r"a finite number > 0, got inf"),
+    ("expected_batch_size", float("nan"), r"a finite number > 0, got nan"),
+    ("expected_batch_size", 0.0, r"a finite number > 0, got 0.0"),
+])
+def test_non_finite_arguments_are_refused_by_the_constructor(name, value, want):
+    """sigma = inf failed later, in every step, under the accountant's name; an infinite
+    expected batch size made every update silently 0."""
+    kw = dict(l2_norm_clip=1.0, noise_multiplier=1.0, sample_rate=0.25, expected_batch_size=10.0)
+    with pytest.raises(ValueError, match=rf"^DPTrainer: `{name}` must be {want}$"):
+        fp.train.DPTrainer(loss_fn, optim.sgd(0.1), **{**kw, name: value})
+
+
+def test_infinite_clip_needs_sigma_zero():
+    """C = inf (no clipping) is allowed without noise only; the error names DPTrainer."""
+    kw = dict(sample_rate=0.25, expected_batch_size=10.0)
+    fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=math.inf, noise_multiplier=0.0, **kw)
+    with pytest.raises(ValueError, match=r"^DPTrainer: `l2_norm_clip` must be finite when "
+                                         r"noise_multiplier > 0 .*got inf$"):
+        fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=math.inf, noise_multiplier=1.0,
+                           **kw)
+
+
+def test_noise_free_steps_void_the_privacy_claim_and_survive_save_and_load(tmp_path):
+    """sigma = 0 steps recorded nothing: epsilon(1e-5) was 0.0 (perfect privacy) for a
+    non-private run, and a finite epsilon once noisy steps followed. Any noise-free step
+    means no guarantee (epsilon = inf, delta = 1) from then on, across fp.save / fp.load."""
+    pytest.importorskip("dp_accounting")
+    plain = _trainer(optim.sgd(0.1), sigma=0.0)
+    state = plain.init(_params(), fp.random.key(0))
+    for batch in _batches(3):
+        state, _ = plain.step(state, batch)
+    acc = state.accountant
+    assert acc.steps == int(state.step) == 3
+    assert acc.epsilon(1e-5) == math.inf and acc.delta(1.0) == 1.0
+    noisy = _trainer(optim.sgd(0.1), sigma=1.3)  # continue privately from the same state
+    path = tmp_path / "ckpt.safetensors"
+    fp.save(path, state)
+    resumed = fp.load(path)
+    assert resumed.accountant == acc
+    for batch in _batches(2, key=8):
+        state, _ = noisy.step(state, batch)
+        resumed, _ = noisy.step(resumed, batch)
+    assert resumed.accountant == state.accountant
+    for a in (state.accountant, resumed.accountant):
+        assert a.steps == 5 and a.epsilon(1e-5) == math.inf and a.delta(5.0) == 1.0
+    # the noisy steps alone: what dp-accounting says for 2 steps (a finite epsilon)
+    alone = _trainer(optim.sgd(0.1), sigma=1.3).init(_params(), fp.random.key(0))
+    for batch in _batches(2, key=8):
+        alone, _ = noisy.step(alone, batch)
+    want = fp.privacy.epsilon(noise_multiplier=1.3, sample_rate=0.25, steps=2, delta=1e-5)
+    assert abs(alone.accountant.epsilon(1e-5) - want) < 1e-9 and math.isfinite(want)

@@ -4,6 +4,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import functorch_pipeline as fp
 from functorch_pipeline import optim
@@ -109,7 +112,7 @@ def test_bad_per_example_input_is_named():
         tx.update(bad, tx.init({"w": torch.zeros(2), "b": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"leaf at path `s` has no batch axis"):
         tx.update({"s": torch.tensor(1.0)}, tx.init({"s": torch.tensor(0.0)}))
-    with pytest.raises(ValueError, match=r"`noise_multiplier` must be >= 0.0"):
+    with pytest.raises(ValueError, match=r"^differentially_private_aggregate: `noise_multiplier` must be a finite number >= 0, got -1.0"):
         optim.differentially_private_aggregate(1.0, -1.0, seed=0)
     with pytest.raises(TypeError, match=r"`seed` must be an int or an fp.random key"):
         optim.differentially_private_aggregate(1.0, 1.0, seed=1.5)
@@ -120,7 +123,7 @@ def test_batch_mean_gradients_are_refused():
     opt = optim.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, key=0)
     state = opt.init(_params())
     mean = fp.tree.map(lambda g: g.mean(0), _per_example())
-    msg = r"differentially_private_aggregate.update: leaf at path `b` must be a per-example"
+    msg = r"^dpsgd.update: leaf at path `b` must be a per-example"
     with pytest.raises(ValueError, match=msg + r".*\(B, 2\).*got \(2,\).*batch-mean"):
         opt.update(mean, state, _params())
     with pytest.raises(ValueError, match=r"leaf at path `b` .*batch-mean"):
@@ -181,7 +184,7 @@ def test_add_dp_noise_bad_input():
     with pytest.raises(ValueError, match=r"add_dp_noise.update: no batch size"):
         t2 = optim.add_dp_noise(1.0, 1.0, key=0)
         t2.update(_params(), t2.init(_params()))
-    with pytest.raises(ValueError, match=r"add_dp_noise: `batch_size` must be > 0"):
+    with pytest.raises(ValueError, match=r"^add_dp_noise: `batch_size` must be a finite number > 0, got 0"):
         optim.add_dp_noise(1.0, 1.0, key=0, batch_size=0)
     with pytest.raises(TypeError, match=r"differentially_private\(optimizer, ...\): `optimizer`"):
         optim.differentially_private("adam", 1.0, 1.0, key=0)
@@ -229,3 +232,147 @@ def test_noise_drawn_in_chunks_is_fresh_in_every_chunk():
     head, tail = z[:5000], z[1 << 18:]
     assert not torch.equal(head, tail)
     assert abs(float(torch.corrcoef(torch.stack([head, tail]))[0, 1])) < 0.06
+
+
+# ------------------------------------------------ hyperparameters: NaN, signs, tensors, inf
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _factories():
+    """name -> (l2_norm_clip, noise_multiplier) -> transformation, for the four DP APIs."""
+    return {
+        "dpsgd": lambda c, s: optim.dpsgd(0.1, l2_norm_clip=c, noise_multiplier=s, key=0),
+        "differentially_private_aggregate":
+            lambda c, s: optim.differentially_private_aggregate(c, s, key=0),
+        "add_dp_noise": lambda c, s: optim.add_dp_noise(c, s, key=0, batch_size=B),
+        "differentially_private":
+            lambda c, s: optim.differentially_private(optim.sgd(0.1), c, s, key=0, batch_size=B),
+    }
+
+
+def _finite_nonneg(v):
+    return math.isfinite(float(v)) and float(v) >= 0
+
+
+@pytest.mark.parametrize("api", sorted(_factories()))
+@pytest.mark.parametrize("sigma", [NAN, -1.0, INF, -INF, torch.tensor(-1.0), torch.tensor(NAN),
+                                   torch.tensor(INF), torch.tensor(-0.5, dtype=F64)])
+def test_bad_noise_multiplier_is_refused_by_every_api(api, sigma):
+    """NaN or a negative sigma made `noise_multiplier > 0` false: no noise, silently."""
+    with pytest.raises(ValueError, match=rf"^{api}: `noise_multiplier` must be a finite number "
+                                         r">= 0, got .*(nan|inf|-)"):
+        _factories()[api](1.0, sigma)
+
+
+@pytest.mark.parametrize("api", sorted(_factories()))
+@pytest.mark.parametrize("clip", [NAN, -1.0, -INF, torch.tensor(NAN), torch.tensor(-2.0)])
+def test_bad_l2_norm_clip_is_refused_by_every_api(api, clip):
+    with pytest.raises(ValueError, match=rf"^{api}: `l2_norm_clip` must be a number >= 0 or "
+                                         r"inf, got .*(nan|-)"):
+        _factories()[api](clip, 1.0)
+
+
+@pytest.mark.parametrize("api", sorted(_factories()))
+def test_non_scalar_or_non_number_hyperparameters_are_refused(api):
+    make = _factories()[api]
+    with pytest.raises(TypeError, match=rf"^{api}: `noise_multiplier` must be a number or a "
+                                        r"one-element tensor, got a Tensor of shape \(2,\)"):
+        make(1.0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match=rf"^{api}: `l2_norm_clip` must be a number or a "
+                                        r"one-element tensor, got a str"):
+        make("1.0", 1.0)
+    with pytest.raises(TypeError, match=rf"^{api}: `noise_multiplier` .* got a bool"):
+        make(1.0, True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sigma=st.floats(allow_nan=True, allow_infinity=True, width=64),
+       as_tensor=st.booleans())
+def test_noise_multiplier_is_accepted_iff_finite_and_non_negative(sigma, as_tensor):
+    """Accepted values give the noise of the equal Python float (std C * sigma / B on the
+    mean: the reference update is recomputed here from the clipped sum and the same draw);
+    everything else raises."""
+    value = torch.tensor(sigma, dtype=F64) if as_tensor else sigma
+    if not _finite_nonneg(sigma):
+        with pytest.raises(ValueError, match=r"`noise_multiplier` must be a finite number >= 0"):
+            optim.differentially_private_aggregate(1.0, value, key=3)
+        return
+    sigma = min(sigma, 1e6)
+    value = torch.tensor(sigma, dtype=F64) if as_tensor else sigma
+    tx = optim.differentially_private_aggregate(1.0, value, key=3)
+    got, _ = tx.update(_per_example(), tx.init(_params()))
+    # the reference: the clipped mean plus C * sigma / B times the noise of sigma = 1
+    unit = optim.differentially_private_aggregate(1.0, 1.0, key=3)
+    noisy1, _ = unit.update(_per_example(), unit.init(_params()))
+    mean = _loop_mean_clipped(_per_example(), 1.0)
+    want = {k: mean[k] + sigma * (noisy1[k] - mean[k]) for k in mean}
+    assert fp.tree.allclose(got, want, rtol=1e-9, atol=1e-12 * max(1.0, sigma))
+
+
+def test_zero_d_tensor_hyperparameters_equal_python_floats():
+    for name in ("dpsgd", "differentially_private_aggregate"):
+        make = _factories()[name]
+        a, b = make(torch.tensor(1.5), torch.tensor(0.8, dtype=F64)), make(1.5, 0.8)
+        ua, _ = a.update(_per_example(), a.init(_params()))
+        ub, _ = b.update(_per_example(), b.init(_params()))
+        assert fp.tree.allclose(ua, ub, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- batch_size, empty batches
+
+
+@pytest.mark.parametrize("api", ["add_dp_noise", "differentially_private"])
+@pytest.mark.parametrize("b", [0, -2, -2.0, NAN, INF, torch.tensor(0.0), torch.tensor(-2.0),
+                               torch.tensor(NAN)])
+def test_batch_size_override_must_be_finite_and_positive(api, b):
+    """update(..., batch_size=b): 0 gave inf, -2 flipped the sign (gradient ascent), NaN NaN."""
+    make = _factories()[api]
+    tx = make(1.0, 0.0)
+    summed = {"w": torch.ones(3, 2, dtype=F64), "b": -torch.ones(2, dtype=F64)}
+    state = tx.init(_params())
+    with pytest.raises(ValueError, match=rf"^{api}.update: `batch_size` must be a finite number "
+                                         r"> 0, got .*(0|-2|nan|inf)"):
+        tx.update(summed, state, _params(), batch_size=b)
+
+
+@pytest.mark.parametrize("b", [0, -2, NAN, INF, -INF])
+def test_batch_size_in_the_constructor_must_be_finite_and_positive(b):
+    with pytest.raises(ValueError, match=r"^add_dp_noise: `batch_size` must be a finite number "
+                                         r"> 0, got"):
+        optim.add_dp_noise(1.0, 0.0, key=0, batch_size=b)
+    with pytest.raises(ValueError, match=r"^differentially_private: `batch_size` must be a "
+                                         r"finite number > 0, got"):
+        optim.differentially_private(optim.sgd(1.0), 1.0, 0.0, key=0, batch_size=b)
+
+
+@pytest.mark.parametrize("b", [2, 2.5, torch.tensor(2.5, dtype=F64), torch.tensor(3)])
+def test_a_valid_batch_size_override_divides_the_sum(b):
+    tx = optim.differentially_private(optim.sgd(1.0), 1.0, 0.0, key=0, batch_size=4.0)
+    summed = {"w": torch.arange(6, dtype=F64).reshape(3, 2), "b": torch.tensor([1.0, -2.0],
+                                                                                dtype=F64)}
+    got, _ = tx.update(summed, tx.init(_params()), _params(), batch_size=b)
+    want = {k: -v / float(b) for k, v in summed.items()}
+    assert fp.tree.allclose(got, want, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("api", ["dpsgd", "differentially_private_aggregate"])
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_empty_batch_has_no_mean(api, sigma):
+    """B = 0 per-example gradients: dividing by B gave NaN (sigma = 0) or +-inf params."""
+    tx = _factories()[api](1.0, sigma)
+    empty = {"w": torch.zeros(0, 3, 2, dtype=F64), "b": torch.zeros(0, 2, dtype=F64)}
+    with pytest.raises(ValueError, match=rf"^{api}.update: the batch is empty .*no mean.*"
+                                         r"add_dp_noise.*differentially_private.*`batch_size=`.*"
+                                         r"DPTrainer"):
+        tx.update(empty, tx.init(_params()), _params())
+
+
+def test_the_documented_alternative_handles_an_empty_batch():
+    """add_dp_noise with the expected batch size: an empty Poisson batch is noise / EB."""
+    empty = {"w": torch.zeros(0, 3, 2, dtype=F64), "b": torch.zeros(0, 2, dtype=F64)}
+    summed, n = optim.per_example_global_norm_clip(empty, 1.0)
+    assert int(n) == 0 and all(float(v.abs().sum()) == 0 for v in summed.values())
+    tx = optim.add_dp_noise(1.0, 0.0, key=0, batch_size=4.0)
+    out, _ = tx.update(summed, tx.init(_params()), _params())
+    assert all(torch.isfinite(v).all() and float(v.abs().sum()) == 0 for v in out.values())

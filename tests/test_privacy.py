@@ -378,3 +378,79 @@ def test_alternating_settings_compose_like_dp_accounting_in_order():
     assert acc.epsilon(DELTA) == pytest.approx(ref.get_epsilon(DELTA), abs=1e-9)
     swapped = Accountant(history=(DpStep(1.0, 0.01, 15), DpStep(2.0, 0.05, 15)))
     assert acc.epsilon(DELTA) == pytest.approx(swapped.epsilon(DELTA), abs=1e-12)  # ... not eps
+
+
+# ------------------------------------------------------------------- steps without noise
+
+
+@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_a_step_without_noise_voids_the_guarantee(kind):
+    """A noise-free step releases an exact gradient: no (epsilon, delta) guarantee remains,
+    whatever comes before or after (the accountant used to record nothing: epsilon 0.0)."""
+    free = Accountant(kind).step_without_noise(sample_rate=0.1)
+    assert free.steps == 1 and free.history == (DpStep(0.0, 0.1, 1),)
+    assert free.epsilon(DELTA) == math.inf and free.delta(1.0) == 1.0 and free.delta(0.0) == 1.0
+    later = free.step(noise_multiplier=1.1, sample_rate=Q, steps=100)
+    assert later.steps == 101 and later.epsilon(DELTA) == math.inf and later.delta(20.0) == 1.0
+    before = Accountant(kind).step(noise_multiplier=1.1, sample_rate=Q, steps=100)
+    assert math.isfinite(before.epsilon(DELTA))
+    after = before.step_without_noise(sample_rate=Q, steps=2).step_without_noise(sample_rate=Q)
+    assert after.history == (DpStep(1.1, Q, 100), DpStep(0.0, Q, 3)) and after.steps == 103
+    assert after.epsilon(DELTA) == math.inf and after.delta(1.0) == 1.0
+    assert before.step_without_noise(sample_rate=Q, steps=0) is before  # nothing recorded
+
+
+@settings(max_examples=15, deadline=None)
+@given(plan=st.lists(st.tuples(st.sampled_from([0.0, 0.8, 1.3]), st.sampled_from([0.01, 0.2]),
+                               st.integers(0, 50)), min_size=1, max_size=5))
+def test_epsilon_is_infinite_iff_a_noise_free_step_was_taken(plan):
+    """Against dp-accounting on the noisy steps alone: a history with no noise-free step
+    (or only empty ones) has the epsilon of its noisy steps; with one it is inf."""
+    acc, ref, any_free = Accountant(), dpa_rdp.RdpAccountant(), False
+    for sigma, q, n in plan:
+        if sigma == 0.0:
+            acc = acc.step_without_noise(sample_rate=q, steps=n)
+            any_free = any_free or n > 0
+        else:
+            acc = acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
+            if n:
+                ref.compose(_event(sigma, q), n)
+    assert acc.steps == sum(n for *_, n in plan)
+    if any_free:
+        assert acc.epsilon(DELTA) == math.inf and acc.delta(1.0) == 1.0
+    else:
+        assert acc.epsilon(DELTA) == pytest.approx(ref.get_epsilon(DELTA), abs=1e-9)
+
+
+def test_step_without_noise_survives_save_and_load_and_old_checkpoints_load(tmp_path):
+    acc = Accountant("pld").step(noise_multiplier=1.0, sample_rate=0.1, steps=4)
+    fp.save(tmp_path / "old.safetensors", {"accountant": acc})  # no noise-free step: as before
+    old = fp.load(tmp_path / "old.safetensors")["accountant"]
+    assert old == acc and math.isfinite(old.epsilon(DELTA))
+    free = acc.step_without_noise(sample_rate=0.1, steps=2)
+    fp.save(tmp_path / "new.safetensors", {"accountant": free})
+    loaded = fp.load(tmp_path / "new.safetensors")["accountant"]
+    assert loaded == free and all(type(s) is DpStep for s in loaded.history)
+    assert loaded.epsilon(DELTA) == math.inf and loaded.delta(3.0) == 1.0
+    assert fp.tree.leaves(loaded) == [1.0, 0.1, 4, 0.0, 0.1, 2]
+
+
+def test_step_without_noise_bad_input_and_sigma_zero_elsewhere():
+    with pytest.raises(ValueError, match=r"^Accountant.step_without_noise: `sample_rate` must be "
+                                         r"in \(0, 1\], got 0.0"):
+        Accountant().step_without_noise(sample_rate=0.0)
+    with pytest.raises(ValueError, match=r"^Accountant.step_without_noise: `steps` must be >= 0"):
+        Accountant().step_without_noise(sample_rate=0.1, steps=-1)
+    # sigma = 0 stays an error where a finite epsilon is asked for ...
+    with pytest.raises(ValueError, match=r"^epsilon: `noise_multiplier` must be a finite number "
+                                         r"> 0, got 0"):
+        epsilon(noise_multiplier=0, sample_rate=0.1, steps=10, delta=DELTA)
+    # ... and in Accountant.step, which points to the explicit method
+    with pytest.raises(ValueError, match=r"^Accountant.step: `noise_multiplier` must be a finite "
+                                         r"number > 0, got 0.0; .*step_without_noise"):
+        Accountant().step(noise_multiplier=0.0, sample_rate=0.1)
+    # a stored sigma that is neither 0 nor valid is still refused before use
+    bad = fp.tree.unflatten(fp.tree.structure(Accountant(history=(DpStep(1.0, 0.1, 1),))),
+                            [-1.0, 0.1, 1])
+    with pytest.raises(ValueError, match=r"^Accountant.epsilon: `noise_multiplier` must be"):
+        bad.epsilon(DELTA)

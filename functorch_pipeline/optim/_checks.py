@@ -31,6 +31,7 @@ dtype are added and the result is cast to the parameter's dtype.
 from __future__ import annotations
 
 import collections.abc
+import math
 import numbers
 import operator
 from typing import Any
@@ -236,3 +237,62 @@ def check_hyperparameter(where: str, name: str, value: Any, *, schedule: bool = 
     if looks_like_params:
         msg += f". {_OPTAX_HINT}"
     raise TypeError(msg)
+
+
+def check_real(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    low_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """A real hyperparameter read on the host, returned as a Python float.
+
+    ``value`` is a Python (or NumPy) real number or a one-element real tensor (read with
+    ``float``: one device sync for an accelerator tensor, so call it once, outside any
+    loop). NaN is always refused (``nan > 0`` is False, so a NaN noise multiplier would
+    otherwise mean "no noise"), as is a value below ``low`` (or equal to it when
+    ``low_open``) and, when ``finite``, +-inf.
+
+    Args:
+      where: the API, for the message (``"add_dp_noise"``).
+      name: the argument's name.
+      value: the value to check.
+      low: the lower bound.
+      low_open: refuse ``low`` itself too (``> low`` instead of ``>= low``).
+      finite: refuse +-inf.
+
+    Returns:
+      ``float(value)``.
+
+    Raises:
+      TypeError: ``value`` is not a real number or a one-element real tensor.
+      ValueError: it is NaN, out of range, or infinite when ``finite``.
+
+    Example:
+      >>> check_real("f", "sigma", torch.tensor(0.5))
+      0.5
+      >>> check_real("f", "sigma", float("nan"))
+      Traceback (most recent call last):
+      ...
+      ValueError: f: `sigma` must be a finite number >= 0, got nan
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            what = "bool " if value.dtype == torch.bool else "complex " if value.is_complex() else ""
+            raise TypeError(f"{where}: `{name}` must be a number or a one-element tensor, got a "
+                            f"{what}Tensor of shape {tuple(value.shape)}")
+        x = float(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: `{name}` must be a number or a one-element tensor, got a "
+                        f"{type(value).__name__}")
+    else:
+        x = float(value)
+    ok = (x > low if low_open else x >= low) and (math.isfinite(x) or not finite)
+    if not ok:  # NaN lands here: every comparison with it is False
+        op = ">" if low_open else ">="
+        kind = f"a finite number {op} {low:g}" if finite else f"a number {op} {low:g} or inf"
+        raise ValueError(f"{where}: `{name}` must be {kind}, got {value!r}")
+    return x

@@ -24,6 +24,7 @@ from functorch_pipeline.optim._base import ScalarOrSchedule
 from functorch_pipeline.optim._base import Updates
 from functorch_pipeline.optim._base import chain
 from functorch_pipeline.optim._base import identity
+from functorch_pipeline.optim._checks import check_real
 from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import trace
@@ -231,16 +232,49 @@ def _as_key(where: str, key: Any, seed: Any) -> torch.Tensor:
     return fpr.key(value)
 
 
-def _check_noise(where: str, l2_norm_clip: float, noise_multiplier: float) -> float:
-    check_number(f"{where}(l2_norm_clip)", "l2_norm_clip", l2_norm_clip, low=0.0)
-    check_number(f"{where}(noise_multiplier)", "noise_multiplier", noise_multiplier, low=0.0)
-    if noise_multiplier > 0 and math.isinf(l2_norm_clip):
+def _check_noise(where: str, l2_norm_clip: Any, noise_multiplier: Any) -> tuple[float, float]:
+    """``(C, noise std)`` as Python floats, after checking both.
+
+    # NOTE [DP hyperparameters]
+    ``l2_norm_clip`` and ``noise_multiplier`` are numbers or one-element tensors, read once
+    on the host here. NaN and negative values are refused (tensors included): the noise
+    is skipped when ``noise_multiplier > 0`` is false, which NaN and negatives made true
+    of a call that asked for noise, a silently non-private step. ``noise_multiplier``
+    must be finite; ``l2_norm_clip = inf`` (no clipping) is allowed with sigma = 0 only.
+    """
+    clip = check_real(where, "l2_norm_clip", l2_norm_clip, finite=False)
+    sigma = check_real(where, "noise_multiplier", noise_multiplier)
+    if sigma > 0 and math.isinf(clip):
         raise ValueError(
             f"{where}: noise_multiplier > 0 needs a finite `l2_norm_clip` (the noise std is "
             "their product)"
         )
     # sigma = 0 means no noise, even with C = inf (where C * sigma would be NaN).
-    return l2_norm_clip * noise_multiplier if noise_multiplier > 0 else 0.0
+    return clip, clip * sigma if sigma > 0 else 0.0
+
+
+def _check_batch_size(where: str, batch_size: Any) -> float:
+    """The divisor of the noisy sum: a finite number > 0 (NOTE [expected batch size]).
+    0 divided by zero, a negative one turned descent into ascent, NaN poisoned the step."""
+    return check_real(where, "batch_size", batch_size, low_open=True)
+
+
+def _readable(b: Any) -> bool:
+    """Whether a per-step ``batch_size`` can be checked without a device sync or a graph
+    break: a number, or a CPU tensor outside ``torch.compile`` (an accelerator tensor,
+    such as ``fp.distributed``'s all-reduced count, is used as given)."""
+    if not isinstance(b, torch.Tensor):
+        return True
+    return b.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _empty_batch(where: str) -> ValueError:
+    return ValueError(
+        f"{where}: the batch is empty (0 per-example gradients on axis 0), and an empty batch "
+        "has no mean. Poisson sampling can draw one: for such batches clip and sum with "
+        "per_example_global_norm_clip, then use add_dp_noise / differentially_private with "
+        "`batch_size=` the expected batch size (q * N), or fp.train.DPTrainer, which does both"
+    )
 
 
 def _init_state(base_key: torch.Tensor, params: Params) -> DifferentiallyPrivateAggregateState:
@@ -307,8 +341,8 @@ def _noisy_mean(
 
 
 def differentially_private_aggregate(
-    l2_norm_clip: float,
-    noise_multiplier: float,
+    l2_norm_clip: float | torch.Tensor,
+    noise_multiplier: float | torch.Tensor,
     key: int | torch.Tensor | None = None,
     *,
     seed: int | torch.Tensor | None = None,
@@ -323,11 +357,17 @@ def differentially_private_aggregate(
     ``update`` checks that it is given per-example gradients (NOTE [batch axis check]):
     every leaf must have shape ``(B, *param.shape)``, using ``params`` when passed, else
     the shapes ``init`` saw. A batch-mean gradient is an error, not a silent
-    clipping of weight rows. ``update(..., batch_size=B)`` checks axis 0 as well.
+    clipping of weight rows. ``update(..., batch_size=B)`` checks axis 0 as well. An empty
+    batch (``B = 0``) has no mean and raises a ValueError: for Poisson-sampled batches, which
+    can be empty, divide by the expected batch size with :func:`add_dp_noise` /
+    :func:`differentially_private` (``batch_size=``) or use ``fp.train.DPTrainer``.
 
     Args:
-      l2_norm_clip: the per-example L2 bound ``C``.
-      noise_multiplier: ``σ``, the noise standard deviation relative to ``C``.
+      l2_norm_clip: the per-example L2 bound ``C``: a number or a one-element tensor, >= 0
+        (``inf``, no clipping, only with ``noise_multiplier = 0``).
+      noise_multiplier: ``σ``, the noise standard deviation relative to ``C``: a finite
+        number or a one-element tensor, >= 0 (NaN, negative or infinite values raise a
+        ValueError: NaN would skip the noise silently).
       key: an ``fp.random`` key or an int seed; step ``t`` uses ``fold_in(key, t)``
         (optax 0.2.8 spells it ``key``).
       seed: the older spelling of ``key`` (kept working); pass one of the two.
@@ -346,8 +386,14 @@ def differentially_private_aggregate(
       >>> tx.update(g, tx.init({"w": torch.zeros(2)}))[0]
       {'w': tensor([0.4500, 0.6000])}
     """
-    where = "differentially_private_aggregate"
-    std = _check_noise(where, l2_norm_clip, noise_multiplier)
+    return _aggregate("differentially_private_aggregate", l2_norm_clip, noise_multiplier, key,
+                      seed)
+
+
+def _aggregate(where: str, l2_norm_clip: Any, noise_multiplier: Any, key: Any, seed: Any
+               ) -> GradientTransformation:
+    """:func:`differentially_private_aggregate`, its errors naming ``where`` (the API called)."""
+    l2_norm_clip, std = _check_noise(where, l2_norm_clip, noise_multiplier)
     base_key = _as_key(f"{where}(key)", key, seed)
     seen: dict[str, Any] = {}  # NOTE [batch axis check]: the shapes init saw
 
@@ -359,6 +405,8 @@ def differentially_private_aggregate(
                   params: Params = None, **extra_args: Any):
         shapes = _shapes(params) if params is not None else _memo(seen, updates)
         b = _batch_size(f"{where}.update", updates, shapes, extra_args.get("batch_size"))
+        if b == 0:  # the mean of no examples: dividing by 0 gave NaN / inf parameters
+            raise _empty_batch(f"{where}.update")
         leaves, td = fpt.flatten(updates)
         summed, _ = _clip_sum(leaves, l2_norm_clip)
         out = _noisy_mean(summed, std, state, b)
@@ -369,11 +417,11 @@ def differentially_private_aggregate(
 
 
 def add_dp_noise(
-    l2_norm_clip: float,
-    noise_multiplier: float,
+    l2_norm_clip: float | torch.Tensor,
+    noise_multiplier: float | torch.Tensor,
     key: int | torch.Tensor,
     *,
-    batch_size: int | float | None = None,
+    batch_size: int | float | torch.Tensor | None = None,
 ) -> GradientTransformation:
     r"""The noise of DP-SGD on an already clipped SUM of per-example gradients.
 
@@ -390,13 +438,17 @@ def add_dp_noise(
     With Poisson sampling the batch size is random, and dividing by the sampled size
     would make the result depend on it; like Opacus, pass the *expected* batch size
     ``q * N`` as ``batch_size`` (the default divisor). An ``update(..., batch_size=b)``
-    extra argument overrides it for one step (fixed-size batches).
+    extra argument overrides it for one step (fixed-size batches). Both must be finite
+    numbers > 0 (0 would divide by zero, a negative one would turn descent into ascent);
+    a CPU tensor ``b`` is read to be checked, an accelerator tensor (or one under
+    ``torch.compile``) is used as given, so that the step needs no device sync.
 
     Args:
-      l2_norm_clip: the per-example bound ``C`` the sum was clipped with.
-      noise_multiplier: ``σ``; the noise std on the sum is ``C σ``.
+      l2_norm_clip: the per-example bound ``C`` the sum was clipped with (a number or a
+        one-element tensor, >= 0).
+      noise_multiplier: ``σ``; the noise std on the sum is ``C σ`` (finite, >= 0).
       key: an ``fp.random`` key or an int seed.
-      batch_size: the divisor ``B`` (the expected logical batch size).
+      batch_size: the divisor ``B`` (the expected logical batch size), a finite number > 0.
 
     Returns:
       A :class:`GradientTransformation` whose ``update`` takes gradients shaped like the
@@ -407,13 +459,16 @@ def add_dp_noise(
       >>> tx.update({"w": torch.tensor([2.0, -1.0])}, tx.init({"w": torch.zeros(2)}))[0]
       {'w': tensor([ 0.5000, -0.2500])}
     """
-    where = "add_dp_noise"
-    std = _check_noise(where, l2_norm_clip, noise_multiplier)
+    return _add_noise("add_dp_noise", l2_norm_clip, noise_multiplier, key, batch_size)
+
+
+def _add_noise(where: str, l2_norm_clip: Any, noise_multiplier: Any, key: Any, batch_size: Any
+               ) -> GradientTransformation:
+    """:func:`add_dp_noise`, its errors naming ``where`` (the API called)."""
+    _, std = _check_noise(where, l2_norm_clip, noise_multiplier)
     base_key = _as_key(f"{where}(key)", key, None)
     if batch_size is not None:
-        check_number(f"{where}(batch_size)", "batch_size", batch_size, low=0.0)
-        if batch_size == 0:
-            raise ValueError(f"{where}: `batch_size` must be > 0, got 0")
+        batch_size = _check_batch_size(where, batch_size)
     seen: dict[str, Any] = {}
 
     def init_fn(params: Params) -> DifferentiallyPrivateAggregateState:
@@ -424,8 +479,10 @@ def add_dp_noise(
                   params: Params = None, **extra_args: Any):
         b = extra_args.get("batch_size", batch_size)
         if b is None:
-            raise ValueError(f"{where}.update: no batch size; pass `batch_size` to add_dp_noise "
+            raise ValueError(f"{where}.update: no batch size; pass `batch_size` to {where} "
                              "or to update")
+        if "batch_size" in extra_args and _readable(b):  # the per-step override
+            b = _check_batch_size(f"{where}.update", b)
         shapes = _shapes(params) if params is not None else _memo(seen, updates)
         leaves, td = fpt.flatten(updates)
         if shapes is not None:
@@ -450,11 +507,11 @@ def add_dp_noise(
 
 def differentially_private(
     optimizer: GradientTransformation,
-    l2_norm_clip: float,
-    noise_multiplier: float,
+    l2_norm_clip: float | torch.Tensor,
+    noise_multiplier: float | torch.Tensor,
     key: int | torch.Tensor,
     *,
-    batch_size: int | float | None = None,
+    batch_size: int | float | torch.Tensor | None = None,
 ) -> GradientTransformation:
     """Any optimizer made differentially private: ``chain(add_dp_noise(...), optimizer)``.
 
@@ -469,10 +526,11 @@ def differentially_private(
 
     Args:
       optimizer: any ``fp.optim`` transformation.
-      l2_norm_clip: the per-example bound ``C``.
-      noise_multiplier: ``σ``.
+      l2_norm_clip: the per-example bound ``C`` (>= 0).
+      noise_multiplier: ``σ`` (finite, >= 0).
       key: an ``fp.random`` key or an int seed for the noise.
-      batch_size: the (expected) logical batch size that divides the noisy sum.
+      batch_size: the (expected) logical batch size that divides the noisy sum, a finite
+        number > 0 (as is a per-step ``update(..., batch_size=b)``).
 
     Returns:
       A :class:`GradientTransformation`; its state is ``(AddDPNoiseState, inner state)``.
@@ -495,14 +553,14 @@ def differentially_private(
             "differentially_private(optimizer, ...): `optimizer` must be a "
             f"GradientTransformation, got {type(optimizer).__name__}"
         )
-    noise = add_dp_noise(l2_norm_clip, noise_multiplier, key, batch_size=batch_size)
+    noise = _add_noise("differentially_private", l2_norm_clip, noise_multiplier, key, batch_size)
     return chain(noise, optimizer)
 
 
 def dpsgd(
     learning_rate: ScalarOrSchedule,
-    l2_norm_clip: float,
-    noise_multiplier: float,
+    l2_norm_clip: float | torch.Tensor,
+    noise_multiplier: float | torch.Tensor,
     key: int | torch.Tensor | None = None,
     momentum: float | None = None,
     nesterov: bool = False,
@@ -513,14 +571,16 @@ def dpsgd(
 
     ``update`` takes per-example gradients (examples on axis 0, every leaf shaped
     ``(B, *param.shape)``; a batch-mean gradient is refused, NOTE [batch axis check]).
+    An empty batch has no mean and is refused too (Poisson-sampled batches: use
+    ``fp.train.DPTrainer``, or :func:`differentially_private` with ``batch_size=``).
     For the privacy spent (epsilon) use ``fp.privacy``; for Poisson-sampled logical
     batches in physical chunks, and any other optimizer, see :func:`differentially_private`
     and ``fp.train.DPTrainer``.
 
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
-      l2_norm_clip: per-example L2 bound.
-      noise_multiplier: noise std relative to the bound.
+      l2_norm_clip: per-example L2 bound (>= 0).
+      noise_multiplier: noise std relative to the bound (finite, >= 0).
       key: an ``fp.random`` key or an int seed (optax 0.2.8's spelling).
       momentum: optional momentum.
       nesterov: Nesterov momentum.
@@ -545,7 +605,7 @@ def dpsgd(
     if key is None and seed is None:
         raise TypeError("dpsgd: `key` is required (an fp.random key or an int seed)")
     return chain(
-        differentially_private_aggregate(l2_norm_clip, noise_multiplier, key, seed=seed),
+        _aggregate("dpsgd", l2_norm_clip, noise_multiplier, key, seed),
         trace(momentum, nesterov) if momentum is not None else identity(),
         scale_by_learning_rate(learning_rate),
     )

@@ -44,14 +44,24 @@ class Accountant:
     and dtype casts (``fp.tree.to``) leave it alone. Its tree structure grows with the
     history, so load it without ``like=`` (or with a template of the same history).
 
+    A step taken WITHOUT noise (``noise_multiplier=0``: an exact gradient is released) is
+    recorded with :meth:`step_without_noise`; from then on no guarantee holds, and
+    :meth:`epsilon` is ``inf`` and :meth:`delta` is ``1.0`` (NOTE [steps without noise]).
+
     Args:
       kind: ``"rdp"`` (Renyi DP) or ``"pld"`` (privacy loss distributions, tighter).
-      history: ``DpStep``s already taken (normally left empty and grown with :meth:`step`).
+      history: ``DpStep``s already taken (normally left empty and grown with :meth:`step`
+        and :meth:`step_without_noise`; a ``DpStep`` with ``noise_multiplier=0.0`` is a
+        step without noise).
 
     Notes:
       NOTE [composition cost]: steps with equal ``(sigma, q)`` are merged and each distinct setting
         is composed once with its count, so the cost grows with the number of distinct settings, not
         of steps.
+      NOTE [steps without noise]: a noise-free step is kept in the history as a ``DpStep`` with
+        ``noise_multiplier=0.0`` (so ``steps`` counts it, and checkpoints, old ones included, keep
+        their layout); any such step with a count > 0 makes ``epsilon(delta)`` ``inf`` and
+        ``delta(epsilon)`` ``1.0`` for every finite epsilon: the accountant claims nothing.
 
     Examples:
       >>> acc = Accountant("rdp")
@@ -102,11 +112,50 @@ class Accountant:
         (0, 1)
         """
         where = "Accountant.step"
-        new = DpStep(
-            check_noise_multiplier(where, noise_multiplier),
-            check_sample_rate(where, sample_rate),
-            check_steps(where, steps),
-        )
+        try:
+            sigma = check_noise_multiplier(where, noise_multiplier)
+        except ValueError as e:
+            if noise_multiplier == 0:
+                raise ValueError(f"{e}; a step without noise (not private) is recorded with "
+                                 "Accountant.step_without_noise") from None
+            raise
+        new = DpStep(sigma, check_sample_rate(where, sample_rate), check_steps(where, steps))
+        return self._append(new)
+
+    def step_without_noise(self, *, sample_rate: float, steps: int = 1) -> Accountant:
+        """An accountant that has also taken ``steps`` steps WITHOUT noise (sigma = 0).
+
+        # NOTE [steps without noise]
+        A DP-SGD step with ``noise_multiplier=0`` releases the exact (clipped) gradient
+        sum, so a run that takes one has no (epsilon, delta)-DP guarantee, however much
+        noise its other steps add. :meth:`step` (like ``fp.privacy.epsilon``) refuses
+        sigma = 0, so a non-private warm-up is not mistaken for a private one; this method
+        records such steps on purpose, as a ``DpStep(0.0, sample_rate, steps)`` in the
+        history (no new field: checkpoints keep their layout and old ones load as
+        before). From the first such step on, :meth:`epsilon` is ``inf`` and
+        :meth:`delta` is ``1.0`` for every finite epsilon (at ``epsilon = inf`` it stays
+        0.0, as for any history). ``fp.train.DPTrainer`` calls it for each step of a
+        trainer with ``noise_multiplier=0``. These are trivial bounds, always valid: the
+        accountant makes no claim for such a run (one could bound delta by the chance that
+        an example was ever sampled in a noise-free step; it does not try).
+
+        Args:
+          sample_rate: q of these steps, in (0, 1] (kept in the history for the record).
+          steps: how many, >= 0.
+
+        Returns:
+          A new ``Accountant``; ``self`` is unchanged.
+
+        >>> a = Accountant().step(noise_multiplier=1.1, sample_rate=0.01, steps=100)
+        >>> b = a.step_without_noise(sample_rate=0.01)
+        >>> b.steps, b.epsilon(1e-5), b.delta(2.0)
+        (101, inf, 1.0)
+        """
+        where = "Accountant.step_without_noise"
+        new = DpStep(0.0, check_sample_rate(where, sample_rate), check_steps(where, steps))
+        return self._append(new)
+
+    def _append(self, new: DpStep) -> Accountant:
         if new.count == 0:
             return self
         hist = self.history
@@ -117,7 +166,8 @@ class Accountant:
         return dataclasses.replace(self, history=hist)
 
     def epsilon(self, delta: float) -> float:
-        """The epsilon spent so far at this ``delta`` (0.0 before any step).
+        """The epsilon spent so far at this ``delta`` (0.0 before any step, ``inf`` after a
+        step without noise: see :meth:`step_without_noise`).
 
         Args:
           delta: in (0, 1).
@@ -132,10 +182,14 @@ class Accountant:
         d = check_delta(where, delta)
         if not self.history:
             return 0.0
-        return float(self._composed(where).get_epsilon(d))
+        history = self._checked(where)
+        if _noise_free(history):
+            return math.inf
+        return float(composed(self.kind, history, where).get_epsilon(d))
 
     def delta(self, epsilon: float) -> float:
-        """The delta spent so far at this ``epsilon`` (0.0 before any step).
+        """The delta spent so far at this ``epsilon`` (0.0 before any step, 1.0 at a finite
+        ``epsilon`` after a step without noise: see :meth:`step_without_noise`).
 
         Args:
           epsilon: >= 0.
@@ -156,21 +210,29 @@ class Accountant:
             return 0.0
         if math.isinf(epsilon):
             return 0.0
-        return float(self._composed(where).get_delta(float(epsilon)))
+        history = self._checked(where)
+        if _noise_free(history):
+            return 1.0
+        return float(composed(self.kind, history, where).get_delta(float(epsilon)))
 
-    def _composed(self, where: str) -> Any:
+    def _checked(self, where: str) -> tuple[DpStep, ...]:
         # An accountant rebuilt by fp.load (or any pytree unflatten) skips __post_init__:
         # check again here, where a corrupt value would otherwise reach dp-accounting.
         check_accountant(where, self.kind)
-        history = tuple(_as_step(where, s) for s in self.history)
-        return composed(self.kind, history, where)
+        return tuple(_as_step(where, s) for s in self.history)
+
+
+def _noise_free(history: tuple[DpStep, ...]) -> bool:
+    """Whether a step without noise was taken (see ``Accountant.step_without_noise``)."""
+    return any(s.noise_multiplier == 0.0 and s.count > 0 for s in history)
 
 
 def _as_step(where: str, s: Any) -> DpStep:
     if not isinstance(s, tuple) or len(s) != 3:
         raise TypeError(f"{where}: each `history` entry must be a DpStep, got {s!r}")
-    return DpStep(
-        check_noise_multiplier(where, s[0]),
-        check_sample_rate(where, s[1]),
-        check_steps(where, s[2]),
-    )
+    sigma = s[0]
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma == 0:
+        sigma = 0.0  # a step without noise (Accountant.step_without_noise)
+    else:
+        sigma = check_noise_multiplier(where, sigma)
+    return DpStep(sigma, check_sample_rate(where, s[1]), check_steps(where, s[2]))

@@ -4,6 +4,7 @@ optimizer, the accountant stepping alongside, exact resume."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,13 +89,13 @@ class DPTrainState(TrainState):
 
 
 def _check_positive(where: str, name: str, value: Any, *, integer: bool = False,
-                    high: float | None = None) -> None:
+                    high: float | None = None, finite: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an int" if integer else "a number"
         raise TypeError(f"{where}: `{name}` must be {kind}, got {type(value).__name__}")
-    if not value > 0 or (high is not None and value > high):
-        rng = f"in (0, {high}]" if high is not None else "> 0"
+    if not value > 0 or (high is not None and value > high) or (finite and math.isinf(value)):
+        rng = f"in (0, {high}]" if high is not None else "a finite number > 0" if finite else "> 0"
         raise ValueError(f"{where}: `{name}` must be {rng}, got {value!r}")
 
 
@@ -129,7 +130,10 @@ class DPTrainer:
     sums the per-example gradients each clipped to ``l2_norm_clip`` over all chunks,
     adds Gaussian noise of std ``l2_norm_clip * noise_multiplier`` once, divides by
     ``expected_batch_size`` (NOTE [expected batch size] in ``fp.optim.add_dp_noise``),
-    applies ``optimizer`` and records the step in the state's accountant.
+    applies ``optimizer`` and records the step in the state's accountant. A trainer with
+    ``noise_multiplier=0`` (no noise: not private) records its steps with
+    ``Accountant.step_without_noise``, so the state's accountant reports epsilon = inf
+    from the first such step on (NOTE [steps without noise] in ``fp.privacy.Accountant``).
 
     The noise comes from ``fold_in(fold_in(state.key, NOISE), count)`` kept in the
     optimizer state (NOTE [noise key]), so a state saved with ``fp.save`` and loaded in
@@ -142,9 +146,9 @@ class DPTrainer:
       optimizer: any ``fp.optim`` transformation (``sgd``, ``adam``, ...): it receives
         the noisy mean gradient.
       l2_norm_clip: the per-example bound ``C``.
-      noise_multiplier: ``σ``.
+      noise_multiplier: ``σ``, a finite number >= 0 (0: no noise and no privacy guarantee).
       sample_rate: ``q``, the Poisson sampling probability (for the accountant).
-      expected_batch_size: ``q * N``, the divisor of the noisy sum.
+      expected_batch_size: ``q * N``, the divisor of the noisy sum (finite, > 0).
       max_physical_batch_size: the largest chunk computed at once (default: no split).
       method: ``fp.clipped_grad``'s method: ``"auto"`` (default: ghost clipping, else
         hooks, else vmap: the first that can run ``loss_fn``), ``"ghost"``, ``"hooks"``
@@ -158,6 +162,9 @@ class DPTrainer:
         the noisy sum is divided by the *expected* batch size ``q * N``, not the sampled one.
       NOTE [noise key]: the DP noise key lives in the optimizer state (built from the run's key at
         ``init``), so it is saved and restored with the state.
+      NOTE [steps without noise]: a step with ``noise_multiplier=0`` releases an exact clipped
+        gradient, so no (epsilon, delta) guarantee holds for a run that took one; the accountant
+        records it (``Accountant.step_without_noise``) and reports epsilon = inf, delta = 1.
 
     Example:
       >>> import functorch_pipeline as fp
@@ -193,10 +200,15 @@ class DPTrainer:
         if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
             raise TypeError(f"{where}: `noise_multiplier` must be a number, got "
                             f"{type(noise_multiplier).__name__}")
-        if not noise_multiplier >= 0:
-            raise ValueError(f"{where}: `noise_multiplier` must be >= 0, got {noise_multiplier!r}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):  # NaN: False
+            raise ValueError(f"{where}: `noise_multiplier` must be a finite number >= 0, got "
+                             f"{noise_multiplier!r}")
+        if noise_multiplier > 0 and math.isinf(l2_norm_clip):
+            raise ValueError(f"{where}: `l2_norm_clip` must be finite when noise_multiplier > 0 "
+                             f"(the noise std is their product), got {l2_norm_clip!r}")
         _check_positive(where, "sample_rate", sample_rate, high=1.0)
-        _check_positive(where, "expected_batch_size", expected_batch_size)
+        # NOTE [expected batch size]: an infinite divisor made every update silently 0
+        _check_positive(where, "expected_batch_size", expected_batch_size, finite=True)
         if max_physical_batch_size is not None:
             _check_positive(where, "max_physical_batch_size", max_physical_batch_size, integer=True)
         self.loss_fn = loss_fn
@@ -346,9 +358,11 @@ class DPTrainer:
             loss = torch.where(real, losses.reshape(real.shape), 0).sum() / count.clamp(min=1)
             clipped = ((norms > self.l2_norm_clip) & real).sum()
         accountant = state.accountant
-        if self.noise_multiplier > 0:  # sigma = 0 is not private: nothing to account
+        if self.noise_multiplier > 0:
             accountant = accountant.step(noise_multiplier=self.noise_multiplier,
                                          sample_rate=self.sample_rate)
+        else:  # NOTE [steps without noise]: no guarantee from here on (epsilon = inf)
+            accountant = accountant.step_without_noise(sample_rate=self.sample_rate)
         new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                             accountant=accountant)
         metrics = {"loss": loss.detach(), "num_examples": count,
