@@ -469,3 +469,97 @@ def test_noise_free_steps_void_the_privacy_claim_and_survive_save_and_load(tmp_p
         alone, _ = noisy.step(alone, batch)
     want = fp.privacy.epsilon(noise_multiplier=1.3, sample_rate=0.25, steps=2, delta=1e-5)
     assert abs(alone.accountant.epsilon(1e-5) - want) < 1e-9 and math.isfinite(want)
+
+
+# -- NOTE [frozen parameters in DP-SGD] --------------------------------------------------------
+
+FROZEN_FC1 = {"fc1": {"weight": False, "bias": False}, "fc2": {"weight": True, "bias": True}}
+
+
+def _loop_clipped_sum_of_trained(params, batch, clip, trainable):
+    """Each example's gradient with respect to the trained leaves alone (the frozen ones as
+    constants, as Opacus treats parameters without requires_grad), clipped, summed."""
+    x, y = batch
+    leaves, td = fp.tree.flatten(params)
+    flags = fp.tree.leaves(trainable)
+    total = [torch.zeros_like(p) for p in leaves]
+    for i in range(x.shape[0]):
+        ps = [p.detach().clone().requires_grad_(f) for p, f in zip(leaves, flags, strict=True)]
+        loss = F.cross_entropy(_logits(fp.tree.unflatten(td, ps), x[i:i + 1]), y[i:i + 1])
+        gs = torch.autograd.grad(loss, [p for p, f in zip(ps, flags, strict=True) if f])
+        norm = math.sqrt(sum(float((g ** 2).sum()) for g in gs))
+        it = iter(gs)
+        gs = [next(it) if f else torch.zeros_like(p) for p, f in zip(leaves, flags, strict=True)]
+        total = [t + g * min(1.0, clip / norm) for t, g in zip(total, gs, strict=True)]
+    return fp.tree.unflatten(td, total)
+
+
+@pytest.mark.parametrize("method, chunk", [("auto", None), ("ghost", 3), ("hooks", None),
+                                           ("vmap", 4)])
+def test_frozen_leaves_count_in_no_norm_and_stay_fixed(method, chunk):
+    # Before `trainable`, frozen leaves were trained, and freezing them in the optimizer
+    # alone still clipped the trained ones by the norm of the whole gradient.
+    clip, q = 0.3, 0.25
+    trainer = fp.train.DPTrainer(loss_fn, optim.sgd(1.0), l2_norm_clip=clip, noise_multiplier=0.0,
+                                 sample_rate=q, expected_batch_size=q * N,
+                                 max_physical_batch_size=chunk, method=method,
+                                 trainable=FROZEN_FC1)
+    params = _params()
+    batch = _data(n=10)
+    total, _, norms = trainer.clipped_sum(params, batch)
+    want = _loop_clipped_sum_of_trained(params, batch, clip, FROZEN_FC1)
+    for got_leaf, want_leaf in zip(fp.tree.leaves(total), fp.tree.leaves(want), strict=True):
+        assert torch.allclose(got_leaf, want_leaf, atol=1e-12, rtol=0)
+    # the norms are the trained leaves' alone
+    per = fp.per_sample_grads(lambda w, b: loss_fn({"fc1": params["fc1"], "fc2": w}, b))(
+        params["fc2"], batch)
+    want_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in fp.tree.leaves(per)))
+    assert torch.allclose(norms, want_norms, atol=1e-12, rtol=0)
+    state = trainer.init(params, fp.random.key(0))
+    new, _ = trainer.step(state, batch)
+    assert all(torch.equal(new.params["fc1"][k], params["fc1"][k]) for k in ("weight", "bias"))
+    for k in ("weight", "bias"):  # sgd(1.0) on the clipped sum over the expected batch size
+        assert torch.allclose(new.params["fc2"][k], params["fc2"][k] - want["fc2"][k] / (q * N),
+                              atol=1e-12, rtol=0)
+
+
+def test_frozen_leaves_get_no_noise_and_the_trained_ones_the_noise_of_a_model_without_them():
+    # The noise covers the trained leaves alone: the same draws as a trainer whose params
+    # are the trained leaves, the frozen ones closed over as constants.
+    clip, q, sigma = 0.3, 0.25, 1.3
+    params = _params()
+    frozen = params["fc1"]
+    masked = fp.train.DPTrainer(loss_fn, optim.adam(0.01), l2_norm_clip=clip,
+                                noise_multiplier=sigma, sample_rate=q, expected_batch_size=q * N,
+                                trainable=FROZEN_FC1)
+    alone = fp.train.DPTrainer(lambda w, b: loss_fn({"fc1": frozen, "fc2": w}, b),
+                               optim.adam(0.01), l2_norm_clip=clip, noise_multiplier=sigma,
+                               sample_rate=q, expected_batch_size=q * N)
+    s1, s2 = masked.init(params, fp.random.key(3)), alone.init(params["fc2"], fp.random.key(3))
+    for batch in _batches(3):
+        s1, _ = masked.step(s1, batch)
+        s2, _ = alone.step(s2, batch)
+    assert all(torch.equal(s1.params["fc1"][k], frozen[k]) for k in frozen)
+    assert all(torch.allclose(s1.params["fc2"][k], s2.params[k],
+                              atol=1e-12, rtol=0) for k in ("weight", "bias"))
+    assert s1.accountant.epsilon(1e-5) == s2.accountant.epsilon(1e-5)
+
+
+def test_trainable_must_match_the_parameters():
+    t = fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=1.0, noise_multiplier=1.0,
+                           sample_rate=0.1, expected_batch_size=4.0,
+                           trainable={"fc1": False, "fc3": True})
+    with pytest.raises(ValueError, match=r"DPTrainer.init: no trainable for the leaf at path `fc2.bias`.*a prefix of it"):
+        t.init(_params(), fp.random.key(0))
+    # a prefix of the parameters' tree is a mask too
+    prefix = fp.train.DPTrainer(loss_fn, optim.sgd(1.0), l2_norm_clip=0.3, noise_multiplier=0.0,
+                                sample_rate=0.25, expected_batch_size=10.0,
+                                trainable={"fc1": False, "fc2": True})
+    full = fp.train.DPTrainer(loss_fn, optim.sgd(1.0), l2_norm_clip=0.3, noise_multiplier=0.0,
+                              sample_rate=0.25, expected_batch_size=10.0, trainable=FROZEN_FC1)
+    batch = _data(n=6)
+    a, b = prefix.clipped_sum(_params(), batch), full.clipped_sum(_params(), batch)
+    assert all(torch.equal(u, v) for u, v in zip(fp.tree.leaves(a), fp.tree.leaves(b), strict=True))
+    with pytest.raises(TypeError, match=r"DPTrainer: `trainable` must be a tree of bools"):
+        fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=1.0, noise_multiplier=1.0,
+                           sample_rate=0.1, expected_batch_size=4.0, trainable={"fc1": 0, "fc2": 1})

@@ -13,8 +13,10 @@ import torch
 from functorch_pipeline import optim
 from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.optim._masking import broadcast_to_leaves
 from functorch_pipeline.privacy import Accountant
 from functorch_pipeline.train._state import TrainState
+from functorch_pipeline.train._state import _freeze_frozen
 from functorch_pipeline.transforms import clipped_value_and_grad
 
 __all__ = ["DPTrainState", "DPTrainer"]
@@ -153,6 +155,12 @@ class DPTrainer:
       method: ``fp.clipped_grad``'s method: ``"auto"`` (default: ghost clipping, else
         hooks, else vmap: the first that can run ``loss_fn``), ``"ghost"``, ``"hooks"``
         or ``"vmap"``.
+      trainable: a tree of bools with the structure of the parameters, or a prefix of it
+        (``False``: frozen), e.g. a functionalized model's ``trainable_mask()``; default
+        everything trained.
+        Frozen leaves get no per-example gradients (their gradients count in no
+        example's clipped norm, as Opacus clips the parameters that require grad), no
+        noise and no update (NOTE [frozen parameters in DP-SGD]).
 
     Notes:
       NOTE [exact resume]: everything random comes from ``state.key`` folded with the step, and the
@@ -162,6 +170,13 @@ class DPTrainer:
         the noisy sum is divided by the *expected* batch size ``q * N``, not the sampled one.
       NOTE [noise key]: the DP noise key lives in the optimizer state (built from the run's key at
         ``init``), so it is saved and restored with the state.
+      NOTE [frozen parameters in DP-SGD]: a mask given to the optimizer alone
+        (``chain(tx, optim.freeze(...))``) kept frozen leaves fixed, but their gradients still
+        counted in each example's norm, so the trained leaves were clipped harder than by
+        Opacus (which clips only parameters that require grad), and without a mask frozen
+        leaves were trained. With ``trainable``, ``loss_fn`` gets the frozen leaves as
+        constants and the per-example gradients, norms and noise cover the trained leaves
+        alone; the optimizer runs on them (``optim.partition`` with zero updates for the rest).
       NOTE [steps without noise]: a step with ``noise_multiplier=0`` releases an exact clipped
         gradient, so no (epsilon, delta) guarantee holds for a run that took one; the accountant
         records it (``Accountant.step_without_noise``) and reports epsilon = inf, delta = 1.
@@ -192,6 +207,7 @@ class DPTrainer:
         expected_batch_size: float,
         max_physical_batch_size: int | None = None,
         method: str = "auto",
+        trainable: Any = None,
     ) -> None:
         where = "DPTrainer"
         if not callable(loss_fn):
@@ -220,11 +236,13 @@ class DPTrainer:
         self.method = method
         # NOTE [noise key]: update() reads the noise key from the optimizer state only;
         # init() builds that state from the run's key, so the 0 here is never used.
-        self.optimizer = optim.differentially_private(
+        self.trainable = trainable  # NOTE [frozen parameters in DP-SGD]; checked just below
+        self.optimizer = _freeze_frozen(optim.differentially_private(
             optimizer, self.l2_norm_clip, self.noise_multiplier, key=0,
             batch_size=self.expected_batch_size,
-        )
+        ), None, None, trainable, where)
         self._inner = optimizer
+        self._split: dict[Any, tuple[Any, Any]] = {}  # (treedef, flags) -> clipped fns
 
         def masked_losses(params: Any, batch: Any, mask: torch.Tensor) -> torch.Tensor:
             # NOTE [padding rows]: a padding row's loss is replaced by 0, so its output
@@ -237,6 +255,7 @@ class DPTrainer:
         self._clipped_masked = clipped_value_and_grad(masked_losses, self.l2_norm_clip,
                                                       method=method)
         self._clipped = clipped_value_and_grad(loss_fn, self.l2_norm_clip, method=method)
+        self._masked_losses = masked_losses
 
     def init(self, params: Any, key: torch.Tensor, *, buffers: Any = None,
              accountant: str | Accountant = "rdp") -> DPTrainState:
@@ -262,10 +281,12 @@ class DPTrainer:
         if not _random.is_key(key):
             raise TypeError(f"DPTrainer.init: `key` must be an fp.random key, got {key!r}")
         acc = Accountant(accountant) if isinstance(accountant, str) else accountant
-        tx = optim.differentially_private(
+        tx = _freeze_frozen(optim.differentially_private(
             self._inner, self.l2_norm_clip, self.noise_multiplier,
             key=_random.fold_in(key, _NOISE_STREAM), batch_size=self.expected_batch_size,
-        )
+        ), None, None, self.trainable, "DPTrainer.init")
+        if self.trainable is not None:
+            self._flags("DPTrainer.init", params)
         return DPTrainState.create(params, tx.init(params), key, buffers=buffers, accountant=acc)
 
     def clipped_sum(self, params: Any, batch: Any, mask: torch.Tensor | None = None
@@ -305,20 +326,69 @@ class DPTrainer:
             empty = torch.zeros(0, dtype=leaf.dtype, device=leaf.device)
             return _tree.map(torch.zeros_like, params), empty, empty
         size = self.max_physical_batch_size or n
+        clipped, clipped_masked, args = self._clipped, self._clipped_masked, (params,)
+        split = self._split_params(where, params)
+        if split is not None:  # NOTE [frozen parameters in DP-SGD]
+            (clipped, clipped_masked), args = split
         total, losses, norms = None, [], []
         for start in range(0, n, size):
             chunk = batch if size >= n else _tree.map(lambda a, s=start: a[s:s + size], batch)
             if mask is None:
-                chunk_losses, (summed, chunk_norms) = self._clipped(params, chunk)
+                chunk_losses, (summed, chunk_norms) = clipped(*args, chunk)
             else:
-                chunk_losses, (summed, chunk_norms) = self._clipped_masked(
-                    params, chunk, mask[start:start + size])
+                chunk_losses, (summed, chunk_norms) = clipped_masked(
+                    *args, chunk, mask[start:start + size])
             total = summed if total is None else _tree.map(torch.add, total, summed)
             losses.append(chunk_losses.reshape(-1))
             norms.append(chunk_norms)
+        if split is not None:  # the frozen leaves' share of the sum: zeros
+            total = self._merged(params, total)
         if len(losses) == 1:
             return total, losses[0], norms[0]
         return total, torch.cat(losses), torch.cat(norms)
+
+    def _flags(self, where: str, params: Any) -> tuple[bool, ...]:
+        """``trainable`` (a tree like ``params`` or a prefix of it) as one bool per leaf."""
+        return tuple(broadcast_to_leaves(where, "trainable", self.trainable, params))
+
+    def _split_params(self, where: str, params: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]] | None:
+        """With frozen leaves: the clipped functions of the trainable leaves alone and their
+        ``(trainable, frozen)`` arguments (NOTE [frozen parameters in DP-SGD]); else None."""
+        if self.trainable is None:
+            return None
+        flags = self._flags(where, params)
+        if all(flags):
+            return None
+        leaves, td = _tree.flatten(params)
+        fns = self._split.get((td, flags))
+        if fns is None:
+            def merged(train: list[Any], frozen: list[Any]) -> Any:
+                it, fz = iter(train), iter(frozen)
+                return _tree.unflatten(td, [next(it) if f else next(fz) for f in flags])
+
+            def split_losses(train: list[Any], frozen: list[Any], batch: Any) -> torch.Tensor:
+                return self.loss_fn(merged(train, frozen), batch)
+
+            def split_masked(train: list[Any], frozen: list[Any], batch: Any,
+                             mask: torch.Tensor) -> torch.Tensor:
+                return self._masked_losses(merged(train, frozen), batch, mask)
+
+            fns = (clipped_value_and_grad(split_losses, self.l2_norm_clip, method=self.method,
+                                          batch_argnums=(2,)),
+                   clipped_value_and_grad(split_masked, self.l2_norm_clip, method=self.method,
+                                          batch_argnums=(2, 3)))
+            self._split[(td, flags)] = fns
+        train = [leaf for leaf, f in zip(leaves, flags, strict=True) if f]
+        frozen = [leaf for leaf, f in zip(leaves, flags, strict=True) if not f]
+        return fns, (train, frozen)
+
+    def _merged(self, params: Any, train: list[Any]) -> Any:
+        """The trainable leaves' sums in ``params``' structure, zeros for the frozen ones."""
+        leaves, td = _tree.flatten(params)
+        it = iter(train)
+        return _tree.unflatten(td, [next(it) if f else torch.zeros_like(leaf)
+                                    for leaf, f in zip(leaves, self._flags("DPTrainer", params),
+                                                       strict=True)])
 
     def step(self, state: DPTrainState, batch: Any, mask: torch.Tensor | None = None
              ) -> tuple[DPTrainState, dict[str, torch.Tensor]]:
