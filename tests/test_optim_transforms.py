@@ -98,6 +98,23 @@ def test_negative_learning_rate_rejected(make):
         make(-0.1)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [optim.sgd, optim.adam, optim.adamw, optim.nadam, optim.radam, optim.adamax, optim.rmsprop,
+     optim.adagrad, optim.adadelta, optim.lion, optim.lamb],
+)
+def test_nan_learning_rate_rejected(make):
+    # NaN passes every range check (each comparison is False); it made every parameter NaN
+    with pytest.raises(ValueError, match=r"\(learning_rate\): `learning_rate` must be a number, got nan"):
+        make(float("nan"))
+
+
+@pytest.mark.parametrize("kw", [{"b1": float("nan")}, {"b2": float("nan")}, {"eps": float("nan")}])
+def test_nan_adam_hyperparameters_rejected(kw):
+    with pytest.raises(ValueError, match=rf"`{next(iter(kw))}` must be a number, got nan"):
+        optim.adam(0.1, **kw)
+
+
 @pytest.mark.parametrize("kw", [{"b1": 1.0}, {"b2": -0.1}, {"eps": -1.0}])
 def test_bad_adam_hyperparameters_rejected(kw):
     with pytest.raises(ValueError, match=r"scale_by_adam"):

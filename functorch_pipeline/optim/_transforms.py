@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 from typing import NamedTuple
@@ -39,9 +40,12 @@ __all__ = [
 
 def check_number(where: str, name: str, value: Any, *, low: float | None = None,
                  high: float | None = None, high_open: bool = False) -> None:
-    """Validate a Python-number hyperparameter (tensors and schedules are not checked)."""
+    """Validate a Python-number hyperparameter (tensors and schedules are not checked):
+    NaN, which passes every comparison as False (and so every range check), is refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return
+    if math.isnan(value):
+        raise ValueError(f"{where}: `{name}` must be a number, got nan")
     if low is not None and value < low:
         raise ValueError(f"{where}: `{name}` must be >= {low}, got {value}")
     if high is not None and (value >= high if high_open else value > high):
