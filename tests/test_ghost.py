@@ -754,3 +754,62 @@ def test_the_ghost_rule_table_is_built_once_per_change_of_the_rules(monkeypatch)
     assert _ghost.ghost_rules() is not added
     monkeypatch.undo()
     assert _scale not in _ghost.ghost_rules()
+
+
+# -- NOTE [a Gram sum below zero] --------------------------------------------------------------
+
+
+class _RepeatedTokenPool(nn.Module):
+    """Attention pooling (a softmax over the positions of a learned score) of a sequence
+    whose positions are one repeated token: the score's gradient cancels over positions."""
+
+    def __init__(self, T: int, F_: int, H: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(F_, H, bias=False)
+        self.out = nn.Linear(F_ * H, 1)
+        self.register_buffer("pos", torch.randn(T, F_))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.score(x).softmax(1)  # (B, T, H)
+        return self.out(torch.einsum("bth,btf->bhf", a, x + self.pos).flatten(1)).squeeze(1)
+
+
+class _ConstantSignalConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv1d(16, 16, 3), nn.Linear(16 * 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.instance_norm(self.conv(x)).flatten(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("make, shape, trained", [
+    (lambda: _RepeatedTokenPool(3, 32, 8), (4, 1, 32, 3), "score."),  # Linear's Gram path
+    (lambda: _ConstantSignalConv(), (4, 16, 1, 8), "conv."),  # the conv's Gram path
+], ids=["linear", "conv"])
+def test_norms_that_cancel_to_zero_are_not_nan(make, shape, trained):
+    # The Gram sums of examples whose gradient cancels to ~0 rounded below zero: NaN norms,
+    # NaN clip factors and a NaN clipped sum for the whole batch, from ghost and auto.
+    torch.manual_seed(0)
+    m = make()
+    B, a, b, reps = shape
+    x = torch.randn(B, a, b).expand(-1, reps, -1) if a == 1 else torch.randn(B, a, b).expand(-1, -1, reps)
+    x = x.clone()
+    params = {k: v for k, v in params_of(m).items() if k.startswith(trained)}
+    frozen = {k: v for k, v in params_of(m).items() if not k.startswith(trained)}
+    y = torch.randn(B)
+
+    def loss(p, x, y):
+        return (torch.func.functional_call(m, {**frozen, **p}, (x,)) - y) ** 2
+
+    per = loop_grads(loss, params, x, y)
+    ref_norms, ref_clipped = reference(loss, params, (x, y), 1.0, per=per)
+    assert float(ref_norms.max()) < 1e-8  # the case: gradients that cancel
+    for method in ("ghost", "auto"):
+        clipped, norms = fp.clipped_grad(loss, 1.0, method=method)(params, x, y)
+        assert bool(torch.isfinite(norms).all()) and bool((norms >= 0).all()), (method, norms)
+        assert float((norms - ref_norms).abs().max()) < 1e-4  # Gram rounding, absolute
+        for k in ref_clipped:
+            assert_close(clipped[k], ref_clipped[k], f"{method} {k}")
+        got = fp.per_sample_grad_norms(loss, method=method)(params, x, y)
+        assert bool(torch.isfinite(got).all())

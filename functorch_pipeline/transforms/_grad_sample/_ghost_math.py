@@ -27,6 +27,17 @@ to force each path). The MNIST CNN's second conv (``n`` = 64 positions, ``din`` 
 ``dout`` = 20) is thus formed per example, a wide late layer (``n`` = 49, 512 channels)
 takes the Gram path.
 
+# NOTE [a Gram sum below zero]
+# A squared norm summed from Gram matrices, sum_{t,s} (a_t . a_s)(g_t . g_s) (and the tied
+# table's |E|^2 + |O|^2 + 2 <E, O>), is a sum of terms of both signs: for an example whose
+# gradient is ~0 because its positions cancel (a repeated token under a softmax over the
+# positions, a constant signal under instance norm) it rounds to a tiny number of either
+# sign, and a negative one gave a NaN norm, a NaN clip factor and a NaN clipped sum for the
+# whole step (the per-example loop's norms there: ~1e-16 to 1e-10). Each such sum is
+# clamped at 0, its true lower bound; the norm of such an example stays exact only to the
+# rounding of the Gram products (absolute, not relative), which clipping never sees: the
+# example is far below any bound and keeps factor 1.
+
 # NOTE [keeping small per-example gradients]
 Where a norm path forms a slot's per-example gradients anyway (a conv whose Gram would
 cost more, a normalisation layer), the clipped sum ``sum_b c_b grad_b`` is one
@@ -180,7 +191,7 @@ def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
         for s in range(0, B, step):
             p = conv_patches(x[s:s + step], geometry)  # (n, G, din, L)
             gs = g[s:s + step].reshape(-1, groups, cout, L)
-            out.append(_acc((p.mT @ p) * (gs.mT @ gs)).sum((1, 2, 3)))
+            out.append(_acc((p.mT @ p) * (gs.mT @ gs)).sum((1, 2, 3)).clamp_(min=0))
         return _cat(out, 0), None
     step = max(1, CHUNK_BYTES // (groups * cout * din * size))
     if not _grouped_ok(x):
@@ -236,8 +247,8 @@ def _outer_sq(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None
     out = []
     for s, e in _chunks(B, G * (n * n if gram else din * dout), x.element_size()):
         xs, gs = x[s:e], g[s:e]
-        if gram:
-            out.append(_acc((xs @ xs.mT) * (gs @ gs.mT)).sum((1, 2, 3)))
+        if gram:  # NOTE [a Gram sum below zero]
+            out.append(_acc((xs @ xs.mT) * (gs @ gs.mT)).sum((1, 2, 3)).clamp_(min=0))
         elif kept is not None:
             out.append(_rows_sq(torch.matmul(gs.mT, xs, out=kept[s:e].view(e - s, G, dout, din))))
         else:
@@ -271,7 +282,8 @@ def _tied_sq(parts: Parts) -> torch.Tensor:
     g = _cat([p[1] for p in parts["outer"]], 2)[:, 0]  # (B, n, V): their output gradients
     at = g.gather(2, idx.unsqueeze(1).expand(-1, g.shape[1], -1))  # g_s[i_t]: (B, n, n_e)
     cross = _acc(at * (x @ rows.mT)).sum((1, 2))
-    return _embed_sq(idx, rows) + _outer_sq(x.unsqueeze(1), g.unsqueeze(1), None)[0] + 2 * cross
+    sq = _embed_sq(idx, rows) + _outer_sq(x.unsqueeze(1), g.unsqueeze(1), None)[0] + 2 * cross
+    return sq.clamp_(min=0)  # NOTE [a Gram sum below zero]
 
 
 def _slice(payload: tuple[Any, ...], s: int, e: int) -> tuple[Any, ...]:
