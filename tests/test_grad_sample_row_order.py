@@ -1025,3 +1025,42 @@ def test_a_fill_of_the_first_example_s_row_is_refused():
         return F.linear(h, p["w2"]).pow(2).sum(1)
 
     refused_then_loop(losses, p, x, match="reordered inside loss_fn")
+
+
+@pytest.mark.parametrize("layer", ["linear", "lstm"])
+def test_sorted_by_length_and_back_is_walked_on_every_call(layer):
+    """NOTE [an index in order this time]: a model that sorts its examples by length and
+    puts them back met a sorted batch first; that run's record let a later, unsorted batch
+    skip its walks, and each example got another's gradient, silently."""
+    g = torch.Generator().manual_seed(3)
+    lstm = fp.nn.LSTM(3, 4, batch_first=True).double()
+    p = ({"w": torch.randn(2, 3, generator=g), "b": torch.randn(2, generator=g)} if layer == "linear"
+         else {k: v.detach() for k, v in lstm.named_parameters()})
+    x = torch.randn(4, 5, 3, generator=g)
+
+    def losses(p, x, lengths):
+        idx = torch.argsort(lengths, descending=True)
+        if layer == "linear":
+            h = torch.tanh(F.linear(x[idx], p["w"], p["b"])).sum(1)
+        else:
+            h = torch.func.functional_call(lstm, p, (x[idx],))[1][0][-1]
+        h = h[torch.argsort(idx)]
+        return h.pow(2).sum(-1) + h.sum(-1) ** 3
+
+    f, hooks = fp.per_sample_grads(losses), fp.per_sample_grads(losses, method="hooks")
+    sorted_, unsorted = torch.tensor([4, 3, 2, 1]), torch.tensor([1, 3, 2, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first call is in order: fast, no fall-back
+        got = f(p, x, sorted_)
+        hooks(p, x, sorted_)
+    want = loop_grads(losses, p, x, sorted_)
+    assert all(close(got[k], want[k]) for k in want)
+    with pytest.warns(UserWarning, match="falls back to 'vmap'"):
+        got = f(p, x, unsorted)
+    want = loop_grads(losses, p, x, unsorted)
+    assert all(close(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r"IndexBackward0 on axis 0"):
+        hooks(p, x, unsorted)
+    total, norms = fp.clipped_grad(losses, 1.0)(p, x, unsorted)
+    want_norms, want_total = clipped_reference(want, 1.0)
+    assert close(norms, want_norms) and all(close(total[k], want_total[k]) for k in want)

@@ -49,6 +49,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._grad_sample._row_order import ROWWISE_UNARY
+from functorch_pipeline.transforms._grad_sample._row_order import VALUES_READ
 from functorch_pipeline.transforms._grad_sample._row_order import BatchStatistics
 from functorch_pipeline.transforms._grad_sample._row_order import Mixed
 from functorch_pipeline.transforms._grad_sample._row_order import Weighted
@@ -1169,7 +1170,10 @@ class Engine:
                 self._sources = {get_gradient_edge(t).node for arg in self.batch_args
                                  for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
                                  and t.requires_grad and t.grad_fn is None}
-        return reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
+        why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
+        if ev is not None and self._order_memo.get(VALUES_READ):
+            ev.walk_found = True  # NOTE [an index in order this time]: walk every call
+        return why
 
     def _fingerprint(self, node: Any) -> str:
         """The names of the first :data:`_PRINT_NODES` autograd nodes of ``node``'s history,
