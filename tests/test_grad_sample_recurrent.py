@@ -4,6 +4,8 @@ recurrent layers, and the errors that point built-in RNNs to replace_rnns."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +220,29 @@ def test_built_in_rnns_point_to_replace_rnns(make, kernel):
         fp.per_sample_grads(loss, method="vmap")(params_of(m), x)
     with pytest.raises(RuntimeError, match=match), pytest.warns(UserWarning, match="replace_rnns"):
         fp.per_sample_grads(loss)(params_of(m), x)  # auto: hooks says it once, then vmap fails
+
+
+def test_packed_sequences_get_errors_that_point_to_padded_input():
+    # Packing inside loss_fn: vmap failed in torch's stacking ("stack expects each tensor to
+    # be equal size"), and fp.nn's refusal pointed back to nn.LSTM outside vmap.
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
+    x, lengths = torch.randn(3, 5, 3, dtype=torch.float64), torch.tensor([5, 3, 2])
+    for module in (lstm, fp.nn.replace_rnns(lstm)):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def loss(p, x, lengths, module=module):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                             enforce_sorted=False)
+            return torch.func.functional_call(module, p, (packed,))[1][0][-1].pow(2).sum(-1)
+
+        match = (r"cannot batch a PackedSequence made inside loss_fn.*padded tensor.*"
+                 r"out\[torch.arange\(B\), lengths - 1\]" if module is lstm else
+                 r"LSTM: PackedSequence input is not supported; pass the padded tensor.*"
+                 r"out\[torch.arange\(B\), lengths - 1\]")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's fall-back note
+            with pytest.raises((RuntimeError, NotImplementedError), match=match):
+                fp.per_sample_grads(loss)(params, x, lengths)
+            with pytest.raises((RuntimeError, NotImplementedError), match=match):
+                fp.clipped_grad(loss, 1.0)(params, x, lengths)

@@ -259,8 +259,11 @@ class _RNNBase(nn.Module):
         name = self.mode
         if isinstance(input, nn.utils.rnn.PackedSequence):
             raise NotImplementedError(
-                f"{name}: PackedSequence input is not supported; pass a padded tensor (and "
-                f"mask the padded steps in the loss) or use nn.{name} outside vmap")
+                f"{name}: PackedSequence input is not supported; pass the padded tensor and "
+                "read each sequence's last valid step, out[torch.arange(B), lengths - 1] "
+                "(batch_first), or mask the padded steps in the loss: per_sample_grads and "
+                "clipped_grad handle that with their fast methods, where torch.func.vmap "
+                f"cannot batch a PackedSequence at all (nn.{name} runs one outside vmap)")
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):

@@ -213,6 +213,14 @@ def _per_sample(
                     "same values, and method='hooks' handles sparse=True where it has rules for "
                     f"the rest of loss_fn (dense per-example gradients). The error was: {e}"
                 ) from e
+            if _packed_in(e.__traceback__):
+                raise RuntimeError(
+                    f"{fn}: torch.func.vmap cannot batch a PackedSequence made inside loss_fn "
+                    "(each example packs to its own length). Pass the padded tensor to the "
+                    "recurrent layer (fp.nn.replace_rnns for built-in ones) and read each "
+                    "sequence's last valid step, out[torch.arange(B), lengths - 1], or mask "
+                    "the padded steps: the fast methods handle that. The error was: "
+                    f"{e}") from e
             rnn = _builtin_rnn_in(e.__traceback__)
             if rnn is None:
                 raise
@@ -226,6 +234,18 @@ def _per_sample(
                 f"rule): {REPLACE_RNNS_HINT}. The error was: {e}") from e
 
     return wrapped
+
+
+def _packed_in(tb: Any) -> bool:
+    """Whether the traceback runs through ``torch.nn.utils.rnn`` (packing) or a frame holds
+    a ``PackedSequence``: ``loss_fn`` packed its examples, which vmap cannot batch."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith(("nn/utils/rnn.py", "nn\\utils\\rnn.py")) or any(
+                isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values()):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _builtin_rnn_in(tb: Any) -> str | None:
