@@ -9,7 +9,10 @@ over examples. These layers compute the same function from ops that all batch:
 
 Constructor arguments, forward signature, return values, parameter names (so
 ``state_dict`` converts both ways) and default initialisation are those of ``nn.LSTM`` /
-``nn.GRU``. ``PackedSequence`` inputs are not supported.
+``nn.GRU``. ``PackedSequence`` inputs are not supported. Inter-layer dropout in training
+mode draws its masks on a batch-major tensor (NOTE [fused fast path]), so under the same
+``torch.manual_seed`` its masks (and outputs) differ from ``nn.LSTM``'s, which draws them
+time-major; the distribution is the same, and without dropout the outputs match.
 
 # NOTE [every weight through F.linear]
 Every use of a weight is one ``F.linear(input, weight, bias)`` call on the *whole*
