@@ -645,7 +645,8 @@ def test_scalar_loss_is_an_error_for_ghost():
             params_of(m), torch.randn(4, 3))
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True, torch.ones(2)])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True, torch.ones(2),
+                                 torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(float("nan"))])
 def test_bad_max_norm(bad):
     with pytest.raises(ValueError, match=r"clipped_grad\(loss_fn, max_norm\): `max_norm` must be"):
         fp.clipped_grad(lambda p, x: x, bad)

@@ -112,6 +112,13 @@ class _Clipper:
                 if max_norm.dim() != 0 or not max_norm.is_floating_point():
                     raise ValueError(f"{fn}: `max_norm` must be a number or a 0-d floating-point "
                                      f"tensor, got shape {tuple(max_norm.shape)}, {max_norm.dtype}")
+                # A CPU tensor is read here, once (an accelerator one would cost a device
+                # sync, and is used as given): -1 flipped every gradient's sign, NaN gave NaN.
+                if (max_norm.device.type == "cpu" and not torch.compiler.is_compiling()
+                        and not torch._C._functorch.is_functorch_wrapped_tensor(max_norm)
+                        and not float(max_norm) > 0):
+                    raise ValueError(f"{fn}: `max_norm` must be a positive number (inf disables "
+                                     f"clipping), got {max_norm!r}")
             elif isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) \
                     or math.isnan(max_norm) or max_norm <= 0:
                 raise ValueError(f"{fn}: `max_norm` must be a positive number (inf disables "
