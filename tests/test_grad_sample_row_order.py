@@ -524,16 +524,7 @@ SOLVE_MIXING = {
 def test_solves_over_the_examples_are_refused_by_the_fast_methods(stat, batch):
     # With B != F the matrix A of a whitening solve has another shape than the batch, and
     # the walk did not follow it: silent before (errors 0.27-0.48 against the loop).
-    p, x = params(5), torch.randn(batch, 3)
-    mix = SOLVE_MIXING[stat]
-
-    def losses(p, x):
-        h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
-        return F.linear(mix(h), p["w2"]).pow(2).sum(1)
-
-    with pytest.raises(ValueError, match="a statistic over the examples"):
-        fp.clipped_grad(losses, 1.0, method="ghost")(p, x)
-    refused_then_loop(losses, p, x, match="a statistic over the examples")
+    _refused_statistic(SOLVE_MIXING[stat], batch)
 
 
 def _cov(h: torch.Tensor) -> torch.Tensor:
@@ -583,8 +574,12 @@ def test_statistics_over_the_examples_are_refused_by_the_fast_methods(stat):
     (clipping then bounds no example's influence); they now refuse it, naming the op, and
     the default method falls back to vmap, which computes each example alone (the loop's
     numbers)."""
-    p, x = params(5), torch.randn(4, 3)
-    mix = MIXING[stat]
+    _refused_statistic(MIXING[stat], 4)
+
+
+def _refused_statistic(mix, batch: int) -> None:
+    """``mix`` between two linear layers: refused by ghost, then auto gives the loop's."""
+    p, x = params(5), torch.randn(batch, 3)
 
     def losses(p, x):
         h = torch.tanh(F.linear(x, p["w1"], p["b1"]))

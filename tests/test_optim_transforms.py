@@ -88,21 +88,17 @@ def test_missing_params_is_a_clear_error():
         opt.update(_grads(), opt.init(_params()))
 
 
-@pytest.mark.parametrize(
-    "make",
-    [optim.sgd, optim.adam, optim.adamw, optim.nadam, optim.radam, optim.adamax, optim.rmsprop,
-     optim.adagrad, optim.adadelta, optim.lion, optim.lamb],
-)
+LR_OPTIMIZERS = [optim.sgd, optim.adam, optim.adamw, optim.nadam, optim.radam, optim.adamax,
+                 optim.rmsprop, optim.adagrad, optim.adadelta, optim.lion, optim.lamb]
+
+
+@pytest.mark.parametrize("make", LR_OPTIMIZERS)
 def test_negative_learning_rate_rejected(make):
     with pytest.raises(ValueError, match=r"\(learning_rate\): `learning_rate` must be >= 0.0, got -0.1"):
         make(-0.1)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [optim.sgd, optim.adam, optim.adamw, optim.nadam, optim.radam, optim.adamax, optim.rmsprop,
-     optim.adagrad, optim.adadelta, optim.lion, optim.lamb],
-)
+@pytest.mark.parametrize("make", LR_OPTIMIZERS)
 def test_nan_learning_rate_rejected(make):
     # NaN passes every range check (each comparison is False); it made every parameter NaN
     with pytest.raises(ValueError, match=r"\(learning_rate\): `learning_rate` must be a number, got nan"):
