@@ -261,11 +261,13 @@ def _check_batch_size(where: str, batch_size: Any) -> float:
 
 def _readable(b: Any) -> bool:
     """Whether a per-step ``batch_size`` can be checked without a device sync or a graph
-    break: a number, or a CPU tensor outside ``torch.compile`` (an accelerator tensor,
-    such as ``fp.distributed``'s all-reduced count, is used as given)."""
+    break: a number, or a plain CPU tensor outside ``torch.compile`` (an accelerator tensor,
+    such as ``fp.distributed``'s all-reduced count, or one a ``torch.func`` transform
+    wraps, is used as given)."""
     if not isinstance(b, torch.Tensor):
         return True
-    return b.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (b.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(b))
 
 
 def _empty_batch(where: str) -> ValueError:
