@@ -329,7 +329,7 @@ class DPTrainer:
         clipped, clipped_masked, args = self._clipped, self._clipped_masked, (params,)
         split = self._split_params(where, params)
         if split is not None:  # NOTE [frozen parameters in DP-SGD]
-            (clipped, clipped_masked), args = split
+            (clipped, clipped_masked), args, flags = split
         total, losses, norms = None, [], []
         for start in range(0, n, size):
             chunk = batch if size >= n else _tree.map(lambda a, s=start: a[s:s + size], batch)
@@ -342,7 +342,9 @@ class DPTrainer:
             losses.append(chunk_losses.reshape(-1))
             norms.append(chunk_norms)
         if split is not None:  # the frozen leaves' share of the sum: zeros
-            total = self._merged(params, total)
+            leaves, td = _tree.flatten(params)
+            zeros = [torch.zeros_like(leaf) for leaf, f in zip(leaves, flags, strict=True) if not f]
+            total = _tree.unflatten(td, _interleave(flags, total, zeros))
         if len(losses) == 1:
             return total, losses[0], norms[0]
         return total, torch.cat(losses), torch.cat(norms)
@@ -351,9 +353,11 @@ class DPTrainer:
         """``trainable`` (a tree like ``params`` or a prefix of it) as one bool per leaf."""
         return tuple(broadcast_to_leaves(where, "trainable", self.trainable, params))
 
-    def _split_params(self, where: str, params: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]] | None:
-        """With frozen leaves: the clipped functions of the trainable leaves alone and their
-        ``(trainable, frozen)`` arguments (NOTE [frozen parameters in DP-SGD]); else None."""
+    def _split_params(self, where: str, params: Any
+                      ) -> tuple[tuple[Any, Any], tuple[Any, Any], tuple[bool, ...]] | None:
+        """With frozen leaves: the clipped functions of the trainable leaves alone, their
+        ``(trainable, frozen)`` arguments and the flags (NOTE [frozen parameters in
+        DP-SGD]); else None."""
         if self.trainable is None:
             return None
         flags = self._flags(where, params)
@@ -363,8 +367,7 @@ class DPTrainer:
         fns = self._split.get((td, flags))
         if fns is None:
             def merged(train: list[Any], frozen: list[Any]) -> Any:
-                it, fz = iter(train), iter(frozen)
-                return _tree.unflatten(td, [next(it) if f else next(fz) for f in flags])
+                return _tree.unflatten(td, _interleave(flags, train, frozen))
 
             def split_losses(train: list[Any], frozen: list[Any], batch: Any) -> torch.Tensor:
                 return self.loss_fn(merged(train, frozen), batch)
@@ -380,15 +383,7 @@ class DPTrainer:
             self._split[(td, flags)] = fns
         train = [leaf for leaf, f in zip(leaves, flags, strict=True) if f]
         frozen = [leaf for leaf, f in zip(leaves, flags, strict=True) if not f]
-        return fns, (train, frozen)
-
-    def _merged(self, params: Any, train: list[Any]) -> Any:
-        """The trainable leaves' sums in ``params``' structure, zeros for the frozen ones."""
-        leaves, td = _tree.flatten(params)
-        it = iter(train)
-        return _tree.unflatten(td, [next(it) if f else torch.zeros_like(leaf)
-                                    for leaf, f in zip(leaves, self._flags("DPTrainer", params),
-                                                       strict=True)])
+        return fns, (train, frozen), flags
 
     def step(self, state: DPTrainState, batch: Any, mask: torch.Tensor | None = None
              ) -> tuple[DPTrainState, dict[str, torch.Tensor]]:
@@ -438,3 +433,9 @@ class DPTrainer:
         metrics = {"loss": loss.detach(), "num_examples": count,
                    "num_clipped": clipped}
         return new, metrics
+
+
+def _interleave(flags: tuple[bool, ...], train: list[Any], frozen: list[Any]) -> list[Any]:
+    """The leaves in order: ``train``'s where ``flags`` is true, ``frozen``'s elsewhere."""
+    it, fz = iter(train), iter(frozen)
+    return [next(it) if f else next(fz) for f in flags]
