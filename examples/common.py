@@ -110,6 +110,11 @@ def finite_positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
+def open_unit_float(text: str) -> float:
+    """argparse type: a number in (0, 1) (a DP delta)."""
+    return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")

@@ -18,6 +18,7 @@ conv kernels the run measured (kernel_choices.json); --resume continues exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -36,14 +37,17 @@ from common import append_jsonl  # noqa: E402
 from common import default_data_dir  # noqa: E402
 from common import evaluate  # noqa: E402
 from common import fail  # noqa: E402
+from common import finite_positive_float  # noqa: E402
 from common import load_mnist  # noqa: E402
 from common import non_negative_float  # noqa: E402
+from common import open_unit_float  # noqa: E402
 from common import pick_device  # noqa: E402
 from common import positive_float  # noqa: E402
 from common import positive_int  # noqa: E402
 from common import prepare_out_dir  # noqa: E402
 from common import progress  # noqa: E402
 from common import run_main  # noqa: E402
+from common import seed_int  # noqa: E402
 
 INIT_STREAM, DATA_STREAM = 1, 2
 # the per-example conv kernels this run measured (fp.transforms.kernel_choices): a resumed
@@ -83,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
                    help="accountant used by --target-epsilon")
     p.add_argument("-c", "--max-grad-norm", type=positive_float, default=1.5,
                    help="per-example clipping bound C")
-    p.add_argument("--delta", type=positive_float, default=1e-5, help="target delta")
+    p.add_argument("--delta", type=open_unit_float, default=1e-5, help="target delta")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="inner optimizer")
-    p.add_argument("--lr", type=positive_float, default=0.25, help="learning rate")
+    p.add_argument("--lr", type=finite_positive_float, default=0.25, help="learning rate")
     p.add_argument("--momentum", type=non_negative_float, default=0.0, help="SGD momentum")
     p.add_argument("--max-physical-batch-size", type=positive_int, default=256,
                    help="examples per physical chunk (memory bound)")
@@ -94,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--test-batch-size", type=positive_int, default=1000, help="test batch size")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 on a busy machine)")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=1, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
     p.add_argument("--data-dir", default=default_data_dir(),
                    help="folder holding MNIST/raw/")
@@ -112,9 +116,35 @@ def parse_args(argv: list[str] | None = None) -> Any:
     args = p.parse_args(argv)
     if args.sample_rate > 1:
         p.error(f"argument --sample-rate: must be in (0, 1], got {args.sample_rate}")
+    if args.max_grad_norm == float("inf") and (args.sigma > 0 or args.target_epsilon):
+        p.error("argument -c/--max-grad-norm: inf (no clipping) needs --sigma 0: the noise "
+                "std is C * sigma")
+    if args.optimizer == "adam" and args.momentum:
+        p.error("argument --momentum: SGD's momentum; --optimizer adam has its own moments")
     if args.sigma == 0 and args.target_epsilon is None:
         print("warning: --sigma 0 trains without noise: no privacy guarantee", file=sys.stderr)
     return args
+
+
+_FLAGS = {"dp.sigma": "--sigma (or the sigma --target-epsilon calibrates for --epochs)",
+          "dp.sample_rate": "--sample-rate", "dp.steps_per_epoch": "--steps-per-epoch",
+          "dp.num_train": "training set size (--limit-train)", "dp.max_grad_norm": "-c",
+          "dp.seed": "--seed", "dp.optimizer": "--optimizer", "dp.lr": "--lr",
+          "dp.momentum": "--momentum"}
+
+
+def _check_resume(path: str, run_meta: dict[str, str]) -> None:
+    """Exit 2 when the checkpoint at ``path`` was written by a run with other settings
+    (NOTE [resume with the same run]); checkpoints without them are not checked."""
+    try:
+        meta = fp.serialization.read_metadata(path)
+    except (fp.serialization.CheckpointError, OSError) as e:
+        fail(f"--resume: cannot read {path}: {e}")
+    for k, v in run_meta.items():
+        if k in meta and meta[k] != v:
+            fail(f"--resume: {path} was trained with {k.split('.')[1]}={meta[k]} but this run "
+                 f"has {v}; resume with the same {_FLAGS[k]} (the epsilon reported assumes "
+                 "every step ran with this run's settings)")
 
 
 def epsilons(sigma: float, q: float, steps: int, delta: float) -> dict[str, float]:
@@ -188,7 +218,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         device)
     state = trainer.init(params, key, accountant="rdp")
     choices = os.path.join(args.out_dir, KERNEL_CHOICES)
+    # NOTE [resume with the same run]: what a checkpoint's steps were taken with. The epsilon
+    # reported is that of every step at this run's sigma and q, and the batches come from
+    # --seed, so a resume that changed them (or the data, or --target-epsilon's sigma,
+    # recalibrated for more epochs) would report a budget it did not spend: refused.
+    run_meta = {"dp.sigma": repr(sigma), "dp.sample_rate": repr(q),
+                "dp.steps_per_epoch": str(steps_per_epoch), "dp.num_train": str(n),
+                "dp.max_grad_norm": repr(args.max_grad_norm), "dp.seed": str(args.seed),
+                "dp.optimizer": args.optimizer, "dp.lr": repr(args.lr),
+                "dp.momentum": repr(args.momentum)}
     if args.resume:
+        _check_resume(files.manager.latest(), run_meta)
         state = files.manager.restore(device=device)
         print(f"resumed from step {int(state.step)} ({files.manager.latest()})")
         if os.path.exists(choices):  # the kernels the interrupted run measured: same bits
@@ -225,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        args.test_batch_size),
             **eps, "epoch_time_s": round(epoch_time, 2),
         }
-        files.manager.save(steps, state)
+        if not math.isfinite(record["train_loss"]):
+            fail(f"non-finite train loss ({record['train_loss']}) in epoch {epoch + 1}: lower --lr "
+                 "or -c; nothing saved for this epoch", status=1)
+        files.manager.save(steps, state, metadata=run_meta)
         with open(choices, "w") as f:
             json.dump(fp.transforms.kernel_choices(), f, indent=1)
         append_jsonl(files.metrics, record)

@@ -113,6 +113,12 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
     (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
     (["--epochs", "0"], "argument --epochs: must be"),
     (["--sigma", "-1"], "argument --sigma: must be"),
+    # each of these trained a whole epoch before failing, or ran on with NaN
+    (["--delta", "2"], "argument --delta: must be a number in (0, 1), got '2'"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+    (["--seed", str(2**70)], "argument --seed: must be an integer in [-2**63, 2**63)"),
+    (["-c", "inf"], "argument -c/--max-grad-norm: inf (no clipping) needs --sigma 0"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "argument --momentum: SGD's momentum"),
 ])
 def test_bad_flags_in_process(flag, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -120,3 +126,33 @@ def test_bad_flags_in_process(flag, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("changed", [("--sigma", "2.0", "sigma=1.3 but this run has 2.0"),
+                                     ("--seed", "5", "seed=1 but this run has 5"),
+                                     ("--steps-per-epoch", "3", "steps_per_epoch=2 but this run has 3")])
+def test_resume_with_other_settings_is_refused(data_root, tmp_path, changed, capsys):
+    # NOTE [resume with the same run]: a resume at another sigma reported the epsilon of
+    # every step at the new sigma (0.205 where the checkpoint's accountant held 9.13); another
+    # seed or epoch length changed the batches silently.
+    flag, value, message = changed
+    dp_mnist.main(_flags(data_root, tmp_path, "--epochs", "1", "--no-plot"))
+    args = [a for a in _flags(data_root, tmp_path, "--epochs", "2", "--no-plot", "--resume")]
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dp_mnist.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "resume with the same" in err, err
+
+
+def test_non_finite_loss_stops_with_status_1(data_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dp_mnist.main(_flags(data_root, tmp_path, "--epochs", "1", "--no-plot", "--lr", "1e300"))
+    assert e.value.code == 1
+    assert "non-finite train loss" in capsys.readouterr().err
+    assert fp.train.CheckpointManager(tmp_path / "checkpoints").latest() is None
