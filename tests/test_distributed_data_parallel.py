@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 import functorch_pipeline as fp
@@ -163,3 +164,21 @@ def test_data_parallel_matches_one_process_and_dp_noise_is_added_once() -> None:
         assert abs(len(mine[0]) - len(mine[1])) <= 1
         sizes.append(len(whole))
     assert 35 < sum(sizes) / len(sizes) < 65  # Binomial(1000, 0.05): mean 50
+
+
+def test_dp_aggregate_counts_in_float64_and_names_its_edges() -> None:
+    # One rank (the group of this process alone): the global count was kept in the
+    # gradients' dtype, and float16 overflowed to inf past 65504 examples.
+    tx = fpd.differentially_private_aggregate(1.0, 0.0, key=0)
+    one = optim.differentially_private_aggregate(1.0, 0.0, key=0)
+    params = {"w": torch.zeros(1, dtype=torch.float16)}
+    g = {"w": torch.full((80000, 1), 0.5, dtype=torch.float16)}
+    with fpd.local_group():
+        got = tx.update(g, tx.init(params))[0]["w"]
+        assert torch.equal(got, one.update(g, one.init(params))[0]["w"])
+        assert float(got) == 0.5
+        with pytest.raises(ValueError, match=r"differentially_private_aggregate.update: `batch_size` is not taken"):
+            tx.update(g, tx.init(params), batch_size=4)
+        empty = {"w": torch.zeros(0, 1, dtype=torch.float16)}
+        with pytest.raises(ValueError, match=r"differentially_private_aggregate.update: the global batch is empty"):
+            tx.update(empty, tx.init(params))

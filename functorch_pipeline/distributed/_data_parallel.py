@@ -216,6 +216,9 @@ def differentially_private_aggregate(
     noise = optim.add_dp_noise(l2_norm_clip, noise_multiplier, key)
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        if "batch_size" in extra:  # it was ignored: the divisor is the count over the ranks
+            raise ValueError(f"{where}.update: `batch_size` is not taken: the noisy sum is divided "
+                             "by the number of examples summed over every rank")
         paths, leaves, td = fpt.flatten_with_path(updates)
         for p, g in zip(paths, leaves, strict=True):
             if not isinstance(g, torch.Tensor) or g.dim() == 0 or g.shape[0] != leaves[0].shape[0]:
@@ -229,10 +232,15 @@ def differentially_private_aggregate(
             local = fpt.leaves(summed)
         else:
             local = [g.new_zeros(g.shape[1:]) for g in leaves]
-        floating = local[0].is_floating_point()
-        count = torch.tensor(float(b), dtype=local[0].dtype if floating else torch.float64,
-                             device=local[0].device)
+        # The count in float64 (float32 where the device has no float64): in the gradients'
+        # float16 it overflowed past 65504 examples and rounded past 2048.
+        device = local[0].device
+        count = torch.tensor(float(b), device=device,
+                             dtype=torch.float32 if device.type == "mps" else torch.float64)
         total, count = psum((local, count), group=group)
+        if device.type == "cpu" and not float(count) > 0:  # read for free on the host
+            raise ValueError(f"{where}.update: the global batch is empty (0 examples on every "
+                             "rank), and an empty batch has no mean")
         return noise.update(fpt.unflatten(td, total), state, params, batch_size=count)
 
     return optim.GradientTransformation(noise.init, update_fn)
