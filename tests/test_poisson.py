@@ -272,6 +272,9 @@ def test_bad_arguments_are_named():
         poisson_batches((x, y), 0.1, key=KEY, max_batch_size=0)
     with pytest.raises(ValueError, match=r"`num_batches` must be an int >= 0, got -1"):
         poisson_batches((x, y), 0.1, key=KEY, num_batches=-1)
+    with pytest.raises(ValueError, match=r"the dataset is empty, so fixed-shape batches have no "
+                       r"example to pad with"):  # it failed inside torch's index_select
+        poisson_batches((x[:0], y[:0]), 0.1, key=KEY, max_batch_size=2)
     with pytest.raises(
         ValueError, match=r"leaf at path `\[1\]` has 9 examples but leaf `\[0\]` has 10"
     ):

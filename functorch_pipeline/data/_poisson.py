@@ -187,6 +187,9 @@ def poisson_batches(
         raise ValueError(f"{where}: `start` must be an int in [0, {total}], got {start!r}")
     if max_batch_size is not None:
         _check_count(where, "max_batch_size", max_batch_size, 1)
+        if n == 0:  # no example 0 to pad with (it failed inside torch's index_select)
+            raise ValueError(f"{where}: the dataset is empty, so fixed-shape batches have no "
+                             "example to pad with; use max_batch_size=None (empty batches)")
     return _iterate(data, n, q, key, total, start, max_batch_size)
 
 
