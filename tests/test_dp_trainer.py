@@ -563,3 +563,22 @@ def test_trainable_must_match_the_parameters():
     with pytest.raises(TypeError, match=r"DPTrainer: `trainable` must be a tree of bools"):
         fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=1.0, noise_multiplier=1.0,
                            sample_rate=0.1, expected_batch_size=4.0, trainable={"fc1": 0, "fc2": 1})
+
+
+def test_frozen_leaves_survive_save_and_load_exactly(tmp_path):
+    trainer = fp.train.DPTrainer(loss_fn, optim.adam(0.01), l2_norm_clip=0.5, noise_multiplier=1.0,
+                                 sample_rate=0.25, expected_batch_size=10.0,
+                                 max_physical_batch_size=3, trainable=FROZEN_FC1)
+    params, batches = _params(), _batches(6)
+    straight = trainer.init(params, fp.random.key(2))
+    for b in batches[:3]:
+        straight, _ = trainer.step(straight, b)
+    fp.save(tmp_path / "s.safetensors", straight)
+    resumed = fp.load(tmp_path / "s.safetensors")
+    for b in batches[3:]:
+        straight, _ = trainer.step(straight, b)
+        resumed, _ = trainer.step(resumed, b)
+    for x, y in zip(fp.tree.leaves(straight.params), fp.tree.leaves(resumed.params), strict=True):
+        assert torch.equal(x, y)
+    assert straight.accountant == resumed.accountant and straight.accountant.steps == 6
+    assert all(torch.equal(straight.params["fc1"][k], params["fc1"][k]) for k in params["fc1"])
