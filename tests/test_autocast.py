@@ -169,3 +169,46 @@ def test_a_three_channel_first_conv_under_autocast():
         clipped, _ = fp.clipped_grad(losses, CLIP, method="ghost")(params, x, y)
     _assert_near(got, want, 1e-6)
     _assert_near(clipped, want_clipped, 2e-2)
+
+
+# -- NOTE [ghost sums under autocast] ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, rel", [("ghost", 2e-2), ("auto", 2e-2), ("hooks", 1e-5)])
+def test_clipped_grad_with_autocast_inside_loss_fn(method, rel):
+    # The weighted sum multiplied float32 clip factors by the bf16 parts saved under the
+    # autocast inside loss_fn, outside it: "expected m1 and m2 to have the same dtype".
+    params, x, y, losses = _setup()
+
+    def inside(p, x, y):
+        with _autocast():
+            return losses(p, x, y)
+
+    _, want_norms, want = _loop(losses, params, x, y)  # the same autocast, around
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, norms = fp.clipped_grad(inside, CLIP, method=method)(params, x, y)
+    _assert_near(got, want, rel)
+    torch.testing.assert_close(norms, want_norms, rtol=2e-2, atol=0)
+
+
+def test_ghost_sum_of_a_float32_head_under_autocast_is_not_rounded_to_bf16():
+    # A head run in float32 (autocast disabled inside loss_fn) under an outer autocast:
+    # ghost's weighted sum ran under the outer autocast and was rounded to bf16 (2.7e-3
+    # relative against the loop, against 1e-7 for hooks).
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 16), nn.Linear(16, 4)
+    params = {"w": head.weight.detach(), "b": head.bias.detach()}
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+
+    def losses(p, x, y):
+        h = torch.tanh(body(x))
+        with torch.autocast("cpu", enabled=False):
+            return F.cross_entropy(F.linear(h.float(), p["w"], p["b"]), y, reduction="none")
+
+    _, want_norms, want = _loop(losses, params, x, y)
+    for method in ("ghost", "auto"):
+        with _autocast():
+            got, norms = fp.clipped_grad(losses, CLIP, method=method)(params, x, y)
+        _assert_near(got, want, 1e-5)
+        torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0)

@@ -34,6 +34,7 @@ embedding): the same numbers without backpropagating through the network again (
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -239,16 +240,20 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
                 c[real:] = 0
             cast = {c.dtype: c}  # the factors in each parameter dtype, cast once
             grads = []
-            for slot, p in enumerate(flat):
-                parts = by_slot.get(slot)
-                if parts is None:
-                    grads.append(torch.zeros_like(p))
-                    continue
-                if p.dtype not in cast:
-                    cast[p.dtype] = c.to(p.dtype)
-                g = _ghost_math.weighted_sum(parts, p, cast[p.dtype], kept.get(slot))
-                # NOTE [autocast] (in _engine): each parameter's dtype, as autograd gives
-                grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
+            device = c.device.type  # NOTE [ghost sums under autocast] in _ghost_math
+            off = torch.autocast(device_type=device, enabled=False) \
+                if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+            with off:
+                for slot, p in enumerate(flat):
+                    parts = by_slot.get(slot)
+                    if parts is None:
+                        grads.append(torch.zeros_like(p))
+                        continue
+                    if p.dtype not in cast:
+                        cast[p.dtype] = c.to(p.dtype)
+                    g = _ghost_math.weighted_sum(parts, p, cast[p.dtype], kept.get(slot))
+                    # NOTE [autocast] (in _engine): each parameter's dtype, as autograd gives
+                    grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
     aux = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
     value = (losses.detach(), aux) if has_aux else losses.detach()
     return value, norms, grads

@@ -318,6 +318,12 @@ def _contract_rows(c: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return out.permute([order.index(d) for d in range(1, kept.dim())]).contiguous()
 
 
+def _as(dtype: torch.dtype, payload: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A part's floating tensors in ``dtype`` (NOTE [ghost sums under autocast])."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != dtype else t for t in payload)
+
+
 def _batch(parts: Parts) -> int:
     first = next(iter(parts.values()))[0]
     return next(t for t in first if isinstance(t, torch.Tensor)).shape[0]
@@ -367,8 +373,13 @@ def weighted_sum(parts: Parts, param: torch.Tensor, c: torch.Tensor,
     ``sum_b c_b loss_b`` (see NOTE [clipping without a second backward] in ``_ghost``);
     from ``kept`` per-example gradients when :func:`squared_norms` formed them. Call it
     under ``torch.no_grad()``."""
+    # NOTE [ghost sums under autocast]: parts saved under autocast carry its dtype (bf16);
+    # the factors carry the parameter's. The sum is taken in the latter, as autograd's
+    # gradient of a float32 parameter is (a float32 @ bf16 product was an error when the
+    # autocast was inside loss_fn, and a bf16 one rounded float32 layers' sums to bf16).
+    parts = {k: [_as(c.dtype, p) for p in v] for k, v in parts.items()}
     if kept is not None:  # (B,) @ (B, P): the same product as (1, B) @ (B, P)
-        return _contract_rows(c, kept).view(param.shape)
+        return _contract_rows(c, kept if kept.dtype == c.dtype else kept.to(c.dtype)).view(param.shape)
     total = None
     for kind, payloads in parts.items():
         if kind == "outer":
