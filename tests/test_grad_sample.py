@@ -831,3 +831,29 @@ def test_activation_checkpointing_is_refused_by_name(reentrant):
                  fp.clipped_grad(losses, 1.0), fp.per_sample_grad_norms(losses, method="ghost")):
         with pytest.raises(ValueError, match="activation checkpointing"):
             call(params, x)
+
+
+@pytest.mark.parametrize("which", ["params", "batch", "both"])
+def test_inference_tensors_take_the_fast_methods(which):
+    # NOTE [inference tensors]: parameters or a batch made under torch.inference_mode()
+    # crashed the fast methods ("Inference tensors cannot be saved for backward") where
+    # vmap(grad) ran.
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params, x, y = params_of(m), torch.randn(5, 3), torch.randn(5, 2)
+    want = loop_grads(squared(m), params, x, y)
+    with torch.inference_mode():
+        p_inf = {k: v.clone() for k, v in params.items()}
+        x_inf = x.clone()
+    p = p_inf if which in ("params", "both") else params
+    xb = x_inf if which in ("batch", "both") else x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast methods, no fall-back
+        got = fp.per_sample_grads(squared(m))(p, xb, y)
+        total, norms = fp.clipped_grad(squared(m), 1.0, method="ghost")(p, xb, y)
+    assert all(torch.allclose(got[k], want[k], atol=TOL, rtol=0) for k in want)
+    want_norms = torch.stack([g.flatten(1).square().sum(1) for g in want.values()]).sum(0).sqrt()
+    assert torch.allclose(norms, want_norms, atol=TOL, rtol=0)
+    c = (1.0 / (want_norms / 1.0).clamp(min=1.0))
+    for k in want:
+        assert torch.allclose(total[k], (want[k] * c.view(-1, *[1] * (want[k].dim() - 1))).sum(0),
+                              atol=TOL, rtol=0)

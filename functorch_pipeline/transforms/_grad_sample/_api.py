@@ -209,6 +209,24 @@ def outside_compile(call: Callable[..., Any], *args: Any) -> Any:
     return call(*args)
 
 
+def no_inference_tensors(args: Sequence[Any]) -> Sequence[Any]:
+    """``args`` with tensors made under ``torch.inference_mode`` cloned into plain ones.
+
+    # NOTE [inference tensors]
+    The engines record autograd history of the parameters and the batch, which autograd
+    refuses for inference tensors ("Inference tensors cannot be saved for backward"), so
+    parameters or a batch made under ``torch.inference_mode()`` crashed the fast methods
+    where ``vmap(grad)`` ran. Such leaves are cloned (outside inference mode) for the call;
+    other arguments pass through as they are.
+    """
+    leaves = _tree.leaves(list(args))
+    if not any(isinstance(t, torch.Tensor) and t.is_inference() for t in leaves):
+        return args
+    with torch.inference_mode(False):
+        return tuple(_tree.map(lambda t: t.clone() if isinstance(t, torch.Tensor)
+                               and t.is_inference() else t, a) for a in args)
+
+
 def hooks_value_and_grad(
     loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
     batched: Sequence[int], has_aux: bool, chunk_size: int | None, fn: str,
@@ -223,6 +241,8 @@ def hooks_value_and_grad(
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise Unsupported("the fast method cannot run inside a torch.func transform")
     from functorch_pipeline.transforms._autodiff import _check_diff_leaves
+
+    args = no_inference_tensors(args)  # NOTE [inference tensors]
 
     leaves, defs = [], []
     for i in nums:

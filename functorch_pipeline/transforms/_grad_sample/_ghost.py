@@ -54,6 +54,7 @@ from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
 from functorch_pipeline.transforms._grad_sample._api import forward_losses
+from functorch_pipeline.transforms._grad_sample._api import no_inference_tensors
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
@@ -272,6 +273,7 @@ def ghost_norms_and_sum(
     argument(s), with ``c`` from :func:`clip_factors`. Raises :class:`Unsupported`
     (:class:`HooksOnly` when the hooks method would do) for calls it cannot handle.
     """
+    args = no_inference_tensors(args)  # NOTE [inference tensors] in _api
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise Unsupported("ghost clipping cannot run inside a torch.func transform")
     from functorch_pipeline.transforms._autodiff import _check_diff_leaves
