@@ -328,3 +328,14 @@ def test_ema_debiased_matches_loop():
         u, s = tx.update(_grads(k), s)
         e = fp.tree.map(lambda a, g: 0.7 * a + 0.3 * g, e, _grads(k))
         assert fp.tree.allclose(u, fp.tree.scale(e, 1 / (1 - 0.7 ** (k + 1))), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adam(0.01), lambda: optim.adamw(0.01),
+                                  lambda: optim.rmsprop(0.01), lambda: optim.scale_by_adam()],
+                         ids=["adam", "adamw", "rmsprop", "scale_by_adam"])
+def test_complex_gradients_are_refused_by_second_moments(make):
+    # g * g squared them as complex numbers: Adam's update was 1 + 0j whatever g was.
+    tx = make()
+    p = {"w": torch.zeros(2, dtype=torch.complex128)}
+    with pytest.raises(TypeError, match=r"complex gradient reached a second moment.*view_as_real"):
+        tx.update({"w": torch.tensor([1 + 1j, 2 - 3j], dtype=torch.complex128)}, tx.init(p), p)

@@ -264,6 +264,12 @@ def sub(xs: TL, ys: TL, fe: bool) -> TL:
 
 def ema_sq(nu: TL, g: TL, decay: Scalar, fe: bool, inplace: bool = False) -> TL:
     """``decay * nu + (1 - decay) * g * g`` (torch's ``mul_`` then ``addcmul_`` order)."""
+    if any(x.is_complex() for x in g):  # g * g is the complex square, not |g|^2
+        raise TypeError(
+            "fp.optim: a complex gradient reached a second moment (adam, adamw, nadam, radam, "
+            "rmsprop, adadelta, ...), which would square it as a complex number (Adam's update "
+            "was then 1 + 0j whatever the gradient); pass real views instead "
+            "(torch.view_as_real on the parameters and gradients)")
     inplace = inplace and (fe or not (recording(nu) or recording(g)))
     decay = like(decay, nu)
     fe = _scalar_fe(fe, decay)
