@@ -110,7 +110,15 @@ def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any], fe: bool = Fal
     (``fe=True``: :func:`foreach_ok` already said so for these lists)."""
     if not extra_args.get("inplace"):
         return False
+    if any(isinstance(x, torch.Tensor) and _overlapping(x) for xs in lists for x in xs):
+        return False  # an expanded gradient (of p.sum()): aten refuses to write into it
     return fe or not any(recording(xs) for xs in lists)
+
+
+def _overlapping(x: torch.Tensor) -> bool:
+    """Whether several elements of ``x`` share memory (a stride of 0 over a size > 1, as
+    autograd gives for the gradient of ``p.sum()``): an in-place write into it fails."""
+    return any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape, strict=True))
 
 
 def _scalar_fe(fe: bool, s: Any) -> bool:
