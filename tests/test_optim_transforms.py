@@ -339,3 +339,34 @@ def test_complex_gradients_are_refused_by_second_moments(make):
     p = {"w": torch.zeros(2, dtype=torch.complex128)}
     with pytest.raises(TypeError, match=r"complex gradient reached a second moment.*view_as_real"):
         tx.update({"w": torch.tensor([1 + 1j, 2 - 3j], dtype=torch.complex128)}, tx.init(p), p)
+
+
+def _nan_cases():
+    """Every public factory that needs at most a learning rate, with each of its float
+    hyperparameters (default a float) set to NaN."""
+    import inspect
+
+    cases = []
+    for name in sorted(optim.__all__):
+        f = getattr(optim, name)
+        if not inspect.isfunction(f) or "schedule" in name:
+            continue
+        sig = inspect.signature(f)
+        required = [k for k, v in sig.parameters.items() if v.default is inspect.Parameter.empty
+                    and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        if required not in ([], ["learning_rate"]):
+            continue
+        base = {"learning_rate": 0.1} if required else {}
+        for k, v in sig.parameters.items():
+            if k != "learning_rate" and isinstance(v.default, float):
+                cases.append(pytest.param(f, base, k, id=f"{name}({k})"))
+    return cases
+
+
+@pytest.mark.parametrize("factory, base, arg", _nan_cases())
+def test_every_float_hyperparameter_refuses_nan(factory, base, arg):
+    # NaN passes every range check (each comparison is False); 26 of these were accepted
+    # and gave NaN parameters (radam's eps, ema's decay, rmsprop's initial_scale, ...) or,
+    # silently, other maths (radam's threshold=nan turned rectification off).
+    with pytest.raises((ValueError, TypeError), match=arg):
+        factory(**base, **{arg: float("nan")})

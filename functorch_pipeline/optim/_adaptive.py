@@ -349,6 +349,9 @@ def scale_by_radam(
     >>> tx.update([torch.tensor([3.0])], tx.init([torch.zeros(1)]))[0]  # rho_1 < 5: momentum only
     [tensor([3.0000])]
     """
+    check_number("scale_by_radam(eps)", "eps", eps)
+    check_number("scale_by_radam(eps_root)", "eps_root", eps_root)
+    check_number("scale_by_radam(threshold)", "threshold", threshold)
     _check_betas("scale_by_radam(b1, b2)", b1=b1, b2=b2)
     ro_inf = 2.0 / (1.0 - b2) - 1.0
 
@@ -446,6 +449,7 @@ def scale_by_nadam(
     >>> u[0].shape
     torch.Size([1])
     """
+    check_number("scale_by_nadam(eps)", "eps", eps)
     _check_betas("scale_by_nadam(b1, b2)", b1=b1, b2=b2)
     check_number("scale_by_nadam(momentum_decay)", "momentum_decay", momentum_decay, low=0.0)
 
@@ -593,6 +597,7 @@ def scale_by_rms(
     >>> tx.update([torch.tensor([-2.0])], tx.init([torch.zeros(1)]))[0]
     [tensor([-1.0000])]
     """
+    check_number("scale_by_rms(initial_scale)", "initial_scale", initial_scale)
     return _rms_common("scale_by_rms", decay, eps, initial_scale, eps_in_sqrt, bias_correction, False)
 
 
@@ -617,6 +622,7 @@ def scale_by_stddev(
     >>> tx.update([torch.tensor([2.0])], tx.init([torch.zeros(1)]))[0]
     [tensor([2.0000])]
     """
+    check_number("scale_by_stddev(initial_scale)", "initial_scale", initial_scale)
     return _rms_common("scale_by_stddev", decay, eps, initial_scale, eps_in_sqrt, bias_correction, True)
 
 
@@ -775,6 +781,7 @@ def scale_by_lion(
     >>> tx.update([torch.tensor([0.3, -2.0, 0.0])], tx.init([torch.zeros(3)]))[0]
     [tensor([ 1., -1.,  0.])]
     """
+    check_number("scale_by_lion(smooth_beta)", "smooth_beta", smooth_beta)
     _check_betas("scale_by_lion(b1, b2)", b1=b1, b2=b2)
     if mode not in ("hard", "smooth", "refined"):
         raise ValueError(

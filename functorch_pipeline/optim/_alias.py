@@ -85,6 +85,7 @@ def sgd(
     >>> opt.update({"w": torch.tensor([1.0])}, opt.init({"w": torch.zeros(1)}))[0]
     {'w': tensor([-0.1000])}
     """
+    check_number("sgd(dampening)", "dampening", dampening)
     _lr("sgd", learning_rate)
     if momentum is None and nesterov:
         raise ValueError("sgd(learning_rate, momentum, nesterov): nesterov=True needs a `momentum`")

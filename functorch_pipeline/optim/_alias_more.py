@@ -29,6 +29,7 @@ from functorch_pipeline.optim._scalers_more import scale_by_rprop
 from functorch_pipeline.optim._scalers_more import scale_by_sign
 from functorch_pipeline.optim._scalers_more import scale_by_yogi
 from functorch_pipeline.optim._transforms import add_decayed_weights
+from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import scale_by_trust_ratio
@@ -245,6 +246,9 @@ def lars(
       >>> opt.update({"w": torch.tensor([1.0, 0.0])}, opt.init(p), p)[0]
       {'w': tensor([-5., -0.])}
     """
+    check_number("lars(trust_coefficient)", "trust_coefficient", trust_coefficient)
+    check_number("lars(momentum)", "momentum", momentum)
+    check_number("lars(eps)", "eps", eps)
     _lr("lars", learning_rate)
     return chain(
         add_decayed_weights(weight_decay, weight_decay_mask),
@@ -426,6 +430,7 @@ def adafactor(
       >>> opt.update({"w": torch.tensor([2.0, -2.0])}, opt.init(p), p)[0]
       {'w': tensor([-0.1000,  0.1000])}
     """
+    check_number("adafactor(clipping_threshold)", "clipping_threshold", clipping_threshold)
     if learning_rate is not None:
         _lr("adafactor", learning_rate)
     tx = [scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor,
@@ -507,6 +512,7 @@ def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformat
       >>> fp.optim.apply_updates(p, u)
       {'w': tensor([-0.6000,  3.2000])}
     """
+    check_number("fromage(min_norm)", "min_norm", min_norm)
     _lr("fromage", learning_rate)
     if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
         raise TypeError("fromage(learning_rate): must be a Python number (optax's fromage "

@@ -108,6 +108,7 @@ def scale_by_factored_rms(
       tensor([[1., 1., 1.],
               [1., 1., 1.]])
     """
+    check_number("scale_by_factored_rms(decay_rate)", "decay_rate", decay_rate)
     check_number("scale_by_factored_rms(epsilon)", "epsilon", epsilon, low=0.0)
 
     def _shapes(shape: tuple) -> tuple[tuple, tuple, tuple]:

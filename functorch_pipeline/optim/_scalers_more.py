@@ -292,6 +292,7 @@ def scale_by_yogi(
       >>> tx.update({"w": torch.tensor([-3.0])}, tx.init({"w": torch.zeros(1)}))[0]
       {'w': tensor([-1.])}
     """
+    check_number("scale_by_yogi(initial_accumulator_value)", "initial_accumulator_value", initial_accumulator_value)
     _betas("scale_by_yogi(b1, b2)", b1=b1, b2=b2)
     check_number("scale_by_yogi(eps)", "eps", eps, low=0.0)
     check_number("scale_by_yogi(eps_root)", "eps_root", eps_root, low=0.0)
@@ -575,6 +576,8 @@ def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> Gradi
       >>> u, s = tx.update({"w": torch.tensor([3.0])}, s); u
       {'w': tensor([4.])}
     """
+    check_number("scale_by_optimistic_gradient(alpha)", "alpha", alpha)
+    check_number("scale_by_optimistic_gradient(beta)", "beta", beta)
     for name, v in (("alpha", alpha), ("beta", beta)):
         _checks.check_hyperparameter(f"scale_by_optimistic_gradient({name})", name, v)
 

@@ -423,6 +423,9 @@ def scale_by_trust_ratio(
     >>> tx.update({"w": torch.tensor([0.0, 2.0])}, tx.init(None), {"w": torch.tensor([3.0, 4.0])})[0]
     {'w': tensor([0., 5.])}
     """
+    check_number("scale_by_trust_ratio(min_norm)", "min_norm", min_norm)
+    check_number("scale_by_trust_ratio(trust_coefficient)", "trust_coefficient", trust_coefficient)
+    check_number("scale_by_trust_ratio(eps)", "eps", eps)
 
     def init_fn(params: Params) -> EmptyState:
         return EmptyState()

@@ -152,6 +152,7 @@ def normalize_by_update_norm(
       >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(None))[0]
       {'w': tensor([0.6000, 0.8000])}
     """
+    check_number("normalize_by_update_norm(scale_factor)", "scale_factor", scale_factor)
     check_number("normalize_by_update_norm(eps)", "eps", eps, low=0.0)
 
     def init_fn(params: Params) -> EmptyState:
