@@ -651,21 +651,46 @@ def _logits_fn(model: Any, state: Any) -> Callable[[torch.Tensor], torch.Tensor]
     return lambda x: model.apply({"params": state.params, "buffers": state.buffers}, x)
 
 
-def _restore(files: RunFiles, state: Any, device: torch.device,
-             run_meta: dict[str, str]) -> tuple[Any, float, float]:
-    """The latest checkpoint, and the epoch's train-loss sum and time so far saved with it
-    (exits 2 when it does not fit this run)."""
-    path = files.manager.latest()
+def check_run_meta(path: str, run_meta: dict[str, str], flags: dict[str, str],
+                   why: str = "") -> dict[str, str]:
+    """The metadata of the checkpoint at ``path``; exits 2 when a setting of ``run_meta``
+    differs from the one it was written with, naming the flag (``flags``), so a resume
+    continues the same run. Checkpoints without a setting are not checked for it.
+
+    Args:
+      path: the checkpoint.
+      run_meta: ``{"prefix.name": value}`` of this run.
+      flags: the command-line flag of each key, for the message.
+      why: appended to the message.
+
+    Returns:
+      The checkpoint's metadata.
+
+    Example:
+      >>> import tempfile, os, torch
+      >>> path = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+      >>> fp.save(path, {"w": torch.zeros(1)}, metadata={"fit.batch_size": "64"})
+      >>> check_run_meta(path, {"fit.batch_size": "64"}, {"fit.batch_size": "--batch-size"})["fit.batch_size"]
+      '64'
+    """
     try:
         meta = fp.serialization.read_metadata(path)
     except (fp.serialization.CheckpointError, OSError) as e:
         fail(f"--resume: cannot read {path}: {e}")
     for k, v in run_meta.items():
         if k in meta and meta[k] != v:
-            flag = ("--batch-size" if k == "fit.batch_size"
-                    else "the training set size (--limit-train)")
             fail(f"--resume: {path} was trained with {k.split('.')[1]}={meta[k]} but this run has "
-                 f"{v}; resume with the same {flag}")
+                 f"{v}; resume with the same {flags[k]}{why}")
+    return meta
+
+
+def _restore(files: RunFiles, state: Any, device: torch.device,
+             run_meta: dict[str, str]) -> tuple[Any, float, float]:
+    """The latest checkpoint, and the epoch's train-loss sum and time so far saved with it
+    (exits 2 when it does not fit this run)."""
+    path = files.manager.latest()
+    meta = check_run_meta(path, run_meta, {"fit.batch_size": "--batch-size",
+                                           "fit.num_train": "the training set size (--limit-train)"})
     try:
         restored = files.manager.restore(like=state, device=device)
     except (fp.serialization.CheckpointError, ValueError, TypeError) as e:

@@ -34,6 +34,7 @@ from functorch_pipeline import optim
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ArgumentParser  # noqa: E402
 from common import append_jsonl  # noqa: E402
+from common import check_run_meta  # noqa: E402
 from common import default_data_dir  # noqa: E402
 from common import evaluate  # noqa: E402
 from common import fail  # noqa: E402
@@ -133,20 +134,6 @@ _FLAGS = {"dp.sigma": "--sigma (or the sigma --target-epsilon calibrates for --e
           "dp.momentum": "--momentum"}
 
 
-def _check_resume(path: str, run_meta: dict[str, str]) -> None:
-    """Exit 2 when the checkpoint at ``path`` was written by a run with other settings
-    (NOTE [resume with the same run]); checkpoints without them are not checked."""
-    try:
-        meta = fp.serialization.read_metadata(path)
-    except (fp.serialization.CheckpointError, OSError) as e:
-        fail(f"--resume: cannot read {path}: {e}")
-    for k, v in run_meta.items():
-        if k in meta and meta[k] != v:
-            fail(f"--resume: {path} was trained with {k.split('.')[1]}={meta[k]} but this run "
-                 f"has {v}; resume with the same {_FLAGS[k]} (the epsilon reported assumes "
-                 "every step ran with this run's settings)")
-
-
 def epsilons(sigma: float, q: float, steps: int, delta: float) -> dict[str, float]:
     if sigma == 0 or steps == 0:
         return {"epsilon_rdp": float("inf") if steps else 0.0,
@@ -228,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "dp.optimizer": args.optimizer, "dp.lr": repr(args.lr),
                 "dp.momentum": repr(args.momentum)}
     if args.resume:
-        _check_resume(files.manager.latest(), run_meta)
+        check_run_meta(files.manager.latest(), run_meta, _FLAGS,
+                       " (the epsilon reported assumes every step ran with this run's settings)")
         state = files.manager.restore(device=device)
         print(f"resumed from step {int(state.step)} ({files.manager.latest()})")
         if os.path.exists(choices):  # the kernels the interrupted run measured: same bits
