@@ -370,3 +370,11 @@ def test_every_float_hyperparameter_refuses_nan(factory, base, arg):
     # silently, other maths (radam's threshold=nan turned rectification off).
     with pytest.raises((ValueError, TypeError), match=arg):
         factory(**base, **{arg: float("nan")})
+
+
+def test_inject_hyperparams_checks_the_numbers_as_the_factory_does():
+    # adam(nan) raised but inject_hyperparams(adam)(learning_rate=nan) was accepted
+    with pytest.raises(ValueError, match=r"adam\(learning_rate\): `learning_rate` must be a number, got nan"):
+        optim.inject_hyperparams(optim.adam)(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match=r"`b1` must be"):
+        optim.inject_hyperparams(optim.adam)(learning_rate=optim.constant_schedule(0.1), b1=float("nan"))

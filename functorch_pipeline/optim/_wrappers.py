@@ -353,6 +353,12 @@ def inject_hyperparams(
                 numeric[name] = value
             else:
                 other[name] = value
+        # The factory's own checks of the numbers given (NaN, ranges), named as the plain
+        # factory names them: a NaN injected learning rate was accepted.
+        plain = {k: v for k, v in numeric.items() if not isinstance(v, torch.Tensor)}
+        if plain:
+            first = {k: f(torch.zeros((), dtype=torch.int32)) for k, f in schedules.items()}
+            inner_factory(**other, **first, **numeric)
 
         def dtype_for(count: torch.Tensor) -> torch.dtype:
             return hyperparam_dtype or _mt.hyper_dtype(count.device)
