@@ -28,6 +28,7 @@ from functorch_pipeline.optim._checks import check_real
 from functorch_pipeline.optim._transforms import check_number
 from functorch_pipeline.optim._transforms import scale_by_learning_rate
 from functorch_pipeline.optim._transforms import trace
+from functorch_pipeline.random import _host
 from functorch_pipeline.random._core import _normal_folded
 from functorch_pipeline.tree._math import _rows_sq_norms
 
@@ -261,13 +262,10 @@ def _check_batch_size(where: str, batch_size: Any) -> float:
 
 def _readable(b: Any) -> bool:
     """Whether a per-step ``batch_size`` can be checked without a device sync or a graph
-    break: a number, or a plain CPU tensor outside ``torch.compile`` (an accelerator tensor,
-    such as ``fp.distributed``'s all-reduced count, or one a ``torch.func`` transform
-    wraps, is used as given)."""
-    if not isinstance(b, torch.Tensor):
-        return True
-    return (b.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(b))
+    break: a number, or a tensor the host may read (``fp.random``'s test: a plain CPU
+    tensor outside ``torch.compile``, ``torch.func`` transforms and dispatch modes; an
+    accelerator tensor, such as ``fp.distributed``'s all-reduced count, is used as given)."""
+    return not isinstance(b, torch.Tensor) or _host.eligible(b)
 
 
 def _empty_batch(where: str) -> ValueError:

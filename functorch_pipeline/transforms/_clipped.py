@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.random import _host
 from functorch_pipeline.transforms._autodiff import ArgNums
 from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._grad_sample import Unsupported
@@ -114,9 +115,7 @@ class _Clipper:
                                      f"tensor, got shape {tuple(max_norm.shape)}, {max_norm.dtype}")
                 # A CPU tensor is read here, once (an accelerator one would cost a device
                 # sync, and is used as given): -1 flipped every gradient's sign, NaN gave NaN.
-                if (max_norm.device.type == "cpu" and not torch.compiler.is_compiling()
-                        and not torch._C._functorch.is_functorch_wrapped_tensor(max_norm)
-                        and not float(max_norm) > 0):
+                if _host.eligible(max_norm) and not float(max_norm) > 0:
                     raise ValueError(f"{fn}: `max_norm` must be a positive number (inf disables "
                                      f"clipping), got {max_norm!r}")
             elif isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) \
