@@ -99,6 +99,39 @@ def test_inplace_path_with_expanded_gradients(name):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_inplace_path_with_gradients_sharing_memory(name):
+    # One gradient buffer behind two leaves (a tied parameter listed under two keys gives
+    # the same tensor twice; here ``fc.b`` is a row of ``fc.w``'s buffer): the in-place
+    # path wrote it once per leaf, each write reading the other's result (sgd momentum
+    # 6.5e-3 from the pure path after two steps), NOTE [leaves an in-place write would
+    # corrupt]. The pure path gets its own copies of the same numbers.
+    def tied(t):
+        g = _grads(t)
+        g["fc"]["b"] = g["fc"]["w"][0]
+        return g
+
+    opt = REGISTRY[name]()
+    pure, inplace = fp.tree.clone(_params()), fp.tree.clone(_params())
+    s_pure, s_in = opt.init(pure), opt.init(inplace)
+    for t in range(3):
+        pure, s_pure = _step(opt)(pure, fp.tree.clone(tied(t)), s_pure)
+        u, s_in = opt.update(tied(t), s_in, inplace, inplace=True)
+        inplace = optim.apply_updates_(inplace, u)
+    _same(pure, inplace)
+
+
+def test_inplace_sign_sgd_with_integer_gradients():
+    # sign_sgd takes integer gradients; inplace=True tried to write its float update into
+    # them ("result type Float can't be cast to the desired output type Long").
+    opt = optim.sign_sgd(1e-2)
+    params = {"w": torch.randn(3, dtype=F64)}
+    g = {"w": torch.tensor([1, -2, 0])}
+    want, _ = opt.update(g, opt.init(params), params)
+    got, _ = opt.update({"w": g["w"].clone()}, opt.init(params), params, inplace=True)
+    assert torch.equal(got["w"], want["w"]) and torch.equal(want["w"], -1e-2 * g["w"].sign())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_state_is_a_pytree_for_both_registries(name):
     state = REGISTRY[name]().init(_params())
     ours = fp.tree.leaves(state)

@@ -106,13 +106,57 @@ def differentiated(*lists: Sequence[Any]) -> bool:
 
 
 def inplace_ok(extra_args: dict[str, Any], *lists: Sequence[Any], fe: bool = False) -> bool:
-    """``inplace=True`` was asked for and nothing in ``lists`` is differentiated
-    (``fe=True``: :func:`foreach_ok` already said so for these lists)."""
+    """``inplace=True`` was asked for, nothing in ``lists`` is differentiated (``fe=True``:
+    :func:`foreach_ok` already said so for these lists) and every leaf can take the write
+    (NOTE [leaves an in-place write would corrupt])."""
     if not extra_args.get("inplace"):
         return False
-    if any(isinstance(x, torch.Tensor) and _overlapping(x) for xs in lists for x in xs):
-        return False  # an expanded gradient (of p.sum()): aten refuses to write into it
-    return fe or not any(recording(xs) for xs in lists)
+    if not fe and any(recording(xs) for xs in lists):
+        return False
+    return _writable([x for xs in lists for x in xs if isinstance(x, torch.Tensor)])
+
+
+# NOTE [leaves an in-place write would corrupt]
+# ``inplace=True`` writes each update into its gradient's buffer and each moment into its
+# own. Three kinds of leaves cannot take that, and the call then runs the pure path (the
+# same numbers, NOTE [in-place opt-in]) instead:
+#
+# * a leaf whose elements share memory (a stride of 0 over a size > 1: autograd's gradient
+#   of ``p.sum()``): aten refuses to write into it;
+# * leaves that share memory with each other (one gradient tensor under two keys, as
+#   ``{k: p.grad}`` gives for a tied parameter listed twice): the buffer would be written
+#   once per key, each write reading the previous one's result (6.5e-3 from the pure path
+#   after two momentum steps). Leaves are compared by the byte ranges they span, so views
+#   that interleave without sharing an element (two columns of one matrix) take the pure
+#   path too;
+# * an integer or boolean gradient (``sign_sgd`` takes them): a float update cannot be
+#   written into it.
+#
+# Under ``torch.compile`` memory addresses cannot be read (fake tensors); AOTAutograd
+# functionalizes in-place ops and handles aliased inputs itself, so only the first and
+# last kinds are checked there.
+
+
+def _writable(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``xs`` can take in-place writes leaf by leaf with the pure path's result
+    (NOTE [leaves an in-place write would corrupt])."""
+    compiling = torch.compiler.is_compiling()
+    spans = []
+    for x in xs:
+        dt = x.dtype
+        if not (dt.is_floating_point or dt.is_complex):
+            return False
+        if x.is_contiguous():
+            n = x.nbytes
+        elif _overlapping(x):
+            return False
+        else:
+            n = (sum((k - 1) * st for k, st in zip(x.shape, x.stride(), strict=True)) + 1) * x.element_size()
+        if n and not compiling:
+            start = x.data_ptr()
+            spans.append((start, start + n))
+    spans.sort()
+    return all(b[0] >= a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
 def _overlapping(x: torch.Tensor) -> bool:
