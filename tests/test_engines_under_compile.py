@@ -135,3 +135,43 @@ def test_dp_trainer_step_compiled_matches_eager(monkeypatch):
         torch.testing.assert_close(got.params[k], eager.params[k], rtol=0, atol=1e-12)
     assert int(got.step) == int(eager.step) == 1
     assert not vmapped
+
+
+_FRESH = r"""
+import sys, torch, torch.nn as nn, torch.nn.functional as F
+import functorch_pipeline as fp
+from functorch_pipeline.transforms._grad_sample import _api
+model = nn.Linear(6, 3)
+def lf(p, x, y):
+    return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+P = {k: v.detach() for k, v in model.named_parameters()}
+x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+compile = fp.jit if sys.argv[1] == "fp.jit" else torch.compile
+try:
+    compile(fp.clipped_grad(lf, 0.5), fullgraph=True, backend="eager")(P, x, y)
+    print("NO ERROR")
+except Exception as e:
+    print(_api._DISABLE_TAKES_REASON)
+    print(str(e).replace("\n", " "))
+"""
+
+
+@pytest.mark.parametrize("compile", ["fp.jit", "torch.compile"])
+def test_fullgraph_names_the_reason_in_a_fresh_process(compile):
+    """In a fresh process the first traced call used to build the graph-break wrapper
+    itself, inside the trace, and ``fullgraph=True`` failed on that instead ("Unsupported
+    hasattr call" from ``inspect.signature``, then "Call to torch.compiler.disable()"),
+    naming nothing of ours. ``fp.jit`` now builds it before tracing, so the message gives
+    the reason (torch >= 2.12); a bare ``torch.compile`` gets a wrapper whose name says it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FRESH, compile], capture_output=True, text=True,
+                         timeout=240, check=True).stdout.splitlines()
+    assert out[0] != "NO ERROR"
+    takes_reason, message = out[0] == "True", out[1]
+    if compile == "torch.compile":
+        assert "fp_hooks_and_ghost_engines_run_eagerly_under_compile_method_vmap_traces" in message
+    else:
+        assert "torch.compiler.disable" in message and "hasattr" not in message
+        assert ("fp's hooks and ghost engines" in message) == takes_reason

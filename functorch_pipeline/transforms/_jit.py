@@ -34,4 +34,8 @@ def jit(f: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None 
       >>> f(torch.ones(2))
       tensor([2., 2.])
     """
-    return torch.compile(f, fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
+    from functorch_pipeline.transforms._grad_sample._api import prepare_eager
+
+    compiled = torch.compile(f, fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
+    prepare_eager()  # NOTE [engines under torch.compile]: dynamo is imported by now
+    return compiled

@@ -186,26 +186,45 @@ def _call(call: Callable[..., Any], *args: Any) -> Any:
 # (auto included) raised an InternalTorchDynamoError from inside the model. So under
 # ``torch.compile`` those calls run eagerly, behind a graph break, with the method and
 # numbers they have outside it; the rest of the compiled function stays compiled.
-# ``fullgraph=True`` refuses the graph break, naming this reason.
+# ``fullgraph=True`` refuses the graph break, naming this reason. The wrapper that makes
+# the break cannot be built while dynamo traces, so ``fp.jit`` builds it before
+# (:func:`prepare_eager`); under a bare ``torch.compile`` a lazily decorated function
+# whose name gives the reason makes the same break.
 _REASON = ("fp's hooks and ghost engines (per-sample gradients, clipping) run eagerly under "
            "torch.compile: their tracked parameters are not traceable; method='vmap' traces")
-_EAGER: list[Callable[..., Any]] = []  # made on first use: torch.compiler.disable imports dynamo
+_EAGER: list[Callable[..., Any]] = []  # made by prepare_eager: torch.compiler.disable imports dynamo
+# Read here, not while dynamo traces: tracing ``inspect.signature`` is refused.
+_DISABLE_TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+# What runs when dynamo traces a call before prepare_eager ran (``torch.compile`` of a
+# function built before dynamo was imported): the same graph break, made by torch's lazy
+# decorator (it imports dynamo on its first call). Dynamo's ``fullgraph=True`` error names
+# only the function, so its name carries the reason.
 
 
-def _eager() -> Callable[..., Any]:
+def fp_hooks_and_ghost_engines_run_eagerly_under_compile_method_vmap_traces(
+        call: Callable[..., Any], *args: Any) -> Any:
+    return call(*args)
+
+
+_LAZY_EAGER = torch._disable_dynamo(fp_hooks_and_ghost_engines_run_eagerly_under_compile_method_vmap_traces)
+
+
+def prepare_eager() -> None:
+    """Make the graph-break wrapper of NOTE [engines under torch.compile] now, outside any
+    trace: creating it while dynamo traces is itself refused ("Call to
+    torch.compiler.disable()"), so ``fullgraph=True`` could not name the reason."""
     if not _EAGER:
-        if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        if _DISABLE_TAKES_REASON:
             _EAGER.append(torch.compiler.disable(_call, reason=_REASON))
         else:  # torch < 2.12 has no reason argument
             _EAGER.append(torch.compiler.disable(_call))
-    return _EAGER[0]
 
 
 def outside_compile(call: Callable[..., Any], *args: Any) -> Any:
     """``call(*args)``, run eagerly behind a graph break when dynamo is tracing (NOTE
     [engines under torch.compile]); a plain call otherwise."""
     if torch.compiler.is_compiling():
-        return _eager()(call, *args)
+        return (_EAGER[0] if _EAGER else _LAZY_EAGER)(call, *args)
     return call(*args)
 
 
