@@ -212,3 +212,27 @@ def test_ghost_sum_of_a_float32_head_under_autocast_is_not_rounded_to_bf16():
             got, norms = fp.clipped_grad(losses, CLIP, method=method)(params, x, y)
         _assert_near(got, want, 1e-5)
         torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", ["has_aux", "scalar loss", "method vmap"])
+def test_vmap_failing_under_autocast_points_to_hooks(case):
+    # torch.func.vmap cannot batch LayerNorm under bf16 autocast ("expected scalar type
+    # BFloat16 but found Float", also in a plain vmap(grad)); every fall-back to vmap got
+    # that error bare. It now says so and names what lets hooks run, which works here.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def losses(p, x, y):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y, reduction="none")
+
+    fn, kw = {"has_aux": (lambda p, x, y: (losses(p, x, y), None), {"has_aux": True}),
+              "scalar loss": (lambda p, x, y: losses(p, x, y).mean(), {}),
+              "method vmap": (losses, {"method": "vmap"})}[case]
+    with _autocast(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="vmap failed under torch.autocast.*method='hooks'"):
+            fp.per_sample_grads(fn, **kw)(params, x, y)
+        got = fp.per_sample_grads(losses, method="hooks")(params, x, y)
+    _assert_near(got, _loop(losses, params, x, y)[0], 2e-2)

@@ -213,6 +213,14 @@ def _per_sample(
                     "same values, and method='hooks' handles sparse=True where it has rules for "
                     f"the rest of loss_fn (dense per-example gradients). The error was: {e}"
                 ) from e
+            if "expected scalar type" in str(e) and _autocast_on():
+                raise RuntimeError(
+                    f"{fn}: torch.func.vmap failed under torch.autocast, a limit of torch's "
+                    "vmap with autocast's casts (LayerNorm, for one, fails the same way in a "
+                    "plain torch.func.vmap(grad)). method='hooks' runs under autocast: give it "
+                    "per-example losses of shape (B,), has_aux=False and parameters that do not "
+                    "require grad (method='auto' then takes it). The error was: "
+                    f"{e}") from e
             if _packed_in(e.__traceback__):
                 raise RuntimeError(
                     f"{fn}: torch.func.vmap cannot batch a PackedSequence made inside loss_fn "
@@ -234,6 +242,11 @@ def _per_sample(
                 f"rule): {REPLACE_RNNS_HINT}. The error was: {e}") from e
 
     return wrapped
+
+
+def _autocast_on() -> bool:
+    """Whether a ``torch.autocast`` region is open for the CPU or CUDA."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def _packed_in(tb: Any) -> bool:
