@@ -473,8 +473,8 @@ def test_default_with_parameters_that_require_grad_keeps_the_graph_and_says_so_o
     p = params_of(m)
     q = {k: v.clone().requires_grad_() for k, v in p.items()}
     f = fp.per_sample_grads(per_example)
-    with pytest.warns(UserWarning, match=r"uses 'vmap': the parameter at `\['0.bias'\]` "
-                      r"\(argument 0\) requires grad.*v\.detach\(\).*torch\.no_grad\(\)"):
+    with pytest.warns(UserWarning, match=r"uses 'vmap': argument 0 at `\['0.bias'\]` "
+                      r"requires grad.*v\.detach\(\).*torch\.no_grad\(\)"):
         g = f(q, x, y)
     (second,) = torch.autograd.grad(g["2.weight"].pow(2).sum(), [q["2.weight"]])
     # the same second derivative from vmap(grad) written out with torch.func

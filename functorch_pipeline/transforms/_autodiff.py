@@ -50,6 +50,10 @@ def _normalize_argnums(argnums: ArgNums, nargs: int, fn: str) -> tuple[tuple[int
 
 def _check_diff_leaves(arg: Any, pos: int, fn: str) -> None:
     for path, leaf in _tree.leaves_with_path(arg):
+        if getattr(leaf, "_fp_engine", None) is not None:  # a per-sample engine's parameter
+            from functorch_pipeline.transforms._grad_sample._engine import inner_differentiation
+
+            raise inner_differentiation(fn)  # NOTE [differentiating inside loss_fn]
         where = f"argument {pos}" + (f" at path `{_tree.keystr(path)}`" if path else "")
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(

@@ -24,6 +24,8 @@ from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import outside_compile
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
+from functorch_pipeline.transforms._per_sample import differentiated_input
+from functorch_pipeline.transforms._per_sample import differentiated_reason
 from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
 from functorch_pipeline.tree._math import _rows_sq_norms
 
@@ -140,6 +142,16 @@ class _Clipper:
         batched = _batched(args, nums, self.batch_argnums, self.fn)
         if _batch_size(args, batched, self.fn) == 0:
             return self._empty(args, nums, is_tuple)
+        where = None if self.method == "vmap" else differentiated_input(args, self.max_norm)
+        if where is not None:  # NOTE [differentiating through per-example gradients]
+            if self.method != "auto":
+                raise ValueError(f"{self.fn}: method={self.method!r} returns norms and sums "
+                                 f"without an autograd graph, but {differentiated_reason(where)}"
+                                 "; method='auto' or 'vmap' differentiates through them")
+            if _first_warning(self.loss_fn):
+                warnings.warn(f"{self.fn}: method='auto' uses 'vmap' for this call: "
+                              f"{differentiated_reason(where)}", stacklevel=3)
+            return self._run("vmap", args, nums, is_tuple, batched)
         if self.method != "auto":
             try:
                 return self._run(self.method, args, nums, is_tuple, batched)
@@ -233,7 +245,10 @@ _METHOD_DOC = """
           any ``loss_fn`` torch.func can transform.
         * ``"auto"`` (default): the first of ghost, hooks, vmap that can run this
           ``loss_fn``; chosen on the first call and kept, with one warning per
-          ``loss_fn`` when it is not ghost.
+          ``loss_fn`` when it is not ghost. A call with an input that requires grad under
+          grad mode (parameters, batch or ``max_norm``), or whose ``loss_fn`` takes an
+          inner ``fp.grad`` or ``torch.autograd.grad`` of the parameters, runs vmap, whose
+          results keep the autograd graph (ghost and hooks refuse such calls).
 
         Under ``fp.jit`` (``torch.compile``) every method but vmap runs eagerly behind a
         graph break, with the method and numbers it has outside; vmap is traced, and is

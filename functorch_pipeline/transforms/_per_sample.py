@@ -62,20 +62,47 @@ def _signature(args: Sequence[Any]) -> Any:
                  for x in _tree.leaves(list(args)))
 
 
+def differentiated_input(args: Sequence[Any], extra: Any = None) -> str | None:
+    """Where the first tensor of ``args`` (any argument: parameters, batch, constants) or of
+    ``extra`` (``max_norm``) that autograd records is, as ``"argument i at `path`"``; None
+    when grad mode is off or none requires grad.
+
+    # NOTE [differentiating through per-example gradients]
+    The fast methods (hooks, ghost) return gradients and norms without an autograd graph.
+    When an input requires grad under grad mode, the caller may differentiate the result
+    (meta-learning through a clipped step, a gradient-norm penalty, a learned clipping
+    bound, gradients with respect to the batch for distillation or attribution), and a
+    result without a graph silently drops that term (errors 0.13-17 against a loop with
+    ``create_graph=True``). So ``auto`` takes ``vmap`` there, which builds the graph, and
+    says so once; an explicit ``hooks`` or ``ghost`` refuses, naming the input.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    for i, a in enumerate(args):
+        for path, leaf in _tree.leaves_with_path(a):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                return f"argument {i}" + (f" at `{_tree.keystr(path)}`" if path else "")
+    if isinstance(extra, torch.Tensor) and extra.requires_grad:
+        return "`max_norm`"
+    return None
+
+
+def differentiated_reason(where: str) -> str:
+    """The words for NOTE [differentiating through per-example gradients]."""
+    return (f"{where} requires grad, so the result must keep an autograd graph back to it, "
+            "which only vmap builds (what meta-learning and gradient penalties need). For the "
+            "fast methods pass detached tensors ({k: v.detach() for k, v in "
+            "model.named_parameters()}) or call under torch.no_grad()")
+
+
 def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
                      keep_batch_dim: bool, randomness: str) -> tuple[str, bool] | None:
     """Why the default method must use vmap without trying hooks: ``(reason, say_it)``."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return "inside a transform", False
-    if torch.is_grad_enabled():
-        for i in nums:
-            for path, leaf in _tree.leaves_with_path(args[i]):
-                if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                    return (f"the parameter at `{_tree.keystr(path)}` (argument {i}) requires "
-                            "grad, so the gradients keep an autograd graph back to it, which "
-                            "only vmap builds (what meta-learning wants). For the fast method "
-                            "pass detached parameters ({k: v.detach() for k, v in "
-                            "model.named_parameters()}) or call under torch.no_grad()"), True
+    where = differentiated_input(args)
+    if where is not None:  # NOTE [differentiating through per-example gradients]
+        return differentiated_reason(where), True
     if has_aux:
         return ("has_aux=True: vmap returns each example's own aux (method='hooks' returns "
                 "the aux of the whole batch)"), True
@@ -178,6 +205,12 @@ def _per_sample(
                     _note_once(loss_fn, f"{fn}: method='auto' uses 'vmap': {why[0]}", why[0])
             else:
                 use = _decisions(loss_fn, decided).get((nums, batched, _signature(args)), "hooks")
+        if use == "hooks" and method == "hooks":
+            where = differentiated_input(args)
+            if where is not None:  # NOTE [differentiating through per-example gradients]
+                raise ValueError(f"{fn}: method='hooks' returns gradients without an autograd "
+                                 f"graph, but {differentiated_reason(where)}; method='auto' "
+                                 "or 'vmap' differentiates through them")
         if use == "hooks":
             fast = _fast(loss_fn, args, nums, is_tuple, batched, has_aux, chunk_size, keep_batch_dim,
                          method, fn)
@@ -390,8 +423,13 @@ def per_sample_grads(
           sum) is run with ``"vmap"`` (hooks would give each example's share of the mean,
           1/B of its gradient: never rescaled silently); so are ``has_aux=True`` (aux is
           per example), ``keep_batch_dim=False``, ``randomness`` other than ``"error"``,
-          calls inside ``torch.func`` transforms or ``torch.compile``, and parameters that
-          require grad. A fall-back is announced by one ``UserWarning`` per ``loss_fn``
+          calls inside ``torch.func`` transforms or ``torch.compile``, inputs that require
+          grad under grad mode (parameters or the batch: the result then keeps an autograd
+          graph, for meta-learning, gradient penalties or gradients with respect to the
+          batch), and a ``loss_fn`` that differentiates a parameter itself with ``fp.grad``
+          (or another fp transform) or ``torch.autograd.grad`` (an inner step; an inner
+          ``torch.func.grad`` of the parameters is not seen, and needs ``method="vmap"``).
+          A fall-back is announced by one ``UserWarning`` per ``loss_fn``
           (not per call) and cached per input shapes. To get the fast path for a mean
           loss, return the unreduced per-example losses. Hooks and vmap agree to rounding
           (float64: 1e-12) on the layers with rules. Like ``"hooks"``, it assumes example
@@ -484,7 +522,8 @@ def per_sample_grads(
           (an einsum that broadcasts a parameter's axis, ``nn.LSTM``'s fused kernel: see
           ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
-          ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph.
+          ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph
+          (an input that requires grad under grad mode is an error).
           Large per-example outputs are written into buffers of earlier results once
           nothing references those any more (glibc's malloc would page-fault fresh ones
           in on every call), so up to a few results' worth of memory stays allocated

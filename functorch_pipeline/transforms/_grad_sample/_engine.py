@@ -77,6 +77,25 @@ class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user e
     """A differentiated parameter is used in a way the engine has no exact rule for."""
 
 
+def inner_differentiation(how: str) -> Unsupported:
+    """The refusal for a ``loss_fn`` that differentiates a tracked parameter itself.
+
+    # NOTE [differentiating inside loss_fn]
+    An inner step (``q = p - lr * fp.grad(reg)(p)``, MAML's adapted weights, an implicit
+    regulariser) makes ``loss_fn`` depend on ``p`` through a gradient. The engine sees that
+    gradient come back as a plain tensor and would treat it as a constant: first-order
+    results, silently (error 0.62 against a loop with ``create_graph=True``). So fp's own
+    transforms (``fp.grad``, ``fp.value_and_grad``, ``fp.jacrev``, ...) and
+    ``torch.autograd.grad``/``backward`` refuse a tracked parameter, and ``auto`` takes
+    ``vmap``, which differentiates through them. ``torch.func`` transforms read a tensor
+    below ``__torch_function__``, where the engine cannot see them: an inner
+    ``torch.func.grad`` of the parameters needs ``method="vmap"`` (documented).
+    """
+    return Unsupported(f"loss_fn differentiates a parameter itself ({how}, an inner step); "
+                       "the fast methods would take that inner gradient as a constant, and "
+                       "only method='vmap' differentiates through it")
+
+
 class StaleTracked(RuntimeError):
     """A tensor computed from a tracked parameter was kept past its call and used again
     (NOTE [tensors kept past their call])."""
@@ -140,6 +159,9 @@ _PASSTHROUGH: set[Any] = {
 }
 
 
+_AUTOGRAD = {torch.autograd.grad, torch.autograd.backward, _T.backward}
+
+
 class _Tracked(torch.Tensor):
     """A differentiated parameter as ``loss_fn`` sees it; see NOTE [how the engine works]."""
 
@@ -154,6 +176,8 @@ class _Tracked(torch.Tensor):
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if engine.closed:
             engine.stale(func, args, kwargs)
+        if func in _AUTOGRAD:  # NOTE [differentiating inside loss_fn]
+            raise inner_differentiation(_describe(func))
         rule = engine.rules.get(func)
         # A rule that can make the examples' axis from parameters alone (an expand over the
         # batch) decides first; any other op of parameters alone makes a derived tensor.
