@@ -281,6 +281,30 @@ def test_bad_input_is_named():
         trainer.init(_params(), 0)
 
 
+@pytest.mark.parametrize("method", ["auto", "ghost", "hooks"])
+def test_a_mask_needs_per_example_losses(method):
+    # A scalar (mean) loss with a padding mask failed inside the masking with torch's
+    # "shape '[]' is invalid for input of size 40".
+    def mean_loss(params, batch):
+        return loss_fn(params, batch).mean()
+
+    trainer = fp.train.DPTrainer(mean_loss, optim.sgd(0.1), l2_norm_clip=0.7, noise_multiplier=0.0,
+                                 sample_rate=0.25, expected_batch_size=10.0, method=method)
+    state = trainer.init(_params(), fp.random.key(0))
+    with pytest.raises(ValueError, match=r"with a `mask`, loss_fn must return one loss per "
+                                         r"example, shape \(40,\), got shape \(\)"):
+        trainer.step(state, _data(), torch.ones(N, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("trainable", [False, {"fc1": False, "fc2": False}])
+def test_nothing_trainable_is_refused_at_init(trainable):
+    # Every leaf frozen passed init, then step failed with a bare IndexError.
+    trainer = fp.train.DPTrainer(loss_fn, optim.sgd(0.1), l2_norm_clip=0.7, noise_multiplier=1.0,
+                                 sample_rate=0.25, expected_batch_size=10.0, trainable=trainable)
+    with pytest.raises(ValueError, match=r"DPTrainer.init: `trainable` marks no parameter trainable"):
+        trainer.init(_params(), fp.random.key(0))
+
+
 def test_step_equals_opacus_dp_optimizer_without_noise():
     """Opacus' own DP-SGD step (GradSampleModule + DPOptimizer over torch.optim.SGD, mean
     loss, Poisson-style expected batch size) on the same conv net, parameters and batch:

@@ -376,3 +376,28 @@ def test_the_documented_alternative_handles_an_empty_batch():
     tx = optim.add_dp_noise(1.0, 0.0, key=0, batch_size=4.0)
     out, _ = tx.update(summed, tx.init(_params()), _params())
     assert all(torch.isfinite(v).all() and float(v.abs().sum()) == 0 for v in out.values())
+
+
+@pytest.mark.parametrize("clip", ["global", "layer"])
+def test_per_example_clip_checks_a_tensor_bound(clip):
+    # A tensor bound was not checked: -1 turned clipping off (the raw sum [3.3, 4.4]),
+    # NaN gave NaN, and a (B,) tensor was taken as one bound per example.
+    fn = optim.per_example_global_norm_clip if clip == "global" else optim.per_example_layer_norm_clip
+    g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+    for bad in (torch.tensor(-1.0), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match=r"l2_norm_clip` must be a number >= 0"):
+            fn(g, bad)
+    with pytest.raises(ValueError, match=r"one-element floating-point tensor, got shape \(2,\)"):
+        fn(g, torch.tensor([2.0, 0.1]))
+    got, _ = fn(g, torch.tensor(1.0))  # a valid tensor bound: the number's result
+    want, _ = fn(g, 1.0)
+    assert torch.equal(got["w"], want["w"]) and torch.allclose(want["w"], torch.tensor([0.9, 1.2]))
+
+
+@pytest.mark.parametrize("clip", ["global", "layer"])
+def test_per_example_clip_to_zero_with_a_zero_gradient(clip):
+    # C = 0 is allowed; an example whose gradient is exactly 0 gave 0/0 = NaN and a NaN sum.
+    fn = optim.per_example_global_norm_clip if clip == "global" else optim.per_example_layer_norm_clip
+    g = {"w": torch.tensor([[3.0, 4.0], [0.0, 0.0]])}
+    summed, _ = fn(g, 0.0)
+    assert torch.equal(summed["w"], torch.zeros(2))

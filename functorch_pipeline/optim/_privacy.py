@@ -124,9 +124,28 @@ def _clip_sum(leaves: list[torch.Tensor], clip: Any) -> tuple[list[torch.Tensor]
     sq = torch.stack([_rows_sq_norms(r, a) for r, a in zip(rows, acc, strict=True)])
     norms = torch.sqrt(sq.sum(0))
     factors = 1.0 / torch.clamp(norms / clip, min=1.0)
+    # With clip = 0, an example whose gradient is exactly 0 gave 0/0 = NaN, and the whole
+    # sum NaN; its factor is 1 (it adds nothing either way).
+    factors = torch.where(norms > 0, factors, 1.0)
     summed = [(factors.to(g.dtype).unsqueeze(0) @ r).reshape(g.shape[1:])
               for g, r in zip(leaves, rows, strict=True)]
     return summed, (norms > clip).sum()
+
+
+def _check_clip(where: str, name: str, value: Any) -> None:
+    """A clipping bound: a number >= 0 (inf: no clipping), or a one-element floating
+    tensor, checked the same way when the host can read it for free (a plain CPU tensor;
+    an accelerator tensor is used as given, without a sync). A negative tensor bound
+    used to turn clipping off (every factor 1), NaN gave NaN, and a ``(B,)`` tensor was
+    taken as one bound per example."""
+    if not isinstance(value, torch.Tensor):
+        check_number(where, name, value, low=0.0)
+        return
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"{where}: `{name}` must be a number or a one-element floating-point "
+                         f"tensor, got shape {tuple(value.shape)}, {value.dtype}")
+    if _host.eligible(value):
+        check_real(where, name, value, finite=False)
 
 
 def per_example_global_norm_clip(
@@ -147,7 +166,7 @@ def per_example_global_norm_clip(
     ({'w': tensor([0.9000, 1.2000])}, tensor(1))
     """
     where = "per_example_global_norm_clip(grads, l2_norm_clip)"
-    check_number(where, "l2_norm_clip", l2_norm_clip, low=0.0)
+    _check_clip(where, "l2_norm_clip", l2_norm_clip)
     _batch_size(where, grads)
     leaves, td = fpt.flatten(grads)
     summed, n = _clip_sum(leaves, l2_norm_clip)
@@ -180,7 +199,7 @@ def per_example_layer_norm_clip(
       (tensor([0.6000, 0.8000]), tensor([0.1000]), {'a': tensor(1), 'b': tensor(0)})
     """
     where = "per_example_layer_norm_clip(grads, global_l2_norm_clip)"
-    check_number(where, "global_l2_norm_clip", global_l2_norm_clip, low=0.0)
+    _check_clip(where, "global_l2_norm_clip", global_l2_norm_clip)
     _batch_size(where, grads)
     leaves, td = fpt.flatten(grads)
     n_layers = len(leaves)

@@ -250,6 +250,12 @@ class DPTrainer:
             # 0 * inf or 0 * NaN in an activation is NaN in every method. fp.data pads with
             # copies of a real row, so padded rows are as finite as the data.
             losses = loss_fn(params, batch)
+            if not isinstance(losses, torch.Tensor) or losses.numel() != mask.numel():
+                got = (f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor)
+                       else type(losses).__name__)
+                raise ValueError(f"DPTrainer: with a `mask`, loss_fn must return one loss per "
+                                 f"example, shape ({mask.numel()},), got {got}: return the "
+                                 "unreduced losses (reduction='none'), not their mean or sum")
             return torch.where(mask.reshape(losses.shape), losses, torch.zeros_like(losses))
 
         self._clipped_masked = clipped_value_and_grad(masked_losses, self.l2_norm_clip,
@@ -285,8 +291,9 @@ class DPTrainer:
             self._inner, self.l2_norm_clip, self.noise_multiplier,
             key=_random.fold_in(key, _NOISE_STREAM), batch_size=self.expected_batch_size,
         ), None, None, self.trainable, "DPTrainer.init")
-        if self.trainable is not None:
-            self._flags("DPTrainer.init", params)
+        if self.trainable is not None and not any(self._flags("DPTrainer.init", params)):
+            raise ValueError("DPTrainer.init: `trainable` marks no parameter trainable: a DP "
+                             "step would train nothing (and spend privacy budget)")
         return DPTrainState.create(params, tx.init(params), key, buffers=buffers, accountant=acc)
 
     def clipped_sum(self, params: Any, batch: Any, mask: torch.Tensor | None = None
