@@ -189,7 +189,8 @@ def test_unreachable_target_states_the_best_epsilon():
         ValueError, match=r"noise_multiplier_for: `target_epsilon`=0.001 is unreachable"
     ) as e:
         noise_multiplier_for(target_epsilon=1e-3, delta=DELTA, sample_rate=1.0, steps=100)
-    assert f"best reachable epsilon is {best:.6g}, at noise_multiplier=16384" in str(e.value)
+    assert (f"for a noise multiplier up to 16384, the search's limit: the best reachable "
+            f"epsilon there is {best:.6g}, at noise_multiplier=16384") in str(e.value)
     assert 1e-3 < best < 0.01
 
 

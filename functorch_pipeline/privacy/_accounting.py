@@ -111,8 +111,10 @@ def noise_multiplier_for(
       sigma as a Python float.
 
     Raises:
-      ValueError: an argument is out of range, or the target cannot be reached (the
-        message states the smallest epsilon this accountant reaches, at sigma = 2**14).
+      ValueError: an argument is out of range, or the target cannot be reached with
+        sigma <= 2**14, the search's limit (the message states the epsilon at that limit,
+        the smallest in the range searched; epsilon keeps falling with sigma beyond it,
+        down to the floor of RDP's conversion, ~0.0035 at delta = 1e-5 and q = 1).
       ImportError: ``dp-accounting`` is not installed.
 
     Example:
@@ -158,8 +160,11 @@ def noise_multiplier_for(
         best = eps(_MAX_NOISE_MULTIPLIER)
         raise ValueError(
             f"{where}: `target_epsilon`={target_epsilon!r} is unreachable with "
-            f"accountant={kind!r} (delta={d!r}, sample_rate={q!r}, steps={n}): the best "
-            f"reachable epsilon is {best:.6g}, at noise_multiplier={_MAX_NOISE_MULTIPLIER:g}"
+            f"accountant={kind!r} (delta={d!r}, sample_rate={q!r}, steps={n}) for a noise "
+            f"multiplier up to {_MAX_NOISE_MULTIPLIER:g}, the search's limit: the best "
+            f"reachable epsilon there is {best:.6g}, at noise_multiplier="
+            f"{_MAX_NOISE_MULTIPLIER:g} (a larger one may spend less: fp.privacy.epsilon "
+            "computes any)"
         ) from None
 
 
