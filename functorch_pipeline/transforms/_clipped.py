@@ -21,7 +21,9 @@ from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
+from functorch_pipeline.transforms._grad_sample._api import fake_tensors
 from functorch_pipeline.transforms._grad_sample._api import outside_compile
+from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
 from functorch_pipeline.transforms._per_sample import differentiated_input
@@ -78,7 +80,7 @@ def _autocast_off(tree: Any) -> Any:
     gradients is not to be rounded to bfloat16), else a no-op."""
     leaves = _tree.leaves(tree)
     device = leaves[0].device.type if leaves else "cpu"
-    if torch.is_autocast_enabled(device):
+    if autocast_on(device):
         return torch.autocast(device_type=device, enabled=False)
     return contextlib.nullcontext()
 
@@ -142,6 +144,8 @@ class _Clipper:
         batched = _batched(args, nums, self.batch_argnums, self.fn)
         if _batch_size(args, batched, self.fn) == 0:
             return self._empty(args, nums, is_tuple)
+        if self.method == "auto" and fake_tensors(args):  # fp.eval_shape: not auto's choice
+            return self._run("vmap", args, nums, is_tuple, batched)
         where = None if self.method == "vmap" else differentiated_input(args, self.max_norm)
         if where is not None:  # NOTE [differentiating through per-example gradients]
             if self.method != "auto":

@@ -17,7 +17,10 @@ from functorch_pipeline.transforms._autodiff import _normalize_argnums
 from functorch_pipeline.transforms._autodiff import _value_and_grad_impl
 from functorch_pipeline.transforms._grad_sample import Unsupported
 from functorch_pipeline.transforms._grad_sample import hooks_value_and_grad
+from functorch_pipeline.transforms._grad_sample._api import FAKE_REASON
+from functorch_pipeline.transforms._grad_sample._api import fake_tensors
 from functorch_pipeline.transforms._grad_sample._api import outside_compile
+from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._rules_misc import REPLACE_RNNS_HINT
 from functorch_pipeline.transforms._vmap import vmap
 
@@ -100,6 +103,8 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
     """Why the default method must use vmap without trying hooks: ``(reason, say_it)``."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return "inside a transform", False
+    if fake_tensors(args):
+        return FAKE_REASON, False
     where = differentiated_input(args)
     if where is not None:  # NOTE [differentiating through per-example gradients]
         return differentiated_reason(where), True
@@ -279,7 +284,7 @@ def _per_sample(
 
 def _autocast_on() -> bool:
     """Whether a ``torch.autocast`` region is open for the CPU or CUDA."""
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    return autocast_on("cpu") or autocast_on("cuda")
 
 
 def _packed_in(tb: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -228,6 +229,19 @@ def outside_compile(call: Callable[..., Any], *args: Any) -> Any:
     return call(*args)
 
 
+FAKE_REASON = ("the arguments are fake tensors (shapes only, as fp.eval_shape makes), which "
+               "the engine cannot track; method='vmap' runs on them")
+
+
+def fake_tensors(args: Sequence[Any]) -> bool:
+    """Whether a tensor of ``args`` is a ``FakeTensor`` (``fp.eval_shape``): the engines
+    wrap parameters in a tensor subclass, which a fake tensor refuses ("Creating a new
+    Tensor subclass _Tracked but the raw Tensor object is already associated to a python
+    object of type FakeTensor"), so such calls take vmap, whose shapes are the same."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # never imported: none exist
+    return fake is not None and any(isinstance(t, fake.FakeTensor) for t in _tree.leaves(list(args)))
+
+
 def no_inference_tensors(args: Sequence[Any]) -> Sequence[Any]:
     """``args`` with tensors made under ``torch.inference_mode`` cloned into plain ones.
 
@@ -259,6 +273,8 @@ def hooks_value_and_grad(
     """
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise Unsupported("the fast method cannot run inside a torch.func transform")
+    if fake_tensors(args):
+        raise Unsupported(FAKE_REASON)
     from functorch_pipeline.transforms._autodiff import _check_diff_leaves
 
     args = no_inference_tensors(args)  # NOTE [inference tensors]

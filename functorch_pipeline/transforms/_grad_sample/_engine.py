@@ -77,6 +77,13 @@ class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user e
     """A differentiated parameter is used in a way the engine has no exact rule for."""
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type``; False for a device type that
+    has no autocast ('meta', used for shape inference, where asking raised "unknown device
+    type for autocast")."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def inner_differentiation(how: str) -> Unsupported:
     """The refusal for a ``loss_fn`` that differentiates a tracked parameter itself.
 

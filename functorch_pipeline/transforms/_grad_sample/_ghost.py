@@ -50,14 +50,17 @@ from functorch_pipeline.transforms._grad_sample import _rules_cells
 from functorch_pipeline.transforms._grad_sample import _rules_elementwise
 from functorch_pipeline.transforms._grad_sample import _rules_index
 from functorch_pipeline.transforms._grad_sample import _rules_matmul
+from functorch_pipeline.transforms._grad_sample._api import FAKE_REASON
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
 from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
+from functorch_pipeline.transforms._grad_sample._api import fake_tensors
 from functorch_pipeline.transforms._grad_sample._api import forward_losses
 from functorch_pipeline.transforms._grad_sample._api import no_inference_tensors
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _describe
+from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import VERSION
@@ -243,7 +246,7 @@ def _run_once(loss_fn: Callable[..., Any], args: list[Any], nums: Sequence[int],
             grads = []
             device = c.device.type  # NOTE [ghost sums under autocast] in _ghost_math
             off = torch.autocast(device_type=device, enabled=False) \
-                if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+                if autocast_on(device) else contextlib.nullcontext()
             with off:
                 for slot, p in enumerate(flat):
                     parts = by_slot.get(slot)
@@ -276,6 +279,8 @@ def ghost_norms_and_sum(
     args = no_inference_tensors(args)  # NOTE [inference tensors] in _api
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise Unsupported("ghost clipping cannot run inside a torch.func transform")
+    if fake_tensors(args):
+        raise Unsupported(FAKE_REASON)
     from functorch_pipeline.transforms._autodiff import _check_diff_leaves
 
     leaves, defs = [], []

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from functorch_pipeline.transforms._grad_sample._engine import Engine
+from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 
 __all__ = ["gru_direction_rule", "lstm_direction_rule"]
 
@@ -291,7 +292,7 @@ def gru_direction_rule(engine: Engine, args: Any, kwargs: dict[str, Any]) -> Any
     reverse = bound.get("reverse", False)
     ws, bs = engine.slot(w_hh), engine.slot(b_hh)
     if engine.slot(h) is not None or engine.slot(proj) is not None or ws is None \
-            or not torch.is_grad_enabled() or torch.is_autocast_enabled(proj.device.type):
+            or not torch.is_grad_enabled() or autocast_on(proj.device.type):
         # the per-step rules handle (or refuse) it; under autocast the fused kernel's
         # buffers would mix dtypes, while the per-step F.linear rules follow autocast
         return _gru_loop(proj, h, w_hh, b_hh, reverse)
