@@ -814,3 +814,34 @@ def test_norms_that_cancel_to_zero_are_not_nan(make, shape, trained):
             assert_close(clipped[k], ref_clipped[k], f"{method} {k}")
         got = fp.per_sample_grad_norms(loss, method=method)(params, x, y)
         assert bool(torch.isfinite(got).all())
+
+
+@pytest.mark.parametrize("call", ["clipped_grad", "per_sample_grads hooks"])
+def test_aux_over_chunks(call):
+    # NOTE [aux over chunks]: with chunk_size the fast methods joined each chunk's aux: an
+    # accuracy of 0.6 over the batch came back as [0., 1., 1.], a (K,) mean as (3K,). A
+    # per-example aux still joins into the batch's; a statistic of each chunk is refused.
+    torch.manual_seed(3)
+    w, b = torch.randn(4, 3), torch.randn(4)
+    x, y = torch.randn(5, 3), torch.randint(0, 4, (5,))
+
+    def loss(p, x, y, stat):
+        logits = F.linear(x, p["w"], p["b"])
+        aux = {"pred": logits.argmax(1), "tag": "run"}
+        if stat:
+            aux["acc"] = (logits.argmax(1) == y).float().mean()
+        return F.cross_entropy(logits, y, reduction="none"), aux
+
+    def run(chunk, stat):
+        f = lambda p, x, y: loss(p, x, y, stat)  # noqa: E731
+        if call == "clipped_grad":
+            return fp.clipped_grad(f, 1.0, has_aux=True, chunk_size=chunk)({"w": w, "b": b}, x, y)[1]
+        return fp.per_sample_grads(f, has_aux=True, method="hooks", chunk_size=chunk)(
+            {"w": w, "b": b}, x, y)[1]
+
+    whole, chunked = run(None, False), run(2, False)
+    assert torch.equal(chunked["pred"], whole["pred"]) and chunked["pred"].shape == (5,)
+    assert chunked["tag"] == "run"
+    with pytest.raises(ValueError, match=r"with chunk_size, the aux at `acc` must have each "
+                                         r"chunk's examples on axis 0.*got shape \(\)"):
+        run(2, True)

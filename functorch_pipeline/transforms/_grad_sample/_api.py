@@ -66,11 +66,44 @@ class _Names:
         return self._names[slot]
 
 
-def _join(*chunks: Any) -> Any:
-    """Chunks of one value or aux leaf: concatenated on axis 0 (0-d leaves are stacked)."""
-    if not isinstance(chunks[0], torch.Tensor):
-        return chunks[0]
-    return torch.cat(chunks) if chunks[0].dim() else torch.stack(chunks)
+def _all_equal(xs: Sequence[Any]) -> bool:
+    try:
+        return all(bool(x == xs[0]) for x in xs[1:])
+    except Exception:  # an array's elementwise ==, an object without __eq__ to bool
+        return False
+
+
+def join_chunks(values: Sequence[Any], sizes: Sequence[int], has_aux: bool, fn: str) -> Any:
+    """The losses (and aux) of chunks of the batch, as one call on the batch returns them.
+
+    # NOTE [aux over chunks]
+    With ``chunk_size``, ``loss_fn`` runs once per chunk and the fast methods return the
+    aux ``loss_fn`` returned. A leaf with the chunk's examples on axis 0 (predictions,
+    per-example losses) joins along it into the batch's. Any other leaf (an accuracy over
+    the chunk, a mean over it) is a statistic of each chunk, not of the batch: those were
+    stacked or concatenated (an accuracy of 0.6 came back as ``[0., 1., 1.]``), and are
+    now an error naming the leaf; a non-tensor leaf equal in every chunk is kept.
+    """
+    if len(values) == 1:
+        return values[0]
+    if not has_aux:
+        return torch.cat(list(values))
+
+    def leaf(path: Any, *xs: Any) -> Any:
+        if all(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n
+               for x, n in zip(xs, sizes, strict=True)):
+            return torch.cat(xs)
+        if not any(isinstance(x, torch.Tensor) for x in xs) and _all_equal(xs):
+            return xs[0]
+        first = xs[0]
+        got = f"shape {tuple(first.shape)}" if isinstance(first, torch.Tensor) else repr(first)
+        raise ValueError(
+            f"{fn}: with chunk_size, the aux at `{_tree.keystr(path)}` must have each chunk's "
+            f"examples on axis 0 to be joined into the batch's, got {got} for a chunk of "
+            f"{sizes[0]} examples: a statistic of each chunk (an accuracy, a mean) is not the "
+            "batch's. Return it per example, or call without chunk_size")
+
+    return torch.cat([v[0] for v in values]), _tree.map_with_path(leaf, *[v[1] for v in values])
 
 
 def _traced(t: Any) -> Any:
@@ -304,7 +337,7 @@ def hooks_value_and_grad(
     if chunk_size is None or chunk_size >= batch_size:
         value, flat = once(args, batch_size)
     else:
-        values, flats = [], []
+        values, flats, sizes = [], [], []
         for start in range(0, batch_size, chunk_size):
             def cut(x: Any, start: int = start) -> Any:
                 return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
@@ -312,8 +345,9 @@ def hooks_value_and_grad(
             v, f = once(chunk, min(chunk_size, batch_size - start))
             values.append(v)
             flats.append(f)
+            sizes.append(min(chunk_size, batch_size - start))
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]
-        value = _tree.map(_join, *values)
+        value = join_chunks(values, sizes, has_aux, fn)  # NOTE [aux over chunks]
     # NOTE [autocast] (in _engine): under torch.autocast the rules' products come out in
     # the autocast dtype, with the values autograd computes there; autograd then casts
     # each gradient back to its parameter's dtype, and so does this.

@@ -52,10 +52,10 @@ from functorch_pipeline.transforms._grad_sample import _rules_index
 from functorch_pipeline.transforms._grad_sample import _rules_matmul
 from functorch_pipeline.transforms._grad_sample._api import FAKE_REASON
 from functorch_pipeline.transforms._grad_sample._api import _batch_size
-from functorch_pipeline.transforms._grad_sample._api import _join
 from functorch_pipeline.transforms._grad_sample._api import _Names
 from functorch_pipeline.transforms._grad_sample._api import fake_tensors
 from functorch_pipeline.transforms._grad_sample._api import forward_losses
+from functorch_pipeline.transforms._grad_sample._api import join_chunks
 from functorch_pipeline.transforms._grad_sample._api import no_inference_tensors
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
@@ -316,7 +316,8 @@ def ghost_norms_and_sum(
         norms.append(nrm)
         if grads is not None:
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
-    value = values[0] if len(values) == 1 else _tree.map(_join, *values)
+    sizes = [min(step, batch_size - start) for start in range(0, batch_size, step)]
+    value = join_chunks(values, sizes, has_aux, fn)  # NOTE [aux over chunks] in _api
     norm = norms[0] if len(norms) == 1 else torch.cat(norms)
     if total is None:
         return value, norm, None
