@@ -82,9 +82,10 @@ def differentiated_input(args: Sequence[Any], extra: Any = None) -> str | None:
     if not torch.is_grad_enabled():
         return None
     for i, a in enumerate(args):
-        for path, leaf in _tree.leaves_with_path(a):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                return f"argument {i}" + (f" at `{_tree.keystr(path)}`" if path else "")
+        if any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in _tree.leaves(a)):
+            for path, leaf in _tree.leaves_with_path(a):  # paths only for the message
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    return f"argument {i}" + (f" at `{_tree.keystr(path)}`" if path else "")
     if isinstance(extra, torch.Tensor) and extra.requires_grad:
         return "`max_norm`"
     return None
@@ -251,6 +252,21 @@ def _per_sample(
                     "same values, and method='hooks' handles sparse=True where it has rules for "
                     f"the rest of loss_fn (dense per-example gradients). The error was: {e}"
                 ) from e
+            if "_nested_tensor_from_mask" in str(e):
+                raise RuntimeError(
+                    f"{fn}: torch.func.vmap cannot batch the nested tensor that "
+                    "nn.TransformerEncoder builds from src_key_padding_mask in eval mode; "
+                    "construct it with enable_nested_tensor=False (the same numbers), or let "
+                    "method='hooks' run it (per-example losses of shape (B,)). The error was: "
+                    f"{e}") from e
+            if "Batch norm got a batched tensor" in str(e) or "mutate a captured Tensor" in str(e):
+                raise RuntimeError(
+                    f"{fn}: torch.func.vmap cannot run a layer that updates state captured "
+                    "from outside loss_fn in place, such as the running statistics of "
+                    "BatchNorm or InstanceNorm(track_running_stats=True) in training mode "
+                    "(BatchNorm there also mixes the examples, so no method gives per-example "
+                    "gradients: use eval mode or GroupNorm). method='hooks' runs InstanceNorm "
+                    f"with running statistics. The error was: {e}") from e
             if "expected scalar type" in str(e) and _autocast_on():
                 raise RuntimeError(
                     f"{fn}: torch.func.vmap failed under torch.autocast, a limit of torch's "
