@@ -443,6 +443,41 @@ def _in_order(index: Any) -> bool:
     return index.dim() == 1 and bool((index[1:] >= index[:-1]).all())
 
 
+def _source_rows(node: Any, a: int) -> int | None:
+    """The size along axis ``a`` of the tensor an indexing node read from."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        saved = getattr(node, "_saved_self", None)
+        sizes = saved.shape if isinstance(saved, torch.Tensor) else None
+    return int(sizes[a]) if sizes is not None and a < len(sizes) else None
+
+
+def _repeats(node: Any, index: Any, a: int) -> Mixed | None:
+    """A :class:`Mixed` finding when an integer index along the examples' axis ``a`` as long
+    as that axis repeats a row: then some output row reads another example's.
+
+    # NOTE [an index that repeats rows]
+    An index in order passed the walk (``h[torch.arange(B), last]``), and so did one in
+    order with repeats, ``h + h[torch.zeros(B)]``, ``h[(torch.arange(B) - 1).clamp(0)]``,
+    ``index_select(0, zeros)``: each example reads another's row, and the padded runs
+    cannot show it (the padding repeats the first example, which those indices read too):
+    errors 0.95-1.36 against the loop, silently. An index as long as the axis it reads is
+    the identity when it keeps each row; any repeat is a mix of examples, refused like a
+    statistic over them (``auto``: vmap). Gather's index is checked along the axis the same
+    way. An index of another length (a pooling, merged rows) is read as before."""
+    if not isinstance(index, torch.Tensor) or index.dtype == torch.bool or index.dim() == 0:
+        return None
+    n = _source_rows(node, a)
+    along = 0 if index.dim() == 1 else a
+    if n is None or along >= index.dim() or index.shape[along] != n or n < 2:
+        return None
+    ordered = index if index.dim() == 1 else index.sort(dim=along).values
+    if bool((ordered.narrow(along, 1, n - 1) == ordered.narrow(along, 0, n - 1)).any()):
+        return Mixed(f"{node.name()} repeating rows of the examples' axis {a} (an index "
+                     "reading one example's row for another), a mix of the examples")
+    return None
+
+
 def _step(node: Any, nr: int, a: int, stops: Any, memo: dict[Any, Any]
           ) -> tuple[str | None, list[Any]]:
     """``(the op if ``node`` reorders axis ``a`` of its output ``nr``, or a :class:`Mixed`
@@ -465,14 +500,23 @@ def _step(node: Any, nr: int, a: int, stops: Any, memo: dict[Any, Any]
             if not _in_order(idx[a]):
                 return here, []
             _read_values(memo, idx[a])
+            mixed = _repeats(node, idx[a], a)  # NOTE [an index that repeats rows]
+            if mixed is not None:
+                return mixed, []
         elif any(t is not None for t in idx[:a]):
             return None, []  # an index before the axis may move it: not followed
         return None, _same(nexts, shape, a)
     if name in _ALONG_DIM:
         if _norm(node._saved_dim, rank) == a:
-            if not (name in _MONOTONE and _in_order(node._saved_index)):
+            index = getattr(node, "_saved_index", None)
+            if name in ("IndexSelectBackward0", "GatherBackward0"):
+                mixed = _repeats(node, index, a)  # NOTE [an index that repeats rows]
+                if mixed is not None:
+                    _read_values(memo, index)
+                    return mixed, []
+            if not (name in _MONOTONE and _in_order(index)):
                 return here, []
-            _read_values(memo, node._saved_index)
+            _read_values(memo, index)
         return None, _same(nexts, shape, a)
     if name in _ACROSS_DIM:
         if _norm(node._saved_dim, rank) == a:
