@@ -40,6 +40,7 @@ computes that copy's gradient because nothing asks for it.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -166,7 +167,61 @@ _PASSTHROUGH: set[Any] = {
 }
 
 
+_REQUIRES_GRAD = _T.requires_grad.__get__
 _AUTOGRAD = {torch.autograd.grad, torch.autograd.backward, _T.backward}
+_HOOKS = {_T.register_hook, _T.register_post_accumulate_grad_hook}
+_FORWARDS: dict[Any, str | None] = {}  # forward code objects -> Function class name, or None
+
+
+def _function_forward(code: Any) -> str | None:
+    """The name of the ``torch.autograd.Function`` subclass whose ``forward`` is ``code``,
+    or None; the subclasses are listed again when a ``forward`` is met for the first time."""
+    if code not in _FORWARDS:
+        todo = list(torch.autograd.Function.__subclasses__())
+        while todo:
+            cls = todo.pop()
+            todo.extend(cls.__subclasses__())
+            fwd = getattr(cls.__dict__.get("forward"), "__func__", cls.__dict__.get("forward"))
+            if hasattr(fwd, "__code__"):
+                _FORWARDS[fwd.__code__] = cls.__qualname__
+        _FORWARDS.setdefault(code, None)
+    return _FORWARDS[code]
+
+
+def _in_custom_function() -> str | None:
+    """The class of the ``torch.autograd.Function`` whose ``forward`` is running (up to 40
+    frames up the call stack), or None.
+
+    # NOTE [parameters in a custom autograd.Function]
+    ``Function.apply`` hands its tensor arguments to ``forward`` under ``no_grad`` and
+    attaches its own backward to the outputs. A parameter among them (a straight-through
+    quantiser of the weights, a fused bias and activation, ``fp.checkpoint`` around the
+    model, ``fp.custom_vjp``/``custom_jvp`` of the parameters) reached the engine only as
+    an op under ``no_grad``, taken for a stop-gradient: that parameter's per-example
+    gradient came back 0, silently (reference up to 1.6). No rule can read a backward the
+    engine does not see, so such a use is refused (``auto``: vmap, which runs the
+    Function's own backward, or refuses it with torch's message). ``apply`` leaves no
+    Python frame, so the ``forward`` frame is recognised: by a ``ctx`` argument, or as the
+    ``forward`` of a ``Function`` subclass (``setup_context`` style). The stack is read
+    only for parameter ops under ``no_grad``, which are rare in a forward.
+    """
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "forward":
+            ctx = frame.f_locals.get("ctx")
+            if isinstance(ctx, torch.autograd.function.FunctionCtx):
+                cls = getattr(type(ctx), "_forward_cls", None)
+                if getattr(cls, "__module__", None) == "torch.utils.checkpoint":
+                    return None  # refused by name at the backward (activation checkpointing)
+                return type(ctx).__name__.removesuffix("Backward")
+            name = _function_forward(code)
+            if name is not None:
+                return name
+        frame = frame.f_back
+    return None
 
 
 class _Tracked(torch.Tensor):
@@ -179,12 +234,28 @@ class _Tracked(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         engine = _find_engine(args, kwargs)
-        if func in _PASSTHROUGH or not torch.is_grad_enabled():  # no gradient flows here
+        if func == _REQUIRES_GRAD:  # it is differentiated: what the loop and vmap answer
+            return torch.is_grad_enabled() or bool(engine.unwrap(args)[0].requires_grad)
+        if func in _PASSTHROUGH:
+            return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        if not torch.is_grad_enabled():  # no gradient flows here, unless a Function's does
+            fn_class = _in_custom_function()  # NOTE [parameters in a custom autograd.Function]
+            if fn_class is not None:
+                raise Unsupported(
+                    f"{engine.names(args, kwargs)} {'goes' if len(engine.slots(args, kwargs)) == 1 else 'go'} "
+                    f"into the custom torch.autograd.Function {fn_class} (its forward calls "
+                    f"`{_describe(func)}`), whose backward the fast methods cannot read; "
+                    "method='vmap' runs it")
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if engine.closed:
             engine.stale(func, args, kwargs)
         if func in _AUTOGRAD:  # NOTE [differentiating inside loss_fn]
             raise inner_differentiation(_describe(func))
+        if func in _HOOKS:
+            raise Unsupported(
+                f"loss_fn registers an autograd hook on {engine.names(args, kwargs)} "
+                f"(`{_describe(func)}`), which the per-example gradients of the fast methods "
+                "would not pass through; method='vmap' applies it")
         rule = engine.rules.get(func)
         # A rule that can make the examples' axis from parameters alone (an expand over the
         # batch) decides first; any other op of parameters alone makes a derived tensor.

@@ -1,0 +1,150 @@
+"""Autograd features inside ``loss_fn`` that the fast methods cannot see through (NOTE
+[parameters in a custom autograd.Function] in ``_grad_sample/_engine.py``): a parameter
+passed to a custom ``torch.autograd.Function`` (a straight-through quantiser of the
+weights, ``fp.checkpoint`` around the model, ``fp.custom_vjp`` of the parameters), or an
+autograd hook registered on a parameter. Each came back with that parameter's
+per-example gradient 0 (or the hook ignored: 1/5 of it), silently; now hooks and ghost
+refuse, and the default method takes vmap, the loop's numbers (float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functorch_pipeline as fp
+
+F64 = torch.float64
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return w.round()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _STE2(torch.autograd.Function):  # the setup_context style, vmap-ready
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(w):
+        return w.round()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+
+
+def _ste_vjp():
+    f = fp.custom_vjp(lambda w: w.round())
+    f.defvjp(lambda w: (w.round(), None), lambda res, g: (g,))
+    return f
+
+
+def _loss(kind, model):
+    ste_vjp = _ste_vjp() if kind == "custom_vjp" else None
+    whole = fp.checkpoint(lambda p, x: torch.func.functional_call(model, p, (x,)))
+
+    def losses(p, x, y):
+        if kind == "checkpoint":
+            return F.cross_entropy(whole(p, x), y, reduction="none")
+        w = p["2.weight"]
+        if kind == "setup_context":
+            w = _STE2.apply(w * 4) / 4
+        elif kind == "custom_vjp":
+            w = ste_vjp(w * 4) / 4
+        elif kind == "hook":
+            if w.requires_grad:  # True for the loop, vmap and (now) the fast methods
+                w.register_hook(lambda g: 5 * g)
+        h = torch.tanh(F.linear(x, p["0.weight"], p["0.bias"]))
+        return F.cross_entropy(F.linear(h, w, p["2.bias"]), y, reduction="none")
+
+    return losses
+
+
+def _loop(losses, params, x, y):
+    rows = []
+    for i in range(x.shape[0]):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        rows.append(torch.autograd.grad(losses(p, x[i:i + 1], y[i:i + 1]).sum(), list(p.values())))
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+@pytest.mark.parametrize("kind", ["setup_context", "custom_vjp", "checkpoint", "hook"])
+def test_the_default_method_takes_vmap_and_the_fast_ones_refuse(kind):
+    model = _model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    losses = _loss(kind, model)
+    want = _loop(losses, params, x, y)
+    assert want["2.weight"].abs().max() > 0.1  # the term the fast methods lost
+    match = "registers an autograd hook" if kind == "hook" else "custom torch.autograd.Function"
+    with pytest.raises(ValueError, match=match):
+        fp.per_sample_grads(losses, method="hooks")(params, x, y)
+    with pytest.raises(ValueError, match=match):
+        fp.clipped_grad(losses, 1.0, method="ghost")(params, x, y)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fp.per_sample_grads(losses)(params, x, y)
+        norms = fp.per_sample_grad_norms(losses)(params, x, y)
+    assert any("vmap" in str(m.message) for m in w)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12)
+    want_norms = torch.stack([v.flatten(1).pow(2).sum(1) for v in want.values()]).sum(0).sqrt()
+    torch.testing.assert_close(norms, want_norms, rtol=0, atol=1e-12)
+
+
+def test_an_old_style_function_on_a_parameter_is_refused_not_zeroed():
+    # vmap cannot run a Function without setup_context; before, auto took hooks and gave 0
+    model = _model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
+
+    def losses(p, x, y):
+        w = _STE.apply(p["2.weight"] * 4) / 4
+        h = torch.tanh(F.linear(x, p["0.weight"], p["0.bias"]))
+        return F.cross_entropy(F.linear(h, w, p["2.bias"]), y, reduction="none")
+
+    with pytest.raises(ValueError, match="custom torch.autograd.Function _STE"):
+        fp.per_sample_grads(losses, method="hooks")(params, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="setup_context"):  # torch's own refusal
+            fp.per_sample_grads(losses)(params, x, y)
+
+
+def test_parameters_under_no_grad_outside_a_function_stay_a_stop_gradient():
+    # a statistic of a parameter under no_grad is a constant for the loop too: fast path kept
+    model = _model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
+
+    def losses(p, x, y):
+        with torch.no_grad():
+            scale = p["2.weight"].norm()
+        h = torch.tanh(F.linear(x, p["0.weight"], p["0.bias"]))
+        return F.cross_entropy(F.linear(h, p["2.weight"] / scale, p["2.bias"]), y, reduction="none")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back
+        got = fp.per_sample_grads(losses)(params, x, y)
+    want = _loop(losses, params, x, y)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12)
