@@ -131,7 +131,8 @@ _FLAGS = {"dp.sigma": "--sigma (or the sigma --target-epsilon calibrates for --e
           "dp.sample_rate": "--sample-rate", "dp.steps_per_epoch": "--steps-per-epoch",
           "dp.num_train": "training set size (--limit-train)", "dp.max_grad_norm": "-c",
           "dp.seed": "--seed", "dp.optimizer": "--optimizer", "dp.lr": "--lr",
-          "dp.momentum": "--momentum"}
+          "dp.momentum": "--momentum",
+          "dp.delta": "--delta (the metrics of one run report epsilon at one delta)"}
 
 
 def epsilons(sigma: float, q: float, steps: int, delta: float) -> dict[str, float]:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "dp.steps_per_epoch": str(steps_per_epoch), "dp.num_train": str(n),
                 "dp.max_grad_norm": repr(args.max_grad_norm), "dp.seed": str(args.seed),
                 "dp.optimizer": args.optimizer, "dp.lr": repr(args.lr),
-                "dp.momentum": repr(args.momentum)}
+                "dp.momentum": repr(args.momentum), "dp.delta": repr(args.delta)}
     if args.resume:
         check_run_meta(files.manager.latest(), run_meta, _FLAGS,
                        " (the epsilon reported assumes every step ran with this run's settings)")

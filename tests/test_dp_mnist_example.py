@@ -130,7 +130,9 @@ def test_bad_flags_in_process(flag, message, capsys):
 
 @pytest.mark.parametrize("changed", [("--sigma", "2.0", "sigma=1.3 but this run has 2.0"),
                                      ("--seed", "5", "seed=1 but this run has 5"),
-                                     ("--steps-per-epoch", "3", "steps_per_epoch=2 but this run has 3")])
+                                     ("--steps-per-epoch", "3", "steps_per_epoch=2 but this run has 3"),
+                                     # metrics.jsonl mixed deltas: epsilon 1.695 at 1e-5, then 1.253 at 1e-3
+                                     ("--delta", "0.001", "delta=1e-05 but this run has 0.001")])
 def test_resume_with_other_settings_is_refused(data_root, tmp_path, changed, capsys):
     # NOTE [resume with the same run]: a resume at another sigma reported the epsilon of
     # every step at the new sigma (0.205 where the checkpoint's accountant held 9.13); another

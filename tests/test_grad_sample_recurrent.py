@@ -246,3 +246,29 @@ def test_packed_sequences_get_errors_that_point_to_padded_input():
                 fp.per_sample_grads(loss)(params, x, lengths)
             with pytest.raises((RuntimeError, NotImplementedError), match=match):
                 fp.clipped_grad(loss, 1.0)(params, x, lengths)
+
+
+def test_packed_bidirectional_input_gets_advice_that_holds():
+    # The padded-input advice was given for bidirectional layers too, where the reverse
+    # direction of a padded sequence starts in its padding (0.11 from packed nn.LSTM).
+    torch.manual_seed(0)
+    bi = torch.nn.LSTM(3, 4, batch_first=True, bidirectional=True).double()
+    x, lengths = torch.randn(3, 5, 3, dtype=torch.float64), torch.tensor([5, 3, 2])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                     enforce_sorted=False)
+    with pytest.raises(NotImplementedError, match="reverse direction starts in the padding"):
+        fp.nn.replace_rnns(bi)(packed)
+    want, _ = torch.nn.utils.rnn.pad_packed_sequence(bi(packed)[0], batch_first=True)
+    # the advice: two unidirectional layers, the second on each sequence reversed in its length
+    fwd, rev = (fp.nn.LSTM(3, 4, batch_first=True).double() for _ in range(2))
+    for layer, suffix in ((fwd, ""), (rev, "_reverse")):
+        layer.load_state_dict({f"{k}_l0": getattr(bi, f"{k}_l0{suffix}") for k in
+                               ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+    t = torch.arange(5)
+    index = (lengths[:, None] - 1 - t).clamp(min=0)  # (B, T)
+    out_f = fwd(x)[0]
+    out_r = rev(x.gather(1, index[..., None].expand(-1, -1, 3)))[0]
+    back = out_r.gather(1, index[..., None].expand(-1, -1, 4))  # step t of the sequence
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(torch.cat([out_f[b, :n], back[b, :n]], -1), want[b, :n],
+                                   rtol=0, atol=1e-12)

@@ -260,6 +260,17 @@ class _RNNBase(nn.Module):
     def _check_input(self, input: Tensor) -> bool:
         """Validate ``input`` and return whether it is batched (3-D)."""
         name = self.mode
+        if isinstance(input, nn.utils.rnn.PackedSequence) and self.bidirectional:
+            # the padded form's advice holds for one direction only: the reverse direction
+            # of a padded sequence starts in its padding (0.11 from packed nn.LSTM)
+            raise NotImplementedError(
+                f"{name}: PackedSequence input is not supported, and a bidirectional layer on "
+                "the padded tensor differs from packed input: its reverse direction starts in "
+                "the padding. Run two unidirectional layers instead, the second on each "
+                "sequence reversed within its length (x.gather(1, index) with index[b, t] = "
+                "lengths[b] - 1 - t, clamped at 0, batch_first), reading both at each "
+                "sequence's own steps: per_sample_grads and clipped_grad handle that with "
+                "their fast methods")
         if isinstance(input, nn.utils.rnn.PackedSequence):
             raise NotImplementedError(
                 f"{name}: PackedSequence input is not supported; pass the padded tensor and "
