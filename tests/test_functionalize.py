@@ -175,6 +175,28 @@ def test_apply_never_mutates_inputs_or_the_module():
     assert not net._forward_hooks and not net._forward_pre_hooks
 
 
+def test_eval_apply_does_not_write_a_buffer_the_module_updates():
+    # A module that changes a buffer in place in eval mode too (a call counter, an EMA):
+    # eval-mode apply wrote it into the caller's variables (2.0 after two calls), so the
+    # same inputs gave another output the next call.
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x) + self.calls
+
+    model = fp.functionalize(Counter())
+    v, x = model.init(KEY), torch.ones(1, 2)
+    first, second = model.apply(v, x), model.apply(v, x)
+    assert float(v["buffers"]["calls"]) == 0.0 and torch.equal(first, second)
+    want = F.linear(x, v["params"]["lin.weight"], v["params"]["lin.bias"]) + 1.0  # one call's count
+    assert torch.equal(first, want)
+
+
 def test_train_always_returns_a_pair():
     model = fp.functionalize(nn.Linear(3, 2))
     v = model.init(KEY)

@@ -422,7 +422,7 @@ class FunctionalModel:
           The module's output; with ``train=True``, always ``(output, new_buffers)``
           (``new_buffers`` is ``{}`` without buffers), as Flax's ``apply(...,
           mutable=[...])`` returns a pair: the result's shape never depends on the model.
-          Inputs are never modified (train mode runs on copies of the buffers).
+          Inputs are never modified (the module runs on copies of the buffers).
 
         Raises:
           ValueError: variables with missing or unexpected names, or wrong shapes.
@@ -452,8 +452,10 @@ class FunctionalModel:
             for paths, names, error in self._stat_norms:
                 if inputs - vmap_levels({**params, **buffers}[n] for n in names):
                     raise error(fn, paths)
-        if train:
-            buffers = {n: b.clone() for n, b in buffers.items()}
+        # Copies in both modes: a module that updates a buffer in place in eval mode too (a
+        # call counter, an EMA) wrote into the caller's variables, so the same inputs gave
+        # another output the next call (and a DPTrainer step changed the old state's buffers).
+        buffers = {n: b.clone() for n, b in buffers.items()}
         assert self._templates is not None
         template = self._templates[bool(train)]
         tensors = {**params, **buffers}

@@ -270,7 +270,12 @@ class DPTrainer:
         Args:
           params: the initial parameters.
           key: the run's ``fp.random`` key (the noise key is derived from it).
-          buffers: non-trainable state, e.g. eval-mode BatchNorm statistics.
+          buffers: non-trainable state, e.g. eval-mode BatchNorm statistics, carried in
+            the state and its checkpoints. ``loss_fn(params, batch)`` does not receive them:
+            it reads the buffers of the model it closes over, so after ``fp.load`` put these
+            back into that model (``model.load_state_dict(..., strict=False)``) or close
+            over ``state.buffers`` in ``loss_fn`` (``functional_call(model, {**params,
+            **buffers}, ...)``).
           accountant: ``"rdp"``, ``"pld"`` or an ``fp.privacy.Accountant`` to continue.
 
         Returns:
