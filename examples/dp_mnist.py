@@ -135,13 +135,21 @@ _FLAGS = {"dp.sigma": "--sigma (or the sigma --target-epsilon calibrates for --e
           "dp.delta": "--delta (the metrics of one run report epsilon at one delta)"}
 
 
-def epsilons(sigma: float, q: float, steps: int, delta: float) -> dict[str, float]:
+def epsilons(sigma: float, q: float, steps: int, delta: float) -> dict[str, float | None]:
     if sigma == 0 or steps == 0:
         return {"epsilon_rdp": float("inf") if steps else 0.0,
                 "epsilon_pld": float("inf") if steps else 0.0}
-    return {f"epsilon_{a}": fp.privacy.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps,
-                                               delta=delta, accountant=a)
-            for a in ("rdp", "pld")}
+    # PLD refuses sigma < 0.1 (minutes to terabytes, at epsilon in the hundreds): RDP alone
+    kinds = ("rdp", "pld") if sigma >= fp.privacy.PLD_MIN_NOISE_MULTIPLIER else ("rdp",)
+    out: dict[str, float | None] = {"epsilon_pld": None}
+    out.update({f"epsilon_{a}": fp.privacy.epsilon(noise_multiplier=sigma, sample_rate=q,
+                                                   steps=steps, delta=delta, accountant=a)
+                for a in kinds})
+    return out
+
+
+def _eps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -156,7 +164,8 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     acc = [100 * r["test_accuracy"] for r in rows]
     ax.plot([r["epsilon_rdp"] for r in rows], acc, "o-", label="epsilon by RDP")
-    ax.plot([r["epsilon_pld"] for r in rows], acc, "s-", label="epsilon by PLD")
+    if all(r["epsilon_pld"] is not None for r in rows):
+        ax.plot([r["epsilon_pld"] for r in rows], acc, "s-", label="epsilon by PLD")
     ax.set_xlabel(f"epsilon (delta = {rows[0]['delta']:g})")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -263,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         append_jsonl(files.metrics, record)
         rows.append(record)
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test accuracy "
-              f"{100 * record['test_accuracy']:.2f}%, epsilon {eps['epsilon_rdp']:.3f} (RDP) "
-              f"{eps['epsilon_pld']:.3f} (PLD) at delta {args.delta:g} ({epoch_time:.1f} s)",
+              f"{100 * record['test_accuracy']:.2f}%, epsilon {_eps(eps['epsilon_rdp'])} (RDP) "
+              f"{_eps(eps['epsilon_pld'])} (PLD) at delta {args.delta:g} ({epoch_time:.1f} s)",
               flush=True)
     summary = {"sigma": sigma, "sample_rate": q, "max_grad_norm": args.max_grad_norm,
                "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(rows, os.path.join(args.out_dir, "accuracy_vs_epsilon.png"), title)
     if rows:
         print(f"final: test accuracy {100 * rows[-1]['test_accuracy']:.2f}% at epsilon "
-              f"{rows[-1]['epsilon_rdp']:.3f} (RDP) / {rows[-1]['epsilon_pld']:.3f} (PLD), "
+              f"{_eps(rows[-1]['epsilon_rdp'])} (RDP) / {_eps(rows[-1]['epsilon_pld'])} (PLD), "
               f"sigma {sigma:.4f}; outputs in {args.out_dir}")
     return summary
 

@@ -158,3 +158,13 @@ def test_non_finite_loss_stops_with_status_1(data_root, tmp_path, capsys):
     assert e.value.code == 1
     assert "non-finite train loss" in capsys.readouterr().err
     assert fp.train.CheckpointManager(tmp_path / "checkpoints").latest() is None
+
+
+def test_small_sigma_reports_rdp_alone(data_root, tmp_path, capsys):
+    # NOTE [PLD at small noise]: --sigma 0.01 hung in the per-epoch PLD epsilon; RDP only now
+    summary = dp_mnist.main(_flags(data_root, tmp_path, "--epochs", "1", "--sigma", "0.05"))
+    out = capsys.readouterr().out
+    assert "n/a (PLD)" in out and summary["epsilon_pld"] is None
+    want = fp.privacy.epsilon(noise_multiplier=0.05, sample_rate=0.05, steps=summary["steps"],
+                              delta=1e-5)
+    assert summary["epsilon_rdp"] == want

@@ -455,3 +455,23 @@ def test_step_without_noise_bad_input_and_sigma_zero_elsewhere():
                             [-1.0, 0.1, 1])
     with pytest.raises(ValueError, match=r"^Accountant.epsilon: `noise_multiplier` must be"):
         bad.epsilon(DELTA)
+
+
+def test_pld_refuses_noise_below_its_floor():
+    # NOTE [PLD at small noise]: dp_mnist --target-epsilon 1e9 died asking numpy for 5 TiB,
+    # and epsilon(sigma=0.03, q=0.05, steps=20, accountant="pld") ran for minutes.
+    floor = fp.privacy.PLD_MIN_NOISE_MULTIPLIER
+    with pytest.raises(ValueError, match=r"epsilon: PLD accounting needs noise_multiplier >= "
+                                         r"0.1, got 0.03.*use accountant='rdp'"):
+        epsilon(noise_multiplier=0.03, sample_rate=0.05, steps=20, delta=DELTA, accountant="pld")
+    acc = fp.privacy.Accountant("pld").step(noise_multiplier=1e-4, sample_rate=0.004)
+    with pytest.raises(ValueError, match="PLD accounting needs noise_multiplier >= 0.1, got 0.0001"):
+        acc.epsilon(DELTA)
+    # RDP answers there, and a target met only below the floor names RDP's sigma
+    rdp = noise_multiplier_for(target_epsilon=1000.0, delta=DELTA, sample_rate=1.0, steps=1)
+    assert rdp < floor
+    with pytest.raises(ValueError, match=r"met below noise_multiplier 0.1.*accountant='rdp' "
+                                         r"gives") as e:
+        noise_multiplier_for(target_epsilon=1000.0, delta=DELTA, sample_rate=1.0, steps=1,
+                             accountant="pld")
+    assert float(str(e.value).rsplit(" ", 1)[1]) == pytest.approx(rdp, rel=0.01)

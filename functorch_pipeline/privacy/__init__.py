@@ -29,10 +29,12 @@ from functorch_pipeline.privacy._accountant import Accountant
 from functorch_pipeline.privacy._accounting import epsilon
 from functorch_pipeline.privacy._accounting import noise_multiplier_for
 from functorch_pipeline.privacy._backend import PLD_DISCRETIZATION
+from functorch_pipeline.privacy._backend import PLD_MIN_NOISE_MULTIPLIER
 from functorch_pipeline.privacy._backend import DpStep
 
 __all__ = [
     "PLD_DISCRETIZATION",
+    "PLD_MIN_NOISE_MULTIPLIER",
     "Accountant",
     "DpStep",
     "epsilon",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from functorch_pipeline.privacy._backend import PLD_MIN_NOISE_MULTIPLIER
 from functorch_pipeline.privacy._backend import DpStep
 from functorch_pipeline.privacy._backend import check_accountant
 from functorch_pipeline.privacy._backend import check_delta
@@ -147,13 +148,22 @@ def noise_multiplier_for(
     # Every bracket end is verified, so the result's PLD epsilon is <= target regardless.
     low, high = 0.0, 1.0
     if kind == "pld":
+        floor, sigma_rdp = PLD_MIN_NOISE_MULTIPLIER, None
         try:
-            high = _search(lambda s: _epsilon("rdp", s, q, n, d, where), target, tol / 4, 0.0, 1.0)
-            low = 0.8 * high
+            sigma_rdp = _search(lambda s: _epsilon("rdp", s, q, n, d, where), target, tol / 4, 0.0, 1.0)
+            low, high = 0.8 * sigma_rdp, sigma_rdp
         except _Unreachable:  # PLD's floor is lower than RDP's: search from scratch
             pass
-        while low > 0 and eps(low) <= target:  # keep eps(low) > target, as _search assumes
-            low, high = 0.8 * low, low
+        while low > floor and eps(low) <= target:  # keep eps(low) > target, as _search assumes
+            low, high = max(0.8 * low, floor), low
+        if low <= floor:  # NOTE [PLD at small noise]: no probe below PLD's floor
+            if eps(floor) <= target:
+                rdp = "" if sigma_rdp is None else f"; accountant='rdp' gives {sigma_rdp:.6g}"
+                raise ValueError(
+                    f"{where}: `target_epsilon`={target_epsilon!r} is met below noise_multiplier "
+                    f"{floor:g}, under which PLD accounting is refused (its loss distribution "
+                    f"widens as 1/sigma^2: minutes below 0.1, terabytes near 1e-4){rdp}")
+            low, high = floor, max(high, floor)
     try:
         return _search(eps, target, tol, low, high)
     except _Unreachable:
