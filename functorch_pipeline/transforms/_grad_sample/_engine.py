@@ -79,10 +79,10 @@ class Unsupported(Exception):  # noqa: N818 (a signal to fall back, not a user e
 
 
 def autocast_on(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type``; False for a device type that
-    has no autocast ('meta', used for shape inference, where asking raised "unknown device
-    type for autocast")."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether ``torch.autocast`` is on for ``device_type``; False for 'meta' (shape
+    inference), which has no autocast: asking raised "unknown device type for autocast".
+    (Not ``torch.amp.is_autocast_available``: dynamo in torch 2.11 cannot trace it.)"""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def inner_differentiation(how: str) -> Unsupported:
