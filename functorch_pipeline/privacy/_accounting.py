@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from functorch_pipeline.privacy._backend import PLD_FLOOR_WHY
 from functorch_pipeline.privacy._backend import PLD_MIN_NOISE_MULTIPLIER
 from functorch_pipeline.privacy._backend import DpStep
 from functorch_pipeline.privacy._backend import check_accountant
@@ -161,8 +162,7 @@ def noise_multiplier_for(
                 rdp = "" if sigma_rdp is None else f"; accountant='rdp' gives {sigma_rdp:.6g}"
                 raise ValueError(
                     f"{where}: `target_epsilon`={target_epsilon!r} is met below noise_multiplier "
-                    f"{floor:g}, under which PLD accounting is refused (its loss distribution "
-                    f"widens as 1/sigma^2: minutes below 0.1, terabytes near 1e-4){rdp}")
+                    f"{floor:g}, under which PLD accounting is refused ({PLD_FLOOR_WHY}){rdp}")
             low, high = floor, max(high, floor)
     try:
         return _search(eps, target, tol, low, high)

@@ -54,6 +54,8 @@ __all__ = [
 ACCOUNTANTS = ("rdp", "pld")
 PLD_DISCRETIZATION = 1e-4
 PLD_MIN_NOISE_MULTIPLIER = 0.1  # NOTE [PLD at small noise]
+PLD_FLOOR_WHY = ("its loss distribution widens as 1/sigma^2 (minutes below 0.1, terabytes "
+                 "near 1e-4)")
 
 
 class DpStep(NamedTuple):
@@ -159,9 +161,8 @@ def pld_floor_message(where: str, sigma: float) -> str:
     answers in milliseconds, so PLD refuses them instead of hanging.
     """
     return (f"{where}: PLD accounting needs noise_multiplier >= {PLD_MIN_NOISE_MULTIPLIER:g}, "
-            f"got {sigma:g}: its loss distribution widens as 1/sigma^2 (minutes below 0.1, "
-            "terabytes near 1e-4), and such a run spends epsilon in the hundreds or more; "
-            "use accountant='rdp'")
+            f"got {sigma:g}: {PLD_FLOOR_WHY}, and such a run spends epsilon in the hundreds or "
+            "more; use accountant='rdp'")
 
 
 @functools.lru_cache(maxsize=4)  # a PLD can hold ~10 MB of arrays

@@ -234,9 +234,9 @@ class _Tracked(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         engine = _find_engine(args, kwargs)
-        if func == _REQUIRES_GRAD:  # it is differentiated: what the loop and vmap answer
-            return torch.is_grad_enabled() or bool(engine.unwrap(args)[0].requires_grad)
         if func in _PASSTHROUGH:
+            if func == _REQUIRES_GRAD:  # it is differentiated: what the loop and vmap answer
+                return torch.is_grad_enabled() or bool(engine.unwrap(args)[0].requires_grad)
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if not torch.is_grad_enabled():  # no gradient flows here, unless a Function's does
             fn_class = _in_custom_function()  # NOTE [parameters in a custom autograd.Function]
