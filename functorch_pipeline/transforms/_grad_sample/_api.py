@@ -18,6 +18,7 @@ from functorch_pipeline.transforms._grad_sample._padding import plain_batch
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import merge
+from functorch_pipeline.transforms._grad_sample._state import undone_on_refusal
 
 __all__ = ["Unsupported", "hooks_value_and_grad"]
 
@@ -329,7 +330,7 @@ def hooks_value_and_grad(
                              batched, real=n, evidence=evidence)
 
         # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
-        (v, f), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux)
+        (v, f), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux, fn)
         if extra:
             v, f = v[:n], [g[:n] for g in f]
         return v, f
@@ -338,14 +339,20 @@ def hooks_value_and_grad(
         value, flat = once(args, batch_size)
     else:
         values, flats, sizes = [], [], []
-        for start in range(0, batch_size, chunk_size):
-            def cut(x: Any, start: int = start) -> Any:
-                return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
-            chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-            v, f = once(chunk, min(chunk_size, batch_size - start))
-            values.append(v)
-            flats.append(f)
-            sizes.append(min(chunk_size, batch_size - start))
+
+        def chunks() -> None:
+            for start in range(0, batch_size, chunk_size):
+                def cut(x: Any, start: int = start) -> Any:
+                    return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
+                chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
+                v, f = once(chunk, min(chunk_size, batch_size - start))
+                values.append(v)
+                flats.append(f)
+                sizes.append(min(chunk_size, batch_size - start))
+
+        # NOTE [runs that change module state] in _state: a later chunk refused undoes
+        # the earlier chunks' state changes too
+        undone_on_refusal(chunks, Unsupported, fn)
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]
         value = join_chunks(values, sizes, has_aux, fn)  # NOTE [aux over chunks]
     # NOTE [autocast] (in _engine): under torch.autocast the rules' products come out in

@@ -57,6 +57,7 @@ from functorch_pipeline.transforms._grad_sample._engine import Unproven
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import rng_states
 from functorch_pipeline.transforms._grad_sample._same_draws import SameDraws
+from functorch_pipeline.transforms._grad_sample._state import Snapshot
 
 __all__ = ["Evidence", "pad_batch", "plain_batch", "run_unambiguous"]
 
@@ -297,12 +298,14 @@ def _key(args: Sequence[Any], batched: Sequence[int]) -> Any:
 
 def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any,
                     args: Sequence[Any], batched: Sequence[int], size: int,
-                    has_aux: bool) -> tuple[Any, int]:
+                    has_aux: bool, fn: str = "the fast method") -> tuple[Any, int]:
     """``run(args, size, evidence)``, or, when an op's batch axis is ambiguous at this size,
     ``run`` on the batch padded by ``extra`` rows (NOTE [padding an ambiguous batch]).
     Run again with the batch handed plain when ``loss_fn`` changes a batch argument in a
     way autograd refuses once it requires grad (NOTE [the batch requires grad] in
-    ``_api``), which is then remembered for ``loss_fn``.
+    ``_api``), which is then remembered for ``loss_fn``. Module buffers changed by a run
+    that is not the answer are put back (NOTE [runs that change module state] in
+    ``_state``), also when the call is refused.
 
     Args:
       run: one engine pass, ``run(args, batch_size, evidence)`` (:class:`Evidence`, read
@@ -313,6 +316,7 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``: its result is never
         padded; a padded run may give answers about tables (NOTE [a table the size of
         the batch] in ``_engine``) for an unpadded run.
+      fn: the API's name, for errors.
 
     Returns:
       ``(result, extra)``: the result's first ``size`` rows are the batch's; ``extra``
@@ -327,6 +331,34 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
       >>> run_unambiguous(run, run, [torch.ones(2, 3)], (0,), 2, False)
       ((tensor([3., 3.]), 2), 0)
     """
+    with Snapshot() as snapshot:  # NOTE [runs that change module state] in _state
+        runs = 0
+
+        def each(padded: list[Any], n: int, evidence: Evidence) -> Any:
+            nonlocal runs
+            if runs:
+                snapshot.restore(fn)  # as the state was before the call's first run
+            runs += 1
+            return run(padded, n, evidence)
+
+        try:
+            out, extra = _plain_again(each, loss_fn, args, batched, size, has_aux)
+        except Unsupported:
+            snapshot.restore(fn)  # the caller runs the call again another way
+            raise
+        if extra and snapshot.changed():
+            # The answer's run was padded: its state changes came from the padded batch.
+            snapshot.restore(fn)
+            with torch.no_grad():
+                loss_fn(*args)
+        return out, extra
+
+
+def _plain_again(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any,
+                 args: Sequence[Any], batched: Sequence[int], size: int,
+                 has_aux: bool) -> tuple[Any, int]:
+    """:func:`_run_unambiguous`, and once more with the batch handed plain when it raised
+    :class:`PlainBatch`."""
     try:
         return _run_unambiguous(run, loss_fn, args, batched, size, has_aux)
     except PlainBatch:
