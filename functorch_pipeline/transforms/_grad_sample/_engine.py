@@ -482,6 +482,32 @@ class _Use:
         self.watch = None if watch is None else (watch, watch._version)
 
 
+def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, torch.Tensor]]:
+    """Node pre-hooks that keep the gradients each recorded node receives, by node and
+    output: filled during the backward for the nodes it runs.
+
+    # NOTE [tensor hooks on a recorded output]
+    ``torch.autograd.grad`` captures the gradient at a requested edge after the tensor
+    hooks of its output (``z.register_hook``) when it does not run that edge's node, and
+    *before* them when it does, because an edge further down is requested too. Every
+    recorded output but the first layer's is such an edge, so a hook on a layer's output
+    (``z2.register_hook(lambda g: -3 * g)``) reached the layers below it and not that
+    layer's own per-example gradients (error 1.65 against the loop). A node pre-hook runs
+    after the tensor hooks, so the gradient it sees is the one the loop's layer gets; the
+    edges whose node does not run keep autograd's capture, already after the hooks. Like a
+    hook on any other activation, it is applied to the batch's gradient: exact for hooks
+    that treat each example's rows alone (scaling, clamping, masking), not for one that
+    mixes the examples (normalising over the batch), which needs ``method="vmap"``.
+    """
+    seen: dict[Any, dict[int, torch.Tensor]] = {}
+    for node in {u.edge.node for u in uses}:
+        def keep(grads: tuple[Any, ...], node: Any = node) -> None:
+            seen[node] = {i: g for i, g in enumerate(grads) if g is not None}
+
+        node.register_prehook(keep)
+    return seen
+
+
 class Engine:
     """Records rule calls during one forward, then turns them into per-example gradients.
 
@@ -1550,6 +1576,7 @@ class Engine:
                     "of place")
         if not self.uses or not losses.requires_grad:
             return
+        hooked = _after_tensor_hooks(self.uses)
         try:
             grads = torch.autograd.grad(
                 losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
@@ -1568,6 +1595,7 @@ class Engine:
                 f"{str(e).splitlines()[0]}") from None
         with torch.no_grad():
             for use, g in zip(self.uses, grads, strict=True):
+                g = hooked.get(use.edge.node, {}).get(use.edge.output_nr, g)
                 if g is not None:
                     use.finish(self, g, *_like(use.saved, g))
         self.uses.clear()

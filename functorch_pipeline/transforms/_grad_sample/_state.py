@@ -25,6 +25,13 @@ in a run that is discarded cannot be undone and is an error naming it. Not seen:
 outside module buffers (a tensor in a closure, a Python counter), modules whose
 ``forward`` is called directly rather than through ``module(...)``, and a buffer replaced
 by another tensor rather than changed in place.
+
+The same hook refuses a module with a backward hook of the deprecated
+``Module.register_backward_hook``: autograd runs it after the node of the module's last
+op, where it changes the gradients that node passes on, its parameters' among them, which
+the engine never reads (it reads the gradient arriving at the node: 1/3 of the loop's with
+a hook that triples them). ``register_full_backward_hook`` and its pre-hook act on the
+module's inputs and outputs, which the engine follows.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 
 __all__ = ["Snapshot", "StateLost"]
 
@@ -57,7 +66,15 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _see(module: torch.nn.Module, args: Any) -> None:
-    for snapshot in _ACTIVE.get():
+    active = _ACTIVE.get()
+    if active and module._backward_hooks and not module._is_full_backward_hook:
+        raise Unsupported(
+            f"a {type(module).__name__} has a backward hook registered with "
+            "Module.register_backward_hook, which changes the gradients of its last op's "
+            "inputs, including its parameters', after the fast methods have read them; "
+            "method='vmap' applies it (or register it with register_full_backward_hook, "
+            "which the fast methods follow)")
+    for snapshot in active:
         snapshot.see(module)
 
 
