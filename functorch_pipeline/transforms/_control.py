@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.func
+from torch.overrides import TorchFunctionMode
 
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.transforms._eval_shape import ShapeDtypeStruct
@@ -108,6 +109,50 @@ def _empty_ys(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, x_leaves: lis
     )
 
 
+def _tensors(values: Any) -> Any:
+    """The tensors among ``values`` and in its lists and tuples (an op's arguments)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+class _ClosedOver(TorchFunctionMode):
+    """Refuses a tensor that requires grad and is not one of ``f``'s arguments.
+
+    # NOTE [tensors checkpoint does not receive]
+    ``checkpoint`` is an ``autograd.Function`` of ``f``'s arguments: a tensor ``f`` reads
+    from its closure (``self.l2`` inside a module's forward, the parameters that
+    ``functional_call`` swapped in) is no input of it, so autograd gave it no gradient,
+    silently 0 (under ``loss.backward()`` and ``fp.grad``), and under ``fp.vmap`` the
+    closure's wrapped tensor failed a PyTorch internal assert. Rebuilding such a tensor in
+    the backward cannot help either: by then ``functional_call`` has put the module's own
+    parameters back. So while ``f`` runs forward, every op's tensor arguments are checked
+    and one that requires grad without being an argument (tensors ``f`` computes run under
+    ``no_grad`` there and do not require grad) is refused, naming its shape and the op.
+    A call made with gradients off (``torch.no_grad()``, inference) is not checked.
+    """
+
+    def __init__(self, inputs: Any) -> None:
+        super().__init__()
+        self.inputs = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in _tensors((*args, *kwargs.values())):
+            if id(t) not in self.inputs and t.requires_grad:
+                name = getattr(func, "__name__", repr(func))
+                raise ValueError(
+                    "checkpoint: f reads a tensor that requires grad and is not one of its "
+                    f"arguments (shape {tuple(t.shape)}, {t.dtype}, used by `{name}`): it "
+                    "would get no gradient. Pass it to f as an argument, e.g. "
+                    "checkpoint(lambda params, x: torch.func.functional_call(block, params, "
+                    "(x,)))(dict(block.named_parameters()), x), or "
+                    "checkpoint(lambda v, x: model.apply(v, x)) for an fp.nn model")
+        return func(*args, **kwargs)
+
+
 class _Remat(torch.autograd.Function):
     """Forward without saving activations; recompute them in backward via ``vjp``."""
 
@@ -116,7 +161,11 @@ class _Remat(torch.autograd.Function):
     @staticmethod
     def forward(holder: Any, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
         f, in_def = holder.f, holder.in_def
-        out = f(*_tree.unflatten(in_def, leaves))
+        if holder.grad:  # NOTE [tensors checkpoint does not receive]
+            with _ClosedOver(leaves):
+                out = f(*_tree.unflatten(in_def, leaves))
+        else:
+            out = f(*_tree.unflatten(in_def, leaves))
         out_leaves, holder.out_def = _tree.flatten(out)
         return tuple(out_leaves)
 
@@ -156,6 +205,7 @@ class _Holder:
         self.f = f
         self.in_def = in_def
         self.out_def: Any = None
+        self.grad = torch.is_grad_enabled()  # at the call: a gradient may be asked for
 
 
 def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,7 +217,10 @@ def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
     functionalized module), this works under ``fp.grad``, ``fp.vmap`` and
     ``loss.backward()``, and around ``apply`` itself:
     ``checkpoint(lambda v, x: model.apply(v, x))``. ``f`` must be deterministic (no
-    global-RNG draws; pass an ``fp.random`` key instead).
+    global-RNG draws; pass an ``fp.random`` key instead), and must receive every tensor
+    it differentiates as an argument: one it reads from its closure that requires grad (a
+    module's parameters inside its ``forward``) would get no gradient, so it raises a
+    ``ValueError`` naming it (NOTE [tensors checkpoint does not receive]).
 
     Args:
       f: a deterministic function of tensors/pytrees.
