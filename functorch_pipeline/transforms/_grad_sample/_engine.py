@@ -468,18 +468,39 @@ def _no_parts(engine: Engine, grad: torch.Tensor) -> None:
 class _Use:
     """One call of a rule: which slots it feeds, what it saved, where its gradient arrives."""
 
-    __slots__ = ("edge", "finish", "saved", "versions", "watch")
+    __slots__ = ("edge", "finish", "saved", "unpack", "versions", "watch")
 
     def __init__(self, edge: Any, finish: Callable[..., None], saved: tuple[Any, ...],
                  watch: torch.Tensor | None = None) -> None:
         self.edge = edge
         self.finish = finish
-        self.saved = saved
         self.versions = tuple(t._version for t in saved if isinstance(t, torch.Tensor))
+        # NOTE [saved-tensor hooks]: the tensors a rule saved go through the hooks
+        # autograd would put its own saved tensors through
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.unpack = None if hooks is None or not saved else hooks[1]
+        self.saved = saved if self.unpack is None else tuple(
+            (True, hooks[0](t)) if isinstance(t, torch.Tensor) else (False, t) for t in saved)
         # A recorded output that is a view of part of a larger tensor, and its version: an
         # in-place op on it would leave its edge without a gradient (NOTE [gradient
         # edges, not tensors] in _engine).
         self.watch = None if watch is None else (watch, watch._version)
+
+    def unpacked(self) -> tuple[Any, ...]:
+        """The saved values, as autograd would hand them to a backward.
+
+        # NOTE [saved-tensor hooks]
+        Under ``torch.autograd.graph.saved_tensors_hooks`` autograd stores ``pack(t)``
+        for each tensor an op saves and computes the gradients from ``unpack(...)``: a
+        hook that changes values (activations compressed to float16) changes the loop's
+        gradients, and the rules, which kept their inputs themselves, gave the uncompressed
+        ones (2e-4 off with float16). The rules' saved tensors now go through the same
+        hooks, at the same time (the op's call, its backward), which also keeps what the
+        hooks are for (``save_on_cpu`` moves them off the device too).
+        """
+        if self.unpack is None:
+            return self.saved
+        return tuple(self.unpack(v) if packed else v for packed, v in self.saved)
 
 
 def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, torch.Tensor]]:
@@ -1563,8 +1584,9 @@ class Engine:
         if self.unproven is not None:  # NOTE [rows reordered inside loss_fn] in _row_order
             raise Unproven(self.unproven)
         for use in self.uses:
-            now = tuple(t._version for t in use.saved if isinstance(t, torch.Tensor))
-            if now != use.versions:
+            now = () if use.unpack is not None else tuple(
+                t._version for t in use.saved if isinstance(t, torch.Tensor))
+            if use.unpack is None and now != use.versions:
                 raise RuntimeError(
                     "a tensor saved for per-sample gradients was modified by an in-place "
                     "operation after it was used; make that operation out of place")
@@ -1597,5 +1619,5 @@ class Engine:
             for use, g in zip(self.uses, grads, strict=True):
                 g = hooked.get(use.edge.node, {}).get(use.edge.output_nr, g)
                 if g is not None:
-                    use.finish(self, g, *_like(use.saved, g))
+                    use.finish(self, g, *_like(use.unpacked(), g))
         self.uses.clear()
