@@ -220,7 +220,7 @@ def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
     global-RNG draws; pass an ``fp.random`` key instead), and must receive every tensor
     it differentiates as an argument: one it reads from its closure that requires grad (a
     module's parameters inside its ``forward``) would get no gradient, so it raises a
-    ``ValueError`` naming it (NOTE [tensors checkpoint does not receive]).
+    ``ValueError`` naming it.
 
     Args:
       f: a deterministic function of tensors/pytrees.

@@ -22,6 +22,7 @@ from functorch_pipeline.transforms._grad_sample._api import fake_tensors
 from functorch_pipeline.transforms._grad_sample._api import outside_compile
 from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._rules_misc import REPLACE_RNNS_HINT
+from functorch_pipeline.transforms._grad_sample._state import Snapshot
 from functorch_pipeline.transforms._vmap import vmap
 
 __all__ = ["per_sample_grads", "per_sample_value_and_grad"]
@@ -236,7 +237,20 @@ def _per_sample(
             return vg(*a)
 
         try:
-            return vmap(one, in_axes=in_axes, chunk_size=chunk_size, randomness=randomness)(*args)
+            if chunk_size is None:
+                return vmap(one, in_axes=in_axes, randomness=randomness)(*args)
+            with Snapshot() as snapshot:  # NOTE [runs that change module state] in _state
+                calls = 0
+
+                def from_the_state(*a: Any) -> tuple[Any, Any]:
+                    nonlocal calls
+                    if calls:  # each chunk from the call's state, as the fast methods
+                        snapshot.restore(fn)
+                    calls += 1
+                    return one(*a)
+
+                return vmap(from_the_state, in_axes=in_axes, chunk_size=chunk_size,
+                            randomness=randomness)(*args)
         except RuntimeError as e:
             if "embedding_renorm_" in str(e):  # NOTE [max_norm renormalises the table]
                 raise RuntimeError(
@@ -430,7 +444,8 @@ def per_sample_grads(
       has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is returned per example.
       batch_argnums: the arguments whose tensor leaves carry the batch on axis 0; by
         default every positional argument not in ``argnums``.
-      chunk_size: examples per vectorised chunk, to bound memory (same result).
+      chunk_size: examples per vectorised chunk, to bound memory (same result: each chunk
+        starts from the module buffers as they were before the call).
       keep_batch_dim: pass each example with a leading axis of size 1 (default), or
         without it (``False``) for a ``loss_fn`` written for one example.
       randomness: ``torch.func``'s mode for PyTorch's global RNG inside ``loss_fn``;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from functorch_pipeline.transforms._grad_sample._padding import plain_batch
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import merge
-from functorch_pipeline.transforms._grad_sample._state import undone_on_refusal
+from functorch_pipeline.transforms._grad_sample._state import chunks_from_one_state
 
 __all__ = ["Unsupported", "hooks_value_and_grad"]
 
@@ -338,21 +339,19 @@ def hooks_value_and_grad(
     if chunk_size is None or chunk_size >= batch_size:
         value, flat = once(args, batch_size)
     else:
-        values, flats, sizes = [], [], []
+        starts = range(0, batch_size, chunk_size)
+        sizes = [min(chunk_size, batch_size - start) for start in starts]
 
-        def chunks() -> None:
-            for start in range(0, batch_size, chunk_size):
-                def cut(x: Any, start: int = start) -> Any:
-                    return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
-                chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-                v, f = once(chunk, min(chunk_size, batch_size - start))
-                values.append(v)
-                flats.append(f)
-                sizes.append(min(chunk_size, batch_size - start))
+        def work(start: int) -> tuple[Any, list[torch.Tensor]]:
+            def cut(x: Any) -> Any:
+                return x[start:start + chunk_size] if isinstance(x, torch.Tensor) else x
+            chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
+            return once(chunk, min(chunk_size, batch_size - start))
 
-        # NOTE [runs that change module state] in _state: a later chunk refused undoes
-        # the earlier chunks' state changes too
-        undone_on_refusal(chunks, Unsupported, fn)
+        # NOTE [runs that change module state] in _state: each chunk from the call's state
+        done = chunks_from_one_state([functools.partial(work, start) for start in starts],
+                                     lambda: loss_fn(*args), Unsupported, fn)
+        values, flats = [v for v, _ in done], [f for _, f in done]
         flat = [torch.cat(gs) for gs in zip(*flats, strict=True)]
         value = join_chunks(values, sizes, has_aux, fn)  # NOTE [aux over chunks]
     # NOTE [autocast] (in _engine): under torch.autocast the rules' products come out in

@@ -35,6 +35,7 @@ embedding): the same numbers without backpropagating through the network again (
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +66,7 @@ from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import VERSION
 from functorch_pipeline.transforms._grad_sample._rules import merge
-from functorch_pipeline.transforms._grad_sample._state import undone_on_refusal
+from functorch_pipeline.transforms._grad_sample._state import chunks_from_one_state
 
 __all__ = ["HooksOnly", "clip_factors", "ghost_norms_and_sum"]
 
@@ -295,38 +296,36 @@ def ghost_norms_and_sum(
     names = _Names(args, nums)
     batch_size = _batch_size(args, batched, fn)
     step = batch_size if chunk_size is None else max(1, min(chunk_size, batch_size))
-    values: list[Any] = []
-    norms: list[torch.Tensor] = []
-    total: list[torch.Tensor] | None = None
+    total: list[torch.Tensor] | None = None  # the clipped sum, added chunk by chunk
 
-    def chunks() -> None:
+    def work(start: int) -> tuple[Any, torch.Tensor]:
         nonlocal total
-        for start in range(0, batch_size, step):
-            n = min(step, batch_size - start)
-            if step == batch_size:
-                chunk = list(args)
-            else:
-                def cut(x: Any, start: int = start) -> Any:
-                    return x[start:start + step] if isinstance(x, torch.Tensor) else x
-                chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
-            def run(padded: list[Any], size: int, evidence: Any, n: int = n
-                    ) -> tuple[Any, torch.Tensor, Any]:
-                return _run_once(loss_fn, padded, nums, leaves, defs, names, size, has_aux,
-                                 max_norm, fn, batched, real=n, evidence=evidence)
+        n = min(step, batch_size - start)
+        if step == batch_size:
+            chunk = list(args)
+        else:
+            def cut(x: Any) -> Any:
+                return x[start:start + step] if isinstance(x, torch.Tensor) else x
+            chunk = [_tree.map(cut, a) if i in batched else a for i, a in enumerate(args)]
 
-            # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
-            (v, nrm, grads), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux, fn)
-            if extra:
-                v, nrm = v[:n], nrm[:n]
-            values.append(v)
-            norms.append(nrm)
-            if grads is not None:
-                total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        def run(padded: list[Any], size: int, evidence: Any) -> tuple[Any, torch.Tensor, Any]:
+            return _run_once(loss_fn, padded, nums, leaves, defs, names, size, has_aux,
+                             max_norm, fn, batched, real=n, evidence=evidence)
 
+        # NOTE [padding an ambiguous batch] (in _padding): rows past n are padding.
+        (v, nrm, grads), extra = run_unambiguous(run, loss_fn, chunk, batched, n, has_aux, fn)
+        if grads is not None:
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        return (v[:n], nrm[:n]) if extra else (v, nrm)
+
+    starts = range(0, batch_size, step)
     if step == batch_size:
-        chunks()
-    else:  # NOTE [runs that change module state] in _state: a refused chunk undoes them all
-        undone_on_refusal(chunks, Unsupported, fn)
+        done = [work(0)]
+    else:  # NOTE [runs that change module state] in _state: each chunk from the call's state
+        done = chunks_from_one_state([functools.partial(work, start) for start in starts],
+                                     lambda: loss_fn(*args), Unsupported, fn)
+    values = [v for v, _ in done]
+    norms = [nrm for _, nrm in done]
     sizes = [min(step, batch_size - start) for start in range(0, batch_size, step)]
     value = join_chunks(values, sizes, has_aux, fn)  # NOTE [aux over chunks] in _api
     norm = norms[0] if len(norms) == 1 else torch.cat(norms)

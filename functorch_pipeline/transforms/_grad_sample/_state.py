@@ -13,49 +13,68 @@ call per batch size), and a padded run left running statistics from copies of th
 example (2e-3).
 
 So while a fast method runs, a global module forward pre-hook copies the buffers of each
-module the first time the call runs it (:class:`Snapshot`), and before every run after the
-first, and when the call is refused, the buffers that changed are written back. When the
-run that gives the answer was padded and changed a buffer, the buffers are written back
-and ``loss_fn`` runs once more, plainly on the real batch under ``torch.no_grad()``, so the
+module the call runs, and of its submodules (whose ``forward`` may be called directly),
+the first time the call meets them (:class:`Snapshot`); before every run after the first,
+and when the call is refused, the buffers that changed are written back. When the run
+that gives the answer was padded and changed a buffer, the buffers are written back and
+``loss_fn`` runs once more, plainly on the real batch under ``torch.no_grad()``, so the
 state ends as one forward of the batch leaves it (one more forward on such calls only).
-Changes are found by comparing values, not version counters: ``batch_norm``'s kernel
-updates its running statistics without bumping theirs. Buffers larger than
-``_MAX_COPY_BYTES`` are not copied; a change of one of them (seen by its version counter)
-in a run that is discarded cannot be undone and is an error naming it. Not seen: state
-outside module buffers (a tensor in a closure, a Python counter), modules whose
-``forward`` is called directly rather than through ``module(...)``, and a buffer replaced
-by another tensor rather than changed in place.
+Chunks (``chunk_size``) each start from the call's state too, and a call whose chunks
+changed a buffer ends with one such forward of the whole batch
+(:func:`chunks_from_one_state`): chunking changes neither the gradients nor the state. A
+buffer passed among the differentiated arguments is read through its stand-in.
 
-The same hook refuses a module with a backward hook of the deprecated
-``Module.register_backward_hook``: autograd runs it after the node of the module's last
-op, where it changes the gradients that node passes on, its parameters' among them, which
-the engine never reads (it reads the gradient arriving at the node: 1/3 of the loop's with
-a hook that triples them). ``register_full_backward_hook`` and its pre-hook act on the
-module's inputs and outputs, which the engine follows.
+Changes are found by comparing values, not version counters: ``batch_norm``'s kernel
+updates its running statistics without bumping theirs. Copying every buffer on every call
+cost a model with constant buffers (causal masks, rotary tables) twelve times its call,
+so a module's buffers are all copied only the first time a call meets it in its current
+mode (``training``); after that call, only those seen to change are copied again, and
+the others are watched by their version counters. A change of a buffer that was not
+copied (one that did not change before, or one over ``_MAX_COPY_BYTES``) in a run that is
+discarded cannot be undone and is an error naming it. Not seen: state outside module
+buffers (a tensor in a closure, a Python counter), and a buffer replaced by another
+tensor (``self.mu = new``) rather than changed in place: ``functional_call`` swaps
+buffers the same way, so the two cannot be told apart.
+
+The same hook refuses a module with parameters and a backward hook of the deprecated
+``Module.register_backward_hook`` (or the global ``register_module_backward_hook``):
+autograd runs it after the node of the module's last op, where it changes the gradients
+that node passes on, its parameters' among them, which the engine never reads (it reads
+the gradient arriving at the node: 1/3 of the loop's with a hook that triples them). On
+a module without parameters (an activation) it changes only gradients that the engine
+reads downstream, and is followed. ``register_full_backward_hook`` and its pre-hook act
+on the module's inputs and outputs, which the engine follows.
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
+import weakref
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
+from functorch_pipeline.transforms._grad_sample._engine import _Tracked
 
-__all__ = ["Snapshot", "StateLost"]
+__all__ = ["Snapshot", "StateLost", "chunks_from_one_state"]
 
 _MAX_COPY_BYTES = 1 << 24
 _ACTIVE: contextvars.ContextVar[tuple[Snapshot, ...]] = contextvars.ContextVar(
     "fp_state_snapshots", default=())
 _LOCK = threading.Lock()
-_HOOK: list[Any] = [None, 0]  # the global hook's handle, and how many snapshots use it
+_HOOK: list[Any] = [None, 0, None]  # the global hooks' handles, how many snapshots use them
+# NOTE [runs that change module state]: per module, the names of the buffers seen to change
+# in a call, and the mode (training) they were seen in; only those are copied again.
+_CHANGING: weakref.WeakKeyDictionary[torch.nn.Module, tuple[bool, frozenset[str]]] = (
+    weakref.WeakKeyDictionary())
 
 
 class StateLost(RuntimeError):
-    """A discarded run changed a buffer too large to have been copied."""
+    """A discarded run changed a buffer that had not been copied."""
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -65,17 +84,41 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the tensor a differentiated parameter's stand-in shares its storage with (a
+    buffer passed in the differentiated arguments: the stand-in is new every run)."""
+    if type(t) is torch.Tensor or not isinstance(t, _Tracked):
+        return t
+    return t._fp_engine.unwrap(t)
+
+
+def _legacy_hooked(module: torch.nn.Module) -> bool:
+    """Whether a backward hook of ``Module.register_backward_hook`` (the module's own, or
+    the global ``register_module_backward_hook``) can change ``module``'s parameters'
+    gradients: it runs on the node of the module's last op, a parameter's among them."""
+    hooked = (module._backward_hooks and not module._is_full_backward_hook) or (
+        torch.nn.modules.module._global_backward_hooks
+        and not torch.nn.modules.module._global_is_full_backward_hook)
+    return bool(hooked) and next(module.parameters(), None) is not None
+
+
 def _see(module: torch.nn.Module, args: Any) -> None:
     active = _ACTIVE.get()
-    if active and module._backward_hooks and not module._is_full_backward_hook:
+    if active and _legacy_hooked(module):
         raise Unsupported(
             f"a {type(module).__name__} has a backward hook registered with "
-            "Module.register_backward_hook, which changes the gradients of its last op's "
-            "inputs, including its parameters', after the fast methods have read them; "
-            "method='vmap' applies it (or register it with register_full_backward_hook, "
-            "which the fast methods follow)")
+            "Module.register_backward_hook (or register_module_backward_hook), which "
+            "changes the gradients of its last op's inputs, its parameters' among them, "
+            "after the fast methods have read them; method='vmap' applies it (or register "
+            "it with register_full_backward_hook, which the fast methods follow)")
     for snapshot in active:
         snapshot.see(module)
+
+
+def _ran(module: torch.nn.Module, args: Any, out: Any) -> None:
+    if module._buffers:
+        for snapshot in _ACTIVE.get():
+            snapshot.ran(module)
 
 
 class Snapshot:
@@ -93,21 +136,63 @@ class Snapshot:
 
     def __init__(self) -> None:
         self._modules: dict[int, torch.nn.Module] = {}  # held, so that ids stay unique
-        # id(buffer) -> [buffer, version, copy or None, module class, buffer name]
+        # id(buffer) -> [buffer, version, copy or None, module, buffer name]
         self._entries: dict[int, list[Any]] = {}
+        self._learn: list[torch.nn.Module] = []  # modules met without a record of changes
+        self._held: dict[tuple[int, str], Any] = {}  # (module, name) -> the buffer when met
+        # (module, name) -> (the buffer before, the tensor its forward put in its place)
+        self._replaced: dict[tuple[int, str], tuple[torch.nn.Module, str, Any, Any]] = {}
         self._token: Any = None
 
     def see(self, module: torch.nn.Module) -> None:
-        """Copy ``module``'s own buffers, the first time this snapshot meets it."""
-        if id(module) in self._modules:
+        """Copy the buffers of ``module`` and its submodules (a submodule's ``forward`` may
+        be called directly) that may change, the first time this snapshot meets them."""
+        modules = self._modules
+        if id(module) in modules:
             return
-        self._modules[id(module)] = module
+        stack = [module]
+        while stack:
+            sub = stack.pop()
+            if id(sub) in modules:
+                continue
+            modules[id(sub)] = sub
+            if sub._modules:
+                stack.extend(m for m in sub._modules.values() if m is not None)
+            if not sub._buffers:
+                continue
+            try:
+                seen = _CHANGING.get(sub)
+            except TypeError:  # pragma: no cover - modules are weak-referenceable
+                seen = None
+            known = seen[1] if seen is not None and seen[0] == sub.training else None
+            if known is None:
+                self._learn.append(sub)
+            for name, held in sub._buffers.items():
+                if not isinstance(held, torch.Tensor):
+                    continue
+                self._held[(id(sub), name)] = held
+                b = _plain(held)
+                if id(b) in self._entries:
+                    continue
+                copy = None
+                if (known is None or name in known) and (
+                        b.numel() * b.element_size() <= _MAX_COPY_BYTES):
+                    with torch.no_grad():
+                        copy = b.detach().clone()
+                self._entries[id(b)] = [b, _version(b), copy, sub, name]
+
+    def ran(self, module: torch.nn.Module) -> None:
+        """Note the buffers ``module``'s forward replaced by other tensors (``self.mu =
+        new``), as they were when this snapshot met the module."""
         for name, b in module._buffers.items():
-            if isinstance(b, torch.Tensor) and id(b) not in self._entries:
-                small = b.numel() * b.element_size() <= _MAX_COPY_BYTES
-                with torch.no_grad():
-                    copy = b.detach().clone() if small else None
-                self._entries[id(b)] = [b, _version(b), copy, type(module).__name__, name]
+            key = (id(module), name)
+            if key in self._replaced:
+                before = self._replaced[key][2]
+            else:
+                before = self._held.get(key)
+                if before is None or before is b:
+                    continue
+            self._replaced[key] = (module, name, before, b)
 
     def _changed(self, entry: list[Any]) -> bool:
         b, version, copy = entry[0], entry[1], entry[2]
@@ -116,21 +201,32 @@ class Snapshot:
         return not torch.equal(b, copy)
 
     def changed(self) -> list[str]:
-        """The buffers (``Class.name``) whose values differ from the snapshot."""
-        return [f"{e[3]}.{e[4]}" for e in self._entries.values() if self._changed(e)]
+        """The buffers (``Class.name``) whose values differ from the snapshot, or that the
+        module's forward replaced by another tensor."""
+        return [f"{type(e[3]).__name__}.{e[4]}" for e in self._entries.values() if self._changed(e)] + [
+            f"{type(m).__name__}.{n}" for m, n, _, after in self._replaced.values()
+            if m._buffers.get(n) is after]
 
     def restore(self, fn: str = "the fast method") -> None:
         """Write back every buffer that changed; raises :class:`StateLost` for one that
-        was too large to copy."""
+        was not copied (over ``_MAX_COPY_BYTES``, or unchanged in the module's earlier
+        calls)."""
+        for module, name, before, after in self._replaced.values():
+            # Still the forward's tensor: put the one it replaced back. (After a
+            # functional_call that swapped it in, the module holds its own again.)
+            if module._buffers.get(name) is after:
+                module._buffers[name] = before
+        self._replaced.clear()
         for e in self._entries.values():
             if not self._changed(e):
                 continue
             if e[2] is None:
                 raise StateLost(
-                    f"{fn}: loss_fn changed the buffer {e[4]!r} of a {e[3]} "
-                    f"({tuple(e[0].shape)}: over {_MAX_COPY_BYTES} bytes, not copied) in "
-                    "a run of the fast method that had to be discarded, so it cannot be put "
-                    "back; method='vmap' runs loss_fn once")
+                    f"{fn}: loss_fn changed the buffer {e[4]!r} of a {type(e[3]).__name__} "
+                    f"({tuple(e[0].shape)}) in a run of the fast method that had to be "
+                    "discarded, and it was not copied (over "
+                    f"{_MAX_COPY_BYTES} bytes, or unchanged in the module's earlier calls), "
+                    "so it cannot be put back; method='vmap' runs loss_fn once")
             with torch.no_grad():
                 e[0].copy_(e[2])
             e[1] = _version(e[0])
@@ -139,6 +235,7 @@ class Snapshot:
         with _LOCK:
             if _HOOK[1] == 0:
                 _HOOK[0] = torch.nn.modules.module.register_module_forward_pre_hook(_see)
+                _HOOK[2] = torch.nn.modules.module.register_module_forward_hook(_ran)
             _HOOK[1] += 1
         self._token = _ACTIVE.set((*_ACTIVE.get(), self))
         return self
@@ -149,37 +246,53 @@ class Snapshot:
             _HOOK[1] -= 1
             if _HOOK[1] == 0:
                 _HOOK[0].remove()
-                _HOOK[0] = None
+                _HOOK[2].remove()
+                _HOOK[0] = _HOOK[2] = None
+        for sub in self._learn:  # which buffers of the modules met for the first time changed
+            names = frozenset(e[4] for e in self._entries.values()
+                              if e[3] is sub and e[2] is not None and self._changed(e))
+            try:
+                _CHANGING[sub] = (sub.training, names)
+            except TypeError:  # pragma: no cover
+                pass
 
 
-def undone_on_refusal(call: Callable[[], Any], refusal: type[BaseException],
-                      fn: str = "the fast method") -> Any:
-    """``call()`` under a :class:`Snapshot`; the buffers are written back when it raises
-    ``refusal`` (a call the caller will run again another way).
+def chunks_from_one_state(chunks: Sequence[Callable[[], Any]], whole: Callable[[], Any],
+                          refusal: type[BaseException], fn: str = "the fast method") -> list[Any]:
+    """Each of ``chunks`` run from the state before the first, under a :class:`Snapshot`;
+    when they changed a buffer, the state put back and ``whole()`` (one forward of the whole
+    batch under ``torch.no_grad()``) run, so that chunking changes neither the gradients
+    nor the state the call leaves (NOTE [runs that change module state]). When a chunk
+    raises ``refusal`` (a call the caller runs again another way) the state is put back.
 
     Args:
-      call: the work, run once.
+      chunks: the work of each chunk, run in order.
+      whole: one plain forward of the whole batch.
       refusal: the exception type after which the state must be as before.
       fn: the API's name, for :class:`StateLost`'s message.
 
     Returns:
-      ``call()``'s result.
+      The chunks' results, in order.
 
     Example:
-      >>> bn = torch.nn.BatchNorm1d(2)
-      >>> def step():
-      ...     bn(torch.randn(4, 2))
-      ...     raise KeyError("refused")
-      >>> try:
-      ...     undone_on_refusal(step, KeyError)
-      ... except KeyError:
-      ...     pass
-      >>> bn.running_mean
-      tensor([0., 0.])
+      >>> bn = torch.nn.BatchNorm1d(1, momentum=None)
+      >>> x = torch.tensor([[1.], [2.], [3.], [6.]])
+      >>> _ = chunks_from_one_state([lambda: bn(x[:2]), lambda: bn(x[2:])], lambda: bn(x), KeyError)
+      >>> bn.running_mean  # one forward of the whole batch, not the last chunk's
+      tensor([3.])
     """
     with Snapshot() as snapshot:
+        out = []
         try:
-            return call()
+            for k, chunk in enumerate(chunks):
+                if k:
+                    snapshot.restore(fn)
+                out.append(chunk())
         except refusal:
             snapshot.restore(fn)
             raise
+        if len(out) > 1 and snapshot.changed():
+            snapshot.restore(fn)
+            with torch.no_grad():
+                whole()
+        return out
