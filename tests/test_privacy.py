@@ -246,7 +246,7 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match=r"Accountant.delta: `epsilon` must be >= 0, got -1"):
         Accountant().delta(-1)
     with pytest.raises(
-        ValueError, match=r"Accountant: `accountant` must be 'rdp' or 'pld', got 'gdp'"
+        ValueError, match=r"Accountant: `kind` must be 'rdp' or 'pld', got 'gdp'"
     ):
         Accountant("gdp")
     with pytest.raises(ValueError, match=r"Accountant: `sample_rate` must be in \(0, 1\], got 2"):

@@ -13,7 +13,9 @@ from functorch_pipeline.privacy._backend import check_delta
 from functorch_pipeline.privacy._backend import check_noise_multiplier
 from functorch_pipeline.privacy._backend import check_sample_rate
 from functorch_pipeline.privacy._backend import check_steps
-from functorch_pipeline.privacy._backend import composed
+from functorch_pipeline.privacy._backend import history_delta
+from functorch_pipeline.privacy._backend import history_epsilon
+from functorch_pipeline.privacy._backend import real_number
 
 __all__ = ["Accountant"]
 
@@ -49,7 +51,8 @@ class Accountant:
     :meth:`epsilon` is ``inf`` and :meth:`delta` is ``1.0`` (NOTE [steps without noise]).
 
     Args:
-      kind: ``"rdp"`` (Renyi DP) or ``"pld"`` (privacy loss distributions, tighter).
+      kind: ``"rdp"`` (Renyi DP) or ``"pld"`` (privacy loss distributions, tighter; the
+        smaller of its bound and RDP's, as in :func:`~functorch_pipeline.privacy.epsilon`).
       history: ``DpStep``s already taken (normally left empty and grown with :meth:`step`
         and :meth:`step_without_noise`; a ``DpStep`` with ``noise_multiplier=0.0`` is a
         step without noise).
@@ -80,7 +83,7 @@ class Accountant:
 
     def __post_init__(self) -> None:
         where = "Accountant"
-        check_accountant(where, self.kind)
+        check_accountant(where, self.kind, "kind")
         if not isinstance(self.history, (tuple, list)):
             raise TypeError(f"{where}: `history` must be a tuple of DpStep, got {self.history!r}")
         steps = tuple(_as_step(where, s) for s in self.history)
@@ -185,7 +188,7 @@ class Accountant:
         history = self._checked(where)
         if _noise_free(history):
             return math.inf
-        return float(composed(self.kind, history, where).get_epsilon(d))
+        return history_epsilon(self.kind, history, d, where)
 
     def delta(self, epsilon: float) -> float:
         """The delta spent so far at this ``epsilon`` (0.0 before any step, 1.0 at a finite
@@ -202,8 +205,7 @@ class Accountant:
         True
         """
         where = "Accountant.delta"
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise TypeError(f"{where}: `epsilon` must be a number, got {type(epsilon).__name__}")
+        epsilon = real_number(where, "epsilon", epsilon)
         if not epsilon >= 0:
             raise ValueError(f"{where}: `epsilon` must be >= 0, got {epsilon!r}")
         if not self.history:
@@ -213,12 +215,12 @@ class Accountant:
         history = self._checked(where)
         if _noise_free(history):
             return 1.0
-        return float(composed(self.kind, history, where).get_delta(float(epsilon)))
+        return history_delta(self.kind, history, float(epsilon), where)
 
     def _checked(self, where: str) -> tuple[DpStep, ...]:
         # An accountant rebuilt by fp.load (or any pytree unflatten) skips __post_init__:
         # check again here, where a corrupt value would otherwise reach dp-accounting.
-        check_accountant(where, self.kind)
+        check_accountant(where, self.kind, "kind")
         return tuple(_as_step(where, s) for s in self.history)
 
 

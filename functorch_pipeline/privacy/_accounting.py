@@ -13,7 +13,8 @@ from functorch_pipeline.privacy._backend import check_delta
 from functorch_pipeline.privacy._backend import check_noise_multiplier
 from functorch_pipeline.privacy._backend import check_sample_rate
 from functorch_pipeline.privacy._backend import check_steps
-from functorch_pipeline.privacy._backend import composed
+from functorch_pipeline.privacy._backend import history_epsilon
+from functorch_pipeline.privacy._backend import real_number
 from functorch_pipeline.privacy._backend import require_dp_accounting
 
 __all__ = ["epsilon", "noise_multiplier_for"]
@@ -21,10 +22,16 @@ __all__ = ["epsilon", "noise_multiplier_for"]
 # Calibration never goes past this noise multiplier (eps at sigma = 1e4 is ~1e-4 of eps at
 # sigma = 1 for these mechanisms; past it only the accountant's floor remains).
 _MAX_NOISE_MULTIPLIER = 2.0**14
+# Nor below this one: a target met there is met by no meaningful noise at all (epsilon in
+# the millions on Opacus's MNIST settings); the search toward 1e-160 took 74 s and ended
+# in dp-accounting's ZeroDivisionError.
+_MIN_NOISE_MULTIPLIER = 2.0**-12
 
 
 def _epsilon(kind: str, sigma: float, q: float, steps: int, delta: float, where: str) -> float:
-    return float(composed(kind, (DpStep(sigma, q, steps),), where).get_epsilon(delta))
+    if steps == 0:
+        return 0.0
+    return history_epsilon(kind, (DpStep(sigma, q, steps),), delta, where)
 
 
 def epsilon(
@@ -43,8 +50,11 @@ def epsilon(
     deviation ``noise_multiplier * C``. Neighbouring datasets differ by adding or removing
     one example. Computed with Google's ``dp-accounting`` (Opacus's ``RDPAccountant`` and
     ``PRVAccountant`` answer the same question): ``"rdp"`` (Renyi DP, a fast upper bound)
-    or ``"pld"`` (privacy loss distributions, a tighter upper bound, slower); see
-    NOTE [neighbouring relation and orders].
+    or ``"pld"`` (privacy loss distributions, a tighter upper bound, slower; both are
+    upper bounds, so ``"pld"`` reports RDP's epsilon where that is the smaller: at very
+    small per-step losses, where PLD's fixed discretisation is coarse, and below delta
+    ~1e-15, where its truncated tail makes it infinite); see NOTE [neighbouring relation
+    and orders].
 
     Args:
       noise_multiplier: sigma, the noise standard deviation over the clipping norm; > 0.
@@ -107,7 +117,8 @@ def noise_multiplier_for(
       sample_rate: q in (0, 1].
       steps: the number of steps, >= 1.
       accountant: ``"rdp"`` or ``"pld"``.
-      epsilon_tolerance: how far below the target the result's epsilon may be, > 0.
+      epsilon_tolerance: how far below the target the result's epsilon may be, > 0; at
+        most 1% of the target is used.
 
     Returns:
       sigma as a Python float.
@@ -128,7 +139,8 @@ def noise_multiplier_for(
     """
     where = "noise_multiplier_for"
     target = _positive(where, "target_epsilon", target_epsilon)
-    tol = _positive(where, "epsilon_tolerance", epsilon_tolerance)
+    # at most 1% of the target: 0.01 alone stopped at +44% of the sigma a target of 0.01 needs
+    tol = min(_positive(where, "epsilon_tolerance", epsilon_tolerance), 0.01 * target)
     d = check_delta(where, delta)
     q = check_sample_rate(where, sample_rate)
     n = check_steps(where, steps)
@@ -147,11 +159,20 @@ def noise_multiplier_for(
     # (5-8% on the MNIST settings): searching [0.8 sigma_rdp, sigma_rdp] takes ~4 PLD
     # probes where bisection from [0, 1] takes ~10.
     # Every bracket end is verified, so the result's PLD epsilon is <= target regardless.
-    low, high = 0.0, 1.0
+    def rdp_eps(sigma: float) -> float:
+        return _epsilon("rdp", sigma, q, n, d, where)
+
+    if rdp_eps(_MIN_NOISE_MULTIPLIER) <= target:  # RDP's is the larger: PLD's is met too
+        raise ValueError(
+            f"{where}: `target_epsilon`={target_epsilon!r} is met at every noise multiplier "
+            f"down to {_MIN_NOISE_MULTIPLIER:g}, the search's lower limit (epsilon there is "
+            f"{rdp_eps(_MIN_NOISE_MULTIPLIER):.6g}): no noise worth calibrating gives that "
+            "budget; set noise_multiplier yourself")
+    low, high = _MIN_NOISE_MULTIPLIER, 1.0
     if kind == "pld":
         floor, sigma_rdp = PLD_MIN_NOISE_MULTIPLIER, None
         try:
-            sigma_rdp = _search(lambda s: _epsilon("rdp", s, q, n, d, where), target, tol / 4, 0.0, 1.0)
+            sigma_rdp = _search(rdp_eps, target, tol / 4, _MIN_NOISE_MULTIPLIER, 1.0)
             low, high = 0.8 * sigma_rdp, sigma_rdp
         except _Unreachable:  # PLD's floor is lower than RDP's: search from scratch
             pass
@@ -215,9 +236,7 @@ def _search(eps: Any, target: float, tol: float, low: float, high: float) -> flo
 
 
 def _positive(where: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: `{name}` must be a number, got {type(value).__name__}")
-    v = float(value)
+    v = real_number(where, name, value)
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {value!r}")
     return v
