@@ -34,9 +34,23 @@ takes the Gram path.
 # positions, a constant signal under instance norm) it rounds to a tiny number of either
 # sign, and a negative one gave a NaN norm, a NaN clip factor and a NaN clipped sum for the
 # whole step (the per-example loop's norms there: ~1e-16 to 1e-10). Each such sum is
-# clamped at 0, its true lower bound; the norm of such an example stays exact only to the
-# rounding of the Gram products (absolute, not relative), which clipping never sees: the
-# example is far below any bound and keeps factor 1.
+# clamped at 0, its true lower bound. The rounding is absolute, of the size of the Gram
+# terms: centred (NOTE [centred Gram sums]) they are of the size of the example's own
+# gradient, not of its inputs' shared part, which had read a norm of 0.29 as 0.80.
+
+# NOTE [centred Gram sums]
+The Gram sum adds n^2 terms of size |a_t||a_s||g_t||g_s|; when the inputs share a large
+part across positions (activations after a ReLU or GELU have a mean, an offset input)
+and the output gradients nearly cancel across them (instance norm over the positions,
+a softmax), those terms cancel down to a far smaller norm and float32 rounding of the
+Gram entries decides it: 1.5% off the loop at T = 128 with inputs offset by 1e3, 4% low
+under instance norm (an example clipped to 0.5 kept norm 0.523: the sensitivity bound
+broken), and an example of true norm 0.29 read as 0.80 and clipped. So both sides are
+centred over the positions first: with a_t = c + r_t and g_t = d + h_t (c, d the means,
+the r_t and h_t summing to 0), sum_t g_t a_t^T = n d c^T + sum_t h_t r_t^T exactly, and
+its squared norm is n^2 |d|^2 |c|^2 + 2 n sum_t (d . h_t)(r_t . c) + the Gram sum of the
+centred r and h, whose terms are of the size of the result. Costs O(n (din + dout)) per
+example beside the Gram's O(n^2 (din + dout)).
 
 # NOTE [keeping small per-example gradients]
 Where a norm path forms a slot's per-example gradients anyway (a conv whose Gram would
@@ -100,6 +114,18 @@ def _rows_sq(t: torch.Tensor) -> torch.Tensor:
     # No squared copy as large as ``t``: on the MNIST CNN's kept conv2 gradients
     # (256 x 5000) inside a DP step that copy cost ~0.55 ms of a ~15 ms step at 2 threads.
     return _rows_sq_norms(t, torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _centred_gram_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``|sum_t g_t a_t^T|^2`` over the positions on axis -2 of ``a`` (``..., n, din``) and
+    ``g`` (``..., n, dout``), one per leading index, by NOTE [centred Gram sums]."""
+    n = a.shape[-2]
+    c, d = a.mean(-2, keepdim=True), g.mean(-2, keepdim=True)
+    r, h = a - c, g - d
+    centred = _acc((r @ r.mT) * (h @ h.mT)).sum((-2, -1))
+    cross = _acc((h @ d.mT) * (r @ c.mT)).sum((-2, -1))
+    means = _acc(d.square().sum((-2, -1))) * _acc(c.square().sum((-2, -1)))
+    return centred + (2 * n) * cross + (n * n) * means
 
 
 # -- conv geometry --------------------------------------------------------------------------
@@ -191,7 +217,8 @@ def _conv_sq(x: torch.Tensor, g: torch.Tensor, geometry: tuple[Any, ...],
         for s in range(0, B, step):
             p = conv_patches(x[s:s + step], geometry)  # (n, G, din, L)
             gs = g[s:s + step].reshape(-1, groups, cout, L)
-            out.append(_acc((p.mT @ p) * (gs.mT @ gs)).sum((1, 2, 3)).clamp_(min=0))
+            # NOTE [centred Gram sums]; NOTE [a Gram sum below zero]
+            out.append(_centred_gram_sq(p.mT, gs.mT).sum(1).clamp_(min=0))
         return _cat(out, 0), None
     step = max(1, CHUNK_BYTES // (groups * cout * din * size))
     if not _grouped_ok(x):
@@ -247,8 +274,8 @@ def _outer_sq(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None
     out = []
     for s, e in _chunks(B, G * (n * n if gram else din * dout), x.element_size()):
         xs, gs = x[s:e], g[s:e]
-        if gram:  # NOTE [a Gram sum below zero]
-            out.append(_acc((xs @ xs.mT) * (gs @ gs.mT)).sum((1, 2, 3)).clamp_(min=0))
+        if gram:  # NOTE [centred Gram sums]; NOTE [a Gram sum below zero]
+            out.append(_centred_gram_sq(xs, gs).sum(1).clamp_(min=0))
         elif kept is not None:
             out.append(_rows_sq(torch.matmul(gs.mT, xs, out=kept[s:e].view(e - s, G, dout, din))))
         else:
