@@ -46,3 +46,22 @@ class SmallConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+class StraightThrough(torch.autograd.Function):
+    """``w.round()`` forward, the identity backward (a straight-through estimator), in the
+    ``setup_context`` style that ``vmap`` runs: a custom Function the fast methods refuse."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(w):
+        return w.round()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g

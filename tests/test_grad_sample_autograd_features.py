@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_reference import StraightThrough
 from torch import nn
 
 import functorch_pipeline as fp
@@ -24,22 +25,6 @@ class _STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w):
         return w.round()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _STE2(torch.autograd.Function):  # the setup_context style, vmap-ready
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(w):
-        return w.round()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
@@ -66,7 +51,7 @@ def _loss(kind, model):
             return F.cross_entropy(whole(p, x), y, reduction="none")
         w = p["2.weight"]
         if kind == "setup_context":
-            w = _STE2.apply(w * 4) / 4
+            w = StraightThrough.apply(w * 4) / 4
         elif kind == "custom_vjp":
             w = ste_vjp(w * 4) / 4
         elif kind == "hook":

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_reference import StraightThrough
 from per_example_reference import float64_default  # noqa: F401 (autouse fixture)
 from per_example_reference import params_of
 from torch import nn
@@ -49,6 +50,16 @@ def _after_one_forward(m: nn.Module, state: dict, x: torch.Tensor) -> dict[str, 
     return _state_of(m)
 
 
+def _references(m: nn.Module, losses, params, x, y) -> tuple[dict, dict]:
+    """The loop's gradients from ``m``'s state, and the state one forward leaves; ``m`` is
+    left as it was."""
+    state = _state_of(m)
+    want = _loop_from(m, state, losses, params, x, y)
+    one = _after_one_forward(m, state, x)
+    m.load_state_dict(state)
+    return want, one
+
+
 def _assert_states_equal(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
     got = m.state_dict()
     for k, v in want.items():
@@ -76,10 +87,7 @@ def test_spectral_norm_in_training_first_call_per_batch_size(method, old_style):
     fn = fp.per_sample_grads(losses, method=method)
     for B in (4, 4, 8, 5):  # the first call per size runs more than once
         x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
-        state = _state_of(m)
-        want = _loop_from(m, state, losses, params, x, y)
-        one = _after_one_forward(m, state, x)
-        m.load_state_dict(state)
+        want, one = _references(m, losses, params, x, y)
         calls.clear()
         got = fn(params, x, y)
         for k in params:
@@ -96,10 +104,7 @@ def test_spectral_norm_padded_run_with_has_aux():
     losses = _losses_of(m, calls)
     params = params_of(m)
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
-    state = _state_of(m)
-    want = _loop_from(m, state, losses, params, x, y)
-    one = _after_one_forward(m, state, x)
-    m.load_state_dict(state)
+    want, one = _references(m, losses, params, x, y)
     grads, aux = fp.per_sample_grads(lambda p, x, y: (losses(p, x, y), x.shape[0]),
                                      has_aux=True, method="hooks")(params, x, y)
     assert aux == 4
@@ -138,10 +143,7 @@ def test_running_stats_from_the_real_batch_when_padded_every_call(api):
         fn = fp.clipped_grad(losses, 1.0, method="hooks")
     for _ in range(2):
         x, y = torch.randn(B, T, 3) * 2 + 1, torch.randint(0, 3, (B,))
-        state = _state_of(m)
-        want = _loop_from(m, state, losses, params, x, y)
-        one = _after_one_forward(m, state, x)
-        m.load_state_dict(state)
+        want, one = _references(m, losses, params, x, y)
         calls.clear()
         out = fn(params, x, y)
         assert B + 1 in calls  # it did run padded
@@ -155,22 +157,6 @@ def test_running_stats_from_the_real_batch_when_padded_every_call(api):
             torch.testing.assert_close(norms, ref, rtol=0, atol=1e-10)
 
 
-class _NoRule(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(w):
-        return w * 1.0
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 def test_state_put_back_before_the_fall_back_to_vmap():
     # The engine refuses the custom Function on a weight after the spectral norm's forward
     # ran; auto then runs vmap. The state must be advanced once, not twice.
@@ -181,7 +167,7 @@ def test_state_put_back_before_the_fall_back_to_vmap():
 
     def losses(p, x, y):
         h = torch.tanh(functional_call(sn, {k[3:]: v for k, v in p.items() if k.startswith("sn.")}, (x,)))
-        w = _NoRule.apply(p["head.weight"])
+        w = StraightThrough.apply(p["head.weight"])
         return F.cross_entropy(F.linear(h, w, p["head.bias"]), y, reduction="none")
 
     params = params_of(m)
@@ -218,7 +204,7 @@ def test_chunks_refused_late_put_back_every_chunk(api):
         h = torch.tanh(functional_call(sn, {k[3:]: v for k, v in p.items() if k.startswith("sn.")}, (x,)))
         w = p["head.weight"]
         if x.shape[0] == 3:  # the last chunk of the fast methods (never in vmap)
-            w = _NoRule.apply(w)
+            w = StraightThrough.apply(w)
         return F.cross_entropy(F.linear(h, w, p["head.bias"]), y, reduction="none")
 
     params = params_of(m)
@@ -235,7 +221,7 @@ def test_chunks_refused_late_put_back_every_chunk(api):
     want_state = _state_of(m)
     m.load_state_dict(state)
     calls.clear()
-    with pytest.raises(ValueError, match="custom torch.autograd.Function _NoRule"):
+    with pytest.raises(ValueError, match="custom torch.autograd.Function StraightThrough"):
         make("ghost" if api == "clipped_grad" else "hooks")(params, x, y)
     assert [c[0] for c in calls] == [4, 3]  # the second chunk refused, unpadded
     _assert_states_equal(m, state)  # and both chunks undone
@@ -316,10 +302,7 @@ def test_each_chunk_starts_from_the_call_state(method):
     losses = _losses_of(m, [])
     params = params_of(m)
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
-    state = _state_of(m)
-    want = _loop_from(m, state, losses, params, x, y)
-    one = _after_one_forward(m, state, x)
-    m.load_state_dict(state)
+    want, one = _references(m, losses, params, x, y)
     if method == "clipped_ghost":
         total, norms = fp.clipped_grad(losses, 0.4, method="ghost", chunk_size=3)(params, x, y)
         ref = torch.cat([g.flatten(1) for g in want.values()], 1).norm(dim=1)
@@ -341,10 +324,7 @@ def test_chunks_leave_the_running_stats_of_the_whole_batch():
     losses = _losses_of(m, [])
     params = params_of(m)
     x, y = torch.randn(8, 5, 3) * 2 + 1, torch.randint(0, 3, (8,))
-    state = _state_of(m)
-    want = _loop_from(m, state, losses, params, x, y)
-    one = _after_one_forward(m, state, x)
-    m.load_state_dict(state)
+    want, one = _references(m, losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks", chunk_size=3)(params, x, y)
     for k in params:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
@@ -360,10 +340,7 @@ def test_buffers_among_the_differentiated_arguments(chunk_size):
     losses = _losses_of(m, [])
     params = {**params_of(m), **{k: v.detach() for k, v in m.named_buffers()}}
     x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
-    state = _state_of(m)
-    want = _loop_from(m, state, losses, params, x, y)
-    one = _after_one_forward(m, state, x)
-    m.load_state_dict(state)
+    want, one = _references(m, losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks", chunk_size=chunk_size)(params, x, y)
     for k in params:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
@@ -414,10 +391,7 @@ def test_a_reassigned_buffer_or_a_forward_called_directly(in_place, direct):
     for method in ("hooks", "auto"):
         for _ in range(2):
             x, y = torch.randn(B, T, 3) * 2 + 1, torch.randint(0, 3, (B,))
-            state = _state_of(m)
-            want = _loop_from(m, state, losses, params, x, y)
-            one = _after_one_forward(m, state, x)
-            m.load_state_dict(state)
+            want, one = _references(m, losses, params, x, y)
             calls.clear()
             got = fp.per_sample_grads(losses, method=method)(params, x, y)
             assert B + 1 in calls
