@@ -240,17 +240,9 @@ def _per_sample(
             if chunk_size is None:
                 return vmap(one, in_axes=in_axes, randomness=randomness)(*args)
             with Snapshot() as snapshot:  # NOTE [runs that change module state] in _state
-                calls = 0
-
-                def from_the_state(*a: Any) -> tuple[Any, Any]:
-                    nonlocal calls
-                    if calls:  # each chunk from the call's state, as the fast methods
-                        snapshot.restore(fn)
-                    calls += 1
-                    return one(*a)
-
-                return vmap(from_the_state, in_axes=in_axes, chunk_size=chunk_size,
-                            randomness=randomness)(*args)
+                # each chunk from the call's state, as in the fast methods
+                return vmap(snapshot.each_from_here(one, fn), in_axes=in_axes,
+                            chunk_size=chunk_size, randomness=randomness)(*args)
         except RuntimeError as e:
             if "embedding_renorm_" in str(e):  # NOTE [max_norm renormalises the table]
                 raise RuntimeError(

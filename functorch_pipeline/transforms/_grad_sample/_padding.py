@@ -332,17 +332,9 @@ def run_unambiguous(run: Callable[[list[Any], int, Evidence], Any], loss_fn: Any
       ((tensor([3., 3.]), 2), 0)
     """
     with Snapshot() as snapshot:  # NOTE [runs that change module state] in _state
-        runs = 0
-
-        def each(padded: list[Any], n: int, evidence: Evidence) -> Any:
-            nonlocal runs
-            if runs:
-                snapshot.restore(fn)  # as the state was before the call's first run
-            runs += 1
-            return run(padded, n, evidence)
-
-        try:
-            out, extra = _plain_again(each, loss_fn, args, batched, size, has_aux)
+        try:  # each run from the state before the call's first
+            out, extra = _plain_again(snapshot.each_from_here(run, fn), loss_fn, args, batched,
+                                      size, has_aux)
         except Unsupported:
             snapshot.restore(fn)  # the caller runs the call again another way
             raise
