@@ -1584,9 +1584,9 @@ class Engine:
         if self.unproven is not None:  # NOTE [rows reordered inside loss_fn] in _row_order
             raise Unproven(self.unproven)
         for use in self.uses:
-            now = () if use.unpack is not None else tuple(
-                t._version for t in use.saved if isinstance(t, torch.Tensor))
-            if use.unpack is None and now != use.versions:
+            # (packed by saved-tensor hooks, the tensors are not held: as autograd's own)
+            if use.unpack is None and use.versions != tuple(
+                    t._version for t in use.saved if isinstance(t, torch.Tensor)):
                 raise RuntimeError(
                     "a tensor saved for per-sample gradients was modified by an in-place "
                     "operation after it was used; make that operation out of place")
