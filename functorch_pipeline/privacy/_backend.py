@@ -17,8 +17,9 @@ uses too). PLD discretises the privacy loss pessimistically with interval
 value on the MNIST settings, at 0.1-0.5 s for 3750-11250 steps (self-composition by FFT).
 The interval is fixed, so the bound loosens where one step's privacy loss is not much
 larger than it, i.e. at very small sampling rates (it stays a valid upper bound, and
-``"pld"`` reports RDP's where that is smaller: NOTE [the tighter bound]). Measured against dp-accounting with finer intervals (dp-accounting 0.6): +0.05%
-at sigma = 1, q = 1e-3 (30,000 steps); +2% at sigma = 0.8, q = 1e-4 (1e5 steps) and at
+``"pld"`` reports RDP's where that is smaller: NOTE [the tighter bound]). Measured
+against dp-accounting with finer intervals (dp-accounting 0.6): +0.05% at sigma = 1,
+q = 1e-3 (30,000 steps); +2% at sigma = 0.8, q = 1e-4 (1e5 steps) and at
 sigma = 5, q = 1e-3; +70% at sigma = 0.8, q = 1e-5 (1e6 steps, delta = 1e-8: 0.153
 against 0.090). Finer intervals are not a safe automatic default: on that last setting
 2e-6 took 2.9 GB and 11 s and returned 2.96, so ``PLD_DISCRETIZATION`` stays fixed.
