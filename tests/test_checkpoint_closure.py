@@ -95,3 +95,30 @@ def test_without_gradients_a_closure_is_fine():
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)
     fp.checkpoint(lambda w: (w * const).sin())(w).sum().backward()
     torch.testing.assert_close(w.grad, const * (w * const).cos().detach(), rtol=0, atol=1e-12)
+
+
+def test_tensors_f_makes_itself_may_require_grad():
+    # an inner derivative of a tensor f creates is not a closed-over tensor
+    def f(x):
+        with torch.enable_grad():
+            w = torch.ones(4, dtype=torch.float64, requires_grad=True)  # made by f
+            (score,) = torch.autograd.grad((w * x.detach()).sum(), w)  # = x
+        return x * score
+
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fp.checkpoint(f)(x).sum(), x)
+    torch.testing.assert_close(g, x.detach(), rtol=0, atol=1e-12)
+
+
+def test_the_refusal_says_how_to_ask_for_input_gradients_only():
+    m, _ = _pair("closure")
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"turn that tensor's requires_grad off \(model.requires_grad_\(False\)\)"):
+        torch.autograd.grad(m(x).sum(), x)
+    m.requires_grad_(False)
+    (g,) = torch.autograd.grad(m(x).sum(), x)
+    _, plain = _pair("closure")
+    plain.mode = "plain"
+    x2 = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(plain(x2).sum(), x2)
+    torch.testing.assert_close(g, want, rtol=0, atol=1e-12)

@@ -129,19 +129,23 @@ class _ClosedOver(TorchFunctionMode):
     closure's wrapped tensor failed a PyTorch internal assert. Rebuilding such a tensor in
     the backward cannot help either: by then ``functional_call`` has put the module's own
     parameters back. So while ``f`` runs forward, every op's tensor arguments are checked
-    and one that requires grad without being an argument (tensors ``f`` computes run under
-    ``no_grad`` there and do not require grad) is refused, naming its shape and the op.
-    A call made with gradients off (``torch.no_grad()``, inference) is not checked.
+    and one that requires grad without being an argument or a tensor ``f`` made is refused,
+    naming its shape and the op. A call made with gradients off (``torch.no_grad()``,
+    inference) is not checked. The price: a call that wants only the gradients of ``f``'s
+    arguments (a saliency map through a checkpointed module whose parameters require
+    grad) is refused too, though it worked; its message says to turn the parameters'
+    ``requires_grad`` off, since no forward can tell which gradients a backward will ask.
     """
 
     def __init__(self, inputs: Any) -> None:
         super().__init__()
-        self.inputs = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+        # f's arguments, and the tensors f makes (an inner derivative of its own tensor)
+        self.known = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         for t in _tensors((*args, *kwargs.values())):
-            if id(t) not in self.inputs and t.requires_grad:
+            if id(t) not in self.known and t.requires_grad:
                 name = getattr(func, "__name__", repr(func))
                 raise ValueError(
                     "checkpoint: f reads a tensor that requires grad and is not one of its "
@@ -149,8 +153,13 @@ class _ClosedOver(TorchFunctionMode):
                     "would get no gradient. Pass it to f as an argument, e.g. "
                     "checkpoint(lambda params, x: torch.func.functional_call(block, params, "
                     "(x,)))(dict(block.named_parameters()), x), or "
-                    "checkpoint(lambda v, x: model.apply(v, x)) for an fp.nn model")
-        return func(*args, **kwargs)
+                    "checkpoint(lambda v, x: model.apply(v, x)) for an fp.nn model; if only "
+                    "the gradients of f's arguments are wanted (a saliency map), turn that "
+                    "tensor's requires_grad off (model.requires_grad_(False))")
+        out = func(*args, **kwargs)
+        for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
+            self.known.add(id(t))
+        return out
 
 
 class _Remat(torch.autograd.Function):

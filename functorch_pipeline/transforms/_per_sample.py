@@ -239,7 +239,7 @@ def _per_sample(
         try:
             if chunk_size is None:
                 return vmap(one, in_axes=in_axes, randomness=randomness)(*args)
-            with Snapshot() as snapshot:  # NOTE [runs that change module state] in _state
+            with Snapshot(engine=False) as snapshot:  # NOTE [runs that change module state] in _state
                 # each chunk from the call's state, as in the fast methods
                 return vmap(snapshot.each_from_here(one, fn), in_axes=in_axes,
                             chunk_size=chunk_size, randomness=randomness)(*args)

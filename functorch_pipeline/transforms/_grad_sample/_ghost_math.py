@@ -120,11 +120,12 @@ def _centred_gram_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``|sum_t g_t a_t^T|^2`` over the positions on axis -2 of ``a`` (``..., n, din``) and
     ``g`` (``..., n, dout``), one per leading index, by NOTE [centred Gram sums]."""
     n = a.shape[-2]
+    a, g = _acc(a), _acc(g)  # float16/bfloat16 centred in float32: their means are coarse
     c, d = a.mean(-2, keepdim=True), g.mean(-2, keepdim=True)
     r, h = a - c, g - d
-    centred = _acc((r @ r.mT) * (h @ h.mT)).sum((-2, -1))
-    cross = _acc((h @ d.mT) * (r @ c.mT)).sum((-2, -1))
-    means = _acc(d.square().sum((-2, -1))) * _acc(c.square().sum((-2, -1)))
+    centred = ((r @ r.mT) * (h @ h.mT)).sum((-2, -1))
+    cross = ((h @ d.mT) * (r @ c.mT)).sum((-2, -1))
+    means = d.square().sum((-2, -1)) * c.square().sum((-2, -1))
     return centred + (2 * n) * cross + (n * n) * means
 
 

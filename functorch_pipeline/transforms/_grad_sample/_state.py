@@ -27,11 +27,14 @@ buffer passed among the differentiated arguments is read through its stand-in.
 Changes are found by comparing values, not version counters: ``batch_norm``'s kernel
 updates its running statistics without bumping theirs. Copying every buffer on every call
 cost a model with constant buffers (causal masks, rotary tables) twelve times its call,
-so a module's buffers are all copied only the first time a call meets it in its current
-mode (``training``); after that call, only those seen to change are copied again, and
-the others are watched by their version counters. A change of a buffer that was not
-copied (one that did not change before, or one over ``_MAX_COPY_BYTES``) in a run that is
-discarded cannot be undone and is an error naming it. Not seen: state outside module
+so buffers over ``_ALWAYS_COPY_BYTES`` (64 KiB; running statistics and power-iteration
+vectors are far smaller) are copied only the first time a call runs their module in its
+current mode (``training``), and after that only those seen to change in a call; the
+others are watched by their version counters. A change of a buffer that was not copied
+(a large one that had not changed before, or one over ``_MAX_COPY_BYTES``) in a run that
+is discarded cannot be undone and is an error naming it. Buffers on the ``meta`` device
+hold no values and are skipped; an inference tensor has no version counter, and cannot
+change where anything is differentiated. Not seen: state outside module
 buffers (a tensor in a closure, a Python counter), and a buffer replaced by another
 tensor (``self.mu = new``) rather than changed in place: ``functional_call`` swaps
 buffers the same way, so the two cannot be told apart.
@@ -63,6 +66,7 @@ from functorch_pipeline.transforms._grad_sample._engine import _Tracked
 __all__ = ["Snapshot", "StateLost", "chunks_from_one_state"]
 
 _MAX_COPY_BYTES = 1 << 24
+_ALWAYS_COPY_BYTES = 1 << 16  # NOTE [runs that change module state]: small ones, every call
 _ACTIVE: contextvars.ContextVar[tuple[Snapshot, ...]] = contextvars.ContextVar(
     "fp_state_snapshots", default=())
 _LOCK = threading.Lock()
@@ -104,7 +108,7 @@ def _legacy_hooked(module: torch.nn.Module) -> bool:
 
 def _see(module: torch.nn.Module, args: Any) -> None:
     active = _ACTIVE.get()
-    if active and _legacy_hooked(module):
+    if any(s.engine for s in active) and _legacy_hooked(module):
         raise Unsupported(
             f"a {type(module).__name__} has a backward hook registered with "
             "Module.register_backward_hook (or register_module_backward_hook), which "
@@ -113,6 +117,7 @@ def _see(module: torch.nn.Module, args: Any) -> None:
             "it with register_full_backward_hook, which the fast methods follow)")
     for snapshot in active:
         snapshot.see(module)
+        snapshot.ran_ids.add(id(module))
 
 
 def _ran(module: torch.nn.Module, args: Any, out: Any) -> None:
@@ -134,7 +139,12 @@ class Snapshot:
       tensor([0., 0.])
     """
 
-    def __init__(self) -> None:
+    def __init__(self, engine: bool = True) -> None:
+        # whether the fast methods' engine runs under it (which refuses legacy module
+        # backward hooks); vmap's chunks run under one too
+        self.engine = engine
+        self.ran_ids: set[int] = set()  # the modules called (a branch may not run)
+        self._changing: set[int] = set()  # entries seen to differ from their copy
         self._modules: dict[int, torch.nn.Module] = {}  # held, so that ids stay unique
         # id(buffer) -> [buffer, version, copy or None, module, buffer name]
         self._entries: dict[int, list[Any]] = {}
@@ -172,11 +182,12 @@ class Snapshot:
                     continue
                 self._held[(id(sub), name)] = held
                 b = _plain(held)
-                if id(b) in self._entries:
+                if id(b) in self._entries or b.device.type == "meta":  # meta: no values
                     continue
+                size = b.numel() * b.element_size()
                 copy = None
-                if (known is None or name in known) and (
-                        b.numel() * b.element_size() <= _MAX_COPY_BYTES):
+                if size <= _ALWAYS_COPY_BYTES or (
+                        (known is None or name in known) and size <= _MAX_COPY_BYTES):
                     with torch.no_grad():
                         copy = b.detach().clone()
                 self._entries[id(b)] = [b, _version(b), copy, sub, name]
@@ -197,8 +208,13 @@ class Snapshot:
     def _changed(self, entry: list[Any]) -> bool:
         b, version, copy = entry[0], entry[1], entry[2]
         if copy is None:
-            return version is None or _version(b) != version
-        return not torch.equal(b, copy)
+            # an inference tensor has no version, and cannot be changed outside
+            # inference mode (where nothing is differentiated)
+            return version is not None and _version(b) != version
+        if torch.equal(b, copy):
+            return False
+        self._changing.add(id(b))
+        return True
 
     def changed(self) -> list[str]:
         """The buffers (``Class.name``) whose values differ from the snapshot, or that the
@@ -263,8 +279,10 @@ class Snapshot:
                 _HOOK[2].remove()
                 _HOOK[0] = _HOOK[2] = None
         for sub in self._learn:  # which buffers of the modules met for the first time changed
-            names = frozenset(e[4] for e in self._entries.values()
-                              if e[3] is sub and e[2] is not None and self._changed(e))
+            if id(sub) not in self.ran_ids:  # not called (a branch): nothing learned
+                continue
+            names = frozenset(e[4] for e in self._entries.values() if e[3] is sub and e[2] is not None
+                              and (id(e[0]) in self._changing or self._changed(e)))
             try:
                 _CHANGING[sub] = (sub.training, names)
             except TypeError:  # pragma: no cover
