@@ -503,9 +503,10 @@ class _Use:
         return tuple(self.unpack(v) if packed else v for packed, v in self.saved)
 
 
-def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, torch.Tensor]]:
-    """Node pre-hooks that keep the gradients each recorded node receives, by node and
-    output: filled during the backward for the nodes it runs.
+def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, tuple[int, tuple[int, ...]]]]:
+    """Node pre-hooks that note, by node and output, where the gradient each recorded node
+    receives lies (data pointer and shape): filled during the backward for the nodes it
+    runs.
 
     # NOTE [tensor hooks on a recorded output]
     ``torch.autograd.grad`` captures the gradient at a requested edge after the tensor
@@ -514,16 +515,23 @@ def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, torch.Tensor]]:
     recorded output but the first layer's is such an edge, so a hook on a layer's output
     (``z2.register_hook(lambda g: -3 * g)``) reached the layers below it and not that
     layer's own per-example gradients (error 1.65 against the loop). A node pre-hook runs
-    after the tensor hooks, so the gradient it sees is the one the loop's layer gets; the
-    edges whose node does not run keep autograd's capture, already after the hooks. Like a
-    hook on any other activation, it is applied to the batch's gradient: exact for hooks
-    that treat each example's rows alone (scaling, clamping, masking), not for one that
-    mixes the examples (normalising over the batch), which needs ``method="vmap"``.
+    after the tensor hooks: where the gradient it sees is not the tensor autograd captured
+    (a hook returned another one) the call is refused, naming the hook, and ``auto`` takes
+    ``vmap``, which applies it to each example. (Keeping the hooked gradients themselves
+    to use them held every recorded gradient to the end of the backward: 14 to 20 GB on
+    torchvision's MViT v2.) A hook that returns None or changes the gradient in place
+    changes the captured tensor too. A hook on any other activation acts on the batch's
+    gradient, as in a plain backward: exact for hooks that treat each example's rows alone,
+    not for one that mixes them (documented).
     """
-    seen: dict[Any, dict[int, torch.Tensor]] = {}
-    for node in {u.edge.node for u in uses}:
-        def keep(grads: tuple[Any, ...], node: Any = node) -> None:
-            seen[node] = {i: g for i, g in enumerate(grads) if g is not None}
+    seen: dict[Any, dict[int, tuple[int, tuple[int, ...]]]] = {}
+    wanted: dict[Any, set[int]] = {}
+    for u in uses:
+        wanted.setdefault(u.edge.node, set()).add(u.edge.output_nr)
+    for node, outputs in wanted.items():
+        def keep(grads: tuple[Any, ...], node: Any = node, outputs: set[int] = outputs) -> None:
+            seen[node] = {i: (grads[i].data_ptr(), tuple(grads[i].shape))
+                          for i in outputs if grads[i] is not None}
 
         node.register_prehook(keep)
     return seen
@@ -1615,9 +1623,16 @@ class Engine:
                 "hooks). Turn checkpointing off for this call (Hugging Face: "
                 "model.gradient_checkpointing_disable()). The error: "
                 f"{str(e).splitlines()[0]}") from None
+        for use, g in zip(self.uses, grads, strict=True):  # NOTE [tensor hooks on a recorded output]
+            seen = hooked.get(use.edge.node, {}).get(use.edge.output_nr)
+            if g is not None and seen is not None and seen != (g.data_ptr(), tuple(g.shape)):
+                raise Unsupported(
+                    f"loss_fn registers a tensor hook (Tensor.register_hook) on the output of "
+                    f"a call of type {type(use.edge.node).__name__} that uses a parameter, "
+                    "which replaces that output's gradient after the fast methods read it; "
+                    "method='vmap' applies it to each example")
         with torch.no_grad():
             for use, g in zip(self.uses, grads, strict=True):
-                g = hooked.get(use.edge.node, {}).get(use.edge.output_nr, g)
                 if g is not None:
                     use.finish(self, g, *_like(use.unpacked(), g))
         self.uses.clear()
