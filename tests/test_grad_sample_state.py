@@ -61,6 +61,11 @@ def _references(m: nn.Module, losses, params, x, y) -> tuple[dict, dict]:
     return want, one
 
 
+def _assert_grads(got: dict, want: dict, atol: float) -> None:
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=k)
+
+
 def _assert_states_equal(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
     got = m.state_dict()
     for k, v in want.items():
@@ -91,8 +96,7 @@ def test_spectral_norm_in_training_first_call_per_batch_size(method, old_style):
         want, one = _references(m, losses, params, x, y)
         calls.clear()
         got = fn(params, x, y)
-        for k in params:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+        _assert_grads(got, want, 1e-10)
         _assert_states_equal(m, one)
     assert len(calls) >= 1
 
@@ -110,8 +114,7 @@ def test_spectral_norm_padded_run_with_has_aux():
                                      has_aux=True, method="hooks")(params, x, y)
     assert aux == 4
     assert len(calls) >= 2
-    for k in params:
-        torch.testing.assert_close(grads[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(grads, want, 1e-10)
     _assert_states_equal(m, one)
 
 
@@ -150,18 +153,17 @@ def test_running_stats_from_the_real_batch_when_padded_every_call(api):
         assert B + 1 in calls  # it did run padded
         _assert_states_equal(m, one)
         if api == "per_sample_grads":
-            for k in params:
-                torch.testing.assert_close(out[k], want[k], rtol=0, atol=1e-10, msg=k)
+            _assert_grads(out, want, 1e-10)
         else:
             ref = torch.cat([g.flatten(1) for g in want.values()], 1).norm(dim=1)
             norms = out if api == "norms_ghost" else out[1]
             torch.testing.assert_close(norms, ref, rtol=0, atol=1e-10)
 
 
-def test_state_put_back_before_the_fall_back_to_vmap():
-    # The engine refuses the custom Function on a weight after the spectral norm's forward
-    # ran; auto then runs vmap. The state must be advanced once, not twice.
-    torch.manual_seed(3)
+def _spectral_and_refused_head(seed: int):
+    """A spectral-normed layer in training (its forward advances its state) and a head
+    whose weight goes through a custom Function, which the fast methods refuse."""
+    torch.manual_seed(seed)
     sn = parametrizations.spectral_norm(nn.Linear(5, 6)).train()
     head = nn.Linear(6, 3)
     m = nn.ModuleDict({"sn": sn, "head": head})
@@ -171,8 +173,12 @@ def test_state_put_back_before_the_fall_back_to_vmap():
         w = StraightThrough.apply(p["head.weight"])
         return F.cross_entropy(F.linear(h, w, p["head.bias"]), y, reduction="none")
 
-    params = params_of(m)
-    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    return m, sn, losses
+
+
+def _sn_references(m: nn.Module, sn: nn.Module, losses, params, x, y) -> tuple[dict, dict]:
+    """The loop's gradients from ``m``'s state, and the state one forward of ``sn`` leaves
+    (the head holds none); ``m`` is left as it was."""
     state = _state_of(m)
     want = _loop_from(m, state, losses, params, x, y)
     m.load_state_dict(state)
@@ -180,11 +186,21 @@ def test_state_put_back_before_the_fall_back_to_vmap():
         sn(x)
     one = _state_of(m)
     m.load_state_dict(state)
+    return want, one
+
+
+def test_state_put_back_before_the_fall_back_to_vmap():
+    # The engine refuses the custom Function on a weight after the spectral norm's forward
+    # ran; auto then runs vmap. The state must be advanced once, not twice.
+    m, sn, losses = _spectral_and_refused_head(3)
+
+    params = params_of(m)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    want, one = _sn_references(m, sn, losses, params, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = fp.per_sample_grads(losses)(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
     _assert_states_equal(m, one)
 
 
@@ -229,8 +245,7 @@ def test_chunks_refused_late_put_back_every_chunk(api):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = make("auto")(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12, msg=k)
+    _assert_grads(got, want, 1e-12)
     _assert_states_equal(m, want_state)
 
 
@@ -315,8 +330,7 @@ def test_each_chunk_starts_from_the_call_state(method):
                                        rtol=0, atol=1e-10, msg=k)
     else:
         got = fp.per_sample_grads(losses, method=method, chunk_size=3)(params, x, y)
-        for k in params:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+        _assert_grads(got, want, 1e-10)
     _assert_states_equal(m, one)
 
 
@@ -328,8 +342,7 @@ def test_chunks_leave_the_running_stats_of_the_whole_batch():
     x, y = torch.randn(8, 5, 3) * 2 + 1, torch.randint(0, 3, (8,))
     want, one = _references(m, losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks", chunk_size=3)(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
     _assert_states_equal(m, one)
 
 
@@ -344,8 +357,7 @@ def test_buffers_among_the_differentiated_arguments(chunk_size):
     x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
     want, one = _references(m, losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks", chunk_size=chunk_size)(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
     _assert_states_equal(m, one)
 
 
@@ -397,8 +409,7 @@ def test_a_reassigned_buffer_or_a_forward_called_directly(in_place, direct):
             calls.clear()
             got = fp.per_sample_grads(losses, method=method)(params, x, y)
             assert B + 1 in calls
-            for k in params:
-                torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+            _assert_grads(got, want, 1e-10)
             _assert_states_equal(m, one)
 
 
@@ -463,53 +474,44 @@ def test_a_global_legacy_backward_hook_is_refused():
             got = fp.per_sample_grads(losses)(params, x, y)
     finally:
         handle.remove()
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
+
+
+def _legacy_hooked(seed: int, act: nn.Module, at: int, change) -> nn.Module:
+    """An MLP whose layer ``at`` has a legacy backward hook applying ``change`` to its
+    input gradients."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m[at].register_backward_hook(lambda mod, gi, go: tuple(None if g is None else change(g) for g in gi))
+    return m
 
 
 def test_a_legacy_backward_hook_on_a_module_without_parameters_is_followed():
-    torch.manual_seed(14)
-    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m[1].register_backward_hook(lambda mod, gi, go: tuple(None if g is None else g.clamp(min=0) for g in gi))
+    m = _legacy_hooked(14, nn.ReLU(), 1, lambda g: g.clamp(min=0))
     losses = _losses_of(m, [])
     params = params_of(m)
     x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
     want = _loop_from(m, _state_of(m), losses, params, x, y)
     got = fp.per_sample_grads(losses, method="hooks")(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
 
 
 def test_a_refused_call_learns_which_buffers_changed(monkeypatch):
     # The refusal put the buffers back before the snapshot learned which changed, so it
     # learned "none": the next call did not copy spectral_norm's vectors (StateLost).
     monkeypatch.setattr(_state, "_ALWAYS_COPY_BYTES", 0)
-    torch.manual_seed(15)
-    sn = parametrizations.spectral_norm(nn.Linear(5, 6)).train()
-    head = nn.Linear(6, 3)
-    m = nn.ModuleDict({"sn": sn, "head": head})
-
-    def losses(p, x, y):
-        h = torch.tanh(functional_call(sn, {k[3:]: v for k, v in p.items() if k.startswith("sn.")}, (x,)))
-        w = StraightThrough.apply(p["head.weight"])
-        return F.cross_entropy(F.linear(h, w, p["head.bias"]), y, reduction="none")
+    m, sn, losses = _spectral_and_refused_head(15)
 
     params = params_of(m)
     for _ in range(3):  # a new loss_fn object each step: each call tries the engine first
         x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
-        want = _loop_from(m, _state_of(m), losses, params, x, y)
-        state = _state_of(m)
-        with torch.no_grad():
-            sn(x)
-        one = _state_of(m)
-        m.load_state_dict(state)
+        want, one = _sn_references(m, sn, losses, params, x, y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             got = fp.per_sample_grads(lambda p, x, y: losses(p, x, y))(params, x, y)
-        for k in params:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+        _assert_grads(got, want, 1e-10)
         _assert_states_equal(m, one)
 
 
@@ -575,22 +577,16 @@ def test_buffers_that_hold_no_values_or_cannot_change():
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     want = loop_grads(losses, params_of(mlp), x, y)
     got = fp.per_sample_grads(losses, method="vmap", chunk_size=2)(params_of(mlp), x, y)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
 
 
 def test_vmap_chunks_do_not_refuse_a_legacy_hook():
     # the refusal is the engine's: vmap (with chunks too) applies such a hook
-    torch.manual_seed(18)
-    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m[2].register_backward_hook(lambda mod, gi, go: tuple(None if g is None else 3 * g for g in gi))
+    m = _legacy_hooked(18, nn.Tanh(), 2, lambda g: 3 * g)
     losses = _losses_of(m, [])
     params = params_of(m)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     want = _loop_from(m, _state_of(m), losses, params, x, y)
     got = fp.per_sample_grads(losses, method="vmap", chunk_size=2)(params, x, y)
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10, msg=k)
+    _assert_grads(got, want, 1e-10)
 
