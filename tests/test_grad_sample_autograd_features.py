@@ -133,3 +133,89 @@ def test_parameters_under_no_grad_outside_a_function_stay_a_stop_gradient():
     want = _loop(losses, params, x, y)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12)
+
+
+# NOTE [a backward inside loss_fn] in _grad_sample/_engine.py: a loss of the input gradient
+# (an input-gradient penalty, WGAN-GP). Before, hooks, ghost and the default method returned
+# first-order per-example gradients, 0.57 off the loop, silently; with torch.func.grad
+# inside loss_fn they crashed ("Cannot access storage of TensorWrapper") and auto did not
+# fall back.
+
+
+def _penalty_reference(net, params, x):
+    """Per example: grad of (|d out / d x|^2 - 1)^2 by autograd with create_graph (float64)."""
+    rows = []
+    for i in range(x.shape[0]):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        xi = x[i:i + 1].clone().requires_grad_()
+        gx, = torch.autograd.grad(torch.func.functional_call(net, p, (xi,)).sum(), xi,
+                                  create_graph=True)
+        loss = ((gx.pow(2).sum(1) - 1) ** 2).sum()
+        grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        rows.append([torch.zeros_like(v) if g is None else g for v, g in zip(p.values(), grads, strict=True)])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+
+
+def _penalty_setup():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    return net, params, torch.randn(5, 3, dtype=F64)
+
+
+def test_an_inner_backward_with_a_graph_is_refused_not_taken_as_a_constant():
+    net, params, x = _penalty_setup()
+
+    def loss(p, x):
+        x = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(torch.func.functional_call(net, p, (x,)).sum(), x, create_graph=True)
+        return (gx.pow(2).sum(1) - 1) ** 2
+
+    for call in (fp.per_sample_grads(loss, method="hooks"), fp.per_sample_grad_norms(loss, method="ghost"),
+                 fp.clipped_grad(loss, 1.0, method="ghost")):
+        with pytest.raises(ValueError, match="create_graph=True"):
+            call(params, x)
+    # auto falls back to vmap, which refuses requires_grad_ inside torch.func: an error, not
+    # first-order numbers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError):
+            fp.per_sample_grads(loss)(params, x)
+
+
+def test_a_torch_func_grad_of_the_input_inside_loss_fn_takes_vmap_with_the_loops_numbers():
+    net, params, x = _penalty_setup()
+
+    def loss(p, x):
+        gx = torch.func.grad(lambda z: torch.func.functional_call(net, p, (z,)).sum())(x)
+        return (gx.pow(2).sum(1) - 1) ** 2
+
+    want = _penalty_reference(net, params, x)
+    with pytest.raises(ValueError, match="inside a torch.func transform"):
+        fp.per_sample_grads(loss, method="hooks")(params, x)
+    with pytest.warns(UserWarning, match="torch.func transform"):
+        got = fp.per_sample_grads(loss)(params, x)
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    norms = fp.per_sample_grad_norms(loss)(params, x)
+    ref = torch.cat([want[k].flatten(1) for k in params], 1).norm(dim=1)
+    torch.testing.assert_close(norms, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_an_inner_backward_without_a_graph_is_a_constant_as_in_the_loop():
+    net, params, x = _penalty_setup()
+
+    def loss(p, x):
+        xr = x.clone().requires_grad_()
+        out = torch.func.functional_call(net, p, (xr,))
+        gx, = torch.autograd.grad(out.sum(), xr, retain_graph=True)  # no graph: a constant
+        return out[:, 0] * gx.pow(2).sum(1)
+
+    rows = []
+    for i in range(x.shape[0]):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        rows.append(torch.autograd.grad(loss(p, x[i:i + 1]).sum(), list(p.values())))
+    want = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+    got = fp.per_sample_grads(loss, method="hooks")(params, x)
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)

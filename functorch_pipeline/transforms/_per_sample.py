@@ -455,8 +455,9 @@ def per_sample_grads(
           grad under grad mode (parameters or the batch: the result then keeps an autograd
           graph, for meta-learning, gradient penalties or gradients with respect to the
           batch), and a ``loss_fn`` that differentiates a parameter itself with ``fp.grad``
-          (or another fp transform) or ``torch.autograd.grad`` (an inner step; an inner
-          ``torch.func.grad`` of the parameters is not seen, and needs ``method="vmap"``).
+          (or another fp transform) or ``torch.autograd.grad`` (an inner step), runs a
+          backward with ``create_graph=True`` through the model (an input-gradient
+          penalty), or calls a layer inside a ``torch.func`` transform of its own.
           A fall-back is announced by one ``UserWarning`` per ``loss_fn``
           (not per call) and cached per input shapes. To get the fast path for a mean
           loss, return the unreduced per-example losses. Hooks and vmap agree to rounding

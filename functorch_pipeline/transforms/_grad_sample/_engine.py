@@ -249,6 +249,12 @@ class _Tracked(torch.Tensor):
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if engine.closed:
             engine.stale(func, args, kwargs)
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # NOTE [a backward inside loss_fn]
+            raise Unsupported(
+                f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+                f"used by `{_describe(func)}` inside a torch.func transform that loss_fn runs "
+                "(torch.func.grad, vmap, jacrev, ...), which the fast methods cannot "
+                "differentiate through; method='vmap' runs it")
         if func in _AUTOGRAD:  # NOTE [differentiating inside loss_fn]
             raise inner_differentiation(_describe(func))
         if func in _HOOKS:
@@ -503,38 +509,73 @@ class _Use:
         return tuple(self.unpack(v) if packed else v for packed, v in self.saved)
 
 
-def _after_tensor_hooks(uses: list[_Use]) -> dict[Any, dict[int, tuple[int, tuple[int, ...]]]]:
-    """Node pre-hooks that note, by node and output, where the gradient each recorded node
-    receives lies (data pointer and shape): filled during the backward for the nodes it
-    runs.
+class _Watch:
+    """The node pre-hooks of one engine (NOTE [tensor hooks on a recorded output], NOTE [a
+    backward inside loss_fn]); it holds no engine, so the hooks on autograd nodes make no
+    reference cycle through them."""
 
-    # NOTE [tensor hooks on a recorded output]
-    ``torch.autograd.grad`` captures the gradient at a requested edge after the tensor
-    hooks of its output (``z.register_hook``) when it does not run that edge's node, and
-    *before* them when it does, because an edge further down is requested too. Every
-    recorded output but the first layer's is such an edge, so a hook on a layer's output
-    (``z2.register_hook(lambda g: -3 * g)``) reached the layers below it and not that
-    layer's own per-example gradients (error 1.65 against the loop). A node pre-hook runs
-    after the tensor hooks: where the gradient it sees is not the tensor autograd captured
-    (a hook returned another one) the call is refused, naming the hook, and ``auto`` takes
-    ``vmap``, which applies it to each example. (Keeping the hooked gradients themselves
-    to use them held every recorded gradient to the end of the backward: 14 to 20 GB on
-    torchvision's MViT v2.) A hook that returns None or changes the gradient in place
-    changes the captured tensor too. A hook on any other activation acts on the batch's
-    gradient, as in a plain backward: exact for hooks that treat each example's rows alone,
-    not for one that mixes them (documented).
-    """
-    seen: dict[Any, dict[int, tuple[int, tuple[int, ...]]]] = {}
-    wanted: dict[Any, set[int]] = {}
-    for u in uses:
-        wanted.setdefault(u.edge.node, set()).add(u.edge.output_nr)
-    for node, outputs in wanted.items():
-        def keep(grads: tuple[Any, ...], node: Any = node, outputs: set[int] = outputs) -> None:
-            seen[node] = {i: (grads[i].data_ptr(), tuple(grads[i].shape))
-                          for i in outputs if grads[i] is not None}
+    __slots__ = ("backward", "inner", "outputs", "seen")
 
-        node.register_prehook(keep)
-    return seen
+    def __init__(self) -> None:
+        self.backward = False  # the engine's own backward has started
+        self.inner = False  # loss_fn ran a backward with a graph through a recorded node
+        self.outputs: dict[Any, set[int]] = {}  # node -> the recorded outputs of it
+        self.seen: dict[Any, dict[int, tuple[int, tuple[int, ...]]]] = {}
+
+    def add(self, edge: Any) -> None:
+        """Watch ``edge``'s node and note its output: one node pre-hook per recorded node,
+        registered when the node is recorded. During the engine's backward it notes, by node
+        and output, where the gradient each recorded node receives lies (data pointer and
+        shape); before it, a backward that ``loss_fn`` itself ran through the node with a
+        graph.
+
+        # NOTE [tensor hooks on a recorded output]
+        ``torch.autograd.grad`` captures the gradient at a requested edge after the tensor
+        hooks of its output (``z.register_hook``) when it does not run that edge's node, and
+        *before* them when it does, because an edge further down is requested too. Every
+        recorded output but the first layer's is such an edge, so a hook on a layer's output
+        (``z2.register_hook(lambda g: -3 * g)``) reached the layers below it and not that
+        layer's own per-example gradients (error 1.65 against the loop). A node pre-hook runs
+        after the tensor hooks: where the gradient it sees is not the tensor autograd captured
+        (a hook returned another one) the call is refused, naming the hook, and ``auto`` takes
+        ``vmap``, which applies it to each example. (Keeping the hooked gradients themselves
+        to use them held every recorded gradient to the end of the backward: 14 to 20 GB on
+        torchvision's MViT v2.) A hook that returns None or changes the gradient in place
+        changes the captured tensor too. A hook on any other activation acts on the batch's
+        gradient, as in a plain backward: exact for hooks that treat each example's rows alone,
+        not for one that mixes them (documented).
+
+        # NOTE [a backward inside loss_fn]
+        A ``loss_fn`` may differentiate its own output with a graph (``torch.autograd.grad(out,
+        x, create_graph=True)``: an input-gradient penalty, WGAN-GP, physics-informed losses)
+        and return a loss of that gradient. The rules run each op on the *detached* parameter,
+        so the second-order path (the gradient ``g @ W`` depends on ``W``) was invisible: the
+        fast methods returned first-order per-example gradients, off by the size of the result
+        (0.57 against a loop), silently. ``torch.autograd.grad`` never sees a tracked tensor
+        there (its arguments are activations and inputs), but that backward runs the recorded
+        nodes' pre-hooks with grad mode on (``create_graph``) before the engine's own backward:
+        such a call is refused, and ``auto`` takes ``vmap``, which differentiates through a
+        ``torch.func.grad`` written inside ``loss_fn`` (a ``torch.autograd.grad`` there is
+        refused by torch.func itself). A backward without a graph inside ``loss_fn`` gives a
+        constant, as in the loop, and is allowed. A ``torch.func`` transform inside
+        ``loss_fn`` hands the rules its wrapped tensors, which they cannot read (it crashed in
+        the rules, "Cannot access storage of TensorWrapper", and ``auto`` did not fall back): a
+        parameter used under one is refused the same way.
+        """
+        node = edge.node
+        outputs = self.outputs.get(node)
+        if outputs is None:
+            outputs = self.outputs[node] = set()
+            node.register_prehook(functools.partial(_noted, self, node, outputs))
+        outputs.add(edge.output_nr)
+
+
+def _noted(watch: _Watch, node: Any, outputs: set[int], grads: tuple[Any, ...]) -> None:
+    if not watch.backward:  # NOTE [a backward inside loss_fn]
+        watch.inner = watch.inner or torch.is_grad_enabled()
+        return
+    watch.seen[node] = {i: (grads[i].data_ptr(), tuple(grads[i].shape))
+                        for i in outputs if grads[i] is not None}
 
 
 class Engine:
@@ -575,6 +616,7 @@ class Engine:
         self.evidence = evidence
         self.rules = rules
         self.uses: list[_Use] = []
+        self.watch = _Watch()  # pre-hooks on the recorded nodes
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
         self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         self.closed = False  # set by close(), when the call that made this engine is over
@@ -604,6 +646,8 @@ class Engine:
         their call]) raises :class:`StaleTracked` instead of recording into this engine."""
         self.closed = True
         self.uses.clear()
+        self.watch.outputs.clear()  # the run's autograd nodes
+        self.watch.seen.clear()
         self.objects.clear()  # the run's tracked objects: a kept one must not keep them all
         self.views.clear()
         self.merged_rows.clear()
@@ -1507,25 +1551,28 @@ class Engine:
             self.merged_rows[node] = out.shape  # NOTE [rows kept through elementwise ops]
         if node is None:
             if out.requires_grad:
-                self.uses.append(_Use(get_gradient_edge(out), finish, saved))
+                self._use(_Use(get_gradient_edge(out), finish, saved))
             return  # else under no_grad: no gradient flows through this use
         base = out._base
         if base is not None and base.grad_fn is not None and _covers(out, base):
             # NOTE [gradient edges, not tensors]: a view of the whole of a fresh tensor.
             self.rule_nodes.add(base.grad_fn)
-            self.uses.append(_Use(GradientEdge(base.grad_fn, base.output_nr),
-                                  functools.partial(_reshaped, finish, (out.shape, out.stride())),
-                                  saved))
+            self._use(_Use(GradientEdge(base.grad_fn, base.output_nr),
+                           functools.partial(_reshaped, finish, (out.shape, out.stride())), saved))
             return
-        self.uses.append(_Use(GradientEdge(node, out.output_nr), finish, saved,
-                              out if base is not None and base.grad_fn is not None else None))
+        self._use(_Use(GradientEdge(node, out.output_nr), finish, saved,
+                       out if base is not None and base.grad_fn is not None else None))
+
+    def _use(self, use: _Use) -> None:
+        self.uses.append(use)
+        self.watch.add(use.edge)
 
     def anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A scalar leaf that requires grad and whose gradient the backward asks for: an
         ``autograd.Function`` that takes it as an input is always run backward, even when
         no other recorded output lies upstream of it (see ``_recurrent``)."""
         a = like.new_zeros(()).requires_grad_()
-        self.uses.append(_Use(get_gradient_edge(a), _no_parts, ()))
+        self._use(_Use(get_gradient_edge(a), _no_parts, ()))
         return a
 
     def add(self, kind: str, slot: int, *payload: torch.Tensor) -> None:
@@ -1591,6 +1638,12 @@ class Engine:
             self.rows_in_order(losses, 0, "loss_fn", [])
         if self.unproven is not None:  # NOTE [rows reordered inside loss_fn] in _row_order
             raise Unproven(self.unproven)
+        if self.watch.inner:  # NOTE [a backward inside loss_fn]
+            raise Unsupported(
+                "loss_fn runs a backward with a graph (torch.autograd.grad or Tensor.backward "
+                "with create_graph=True) through a call that uses a parameter; the fast methods "
+                "cannot differentiate through that gradient (they would take it as a constant). "
+                "method='vmap' differentiates through a torch.func.grad written in its place")
         for use in self.uses:
             # (packed by saved-tensor hooks, the tensors are not held: as autograd's own)
             if use.unpack is None and use.versions != tuple(
@@ -1606,7 +1659,8 @@ class Engine:
                     "of place")
         if not self.uses or not losses.requires_grad:
             return
-        hooked = _after_tensor_hooks(self.uses)
+        self.watch.backward = True
+        hooked = self.watch.seen
         try:
             grads = torch.autograd.grad(
                 losses, [u.edge for u in self.uses], grad_outputs=torch.ones_like(losses),
