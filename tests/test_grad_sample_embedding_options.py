@@ -336,3 +336,47 @@ def test_sparse_bags_in_max_mode_are_refused_as_pytorch_refuses_them():
     for method in ("hooks", "auto"):
         with pytest.raises(ValueError, match="does not take sparse=True with mode='max'"):
             fp.per_sample_grads(loss_fn, method=method)(copy(params), ids, y)
+
+
+# NOTE [max_norm renormalises the table]: a table read again after a max_norm lookup (a tied
+# output head) read the rows every example of the batch rescaled: each example's gradient
+# depended on the batch (86.6 off the loop; an example's norm 119.0 alone, 27.8 in a batch
+# of 4), silently, in every method (auto too), breaking DP's sensitivity bound.
+
+
+def _tied(ids, t, p):
+    h = torch.tanh(F.embedding(ids, p["w"], max_norm=1.0))
+    return (F.linear(h, p["w"]) - t).square().flatten(1).sum(1)
+
+
+def test_a_table_read_again_after_a_max_norm_lookup_is_refused_by_every_method():
+    torch.manual_seed(0)
+    w = torch.randn(7, 3) * 2  # rows of norm > 1: the lookup rescales them
+    ids, t = torch.randint(0, 7, (4, 5)), torch.randn(4, 5, 7)
+
+    def losses(p, ids, t):
+        return _tied(ids, t, p)
+
+    for call in (fp.per_sample_grads(losses, method="hooks"), fp.per_sample_grad_norms(losses, method="ghost"),
+                 fp.clipped_grad(losses, 1.0, method="hooks")):
+        with pytest.raises(ValueError, match="max_norm"):
+            call({"w": w.clone()}, ids, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="max_norm"):  # auto: vmap cannot batch it either
+            fp.per_sample_grads(losses)({"w": w.clone()}, ids, t)
+
+
+def test_two_max_norm_lookups_of_one_table_still_take_the_fast_path():
+    torch.manual_seed(1)
+    w = torch.randn(7, 3) * 2
+    a, b, y = torch.randint(0, 7, (4, 5)), torch.randint(0, 7, (4, 2)), torch.randn(4)
+
+    def losses(p, a, b, y):
+        ea = F.embedding(a, p["w"], max_norm=1.0).sum(1)
+        eb = F.embedding(b, p["w"], max_norm=1.0).sum(1)
+        return ((ea * eb).sum(1) - y) ** 2
+
+    want = loop_grads(losses, {"w": w}, a, b, y)
+    got = fp.per_sample_grads(losses, method="hooks")({"w": w.clone()}, a, b, y)
+    torch.testing.assert_close(got["w"], want["w"], rtol=1e-10, atol=1e-12)

@@ -238,6 +238,16 @@ class _Tracked(torch.Tensor):
             if func == _REQUIRES_GRAD:  # it is differentiated: what the loop and vmap answer
                 return torch.is_grad_enabled() or bool(engine.unwrap(args)[0].requires_grad)
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
+        if engine.renormed and not _renorming_lookup(func, args, kwargs) and (
+                engine.renormed.intersection(engine.slots(args, kwargs))):
+            raise Unsupported(  # NOTE [max_norm renormalises the table] in _rules
+                f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+                f"read by `{_describe(func)}` after F.embedding/F.embedding_bag with max_norm "
+                "rescaled, in place, the rows every example of the batch looked up: each "
+                "example would read rows that other examples rescaled, so its gradient would "
+                "depend on the batch (no method gives per-example gradients of that: vmap "
+                "cannot batch max_norm). Look up without max_norm, or renormalise the table "
+                "outside loss_fn")
         if not torch.is_grad_enabled():  # no gradient flows here, unless a Function's does
             fn_class = _in_custom_function()  # NOTE [parameters in a custom autograd.Function]
             if fn_class is not None:
@@ -286,6 +296,14 @@ class _Tracked(torch.Tensor):
         # Parameters with constants (a buffer of indices, a mask): NOTE [derived parameters].
         engine.with_constants(func, args, kwargs, no_rule)
         return engine.derive_op(func, args, kwargs)
+
+
+def _renorming_lookup(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` is an ``F.embedding``/``F.embedding_bag`` lookup with ``max_norm``
+    (its own renormalisation makes it read what a loop's lookup reads)."""
+    if func is not torch.nn.functional.embedding and func is not torch.nn.functional.embedding_bag:
+        return False
+    return (args[3] if len(args) > 3 else kwargs.get("max_norm")) is not None
 
 
 def _find_engine(args: Any, kwargs: dict[str, Any]) -> Engine:
@@ -617,6 +635,7 @@ class Engine:
         self.rules = rules
         self.uses: list[_Use] = []
         self.watch = _Watch()  # pre-hooks on the recorded nodes
+        self.renormed: set[int] = set()  # NOTE [max_norm renormalises the table] in _rules
         # (kind, slot) -> payloads, merged by the matching finisher in `_rules`.
         self.parts: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         self.closed = False  # set by close(), when the call that made this engine is over

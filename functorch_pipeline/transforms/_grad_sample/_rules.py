@@ -524,15 +524,21 @@ def renorm_rows(engine: Engine, ws: int, idx: Any, max_norm: float, norm_type: f
     caller's table renormalised, and so does this rule (the engine's bases alias the
     parameters), so a DP step sees the table a non-private step would. The rescaling is
     idempotent (a rescaled row's norm is just under ``max_norm``), so a batch, a
-    per-example loop, chunks and padded reruns all read the same rows. ``vmap`` cannot
-    batch the in-place rescaling at all. A table derived inside ``loss_fn`` (NOTE
-    [derived parameters]) is refused: rescaling it in place would change what its
-    gradient is pulled back through.
+    per-example loop, chunks and padded reruns all read the same rows *in the lookups
+    with max_norm*. Any other read of the table after one (a tied output head
+    ``F.linear(h, table)``, a plain lookup) would read the rows every example of the batch
+    rescaled, where a loop's example reads only its own: its gradient depended on the other
+    examples (86.6 off the loop, the norm of one example 119.0 alone and 27.8 in a batch of
+    4, and ``chunk_size`` changed it), which breaks DP's sensitivity bound. Such a read is
+    refused (``Engine.renormed``), and so is any method (``vmap`` cannot batch the in-place
+    rescaling at all). A table derived inside ``loss_fn`` (NOTE [derived parameters]) is
+    refused: rescaling it in place would change what its gradient is pulled back through.
     """
     if ws in engine.derived:
         raise Unsupported(f"{engine.name(ws)} is used by `{call}` with max_norm={max_norm!r} "
                           "after being computed inside loss_fn; the in-place rescaling of its "
                           "rows has no per-sample gradient rule there")
+    engine.renormed.add(ws)
     with torch.no_grad():
         torch.embedding_renorm_(engine.bases[ws], idx.contiguous().reshape(-1), max_norm,
                                 norm_type)
