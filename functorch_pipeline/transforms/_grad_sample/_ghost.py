@@ -65,6 +65,8 @@ from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._padding import run_unambiguous
 from functorch_pipeline.transforms._grad_sample._rules import RULES
 from functorch_pipeline.transforms._grad_sample._rules import VERSION
+from functorch_pipeline.transforms._grad_sample._rules import _pair
+from functorch_pipeline.transforms._grad_sample._rules import conv_pads
 from functorch_pipeline.transforms._grad_sample._rules import merge
 from functorch_pipeline.transforms._grad_sample._state import chunks_from_one_state
 
@@ -88,10 +90,6 @@ def _get(args: Any, kwargs: dict[str, Any], i: int, name: str, default: Any = No
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-def _tuple(v: Any, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
 def _ghost_conv(nd: int) -> Callable[..., Any]:
     op = {1: torch.conv1d, 2: torch.conv2d}[nd]
     name = f"F.conv{nd}d"
@@ -109,8 +107,8 @@ def _ghost_conv(nd: int) -> Callable[..., Any]:
         grads_flow = x.requires_grad or wp.requires_grad or (bp is not None and bp.requires_grad)
         xin = x if grads_flow else x.detach().requires_grad_()
         out = op(xin, wp, bp, stride, padding, dilation, groups)
-        kernel, dil = tuple(wp.shape[2:]), _tuple(dilation, nd)
-        geometry = (kernel, _tuple(stride, nd), _ghost_math.conv_pads(padding, kernel, dil), dil,
+        kernel, dil = tuple(wp.shape[2:]), _pair(dilation, nd)
+        geometry = (kernel, _pair(stride, nd), conv_pads(padding, kernel, dil), dil,
                     groups)
         engine.record(out, _finish_conv, x, ws, bs, geometry)
         return out

@@ -132,20 +132,6 @@ def _centred_gram_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # -- conv geometry --------------------------------------------------------------------------
 
 
-def conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
-    """``F.pad`` amounts (last axis first) equivalent to a conv's ``padding`` argument;
-    ``"same"`` puts the odd extra element on the right, as torch does."""
-    nd = len(kernel)
-    if isinstance(padding, str):
-        pads: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
-            total = d * (k - 1) if padding == "same" else 0
-            pads += [total // 2, total - total // 2]
-        return pads
-    per_axis = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * nd
-    return [p for p in reversed(per_axis) for _ in range(2)]
-
-
 def conv_patches(x: torch.Tensor, geometry: tuple[Any, ...]) -> torch.Tensor:
     """The input patches of a conv, ``(B, groups, cin * prod(kernel), L)``: a strided view
     of the padded input (copied by the ``reshape``), 1-d convs as 2-d of height 1."""

@@ -63,6 +63,10 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
+    if wp.dim() != 2:  # x @ w with a vector w: valid in torch, no rule here
+        raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
+                          f"used by `F.linear` with a {wp.dim()}-d weight, which has no "
+                          "per-sample gradient rule; method='vmap' runs it")
     # A constant input (Swin v2's table of relative coordinates through its position MLP)
     # is a derived tensor, NOTE [constants or batch data] in _engine: where the size check
     # refuses it, or where it has the batch size (NOTE [a table the size of the batch]).
@@ -92,7 +96,22 @@ def _finish_linear(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | N
 
 
 def _pair(v: Any, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    """A conv's ``stride``/``padding``/``dilation`` per spatial axis: an int, or a sequence
+    of one (which torch expands to every axis, as for ``stride=(2,)``) or ``n`` values."""
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return t * n if len(t) == 1 else t
+
+
+def conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """``F.pad`` amounts (last axis first) equivalent to a conv's ``padding`` argument;
+    ``"same"`` puts the odd extra element on the right, as torch does."""
+    if isinstance(padding, str):
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
+            total = d * (k - 1) if padding == "same" else 0
+            pads += [total // 2, total - total // 2]
+        return pads
+    return [p for p in reversed(_pair(padding, len(kernel))) for _ in range(2)]
 
 
 def _conv(nd: int) -> Any:
@@ -152,13 +171,7 @@ def _conv_weight(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], stri
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
         if not isinstance(padding, str):
             padding = (0, *_pair(padding, 1))
-    if isinstance(padding, str):  # "same" puts an odd extra pad on the right, as torch does
-        pads: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
-            total = d * (k - 1) if padding == "same" else 0
-            pads += [total // 2, total - total // 2]
-    else:
-        pads = [p for p in reversed(_pair(padding, 2)) for _ in range(2)]
+    pads = conv_pads(padding, kernel, dilation)
     if _grouped_ok(x):
         out = conv_weight_per_example(x, g, kernel, stride, pads, dilation, groups)
     else:

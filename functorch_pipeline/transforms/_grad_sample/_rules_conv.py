@@ -33,21 +33,10 @@ from functorch_pipeline.transforms._grad_sample._rules import _get
 from functorch_pipeline.transforms._grad_sample._rules import _no_graph
 from functorch_pipeline.transforms._grad_sample._rules import _pair
 from functorch_pipeline.transforms._grad_sample._rules import _params
+from functorch_pipeline.transforms._grad_sample._rules import conv_pads
 from functorch_pipeline.transforms._grad_sample._rules import register_rule
 
 __all__: list[str] = []
-
-
-def _pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
-    """``F.pad`` amounts (last axis first) for a conv's padding; "same" pads odd extra on
-    the right, as torch does."""
-    if isinstance(padding, str):
-        pads: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
-            total = d * (k - 1) if padding == "same" else 0
-            pads += [total // 2, total - total // 2]
-        return pads
-    return [p for p in reversed(_pair(padding, len(kernel))) for _ in range(2)]
 
 
 def _conv_weight_nd(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
@@ -56,7 +45,7 @@ def _conv_weight_nd(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...],
     """Per-example weight gradients ``(B, O, C / groups, *kernel)`` of an N-d convolution,
     by the patch matmul of NOTE [per-example conv weight gradients] in ``_rules``."""
     nd = len(kernel)
-    pads = _pads(padding, kernel, dilation)
+    pads = conv_pads(padding, kernel, dilation)
     if any(pads):
         x = F.pad(x, pads)
     x = x.contiguous()
