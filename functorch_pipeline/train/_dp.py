@@ -122,6 +122,26 @@ def _num_rows(where: str, batch: Any) -> int:
     return int(n)
 
 
+def _finite_padding(batch: Any, mask: torch.Tensor) -> Any:
+    """``batch`` with its padding rows (``mask`` False; at least one row is real) replaced
+    by copies of the first real row.
+
+    # NOTE [padding rows]
+    A padding row's loss is replaced by 0 (``masked_losses``), which makes its output
+    gradients 0; its weight gradients are its activations times those, 0 only where the
+    activations are finite. Padding holding NaN or inf (garbage past a fixed-shape batch's
+    end, or a zero row that a model normalises, ``x / x.norm()``) turned every method's
+    clipped sum, and so every parameter, NaN, although the rows are documented as dropped.
+    Copies of a real row are as finite as the data, and their zero loss keeps them out of
+    the sum exactly. The gather copies the batch once per step, only when it has padding.
+    """
+    if bool(mask.all()):
+        return batch
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rows = torch.where(mask, rows, rows[mask][0])
+    return _tree.map(lambda a: a.index_select(0, rows.to(a.device)), batch)
+
+
 class DPTrainer:
     """DP-SGD (or DP-Adam, DP-anything) one line away from ``fp.train.train_step``.
 
@@ -246,9 +266,9 @@ class DPTrainer:
 
         def masked_losses(params: Any, batch: Any, mask: torch.Tensor) -> torch.Tensor:
             # NOTE [padding rows]: a padding row's loss is replaced by 0, so its output
-            # gradients, norm and clipped part are 0. Its *inputs* must still be finite:
-            # 0 * inf or 0 * NaN in an activation is NaN in every method. fp.data pads with
-            # copies of a real row, so padded rows are as finite as the data.
+            # gradients, norm and clipped part are 0, provided its activations are finite
+            # (0 * inf and 0 * NaN are NaN in every method): clipped_sum hands loss_fn the
+            # padding rows as copies of a real row (_finite_padding).
             losses = loss_fn(params, batch)
             if not isinstance(losses, torch.Tensor) or losses.numel() != mask.numel():
                 got = (f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor)
@@ -268,7 +288,10 @@ class DPTrainer:
         """The state of a fresh run.
 
         Args:
-          params: the initial parameters.
+          params: the initial parameters. Their values are taken (detached): a DP step
+            trains them and builds no autograd graph across steps, so
+            ``dict(model.named_parameters())`` works as the detached tree does (NOTE
+            [parameters that require grad in DPTrainer]).
           key: the run's ``fp.random`` key (the noise key is derived from it).
           buffers: non-trainable state, e.g. eval-mode BatchNorm statistics, carried in
             the state and its checkpoints. ``loss_fn(params, batch)`` does not receive them:
@@ -292,6 +315,13 @@ class DPTrainer:
         if not _random.is_key(key):
             raise TypeError(f"DPTrainer.init: `key` must be an fp.random key, got {key!r}")
         acc = Accountant(accountant) if isinstance(accountant, str) else accountant
+        # NOTE [parameters that require grad in DPTrainer]
+        # nn.Parameters (dict(model.named_parameters()), Opacus' habit) require grad: each
+        # step's parameters then came from the last through the optimizer's graph, which
+        # autograd kept from the first step on (317 MB over 12 steps of a small CNN against
+        # 6 MB detached), and auto took vmap for them (its result keeps a graph). A DP step
+        # differentiates nothing through its own steps, so the run starts from the values.
+        params = _tree.map(lambda p: p.detach() if isinstance(p, torch.Tensor) else p, params)
         tx = _freeze_frozen(optim.differentially_private(
             self._inner, self.l2_norm_clip, self.noise_multiplier,
             key=_random.fold_in(key, _NOISE_STREAM), batch_size=self.expected_batch_size,
@@ -333,10 +363,12 @@ class DPTrainer:
                        if isinstance(mask, torch.Tensor) else type(mask).__name__)
                 raise ValueError(f"{where}: `mask` must be a bool tensor of shape ({n},) (one "
                                  f"entry per example), got {got}")
-        if n == 0:
+        if n == 0 or mask is not None and not bool(mask.any()):  # nothing to clip
             leaf = _tree.leaves(params)[0]
-            empty = torch.zeros(0, dtype=leaf.dtype, device=leaf.device)
-            return _tree.map(torch.zeros_like, params), empty, empty
+            nothing = torch.zeros(n, dtype=leaf.dtype, device=leaf.device)
+            return _tree.map(torch.zeros_like, params), nothing, nothing
+        if mask is not None:
+            batch = _finite_padding(batch, mask)
         size = self.max_physical_batch_size or n
         clipped, clipped_masked, args = self._clipped, self._clipped_masked, (params,)
         split = self._split_params(where, params)
