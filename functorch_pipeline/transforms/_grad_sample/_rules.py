@@ -63,7 +63,7 @@ def _linear(engine: Engine, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     ws, bs = engine.slot(w), engine.slot(b)
     wp = engine.bases[ws] if ws is not None else w
     bp = engine.bases[bs] if bs is not None else b
-    if wp.dim() != 2:  # x @ w with a vector w: valid in torch, no rule here
+    if ws is not None and wp.dim() != 2:  # x @ w with a vector w: valid in torch, no rule here
         raise Unsupported(f"{engine.names(args, kwargs)} {'is' if len(engine.slots(args, kwargs)) == 1 else 'are'} "
                           f"used by `F.linear` with a {wp.dim()}-d weight, which has no "
                           "per-sample gradient rule; method='vmap' runs it")
