@@ -32,7 +32,10 @@ ArgNums = int | Sequence[int]
 def _normalize_argnums(argnums: ArgNums, nargs: int, fn: str) -> tuple[tuple[int, ...], bool]:
     """``(positions, is_tuple)``; negative positions count from the end."""
     is_tuple = not isinstance(argnums, int)
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    try:
+        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    except TypeError:  # a float, None, a tensor's scalar: not an int nor a sequence of them
+        nums = ()
     if not nums or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums):
         raise TypeError(f"{fn}: `argnums` must be an int or a non-empty tuple of ints, got {argnums!r}")
     out = []

@@ -26,9 +26,10 @@ from functorch_pipeline.transforms._grad_sample._api import outside_compile
 from functorch_pipeline.transforms._grad_sample._engine import autocast_on
 from functorch_pipeline.transforms._grad_sample._ghost import HooksOnly
 from functorch_pipeline.transforms._grad_sample._ghost import ghost_norms_and_sum
+from functorch_pipeline.transforms._per_sample import _per_sample
 from functorch_pipeline.transforms._per_sample import differentiated_input
 from functorch_pipeline.transforms._per_sample import differentiated_reason
-from functorch_pipeline.transforms._per_sample import per_sample_value_and_grad
+from functorch_pipeline.transforms._per_sample import reject_kwargs
 from functorch_pipeline.tree._math import _rows_sq_norms
 
 __all__ = ["clipped_grad", "clipped_value_and_grad", "per_sample_grad_norms"]
@@ -131,10 +132,11 @@ class _Clipper:
         self.method, self.reduction, self.fn = method, reduction, fn
         self.chosen: str | None = None  # auto's choice, made on the first call
 
-    def __call__(self, *args: Any) -> tuple[Any, torch.Tensor, Any]:
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, torch.Tensor, Any]:
         """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None.
         Under ``torch.compile`` any method but vmap runs eagerly (NOTE [engines under
         torch.compile] in ``_grad_sample._api``)."""
+        reject_kwargs(kwargs, self.fn)
         if self.method == "vmap":
             return self._call(*args)
         return outside_compile(self._call, *args)
@@ -183,14 +185,27 @@ class _Clipper:
 
     def _empty(self, args: Sequence[Any], nums: tuple[int, ...], is_tuple: bool
                ) -> tuple[Any, torch.Tensor, Any]:
-        """An empty batch (Poisson sampling can draw one): no norms, a zero sum."""
-        with torch.no_grad():
-            value = self.loss_fn(*args)
-        value = _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, value)
+        """An empty batch (Poisson sampling can draw one): no norms, a zero sum, losses of
+        shape ``(0,)`` in the parameters' dtype. ``loss_fn`` runs only with ``has_aux=True``,
+        once on the empty batch under ``no_grad``, for the aux it returns there (as
+        ``_per_sample._empty_result``): a model that cannot take 0 examples (a flatten by
+        ``h.view(h.size(0), -1)``) still gets the documented empty result."""
         diff = tuple(args[i] for i in nums)
-        leaves = _tree.leaves(diff)
+        leaves = [p for p in _tree.leaves(diff) if isinstance(p, torch.Tensor)]
+        device = leaves[0].device if leaves else None
         acc = torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
-        norms = torch.zeros(0, dtype=acc, device=leaves[0].device if leaves else None)
+        like = next((p for p in leaves if p.is_floating_point() or p.is_complex()), None)
+        losses = (like.new_zeros(0) if like is not None else torch.zeros(0)).real
+        value: Any = losses
+        if self.has_aux:
+            with torch.no_grad():
+                out = self.loss_fn(*args)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"{self.fn}: with has_aux=True, loss_fn must return a pair "
+                                f"(losses, aux), got {type(out).__name__}")
+            value = (losses, _tree.map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a,
+                                       out[1]))
+        norms = torch.zeros(0, dtype=acc, device=device)
         clipped = None
         if self.max_norm is not None:
             zeros = _tree.map(torch.zeros_like, diff)
@@ -214,9 +229,12 @@ class _Clipper:
                 value, grads = hooks_value_and_grad(self.loss_fn, args, nums, is_tuple, batched,
                                                     self.has_aux, self.chunk_size, self.fn)
             else:
-                value, grads = per_sample_value_and_grad(
-                    self.loss_fn, self.argnums, has_aux=self.has_aux,
-                    batch_argnums=batched, chunk_size=self.chunk_size, method="vmap")(*args)
+                # The function behind per_sample_value_and_grad, with this API's name and
+                # contract (per-example losses) in its errors.
+                value, grads = _per_sample(
+                    self.loss_fn, self.argnums, self.has_aux, batched, self.chunk_size,
+                    keep_batch_dim=True, randomness="error", method="vmap", fn=self.fn,
+                    per_example=True)(*args)
             with _autocast_off(grads):  # NOTE [autocast]: sums in the gradients' own dtype
                 norms = _norms_of(grads)
                 clipped = None if self.max_norm is None else _clip_sum(grads, norms, self.max_norm)
@@ -239,10 +257,14 @@ _METHOD_DOC = """
           ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer``),
           ``fp.nn.LSTM``/``GRU``/``RNN``, ``nn.LSTMCell``/``GRUCell``/``RNNCell``,
           ``x @ w`` and ``w @ x``, and ``x + p``, ``x - p``, ``x * p``, ``x / p`` or
-          ``p.expand(B, ...)`` over the batch (a parameter in ``torch.einsum`` or
-          ``F.bilinear``, or computed from others, gets its per-example gradients
-          formed); any other use (``Conv3d``, transposed convs, ``EmbeddingBag``) is an
-          error naming the parameter's key path and the method that handles it.
+          ``p.expand(B, ...)`` over the batch (a parameter in ``torch.einsum``,
+          ``F.bilinear``, ``F.conv3d`` or a transposed convolution,
+          ``F.conv_transpose1d``/``2d``/``3d``, or computed from others, gets its
+          per-example gradients formed, a chunk of examples at a time, and every other
+          layer keeps ghost's saving). ``F.embedding_bag`` (``nn.EmbeddingBag``) is the
+          one call with a hooks rule and no ghost one: it is an error naming the
+          parameter's key path and ``method="hooks"``, which handles it (``"auto"`` falls
+          back to hooks); a use that no rule covers is an error naming the call.
         * ``"hooks"``: per-example gradients from one batched backward
           (``per_sample_grads(method="hooks")``), then norms and clipping.
         * ``"vmap"``: per-example gradients with ``vmap(grad)``, then norms and clipping;
@@ -261,6 +283,24 @@ _METHOD_DOC = """
         products carry the autocast dtype's rounding, ~0.4% in bfloat16).
 """
 
+_AUX_DOC = """
+      has_aux: ``loss_fn`` returns ``(losses, aux)``. Which ``aux`` comes back depends on
+        the method that runs. ``"ghost"`` and ``"hooks"`` return ``aux`` as ``loss_fn``
+        returns it for the whole batch (logits ``(B, C)``, an accuracy as a 0-d tensor;
+        with ``chunk_size``, each chunk's leaves joined along axis 0, so each must have
+        the examples there). ``"vmap"`` returns each example's own ``aux``, computed on
+        its batch of one and stacked on a new leading axis (logits ``(B, 1, C)``, the 0-d
+        accuracy as a ``(B,)`` vector of 0s and 1s); its leaves must be tensors (or
+        None). ``"auto"`` returns the first form when it runs ghost or hooks and the
+        second when it takes vmap: for a call with an input that requires grad under
+        grad mode, a ``loss_fn`` that differentiates the parameters itself, or a use of
+        a parameter with no rule. So the same call can return either form; pass
+        ``method`` explicitly (``"ghost"`` or ``"hooks"`` for the batch's ``aux``,
+        ``"vmap"`` for each example's) to get one form reliably. An empty batch gives
+        the ``aux`` that ``loss_fn`` returns on it (it runs once there, under
+        ``no_grad``), whatever the method.
+"""
+
 _CONTRACT_DOC = """
       loss_fn: ``loss_fn(params, *batch) -> losses`` returning the *per-example* losses,
         shape ``(B,)`` (``reduction="none"``), where example ``b``'s loss depends on
@@ -273,7 +313,7 @@ _CONTRACT_DOC = """
 
 def _doc(f: Callable[..., Any]) -> Callable[..., Any]:
     f.__doc__ = (f.__doc__ or "").replace("{contract}", _CONTRACT_DOC.strip("\n")) \
-        .replace("{method}", _METHOD_DOC.strip("\n"))
+        .replace("{method}", _METHOD_DOC.strip("\n")).replace("{aux}", _AUX_DOC.strip("\n"))
     return f
 
 
@@ -295,7 +335,7 @@ def per_sample_grad_norms(
     Args:
 {contract}
       argnums: the argument(s) to differentiate (the parameters).
-      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+{aux}
       batch_argnums: the arguments whose tensor leaves carry the batch on axis 0; by
         default every positional argument not in ``argnums``.
       chunk_size: examples per chunk, to bound memory (same result).
@@ -303,7 +343,9 @@ def per_sample_grad_norms(
 
     Returns:
       A function with ``loss_fn``'s signature returning the norms, shape ``(B,)`` (float64
-      for float64 parameters, else float32), or ``(norms, aux)`` with ``has_aux=True``.
+      for float64 parameters, else float32), or ``(norms, aux)`` with ``has_aux=True``. An
+      empty batch (Poisson sampling can draw one) gives norms of shape ``(0,)``; ``loss_fn``
+      runs there only with ``has_aux=True``.
 
     Example:
       >>> import torch.nn.functional as F
@@ -316,8 +358,8 @@ def per_sample_grad_norms(
                        "per_sample_grad_norms(loss_fn)")
 
     @functools.wraps(loss_fn)
-    def wrapped(*args: Any) -> Any:
-        value, norms, _ = clipper(*args)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        value, norms, _ = clipper(*args, **kwargs)
         return (norms, value[1]) if has_aux else norms
 
     return wrapped
@@ -341,7 +383,7 @@ def clipped_value_and_grad(
 {contract}
       max_norm: see :func:`clipped_grad`.
       argnums: the argument(s) to differentiate (the parameters).
-      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+{aux}
       batch_argnums: the arguments carrying the batch on axis 0 (default: all but
         ``argnums``).
       reduction: ``"sum"`` (default) or ``"mean"`` over the batch.
@@ -350,7 +392,9 @@ def clipped_value_and_grad(
 
     Returns:
       A function returning ``(losses, (clipped, norms))``, or
-      ``((losses, aux), (clipped, norms))`` with ``has_aux=True``.
+      ``((losses, aux), (clipped, norms))`` with ``has_aux=True``. An empty batch gives
+      losses and norms of shape ``(0,)`` and a zero sum; ``loss_fn`` runs there only with
+      ``has_aux=True``.
 
     Example:
       >>> import torch.nn.functional as F
@@ -363,8 +407,8 @@ def clipped_value_and_grad(
                        reduction, "clipped_value_and_grad(loss_fn, max_norm)")
 
     @functools.wraps(loss_fn)
-    def wrapped(*args: Any) -> Any:
-        value, norms, clipped = clipper(*args)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        value, norms, clipped = clipper(*args, **kwargs)
         return value, (clipped, norms)
 
     return wrapped
@@ -396,7 +440,7 @@ def clipped_grad(
       max_norm: the bound on each example's gradient norm: a positive number (``inf``
         disables clipping) or a 0-d tensor (no host synchronisation).
       argnums: the argument(s) to differentiate (the parameters).
-      has_aux: ``loss_fn`` returns ``(losses, aux)``.
+{aux}
       batch_argnums: the arguments carrying the batch on axis 0 (default: all but
         ``argnums``).
       reduction: ``"sum"`` (default) or ``"mean"``, which divides by this batch's size.
@@ -409,7 +453,9 @@ def clipped_grad(
       A function with ``loss_fn``'s signature returning ``(clipped, norms)``: the clipped
       sum shaped like the differentiated argument(s), and the ``(B,)`` norms before
       clipping; ``((clipped, norms), aux)`` with ``has_aux=True``. An empty batch
-      (Poisson sampling can draw one) gives zeros (for ``"mean"`` too) and no norms.
+      (Poisson sampling can draw one) gives zeros (for ``"mean"`` too) and no norms;
+      ``loss_fn`` runs there only with ``has_aux=True`` (for its aux), so a model that
+      cannot take 0 examples is not called.
 
     Example:
       >>> import torch.nn.functional as F
@@ -423,8 +469,8 @@ def clipped_grad(
                        reduction, "clipped_grad(loss_fn, max_norm)")
 
     @functools.wraps(loss_fn)
-    def wrapped(*args: Any) -> Any:
-        value, norms, clipped = clipper(*args)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        value, norms, clipped = clipper(*args, **kwargs)
         return ((clipped, norms), value[1]) if has_aux else (clipped, norms)
 
     return wrapped

@@ -121,6 +121,19 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
     return None
 
 
+def reject_kwargs(kwargs: dict[str, Any], fn: str) -> None:
+    """The error for keyword arguments to a per-example function. They are not passed on:
+    the methods map positional arguments only (``batch_argnums`` says which carry the
+    batch), and a keyword tensor would be neither mapped nor checked (for a batch axis, or
+    for requiring grad), so each method would treat it differently."""
+    if kwargs:
+        names = ", ".join(repr(k) for k in kwargs)
+        raise TypeError(
+            f"{fn}: keyword arguments are not supported (got {names}); pass them positionally "
+            "(with `batch_argnums` naming the batch arguments when one is a constant), or close "
+            "over them (functools.partial(loss_fn, ...))")
+
+
 def _empty_batch(args: Sequence[Any], batched: Sequence[int]) -> bool:
     """Whether every batch leaf has 0 examples (and there is at least one)."""
     leaves = [leaf for i in batched for leaf in _tree.leaves(args[i]) if isinstance(leaf, torch.Tensor)]
@@ -149,10 +162,13 @@ def _empty_result(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequen
     return value, (grads if is_tuple else grads[0])
 
 
-def _squeeze_one(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+def _squeeze_one(loss_fn: Callable[..., Any], has_aux: bool, fn: str, per_example: bool
+                 ) -> Callable[..., Any]:
     """``loss_fn`` with a per-example loss vector of shape ``(1,)`` turned into a scalar, so
     a ``loss_fn`` returning per-example losses (what ``method="hooks"`` needs) also serves
-    the ``vmap`` method, which calls it on batches of one."""
+    the ``vmap`` method, which calls it on batches of one. Any other shape is an error
+    stating ``fn``'s contract: per-example losses ``(B,)`` (``per_example``, the clipped
+    functions), else those or a scalar loss for the batch."""
 
     @functools.wraps(loss_fn)
     def wrapped(*args: Any) -> Any:
@@ -161,6 +177,13 @@ def _squeeze_one(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., An
         if isinstance(value, torch.Tensor) and value.shape == (1,):
             value = value.reshape(())
             return (value, out[1]) if has_aux else value
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            want = ("per-example losses of shape (B,) (reduction='none')" if per_example else
+                    "a scalar loss for the batch (a mean or a sum) or per-example losses of "
+                    "shape (B,)")
+            raise ValueError(
+                f"{fn}: loss_fn must return {want}, but on an example passed as a batch of one "
+                f"(method='vmap') it returned shape {tuple(value.shape)}, not (1,)")
         return out
 
     return wrapped
@@ -176,12 +199,17 @@ def _per_sample(
     randomness: str,
     method: str,
     fn: str,
+    per_example: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
+    """The function behind both public functions and the clipped functions' vmap method;
+    ``fn`` names the API in errors, ``per_example`` states its contract there (per-example
+    losses only, as the clipped functions take)."""
     if method not in _METHODS:
         raise ValueError(f"{fn}: `method` must be one of {_METHODS}, got {method!r}")
     decided: dict[Any, str] = {}
-    vg = _value_and_grad_impl(_squeeze_one(loss_fn, has_aux) if keep_batch_dim else loss_fn,
-                              argnums, has_aux, fn)
+    vg = _value_and_grad_impl(
+        _squeeze_one(loss_fn, has_aux, fn, per_example) if keep_batch_dim else loss_fn,
+        argnums, has_aux, fn)
 
     # NOTE [a batch of one]
     # Each example is handed to `loss_fn` with a leading axis of size 1, so the same
@@ -190,7 +218,8 @@ def _per_sample(
     # reads a key batch of size N as one key per example, which keeps this consistent with
     # a Python loop over `x[i:i+1]`. `keep_batch_dim=False` hands raw examples instead.
     @functools.wraps(loss_fn)
-    def wrapped(*args: Any) -> tuple[Any, Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        reject_kwargs(kwargs, fn)
         nums, is_tuple = _normalize_argnums(argnums, len(args), fn)
         if batch_argnums is None:
             batched = tuple(i for i in range(len(args)) if i not in nums)
@@ -234,7 +263,10 @@ def _per_sample(
                     else ai
                     for i, ai in enumerate(a)
                 )
-            return vg(*a)
+            out = vg(*a)
+            if has_aux:
+                _check_stackable_aux(out[0][1], fn, per_example)
+            return out
 
         try:
             if chunk_size is None:
@@ -249,7 +281,8 @@ def _per_sample(
                     f"{fn}: method='vmap' cannot batch F.embedding/F.embedding_bag with "
                     "max_norm, which rescales rows of the table in place during the forward; "
                     "method='hooks' (and method='auto') handle it when the table is a parameter "
-                    "(not computed inside loss_fn), renormalising it as eager PyTorch does. "
+                    "(not computed inside loss_fn) that nothing but such lookups reads, "
+                    "renormalising it as eager PyTorch does. "
                     f"The error was: {e}") from e
             if "from the 'Sparse" in str(e):  # NOTE [sparse embedding gradients] in _rules
                 raise RuntimeError(
@@ -302,6 +335,19 @@ def _per_sample(
                 f"rule): {REPLACE_RNNS_HINT}. The error was: {e}") from e
 
     return wrapped
+
+
+def _check_stackable_aux(aux: Any, fn: str, per_example: bool) -> None:
+    """vmap stacks each example's aux, which takes tensors (and None) only: name the first
+    other leaf (a string, a number) in ``fn``'s words rather than the internal vmap's."""
+    for path, leaf in _tree.leaves_with_path(aux):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            methods = "method='ghost' or 'hooks'" if per_example else "method='hooks'"
+            raise TypeError(
+                f"{fn}: with has_aux=True, method='vmap' returns each example's aux stacked, "
+                f"so its leaves must be tensors (or None), but the aux at "
+                f"`{_tree.keystr(path)}` is a {type(leaf).__name__}; return it from outside "
+                f"loss_fn, or pass {methods}, which returns loss_fn's aux for the whole batch")
 
 
 def _autocast_on() -> bool:
@@ -603,8 +649,8 @@ def per_sample_grads(
                      method, "per_sample_grads(loss_fn)")
 
     @functools.wraps(loss_fn)
-    def wrapped(*args: Any) -> Any:
-        value, grads = vg(*args)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        value, grads = vg(*args, **kwargs)
         return (grads, value[1]) if has_aux else grads
 
     return wrapped

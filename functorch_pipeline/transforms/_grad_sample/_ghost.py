@@ -16,10 +16,11 @@ hooks rule's per-example weight gradient), ``F.embedding``, ``F.layer_norm``,
 ``F.multi_head_attention_forward`` (its rule re-computes attention with ``F.linear``
 calls and per-example copies of the few broadcast biases, NOTE [attention through the
 linear rule]) and the fused recurrent directions of ``fp.nn`` (LSTM, GRU; ``fp.nn.RNN``
-is plain ``F.linear`` calls). Any other rule the hooks method has (conv3d, transposed
-convs, embedding bags: their hooks rules form ``B x params`` gradients) raises
-:class:`HooksOnly` here, so the caller can say that ``method="hooks"`` handles that call
-(or fall back to it).
+is plain ``F.linear`` calls). Conv3d and the transposed convolutions have their
+per-example gradients formed, a chunk of examples at a time, as in hooks (see ``_NATIVE``).
+Any other rule the hooks method has (embedding bags: their hooks rules form ``B x params``
+gradients) raises :class:`HooksOnly` here, so the caller can say that ``method="hooks"``
+handles that call (or fall back to it).
 
 # NOTE [clipping without a second backward]
 Opacus's ghost clipping runs a second backward of ``sum_b c_b loss_b`` with the clip
@@ -135,8 +136,9 @@ def _finish_conv(engine: Engine, g: torch.Tensor, x: torch.Tensor, ws: int | Non
 # Calls whose hooks rules leave ghost-ready parts: outer/sum/embed, or "direct" parts of
 # a few numbers per example (normalisation layers' affine parameters), or of a parameter
 # whose per-example gradients no cheaper form gives here (einsum, bilinear: NOTE [einsum];
-# a token written into the batch: NOTE [a parameter written into the batch]; conv3d and the transposed convolutions, formed a chunk of examples at a time as in
-# hooks, so that a video model's other layers keep ghost's saving).
+# a token written into the batch: NOTE [a parameter written into the batch]; conv3d and
+# the transposed convolutions, formed a chunk of examples at a time as in hooks, so that
+# a video model's other layers keep ghost's saving).
 _NATIVE = (F.linear, F.embedding, F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm,
            F.rms_norm, F.multi_head_attention_forward, *_rules_broadcast.ADD,
            *_rules_broadcast.MUL, *_rules_broadcast.SUB, *_rules_broadcast.DIV,
