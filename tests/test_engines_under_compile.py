@@ -50,8 +50,8 @@ def test_clipped_grad_inside_a_compiled_step(method, monkeypatch):
     _, params, x, y, losses = _setup()
     clip = fp.clipped_grad(losses, CLIP, method=method)
     vmapped = []  # auto must not switch to vmap's B x params gradients under compile
-    real = _clipped.per_sample_value_and_grad
-    monkeypatch.setattr(_clipped, "per_sample_value_and_grad",
+    real = _clipped._per_sample
+    monkeypatch.setattr(_clipped, "_per_sample",
                         lambda *a, **k: vmapped.append(1) or real(*a, **k))
 
     def step(p, x, y):  # compiled work on both sides of the clipped sum
@@ -117,8 +117,8 @@ def test_dp_trainer_step_compiled_matches_eager(monkeypatch):
     torch._dynamo.reset()
     _, params, x, y, losses = _setup()
     vmapped = []
-    real = _clipped.per_sample_value_and_grad
-    monkeypatch.setattr(_clipped, "per_sample_value_and_grad",
+    real = _clipped._per_sample
+    monkeypatch.setattr(_clipped, "_per_sample",
                         lambda *a, **k: vmapped.append(1) or real(*a, **k))
 
     def per_example(p, b):

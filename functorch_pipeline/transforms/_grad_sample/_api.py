@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._grad_sample._closure import warn_closed_over
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import PlainBatch
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
@@ -143,6 +144,7 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     scalar loss, ``batched`` the arguments carrying the batch on axis 0 (the engine's
     ``batch_args``, read only when a rule needs them: NOTE [sequence-first inputs]). The forward of the hooks
     method and of ghost clipping."""
+    caller_grad = torch.is_grad_enabled()  # NOTE [closed-over parameters] in _closure
     tracked = iter(engine.tracked())
     new_args = list(args)
     traced = not plain_batch(loss_fn)
@@ -171,6 +173,7 @@ def forward_losses(engine: Engine, loss_fn: Callable[..., Any], args: list[Any],
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"{fn}: loss_fn must return a tensor of per-example losses, got "
                         f"{type(losses).__name__}")
+    warn_closed_over(loss_fn, losses, fn, caller_grad)
     if engine.is_tracked(losses):  # NOTE [derived parameters]: nothing batched in its graph
         raise Unsupported(f"the losses are computed from {engine.name(losses._fp_slot)} with no "
                           "op that shows which examples they belong to")
