@@ -125,8 +125,8 @@ def test_adabelief_rule(nesterov):
         m, sv = _zeros(s, "m", g), _zeros(s, "s", g)
         out = []
         for i, gi in enumerate(g):
-            e = gi - m[i]  # the previous first moment
             m[i] = b1 * m[i] + (1 - b1) * gi
+            e = gi - m[i]  # the updated first moment (optax 0.2.8, paper Alg. 2)
             sv[i] = b2 * sv[i] + (1 - b2) * e**2 + eps_root
             if nesterov:
                 mh = b1 * m[i] / (1 - b1 ** (t + 1)) + (1 - b1) * gi / (1 - b1**t)

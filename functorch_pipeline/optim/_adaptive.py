@@ -400,7 +400,9 @@ def scale_by_radam(
             d = _mt.sqrt(d, fe)
             d = _mt.add_scalar_(d, eps, fe)
             k = rect
-        out = [torch.where(on, x / y * k, x) for x, y in zip(mh, d, strict=True)]
+        # NOTE [scalar dtype]: k is a step-count scalar; keep a 0-d leaf's dtype
+        out = [_mt.to_leaf(torch.where(on, x / y * _mt.leaf_scalar(k, x), x), x)
+               for x, y in zip(mh, d, strict=True)]
         out = _finish(where, out, m, c, updates, params, fe, td)
         return fpt.unflatten(td, out), ScaleByAdamState(count, fpt.unflatten(td, new_m), fpt.unflatten(td, new_v))
 
@@ -674,7 +676,10 @@ def scale_by_rss(
         fe = _mt.foreach_ok(gl, sl, _mt.tensors(eps, m, c))
         new_s = _mt.addcmul(sl, gl, gl, fe, inplace=_mt.inplace_ok(extra_args, gl, sl, fe=fe))
         if eps_in_sqrt:
-            out = [torch.where(s > 0, torch.rsqrt(s + eps), torch.zeros_like(s)) * g for s, g in zip(new_s, gl, strict=True)]
+            # per leaf: an injected eps must not promote a 0-d leaf (NOTE [scalar dtype])
+            out = [_mt.to_leaf(torch.where(s > 0, torch.rsqrt(s + _mt.leaf_scalar(eps, s)),
+                                           torch.zeros_like(s)) * g, g)
+                   for s, g in zip(new_s, gl, strict=True)]
         else:
             d = _mt.sqrt(new_s, fe)
             d = _mt.add_scalar_(d, eps, fe)

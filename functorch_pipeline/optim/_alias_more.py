@@ -103,7 +103,7 @@ def adabelief(
 ) -> GradientTransformation:
     r"""AdaBelief: ``chain(scale_by_belief(...), scale_by_learning_rate(lr))``; the
     update is :math:`-\eta\,\hat m_t / (\sqrt{\hat s_t} + \epsilon)` with :math:`s` the EMA
-    of :math:`(g_t - m_{t-1})^2` (see :func:`scale_by_belief`). No torch.optim counterpart.
+    of :math:`(g_t - m_t)^2` (see :func:`scale_by_belief`). No torch.optim counterpart.
 
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
@@ -119,7 +119,7 @@ def adabelief(
       >>> import functorch_pipeline as fp
       >>> opt = fp.optim.adabelief(0.1)
       >>> opt.update({"w": torch.tensor([5.0])}, opt.init({"w": torch.zeros(1)}))[0]
-      {'w': tensor([-0.1000])}
+      {'w': tensor([-0.1111])}
     """
     _lr("adabelief", learning_rate)
     return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov),

@@ -166,7 +166,7 @@ def scale_by_factored_rms(
         out, nr, nc, nv = [], [], [], []
         for g, r, c, v in zip(gl, rl, cl, vl, strict=True):
             b = beta.to(g.dtype) if isinstance(beta, torch.Tensor) else beta
-            gsq = g * g + epsilon
+            gsq = _mt.to_leaf(g * g + _mt.leaf_scalar(epsilon, g), g)  # NOTE [scalar dtype]
             dims = _factored_dims(tuple(g.shape), factored, min_dim_size_to_factor)
             if dims is None:
                 v = b * v + (1 - b) * gsq
@@ -216,7 +216,10 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
                   **extra_args: Any) -> tuple[Updates, Any]:
         ul, td = fpt.flatten(updates)
         _checks.check_float("clip_by_block_rms.update", ul, updates)
-        out = [u / torch.clamp(torch.sqrt(torch.mean(u * u)) / threshold, min=1.0) for u in ul]
+        # per leaf: an injected threshold must not promote a 0-d leaf (NOTE [scalar dtype])
+        out = [_mt.to_leaf(u / torch.clamp(torch.sqrt(torch.mean(u * u))
+                                           / _mt.leaf_scalar(threshold, u), min=1.0), u)
+               for u in ul]
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)
@@ -248,8 +251,9 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
         require_params(where, params)
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
-        out = [u * torch.clamp(torch.sqrt(torch.mean(p * p)), min=min_scale)
-               for u, p in zip(ul, pl, strict=True)]
+        out = [_mt.to_leaf(u * torch.clamp(torch.sqrt(torch.mean(p * p)),
+                                           min=_mt.leaf_scalar(min_scale, u)), u)
+               for u, p in zip(ul, pl, strict=True)]  # NOTE [scalar dtype]
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)
@@ -281,8 +285,9 @@ def scale_by_param_block_norm(min_scale: float = 1e-3) -> GradientTransformation
         require_params(where, params)
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
-        out = [u * torch.clamp(torch.linalg.vector_norm(p), min=min_scale)
-               for u, p in zip(ul, pl, strict=True)]
+        out = [_mt.to_leaf(u * torch.clamp(torch.linalg.vector_norm(p),
+                                           min=_mt.leaf_scalar(min_scale, u)), u)
+               for u, p in zip(ul, pl, strict=True)]  # NOTE [scalar dtype]
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)

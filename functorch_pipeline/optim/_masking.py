@@ -19,6 +19,7 @@ from functorch_pipeline import tree as fpt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import mismatch_error
 from functorch_pipeline.optim._base import set_to_zero
 
 __all__ = [
@@ -123,7 +124,12 @@ def broadcast_to_leaves(where: str, what: str, prefix: Any, full: Any) -> list[A
                 f"be a tree with the structure of the parameters or a prefix of it "
                 f"(it has paths {sorted(fpt.keystr(p) for p in ppaths)})"
             )
-    unused = [fpt.keystr(p) for p in ppaths if p not in used]
+    unused = [p for p in ppaths if p not in used]
+    if unused:
+        # a None in ``prefix`` where ``full`` has None too: an empty subtree in both (optax)
+        fpaths_n, fleaves_n = paths_and_leaves(full, none_is_leaf=True)
+        empty = {q for q, x in zip(fpaths_n, fleaves_n, strict=True) if x is None}
+        unused = [fpt.keystr(p) for p in unused if not (table[p] is None and p in empty)]
     if unused:
         raise ValueError(f"{where}: `{what}` has paths that match no parameter: {unused}")
     return out
@@ -165,7 +171,7 @@ def masked(
     {'w': tensor([0.]), 'b': tensor([1.])}
     """
     return _masked_by_flags(inner, lambda where, tree: _mask_leaves(where, mask, tree), callable(mask),
-                            mask_compatible_extra_args)
+                            mask_compatible_extra_args, name="masked")
 
 
 def _mask_extra(extra_args: dict, updates: Any, flags: list[bool]) -> dict:
@@ -182,25 +188,32 @@ def _mask_extra(extra_args: dict, updates: Any, flags: list[bool]) -> dict:
 
 
 def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: bool,
-                     mask_extra: bool = False) -> GradientTransformation:
-    """:func:`masked` with ``flags_fn(where, tree) -> [bool per leaf]``."""
+                     mask_extra: bool = False, name: str = "masked") -> GradientTransformation:
+    """:func:`masked` with ``flags_fn(where, tree) -> [bool per leaf]``; ``name``: the
+    public API errors name (``masked``, ``partition``, ``multi_transform``)."""
     inner = GradientTransformation(*inner)
 
     def init_fn(params: Params) -> MaskedState:
-        flags = flags_fn("masked.init", params)
+        flags = flags_fn(f"{name}.init", params)
         return MaskedState(inner.init(_select(params, flags)))
 
     def update_fn(updates: Updates, state: MaskedState, params: Params = None, **extra_args: Any):
-        flags = flags_fn("masked.update", params if use_params and params is not None else updates)
-        sub_u = _select(updates, flags)
-        sub_p = None if params is None else _select(params, flags)
+        where = f"{name}.update"
+        flags = flags_fn(where, params if use_params and params is not None else updates)
+        try:
+            sub_u = _select(updates, flags)
+            sub_p = None if params is None else _select(params, flags)
+        except ValueError:  # zip(strict=True): the flags come from the other tree
+            if params is None:
+                raise
+            raise mismatch_error(where, "updates", updates, "params", params) from None
         if mask_extra:
             extra_args = _mask_extra(extra_args, updates, flags)
         new_sub, new_inner = inner.update(sub_u, state.inner_state, sub_p, **extra_args)
         new_leaves = fpt.leaves(new_sub, is_leaf=_is_masked_node)
         ul, td = fpt.flatten(updates)
         if len(new_leaves) != len(ul):
-            raise ValueError("masked.update: the inner transformation changed the structure of the updates")
+            raise ValueError(f"{where}: the inner transformation changed the structure of the updates")
         out = [n if f else u for u, n, f in zip(ul, new_leaves, flags, strict=True)]
         return fpt.unflatten(td, out), MaskedState(new_inner)
 
@@ -248,6 +261,12 @@ def partition(
     >>> tx.update(g, tx.init(g))[0]
     {'w': tensor([-0.0100]), 'b': tensor([-1.])}
     """
+    return _partition(transforms, param_labels, mask_compatible_extra_args, "partition")
+
+
+def _partition(transforms: Mapping[Hashable, GradientTransformation], param_labels: Any,
+               mask_compatible_extra_args: bool, name: str) -> GradientTransformation:
+    """:func:`partition`, whose errors name ``name`` (``partition`` or ``multi_transform``)."""
     transforms = {k: GradientTransformation(*v) for k, v in transforms.items()}
 
     def label_list(where: str, tree: Any) -> list[Hashable]:
@@ -265,14 +284,14 @@ def partition(
     def inner_masked(label: Hashable, labels: list[Hashable]) -> GradientTransformation:
         flags = [lab == label for lab in labels]
         return _masked_by_flags(transforms[label], lambda where, tree: flags, False,
-                                mask_compatible_extra_args)
+                                mask_compatible_extra_args, name=name)
 
     def init_fn(params: Params) -> PartitionState:
-        labels = label_list("partition.init", params)
+        labels = label_list(f"{name}.init", params)
         return PartitionState({k: inner_masked(k, labels).init(params) for k in transforms})
 
     def update_fn(updates: Updates, state: PartitionState, params: Params = None, **extra_args: Any):
-        labels = label_list("partition.update", updates)
+        labels = label_list(f"{name}.update", updates)
         new_states = {}
         for k in transforms:
             updates, new_states[k] = inner_masked(k, labels).update(updates, state.inner_states[k], params, **extra_args)
@@ -305,8 +324,7 @@ def multi_transform(
       >>> tx.update(g, tx.init(g))[0]
       {'w': tensor([-1.]), 'b': tensor([-0.])}
     """
-    return partition(transforms, param_labels,
-                     mask_compatible_extra_args=mask_compatible_extra_args)
+    return _partition(transforms, param_labels, mask_compatible_extra_args, "multi_transform")
 
 
 def freeze(mask: Any) -> GradientTransformation:

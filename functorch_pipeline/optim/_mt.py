@@ -59,7 +59,12 @@ def _differentiating() -> bool:
 
 def foreach_ok(*lists: Sequence[Any]) -> bool:
     """Whether the multi-tensor fast path may run: every element of every list is a plain
-    eager tensor and nothing is differentiated (NOTE [differentiable optimizers])."""
+    eager tensor and nothing is differentiated (NOTE [differentiable optimizers]). The
+    first list holds the leaves; when it is empty (an empty tree, ``{}``) the answer is
+    no: ``torch._foreach_*`` kernels reject empty lists, the leaf-by-leaf path returns
+    ``[]``."""
+    if not lists or not lists[0]:
+        return False
     if torch.compiler.is_compiling() or _differentiating():
         return False
     grad_mode = torch.is_grad_enabled()
@@ -180,14 +185,70 @@ def like(s: Any, xs: Sequence[torch.Tensor]) -> Any:
     return s
 
 
+def compute_dtype(dt: torch.dtype) -> torch.dtype:
+    """The real dtype scalar maths runs in for leaves of dtype ``dt``: float64 for float64
+    and complex128, else float32 (the opmath of half/bfloat16 kernels)."""
+    return torch.float64 if dt in (torch.float64, torch.complex128) else torch.float32
+
+
+def promotes(s: Any, xs: Sequence[torch.Tensor]) -> bool:
+    """Whether the tensor scalar ``s`` would change the dtype of a 0-d leaf of ``xs`` in an
+    out-of-place op (NOTE [scalar dtype]); then the helpers go leaf by leaf with
+    :func:`to_leaf`."""
+    if not isinstance(s, torch.Tensor) or 0 not in map(_DIM, xs):  # no 0-d leaf: a C loop
+        return False
+    dt = s.dtype
+    return any(x.dtype != dt and x.dim() == 0 for x in xs)
+
+
+_DIM = torch.Tensor.dim
+
+
+def to_leaf(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (computed from leaf ``x`` and a tensor scalar) back in ``x``'s dtype when
+    ``x`` is 0-d, whose dtype the scalar may have promoted (NOTE [scalar dtype])."""
+    if x.dim() == 0 and out.dtype != x.dtype and (x.is_floating_point() or x.is_complex()):
+        return out.to(x.dtype)
+    return out
+
+
+def leaf_scalar(s: Any, x: torch.Tensor) -> Any:
+    """The tensor scalar ``s`` for one leaf ``x``: in ``x``'s compute dtype when ``x`` is a
+    0-d float leaf (so a 0-d float32 leaf of a mixed tree sees the scalar a float32 tree
+    gives it), else unchanged (NOTE [scalar dtype])."""
+    if isinstance(s, torch.Tensor) and x.dim() == 0 and s.is_floating_point() and (
+            x.is_floating_point() or x.is_complex()):
+        dt = compute_dtype(x.dtype)
+        if s.dtype != dt:
+            return s.to(dt)
+    return s
+
+
 # NOTE [scalar dtype]
 # Schedules and injected hyperparameters are float64 0-d tensors (NOTE [schedule
 # precision]). Multiplying a float32 leaf by one gives float32 for leaves with dims (0-d
 # tensors do not promote them) but float64 for a 0-d leaf, whose update or state would
 # then change dtype. So tensor scalars are cast to the leaves' compute dtype where they
-# meet the leaves (:func:`scalar_dtype`: float64 if any leaf is float64, else float32,
-# the opmath of half/bfloat16 kernels): the rounding the kernels apply to a Python-number
-# learning rate, as in torch.optim.
+# meet the leaves (:func:`scalar_dtype`: float64 if any leaf is float64 or complex128,
+# else float32, the opmath of half/bfloat16 kernels): the rounding the kernels apply to a
+# Python-number learning rate, as in torch.optim.
+#
+# One cast per list is not enough when the leaves' dtypes differ (a float64 weight and a
+# 0-d float32 temperature): the scalar is then float64 and still promotes the 0-d float32
+# leaf, and a later stateful transform rejects the float64 update. So whenever a tensor
+# scalar would promote a 0-d leaf (:func:`promotes`), the helpers go leaf by leaf, give
+# each 0-d leaf the scalar in its own compute dtype (:func:`leaf_scalar`, the value a
+# float32-only tree would use) and cast the result back to the leaf's dtype
+# (:func:`to_leaf`, for half/bfloat16 0-d leaves). Every leaf's update keeps its dtype, as
+# in optax. Trees whose leaves all have dims, or all share the scalar's dtype, take the
+# unchanged fast paths.
+
+
+def for_leaf(x: torch.Tensor, *scalars: Any) -> tuple[Any, ...]:
+    """``scalars`` (hyperparameters, possibly injected tensors) as one leaf ``x`` should
+    see them: :func:`leaf_scalar` of each (NOTE [scalar dtype]); for transforms that loop
+    over the leaves themselves instead of using the list helpers."""
+    return tuple(leaf_scalar(s, x) for s in scalars)
 
 
 def tensors(*xs: Any) -> list[torch.Tensor]:
@@ -206,6 +267,8 @@ def is_tensor(s: Any) -> bool:
 
 def mul(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
+    if promotes(s, xs):
+        return [to_leaf(x * leaf_scalar(s, x), x) for x in xs]
     if _scalar_fe(fe, s):
         return list(torch._foreach_mul(xs, s))
     return [x * s for x in xs]
@@ -215,6 +278,10 @@ def mul_(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
     if (not fe and recording(xs)) or not _scalar_fe(True, s):
         return mul(xs, s, fe)
+    if promotes(s, xs):
+        for x in xs:
+            x.mul_(leaf_scalar(s, x))
+        return xs
     if fe:
         torch._foreach_mul_(xs, s)
     else:
@@ -258,6 +325,8 @@ def add_(xs: TL, ys: TL, fe: bool, alpha: Scalar = 1) -> TL:
 
 def add_scalar(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
+    if promotes(s, xs):
+        return [to_leaf(x + leaf_scalar(s, x), x) for x in xs]
     if _scalar_fe(fe, s):
         return list(torch._foreach_add(xs, s))
     return [x + s for x in xs]
@@ -267,6 +336,10 @@ def add_scalar_(xs: TL, s: Scalar, fe: bool) -> TL:
     s = like(s, xs)
     if (not fe and recording(xs)) or not _scalar_fe(True, s):
         return add_scalar(xs, s, fe)
+    if promotes(s, xs):
+        for x in xs:
+            x.add_(leaf_scalar(s, x))
+        return xs
     if fe:
         torch._foreach_add_(xs, s)
     else:
@@ -349,9 +422,10 @@ def cast(xs: TL, dtype: torch.dtype | None) -> TL:
 
 
 def scalar_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 if any leaf is float64, else float32: the precision of step-count maths."""
+    """float64 if any leaf is float64 or complex128, else float32: the precision of
+    step-count maths (a complex leaf's scalars are real, in its real part's precision)."""
     for x in xs:
-        if x.dtype == torch.float64:
+        if x.dtype in (torch.float64, torch.complex128):
             return torch.float64
     return torch.float32
 

@@ -147,18 +147,20 @@ def scale_by_amsgrad(
         bc1, bc2 = _bc(b1, count, gl), _bc(b2, count, gl)
         out, nm, nv, nx = [], [], [], []
         for g, m, v, x in zip(gl, ml, vl, xl, strict=True):
-            m = torch.lerp(m.to(g.dtype), g, 1 - b1)
-            v = b2 * v + (1 - b2) * g * g
+            # injected hyperparameters per leaf (NOTE [scalar dtype])
+            b1_, b2_, eps_, er_ = _mt.for_leaf(g, b1, b2, eps, eps_root)
+            m = _mt.to_leaf(torch.lerp(m.to(g.dtype), g, 1 - b1_), g)
+            v = _mt.to_leaf(b2_ * v + (1 - b2_) * g * g, g)
             if debias_after_max:
                 x = torch.maximum(x, v)
-                u = (m / _to(bc1, g)) / (torch.sqrt(x) / torch.sqrt(_to(bc2, g)) + eps)
+                u = (m / _to(bc1, g)) / (torch.sqrt(x) / torch.sqrt(_to(bc2, g)) + eps_)
             else:
                 x = torch.maximum(x, v / _to(bc2, g))
-                u = (m / _to(bc1, g)) / (torch.sqrt(x + eps_root) + eps)
-            out.append(u)
+                u = (m / _to(bc1, g)) / (torch.sqrt(x + er_) + eps_)
+            out.append(_mt.to_leaf(u, g))
             nm.append(m if mu_dtype is None else m.to(mu_dtype))
             nv.append(v)
-            nx.append(x)
+            nx.append(_mt.to_leaf(x, g))
         un = fpt.unflatten
         return un(td, out), ScaleByAmsgradState(count, un(td, nm), un(td, nv), un(td, nx))
 
@@ -191,10 +193,11 @@ def scale_by_belief(
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
-        s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_{t-1})^2 + \epsilon_{root},\quad
+        s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_t)^2 + \epsilon_{root},\quad
         u_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{s_t/(1-\beta_2^t)} + \epsilon}
 
-    (the prediction error uses the *previous* first moment, as optax does). With
+    (the prediction error uses the *updated* first moment :math:`m_t`, as optax 0.2.8 and
+    Algorithm 2 of the paper do). With
     ``nesterov=True`` the first moment is replaced as in :func:`scale_by_adam`.
 
     Args:
@@ -210,7 +213,7 @@ def scale_by_belief(
     Example:
       >>> tx = scale_by_belief()
       >>> tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))[0]
-      {'w': tensor([1.])}
+      {'w': tensor([1.1111])}
     """
     _betas("scale_by_belief(b1, b2)", b1=b1, b2=b2)
     check_number("scale_by_belief(eps)", "eps", eps, low=0.0)
@@ -231,14 +234,16 @@ def scale_by_belief(
         bc1n = _bc(b1, count + 1, gl)
         out, nm, nv = [], [], []
         for g, m0, v in zip(gl, ml, vl, strict=True):
-            m = torch.lerp(m0, g, 1 - b1)
-            e = g - m0
-            v = b2 * v + (1 - b2) * e * e + eps_root
+            # injected hyperparameters per leaf (NOTE [scalar dtype])
+            b1_, b2_, eps_, er_ = _mt.for_leaf(g, b1, b2, eps, eps_root)
+            m = _mt.to_leaf(torch.lerp(m0, g, 1 - b1_), g)
+            e = g - m  # the updated first moment (optax, paper Alg. 2)
+            v = _mt.to_leaf(b2_ * v + (1 - b2_) * e * e + er_, g)
             if nesterov:
-                mh = b1 * m / _to(bc1n, g) + (1 - b1) * g / _to(bc1, g)
+                mh = b1_ * m / _to(bc1n, g) + (1 - b1_) * g / _to(bc1, g)
             else:
                 mh = m / _to(bc1, g)
-            out.append(mh / (torch.sqrt(v / _to(bc2, g)) + eps))
+            out.append(_mt.to_leaf(mh / (torch.sqrt(v / _to(bc2, g)) + eps_), g))
             nm.append(m)
             nv.append(v)
         un = fpt.unflatten
@@ -313,10 +318,13 @@ def scale_by_yogi(
         bc1, bc2 = _bc(b1, count, gl), _bc(b2, count, gl)
         out, nm, nv = [], [], []
         for g, m, v in zip(gl, ml, vl, strict=True):
-            m = torch.lerp(m, g, 1 - b1)
+            # injected hyperparameters per leaf (NOTE [scalar dtype])
+            b1_, b2_, eps_, er_ = _mt.for_leaf(g, b1, b2, eps, eps_root)
+            m = _mt.to_leaf(torch.lerp(m, g, 1 - b1_), g)
             g2 = g * g
-            v = v - (1 - b2) * torch.sign(v - g2) * g2
-            out.append((m / _to(bc1, g)) / (torch.sqrt(v / _to(bc2, g) + eps_root) + eps))
+            v = _mt.to_leaf(v - (1 - b2_) * torch.sign(v - g2) * g2, g)
+            out.append(_mt.to_leaf(
+                (m / _to(bc1, g)) / (torch.sqrt(v / _to(bc2, g) + er_) + eps_), g))
             nm.append(m)
             nv.append(v)
         un = fpt.unflatten
@@ -420,12 +428,15 @@ def scale_by_novograd(
         first = state.count == 0
         out, nv = [], []
         for g, m, v, p in zip(gl, ml, vl, pl, strict=True):
+            # injected hyperparameters per leaf; ``v`` is 0-d (NOTE [scalar dtype])
+            b1_, b2_, eps_, er_, wd_ = _mt.for_leaf(g, b1, b2, eps, eps_root, weight_decay)
+            b2v, erv = _mt.for_leaf(v, b2, eps_root)
             sq = torch.sum(g * g)
-            v = torch.where(first, sq, b2 * v + (1 - b2) * sq)
-            a = g / (torch.sqrt(v + eps_root) + eps)
+            v = _mt.to_leaf(torch.where(first, sq, b2v * v + (1 - b2v) * sq), v)
+            a = g / (torch.sqrt(v + erv) + eps_)
             if decays:
-                a = a + weight_decay * p
-            m = torch.where(first, a, b1 * m.to(g.dtype) + a)
+                a = a + wd_ * p
+            m = _mt.to_leaf(torch.where(first, a, b1_ * m.to(g.dtype) + a), g)
             out.append(m)
             nv.append(v)
         un = fpt.unflatten
@@ -595,8 +606,8 @@ def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> Gradi
         ql = flatten_like(where, updates, state.previous_gradient, "state.previous_gradient",
                           td, ref=gl, ref_sig=gs)
         first = state.is_initial_step
-        out = [(alpha + beta) * g - beta * torch.where(first, g, q)
-               for g, q in zip(gl, ql, strict=True)]
+        out = [_mt.to_leaf((alpha + beta) * g - beta * torch.where(first, g, q), g)
+               for g, q in zip(gl, ql, strict=True)]  # NOTE [scalar dtype]
         kept = [g.clone() for g in gl]  # not the caller's tensors (in-place chains)
         new = ScaleByOptimisticGradientState(torch.zeros_like(first), fpt.unflatten(td, kept))
         return fpt.unflatten(td, out), new

@@ -227,7 +227,9 @@ def trace(
         if damped:
             first = state.count == 0
             dec, dam = _mt.like(decay, gl), _mt.like(dampening, gl)
-            new_t = [torch.where(first, g, dec * t + (1 - dam) * g)
+            # NOTE [scalar dtype]: per leaf, so a 0-d trace keeps its dtype in a mixed tree
+            new_t = [_mt.to_leaf(torch.where(first, g, _mt.leaf_scalar(dec, t) * t
+                                             + (1 - _mt.leaf_scalar(dam, t)) * g), t)
                      for g, t in zip(gl, tl, strict=True)]
             if inplace:
                 for t, n in zip(tl, new_t, strict=True):
@@ -348,7 +350,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
         if _mt.foreach_ok(ul) and not isinstance(max_delta, torch.Tensor):
             out = torch._foreach_clamp_min(torch._foreach_clamp_max(ul, max_delta), -max_delta)
         else:
-            out = [torch.clamp(u, -max_delta, max_delta) for u in ul]
+            out = [_mt.to_leaf(torch.clamp(u, -max_delta, max_delta), u) for u in ul]
         return fpt.unflatten(td, list(out)), state
 
     return GradientTransformation(init_fn, update_fn)

@@ -30,7 +30,8 @@ __all__ = [
 
 def global_norm(updates: Updates) -> torch.Tensor:
     r"""The L2 norm of all leaves together, :math:`\sqrt{\sum_\ell \|u_\ell\|^2}` (0-d;
-    float64 if any leaf is float64, else float32).
+    float64 if any leaf is float64 or complex128, else float32). A complex leaf counts
+    :math:`|u|^2 = \mathrm{Re}(u)^2 + \mathrm{Im}(u)^2`, as optax's ``global_norm``.
 
     Args:
       updates: a tree of tensors on one device.
@@ -48,7 +49,15 @@ def global_norm(updates: Updates) -> torch.Tensor:
     if not ul:
         return torch.zeros(())
     dt = _mt.scalar_dtype(ul)
-    return torch.sqrt(sum(torch.sum(u.to(dt) ** 2) for u in ul))
+    return torch.sqrt(sum(_sum_sq(u, dt) for u in ul))
+
+
+def _sum_sq(u: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    r""":math:`\sum |u|^2` in the real dtype ``dt`` (a complex leaf's real and imaginary
+    parts both count; casting it to ``dt`` would drop the imaginary part)."""
+    if u.is_complex():
+        return torch.sum(u.real.to(dt) ** 2) + torch.sum(u.imag.to(dt) ** 2)
+    return torch.sum(u.to(dt) ** 2)
 
 
 def _pair(where: str, new: Any, old: Any) -> tuple[list, list, Any]:

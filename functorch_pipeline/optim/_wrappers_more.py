@@ -17,6 +17,7 @@ import torch
 from functorch_pipeline import random as fpr
 from functorch_pipeline import tree as fpt
 from functorch_pipeline.optim import _checks
+from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._base import EmptyState
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
@@ -93,9 +94,14 @@ def lookahead(
 
     The fast weights take ``fast_optimizer`` steps; every ``sync_period`` steps the slow
     weights move :math:`\phi \leftarrow \phi + \alpha(\theta - \phi)` (``alpha`` =
-    ``slow_step_size``) and the fast weights are reset to them. Works on
-    :class:`LookaheadParams` (params *and* updates), as optax: start from
-    ``LookaheadParams.init_synced(params)``; evaluate with ``params.slow``.
+    ``slow_step_size``) and the fast weights are reset to them. ``params`` is a
+    :class:`LookaheadParams`: start from ``LookaheadParams.init_synced(params)``;
+    evaluate with ``params.slow``. ``update`` takes the gradients with respect to
+    ``params.fast`` as a plain tree, as optax 0.2.8 does
+    (``grads = grad(loss)(params.fast); tx.update(grads, state, params)``); a
+    ``LookaheadParams`` whose ``fast`` holds them is accepted too (its ``slow`` is
+    ignored). The returned updates are a :class:`LookaheadParams` for
+    :func:`apply_updates`.
 
     Args:
       fast_optimizer: the inner optimizer of the fast weights.
@@ -112,7 +118,7 @@ def lookahead(
       >>> p = LookaheadParams.init_synced({"w": torch.zeros(1)})
       >>> s = tx.init(p)
       >>> for _ in range(2):
-      ...     u, s = tx.update(LookaheadParams({"w": torch.ones(1)}, {"w": torch.ones(1)}), s, p)
+      ...     u, s = tx.update({"w": torch.ones(1)}, s, p)  # gradients w.r.t. p.fast
       ...     p = optim.apply_updates(p, u)
       >>> p.slow, p.fast
       ({'w': tensor([-1.])}, {'w': tensor([-1.])})
@@ -136,15 +142,16 @@ def lookahead(
         _check(params, "params")
         return LookaheadState(fast_optimizer.init(params.fast), zero_count(params.fast))
 
-    def update_fn(updates: LookaheadParams, state: LookaheadState,
+    def update_fn(updates: Any, state: LookaheadState,
                   params: LookaheadParams | None = None,
                   **extra_args: Any) -> tuple[LookaheadParams, LookaheadState]:
-        _check(updates, "updates")
         _check(params, "params")
+        # optax 0.2.8: plain gradients of the fast params; the wrapped form: their .fast
+        grads = updates.fast if isinstance(updates, LookaheadParams) else updates
         _checks.check_state(where, state, LookaheadState, "lookahead.init")
         fl, td = fpt.flatten(params.fast)
         _checks.check_count(where, "state.steps_since_sync", state.steps_since_sync, fl)
-        fast_u, fast_state = fast_optimizer.update(updates.fast, state.fast_state, params.fast,
+        fast_u, fast_state = fast_optimizer.update(grads, state.fast_state, params.fast,
                                                    **_pure(extra_args))
         ul = flatten_like(where, params.fast, fast_u, "updates.fast (after fast_optimizer)",
                           td, ref=fl, dtype=None)
@@ -458,9 +465,11 @@ def centralize() -> GradientTransformation:
 
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm per output unit: ``|x|`` for scalars and vectors, else over axes 1.."""
-    if x.dim() <= 1:
-        return torch.abs(x)
+    """L2 norm per unit (NOTE [unitwise layout]): the whole leaf's norm (0-d) when it has
+    at most one axis of size other than 1 (scalars, vectors, ``(n, 1)``, ``(1, n)``, as
+    optax's ``unitwise_norm`` squeezes), else one norm per output row, over axes 1.."""
+    if sum(n != 1 for n in x.shape) <= 1:
+        return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
 
 
@@ -472,11 +481,18 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> GradientTransforma
         \lambda \max(\|p_i\|, \epsilon)\, g_i / \max(\|g_i\|, 10^{-6}) & \text{otherwise}
         \end{cases}
 
-    # NOTE [unitwise layout]: a "unit" is one output row: norms are taken over every axis
-    # but the first, which is torch's layout (``nn.Linear`` is ``(out, in)``, ``nn.Conv2d``
-    # ``(out, in, kh, kw)``; timm's NFNet code does the same). optax reduces over every
-    # axis but the *last*, JAX's ``(in, out)`` / ``(h, w, in, out)`` layouts. Scalars and
-    # vectors are clipped elementwise in both.
+    # NOTE [unitwise layout]: a leaf with at most one axis of size other than 1 (a scalar,
+    # a bias vector, an ``(n, 1)`` or ``(1, n)`` matrix) is one unit: it is clipped by the
+    # norm of the whole leaf, as optax 0.2.8's ``unitwise_norm`` (which squeezes first),
+    # timm and the NFNets code do. Otherwise a "unit" is one output row: norms are taken
+    # over every axis but the first, which is torch's layout (``nn.Linear`` is
+    # ``(out, in)``, ``nn.Conv2d`` ``(out, in, kh, kw)``; timm's NFNet code does the
+    # same). optax reduces over every axis but the *last* for ranks 2, 4 and 5, JAX's
+    # ``(in, out)`` / ``(h, w, in, out)`` layouts, so an optax leaf ``w`` matches fp's
+    # ``w.T`` (ranks 4 and 5: the axes reversed). Two deliberate differences: a rank-3
+    # leaf is reduced over axes 1 and 2 here (``nn.Conv1d``'s ``(out, in, k)``), where
+    # optax reduces axis 0 only (it assumes a multi-head ``(in, heads, out)`` kernel); and
+    # ranks above 5, which optax rejects, are reduced over axes 1.. too.
 
     Args:
       clipping: :math:`\lambda`, the largest ratio of gradient to parameter norm.
@@ -507,10 +523,11 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> GradientTransforma
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
         out = []
         for g, p in zip(ul, pl, strict=True):
-            max_norm = clipping * torch.clamp(_unitwise_norm(p), min=eps)
+            clip_, eps_ = _mt.for_leaf(g, clipping, eps)  # NOTE [scalar dtype]
+            max_norm = clip_ * torch.clamp(_unitwise_norm(p), min=eps_)
             gn = _unitwise_norm(g)
             clipped = g * (max_norm / torch.clamp(gn, min=1e-6))
-            out.append(torch.where(gn < max_norm, g, clipped))
+            out.append(_mt.to_leaf(torch.where(gn < max_norm, g, clipped), g))
         return fpt.unflatten(td, out), state
 
     return GradientTransformation(init_fn, update_fn)
