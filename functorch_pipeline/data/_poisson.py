@@ -140,7 +140,9 @@ def poisson_batches(
       key: an ``fp.random`` key. For several "epochs", pass a fresh key per epoch
         (``fold_in(base_key, epoch)``) or one key and a larger ``num_batches``.
       num_batches: how many batches (batch indices ``0 .. num_batches - 1``); default
-        ``round(1 / sample_rate)``, one epoch in expectation (as Opacus).
+        ``round(1 / sample_rate)``, one epoch in expectation (Opacus truncates,
+        ``int(1 / sample_rate)``: 6 batches at ``q = 0.15`` where this gives 7; pass
+        ``num_batches`` to match it).
       start: the first batch index to yield (resume inside the run).
       max_batch_size: ``None`` yields variable-size batches. An int yields fixed-shape
         ``(batch, mask)`` pairs: every leaf padded to ``max_batch_size`` rows (copies of

@@ -364,7 +364,13 @@ def uniform(
         # Rounding to a short dtype can produce exactly 1.0; keep the interval half-open.
         one = torch.ones((), dtype=dtype, device=u.device)
         u = torch.where(u >= 1, torch.nextafter(one, torch.zeros_like(one)), u)
-    return u * (maxval - minval) + minval
+    out = u * (maxval - minval) + minval
+    # The product and sum round too, to maxval itself for a u just below 1 (0.6% of
+    # bfloat16 draws on [1, 2), 18 of 4.2M float32 draws on [100, 101)): such draws become
+    # the largest value below maxval, so the interval stays half-open in every dtype.
+    hi = torch.as_tensor(maxval, dtype=dtype, device=u.device)
+    return torch.where(out < hi, out, torch.nextafter(hi, torch.as_tensor(minval, dtype=dtype,
+                                                                           device=u.device)))
 
 
 def normal(
@@ -456,7 +462,9 @@ def bernoulli(
       k: a key.
       p: the probability: a Python number in ``[0, 1]``, or a tensor (not checked: a
         tensor ``p`` outside ``[0, 1]`` acts as if clipped; checking it would need a
-        host sync, which breaks vmap and torch.compile).
+        host sync, which breaks vmap and torch.compile). A tensor ``p`` is compared with a
+        uniform draw of its own precision: float64 resolves ``2**-53``, other dtypes
+        ``2**-24`` (a float32 ``p = 1e-9`` draws True ~6e-8 of the time).
       shape: the shape of the draw; default ``p``'s shape.
 
     Returns:
@@ -483,8 +491,8 @@ def bernoulli(
     if shape is None:
         shape = tuple(p.shape) if isinstance(p, torch.Tensor) else ()
     shape = _check_shape(shape, fn)
-    if isinstance(p, torch.Tensor):
-        return uniform(k, shape) < p
+    if isinstance(p, torch.Tensor):  # a float64 p is compared at float64's resolution
+        return uniform(k, shape, torch.float64 if p.dtype == torch.float64 else torch.float32) < p
     threshold = _threshold(p)
     _check_key(k, fn)
     n = math.prod(shape)
@@ -540,6 +548,8 @@ def randint(
             raise TypeError(f"{fn}: `{name}` must be a Python int, got {type(v).__name__}")
     if maxval <= minval:
         raise ValueError(f"{fn}: need `minval` < `maxval`, got {minval} and {maxval}")
+    if minval < _SEED_MIN or maxval - 1 > _SEED_MAX:
+        raise ValueError(f"{fn}: the draws must fit int64, got [{minval}, {maxval})")
     if maxval - minval > 1 << 53:
         raise ValueError(
             f"{fn}: `maxval - minval` must be at most 2**53 (the draw scales a float64 "
@@ -547,8 +557,10 @@ def randint(
         )
     shape = _check_shape(shape, fn)
     u = uniform(k, shape, torch.float64)
-    # clamp, not clamp_: the in-place form has no vmap batching rule (a slow fallback)
-    return (minval + torch.floor(u * (maxval - minval))).to(torch.int64).clamp(max=maxval - 1)
+    # clamp, not clamp_: the in-place form has no vmap batching rule (a slow fallback).
+    # The offset is added in int64: in float64 a minval beyond 2**53 lost the draw (all of
+    # randint(k, s, 2**60, 2**60 + 10) was 2**60).
+    return torch.floor(u * (maxval - minval)).to(torch.int64).clamp(max=maxval - minval - 1) + minval
 
 
 def permutation(k: torch.Tensor, n: int) -> torch.Tensor:

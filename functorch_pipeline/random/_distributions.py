@@ -172,10 +172,18 @@ def truncated_normal(k: torch.Tensor, lower: float | torch.Tensor, upper: float 
     if _is_number(lower) and _is_number(upper) and not lower < upper:
         raise ValueError(f"{fn}: need `lower` < `upper`, got {lower} and {upper}")
     shape = _batch_shape(shape, fn, lo, hi)
+    # NOTE [truncated normal tails]: erf(x / sqrt 2) rounds to 1 from x ~ 6, so inverting
+    # it put every draw of [10, 11) at 11.0 and gave 1.8e308 from a lower bound of ~7 (JAX
+    # does the same). The CDF is tiny but exact in float64 in the *left* tail when taken
+    # as erfc(-x / sqrt 2) / 2, down to x ~ -37.5 (torch.special.ndtr loses it from ~-8),
+    # so an interval right of 0 is drawn as its mirror image and negated.
+    flip = lo > 0
+    a_, b_ = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
     sqrt2 = math.sqrt(2.0)
-    a, b = torch.special.erf(lo / sqrt2), torch.special.erf(hi / sqrt2)
+    pa, pb = 0.5 * torch.special.erfc(-a_ / sqrt2), 0.5 * torch.special.erfc(-b_ / sqrt2)
     u = uniform(fold_in(k, 0x7A3), shape, torch.float64)
-    x = sqrt2 * torch.special.erfinv(a + u * (b - a))
+    x = torch.special.ndtri(pa + u * (pb - pa))
+    x = torch.where(flip, -x, x)
     # Rounding in erf/erfinv can land exactly on (or just outside) a bound: clamp inside.
     low_in = torch.nextafter(lo, torch.full_like(lo, math.inf))
     high_in = torch.nextafter(hi, torch.full_like(hi, -math.inf))
@@ -326,6 +334,22 @@ def gamma(k: torch.Tensor, a: float | torch.Tensor, shape: Sequence[int] | None 
 
 
 def _gamma(k: torch.Tensor, alpha: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    return _gamma_with_log(k, alpha, work)[0]
+
+
+def _gamma_with_log(k: torch.Tensor, alpha: torch.Tensor, work: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gamma draws and their logarithms, from the same proposals.
+
+    # NOTE [small concentrations]
+    For ``a < 1`` the draw is boosted by ``U**(1/a)``, which underflows to 0 in float64
+    for small ``a`` (``U = 0.5`` and ``a = 1e-3``: ``2**-1000``). A Beta(a, b) draw
+    ``X / (X + Y)`` was then 0/0: 22.6% NaN at ``a = b = 1e-3``, 86% at ``1e-4``, and
+    10.7% of Dirichlet rows at ``1e-3`` (JAX works in log space there). ``log U / a`` does
+    not underflow, so Beta and Dirichlet normalise the logarithms (a sigmoid, a softmax)
+    wherever the draws' sum underflowed to 0, and keep the plain quotient elsewhere (the
+    same values as before wherever those were defined).
+    """
     shape = tuple(alpha.shape)
     boosted = alpha < 1
     d = torch.where(boosted, alpha + 1, alpha) - 1.0 / 3.0
@@ -337,8 +361,11 @@ def _gamma(k: torch.Tensor, alpha: torch.Tensor, work: torch.dtype) -> torch.Ten
     first = torch.argmax(ok.to(torch.int8), dim=0, keepdim=True)  # 0 when none is accepted
     v_first = torch.gather(v, 0, first).squeeze(0)
     out = torch.where(ok.any(0), d * v_first, d)
-    boost = _open_uniform(fold_in(k, 0x6A3), shape, work) ** (1.0 / alpha)
-    return torch.where(boosted, out * boost, out)
+    u_boost = _open_uniform(fold_in(k, 0x6A3), shape, work)
+    boost = u_boost ** (1.0 / alpha)
+    log_out = torch.log(out)
+    return (torch.where(boosted, out * boost, out),
+            torch.where(boosted, log_out + torch.log(u_boost) / alpha, log_out))
 
 
 def beta(k: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor,
@@ -367,9 +394,10 @@ def beta(k: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor,
     pa = _param(a, "a", fn, k, torch.float64, positive=True)
     pb = _param(b, "b", fn, k, torch.float64, positive=True)
     shape = _batch_shape(shape, fn, pa, pb)
-    x = _gamma(fold_in(k, 0xBE1), pa.expand(shape), torch.float64)
-    y = _gamma(fold_in(k, 0xBE2), pb.expand(shape), torch.float64)
-    return (x / (x + y)).to(dtype)
+    x, log_x = _gamma_with_log(fold_in(k, 0xBE1), pa.expand(shape), torch.float64)
+    y, log_y = _gamma_with_log(fold_in(k, 0xBE2), pb.expand(shape), torch.float64)
+    # NOTE [small concentrations]: from the logarithms where X + Y underflowed
+    return torch.where(x + y > 0, x / (x + y), torch.sigmoid(log_x - log_y)).to(dtype)
 
 
 def dirichlet(k: torch.Tensor, alpha: torch.Tensor, shape: Sequence[int] | None = None,
@@ -398,8 +426,9 @@ def dirichlet(k: torch.Tensor, alpha: torch.Tensor, shape: Sequence[int] | None 
         raise ValueError(f"{fn}: `alpha` must be a tensor of shape (..., K), got {alpha!r}")
     conc = _param(alpha, "alpha", fn, k, torch.float64)
     shape = _batch_shape(shape, fn, conc[..., 0])
-    g = _gamma(fold_in(k, 0xD1), conc.expand(*shape, conc.shape[-1]), torch.float64)
-    return (g / g.sum(-1, keepdim=True)).to(dtype)
+    g, log_g = _gamma_with_log(fold_in(k, 0xD1), conc.expand(*shape, conc.shape[-1]), torch.float64)
+    total = g.sum(-1, keepdim=True)  # NOTE [small concentrations]: a softmax where it underflowed
+    return torch.where(total > 0, g / total, torch.softmax(log_g, -1)).to(dtype)
 
 
 def multivariate_normal(k: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
