@@ -128,3 +128,11 @@ def test_dataset_without_torchvision_names_the_extra(name, transform, monkeypatc
     with pytest.raises(ImportError, match=rf"^{name}\(root\): .*torchvision.*{extra}") as e:
         fn(tmp_path, **kwargs)
     assert isinstance(e.value.__cause__, ImportError)
+
+
+def test_num_batches_refuses_a_negative_size_and_non_ints():
+    with pytest.raises(ValueError, match="num_examples"):
+        fp.data.num_batches(-5, 2)  # gave -2
+    with pytest.raises(TypeError, match="batch_size"):
+        fp.data.num_batches(10, 2.5)
+    assert fp.data.num_batches(0, 3) == 0 and fp.data.num_batches(7, 3) == 3

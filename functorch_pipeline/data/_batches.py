@@ -37,8 +37,13 @@ def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = False) 
         >>> num_batches(10, 4), num_batches(10, 4, drop_last=True)
         (3, 2)
     """
+    for name, v in (("num_examples", num_examples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"num_batches: `{name}` must be an int, got {type(v).__name__}")
     if batch_size < 1:
         raise ValueError(f"num_batches: `batch_size` must be >= 1, got {batch_size}")
+    if num_examples < 0:
+        raise ValueError(f"num_batches: `num_examples` must be >= 0, got {num_examples}")
     return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
 
 
