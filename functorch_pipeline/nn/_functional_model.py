@@ -30,7 +30,14 @@ model.trainable_mask())`` alone does NOT freeze: ``masked`` passes the unselecte
 always returns ``(output, new_buffers)`` (``new_buffers`` is ``{}`` for a module without
 buffers), as Flax's ``apply(..., mutable=[...])`` always returns a pair: the shape of the
 result never depends on the model. The buffers handed in are never written: in train
-mode ``apply`` runs the module on copies and returns those.
+mode ``apply`` runs the module on copies of them. ``new_buffers`` holds the values the
+forward left in the module, read from the template while ``torch.func.functional_call``'s
+reparametrization is still in force (a forward hook on the template, registered for that
+call only): a buffer updated in place (``self.n += 1``, BatchNorm's running stats) is the
+updated copy, and a buffer updated by reassignment (``self.avg = 0.9 * self.avg + ...``,
+an EMA or counter idiom) is the newly assigned tensor. ``functional_call`` restores the
+template's attributes on exit and drops a reassigned tensor, so the dict of copies handed
+to it alone would silently keep the old values of reassigned buffers.
 """
 
 from __future__ import annotations
@@ -323,9 +330,18 @@ class FunctionalModel:
             with torch.no_grad():
                 if lazy:
                     m.eval()(*sample_args, **sample_kwargs)
-                covered = _reset_post_order(m, "")
+                failed: list[str] = []
+                covered = _reset_post_order(m, "", failed)
         uncovered = [n for n in self._param_names
                      if not any(n.startswith(f"{c}.") or c == "" for c in covered)]
+        if failed:
+            warnings.warn(
+                f"{fn}: parametrized tensors {failed} could not be re-derived from their reset "
+                "draw (the parametrization's right_inverse failed); their originals keep the "
+                "module's current values whatever the key. Functionalize a factory, "
+                "fp.functionalize(lambda: Net(...)), which constructs the module again under the key.",
+                stacklevel=2,
+            )
         if not lazy:
             drawn = dict(m.named_parameters())
             custom = [n for n, p in self._module.named_parameters()
@@ -459,6 +475,14 @@ class FunctionalModel:
         assert self._templates is not None
         template = self._templates[bool(train)]
         tensors = {**params, **buffers}
+        left: dict[str, Any] = {}
+        handle = None
+        if train and buffers:  # NOTE [train returns buffers]: read them before functional_call exits
+            def read_buffers(module: nn.Module, inputs: Any, output: Any) -> None:
+                left.clear()
+                left.update(module.named_buffers(remove_duplicate=False))
+
+            handle = template.register_forward_hook(read_buffers)
         self._binding.depth += 1  # NOTE [modules run after apply returns]
         try:
             if train or key is not None:
@@ -469,7 +493,12 @@ class FunctionalModel:
                 out = torch.func.functional_call(template, tensors, args, kwargs, tie_weights=True, strict=False)
         finally:
             self._binding.depth -= 1
-        return (out, buffers) if train else out
+            if handle is not None:
+                handle.remove()
+        if not train:
+            return out
+        new_buffers = {n: left[n] if isinstance(left.get(n), torch.Tensor) else b for n, b in buffers.items()}
+        return out, new_buffers
 
     # ------------------------------------------------------------------ state_dict interop
     def variables_from_state_dict(self, state_dict: Mapping[str, Any], *,
@@ -477,7 +506,8 @@ class FunctionalModel:
         """Variables from a ``state_dict`` (the module's, or a ``torch.load``-ed checkpoint).
 
         Tensors are copied (detached), so the variables share no memory with
-        ``state_dict``. Non-persistent buffers are not in a ``state_dict``; they are copied
+        ``state_dict``, and cast to the module's dtype and device, as
+        ``module.load_state_dict`` copies a float32 checkpoint into a float64 module. Non-persistent buffers are not in a ``state_dict``; they are copied
         from the module. For tied parameters any of the names may be given; when several
         are, they must be equal.
 
@@ -502,6 +532,7 @@ class FunctionalModel:
         unexpected = [k for k in state_dict if k not in known]
         out: dict[str, dict[str, Any]] = {"params": {}, "buffers": {}}
         keys_of: dict[str, list[str]] = {}
+        current = dict((*self._module.named_parameters(), *self._module.named_buffers()))
         for key, collection, name in self._state_keys:
             keys_of.setdefault(name, []).append(key)
             if key not in state_dict:
@@ -509,11 +540,15 @@ class FunctionalModel:
             value = state_dict[key]
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{fn}: entry `{key}` is a {type(value).__name__}, not a tensor")
+            # As load_state_dict (which copies into the module's tensors): the module's
+            # dtype and device, whatever the checkpoint's.
+            own = current[name]
+            if not isinstance(own, nn.parameter.UninitializedTensorMixin):
+                value = value.to(dtype=own.dtype, device=own.device)
             seen = out[collection].get(name)
             if seen is not None and not torch.equal(seen, value):
                 raise ValueError(f"{fn}: `{key}` is tied to `{name}` in the module but the state_dict holds different values")
             out[collection].setdefault(name, value.detach().clone())
-        current = dict((*self._module.named_parameters(), *self._module.named_buffers()))
         missing = [n for n in (*self._param_names, *self._buffer_names)
                    if n not in out["params"] and n not in out["buffers"] and n not in self._nonpersistent]
         if strict and (missing or unexpected):
@@ -626,14 +661,69 @@ def _not_from_reset(current: torch.Tensor, drawn: torch.Tensor) -> bool:
     return d > _KS_C * math.sqrt(2.0 / a.numel())
 
 
-def _reset_post_order(m: nn.Module, prefix: str) -> list[str]:
-    """Run reset methods children-first; return the paths whose subtree was reset."""
+# NOTE [init of parametrized tensors]
+# On a module with a parametrization (weight_norm, spectral_norm, orthogonal: the
+# `torch.nn.utils.parametrize` kind), `self.weight` is recomputed from
+# `parametrizations.weight.original*` at each access, so a reset method's in-place draw
+# into it is lost and init(key) returned the current originals for every key. The reset
+# runs instead on the module with its class switched back to the unparametrized one and
+# each parametrized tensor as a plain tensor (the module as it was before the
+# parametrization was registered); the drawn values are then assigned to the
+# parametrized module, which re-derives the originals through the parametrizations'
+# `right_inverse`, as `register_parametrization` does at construction. spectral_norm's
+# power-iteration vectors are drawn and iterated again as its constructor does (else
+# eval mode would use vectors of the old weight). A tensor that cannot be re-derived
+# this way keeps its current values and is named in a warning.
+
+
+def _redraw_parametrized(m: nn.Module, reset: Callable[[], Any], prefix: str,
+                         failed: list[str]) -> None:
+    """Run ``reset`` on the unparametrized form of ``m`` (NOTE [init of parametrized tensors])."""
+    lists = m.parametrizations
+    cls = type(m)
+    plain: dict[str, torch.Tensor] = {}
+    for name, plist in lists.items():
+        value = getattr(m, name).detach().clone()
+        is_param = any(isinstance(t, nn.Parameter) for t in plist._parameters.values())
+        plain[name] = nn.Parameter(value, requires_grad=False) if is_param else value
+    m.__class__ = cls.__bases__[0]  # register_parametrization's injected subclass
+    try:
+        for name, t in plain.items():
+            (m._parameters if isinstance(t, nn.Parameter) else m._buffers)[name] = t
+        reset()
+    finally:
+        for name in plain:
+            m._parameters.pop(name, None)
+            m._buffers.pop(name, None)
+        m.__class__ = cls
+    for name, t in plain.items():
+        try:
+            setattr(m, name, t.detach())
+            for p in lists[name]:
+                if all(hasattr(p, a) for a in ("_u", "_v", "_power_method", "_reshape_weight_to_matrix")):
+                    p._u.normal_(0, 1).copy_(nn.functional.normalize(p._u, dim=0, eps=p.eps))
+                    p._v.normal_(0, 1).copy_(nn.functional.normalize(p._v, dim=0, eps=p.eps))
+                    p._power_method(p._reshape_weight_to_matrix(t), 15)
+        except Exception:  # noqa: BLE001 - any failure of a third-party right_inverse
+            failed.append(f"{prefix}.{name}" if prefix else name)
+
+
+def _reset_post_order(m: nn.Module, prefix: str, failed: list[str] | None = None) -> list[str]:
+    """Run reset methods children-first; return the paths whose subtree was reset.
+
+    Parametrized tensors are re-drawn too (NOTE [init of parametrized tensors]); those that
+    cannot be are appended to ``failed``.
+    """
+    failed = [] if failed is None else failed
     covered: list[str] = []
     for name, child in m.named_children():
-        covered += _reset_post_order(child, f"{prefix}.{name}" if prefix else name)
+        covered += _reset_post_order(child, f"{prefix}.{name}" if prefix else name, failed)
     reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
     if callable(reset):
-        reset()
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            _redraw_parametrized(m, reset, prefix, failed)
+        else:
+            reset()
         covered.append(prefix)
     return covered
 

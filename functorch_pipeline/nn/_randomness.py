@@ -37,9 +37,9 @@ result is always a new tensor (in-place writes into inputs would break purity an
 ``vmap``).
 
 Anything else that draws from the global generator inside ``forward`` (a hand-written
-``torch.rand``, ``nn.LSTM``'s fused inter-layer dropout) is not redirected: ``nn.LSTM``
-and ``nn.GRU`` with ``dropout > 0`` in train mode raise an error that points to
-``fp.nn.LSTM``; other draws fall under ``torch.func``'s ``randomness`` rules inside
+``torch.rand``, ``nn.LSTM``'s fused inter-layer dropout) is not redirected: ``nn.LSTM``,
+``nn.GRU`` and ``nn.RNN`` with ``dropout > 0`` in train mode raise an error that points to
+``fp.nn.LSTM`` / ``fp.nn.GRU``; other draws fall under ``torch.func``'s ``randomness`` rules inside
 ``vmap`` and under the global generator outside it.
 """
 
@@ -237,7 +237,12 @@ def _sdpa(mode: KeyedRandomness, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if a["enable_gqa"]:
         k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-    weights = torch.softmax(q @ k.transpose(-2, -1) * scale + bias, dim=-1)
+    scores = q @ k.transpose(-2, -1) * scale + bias
+    # torch's convention (its math backend's _safe_softmax): a query row whose keys are all
+    # masked (every score -inf) attends to nothing and gives 0, not softmax's NaN. The row's
+    # scores are zeroed before the softmax too, so no NaN reaches the backward either.
+    empty = scores.isneginf().all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     weights = _keyed_dropout(mode, weights, a["dropout_p"], True, feature=False, alpha=False,
                              what="F.scaled_dot_product_attention")
     return weights @ v
@@ -292,10 +297,18 @@ _RNN_ADVICE = {
 
 def _fused_rnn(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
     def handler(mode: KeyedRandomness, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # (input, hx, params, has_biases, num_layers, dropout, train, ...) or, packed,
-        # (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, ...)
-        off = 1 if len(args) > 1 and isinstance(args[1], torch.Tensor) else 0
-        dropout, train = (args[5 + off], args[6 + off]) if len(args) > 6 + off else (0.0, False)
+        # Unpacked: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+        # batch_first); packed: (data, batch_sizes, hx, params, has_biases, num_layers,
+        # dropout, train, bidirectional). hx is a Tensor for GRU/RNN and a tuple for LSTM, so
+        # args[1] cannot tell the forms apart: the packed form has the weight list at
+        # args[3] (a bool `has_biases` in the unpacked form).
+        packed = "batch_sizes" in kwargs or (len(args) > 3 and isinstance(args[3], (list, tuple)))
+        names = (("data", "batch_sizes", "hx", "params", "has_biases", "num_layers", "dropout",
+                  "train", "bidirectional") if packed else
+                 ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train",
+                  "bidirectional", "batch_first"))
+        bound = _bind(args, kwargs, names, {"dropout": 0.0, "train": False})
+        dropout, train = bound["dropout"], bound["train"]
         if train and dropout > 0:
             raise RuntimeError(
                 f"{mode.fn}: an nn.{name} with dropout={dropout} ran in train mode; its fused "

@@ -246,6 +246,8 @@ def truncated_normal(mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: fl
 def _scaled(fn: str, std_of_shape: Callable[[tuple[int, ...]], float], distribution: str) -> Initializer:
     def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check(fn, key, shape, dtype)
+        if math.prod(shape) == 0:  # as torch.nn.init: an empty weight (fan 0) stays empty
+            return torch.empty(shape, dtype=dtype, device=key.device)
         std = std_of_shape(shape)
         if distribution == "uniform":
             bound = math.sqrt(3.0) * std
@@ -382,6 +384,8 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
 
     def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check(fn, key, shape, dtype)
+        if math.prod(shape) == 0:  # as torch.nn.init: an empty weight (fan 0) stays empty
+            return torch.empty(shape, dtype=dtype, device=key.device)
         s = std(shape) / 0.87962566103423978  # the std of N(0, 1) truncated to [-2, 2]
         return truncated_normal(0.0, s, -2 * s, 2 * s)(key, shape, dtype)
 
