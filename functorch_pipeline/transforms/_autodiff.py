@@ -147,7 +147,11 @@ def _value_and_grad_impl(
 # costs ~10-20 us per op: with keyed dropout (many small integer ops) it made a CNN
 # training step ~1.5x slower than loss.backward(). Anywhere else -- inside vmap/grad/jvp,
 # under torch.compile, or when an input already requires grad (so the result must stay
-# differentiable for an outer autograd) -- torch.func.grad_and_value is used.
+# differentiable for an outer autograd) -- torch.func.grad_and_value is used. A tensor f
+# reads from its closure that requires grad (module parameters) is no input: when the
+# loss's graph reaches one, the fast path differentiates with create_graph=True and keeps
+# the value attached, as torch.func.grad does (NOTE [eager fast path and closed-over
+# tensors]); finding out walks the graph once (~0.5 us per node).
 def _plain_autograd_ok(flats: list[list[torch.Tensor]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
@@ -162,17 +166,51 @@ def _plain_autograd_ok(flats: list[list[torch.Tensor]], args: tuple[Any, ...], k
 def _autograd_grad_and_value(
     flat_f: Callable[..., Any], flats: list[list[torch.Tensor]], has_aux: bool
 ) -> tuple[tuple[list[torch.Tensor], ...], Any]:
+    outer = torch.is_grad_enabled()
     leaves = [[x.detach().requires_grad_() for x in group] for group in flats]
     with torch.enable_grad():
         out = flat_f(*leaves)
         loss = out[0] if has_aux else out
         everything = [x for group in leaves for x in group]
-        gs = torch.autograd.grad(loss, everything, allow_unused=True) if everything else ()
+        # NOTE [eager fast path and closed-over tensors]: if the loss also depends on a
+        # tensor f reads from its closure that requires grad (a critic's parameters under
+        # a gradient penalty), torch.func.grad returns a gradient that is differentiable
+        # with respect to it; so does this path then (create_graph), else that share of an
+        # outer gradient was silently dropped.
+        keep = outer and loss.requires_grad and _reaches_other_leaves(loss, everything)
+        if everything and loss.requires_grad:
+            gs = torch.autograd.grad(loss, everything, allow_unused=True, create_graph=keep)
+        else:  # the loss does not depend on the arguments (a constant branch, stop_gradient)
+            gs = (None,) * len(everything)
     it = iter(gs)
     grads = tuple([torch.zeros_like(x) if (g := next(it)) is None else g for x in group] for group in leaves)
+    if keep:
+        return grads, out
     if has_aux:
         return grads, (loss.detach(), _tree.detach(out[1]))
     return grads, loss.detach()
+
+
+def _reaches_other_leaves(loss: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """Whether ``loss``'s autograd graph reaches a leaf that requires grad other than
+    ``inputs`` (a tensor the function closed over)."""
+    own = {id(x) for x in inputs}
+    if loss.grad_fn is None:  # loss is itself a leaf
+        return id(loss) not in own
+    # ~0.5 us per node: the graph is walked once per call, stopping at the first leaf
+    # that is not an input.
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ == "AccumulateGrad":
+                if id(node.variable) not in own:
+                    return True
+            else:
+                stack.append(node)
+    return False
 
 
 def value_and_grad(
@@ -202,7 +240,14 @@ def grad(f: Callable[..., Any], argnums: ArgNums = 0, has_aux: bool = False) -> 
     """Like ``jax.grad``: the gradient of a scalar function with respect to pytrees.
 
     Returns ``grads``, or ``(grads, aux)`` with ``has_aux=True``. See
-    :func:`value_and_grad` for the arguments.
+    :func:`value_and_grad` for the arguments. If ``f``'s value does not depend on the
+    differentiated arguments (a constant ``cond`` branch, ``stop_gradient``), the
+    gradient is zeros, as in JAX.
+
+    Complex arguments follow PyTorch's convention, not JAX's: for a real-valued ``f`` of
+    a complex ``z`` the result is ``df/dRe(z) + i df/dIm(z)``, the complex conjugate of
+    ``jax.grad``'s (so ``z - lr * grad`` descends ``f``); take ``.conj()`` to get JAX's
+    number. No ``holomorphic=`` argument is supported.
 
     Args:
       f: a function returning a scalar (0-d, floating) tensor, or ``(scalar, aux)`` with
@@ -430,27 +475,44 @@ def jvp(
                     f"dtype {y.dtype}, but the primal has {tuple(x.shape)} and {x.dtype}"
                 )
     leaves, in_def = _tree.flatten(p)
-    flat_f, out_def = _flat_function(f, in_def, has_aux)
+    flat_f, out_def = _flat_function(f, in_def, has_aux, fn)
     res = torch.func.jvp(flat_f, tuple(leaves), tuple(_tree.leaves(t)), has_aux=has_aux)
     out = (_tree.unflatten(out_def[0], res[0]), _tree.unflatten(out_def[0], res[1]))
-    return (*out, res[2]) if has_aux else out
+    return (*out, _rebuild_aux(out_def, res[2])) if has_aux else out
 
 
-def _flat_function(f: Callable[..., Any], in_def: Any, has_aux: bool) -> tuple[Callable[..., Any], list[Any]]:
+def _flat_function(f: Callable[..., Any], in_def: Any, has_aux: bool, fn: str) -> tuple[Callable[..., Any], list[Any]]:
     """``f`` as a function of flat tensor leaves returning a tuple of leaves (plus aux);
     the output's treedef lands in the returned list once it has run (NOTE [flattening
     differentiated arguments])."""
-    out_def: list[Any] = []
+    out_def: list[Any] = [None, None, None]  # output treedef; aux treedef and leaves
 
     def flat_f(*flat: torch.Tensor) -> Any:
         out = f(*_tree.unflatten(in_def, flat))
         if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"{fn}: with has_aux=True, f must return a pair (out, aux), got "
+                                + (f"a tuple of length {len(out)}" if isinstance(out, tuple)
+                                   else type(out).__name__))
             out, aux = out
+            # torch.func takes only tensors in aux: pass the tensor leaves through and keep
+            # the rest aside (JAX lets aux be any pytree)
+            aux_leaves, aux_def = _tree.flatten(aux)
+            out_def[1], out_def[2] = aux_def, aux_leaves
         out_leaves, d = _tree.flatten(out)
-        out_def[:] = [d]
-        return (tuple(out_leaves), aux) if has_aux else tuple(out_leaves)
+        out_def[0] = d
+        if has_aux:
+            return tuple(out_leaves), [x for x in aux_leaves if isinstance(x, torch.Tensor)]
+        return tuple(out_leaves)
 
     return flat_f, out_def
+
+
+def _rebuild_aux(out_def: list[Any], tensors: list[torch.Tensor]) -> Any:
+    """The aux pytree from its tensor leaves (as torch.func returned them) and the rest."""
+    aux_def, aux_leaves = out_def[1], out_def[2]
+    it = iter(tensors)
+    return _tree.unflatten(aux_def, [next(it) if isinstance(x, torch.Tensor) else x for x in aux_leaves])
 
 
 def _paths_and_leaves(a: Any, b: Any) -> tuple[list[Any], list[Any], list[Any]]:
@@ -480,7 +542,7 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     """
     fn = "vjp(f, *primals)"
     leaves, in_def = _tree.flatten(primals)
-    flat_f, out_def = _flat_function(f, in_def, has_aux)
+    flat_f, out_def = _flat_function(f, in_def, has_aux, fn)
     res = torch.func.vjp(flat_f, *leaves, has_aux=has_aux)
     out_leaves, vjp_flat = res[0], res[1]
 
@@ -494,7 +556,7 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
         return tuple(_tree.unflatten(in_def, list(grads)))
 
     out = _tree.unflatten(out_def[0], list(out_leaves))
-    return (out, vjp_fn, res[2]) if has_aux else (out, vjp_fn)
+    return (out, vjp_fn, _rebuild_aux(out_def, res[2])) if has_aux else (out, vjp_fn)
 
 
 def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ def scan(
     xs: Any = None,
     length: int | None = None,
     reverse: bool = False,
+    unroll: int | bool = 1,
 ) -> tuple[Any, Any]:
     """Loop ``f(carry, x) -> (carry, y)`` over the leading axis of ``xs`` (``lax.scan``).
 
@@ -42,9 +43,14 @@ def scan(
       length: the number of steps when ``xs`` is ``None`` (must agree with ``xs`` when both are
         given).
       reverse: run from the last element to the first.
+      unroll: accepted for ``lax.scan`` compatibility and ignored: the loop is eager
+        Python, so there is nothing to unroll (results do not depend on it).
 
     Returns:
       ``(final_carry, ys)``, ``ys`` stacked on a new leading axis.
+
+    Raises:
+      ValueError: if ``f`` changes the carry's structure, or the shape of a carry leaf.
 
     Examples:
       >>> step = lambda c, x: (c + x, c * x)
@@ -66,7 +72,11 @@ def scan(
         raise ValueError(f"{fn}: with no `xs`, give `length`")
     else:
         n = length
+    if not isinstance(unroll, (int, bool)):
+        raise TypeError(f"{fn}: `unroll` must be an int or bool, got {type(unroll).__name__}")
     carry_def = _tree.structure(init)
+    carry_paths, carry_init, _ = _tree.flatten_with_path(init)
+    carry_shapes = [x.shape if isinstance(x, torch.Tensor) else None for x in carry_init]
     carry = init
     ys: list[Any] = [None] * n
     order = range(n - 1, -1, -1) if reverse else range(n)
@@ -80,6 +90,13 @@ def scan(
             raise ValueError(
                 f"{fn}: f changed the carry's structure from {carry_def} to {_tree.structure(carry)}"
             )
+        for path, a, b in zip(carry_paths, carry_shapes, _tree.leaves(carry), strict=True):
+            if a is not None and isinstance(b, torch.Tensor) and b.shape != a:
+                raise ValueError(
+                    f"{fn}: f must keep the carry's shapes (as lax.scan), but the carry at path "
+                    f"`{_tree.keystr(path)}` had shape {tuple(a)} and f returned shape "
+                    f"{tuple(b.shape)} at step {i}"
+                )
     if n == 0:
         return carry, _empty_ys(f, init, x_leaves, x_def, fn)
     if ys[0] is None or not _tree.leaves(ys[0]):
@@ -184,14 +201,21 @@ class _Remat(torch.autograd.Function):
         ctx.holder = holder
         ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
         ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
-        ctx.save_for_backward(*[x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t])
+        tensors = [x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    def _function(ctx: Any, detach: bool) -> tuple[Callable[..., tuple[Any, ...]], list[Any], list[int]]:
+        """``(g, leaves, diff_idx)``: ``f`` as a function of its floating/complex tensor
+        leaves (the others fixed at their saved values)."""
         holder = ctx.holder
         saved = iter(ctx.saved_tensors)
         leaves = [next(saved) if t else o for t, o in zip(ctx.is_tensor, ctx.others, strict=True)]
-        diff_idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        if detach:
+            leaves = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
+        diff_idx = [i for i, x in enumerate(leaves)
+                    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
 
         def g(*diff: torch.Tensor) -> tuple[Any, ...]:
             full = list(leaves)
@@ -199,13 +223,33 @@ class _Remat(torch.autograd.Function):
                 full[i] = x
             return tuple(_tree.leaves(holder.f(*_tree.unflatten(holder.in_def, full))))
 
-        with torch.enable_grad():
+        return g, leaves, diff_idx
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple[Any, ...]:
+        # Forward mode stores no activations anyway: the jvp of f itself, recomputed.
+        g, leaves, diff_idx = _Remat._function(ctx, detach=False)
+        ts = [torch.zeros_like(leaves[i]) if tangents[1 + i] is None else tangents[1 + i] for i in diff_idx]
+        _, out_t = torch.func.jvp(g, tuple(leaves[i] for i in diff_idx), tuple(ts))
+        return tuple(out_t)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+        # NOTE [checkpoint backward and create_graph]
+        # Grad mode is on in a backward only when the outer backward builds a graph
+        # (create_graph=True, an outer fp.grad/jacrev level). Only then may the recomputed
+        # gradients stay attached to the saved inputs; otherwise they were returned with a
+        # graph to the (requires-grad) saved leaves, and a training loop's parameters
+        # carried an ever-growing history from step to step.
+        create_graph = torch.is_grad_enabled()
+        g, leaves, diff_idx = _Remat._function(ctx, detach=not create_graph)
+        with torch.set_grad_enabled(create_graph):
             _, vjp_fn = torch.func.vjp(g, *[leaves[i] for i in diff_idx])
             cts = tuple(torch.zeros_like(o) if gr is None else gr for gr, o in zip(grads, _, strict=True))
             in_grads = vjp_fn(cts)
         out: list[Any] = [None] * len(leaves)
         for i, gi in zip(diff_idx, in_grads, strict=True):
-            out[i] = gi
+            out[i] = gi if create_graph else gi.detach()
         return (None, *out)
 
 

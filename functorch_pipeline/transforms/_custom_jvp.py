@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.func
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from functorch_pipeline import tree as _tree
 
@@ -138,6 +139,30 @@ def _zeros_for(leaves: list[Any], tangents: tuple[Any, ...]) -> list[Any]:
     ]
 
 
+def _outer_forward_rule(owner: custom_jvp, spec: _Spec, leaves: list[Any], tangents: list[Any]) -> list[Any]:
+    """The rule's tangent output, differentiable by an outer forward-mode level.
+
+    PyTorch runs an ``autograd.Function``'s jvp rule with forward-mode AD off, so under
+    two forward levels (``jacfwd(jacfwd(f))``) the outer one saw the rule as constant in
+    the primals: a silent 0. JAX differentiates the rule. When another forward (jvp)
+    transform sits below the current one, the rule runs one level lower (the current
+    level's wrappers removed) with forward AD on, so the outer levels see it.
+    """
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    jvps = [i for i in stack if i.key() == torch._C._functorch.TransformType.Jvp]
+    if len(jvps) < 2 or stack[-1].key() != torch._C._functorch.TransformType.Jvp:
+        return owner._rule(spec, leaves, tangents)
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    interp = retrieve_current_functorch_interpreter()
+    level = interp.level()
+    unwrap = torch._C._functorch._unwrap_for_grad
+    down = [unwrap(x, level) if isinstance(x, torch.Tensor) else x for x in leaves]
+    t_down = [unwrap(x, level) if isinstance(x, torch.Tensor) else x for x in tangents]
+    with _set_fwd_grad_enabled(True), interp.lower():
+        return owner._rule(spec, down, t_down)
+
+
 def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function]:
     class _Fn(torch.autograd.Function):
         generate_vmap_rule = True
@@ -166,16 +191,27 @@ def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function
         @staticmethod
         def jvp(ctx: Any, *tangents: Any) -> Any:
             leaves = _Fn._leaves(ctx)
-            out = owner._rule(ctx.spec, leaves, _zeros_for(leaves, tangents[1:]))  # [0] is spec
+            # PyTorch runs a jvp rule with forward-mode AD off, which made an outer forward
+            # level (jacfwd(jacfwd(f))) see the rule as constant in the primals (0). JAX
+            # differentiates the rule: turn forward AD back on for the outer levels.
+            out = _outer_forward_rule(owner, ctx.spec, leaves, _zeros_for(leaves, tangents[1:]))  # [0] is spec
             return tuple(out)
 
         @staticmethod
         def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            # The VJP is the transpose of the rule's linear map in the tangents. When the
+            # outer backward builds a graph (grad mode on: create_graph, an outer
+            # fp.grad/jacrev level) the primals stay attached, so the rule itself is
+            # differentiated for higher orders, as in JAX; otherwise they are detached and
+            # the result carries no graph.
+            create_graph = torch.is_grad_enabled()
             leaves = _Fn._leaves(ctx)
+            if not create_graph:
+                leaves = [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves]
             idx = [
                 i
                 for i, x in enumerate(leaves)
-                if isinstance(x, torch.Tensor) and x.is_floating_point()
+                if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
             ]
 
             def linear(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -184,15 +220,9 @@ def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function
                 ]
                 for i, t in zip(idx, ts, strict=True):
                     full[i] = t
-                return tuple(
-                    owner._rule(
-                        ctx.spec,
-                        [x.detach() if isinstance(x, torch.Tensor) else x for x in leaves],
-                        full,
-                    )
-                )
+                return tuple(owner._rule(ctx.spec, leaves, full))
 
-            with torch.enable_grad():
+            with torch.set_grad_enabled(create_graph):
                 zeros = [torch.zeros_like(leaves[i]) for i in idx]
                 outs, vjp_fn = torch.func.vjp(linear, *zeros)
                 cts = tuple(

@@ -129,6 +129,24 @@ class _Spec:
         self.n_out = 0
 
 
+def _check_grads(where: str, spec: _Spec, flat: list[Any], meta: list[Any]) -> None:
+    """Refuse a gradient whose shape differs from its argument's (autograd would silently
+    sum or broadcast it to the argument's shape, as JAX refuses too)."""
+    args_template = _tree.unflatten(spec.in_def, list(range(spec.in_def.num_leaves)))
+    for path, k in _tree.leaves_with_path(args_template):
+        gx, m = flat[k], meta[k]
+        if gx is None or m is None:
+            continue
+        if not isinstance(gx, torch.Tensor) or gx.shape != m[0]:
+            got = (f"shape {tuple(gx.shape)} and dtype {gx.dtype}" if isinstance(gx, torch.Tensor)
+                   else f"a {type(gx).__name__}")
+            raise ValueError(
+                f"{where}: bwd must return a gradient with the shape of its argument: at "
+                f"argument {path[0]}{'' if len(path) == 1 else ' path `' + _tree.keystr(path[1:]) + '`'} "
+                f"the argument has shape {tuple(m[0])} and dtype {m[1]}, but bwd returned {got}"
+            )
+
+
 def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) -> type[torch.autograd.Function]:
     where = f"custom_vjp({name})"
 
@@ -151,7 +169,11 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
                         "residuals must be tensors (close over other values instead)"
                     )
             spec.n_out = len(out_leaves)
-            # Saving an input returned as-is is refused by autograd.Function; a view is fine.
+            # Saving an input returned as-is is refused by autograd.Function; a view is fine
+            # (the inputs are saved too, to rerun fwd for higher orders).
+            ids = {id(x) for x in leaves if isinstance(x, torch.Tensor)}
+            out_leaves = [x.view_as(x) if isinstance(x, torch.Tensor) and id(x) in ids else x
+                          for x in out_leaves]
             return (*out_leaves, *(r.view_as(r) for r in res_leaves))
 
         @staticmethod
@@ -160,13 +182,31 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
             ctx.spec = spec
             res = output[spec.n_out :]
             ctx.mark_non_differentiable(*res)
-            ctx.save_for_backward(*res)
-            ctx.input_is_tensor = [isinstance(x, torch.Tensor) for x in inputs[1:]]
+            leaves = inputs[1:]
+            ctx.input_is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+            ctx.others = [None if t else x for x, t in zip(leaves, ctx.input_is_tensor, strict=True)]
+            ctx.input_meta = [(x.shape, x.dtype) if t else None
+                              for x, t in zip(leaves, ctx.input_is_tensor, strict=True)]
+            ctx.n_res = len(res)
+            ctx.save_for_backward(*res, *[x for x in leaves if isinstance(x, torch.Tensor)])
 
         @staticmethod
         def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
             spec: _Spec = ctx.spec
-            res = _tree.unflatten(spec.res_def, ctx.saved_tensors)
+            saved = ctx.saved_tensors
+            if torch.is_grad_enabled():
+                # NOTE [custom_vjp higher order]
+                # Grad mode is on in a backward only when a graph of the gradient is wanted
+                # (create_graph, an outer fp.grad/jacrev level). The saved residuals are
+                # constants (non-differentiable outputs), so bwd would look constant in the
+                # primals (a silent 0 second derivative). As JAX differentiates fwd and bwd
+                # for higher orders, fwd is rerun on the saved inputs so the residuals, and
+                # with them bwd's result, depend on the primals.
+                it = iter(saved[ctx.n_res:])
+                leaves = [next(it) if t else o for t, o in zip(ctx.input_is_tensor, ctx.others, strict=True)]
+                res = fwd(spec, *_tree.unflatten(spec.in_def, leaves))[1]
+            else:
+                res = _tree.unflatten(spec.res_def, saved[: ctx.n_res])
             g = _tree.unflatten(spec.out_def, grads[: spec.n_out])
             arg_grads = bwd(spec, res, g)
             if not isinstance(arg_grads, tuple) or len(arg_grads) != spec.nargs:
@@ -190,6 +230,7 @@ def _make_function(name: str, fwd: Callable[..., Any], bwd: Callable[..., Any]) 
                     )
                 flat.extend(gl)
             flat = [gx if is_t else None for gx, is_t in zip(flat, ctx.input_is_tensor, strict=True)]
+            _check_grads(where, spec, flat, ctx.input_meta)
             return (None, *flat)
 
     _Fn.__name__ = f"custom_vjp_{name}"

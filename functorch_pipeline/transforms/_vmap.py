@@ -204,10 +204,15 @@ def vmap(
         if chunk_size is None or chunk_size >= size:
             results = run(xs)
         else:
-            chunks = [
-                run([x.narrow(ax, start, min(chunk_size, size - start)) for x, ax in zip(xs, mapped_axes, strict=True)])
-                for start in range(0, size, chunk_size)
-            ]
+            # randomness="same": every chunk must see the one draw the whole batch shares, so
+            # the RNG state is restored before each chunk (as torch.func's chunked vmap does).
+            rng = _rng_state() if randomness == "same" else None
+            chunks = []
+            for start in range(0, size, chunk_size):
+                if rng is not None:
+                    _set_rng_state(rng)
+                chunks.append(run([x.narrow(ax, start, min(chunk_size, size - start))
+                                   for x, ax in zip(xs, mapped_axes, strict=True)]))
             results = []
             for j, ax in enumerate(box.items):
                 parts = [c[j] for c in chunks]
@@ -218,6 +223,18 @@ def vmap(
 
     return wrapped
 
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The global CPU (and, once initialised, CUDA) RNG states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _check_out_axis(ax: Any, rank: int, path: Any, fn: str) -> None:
