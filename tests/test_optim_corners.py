@@ -23,13 +23,33 @@ def _g(seed, shape=(3, 4), dtype=F64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
 
 
+class _NoOptax(Exception):
+    pass
+
+
+class _Absent:
+    """Stands for optax / jax.numpy when they are not installed: the first use ends the
+    optional check (the closed-form checks before it have run)."""
+
+    def __getattr__(self, name):
+        raise _NoOptax
+
+
 @contextlib.contextmanager
 def _optax():
-    """optax and jax.numpy with float64 enabled (skips without optax)."""
-    optax = pytest.importorskip("optax")
-    import jax
-    import jax.numpy as jnp
-
+    """optax and jax.numpy with float64 enabled, for a second check against optax; without
+    optax (CI installs no peers) the block ends at its first use of them, and the test's
+    closed-form checks still count."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import optax
+    except ImportError:
+        try:
+            yield _Absent(), _Absent()
+        except _NoOptax:
+            pass
+        return
     with jax.enable_x64(True):
         yield optax, jnp
 
