@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_reference import loop_grads
 from torch import nn
 from torch.func import functional_call
 
@@ -129,3 +130,52 @@ def test_centred_sums_of_bfloat16_inputs(offset):
     exact = torch.einsum("btd,bte->bde", g.double(), a.double()).square().sum((1, 2))
     got = _centred_gram_sq(a, g).double()
     assert ((got - exact).abs() / exact).max().item() < 1e-5
+
+
+# NOTE [centred Gram sums], last paragraph: padding positions (input rows exactly 0) with
+# huge output gradients (torchvision's Swin v2 normalises its padded zero queries) swamped
+# the centred Gram sum: norms of 201,995 for the loop's 186, a clipped sum off by its size.
+
+
+def _padded_rows_losses():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, bias=False).double()
+    pad = torch.zeros(1, 8, 1, dtype=torch.float64)
+    pad[:, 5:] = 1.0  # the last 3 positions are padding
+
+    def losses(p, x):
+        h = torch.func.functional_call(lin, p, (x * (1 - pad),))  # padded inputs are exactly 0
+        # a huge gradient at the padded positions (as 1/eps from normalising zero rows)
+        return (h * (1 + 1e11 * pad)).tanh().sum((1, 2))
+
+    return {k: v.detach() for k, v in lin.named_parameters()}, torch.randn(3, 8, 64, dtype=torch.float64), losses
+
+
+def test_ghost_norms_ignore_huge_gradients_at_zero_input_rows():
+    params, x, losses = _padded_rows_losses()
+    ref = loop_grads(losses, params, x)["weight"].flatten(1).norm(dim=1)
+    got = fp.per_sample_grad_norms(losses, method="ghost")(params, x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+
+
+def test_swin_v2_window_attention_on_a_map_smaller_than_its_window():
+    from torchvision.models.swin_transformer import ShiftedWindowAttentionV2
+
+    torch.manual_seed(0)
+    attn = ShiftedWindowAttentionV2(256, [8, 8], [0, 0], 8).double().eval()
+    params = {k: v.detach() for k, v in attn.named_parameters() if k.startswith("qkv.")}
+    rest = {k: v.detach() for k, v in attn.named_parameters() if not k.startswith("qkv.")}
+    x = torch.randn(2, 2, 2, 256, dtype=torch.float64)  # a 2 x 2 map, padded to the 8 x 8 window
+
+    def losses(p, x):
+        return torch.func.functional_call(attn, {**rest, **p}, (x,)).pow(2).flatten(1).sum(1)
+
+    per = loop_grads(losses, params, x)
+    ref = torch.cat([g.flatten(1) for g in per.values()], 1).norm(dim=1)
+    torch.testing.assert_close(fp.per_sample_grad_norms(losses, method="ghost")(params, x), ref,
+                               rtol=1e-10, atol=0)
+    total, _ = fp.clipped_grad(losses, 1.0, method="ghost")(params, x)
+    factor = (1.0 / ref).clamp(max=1)
+    for k, g in per.items():
+        torch.testing.assert_close(total[k], (factor.view(-1, *[1] * (g.dim() - 1)) * g).sum(0),
+                                   rtol=1e-9, atol=1e-12)

@@ -52,6 +52,15 @@ its squared norm is n^2 |d|^2 |c|^2 + 2 n sum_t (d . h_t)(r_t . c) + the Gram su
 centred r and h, whose terms are of the size of the result. Costs O(n (din + dout)) per
 example beside the Gram's O(n^2 (din + dout)).
 
+Centring spreads each row over all positions, which the plain Gram sum does not need
+where a row is exactly 0: a position whose input is 0 adds exactly 0 to sum_t g_t a_t^T
+whatever its output gradient. Padding positions are such rows, and their output
+gradients can be huge: torchvision's Swin v2 pads a small feature map to its window, and
+its cosine attention normalises the padded tokens' zero queries (gradient ~1/eps = 1e11
+there). Centred, those rows swamped the sum: ghost norms of 201,995 against the loop's
+186, and a clipped sum off by its own size. So a position where either row is exactly 0
+is zeroed on both sides before centring (exact: its term is 0).
+
 # NOTE [keeping small per-example gradients]
 Where a norm path forms a slot's per-example gradients anyway (a conv whose Gram would
 cost more, a normalisation layer), the clipped sum ``sum_b c_b grad_b`` is one
@@ -121,6 +130,10 @@ def _centred_gram_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     ``g`` (``..., n, dout``), one per leading index, by NOTE [centred Gram sums]."""
     n = a.shape[-2]
     a, g = _acc(a), _acc(g)  # float16/bfloat16 centred in float32: their means are coarse
+    # positions where either row is exactly 0 add exactly 0: out of both sides before
+    # centring spreads them (NOTE [centred Gram sums], last paragraph)
+    live = (a != 0).any(-1, keepdim=True) & (g != 0).any(-1, keepdim=True)
+    a, g = torch.where(live, a, 0.0), torch.where(live, g, 0.0)
     c, d = a.mean(-2, keepdim=True), g.mean(-2, keepdim=True)
     r, h = a - c, g - d
     centred = ((r @ r.mT) * (h @ h.mT)).sum((-2, -1))
