@@ -241,3 +241,16 @@ def test_reinitialize_with_zero_width_layer():
     v = fp.functionalize(nn.Sequential(nn.Linear(3, 0), nn.Linear(0, 2))).init(fp.random.key(0))
     out = fp.nn.init.reinitialize(fp.random.key(1), v["params"], {"*.weight": I.kaiming_uniform()})
     assert out["0.weight"].shape == (0, 3) and out["1.weight"].shape == (2, 0)
+
+
+def test_a_batchnorm_used_twice_becomes_one_groupnorm():
+    """replace_rnns keeps a shared module shared; replace_batchnorm_with_groupnorm made two
+    GroupNorms of one BatchNorm (6 parameter tensors became 8)."""
+    bn = torch.nn.BatchNorm1d(4)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), bn, torch.nn.Linear(4, 4), bn)
+    out = fp.nn.replace_batchnorm_with_groupnorm(net, 2)
+    assert out[1] is out[3] and isinstance(out[1], torch.nn.GroupNorm)
+    assert len(list(out.parameters())) == len(list(net.parameters())) == 6
+    x = torch.randn(5, 4)
+    gn = out[1]  # the same layer object, applied twice
+    torch.testing.assert_close(out(x), gn(out[2](gn(out[0](x)))))

@@ -149,8 +149,11 @@ def replace_batchnorm_with_groupnorm(
     if isinstance(module, _BatchNorm):
         return convert("", module)
     out = copy_module(module)
-    for path, m in list(out.named_modules()):
-        for name, child in list(m.named_children()):
+    done: dict[int, nn.GroupNorm] = {}  # a BatchNorm used in several places stays one layer
+    for path, m in list(out.named_modules(remove_duplicate=False)):
+        for name, child in list(m._modules.items()):  # named_children() skips a repeat
             if isinstance(child, _BatchNorm):
-                setattr(m, name, convert(f"{path}.{name}" if path else name, child))
+                if id(child) not in done:
+                    done[id(child)] = convert(f"{path}.{name}" if path else name, child)
+                setattr(m, name, done[id(child)])
     return out
