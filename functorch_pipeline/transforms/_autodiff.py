@@ -11,6 +11,7 @@ import torch
 import torch.func
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._autograd_graph import graph_leaves
 
 __all__ = [
     "grad",
@@ -193,24 +194,9 @@ def _autograd_grad_and_value(
 
 def _reaches_other_leaves(loss: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
     """Whether ``loss``'s autograd graph reaches a leaf that requires grad other than
-    ``inputs`` (a tensor the function closed over)."""
+    ``inputs`` (a tensor the function closed over); the walk stops at the first."""
     own = {id(x) for x in inputs}
-    if loss.grad_fn is None:  # loss is itself a leaf
-        return id(loss) not in own
-    # ~0.5 us per node: the graph is walked once per call, stopping at the first leaf
-    # that is not an input.
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if type(node).__name__ == "AccumulateGrad":
-                if id(node.variable) not in own:
-                    return True
-            else:
-                stack.append(node)
-    return False
+    return any(id(v) not in own for v in graph_leaves(loss))
 
 
 def value_and_grad(

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from functorch_pipeline.transforms._autograd_graph import graph_leaves
+
 __all__ = ["warn_closed_over"]
 
 _LOOKED: weakref.WeakSet[Any] = weakref.WeakSet()  # loss_fns whose graph was walked
@@ -32,20 +34,7 @@ _LOOKED: weakref.WeakSet[Any] = weakref.WeakSet()  # loss_fns whose graph was wa
 
 def closed_over_parameters(losses: torch.Tensor) -> list[torch.Tensor]:
     """The ``nn.Parameter`` leaves that require grad in ``losses``' autograd graph."""
-    found: list[torch.Tensor] = []
-    todo, seen = [losses.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
-            if isinstance(var, torch.nn.Parameter):
-                found.append(var)
-            continue
-        todo.extend(n for n, _ in node.next_functions)
-    return found
+    return [v for v in graph_leaves(losses) if isinstance(v, torch.nn.Parameter)]
 
 
 def warn_closed_over(loss_fn: Callable[..., Any], losses: torch.Tensor, fn: str,
