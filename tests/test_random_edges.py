@@ -82,3 +82,30 @@ def test_a_float64_bernoulli_probability_is_compared_at_float64s_resolution():
     u = fp.random.uniform(K(0), (1000,), torch.float64)
     assert bool(fp.random.bernoulli(K(0), u + 1e-12).all())  # p just above each draw
     assert not bool(fp.random.bernoulli(K(0), u - 1e-12).any())  # just below
+
+
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("p", [[-0.5, 1.0, 0.5], [0.0, 0.0, 0.0], [float("nan"), 1.0, 1.0],
+                               [float("inf"), 1.0, 1.0], [0.0, 1.0, 0.0], [1.0, 2.0, 0.0]])
+def test_choice_refuses_the_p_numpy_refuses(p, replace):
+    """A negative, non-finite or all-zero ``p`` (and, without replacement, fewer non-zero
+    entries than draws) is refused, as ``numpy.random.choice`` refuses it; they used to give
+    draws silently (a -0.5 entry was drawn every time). Whatever numpy accepts is drawn,
+    and only from the entries with positive probability."""
+    import numpy as np
+
+    pt = torch.tensor(p, dtype=torch.float64)
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            np.random.default_rng(0).choice(3, 2, replace=replace, p=np.array(p) / np.sum(p))
+        numpy_ok = True
+    except ValueError:
+        numpy_ok = False
+    if numpy_ok:
+        got = fp.random.choice(fp.random.key(0), 3, (2,), replace=replace, p=pt)
+        assert all(pt[i] > 0 for i in got.tolist())
+        if not replace:
+            assert len(set(got.tolist())) == 2
+    else:
+        with pytest.raises(ValueError, match=r"choice\(key, a, shape, replace, p, axis\): .*`p`"):
+            fp.random.choice(fp.random.key(0), 3, (2,), replace=replace, p=pt)

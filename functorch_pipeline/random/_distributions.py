@@ -17,6 +17,7 @@ from functorch_pipeline.random._core import normal
 from functorch_pipeline.random._core import permutation
 from functorch_pipeline.random._core import randint
 from functorch_pipeline.random._core import uniform
+from functorch_pipeline.random._host import eligible
 
 __all__ = [
     "PRNGKey",
@@ -228,6 +229,22 @@ def categorical(k: torch.Tensor, logits: torch.Tensor, axis: int = -1,
     return torch.argmax(moved.to(work) + g, dim=-1)
 
 
+def _check_probabilities(p: torch.Tensor, count: int, replace: bool, fn: str) -> None:
+    """``numpy.random.choice``'s checks of ``p`` (host reads: eager CPU only)."""
+    if p.is_complex() or not (p.is_floating_point() or p.dtype in _INT_DTYPES):
+        raise TypeError(f"{fn}: `p` must be a real tensor, got {p.dtype}")
+    bad = ~torch.isfinite(p) | (p < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{fn}: `p` must be finite and >= 0; got p[{i}] = {p[i].item()}")
+    nonzero = int((p > 0).sum())
+    if p.numel() and nonzero == 0:
+        raise ValueError(f"{fn}: `p` must have a positive entry; got all zeros")
+    if not replace and count > nonzero:
+        raise ValueError(f"{fn}: cannot draw {count} values without replacement when `p` has "
+                         f"only {nonzero} non-zero entries")
+
+
 def choice(k: torch.Tensor, a: int | torch.Tensor, shape: Sequence[int] = (), replace: bool = True,
            p: torch.Tensor | None = None, axis: int = 0) -> torch.Tensor:
     """Draws from ``a`` (``jax.random.choice``): entries of a tensor along ``axis``, or
@@ -241,8 +258,12 @@ def choice(k: torch.Tensor, a: int | torch.Tensor, shape: Sequence[int] = (), re
       a: an int ``n`` (draw from ``0 .. n-1``) or a tensor (draw slices along ``axis``).
       shape: the shape of the draw.
       replace: with replacement (default) or without (``prod(shape)`` must be <= n).
-      p: optional probabilities of the ``n`` entries (a 1-d tensor; not checked for
-        summing to one, since that needs a host read: it is normalised).
+      p: optional probabilities of the ``n`` entries (a 1-d tensor, normalised: it need
+        not sum to one). On CPU in eager code its values are checked (``numpy``'s
+        rules): a negative or non-finite entry, an all-zero ``p``, or fewer non-zero
+        entries than draws without replacement raise ``ValueError``. Elsewhere (CUDA,
+        under ``vmap`` or ``torch.compile``) that check would need a host read, and
+        such a ``p`` gives meaningless draws.
       axis: the axis of ``a`` to draw along.
 
     Returns:
@@ -272,6 +293,8 @@ def choice(k: torch.Tensor, a: int | torch.Tensor, shape: Sequence[int] = (), re
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != n:
             got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
             raise ValueError(f"{fn}: `p` must be a 1-d tensor of {n} probabilities, got {got}")
+        if eligible(p):
+            _check_probabilities(p, count, replace, fn)
     if count and n == 0:
         raise ValueError(f"{fn}: cannot draw {count} values from an empty `a`")
     if not replace and count > n:
