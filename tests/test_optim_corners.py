@@ -312,6 +312,52 @@ def test_mixed_tree_0d_leaf_sees_float32_scalars():
             torch.testing.assert_close(um["t"].double(), u1["t"], rtol=2e-5, atol=0)
 
 
+def _lr_first_aliases():
+    import inspect
+
+    out = []
+    for name in sorted(optim.__all__):
+        f = getattr(optim, name)
+        if inspect.isfunction(f) and next(iter(inspect.signature(f).parameters), None) == "learning_rate":
+            out.append(name)
+    return out
+
+
+# bfloat16: the two paths round intermediates differently; states carry it (<= 4 ulps seen)
+_TOL = {torch.bfloat16: 4 * 2.0**-8, F32: 1e-5, F64: 1e-12}
+
+
+@pytest.mark.parametrize("name", [n for n in _lr_first_aliases() if n not in ("fromage", "dpsgd")])
+def test_injected_alias_on_0d_leaves_keeps_dtypes_and_values(name):
+    """Every optimizer alias under ``inject_hyperparams`` (its hyperparameters become float64
+    0-d tensors) on a tree with 0-d bfloat16 and float32 leaves beside a float64 vector:
+    each update keeps its leaf's dtype and equals the plain alias's (Python-number
+    hyperparameters, the reference) to the leaf dtype's rounding (fromage takes no tensor
+    learning rate; dpsgd's inputs are per-example). rprop's step sizes became
+    float64 at the 0-d bfloat16 leaf (and the next update raised), and noisy_sgd's 0-d
+    updates became float64 (NOTE [scalar dtype])."""
+    f = getattr(optim, name)
+    kw = {"key": fp.random.key(0)} if name == "noisy_sgd" else {}
+    plain, inj = f(0.1, **kw), optim.inject_hyperparams(f)(learning_rate=0.1, **kw)
+    p = {"a": torch.tensor([0.7, -0.2, 0.4], dtype=F64), "b": torch.tensor(1.0, dtype=torch.bfloat16),
+         "c": torch.tensor(2.0, dtype=F32)}
+
+    def g(t):
+        return {"a": torch.tensor([0.1, -0.2, 0.3], dtype=F64) * (-1) ** t,
+                "b": torch.tensor(0.5 * (-1) ** (t // 2), dtype=torch.bfloat16),
+                "c": torch.tensor(0.3 - 0.2 * t, dtype=F32)}
+
+    s1, s2, p1, p2 = plain.init(p), inj.init(p), p, p
+    for t in range(4):
+        u1, s1 = plain.update(g(t), s1, p1)
+        u2, s2 = inj.update(g(t), s2, p2)
+        for k in p:
+            assert u2[k].dtype == u1[k].dtype == p[k].dtype, (k, t)
+            torch.testing.assert_close(u2[k].double(), u1[k].double(), rtol=_TOL[p[k].dtype],
+                                       atol=_TOL[p[k].dtype] * 1e-3)
+        p1, p2 = optim.apply_updates(p1, u1), optim.apply_updates(p2, u2)
+
+
 def test_uniform_tree_scalar_dtype_unchanged():
     from functorch_pipeline.optim import _mt
 

@@ -520,8 +520,10 @@ def scale_by_rprop(
         out, ns = [], []
         for g, d, q in zip(gl, sl, ql, strict=True):
             s = g * q
-            up = torch.clamp(d * eta_plus, max=max_step_size)
-            down = torch.clamp(d * eta_minus, min=min_step_size)
+            hp, hm, hi, lo = (_mt.leaf_scalar(h, g) for h in (
+                eta_plus, eta_minus, max_step_size, min_step_size))  # NOTE [scalar dtype]
+            up = _mt.to_leaf(torch.clamp(d * hp, max=hi), d)
+            down = _mt.to_leaf(torch.clamp(d * hm, min=lo), d)
             d = torch.where(s > 0, up, torch.where(s < 0, down, d))
             out.append(torch.where(s < 0, torch.zeros_like(g), d * torch.sign(g)))
             ns.append(d)

@@ -368,8 +368,9 @@ def add_noise(
         keys = fpr.split(fpr.fold_in(state.rng_key, state.count), len(ul))
         out = []
         for u, k in zip(ul, keys, strict=True):
-            std = torch.sqrt(eta / count.to(u.dtype) ** gamma)
-            out.append(u + std * fpr.normal(k, tuple(u.shape), u.dtype))
+            std = torch.sqrt(_mt.leaf_scalar(eta, u) / count.to(u.dtype) ** _mt.leaf_scalar(
+                gamma, u))  # NOTE [scalar dtype]
+            out.append(_mt.to_leaf(u + std * fpr.normal(k, tuple(u.shape), u.dtype), u))
         return fpt.unflatten(td, out), AddNoiseState(count, state.rng_key)
 
     return GradientTransformation(init_fn, update_fn)
