@@ -447,7 +447,9 @@ def per_sample_value_and_grad(
       A function with ``loss_fn``'s signature returning ``(values, grads)``: values of shape
       ``(B,)`` and per-example gradients with a leading batch axis (``((values, aux), grads)`` with
       ``has_aux=True``). An empty batch (``B = 0``, which Poisson sampling can draw) gives
-      values of shape ``(0,)`` and gradients of shape ``(0, *param.shape)``.
+      values of shape ``(0,)`` and gradients of shape ``(0, *param.shape)``; its ``aux`` is
+      what ``loss_fn`` returns when called once on the empty batch (no example exists to
+      give vmap's per-example layout), for every method.
 
     Examples:
       >>> loss = lambda w, x: ((x @ w) ** 2).mean()
@@ -612,7 +614,8 @@ def per_sample_grads(
       A function with ``loss_fn``'s signature returning per-example gradients shaped like
       the differentiated argument(s) with a leading batch axis, plus per-example ``aux``
       with ``has_aux=True``. An empty batch (``B = 0``) gives gradients of shape
-      ``(0, *param.shape)``.
+      ``(0, *param.shape)``, and the ``aux`` that ``loss_fn`` returns when called once on
+      the empty batch, for every method.
 
     Notes:
       NOTE [auto: vmap's numbers, hooks' speed]: the default gives exactly ``vmap``'s per-example
