@@ -95,6 +95,52 @@ def test_device_loader_wraps_a_dataloader():
         data.prefetch_to_device([], "cpu", size=0)
 
 
+def _failing_source(n, fail_at):
+    for i in range(n):
+        if i == fail_at:
+            raise OSError(f"corrupt record at batch {i}")
+        yield {"x": torch.full((4, 3), float(i)), "i": i}
+
+
+def _consume(it):
+    got = []
+    with pytest.raises(OSError, match="corrupt record") as info:
+        for b in it:
+            got.append(b["i"])
+    return got, info.value
+
+
+@pytest.mark.parametrize(("size", "fail_at"), [(1, 0), (2, 1), (2, 3), (4, 5), (3, 2)])
+def test_cuda_prefetch_delivers_the_batches_before_a_source_error(monkeypatch, size, fail_at):
+    """The CUDA path's own queue logic (streams, events and the copy replaced by stand-ins,
+    so it runs here): a source that raises at batch k gives every batch before k, then its
+    error, as iterating the source does. It dropped the `size` batches already fetched
+    (size 2, failure at 3: batch 0 only)."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(fp.tree, "to", lambda b, dev, non_blocking=False: b)
+    want, _ = _consume(_failing_source(8, fail_at))
+    got, err = _consume(data.prefetch_to_device(_failing_source(8, fail_at), "cuda:0", size=size,
+                                                pin_memory=False))
+    assert got == want == list(range(fail_at))
+    assert str(err) == f"corrupt record at batch {fail_at}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_prefetch_delivers_every_batch_intact():
     src = [{"x": torch.randn(64, 32) + i, "y": torch.full((64,), i), "tag": i} for i in range(7)]

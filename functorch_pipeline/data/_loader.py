@@ -93,9 +93,16 @@ def _pin(x: Any) -> Any:
 def _cuda_prefetch(it: Iterator[Any], dev: torch.device, size: int, pin: bool) -> Iterator[Any]:
     stream = torch.cuda.Stream(device=dev)
     queue: collections.deque[tuple[Any, torch.cuda.Event]] = collections.deque()
+    failed: list[Exception] = []  # the source's error, raised after the batches before it
 
     def enqueue() -> bool:
-        batch = next(it, _END)
+        if failed:
+            return False
+        try:
+            batch = next(it, _END)
+        except Exception as e:
+            failed.append(e)
+            return False
         if batch is _END:
             return False
         if pin:
@@ -119,6 +126,8 @@ def _cuda_prefetch(it: Iterator[Any], dev: torch.device, size: int, pin: bool) -
                 x.record_stream(current)
         enqueue()
         yield batch
+    if failed:  # as iterating the source directly: every batch it gave, then its error
+        raise failed[0]
 
 
 class DeviceLoader:
