@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -353,3 +354,111 @@ def test_binary_ops_trace_whole_under_fp_jit():
     c = {"w": torch.randn(3, 1), "v": [torch.randn(2, 2)]}
     got = fp.jit(tree.add, fullgraph=True, backend="eager")(c, b)
     assert got["w"].shape == (3, 3) and torch.equal(got["w"], c["w"] + b["w"])
+
+
+# --- s22 sweep: mixed dtypes, complex, numbers, errors that name the leaf -----------------
+
+
+def test_norm_promotes_mixed_dtypes_whatever_the_leaf_order():
+    """The per-leaf norms were cast to the FIRST leaf's dtype: a float16 leaf sorted before a
+    float32 leaf of norm 1e5 gave inf, a float32 leaf before float64 ones lost 3e-8."""
+    ref = math.sqrt(1 + 1e10)
+    for a, b in (("a", "b"), ("b", "a")):
+        t = {a: torch.tensor([1.0], dtype=torch.float16), b: torch.tensor([1e5])}
+        got = fp.tree.norm(t)
+        assert got.dtype == torch.float32 and abs(float(got) - ref) / ref < 1e-6
+        assert abs(float(fp.tree.norm(t, ord=1)) - (1 + 1e5)) < 1e-2
+        assert float(fp.tree.norm(t, ord="inf")) == 1e5
+    t = {"a": torch.tensor([1.0]), "b": torch.tensor([1.0, 2.0], dtype=torch.float64) / 3}
+    got = fp.tree.global_norm(t)
+    assert got.dtype == torch.float64
+    assert abs(float(got) - math.sqrt(1 + 5 / 9)) < 1e-15
+
+
+def test_norm_of_integer_bool_and_number_leaves():
+    """optax.tree.norm([3, 4]) is 5.0; int, bool and Python-number leaves crashed."""
+    assert float(fp.tree.norm([torch.tensor([3, 4])])) == 5.0
+    assert float(fp.tree.global_norm({"a": 3, "b": 4.0})) == 5.0
+    assert float(fp.tree.norm([torch.tensor([True, False])])) == 1.0
+
+
+def test_allclose_promotes_instead_of_casting_b():
+    """b was cast to a's dtype: int 1 vs 1.9, True vs 0.3 and 1 vs 1+5j compared close."""
+    for a, b in (({"a": torch.tensor(1)}, {"a": torch.tensor(1.9)}), ({"a": 1}, {"a": 1.5}),
+                 ({"a": torch.tensor([True])}, {"a": torch.tensor([0.3])}),
+                 ({"a": torch.tensor([1.0])}, {"a": torch.tensor([1.0 + 5j])})):
+        assert fp.tree.allclose(a, b) is False and fp.tree.allclose(b, a) is False
+        assert fp.tree.allclose(a, a) is True
+    assert fp.tree.allclose({"a": torch.tensor(1)}, {"a": torch.tensor(1.0)}) is True
+
+
+def test_vdot_conjugates_complex_leaves_as_numpy_does():
+    a = [torch.tensor([1 + 2j, 3 - 1j]), torch.tensor([0.5j])]
+    b = [torch.tensor([2 - 1j, 1j]), torch.tensor([2.0 + 0j])]
+    want = np.vdot(a[0].numpy(), b[0].numpy()) + np.vdot(a[1].numpy(), b[1].numpy())
+    got = fp.tree.vdot(a, b)
+    assert abs(complex(got) - complex(want)) < 1e-6
+    assert abs(complex(fp.tree.vdot(a, a)) - float(fp.tree.norm(a)) ** 2) < 1e-5
+    assert float(fp.tree.vdot({"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3.0, 4.0])})) == 11.0
+
+
+@pytest.mark.parametrize(("dtype", "s"), [(torch.int64, 0.5), (torch.float32, 1j), (torch.float16, 65536.0),
+                                          (torch.bool, 2), (torch.float32, 0.25), (torch.float64, 3)])
+def test_add_scale_is_a_plus_s_times_b(dtype, s):
+    """The multi-tensor path (`alpha=s`) refused int leaves with a float s, real leaves with a
+    complex s and float16 with s = 65536, and gave True for bool + 2 * True."""
+    a = [torch.tensor([1, 2]).to(dtype), torch.tensor([3, 0]).to(dtype)]
+    b = [torch.tensor([3, 4]).to(dtype) if dtype != torch.float16 else torch.tensor([2.0**-20] * 2, dtype=dtype),
+         torch.tensor([1, 1]).to(dtype)]
+    got = fp.tree.add_scale(a, s, b)
+    for g, x, y in zip(got, a, b, strict=True):
+        want = x + s * y
+        assert g.dtype == want.dtype and torch.equal(g, want)
+
+
+def test_map_passes_f_own_value_error_through():
+    def f(x, y):
+        raise ValueError("my check: expected a (3,) tensor")
+
+    with pytest.raises(ValueError, match=r"^my check: expected a \(3,\) tensor$"):
+        fp.tree.map(f, {"a": torch.ones(2)}, {"a": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"tree\.map: tree 1 does not match tree 0"):
+        fp.tree.map(lambda x, y: x, {"a": 1}, {"b": 1})
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "vdot", "add_scale", "where"])
+def test_a_deeper_b_is_a_structure_error_naming_paths(op):
+    a, b = {"fc": {"w": torch.ones(2)}}, {"fc": {"w": [torch.ones(2), torch.ones(2)]}}
+    call = {"add": lambda: fp.tree.add(a, b), "sub": lambda: fp.tree.sub(a, b),
+            "vdot": lambda: fp.tree.vdot(a, b), "add_scale": lambda: fp.tree.add_scale(a, 0.5, b),
+            "where": lambda: fp.tree.where(torch.tensor(True), a, b)}[op]
+    with pytest.raises(ValueError, match=rf"tree\.{op}: tree 1 does not match tree 0: missing \['fc\.w'\]"):
+        call()
+
+
+def test_constructors_take_number_leaves():
+    assert fp.tree.zeros_like({"lr": 0.1})["lr"].item() == 0.0
+    assert fp.tree.ones_like({"lr": 3})["lr"].item() == 1
+    assert fp.tree.full_like({"lr": 0.1}, 2.0)["lr"].item() == 2.0
+
+
+def test_astype_keeps_complex_leaves_unless_dtype_is_complex():
+    t = {"w": torch.ones(2), "z": torch.tensor([1 + 2j, -3 + 0.5j])}
+    out = fp.tree.astype(t, torch.float64)
+    assert out["w"].dtype == torch.float64 and torch.equal(out["z"], t["z"])
+    out = fp.tree.astype(t, torch.complex128)
+    assert out["z"].dtype == torch.complex128 and out["w"].dtype == torch.complex128
+
+
+def test_stack_unstack_where_max_errors_name_the_leaf():
+    with pytest.raises(ValueError, match=r"tree\.stack: leaf `fc\.w` cannot be stacked on axis 0: shapes \(2,\), \(3,\)"):
+        fp.tree.stack([{"fc": {"w": torch.ones(2)}}, {"fc": {"w": torch.ones(3)}}])
+    with pytest.raises(TypeError, match=r"tree\.unstack: leaf `n` is a int, not a tensor"):
+        fp.tree.unstack({"n": 3, "w": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"tree\.unstack: axis 5 is out of range for leaf `w` of shape \(2, 3\)"):
+        fp.tree.unstack({"w": torch.ones(2, 3)}, dim=5)
+    with pytest.raises(ValueError, match=r"tree\.where: leaf `b`: the condition \(a \(2,\) bool tensor"):
+        fp.tree.where(torch.tensor([True, False]), {"b": torch.ones(3)}, {"b": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"tree\.max: leaf `a` is empty"):
+        fp.tree.max({"a": torch.ones(0), "b": torch.ones(2)})
+    assert torch.equal(fp.tree.stack([{"w": 1.0}, {"w": 2.0}])["w"], torch.tensor([1.0, 2.0]))

@@ -272,9 +272,20 @@ def map(  # noqa: A001 - JAX's name
     try:
         return optree.tree_map(f, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
     except ValueError as e:
-        if rest:
+        if rest and _mismatched(tree, rest, is_leaf):  # else the error is f's own: keep it
             raise _structure_error("tree.map", (tree, *rest), e) from None
         raise
+
+
+def _mismatched(tree: PyTree, rest: Sequence[PyTree], is_leaf: Callable[[Any], bool] | None) -> bool:
+    """Whether ``tree`` is not a prefix of every tree in ``rest`` (what ``map`` needs)."""
+    treedef = optree.tree_structure(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+    for r in rest:
+        try:
+            treedef.flatten_up_to(r)
+        except ValueError:
+            return True
+    return False
 
 
 def map_with_path(
@@ -425,6 +436,13 @@ def register_dataclass(
     ``data_fields`` (default: every field not in ``meta_fields``) are children;
     ``meta_fields`` are static and compared for structure equality. Usable as a
     decorator, with or without arguments.
+
+    Rebuilt instances (every ``map``, ``unflatten``, ``torch.func`` transform and
+    ``fp.load``) get their fields set directly, without calling ``__init__`` or
+    ``__post_init__``, since transforms put placeholders in the fields that a validating
+    ``__post_init__`` would reject (``jax.tree_util.register_dataclass`` calls the
+    constructor instead). So an attribute that is not a field, such as one derived in
+    ``__post_init__``, is absent on a rebuilt instance: make it a field or a property.
 
     Args:
       cls: the dataclass (omit it to get a decorator).

@@ -9,6 +9,7 @@ Reductions return 0-d tensors (no host sync); ``size`` and ``nbytes`` return int
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from functorch_pipeline.tree._core import PyTree
+from functorch_pipeline.tree._core import _structure_error
 from functorch_pipeline.tree._core import flatten
 from functorch_pipeline.tree._core import flatten_with_path
 from functorch_pipeline.tree._core import keystr
@@ -80,11 +82,19 @@ def _leafwise(name: str, a: PyTree, ta: Any, la: list[Any], lb: list[Any],
     return unflatten(ta, out)
 
 
+def _same_or_raise(name: str, *trees: PyTree) -> tuple[list[list[Any]], Any]:
+    """The trees' leaves and the first's treedef; a ValueError naming the key paths that
+    differ when the structures do (also where one tree is deeper at a leaf of another,
+    which ``map`` would accept as a prefix and hand a whole subtree to the op)."""
+    flat = [flatten(t) for t in trees]
+    if not all(same_structure(flat[0][1], td) for _, td in flat[1:]):
+        raise _structure_error(f"tree.{name}", trees, ValueError(
+            "; ".join(str(td) for _, td in flat)))
+    return [leaves_ for leaves_, _ in flat], flat[0][1]
+
+
 def _binary(name: str, a: PyTree, b: PyTree, foreach: Callable[..., Any], op: Callable[..., Any]) -> PyTree:
-    la, ta = flatten(a)
-    lb, tb = flatten(b)
-    if not same_structure(ta, tb):
-        return map(op, a, b)  # raises a structure error naming the key paths
+    (la, lb), ta = _same_or_raise(name, a, b)
     if _foreach_ok(la, lb):
         return unflatten(ta, foreach(la, lb))
     return _leafwise(name, a, ta, la, lb, op)
@@ -159,15 +169,26 @@ def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
         >>> add_scale([torch.tensor(1.)], 0.5, [torch.tensor(4.)])
         [tensor(3.)]
     """
-    la, ta = flatten(a)
-    lb, tb = flatten(b)
-    if not same_structure(ta, tb):
-        return map(lambda x, y: x + s * y, a, b)
+    (la, lb), ta = _same_or_raise("add_scale", a, b)
     if _foreach_ok(la, lb):
         if isinstance(s, torch.Tensor):
             return unflatten(ta, torch._foreach_add(la, torch._foreach_mul(lb, s)))
-        return unflatten(ta, torch._foreach_add(la, lb, alpha=s))
+        if _alpha_ok(s, la):
+            return unflatten(ta, torch._foreach_add(la, lb, alpha=s))
     return _leafwise("add_scale", a, ta, la, lb, lambda x, y: x + s * y)
+
+
+def _alpha_ok(s: Any, leaves_: list[torch.Tensor]) -> bool:
+    """Whether ``_foreach_add(a, b, alpha=s)`` is ``a + s * b`` for these leaves: a real
+    number ``s`` on float32/float64/complex leaves. (It refuses a float ``s`` on integer
+    leaves, a complex ``s`` on real ones and 65536 on float16 (above its range, though
+    ``s * b`` may not be), and gives a bool for bool leaves where ``a + s * b`` is an int.)"""
+    if isinstance(s, (bool, complex)) or not isinstance(s, (int, float)):
+        return False
+    return all(x.dtype in _ALPHA_DTYPES for x in leaves_)
+
+
+_ALPHA_DTYPES = frozenset((torch.float32, torch.float64, torch.complex64, torch.complex128))
 
 
 def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
@@ -178,17 +199,18 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
         b: a tree with the same structure as ``a``.
 
     Returns:
-        A 0-d tensor: the sum over leaves of ``(a * b).sum()``.
+        A 0-d tensor: the sum over leaves of ``(a.conj() * b).sum()`` (``optax.tree.vdot``,
+        ``numpy.vdot``: complex leaves of ``a`` are conjugated, so ``vdot(a, a)`` is the
+        squared norm).
 
     Examples:
         >>> vdot({"x": torch.tensor([1., 2.])}, {"x": torch.tensor([3., 4.])})
         tensor(11.)
+        >>> vdot([torch.tensor([1j])], [torch.tensor([1j])])
+        tensor(1.+0.j)
     """
-    la, ta = flatten(a)
-    lb, tb = flatten(b)
-    if not same_structure(ta, tb):
-        map(lambda x, y: None, a, b)  # raises the structure error
-    terms = [torch.sum(torch.as_tensor(x) * torch.as_tensor(y)) for x, y in zip(la, lb, strict=True)]
+    (la, lb), _ = _same_or_raise("vdot", a, b)
+    terms = [torch.sum(torch.as_tensor(x).conj() * torch.as_tensor(y)) for x, y in zip(la, lb, strict=True)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -224,16 +246,23 @@ def max(tree: PyTree) -> torch.Tensor:  # noqa: A001 - optax.tree.max
         >>> max([torch.tensor([1., 5.]), torch.tensor(3.)])
         tensor(5.)
     """
-    ls = [torch.as_tensor(x) for x in flatten(tree)[0]]
+    paths, leaves_, _ = flatten_with_path(tree)
+    ls = [torch.as_tensor(x) for x in leaves_]
     if not ls:
         raise ValueError("tree.max: the tree has no leaves")
+    for p, x in zip(paths, ls, strict=True):
+        if x.numel() == 0:
+            raise ValueError(f"tree.max: leaf `{keystr(p)}` is empty (shape {tuple(x.shape)}): "
+                             "it has no largest element")
     return torch.stack([x.max() for x in ls]).max()
 
 
 def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Tensor:
     """The norm of all leaves taken together as one vector (``ord`` 1, 2 or ``inf``).
 
-    Uses ``torch._foreach_norm``; the result is a 0-d tensor in the leaves' dtype.
+    Uses ``torch._foreach_norm``; the result is a 0-d tensor in the leaves' promoted dtype
+    (real for complex leaves; integer and bool leaves count as the default float dtype),
+    and the per-leaf norms of half-precision leaves are combined in float32.
 
     Args:
         tree: a pytree of tensors (or numbers).
@@ -250,7 +279,7 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
         (tensor(7.), tensor(4.))
     """
     # Empty leaves contribute nothing (and _foreach_norm rejects them for ord=inf).
-    ls = [t for t in (torch.as_tensor(x) for x in flatten(tree)[0]) if t.numel()]
+    ls = [_float_leaf(t) for t in (torch.as_tensor(x) for x in flatten(tree)[0]) if t.numel()]
     if ord in ("inf", math.inf):
         ord = math.inf
     if ord not in (1, 2, math.inf):
@@ -262,14 +291,20 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
         per_leaf = [torch.linalg.vector_norm(x, ord) for x in ls]
     else:
         per_leaf = torch._foreach_norm(ls, ord)
-    dtype = per_leaf[0].dtype
-    stacked = torch.stack([p if p.dtype == dtype else p.to(dtype) for p in per_leaf])
+    dtype = functools.reduce(torch.promote_types, {p.dtype for p in per_leaf})
+    acc = torch.promote_types(dtype, torch.float32)  # no float16 sum of a float32 leaf's norm
+    stacked = torch.stack([p if p.dtype == acc else p.to(acc) for p in per_leaf])
     if ord == 2:
-        if squared:
-            return torch.dot(stacked, stacked)
-        return torch.linalg.vector_norm(stacked)
-    out = stacked.sum() if ord == 1 else stacked.max()
-    return out * out if squared else out
+        out = torch.dot(stacked, stacked) if squared else torch.linalg.vector_norm(stacked)
+    else:
+        out = stacked.sum() if ord == 1 else stacked.max()
+        out = out * out if squared else out
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _float_leaf(t: torch.Tensor) -> torch.Tensor:
+    """An integer or bool leaf as the default float dtype (norms need floats)."""
+    return t if t.is_floating_point() or t.is_complex() else t.to(torch.get_default_dtype())
 
 
 def _rows_sq_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -336,7 +371,7 @@ def zeros_like(tree: PyTree) -> PyTree:
         >>> zeros_like({"w": torch.ones(2)})
         {'w': tensor([0., 0.])}
     """
-    return map(torch.zeros_like, tree)
+    return map(lambda x: torch.zeros_like(torch.as_tensor(x)), tree)
 
 
 def ones_like(tree: PyTree) -> PyTree:
@@ -352,7 +387,7 @@ def ones_like(tree: PyTree) -> PyTree:
         >>> ones_like([torch.zeros(2, dtype=torch.int64)])
         [tensor([1, 1])]
     """
-    return map(torch.ones_like, tree)
+    return map(lambda x: torch.ones_like(torch.as_tensor(x)), tree)
 
 
 def full_like(tree: PyTree, fill_value: float | int | bool) -> PyTree:
@@ -369,7 +404,7 @@ def full_like(tree: PyTree, fill_value: float | int | bool) -> PyTree:
         >>> full_like((torch.zeros(2),), 7.0)
         (tensor([7., 7.]),)
     """
-    return map(lambda x: torch.full_like(x, fill_value), tree)
+    return map(lambda x: torch.full_like(torch.as_tensor(x), fill_value), tree)
 
 
 def where(condition: PyTree | torch.Tensor | bool, x: PyTree, y: PyTree) -> PyTree:
@@ -391,8 +426,19 @@ def where(condition: PyTree | torch.Tensor | bool, x: PyTree, y: PyTree) -> PyTr
     """
     if isinstance(condition, (torch.Tensor, bool)):
         c = condition
-        return map(lambda a, b: torch.where(torch.as_tensor(c, device=torch.as_tensor(a).device), a, b), x, y)
-    return map(lambda c, a, b: torch.where(c, a, b), condition, x, y)
+        (lx, ly), tx = _same_or_raise("where", x, y)
+        cs = [torch.as_tensor(c, device=torch.as_tensor(a).device) for a in lx]
+    else:
+        (cs, lx, ly), tx = _same_or_raise("where", condition, x, y)
+    out = []
+    for i, (c, a, b) in enumerate(zip(cs, lx, ly, strict=True)):
+        try:
+            out.append(torch.where(c, a, b))
+        except (RuntimeError, TypeError) as e:
+            path = keystr(flatten_with_path(x)[0][i])
+            raise ValueError(f"tree.where: leaf `{path}`: the condition ({_describe(c)}) does not "
+                             f"combine with {_describe(a)} and {_describe(b)} ({e})") from e
+    return unflatten(tx, out)
 
 
 def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
@@ -423,7 +469,10 @@ def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal
         tx, ty = torch.as_tensor(x), torch.as_tensor(y)
         if tx.shape != ty.shape:
             return False
-        if not torch.allclose(tx, ty.to(tx.dtype), rtol=rtol, atol=atol, equal_nan=equal_nan):
+        dt = torch.promote_types(tx.dtype, ty.dtype)  # as numpy: neither side is cast down
+        if not dt.is_floating_point and not dt.is_complex:
+            dt = torch.float64
+        if not torch.allclose(tx.to(dt), ty.to(dt), rtol=rtol, atol=atol, equal_nan=equal_nan):
             return False
     return True
 

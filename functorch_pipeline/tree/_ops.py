@@ -14,6 +14,7 @@ from functorch_pipeline.tree._core import flatten
 from functorch_pipeline.tree._core import flatten_with_path
 from functorch_pipeline.tree._core import keystr
 from functorch_pipeline.tree._core import map
+from functorch_pipeline.tree._core import same_structure
 from functorch_pipeline.tree._core import unflatten
 
 __all__ = [
@@ -77,7 +78,8 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
 
 def astype(tree: PyTree, dtype: torch.dtype, *, floating_only: bool = True) -> PyTree:
     """Cast tensor leaves to ``dtype``. By default only floating-point leaves are cast
-    (labels, counters and masks keep their dtype); ``floating_only=False`` casts all.
+    (labels, counters and masks keep their dtype; complex leaves too, unless ``dtype`` is
+    complex, so no imaginary part is dropped); ``floating_only=False`` casts all.
 
     Args:
         tree: a pytree whose tensor leaves are used (other leaves pass through).
@@ -95,8 +97,8 @@ def astype(tree: PyTree, dtype: torch.dtype, *, floating_only: bool = True) -> P
     def cast(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        if floating_only and not (x.is_floating_point() or x.is_complex()):
-            return x
+        if floating_only and not (x.is_floating_point() or (x.is_complex() and dtype.is_complex)):
+            return x  # a complex leaf keeps its imaginary part unless dtype is complex
         return x.to(dtype)
 
     return map(cast, tree)
@@ -187,10 +189,22 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
     trees = list(trees)
     if not trees:
         raise ValueError("tree.stack: need at least one tree")
-    def stack_leaves(*xs: Any) -> torch.Tensor:
-        return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in xs], dim=dim)
-
-    return map(stack_leaves, trees[0], *trees[1:])
+    ts = [flatten(t) for t in trees]
+    paths = flatten_with_path(trees[0])[0]
+    for i, (_, td) in enumerate(ts[1:], start=1):
+        if not same_structure(ts[0][1], td):
+            map(lambda *_: None, trees[0], trees[i])  # raises naming the key paths
+            raise ValueError(f"tree.stack: tree {i} has structure {td}, tree 0 has {ts[0][1]}")
+    out = []
+    for j, p in enumerate(paths):
+        xs = [torch.as_tensor(leaves_[j]) for leaves_, _ in ts]
+        try:
+            out.append(torch.stack(xs, dim=dim))
+        except (RuntimeError, IndexError) as e:
+            got = ", ".join(str(tuple(x.shape)) for x in xs)
+            raise ValueError(f"tree.stack: leaf `{keystr(p)}` cannot be stacked on axis {dim}: "
+                             f"shapes {got} ({e})") from e
+    return unflatten(ts[0][1], out)
 
 
 def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
@@ -210,6 +224,12 @@ def unstack(tree: PyTree, dim: int = 0) -> list[PyTree]:
     paths, leaves_, treedef = flatten_with_path(tree)
     if not leaves_:
         raise ValueError("tree.unstack: the tree has no leaves")
+    for p, x in zip(paths, leaves_, strict=True):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"tree.unstack: leaf `{keystr(p)}` is a {type(x).__name__}, not a tensor")
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(f"tree.unstack: axis {dim} is out of range for leaf `{keystr(p)}` of "
+                             f"shape {tuple(x.shape)}")
     n = leaves_[0].shape[dim]
     for p, x in zip(paths, leaves_, strict=True):
         if x.shape[dim] != n:
