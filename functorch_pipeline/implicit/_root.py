@@ -192,7 +192,7 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
             arg_grads = _implicit_vjp(where, optimality_fn, linear_solve, sol, args, v)
             return (None, *([None] * n_init), *arg_grads)
 
-    _Fn.__name__ = where
+    _Fn.__name__ = _Fn.__qualname__ = where  # as refusals name it
     return _Fn
 
 

@@ -203,7 +203,10 @@ def _in_custom_function() -> str | None:
     Function's own backward, or refuses it with torch's message). ``apply`` leaves no
     Python frame, so the ``forward`` frame is recognised: by a ``ctx`` argument, or as the
     ``forward`` of a ``Function`` subclass (``setup_context`` style). The stack is read
-    only for parameter ops under ``no_grad``, which are rare in a forward.
+    only for parameter ops under ``no_grad``, which are rare in a forward. ``detach`` and
+    ``.data`` are among them: a forward that detaches its inputs first
+    (``fp.implicit.custom_root``, a call into an external solver) otherwise unwrapped the
+    parameter unseen, and its per-example gradients were 0 (15.2 off the loop).
     """
     frame = sys._getframe(2)
     for _ in range(40):
@@ -224,6 +227,19 @@ def _in_custom_function() -> str | None:
     return None
 
 
+_DETACHING = {_T.detach, _T.data.__get__}
+
+
+def _into_function(engine: Engine, args: Any, kwargs: Any, fn_class: str, func: Any) -> Unsupported:
+    """The refusal of a parameter handed to a custom ``autograd.Function`` (NOTE
+    [parameters in a custom autograd.Function])."""
+    return Unsupported(
+        f"{engine.names(args, kwargs)} {'goes' if len(engine.slots(args, kwargs)) == 1 else 'go'} "
+        f"into the custom torch.autograd.Function {fn_class} (its forward calls "
+        f"`{_describe(func)}`), whose backward the fast methods cannot read; "
+        "method='vmap' runs it")
+
+
 class _Tracked(torch.Tensor):
     """A differentiated parameter as ``loss_fn`` sees it; see NOTE [how the engine works]."""
 
@@ -237,6 +253,12 @@ class _Tracked(torch.Tensor):
         if func in _PASSTHROUGH:
             if func == _REQUIRES_GRAD:  # it is differentiated: what the loop and vmap answer
                 return torch.is_grad_enabled() or bool(engine.unwrap(args)[0].requires_grad)
+            if func in _DETACHING and not torch.is_grad_enabled():
+                # a Function's forward that detaches its inputs first (fp.implicit.custom_root,
+                # an external solver): NOTE [parameters in a custom autograd.Function]
+                fn_class = _in_custom_function()
+                if fn_class is not None:
+                    raise _into_function(engine, args, kwargs, fn_class, func)
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if engine.renormed and not _renorming_lookup(func, args, kwargs) and (
                 engine.renormed.intersection(engine.slots(args, kwargs))):
@@ -251,11 +273,7 @@ class _Tracked(torch.Tensor):
         if not torch.is_grad_enabled():  # no gradient flows here, unless a Function's does
             fn_class = _in_custom_function()  # NOTE [parameters in a custom autograd.Function]
             if fn_class is not None:
-                raise Unsupported(
-                    f"{engine.names(args, kwargs)} {'goes' if len(engine.slots(args, kwargs)) == 1 else 'go'} "
-                    f"into the custom torch.autograd.Function {fn_class} (its forward calls "
-                    f"`{_describe(func)}`), whose backward the fast methods cannot read; "
-                    "method='vmap' runs it")
+                raise _into_function(engine, args, kwargs, fn_class, func)
             return func(*engine.unwrap(args), **engine.unwrap(kwargs))
         if engine.closed:
             engine.stale(func, args, kwargs)
