@@ -34,7 +34,9 @@ def custom_root(optimality_fn: Callable[..., Any], solve: Callable[[Any, Any], A
     the solver did is stored for backward: memory does not grow with its iterations.
 
     Works with ``torch.autograd`` (``.backward()``), ``fp.grad`` / ``fp.value_and_grad``,
-    and ``fp.vmap`` (when the solver itself can be vmapped). Arguments may be pytrees;
+    ``fp.vmap`` (when the solver itself can be vmapped) and forward mode (``fp.jvp``,
+    ``fp.jacfwd``, ``fp.hessian``, ``fp.hvp``: the tangent solves
+    ``(∂F/∂x) ẋ = -(∂F/∂args) ȧrgs`` with ``solve`` and jacobian-vector products). Arguments may be pytrees;
     non-tensor and non-floating leaves get no gradient, nor does ``init_params`` (as in
     JAXopt). Tensors that ``optimality_fn`` or the solver close over get no gradient
     either: pass everything you differentiate as an argument. Second derivatives (a
@@ -174,17 +176,23 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
             ctx.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
             ctx.others = [None if isinstance(x, torch.Tensor) else x for x in leaves]
             ctx.save_for_backward(*output[: spec.n_out], *(leaves[i] for i in ctx.tensor_pos))
+            ctx.save_for_forward(*output[: spec.n_out], *(leaves[i] for i in ctx.tensor_pos))
+
+        @staticmethod
+        def jvp(ctx: Any, _spec_tangent: Any, *tangents: Any) -> tuple[Any, ...]:
+            # forward mode (fp.jvp, jacfwd, hessian, hvp): the implicit function theorem's
+            # tangent, (∂F/∂x) ẋ = -(∂F/∂args) ȧrgs, solved with jvp matvecs
+            spec: _Spec = ctx.spec
+            sol_leaves, args, n_init = _saved_inputs(ctx)
+            arg_tangents = list(tangents[n_init:])
+            sol = _tree.unflatten(spec.out_def, list(sol_leaves))
+            dx = _implicit_jvp(where, optimality_fn, linear_solve, sol, args, arg_tangents)
+            return (*_tree.leaves(dx), *([None] * _n_aux(spec)))
 
         @staticmethod
         def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
             spec: _Spec = ctx.spec
-            saved = ctx.saved_tensors
-            sol_leaves, arg_tensors = saved[: spec.n_out], saved[spec.n_out:]
-            leaves = list(ctx.others)
-            for i, t in zip(ctx.tensor_pos, arg_tensors, strict=True):
-                leaves[i] = t
-            _, args = _tree.unflatten(spec.in_def, leaves)
-            n_init = len(leaves) - len(_tree.leaves(args))
+            sol_leaves, args, n_init = _saved_inputs(ctx)
             cot = [torch.zeros_like(s) if g is None else g
                    for s, g in zip(sol_leaves, grads[: spec.n_out], strict=True)]
             sol = _tree.unflatten(spec.out_def, list(sol_leaves))
@@ -196,11 +204,85 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
     return _Fn
 
 
+def _saved_inputs(ctx: Any) -> tuple[tuple[Any, ...], Any, int]:
+    """The solution's leaves, the solver's ``args`` and the number of ``init_params``
+    leaves, from what ``setup_context`` saved."""
+    saved = ctx.saved_tensors
+    sol_leaves, arg_tensors = saved[: ctx.spec.n_out], saved[ctx.spec.n_out:]
+    leaves = list(ctx.others)
+    for i, t in zip(ctx.tensor_pos, arg_tensors, strict=True):
+        leaves[i] = t
+    _, args = _tree.unflatten(ctx.spec.in_def, leaves)
+    return sol_leaves, args, len(leaves) - len(_tree.leaves(args))
+
+
+def _check_residual(where: str, residual: Any, sol: Any) -> None:
+    """``optimality_fn(x*, *args)`` must be shaped like ``x*`` (a residual norm, or a dict
+    missing a key, failed deep inside torch.func at the backward)."""
+    r_paths, r_leaves, r_def = _tree.flatten_with_path(residual)
+    s_leaves, s_def = _tree.flatten(sol)
+    if not _tree.same_structure(r_def, s_def):
+        raise ValueError(f"{where}: `optimality_fn` must return a tree shaped like the solution "
+                         f"(structure {s_def}), got structure {r_def}")
+    for p, r, x in zip(r_paths, r_leaves, s_leaves, strict=True):
+        if not isinstance(r, torch.Tensor) or r.shape != x.shape:
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"{where}: `optimality_fn` must return a tree shaped like the "
+                             f"solution; at path `{_tree.keystr(p)}` expected shape "
+                             f"{tuple(x.shape)}, got {got}")
+
+
+def _n_aux(spec: _Spec) -> int:
+    return 0 if spec.aux_def is None else spec.aux_def.num_leaves
+
+
+def _implicit_jvp(where: str, optimality_fn: Callable[..., Any],
+                  linear_solve: Callable[[Any, Any], Any], sol: Any, args: tuple[Any, ...],
+                  arg_tangents: list[Any]) -> Any:
+    """``ẋ`` with ``(∂F/∂x) ẋ = -(∂F/∂args) ȧrgs`` (``arg_tangents``: one per leaf of
+    ``args``, None where it has none)."""
+    arg_leaves, arg_def = _tree.flatten(args)
+    pos = [i for i, (x, t) in enumerate(zip(arg_leaves, arg_tangents, strict=True))
+           if _is_diff(x) and t is not None]
+    if not pos:
+        return _tree.map(torch.zeros_like, sol)
+
+    def f_args(*diff: torch.Tensor) -> Any:
+        full = list(arg_leaves)
+        for i, d in zip(pos, diff, strict=True):
+            full[i] = d
+        return optimality_fn(sol, *_tree.unflatten(arg_def, full))
+
+    residual, b = torch.func.jvp(f_args, tuple(arg_leaves[i] for i in pos),
+                                 tuple(arg_tangents[i] for i in pos))
+    _check_residual(where, residual, sol)
+
+    def matvec(w: Any) -> Any:
+        return torch.func.jvp(lambda x: optimality_fn(x, *args), (sol,), (w,))[1]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        dx = linear_solve(matvec, _tree.map(torch.neg, b))
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            warnings.warn(
+                f"{where}: the implicit forward-mode linear solve (∂F/∂x) ẋ = -(∂F/∂args) ȧrgs "
+                f"did not converge, so the derivative is inexact: {w.message}",
+                ConvergenceWarning, stacklevel=4)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not _tree.same_structure(_tree.structure(dx), _tree.structure(sol)):
+        raise ValueError(f"{where}: `solve` returned a tree of structure {_tree.structure(dx)}, "
+                         f"but the solution has {_tree.structure(sol)}")
+    return dx
+
+
 def _implicit_vjp(where: str, optimality_fn: Callable[..., Any],
                   linear_solve: Callable[[Any, Any], Any], sol: Any, args: tuple[Any, ...],
                   v: Any) -> list[Any]:
     """``(∂F/∂args)^T u`` with ``(∂F/∂x)^T u = v``, one entry per leaf of ``args``."""
-    _, vjp_x = torch.func.vjp(lambda x: optimality_fn(x, *args), sol)
+    residual, vjp_x = torch.func.vjp(lambda x: optimality_fn(x, *args), sol)
+    _check_residual(where, residual, sol)
 
     def matvec(u: Any) -> Any:
         return vjp_x(u)[0]
