@@ -51,7 +51,7 @@ def _where(fn: str, where: torch.Tensor | None, logits: torch.Tensor,
     if not isinstance(where, torch.Tensor) or where.dtype != torch.bool:
         got = where.dtype if isinstance(where, torch.Tensor) else type(where).__name__
         raise TypeError(f"{fn}: `where` must be a bool tensor, got {got}")
-    ax = axis % logits.dim()
+    ax = _class_axis(fn, axis, logits)
     given = tuple(where.shape)
     if where.dim() == logits.dim() - 1:
         where = where.unsqueeze(ax)
@@ -68,13 +68,35 @@ def _where(fn: str, where: torch.Tensor | None, logits: torch.Tensor,
     return where, keep, filled
 
 
+def _class_axis(fn: str, axis: int, logits: torch.Tensor) -> int:
+    """``axis`` as a non-negative index into the logits' axes (optax and torch raise for
+    one out of range; wrapping it would take the loss over another axis)."""
+    if not -logits.dim() <= axis < logits.dim():
+        raise IndexError(f"{fn}: `axis` {axis} is out of range for logits of shape "
+                         f"{tuple(logits.shape)}")
+    return axis % logits.dim()
+
+
+def _gather_labels(fn: str, scores: torch.Tensor, labels: torch.Tensor, ax: int) -> torch.Tensor:
+    """``scores`` at each example's label along ``ax`` (the axis kept, of size 1)."""
+    try:
+        return torch.gather(scores, ax, labels.unsqueeze(ax).to(torch.int64))
+    except RuntimeError as e:
+        if "out of bounds" not in str(e):
+            raise
+        raise IndexError(
+            f"{fn}: `labels` must be class indices in [0, {scores.shape[ax]}) (there is no "
+            "ignore_index: leave examples out with `where`)") from e
+
+
 def _check_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, axis: int) -> None:
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(
             f"{fn}: `labels` must be integer class indices, got dtype {labels.dtype}; "
             "for one-hot or probability targets use softmax_cross_entropy"
         )
-    want = tuple(s for i, s in enumerate(logits.shape) if i != axis % logits.dim())
+    ax = _class_axis(fn, axis, logits)
+    want = tuple(s for i, s in enumerate(logits.shape) if i != ax)
     if tuple(labels.shape) != want:
         raise ValueError(
             f"{fn}: `labels` must have the shape of `logits` without the class axis {axis}, "
@@ -112,9 +134,10 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor, axis: int = -1) -> torch.
     >>> nll(torch.log(torch.tensor([[0.25, 0.75]])), torch.tensor([1]))
     tensor([0.2877])
     """
-    _check_labels("nll(log_probs, labels)", log_probs, labels, axis)
-    idx = labels.unsqueeze(axis % log_probs.dim()).to(torch.int64)
-    return -torch.gather(log_probs, axis, idx).squeeze(axis % log_probs.dim())
+    fn = "nll(log_probs, labels)"
+    _check_labels(fn, log_probs, labels, axis)
+    ax = axis % log_probs.dim()
+    return -_gather_labels(fn, log_probs, labels, ax).squeeze(ax)
 
 
 def cross_entropy(
@@ -130,7 +153,9 @@ def cross_entropy(
 
     optax's ``softmax_cross_entropy_with_integer_labels`` (also exported under that
     name); equals ``F.cross_entropy(logits, labels, reduction="none", label_smoothing=...)``
-    (for ``(N, C)`` logits; torch's class axis is 1, ours ``axis=-1``).
+    (for ``(N, C)`` logits; torch's class axis is 1, ours ``axis=-1``) for labels in
+    ``[0, C)``. There is no ``ignore_index`` (torch's -100 raises here): leave such
+    examples out with ``where``.
 
     Args:
       logits: unnormalised scores, classes on ``axis``.
@@ -156,7 +181,8 @@ def cross_entropy(
     masked = _where(fn, where, logits, axis)
     if masked is None:
         logp = torch.log_softmax(logits, dim=axis)
-        loss = nll(logp, labels, axis)
+        ax = axis % logits.dim()
+        loss = -_gather_labels(fn, logp, labels, ax).squeeze(ax)
         if label_smoothing:
             uniform = -logp.mean(dim=axis)
             loss = (1 - label_smoothing) * loss + label_smoothing * uniform
@@ -164,8 +190,7 @@ def cross_entropy(
     mask, keep, filled = masked
     lse = torch.logsumexp(filled, dim=axis, keepdim=True)
     ax = axis % logits.dim()
-    idx = labels.unsqueeze(ax).to(torch.int64)
-    loss = (lse - torch.gather(logits, ax, idx)).squeeze(ax)
+    loss = (lse - _gather_labels(fn, logits, labels, ax)).squeeze(ax)
     if label_smoothing:
         logp = torch.where(mask, logits - lse, torch.zeros_like(logits))
         count = mask.sum(dim=ax).clamp(min=1).to(logits.dtype)

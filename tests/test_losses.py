@@ -175,3 +175,38 @@ def test_kl_divergence_where_drops_terms():
 def test_integer_labels_alias():
     assert losses.softmax_cross_entropy_with_integer_labels is losses.cross_entropy
     assert "softmax_cross_entropy_with_integer_labels" in losses.__all__
+
+
+@pytest.mark.parametrize("bad", [5, -1, -100])
+@pytest.mark.parametrize("call", ["cross_entropy", "cross_entropy_where", "nll"])
+def test_labels_out_of_range_name_the_loss_and_the_range(bad, call):
+    """torch's gather error said "index 5 is out of bounds for dimension 1" (dimension 2
+    under vmap) and named neither the loss nor `labels`; F.cross_entropy also refuses
+    5 and -1 (IndexError), and ignores -100, which has no equivalent here."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, bad])
+    with pytest.raises(IndexError):
+        if bad != -100:
+            F.cross_entropy(logits, labels, reduction="none")
+        else:
+            raise IndexError("ignore_index")  # torch ignores it; we refuse it (documented)
+    fn = {"cross_entropy": lambda: losses.cross_entropy(logits, labels),
+          "cross_entropy_where": lambda: losses.cross_entropy(logits, labels, where=torch.ones(4, 5, dtype=torch.bool)),
+          "nll": lambda: losses.nll(torch.log_softmax(logits, -1), labels)}[call]
+    name = "nll(log_probs, labels)" if call == "nll" else "cross_entropy(logits, labels)"
+    with pytest.raises(IndexError, match=rf"{name.replace('(', '[(]').replace(')', '[)]')}: `labels` must be class "
+                       r"indices in \[0, 5\)"):
+        fn()
+
+
+@pytest.mark.parametrize("axis", [2, 3, -3])
+def test_an_axis_out_of_range_is_refused_with_where_too(axis):
+    """With `where`, softmax_cross_entropy took axis % ndim: axis 2 of 2-d logits gave the
+    loss over axis 0 (optax raises, as every other loss here did)."""
+    logits, labels = torch.randn(4, 4), torch.softmax(torch.randn(4, 4), -1)
+    where = torch.ones(4, 4, dtype=torch.bool)
+    for call in (lambda: losses.softmax_cross_entropy(logits, labels, axis=axis, where=where),
+                 lambda: losses.softmax_cross_entropy(logits, labels, axis=axis),
+                 lambda: losses.cross_entropy(logits, torch.zeros(4, dtype=torch.int64), axis=axis, where=where)):
+        with pytest.raises(IndexError):
+            call()
