@@ -590,11 +590,6 @@ def make_step(loss_fn: Callable[..., Any], opt: Any, *, jit: bool = False,
     # function of the state pytree and the batch, so the checkpoints, the exact resume and
     # the loss checks of :func:`fit` are unchanged. A last batch of another size compiles
     # once more (Dynamo marks the batch dimension dynamic after a size change).
-    # NOTE [jit empty buffers]: under torch.compile (torch 2.14), an empty dict in the aux
-    # output of fp.value_and_grad(has_aux=True) breaks Dynamo's optree polyfill
-    # ("length mismatch" in tree_unflatten); a model without buffers returns `{}` as its new
-    # buffers. The compiled step hands train_step `None` instead and puts the state's own
-    # empty container back, so the state's structure (and its checkpoints) are unchanged.
     """
     def step(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
         return fp.train.train_step(state, batch, loss_fn, opt)
@@ -602,17 +597,7 @@ def make_step(loss_fn: Callable[..., Any], opt: Any, *, jit: bool = False,
     if not jit:
         return step
 
-    def no_empty_aux(params: Any, buffers: Any, batch: Any, key: torch.Tensor) -> Any:
-        loss, new_buffers = loss_fn(params, buffers, batch, key)
-        return loss, (None if _empty(new_buffers) else new_buffers)
-
-    def jit_step(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
-        new, loss = fp.train.train_step(state, batch, no_empty_aux, opt)
-        if new.buffers is None and _empty(state.buffers):
-            new = new.replace(buffers=state.buffers)
-        return new, loss
-
-    compiled = fp.jit(jit_step, backend=backend)
+    compiled = fp.jit(step, backend=backend)
     seen = {"graphs": _graphs_compiled(), "calls": 0}
 
     def jitted(state: Any, batch: Any) -> tuple[Any, torch.Tensor]:
@@ -631,11 +616,6 @@ def make_step(loss_fn: Callable[..., Any], opt: Any, *, jit: bool = False,
         return out
 
     return jitted
-
-
-def _empty(tree: Any) -> bool:
-    """An empty container (``{}``, ``[]``, ``()``): a pytree node without leaves."""
-    return isinstance(tree, (dict, list, tuple)) and not fp.tree.leaves(tree)
 
 
 def _graphs_compiled() -> int | None:

@@ -73,3 +73,54 @@ def test_lstm_jit_matches_eager(data_root, tmp_path, capsys):
     for (path, a), b in zip(ref, fp.tree.leaves(jitted["state"].params), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, path=path: f"{fp.tree.keystr(path)}: {m}")
+
+
+@pytest.mark.parametrize("aux", [{}, [], (), ({},), (None, {}), [{}, 1], {"a": {}, "t": torch.ones(1)}])
+def test_value_and_grad_with_empty_containers_in_aux_compiles(aux):
+    """Under torch.compile an empty dict in has_aux's aux broke Dynamo's optree polyfill
+    for the gradients rebuilt after it ("unhashable type: 'list'", "length mismatch"), so
+    fp.jit of fp.train.train_step failed for every model without buffers (NOTE [empty
+    containers in aux]). The reference is the same call run eagerly."""
+    torch._dynamo.reset()
+    p = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(p, x):
+        return ((x @ p["w"] + p["b"]) ** 2).mean(), aux
+
+    vg = fp.value_and_grad(f, has_aux=True)
+    (loss, got_aux), grads = fp.jit(vg, backend="eager")(p, x)
+    (want_loss, want_aux), want = vg(p, x)
+    assert fp.tree.allclose(got_aux, aux) and fp.tree.allclose(want_aux, aux)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-14, atol=0)
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], rtol=1e-14, atol=0)
+
+
+def test_jit_train_step_of_a_model_without_buffers_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fp.functionalize(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                                                 torch.nn.ReLU(), torch.nn.Linear(16, 3)).double())
+    v = model.init(fp.random.key(0))
+    assert v["buffers"] == {}
+    opt = fp.optim.adam(1e-2)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def loss_fn(params, buffers, batch, key):
+        out = model.apply({"params": params, "buffers": buffers}, batch[0])
+        return torch.nn.functional.cross_entropy(out, batch[1]), buffers
+
+    def step(s, b):
+        return fp.train.train_step(s, b, loss_fn, opt)
+
+    eager = jitted = fp.train.TrainState.create(v["params"], opt.init(v["params"]), fp.random.key(1),
+                                                buffers=v["buffers"])
+    compiled = fp.jit(step, backend="eager")
+    for _ in range(3):
+        eager, le = step(eager, (x, y))
+        jitted, lj = compiled(jitted, (x, y))
+        torch.testing.assert_close(lj, le, rtol=1e-12, atol=0)
+    assert jitted.buffers == {} and int(jitted.step) == 3
+    for a, b in zip(fp.tree.leaves(eager.params), fp.tree.leaves(jitted.params), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

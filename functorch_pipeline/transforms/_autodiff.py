@@ -121,8 +121,8 @@ def _value_and_grad_impl(
                 return out
             # torch.func accepts only tensors in aux: pass its tensor leaves through and
             # keep the rest (None, numbers, strings) aside, as JAX lets aux be any pytree.
-            aux_leaves, aux_def = _tree.flatten(out[1])
-            aux_parts[:] = [aux_def, aux_leaves]
+            aux_leaves, aux_def = _tree.flatten(out[1], is_leaf=_empty_container)
+            aux_parts[:] = [aux_def, aux_leaves, out[1]]
             return out[0], [x for x in aux_leaves if isinstance(x, torch.Tensor)]
 
         if _plain_autograd_ok(flats, args, kwargs):
@@ -132,13 +132,33 @@ def _value_and_grad_impl(
         trees = tuple(_tree.unflatten(d, g) for d, g in zip(defs, grads, strict=True))
         if has_aux:
             loss, tensors = value
-            aux_def, aux_leaves = aux_parts
-            it = iter(tensors)
-            aux = _tree.unflatten(aux_def, [next(it) if isinstance(x, torch.Tensor) else x for x in aux_leaves])
+            aux_def, aux_leaves, aux_out = aux_parts
+            if not tensors:  # f's own object: nothing to rebuild
+                aux = aux_out
+            else:
+                it = iter(tensors)
+                aux = _tree.unflatten(aux_def, [next(it) if isinstance(x, torch.Tensor) else x
+                                                for x in aux_leaves])
             value = (loss, aux)
         return value, (trees if is_tuple else trees[0])
 
     return wrapped
+
+
+def _empty_container(x: Any) -> bool:
+    """None or an empty dict, list or tuple (a node without leaves): kept as one aux leaf.
+
+    # NOTE [empty containers in aux]
+    Under ``torch.compile`` (torch 2.11-2.14), a treespec with an empty dict node, made
+    inside the traced function, breaks Dynamo's optree polyfill for the trees unflattened
+    after it: the gradients' ``{"w", "b"}`` came back as "unhashable type: 'list'" or
+    "length mismatch". ``None`` (optree's empty node) does the same. A model without buffers returns ``{}`` as its new buffers, so
+    ``fp.jit`` of ``fp.train.train_step`` failed for every such model. Flattened as a leaf
+    (passed aside like any non-tensor), an empty container makes no such node. Still
+    failing there (ad hoc, torch 2.14): an aux holding a dict but no tensor at all, such
+    as ``{"n": 1}`` (a tensor anywhere in the aux, or a tuple or list instead, compiles).
+    """
+    return x is None or (type(x) in (dict, list, tuple) and len(x) == 0)
 
 
 # NOTE [eager fast path]
