@@ -674,8 +674,14 @@ def _restore(files: RunFiles, state: Any, device: torch.device,
     try:
         restored = files.manager.restore(like=state, device=device)
     except (fp.serialization.CheckpointError, ValueError, TypeError) as e:
-        fail(f"--resume: {path} does not fit this model/optimizer (resume with the --model/"
-             f"--optimizer of the run that wrote it): {textwrap.shorten(str(e), 300)}")
+        why = textwrap.shorten(str(e), 300)
+        if "does not match `like`" in str(e) or not isinstance(e, fp.serialization.CheckpointError):
+            fail(f"--resume: {path} does not fit this run's model or optimizer (resume with the "
+                 f"flags that shape them in the run that wrote it): {why}")
+        older = [s for s in files.saved_steps() if s != files.manager.latest_step()]
+        where = (f"the older checkpoints (steps {older}) may be intact: move {path} away to "
+                 f"resume from step {older[-1]}" if older else "no older checkpoint is there")
+        fail(f"--resume: {path} cannot be read ({why}); {where}")
     return (restored, float(meta.get("fit.epoch_loss_sum", 0.0)),
             float(meta.get("fit.epoch_time_s", 0.0)))
 

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dp_state = dp.init(dp_params)
     # batch_loss takes one dropout key per example and returns a mean: vmap it explicitly
     per_example = fp.per_sample_grads(batch_loss, method="vmap")
-    steps = math.ceil(args.dp_epochs * fp.data.num_batches(train[0].shape[0], args.batch_size))
+    # an epoch is the batches `batches(..., drop_last=True)` below draws from one shuffle
+    steps = math.ceil(args.dp_epochs * fp.data.num_batches(train[0].shape[0], args.batch_size,
+                                                           drop_last=True))
     bar = progress(range(steps), steps, 0, "DP-SGD", args.no_progress)
     t0 = time.perf_counter()
     it = iter(())
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         print(f"outputs: {os.path.join(args.out_dir, 'grad_norms.png')} (norm histogram), "
               f"{os.path.join(args.out_dir, 'top_grad_norms.png')} (highest-norm examples)")
-    return {"norms": norms, "dp_accuracy": dp_metrics["test_accuracy"], "sanity_max_diff": max_diff}
+    return {"norms": norms, "dp_accuracy": dp_metrics["test_accuracy"], "dp_steps": steps,
+            "sanity_max_diff": max_diff}
 
 
 def sanity_check(model: Any, train: Any, key: torch.Tensor, steps: int, device: torch.device) -> float:

@@ -5,6 +5,7 @@ the checkpoint/resume path exercised."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -108,9 +109,11 @@ def test_lstm_imdb_layout_smoke(tmp_path):
 
 def test_per_sample_grads_example_smoke(data_root, tmp_path):
     out = per_sample_grads.main(["--data-dir", data_root, "--pretrain-steps", "3", "--num-examples", "32",
-                                 "--chunk-size", "16", "--dp-epochs", "0.5", "--batch-size", "32",
+                                 "--chunk-size", "16", "--dp-epochs", "0.5", "--batch-size", "40",
                                  "--check-steps", "2", "--no-progress", "--device", "cpu",
                                  "--out-dir", str(tmp_path)])
     assert out["norms"].shape == (32,) and bool((out["norms"] > 0).all())
     assert out["sanity_max_diff"] < 1e-12  # sigma=0, clip=inf: DP-SGD is SGD
+    # half an epoch of the 192 examples' 4 full batches of 40 (drop_last): 2 steps, not 3
+    assert out["dp_steps"] == math.ceil(0.5 * (192 // 40)) == 2
     assert (tmp_path / "grad_norms.png").exists() and (tmp_path / "top_grad_norms.png").exists()

@@ -157,11 +157,23 @@ def test_resume_with_nothing_to_resume_and_reused_out_dir(data_root, tmp_path, c
     # resuming with flags the checkpoint cannot satisfy: one line, no traceback
     resume = _tiny(data_root, run, "--epochs", "2", "--resume")
     err = _one_line_exit(capsys, mnist.main, [*resume, "--optimizer", "adam"])
-    assert re.search(r"--resume: .*ckpt_00000002.safetensors does not fit this model/optimizer",
-                     err)
+    assert re.search(r"--resume: .*ckpt_00000002.safetensors does not fit this run's model or "
+                     r"optimizer", err)
     err = _one_line_exit(capsys, mnist.main, [*resume, "--batch-size", "16"])
     assert ("was trained with batch_size=32 but this run has 16; "
             "resume with the same --batch-size") in err
+    # a corrupted newest checkpoint is named as such, with the older step offered (it blamed
+    # --model/--optimizer, which no flag fixes)
+    newest = run / "checkpoints" / "ckpt_00000002.safetensors"
+    saved = newest.read_bytes()
+    data = bytearray(saved)
+    data[-5] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    err = _one_line_exit(capsys, mnist.main, resume)
+    assert re.search(r"--resume: .*ckpt_00000002.safetensors cannot be read \(.*checksum.*\); the "
+                     r"older checkpoints \(steps \[1\]\) may be intact: move .* away to resume "
+                     r"from step 1", err)
+    newest.write_bytes(saved)
     # nothing was touched, and --epochs 0 (before: exit 0 and metrics.jsonl deleted) neither
     _one_line_exit(capsys, mnist.main, _tiny(data_root, run, "--epochs", "0", "--resume"))
     assert sorted(os.listdir(run / "checkpoints")) == before
