@@ -176,6 +176,11 @@ def test_evaluate_weights_examples_not_batches():
         fp.train.evaluate(lambda b: {"bad": b.sum()}, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"no examples"):
         fp.train.evaluate(lambda b: {}, [])
+    # a metric only some batches return was divided by every batch's examples (5 / 3)
+    with pytest.raises(ValueError, match=r"batch 1 returns metrics \['a', 'b'\], but the batches "
+                       r"before returned \['a'\]"):
+        fp.train.evaluate(lambda b: {"a": b, **({"b": 5 * b} if len(b) == 1 else {})},
+                          [torch.ones(2), torch.ones(1)])
 
 
 def test_train_step_without_buffers():

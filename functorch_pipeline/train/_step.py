@@ -122,8 +122,13 @@ def evaluate(
     totals: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             out = metric_fn(batch)
+            if i and set(out) != set(totals):  # a mean over examples that lack the metric
+                raise ValueError(
+                    f"evaluate(metric_fn, batches): batch {i} returns metrics {sorted(out)}, but "
+                    f"the batches before returned {sorted(totals)}: every batch must return the "
+                    "same names")
             n = None
             for name, v in out.items():
                 if v.dim() != 1:
