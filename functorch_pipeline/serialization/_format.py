@@ -17,19 +17,35 @@ unpickled or imported by name here.
 Parsed JSON costs far more memory than its text: ``[]`` is 2 bytes of text but a 56-byte
 list, and a tree of 8M tiny nodes in a 100 MB header once took 2.9 GB and 17.5 s. So
 before any JSON is parsed, the header's text is scanned for the characters that can
-start or separate a JSON value (``,`` ``:`` ``[`` ``{``); their count bounds the number of
-Python objects every later parse creates (the tree JSON is a string inside the header, so
-its structure is counted too). A file may have at most ``max(MIN_PARSE_UNITS, file size
-// BYTES_PER_PARSE_UNIT)`` of them; the same number bounds the total length of the key
-paths built for the tree's leaves (deep trees would otherwise cost depth x leaves). With
-the header capped at ``MAX_HEADER_BYTES`` (safetensors' 100,000,000), a hostile file
-costs at most about ``max(~150 MB, ~10 x its size)`` to reject or load. Measured (peak
-RSS growth of one fp.load in a fresh process): a 93 MB header of 5.5M tiny nodes (the
-issue's case) is refused before parsing (+0 MB, 0.3 s); files built to sit just inside the
-budget took +606 MB at 97 MB (6.2x), +703 MB at 90 MB (7.8x), +121 MB at 9.8 MB (the
-floor), and ~15-20 s to parse at ~100 MB on a busy 2-core VM. Real checkpoints use one
-unit per ~6-9 header bytes and, past a few thousand tensors, carry far more data than
-header, so they stay well inside the budget.
+start or separate a JSON value (``,`` ``:`` ``[`` ``{``, :func:`count_parse_units`); their
+count bounds the number of Python objects every later parse creates (the tree JSON is a
+string inside the header, so its structure is counted too). A file may have at most
+:func:`parse_budget` of them, ``max(MIN_PARSE_UNITS, file size // BYTES_PER_PARSE_UNIT,
+header length // HEADER_BYTES_PER_PARSE_UNIT)``; the same number bounds the total length
+of the key paths built for the tree's leaves (deep trees would otherwise cost depth x
+leaves).
+
+The header term makes every header ``fp.save`` writes parse: its tree JSON spends at
+least ~4 header bytes per unit for every kind of leaf (measured: small ints 4.8, None 5.7,
+bool/str 5.6, empty lists 4.3, floats 7.4-10, accountant histories 9.4, tensor entries
+~6.9), so a long loss history or a privacy accountant's long schedule loads whatever the
+tensor bytes. The only trees below 4 bytes per unit are floods of empty dicts (3.9) or of
+60-d shapes of ones (2.9); for those, and for anything else over the budget (strings
+full of ``,:[{``, key paths too long in total), ``fp.save`` computes the same count on the
+header it is about to write and refuses before writing (``ValueError`` naming the cause),
+so a file ``fp.save`` writes is a file ``fp.load`` reads.
+
+What a hostile file can still cost: the header is capped at ``MAX_HEADER_BYTES``
+(safetensors' 100,000,000), and at one unit per 4 header bytes the worst structures
+measured (json.loads, peak RSS growth, fresh process) cost 7.6x the header for ``[],``
+floods, 9.9x for numbers, 14.1x for ``{"a":0},`` floods (the worst found), against 12.4x
+for an ``fp.save`` file of small ints and 5.6x for one of floats: a hostile file costs at
+most about what a legitimate checkpoint of the same header size does, ~1.5 GB at the
+cap, rather than the unbounded 2.9 GB+ of the original issue. The file term (one unit
+per 12 file bytes) keeps the earlier bound of ``max(~150 MB, ~10 x the file size)`` for
+files with a large data section (measured at that rate: +606 MB at 97 MB, 6.2x; +703 MB
+at 90 MB, 7.8x; +121 MB at 9.8 MB, the floor; ~15-20 s to parse ~100 MB on a busy 2-core
+VM).
 
 # NOTE [exact coverage]
 Like safetensors ("file not fully covered"), the tensors must tile the data section
@@ -57,6 +73,7 @@ from functorch_pipeline.serialization._prefault import prefault
 __all__ = [
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
+    "HEADER_BYTES_PER_PARSE_UNIT",
     "MIN_PARSE_UNITS",
     "META_FORMAT",
     "META_TREE",
@@ -67,6 +84,7 @@ __all__ = [
     "as_bytes",
     "build_header",
     "check_coverage",
+    "count_parse_units",
     "dtype_name",
     "host_contiguous",
     "parse_budget",
@@ -82,6 +100,7 @@ META_TREE = RESERVED_PREFIX + "tree"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 MIN_PARSE_UNITS = 1 << 20  # NOTE [parse budget]
 BYTES_PER_PARSE_UNIT = 12
+HEADER_BYTES_PER_PARSE_UNIT = 4  # NOTE [parse budget]: below what any fp.save header uses
 _MAX_NDIM = 64
 
 
@@ -228,8 +247,8 @@ def parse_header(f: BinaryIO, file_size: int, where: str) -> Header:
         raise _fail(where, f"the header is not UTF-8 ({e.reason} at byte {e.start}); not a safetensors checkpoint") from None
     if not text.startswith("{"):
         raise _fail(where, "the header does not start with '{'; not a safetensors checkpoint")
-    budget = parse_budget(file_size)
-    units = sum(text.count(c) for c in ",:[{")
+    budget = parse_budget(file_size, n)
+    units = count_parse_units(raw)
     if units > budget:
         raise _fail(
             where,
@@ -262,13 +281,47 @@ def parse_header(f: BinaryIO, file_size: int, where: str) -> Header:
     )
 
 
-def parse_budget(file_size: int) -> int:
-    """How many JSON values a file of this size may hold (NOTE [parse budget]).
+def parse_budget(file_size: int, header_bytes: int = 0) -> int:
+    """How many JSON values a file of this size, with a header of ``header_bytes`` (the
+    JSON text, length field excluded), may hold (NOTE [parse budget]).
+
+    Args:
+      file_size: the whole file's size in bytes.
+      header_bytes: the header's JSON length in bytes.
+
+    Returns:
+      The most :func:`count_parse_units` the header may have, which also bounds the
+      total length of the tree's key paths.
 
     >>> parse_budget(0) == MIN_PARSE_UNITS, parse_budget(120_000_000)
     (True, 10000000)
+    >>> parse_budget(12_500_000, 12_400_000)  # a header-heavy file: 1 unit per 4 bytes
+    3100000
     """
-    return max(MIN_PARSE_UNITS, file_size // BYTES_PER_PARSE_UNIT)
+    return max(
+        MIN_PARSE_UNITS,
+        file_size // BYTES_PER_PARSE_UNIT,
+        header_bytes // HEADER_BYTES_PER_PARSE_UNIT,
+    )
+
+
+def count_parse_units(text: bytes) -> int:
+    """The characters of a header's JSON text that can start or separate a value
+    (``,`` ``:`` ``[`` ``{``), counted without parsing it (NOTE [parse budget]).
+
+    Counting bytes of UTF-8 text is the same as counting characters: these are ASCII,
+    and no byte of a multi-byte UTF-8 sequence is ASCII.
+
+    Args:
+      text: the header's JSON text, as UTF-8 bytes.
+
+    Returns:
+      The count.
+
+    >>> count_parse_units(b'{"a":[1,2]}')
+    4
+    """
+    return sum(text.count(c) for c in (b",", b":", b"[", b"{"))
 
 
 def check_coverage(header: Header, where: str) -> list[TensorInfo]:

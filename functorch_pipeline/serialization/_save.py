@@ -16,12 +16,15 @@ from functorch_pipeline.serialization._checksum import PREFIX
 from functorch_pipeline.serialization._checksum import Crc32s
 from functorch_pipeline.serialization._checksum import field_value
 from functorch_pipeline.serialization._format import FORMAT_VERSION
+from functorch_pipeline.serialization._format import MAX_HEADER_BYTES
 from functorch_pipeline.serialization._format import META_FORMAT
 from functorch_pipeline.serialization._format import META_TREE
 from functorch_pipeline.serialization._format import RESERVED_PREFIX
 from functorch_pipeline.serialization._format import as_bytes
 from functorch_pipeline.serialization._format import build_header
+from functorch_pipeline.serialization._format import count_parse_units
 from functorch_pipeline.serialization._format import host_contiguous
+from functorch_pipeline.serialization._format import parse_budget
 from functorch_pipeline.serialization._format import write_tensor
 from functorch_pipeline.serialization._structure import Encoder
 from functorch_pipeline.serialization._tempfiles import temp_prefix
@@ -34,7 +37,7 @@ os.umask(_UMASK)
 
 
 def save(
-    path: str | os.PathLike[str],
+    path: str | bytes | os.PathLike[str],
     tree: Any,
     metadata: Mapping[str, str] | None = None,
     *,
@@ -73,8 +76,17 @@ def save(
     The header records a CRC-32 of itself and of every tensor's bytes, computed while
     writing; :func:`load` verifies them (``verify=False`` skips that).
 
+    Size limits: a file ``save`` writes always loads. :func:`load` bounds what a header
+    may cost to parse (NOTE [parse budget]): about one JSON value per 4 header bytes,
+    which every kind of leaf stays within (a loss history of 250k floats or a privacy
+    accountant with a long noise schedule loads fine), and a 100,000,000-byte header.
+    A tree past those limits (tens of millions of Python scalars, floods of empty
+    dicts) is refused here, before anything is written; store long numeric histories as
+    a tensor (``torch.tensor(history)``), which costs 8 bytes a value and no parsing.
+
     Args:
-      path: destination file (``.safetensors`` by convention).
+      path: destination file (``.safetensors`` by convention); ``str``, ``bytes`` or
+        ``os.PathLike``, as for ``open``.
       tree: the pytree to save. Nothing in it is modified.
       metadata: optional ``{str: str}`` stored in the header, readable with
         :func:`read_metadata` and by other safetensors tools. Keys starting with
@@ -86,7 +98,11 @@ def save(
       ``None``.
 
     Raises:
-      TypeError: a leaf or container the format cannot hold; the message names its path.
+      TypeError: a leaf or container the format cannot hold (a sparse, nested or
+        quantized tensor, a str that is not valid UTF-8, an int over 4300 digits, ...);
+        the message names its path.
+      ValueError: the tree is too large for :func:`load` to parse back (see "Size
+        limits"), or a reserved ``metadata`` key; nothing is written.
 
     >>> import tempfile, os, torch
     >>> from functorch_pipeline.serialization import load
@@ -97,13 +113,16 @@ def save(
     {'w': tensor([1., 1.], dtype=torch.bfloat16), 'step': 3, 'opt': (None, 0.5)}
 
     Notes:
+      NOTE [parse budget]: ``load`` refuses a header with more JSON separators than about one per 4
+        header bytes (or per 12 file bytes, at least 2**20), and ``save`` refuses, before writing,
+        any tree whose header would be refused.
       NOTE [temp files]: a save writes ``.<name>.<host>-<pid>-<random>.tmp`` and renames it; a
         killed save leaves that file behind, and ``clean_temp_files`` removes only stale ones, never
-        a save still running.
+        a save still running. Names over ~220 bytes are shortened to ``<head>~<hash>`` in it.
     """
     where = "save(path, tree)"
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{where}: `path` must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{where}: `path` must be a str, bytes or os.PathLike, got {type(path).__name__}")
     meta = _check_metadata(metadata, where)
     enc = Encoder(where)
     node = enc.encode(tree)
@@ -118,6 +137,7 @@ def save(
     header, sizes = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], meta)
     if not header[8:].startswith(PREFIX):
         raise AssertionError("save: the checksum field must open the header")
+    _check_loadable(header, sum(sizes), enc.path_units, where)
     head_crc = zlib.crc32(header[8:])  # the field is all zeros here, as the check expects
 
     def write(fd: int) -> None:
@@ -150,6 +170,37 @@ def save(
     atomic_write(path, write, sync=sync)
 
 
+def _check_loadable(header: bytes, data_bytes: int, path_units: int, where: str) -> None:
+    """Refuse a header that :func:`load` would refuse (NOTE [parse budget]): over the
+    header cap, or over the parse budget of the file it would head."""
+    n = len(header) - 8
+    hint = (
+        "Store long lists of numbers as a tensor (e.g. torch.tensor(loss_history)) or keep "
+        "them out of the checkpoint; nothing was written"
+    )
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{where}: the tree's header would be {n} bytes, more than the {MAX_HEADER_BYTES}"
+            f"-byte limit fp.load (and safetensors) accept: too many Python scalars, "
+            f"containers or tensors. {hint}"
+        )
+    budget = parse_budget(len(header) + data_bytes, n)
+    units = count_parse_units(header[8:])
+    if units > budget:
+        raise ValueError(
+            f"{where}: the tree's header would have {units} JSON separators and brackets, "
+            f"more than the {budget} fp.load allows for this {n}-byte header (NOTE [parse "
+            "budget]; about one per 4 header bytes): too many Python scalars or empty "
+            f"containers, or strings full of ',:[{{' characters. {hint}"
+        )
+    if path_units > budget:
+        raise ValueError(
+            f"{where}: the tree's key paths are too long in total ({path_units} entries over "
+            f"all leaves, more than the {budget} fp.load allows for this file; NOTE [parse "
+            f"budget]): many leaves nested deeply. Flatten the tree or {hint[0].lower()}{hint[1:]}"
+        )
+
+
 def _check_metadata(metadata: Mapping[str, str] | None, where: str) -> dict[str, str]:
     if metadata is None:
         return {}
@@ -164,6 +215,14 @@ def _check_metadata(metadata: Mapping[str, str] | None, where: str) -> dict[str,
             )
         if k.startswith(RESERVED_PREFIX) or k == "__metadata__":
             raise ValueError(f"{where}: `metadata` key {k!r} is reserved")
+        for s in (k, v):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TypeError(
+                    f"{where}: `metadata` entry {k!r} holds a str that is not valid UTF-8 "
+                    f"({e.reason} at index {e.start}); a safetensors header is UTF-8 JSON"
+                ) from None
         out[k] = v
     return out
 
@@ -225,7 +284,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, sync: bool = True) -> None:
+def atomic_write(
+    path: str | bytes | os.PathLike[str], write: Callable[[int], None], *, sync: bool = True
+) -> None:
     """Call ``write(fd)`` on a temporary file beside ``path``, then atomically replace
     ``path`` with it (see NOTE [atomic save]). On any error the temporary file is removed
     and ``path`` is untouched.
@@ -247,7 +308,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[int], None], *, 
       >>> pathlib.Path(p).read_bytes()
       b'hi'
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # bytes paths too (surrogateescape round-trips them)
     directory = os.path.dirname(os.path.abspath(path))
     prefix = temp_prefix(os.path.basename(path))  # NOTE [temp files]
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)

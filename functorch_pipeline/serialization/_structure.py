@@ -6,7 +6,8 @@ A tree is encoded as nested JSON nodes, each an object with a kind ``"t"``:
 ``tensor``      ``{"t": "tensor", "n": name}``, the name of a tensor in the file
 ``none``        ``None``
 ``bool``        ``{"t": "bool", "v": true}``
-``int``         ``{"t": "int", "v": 3}`` (any size)
+``int``         ``{"t": "int", "v": 3}``, up to 4300 digits (Python's default limit on
+                int/str conversion, which JSON parsing applies too)
 ``float``       ``{"t": "float", "v": "0x1.8p+1"}``: ``float.hex``, so every value,
                 ``-0.0``, ``inf`` and ``nan`` round-trip exactly (not nan payloads)
 ``str``         ``{"t": "str", "v": "adam"}``
@@ -17,6 +18,10 @@ A tree is encoded as nested JSON nodes, each an object with a kind ``"t"``:
 ``node``        ``{"t": "node", "type": "module:Qual", "aux": node, "f": [entries],
                 "c": [...]}``: a class registered with ``fp.tree`` (dataclasses)
 ==============  =================================================================
+
+Strings and ``str`` keys must be valid UTF-8 (no lone surrogates), as the JSON header is.
+``type`` is :func:`recorded_name` of the class: the name it was given to
+:func:`register_type`, else ``module:QualName``.
 
 # NOTE [type registry]
 Rebuilding a NamedTuple or a registered dataclass needs its class, and a file must never
@@ -50,9 +55,11 @@ from functorch_pipeline.tree import NAMESPACE
 from functorch_pipeline.tree import KeyPath
 from functorch_pipeline.tree import keystr
 
-__all__ = ["Encoder", "decode", "leaf_nodes", "register_type", "type_name"]
+__all__ = ["Encoder", "decode", "leaf_nodes", "recorded_name", "register_type", "type_name"]
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type] = {}  # recorded name -> class, for loading
+_NAMES: dict[type, str] = {}  # class -> the name register_type was given, for saving
+_INT_LIMIT = 10**4300  # sys.int_info.default_max_str_digits: json.loads refuses longer ints
 _LIB = "functorch_pipeline"
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -65,6 +72,26 @@ def type_name(cls: type) -> str:
     'collections:OrderedDict'
     """
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def recorded_name(cls: type) -> str:
+    """The name a checkpoint records for ``cls``: the ``name`` it was registered under
+    with :func:`register_type` (the latest such call), else :func:`type_name`.
+
+    Args:
+      cls: a class.
+
+    Returns:
+      The ``module:QualName``-style name written to the file.
+
+    >>> from typing import NamedTuple
+    >>> class Moved(NamedTuple):
+    ...     x: int
+    >>> _ = register_type(Moved, name="oldlib.stats:Moved")
+    >>> recorded_name(Moved)
+    'oldlib.stats:Moved'
+    """
+    return _NAMES.get(cls) or type_name(cls)
 
 
 def _is_namedtuple(cls: type) -> bool:
@@ -87,7 +114,10 @@ def register_type(cls: type, name: str | None = None) -> type:
       cls: a NamedTuple class, or a class registered with ``fp.tree.register_dataclass``
         / ``fp.tree.register_pytree_node``.
       name: the name to record; default ``module:QualName``. Pass one to keep old
-        checkpoints loading after moving or renaming the class.
+        checkpoints loading after moving or renaming the class: :func:`fp.save <save>`
+        then records ``name`` for ``cls`` (so files load in any process that registers
+        ``cls`` under the same name, wherever the class lives), and files that recorded
+        the class's own ``module:QualName`` still load too.
 
     Returns:
       ``cls``, unchanged.
@@ -110,7 +140,12 @@ def register_type(cls: type, name: str | None = None) -> type:
             f"register_type(cls): `cls` must be a NamedTuple or a class registered with "
             f"fp.tree.register_dataclass / register_pytree_node, got {cls!r}"
         )
-    _REGISTRY[name if name is not None else type_name(cls)] = cls
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"register_type(cls, name): `name` must be a non-empty str, got {name!r}")
+    own = type_name(cls)
+    _REGISTRY[name if name is not None else own] = cls
+    _REGISTRY.setdefault(own, cls)  # files that recorded the default name keep loading
+    _NAMES[cls] = name if name is not None else own
     return cls
 
 
@@ -152,6 +187,8 @@ class Encoder:
         self.where = where
         self.tensors: list[tuple[str, torch.Tensor]] = []
         self._names: set[str] = {"__metadata__"}
+        # The total key-path length fp.load's leaf_nodes will charge (NOTE [parse budget]).
+        self.path_units = 0
 
     def _fail(self, path: KeyPath, msg: str) -> TypeError:
         return TypeError(f"{self.where}: value at path `{keystr(path)}` {msg}")
@@ -172,16 +209,28 @@ class Encoder:
             self._check_tensor(obj, path)
             name = self._name(path)
             self.tensors.append((name, obj))
+            self.path_units += len(path) + 1
             return {"t": "tensor", "n": name}
         if obj is None:
             return {"t": "none"}
+        if not static and type(obj) in (bool, int, float, str):
+            self.path_units += len(path) + 1
         if isinstance(obj, bool):
             return {"t": "bool", "v": obj}
         if type(obj) is int:
+            if not -_INT_LIMIT < obj < _INT_LIMIT:
+                raise self._fail(
+                    path,
+                    f"is an int of {obj.bit_length()} bits, more than 4300 decimal digits, "
+                    "which JSON parsing refuses (Python's int/str conversion limit); store it "
+                    "as a str",
+                )
             return {"t": "int", "v": obj}
         if type(obj) is float:
             return {"t": "float", "v": obj.hex()}
         if type(obj) is str:
+            if not _is_utf8(obj):
+                raise self._fail(path, f"is a str that is not valid UTF-8 ({_utf8_problem(obj)}); {_UTF8_HINT}")
             return {"t": "str", "v": obj}
         cls = type(obj)
         if cls is dict or cls is collections.OrderedDict:
@@ -189,6 +238,8 @@ class Encoder:
             for k in obj:
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
                     raise self._fail(path, f"is a dict with key {k!r} of type {type(k).__name__}; keys must be str or int")
+                if isinstance(k, str) and not _is_utf8(k):
+                    raise self._fail(path, f"is a dict with key {k!r} that is not valid UTF-8 ({_utf8_problem(k)}); {_UTF8_HINT}")
                 keys.append(k)
             return {
                 "t": "dict" if cls is dict else "odict",
@@ -201,7 +252,7 @@ class Encoder:
             fields = list(cls._fields)
             return {
                 "t": "namedtuple",
-                "type": type_name(cls),
+                "type": recorded_name(cls),
                 "f": fields,
                 "c": [self.encode(x, (*path, f), static) for f, x in zip(fields, obj, strict=True)],
             }
@@ -210,7 +261,7 @@ class Encoder:
             entries = [e if isinstance(e, (str, int)) else str(e) for e in out.entries]
             return {
                 "t": "node",
-                "type": type_name(cls),
+                "type": recorded_name(cls),
                 "aux": self.encode(out.metadata, path, static=True),
                 "f": entries,
                 "c": [self.encode(x, (*path, e), static) for e, x in zip(entries, out.children, strict=True)],
@@ -223,6 +274,8 @@ class Encoder:
         )
 
     def _check_tensor(self, t: torch.Tensor, path: KeyPath) -> None:
+        if t.is_nested:
+            raise self._fail(path, "is a nested tensor; only dense (strided) tensors can be saved (save its unbind() list)")
         if t.layout != torch.strided:
             raise self._fail(path, f"is a {t.layout} tensor; only dense (strided) tensors can be saved")
         if t.is_quantized:
@@ -231,6 +284,25 @@ class Encoder:
             raise self._fail(path, "is a meta tensor: it has no data to save")
         if dtype_name(t.dtype) is None:
             raise self._fail(path, f"has dtype {t.dtype}, which safetensors cannot hold; cast it first")
+
+
+_UTF8_HINT = "a checkpoint's header is UTF-8 JSON (for file names, use os.fsencode(name).hex() or a bytes tensor)"
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_problem(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason}: {s[e.start:e.end]!r} at index {e.start}"
+    return "valid"
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -38,7 +38,10 @@ def load_torch(
 
     Raises:
       CheckpointError: the file holds something other than tensors and containers, or
-        is not a valid ``torch.save`` file; ``OSError`` if it cannot be opened.
+        is not a valid ``torch.save`` file; in particular a safetensors file (as
+        :func:`save` writes), which ``torch.load`` would read as a flat dict of its
+        tensors, dropping the tree and every non-tensor leaf and skipping the checksums:
+        load those with :func:`load`. ``OSError`` if it cannot be opened.
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "model.pt")
@@ -46,7 +49,13 @@ def load_torch(
     >>> sorted(load_torch(p)), sorted(load_torch(p, nested=True)["weight"].shape)
     (['bias', 'weight'], [1, 2])
     """
-    where = f"load_torch(path): {os.fspath(path)}"
+    where = f"load_torch(path): {os.fsdecode(path)}"
+    if _is_safetensors(path):
+        raise CheckpointError(
+            f"{where}: this is a safetensors file (fp.save writes these), not a torch.save "
+            "file; load it with fp.load(path), which rebuilds the saved tree and verifies its "
+            "checksums (torch.load would return only its tensors, unchecked)"
+        )
     try:
         obj = torch.load(path, map_location=torch.device(device) if device is not None else "cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
@@ -57,6 +66,18 @@ def load_torch(
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where}: expected a state_dict (a dict of tensors), got a {type(obj).__name__}")
     return _convert(obj, nested, where)
+
+
+def _is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts like a safetensors file: an 8-byte little-endian header
+    length that fits in the file, then ``{`` (a zip or pickle never does)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
 
 
 def _convert(d: dict[Any, Any], nested: bool, where: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import uuid
@@ -22,6 +23,22 @@ __all__ = ["CheckpointManager"]
 
 _METRICS_KEY = "metrics"
 _RUN_KEY = "run_id"
+
+
+def _as_step(step: Any, fn: str) -> int:
+    """``step`` as an int: ints, and whole numbers in floats or one-element tensors;
+    refuses bools and fractions instead of truncating them."""
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if not isinstance(value, bool):
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            raise TypeError(f"{fn}: `step` must be a whole number, got {step!r}; it is never rounded")
+        try:
+            return operator.index(value)  # int, numpy integers
+        except TypeError:
+            pass
+    raise TypeError(f"{fn}: `step` must be an integer, got {step!r}")
 
 
 class CheckpointManager:
@@ -228,7 +245,9 @@ class CheckpointManager:
         this run), then prune this run's old files (NOTE [manager invariants]).
 
         Args:
-          step: a non-negative int (a tensor step is read once with ``int()``).
+          step: a non-negative integer: an ``int`` or a one-element tensor (read once
+            on the host) holding a whole number; ``bool`` and fractional values (``5.7``)
+            are refused rather than truncated.
           tree: any pytree ``fp.save`` accepts (typically a ``TrainState``).
           metrics: numbers recorded with the checkpoint (tensors are read on the host).
           metadata: extra ``{str: str}`` header entries.
@@ -240,9 +259,11 @@ class CheckpointManager:
           CheckpointError: the directory holds another run's checkpoints, or ``step`` is
             older than this run's latest (NOTE [one run per directory]); nothing is
             written or deleted.
+          TypeError: ``step`` is not an integer (a ``bool``, ``5.7``, a string).
+          ValueError: ``step`` is negative.
         """
         fn = "CheckpointManager.save(step, tree)"
-        step = int(step)
+        step = _as_step(step, fn)
         if step < 0:
             raise ValueError(f"{fn}: `step` must be >= 0, got {step}")
         meta = dict(metadata or {})
@@ -336,6 +357,15 @@ class CheckpointManager:
             else:
                 other.setdefault(run, []).append(s)
         where = f"{fn}: directory {self.directory!r}"
+        if unreadable and not other:
+            raise CheckpointError(
+                f"{where} holds files whose run cannot be read: unreadable steps "
+                f"{unreadable[:5]}{' ...' if len(unreadable) > 5 else ''} (corrupted, truncated "
+                "or not checkpoints: read_metadata on them raises). They may belong to this or "
+                f"another run; this manager's run is {self._run_id!r}. Saving here could "
+                "delete or shadow them, so nothing was written. Inspect them with "
+                "fp.serialization.read_metadata / fp.load, then move or delete them"
+            )
         if other or unreadable:
             runs = "; ".join(
                 f"steps {v[:5]}{' ...' if len(v) > 5 else ''} of run "
