@@ -282,3 +282,141 @@ def test_nccl_collectives_on_cuda() -> None:
         assert fp.tree.allclose(got["bcast"], trees[0], rtol=0, atol=0)
         # Adam's first step is -lr * sign(mean gradient)
         assert torch.allclose(got["zero_updates"]["w"], torch.full((7,), -0.1), atol=1e-6)
+
+
+# Gradients (NOTE [gradients of collectives]): each rank backpropagates <ct_r, f(x_r)> with
+# its own cotangent; the reference is torch.autograd in this process on the ranks' inputs
+# stacked, differentiating sum_r <ct_r, y_r> (JAX's transposes), and, in the workers,
+# torch.distributed.nn.functional's differentiable collectives.
+_GRAD_CASES = {
+    "psum": (lambda t: fpd.psum(t), lambda s, r: s.sum(0)),
+    "pmean": (lambda t: fpd.pmean(t), lambda s, r: s.mean(0)),
+    "pmax": (lambda t: fpd.pmax(t), lambda s, r: s.amax(0)),
+    "pmin": (lambda t: fpd.pmin(t), lambda s, r: s.amin(0)),
+    "all_gather": (lambda t: fpd.all_gather(t), lambda s, r: s),
+    "all_gather_last_tiled": (
+        lambda t: fpd.all_gather(t, axis=-1, tiled=True),
+        lambda s, r: torch.cat(list(s), dim=-1),
+    ),
+    "broadcast": (lambda t: fpd.broadcast(t, src=1), lambda s, r: s[1]),
+    "psum_scatter": (lambda t: fpd.psum_scatter(t), lambda s, r: s.sum(0)[r]),
+    "psum_scatter_last_tiled": (
+        lambda t: fpd.psum_scatter(t, scatter_dimension=-1, tiled=True),
+        lambda s, r: s.sum(0).chunk(N, dim=-1)[r],
+    ),
+}
+
+
+def _grad_input(name: str, rank: int) -> dict:
+    g = torch.Generator().manual_seed(300 + rank)
+    f64 = torch.float64
+    if name.startswith("psum_scatter"):
+        shapes = [(2, 3), (2,)] if name == "psum_scatter" else [(3, 4), (6,)]
+        return {f"x{i}": torch.randn(s, generator=g, dtype=f64) for i, s in enumerate(shapes)}
+    tree = {"a": torch.randn(2, 3, generator=g, dtype=f64), "b": torch.randn(4, generator=g)}
+    if not name.endswith("tiled"):
+        tree["s"] = torch.randn((), generator=g, dtype=f64)
+    if name in ("pmax", "pmin"):
+        tree["tie"] = torch.tensor([1.0, float(rank)], dtype=f64)  # a tie: split evenly
+    return tree
+
+
+def _grad_of(f, tree: dict, rank: int, salt: int = 0) -> tuple[dict, dict, dict]:
+    g = torch.Generator().manual_seed(400 + 10 * rank + salt)
+    x = fp.tree.map(lambda t: t.clone().requires_grad_(True), tree)
+    y = f(x)
+    ct = fp.tree.map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), y)
+    sum(
+        ((a * b).sum() for a, b in zip(fp.tree.leaves(y), fp.tree.leaves(ct), strict=True))
+    ).backward()
+    return fp.tree.map(lambda t: t.grad, x), ct, fp.tree.map(lambda t: t.detach(), y)
+
+
+def _work_grads(rank: int) -> dict:
+    import torch.distributed.nn.functional as dnn
+
+    out: dict = {"cases": {}}
+    for name, (f, _) in _GRAD_CASES.items():
+        grad, ct, y = _grad_of(f, _grad_input(name, rank), rank)
+        out["cases"][name] = {"grad": grad, "ct": ct, "y": y}
+    # torch.distributed.nn.functional on one leaf, the same input and cotangent
+    x = _grad_input("psum", rank)["a"]
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack(dnn.all_gather(t))
+
+    def scattered(t: torch.Tensor) -> torch.Tensor:
+        return dnn.reduce_scatter(torch.empty(3, dtype=t.dtype), list(t.unbind(0)))
+
+    pairs = {
+        "psum": (fpd.psum, dnn.all_reduce),
+        "all_gather": (fpd.all_gather, gathered),
+        "broadcast": (lambda t: fpd.broadcast(t, src=1), lambda t: dnn.broadcast(t, src=1)),
+        "psum_scatter": (fpd.psum_scatter, scattered),
+    }
+    out["torch_nn"] = {
+        k: (_grad_of(ours, x, rank, salt=1)[0], _grad_of(ref, x, rank, salt=1)[0])
+        for k, (ours, ref) in pairs.items()
+    }
+    # torch.func (fp.grad) and fp.jit(fullgraph=True) take the same path
+    ct = torch.tensor([3.0, 5.0], dtype=torch.float64) * (rank + 1)
+    v = torch.tensor([1.0, 9.0] if rank == 0 else [5.0, 2.0], dtype=torch.float64)
+    out["fp_grad_pmax"] = fp.grad(
+        lambda t: (fpd.pmax({"w": t, "i": torch.arange(2)})["w"] * ct).sum()
+    )(v)
+    vj = v.clone().requires_grad_(True)
+    step = fp.jit(lambda t: (fpd.all_gather(t).sum(0) * ct).sum(), fullgraph=True, backend="eager")
+    step(vj).backward()
+    out["jit_all_gather"] = vj.grad
+    # integer leaves pass through a differentiable call; no grad mode: no graph, no error
+    mixed = fpd.psum({"w": v.clone().requires_grad_(True), "i": torch.arange(2) + rank})
+    out["int_leaf"] = (mixed["i"], mixed["i"].requires_grad, mixed["w"].requires_grad)
+    with torch.no_grad():
+        out["no_grad_gather"] = fpd.all_gather(v.clone().requires_grad_(True)).requires_grad
+    return out
+
+
+@pytest.fixture(scope="module")
+def grad_results() -> list:
+    return fpd.spawn(_work_grads, N, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("name", list(_GRAD_CASES))
+def test_collective_gradients_are_jax_transposes(grad_results: list, name: str) -> None:
+    _, reference = _GRAD_CASES[name]
+    inputs = [_grad_input(name, r) for r in range(N)]
+    stacked = fp.tree.map(lambda *xs: torch.stack(xs).requires_grad_(True), *inputs)
+    total = 0.0
+    for r in range(N):
+        got = grad_results[r]["cases"][name]
+        ys = fp.tree.map(lambda s, r=r: reference(s, r), stacked)
+        assert fp.tree.allclose(
+            got["y"], fp.tree.map(lambda t: t.detach(), ys), rtol=1e-12, atol=1e-12
+        )
+        total = total + sum(
+            (a * b).sum()
+            for a, b in zip(fp.tree.leaves(ys), fp.tree.leaves(got["ct"]), strict=True)
+        )
+    total.backward()
+    for r in range(N):
+        want = fp.tree.map(lambda s, r=r: s.grad[r], stacked)
+        got = grad_results[r]["cases"][name]["grad"]
+        assert fp.tree.allclose(got, want, rtol=1e-12, atol=1e-12), (name, r, got, want)
+
+
+def test_collective_gradients_match_torch_distributed_nn(grad_results: list) -> None:
+    for r in range(N):
+        for name, (ours, ref) in grad_results[r]["torch_nn"].items():
+            assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12), (name, r, ours, ref)
+
+
+def test_collective_gradients_under_fp_grad_and_jit(grad_results: list) -> None:
+    # pmax of [1, 9] and [5, 2]: rank 1 wins entry 0, rank 0 entry 1; the cotangents
+    # [3, 5] and [6, 10] are summed (JAX's transpose) and go to the winner
+    assert grad_results[0]["fp_grad_pmax"].tolist() == [0.0, 15.0]
+    assert grad_results[1]["fp_grad_pmax"].tolist() == [9.0, 0.0]
+    for r in range(N):
+        assert grad_results[r]["jit_all_gather"].tolist() == [9.0, 15.0]
+        ints, int_grad, w_grad = grad_results[r]["int_leaf"]
+        assert ints.tolist() == [1, 3] and not int_grad and w_grad
+        assert grad_results[r]["no_grad_gather"] is False

@@ -182,3 +182,35 @@ def test_dp_aggregate_counts_in_float64_and_names_its_edges() -> None:
         empty = {"w": torch.zeros(0, 1, dtype=torch.float16)}
         with pytest.raises(ValueError, match=r"differentially_private_aggregate.update: the global batch is empty"):
             tx.update(empty, tx.init(params))
+
+
+def test_dp_aggregate_refuses_batch_mean_gradients_before_any_collective(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import functorch_pipeline.distributed._data_parallel as dp
+
+    def no_collective(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a collective ran before the gradients were checked")
+
+    monkeypatch.setattr(dp, "psum", no_collective)
+    params = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
+    mean_grads = {"w": torch.ones(3, 2), "b": torch.ones(3)}  # batch means, not per-example
+    tx = fpd.differentially_private_aggregate(1.0, 1.0, key=0)
+    msg = (
+        r"fp\.distributed\.differentially_private_aggregate\.update: leaf at path `b` must be a "
+        r"per-example gradient of shape \(B, 3\) for a parameter of shape \(3,\), got \(3,\) "
+        r"\(the parameter's own shape: batch-mean gradients\? pass per-example gradients"
+    )
+    with fpd.local_group():
+        state = tx.init(params)
+        with pytest.raises(ValueError, match=msg):
+            tx.update(mean_grads, state, params)
+        with pytest.raises(ValueError, match=msg):  # the shapes init saw
+            tx.update(mean_grads, state)
+        wrong = {"w": torch.ones(4, 3, 5), "b": torch.ones(4, 3)}
+        with pytest.raises(
+            ValueError,
+            match=r"aggregate\.update: leaf at path `w` must be a per-example gradient of shape "
+            r"\(B, 3, 2\) for a parameter of shape \(3, 2\), got \(4, 3, 5\)$",
+        ):
+            tx.update(wrong, state, params)

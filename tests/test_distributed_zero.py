@@ -110,6 +110,10 @@ def _work(rank: int) -> dict:
             "replicated": replicated,
             "bytes": (fp.tree.nbytes(s_state), fp.tree.nbytes(r_state)),
         }
+    # complex updates: the global norm counts |u|^2 (NOTE: it dropped the imaginary part)
+    zp, zg = _complex_tree(None), _complex_tree(rank)
+    clip_sgd = fpd.shard_optimizer(optim.chain(fpd.clip_by_global_norm(1.0), optim.sgd(1.0)))
+    out["complex_update"] = clip_sgd.update(zg, clip_sgd.init(zp), zp)[0]
     out["registry"] = {
         name: _run(fpd.shard_optimizer(make()), rank, 3, torch.float64)[0]
         for name, make in ELEMENTWISE.items()
@@ -117,8 +121,42 @@ def _work(rank: int) -> dict:
     return out
 
 
+def _complex_tree(rank: int | None) -> dict:
+    """Complex64 and float32 leaves; rank None: the parameters, else rank's gradients."""
+    scale = 1.0 if rank is None else rank + 1.0
+    return {
+        "z": torch.tensor([3.0 + 4.0j, 12.0j, -2.0 + 1.0j], dtype=torch.complex64) * scale,
+        "r": torch.tensor([0.5, 1.0]) * scale,
+    }
+
+
+def _clipped_closed_form(u: dict, c: float) -> dict:
+    """u * c / max(||u||, c) with ||u||^2 = sum |u_i|^2, in float64 / complex128."""
+    wide = fp.tree.map(lambda x: x.to(torch.complex128 if x.is_complex() else torch.float64), u)
+    norm = sum(float((x.abs() ** 2).sum()) for x in fp.tree.leaves(wide)) ** 0.5
+    return fp.tree.map(lambda x: x * (c / max(norm, c)), wide)
+
+
+def test_distributed_clip_by_global_norm_counts_imaginary_parts() -> None:
+    u = {"z": torch.tensor([3.0 + 4.0j, 12.0j], dtype=torch.complex128), "r": torch.tensor([0.5])}
+    tx = fpd.clip_by_global_norm(2.0)
+    with fpd.local_group():
+        got = tx.update(u, tx.init(None))[0]
+    want = _clipped_closed_form(u, 2.0)  # ||u|| = sqrt(25 + 144 + 0.25) = 13.01
+    assert got["z"].dtype == torch.complex128 and got["r"].dtype == torch.float32
+    for k in u:
+        assert torch.allclose(got[k].to(want[k].dtype), want[k], rtol=1e-6, atol=1e-7), k
+
+
 def test_sharded_optimizer_matches_replicated_and_one_process() -> None:
     res = fpd.spawn(_work, N, timeout_s=TIMEOUT)
+    mean = fp.tree.map(lambda *xs: sum(xs) / N, *[_complex_tree(r) for r in range(N)])
+    want = fp.tree.map(lambda x: -x, _clipped_closed_form(mean, 1.0))
+    for r in range(N):
+        got = res[r]["complex_update"]
+        for k in want:
+            assert got[k].dtype == _complex_tree(None)[k].dtype
+            assert torch.allclose(got[k].to(want[k].dtype), want[k], rtol=1e-5, atol=1e-6), (r, k)
     params, grads = _big(None)
     ref_opt = optim.adam(1e-2)
     ref_state = ref_opt.init(params)

@@ -8,7 +8,8 @@ work eagerly and under ``fp.jit(fullgraph=True)``.
 
 - Collectives: :func:`psum`, :func:`pmean`, :func:`pmax`, :func:`pmin`,
   :func:`all_gather`, :func:`broadcast`, :func:`psum_scatter` (= :func:`reduce_scatter`):
-  one collective per dtype (4 MB chunks when eager), trees checked across ranks.
+  one collective per dtype (4 MB chunks when eager), trees checked across ranks,
+  differentiable with JAX's rules (the backward is a collective on every rank too).
 - Ranks and keys: :func:`rank`, :func:`world_size`, :func:`barrier`, :func:`shared_key`,
   :func:`rank_key`.
 - Data parallel: :func:`shard` a global batch, average gradients with

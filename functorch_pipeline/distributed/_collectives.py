@@ -16,9 +16,21 @@ with each (treedef, shapes, dtypes) signature, the ranks all-gather a 56-bit has
 descriptions and raises the same ``ValueError`` naming the rank and key path. Later calls
 with a signature every rank has checked skip it (no extra latency, no host sync). Under
 ``torch.compile`` the check is not traced: check eagerly once (or call
-:func:`check_same_tree`) before compiling. A rank that changes its tree after a signature
-was checked on all ranks is caught by the backend instead (a size error, or the group's
-timeout).
+:func:`check_same_tree`) before compiling.
+
+The cache is a LIMIT, not a guarantee: each rank decides from its own memory, so once
+two signatures A and B have both been checked, a call where some ranks pass A and others B
+is NOT checked, and nothing catches it reliably. With the same number of elements per
+dtype (e.g. {x: (3,), y: (2,)} vs {x: (2,), y: (3,)}) every rank silently gets mixed
+numbers; with different sizes the backend may return garbage on the smaller rank while the
+larger one errors, or (gloo's all_gather) abort the whole process from C++ without a
+Python error; or the group times out. The realistic trigger is a per-rank size that
+varies by step, e.g. per-example tensors of ``poisson_indices`` blocks (which differ by
+one) gathered for a metric: there, call :func:`check_same_tree` (always checks, one tiny
+all-gather) before the collective, or pad to a common size. Checking every call costs one
+extra round trip (measured on gloo, 2 ranks: a 13-number psum went from 1.9 ms to 2.8 ms),
+and folding the hash into the data cannot stop gloo's abort on differing sizes, so the
+default stays cached.
 """
 
 from __future__ import annotations
@@ -107,7 +119,9 @@ def check_same_tree(tree: Any, *, group: Any = None, fn: str = "check_same_tree"
     """Raise unless ``tree`` has the same structure, shapes and dtypes on every rank.
 
     Collectives call this automatically on their first eager call with each tree
-    signature (NOTE [cross-rank tree check]); call it yourself before compiling a step.
+    signature (NOTE [cross-rank tree check]); call it yourself before compiling a step, and
+    before a collective whose shapes may differ across ranks on a later step (this call
+    always checks; the collectives' own check is cached per signature).
     A collective: every rank of ``group`` must call it.
 
     Args:
@@ -124,7 +138,10 @@ def check_same_tree(tree: Any, *, group: Any = None, fn: str = "check_same_tree"
     Notes:
       NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
         all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
-        naming the rank and key path on every rank instead of hanging.
+        naming the rank and key path on every rank instead of hanging. Later collective calls with
+        a signature already checked are not re-checked: if ranks then pass DIFFERENT previously
+        checked signatures (per-rank sizes that vary by step), the result can be silently wrong,
+        or gloo can abort the process; this function always checks.
 
     Example:
       >>> import functorch_pipeline as fp
@@ -330,118 +347,7 @@ def _all_reduce(fn: str, tree: Any, op: str, group: Any, mean: bool = False) -> 
     return fpt.unflatten(treedef, out)
 
 
-def psum(tree: Any, *, group: Any = None) -> Any:
-    """Sum every leaf over the ranks of ``group`` (``jax.lax.psum``).
-
-    One collective per dtype (NOTE [one collective per bucket]); the tree must agree
-    across ranks (NOTE [cross-rank tree check]). Works eagerly and under
-    ``fp.jit(fullgraph=True)``. Unlike JAX there is no ``axis_name``: the ranks of a
-    process group play the role of a mapped axis.
-
-    Args:
-      tree: a pytree of tensors (same structure, shapes and dtypes on every rank).
-      group: a ``torch.distributed`` process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of the sums (inputs are not modified).
-
-    Notes:
-      NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
-        all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
-        naming the rank and key path on every rank instead of hanging.
-      NOTE [one collective per bucket]: leaves are grouped by ``(device, dtype)`` and each group is
-        flattened into one buffer sent with one collective, then split back: one round trip per
-        dtype instead of one per leaf.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():  # one rank here; under torchrun, N ranks
-      ...     fp.distributed.psum({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)})
-      {'w': tensor([1., 2.]), 'n': tensor(3)}
-    """
-    return _all_reduce("psum", tree, "sum", group)
-
-
-def pmean(tree: Any, *, group: Any = None) -> Any:
-    """Average every leaf over the ranks of ``group`` (``jax.lax.pmean``).
-
-    Computed as the sum divided by the group size; floating-point leaves only.
-
-    Args:
-      tree: a pytree of floating-point tensors.
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of the means.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     fp.distributed.pmean(torch.tensor([0.5]))
-      tensor([0.5000])
-    """
-    return _all_reduce("pmean", tree, "sum", group, mean=True)
-
-
-def pmax(tree: Any, *, group: Any = None) -> Any:
-    """Elementwise maximum of every leaf over the ranks (``jax.lax.pmax``).
-
-    Args:
-      tree: a pytree of tensors.
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of the maxima.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     fp.distributed.pmax(torch.tensor([1, -1]))
-      tensor([ 1, -1])
-    """
-    return _all_reduce("pmax", tree, "max", group)
-
-
-def pmin(tree: Any, *, group: Any = None) -> Any:
-    """Elementwise minimum of every leaf over the ranks (``jax.lax.pmin``).
-
-    Args:
-      tree: a pytree of tensors.
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of the minima.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     fp.distributed.pmin(torch.tensor([1, -1]))
-      tensor([ 1, -1])
-    """
-    return _all_reduce("pmin", tree, "min", group)
-
-
-def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = None) -> Any:
-    """Gather every leaf from all ranks (``jax.lax.all_gather``).
-
-    Args:
-      tree: a pytree of tensors.
-      axis: where the rank axis goes (``tiled=False``) or which axis is concatenated
-        (``tiled=True``).
-      tiled: ``False``: a new axis of size ``world_size`` at ``axis``; ``True``: the
-        ranks' leaves concatenated along ``axis`` (rank order).
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of the gathered leaves.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     x = torch.tensor([1.0, 2.0])
-      ...     fp.distributed.all_gather(x), fp.distributed.all_gather(x, tiled=True)
-      (tensor([[1., 2.]]), tensor([1., 2.]))
-    """
+def _all_gather_impl(tree: Any, *, axis: int, tiled: bool, group: Any) -> Any:
     leaves, treedef, g = _prepare("all_gather", tree, group)
     n = dist.get_world_size(g)
     out: list[Any] = [None] * len(leaves)
@@ -471,26 +377,7 @@ def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = No
     return fpt.unflatten(treedef, out)
 
 
-def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
-    """Every rank receives rank ``src``'s leaves (``torch.distributed.broadcast``, pure).
-
-    JAX has no process-level broadcast; this is the usual way to make a tree (initial
-    parameters, a key) identical on all ranks.
-
-    Args:
-      tree: a pytree of tensors; its structure and shapes must match on every rank.
-      src: the rank (in ``group``) whose values everyone gets.
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree holding ``src``'s values.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     fp.distributed.broadcast({"w": torch.tensor([1.0])}, src=0)
-      {'w': tensor([1.])}
-    """
+def _broadcast_impl(tree: Any, *, src: int, group: Any) -> Any:
     leaves, treedef, g = _prepare("broadcast", tree, group)
     n = dist.get_world_size(g)
     if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < n:
@@ -513,31 +400,7 @@ def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
     return fpt.unflatten(treedef, out)
 
 
-def psum_scatter(
-    tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, group: Any = None
-) -> Any:
-    """Sum over ranks and give each rank one slice (``jax.lax.psum_scatter``).
-
-    Each leaf's axis ``scatter_dimension`` is cut into ``world_size`` equal blocks; rank
-    ``r`` receives the sum over ranks of block ``r``. ``tiled=False`` (JAX's default) needs
-    that axis to have exactly ``world_size`` entries and removes it; ``tiled=True`` needs
-    it divisible by ``world_size`` and keeps it, ``world_size`` times shorter.
-
-    Args:
-      tree: a pytree of tensors.
-      scatter_dimension: the axis to cut.
-      tiled: see above.
-      group: a process group, or ``None`` for the default one.
-
-    Returns:
-      A new tree of this rank's summed blocks.
-
-    Example:
-      >>> import functorch_pipeline as fp
-      >>> with fp.distributed.local_group():
-      ...     fp.distributed.psum_scatter(torch.arange(4.0), tiled=True)
-      tensor([0., 1., 2., 3.])
-    """
+def _psum_scatter_impl(tree: Any, *, scatter_dimension: int, tiled: bool, group: Any) -> Any:
     leaves, treedef, g = _prepare("psum_scatter", tree, group)
     n = dist.get_world_size(g)
     d = scatter_dimension
@@ -569,6 +432,337 @@ def psum_scatter(
             y = p.reshape(moved[0] // n, *moved[1:]).movedim(0, d % x.dim())
             out[i] = y.squeeze(d % x.dim()) if not tiled else y
     return fpt.unflatten(treedef, out)
+
+
+# NOTE [gradients of collectives]
+# The collectives are differentiable as in JAXs, which are also the backwards of
+# ``torch.distributed.nn.functional``: what is differentiated is the SUM over ranks of every
+# rank's objective, so the cotangent that reaches a rank's input collects the cotangents of
+# every rank's output:
+#   psum -> psum of the cotangents;  pmean -> pmean of them;
+#   pmax / pmin -> the psum of the cotangents, given to the rank(s) holding the extreme value
+#     (ties split evenly, as torch.amax and JAX's max), 0 elsewhere;
+#   all_gather -> psum_scatter of the cotangent;  psum_scatter -> all_gather of it;
+#   broadcast -> the sum of the cotangents on ``src``, 0 on the other ranks (their outputs do
+#     not depend on their inputs).
+# Consequences, stated in the docstrings and the guide: the backward is a collective too (every
+# rank must backpropagate through the same collectives in the same order, or the others wait
+# for the group's timeout); and a loss already summed over ranks (``psum(local_loss)``) and
+# backpropagated on every rank counts each rank's term N times, as in JAX; differentiate the
+# local loss and average the gradients instead (``data_parallel``). Only floating-point and
+# complex leaves carry gradients; integer and boolean leaves pass through without one.
+# One ``autograd.Function`` wraps the implementations, which run on detached leaves (c10d's
+# in-place calls then never see the graph); it is used only when grad mode is on and a leaf
+# requires grad, so the plain path costs nothing more. Before this, the in-place calls were
+# invisible to autograd: pmax/pmin/broadcast got the identity as gradient (wrong), psum/pmean a
+# rank-local one, and all_gather of a tensor requiring grad raised a misleading error.
+_IMPLS: dict[str, Callable[..., Any]] = {
+    "psum": lambda tree, group: _all_reduce("psum", tree, "sum", group),
+    "pmean": lambda tree, group: _all_reduce("pmean", tree, "sum", group, mean=True),
+    "pmax": lambda tree, group: _all_reduce("pmax", tree, "max", group),
+    "pmin": lambda tree, group: _all_reduce("pmin", tree, "min", group),
+    "all_gather": _all_gather_impl,
+    "broadcast": _broadcast_impl,
+    "psum_scatter": _psum_scatter_impl,
+}
+
+
+def _inexact(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _differentiable(fn: str, tree: Any, **kw: Any) -> Any:
+    """``_IMPLS[fn](tree, **kw)``, through :class:`_Collective` when a leaf requires grad
+    (NOTE [gradients of collectives])."""
+    leaves, treedef = fpt.flatten(tree)
+    if not torch.is_grad_enabled() or not any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in leaves
+    ):
+        return _IMPLS[fn](tree, **kw)
+    _leaves(fn, tree)  # a leaf that is not a tensor: the TypeError naming its path
+    return fpt.unflatten(treedef, list(_Collective.apply(fn, kw, treedef, *leaves)))
+
+
+class _Collective(torch.autograd.Function):
+    """A collective over a flat list of leaves with its transpose as backward
+    (NOTE [gradients of collectives])."""
+
+    @staticmethod
+    def forward(fn: str, kw: dict[str, Any], treedef: Any, *leaves: torch.Tensor) -> Any:
+        out = _IMPLS[fn](fpt.unflatten(treedef, [x.detach() for x in leaves]), **kw)
+        return tuple(fpt.leaves(out))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        fn, kw, _, *leaves = inputs
+        ctx.fn, ctx.kw = fn, kw
+        ctx.dims = [x.dim() for x in leaves]
+        ctx.inexact = [_inexact(y.dtype) for y in output]
+        ctx.mark_non_differentiable(*[y for y, d in zip(output, ctx.inexact, strict=True) if not d])
+        if fn in ("pmax", "pmin"):
+            ctx.save_for_backward(*leaves, *output)
+        ctx.like = [torch.empty(0, dtype=y.dtype, device=y.device) for y in output]
+        ctx.out_shapes = [y.shape for y in output]
+
+    @staticmethod
+    def backward(ctx: Any, *cts: torch.Tensor | None) -> Any:
+        fn, kw, group = ctx.fn, ctx.kw, ctx.kw["group"]
+        idx = [i for i, d in enumerate(ctx.inexact) if d]
+        ct = [
+            cts[i] if cts[i] is not None else ctx.like[i].new_zeros(ctx.out_shapes[i]) for i in idx
+        ]
+        dims = [ctx.dims[i] for i in idx]
+        if fn in ("psum", "pmean"):
+            grads = _differentiable(fn, ct, group=group)
+        elif fn in ("pmax", "pmin"):
+            saved = ctx.saved_tensors
+            n = len(saved) // 2
+            masks = [(saved[i] == saved[n + i]).to(c.dtype) for i, c in zip(idx, ct, strict=True)]
+            total, count = _differentiable("psum", (ct, masks), group=group)
+            grads = [m * t / c for m, t, c in zip(masks, total, count, strict=True)]
+        elif fn == "broadcast":
+            total = _differentiable("psum", ct, group=group)
+            mine = dist.get_rank(_group(group)) == kw["src"]
+            grads = total if mine else [torch.zeros_like(t) for t in total]
+        elif fn == "all_gather":
+            axis, tiled = kw["axis"], kw["tiled"]
+            pos = [axis % (k if tiled else k + 1) for k in dims]
+            moved = [c.movedim(a, 0) for c, a in zip(ct, pos, strict=True)]
+            got = _differentiable(
+                "psum_scatter", moved, scatter_dimension=0, tiled=tiled, group=group
+            )
+            grads = [g.movedim(0, a) if tiled else g for g, a in zip(got, pos, strict=True)]
+        else:  # psum_scatter
+            d, tiled = kw["scatter_dimension"], kw["tiled"]
+            pos = [d % k for k in dims]
+            moved = [c.movedim(a, 0) if tiled else c for c, a in zip(ct, pos, strict=True)]
+            got = _differentiable("all_gather", moved, axis=0, tiled=tiled, group=group)
+            grads = [g.movedim(0, a) for g, a in zip(got, pos, strict=True)]
+        out: list[torch.Tensor | None] = [None] * len(ctx.inexact)
+        for i, g in zip(idx, grads, strict=True):
+            out[i] = g
+        return (None, None, None, *out)
+
+
+def psum(tree: Any, *, group: Any = None) -> Any:
+    """Sum every leaf over the ranks of ``group`` (``jax.lax.psum``).
+
+    One collective per dtype (NOTE [one collective per bucket]); the tree must agree
+    across ranks (NOTE [cross-rank tree check]). Works eagerly and under
+    ``fp.jit(fullgraph=True)``. Unlike JAX there is no ``axis_name``: the ranks of a
+    process group play the role of a mapped axis.
+
+    Args:
+      tree: a pytree of tensors (same structure, shapes and dtypes on every rank).
+      group: a ``torch.distributed`` process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the sums (inputs are not modified).
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the gradient w.r.t. each rank's input is the psum of
+        every rank's cotangent (``torch.distributed.nn.functional.all_reduce`` does the same). The
+        backward is a collective too: every rank must backpropagate through the same collectives in
+        the same order. Integer and boolean leaves get no gradient. A loss summed over ranks
+        (``psum(loss)``) and backpropagated on every rank thus counts each rank's term N times;
+        differentiate the local loss and average the gradients (``data_parallel``) instead.
+      NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
+        all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
+        naming the rank and key path on every rank instead of hanging. Later calls with a
+        signature already checked are not re-checked: if ranks then pass DIFFERENT previously
+        checked signatures (per-rank sizes that vary by step), the result can be silently wrong,
+        or gloo can abort the process; call :func:`check_same_tree` first in that case.
+      NOTE [one collective per bucket]: leaves are grouped by ``(device, dtype)`` and each group is
+        flattened into one buffer sent with one collective, then split back: one round trip per
+        dtype instead of one per leaf.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():  # one rank here; under torchrun, N ranks
+      ...     fp.distributed.psum({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)})
+      {'w': tensor([1., 2.]), 'n': tensor(3)}
+    """
+    return _differentiable("psum", tree, group=group)
+
+
+def pmean(tree: Any, *, group: Any = None) -> Any:
+    """Average every leaf over the ranks of ``group`` (``jax.lax.pmean``).
+
+    Computed as the sum divided by the group size; floating-point leaves only.
+
+    Args:
+      tree: a pytree of floating-point tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the means.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the gradient w.r.t. each rank's input is the pmean of
+        every rank's cotangent. The backward is a collective too: every rank must backpropagate
+        through the same collectives in the same order. Integer and boolean leaves get no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmean(torch.tensor([0.5]))
+      tensor([0.5000])
+    """
+    return _differentiable("pmean", tree, group=group)
+
+
+def pmax(tree: Any, *, group: Any = None) -> Any:
+    """Elementwise maximum of every leaf over the ranks (``jax.lax.pmax``).
+
+    Args:
+      tree: a pytree of tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the maxima.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the psum of every rank's cotangent goes to the rank(s)
+        holding the maximum (split evenly on ties, as ``torch.amax``), 0 to the others. The backward
+        is a collective too: every rank must backpropagate through the same collectives in the same
+        order. Integer and boolean leaves get no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmax(torch.tensor([1, -1]))
+      tensor([ 1, -1])
+    """
+    return _differentiable("pmax", tree, group=group)
+
+
+def pmin(tree: Any, *, group: Any = None) -> Any:
+    """Elementwise minimum of every leaf over the ranks (``jax.lax.pmin``).
+
+    Args:
+      tree: a pytree of tensors.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the minima.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the psum of every rank's cotangent goes to the rank(s)
+        holding the minimum (split evenly on ties, as ``torch.amin``), 0 to the others. The backward
+        is a collective too: every rank must backpropagate through the same collectives in the same
+        order. Integer and boolean leaves get no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.pmin(torch.tensor([1, -1]))
+      tensor([ 1, -1])
+    """
+    return _differentiable("pmin", tree, group=group)
+
+
+def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = None) -> Any:
+    """Gather every leaf from all ranks (``jax.lax.all_gather``).
+
+    Args:
+      tree: a pytree of tensors.
+      axis: where the rank axis goes (``tiled=False``) or which axis is concatenated
+        (``tiled=True``).
+      tiled: ``False``: a new axis of size ``world_size`` at ``axis``; ``True``: the
+        ranks' leaves concatenated along ``axis`` (rank order).
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of the gathered leaves.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the gradient w.r.t. each rank's input is the
+        psum_scatter of the cotangents along the gathered axis
+        (``torch.distributed.nn.functional.all_gather``). The backward is a collective too: every rank
+        must backpropagate through the same collectives in the same order. Integer and boolean leaves
+        get no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     x = torch.tensor([1.0, 2.0])
+      ...     fp.distributed.all_gather(x), fp.distributed.all_gather(x, tiled=True)
+      (tensor([[1., 2.]]), tensor([1., 2.]))
+    """
+    return _differentiable("all_gather", tree, axis=axis, tiled=tiled, group=group)
+
+
+def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
+    """Every rank receives rank ``src``'s leaves (``torch.distributed.broadcast``, pure).
+
+    JAX has no process-level broadcast; this is the usual way to make a tree (initial
+    parameters, a key) identical on all ranks.
+
+    Args:
+      tree: a pytree of tensors; its structure and shapes must match on every rank.
+      src: the rank (in ``group``) whose values everyone gets.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree holding ``src``'s values.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): rank ``src`` receives the sum of every rank's
+        cotangent, the other ranks 0 (their outputs do not depend on their inputs), as
+        ``torch.distributed.nn.functional.broadcast``. The backward is a collective too: every rank
+        must backpropagate through the same collectives in the same order. Integer and boolean leaves
+        get no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.broadcast({"w": torch.tensor([1.0])}, src=0)
+      {'w': tensor([1.])}
+    """
+    return _differentiable("broadcast", tree, src=src, group=group)
+
+
+def psum_scatter(
+    tree: Any, *, scatter_dimension: int = 0, tiled: bool = False, group: Any = None
+) -> Any:
+    """Sum over ranks and give each rank one slice (``jax.lax.psum_scatter``).
+
+    Each leaf's axis ``scatter_dimension`` is cut into ``world_size`` equal blocks; rank
+    ``r`` receives the sum over ranks of block ``r``. ``tiled=False`` (JAX's default) needs
+    that axis to have exactly ``world_size`` entries and removes it; ``tiled=True`` needs
+    it divisible by ``world_size`` and keeps it, ``world_size`` times shorter.
+
+    Args:
+      tree: a pytree of tensors.
+      scatter_dimension: the axis to cut.
+      tiled: see above.
+      group: a process group, or ``None`` for the default one.
+
+    Returns:
+      A new tree of this rank's summed blocks.
+
+    Notes:
+      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
+        over ranks of every rank's objective): the gradient w.r.t. each rank's input is the all_gather
+        of the cotangents of every rank's block. The backward is a collective too: every rank must
+        backpropagate through the same collectives in the same order. Integer and boolean leaves get
+        no gradient.
+
+    Example:
+      >>> import functorch_pipeline as fp
+      >>> with fp.distributed.local_group():
+      ...     fp.distributed.psum_scatter(torch.arange(4.0), tiled=True)
+      tensor([0., 1., 2., 3.])
+    """
+    return _differentiable(
+        "psum_scatter", tree, scatter_dimension=scatter_dimension, tiled=tiled, group=group
+    )
 
 
 reduce_scatter = psum_scatter

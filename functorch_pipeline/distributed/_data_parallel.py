@@ -24,6 +24,9 @@ from functorch_pipeline.distributed._collectives import pmean
 from functorch_pipeline.distributed._collectives import psum
 from functorch_pipeline.distributed._runtime import rank
 from functorch_pipeline.distributed._runtime import world_size
+from functorch_pipeline.optim._privacy import _batch_size
+from functorch_pipeline.optim._privacy import _memo
+from functorch_pipeline.optim._privacy import _shapes
 
 __all__ = [
     "data_parallel",
@@ -193,6 +196,11 @@ def differentially_private_aggregate(
     summation order. ``key`` must be the same on every rank (see :func:`shared_key`).
     The state is ``fp.optim``'s ``DifferentiallyPrivateAggregateState``.
 
+    ``update`` checks, before any collective, that it is given per-example gradients:
+    every leaf must have shape ``(B_r, *param.shape)`` (``params`` when passed, else the
+    shapes ``init`` saw; NOTE [batch axis check] of ``fp.optim``), so batch-mean gradients
+    raise a ``ValueError`` naming the key path and both shapes.
+
     Args:
       l2_norm_clip: the per-example L2 bound ``C``.
       noise_multiplier: ``σ``.
@@ -202,6 +210,15 @@ def differentially_private_aggregate(
     Returns:
       A ``GradientTransformation`` whose ``update`` takes this rank's per-example gradients
       (examples on axis 0; a rank may have none, ``B_r = 0``).
+
+    Raises:
+      ValueError: from ``update``, on gradients that are not per-example (see above), a
+        ``batch_size`` argument, or an empty global batch.
+
+    Notes:
+      NOTE [batch axis check]: per-example gradients must have shape ``(B, *param.shape)``; when the
+        parameter shapes are known every leaf must have exactly one more axis, so a batch-mean
+        gradient is refused instead of being clipped row by row.
 
     Example:
       >>> import functorch_pipeline as fp
@@ -214,19 +231,18 @@ def differentially_private_aggregate(
     where = "fp.distributed.differentially_private_aggregate"
     # validates the numbers and the key; batch_size is given per step (the global count)
     noise = optim.add_dp_noise(l2_norm_clip, noise_multiplier, key)
+    seen: dict[str, Any] = {}  # the parameter shapes init saw
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         if "batch_size" in extra:  # it was ignored: the divisor is the count over the ranks
             raise ValueError(f"{where}.update: `batch_size` is not taken: the noisy sum is divided "
                              "by the number of examples summed over every rank")
-        paths, leaves, td = fpt.flatten_with_path(updates)
-        for p, g in zip(paths, leaves, strict=True):
-            if not isinstance(g, torch.Tensor) or g.dim() == 0 or g.shape[0] != leaves[0].shape[0]:
-                raise ValueError(
-                    f"{where}.update: leaf at path `{fpt.keystr(p)}` must hold per-example "
-                    "gradients with the examples on axis 0 (the same count in every leaf)"
-                )
-        b = leaves[0].shape[0]
+        # NOTE [batch axis check] (fp.optim), before the psum: every leaf (B_r, *param.shape)
+        # against ``params`` or the shapes ``init`` saw; a batch-mean gradient failed inside
+        # add_dp_noise, after the collective, naming neither this API nor the given shape
+        shapes = _shapes(params) if params is not None else _memo(seen, updates)
+        b = _batch_size(f"{where}.update", updates, shapes)
+        leaves, td = fpt.flatten(updates)
         if b:
             summed, _ = optim.per_example_global_norm_clip(updates, l2_norm_clip)
             local = fpt.leaves(summed)
@@ -243,4 +259,8 @@ def differentially_private_aggregate(
                              "rank), and an empty batch has no mean")
         return noise.update(fpt.unflatten(td, total), state, params, batch_size=count)
 
-    return optim.GradientTransformation(noise.init, update_fn)
+    def init_fn(params: Any) -> Any:
+        seen["shapes"] = _shapes(params)
+        return noise.init(params)
+
+    return optim.GradientTransformation(init_fn, update_fn)

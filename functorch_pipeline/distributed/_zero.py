@@ -280,12 +280,19 @@ def shard_optimizer(inner: optim.GradientTransformation, *, group: Any = None) -
     return ShardedOptimizer(init_fn, update_fn, gather_state, shard_state)
 
 
+def _real_view(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or its real and imaginary parts side by side when complex (same squared norm)."""
+    return torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
+
+
 def clip_by_global_norm(
     max_norm: float | torch.Tensor, *, group: Any = None
 ) -> optim.GradientTransformation:
     """``optim.clip_by_global_norm`` for updates SHARDED across ranks (inside
     :func:`shard_optimizer`): the squared norm of the local shard is summed over ranks
-    (one scalar all-reduce) before the usual rule ``u * max_norm / max(norm, max_norm)``.
+    (one scalar all-reduce) before the usual rule ``u * max_norm / max(norm, max_norm)``,
+    with ``norm**2 = sum |u_i|**2`` (complex leaves count both parts, as in
+    ``optim.clip_by_global_norm``).
 
     Args:
       max_norm: the largest global L2 norm let through.
@@ -310,8 +317,11 @@ def clip_by_global_norm(
         leaves, treedef = fpt.flatten(updates)
         if not leaves:
             return updates, state
-        acc = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
-        sq = torch.stack([x.to(acc).pow(2).sum() for x in leaves]).sum()
+        wide = (torch.float64, torch.complex128)
+        acc = torch.float64 if any(x.dtype in wide for x in leaves) else torch.float32
+        # |x|^2 for complex leaves (real^2 + imag^2); casting one to a real dtype dropped
+        # the imaginary part and clipped complex updates too little
+        sq = torch.stack([_real_view(x).to(acc).pow(2).sum() for x in leaves]).sum()
         norm = torch.sqrt(psum(sq, group=group))
         factor = max_norm / torch.maximum(
             norm, torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device)
