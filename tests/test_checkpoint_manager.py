@@ -317,3 +317,17 @@ def test_stale_temp_files_are_removed_on_open_and_nothing_else(tmp_path):
     assert mine in os.listdir(tmp_path)
     with pytest.raises(ValueError, match=r"clean_temp_files\(directory\): `max_age` must be >= 0 seconds, got -1"):
         fp.serialization.clean_temp_files(tmp_path, max_age=-1)
+
+
+def test_numpy_scalar_metrics_are_numbers(tmp_path):
+    """np.float32 / np.int64 / np.float16 are numbers.Real but were refused ("must be a
+    number, got float32"); they are recorded as the Python numbers they equal."""
+    import numpy as np
+
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, tree(1), metrics={"f32": np.float32(0.75), "i64": np.int64(3), "f16": np.float16(0.25),
+                                  "f64": np.float64(0.5), "t": torch.tensor(2.0), "py": 7})
+    assert mgr.metrics(1) == {"f32": 0.75, "i64": 3, "f16": 0.25, "f64": 0.5, "t": 2.0, "py": 7}
+    for bad in (np.bool_(True), True, "0.5", [1.0]):
+        with pytest.raises(TypeError, match=r"metric 'm' must be a number"):
+            mgr.save(2, tree(2), metrics={"m": bad})

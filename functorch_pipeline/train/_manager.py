@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 import os
 import re
@@ -274,9 +275,10 @@ class CheckpointManager:
             clean = {}
             for k, v in metrics.items():
                 v = v.item() if isinstance(v, torch.Tensor) else v
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
                     raise TypeError(f"{fn}: metric {k!r} must be a number, got {type(v).__name__}")
-                clean[str(k)] = v
+                # numpy scalars (np.float32, np.int64) are numbers.Real but not JSON
+                clean[str(k)] = int(v) if isinstance(v, numbers.Integral) else float(v)
             meta[_METRICS_KEY] = json.dumps(clean)
         if self._run_id is None:
             self._run_id = uuid.uuid4().hex
