@@ -38,6 +38,24 @@ updated copy, and a buffer updated by reassignment (``self.avg = 0.9 * self.avg 
 an EMA or counter idiom) is the newly assigned tensor. ``functional_call`` restores the
 template's attributes on exit and drops a reassigned tensor, so the dict of copies handed
 to it alone would silently keep the old values of reassigned buffers.
+
+# NOTE [apply under torch.compile]
+``fp.jit(train_step)`` (``torch.compile`` around ``value_and_grad`` around ``apply(...,
+train=True)``) must not graph-break inside ``apply``: after a break inside
+``torch.func.grad`` Dynamo resumes in a new frame whose grad-tracking inputs it cannot
+fake (``AssertionError: False != True`` on ``is_leaf`` in
+``meta_utils.assert_metadata_eq``; with ``aot_eager`` it showed as optree's ``length
+mismatch`` in the gradients' unflatten instead). Two things in ``apply`` broke the graph,
+both only in train mode with buffers (BatchNorm): the per-sample BatchNorm check (optree's
+flatten of the inputs, ``DictMetaData``, and functorch's wrapper queries are opaque to
+Dynamo) and the forward hook that reads the new buffers (Dynamo cannot create a
+``RemovableHandle``). While Dynamo traces, ``apply`` therefore skips the check and reads
+the buffers inside ``torch.nn.utils.stateless._reparametrize_module`` (what
+``functional_call`` runs) right after the forward, which gives what the hook gives. The
+check is lost only where Dynamo traces a ``vmap`` over the inputs through ``apply`` whole
+(in the cases tried it falls back to eager for that ``vmap``, where the check runs);
+functorch then refuses the in-place running-statistics update itself, with a vaguer
+message. Eager calls take the hook path as before.
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ from typing import Any
 import torch
 import torch.func
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
@@ -463,7 +482,8 @@ class FunctionalModel:
         if key is not None and not (_random.is_key(key) and key.dim() in (1, 2)):
             raise TypeError(f"{fn}: `key` must be a key (int64, shape (2,)) or a key batch (int64, shape (N, 2)), "
                             f"got {key!r}")
-        if train and self._stat_norms:  # NOTE [BatchNorm and per-sample gradients]
+        # NOTE [BatchNorm and per-sample gradients]; not traceable (NOTE [apply under torch.compile])
+        if train and self._stat_norms and not torch.compiler.is_compiling():
             inputs = vmap_levels(_tree.leaves((args, kwargs)))
             for paths, names, error in self._stat_norms:
                 if inputs - vmap_levels({**params, **buffers}[n] for n in names):
@@ -477,6 +497,8 @@ class FunctionalModel:
         tensors = {**params, **buffers}
         left: dict[str, Any] = {}
         handle = None
+        if train and buffers and torch.compiler.is_compiling():  # NOTE [apply under torch.compile]
+            return self._apply_train_compiling(template, tensors, buffers, args, kwargs, key, fn)
         if train and buffers:  # NOTE [train returns buffers]: read them before functional_call exits
             def read_buffers(module: nn.Module, inputs: Any, output: Any) -> None:
                 left.clear()
@@ -497,6 +519,24 @@ class FunctionalModel:
                 handle.remove()
         if not train:
             return out
+        new_buffers = {n: left[n] if isinstance(left.get(n), torch.Tensor) else b for n, b in buffers.items()}
+        return out, new_buffers
+
+    def _apply_train_compiling(self, template: nn.Module, tensors: dict[str, Any],
+                               buffers: dict[str, Any], args: tuple[Any, ...],
+                               kwargs: dict[str, Any], key: torch.Tensor | None,
+                               fn: str) -> tuple[Any, dict[str, Any]]:
+        """``apply(train=True)`` of a module with buffers while Dynamo traces (NOTE [apply
+        under torch.compile]): the buffers are read inside the reparametrization instead of
+        by a forward hook registered for the call."""
+        self._binding.depth += 1  # NOTE [modules run after apply returns]
+        try:
+            with KeyedRandomness(key, fn, self._no_key_hint), \
+                    _reparametrize_module(template, tensors, tie_weights=True, strict=False):
+                out = template(*args, **kwargs)
+                left = dict(template.named_buffers(remove_duplicate=False))
+        finally:
+            self._binding.depth -= 1
         new_buffers = {n: left[n] if isinstance(left.get(n), torch.Tensor) else b for n, b in buffers.items()}
         return out, new_buffers
 
