@@ -419,3 +419,34 @@ def test_optimality_fn_not_shaped_like_the_solution_is_named() -> None:
     with pytest.raises(ValueError, match=r"`optimality_fn` must return a tree shaped like the solution "
                        r"\(structure PyTreeSpec\(\{'a': \*, 'b': \*\}\)\), got structure"):
         fp.jvp(lambda c_: missing(None, c_)["a"], (c.detach(),), (torch.ones(2, dtype=D),))
+
+
+def test_differentiating_the_forward_mode_again_is_refused() -> None:
+    """jacfwd(jacfwd) gave 0 for d2x*/dlam2 (the rule's tangent taken as a constant) and
+    grad of jvp twice the closed form; both are refused, and forward over reverse (the
+    advice) stays exact against the closed form."""
+    a, y, _, _ = _ridge_data(3)
+    ridge = _ridge_solver(a, y)
+
+    def closed(lam_):
+        ab = torch.cat([a, torch.ones(a.shape[0], 1, dtype=D)], dim=1)
+        return torch.linalg.solve(_ridge_hessian(a, lam_), ab.T @ y)
+
+    def sol(lam_):
+        p = ridge(None, lam_)
+        return torch.cat([p["w"], p["b"].reshape(1)])
+
+    lam, one = torch.tensor(0.7, dtype=D), torch.tensor(1.0, dtype=D)
+    refusal = r"custom_root\(ridge\): its forward-mode derivative .* cannot itself be differentiated"
+    with pytest.raises(NotImplementedError, match=refusal):
+        fp.jacfwd(fp.jacfwd(sol))(lam)
+    with pytest.raises(NotImplementedError, match=refusal):
+        fp.jvp(lambda l_: fp.jvp(sol, (l_,), (one,))[1], (lam,), (one,))
+    for grad in (fp.grad, torch.func.grad):
+        with pytest.raises(NotImplementedError, match=refusal):
+            grad(lambda l_: fp.jvp(sol, (l_,), (one,))[1].sum())(lam)
+    cube = lambda f: lambda l_: (f(l_) ** 3).sum()  # noqa: E731
+    torch.testing.assert_close(fp.hessian(cube(sol))(lam), torch.func.hessian(cube(closed))(lam),
+                               rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(fp.jvp(fp.grad(cube(sol)), (lam,), (one,))[1],
+                               torch.func.hessian(cube(closed))(lam), rtol=1e-8, atol=1e-11)

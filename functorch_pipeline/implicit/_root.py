@@ -185,6 +185,7 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
             spec: _Spec = ctx.spec
             sol_leaves, args, n_init = _saved_inputs(ctx)
             arg_tangents = list(tangents[n_init:])
+            _refuse_nested_forward(where, [*sol_leaves, *_tree.leaves(args), *arg_tangents])
             sol = _tree.unflatten(spec.out_def, list(sol_leaves))
             dx = _implicit_jvp(where, optimality_fn, linear_solve, sol, args, arg_tangents)
             return (*_tree.leaves(dx), *([None] * _n_aux(spec)))
@@ -202,6 +203,38 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
 
     _Fn.__name__ = _Fn.__qualname__ = where  # as refusals name it
     return _Fn
+
+
+def _refuse_nested_forward(where: str, tensors: list[Any]) -> None:
+    """The forward-mode rule differentiated again (``jacfwd(jacfwd)``, ``jvp`` of ``jvp``,
+    ``grad`` of ``jvp``) is refused.
+
+    # NOTE [custom_root's forward mode is first order]
+    The tangent the rule computes is right, but a derivative taken around it is not: an
+    outer forward level saw the rule's tangent as a constant (``jacfwd(jacfwd)`` gave 0 for
+    d²x*/dλ²) and an outer reverse level counted it twice (``grad`` of ``jvp``: 2x the
+    closed form). Second derivatives go through the backward instead: ``fp.hessian``
+    (forward over reverse) and ``jacrev(jacrev)`` are exact. An input that requires grad
+    (below any torch.func wrapper) counts as an outer reverse level: a later ``backward``
+    would be wrong, so the forward mode refuses it (detach it, or use reverse mode).
+    """
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = [str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()]
+    outer_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and _base(t).requires_grad for t in tensors)
+    if kinds.count("Jvp") > 1 or "Grad" in kinds or outer_grad:
+        raise NotImplementedError(
+            f"{where}: its forward-mode derivative (fp.jvp, fp.jacfwd) cannot itself be "
+            "differentiated (jacfwd of jacfwd, jvp of jvp, grad of jvp); for second "
+            "derivatives use fp.hessian (forward over reverse) or fp.jacrev(fp.jacrev(f))")
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    """``t`` below every torch.func wrapper (where plain autograd's ``requires_grad`` is)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _saved_inputs(ctx: Any) -> tuple[tuple[Any, ...], Any, int]:
