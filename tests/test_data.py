@@ -140,6 +140,16 @@ def test_cuda_prefetch_delivers_the_batches_before_a_source_error(monkeypatch, s
     assert got == want == list(range(fail_at))
     assert str(err) == f"corrupt record at batch {fail_at}"
 
+    def copy(b, dev, non_blocking=False):  # the copy fails instead (CUDA out of memory)
+        if b["i"] == fail_at:
+            raise OSError(f"corrupt record at batch {fail_at}: out of memory copying it")
+        return b
+
+    monkeypatch.setattr(fp.tree, "to", copy)
+    got, err = _consume(data.prefetch_to_device(_failing_source(8, 99), "cuda:0", size=size,
+                                                pin_memory=False))
+    assert got == list(range(fail_at)) and "out of memory copying it" in str(err)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_prefetch_delivers_every_batch_intact():

@@ -93,24 +93,26 @@ def _pin(x: Any) -> Any:
 def _cuda_prefetch(it: Iterator[Any], dev: torch.device, size: int, pin: bool) -> Iterator[Any]:
     stream = torch.cuda.Stream(device=dev)
     queue: collections.deque[tuple[Any, torch.cuda.Event]] = collections.deque()
-    failed: list[Exception] = []  # the source's error, raised after the batches before it
+    # an error of the source, or of pinning or copying a batch (CUDA out of memory), is
+    # raised after the batches before it, as iterating the source directly would
+    failed: list[Exception] = []
 
     def enqueue() -> bool:
         if failed:
             return False
         try:
             batch = next(it, _END)
+            if batch is _END:
+                return False
+            if pin:
+                batch = _tree.map(_pin, batch)
+            with torch.cuda.stream(stream):
+                moved = _tree.to(batch, dev, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
         except Exception as e:
             failed.append(e)
             return False
-        if batch is _END:
-            return False
-        if pin:
-            batch = _tree.map(_pin, batch)
-        with torch.cuda.stream(stream):
-            moved = _tree.to(batch, dev, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
         queue.append((moved, event))
         return True
 
@@ -126,7 +128,7 @@ def _cuda_prefetch(it: Iterator[Any], dev: torch.device, size: int, pin: bool) -
                 x.record_stream(current)
         enqueue()
         yield batch
-    if failed:  # as iterating the source directly: every batch it gave, then its error
+    if failed:
         raise failed[0]
 
 
