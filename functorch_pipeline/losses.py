@@ -155,7 +155,8 @@ def cross_entropy(
     name); equals ``F.cross_entropy(logits, labels, reduction="none", label_smoothing=...)``
     (for ``(N, C)`` logits; torch's class axis is 1, ours ``axis=-1``) for labels in
     ``[0, C)``. There is no ``ignore_index`` (torch's -100 raises here): leave such
-    examples out with ``where``.
+    examples out with ``where`` (e.g. ``where=labels >= 0``): their loss is 0 whatever
+    their label.
 
     Args:
       logits: unnormalised scores, classes on ``axis``.
@@ -190,6 +191,8 @@ def cross_entropy(
     mask, keep, filled = masked
     lse = torch.logsumexp(filled, dim=axis, keepdim=True)
     ax = axis % logits.dim()
+    # an example `where` leaves out entirely may carry any label (-100, torch's ignore_index)
+    labels = torch.where(keep.squeeze(ax), labels, torch.zeros_like(labels))
     loss = (lse - _gather_labels(fn, logits, labels, ax)).squeeze(ax)
     if label_smoothing:
         logp = torch.where(mask, logits - lse, torch.zeros_like(logits))

@@ -210,3 +210,15 @@ def test_an_axis_out_of_range_is_refused_with_where_too(axis):
                  lambda: losses.cross_entropy(logits, torch.zeros(4, dtype=torch.int64), axis=axis, where=where)):
         with pytest.raises(IndexError):
             call()
+
+
+def test_where_leaves_out_examples_with_any_label():
+    """The refusal of label -100 says to leave such examples out with `where`; doing so
+    still raised. Reference: F.cross_entropy's ignore_index (0 for ignored examples)."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    labels = torch.tensor([2, -100, 4, -100])
+    got = losses.cross_entropy(logits, labels, where=labels >= 0)
+    want = F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(IndexError, match=r"`labels` must be class indices in \[0, 5\)"):
+        losses.cross_entropy(logits, labels, where=torch.ones(4, 5, dtype=torch.bool))
