@@ -201,7 +201,8 @@ def _make_function(where: str, solver: Callable[..., Any], optimality_fn: Callab
             arg_grads = _implicit_vjp(where, optimality_fn, linear_solve, sol, args, v)
             return (None, *([None] * n_init), *arg_grads)
 
-    _Fn.__name__ = _Fn.__qualname__ = where  # as refusals name it
+    # refusals name the class by its forward, which every custom_root shares: the API, not the solver
+    _Fn.__name__, _Fn.__qualname__ = where, "custom_root"
     return _Fn
 
 
