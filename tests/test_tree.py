@@ -462,3 +462,15 @@ def test_stack_unstack_where_max_errors_name_the_leaf():
     with pytest.raises(ValueError, match=r"tree\.max: leaf `a` is empty"):
         fp.tree.max({"a": torch.ones(0), "b": torch.ones(2)})
     assert torch.equal(fp.tree.stack([{"w": 1.0}, {"w": 2.0}])["w"], torch.tensor([1.0, 2.0]))
+
+
+@given(s=st.sampled_from([0.3, 65536.0, -1e-3, 7, 1e-8]), seed=st.integers(0, 2**16))
+def test_add_scale_half_precision_trees_equal_the_leafwise_formula(s, seed):
+    """bfloat16/float16 trees take the multi-tensor path (s * b rounded to the leaf dtype,
+    then added) again, bit-identical to x + s * y leaf by leaf."""
+    g = torch.Generator().manual_seed(seed)
+    for dt in (torch.bfloat16, torch.float16):
+        a = [torch.randn(64, generator=g).to(dt) for _ in range(3)]
+        b = [torch.randn(64, generator=g).to(dt) for _ in range(3)]
+        for got, x, y in zip(fp.tree.add_scale(a, s, b), a, b, strict=True):
+            assert got.dtype == dt and torch.equal(got, x + s * y)

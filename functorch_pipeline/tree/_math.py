@@ -175,6 +175,9 @@ def add_scale(a: PyTree, s: float | torch.Tensor, b: PyTree) -> PyTree:
             return unflatten(ta, torch._foreach_add(la, torch._foreach_mul(lb, s)))
         if _alpha_ok(s, la):
             return unflatten(ta, torch._foreach_add(la, lb, alpha=s))
+        if _real_number(s) and all(x.is_floating_point() for x in la):
+            # half precision: s * b rounded to the leaf dtype, then added, as x + s * y
+            return unflatten(ta, torch._foreach_add(la, torch._foreach_mul(lb, s)))
     return _leafwise("add_scale", a, ta, la, lb, lambda x, y: x + s * y)
 
 
@@ -183,9 +186,11 @@ def _alpha_ok(s: Any, leaves_: list[torch.Tensor]) -> bool:
     number ``s`` on float32/float64/complex leaves. (It refuses a float ``s`` on integer
     leaves, a complex ``s`` on real ones and 65536 on float16 (above its range, though
     ``s * b`` may not be), and gives a bool for bool leaves where ``a + s * b`` is an int.)"""
-    if isinstance(s, (bool, complex)) or not isinstance(s, (int, float)):
-        return False
-    return all(x.dtype in _ALPHA_DTYPES for x in leaves_)
+    return _real_number(s) and all(x.dtype in _ALPHA_DTYPES for x in leaves_)
+
+
+def _real_number(s: Any) -> bool:
+    return isinstance(s, (int, float)) and not isinstance(s, bool)
 
 
 _ALPHA_DTYPES = frozenset((torch.float32, torch.float64, torch.complex64, torch.complex128))
