@@ -296,9 +296,14 @@ def norm(tree: PyTree, ord: float | str = 2, squared: bool = False) -> torch.Ten
         per_leaf = [torch.linalg.vector_norm(x, ord) for x in ls]
     else:
         per_leaf = torch._foreach_norm(ls, ord)
-    dtype = functools.reduce(torch.promote_types, {p.dtype for p in per_leaf})
+    dtypes = {p.dtype for p in per_leaf}
+    dtype = functools.reduce(torch.promote_types, dtypes)
     acc = torch.promote_types(dtype, torch.float32)  # no float16 sum of a float32 leaf's norm
-    stacked = torch.stack([p if p.dtype == acc else p.to(acc) for p in per_leaf])
+    if len(dtypes) == 1:  # one cast of the stacked norms, not one per leaf
+        stacked = torch.stack(per_leaf)
+        stacked = stacked if stacked.dtype == acc else stacked.to(acc)
+    else:
+        stacked = torch.stack([p if p.dtype == acc else p.to(acc) for p in per_leaf])
     if ord == 2:
         out = torch.dot(stacked, stacked) if squared else torch.linalg.vector_norm(stacked)
     else:
