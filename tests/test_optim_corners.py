@@ -327,13 +327,13 @@ def _lr_first_aliases():
 _TOL = {torch.bfloat16: 4 * 2.0**-8, F32: 1e-5, F64: 1e-12}
 
 
-@pytest.mark.parametrize("name", [n for n in _lr_first_aliases() if n not in ("fromage", "dpsgd")])
+@pytest.mark.parametrize("name", [n for n in _lr_first_aliases() if n != "dpsgd"])
 def test_injected_alias_on_0d_leaves_keeps_dtypes_and_values(name):
     """Every optimizer alias under ``inject_hyperparams`` (its hyperparameters become float64
     0-d tensors) on a tree with 0-d bfloat16 and float32 leaves beside a float64 vector:
     each update keeps its leaf's dtype and equals the plain alias's (Python-number
-    hyperparameters, the reference) to the leaf dtype's rounding (fromage takes no tensor
-    learning rate; dpsgd's inputs are per-example). rprop's step sizes became
+    hyperparameters, the reference) to the leaf dtype's rounding (dpsgd's inputs are
+    per-example; fromage took no tensor learning rate before the second sweep's N5). rprop's step sizes became
     float64 at the 0-d bfloat16 leaf (and the next update raised), and noisy_sgd's 0-d
     updates became float64 (NOTE [scalar dtype])."""
     f = getattr(optim, name)

@@ -142,7 +142,7 @@ def adamw(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: torch.dtype | None = None,
-    weight_decay: float = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
     nesterov: bool = False,
@@ -157,7 +157,8 @@ def adamw(
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       b1, b2, eps, eps_root, mu_dtype, nesterov: as in :func:`adam`.
-      weight_decay: the decoupled decay coefficient (optax 1e-4, torch 1e-2).
+      weight_decay: the decoupled decay coefficient (optax 1e-4, torch 1e-2), or a
+        schedule of the step count (see :func:`add_decayed_weights`).
       mask: which parameters to decay (tree or function).
 
     Returns:
@@ -377,7 +378,7 @@ def adadelta(
     learning_rate: ScalarOrSchedule,
     rho: float = 0.9,
     eps: float = 1e-6,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Any = None,
 ) -> GradientTransformation:
     r"""AdaDelta. ``weight_decay`` is added to the gradient first (coupled, as torch).
@@ -389,7 +390,8 @@ def adadelta(
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       rho: decay of both running averages.
       eps: added inside both square roots.
-      weight_decay: coupled weight decay (added to the gradient first).
+      weight_decay: coupled weight decay (added to the gradient first), or a schedule
+        of the step count.
       weight_decay_mask: which parameters to decay (tree or function).
 
     Returns:
@@ -413,7 +415,7 @@ def lion(
     b1: float = 0.9,
     b2: float = 0.99,
     mu_dtype: torch.dtype | None = None,
-    weight_decay: float = 1e-3,
+    weight_decay: ScalarOrSchedule = 1e-3,
     mask: Any = None,
 ) -> GradientTransformation:
     r"""Lion: :math:`u = -\eta(\mathrm{sign}(\beta_1 m + (1-\beta_1) g) + \lambda p)`,
@@ -424,7 +426,7 @@ def lion(
       b1: interpolation for the sign direction.
       b2: decay of the momentum.
       mu_dtype: dtype of the momentum.
-      weight_decay: decoupled decay (optax default 1e-3).
+      weight_decay: decoupled decay (optax default 1e-3), or a schedule of the step count.
       mask: which parameters to decay.
 
     Returns:
@@ -449,7 +451,7 @@ def lamb(
     b2: float = 0.999,
     eps: float = 1e-6,
     eps_root: float = 0.0,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     mask: Any = None,
 ) -> GradientTransformation:
     r"""LAMB: Adam's direction plus weight decay, rescaled per leaf by the trust ratio
@@ -458,7 +460,7 @@ def lamb(
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       b1, b2, eps, eps_root: as in :func:`adam`.
-      weight_decay: decoupled decay.
+      weight_decay: decoupled decay, or a schedule of the step count.
       mask: which parameters to decay.
 
     Returns:

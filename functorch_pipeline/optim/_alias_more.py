@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._adaptive import scale_by_adam
 from functorch_pipeline.optim._adaptive import scale_by_adamax
 from functorch_pipeline.optim._alias import _lr
@@ -131,7 +132,7 @@ def adamaxw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any = None,
 ) -> GradientTransformation:
     r"""Adamax with decoupled weight decay: :math:`-\eta(\mathrm{adamax}(g) + \lambda p)`.
@@ -143,7 +144,8 @@ def adamaxw(
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       b1, b2, eps: as in :func:`adamax`.
-      weight_decay: the decoupled decay (optax default 1e-4).
+      weight_decay: the decoupled decay (optax default 1e-4), or a schedule of the
+        step count.
       mask: which parameters to decay (tree or function).
 
     Returns:
@@ -168,7 +170,7 @@ def nadamw(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: torch.dtype | None = None,
-    weight_decay: float = 1e-4,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any = None,
     *,
     nesterov: bool = True,
@@ -210,7 +212,7 @@ def nadamw(
 
 def lars(
     learning_rate: ScalarOrSchedule,
-    weight_decay: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
     weight_decay_mask: Any = True,
     trust_coefficient: float = 0.001,
     eps: float = 0.0,
@@ -228,7 +230,8 @@ def lars(
 
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
-      weight_decay: coupled decay added before the trust ratio.
+      weight_decay: coupled decay added before the trust ratio, or a schedule of the
+        step count.
       weight_decay_mask: which parameters to decay (default all).
       trust_coefficient: :math:`c`.
       eps: added to the update norm.
@@ -274,7 +277,9 @@ def novograd(
     Args:
       learning_rate: a number, a 0-d tensor or a schedule of the step.
       b1, b2, eps, eps_root: as in :func:`scale_by_novograd` (optax's ``eps`` here is 1e-6).
-      weight_decay: added to the normalised gradient (needs ``params`` when nonzero).
+      weight_decay: added to the normalised gradient (needs ``params`` when nonzero); a
+        number or a 0-d tensor, not a schedule (a TypeError, as optax takes none either:
+        use ``inject_hyperparams(novograd)`` for a scheduled decay).
 
     Returns:
       A :class:`GradientTransformation`.
@@ -286,6 +291,11 @@ def novograd(
       {'w': tensor([-0.0600, -0.0800])}
     """
     _lr("novograd", learning_rate)
+    if callable(weight_decay) and not isinstance(weight_decay, torch.Tensor):
+        raise TypeError(
+            "novograd(weight_decay): `weight_decay` must be a number or a 0-d tensor, not a "
+            "schedule (as in optax 0.2.8, whose novograd fails on one); for a scheduled decay "
+            "use inject_hyperparams(novograd)(..., weight_decay=schedule)")
     return chain(scale_by_novograd(b1, b2, eps, eps_root, weight_decay),
                  scale_by_learning_rate(learning_rate))
 
@@ -383,7 +393,7 @@ def adafactor(
     clipping_threshold: float | None = 1.0,
     momentum: float | None = None,
     dtype_momentum: torch.dtype | None = None,
-    weight_decay_rate: float | None = None,
+    weight_decay_rate: ScalarOrSchedule | None = None,
     eps: float = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any = None,
@@ -410,7 +420,8 @@ def adafactor(
       momentum: EMA coefficient of the updates, or None.
       dtype_momentum: dtype of the momentum buffer. optax defaults to float32; here None
         means the parameters' dtype (fp.optim does not promote, NOTE [leaf dtypes]).
-      weight_decay_rate: decoupled decay, or None.
+      weight_decay_rate: decoupled decay (a number, a 0-d tensor or a schedule of the
+        step count), or None.
       eps: added to :math:`g^2`.
       factored: whether to factor the second moment at all.
       weight_decay_mask: which parameters to decay.
@@ -486,7 +497,7 @@ def noisy_sgd(
     return chain(add_noise(eta, gamma, key, seed=seed), scale_by_learning_rate(learning_rate))
 
 
-def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformation:
+def fromage(learning_rate: float | torch.Tensor, min_norm: float = 1e-6) -> GradientTransformation:
     r"""Fromage (Bernstein et al., 2020): the update of each leaf is rescaled to
     :math:`\eta\,\|p\|` and the result shrunk by :math:`1/\sqrt{1+\eta^2}`:
 
@@ -495,10 +506,12 @@ def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformat
 
     (``chain(scale_by_trust_ratio(min_norm), scale_by_learning_rate(lr * m),
     add (m - 1) p)`` with :math:`m = 1/\sqrt{1+\eta^2}`; norms floored at ``min_norm``).
-    ``learning_rate`` must be a number (as in optax).
+    ``learning_rate`` is a number or a 0-d tensor, not a schedule (as in optax, whose
+    fromage computes :math:`m` from it once); ``inject_hyperparams(fromage)`` takes a
+    schedule.
 
     Args:
-      learning_rate: :math:`\eta`.
+      learning_rate: :math:`\eta` (a number or a 0-d tensor).
       min_norm: floor of both norms.
 
     Returns:
@@ -513,10 +526,24 @@ def fromage(learning_rate: float, min_norm: float = 1e-6) -> GradientTransformat
       {'w': tensor([-0.6000,  3.2000])}
     """
     check_number("fromage(min_norm)", "min_norm", min_norm)
+    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+        raise TypeError(
+            "fromage(learning_rate): must be a number or a 0-d tensor, not a schedule (optax's "
+            "fromage takes none either); for a scheduled learning rate use "
+            "inject_hyperparams(fromage)(learning_rate=schedule)")
     _lr("fromage", learning_rate)
-    if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
-        raise TypeError("fromage(learning_rate): must be a Python number (optax's fromage "
-                        "takes no schedule)")
+    if isinstance(learning_rate, torch.Tensor):
+        mult_t = 1.0 / torch.sqrt(1.0 + learning_rate**2)
+
+        def shrink(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            # NOTE [scalar dtype]: the tensor factor must not promote a 0-d leaf
+            return _mt.to_leaf(u + _mt.leaf_scalar(mult_t - 1.0, p) * p, u)
+
+        return chain(
+            scale_by_trust_ratio(min_norm),
+            scale_by_learning_rate(learning_rate * mult_t),
+            stateless_with_tree_map(shrink),
+        )
     mult = 1.0 / math.sqrt(1.0 + learning_rate**2)
     return chain(
         scale_by_trust_ratio(min_norm),

@@ -18,6 +18,13 @@ to buffer donation, in the spirit of JAX's ``donate_argnums``:
 Both give bit-identical numbers to the pure path (tests check this for every named
 optimizer); they only save allocations and memory traffic.
 
+A pure update may share buffers with the new state, as in optax where ``trace``'s update
+*is* its new momentum (no copy). Nothing in fp.optim writes into it on the pure path; when
+``inplace=True`` is asked for, the transforms that follow may write into the updates they
+receive, so no transform then hands out its state's buffers (NOTE [update never aliases
+state] in ``_transforms.py``). Donate (``inplace=True``) only updates from an in-place
+call, or your own gradients, not the result of a pure call.
+
 # NOTE [affine tail fusion]
 Named optimizers are chains such as ``chain(scale_by_adam(), scale_by_learning_rate(lr))``.
 Run literally, the learning-rate scaling is one more pass over every parameter. ``chain``
@@ -245,6 +252,33 @@ def _accepts_extra(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def drop_extra_args(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` itself when its ``update`` takes ``**extra_args``, else ``tx`` with an
+    ``update`` that drops them (optax's ``with_extra_args_support``). Wrappers apply it to
+    the transformations they call, as :func:`chain` does, so that ``update(...,
+    value=loss)`` reaches the transformations that take it and skips the others.
+
+    Args:
+      tx: a gradient transformation.
+
+    Returns:
+      A :class:`GradientTransformation` whose ``update`` accepts any keyword arguments.
+
+    >>> tx = drop_extra_args(GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s)))
+    >>> tx.update({"w": torch.ones(1)}, (), value=1.0)
+    ({'w': tensor([1.])}, ())
+    """
+    tx = GradientTransformation(*tx)
+    if _accepts_extra(tx.update):
+        return tx
+    inner_update = tx.update
+
+    def update_fn(updates: Updates, state: OptState, params: Params = None, **extra_args: Any):
+        return inner_update(updates, state, params)
+
+    return GradientTransformation(tx.init, update_fn)
 
 
 def _compose_affine(m: Any, c: Any, m2: Any, c2: Any) -> tuple[Any, Any]:

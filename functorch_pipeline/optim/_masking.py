@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
+import torch
+
 from functorch_pipeline import tree as fpt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import drop_extra_args
 from functorch_pipeline.optim._base import mismatch_error
 from functorch_pipeline.optim._base import set_to_zero
 
@@ -68,13 +71,13 @@ def _is_namedtuple(x: Any) -> bool:
 def _walk(tree: Any, path: tuple, paths: list, leaves: list, none_is_leaf: bool) -> bool:
     """Key paths and leaves of dict/list/tuple/NamedTuple trees in fp.tree's leaf order,
     in plain Python so that ``torch.compile`` can trace it (optree's accessor API is
-    opaque to dynamo). Returns False for a container it does not know."""
-    if tree is None:
+    opaque to dynamo). Returns False for a container it does not know. A
+    :class:`MaskedNode` has no leaves; with ``none_is_leaf`` it is listed as a leaf (so
+    that :func:`broadcast_to_leaves` can see where the placeholders are)."""
+    if tree is None or isinstance(tree, MaskedNode):
         if none_is_leaf:
             paths.append(path)
-            leaves.append(None)
-        return True
-    if isinstance(tree, MaskedNode):
+            leaves.append(tree)
         return True
     if type(tree) is dict:
         try:
@@ -101,7 +104,11 @@ def paths_and_leaves(tree: Any, none_is_leaf: bool = False) -> tuple[list, list]
     leaves: list = []
     if _walk(tree, (), paths, leaves, none_is_leaf):
         return paths, leaves
-    ps, ls, _ = fpt.flatten_with_path(tree, is_leaf=(lambda x: x is None) if none_is_leaf else None)
+    ps, ls, _ = fpt.flatten_with_path(
+        tree, is_leaf=(lambda x: x is None or isinstance(x, MaskedNode)) if none_is_leaf else _is_masked_node)
+    if not none_is_leaf:  # MaskedNode has no leaves
+        keep = [i for i, x in enumerate(ls) if not isinstance(x, MaskedNode)]
+        ps, ls = [ps[i] for i in keep], [ls[i] for i in keep]
     return ps, ls
 
 
@@ -129,7 +136,14 @@ def broadcast_to_leaves(where: str, what: str, prefix: Any, full: Any) -> list[A
         # a None in ``prefix`` where ``full`` has None too: an empty subtree in both (optax)
         fpaths_n, fleaves_n = paths_and_leaves(full, none_is_leaf=True)
         empty = {q for q, x in zip(fpaths_n, fleaves_n, strict=True) if x is None}
-        unused = [fpt.keystr(p) for p in unused if not (table[p] is None and p in empty)]
+        # NOTE [masks over placeholders]: inside masked/partition the inner transformation
+        # sees MaskedNode where the other groups' leaves are; a mask or label tree written
+        # for all the parameters (optax's usual weight-decay mask) has entries there. As in
+        # optax, an entry whose path is a MaskedNode, or a prefix of one, is not an error.
+        holes = [q for q, x in zip(fpaths_n, fleaves_n, strict=True) if isinstance(x, MaskedNode)]
+        unused = [fpt.keystr(p) for p in unused
+                  if not (table[p] is None and p in empty)
+                  and not any(q[:len(p)] == p for q in holes)]
     if unused:
         raise ValueError(f"{where}: `{what}` has paths that match no parameter: {unused}")
     return out
@@ -191,7 +205,7 @@ def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: b
                      mask_extra: bool = False, name: str = "masked") -> GradientTransformation:
     """:func:`masked` with ``flags_fn(where, tree) -> [bool per leaf]``; ``name``: the
     public API errors name (``masked``, ``partition``, ``multi_transform``)."""
-    inner = GradientTransformation(*inner)
+    inner = drop_extra_args(inner)
 
     def init_fn(params: Params) -> MaskedState:
         flags = flags_fn(f"{name}.init", params)
@@ -210,11 +224,23 @@ def _masked_by_flags(inner: GradientTransformation, flags_fn: Any, use_params: b
         if mask_extra:
             extra_args = _mask_extra(extra_args, updates, flags)
         new_sub, new_inner = inner.update(sub_u, state.inner_state, sub_p, **extra_args)
-        new_leaves = fpt.leaves(new_sub, is_leaf=_is_masked_node)
+        # the selected leaves, in order (MaskedNode has no leaves: ours, and an outer
+        # masked's when nested, NOTE [masks over placeholders])
+        new_leaves, new_td = fpt.flatten(new_sub)
         ul, td = fpt.flatten(updates)
-        if len(new_leaves) != len(ul):
-            raise ValueError(f"{where}: the inner transformation changed the structure of the updates")
-        out = [n if f else u for u, n, f in zip(ul, new_leaves, flags, strict=True)]
+        if fpt.same_structure(new_td, fpt.structure(sub_u)):
+            it = iter(new_leaves)
+            out = [next(it) if f else u for u, f in zip(ul, flags, strict=True)]
+        else:
+            # as optax, whatever the inner transformation put where the leaves are masked
+            # (``2 * MaskedNode()`` is ``()``) is ignored; the rest must keep its structure
+            try:
+                at = td.flatten_up_to(new_sub)
+            except (ValueError, TypeError):
+                at = None
+            if at is None or not all(isinstance(n, torch.Tensor) for n, f in zip(at, flags, strict=True) if f):
+                raise ValueError(f"{where}: the inner transformation changed the structure of the updates")
+            out = [n if f else u for u, n, f in zip(ul, at, flags, strict=True)]
         return fpt.unflatten(td, out), MaskedState(new_inner)
 
     return GradientTransformation(init_fn, update_fn)

@@ -399,6 +399,13 @@ def scale_by_novograd(
     _betas("scale_by_novograd(b1, b2)", b1=b1, b2=b2)
     check_number("scale_by_novograd(eps)", "eps", eps, low=0.0)
     check_number("scale_by_novograd(eps_root)", "eps_root", eps_root, low=0.0)
+    if callable(weight_decay) and not isinstance(weight_decay, torch.Tensor):
+        # optax 0.2.8 takes no schedule here either (its novograd fails on one)
+        raise TypeError(
+            "scale_by_novograd(weight_decay): `weight_decay` must be a number or a 0-d tensor, "
+            "not a schedule (as in optax); for a scheduled decay use "
+            "inject_hyperparams(novograd)(..., weight_decay=schedule)")
+    _checks.check_hyperparameter("scale_by_novograd(weight_decay)", "weight_decay", weight_decay)
     check_number("scale_by_novograd(weight_decay)", "weight_decay", weight_decay, low=0.0)
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 

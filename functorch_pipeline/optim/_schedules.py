@@ -180,6 +180,15 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     return schedule
 
 
+def _warmup(init_value: float, peak_value: float, warmup_steps: int) -> Schedule:
+    """The warmup piece of a joined schedule: with ``warmup_steps <= 0`` it is only used
+    before the join's boundary (negative steps), where optax's ``linear_schedule`` with no
+    transition gives ``init_value``; so no warning (the schedule starts at its next piece)."""
+    if warmup_steps <= 0:
+        return constant_schedule(init_value)
+    return linear_schedule(init_value, peak_value, warmup_steps)
+
+
 def warmup_cosine_decay_schedule(
     init_value: float,
     peak_value: float,
@@ -209,7 +218,7 @@ def warmup_cosine_decay_schedule(
     alpha = 0.0 if peak_value == 0 else end_value / peak_value
     return join_schedules(
         [
-            linear_schedule(init_value, peak_value, warmup_steps),
+            _warmup(init_value, peak_value, warmup_steps),
             cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent),
         ],
         [warmup_steps],
@@ -302,6 +311,7 @@ def piecewise_interpolate_schedule(
 ) -> Schedule:
     """Interpolate (``"linear"`` or ``"cosine"``) between values that change at boundaries:
     the value at boundary ``b_i`` is ``init_value`` times the product of scales up to it.
+    At a negative step the value is 0, as in optax.
 
     Args:
       interpolate_type: ``"linear"`` or ``"cosine"``.
@@ -332,11 +342,13 @@ def piecewise_interpolate_schedule(
 
     def schedule(count: Any) -> torch.Tensor:
         step = _step(count)
-        out = _const(values[-1], step)
+        # optax's rule: 0 before step 0 (no interval holds a negative count; extrapolating
+        # the first segment gave a one-cycle schedule a negative learning rate there)
+        out = torch.where(step >= bounds[-1], _const(values[-1], step), _const(0.0, step))
         for i in range(len(bounds) - 2, -1, -1):
             lo, hi = bounds[i], bounds[i + 1]
             pct = (step - lo) / (hi - lo) if hi > lo else step * 0
-            out = torch.where(step < hi, interp(values[i], values[i + 1], pct), out)
+            out = torch.where((step >= lo) & (step < hi), interp(values[i], values[i + 1], pct), out)
         return out
 
     return schedule

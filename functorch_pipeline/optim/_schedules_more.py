@@ -5,11 +5,13 @@ pieces, so they share its tensor-only maths (NOTE [schedule precision]).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
 from functorch_pipeline.optim._schedules import Schedule
+from functorch_pipeline.optim._schedules import _warmup
 from functorch_pipeline.optim._schedules import constant_schedule
 from functorch_pipeline.optim._schedules import exponential_decay
 from functorch_pipeline.optim._schedules import join_schedules
@@ -28,7 +30,8 @@ __all__ = [
 def warmup_constant_schedule(init_value: float, peak_value: float,
                              warmup_steps: int) -> Schedule:
     r"""Linear from ``init_value`` to ``peak_value`` over ``warmup_steps``, then constant:
-    :math:`v_t = v_0 + (v_p - v_0)\min(t, T_w)/T_w`.
+    :math:`v_t = v_0 + (v_p - v_0)\min(t, T_w)/T_w` (optax's ``linear_schedule``; so with
+    ``warmup_steps <= 0`` it is the constant ``init_value``, with a warning).
 
     Args:
       init_value: the value at step 0.
@@ -43,10 +46,16 @@ def warmup_constant_schedule(init_value: float, peak_value: float,
       >>> [float(s(i)) for i in (0, 2, 4, 100)]
       [0.0, 0.5, 1.0, 1.0]
     """
-    return join_schedules(
-        [linear_schedule(init_value, peak_value, warmup_steps), constant_schedule(peak_value)],
-        [warmup_steps],
-    )
+    if warmup_steps <= 0:
+        # optax's warmup_constant_schedule is linear_schedule(init, peak, warmup_steps),
+        # which is the constant init_value when there is no warmup
+        warnings.warn(
+            f"warmup_constant_schedule: warmup_steps={warmup_steps} <= 0, so the schedule is "
+            f"the constant init_value={init_value} (optax's rule; peak_value={peak_value} is "
+            "never reached): pass init_value=peak_value for a constant peak",
+            stacklevel=2)
+        return constant_schedule(init_value)
+    return linear_schedule(init_value, peak_value, warmup_steps)
 
 
 def warmup_exponential_decay_schedule(
@@ -83,7 +92,7 @@ def warmup_exponential_decay_schedule(
     """
     return join_schedules(
         [
-            linear_schedule(init_value, peak_value, warmup_steps),
+            _warmup(init_value, peak_value, warmup_steps),
             exponential_decay(peak_value, transition_steps, decay_rate, transition_begin,
                               staircase, end_value),
         ],

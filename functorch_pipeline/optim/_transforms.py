@@ -27,6 +27,7 @@ from functorch_pipeline.optim._checks import SAME
 __all__ = [
     "ScaleByScheduleState",
     "TraceState",
+    "WeightDecaySchedule",
     "add_decayed_weights",
     "clip",
     "clip_by_global_norm",
@@ -224,6 +225,12 @@ def trace(
                           dtype=accumulator_dtype or SAME)
         fe = _mt.foreach_ok(gl, tl, _mt.tensors(decay, dampening, m, c))
         inplace = _mt.inplace_ok(extra_args, gl, tl, fe=fe)
+        # NOTE [update never aliases state]: the caller asked for in-place writes, so the
+        # transforms after this one may write into the update we return (scale,
+        # add_decayed_weights, clip_by_global_norm in a chain): it must not be the new
+        # trace, even when this call itself takes the pure path.
+        donate = bool(extra_args.get("inplace"))
+        free = None  # buffers no state refers to any more, free to receive the update
         if damped:
             first = state.count == 0
             dec, dam = _mt.like(decay, gl), _mt.like(dampening, gl)
@@ -234,7 +241,7 @@ def trace(
             if inplace:
                 for t, n in zip(tl, new_t, strict=True):
                     t.copy_(n)
-                new_t = tl
+                new_t = tl  # the state's own buffers: the update goes elsewhere
         elif inplace and accumulator_dtype is None:  # inplace_ok: nothing differentiated
             # NOTE [trace buffer swap]: the donated gradient buffers receive the new trace
             # (g <- g + decay * t, the same kernel as the pure ``add``) and become the new
@@ -245,30 +252,41 @@ def trace(
                 new_t = tl
             else:
                 new_t = _mt.add_(gl, tl, fe, alpha=decay)
+                free = tl  # the old trace: the update may be written there
         else:
             inplace = False
             new_t = _mt.cast(_mt.add(gl, tl, fe, alpha=decay), accumulator_dtype)
         unit = isinstance(m, numbers.Real) and m == 1
-        if nesterov:
+        no_c = isinstance(c, numbers.Real) and c == 0
+        # Every branch below returns buffers this call owns (fresh, the donated gradients
+        # or the freed old trace), never ``new_t``, except the pure ``unit`` and ``no_c``
+        # case, where nothing writes into the update (NOTE [update never aliases state]).
+        out: list | None
+        if nesterov:  # (``new_t`` is never ``gl`` here)
             out = _mt.add_(gl, new_t, fe, alpha=decay) if inplace else _mt.add(gl, new_t, fe, alpha=decay)
             out = out if unit else _mt.mul_(out, m, fe)
-        elif inplace and unit:
+        elif free is not None and unit:
             if fe:
-                torch._foreach_copy_(tl, new_t)
+                torch._foreach_copy_(free, new_t)
             else:
-                for t, n in zip(tl, new_t, strict=True):
+                for t, n in zip(free, new_t, strict=True):
                     t.copy_(n)
-            out = tl  # never hand out the state's own buffers
-        elif inplace and sum(t.numel() for t in tl) >= _OUT_MIN_NUMEL:
-            # the old trace buffers are free after the swap: write the update there
-            # (no allocation, hence no page faults); same kernel as the pure ``mul``
-            out = [torch.mul(n, m, out=t) for n, t in zip(new_t, tl, strict=True)]
+            out = free
+        elif free is not None and sum(t.numel() for t in free) >= _OUT_MIN_NUMEL:
+            # no allocation, hence no page faults; same kernel as the pure ``mul``
+            out = [torch.mul(n, m, out=t) for n, t in zip(new_t, free, strict=True)]
+        elif not unit:
+            out = _mt.mul(new_t, m, fe)
+        elif not no_c:
+            out = None  # ``new_t + c * params`` out of place, below
+        elif donate:
+            out = [t.clone() for t in new_t]
         else:
-            out = new_t if unit else _mt.mul(new_t, m, fe)
-        if not (isinstance(c, numbers.Real) and c == 0):
+            out = new_t  # pure: the update is the new trace itself, as in optax
+        if not no_c:
             require_params(where, params)
             pl = flatten_like(where, updates, params, "params", td, ref=gl, ref_sig=gs)
-            out = _mt.add_(out, pl, fe, alpha=c)
+            out = _mt.add(new_t, pl, fe, alpha=c) if out is None else _mt.add_(out, pl, fe, alpha=c)
         new_trace = fpt.unflatten(td, new_t)
         new_state = DampedTraceState(state.count + 1, new_trace) if damped else TraceState(new_trace)
         return fpt.unflatten(td, out), new_state
@@ -276,11 +294,24 @@ def trace(
     return fused_transformation(init_fn, fused)
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
+class WeightDecaySchedule(NamedTuple):
+    """State of :func:`add_decayed_weights` with a schedule: the step count (optax's
+    ``WeightDecaySchedule``).
+
+    Attributes:
+        count: the number of updates so far (a 0-d int tensor).
+    """
+
+    count: torch.Tensor
+
+
+def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0, mask: Any = None) -> GradientTransformation:
     """Add ``weight_decay * params`` to the updates (decoupled weight decay in a chain).
 
     Args:
-      weight_decay: the coefficient.
+      weight_decay: the coefficient: a number, a 0-d tensor or a schedule (a function of
+        the step count, from 0; the state is then a :class:`WeightDecaySchedule`, as in
+        optax).
       mask: a tree of booleans (or a function of the params returning one) selecting
         the parameters to decay; see :func:`masked`.
 
@@ -290,27 +321,48 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
     >>> tx = add_decayed_weights(0.1)
     >>> tx.update({"w": torch.ones(1)}, tx.init(None), {"w": torch.tensor([2.0])})[0]
     {'w': tensor([1.2000])}
+    >>> tx = add_decayed_weights(lambda count: 0.5 / (count + 1))
+    >>> s = tx.init(None)
+    >>> u, s = tx.update({"w": torch.ones(1)}, s, {"w": torch.tensor([2.0])})
+    >>> u, s = tx.update({"w": torch.ones(1)}, s, {"w": torch.tensor([2.0])}); u
+    {'w': tensor([1.5000])}
     """
-    check_number("add_decayed_weights(weight_decay)", "weight_decay", weight_decay, low=0.0)
+    where0 = "add_decayed_weights(weight_decay)"
+    _checks.check_hyperparameter(where0, "weight_decay", weight_decay, schedule=True)
+    check_number(where0, "weight_decay", weight_decay, low=0.0)
+    scheduled = callable(weight_decay)
 
-    def init_fn(params: Params) -> EmptyState:
-        return EmptyState()
+    def init_fn(params: Params) -> Any:
+        return WeightDecaySchedule(zero_count(params)) if scheduled else EmptyState()
 
     no_op = isinstance(weight_decay, numbers.Real) and weight_decay == 0
+
+    def coefficient(state: Any, params: Params) -> tuple[Any, Any]:
+        """``(weight_decay now, new state)``; the schedule is evaluated at ``state.count``."""
+        if not scheduled:
+            return weight_decay, state
+        where = "add_decayed_weights.update"
+        _checks.check_state(where, state, WeightDecaySchedule, "add_decayed_weights.init")
+        dev = None if params is None else _checks.first_device(params)
+        _checks.check_scalar(where, "state.count", state.count, dev, torch.int32)
+        wd = weight_decay(state.count)
+        _checks.check_hyperparameter(where, "weight_decay(count)", wd)
+        return wd, WeightDecaySchedule(state.count + 1)
 
     def update_fn(updates: Updates, state: Any, params: Params = None, **extra_args: Any):
         where = "add_decayed_weights.update"
         if no_op:
             return updates, state
         require_params(where, params)
+        wd, new_state = coefficient(state, params)
         ul, td = fpt.flatten(updates)
         pl = flatten_like(where, updates, params, "params", td, ref=ul)
-        fe = _mt.foreach_ok(ul, pl, _mt.tensors(weight_decay))
+        fe = _mt.foreach_ok(ul, pl, _mt.tensors(wd))
         if _mt.inplace_ok(extra_args, ul, pl, fe=fe):
-            out = _mt.add_(ul, pl, fe, alpha=weight_decay)
+            out = _mt.add_(ul, pl, fe, alpha=wd)
         else:
-            out = _mt.add(ul, pl, fe, alpha=weight_decay)
-        return fpt.unflatten(td, out), state
+            out = _mt.add(ul, pl, fe, alpha=wd)
+        return fpt.unflatten(td, out), new_state
 
     if mask is not None:
         from functorch_pipeline.optim._masking import masked
@@ -321,7 +373,8 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         if no_op:
             return 1, 0, state
         require_params("add_decayed_weights.update", params)
-        return 1, weight_decay, state
+        wd, new_state = coefficient(state, params)
+        return 1, wd, new_state
 
     update_fn._fp_affine = affine
     return GradientTransformation(init_fn, update_fn)

@@ -22,6 +22,7 @@ from functorch_pipeline.optim import _mt
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import drop_extra_args
 from functorch_pipeline.optim._base import flatten_like
 from functorch_pipeline.optim._base import zero_count
 from functorch_pipeline.optim._checks import SAME
@@ -103,7 +104,7 @@ class MultiSteps:
     ) -> None:
         if isinstance(every_k_schedule, numbers.Integral) and every_k_schedule < 1:
             raise ValueError(f"MultiSteps(every_k_schedule): must be >= 1, got {every_k_schedule}")
-        self._opt = GradientTransformation(*opt)
+        self._opt = drop_extra_args(opt)  # optax's with_extra_args_support
         self._k = every_k_schedule
         self._mean = use_grad_mean
         self._skip = should_skip_update_fn
@@ -248,7 +249,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     >>> u, s.total_notfinite
     ({'w': tensor([0.])}, tensor(1, dtype=torch.int32))
     """
-    inner = GradientTransformation(*inner)
+    inner = drop_extra_args(inner)  # optax's with_extra_args_support
 
     def init_fn(params: Params) -> ApplyIfFiniteState:
         z = zero_count(params)
@@ -399,7 +400,8 @@ def inject_hyperparams(
             hps.update({k: as_t(f(state.count), state.count, dt) for k, f in schedules.items()})
             # stored in float64; used in the leaves' compute dtype (NOTE [scalar dtype])
             leaves = [x for x in fpt.leaves(updates) if isinstance(x, torch.Tensor)]
-            inner = inner_factory(**other, **{k: _mt.like(v, leaves) for k, v in hps.items()})
+            inner = drop_extra_args(
+                inner_factory(**other, **{k: _mt.like(v, leaves) for k, v in hps.items()}))
             new_u, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
             return new_u, InjectHyperparamsState(state.count + 1, hps, new_inner)
 
@@ -450,7 +452,9 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         out = new_e
         if debias and ul:
             out = _mt.mul(new_e, 1 / (1 - decay ** count.to(_mt.scalar_dtype(ul))), fe)
-        elif inplace:
+        elif extra_args.get("inplace"):
+            # NOTE [update never aliases state] in ``_transforms.py``: later transforms may
+            # write into the update in place, even when this call took the pure path
             out = [e.clone() for e in new_e]
         new_e = _mt.cast(new_e, accumulator_dtype)
         return fpt.unflatten(td, out), EmaState(count, fpt.unflatten(td, new_e))

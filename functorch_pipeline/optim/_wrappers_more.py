@@ -22,6 +22,7 @@ from functorch_pipeline.optim._base import EmptyState
 from functorch_pipeline.optim._base import GradientTransformation
 from functorch_pipeline.optim._base import Params
 from functorch_pipeline.optim._base import Updates
+from functorch_pipeline.optim._base import drop_extra_args
 from functorch_pipeline.optim._base import flatten_like
 from functorch_pipeline.optim._base import mismatch_error
 from functorch_pipeline.optim._base import require_params
@@ -128,7 +129,7 @@ def lookahead(
         raise ValueError(f"lookahead(sync_period): must be an int >= 1, got {sync_period!r}")
     check_number("lookahead(slow_step_size)", "slow_step_size", slow_step_size, low=0.0,
                  high=1.0)
-    fast_optimizer = GradientTransformation(*fast_optimizer)
+    fast_optimizer = drop_extra_args(fast_optimizer)  # optax's with_extra_args_support
     where = "lookahead.update"
 
     def _check(x: Any, name: str) -> None:
