@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
@@ -347,6 +348,27 @@ def _all_reduce(fn: str, tree: Any, op: str, group: Any, mean: bool = False) -> 
     return fpt.unflatten(treedef, out)
 
 
+def _gather_axis_ok(tree: Any, i: int, x: torch.Tensor, axis: int, tiled: bool) -> None:
+    if not -x.dim() - 1 <= axis <= x.dim() or (tiled and not -x.dim() <= axis < x.dim()):
+        path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+        raise ValueError(
+            f"fp.distributed.all_gather: `axis`={axis} is out of range for the "
+            f"leaf at path `{path}` of shape {tuple(x.shape)} (tiled={tiled})"
+        )
+
+
+def _scatter_shape_ok(tree: Any, i: int, x: torch.Tensor, d: int, tiled: bool, n: int) -> None:
+    size = x.shape[d] if -x.dim() <= d < x.dim() else None
+    if size is None or (size != n if not tiled else size % n):
+        path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
+        need = f"exactly {n}" if not tiled else f"a multiple of {n}"
+        raise ValueError(
+            f"fp.distributed.psum_scatter: leaf at path `{path}` has shape "
+            f"{tuple(x.shape)}; axis {d} must have {need} entries "
+            f"(world size {n}, tiled={tiled})"
+        )
+
+
 def _all_gather_impl(tree: Any, *, axis: int, tiled: bool, group: Any) -> Any:
     leaves, treedef, g = _prepare("all_gather", tree, group)
     n = dist.get_world_size(g)
@@ -355,12 +377,7 @@ def _all_gather_impl(tree: Any, *, axis: int, tiled: bool, group: Any) -> Any:
         xs = [leaves[i] for i in idx]
         dtype = xs[0].dtype
         for i, x in zip(idx, xs, strict=True):
-            if not -x.dim() - 1 <= axis <= x.dim() or (tiled and not -x.dim() <= axis < x.dim()):
-                path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
-                raise ValueError(
-                    f"fp.distributed.all_gather: `axis`={axis} is out of range for the "
-                    f"leaf at path `{path}` of shape {tuple(x.shape)} (tiled={tiled})"
-                )
+            _gather_axis_ok(tree, i, x, axis, tiled)
         buf = _flat(xs)
         if dtype == torch.bool:
             buf = buf.to(torch.uint8)
@@ -414,15 +431,7 @@ def _psum_scatter_impl(tree: Any, *, scatter_dimension: int, tiled: bool, group:
             )
         blocks = []
         for i, x in zip(idx, xs, strict=True):
-            size = x.shape[d] if -x.dim() <= d < x.dim() else None
-            if size is None or (size != n if not tiled else size % n):
-                path = fpt.keystr(fpt.flatten_with_path(tree)[0][i])
-                need = f"exactly {n}" if not tiled else f"a multiple of {n}"
-                raise ValueError(
-                    f"fp.distributed.psum_scatter: leaf at path `{path}` has shape "
-                    f"{tuple(x.shape)}; axis {d} must have {need} entries "
-                    f"(world size {n}, tiled={tiled})"
-                )
+            _scatter_shape_ok(tree, i, x, d, tiled, n)
             blocks.append(x.movedim(d, 0).reshape(n, -1))
         buf = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).reshape(-1)
         got = _guard("psum_scatter", lambda b=buf: _reduce_scatter_buf(b, g))
@@ -452,10 +461,37 @@ def _psum_scatter_impl(tree: Any, *, scatter_dimension: int, tiled: bool, group:
 # local loss and average the gradients instead (``data_parallel``). Only floating-point and
 # complex leaves carry gradients; integer and boolean leaves pass through without one.
 # One ``autograd.Function`` wraps the implementations, which run on detached leaves (c10d's
-# in-place calls then never see the graph); it is used only when grad mode is on and a leaf
-# requires grad, so the plain path costs nothing more. Before this, the in-place calls were
-# invisible to autograd: pmax/pmin/broadcast got the identity as gradient (wrong), psum/pmean a
-# rank-local one, and all_gather of a tensor requiring grad raised a misleading error.
+# in-place calls then never see the graph); it is used only when a leaf needs it (grad mode on
+# and a leaf requiring grad, a leaf wrapped by a torch.func transform, or a forward-AD dual),
+# so the plain path costs only that check. Before this, the in-place calls were invisible to
+# autograd: pmax/pmin/broadcast got the identity as gradient (wrong), psum/pmean a rank-local
+# one, and all_gather of a tensor requiring grad raised a misleading error.
+#
+# NOTE [forward mode and vmap of collectives]
+# Forward mode (fp.jvp, fp.jacfwd, fp.hessian, fp.hvp, torch.func.jvp, torch.autograd's dual
+# tensors) follows JAX too: the tangent of every rank's output collects the tangents of every
+# rank's input. psum, pmean, all_gather, psum_scatter and broadcast are linear, so the output
+# tangent is the same collective applied to the tangents (psum's is the psum of the tangents);
+# pmax / pmin give the tangent of the rank(s) holding the extreme value, averaged over ties
+# (the reverse rule's split). Like the backward, the rule is a collective: every rank must
+# differentiate through the same collectives in forward mode too (within a call, a leaf
+# without a tangent counts as a zero tangent). Before this, dual tensors did not report
+# ``requires_grad``, the in-place calls ran on the primals only, and fp.jvp of psum returned
+# the rank's own tangent (all_gather: 0).
+# torch runs a Function's ``jvp`` with forward AD off, so the pmax / pmin rule re-enables it
+# (an outer level of jvp of jvp would see a constant); the linear rules go through the
+# Function again and are differentiated at every level.
+# vmap (fp.vmap, torch.func.vmap, and jacrev / jacfwd, which vmap over the basis) runs the
+# collective once on the batched leaves with the batch axis moved first (the c10d calls have
+# no batching rule): elementwise collectives are unchanged, all_gather's ``axis`` and
+# psum_scatter's ``scatter_dimension`` move one place right when non-negative. Every rank must
+# vmap with the same batch size (the cross-rank tree check sees the batched shapes).
+# Before this, vmap raised "the collective failed ... a peer rank may have died" from c10d's
+# missing batching rule, naming psum_scatter under jacrev of all_gather.
+# Under fp.jit / torch.compile neither works (the functional collectives have no forward-mode
+# or batching rule, Dynamo refuses a Function with a ``jvp``; jvp gave 0 and vmap mixed numbers
+# across ranks): a batched or dual leaf raises NotImplementedError naming the collective.
+# Reverse mode compiles (the Function without jvp/vmap, ``_Collective``).
 _IMPLS: dict[str, Callable[..., Any]] = {
     "psum": lambda tree, group: _all_reduce("psum", tree, "sum", group),
     "pmean": lambda tree, group: _all_reduce("pmean", tree, "sum", group, mean=True),
@@ -472,15 +508,75 @@ def _inexact(dtype: torch.dtype) -> bool:
 
 
 def _differentiable(fn: str, tree: Any, **kw: Any) -> Any:
-    """``_IMPLS[fn](tree, **kw)``, through :class:`_Collective` when a leaf requires grad
-    (NOTE [gradients of collectives])."""
+    """``_IMPLS[fn](tree, **kw)``, through :class:`_Collective` when a leaf requires grad, is
+    wrapped by a torch.func transform (grad, jvp, vmap) or is a forward-AD dual tensor
+    (NOTE [gradients of collectives], NOTE [forward mode and vmap of collectives])."""
     leaves, treedef = fpt.flatten(tree)
-    if not torch.is_grad_enabled() or not any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in leaves
-    ):
+    if not _transformed(fn, leaves):
         return _IMPLS[fn](tree, **kw)
     _leaves(fn, tree)  # a leaf that is not a tensor: the TypeError naming its path
-    return fpt.unflatten(treedef, list(_Collective.apply(fn, kw, treedef, *leaves)))
+    _VALIDATE.get(fn, lambda *a: None)(tree, leaves, kw)
+    # Dynamo refuses a Function with a ``jvp`` ("Unsupported custom jvp"): compiled steps
+    # take the reverse-mode-only class, eager calls the one with forward mode and vmap
+    cls = _Collective if _compiling() else _CollectiveAD
+    return fpt.unflatten(treedef, list(cls.apply(fn, kw, treedef, *leaves)))
+
+
+def _transformed(fn: str, leaves: list[Any]) -> bool:
+    """Whether a leaf needs :class:`_Collective`: it requires grad (grad mode on), it is a
+    torch.func-wrapped tensor, or it carries a forward-AD tangent. Cheap when no transform is
+    active: two global checks and one ``requires_grad`` per leaf."""
+    if torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in leaves
+    ):
+        return True
+    if _compiling():
+        _refuse_compiled_transform(fn, leaves)
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+        isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+        for x in leaves
+    ):
+        return True
+    return _fwad._current_level >= 0 and any(
+        isinstance(x, torch.Tensor) and _fwad.unpack_dual(x).tangent is not None for x in leaves
+    )
+
+
+def _refuse_compiled_transform(fn: str, leaves: list[Any]) -> None:
+    """Under torch.compile the functional collectives have no forward-mode or batching rule,
+    and Dynamo refuses a Function with a ``jvp``: fp.jvp of psum gave 0 there and vmap mixed
+    numbers across ranks, so a batched or dual leaf is refused (NOTE [forward mode and vmap of
+    collectives])."""
+    if any(
+        isinstance(x, torch.Tensor)
+        and (torch._C._functorch.is_batchedtensor(x) or _fwad.unpack_dual(x).tangent is not None)
+        for x in leaves
+    ):
+        raise NotImplementedError(
+            f"fp.distributed.{fn}: forward mode (fp.jvp, fp.jacfwd, fp.hessian) and vmap over a "
+            "collective are not supported under fp.jit / torch.compile; run that part eagerly "
+            "(both work there)"
+        )
+
+
+def _validate_gather(tree: Any, leaves: list[torch.Tensor], kw: dict[str, Any]) -> None:
+    for i, x in enumerate(leaves):
+        _gather_axis_ok(tree, i, x, kw["axis"], kw["tiled"])
+
+
+def _validate_scatter(tree: Any, leaves: list[torch.Tensor], kw: dict[str, Any]) -> None:
+    n = dist.get_world_size(_group(kw["group"]))
+    for i, x in enumerate(leaves):
+        _scatter_shape_ok(tree, i, x, kw["scatter_dimension"], kw["tiled"], n)
+
+
+# Checks on the logical shapes, before a transform changes the physical ones (vmap's batch
+# axis): errors then name the user's axis and shape.
+_VALIDATE: dict[str, Callable[[Any, list[torch.Tensor], dict[str, Any]], None]] = {
+    "all_gather": _validate_gather,
+    "psum_scatter": _validate_scatter,
+}
 
 
 class _Collective(torch.autograd.Function):
@@ -490,6 +586,10 @@ class _Collective(torch.autograd.Function):
     @staticmethod
     def forward(fn: str, kw: dict[str, Any], treedef: Any, *leaves: torch.Tensor) -> Any:
         out = _IMPLS[fn](fpt.unflatten(treedef, [x.detach() for x in leaves]), **kw)
+        if _fwad._current_level >= 0:
+            # forward AD lays a view's tangent out like its primal (torch asserts it): the
+            # leaves are views into one buffer, so under a dual level they get their own memory
+            return tuple(y.clone() if y._base is not None else y for y in fpt.leaves(out))
         return tuple(fpt.leaves(out))
 
     @staticmethod
@@ -501,8 +601,11 @@ class _Collective(torch.autograd.Function):
         ctx.mark_non_differentiable(*[y for y, d in zip(output, ctx.inexact, strict=True) if not d])
         if fn in ("pmax", "pmin"):
             ctx.save_for_backward(*leaves, *output)
+            if not _compiling():
+                ctx.save_for_forward(*leaves, *output)
         ctx.like = [torch.empty(0, dtype=y.dtype, device=y.device) for y in output]
         ctx.out_shapes = [y.shape for y in output]
+        ctx.in_shapes = [x.shape for x in leaves]
 
     @staticmethod
     def backward(ctx: Any, *cts: torch.Tensor | None) -> Any:
@@ -522,8 +625,10 @@ class _Collective(torch.autograd.Function):
             grads = [m * t / c for m, t, c in zip(masks, total, count, strict=True)]
         elif fn == "broadcast":
             total = _differentiable("psum", ct, group=group)
-            mine = dist.get_rank(_group(group)) == kw["src"]
-            grads = total if mine else [torch.zeros_like(t) for t in total]
+            # a 0/1 factor, not fresh zeros: the graph (and so the collectives of a double
+            # backward, e.g. jacrev of jacrev) is then the same on every rank
+            mine = float(dist.get_rank(_group(group)) == kw["src"])
+            grads = [t * mine for t in total]
         elif fn == "all_gather":
             axis, tiled = kw["axis"], kw["tiled"]
             pos = [axis % (k if tiled else k + 1) for k in dims]
@@ -542,6 +647,73 @@ class _Collective(torch.autograd.Function):
         for i, g in zip(idx, grads, strict=True):
             out[i] = g
         return (None, None, None, *out)
+
+
+class _CollectiveAD(_Collective):
+    """:class:`_Collective` with its forward-mode rule (the collective on the tangents; the
+    winners' tangent for pmax/pmin) and a vmap rule that runs it on the batched leaves
+    (NOTE [forward mode and vmap of collectives]). Eager only (Dynamo refuses a custom jvp)."""
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        fn, kw, group = ctx.fn, ctx.kw, ctx.kw["group"]
+        idx = [i for i, d in enumerate(ctx.inexact) if d]
+        tan = [
+            tangents[3 + i]
+            if tangents[3 + i] is not None
+            else ctx.like[i].new_zeros(ctx.in_shapes[i])
+            for i in idx
+        ]
+        if fn in ("pmax", "pmin"):
+            saved = ctx.saved_tensors
+            n = len(saved) // 2
+            # torch runs this rule with forward AD off: an outer forward level (jvp of jvp,
+            # jacfwd of jacfwd) would see the tangent as a constant
+            with _fwad._set_fwd_grad_enabled(True):
+                masks = [
+                    (saved[i] == saved[n + i]).to(t.dtype) for i, t in zip(idx, tan, strict=True)
+                ]
+                total, count = _differentiable(
+                    "psum", ([m * t for m, t in zip(masks, tan, strict=True)], masks), group=group
+                )
+                outs = [t / c for t, c in zip(total, count, strict=True)]
+        else:  # linear: the same collective on the tangents
+            outs = _differentiable(fn, tan, **kw)
+        out: list[torch.Tensor | None] = [None] * len(ctx.inexact)
+        for i, t in zip(idx, outs, strict=True):
+            out[i] = t
+        return tuple(out)
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[Any, ...],
+        fn: str,
+        kw: dict[str, Any],
+        treedef: Any,
+        *leaves: torch.Tensor,
+    ) -> Any:
+        dims = in_dims[3:]
+        batched = [i for i, d in enumerate(dims) if d is not None]
+        plain = [i for i, d in enumerate(dims) if d is None]
+        out: list[Any] = [None] * len(leaves)
+        if plain:
+            got = _differentiable(fn, [leaves[i] for i in plain], **kw)
+            for i, y in zip(plain, got, strict=True):
+                out[i] = y
+        if batched:
+            # the batch axis goes first; a non-negative axis of all_gather / psum_scatter
+            # moves one place right, a negative one counts from the end and stays
+            kw_b = dict(kw)
+            for k in ("axis", "scatter_dimension"):
+                if k in kw_b and kw_b[k] >= 0:
+                    kw_b[k] += 1
+            moved = [leaves[i].movedim(dims[i], 0) for i in batched]
+            tree = fpt.unflatten(treedef, moved) if not plain else moved
+            got = fpt.leaves(_differentiable(fn, tree, **kw_b))
+            for i, y in zip(batched, got, strict=True):
+                out[i] = y
+        return tuple(out), tuple(None if d is None else 0 for d in dims)
 
 
 def psum(tree: Any, *, group: Any = None) -> Any:
@@ -567,6 +739,9 @@ def psum(tree: Any, *, group: Any = None) -> Any:
         the same order. Integer and boolean leaves get no gradient. A loss summed over ranks
         (``psum(loss)``) and backpropagated on every rank thus counts each rank's term N times;
         differentiate the local loss and average the gradients (``data_parallel``) instead.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the psum of every rank's
+        tangent as the output's tangent, and vmap (``fp.vmap``, ``fp.jacrev``) runs the collective
+        on the batched leaves (the batch axis is kept).
       NOTE [cross-rank tree check]: on the first eager call per (treedef, shapes, dtypes) the ranks
         all-gather a hash of that signature and compare; a mismatch raises the same ``ValueError``
         naming the rank and key path on every rank instead of hanging. Later calls with a
@@ -603,6 +778,9 @@ def pmean(tree: Any, *, group: Any = None) -> Any:
         over ranks of every rank's objective): the gradient w.r.t. each rank's input is the pmean of
         every rank's cotangent. The backward is a collective too: every rank must backpropagate
         through the same collectives in the same order. Integer and boolean leaves get no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the pmean of every rank's
+        tangent as the output's tangent, and vmap (``fp.vmap``, ``fp.jacrev``) runs the collective
+        on the batched leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
@@ -629,6 +807,9 @@ def pmax(tree: Any, *, group: Any = None) -> Any:
         holding the maximum (split evenly on ties, as ``torch.amax``), 0 to the others. The backward
         is a collective too: every rank must backpropagate through the same collectives in the same
         order. Integer and boolean leaves get no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the tangent of the rank(s)
+        holding the maximum (averaged over ties) as the output's tangent, and vmap (``fp.vmap``,
+        ``fp.jacrev``) runs the collective on the batched leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
@@ -655,6 +836,9 @@ def pmin(tree: Any, *, group: Any = None) -> Any:
         holding the minimum (split evenly on ties, as ``torch.amin``), 0 to the others. The backward
         is a collective too: every rank must backpropagate through the same collectives in the same
         order. Integer and boolean leaves get no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the tangent of the rank(s)
+        holding the minimum (averaged over ties) as the output's tangent, and vmap (``fp.vmap``,
+        ``fp.jacrev``) runs the collective on the batched leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
@@ -686,6 +870,9 @@ def all_gather(tree: Any, *, axis: int = 0, tiled: bool = False, group: Any = No
         (``torch.distributed.nn.functional.all_gather``). The backward is a collective too: every rank
         must backpropagate through the same collectives in the same order. Integer and boolean leaves
         get no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the all_gather of the
+        tangents as the output's tangent, and vmap (``fp.vmap``, ``fp.jacrev``) runs the collective
+        on the batched leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
@@ -718,6 +905,9 @@ def broadcast(tree: Any, *, src: int = 0, group: Any = None) -> Any:
         ``torch.distributed.nn.functional.broadcast``. The backward is a collective too: every rank
         must backpropagate through the same collectives in the same order. Integer and boolean leaves
         get no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives rank ``src``'s tangent as the
+        output's tangent, and vmap (``fp.vmap``, ``fp.jacrev``) runs the collective on the batched
+        leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
@@ -753,6 +943,9 @@ def psum_scatter(
         of the cotangents of every rank's block. The backward is a collective too: every rank must
         backpropagate through the same collectives in the same order. Integer and boolean leaves get
         no gradient.
+        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the psum_scatter of the
+        tangents as the output's tangent, and vmap (``fp.vmap``, ``fp.jacrev``) runs the collective
+        on the batched leaves (the batch axis is kept).
 
     Example:
       >>> import functorch_pipeline as fp
