@@ -329,15 +329,11 @@ def _all_reduce(fn: str, tree: Any, op: str, group: Any, mean: bool = False) -> 
     n = dist.get_world_size(g)
     out: list[Any] = [None] * len(leaves)
     if _compiling():
-        for idx in _buckets(leaves):
-            xs = [leaves[i] for i in idx]
-            buf = _flat(xs)
-            buf = buf.to(torch.uint8) if buf.dtype == torch.bool else buf
-            red = _all_reduce_traced(buf, op, g).to(xs[0].dtype)
-            red = red / n if mean else red
-            for i, y in zip(idx, _unflat(red, xs), strict=True):
-                out[i] = y
-        return fpt.unflatten(treedef, out)
+        def reduce(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            red = _all_reduce_traced(buf, op, g).to(dtype)
+            return red / n if mean else red
+
+        return fpt.unflatten(treedef, _traced_buckets(leaves, reduce))
     done = _eager_inplace(
         fn, leaves, lambda t: dist.all_reduce(t, op=_OPS[op], group=g, async_op=True)
     )
@@ -394,6 +390,20 @@ def _all_gather_impl(tree: Any, *, axis: int, tiled: bool, group: Any) -> Any:
     return fpt.unflatten(treedef, out)
 
 
+def _traced_buckets(leaves: list[torch.Tensor],
+                    call: Callable[[torch.Tensor, torch.dtype], torch.Tensor]) -> list[Any]:
+    """Under ``torch.compile``: ``call(flat buffer, dtype)`` once per dtype bucket of
+    ``leaves`` (booleans travel as uint8), split back into the leaves' shapes."""
+    out: list[Any] = [None] * len(leaves)
+    for idx in _buckets(leaves):
+        xs = [leaves[i] for i in idx]
+        buf = _flat(xs)
+        buf = buf.to(torch.uint8) if buf.dtype == torch.bool else buf
+        for i, y in zip(idx, _unflat(call(buf, xs[0].dtype), xs), strict=True):
+            out[i] = y
+    return out
+
+
 def _broadcast_impl(tree: Any, *, src: int, group: Any) -> Any:
     leaves, treedef, g = _prepare("broadcast", tree, group)
     n = dist.get_world_size(g)
@@ -401,14 +411,8 @@ def _broadcast_impl(tree: Any, *, src: int, group: Any) -> Any:
         raise ValueError(f"fp.distributed.broadcast: `src` must be a rank in [0, {n}), got {src!r}")
     out: list[Any] = [None] * len(leaves)
     if _compiling():
-        for idx in _buckets(leaves):
-            xs = [leaves[i] for i in idx]
-            buf = _flat(xs)
-            buf = buf.to(torch.uint8) if buf.dtype == torch.bool else buf
-            got = _broadcast_traced(buf, src, g).to(xs[0].dtype)
-            for i, y in zip(idx, _unflat(got, xs), strict=True):
-                out[i] = y
-        return fpt.unflatten(treedef, out)
+        return fpt.unflatten(treedef, _traced_buckets(
+            leaves, lambda buf, dtype: _broadcast_traced(buf, src, g).to(dtype)))
     root = dist.get_global_rank(g, src)
     done = _eager_inplace(
         "broadcast", leaves, lambda t: dist.broadcast(t, src=root, group=g, async_op=True)
@@ -831,14 +835,8 @@ def pmin(tree: Any, *, group: Any = None) -> Any:
       A new tree of the minima.
 
     Notes:
-      NOTE [gradients of collectives]: differentiable as in JAX (the gradient of the sum
-        over ranks of every rank's objective): the psum of every rank's cotangent goes to the rank(s)
-        holding the minimum (split evenly on ties, as ``torch.amin``), 0 to the others. The backward
-        is a collective too: every rank must backpropagate through the same collectives in the same
-        order. Integer and boolean leaves get no gradient.
-        Forward mode (``fp.jvp``, ``fp.jacfwd``, ``fp.hessian``) gives the tangent of the rank(s)
-        holding the minimum (averaged over ties) as the output's tangent, and vmap (``fp.vmap``,
-        ``fp.jacrev``) runs the collective on the batched leaves (the batch axis is kept).
+      NOTE [gradients of collectives]: as :func:`pmax`'s, with the rank(s) holding the
+        minimum (ties split evenly, as ``torch.amin``) in place of the maximum.
 
     Example:
       >>> import functorch_pipeline as fp
