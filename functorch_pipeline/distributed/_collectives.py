@@ -704,7 +704,9 @@ class _CollectiveAD(_Collective):
         if plain:
             got = _differentiable(fn, [leaves[i] for i in plain], **kw)
             for i, y in zip(plain, got, strict=True):
-                out[i] = y
+                # returned batched (a broadcast view): torch 2.11 mis-places an unbatched
+                # output of a Function's vmap rule under out_dims != 0
+                out[i] = y.unsqueeze(0).expand(info.batch_size, *y.shape)
         if batched:
             # the batch axis goes first; a non-negative axis of all_gather / psum_scatter
             # moves one place right, a negative one counts from the end and stays
@@ -717,7 +719,7 @@ class _CollectiveAD(_Collective):
             got = fpt.leaves(_differentiable(fn, tree, **kw_b))
             for i, y in zip(batched, got, strict=True):
                 out[i] = y
-        return tuple(out), tuple(None if d is None else 0 for d in dims)
+        return tuple(out), tuple(0 for _ in dims)
 
 
 def psum(tree: Any, *, group: Any = None) -> Any:
