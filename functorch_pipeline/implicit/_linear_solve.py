@@ -48,10 +48,16 @@ class ConvergenceError(RuntimeError):
 # the divisions are guarded so that elements that already converged stay put while the
 # others iterate. The solvers are therefore not `torch.compile`-friendly (a graph break per
 # iteration); they are not on an optimizer's hot path.
-def _unwrap(t: torch.Tensor) -> torch.Tensor:
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` below every torch.func wrapper (its batched values; plain autograd's
+    ``requires_grad``)."""
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
-    return t.detach()
+    return t
+
+
+def _unwrap(t: torch.Tensor) -> torch.Tensor:
+    return unwrapped(t).detach()
 
 
 def _host_all(t: torch.Tensor) -> bool:

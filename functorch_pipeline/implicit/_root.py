@@ -13,6 +13,7 @@ import torch.func
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.implicit._linear_solve import ConvergenceWarning
 from functorch_pipeline.implicit._linear_solve import solve_normal_cg
+from functorch_pipeline.implicit._linear_solve import unwrapped
 
 __all__ = ["custom_root"]
 
@@ -223,19 +224,12 @@ def _refuse_nested_forward(where: str, tensors: list[Any]) -> None:
 
     kinds = [str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()]
     outer_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and _base(t).requires_grad for t in tensors)
+        isinstance(t, torch.Tensor) and unwrapped(t).requires_grad for t in tensors)
     if kinds.count("Jvp") > 1 or "Grad" in kinds or outer_grad:
         raise NotImplementedError(
             f"{where}: its forward-mode derivative (fp.jvp, fp.jacfwd) cannot itself be "
             "differentiated (jacfwd of jacfwd, jvp of jvp, grad of jvp); for second "
             "derivatives use fp.hessian (forward over reverse) or fp.jacrev(fp.jacrev(f))")
-
-
-def _base(t: torch.Tensor) -> torch.Tensor:
-    """``t`` below every torch.func wrapper (where plain autograd's ``requires_grad`` is)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
 
 
 def _saved_inputs(ctx: Any) -> tuple[tuple[Any, ...], Any, int]:
@@ -294,21 +288,28 @@ def _implicit_jvp(where: str, optimality_fn: Callable[..., Any],
     def matvec(w: Any) -> Any:
         return torch.func.jvp(lambda x: optimality_fn(x, *args), (sol,), (w,))[1]
 
+    return _solve(where, "implicit forward-mode linear solve (∂F/∂x) ẋ = -(∂F/∂args) ȧrgs",
+                  "derivative", linear_solve, matvec, _tree.map(torch.neg, b), sol)
+
+
+def _solve(where: str, what: str, result: str, linear_solve: Callable[[Any, Any], Any],
+           matvec: Callable[[Any], Any], b: Any, sol: Any) -> Any:
+    """``linear_solve(matvec, b)``, its ConvergenceWarning re-issued with ``where`` and
+    what a non-converged solve means for the ``result`` (NOTE [solver warnings in
+    backward]), checked to be shaped like ``sol``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        dx = linear_solve(matvec, _tree.map(torch.neg, b))
+        x = linear_solve(matvec, b)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
-            warnings.warn(
-                f"{where}: the implicit forward-mode linear solve (∂F/∂x) ẋ = -(∂F/∂args) ȧrgs "
-                f"did not converge, so the derivative is inexact: {w.message}",
-                ConvergenceWarning, stacklevel=4)
+            warnings.warn(f"{where}: the {what} did not converge, so the {result} is inexact: "
+                          f"{w.message}", ConvergenceWarning, stacklevel=5)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if not _tree.same_structure(_tree.structure(dx), _tree.structure(sol)):
-        raise ValueError(f"{where}: `solve` returned a tree of structure {_tree.structure(dx)}, "
+    if not _tree.same_structure(_tree.structure(x), _tree.structure(sol)):
+        raise ValueError(f"{where}: `solve` returned a tree of structure {_tree.structure(x)}, "
                          f"but the solution has {_tree.structure(sol)}")
-    return dx
+    return x
 
 
 def _implicit_vjp(where: str, optimality_fn: Callable[..., Any],
@@ -324,19 +325,8 @@ def _implicit_vjp(where: str, optimality_fn: Callable[..., Any],
     # NOTE [solver warnings in backward]: the linear solve runs inside autograd's backward,
     # far from the user's code; its ConvergenceWarning is re-issued with this custom_root's
     # name and what a non-converged solve means for the gradient.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        u = linear_solve(matvec, v)
-    for w in caught:
-        if issubclass(w.category, ConvergenceWarning):
-            warnings.warn(
-                f"{where}: the implicit-gradient linear solve (∂F/∂x)^T u = -v did not converge, "
-                f"so the gradient is inexact: {w.message}", ConvergenceWarning, stacklevel=4)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if not _tree.same_structure(_tree.structure(u), _tree.structure(sol)):
-        raise ValueError(f"{where}: `solve` returned a tree of structure {_tree.structure(u)}, "
-                         f"but the solution has {_tree.structure(sol)}")
+    u = _solve(where, "implicit-gradient linear solve (∂F/∂x)^T u = -v", "gradient",
+               linear_solve, matvec, v, sol)
 
     arg_leaves, arg_def = _tree.flatten(args)
     diff_pos = [i for i, x in enumerate(arg_leaves) if _is_diff(x)]
