@@ -121,7 +121,9 @@ def _value_and_grad_impl(
                 return out
             # torch.func accepts only tensors in aux: pass its tensor leaves through and
             # keep the rest (None, numbers, strings) aside, as JAX lets aux be any pytree.
-            aux_leaves, aux_def = _tree.flatten(out[1], is_leaf=_empty_container)
+            # NOTE [empty containers in aux]: only Dynamo needs it; eager calls skip the callback
+            aux_leaves, aux_def = _tree.flatten(
+                out[1], is_leaf=_empty_container if torch.compiler.is_compiling() else None)
             aux_parts[:] = [aux_def, aux_leaves, out[1]]
             return out[0], [x for x in aux_leaves if isinstance(x, torch.Tensor)]
 
