@@ -227,7 +227,7 @@ def _key_ref(seed: int) -> list[int]:
     (u,) = struct.unpack("<Q", struct.pack("<q", seed))
     lo, hi = u & _M32, u >> 32
     k0 = _fmix32_ref(lo ^ 0x5851F42D)
-    return [k0, _fmix32_ref((hi + k0 + 0x9E3779B9) & _M32)]
+    return [k0, _fmix32_ref(_fmix32_ref(hi ^ 0x2545F491) ^ k0)]
 
 
 @pytest.mark.parametrize("seed", [2**63, 2**64, 2**70, -(2**63) - 1, -(2**70)])
@@ -510,3 +510,38 @@ def test_a_folded_normal_draw_refuses_what_fold_in_refuses():
         _normal_folded(k, (1,), (3,), torch.int64)
     with pytest.raises(ValueError, match="non-negative sizes"):
         _normal_folded(k, (1,), (-1,))
+
+
+# --- s23: the seed's key words must not line up with the draw hash ---------------------
+
+
+def test_seeds_do_not_share_a_draw_at_any_small_counter():
+    # before: for every seed in [0, 2**32) the word at counter 1 was 1270938603 (k1 was
+    # the draw hash's first round at counter 1). 2000 seeds x 64 counters: a column of
+    # words shared by many seeds would show as a column with few distinct values.
+    words = torch.stack([fr.bits(fr.key(s), (64,)) for s in range(2000)])
+    distinct = [len(set(words[:, c].tolist())) for c in range(64)]
+    assert min(distinct) >= 1990, distinct  # ~2000 * (1 - 2000/2**33) expected
+    for hi in (1, 7, 2**31 - 1):  # seeds sharing the high word collided at 1 + hi*G^-1
+        ws = torch.stack([fr.bits(fr.key((hi << 32) + lo), (4,)) for lo in range(300)])
+        assert min(len(set(ws[:, c].tolist())) for c in range(4)) >= 295
+
+
+def test_poisson_mask_and_permutation_are_uniform_over_seeds():
+    # per-example inclusion over seeds (example 1 was never included at q = 0.1) and
+    # the 24 orders of permutation(key(s), 4), chi-square against the uniform law
+    from functorch_pipeline.data import poisson_mask
+
+    n_seeds, q = 6000, 0.1
+    masks = torch.stack([poisson_mask(fr.key(s), 5, q) for s in range(n_seeds)]).double()
+    freq = masks.mean(0)
+    z = (freq - q) / math.sqrt(q * (1 - q) / n_seeds)
+    assert z.abs().max() < 4.5, freq.tolist()
+    counts: dict[tuple, int] = {}
+    for s in range(n_seeds):
+        order = tuple(fr.permutation(fr.key(s), 4).tolist())
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 24
+    expected = n_seeds / 24
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 60, (chi2, counts)  # 23 degrees of freedom: p ~ 4e-5 at 60 (before: thousands)
