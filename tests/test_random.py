@@ -545,3 +545,23 @@ def test_poisson_mask_and_permutation_are_uniform_over_seeds():
     expected = n_seeds / 24
     chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
     assert chi2 < 60, (chi2, counts)  # 23 degrees of freedom: p ~ 4e-5 at 60 (before: thousands)
+
+
+# --- s23: compiled draws (inductor) are the eager draws ---------------------------------
+
+
+def test_draws_under_fp_jit_inductor_equal_eager():
+    # before: inductor (torch 2.14, CPU) miscompiled the int32 wrap-around hash in its
+    # vector loops' tails: bits up to ~9e18, poisson_mask(key, 51, 0.004) took 27-32
+    # examples (eager 0), DP noise entries wrong. Default backend, as a user calls it;
+    # 51 = a vector loop plus a tail.
+    torch._dynamo.reset()
+    k, n = fr.key(5), 51
+    bits = fp.jit(lambda k: fr.bits(k, (n,)))(k)
+    assert torch.equal(bits, fr.bits(k, (n,)))
+    assert bool(((bits >= 0) & (bits < 2**32)).all())
+    from functorch_pipeline.data import poisson_mask
+
+    mask = fp.jit(lambda k: poisson_mask(k, n, 0.004))(k)
+    assert torch.equal(mask, poisson_mask(k, n, 0.004))
+    torch._dynamo.reset()
