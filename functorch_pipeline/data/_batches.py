@@ -11,6 +11,7 @@ would have seen without the interruption (``start=`` skips the batches already u
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,40 @@ from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
 
 __all__ = ["batches", "num_batches"]
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (``int``, ``np.int64``, ...), else ``None``.
+
+    ``bool`` (and ``np.bool_``) is refused: ``True`` is not a count.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a Python float if it is a real number (``float``, ``int``, ``np.float32``,
+    ...), else ``None``; ``bool`` is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _describe(x: Any) -> str:
+    """A short description of a bad argument: a tensor's shape and dtype, else its repr."""
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{x!r} ({type(x).__name__})"
+
+
+def _check_key(where: str, key: Any) -> None:
+    """Refuse anything but one ``fp.random`` key of shape ``(2,)`` (a batch of keys too)."""
+    if not _random.is_key(key) or key.dim() != 1:
+        raise TypeError(
+            f"{where}: `key` must be one fp.random key (an int64 tensor of shape (2,), e.g. "
+            f"fp.random.fold_in(key, epoch)), got {_describe(key)}"
+        )
 
 
 def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = False) -> int:
@@ -38,8 +73,9 @@ def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = False) 
         (3, 2)
     """
     for name, v in (("num_examples", num_examples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if _as_int(v) is None:
             raise TypeError(f"num_batches: `{name}` must be an int, got {type(v).__name__}")
+    num_examples, batch_size = int(num_examples), int(batch_size)
     if batch_size < 1:
         raise ValueError(f"num_batches: `batch_size` must be >= 1, got {batch_size}")
     if num_examples < 0:
@@ -80,14 +116,20 @@ def batches(
 
     Args:
       data: a pytree of tensors, e.g. ``(images, labels)``; axis 0 indexes examples.
-      batch_size: examples per batch.
-      key: shuffle with ``fp.random.permutation(key, n)``; ``None`` keeps the order
-        (batches are then views, no copy).
+      batch_size: examples per batch, an int >= 1 (numpy integers are accepted).
+      key: one ``fp.random`` key (shape ``(2,)``): shuffle with
+        ``fp.random.permutation(key, n)``; ``None`` keeps the order (batches are then
+        views, no copy).
       drop_last: drop the final short batch.
-      start: skip this many batches (resume inside an epoch).
+      start: skip this many batches (resume inside an epoch), an int in
+        ``[0, num_batches]``.
 
     Returns:
       An iterator of pytrees shaped like ``data`` with ``batch_size`` examples each.
+
+    Raises:
+      ValueError: ``batch_size`` or ``start`` out of range, or leaves disagree on axis 0.
+      TypeError: ``key`` is not ``None`` or one key, or a leaf is not a tensor.
 
     >>> import functorch_pipeline as fp
     >>> x, y = torch.arange(5.0), torch.arange(5)
@@ -106,13 +148,17 @@ def batches(
         batches an uninterrupted one would.
     """
     fn = "batches(data, batch_size)"
-    if not isinstance(batch_size, int) or batch_size < 1:
+    size = _as_int(batch_size)
+    if size is None or size < 1:
         raise ValueError(f"{fn}: `batch_size` must be an int >= 1, got {batch_size!r}")
+    if key is not None:
+        _check_key(fn, key)
     n = _num_examples(data, fn)
-    total = num_batches(n, batch_size, drop_last=drop_last)
-    if not isinstance(start, int) or not 0 <= start <= total:
+    total = num_batches(n, size, drop_last=drop_last)
+    first = _as_int(start)
+    if first is None or not 0 <= first <= total:
         raise ValueError(f"{fn}: `start` must be an int in [0, {total}], got {start!r}")
-    return _iterate(data, n, batch_size, key, total, start)
+    return _iterate(data, n, size, key, total, first)
 
 
 def _iterate(data: Any, n: int, batch_size: int, key: torch.Tensor | None, total: int, start: int) -> Iterator[Any]:

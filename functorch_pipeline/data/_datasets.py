@@ -6,6 +6,17 @@ These machines may have no internet. Nothing is downloaded unless ``download=Tru
 when the files are missing (or a download fails) the error lists every expected file
 under ``root``, so the fix is a copy, not a guess.
 
+# NOTE [checked MNIST files]
+torchvision's MNIST reader checks little and says less: a bad magic number fails a bare
+``assert``, a truncated file a ``view`` of the wrong size, and image and label files of
+different lengths, images that are not 28x28, or labels past 9 are accepted silently.
+Before torchvision reads an MNIST-format split, its two files are checked here from
+their headers and sizes (:func:`~functorch_pipeline.data._idx._check_idx`) and the labels
+against ``range(10)``; a ``ValueError`` names the function, the file, and what was
+expected and found. The label file is read once more for this (60 kB for MNIST). Files
+present but unreadable for any other reason raise a ``ValueError`` naming the folder,
+never the "not found" error.
+
 torchvision reads the files and is optional (``pip install "functorch-pipeline[examples]"``);
 without it every function here raises an ``ImportError`` naming that extra.
 """
@@ -19,6 +30,7 @@ from typing import Any
 import torch
 
 from functorch_pipeline._extras import require_extra
+from functorch_pipeline.data._idx import _check_idx
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -40,6 +52,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+_MNIST_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +98,60 @@ def _torchvision(fn: str) -> Any:
     return require_extra("torchvision", fn, "reading the dataset files", "torchvision", "examples")
 
 
+def _check_mnist_split(fn: str, folder: str, train: bool) -> None:
+    """NOTE [checked MNIST files]: the split's image and label files, before torchvision."""
+    prefix = "train" if train else "t10k"
+    images = os.path.join(folder, f"{prefix}-images-idx3-ubyte")
+    labels = os.path.join(folder, f"{prefix}-labels-idx1-ubyte")
+    n_images = _check_idx(fn, images, 0x08, (None, 28, 28))[0]
+    n_labels = _check_idx(fn, labels, 0x08, (None,))[0]
+    if n_images != n_labels:
+        raise ValueError(
+            f"{fn}: {images} holds {n_images} images but {labels} holds {n_labels} labels; "
+            "the two files must be of the same split and download: replace them"
+        )
+    if n_images == 0:
+        raise ValueError(f"{fn}: {images} holds 0 images, which torchvision cannot read")
+    with open(labels, "rb") as f:
+        values = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8)
+    if int(values.max()) >= _MNIST_CLASSES:
+        i = int(torch.nonzero(values >= _MNIST_CLASSES)[0, 0])
+        raise ValueError(
+            f"{fn}: {labels}: labels must be in [0, {_MNIST_CLASSES - 1}], got {int(values[i])} "
+            f"at index {i}; the file is corrupt or not the original: replace it"
+        )
+
+
 def _dataset(name: str, fn: str, root: str | os.PathLike[str], train: bool, download: bool, transform: Any) -> Any:
     torchvision = _torchvision(fn)
     spec = _SPECS[name]
     root = os.fspath(root)
     folder = os.path.join(root, spec.folder)
-    if not download and not all(os.path.isfile(os.path.join(folder, f)) for f in spec.files):
+    present = all(os.path.isfile(os.path.join(folder, f)) for f in spec.files)
+    if not download and not present:
         raise _missing_error(fn, spec, root, None)
+    mnist_format = spec.files == _MNIST_FILES
+    if present and mnist_format:
+        _check_mnist_split(fn, folder, train)
     cls = getattr(torchvision.datasets, spec.cls_name)
     try:
-        return cls(root=root, train=train, download=download, transform=transform)
-    except (OSError, RuntimeError) as e:  # a failed download, or files torchvision rejects
-        if all(os.path.isfile(os.path.join(folder, f)) for f in spec.files) and not download:
-            raise
-        raise _missing_error(fn, spec, root, e) from e
+        ds = cls(root=root, train=train, download=download, transform=transform)
+    except Exception as e:  # a failed download, or files torchvision rejects
+        if not present:
+            raise _missing_error(fn, spec, root, e) from e
+        raise ValueError(
+            f"{fn}: torchvision could not read the {spec.cls_name} files in {folder} "
+            f"({type(e).__name__}: {str(e)[:200]}); they are corrupt or not the originals: "
+            f"replace them, {spec.how}"
+        ) from e
+    if not present and mnist_format:  # just downloaded
+        _check_mnist_split(fn, folder, train)
+    if len(ds.data) != len(ds.targets):  # any dataset, however it was read
+        raise ValueError(
+            f"{fn}: the {spec.cls_name} files in {folder} hold {len(ds.data)} images but "
+            f"{len(ds.targets)} labels; replace them, {spec.how}"
+        )
+    return ds
 
 
 def _default_transform(name: str) -> Any:
@@ -120,6 +173,12 @@ def mnist(root: str | os.PathLike[str], train: bool = True, *, download: bool = 
 
     Returns:
       A ``torchvision.datasets.MNIST``.
+
+    Raises:
+      FileNotFoundError: a file is missing (the message lists every expected path).
+      ValueError: a file is corrupt, naming it and what was expected and found (bad magic
+        number, type code, dimensions or size; images not 28x28; image and label counts
+        that differ; a label past 9).
 
     Notes:
       NOTE [offline datasets]: nothing is downloaded unless ``download=True``; when files are
@@ -156,6 +215,12 @@ def fashion_mnist(
     Returns:
         A ``torchvision.datasets.FashionMNIST``.
 
+    Raises:
+        FileNotFoundError: a file is missing (the message lists every expected path).
+        ValueError: a file is corrupt, naming it and what was expected and found (bad magic
+            number, type code, dimensions or size; images not 28x28; image and label counts
+            that differ; a label past 9).
+
     Examples:
         >>> import tempfile
         >>> fashion_mnist(tempfile.mkdtemp())
@@ -182,6 +247,11 @@ def cifar10(root: str | os.PathLike[str], train: bool = True, *, download: bool 
 
     Returns:
         A ``torchvision.datasets.CIFAR10``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message lists every expected path).
+        ValueError: the files are present but torchvision cannot read them, or they hold
+            different numbers of images and labels.
 
     Examples:
         >>> import tempfile
@@ -227,6 +297,12 @@ def mnist_tensors(
     Returns:
         ``(images, labels)``: float32 ``(N, 1, 28, 28)`` and int64 ``(N,)``.
 
+    Raises:
+        FileNotFoundError: a file is missing (the message lists every expected path).
+        ValueError: a file is corrupt, naming it and what was expected and found (bad magic
+            number, type code, dimensions or size; images not 28x28; image and label counts
+            that differ; a label past 9).
+
     Examples:
         >>> import tempfile
         >>> import functorch_pipeline as fp
@@ -257,6 +333,12 @@ def fashion_mnist_tensors(
 
     Returns:
         ``(images, labels)``: float32 ``(N, 1, 28, 28)`` and int64 ``(N,)``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message lists every expected path).
+        ValueError: a file is corrupt, naming it and what was expected and found (bad magic
+            number, type code, dimensions or size; images not 28x28; image and label counts
+            that differ; a label past 9).
 
     Examples:
         >>> import tempfile
@@ -289,6 +371,11 @@ def cifar10_tensors(
 
     Returns:
         ``(images, labels)``: float32 ``(N, 3, 32, 32)`` and int64 ``(N,)``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message lists every expected path).
+        ValueError: the files are present but torchvision cannot read them, or they hold
+            different numbers of images and labels.
 
     Examples:
         >>> import tempfile

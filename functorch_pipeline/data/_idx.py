@@ -1,12 +1,16 @@
-"""Write small IDX files (MNIST's on-disk format) so tests run torchvision's real reader."""
+"""Write small IDX files (MNIST's on-disk format) so tests run torchvision's real reader,
+and check IDX files before torchvision reads them (its errors name neither file nor fault).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from functorch_pipeline import random as _random
+from functorch_pipeline.data._batches import _as_int
 
 __all__ = ["write_idx", "write_synthetic_mnist"]
 
@@ -18,6 +22,8 @@ _IDX_CODES = {
     torch.float32: 0x0D,
     torch.float64: 0x0E,
 }
+
+_IDX_DTYPES = {code: dtype for dtype, code in _IDX_CODES.items()}
 
 _FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -69,7 +75,7 @@ def write_synthetic_mnist(
 
     Args:
       root: the dataset root (what you pass as ``root=`` to the loaders).
-      num_train, num_test: numbers of examples.
+      num_train, num_test: numbers of examples, ints >= 1.
       key: ``fp.random`` key for the images and labels (default ``key(0)``).
       name: ``"MNIST"`` or ``"FashionMNIST"`` (the folder torchvision looks in).
       num_classes: labels are drawn from ``range(num_classes)`` (at most 10).
@@ -86,6 +92,15 @@ def write_synthetic_mnist(
     """
     if not 1 <= num_classes <= 10:
         raise ValueError(f"write_synthetic_mnist: `num_classes` must be in [1, 10], got {num_classes}")
+    counts = {}
+    for arg, value in (("num_train", num_train), ("num_test", num_test)):
+        counts[arg] = _as_int(value)
+        if counts[arg] is None or counts[arg] < 1:
+            raise ValueError(
+                f"write_synthetic_mnist: `{arg}` must be an int >= 1 (torchvision cannot read an "
+                f"IDX file of 0 examples), got {value!r}"
+            )
+    num_train, num_test = counts["num_train"], counts["num_test"]
     key = _random.key(0) if key is None else key
     raw = os.path.join(os.fspath(root), name, "raw")
     os.makedirs(raw, exist_ok=True)
@@ -102,3 +117,52 @@ def write_synthetic_mnist(
         write_idx(os.path.join(raw, lab_file), labels.to(torch.uint8))
         out[split] = (images, labels)
     return out
+
+
+def _check_idx(where: str, path: str, code: int, shape: tuple[int | None, ...]) -> tuple[int, ...]:
+    """Check the IDX file at ``path`` against a type ``code`` and a ``shape`` (``None``: any
+    size), reading only its header and its size on disk; return its shape.
+
+    Raises ``ValueError`` naming ``where``, the file, and what was expected and found.
+    """
+
+    def bad(what: str, fix: str = "the file is corrupt or not the original: replace it "
+            "(uncompressed, as gunzip leaves it)") -> ValueError:
+        return ValueError(f"{where}: {path} is not a valid IDX file: {what}; {fix}")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * 255)
+    if size < 4:
+        raise bad(f"it has {size} bytes, fewer than the 4-byte magic number")
+    if head[:2] == b"\x1f\x8b":
+        raise bad("it is gzip-compressed (it starts with 1f 8b)", "gunzip it first")
+    if head[:2] != b"\0\0":
+        raise bad(f"the magic number must start with 00 00, got {head[:4].hex(' ')}")
+    want = f"0x{code:02x} ({_dtype_name(code)})"
+    if head[2] != code:
+        got = _dtype_name(head[2]) if head[2] in _IDX_DTYPES else "not an IDX type code"
+        raise bad(f"expected type code {want}, got 0x{head[2]:02x} ({got})")
+    if head[3] != len(shape):
+        raise bad(f"expected {len(shape)} dimension(s), got {head[3]}")
+    header = 4 + 4 * len(shape)
+    if size < header:
+        raise bad(f"it has {size} bytes, fewer than its {header}-byte header")
+    dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(len(shape)))
+    if any(w is not None and w != d for w, d in zip(shape, dims, strict=True)):
+        expected = "(" + ", ".join("N" if w is None else str(w) for w in shape) + ")"
+        raise bad(f"expected shape {expected}, got {dims}")
+    data = math.prod(dims) * _IDX_DTYPES[code].itemsize
+    expected_size = header + data
+    if size != expected_size:
+        diff = size - expected_size
+        how = f"{-diff} bytes short (truncated)" if diff < 0 else f"{diff} extra bytes at the end"
+        raise bad(
+            f"its header says shape {dims}, {expected_size} bytes in all ({header} header + "
+            f"{data} data), but it has {size}: {how}"
+        )
+    return dims
+
+
+def _dtype_name(code: int) -> str:
+    return str(_IDX_DTYPES[code]).removeprefix("torch.")

@@ -27,6 +27,9 @@ import torch
 
 from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.data._batches import _as_float
+from functorch_pipeline.data._batches import _as_int
+from functorch_pipeline.data._batches import _check_key
 from functorch_pipeline.data._batches import _num_examples
 from functorch_pipeline.random._core import _bernoulli_positions
 
@@ -34,18 +37,20 @@ __all__ = ["poisson_batches", "poisson_mask", "poisson_max_batch_size"]
 
 
 def _check_rate(where: str, sample_rate: Any) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+    q = _as_float(sample_rate)
+    if q is None:
         got = type(sample_rate).__name__
         raise TypeError(f"{where}: `sample_rate` must be a number, got {got}")
-    if not 0 < sample_rate <= 1:
+    if not 0 < q <= 1:
         raise ValueError(f"{where}: `sample_rate` must be in (0, 1], got {sample_rate!r}")
-    return float(sample_rate)
+    return q
 
 
 def _check_count(where: str, name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    v = _as_int(value)
+    if v is None or v < low:
         raise ValueError(f"{where}: `{name}` must be an int >= {low}, got {value!r}")
-    return value
+    return v
 
 
 def poisson_mask(key: torch.Tensor, num_examples: int, sample_rate: float) -> torch.Tensor:
@@ -55,13 +60,21 @@ def poisson_mask(key: torch.Tensor, num_examples: int, sample_rate: float) -> to
     the key, computed on the key's device with no host sync (works under ``vmap`` over a
     batch of keys and under ``torch.compile``).
 
+    One key gives one batch. A batch of keys (shape ``(k, 2)``) is refused outside
+    ``vmap``, as ``jax.random`` functions refuse a key array: map over it with
+    ``fp.vmap(lambda k: poisson_mask(k, n, q))(keys)`` for a ``(k, n)`` stack of masks.
+
     Args:
-      key: an ``fp.random`` key (use ``fold_in(key, i)`` for batch ``i``).
-      num_examples: the dataset size ``n``.
-      sample_rate: ``q`` in (0, 1].
+      key: one ``fp.random`` key, shape ``(2,)`` (use ``fold_in(key, i)`` for batch ``i``).
+      num_examples: the dataset size ``n``, an int >= 0.
+      sample_rate: ``q`` in (0, 1] (a Python or numpy real number).
 
     Returns:
       A ``(num_examples,)`` bool tensor.
+
+    Raises:
+      TypeError: ``key`` is not one key, or ``sample_rate`` is not a number.
+      ValueError: ``num_examples`` or ``sample_rate`` is out of range.
 
     Example:
       >>> m = poisson_mask(_random.key(0), 10000, 0.1)
@@ -71,8 +84,7 @@ def poisson_mask(key: torch.Tensor, num_examples: int, sample_rate: float) -> to
     where = "poisson_mask(key, num_examples, sample_rate)"
     q = _check_rate(where, sample_rate)
     n = _check_count(where, "num_examples", num_examples, 0)
-    if not _random.is_key(key):
-        raise TypeError(f"{where}: `key` must be an fp.random key, got {key!r}")
+    _check_key(where, key)
     return _random.bernoulli(key, q, (n,))
 
 
@@ -102,9 +114,11 @@ def poisson_max_batch_size(
     where = "poisson_max_batch_size(num_examples, sample_rate)"
     n = _check_count(where, "num_examples", num_examples, 0)
     q = _check_rate(where, sample_rate)
-    p = overflow_probability
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
-        raise ValueError(f"{where}: `overflow_probability` must be in (0, 1), got {p!r}")
+    p = _as_float(overflow_probability)
+    if p is None or not 0 < p < 1:
+        raise ValueError(
+            f"{where}: `overflow_probability` must be in (0, 1), got {overflow_probability!r}"
+        )
     if n == 0 or q == 1:
         return n
     k = torch.arange(n + 1, dtype=torch.float64)
@@ -180,15 +194,16 @@ def poisson_batches(
     """
     where = "poisson_batches(data, sample_rate)"
     q = _check_rate(where, sample_rate)
-    if not _random.is_key(key) or key.dim() != 1:
-        raise TypeError(f"{where}: `key` must be one fp.random key of shape (2,), got {key!r}")
+    _check_key(where, key)
     n = _num_examples(data, where)
     total = max(1, round(1 / q)) if num_batches is None else num_batches
     total = _check_count(where, "num_batches", total, 0)
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= total:
+    first = _as_int(start)
+    if first is None or not 0 <= first <= total:
         raise ValueError(f"{where}: `start` must be an int in [0, {total}], got {start!r}")
+    start = first
     if max_batch_size is not None:
-        _check_count(where, "max_batch_size", max_batch_size, 1)
+        max_batch_size = _check_count(where, "max_batch_size", max_batch_size, 1)
         if n == 0:  # no example 0 to pad with (it failed inside torch's index_select)
             raise ValueError(f"{where}: the dataset is empty, so fixed-shape batches have no "
                              "example to pad with; use max_batch_size=None (empty batches)")
