@@ -3,12 +3,12 @@ twins."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from functorch_pipeline.nn._copy import copy_module
 from functorch_pipeline.nn.recurrent import GRU
 from functorch_pipeline.nn.recurrent import LSTM
 from functorch_pipeline.nn.recurrent import RNN
@@ -20,9 +20,14 @@ _SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.GRU: GRU, nn
 
 def _swap(rnn: nn.RNNBase, path: str) -> nn.Module:
     where = f"`{path}`" if path else "the module itself"
-    if rnn._forward_hooks or rnn._forward_pre_hooks or rnn._backward_hooks:
+    kinds = [kind for kind, hooks in (("forward", rnn._forward_hooks),
+                                      ("forward pre", rnn._forward_pre_hooks),
+                                      ("backward", rnn._backward_hooks),
+                                      ("backward pre", rnn._backward_pre_hooks)) if hooks]
+    if kinds:
         warnings.warn(f"replace_rnns(module): hooks on {where} are not carried over to the "
-                      f"replacement", stacklevel=3)
+                      f"replacement ({', '.join(kinds)} hooks); register them on it again",
+                      stacklevel=3)
     kwargs = dict(input_size=rnn.input_size, hidden_size=rnn.hidden_size,
                   num_layers=rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
                   dropout=rnn.dropout, bidirectional=rnn.bidirectional)
@@ -57,7 +62,8 @@ def replace_rnns(module: nn.Module) -> nn.Module:
     deep-copied first. Only exact ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` instances are swapped:
     other ``nn.RNNBase`` modules (subclasses with their own ``forward``) are left as
     they are, with a warning, since they would still fall back to a slow loop under
-    ``vmap``. Hooks registered on a swapped RNN are not carried over (warning).
+    ``vmap``. Hooks registered on a swapped RNN (forward, forward pre, backward and
+    backward pre) are not carried over (warning).
 
     Args:
       module: any ``nn.Module``, possibly an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` itself.
@@ -82,7 +88,7 @@ def replace_rnns(module: nn.Module) -> nn.Module:
             raise TypeError(f"replace_rnns(module): {where} ({type(child).__name__}) has "
                             f"parametrizations (weight_norm, ...); remove them first "
                             f"(torch.nn.utils.parametrize.remove_parametrizations)")
-    module = copy.deepcopy(module)
+    module = copy_module(module, fn="replace_rnns(module)")
     if type(module) in _SWAPS:
         return _swap(module, "")
     swapped: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (old, new); keeps old alive

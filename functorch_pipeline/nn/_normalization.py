@@ -148,7 +148,7 @@ def replace_batchnorm_with_groupnorm(
 
     if isinstance(module, _BatchNorm):
         return convert("", module)
-    out = copy_module(module)
+    out = copy_module(module, fn="replace_batchnorm_with_groupnorm(module)")
     done: dict[int, nn.GroupNorm] = {}  # a BatchNorm used in several places stays one layer
     for path, m in list(out.named_modules(remove_duplicate=False)):
         for name, child in list(m._modules.items()):  # named_children() skips a repeat

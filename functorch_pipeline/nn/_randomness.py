@@ -38,7 +38,8 @@ result is always a new tensor (in-place writes into inputs would break purity an
 
 Anything else that draws from the global generator inside ``forward`` (a hand-written
 ``torch.rand``, ``nn.LSTM``'s fused inter-layer dropout) is not redirected: ``nn.LSTM``,
-``nn.GRU`` and ``nn.RNN`` with ``dropout > 0`` in train mode raise an error that points to
+``nn.GRU`` and ``nn.RNN`` with ``dropout > 0`` and ``num_layers > 1`` in train mode raise
+an error (with one layer there is no inter-layer dropout to draw) that points to
 ``fp.nn.LSTM`` / ``fp.nn.GRU``; other draws fall under ``torch.func``'s ``randomness`` rules inside
 ``vmap`` and under the global generator outside it.
 """
@@ -212,7 +213,9 @@ def _rrelu(mode: KeyedRandomness, args: tuple[Any, ...], kwargs: dict[str, Any])
     k = mode.next_key("F.rrelu", x)
     slope = _uniform(k, tuple(x.shape), torch.float64 if x.dtype == torch.float64 else torch.float32,
                      lower, upper).to(x.dtype)
-    return torch.where(x >= 0, x, x * slope)
+    # ATen's rrelu_with_noise: x <= 0 takes the random slope, so the gradient at an exact
+    # zero is that slope (a NaN keeps slope 1, as there)
+    return torch.where(x <= 0, x * slope, x)
 
 
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -307,9 +310,9 @@ def _fused_rnn(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
                   "train", "bidirectional") if packed else
                  ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train",
                   "bidirectional", "batch_first"))
-        bound = _bind(args, kwargs, names, {"dropout": 0.0, "train": False})
+        bound = _bind(args, kwargs, names, {"dropout": 0.0, "train": False, "num_layers": 1})
         dropout, train = bound["dropout"], bound["train"]
-        if train and dropout > 0:
+        if train and dropout > 0 and bound["num_layers"] > 1:  # one layer draws nothing
             raise RuntimeError(
                 f"{mode.fn}: an nn.{name} with dropout={dropout} ran in train mode; its fused "
                 "kernel draws the inter-layer dropout from PyTorch's global generator, which a "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 import zlib
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -55,15 +56,24 @@ __all__ = [
 ]
 
 Initializer = Callable[..., torch.Tensor]
-"""``(key, shape, dtype=torch.float32) -> tensor`` on the key's device."""
+"""``(key, shape, dtype=torch.float32) -> tensor`` on the key's device; ``shape`` is a
+sequence of ints, or an int ``n`` for ``(n,)`` as in JAX (NOTE [int shapes])."""
 
 
-def _check(fn: str, key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> tuple[int, ...]:
+def _check(fn: str, key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype) -> tuple[int, ...]:
     if not _random.is_key(key) or key.dim() != 1:
         raise TypeError(f"{fn}: `key` must be one key from fp.random.key (int64, shape (2,)), got {key!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{fn}: `dtype` must be a floating-point torch.dtype, got {dtype!r}")
-    shape = tuple(int(s) for s in shape)
+    # NOTE [int shapes]: as in JAX (core.canonicalize_shape), an int n is the shape (n,);
+    # sizes must be integers (operator.index: Python, NumPy and 0-d integer tensor ints).
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"{fn}: `shape` must be an int or a sequence of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"{fn}: `shape` must have non-negative sizes, got {shape}")
     return shape
@@ -91,7 +101,7 @@ def _fan(fn: str, shape: tuple[int, ...], mode: str) -> int:
     return fan_in if mode == "fan_in" else fan_out
 
 
-def zeros(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def zeros(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All zeros (the key only sets the device).
 
     Args:
@@ -111,7 +121,7 @@ def zeros(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.fl
     return torch.zeros(shape, dtype=dtype, device=key.device)
 
 
-def ones(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ones(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All ones (the key only sets the device).
 
     Args:
@@ -146,7 +156,7 @@ def constant(value: float) -> Initializer:
       tensor([0.5000, 0.5000])
     """
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check("init.constant(value)", key, shape, dtype)
         return torch.full(shape, value, dtype=dtype, device=key.device)
 
@@ -171,7 +181,7 @@ def uniform(a: float = 0.0, b: float = 1.0) -> Initializer:
     if not a <= b:
         raise ValueError(f"init.uniform(a, b): need a <= b, got a={a} and b={b}")
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check("init.uniform(a, b)", key, shape, dtype)
         return _random.uniform(key, shape, _work(dtype), a, b).to(dtype)
 
@@ -197,7 +207,7 @@ def normal(mean: float = 0.0, std: float = 1.0) -> Initializer:
     if std < 0:
         raise ValueError(f"init.normal(mean, std): `std` must be non-negative, got {std}")
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check("init.normal(mean, std)", key, shape, dtype)
         return (_random.normal(key, shape, _work(dtype)) * std + mean).to(dtype)
 
@@ -234,7 +244,7 @@ def truncated_normal(mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: fl
 
     lo, hi = 2 * cdf(a) - 1, 2 * cdf(b) - 1
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check("init.truncated_normal(mean, std, a, b)", key, shape, dtype)
         u = _random.uniform(key, shape, torch.float64, lo, hi)
         t = torch.erfinv(u) * (std * math.sqrt(2.0)) + mean
@@ -244,7 +254,7 @@ def truncated_normal(mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: fl
 
 
 def _scaled(fn: str, std_of_shape: Callable[[tuple[int, ...]], float], distribution: str) -> Initializer:
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check(fn, key, shape, dtype)
         if math.prod(shape) == 0:  # as torch.nn.init: an empty weight (fan 0) stays empty
             return torch.empty(shape, dtype=dtype, device=key.device)
@@ -295,8 +305,18 @@ def xavier_normal(gain: float = 1.0) -> Initializer:
     return _scaled(fn, lambda s: gain * math.sqrt(2.0 / sum(_fans(fn, s))), "normal")
 
 
+_GAINS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+
+
 def _kaiming_std(fn: str, a: float, mode: str, nonlinearity: str) -> Callable[[tuple[int, ...]], float]:
-    gain = torch.nn.init.calculate_gain(nonlinearity, a)
+    if nonlinearity not in _GAINS:  # calculate_gain's names
+        raise ValueError(f"{fn}: `nonlinearity` must be one of {', '.join(map(repr, _GAINS))} "
+                         f"(torch.nn.init.calculate_gain), got {nonlinearity!r}")
+    try:
+        gain = torch.nn.init.calculate_gain(nonlinearity, a)
+    except ValueError as e:  # a slope `a` that is not a number
+        raise ValueError(f"{fn}: {e}") from None
     return lambda s: gain / math.sqrt(_fan(fn, s, mode))
 
 
@@ -355,7 +375,8 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     "truncated_normal")``.
 
     Args:
-      scale: the variance numerator.
+      scale: the variance numerator, a finite number ``>= 0`` (``0`` gives zeros, as in
+        JAX; a negative ``scale``, for which JAX returns NaNs, raises ``ValueError``).
       mode: ``"fan_in"``, ``"fan_out"`` or ``"fan_avg"``.
       distribution: ``"truncated_normal"``, ``"normal"`` or ``"uniform"``.
 
@@ -369,6 +390,14 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
       True
     """
     fn = "init.variance_scaling(scale, mode, distribution)"
+    try:  # a Python, NumPy or 0-d tensor number; not a bool or a string
+        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: `scale` must be a finite number >= 0 (the variance numerator), "
+                         f"got {scale!r}")
+    numerator: float = value
     if mode not in ("fan_in", "fan_out", "fan_avg"):
         raise ValueError(f"{fn}: `mode` must be 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}")
     if distribution not in ("truncated_normal", "normal", "uniform"):
@@ -377,15 +406,17 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
     def std(shape: tuple[int, ...]) -> float:
         fan_in, fan_out = _fans(fn, shape)
         n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
-        return math.sqrt(scale / n)
+        return math.sqrt(numerator / n)
 
     if distribution != "truncated_normal":
         return _scaled(fn, std, distribution)
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check(fn, key, shape, dtype)
         if math.prod(shape) == 0:  # as torch.nn.init: an empty weight (fan 0) stays empty
             return torch.empty(shape, dtype=dtype, device=key.device)
+        if numerator == 0:  # zeros, as JAX gives
+            return torch.zeros(shape, dtype=dtype, device=key.device)
         s = std(shape) / 0.87962566103423978  # the std of N(0, 1) truncated to [-2, 2]
         return truncated_normal(0.0, s, -2 * s, 2 * s)(key, shape, dtype)
 
@@ -410,7 +441,7 @@ def orthogonal(gain: float = 1.0) -> Initializer:
       True
     """
 
-    def init(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init(key: torch.Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         shape = _check("init.orthogonal(gain)", key, shape, dtype)
         if len(shape) < 2:
             raise ValueError(f"init.orthogonal(gain): only shapes with 2 or more dimensions are supported, got {shape}")

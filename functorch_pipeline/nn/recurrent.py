@@ -44,9 +44,11 @@ them" means: no ``vmap``/``jvp`` level and at most one ``grad`` level is active 
 no tensor (input, states, weights) has a ``__torch_function__`` override (the hooks
 engine's tracked parameters do, so ``per_sample_grads(method="hooks")`` still sees every
 ``F.linear``); any active ``TorchFunctionMode`` is ``fp.nn``'s keyed randomness, which
-only replaces ``F.dropout``; float32/float64 on CPU, or CUDA. Inter-layer dropout stays a
-Python ``F.dropout`` on the same batch-major contiguous tensor as the loop path, so
-seeded (and keyed) runs give the same masks. Set ``fused = False`` on a layer (or the
+only replaces ``F.dropout`` (``has_torch_function`` counts any active mode, so under it
+the tensors' types are checked instead: ``apply(train=True, key=k)`` runs fused);
+float32/float64 on CPU, or CUDA. Inter-layer dropout stays a Python ``F.dropout`` on the
+same batch-major contiguous tensor as the loop path, so seeded (and keyed) runs give the
+same masks. Set ``fused = False`` on a layer (or the
 class) to always take the loop, e.g. for a double backward through plain
 ``torch.autograd.grad(create_graph=True)``.
 """
@@ -155,6 +157,68 @@ def _fused_context_ok() -> bool:
     return True
 
 
+def _overrides(t: Tensor) -> bool:
+    """Whether ``t``'s type overrides ``__torch_function__`` (``has_torch_function`` for one
+    tensor, ignoring modes): plain tensors and parameters do not, the per-sample engine's
+    tracked parameters do."""
+    cls = type(t)
+    return (cls is not Tensor and cls is not nn.Parameter
+            and cls.__torch_function__ is not torch._C._disabled_torch_function_impl)
+
+
+# (kernel, device type, autocast dtype) -> the dtype torch's fused kernel returns
+_AUTOCAST_OUT: dict[tuple[Any, str, torch.dtype], torch.dtype] = {}
+
+
+@torch.compiler.disable
+def _autocast_probe(kernel: Any, gates: int, device: torch.device) -> torch.dtype:
+    """The output dtype of ``kernel`` on float32 tensors under the active autocast."""
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        zeros = [torch.zeros(shape, device=device) for shape in ((1, 1, 1), (gates, 1), (gates, 1))]
+        h = torch.zeros(1, 1, 1, device=device)
+        hx = (h, h) if kernel is _VF.lstm else h
+        return kernel(zeros[0], hx, zeros[1:], False, 1, 0.0, False, False, False)[0].dtype
+
+
+def _autocast_dtype(layer: _RNNBase, x: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives the fused kernel's outputs for float32 ``x``, or ``None``
+    when that is float32 (or autocast is off).
+
+    # NOTE [states under autocast]
+    Autocast has its own rule per kernel and device: ``nn.LSTM`` runs in the lower
+    precision on CPU (oneDNN) and CUDA (cuDNN), casting ``h_0`` and ``c_0`` too, so its
+    output and final states come back in ``bfloat16`` / ``float16``; ``nn.GRU`` on CPU
+    stays in float32; ``nn.RNN`` on CPU comes back in the lower precision. Rather than
+    copy autocast's tables, the loop path asks the kernel: one call on 1-element tensors
+    per (kernel, device type, autocast dtype), cached. When that dtype is not float32, the
+    loop casts its float32 states to it first (a float32 ``c`` would otherwise promote the
+    LSTM's ``addcmul``, and then ``h``, back to float32), and its output and final states
+    at the end (``per_sample_grads(method="hooks")``'s fused LSTM rule computes in
+    float32): they have the fused kernel's dtype, and its values up to the lower
+    precision's rounding.
+
+    Limitation: not under ``vmap`` (so not under ``per_sample_grads(method="vmap")``).
+    There autocast does not reach every op (a batched ``F.linear`` with a bias runs in
+    float32, as ``nn.Linear`` does under ``vmap``), a bfloat16 state meeting it fails in
+    the backward ("expected scalar type BFloat16 but found Float"), and a lower-precision
+    output breaks ``LayerNorm``'s backward under ``vmap`` after it; so the loop keeps
+    float32 states there and its output stays float32 where ``nn.LSTM``'s would not.
+    """
+    device = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+            level.key() == torch._C._functorch.TransformType.Vmap
+            for level in retrieve_all_functorch_interpreters()):
+        return None  # see the NOTE: under vmap the loop keeps float32 states
+    kernel = layer._kernel()
+    key = (kernel, device, torch.get_autocast_dtype(device))
+    dtype = _AUTOCAST_OUT.get(key)
+    if dtype is None:
+        dtype = _AUTOCAST_OUT[key] = _autocast_probe(kernel, layer._gates, x.device)
+    return None if dtype == torch.float32 else dtype
+
+
 class _RNNBase(nn.Module):
     """Shared constructor, parameters, checks and layer loop of :class:`LSTM` and :class:`GRU`."""
 
@@ -180,6 +244,8 @@ class _RNNBase(nn.Module):
                 raise TypeError(f"{name}: {arg} should be of type int, got {type(value).__name__}")
         if input_size < 0:
             raise ValueError(f"{name}: input_size must be non-negative, got {input_size}")
+        if input_size == 0:  # as nn.LSTM / nn.GRU / nn.RNN
+            raise ValueError(f"{name}: input_size must be greater than zero, got {input_size}")
         if hidden_size <= 0:
             raise ValueError(f"{name}: hidden_size must be greater than zero, got {hidden_size}")
         if num_layers <= 0:
@@ -357,7 +423,12 @@ class _RNNBase(nn.Module):
         if input.device.type != "cuda" and (input.device.type != "cpu"
                                             or input.dtype not in (torch.float32, torch.float64)):
             return False
-        return not has_torch_function((input, *states, *(w for ws in weights for w in ws)))
+        tensors = (input, *states, *(w for ws in weights for w in ws))
+        if torch._C._is_torch_function_mode_enabled():
+            # only fp.nn's keyed randomness is active (_fused_context_ok), which
+            # has_torch_function would count; look for overriding tensor types alone
+            return not any(_overrides(t) for t in tensors)
+        return not has_torch_function(tensors)
 
     def _layers_fused(self, x: Tensor, full: list[Tensor], weights: list[list[Tensor]],
                       time_major_out: bool) -> tuple[Tensor, list[Tensor]]:
@@ -417,8 +488,13 @@ class _RNNBase(nn.Module):
                 states = [[z] * (self.num_layers * directions) for z in zeros]
             else:
                 states = [list(f.unbind(0)) for f in full]
+            cast = _autocast_dtype(self, x)
+            if cast is not None:  # NOTE [states under autocast]
+                states = [[s.to(cast) for s in per_state] for per_state in states]
             output, finals = self._layers(x, states, time_major)
             final = [torch.stack(f, 0) for f in finals]
+            if cast is not None:  # per_sample_grads' fused LSTM rule computes in float32
+                output, final = output.to(cast), [f.to(cast) for f in final]
         if not batched:
             output = output.squeeze(0)
             final = [f.squeeze(1) for f in final]
