@@ -127,8 +127,8 @@ def _value_and_grad_impl(
             aux_parts[:] = [aux_def, aux_leaves, out[1]]
             return out[0], [x for x in aux_leaves if isinstance(x, torch.Tensor)]
 
-        if _plain_autograd_ok(flats, args, kwargs):
-            grads, value = _autograd_grad_and_value(flat_f, flats, has_aux)
+        if _plain_autograd_ok(args, kwargs):
+            grads, value = _autograd_grad_and_value(flat_f, flats, has_aux, fn)
         else:
             grads, value = torch.func.grad_and_value(flat_f, argnums=tuple(range(len(nums))), has_aux=has_aux)(*flats)
         trees = tuple(_tree.unflatten(d, g) for d, g in zip(defs, grads, strict=True))
@@ -175,24 +175,47 @@ def _empty_container(x: Any) -> bool:
 # loss's graph reaches one, the fast path differentiates with create_graph=True and keeps
 # the value attached, as torch.func.grad does (NOTE [eager fast path and closed-over
 # tensors]); finding out walks the graph once (~0.5 us per node).
-def _plain_autograd_ok(flats: list[list[torch.Tensor]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+# Inference mode also takes torch.func: under torch.inference_mode() enable_grad records
+# nothing (the loss looked constant: silent zero gradients), and plain autograd refuses a
+# tensor made under inference mode ("Setting requires_grad=True on inference tensor",
+# "Inference tensors cannot be saved for backward") where torch.func.grad takes it, so an
+# argument with such a leaf goes there too (``is_inference()`` is an attribute read, one
+# per leaf). An inference tensor f reads from its closure cannot be seen beforehand: the
+# fast path then raises, saying what to do (NOTE [inference tensors in the closure]).
+def _plain_autograd_ok(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.is_inference_mode_enabled()):
         return False
-    if not torch.is_grad_enabled():
-        return True
+    grad_on = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for x in _tree.leaves((args, kwargs)):
-        if isinstance(x, torch.Tensor) and (x.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        if isinstance(x, torch.Tensor) and (
+                x.is_inference() or (grad_on and (x.requires_grad or wrapped(x)))):
             return False
     return True
 
 
 def _autograd_grad_and_value(
-    flat_f: Callable[..., Any], flats: list[list[torch.Tensor]], has_aux: bool
+    flat_f: Callable[..., Any], flats: list[list[torch.Tensor]], has_aux: bool, fn: str
 ) -> tuple[tuple[list[torch.Tensor], ...], Any]:
     outer = torch.is_grad_enabled()
     leaves = [[x.detach().requires_grad_() for x in group] for group in flats]
     with torch.enable_grad():
-        out = flat_f(*leaves)
+        try:
+            out = flat_f(*leaves)
+        except RuntimeError as e:
+            # NOTE [inference tensors in the closure]: an argument made under
+            # torch.inference_mode() is sent to torch.func (NOTE [eager fast path]); one
+            # that f closes over is only found here, by autograd's refusal. f is not rerun
+            # (its side effects would happen twice): say what to do instead.
+            if "Inference tensors cannot be saved for backward" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{fn}: f uses a tensor created under torch.inference_mode() that is not one "
+                "of its arguments (it reads it from its closure), and autograd cannot record "
+                "an operation on it outside inference mode. Pass that tensor to f as an "
+                "argument, or clone it outside inference mode (`t = t.clone()`)."
+            ) from e
         loss = out[0] if has_aux else out
         everything = [x for group in leaves for x in group]
         # NOTE [eager fast path and closed-over tensors]: if the loss also depends on a
@@ -532,7 +555,16 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
     """Reverse-mode vector-Jacobian product (``jax.vjp``).
 
     Returns ``(f(*primals), vjp_fn)`` (plus ``aux`` with ``has_aux=True``); ``vjp_fn(ct)``
-    returns a tuple with one cotangent per primal.
+    returns a tuple with one cotangent per primal. The cotangent must match ``f``'s
+    output in structure, shapes and dtypes, as in JAX (a mismatch raises, naming the path;
+    cast it with ``.to(out.dtype)``).
+
+    Complex numbers follow PyTorch's convention, not JAX's (as :func:`grad` does):
+    ``vjp_fn(ct)`` is ``conj(jax_vjp_fn(conj(ct)))`` for any ``f``; for a holomorphic
+    ``f`` with Jacobian ``J`` that is ``conj(J)^T ct`` here and ``J^T ct`` in JAX (for
+    ``f(z) = z ** 2``: ``2 * conj(z) * ct`` here, ``2 * z * ct`` in JAX). So conjugate
+    ``ct`` on the way in and the result on the way out to get JAX's number. Real inputs
+    and outputs agree with JAX.
 
     Args:
       f: a function of pytrees.
@@ -547,8 +579,14 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
       >>> out, vjp_fn = vjp(lambda x: x * 3, torch.tensor([1., 2.]))
       >>> vjp_fn(torch.ones(2))
       (tensor([3., 3.]),)
+      >>> z = torch.tensor([1 + 2j])
+      >>> vjp(lambda z: z ** 2, z)[1](torch.ones(1, dtype=torch.cfloat))  # 2 * conj(z)
+      (tensor([2.-4.j]),)
     """
-    fn = "vjp(f, *primals)"
+    return _vjp(f, primals, has_aux, "vjp(f, *primals)")
+
+
+def _vjp(f: Callable[..., Any], primals: tuple[Any, ...], has_aux: bool, fn: str) -> tuple[Any, ...]:
     leaves, in_def = _tree.flatten(primals)
     flat_f, out_def = _flat_function(f, in_def, has_aux, fn)
     res = torch.func.vjp(flat_f, *leaves, has_aux=has_aux)
@@ -560,20 +598,38 @@ def vjp(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[An
                 f"{fn}: the cotangent has structure {_tree.structure(cotangent)} but f's output has "
                 f"{out_def[0]}"
             )
-        grads = vjp_flat(tuple(_tree.leaves(cotangent)))
+        cts = _tree.leaves(cotangent)
+        for k, (ct, o) in enumerate(zip(cts, out_leaves, strict=True)):
+            if not (isinstance(ct, torch.Tensor) and ct.shape == o.shape and ct.dtype == o.dtype):
+                _bad_cotangent(fn, cotangent, k, ct, o)
+        grads = vjp_flat(tuple(cts))
         return tuple(_tree.unflatten(in_def, list(grads)))
 
     out = _tree.unflatten(out_def[0], list(out_leaves))
     return (out, vjp_fn, _rebuild_aux(out_def, res[2])) if has_aux else (out, vjp_fn)
 
 
+def _bad_cotangent(fn: str, cotangent: Any, k: int, ct: Any, o: torch.Tensor) -> None:
+    """Raise for the ``k``-th cotangent leaf, which does not match output leaf ``o``."""
+    path = _tree.keystr(_tree.flatten_with_path(cotangent)[0][k])
+    got = (f"shape {tuple(ct.shape)} and dtype {ct.dtype}" if isinstance(ct, torch.Tensor)
+           else f"a {type(ct).__name__}")
+    raise ValueError(
+        f"{fn}: the cotangent at path `{path}` must have the shape and dtype of f's output "
+        f"there, {tuple(o.shape)} and {o.dtype}, but it has {got}"
+    )
+
+
 def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """``(f(*primals), f_jvp)`` where ``f_jvp(*tangents)`` evaluates the JVP at the fixed
     primals (``jax.linearize``). Traced once with ``make_fx``; each call is cheap.
 
-    Primals and tangents may be pytrees; tangents must match their primals' structure.
-    With ``has_aux=True``, ``f`` returns ``(out, aux)`` and ``(out, f_jvp, aux)`` is
-    returned (``aux`` from the first, untraced call).
+    Primals and tangents may be pytrees of floating-point or complex tensors; tangents
+    must match their primals' structure, shapes and dtypes. It works inside
+    ``torch.inference_mode()`` and at primals made there (it is traced outside
+    inference mode, where ``torch.func.linearize`` would return zeros). With
+    ``has_aux=True``, ``f`` returns ``(out, aux)`` and ``(out, f_jvp, aux)`` is returned
+    (``aux`` from the first, untraced call).
 
     Args:
       f: a function of pytrees.
@@ -591,8 +647,10 @@ def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tu
     fn = "linearize(f, *primals)"
     leaves, treedef = _tree.flatten(primals)
     for path, leaf in _tree.leaves_with_path(primals):
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-            raise TypeError(f"{fn}: primal at path `{_tree.keystr(path)}` must be a floating tensor")
+        if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+            got = f"dtype {leaf.dtype}" if isinstance(leaf, torch.Tensor) else f"a {type(leaf).__name__}"
+            raise TypeError(f"{fn}: primal at path `{_tree.keystr(path)}` must be a floating-point "
+                            f"or complex tensor, got {got}")
     out_def: list[Any] = []
     aux_box: list[Any] = []
 
@@ -609,7 +667,13 @@ def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tu
         out_def[:] = [d]
         return tuple(out_leaves)
 
-    out_leaves, jvp_flat = torch.func.linearize(flat_f, *leaves)
+    # NOTE [linearize under inference mode]: torch.func.linearize traced inside
+    # torch.inference_mode(), or at a primal made there, gives an f_jvp that returns zeros
+    # (it records no forward-mode graph). It is traced outside inference mode, at plain
+    # copies of such primals; the traced f_jvp then works anywhere.
+    with torch.inference_mode(False):
+        traced = [x.clone() if x.is_inference() else x for x in leaves]
+        out_leaves, jvp_flat = torch.func.linearize(flat_f, *traced)
     out = _tree.unflatten(out_def[0], out_leaves)
 
     def f_jvp(*tangents: Any) -> Any:
@@ -630,7 +694,12 @@ def linearize(f: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tu
 
 def linear_transpose(f: Callable[..., Any], *primals: Any) -> Callable[[Any], tuple[Any, ...]]:
     """The transpose of a linear function (``jax.linear_transpose``): ``f_t(ct)`` returns
-    one cotangent per argument, ``A^T ct`` for ``f(x) = A x``.
+    one cotangent per argument, ``A^T ct`` for ``f(x) = A x`` with a real ``A``.
+
+    For complex ``A`` the result is ``A^H ct = conj(A)^T ct``, PyTorch's convention (see
+    :func:`vjp`), where ``jax.linear_transpose`` gives ``A^T ct``; conjugate ``ct`` on the
+    way in and the result on the way out to get JAX's number. The cotangent must match
+    ``f``'s output in structure, shapes and dtypes (a mismatch raises, naming the path).
 
     Args:
       f: a function linear in its arguments (not checked: JAX rejects non-linear
@@ -647,5 +716,5 @@ def linear_transpose(f: Callable[..., Any], *primals: Any) -> Callable[[Any], tu
       (tensor([1., 2.]),)
     """
     zeros = _tree.map(lambda x: torch.zeros_like(x) if isinstance(x, torch.Tensor) else x, primals)
-    _, vjp_fn = vjp(f, *zeros)
+    _, vjp_fn = _vjp(f, zeros, False, "linear_transpose(f, *primals)")
     return vjp_fn

@@ -11,6 +11,8 @@ import torch.func
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.transforms._custom_vjp import refuse_under_compiled_transform
+from functorch_pipeline.transforms._custom_vjp import resolve_kwargs
 
 __all__ = ["custom_jvp"]
 
@@ -24,9 +26,27 @@ class custom_jvp:  # noqa: N801 - JAX's name
     ``fp.jvp``/``jacfwd`` and, as in JAX, reverse mode too: the VJP is the transpose of
     the rule's linear map in the tangents (computed with ``torch.func.vjp`` over the
     tangents), so ``fp.grad``, ``loss.backward()`` and ``fp.vmap`` work. The rule must be
-    linear in ``tangents`` (JAX requires the same). Arguments may be pytrees of tensors;
-    ``nondiff_argnums`` marks static arguments (anything), passed first to the rule:
-    ``jvp(*nondiff_args, primals, tangents)``.
+    linear in ``tangents`` (JAX requires the same, and refuses to transpose a rule that is
+    not). Arguments may be pytrees of tensors; ``nondiff_argnums`` marks static arguments
+    (anything), passed first to the rule: ``jvp(*nondiff_args, primals, tangents)``.
+    Keyword arguments are resolved to positions with ``f``'s signature, as in JAX (see
+    :class:`custom_vjp`).
+
+    ``tangent_out`` must match ``f``'s output in structure, shapes and dtypes; a mismatch
+    raises naming the path. Dtypes are checked in forward mode only: reverse mode casts,
+    as autograd does, so an AMP backward outside ``torch.autocast`` works.
+
+    Linearity is checked once, at the first plain reverse-mode use (``fp.grad`` at the
+    top level, ``loss.backward()``): the rule must give 0 at zero tangents and
+    ``rule(-2 t) == -2 rule(t)`` at ``t`` of ones, else it raises. This is stricter than
+    JAX for an affine rule (``t + 1``), whose offset JAX drops in reverse mode while its
+    forward mode keeps it. Inside ``torch.func`` transforms (``vmap(grad)``) it is not
+    checked, and there a non-linear rule's reverse mode silently gives the transpose of
+    its linearisation at zero tangents.
+
+    Limitation: under ``torch.compile`` (``fp.jit``), a call inside a ``torch.func``
+    transform raises, because torch.compile would silently ignore the rule there (see
+    :class:`custom_vjp`).
 
     Args:
       f: the function.
@@ -61,6 +81,7 @@ class custom_jvp:  # noqa: N801 - JAX's name
         self.nondiff_argnums = tuple(sorted(set(nums)))
         self.jvp: Callable[..., Any] | None = None
         self._function: type[torch.autograd.Function] | None = None
+        self._linear_checked = False  # NOTE [custom_jvp linearity check]
 
     def defjvp(self, jvp: Callable[..., Any]) -> Callable[..., Any]:
         """Register the rule ``jvp(*nondiff_args, primals, tangents) -> (out, tangent_out)``.
@@ -75,23 +96,27 @@ class custom_jvp:  # noqa: N801 - JAX's name
         self._function = _make_function(getattr(self.f, "__name__", "f"), self)
         return jvp
 
-    def __call__(self, *args: Any) -> Any:
-        name = getattr(self.f, "__name__", "f")
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args = resolve_kwargs(self.f, args, kwargs, self._where())
         if self._function is None:
-            raise RuntimeError(
-                f"custom_jvp({name}): register a rule with .defjvp(jvp) before using it"
-            )
+            raise RuntimeError(f"{self._where()}: register a rule with .defjvp(jvp) before using it")
         if self.nondiff_argnums and self.nondiff_argnums[-1] >= len(args):
             raise ValueError(
-                f"custom_jvp({name}): `nondiff_argnums` {self.nondiff_argnums} but f was "
+                f"{self._where()}: `nondiff_argnums` {self.nondiff_argnums} but f was "
                 f"called with {len(args)} positional arguments"
             )
+        if torch.compiler.is_compiling():
+            refuse_under_compiled_transform(self._where())  # NOTE [custom rules under torch.compile]
         static = set(self.nondiff_argnums)
         diff = tuple(a for i, a in enumerate(args) if i not in static)
         leaves, treedef = _tree.flatten(diff)
         spec = _Spec(treedef, tuple(args[i] for i in self.nondiff_argnums))
         flat = self._function.apply(spec, *leaves)
         return _tree.unflatten(spec.out_def, list(flat))
+
+    def _where(self) -> str:
+        return f"custom_jvp({getattr(self.f, '__name__', 'f')})"
 
     def _call_f(self, spec: _Spec, diff: tuple[Any, ...]) -> Any:
         return self.f(*self._merge(spec, diff))
@@ -102,14 +127,18 @@ class custom_jvp:  # noqa: N801 - JAX's name
         return [static[i] if i in static else next(it) for i in range(len(diff) + len(static))]
 
     def _rule(
-        self, spec: _Spec, primal_leaves: list[Any], tangent_leaves: list[Any]
+        self, spec: _Spec, primal_leaves: list[Any], tangent_leaves: list[Any], check_dtype: bool = True
     ) -> list[torch.Tensor]:
-        """The tangent output's leaves from the user's rule, checked."""
+        """The tangent output's leaves from the user's rule, checked: structure and shapes
+        always, dtypes in forward mode (``check_dtype``). Reverse mode only transposes the
+        rule, and there a dtype difference is harmless (the cotangent is cast, as autograd
+        does): with AMP, a backward outside ``torch.autocast`` runs the rule in float32 for
+        a bfloat16 output."""
         assert self.jvp is not None
         primals = _tree.unflatten(spec.in_def, primal_leaves)
         tangents = _tree.unflatten(spec.in_def, tangent_leaves)
         result = self.jvp(*spec.nondiff, tuple(primals), tuple(tangents))
-        where = f"custom_jvp({getattr(self.f, '__name__', 'f')})"
+        where = self._where()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise TypeError(
                 f"{where}: the jvp rule must return a pair (primal_out, tangent_out), got "
@@ -120,7 +149,65 @@ class custom_jvp:  # noqa: N801 - JAX's name
             raise ValueError(
                 f"{where}: tangent_out has structure {t_def} but f's output has {spec.out_def}"
             )
+        for k, (t, meta) in enumerate(zip(t_leaves, spec.out_meta, strict=True)):
+            if meta is None:  # an integer or non-tensor output: no tangent to check
+                continue
+            if not (isinstance(t, torch.Tensor) and t.shape == meta[0]
+                    and (t.dtype == meta[1] or not check_dtype)):
+                got = (f"shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor)
+                       else f"a {type(t).__name__}")
+                path = _tree.keystr(_tree.flatten_with_path(result[1])[0][k])
+                raise ValueError(
+                    f"{where}: the jvp rule's tangent_out must have the shape and dtype of f's "
+                    f"output, but at path `{path}` f's output has shape "
+                    f"{tuple(meta[0])} and dtype {meta[1]} and tangent_out has {got}"
+                )
         return t_leaves
+
+    def _check_linear(self, linear: Callable[..., Any], zeros: list[torch.Tensor],
+                      at_zero: tuple[torch.Tensor, ...], spec: _Spec) -> None:
+        """Refuse a rule that is not linear in the tangents (see the class docstring).
+
+        # NOTE [custom_jvp linearity check]
+        Reverse mode transposes the rule's linearisation at zero tangents, which is the
+        rule itself only when the rule is linear; JAX raises while transposing a
+        non-linear rule, and ours silently returned 0 for ``3 * t ** 2`` (and dropped
+        the offset of ``t + 1``). A linear map gives 0 at 0 and commutes with scaling by
+        -2, and in floating point scaling by a power of two is exact, so a linear rule
+        passes exactly; ``t ** 2``, ``abs(t)``, ``relu(t)`` and offsets fail. It costs two
+        evaluations of the rule, once per custom_jvp, at the first plain eager backward
+        (it needs a Python bool, which vmap cannot give).
+        """
+        self._linear_checked = True
+        ones = [torch.ones_like(z) for z in zeros]
+        with torch.no_grad():
+            at_t = linear(*ones)
+            at_m2t = linear(*[-2 * o for o in ones])
+        paths = _tree.flatten_with_path(_tree.unflatten(spec.out_def, list(range(len(at_t)))))[0]
+        for p, z, a, b, meta in zip(paths, at_zero, at_t, at_m2t, spec.out_meta, strict=True):
+            if meta is None:
+                continue
+            size = a.detach().abs().nan_to_num(nan=0.0, posinf=0.0)  # a NaN derivative is no evidence
+            scale = 1e-6 * max(float(size.max()) if a.numel() else 0.0, 1e-30)
+            zero_ok = torch.allclose(z.detach().nan_to_num(nan=0.0, posinf=float("inf"),
+                                                           neginf=float("-inf")),
+                                     torch.zeros_like(z), rtol=0.0, atol=scale)
+            if not zero_ok or not torch.allclose(b, -2 * a, rtol=1e-4, atol=scale, equal_nan=True):
+                raise ValueError(
+                    f"{self._where()}: the jvp rule is not linear in the tangents, so reverse mode "
+                    "(fp.grad, fp.vjp, backward), which transposes it, is undefined (JAX "
+                    f"refuses too). At output path `{_tree.keystr(p)}` and tangents t of "
+                    f"ones: rule(0) = {_short(z)}, rule(t) = {_short(a)}, rule(-2 t) = "
+                    f"{_short(b)} (a linear rule gives 0 and -2 rule(t)). Make tangent_out "
+                    "linear in the tangents (e.g. `df(x) * t`)."
+                )
+
+
+def _short(x: torch.Tensor) -> str:
+    """A tensor's first values, for a message."""
+    flat = x.detach().reshape(-1)
+    vals = ", ".join(f"{v:.4g}" for v in flat[:4].tolist())
+    return f"[{vals}{', ...' if flat.numel() > 4 else ''}]"
 
 
 class _Spec:
@@ -130,6 +217,7 @@ class _Spec:
         self.in_def = in_def
         self.nondiff = nondiff
         self.out_def: Any = None
+        self.out_meta: list[Any] = []  # (shape, dtype) of each floating output leaf, else None
 
 
 def _zeros_for(leaves: list[Any], tangents: tuple[Any, ...]) -> list[Any]:
@@ -171,6 +259,9 @@ def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function
         def forward(spec: _Spec, *leaves: Any) -> tuple[Any, ...]:  # type: ignore[override]
             out = owner._call_f(spec, tuple(_tree.unflatten(spec.in_def, leaves)))
             out_leaves, spec.out_def = _tree.flatten(out)
+            spec.out_meta = [(x.shape, x.dtype) if isinstance(x, torch.Tensor)
+                             and (x.is_floating_point() or x.is_complex()) else None
+                             for x in out_leaves]
             return tuple(x.view_as(x) if isinstance(x, torch.Tensor) else x for x in out_leaves)
 
         @staticmethod
@@ -220,11 +311,15 @@ def _make_function(name: str, owner: custom_jvp) -> type[torch.autograd.Function
                 ]
                 for i, t in zip(idx, ts, strict=True):
                     full[i] = t
-                return tuple(owner._rule(ctx.spec, leaves, full))
+                return tuple(owner._rule(ctx.spec, leaves, full, check_dtype=False))
 
             with torch.set_grad_enabled(create_graph):
                 zeros = [torch.zeros_like(leaves[i]) for i in idx]
                 outs, vjp_fn = torch.func.vjp(linear, *zeros)
+                if (not owner._linear_checked and not create_graph
+                        and torch._C._functorch.peek_interpreter_stack() is None
+                        and not torch.compiler.is_compiling()):
+                    owner._check_linear(linear, zeros, outs, ctx.spec)  # NOTE [custom_jvp linearity check]
                 cts = tuple(
                     torch.zeros_like(o) if g is None else g
                     for g, o in zip(grads, outs, strict=True)

@@ -19,6 +19,12 @@ def jit(f: Callable[..., Any], *, fullgraph: bool = False, dynamic: bool | None 
     time it cold and warm separately. ``fullgraph=True`` makes a graph break an error
     instead of a silent fallback to eager.
 
+    A :class:`custom_vjp`/:class:`custom_jvp` function called inside a ``torch.func``
+    transform (``fp.grad``, ``fp.vmap``, ...) in the compiled function raises:
+    torch.compile (2.14) would silently ignore its rule there and differentiate ``f``
+    itself. Keep the transform outside ``jit``, or use ``loss.backward()`` inside it,
+    which keeps the rule.
+
     Args:
       f: the function (or module) to compile.
       fullgraph: make a graph break an error.

@@ -189,6 +189,8 @@ def vmap(
                         f"`{_tree.keystr(p)}` is a {type(leaf).__name__}"
                     )
                 _check_out_axis(ax, leaf.dim(), p, fn)
+                if ax is None and torch._C._functorch.is_batchedtensor(leaf):
+                    _unmapped_batched_output(f, leaf, p, fn)
                 tensors.append(leaf)
                 tensor_axes.append(ax)
             out_def[:] = [d]
@@ -244,6 +246,23 @@ def _check_out_axis(ax: Any, rank: int, path: Any, fn: str) -> None:
             f"`{_tree.keystr(path)}`, which has rank {rank} per example (rank {rank + 1} with the "
             f"mapped axis): expected an axis in [{-(rank + 1)}, {rank}]"
         )
+
+
+def _unmapped_batched_output(f: Callable[..., Any], leaf: torch.Tensor, path: Any, fn: str) -> None:
+    """Raise for an output with ``out_axes`` None that is batched (torch.func would say
+    "`inner` can not return a BatchedTensor", naming our closure, not ``f``, ``out_axes``
+    or the output's path)."""
+    where = (f"{fn}: `out_axes` is None for the output of `{getattr(f, '__name__', type(f).__name__)}` "
+             f"at path `{_tree.keystr(path)}`, but ")
+    F = torch._C._functorch  # noqa: N806
+    if F.maybe_get_level(leaf) == F.maybe_current_level():
+        raise ValueError(where + "that output depends on the mapped arguments (it is batched "
+                         "along the mapped axis). Give it an int axis in `out_axes` (0 to stack "
+                         "it), or make it independent of the mapped arguments.")
+    raise ValueError(where + "that output depends on the arguments of an enclosing vmap: "
+                     "torch.func cannot return it unmapped from this inner vmap (jax.vmap can). "
+                     "Give it `out_axes` 0 and take element 0 of the result, or return it from "
+                     "the enclosing function instead.")
 
 
 def _broadcast_outputs(out: Any, size: int, out_axes: Any, fn: str) -> Any:
