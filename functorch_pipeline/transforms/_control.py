@@ -359,6 +359,13 @@ def checkpoint(f: Callable[..., Any]) -> Callable[..., Any]:
     differentiates]); ``f`` may return its inputs as-is, integer tensors and non-tensor
     leaves.
 
+    NOTE [what checkpoint differentiates]: in the backward pass only the arguments whose
+    gradient is asked for (not a BatchNorm's running statistics, which
+    ``native_batch_norm`` cannot differentiate), in forward mode only those with a
+    tangent, and in both only floating or complex outputs (an integer output such as
+    ``num_batches_tracked`` is non-differentiable); an argument returned as-is comes back
+    as a view.
+
     Args:
       f: a deterministic function of tensors/pytrees (positional and keyword arguments).
 

@@ -238,6 +238,12 @@ def cond(
       NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
         so under ``fp.vmap`` (as JAX does when it batches a predicate) every branch runs and the
         outputs are selected per example with ``torch.where``.
+      NOTE [masked operands under vmap]: a branch not taken by an example still runs on its
+        operands, and its backward would turn the zero cotangent into ``0 * nan`` where its
+        derivative is infinite (``sqrt`` at -1); as JAX does, each branch gets its floating
+        operands as ``where(pred, x, x.detach())``, constants for the examples that do not
+        take it, so gradients equal a per-example loop. Tensors a branch reads from its
+        closure are not masked: pass what you differentiate as an operand.
 
     Example:
       >>> cond(torch.tensor(True), lambda x: x + 1, lambda x: x - 1, torch.tensor(1.0))
@@ -279,6 +285,12 @@ def switch(
       NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
         so under ``fp.vmap`` (as JAX does when it batches a predicate) every branch runs and the
         outputs are selected per example with ``torch.where``.
+      NOTE [masked operands under vmap]: a branch not taken by an example still runs on its
+        operands, and its backward would turn the zero cotangent into ``0 * nan`` where its
+        derivative is infinite (``sqrt`` at -1); as JAX does, each branch gets its floating
+        operands as ``where(pred, x, x.detach())``, constants for the examples that do not
+        take it, so gradients equal a per-example loop. Tensors a branch reads from its
+        closure are not masked: pass what you differentiate as an operand.
 
     Example:
       >>> switch(5, [lambda x: x, lambda x: x * 10], torch.tensor(1.0))
@@ -339,6 +351,16 @@ def while_loop(
       NOTE [control flow under vmap]: a per-example predicate cannot be decided by a Python ``if``,
         so under ``fp.vmap`` (as JAX does) the body runs while the predicate holds for any
         example, and each example keeps its value once its own predicate is false.
+      NOTE [masked operands under vmap]: a branch not taken by an example still runs on its
+        operands, and its backward would turn the zero cotangent into ``0 * nan`` where its
+        derivative is infinite (``sqrt`` at -1); as JAX does, each branch gets its floating
+        operands as ``where(pred, x, x.detach())``, constants for the examples that do not
+        take it, so gradients equal a per-example loop. Tensors a branch reads from its
+        closure are not masked: pass what you differentiate as an operand.
+      NOTE [loop carry check]: the value's structure is compared with ``init_val``'s at
+        every iteration; the shapes and dtypes of its tensor leaves at the first iteration
+        only (comparing them every iteration doubled the check's cost), so a body whose
+        output shape changes only later is not caught.
 
     Example:
       >>> while_loop(lambda v: v[0] < 5, lambda v: (v[0] + 1, v[1] * 2), (0, torch.tensor(1.0)))
@@ -437,6 +459,11 @@ def fori_loop(
     Notes:
       ``i`` is a Python int (JAX passes a traced int32 scalar); it indexes tensors the
       same way. Tensor bounds are read on the host (they cannot vary under ``vmap``).
+
+      NOTE [loop carry check]: the value's structure is compared with ``init_val``'s at
+        every iteration; the shapes and dtypes of its tensor leaves at the first iteration
+        only (comparing them every iteration doubled the check's cost), so a body whose
+        output shape changes only later is not caught.
 
     Example:
       >>> fori_loop(0, 4, lambda i, x: x + i, torch.tensor(0.0))
