@@ -30,6 +30,7 @@ from functorch_pipeline.transforms._per_sample import _per_sample
 from functorch_pipeline.transforms._per_sample import differentiated_input
 from functorch_pipeline.transforms._per_sample import differentiated_reason
 from functorch_pipeline.transforms._per_sample import reject_kwargs
+from functorch_pipeline.transforms._per_sample import warning_owner
 from functorch_pipeline.tree._math import _rows_sq_norms
 
 __all__ = ["clipped_grad", "clipped_value_and_grad", "per_sample_grad_norms"]
@@ -38,18 +39,28 @@ _METHODS = ("auto", "ghost", "hooks", "vmap")
 _REDUCTIONS = ("sum", "mean")
 _WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # loss_fns whose auto fallback was reported
 _WARNED_IDS: set[int] = set()
+_WARNED_CODE: set[Any] = set()  # NOTE [said once per loss_fn] in _per_sample
 
 
-def _first_warning(loss_fn: Any) -> bool:
-    """True the first time for each ``loss_fn`` (by identity; held weakly when it can be)."""
+def _first_warning(loss_fn: Any, args: Sequence[Any]) -> bool:
+    """True the first time for each ``loss_fn`` called on ``args``: for a lambda or a
+    ``functools.partial``, by its function's code, what it closes over and the shapes
+    (:func:`~._per_sample.warning_owner`, NOTE [said once per loss_fn]); else by identity
+    (held weakly when it can be)."""
+    owner = warning_owner(loss_fn, args)
+    if isinstance(owner, tuple):
+        if owner in _WARNED_CODE:
+            return False
+        _WARNED_CODE.add(owner)
+        return True
     try:
-        if loss_fn in _WARNED:
+        if owner in _WARNED:
             return False
-        _WARNED.add(loss_fn)
+        _WARNED.add(owner)
     except TypeError:  # not weak-referenceable: remember its id for the session
-        if id(loss_fn) in _WARNED_IDS:
+        if id(owner) in _WARNED_IDS:
             return False
-        _WARNED_IDS.add(id(loss_fn))
+        _WARNED_IDS.add(id(owner))
     return True
 
 
@@ -67,12 +78,21 @@ def _batched(args: Sequence[Any], nums: Sequence[int], batch_argnums: Sequence[i
     return batched
 
 
+def _norm_dtype(leaves: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype norms accumulate in: float64 when a leaf is float64 or complex128, else
+    float32 (as ``optim.per_example_global_norm_clip``)."""
+    wide = (torch.float64, torch.complex128)
+    return torch.float64 if any(g.dtype in wide for g in leaves) else torch.float32
+
+
 def _norms_of(grads: Any) -> torch.Tensor:
-    """``(B,)`` global norms of materialised per-example gradients (float64 accumulation for
-    float64 leaves, else float32, as ``optim.per_example_global_norm_clip``)."""
+    """``(B,)`` global norms of materialised per-example gradients, accumulated in
+    :func:`_norm_dtype`. A complex leaf counts ``|g|^2`` of each entry (its real and
+    imaginary parts as two real entries), as ``torch.linalg.vector_norm`` does."""
     leaves = _tree.leaves(grads)
-    acc = torch.float64 if any(g.dtype == torch.float64 for g in leaves) else torch.float32
-    return torch.stack([_rows_sq_norms(g, acc) for g in leaves]).sum(0).sqrt()
+    acc = _norm_dtype(leaves)
+    return torch.stack([_rows_sq_norms(torch.view_as_real(g) if g.is_complex() else g, acc)
+                        for g in leaves]).sum(0).sqrt()
 
 
 def _autocast_off(tree: Any) -> Any:
@@ -131,6 +151,7 @@ class _Clipper:
         self.has_aux, self.batch_argnums, self.chunk_size = has_aux, batch_argnums, chunk_size
         self.method, self.reduction, self.fn = method, reduction, fn
         self.chosen: str | None = None  # auto's choice, made on the first call
+        self.refused: str | None = None  # the first refusal that led auto to it
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, torch.Tensor, Any]:
         """``(values, norms, clipped)``; ``clipped`` is None when ``max_norm`` is None.
@@ -154,10 +175,10 @@ class _Clipper:
                 raise ValueError(f"{self.fn}: method={self.method!r} returns norms and sums "
                                  f"without an autograd graph, but {differentiated_reason(where)}"
                                  "; method='auto' or 'vmap' differentiates through them")
-            if _first_warning(self.loss_fn):
+            if _first_warning(self.loss_fn, args):
                 warnings.warn(f"{self.fn}: method='auto' uses 'vmap' for this call: "
                               f"{differentiated_reason(where)}", stacklevel=3)
-            return self._run("vmap", args, nums, is_tuple, batched)
+            return self._run("vmap", args, nums, is_tuple, batched, differentiated_reason(where))
         if self.method != "auto":
             try:
                 return self._run(self.method, args, nums, is_tuple, batched)
@@ -167,17 +188,20 @@ class _Clipper:
         order = ["ghost", "hooks", "vmap"]
         if self.chosen is not None:
             order = order[order.index(self.chosen):]
-        reasons = []
+        reasons: list[str] = []
         for method in order:
-            try:
-                out = self._run(method, args, nums, is_tuple, batched)
+            try:  # NOTE [shapes that depend on the data] in _per_sample: vmap says why it runs
+                out = self._run(method, args, nums, is_tuple, batched, self.refused or (
+                    f"the fast methods refused this call ({reasons[0]})" if reasons else None))
             except Unsupported as e:
                 if not reasons or not reasons[-1].endswith(str(e)):  # hooks often says the same
                     reasons.append(f"{method}: {e}")
                 continue
             if method != self.chosen:
                 self.chosen = method
-                if reasons and _first_warning(self.loss_fn):
+                self.refused = (f"the fast methods refused this call ({reasons[0]})"
+                                if reasons else None)
+                if reasons and _first_warning(self.loss_fn, args):
                     warnings.warn(f"{self.fn}: method='auto' uses {method!r} "
                                   f"({'; '.join(reasons)})", stacklevel=3)
             return out
@@ -193,7 +217,7 @@ class _Clipper:
         diff = tuple(args[i] for i in nums)
         leaves = [p for p in _tree.leaves(diff) if isinstance(p, torch.Tensor)]
         device = leaves[0].device if leaves else None
-        acc = torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
+        acc = _norm_dtype(leaves)
         like = next((p for p in leaves if p.is_floating_point() or p.is_complex()), None)
         losses = (like.new_zeros(0) if like is not None else torch.zeros(0)).real
         value: Any = losses
@@ -219,7 +243,8 @@ class _Clipper:
         return "; method='vmap' handles any function torch.func can transform"
 
     def _run(self, method: str, args: Sequence[Any], nums: tuple[int, ...], is_tuple: bool,
-             batched: tuple[int, ...]) -> tuple[Any, torch.Tensor, Any]:
+             batched: tuple[int, ...], refused: str | None = None) -> tuple[Any, torch.Tensor, Any]:
+        """One method's ``(values, norms, clipped)``; ``refused``: why ``auto`` came to vmap."""
         if method == "ghost":
             value, norms, clipped = ghost_norms_and_sum(
                 self.loss_fn, args, nums, is_tuple, batched, self.has_aux, self.chunk_size,
@@ -234,7 +259,7 @@ class _Clipper:
                 value, grads = _per_sample(
                     self.loss_fn, self.argnums, self.has_aux, batched, self.chunk_size,
                     keep_batch_dim=True, randomness="error", method="vmap", fn=self.fn,
-                    per_example=True)(*args)
+                    per_example=True, refused=refused)(*args)
             with _autocast_off(grads):  # NOTE [autocast]: sums in the gradients' own dtype
                 norms = _norms_of(grads)
                 clipped = None if self.max_norm is None else _clip_sum(grads, norms, self.max_norm)
@@ -271,10 +296,15 @@ _METHOD_DOC = """
           any ``loss_fn`` torch.func can transform.
         * ``"auto"`` (default): the first of ghost, hooks, vmap that can run this
           ``loss_fn``; chosen on the first call and kept, with one warning per
-          ``loss_fn`` when it is not ghost. A call with an input that requires grad under
-          grad mode (parameters, batch or ``max_norm``), or whose ``loss_fn`` takes an
-          inner ``fp.grad`` or ``torch.autograd.grad`` of the parameters, runs vmap, whose
-          results keep the autograd graph (ghost and hooks refuse such calls).
+          ``loss_fn`` when it is not ghost (a lambda or ``functools.partial`` rebuilt
+          every step counts as one; the choice is kept per
+          wrapper, so build the wrapper once). When vmap cannot batch ``loss_fn`` either
+          (boolean-mask routing, ``nonzero``, a branch on a value) the error names this
+          call, the first method's refusal and what to change. A call with an input that
+          requires grad under grad mode (parameters, batch or ``max_norm``), or whose
+          ``loss_fn`` takes an inner ``fp.grad`` or ``torch.autograd.grad`` of the
+          parameters, runs vmap, whose results keep the autograd graph (ghost and hooks
+          refuse such calls).
 
         Under ``fp.jit`` (``torch.compile``) every method but vmap runs eagerly behind a
         graph break, with the method and numbers it has outside; vmap is traced, and is
@@ -291,7 +321,13 @@ _AUX_DOC = """
         the examples there). ``"vmap"`` returns each example's own ``aux``, computed on
         its batch of one and stacked on a new leading axis (logits ``(B, 1, C)``, the 0-d
         accuracy as a ``(B,)`` vector of 0s and 1s); its leaves must be tensors (or
-        None). ``"auto"`` returns the first form when it runs ghost or hooks and the
+        None). With ``chunk_size``, ghost and hooks join each chunk's aux leaves along
+        axis 0 when their axis 0 has the chunk's size (per-example leaves) and refuse any
+        other leaf but a non-tensor equal in every chunk: a statistic of the chunk whose
+        length happens to equal the chunk size (per-class means with as many classes as
+        examples in a chunk) cannot be told from per-example data and is concatenated,
+        so return such statistics from outside ``loss_fn`` or call without
+        ``chunk_size``. ``"auto"`` returns the first form when it runs ghost or hooks and the
         second when it takes vmap: for a call with an input that requires grad under
         grad mode, a ``loss_fn`` that differentiates the parameters itself, or a use of
         a parameter with no rule. So the same call can return either form; pass
@@ -307,7 +343,11 @@ _CONTRACT_DOC = """
         example ``b`` alone; ``(losses, aux)`` with ``has_aux=True``. The ghost and hooks
         methods also need every call that uses a parameter to see the batch on axis 0, or
         on axis 1 of a sequence-first activation (see ``per_sample_grads``'s
-        ``method="hooks"``).
+        ``method="hooks"``). They refuse the statistics over the batch they see (those
+        with an autograd graph, and integer inputs standardised by the batch on the first
+        call), and ``auto`` then takes vmap; one applied without a graph (a REINFORCE
+        baseline ``(r - r.mean()).detach()``) is not seen and gives the batch-coupled
+        norms silently: use ``method="vmap"`` there.
 """
 
 
@@ -343,7 +383,8 @@ def per_sample_grad_norms(
 
     Returns:
       A function with ``loss_fn``'s signature returning the norms, shape ``(B,)`` (float64
-      for float64 parameters, else float32), or ``(norms, aux)`` with ``has_aux=True``. An
+      for float64 or complex128 parameters, else float32; a complex entry counts
+      ``|g|^2``), or ``(norms, aux)`` with ``has_aux=True``. An
       empty batch (Poisson sampling can draw one) gives norms of shape ``(0,)``; ``loss_fn``
       runs there only with ``has_aux=True``.
 

@@ -25,7 +25,7 @@ from functorch_pipeline.transforms._grad_sample._rules_misc import REPLACE_RNNS_
 from functorch_pipeline.transforms._grad_sample._state import Snapshot
 from functorch_pipeline.transforms._vmap import vmap
 
-__all__ = ["per_sample_grads", "per_sample_value_and_grad"]
+__all__ = ["per_sample_grads", "per_sample_value_and_grad", "warning_owner"]
 
 _METHODS = ("auto", "vmap", "hooks")
 
@@ -41,9 +41,13 @@ _METHODS = ("auto", "vmap", "hooks")
 # (the caller wants a graph through the gradients). A fall-back is announced once per
 # ``loss_fn`` (not per call), and the decision is cached per ``loss_fn`` and input
 # signature, so a model without rules does not pay a failed batch forward every call (the
-# first call does run loss_fn's forward once on the whole batch before vmap).
+# first call does run loss_fn's forward once on the whole batch before vmap). The warning
+# hangs on the function's code (NOTE [said once per loss_fn] in ``warning_owner``).
 _WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _DECIDED: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
+# why the fast method refused, where a cached decision is vmap (NOTE [shapes that depend
+# on the data])
+_REFUSED: weakref.WeakKeyDictionary[Any, dict[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def _owner(loss_fn: Any) -> Any:
@@ -51,9 +55,65 @@ def _owner(loss_fn: Any) -> Any:
     return getattr(loss_fn, "__func__", loss_fn)
 
 
-def _note_once(loss_fn: Any, message: str, reason: str) -> None:
+def warning_owner(loss_fn: Any, args: Sequence[Any] = ()) -> Any:
+    """What a one-time warning about ``loss_fn`` called on ``args`` hangs on: for a lambda
+    or a ``functools.partial``, ``(code, ids, shapes)``, the code object of the function
+    behind it (through partials and bound methods), the ids of the objects it closes over
+    or is partially applied to, and ``args``' shapes; else (a named function, a callable
+    object) ``loss_fn`` itself, as a cached decision.
+
+    # NOTE [said once per loss_fn]
+    The auto fall-back warnings were keyed on ``loss_fn``'s identity, so a
+    ``functools.partial`` or a lambda built anew every step (``per_sample_grads(lambda p, x:
+    ...)`` inside the training loop) warned on every call while saying "once per loss_fn".
+    The function's code is the same object every step, and so are the model and functions it
+    closes over, so for those two the warnings hang on them (held for the session, as code
+    objects cannot be held weakly; the objects by id); closures of one code over other
+    objects (a factory of loss functions over different models) still warn each, as does one
+    over per-step data. A function rebuilt with the same code and closure is otherwise
+    indistinguishable from the step before's, so the shapes of the call count too: a new
+    shape (another batch size) warns again. A named function (``def loss_fn``), a bound
+    method's function aside, and a callable object (an ``nn.Module``) stay keyed on
+    themselves: a helper that defines ``loss_fn`` anew for each model is another ``loss_fn``
+    each time. The cached decisions (NOTE [auto: vmap's numbers, hooks' speed]) still hang
+    on the object: a ``loss_fn`` rebuilt every step runs its refused fast forward every
+    step, so build it once.
+
+    Example:
+      >>> def loss(p, x, scale): return p * x * scale
+      >>> scale = 2.0
+      >>> steps = [functools.partial(loss, scale=scale) for _ in range(2)]  # one a step
+      >>> warning_owner(steps[0]) == warning_owner(steps[1]) != warning_owner(loss)
+      True
+    """
+    f, deps = loss_fn, []
+    for _ in range(16):  # partials of partials, a bound method of a partial
+        if isinstance(f, functools.partial):
+            deps.extend(id(a) for a in (*f.args, *f.keywords.values()))
+            f = f.func
+        elif getattr(f, "__func__", None) is not None:
+            deps.append(id(getattr(f, "__self__", None)))
+            f = f.__func__
+        else:
+            break
+    code = getattr(f, "__code__", None)
+    if code is None or f is loss_fn and code.co_name != "<lambda>":
+        return _owner(f)  # a named function or a callable object: by identity
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            deps.append(id(cell.cell_contents))
+        except ValueError:  # an empty cell
+            continue
+    return code, tuple(deps), _signature(args)
+
+
+_WARNED_CODE: dict[Any, set[str]] = {}  # NOTE [said once per loss_fn]: (code, ids) -> reasons
+
+
+def _note_once(loss_fn: Any, message: str, reason: str, args: Sequence[Any] = ()) -> None:
+    owner = warning_owner(loss_fn, args)
     try:
-        seen = _WARNED.setdefault(_owner(loss_fn), set())
+        seen = (_WARNED_CODE if isinstance(owner, tuple) else _WARNED).setdefault(owner, set())
     except TypeError:  # not weak-referenceable: warn every time rather than never
         seen = set()
     if reason not in seen:
@@ -104,7 +164,7 @@ def _contract_reason(args: Sequence[Any], nums: Sequence[int], has_aux: bool,
                      keep_batch_dim: bool, randomness: str) -> tuple[str, bool] | None:
     """Why the default method must use vmap without trying hooks: ``(reason, say_it)``."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return "inside a transform", False
+        return "the call runs inside a torch.func transform or torch.compile", False
     if fake_tensors(args):
         return FAKE_REASON, False
     where = differentiated_input(args)
@@ -200,13 +260,16 @@ def _per_sample(
     method: str,
     fn: str,
     per_example: bool = False,
+    refused: str | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """The function behind both public functions and the clipped functions' vmap method;
     ``fn`` names the API in errors, ``per_example`` states its contract there (per-example
-    losses only, as the clipped functions take)."""
+    losses only, as the clipped functions take), ``refused`` why the caller's ``auto`` came
+    to vmap, a clause (for NOTE [shapes that depend on the data])."""
     if method not in _METHODS:
         raise ValueError(f"{fn}: `method` must be one of {_METHODS}, got {method!r}")
     decided: dict[Any, str] = {}
+    reasons: dict[Any, str] = {}
     vg = _value_and_grad_impl(
         _squeeze_one(loss_fn, has_aux, fn, per_example) if keep_batch_dim else loss_fn,
         argnums, has_aux, fn)
@@ -232,15 +295,18 @@ def _per_sample(
             raise ValueError(f"{fn}: no batch argument: every positional argument is in `argnums`")
         if _empty_batch(args, batched):
             return _empty_result(loss_fn, args, nums, is_tuple, has_aux)
-        use = method
+        use, why_vmap = method, refused
         if method == "auto":
             why = _contract_reason(args, nums, has_aux, keep_batch_dim, randomness)
             if why is not None:
-                use = "vmap"
+                use, why_vmap = "vmap", why[0]
                 if why[1]:
-                    _note_once(loss_fn, f"{fn}: method='auto' uses 'vmap': {why[0]}", why[0])
+                    _note_once(loss_fn, f"{fn}: method='auto' uses 'vmap': {why[0]}", why[0], args)
             else:
                 use = _decisions(loss_fn, decided).get((nums, batched, _signature(args)), "hooks")
+                if use == "vmap":
+                    why_vmap = _decisions(loss_fn, reasons, _REFUSED).get(
+                        (nums, batched, _signature(args)))
         if use == "hooks" and method == "hooks":
             where = differentiated_input(args)
             if where is not None:  # NOTE [differentiating through per-example gradients]
@@ -250,9 +316,12 @@ def _per_sample(
         if use == "hooks":
             fast = _fast(loss_fn, args, nums, is_tuple, batched, has_aux, chunk_size, keep_batch_dim,
                          method, fn)
-            if fast is not None:
+            if not isinstance(fast, Unsupported):
                 return fast
-            _decisions(loss_fn, decided)[(nums, batched, _signature(args))] = "vmap"
+            why_vmap = f"the fast method refused this call ({fast})"
+            key = (nums, batched, _signature(args))
+            _decisions(loss_fn, decided)[key] = "vmap"
+            _decisions(loss_fn, reasons, _REFUSED)[key] = why_vmap
         in_axes = tuple(0 if i in batched else None for i in range(len(args)))
 
         def one(*a: Any) -> tuple[Any, Any]:
@@ -276,6 +345,10 @@ def _per_sample(
                 return vmap(snapshot.each_from_here(one, fn), in_axes=in_axes,
                             chunk_size=chunk_size, randomness=randomness)(*args)
         except RuntimeError as e:
+            # NOTE [shapes that depend on the data]
+            data_dependent = _data_dependent(e, fn, why_vmap)
+            if data_dependent is not None:
+                raise data_dependent from e
             if "embedding_renorm_" in str(e):  # NOTE [max_norm renormalises the table]
                 raise RuntimeError(
                     f"{fn}: method='vmap' cannot batch F.embedding/F.embedding_bag with "
@@ -380,17 +453,60 @@ def _builtin_rnn_in(tb: Any) -> str | None:
     return None
 
 
-def _decisions(loss_fn: Any, local: dict[Any, str]) -> dict[Any, str]:
+def _decisions(loss_fn: Any, local: dict[Any, str],
+               table: weakref.WeakKeyDictionary[Any, dict[Any, str]] | None = None
+               ) -> dict[Any, str]:
+    """``loss_fn``'s entry of ``table`` (default ``_DECIDED``), or ``local`` when it
+    cannot be held weakly."""
     try:
-        return _DECIDED.setdefault(_owner(loss_fn), {})
+        return (_DECIDED if table is None else table).setdefault(_owner(loss_fn), {})
     except TypeError:  # not weak-referenceable: remember per wrapper only
         return local
 
 
+# torch.func.vmap's words for an op whose output shape, or a branch, depends on the values
+_DYNAMIC_SHAPE = ("dynamic shape", "differently shaped Tensor")
+_DATA_FLOW = ("data-dependent control flow", "calling .item() on a Tensor")
+
+
+def _data_dependent(e: RuntimeError, fn: str, refused: str | None) -> RuntimeError | None:
+    """The error for vmap refusing an op whose shape or branch depends on the data, or None.
+
+    # NOTE [shapes that depend on the data]
+    A model that routes examples by a boolean mask (a mixture of experts, ``h[route] =
+    layer(x[route])``), ``nonzero``, ``masked_select`` or ``unique``, or that branches on a
+    value (``if h.sum() > 0``, ``.item()``), is valid for a per-example loop, but
+    ``torch.func.vmap`` cannot batch it: each example would have its own shape or take its
+    own branch. The fast methods refuse such models too (the mask moves the examples), so
+    ``auto`` ended in torch's bare "vmap: We do not support batching operators that can
+    support dynamic shape", which named neither the call nor why the fast methods had
+    refused. That error now says both (the first refusal's reason, kept per ``loss_fn``
+    and shapes with the decision), and the way out; torch's error is its ``__cause__``.
+    """
+    text = str(e)
+    if any(w in text for w in _DYNAMIC_SHAPE):
+        what = ("an op whose output shape depends on the values of the data (indexing with "
+                "a boolean mask, nonzero, masked_select, unique), which vmap cannot batch: "
+                "each example would get a shape of its own")
+        fix = ("compute every branch for all rows and select with torch.where (or multiply "
+               "by the mask), so that shapes do not depend on the data")
+    elif any(w in text for w in _DATA_FLOW):
+        what = ("Python control flow on a tensor's value (`if t > 0`, `.item()`), which vmap "
+                "cannot batch: each example may take a branch of its own")
+        fix = "replace the branch by torch.where over both results"
+    else:
+        return None
+    how = ("method='vmap'" if refused is None else
+           f"method='auto' took vmap because {refused}; vmap")
+    return RuntimeError(
+        f"{fn}: {how} cannot run loss_fn: it uses {what}. A loop over the examples can; to "
+        f"batch it, {fix}. The error was: {text.splitlines()[0] if text else type(e).__name__}")
+
+
 def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int], is_tuple: bool,
           batched: Sequence[int], has_aux: bool, chunk_size: int | None, keep_batch_dim: bool,
-          method: str, fn: str) -> tuple[Any, Any] | None:
-    """``method="hooks"``/``"auto"``: the engine's result, or None to fall back to vmap.
+          method: str, fn: str) -> tuple[Any, Any] | Unsupported:
+    """``method="hooks"``/``"auto"``: the engine's result, or its refusal to fall back to vmap.
     Under ``torch.compile`` it runs eagerly (NOTE [engines under torch.compile] in
     ``_grad_sample._api``); auto takes vmap there before reaching it."""
     return outside_compile(_fast_eager, loss_fn, args, nums, is_tuple, batched, has_aux,
@@ -399,7 +515,7 @@ def _fast(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
 
 def _fast_eager(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence[int],
                 is_tuple: bool, batched: Sequence[int], has_aux: bool, chunk_size: int | None,
-                keep_batch_dim: bool, method: str, fn: str) -> tuple[Any, Any] | None:
+                keep_batch_dim: bool, method: str, fn: str) -> tuple[Any, Any] | Unsupported:
     try:
         if not keep_batch_dim:
             raise Unsupported("keep_batch_dim=False means loss_fn is written for one example, "
@@ -412,8 +528,8 @@ def _fast_eager(loss_fn: Callable[..., Any], args: Sequence[Any], nums: Sequence
             raise ValueError(f"{fn}: method='hooks': {e}. Use method='vmap', or method='auto' "
                              "to fall back to it automatically.") from None
         _note_once(loss_fn, f"{fn}: method='auto' falls back to 'vmap' (said once per loss_fn): "
-                   f"{e}", str(e))
-        return None
+                   f"{e}", str(e), args)
+        return e
 
 
 def per_sample_value_and_grad(
@@ -485,7 +601,8 @@ def per_sample_grads(
       batch_argnums: the arguments whose tensor leaves carry the batch on axis 0; by
         default every positional argument not in ``argnums``.
       chunk_size: examples per vectorised chunk, to bound memory (same result: each chunk
-        starts from the module buffers as they were before the call).
+        starts from the module buffers, and the rows of tables a lookup with ``max_norm``
+        rescales, as they were before the call).
       keep_batch_dim: pass each example with a leading axis of size 1 (default), or
         without it (``False``) for a ``loss_fn`` written for one example.
       randomness: ``torch.func``'s mode for PyTorch's global RNG inside ``loss_fn``;
@@ -507,12 +624,20 @@ def per_sample_grads(
           backward with ``create_graph=True`` through the model (an input-gradient
           penalty), or calls a layer inside a ``torch.func`` transform of its own.
           A fall-back is announced by one ``UserWarning`` per ``loss_fn``
-          (not per call) and cached per input shapes. To get the fast path for a mean
+          (not per call; a lambda or ``functools.partial`` rebuilt every step counts as
+          one) and cached per ``loss_fn`` object and input shapes
+          (build ``loss_fn`` once: a rebuilt one runs the refused fast forward again). A
+          model that vmap cannot batch either (boolean-mask routing, ``nonzero``, a branch
+          on a value) raises an error naming this call, why the fast method refused and
+          what to change. To get the fast path for a mean
           loss, return the unreduced per-example losses. Hooks and vmap agree to rounding
           (float64: 1e-12) on the layers with rules. Like ``"hooks"``, it assumes example
           ``i``'s loss depends on example ``i`` alone (BatchNorm in training mode is an
-          error); a ``loss_fn`` with other batch statistics (``x - x.mean(0)``) needs
-          ``method="vmap"``.
+          error); other statistics over the batch are refused, and ``auto`` falls back to
+          ``vmap``, only where the fast method sees them (see ``"hooks"``'s contract);
+          a statistic it does not see (one applied without an autograd graph, such as a
+          REINFORCE baseline ``(r - r.mean()).detach()``) gives silently different numbers,
+          and needs ``method="vmap"``.
         * ``"vmap"``: ``vmap(grad)`` over batches of one; any ``loss_fn`` that
           ``torch.func`` can transform. A ``loss_fn`` returning per-example losses (shape
           ``(1,)`` for a batch of one) is accepted too.
@@ -550,7 +675,16 @@ def per_sample_grads(
           mode, which is an error, and no statistics over the batch: ``h - h.mean(0)``
           or a Gram matrix of the batch ``h @ (h.T @ h)`` before a layer, or an in-batch
           contrastive loss after the last, is refused, and ``"auto"`` falls back to ``"vmap"``, which
-          computes it over each example alone); and every call that
+          computes it over each example alone. Statistics are seen where they have an
+          autograd graph: computed from floating batch data (which reaches ``loss_fn``
+          requiring grad) or from activations. Without one, a tensor made from integer
+          batch data by the batch's statistics (``uint8`` pixels standardised by the
+          batch's mean and std) is seen on the first call with those shapes, by the padded
+          run that such a tensor asks for (its first rows change with the padding); a statistic applied
+          with no graph anywhere else is not seen, and the result is silently the batch's
+          coupled gradient: a REINFORCE baseline ``-(r - r.mean()).detach() * logp``,
+          weights computed from the batch and multiplied in by hand (``losses * w``). Use
+          ``method="vmap"`` for those); and every call that
           uses a parameter sees the batch on axis 0 of its input, in the batch's order (a
           model that reorders its examples inside, sorting them by length with an index,
           ``index_select``, ``gather``, ``flip``, ``roll``, ``cat`` or ``stack``, is seen:
@@ -599,7 +733,12 @@ def per_sample_grads(
           (an einsum that broadcasts a parameter's axis, ``nn.LSTM``'s fused kernel: see
           ``fp.nn.replace_rnns``) is an error
           naming the parameter and the call. ``randomness`` does not apply; ``aux`` is what
-          ``loss_fn`` returns for the whole batch; the gradients carry no autograd graph
+          ``loss_fn`` returns for the whole batch (with ``chunk_size``, each chunk's aux
+          leaves are concatenated along axis 0 when their axis 0 has the chunk's size, and
+          are an error otherwise: a statistic of the chunk whose length happens to equal
+          the chunk size, per-class means with as many classes as examples in a chunk, is
+          concatenated, not refused);
+          the gradients carry no autograd graph
           (an input that requires grad under grad mode is an error).
           Large per-example outputs are written into buffers of earlier results once
           nothing references those any more (glibc's malloc would page-fault fresh ones

@@ -85,7 +85,13 @@ def join_chunks(values: Sequence[Any], sizes: Sequence[int], has_aux: bool, fn: 
     per-example losses) joins along it into the batch's. Any other leaf (an accuracy over
     the chunk, a mean over it) is a statistic of each chunk, not of the batch: those were
     stacked or concatenated (an accuracy of 0.6 came back as ``[0., 1., 1.]``), and are
-    now an error naming the leaf; a non-tensor leaf equal in every chunk is kept.
+    now an error naming the leaf; a non-tensor leaf equal in every chunk is kept. The rule
+    is by shape alone: a leaf is taken as per-example when its axis 0 has its chunk's
+    size in every chunk. A statistic of the chunk whose length happens to equal the chunk
+    size (per-class mean logits with as many classes as examples in a chunk, when every
+    chunk has that size) cannot be told from per-example data without running
+    ``loss_fn`` again, and is concatenated like one (documented; the last chunk of a
+    batch that the chunk size does not divide has another size, and there it is caught).
     """
     if len(values) == 1:
         return values[0]

@@ -69,6 +69,16 @@ _KEEP_WALK = 16
 _PRINT_NODES = 8  # autograd nodes named per rule input in a run's record of its walks
 
 
+_next_node_number: Callable[[], int] = getattr(torch._C._autograd, "_get_sequence_nr", lambda: 0)
+
+
+def _node_number(node: Any) -> int:
+    """The number autograd gave ``node`` when it made it (its sequence number: nodes made
+    on a thread are numbered in order), or 0 where torch does not say."""
+    number = getattr(node, "_sequence_nr", None)
+    return number() if number is not None else 0
+
+
 def _in_examples_order(x: torch.Tensor, axis: int, rows: torch.Tensor | None) -> torch.Tensor:
     """``rows`` (a caller's own layout of ``x``'s rows), or ``x`` with ``axis`` first, detached."""
     return (x.movedim(axis, 0) if rows is None else rows).detach()
@@ -677,6 +687,9 @@ class Engine:
         self._sources: set[Any] | None = None  # the batch leaves' gradient accumulators
         self.unproven: str | None = None  # raised by the backward of an unpadded run
         self._rng = rng_states() if self.real is not None else None  # to tell a run that draws
+        # NOTE [rows reordered inside loss_fn] in _row_order: autograd's next node number
+        # now, so that a record counts the nodes made in this run before each rule input
+        self._first_node = _next_node_number()
 
     def close(self) -> None:
         """Mark the run over: a tracked tensor used after it (NOTE [tensors kept past
@@ -1110,6 +1123,9 @@ class Engine:
         if seen is not None and seen[0] is x:
             return seen[1]
         sig = (op, tuple(x.shape[1:]), x.dtype)
+        # each such tensor counts, answered or not, so that a padded run compares each with
+        # the same tensor of the unpadded run: NOTE [a statistic with no graph]
+        key = self.evidence.occurrence(("no graph", *sig)) if self.evidence is not None else None
         if self.real is not None:  # padded: a copy of the batch grew with it
             rows = x.shape[0] == B
             if not rows and any(n % B == 0 for n in x.shape[1:]):
@@ -1123,11 +1139,16 @@ class Engine:
                     "a graph that neither repeats the first example in the padding rows nor keeps "
                     "the batch's real size, so it is neither a copy of the batch nor a constant "
                     "at this padded size")
+            if rows:  # NOTE [a statistic with no graph]
+                self._same_as_unpadded(x, key, op)
             if self.evidence is not None:
                 self.evidence.note_rows(sig, rows)
         else:
             rows = self.evidence.rows_for(sig) if self.evidence is not None else None
             if rows is None:
+                if self.evidence is not None:  # for the padded run (NOTE [a statistic with
+                    # no graph])
+                    self.evidence.earlier_rows(key, x.detach().clone())
                 raise Unproven(
                     f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without a "
                     f"graph, whose first axis has the batch size {B}: a copy of the batch or a "
@@ -1135,6 +1156,59 @@ class Engine:
                     "the batch])")
         self._rows[id(x)] = (x, rows)
         return rows
+
+    def _same_as_unpadded(self, x: torch.Tensor, key: Any, op: str) -> None:
+        """In a padded run, raise :class:`Unsupported` when the first rows of ``x`` (a
+        tensor made without a graph, taken for a copy of the batch) differ from the same
+        tensor's rows in this call's unpadded run (``key``: its place among such tensors,
+        from :meth:`~._padding.Evidence.occurrence`).
+
+        # NOTE [a statistic with no graph]
+        A statistic over the batch computed where autograd records nothing is not in any
+        graph the walks of NOTE [statistics over the examples] in ``_row_order`` read:
+        integer pixels standardised by the batch's mean and spread inside ``loss_fn``
+        (``x = x.double() / 255; (x - x.mean()) / x.std()``: integer data cannot require
+        grad, so nothing after it has a graph), features of a frozen backbone in training
+        mode under ``no_grad``. Such a tensor reaches a rule as a tensor made without a
+        graph whose first axis has the batch size (NOTE [a table the size of the batch]),
+        and the padded run took it for a copy of the batch because its padding rows repeat
+        its first row, which a standardisation keeps. Every fast method then gave the
+        batch-coupled gradients, silently (1.18 off the loop), and the first call, whose
+        answer came from the padded run, other numbers than the second (1.27). A copy of
+        the batch has, in its first rows, the unpadded run's rows whatever the padding; a
+        statistic moves when copies of the first example join the batch. So the unpadded
+        run that asks for the padded one keeps the tensor's rows (``Evidence.seen``), and
+        the padded run compares its first rows with them (to the few thousand ulps of
+        :meth:`same_rows`; skipped in a run that drew random numbers, from PyTorch's
+        generators or, under NOTE [random draws in a padded run] in ``_same_draws``, a
+        ``torch.Generator`` of the user's, whose rows differ by their draws): a difference
+        is refused as a statistic over the examples, and ``auto`` falls back to ``vmap``,
+        which computes it over each example alone (the loop's numbers). Limits: only a
+        tensor whose unpadded run asked for the padded one is compared (the first such
+        tensor of the call; later calls with those shapes reuse the answer, and a model
+        padded for another reason, a sequence as long as the batch, is not compared); a
+        statistic whose effect on the rows is under that tolerance (a huge batch in float32)
+        passes; and a statistic applied without a graph anywhere else (a REINFORCE baseline
+        ``(r - r.mean()).detach() * logp``, weights computed from the batch and multiplied
+        in by hand) is never seen: the fast methods give the batch-coupled numbers there,
+        and ``method="vmap"`` is needed.
+        """
+        ev = self.evidence
+        if ev is None or self.real is None:
+            return
+        before = ev.seen.get(key)
+        if (before is None or before.shape[0] != self.real or self._drew()
+                or ev.same_draws is not None and ev.same_draws.drew):  # a user's generator
+            return
+        if not self.same_rows(x.detach()[:self.real], before):
+            raise Unsupported(
+                f"`{op}` meets a tensor of shape {tuple(x.shape)} made inside loss_fn without a "
+                "graph whose first rows changed when copies of the first example joined the "
+                "batch: it is computed from the whole batch (a statistic over the examples, "
+                "such as inputs standardised by the batch's mean and spread), so each "
+                "example's loss depends on the others, which per-example gradients exclude; "
+                "method='vmap' runs each example alone, computing the statistic over that "
+                "example only (NOTE [a statistic with no graph])")
 
     def check_input(self, x: Any, op: str, slots: list[int], min_dim: int = 2,
                     features: int = 0, seq_first: bool = False, paired: bool = False,
@@ -1403,23 +1477,28 @@ class Engine:
             if known is not None and len(known) >= n and known[n - 1] == ev.names[-1]:
                 return None
             ev.known = None  # the history differs from that run's: walk from here on
+        first = _next_node_number()
         if self._sources is None:  # (the losses' walk runs after the forward's modes)
             with torch.inference_mode(False), torch.enable_grad():
                 self._sources = {get_gradient_edge(t).node for arg in self.batch_args
                                  for t in _tree.leaves(arg) if isinstance(t, torch.Tensor)
                                  and t.requires_grad and t.grad_fn is None}
         why = reordered_by(x, axis, self.rule_nodes, self._order_memo, self._sources)
+        # nodes the walk made (get_gradient_edge of a leaf makes a view) are not the
+        # model's: left out of the count of later records, which must not depend on
+        # whether this run walked
+        self._first_node += _next_node_number() - first
         if ev is not None and self._order_memo.get(VALUES_READ):
             ev.walk_found = True  # NOTE [an index in order this time]: walk every call
         return why
 
     def _fingerprint(self, node: Any) -> str:
         """The names of the first :data:`_PRINT_NODES` autograd nodes of ``node``'s history,
-        breadth first, up to earlier rules' outputs and leaves: what a later call must meet
-        at this rule input to skip its walk (NOTE [rows reordered inside loss_fn] in
-        ``_row_order``)."""
-        names, todo, seen = [], [node], {node}
-        while todo and len(names) < _PRINT_NODES:
+        breadth first, up to earlier rules' outputs and leaves, and how many autograd nodes
+        this run made before ``node``: what a later call must meet at this rule input to
+        skip its walk (NOTE [rows reordered inside loss_fn] in ``_row_order``)."""
+        names, todo, seen = [f"#{_node_number(node) - self._first_node}"], [node], {node}
+        while todo and len(names) <= _PRINT_NODES:
             n = todo.pop(0)
             names.append(n.name() + (" (batch statistics)" if batch_statistics(n) else ""))
             if n in self.rule_nodes:

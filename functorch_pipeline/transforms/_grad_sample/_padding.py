@@ -20,8 +20,10 @@ batch size) to the padded size: in a padded run an input taken as examples on ax
 require grad (computed from the rules' batched outputs) or repeat its first row in the
 padding rows, as everything computed example by example from the padded batch does (the
 batch itself, an LSTM's zero initial state); a table of the padded length does not, and
-is refused. ``has_aux`` is not
-padded: the engines return ``aux`` for the whole batch, which the copies would enter
+is refused. Such a tensor made without a graph must also keep, in its first rows, the rows
+the unpadded run had: a statistic over the batch (integer pixels standardised by the
+batch's mean) repeats its first row in the padding too, and is refused by that (NOTE [a
+statistic with no graph] in ``_engine``). ``has_aux`` is not padded: the engines return ``aux`` for the whole batch, which the copies would enter
 (a padded run only answers NOTE [a table the size of the batch] in ``_engine`` for it).
 An expand of a parameter to the batch size (a class token) is proven the same way, by
 :class:`Evidence`: it is over the examples only if its size equalled the batch size in
@@ -172,6 +174,9 @@ class Evidence:
         self.known = known
         self.names: list[str] = []
         self.walk_found = False
+        # the mode giving the padding examples the first example's draws, when this run
+        # has one (NOTE [random draws in a padded run] in _same_draws)
+        self.same_draws: SameDraws | None = None
 
     def _next(self, sig: Any, count: dict[Any, int] | None = None) -> Any:
         count = self._count if count is None else count
@@ -270,7 +275,8 @@ def _padded(run: Callable[[list[Any], int, Evidence], Any], args: Sequence[Any],
                     torch.equal(a, b) for a, b in zip(before, after, strict=True))):
                 raise  # undecided expands (another run follows), or nothing drawn
     ev = evidence()
-    with SameDraws(size, size + extra):
+    ev.same_draws = SameDraws(size, size + extra)
+    with ev.same_draws:
         return ev.settled(lambda: run(padded, size + extra, ev)), True, ev
 
 

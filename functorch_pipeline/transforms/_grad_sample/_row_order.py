@@ -46,8 +46,18 @@ whose record differs (a model that mixes or sorts its examples in training mode 
 called in eval mode first; manifold mixup ``0.7 * h + 0.3 * h[perm]`` before an
 activation), the walks run again. (Only the input's own node was kept before, and a
 reorder under the same op at the input was hidden.) A change further up than those 8
-nodes is not seen; on a 4-layer transformer encoder at a batch of 4 the longer record
-costs nothing measurable (8.6 against 8.7 ms, 8.0 against 7.9 ms a call, ad hoc A/B).
+nodes was not seen: a model that flips its batch before its first layer and back after
+it in training mode only, both more than 8 nodes from every rule input, called in eval
+mode first, then gave each example another's gradients in training mode, silently (0.62
+off the loop). So the record of each input also counts the autograd nodes the run made
+before it (autograd numbers the nodes it makes on a thread in order: the input's node's
+number less the next number when the run began), which any op added or left out before
+it changes, however far up; the count costs two integer reads a rule input (a record of
+every node name would cost ~30 us a call on a 2-layer transformer encoder, ~0.5% of its
+call, more with deeper residual streams). Still not seen: a mode that swaps one op for
+another that makes as many nodes, more than 8 nodes up (``x.flip(0)`` in one mode,
+``x.flip(1)`` in the other); on a 4-layer transformer encoder at a batch of 4 the longer
+record costs nothing measurable (8.6 against 8.7 ms, 8.0 against 7.9 ms a call, ad hoc A/B).
 
 # NOTE [an index in order this time]
 The walk follows an integer index along the examples whose values never decrease (a
@@ -74,7 +84,12 @@ examples whose history reaches the batch (its leaves' gradient accumulators) or 
 earlier rule's output is a :class:`Mixed` finding, which no padded run can show away
 (the padding would only join the statistic): the fast methods refuse it, naming the op,
 and ``auto`` falls back to ``vmap``, which runs each example alone and so computes the
-statistic over that example only (the per-example loop's numbers). Statistics per example
+statistic over that example only (the per-example loop's numbers). A statistic with no
+graph is not in any history the walk reads: one made from integer batch data is caught by
+the padded run it asks for (NOTE [a statistic with no graph] in ``_engine``); others
+(``(r - r.mean()).detach()`` as a REINFORCE baseline, weights computed from the batch
+and multiplied in by hand) are not seen, and the fast methods give the batch-coupled
+numbers (documented: ``method="vmap"`` is needed). Statistics per example
 (a squeeze-and-excite gate, a norm over features) keep the examples' axis and are
 followed as before. An op that combines the entries along one dim into each output entry
 (softmax, log-softmax, cumulative sums, products and extrema) along the examples' axis is a

@@ -31,6 +31,7 @@ from torch.overrides import has_torch_function
 
 from functorch_pipeline.transforms._grad_sample import _buffers
 from functorch_pipeline.transforms._grad_sample import _kernel_choice
+from functorch_pipeline.transforms._grad_sample import _state
 from functorch_pipeline.transforms._grad_sample._engine import Ambiguous
 from functorch_pipeline.transforms._grad_sample._engine import Engine
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
@@ -546,15 +547,26 @@ def renorm_rows(engine: Engine, ws: int, idx: Any, max_norm: float, norm_type: f
     refused (``Engine.renormed``), and so is any method (``vmap`` cannot batch the in-place
     rescaling at all). A table derived inside ``loss_fn`` (NOTE [derived parameters]) is
     refused: rescaling it in place would change what its gradient is pulled back through.
+    A plain read *before* such a lookup reads the rows as they were, in a loop as in the
+    batch, but the engines may run ``loss_fn`` more than once in a call (a padded run:
+    NOTE [padding an ambiguous batch] in ``_padding``; ``chunk_size``): such a read in a
+    later run or chunk read rows an earlier one had rescaled (4.2 off the loop on the
+    first call, 3.1 with ``chunk_size=2``). So the rows are kept before each rescaling
+    (:meth:`~._state.Snapshot.keep_rows`) and written back with the module buffers
+    before every later run or chunk (NOTE [runs that change module state] in
+    ``_state``); a call whose answer came from a padded run or from chunks ends, as for
+    a buffer, with one plain forward of the batch under ``no_grad``, so the table is
+    left as one eager forward of the batch leaves it.
     """
     if ws in engine.derived:
         raise Unsupported(f"{engine.name(ws)} is used by `{call}` with max_norm={max_norm!r} "
                           "after being computed inside loss_fn; the in-place rescaling of its "
                           "rows has no per-sample gradient rule there")
     engine.renormed.add(ws)
+    ids = idx.contiguous().reshape(-1)
+    _state.keep_rows(engine.bases[ws], ids)  # for a later run of this call to start from
     with torch.no_grad():
-        torch.embedding_renorm_(engine.bases[ws], idx.contiguous().reshape(-1), max_norm,
-                                norm_type)
+        torch.embedding_renorm_(engine.bases[ws], ids, max_norm, norm_type)
 
 
 def _positions_to_table(engine: Engine, grad: torch.Tensor, idx: torch.Tensor, ws: int,

@@ -58,6 +58,7 @@ class SameDraws(TorchFunctionMode):
     def __init__(self, real: int, padded: int) -> None:
         super().__init__()
         self.real, self.padded = real, padded
+        self.drew = False  # whether anything was drawn under this mode
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -65,6 +66,7 @@ class SameDraws(TorchFunctionMode):
             return self._dropout(func, args, kwargs)
         out = func(*args, **kwargs)
         if func in _SAMPLERS:
+            self.drew = True
             self._repeat(out)
         return out
 
@@ -84,6 +86,7 @@ class SameDraws(TorchFunctionMode):
         training, inplace = _get(args, kwargs, 2, "training", True), _get(args, kwargs, 3, "inplace", False)
         if not training or not isinstance(p, (int, float)) or not 0 < p < 1:
             return func(*args, **kwargs)  # nothing drawn, or all dropped: torch's own
+        self.drew = True
         shared = _DROPOUT[func]
         shape = (*x.shape[:x.dim() - shared], *[1] * shared)  # a channel's mask is shared
         keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)

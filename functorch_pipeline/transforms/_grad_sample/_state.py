@@ -37,7 +37,9 @@ hold no values and are skipped; an inference tensor has no version counter, and 
 change where anything is differentiated. Not seen: state outside module
 buffers (a tensor in a closure, a Python counter), and a buffer replaced by another
 tensor (``self.mu = new``) rather than changed in place: ``functional_call`` swaps
-buffers the same way, so the two cannot be told apart.
+buffers the same way, so the two cannot be told apart. Rows of a parameter that a lookup
+with ``max_norm`` rescales in place are kept and written back the same way
+(:meth:`Snapshot.keep_rows`, NOTE [max_norm renormalises the table] in ``_rules``).
 
 The same hook refuses a module with parameters and a backward hook of the deprecated
 ``Module.register_backward_hook`` (or the global ``register_module_backward_hook``):
@@ -63,7 +65,7 @@ import torch
 from functorch_pipeline.transforms._grad_sample._engine import Unsupported
 from functorch_pipeline.transforms._grad_sample._engine import _Tracked
 
-__all__ = ["Snapshot", "StateLost", "chunks_from_one_state"]
+__all__ = ["Snapshot", "StateLost", "chunks_from_one_state", "keep_rows"]
 
 _MAX_COPY_BYTES = 1 << 24
 _ALWAYS_COPY_BYTES = 1 << 16  # NOTE [runs that change module state]: small ones, every call
@@ -120,6 +122,12 @@ def _see(module: torch.nn.Module, args: Any) -> None:
         snapshot.ran_ids.add(id(module))
 
 
+def keep_rows(table: torch.Tensor, ids: torch.Tensor) -> None:
+    """:meth:`Snapshot.keep_rows` of every snapshot open in this context."""
+    for snapshot in _ACTIVE.get():
+        snapshot.keep_rows(table, ids)
+
+
 def _ran(module: torch.nn.Module, args: Any, out: Any) -> None:
     if module._buffers:
         for snapshot in _ACTIVE.get():
@@ -152,7 +160,20 @@ class Snapshot:
         self._held: dict[tuple[int, str], Any] = {}  # (module, name) -> the buffer when met
         # (module, name) -> (the buffer before, the tensor its forward put in its place)
         self._replaced: dict[tuple[int, str], tuple[torch.nn.Module, str, Any, Any]] = {}
+        # NOTE [max_norm renormalises the table] in _rules: (table, row ids, the rows
+        # before a lookup with max_norm rescaled them), in the order they were rescaled
+        self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._token: Any = None
+
+    def keep_rows(self, table: torch.Tensor, ids: torch.Tensor) -> None:
+        """Keep rows ``ids`` of ``table`` as they are, before a lookup with ``max_norm``
+        rescales them in place (NOTE [max_norm renormalises the table] in ``_rules``), for
+        :meth:`restore` to put back."""
+        with torch.no_grad():
+            self._tables.append((table, ids, table.index_select(0, ids)))
+
+    def _tables_changed(self) -> bool:
+        return any(not torch.equal(t.index_select(0, ids), rows) for t, ids, rows in self._tables)
 
     def see(self, module: torch.nn.Module) -> None:
         """Copy the buffers of ``module`` and its submodules (a submodule's ``forward`` may
@@ -221,7 +242,8 @@ class Snapshot:
         module's forward replaced by another tensor."""
         return [f"{type(e[3]).__name__}.{e[4]}" for e in self._entries.values() if self._changed(e)] + [
             f"{type(m).__name__}.{n}" for m, n, _, after in self._replaced.values()
-            if m._buffers.get(n) is after]
+            if m._buffers.get(n) is after] + (
+            ["rows of a table rescaled by max_norm"] if self._tables_changed() else [])
 
     def restore(self, fn: str = "the fast method") -> None:
         """Write back every buffer that changed; raises :class:`StateLost` for one that
@@ -233,6 +255,10 @@ class Snapshot:
             if module._buffers.get(name) is after:
                 module._buffers[name] = before
         self._replaced.clear()
+        with torch.no_grad():  # the earliest copy of a row is written last
+            for table, ids, rows in reversed(self._tables):
+                table.index_copy_(0, ids, rows)
+        self._tables.clear()
         for e in self._entries.values():
             if not self._changed(e):
                 continue
