@@ -11,6 +11,11 @@
 - Training: :func:`fit` (checkpoints, exact resume, Ctrl-C, non-finite losses, per-epoch
   and per-step metrics, a plot, and a summary of where everything went).
 - :func:`run_main`: runs an example's ``main`` so Ctrl-C outside :func:`fit` is one line.
+- Files: :func:`dumps_strict` (and :func:`append_jsonl`, which uses it) write strict JSON
+  (RFC 8259): a non-finite float (an infinite epsilon, a NaN metric) is written as
+  ``null``, since JSON has no ``Infinity``/``NaN`` and strict readers (jq, ``JSON.parse``)
+  reject them. The per-step ``steps.jsonl`` of :func:`fit` keeps a non-finite loss as
+  ``NaN`` on purpose: it records where a run diverged.
 """
 
 from __future__ import annotations
@@ -291,9 +296,40 @@ def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor],
     return {"test_loss": total.item() / n, "test_accuracy": correct.item() / n}
 
 
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (inf, -inf, NaN) replaced by ``None``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes strict JSON: non-finite floats become ``null``
+    (JSON has no ``Infinity`` or ``NaN``), and ``allow_nan=False`` makes any value that
+    would still need them an error instead of an invalid file.
+
+    Args:
+      obj: dicts, lists, tuples, str, int, float, bool and None.
+      **kwargs: passed to ``json.dumps`` (``indent=1``, ...).
+
+    Returns:
+      The JSON text.
+
+    Example:
+      >>> dumps_strict({"epsilon": float("inf"), "loss": 0.5})
+      '{"epsilon": null, "loss": 0.5}'
+    """
+    return json.dumps(_finite_or_null(obj), allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line of strict JSON (:func:`dumps_strict`)."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps_strict(record) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -10,7 +10,10 @@ RDP-to-epsilon conversion. Today's RDP gives about 0.92 for that run and PLD les
     python examples/dp_mnist.py --optimizer adam --lr 1e-3   # DP-Adam, same privacy
 
 Every epoch prints epsilon by RDP and by PLD; --out-dir gets metrics.jsonl (one line per
-epoch), summary.json and accuracy_vs_epsilon.png. The state (parameters, optimizer and
+epoch), summary.json and accuracy_vs_epsilon.png. Both JSON files are strict JSON: an
+epsilon is null where it is not a finite number, that is with --sigma 0 (no noise, no
+guarantee: epsilon is infinite, printed as inf) and for PLD below sigma 0.1 (not computed,
+printed as n/a); the record's sigma tells which. The state (parameters, optimizer and
 noise state, step, key, accountant) is checkpointed at each epoch end, with the per-example
 conv kernels the run measured (kernel_choices.json); --resume continues exactly.
 """
@@ -36,6 +39,7 @@ from common import ArgumentParser  # noqa: E402
 from common import append_jsonl  # noqa: E402
 from common import check_run_meta  # noqa: E402
 from common import default_data_dir  # noqa: E402
+from common import dumps_strict  # noqa: E402
 from common import evaluate  # noqa: E402
 from common import fail  # noqa: E402
 from common import finite_positive_float  # noqa: E402
@@ -152,6 +156,14 @@ def _eps(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _read_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl row as main built it: a null epsilon after steps at sigma 0 is the
+    infinite epsilon that strict JSON cannot hold (see the module docstring)."""
+    if row.get("sigma") == 0 and row.get("step", 0) > 0:
+        row.update({k: math.inf for k in ("epsilon_rdp", "epsilon_pld") if row.get(k) is None})
+    return row
+
+
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     try:
         import matplotlib
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     if args.resume and os.path.exists(files.metrics):
         with open(files.metrics) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = [_read_row(json.loads(line)) for line in f if line.strip()]
     t_run = time.perf_counter()
     for epoch in range(int(state.step) // steps_per_epoch, args.epochs):
         batches = fp.data.poisson_batches(
@@ -281,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                **({k: rows[-1][k] for k in ("test_accuracy", "epsilon_rdp", "epsilon_pld")}
                   if rows else {})}
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(dumps_strict(summary, indent=1))  # an infinite epsilon as null
     if rows and not args.no_plot:
         plot(rows, os.path.join(args.out_dir, "accuracy_vs_epsilon.png"), title)
     if rows:

@@ -9,14 +9,19 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from functorch_pipeline import optim
 from functorch_pipeline import random as _random
 from functorch_pipeline import tree as _tree
 from functorch_pipeline.optim._masking import broadcast_to_leaves
 from functorch_pipeline.privacy import Accountant
+from functorch_pipeline.train._state import _DATA
 from functorch_pipeline.train._state import TrainState
+from functorch_pipeline.train._state import _Code
+from functorch_pipeline.train._state import _flatten
 from functorch_pipeline.train._state import _freeze_frozen
+from functorch_pipeline.train._state import _with_code
 from functorch_pipeline.transforms import clipped_value_and_grad
 
 __all__ = ["DPTrainState", "DPTrainer"]
@@ -24,7 +29,6 @@ __all__ = ["DPTrainState", "DPTrainer"]
 _NOISE_STREAM = 0x0D15E  # NOTE [noise key]: the noise key is fold_in(state.key, _NOISE_STREAM)
 
 
-@_tree.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DPTrainState(TrainState):
     """A :class:`TrainState` that also carries the privacy :class:`~fp.privacy.Accountant`.
@@ -33,8 +37,11 @@ class DPTrainState(TrainState):
     (which holds the noise key and the noise step count), ``step``, ``key`` and
     ``accountant``. A registered pytree: ``fp.save``/``fp.load`` round-trip it without
     ``like=`` (the accountant's structure grows with its history, so prefer loading
-    without a template). ``fp.train.train_step`` accepts it too (a non-private step that
-    leaves the accountant alone).
+    without a template). ``fp.train.train_step`` accepts it too (a non-private step, which
+    its accountant records as a step without noise). As in :class:`TrainState`, ``apply_fn`` and ``tx``
+    (given with ``.replace``) are static: ``fp.tree.map``, ``torch.func`` transforms,
+    device moves, ``fp.jit`` and ``fp.load(like=state)`` keep them, and a checkpoint never
+    holds them (NOTE [code is not saved]).
 
     Attributes:
       params, buffers, opt_state, step, key: as :class:`TrainState`.
@@ -90,6 +97,29 @@ class DPTrainState(TrainState):
         return cls(**fields, accountant=acc)
 
 
+_DP_DATA = (*_DATA, "accountant")
+
+
+def _dp_flatten(s: DPTrainState) -> tuple[list[Any], Any]:
+    """TrainState's flatten (``apply_fn``/``tx`` as static aux, NOTE [code is not saved])
+    plus the accountant. A state without code has aux ``()``, as the plain dataclass
+    registration this replaces, so older checkpoints load unchanged."""
+    children, code = _flatten(s)
+    return [*children, s.accountant], code
+
+
+def _dp_unflatten(aux: Any, children: Any) -> DPTrainState:
+    obj = object.__new__(DPTrainState)
+    for n, v in zip(_DP_DATA, children, strict=True):
+        object.__setattr__(obj, n, v)
+    if isinstance(aux, _Code):
+        _with_code(obj, aux.apply_fn, aux.tx)
+    return obj
+
+
+_tree.register_pytree_node(DPTrainState, _dp_flatten, _dp_unflatten, field_names=_DP_DATA)
+
+
 def _check_positive(where: str, name: str, value: Any, *, integer: bool = False,
                     high: float | None = None, finite: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
@@ -142,6 +172,40 @@ def _finite_padding(batch: Any, mask: torch.Tensor) -> Any:
     return _tree.map(lambda a: a.index_select(0, rows.to(a.device)), batch)
 
 
+def _averaging_factory(tx: Any) -> str | None:
+    """``"data_parallel"`` or ``"pmean_gradients"`` when ``tx`` is made by that
+    ``fp.distributed`` factory (its update averages over ranks), else None. A chain that
+    holds one is not seen here; the process-group check catches it (NOTE [DPTrainer is one
+    process])."""
+    update = getattr(tx, "update", None)
+    if getattr(update, "__module__", None) != "functorch_pipeline.distributed._data_parallel":
+        return None
+    name = getattr(update, "__qualname__", "").split(".")[0]
+    return name if name in ("data_parallel", "pmean_gradients") else None
+
+
+_USE_DISTRIBUTED_DP = (
+    "For DP-SGD across ranks use fp.distributed.differentially_private_aggregate (each rank "
+    "clips its own examples, one psum adds the clipped sums, the noise is added once) with "
+    "fp.distributed.poisson_indices for each rank's share of the Poisson batch"
+)
+
+
+def _check_one_process(where: str) -> None:
+    """Refuse a process group of several ranks (NOTE [DPTrainer is one process]): ~0.2 us
+    without one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"{where}: running in a torch.distributed process group of {dist.get_world_size()} "
+            "ranks, but DPTrainer has no multi-process mode: it adds the noise to the clipped sum "
+            "of the examples this rank was given, so averaging its updates over ranks (as "
+            "fp.distributed.data_parallel does) is not the one-process DP-SGD step the accountant "
+            f"assumes (half the signal with the full noise on 2 ranks). {_USE_DISTRIBUTED_DP}. If "
+            "every rank trains its own model independently (no averaging), pass "
+            "DPTrainer(..., independent_processes=True)"
+        )
+
+
 class DPTrainer:
     """DP-SGD (or DP-Adam, DP-anything) one line away from ``fp.train.train_step``.
 
@@ -181,6 +245,10 @@ class DPTrainer:
         Frozen leaves get no per-example gradients (their gradients count in no
         example's clipped norm, as Opacus clips the parameters that require grad), no
         noise and no update (NOTE [frozen parameters in DP-SGD]).
+      independent_processes: ``True`` lets :meth:`init` and :meth:`step` run in a
+        ``torch.distributed`` process group of several ranks, each rank running its own,
+        independent DP training (nothing is communicated). Default ``False``: refused,
+        since DPTrainer has no data-parallel mode (NOTE [DPTrainer is one process]).
 
     Notes:
       NOTE [exact resume]: everything random comes from ``state.key`` folded with the step, and the
@@ -197,6 +265,15 @@ class DPTrainer:
         leaves were trained. With ``trainable``, ``loss_fn`` gets the frozen leaves as
         constants and the per-example gradients, norms and noise cover the trained leaves
         alone; the optimizer runs on them (``optim.partition`` with zero updates for the rest).
+      NOTE [DPTrainer is one process]: DPTrainer adds the noise to the clipped sum of the
+        examples it is given. Composed with ``fp.distributed.data_parallel`` on N ranks, each
+        rank added the same noise to its own share's sum and the average gave ``(S/N + z)/E``
+        (1/N of the signal, the full noise; with a per-rank ``E/N``, ``(S + N z)/E``): silently
+        not the one-process step the accountant records. So an ``optimizer`` made by
+        ``fp.distributed.data_parallel`` or ``pmean_gradients`` is refused, and so is a step
+        in a process group of more than one rank, unless ``independent_processes=True``.
+        DP-SGD across ranks is ``fp.distributed.differentially_private_aggregate`` (a ``psum``
+        of the clipped sums, then the noise once) with ``fp.distributed.poisson_indices``.
       NOTE [steps without noise]: a step with ``noise_multiplier=0`` releases an exact clipped
         gradient, so no (epsilon, delta) guarantee holds for a run that took one; the accountant
         records it (``Accountant.step_without_noise``) and reports epsilon = inf, delta = 1.
@@ -228,10 +305,22 @@ class DPTrainer:
         max_physical_batch_size: int | None = None,
         method: str = "auto",
         trainable: Any = None,
+        independent_processes: bool = False,
     ) -> None:
         where = "DPTrainer"
         if not callable(loss_fn):
             raise TypeError(f"{where}: `loss_fn` must be callable, got {type(loss_fn).__name__}")
+        averaging = _averaging_factory(optimizer)
+        if averaging is not None:  # NOTE [DPTrainer is one process]
+            raise ValueError(
+                f"{where}: `optimizer` is fp.distributed.{averaging}(...), which averages the "
+                "updates over ranks after DPTrainer has added the noise on each rank: the result "
+                f"is not DP-SGD on the union batch (half the signal on 2 ranks). {_USE_DISTRIBUTED_DP}; "
+                "give DPTrainer the optimizer itself"
+            )
+        if not isinstance(independent_processes, bool):
+            raise TypeError(f"{where}: `independent_processes` must be a bool, got "
+                            f"{type(independent_processes).__name__}")
         _check_positive(where, "l2_norm_clip", l2_norm_clip)
         if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
             raise TypeError(f"{where}: `noise_multiplier` must be a number, got "
@@ -254,6 +343,8 @@ class DPTrainer:
         self.expected_batch_size = float(expected_batch_size)
         self.max_physical_batch_size = max_physical_batch_size
         self.method = method
+        self.independent_processes = independent_processes
+        self._init_params: Any = None  # (treedef, paths) of the last init's params, for errors
         # NOTE [noise key]: update() reads the noise key from the optimizer state only;
         # init() builds that state from the run's key, so the 0 here is never used.
         self.trainable = trainable  # NOTE [frozen parameters in DP-SGD]; checked just below
@@ -314,6 +405,8 @@ class DPTrainer:
         """
         if not _random.is_key(key):
             raise TypeError(f"DPTrainer.init: `key` must be an fp.random key, got {key!r}")
+        if not self.independent_processes:
+            _check_one_process("DPTrainer.init")
         acc = Accountant(accountant) if isinstance(accountant, str) else accountant
         # NOTE [parameters that require grad in DPTrainer]
         # nn.Parameters (dict(model.named_parameters()), Opacus' habit) require grad: each
@@ -329,6 +422,8 @@ class DPTrainer:
         if self.trainable is not None and not any(self._flags("DPTrainer.init", params)):
             raise ValueError("DPTrainer.init: `trainable` marks no parameter trainable: a DP "
                              "step would train nothing (and spend privacy budget)")
+        paths, _, treedef = _tree.flatten_with_path(params)
+        self._init_params = (treedef, paths)
         return DPTrainState.create(params, tx.init(params), key, buffers=buffers, accountant=acc)
 
     def clipped_sum(self, params: Any, batch: Any, mask: torch.Tensor | None = None
@@ -429,6 +524,26 @@ class DPTrainer:
         frozen = [leaf for leaf, f in zip(leaves, flags, strict=True) if not f]
         return fns, (train, frozen), flags
 
+    def _params_mismatch(self, params: Any) -> ValueError | None:
+        """After a failed step: a ValueError naming the key paths in which ``params`` differs
+        from the parameters of this trainer's last :meth:`init` (whose structure the
+        optimizer state was built for), or None when they match or no init was seen."""
+        if self._init_params is None:
+            return None
+        treedef, paths = self._init_params
+        have, _, got_def = _tree.flatten_with_path(params)
+        if got_def == treedef:
+            return None
+        want, got = {_tree.keystr(p) for p in paths}, {_tree.keystr(p) for p in have}
+        detail = (f"paths only in `state.params`: {sorted(got - want) or 'none'}; only in the "
+                  f"parameters given to DPTrainer.init: {sorted(want - got) or 'none'}"
+                  if want != got else f"same paths, other containers: {got_def} vs {treedef}")
+        return ValueError(
+            "DPTrainer.step: `state.params` no longer has the structure of the parameters "
+            f"DPTrainer.init built the state's optimizer state for ({detail}); give the state "
+            "parameters of that structure, or start again from DPTrainer.init(new_params, key)"
+        )
+
     def step(self, state: DPTrainState, batch: Any, mask: torch.Tensor | None = None
              ) -> tuple[DPTrainState, dict[str, torch.Tensor]]:
         """One DP step on a logical batch.
@@ -441,6 +556,13 @@ class DPTrainer:
         Returns:
           ``(new_state, metrics)``; metrics are 0-d tensors: ``loss`` (mean over real
           examples, not private), ``num_examples`` and ``num_clipped``.
+
+        Raises:
+          RuntimeError: in a ``torch.distributed`` process group of several ranks, unless
+            the trainer has ``independent_processes=True`` (NOTE [DPTrainer is one process]).
+          ValueError: ``state.params`` no longer has the structure of the parameters this
+            trainer's :meth:`init` built the optimizer state for (the key paths are named);
+            raised from the error the step hit.
 
         Example:
           >>> import torch.nn.functional as F
@@ -455,8 +577,16 @@ class DPTrainer:
         if not isinstance(state, DPTrainState):
             raise TypeError(f"DPTrainer.step: `state` must be a DPTrainState (from "
                             f"DPTrainer.init), got {type(state).__name__}")
-        total, losses, norms = self.clipped_sum(state.params, batch, mask)
-        updates, opt_state = self.optimizer.update(total, state.opt_state, state.params)
+        if not self.independent_processes:
+            _check_one_process("DPTrainer.step")  # NOTE [DPTrainer is one process]
+        try:
+            total, losses, norms = self.clipped_sum(state.params, batch, mask)
+            updates, opt_state = self.optimizer.update(total, state.opt_state, state.params)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            mismatch = self._params_mismatch(state.params)
+            if mismatch is None:
+                raise
+            raise mismatch from e
         params = optim.apply_updates(state.params, updates)
         if mask is None and norms.shape[0]:  # every row is real
             count = torch.full((), norms.shape[0], dtype=torch.int64, device=norms.device)

@@ -114,21 +114,42 @@ def to(
     """Move every tensor leaf to ``device`` (and optionally cast floating leaves).
 
     Non-tensor leaves are left alone. ``non_blocking=True`` overlaps host-to-device
-    copies from pinned memory with compute (see ``torch.Tensor.to``).
+    copies from pinned memory with compute (see ``torch.Tensor.to``). As with
+    ``Tensor.to``, a dtype may be given alone in second place: ``to(tree, torch.float16)``
+    casts without moving.
 
     Args:
         tree: a pytree whose tensor leaves are used (other leaves pass through).
-        device: the target device; ``None`` keeps each leaf's device.
+        device: the target device (a ``torch.device``, a string such as ``"cuda:0"`` or a
+          device index); ``None`` keeps each leaf's device. A ``torch.dtype`` here is
+          taken as ``dtype``.
         dtype: if given, floating-point leaves are cast to it.
         non_blocking: passed to ``torch.Tensor.to`` (overlaps pinned host-to-device copies).
 
     Returns:
         A tree of the same structure with the moved leaves.
 
+    Raises:
+        TypeError: ``device`` or ``dtype`` of the wrong type, or two dtypes given.
+
     Examples:
         >>> to({"w": torch.ones(1)}, "cpu", torch.float16)
         {'w': tensor([1.], dtype=torch.float16)}
+        >>> to({"w": torch.ones(1), "n": torch.arange(1)}, torch.float64)
+        {'w': tensor([1.], dtype=torch.float64), 'n': tensor([0])}
     """
+    if isinstance(device, torch.dtype):  # Tensor.to(dtype): the dtype in second place
+        if dtype is not None:
+            raise TypeError(f"fp.tree.to(tree, device, dtype): got two dtypes, {device} as "
+                            f"`device` and {dtype} as `dtype`; pass one")
+        device, dtype = None, device
+    if device is not None and (isinstance(device, bool)
+                               or not isinstance(device, (torch.device, str, int))):
+        raise TypeError(f"fp.tree.to(tree, device, dtype): `device` must be a torch.device, a "
+                        f"str, a device index or None, got {type(device).__name__} {device!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"fp.tree.to(tree, device, dtype): `dtype` must be a torch.dtype or "
+                        f"None, got {type(dtype).__name__} {dtype!r}")
 
     def move(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
