@@ -41,7 +41,11 @@ class DPTrainState(TrainState):
     its accountant records as a step without noise). As in :class:`TrainState`, ``apply_fn`` and ``tx``
     (given with ``.replace``) are static: ``fp.tree.map``, ``torch.func`` transforms,
     device moves, ``fp.jit`` and ``fp.load(like=state)`` keep them, and a checkpoint never
-    holds them (NOTE [code is not saved]).
+    holds them.
+
+    NOTE [code is not saved]: ``apply_fn`` and ``tx`` are code, not data: they travel as
+    static pytree metadata (so transforms and device moves keep them) and are left out of
+    checkpoints; after ``fp.load`` without ``like=``, give them back with ``.replace``.
 
     Attributes:
       params, buffers, opt_state, step, key: as :class:`TrainState`.
