@@ -247,15 +247,19 @@ def test_empty_logical_batch_still_adds_noise_and_counts():
 
 
 def test_train_step_accepts_a_dp_state():
-    """The non-private step works on the same state (and leaves the accountant alone)."""
+    """The non-private step works on the same state, and the accountant records it as a
+    step without noise (epsilon inf from then on)."""
     trainer = _trainer(optim.sgd(0.1), sigma=1.0)
     state = trainer.init(_params(), fp.random.key(0))
     plain = optim.sgd(0.1)
     state = state.replace(opt_state=plain.init(state.params))
     batch = _data()
-    new, _ = fp.train.train_step(state, batch, lambda p, b, batch, k: (loss_fn(p, batch).mean(), b),
-                                 plain)
-    assert isinstance(new, fp.train.DPTrainState) and new.accountant.steps == 0
+    with pytest.warns(UserWarning, match="not private"):
+        new, _ = fp.train.train_step(state, batch, lambda p, b, batch, k: (loss_fn(p, batch).mean(), b),
+                                     plain)
+    assert isinstance(new, fp.train.DPTrainState)
+    assert new.accountant == state.accountant.step_without_noise(sample_rate=1.0)
+    assert new.accountant.epsilon(1e-5) == math.inf
     want = fp.tree.add_scale(state.params, -0.1, fp.grad(lambda p: loss_fn(p, batch).mean())(
         state.params))
     assert fp.tree.allclose(new.params, want, rtol=0, atol=1e-12)

@@ -269,7 +269,8 @@ def check_real(
 
     Raises:
       TypeError: ``value`` is not a real number or a one-element real tensor.
-      ValueError: it is NaN, out of range, or infinite when ``finite``.
+      ValueError: it is NaN, out of range, infinite when ``finite``, or an int too large
+        for a float.
 
     Example:
       >>> check_real("f", "sigma", torch.tensor(0.5))
@@ -278,6 +279,10 @@ def check_real(
       Traceback (most recent call last):
       ...
       ValueError: f: `sigma` must be a finite number >= 0, got nan
+      >>> check_real("f", "sigma", 10**400)
+      Traceback (most recent call last):
+      ...
+      ValueError: f: `sigma` is too large for a float, got an int of 1329 bits
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
@@ -289,7 +294,11 @@ def check_real(
         raise TypeError(f"{where}: `{name}` must be a number or a one-element tensor, got a "
                         f"{type(value).__name__}")
     else:
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an int beyond float's range (10**400): no bare OverflowError
+            raise ValueError(f"{where}: `{name}` is too large for a float, got an int of "
+                             f"{int(value).bit_length()} bits") from None
     ok = (x > low if low_open else x >= low) and (math.isfinite(x) or not finite)
     if not ok:  # NaN lands here: every comparison with it is False
         op = ">" if low_open else ">="

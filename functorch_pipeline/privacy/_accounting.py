@@ -8,6 +8,7 @@ from typing import Any
 from functorch_pipeline.privacy._backend import PLD_FLOOR_WHY
 from functorch_pipeline.privacy._backend import PLD_MIN_NOISE_MULTIPLIER
 from functorch_pipeline.privacy._backend import DpStep
+from functorch_pipeline.privacy._backend import PldTooLarge
 from functorch_pipeline.privacy._backend import check_accountant
 from functorch_pipeline.privacy._backend import check_delta
 from functorch_pipeline.privacy._backend import check_noise_multiplier
@@ -65,16 +66,34 @@ def epsilon(
       accountant: ``"rdp"`` or ``"pld"``.
 
     Returns:
-      epsilon as a Python float (``inf`` when no finite epsilon has this delta).
+      epsilon as a Python float: ``inf`` when no finite epsilon has this delta, ``0.0``
+      when epsilon 0 already has it (the accountant's delta at epsilon 0 is at most
+      ``delta``: tiny sample rates, large noise or a large delta; NOTE [the tighter
+      bound]).
 
     Raises:
-      ValueError: an argument is out of range (the message names it).
+      ValueError: an argument is out of range (the message names it), or ``"pld"`` would
+        need a loss distribution too large to hold (NOTE [PLD size guard]: full-batch
+        runs of very many steps; use ``"rdp"``).
       ImportError: ``dp-accounting`` is not installed.
 
     Notes:
       NOTE [neighbouring relation and orders]: as in dp-accounting and Opacus: add-or-remove-one
         neighbouring datasets, each step a Poisson-subsampled Gaussian mechanism, and
         dp-accounting's default RDP orders and RDP-to-(eps, delta) conversion.
+      NOTE [the tighter bound]: ``"pld"`` reports the smaller of PLD's and RDP's epsilon (both
+        are upper bounds). An epsilon of 0 from either is reported as 0: dp-accounting returns it
+        when delta already bounds the run's total variation distance (RDP's KL branch,
+        delta^2 > 1 - exp(-rdp); PLD's delta at epsilon 0 below delta). RDP orders whose value
+        dp-accounting could not compute (NaN from overflow near sigma = 1e-160, slightly negative
+        from rounding at tiny q) are left out of the conversion, which only loosens the bound;
+        with none left epsilon is inf.
+      NOTE [PLD size guard]: PLD's composed loss distribution is one array whose length
+        dp-accounting sets from a Chernoff bound; it is estimated before composing (on a coarser
+        copy, ~15 ms) and a history needing more than ``2**24`` entries (~1.2-1.9 GB) is refused
+        with a ValueError suggesting ``"rdp"`` (full-batch runs of many steps: sigma 0.5, q 1 and
+        1e7 steps asked numpy for 69.6 GiB; every refused setting measured has epsilon in the
+        hundreds or more).
 
     Example:
       Opacus's MNIST example (q = 240 / 60000, sigma = 1.1, 60 epochs, delta = 1e-5):
@@ -84,6 +103,12 @@ def epsilon(
       >>> epsilon(noise_multiplier=1.1, sample_rate=0.004, steps=15000, delta=1e-5,
       ...         accountant="pld") < 2.5
       True
+
+      A tiny sample rate (10 examples a batch out of 10 million) and seven steps:
+      ``delta`` already bounds the whole run's total variation, so epsilon is 0:
+
+      >>> epsilon(noise_multiplier=1.0, sample_rate=1e-6, steps=7, delta=1e-5)
+      0.0
     """
     where = "epsilon"
     sigma = check_noise_multiplier(where, noise_multiplier)
@@ -108,8 +133,11 @@ def noise_multiplier_for(
     Like Opacus's ``get_noise_multiplier``: doubles sigma until the budget is met, then
     bisects. The returned sigma always satisfies ``epsilon(sigma) <= target_epsilon``, and
     ``epsilon(sigma) >= target_epsilon - epsilon_tolerance`` unless the bisection bracket
-    became narrower than ``1e-6 * sigma`` first. Each probe composes the whole run: a few
-    milliseconds with RDP, 0.1-0.5 s with PLD for thousands of steps.
+    became narrower than ``1e-6 * sigma`` first, as it does where epsilon jumps to 0
+    (RDP's conversion drops from 0.17 to 0 at sigma 0.9977 for q = 0.01, one step and
+    delta = 0.01: a target of 0.02 gets 0.9977, where Opacus's conversion, which has no
+    such branch, needs 1.72). Each probe composes the whole run: a few milliseconds with
+    RDP, 0.1-0.5 s with PLD for thousands of steps.
 
     Args:
       target_epsilon: the budget, > 0.
@@ -126,8 +154,9 @@ def noise_multiplier_for(
     Raises:
       ValueError: an argument is out of range, or the target cannot be reached with
         sigma <= 2**14, the search's limit (the message states the epsilon at that limit,
-        the smallest in the range searched; epsilon keeps falling with sigma beyond it,
-        down to the floor of RDP's conversion, ~0.0035 at delta = 1e-5 and q = 1).
+        the smallest in the range searched; epsilon keeps falling with sigma beyond it:
+        RDP's near a floor of ~0.0035 at delta = 1e-5 and q = 1 until it drops to 0, at
+        sigma ~1e5 for one step, when delta bounds the run's total variation).
       ImportError: ``dp-accounting`` is not installed.
 
     Example:
@@ -150,7 +179,10 @@ def noise_multiplier_for(
     require_dp_accounting(where)
 
     def eps(sigma: float) -> float:
-        return _epsilon(kind, sigma, q, n, d, where)
+        try:
+            return _epsilon(kind, sigma, q, n, d, where)
+        except PldTooLarge:  # NOTE [PLD size guard]: epsilon in the hundreds there,
+            return math.inf  # far above any budget worth calibrating
 
     # NOTE [PLD calibration starts from RDP]
     # A PLD probe costs 0.1-0.5 s and more at small sigma (a wider loss distribution), RDP

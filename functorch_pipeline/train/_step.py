@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 
 from functorch_pipeline import optim
 from functorch_pipeline import tree as _tree
+from functorch_pipeline.privacy import Accountant
 from functorch_pipeline.train._state import TrainState
 from functorch_pipeline.transforms import value_and_grad
 
@@ -31,6 +33,10 @@ def train_step(
     continues bit for bit), so dropout is a pure function of the state. Nothing is
     mutated; no host sync.
 
+    On a ``fp.train.DPTrainState`` the step is not private (NOTE [train_step on a DP
+    state]): its accountant records it as a step without noise, and reports epsilon =
+    inf from then on.
+
     Args:
       state: the current :class:`TrainState`.
       batch: whatever ``loss_fn`` takes (any pytree).
@@ -45,12 +51,22 @@ def train_step(
 
     Returns:
       ``(new_state, loss)``, or ``(new_state, loss, aux)`` with ``has_aux=True``; ``loss``
-      and the tensors of ``aux`` are detached.
+      and the tensors of ``aux`` are detached. A state with an ``accountant`` gets the
+      step recorded as one without noise (NOTE [train_step on a DP state]).
 
     Notes:
       NOTE [exact resume]: everything random comes from ``state.key`` folded with the step, and the
         key never advances, so a state saved at step N and resumed in a new process continues bit
         for bit.
+      NOTE [train_step on a DP state]: on a state with a privacy accountant (``DPTrainState``) the
+        step is the batch gradient, unclipped and without noise, so it is recorded with
+        ``Accountant.step_without_noise(sample_rate=1.0)`` (no sampling is assumed), as
+        ``DPTrainer(noise_multiplier=0)`` records its steps: from then on epsilon is inf and delta
+        1, and a ``UserWarning`` says so (once per call site). It used to leave the accountant
+        alone, which kept reporting the earlier DP steps' finite epsilon for a model that had
+        since seen an exact gradient. ``DPTrainer.step`` takes private steps; after a step on
+        public data only (which spends no privacy) put the old accountant back,
+        ``new.replace(accountant=state.accountant)``, or train a plain ``TrainState``.
 
     Example:
       >>> from functorch_pipeline import optim, random
@@ -93,8 +109,18 @@ def train_step(
     (loss, rest), grads = value_and_grad(value, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates)
+    changes = {}
+    accountant = getattr(state, "accountant", None)
+    if isinstance(accountant, Accountant):
+        # NOTE [train_step on a DP state] (in the docstring): not private, so recorded
+        warnings.warn(
+            f"{fn}: a step on a state with a privacy accountant (DPTrainState) is not "
+            "private (an exact, unclipped gradient without noise): it is recorded with "
+            "Accountant.step_without_noise, so epsilon is inf from now on; use DPTrainer.step "
+            "for a private step", UserWarning, stacklevel=2)
+        changes["accountant"] = accountant.step_without_noise(sample_rate=1.0)
     new = state.replace(params=params, buffers=_tree.detach(rest[0]), opt_state=opt_state,
-                        step=state.step + 1)
+                        step=state.step + 1, **changes)
     if has_aux:
         return new, loss.detach(), _tree.detach(rest[1])
     return new, loss.detach()
