@@ -186,22 +186,27 @@ def test_pld_reports_its_zero_not_rdps_looser_value():
 
 
 def test_calibration_reaches_targets_opacus_reaches():
-    from opacus.accountants.utils import get_noise_multiplier
+    try:  # Opacus is a second reference where installed (the bench extra)
+        from opacus.accountants.utils import get_noise_multiplier
+    except ImportError:
+        get_noise_multiplier = None
 
     # target 1.0 at q = 1e-6 over 7 steps: "unreachable ... best reachable epsilon is inf"
     sigma = noise_multiplier_for(target_epsilon=1.0, delta=1e-5, sample_rate=1e-6, steps=7)
-    opacus = get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5, sample_rate=1e-6,
-                                  steps=7, accountant="rdp")
     assert _rdp_ref(sigma, 1e-6, 7, 1e-5) <= 1.0
     assert _rdp_ref(sigma, 1e-6, 7, 1e-5) >= 0.99 or _rdp_ref(sigma * 0.999, 1e-6, 7, 1e-5) > 1.0
-    assert abs(sigma - opacus) <= 0.05 * opacus  # 0.551 against Opacus's 0.562
+    if get_noise_multiplier is not None:
+        opacus = get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5, sample_rate=1e-6,
+                                      steps=7, accountant="rdp")
+        assert abs(sigma - opacus) <= 0.05 * opacus  # 0.551 against Opacus's 0.562
     # target 0.02 at q = 0.01, one step, delta 0.01: dp-accounting's conversion drops to
     # 0 at sigma 0.9977 (Opacus's, without that branch, needs 1.72)
     sigma = noise_multiplier_for(target_epsilon=0.02, delta=0.01, sample_rate=0.01, steps=1)
-    opacus = get_noise_multiplier(target_epsilon=0.02, target_delta=0.01, sample_rate=0.01,
-                                  steps=1, accountant="rdp")
     assert _rdp_ref(sigma, 0.01, 1, 0.01) <= 0.02 < _rdp_ref(sigma * (1 - 1e-5), 0.01, 1, 0.01)
-    assert sigma < opacus
+    if get_noise_multiplier is not None:
+        opacus = get_noise_multiplier(target_epsilon=0.02, target_delta=0.01, sample_rate=0.01,
+                                      steps=1, accountant="rdp")
+        assert sigma < opacus
 
 
 def test_delta_where_dp_accounting_fails_is_a_valid_bound():
@@ -459,9 +464,12 @@ def test_layer_clip_of_empty_leaves_gives_zero_sums():
     for k in g:
         assert got[k].shape == uniform[k].shape == g[k].shape[1:]
         assert int(n[k]) == int(n_uniform[k]) == 0
-    # with one leaf non-empty the bounds are optax's (x64)
-    import jax
-    import optax
+    # with one leaf non-empty the bounds are optax's (x64), where installed (bench extra)
+    try:
+        import jax
+        import optax
+    except ImportError:
+        return
 
     torch.manual_seed(0)
     g = [torch.zeros(5, 0, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64) * 3,
