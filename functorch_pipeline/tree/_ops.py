@@ -121,8 +121,8 @@ def to(
     Args:
         tree: a pytree whose tensor leaves are used (other leaves pass through).
         device: the target device (a ``torch.device``, a string such as ``"cuda:0"`` or a
-          device index); ``None`` keeps each leaf's device. A ``torch.dtype`` here is
-          taken as ``dtype``.
+            device index); ``None`` keeps each leaf's device. A ``torch.dtype`` here is
+            taken as ``dtype``.
         dtype: if given, floating-point leaves are cast to it.
         non_blocking: passed to ``torch.Tensor.to`` (overlaps pinned host-to-device copies).
 
