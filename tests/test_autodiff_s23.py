@@ -6,6 +6,7 @@ finite differences or JAX (0.10, x64).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -44,9 +45,8 @@ def test_grad_inside_inference_mode_matches_the_closed_form(xs):
         g = fp.grad(loss)(x, w)
         v, g2 = fp.value_and_grad(loss)(x, w)
         (v3, aux), g3 = fp.value_and_grad(lambda x, w: (loss(x, w), {"n": 1}), has_aux=True)(x, w)
-        ref = torch.func.grad(loss)(x, w)
-    expected = 2 * w * x  # d/dx sum(w x^2)
-    for got in (g, g2, g3, ref):
+    expected = 2 * w * x  # d/dx sum(w x^2); torch.func.grad gives zeros here under torch 2.11
+    for got in (g, g2, g3):
         torch.testing.assert_close(got, expected)
     torch.testing.assert_close(v, (w * x ** 2).sum())
     assert aux == {"n": 1}
@@ -135,13 +135,27 @@ def test_custom_rules_are_never_silently_ignored_under_jit(backend):
     x = torch.tensor([1.0, 2.0])
     eager = fp.grad(lambda x: (clip_grad(x) * 5).sum())(x)
     torch.testing.assert_close(eager, torch.ones(2))  # the rule's clipped gradient
-    # torch.compile would differentiate f itself inside torch.func.grad ([5, 5]): refused
-    with pytest.raises(Exception, match=r"custom_vjp\(clip_grad\): called inside a torch.func transform"):
-        fp.jit(lambda x: fp.grad(lambda x: (clip_grad(x) * 5).sum())(x), backend=backend)(x)
-    with pytest.raises(Exception, match=r"custom_jvp\(softplus2\): called inside a torch.func transform"):
-        fp.jit(lambda x: fp.grad(lambda x: softplus2(x).sum())(x), backend=backend)(x)
-    with pytest.raises(Exception, match=r"custom_vjp\(clip_grad\)"):
-        fp.jit(lambda x: fp.vmap(fp.grad(lambda x: (clip_grad(x) * 5).sum()))(x), backend=backend)(x[:, None])
+    # torch.compile (2.14) would differentiate f itself inside torch.func.grad ([5, 5]):
+    # refused; where Dynamo runs the transform eagerly instead (torch 2.11, aot_eager) the
+    # rule applies: either way never the wrong number
+    def refused_or_right(call, pattern, want):
+        try:
+            got = call()
+        except Exception as e:  # noqa: BLE001
+            assert re.search(pattern, str(e)), str(e)
+            return
+        torch.testing.assert_close(got, want)
+
+    refused_or_right(lambda: fp.jit(lambda x: fp.grad(lambda x: (clip_grad(x) * 5).sum())(x),
+                                    backend=backend)(x),
+                     r"custom_vjp\(clip_grad\): called inside a torch.func transform", eager)
+    refused_or_right(lambda: fp.jit(lambda x: fp.grad(lambda x: softplus2(x).sum())(x), backend=backend)(x),
+                     r"custom_jvp\(softplus2\): called inside a torch.func transform",
+                     fp.grad(lambda x: softplus2(x).sum())(x))
+    refused_or_right(lambda: fp.jit(lambda x: fp.vmap(fp.grad(lambda x: (clip_grad(x) * 5).sum()))(x),
+                                    backend=backend)(x[:, None]),
+                     r"custom_vjp\(clip_grad\)",
+                     fp.vmap(fp.grad(lambda x: (clip_grad(x) * 5).sum()))(x[:, None]))
 
     # loss.backward() inside the compiled function keeps the rule, as eager does
     def step(x):

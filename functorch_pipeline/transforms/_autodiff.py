@@ -101,6 +101,13 @@ def _value_and_grad_impl(
     # lets us name the key path of a non-differentiable leaf in the error.
     @functools.wraps(f)
     def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if torch.is_inference_mode_enabled():
+            # NOTE [gradients under inference mode]: autograd records nothing there, and
+            # torch.func.grad returned zeros under torch 2.11 (right under 2.14); the
+            # gradient is taken outside it, on normal copies of inference tensors
+            with torch.inference_mode(False):
+                args, kwargs = _tree.map(_normal_tensor, (args, kwargs))
+                return wrapped(*args, **kwargs)
         nums, is_tuple = _normalize_argnums(argnums, len(args), fn)
         flats, defs = [], []
         for i in nums:
@@ -145,6 +152,11 @@ def _value_and_grad_impl(
         return value, (trees if is_tuple else trees[0])
 
     return wrapped
+
+
+def _normal_tensor(x: Any) -> Any:
+    """A normal copy of an inference tensor (call outside inference mode), else ``x``."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
 
 
 def _empty_container(x: Any) -> bool:
