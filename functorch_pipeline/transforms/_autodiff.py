@@ -101,8 +101,8 @@ def _value_and_grad_impl(
     # lets us name the key path of a non-differentiable leaf in the error.
     @functools.wraps(f)
     def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        if torch.is_inference_mode_enabled():
-            # NOTE [gradients under inference mode]: autograd records nothing there, and
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # NOTE [gradients under inference mode] (Dynamo cannot trace the query): autograd records nothing there, and
             # torch.func.grad returned zeros under torch 2.11 (right under 2.14); the
             # gradient is taken outside it, on normal copies of inference tensors
             with torch.inference_mode(False):
