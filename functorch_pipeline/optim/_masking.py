@@ -80,10 +80,7 @@ def _walk(tree: Any, path: tuple, paths: list, leaves: list, none_is_leaf: bool)
             leaves.append(tree)
         return True
     if type(tree) is dict:
-        try:
-            keys = sorted(tree)
-        except TypeError:
-            keys = list(tree)
+        keys = _dict_keys(tree)
         return all(_walk(tree[k], (*path, k), paths, leaves, none_is_leaf) for k in keys)
     if isinstance(tree, OrderedDict):
         return all(_walk(v, (*path, k), paths, leaves, none_is_leaf) for k, v in tree.items())
@@ -155,6 +152,14 @@ def _mask_leaves(where: str, mask: Any, tree: Any) -> list[bool]:
     return [bool(v) for v in vals]
 
 
+def _dict_keys(tree: dict) -> list[Any]:
+    """A dict's keys in the order optree flattens them: sorted when they sort."""
+    try:
+        return sorted(tree)
+    except TypeError:
+        return list(tree)
+
+
 def _rebuild(tree: Any, new_leaves: Any) -> Any:
     """``tree`` with its leaves, in :func:`_walk` order, replaced by ``next(new_leaves)``:
     the same containers (dict insertion order kept, as optree's unflatten does). Only for
@@ -162,10 +167,7 @@ def _rebuild(tree: Any, new_leaves: Any) -> Any:
     if tree is None or isinstance(tree, MaskedNode):
         return tree
     if type(tree) is dict:
-        try:
-            keys = sorted(tree)
-        except TypeError:
-            keys = list(tree)
+        keys = _dict_keys(tree)
         new = {k: _rebuild(tree[k], new_leaves) for k in keys}
         return {k: new[k] for k in tree}
     if isinstance(tree, OrderedDict):
